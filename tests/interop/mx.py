@@ -63,7 +63,7 @@ async def explain(resp: Any) -> str:
         body = (await tr.text())[:800]
     except Exception as e:  # body already released or not text
         body = f"<unreadable body: {e!r}>"
-    return f"{tr.method} {tr.url.path_qs} -> HTTP {tr.status}: {body}  [nio: {resp!r}]"[:1500]
+    return f"{tr.method} {tr.url.path_qs} -> HTTP {tr.status}: {body}  [nio: {type(resp).__name__}]"
 
 
 async def expect(resp: Any, cls: type | tuple[type, ...], what: str):
@@ -73,12 +73,15 @@ async def expect(resp: Any, cls: type | tuple[type, ...], what: str):
     return resp
 
 
-async def expect_error(resp: Any, what: str, errcode: str | None = None):
-    """Assert that `resp` is an error (optionally with `errcode`)."""
+async def expect_error(resp: Any, what: str, errcode: str | None = None, status: int | None = None):
+    """Assert that `resp` is an error, optionally with this `errcode` and/or HTTP `status`."""
     if not isinstance(resp, ErrorResponse):
         raise AssertionError(f"{what}: expected an error, got success: {await explain(resp)}")
     if errcode is not None and resp.status_code != errcode:
         raise AssertionError(f"{what}: expected {errcode}: {await explain(resp)}")
+    tr = getattr(resp, "transport_response", None)
+    if status is not None and (tr is None or tr.status != status):
+        raise AssertionError(f"{what}: expected HTTP {status}: {await explain(resp)}")
     return resp
 
 
@@ -223,13 +226,8 @@ def seq_messages(sources: list[dict]) -> list[tuple[int, str]]:
 
 
 async def full_history(client: AsyncClient, room_id: str, page: int = 100) -> list[dict]:
-    """The room's whole visible timeline, oldest first: a sync, then /messages backwards."""
-    resp = await sync_once(client, limit=10)
-    room = resp.rooms.join.get(room_id)
-    assert room is not None, f"{room_id} missing from {client.user_id}'s sync rooms.join"
-    recent = [ev.source for ev in room.timeline.events]
-    older: list[dict] = []
-    if room.timeline.prev_batch:
-        older, _, _ = await paginate(client, room_id, room.timeline.prev_batch,
-                                     MessageDirection.back, limit=page)
-    return list(reversed(older)) + recent
+    """The room's whole visible timeline, oldest first: /messages backwards from a fresh
+    sync's next_batch (a valid `from` token per the spec) to the start of the room."""
+    resp = await sync_once(client, limit=1)
+    events, _, _ = await paginate(client, room_id, resp.next_batch, MessageDirection.back, limit=page)
+    return list(reversed(events))
