@@ -1,0 +1,473 @@
+//! Registration, login, logout, whoami, devices, password, deactivation, profile and the
+//! Synapse-compatible shared-secret admin registration.
+
+use axum::{Json, Router, extract::State, routing::get};
+use hmac::{Hmac, Mac};
+use ruma::{
+    OwnedUserId, UserId,
+    api::client::{
+        account::{change_password, deactivate, get_username_availability, register, whoami},
+        device::{delete_device, delete_devices, get_device, get_devices, update_device},
+        profile::{get_avatar_url, get_display_name, get_profile, set_avatar_url, set_display_name},
+        session::{get_login_types, login, logout, logout_all},
+    },
+};
+use serde::Deserialize;
+use serde_json::{Value as JsonValue, json};
+
+use super::{AppState, Ruma, RumaResponse, route};
+use crate::{
+    config::RegistrationMode,
+    error::{Error, ErrorCode, Result},
+    events::PduBuilder,
+    ratelimit::Action,
+    users::{Caller, random_string},
+};
+
+pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
+    let router = route::<register::v3::Request, _, _>(router, register_handler);
+    let router = route::<get_username_availability::v3::Request, _, _>(router, username_available);
+    let router = route::<get_login_types::v3::Request, _, _>(router, login_types);
+    let router = route::<login::v3::Request, _, _>(router, login_handler);
+    let router = route::<logout::v3::Request, _, _>(router, logout_handler);
+    let router = route::<logout_all::v3::Request, _, _>(router, logout_all_handler);
+    let router = route::<whoami::v3::Request, _, _>(router, whoami_handler);
+    let router = route::<get_devices::v3::Request, _, _>(router, devices_handler);
+    let router = route::<get_device::v3::Request, _, _>(router, device_handler);
+    let router = route::<update_device::v3::Request, _, _>(router, update_device_handler);
+    let router = route::<delete_device::v3::Request, _, _>(router, delete_device_handler);
+    let router = route::<delete_devices::v3::Request, _, _>(router, delete_devices_handler);
+    let router = route::<change_password::v3::Request, _, _>(router, change_password_handler);
+    let router = route::<deactivate::v3::Request, _, _>(router, deactivate_handler);
+    let router = route::<get_profile::v3::Request, _, _>(router, profile_handler);
+    let router = route::<get_display_name::v3::Request, _, _>(router, displayname_handler);
+    let router = route::<set_display_name::v3::Request, _, _>(router, set_displayname_handler);
+    let router = route::<get_avatar_url::v3::Request, _, _>(router, avatar_handler);
+    let router = route::<set_avatar_url::v3::Request, _, _>(router, set_avatar_handler);
+    router
+        .route("/_synapse/admin/v1/register", get(admin_register_nonce).post(admin_register))
+}
+
+fn local_user_id(server: &AppState, localpart: &str) -> Result<OwnedUserId> {
+    let localpart = localpart.to_lowercase();
+    if localpart.is_empty()
+        || !localpart.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'=' | b'-' | b'/' | b'+'))
+    {
+        return Err(Error::new(ErrorCode::InvalidUsername, "user ids may only contain a-z, 0-9, . _ = - / +"));
+    }
+    UserId::parse_with_server_name(localpart, server.server_name())
+        .map_err(|e| Error::new(ErrorCode::InvalidUsername, e.to_string()))
+}
+
+/// The user-interactive auth 401 body for the given flows.
+fn uiaa_challenge(flows: &[&[&str]], completed: &[&str], params: JsonValue) -> Error {
+    Error::Uiaa(json!({
+        "flows": flows.iter().map(|stages| json!({ "stages": stages })).collect::<Vec<_>>(),
+        "params": params,
+        "session": random_string(16),
+        "completed": completed,
+    }))
+}
+
+/// Requires `auth` to prove the caller's password (the m.login.password stage).
+pub(super) fn require_password_auth(server: &AppState, caller: &Caller, body: Option<&JsonValue>) -> Result<()> {
+    let auth = body.and_then(|b| b.get("auth")).filter(|a| !a.is_null());
+    let Some(auth) = auth else {
+        return Err(uiaa_challenge(&[&["m.login.password"]], &[], json!({})));
+    };
+    if auth.get("type").and_then(JsonValue::as_str) != Some("m.login.password") {
+        return Err(uiaa_challenge(&[&["m.login.password"]], &[], json!({})));
+    }
+    let user = auth
+        .get("identifier")
+        .and_then(|i| i.get("user"))
+        .or_else(|| auth.get("user"))
+        .and_then(JsonValue::as_str)
+        .unwrap_or(caller.user_id.as_str());
+    let claimed = if user.starts_with('@') { user.to_owned() } else { format!("@{user}:{}", server.server_name()) };
+    if claimed != caller.user_id.as_str() {
+        return Err(Error::forbidden("authentication is for another user"));
+    }
+    let password = auth.get("password").and_then(JsonValue::as_str).unwrap_or_default();
+    server.users.check_password(&caller.user_id, password).map_err(|_| {
+        Error::Uiaa(json!({
+            "errcode": "M_FORBIDDEN",
+            "error": "invalid password",
+            "flows": [{ "stages": ["m.login.password"] }],
+            "params": {},
+            "completed": [],
+        }))
+    })?;
+    Ok(())
+}
+
+async fn register_handler(
+    State(server): State<AppState>,
+    req: Ruma<register::v3::Request>,
+) -> Result<RumaResponse<register::v3::Response>> {
+    server.rate_limiter.check(Action::Registration, &req.rate_key())?;
+    if req.body.kind == register::RegistrationKind::Guest {
+        return Err(Error::new(ErrorCode::GuestAccessForbidden, "guest access is not enabled"));
+    }
+    let config = &server.config.registration;
+    let (flow, params): (&[&str], JsonValue) = match config.mode {
+        RegistrationMode::Closed => return Err(Error::forbidden("registration is closed on this server")),
+        RegistrationMode::Open => (&["m.login.dummy"], json!({})),
+        RegistrationMode::Token => (&["m.login.registration_token"], json!({})),
+    };
+    let auth = req.json.as_ref().and_then(|b| b.get("auth")).filter(|a| !a.is_null());
+    let completed = match auth.and_then(|a| a.get("type")).and_then(JsonValue::as_str) {
+        Some("m.login.dummy") if config.mode == RegistrationMode::Open => true,
+        Some("m.login.registration_token") if config.mode == RegistrationMode::Token => {
+            let token = auth.and_then(|a| a.get("token")).and_then(JsonValue::as_str).unwrap_or_default();
+            if !config.tokens.iter().any(|t| t == token) {
+                return Err(Error::forbidden("invalid registration token"));
+            }
+            true
+        }
+        _ => false,
+    };
+    let localpart = req.body.username.clone().unwrap_or_else(|| random_string(12).to_lowercase());
+    let user_id = local_user_id(&server, &localpart)?;
+    if server.users.exists(&user_id)? {
+        return Err(Error::new(ErrorCode::UserInUse, "user id already taken"));
+    }
+    if !completed {
+        return Err(uiaa_challenge(&[flow], &[], params));
+    }
+    let password = req.body.password.as_deref().filter(|p| !p.is_empty());
+    server.users.create(&user_id, password, false)?;
+    tracing::info!(%user_id, "registered user");
+
+    let mut response = register::v3::Response::new(user_id.clone());
+    if !req.body.inhibit_login {
+        let (device_id, token) = server.users.create_device(
+            &user_id,
+            req.body.device_id.clone(),
+            req.body.initial_device_display_name.clone(),
+            req.ip.map(|ip| ip.to_string()),
+        )?;
+        response.access_token = Some(token);
+        response.device_id = Some(device_id);
+    }
+    Ok(response.into())
+}
+
+async fn username_available(
+    State(server): State<AppState>,
+    req: Ruma<get_username_availability::v3::Request>,
+) -> Result<RumaResponse<get_username_availability::v3::Response>> {
+    let user_id = local_user_id(&server, &req.body.username)?;
+    if server.users.exists(&user_id)? {
+        return Err(Error::new(ErrorCode::UserInUse, "user id already taken"));
+    }
+    Ok(get_username_availability::v3::Response::new(true).into())
+}
+
+async fn login_types(_req: Ruma<get_login_types::v3::Request>) -> Json<JsonValue> {
+    Json(json!({ "flows": [{ "type": "m.login.password" }] }))
+}
+
+async fn login_handler(
+    State(server): State<AppState>,
+    req: Ruma<login::v3::Request>,
+) -> Result<RumaResponse<login::v3::Response>> {
+    server.rate_limiter.check(Action::Login, &req.rate_key())?;
+    let login::v3::LoginInfo::Password(password) = &req.body.login_info else {
+        return Err(Error::new(ErrorCode::Unknown, "unsupported login type").into_bad_request());
+    };
+    let user = match &password.identifier {
+        Some(ruma::api::client::uiaa::UserIdentifier::Matrix(id)) => id.user.clone(),
+        _ => return Err(Error::forbidden("only user identifiers are supported")),
+    };
+    let user_id = if user.starts_with('@') {
+        UserId::parse(user.as_str()).map_err(|_| Error::forbidden("invalid username or password"))?
+    } else {
+        local_user_id(&server, &user).map_err(|_| Error::forbidden("invalid username or password"))?
+    };
+    if user_id.server_name() != server.server_name() {
+        return Err(Error::forbidden("invalid username or password"));
+    }
+    server.users.check_password(&user_id, &password.password)?;
+    let (device_id, token) = server.users.create_device(
+        &user_id,
+        req.body.device_id.clone(),
+        req.body.initial_device_display_name.clone(),
+        req.ip.map(|ip| ip.to_string()),
+    )?;
+    tracing::info!(%user_id, %device_id, "login");
+    Ok(login::v3::Response::new(user_id, token, device_id).into())
+}
+
+impl Error {
+    fn into_bad_request(self) -> Self {
+        match self {
+            Self::Matrix { code, message, .. } => Self::with_status(code, http::StatusCode::BAD_REQUEST, message),
+            other => other,
+        }
+    }
+}
+
+async fn logout_handler(
+    State(server): State<AppState>,
+    req: Ruma<logout::v3::Request>,
+) -> Result<RumaResponse<logout::v3::Response>> {
+    let caller = req.caller();
+    server.users.delete_devices(&caller.user_id, [caller.device_id.as_str()])?;
+    Ok(logout::v3::Response::new().into())
+}
+
+async fn logout_all_handler(
+    State(server): State<AppState>,
+    req: Ruma<logout_all::v3::Request>,
+) -> Result<RumaResponse<logout_all::v3::Response>> {
+    server.users.delete_all_devices(&req.caller().user_id, None)?;
+    Ok(logout_all::v3::Response::new().into())
+}
+
+async fn whoami_handler(req: Ruma<whoami::v3::Request>) -> RumaResponse<whoami::v3::Response> {
+    let caller = req.caller();
+    let mut response = whoami::v3::Response::new(caller.user_id.clone(), false);
+    response.device_id = Some(caller.device_id.clone());
+    response.into()
+}
+
+fn device_json(device_id: &str, device: &crate::users::Device) -> JsonValue {
+    json!({
+        "device_id": device_id,
+        "display_name": device.display_name,
+        "last_seen_ts": device.last_seen_ts,
+        "last_seen_ip": device.last_seen_ip,
+    })
+}
+
+async fn devices_handler(State(server): State<AppState>, req: Ruma<get_devices::v3::Request>) -> Result<Json<JsonValue>> {
+    let devices = server.users.devices(&req.caller().user_id)?;
+    Ok(Json(json!({ "devices": devices.iter().map(|(id, d)| device_json(id.as_str(), d)).collect::<Vec<_>>() })))
+}
+
+async fn device_handler(State(server): State<AppState>, req: Ruma<get_device::v3::Request>) -> Result<Json<JsonValue>> {
+    let device = server
+        .users
+        .device(&req.caller().user_id, req.body.device_id.as_str())?
+        .ok_or_else(|| Error::not_found("unknown device"))?;
+    Ok(Json(device_json(req.body.device_id.as_str(), &device)))
+}
+
+async fn update_device_handler(
+    State(server): State<AppState>,
+    req: Ruma<update_device::v3::Request>,
+) -> Result<RumaResponse<update_device::v3::Response>> {
+    server.users.update_device(&req.caller().user_id, req.body.device_id.as_str(), req.body.display_name.clone())?;
+    Ok(update_device::v3::Response::new().into())
+}
+
+async fn delete_device_handler(
+    State(server): State<AppState>,
+    req: Ruma<delete_device::v3::Request>,
+) -> Result<RumaResponse<delete_device::v3::Response>> {
+    let caller = req.caller();
+    if server.users.device(&caller.user_id, req.body.device_id.as_str())?.is_none() {
+        return Err(Error::not_found("unknown device"));
+    }
+    require_password_auth(&server, caller, req.json.as_ref())?;
+    server.users.delete_devices(&caller.user_id, [req.body.device_id.as_str()])?;
+    Ok(delete_device::v3::Response::new().into())
+}
+
+async fn delete_devices_handler(
+    State(server): State<AppState>,
+    req: Ruma<delete_devices::v3::Request>,
+) -> Result<RumaResponse<delete_devices::v3::Response>> {
+    let caller = req.caller();
+    require_password_auth(&server, caller, req.json.as_ref())?;
+    server.users.delete_devices(&caller.user_id, req.body.devices.iter().map(|d| d.as_str()))?;
+    Ok(delete_devices::v3::Response::new().into())
+}
+
+async fn change_password_handler(
+    State(server): State<AppState>,
+    req: Ruma<change_password::v3::Request>,
+) -> Result<RumaResponse<change_password::v3::Response>> {
+    let caller = req.caller();
+    require_password_auth(&server, caller, req.json.as_ref())?;
+    if req.body.new_password.is_empty() {
+        return Err(Error::new(ErrorCode::WeakPassword, "the new password must not be empty"));
+    }
+    server.users.set_password(&caller.user_id, &req.body.new_password)?;
+    if req.body.logout_devices {
+        server.users.delete_all_devices(&caller.user_id, Some(caller.device_id.as_str()))?;
+    }
+    Ok(change_password::v3::Response::new().into())
+}
+
+async fn deactivate_handler(
+    State(server): State<AppState>,
+    req: Ruma<deactivate::v3::Request>,
+) -> Result<RumaResponse<deactivate::v3::Response>> {
+    let caller = req.caller().clone();
+    require_password_auth(&server, &caller, req.json.as_ref())?;
+    // Leave every room, then lock the account and revoke every token.
+    for (room_id, entry) in server.rooms.user_rooms(&caller.user_id)? {
+        if matches!(entry.membership, crate::rooms::Membership::Join | crate::rooms::Membership::Invite | crate::rooms::Membership::Knock) {
+            let mut writer = server.rooms.writer(&room_id).await?;
+            let leave = PduBuilder::state("m.room.member", caller.user_id.as_str(), json!({ "membership": "leave" }));
+            if writer.append(&caller.user_id, leave, None).is_ok() {
+                writer.commit()?;
+            }
+        }
+    }
+    let mut account = server.users.account(&caller.user_id)?.ok_or_else(|| Error::not_found("unknown user"))?;
+    account.deactivated = true;
+    account.password_hash = None;
+    account.displayname = None;
+    account.avatar_url = None;
+    server.users.put_account(&caller.user_id, &account)?;
+    server.users.delete_all_devices(&caller.user_id, None)?;
+    tracing::info!(user_id = %caller.user_id, "deactivated account");
+    Ok(deactivate::v3::Response::new(ruma::api::client::account::ThirdPartyIdRemovalStatus::NoSupport).into())
+}
+
+fn profile_account(server: &AppState, user_id: &UserId) -> Result<crate::users::Account> {
+    server
+        .users
+        .account(user_id)?
+        .filter(|a| !a.deactivated)
+        .ok_or_else(|| Error::not_found("profile not found"))
+}
+
+async fn profile_handler(State(server): State<AppState>, req: Ruma<get_profile::v3::Request>) -> Result<Json<JsonValue>> {
+    let account = profile_account(&server, &req.body.user_id)?;
+    let mut profile = serde_json::Map::new();
+    if let Some(name) = account.displayname {
+        profile.insert("displayname".into(), name.into());
+    }
+    if let Some(url) = account.avatar_url {
+        profile.insert("avatar_url".into(), url.into());
+    }
+    Ok(Json(JsonValue::Object(profile)))
+}
+
+async fn displayname_handler(State(server): State<AppState>, req: Ruma<get_display_name::v3::Request>) -> Result<Json<JsonValue>> {
+    let account = profile_account(&server, &req.body.user_id)?;
+    Ok(Json(match account.displayname {
+        Some(name) => json!({ "displayname": name }),
+        None => json!({}),
+    }))
+}
+
+async fn avatar_handler(State(server): State<AppState>, req: Ruma<get_avatar_url::v3::Request>) -> Result<Json<JsonValue>> {
+    let account = profile_account(&server, &req.body.user_id)?;
+    Ok(Json(match account.avatar_url {
+        Some(url) => json!({ "avatar_url": url }),
+        None => json!({}),
+    }))
+}
+
+async fn set_displayname_handler(
+    State(server): State<AppState>,
+    req: Ruma<set_display_name::v3::Request>,
+) -> Result<RumaResponse<set_display_name::v3::Response>> {
+    let caller = req.caller();
+    if req.body.user_id != caller.user_id {
+        return Err(Error::forbidden("you can only change your own profile"));
+    }
+    let account = server.users.set_profile(&caller.user_id, Some(req.body.displayname.clone()), None)?;
+    propagate_profile(&server, &caller.user_id, &account).await?;
+    Ok(set_display_name::v3::Response::new().into())
+}
+
+async fn set_avatar_handler(
+    State(server): State<AppState>,
+    req: Ruma<set_avatar_url::v3::Request>,
+) -> Result<RumaResponse<set_avatar_url::v3::Response>> {
+    let caller = req.caller();
+    if req.body.user_id != caller.user_id {
+        return Err(Error::forbidden("you can only change your own profile"));
+    }
+    let url = req.body.avatar_url.as_ref().map(|u| u.to_string()).filter(|u| !u.is_empty());
+    let account = server.users.set_profile(&caller.user_id, None, Some(url))?;
+    propagate_profile(&server, &caller.user_id, &account).await?;
+    Ok(set_avatar_url::v3::Response::new().into())
+}
+
+/// Sends a new member event with the profile into every room the user has joined.
+async fn propagate_profile(server: &AppState, user_id: &UserId, account: &crate::users::Account) -> Result<()> {
+    for (room_id, entry) in server.rooms.user_rooms(user_id)? {
+        if entry.membership != crate::rooms::Membership::Join {
+            continue;
+        }
+        let mut writer = server.rooms.writer(&room_id).await?;
+        let mut content = writer
+            .state_event("m.room.member", user_id.as_str())?
+            .map(|p| p.content_json())
+            .unwrap_or_else(|| json!({ "membership": "join" }));
+        content["displayname"] = account.displayname.clone().map_or(JsonValue::Null, JsonValue::String);
+        content["avatar_url"] = account.avatar_url.clone().map_or(JsonValue::Null, JsonValue::String);
+        strip_nulls(&mut content);
+        writer.append(user_id, PduBuilder::state("m.room.member", user_id.as_str(), content), None)?;
+        writer.commit()?;
+    }
+    Ok(())
+}
+
+pub(super) fn strip_nulls(content: &mut JsonValue) {
+    if let Some(object) = content.as_object_mut() {
+        object.retain(|_, v| !v.is_null());
+    }
+}
+
+// --- shared-secret admin registration (Synapse compatible) ---
+
+async fn admin_register_nonce(State(server): State<AppState>) -> Result<Json<JsonValue>> {
+    if server.config.registration.shared_secret.is_empty() {
+        return Err(Error::not_found("shared-secret registration is disabled"));
+    }
+    Ok(Json(json!({ "nonce": random_string(32) })))
+}
+
+#[derive(Deserialize)]
+struct AdminRegister {
+    nonce: String,
+    username: String,
+    password: String,
+    #[serde(default)]
+    admin: bool,
+    mac: String,
+    #[serde(default)]
+    displayname: Option<String>,
+}
+
+async fn admin_register(
+    State(server): State<AppState>,
+    body: axum::body::Bytes,
+) -> Result<Json<JsonValue>> {
+    let secret = &server.config.registration.shared_secret;
+    if secret.is_empty() {
+        return Err(Error::not_found("shared-secret registration is disabled"));
+    }
+    let body: AdminRegister = serde_json::from_slice(&body).map_err(|e| Error::bad_json(e.to_string()))?;
+    let mut mac = Hmac::<sha1::Sha1>::new_from_slice(secret.as_bytes()).map_err(Error::internal)?;
+    mac.update(body.nonce.as_bytes());
+    mac.update(b"\0");
+    mac.update(body.username.as_bytes());
+    mac.update(b"\0");
+    mac.update(body.password.as_bytes());
+    mac.update(b"\0");
+    mac.update(if body.admin { b"admin".as_slice() } else { b"notadmin".as_slice() });
+    let expected = hex::decode(&body.mac).map_err(|_| Error::forbidden("HMAC incorrect"))?;
+    mac.verify_slice(&expected).map_err(|_| Error::forbidden("HMAC incorrect"))?;
+
+    let user_id = local_user_id(&server, &body.username)?;
+    server.users.create(&user_id, Some(&body.password), body.admin)?;
+    if let Some(name) = body.displayname {
+        server.users.set_profile(&user_id, Some(Some(name)), None)?;
+    }
+    let (device_id, token) = server.users.create_device(&user_id, None, None, None)?;
+    Ok(Json(json!({
+        "user_id": user_id,
+        "access_token": token,
+        "device_id": device_id,
+        "home_server": server.server_name(),
+    })))
+}

@@ -1,0 +1,426 @@
+//! Sending and reading events: send, state, redact, /messages, /context, /event, and the
+//! client event format with `unsigned`.
+
+use axum::{Json, Router, extract::State};
+use ruma::{
+    OwnedEventId, UserId,
+    api::client::{
+        context::get_context,
+        message::{get_message_events, send_message_event},
+        redact::redact_event,
+        room::get_room_event,
+        state::{get_state_event_for_key, get_state_events, send_state_event},
+    },
+    events::TimelineEventType,
+};
+use serde_json::{Value as JsonValue, json};
+
+use super::{AppState, Ruma, RumaResponse, route};
+use crate::{
+    error::{Error, ErrorCode, Result},
+    events::{Pdu, PduBuilder},
+    ratelimit::Action,
+    rooms::{EventMeta, TxnInfo},
+    store::{Key, StreamPos, tables},
+    sync::{EventFilter, parse_token, token},
+    users::Caller,
+};
+
+pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
+    let router = route::<send_message_event::v3::Request, _, _>(router, send_message);
+    let router = route::<send_state_event::v3::Request, _, _>(router, send_state);
+    let router = route::<get_state_event_for_key::v3::Request, _, _>(router, get_state_event);
+    let router = route::<get_state_events::v3::Request, _, _>(router, get_state);
+    let router = route::<redact_event::v3::Request, _, _>(router, redact);
+    let router = route::<get_message_events::v3::Request, _, _>(router, messages);
+    let router = route::<get_context::v3::Request, _, _>(router, context);
+    let router = route::<get_room_event::v3::Request, _, _>(router, room_event);
+    // State events with an empty state key may be addressed without the trailing segment.
+    let mut router = router;
+    for prefix in ["/_matrix/client/v3", "/_matrix/client/r0"] {
+        router = router.route(
+            &format!("{prefix}/rooms/{{room_id}}/state/{{event_type}}"),
+            axum::routing::get(get_state_event).put(send_state),
+        );
+        router = router.route(
+            &format!("{prefix}/rooms/{{room_id}}/state/{{event_type}}/"),
+            axum::routing::get(get_state_event).put(send_state),
+        );
+    }
+    router
+}
+
+/// The event as a client sees it, with `unsigned` computed for `viewer`.
+pub(super) fn client_event(server: &AppState, pdu: &Pdu, meta: Option<&EventMeta>, viewer: Option<&Caller>, with_room_id: bool) -> JsonValue {
+    let mut unsigned = serde_json::Map::new();
+    let now: u64 = ruma::MilliSecondsSinceUnixEpoch::now().0.into();
+    unsigned.insert("age".into(), json!(now.saturating_sub(pdu.origin_server_ts.0.into())));
+    if let Some(meta) = meta {
+        if let (Some(txn), Some(viewer)) = (&meta.txn, viewer)
+            && viewer.user_id == pdu.sender
+            && viewer.device_id.as_str() == txn.device_id
+        {
+            unsigned.insert("transaction_id".into(), json!(txn.txn_id));
+        }
+        if let Some(replaced) = &meta.replaces_state
+            && let Ok(Some(prev)) = server.rooms.pdu(replaced)
+        {
+            unsigned.insert("prev_content".into(), prev.content_json());
+            unsigned.insert("replaces_state".into(), json!(replaced));
+            unsigned.insert("prev_sender".into(), json!(prev.sender));
+        }
+        if let Some(redacted_by) = &meta.redacted_by
+            && let Ok(Some(redaction)) = server.rooms.pdu(redacted_by)
+        {
+            unsigned.insert("redacted_because".into(), redaction.to_client_event(None, true));
+        }
+    }
+    pdu.to_client_event(Some(JsonValue::Object(unsigned)), with_room_id)
+}
+
+/// Loads an event and its metadata.
+pub(super) fn load_event(server: &AppState, event_id: &ruma::EventId) -> Result<(Pdu, EventMeta)> {
+    let pdu = server.rooms.pdu(event_id)?.ok_or_else(|| Error::not_found("event not found"))?;
+    let meta = server.rooms.meta(event_id)?.ok_or_else(|| Error::not_found("event not found"))?;
+    Ok((pdu, meta))
+}
+
+fn txn_event(server: &AppState, caller: &Caller, txn_id: &str) -> Result<Option<OwnedEventId>> {
+    let key = Key::new().str(caller.user_id.as_str()).str(caller.device_id.as_str()).str(txn_id).into_vec();
+    Ok(server
+        .store
+        .get(tables::TXN_IDS, &key)?
+        .and_then(|id| String::from_utf8(id).ok())
+        .and_then(|id| id.try_into().ok()))
+}
+
+/// Appends one event from a local user and commits it.
+pub(super) async fn send_event(
+    server: &AppState,
+    sender: &UserId,
+    room_id: &ruma::RoomId,
+    builder: PduBuilder,
+    txn: Option<TxnInfo>,
+) -> Result<OwnedEventId> {
+    let mut writer = server.rooms.writer(room_id).await?;
+    if !writer.exists() {
+        return Err(Error::not_found("unknown room"));
+    }
+    let pdu = writer.append(sender, builder, txn)?;
+    writer.commit()?;
+    server.metrics.events_persisted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(pdu.event_id)
+}
+
+async fn send_message(
+    State(server): State<AppState>,
+    req: Ruma<send_message_event::v3::Request>,
+) -> Result<RumaResponse<send_message_event::v3::Response>> {
+    let caller = req.caller();
+    if let Some(event_id) = txn_event(&server, caller, req.body.txn_id.as_str())? {
+        return Ok(send_message_event::v3::Response::new(event_id).into());
+    }
+    server.rate_limiter.check(Action::Message, &req.rate_key())?;
+    let kind = TimelineEventType::from(req.body.event_type.to_string());
+    if kind == TimelineEventType::RoomRedaction || kind == TimelineEventType::RoomCreate {
+        return Err(Error::bad_json("use the dedicated endpoint for this event type"));
+    }
+    let content: JsonValue = serde_json::from_str(req.body.body.json().get()).map_err(|e| Error::bad_json(e.to_string()))?;
+    let txn = TxnInfo { device_id: caller.device_id.to_string(), txn_id: req.body.txn_id.to_string() };
+    let event_id = send_event(&server, &caller.user_id, &req.body.room_id, PduBuilder::message(kind, content), Some(txn)).await?;
+    Ok(send_message_event::v3::Response::new(event_id).into())
+}
+
+async fn send_state(
+    State(server): State<AppState>,
+    req: Ruma<send_state_event::v3::Request>,
+) -> Result<RumaResponse<send_state_event::v3::Response>> {
+    let caller = req.caller();
+    let kind = req.body.event_type.to_string();
+    let content: JsonValue = serde_json::from_str(req.body.body.json().get()).map_err(|e| Error::bad_json(e.to_string()))?;
+    if kind == "m.room.create" {
+        return Err(Error::forbidden("m.room.create cannot be sent after the room exists"));
+    }
+    if kind == "m.room.member" {
+        // Membership changes are validated like the dedicated endpoints.
+        let target: ruma::OwnedUserId = req.body.state_key.as_str().try_into().map_err(|_| Error::bad_json("state_key of m.room.member must be a user id"))?;
+        if content.get("membership").and_then(JsonValue::as_str).is_none() {
+            return Err(Error::bad_json(format!("m.room.member for {target} needs a membership")));
+        }
+    }
+    if kind == "m.room.canonical_alias" {
+        validate_canonical_alias(&server, &req.body.room_id, &content)?;
+    }
+    let builder = PduBuilder::state(kind, req.body.state_key.clone(), content);
+    let event_id = send_event(&server, &caller.user_id, &req.body.room_id, builder, None).await?;
+    Ok(send_state_event::v3::Response::new(event_id).into())
+}
+
+/// Aliases in `m.room.canonical_alias` must exist and point at this room.
+fn validate_canonical_alias(server: &AppState, room_id: &ruma::RoomId, content: &JsonValue) -> Result<()> {
+    let mut aliases: Vec<&str> = content.get("alias").and_then(JsonValue::as_str).into_iter().collect();
+    if let Some(alt) = content.get("alt_aliases").and_then(JsonValue::as_array) {
+        aliases.extend(alt.iter().filter_map(JsonValue::as_str));
+    }
+    for alias in aliases {
+        let alias: &ruma::RoomAliasId = alias.try_into().map_err(|_| Error::new(ErrorCode::InvalidParam, format!("{alias} is not a valid alias")))?;
+        if alias.server_name() == server.server_name() && server.rooms.resolve_alias(alias)?.as_deref() != Some(room_id) {
+            return Err(Error::new(ErrorCode::BadAlias, format!("{alias} does not point to this room")));
+        }
+    }
+    Ok(())
+}
+
+/// Members (and, for world-readable rooms, anyone) may read a room; former members read the
+/// state as it was when they left.
+fn readable_snapshot(server: &AppState, room_id: &ruma::RoomId, user_id: &UserId) -> Result<Option<u64>> {
+    if !server.rooms.exists(room_id)? {
+        return Err(Error::forbidden("you are not a member of this room"));
+    }
+    match server.rooms.user_room(user_id, room_id)? {
+        Some(entry) if entry.membership == crate::rooms::Membership::Join => Ok(None),
+        Some(entry) if matches!(entry.membership, crate::rooms::Membership::Leave | crate::rooms::Membership::Ban) => {
+            let meta = server.rooms.meta(&entry.event_id)?.ok_or_else(|| Error::internal("membership event without metadata"))?;
+            Ok(Some(meta.state_after))
+        }
+        _ => {
+            let visibility = server.rooms.state_content(room_id, "m.room.history_visibility", "")?;
+            if visibility.and_then(|v| v.get("history_visibility").cloned()) == Some(json!("world_readable")) {
+                Ok(None)
+            } else {
+                Err(Error::forbidden("you are not a member of this room"))
+            }
+        }
+    }
+}
+
+async fn get_state_event(
+    State(server): State<AppState>,
+    req: Ruma<get_state_event_for_key::v3::Request>,
+) -> Result<Json<JsonValue>> {
+    let caller = req.caller();
+    let room_id = &req.body.room_id;
+    let kind = req.body.event_type.to_string();
+    let pdu = match readable_snapshot(&server, room_id, &caller.user_id)? {
+        None => server.rooms.state_event(room_id, &kind, &req.body.state_key)?,
+        Some(snapshot) => {
+            let map = server.rooms.state_map(snapshot)?;
+            match map.get(&(kind, req.body.state_key.clone())) {
+                Some(id) => server.rooms.pdu(id)?,
+                None => None,
+            }
+        }
+    };
+    let pdu = pdu.ok_or_else(|| Error::not_found("state event not found"))?;
+    Ok(Json(pdu.content_json()))
+}
+
+async fn get_state(
+    State(server): State<AppState>,
+    req: Ruma<get_state_events::v3::Request>,
+) -> Result<Json<JsonValue>> {
+    let caller = req.caller();
+    let room_id = &req.body.room_id;
+    let events = match readable_snapshot(&server, room_id, &caller.user_id)? {
+        None => server.rooms.current_state(room_id)?,
+        Some(snapshot) => server.rooms.state_events(snapshot, |_, _| true)?,
+    };
+    let events: Vec<JsonValue> = events
+        .iter()
+        .map(|pdu| {
+            let meta = server.rooms.meta(&pdu.event_id).ok().flatten();
+            client_event(&server, pdu, meta.as_ref(), Some(caller), true)
+        })
+        .collect();
+    Ok(Json(JsonValue::Array(events)))
+}
+
+async fn redact(
+    State(server): State<AppState>,
+    req: Ruma<redact_event::v3::Request>,
+) -> Result<RumaResponse<redact_event::v3::Response>> {
+    let caller = req.caller();
+    if let Some(event_id) = txn_event(&server, caller, req.body.txn_id.as_str())? {
+        return Ok(redact_event::v3::Response::new(event_id).into());
+    }
+    let room_id = &req.body.room_id;
+    let target = server.rooms.pdu(&req.body.event_id)?.filter(|p| &p.room_id == room_id);
+    let Some(target) = target else {
+        return Err(Error::not_found("event not found in this room"));
+    };
+    if target.sender != caller.user_id {
+        let power = server.rooms.user_power_level(room_id, &caller.user_id)?;
+        let needed = server
+            .rooms
+            .state_content(room_id, "m.room.power_levels", "")?
+            .and_then(|p| p.get("redact").and_then(JsonValue::as_i64))
+            .unwrap_or(50);
+        if power < needed {
+            return Err(Error::forbidden("you may not redact other users' events"));
+        }
+    }
+    let version = server.rooms.room(room_id)?.ok_or_else(|| Error::not_found("unknown room"))?.version;
+    let mut content = json!({});
+    if let Some(reason) = &req.body.reason {
+        content["reason"] = json!(reason);
+    }
+    let mut builder = PduBuilder::message(TimelineEventType::RoomRedaction, content);
+    if version == ruma::RoomVersionId::V10 {
+        builder.redacts = Some(target.event_id.clone());
+    } else {
+        builder.content["redacts"] = json!(target.event_id);
+    }
+    let txn = TxnInfo { device_id: caller.device_id.to_string(), txn_id: req.body.txn_id.to_string() };
+    let event_id = send_event(&server, &caller.user_id, room_id, builder, Some(txn)).await?;
+    Ok(redact_event::v3::Response::new(event_id).into())
+}
+
+/// Member events of the senders of `events`, for lazy-loading.
+pub(super) fn lazy_members(server: &AppState, snapshot: u64, senders: impl IntoIterator<Item = String>) -> Result<Vec<Pdu>> {
+    let map = server.rooms.state_map(snapshot)?;
+    let mut out = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for sender in senders {
+        if seen.insert(sender.clone())
+            && let Some(id) = map.get(&("m.room.member".to_owned(), sender))
+            && let Some(pdu) = server.rooms.pdu(id)?
+        {
+            out.push(pdu);
+        }
+    }
+    Ok(out)
+}
+
+async fn messages(
+    State(server): State<AppState>,
+    req: Ruma<get_message_events::v3::Request>,
+) -> Result<Json<JsonValue>> {
+    let caller = req.caller();
+    let room_id = &req.body.room_id;
+    let membership = server.rooms.user_room(&caller.user_id, room_id)?;
+    if membership.is_none() {
+        readable_snapshot(&server, room_id, &caller.user_id)?;
+    }
+    let filter = EventFilter::from_json(serde_json::to_value(&req.body.filter).ok().as_ref());
+    let limit = usize::try_from(u64::from(req.body.limit)).unwrap_or(10).clamp(1, 1000);
+    let backwards = req.body.dir == ruma::api::Direction::Backward;
+    // A member who left sees history only up to leaving.
+    let ceiling = match &membership {
+        Some(entry) if matches!(entry.membership, crate::rooms::Membership::Leave | crate::rooms::Membership::Ban) => entry.pos,
+        _ => StreamPos::MAX,
+    };
+    let current = server.store.streams().current().min(ceiling);
+    let from = match &req.body.from {
+        Some(token) => parse_token(token)?.min(current),
+        None if backwards => current,
+        None => 0,
+    };
+    let to = req.body.to.as_deref().map(parse_token).transpose()?;
+
+    let mut chunk = Vec::new();
+    let mut end = from;
+    let mut exhausted = true;
+    let entries: Box<dyn Iterator<Item = Result<(StreamPos, OwnedEventId)>>> = if backwards {
+        Box::new(server.rooms.timeline_before(room_id, from))
+    } else {
+        Box::new(server.rooms.timeline_after(room_id, from, current))
+    };
+    for entry in entries {
+        let (pos, event_id) = entry?;
+        if let Some(to) = to
+            && ((backwards && pos <= to) || (!backwards && pos > to))
+        {
+            break;
+        }
+        if chunk.len() >= limit {
+            exhausted = false;
+            break;
+        }
+        end = if backwards { pos - 1 } else { pos };
+        let (pdu, meta) = load_event(&server, &event_id)?;
+        if !filter.allows(&pdu) || !server.rooms.user_can_see(&caller.user_id, &pdu, &meta)? {
+            continue;
+        }
+        chunk.push((pdu, meta));
+    }
+
+    let mut state = Vec::new();
+    if filter.lazy_load_members
+        && let Some((_, meta)) = chunk.first()
+    {
+        let snapshot = meta.state_after;
+        let senders = chunk.iter().map(|(p, _)| p.sender.to_string());
+        for pdu in lazy_members(&server, snapshot, senders)? {
+            state.push(client_event(&server, &pdu, None, Some(caller), true));
+        }
+    }
+    let mut response = json!({
+        "start": token(from),
+        "chunk": chunk.iter().map(|(p, m)| client_event(&server, p, Some(m), Some(caller), true)).collect::<Vec<_>>(),
+        "state": state,
+    });
+    if !exhausted || (!chunk.is_empty() && !backwards) {
+        response["end"] = json!(token(end));
+    }
+    if !exhausted && chunk.is_empty() {
+        response["end"] = json!(token(end));
+    }
+    Ok(Json(response))
+}
+
+async fn context(
+    State(server): State<AppState>,
+    req: Ruma<get_context::v3::Request>,
+) -> Result<Json<JsonValue>> {
+    let caller = req.caller();
+    let room_id = &req.body.room_id;
+    let (pdu, meta) = load_event(&server, &req.body.event_id)?;
+    if &pdu.room_id != room_id || !server.rooms.user_can_see(&caller.user_id, &pdu, &meta)? {
+        return Err(Error::not_found("event not found"));
+    }
+    let filter = EventFilter::from_json(serde_json::to_value(&req.body.filter).ok().as_ref());
+    let limit = usize::try_from(u64::from(req.body.limit)).unwrap_or(10).min(100);
+    let half = limit / 2;
+    let before_limit = limit - half;
+    let collect = |entries: Box<dyn Iterator<Item = Result<(StreamPos, OwnedEventId)>> + '_>, max: usize| -> Result<(Vec<(Pdu, EventMeta)>, StreamPos)> {
+        let mut out = Vec::new();
+        let mut last = meta.pos;
+        for entry in entries {
+            if out.len() >= max {
+                break;
+            }
+            let (pos, event_id) = entry?;
+            last = pos;
+            let (p, m) = load_event(&server, &event_id)?;
+            if filter.allows(&p) && server.rooms.user_can_see(&caller.user_id, &p, &m)? {
+                out.push((p, m));
+            }
+        }
+        Ok((out, last))
+    };
+    let current = server.store.streams().current();
+    let (before, before_pos) = collect(Box::new(server.rooms.timeline_before(room_id, meta.pos - 1)), before_limit)?;
+    let (after, after_pos) = collect(Box::new(server.rooms.timeline_after(room_id, meta.pos, current)), half)?;
+    let state = server.rooms.state_events(meta.state_after, |_, _| true)?;
+    let render = |events: &[(Pdu, EventMeta)]| events.iter().map(|(p, m)| client_event(&server, p, Some(m), Some(caller), true)).collect::<Vec<_>>();
+    Ok(Json(json!({
+        "event": client_event(&server, &pdu, Some(&meta), Some(caller), true),
+        "events_before": render(&before),
+        "events_after": render(&after),
+        "start": token(before_pos.saturating_sub(1)),
+        "end": token(after_pos),
+        "state": state.iter().map(|p| client_event(&server, p, None, Some(caller), true)).collect::<Vec<_>>(),
+    })))
+}
+
+async fn room_event(
+    State(server): State<AppState>,
+    req: Ruma<get_room_event::v3::Request>,
+) -> Result<Json<JsonValue>> {
+    let caller = req.caller();
+    let (pdu, meta) = load_event(&server, &req.body.event_id)?;
+    if pdu.room_id != req.body.room_id || !server.rooms.user_can_see(&caller.user_id, &pdu, &meta)? {
+        return Err(Error::not_found("event not found"));
+    }
+    Ok(Json(client_event(&server, &pdu, Some(&meta), Some(caller), true)))
+}

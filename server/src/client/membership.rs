@@ -1,0 +1,181 @@
+//! Membership changes: join, invite, leave, forget, kick, ban, unban, knock. Each is an
+//! `m.room.member` event; the room version's auth rules decide what is allowed.
+
+use axum::{Router, extract::State};
+use ruma::{
+    OwnedRoomId, RoomOrAliasId, UserId,
+    api::client::{
+        knock::knock_room,
+        membership::{
+            ban_user, forget_room, invite_user, join_room_by_id, join_room_by_id_or_alias, kick_user,
+            leave_room, unban_user,
+        },
+    },
+};
+use serde_json::{Value as JsonValue, json};
+
+use super::{AppState, Ruma, RumaResponse, account::strip_nulls, events::send_event, route};
+use crate::{
+    error::{Error, Result},
+    events::PduBuilder,
+};
+
+pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
+    let router = route::<join_room_by_id::v3::Request, _, _>(router, join_by_id);
+    let router = route::<join_room_by_id_or_alias::v3::Request, _, _>(router, join_by_id_or_alias);
+    let router = route::<invite_user::v3::Request, _, _>(router, invite);
+    let router = route::<leave_room::v3::Request, _, _>(router, leave);
+    let router = route::<forget_room::v3::Request, _, _>(router, forget);
+    let router = route::<kick_user::v3::Request, _, _>(router, kick);
+    let router = route::<ban_user::v3::Request, _, _>(router, ban);
+    let router = route::<unban_user::v3::Request, _, _>(router, unban);
+    route::<knock_room::v3::Request, _, _>(router, knock)
+}
+
+fn resolve_room(server: &AppState, room: &RoomOrAliasId) -> Result<OwnedRoomId> {
+    match <&ruma::RoomId>::try_from(room.as_str()) {
+        Ok(room_id) => Ok(room_id.to_owned()),
+        Err(_) => {
+            let alias = <&ruma::RoomAliasId>::try_from(room.as_str()).map_err(|_| Error::invalid_param("invalid room id or alias"))?;
+            server.rooms.resolve_alias(alias)?.ok_or_else(|| Error::not_found(format!("room alias {alias} not found")))
+        }
+    }
+}
+
+/// Sends `membership` for `target`, sent by `sender`, with the profile when it is the
+/// sender's own join.
+async fn set_membership(
+    server: &AppState,
+    sender: &UserId,
+    room_id: &ruma::RoomId,
+    target: &UserId,
+    membership: &str,
+    reason: Option<&str>,
+) -> Result<ruma::OwnedEventId> {
+    if !server.rooms.exists(room_id)? {
+        return Err(Error::not_found("unknown room"));
+    }
+    let mut content = json!({ "membership": membership, "reason": reason });
+    if target.server_name() == server.server_name() {
+        let account = server.users.account(target)?.filter(|a| !a.deactivated);
+        let Some(account) = account else {
+            return Err(Error::not_found(format!("unknown user {target}")));
+        };
+        if matches!(membership, "join" | "invite" | "knock") {
+            content["displayname"] = account.displayname.map_or(JsonValue::Null, JsonValue::String);
+            content["avatar_url"] = account.avatar_url.map_or(JsonValue::Null, JsonValue::String);
+        }
+    }
+    strip_nulls(&mut content);
+    send_event(server, sender, room_id, PduBuilder::state("m.room.member", target.as_str(), content), None).await
+}
+
+async fn join_by_id(
+    State(server): State<AppState>,
+    req: Ruma<join_room_by_id::v3::Request>,
+) -> Result<RumaResponse<join_room_by_id::v3::Response>> {
+    let caller = req.caller();
+    let room_id = &req.body.room_id;
+    if !server.rooms.is_joined(room_id, &caller.user_id)? {
+        set_membership(&server, &caller.user_id, room_id, &caller.user_id, "join", req.body.reason.as_deref()).await?;
+    }
+    Ok(join_room_by_id::v3::Response::new(room_id.clone()).into())
+}
+
+async fn join_by_id_or_alias(
+    State(server): State<AppState>,
+    req: Ruma<join_room_by_id_or_alias::v3::Request>,
+) -> Result<RumaResponse<join_room_by_id_or_alias::v3::Response>> {
+    let caller = req.caller();
+    let room_id = resolve_room(&server, &req.body.room_id_or_alias)?;
+    if !server.rooms.is_joined(&room_id, &caller.user_id)? {
+        set_membership(&server, &caller.user_id, &room_id, &caller.user_id, "join", req.body.reason.as_deref()).await?;
+    }
+    Ok(join_room_by_id_or_alias::v3::Response::new(room_id).into())
+}
+
+async fn invite(
+    State(server): State<AppState>,
+    req: Ruma<invite_user::v3::Request>,
+) -> Result<RumaResponse<invite_user::v3::Response>> {
+    let caller = req.caller();
+    let invite_user::v3::InvitationRecipient::UserId(recipient) = &req.body.recipient else {
+        return Err(Error::invalid_param("third-party invites are not supported"));
+    };
+    if !server.rooms.is_joined(&req.body.room_id, &caller.user_id)? {
+        return Err(Error::forbidden("you are not joined to this room"));
+    }
+    set_membership(&server, &caller.user_id, &req.body.room_id, &recipient.user_id, "invite", recipient.reason.as_deref()).await?;
+    Ok(invite_user::v3::Response::new().into())
+}
+
+async fn leave(
+    State(server): State<AppState>,
+    req: Ruma<leave_room::v3::Request>,
+) -> Result<RumaResponse<leave_room::v3::Response>> {
+    let caller = req.caller();
+    let room_id = &req.body.room_id;
+    match server.rooms.membership(room_id, &caller.user_id)? {
+        Some(crate::rooms::Membership::Join | crate::rooms::Membership::Invite | crate::rooms::Membership::Knock) => {
+            set_membership(&server, &caller.user_id, room_id, &caller.user_id, "leave", req.body.reason.as_deref()).await?;
+        }
+        Some(_) => {}
+        None => return Err(Error::not_found("you are not a member of this room")),
+    }
+    Ok(leave_room::v3::Response::new().into())
+}
+
+async fn forget(
+    State(server): State<AppState>,
+    req: Ruma<forget_room::v3::Request>,
+) -> Result<RumaResponse<forget_room::v3::Response>> {
+    server.rooms.forget(&req.caller().user_id, &req.body.room_id)?;
+    Ok(forget_room::v3::Response::new().into())
+}
+
+async fn kick(
+    State(server): State<AppState>,
+    req: Ruma<kick_user::v3::Request>,
+) -> Result<RumaResponse<kick_user::v3::Response>> {
+    let caller = req.caller();
+    let current = server.rooms.membership(&req.body.room_id, &req.body.user_id)?;
+    if !matches!(current, Some(crate::rooms::Membership::Join | crate::rooms::Membership::Invite | crate::rooms::Membership::Knock)) {
+        return Err(Error::forbidden("the user is not in the room"));
+    }
+    set_membership(&server, &caller.user_id, &req.body.room_id, &req.body.user_id, "leave", req.body.reason.as_deref()).await?;
+    Ok(kick_user::v3::Response::new().into())
+}
+
+async fn ban(
+    State(server): State<AppState>,
+    req: Ruma<ban_user::v3::Request>,
+) -> Result<RumaResponse<ban_user::v3::Response>> {
+    let caller = req.caller();
+    set_membership(&server, &caller.user_id, &req.body.room_id, &req.body.user_id, "ban", req.body.reason.as_deref()).await?;
+    Ok(ban_user::v3::Response::new().into())
+}
+
+async fn unban(
+    State(server): State<AppState>,
+    req: Ruma<unban_user::v3::Request>,
+) -> Result<RumaResponse<unban_user::v3::Response>> {
+    let caller = req.caller();
+    if server.rooms.membership(&req.body.room_id, &req.body.user_id)? != Some(crate::rooms::Membership::Ban) {
+        return Err(Error::forbidden("the user is not banned"));
+    }
+    set_membership(&server, &caller.user_id, &req.body.room_id, &req.body.user_id, "leave", req.body.reason.as_deref()).await?;
+    Ok(unban_user::v3::Response::new().into())
+}
+
+async fn knock(
+    State(server): State<AppState>,
+    req: Ruma<knock_room::v3::Request>,
+) -> Result<RumaResponse<knock_room::v3::Response>> {
+    let caller = req.caller();
+    let room_id = resolve_room(&server, &req.body.room_id_or_alias)?;
+    if server.rooms.is_joined(&room_id, &caller.user_id)? {
+        return Err(Error::forbidden("you are already joined to this room"));
+    }
+    set_membership(&server, &caller.user_id, &room_id, &caller.user_id, "knock", req.body.reason.as_deref()).await?;
+    Ok(knock_room::v3::Response::new(room_id).into())
+}

@@ -1,0 +1,256 @@
+//! `/_matrix/client/*` handlers, grouped by area. Handlers parse ruma request types through the
+//! [`Ruma`] extractor, call a service, and answer ruma responses or Matrix errors.
+
+mod account;
+mod directory;
+mod discovery;
+mod events;
+mod membership;
+mod misc;
+mod rooms;
+mod sync;
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use axum::{
+    Router,
+    extract::{ConnectInfo, FromRequest, FromRequestParts, MatchedPath, RawPathParams, Request, State},
+    middleware::Next,
+    response::{IntoResponse, Response},
+    routing::{MethodFilter, on},
+};
+use bytes::BytesMut;
+use ruma::api::{
+    IncomingRequest, IncomingRequestExt, Metadata, OutgoingResponse, OutgoingResponseExt,
+    auth_scheme::{AccessToken, AccessTokenOptional, AppserviceToken, AppserviceTokenOptional, NoAccessToken, NoAuthentication},
+    path_builder::PathBuilder,
+};
+
+use crate::{
+    error::{Error, ErrorCode, Result},
+    server::Server,
+    users::Caller,
+};
+
+pub type AppState = Arc<Server>;
+
+/// Whether an endpoint's authentication scheme needs an access token.
+pub trait TokenRequirement {
+    const REQUIRED: Option<bool>;
+}
+impl TokenRequirement for AccessToken {
+    const REQUIRED: Option<bool> = Some(true);
+}
+impl TokenRequirement for AccessTokenOptional {
+    const REQUIRED: Option<bool> = Some(false);
+}
+impl TokenRequirement for AppserviceToken {
+    const REQUIRED: Option<bool> = Some(true);
+}
+impl TokenRequirement for AppserviceTokenOptional {
+    const REQUIRED: Option<bool> = Some(false);
+}
+impl TokenRequirement for NoAuthentication {
+    const REQUIRED: Option<bool> = None;
+}
+impl TokenRequirement for NoAccessToken {
+    const REQUIRED: Option<bool> = None;
+}
+
+/// A parsed ruma request with its authenticated caller.
+pub struct Ruma<T> {
+    pub body: T,
+    caller: Option<Caller>,
+    pub ip: Option<std::net::IpAddr>,
+    /// The JSON body as sent, for user-interactive auth that ruma keeps opaque.
+    pub json: Option<serde_json::Value>,
+}
+
+impl<T> Ruma<T> {
+    /// The authenticated caller; only endpoints that require a token call this.
+    pub fn caller(&self) -> &Caller {
+        self.caller.as_ref().expect("endpoint requires an access token")
+    }
+
+    pub fn caller_opt(&self) -> Option<&Caller> {
+        self.caller.as_ref()
+    }
+
+    /// Who rate limits apply to: the user, or the IP when unauthenticated.
+    pub fn rate_key(&self) -> String {
+        match (&self.caller, self.ip) {
+            (Some(c), _) => c.user_id.to_string(),
+            (None, Some(ip)) => ip.to_string(),
+            (None, None) => "unknown".to_owned(),
+        }
+    }
+}
+
+fn access_token(parts: &http::request::Parts) -> Option<String> {
+    if let Some(value) = parts.headers.get(http::header::AUTHORIZATION) {
+        return value.to_str().ok()?.strip_prefix("Bearer ").map(|t| t.trim().to_owned());
+    }
+    let query = parts.uri.query()?;
+    url_query_param(query, "access_token")
+}
+
+fn url_query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=')?;
+        (key == name).then(|| percent_decode(value))
+    })
+}
+
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The number of `{param}` segments an endpoint's path has.
+fn path_param_count<T: Metadata>() -> usize {
+    T::PATH_BUILDER.all_paths().next().map_or(0, |p| p.matches('{').count())
+}
+
+impl<T> FromRequest<AppState> for Ruma<T>
+where
+    T: IncomingRequest + Send,
+    T::Authentication: TokenRequirement,
+{
+    type Rejection = Error;
+
+    async fn from_request(request: Request, server: &AppState) -> Result<Self, Self::Rejection> {
+        let (mut parts, body) = request.into_parts();
+        let mut params: Vec<String> = RawPathParams::from_request_parts(&mut parts, server)
+            .await
+            .map_err(|e| Error::invalid_param(format!("bad path parameter: {e}")))?
+            .iter()
+            .map(|(_, v)| v.to_owned())
+            .collect();
+        // Routes registered without a trailing empty parameter (e.g. a state event with an
+        // empty state key) get it filled in.
+        params.resize(params.len().max(path_param_count::<T>()), String::new());
+        let ip = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+
+        let caller = match T::Authentication::REQUIRED {
+            None => None,
+            Some(required) => match access_token(&parts) {
+                Some(token) => Some(server.users.authenticate(&token)?.ok_or_else(|| {
+                    Error::new(ErrorCode::UnknownToken, "unknown or revoked access token")
+                })?),
+                None if required => {
+                    return Err(Error::new(ErrorCode::MissingToken, "missing access token"));
+                }
+                None => None,
+            },
+        };
+
+        let limit = server.config.limits.max_request_body;
+        let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+            Error::new(ErrorCode::TooLarge, format!("request body is larger than {limit} bytes"))
+        })?;
+        let json = if bytes.is_empty() {
+            None
+        } else {
+            match serde_json::from_slice::<serde_json::Value>(&bytes) {
+                Ok(value) => Some(value),
+                Err(_) if parts.method == http::Method::GET => None,
+                Err(e) => return Err(Error::new(ErrorCode::NotJson, format!("body is not JSON: {e}"))),
+            }
+        };
+        let path_args: Vec<&str> = params.iter().map(String::as_str).collect();
+        let http_request = http::Request::from_parts(parts, bytes.as_ref());
+        let body = T::try_from_http_request(http_request, &path_args).map_err(|e| {
+            let message = e.to_string();
+            if message.contains("missing field") {
+                Error::new(ErrorCode::MissingParam, message)
+            } else if message.contains("path") || message.contains("query") {
+                Error::invalid_param(message)
+            } else {
+                Error::bad_json(message)
+            }
+        })?;
+        Ok(Self { body, caller, ip, json })
+    }
+}
+
+/// A ruma response as an axum response.
+pub struct RumaResponse<T>(pub T);
+
+impl<T: OutgoingResponse> IntoResponse for RumaResponse<T> {
+    fn into_response(self) -> Response {
+        match self.0.try_into_http_response::<BytesMut>() {
+            Ok(response) => response.map(|body| axum::body::Body::from(body.freeze())).into_response(),
+            Err(e) => Error::internal(format!("response serialization: {e}")).into_response(),
+        }
+    }
+}
+
+impl<T> From<T> for RumaResponse<T> {
+    fn from(value: T) -> Self {
+        Self(value)
+    }
+}
+
+/// Registers `handler` on every path (v3, r0 and unstable) of the ruma endpoint `T`.
+pub(crate) fn route<T, H, X>(router: Router<AppState>, handler: H) -> Router<AppState>
+where
+    T: IncomingRequest,
+    H: axum::handler::Handler<X, AppState>,
+    X: 'static,
+{
+    let filter = MethodFilter::try_from(T::METHOD).expect("ruma endpoints use standard methods");
+    let mut router = router;
+    for path in T::PATH_BUILDER.all_paths() {
+        router = router.route(path, on(filter, handler.clone()));
+    }
+    router
+}
+
+pub fn router() -> Router<AppState> {
+    let router = Router::new();
+    let router = discovery::routes(router);
+    let router = account::routes(router);
+    let router = rooms::routes(router);
+    let router = membership::routes(router);
+    let router = events::routes(router);
+    let router = directory::routes(router);
+    let router = sync::routes(router);
+    misc::routes(router)
+}
+
+/// Records route, status and latency of every request.
+pub async fn track_metrics(State(server): State<AppState>, request: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = request.method().to_string();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let response = next.run(request).await;
+    server.metrics.observe_request(&method, &route, response.status().as_u16(), start.elapsed());
+    response
+}
+
+/// Unknown endpoints answer M_UNRECOGNIZED, as the spec asks.
+pub async fn unrecognized() -> Error {
+    Error::new(ErrorCode::Unrecognized, "unrecognized request")
+}

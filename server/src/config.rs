@@ -1,0 +1,277 @@
+//! The TOML configuration, with `LIMBIC_...` environment overrides, validated at start.
+
+use std::{net::IpAddr, path::PathBuf};
+
+use ruma::OwnedServerName;
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config: {0}")]
+    Parse(String),
+    #[error("invalid config: environment variable {var}: {reason}")]
+    Env { var: String, reason: String },
+    #[error("invalid config: `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server_name: OwnedServerName,
+    #[serde(default)]
+    pub listen: ListenConfig,
+    pub database: DatabaseConfig,
+    #[serde(default)]
+    pub logging: LoggingConfig,
+    #[serde(default)]
+    pub registration: RegistrationConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub rate_limits: RateLimitsConfig,
+    #[serde(default)]
+    pub presence: PresenceConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    pub address: IpAddr,
+    pub port: u16,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self { address: IpAddr::from([127, 0, 0, 1]), port: 8008 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingConfig {
+    pub level: String,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self { level: "info".to_owned() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RegistrationMode {
+    Open,
+    Token,
+    Closed,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrationConfig {
+    pub mode: RegistrationMode,
+    #[serde(default)]
+    pub tokens: Vec<String>,
+    #[serde(default)]
+    pub shared_secret: String,
+}
+
+impl Default for RegistrationConfig {
+    fn default() -> Self {
+        Self { mode: RegistrationMode::Closed, tokens: Vec::new(), shared_secret: String::new() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub max_request_body: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self { max_request_body: 10 * 1024 * 1024 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitsConfig {
+    pub enabled: bool,
+    pub message: RateLimit,
+    pub registration: RateLimit,
+    pub login: RateLimit,
+    pub create_room: RateLimit,
+}
+
+impl Default for RateLimitsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            message: RateLimit { per_second: 10.0, burst: 50 },
+            registration: RateLimit { per_second: 0.2, burst: 5 },
+            login: RateLimit { per_second: 0.5, burst: 10 },
+            create_room: RateLimit { per_second: 0.5, burst: 10 },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PresenceConfig {
+    pub enabled: bool,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+const ENV_PREFIX: &str = "LIMBIC_";
+
+impl Config {
+    /// Reads the file, applies `LIMBIC_*` overrides from the process environment, validates.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::from_toml(&text, std::env::vars())
+    }
+
+    pub fn from_toml(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table: toml::Table =
+            text.parse().map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        for (var, value) in env {
+            if let Some(rest) = var.strip_prefix(ENV_PREFIX) {
+                apply_env_override(&mut table, &var, rest, &value)?;
+            }
+        }
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.database.path.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid { key: "database.path", reason: "must not be empty".into() });
+        }
+        if self.registration.mode == RegistrationMode::Token && self.registration.tokens.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "registration.tokens",
+                reason: "mode \"token\" needs at least one token".into(),
+            });
+        }
+        if self.limits.max_request_body < 1024 {
+            return Err(ConfigError::Invalid {
+                key: "limits.max_request_body",
+                reason: "must be at least 1024 bytes".into(),
+            });
+        }
+        let limits = &self.rate_limits;
+        for (key, limit) in [
+            ("rate_limits.message", limits.message),
+            ("rate_limits.registration", limits.registration),
+            ("rate_limits.login", limits.login),
+            ("rate_limits.create_room", limits.create_room),
+        ] {
+            if !(limit.per_second > 0.0 && limit.per_second.is_finite()) || limit.burst == 0 {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: "per_second must be positive and burst at least 1".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `LIMBIC_LISTEN__PORT=9000` sets `listen.port`. The value is parsed as a TOML value when it
+/// is one (numbers, booleans, arrays, inline tables), otherwise taken as a string.
+fn apply_env_override(
+    table: &mut toml::Table,
+    var: &str,
+    path: &str,
+    value: &str,
+) -> Result<(), ConfigError> {
+    let keys: Vec<String> = path.split("__").map(|k| k.to_ascii_lowercase()).collect();
+    if keys.iter().any(|k| k.is_empty()) {
+        return Err(ConfigError::Env { var: var.to_owned(), reason: "empty key segment".into() });
+    }
+    let parsed = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_owned()));
+    let (last, parents) = keys.split_last().expect("split yields at least one segment");
+    let mut current = table;
+    for key in parents {
+        let entry =
+            current.entry(key.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = entry.as_table_mut().ok_or_else(|| ConfigError::Env {
+            var: var.to_owned(),
+            reason: format!("`{key}` is not a section"),
+        })?;
+    }
+    current.insert(last.clone(), parsed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../config.example.toml");
+
+    #[test]
+    fn example_config_is_valid() {
+        let config = Config::from_toml(EXAMPLE, []).unwrap();
+        assert_eq!(config.server_name.as_str(), "localhost");
+        assert_eq!(config.registration.mode, RegistrationMode::Open);
+    }
+
+    #[test]
+    fn env_overrides_nested_keys_with_types() {
+        let env = [
+            ("LIMBIC_LISTEN__PORT".to_owned(), "9123".to_owned()),
+            ("LIMBIC_SERVER_NAME".to_owned(), "clinic.example".to_owned()),
+            ("LIMBIC_RATE_LIMITS__ENABLED".to_owned(), "false".to_owned()),
+            ("OTHER".to_owned(), "x".to_owned()),
+        ];
+        let config = Config::from_toml(EXAMPLE, env).unwrap();
+        assert_eq!(config.listen.port, 9123);
+        assert_eq!(config.server_name.as_str(), "clinic.example");
+        assert!(!config.rate_limits.enabled);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = Config::from_toml(&EXAMPLE.replace("port = 8008", "port = \"x\""), []).unwrap_err();
+        assert!(err.to_string().contains("port"), "{err}");
+        let err = Config::from_toml(&EXAMPLE.replace("mode = \"open\"", "mode = \"token\""), [])
+            .unwrap_err();
+        assert!(err.to_string().contains("registration.tokens"), "{err}");
+        let err = Config::from_toml(&format!("{EXAMPLE}\nbogus = 1\n"), []).unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+    }
+}

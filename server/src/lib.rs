@@ -1,0 +1,71 @@
+//! Limbic: a Matrix homeserver for therapy practices and clinics.
+
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod events;
+pub mod metrics;
+pub mod ratelimit;
+pub mod rooms;
+pub mod server;
+pub mod store;
+pub mod sync;
+pub mod users;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use axum::{Router, middleware};
+pub use error::{Error, Result};
+pub use server::Server;
+
+/// Builds the HTTP application for a running server.
+pub fn app(server: Arc<Server>) -> Router {
+    client::router()
+        .fallback(client::unrecognized)
+        .layer(middleware::from_fn_with_state(server.clone(), client::track_metrics))
+        .with_state(server)
+}
+
+/// Serves until SIGTERM or Ctrl-C, then lets in-flight requests (and their writes) finish.
+pub async fn serve(server: Arc<Server>) -> std::io::Result<()> {
+    let addr = SocketAddr::new(server.config.listen.address, server.config.listen.port);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, server_name = %server.server_name(), "listening");
+
+    let background = tokio::spawn(background_tasks(server.clone()));
+    let app = app(server.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+    background.abort();
+    server.store.flush().map_err(std::io::Error::other)?;
+    tracing::info!("shut down cleanly");
+    Ok(())
+}
+
+async fn background_tasks(server: Arc<Server>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        if let Err(e) = server.rooms.expire_typing() {
+            tracing::warn!(error = %e, "typing expiry failed");
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown requested; finishing in-flight requests");
+}

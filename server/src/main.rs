@@ -1,0 +1,73 @@
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use limbic_server::{Server, config::Config};
+
+#[derive(Parser)]
+#[command(name = "limbic", version, about = "Limbic: a Matrix homeserver for therapy practices and clinics")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the homeserver.
+    Serve {
+        /// Path to the TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a configuration file and exit.
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (Command::Serve { config } | Command::CheckConfig { config }) = &cli.command;
+    let config = match Config::load(config) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("limbic: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if matches!(cli.command, Command::CheckConfig { .. }) {
+        println!("configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    init_logging(&config.logging.level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("limbic: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let server = match Server::open(config) {
+            Ok(server) => server,
+            Err(e) => {
+                eprintln!("limbic: cannot open the server: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match limbic_server::serve(server).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("limbic: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

@@ -1,0 +1,439 @@
+//! Rooms: the event pipeline (build → authorize → persist → notify), the timeline, state
+//! snapshots, membership indexes, aliases and the public directory.
+
+mod ephemeral;
+mod pipeline;
+pub mod state;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use ruma::{
+    OwnedEventId, OwnedRoomAliasId, OwnedRoomId, OwnedUserId, RoomAliasId, RoomId, RoomVersionId,
+    UserId, room_version_rules::RoomVersionRules,
+};
+use serde::{Deserialize, Serialize};
+
+pub use ephemeral::{Receipt, Typing};
+pub use pipeline::{RoomWriter, TxnInfo};
+use state::{SnapshotCache, StateMap};
+
+use crate::{
+    error::{Error, Result},
+    events::{Pdu, ServerSigningKey, rules_for},
+    store::{Key, KeyReader, Store, StreamPos, tables},
+};
+
+/// What the store keeps per room.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RoomRecord {
+    pub version: RoomVersionId,
+    /// Snapshot of the current state.
+    pub snapshot: u64,
+    pub extremities: Vec<OwnedEventId>,
+    pub depth: u64,
+}
+
+/// Per-event metadata kept beside the PDU.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EventMeta {
+    pub pos: StreamPos,
+    pub state_before: u64,
+    pub state_after: u64,
+    /// The state event this one replaced, for `unsigned.prev_content`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces_state: Option<OwnedEventId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub txn: Option<TxnInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redacted_by: Option<OwnedEventId>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Membership {
+    Join,
+    Invite,
+    Knock,
+    Leave,
+    Ban,
+}
+
+impl Membership {
+    pub fn parse(value: &str) -> Option<Self> {
+        Some(match value {
+            "join" => Self::Join,
+            "invite" => Self::Invite,
+            "knock" => Self::Knock,
+            "leave" => Self::Leave,
+            "ban" => Self::Ban,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Join => "join",
+            Self::Invite => "invite",
+            Self::Knock => "knock",
+            Self::Leave => "leave",
+            Self::Ban => "ban",
+        }
+    }
+}
+
+/// A user's membership in one room, indexed by user for /sync.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UserRoom {
+    pub membership: Membership,
+    pub event_id: OwnedEventId,
+    pub pos: StreamPos,
+    #[serde(default)]
+    pub forgotten: bool,
+}
+
+pub struct Rooms {
+    store: Arc<Store>,
+    key: Arc<ServerSigningKey>,
+    locks: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
+    snapshots: SnapshotCache,
+    pub typing: Typing,
+}
+
+impl Rooms {
+    pub fn new(store: Arc<Store>, key: Arc<ServerSigningKey>) -> Self {
+        Self {
+            store,
+            key,
+            locks: Mutex::default(),
+            snapshots: SnapshotCache::default(),
+            typing: Typing::default(),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Takes the room's write lock: one writer per room keeps the DAG linear and ordered.
+    pub async fn writer(&self, room_id: &RoomId) -> Result<RoomWriter<'_>> {
+        let lock = self
+            .locks
+            .lock()
+            .expect("room locks")
+            .entry(room_id.to_owned())
+            .or_default()
+            .clone();
+        let guard = lock.lock_owned().await;
+        RoomWriter::open(self, room_id.to_owned(), guard)
+    }
+
+    pub fn room(&self, room_id: &RoomId) -> Result<Option<RoomRecord>> {
+        Ok(self.store.get_json(tables::ROOMS, room_id.as_bytes())?)
+    }
+
+    pub fn exists(&self, room_id: &RoomId) -> Result<bool> {
+        Ok(self.store.contains(tables::ROOMS, room_id.as_bytes())?)
+    }
+
+    pub fn rules(&self, room_id: &RoomId) -> Result<RoomVersionRules> {
+        let room = self.room(room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+        rules_for(&room.version)
+    }
+
+    pub fn pdu(&self, event_id: &ruma::EventId) -> Result<Option<Pdu>> {
+        self.store
+            .get(tables::PDUS, event_id.as_bytes())?
+            .map(|bytes| Pdu::from_stored(&bytes))
+            .transpose()
+    }
+
+    pub fn meta(&self, event_id: &ruma::EventId) -> Result<Option<EventMeta>> {
+        Ok(self.store.get_json(tables::EVENT_META, event_id.as_bytes())?)
+    }
+
+    /// The current state event for (type, state key).
+    pub fn state_event(&self, room_id: &RoomId, kind: &str, state_key: &str) -> Result<Option<Pdu>> {
+        match self.store.get(tables::ROOM_STATE, &state::state_key(room_id.as_str(), kind, state_key))? {
+            Some(event_id) => {
+                let event_id = String::from_utf8(event_id).map_err(Error::internal)?;
+                self.pdu(<&ruma::EventId>::try_from(event_id.as_str()).map_err(Error::internal)?)
+            }
+            None => Ok(None),
+        }
+    }
+
+    pub fn state_content(&self, room_id: &RoomId, kind: &str, state_key: &str) -> Result<Option<serde_json::Value>> {
+        Ok(self.state_event(room_id, kind, state_key)?.map(|pdu| pdu.content_json()))
+    }
+
+    /// The full current state of a room.
+    pub fn current_state(&self, room_id: &RoomId) -> Result<Vec<Pdu>> {
+        let prefix = Key::new().str(room_id.as_str()).into_vec();
+        self.store
+            .scan_prefix(tables::ROOM_STATE, prefix, false)
+            .map(|item| {
+                let (_, event_id) = item?;
+                let event_id = std::str::from_utf8(&event_id).map_err(Error::internal)?;
+                self.pdu(event_id.try_into().map_err(Error::internal)?)?
+                    .ok_or_else(|| Error::internal("state points at a missing event"))
+            })
+            .collect()
+    }
+
+    pub fn state_map(&self, snapshot: u64) -> Result<Arc<StateMap>> {
+        self.snapshots.load(&self.store, snapshot)
+    }
+
+    /// Events of a snapshot's state, optionally filtered.
+    pub fn state_events(&self, snapshot: u64, keep: impl Fn(&str, &str) -> bool) -> Result<Vec<Pdu>> {
+        let map = self.state_map(snapshot)?;
+        map.iter()
+            .filter(|((kind, key), _)| keep(kind, key))
+            .map(|(_, event_id)| {
+                self.pdu(event_id)?.ok_or_else(|| Error::internal("snapshot points at a missing event"))
+            })
+            .collect()
+    }
+
+    pub fn membership(&self, room_id: &RoomId, user_id: &UserId) -> Result<Option<Membership>> {
+        let key = Key::new().str(room_id.as_str()).str(user_id.as_str()).into_vec();
+        Ok(self.store.get_json(tables::ROOM_MEMBERS, &key)?)
+    }
+
+    pub fn is_joined(&self, room_id: &RoomId, user_id: &UserId) -> Result<bool> {
+        Ok(self.membership(room_id, user_id)? == Some(Membership::Join))
+    }
+
+    /// Members of a room with their current membership.
+    pub fn members(&self, room_id: &RoomId) -> Result<Vec<(OwnedUserId, Membership)>> {
+        let prefix = Key::new().str(room_id.as_str()).into_vec();
+        self.store
+            .scan_prefix(tables::ROOM_MEMBERS, prefix, false)
+            .map(|item| {
+                let (key, value) = item?;
+                let user = KeyReader::new(&key).skip_str().str().map(str::to_owned);
+                let user = user.and_then(|u| OwnedUserId::try_from(u).ok()).ok_or_else(|| {
+                    Error::internal("corrupt membership key")
+                })?;
+                Ok((user, crate::store::decode(tables::ROOM_MEMBERS, &value)?))
+            })
+            .collect()
+    }
+
+    pub fn joined_members(&self, room_id: &RoomId) -> Result<Vec<OwnedUserId>> {
+        Ok(self
+            .members(room_id)?
+            .into_iter()
+            .filter(|(_, m)| *m == Membership::Join)
+            .map(|(u, _)| u)
+            .collect())
+    }
+
+    /// Every room the user has a membership in.
+    pub fn user_rooms(&self, user_id: &UserId) -> Result<Vec<(OwnedRoomId, UserRoom)>> {
+        let prefix = Key::new().str(user_id.as_str()).into_vec();
+        self.store
+            .scan_prefix(tables::USER_ROOMS, prefix, false)
+            .map(|item| {
+                let (key, value) = item?;
+                let room = KeyReader::new(&key).skip_str().str().map(str::to_owned);
+                let room = room.and_then(|r| OwnedRoomId::try_from(r).ok()).ok_or_else(|| {
+                    Error::internal("corrupt user room key")
+                })?;
+                Ok((room, crate::store::decode(tables::USER_ROOMS, &value)?))
+            })
+            .collect()
+    }
+
+    pub fn user_room(&self, user_id: &UserId, room_id: &RoomId) -> Result<Option<UserRoom>> {
+        let key = Key::new().str(user_id.as_str()).str(room_id.as_str()).into_vec();
+        Ok(self.store.get_json(tables::USER_ROOMS, &key)?)
+    }
+
+    pub fn forget(&self, user_id: &UserId, room_id: &RoomId) -> Result<()> {
+        let key = Key::new().str(user_id.as_str()).str(room_id.as_str()).into_vec();
+        let Some(mut entry) = self.store.get_json::<UserRoom>(tables::USER_ROOMS, &key)? else {
+            return Err(Error::not_found("you have no membership in this room"));
+        };
+        if matches!(entry.membership, Membership::Join | Membership::Invite | Membership::Knock) {
+            return Err(Error::with_status(
+                crate::error::ErrorCode::Unknown,
+                http::StatusCode::BAD_REQUEST,
+                "leave the room before forgetting it",
+            ));
+        }
+        entry.forgotten = true;
+        let mut batch = self.store.batch();
+        batch.put_json(&self.store, tables::USER_ROOMS, &key, &entry)?;
+        self.store.write(batch)?;
+        Ok(())
+    }
+
+    /// Timeline events of a room after `from` (exclusive), ascending, up to `to` (inclusive).
+    pub fn timeline_after(
+        &self,
+        room_id: &RoomId,
+        from: StreamPos,
+        to: StreamPos,
+    ) -> impl Iterator<Item = Result<(StreamPos, OwnedEventId)>> + use<'_> {
+        let prefix = Key::new().str(room_id.as_str()).into_vec();
+        let start = Key::new().str(room_id.as_str()).u64(from.saturating_add(1)).into_vec();
+        self.store
+            .scan_from(tables::TIMELINE, prefix, &start, false)
+            .map(timeline_entry)
+            .take_while(move |item| !matches!(item, Ok((pos, _)) if *pos > to))
+    }
+
+    /// Timeline events at or before `from`, descending.
+    pub fn timeline_before(
+        &self,
+        room_id: &RoomId,
+        from: StreamPos,
+    ) -> impl Iterator<Item = Result<(StreamPos, OwnedEventId)>> + use<'_> {
+        let prefix = Key::new().str(room_id.as_str()).into_vec();
+        let start = Key::new().str(room_id.as_str()).u64(from).into_vec();
+        self.store.scan_from(tables::TIMELINE, prefix, &start, true).map(timeline_entry)
+    }
+
+    /// Whether the room has timeline events in (from, to].
+    pub fn has_events_between(&self, room_id: &RoomId, from: StreamPos, to: StreamPos) -> Result<bool> {
+        match self.timeline_after(room_id, from, to).next() {
+            Some(item) => item.map(|_| true),
+            None => Ok(false),
+        }
+    }
+
+    /// Whether `user` may see `pdu` under the room's history visibility.
+    pub fn user_can_see(&self, user_id: &UserId, pdu: &Pdu, meta: &EventMeta) -> Result<bool> {
+        let state = self.state_map(meta.state_after)?;
+        let content_of = |kind: &str, key: &str| -> Result<Option<serde_json::Value>> {
+            match state.get(&(kind.to_owned(), key.to_owned())) {
+                Some(id) => Ok(self.pdu(id)?.map(|p| p.content_json())),
+                None => Ok(None),
+            }
+        };
+        let visibility = content_of("m.room.history_visibility", "")?
+            .and_then(|c| c.get("history_visibility").and_then(|v| v.as_str()).map(str::to_owned))
+            .unwrap_or_else(|| "shared".to_owned());
+        if visibility == "world_readable" {
+            return Ok(true);
+        }
+        let membership_then = content_of("m.room.member", user_id.as_str())?
+            .and_then(|c| c.get("membership").and_then(|m| m.as_str()).and_then(Membership::parse));
+        Ok(match membership_then {
+            Some(Membership::Join) => true,
+            Some(Membership::Invite) if visibility == "invited" => true,
+            _ if visibility == "shared" => self.is_joined(&pdu.room_id, user_id)?,
+            _ => false,
+        })
+    }
+
+    // --- aliases and the public directory ---
+
+    pub fn resolve_alias(&self, alias: &RoomAliasId) -> Result<Option<OwnedRoomId>> {
+        match self.store.get(tables::ALIASES, alias.as_bytes())? {
+            Some(room) => Ok(Some(
+                String::from_utf8(room).ok().and_then(|r| r.try_into().ok()).ok_or_else(|| {
+                    Error::internal("corrupt alias record")
+                })?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    pub fn set_alias(&self, alias: &RoomAliasId, room_id: &RoomId, creator: &UserId) -> Result<()> {
+        if self.resolve_alias(alias)?.is_some() {
+            return Err(Error::with_status(
+                crate::error::ErrorCode::Unknown,
+                http::StatusCode::CONFLICT,
+                format!("alias {alias} already exists"),
+            ));
+        }
+        let mut batch = self.store.batch();
+        batch.put(&self.store, tables::ALIASES, alias.as_bytes(), room_id.as_bytes());
+        let owner = Key::new().str("owner").str(alias.as_str()).into_vec();
+        batch.put(&self.store, tables::ALIASES, &owner, creator.as_bytes());
+        self.store.write(batch)?;
+        Ok(())
+    }
+
+    pub fn alias_owner(&self, alias: &RoomAliasId) -> Result<Option<OwnedUserId>> {
+        let owner = Key::new().str("owner").str(alias.as_str()).into_vec();
+        Ok(self
+            .store
+            .get(tables::ALIASES, &owner)?
+            .and_then(|u| String::from_utf8(u).ok())
+            .and_then(|u| u.try_into().ok()))
+    }
+
+    pub fn remove_alias(&self, alias: &RoomAliasId) -> Result<()> {
+        let mut batch = self.store.batch();
+        batch.delete(&self.store, tables::ALIASES, alias.as_bytes());
+        batch.delete(&self.store, tables::ALIASES, &Key::new().str("owner").str(alias.as_str()).into_vec());
+        self.store.write(batch)?;
+        Ok(())
+    }
+
+    pub fn local_aliases(&self, room_id: &RoomId) -> Result<Vec<OwnedRoomAliasId>> {
+        let mut aliases = Vec::new();
+        for item in self.store.scan_prefix(tables::ALIASES, b"#".to_vec(), false) {
+            let (alias, room) = item?;
+            if room.as_ref() == room_id.as_bytes()
+                && let Ok(alias) = OwnedRoomAliasId::try_from(String::from_utf8_lossy(&alias).into_owned())
+            {
+                aliases.push(alias);
+            }
+        }
+        Ok(aliases)
+    }
+
+    pub fn set_public(&self, room_id: &RoomId, public: bool) -> Result<()> {
+        let mut batch = self.store.batch();
+        if public {
+            batch.put(&self.store, tables::PUBLIC_ROOMS, room_id.as_bytes(), b"");
+        } else {
+            batch.delete(&self.store, tables::PUBLIC_ROOMS, room_id.as_bytes());
+        }
+        self.store.write(batch)?;
+        Ok(())
+    }
+
+    pub fn is_public(&self, room_id: &RoomId) -> Result<bool> {
+        Ok(self.store.contains(tables::PUBLIC_ROOMS, room_id.as_bytes())?)
+    }
+
+    pub fn public_rooms(&self) -> Result<Vec<OwnedRoomId>> {
+        self.store
+            .scan_prefix(tables::PUBLIC_ROOMS, Vec::new(), false)
+            .map(|item| {
+                let (room, _) = item?;
+                OwnedRoomId::try_from(String::from_utf8_lossy(&room).into_owned()).map_err(Error::internal)
+            })
+            .collect()
+    }
+
+    /// The power level a user has in the room's current state.
+    pub fn user_power_level(&self, room_id: &RoomId, user_id: &UserId) -> Result<i64> {
+        let Some(power) = self.state_content(room_id, "m.room.power_levels", "")? else {
+            // Without power levels the creator has 100.
+            let create = self.state_event(room_id, "m.room.create", "")?;
+            return Ok(if create.is_some_and(|c| c.sender == user_id) { 100 } else { 0 });
+        };
+        Ok(power
+            .get("users")
+            .and_then(|u| u.get(user_id.as_str()))
+            .and_then(|v| v.as_i64())
+            .or_else(|| power.get("users_default").and_then(|v| v.as_i64()))
+            .unwrap_or(0))
+    }
+}
+
+fn timeline_entry(item: crate::store::Result<(Box<[u8]>, Box<[u8]>)>) -> Result<(StreamPos, OwnedEventId)> {
+    let (key, value) = item?;
+    let pos = KeyReader::new(&key).skip_str().u64().ok_or_else(|| Error::internal("corrupt timeline key"))?;
+    let event_id = OwnedEventId::try_from(String::from_utf8_lossy(&value).into_owned()).map_err(Error::internal)?;
+    Ok((pos, event_id))
+}

@@ -1,0 +1,290 @@
+//! The write side of a room: build, authorize and stage events under the room's lock, then
+//! persist everything staged in one atomic batch. Readers see nothing until the commit.
+
+use std::collections::HashMap;
+
+use ruma::{
+    OwnedEventId, OwnedRoomId, OwnedUserId, RoomVersionId, UserId,
+    events::{StateEventType, TimelineEventType},
+    room_version_rules::RoomVersionRules,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{EventMeta, Membership, RoomRecord, Rooms, UserRoom, state};
+use crate::{
+    error::{Error, ErrorCode, Result},
+    events::{Pdu, PduBuilder, PduPlacement, SignedPdu, build_pdu, redact_stored, rules_for},
+    store::{Batch, Key, StreamTicket, tables},
+};
+
+/// The device and transaction id a client sent an event with.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TxnInfo {
+    pub device_id: String,
+    pub txn_id: String,
+}
+
+pub struct RoomWriter<'a> {
+    rooms: &'a Rooms,
+    room_id: OwnedRoomId,
+    record: Option<RoomRecord>,
+    rules: Option<RoomVersionRules>,
+    batch: Batch,
+    tickets: Vec<StreamTicket>,
+    /// State set by events staged in this writer, over the stored current state.
+    staged_state: HashMap<(String, String), Pdu>,
+    staged_events: HashMap<OwnedEventId, Pdu>,
+    snapshot_generations: HashMap<u64, u32>,
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl<'a> RoomWriter<'a> {
+    pub(super) fn open(
+        rooms: &'a Rooms,
+        room_id: OwnedRoomId,
+        guard: tokio::sync::OwnedMutexGuard<()>,
+    ) -> Result<Self> {
+        let record = rooms.room(&room_id)?;
+        let rules = record.as_ref().map(|r| rules_for(&r.version)).transpose()?;
+        Ok(Self {
+            batch: rooms.store.batch(),
+            rooms,
+            room_id,
+            record,
+            rules,
+            tickets: Vec::new(),
+            staged_state: HashMap::new(),
+            staged_events: HashMap::new(),
+            snapshot_generations: HashMap::new(),
+            _guard: guard,
+        })
+    }
+
+    pub fn room_id(&self) -> &OwnedRoomId {
+        &self.room_id
+    }
+
+    pub fn exists(&self) -> bool {
+        self.record.is_some()
+    }
+
+    /// Starts a new room; the first event appended must be its `m.room.create`.
+    pub fn init_room(&mut self, version: RoomVersionId) -> Result<()> {
+        if self.record.is_some() {
+            return Err(Error::new(ErrorCode::RoomInUse, "room already exists"));
+        }
+        self.rules = Some(rules_for(&version)?);
+        self.record = Some(RoomRecord {
+            version,
+            snapshot: state::EMPTY_SNAPSHOT,
+            extremities: Vec::new(),
+            depth: 0,
+        });
+        Ok(())
+    }
+
+    /// The current state event for (type, state key), staged events included.
+    pub fn state_event(&self, kind: &str, state_key: &str) -> Result<Option<Pdu>> {
+        if let Some(pdu) = self.staged_state.get(&(kind.to_owned(), state_key.to_owned())) {
+            return Ok(Some(pdu.clone()));
+        }
+        if self.record.as_ref().is_none_or(|r| r.snapshot == state::EMPTY_SNAPSHOT) {
+            return Ok(None);
+        }
+        self.rooms.state_event(&self.room_id, kind, state_key)
+    }
+
+    fn event(&self, event_id: &ruma::EventId) -> Option<Pdu> {
+        self.staged_events.get(event_id).cloned().or_else(|| self.rooms.pdu(event_id).ok().flatten())
+    }
+
+    /// Builds, authorizes and stages one event. Nothing is visible before [`Self::commit`].
+    pub fn append(&mut self, sender: &UserId, builder: PduBuilder, txn: Option<TxnInfo>) -> Result<Pdu> {
+        let record = self.record.clone().ok_or_else(|| Error::not_found("unknown room"))?;
+        let rules = self.rules.clone().ok_or_else(|| Error::not_found("unknown room"))?;
+        let is_create = builder.kind == TimelineEventType::RoomCreate;
+        if is_create != record.extremities.is_empty() {
+            return Err(Error::new(
+                ErrorCode::InvalidRoomState,
+                "m.room.create must be the first and only create event of a room",
+            ));
+        }
+
+        let content_raw = serde_json::value::to_raw_value(&builder.content)
+            .map_err(|e| Error::bad_json(e.to_string()))?;
+        let auth_types = ruma::state_res::auth_types_for_event(
+            &builder.kind,
+            sender,
+            builder.state_key.as_deref(),
+            &content_raw,
+            &rules.authorization,
+        )
+        .map_err(Error::bad_json)?;
+        let mut auth_events = Vec::new();
+        for (kind, state_key) in &auth_types {
+            if let Some(pdu) = self.state_event(&kind.to_string(), state_key)? {
+                auth_events.push(pdu.event_id);
+            }
+        }
+
+        let signed: SignedPdu = build_pdu(
+            builder,
+            PduPlacement {
+                room_id: &self.room_id,
+                sender,
+                prev_events: record.extremities.clone(),
+                auth_events,
+                depth: record.depth + 1,
+                rules: &rules,
+            },
+            &self.rooms.key,
+        )?;
+        let pdu = signed.pdu.clone();
+
+        // authorize: the room version's rules against the state before the event.
+        ruma::state_res::check_state_independent_auth_rules(&rules.authorization, &pdu, |id| {
+            self.event(id)
+        })
+        .map_err(|reason| Error::forbidden(format!("event not authorized: {reason}")))?;
+        ruma::state_res::check_state_dependent_auth_rules(
+            &rules.authorization,
+            &pdu,
+            |kind: &StateEventType, key: &str| self.state_event(&kind.to_string(), key).ok().flatten(),
+        )
+        .map_err(|reason| Error::forbidden(format!("event not authorized: {reason}")))?;
+
+        self.stage(signed, record, &rules, txn)?;
+        Ok(pdu)
+    }
+
+    fn stage(
+        &mut self,
+        signed: SignedPdu,
+        mut record: RoomRecord,
+        rules: &RoomVersionRules,
+        txn: Option<TxnInfo>,
+    ) -> Result<()> {
+        let store = &self.rooms.store;
+        let ticket = store.streams().allocate(store)?;
+        let pos = ticket.pos();
+        let pdu = signed.pdu.clone();
+        let room_id = self.room_id.clone();
+        let room = room_id.as_str();
+
+        let state_before = record.snapshot;
+        let mut meta = EventMeta {
+            pos,
+            state_before,
+            state_after: state_before,
+            replaces_state: None,
+            txn: txn.clone(),
+            redacted_by: None,
+        };
+
+        if let Some(state_key) = &pdu.state_key {
+            let kind = pdu.kind.to_string();
+            meta.replaces_state = self.state_event(&kind, state_key)?.map(|p| p.event_id);
+            let generation = self.rooms.snapshots.write_child(
+                store,
+                &mut self.batch,
+                state_before,
+                pos,
+                ((kind.clone(), state_key.clone()), pdu.event_id.clone()),
+                &self.snapshot_generations,
+            )?;
+            self.snapshot_generations.insert(pos, generation);
+            meta.state_after = pos;
+            record.snapshot = pos;
+            self.batch.put(
+                store,
+                tables::ROOM_STATE,
+                &state::state_key(room, &kind, state_key),
+                pdu.event_id.as_bytes(),
+            );
+            if pdu.kind == TimelineEventType::RoomMember {
+                self.index_membership(&pdu, pos)?;
+            }
+            self.staged_state.insert((kind, state_key.clone()), pdu.clone());
+        }
+
+        if pdu.kind == TimelineEventType::RoomRedaction
+            && let Some(target) = &pdu.redacts
+        {
+            self.apply_redaction(target, &pdu, rules)?;
+        }
+
+        record.extremities = vec![pdu.event_id.clone()];
+        record.depth = u64::from(pdu.depth);
+        self.batch.put(store, tables::PDUS, pdu.event_id.as_bytes(), &signed.to_bytes());
+        self.batch.put_json(store, tables::EVENT_META, pdu.event_id.as_bytes(), &meta)?;
+        self.batch.put(store, tables::TIMELINE, &Key::new().str(room).u64(pos).into_vec(), pdu.event_id.as_bytes());
+        self.batch.put_json(store, tables::ROOMS, room.as_bytes(), &record)?;
+        if let Some(txn) = &txn {
+            let key = Key::new().str(pdu.sender.as_str()).str(&txn.device_id).str(&txn.txn_id).into_vec();
+            self.batch.put(store, tables::TXN_IDS, &key, pdu.event_id.as_bytes());
+        }
+        self.record = Some(record);
+        self.staged_events.insert(pdu.event_id.clone(), pdu);
+        self.tickets.push(ticket);
+        Ok(())
+    }
+
+    fn index_membership(&mut self, pdu: &Pdu, pos: u64) -> Result<()> {
+        let store = &self.rooms.store;
+        let user: OwnedUserId = pdu
+            .state_key
+            .as_deref()
+            .and_then(|k| k.try_into().ok())
+            .ok_or_else(|| Error::bad_json("m.room.member state_key must be a user id"))?;
+        let membership = pdu
+            .content_json()
+            .get("membership")
+            .and_then(|m| m.as_str())
+            .and_then(Membership::parse)
+            .ok_or_else(|| Error::bad_json("unknown membership"))?;
+        let room = self.room_id.as_str();
+        self.batch.put_json(
+            store,
+            tables::ROOM_MEMBERS,
+            &Key::new().str(room).str(user.as_str()).into_vec(),
+            &membership,
+        )?;
+        self.batch.put_json(
+            store,
+            tables::USER_ROOMS,
+            &Key::new().str(user.as_str()).str(room).into_vec(),
+            &UserRoom { membership, event_id: pdu.event_id.clone(), pos, forgotten: false },
+        )?;
+        Ok(())
+    }
+
+    fn apply_redaction(&mut self, target: &ruma::EventId, redaction: &Pdu, rules: &RoomVersionRules) -> Result<()> {
+        let store = &self.rooms.store;
+        let Some(stored) = store.get(tables::PDUS, target.as_bytes())? else {
+            // Redactions of unknown events are kept; there is nothing to strip.
+            return Ok(());
+        };
+        let Some(mut meta) = self.rooms.meta(target)? else { return Ok(()) };
+        let original = Pdu::from_stored(&stored)?;
+        if original.room_id != self.room_id {
+            return Err(Error::bad_json("cannot redact an event of another room"));
+        }
+        let redacted = redact_stored(&stored, rules, redaction)?;
+        meta.redacted_by = Some(redaction.event_id.clone());
+        self.batch.put(store, tables::PDUS, target.as_bytes(), &redacted);
+        self.batch.put_json(store, tables::EVENT_META, target.as_bytes(), &meta)?;
+        Ok(())
+    }
+
+    /// Persists every staged event in one durable batch, then lets readers see them.
+    pub fn commit(self) -> Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let store = &self.rooms.store;
+        tokio::task::block_in_place(|| store.write(self.batch))?;
+        // Dropping the tickets advances the stream watermark and wakes /sync.
+        drop(self.tickets);
+        Ok(())
+    }
+}

@@ -1,0 +1,116 @@
+//! State snapshots: each state event starts a snapshot that records its own entry on top of a
+//! parent snapshot; every few generations a full copy bounds the walk. Snapshot ids are the
+//! stream positions of the events that created them; 0 is the empty state.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+};
+
+use ruma::OwnedEventId;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    error::Result,
+    store::{Batch, Key, Store, StreamPos, tables},
+};
+
+pub type StateKey = (String, String);
+pub type StateMap = BTreeMap<StateKey, OwnedEventId>;
+
+pub const EMPTY_SNAPSHOT: u64 = 0;
+const MAX_CHAIN: u32 = 32;
+const CACHE_ENTRIES: usize = 256;
+
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    parent: Option<u64>,
+    generation: u32,
+    entries: Vec<(String, String, OwnedEventId)>,
+}
+
+#[derive(Default)]
+pub struct SnapshotCache {
+    maps: Mutex<HashMap<u64, Arc<StateMap>>>,
+}
+
+impl SnapshotCache {
+    /// The full state of a snapshot.
+    pub fn load(&self, store: &Store, id: u64) -> Result<Arc<StateMap>> {
+        if id == EMPTY_SNAPSHOT {
+            return Ok(Arc::default());
+        }
+        if let Some(map) = self.maps.lock().expect("snapshot cache").get(&id) {
+            return Ok(map.clone());
+        }
+        let mut chain = Vec::new();
+        let mut next = Some(id);
+        let mut base = Arc::<StateMap>::default();
+        while let Some(current) = next {
+            if let Some(map) = self.maps.lock().expect("snapshot cache").get(&current) {
+                base = map.clone();
+                break;
+            }
+            let snapshot: Snapshot = store
+                .get_json(tables::STATE_SNAPSHOTS, &current.to_be_bytes())?
+                .ok_or_else(|| crate::Error::internal(format!("missing state snapshot {current}")))?;
+            next = snapshot.parent;
+            chain.push(snapshot);
+        }
+        let mut map = (*base).clone();
+        for snapshot in chain.into_iter().rev() {
+            for (kind, state_key, event_id) in snapshot.entries {
+                map.insert((kind, state_key), event_id);
+            }
+        }
+        let map = Arc::new(map);
+        let mut cache = self.maps.lock().expect("snapshot cache");
+        if cache.len() >= CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(id, map.clone());
+        Ok(map)
+    }
+
+    /// Writes the snapshot `id` = `parent` + one entry into the batch.
+    pub fn write_child(
+        &self,
+        store: &Store,
+        batch: &mut Batch,
+        parent: u64,
+        id: StreamPos,
+        entry: (StateKey, OwnedEventId),
+        pending: &HashMap<u64, u32>,
+    ) -> Result<u32> {
+        let parent_generation = match pending.get(&parent) {
+            Some(generation) => *generation,
+            None if parent == EMPTY_SNAPSHOT => 0,
+            None => store
+                .get_json::<Snapshot>(tables::STATE_SNAPSHOTS, &parent.to_be_bytes())?
+                .map(|s| s.generation)
+                .ok_or_else(|| crate::Error::internal(format!("missing state snapshot {parent}")))?,
+        };
+        let ((kind, state_key), event_id) = entry;
+        let snapshot = if parent_generation >= MAX_CHAIN && !pending.contains_key(&parent) {
+            let mut map = (*self.load(store, parent)?).clone();
+            map.insert((kind, state_key), event_id);
+            Snapshot {
+                parent: None,
+                generation: 0,
+                entries: map.into_iter().map(|((k, s), e)| (k, s, e)).collect(),
+            }
+        } else {
+            Snapshot {
+                parent: (parent != EMPTY_SNAPSHOT).then_some(parent),
+                generation: parent_generation + 1,
+                entries: vec![(kind, state_key, event_id)],
+            }
+        };
+        batch.put_json(store, tables::STATE_SNAPSHOTS, &id.to_be_bytes(), &snapshot)?;
+        Ok(snapshot.generation)
+    }
+}
+
+pub fn state_key(room_id: &str, kind: &str, state_key: &str) -> Vec<u8> {
+    Key::new().str(room_id).str(kind).str(state_key).into_vec()
+}

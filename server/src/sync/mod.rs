@@ -1,0 +1,357 @@
+//! /sync v3: what changed for a user between two stream positions, and the long-poll that waits
+//! for the stream watermark to move.
+
+pub mod filter;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ruma::{OwnedRoomId, OwnedUserId, RoomId};
+use serde_json::{Value as JsonValue, json};
+
+pub use filter::{EventFilter, SyncFilter, parse_token, token};
+
+use crate::{
+    error::Result,
+    events::Pdu,
+    rooms::{EventMeta, Membership, UserRoom},
+    server::Server,
+    store::StreamPos,
+    users::Caller,
+};
+
+/// Renders one event for a client (with `unsigned` computed for the viewer).
+pub type RenderEvent<'a> = dyn Fn(&Pdu, Option<&EventMeta>) -> JsonValue + 'a;
+
+pub struct SyncRequest<'a> {
+    pub caller: &'a Caller,
+    pub since: Option<StreamPos>,
+    pub full_state: bool,
+    pub filter: &'a SyncFilter,
+}
+
+const STRIPPED_STATE_TYPES: &[&str] = &[
+    "m.room.create",
+    "m.room.join_rules",
+    "m.room.name",
+    "m.room.avatar",
+    "m.room.canonical_alias",
+    "m.room.encryption",
+    "m.room.topic",
+];
+
+/// Builds the sync response body up to `upto`. Returns the body and whether it carries anything.
+pub fn build(server: &Server, req: &SyncRequest<'_>, upto: StreamPos, render: &RenderEvent<'_>) -> Result<(JsonValue, bool)> {
+    let user_id = &req.caller.user_id;
+    let since = req.since.map(|s| s.min(upto));
+    let mut join = serde_json::Map::new();
+    let mut invite = serde_json::Map::new();
+    let mut knock = serde_json::Map::new();
+    let mut leave = serde_json::Map::new();
+    let mut presence_users = BTreeSet::new();
+
+    let room_account_data = group_room_account_data(server, user_id, since.unwrap_or(0))?;
+    for (room_id, entry) in server.rooms.user_rooms(user_id)? {
+        if entry.pos > upto || !req.filter.room.allows_room(room_id.as_str()) {
+            continue;
+        }
+        let changed_since = since.is_none_or(|s| entry.pos > s);
+        match entry.membership {
+            Membership::Join => {
+                if let Some(room) = joined_room(server, req, &room_id, &entry, since, upto, render, room_account_data.get(room_id.as_str()))? {
+                    join.insert(room_id.to_string(), room);
+                }
+                if req.filter.presence_enabled {
+                    presence_users.extend(server.rooms.joined_members(&room_id)?);
+                }
+            }
+            Membership::Invite if changed_since => {
+                invite.insert(room_id.to_string(), json!({ "invite_state": { "events": stripped_state(server, &room_id, &entry)? } }));
+            }
+            Membership::Knock if changed_since => {
+                knock.insert(room_id.to_string(), json!({ "knock_state": { "events": stripped_state(server, &room_id, &entry)? } }));
+            }
+            Membership::Leave | Membership::Ban if !entry.forgotten && (since.is_some() && changed_since || since.is_none() && req.filter.room.include_leave) => {
+                leave.insert(room_id.to_string(), left_room(server, req, &room_id, &entry, since, render)?);
+            }
+            _ => {}
+        }
+    }
+
+    let global_data: Vec<JsonValue> = room_account_data
+        .get("")
+        .map(|entries| entries.iter().filter(|e| req.filter.account_data_allows(e["type"].as_str().unwrap_or_default())).cloned().collect())
+        .unwrap_or_default();
+    let presence = if req.filter.presence_enabled { presence_events(server, &presence_users, since)? } else { Vec::new() };
+
+    let has_data = !(join.is_empty() && invite.is_empty() && knock.is_empty() && leave.is_empty() && global_data.is_empty() && presence.is_empty());
+    let body = json!({
+        "next_batch": token(upto),
+        "rooms": { "join": join, "invite": invite, "knock": knock, "leave": leave },
+        "account_data": { "events": global_data },
+        "presence": { "events": presence },
+        "to_device": { "events": [] },
+        "device_lists": { "changed": [], "left": [] },
+        "device_one_time_keys_count": {},
+    });
+    Ok((body, has_data))
+}
+
+fn group_room_account_data(server: &Server, user_id: &ruma::UserId, since: StreamPos) -> Result<BTreeMap<String, Vec<JsonValue>>> {
+    let mut grouped: BTreeMap<String, Vec<JsonValue>> = BTreeMap::new();
+    for (room, kind, content) in server.users.account_data_since(user_id, since)? {
+        grouped.entry(room).or_default().push(json!({ "type": kind, "content": content }));
+    }
+    Ok(grouped)
+}
+
+fn stripped_state(server: &Server, room_id: &RoomId, entry: &UserRoom) -> Result<Vec<JsonValue>> {
+    let mut events = Vec::new();
+    for kind in STRIPPED_STATE_TYPES {
+        if let Some(pdu) = server.rooms.state_event(room_id, kind, "")? {
+            events.push(pdu.to_stripped_state());
+        }
+    }
+    if let Some(member) = server.rooms.pdu(&entry.event_id)? {
+        events.push(member.to_stripped_state());
+    }
+    Ok(events)
+}
+
+/// The room's state snapshot as of stream position `pos`.
+fn snapshot_at(server: &Server, room_id: &RoomId, pos: StreamPos) -> Result<u64> {
+    match server.rooms.timeline_before(room_id, pos).next() {
+        Some(entry) => {
+            let (_, event_id) = entry?;
+            Ok(server.rooms.meta(&event_id)?.map_or(0, |m| m.state_after))
+        }
+        None => Ok(crate::rooms::state::EMPTY_SNAPSHOT),
+    }
+}
+
+struct Timeline {
+    events: Vec<(Pdu, EventMeta)>,
+    limited: bool,
+    prev_batch: StreamPos,
+}
+
+/// The newest `limit` visible events in (since, upto], oldest first.
+fn timeline(server: &Server, req: &SyncRequest<'_>, room_id: &RoomId, since: StreamPos, upto: StreamPos) -> Result<Timeline> {
+    let filter = &req.filter.room.timeline;
+    let limit = filter.limit.unwrap_or(10).clamp(1, 1000);
+    let mut events = Vec::new();
+    let mut limited = false;
+    for entry in server.rooms.timeline_before(room_id, upto) {
+        let (pos, event_id) = entry?;
+        if pos <= since {
+            break;
+        }
+        let Some(pdu) = server.rooms.pdu(&event_id)? else { continue };
+        let Some(meta) = server.rooms.meta(&event_id)? else { continue };
+        if !filter.allows(&pdu) || !server.rooms.user_can_see(&req.caller.user_id, &pdu, &meta)? {
+            continue;
+        }
+        if events.len() == limit {
+            limited = true;
+            break;
+        }
+        events.push((pdu, meta));
+    }
+    events.reverse();
+    let prev_batch = events.first().map_or(upto, |(_, m)| m.pos - 1);
+    Ok(Timeline { events, limited, prev_batch })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn joined_room(
+    server: &Server,
+    req: &SyncRequest<'_>,
+    room_id: &OwnedRoomId,
+    entry: &UserRoom,
+    since: Option<StreamPos>,
+    upto: StreamPos,
+    render: &RenderEvent<'_>,
+    account_data: Option<&Vec<JsonValue>>,
+) -> Result<Option<JsonValue>> {
+    let user_id = &req.caller.user_id;
+    // A room joined since the last sync is sent as if for an initial sync.
+    let initial = since.is_none() || req.full_state || since.is_some_and(|s| entry.pos > s);
+    let from = since.unwrap_or(0);
+    let timeline = timeline(server, req, room_id, from, upto)?;
+    let state_filter = &req.filter.room.state;
+
+    let start_snapshot = match timeline.events.first() {
+        Some((_, meta)) => meta.state_before,
+        None => snapshot_at(server, room_id, upto)?,
+    };
+    let mut state: Vec<Pdu> = if initial {
+        server.rooms.state_events(start_snapshot, |kind, _| kind != "m.room.member" || !state_filter.lazy_load_members)?
+    } else if timeline.limited {
+        let before = server.rooms.state_map(snapshot_at(server, room_id, from)?)?;
+        let now = server.rooms.state_map(start_snapshot)?;
+        now.iter()
+            .filter(|(key, id)| before.get(*key) != Some(*id))
+            .filter(|((kind, _), _)| kind != "m.room.member" || !state_filter.lazy_load_members)
+            .filter_map(|(_, id)| server.rooms.pdu(id).ok().flatten())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if state_filter.lazy_load_members && (initial || timeline.limited) {
+        let mut senders: Vec<String> = timeline.events.iter().map(|(p, _)| p.sender.to_string()).collect();
+        senders.push(user_id.to_string());
+        let map = server.rooms.state_map(start_snapshot)?;
+        let mut seen = BTreeSet::new();
+        for sender in senders {
+            if seen.insert(sender.clone())
+                && let Some(id) = map.get(&("m.room.member".to_owned(), sender))
+                && let Some(pdu) = server.rooms.pdu(id)?
+            {
+                state.push(pdu);
+            }
+        }
+    }
+    state.retain(|p| state_filter.allows(p));
+
+    let ephemeral = ephemeral_events(server, req, room_id, if initial { 0 } else { from })?;
+    let account_data: Vec<JsonValue> = account_data
+        .map(|events| events.iter().filter(|e| req.filter.room.account_data_allows(e["type"].as_str().unwrap_or_default())).cloned().collect())
+        .unwrap_or_default();
+
+    if !initial && timeline.events.is_empty() && state.is_empty() && ephemeral.is_empty() && account_data.is_empty() {
+        return Ok(None);
+    }
+    let (notifications, highlights) = unread_counts(server, room_id, user_id, entry.pos, upto)?;
+    let summary = summary(server, room_id, user_id)?;
+    Ok(Some(json!({
+        "timeline": {
+            "events": timeline.events.iter().map(|(p, m)| render(p, Some(m))).collect::<Vec<_>>(),
+            "limited": timeline.limited,
+            "prev_batch": token(timeline.prev_batch),
+        },
+        "state": { "events": state.iter().map(|p| render(p, None)).collect::<Vec<_>>() },
+        "ephemeral": { "events": ephemeral },
+        "account_data": { "events": account_data },
+        "unread_notifications": { "notification_count": notifications, "highlight_count": highlights },
+        "summary": summary,
+    })))
+}
+
+fn left_room(server: &Server, req: &SyncRequest<'_>, room_id: &RoomId, entry: &UserRoom, since: Option<StreamPos>, render: &RenderEvent<'_>) -> Result<JsonValue> {
+    let timeline = timeline(server, req, room_id, since.unwrap_or(0), entry.pos)?;
+    let state = if timeline.limited || since.is_none() {
+        let snapshot = timeline.events.first().map_or(0, |(_, m)| m.state_before);
+        server.rooms.state_events(snapshot, |_, _| true)?
+    } else {
+        Vec::new()
+    };
+    Ok(json!({
+        "timeline": {
+            "events": timeline.events.iter().map(|(p, m)| render(p, Some(m))).collect::<Vec<_>>(),
+            "limited": timeline.limited,
+            "prev_batch": token(timeline.prev_batch),
+        },
+        "state": { "events": state.iter().map(|p| render(p, None)).collect::<Vec<_>>() },
+        "account_data": { "events": [] },
+    }))
+}
+
+fn ephemeral_events(server: &Server, req: &SyncRequest<'_>, room_id: &RoomId, since: StreamPos) -> Result<Vec<JsonValue>> {
+    let mut events = Vec::new();
+    let filter = &req.filter.room;
+    let (typing, typing_pos) = server.rooms.typing.typing(room_id);
+    if typing_pos > since && filter.ephemeral_allows("m.typing") && (since > 0 || !typing.is_empty()) {
+        events.push(json!({ "type": "m.typing", "content": { "user_ids": typing } }));
+    }
+    if filter.ephemeral_allows("m.receipt") {
+        let mut content: BTreeMap<String, BTreeMap<String, BTreeMap<String, JsonValue>>> = BTreeMap::new();
+        for (kind, user, receipt) in server.rooms.receipts_since(room_id, since)? {
+            if kind == "m.read.private" && user != req.caller.user_id {
+                continue;
+            }
+            let mut data = json!({ "ts": receipt.ts });
+            if let Some(thread) = &receipt.thread_id {
+                data["thread_id"] = json!(thread);
+            }
+            content.entry(receipt.event_id.to_string()).or_default().entry(kind).or_default().insert(user.to_string(), data);
+        }
+        if !content.is_empty() {
+            events.push(json!({ "type": "m.receipt", "content": content }));
+        }
+    }
+    Ok(events)
+}
+
+/// Messages from others after the user's read receipt (the default push rules notify for
+/// every message; highlights are mentions of the user's id or display name).
+fn unread_counts(server: &Server, room_id: &RoomId, user_id: &ruma::UserId, joined_at: StreamPos, upto: StreamPos) -> Result<(u64, u64)> {
+    const MAX_COUNTED: u64 = 99;
+    let read_pos = ["m.read", "m.read.private"]
+        .iter()
+        .filter_map(|kind| server.rooms.receipt(room_id, kind, user_id).ok().flatten())
+        .filter_map(|r| server.rooms.meta(&r.event_id).ok().flatten().map(|m| m.pos))
+        .max()
+        .unwrap_or(joined_at)
+        .max(joined_at);
+    let display_name = server
+        .rooms
+        .state_content(room_id, "m.room.member", user_id.as_str())?
+        .and_then(|c| c.get("displayname").and_then(|d| d.as_str()).map(str::to_owned));
+    let (mut notifications, mut highlights) = (0, 0);
+    for entry in server.rooms.timeline_after(room_id, read_pos, upto) {
+        let (_, event_id) = entry?;
+        let Some(pdu) = server.rooms.pdu(&event_id)? else { continue };
+        if pdu.sender == user_id || !matches!(pdu.kind.to_string().as_str(), "m.room.message" | "m.room.encrypted") {
+            continue;
+        }
+        notifications += 1;
+        let body = pdu.content_json().get("body").and_then(|b| b.as_str()).unwrap_or_default().to_owned();
+        if body.contains(user_id.as_str()) || display_name.as_deref().is_some_and(|n| !n.is_empty() && body.contains(n)) {
+            highlights += 1;
+        }
+        if notifications >= MAX_COUNTED {
+            break;
+        }
+    }
+    Ok((notifications, highlights))
+}
+
+fn summary(server: &Server, room_id: &RoomId, user_id: &ruma::UserId) -> Result<JsonValue> {
+    let members = server.rooms.members(room_id)?;
+    let joined = members.iter().filter(|(_, m)| *m == Membership::Join).count();
+    let invited = members.iter().filter(|(_, m)| *m == Membership::Invite).count();
+    let mut summary = json!({ "m.joined_member_count": joined, "m.invited_member_count": invited });
+    let named = server.rooms.state_event(room_id, "m.room.name", "")?.is_some()
+        || server.rooms.state_event(room_id, "m.room.canonical_alias", "")?.is_some();
+    if !named {
+        let heroes: Vec<&OwnedUserId> = members
+            .iter()
+            .filter(|(u, m)| u != user_id && matches!(m, Membership::Join | Membership::Invite))
+            .map(|(u, _)| u)
+            .take(5)
+            .collect();
+        summary["m.heroes"] = json!(heroes);
+    }
+    Ok(summary)
+}
+
+fn presence_events(server: &Server, users: &BTreeSet<OwnedUserId>, since: Option<StreamPos>) -> Result<Vec<JsonValue>> {
+    let now: u64 = ruma::MilliSecondsSinceUnixEpoch::now().0.into();
+    let mut events = Vec::new();
+    for user in users {
+        if let Some(p) = server.users.presence(user)?
+            && since.is_none_or(|s| p.pos > s)
+        {
+            events.push(json!({
+                "type": "m.presence",
+                "sender": user,
+                "content": {
+                    "presence": p.presence,
+                    "status_msg": p.status_msg,
+                    "last_active_ago": now.saturating_sub(p.last_active_ts),
+                    "currently_active": p.presence == "online",
+                },
+            }));
+        }
+    }
+    Ok(events)
+}

@@ -1,0 +1,323 @@
+//! Accounts, devices, access tokens, profiles, account data, filters and presence.
+
+mod password;
+
+use std::sync::Arc;
+
+use ruma::{OwnedDeviceId, OwnedUserId, RoomId, UserId};
+use serde::{Deserialize, Serialize};
+use serde_json::Value as JsonValue;
+use sha2::{Digest, Sha256};
+
+pub use password::{hash_password, verify_password};
+
+use crate::{
+    error::{Error, ErrorCode, Result},
+    store::{Key, KeyReader, Store, StreamPos, tables},
+};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Account {
+    /// argon2 PHC string; `None` for accounts that cannot log in with a password.
+    pub password_hash: Option<String>,
+    #[serde(default)]
+    pub admin: bool,
+    #[serde(default)]
+    pub deactivated: bool,
+    pub created_ts: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub displayname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avatar_url: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Device {
+    pub display_name: Option<String>,
+    pub last_seen_ts: Option<u64>,
+    pub last_seen_ip: Option<String>,
+    /// sha256 of the device's current access token, to revoke it with the device.
+    pub token_hash: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct TokenRecord {
+    user_id: OwnedUserId,
+    device_id: OwnedDeviceId,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AccountDataEntry {
+    pub content: JsonValue,
+    pub pos: StreamPos,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Presence {
+    pub presence: String,
+    pub status_msg: Option<String>,
+    pub last_active_ts: u64,
+    pub pos: StreamPos,
+}
+
+/// An authenticated caller.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub user_id: OwnedUserId,
+    pub device_id: OwnedDeviceId,
+}
+
+pub struct Users {
+    store: Arc<Store>,
+}
+
+fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+pub fn random_string(len: usize) -> String {
+    use rand::RngExt;
+    rand::rng().sample_iter(rand::distr::Alphanumeric).take(len).map(char::from).collect()
+}
+
+impl Users {
+    pub fn new(store: Arc<Store>) -> Self {
+        Self { store }
+    }
+
+    pub fn account(&self, user_id: &UserId) -> Result<Option<Account>> {
+        Ok(self.store.get_json(tables::USERS, user_id.as_bytes())?)
+    }
+
+    pub fn exists(&self, user_id: &UserId) -> Result<bool> {
+        Ok(self.store.contains(tables::USERS, user_id.as_bytes())?)
+    }
+
+    pub fn create(&self, user_id: &UserId, password: Option<&str>, admin: bool) -> Result<()> {
+        if self.exists(user_id)? {
+            return Err(Error::new(ErrorCode::UserInUse, "user id already taken"));
+        }
+        let account = Account {
+            password_hash: password.map(hash_password).transpose()?,
+            admin,
+            deactivated: false,
+            created_ts: ruma::MilliSecondsSinceUnixEpoch::now().0.into(),
+            displayname: Some(user_id.localpart().to_owned()),
+            avatar_url: None,
+        };
+        self.put_account(user_id, &account)
+    }
+
+    pub fn put_account(&self, user_id: &UserId, account: &Account) -> Result<()> {
+        let mut batch = self.store.batch();
+        batch.put_json(&self.store, tables::USERS, user_id.as_bytes(), account)?;
+        self.store.write(batch)?;
+        Ok(())
+    }
+
+    pub fn all_user_ids(&self) -> Result<Vec<OwnedUserId>> {
+        self.store
+            .scan_prefix(tables::USERS, Vec::new(), false)
+            .map(|item| {
+                let (key, _) = item?;
+                OwnedUserId::try_from(String::from_utf8_lossy(&key).into_owned()).map_err(Error::internal)
+            })
+            .collect()
+    }
+
+    /// Checks a password; deactivated accounts and wrong passwords are both refused.
+    pub fn check_password(&self, user_id: &UserId, password: &str) -> Result<Account> {
+        let refuse = || Error::forbidden("invalid username or password");
+        let account = self.account(user_id)?.ok_or_else(refuse)?;
+        if account.deactivated {
+            return Err(Error::new(ErrorCode::UserDeactivated, "this account has been deactivated"));
+        }
+        let hash = account.password_hash.as_deref().ok_or_else(refuse)?;
+        if !verify_password(password, hash) {
+            return Err(refuse());
+        }
+        Ok(account)
+    }
+
+    pub fn set_password(&self, user_id: &UserId, password: &str) -> Result<()> {
+        let mut account = self.account(user_id)?.ok_or_else(|| Error::not_found("unknown user"))?;
+        account.password_hash = Some(hash_password(password)?);
+        self.put_account(user_id, &account)
+    }
+
+    /// Creates (or replaces the token of) a device and returns a fresh access token.
+    pub fn create_device(
+        &self,
+        user_id: &UserId,
+        device_id: Option<OwnedDeviceId>,
+        display_name: Option<String>,
+        ip: Option<String>,
+    ) -> Result<(OwnedDeviceId, String)> {
+        let device_id = device_id.unwrap_or_else(|| OwnedDeviceId::from(random_string(10).to_uppercase()));
+        let token = format!("lmb_{}", random_string(40));
+        let hash = token_hash(&token);
+        let device_key = Key::new().str(user_id.as_str()).str(device_id.as_str()).into_vec();
+        let mut batch = self.store.batch();
+        if let Some(old) = self.store.get_json::<Device>(tables::DEVICES, &device_key)? {
+            batch.delete(&self.store, tables::ACCESS_TOKENS, old.token_hash.as_bytes());
+        }
+        let now: u64 = ruma::MilliSecondsSinceUnixEpoch::now().0.into();
+        let device = Device { display_name, last_seen_ts: Some(now), last_seen_ip: ip, token_hash: hash.clone() };
+        batch.put_json(&self.store, tables::DEVICES, &device_key, &device)?;
+        batch.put_json(
+            &self.store,
+            tables::ACCESS_TOKENS,
+            hash.as_bytes(),
+            &TokenRecord { user_id: user_id.to_owned(), device_id: device_id.clone() },
+        )?;
+        self.store.write(batch)?;
+        Ok((device_id, token))
+    }
+
+    pub fn authenticate(&self, token: &str) -> Result<Option<Caller>> {
+        Ok(self
+            .store
+            .get_json::<TokenRecord>(tables::ACCESS_TOKENS, token_hash(token).as_bytes())?
+            .map(|r| Caller { user_id: r.user_id, device_id: r.device_id }))
+    }
+
+    pub fn device(&self, user_id: &UserId, device_id: &str) -> Result<Option<Device>> {
+        let key = Key::new().str(user_id.as_str()).str(device_id).into_vec();
+        Ok(self.store.get_json(tables::DEVICES, &key)?)
+    }
+
+    pub fn devices(&self, user_id: &UserId) -> Result<Vec<(OwnedDeviceId, Device)>> {
+        let prefix = Key::new().str(user_id.as_str()).into_vec();
+        self.store
+            .scan_prefix(tables::DEVICES, prefix, false)
+            .map(|item| {
+                let (key, value) = item?;
+                let id = KeyReader::new(&key).skip_str().str().map(OwnedDeviceId::from);
+                let id = id.ok_or_else(|| Error::internal("corrupt device key"))?;
+                Ok((id, crate::store::decode(tables::DEVICES, &value)?))
+            })
+            .collect()
+    }
+
+    pub fn update_device(&self, user_id: &UserId, device_id: &str, display_name: Option<String>) -> Result<()> {
+        let key = Key::new().str(user_id.as_str()).str(device_id).into_vec();
+        let mut device: Device =
+            self.store.get_json(tables::DEVICES, &key)?.ok_or_else(|| Error::not_found("unknown device"))?;
+        device.display_name = display_name;
+        let mut batch = self.store.batch();
+        batch.put_json(&self.store, tables::DEVICES, &key, &device)?;
+        self.store.write(batch)?;
+        Ok(())
+    }
+
+    /// Deletes devices and revokes their access tokens, in one batch.
+    pub fn delete_devices<'d>(&self, user_id: &UserId, device_ids: impl IntoIterator<Item = &'d str>) -> Result<()> {
+        let mut batch = self.store.batch();
+        for device_id in device_ids {
+            let key = Key::new().str(user_id.as_str()).str(device_id).into_vec();
+            if let Some(device) = self.store.get_json::<Device>(tables::DEVICES, &key)? {
+                batch.delete(&self.store, tables::ACCESS_TOKENS, device.token_hash.as_bytes());
+                batch.delete(&self.store, tables::DEVICES, &key);
+            }
+        }
+        self.store.write(batch)?;
+        Ok(())
+    }
+
+    pub fn delete_all_devices(&self, user_id: &UserId, except: Option<&str>) -> Result<()> {
+        let devices = self.devices(user_id)?;
+        self.delete_devices(
+            user_id,
+            devices.iter().map(|(id, _)| id.as_str()).filter(|id| Some(*id) != except),
+        )
+    }
+
+    // --- profile ---
+
+    pub fn set_profile(&self, user_id: &UserId, displayname: Option<Option<String>>, avatar_url: Option<Option<String>>) -> Result<Account> {
+        let mut account = self.account(user_id)?.ok_or_else(|| Error::not_found("unknown user"))?;
+        if let Some(name) = displayname {
+            account.displayname = name;
+        }
+        if let Some(url) = avatar_url {
+            account.avatar_url = url;
+        }
+        self.put_account(user_id, &account)?;
+        Ok(account)
+    }
+
+    // --- account data ---
+
+    pub fn set_account_data(&self, user_id: &UserId, room_id: Option<&RoomId>, kind: &str, content: JsonValue) -> Result<()> {
+        let store = &self.store;
+        let ticket = store.streams().allocate(store)?;
+        let key = Key::new().str(user_id.as_str()).str(room_id.map_or("", |r| r.as_str())).str(kind).into_vec();
+        let mut batch = store.batch();
+        batch.put_json(store, tables::ACCOUNT_DATA, &key, &AccountDataEntry { content, pos: ticket.pos() })?;
+        tokio::task::block_in_place(|| store.write(batch))?;
+        drop(ticket);
+        Ok(())
+    }
+
+    pub fn account_data(&self, user_id: &UserId, room_id: Option<&RoomId>, kind: &str) -> Result<Option<JsonValue>> {
+        let key = Key::new().str(user_id.as_str()).str(room_id.map_or("", |r| r.as_str())).str(kind).into_vec();
+        Ok(self.store.get_json::<AccountDataEntry>(tables::ACCOUNT_DATA, &key)?.map(|e| e.content))
+    }
+
+    /// Account data changed after `since`, as (room id or "" for global, type, content).
+    pub fn account_data_since(&self, user_id: &UserId, since: StreamPos) -> Result<Vec<(String, String, JsonValue)>> {
+        let prefix = Key::new().str(user_id.as_str()).into_vec();
+        let mut out = Vec::new();
+        for item in self.store.scan_prefix(tables::ACCOUNT_DATA, prefix, false) {
+            let (key, value) = item?;
+            let entry: AccountDataEntry = crate::store::decode(tables::ACCOUNT_DATA, &value)?;
+            if entry.pos <= since {
+                continue;
+            }
+            let mut reader = KeyReader::new(&key);
+            reader.str();
+            if let (Some(room), Some(kind)) = (reader.str(), reader.str()) {
+                out.push((room.to_owned(), kind.to_owned(), entry.content));
+            }
+        }
+        Ok(out)
+    }
+
+    // --- filters ---
+
+    pub fn create_filter(&self, user_id: &UserId, filter: &JsonValue) -> Result<String> {
+        let id = random_string(12);
+        let key = Key::new().str(user_id.as_str()).str(&id).into_vec();
+        let mut batch = self.store.batch();
+        batch.put_json(&self.store, tables::FILTERS, &key, filter)?;
+        self.store.write(batch)?;
+        Ok(id)
+    }
+
+    pub fn filter(&self, user_id: &UserId, filter_id: &str) -> Result<Option<JsonValue>> {
+        let key = Key::new().str(user_id.as_str()).str(filter_id).into_vec();
+        Ok(self.store.get_json(tables::FILTERS, &key)?)
+    }
+
+    // --- presence ---
+
+    pub fn set_presence(&self, user_id: &UserId, presence: &str, status_msg: Option<String>) -> Result<()> {
+        let store = &self.store;
+        let ticket = store.streams().allocate(store)?;
+        let record = Presence {
+            presence: presence.to_owned(),
+            status_msg,
+            last_active_ts: ruma::MilliSecondsSinceUnixEpoch::now().0.into(),
+            pos: ticket.pos(),
+        };
+        let mut batch = store.batch();
+        batch.put_json(store, tables::PRESENCE, user_id.as_bytes(), &record)?;
+        tokio::task::block_in_place(|| store.write(batch))?;
+        drop(ticket);
+        Ok(())
+    }
+
+    pub fn presence(&self, user_id: &UserId) -> Result<Option<Presence>> {
+        Ok(self.store.get_json(tables::PRESENCE, user_id.as_bytes())?)
+    }
+}

@@ -1,0 +1,245 @@
+//! Test harness: starts the real `limbic` binary on a free loopback port with a temporary store,
+//! and a small Matrix client over HTTP.
+
+#![allow(dead_code)]
+
+use std::{
+    io::Write,
+    net::TcpListener,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+pub struct TestServer {
+    child: Option<Child>,
+    pub port: u16,
+    pub base: String,
+    dir: tempfile::TempDir,
+    /// `LIMBIC_*` overrides passed to the server process.
+    env: Vec<(String, String)>,
+}
+
+pub const SHARED_SECRET: &str = "test-shared-secret";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts a server with config overrides as `LIMBIC_*` environment variables.
+    pub async fn start_with(env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut server = Self {
+            child: None,
+            port,
+            base: format!("http://127.0.0.1:{port}"),
+            dir,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        server.spawn().await;
+        server
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.path().join("limbic.toml")
+    }
+
+    fn write_config(&self) {
+        let config = format!(
+            "server_name = \"test.local\"\n\
+             [listen]\naddress = \"127.0.0.1\"\nport = {port}\n\
+             [database]\npath = \"{db}\"\n\
+             [logging]\nlevel = \"warn\"\n\
+             [registration]\nmode = \"open\"\nshared_secret = \"{SHARED_SECRET}\"\n\
+             [rate_limits]\nenabled = false\n\
+             message = {{ per_second = 10.0, burst = 50 }}\n\
+             registration = {{ per_second = 0.5, burst = 3 }}\n\
+             login = {{ per_second = 0.5, burst = 3 }}\n\
+             create_room = {{ per_second = 0.5, burst = 3 }}\n",
+            port = self.port,
+            db = self.dir.path().join("db").display(),
+        );
+        let mut file = std::fs::File::create(self.config_path()).unwrap();
+        file.write_all(config.as_bytes()).unwrap();
+    }
+
+    async fn spawn(&mut self) {
+        self.write_config();
+        let child = Command::new(env!("CARGO_BIN_EXE_limbic"))
+            .args(["serve", "--config"])
+            .arg(self.config_path())
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start limbic");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let http = reqwest::Client::new();
+        loop {
+            if let Ok(r) = http.get(format!("{}/_matrix/client/versions", self.base)).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("limbic exited during start: {status}");
+            }
+            assert!(Instant::now() < deadline, "limbic did not start in time");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM and wait: a graceful shutdown.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while child.try_wait().unwrap().is_none() {
+                assert!(Instant::now() < deadline, "limbic did not stop on SIGTERM");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.spawn().await;
+    }
+
+    pub async fn start_again(&mut self) {
+        self.spawn().await;
+    }
+
+    pub fn client(&self) -> Client {
+        Client { http: reqwest::Client::new(), base: self.base.clone(), token: None, user_id: String::new(), device_id: String::new() }
+    }
+
+    /// Registers a fresh user with m.login.dummy.
+    pub async fn register(&self, name: &str) -> Client {
+        let mut client = self.client();
+        let (status, body) = client
+            .request(Method::POST, "/_matrix/client/v3/register", Some(json!({
+                "username": name, "password": format!("{name}-password"), "auth": { "type": "m.login.dummy" }
+            })))
+            .await;
+        assert_eq!(status, StatusCode::OK, "register {name}: {body}");
+        client.token = Some(body["access_token"].as_str().unwrap().to_owned());
+        client.user_id = body["user_id"].as_str().unwrap().to_owned();
+        client.device_id = body["device_id"].as_str().unwrap().to_owned();
+        client
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+#[derive(Clone)]
+pub struct Client {
+    pub http: reqwest::Client,
+    pub base: String,
+    pub token: Option<String>,
+    pub user_id: String,
+    pub device_id: String,
+}
+
+pub fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+impl Client {
+    pub async fn request(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut request = self.http.request(method, format!("{}{}", self.base, path));
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.request(Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.request(Method::POST, path, Some(body)).await
+    }
+
+    pub async fn put(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.request(Method::PUT, path, Some(body)).await
+    }
+
+    /// Asserts success and returns the body.
+    pub async fn ok(&self, method: Method, path: &str, body: Option<Value>) -> Value {
+        let (status, response) = self.request(method.clone(), path, body).await;
+        assert_eq!(status, StatusCode::OK, "{method} {path}: {response}");
+        response
+    }
+
+    pub async fn create_room(&self, body: Value) -> String {
+        self.ok(Method::POST, "/_matrix/client/v3/createRoom", Some(body)).await["room_id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn send_text(&self, room: &str, txn: &str, text: &str) -> String {
+        let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(room));
+        self.ok(Method::PUT, &path, Some(json!({ "msgtype": "m.text", "body": text }))).await["event_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    pub async fn join(&self, room: &str) -> (StatusCode, Value) {
+        self.post(&format!("/_matrix/client/v3/join/{}", enc(room)), json!({})).await
+    }
+
+    pub async fn invite(&self, room: &str, user: &str) -> (StatusCode, Value) {
+        self.post(&format!("/_matrix/client/v3/rooms/{}/invite", enc(room)), json!({ "user_id": user })).await
+    }
+
+    pub async fn sync(&self, since: Option<&str>, timeout_ms: u64) -> Value {
+        let mut path = format!("/_matrix/client/v3/sync?timeout={timeout_ms}");
+        if let Some(since) = since {
+            path.push_str(&format!("&since={}", enc(since)));
+        }
+        self.ok(Method::GET, &path, None).await
+    }
+
+    /// Event bodies of a room's /messages page.
+    pub async fn messages(&self, room: &str, query: &str) -> Value {
+        self.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/messages?{query}", enc(room)), None).await
+    }
+}
+
+pub fn errcode(body: &Value) -> &str {
+    body["errcode"].as_str().unwrap_or("<none>")
+}
