@@ -26,9 +26,10 @@ enum Command {
 }
 
 fn init_logging(level: &str) {
+    // ruma's auth-rule checks log every decision at info; keep them for debugging only.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(format!("{level},ruma_state_res=warn")))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ruma_state_res=warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
 }
 

@@ -216,12 +216,15 @@ async fn get_presence_handler(State(server): State<AppState>, req: Ruma<get_pres
     Ok(Json(match presence {
         Some(p) => {
             let now: u64 = ruma::MilliSecondsSinceUnixEpoch::now().0.into();
-            json!({
+            let mut body = json!({
                 "presence": p.presence,
-                "status_msg": p.status_msg,
                 "last_active_ago": now.saturating_sub(p.last_active_ts),
                 "currently_active": p.presence == "online",
-            })
+            });
+            if let Some(status) = p.status_msg {
+                body["status_msg"] = json!(status);
+            }
+            body
         }
         None => json!({ "presence": "offline" }),
     }))

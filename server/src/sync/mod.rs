@@ -341,16 +341,15 @@ fn presence_events(server: &Server, users: &BTreeSet<OwnedUserId>, since: Option
         if let Some(p) = server.users.presence(user)?
             && since.is_none_or(|s| p.pos > s)
         {
-            events.push(json!({
-                "type": "m.presence",
-                "sender": user,
-                "content": {
-                    "presence": p.presence,
-                    "status_msg": p.status_msg,
-                    "last_active_ago": now.saturating_sub(p.last_active_ts),
-                    "currently_active": p.presence == "online",
-                },
-            }));
+            let mut content = json!({
+                "presence": p.presence,
+                "last_active_ago": now.saturating_sub(p.last_active_ts),
+                "currently_active": p.presence == "online",
+            });
+            if let Some(status) = &p.status_msg {
+                content["status_msg"] = json!(status);
+            }
+            events.push(json!({ "type": "m.presence", "sender": user, "content": content }));
         }
     }
     Ok(events)
