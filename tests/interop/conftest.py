@@ -129,6 +129,7 @@ class LimbicServer:
                 pytrace=False,
             )
         env = {k: v for k, v in os.environ.items() if not k.startswith("LIMBIC_")}
+        env["NO_COLOR"] = "1"  # plain log files
         self.starts += 1
         log = open(self.log_path, "ab")
         log.write(f"\n===== start #{self.starts}: {binary} serve --config {self.config_path}\n".encode())

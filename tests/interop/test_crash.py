@@ -19,7 +19,7 @@ from nio import JoinResponse, RoomCreateResponse, RoomPreset, RoomSendResponse
 
 from mx import SEQ_KEY, expect, explain, full_history, login, register, run, session
 
-ACKS_BEFORE_KILL = 40
+ACKS_BEFORE_KILL = 150
 ROUNDS = 2
 PASSWORDS = {"carol": "carol-crash-password-1", "dave": "dave-crash-password-2"}
 
