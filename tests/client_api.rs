@@ -245,3 +245,24 @@ async fn everything_survives_restart_and_crash() {
     let after = alice.sync(Some(&before), 5000).await;
     assert_eq!(after["rooms"]["join"][&room]["timeline"]["events"][0]["content"]["body"], "after crash");
 }
+
+#[tokio::test]
+async fn sigterm_answers_long_polls_and_exits_promptly() {
+    let mut server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let since = alice.sync(None, 0).await["next_batch"].as_str().unwrap().to_owned();
+    let poll = {
+        let alice = alice.clone();
+        tokio::spawn(async move {
+            let path = format!("/_matrix/client/v3/sync?timeout=60000&since={since}");
+            alice.get(&path).await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    server.stop().await;
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "shutdown took {:?}", started.elapsed());
+    let (status, body) = poll.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["next_batch"].is_string());
+}

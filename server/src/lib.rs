@@ -34,7 +34,13 @@ pub async fn serve(server: Arc<Server>) -> std::io::Result<()> {
 
     let background = tokio::spawn(background_tasks(server.clone()));
     let app = app(server.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+    let stopping = server.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            stopping.shutting_down.send_replace(true);
+        })
+        .await?;
     background.abort();
     server.store.flush().map_err(std::io::Error::other)?;
     tracing::info!("shut down cleanly");

@@ -21,6 +21,8 @@ pub struct Server {
     pub rooms: Rooms,
     pub rate_limiter: RateLimiter,
     pub metrics: Metrics,
+    /// Set once shutdown begins, so that long-polls answer at once instead of holding it up.
+    pub shutting_down: tokio::sync::watch::Sender<bool>,
 }
 
 impl Server {
@@ -37,6 +39,7 @@ impl Server {
             rooms: Rooms::new(store.clone(), signing_key.clone()),
             rate_limiter: RateLimiter::new(&config.rate_limits),
             metrics: Metrics::default(),
+            shutting_down: tokio::sync::watch::Sender::new(false),
             signing_key,
             store,
             config,

@@ -66,9 +66,13 @@ async fn sync(State(server): State<AppState>, req: Ruma<sync_events::v3::Request
             return Ok(Json(body));
         }
         server.metrics.sync_waiting.fetch_add(1, Ordering::Relaxed);
-        let woke = tokio::time::timeout_at(deadline, watermark.changed()).await;
+        let mut shutting_down = server.shutting_down.subscribe();
+        let woke = tokio::select! {
+            woke = tokio::time::timeout_at(deadline, watermark.changed()) => matches!(woke, Ok(Ok(()))),
+            _ = shutting_down.wait_for(|stop| *stop) => false,
+        };
         server.metrics.sync_waiting.fetch_sub(1, Ordering::Relaxed);
-        if !matches!(woke, Ok(Ok(()))) {
+        if !woke {
             // Timed out (or the server is shutting down): answer with what there is.
             let upto = *watermark.borrow();
             return Ok(Json(crate::sync::build(&server, &request, upto, &render)?.0));
