@@ -368,12 +368,7 @@ async fn set_displayname_handler(
     State(server): State<AppState>,
     req: Ruma<set_display_name::v3::Request>,
 ) -> Result<RumaResponse<set_display_name::v3::Response>> {
-    let caller = req.caller();
-    if req.body.user_id != caller.user_id {
-        return Err(Error::forbidden("you can only change your own profile"));
-    }
-    let account = server.users.set_profile(&caller.user_id, Some(req.body.displayname.clone()), None)?;
-    propagate_profile(&server, &caller.user_id, &account).await?;
+    update_profile(&server, req.caller(), &req.body.user_id, Some(req.body.displayname.clone()), None).await?;
     Ok(set_display_name::v3::Response::new().into())
 }
 
@@ -381,14 +376,23 @@ async fn set_avatar_handler(
     State(server): State<AppState>,
     req: Ruma<set_avatar_url::v3::Request>,
 ) -> Result<RumaResponse<set_avatar_url::v3::Response>> {
-    let caller = req.caller();
-    if req.body.user_id != caller.user_id {
+    let url = req.body.avatar_url.as_ref().map(|u| u.to_string()).filter(|u| !u.is_empty());
+    update_profile(&server, req.caller(), &req.body.user_id, None, Some(url)).await?;
+    Ok(set_avatar_url::v3::Response::new().into())
+}
+
+async fn update_profile(
+    server: &AppState,
+    caller: &Caller,
+    user_id: &UserId,
+    displayname: Option<Option<String>>,
+    avatar_url: Option<Option<String>>,
+) -> Result<()> {
+    if user_id != caller.user_id {
         return Err(Error::forbidden("you can only change your own profile"));
     }
-    let url = req.body.avatar_url.as_ref().map(|u| u.to_string()).filter(|u| !u.is_empty());
-    let account = server.users.set_profile(&caller.user_id, None, Some(url))?;
-    propagate_profile(&server, &caller.user_id, &account).await?;
-    Ok(set_avatar_url::v3::Response::new().into())
+    let account = server.users.set_profile(&caller.user_id, displayname, avatar_url)?;
+    propagate_profile(server, &caller.user_id, &account).await
 }
 
 /// Sends a new member event with the profile into every room the user has joined.

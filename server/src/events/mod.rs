@@ -3,8 +3,6 @@
 
 mod signing_key;
 
-use std::collections::BTreeMap;
-
 use ruma::{
     CanonicalJsonObject, CanonicalJsonValue, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId,
     OwnedUserId, RoomId, RoomVersionId, UInt, UserId,
@@ -294,8 +292,6 @@ pub fn redact_stored(
 pub fn new_room_id(server_name: &ruma::ServerName) -> OwnedRoomId {
     RoomId::new_v1(server_name)
 }
-
-pub type Unsigned = BTreeMap<String, JsonValue>;
 
 #[cfg(test)]
 mod tests {

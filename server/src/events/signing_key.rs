@@ -67,10 +67,6 @@ impl ServerSigningKey {
         format!("ed25519:{}", self.pair.version())
     }
 
-    pub fn public_key_base64(&self) -> String {
-        Base64::<ruma::serde::base64::Standard, _>::new(self.pair.public_key().to_vec()).encode()
-    }
-
     pub fn public_key_set(&self) -> PublicKeySet {
         let mut set = PublicKeySet::new();
         set.insert(self.key_id(), Base64::new(self.pair.public_key().to_vec()));

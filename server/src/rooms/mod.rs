@@ -209,18 +209,7 @@ impl Rooms {
 
     /// Members of a room with their current membership.
     pub fn members(&self, room_id: &RoomId) -> Result<Vec<(OwnedUserId, Membership)>> {
-        let prefix = Key::new().str(room_id.as_str()).into_vec();
-        self.store
-            .scan_prefix(tables::ROOM_MEMBERS, prefix, false)
-            .map(|item| {
-                let (key, value) = item?;
-                let user = KeyReader::new(&key).skip_str().str().map(str::to_owned);
-                let user = user.and_then(|u| OwnedUserId::try_from(u).ok()).ok_or_else(|| {
-                    Error::internal("corrupt membership key")
-                })?;
-                Ok((user, crate::store::decode(tables::ROOM_MEMBERS, &value)?))
-            })
-            .collect()
+        parse_ids(self.store.children(tables::ROOM_MEMBERS, room_id.as_str())?)
     }
 
     pub fn joined_members(&self, room_id: &RoomId) -> Result<Vec<OwnedUserId>> {
@@ -234,18 +223,7 @@ impl Rooms {
 
     /// Every room the user has a membership in.
     pub fn user_rooms(&self, user_id: &UserId) -> Result<Vec<(OwnedRoomId, UserRoom)>> {
-        let prefix = Key::new().str(user_id.as_str()).into_vec();
-        self.store
-            .scan_prefix(tables::USER_ROOMS, prefix, false)
-            .map(|item| {
-                let (key, value) = item?;
-                let room = KeyReader::new(&key).skip_str().str().map(str::to_owned);
-                let room = room.and_then(|r| OwnedRoomId::try_from(r).ok()).ok_or_else(|| {
-                    Error::internal("corrupt user room key")
-                })?;
-                Ok((room, crate::store::decode(tables::USER_ROOMS, &value)?))
-            })
-            .collect()
+        parse_ids(self.store.children(tables::USER_ROOMS, user_id.as_str())?)
     }
 
     pub fn user_room(&self, user_id: &UserId, room_id: &RoomId) -> Result<Option<UserRoom>> {
@@ -296,14 +274,6 @@ impl Rooms {
         let prefix = Key::new().str(room_id.as_str()).into_vec();
         let start = Key::new().str(room_id.as_str()).u64(from).into_vec();
         self.store.scan_from(tables::TIMELINE, prefix, &start, true).map(timeline_entry)
-    }
-
-    /// Whether the room has timeline events in (from, to].
-    pub fn has_events_between(&self, room_id: &RoomId, from: StreamPos, to: StreamPos) -> Result<bool> {
-        match self.timeline_after(room_id, from, to).next() {
-            Some(item) => item.map(|_| true),
-            None => Ok(false),
-        }
     }
 
     /// Whether `user` may see `pdu` under the room's history visibility.
@@ -429,6 +399,14 @@ impl Rooms {
             .or_else(|| power.get("users_default").and_then(|v| v.as_i64()))
             .unwrap_or(0))
     }
+}
+
+/// Parses the string keys of [`Store::children`] into Matrix ids.
+fn parse_ids<Id: TryFrom<String>, T>(entries: Vec<(String, T)>) -> Result<Vec<(Id, T)>> {
+    entries
+        .into_iter()
+        .map(|(id, value)| Ok((Id::try_from(id).map_err(|_| Error::internal("corrupt id in key"))?, value)))
+        .collect()
 }
 
 fn timeline_entry(item: crate::store::Result<(Box<[u8]>, Box<[u8]>)>) -> Result<(StreamPos, OwnedEventId)> {

@@ -172,6 +172,20 @@ impl Store {
             })
     }
 
+    /// The JSON records keyed `parent 0xFF child 0xFF`, as (child, record), in child order.
+    pub fn children<T: DeserializeOwned>(&self, table: Table, parent: &str) -> Result<Vec<(String, T)>> {
+        let prefix = Key::new().str(parent).into_vec();
+        self.scan_prefix(table, prefix, false)
+            .map(|item| {
+                let (key, value) = item?;
+                let child = KeyReader::new(&key).skip_str().str().map(str::to_owned).ok_or_else(|| {
+                    StoreError::Corrupt { table: table.name(), reason: "malformed key".into() }
+                })?;
+                Ok((child, decode(table, &value)?))
+            })
+            .collect()
+    }
+
     pub fn batch(&self) -> Batch {
         Batch { inner: WriteBatch::default() }
     }

@@ -115,16 +115,6 @@ impl Users {
         Ok(())
     }
 
-    pub fn all_user_ids(&self) -> Result<Vec<OwnedUserId>> {
-        self.store
-            .scan_prefix(tables::USERS, Vec::new(), false)
-            .map(|item| {
-                let (key, _) = item?;
-                OwnedUserId::try_from(String::from_utf8_lossy(&key).into_owned()).map_err(Error::internal)
-            })
-            .collect()
-    }
-
     /// Checks a password; deactivated accounts and wrong passwords are both refused.
     pub fn check_password(&self, user_id: &UserId, password: &str) -> Result<Account> {
         let refuse = || Error::forbidden("invalid username or password");
@@ -187,16 +177,12 @@ impl Users {
     }
 
     pub fn devices(&self, user_id: &UserId) -> Result<Vec<(OwnedDeviceId, Device)>> {
-        let prefix = Key::new().str(user_id.as_str()).into_vec();
-        self.store
-            .scan_prefix(tables::DEVICES, prefix, false)
-            .map(|item| {
-                let (key, value) = item?;
-                let id = KeyReader::new(&key).skip_str().str().map(OwnedDeviceId::from);
-                let id = id.ok_or_else(|| Error::internal("corrupt device key"))?;
-                Ok((id, crate::store::decode(tables::DEVICES, &value)?))
-            })
-            .collect()
+        Ok(self
+            .store
+            .children(tables::DEVICES, user_id.as_str())?
+            .into_iter()
+            .map(|(id, device)| (OwnedDeviceId::from(id), device))
+            .collect())
     }
 
     pub fn update_device(&self, user_id: &UserId, device_id: &str, display_name: Option<String>) -> Result<()> {
