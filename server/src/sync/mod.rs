@@ -48,6 +48,8 @@ pub fn build(server: &Server, req: &SyncRequest<'_>, upto: StreamPos, render: &R
     let mut knock = serde_json::Map::new();
     let mut leave = serde_json::Map::new();
     let mut presence_users = BTreeSet::new();
+    // Members of every joined room are only gathered when some presence changed since `since`.
+    let want_presence = req.filter.presence_enabled && since.is_none_or(|s| server.users.presence_changed_after(s));
 
     let room_account_data = group_room_account_data(server, user_id, since.unwrap_or(0))?;
     for (room_id, entry) in server.rooms.user_rooms(user_id)? {
@@ -60,7 +62,7 @@ pub fn build(server: &Server, req: &SyncRequest<'_>, upto: StreamPos, render: &R
                 if let Some(room) = joined_room(server, req, &room_id, &entry, since, upto, render, room_account_data.get(room_id.as_str()))? {
                     join.insert(room_id.to_string(), room);
                 }
-                if req.filter.presence_enabled {
+                if want_presence {
                     presence_users.extend(server.rooms.joined_members(&room_id)?);
                 }
             }
@@ -81,7 +83,7 @@ pub fn build(server: &Server, req: &SyncRequest<'_>, upto: StreamPos, render: &R
         .get("")
         .map(|entries| entries.iter().filter(|e| req.filter.account_data_allows(e["type"].as_str().unwrap_or_default())).cloned().collect())
         .unwrap_or_default();
-    let presence = if req.filter.presence_enabled { presence_events(server, &presence_users, since)? } else { Vec::new() };
+    let presence = if want_presence { presence_events(server, &presence_users, since)? } else { Vec::new() };
 
     let has_data = !(join.is_empty() && invite.is_empty() && knock.is_empty() && leave.is_empty() && global_data.is_empty() && presence.is_empty());
     let body = json!({
@@ -179,9 +181,11 @@ fn joined_room(
     let timeline = timeline(server, req, room_id, from, upto)?;
     let state_filter = &req.filter.room.state;
 
+    let needs_state = initial || timeline.limited;
     let start_snapshot = match timeline.events.first() {
         Some((_, meta)) => meta.state_before,
-        None => snapshot_at(server, room_id, upto)?,
+        None if needs_state => snapshot_at(server, room_id, upto)?,
+        None => crate::rooms::state::EMPTY_SNAPSHOT,
     };
     let mut state: Vec<Pdu> = if initial {
         server.rooms.state_events(start_snapshot, |kind, _| kind != "m.room.member" || !state_filter.lazy_load_members)?
@@ -196,7 +200,7 @@ fn joined_room(
     } else {
         Vec::new()
     };
-    if state_filter.lazy_load_members && (initial || timeline.limited) {
+    if state_filter.lazy_load_members && needs_state {
         let mut senders: Vec<String> = timeline.events.iter().map(|(p, _)| p.sender.to_string()).collect();
         senders.push(user_id.to_string());
         let map = server.rooms.state_map(start_snapshot)?;

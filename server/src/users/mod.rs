@@ -69,6 +69,8 @@ pub struct Caller {
 
 pub struct Users {
     store: Arc<Store>,
+    /// Stream position of the latest presence change (the watermark at start after a restart).
+    presence_pos: std::sync::atomic::AtomicU64,
 }
 
 fn token_hash(token: &str) -> String {
@@ -82,7 +84,12 @@ pub fn random_string(len: usize) -> String {
 
 impl Users {
     pub fn new(store: Arc<Store>) -> Self {
-        Self { store }
+        let presence_pos = store.streams().current().into();
+        Self { store, presence_pos }
+    }
+
+    pub fn presence_changed_after(&self, pos: StreamPos) -> bool {
+        self.presence_pos.load(std::sync::atomic::Ordering::Acquire) > pos
     }
 
     pub fn account(&self, user_id: &UserId) -> Result<Option<Account>> {
@@ -299,6 +306,7 @@ impl Users {
         let mut batch = store.batch();
         batch.put_json(store, tables::PRESENCE, user_id.as_bytes(), &record)?;
         tokio::task::block_in_place(|| store.write(batch))?;
+        self.presence_pos.fetch_max(ticket.pos(), std::sync::atomic::Ordering::AcqRel);
         drop(ticket);
         Ok(())
     }
