@@ -1,0 +1,3 @@
+//! End-to-end tests: admin.
+
+mod common;

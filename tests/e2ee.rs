@@ -1,0 +1,3 @@
+//! End-to-end tests: e2ee.
+
+mod common;

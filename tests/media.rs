@@ -1,0 +1,3 @@
+//! End-to-end tests: media.
+
+mod common;

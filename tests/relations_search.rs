@@ -1,0 +1,3 @@
+//! End-to-end tests: relations_search.
+
+mod common;
