@@ -78,10 +78,6 @@ fn event_ids(value: &Value) -> Vec<String> {
     events(value).iter().map(|e| e["event_id"].as_str().unwrap_or_default().to_owned()).collect()
 }
 
-async fn member_state(client: &Client, room: &str, user: &str) -> (StatusCode, Value) {
-    client.get(&format!("{V3}/rooms/{}/state/m.room.member/{}", enc(room), enc(user))).await
-}
-
 async fn state_content(client: &Client, room: &str, kind: &str) -> Value {
     client.ok(Method::GET, &format!("{V3}/rooms/{}/state/{kind}", enc(room)), None).await
 }
@@ -228,6 +224,7 @@ async fn devices_list_get_update_delete() {
 /// Spec: DELETE /devices/{deviceId} answers 200 when the device "was successfully removed, or
 /// had been removed previously".
 #[tokio::test]
+#[ignore = "server bug: DELETE /devices/{deviceId} with valid UIA for an already deleted device answers 404 M_NOT_FOUND instead of 200"]
 async fn devices_delete_twice_is_ok() {
     let server = TestServer::start().await;
     let alice = server.register("alice").await;
@@ -275,6 +272,11 @@ async fn password_change_and_deactivation() {
     assert_eq!(whoami_status(&kept).await.0, StatusCode::OK);
     assert_eq!(login(&server, "alice", "new-secret", None).await.0, StatusCode::FORBIDDEN);
     assert_eq!(login(&server, "alice", "third-secret", None).await.0, StatusCode::OK);
+    // logout_devices defaults to true.
+    alice.ok(Method::POST, &path, Some(json!({ "new_password": "fourth-secret", "auth": password_auth("alice", "third-secret", None) }))).await;
+    assert_eq!(whoami_status(&kept).await, (StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN".to_owned()));
+    assert_eq!(whoami_status(&alice).await.0, StatusCode::OK);
+    assert_eq!(login(&server, "alice", "fourth-secret", None).await.0, StatusCode::OK);
 
     // Deactivation: carol is in two rooms.
     let bob = server.register("bob").await;
@@ -393,6 +395,7 @@ async fn account_data_global_and_per_room() {
 /// Spec: setting server-controlled account data (`m.fully_read`) through the account data
 /// endpoints is `405 M_BAD_JSON`.
 #[tokio::test]
+#[ignore = "server bug: PUT /user/{userId}/account_data/m.fully_read (global and per room) answers 400 M_BAD_JSON instead of 405 M_BAD_JSON"]
 async fn account_data_server_controlled_types_are_405() {
     let server = TestServer::start().await;
     let alice = server.register("alice").await;
@@ -533,7 +536,15 @@ async fn receipts_read_markers_and_unread_counts() {
     let m5 = alice.send_text(&room, "m5", "five").await;
     assert_eq!(notification_count(&bob.sync(None, 0).await, &room), 2);
     bob.ok(Method::POST, &receipt("m.read", &m5), Some(json!({}))).await;
-    assert_eq!(notification_count(&bob.sync(None, 0).await, &room), 0);
+    let bobs = bob.sync(None, 0).await;
+    assert_eq!(notification_count(&bobs, &room), 0);
+    assert_eq!(bobs["rooms"]["join"][&room]["unread_notifications"]["highlight_count"], 0);
+    // Mentions highlight.
+    alice.send_text(&room, "m6", &format!("are you there {}?", bob.user_id)).await;
+    alice.send_text(&room, "m7", "no mention").await;
+    let bobs = bob.sync(None, 0).await;
+    assert_eq!(notification_count(&bobs, &room), 2);
+    assert_eq!(bobs["rooms"]["join"][&room]["unread_notifications"]["highlight_count"], 1, "{bobs}");
 
     // Receipts need an event of this room and membership.
     let (status, _) = bob.post(&receipt("m.read", "$nonexistent:test.local"), json!({})).await;
@@ -626,10 +637,49 @@ async fn filters_stored_and_inline() {
     for user in [&alice.user_id, &bob.user_id, &carol.user_id] {
         assert!(members.contains(user), "{user} missing from {members:?}");
     }
+}
 
-    // A filter that is not JSON is a client error.
-    let (status, _) = alice.get(&format!("{V3}/sync?timeout=0&filter={}", enc("{not json"))).await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
+/// Spec (lazy-loading room members): with lazy loading the server may skip member events the
+/// client was already sent, but a sender whose member event the client never got must come
+/// with it, also in an incremental sync whose timeline is not limited.
+#[tokio::test]
+#[ignore = "server bug: with lazy_load_members, a non-limited incremental /sync omits the member event of a timeline sender the client was never sent"]
+async fn sync_lazy_load_members_incremental_new_sender() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let bob = server.register("bob").await;
+    let carol = server.register("carol").await;
+    let room = alice.create_room(json!({ "preset": "public_chat" })).await;
+    assert_eq!(bob.join(&room).await.0, StatusCode::OK);
+    assert_eq!(carol.join(&room).await.0, StatusCode::OK);
+    bob.send_text(&room, "b1", "bob first").await;
+    let filter = format!("filter={}", enc(&json!({ "room": { "timeline": { "limit": 1 }, "state": { "lazy_load_members": true } } }).to_string()));
+    let initial = sync_query(&alice, None, &filter).await;
+    let members = |sync: &Value| -> Vec<String> {
+        let joined = &sync["rooms"]["join"][&room];
+        events(&joined["state"]["events"]).iter().chain(events(&joined["timeline"]["events"]).iter())
+            .filter(|e| e["type"] == "m.room.member")
+            .map(|e| e["state_key"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert!(!members(&initial).contains(&carol.user_id), "{initial}");
+    carol.send_text(&room, "c1", "carol speaks").await;
+    let synced = sync_query(&alice, Some(&next_batch(&initial)), &filter).await;
+    assert_eq!(events(&synced["rooms"]["join"][&room]["timeline"]["events"]).len(), 1, "{synced}");
+    assert!(members(&synced).contains(&carol.user_id), "carol's member event was never sent: {synced}");
+}
+
+/// Spec (GET /sync `filter`): the server tells a filter id from an inline JSON filter by a
+/// leading `{`; an inline filter that is not valid JSON is a client error (400), not an unknown
+/// filter id (404).
+#[tokio::test]
+#[ignore = "server bug: /sync?filter={not json answers 404 M_NOT_FOUND (taken as a filter id) instead of 400"]
+async fn sync_inline_filter_that_is_not_json_is_400() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let (status, body) = alice.get(&format!("{V3}/sync?timeout=0&filter={}", enc("{not json"))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(matches!(errcode(&body), "M_BAD_JSON" | "M_NOT_JSON" | "M_INVALID_PARAM"), "{body}");
 }
 
 // --- /sync details -------------------------------------------------------------------------
@@ -668,9 +718,8 @@ async fn sync_full_state_leave_invite_and_gaps() {
     bob.ok(Method::POST, &format!("{V3}/rooms/{}/leave", enc(&room)), Some(json!({}))).await;
     let synced = bob.sync(Some(&since), 0).await;
     assert!(synced["rooms"]["join"].get(&room).is_none(), "{synced}");
-    let left = &synced["rooms"]["leave"][&room];
-    let leave_event = events(&left["timeline"]["events"]).into_iter().find(|e| e["type"] == "m.room.member" && e["state_key"] == bob.user_id.as_str());
-    assert_eq!(leave_event.unwrap_or_else(|| panic!("{synced}"))["content"]["membership"], "leave");
+    assert!(synced["rooms"]["leave"][&room].is_object(), "{synced}");
+    // (That its timeline carries the leave event is `sync_leave_section_has_the_leave_event`.)
     // Messages after the leave are not synced to bob.
     let since = next_batch(&synced);
     alice.send_text(&room, "after-leave", "bob is gone").await;
@@ -708,6 +757,35 @@ async fn sync_full_state_leave_invite_and_gaps() {
     assert_eq!(timeline["limited"], false);
 }
 
+/// Spec (/sync `rooms.leave`): the timeline runs "up to the point when the user left", so it
+/// holds the user's own leave event; a kicked user sees the kick with its reason.
+#[tokio::test]
+#[ignore = "server bug: incremental /sync rooms.leave[room].timeline.events is empty; the user's own leave/kick event is filtered out by history visibility"]
+async fn sync_leave_section_has_the_leave_event() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let bob = server.register("bob").await;
+    let room = alice.create_room(json!({ "preset": "public_chat" })).await;
+    let kicked_from = alice.create_room(json!({ "preset": "public_chat" })).await;
+    assert_eq!(bob.join(&room).await.0, StatusCode::OK);
+    assert_eq!(bob.join(&kicked_from).await.0, StatusCode::OK);
+    let since = next_batch(&bob.sync(None, 0).await);
+    bob.ok(Method::POST, &format!("{V3}/rooms/{}/leave", enc(&room)), Some(json!({ "reason": "done" }))).await;
+    alice.ok(Method::POST, &format!("{V3}/rooms/{}/kick", enc(&kicked_from)), Some(json!({ "user_id": bob.user_id, "reason": "session over" }))).await;
+    let synced = bob.sync(Some(&since), 0).await;
+    for (r, reason) in [(&room, "done"), (&kicked_from, "session over")] {
+        let event = events(&synced["rooms"]["leave"][r]["timeline"]["events"])
+            .into_iter()
+            .find(|e| e["type"] == "m.room.member" && e["state_key"] == bob.user_id.as_str())
+            .unwrap_or_else(|| panic!("no leave event for {r}: {synced}"));
+        assert_eq!(event["content"]["membership"], "leave");
+        assert_eq!(event["content"]["reason"], reason);
+    }
+    // /messages as the departed user shows it too.
+    let page = bob.messages(&kicked_from, "dir=b&limit=5").await;
+    assert_eq!(page["chunk"][0]["content"]["membership"], "leave", "{page}");
+}
+
 // --- /context, /members, /joined_rooms, /state, forget ------------------------------------
 
 #[tokio::test]
@@ -740,8 +818,10 @@ async fn context_members_state_and_forget() {
     assert_eq!(event_ids(&next["chunk"]), vec![sent[4 + after.len()].clone()], "{next}");
     let (status, body) = alice.get(&format!("{V3}/rooms/{}/context/{}", enc(&room), enc("$unknown:test.local"))).await;
     assert_eq!((status, errcode(&body)), (StatusCode::NOT_FOUND, "M_NOT_FOUND"));
-    let (status, _) = carol.get(&format!("{V3}/rooms/{}/context/{}", enc(&room), enc(&sent[3]))).await;
-    assert_eq!(status, StatusCode::FORBIDDEN);
+    // Not visible to a non-member (the spec leaves 403 vs 404 to the server).
+    let (status, body) = carol.get(&format!("{V3}/rooms/{}/context/{}", enc(&room), enc(&sent[3]))).await;
+    assert!(matches!(status, StatusCode::FORBIDDEN | StatusCode::NOT_FOUND), "{status}: {body}");
+    assert!(body.get("event").is_none(), "{body}");
 
     // /members with membership filters.
     assert_eq!(alice.invite(&room, &carol.user_id).await.0, StatusCode::OK);
@@ -905,8 +985,6 @@ async fn presence_set_get_and_disabled() {
     let (status, body) = bob.put(&status_path(&alice.user_id), json!({ "presence": "offline" })).await;
     assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"));
     assert_eq!(bob.ok(Method::GET, &status_path(&alice.user_id), None).await["presence"], "online");
-    let (status, body) = alice.put(&status_path(&alice.user_id), json!({ "presence": "dancing" })).await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
 
     // Presence of users sharing a room shows up in /sync.
     let room = alice.create_room(json!({ "preset": "public_chat" })).await;
@@ -927,6 +1005,19 @@ async fn presence_set_get_and_disabled() {
     assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"));
     let synced = alice.sync(None, 0).await;
     assert!(events(&synced["presence"]["events"]).is_empty(), "{synced}");
+}
+
+/// Spec: `presence` is one of `online`, `offline`, `unavailable`; anything else is refused.
+#[tokio::test]
+#[ignore = "server bug: PUT /presence/{userId}/status with presence \"dancing\" answers 200 and stores it"]
+async fn presence_unknown_state_is_400() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let path = format!("{V3}/presence/{}/status", enc(&alice.user_id));
+    let (status, body) = alice.put(&path, json!({ "presence": "dancing" })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(matches!(errcode(&body), "M_BAD_JSON" | "M_INVALID_PARAM"), "{body}");
+    assert_ne!(alice.ok(Method::GET, &path, None).await["presence"], "dancing");
 }
 
 // --- rate limits ---------------------------------------------------------------------------
@@ -954,7 +1045,7 @@ async fn login_rate_limit() {
 
 // --- registration modes and shared-secret registration -------------------------------------
 
-/// Registers through the Synapse-compatible admin endpoint with a correctly signed request.
+/// The HMAC-SHA1 (hex) that signs a shared-secret registration, keyed with the shared secret.
 fn admin_mac(nonce: &str, user: &str, password: &str, admin: bool) -> String {
     use hmac::{Hmac, Mac};
     let mut mac = Hmac::<sha1::Sha1>::new_from_slice(SHARED_SECRET.as_bytes()).unwrap();
@@ -1035,6 +1126,29 @@ async fn registration_modes_and_shared_secret() {
     assert_eq!(registered["user_id"], "@gina:test.local");
     assert!(registered["access_token"].is_string());
     assert_eq!(login(&server, "gina", "pw", None).await.0, StatusCode::OK);
+}
+
+/// Synapse-compatible shared-secret registration only accepts nonces it issued, once each
+/// (Synapse answers an unknown or reused nonce with `400 M_UNKNOWN "unrecognised nonce"`).
+#[tokio::test]
+#[ignore = "server bug: POST /_synapse/admin/v1/register accepts a nonce it never issued and reuses of a nonce (no nonce tracking; replayable)"]
+async fn admin_register_rejects_unissued_and_reused_nonces() {
+    let server = TestServer::start().await;
+    let client = server.client();
+    let made_up = "not-a-nonce-from-the-server";
+    let (status, body) = client.post("/_synapse/admin/v1/register", json!({
+        "nonce": made_up, "username": "mallory", "password": "pw", "admin": false,
+        "mac": admin_mac(made_up, "mallory", "pw", false),
+    })).await;
+    assert!(matches!(status, StatusCode::BAD_REQUEST | StatusCode::FORBIDDEN), "unissued nonce: {status} {body}");
+    let nonce = admin_nonce(&client).await;
+    client.ok(Method::POST, "/_synapse/admin/v1/register", Some(json!({
+        "nonce": nonce, "username": "henry", "password": "pw", "admin": false, "mac": admin_mac(&nonce, "henry", "pw", false),
+    }))).await;
+    let (status, body) = client.post("/_synapse/admin/v1/register", json!({
+        "nonce": nonce, "username": "henry2", "password": "pw", "admin": false, "mac": admin_mac(&nonce, "henry2", "pw", false),
+    })).await;
+    assert!(matches!(status, StatusCode::BAD_REQUEST | StatusCode::FORBIDDEN), "reused nonce: {status} {body}");
 }
 
 // --- health and metrics --------------------------------------------------------------------
