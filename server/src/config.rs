@@ -34,6 +34,8 @@ pub struct Config {
     pub rate_limits: RateLimitsConfig,
     #[serde(default)]
     pub presence: PresenceConfig,
+    #[serde(default)]
+    pub media: MediaConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -144,6 +146,42 @@ impl Default for PresenceConfig {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MediaConfig {
+    /// Directory of the content store; empty means `<database.path>-media`, set at load.
+    pub path: PathBuf,
+    /// Largest upload accepted, in bytes.
+    pub max_upload_size: usize,
+    /// Total bytes a user may upload; 0 means no quota.
+    pub user_quota: u64,
+    /// Media ids a user may hold from `create` without having uploaded to them yet.
+    pub max_pending_uploads: usize,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::new(),
+            max_upload_size: 50 * 1024 * 1024,
+            user_quota: 1024 * 1024 * 1024,
+            max_pending_uploads: 5,
+        }
+    }
+}
+
+/// `./data/limbic` keeps its media in `./data/limbic-media`.
+fn default_media_path(database: &std::path::Path) -> PathBuf {
+    match database.file_name() {
+        Some(name) => {
+            let mut name = name.to_owned();
+            name.push("-media");
+            database.with_file_name(name)
+        }
+        None => database.join("media"),
+    }
+}
+
 const ENV_PREFIX: &str = "LIMBIC_";
 
 impl Config {
@@ -165,9 +203,12 @@ impl Config {
                 apply_env_override(&mut table, &var, rest, &value)?;
             }
         }
-        let config: Config = toml::Value::Table(table)
+        let mut config: Config = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        if config.media.path.as_os_str().is_empty() {
+            config.media.path = default_media_path(&config.database.path);
+        }
         config.validate()?;
         Ok(config)
     }
@@ -187,6 +228,14 @@ impl Config {
                 key: "limits.max_request_body",
                 reason: "must be at least 1024 bytes".into(),
             });
+        }
+        for (key, value) in [
+            ("media.max_upload_size", self.media.max_upload_size),
+            ("media.max_pending_uploads", self.media.max_pending_uploads),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid { key, reason: "must be at least 1".into() });
+            }
         }
         let limits = &self.rate_limits;
         for (key, limit) in [
@@ -262,6 +311,17 @@ mod tests {
         assert_eq!(config.listen.port, 9123);
         assert_eq!(config.server_name.as_str(), "clinic.example");
         assert!(!config.rate_limits.enabled);
+    }
+
+    #[test]
+    fn media_defaults_next_to_the_database() {
+        let config = Config::from_toml(&EXAMPLE.replace("path = \"./data/limbic-media\"", ""), []).unwrap();
+        assert_eq!(config.media.path, PathBuf::from("./data/limbic-media"));
+        let env = [("LIMBIC_MEDIA__USER_QUOTA".to_owned(), "0".to_owned())];
+        let config = Config::from_toml("server_name = \"x\"\n[database]\npath = \"/var/lib/limbic/\"\n", env).unwrap();
+        assert_eq!(config.media.path, PathBuf::from("/var/lib/limbic-media"));
+        assert_eq!(config.media.user_quota, 0);
+        assert_eq!(config.media.max_upload_size, MediaConfig::default().max_upload_size);
     }
 
     #[test]

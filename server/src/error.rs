@@ -30,6 +30,9 @@ pub enum ErrorCode {
     GuestAccessForbidden,
     UserDeactivated,
     WeakPassword,
+    ResourceLimitExceeded,
+    CannotOverwriteMedia,
+    NotYetUploaded,
     Unknown,
 }
 
@@ -57,6 +60,9 @@ impl ErrorCode {
             Self::GuestAccessForbidden => "M_GUEST_ACCESS_FORBIDDEN",
             Self::UserDeactivated => "M_USER_DEACTIVATED",
             Self::WeakPassword => "M_WEAK_PASSWORD",
+            Self::ResourceLimitExceeded => "M_RESOURCE_LIMIT_EXCEEDED",
+            Self::CannotOverwriteMedia => "M_CANNOT_OVERWRITE_MEDIA",
+            Self::NotYetUploaded => "M_NOT_YET_UPLOADED",
             Self::Unknown => "M_UNKNOWN",
         }
     }
@@ -69,6 +75,8 @@ impl ErrorCode {
             Self::UnknownToken | Self::MissingToken => StatusCode::UNAUTHORIZED,
             Self::NotFound | Self::Unrecognized => StatusCode::NOT_FOUND,
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::CannotOverwriteMedia => StatusCode::CONFLICT,
+            Self::NotYetUploaded => StatusCode::GATEWAY_TIMEOUT,
             Self::Unknown => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::BAD_REQUEST,
         }
@@ -84,6 +92,9 @@ pub enum Error {
     /// User-interactive authentication: the 401 carrying the flows and the session.
     #[error("user-interactive authentication required")]
     Uiaa(serde_json::Value),
+    /// A Matrix error whose body carries fields beyond `errcode` and `error`.
+    #[error("{body}")]
+    Detailed { status: StatusCode, body: serde_json::Value },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("internal error: {0}")]
@@ -124,7 +135,7 @@ impl Error {
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::Matrix { code, .. } => *code,
-            Self::LimitExceeded { .. } | Self::Uiaa(_) | Self::Store(_) | Self::Internal(_) => {
+            Self::LimitExceeded { .. } | Self::Uiaa(_) | Self::Detailed { .. } | Self::Store(_) | Self::Internal(_) => {
                 ErrorCode::Unknown
             }
         }
@@ -146,6 +157,7 @@ impl IntoResponse for Error {
                 }),
             ),
             Self::Uiaa(body) => (StatusCode::UNAUTHORIZED, body),
+            Self::Detailed { status, body } => (status, body),
             Self::Store(err) => {
                 tracing::error!(error = %err, "storage failure");
                 (

@@ -2,11 +2,14 @@
 
 pub mod client;
 pub mod config;
+pub mod e2ee;
 pub mod error;
 pub mod events;
+pub mod media;
 pub mod metrics;
 pub mod ratelimit;
 pub mod rooms;
+pub mod search;
 pub mod server;
 pub mod store;
 pub mod sync;

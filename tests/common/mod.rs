@@ -6,7 +6,7 @@
 use std::{
     io::Write,
     net::TcpListener,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -47,6 +47,11 @@ impl TestServer {
         };
         server.spawn().await;
         server
+    }
+
+    /// The temporary directory holding the server's config and store.
+    pub fn store_dir(&self) -> &Path {
+        self.dir.path()
     }
 
     fn config_path(&self) -> PathBuf {

@@ -213,7 +213,7 @@ async fn logout_handler(
     req: Ruma<logout::v3::Request>,
 ) -> Result<RumaResponse<logout::v3::Response>> {
     let caller = req.caller();
-    server.users.delete_devices(&caller.user_id, [caller.device_id.as_str()])?;
+    server.delete_devices(&caller.user_id, [caller.device_id.as_str()])?;
     Ok(logout::v3::Response::new().into())
 }
 
@@ -221,7 +221,7 @@ async fn logout_all_handler(
     State(server): State<AppState>,
     req: Ruma<logout_all::v3::Request>,
 ) -> Result<RumaResponse<logout_all::v3::Response>> {
-    server.users.delete_all_devices(&req.caller().user_id, None)?;
+    server.delete_all_devices(&req.caller().user_id, None)?;
     Ok(logout_all::v3::Response::new().into())
 }
 
@@ -271,7 +271,7 @@ async fn delete_device_handler(
         return Err(Error::not_found("unknown device"));
     }
     require_password_auth(&server, caller, req.json.as_ref())?;
-    server.users.delete_devices(&caller.user_id, [req.body.device_id.as_str()])?;
+    server.delete_devices(&caller.user_id, [req.body.device_id.as_str()])?;
     Ok(delete_device::v3::Response::new().into())
 }
 
@@ -281,7 +281,7 @@ async fn delete_devices_handler(
 ) -> Result<RumaResponse<delete_devices::v3::Response>> {
     let caller = req.caller();
     require_password_auth(&server, caller, req.json.as_ref())?;
-    server.users.delete_devices(&caller.user_id, req.body.devices.iter().map(|d| d.as_str()))?;
+    server.delete_devices(&caller.user_id, req.body.devices.iter().map(|d| d.as_str()))?;
     Ok(delete_devices::v3::Response::new().into())
 }
 
@@ -296,7 +296,7 @@ async fn change_password_handler(
     }
     server.users.set_password(&caller.user_id, &req.body.new_password)?;
     if req.body.logout_devices {
-        server.users.delete_all_devices(&caller.user_id, Some(caller.device_id.as_str()))?;
+        server.delete_all_devices(&caller.user_id, Some(caller.device_id.as_str()))?;
     }
     Ok(change_password::v3::Response::new().into())
 }
@@ -323,7 +323,7 @@ async fn deactivate_handler(
     account.displayname = None;
     account.avatar_url = None;
     server.users.put_account(&caller.user_id, &account)?;
-    server.users.delete_all_devices(&caller.user_id, None)?;
+    server.delete_all_devices(&caller.user_id, None)?;
     tracing::info!(user_id = %caller.user_id, "deactivated account");
     Ok(deactivate::v3::Response::new(ruma::api::client::account::ThirdPartyIdRemovalStatus::NoSupport).into())
 }

@@ -75,6 +75,13 @@ pub(super) fn client_event(server: &AppState, pdu: &Pdu, meta: Option<&EventMeta
             unsigned.insert("redacted_because".into(), redaction.to_client_event(None, true));
         }
     }
+    // Redacted events lose their aggregations.
+    if let Some(viewer) = viewer
+        && meta.is_none_or(|m| m.redacted_by.is_none())
+        && let Ok(Some(relations)) = super::relations::bundle(server, pdu, &viewer.user_id, with_room_id)
+    {
+        unsigned.insert("m.relations".into(), relations);
+    }
     pdu.to_client_event(Some(JsonValue::Object(unsigned)), with_room_id)
 }
 
@@ -173,7 +180,7 @@ fn validate_canonical_alias(server: &AppState, room_id: &ruma::RoomId, content: 
 
 /// Members (and, for world-readable rooms, anyone) may read a room; former members read the
 /// state as it was when they left.
-fn readable_snapshot(server: &AppState, room_id: &ruma::RoomId, user_id: &UserId) -> Result<Option<u64>> {
+pub(super) fn readable_snapshot(server: &AppState, room_id: &ruma::RoomId, user_id: &UserId) -> Result<Option<u64>> {
     if !server.rooms.exists(room_id)? {
         return Err(Error::forbidden("you are not a member of this room"));
     }

@@ -5,12 +5,16 @@ mod account;
 mod directory;
 mod discovery;
 mod events;
+mod media;
+mod keys;
 mod membership;
 mod misc;
+mod relations;
 mod rooms;
+mod search;
 mod sync;
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{marker::PhantomData, net::SocketAddr, sync::Arc, time::Instant};
 
 use axum::{
     Router,
@@ -57,16 +61,35 @@ impl TokenRequirement for NoAccessToken {
     const REQUIRED: Option<bool> = None;
 }
 
+/// How [`Ruma`] reads a request body.
+pub trait BodyKind {
+    /// Whether the body is JSON; other bodies (uploads) reach ruma untouched.
+    const JSON: bool;
+    /// The largest body accepted.
+    fn limit(server: &Server) -> usize;
+}
+
+/// The usual JSON body, up to `limits.max_request_body`.
+pub struct JsonBody;
+
+impl BodyKind for JsonBody {
+    const JSON: bool = true;
+    fn limit(server: &Server) -> usize {
+        server.config.limits.max_request_body
+    }
+}
+
 /// A parsed ruma request with its authenticated caller.
-pub struct Ruma<T> {
+pub struct Ruma<T, B = JsonBody> {
     pub body: T,
     caller: Option<Caller>,
     pub ip: Option<std::net::IpAddr>,
     /// The JSON body as sent, for user-interactive auth that ruma keeps opaque.
     pub json: Option<serde_json::Value>,
+    kind: PhantomData<fn() -> B>,
 }
 
-impl<T> Ruma<T> {
+impl<T, B> Ruma<T, B> {
     /// The authenticated caller; only endpoints that require a token call this.
     pub fn caller(&self) -> &Caller {
         self.caller.as_ref().expect("endpoint requires an access token")
@@ -130,10 +153,11 @@ fn path_param_count<T: Metadata>() -> usize {
     T::PATH_BUILDER.all_paths().next().map_or(0, |p| p.matches('{').count())
 }
 
-impl<T> FromRequest<AppState> for Ruma<T>
+impl<T, B> FromRequest<AppState> for Ruma<T, B>
 where
     T: IncomingRequest + Send,
     T::Authentication: TokenRequirement,
+    B: BodyKind,
 {
     type Rejection = Error;
 
@@ -163,15 +187,20 @@ where
             },
         };
 
-        let limit = server.config.limits.max_request_body;
-        let mut bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
-            Error::new(ErrorCode::TooLarge, format!("request body is larger than {limit} bytes"))
-        })?;
+        let limit = B::limit(server);
+        let too_large =
+            || Error::new(ErrorCode::TooLarge, format!("request body is larger than {limit} bytes"));
+        // A declared oversize body is refused before any of it is read.
+        let declared = parts.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+        if declared.is_some_and(|length| length > limit) {
+            return Err(too_large());
+        }
+        let mut bytes = axum::body::to_bytes(body, limit).await.map_err(|_| too_large())?;
         // Many clients send no body at all where the spec has an all-optional JSON object.
-        if bytes.is_empty() && matches!(parts.method, http::Method::POST | http::Method::PUT) {
+        if B::JSON && bytes.is_empty() && matches!(parts.method, http::Method::POST | http::Method::PUT) {
             bytes = bytes::Bytes::from_static(b"{}");
         }
-        let json = if bytes.is_empty() {
+        let json = if !B::JSON || bytes.is_empty() {
             None
         } else {
             match serde_json::from_slice::<serde_json::Value>(&bytes) {
@@ -192,7 +221,7 @@ where
                 Error::bad_json(message)
             }
         })?;
-        Ok(Self { body, caller, ip, json })
+        Ok(Self { body, caller, ip, json, kind: PhantomData })
     }
 }
 
@@ -238,6 +267,10 @@ pub fn router() -> Router<AppState> {
     let router = events::routes(router);
     let router = directory::routes(router);
     let router = sync::routes(router);
+    let router = keys::routes(router);
+    let router = media::routes(router);
+    let router = relations::routes(router);
+    let router = search::routes(router);
     misc::routes(router)
 }
 

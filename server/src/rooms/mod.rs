@@ -3,6 +3,7 @@
 
 mod ephemeral;
 mod pipeline;
+pub mod relations;
 pub mod state;
 
 use std::{
@@ -209,7 +210,7 @@ impl Rooms {
 
     /// Members of a room with their current membership.
     pub fn members(&self, room_id: &RoomId) -> Result<Vec<(OwnedUserId, Membership)>> {
-        parse_ids(self.store.children(tables::ROOM_MEMBERS, room_id.as_str())?)
+        parse_ids(self.store.children(tables::ROOM_MEMBERS, &[room_id.as_str()])?)
     }
 
     pub fn joined_members(&self, room_id: &RoomId) -> Result<Vec<OwnedUserId>> {
@@ -223,7 +224,20 @@ impl Rooms {
 
     /// Every room the user has a membership in.
     pub fn user_rooms(&self, user_id: &UserId) -> Result<Vec<(OwnedRoomId, UserRoom)>> {
-        parse_ids(self.store.children(tables::USER_ROOMS, user_id.as_str())?)
+        parse_ids(self.store.children(tables::USER_ROOMS, &[user_id.as_str()])?)
+    }
+
+    /// Whether two users are both joined to some room (a user always shares with itself).
+    pub fn share_a_room(&self, a: &UserId, b: &UserId) -> Result<bool> {
+        if a == b {
+            return Ok(true);
+        }
+        for (room_id, entry) in self.user_rooms(a)? {
+            if entry.membership == Membership::Join && self.is_joined(&room_id, b)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     pub fn user_room(&self, user_id: &UserId, room_id: &RoomId) -> Result<Option<UserRoom>> {
@@ -299,6 +313,12 @@ impl Rooms {
             _ if visibility == "shared" => self.is_joined(&pdu.room_id, user_id)?,
             _ => false,
         })
+    }
+
+    /// The event with its metadata, if it exists and `user_id` may see it.
+    pub fn visible_event(&self, user_id: &UserId, event_id: &ruma::EventId) -> Result<Option<(Pdu, EventMeta)>> {
+        let (Some(pdu), Some(meta)) = (self.pdu(event_id)?, self.meta(event_id)?) else { return Ok(None) };
+        Ok(self.user_can_see(user_id, &pdu, &meta)?.then_some((pdu, meta)))
     }
 
     // --- aliases and the public directory ---

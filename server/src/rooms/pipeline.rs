@@ -10,7 +10,7 @@ use ruma::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{EventMeta, Membership, RoomRecord, Rooms, UserRoom, state};
+use super::{EventMeta, Membership, RoomRecord, Rooms, UserRoom, relations, state};
 use crate::{
     error::{Error, ErrorCode, Result},
     events::{Pdu, PduBuilder, PduPlacement, SignedPdu, build_pdu, redact_stored, rules_for},
@@ -218,6 +218,8 @@ impl<'a> RoomWriter<'a> {
         self.batch.put(store, tables::PDUS, pdu.event_id.as_bytes(), &signed.to_bytes());
         self.batch.put_json(store, tables::EVENT_META, pdu.event_id.as_bytes(), &meta)?;
         self.batch.put(store, tables::TIMELINE, &Key::new().str(room).u64(pos).into_vec(), pdu.event_id.as_bytes());
+        relations::stage(store, &mut self.batch, &pdu, pos);
+        crate::search::stage(store, &mut self.batch, &pdu, pos);
         self.batch.put_json(store, tables::ROOMS, room.as_bytes(), &record)?;
         if let Some(txn) = &txn {
             let key = Key::new().str(pdu.sender.as_str()).str(&txn.device_id).str(&txn.txn_id).into_vec();
@@ -271,6 +273,9 @@ impl<'a> RoomWriter<'a> {
         }
         let redacted = redact_stored(&stored, rules, redaction)?;
         meta.redacted_by = Some(redaction.event_id.clone());
+        // A redacted event no longer relates to anything and no longer matches searches.
+        relations::unstage(store, &mut self.batch, &original, meta.pos);
+        crate::search::unstage(store, &mut self.batch, &original, meta.pos);
         self.batch.put(store, tables::PDUS, target.as_bytes(), &redacted);
         self.batch.put_json(store, tables::EVENT_META, target.as_bytes(), &meta)?;
         Ok(())

@@ -76,11 +76,44 @@ pub mod tables {
     pub const PUBLIC_ROOMS: Table = Table("public_rooms");
     /// room id, receipt type, user id -> receipt
     pub const RECEIPTS: Table = Table("receipts");
+    /// room id, parent event id, rel_type, event type, stream position -> child event id
+    pub const RELATIONS: Table = Table("relations");
+    /// room id, stream position of a thread reply -> thread root event id
+    pub const THREAD_REPLIES: Table = Table("thread_replies");
+    /// word token, room id, stream position -> event id (the search index)
+    pub const SEARCH_INDEX: Table = Table("search_index");
+
+    /// user id, device id -> the device's signed keys
+    pub const DEVICE_KEYS: Table = Table("device_keys");
+    /// user id, device id, "algorithm:key id" -> one-time key
+    pub const ONE_TIME_KEYS: Table = Table("one_time_keys");
+    /// user id, device id, algorithm -> fallback key
+    pub const FALLBACK_KEYS: Table = Table("fallback_keys");
+    /// user id, kind (master, self_signing, user_signing) -> cross-signing key
+    pub const CROSS_SIGNING_KEYS: Table = Table("cross_signing_keys");
+    /// stream position -> user id whose devices or keys changed
+    pub const KEY_CHANGES: Table = Table("key_changes");
+    /// user id, device id, stream position -> to-device message
+    pub const TO_DEVICE: Table = Table("to_device");
+    /// user id, version -> key backup version
+    pub const BACKUP_VERSIONS: Table = Table("backup_versions");
+    /// user id, version, room id, session id -> backed-up session key
+    pub const BACKUP_KEYS: Table = Table("backup_keys");
+
+    /// media id -> media record (uploader, created; content sha256, type, filename, size once uploaded)
+    pub const MEDIA: Table = Table("media");
+    /// content sha256, method, width, height -> cached thumbnail
+    pub const MEDIA_THUMBNAILS: Table = Table("media_thumbnails");
+    /// user id -> bytes uploaded and media ids created but not yet uploaded to
+    pub const MEDIA_USAGE: Table = Table("media_usage");
 
     pub const ALL: &[Table] = &[
         GLOBAL, USERS, DEVICES, ACCESS_TOKENS, FILTERS, ACCOUNT_DATA, PRESENCE, PDUS, EVENT_META,
         TIMELINE, ROOM_STATE, ROOMS, STATE_SNAPSHOTS, ROOM_MEMBERS, USER_ROOMS, TXN_IDS, ALIASES,
-        PUBLIC_ROOMS, RECEIPTS,
+        PUBLIC_ROOMS, RECEIPTS, DEVICE_KEYS, ONE_TIME_KEYS, FALLBACK_KEYS, CROSS_SIGNING_KEYS,
+        KEY_CHANGES, TO_DEVICE, BACKUP_VERSIONS, BACKUP_KEYS,
+        MEDIA, MEDIA_THUMBNAILS, MEDIA_USAGE,
+        RELATIONS, THREAD_REPLIES, SEARCH_INDEX,
     ];
 }
 
@@ -172,13 +205,17 @@ impl Store {
             })
     }
 
-    /// The JSON records keyed `parent 0xFF child 0xFF`, as (child, record), in child order.
-    pub fn children<T: DeserializeOwned>(&self, table: Table, parent: &str) -> Result<Vec<(String, T)>> {
-        let prefix = Key::new().str(parent).into_vec();
+    /// The JSON records keyed `parents… child`, as (child, record), in child order.
+    pub fn children<T: DeserializeOwned>(&self, table: Table, parents: &[&str]) -> Result<Vec<(String, T)>> {
+        let prefix = parents.iter().fold(Key::new(), |key, part| key.str(part)).into_vec();
         self.scan_prefix(table, prefix, false)
             .map(|item| {
                 let (key, value) = item?;
-                let child = KeyReader::new(&key).skip_str().str().map(str::to_owned).ok_or_else(|| {
+                let mut reader = KeyReader::new(&key);
+                for _ in parents {
+                    reader.str();
+                }
+                let child = reader.str().map(str::to_owned).ok_or_else(|| {
                     StoreError::Corrupt { table: table.name(), reason: "malformed key".into() }
                 })?;
                 Ok((child, decode(table, &value)?))

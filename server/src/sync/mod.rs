@@ -85,17 +85,96 @@ pub fn build(server: &Server, req: &SyncRequest<'_>, upto: StreamPos, render: &R
         .unwrap_or_default();
     let presence = if want_presence { presence_events(server, &presence_users, since)? } else { Vec::new() };
 
-    let has_data = !(join.is_empty() && invite.is_empty() && knock.is_empty() && leave.is_empty() && global_data.is_empty() && presence.is_empty());
+    let device_id = req.caller.device_id.as_str();
+    let to_device = server.e2ee.to_device_messages(user_id, device_id, since, upto)?;
+    let (changed, left) = match since {
+        Some(since) => device_list_changes(server, user_id, since, upto)?,
+        None => (Vec::new(), Vec::new()),
+    };
+    let has_data = !(join.is_empty()
+        && invite.is_empty()
+        && knock.is_empty()
+        && leave.is_empty()
+        && global_data.is_empty()
+        && presence.is_empty()
+        && to_device.is_empty()
+        && changed.is_empty()
+        && left.is_empty());
     let body = json!({
         "next_batch": token(upto),
         "rooms": { "join": join, "invite": invite, "knock": knock, "leave": leave },
         "account_data": { "events": global_data },
         "presence": { "events": presence },
-        "to_device": { "events": [] },
-        "device_lists": { "changed": [], "left": [] },
-        "device_one_time_keys_count": {},
+        "to_device": { "events": to_device },
+        "device_lists": { "changed": changed, "left": left },
+        "device_one_time_keys_count": server.e2ee.one_time_key_counts(user_id, device_id)?,
+        "device_unused_fallback_key_types": server.e2ee.unused_fallback_key_types(user_id, device_id)?,
     });
     Ok((body, has_data))
+}
+
+/// Membership changes of `room_id` in (since, upto]: (user, membership).
+fn membership_changes(server: &Server, room_id: &RoomId, since: StreamPos, upto: StreamPos) -> Result<Vec<(OwnedUserId, Membership)>> {
+    let mut changes = Vec::new();
+    for entry in server.rooms.timeline_after(room_id, since, upto) {
+        let (_, event_id) = entry?;
+        let Some(pdu) = server.rooms.pdu(&event_id)? else { continue };
+        if pdu.kind != ruma::events::TimelineEventType::RoomMember {
+            continue;
+        }
+        let membership = pdu.content_json().get("membership").and_then(|m| m.as_str()).and_then(Membership::parse);
+        if let (Some(user), Some(membership)) = (pdu.state_key.as_deref().and_then(|k| OwnedUserId::try_from(k).ok()), membership) {
+            changes.push((user, membership));
+        }
+    }
+    Ok(changes)
+}
+
+/// The `device_lists` of a sync: users whose devices changed or who newly share a room with
+/// the user (`changed`), and users who no longer share any room (`left`).
+pub fn device_list_changes(server: &Server, user_id: &ruma::UserId, since: StreamPos, upto: StreamPos) -> Result<(Vec<OwnedUserId>, Vec<OwnedUserId>)> {
+    let key_changes = server.e2ee.key_changes(since, upto)?;
+    let mut changed = BTreeSet::new();
+    for user in &key_changes {
+        if user != user_id && server.rooms.share_a_room(user_id, user)? {
+            changed.insert(user.clone());
+        }
+    }
+    let mut maybe_left = BTreeSet::new();
+    for (room_id, entry) in server.rooms.user_rooms(user_id)? {
+        let own_change = entry.pos > since && entry.pos <= upto;
+        match entry.membership {
+            Membership::Join if own_change => changed.extend(server.rooms.joined_members(&room_id)?),
+            Membership::Join => {
+                for (user, membership) in membership_changes(server, &room_id, since, upto)? {
+                    match membership {
+                        Membership::Join => {
+                            changed.insert(user);
+                        }
+                        Membership::Leave | Membership::Ban => {
+                            maybe_left.insert(user);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Membership::Leave | Membership::Ban if own_change => maybe_left.extend(server.rooms.joined_members(&room_id)?),
+            _ => {}
+        }
+    }
+    changed.remove(user_id);
+    let mut left = Vec::new();
+    for user in maybe_left {
+        if user != user_id && !server.rooms.share_a_room(user_id, &user)? {
+            changed.remove(&user);
+            left.push(user);
+        }
+    }
+    // The user's own key changes are reported too.
+    if key_changes.iter().any(|u| u == user_id) {
+        changed.insert(user_id.to_owned());
+    }
+    Ok((changed.into_iter().collect(), left))
 }
 
 fn group_room_account_data(server: &Server, user_id: &ruma::UserId, since: StreamPos) -> Result<BTreeMap<String, Vec<JsonValue>>> {

@@ -186,7 +186,7 @@ impl Users {
     pub fn devices(&self, user_id: &UserId) -> Result<Vec<(OwnedDeviceId, Device)>> {
         Ok(self
             .store
-            .children(tables::DEVICES, user_id.as_str())?
+            .children(tables::DEVICES, &[user_id.as_str()])?
             .into_iter()
             .map(|(id, device)| (OwnedDeviceId::from(id), device))
             .collect())
@@ -203,26 +203,15 @@ impl Users {
         Ok(())
     }
 
-    /// Deletes devices and revokes their access tokens, in one batch.
-    pub fn delete_devices<'d>(&self, user_id: &UserId, device_ids: impl IntoIterator<Item = &'d str>) -> Result<()> {
-        let mut batch = self.store.batch();
-        for device_id in device_ids {
-            let key = Key::new().str(user_id.as_str()).str(device_id).into_vec();
-            if let Some(device) = self.store.get_json::<Device>(tables::DEVICES, &key)? {
-                batch.delete(&self.store, tables::ACCESS_TOKENS, device.token_hash.as_bytes());
-                batch.delete(&self.store, tables::DEVICES, &key);
-            }
-        }
-        self.store.write(batch)?;
-        Ok(())
-    }
-
-    pub fn delete_all_devices(&self, user_id: &UserId, except: Option<&str>) -> Result<()> {
-        let devices = self.devices(user_id)?;
-        self.delete_devices(
-            user_id,
-            devices.iter().map(|(id, _)| id.as_str()).filter(|id| Some(*id) != except),
-        )
+    /// Stages the removal of a device and its access token; false if there is no such device.
+    pub fn stage_device_removal(&self, batch: &mut crate::store::Batch, user_id: &UserId, device_id: &str) -> Result<bool> {
+        let key = Key::new().str(user_id.as_str()).str(device_id).into_vec();
+        let Some(device) = self.store.get_json::<Device>(tables::DEVICES, &key)? else {
+            return Ok(false);
+        };
+        batch.delete(&self.store, tables::ACCESS_TOKENS, device.token_hash.as_bytes());
+        batch.delete(&self.store, tables::DEVICES, &key);
+        Ok(true)
     }
 
     // --- profile ---
