@@ -188,9 +188,8 @@ async fn devices_list_get_update_delete() {
     let (status, body) = alice.request(Method::DELETE, &delete_path, Some(json!({ "auth": password_auth("alice", "wrong", Some(&session)) }))).await;
     assert!(matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN), "{status}: {body}");
     assert_eq!(errcode(&body), "M_FORBIDDEN");
-    // Bob cannot authenticate as himself to delete alice's device.
-    let (status, _) = bob.request(Method::DELETE, &delete_path, Some(json!({ "auth": password_auth("bob", "bob-password", None) }))).await;
-    assert_ne!(status, StatusCode::OK);
+    // Bob authenticating as himself only ever addresses his own devices: alice's stays.
+    bob.request(Method::DELETE, &delete_path, Some(json!({ "auth": password_auth("bob", "bob-password", None) }))).await;
     assert_eq!(whoami_status(&phone).await.0, StatusCode::OK);
 
     alice.ok(Method::DELETE, &delete_path, Some(json!({ "auth": password_auth("alice", "alice-password", Some(&session)) }))).await;
@@ -224,7 +223,7 @@ async fn devices_list_get_update_delete() {
 /// Spec: DELETE /devices/{deviceId} answers 200 when the device "was successfully removed, or
 /// had been removed previously".
 #[tokio::test]
-#[ignore = "server bug: DELETE /devices/{deviceId} with valid UIA for an already deleted device answers 404 M_NOT_FOUND instead of 200"]
+
 async fn devices_delete_twice_is_ok() {
     let server = TestServer::start().await;
     let alice = server.register("alice").await;
@@ -395,7 +394,7 @@ async fn account_data_global_and_per_room() {
 /// Spec: setting server-controlled account data (`m.fully_read`) through the account data
 /// endpoints is `405 M_BAD_JSON`.
 #[tokio::test]
-#[ignore = "server bug: PUT /user/{userId}/account_data/m.fully_read (global and per room) answers 400 M_BAD_JSON instead of 405 M_BAD_JSON"]
+
 async fn account_data_server_controlled_types_are_405() {
     let server = TestServer::start().await;
     let alice = server.register("alice").await;
@@ -643,7 +642,7 @@ async fn filters_stored_and_inline() {
 /// client was already sent, but a sender whose member event the client never got must come
 /// with it, also in an incremental sync whose timeline is not limited.
 #[tokio::test]
-#[ignore = "server bug: with lazy_load_members, a non-limited incremental /sync omits the member event of a timeline sender the client was never sent"]
+
 async fn sync_lazy_load_members_incremental_new_sender() {
     let server = TestServer::start().await;
     let alice = server.register("alice").await;
@@ -673,7 +672,7 @@ async fn sync_lazy_load_members_incremental_new_sender() {
 /// leading `{`; an inline filter that is not valid JSON is a client error (400), not an unknown
 /// filter id (404).
 #[tokio::test]
-#[ignore = "server bug: /sync?filter={not json answers 404 M_NOT_FOUND (taken as a filter id) instead of 400"]
+
 async fn sync_inline_filter_that_is_not_json_is_400() {
     let server = TestServer::start().await;
     let alice = server.register("alice").await;
@@ -760,7 +759,6 @@ async fn sync_full_state_leave_invite_and_gaps() {
 /// Spec (/sync `rooms.leave`): the timeline runs "up to the point when the user left", so it
 /// holds the user's own leave event; a kicked user sees the kick with its reason.
 #[tokio::test]
-#[ignore = "server bug: incremental /sync rooms.leave[room].timeline.events is empty; the user's own leave/kick event is filtered out by history visibility"]
 async fn sync_leave_section_has_the_leave_event() {
     let server = TestServer::start().await;
     let alice = server.register("alice").await;
@@ -1009,7 +1007,7 @@ async fn presence_set_get_and_disabled() {
 
 /// Spec: `presence` is one of `online`, `offline`, `unavailable`; anything else is refused.
 #[tokio::test]
-#[ignore = "server bug: PUT /presence/{userId}/status with presence \"dancing\" answers 200 and stores it"]
+
 async fn presence_unknown_state_is_400() {
     let server = TestServer::start().await;
     let alice = server.register("alice").await;
@@ -1131,7 +1129,7 @@ async fn registration_modes_and_shared_secret() {
 /// Synapse-compatible shared-secret registration only accepts nonces it issued, once each
 /// (Synapse answers an unknown or reused nonce with `400 M_UNKNOWN "unrecognised nonce"`).
 #[tokio::test]
-#[ignore = "server bug: POST /_synapse/admin/v1/register accepts a nonce it never issued and reuses of a nonce (no nonce tracking; replayable)"]
+
 async fn admin_register_rejects_unissued_and_reused_nonces() {
     let server = TestServer::start().await;
     let client = server.client();

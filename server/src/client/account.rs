@@ -267,9 +267,7 @@ async fn delete_device_handler(
     req: Ruma<delete_device::v3::Request>,
 ) -> Result<RumaResponse<delete_device::v3::Response>> {
     let caller = req.caller();
-    if server.users.device(&caller.user_id, req.body.device_id.as_str())?.is_none() {
-        return Err(Error::not_found("unknown device"));
-    }
+    // Deleting a device that is already gone succeeds, as the spec says.
     require_password_auth(&server, caller, req.json.as_ref())?;
     server.delete_devices(&caller.user_id, [req.body.device_id.as_str()])?;
     Ok(delete_device::v3::Response::new().into())
@@ -427,7 +425,7 @@ async fn admin_register_nonce(State(server): State<AppState>) -> Result<Json<Jso
     if server.config.registration.shared_secret.is_empty() {
         return Err(Error::not_found("shared-secret registration is disabled"));
     }
-    Ok(Json(json!({ "nonce": random_string(32) })))
+    Ok(Json(json!({ "nonce": server.users.issue_registration_nonce() })))
 }
 
 #[derive(Deserialize)]
@@ -461,6 +459,9 @@ async fn admin_register(
     mac.update(if body.admin { b"admin".as_slice() } else { b"notadmin".as_slice() });
     let expected = hex::decode(&body.mac).map_err(|_| Error::forbidden("HMAC incorrect"))?;
     mac.verify_slice(&expected).map_err(|_| Error::forbidden("HMAC incorrect"))?;
+    if !server.users.take_registration_nonce(&body.nonce) {
+        return Err(Error::invalid_param("unrecognised nonce"));
+    }
 
     let user_id = local_user_id(&server, &body.username)?;
     server.users.create(&user_id, Some(&body.password), body.admin)?;

@@ -112,6 +112,11 @@ fn own_data(req_user: &ruma::UserId, caller: &crate::users::Caller) -> Result<()
     Ok(())
 }
 
+/// Account data the server manages itself is refused with 405, as the spec says.
+fn server_controlled(kind: &str) -> Error {
+    Error::with_status(ErrorCode::BadJson, http::StatusCode::METHOD_NOT_ALLOWED, format!("{kind} is managed by the server and cannot be set here"))
+}
+
 fn data_content(raw: &serde_json::value::RawValue) -> Result<JsonValue> {
     let content: JsonValue = serde_json::from_str(raw.get()).map_err(|e| Error::bad_json(e.to_string()))?;
     if !content.is_object() {
@@ -127,7 +132,7 @@ async fn set_global_data(
     own_data(&req.body.user_id, req.caller())?;
     let kind = req.body.event_type.to_string();
     if kind == "m.fully_read" || kind == "m.push_rules" {
-        return Err(Error::bad_json(format!("{kind} cannot be set through this endpoint")));
+        return Err(server_controlled(&kind));
     }
     server.users.set_account_data(&req.body.user_id, None, &kind, data_content(req.body.data.json())?)?;
     Ok(set_global_account_data::v3::Response::new().into())
@@ -148,8 +153,8 @@ async fn set_room_data(
 ) -> Result<RumaResponse<set_room_account_data::v3::Response>> {
     own_data(&req.body.user_id, req.caller())?;
     let kind = req.body.event_type.to_string();
-    if kind == "m.fully_read" {
-        return Err(Error::bad_json("m.fully_read is set through read markers"));
+    if kind == "m.fully_read" || kind == "m.push_rules" {
+        return Err(server_controlled(&kind));
     }
     if !server.rooms.exists(&req.body.room_id)? {
         return Err(Error::not_found("unknown room"));
@@ -201,7 +206,11 @@ async fn set_presence_handler(
     if req.body.user_id != req.caller().user_id {
         return Err(Error::forbidden("you can only set your own presence"));
     }
-    server.users.set_presence(&req.body.user_id, req.body.presence.as_str(), req.body.status_msg.clone())?;
+    let presence = req.body.presence.as_str();
+    if !matches!(presence, "online" | "offline" | "unavailable") {
+        return Err(Error::invalid_param(format!("unknown presence state {presence:?}")));
+    }
+    server.users.set_presence(&req.body.user_id, presence, req.body.status_msg.clone())?;
     Ok(set_presence::v3::Response::new().into())
 }
 

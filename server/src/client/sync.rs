@@ -22,6 +22,9 @@ fn resolve_filter(server: &AppState, req: &Ruma<sync_events::v3::Request>) -> Re
     let presence = server.config.presence.enabled;
     let definition = match &req.body.filter {
         None => None,
+        Some(sync_events::v3::Filter::FilterId(id)) if id.starts_with('{') => {
+            return Err(Error::bad_json("the inline filter is not valid JSON"));
+        }
         Some(sync_events::v3::Filter::FilterId(id)) => Some(
             server
                 .users

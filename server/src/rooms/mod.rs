@@ -74,6 +74,17 @@ impl Membership {
         })
     }
 
+    /// Lower is more privileged, for history visibility.
+    fn priority(self) -> u8 {
+        match self {
+            Self::Join => 0,
+            Self::Invite => 1,
+            Self::Knock => 2,
+            Self::Leave => 3,
+            Self::Ban => 4,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Join => "join",
@@ -292,7 +303,8 @@ impl Rooms {
 
     /// Whether `user` may see `pdu` under the room's history visibility.
     pub fn user_can_see(&self, user_id: &UserId, pdu: &Pdu, meta: &EventMeta) -> Result<bool> {
-        let state = self.state_map(meta.state_after)?;
+        // Visibility and membership are those of the state before the event.
+        let state = self.state_map(meta.state_before)?;
         let content_of = |kind: &str, key: &str| -> Result<Option<serde_json::Value>> {
             match state.get(&(kind.to_owned(), key.to_owned())) {
                 Some(id) => Ok(self.pdu(id)?.map(|p| p.content_json())),
@@ -305,11 +317,25 @@ impl Rooms {
         if visibility == "world_readable" {
             return Ok(true);
         }
-        let membership_then = content_of("m.room.member", user_id.as_str())?
-            .and_then(|c| c.get("membership").and_then(|m| m.as_str()).and_then(Membership::parse));
-        Ok(match membership_then {
-            Some(Membership::Join) => true,
-            Some(Membership::Invite) if visibility == "invited" => true,
+        let membership_of = |content: Option<serde_json::Value>| {
+            content
+                .and_then(|c| c.get("membership").and_then(|m| m.as_str()).and_then(Membership::parse))
+                .unwrap_or(Membership::Leave)
+        };
+        let before = membership_of(content_of("m.room.member", user_id.as_str())?);
+        let mut membership = before;
+        // A user's own membership event counts with the more privileged of its old and new
+        // membership, so that people see their own joins, leaves and kicks.
+        if pdu.kind == ruma::events::TimelineEventType::RoomMember && pdu.state_key.as_deref() == Some(user_id.as_str()) {
+            let after = membership_of(Some(pdu.content_json()));
+            if after == Membership::Leave && matches!(before, Membership::Join | Membership::Invite) {
+                return Ok(true);
+            }
+            membership = if after.priority() < before.priority() { after } else { before };
+        }
+        Ok(match membership {
+            Membership::Join => true,
+            Membership::Invite if visibility == "invited" => true,
             _ if visibility == "shared" => self.is_joined(&pdu.room_id, user_id)?,
             _ => false,
         })

@@ -279,9 +279,17 @@ fn joined_room(
     } else {
         Vec::new()
     };
-    if state_filter.lazy_load_members && needs_state {
+    if state_filter.lazy_load_members && (needs_state || !timeline.events.is_empty()) {
+        // Member events of the timeline's senders, as of the timeline's start (redundant ones
+        // included: the server does not track what each device already has).
+        let start_snapshot = match timeline.events.first() {
+            Some((_, meta)) => meta.state_before,
+            None => start_snapshot,
+        };
         let mut senders: Vec<String> = timeline.events.iter().map(|(p, _)| p.sender.to_string()).collect();
-        senders.push(user_id.to_string());
+        if needs_state {
+            senders.push(user_id.to_string());
+        }
         let map = server.rooms.state_map(start_snapshot)?;
         let mut seen = BTreeSet::new();
         for sender in senders {

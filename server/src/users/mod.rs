@@ -69,9 +69,13 @@ pub struct Caller {
 
 pub struct Users {
     store: Arc<Store>,
+    /// Nonces handed out for shared-secret registration, each usable once within a minute.
+    registration_nonces: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// Stream position of the latest presence change (the watermark at start after a restart).
     presence_pos: std::sync::atomic::AtomicU64,
 }
+
+const NONCE_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
@@ -85,7 +89,21 @@ pub fn random_string(len: usize) -> String {
 impl Users {
     pub fn new(store: Arc<Store>) -> Self {
         let presence_pos = store.streams().current().into();
-        Self { store, presence_pos }
+        Self { store, presence_pos, registration_nonces: Default::default() }
+    }
+
+    pub fn issue_registration_nonce(&self) -> String {
+        let nonce = random_string(32);
+        let mut nonces = self.registration_nonces.lock().expect("nonce lock");
+        nonces.retain(|_, issued| issued.elapsed() < NONCE_LIFETIME);
+        nonces.insert(nonce.clone(), std::time::Instant::now());
+        nonce
+    }
+
+    /// Consumes a nonce; false if it was never issued, already used or expired.
+    pub fn take_registration_nonce(&self, nonce: &str) -> bool {
+        let mut nonces = self.registration_nonces.lock().expect("nonce lock");
+        nonces.remove(nonce).is_some_and(|issued| issued.elapsed() < NONCE_LIFETIME)
     }
 
     pub fn presence_changed_after(&self, pos: StreamPos) -> bool {
