@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""Prints a Markdown table from the JSON of bench/matrix_load.py.
+
+  report.py [--limbic limbic.json] [--synapse synapse.json] [--title TEXT]
+
+Either side may be missing (a one-server run); ratios and target checks need
+both for the ratio targets, and Limbic's figures for the absolute targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import Any, Callable
+
+
+def get(d: dict[str, Any] | None, path: str) -> float | None:
+    cur: Any = d
+    for part in path.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur if isinstance(cur, (int, float)) and not isinstance(cur, bool) else None
+
+
+def fmt(v: float | None, digits: int = 1) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}f}"
+
+
+# (label, json path, scale, higher_is_better, target)
+# target: ("ratio", x) = Limbic must beat Synapse by x times;
+#         ("max", x)   = Limbic's value must be below x (after scaling).
+ROWS: list[tuple[str, str, float, bool, tuple[str, float] | None]] = [
+    ("Send throughput, {senders} senders, one shared room (msg/s)", "send_shared_room.msgs_per_s", 1, True, ("ratio", 10)),
+    ("Send throughput, {senders} senders, a room each (msg/s)", "send_own_rooms.msgs_per_s", 1, True, ("ratio", 10)),
+    ("Send request latency p50, shared room (ms)", "send_shared_room.request_latency.p50_ms", 1, False, None),
+    ("Server CPU per message sent, shared room (ms)", "send_shared_room.server_cpu_ms_per_msg", 1, False, None),
+    ("Send → /sync delivery p50 (ms)", "latency.p50_ms", 1, False, None),
+    ("Send → /sync delivery p99 (ms)", "latency.p99_ms", 1, False, ("max", 10)),
+    ("Initial sync, {rooms} rooms, mean of {runs} runs (ms)", "initial_sync.mean_ms", 1, False, ("ratio", 5)),
+    ("Initial sync, {rooms} rooms, first run (ms)", "initial_sync.first_ms", 1, False, None),
+    ("Room setup rate (createRoom + {mpr} messages, rooms/s)", "initial_sync.setup.rooms_per_s", 1, True, None),
+    ("Idle RSS after the run (MB)", "rss_idle.vmrss_kb", 1 / 1024, False, ("max", 50)),
+    ("RSS at start (MB)", "rss_start.vmrss_kb", 1 / 1024, False, None),
+    ("Peak RSS, VmHWM (MB)", "rss_idle.vmhwm_kb", 1 / 1024, False, None),
+]
+
+
+def table(lim: dict[str, Any] | None, syn: dict[str, Any] | None) -> str:
+    comparable = not (lim and syn and lim.get("params") != syn.get("params"))
+    out = [
+        "| measurement | Limbic | Synapse | Limbic vs Synapse | target | met |",
+        "|---|---:|---:|---:|---|:---:|",
+    ]
+    params = (lim or syn or {}).get("params", {})
+    subst = {
+        "senders": params.get("senders", "?"),
+        "rooms": params.get("rooms", "?"),
+        "runs": params.get("initial_sync_runs", "?"),
+        "mpr": params.get("messages_per_room", "?"),
+    }
+    for label, path, scale, higher, target in ROWS:
+        label = label.format(**subst)
+        lv, sv = get(lim, path), get(syn, path)
+        lv = lv * scale if lv is not None else None
+        sv = sv * scale if sv is not None else None
+        ratio = "–"
+        r: float | None = None
+        if lv and sv and comparable:
+            r = (lv / sv) if higher else (sv / lv)
+            word = "more" if higher else ("less" if ("MB" in label or "CPU" in label) else "faster")
+            ratio = f"{r:.2f}× {word}"
+        tgt, met = "", ""
+        if target:
+            kind, x = target
+            if kind == "ratio":
+                tgt = f"≥ {x:g}× Synapse"
+                met = "–" if r is None else ("yes" if r >= x else "no")
+            else:
+                tgt = f"< {x:g}"
+                met = "–" if lv is None else ("yes" if lv < x else "no")
+        out.append(f"| {label} | {fmt(lv)} | {fmt(sv)} | {ratio} | {tgt} | {met} |")
+    return "\n".join(out)
+
+
+def notes(name: str, d: dict[str, Any] | None) -> list[str]:
+    if not d:
+        return []
+    n = []
+    http = d.get("http", {})
+    if http.get("rate_limited"):
+        n.append(f"{name}: {http['rate_limited']} requests were rate limited (429) and retried")
+    for key in ("send_shared_room", "send_own_rooms"):
+        s = d.get(key)
+        if s and not s.get("complete"):
+            n.append(f"{name}: {key} hit the phase time limit after {s.get('messages')} messages")
+    for key in ("send_shared_room", "send_own_rooms"):
+        s = d.get(key) or {}
+        if s.get("wall_s") and (s.get("client_cpu_s") or 0) / s["wall_s"] > 0.8:
+            n.append(
+                f"{name}: the load generator used {100 * s['client_cpu_s'] / s['wall_s']:.0f}% of a core "
+                f"in {key}: it may be the bottleneck, not the server"
+            )
+    lat = d.get("latency")
+    if lat and lat.get("extra_polls"):
+        n.append(f"{name}: {lat['extra_polls']} long-polls returned without the probe and were re-issued")
+    ini = d.get("initial_sync")
+    if ini and ini.get("rooms_in_response") != ini.get("rooms"):
+        n.append(
+            f"{name}: initial sync returned {ini.get('rooms_in_response')} joined rooms, "
+            f"expected {ini.get('rooms')}"
+        )
+    other = wall = 0.0
+    for key, wkey in (("send_shared_room", "wall_s"), ("send_own_rooms", "wall_s"),
+                      ("latency", "wall_s"), ("initial_sync", "timed_wall_s")):
+        ph = d.get(key) or {}
+        if isinstance(ph.get("other_cpu_s"), (int, float)) and ph.get(wkey):
+            other += ph["other_cpu_s"]
+            wall += ph[wkey]
+    if wall and other / wall > 0.1:
+        n.append(
+            f"{name}: other processes kept {100 * other / wall:.0f}% of a core busy during the "
+            "timed phases: the machine was not quiet, figures are skewed"
+        )
+    return n
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--limbic")
+    p.add_argument("--synapse")
+    p.add_argument("--title", default="")
+    a = p.parse_args()
+    lim = json.load(open(a.limbic)) if a.limbic else None
+    syn = json.load(open(a.synapse)) if a.synapse else None
+    if a.title:
+        print(f"### {a.title}\n")
+    print(table(lim, syn))
+    ns = notes("Limbic", lim) + notes("Synapse", syn)
+    if lim and syn and lim.get("params") != syn.get("params"):
+        ns.insert(0, "the two runs used different load parameters: ratios are not comparable")
+    if ns:
+        print()
+        for x in ns:
+            print(f"- {x}")
+
+
+if __name__ == "__main__":
+    main()
