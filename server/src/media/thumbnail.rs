@@ -43,11 +43,11 @@ const FILTER: FilterType = FilterType::CatmullRom;
 /// The box that answers a request: the smallest of its method that covers the requested size,
 /// else the largest (the spec lets servers answer with a larger or the closest thumbnail).
 pub(super) fn size_for(method: Method, width: u64, height: u64) -> (u32, u32) {
-    let boxes = SIZES.iter().filter(|(m, ..)| *m == method).map(|&(_, w, h)| (w, h));
+    let mut boxes = SIZES.iter().filter(|(m, ..)| *m == method).map(|&(_, w, h)| (w, h));
     boxes
         .clone()
         .find(|&(w, h)| u64::from(w) >= width && u64::from(h) >= height)
-        .or_else(|| boxes.last())
+        .or_else(|| boxes.next_back())
         .expect("every method has sizes")
 }
 
