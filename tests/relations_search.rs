@@ -303,7 +303,12 @@ async fn search_ranks_orders_paginates_and_filters_rooms() {
     assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_INVALID_PARAM"));
 
     // Only rooms the user is joined to, narrowed by the filter's rooms.
-    let other = bob.create_room(json!({ "preset": "public_chat" })).await;
+    // World-readable, so that only the joined-rooms rule keeps non-members' searches out.
+    let other = bob.create_room(json!({
+        "preset": "public_chat",
+        "initial_state": [{ "type": "m.room.history_visibility", "state_key": "", "content": { "history_visibility": "world_readable" } }],
+    }))
+    .await;
     let pie = bob.send_text(&other, "b1", "apple pie").await;
     assert_eq!(result_ids(&search_ok(&bob, json!({ "search_term": "apple" })).await), [pie.as_str()]);
     assert_eq!(search_ok(&charlie, json!({ "search_term": "apple" })).await["count"], 0);
@@ -317,7 +322,7 @@ async fn search_ranks_orders_paginates_and_filters_rooms() {
     let not_first = search_ok(&alice, json!({ "search_term": "apple", "filter": { "not_rooms": [room] } })).await;
     assert_eq!(result_ids(&not_first), [pie.as_str()]);
     // Invited is not joined; leaving ends it too.
-    assert_eq!(alice.invite(&room, &charlie.user_id).await.0, StatusCode::OK);
+    assert_eq!(bob.invite(&other, &charlie.user_id).await.0, StatusCode::OK);
     assert_eq!(search_ok(&charlie, json!({ "search_term": "apple" })).await["count"], 0);
     assert_eq!(alice.post(&format!("/_matrix/client/v3/rooms/{}/leave", enc(&other)), json!({})).await.0, StatusCode::OK);
     assert!(!result_ids(&search_ok(&alice, json!({ "search_term": "pie" })).await).contains(&pie.as_str()));

@@ -57,11 +57,11 @@ pub(super) fn unstage(store: &Store, batch: &mut Batch, pdu: &Pdu, pos: StreamPo
 
 /// One indexed relation of a parent.
 #[derive(Clone, Debug)]
-pub struct Child {
-    pub pos: StreamPos,
-    pub event_id: OwnedEventId,
-    pub rel_type: String,
-    pub kind: String,
+struct Child {
+    pos: StreamPos,
+    event_id: OwnedEventId,
+    rel_type: String,
+    kind: String,
 }
 
 /// What a pagination over events yields: the events and, when more follow, the next token.
@@ -101,7 +101,7 @@ pub struct Aggregations {
 
 impl Rooms {
     /// Direct children of `parent`, of one rel_type when given, ascending by position.
-    pub fn children_of(&self, room_id: &RoomId, parent: &EventId, rel_type: Option<&str>) -> Result<Vec<Child>> {
+    fn children_of(&self, room_id: &RoomId, parent: &EventId, rel_type: Option<&str>) -> Result<Vec<Child>> {
         let mut prefix = Key::new().str(room_id.as_str()).str(parent.as_str());
         if let Some(rel_type) = rel_type {
             prefix = prefix.str(rel_type);
@@ -175,10 +175,10 @@ impl Rooms {
     /// The aggregations of `pdu` as `user_id` may see them. Edits are not aggregated further.
     pub fn aggregations(&self, pdu: &Pdu, user_id: &UserId) -> Result<Aggregations> {
         let mut aggregations = Aggregations { replace: None, thread: None, references: Vec::new() };
-        if relation(pdu).is_some_and(|(rel_type, _)| rel_type == REPLACE) {
+        let children = self.children_of(&pdu.room_id, &pdu.event_id, None)?;
+        if children.is_empty() || relation(pdu).is_some_and(|(rel_type, _)| rel_type == REPLACE) {
             return Ok(aggregations);
         }
-        let children = self.children_of(&pdu.room_id, &pdu.event_id, None)?;
         aggregations.replace = self.latest_edit(pdu, user_id, &children)?;
         aggregations.thread = self.thread_summary(pdu, user_id, &children)?;
         for child in children.iter().filter(|c| c.rel_type == REFERENCE) {
@@ -195,8 +195,9 @@ impl Rooms {
         if original.is_state() {
             return Ok(None);
         }
+        let kind = original.kind.to_string();
         let mut latest: Option<Pdu> = None;
-        for child in children.iter().filter(|c| c.rel_type == REPLACE && c.kind == original.kind.to_string()) {
+        for child in children.iter().filter(|c| c.rel_type == REPLACE && c.kind == kind) {
             let Some((edit, _)) = self.visible_event(user_id, &child.event_id)? else { continue };
             let valid = edit.sender == original.sender
                 && !edit.is_state()

@@ -168,11 +168,12 @@ pub fn search(rooms: &Rooms, query: &Query<'_>) -> Result<Results> {
     let count = hits.len();
     hits.sort_by_key(|hit| std::cmp::Reverse(sort_key(hit, query.order)));
     hits.retain(|hit| after.is_none_or(|after| sort_key(hit, query.order) < after));
-    let next_batch = (hits.len() > query.limit).then(|| {
-        let (a, b) = sort_key(&hits[query.limit - 1], query.order);
+    let more = hits.len() > query.limit;
+    hits.truncate(query.limit);
+    let next_batch = hits.last().filter(|_| more).map(|hit| {
+        let (a, b) = sort_key(hit, query.order);
         format!("{a}_{b}")
     });
-    hits.truncate(query.limit);
     Ok(Results { hits, count, highlights, next_batch })
 }
 
@@ -233,6 +234,28 @@ mod tests {
         let tokens: Vec<String> = tokenize("Hello, WORLD! Straße-42 über_alles").collect();
         assert_eq!(tokens, ["hello", "world", "straße", "42", "über", "alles"]);
         assert_eq!(tokenize(&"x".repeat(MAX_TOKEN_BYTES + 1)).count(), 0);
+    }
+
+    #[test]
+    fn unstaging_removes_every_index_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let pdu = Pdu::from_stored(&serde_json::to_vec(&json!({
+            "event_id": "$e", "room_id": "!r:x", "sender": "@a:x", "origin_server_ts": 1, "type": "m.room.message",
+            "content": { "body": "Hello hello world", "url": "mxc://x/not-indexed" },
+            "prev_events": [], "auth_events": [], "depth": 1,
+        })).unwrap())
+        .unwrap();
+        let entries = |store: &Store| store.scan_prefix(tables::SEARCH_INDEX, Vec::new(), false).count();
+        let mut batch = store.batch();
+        stage(&store, &mut batch, &pdu, 7);
+        store.write(batch).unwrap();
+        assert_eq!(entries(&store), 2, "hello and world, once each");
+        assert!(store.contains(tables::SEARCH_INDEX, &Key::new().str("hello").str("!r:x").u64(7).into_vec()).unwrap());
+        let mut batch = store.batch();
+        unstage(&store, &mut batch, &pdu, 7);
+        store.write(batch).unwrap();
+        assert_eq!(entries(&store), 0);
     }
 
     #[test]
