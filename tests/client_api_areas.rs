@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Client, SHARED_SECRET, TestServer, enc, errcode};
+use common::{Client, TestServer, admin_mac, enc, errcode};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -538,8 +538,9 @@ async fn receipts_read_markers_and_unread_counts() {
     let bobs = bob.sync(None, 0).await;
     assert_eq!(notification_count(&bobs, &room), 0);
     assert_eq!(bobs["rooms"]["join"][&room]["unread_notifications"]["highlight_count"], 0);
-    // Mentions highlight.
-    alice.send_text(&room, "m6", &format!("are you there {}?", bob.user_id)).await;
+    // Mentions (m.mentions, as current clients send them) highlight.
+    let mention = format!("{V3}/rooms/{}/send/m.room.message/m6", enc(&room));
+    alice.ok(Method::PUT, &mention, Some(json!({ "msgtype": "m.text", "body": "are you there?", "m.mentions": { "user_ids": [bob.user_id] } }))).await;
     alice.send_text(&room, "m7", "no mention").await;
     let bobs = bob.sync(None, 0).await;
     assert_eq!(notification_count(&bobs, &room), 2);
@@ -1042,20 +1043,6 @@ async fn login_rate_limit() {
 }
 
 // --- registration modes and shared-secret registration -------------------------------------
-
-/// The HMAC-SHA1 (hex) that signs a shared-secret registration, keyed with the shared secret.
-fn admin_mac(nonce: &str, user: &str, password: &str, admin: bool) -> String {
-    use hmac::{Hmac, Mac};
-    let mut mac = Hmac::<sha1::Sha1>::new_from_slice(SHARED_SECRET.as_bytes()).unwrap();
-    mac.update(nonce.as_bytes());
-    mac.update(b"\0");
-    mac.update(user.as_bytes());
-    mac.update(b"\0");
-    mac.update(password.as_bytes());
-    mac.update(b"\0");
-    mac.update(if admin { b"admin".as_slice() } else { b"notadmin".as_slice() });
-    hex::encode(mac.finalize().into_bytes())
-}
 
 async fn admin_nonce(client: &Client) -> String {
     client.ok(Method::GET, "/_synapse/admin/v1/register", None).await["nonce"].as_str().expect("nonce").to_owned()

@@ -1,5 +1,6 @@
 //! Limbic: a Matrix homeserver for therapy practices and clinics.
 
+pub mod admin;
 pub mod client;
 pub mod config;
 pub mod e2ee;
@@ -7,6 +8,7 @@ pub mod error;
 pub mod events;
 pub mod media;
 pub mod metrics;
+pub mod push;
 pub mod ratelimit;
 pub mod rooms;
 pub mod search;

@@ -1,7 +1,10 @@
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use clap::{Parser, Subcommand};
-use limbic_server::{Server, config::Config};
+use limbic_server::{Server, admin::cli::UserCommand, config::Config};
 
 #[derive(Parser)]
 #[command(name = "limbic", version, about = "Limbic: a Matrix homeserver for therapy practices and clinics")]
@@ -23,6 +26,20 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Manage accounts on the store directly (stop the server first, or use the admin API).
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+}
+
+impl Command {
+    fn config(&self) -> &Path {
+        match self {
+            Self::Serve { config } | Self::CheckConfig { config } => config,
+            Self::User { command } => command.config(),
+        }
+    }
 }
 
 fn init_logging(level: &str) {
@@ -35,8 +52,7 @@ fn init_logging(level: &str) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (Command::Serve { config } | Command::CheckConfig { config }) = &cli.command;
-    let config = match Config::load(config) {
+    let config = match Config::load(cli.command.config()) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("limbic: {e}");
@@ -47,7 +63,9 @@ fn main() -> ExitCode {
         println!("configuration is valid");
         return ExitCode::SUCCESS;
     }
-    init_logging(&config.logging.level);
+    if matches!(cli.command, Command::Serve { .. }) {
+        init_logging(&config.logging.level);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -56,6 +74,9 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        if let Command::User { command } = cli.command {
+            return limbic_server::admin::cli::run(config, command).await;
+        }
         let server = match Server::open(config) {
             Ok(server) => server,
             Err(e) => {

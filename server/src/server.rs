@@ -2,17 +2,20 @@
 
 use std::sync::Arc;
 
+use serde_json::json;
+
 use crate::{
     config::Config,
     e2ee::E2ee,
+    push::Push,
     error::Result,
-    events::ServerSigningKey,
+    events::{PduBuilder, ServerSigningKey},
     media::Media,
     metrics::Metrics,
     ratelimit::RateLimiter,
-    rooms::Rooms,
+    rooms::{Membership, Rooms},
     store::Store,
-    users::Users,
+    users::{Account, Users},
 };
 
 pub struct Server {
@@ -23,8 +26,10 @@ pub struct Server {
     pub rooms: Rooms,
     pub media: Media,
     pub e2ee: E2ee,
+    pub push: Arc<Push>,
     pub rate_limiter: RateLimiter,
     pub metrics: Metrics,
+    pub admin: crate::admin::Admin,
     /// Set once shutdown begins, so that long-polls answer at once instead of holding it up.
     pub shutting_down: tokio::sync::watch::Sender<bool>,
 }
@@ -39,12 +44,15 @@ impl Server {
         let signing_key =
             Arc::new(ServerSigningKey::load_or_generate(&store, config.server_name.clone())?);
         let shutting_down = tokio::sync::watch::Sender::new(false);
+        let push = Arc::new(Push::new(store.clone()));
         Ok(Arc::new(Self {
+            push: push.clone(),
             users: Users::new(store.clone()),
-            rooms: Rooms::new(store.clone(), signing_key.clone()),
+            rooms: Rooms::new(store.clone(), signing_key.clone(), push.clone()),
             e2ee: E2ee::new(store.clone()),
             rate_limiter: RateLimiter::new(&config.rate_limits),
             metrics: Metrics::default(),
+            admin: crate::admin::Admin::default(),
             media: Media::open(&config.media, store.clone(), config.server_name.clone(), shutting_down.subscribe())?,
             shutting_down,
             signing_key,
@@ -74,5 +82,59 @@ impl Server {
     pub fn delete_all_devices(&self, user_id: &ruma::UserId, except: Option<&str>) -> Result<()> {
         let devices = self.users.devices(user_id)?;
         self.delete_devices(user_id, devices.iter().map(|(id, _)| id.as_str()).filter(|id| Some(*id) != except))
+    }
+
+    /// Sets profile fields and sends the new member event into every room the user has joined.
+    pub async fn set_profile(
+        &self,
+        user_id: &ruma::UserId,
+        displayname: Option<Option<String>>,
+        avatar_url: Option<Option<String>>,
+    ) -> Result<Account> {
+        let account = self.users.set_profile(user_id, displayname, avatar_url)?;
+        for (room_id, entry) in self.rooms.user_rooms(user_id)? {
+            if entry.membership != Membership::Join {
+                continue;
+            }
+            let mut writer = self.rooms.writer(&room_id).await?;
+            let mut content = writer
+                .state_event("m.room.member", user_id.as_str())?
+                .map(|p| p.content_json())
+                .unwrap_or_else(|| json!({ "membership": "join" }));
+            if let Some(content) = content.as_object_mut() {
+                for (field, value) in [("displayname", &account.displayname), ("avatar_url", &account.avatar_url)] {
+                    match value {
+                        Some(value) => content.insert(field.to_owned(), json!(value)),
+                        None => content.remove(field),
+                    };
+                }
+            }
+            writer.append(user_id, PduBuilder::state("m.room.member", user_id.as_str(), content), None)?;
+            writer.commit()?;
+        }
+        Ok(account)
+    }
+
+    /// Deactivates an account: leaves every room, then locks the account, clears its profile
+    /// and revokes every token.
+    pub async fn deactivate_account(&self, user_id: &ruma::UserId) -> Result<()> {
+        let mut account = self.users.account(user_id)?.ok_or_else(|| crate::Error::not_found("unknown user"))?;
+        for (room_id, entry) in self.rooms.user_rooms(user_id)? {
+            if matches!(entry.membership, Membership::Join | Membership::Invite | Membership::Knock) {
+                let mut writer = self.rooms.writer(&room_id).await?;
+                let leave = PduBuilder::state("m.room.member", user_id.as_str(), json!({ "membership": "leave" }));
+                if writer.append(user_id, leave, None).is_ok() {
+                    writer.commit()?;
+                }
+            }
+        }
+        account.deactivated = true;
+        account.password_hash = None;
+        account.displayname = None;
+        account.avatar_url = None;
+        self.users.put_account(user_id, &account)?;
+        self.delete_all_devices(user_id, None)?;
+        tracing::info!(%user_id, "deactivated account");
+        Ok(())
     }
 }

@@ -19,7 +19,6 @@ use super::{AppState, Ruma, RumaResponse, route};
 use crate::{
     config::RegistrationMode,
     error::{Error, ErrorCode, Result},
-    events::PduBuilder,
     ratelimit::Action,
     users::{Caller, random_string},
 };
@@ -49,14 +48,7 @@ pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
 }
 
 fn local_user_id(server: &AppState, localpart: &str) -> Result<OwnedUserId> {
-    let localpart = localpart.to_lowercase();
-    if localpart.is_empty()
-        || !localpart.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'=' | b'-' | b'/' | b'+'))
-    {
-        return Err(Error::new(ErrorCode::InvalidUsername, "user ids may only contain a-z, 0-9, . _ = - / +"));
-    }
-    UserId::parse_with_server_name(localpart, server.server_name())
-        .map_err(|e| Error::new(ErrorCode::InvalidUsername, e.to_string()))
+    crate::users::local_user_id(localpart, server.server_name())
 }
 
 /// The user-interactive auth 401 body for the given flows.
@@ -303,26 +295,9 @@ async fn deactivate_handler(
     State(server): State<AppState>,
     req: Ruma<deactivate::v3::Request>,
 ) -> Result<RumaResponse<deactivate::v3::Response>> {
-    let caller = req.caller().clone();
-    require_password_auth(&server, &caller, req.json.as_ref())?;
-    // Leave every room, then lock the account and revoke every token.
-    for (room_id, entry) in server.rooms.user_rooms(&caller.user_id)? {
-        if matches!(entry.membership, crate::rooms::Membership::Join | crate::rooms::Membership::Invite | crate::rooms::Membership::Knock) {
-            let mut writer = server.rooms.writer(&room_id).await?;
-            let leave = PduBuilder::state("m.room.member", caller.user_id.as_str(), json!({ "membership": "leave" }));
-            if writer.append(&caller.user_id, leave, None).is_ok() {
-                writer.commit()?;
-            }
-        }
-    }
-    let mut account = server.users.account(&caller.user_id)?.ok_or_else(|| Error::not_found("unknown user"))?;
-    account.deactivated = true;
-    account.password_hash = None;
-    account.displayname = None;
-    account.avatar_url = None;
-    server.users.put_account(&caller.user_id, &account)?;
-    server.delete_all_devices(&caller.user_id, None)?;
-    tracing::info!(user_id = %caller.user_id, "deactivated account");
+    let caller = req.caller();
+    require_password_auth(&server, caller, req.json.as_ref())?;
+    server.deactivate_account(&caller.user_id).await?;
     Ok(deactivate::v3::Response::new(ruma::api::client::account::ThirdPartyIdRemovalStatus::NoSupport).into())
 }
 
@@ -389,27 +364,7 @@ async fn update_profile(
     if user_id != caller.user_id {
         return Err(Error::forbidden("you can only change your own profile"));
     }
-    let account = server.users.set_profile(&caller.user_id, displayname, avatar_url)?;
-    propagate_profile(server, &caller.user_id, &account).await
-}
-
-/// Sends a new member event with the profile into every room the user has joined.
-async fn propagate_profile(server: &AppState, user_id: &UserId, account: &crate::users::Account) -> Result<()> {
-    for (room_id, entry) in server.rooms.user_rooms(user_id)? {
-        if entry.membership != crate::rooms::Membership::Join {
-            continue;
-        }
-        let mut writer = server.rooms.writer(&room_id).await?;
-        let mut content = writer
-            .state_event("m.room.member", user_id.as_str())?
-            .map(|p| p.content_json())
-            .unwrap_or_else(|| json!({ "membership": "join" }));
-        content["displayname"] = account.displayname.clone().map_or(JsonValue::Null, JsonValue::String);
-        content["avatar_url"] = account.avatar_url.clone().map_or(JsonValue::Null, JsonValue::String);
-        strip_nulls(&mut content);
-        writer.append(user_id, PduBuilder::state("m.room.member", user_id.as_str(), content), None)?;
-        writer.commit()?;
-    }
+    server.set_profile(&caller.user_id, displayname, avatar_url).await?;
     Ok(())
 }
 

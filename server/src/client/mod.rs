@@ -2,11 +2,13 @@
 //! [`Ruma`] extractor, call a service, and answer ruma responses or Matrix errors.
 
 mod account;
+mod admin;
 mod directory;
 mod discovery;
 mod events;
 mod media;
 mod keys;
+mod push;
 mod membership;
 mod misc;
 mod relations;
@@ -117,6 +119,17 @@ fn access_token(parts: &http::request::Parts) -> Option<String> {
     url_query_param(query, "access_token")
 }
 
+/// The caller named by the request's access token, or `None` when it has no token.
+fn authenticate(server: &Server, parts: &http::request::Parts) -> Result<Option<Caller>> {
+    let Some(token) = access_token(parts) else { return Ok(None) };
+    let caller = server.users.authenticate(&token)?;
+    caller.map(Some).ok_or_else(|| Error::new(ErrorCode::UnknownToken, "unknown or revoked access token"))
+}
+
+fn missing_token() -> Error {
+    Error::new(ErrorCode::MissingToken, "missing access token")
+}
+
 fn url_query_param(query: &str, name: &str) -> Option<String> {
     query.split('&').find_map(|pair| {
         let (key, value) = pair.split_once('=')?;
@@ -176,14 +189,9 @@ where
 
         let caller = match T::Authentication::REQUIRED {
             None => None,
-            Some(required) => match access_token(&parts) {
-                Some(token) => Some(server.users.authenticate(&token)?.ok_or_else(|| {
-                    Error::new(ErrorCode::UnknownToken, "unknown or revoked access token")
-                })?),
-                None if required => {
-                    return Err(Error::new(ErrorCode::MissingToken, "missing access token"));
-                }
-                None => None,
+            Some(required) => match authenticate(server, &parts)? {
+                None if required => return Err(missing_token()),
+                caller => caller,
             },
         };
 
@@ -268,9 +276,11 @@ pub fn router() -> Router<AppState> {
     let router = directory::routes(router);
     let router = sync::routes(router);
     let router = keys::routes(router);
+    let router = push::routes(router);
     let router = media::routes(router);
     let router = relations::routes(router);
     let router = search::routes(router);
+    let router = admin::routes(router);
     misc::routes(router)
 }
 

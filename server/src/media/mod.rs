@@ -258,6 +258,22 @@ impl Media {
         Ok(())
     }
 
+    /// Deletes a local media id (for server admins): it is no longer served and its size no
+    /// longer counts against the uploader's quota. The content file stays, as other ids may
+    /// share it.
+    pub fn delete(&self, media_id: &str) -> Result<()> {
+        let _serial = self.commit.lock().unwrap_or_else(PoisonError::into_inner);
+        let record = self.record(media_id)?.ok_or_else(|| Error::not_found("unknown media"))?;
+        let mut usage = self.usage(&record.uploader)?;
+        usage.pending.remove(media_id);
+        usage.bytes = usage.bytes.saturating_sub(record.content.map_or(0, |c| c.size));
+        let mut batch = self.store.batch();
+        batch.delete(&self.store, tables::MEDIA, media_id.as_bytes());
+        batch.put_json(&self.store, tables::MEDIA_USAGE, record.uploader.as_bytes(), &usage)?;
+        tokio::task::block_in_place(|| self.store.write(batch))?;
+        Ok(())
+    }
+
     /// The content of a local media id, waiting up to `timeout` for an upload to an id from
     /// `create`.
     async fn content(&self, server_name: &ServerName, media_id: &str, timeout: Duration) -> Result<Content> {

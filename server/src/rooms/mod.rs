@@ -1,6 +1,7 @@
 //! Rooms: the event pipeline (build → authorize → persist → notify), the timeline, state
 //! snapshots, membership indexes, aliases and the public directory.
 
+mod admin;
 mod ephemeral;
 mod pipeline;
 pub mod relations;
@@ -112,11 +113,13 @@ pub struct Rooms {
     locks: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
     snapshots: SnapshotCache,
     pub typing: Typing,
+    pub push: Arc<crate::push::Push>,
 }
 
 impl Rooms {
-    pub fn new(store: Arc<Store>, key: Arc<ServerSigningKey>) -> Self {
+    pub fn new(store: Arc<Store>, key: Arc<ServerSigningKey>, push: Arc<crate::push::Push>) -> Self {
         Self {
+            push,
             store,
             key,
             locks: Mutex::default(),
@@ -345,6 +348,30 @@ impl Rooms {
     pub fn visible_event(&self, user_id: &UserId, event_id: &ruma::EventId) -> Result<Option<(Pdu, EventMeta)>> {
         let (Some(pdu), Some(meta)) = (self.pdu(event_id)?, self.meta(event_id)?) else { return Ok(None) };
         Ok(self.user_can_see(user_id, &pdu, &meta)?.then_some((pdu, meta)))
+    }
+
+    /// The stream position of the user's latest read receipt in the room (public or private),
+    /// or of their membership when they have none.
+    pub fn read_position(&self, user_id: &UserId, room_id: &RoomId) -> Result<StreamPos> {
+        let joined_at = self.user_room(user_id, room_id)?.map_or(0, |e| e.pos);
+        let mut read = joined_at;
+        for kind in ["m.read", "m.read.private"] {
+            if let Some(receipt) = self.receipt(room_id, kind, user_id)?
+                && let Some(meta) = self.meta(&receipt.event_id)?
+            {
+                read = read.max(meta.pos);
+            }
+        }
+        Ok(read)
+    }
+
+    /// Notification and highlight counts after the user's read position.
+    pub fn unread_counts(&self, user_id: &UserId, room_id: &RoomId) -> Result<(u64, u64)> {
+        self.push.unread_counts(user_id, room_id, self.read_position(user_id, room_id)?)
+    }
+
+    pub fn unread_notification_count(&self, user_id: &UserId, room_id: &RoomId) -> u64 {
+        self.unread_counts(user_id, room_id).map_or(0, |(n, _)| n)
     }
 
     // --- aliases and the public directory ---

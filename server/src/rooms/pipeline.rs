@@ -35,6 +35,10 @@ pub struct RoomWriter<'a> {
     staged_state: HashMap<(String, String), Pdu>,
     staged_events: HashMap<OwnedEventId, Pdu>,
     snapshot_generations: HashMap<u64, u32>,
+    /// Memberships changed by staged events, over the stored ones.
+    staged_members: HashMap<OwnedUserId, Membership>,
+    /// Notifications staged with each event, delivered to push gateways after the commit.
+    staged_pushes: Vec<(Pdu, Vec<(OwnedUserId, crate::push::Notification)>)>,
     _guard: tokio::sync::OwnedMutexGuard<()>,
 }
 
@@ -56,6 +60,8 @@ impl<'a> RoomWriter<'a> {
             staged_state: HashMap::new(),
             staged_events: HashMap::new(),
             snapshot_generations: HashMap::new(),
+            staged_members: HashMap::new(),
+            staged_pushes: Vec::new(),
             _guard: guard,
         })
     }
@@ -103,6 +109,13 @@ impl<'a> RoomWriter<'a> {
         let record = self.record.clone().ok_or_else(|| Error::not_found("unknown room"))?;
         let rules = self.rules.clone().ok_or_else(|| Error::not_found("unknown room"))?;
         let is_create = builder.kind == TimelineEventType::RoomCreate;
+        let membership = builder.content.get("membership").and_then(|m| m.as_str());
+        if builder.kind == TimelineEventType::RoomMember
+            && matches!(membership, Some("join" | "invite" | "knock"))
+            && self.rooms.blocked_by(&self.room_id)?.is_some()
+        {
+            return Err(Error::forbidden("this room has been blocked by the server administrator"));
+        }
         if is_create != record.extremities.is_empty() {
             return Err(Error::new(
                 ErrorCode::InvalidRoomState,
@@ -226,9 +239,44 @@ impl<'a> RoomWriter<'a> {
             self.batch.put(store, tables::TXN_IDS, &key, pdu.event_id.as_bytes());
         }
         self.record = Some(record);
+        let context = self.push_context(&pdu, rules)?;
+        let notifications = self.rooms.push.stage_event(&mut self.batch, &pdu, pos, &context)?;
+        if !notifications.is_empty() {
+            self.staged_pushes.push((pdu.clone(), notifications));
+        }
         self.staged_events.insert(pdu.event_id.clone(), pdu);
         self.tickets.push(ticket);
         Ok(())
+    }
+
+    /// Who push rules are evaluated for: local joined members after the event, and the
+    /// target of an invite.
+    fn push_context<'r>(&self, pdu: &Pdu, rules: &'r RoomVersionRules) -> Result<crate::push::RoomContext<'r>> {
+        let mut members: HashMap<OwnedUserId, Membership> = self.rooms.members(&self.room_id)?.into_iter().collect();
+        members.extend(self.staged_members.iter().map(|(u, m)| (u.clone(), *m)));
+        let member_count = members.values().filter(|m| **m == Membership::Join).count() as u64;
+        let server_name = self.rooms.key.server_name();
+        let mut recipients = Vec::new();
+        for (user, membership) in &members {
+            let invited_now = *membership == Membership::Invite && pdu.state_key.as_deref() == Some(user.as_str());
+            if user.server_name() != server_name || !(*membership == Membership::Join || invited_now) {
+                continue;
+            }
+            let display_name = self
+                .state_event("m.room.member", user.as_str())?
+                .and_then(|p| p.content_json().get("displayname").and_then(|d| d.as_str()).map(str::to_owned))
+                .unwrap_or_else(|| user.localpart().to_owned());
+            recipients.push((user.clone(), display_name));
+        }
+        let creators = self.state_event("m.room.create", "")?.map(|p| p.sender).into_iter().collect();
+        Ok(crate::push::RoomContext {
+            room_id: self.room_id.clone(),
+            recipients,
+            member_count,
+            power_levels: self.state_event("m.room.power_levels", "")?.map(|p| p.content_json()),
+            rules: &rules.authorization,
+            creators,
+        })
     }
 
     fn index_membership(&mut self, pdu: &Pdu, pos: u64) -> Result<()> {
@@ -257,6 +305,7 @@ impl<'a> RoomWriter<'a> {
             &Key::new().str(user.as_str()).str(room).into_vec(),
             &UserRoom { membership, event_id: pdu.event_id.clone(), pos, forgotten: false },
         )?;
+        self.staged_members.insert(user, membership);
         Ok(())
     }
 
@@ -290,6 +339,10 @@ impl<'a> RoomWriter<'a> {
         tokio::task::block_in_place(|| store.write(self.batch))?;
         // Dropping the tickets advances the stream watermark and wakes /sync.
         drop(self.tickets);
+        for (pdu, notifications) in self.staged_pushes {
+            let rooms = self.rooms;
+            rooms.push.deliver(notifications, &pdu, |user| rooms.unread_notification_count(user, &pdu.room_id));
+        }
         Ok(())
     }
 }

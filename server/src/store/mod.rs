@@ -16,6 +16,8 @@ pub use stream::{StreamPos, StreamTicket, Streams};
 pub enum StoreError {
     #[error("database error: {0}")]
     Engine(#[from] rocksdb::Error),
+    #[error("the database is in use by another process")]
+    Locked,
     #[error("corrupt record in table {table}: {reason}")]
     Corrupt { table: &'static str, reason: String },
     #[error("cannot encode record for table {table}: {reason}")]
@@ -74,6 +76,8 @@ pub mod tables {
     pub const ALIASES: Table = Table("aliases");
     /// room id -> () for rooms in the public directory
     pub const PUBLIC_ROOMS: Table = Table("public_rooms");
+    /// room id -> user id of the server admin who blocked the room
+    pub const BLOCKED_ROOMS: Table = Table("blocked_rooms");
     /// room id, receipt type, user id -> receipt
     pub const RECEIPTS: Table = Table("receipts");
     /// room id, parent event id, rel_type, event type, stream position -> child event id
@@ -107,15 +111,26 @@ pub mod tables {
     /// user id -> bytes uploaded and media ids created but not yet uploaded to
     pub const MEDIA_USAGE: Table = Table("media_usage");
 
+    /// user id, stream position -> notification
+    pub const NOTIFICATIONS: Table = Table("notifications");
+    /// user id, room id, stream position -> whether the notification highlights
+    pub const ROOM_NOTIFICATIONS: Table = Table("room_notifications");
+    /// user id, app id, pushkey -> pusher
+    pub const PUSHERS: Table = Table("pushers");
+
     pub const ALL: &[Table] = &[
         GLOBAL, USERS, DEVICES, ACCESS_TOKENS, FILTERS, ACCOUNT_DATA, PRESENCE, PDUS, EVENT_META,
         TIMELINE, ROOM_STATE, ROOMS, STATE_SNAPSHOTS, ROOM_MEMBERS, USER_ROOMS, TXN_IDS, ALIASES,
-        PUBLIC_ROOMS, RECEIPTS, DEVICE_KEYS, ONE_TIME_KEYS, FALLBACK_KEYS, CROSS_SIGNING_KEYS,
-        KEY_CHANGES, TO_DEVICE, BACKUP_VERSIONS, BACKUP_KEYS,
+        PUBLIC_ROOMS, BLOCKED_ROOMS, RECEIPTS, DEVICE_KEYS, ONE_TIME_KEYS, FALLBACK_KEYS, CROSS_SIGNING_KEYS,
+        KEY_CHANGES, TO_DEVICE, BACKUP_VERSIONS, BACKUP_KEYS, NOTIFICATIONS, ROOM_NOTIFICATIONS, PUSHERS,
         MEDIA, MEDIA_THUMBNAILS, MEDIA_USAGE,
         RELATIONS, THREAD_REPLIES, SEARCH_INDEX,
     ];
 }
+
+const MEMTABLE_BUDGET: usize = 16 << 20;
+const TABLE_MEMTABLE: usize = 4 << 20;
+const BLOCK_CACHE: usize = 16 << 20;
 
 pub struct Store {
     db: DB,
@@ -130,12 +145,27 @@ impl Store {
         options.set_compression_type(rocksdb::DBCompressionType::Lz4);
         options.set_max_background_jobs(2);
         options.set_keep_log_file_num(4);
+        // A clinic server is small: bound memtables across all tables and share one block
+        // cache, so that memory stays low at rest instead of growing per table.
+        options.set_db_write_buffer_size(MEMTABLE_BUDGET);
+        let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE);
         let descriptors = tables::ALL.iter().map(|t| {
             let mut cf = Options::default();
             cf.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            cf.set_write_buffer_size(TABLE_MEMTABLE);
+            let mut block = rocksdb::BlockBasedOptions::default();
+            block.set_block_cache(&cache);
+            cf.set_block_based_table_factory(&block);
             ColumnFamilyDescriptor::new(t.name(), cf)
         });
-        let db = DB::open_cf_descriptors(&options, path, descriptors)?;
+        let db = DB::open_cf_descriptors(&options, path, descriptors).map_err(|e| {
+            // RocksDB reports a LOCK file held by another process as an I/O error naming it.
+            if e.kind() == rocksdb::ErrorKind::IOError && e.to_string().to_lowercase().contains("lock") {
+                StoreError::Locked
+            } else {
+                StoreError::Engine(e)
+            }
+        })?;
         let streams = Streams::load(&db)?;
         Ok(Self { db, streams })
     }

@@ -311,7 +311,7 @@ fn joined_room(
     if !initial && timeline.events.is_empty() && state.is_empty() && ephemeral.is_empty() && account_data.is_empty() {
         return Ok(None);
     }
-    let (notifications, highlights) = unread_counts(server, room_id, user_id, entry.pos, upto)?;
+    let (notifications, highlights) = server.rooms.unread_counts(user_id, room_id)?;
     let summary = summary(server, room_id, user_id)?;
     Ok(Some(json!({
         "timeline": {
@@ -370,40 +370,6 @@ fn ephemeral_events(server: &Server, req: &SyncRequest<'_>, room_id: &RoomId, si
         }
     }
     Ok(events)
-}
-
-/// Messages from others after the user's read receipt (the default push rules notify for
-/// every message; highlights are mentions of the user's id or display name).
-fn unread_counts(server: &Server, room_id: &RoomId, user_id: &ruma::UserId, joined_at: StreamPos, upto: StreamPos) -> Result<(u64, u64)> {
-    const MAX_COUNTED: u64 = 99;
-    let read_pos = ["m.read", "m.read.private"]
-        .iter()
-        .filter_map(|kind| server.rooms.receipt(room_id, kind, user_id).ok().flatten())
-        .filter_map(|r| server.rooms.meta(&r.event_id).ok().flatten().map(|m| m.pos))
-        .max()
-        .unwrap_or(joined_at)
-        .max(joined_at);
-    let display_name = server
-        .rooms
-        .state_content(room_id, "m.room.member", user_id.as_str())?
-        .and_then(|c| c.get("displayname").and_then(|d| d.as_str()).map(str::to_owned));
-    let (mut notifications, mut highlights) = (0, 0);
-    for entry in server.rooms.timeline_after(room_id, read_pos, upto) {
-        let (_, event_id) = entry?;
-        let Some(pdu) = server.rooms.pdu(&event_id)? else { continue };
-        if pdu.sender == user_id || !matches!(pdu.kind.to_string().as_str(), "m.room.message" | "m.room.encrypted") {
-            continue;
-        }
-        notifications += 1;
-        let body = pdu.content_json().get("body").and_then(|b| b.as_str()).unwrap_or_default().to_owned();
-        if body.contains(user_id.as_str()) || display_name.as_deref().is_some_and(|n| !n.is_empty() && body.contains(n)) {
-            highlights += 1;
-        }
-        if notifications >= MAX_COUNTED {
-            break;
-        }
-    }
-    Ok((notifications, highlights))
 }
 
 fn summary(server: &Server, room_id: &RoomId, user_id: &ruma::UserId) -> Result<JsonValue> {

@@ -81,6 +81,17 @@ fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
+/// The local user id for a localpart (case-folded), refusing characters the spec disallows.
+pub fn local_user_id(localpart: &str, server_name: &ruma::ServerName) -> Result<OwnedUserId> {
+    let localpart = localpart.to_lowercase();
+    if localpart.is_empty()
+        || !localpart.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'=' | b'-' | b'/' | b'+'))
+    {
+        return Err(Error::new(ErrorCode::InvalidUsername, "user ids may only contain a-z, 0-9, . _ = - / +"));
+    }
+    UserId::parse_with_server_name(localpart, server_name).map_err(|e| Error::new(ErrorCode::InvalidUsername, e.to_string()))
+}
+
 pub fn random_string(len: usize) -> String {
     use rand::RngExt;
     rand::rng().sample_iter(rand::distr::Alphanumeric).take(len).map(char::from).collect()
@@ -116,6 +127,19 @@ impl Users {
 
     pub fn exists(&self, user_id: &UserId) -> Result<bool> {
         Ok(self.store.contains(tables::USERS, user_id.as_bytes())?)
+    }
+
+    /// Every account, in user id order.
+    pub fn accounts(&self) -> Result<Vec<(OwnedUserId, Account)>> {
+        self.store
+            .scan_prefix(tables::USERS, Vec::new(), false)
+            .map(|item| {
+                let (key, value) = item?;
+                let user_id = OwnedUserId::try_from(String::from_utf8_lossy(&key).into_owned())
+                    .map_err(|_| Error::internal("corrupt user id in key"))?;
+                Ok((user_id, crate::store::decode(tables::USERS, &value)?))
+            })
+            .collect()
     }
 
     pub fn create(&self, user_id: &UserId, password: Option<&str>, admin: bool) -> Result<()> {

@@ -1,0 +1,139 @@
+//! `limbic user …`: account tasks run on the store directly, with the same service functions as
+//! the admin API. The store admits one process at a time, so these need the server stopped;
+//! while it runs, the admin API does the same.
+
+use std::{
+    io::BufRead,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use clap::{Args, Subcommand};
+
+use crate::{Error, Result, config::Config, server::Server, store::StoreError, users::random_string};
+
+#[derive(Subcommand)]
+pub enum UserCommand {
+    /// Create an account.
+    Create {
+        /// Path to the TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The localpart of the new user id.
+        #[arg(long)]
+        username: String,
+        #[command(flatten)]
+        password: PasswordArgs,
+        /// Make the user a server admin.
+        #[arg(long)]
+        admin: bool,
+    },
+    /// Make a user a server admin, or with --revoke take the rights away.
+    MakeAdmin {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// A full user id or a localpart.
+        user_id: String,
+        #[arg(long)]
+        revoke: bool,
+    },
+    /// Set a new password and log out every device of the user.
+    ResetPassword {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// A full user id or a localpart.
+        user_id: String,
+        #[command(flatten)]
+        password: PasswordArgs,
+    },
+}
+
+/// Where the password comes from; without either option a random one is made and printed.
+#[derive(Args)]
+pub struct PasswordArgs {
+    /// The password (other local users can see it in the process list; prefer --password-stdin).
+    #[arg(long, conflicts_with = "password_stdin")]
+    password: Option<String>,
+    /// Read the password from the first line of standard input.
+    #[arg(long)]
+    password_stdin: bool,
+}
+
+impl PasswordArgs {
+    /// The password, and whether it was generated (and so must be shown).
+    fn read(&self) -> Result<(String, bool), String> {
+        if let Some(password) = &self.password {
+            return Ok((password.clone(), false));
+        }
+        if !self.password_stdin {
+            return Ok((random_string(24), true));
+        }
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line).map_err(|e| format!("cannot read standard input: {e}"))?;
+        let password = line.strip_suffix('\n').map(|l| l.strip_suffix('\r').unwrap_or(l)).unwrap_or(&line);
+        if password.is_empty() {
+            return Err("no password on standard input".to_owned());
+        }
+        Ok((password.to_owned(), false))
+    }
+}
+
+impl UserCommand {
+    pub fn config(&self) -> &Path {
+        match self {
+            Self::Create { config, .. } | Self::MakeAdmin { config, .. } | Self::ResetPassword { config, .. } => config,
+        }
+    }
+}
+
+/// Runs the command, printing its result, or the error on stderr with a failing exit code.
+pub async fn run(config: Config, command: UserCommand) -> ExitCode {
+    match execute(config, command).await {
+        Ok(message) => {
+            println!("{message}");
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("limbic: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn execute(config: Config, command: UserCommand) -> Result<String, String> {
+    let store_path = config.database.path.clone();
+    let server = Server::open(config).map_err(|e| match e {
+        Error::Store(StoreError::Locked) => format!(
+            "the store at {} is in use, most likely by the running server: stop the server first, \
+             or use the admin API (/_synapse/admin/…) while it runs",
+            store_path.display()
+        ),
+        e => format!("cannot open the store: {e}"),
+    })?;
+    let server = &*server;
+    let failed = |e: Error| e.to_string();
+    match command {
+        UserCommand::Create { username, password, admin, .. } => {
+            let user_id = super::local_user(server, &username).map_err(failed)?;
+            let (password, generated) = password.read()?;
+            super::create_user(server, &user_id, Some(&password), admin).map_err(failed)?;
+            let role = if admin { " (server admin)" } else { "" };
+            Ok(with_password(format!("created {user_id}{role}"), &password, generated))
+        }
+        UserCommand::MakeAdmin { user_id, revoke, .. } => {
+            let user_id = super::local_user(server, &user_id).map_err(failed)?;
+            super::set_admin(server, &user_id, !revoke).map_err(failed)?;
+            Ok(if revoke { format!("{user_id} is no longer a server admin") } else { format!("{user_id} is now a server admin") })
+        }
+        UserCommand::ResetPassword { user_id, password, .. } => {
+            let user_id = super::local_user(server, &user_id).map_err(failed)?;
+            let (password, generated) = password.read()?;
+            super::reset_password(server, &user_id, &password, true).map_err(failed)?;
+            Ok(with_password(format!("reset the password of {user_id} and logged out its devices"), &password, generated))
+        }
+    }
+}
+
+fn with_password(message: String, password: &str, generated: bool) -> String {
+    if generated { format!("{message}\npassword: {password}") } else { message }
+}

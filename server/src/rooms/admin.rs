@@ -1,0 +1,116 @@
+//! What server administration needs from the room tables: every room, blocking a room, taking
+//! it out of the directory, and purging everything stored about it.
+
+use ruma::{OwnedRoomAliasId, OwnedRoomId, OwnedUserId, RoomId, UserId};
+
+use super::{Rooms, relations};
+use crate::{
+    error::{Error, Result},
+    store::{Batch, Key, KeyReader, Store, Table, tables},
+};
+
+impl Rooms {
+    /// Every room this server knows, in room id order.
+    pub fn room_ids(&self) -> Result<Vec<OwnedRoomId>> {
+        self.store
+            .scan_prefix(tables::ROOMS, Vec::new(), false)
+            .map(|item| {
+                let (key, _) = item?;
+                OwnedRoomId::try_from(String::from_utf8_lossy(&key).into_owned())
+                    .map_err(|_| Error::internal("corrupt room id in key"))
+            })
+            .collect()
+    }
+
+    /// The server admin who blocked the room, if it is blocked.
+    pub fn blocked_by(&self, room_id: &RoomId) -> Result<Option<OwnedUserId>> {
+        Ok(self
+            .store
+            .get(tables::BLOCKED_ROOMS, room_id.as_bytes())?
+            .and_then(|user| String::from_utf8(user).ok())
+            .and_then(|user| user.try_into().ok()))
+    }
+
+    /// Blocks the room for `by`, or unblocks it. Nobody may join, knock on or be invited to a
+    /// blocked room; the block outlives a purge.
+    pub fn set_blocked(&self, room_id: &RoomId, by: Option<&UserId>) -> Result<()> {
+        let mut batch = self.store.batch();
+        match by {
+            Some(admin) => batch.put(&self.store, tables::BLOCKED_ROOMS, room_id.as_bytes(), admin.as_bytes()),
+            None => batch.delete(&self.store, tables::BLOCKED_ROOMS, room_id.as_bytes()),
+        }
+        self.store.write(batch)?;
+        Ok(())
+    }
+
+    /// Takes the room out of the public directory and drops its local aliases; returns them.
+    pub fn unlist(&self, room_id: &RoomId) -> Result<Vec<OwnedRoomAliasId>> {
+        let mut batch = self.store.batch();
+        let aliases = self.stage_unlisting(&mut batch, room_id)?;
+        self.store.write(batch)?;
+        Ok(aliases)
+    }
+
+    fn stage_unlisting(&self, batch: &mut Batch, room_id: &RoomId) -> Result<Vec<OwnedRoomAliasId>> {
+        let aliases = self.local_aliases(room_id)?;
+        for alias in &aliases {
+            batch.delete(&self.store, tables::ALIASES, alias.as_bytes());
+            batch.delete(&self.store, tables::ALIASES, &Key::new().str("owner").str(alias.as_str()).into_vec());
+        }
+        batch.delete(&self.store, tables::PUBLIC_ROOMS, room_id.as_bytes());
+        Ok(aliases)
+    }
+
+    /// Deletes everything stored about the room in one batch: its events with their metadata,
+    /// relation and search entries and transaction ids, the timeline, state and snapshots,
+    /// memberships on both sides, receipts, aliases and directory entry. Returns the aliases.
+    pub async fn purge(&self, room_id: &RoomId) -> Result<Vec<OwnedRoomAliasId>> {
+        // The writer holds the room's lock: no event lands while the batch is built.
+        let writer = self.writer(room_id).await?;
+        if !writer.exists() {
+            return Err(Error::not_found("unknown room"));
+        }
+        let store = &*self.store;
+        let mut batch = store.batch();
+        let room_prefix = Key::new().str(room_id.as_str()).into_vec();
+        for item in store.scan_prefix(tables::TIMELINE, room_prefix.clone(), false) {
+            let (key, event_id) = item?;
+            batch.delete(store, tables::TIMELINE, &key);
+            let pos = KeyReader::new(&key).skip_str().u64().ok_or_else(|| Error::internal("corrupt timeline key"))?;
+            let event_id = <&ruma::EventId>::try_from(std::str::from_utf8(&event_id).map_err(Error::internal)?)
+                .map_err(Error::internal)?;
+            if let Some(pdu) = self.pdu(event_id)? {
+                relations::unstage(store, &mut batch, &pdu, pos);
+                crate::search::unstage(store, &mut batch, &pdu, pos);
+                if pdu.is_state() {
+                    // Each state event started the snapshot named by its position.
+                    batch.delete(store, tables::STATE_SNAPSHOTS, &pos.to_be_bytes());
+                }
+                if let Some(txn) = self.meta(event_id)?.and_then(|meta| meta.txn) {
+                    let key = Key::new().str(pdu.sender.as_str()).str(&txn.device_id).str(&txn.txn_id).into_vec();
+                    batch.delete(store, tables::TXN_IDS, &key);
+                }
+            }
+            batch.delete(store, tables::PDUS, event_id.as_bytes());
+            batch.delete(store, tables::EVENT_META, event_id.as_bytes());
+        }
+        for (user_id, _) in self.members(room_id)? {
+            batch.delete(store, tables::USER_ROOMS, &Key::new().str(user_id.as_str()).str(room_id.as_str()).into_vec());
+        }
+        for table in [tables::ROOM_STATE, tables::ROOM_MEMBERS, tables::RECEIPTS] {
+            stage_prefix_removal(store, &mut batch, table, &room_prefix)?;
+        }
+        let aliases = self.stage_unlisting(&mut batch, room_id)?;
+        batch.delete(store, tables::ROOMS, room_id.as_bytes());
+        tokio::task::block_in_place(|| store.write(batch))?;
+        drop(writer);
+        Ok(aliases)
+    }
+}
+
+fn stage_prefix_removal(store: &Store, batch: &mut Batch, table: Table, prefix: &[u8]) -> Result<()> {
+    for item in store.scan_prefix(table, prefix.to_vec(), false) {
+        batch.delete(store, table, &item?.0);
+    }
+    Ok(())
+}
