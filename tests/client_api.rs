@@ -266,3 +266,32 @@ async fn sigterm_answers_long_polls_and_exits_promptly() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(body["next_batch"].is_string());
 }
+
+#[tokio::test]
+async fn history_visibility_limits_what_late_joiners_see() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let bob = server.register("bob").await;
+    let bodies = |page: &serde_json::Value| -> Vec<String> {
+        page["chunk"].as_array().unwrap().iter().filter_map(|e| e["content"]["body"].as_str().map(str::to_owned)).collect()
+    };
+    // Shared (the default): a late joiner reads the earlier history.
+    let shared = alice.create_room(json!({ "preset": "public_chat" })).await;
+    alice.send_text(&shared, "s1", "before bob").await;
+    assert_eq!(bob.join(&shared).await.0, StatusCode::OK);
+    assert_eq!(bodies(&bob.messages(&shared, "dir=b&limit=50").await), ["before bob"]);
+
+    // Joined: only what was sent after joining.
+    let joined = alice.create_room(json!({ "preset": "public_chat", "initial_state": [
+        { "type": "m.room.history_visibility", "state_key": "", "content": { "history_visibility": "joined" } }
+    ] })).await;
+    alice.send_text(&joined, "j1", "secret before bob").await;
+    assert_eq!(bob.join(&joined).await.0, StatusCode::OK);
+    alice.send_text(&joined, "j2", "after bob").await;
+    assert_eq!(bodies(&bob.messages(&joined, "dir=b&limit=50").await), ["after bob"]);
+    let sync = bob.sync(None, 0).await;
+    let timeline: Vec<&str> = sync["rooms"]["join"][&joined]["timeline"]["events"].as_array().unwrap().iter().filter_map(|e| e["content"]["body"].as_str()).collect();
+    assert_eq!(timeline, ["after bob"]);
+    let (status, _) = bob.get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&joined), enc(&alice.send_text(&joined, "j3", "x").await))).await;
+    assert_eq!(status, StatusCode::OK);
+}

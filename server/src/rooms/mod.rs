@@ -36,6 +36,11 @@ pub struct RoomRecord {
     pub snapshot: u64,
     pub extremities: Vec<OwnedEventId>,
     pub depth: u64,
+    /// Whether the history visibility was ever `joined` or `invited`. While it was not, every
+    /// event is visible to current members, which spares /sync and /messages a state lookup
+    /// per event.
+    #[serde(default)]
+    pub history_ever_restricted: bool,
 }
 
 /// Per-event metadata kept beside the PDU.
@@ -306,6 +311,11 @@ impl Rooms {
 
     /// Whether `user` may see `pdu` under the room's history visibility.
     pub fn user_can_see(&self, user_id: &UserId, pdu: &Pdu, meta: &EventMeta) -> Result<bool> {
+        if self.is_joined(&pdu.room_id, user_id)?
+            && self.room(&pdu.room_id)?.is_some_and(|room| !room.history_ever_restricted)
+        {
+            return Ok(true);
+        }
         // Visibility and membership are those of the state before the event.
         let state = self.state_map(meta.state_before)?;
         let content_of = |kind: &str, key: &str| -> Result<Option<serde_json::Value>> {

@@ -85,6 +85,7 @@ impl<'a> RoomWriter<'a> {
             snapshot: state::EMPTY_SNAPSHOT,
             extremities: Vec::new(),
             depth: 0,
+            history_ever_restricted: false,
         });
         Ok(())
     }
@@ -226,6 +227,14 @@ impl<'a> RoomWriter<'a> {
             self.apply_redaction(target, &pdu, rules)?;
         }
 
+        if pdu.kind == TimelineEventType::RoomHistoryVisibility
+            && matches!(
+                pdu.content_json().get("history_visibility").and_then(|v| v.as_str()),
+                Some("joined" | "invited")
+            )
+        {
+            record.history_ever_restricted = true;
+        }
         record.extremities = vec![pdu.event_id.clone()];
         record.depth = u64::from(pdu.depth);
         self.batch.put(store, tables::PDUS, pdu.event_id.as_bytes(), &signed.to_bytes());

@@ -20,7 +20,8 @@ pub type StateMap = BTreeMap<StateKey, OwnedEventId>;
 
 pub const EMPTY_SNAPSHOT: u64 = 0;
 const MAX_CHAIN: u32 = 32;
-const CACHE_ENTRIES: usize = 256;
+/// State entries kept in the cache, summed over its snapshots.
+const CACHE_STATE_ENTRIES: usize = 200_000;
 
 #[derive(Serialize, Deserialize)]
 struct Snapshot {
@@ -31,7 +32,40 @@ struct Snapshot {
 
 #[derive(Default)]
 pub struct SnapshotCache {
-    maps: Mutex<HashMap<u64, Arc<StateMap>>>,
+    maps: Mutex<CachedMaps>,
+}
+
+#[derive(Default)]
+struct CachedMaps {
+    maps: HashMap<u64, Arc<StateMap>>,
+    /// State entries summed over `maps`.
+    entries: usize,
+}
+
+impl CachedMaps {
+    fn get(&self, id: &u64) -> Option<&Arc<StateMap>> {
+        self.maps.get(id)
+    }
+
+    fn insert(&mut self, id: u64, map: Arc<StateMap>) {
+        self.entries += map.len();
+        if let Some(old) = self.maps.insert(id, map) {
+            self.entries -= old.len();
+        }
+        if self.entries > CACHE_STATE_ENTRIES {
+            // Old snapshots (low ids) are the least likely to be read again.
+            let mut ids: Vec<u64> = self.maps.keys().copied().collect();
+            ids.sort_unstable();
+            for id in ids {
+                if self.entries <= CACHE_STATE_ENTRIES / 2 {
+                    break;
+                }
+                if let Some(map) = self.maps.remove(&id) {
+                    self.entries -= map.len();
+                }
+            }
+        }
+    }
 }
 
 impl SnapshotCache {
@@ -65,9 +99,6 @@ impl SnapshotCache {
         }
         let map = Arc::new(map);
         let mut cache = self.maps.lock().expect("snapshot cache");
-        if cache.len() >= CACHE_ENTRIES {
-            cache.clear();
-        }
         cache.insert(id, map.clone());
         Ok(map)
     }
