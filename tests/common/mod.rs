@@ -137,6 +137,40 @@ impl TestServer {
         Client { http: reqwest::Client::new(), base: self.base.clone(), token: None, user_id: String::new(), device_id: String::new() }
     }
 
+    /// Runs `limbic <args…> --config <this server's config>` to completion, with `stdin` as its
+    /// input: the CLI on the store of a stopped server.
+    pub fn run_cli(&self, args: &[&str], stdin: &str) -> std::process::Output {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_limbic"))
+            .args(args)
+            .arg("--config")
+            .arg(self.config_path())
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run limbic");
+        child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// Registers a fresh server admin through shared-secret registration.
+    pub async fn register_admin(&self, name: &str) -> Client {
+        let mut client = self.client();
+        let nonce = client.ok(Method::GET, "/_synapse/admin/v1/register", None).await["nonce"].as_str().unwrap().to_owned();
+        let password = format!("{name}-password");
+        let body = client
+            .ok(Method::POST, "/_synapse/admin/v1/register", Some(json!({
+                "nonce": nonce, "username": name, "password": password, "admin": true,
+                "mac": admin_mac(&nonce, name, &password, true),
+            })))
+            .await;
+        client.token = Some(body["access_token"].as_str().unwrap().to_owned());
+        client.user_id = body["user_id"].as_str().unwrap().to_owned();
+        client.device_id = body["device_id"].as_str().unwrap().to_owned();
+        client
+    }
+
     /// Registers a fresh user with m.login.dummy.
     pub async fn register(&self, name: &str) -> Client {
         let mut client = self.client();
@@ -243,6 +277,20 @@ impl Client {
     pub async fn messages(&self, room: &str, query: &str) -> Value {
         self.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/messages?{query}", enc(room)), None).await
     }
+}
+
+/// The HMAC-SHA1 (hex) that signs a shared-secret registration, keyed with the shared secret.
+pub fn admin_mac(nonce: &str, user: &str, password: &str, admin: bool) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha1::Sha1>::new_from_slice(SHARED_SECRET.as_bytes()).unwrap();
+    mac.update(nonce.as_bytes());
+    mac.update(b"\0");
+    mac.update(user.as_bytes());
+    mac.update(b"\0");
+    mac.update(password.as_bytes());
+    mac.update(b"\0");
+    mac.update(if admin { b"admin".as_slice() } else { b"notadmin".as_slice() });
+    hex::encode(mac.finalize().into_bytes())
 }
 
 pub fn errcode(body: &Value) -> &str {

@@ -20,7 +20,7 @@ pub struct Admin {
     pub deletions: Deletions,
 }
 
-/// A local user id from a full user id or a bare localpart.
+/// A local user id from a full user id or a bare localpart, held to the rules of registration.
 pub fn local_user(server: &Server, user: &str) -> Result<OwnedUserId> {
     if !user.starts_with('@') {
         return local_user_id(user, server.server_name());
@@ -28,6 +28,9 @@ pub fn local_user(server: &Server, user: &str) -> Result<OwnedUserId> {
     let user_id = UserId::parse(user).map_err(|e| Error::invalid_param(format!("invalid user id {user}: {e}")))?;
     if user_id.server_name() != server.server_name() {
         return Err(Error::invalid_param("only local users can be managed on this server"));
+    }
+    if local_user_id(user_id.localpart(), server.server_name())? != user_id {
+        return Err(Error::new(ErrorCode::InvalidUsername, "user ids are lower case"));
     }
     Ok(user_id)
 }
