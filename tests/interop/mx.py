@@ -7,10 +7,13 @@ that a failure names the endpoint that misbehaved.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import aiohttp
@@ -34,13 +37,13 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def client_config(retries: int = 2) -> AsyncClientConfig:
+def client_config(retries: int = 2, encryption: bool = False) -> AsyncClientConfig:
     # nio retries connection errors and 429s forever by default; a test must fail instead.
     return AsyncClientConfig(
         max_limit_exceeded=0,
         max_timeouts=retries,
         request_timeout=30,
-        encryption_enabled=False,
+        encryption_enabled=encryption,
         store_sync_tokens=False,
     )
 
@@ -96,6 +99,24 @@ def new_client(base_url: str, account: Account | None = None, retries: int = 2) 
     return client
 
 
+def e2e_client(base_url: str, account: Account, store_dir: Path, retries: int = 2) -> AsyncClient:
+    """A nio client with end-to-end encryption on (vodozemac), logged in with the account's
+    access token; its crypto store (Olm account, sessions, device lists) lives in `store_dir`.
+
+    The caller owns it: `await client.close()` releases the HTTP session (the client can be used
+    again afterwards, on the same event loop)."""
+    store_dir.mkdir(parents=True, exist_ok=True)
+    client = AsyncClient(
+        base_url,
+        account.user_id,
+        device_id=account.device_id,
+        store_path=str(store_dir),
+        config=client_config(retries, encryption=True),
+    )
+    client.restore_login(account.user_id, account.device_id, account.access_token)  # loads the store
+    return client
+
+
 @asynccontextmanager
 async def session(base_url: str, account: Account, retries: int = 2):
     """A nio client using the account's stored access token."""
@@ -118,6 +139,41 @@ async def raw(base_url: str, method: str, path: str, token: str | None = None,
                 return r.status, json.loads(text) if text else None
             except ValueError:
                 return r.status, text
+
+
+async def raw_bytes(base_url: str, method: str, path: str, token: str | None = None,
+                    query: dict | None = None) -> tuple[int, dict[str, str], bytes]:
+    """A plain HTTP request answered with bytes; returns (status, headers, body)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as http:
+        async with http.request(method, base_url + path, params=query, headers=headers) as r:
+            return r.status, dict(r.headers), await r.read()
+
+
+def shared_secret_mac(secret: str, nonce: str, localpart: str, password: str, admin: bool) -> str:
+    """HMAC-SHA1 (hex) over nonce NUL user NUL password NUL ("admin" | "notadmin"), as Synapse."""
+    mac = hmac.new(secret.encode(), digestmod=hashlib.sha1)
+    mac.update(b"\0".join([nonce.encode(), localpart.encode(), password.encode(),
+                           b"admin" if admin else b"notadmin"]))
+    return mac.hexdigest()
+
+
+async def register_with_shared_secret(base_url: str, secret: str, localpart: str, password: str,
+                                      admin: bool = False) -> Account:
+    """Synapse's shared-secret registration (`/_synapse/admin/v1/register`): GET a one-use
+    nonce, then POST the account with `shared_secret_mac`."""
+    path = "/_synapse/admin/v1/register"
+    status, body = await raw(base_url, "GET", path)
+    assert status == 200 and isinstance(body, dict) and body.get("nonce"), \
+        f"GET {path} -> HTTP {status}: {body!r}"
+    nonce = body["nonce"]
+    status, body = await raw(base_url, "POST", path, body={
+        "nonce": nonce, "username": localpart, "password": password, "admin": admin,
+        "mac": shared_secret_mac(secret, nonce, localpart, password, admin),
+    })
+    assert status == 200 and isinstance(body, dict) and body.get("access_token"), \
+        f"POST {path} ({localpart}, admin={admin}) -> HTTP {status}: {body!r}"
+    return Account(localpart, password, body["user_id"], body["device_id"], body["access_token"])
 
 
 async def register(base_url: str, localpart: str, password: str) -> Account:
