@@ -279,9 +279,8 @@ mod tests {
             let left: Vec<_> = server.store.scan_prefix(table, Vec::new(), false).map(|item| item.unwrap().0).collect();
             assert!(left.is_empty(), "{} keeps {} entries", table.name(), left.len());
         }
-        // Only the block names the room. Push keeps its notifications per user; purging them
-        // needs an API from the push module.
-        let allowed = [tables::BLOCKED_ROOMS.name(), "notifications", "room_notifications"];
+        // Only the block names the room.
+        let allowed = [tables::BLOCKED_ROOMS.name()];
         for table in tables::ALL.iter().filter(|t| !allowed.contains(&t.name())) {
             for item in server.store.scan_prefix(*table, Vec::new(), false) {
                 let (key, value) = item.unwrap();

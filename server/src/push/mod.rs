@@ -150,6 +150,22 @@ impl Push {
         Ok(staged)
     }
 
+    /// Stages the removal of a user's notifications in a room (when the room is purged).
+    pub fn stage_room_removal(&self, batch: &mut Batch, user_id: &UserId, room_id: &RoomId) -> Result<()> {
+        let prefix = Key::new().str(user_id.as_str()).str(room_id.as_str()).into_vec();
+        for item in self.store.scan_prefix(tables::ROOM_NOTIFICATIONS, prefix, false) {
+            let (key, _) = item?;
+            let mut reader = KeyReader::new(&key);
+            reader.str();
+            reader.str();
+            if let Some(pos) = reader.u64() {
+                batch.delete(&self.store, tables::NOTIFICATIONS, &notification_key(user_id, pos));
+            }
+            batch.delete(&self.store, tables::ROOM_NOTIFICATIONS, &key);
+        }
+        Ok(())
+    }
+
     /// Notification and highlight counts of a room after `read_pos` (capped at 99).
     pub fn unread_counts(&self, user_id: &UserId, room_id: &RoomId, read_pos: StreamPos) -> Result<(u64, u64)> {
         const CAP: u64 = 99;

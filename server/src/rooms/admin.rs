@@ -96,6 +96,7 @@ impl Rooms {
         }
         for (user_id, _) in self.members(room_id)? {
             batch.delete(store, tables::USER_ROOMS, &Key::new().str(user_id.as_str()).str(room_id.as_str()).into_vec());
+            self.push.stage_room_removal(&mut batch, &user_id, room_id)?;
         }
         for table in [tables::ROOM_STATE, tables::ROOM_MEMBERS, tables::RECEIPTS] {
             stage_prefix_removal(store, &mut batch, table, &room_prefix)?;
