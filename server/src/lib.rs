@@ -54,11 +54,37 @@ pub async fn serve(server: Arc<Server>) -> std::io::Result<()> {
 
 async fn background_tasks(server: Arc<Server>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut seconds: u64 = 0;
     loop {
         tick.tick().await;
+        seconds += 1;
         if let Err(e) = server.rooms.expire_typing() {
             tracing::warn!(error = %e, "typing expiry failed");
         }
+        if seconds % MEMORY_TRIM_SECONDS == 0 {
+            release_free_memory();
+        }
+    }
+}
+
+const MEMORY_TRIM_SECONDS: u64 = 10;
+
+/// glibc keeps freed memory in its arenas after a burst of load; hand it back to the OS so
+/// that an idle server stays small.
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Fewer malloc arenas fragment less; two match the runtime's worker threads on small servers.
+pub fn tune_allocator() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt is called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
 

@@ -51,6 +51,7 @@ fn init_logging(level: &str) {
 }
 
 fn main() -> ExitCode {
+    limbic_server::tune_allocator();
     let cli = Cli::parse();
     let config = match Config::load(cli.command.config()) {
         Ok(config) => config,

@@ -21,7 +21,7 @@ pub type StateMap = BTreeMap<StateKey, OwnedEventId>;
 pub const EMPTY_SNAPSHOT: u64 = 0;
 const MAX_CHAIN: u32 = 32;
 /// State entries kept in the cache, summed over its snapshots.
-const CACHE_STATE_ENTRIES: usize = 200_000;
+const CACHE_STATE_ENTRIES: usize = 50_000;
 
 #[derive(Serialize, Deserialize)]
 struct Snapshot {
