@@ -117,10 +117,9 @@ async fn device_lists_track_key_changes_and_leaves() {
 
     // Deleting a device drops its keys and reports the change.
     let next = sync["next_batch"].as_str().unwrap().to_owned();
-    let password = format!("{}", "carol-password");
     carol.ok(Method::POST, "/_matrix/client/v3/delete_devices", Some(json!({
         "devices": [carol.device_id],
-        "auth": { "type": "m.login.password", "identifier": { "type": "m.id.user", "user": carol.user_id }, "password": password },
+        "auth": { "type": "m.login.password", "identifier": { "type": "m.id.user", "user": carol.user_id }, "password": "carol-password" },
     }))).await;
     let sync = alice.sync(Some(&next), 5000).await;
     assert_eq!(sync["device_lists"]["changed"], json!([carol.user_id]));

@@ -55,7 +55,7 @@ async fn fetch(client: &Client, prefix: &str, endpoint: &str, mxc: &str, rest: &
     request.send().await.expect("fetch")
 }
 
-fn header_of<'a>(response: &'a reqwest::Response, name: header::HeaderName) -> &'a str {
+fn header_of(response: &reqwest::Response, name: header::HeaderName) -> &str {
     response.headers().get(name).map_or("", |v| v.to_str().unwrap())
 }
 

@@ -61,7 +61,7 @@ async fn background_tasks(server: Arc<Server>) {
         if let Err(e) = server.rooms.expire_typing() {
             tracing::warn!(error = %e, "typing expiry failed");
         }
-        if seconds % MEMORY_TRIM_SECONDS == 0 {
+        if seconds.is_multiple_of(MEMORY_TRIM_SECONDS) {
             release_free_memory();
         }
     }

@@ -7,7 +7,6 @@ use ruma::{
         membership::{get_member_events, joined_members, joined_rooms},
         room::{Visibility, create_room},
     },
-    room::RoomType,
 };
 use serde_json::{Value as JsonValue, json};
 
@@ -117,9 +116,6 @@ async fn create_room_handler(
     if version == ruma::RoomVersionId::V10 {
         create_content["creator"] = json!(creator);
     }
-    if let Some(kind) = create_content.get("type").and_then(JsonValue::as_str) {
-        let _ = RoomType::from(kind);
-    }
 
     let mut power_levels = default_power_levels(creator.as_str(), &trusted);
     if let Some(raw) = &body.power_level_content_override {
@@ -167,10 +163,10 @@ async fn create_room_handler(
         if body.is_direct {
             content["is_direct"] = json!(true);
         }
-        if let Some(invitee) = server.users.account(user)? {
-            if let Some(name) = invitee.displayname {
-                content["displayname"] = json!(name);
-            }
+        if let Some(invitee) = server.users.account(user)?
+            && let Some(name) = invitee.displayname
+        {
+            content["displayname"] = json!(name);
         }
         events.push(PduBuilder::state("m.room.member", user.as_str(), content));
     }

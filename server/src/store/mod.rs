@@ -227,7 +227,7 @@ impl Store {
     ) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + use<'a> {
         let direction = if reverse { Direction::Reverse } else { Direction::Forward };
         self.db
-            .iterator_cf(self.cf(table), IteratorMode::From(&start, direction))
+            .iterator_cf(self.cf(table), IteratorMode::From(start, direction))
             .map(|item| item.map_err(StoreError::from))
             .take_while(move |item| match item {
                 Ok((k, _)) => k.starts_with(&prefix),
