@@ -1256,3 +1256,45 @@ async fn create_room_options() {
     let (status, body) = alice.post(&format!("{V3}/createRoom"), json!({ "room_version": "999" })).await;
     assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_UNSUPPORTED_ROOM_VERSION"));
 }
+
+// --- tags, user directory, third-party ids ---------------------------------------------------
+
+#[tokio::test]
+async fn tags_user_directory_and_threepids() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let bob = server.register("bob").await;
+    let carol = server.register("carol").await;
+    let room = alice.create_room(json!({ "preset": "private_chat", "invite": [bob.user_id] })).await;
+    assert_eq!(bob.join(&room).await.0, StatusCode::OK);
+
+    let tags = format!("{V3}/user/{}/rooms/{}/tags", enc(&alice.user_id), enc(&room));
+    alice.ok(Method::PUT, &format!("{tags}/m.favourite"), Some(json!({ "order": 0.5 }))).await;
+    alice.ok(Method::PUT, &format!("{tags}/u.work"), Some(json!({}))).await;
+    let listed = alice.ok(Method::GET, &tags, None).await;
+    assert_eq!(listed["tags"]["m.favourite"]["order"], 0.5);
+    assert!(listed["tags"]["u.work"].is_object());
+    alice.ok(Method::DELETE, &format!("{tags}/u.work"), None).await;
+    let listed = alice.ok(Method::GET, &tags, None).await;
+    assert!(listed["tags"].get("u.work").is_none());
+    let (status, _) = bob.get(&tags).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // Tags reach the client as room account data.
+    let sync = alice.sync(None, 0).await;
+    assert!(sync["rooms"]["join"][&room]["account_data"]["events"].as_array().unwrap().iter().any(|e| e["type"] == "m.tag" && e["content"]["tags"]["m.favourite"].is_object()));
+
+    // The directory finds people alice shares a room with, not strangers in private rooms.
+    let found = alice.ok(Method::POST, &format!("{V3}/user_directory/search"), Some(json!({ "search_term": "bo" }))).await;
+    assert_eq!(found["results"][0]["user_id"], bob.user_id.as_str());
+    let found = alice.ok(Method::POST, &format!("{V3}/user_directory/search"), Some(json!({ "search_term": "carol" }))).await;
+    assert_eq!(found["results"], json!([]));
+    // Carol in a public room is findable.
+    let public = carol.create_room(json!({ "preset": "public_chat", "visibility": "public" })).await;
+    assert!(!public.is_empty());
+    let found = alice.ok(Method::POST, &format!("{V3}/user_directory/search"), Some(json!({ "search_term": "carol", "limit": 5 }))).await;
+    assert_eq!(found["results"][0]["user_id"], carol.user_id.as_str());
+    assert_eq!(found["limited"], false);
+
+    assert_eq!(alice.ok(Method::GET, &format!("{V3}/account/3pid"), None).await["threepids"], json!([]));
+    assert_eq!(alice.ok(Method::GET, &format!("{V3}/thirdparty/protocols"), None).await, json!({}));
+}

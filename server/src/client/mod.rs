@@ -4,6 +4,7 @@
 mod account;
 mod admin;
 mod directory;
+mod tags_and_users;
 mod discovery;
 mod events;
 mod media;
@@ -274,6 +275,7 @@ pub fn router() -> Router<AppState> {
     let router = membership::routes(router);
     let router = events::routes(router);
     let router = directory::routes(router);
+    let router = tags_and_users::routes(router);
     let router = sync::routes(router);
     let router = keys::routes(router);
     let router = push::routes(router);
