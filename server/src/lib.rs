@@ -1,6 +1,7 @@
 //! Limbic: a Matrix homeserver for therapy practices and clinics.
 
 pub mod admin;
+pub mod audit;
 pub mod client;
 pub mod config;
 pub mod e2ee;

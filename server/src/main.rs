@@ -31,6 +31,20 @@ enum Command {
         #[command(subcommand)]
         command: UserCommand,
     },
+    /// Check the audit log's hash chain (stop the server first, or use the admin API).
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Recompute every entry's hash and link; exit 1 at the first entry that does not check out.
+    Verify {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 impl Command {
@@ -38,6 +52,7 @@ impl Command {
         match self {
             Self::Serve { config } | Self::CheckConfig { config } => config,
             Self::User { command } => command.config(),
+            Self::Audit { command: AuditCommand::Verify { config } } => config,
         }
     }
 }
@@ -75,8 +90,10 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        if let Command::User { command } = cli.command {
-            return limbic_server::admin::cli::run(config, command).await;
+        match cli.command {
+            Command::User { command } => return limbic_server::admin::cli::run(config, command).await,
+            Command::Audit { command: AuditCommand::Verify { .. } } => return limbic_server::admin::cli::verify_audit(config),
+            Command::Serve { .. } | Command::CheckConfig { .. } => {}
         }
         let server = match Server::open(config) {
             Ok(server) => server,

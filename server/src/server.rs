@@ -5,6 +5,7 @@ use std::sync::Arc;
 use serde_json::json;
 
 use crate::{
+    audit::Audit,
     config::Config,
     e2ee::E2ee,
     push::Push,
@@ -26,6 +27,7 @@ pub struct Server {
     pub rooms: Rooms,
     pub media: Media,
     pub e2ee: E2ee,
+    pub audit: Arc<Audit>,
     pub push: Arc<Push>,
     pub rate_limiter: RateLimiter,
     pub metrics: Metrics,
@@ -45,10 +47,12 @@ impl Server {
             Arc::new(ServerSigningKey::load_or_generate(&store, config.server_name.clone())?);
         let shutting_down = tokio::sync::watch::Sender::new(false);
         let push = Arc::new(Push::new(store.clone()));
+        let audit = Arc::new(Audit::load(&store)?);
         Ok(Arc::new(Self {
             push: push.clone(),
+            audit: audit.clone(),
             users: Users::new(store.clone()),
-            rooms: Rooms::new(store.clone(), signing_key.clone(), push.clone()),
+            rooms: Rooms::new(store.clone(), signing_key.clone(), push.clone(), audit),
             e2ee: E2ee::new(store.clone()),
             rate_limiter: RateLimiter::new(&config.rate_limits),
             metrics: Metrics::default(),

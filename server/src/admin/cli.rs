@@ -100,16 +100,44 @@ pub async fn run(config: Config, command: UserCommand) -> ExitCode {
     }
 }
 
-async fn execute(config: Config, command: UserCommand) -> Result<String, String> {
+fn open_stopped(config: Config) -> Result<std::sync::Arc<Server>, String> {
     let store_path = config.database.path.clone();
-    let server = Server::open(config).map_err(|e| match e {
+    Server::open(config).map_err(|e| match e {
         Error::Store(StoreError::Locked) => format!(
             "the store at {} is in use, most likely by the running server: stop the server first, \
              or use the admin API (/_synapse/admin/…) while it runs",
             store_path.display()
         ),
         e => format!("cannot open the store: {e}"),
-    })?;
+    })
+}
+
+/// `limbic audit verify`: exit 0 when the whole chain checks out, 1 otherwise.
+pub fn verify_audit(config: Config) -> ExitCode {
+    let verified = open_stopped(config).and_then(|server| crate::audit::Audit::verify(&server.store).map_err(|e| e.to_string()));
+    match verified {
+        Ok(check) if check.valid => {
+            println!("audit log intact: {} entries", check.entries);
+            ExitCode::SUCCESS
+        }
+        Ok(check) => {
+            eprintln!(
+                "limbic: audit log broken at entry {}: {} ({} entries before it are intact)",
+                check.first_invalid.unwrap_or(0),
+                check.reason.unwrap_or_default(),
+                check.entries
+            );
+            ExitCode::FAILURE
+        }
+        Err(message) => {
+            eprintln!("limbic: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn execute(config: Config, command: UserCommand) -> Result<String, String> {
+    let server = open_stopped(config)?;
     let server = &*server;
     let failed = |e: Error| e.to_string();
     match command {

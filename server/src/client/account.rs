@@ -17,6 +17,7 @@ use serde_json::{Value as JsonValue, json};
 
 use super::{AppState, Ruma, RumaResponse, route};
 use crate::{
+    audit::AuditRecord,
     config::RegistrationMode,
     error::{Error, ErrorCode, Result},
     ratelimit::Action,
@@ -181,12 +182,17 @@ async fn login_handler(
         return Err(Error::forbidden("invalid username or password"));
     }
     server.users.check_password(&user_id, &password.password)?;
-    let (device_id, token) = server.users.create_device(
+    let mut batch = server.store.batch();
+    let ip = req.ip.map(|ip| ip.to_string());
+    let (device_id, token) = server.users.stage_device(
+        &mut batch,
         &user_id,
         req.body.device_id.clone(),
         req.body.initial_device_display_name.clone(),
-        req.ip.map(|ip| ip.to_string()),
+        ip.clone(),
     )?;
+    let record = AuditRecord::new("login", &user_id).details(json!({ "device_id": device_id, "ip": ip, "type": "m.login.password" }));
+    server.audit.write_with(&server.store, batch, vec![record])?;
     tracing::info!(%user_id, %device_id, "login");
     Ok(login::v3::Response::new(user_id, token, device_id).into())
 }

@@ -41,6 +41,8 @@ pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
         .route(&format!("{V2}/rooms/{{room_id}}/delete_status"), get(room_delete_status))
         .route(&format!("{V2}/rooms/delete_status/{{delete_id}}"), get(delete_status))
         .route(&format!("{V1}/media/{{server_name}}/{{media_id}}"), delete(delete_media))
+        .route("/_limbic/admin/v1/audit", get(audit_log))
+        .route("/_limbic/admin/v1/audit/verify", get(audit_verify))
 }
 
 // --- extractors: the admin caller, and Matrix errors for bad paths, queries and bodies ---
@@ -487,4 +489,41 @@ async fn delete_media(
     }
     server.media.delete(&media_id)?;
     Ok(Json(json!({ "deleted_media": [media_id], "total": 1 })))
+}
+
+// --- the audit log ---
+
+#[derive(Deserialize)]
+struct AuditLogQuery {
+    user: Option<String>,
+    room_id: Option<String>,
+    from_ts: Option<u64>,
+    to_ts: Option<u64>,
+    from: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// Entries oldest first, filtered by user (actor or target), room and time; `next_token`
+/// pages on.
+async fn audit_log(State(server): State<AppState>, _admin: Admin, QueryParams(query): QueryParams<AuditLogQuery>) -> Result<Json<JsonValue>> {
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let entries = server.audit.query(&server.store, &crate::audit::AuditQuery {
+        user: query.user,
+        room_id: query.room_id,
+        from_ts: query.from_ts,
+        to_ts: query.to_ts,
+        after: query.from,
+        limit,
+    })?;
+    let mut response = json!({ "entries": entries });
+    if entries.len() == limit
+        && let Some(last) = entries.last()
+    {
+        response["next_token"] = json!(last.seq);
+    }
+    Ok(Json(response))
+}
+
+async fn audit_verify(State(server): State<AppState>, _admin: Admin) -> Result<Json<JsonValue>> {
+    Ok(Json(json!(crate::audit::Audit::verify(&server.store)?)))
 }

@@ -119,12 +119,14 @@ pub struct Rooms {
     snapshots: SnapshotCache,
     pub typing: Typing,
     pub push: Arc<crate::push::Push>,
+    pub audit: Arc<crate::audit::Audit>,
 }
 
 impl Rooms {
-    pub fn new(store: Arc<Store>, key: Arc<ServerSigningKey>, push: Arc<crate::push::Push>) -> Self {
+    pub fn new(store: Arc<Store>, key: Arc<ServerSigningKey>, push: Arc<crate::push::Push>, audit: Arc<crate::audit::Audit>) -> Self {
         Self {
             push,
+            audit,
             store,
             key,
             locks: Mutex::default(),

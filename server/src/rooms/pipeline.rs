@@ -12,10 +12,33 @@ use serde::{Deserialize, Serialize};
 
 use super::{EventMeta, Membership, RoomRecord, Rooms, UserRoom, relations, state};
 use crate::{
+    audit::AuditRecord,
     error::{Error, ErrorCode, Result},
     events::{Pdu, PduBuilder, PduPlacement, SignedPdu, build_pdu, redact_stored, rules_for},
     store::{Batch, Key, StreamTicket, tables},
 };
+
+/// The audit entry of a membership change: joins, leaves, kicks, bans, knocks, invites and
+/// admissions (an invite answering a knock).
+fn membership_audit(pdu: &Pdu, target: &OwnedUserId, previous: Option<Membership>, membership: Membership) -> AuditRecord {
+    let by_self = pdu.sender == *target;
+    let action = match membership {
+        Membership::Join => "join",
+        Membership::Knock => "knock",
+        Membership::Ban => "ban",
+        Membership::Invite if previous == Some(Membership::Knock) => "admit",
+        Membership::Invite => "invite",
+        Membership::Leave if previous == Some(Membership::Ban) => "unban",
+        Membership::Leave if by_self => "leave",
+        Membership::Leave if previous == Some(Membership::Knock) => "decline",
+        Membership::Leave => "kick",
+    };
+    let reason = pdu.content_json().get("reason").cloned().unwrap_or(serde_json::Value::Null);
+    AuditRecord::new(action, &pdu.sender)
+        .room(&pdu.room_id)
+        .target(target)
+        .details(serde_json::json!({ "event_id": pdu.event_id, "reason": reason }))
+}
 
 /// The device and transaction id a client sent an event with.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -39,6 +62,8 @@ pub struct RoomWriter<'a> {
     staged_members: HashMap<OwnedUserId, Membership>,
     /// Notifications staged with each event, delivered to push gateways after the commit.
     staged_pushes: Vec<(Pdu, Vec<(OwnedUserId, crate::push::Notification)>)>,
+    /// Audit entries for membership changes, chained and written with the batch.
+    staged_audit: Vec<AuditRecord>,
     _guard: tokio::sync::OwnedMutexGuard<()>,
 }
 
@@ -62,6 +87,7 @@ impl<'a> RoomWriter<'a> {
             snapshot_generations: HashMap::new(),
             staged_members: HashMap::new(),
             staged_pushes: Vec::new(),
+            staged_audit: Vec::new(),
             _guard: guard,
         })
     }
@@ -301,6 +327,11 @@ impl<'a> RoomWriter<'a> {
             .and_then(|m| m.as_str())
             .and_then(Membership::parse)
             .ok_or_else(|| Error::bad_json("unknown membership"))?;
+        let previous = match self.staged_members.get(&user) {
+            Some(membership) => Some(*membership),
+            None => self.rooms.membership(&self.room_id, &user)?,
+        };
+        self.staged_audit.push(membership_audit(pdu, &user, previous, membership));
         let room = self.room_id.as_str();
         self.batch.put_json(
             store,
@@ -345,7 +376,11 @@ impl<'a> RoomWriter<'a> {
             return Ok(());
         }
         let store = &self.rooms.store;
-        tokio::task::block_in_place(|| store.write(self.batch))?;
+        if self.staged_audit.is_empty() {
+            tokio::task::block_in_place(|| store.write(self.batch))?;
+        } else {
+            self.rooms.audit.write_with(store, self.batch, self.staged_audit)?;
+        }
         // Dropping the tickets advances the stream watermark and wakes /sync.
         drop(self.tickets);
         for (pdu, notifications) in self.staged_pushes {

@@ -118,13 +118,16 @@ pub mod tables {
     /// user id, app id, pushkey -> pusher
     pub const PUSHERS: Table = Table("pushers");
 
+    /// sequence number -> audit log entry (hash-chained)
+    pub const AUDIT_LOG: Table = Table("audit_log");
+
     pub const ALL: &[Table] = &[
         GLOBAL, USERS, DEVICES, ACCESS_TOKENS, FILTERS, ACCOUNT_DATA, PRESENCE, PDUS, EVENT_META,
         TIMELINE, ROOM_STATE, ROOMS, STATE_SNAPSHOTS, ROOM_MEMBERS, USER_ROOMS, TXN_IDS, ALIASES,
         PUBLIC_ROOMS, BLOCKED_ROOMS, RECEIPTS, DEVICE_KEYS, ONE_TIME_KEYS, FALLBACK_KEYS, CROSS_SIGNING_KEYS,
         KEY_CHANGES, TO_DEVICE, BACKUP_VERSIONS, BACKUP_KEYS, NOTIFICATIONS, ROOM_NOTIFICATIONS, PUSHERS,
         MEDIA, MEDIA_THUMBNAILS, MEDIA_USAGE,
-        RELATIONS, THREAD_REPLIES, SEARCH_INDEX,
+        RELATIONS, THREAD_REPLIES, SEARCH_INDEX, AUDIT_LOG,
     ];
 }
 

@@ -192,11 +192,25 @@ impl Users {
         display_name: Option<String>,
         ip: Option<String>,
     ) -> Result<(OwnedDeviceId, String)> {
+        let mut batch = self.store.batch();
+        let created = self.stage_device(&mut batch, user_id, device_id, display_name, ip)?;
+        self.store.write(batch)?;
+        Ok(created)
+    }
+
+    /// Stages a device (or a new token for an existing one) and returns its fresh access token.
+    pub fn stage_device(
+        &self,
+        batch: &mut crate::store::Batch,
+        user_id: &UserId,
+        device_id: Option<OwnedDeviceId>,
+        display_name: Option<String>,
+        ip: Option<String>,
+    ) -> Result<(OwnedDeviceId, String)> {
         let device_id = device_id.unwrap_or_else(|| OwnedDeviceId::from(random_string(10).to_uppercase()));
         let token = format!("lmb_{}", random_string(40));
         let hash = token_hash(&token);
         let device_key = Key::new().str(user_id.as_str()).str(device_id.as_str()).into_vec();
-        let mut batch = self.store.batch();
         if let Some(old) = self.store.get_json::<Device>(tables::DEVICES, &device_key)? {
             batch.delete(&self.store, tables::ACCESS_TOKENS, old.token_hash.as_bytes());
         }
@@ -209,7 +223,6 @@ impl Users {
             hash.as_bytes(),
             &TokenRecord { user_id: user_id.to_owned(), device_id: device_id.clone() },
         )?;
-        self.store.write(batch)?;
         Ok((device_id, token))
     }
 
