@@ -36,6 +36,28 @@ pub struct Config {
     pub presence: PresenceConfig,
     #[serde(default)]
     pub media: MediaConfig,
+    #[serde(default)]
+    pub clinic: ClinicConfig,
+    #[serde(default)]
+    pub sessions: SessionsConfig,
+}
+
+/// Therapy sessions: the participant limit of each session kind.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionsConfig {
+    pub individual: u32,
+    pub couples: u32,
+    pub family: u32,
+    pub group: u32,
+    pub support: u32,
+    pub workshop: u32,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        Self { individual: 2, couples: 3, family: 8, group: 12, support: 20, workshop: 50 }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -170,6 +192,32 @@ impl Default for MediaConfig {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClinicConfig {
+    /// Longest `body` of an `m.room.message` sent by a local client, in characters.
+    pub max_message_length: usize,
+    /// Lifetime of events in rooms without `m.room.retention`, in days; 0 keeps them forever.
+    pub default_retention_days: u64,
+    /// Bounds on a room's `max_lifetime`, in days; 0 means no bound.
+    pub min_retention_days: u64,
+    pub max_retention_days: u64,
+    /// How often the retention job runs.
+    pub retention_interval_seconds: u64,
+}
+
+impl Default for ClinicConfig {
+    fn default() -> Self {
+        Self {
+            max_message_length: 10_000,
+            default_retention_days: 0,
+            min_retention_days: 0,
+            max_retention_days: 0,
+            retention_interval_seconds: 60,
+        }
+    }
+}
+
 /// `./data/limbic` keeps its media in `./data/limbic-media`.
 fn default_media_path(database: &std::path::Path) -> PathBuf {
     match database.file_name() {
@@ -236,6 +284,21 @@ impl Config {
             if value == 0 {
                 return Err(ConfigError::Invalid { key, reason: "must be at least 1".into() });
             }
+        }
+        for (key, value) in [
+            ("clinic.max_message_length", self.clinic.max_message_length as u64),
+            ("clinic.retention_interval_seconds", self.clinic.retention_interval_seconds),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid { key, reason: "must be at least 1".into() });
+            }
+        }
+        let clinic = &self.clinic;
+        if clinic.max_retention_days != 0 && clinic.min_retention_days > clinic.max_retention_days {
+            return Err(ConfigError::Invalid {
+                key: "clinic.min_retention_days",
+                reason: "must not exceed clinic.max_retention_days".into(),
+            });
         }
         let limits = &self.rate_limits;
         for (key, limit) in [
@@ -333,5 +396,18 @@ mod tests {
         assert!(err.to_string().contains("registration.tokens"), "{err}");
         let err = Config::from_toml(&format!("{EXAMPLE}\nbogus = 1\n"), []).unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn clinic_limits_are_checked() {
+        let env = |key: &str, value: &str| [(format!("LIMBIC_CLINIC__{key}"), value.to_owned())];
+        let config = Config::from_toml(EXAMPLE, env("RETENTION_INTERVAL_SECONDS", "1")).unwrap();
+        assert_eq!(config.clinic.retention_interval_seconds, 1);
+        assert_eq!(config.clinic.max_message_length, 10_000);
+        let err = Config::from_toml(EXAMPLE, env("MAX_MESSAGE_LENGTH", "0")).unwrap_err();
+        assert!(err.to_string().contains("clinic.max_message_length"), "{err}");
+        let err = Config::from_toml(&EXAMPLE.replace("max_retention_days = 0", "max_retention_days = 7"), env("MIN_RETENTION_DAYS", "30"))
+            .unwrap_err();
+        assert!(err.to_string().contains("clinic.min_retention_days"), "{err}");
     }
 }

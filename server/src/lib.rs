@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod audit;
 pub mod client;
+pub mod clinic;
 pub mod config;
 pub mod e2ee;
 pub mod error;
@@ -61,6 +62,11 @@ async fn background_tasks(server: Arc<Server>) {
         seconds += 1;
         if let Err(e) = server.rooms.expire_typing() {
             tracing::warn!(error = %e, "typing expiry failed");
+        }
+        if seconds.is_multiple_of(server.config.clinic.retention_interval_seconds)
+            && let Err(e) = server.rooms.expire_events(&server.config.clinic).await
+        {
+            tracing::warn!(error = %e, "retention purge failed");
         }
         if seconds.is_multiple_of(MEMORY_TRIM_SECONDS) {
             release_free_memory();

@@ -6,6 +6,7 @@ use serde_json::json;
 
 use crate::{
     audit::Audit,
+    clinic::Clinic,
     config::Config,
     e2ee::E2ee,
     push::Push,
@@ -28,6 +29,7 @@ pub struct Server {
     pub media: Media,
     pub e2ee: E2ee,
     pub audit: Arc<Audit>,
+    pub clinic: Arc<Clinic>,
     pub push: Arc<Push>,
     pub rate_limiter: RateLimiter,
     pub metrics: Metrics,
@@ -48,11 +50,13 @@ impl Server {
         let shutting_down = tokio::sync::watch::Sender::new(false);
         let push = Arc::new(Push::new(store.clone()));
         let audit = Arc::new(Audit::load(&store)?);
+        let clinic = Arc::new(Clinic::new(store.clone(), config.sessions.clone()));
         Ok(Arc::new(Self {
             push: push.clone(),
             audit: audit.clone(),
+            clinic: clinic.clone(),
             users: Users::new(store.clone()),
-            rooms: Rooms::new(store.clone(), signing_key.clone(), push.clone(), audit),
+            rooms: Rooms::new(store.clone(), signing_key.clone(), push.clone(), audit, clinic.clone()),
             e2ee: E2ee::new(store.clone()),
             rate_limiter: RateLimiter::new(&config.rate_limits),
             metrics: Metrics::default(),

@@ -119,6 +119,16 @@ pub(super) async fn send_event(
     Ok(pdu.event_id)
 }
 
+/// Refuses a message whose `body`, or an edit's new body, is longer than `max` characters.
+fn check_message_length(content: &JsonValue, max: usize) -> Result<()> {
+    let bodies = [content.get("body"), content.get("m.new_content").and_then(|c| c.get("body"))];
+    let longest = bodies.into_iter().flatten().filter_map(JsonValue::as_str).map(|b| b.chars().count()).max();
+    if longest.is_some_and(|length| length > max) {
+        return Err(Error::new(ErrorCode::TooLarge, format!("message body is longer than {max} characters")));
+    }
+    Ok(())
+}
+
 async fn send_message(
     State(server): State<AppState>,
     req: Ruma<send_message_event::v3::Request>,
@@ -133,6 +143,9 @@ async fn send_message(
         return Err(Error::bad_json("use the dedicated endpoint for this event type"));
     }
     let content: JsonValue = serde_json::from_str(req.body.body.json().get()).map_err(|e| Error::bad_json(e.to_string()))?;
+    if kind == TimelineEventType::RoomMessage {
+        check_message_length(&content, server.config.clinic.max_message_length)?;
+    }
     let txn = TxnInfo { device_id: caller.device_id.to_string(), txn_id: req.body.txn_id.to_string() };
     let event_id = send_event(&server, &caller.user_id, &req.body.room_id, PduBuilder::message(kind, content), Some(txn)).await?;
     Ok(send_message_event::v3::Response::new(event_id).into())

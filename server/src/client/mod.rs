@@ -15,6 +15,7 @@ mod misc;
 mod relations;
 mod rooms;
 mod search;
+mod sessions;
 mod sync;
 
 use std::{marker::PhantomData, net::SocketAddr, sync::Arc, time::Instant};
@@ -282,6 +283,7 @@ pub fn router() -> Router<AppState> {
     let router = media::routes(router);
     let router = relations::routes(router);
     let router = search::routes(router);
+    let router = sessions::routes(router);
     let router = admin::routes(router);
     misc::routes(router)
 }

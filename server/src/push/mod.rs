@@ -166,6 +166,12 @@ impl Push {
         Ok(())
     }
 
+    /// Stages the removal of a user's notification for the event at `pos`, if there is one.
+    pub fn stage_event_removal(&self, batch: &mut Batch, user_id: &UserId, room_id: &RoomId, pos: StreamPos) {
+        batch.delete(&self.store, tables::NOTIFICATIONS, &notification_key(user_id, pos));
+        batch.delete(&self.store, tables::ROOM_NOTIFICATIONS, &room_notification_key(user_id, room_id, pos));
+    }
+
     /// Notification and highlight counts of a room after `read_pos` (capped at 99).
     pub fn unread_counts(&self, user_id: &UserId, room_id: &RoomId, read_pos: StreamPos) -> Result<(u64, u64)> {
         const CAP: u64 = 99;

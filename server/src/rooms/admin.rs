@@ -1,12 +1,13 @@
 //! What server administration needs from the room tables: every room, blocking a room, taking
 //! it out of the directory, and purging everything stored about it.
 
-use ruma::{OwnedRoomAliasId, OwnedRoomId, OwnedUserId, RoomId, UserId};
+use ruma::{EventId, OwnedRoomAliasId, OwnedRoomId, OwnedUserId, RoomId, UserId};
 
 use super::{Rooms, relations};
 use crate::{
     error::{Error, Result},
-    store::{Batch, Key, KeyReader, Store, Table, tables},
+    events::Pdu,
+    store::{Batch, Key, Store, StreamPos, Table, tables},
 };
 
 impl Rooms {
@@ -73,26 +74,10 @@ impl Rooms {
         let store = &*self.store;
         let mut batch = store.batch();
         let room_prefix = Key::new().str(room_id.as_str()).into_vec();
-        for item in store.scan_prefix(tables::TIMELINE, room_prefix.clone(), false) {
-            let (key, event_id) = item?;
-            batch.delete(store, tables::TIMELINE, &key);
-            let pos = KeyReader::new(&key).skip_str().u64().ok_or_else(|| Error::internal("corrupt timeline key"))?;
-            let event_id = <&ruma::EventId>::try_from(std::str::from_utf8(&event_id).map_err(Error::internal)?)
-                .map_err(Error::internal)?;
-            if let Some(pdu) = self.pdu(event_id)? {
-                relations::unstage(store, &mut batch, &pdu, pos);
-                crate::search::unstage(store, &mut batch, &pdu, pos);
-                if pdu.is_state() {
-                    // Each state event started the snapshot named by its position.
-                    batch.delete(store, tables::STATE_SNAPSHOTS, &pos.to_be_bytes());
-                }
-                if let Some(txn) = self.meta(event_id)?.and_then(|meta| meta.txn) {
-                    let key = Key::new().str(pdu.sender.as_str()).str(&txn.device_id).str(&txn.txn_id).into_vec();
-                    batch.delete(store, tables::TXN_IDS, &key);
-                }
-            }
-            batch.delete(store, tables::PDUS, event_id.as_bytes());
-            batch.delete(store, tables::EVENT_META, event_id.as_bytes());
+        for item in self.timeline_after(room_id, 0, StreamPos::MAX) {
+            let (pos, event_id) = item?;
+            let pdu = self.pdu(&event_id)?;
+            self.stage_event_removal(&mut batch, room_id, pos, &event_id, pdu.as_ref())?;
         }
         for (user_id, _) in self.members(room_id)? {
             batch.delete(store, tables::USER_ROOMS, &Key::new().str(user_id.as_str()).str(room_id.as_str()).into_vec());
@@ -106,6 +91,35 @@ impl Rooms {
         tokio::task::block_in_place(|| store.write(batch))?;
         drop(writer);
         Ok(aliases)
+    }
+
+    /// Stages the removal of one event from every table that holds or indexes it: the timeline
+    /// entry, PDU, metadata, relation and search entries, its state snapshot and transaction id.
+    pub(super) fn stage_event_removal(
+        &self,
+        batch: &mut Batch,
+        room_id: &RoomId,
+        pos: StreamPos,
+        event_id: &EventId,
+        pdu: Option<&Pdu>,
+    ) -> Result<()> {
+        let store = &*self.store;
+        batch.delete(store, tables::TIMELINE, &Key::new().str(room_id.as_str()).u64(pos).into_vec());
+        if let Some(pdu) = pdu {
+            relations::unstage(store, batch, pdu, pos);
+            crate::search::unstage(store, batch, pdu, pos);
+            if pdu.is_state() {
+                // Each state event started the snapshot named by its position.
+                batch.delete(store, tables::STATE_SNAPSHOTS, &pos.to_be_bytes());
+            }
+            if let Some(txn) = self.meta(event_id)?.and_then(|meta| meta.txn) {
+                let key = Key::new().str(pdu.sender.as_str()).str(&txn.device_id).str(&txn.txn_id).into_vec();
+                batch.delete(store, tables::TXN_IDS, &key);
+            }
+        }
+        batch.delete(store, tables::PDUS, event_id.as_bytes());
+        batch.delete(store, tables::EVENT_META, event_id.as_bytes());
+        Ok(())
     }
 }
 

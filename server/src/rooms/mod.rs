@@ -5,6 +5,7 @@ mod admin;
 mod ephemeral;
 mod pipeline;
 pub mod relations;
+mod retention;
 pub mod state;
 
 use std::{
@@ -117,20 +118,31 @@ pub struct Rooms {
     key: Arc<ServerSigningKey>,
     locks: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
     snapshots: SnapshotCache,
+    /// Per room, the position up to which retention has nothing left to remove.
+    retention_cursors: Mutex<HashMap<OwnedRoomId, StreamPos>>,
     pub typing: Typing,
     pub push: Arc<crate::push::Push>,
     pub audit: Arc<crate::audit::Audit>,
+    pub clinic: Arc<crate::clinic::Clinic>,
 }
 
 impl Rooms {
-    pub fn new(store: Arc<Store>, key: Arc<ServerSigningKey>, push: Arc<crate::push::Push>, audit: Arc<crate::audit::Audit>) -> Self {
+    pub fn new(
+        store: Arc<Store>,
+        key: Arc<ServerSigningKey>,
+        push: Arc<crate::push::Push>,
+        audit: Arc<crate::audit::Audit>,
+        clinic: Arc<crate::clinic::Clinic>,
+    ) -> Self {
         Self {
             push,
             audit,
+            clinic,
             store,
             key,
             locks: Mutex::default(),
             snapshots: SnapshotCache::default(),
+            retention_cursors: Mutex::default(),
             typing: Typing::default(),
         }
     }

@@ -18,6 +18,16 @@ use crate::{
     store::{Batch, Key, StreamTicket, tables},
 };
 
+impl crate::clinic::RoomState for RoomWriter<'_> {
+    fn state(&self, kind: &str, state_key: &str) -> Result<Option<Pdu>> {
+        self.state_event(kind, state_key)
+    }
+
+    fn state_of_type(&self, kind: &str) -> Result<Vec<(String, Pdu)>> {
+        RoomWriter::state_of_type(self, kind)
+    }
+}
+
 /// The audit entry of a membership change: joins, leaves, kicks, bans, knocks, invites and
 /// admissions (an invite answering a knock).
 fn membership_audit(pdu: &Pdu, target: &OwnedUserId, previous: Option<Membership>, membership: Membership) -> AuditRecord {
@@ -131,6 +141,40 @@ impl<'a> RoomWriter<'a> {
         self.staged_events.get(event_id).cloned().or_else(|| self.rooms.pdu(event_id).ok().flatten())
     }
 
+    /// Every (state key, event) of one state type, staged events included.
+    fn state_of_type(&self, kind: &str) -> Result<Vec<(String, Pdu)>> {
+        let mut found = std::collections::BTreeMap::new();
+        if self.record.as_ref().is_some_and(|r| r.snapshot != state::EMPTY_SNAPSHOT) {
+            let prefix = Key::new().str(self.room_id.as_str()).str(kind).into_vec();
+            for item in self.rooms.store.scan_prefix(tables::ROOM_STATE, prefix, false) {
+                let (key, event_id) = item?;
+                let mut reader = crate::store::KeyReader::new(&key);
+                reader.str();
+                reader.str();
+                let (Some(state_key), Ok(event_id)) = (reader.str(), std::str::from_utf8(&event_id)) else { continue };
+                if let Some(pdu) = self.rooms.pdu(<&ruma::EventId>::try_from(event_id).map_err(Error::internal)?)? {
+                    found.insert(state_key.to_owned(), pdu);
+                }
+            }
+        }
+        for ((staged_kind, state_key), pdu) in &self.staged_state {
+            if staged_kind == kind {
+                found.insert(state_key.clone(), pdu.clone());
+            }
+        }
+        Ok(found.into_iter().collect())
+    }
+
+    fn policy_context(&self) -> crate::clinic::PolicyContext<'_> {
+        crate::clinic::PolicyContext {
+            clinic: &self.rooms.clinic,
+            rooms: self.rooms,
+            room_id: &self.room_id,
+            room: self,
+            now: ruma::MilliSecondsSinceUnixEpoch::now().0.into(),
+        }
+    }
+
     /// Builds, authorizes and stages one event. Nothing is visible before [`Self::commit`].
     pub fn append(&mut self, sender: &UserId, builder: PduBuilder, txn: Option<TxnInfo>) -> Result<Pdu> {
         let record = self.record.clone().ok_or_else(|| Error::not_found("unknown room"))?;
@@ -192,6 +236,8 @@ impl<'a> RoomWriter<'a> {
             |kind: &StateEventType, key: &str| self.state_event(&kind.to_string(), key).ok().flatten(),
         )
         .map_err(|reason| Error::forbidden(format!("event not authorized: {reason}")))?;
+        // Then the clinic's rules.
+        crate::clinic::authorize(&self.policy_context(), &pdu)?;
 
         self.stage(signed, record, &rules, txn)?;
         Ok(pdu)
@@ -244,7 +290,14 @@ impl<'a> RoomWriter<'a> {
             if pdu.kind == TimelineEventType::RoomMember {
                 self.index_membership(&pdu, pos)?;
             }
+            let clinic_state = kind == crate::clinic::SESSION || kind == crate::clinic::ROLE;
+            let therapists_before = if clinic_state { crate::clinic::therapists(&self.policy_context())? } else { Vec::new() };
             self.staged_state.insert((kind, state_key.clone()), pdu.clone());
+            if clinic_state {
+                let (therapists, live) = crate::clinic::bookings(&self.policy_context())?;
+                let rooms = self.rooms;
+                rooms.clinic.stage_bookings(&mut self.batch, &self.room_id, &therapists, live, &therapists_before);
+            }
         }
 
         if pdu.kind == TimelineEventType::RoomRedaction

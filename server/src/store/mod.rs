@@ -121,13 +121,19 @@ pub mod tables {
     /// sequence number -> audit log entry (hash-chained)
     pub const AUDIT_LOG: Table = Table("audit_log");
 
+    /// user id -> verification record of a therapist
+    pub const THERAPISTS: Table = Table("therapists");
+    /// therapist user id, room id -> () for each live session the therapist is booked in
+    pub const THERAPIST_BOOKINGS: Table = Table("therapist_bookings");
+
     pub const ALL: &[Table] = &[
         GLOBAL, USERS, DEVICES, ACCESS_TOKENS, FILTERS, ACCOUNT_DATA, PRESENCE, PDUS, EVENT_META,
         TIMELINE, ROOM_STATE, ROOMS, STATE_SNAPSHOTS, ROOM_MEMBERS, USER_ROOMS, TXN_IDS, ALIASES,
         PUBLIC_ROOMS, BLOCKED_ROOMS, RECEIPTS, DEVICE_KEYS, ONE_TIME_KEYS, FALLBACK_KEYS, CROSS_SIGNING_KEYS,
         KEY_CHANGES, TO_DEVICE, BACKUP_VERSIONS, BACKUP_KEYS, NOTIFICATIONS, ROOM_NOTIFICATIONS, PUSHERS,
         MEDIA, MEDIA_THUMBNAILS, MEDIA_USAGE,
-        RELATIONS, THREAD_REPLIES, SEARCH_INDEX, AUDIT_LOG,
+        RELATIONS, THREAD_REPLIES, SEARCH_INDEX, AUDIT_LOG, THERAPISTS,
+        THERAPIST_BOOKINGS,
     ];
 }
 

@@ -1,0 +1,234 @@
+//! The sessions API (`/_limbic/client/v1/sessions`) and therapist verification
+//! (`/_limbic/admin/v1/therapists`). Sessions are ordinary rooms: everything here becomes state
+//! events and memberships, which the clinic policy checks like any other event.
+
+use axum::{
+    Json, Router,
+    extract::{FromRequestParts, Path, State},
+    http::request::Parts,
+    routing::get,
+};
+use ruma::{OwnedRoomId, OwnedUserId, RoomVersionId};
+use serde::Deserialize;
+use serde_json::{Value as JsonValue, json};
+
+use super::{AppState, authenticate, missing_token};
+use crate::{
+    clinic::{Kind, ROLE, RecordingPolicy, Role, SESSION, Session, Status, role_key, role_user},
+    error::{Error, Result},
+    events::{PduBuilder, new_room_id},
+    users::Caller,
+};
+
+pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
+    const V1: &str = "/_limbic/client/v1/sessions";
+    router
+        .route(V1, get(list_sessions).post(create_session))
+        .route(&format!("{V1}/{{room_id}}"), get(get_session))
+        .route(&format!("{V1}/{{room_id}}/status"), axum::routing::put(set_status))
+        .route("/_limbic/admin/v1/therapists/{user_id}", get(get_therapist).put(set_therapist))
+}
+
+/// An authenticated caller of a plain (non-ruma) endpoint.
+struct Authed(Caller);
+
+impl FromRequestParts<AppState> for Authed {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, server: &AppState) -> Result<Self> {
+        Ok(Self(authenticate(server, parts)?.ok_or_else(missing_token)?))
+    }
+}
+
+fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T> {
+    let value: JsonValue = serde_json::from_slice(body).map_err(|e| Error::new(crate::error::ErrorCode::NotJson, e.to_string()))?;
+    serde_json::from_value(value).map_err(|e| Error::bad_json(e.to_string()))
+}
+
+fn room_id(room: &str) -> Result<OwnedRoomId> {
+    OwnedRoomId::try_from(room).map_err(|_| Error::invalid_param("invalid room id"))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Participant {
+    user_id: OwnedUserId,
+    role: Role,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateSession {
+    kind: Kind,
+    title: String,
+    starts_at: u64,
+    ends_at: u64,
+    timezone: String,
+    #[serde(default)]
+    participants: Vec<Participant>,
+    #[serde(default)]
+    recording_policy: RecordingPolicy,
+    max_participants: Option<u32>,
+    join_window_minutes: Option<u32>,
+}
+
+fn power_levels(therapist: &OwnedUserId, participants: &[Participant]) -> JsonValue {
+    let mut users = serde_json::Map::new();
+    users.insert(therapist.to_string(), json!(Role::Therapist.power_level()));
+    for p in participants.iter().filter(|p| p.role.power_level() > 0) {
+        users.insert(p.user_id.to_string(), json!(p.role.power_level()));
+    }
+    let therapists_only = Role::CoTherapist.power_level();
+    json!({
+        "users": users,
+        "users_default": 0,
+        "events_default": 0,
+        "state_default": therapists_only,
+        "events": { SESSION: therapists_only, ROLE: therapists_only, "org.limbic.recording": therapists_only, "m.room.power_levels": 100 },
+        "invite": therapists_only,
+        "kick": therapists_only,
+        "ban": therapists_only,
+        "redact": therapists_only,
+    })
+}
+
+/// Creates the session room in one atomic write: its state, the roles and the invitations.
+async fn create_session(State(server): State<AppState>, Authed(caller): Authed, body: axum::body::Bytes) -> Result<Json<JsonValue>> {
+    let request: CreateSession = parse_body(&body)?;
+    let therapist = caller.user_id.clone();
+    if request.participants.iter().any(|p| p.user_id == therapist) {
+        return Err(Error::bad_json("the creating therapist is a participant already"));
+    }
+    for p in &request.participants {
+        if p.user_id.server_name() == server.server_name() && !server.users.exists(&p.user_id)? {
+            return Err(Error::not_found(format!("unknown user {}", p.user_id)));
+        }
+    }
+    let session = Session {
+        kind: request.kind,
+        title: request.title,
+        starts_at: request.starts_at,
+        ends_at: request.ends_at,
+        timezone: request.timezone,
+        status: Status::Scheduled,
+        max_participants: request.max_participants.unwrap_or_else(|| server.clinic.kind_limit(request.kind)),
+        join_window_minutes: request.join_window_minutes.unwrap_or(15),
+        recording_policy: request.recording_policy,
+    };
+    let account = server.users.account(&therapist)?.ok_or_else(|| Error::forbidden("unknown user"))?;
+    let mut member = json!({ "membership": "join", "displayname": account.displayname });
+    super::account::strip_nulls(&mut member);
+
+    let mut events = vec![
+        PduBuilder::state("m.room.create", "", json!({ "room_version": "11" })),
+        PduBuilder::state("m.room.member", therapist.as_str(), member),
+        PduBuilder::state("m.room.power_levels", "", power_levels(&therapist, &request.participants)),
+        PduBuilder::state("m.room.join_rules", "", json!({ "join_rule": "knock" })),
+        PduBuilder::state("m.room.history_visibility", "", json!({ "history_visibility": "shared" })),
+        PduBuilder::state("m.room.guest_access", "", json!({ "guest_access": "forbidden" })),
+        PduBuilder::state("m.room.name", "", json!({ "name": session.title })),
+        PduBuilder::state(SESSION, "", serde_json::to_value(&session).map_err(Error::internal)?),
+        PduBuilder::state(ROLE, role_key(therapist.as_str()), json!({ "role": Role::Therapist })),
+    ];
+    for p in &request.participants {
+        events.push(PduBuilder::state(ROLE, role_key(p.user_id.as_str()), json!({ "role": p.role })));
+    }
+    for p in &request.participants {
+        events.push(PduBuilder::state("m.room.member", p.user_id.as_str(), json!({ "membership": "invite" })));
+    }
+
+    let room_id = new_room_id(server.server_name());
+    let mut writer = server.rooms.writer(&room_id).await?;
+    writer.init_room(RoomVersionId::V11)?;
+    for builder in events {
+        writer.append(&therapist, builder, None)?;
+    }
+    writer.commit()?;
+    Ok(Json(json!({ "room_id": room_id, "session": session })))
+}
+
+/// The session's content and roles; for its members and participants only.
+fn session_view(server: &AppState, caller: &Caller, room_id: &ruma::RoomId) -> Result<(Session, JsonValue)> {
+    let content = server.rooms.state_content(room_id, SESSION, "")?.ok_or_else(|| Error::not_found("not a session"))?;
+    let role = server.rooms.state_content(room_id, ROLE, &role_key(caller.user_id.as_str()))?;
+    let member = server.rooms.membership(room_id, &caller.user_id)?.is_some();
+    if role.is_none() && !member {
+        return Err(Error::not_found("not a session"));
+    }
+    let session = Session::parse(&content)?;
+    let roles: serde_json::Map<String, JsonValue> = server
+        .rooms
+        .current_state(room_id)?
+        .into_iter()
+        .filter(|pdu| pdu.kind.to_string() == ROLE)
+        .filter_map(|pdu| Some((role_user(pdu.state_key.as_deref()?)?.to_owned(), pdu.content_json().get("role").cloned()?)))
+        .filter(|(_, role)| !role.is_null())
+        .collect();
+    Ok((session.clone(), json!({ "room_id": room_id, "session": session, "roles": roles })))
+}
+
+async fn get_session(State(server): State<AppState>, Authed(caller): Authed, Path(room): Path<String>) -> Result<Json<JsonValue>> {
+    Ok(Json(session_view(&server, &caller, &room_id(&room)?)?.1))
+}
+
+/// The caller's sessions that have not ended and are still live, soonest first.
+async fn list_sessions(State(server): State<AppState>, Authed(caller): Authed) -> Result<Json<JsonValue>> {
+    let now: u64 = ruma::MilliSecondsSinceUnixEpoch::now().0.into();
+    let mut sessions = Vec::new();
+    for (room_id, _) in server.rooms.user_rooms(&caller.user_id)? {
+        let Ok((session, view)) = session_view(&server, &caller, &room_id) else { continue };
+        if session.status.is_live() && session.ends_at > now {
+            sessions.push((session.starts_at, view));
+        }
+    }
+    sessions.sort_by_key(|(starts, _)| *starts);
+    Ok(Json(json!({ "sessions": sessions.into_iter().map(|(_, v)| v).collect::<Vec<_>>() })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetStatus {
+    status: Status,
+}
+
+async fn set_status(State(server): State<AppState>, Authed(caller): Authed, Path(room): Path<String>, body: axum::body::Bytes) -> Result<Json<JsonValue>> {
+    let request: SetStatus = parse_body(&body)?;
+    let room_id = room_id(&room)?;
+    let (mut session, _) = session_view(&server, &caller, &room_id)?;
+    session.status = request.status;
+    let content = serde_json::to_value(&session).map_err(Error::internal)?;
+    let event_id = super::events::send_event(&server, &caller.user_id, &room_id, PduBuilder::state(SESSION, "", content), None).await?;
+    Ok(Json(json!({ "event_id": event_id, "session": session })))
+}
+
+/// Only server admins mark therapists as verified.
+fn require_admin(server: &AppState, caller: &Caller) -> Result<()> {
+    if server.users.account(&caller.user_id)?.is_some_and(|a| a.admin && !a.deactivated) {
+        Ok(())
+    } else {
+        Err(Error::forbidden("you are not a server admin"))
+    }
+}
+
+async fn get_therapist(State(server): State<AppState>, Authed(caller): Authed, Path(user): Path<String>) -> Result<Json<JsonValue>> {
+    require_admin(&server, &caller)?;
+    let user_id = OwnedUserId::try_from(user).map_err(|_| Error::invalid_param("invalid user id"))?;
+    Ok(Json(json!({ "user_id": user_id, "verified": server.clinic.is_verified_therapist(&user_id)? })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetTherapist {
+    verified: bool,
+}
+
+async fn set_therapist(State(server): State<AppState>, Authed(caller): Authed, Path(user): Path<String>, body: axum::body::Bytes) -> Result<Json<JsonValue>> {
+    require_admin(&server, &caller)?;
+    let request: SetTherapist = parse_body(&body)?;
+    let user_id = OwnedUserId::try_from(user).map_err(|_| Error::invalid_param("invalid user id"))?;
+    if !server.users.account(&user_id)?.is_some_and(|a| !a.deactivated) {
+        return Err(Error::not_found("unknown user"));
+    }
+    server.clinic.set_verified_therapist(&server.audit, &caller.user_id, &user_id, request.verified)?;
+    Ok(Json(json!({ "user_id": user_id, "verified": request.verified })))
+}

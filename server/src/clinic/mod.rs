@@ -1,0 +1,222 @@
+//! Therapy sessions as rooms: verified therapists, the `org.limbic.session` and
+//! `org.limbic.session.role` state, and the clinic policy the event pipeline applies after the
+//! room version's auth rules — whatever API an event comes through.
+
+mod policy;
+
+use std::sync::Arc;
+
+use ruma::{OwnedRoomId, OwnedUserId, UserId};
+use serde::{Deserialize, Serialize};
+
+pub use policy::{PolicyContext, RoomState, authorize, bookings, therapists};
+
+use crate::{
+    error::{Error, Result},
+    store::{Batch, Key, KeyReader, Store, tables},
+};
+
+pub const SESSION: &str = "org.limbic.session";
+pub const ROLE: &str = "org.limbic.session.role";
+
+/// The state key of a user's role. Room versions up to 11 reserve state keys starting with `@`
+/// for their own user, so roles use `_@user:server` (as MatrixRTC does for call members).
+pub fn role_key(user_id: &str) -> String {
+    format!("_{user_id}")
+}
+
+/// The user a role state key is about.
+pub fn role_user(state_key: &str) -> Option<&str> {
+    state_key.strip_prefix('_').filter(|user| user.starts_with('@'))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Individual,
+    Couples,
+    Family,
+    Group,
+    Workshop,
+    Support,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Scheduled,
+    Open,
+    InProgress,
+    Completed,
+    Cancelled,
+    NoShow,
+}
+
+impl Status {
+    /// The workflow: scheduled → open → in_progress → completed; cancelled and no_show from
+    /// scheduled or open. Nothing else.
+    pub fn can_become(self, next: Status) -> bool {
+        use Status::*;
+        matches!(
+            (self, next),
+            (Scheduled, Open) | (Open, InProgress) | (InProgress, Completed) | (Scheduled | Open, Cancelled | NoShow)
+        )
+    }
+
+    /// Whether the session still holds its therapists' time.
+    pub fn is_live(self) -> bool {
+        matches!(self, Status::Scheduled | Status::Open | Status::InProgress)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Therapist,
+    CoTherapist,
+    Client,
+    Observer,
+}
+
+impl Role {
+    pub fn is_therapist(self) -> bool {
+        matches!(self, Role::Therapist | Role::CoTherapist)
+    }
+
+    /// The power level a role maps to.
+    pub fn power_level(self) -> i64 {
+        match self {
+            Role::Therapist => 100,
+            Role::CoTherapist => 50,
+            Role::Client | Role::Observer => 0,
+        }
+    }
+}
+
+/// The content of `org.limbic.session` (state key "").
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Session {
+    pub kind: Kind,
+    pub title: String,
+    pub starts_at: u64,
+    pub ends_at: u64,
+    pub timezone: String,
+    pub status: Status,
+    pub max_participants: u32,
+    /// Minutes before the start from which scheduled participants may join.
+    #[serde(default = "default_join_window")]
+    pub join_window_minutes: u32,
+    #[serde(default)]
+    pub recording_policy: RecordingPolicy,
+}
+
+fn default_join_window() -> u32 {
+    15
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordingPolicy {
+    #[default]
+    Forbidden,
+    WithConsent,
+}
+
+impl Session {
+    pub fn parse(content: &serde_json::Value) -> Result<Self> {
+        let session: Session = serde_json::from_value(content.clone())
+            .map_err(|e| Error::bad_json(format!("invalid {SESSION} content: {e}")))?;
+        if session.starts_at >= session.ends_at {
+            return Err(Error::bad_json("a session must end after it starts"));
+        }
+        if session.title.trim().is_empty() {
+            return Err(Error::bad_json("a session needs a title"));
+        }
+        if session.max_participants == 0 {
+            return Err(Error::bad_json("max_participants must be at least 1"));
+        }
+        Ok(session)
+    }
+
+    pub fn overlaps(&self, starts_at: u64, ends_at: u64) -> bool {
+        self.starts_at < ends_at && starts_at < self.ends_at
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct TherapistRecord {
+    verified_by: String,
+    ts: u64,
+}
+
+/// Clinic records the policy needs beyond room state: verified therapists and each therapist's
+/// booked sessions (for double-booking checks).
+pub struct Clinic {
+    store: Arc<Store>,
+    pub limits: crate::config::SessionsConfig,
+}
+
+impl Clinic {
+    pub fn new(store: Arc<Store>, limits: crate::config::SessionsConfig) -> Self {
+        Self { store, limits }
+    }
+
+    pub fn is_verified_therapist(&self, user_id: &UserId) -> Result<bool> {
+        Ok(self.store.contains(tables::THERAPISTS, user_id.as_bytes())?)
+    }
+
+    /// Marks a user as a verified therapist (or revokes it) and audits who did it.
+    pub fn set_verified_therapist(&self, audit: &crate::audit::Audit, admin: &UserId, user_id: &UserId, verified: bool) -> Result<()> {
+        let mut batch = self.store.batch();
+        if verified {
+            let record = TherapistRecord { verified_by: admin.to_string(), ts: ruma::MilliSecondsSinceUnixEpoch::now().0.into() };
+            batch.put_json(&self.store, tables::THERAPISTS, user_id.as_bytes(), &record)?;
+        } else {
+            batch.delete(&self.store, tables::THERAPISTS, user_id.as_bytes());
+        }
+        let action = if verified { "therapist_verified" } else { "therapist_revoked" };
+        audit.write_with(&self.store, batch, vec![crate::audit::AuditRecord::new(action, admin).target(user_id)])
+    }
+
+    /// The participant limit of a session kind, from config.
+    pub fn kind_limit(&self, kind: Kind) -> u32 {
+        let l = &self.limits;
+        match kind {
+            Kind::Individual => l.individual,
+            Kind::Couples => l.couples,
+            Kind::Family => l.family,
+            Kind::Group => l.group,
+            Kind::Workshop => l.workshop,
+            Kind::Support => l.support,
+        }
+    }
+
+    /// Rooms of live sessions booked for `therapist`, other than `except`.
+    fn booked(&self, therapist: &UserId, except: &ruma::RoomId) -> Result<Vec<OwnedRoomId>> {
+        let prefix = Key::new().str(therapist.as_str()).into_vec();
+        let mut rooms = Vec::new();
+        for item in self.store.scan_prefix(tables::THERAPIST_BOOKINGS, prefix, false) {
+            let (key, _) = item?;
+            let room = KeyReader::new(&key).skip_str().str().map(str::to_owned);
+            if let Some(room) = room.and_then(|r| OwnedRoomId::try_from(r).ok())
+                && room != except
+            {
+                rooms.push(room);
+            }
+        }
+        Ok(rooms)
+    }
+
+    /// Stages the booking index of a room's therapists after a session or role change.
+    pub fn stage_bookings(&self, batch: &mut Batch, room_id: &ruma::RoomId, therapists: &[OwnedUserId], live: bool, previous: &[OwnedUserId]) {
+        for user in previous {
+            batch.delete(&self.store, tables::THERAPIST_BOOKINGS, &Key::new().str(user.as_str()).str(room_id.as_str()).into_vec());
+        }
+        if live {
+            for user in therapists {
+                batch.put(&self.store, tables::THERAPIST_BOOKINGS, &Key::new().str(user.as_str()).str(room_id.as_str()).into_vec(), b"");
+            }
+        }
+    }
+}

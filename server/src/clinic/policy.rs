@@ -1,0 +1,238 @@
+//! The clinic policy, applied at the authorize step after the room version's auth rules: session
+//! state only from therapists and only along the status workflow, no double-booking, roles
+//! within the participant limit, joins only for scheduled participants inside the join window.
+
+use ruma::{OwnedUserId, RoomId, UserId, events::TimelineEventType};
+use serde_json::Value as JsonValue;
+
+use super::{Clinic, ROLE, Role, SESSION, Session, role_key, role_user};
+use crate::{
+    error::{Error, Result},
+    events::Pdu,
+    rooms::Membership,
+};
+
+/// The room's state as of the event being authorized, staged events included.
+pub trait RoomState {
+    fn state(&self, kind: &str, state_key: &str) -> Result<Option<Pdu>>;
+    /// Every (state key, event) of a state type.
+    fn state_of_type(&self, kind: &str) -> Result<Vec<(String, Pdu)>>;
+}
+
+/// What the policy may read: the room's state, and other rooms' current state for
+/// double-booking checks.
+pub struct PolicyContext<'a> {
+    pub clinic: &'a Clinic,
+    pub rooms: &'a crate::rooms::Rooms,
+    pub room_id: &'a RoomId,
+    pub room: &'a dyn RoomState,
+    pub now: u64,
+}
+
+impl PolicyContext<'_> {
+    fn session(&self) -> Result<Option<(Session, Pdu)>> {
+        match self.room.state(SESSION, "")? {
+            Some(pdu) => Ok(Some((Session::parse(&pdu.content_json())?, pdu))),
+            None => Ok(None),
+        }
+    }
+
+    fn role(&self, user: &str) -> Result<Option<Role>> {
+        Ok(self.room.state(ROLE, &role_key(user))?.and_then(|pdu| role_of(&pdu.content_json())))
+    }
+
+    /// Users with a role, and their roles.
+    fn roles(&self) -> Result<Vec<(String, Role)>> {
+        Ok(self.room.state_of_type(ROLE)?
+            .into_iter()
+            .filter_map(|(key, pdu)| Some((role_user(&key)?.to_owned(), role_of(&pdu.content_json())?)))
+            .collect())
+    }
+
+    fn therapists(&self) -> Result<Vec<OwnedUserId>> {
+        Ok(self
+            .roles()?
+            .into_iter()
+            .filter(|(_, role)| role.is_therapist())
+            .filter_map(|(user, _)| OwnedUserId::try_from(user).ok())
+            .collect())
+    }
+}
+
+fn role_of(content: &JsonValue) -> Option<Role> {
+    serde_json::from_value(content.get("role")?.clone()).ok()
+}
+
+fn refuse(message: impl Into<String>) -> Error {
+    Error::forbidden(message)
+}
+
+/// Applies the clinic rules to `pdu`. Rooms that are not sessions are not affected.
+pub fn authorize(ctx: &PolicyContext<'_>, pdu: &Pdu) -> Result<()> {
+    let kind = pdu.kind.to_string();
+    if kind == SESSION {
+        return check_session(ctx, pdu);
+    }
+    let Some((session, session_pdu)) = ctx.session()? else {
+        if kind == ROLE {
+            return Err(refuse("roles belong to session rooms"));
+        }
+        return Ok(());
+    };
+    match pdu.kind {
+        TimelineEventType::RoomMember => check_membership(ctx, pdu, &session),
+        _ if kind == ROLE => check_role(ctx, pdu, &session, &session_pdu),
+        _ if kind.starts_with("org.limbic.") && pdu.is_state() => {
+            // Recording policy and other clinic state: therapists only.
+            if ctx.role(pdu.sender.as_str())?.is_some_and(Role::is_therapist) {
+                Ok(())
+            } else {
+                Err(refuse(format!("only the session's therapists may set {kind}")))
+            }
+        }
+        _ => Ok(()),
+    }
+}
+
+fn check_session(ctx: &PolicyContext<'_>, pdu: &Pdu) -> Result<()> {
+    if pdu.state_key.as_deref() != Some("") {
+        return Err(Error::bad_json(format!("{SESSION} takes the empty state key")));
+    }
+    let new = Session::parse(&pdu.content_json())?;
+    let limit = ctx.clinic.kind_limit(new.kind);
+    if new.max_participants > limit {
+        return Err(Error::bad_json(format!("a {:?} session has at most {limit} participants", new.kind).to_lowercase()));
+    }
+    let mut therapists = ctx.therapists()?;
+    match ctx.session()? {
+        None => {
+            if !ctx.clinic.is_verified_therapist(&pdu.sender)? {
+                return Err(refuse("only verified therapists create sessions"));
+            }
+            if !therapists.contains(&pdu.sender) {
+                therapists.push(pdu.sender.clone());
+            }
+        }
+        Some((old, _)) => {
+            if !ctx.role(pdu.sender.as_str())?.is_some_and(Role::is_therapist) {
+                return Err(refuse("only the session's therapists change the session"));
+            }
+            if !old.status.is_live() {
+                return Err(refuse(format!("the session is {:?} and can no longer change", old.status).to_lowercase()));
+            }
+            if old.status != new.status && !old.status.can_become(new.status) {
+                return Err(refuse(format!("a session cannot go from {:?} to {:?}", old.status, new.status).to_lowercase()));
+            }
+            if old.kind != new.kind {
+                return Err(refuse("a session's kind cannot change"));
+            }
+            if (old.starts_at, old.ends_at) == (new.starts_at, new.ends_at) {
+                return Ok(());
+            }
+        }
+    }
+    if new.status.is_live() {
+        for therapist in &therapists {
+            check_not_double_booked(ctx, therapist, &new)?;
+        }
+    }
+    Ok(())
+}
+
+/// A therapist's live sessions must not overlap.
+fn check_not_double_booked(ctx: &PolicyContext<'_>, therapist: &UserId, session: &Session) -> Result<()> {
+    for room in ctx.clinic.booked(therapist, ctx.room_id)? {
+        let Some(content) = ctx.rooms.state_content(&room, SESSION, "")? else { continue };
+        let Ok(other) = Session::parse(&content) else { continue };
+        if other.status.is_live() && other.overlaps(session.starts_at, session.ends_at) {
+            return Err(Error::with_status(
+                crate::error::ErrorCode::Forbidden,
+                http::StatusCode::CONFLICT,
+                format!("{therapist} is already booked for \"{}\" at that time", other.title),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_role(ctx: &PolicyContext<'_>, pdu: &Pdu, session: &Session, session_pdu: &Pdu) -> Result<()> {
+    let target = pdu.state_key.as_deref().and_then(role_user).unwrap_or_default();
+    let target_id = <&UserId>::try_from(target).map_err(|_| Error::bad_json(format!("the state key of {ROLE} must be `_` followed by a user id")))?;
+    let sender_is_therapist = ctx.role(pdu.sender.as_str())?.is_some_and(Role::is_therapist);
+    // The session's creator assigns the first roles, their own included.
+    let creator_setting_up = pdu.sender == session_pdu.sender && ctx.therapists()?.is_empty();
+    if !sender_is_therapist && !creator_setting_up {
+        return Err(refuse("only the session's therapists assign roles"));
+    }
+    let content = pdu.content_json();
+    let Some(role) = role_of(&content) else {
+        if content.get("role").is_some_and(|r| !r.is_null()) {
+            return Err(Error::bad_json("role must be one of therapist, co_therapist, client, observer"));
+        }
+        // Removing a role.
+        return Ok(());
+    };
+    let others = ctx.roles()?.into_iter().filter(|(user, _)| user != target).count();
+    if others as u32 + 1 > session.max_participants {
+        return Err(refuse(format!("the session is full ({} participants)", session.max_participants)));
+    }
+    if role.is_therapist() && session.status.is_live() {
+        check_not_double_booked(ctx, target_id, session)?;
+    }
+    Ok(())
+}
+
+fn check_membership(ctx: &PolicyContext<'_>, pdu: &Pdu, session: &Session) -> Result<()> {
+    let content = pdu.content_json();
+    let membership = content.get("membership").and_then(JsonValue::as_str).and_then(Membership::parse);
+    let target = pdu.state_key.as_deref().unwrap_or_default();
+    match membership {
+        Some(Membership::Join) => {
+            // Scheduled participants have a role; others join once a therapist admitted their
+            // knock (an invite).
+            let role = ctx.role(target)?;
+            let admitted = ctx
+                .room
+                .state("m.room.member", target)?
+                .is_some_and(|m| m.content_json().get("membership").and_then(JsonValue::as_str) == Some("invite"));
+            if role.is_none() && !admitted {
+                return Err(refuse("only the session's scheduled participants join; knock to wait in the waiting room"));
+            }
+            if !session.status.is_live() {
+                return Err(refuse(format!("the session is {:?}", session.status).to_lowercase()));
+            }
+            if !role.is_some_and(Role::is_therapist) {
+                let opens = session.starts_at.saturating_sub(u64::from(session.join_window_minutes) * 60_000);
+                if ctx.now < opens {
+                    return Err(refuse(format!("the session opens for joining at {opens} (ms since the epoch)")));
+                }
+                if ctx.now > session.ends_at {
+                    return Err(refuse("the session has ended"));
+                }
+            }
+            let joined = ctx
+                .rooms
+                .joined_members(ctx.room_id)?
+                .into_iter()
+                .filter(|user| user.as_str() != target)
+                .count();
+            if joined as u32 + 1 > session.max_participants {
+                return Err(refuse(format!("the session is full ({} participants)", session.max_participants)));
+            }
+            Ok(())
+        }
+        Some(Membership::Knock) if !session.status.is_live() => Err(refuse(format!("the session is {:?}", session.status).to_lowercase())),
+        _ => Ok(()),
+    }
+}
+
+/// The room's therapists and whether its session is live, for the booking index.
+pub fn bookings(ctx: &PolicyContext<'_>) -> Result<(Vec<OwnedUserId>, bool)> {
+    let live = ctx.session()?.is_some_and(|(s, _)| s.status.is_live());
+    Ok((ctx.therapists()?, live))
+}
+
+/// The therapists of the room before an event, for [`stage_bookings`].
+pub fn therapists(ctx: &PolicyContext<'_>) -> Result<Vec<OwnedUserId>> {
+    ctx.therapists()
+}

@@ -1,0 +1,157 @@
+//! End-to-end tests: therapy sessions as rooms — verified therapists, the sessions API, and the
+//! clinic rules enforced on raw Matrix events too.
+
+mod common;
+
+use common::{Client, TestServer, enc, errcode};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+const SESSIONS: &str = "/_limbic/client/v1/sessions";
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+const HOUR: u64 = 3_600_000;
+
+async fn verified_therapist(server: &TestServer, admin: &Client, name: &str) -> Client {
+    let therapist = server.register(name).await;
+    admin.ok(Method::PUT, &format!("/_limbic/admin/v1/therapists/{}", enc(&therapist.user_id)), Some(json!({ "verified": true }))).await;
+    therapist
+}
+
+fn session_request(kind: &str, starts_at: u64, ends_at: u64, participants: Value) -> Value {
+    json!({ "kind": kind, "title": "Weekly session", "starts_at": starts_at, "ends_at": ends_at, "timezone": "Europe/Berlin", "participants": participants })
+}
+
+async fn session_state(client: &Client, room: &str) -> Value {
+    client.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/state/org.limbic.session/", enc(room)), None).await
+}
+
+async fn put_session(client: &Client, room: &str, content: &Value) -> (StatusCode, Value) {
+    client.put(&format!("/_matrix/client/v3/rooms/{}/state/org.limbic.session/", enc(room)), content.clone()).await
+}
+
+#[tokio::test]
+async fn only_verified_therapists_create_sessions() {
+    let server = TestServer::start().await;
+    let admin = server.register_admin("admin").await;
+    let therapist = server.register("therapist").await;
+    let client = server.register("client").await;
+    let start = now_ms() + HOUR;
+    let request = session_request("individual", start, start + HOUR, json!([{ "user_id": client.user_id, "role": "client" }]));
+    let (status, body) = therapist.post(SESSIONS, request.clone()).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{body}");
+
+    // Only admins verify therapists; the verification is audited.
+    let (status, _) = client.put(&format!("/_limbic/admin/v1/therapists/{}", enc(&therapist.user_id)), json!({ "verified": true })).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    admin.ok(Method::PUT, &format!("/_limbic/admin/v1/therapists/{}", enc(&therapist.user_id)), Some(json!({ "verified": true }))).await;
+    let check = admin.ok(Method::GET, &format!("/_limbic/admin/v1/therapists/{}", enc(&therapist.user_id)), None).await;
+    assert_eq!(check["verified"], true);
+    let audit = admin.ok(Method::GET, &format!("/_limbic/admin/v1/audit?user={}", enc(&therapist.user_id)), None).await;
+    assert!(audit["entries"].as_array().unwrap().iter().any(|e| e["action"] == "therapist_verified"));
+
+    let created = therapist.ok(Method::POST, SESSIONS, Some(request)).await;
+    let room = created["room_id"].as_str().unwrap().to_owned();
+    assert_eq!(created["session"]["status"], "scheduled");
+    assert_eq!(created["session"]["max_participants"], 2);
+
+    // Any Matrix client sees the same session as state, and the client was invited.
+    let state = session_state(&therapist, &room).await;
+    assert_eq!((state["kind"].as_str(), state["status"].as_str()), (Some("individual"), Some("scheduled")));
+    let sync = client.sync(None, 0).await;
+    assert!(sync["rooms"]["invite"][&room].is_object());
+    let view = client.ok(Method::GET, &format!("{SESSIONS}/{}", enc(&room)), None).await;
+    assert_eq!(view["roles"][&therapist.user_id], "therapist");
+    assert_eq!(view["roles"][&client.user_id], "client");
+    let upcoming = client.ok(Method::GET, SESSIONS, None).await;
+    assert_eq!(upcoming["sessions"][0]["room_id"], room.as_str());
+
+    // A non-therapist cannot fake a session in an ordinary room either.
+    let plain = client.create_room(json!({})).await;
+    let (status, _) = put_session(&client, &plain, &json!({ "kind": "individual", "title": "x", "starts_at": start, "ends_at": start + HOUR, "timezone": "UTC", "status": "scheduled", "max_participants": 2 })).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn status_workflow_limits_and_join_window() {
+    let server = TestServer::start().await;
+    let admin = server.register_admin("admin").await;
+    let therapist = verified_therapist(&server, &admin, "therapist").await;
+    let client = server.register("client").await;
+    let partner = server.register("partner").await;
+    let start = now_ms() + 2 * HOUR;
+    let created = therapist.ok(Method::POST, SESSIONS, Some(session_request("individual", start, start + HOUR, json!([{ "user_id": client.user_id, "role": "client" }])))).await;
+    let room = created["room_id"].as_str().unwrap().to_owned();
+
+    // Outside the join window the scheduled client cannot join yet.
+    let (status, body) = client.join(&room).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(body["error"].as_str().unwrap().contains("opens"), "{body}");
+
+    // An individual session has room for two: a third role is refused, through any API.
+    let role_path = format!("/_matrix/client/v3/rooms/{}/state/org.limbic.session.role/{}", enc(&room), enc(&format!("_{}", partner.user_id)));
+    let (status, body) = therapist.put(&role_path, json!({ "role": "client" })).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(body["error"].as_str().unwrap().contains("full"), "{body}");
+    let mut session = session_state(&therapist, &room).await;
+    session["max_participants"] = json!(3);
+    let (status, body) = put_session(&therapist, &room, &session).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_BAD_JSON"), "more than the kind allows");
+
+    // The client cannot change the session; the therapist reschedules it to now.
+    let mut session = session_state(&therapist, &room).await;
+    session["starts_at"] = json!(now_ms() + 5 * 60_000);
+    session["ends_at"] = json!(now_ms() + HOUR);
+    let (status, _) = put_session(&client, &room, &session).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, body) = put_session(&therapist, &room, &session).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(client.join(&room).await.0, StatusCode::OK);
+
+    // Status only along the workflow.
+    let status_path = format!("{SESSIONS}/{}/status", enc(&room));
+    let (status, body) = therapist.put(&status_path, json!({ "status": "in_progress" })).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "scheduled cannot jump to in_progress: {body}");
+    for next in ["open", "in_progress", "completed"] {
+        therapist.ok(Method::PUT, &status_path, Some(json!({ "status": next }))).await;
+    }
+    let (status, _) = therapist.put(&status_path, json!({ "status": "cancelled" })).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "a completed session is final");
+    let (status, _) = client.put(&status_path, json!({ "status": "open" })).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, body) = therapist.put(&status_path, json!({ "status": "nonsense" })).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_BAD_JSON"));
+}
+
+#[tokio::test]
+async fn no_double_booking_and_the_waiting_room() {
+    let server = TestServer::start().await;
+    let admin = server.register_admin("admin").await;
+    let therapist = verified_therapist(&server, &admin, "therapist").await;
+    let stranger = server.register("stranger").await;
+    let start = now_ms() + 3 * HOUR;
+    let first = therapist.ok(Method::POST, SESSIONS, Some(session_request("group", start, start + HOUR, json!([])))).await;
+    let first_room = first["room_id"].as_str().unwrap().to_owned();
+
+    let (status, body) = therapist.post(SESSIONS, session_request("group", start + HOUR / 2, start + 2 * HOUR, json!([]))).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("already booked"));
+    therapist.ok(Method::POST, SESSIONS, Some(session_request("group", start + HOUR, start + 2 * HOUR, json!([])))).await;
+    // Once the first is cancelled its time is free again.
+    therapist.ok(Method::PUT, &format!("{SESSIONS}/{}/status", enc(&first_room)), Some(json!({ "status": "cancelled" }))).await;
+    let now_group = therapist.ok(Method::POST, SESSIONS, Some(session_request("group", now_ms(), now_ms() + HOUR / 2, json!([])))).await;
+    let room = now_group["room_id"].as_str().unwrap().to_owned();
+
+    // Someone without a role cannot walk in: they knock, wait, and are admitted.
+    let (status, _) = stranger.join(&room).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    stranger.ok(Method::POST, &format!("/_matrix/client/v3/knock/{}", enc(&room)), Some(json!({ "reason": "new here" }))).await;
+    assert_eq!(therapist.invite(&room, &stranger.user_id).await.0, StatusCode::OK);
+    assert_eq!(stranger.join(&room).await.0, StatusCode::OK);
+    // A cancelled session takes no one.
+    let (status, _) = stranger.post(&format!("/_matrix/client/v3/knock/{}", enc(&first_room)), json!({})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+}
