@@ -41,7 +41,11 @@ impl Rooms {
             }
             let retention = self.state_content(&room_id, "m.room.retention", "")?;
             let Some(lifetime) = lifetime_ms(config, retention.as_ref()) else { continue };
-            removed += self.expire_room_events(&room_id, now_ms.saturating_sub(lifetime), budget - removed).await?;
+            // One broken room must not stop retention in the others.
+            match self.expire_room_events(&room_id, now_ms.saturating_sub(lifetime), budget - removed).await {
+                Ok(count) => removed += count,
+                Err(e) => tracing::warn!(%room_id, error = %e, "retention failed in room"),
+            }
         }
         Ok(removed)
     }
