@@ -155,3 +155,51 @@ async fn no_double_booking_and_the_waiting_room() {
     let (status, _) = stranger.post(&format!("/_matrix/client/v3/knock/{}", enc(&first_room)), json!({})).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 }
+
+#[tokio::test]
+async fn notes_are_for_therapists_only_and_keep_their_history() {
+    let server = TestServer::start().await;
+    let admin = server.register_admin("admin").await;
+    let therapist = verified_therapist(&server, &admin, "therapist").await;
+    let client = server.register("client").await;
+    let observer = server.register("observer").await;
+    let start = now_ms();
+    let created = therapist.ok(Method::POST, SESSIONS, Some(json!({
+        "kind": "group", "title": "Group", "starts_at": start, "ends_at": start + HOUR, "timezone": "UTC",
+        "participants": [{ "user_id": client.user_id, "role": "client" }, { "user_id": observer.user_id, "role": "observer" }]
+    }))).await;
+    let room = created["room_id"].as_str().unwrap().to_owned();
+    let notes = format!("{SESSIONS}/{}/notes", enc(&room));
+
+    let first = therapist.ok(Method::PUT, &format!("{notes}/intake"), Some(json!({ "body": "first impression" }))).await;
+    let notes_room = first["room_id"].as_str().unwrap().to_owned();
+    therapist.ok(Method::PUT, &format!("{notes}/intake"), Some(json!({ "body": "revised impression" }))).await;
+    let listed = therapist.ok(Method::GET, &notes, None).await;
+    let versions: Vec<&str> = listed["notes"][0]["versions"].as_array().unwrap().iter().map(|v| v["content"]["body"].as_str().unwrap()).collect();
+    assert_eq!(versions, ["revised impression", "first impression"]);
+
+    // Neither the client nor the observer reads, writes, joins or peeks.
+    for outsider in [&client, &observer] {
+        assert_eq!(outsider.get(&notes).await.0, StatusCode::FORBIDDEN);
+        assert_eq!(outsider.put(&format!("{notes}/intake"), json!({ "body": "x" })).await.0, StatusCode::FORBIDDEN);
+        assert_eq!(outsider.join(&notes_room).await.0, StatusCode::FORBIDDEN);
+        let (status, _) = outsider.get(&format!("/_matrix/client/v3/rooms/{}/state", enc(&notes_room))).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        let (status, _) = outsider.get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=b", enc(&notes_room))).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        let sync = outsider.sync(None, 0).await;
+        assert!(sync["rooms"]["join"].get(&notes_room).is_none() && sync["rooms"]["invite"].get(&notes_room).is_none());
+    }
+    // Even the therapist cannot invite a client into the notes room, nor put a note in the session room.
+    let (status, _) = therapist.invite(&notes_room, &client.user_id).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = therapist.put(&format!("/_matrix/client/v3/rooms/{}/state/org.limbic.session.note/x", enc(&room)), json!({ "body": "leak" })).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // The notes room never federates.
+    let create = therapist.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/state/m.room.create/", enc(&notes_room)), None).await;
+    assert_eq!(create["m.federate"], false);
+    // Reads and writes are audited.
+    let audit = admin.ok(Method::GET, &format!("/_limbic/admin/v1/audit?room_id={}", enc(&room)), None).await;
+    let actions: Vec<&str> = audit["entries"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert!(actions.contains(&"note_write") && actions.contains(&"note_read"), "{actions:?}");
+}

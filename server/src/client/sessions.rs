@@ -14,7 +14,8 @@ use serde_json::{Value as JsonValue, json};
 
 use super::{AppState, authenticate, missing_token};
 use crate::{
-    clinic::{Kind, ROLE, RecordingPolicy, Role, SESSION, Session, Status, role_key, role_user},
+    audit::AuditRecord,
+    clinic::{Kind, NOTE, NOTES_FOR, ROLE, RecordingPolicy, Role, SESSION, Session, Status, role_key, role_user},
     error::{Error, Result},
     events::{PduBuilder, new_room_id},
     users::Caller,
@@ -26,6 +27,8 @@ pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
         .route(V1, get(list_sessions).post(create_session))
         .route(&format!("{V1}/{{room_id}}"), get(get_session))
         .route(&format!("{V1}/{{room_id}}/status"), axum::routing::put(set_status))
+        .route(&format!("{V1}/{{room_id}}/notes"), get(list_notes))
+        .route(&format!("{V1}/{{room_id}}/notes/{{note_id}}"), axum::routing::put(write_note))
         .route("/_limbic/admin/v1/therapists/{user_id}", get(get_therapist).put(set_therapist))
 }
 
@@ -231,4 +234,95 @@ async fn set_therapist(State(server): State<AppState>, Authed(caller): Authed, P
     }
     server.clinic.set_verified_therapist(&server.audit, &caller.user_id, &user_id, request.verified)?;
     Ok(Json(json!({ "user_id": user_id, "verified": request.verified })))
+}
+
+// --- clinical notes ---
+
+/// Notes are for the session's therapists only.
+fn require_session_therapist(server: &AppState, caller: &Caller, room_id: &ruma::RoomId) -> Result<()> {
+    let role = server.rooms.state_content(room_id, ROLE, &role_key(caller.user_id.as_str()))?;
+    if role.as_ref().and_then(|r| r.get("role")).and_then(|r| serde_json::from_value::<Role>(r.clone()).ok()).is_some_and(Role::is_therapist) {
+        Ok(())
+    } else {
+        Err(Error::forbidden("only the session's therapists read and write its notes"))
+    }
+}
+
+/// The session's private notes room, created on first use: never federated, invite-only, for
+/// the session's therapists alone (the clinic policy keeps everyone else out).
+async fn notes_room(server: &AppState, caller: &Caller, session_room: &ruma::RoomId) -> Result<OwnedRoomId> {
+    if let Some(room) = server.clinic.notes_room(session_room)? {
+        return Ok(room);
+    }
+    let therapist = &caller.user_id;
+    let events = vec![
+        PduBuilder::state("m.room.create", "", json!({ "room_version": "11", "m.federate": false })),
+        PduBuilder::state("m.room.member", therapist.as_str(), json!({ "membership": "join" })),
+        PduBuilder::state("m.room.power_levels", "", json!({ "users": { therapist.as_str(): 100 }, "users_default": 50, "invite": 50, "state_default": 50, "events_default": 50 })),
+        PduBuilder::state("m.room.join_rules", "", json!({ "join_rule": "invite" })),
+        PduBuilder::state("m.room.history_visibility", "", json!({ "history_visibility": "joined" })),
+        PduBuilder::state(NOTES_FOR, "", json!({ "room_id": session_room })),
+    ];
+    let room_id = new_room_id(server.server_name());
+    let mut writer = server.rooms.writer(&room_id).await?;
+    writer.init_room(RoomVersionId::V11)?;
+    for builder in events {
+        writer.append(therapist, builder, None)?;
+    }
+    writer.commit()?;
+    server.clinic.link_notes_room(session_room, &room_id)?;
+    Ok(room_id)
+}
+
+/// Every note with its earlier versions, newest version first; the read is audited.
+async fn list_notes(State(server): State<AppState>, Authed(caller): Authed, Path(room): Path<String>) -> Result<Json<JsonValue>> {
+    let session_room = room_id(&room)?;
+    require_session_therapist(&server, &caller, &session_room)?;
+    let notes_room = notes_room(&server, &caller, &session_room).await?;
+    let mut notes = Vec::new();
+    for pdu in server.rooms.current_state(&notes_room)?.into_iter().filter(|p| p.kind.to_string() == NOTE) {
+        let mut versions = Vec::new();
+        let mut next = Some(pdu.event_id.clone());
+        while let Some(event_id) = next {
+            let Some(version) = server.rooms.pdu(&event_id)? else { break };
+            versions.push(json!({
+                "event_id": version.event_id,
+                "author": version.sender,
+                "ts": version.origin_server_ts,
+                "content": version.content_json(),
+            }));
+            next = server.rooms.meta(&event_id)?.and_then(|m| m.replaces_state);
+        }
+        notes.push(json!({ "note_id": pdu.state_key, "versions": versions }));
+    }
+    let record = AuditRecord::new("note_read", &caller.user_id).room(&session_room).details(json!({ "notes": notes.len() }));
+    server.audit.write_with(&server.store, server.store.batch(), vec![record])?;
+    Ok(Json(json!({ "room_id": notes_room, "notes": notes })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WriteNote {
+    body: String,
+}
+
+/// Creates or edits a note; the earlier versions stay in the notes room's history.
+async fn write_note(
+    State(server): State<AppState>,
+    Authed(caller): Authed,
+    Path((room, note_id)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Result<Json<JsonValue>> {
+    let request: WriteNote = parse_body(&body)?;
+    let session_room = room_id(&room)?;
+    require_session_therapist(&server, &caller, &session_room)?;
+    if note_id.is_empty() || note_id.starts_with('@') {
+        return Err(Error::invalid_param("note ids must not be empty or start with @"));
+    }
+    let notes_room = notes_room(&server, &caller, &session_room).await?;
+    let mut writer = server.rooms.writer(&notes_room).await?;
+    let pdu = writer.append(&caller.user_id, PduBuilder::state(NOTE, note_id.as_str(), json!({ "body": request.body })), None)?;
+    writer.audit(AuditRecord::new("note_write", &caller.user_id).room(&session_room).details(json!({ "note_id": note_id, "event_id": pdu.event_id })));
+    writer.commit()?;
+    Ok(Json(json!({ "event_id": pdu.event_id, "room_id": notes_room })))
 }

@@ -18,6 +18,10 @@ use crate::{
 
 pub const SESSION: &str = "org.limbic.session";
 pub const ROLE: &str = "org.limbic.session.role";
+/// A clinical note (state key: the note id), only ever in a session's private notes room.
+pub const NOTE: &str = "org.limbic.session.note";
+/// In a notes room: `{"room_id": <session room>}`.
+pub const NOTES_FOR: &str = "org.limbic.session.notes_for";
 
 /// The state key of a user's role. Room versions up to 11 reserve state keys starting with `@`
 /// for their own user, so roles use `_@user:server` (as MatrixRTC does for call members).
@@ -177,6 +181,22 @@ impl Clinic {
         }
         let action = if verified { "therapist_verified" } else { "therapist_revoked" };
         audit.write_with(&self.store, batch, vec![crate::audit::AuditRecord::new(action, admin).target(user_id)])
+    }
+
+    /// The private notes room of a session room, if it has one.
+    pub fn notes_room(&self, session_room: &ruma::RoomId) -> Result<Option<OwnedRoomId>> {
+        Ok(self
+            .store
+            .get(tables::SESSION_NOTES, session_room.as_bytes())?
+            .and_then(|id| String::from_utf8(id).ok())
+            .and_then(|id| OwnedRoomId::try_from(id).ok()))
+    }
+
+    pub fn link_notes_room(&self, session_room: &ruma::RoomId, notes_room: &ruma::RoomId) -> Result<()> {
+        let mut batch = self.store.batch();
+        batch.put(&self.store, tables::SESSION_NOTES, session_room.as_bytes(), notes_room.as_bytes());
+        self.store.write(batch)?;
+        Ok(())
     }
 
     /// The participant limit of a session kind, from config.

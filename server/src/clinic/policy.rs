@@ -5,7 +5,7 @@
 use ruma::{OwnedUserId, RoomId, UserId, events::TimelineEventType};
 use serde_json::Value as JsonValue;
 
-use super::{Clinic, ROLE, Role, SESSION, Session, role_key, role_user};
+use super::{Clinic, NOTE, NOTES_FOR, ROLE, Role, SESSION, Session, role_key, role_user};
 use crate::{
     error::{Error, Result},
     events::Pdu,
@@ -73,6 +73,12 @@ pub fn authorize(ctx: &PolicyContext<'_>, pdu: &Pdu) -> Result<()> {
     if kind == SESSION {
         return check_session(ctx, pdu);
     }
+    if let Some(notes_for) = ctx.room.state(NOTES_FOR, "")? {
+        return check_notes_room(ctx, pdu, &notes_for);
+    }
+    if kind == NOTE {
+        return Err(refuse("notes live only in a session's private notes room"));
+    }
     let Some((session, session_pdu)) = ctx.session()? else {
         if kind == ROLE {
             return Err(refuse("roles belong to session rooms"));
@@ -91,6 +97,36 @@ pub fn authorize(ctx: &PolicyContext<'_>, pdu: &Pdu) -> Result<()> {
             }
         }
         _ => Ok(()),
+    }
+}
+
+/// A notes room is for the session's therapists alone: nobody else is invited or joins, and
+/// only therapists write there.
+fn check_notes_room(ctx: &PolicyContext<'_>, pdu: &Pdu, notes_for: &Pdu) -> Result<()> {
+    let session_room = notes_for
+        .content_json()
+        .get("room_id")
+        .and_then(JsonValue::as_str)
+        .and_then(|r| ruma::OwnedRoomId::try_from(r).ok())
+        .ok_or_else(|| Error::internal("notes room without its session"))?;
+    let is_therapist = |user: &str| -> Result<bool> {
+        Ok(ctx
+            .rooms
+            .state_content(&session_room, ROLE, &role_key(user))?
+            .and_then(|c| role_of(&c))
+            .is_some_and(Role::is_therapist))
+    };
+    let membership = pdu.content_json().get("membership").and_then(JsonValue::as_str).and_then(Membership::parse);
+    match (pdu.kind.clone(), membership) {
+        (TimelineEventType::RoomMember, Some(Membership::Join | Membership::Invite | Membership::Knock)) => {
+            let target = pdu.state_key.as_deref().unwrap_or_default();
+            if is_therapist(target)? { Ok(()) } else { Err(refuse("only the session's therapists may enter its notes room")) }
+        }
+        (TimelineEventType::RoomMember, _) => Ok(()),
+        _ if pdu.kind.to_string() == NOTES_FOR => Err(refuse("a notes room's session cannot change")),
+        _ => {
+            if is_therapist(pdu.sender.as_str())? { Ok(()) } else { Err(refuse("only the session's therapists write notes")) }
+        }
     }
 }
 

@@ -423,9 +423,14 @@ impl<'a> RoomWriter<'a> {
         Ok(())
     }
 
+    /// Adds an audit entry to be chained and written with this writer's batch.
+    pub fn audit(&mut self, record: AuditRecord) {
+        self.staged_audit.push(record);
+    }
+
     /// Persists every staged event in one durable batch, then lets readers see them.
     pub fn commit(self) -> Result<()> {
-        if self.batch.is_empty() {
+        if self.batch.is_empty() && self.staged_audit.is_empty() {
             return Ok(());
         }
         let store = &self.rooms.store;

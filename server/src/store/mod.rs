@@ -126,6 +126,9 @@ pub mod tables {
     /// therapist user id, room id -> () for each live session the therapist is booked in
     pub const THERAPIST_BOOKINGS: Table = Table("therapist_bookings");
 
+    /// session room id -> its private notes room id
+    pub const SESSION_NOTES: Table = Table("session_notes");
+
     pub const ALL: &[Table] = &[
         GLOBAL, USERS, DEVICES, ACCESS_TOKENS, FILTERS, ACCOUNT_DATA, PRESENCE, PDUS, EVENT_META,
         TIMELINE, ROOM_STATE, ROOMS, STATE_SNAPSHOTS, ROOM_MEMBERS, USER_ROOMS, TXN_IDS, ALIASES,
@@ -133,7 +136,7 @@ pub mod tables {
         KEY_CHANGES, TO_DEVICE, BACKUP_VERSIONS, BACKUP_KEYS, NOTIFICATIONS, ROOM_NOTIFICATIONS, PUSHERS,
         MEDIA, MEDIA_THUMBNAILS, MEDIA_USAGE,
         RELATIONS, THREAD_REPLIES, SEARCH_INDEX, AUDIT_LOG, THERAPISTS,
-        THERAPIST_BOOKINGS,
+        THERAPIST_BOOKINGS, SESSION_NOTES,
     ];
 }
 
