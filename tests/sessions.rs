@@ -203,3 +203,34 @@ async fn notes_are_for_therapists_only_and_keep_their_history() {
     let actions: Vec<&str> = audit["entries"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
     assert!(actions.contains(&"note_write") && actions.contains(&"note_read"), "{actions:?}");
 }
+
+#[tokio::test]
+async fn session_changes_are_audited() {
+    let server = TestServer::start().await;
+    let admin = server.register_admin("admin").await;
+    let therapist = verified_therapist(&server, &admin, "therapist").await;
+    let client = server.register("client").await;
+    let start = now_ms() + HOUR;
+    let created = therapist.ok(Method::POST, SESSIONS, Some(session_request("couples", start, start + HOUR, json!([{ "user_id": client.user_id, "role": "client" }])))).await;
+    let room = created["room_id"].as_str().unwrap().to_owned();
+    therapist.ok(Method::PUT, &format!("{SESSIONS}/{}/status", enc(&room)), Some(json!({ "status": "open" }))).await;
+    let mut session = session_state(&therapist, &room).await;
+    session["starts_at"] = json!(start + 2 * HOUR);
+    session["ends_at"] = json!(start + 3 * HOUR);
+    assert_eq!(put_session(&therapist, &room, &session).await.0, StatusCode::OK);
+    let role_path = format!("/_matrix/client/v3/rooms/{}/state/org.limbic.session.role/{}", enc(&room), enc(&format!("_{}", client.user_id)));
+    therapist.ok(Method::PUT, &role_path, Some(json!({ "role": "observer" }))).await;
+
+    let audit = admin.ok(Method::GET, &format!("/_limbic/admin/v1/audit?room_id={}", enc(&room)), None).await;
+    let entries = audit["entries"].as_array().unwrap();
+    let find = |action: &str| entries.iter().find(|e| e["action"] == action).unwrap_or_else(|| panic!("no {action} in {entries:?}"));
+    assert_eq!(find("session_created")["details"]["status"], "scheduled");
+    assert_eq!((find("session_status")["details"]["from"].as_str(), find("session_status")["details"]["to"].as_str()), (Some("scheduled"), Some("open")));
+    assert!(find("session_rescheduled")["details"]["to"].is_array());
+    let role_changes: Vec<(&str, &str)> = entries
+        .iter()
+        .filter(|e| e["action"] == "role_change" && e["target"] == client.user_id.as_str())
+        .map(|e| (e["details"]["from"].as_str().unwrap_or("none"), e["details"]["to"].as_str().unwrap_or("none")))
+        .collect();
+    assert_eq!(role_changes, [("none", "client"), ("client", "observer")]);
+}

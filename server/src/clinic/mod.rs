@@ -154,6 +154,33 @@ struct TherapistRecord {
     ts: u64,
 }
 
+/// The audit entry of a session or role change: `session_created`, `session_status`,
+/// `session_rescheduled`, `role_change`. Other edits (a title, say) are not audited.
+pub fn audit_change(pdu: &crate::events::Pdu, previous: Option<&crate::events::Pdu>) -> Option<crate::audit::AuditRecord> {
+    use crate::audit::AuditRecord;
+    let content = pdu.content_json();
+    let before = previous.map(|p| p.content_json());
+    let record = AuditRecord::new("", &pdu.sender).room(&pdu.room_id);
+    let field = |value: &Option<serde_json::Value>, name: &str| value.as_ref().and_then(|v| v.get(name).cloned());
+    if pdu.kind.to_string() == ROLE {
+        let user = pdu.state_key.as_deref().and_then(role_user)?.to_owned();
+        let record = AuditRecord { action: "role_change", ..record.target(user) };
+        return Some(record.details(serde_json::json!({ "from": field(&before, "role"), "to": content.get("role") })));
+    }
+    let (action, details) = match &before {
+        None => ("session_created", serde_json::json!({ "status": content.get("status"), "starts_at": content.get("starts_at") })),
+        Some(old) if old.get("status") != content.get("status") => {
+            ("session_status", serde_json::json!({ "from": old.get("status"), "to": content.get("status") }))
+        }
+        Some(old) if old.get("starts_at") != content.get("starts_at") || old.get("ends_at") != content.get("ends_at") => (
+            "session_rescheduled",
+            serde_json::json!({ "from": [old.get("starts_at"), old.get("ends_at")], "to": [content.get("starts_at"), content.get("ends_at")] }),
+        ),
+        Some(_) => return None,
+    };
+    Some(AuditRecord { action, ..record }.details(details))
+}
+
 /// Clinic records the policy needs beyond room state: verified therapists and each therapist's
 /// booked sessions (for double-booking checks).
 pub struct Clinic {

@@ -292,11 +292,20 @@ impl<'a> RoomWriter<'a> {
             }
             let clinic_state = kind == crate::clinic::SESSION || kind == crate::clinic::ROLE;
             let therapists_before = if clinic_state { crate::clinic::therapists(&self.policy_context())? } else { Vec::new() };
+            let previous = self.staged_state.get(&(kind.clone(), state_key.clone())).cloned();
+            let previous = match previous {
+                Some(pdu) => Some(pdu),
+                None if clinic_state => self.state_event(&kind, state_key)?,
+                None => None,
+            };
             self.staged_state.insert((kind, state_key.clone()), pdu.clone());
             if clinic_state {
                 let (therapists, live) = crate::clinic::bookings(&self.policy_context())?;
                 let rooms = self.rooms;
                 rooms.clinic.stage_bookings(&mut self.batch, &self.room_id, &therapists, live, &therapists_before);
+                if let Some(record) = crate::clinic::audit_change(&pdu, previous.as_ref()) {
+                    self.staged_audit.push(record);
+                }
             }
         }
 
