@@ -40,6 +40,32 @@ pub struct Config {
     pub clinic: ClinicConfig,
     #[serde(default)]
     pub sessions: SessionsConfig,
+    #[serde(default)]
+    pub appointments: AppointmentsConfig,
+}
+
+/// Appointment links: booking systems create sessions and get a join link per participant.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppointmentsConfig {
+    /// Bearer token of the booking service; empty disables the endpoint.
+    pub shared_secret: String,
+    /// HS256 key of link tokens; empty means a random key kept in the store.
+    pub jwt_secret: String,
+    /// Where links point; the token is appended as `?token=`.
+    pub link_base_url: String,
+    pub token_lifetime_seconds: u64,
+}
+
+impl Default for AppointmentsConfig {
+    fn default() -> Self {
+        Self {
+            shared_secret: String::new(),
+            jwt_secret: String::new(),
+            link_base_url: "http://127.0.0.1:8008/join".to_owned(),
+            token_lifetime_seconds: 3600,
+        }
+    }
 }
 
 /// Therapy sessions: the participant limit of each session kind.
@@ -288,6 +314,7 @@ impl Config {
         for (key, value) in [
             ("clinic.max_message_length", self.clinic.max_message_length as u64),
             ("clinic.retention_interval_seconds", self.clinic.retention_interval_seconds),
+            ("appointments.token_lifetime_seconds", self.appointments.token_lifetime_seconds),
         ] {
             if value == 0 {
                 return Err(ConfigError::Invalid { key, reason: "must be at least 1".into() });

@@ -158,14 +158,19 @@ async fn username_available(
 }
 
 async fn login_types(_req: Ruma<get_login_types::v3::Request>) -> Json<JsonValue> {
-    Json(json!({ "flows": [{ "type": "m.login.password" }] }))
+    Json(json!({ "flows": [{ "type": "m.login.password" }, { "type": crate::clinic::appointments::JWT_LOGIN }] }))
 }
 
 async fn login_handler(
     State(server): State<AppState>,
     req: Ruma<login::v3::Request>,
-) -> Result<RumaResponse<login::v3::Response>> {
+) -> Result<axum::response::Response> {
+    use axum::response::IntoResponse;
     server.rate_limiter.check(Action::Login, &req.rate_key())?;
+    // ruma keeps login types it does not know, such as appointment links, as custom data.
+    if req.body.login_info.login_type() == crate::clinic::appointments::JWT_LOGIN {
+        return Ok(super::appointments::jwt_login(&server, &req).await?.into_response());
+    }
     let login::v3::LoginInfo::Password(password) = &req.body.login_info else {
         return Err(Error::new(ErrorCode::Unknown, "unsupported login type").into_bad_request());
     };
@@ -194,7 +199,7 @@ async fn login_handler(
     let record = AuditRecord::new("login", &user_id).details(json!({ "device_id": device_id, "ip": ip, "type": "m.login.password" }));
     server.audit.write_with(&server.store, batch, vec![record])?;
     tracing::info!(%user_id, %device_id, "login");
-    Ok(login::v3::Response::new(user_id, token, device_id).into())
+    Ok(RumaResponse::from(login::v3::Response::new(user_id, token, device_id)).into_response())
 }
 
 impl Error {

@@ -44,7 +44,7 @@ fn resolve_room(server: &AppState, room: &RoomOrAliasId) -> Result<OwnedRoomId> 
 
 /// Sends `membership` for `target`, sent by `sender`, with the profile when it is the
 /// sender's own join.
-async fn set_membership(
+pub(super) async fn set_membership(
     server: &AppState,
     sender: &UserId,
     room_id: &ruma::RoomId,

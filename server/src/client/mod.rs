@@ -3,6 +3,7 @@
 
 mod account;
 mod admin;
+mod appointments;
 mod directory;
 mod tags_and_users;
 mod discovery;
@@ -284,6 +285,7 @@ pub fn router() -> Router<AppState> {
     let router = relations::routes(router);
     let router = search::routes(router);
     let router = sessions::routes(router);
+    let router = appointments::routes(router);
     let router = admin::routes(router);
     misc::routes(router)
 }

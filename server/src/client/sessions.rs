@@ -43,7 +43,7 @@ impl FromRequestParts<AppState> for Authed {
     }
 }
 
-fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T> {
+pub(super) fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T> {
     let value: JsonValue = serde_json::from_slice(body).map_err(|e| Error::new(crate::error::ErrorCode::NotJson, e.to_string()))?;
     serde_json::from_value(value).map_err(|e| Error::bad_json(e.to_string()))
 }
@@ -54,25 +54,25 @@ fn room_id(room: &str) -> Result<OwnedRoomId> {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Participant {
-    user_id: OwnedUserId,
-    role: Role,
+pub(super) struct Participant {
+    pub(super) user_id: OwnedUserId,
+    pub(super) role: Role,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CreateSession {
-    kind: Kind,
-    title: String,
-    starts_at: u64,
-    ends_at: u64,
-    timezone: String,
+pub(super) struct CreateSession {
+    pub(super) kind: Kind,
+    pub(super) title: String,
+    pub(super) starts_at: u64,
+    pub(super) ends_at: u64,
+    pub(super) timezone: String,
     #[serde(default)]
-    participants: Vec<Participant>,
+    pub(super) participants: Vec<Participant>,
     #[serde(default)]
-    recording_policy: RecordingPolicy,
-    max_participants: Option<u32>,
-    join_window_minutes: Option<u32>,
+    pub(super) recording_policy: RecordingPolicy,
+    pub(super) max_participants: Option<u32>,
+    pub(super) join_window_minutes: Option<u32>,
 }
 
 fn power_levels(therapist: &OwnedUserId, participants: &[Participant]) -> JsonValue {
@@ -98,7 +98,20 @@ fn power_levels(therapist: &OwnedUserId, participants: &[Participant]) -> JsonVa
 /// Creates the session room in one atomic write: its state, the roles and the invitations.
 async fn create_session(State(server): State<AppState>, Authed(caller): Authed, body: axum::body::Bytes) -> Result<Json<JsonValue>> {
     let request: CreateSession = parse_body(&body)?;
-    let therapist = caller.user_id.clone();
+    let (writer, session) = stage_session(&server, &caller.user_id, request).await?;
+    let room_id = writer.room_id().clone();
+    writer.commit()?;
+    Ok(Json(json!({ "room_id": room_id, "session": session })))
+}
+
+/// Stages a new session room with `therapist` as its therapist: its state, the roles and the
+/// invitations, in a writer the caller commits (with records of its own, if any).
+pub(super) async fn stage_session<'s>(
+    server: &'s AppState,
+    therapist: &OwnedUserId,
+    request: CreateSession,
+) -> Result<(crate::rooms::RoomWriter<'s>, Session)> {
+    let therapist = therapist.clone();
     if request.participants.iter().any(|p| p.user_id == therapist) {
         return Err(Error::bad_json("the creating therapist is a participant already"));
     }
@@ -146,8 +159,7 @@ async fn create_session(State(server): State<AppState>, Authed(caller): Authed, 
     for builder in events {
         writer.append(&therapist, builder, None)?;
     }
-    writer.commit()?;
-    Ok(Json(json!({ "room_id": room_id, "session": session })))
+    Ok((writer, session))
 }
 
 /// The session's content and roles; for its members and participants only.

@@ -2,6 +2,7 @@
 //! `org.limbic.session.role` state, and the clinic policy the event pipeline applies after the
 //! room version's auth rules — whatever API an event comes through.
 
+pub mod appointments;
 mod policy;
 
 use std::sync::Arc;

@@ -432,6 +432,11 @@ impl<'a> RoomWriter<'a> {
         Ok(())
     }
 
+    /// The writer's batch, for records of other modules that belong with these events.
+    pub fn batch(&mut self) -> &mut Batch {
+        &mut self.batch
+    }
+
     /// Adds an audit entry to be chained and written with this writer's batch.
     pub fn audit(&mut self, record: AuditRecord) {
         self.staged_audit.push(record);

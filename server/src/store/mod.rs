@@ -129,6 +129,11 @@ pub mod tables {
     /// session room id -> its private notes room id
     pub const SESSION_NOTES: Table = Table("session_notes");
 
+    /// appointment id -> session room id (appointment links)
+    pub const APPOINTMENTS: Table = Table("appointments");
+    /// jti of a redeemed link token -> its expiry (seconds); each link logs in once
+    pub const LINK_TOKENS_USED: Table = Table("link_tokens_used");
+
     pub const ALL: &[Table] = &[
         GLOBAL, USERS, DEVICES, ACCESS_TOKENS, FILTERS, ACCOUNT_DATA, PRESENCE, PDUS, EVENT_META,
         TIMELINE, ROOM_STATE, ROOMS, STATE_SNAPSHOTS, ROOM_MEMBERS, USER_ROOMS, TXN_IDS, ALIASES,
@@ -136,7 +141,7 @@ pub mod tables {
         KEY_CHANGES, TO_DEVICE, BACKUP_VERSIONS, BACKUP_KEYS, NOTIFICATIONS, ROOM_NOTIFICATIONS, PUSHERS,
         MEDIA, MEDIA_THUMBNAILS, MEDIA_USAGE,
         RELATIONS, THREAD_REPLIES, SEARCH_INDEX, AUDIT_LOG, THERAPISTS,
-        THERAPIST_BOOKINGS, SESSION_NOTES,
+        THERAPIST_BOOKINGS, SESSION_NOTES, APPOINTMENTS, LINK_TOKENS_USED,
     ];
 }
 

@@ -1,0 +1,176 @@
+//! Appointment links: booking systems that own appointments create a session per appointment
+//! and hand each participant a link whose token (an HS256 JWT, audience `limbic-join:<room>`)
+//! logs in exactly that user once, through the `org.matrix.login.jwt` login type.
+
+use std::sync::Arc;
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
+use ruma::{OwnedRoomId, OwnedServerName, OwnedUserId, RoomId, UserId};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::{
+    audit::{Audit, AuditRecord},
+    config::AppointmentsConfig,
+    error::{Error, ErrorCode, Result},
+    store::{Batch, Store, tables},
+    users::random_string,
+};
+
+/// The login type of link tokens.
+pub const JWT_LOGIN: &str = "org.matrix.login.jwt";
+const AUDIENCE_PREFIX: &str = "limbic-join:";
+const SECRET_KEY: &[u8] = b"appointments_jwt_secret";
+
+#[derive(Serialize, Deserialize)]
+struct Claims {
+    sub: String,
+    aud: String,
+    iss: String,
+    exp: u64,
+    iat: u64,
+    jti: String,
+}
+
+/// A verified, not yet redeemed link token.
+pub struct Link {
+    pub user_id: OwnedUserId,
+    pub room_id: OwnedRoomId,
+    jti: String,
+    exp: u64,
+}
+
+pub struct Appointments {
+    store: Arc<Store>,
+    config: AppointmentsConfig,
+    issuer: OwnedServerName,
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    /// Serializes creation so that one appointment never gets two rooms.
+    creating: tokio::sync::Mutex<()>,
+    /// Serializes the replay check with the write that marks a token used.
+    redeeming: std::sync::Mutex<()>,
+}
+
+impl Appointments {
+    /// Uses the configured key, or the one kept in the store (generated on first start).
+    pub fn open(store: Arc<Store>, config: AppointmentsConfig, issuer: OwnedServerName) -> Result<Self> {
+        let secret = if config.jwt_secret.is_empty() {
+            match store.get(tables::GLOBAL, SECRET_KEY)? {
+                Some(secret) => secret,
+                None => {
+                    let secret = random_string(64).into_bytes();
+                    let mut batch = store.batch();
+                    batch.put(&store, tables::GLOBAL, SECRET_KEY, &secret);
+                    store.write(batch)?;
+                    secret
+                }
+            }
+        } else {
+            config.jwt_secret.as_bytes().to_vec()
+        };
+        Ok(Self {
+            encoding: EncodingKey::from_secret(&secret),
+            decoding: DecodingKey::from_secret(&secret),
+            store,
+            config,
+            issuer,
+            creating: tokio::sync::Mutex::new(()),
+            redeeming: std::sync::Mutex::new(()),
+        })
+    }
+
+    /// Checks the booking service's `Authorization` header in constant time; the endpoint
+    /// does not exist while no shared secret is configured.
+    pub fn authorize_service(&self, authorization: Option<&str>) -> Result<()> {
+        if self.config.shared_secret.is_empty() {
+            return Err(Error::not_found("appointment links are not enabled"));
+        }
+        let token = authorization
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .ok_or_else(|| Error::new(ErrorCode::MissingToken, "missing service token"))?;
+        // Comparing digests keeps the time independent of where, and of how long, they differ.
+        let (given, expected) = (Sha256::digest(token.trim()), Sha256::digest(&self.config.shared_secret));
+        if given.iter().zip(expected.iter()).fold(0u8, |diff, (a, b)| diff | (a ^ b)) != 0 {
+            return Err(Error::new(ErrorCode::UnknownToken, "invalid service token"));
+        }
+        Ok(())
+    }
+
+    /// Held while an appointment's room is looked up and, if missing, created.
+    pub async fn lock_creation(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.creating.lock().await
+    }
+
+    pub fn room(&self, appointment_id: &str) -> Result<Option<OwnedRoomId>> {
+        Ok(self
+            .store
+            .get(tables::APPOINTMENTS, appointment_id.as_bytes())?
+            .and_then(|id| String::from_utf8(id).ok())
+            .and_then(|id| OwnedRoomId::try_from(id).ok()))
+    }
+
+    /// Stages the appointment's room, to be written with the room itself.
+    pub fn stage_room(&self, batch: &mut Batch, appointment_id: &str, room_id: &RoomId) {
+        batch.put(&self.store, tables::APPOINTMENTS, appointment_id.as_bytes(), room_id.as_bytes());
+    }
+
+    /// A fresh join link for `user_id` into `room_id`.
+    pub fn link(&self, user_id: &UserId, room_id: &RoomId) -> Result<String> {
+        let now = now_seconds();
+        let claims = Claims {
+            sub: user_id.to_string(),
+            aud: format!("{AUDIENCE_PREFIX}{room_id}"),
+            iss: self.issuer.to_string(),
+            exp: now + self.config.token_lifetime_seconds,
+            iat: now,
+            jti: random_string(32),
+        };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding).map_err(Error::internal)?;
+        Ok(format!("{}?token={token}", self.config.link_base_url))
+    }
+
+    /// Checks a link token's signature, issuer, expiry and audience.
+    pub fn verify(&self, token: &str) -> Result<Link> {
+        let mut validation = Validation::new(Algorithm::HS256);
+        // Links are short-lived and single-use: no grace period after expiry.
+        validation.leeway = 0;
+        validation.validate_aud = false;
+        validation.set_issuer(&[self.issuer.as_str()]);
+        validation.set_required_spec_claims(&["exp", "sub", "aud", "iss"]);
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation)
+            .map_err(|e| {
+                Error::forbidden(match e.kind() {
+                    ErrorKind::ExpiredSignature => "this appointment link has expired".to_owned(),
+                    ErrorKind::InvalidSignature => "this appointment link's token is not valid (bad signature)".to_owned(),
+                    _ => format!("this appointment link's token is not valid: {e}"),
+                })
+            })?
+            .claims;
+        let room_id = claims
+            .aud
+            .strip_prefix(AUDIENCE_PREFIX)
+            .and_then(|room| OwnedRoomId::try_from(room).ok())
+            .ok_or_else(|| Error::forbidden("this token is not an appointment link"))?;
+        let user_id = OwnedUserId::try_from(claims.sub)
+            .ok()
+            .filter(|user| user.server_name() == self.issuer)
+            .ok_or_else(|| Error::forbidden("this appointment link is for an unknown user"))?;
+        Ok(Link { user_id, room_id, jti: claims.jti, exp: claims.exp })
+    }
+
+    /// Marks the link used within `batch` (the new device) and writes it with `record`;
+    /// a link that was used before is refused and nothing is written.
+    pub fn redeem(&self, audit: &Audit, mut batch: Batch, link: &Link, record: AuditRecord) -> Result<()> {
+        let _redeeming = self.redeeming.lock().map_err(|_| Error::internal("link redemption lock poisoned"))?;
+        if self.store.contains(tables::LINK_TOKENS_USED, link.jti.as_bytes())? {
+            return Err(Error::forbidden("this appointment link has been used already"));
+        }
+        batch.put(&self.store, tables::LINK_TOKENS_USED, link.jti.as_bytes(), &link.exp.to_be_bytes());
+        audit.write_with(&self.store, batch, vec![record])
+    }
+}
+
+fn now_seconds() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
