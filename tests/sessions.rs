@@ -234,3 +234,50 @@ async fn session_changes_are_audited() {
         .collect();
     assert_eq!(role_changes, [("none", "client"), ("client", "observer")]);
 }
+
+#[tokio::test]
+async fn participants_are_added_removed_and_related() {
+    let server = TestServer::start().await;
+    let admin = server.register_admin("admin").await;
+    let therapist = verified_therapist(&server, &admin, "therapist").await;
+    let client = server.register("client").await;
+    let partner = server.register("partner").await;
+    let stranger = server.register("stranger").await;
+    let start = now_ms();
+    let created = therapist.ok(Method::POST, SESSIONS, Some(session_request("couples", start, start + HOUR, json!([{ "user_id": client.user_id, "role": "client" }])))).await;
+    let room = created["room_id"].as_str().unwrap().to_owned();
+    let participant = |user: &str| format!("{SESSIONS}/{}/participants/{}", enc(&room), enc(user));
+
+    // Adding a participant gives a role and an invitation; the partner can join.
+    therapist.ok(Method::PUT, &participant(&partner.user_id), Some(json!({ "role": "client" }))).await;
+    assert_eq!(partner.join(&room).await.0, StatusCode::OK);
+    // The couples session is now full (three with the therapist).
+    let (status, _) = therapist.put(&participant(&stranger.user_id), json!({ "role": "observer" })).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // Only therapists manage participants.
+    let (status, _) = client.put(&participant(&stranger.user_id), json!({ "role": "client" })).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // Promoting to co-therapist raises the power level; removing takes role, power and membership.
+    therapist.ok(Method::PUT, &participant(&partner.user_id), Some(json!({ "role": "co_therapist" }))).await;
+    let power = therapist.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/state/m.room.power_levels/", enc(&room)), None).await;
+    assert_eq!(power["users"][&partner.user_id], 50);
+    therapist.ok(Method::DELETE, &participant(&partner.user_id), None).await;
+    let view = therapist.ok(Method::GET, &format!("{SESSIONS}/{}", enc(&room)), None).await;
+    assert!(view["roles"].get(&partner.user_id).is_none());
+    let power = therapist.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/state/m.room.power_levels/", enc(&room)), None).await;
+    assert!(power["users"].get(&partner.user_id).is_none());
+    let members = therapist.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&room)), None).await;
+    assert!(members["joined"].get(&partner.user_id).is_none());
+    let (status, _) = therapist.request(Method::DELETE, &participant(&stranger.user_id), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // The relationship check.
+    let ask = |t: &str, c: &str| format!("/_limbic/client/v1/relationship?therapist={}&client={}", enc(t), enc(c));
+    let shared = client.ok(Method::GET, &ask(&therapist.user_id, &client.user_id), None).await;
+    assert_eq!((shared["shared"].as_bool(), shared["sessions"][0].as_str()), (Some(true), Some(room.as_str())));
+    let none = admin.ok(Method::GET, &ask(&therapist.user_id, &stranger.user_id), None).await;
+    assert_eq!(none["shared"], false);
+    let (status, _) = stranger.get(&ask(&therapist.user_id, &client.user_id)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+}

@@ -27,6 +27,8 @@ pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
         .route(V1, get(list_sessions).post(create_session))
         .route(&format!("{V1}/{{room_id}}"), get(get_session))
         .route(&format!("{V1}/{{room_id}}/status"), axum::routing::put(set_status))
+        .route(&format!("{V1}/{{room_id}}/participants/{{user_id}}"), axum::routing::put(set_participant).delete(remove_participant))
+        .route("/_limbic/client/v1/relationship", get(relationship))
         .route(&format!("{V1}/{{room_id}}/notes"), get(list_notes))
         .route(&format!("{V1}/{{room_id}}/notes/{{note_id}}"), axum::routing::put(write_note))
         .route("/_limbic/admin/v1/therapists/{user_id}", get(get_therapist).put(set_therapist))
@@ -337,4 +339,126 @@ async fn write_note(
     writer.audit(AuditRecord::new("note_write", &caller.user_id).room(&session_room).details(json!({ "note_id": note_id, "event_id": pdu.event_id })));
     writer.commit()?;
     Ok(Json(json!({ "event_id": pdu.event_id, "room_id": notes_room })))
+}
+
+// --- participants ---
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetParticipant {
+    role: Role,
+}
+
+fn user_id(user: &str) -> Result<OwnedUserId> {
+    OwnedUserId::try_from(user).map_err(|_| Error::invalid_param("invalid user id"))
+}
+
+/// The power levels with `user` at `level` (0 removes the entry).
+fn power_levels_with(writer: &crate::rooms::RoomWriter<'_>, user: &ruma::UserId, level: i64) -> Result<Option<JsonValue>> {
+    let mut power = writer.state_event("m.room.power_levels", "")?.map(|p| p.content_json()).unwrap_or_else(|| json!({}));
+    let users = power.as_object_mut().map(|p| p.entry("users").or_insert_with(|| json!({})));
+    let Some(JsonValue::Object(users)) = users else { return Err(Error::internal("malformed power levels")) };
+    let current = users.get(user.as_str()).and_then(JsonValue::as_i64).unwrap_or(0);
+    if current == level {
+        return Ok(None);
+    }
+    if level == 0 {
+        users.remove(user.as_str());
+    } else {
+        users.insert(user.to_string(), json!(level));
+    }
+    Ok(Some(power))
+}
+
+/// Adds a participant or changes their role: the role, their power level and an invitation,
+/// in one write (the clinic policy checks the limits and who may do it).
+async fn set_participant(
+    State(server): State<AppState>,
+    Authed(caller): Authed,
+    Path((room, user)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Result<Json<JsonValue>> {
+    let request: SetParticipant = parse_body(&body)?;
+    let (room_id, user_id) = (room_id(&room)?, user_id(&user)?);
+    if user_id.server_name() == server.server_name() && !server.users.exists(&user_id)? {
+        return Err(Error::not_found(format!("unknown user {user_id}")));
+    }
+    session_view(&server, &caller, &room_id)?;
+    let mut writer = server.rooms.writer(&room_id).await?;
+    writer.append(&caller.user_id, PduBuilder::state(ROLE, role_key(user_id.as_str()), json!({ "role": request.role })), None)?;
+    if let Some(power) = power_levels_with(&writer, &user_id, request.role.power_level())? {
+        writer.append(&caller.user_id, PduBuilder::state("m.room.power_levels", "", power), None)?;
+    }
+    let membership = server.rooms.membership(&room_id, &user_id)?;
+    if !matches!(membership, Some(crate::rooms::Membership::Join | crate::rooms::Membership::Invite)) {
+        writer.append(&caller.user_id, PduBuilder::state("m.room.member", user_id.as_str(), json!({ "membership": "invite" })), None)?;
+    }
+    writer.commit()?;
+    Ok(Json(json!({ "user_id": user_id, "role": request.role })))
+}
+
+/// Removes a participant: their role and power level go, and they leave the room.
+async fn remove_participant(State(server): State<AppState>, Authed(caller): Authed, Path((room, user)): Path<(String, String)>) -> Result<Json<JsonValue>> {
+    let (room_id, user_id) = (room_id(&room)?, user_id(&user)?);
+    session_view(&server, &caller, &room_id)?;
+    let mut writer = server.rooms.writer(&room_id).await?;
+    if writer.state_event(ROLE, &role_key(user_id.as_str()))?.is_none() {
+        return Err(Error::not_found("not a participant of this session"));
+    }
+    writer.append(&caller.user_id, PduBuilder::state(ROLE, role_key(user_id.as_str()), json!({ "role": null })), None)?;
+    if let Some(power) = power_levels_with(&writer, &user_id, 0)? {
+        writer.append(&caller.user_id, PduBuilder::state("m.room.power_levels", "", power), None)?;
+    }
+    if matches!(server.rooms.membership(&room_id, &user_id)?, Some(crate::rooms::Membership::Join | crate::rooms::Membership::Invite | crate::rooms::Membership::Knock)) {
+        let leave = json!({ "membership": "leave", "reason": "removed from the session" });
+        writer.append(&caller.user_id, PduBuilder::state("m.room.member", user_id.as_str(), leave), None)?;
+    }
+    writer.commit()?;
+    Ok(Json(json!({})))
+}
+
+#[derive(Deserialize)]
+struct RelationshipQuery {
+    therapist: OwnedUserId,
+    client: OwnedUserId,
+}
+
+/// Do therapist T and client C share a session? For T, C and server admins.
+async fn relationship(
+    State(server): State<AppState>,
+    Authed(caller): Authed,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Result<Json<JsonValue>> {
+    let query: RelationshipQuery = serde_urlencoded_query(query.as_deref().unwrap_or_default())?;
+    let admin = server.users.account(&caller.user_id)?.is_some_and(|a| a.admin);
+    if caller.user_id != query.therapist && caller.user_id != query.client && !admin {
+        return Err(Error::forbidden("only the two users or a server admin may ask"));
+    }
+    let role_in = |room: &ruma::RoomId, user: &ruma::UserId| -> Result<Option<Role>> {
+        Ok(server
+            .rooms
+            .state_content(room, ROLE, &role_key(user.as_str()))?
+            .and_then(|c| c.get("role").cloned())
+            .and_then(|r| serde_json::from_value(r).ok()))
+    };
+    let mut sessions = Vec::new();
+    for (room, _) in server.rooms.user_rooms(&query.therapist)? {
+        if server.rooms.state_event(&room, SESSION, "")?.is_none() {
+            continue;
+        }
+        if role_in(&room, &query.therapist)?.is_some_and(Role::is_therapist) && role_in(&room, &query.client)?.is_some_and(|r| !r.is_therapist()) {
+            sessions.push(room);
+        }
+    }
+    Ok(Json(json!({ "shared": !sessions.is_empty(), "sessions": sessions })))
+}
+
+/// Parses `a=b&c=d` query strings into `T`, as Matrix errors.
+fn serde_urlencoded_query<T: for<'de> Deserialize<'de>>(query: &str) -> Result<T> {
+    let pairs: serde_json::Map<String, JsonValue> = query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (super::percent_decode(k), JsonValue::String(super::percent_decode(v))))
+        .collect();
+    serde_json::from_value(JsonValue::Object(pairs)).map_err(|e| Error::invalid_param(e.to_string()))
 }
