@@ -48,7 +48,7 @@ pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
 // --- extractors: the admin caller, and Matrix errors for bad paths, queries and bodies ---
 
 /// A request from a server admin, authenticated by access token.
-struct Admin(OwnedUserId);
+pub(super) struct Admin(pub(super) OwnedUserId);
 
 impl FromRequestParts<AppState> for Admin {
     type Rejection = Error;
@@ -75,7 +75,7 @@ impl<T: DeserializeOwned + Send> FromRequestParts<AppState> for Params<T> {
     }
 }
 
-struct QueryParams<T>(T);
+pub(super) struct QueryParams<T>(pub(super) T);
 
 impl<T: DeserializeOwned + Send> FromRequestParts<AppState> for QueryParams<T> {
     type Rejection = Error;

@@ -12,7 +12,11 @@ use ruma::{OwnedRoomId, OwnedUserId, RoomVersionId};
 use serde::Deserialize;
 use serde_json::{Value as JsonValue, json};
 
-use super::{AppState, authenticate, missing_token};
+use super::{
+    AppState,
+    admin::{Admin, QueryParams},
+    authenticate, missing_token,
+};
 use crate::{
     audit::AuditRecord,
     clinic::{Kind, NOTE, NOTES_FOR, ROLE, RecordingPolicy, Role, SESSION, Session, Status, role_key, role_user},
@@ -218,17 +222,9 @@ async fn set_status(State(server): State<AppState>, Authed(caller): Authed, Path
     Ok(Json(json!({ "event_id": event_id, "session": session })))
 }
 
-/// Only server admins mark therapists as verified.
-fn require_admin(server: &AppState, caller: &Caller) -> Result<()> {
-    if server.users.account(&caller.user_id)?.is_some_and(|a| a.admin && !a.deactivated) {
-        Ok(())
-    } else {
-        Err(Error::forbidden("you are not a server admin"))
-    }
-}
 
-async fn get_therapist(State(server): State<AppState>, Authed(caller): Authed, Path(user): Path<String>) -> Result<Json<JsonValue>> {
-    require_admin(&server, &caller)?;
+/// Only server admins see and mark therapists as verified.
+async fn get_therapist(State(server): State<AppState>, _admin: Admin, Path(user): Path<String>) -> Result<Json<JsonValue>> {
     let user_id = OwnedUserId::try_from(user).map_err(|_| Error::invalid_param("invalid user id"))?;
     Ok(Json(json!({ "user_id": user_id, "verified": server.clinic.is_verified_therapist(&user_id)? })))
 }
@@ -239,14 +235,13 @@ struct SetTherapist {
     verified: bool,
 }
 
-async fn set_therapist(State(server): State<AppState>, Authed(caller): Authed, Path(user): Path<String>, body: axum::body::Bytes) -> Result<Json<JsonValue>> {
-    require_admin(&server, &caller)?;
+async fn set_therapist(State(server): State<AppState>, Admin(admin): Admin, Path(user): Path<String>, body: axum::body::Bytes) -> Result<Json<JsonValue>> {
     let request: SetTherapist = parse_body(&body)?;
     let user_id = OwnedUserId::try_from(user).map_err(|_| Error::invalid_param("invalid user id"))?;
     if !server.users.account(&user_id)?.is_some_and(|a| !a.deactivated) {
         return Err(Error::not_found("unknown user"));
     }
-    server.clinic.set_verified_therapist(&server.audit, &caller.user_id, &user_id, request.verified)?;
+    server.clinic.set_verified_therapist(&server.audit, &admin, &user_id, request.verified)?;
     Ok(Json(json!({ "user_id": user_id, "verified": request.verified })))
 }
 
@@ -427,9 +422,8 @@ struct RelationshipQuery {
 async fn relationship(
     State(server): State<AppState>,
     Authed(caller): Authed,
-    axum::extract::RawQuery(query): axum::extract::RawQuery,
+    QueryParams(query): QueryParams<RelationshipQuery>,
 ) -> Result<Json<JsonValue>> {
-    let query: RelationshipQuery = serde_urlencoded_query(query.as_deref().unwrap_or_default())?;
     let admin = server.users.account(&caller.user_id)?.is_some_and(|a| a.admin);
     if caller.user_id != query.therapist && caller.user_id != query.client && !admin {
         return Err(Error::forbidden("only the two users or a server admin may ask"));
@@ -453,12 +447,3 @@ async fn relationship(
     Ok(Json(json!({ "shared": !sessions.is_empty(), "sessions": sessions })))
 }
 
-/// Parses `a=b&c=d` query strings into `T`, as Matrix errors.
-fn serde_urlencoded_query<T: for<'de> Deserialize<'de>>(query: &str) -> Result<T> {
-    let pairs: serde_json::Map<String, JsonValue> = query
-        .split('&')
-        .filter_map(|pair| pair.split_once('='))
-        .map(|(k, v)| (super::percent_decode(k), JsonValue::String(super::percent_decode(v))))
-        .collect();
-    serde_json::from_value(JsonValue::Object(pairs)).map_err(|e| Error::invalid_param(e.to_string()))
-}
