@@ -281,3 +281,34 @@ async fn participants_are_added_removed_and_related() {
     let (status, _) = stranger.get(&ask(&therapist.user_id, &client.user_id)).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 }
+
+#[tokio::test]
+async fn passcodes_guard_knocks_and_joins_and_are_never_stored() {
+    let server = TestServer::start().await;
+    let admin = server.register_admin("admin").await;
+    let therapist = verified_therapist(&server, &admin, "therapist").await;
+    let client = server.register("client").await;
+    let stranger = server.register("stranger").await;
+    let mut request = session_request("group", now_ms(), now_ms() + HOUR, json!([{ "user_id": client.user_id, "role": "client" }]));
+    request["passcode"] = json!("blue-otter-42");
+    let room = therapist.ok(Method::POST, SESSIONS, Some(request)).await["room_id"].as_str().unwrap().to_owned();
+    let join = format!("/_matrix/client/v3/join/{}", enc(&room));
+    let knock = format!("/_matrix/client/v3/knock/{}", enc(&room));
+
+    let (status, body) = client.post(&join, json!({})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(body["error"].as_str().unwrap().contains("passcode"), "{body}");
+    assert_eq!(client.post(&join, json!({ "org.limbic.passcode": "wrong" })).await.0, StatusCode::FORBIDDEN);
+    client.ok(Method::POST, &join, Some(json!({ "org.limbic.passcode": "blue-otter-42" }))).await;
+
+    // Raw membership events are held to the same rule.
+    let raw = format!("/_matrix/client/v3/rooms/{}/state/m.room.member/{}", enc(&room), enc(&stranger.user_id));
+    assert_eq!(stranger.put(&raw, json!({ "membership": "knock" })).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(stranger.post(&knock, json!({})).await.0, StatusCode::FORBIDDEN);
+    stranger.ok(Method::POST, &knock, Some(json!({ "org.limbic.passcode": "blue-otter-42", "reason": "hi" }))).await;
+
+    // The passcode never reaches the stored events.
+    let state = therapist.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/state", enc(&room)), None).await;
+    assert!(!state.to_string().contains("blue-otter-42"));
+    assert!(state.as_array().unwrap().iter().any(|e| e["state_key"] == stranger.user_id.as_str() && e["content"]["membership"] == "knock"));
+}

@@ -88,6 +88,7 @@ async fn create_appointment(State(server): State<AppState>, headers: HeaderMap, 
                 recording_policy: RecordingPolicy::default(),
                 max_participants: None,
                 join_window_minutes: None,
+                passcode: None,
             };
             let (mut writer, _) = stage_session(&server, &request.therapist, session).await?;
             let room_id = writer.room_id().clone();
@@ -152,6 +153,6 @@ async fn enter_waiting_room(server: &AppState, link: &Link) -> Result<()> {
     if matches!(membership, Some(Membership::Join | Membership::Invite | Membership::Knock)) {
         return Ok(());
     }
-    set_membership(server, &link.user_id, &link.room_id, &link.user_id, "knock", Some("appointment link")).await?;
+    set_membership(server, &link.user_id, &link.room_id, &link.user_id, "knock", Some("appointment link"), None).await?;
     Ok(())
 }

@@ -42,6 +42,11 @@ fn resolve_room(server: &AppState, room: &RoomOrAliasId) -> Result<OwnedRoomId> 
     }
 }
 
+/// The passcode a client sent with a join or knock, if any.
+fn passcode<T>(req: &Ruma<T>) -> Option<&str> {
+    req.json.as_ref()?.get(crate::clinic::PASSCODE_FIELD)?.as_str()
+}
+
 /// Sends `membership` for `target`, sent by `sender`, with the profile when it is the
 /// sender's own join.
 pub(super) async fn set_membership(
@@ -51,11 +56,13 @@ pub(super) async fn set_membership(
     target: &UserId,
     membership: &str,
     reason: Option<&str>,
+    passcode: Option<&str>,
 ) -> Result<ruma::OwnedEventId> {
     if !server.rooms.exists(room_id)? {
         return Err(Error::not_found("unknown room"));
     }
-    let mut content = json!({ "membership": membership, "reason": reason });
+    // The pipeline checks and strips the passcode: it is never stored in the event.
+    let mut content = json!({ "membership": membership, "reason": reason, crate::clinic::PASSCODE_FIELD: passcode });
     if target.server_name() == server.server_name() {
         let account = server.users.account(target)?.filter(|a| !a.deactivated);
         let Some(account) = account else {
@@ -77,7 +84,7 @@ async fn join_by_id(
     let caller = req.caller();
     let room_id = &req.body.room_id;
     if !server.rooms.is_joined(room_id, &caller.user_id)? {
-        set_membership(&server, &caller.user_id, room_id, &caller.user_id, "join", req.body.reason.as_deref()).await?;
+        set_membership(&server, &caller.user_id, room_id, &caller.user_id, "join", req.body.reason.as_deref(), passcode(&req)).await?;
     }
     Ok(join_room_by_id::v3::Response::new(room_id.clone()).into())
 }
@@ -89,7 +96,7 @@ async fn join_by_id_or_alias(
     let caller = req.caller();
     let room_id = resolve_room(&server, &req.body.room_id_or_alias)?;
     if !server.rooms.is_joined(&room_id, &caller.user_id)? {
-        set_membership(&server, &caller.user_id, &room_id, &caller.user_id, "join", req.body.reason.as_deref()).await?;
+        set_membership(&server, &caller.user_id, &room_id, &caller.user_id, "join", req.body.reason.as_deref(), passcode(&req)).await?;
     }
     Ok(join_room_by_id_or_alias::v3::Response::new(room_id).into())
 }
@@ -105,7 +112,7 @@ async fn invite(
     if !server.rooms.is_joined(&req.body.room_id, &caller.user_id)? {
         return Err(Error::forbidden("you are not joined to this room"));
     }
-    set_membership(&server, &caller.user_id, &req.body.room_id, &recipient.user_id, "invite", recipient.reason.as_deref()).await?;
+    set_membership(&server, &caller.user_id, &req.body.room_id, &recipient.user_id, "invite", recipient.reason.as_deref(), None).await?;
     Ok(invite_user::v3::Response::new().into())
 }
 
@@ -117,7 +124,7 @@ async fn leave(
     let room_id = &req.body.room_id;
     match server.rooms.membership(room_id, &caller.user_id)? {
         Some(crate::rooms::Membership::Join | crate::rooms::Membership::Invite | crate::rooms::Membership::Knock) => {
-            set_membership(&server, &caller.user_id, room_id, &caller.user_id, "leave", req.body.reason.as_deref()).await?;
+            set_membership(&server, &caller.user_id, room_id, &caller.user_id, "leave", req.body.reason.as_deref(), None).await?;
         }
         Some(_) => {}
         None => return Err(Error::not_found("you are not a member of this room")),
@@ -142,7 +149,7 @@ async fn kick(
     if !matches!(current, Some(crate::rooms::Membership::Join | crate::rooms::Membership::Invite | crate::rooms::Membership::Knock)) {
         return Err(Error::forbidden("the user is not in the room"));
     }
-    set_membership(&server, &caller.user_id, &req.body.room_id, &req.body.user_id, "leave", req.body.reason.as_deref()).await?;
+    set_membership(&server, &caller.user_id, &req.body.room_id, &req.body.user_id, "leave", req.body.reason.as_deref(), None).await?;
     Ok(kick_user::v3::Response::new().into())
 }
 
@@ -151,7 +158,7 @@ async fn ban(
     req: Ruma<ban_user::v3::Request>,
 ) -> Result<RumaResponse<ban_user::v3::Response>> {
     let caller = req.caller();
-    set_membership(&server, &caller.user_id, &req.body.room_id, &req.body.user_id, "ban", req.body.reason.as_deref()).await?;
+    set_membership(&server, &caller.user_id, &req.body.room_id, &req.body.user_id, "ban", req.body.reason.as_deref(), None).await?;
     Ok(ban_user::v3::Response::new().into())
 }
 
@@ -163,7 +170,7 @@ async fn unban(
     if server.rooms.membership(&req.body.room_id, &req.body.user_id)? != Some(crate::rooms::Membership::Ban) {
         return Err(Error::forbidden("the user is not banned"));
     }
-    set_membership(&server, &caller.user_id, &req.body.room_id, &req.body.user_id, "leave", req.body.reason.as_deref()).await?;
+    set_membership(&server, &caller.user_id, &req.body.room_id, &req.body.user_id, "leave", req.body.reason.as_deref(), None).await?;
     Ok(unban_user::v3::Response::new().into())
 }
 
@@ -176,6 +183,6 @@ async fn knock(
     if server.rooms.is_joined(&room_id, &caller.user_id)? {
         return Err(Error::forbidden("you are already joined to this room"));
     }
-    set_membership(&server, &caller.user_id, &room_id, &caller.user_id, "knock", req.body.reason.as_deref()).await?;
+    set_membership(&server, &caller.user_id, &room_id, &caller.user_id, "knock", req.body.reason.as_deref(), passcode(&req)).await?;
     Ok(knock_room::v3::Response::new(room_id).into())
 }

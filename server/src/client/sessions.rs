@@ -79,6 +79,9 @@ pub(super) struct CreateSession {
     pub(super) recording_policy: RecordingPolicy,
     pub(super) max_participants: Option<u32>,
     pub(super) join_window_minutes: Option<u32>,
+    /// Knocks and joins then need it; only its argon2 hash is kept.
+    #[serde(default)]
+    pub(super) passcode: Option<String>,
 }
 
 fn power_levels(therapist: &OwnedUserId, participants: &[Participant]) -> JsonValue {
@@ -164,6 +167,10 @@ pub(super) async fn stage_session<'s>(
     writer.init_room(RoomVersionId::V11)?;
     for builder in events {
         writer.append(&therapist, builder, None)?;
+    }
+    if let Some(passcode) = request.passcode.as_deref().filter(|p| !p.is_empty()) {
+        let clinic = &server.clinic;
+        clinic.stage_passcode(writer.batch(), &room_id, passcode)?;
     }
     Ok((writer, session))
 }

@@ -21,6 +21,9 @@ pub const SESSION: &str = "org.limbic.session";
 pub const ROLE: &str = "org.limbic.session.role";
 /// A clinical note (state key: the note id), only ever in a session's private notes room.
 pub const NOTE: &str = "org.limbic.session.note";
+/// The membership-content field a knock or join carries a session passcode in. The pipeline
+/// removes it before the event is built, so it is never stored or sent anywhere.
+pub const PASSCODE_FIELD: &str = "org.limbic.passcode";
 /// In a notes room: `{"room_id": <session room>}`.
 pub const NOTES_FOR: &str = "org.limbic.session.notes_for";
 
@@ -209,6 +212,19 @@ impl Clinic {
         }
         let action = if verified { "therapist_verified" } else { "therapist_revoked" };
         audit.write_with(&self.store, batch, vec![crate::audit::AuditRecord::new(action, admin).target(user_id)])
+    }
+
+    /// Stages the argon2 hash of a session's passcode.
+    pub fn stage_passcode(&self, batch: &mut Batch, room_id: &ruma::RoomId, passcode: &str) -> Result<()> {
+        batch.put(&self.store, tables::SESSION_PASSCODES, room_id.as_bytes(), crate::users::hash_password(passcode)?.as_bytes());
+        Ok(())
+    }
+
+    /// Whether `passcode` opens the room (true when the room has none).
+    pub fn passcode_matches(&self, room_id: &ruma::RoomId, passcode: Option<&str>) -> Result<bool> {
+        let Some(hash) = self.store.get(tables::SESSION_PASSCODES, room_id.as_bytes())? else { return Ok(true) };
+        let hash = String::from_utf8(hash).map_err(Error::internal)?;
+        Ok(passcode.is_some_and(|p| crate::users::verify_password(p, &hash)))
     }
 
     /// The private notes room of a session room, if it has one.

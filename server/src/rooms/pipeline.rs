@@ -141,6 +141,31 @@ impl<'a> RoomWriter<'a> {
         self.staged_events.get(event_id).cloned().or_else(|| self.rooms.pdu(event_id).ok().flatten())
     }
 
+    /// Passcode-protected sessions: a knock or join by anyone but the session's therapists needs
+    /// the passcode. The passcode is taken out of the content first, so it is never stored.
+    fn check_passcode(&self, sender: &UserId, builder: &mut PduBuilder) -> Result<()> {
+        if builder.kind != TimelineEventType::RoomMember {
+            return Ok(());
+        }
+        let passcode = builder
+            .content
+            .as_object_mut()
+            .and_then(|c| c.remove(crate::clinic::PASSCODE_FIELD))
+            .and_then(|p| p.as_str().map(str::to_owned));
+        let membership = builder.content.get("membership").and_then(|m| m.as_str());
+        if !matches!(membership, Some("join" | "knock")) || builder.state_key.as_deref() != Some(sender.as_str()) {
+            return Ok(());
+        }
+        let therapist = self
+            .state_event(crate::clinic::ROLE, &crate::clinic::role_key(sender.as_str()))?
+            .and_then(|role| role.content_json().get("role").and_then(|r| r.as_str()).map(str::to_owned))
+            .is_some_and(|role| role == "therapist" || role == "co_therapist");
+        if !therapist && !self.rooms.clinic.passcode_matches(&self.room_id, passcode.as_deref())? {
+            return Err(Error::forbidden("this session needs its passcode (org.limbic.passcode)"));
+        }
+        Ok(())
+    }
+
     /// Every (state key, event) of one state type, staged events included.
     fn state_of_type(&self, kind: &str) -> Result<Vec<(String, Pdu)>> {
         let mut found = std::collections::BTreeMap::new();
@@ -176,7 +201,8 @@ impl<'a> RoomWriter<'a> {
     }
 
     /// Builds, authorizes and stages one event. Nothing is visible before [`Self::commit`].
-    pub fn append(&mut self, sender: &UserId, builder: PduBuilder, txn: Option<TxnInfo>) -> Result<Pdu> {
+    pub fn append(&mut self, sender: &UserId, mut builder: PduBuilder, txn: Option<TxnInfo>) -> Result<Pdu> {
+        self.check_passcode(sender, &mut builder)?;
         let record = self.record.clone().ok_or_else(|| Error::not_found("unknown room"))?;
         let rules = self.rules.clone().ok_or_else(|| Error::not_found("unknown room"))?;
         let is_create = builder.kind == TimelineEventType::RoomCreate;

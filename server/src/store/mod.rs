@@ -126,6 +126,8 @@ pub mod tables {
     /// therapist user id, room id -> () for each live session the therapist is booked in
     pub const THERAPIST_BOOKINGS: Table = Table("therapist_bookings");
 
+    /// session room id -> argon2 hash of its passcode
+    pub const SESSION_PASSCODES: Table = Table("session_passcodes");
     /// session room id -> its private notes room id
     pub const SESSION_NOTES: Table = Table("session_notes");
 
@@ -141,7 +143,7 @@ pub mod tables {
         KEY_CHANGES, TO_DEVICE, BACKUP_VERSIONS, BACKUP_KEYS, NOTIFICATIONS, ROOM_NOTIFICATIONS, PUSHERS,
         MEDIA, MEDIA_THUMBNAILS, MEDIA_USAGE,
         RELATIONS, THREAD_REPLIES, SEARCH_INDEX, AUDIT_LOG, THERAPISTS,
-        THERAPIST_BOOKINGS, SESSION_NOTES, APPOINTMENTS, LINK_TOKENS_USED,
+        THERAPIST_BOOKINGS, SESSION_NOTES, SESSION_PASSCODES, APPOINTMENTS, LINK_TOKENS_USED,
     ];
 }
 
