@@ -312,3 +312,40 @@ async fn passcodes_guard_knocks_and_joins_and_are_never_stored() {
     assert!(!state.to_string().contains("blue-otter-42"));
     assert!(state.as_array().unwrap().iter().any(|e| e["state_key"] == stranger.user_id.as_str() && e["content"]["membership"] == "knock"));
 }
+
+#[tokio::test]
+async fn therapists_export_transcripts() {
+    let server = TestServer::start().await;
+    let admin = server.register_admin("admin").await;
+    let therapist = verified_therapist(&server, &admin, "therapist").await;
+    let client = server.register("client").await;
+    let room = therapist.ok(Method::POST, SESSIONS, Some(session_request("individual", now_ms(), now_ms() + HOUR, json!([{ "user_id": client.user_id, "role": "client" }])))).await["room_id"].as_str().unwrap().to_owned();
+    assert_eq!(client.join(&room).await.0, StatusCode::OK);
+    client.send_text(&room, "c1", "I slept better this week").await;
+    therapist.ok(Method::PUT, &format!("{SESSIONS}/{}/status", enc(&room)), Some(json!({ "status": "open" }))).await;
+
+    let url = |format: &str| format!("{}{SESSIONS}/{}/transcript{format}", therapist.base, enc(&room));
+    let get = |client: &Client, url: String| {
+        let request = client.http.get(url).bearer_auth(client.token.clone().unwrap());
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status(), response.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()), response.text().await.unwrap())
+        }
+    };
+    let (status, content_type, markdown) = get(&therapist, url("")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(content_type.unwrap().starts_with("text/markdown"));
+    assert!(markdown.starts_with("# Weekly session"), "{markdown}");
+    assert!(markdown.contains(&format!("{} (client)", client.user_id)));
+    assert!(markdown.contains(&format!("{}: I slept better this week", client.user_id)));
+    assert!(markdown.contains("session status: open"));
+    let (_, content_type, text) = get(&therapist, url("?format=text")).await;
+    assert!(content_type.unwrap().starts_with("text/plain"));
+    assert!(text.contains("] ") && !text.contains('`'));
+    let (status, _, _) = get(&therapist, url("?format=pdf")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _, _) = get(&client, url("")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let audit = admin.ok(Method::GET, &format!("/_limbic/admin/v1/audit?room_id={}", enc(&room)), None).await;
+    assert!(audit["entries"].as_array().unwrap().iter().any(|e| e["action"] == "export"));
+}

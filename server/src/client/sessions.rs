@@ -34,6 +34,7 @@ pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
         .route(&format!("{V1}/{{room_id}}/participants/{{user_id}}"), axum::routing::put(set_participant).delete(remove_participant))
         .route("/_limbic/client/v1/relationship", get(relationship))
         .route(&format!("{V1}/{{room_id}}/notes"), get(list_notes))
+        .route(&format!("{V1}/{{room_id}}/transcript"), get(transcript))
         .route(&format!("{V1}/{{room_id}}/notes/{{note_id}}"), axum::routing::put(write_note))
         .route("/_limbic/admin/v1/therapists/{user_id}", get(get_therapist).put(set_therapist))
 }
@@ -454,3 +455,91 @@ async fn relationship(
     Ok(Json(json!({ "shared": !sessions.is_empty(), "sessions": sessions })))
 }
 
+
+// --- transcript export ---
+
+#[derive(Deserialize)]
+struct TranscriptQuery {
+    #[serde(default)]
+    format: Option<String>,
+}
+
+/// The session's chat as Markdown (default) or plain text: participants, times, messages and
+/// session events, oldest first. Therapists only; audited as `export`.
+async fn transcript(
+    State(server): State<AppState>,
+    Authed(caller): Authed,
+    Path(room): Path<String>,
+    QueryParams(query): QueryParams<TranscriptQuery>,
+) -> Result<axum::response::Response> {
+    let room_id = room_id(&room)?;
+    require_session_therapist(&server, &caller, &room_id)?;
+    let markdown = match query.format.as_deref() {
+        None | Some("markdown") => true,
+        Some("text") => false,
+        Some(other) => return Err(Error::invalid_param(format!("unknown transcript format {other:?}; use markdown or text"))),
+    };
+    let (session, view) = session_view(&server, &caller, &room_id)?;
+    let time = |ms: u64| {
+        let secs = ms / 1000;
+        let (days, rest) = (secs / 86_400, secs % 86_400);
+        let (year, month, day) = civil_from_days(days as i64);
+        format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC", rest / 3600, rest % 3600 / 60, rest % 60)
+    };
+    let mut out = String::new();
+    let heading = if markdown { "# " } else { "" };
+    out.push_str(&format!("{heading}{}\n\n", session.title));
+    out.push_str(&format!("Session: {:?}, {} to {} ({}), status {:?}\n", session.kind, time(session.starts_at), time(session.ends_at), session.timezone, session.status).to_lowercase());
+    out.push_str("Participants:\n");
+    for (user, role) in view["roles"].as_object().into_iter().flatten() {
+        out.push_str(&format!("{} {user} ({})\n", if markdown { "-" } else { " " }, role.as_str().unwrap_or_default()));
+    }
+    out.push('\n');
+    let upto = server.store.streams().current();
+    for entry in server.rooms.timeline_after(&room_id, 0, upto) {
+        let (_, event_id) = entry?;
+        let Some(pdu) = server.rooms.pdu(&event_id)? else { continue };
+        let content = pdu.content_json();
+        let line = match pdu.kind.to_string().as_str() {
+            "m.room.message" => content.get("body").and_then(JsonValue::as_str).map(|b| format!("{}: {b}", pdu.sender)),
+            "m.room.member" => content.get("membership").and_then(JsonValue::as_str).map(|m| format!("{} — {m} ({})", pdu.state_key.clone().unwrap_or_default(), pdu.sender)),
+            kind if kind == SESSION => content.get("status").and_then(JsonValue::as_str).map(|s| format!("session status: {s} ({})", pdu.sender)),
+            _ => None,
+        };
+        if let Some(line) = line {
+            let stamp = time(pdu.origin_server_ts.0.into());
+            out.push_str(&if markdown { format!("- `{stamp}` {line}\n") } else { format!("[{stamp}] {line}\n") });
+        }
+    }
+    let record = AuditRecord::new("export", &caller.user_id).room(&room_id).details(json!({ "format": if markdown { "markdown" } else { "text" } }));
+    server.audit.write_with(&server.store, server.store.batch(), vec![record])?;
+    let content_type = if markdown { "text/markdown; charset=utf-8" } else { "text/plain; charset=utf-8" };
+    Ok(axum::response::IntoResponse::into_response(([(http::header::CONTENT_TYPE, content_type)], out)))
+}
+
+/// (year, month, day) of a day count since 1970-01-01 (Howard Hinnant's civil_from_days).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::civil_from_days;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+        assert_eq!(civil_from_days(-1), (1969, 12, 31));
+    }
+}
