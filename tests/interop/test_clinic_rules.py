@@ -467,6 +467,15 @@ def test_status_workflow(server, admin):
             room5 = await c.create(doctor, kind="individual", starts_at=base + 6 * HOUR)
             ok(await c.set_status(doctor, room5, "cancelled"), "PUT /status scheduled -> cancelled")
 
+            # Invalid content: unknown fields, or an end before the start.
+            room7 = await c.create(doctor, kind="individual", starts_at=base + 10 * HOUR)
+            view = await c.session(doctor, room7)
+            await nio_refused(await put_state(doctor, room7, SESSION, session_content(view, colour="blue")),
+                              f"raw {SESSION} with an unknown field", 400, "M_BAD_JSON")
+            await nio_refused(await put_state(doctor, room7, SESSION,
+                                              session_content(view, ends_at=view["session"]["starts_at"] - 1)),
+                              f"raw {SESSION} ending before it starts", 400, "M_BAD_JSON")
+
             # The kind never changes.
             room6 = await c.create(doctor, kind="individual", starts_at=base + 8 * HOUR)
             view = await c.session(doctor, room6)
@@ -510,7 +519,11 @@ def test_no_double_booking(server, admin):
                                 session_content(view, starts_at=t0 + 2 * HOUR, ends_at=t0 + 3 * HOUR)),
                 RoomPutStateResponse, f"raw {SESSION} rescheduled to a free slot")
 
-            # Making a double-booked therapist co-therapist: API and raw role, both 409.
+            # Making a double-booked therapist co-therapist: at creation, through the participants
+            # API and with a raw role, all 409.
+            refused(await c.try_create(bob, kind="group", starts_at=t0 + 30 * MINUTE, minutes=60,
+                                       participants={alice: "co_therapist"}),
+                    "POST /sessions naming a double-booked therapist as co-therapist", 409, "M_FORBIDDEN")
             refused(await c.set_role(bob, bobs, alice, "co_therapist"),
                     "PUT /participants co_therapist for a therapist booked at that time", 409, "M_FORBIDDEN")
             await nio_refused(await put_state(bob, bobs, ROLE, {"role": "co_therapist"}, role_key(alice.user_id)),
@@ -540,6 +553,7 @@ def test_join_window(server, admin):
             doctor = await c.therapist("doctor")
             cotherapist = await c.user("co")
             client = await c.user("client")
+            guest = await c.user("guest")
             now = now_ms()
 
             # Starting in 2 hours: the client is refused with the opening time in the message.
@@ -551,6 +565,15 @@ def test_join_window(server, admin):
                                      403, "M_FORBIDDEN")
             assert str(opens) in (resp.message or ""), \
                 f"the refusal should name the opening time {opens}: {await explain(resp)}"
+            # The same through the state endpoint, and for a guest admitted from the waiting room.
+            resp = await nio_refused(await put_state(client, room, "m.room.member", {"membership": "join"},
+                                                     client.user_id),
+                                     "raw m.room.member join 2 hours before the start", 403, "M_FORBIDDEN")
+            assert str(opens) in resp.message, f"the refusal should name the opening time {opens}: {resp.message}"
+            await nio_ok(await guest.room_knock(room, reason="early"), RoomKnockResponse, "knock 2 hours early")
+            await nio_ok(await doctor.room_invite(room, guest.user_id), RoomInviteResponse, "admitting it")
+            resp = await nio_refused(await guest.join(room), "admitted guest joining 2 hours early", 403, "M_FORBIDDEN")
+            assert str(opens) in resp.message, f"the refusal should name the opening time {opens}: {resp.message}"
             # Therapists may join early.
             await nio_ok(await cotherapist.join(room), JoinResponse, "co-therapist joining 2 hours early")
 
@@ -608,8 +631,10 @@ def test_waiting_room_knock_admit_decline(server, admin):
             seen = await member(doctor, room, declined.user_id)
             assert (seen.get("membership"), seen.get("reason")) == ("leave", "please book a session"), seen
             await nio_refused(await declined.join(room), "join after a declined knock", 403, "M_FORBIDDEN")
-            status, body = await raw_join(c, declined, room, {}, via_rooms=True)
-            assert status == 403, f"raw /rooms/{{room}}/join after a declined knock -> HTTP {status}: {body}"
+            refused(await raw_join(c, declined, room, {}, via_rooms=True), "/rooms/{room}/join after a declined knock",
+                    403, "M_FORBIDDEN")
+            await nio_refused(await put_state(declined, room, "m.room.member", {"membership": "join"}, declined.user_id),
+                              "raw m.room.member join after a declined knock", 403, "M_FORBIDDEN")
 
             # The waiting room is audited: the knocks, the admission, the decline (with its reason).
             entries = await c.audit(room_id=room)
@@ -684,8 +709,10 @@ def test_passcodes(server, admin):
             doctor = await c.therapist("doctor")
             cotherapist = await c.user("co")
             client = await c.user("client")
+            client2 = await c.user("client2")
             guest = await c.user("guest")
-            room = await c.create(doctor, participants={client: "client", cotherapist: "co_therapist"},
+            room = await c.create(doctor, participants={client: "client", client2: "client",
+                                                        cotherapist: "co_therapist"},
                                   passcode=passcode)
 
             # The scheduled client: no or a wrong passcode refused (raw /join body, and nio's join).
@@ -696,6 +723,18 @@ def test_passcodes(server, admin):
             await nio_refused(await client.join(room), "client nio join (no passcode)", 403, "M_FORBIDDEN")
             ok(await raw_join(c, client, room, {PASSCODE_FIELD: passcode, "reason": "hello"}),
                "client /join with the passcode")
+
+            # Through the state endpoint (PUT /rooms/{room}/state/m.room.member/{self}): the same.
+            await nio_refused(await put_state(client2, room, "m.room.member", {"membership": "join"}, client2.user_id),
+                              "raw m.room.member join without the passcode", 403, "M_FORBIDDEN")
+            await nio_refused(await put_state(client2, room, "m.room.member",
+                                              {"membership": "join", PASSCODE_FIELD: "wrong"}, client2.user_id),
+                              "raw m.room.member join with a wrong passcode", 403, "M_FORBIDDEN")
+            await nio_ok(await put_state(client2, room, "m.room.member",
+                                         {"membership": "join", PASSCODE_FIELD: passcode}, client2.user_id),
+                         RoomPutStateResponse, "raw m.room.member join with the passcode")
+            assert await member(doctor, room, client2.user_id) == {"membership": "join"}, \
+                "the stored member event should be exactly {membership: join}"
 
             # A knock: no or a wrong passcode refused; the right one allowed.
             await nio_refused(await guest.room_knock(room, reason="let me in"), "nio knock without the passcode",
@@ -726,7 +765,7 @@ def test_passcodes(server, admin):
                     assert PASSCODE_FIELD not in text and passcode not in text, \
                         f"the passcode appears in the {where} seen by {who.user_id}: {text[:2000]}"
                 members = [e for e in history if e.get("type") == "m.room.member"]
-                assert {e["state_key"] for e in members} >= {client.user_id, guest.user_id}, members
+                assert {e["state_key"] for e in members} >= {client.user_id, client2.user_id, guest.user_id}, members
             view = await c.session(doctor, room)
             assert passcode not in json.dumps(view), view
             status, sync = await c.api(doctor, "GET", "/_matrix/client/v3/sync", query={"full_state": "true"})
@@ -762,9 +801,13 @@ def test_notes_confidentiality(server, admin):
             notes_room, note_event = written["room_id"], written["event_id"]
             assert notes_room != room, written
 
-            # A note goes only into the notes room, never into the session room.
+            # A note goes only into the notes room, never into the session room or any other.
             await nio_refused(await put_state(doctor, room, NOTE, {"body": "leak"}, "raw"),
                               f"raw {NOTE} in the session room", 403, "M_FORBIDDEN")
+            own = await client.room_create(name="my diary", preset=RoomPreset.private_chat)
+            await nio_ok(own, RoomCreateResponse, "createRoom by the client")
+            await nio_refused(await put_state(client, own.room_id, NOTE, {"body": "diary"}, "d1"),
+                              f"raw {NOTE} in an ordinary room", 403, "M_FORBIDDEN")
 
             for who, label in ((client, "client"), (observer, "observer")):
                 refused(await c.api(who, "GET", f"{SESSIONS}/{q(room)}/notes"), f"GET /notes by the {label}",
@@ -776,12 +819,28 @@ def test_notes_confidentiality(server, admin):
                                   f"{label} knocking on the notes room", 403, "M_FORBIDDEN")
                 await nio_refused(await doctor.room_invite(notes_room, who.user_id),
                                   f"therapist inviting the {label} to the notes room", 403, "M_FORBIDDEN")
+                await nio_refused(await put_state(doctor, notes_room, "m.room.member", {"membership": "invite"},
+                                                  who.user_id),
+                                  f"therapist inviting the {label} to the notes room (raw member state)",
+                                  403, "M_FORBIDDEN")
                 await nio_refused(await who.room_get_state(notes_room), f"{label} GET /rooms/{{notes}}/state",
                                   403, "M_FORBIDDEN")
                 await nio_refused(await who.room_get_state_event(notes_room, NOTE, "intake"),
                                   f"{label} GET /rooms/{{notes}}/state/{NOTE}/intake", 403, "M_FORBIDDEN")
                 await nio_refused(await who.room_messages(notes_room, start=None), f"{label} GET /rooms/{{notes}}/messages",
                                   403, "M_FORBIDDEN")
+                await nio_refused(await who.joined_members(notes_room), f"{label} GET /rooms/{{notes}}/joined_members",
+                                  403, "M_FORBIDDEN")
+                refused(await c.api(who, "GET", f"/_matrix/client/v3/rooms/{q(notes_room)}/members"),
+                        f"{label} GET /rooms/{{notes}}/members", 403, "M_FORBIDDEN")
+                status, context = await c.api(who, "GET",
+                                              f"/_matrix/client/v3/rooms/{q(notes_room)}/context/{q(note_event)}")
+                assert status in (403, 404) and body_text not in json.dumps(context), \
+                    f"{label} GET /rooms/{{notes}}/context/{{note}} -> HTTP {status}: {context}"
+                status, found = await c.api(who, "POST", "/_matrix/client/v3/search", {
+                    "search_categories": {"room_events": {"search_term": body_text.split()[2].rstrip(":")}}})
+                assert status == 200 and body_text not in json.dumps(found), \
+                    f"{label} POST /search for the note's words -> HTTP {status}: {found}"
                 resp = await who.room_get_event(notes_room, note_event)
                 await expect_error(resp, f"{label} GET /rooms/{{notes}}/event/{{note}}")
                 assert resp.transport_response.status in (403, 404) and body_text not in await resp.transport_response.text(), \
@@ -984,6 +1043,13 @@ def test_appointment_links(server, admin):
                     "a token from another issuer", 403, "M_FORBIDDEN")
             refused(await jwt_login(c, forge({**good, "sub": "@mallory:evil.example", "jti": secrets.token_hex(8)})),
                     "a token for a user of another server", 403, "M_FORBIDDEN")
+
+            # The booking service is subject to double-booking too.
+            overlapping = {**booking, "appointment_id": f"booking-{RUN}-overlap",
+                           "client": f"@appt-other-{next(_counter)}-{RUN}:{server.server_name}",
+                           "starts_at": now + 10 * MINUTE, "ends_at": now + 70 * MINUTE}
+            refused(await raw(c.url, "POST", service, SERVICE_SECRET, overlapping),
+                    "an appointment overlapping the therapist's other one", 409, "M_FORBIDDEN")
 
             # The waiting room: a linked user whose role was removed is knocked in on login.
             waiting = {**booking, "appointment_id": f"booking-{RUN}-2", "therapist": other_doctor.user_id,
