@@ -349,3 +349,165 @@ async fn therapists_export_transcripts() {
     let audit = admin.ok(Method::GET, &format!("/_limbic/admin/v1/audit?room_id={}", enc(&room)), None).await;
     assert!(audit["entries"].as_array().unwrap().iter().any(|e| e["action"] == "export"));
 }
+
+#[tokio::test]
+async fn reschedule_join_window_and_the_waiting_room_api() {
+    let server = TestServer::start().await;
+    let admin = server.register_admin("admin").await;
+    let therapist = verified_therapist(&server, &admin, "therapist").await;
+    let client = server.register("client").await;
+    let (early, late) = (server.register("early").await, server.register("late").await);
+    let start = now_ms() + 2 * HOUR;
+    let created = therapist.ok(Method::POST, SESSIONS, Some(session_request("group", start, start + HOUR, json!([{ "user_id": client.user_id, "role": "client" }])))).await;
+    let room = created["room_id"].as_str().unwrap().to_owned();
+    let path = format!("{SESSIONS}/{}", enc(&room));
+
+    // Someone arriving early learns when the session opens: in the refusal and the session view.
+    let view = client.ok(Method::GET, &path, None).await;
+    let opens_at = start - 15 * 60_000;
+    assert_eq!(view["join_window"], json!({ "opens_at": opens_at, "closes_at": start + HOUR, "open": false }));
+    let (status, body) = client.join(&room).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"));
+    assert_eq!(body["org.limbic.opens_at"], opens_at, "{body}");
+
+    // Rescheduling: therapists only, valid fields only, never onto another booking.
+    let (status, body) = client.request(Method::PATCH, &path, Some(json!({ "starts_at": start + HOUR }))).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"));
+    let (status, body) = therapist.request(Method::PATCH, &path, Some(json!({ "starts_on": start }))).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_BAD_JSON"));
+    let (status, body) = therapist.request(Method::PATCH, &path, Some(json!({ "ends_at": start - 1 }))).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_BAD_JSON"));
+    therapist.ok(Method::POST, SESSIONS, Some(session_request("group", start + 3 * HOUR, start + 4 * HOUR, json!([])))).await;
+    let (status, _) = therapist.request(Method::PATCH, &path, Some(json!({ "starts_at": start + 3 * HOUR, "ends_at": start + 5 * HOUR }))).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let now = now_ms();
+    let moved = therapist.ok(Method::PATCH, &path, Some(json!({ "starts_at": now, "ends_at": now + HOUR, "title": "Moved up" }))).await;
+    assert_eq!((moved["session"]["starts_at"].as_u64(), moved["session"]["title"].as_str()), (Some(now), Some("Moved up")));
+    let name = therapist.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/state/m.room.name/", enc(&room)), None).await;
+    assert_eq!(name["name"], "Moved up");
+    assert_eq!(client.ok(Method::GET, &path, None).await["join_window"]["open"], true);
+    assert_eq!(client.join(&room).await.0, StatusCode::OK);
+
+    // The waiting room: knocks with reasons, listed for therapists, admitted or declined.
+    for (who, reason) in [(&early, "intake at nine"), (&late, "running late")] {
+        who.ok(Method::POST, &format!("/_matrix/client/v3/knock/{}", enc(&room)), Some(json!({ "reason": reason }))).await;
+    }
+    let waiting_path = format!("{path}/waiting");
+    let (status, _) = client.get(&waiting_path).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let waiting = therapist.ok(Method::GET, &waiting_path, None).await;
+    let queue: Vec<(&str, &str)> = waiting["waiting"].as_array().unwrap().iter().map(|w| (w["user_id"].as_str().unwrap(), w["reason"].as_str().unwrap())).collect();
+    assert_eq!(queue, [(early.user_id.as_str(), "intake at nine"), (late.user_id.as_str(), "running late")]);
+    // A knocker may read the session, to see when it opens.
+    assert_eq!(late.ok(Method::GET, &path, None).await["session"]["title"], "Moved up");
+
+    let (status, _) = client.post(&format!("{waiting_path}/{}/admit", enc(&early.user_id)), json!({})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    therapist.ok(Method::POST, &format!("{waiting_path}/{}/admit", enc(&early.user_id)), Some(json!({}))).await;
+    assert_eq!(early.join(&room).await.0, StatusCode::OK);
+    therapist.ok(Method::POST, &format!("{waiting_path}/{}/decline", enc(&late.user_id)), Some(json!({ "reason": "please book another time" }))).await;
+    let member = therapist.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/state/m.room.member/{}", enc(&room), enc(&late.user_id)), None).await;
+    assert_eq!((member["membership"].as_str(), member["reason"].as_str()), (Some("leave"), Some("please book another time")));
+    assert_eq!(late.join(&room).await.0, StatusCode::FORBIDDEN);
+    let (status, body) = therapist.post(&format!("{waiting_path}/{}/admit", enc(&late.user_id)), json!({})).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::NOT_FOUND, "M_NOT_FOUND"));
+    assert_eq!(therapist.ok(Method::GET, &waiting_path, None).await["waiting"], json!([]));
+
+    let log = admin.ok(Method::GET, &format!("/_limbic/admin/v1/audit?room_id={}", enc(&room)), None).await;
+    let actions: Vec<&str> = log["entries"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    for action in ["session_rescheduled", "knock", "admit", "decline"] {
+        assert!(actions.contains(&action), "{action} missing from {actions:?}");
+    }
+}
+
+/// A user's membership in a room, read through the admin API (which sees rooms everyone left).
+async fn member_state(admin: &Client, room: &str, user: &str) -> Option<String> {
+    let state = admin.ok(Method::GET, &format!("/_synapse/admin/v1/rooms/{}/state", enc(room)), None).await;
+    state["state"].as_array().unwrap().iter().find(|e| e["type"] == "m.room.member" && e["state_key"] == user).map(|e| e["content"]["membership"].as_str().unwrap().to_owned())
+}
+
+#[tokio::test]
+async fn breakouts_split_a_group_session_and_return_everyone() {
+    let server = TestServer::start().await;
+    let admin = server.register_admin("admin").await;
+    let therapist = verified_therapist(&server, &admin, "therapist").await;
+    let (ann, bob, cat) = (server.register("ann").await, server.register("bob").await, server.register("cat").await);
+    let stranger = server.register("stranger").await;
+    let now = now_ms();
+    let participants = json!([
+        { "user_id": ann.user_id, "role": "client" }, { "user_id": bob.user_id, "role": "client" }, { "user_id": cat.user_id, "role": "client" },
+    ]);
+    let created = therapist.ok(Method::POST, SESSIONS, Some(session_request("group", now, now + HOUR, participants))).await;
+    let room = created["room_id"].as_str().unwrap().to_owned();
+    for client in [&ann, &bob, &cat] {
+        assert_eq!(client.join(&room).await.0, StatusCode::OK);
+    }
+    let breakouts = format!("{SESSIONS}/{}/breakouts", enc(&room));
+
+    // Only therapists split a session, only a multi-client one, and only among its participants.
+    let (status, _) = ann.post(&breakouts, json!({ "name": "Pair 1" })).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, body) = therapist.post(&breakouts, json!({ "name": "Pair 1", "participants": [stranger.user_id] })).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_INVALID_PARAM"));
+    let single = therapist.ok(Method::POST, SESSIONS, Some(session_request("individual", now + 2 * HOUR, now + 3 * HOUR, json!([])))).await;
+    let (status, _) = therapist.post(&format!("{SESSIONS}/{}/breakouts", enc(single["room_id"].as_str().unwrap())), json!({ "name": "x" })).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    let first = therapist.ok(Method::POST, &breakouts, Some(json!({ "name": "Pair 1", "participants": [ann.user_id, bob.user_id] }))).await["room_id"].as_str().unwrap().to_owned();
+    let second = therapist.ok(Method::POST, &breakouts, Some(json!({ "name": "Solo", "participants": [cat.user_id] }))).await["room_id"].as_str().unwrap().to_owned();
+    // Linked both ways, as any Matrix client reads spaces.
+    let child = therapist.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/state/m.space.child/{}", enc(&room), enc(&first)), None).await;
+    assert_eq!(child["via"], json!(["test.local"]));
+    assert_eq!(member_state(&admin, &first, &ann.user_id).await.as_deref(), Some("invite"));
+    assert_eq!(ann.join(&first).await.0, StatusCode::OK);
+    let parent = ann.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/state/m.space.parent/{}", enc(&first), enc(&room)), None).await;
+    assert_eq!(parent["canonical"], true);
+
+    // Nobody else gets in, through any API; its state is the therapists'.
+    assert_eq!(cat.join(&first).await.0, StatusCode::FORBIDDEN);
+    let (status, body) = therapist.invite(&first, &stranger.user_id).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let (status, _) = ann.put(&format!("/_matrix/client/v3/rooms/{}/state/org.limbic.breakout/", enc(&first)), json!({ "session_room": room, "name": "ours", "closed": false })).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let plain = stranger.create_room(json!({})).await;
+    let (status, _) = stranger.put(&format!("/_matrix/client/v3/rooms/{}/state/org.limbic.breakout/", enc(&plain)), json!({ "session_room": room, "name": "fake" })).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // Moving ann to the other breakout takes her out of the first, in one write.
+    therapist.ok(Method::PUT, &format!("{breakouts}/{}/participants/{}", enc(&second), enc(&ann.user_id)), Some(json!({}))).await;
+    assert_eq!(member_state(&admin, &first, &ann.user_id).await.as_deref(), Some("leave"));
+    assert_eq!(member_state(&admin, &second, &ann.user_id).await.as_deref(), Some("invite"));
+    assert_eq!(ann.join(&second).await.0, StatusCode::OK);
+    therapist.ok(Method::DELETE, &format!("{breakouts}/{}/participants/{}", enc(&first), enc(&bob.user_id)), None).await;
+    assert_eq!(member_state(&admin, &first, &bob.user_id).await.as_deref(), Some("leave"));
+    let (status, _) = therapist.request(Method::DELETE, &format!("{breakouts}/{}/participants/{}", enc(&first), enc(&bob.user_id)), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let listed = cat.ok(Method::GET, &breakouts, None).await;
+    let summary: Vec<(&str, bool, usize)> = listed["breakouts"].as_array().unwrap().iter().map(|b| (b["name"].as_str().unwrap(), b["closed"].as_bool().unwrap(), b["members"].as_array().unwrap().len())).collect();
+    assert!(summary.contains(&("Pair 1", false, 1)) && summary.contains(&("Solo", false, 3)), "{summary:?}");
+
+    // Closing returns everyone: they leave the breakout, and ann, who had left the main room,
+    // is invited back. A closed breakout stays closed.
+    ann.ok(Method::POST, &format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)), Some(json!({}))).await;
+    let (status, _) = ann.request(Method::DELETE, &format!("{breakouts}/{}", enc(&second)), None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    therapist.ok(Method::DELETE, &format!("{breakouts}/{}", enc(&second)), None).await;
+    for user in [&ann.user_id, &cat.user_id, &therapist.user_id] {
+        assert_eq!(member_state(&admin, &second, user).await.as_deref(), Some("leave"), "{user}");
+    }
+    assert_eq!(member_state(&admin, &room, &ann.user_id).await.as_deref(), Some("invite"));
+    assert_eq!(member_state(&admin, &room, &cat.user_id).await.as_deref(), Some("join"));
+    let child = therapist.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/state/m.space.child/{}", enc(&room), enc(&second)), None).await;
+    assert_eq!(child, json!({}));
+    assert_eq!(cat.join(&second).await.0, StatusCode::FORBIDDEN);
+    let listed = therapist.ok(Method::GET, &breakouts, None).await;
+    assert!(listed["breakouts"].as_array().unwrap().iter().any(|b| b["room_id"] == second.as_str() && b["closed"] == true));
+    let (status, _) = therapist.request(Method::DELETE, &format!("{breakouts}/{}", enc(&second)), None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    let log = admin.ok(Method::GET, &format!("/_limbic/admin/v1/audit?room_id={}", enc(&room)), None).await;
+    let actions: Vec<&str> = log["entries"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert_eq!(actions.iter().filter(|a| **a == "breakout_created").count(), 2);
+    assert!(actions.contains(&"breakout_closed"));
+}

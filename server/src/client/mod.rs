@@ -16,6 +16,7 @@ mod misc;
 mod relations;
 mod rooms;
 mod search;
+mod breakouts;
 mod sessions;
 mod sync;
 
@@ -285,6 +286,7 @@ pub fn router() -> Router<AppState> {
     let router = relations::routes(router);
     let router = search::routes(router);
     let router = sessions::routes(router);
+    let router = breakouts::routes(router);
     let router = appointments::routes(router);
     let router = admin::routes(router);
     misc::routes(router)

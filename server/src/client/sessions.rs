@@ -29,7 +29,10 @@ pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
     const V1: &str = "/_limbic/client/v1/sessions";
     router
         .route(V1, get(list_sessions).post(create_session))
-        .route(&format!("{V1}/{{room_id}}"), get(get_session))
+        .route(&format!("{V1}/{{room_id}}"), get(get_session).patch(update_session))
+        .route(&format!("{V1}/{{room_id}}/waiting"), get(waiting_room))
+        .route(&format!("{V1}/{{room_id}}/waiting/{{user_id}}/admit"), axum::routing::post(admit))
+        .route(&format!("{V1}/{{room_id}}/waiting/{{user_id}}/decline"), axum::routing::post(decline))
         .route(&format!("{V1}/{{room_id}}/status"), axum::routing::put(set_status))
         .route(&format!("{V1}/{{room_id}}/participants/{{user_id}}"), axum::routing::put(set_participant).delete(remove_participant))
         .route("/_limbic/client/v1/relationship", get(relationship))
@@ -40,7 +43,7 @@ pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
 }
 
 /// An authenticated caller of a plain (non-ruma) endpoint.
-struct Authed(Caller);
+pub(super) struct Authed(pub(super) Caller);
 
 impl FromRequestParts<AppState> for Authed {
     type Rejection = Error;
@@ -55,7 +58,7 @@ pub(super) fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T>
     serde_json::from_value(value).map_err(|e| Error::bad_json(e.to_string()))
 }
 
-fn room_id(room: &str) -> Result<OwnedRoomId> {
+pub(super) fn room_id(room: &str) -> Result<OwnedRoomId> {
     OwnedRoomId::try_from(room).map_err(|_| Error::invalid_param("invalid room id"))
 }
 
@@ -177,7 +180,7 @@ pub(super) async fn stage_session<'s>(
 }
 
 /// The session's content and roles; for its members and participants only.
-fn session_view(server: &AppState, caller: &Caller, room_id: &ruma::RoomId) -> Result<(Session, JsonValue)> {
+pub(super) fn session_view(server: &AppState, caller: &Caller, room_id: &ruma::RoomId) -> Result<(Session, JsonValue)> {
     let content = server.rooms.state_content(room_id, SESSION, "")?.ok_or_else(|| Error::not_found("not a session"))?;
     let role = server.rooms.state_content(room_id, ROLE, &role_key(caller.user_id.as_str()))?;
     let member = server.rooms.membership(room_id, &caller.user_id)?.is_some();
@@ -193,7 +196,9 @@ fn session_view(server: &AppState, caller: &Caller, room_id: &ruma::RoomId) -> R
         .filter_map(|pdu| Some((role_user(pdu.state_key.as_deref()?)?.to_owned(), pdu.content_json().get("role").cloned()?)))
         .filter(|(_, role)| !role.is_null())
         .collect();
-    Ok((session.clone(), json!({ "room_id": room_id, "session": session, "roles": roles })))
+    let now: u64 = ruma::MilliSecondsSinceUnixEpoch::now().0.into();
+    let join_window = json!({ "opens_at": session.join_opens_at(), "closes_at": session.ends_at, "open": session.join_window_open(now) });
+    Ok((session.clone(), json!({ "room_id": room_id, "session": session, "roles": roles, "join_window": join_window })))
 }
 
 async fn get_session(State(server): State<AppState>, Authed(caller): Authed, Path(room): Path<String>) -> Result<Json<JsonValue>> {
@@ -231,6 +236,102 @@ async fn set_status(State(server): State<AppState>, Authed(caller): Authed, Path
 }
 
 
+/// The fields of a session its therapists may change; a new time is a reschedule.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateSession {
+    title: Option<String>,
+    starts_at: Option<u64>,
+    ends_at: Option<u64>,
+    timezone: Option<String>,
+    max_participants: Option<u32>,
+    join_window_minutes: Option<u32>,
+    recording_policy: Option<RecordingPolicy>,
+}
+
+/// Reschedules or edits a session: one `org.limbic.session` state event (and the room name
+/// with the title), checked by the clinic policy like any other.
+async fn update_session(State(server): State<AppState>, Authed(caller): Authed, Path(room): Path<String>, body: axum::body::Bytes) -> Result<Json<JsonValue>> {
+    let request: UpdateSession = parse_body(&body)?;
+    let room_id = room_id(&room)?;
+    let (mut session, _) = session_view(&server, &caller, &room_id)?;
+    let renamed = request.title.as_ref().is_some_and(|title| *title != session.title);
+    session.title = request.title.unwrap_or(session.title);
+    session.starts_at = request.starts_at.unwrap_or(session.starts_at);
+    session.ends_at = request.ends_at.unwrap_or(session.ends_at);
+    session.timezone = request.timezone.unwrap_or(session.timezone);
+    session.max_participants = request.max_participants.unwrap_or(session.max_participants);
+    session.join_window_minutes = request.join_window_minutes.unwrap_or(session.join_window_minutes);
+    session.recording_policy = request.recording_policy.unwrap_or(session.recording_policy);
+    let content = serde_json::to_value(&session).map_err(Error::internal)?;
+    let mut writer = server.rooms.writer(&room_id).await?;
+    let pdu = writer.append(&caller.user_id, PduBuilder::state(SESSION, "", content), None)?;
+    if renamed {
+        writer.append(&caller.user_id, PduBuilder::state("m.room.name", "", json!({ "name": session.title })), None)?;
+    }
+    writer.commit()?;
+    Ok(Json(json!({ "event_id": pdu.event_id, "session": session })))
+}
+
+// --- the waiting room: Matrix knocks ---
+
+/// Who is knocking, oldest first; for the session's therapists.
+async fn waiting_room(State(server): State<AppState>, Authed(caller): Authed, Path(room): Path<String>) -> Result<Json<JsonValue>> {
+    let room_id = room_id(&room)?;
+    require_session_therapist(&server, &caller, &room_id)?;
+    let mut waiting: Vec<JsonValue> = server
+        .rooms
+        .current_state(&room_id)?
+        .into_iter()
+        .filter(|pdu| pdu.kind == ruma::events::TimelineEventType::RoomMember)
+        .filter(|pdu| pdu.content_json().get("membership").and_then(JsonValue::as_str) == Some("knock"))
+        .map(|pdu| {
+            let content = pdu.content_json();
+            let mut entry = json!({
+                "user_id": pdu.state_key,
+                "since": pdu.origin_server_ts,
+                "displayname": content.get("displayname"),
+                "reason": content.get("reason"),
+            });
+            super::account::strip_nulls(&mut entry);
+            entry
+        })
+        .collect();
+    waiting.sort_by_key(|entry| entry["since"].as_u64());
+    Ok(Json(json!({ "waiting": waiting })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Decline {
+    reason: Option<String>,
+}
+
+/// Answers a knock: an invite (admit) or a leave set by the therapist (decline).
+async fn answer_knock(server: &AppState, caller: &Caller, room: &str, user: &str, content: JsonValue) -> Result<Json<JsonValue>> {
+    let (room_id, user_id) = (room_id(room)?, user_id(user)?);
+    require_session_therapist(server, caller, &room_id)?;
+    let mut writer = server.rooms.writer(&room_id).await?;
+    let knocking = writer.state_event("m.room.member", user_id.as_str())?.is_some_and(|m| m.content_json().get("membership").and_then(JsonValue::as_str) == Some("knock"));
+    if !knocking {
+        return Err(Error::not_found(format!("{user_id} is not in the waiting room")));
+    }
+    let pdu = writer.append(&caller.user_id, PduBuilder::state("m.room.member", user_id.as_str(), content), None)?;
+    writer.commit()?;
+    Ok(Json(json!({ "event_id": pdu.event_id })))
+}
+
+async fn admit(State(server): State<AppState>, Authed(caller): Authed, Path((room, user)): Path<(String, String)>) -> Result<Json<JsonValue>> {
+    answer_knock(&server, &caller, &room, &user, json!({ "membership": "invite" })).await
+}
+
+async fn decline(State(server): State<AppState>, Authed(caller): Authed, Path((room, user)): Path<(String, String)>, body: axum::body::Bytes) -> Result<Json<JsonValue>> {
+    let request: Decline = if body.is_empty() { Decline::default() } else { parse_body(&body)? };
+    let mut content = json!({ "membership": "leave", "reason": request.reason });
+    super::account::strip_nulls(&mut content);
+    answer_knock(&server, &caller, &room, &user, content).await
+}
+
 /// Only server admins see and mark therapists as verified.
 async fn get_therapist(State(server): State<AppState>, _admin: Admin, Path(user): Path<String>) -> Result<Json<JsonValue>> {
     let user_id = OwnedUserId::try_from(user).map_err(|_| Error::invalid_param("invalid user id"))?;
@@ -256,7 +357,7 @@ async fn set_therapist(State(server): State<AppState>, Admin(admin): Admin, Path
 // --- clinical notes ---
 
 /// Notes are for the session's therapists only.
-fn require_session_therapist(server: &AppState, caller: &Caller, room_id: &ruma::RoomId) -> Result<()> {
+pub(super) fn require_session_therapist(server: &AppState, caller: &Caller, room_id: &ruma::RoomId) -> Result<()> {
     let role = server.rooms.state_content(room_id, ROLE, &role_key(caller.user_id.as_str()))?;
     if role.as_ref().and_then(|r| r.get("role")).and_then(|r| serde_json::from_value::<Role>(r.clone()).ok()).is_some_and(Role::is_therapist) {
         Ok(())
@@ -268,6 +369,11 @@ fn require_session_therapist(server: &AppState, caller: &Caller, room_id: &ruma:
 /// The session's private notes room, created on first use: never federated, invite-only, for
 /// the session's therapists alone (the clinic policy keeps everyone else out).
 async fn notes_room(server: &AppState, caller: &Caller, session_room: &ruma::RoomId) -> Result<OwnedRoomId> {
+    if let Some(room) = server.clinic.notes_room(session_room)? {
+        return Ok(room);
+    }
+    // The session room's lock makes two first uses create one notes room.
+    let _session_lock = server.rooms.writer(session_room).await?;
     if let Some(room) = server.clinic.notes_room(session_room)? {
         return Ok(room);
     }
@@ -286,8 +392,8 @@ async fn notes_room(server: &AppState, caller: &Caller, session_room: &ruma::Roo
     for builder in events {
         writer.append(therapist, builder, None)?;
     }
+    server.clinic.stage_notes_link(writer.batch(), session_room, &room_id);
     writer.commit()?;
-    server.clinic.link_notes_room(session_room, &room_id)?;
     Ok(room_id)
 }
 
@@ -352,12 +458,12 @@ struct SetParticipant {
     role: Role,
 }
 
-fn user_id(user: &str) -> Result<OwnedUserId> {
+pub(super) fn user_id(user: &str) -> Result<OwnedUserId> {
     OwnedUserId::try_from(user).map_err(|_| Error::invalid_param("invalid user id"))
 }
 
 /// The power levels with `user` at `level` (0 removes the entry).
-fn power_levels_with(writer: &crate::rooms::RoomWriter<'_>, user: &ruma::UserId, level: i64) -> Result<Option<JsonValue>> {
+pub(super) fn power_levels_with(writer: &crate::rooms::RoomWriter<'_>, user: &ruma::UserId, level: i64) -> Result<Option<JsonValue>> {
     let mut power = writer.state_event("m.room.power_levels", "")?.map(|p| p.content_json()).unwrap_or_else(|| json!({}));
     let users = power.as_object_mut().map(|p| p.entry("users").or_insert_with(|| json!({})));
     let Some(JsonValue::Object(users)) = users else { return Err(Error::internal("malformed power levels")) };
@@ -480,12 +586,7 @@ async fn transcript(
         Some(other) => return Err(Error::invalid_param(format!("unknown transcript format {other:?}; use markdown or text"))),
     };
     let (session, view) = session_view(&server, &caller, &room_id)?;
-    let time = |ms: u64| {
-        let secs = ms / 1000;
-        let (days, rest) = (secs / 86_400, secs % 86_400);
-        let (year, month, day) = civil_from_days(days as i64);
-        format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC", rest / 3600, rest % 3600 / 60, rest % 60)
-    };
+    let time = crate::clinic::format_utc;
     let mut out = String::new();
     let heading = if markdown { "# " } else { "" };
     out.push_str(&format!("{heading}{}\n\n", session.title));
@@ -515,31 +616,4 @@ async fn transcript(
     server.audit.write_with(&server.store, server.store.batch(), vec![record])?;
     let content_type = if markdown { "text/markdown; charset=utf-8" } else { "text/plain; charset=utf-8" };
     Ok(axum::response::IntoResponse::into_response(([(http::header::CONTENT_TYPE, content_type)], out)))
-}
-
-/// (year, month, day) of a day count since 1970-01-01 (Howard Hinnant's civil_from_days).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::civil_from_days;
-
-    #[test]
-    fn civil_dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
-        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
-        assert_eq!(civil_from_days(-1), (1969, 12, 31));
-    }
 }

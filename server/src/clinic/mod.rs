@@ -26,6 +26,8 @@ pub const NOTE: &str = "org.limbic.session.note";
 pub const PASSCODE_FIELD: &str = "org.limbic.passcode";
 /// In a notes room: `{"room_id": <session room>}`.
 pub const NOTES_FOR: &str = "org.limbic.session.notes_for";
+/// In a breakout room: `{"session_room", "name", "closed"}`.
+pub const BREAKOUT: &str = "org.limbic.breakout";
 
 /// The state key of a user's role. Room versions up to 11 reserve state keys starting with `@`
 /// for their own user, so roles use `_@user:server` (as MatrixRTC does for call members).
@@ -47,6 +49,13 @@ pub enum Kind {
     Group,
     Workshop,
     Support,
+}
+
+impl Kind {
+    /// Sessions with several clients may split into breakout rooms.
+    pub fn allows_breakouts(self) -> bool {
+        matches!(self, Kind::Family | Kind::Group | Kind::Workshop | Kind::Support)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,6 +159,54 @@ impl Session {
     pub fn overlaps(&self, starts_at: u64, ends_at: u64) -> bool {
         self.starts_at < ends_at && starts_at < self.ends_at
     }
+
+    /// When participants other than therapists may start joining.
+    pub fn join_opens_at(&self) -> u64 {
+        self.starts_at.saturating_sub(u64::from(self.join_window_minutes) * 60_000)
+    }
+
+    /// Whether a scheduled participant may join at `now` (ms since the epoch).
+    pub fn join_window_open(&self, now: u64) -> bool {
+        self.status.is_live() && (self.join_opens_at()..=self.ends_at).contains(&now)
+    }
+}
+
+/// The content of `org.limbic.breakout` (state key "" in a breakout room).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Breakout {
+    pub session_room: OwnedRoomId,
+    pub name: String,
+    #[serde(default)]
+    pub closed: bool,
+}
+
+impl Breakout {
+    pub fn parse(content: &serde_json::Value) -> Result<Self> {
+        serde_json::from_value(content.clone()).map_err(|e| Error::bad_json(format!("invalid {BREAKOUT} content: {e}")))
+    }
+}
+
+/// A time as `YYYY-MM-DD HH:MM:SS UTC`, for messages and exports.
+pub fn format_utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    let (year, month, day) = civil_from_days(days as i64);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC", rest / 3600, rest % 3600 / 60, rest % 60)
+}
+
+/// (year, month, day) of a day count since 1970-01-01 (Howard Hinnant's civil_from_days).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -236,11 +293,9 @@ impl Clinic {
             .and_then(|id| OwnedRoomId::try_from(id).ok()))
     }
 
-    pub fn link_notes_room(&self, session_room: &ruma::RoomId, notes_room: &ruma::RoomId) -> Result<()> {
-        let mut batch = self.store.batch();
+    /// Stages the link from a session room to its notes room, in the notes room's creation.
+    pub fn stage_notes_link(&self, batch: &mut Batch, session_room: &ruma::RoomId, notes_room: &ruma::RoomId) {
         batch.put(&self.store, tables::SESSION_NOTES, session_room.as_bytes(), notes_room.as_bytes());
-        self.store.write(batch)?;
-        Ok(())
     }
 
     /// The participant limit of a session kind, from config.
@@ -282,5 +337,19 @@ impl Clinic {
                 batch.put(&self.store, tables::THERAPIST_BOOKINGS, &Key::new().str(user.as_str()).str(room_id.as_str()).into_vec(), b"");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{civil_from_days, format_utc};
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+        assert_eq!(civil_from_days(-1), (1969, 12, 31));
+        assert_eq!(format_utc(1_709_210_096_000), "2024-02-29 12:34:56 UTC");
     }
 }

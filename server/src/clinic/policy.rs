@@ -5,7 +5,7 @@
 use ruma::{OwnedUserId, RoomId, UserId, events::TimelineEventType};
 use serde_json::Value as JsonValue;
 
-use super::{Clinic, NOTE, NOTES_FOR, ROLE, Role, SESSION, Session, role_key, role_user};
+use super::{BREAKOUT, Breakout, Clinic, NOTE, NOTES_FOR, ROLE, Role, SESSION, Session, role_key, role_user};
 use crate::{
     error::{Error, Result},
     events::Pdu,
@@ -67,14 +67,32 @@ fn refuse(message: impl Into<String>) -> Error {
     Error::forbidden(message)
 }
 
+/// A join before the window: the message and `org.limbic.opens_at` (ms) say when it opens.
+fn not_open_yet(opens_at: u64) -> Error {
+    Error::Detailed {
+        status: http::StatusCode::FORBIDDEN,
+        body: serde_json::json!({
+            "errcode": "M_FORBIDDEN",
+            "error": format!("the session opens for joining at {}", super::format_utc(opens_at)),
+            "org.limbic.opens_at": opens_at,
+        }),
+    }
+}
+
 /// Applies the clinic rules to `pdu`. Rooms that are not sessions are not affected.
 pub fn authorize(ctx: &PolicyContext<'_>, pdu: &Pdu) -> Result<()> {
     let kind = pdu.kind.to_string();
     if kind == SESSION {
         return check_session(ctx, pdu);
     }
+    if kind == BREAKOUT {
+        return check_breakout_state(ctx, pdu);
+    }
     if let Some(notes_for) = ctx.room.state(NOTES_FOR, "")? {
         return check_notes_room(ctx, pdu, &notes_for);
+    }
+    if let Some(breakout) = ctx.room.state(BREAKOUT, "")? {
+        return check_breakout_room(ctx, pdu, &Breakout::parse(&breakout.content_json())?);
     }
     if kind == NOTE {
         return Err(refuse("notes live only in a session's private notes room"));
@@ -95,6 +113,68 @@ pub fn authorize(ctx: &PolicyContext<'_>, pdu: &Pdu) -> Result<()> {
             } else {
                 Err(refuse(format!("only the session's therapists may set {kind}")))
             }
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The role `user` holds in another room's session.
+fn role_in(ctx: &PolicyContext<'_>, session_room: &RoomId, user: &str) -> Result<Option<Role>> {
+    Ok(ctx.rooms.state_content(session_room, ROLE, &role_key(user))?.and_then(|c| role_of(&c)))
+}
+
+/// `org.limbic.breakout` marks a breakout room of a live session that allows them; only that
+/// session's therapists set it, its session never changes and a closed breakout stays closed.
+fn check_breakout_state(ctx: &PolicyContext<'_>, pdu: &Pdu) -> Result<()> {
+    if pdu.state_key.as_deref() != Some("") {
+        return Err(Error::bad_json(format!("{BREAKOUT} takes the empty state key")));
+    }
+    let new = Breakout::parse(&pdu.content_json())?;
+    if new.name.trim().is_empty() {
+        return Err(Error::bad_json("a breakout room needs a name"));
+    }
+    if let Some(old) = ctx.room.state(BREAKOUT, "")? {
+        let old = Breakout::parse(&old.content_json())?;
+        if old.session_room != new.session_room {
+            return Err(refuse("a breakout room's session cannot change"));
+        }
+        if old.closed && !new.closed {
+            return Err(refuse("a closed breakout room stays closed"));
+        }
+    }
+    if !role_in(ctx, &new.session_room, pdu.sender.as_str())?.is_some_and(Role::is_therapist) {
+        return Err(refuse("only the session's therapists manage its breakout rooms"));
+    }
+    let session = ctx.rooms.state_content(&new.session_room, SESSION, "")?.ok_or_else(|| Error::bad_json("session_room is not a session"))?;
+    let session = Session::parse(&session)?;
+    if !session.kind.allows_breakouts() {
+        return Err(refuse(format!("a {:?} session has no breakout rooms", session.kind).to_lowercase()));
+    }
+    if !new.closed && !session.status.is_live() {
+        return Err(refuse(format!("the session is {:?}", session.status).to_lowercase()));
+    }
+    Ok(())
+}
+
+/// A breakout room is for its session's participants while it is open; its state is the
+/// session's therapists' to set.
+fn check_breakout_room(ctx: &PolicyContext<'_>, pdu: &Pdu, breakout: &Breakout) -> Result<()> {
+    let membership = pdu.content_json().get("membership").and_then(JsonValue::as_str).and_then(Membership::parse);
+    match (pdu.kind.clone(), membership) {
+        (TimelineEventType::RoomMember, Some(Membership::Join | Membership::Invite | Membership::Knock)) => {
+            if breakout.closed {
+                return Err(refuse("the breakout room is closed"));
+            }
+            let target = pdu.state_key.as_deref().unwrap_or_default();
+            if role_in(ctx, &breakout.session_room, target)?.is_none() {
+                return Err(refuse("only the session's participants enter its breakout rooms"));
+            }
+            Ok(())
+        }
+        (TimelineEventType::RoomMember, _) => Ok(()),
+        (kind, _) if kind.to_string() == ROLE || kind.to_string() == NOTE => Err(refuse(format!("{kind} does not belong in a breakout room"))),
+        _ if pdu.is_state() && !role_in(ctx, &breakout.session_room, pdu.sender.as_str())?.is_some_and(Role::is_therapist) => {
+            Err(refuse("only the session's therapists change a breakout room"))
         }
         _ => Ok(()),
     }
@@ -238,9 +318,9 @@ fn check_membership(ctx: &PolicyContext<'_>, pdu: &Pdu, session: &Session) -> Re
                 return Err(refuse(format!("the session is {:?}", session.status).to_lowercase()));
             }
             if !role.is_some_and(Role::is_therapist) {
-                let opens = session.starts_at.saturating_sub(u64::from(session.join_window_minutes) * 60_000);
+                let opens = session.join_opens_at();
                 if ctx.now < opens {
-                    return Err(refuse(format!("the session opens for joining at {opens} (ms since the epoch)")));
+                    return Err(not_open_yet(opens));
                 }
                 if ctx.now > session.ends_at {
                     return Err(refuse("the session has ended"));

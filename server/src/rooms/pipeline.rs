@@ -468,6 +468,23 @@ impl<'a> RoomWriter<'a> {
         self.staged_audit.push(record);
     }
 
+    /// Commits this writer and `others` (writers of other rooms) in one atomic write: a
+    /// session room and its breakout rooms change together or not at all.
+    pub fn commit_with(mut self, others: Vec<RoomWriter<'_>>) -> Result<()> {
+        // The other rooms stay locked until their events are written.
+        let mut locks = Vec::with_capacity(others.len());
+        for other in others {
+            self.batch.append(other.batch);
+            self.tickets.extend(other.tickets);
+            self.staged_pushes.extend(other.staged_pushes);
+            self.staged_audit.extend(other.staged_audit);
+            locks.push(other._guard);
+        }
+        let written = self.commit();
+        drop(locks);
+        written
+    }
+
     /// Persists every staged event in one durable batch, then lets readers see them.
     pub fn commit(self) -> Result<()> {
         if self.batch.is_empty() && self.staged_audit.is_empty() {

@@ -330,6 +330,21 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.inner.is_empty()
     }
+
+    /// Appends `other`'s operations, so that writes to several rooms land in one atomic write.
+    /// A batch's representation is a 12-byte header (sequence number, then a little-endian
+    /// operation count) followed by the operations, so appending is concatenation.
+    pub fn append(&mut self, other: Batch) {
+        const HEADER: usize = 12;
+        if other.is_empty() {
+            return;
+        }
+        let count = u32::try_from(self.inner.len() + other.inner.len()).expect("a batch holds fewer than 2^32 operations");
+        let mut data = self.inner.data().to_vec();
+        data.extend_from_slice(&other.inner.data()[HEADER..]);
+        data[8..HEADER].copy_from_slice(&count.to_le_bytes());
+        self.inner = WriteBatch::from_data(&data);
+    }
 }
 
 pub fn decode<T: DeserializeOwned>(table: Table, bytes: &[u8]) -> Result<T> {
@@ -377,5 +392,29 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let value: serde_json::Value = store.get_json(tables::USERS, b"@a:x").unwrap().unwrap();
         assert_eq!(value["n"], 1);
+    }
+
+    #[test]
+    fn appended_batches_write_every_operation_of_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut setup = store.batch();
+        setup.put(&store, tables::USERS, b"@gone:x", b"0");
+        store.write(setup).unwrap();
+
+        let mut first = store.batch();
+        first.put(&store, tables::USERS, b"@a:x", b"1");
+        first.put(&store, tables::TIMELINE, b"t1", b"2");
+        let mut second = store.batch();
+        second.delete(&store, tables::USERS, b"@gone:x");
+        second.put(&store, tables::PDUS, b"e1", b"3");
+        first.append(second);
+        first.append(store.batch());
+        store.write(first).unwrap();
+
+        assert_eq!(store.get(tables::USERS, b"@a:x").unwrap().as_deref(), Some(&b"1"[..]));
+        assert_eq!(store.get(tables::TIMELINE, b"t1").unwrap().as_deref(), Some(&b"2"[..]));
+        assert_eq!(store.get(tables::PDUS, b"e1").unwrap().as_deref(), Some(&b"3"[..]));
+        assert!(!store.contains(tables::USERS, b"@gone:x").unwrap());
     }
 }
