@@ -578,6 +578,17 @@ async fn cli_manages_accounts_on_a_stopped_server() {
     assert_eq!(dave["admin"], false, "carol is an admin; dave's rights were revoked");
     logged_in(&server, "dave", &generated).await;
     logged_in(&server, "erin", "erin-new").await;
+
+    // Every account change made on the command line is in the audit log, by `cli`.
+    let log = carol.ok(Method::GET, "/_limbic/admin/v1/audit?user=cli", None).await;
+    let actions: Vec<(&str, &str)> = log["entries"].as_array().unwrap().iter().map(|e| (e["action"].as_str().unwrap(), e["target"].as_str().unwrap())).collect();
+    assert_eq!(actions, [
+        ("user_created", "@carol:test.local"),
+        ("user_created", "@dave:test.local"),
+        ("admin_granted", "@dave:test.local"),
+        ("admin_revoked", "@dave:test.local"),
+        ("password_reset", "@erin:test.local"),
+    ]);
     assert_eq!(login(&server, "erin", "erin-password").await.0, StatusCode::FORBIDDEN);
 }
 
@@ -638,3 +649,36 @@ async fn audit_log_records_logins_and_memberships_and_detects_tampering() {
     let stderr = String::from_utf8_lossy(&broken.stderr);
     assert!(stderr.contains("broken at entry 3"), "{stderr}");
 }
+
+#[tokio::test]
+async fn admin_actions_are_audited_with_their_route_and_subject() {
+    let server = TestServer::start().await;
+    let admin = server.register_admin("root").await;
+    let alice = server.register("alice").await;
+    let room = alice.create_room(json!({})).await;
+
+    admin.ok(Method::POST, &format!("{V1}/reset_password/{}", enc(&alice.user_id)), Some(json!({ "new_password": "pw-2" }))).await;
+    admin.ok(Method::PUT, &format!("{V1}/rooms/{}/block", enc(&room)), Some(json!({ "block": true }))).await;
+    admin.ok(Method::GET, &format!("{V1}/rooms/{}/state", enc(&room)), None).await;
+    // Refused and failed requests change nothing and are not recorded as actions.
+    let (status, _) = admin.request(Method::POST, &format!("{V1}/reset_password/{}", enc("@nobody:test.local")), Some(json!({ "new_password": "x" }))).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let bob = server.register("bob").await;
+    let (status, _) = bob.request(Method::GET, &format!("{V1}/rooms/{}/state", enc(&room)), None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    let log = admin.ok(Method::GET, &format!("/_limbic/admin/v1/audit?user={}", enc(&admin.user_id)), None).await;
+    let actions: Vec<&Value> = log["entries"].as_array().unwrap().iter().filter(|e| e["action"] == "admin_action").collect();
+    let summary: Vec<(&str, &str, &str, &str)> = actions
+        .iter()
+        .map(|e| (e["details"]["method"].as_str().unwrap(), e["details"]["route"].as_str().unwrap(), e["target"].as_str().unwrap_or(""), e["room_id"].as_str().unwrap_or("")))
+        .collect();
+    assert_eq!(summary, [
+        ("POST", "/_synapse/admin/v1/reset_password/{user_id}", alice.user_id.as_str(), ""),
+        ("PUT", "/_synapse/admin/v1/rooms/{room_id}/block", "", room.as_str()),
+        ("GET", "/_synapse/admin/v1/rooms/{room_id}/state", "", room.as_str()),
+    ]);
+    assert!(actions.iter().all(|e| e["actor"] == admin.user_id.as_str()));
+    assert_eq!(admin.ok(Method::GET, "/_limbic/admin/v1/audit/verify", None).await["valid"], true);
+}
+

@@ -145,21 +145,31 @@ async fn execute(config: Config, command: UserCommand) -> Result<String, String>
             let user_id = super::local_user(server, &username).map_err(failed)?;
             let (password, generated) = password.read()?;
             super::create_user(server, &user_id, Some(&password), admin).map_err(failed)?;
+            audit(server, "user_created", &user_id, serde_json::json!({ "admin": admin }))?;
             let role = if admin { " (server admin)" } else { "" };
             Ok(with_password(format!("created {user_id}{role}"), &password, generated))
         }
         UserCommand::MakeAdmin { user_id, revoke, .. } => {
             let user_id = super::local_user(server, &user_id).map_err(failed)?;
             super::set_admin(server, &user_id, !revoke).map_err(failed)?;
+            audit(server, if revoke { "admin_revoked" } else { "admin_granted" }, &user_id, serde_json::json!({}))?;
             Ok(if revoke { format!("{user_id} is no longer a server admin") } else { format!("{user_id} is now a server admin") })
         }
         UserCommand::ResetPassword { user_id, password, .. } => {
             let user_id = super::local_user(server, &user_id).map_err(failed)?;
             let (password, generated) = password.read()?;
             super::reset_password(server, &user_id, &password, true).map_err(failed)?;
+            audit(server, "password_reset", &user_id, serde_json::json!({ "logout_devices": true }))?;
             Ok(with_password(format!("reset the password of {user_id} and logged out its devices"), &password, generated))
         }
     }
+}
+
+/// Audits an action taken on the command line; the actor is `cli` (whoever runs the binary
+/// with the server's config).
+fn audit(server: &Server, action: &'static str, user_id: &ruma::UserId, details: serde_json::Value) -> Result<(), String> {
+    let record = crate::audit::AuditRecord::new(action, "cli").target(user_id).details(details);
+    server.audit.write_with(&server.store, server.store.batch(), vec![record]).map_err(|e| e.to_string())
 }
 
 fn with_password(message: String, password: &str, generated: bool) -> String {

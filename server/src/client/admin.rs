@@ -1,9 +1,12 @@
 //! The Synapse-compatible admin API under `/_synapse/admin/`, for server admins only: plain JSON
 //! routes (ruma has no types for them) over the `admin` service.
 
+use std::sync::{Arc, Mutex};
+
 use axum::{
     Json, Router,
-    extract::{FromRequest, FromRequestParts, Path, Query, Request, State},
+    extract::{FromRequest, FromRequestParts, MatchedPath, Path, Query, RawPathParams, Request, State},
+    middleware::Next,
     response::{IntoResponse, Response},
     routing::{delete, get, post},
 };
@@ -15,6 +18,7 @@ use serde_json::{Value as JsonValue, json};
 use super::{AppState, authenticate, missing_token};
 use crate::{
     admin::{self, AccountChanges, DeleteRoom, Deletion, UserFilter},
+    audit::AuditRecord,
     error::{Error, ErrorCode, Result},
     users::{Account, Device},
 };
@@ -22,8 +26,7 @@ use crate::{
 pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
     const V1: &str = "/_synapse/admin/v1";
     const V2: &str = "/_synapse/admin/v2";
-    router
-        .route(&format!("{V1}/server_version"), get(server_version))
+    let audited = Router::new()
         .route(&format!("{V2}/users"), get(list_users))
         .route(&format!("{V2}/users/{{user_id}}"), get(query_user).put(put_user))
         .route(&format!("{V1}/deactivate/{{user_id}}"), post(deactivate))
@@ -41,6 +44,10 @@ pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
         .route(&format!("{V2}/rooms/{{room_id}}/delete_status"), get(room_delete_status))
         .route(&format!("{V2}/rooms/delete_status/{{delete_id}}"), get(delete_status))
         .route(&format!("{V1}/media/{{server_name}}/{{media_id}}"), delete(delete_media))
+        .route_layer(axum::middleware::from_fn(audit_admin_request));
+    router
+        .merge(audited)
+        .route(&format!("{V1}/server_version"), get(server_version))
         .route("/_limbic/admin/v1/audit", get(audit_log))
         .route("/_limbic/admin/v1/audit/verify", get(audit_verify))
 }
@@ -58,8 +65,40 @@ impl FromRequestParts<AppState> for Admin {
         if !server.users.account(&caller.user_id)?.is_some_and(|a| a.admin && !a.deactivated) {
             return Err(Error::forbidden("you are not a server admin"));
         }
+        if let Some(slot) = parts.extensions.get::<AuditedAdmin>() {
+            *slot.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((server.clone(), caller.user_id.clone()));
+        }
         Ok(Self(caller.user_id))
     }
+}
+
+/// Filled by the [`Admin`] extractor, so that [`audit_admin_request`] knows who acted.
+#[derive(Clone, Default)]
+struct AuditedAdmin(Arc<Mutex<Option<(AppState, OwnedUserId)>>>);
+
+/// Every admin API request that succeeds is audited as `admin_action`: who, which route, and
+/// the user or room it was about. Recorded once the handler has answered, as the longer actions
+/// (room deletion, deactivation) span several writes.
+async fn audit_admin_request(matched: MatchedPath, params: RawPathParams, mut request: Request, next: Next) -> Response {
+    let slot = AuditedAdmin::default();
+    request.extensions_mut().insert(slot.clone());
+    let method = request.method().to_string();
+    let response = next.run(request).await;
+    let acted = slot.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+    if let Some((server, admin)) = acted.filter(|_| response.status().is_success()) {
+        let mut record = AuditRecord::new("admin_action", &admin).details(json!({ "method": method, "route": matched.as_str() }));
+        for (name, value) in &params {
+            match name {
+                "user_id" => record = record.target(value),
+                "room_id" => record = record.room(value),
+                _ => {}
+            }
+        }
+        if let Err(error) = server.audit.write_with(&server.store, server.store.batch(), vec![record]) {
+            tracing::error!(%error, %admin, route = matched.as_str(), "could not audit an admin action");
+        }
+    }
+    response
 }
 
 struct Params<T>(T);
