@@ -68,6 +68,11 @@ async fn background_tasks(server: Arc<Server>) {
         {
             tracing::warn!(error = %e, "retention purge failed");
         }
+        if seconds.is_multiple_of(LINK_TOKEN_PRUNE_SECONDS)
+            && let Err(e) = server.appointments.prune_used()
+        {
+            tracing::warn!(error = %e, "pruning used link tokens failed");
+        }
         if seconds.is_multiple_of(MEMORY_TRIM_SECONDS) {
             release_free_memory();
         }
@@ -75,6 +80,7 @@ async fn background_tasks(server: Arc<Server>) {
 }
 
 const MEMORY_TRIM_SECONDS: u64 = 10;
+const LINK_TOKEN_PRUNE_SECONDS: u64 = 3600;
 
 /// glibc keeps freed memory in its arenas after a burst of load; hand it back to the OS so
 /// that an idle server stays small.
