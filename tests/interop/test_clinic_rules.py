@@ -250,7 +250,19 @@ async def nio_refused(resp, what: str, status: int = 403, errcode: str = "M_FORB
     if says is not None and says not in message:
         raise AssertionError(f"{what}: expected {says!r} in the error: {await explain(resp)}")
     resp.message = message
+    resp.error_body = body if isinstance(body, dict) else {}
     return resp
+
+
+def assert_names_opening(resp, opens: int, what: str) -> None:
+    """A join-window refusal names when the session opens: in its message (as ms since the epoch
+    or as a UTC time), and in `org.limbic.opens_at` when the server adds that field."""
+    utc = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(opens // 1000))
+    assert str(opens) in resp.message or utc in resp.message, \
+        f"{what}: the message should name the opening time {opens} ({utc}): {resp.error_body}"
+    if "org.limbic.opens_at" in resp.error_body:
+        assert resp.error_body["org.limbic.opens_at"] == opens, f"{what}: {resp.error_body}"
+
 
 
 async def put_state(client: AsyncClient, room_id: str, kind: str, content: dict, state_key: str = ""):
@@ -563,17 +575,16 @@ def test_join_window(server, admin):
             opens = later - 15 * MINUTE
             resp = await nio_refused(await client.join(room), "client joining 2 hours before the start",
                                      403, "M_FORBIDDEN")
-            assert str(opens) in (resp.message or ""), \
-                f"the refusal should name the opening time {opens}: {await explain(resp)}"
+            assert_names_opening(resp, opens, "client joining 2 hours early")
             # The same through the state endpoint, and for a guest admitted from the waiting room.
             resp = await nio_refused(await put_state(client, room, "m.room.member", {"membership": "join"},
                                                      client.user_id),
                                      "raw m.room.member join 2 hours before the start", 403, "M_FORBIDDEN")
-            assert str(opens) in resp.message, f"the refusal should name the opening time {opens}: {resp.message}"
+            assert_names_opening(resp, opens, "raw m.room.member join 2 hours early")
             await nio_ok(await guest.room_knock(room, reason="early"), RoomKnockResponse, "knock 2 hours early")
             await nio_ok(await doctor.room_invite(room, guest.user_id), RoomInviteResponse, "admitting it")
             resp = await nio_refused(await guest.join(room), "admitted guest joining 2 hours early", 403, "M_FORBIDDEN")
-            assert str(opens) in resp.message, f"the refusal should name the opening time {opens}: {resp.message}"
+            assert_names_opening(resp, opens, "admitted guest joining 2 hours early")
             # Therapists may join early.
             await nio_ok(await cotherapist.join(room), JoinResponse, "co-therapist joining 2 hours early")
 
