@@ -511,3 +511,47 @@ async fn breakouts_split_a_group_session_and_return_everyone() {
     assert_eq!(actions.iter().filter(|a| **a == "breakout_created").count(), 2);
     assert!(actions.contains(&"breakout_closed"));
 }
+
+#[tokio::test]
+async fn raw_state_cannot_bend_roles_notes_or_session_views() {
+    let server = TestServer::start().await;
+    let admin = server.register_admin("admin").await;
+    let therapist = verified_therapist(&server, &admin, "therapist").await;
+    let (client, other) = (server.register("client").await, server.register("other").await);
+    let now = now_ms();
+    let created = therapist.ok(Method::POST, SESSIONS, Some(session_request("group", now, now + HOUR, json!([{ "user_id": client.user_id, "role": "client" }])))).await;
+    let room = created["room_id"].as_str().unwrap().to_owned();
+    let role_path = |user: &str| format!("/_matrix/client/v3/rooms/{}/state/org.limbic.session.role/{}", enc(&room), enc(&format!("_{user}")));
+
+    // A role event says what the role is; null removes it, an empty object is an error.
+    let (status, body) = therapist.put(&role_path(&client.user_id), json!({})).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_BAD_JSON"));
+    // Removing the role by raw state leaves the scheduling invite behind, which admits nobody.
+    therapist.put(&role_path(&client.user_id), json!({ "role": null })).await;
+    let (status, body) = client.join(&room).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{body}");
+    // Nor do they still see the session once they are gone.
+    client.ok(Method::POST, &format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)), Some(json!({}))).await;
+    let (status, _) = client.get(&format!("{SESSIONS}/{}", enc(&room))).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Notes rooms are made by the session's therapists, never federate, and hold notes with a body.
+    let notes_for = |target: &str| format!("/_matrix/client/v3/rooms/{}/state/org.limbic.session.notes_for/", enc(target));
+    let federating = therapist.create_room(json!({})).await;
+    let (status, body) = therapist.put(&notes_for(&federating), json!({ "room_id": room })).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{body}");
+    let private = other.create_room(json!({ "creation_content": { "m.federate": false } })).await;
+    let (status, body) = other.put(&notes_for(&private), json!({ "room_id": room })).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{body}");
+    let (status, body) = other.put(&notes_for(&private), json!({ "room_id": "garbage" })).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_BAD_JSON"), "{body}");
+    other.send_text(&private, "t1", "still an ordinary room").await;
+
+    let written = therapist.ok(Method::PUT, &format!("{SESSIONS}/{}/notes/intake", enc(&room)), Some(json!({ "body": "first" }))).await;
+    let notes_room = written["room_id"].as_str().unwrap();
+    let (status, body) = therapist.put(&format!("/_matrix/client/v3/rooms/{}/state/org.limbic.session.note/raw", enc(notes_room)), json!({ "text": 5 })).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_BAD_JSON"), "{body}");
+    therapist.ok(Method::PUT, &format!("/_matrix/client/v3/rooms/{}/state/org.limbic.session.note/raw", enc(notes_room)), Some(json!({ "body": "by any client" }))).await;
+    let notes = therapist.ok(Method::GET, &format!("{SESSIONS}/{}/notes", enc(&room)), None).await;
+    assert_eq!(notes["notes"].as_array().unwrap().len(), 2);
+}

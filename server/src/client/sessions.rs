@@ -182,8 +182,12 @@ pub(super) async fn stage_session<'s>(
 /// The session's content and roles; for its members and participants only.
 pub(super) fn session_view(server: &AppState, caller: &Caller, room_id: &ruma::RoomId) -> Result<(Session, JsonValue)> {
     let content = server.rooms.state_content(room_id, SESSION, "")?.ok_or_else(|| Error::not_found("not a session"))?;
-    let role = server.rooms.state_content(room_id, ROLE, &role_key(caller.user_id.as_str()))?;
-    let member = server.rooms.membership(room_id, &caller.user_id)?.is_some();
+    let role = server.rooms.state_content(room_id, ROLE, &role_key(caller.user_id.as_str()))?.filter(|c| c.get("role").is_some_and(|r| !r.is_null()));
+    // Members, invitees and those waiting may look; those who left or were declined may not.
+    let member = matches!(
+        server.rooms.membership(room_id, &caller.user_id)?,
+        Some(crate::rooms::Membership::Join | crate::rooms::Membership::Invite | crate::rooms::Membership::Knock)
+    );
     if role.is_none() && !member {
         return Err(Error::not_found("not a session"));
     }

@@ -91,6 +91,9 @@ pub fn authorize(ctx: &PolicyContext<'_>, pdu: &Pdu) -> Result<()> {
     if let Some(notes_for) = ctx.room.state(NOTES_FOR, "")? {
         return check_notes_room(ctx, pdu, &notes_for);
     }
+    if kind == NOTES_FOR {
+        return check_notes_link(ctx, pdu);
+    }
     if let Some(breakout) = ctx.room.state(BREAKOUT, "")? {
         return check_breakout_room(ctx, pdu, &Breakout::parse(&breakout.content_json())?);
     }
@@ -180,6 +183,31 @@ fn check_breakout_room(ctx: &PolicyContext<'_>, pdu: &Pdu, breakout: &Breakout) 
     }
 }
 
+/// Only a session's therapists make a room its notes room, and only a room that never
+/// federates.
+fn check_notes_link(ctx: &PolicyContext<'_>, pdu: &Pdu) -> Result<()> {
+    let session_room = pdu
+        .content_json()
+        .get("room_id")
+        .and_then(JsonValue::as_str)
+        .and_then(|r| ruma::OwnedRoomId::try_from(r).ok())
+        .ok_or_else(|| Error::bad_json(format!("{NOTES_FOR} needs the session's `room_id`")))?;
+    if pdu.state_key.as_deref() != Some("") {
+        return Err(Error::bad_json(format!("{NOTES_FOR} takes the empty state key")));
+    }
+    if ctx.rooms.state_content(&session_room, SESSION, "")?.is_none() {
+        return Err(Error::bad_json(format!("{session_room} is not a session")));
+    }
+    if !role_in(ctx, &session_room, pdu.sender.as_str())?.is_some_and(Role::is_therapist) {
+        return Err(refuse("only the session's therapists make its notes room"));
+    }
+    let federates = ctx.room.state("m.room.create", "")?.is_none_or(|create| create.content_json().get("m.federate") != Some(&JsonValue::Bool(false)));
+    if federates {
+        return Err(refuse("a notes room must not federate (m.federate: false)"));
+    }
+    Ok(())
+}
+
 /// A notes room is for the session's therapists alone: nobody else is invited or joins, and
 /// only therapists write there.
 fn check_notes_room(ctx: &PolicyContext<'_>, pdu: &Pdu, notes_for: &Pdu) -> Result<()> {
@@ -204,6 +232,9 @@ fn check_notes_room(ctx: &PolicyContext<'_>, pdu: &Pdu, notes_for: &Pdu) -> Resu
         }
         (TimelineEventType::RoomMember, _) => Ok(()),
         _ if pdu.kind.to_string() == NOTES_FOR => Err(refuse("a notes room's session cannot change")),
+        _ if pdu.kind.to_string() == NOTE && pdu.content_json().get("body").is_none_or(|body| !body.is_string()) => {
+            Err(Error::bad_json("a note is {\"body\": \"...\"}"))
+        }
         _ => {
             if is_therapist(pdu.sender.as_str())? { Ok(()) } else { Err(refuse("only the session's therapists write notes")) }
         }
@@ -282,8 +313,10 @@ fn check_role(ctx: &PolicyContext<'_>, pdu: &Pdu, session: &Session, session_pdu
     }
     let content = pdu.content_json();
     let Some(role) = role_of(&content) else {
-        if content.get("role").is_some_and(|r| !r.is_null()) {
-            return Err(Error::bad_json("role must be one of therapist, co_therapist, client, observer"));
+        match content.get("role") {
+            None => return Err(Error::bad_json("a role event needs `role` (null removes the role)")),
+            Some(role) if !role.is_null() => return Err(Error::bad_json("role must be one of therapist, co_therapist, client, observer")),
+            Some(_) => {}
         }
         // Removing a role.
         return Ok(());
@@ -307,10 +340,10 @@ fn check_membership(ctx: &PolicyContext<'_>, pdu: &Pdu, session: &Session) -> Re
             // Scheduled participants have a role; others join once a therapist admitted their
             // knock (an invite).
             let role = ctx.role(target)?;
-            let admitted = ctx
-                .room
-                .state("m.room.member", target)?
-                .is_some_and(|m| m.content_json().get("membership").and_then(JsonValue::as_str) == Some("invite"));
+            let admitted = match ctx.room.state("m.room.member", target)? {
+                Some(invite) if membership_of(&invite) == Some(Membership::Invite) => answers_knock(ctx, &invite)?,
+                _ => false,
+            };
             if role.is_none() && !admitted {
                 return Err(refuse("only the session's scheduled participants join; knock to wait in the waiting room"));
             }
@@ -340,6 +373,17 @@ fn check_membership(ctx: &PolicyContext<'_>, pdu: &Pdu, session: &Session) -> Re
         Some(Membership::Knock) if !session.status.is_live() => Err(refuse(format!("the session is {:?}", session.status).to_lowercase())),
         _ => Ok(()),
     }
+}
+
+fn membership_of(pdu: &Pdu) -> Option<Membership> {
+    pdu.content_json().get("membership").and_then(JsonValue::as_str).and_then(Membership::parse)
+}
+
+/// Whether an invite admitted someone from the waiting room: it replaced their knock. (An
+/// invite left over from a role that was since removed admits nobody.)
+fn answers_knock(ctx: &PolicyContext<'_>, invite: &Pdu) -> Result<bool> {
+    let Some(previous) = ctx.rooms.meta(&invite.event_id)?.and_then(|meta| meta.replaces_state) else { return Ok(false) };
+    Ok(ctx.rooms.pdu(&previous)?.is_some_and(|knock| membership_of(&knock) == Some(Membership::Knock)))
 }
 
 /// The room's therapists and whether its session is live, for the booking index.
