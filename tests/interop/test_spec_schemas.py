@@ -49,6 +49,7 @@ EVENT_TYPES = {
     "org.limbic.session.notes_for",
     "org.limbic.breakout",
     "org.limbic.passcode",
+    "org.limbic.followup",  # set by the followup plugin (spec/plugins.md)
 }
 
 
@@ -222,6 +223,11 @@ def test_schemas_are_not_vacuous():
     assert_invalid(breakout, {"session_room": "!abc:x", "name": "Pairs A", "closed": False, "topic": "x"}, "a breakout with an unknown field")
     assert_invalid(breakout, {"name": "Pairs A", "closed": False}, "a breakout without its session")
     assert_invalid(breakout, {"session_room": "!abc:x", "name": " ", "closed": False}, "a breakout with a blank name")
+
+    followup = event_validator("org.limbic.followup")
+    assert_valid(followup, {"room_id": "!f:clinic.example"}, "a follow-up link")
+    assert_invalid(followup, {}, "a follow-up link without a room")
+    assert_invalid(followup, {"room_id": "#alias:clinic.example"}, "a follow-up link to an alias")
 
     passcode = event_validator("org.limbic.passcode")
     assert_valid(passcode, {"membership": "knock", "reason": "hi", "org.limbic.passcode": "x"}, "a knock with a passcode")
