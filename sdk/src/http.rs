@@ -1,11 +1,14 @@
 //! Outbound HTTP (capability `http`), only to the hosts the operator granted in the server
 //! config. Not allowed during `check-event`.
 //!
-//! ```ignore
+//! ```no_run
 //! use limbic_plugin_sdk::{OutboundRequest, http};
 //!
+//! # fn main() -> Result<(), limbic_plugin_sdk::Error> {
 //! let response = http::fetch(&OutboundRequest::get("https://calendar.example/health"))?;
 //! if response.status != 200 { /* ... */ }
+//! # Ok(())
+//! # }
 //! ```
 
 use crate::{Error, HttpResponse, OutboundRequest, bindings::limbic::plugin::host};

@@ -34,34 +34,46 @@
 //! name = "wordfilter"
 //! version = "0.1.0"
 //! api = "0.1.0"
-//! description = "Refuses messages that contain a blocked word"
+//! description = "Refuses messages whose body contains one of the configured words (case-insensitive). Config: {\"words\": [\"...\"]}."
 //! capabilities = []
 //!
 //! [check_event]
 //! event_types = ["m.room.message"]
 //! ```
 //!
-//! `src/lib.rs` (the block is not compiled as a doctest: a plugin only links as a
-//! `wasm32-wasip2` component; `plugins/wordfilter` is this example, and CI builds it):
+//! `src/lib.rs` (`plugins/wordfilter` is this example, built in CI; this copy is compiled as a
+//! doctest too, natively, where the exports are plain functions that nobody calls):
 //!
-//! ```ignore
+//! ```
 //! use limbic_plugin_sdk::{Event, Plugin, Verdict, export_plugin, serde_json};
 //! use serde::Deserialize;
+//!
+//! /// The reason a refused message gets.
+//! pub const REASON: &str = "message contains a blocked word";
 //!
 //! #[derive(Deserialize)]
 //! struct Config {
 //!     words: Vec<String>,
 //! }
 //!
-//! struct WordFilter {
-//!     /// The blocked words, lower case.
+//! /// The plugin: the blocked words, lower case.
+//! pub struct WordFilter {
 //!     words: Vec<String>,
+//! }
+//!
+//! impl WordFilter {
+//!     /// Whether `body` contains a blocked word.
+//!     pub fn blocks(&self, body: &str) -> bool {
+//!         let body = body.to_lowercase();
+//!         self.words.iter().any(|word| body.contains(word.as_str()))
+//!     }
 //! }
 //!
 //! impl Plugin for WordFilter {
 //!     fn new(config: serde_json::Value) -> Result<Self, String> {
 //!         let config: Config = limbic_plugin_sdk::parse_config(config)?;
-//!         Ok(WordFilter { words: config.words.iter().map(|w| w.to_lowercase()).collect() })
+//!         let words = config.words.iter().map(|w| w.trim().to_lowercase()).filter(|w| !w.is_empty()).collect();
+//!         Ok(WordFilter { words })
 //!     }
 //!
 //!     fn check_event(&self, event: &Event, _state: &[Event]) -> Verdict {
@@ -69,14 +81,9 @@
 //!         struct Message {
 //!             body: Option<String>,
 //!         }
-//!         let Ok(Message { body: Some(body) }) = event.content::<Message>() else {
-//!             return Verdict::Allow;
-//!         };
-//!         let body = body.to_lowercase();
-//!         if self.words.iter().any(|word| !word.is_empty() && body.contains(word.as_str())) {
-//!             Verdict::deny("message contains a blocked word")
-//!         } else {
-//!             Verdict::Allow
+//!         match event.content::<Message>() {
+//!             Ok(Message { body: Some(body) }) if self.blocks(&body) => Verdict::deny(REASON),
+//!             _ => Verdict::Allow,
 //!         }
 //!     }
 //! }
@@ -220,6 +227,8 @@ pub fn plugin_user() -> String {
 /// ```ignore
 /// limbic_plugin_sdk::export_plugin!(MyPlugin);
 /// ```
+///
+/// (The crate-level example shows it in a whole plugin.)
 ///
 /// It generates the `init`, `check-event`, `on-event`, `handle-http` and `on-tick` exports:
 /// `init` builds the plugin with [`Plugin::new`] from the parsed config and keeps it for the

@@ -1,6 +1,7 @@
 //! The server's log, tagged with the plugin's name. Needs no capability.
 //!
-//! ```ignore
+//! ```no_run
+//! # let room_id = "!abc:clinic.example";
 //! limbic_plugin_sdk::log::info(&format!("created {room_id}"));
 //! ```
 
