@@ -163,8 +163,9 @@ pub const API_VERSION: &str = "0.1.0";
 /// `[check_event]`, `[on_event]`, `[http]` and `[tick]`.
 pub trait Plugin: Sized + 'static {
     /// Builds the plugin from its config: the `config` table of its `[[plugins]]` entry in the
-    /// server config, as JSON (an empty object when there is none). Called once per instance,
-    /// from the `init` export. An error fails the instance's start; the server logs it.
+    /// server config, as JSON (an empty object when there is none; empty text or `null` from the
+    /// host count as none). Called once per instance, from the `init` export. An error fails the
+    /// instance's start; the server logs it.
     ///
     /// [`parse_config`] deserializes it into your own config type with a clear error.
     fn new(config: serde_json::Value) -> Result<Self, String>;
@@ -278,12 +279,16 @@ pub mod __private {
 
     const NOT_INITIALISED: &str = "the plugin is not initialised (init has not succeeded)";
 
-    /// Parses the config text: empty means an empty object.
+    /// Parses the config text: empty text and `null` mean an empty object.
     pub fn parse_config_text(config: &str) -> Result<serde_json::Value, String> {
         if config.trim().is_empty() {
             return Ok(serde_json::Value::Object(Default::default()));
         }
-        serde_json::from_str(config).map_err(|e| format!("the plugin config is not valid JSON: {e}"))
+        match serde_json::from_str(config) {
+            Ok(serde_json::Value::Null) => Ok(serde_json::Value::Object(Default::default())),
+            Ok(value) => Ok(value),
+            Err(e) => Err(format!("the plugin config is not valid JSON: {e}")),
+        }
     }
 
     pub fn init<P: Plugin>(slot: &OnceCell<P>, config: &str) -> Result<(), String> {
@@ -382,6 +387,8 @@ mod tests {
         assert!(__private::init(&slot, r#"{"word": 5}"#).unwrap_err().starts_with("invalid plugin config"));
         __private::init(&slot, "").unwrap();
         assert_eq!(slot.get().unwrap().word, "bad");
+        assert_eq!(__private::parse_config_text("null").unwrap(), serde_json::json!({}));
+        assert_eq!(__private::parse_config_text(" ").unwrap(), serde_json::json!({}));
         assert!(__private::init(&slot, r#"{"word": "x"}"#).is_err());
         assert_eq!(__private::check_event(&slot, &event(r#"{"body":"bad"}"#), &[]), Verdict::deny("no"));
         assert_eq!(__private::check_event(&slot, &event(r#"{"body":"ok"}"#), &[]), Verdict::Allow);
