@@ -42,6 +42,76 @@ pub struct Config {
     pub sessions: SessionsConfig,
     #[serde(default)]
     pub appointments: AppointmentsConfig,
+    #[serde(default)]
+    pub plugin_host: PluginHostConfig,
+    /// `[[plugins]]`: the WebAssembly plugins to load, with what each is granted.
+    #[serde(default)]
+    pub plugins: Vec<PluginConfig>,
+}
+
+/// Limits and caching of the WebAssembly plugin host.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginHostConfig {
+    /// Compiled plugins, keyed by their hash and the engine's; empty: `<database.path>/plugin-cache`.
+    pub cache_dir: PathBuf,
+    /// Time budget of one `check-event` call.
+    pub check_event_budget_ms: u64,
+    /// Time budget of every other call (`on-event`, `handle-http`, `on-tick`, `init`).
+    pub call_budget_ms: u64,
+    /// Linear memory cap of each instance.
+    pub memory_limit_mb: u64,
+    /// Traps and overruns tolerated within `failure_window_seconds` before a plugin is disabled.
+    pub max_failures: u32,
+    pub failure_window_seconds: u64,
+    /// How often plugin files are checked for changes (hot reload).
+    pub reload_interval_seconds: u64,
+}
+
+impl Default for PluginHostConfig {
+    fn default() -> Self {
+        Self {
+            cache_dir: PathBuf::new(),
+            check_event_budget_ms: 20,
+            call_budget_ms: 5000,
+            memory_limit_mb: 64,
+            max_failures: 5,
+            failure_window_seconds: 60,
+            reload_interval_seconds: 2,
+        }
+    }
+}
+
+/// One plugin: where its component and manifest are, and what the operator grants it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Must equal the manifest's name; routes live under `/_limbic/plugins/<name>/`.
+    pub name: String,
+    /// The component (`.wasm`, wasm32-wasip2).
+    pub path: PathBuf,
+    /// The manifest (`plugin.toml`).
+    pub manifest: PathBuf,
+    /// Capabilities granted; the plugin gets those it also declares.
+    #[serde(default)]
+    pub grants: Vec<String>,
+    /// Hosts (`host` or `host:port`) the `http` capability may reach.
+    #[serde(default)]
+    pub http_hosts: Vec<String>,
+    /// What happens to an event when `check-event` traps or overruns: refused (default) or let through.
+    #[serde(default)]
+    pub on_check_failure: CheckFailure,
+    /// Handed to the plugin's `init` as JSON.
+    #[serde(default)]
+    pub config: toml::Table,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckFailure {
+    #[default]
+    Deny,
+    Allow,
 }
 
 /// Appointment links: booking systems create sessions and get a join link per participant.
@@ -283,6 +353,9 @@ impl Config {
         if config.media.path.as_os_str().is_empty() {
             config.media.path = default_media_path(&config.database.path);
         }
+        if config.plugin_host.cache_dir.as_os_str().is_empty() {
+            config.plugin_host.cache_dir = config.database.path.join("plugin-cache");
+        }
         config.validate()?;
         Ok(config)
     }
@@ -326,6 +399,28 @@ impl Config {
                 key: "clinic.min_retention_days",
                 reason: "must not exceed clinic.max_retention_days".into(),
             });
+        }
+        let host = &self.plugin_host;
+        for (key, value) in [
+            ("plugin_host.check_event_budget_ms", host.check_event_budget_ms),
+            ("plugin_host.call_budget_ms", host.call_budget_ms),
+            ("plugin_host.memory_limit_mb", host.memory_limit_mb),
+            ("plugin_host.failure_window_seconds", host.failure_window_seconds),
+            ("plugin_host.reload_interval_seconds", host.reload_interval_seconds),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid { key, reason: "must be at least 1".into() });
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for plugin in &self.plugins {
+            let valid = !plugin.name.is_empty() && plugin.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+            if !valid {
+                return Err(ConfigError::Invalid { key: "plugins.name", reason: format!("{:?}: use a-z, 0-9, - and _", plugin.name) });
+            }
+            if !names.insert(&plugin.name) {
+                return Err(ConfigError::Invalid { key: "plugins.name", reason: format!("{} is configured twice", plugin.name) });
+            }
         }
         let limits = &self.rate_limits;
         for (key, limit) in [

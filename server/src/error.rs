@@ -142,6 +142,20 @@ impl Error {
     }
 }
 
+impl Error {
+    /// The status, errcode and message a client gets for this error.
+    pub fn describe(&self) -> (StatusCode, String, String) {
+        let field = |body: &serde_json::Value, name: &str| body.get(name).and_then(serde_json::Value::as_str).unwrap_or_default().to_owned();
+        match self {
+            Self::Matrix { code, message, status } => (*status, code.as_str().to_owned(), message.clone()),
+            Self::LimitExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED".into(), "Too many requests".into()),
+            Self::Uiaa(body) => (StatusCode::UNAUTHORIZED, field(body, "errcode"), field(body, "error")),
+            Self::Detailed { status, body } => (*status, field(body, "errcode"), field(body, "error")),
+            Self::Store(_) | Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN".into(), self.to_string()),
+        }
+    }
+}
+
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let (status, body) = match self {

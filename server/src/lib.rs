@@ -10,6 +10,7 @@ pub mod error;
 pub mod events;
 pub mod media;
 pub mod metrics;
+pub mod plugins;
 pub mod push;
 pub mod ratelimit;
 pub mod rooms;
@@ -39,6 +40,8 @@ pub async fn serve(server: Arc<Server>) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, server_name = %server.server_name(), "listening");
 
+    server.plugins.attach(&server).map_err(std::io::Error::other)?;
+    server.plugins.spawn_tasks(&server);
     let background = tokio::spawn(background_tasks(server.clone()));
     let app = app(server.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let stopping = server.clone();

@@ -35,6 +35,7 @@ pub struct Server {
     pub rate_limiter: RateLimiter,
     pub metrics: Metrics,
     pub admin: crate::admin::Admin,
+    pub plugins: Arc<crate::plugins::Plugins>,
     /// Set once shutdown begins, so that long-polls answer at once instead of holding it up.
     pub shutting_down: tokio::sync::watch::Sender<bool>,
 }
@@ -52,13 +53,15 @@ impl Server {
         let push = Arc::new(Push::new(store.clone()));
         let audit = Arc::new(Audit::load(&store)?);
         let clinic = Arc::new(Clinic::new(store.clone(), config.sessions.clone()));
+        let plugins = Arc::new(crate::plugins::Plugins::load(&config, store.clone()).map_err(crate::Error::internal)?);
         Ok(Arc::new(Self {
+            plugins: plugins.clone(),
             push: push.clone(),
             audit: audit.clone(),
             clinic: clinic.clone(),
             appointments: crate::clinic::appointments::Appointments::open(store.clone(), config.appointments.clone(), config.server_name.clone())?,
             users: Users::new(store.clone()),
-            rooms: Rooms::new(store.clone(), signing_key.clone(), push.clone(), audit, clinic.clone()),
+            rooms: Rooms::new(store.clone(), signing_key.clone(), push.clone(), audit, clinic.clone(), plugins),
             e2ee: E2ee::new(store.clone()),
             rate_limiter: RateLimiter::new(&config.rate_limits),
             metrics: Metrics::default(),

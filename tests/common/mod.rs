@@ -21,6 +21,8 @@ pub struct TestServer {
     dir: tempfile::TempDir,
     /// `LIMBIC_*` overrides passed to the server process.
     env: Vec<(String, String)>,
+    /// Appended to the generated config.
+    extra: String,
 }
 
 pub const SHARED_SECRET: &str = "test-shared-secret";
@@ -36,6 +38,12 @@ impl TestServer {
 
     /// Starts a server with config overrides as `LIMBIC_*` environment variables.
     pub async fn start_with(env: &[(&str, &str)]) -> Self {
+        Self::start_with_toml("", env).await
+    }
+
+    /// Starts a server whose config ends with `extra` (for sections such as `[[plugins]]`
+    /// that environment variables cannot express).
+    pub async fn start_with_toml(extra: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut server = Self {
@@ -44,6 +52,7 @@ impl TestServer {
             base: format!("http://127.0.0.1:{port}"),
             dir,
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            extra: extra.to_owned(),
         };
         server.spawn().await;
         server
@@ -75,6 +84,7 @@ impl TestServer {
         );
         let mut file = std::fs::File::create(self.config_path()).unwrap();
         file.write_all(config.as_bytes()).unwrap();
+        file.write_all(self.extra.as_bytes()).unwrap();
     }
 
     async fn spawn(&mut self) {

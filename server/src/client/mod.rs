@@ -17,6 +17,7 @@ mod relations;
 mod rooms;
 mod search;
 mod breakouts;
+mod plugins;
 mod sessions;
 mod sync;
 
@@ -289,6 +290,7 @@ pub fn router() -> Router<AppState> {
     let router = breakouts::routes(router);
     let router = appointments::routes(router);
     let router = admin::routes(router);
+    let router = plugins::routes(router);
     misc::routes(router)
 }
 

@@ -124,6 +124,7 @@ pub struct Rooms {
     pub push: Arc<crate::push::Push>,
     pub audit: Arc<crate::audit::Audit>,
     pub clinic: Arc<crate::clinic::Clinic>,
+    pub plugins: Arc<crate::plugins::Plugins>,
 }
 
 impl Rooms {
@@ -133,8 +134,10 @@ impl Rooms {
         push: Arc<crate::push::Push>,
         audit: Arc<crate::audit::Audit>,
         clinic: Arc<crate::clinic::Clinic>,
+        plugins: Arc<crate::plugins::Plugins>,
     ) -> Self {
         Self {
+            plugins,
             push,
             audit,
             clinic,

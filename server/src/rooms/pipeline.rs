@@ -264,6 +264,8 @@ impl<'a> RoomWriter<'a> {
         .map_err(|reason| Error::forbidden(format!("event not authorized: {reason}")))?;
         // Then the clinic's rules.
         crate::clinic::authorize(&self.policy_context(), &pdu)?;
+        // And the plugins' check-event.
+        self.rooms.plugins.check_event(&pdu, self)?;
 
         self.stage(signed, record, &rules, txn)?;
         Ok(pdu)
@@ -356,6 +358,7 @@ impl<'a> RoomWriter<'a> {
         self.batch.put(store, tables::TIMELINE, &Key::new().str(room).u64(pos).into_vec(), pdu.event_id.as_bytes());
         relations::stage(store, &mut self.batch, &pdu, pos);
         crate::search::stage(store, &mut self.batch, &pdu, pos);
+        self.rooms.plugins.stage_outbox(&mut self.batch, pos, &pdu);
         self.batch.put_json(store, tables::ROOMS, room.as_bytes(), &record)?;
         if let Some(txn) = &txn {
             let key = Key::new().str(pdu.sender.as_str()).str(&txn.device_id).str(&txn.txn_id).into_vec();

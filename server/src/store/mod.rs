@@ -136,6 +136,11 @@ pub mod tables {
     /// jti of a redeemed link token -> its expiry (seconds); each link logs in once
     pub const LINK_TOKENS_USED: Table = Table("link_tokens_used");
 
+    /// (plugin name, key) -> value: each plugin's private key-value store
+    pub const PLUGIN_KV: Table = Table("plugin_kv");
+    /// stream position (u64 BE) -> event id: events awaiting the plugins' on-event
+    pub const PLUGIN_OUTBOX: Table = Table("plugin_outbox");
+
     pub const ALL: &[Table] = &[
         GLOBAL, USERS, DEVICES, ACCESS_TOKENS, FILTERS, ACCOUNT_DATA, PRESENCE, PDUS, EVENT_META,
         TIMELINE, ROOM_STATE, ROOMS, STATE_SNAPSHOTS, ROOM_MEMBERS, USER_ROOMS, TXN_IDS, ALIASES,
@@ -144,6 +149,7 @@ pub mod tables {
         MEDIA, MEDIA_THUMBNAILS, MEDIA_USAGE,
         RELATIONS, THREAD_REPLIES, SEARCH_INDEX, AUDIT_LOG, THERAPISTS,
         THERAPIST_BOOKINGS, SESSION_NOTES, SESSION_PASSCODES, APPOINTMENTS, LINK_TOKENS_USED,
+        PLUGIN_KV, PLUGIN_OUTBOX,
     ];
 }
 

@@ -1,0 +1,145 @@
+//! End-to-end tests: WebAssembly plugins in a running server — the sandbox holding against
+//! deliberately bad plugins, check-event refusals reaching clients, hot reload, and the
+//! first-party plugins. The components are built by `scripts/test` (see the README) into
+//! plugins/target/wasm32-wasip2/release.
+
+mod common;
+
+use std::{path::PathBuf, time::Duration};
+
+use common::{Client, TestServer, enc, errcode};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A built plugin component; a missing one fails the test with the command that builds it.
+fn component(name: &str) -> PathBuf {
+    let path = repo().join("plugins/target/wasm32-wasip2/release").join(format!("{name}.wasm"));
+    assert!(path.exists(), "{} is missing: build the plugins with `cargo build --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --release` (scripts/test does)", path.display());
+    path
+}
+
+/// The `[plugin_host]` and `[[plugins]]` sections for `plugins`: (name, component, manifest,
+/// grants, extra TOML lines for the entry).
+fn plugin_config(host: &str, plugins: &[(&str, PathBuf, &str, &[&str], &str)]) -> String {
+    let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("plugin-cache");
+    let mut config = format!("[plugin_host]\ncache_dir = {:?}\n{host}\n", cache.display().to_string());
+    for (name, path, manifest, grants, extra) in plugins {
+        config.push_str(&format!(
+            "[[plugins]]\nname = {name:?}\npath = {:?}\nmanifest = {:?}\ngrants = {grants:?}\n{extra}\n",
+            path.display().to_string(),
+            repo().join(manifest).display().to_string(),
+        ));
+    }
+    config
+}
+
+async fn status(admin: &Client, name: &str) -> Value {
+    let all = admin.ok(Method::GET, "/_limbic/admin/v1/plugins", None).await;
+    all["plugins"].as_array().unwrap().iter().find(|p| p["name"] == name).cloned().unwrap()
+}
+
+async fn send(client: &Client, room: &str, txn: &str, body: &str) -> (StatusCode, Value) {
+    client.put(&format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(room)), json!({ "msgtype": "m.text", "body": body })).await
+}
+
+#[tokio::test]
+async fn bad_plugins_are_contained_and_the_server_keeps_serving() {
+    let config = plugin_config(
+        "call_budget_ms = 300\ncheck_event_budget_ms = 20\nmemory_limit_mb = 32\nmax_failures = 50",
+        &[("misbehave", component("misbehave"), "plugins/testing/misbehave/plugin.toml", &["kv"], "")],
+    );
+    let server = TestServer::start_with_toml(&config, &[]).await;
+    let admin = server.register_admin("admin").await;
+    let alice = server.register("alice").await;
+    let room = alice.create_room(json!({})).await;
+    let route = |path: &str| format!("/_limbic/plugins/misbehave{path}");
+
+    let ok = alice.ok(Method::GET, &route("/ok"), None).await;
+    assert_eq!(ok["ok"], true);
+    for (path, failure) in [("/loop", "an infinite loop"), ("/bomb", "a memory bomb"), ("/trap", "a trap")] {
+        let started = std::time::Instant::now();
+        let (status, body) = alice.get(&route(path)).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{failure}: {body}");
+        assert!(started.elapsed() < Duration::from_secs(10), "{failure} took {:?}", started.elapsed());
+        // The server and the plugin (on a fresh instance) answer right after.
+        assert_eq!(alice.ok(Method::GET, &route("/ok"), None).await["ok"], true, "after {failure}");
+        assert_eq!(send(&alice, &room, &format!("after{}", &path[1..]), "still here").await.0, StatusCode::OK);
+    }
+    let health = status(&admin, "misbehave").await;
+    assert_eq!((health["enabled"].as_bool(), health["restarts"].as_u64()), (Some(true), Some(3)), "{health}");
+
+    // A capability the plugin lacks fails inside the plugin and never reaches the resource.
+    let ungranted = alice.ok(Method::GET, &route("/ungranted"), None).await;
+    assert!(ungranted.to_string().contains("not-granted"), "{ungranted}");
+
+    // check-event: a refusal reaches the client as a Matrix error; a plugin stuck in a loop
+    // cannot hold the room, and its event is refused (on_check_failure = deny).
+    let (status, body) = send(&alice, &room, "deny", "please deny-me").await;
+    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{body}");
+    let started = std::time::Instant::now();
+    let (status, body) = send(&alice, &room, "loop", "loop-in-check").await;
+    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{body}");
+    assert!(body["error"].as_str().unwrap().contains("could not check"), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert_eq!(send(&alice, &room, "fine", "an ordinary message").await.0, StatusCode::OK);
+    let messages = alice.messages(&room, "dir=b&limit=20").await;
+    let bodies: Vec<&str> = messages["chunk"].as_array().unwrap().iter().filter_map(|e| e["content"]["body"].as_str()).collect();
+    assert!(!bodies.iter().any(|b| b.contains("deny-me") || b.contains("loop-in-check")), "{bodies:?}");
+}
+
+#[tokio::test]
+async fn a_crash_looping_plugin_is_disabled_until_its_file_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = dir.path().join("misbehave.wasm");
+    std::fs::copy(component("misbehave"), &wasm).unwrap();
+    let config = plugin_config(
+        "call_budget_ms = 300\nmax_failures = 2\nfailure_window_seconds = 60\nreload_interval_seconds = 1",
+        &[("misbehave", wasm.clone(), "plugins/testing/misbehave/plugin.toml", &["kv"], "on_check_failure = \"allow\"")],
+    );
+    let server = TestServer::start_with_toml(&config, &[]).await;
+    let admin = server.register_admin("admin").await;
+    let alice = server.register("alice").await;
+    for _ in 0..2 {
+        assert_eq!(alice.get("/_limbic/plugins/misbehave/trap").await.0, StatusCode::BAD_GATEWAY);
+    }
+    assert_eq!(status(&admin, "misbehave").await["enabled"], false);
+    let (status_code, body) = alice.get("/_limbic/plugins/misbehave/ok").await;
+    assert_eq!(status_code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+
+    // A new build of the plugin is picked up while the server runs, and enabled again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    std::fs::copy(component("misbehave"), &wasm).unwrap();
+    let file = std::fs::File::options().append(true).open(&wasm).unwrap();
+    file.set_modified(std::time::SystemTime::now()).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if status(&admin, "misbehave").await["enabled"] == true {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the plugin was not reloaded");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(alice.ok(Method::GET, "/_limbic/plugins/misbehave/ok", None).await["ok"], true);
+}
+
+#[tokio::test]
+async fn wordfilter_refuses_blocked_words_through_any_client_api() {
+    let config = plugin_config(
+        "",
+        &[("wordfilter", component("wordfilter"), "plugins/wordfilter/plugin.toml", &[], "[plugins.config]\nwords = [\"forbidden\"]")],
+    );
+    let server = TestServer::start_with_toml(&config, &[]).await;
+    let alice = server.register("alice").await;
+    let room = alice.create_room(json!({})).await;
+    let (status, body) = send(&alice, &room, "t1", "this is FORBIDDEN talk").await;
+    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{body}");
+    assert!(body["error"].as_str().unwrap().contains("blocked word"), "{body}");
+    assert_eq!(send(&alice, &room, "t2", "this is fine").await.0, StatusCode::OK);
+    // Unknown plugins and plugins without routes are 404s.
+    assert_eq!(alice.get("/_limbic/plugins/wordfilter/anything").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(alice.get("/_limbic/plugins/nonexistent/").await.0, StatusCode::NOT_FOUND);
+}
