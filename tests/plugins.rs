@@ -143,3 +143,82 @@ async fn wordfilter_refuses_blocked_words_through_any_client_api() {
     assert_eq!(alice.get("/_limbic/plugins/wordfilter/anything").await.0, StatusCode::NOT_FOUND);
     assert_eq!(alice.get("/_limbic/plugins/nonexistent/").await.0, StatusCode::NOT_FOUND);
 }
+
+const SESSIONS: &str = "/_limbic/client/v1/sessions";
+const HOUR: u64 = 3_600_000;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// A verified therapist's group session starting now, its clients joined; returns the room.
+async fn group_session(server: &TestServer, admin: &Client, therapist: &Client, clients: &[&Client]) -> String {
+    admin.ok(Method::PUT, &format!("/_limbic/admin/v1/therapists/{}", enc(&therapist.user_id)), Some(json!({ "verified": true }))).await;
+    let participants: Vec<Value> = clients.iter().map(|c| json!({ "user_id": c.user_id, "role": "client" })).collect();
+    let now = now_ms();
+    let created = therapist
+        .ok(Method::POST, SESSIONS, Some(json!({ "kind": "group", "title": "Tuesday group", "starts_at": now, "ends_at": now + HOUR, "timezone": "UTC", "participants": participants })))
+        .await;
+    let room = created["room_id"].as_str().unwrap().to_owned();
+    for client in clients {
+        assert_eq!(client.join(&room).await.0, StatusCode::OK);
+    }
+    let _ = server;
+    room
+}
+
+async fn set_status(therapist: &Client, room: &str, statuses: &[&str]) {
+    for status in statuses {
+        therapist.ok(Method::PUT, &format!("{SESSIONS}/{}/status", enc(room)), Some(json!({ "status": status }))).await;
+    }
+}
+
+/// Polls a plugin route until it answers 200.
+async fn eventually(client: &Client, path: &str) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = client.get(path).await;
+        if status == StatusCode::OK {
+            return body;
+        }
+        assert!(std::time::Instant::now() < deadline, "{path} still answers {status}: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn followup_opens_one_chat_for_a_completed_group_session() {
+    let grants: &[&str] = &["kv", "rooms.read", "rooms.send", "rooms.create", "rooms.invite", "users.act-as"];
+    let config = plugin_config("", &[("followup", component("followup"), "plugins/followup/plugin.toml", grants, "[plugins.config]\nwelcome = \"Welcome back, {title}!\"")]);
+    let mut server = TestServer::start_with_toml(&config, &[]).await;
+    let admin = server.register_admin("admin").await;
+    let therapist = server.register("therapist").await;
+    let (ann, bob, outsider) = (server.register("ann").await, server.register("bob").await, server.register("outsider").await);
+    let room = group_session(&server, &admin, &therapist, &[&ann, &bob]).await;
+    let route = format!("/_limbic/plugins/followup/rooms/{}", enc(&room));
+    set_status(&therapist, &room, &["open", "in_progress"]).await;
+    assert_eq!(therapist.get(&route).await.0, StatusCode::NOT_FOUND, "no follow-up before the session completes");
+    set_status(&therapist, &room, &["completed"]).await;
+
+    let followup = eventually(&ann, &route).await["room_id"].as_str().unwrap().to_owned();
+    assert_eq!(outsider.get(&route).await.0, StatusCode::FORBIDDEN);
+    // Linked from the session room by the therapist, and every participant is invited.
+    let link = ann.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/state/org.limbic.followup/", enc(&room)), None).await;
+    assert_eq!(link["room_id"], followup.as_str());
+    for client in [&ann, &bob, &therapist] {
+        assert_eq!(client.join(&followup).await.0, StatusCode::OK, "{}", client.user_id);
+    }
+    let power = therapist.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/state/m.room.power_levels/", enc(&followup)), None).await;
+    assert_eq!(power["users"][&therapist.user_id], 100);
+    let messages = bob.messages(&followup, "dir=b&limit=50").await;
+    let welcome: Vec<&str> = messages["chunk"].as_array().unwrap().iter().filter(|e| e["type"] == "m.room.message").filter_map(|e| e["content"]["body"].as_str()).collect();
+    assert_eq!(welcome, ["Welcome back, Tuesday group!"]);
+
+    // Exactly once, across a restart too.
+    server.restart().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rooms = admin.ok(Method::GET, "/_synapse/admin/v1/rooms?limit=100", None).await;
+    let followups = rooms["rooms"].as_array().unwrap().iter().filter(|r| r["name"].as_str().is_some_and(|n| n.ends_with("follow-up"))).count();
+    assert_eq!(followups, 1, "{rooms}");
+    assert_eq!(eventually(&ann, &route).await["room_id"], followup.as_str());
+}
