@@ -86,6 +86,11 @@ def write_config(path: Path, port: int, store: Path) -> dict:
     cfg.setdefault("database", {})["path"] = str(store)
     cfg.setdefault("rate_limits", {})["enabled"] = False
     cfg.setdefault("registration", {})["mode"] = "open"
+    # The example's plugins, from the repository's build; compiled once for every server.
+    for plugin in cfg.get("plugins", []):
+        for key in ("path", "manifest"):
+            plugin[key] = str(REPO / plugin[key])
+    cfg.setdefault("plugin_host", {})["cache_dir"] = str(ARTIFACTS / "plugin-cache")
     path.write_text(dump_toml(cfg))
     return cfg
 
