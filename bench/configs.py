@@ -8,11 +8,14 @@
       limit out of the way, no federation, no key server, no sync cache;
       LOG_CONFIG gets a WARNING-level log config.
 
-  configs.py limbic EXAMPLE_TOML OUT_TOML PORT DB_PATH SECRET
+  configs.py limbic EXAMPLE_TOML OUT_TOML PORT DB_PATH SECRET [PLUGINS]
       writes OUT_TOML from Limbic's config.example.toml with [listen] port,
       [database] path, [registration] open with the shared secret,
       [rate_limits] enabled = false, [logging] level = "warn", and
       [media] path beside DB_PATH when the example has a [media] section.
+      PLUGINS is "none" (default: the example's [[plugins]] are left out)
+      or "example" (kept, their paths made absolute from the example's
+      directory).
 
 Run the synapse variant with the bench venv's Python (it needs PyYAML).
 """
@@ -100,7 +103,31 @@ def synapse(path: str, port: str, secret: str, log_config: str) -> None:
         yaml.safe_dump(log_cfg, f, sort_keys=False)
 
 
-def limbic(example: str, out: str, port: str, db_path: str, secret: str) -> None:
+def plugin_lines(lines: list[str], mode: str, base: str) -> list[str]:
+    """The example's lines without its [[plugins]] entries (mode "none"), or with their
+    component and manifest paths made absolute (mode "example")."""
+    import os
+
+    kept: list[str] = []
+    in_plugins = False
+    for line in lines:
+        header = re.match(r"^\s*\[\[?([A-Za-z0-9_.-]+)\]?\]\s*$", line)
+        if header:
+            in_plugins = header.group(1) == "plugins" or header.group(1).startswith("plugins.")
+        if in_plugins and mode == "none":
+            continue
+        path = re.match(r'^(\s*)(path|manifest)\s*=\s*"(.*)"\s*$', line)
+        if in_plugins and path and not os.path.isabs(path.group(3)):
+            line = f'{path.group(1)}{path.group(2)} = {json.dumps(os.path.join(base, path.group(3)))}'
+        kept.append(line)
+    return kept
+
+
+def limbic(example: str, out: str, port: str, db_path: str, secret: str, plugins: str = "none") -> None:
+    import os
+
+    if plugins not in ("none", "example"):
+        sys.exit(f"PLUGINS must be none or example, not {plugins!r}")
     wanted = {
         "listen": {"address": '"127.0.0.1"', "port": port},
         "database": {"path": json.dumps(db_path)},
@@ -124,7 +151,7 @@ def limbic(example: str, out: str, port: str, db_path: str, secret: str) -> None
                 seen[sec].add(key)
 
     with open(example) as f:
-        lines = f.read().splitlines()
+        lines = plugin_lines(f.read().splitlines(), plugins, os.path.dirname(os.path.abspath(example)))
     for line in lines:
         m = re.match(r"^\s*\[([A-Za-z0-9_.-]+)\]\s*$", line)
         if m:
@@ -152,7 +179,7 @@ def limbic(example: str, out: str, port: str, db_path: str, secret: str) -> None
 if __name__ == "__main__":
     if len(sys.argv) == 6 and sys.argv[1] == "synapse":
         synapse(*sys.argv[2:])
-    elif len(sys.argv) == 7 and sys.argv[1] == "limbic":
+    elif len(sys.argv) in (7, 8) and sys.argv[1] == "limbic":
         limbic(*sys.argv[2:])
     else:
         sys.exit(__doc__)
