@@ -1,0 +1,403 @@
+use std::{
+    cell::{Cell, RefCell},
+    collections::BTreeMap,
+};
+
+use limbic_plugin_sdk::{Caller, clinic::Status};
+
+use super::*;
+
+const SERVER: &str = "clinic.example";
+const ROOM: &str = "!abc:clinic.example";
+const UID: &str = "abc:clinic.example@clinic.example";
+const T0: u64 = 1_795_000_000_000;
+const THERAPIST: &str = "@t:clinic.example";
+const ANN: &str = "@ann:clinic.example";
+const BOB: &str = "@bob:clinic.example";
+
+/// A fake server: kv, rooms' current state, a CalDAV server that answers `status`, a log.
+struct Fake {
+    kv: RefCell<BTreeMap<String, Vec<u8>>>,
+    state: RefCell<BTreeMap<String, Vec<Event>>>,
+    requests: RefCell<Vec<OutboundRequest>>,
+    answer: RefCell<Result<u16, Error>>,
+    random: Cell<u8>,
+    logs: RefCell<Vec<String>>,
+    next_id: Cell<u32>,
+}
+
+impl Fake {
+    fn new() -> Self {
+        Fake {
+            kv: RefCell::default(),
+            state: RefCell::default(),
+            requests: RefCell::default(),
+            answer: RefCell::new(Ok(201)),
+            random: Cell::new(0),
+            logs: RefCell::default(),
+            next_id: Cell::new(0),
+        }
+    }
+
+    /// Persists a state event and delivers it, as the server does.
+    fn send(&self, event_type: &str, state_key: &str, ts: u64, content: serde_json::Value) -> Event {
+        self.next_id.set(self.next_id.get() + 1);
+        let event = Event {
+            event_id: format!("${}", self.next_id.get()),
+            room_id: ROOM.into(),
+            sender: THERAPIST.into(),
+            event_type: event_type.into(),
+            state_key: Some(state_key.into()),
+            content: content.to_string(),
+            origin_server_ts: ts,
+        };
+        {
+            let mut state = self.state.borrow_mut();
+            let room = state.entry(ROOM.into()).or_default();
+            room.retain(|e| !e.is_state_of(event_type, state_key));
+            room.push(event.clone());
+        }
+        on_event(self, &event).unwrap();
+        event
+    }
+
+    fn session(&self, ts: u64, status: &str, title: &str, starts_at: u64) -> Event {
+        self.send(
+            clinic::SESSION,
+            "",
+            ts,
+            serde_json::json!({
+                "kind": "couples", "title": title, "starts_at": starts_at, "ends_at": starts_at + 3_000_000,
+                "timezone": "Europe/Berlin", "status": status, "max_participants": 3,
+            }),
+        )
+    }
+
+    fn role(&self, user: &str, role: Option<&str>) -> Event {
+        self.send(clinic::ROLE, &clinic::role_key(user), T0 - 1000, serde_json::json!({ "role": role }))
+    }
+
+    /// A scheduled session with a therapist and ann.
+    fn scheduled() -> Self {
+        let fake = Fake::new();
+        fake.session(T0 - 10_000, "scheduled", "Weekly, with care", T0);
+        fake.role(THERAPIST, Some("therapist"));
+        fake.role(ANN, Some("client"));
+        fake
+    }
+
+    fn stored(&self) -> CalSession {
+        get_json(self, &session_key(ROOM)).unwrap().unwrap()
+    }
+
+    fn requests(&self) -> Vec<(String, String)> {
+        self.requests.borrow().iter().map(|r| (r.method.clone(), r.url.clone())).collect()
+    }
+
+    fn http(&self, method: &str, path: &str, user: Option<&str>, body: serde_json::Value) -> HttpResponse {
+        let request = HttpRequest {
+            method: method.into(),
+            path: path.into(),
+            query: String::new(),
+            headers: vec![],
+            body: if body.is_null() { vec![] } else { body.to_string().into_bytes() },
+            caller: user.map(|user| Caller { user_id: user.into(), is_admin: false }),
+        };
+        handle_http(self, &Config::default(), &request)
+    }
+
+    fn feed_url(&self, user: &str) -> String {
+        let response = self.http("GET", "/feed-url", Some(user), serde_json::Value::Null);
+        assert_eq!(response.status, 200);
+        response.json_body::<serde_json::Value>().unwrap()["url"].as_str().unwrap().to_owned()
+    }
+
+    fn feed(&self, url: &str) -> HttpResponse {
+        let path = url.strip_prefix(MOUNT).unwrap();
+        self.http("GET", path, None, serde_json::Value::Null)
+    }
+}
+
+impl Host for Fake {
+    fn kv_get(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {
+        Ok(self.kv.borrow().get(key).cloned())
+    }
+    fn kv_set(&self, key: &str, value: &[u8]) -> Result<(), Error> {
+        self.kv.borrow_mut().insert(key.into(), value.into());
+        Ok(())
+    }
+    fn kv_delete(&self, key: &str) -> Result<(), Error> {
+        self.kv.borrow_mut().remove(key);
+        Ok(())
+    }
+    fn kv_scan(&self, prefix: &str, start_after: Option<&str>, limit: u32) -> Result<Vec<(String, Vec<u8>)>, Error> {
+        Ok(self
+            .kv
+            .borrow()
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix) && start_after.is_none_or(|after| k.as_str() > after))
+            .take(limit as usize)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+    fn room_state(&self, room_id: &str) -> Result<Vec<Event>, Error> {
+        Ok(self.state.borrow().get(room_id).cloned().unwrap_or_default())
+    }
+    fn fetch(&self, request: &OutboundRequest) -> Result<HttpResponse, Error> {
+        self.requests.borrow_mut().push(request.clone());
+        let status = self.answer.borrow().clone()?;
+        Ok(HttpResponse { status, headers: vec![], body: vec![] })
+    }
+    fn server_name(&self) -> String {
+        SERVER.into()
+    }
+    fn random(&self, bytes: &mut [u8]) -> Result<(), String> {
+        self.random.set(self.random.get() + 1);
+        bytes.fill(self.random.get());
+        Ok(())
+    }
+    fn log(&self, _level: LogLevel, message: &str) {
+        self.logs.borrow_mut().push(message.into());
+    }
+}
+
+#[test]
+fn sessions_and_user_lists_follow_the_room_state() {
+    let fake = Fake::scheduled();
+    let session = fake.stored();
+    assert_eq!(session.sequence, 0);
+    assert_eq!(session.participants.keys().collect::<Vec<_>>(), [ANN, THERAPIST]);
+    assert_eq!(get_json::<Vec<String>>(&fake, &sessions_key(ANN)).unwrap(), Some(vec![ROOM.to_string()]));
+
+    // Reschedule, rename, cancel: one bump each.
+    fake.session(T0 - 9_000, "scheduled", "Weekly, with care", T0 + 3_600_000);
+    assert_eq!(fake.stored().sequence, 1);
+    fake.session(T0 - 8_000, "scheduled", "Weekly", T0 + 3_600_000);
+    assert_eq!((fake.stored().sequence, fake.stored().last_modified), (2, T0 - 8_000));
+    // A role event, or any event delivered again, changes nothing.
+    let event = fake.role(ANN, Some("client"));
+    on_event(&fake, &event).unwrap();
+    assert_eq!(fake.stored().sequence, 2);
+
+    // Losing the role takes the session out of the user's list.
+    fake.role(ANN, None);
+    assert_eq!(get_json::<Vec<String>>(&fake, &sessions_key(ANN)).unwrap(), None);
+    assert!(user_sessions(&fake, ANN).unwrap().is_empty());
+    assert_eq!(user_sessions(&fake, THERAPIST).unwrap().len(), 1);
+
+    // Rooms without a session and other events are ignored.
+    let mut other = event.clone();
+    other.room_id = "!chat:clinic.example".into();
+    on_event(&fake, &other).unwrap();
+    other.event_type = "m.room.message".into();
+    on_event(&fake, &other).unwrap();
+    assert!(!fake.kv.borrow().contains_key(&session_key("!chat:clinic.example")));
+}
+
+#[test]
+fn the_feed_at_a_secret_url() {
+    let fake = Fake::scheduled();
+    assert_eq!(fake.http("GET", "/feed-url", None, serde_json::Value::Null).status, 401);
+    let url = fake.feed_url(ANN);
+    assert_eq!(url, format!("{MOUNT}/feed/{}.ics", "01".repeat(32)));
+    assert_eq!(fake.feed_url(ANN), url, "the same URL until reset");
+
+    let feed = fake.feed(&url);
+    assert_eq!(feed.status, 200);
+    assert_eq!(feed.header("content-type"), Some("text/calendar; charset=utf-8"));
+    let text = feed.text_body();
+    assert!(text.starts_with("BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:"), "{text}");
+    assert!(text.contains("CALSCALE:GREGORIAN\r\n"));
+    assert!(text.contains("X-WR-CALNAME:Therapy sessions\r\n"));
+    assert!(text.contains(&format!("UID:{UID}\r\n")));
+    assert!(text.contains("SUMMARY:Weekly\\, with care\r\n"));
+    assert!(text.contains("DTSTART:20261118T110640Z\r\nDTEND:20261118T115640Z\r\n"));
+    assert!(text.contains("STATUS:CONFIRMED\r\nSEQUENCE:0\r\n"));
+
+    // A no-show stays in the feed, cancelled, with the same UID and a higher SEQUENCE.
+    fake.session(T0 + 900_000, "no_show", "Weekly, with care", T0);
+    let text = fake.feed(&url).text_body();
+    assert!(text.contains(&format!("UID:{UID}\r\n")));
+    assert!(text.contains("STATUS:CANCELLED\r\nSEQUENCE:1\r\n"));
+    assert!(text.contains("DESCRIPTION:Kind: couples\\nStatus: no_show\r\n"));
+
+    // Reset: the old URL stops working.
+    let reset = fake.http("POST", "/feed-url/reset", Some(ANN), serde_json::Value::Null);
+    assert_eq!(reset.status, 200);
+    let new_url = reset.json_body::<serde_json::Value>().unwrap()["url"].as_str().unwrap().to_owned();
+    assert_ne!(new_url, url);
+    assert_eq!(fake.feed(&url).status, 404);
+    assert_eq!(fake.feed(&new_url).status, 200);
+    assert_eq!(fake.feed_url(ANN), new_url);
+
+    // Another user's feed holds their sessions only; unknown and malformed tokens are 404.
+    let bob = fake.feed_url(BOB);
+    assert!(!fake.feed(&bob).text_body().contains("BEGIN:VEVENT"));
+    assert_eq!(fake.feed(&format!("{MOUNT}/feed/{}.ics", "ab".repeat(32))).status, 404);
+    assert_eq!(fake.feed(&format!("{MOUNT}/feed/{}", "01".repeat(32))).status, 404);
+    assert_eq!(fake.feed(&format!("{MOUNT}/feed/../x.ics")).status, 404);
+    assert_eq!(fake.http("GET", "/nothing", Some(ANN), serde_json::Value::Null).status, 404);
+    assert_eq!(fake.http("POST", "/feed-url", Some(ANN), serde_json::Value::Null).status, 404);
+}
+
+#[test]
+fn caldav_configuration() {
+    let fake = Fake::scheduled();
+    let put = |body: serde_json::Value| fake.http("PUT", "/caldav", Some(ANN), body);
+    assert_eq!(fake.http("PUT", "/caldav", None, serde_json::json!({ "url": "http://x/" })).status, 401);
+    assert_eq!(fake.http("GET", "/caldav", Some(ANN), serde_json::Value::Null).status, 404);
+    for bad in ["ftp://x/", "http://", "http:///a", "http://x/a b/", "http://x/?q", "nope"] {
+        assert_eq!(put(serde_json::json!({ "url": bad, "username": "ann", "password": "pw" })).status, 400, "{bad}");
+    }
+    assert_eq!(put(serde_json::json!({ "username": "ann" })).status, 400);
+
+    let response = put(
+        serde_json::json!({ "url": "http://127.0.0.1:5232/ann/calendar", "username": "ann", "password": "s3cret" }),
+    );
+    assert_eq!(response.status, 200);
+    let body: serde_json::Value = response.json_body().unwrap();
+    assert_eq!(body["url"], "http://127.0.0.1:5232/ann/calendar/");
+    assert_eq!((body["pushed"].as_u64(), body["failed"].as_u64()), (Some(1), Some(0)));
+    let got: serde_json::Value = fake.http("GET", "/caldav", Some(ANN), serde_json::Value::Null).json_body().unwrap();
+    assert_eq!(got, serde_json::json!({ "url": "http://127.0.0.1:5232/ann/calendar/", "username": "ann" }));
+
+    // The initial push: one PUT of the session's VEVENT, Basic auth.
+    let requests = fake.requests.borrow().clone();
+    assert_eq!(requests.len(), 1);
+    let request = &requests[0];
+    assert_eq!(
+        (request.method.as_str(), request.url.as_str()),
+        ("PUT", &*format!("http://127.0.0.1:5232/ann/calendar/{UID}.ics"))
+    );
+    let header = |name: &str| request.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
+    assert_eq!(header("content-type"), Some("text/calendar; charset=utf-8"));
+    assert_eq!(header("authorization"), Some("Basic YW5uOnMzY3JldA=="));
+    let body = String::from_utf8(request.body.clone()).unwrap();
+    assert_eq!(body.matches("BEGIN:VEVENT").count(), 1);
+    assert!(body.starts_with("BEGIN:VCALENDAR\r\n") && body.ends_with("END:VCALENDAR\r\n"));
+    assert!(!body.contains("X-WR-CALNAME"));
+
+    assert_eq!(fake.http("DELETE", "/caldav", Some(ANN), serde_json::Value::Null).status, 200);
+    assert_eq!(fake.http("GET", "/caldav", Some(ANN), serde_json::Value::Null).status, 404);
+    fake.session(T0 - 5_000, "scheduled", "Moved", T0 + 1);
+    assert_eq!(fake.requests.borrow().len(), 1, "no pushes once forgotten");
+}
+
+#[test]
+fn changes_are_pushed_to_each_participant_with_a_collection() {
+    let fake = Fake::scheduled();
+    let configure = |user: &str, url: &str| {
+        let response =
+            fake.http("PUT", "/caldav", Some(user), serde_json::json!({ "url": url, "username": "", "password": "" }));
+        assert_eq!(response.status, 200);
+    };
+    configure(ANN, "http://dav.example/ann/");
+    configure(THERAPIST, "http://dav.example/t/");
+    configure(BOB, "http://dav.example/bob/");
+    assert_eq!(fake.requests().len(), 2, "bob has no sessions yet");
+    assert!(fake.requests.borrow().iter().all(|r| r.headers.iter().all(|(n, _)| n != "authorization")));
+    fake.requests.borrow_mut().clear();
+
+    // A reschedule: a PUT to both participants.
+    fake.session(T0 - 5_000, "scheduled", "Weekly", T0 + 60_000);
+    let put = |who: &str| ("PUT".to_string(), format!("http://dav.example/{who}/{UID}.ics"));
+    let delete = |who: &str| ("DELETE".to_string(), format!("http://dav.example/{who}/{UID}.ics"));
+    assert_eq!(fake.requests(), [put("ann"), put("t")]);
+    assert!(String::from_utf8(fake.requests.borrow()[0].body.clone()).unwrap().contains("SEQUENCE:1\r\n"));
+    fake.requests.borrow_mut().clear();
+
+    // A new participant gets it; one who leaves loses it; the others hear nothing.
+    fake.role(BOB, Some("client"));
+    assert_eq!(fake.requests(), [put("bob")]);
+    fake.requests.borrow_mut().clear();
+    fake.role(ANN, None);
+    assert_eq!(fake.requests(), [delete("ann")]);
+    fake.requests.borrow_mut().clear();
+
+    // Cancellation: DELETE everywhere (a 404 is fine).
+    *fake.answer.borrow_mut() = Ok(404);
+    fake.session(T0 - 4_000, "cancelled", "Weekly", T0 + 60_000);
+    assert_eq!(fake.requests(), [delete("bob"), delete("t")]);
+    assert!(fake.logs.borrow().is_empty(), "{:?}", fake.logs.borrow());
+    assert_eq!(fake.stored().status, Status::Cancelled);
+}
+
+#[test]
+fn failures_are_logged_and_retried_when_worth_it() {
+    let fake = Fake::scheduled();
+    *fake.answer.borrow_mut() = Err(Error::NotGranted("http: dav.example is not granted".into()));
+    let response = fake.http(
+        "PUT",
+        "/caldav",
+        Some(ANN),
+        serde_json::json!({ "url": "http://dav.example/ann/", "username": "a", "password": "b" }),
+    );
+    assert_eq!(response.status, 200, "the collection is stored all the same");
+    assert_eq!(response.json_body::<serde_json::Value>().unwrap()["failed"], 1);
+    assert!(fake.logs.borrow()[0].contains("not-granted"), "{:?}", fake.logs.borrow());
+    assert!(fake.kv_scan("retry:", None, 10).unwrap().is_empty(), "not worth a retry");
+
+    *fake.answer.borrow_mut() = Ok(403);
+    fake.session(T0 - 5_000, "scheduled", "Weekly", T0 + 1);
+    assert!(fake.logs.borrow().last().unwrap().contains("failed (HTTP 403)"));
+    assert!(fake.kv_scan("retry:", None, 10).unwrap().is_empty());
+
+    *fake.answer.borrow_mut() = Ok(503);
+    fake.session(T0 - 4_000, "scheduled", "Weekly", T0 + 2);
+    let pending = fake.kv_scan("retry:", None, 10).unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].0, retry_key(ANN, ROOM));
+    retry(&fake).unwrap();
+    let pending: Retry = get_json(&fake, &retry_key(ANN, ROOM)).unwrap().unwrap();
+    assert_eq!(pending.attempts, 2);
+
+    *fake.answer.borrow_mut() = Ok(204);
+    let before = fake.requests.borrow().len();
+    retry(&fake).unwrap();
+    assert_eq!(fake.requests.borrow().len(), before + 1);
+    assert!(fake.kv_scan("retry:", None, 10).unwrap().is_empty());
+
+    // A push that keeps failing is given up after MAX_ATTEMPTS.
+    *fake.answer.borrow_mut() = Err(Error::Failed("connection refused".into()));
+    fake.session(T0 - 3_000, "scheduled", "Weekly", T0 + 3);
+    for _ in 0..MAX_ATTEMPTS + 2 {
+        retry(&fake).unwrap();
+    }
+    assert!(fake.kv_scan("retry:", None, 10).unwrap().is_empty());
+    let attempts = fake.requests.borrow().len() - before - 1;
+    assert_eq!(attempts, MAX_ATTEMPTS as usize);
+
+    // Forgetting the collection drops pending retries.
+    fake.session(T0 - 2_000, "scheduled", "Weekly", T0 + 4);
+    assert!(!fake.kv_scan("retry:", None, 10).unwrap().is_empty());
+    fake.http("DELETE", "/caldav", Some(ANN), serde_json::Value::Null);
+    assert!(fake.kv_scan("retry:", None, 10).unwrap().is_empty());
+}
+
+#[test]
+fn helpers() {
+    assert_eq!(base64(b""), "");
+    assert_eq!(base64(b"f"), "Zg==");
+    assert_eq!(base64(b"fo"), "Zm8=");
+    assert_eq!(base64(b"foo"), "Zm9v");
+    assert_eq!(base64(b"foob"), "Zm9vYg==");
+    assert_eq!(base64("Aladdin:open sesame".as_bytes()), "QWxhZGRpbjpvcGVuIHNlc2FtZQ==");
+    assert_eq!(encode_path_segment("abc:clinic.example@clinic.example"), "abc:clinic.example@clinic.example");
+    assert_eq!(encode_path_segment("a/b?c#d e%"), "a%2Fb%3Fc%23d%20e%25");
+    assert!(is_token(&"0f".repeat(32)));
+    assert!(!is_token(&"0F".repeat(32)));
+    assert!(!is_token("abc"));
+    let caldav = CalDav::parse(br#"{"url": "https://dav.example/c"}"#).unwrap();
+    assert_eq!((caldav.url.as_str(), caldav.authorization()), ("https://dav.example/c/", None));
+
+    // Real randomness natively (getrandom), and distinct tokens.
+    let (mut a, mut b) = ([0u8; 32], [0u8; 32]);
+    Sdk.random(&mut a).unwrap();
+    Sdk.random(&mut b).unwrap();
+    assert_ne!(a, b);
+    assert!(is_token(&hex(&a)));
+
+    assert!(Calendar::new(serde_json::json!({})).is_ok());
+    assert!(Calendar::new(serde_json::json!({ "feed_name": "Praxis" })).is_ok());
+    assert!(Calendar::new(serde_json::json!({ "colour": "red" })).is_err());
+}
