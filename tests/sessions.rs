@@ -405,10 +405,15 @@ async fn reschedule_join_window_and_the_waiting_room_api() {
     assert_eq!(status, StatusCode::FORBIDDEN);
     therapist.ok(Method::POST, &format!("{waiting_path}/{}/admit", enc(&early.user_id)), Some(json!({}))).await;
     assert_eq!(early.join(&room).await.0, StatusCode::OK);
+    let late_since = late.sync(None, 0).await["next_batch"].as_str().unwrap().to_owned();
     therapist.ok(Method::POST, &format!("{waiting_path}/{}/decline", enc(&late.user_id)), Some(json!({ "reason": "please book another time" }))).await;
     let member = therapist.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/state/m.room.member/{}", enc(&room), enc(&late.user_id)), None).await;
     assert_eq!((member["membership"].as_str(), member["reason"].as_str()), (Some("leave"), Some("please book another time")));
     assert_eq!(late.join(&room).await.0, StatusCode::FORBIDDEN);
+    // The declined knocker's sync shows their leave, with the reason.
+    let sync = late.sync(Some(&late_since), 0).await;
+    let left = sync["rooms"]["leave"][&room]["timeline"]["events"].as_array().cloned().unwrap_or_default();
+    assert!(left.iter().any(|e| e["type"] == "m.room.member" && e["content"]["reason"] == "please book another time"), "{sync}");
     let (status, body) = therapist.post(&format!("{waiting_path}/{}/admit", enc(&late.user_id)), json!({})).await;
     assert_eq!((status, errcode(&body)), (StatusCode::NOT_FOUND, "M_NOT_FOUND"));
     assert_eq!(therapist.ok(Method::GET, &waiting_path, None).await["waiting"], json!([]));

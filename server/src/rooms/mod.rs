@@ -358,7 +358,8 @@ impl Rooms {
         // membership, so that people see their own joins, leaves and kicks.
         if pdu.kind == ruma::events::TimelineEventType::RoomMember && pdu.state_key.as_deref() == Some(user_id.as_str()) {
             let after = membership_of(Some(pdu.content_json()));
-            if after == Membership::Leave && matches!(before, Membership::Join | Membership::Invite) {
+            // Including a declined knock, so that the knocker learns the reason.
+            if after == Membership::Leave && matches!(before, Membership::Join | Membership::Invite | Membership::Knock) {
                 return Ok(true);
             }
             membership = if after.priority() < before.priority() { after } else { before };
