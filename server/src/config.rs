@@ -516,7 +516,7 @@ mod tests {
         let err = Config::from_toml(&EXAMPLE.replace("mode = \"open\"", "mode = \"token\""), [])
             .unwrap_err();
         assert!(err.to_string().contains("registration.tokens"), "{err}");
-        let err = Config::from_toml(&format!("{EXAMPLE}\nbogus = 1\n"), []).unwrap_err();
+        let err = Config::from_toml(&format!("bogus = 1\n{EXAMPLE}"), []).unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");
     }
 
