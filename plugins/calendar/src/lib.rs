@@ -17,7 +17,8 @@
 //! **CalDAV**: `PUT /caldav` `{"url", "username", "password"}` stores the user's collection and
 //! pushes all their sessions at once; `GET /caldav` → `{"url", "username"}`; `DELETE /caldav`
 //! forgets it. Each change of a session PUTs `<url><uid>.ics` (one VEVENT, Basic auth) to the
-//! collection of each participant who configured one, or DELETEs it when the session is
+//! collection of each participant who configured one (the resource is named after the UID, see
+//! [`resource_name`]), or DELETEs it when the session is
 //! cancelled or no-show, or the participant lost their role. Failures are logged with the
 //! status; those worth another try (transport errors, 5xx, 408, 429) are retried by `on-tick`.
 
@@ -105,9 +106,10 @@ impl CalDav {
         Ok(caldav)
     }
 
-    /// The URL of a session's resource in the collection: `<url><uid>.ics`.
+    /// The URL of a session's resource in the collection: `<url><resource name>.ics`, see
+    /// [`resource_name`].
     pub fn resource_url(&self, uid: &str) -> String {
-        format!("{}{}.ics", self.url, encode_path_segment(uid))
+        format!("{}{}.ics", self.url, resource_name(uid))
     }
 
     /// The `Authorization` header value, if there are credentials.
@@ -128,14 +130,17 @@ pub struct Retry {
     pub attempts: u32,
 }
 
-/// Percent-encodes what may not stand in a path segment (RFC 3986 `pchar`).
-pub fn encode_path_segment(segment: &str) -> String {
-    let mut out = String::with_capacity(segment.len());
-    for b in segment.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@".contains(&b) {
+/// The name of a session's resource in a CalDAV collection (without `.ics`): its UID with each
+/// byte other than ASCII letters, digits, `-`, `.` and `@` written `_XX` (upper-case hex), so
+/// `abc:clinic.example@clinic.example` is `abc_3Aclinic.example@clinic.example`. Servers refuse
+/// some characters in paths (Radicale: `:`, `,`, quotes, `*`, `?`), and the mapping is one to one.
+pub fn resource_name(uid: &str) -> String {
+    let mut out = String::with_capacity(uid.len() + 4);
+    for b in uid.bytes() {
+        if b.is_ascii_alphanumeric() || b"-.@".contains(&b) {
             out.push(b as char);
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            out.push_str(&format!("_{b:02X}"));
         }
     }
     out
@@ -353,7 +358,8 @@ pub fn push(
 
 /// Brings a user's collection in line with a session: PUT if they are a participant of a
 /// session that is not cancelled, else DELETE. A failure is logged and, if worth it, queued for
-/// `on-tick` (up to [`MAX_ATTEMPTS`]); returns whether it worked. Only kv errors are errors.
+/// `on-tick` (up to [`MAX_ATTEMPTS`]); returns what failed (`PUT <url>: HTTP 401`), `None` if it
+/// worked. Only kv errors are errors.
 pub fn sync(
     host: &impl Host,
     server_name: &str,
@@ -361,7 +367,7 @@ pub fn sync(
     caldav: &CalDav,
     session: &CalSession,
     participant: bool,
-) -> Result<bool, String> {
+) -> Result<Option<String>, String> {
     let put = participant && !session.is_cancelled();
     let key = retry_key(user, &session.room_id);
     let pending: Option<Retry> = get_json(host, &key)?;
@@ -370,11 +376,11 @@ pub fn sync(
             if pending.is_some() {
                 host.kv_delete(&key)?;
             }
-            Ok(true)
+            Ok(None)
         }
         Err(failure) => {
             let method = if put { "PUT" } else { "DELETE" };
-            let attempts = pending.map_or(0, |p| p.attempts) + 1;
+            let attempts = pending.as_ref().map_or(0, |p| p.attempts) + 1;
             let url = caldav.resource_url(&ics::uid(&session.room_id, server_name));
             if failure.retry && attempts < MAX_ATTEMPTS {
                 host.log(
@@ -387,9 +393,11 @@ pub fn sync(
                 set_json(host, &key, &Retry { user_id: user.to_owned(), room_id: session.room_id.clone(), attempts })?;
             } else {
                 host.log(LogLevel::Warn, &format!("CalDAV {method} {url} for {user} failed ({})", failure.message));
-                host.kv_delete(&key)?;
+                if pending.is_some() {
+                    host.kv_delete(&key)?;
+                }
             }
-            Ok(false)
+            Ok(Some(format!("{method} {url}: {}", failure.message)))
         }
     }
 }
@@ -510,21 +518,23 @@ pub fn handle_http(host: &impl Host, config: &Config, request: &HttpRequest) -> 
     result.unwrap_or_else(server_error)
 }
 
-/// `PUT /caldav`: stores the collection and pushes all the user's sessions.
+/// `PUT /caldav`: stores the collection and pushes all the user's sessions; answers
+/// `{url, username, pushed, failed, errors}`, `errors` saying what failed.
 fn configure(host: &impl Host, user: &str, caldav: &CalDav) -> Result<HttpResponse, String> {
     set_json(host, &caldav_key(user), caldav)?;
     let server_name = host.server_name();
-    let (mut pushed, mut failed) = (0, 0);
+    let (mut pushed, mut errors) = (0, Vec::new());
     for session in user_sessions(host, user)? {
-        if sync(host, &server_name, user, caldav, &session, true)? {
-            pushed += 1;
-        } else {
-            failed += 1;
+        match sync(host, &server_name, user, caldav, &session, true)? {
+            None => pushed += 1,
+            Some(error) => errors.push(error),
         }
     }
     Ok(HttpResponse::json(
         200,
-        &serde_json::json!({ "url": caldav.url, "username": caldav.username, "pushed": pushed, "failed": failed }),
+        &serde_json::json!({
+            "url": caldav.url, "username": caldav.username, "pushed": pushed, "failed": errors.len(), "errors": errors,
+        }),
     ))
 }
 

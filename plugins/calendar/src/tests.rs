@@ -10,6 +10,8 @@ use super::*;
 const SERVER: &str = "clinic.example";
 const ROOM: &str = "!abc:clinic.example";
 const UID: &str = "abc:clinic.example@clinic.example";
+/// The UID as a resource name in a CalDAV collection.
+const RESOURCE: &str = "abc_3Aclinic.example@clinic.example";
 const T0: u64 = 1_795_000_000_000;
 const THERAPIST: &str = "@t:clinic.example";
 const ANN: &str = "@ann:clinic.example";
@@ -258,6 +260,7 @@ fn caldav_configuration() {
     let body: serde_json::Value = response.json_body().unwrap();
     assert_eq!(body["url"], "http://127.0.0.1:5232/ann/calendar/");
     assert_eq!((body["pushed"].as_u64(), body["failed"].as_u64()), (Some(1), Some(0)));
+    assert_eq!(body["errors"], serde_json::json!([]));
     let got: serde_json::Value = fake.http("GET", "/caldav", Some(ANN), serde_json::Value::Null).json_body().unwrap();
     assert_eq!(got, serde_json::json!({ "url": "http://127.0.0.1:5232/ann/calendar/", "username": "ann" }));
 
@@ -267,7 +270,7 @@ fn caldav_configuration() {
     let request = &requests[0];
     assert_eq!(
         (request.method.as_str(), request.url.as_str()),
-        ("PUT", &*format!("http://127.0.0.1:5232/ann/calendar/{UID}.ics"))
+        ("PUT", &*format!("http://127.0.0.1:5232/ann/calendar/{RESOURCE}.ics"))
     );
     let header = |name: &str| request.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
     assert_eq!(header("content-type"), Some("text/calendar; charset=utf-8"));
@@ -300,8 +303,8 @@ fn changes_are_pushed_to_each_participant_with_a_collection() {
 
     // A reschedule: a PUT to both participants.
     fake.session(T0 - 5_000, "scheduled", "Weekly", T0 + 60_000);
-    let put = |who: &str| ("PUT".to_string(), format!("http://dav.example/{who}/{UID}.ics"));
-    let delete = |who: &str| ("DELETE".to_string(), format!("http://dav.example/{who}/{UID}.ics"));
+    let put = |who: &str| ("PUT".to_string(), format!("http://dav.example/{who}/{RESOURCE}.ics"));
+    let delete = |who: &str| ("DELETE".to_string(), format!("http://dav.example/{who}/{RESOURCE}.ics"));
     assert_eq!(fake.requests(), [put("ann"), put("t")]);
     assert!(String::from_utf8(fake.requests.borrow()[0].body.clone()).unwrap().contains("SEQUENCE:1\r\n"));
     fake.requests.borrow_mut().clear();
@@ -333,7 +336,14 @@ fn failures_are_logged_and_retried_when_worth_it() {
         serde_json::json!({ "url": "http://dav.example/ann/", "username": "a", "password": "b" }),
     );
     assert_eq!(response.status, 200, "the collection is stored all the same");
-    assert_eq!(response.json_body::<serde_json::Value>().unwrap()["failed"], 1);
+    let body: serde_json::Value = response.json_body().unwrap();
+    assert_eq!(body["failed"], 1);
+    assert_eq!(
+        body["errors"],
+        serde_json::json!([format!(
+            "PUT http://dav.example/ann/{RESOURCE}.ics: not-granted: http: dav.example is not granted"
+        )])
+    );
     assert!(fake.logs.borrow()[0].contains("not-granted"), "{:?}", fake.logs.borrow());
     assert!(fake.kv_scan("retry:", None, 10).unwrap().is_empty(), "not worth a retry");
 
@@ -382,8 +392,9 @@ fn helpers() {
     assert_eq!(base64(b"foo"), "Zm9v");
     assert_eq!(base64(b"foob"), "Zm9vYg==");
     assert_eq!(base64("Aladdin:open sesame".as_bytes()), "QWxhZGRpbjpvcGVuIHNlc2FtZQ==");
-    assert_eq!(encode_path_segment("abc:clinic.example@clinic.example"), "abc:clinic.example@clinic.example");
-    assert_eq!(encode_path_segment("a/b?c#d e%"), "a%2Fb%3Fc%23d%20e%25");
+    assert_eq!(resource_name(UID), RESOURCE);
+    assert_eq!(resource_name("a/b?c#d e%_,é"), "a_2Fb_3Fc_23d_20e_25_5F_2C_C3_A9");
+    assert_ne!(resource_name("a_3A"), resource_name("a:"));
     assert!(is_token(&"0f".repeat(32)));
     assert!(!is_token(&"0F".repeat(32)));
     assert!(!is_token("abc"));
