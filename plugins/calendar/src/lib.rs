@@ -20,12 +20,14 @@
 //! collection of each participant who configured one (the resource is named after the UID, see
 //! [`resource_name`]), or DELETEs it when the session is
 //! cancelled or no-show, or the participant lost their role. Failures are logged with the
-//! status; those worth another try (transport errors, 5xx, 408, 429) are retried by `on-tick`.
+//! status; those worth another try (transport errors, 5xx, 408, 429) are retried by `on-tick`
+//! with a growing wait. One call spends at most [`PUSH_BUDGET_MS`] on CalDAV requests and leaves
+//! the rest to the next ticks, so many participants or sessions never overrun the host's budget.
 
 use limbic_plugin_sdk::{
     Error, Event, HttpRequest, HttpResponse, LogLevel, OutboundRequest, Plugin,
     clinic::{self, Session},
-    export_plugin, http, kv, log, rooms, serde_json,
+    clock, export_plugin, http, kv, log, rooms, serde_json,
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
@@ -36,10 +38,18 @@ pub use ics::CalSession;
 /// Where the host mounts the plugin's routes.
 pub const MOUNT: &str = "/_limbic/plugins/calendar";
 
-/// How many retries `on-tick` makes per tick, and how many attempts a push gets in all.
-pub const RETRIES_PER_TICK: u32 = 10;
-/// See [`RETRIES_PER_TICK`].
+/// How long one call (`on-event`, `PUT /caldav`, `on-tick`) spends on CalDAV requests before it
+/// leaves the rest to the next ticks: well inside the host's time budget per call.
+pub const PUSH_BUDGET_MS: u64 = 2_000;
+/// How many attempts a push gets in all (transport errors, 5xx, 408, 429 count).
 pub const MAX_ATTEMPTS: u32 = 12;
+/// The wait before the first retry of a failed push; it doubles with each attempt, up to
+/// [`MAX_BACKOFF_MS`].
+pub const FIRST_BACKOFF_MS: u64 = 60_000;
+/// See [`FIRST_BACKOFF_MS`].
+pub const MAX_BACKOFF_MS: u64 = 3_600_000;
+/// How many queued pushes one tick looks at, at most.
+pub const SCAN_PER_TICK: u32 = 1_000;
 
 /// kv key: a session room's [`CalSession`].
 pub fn session_key(room_id: &str) -> String {
@@ -119,15 +129,25 @@ impl CalDav {
     }
 }
 
-/// A push that failed in a way worth another try (kv `retry:<user> <room>`).
+/// A queued push (kv `retry:<user> <room>`): one that failed in a way worth another try, or
+/// that a call had no time left for. What to send is decided when it is sent, from the session
+/// as it is then.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Retry {
     /// The user whose collection it is.
     pub user_id: String,
     /// The session room.
     pub room_id: String,
-    /// Attempts so far.
+    /// Failed attempts so far.
     pub attempts: u32,
+    /// Not before this time (ms since the epoch); 0: at the next tick.
+    #[serde(default)]
+    pub due_at: u64,
+}
+
+/// The wait after `attempts` failed attempts.
+pub fn backoff_ms(attempts: u32) -> u64 {
+    FIRST_BACKOFF_MS.saturating_mul(1 << attempts.saturating_sub(1).min(20)).min(MAX_BACKOFF_MS)
 }
 
 /// The name of a session's resource in a CalDAV collection (without `.ics`): its UID with each
@@ -194,6 +214,8 @@ pub trait Host {
     fn fetch(&self, request: &OutboundRequest) -> Result<HttpResponse, Error>;
     /// [`limbic_plugin_sdk::server_name`].
     fn server_name(&self) -> String;
+    /// [`clock::now_ms`].
+    fn now_ms(&self) -> u64;
     /// Fills `bytes` from a cryptographically secure source.
     fn random(&self, bytes: &mut [u8]) -> Result<(), String>;
     /// [`log::log`].
@@ -224,6 +246,9 @@ impl Host for Sdk {
     }
     fn server_name(&self) -> String {
         limbic_plugin_sdk::server_name()
+    }
+    fn now_ms(&self) -> u64 {
+        clock::now_ms()
     }
     fn random(&self, bytes: &mut [u8]) -> Result<(), String> {
         // wasm32-wasip2: wasi:random/random.get-random-u64, the host's secure source.
@@ -296,12 +321,42 @@ pub fn on_event(host: &impl Host, event: &Event) -> Result<(), String> {
     };
     targets.extend(change.removed.iter().map(|user| (user, false)));
     let server_name = host.server_name();
+    let budget = Budget::start(host);
     for (user, participant) in targets {
         if let Some(caldav) = get_json::<CalDav>(host, &caldav_key(user))? {
-            sync(host, &server_name, user, &caldav, &change.session, participant)?;
+            if budget.spent(host) {
+                defer(host, user, room)?;
+            } else {
+                sync(host, &server_name, user, &caldav, &change.session, participant)?;
+            }
         }
     }
     Ok(())
+}
+
+/// The time a call may spend on CalDAV requests, [`PUSH_BUDGET_MS`].
+pub struct Budget {
+    start: u64,
+}
+
+impl Budget {
+    /// Starts counting.
+    pub fn start(host: &impl Host) -> Self {
+        Budget { start: host.now_ms() }
+    }
+
+    /// Whether the time is up.
+    pub fn spent(&self, host: &impl Host) -> bool {
+        host.now_ms().saturating_sub(self.start) >= PUSH_BUDGET_MS
+    }
+}
+
+/// Queues the push of a session to a user's collection for the next tick (keeping the count of
+/// failed attempts, if it was queued already).
+pub fn defer(host: &impl Host, user: &str, room_id: &str) -> Result<(), String> {
+    let key = retry_key(user, room_id);
+    let attempts = get_json::<Retry>(host, &key)?.map_or(0, |pending| pending.attempts);
+    set_json(host, &key, &Retry { user_id: user.to_owned(), room_id: room_id.to_owned(), attempts, due_at: 0 })
 }
 
 fn edit_list(host: &impl Host, user: &str, edit: impl FnOnce(&mut Vec<String>)) -> Result<(), String> {
@@ -390,7 +445,9 @@ pub fn sync(
                         failure.message
                     ),
                 );
-                set_json(host, &key, &Retry { user_id: user.to_owned(), room_id: session.room_id.clone(), attempts })?;
+                let due_at = host.now_ms().saturating_add(backoff_ms(attempts));
+                let retry = Retry { user_id: user.to_owned(), room_id: session.room_id.clone(), attempts, due_at };
+                set_json(host, &key, &retry)?;
             } else {
                 host.log(LogLevel::Warn, &format!("CalDAV {method} {url} for {user} failed ({})", failure.message));
                 if pending.is_some() {
@@ -402,25 +459,43 @@ pub fn sync(
     }
 }
 
-/// Retries up to [`RETRIES_PER_TICK`] failed pushes.
+/// Sends the queued pushes that are due, in key order, as long as [`PUSH_BUDGET_MS`] lasts
+/// (looking at [`SCAN_PER_TICK`] of them at most).
 pub fn retry(host: &impl Host) -> Result<(), String> {
+    const PAGE: u32 = 100;
     let server_name = host.server_name();
-    for (key, value) in host.kv_scan("retry:", None, RETRIES_PER_TICK)? {
-        let Ok(pending) = serde_json::from_slice::<Retry>(&value) else {
-            host.kv_delete(&key)?;
-            continue;
-        };
-        let caldav: Option<CalDav> = get_json(host, &caldav_key(&pending.user_id))?;
-        let session: Option<CalSession> = get_json(host, &session_key(&pending.room_id))?;
-        match (caldav, session) {
-            (Some(caldav), Some(session)) => {
-                let participant = session.participants.contains_key(&pending.user_id);
-                sync(host, &server_name, &pending.user_id, &caldav, &session, participant)?;
+    let budget = Budget::start(host);
+    let mut after: Option<String> = None;
+    let mut scanned = 0;
+    loop {
+        let page = host.kv_scan("retry:", after.as_deref(), PAGE)?;
+        for (key, value) in &page {
+            if budget.spent(host) {
+                return Ok(());
             }
-            _ => host.kv_delete(&key)?,
+            let Ok(pending) = serde_json::from_slice::<Retry>(value) else {
+                host.kv_delete(key)?;
+                continue;
+            };
+            if pending.due_at > host.now_ms() {
+                continue;
+            }
+            let caldav: Option<CalDav> = get_json(host, &caldav_key(&pending.user_id))?;
+            let session: Option<CalSession> = get_json(host, &session_key(&pending.room_id))?;
+            match (caldav, session) {
+                (Some(caldav), Some(session)) => {
+                    let participant = session.participants.contains_key(&pending.user_id);
+                    sync(host, &server_name, &pending.user_id, &caldav, &session, participant)?;
+                }
+                _ => host.kv_delete(key)?,
+            }
+        }
+        scanned += page.len() as u32;
+        match page.last() {
+            Some((key, _)) if page.len() == PAGE as usize && scanned < SCAN_PER_TICK => after = Some(key.clone()),
+            _ => return Ok(()),
         }
     }
-    Ok(())
 }
 
 /// The sessions of a user, by start time.
@@ -519,12 +594,19 @@ pub fn handle_http(host: &impl Host, config: &Config, request: &HttpRequest) -> 
 }
 
 /// `PUT /caldav`: stores the collection and pushes all the user's sessions; answers
-/// `{url, username, pushed, failed, errors}`, `errors` saying what failed.
+/// `{url, username, pushed, queued, failed, errors}`: `queued` pushes were left to the next
+/// ticks for lack of time, `errors` says what failed.
 fn configure(host: &impl Host, user: &str, caldav: &CalDav) -> Result<HttpResponse, String> {
     set_json(host, &caldav_key(user), caldav)?;
     let server_name = host.server_name();
-    let (mut pushed, mut errors) = (0, Vec::new());
+    let (mut pushed, mut queued, mut errors) = (0, 0, Vec::new());
+    let budget = Budget::start(host);
     for session in user_sessions(host, user)? {
+        if budget.spent(host) {
+            defer(host, user, &session.room_id)?;
+            queued += 1;
+            continue;
+        }
         match sync(host, &server_name, user, caldav, &session, true)? {
             None => pushed += 1,
             Some(error) => errors.push(error),
@@ -533,7 +615,8 @@ fn configure(host: &impl Host, user: &str, caldav: &CalDav) -> Result<HttpRespon
     Ok(HttpResponse::json(
         200,
         &serde_json::json!({
-            "url": caldav.url, "username": caldav.username, "pushed": pushed, "failed": errors.len(), "errors": errors,
+            "url": caldav.url, "username": caldav.username, "pushed": pushed, "queued": queued,
+            "failed": errors.len(), "errors": errors,
         }),
     ))
 }

@@ -26,6 +26,9 @@ struct Fake {
     random: Cell<u8>,
     logs: RefCell<Vec<String>>,
     next_id: Cell<u32>,
+    /// The clock, and how long each CalDAV request takes.
+    now: Cell<u64>,
+    fetch_ms: Cell<u64>,
 }
 
 impl Fake {
@@ -38,6 +41,8 @@ impl Fake {
             random: Cell::new(0),
             logs: RefCell::default(),
             next_id: Cell::new(0),
+            now: Cell::new(T0),
+            fetch_ms: Cell::new(10),
         }
     }
 
@@ -86,6 +91,14 @@ impl Fake {
         fake.role(THERAPIST, Some("therapist"));
         fake.role(ANN, Some("client"));
         fake
+    }
+
+    fn wait(&self, ms: u64) {
+        self.now.set(self.now.get() + ms);
+    }
+
+    fn pending(&self) -> Vec<Retry> {
+        self.kv_scan("retry:", None, 100).unwrap().iter().map(|(_, v)| serde_json::from_slice(v).unwrap()).collect()
     }
 
     fn stored(&self) -> CalSession {
@@ -147,11 +160,15 @@ impl Host for Fake {
     }
     fn fetch(&self, request: &OutboundRequest) -> Result<HttpResponse, Error> {
         self.requests.borrow_mut().push(request.clone());
+        self.wait(self.fetch_ms.get());
         let status = self.answer.borrow().clone()?;
         Ok(HttpResponse { status, headers: vec![], body: vec![] })
     }
     fn server_name(&self) -> String {
         SERVER.into()
+    }
+    fn now_ms(&self) -> u64 {
+        self.now.get()
     }
     fn random(&self, bytes: &mut [u8]) -> Result<(), String> {
         self.random.set(self.random.get() + 1);
@@ -357,25 +374,34 @@ fn failures_are_logged_and_retried_when_worth_it() {
     let pending = fake.kv_scan("retry:", None, 10).unwrap();
     assert_eq!(pending.len(), 1);
     assert_eq!(pending[0].0, retry_key(ANN, ROOM));
+    let sent = fake.requests.borrow().len();
     retry(&fake).unwrap();
+    assert_eq!(fake.requests.borrow().len(), sent, "not due yet");
+    fake.wait(FIRST_BACKOFF_MS);
+    retry(&fake).unwrap();
+    assert_eq!(fake.requests.borrow().len(), sent + 1);
     let pending: Retry = get_json(&fake, &retry_key(ANN, ROOM)).unwrap().unwrap();
     assert_eq!(pending.attempts, 2);
+    assert_eq!(pending.due_at, fake.now_ms() + 2 * FIRST_BACKOFF_MS);
 
     *fake.answer.borrow_mut() = Ok(204);
+    fake.wait(2 * FIRST_BACKOFF_MS);
     let before = fake.requests.borrow().len();
     retry(&fake).unwrap();
     assert_eq!(fake.requests.borrow().len(), before + 1);
-    assert!(fake.kv_scan("retry:", None, 10).unwrap().is_empty());
+    assert!(fake.pending().is_empty());
 
     // A push that keeps failing is given up after MAX_ATTEMPTS.
     *fake.answer.borrow_mut() = Err(Error::Failed("connection refused".into()));
     fake.session(T0 - 3_000, "scheduled", "Weekly", T0 + 3);
     for _ in 0..MAX_ATTEMPTS + 2 {
+        fake.wait(MAX_BACKOFF_MS);
         retry(&fake).unwrap();
     }
-    assert!(fake.kv_scan("retry:", None, 10).unwrap().is_empty());
+    assert!(fake.pending().is_empty());
     let attempts = fake.requests.borrow().len() - before - 1;
     assert_eq!(attempts, MAX_ATTEMPTS as usize);
+    assert!(fake.logs.borrow().last().unwrap().ends_with("failed (failed: connection refused)"));
 
     // Forgetting the collection drops pending retries.
     fake.session(T0 - 2_000, "scheduled", "Weekly", T0 + 4);
@@ -411,4 +437,66 @@ fn helpers() {
     assert!(Calendar::new(serde_json::json!({})).is_ok());
     assert!(Calendar::new(serde_json::json!({ "feed_name": "Praxis" })).is_ok());
     assert!(Calendar::new(serde_json::json!({ "colour": "red" })).is_err());
+}
+
+#[test]
+fn slow_collections_leave_the_rest_to_the_ticks() {
+    let fake = Fake::scheduled();
+    fake.role(BOB, Some("client"));
+    for user in [ANN, BOB, THERAPIST] {
+        let body = serde_json::json!({ "url": "http://dav.example/x/", "username": "", "password": "" });
+        assert_eq!(fake.http("PUT", "/caldav", Some(user), body).status, 200);
+    }
+    fake.requests.borrow_mut().clear();
+
+    // Each request takes 1.5 s: two fit in the budget, the third is queued.
+    fake.fetch_ms.set(1_500);
+    fake.session(T0 - 5_000, "scheduled", "Weekly", T0 + 60_000);
+    assert_eq!(fake.requests.borrow().len(), 2);
+    let pending = fake.pending();
+    assert_eq!(pending.len(), 1);
+    assert_eq!((pending[0].user_id.as_str(), pending[0].attempts, pending[0].due_at), (THERAPIST, 0, 0));
+    retry(&fake).unwrap();
+    assert_eq!(fake.requests.borrow().len(), 3);
+    assert!(fake.pending().is_empty());
+    assert!(String::from_utf8(fake.requests.borrow()[2].body.clone()).unwrap().contains("SEQUENCE:1\r\n"));
+
+    // PUT /caldav of a user with many sessions: as many as fit, the rest queued.
+    let user = "@busy:clinic.example";
+    for i in 0..5 {
+        let room = format!("!r{i}:clinic.example");
+        let session = update_for(&room, user);
+        set_json(&fake, &session_key(&room), &session).unwrap();
+        edit_list(&fake, user, |rooms| rooms.push(room.clone())).unwrap();
+    }
+    let body = serde_json::json!({ "url": "http://dav.example/busy/", "username": "", "password": "" });
+    let response: serde_json::Value = fake.http("PUT", "/caldav", Some(user), body).json_body().unwrap();
+    assert_eq!(
+        (response["pushed"].as_u64(), response["queued"].as_u64(), response["failed"].as_u64()),
+        (Some(2), Some(3), Some(0))
+    );
+    retry(&fake).unwrap();
+    retry(&fake).unwrap();
+    assert!(fake.pending().is_empty());
+    let busy = fake.requests.borrow().iter().filter(|r| r.url.starts_with("http://dav.example/busy/")).count();
+    assert_eq!(busy, 5);
+}
+
+fn update_for(room: &str, user: &str) -> CalSession {
+    let session: Session = serde_json::from_value(serde_json::json!({
+        "kind": "group", "title": room, "starts_at": T0, "ends_at": T0 + 1, "timezone": "UTC",
+        "status": "scheduled", "max_participants": 12,
+    }))
+    .unwrap();
+    let participants = [(user.to_string(), limbic_plugin_sdk::clinic::Role::Client)].into_iter().collect();
+    ics::update(None, room, &session, T0, participants).session
+}
+
+#[test]
+fn backoff_doubles_up_to_an_hour() {
+    assert_eq!(backoff_ms(1), FIRST_BACKOFF_MS);
+    assert_eq!(backoff_ms(2), 2 * FIRST_BACKOFF_MS);
+    assert_eq!(backoff_ms(6), 32 * FIRST_BACKOFF_MS);
+    assert_eq!(backoff_ms(7), MAX_BACKOFF_MS);
+    assert_eq!(backoff_ms(100), MAX_BACKOFF_MS);
 }
