@@ -19,7 +19,7 @@ use super::{
 };
 use crate::{
     audit::AuditRecord,
-    clinic::{BREAKOUT, Breakout, ROLE, Role, SESSION, Session, role_key, role_user},
+    clinic::{BREAKOUT, Breakout, CALL_MEMBER, ROLE, Role, SESSION, Session, role_key, role_user},
     error::{Error, Result},
     events::{PduBuilder, new_room_id},
     rooms::RoomWriter,
@@ -174,7 +174,7 @@ async fn create_breakout(State(server): State<AppState>, Authed(caller): Authed,
         PduBuilder::state("m.room.member", caller.user_id.as_str(), json!({ "membership": "join" })),
         PduBuilder::state("m.room.power_levels", "", json!({
             "users": power_users, "users_default": 0, "events_default": 0, "state_default": staff,
-            "invite": staff, "kick": staff, "ban": staff, "redact": staff, "events": { "m.room.power_levels": 100 },
+            "invite": staff, "kick": staff, "ban": staff, "redact": staff, "events": { CALL_MEMBER: 0, "m.room.power_levels": 100 },
         })),
         PduBuilder::state("m.room.join_rules", "", json!({ "join_rule": "invite" })),
         PduBuilder::state("m.room.history_visibility", "", json!({ "history_visibility": "shared" })),

@@ -4,7 +4,7 @@
 use axum::{
     Json, Router,
     extract::{Path, Request, State},
-    response::{IntoResponse, Response},
+    response::Response,
     routing::{any, get},
 };
 use serde_json::{Value as JsonValue, json};
@@ -41,7 +41,9 @@ async fn plugin_request(State(server): State<AppState>, Path(params): Path<Vec<(
     let request = crate::plugins::http_request(parts.method.as_str(), path, query, &parts.headers, body.to_vec(), caller);
     let answer = server.plugins.handle_http(&name, request).await?;
     let status = http::StatusCode::from_u16(answer.status).map_err(|_| Error::internal(format!("plugin {name} answered with status {}", answer.status)))?;
-    let mut response = (status, answer.body).into_response();
+    // Only the plugin's headers: no default content type beside its own.
+    let mut response = Response::new(axum::body::Body::from(answer.body));
+    *response.status_mut() = status;
     for (header, value) in answer.headers {
         match (http::HeaderName::try_from(header), http::HeaderValue::try_from(value)) {
             (Ok(header), Ok(value)) => {

@@ -19,7 +19,7 @@ use super::{
 };
 use crate::{
     audit::AuditRecord,
-    clinic::{Kind, NOTE, NOTES_FOR, ROLE, RecordingPolicy, Role, SESSION, Session, Status, role_key, role_user},
+    clinic::{CALL_MEMBER, Kind, NOTE, NOTES_FOR, ROLE, RecordingPolicy, Role, SESSION, Session, Status, role_key, role_user},
     error::{Error, Result},
     events::{PduBuilder, new_room_id},
     users::Caller,
@@ -100,7 +100,8 @@ fn power_levels(therapist: &OwnedUserId, participants: &[Participant]) -> JsonVa
         "users_default": 0,
         "events_default": 0,
         "state_default": therapists_only,
-        "events": { SESSION: therapists_only, ROLE: therapists_only, "org.limbic.recording": therapists_only, "m.room.power_levels": 100 },
+        // Participants publish their own MatrixRTC call membership.
+        "events": { SESSION: therapists_only, ROLE: therapists_only, "org.limbic.recording": therapists_only, CALL_MEMBER: 0, "m.room.power_levels": 100 },
         "invite": therapists_only,
         "kick": therapists_only,
         "ban": therapists_only,

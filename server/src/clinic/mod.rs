@@ -26,6 +26,8 @@ pub const NOTE: &str = "org.limbic.session.note";
 pub const PASSCODE_FIELD: &str = "org.limbic.passcode";
 /// In a notes room: `{"room_id": <session room>}`.
 pub const NOTES_FOR: &str = "org.limbic.session.notes_for";
+/// A MatrixRTC call membership (state key `_@user:server_DEVICE`), sent by participants.
+pub const CALL_MEMBER: &str = "org.matrix.msc3401.call.member";
 /// In a breakout room: `{"session_room", "name", "closed"}`.
 pub const BREAKOUT: &str = "org.limbic.breakout";
 

@@ -28,6 +28,8 @@ const MAX_KV_VALUE: usize = 1 << 20;
 const MAX_KV_SCAN: u32 = 1000;
 /// Outbound HTTP: a deadline and a cap on the response body.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time kept back from a call's budget for the plugin to handle the answer.
+const HTTP_MARGIN: Duration = Duration::from_millis(100);
 const MAX_HTTP_RESPONSE: usize = 4 << 20;
 
 /// A stored event as the plugin sees it.
@@ -294,9 +296,16 @@ impl host::Host for HostState {
             return Err(HostError::NotGranted(format!("http to {with_port}")));
         }
         let method = reqwest::Method::from_bytes(request.method.as_bytes()).map_err(|_| invalid("bad method"))?;
+        // Within what is left of the call's budget, so that a slow peer is an error the plugin
+        // sees rather than an overrun that traps it.
+        let left = self.deadline.saturating_duration_since(std::time::Instant::now()).saturating_sub(HTTP_MARGIN);
+        if left.is_zero() {
+            return Err(HostError::Failed("no time left in this call for an HTTP request".into()));
+        }
+        let timeout = left.min(HTTP_TIMEOUT);
         let client = context.http.clone();
         block_on(async move {
-            let mut outbound = client.request(method, url).timeout(HTTP_TIMEOUT).body(request.body);
+            let mut outbound = client.request(method, url).timeout(timeout).body(request.body);
             for (name, value) in &request.headers {
                 outbound = outbound.header(name, value);
             }

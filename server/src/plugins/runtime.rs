@@ -33,6 +33,8 @@ pub enum CallMode {
 pub struct HostState {
     pub context: Arc<PluginContext>,
     pub mode: CallMode,
+    /// When the current call's time budget runs out; blocking host calls stay within it.
+    pub deadline: std::time::Instant,
     wasi: WasiCtx,
     table: ResourceTable,
     limits: StoreLimits,
@@ -128,6 +130,7 @@ impl Instance {
         wasi.allow_tcp(false).allow_udp(false).allow_ip_name_lookup(false);
         let state = HostState {
             mode: CallMode::Full,
+            deadline: std::time::Instant::now() + budget,
             wasi: wasi.build(),
             table: ResourceTable::new(),
             limits: StoreLimitsBuilder::new().memory_size(memory_limit).instances(16).tables(16).memories(4).trap_on_grow_failure(true).build(),
@@ -145,7 +148,9 @@ impl Instance {
 
     /// Prepares the store for one call.
     pub fn arm(&mut self, mode: CallMode, budget: Duration) {
-        self.store.data_mut().mode = mode;
+        let state = self.store.data_mut();
+        state.mode = mode;
+        state.deadline = std::time::Instant::now() + budget;
         self.store.set_epoch_deadline(budget_ticks(budget));
     }
 }
