@@ -43,10 +43,60 @@ pub struct Config {
     #[serde(default)]
     pub appointments: AppointmentsConfig,
     #[serde(default)]
+    pub federation: FederationConfig,
+    #[serde(default)]
     pub plugin_host: PluginHostConfig,
     /// `[[plugins]]`: the WebAssembly plugins to load, with what each is granted.
     #[serde(default)]
     pub plugins: Vec<PluginConfig>,
+}
+
+/// Federation with other homeservers: the TLS listener other servers reach, whom we trust for
+/// outbound TLS and keys, and which servers we talk to at all.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationConfig {
+    pub enabled: bool,
+    /// The TLS listener for other servers (it serves the client API too).
+    pub address: IpAddr,
+    pub port: u16,
+    /// PEM certificate chain and private key of the listener.
+    pub tls_certificate: PathBuf,
+    pub tls_private_key: PathBuf,
+    /// PEM files of extra certificate authorities trusted for outbound federation (test setups,
+    /// private clinics' CAs).
+    pub ca_certificates: Vec<PathBuf>,
+    /// Whether the built-in web PKI roots are trusted as well.
+    pub trust_web_pki: bool,
+    /// Served as `m.server` at `/.well-known/matrix/server`; empty: not served.
+    pub well_known_server: String,
+    /// Notary servers asked for another server's keys when it cannot be reached.
+    pub trusted_key_servers: Vec<OwnedServerName>,
+    /// If not empty, only these servers (`*.example.org` wildcards) are talked to.
+    pub allow_servers: Vec<String>,
+    /// Never talked to, whatever `allow_servers` says.
+    pub deny_servers: Vec<String>,
+    /// Largest inbound transaction body, in bytes.
+    pub max_transaction_bytes: usize,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            address: IpAddr::from([0, 0, 0, 0]),
+            port: 8448,
+            tls_certificate: PathBuf::new(),
+            tls_private_key: PathBuf::new(),
+            ca_certificates: Vec::new(),
+            trust_web_pki: true,
+            well_known_server: String::new(),
+            trusted_key_servers: Vec::new(),
+            allow_servers: Vec::new(),
+            deny_servers: Vec::new(),
+            max_transaction_bytes: 4 << 20,
+        }
+    }
 }
 
 /// Limits and caching of the WebAssembly plugin host.
@@ -399,6 +449,13 @@ impl Config {
                 key: "clinic.min_retention_days",
                 reason: "must not exceed clinic.max_retention_days".into(),
             });
+        }
+        let federation = &self.federation;
+        if federation.enabled && (federation.tls_certificate.as_os_str().is_empty() || federation.tls_private_key.as_os_str().is_empty()) {
+            return Err(ConfigError::Invalid { key: "federation.tls_certificate", reason: "federation needs a TLS certificate and key".into() });
+        }
+        if federation.max_transaction_bytes < 1024 {
+            return Err(ConfigError::Invalid { key: "federation.max_transaction_bytes", reason: "must be at least 1024".into() });
         }
         let host = &self.plugin_host;
         for (key, value) in [

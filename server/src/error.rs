@@ -33,6 +33,8 @@ pub enum ErrorCode {
     ResourceLimitExceeded,
     CannotOverwriteMedia,
     NotYetUploaded,
+    /// A federation request without a valid X-Matrix signature.
+    Unauthorized,
     Unknown,
 }
 
@@ -63,6 +65,7 @@ impl ErrorCode {
             Self::ResourceLimitExceeded => "M_RESOURCE_LIMIT_EXCEEDED",
             Self::CannotOverwriteMedia => "M_CANNOT_OVERWRITE_MEDIA",
             Self::NotYetUploaded => "M_NOT_YET_UPLOADED",
+            Self::Unauthorized => "M_UNAUTHORIZED",
             Self::Unknown => "M_UNKNOWN",
         }
     }
@@ -72,7 +75,7 @@ impl ErrorCode {
             Self::Forbidden | Self::GuestAccessForbidden | Self::UserDeactivated => {
                 StatusCode::FORBIDDEN
             }
-            Self::UnknownToken | Self::MissingToken => StatusCode::UNAUTHORIZED,
+            Self::UnknownToken | Self::MissingToken | Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NotFound | Self::Unrecognized => StatusCode::NOT_FOUND,
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::CannotOverwriteMedia => StatusCode::CONFLICT,

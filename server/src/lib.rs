@@ -8,6 +8,7 @@ pub mod config;
 pub mod e2ee;
 pub mod error;
 pub mod events;
+pub mod federation;
 pub mod media;
 pub mod metrics;
 pub mod plugins;
@@ -28,7 +29,7 @@ pub use server::Server;
 
 /// Builds the HTTP application for a running server.
 pub fn app(server: Arc<Server>) -> Router {
-    client::router()
+    federation::routes::routes(client::router())
         .fallback(client::unrecognized)
         .layer(middleware::from_fn_with_state(server.clone(), client::track_metrics))
         .with_state(server)
@@ -43,6 +44,22 @@ pub async fn serve(server: Arc<Server>) -> std::io::Result<()> {
     server.plugins.attach(&server).map_err(std::io::Error::other)?;
     server.plugins.spawn_tasks(&server);
     let background = tokio::spawn(background_tasks(server.clone()));
+    if server.federation.is_some() {
+        let tls = federation::serve_tls(&server.config.federation).await.map_err(std::io::Error::other)?;
+        tracing::info!(addr = %axum::serve::Listener::local_addr(&tls)?, "federation listening (TLS)");
+        // The same application, with the peer's address where the client listener puts it.
+        let federated = app(server.clone())
+            .layer(middleware::map_request(|axum::extract::ConnectInfo(federation::Peer(peer)): axum::extract::ConnectInfo<federation::Peer>, mut request: axum::extract::Request| async move {
+                request.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+                request
+            }))
+            .into_make_service_with_connect_info::<federation::Peer>();
+        tokio::spawn(async move {
+            if let Err(error) = axum::serve(tls, federated).await {
+                tracing::error!(%error, "the federation listener stopped");
+            }
+        });
+    }
     let app = app(server.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let stopping = server.clone();
     axum::serve(listener, app)

@@ -36,6 +36,8 @@ pub struct Server {
     pub metrics: Metrics,
     pub admin: crate::admin::Admin,
     pub plugins: Arc<crate::plugins::Plugins>,
+    /// Present when `[federation] enabled`.
+    pub federation: Option<Arc<crate::federation::Federation>>,
     /// Set once shutdown begins, so that long-polls answer at once instead of holding it up.
     pub shutting_down: tokio::sync::watch::Sender<bool>,
 }
@@ -54,7 +56,14 @@ impl Server {
         let audit = Arc::new(Audit::load(&store)?);
         let clinic = Arc::new(Clinic::new(store.clone(), config.sessions.clone()));
         let plugins = Arc::new(crate::plugins::Plugins::load(&config, store.clone()).map_err(crate::Error::internal)?);
+        let federation = if config.federation.enabled {
+            let federation = crate::federation::Federation::new(config.federation.clone(), signing_key.clone(), store.clone()).map_err(crate::Error::internal)?;
+            Some(Arc::new(federation))
+        } else {
+            None
+        };
         Ok(Arc::new(Self {
+            federation,
             plugins: plugins.clone(),
             push: push.clone(),
             audit: audit.clone(),

@@ -27,7 +27,7 @@ pub struct TestServer {
 
 pub const SHARED_SECRET: &str = "test-shared-secret";
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 

@@ -6,7 +6,7 @@ use hmac::{Hmac, Mac};
 use ruma::{
     OwnedUserId, UserId,
     api::client::{
-        account::{change_password, deactivate, get_username_availability, register, whoami},
+        account::{change_password, deactivate, get_username_availability, register, request_openid_token, whoami},
         device::{delete_device, delete_devices, get_device, get_devices, update_device},
         profile::{get_avatar_url, get_display_name, get_profile, set_avatar_url, set_display_name},
         session::{get_login_types, login, logout, logout_all},
@@ -44,6 +44,7 @@ pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = route::<set_display_name::v3::Request, _, _>(router, set_displayname_handler);
     let router = route::<get_avatar_url::v3::Request, _, _>(router, avatar_handler);
     let router = route::<set_avatar_url::v3::Request, _, _>(router, set_avatar_handler);
+    let router = route::<request_openid_token::v3::Request, _, _>(router, openid_token_handler);
     router
         .route("/_synapse/admin/v1/register", get(admin_register_nonce).post(admin_register))
 }
@@ -320,8 +321,16 @@ fn profile_account(server: &AppState, user_id: &UserId) -> Result<crate::users::
         .ok_or_else(|| Error::not_found("profile not found"))
 }
 
-async fn profile_handler(State(server): State<AppState>, req: Ruma<get_profile::v3::Request>) -> Result<Json<JsonValue>> {
-    let account = profile_account(&server, &req.body.user_id)?;
+/// A user's profile: from the account for local users, over federation for others.
+async fn profile_fields(server: &AppState, user_id: &ruma::UserId) -> Result<serde_json::Map<String, JsonValue>> {
+    if user_id.server_name() != server.server_name() {
+        let federation = server.federation.as_ref().ok_or_else(|| Error::not_found("federation is disabled on this server"))?;
+        let request = ruma::api::federation::query::get_profile_information::v1::Request::new(user_id.to_owned());
+        let answer = federation.send(user_id.server_name(), request).await?;
+        let profile = serde_json::to_value(&answer.data).map_err(Error::internal)?;
+        return Ok(profile.as_object().cloned().unwrap_or_default());
+    }
+    let account = profile_account(server, user_id)?;
     let mut profile = serde_json::Map::new();
     if let Some(name) = account.displayname {
         profile.insert("displayname".into(), name.into());
@@ -329,23 +338,41 @@ async fn profile_handler(State(server): State<AppState>, req: Ruma<get_profile::
     if let Some(url) = account.avatar_url {
         profile.insert("avatar_url".into(), url.into());
     }
-    Ok(Json(JsonValue::Object(profile)))
+    Ok(profile)
+}
+
+async fn profile_handler(State(server): State<AppState>, req: Ruma<get_profile::v3::Request>) -> Result<Json<JsonValue>> {
+    Ok(Json(JsonValue::Object(profile_fields(&server, &req.body.user_id).await?)))
+}
+
+/// One field of a profile, or `{}`.
+fn field_of(profile: serde_json::Map<String, JsonValue>, field: &str) -> JsonValue {
+    match profile.get(field) {
+        Some(value) => json!({ field: value }),
+        None => json!({}),
+    }
 }
 
 async fn displayname_handler(State(server): State<AppState>, req: Ruma<get_display_name::v3::Request>) -> Result<Json<JsonValue>> {
-    let account = profile_account(&server, &req.body.user_id)?;
-    Ok(Json(match account.displayname {
-        Some(name) => json!({ "displayname": name }),
-        None => json!({}),
-    }))
+    Ok(Json(field_of(profile_fields(&server, &req.body.user_id).await?, "displayname")))
 }
 
 async fn avatar_handler(State(server): State<AppState>, req: Ruma<get_avatar_url::v3::Request>) -> Result<Json<JsonValue>> {
-    let account = profile_account(&server, &req.body.user_id)?;
-    Ok(Json(match account.avatar_url {
-        Some(url) => json!({ "avatar_url": url }),
-        None => json!({}),
-    }))
+    Ok(Json(field_of(profile_fields(&server, &req.body.user_id).await?, "avatar_url")))
+}
+
+/// An OpenID token for third parties (the SFU, other servers' `openid/userinfo`).
+async fn openid_token_handler(State(server): State<AppState>, req: Ruma<request_openid_token::v3::Request>) -> Result<Json<JsonValue>> {
+    if req.body.user_id != req.caller().user_id {
+        return Err(Error::forbidden("you may only ask for your own OpenID token"));
+    }
+    let token = server.users.issue_openid_token(&req.caller().user_id)?;
+    Ok(Json(json!({
+        "access_token": token,
+        "token_type": "Bearer",
+        "matrix_server_name": server.server_name(),
+        "expires_in": crate::users::OPENID_TOKEN_LIFETIME_SECONDS,
+    })))
 }
 
 async fn set_displayname_handler(

@@ -80,7 +80,7 @@ async fn room_aliases(
 }
 
 /// One page of the public directory, optionally filtered by a search term.
-fn directory_page(server: &AppState, limit: Option<usize>, since: Option<&str>, term: Option<&str>) -> Result<JsonValue> {
+pub(crate) fn directory_page(server: &AppState, limit: Option<usize>, since: Option<&str>, term: Option<&str>) -> Result<JsonValue> {
     let mut chunk = Vec::new();
     for room_id in server.rooms.public_rooms()? {
         let content = |kind: &str, field: &str| {

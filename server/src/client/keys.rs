@@ -73,44 +73,77 @@ async fn upload(State(server): State<AppState>, req: Ruma<upload_keys::v3::Reque
     Ok(Json(json!({ "one_time_key_counts": counts })))
 }
 
-async fn query(State(server): State<AppState>, req: Ruma<get_keys::v3::Request>) -> Result<Json<JsonValue>> {
-    let caller = req.caller();
-    let mut device_keys = serde_json::Map::new();
-    let mut master = serde_json::Map::new();
-    let mut self_signing = serde_json::Map::new();
-    let mut user_signing = serde_json::Map::new();
-    let mut failures = serde_json::Map::new();
-    for (user, devices) in &req.body.device_keys {
-        if user.server_name() != server.server_name() {
-            failures.insert(user.server_name().to_string(), json!({ "errcode": "M_UNAVAILABLE", "error": "federation is not available" }));
-            continue;
-        }
-        let only: Vec<String> = devices.iter().map(ToString::to_string).collect();
-        let mut keys = serde_json::Map::new();
-        for (device_id, mut device) in server.e2ee.device_keys(user, &only)? {
+/// Device and cross-signing keys of local users, for `/keys/query` and its federation twin.
+pub(crate) struct LocalKeys {
+    pub device_keys: serde_json::Map<String, JsonValue>,
+    pub master_keys: serde_json::Map<String, JsonValue>,
+    pub self_signing_keys: serde_json::Map<String, JsonValue>,
+    pub user_signing_keys: serde_json::Map<String, JsonValue>,
+}
+
+/// The keys of `users` (each with the devices asked for; none means all). A user-signing key
+/// is private to its owner: only `owner`'s is included.
+pub(crate) fn local_device_keys(server: &AppState, users: &[(ruma::OwnedUserId, Vec<String>)], owner: Option<&ruma::UserId>) -> Result<LocalKeys> {
+    let mut keys = LocalKeys { device_keys: Default::default(), master_keys: Default::default(), self_signing_keys: Default::default(), user_signing_keys: Default::default() };
+    for (user, only) in users {
+        let mut devices = serde_json::Map::new();
+        for (device_id, mut device) in server.e2ee.device_keys(user, only)? {
             if let Some(info) = server.users.device(user, &device_id)? {
                 device["unsigned"] = json!({ "device_display_name": info.display_name });
             }
-            keys.insert(device_id, device);
+            devices.insert(device_id, device);
         }
-        device_keys.insert(user.to_string(), JsonValue::Object(keys));
-        for (kind, target) in [(CrossSigningKind::Master, &mut master), (CrossSigningKind::SelfSigning, &mut self_signing)] {
+        keys.device_keys.insert(user.to_string(), JsonValue::Object(devices));
+        for (kind, target) in [(CrossSigningKind::Master, &mut keys.master_keys), (CrossSigningKind::SelfSigning, &mut keys.self_signing_keys)] {
             if let Some(key) = server.e2ee.cross_signing_key(user, kind)? {
                 target.insert(user.to_string(), key);
             }
         }
-        // A user-signing key is private to its owner.
-        if *user == caller.user_id
+        if owner == Some(user.as_ref())
             && let Some(key) = server.e2ee.cross_signing_key(user, CrossSigningKind::UserSigning)?
         {
-            user_signing.insert(user.to_string(), key);
+            keys.user_signing_keys.insert(user.to_string(), key);
+        }
+    }
+    Ok(keys)
+}
+
+async fn query(State(server): State<AppState>, req: Ruma<get_keys::v3::Request>) -> Result<Json<JsonValue>> {
+    let caller = req.caller();
+    let (local, remote): (Vec<_>, Vec<_>) = req.body.device_keys.iter().partition(|(user, _)| user.server_name() == server.server_name());
+    let local: Vec<_> = local.into_iter().map(|(user, devices)| (user.clone(), devices.iter().map(ToString::to_string).collect())).collect();
+    let mut keys = local_device_keys(&server, &local, Some(&caller.user_id))?;
+    let mut failures = serde_json::Map::new();
+    let mut by_server: BTreeMap<ruma::OwnedServerName, BTreeMap<ruma::OwnedUserId, Vec<ruma::OwnedDeviceId>>> = BTreeMap::new();
+    for (user, devices) in remote {
+        by_server.entry(user.server_name().to_owned()).or_default().insert(user.clone(), devices.clone());
+    }
+    for (remote_server, users) in by_server {
+        let Some(federation) = server.federation.as_ref() else {
+            failures.insert(remote_server.to_string(), json!({ "errcode": "M_UNAVAILABLE", "error": "federation is disabled on this server" }));
+            continue;
+        };
+        match federation.send(&remote_server, ruma::api::federation::keys::get_keys::v1::Request::new(users)).await {
+            Ok(answer) => {
+                let merge = |target: &mut serde_json::Map<String, JsonValue>, from: JsonValue| {
+                    for (user, value) in from.as_object().into_iter().flatten() {
+                        target.insert(user.clone(), value.clone());
+                    }
+                };
+                merge(&mut keys.device_keys, serde_json::to_value(&answer.device_keys).unwrap_or_default());
+                merge(&mut keys.master_keys, serde_json::to_value(&answer.master_keys).unwrap_or_default());
+                merge(&mut keys.self_signing_keys, serde_json::to_value(&answer.self_signing_keys).unwrap_or_default());
+            }
+            Err(error) => {
+                failures.insert(remote_server.to_string(), json!({ "errcode": "M_UNAVAILABLE", "error": error.to_string() }));
+            }
         }
     }
     Ok(Json(json!({
-        "device_keys": device_keys,
-        "master_keys": master,
-        "self_signing_keys": self_signing,
-        "user_signing_keys": user_signing,
+        "device_keys": keys.device_keys,
+        "master_keys": keys.master_keys,
+        "self_signing_keys": keys.self_signing_keys,
+        "user_signing_keys": keys.user_signing_keys,
         "failures": failures,
     })))
 }

@@ -45,6 +45,10 @@ use crate::{
 
 pub type AppState = Arc<Server>;
 
+pub(crate) use admin::QueryParams;
+pub(crate) use directory::directory_page;
+pub(crate) use keys::local_device_keys;
+
 /// Whether an endpoint's authentication scheme needs an access token.
 pub trait TokenRequirement {
     const REQUIRED: Option<bool>;

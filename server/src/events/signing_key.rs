@@ -74,6 +74,47 @@ impl ServerSigningKey {
     }
 }
 
+/// GLOBAL key of the keys rotated out: `[{key_id, key, expired_ts}]`.
+const OLD_KEYS: &[u8] = b"old_signing_keys";
+
+#[derive(Serialize, Deserialize)]
+struct OldKey {
+    key_id: String,
+    /// Public key, unpadded base64.
+    key: String,
+    expired_ts: u64,
+}
+
+impl ServerSigningKey {
+    /// The keys this server used before, as (key id, public key, when they expired): other
+    /// servers still check old signatures with them.
+    pub fn old_keys(store: &Store) -> Result<Vec<(String, String, u64)>, StoreError> {
+        let old: Vec<OldKey> = store.get_json(tables::GLOBAL, OLD_KEYS)?.unwrap_or_default();
+        Ok(old.into_iter().map(|k| (k.key_id, k.key, k.expired_ts)).collect())
+    }
+
+    /// Replaces the signing key with a new one (server stopped); the current one is kept as an
+    /// old key, expired now. Returns the new key id.
+    pub fn rotate(store: &Store, server_name: OwnedServerName) -> Result<String, StoreError> {
+        let current = Self::load_or_generate(store, server_name)?;
+        let mut old: Vec<OldKey> = store.get_json(tables::GLOBAL, OLD_KEYS)?.unwrap_or_default();
+        old.push(OldKey {
+            key_id: current.key_id(),
+            key: Base64::<ruma::serde::base64::Standard, _>::new(current.pair.public_key().to_vec()).encode(),
+            expired_ts: ruma::MilliSecondsSinceUnixEpoch::now().0.into(),
+        });
+        let stored = StoredKey {
+            version: random_version(),
+            pkcs8: Base64::<ruma::serde::base64::Standard, _>::new(Ed25519KeyPair::generate().to_vec()).encode(),
+        };
+        let mut batch = store.batch();
+        batch.put_json(store, tables::GLOBAL, OLD_KEYS, &old)?;
+        batch.put_json(store, tables::GLOBAL, SIGNING_KEY, &stored)?;
+        store.write(batch)?;
+        Ok(format!("ed25519:{}", stored.version))
+    }
+}
+
 fn random_version() -> String {
     use rand::RngExt;
     let suffix: String = rand::rng()

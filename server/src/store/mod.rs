@@ -141,6 +141,11 @@ pub mod tables {
     /// stream position (u64 BE) -> event id: events awaiting the plugins' on-event
     pub const PLUGIN_OUTBOX: Table = Table("plugin_outbox");
 
+    /// server name -> its verify keys and last key server response (federation)
+    pub const SERVER_KEYS: Table = Table("server_keys");
+    /// sha256 of an OpenID token -> {user_id, expires_at}
+    pub const OPENID_TOKENS: Table = Table("openid_tokens");
+
     pub const ALL: &[Table] = &[
         GLOBAL, USERS, DEVICES, ACCESS_TOKENS, FILTERS, ACCOUNT_DATA, PRESENCE, PDUS, EVENT_META,
         TIMELINE, ROOM_STATE, ROOMS, STATE_SNAPSHOTS, ROOM_MEMBERS, USER_ROOMS, TXN_IDS, ALIASES,
@@ -149,7 +154,7 @@ pub mod tables {
         MEDIA, MEDIA_THUMBNAILS, MEDIA_USAGE,
         RELATIONS, THREAD_REPLIES, SEARCH_INDEX, AUDIT_LOG, THERAPISTS,
         THERAPIST_BOOKINGS, SESSION_NOTES, SESSION_PASSCODES, APPOINTMENTS, LINK_TOKENS_USED,
-        PLUGIN_KV, PLUGIN_OUTBOX,
+        PLUGIN_KV, PLUGIN_OUTBOX, SERVER_KEYS, OPENID_TOKENS,
     ];
 }
 

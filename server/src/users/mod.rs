@@ -359,3 +359,32 @@ impl Users {
         Ok(self.store.get_json(tables::PRESENCE, user_id.as_bytes())?)
     }
 }
+
+/// How long an OpenID token (for third parties such as the SFU) stays valid.
+pub const OPENID_TOKEN_LIFETIME_SECONDS: u64 = 3600;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct OpenIdToken {
+    user_id: OwnedUserId,
+    expires_at_ms: u64,
+}
+
+impl Users {
+    /// Issues an OpenID token for `user_id` (only its hash is kept).
+    pub fn issue_openid_token(&self, user_id: &UserId) -> Result<String> {
+        let token = random_string(32);
+        let now: u64 = ruma::MilliSecondsSinceUnixEpoch::now().0.into();
+        let record = OpenIdToken { user_id: user_id.to_owned(), expires_at_ms: now + OPENID_TOKEN_LIFETIME_SECONDS * 1000 };
+        let mut batch = self.store.batch();
+        batch.put_json(&self.store, tables::OPENID_TOKENS, token_hash(&token).as_bytes(), &record)?;
+        self.store.write(batch)?;
+        Ok(token)
+    }
+
+    /// The user an unexpired OpenID token was issued to.
+    pub fn openid_user(&self, token: &str) -> Result<Option<OwnedUserId>> {
+        let now: u64 = ruma::MilliSecondsSinceUnixEpoch::now().0.into();
+        let record: Option<OpenIdToken> = self.store.get_json(tables::OPENID_TOKENS, token_hash(token).as_bytes())?;
+        Ok(record.filter(|r| r.expires_at_ms > now).map(|r| r.user_id))
+    }
+}

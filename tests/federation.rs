@@ -1,0 +1,163 @@
+//! End-to-end tests: federation between Limbic servers on loopback, over TLS with a test CA —
+//! key servers and notaries, X-Matrix signatures on every request, profiles, device keys and
+//! OpenID tokens across servers, and the peer allow/deny lists.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{TestServer, enc, errcode, free_port};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+/// A CA and a certificate for 127.0.0.1 signed by it, as PEM files in `dir`.
+struct TestCa {
+    ca: PathBuf,
+    certificate: PathBuf,
+    key: PathBuf,
+}
+
+fn test_ca(dir: &Path) -> TestCa {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "Limbic test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![SanType::IpAddress("127.0.0.1".parse().unwrap()), SanType::DnsName("localhost".try_into().unwrap())];
+    let certificate = params.signed_by(&key, &issuer).unwrap();
+    let paths = TestCa { ca: dir.join("ca.pem"), certificate: dir.join("cert.pem"), key: dir.join("key.pem") };
+    std::fs::write(&paths.ca, ca_cert.pem()).unwrap();
+    std::fs::write(&paths.certificate, certificate.pem()).unwrap();
+    std::fs::write(&paths.key, key.serialize_pem()).unwrap();
+    paths
+}
+
+/// A server federating on its own port, named after it (`127.0.0.1:<port>`).
+struct Federated {
+    server: TestServer,
+    name: String,
+}
+
+async fn federated(ca: &TestCa, extra: &str) -> Federated {
+    let port = free_port();
+    let name = format!("127.0.0.1:{port}");
+    let config = format!(
+        "[federation]\nenabled = true\naddress = \"127.0.0.1\"\nport = {port}\ntls_certificate = {:?}\ntls_private_key = {:?}\nca_certificates = [{:?}]\ntrust_web_pki = false\n{extra}\n",
+        ca.certificate.display().to_string(),
+        ca.key.display().to_string(),
+        ca.ca.display().to_string(),
+    );
+    let server = TestServer::start_with_toml(&config, &[("LIMBIC_SERVER_NAME", &name)]).await;
+    Federated { server, name }
+}
+
+/// An HTTPS client trusting the test CA, for talking to the federation listener directly.
+fn https(ca: &TestCa) -> reqwest::Client {
+    let pem = std::fs::read(&ca.ca).unwrap();
+    reqwest::Client::builder().tls_built_in_root_certs(false).add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap()).build().unwrap()
+}
+
+async fn get(client: &reqwest::Client, url: &str) -> (StatusCode, Value) {
+    let response = client.get(url).send().await.unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn servers_exchange_keys_profiles_device_keys_and_openid_identities() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = test_ca(dir.path());
+    let (a, b) = (federated(&ca, "").await, federated(&ca, "").await);
+    let https = https(&ca);
+
+    // A's key server response verifies, and B relays it as a notary with its own signature.
+    let (status, keys) = get(&https, &format!("https://{}/_matrix/key/v2/server", a.name)).await;
+    assert_eq!(status, StatusCode::OK, "{keys}");
+    let server_name = ruma::OwnedServerName::try_from(a.name.as_str()).unwrap();
+    limbic_server::federation::keys::verify_response(&server_name, &keys, 0).unwrap();
+    let (status, relayed) = get(&https, &format!("https://{}/_matrix/key/v2/query/{}", b.name, a.name)).await;
+    assert_eq!(status, StatusCode::OK, "{relayed}");
+    let signers: Vec<&String> = relayed["server_keys"][0]["signatures"].as_object().unwrap().keys().collect();
+    assert!(signers.contains(&&a.name) && signers.contains(&&b.name), "{relayed}");
+    let (_, version) = get(&https, &format!("https://{}/_matrix/federation/v1/version", a.name)).await;
+    assert_eq!(version["server"]["name"], "Limbic");
+
+    // Profiles across servers, through the client API.
+    let alice = a.server.register("alice").await;
+    let bob = b.server.register("bob").await;
+    bob.ok(Method::PUT, &format!("/_matrix/client/v3/profile/{}/displayname", enc(&bob.user_id)), Some(json!({ "displayname": "Bob at B" }))).await;
+    let profile = alice.ok(Method::GET, &format!("/_matrix/client/v3/profile/{}", enc(&bob.user_id)), None).await;
+    assert_eq!(profile["displayname"], "Bob at B");
+    let name = alice.ok(Method::GET, &format!("/_matrix/client/v3/profile/{}/displayname", enc(&bob.user_id)), None).await;
+    assert_eq!(name, json!({ "displayname": "Bob at B" }));
+    let (status, body) = alice.get(&format!("/_matrix/client/v3/profile/{}", enc(&format!("@nobody:{}", b.name)))).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::NOT_FOUND, "M_NOT_FOUND"), "{body}");
+
+    // Device keys across servers.
+    let device_keys = json!({
+        "user_id": bob.user_id, "device_id": bob.device_id,
+        "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+        "keys": { format!("curve25519:{}", bob.device_id): "curve", format!("ed25519:{}", bob.device_id): "ed" },
+        "signatures": {},
+    });
+    bob.ok(Method::POST, "/_matrix/client/v3/keys/upload", Some(json!({ "device_keys": device_keys }))).await;
+    let queried = alice.ok(Method::POST, "/_matrix/client/v3/keys/query", Some(json!({ "device_keys": { &bob.user_id: [] } }))).await;
+    assert_eq!(queried["device_keys"][&bob.user_id][&bob.device_id]["keys"], device_keys["keys"], "{queried}");
+    assert_eq!(queried["failures"], json!({}));
+
+    // OpenID: A vouches for alice to anyone holding her token, once.
+    let token = alice.ok(Method::POST, &format!("/_matrix/client/v3/user/{}/openid/request_token", enc(&alice.user_id)), Some(json!({}))).await;
+    assert_eq!(token["matrix_server_name"], a.name.as_str());
+    let access = token["access_token"].as_str().unwrap();
+    let (status, info) = get(&https, &format!("https://{}/_matrix/federation/v1/openid/userinfo?access_token={access}", a.name)).await;
+    assert_eq!((status, info["sub"].as_str()), (StatusCode::OK, Some(alice.user_id.as_str())));
+    let (status, info) = get(&https, &format!("https://{}/_matrix/federation/v1/openid/userinfo?access_token=forged", a.name)).await;
+    assert_eq!((status, errcode(&info)), (StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN"));
+    let (status, _) = alice.post(&format!("/_matrix/client/v3/user/{}/openid/request_token", enc(&bob.user_id)), json!({})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+}
+
+/// Sends a federation request to `server`, signed with `key` as `origin` for `destination`.
+async fn signed_request(https: &reqwest::Client, server: &str, path: &str, origin: &str, destination: &str, key: &ruma::signatures::Ed25519KeyPair) -> (StatusCode, Value) {
+    use ruma::api::federation::authentication::{XMatrix, XMatrixSigningInput};
+    let mut request = http::Request::builder().method("GET").uri(format!("https://{server}{path}")).body(Vec::<u8>::new()).unwrap();
+    let input = XMatrixSigningInput::new(origin.try_into().unwrap(), destination.try_into().unwrap(), key);
+    let header = XMatrix::sign_http_request(&request, input).unwrap();
+    request.headers_mut().insert(http::header::AUTHORIZATION, http::HeaderValue::from(&header));
+    let response = https.execute(reqwest::Request::try_from(request).unwrap()).await.unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unsigned_forged_and_unwelcome_requests_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = test_ca(dir.path());
+    let a = federated(&ca, "").await;
+    let b = federated(&ca, &format!("deny_servers = [{:?}]", a.name)).await;
+    let https = https(&ca);
+    let bob = b.server.register("bob").await;
+    let path = format!("/_matrix/federation/v1/query/profile?user_id={}", enc(&bob.user_id));
+
+    let (status, body) = get(&https, &format!("https://{}{path}", b.name)).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED"), "{body}");
+    // Signed by a key the claimed origin does not have.
+    let forger = ruma::signatures::Ed25519KeyPair::from_der(&ruma::signatures::Ed25519KeyPair::generate(), "forged".into()).unwrap();
+    let third = federated(&ca, "").await;
+    let (status, body) = signed_request(&https, &b.name, &path, &third.name, &b.name, &forger).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED"), "{body}");
+    // Addressed to another server.
+    let (status, body) = signed_request(&https, &b.name, &path, &third.name, &a.name, &forger).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED"), "{body}");
+
+    // A server on B's deny list gets nothing, even with a good signature; the third gets in.
+    let alice = a.server.register("alice").await;
+    let (status, body) = alice.get(&format!("/_matrix/client/v3/profile/{}", enc(&bob.user_id))).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{body}");
+    let carol = third.server.register("carol").await;
+    assert_eq!(carol.get(&format!("/_matrix/client/v3/profile/{}", enc(&bob.user_id))).await.0, StatusCode::OK);
+}
