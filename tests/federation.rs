@@ -161,3 +161,51 @@ async fn unsigned_forged_and_unwelcome_requests_are_refused() {
     let carol = third.server.register("carol").await;
     assert_eq!(carol.get(&format!("/_matrix/client/v3/profile/{}", enc(&bob.user_id))).await.0, StatusCode::OK);
 }
+
+/// Waits until `client`'s sync shows `body` in `room`'s timeline.
+async fn eventually_sees(client: &common::Client, room: &str, body: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let messages = client.messages(room, "dir=b&limit=50").await;
+        if messages["chunk"].as_array().is_some_and(|chunk| chunk.iter().any(|e| e["content"]["body"] == body)) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{} never saw {body:?} in {room}: {messages}", client.user_id);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_user_joins_a_room_on_another_server_and_messages_flow_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = test_ca(dir.path());
+    let (a, mut b) = (federated(&ca, "").await, federated(&ca, "").await);
+    let alice = a.server.register("alice").await;
+    let bob = b.server.register("bob").await;
+    let room = alice.create_room(json!({ "preset": "public_chat", "name": "Across clinics" })).await;
+    alice.send_text(&room, "before", "sent before bob joined").await;
+
+    let joined = bob.ok(Method::POST, &format!("/_matrix/client/v3/join/{}?via={}", enc(&room), enc(&a.name)), Some(json!({}))).await;
+    assert_eq!(joined["room_id"], room.as_str());
+    // Both servers now have bob's join, and the room's state on B is A's.
+    let name = bob.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/state/m.room.name/", enc(&room)), None).await;
+    assert_eq!(name["name"], "Across clinics");
+    let members = alice.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&room)), None).await;
+    assert!(members["joined"].get(&bob.user_id).is_some(), "{members}");
+
+    alice.send_text(&room, "a1", "hello from A").await;
+    eventually_sees(&bob, &room, "hello from A").await;
+    bob.send_text(&room, "b1", "hello from B").await;
+    eventually_sees(&alice, &room, "hello from B").await;
+
+    // B goes down; what A sends meanwhile is queued and delivered when B is back.
+    b.server.stop().await;
+    alice.send_text(&room, "a2", "while B was down").await;
+    b.server.start_again().await;
+    eventually_sees(&bob, &room, "while B was down").await;
+    // A's own events stay in order on B.
+    let messages = bob.messages(&room, "dir=f&limit=100").await;
+    let bodies: Vec<&str> = messages["chunk"].as_array().unwrap().iter().filter_map(|e| e["content"]["body"].as_str()).collect();
+    let position = |body: &str| bodies.iter().position(|b| *b == body);
+    assert!(position("hello from A") < position("while B was down"), "{bodies:?}");
+}

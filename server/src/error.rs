@@ -35,6 +35,7 @@ pub enum ErrorCode {
     NotYetUploaded,
     /// A federation request without a valid X-Matrix signature.
     Unauthorized,
+    IncompatibleRoomVersion,
     Unknown,
 }
 
@@ -66,6 +67,7 @@ impl ErrorCode {
             Self::CannotOverwriteMedia => "M_CANNOT_OVERWRITE_MEDIA",
             Self::NotYetUploaded => "M_NOT_YET_UPLOADED",
             Self::Unauthorized => "M_UNAUTHORIZED",
+            Self::IncompatibleRoomVersion => "M_INCOMPATIBLE_ROOM_VERSION",
             Self::Unknown => "M_UNKNOWN",
         }
     }

@@ -45,6 +45,7 @@ pub async fn serve(server: Arc<Server>) -> std::io::Result<()> {
     server.plugins.spawn_tasks(&server);
     let background = tokio::spawn(background_tasks(server.clone()));
     if server.federation.is_some() {
+        tokio::spawn(federation::sender::run(server.clone()));
         let tls = federation::serve_tls(&server.config.federation).await.map_err(std::io::Error::other)?;
         tracing::info!(addr = %axum::serve::Listener::local_addr(&tls)?, "federation listening (TLS)");
         // The same application, with the peer's address where the client listener puts it.

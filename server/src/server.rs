@@ -70,7 +70,7 @@ impl Server {
             clinic: clinic.clone(),
             appointments: crate::clinic::appointments::Appointments::open(store.clone(), config.appointments.clone(), config.server_name.clone())?,
             users: Users::new(store.clone()),
-            rooms: Rooms::new(store.clone(), signing_key.clone(), push.clone(), audit, clinic.clone(), plugins),
+            rooms: Rooms::new(store.clone(), signing_key.clone(), push.clone(), audit, clinic.clone(), plugins, config.federation.enabled),
             e2ee: E2ee::new(store.clone()),
             rate_limiter: RateLimiter::new(&config.rate_limits),
             metrics: Metrics::default(),

@@ -77,15 +77,25 @@ pub(super) async fn set_membership(
     send_event(server, sender, room_id, PduBuilder::state("m.room.member", target.as_str(), content), None).await
 }
 
+/// Joins a room: with a local join event when this server is in the room, else over federation
+/// through `via` (and the server the room id names).
+async fn join(server: &AppState, user: &UserId, room_id: &ruma::RoomId, via: &[ruma::OwnedServerName], reason: Option<&str>, passcode: Option<&str>) -> Result<()> {
+    if server.rooms.is_joined(room_id, user)? {
+        return Ok(());
+    }
+    if !server.rooms.exists(room_id)? && server.federation.is_some() {
+        return crate::federation::events::join_remote(server, user, room_id, via).await;
+    }
+    set_membership(server, user, room_id, user, "join", reason, passcode).await.map(drop)
+}
+
 async fn join_by_id(
     State(server): State<AppState>,
     req: Ruma<join_room_by_id::v3::Request>,
 ) -> Result<RumaResponse<join_room_by_id::v3::Response>> {
     let caller = req.caller();
     let room_id = &req.body.room_id;
-    if !server.rooms.is_joined(room_id, &caller.user_id)? {
-        set_membership(&server, &caller.user_id, room_id, &caller.user_id, "join", req.body.reason.as_deref(), passcode(&req)).await?;
-    }
+    join(&server, &caller.user_id, room_id, &[], req.body.reason.as_deref(), passcode(&req)).await?;
     Ok(join_room_by_id::v3::Response::new(room_id.clone()).into())
 }
 
@@ -95,9 +105,7 @@ async fn join_by_id_or_alias(
 ) -> Result<RumaResponse<join_room_by_id_or_alias::v3::Response>> {
     let caller = req.caller();
     let room_id = resolve_room(&server, &req.body.room_id_or_alias)?;
-    if !server.rooms.is_joined(&room_id, &caller.user_id)? {
-        set_membership(&server, &caller.user_id, &room_id, &caller.user_id, "join", req.body.reason.as_deref(), passcode(&req)).await?;
-    }
+    join(&server, &caller.user_id, &room_id, &req.body.via, req.body.reason.as_deref(), passcode(&req)).await?;
     Ok(join_room_by_id_or_alias::v3::Response::new(room_id).into())
 }
 

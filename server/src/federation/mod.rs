@@ -2,10 +2,12 @@
 //! signatures; we reach them through server discovery with certificates checked against the
 //! right name, signing every request. Keys are fetched, verified and cached (`keys`).
 
+pub mod events;
 pub mod keys;
 mod listener;
 pub mod resolve;
 pub mod routes;
+pub mod sender;
 mod transport;
 
 use std::{

@@ -16,6 +16,8 @@ use ruma::{
             device::get_devices,
             directory::{get_public_rooms, get_public_rooms_filtered},
             keys::{claim_keys, get_keys},
+            membership::{create_join_event, prepare_join_event},
+            transactions::send_transaction_message,
             query::{get_profile_information, get_room_information},
         },
     },
@@ -42,7 +44,30 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = crate::client::route::<get_keys::v1::Request, _, _>(router, keys_query);
     let router = crate::client::route::<claim_keys::v1::Request, _, _>(router, keys_claim);
     let router = crate::client::route::<get_public_rooms::v1::Request, _, _>(router, public_rooms);
+    let router = crate::client::route::<prepare_join_event::v1::Request, _, _>(router, make_join);
+    let router = crate::client::route::<create_join_event::v2::Request, _, _>(router, send_join);
+    let router = crate::client::route::<send_transaction_message::v1::Request, _, _>(router, send_transaction);
     crate::client::route::<get_public_rooms_filtered::v1::Request, _, _>(router, public_rooms_filtered)
+}
+
+async fn make_join(State(server): State<AppState>, req: Signed<prepare_join_event::v1::Request>) -> Result<Json<JsonValue>> {
+    Ok(Json(super::events::make_join(&server, &req.origin, &req.body).await?))
+}
+
+async fn send_join(State(server): State<AppState>, req: Signed<create_join_event::v2::Request>) -> Result<Json<JsonValue>> {
+    Ok(Json(super::events::send_join(&server, &req.origin, &req.body).await?))
+}
+
+/// A transaction: PDUs appended one by one (each may fail on its own); EDUs are not handled yet.
+async fn send_transaction(State(server): State<AppState>, req: Signed<send_transaction_message::v1::Request>) -> Result<Json<JsonValue>> {
+    if req.body.origin != req.origin {
+        return Err(Error::forbidden("the transaction's origin is not the signing server"));
+    }
+    if req.body.pdus.len() > 50 || req.body.edus.len() > 100 {
+        return Err(Error::bad_json("a transaction has at most 50 PDUs and 100 EDUs"));
+    }
+    let results = super::events::receive_transaction(&server, &req.origin, &req.body.pdus).await;
+    Ok(Json(json!({ "pdus": results })))
 }
 
 fn unauthorized(message: impl Into<String>) -> Error {

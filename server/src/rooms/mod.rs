@@ -125,6 +125,8 @@ pub struct Rooms {
     pub audit: Arc<crate::audit::Audit>,
     pub clinic: Arc<crate::clinic::Clinic>,
     pub plugins: Arc<crate::plugins::Plugins>,
+    /// Whether local events are queued for other servers.
+    pub federating: bool,
 }
 
 impl Rooms {
@@ -135,9 +137,11 @@ impl Rooms {
         audit: Arc<crate::audit::Audit>,
         clinic: Arc<crate::clinic::Clinic>,
         plugins: Arc<crate::plugins::Plugins>,
+        federating: bool,
     ) -> Self {
         Self {
             plugins,
+            federating,
             push,
             audit,
             clinic,
@@ -185,6 +189,15 @@ impl Rooms {
             .get(tables::PDUS, event_id.as_bytes())?
             .map(|bytes| Pdu::from_stored(&bytes))
             .transpose()
+    }
+
+    /// A stored event as other servers get it: its signed JSON without our `event_id`.
+    pub fn federation_pdu(&self, event_id: &ruma::EventId) -> Result<Option<Box<serde_json::value::RawValue>>> {
+        let Some(bytes) = self.store.get(tables::PDUS, event_id.as_bytes())? else { return Ok(None) };
+        let mut object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes).map_err(|e| crate::Error::internal(format!("corrupt stored PDU: {e}")))?;
+        object.remove("event_id");
+        object.remove("unsigned");
+        Ok(Some(serde_json::value::to_raw_value(&object).map_err(crate::Error::internal)?))
     }
 
     pub fn meta(&self, event_id: &ruma::EventId) -> Result<Option<EventMeta>> {

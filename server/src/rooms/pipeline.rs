@@ -351,14 +351,19 @@ impl<'a> RoomWriter<'a> {
         {
             record.history_ever_restricted = true;
         }
-        record.extremities = vec![pdu.event_id.clone()];
-        record.depth = u64::from(pdu.depth);
+        // The event supersedes the extremities it points at (all of them, for a local event).
+        record.extremities.retain(|e| !pdu.prev_events.contains(e));
+        record.extremities.push(pdu.event_id.clone());
+        record.depth = record.depth.max(u64::from(pdu.depth));
         self.batch.put(store, tables::PDUS, pdu.event_id.as_bytes(), &signed.to_bytes());
         self.batch.put_json(store, tables::EVENT_META, pdu.event_id.as_bytes(), &meta)?;
         self.batch.put(store, tables::TIMELINE, &Key::new().str(room).u64(pos).into_vec(), pdu.event_id.as_bytes());
         relations::stage(store, &mut self.batch, &pdu, pos);
         crate::search::stage(store, &mut self.batch, &pdu, pos);
         self.rooms.plugins.stage_outbox(&mut self.batch, pos, &pdu);
+        if let Some(destinations) = self.federation_destinations(&pdu)? {
+            crate::federation::sender::stage(store, &mut self.batch, pos, &pdu, &destinations);
+        }
         self.batch.put_json(store, tables::ROOMS, room.as_bytes(), &record)?;
         if let Some(txn) = &txn {
             let key = Key::new().str(pdu.sender.as_str()).str(&txn.device_id).str(&txn.txn_id).into_vec();
@@ -373,6 +378,86 @@ impl<'a> RoomWriter<'a> {
         self.staged_events.insert(pdu.event_id.clone(), pdu);
         self.tickets.push(ticket);
         Ok(())
+    }
+
+    /// The other servers a local event goes to: those with members in the room (and an invited
+    /// user's server), unless the room never federates.
+    fn federation_destinations(&self, pdu: &Pdu) -> Result<Option<std::collections::HashSet<ruma::OwnedServerName>>> {
+        let ours = self.rooms.key.server_name();
+        if !self.rooms.federating || pdu.sender.server_name() != ours {
+            return Ok(None);
+        }
+        let federates = self.state_event("m.room.create", "")?.is_none_or(|create| create.content_json().get("m.federate") != Some(&serde_json::Value::Bool(false)));
+        if !federates {
+            return Ok(None);
+        }
+        let mut members: HashMap<OwnedUserId, Membership> = self.rooms.members(&self.room_id)?.into_iter().collect();
+        members.extend(self.staged_members.iter().map(|(u, m)| (u.clone(), *m)));
+        let mut servers: std::collections::HashSet<ruma::OwnedServerName> = members
+            .iter()
+            .filter(|(_, m)| matches!(m, Membership::Join))
+            .map(|(user, _)| user.server_name().to_owned())
+            .collect();
+        if pdu.kind == TimelineEventType::RoomMember
+            && let Some(target) = pdu.state_key.as_deref().and_then(|k| <&ruma::UserId>::try_from(k).ok())
+        {
+            servers.insert(target.server_name().to_owned());
+        }
+        servers.remove(ours);
+        Ok((!servers.is_empty()).then_some(servers))
+    }
+
+    /// Authorizes and stages an event another server built and signed (its signatures and
+    /// hashes checked by the caller), against the room's current state. Forks are applied in
+    /// arrival order: state resolution of concurrent branches is not implemented yet.
+    pub fn append_remote(&mut self, signed: SignedPdu) -> Result<Pdu> {
+        let record = self.record.clone().ok_or_else(|| Error::not_found("unknown room"))?;
+        let rules = self.rules.clone().ok_or_else(|| Error::not_found("unknown room"))?;
+        let pdu = signed.pdu.clone();
+        if self.event(&pdu.event_id).is_some() {
+            return Ok(pdu);
+        }
+        ruma::state_res::check_state_independent_auth_rules(&rules.authorization, &pdu, |id| self.event(id))
+            .map_err(|reason| Error::forbidden(format!("event not authorized: {reason}")))?;
+        ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, &pdu, |kind: &StateEventType, key: &str| {
+            self.state_event(&kind.to_string(), key).ok().flatten()
+        })
+        .map_err(|reason| Error::forbidden(format!("event not authorized: {reason}")))?;
+        crate::clinic::authorize(&self.policy_context(), &pdu)?;
+        self.rooms.plugins.check_event(&pdu, self)?;
+        self.stage(signed, record, &rules, None)?;
+        Ok(pdu)
+    }
+
+    /// Stages an event of a room's state received when joining it over federation (its
+    /// signatures checked by the caller; the resident server vouched for it as state). It does
+    /// not become a forward extremity.
+    pub fn import(&mut self, signed: SignedPdu) -> Result<()> {
+        let record = self.record.clone().ok_or_else(|| Error::not_found("unknown room"))?;
+        let rules = self.rules.clone().ok_or_else(|| Error::not_found("unknown room"))?;
+        if self.event(&signed.pdu.event_id).is_some() {
+            return Ok(());
+        }
+        let extremities = record.extremities.clone();
+        self.stage(signed, record, &rules, None)?;
+        if let Some(record) = self.record.as_mut() {
+            record.extremities = extremities;
+        }
+        Ok(())
+    }
+
+    /// The event ids of the room's current state, staged events included.
+    pub fn current_state_ids(&self) -> Result<Vec<OwnedEventId>> {
+        let mut state: HashMap<(String, String), OwnedEventId> = self
+            .rooms
+            .current_state(&self.room_id)?
+            .into_iter()
+            .filter_map(|pdu| Some(((pdu.kind.to_string(), pdu.state_key.clone()?), pdu.event_id)))
+            .collect();
+        for (key, pdu) in &self.staged_state {
+            state.insert(key.clone(), pdu.event_id.clone());
+        }
+        Ok(state.into_values().collect())
     }
 
     /// Who push rules are evaluated for: local joined members after the event, and the

@@ -1,0 +1,251 @@
+//! Events across servers: checking a PDU another server signed, transactions (`/send`), and
+//! joins (`make_join`/`send_join` as the resident server, and joining a room on another server).
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use ruma::{
+    CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedRoomId, OwnedServerName, RoomId, RoomVersionId, UserId,
+    api::federation::membership::{create_join_event, prepare_join_event},
+    room_version_rules::RoomVersionRules,
+    signatures::{PublicKeyMap, Verified},
+};
+use serde_json::{Value as JsonValue, json, value::RawValue};
+
+use super::Federation;
+use crate::{
+    error::{Error, ErrorCode, Result},
+    events::{Pdu, SignedPdu, rules_for},
+    server::Server,
+};
+
+fn bad(message: impl Into<String>) -> Error {
+    Error::bad_json(message)
+}
+
+/// The reference-hash event id of a PDU.
+fn event_id_of(object: &CanonicalJsonObject, rules: &RoomVersionRules) -> Result<OwnedEventId> {
+    let hash = ruma::signatures::reference_hash(object, rules).map_err(|e| bad(format!("cannot hash the event: {e}")))?;
+    OwnedEventId::try_from(format!("${hash}")).map_err(|e| bad(e.to_string()))
+}
+
+/// Checks a PDU another server signed: every signature against the signer's keys as of the
+/// event's time; a content hash that does not match means the event is kept redacted.
+pub async fn verify_pdu(federation: &Federation, raw: &RawValue, rules: &RoomVersionRules) -> Result<SignedPdu> {
+    let mut object: CanonicalJsonObject = serde_json::from_str(raw.get()).map_err(|e| bad(format!("not a PDU: {e}")))?;
+    object.remove("event_id");
+    let event_id = event_id_of(&object, rules)?;
+    let ts = match object.get("origin_server_ts") {
+        Some(CanonicalJsonValue::Integer(ts)) => u64::try_from(i64::from(*ts)).unwrap_or(0),
+        _ => return Err(bad("a PDU needs origin_server_ts")),
+    };
+    let mut keys = PublicKeyMap::new();
+    if let Some(CanonicalJsonValue::Object(signatures)) = object.get("signatures") {
+        for (server, by_key) in signatures {
+            let Ok(server) = OwnedServerName::try_from(server.as_str()) else { continue };
+            let CanonicalJsonValue::Object(by_key) = by_key else { continue };
+            let key_ids: Vec<String> = by_key.keys().cloned().collect();
+            keys.insert(server.to_string(), federation.public_keys(&server, &key_ids, ts).await?);
+        }
+    }
+    match ruma::signatures::verify_event(&keys, &object, rules) {
+        Ok(Verified::All) => {}
+        Ok(Verified::Signatures) => {
+            tracing::warn!(%event_id, "content hash mismatch: keeping the event redacted");
+            object = ruma::canonical_json::redact(object, &rules.redaction, None).map_err(|e| bad(e.to_string()))?;
+        }
+        Err(error) => return Err(Error::forbidden(format!("{event_id}: bad signatures: {error}"))),
+    }
+    object.insert("event_id".into(), CanonicalJsonValue::String(event_id.to_string()));
+    let bytes = serde_json::to_vec(&object).map_err(Error::internal)?;
+    let pdu = Pdu::from_stored(&bytes).map_err(|_| bad(format!("{event_id} is not a valid PDU")))?;
+    Ok(SignedPdu { pdu, canonical: object })
+}
+
+/// `PUT /send/{txnId}`: each PDU checked and appended on its own; the answer says which failed.
+pub async fn receive_transaction(server: &Server, origin: &ruma::ServerName, pdus: &[Box<RawValue>]) -> BTreeMap<String, JsonValue> {
+    let mut results = BTreeMap::new();
+    for raw in pdus {
+        let room_id = serde_json::from_str::<JsonValue>(raw.get())
+            .ok()
+            .and_then(|v| v.get("room_id").and_then(JsonValue::as_str).and_then(|r| OwnedRoomId::try_from(r).ok()));
+        let outcome = match room_id {
+            Some(room_id) => receive_pdu(server, origin, &room_id, raw).await,
+            None => Err((None, bad("a PDU needs a room_id"))),
+        };
+        match outcome {
+            Ok(event_id) => {
+                results.insert(event_id.to_string(), json!({}));
+            }
+            Err((event_id, error)) => {
+                tracing::warn!(%origin, event_id = event_id.as_deref().unwrap_or("?"), %error, "refused an event from another server");
+                results.insert(event_id.unwrap_or_else(|| "unknown".into()), json!({ "error": error.to_string() }));
+            }
+        }
+    }
+    results
+}
+
+async fn receive_pdu(server: &Server, origin: &ruma::ServerName, room_id: &RoomId, raw: &RawValue) -> std::result::Result<OwnedEventId, (Option<String>, Error)> {
+    let fail = |error: Error| (None, error);
+    let federation = server.federation.as_ref().ok_or_else(|| fail(Error::not_found("federation is disabled")))?;
+    let record = server.rooms.room(room_id).map_err(fail)?.ok_or_else(|| fail(Error::not_found("this server is not in that room")))?;
+    let rules = rules_for(&record.version).map_err(fail)?;
+    let signed = verify_pdu(federation, raw, &rules).await.map_err(fail)?;
+    let event_id = signed.pdu.event_id.clone();
+    let named = |error: Error| (Some(event_id.to_string()), error);
+    if signed.pdu.sender.server_name() != origin && signed.pdu.kind != ruma::events::TimelineEventType::RoomMember {
+        return Err(named(Error::forbidden("events are sent by their sender's server")));
+    }
+    let mut writer = server.rooms.writer(room_id).await.map_err(named)?;
+    writer.append_remote(signed).map_err(named)?;
+    writer.commit().map_err(named)?;
+    Ok(event_id)
+}
+
+/// The events an event's auth chain consists of, recursively.
+fn auth_chain(server: &Server, start: &[OwnedEventId]) -> Result<Vec<Pdu>> {
+    let mut seen: HashSet<OwnedEventId> = HashSet::new();
+    let mut todo: Vec<OwnedEventId> = start.to_vec();
+    let mut chain = Vec::new();
+    while let Some(id) = todo.pop() {
+        if !seen.insert(id.clone()) {
+            continue;
+        }
+        if let Some(pdu) = server.rooms.pdu(&id)? {
+            todo.extend(pdu.auth_events.iter().cloned());
+            chain.push(pdu);
+        }
+    }
+    Ok(chain)
+}
+
+fn raw_events(server: &Server, events: impl IntoIterator<Item = OwnedEventId>) -> Result<Vec<Box<RawValue>>> {
+    let mut raw = Vec::new();
+    for id in events {
+        if let Some(pdu) = server.rooms.federation_pdu(&id)? {
+            raw.push(pdu);
+        }
+    }
+    Ok(raw)
+}
+
+/// `make_join` as the resident server: a join event for the remote user to sign, placed after
+/// our current extremities with the auth events of the current state.
+pub async fn make_join(server: &Server, origin: &ruma::ServerName, request: &prepare_join_event::v1::Request) -> Result<JsonValue> {
+    if request.user_id.server_name() != origin {
+        return Err(Error::forbidden("a server asks to join for its own users only"));
+    }
+    let record = server.rooms.room(&request.room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+    if !request.ver.contains(&record.version) {
+        return Err(Error::with_status(ErrorCode::IncompatibleRoomVersion, http::StatusCode::BAD_REQUEST, format!("the room is version {}", record.version)));
+    }
+    let federates = server.rooms.state_content(&request.room_id, "m.room.create", "")?.is_none_or(|c| c.get("m.federate") != Some(&JsonValue::Bool(false)));
+    if !federates {
+        return Err(Error::forbidden("this room is not federated"));
+    }
+    let rules = rules_for(&record.version)?;
+    let content = json!({ "membership": "join" });
+    let raw_content = serde_json::value::to_raw_value(&content).map_err(Error::internal)?;
+    let types = ruma::state_res::auth_types_for_event(&ruma::events::TimelineEventType::RoomMember, &request.user_id, Some(request.user_id.as_str()), &raw_content, &rules.authorization)
+        .map_err(Error::bad_json)?;
+    let mut auth_events = Vec::new();
+    for (kind, key) in &types {
+        if let Some(pdu) = server.rooms.state_event(&request.room_id, &kind.to_string(), key)? {
+            auth_events.push(pdu.event_id);
+        }
+    }
+    let event = json!({
+        "type": "m.room.member",
+        "room_id": request.room_id,
+        "sender": request.user_id,
+        "state_key": request.user_id,
+        "content": content,
+        "origin_server_ts": ruma::MilliSecondsSinceUnixEpoch::now(),
+        "depth": record.depth + 1,
+        "prev_events": record.extremities,
+        "auth_events": auth_events,
+    });
+    Ok(json!({ "room_version": record.version, "event": event }))
+}
+
+/// `send_join` as the resident server: the signed join is checked and appended, and the joining
+/// server gets the room's state before it and the auth chain.
+pub async fn send_join(server: &Server, origin: &ruma::ServerName, request: &create_join_event::v2::Request) -> Result<JsonValue> {
+    let federation = server.federation.as_ref().ok_or_else(|| Error::not_found("federation is disabled"))?;
+    let record = server.rooms.room(&request.room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+    let rules = rules_for(&record.version)?;
+    let signed = verify_pdu(federation, &request.pdu, &rules).await?;
+    let pdu = signed.pdu.clone();
+    if pdu.event_id != request.event_id || pdu.room_id != request.room_id {
+        return Err(bad("the event does not match the request"));
+    }
+    let joining = pdu.state_key.as_deref().and_then(|k| <&UserId>::try_from(k).ok());
+    if pdu.kind != ruma::events::TimelineEventType::RoomMember || pdu.content_json().get("membership").and_then(JsonValue::as_str) != Some("join") || joining != Some(&pdu.sender) || pdu.sender.server_name() != origin {
+        return Err(bad("not a join of the origin's own user"));
+    }
+    let mut writer = server.rooms.writer(&request.room_id).await?;
+    let state_before: Vec<OwnedEventId> = writer.current_state_ids()?;
+    writer.append_remote(signed)?;
+    writer.commit()?;
+    let chain: BTreeSet<OwnedEventId> = auth_chain(server, &state_before)?.into_iter().map(|p| p.event_id).collect();
+    Ok(json!({
+        "origin": server.server_name(),
+        "state": raw_events(server, state_before)?,
+        "auth_chain": raw_events(server, chain)?,
+        "event": server.rooms.federation_pdu(&pdu.event_id)?,
+        "members_omitted": false,
+    }))
+}
+
+/// Joins a local user to a room on another server: `make_join`, sign, `send_join`, then the
+/// room's state is checked and stored, and the join appended.
+pub async fn join_remote(server: &Server, user: &UserId, room_id: &RoomId, via: &[OwnedServerName]) -> Result<()> {
+    let federation = server.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled on this server"))?;
+    let mut candidates: Vec<OwnedServerName> = via.iter().filter(|s| s.as_str() != server.server_name().as_str()).cloned().collect();
+    if let Some(owner) = room_id.server_name().filter(|s| *s != server.server_name()) {
+        candidates.push(owner.to_owned());
+    }
+    let mut last_error = Error::not_found("no server to join the room through");
+    for resident in candidates {
+        match join_via(server, federation, user, room_id, &resident).await {
+            Ok(()) => return Ok(()),
+            Err(error) => {
+                tracing::warn!(%room_id, %resident, %error, "joining over federation failed");
+                last_error = error;
+            }
+        }
+    }
+    Err(last_error)
+}
+
+async fn join_via(server: &Server, federation: &Federation, user: &UserId, room_id: &RoomId, resident: &ruma::ServerName) -> Result<()> {
+    let mut make = prepare_join_event::v1::Request::new(room_id.to_owned(), user.to_owned());
+    make.ver = vec![RoomVersionId::V10, RoomVersionId::V11];
+    let template = federation.send(resident, make).await?;
+    let version = template.room_version.unwrap_or(RoomVersionId::V1);
+    let rules = rules_for(&version)?;
+    let mut object: CanonicalJsonObject = serde_json::from_str(template.event.get()).map_err(|e| bad(format!("bad make_join template: {e}")))?;
+    object.insert("origin_server_ts".into(), CanonicalJsonValue::Integer(ruma::MilliSecondsSinceUnixEpoch::now().0.into()));
+    ruma::signatures::hash_and_sign_event(server.server_name().as_str(), federation.key().key_pair(), &mut object, &rules.redaction).map_err(|e| Error::internal(format!("signing the join: {e}")))?;
+    let event_id = event_id_of(&object, &rules)?;
+    let raw = serde_json::value::to_raw_value(&object).map_err(Error::internal)?;
+    let answer = federation.send(resident, create_join_event::v2::Request::new(room_id.to_owned(), event_id.clone(), raw.clone())).await?;
+    let state = answer.room_state;
+
+    let mut imported = Vec::new();
+    for raw in state.auth_chain.iter().chain(state.state.iter()) {
+        imported.push(verify_pdu(federation, raw, &rules).await?);
+    }
+    // Oldest first, so that each state key ends with the version the state names.
+    imported.sort_by_key(|signed| u64::from(signed.pdu.depth));
+    let join = verify_pdu(federation, state.event.as_deref().unwrap_or(&raw), &rules).await?;
+    let mut writer = server.rooms.writer(room_id).await?;
+    if !writer.exists() {
+        writer.init_room(version)?;
+    }
+    for signed in imported {
+        writer.import(signed)?;
+    }
+    writer.append_remote(join)?;
+    writer.commit()
+}

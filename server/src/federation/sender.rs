@@ -1,0 +1,130 @@
+//! The outbound queue: every event of a local user in a room other servers are in is queued for
+//! each of them in the event's own write, then sent in transactions of up to 50, retried with
+//! exponential backoff, and only removed once the destination accepted it — so nothing is lost
+//! across restarts or outages.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
+};
+
+use ruma::{OwnedServerName, ServerName, api::federation::transactions::send_transaction_message};
+
+use super::Federation;
+use crate::{
+    events::Pdu,
+    server::Server,
+    store::{Batch, Key, KeyReader, Store, StreamPos, tables},
+};
+
+const MAX_PDUS_PER_TRANSACTION: usize = 50;
+const MIN_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+
+/// Stages `pdu` for every server in `destinations`, in the event's own batch.
+pub fn stage(store: &Store, batch: &mut Batch, pos: StreamPos, pdu: &Pdu, destinations: &HashSet<OwnedServerName>) {
+    for destination in destinations {
+        batch.put(store, tables::FEDERATION_OUTBOX, &Key::new().str(destination.as_str()).u64(pos).into_vec(), pdu.event_id.as_bytes());
+    }
+}
+
+/// Per destination: when to try again, and the current backoff.
+#[derive(Default)]
+pub struct Backoff(Mutex<HashMap<OwnedServerName, (Instant, Duration)>>);
+
+impl Backoff {
+    fn ready(&self, destination: &ServerName) -> bool {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).get(destination).is_none_or(|(at, _)| Instant::now() >= *at)
+    }
+
+    fn failed(&self, destination: &ServerName) -> Duration {
+        let mut all = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let next = all.get(destination).map_or(MIN_BACKOFF, |(_, last)| (*last * 2).min(MAX_BACKOFF));
+        all.insert(destination.to_owned(), (Instant::now() + next, next));
+        next
+    }
+
+    fn succeeded(&self, destination: &ServerName) {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).remove(destination);
+    }
+}
+
+/// The queued (position, event id) of every destination, oldest first.
+fn pending(store: &Store) -> crate::Result<BTreeMap<OwnedServerName, Vec<(StreamPos, Vec<u8>)>>> {
+    let mut queued: BTreeMap<OwnedServerName, Vec<(StreamPos, Vec<u8>)>> = BTreeMap::new();
+    for item in store.scan_prefix(tables::FEDERATION_OUTBOX, Vec::new(), false) {
+        let (key, event_id) = item?;
+        let mut reader = KeyReader::new(&key);
+        let (Some(destination), Some(pos)) = (reader.str().and_then(|d| OwnedServerName::try_from(d).ok()), reader.u64()) else { continue };
+        let entries = queued.entry(destination).or_default();
+        if entries.len() < MAX_PDUS_PER_TRANSACTION {
+            entries.push((pos, event_id.to_vec()));
+        }
+    }
+    Ok(queued)
+}
+
+/// Sends one transaction to `destination`; on success its entries leave the queue.
+async fn send_batch(server: &Server, federation: &Federation, destination: &ServerName, entries: &[(StreamPos, Vec<u8>)]) -> crate::Result<()> {
+    let mut pdus = Vec::new();
+    for (_, event_id) in entries {
+        let Ok(event_id) = ruma::OwnedEventId::try_from(String::from_utf8_lossy(event_id).as_ref()) else { continue };
+        if let Some(raw) = server.rooms.federation_pdu(&event_id)? {
+            pdus.push(raw);
+        }
+    }
+    // The transaction id is the queue position of its first event, so a retry is recognisable.
+    let txn_id = format!("{}", entries.first().map_or(0, |(pos, _)| *pos));
+    let mut request = send_transaction_message::v1::Request::new(txn_id.into(), federation.server_name().to_owned(), ruma::MilliSecondsSinceUnixEpoch::now());
+    request.pdus = pdus;
+    let answer = federation.send(destination, request).await?;
+    for (event_id, result) in &answer.pdus {
+        if let Err(error) = result {
+            tracing::warn!(%destination, %event_id, %error, "the destination refused an event");
+        }
+    }
+    let mut batch = server.store.batch();
+    for (pos, _) in entries {
+        batch.delete(&server.store, tables::FEDERATION_OUTBOX, &Key::new().str(destination.as_str()).u64(*pos).into_vec());
+    }
+    server.store.write(batch)?;
+    Ok(())
+}
+
+/// Delivers the queue until shutdown: on every new event, and on a timer for retries.
+pub async fn run(server: Arc<Server>) {
+    let Some(federation) = server.federation.clone() else { return };
+    let backoff = Arc::new(Backoff::default());
+    let in_flight: Arc<Mutex<HashSet<OwnedServerName>>> = Arc::default();
+    let mut watermark = server.store.streams().subscribe();
+    let mut shutdown = server.shutting_down.subscribe();
+    loop {
+        match pending(&server.store) {
+            Ok(queued) => {
+                for (destination, entries) in queued {
+                    if !backoff.ready(&destination) || !in_flight.lock().unwrap_or_else(PoisonError::into_inner).insert(destination.clone()) {
+                        continue;
+                    }
+                    let (server, federation, backoff, in_flight) = (server.clone(), federation.clone(), backoff.clone(), in_flight.clone());
+                    tokio::spawn(async move {
+                        match send_batch(&server, &federation, &destination, &entries).await {
+                            Ok(()) => backoff.succeeded(&destination),
+                            Err(error) => {
+                                let wait = backoff.failed(&destination);
+                                tracing::warn!(%destination, %error, retry_in = ?wait, "federation transaction failed");
+                            }
+                        }
+                        in_flight.lock().unwrap_or_else(PoisonError::into_inner).remove(&destination);
+                    });
+                }
+            }
+            Err(error) => tracing::error!(%error, "reading the federation queue failed"),
+        }
+        tokio::select! {
+            changed = watermark.changed() => if changed.is_err() { return },
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(MIN_BACKOFF) => {}
+        }
+    }
+}
