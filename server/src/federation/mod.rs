@@ -3,6 +3,7 @@
 //! right name, signing every request. Keys are fetched, verified and cached (`keys`).
 
 pub mod events;
+mod history;
 pub mod keys;
 mod listener;
 pub mod resolve;

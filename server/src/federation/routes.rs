@@ -16,6 +16,8 @@ use ruma::{
             device::get_devices,
             directory::{get_public_rooms, get_public_rooms_filtered},
             keys::{claim_keys, get_keys},
+            backfill::get_backfill,
+            event::{get_event, get_missing_events, get_room_state, get_room_state_ids},
             membership::{create_join_event, prepare_join_event},
             transactions::send_transaction_message,
             query::{get_profile_information, get_room_information},
@@ -44,10 +46,37 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = crate::client::route::<get_keys::v1::Request, _, _>(router, keys_query);
     let router = crate::client::route::<claim_keys::v1::Request, _, _>(router, keys_claim);
     let router = crate::client::route::<get_public_rooms::v1::Request, _, _>(router, public_rooms);
+    let router = crate::client::route::<get_event::v1::Request, _, _>(router, event);
+    let router = crate::client::route::<get_room_state::v1::Request, _, _>(router, room_state);
+    let router = crate::client::route::<get_room_state_ids::v1::Request, _, _>(router, room_state_ids);
+    let router = crate::client::route::<get_backfill::v1::Request, _, _>(router, backfill);
+    let router = crate::client::route::<get_missing_events::v1::Request, _, _>(router, missing_events);
     let router = crate::client::route::<prepare_join_event::v1::Request, _, _>(router, make_join);
     let router = crate::client::route::<create_join_event::v2::Request, _, _>(router, send_join);
     let router = crate::client::route::<send_transaction_message::v1::Request, _, _>(router, send_transaction);
     crate::client::route::<get_public_rooms_filtered::v1::Request, _, _>(router, public_rooms_filtered)
+}
+
+async fn event(State(server): State<AppState>, req: Signed<get_event::v1::Request>) -> Result<Json<JsonValue>> {
+    Ok(Json(super::history::event(&server, &req.origin, &req.body.event_id)?))
+}
+
+async fn room_state(State(server): State<AppState>, req: Signed<get_room_state::v1::Request>) -> Result<Json<JsonValue>> {
+    Ok(Json(super::history::state(&server, &req.origin, &req.body.room_id, &req.body.event_id)?))
+}
+
+async fn room_state_ids(State(server): State<AppState>, req: Signed<get_room_state_ids::v1::Request>) -> Result<Json<JsonValue>> {
+    Ok(Json(super::history::state_ids(&server, &req.origin, &req.body.room_id, &req.body.event_id)?))
+}
+
+async fn backfill(State(server): State<AppState>, req: Signed<get_backfill::v1::Request>) -> Result<Json<JsonValue>> {
+    let limit = u64::from(req.body.limit) as usize;
+    Ok(Json(super::history::backfill(&server, &req.origin, &req.body.room_id, &req.body.v, limit)?))
+}
+
+async fn missing_events(State(server): State<AppState>, req: Signed<get_missing_events::v1::Request>) -> Result<Json<JsonValue>> {
+    let body = &req.body;
+    Ok(Json(super::history::missing_events(&server, &req.origin, &body.room_id, &body.earliest_events, &body.latest_events, u64::from(body.limit) as usize, u64::from(body.min_depth))?))
 }
 
 async fn make_join(State(server): State<AppState>, req: Signed<prepare_join_event::v1::Request>) -> Result<Json<JsonValue>> {
