@@ -175,6 +175,19 @@ async fn eventually_sees(client: &common::Client, room: &str, body: &str) {
     }
 }
 
+/// Waits until a full sync of `client` satisfies `seen`.
+async fn eventually_syncs(client: &common::Client, seen: impl Fn(&Value) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let sync = client.sync(None, 0).await;
+        if seen(&sync) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{} never saw it: {sync}", client.user_id);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_user_joins_a_room_on_another_server_and_messages_flow_both_ways() {
     let dir = tempfile::tempdir().unwrap();
@@ -197,6 +210,15 @@ async fn a_user_joins_a_room_on_another_server_and_messages_flow_both_ways() {
     eventually_sees(&bob, &room, "hello from A").await;
     bob.send_text(&room, "b1", "hello from B").await;
     eventually_sees(&alice, &room, "hello from B").await;
+
+    // Typing and read receipts cross too.
+    bob.ok(Method::PUT, &format!("/_matrix/client/v3/rooms/{}/typing/{}", enc(&room), enc(&bob.user_id)), Some(json!({ "typing": true, "timeout": 20000 }))).await;
+    let typing = |sync: &Value| sync["rooms"]["join"][&room]["ephemeral"]["events"].as_array().into_iter().flatten().any(|e| e["type"] == "m.typing" && e["content"]["user_ids"].as_array().is_some_and(|u| u.iter().any(|u| u == bob.user_id.as_str())));
+    eventually_syncs(&alice, typing).await;
+    let last = alice.messages(&room, "dir=b&limit=1").await["chunk"][0]["event_id"].as_str().unwrap().to_owned();
+    alice.ok(Method::POST, &format!("/_matrix/client/v3/rooms/{}/receipt/m.read/{}", enc(&room), enc(&last)), Some(json!({}))).await;
+    let receipt = |sync: &Value| sync["rooms"]["join"][&room]["ephemeral"]["events"].as_array().into_iter().flatten().any(|e| e["type"] == "m.receipt" && e["content"][&last]["m.read"].get(&alice.user_id).is_some());
+    eventually_syncs(&bob, receipt).await;
 
     // B goes down; what A sends meanwhile is queued and delivered when B is back.
     b.server.stop().await;

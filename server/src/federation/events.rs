@@ -249,3 +249,49 @@ async fn join_via(server: &Server, federation: &Federation, user: &UserId, room_
     writer.append_remote(join)?;
     writer.commit()
 }
+
+/// Typing notifications and read receipts of the origin's users, in rooms they are in. Other
+/// EDUs (presence, device lists, to-device) are not handled yet.
+pub fn receive_edus(server: &Server, origin: &ruma::ServerName, edus: &[ruma::serde::Raw<ruma::api::federation::transactions::edu::Edu>]) {
+    for edu in edus {
+        let Ok(edu) = serde_json::from_str::<JsonValue>(edu.json().get()) else { continue };
+        let content = edu.get("content").cloned().unwrap_or_default();
+        let outcome = match edu.get("edu_type").and_then(JsonValue::as_str) {
+            Some("m.typing") => receive_typing(server, origin, &content),
+            Some("m.receipt") => receive_receipts(server, origin, &content),
+            _ => Ok(()),
+        };
+        if let Err(error) = outcome {
+            tracing::debug!(%origin, %error, "ignored an EDU");
+        }
+    }
+}
+
+/// A remote user of `origin` who is joined to `room`.
+fn remote_member(server: &Server, origin: &ruma::ServerName, room: &str, user: &str) -> Result<(OwnedRoomId, ruma::OwnedUserId)> {
+    let room_id = OwnedRoomId::try_from(room).map_err(|_| bad("bad room id"))?;
+    let user_id = ruma::OwnedUserId::try_from(user).map_err(|_| bad("bad user id"))?;
+    if user_id.server_name() != origin || !server.rooms.is_joined(&room_id, &user_id)? {
+        return Err(Error::forbidden("not a joined user of the origin"));
+    }
+    Ok((room_id, user_id))
+}
+
+fn receive_typing(server: &Server, origin: &ruma::ServerName, content: &JsonValue) -> Result<()> {
+    let field = |name: &str| content.get(name).and_then(JsonValue::as_str).unwrap_or_default();
+    let (room_id, user_id) = remote_member(server, origin, field("room_id"), field("user_id"))?;
+    let typing = content.get("typing").and_then(JsonValue::as_bool).unwrap_or(false);
+    server.rooms.set_typing(&room_id, &user_id, typing.then_some(std::time::Duration::from_secs(30)))
+}
+
+fn receive_receipts(server: &Server, origin: &ruma::ServerName, content: &JsonValue) -> Result<()> {
+    for (room, receipts) in content.as_object().into_iter().flatten() {
+        for (user, receipt) in receipts.get("m.read").and_then(JsonValue::as_object).into_iter().flatten() {
+            let Ok((room_id, user_id)) = remote_member(server, origin, room, user) else { continue };
+            let Some(event_id) = receipt.get("event_ids").and_then(|ids| ids.get(0)).and_then(JsonValue::as_str).and_then(|id| OwnedEventId::try_from(id).ok()) else { continue };
+            let thread = receipt.get("data").and_then(|d| d.get("thread_id")).and_then(JsonValue::as_str).map(str::to_owned);
+            server.rooms.set_receipt(&room_id, "m.read", &user_id, event_id, thread)?;
+        }
+    }
+    Ok(())
+}

@@ -87,7 +87,7 @@ async fn send_join(State(server): State<AppState>, req: Signed<create_join_event
     Ok(Json(super::events::send_join(&server, &req.origin, &req.body).await?))
 }
 
-/// A transaction: PDUs appended one by one (each may fail on its own); EDUs are not handled yet.
+/// A transaction: PDUs appended one by one (each may fail on its own), then typing and receipts.
 async fn send_transaction(State(server): State<AppState>, req: Signed<send_transaction_message::v1::Request>) -> Result<Json<JsonValue>> {
     if req.body.origin != req.origin {
         return Err(Error::forbidden("the transaction's origin is not the signing server"));
@@ -96,6 +96,7 @@ async fn send_transaction(State(server): State<AppState>, req: Signed<send_trans
         return Err(Error::bad_json("a transaction has at most 50 PDUs and 100 EDUs"));
     }
     let results = super::events::receive_transaction(&server, &req.origin, &req.body.pdus).await;
+    super::events::receive_edus(&server, &req.origin, &req.body.edus);
     Ok(Json(json!({ "pdus": results })))
 }
 

@@ -19,6 +19,7 @@ use crate::{
 };
 
 const MAX_PDUS_PER_TRANSACTION: usize = 50;
+const MAX_EDUS_PER_TRANSACTION: usize = 100;
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 
@@ -50,34 +51,52 @@ impl Backoff {
     }
 }
 
-/// The queued (position, event id) of every destination, oldest first.
-fn pending(store: &Store) -> crate::Result<BTreeMap<OwnedServerName, Vec<(StreamPos, Vec<u8>)>>> {
-    let mut queued: BTreeMap<OwnedServerName, Vec<(StreamPos, Vec<u8>)>> = BTreeMap::new();
-    for item in store.scan_prefix(tables::FEDERATION_OUTBOX, Vec::new(), false) {
-        let (key, event_id) = item?;
-        let mut reader = KeyReader::new(&key);
-        let (Some(destination), Some(pos)) = (reader.str().and_then(|d| OwnedServerName::try_from(d).ok()), reader.u64()) else { continue };
-        let entries = queued.entry(destination).or_default();
-        if entries.len() < MAX_PDUS_PER_TRANSACTION {
-            entries.push((pos, event_id.to_vec()));
+/// What is queued for one destination: (position, event id) and (position, EDU JSON).
+#[derive(Default)]
+struct Queued {
+    pdus: Vec<(StreamPos, Vec<u8>)>,
+    edus: Vec<(StreamPos, Vec<u8>)>,
+}
+
+/// The queue of every destination, oldest first, at most one transaction's worth each.
+fn pending(store: &Store) -> crate::Result<BTreeMap<OwnedServerName, Queued>> {
+    let mut queued: BTreeMap<OwnedServerName, Queued> = BTreeMap::new();
+    for (table, limit) in [(tables::FEDERATION_OUTBOX, MAX_PDUS_PER_TRANSACTION), (tables::FEDERATION_EDUS, MAX_EDUS_PER_TRANSACTION)] {
+        for item in store.scan_prefix(table, Vec::new(), false) {
+            let (key, value) = item?;
+            let mut reader = KeyReader::new(&key);
+            let (Some(destination), Some(pos)) = (reader.str().and_then(|d| OwnedServerName::try_from(d).ok()), reader.u64()) else { continue };
+            let entry = queued.entry(destination).or_default();
+            let list = if table == tables::FEDERATION_OUTBOX { &mut entry.pdus } else { &mut entry.edus };
+            if list.len() < limit {
+                list.push((pos, value.to_vec()));
+            }
         }
     }
     Ok(queued)
 }
 
 /// Sends one transaction to `destination`; on success its entries leave the queue.
-async fn send_batch(server: &Server, federation: &Federation, destination: &ServerName, entries: &[(StreamPos, Vec<u8>)]) -> crate::Result<()> {
+async fn send_batch(server: &Server, federation: &Federation, destination: &ServerName, queued: &Queued) -> crate::Result<()> {
     let mut pdus = Vec::new();
-    for (_, event_id) in entries {
+    for (_, event_id) in &queued.pdus {
         let Ok(event_id) = ruma::OwnedEventId::try_from(String::from_utf8_lossy(event_id).as_ref()) else { continue };
         if let Some(raw) = server.rooms.federation_pdu(&event_id)? {
             pdus.push(raw);
         }
     }
-    // The transaction id is the queue position of its first event, so a retry is recognisable.
-    let txn_id = format!("{}", entries.first().map_or(0, |(pos, _)| *pos));
+    let edus = queued
+        .edus
+        .iter()
+        .filter_map(|(_, json)| serde_json::value::RawValue::from_string(String::from_utf8_lossy(json).into_owned()).ok())
+        .map(ruma::serde::Raw::from_json)
+        .collect();
+    // The transaction id names its first entries, so a retry is recognisable.
+    let first = |list: &[(StreamPos, Vec<u8>)]| list.first().map_or(0, |(pos, _)| *pos);
+    let txn_id = format!("{}-{}", first(&queued.pdus), first(&queued.edus));
     let mut request = send_transaction_message::v1::Request::new(txn_id.into(), federation.server_name().to_owned(), ruma::MilliSecondsSinceUnixEpoch::now());
     request.pdus = pdus;
+    request.edus = edus;
     let answer = federation.send(destination, request).await?;
     for (event_id, result) in &answer.pdus {
         if let Err(error) = result {
@@ -85,8 +104,10 @@ async fn send_batch(server: &Server, federation: &Federation, destination: &Serv
         }
     }
     let mut batch = server.store.batch();
-    for (pos, _) in entries {
-        batch.delete(&server.store, tables::FEDERATION_OUTBOX, &Key::new().str(destination.as_str()).u64(*pos).into_vec());
+    for (table, list) in [(tables::FEDERATION_OUTBOX, &queued.pdus), (tables::FEDERATION_EDUS, &queued.edus)] {
+        for (pos, _) in list {
+            batch.delete(&server.store, table, &Key::new().str(destination.as_str()).u64(*pos).into_vec());
+        }
     }
     server.store.write(batch)?;
     Ok(())

@@ -77,6 +77,11 @@ pub struct Receipt {
 impl Rooms {
     pub fn set_typing(&self, room_id: &RoomId, user_id: &UserId, typing: Option<Duration>) -> Result<()> {
         let ticket = self.store.streams().allocate(&self.store)?;
+        let edu = serde_json::json!({ "edu_type": "m.typing", "content": { "room_id": room_id, "user_id": user_id, "typing": typing.is_some() } });
+        let mut batch = self.store.batch();
+        if self.stage_edu(&mut batch, room_id, user_id, ticket.pos(), &edu)? {
+            tokio::task::block_in_place(|| self.store.write(batch))?;
+        }
         self.typing.update(room_id, ticket.pos(), |users| match typing {
             Some(timeout) => {
                 users.insert(user_id.to_owned(), Instant::now() + timeout);
@@ -86,6 +91,24 @@ impl Rooms {
             }
         });
         Ok(())
+    }
+
+    /// Queues an EDU about a local user for the other servers in the room; whether any.
+    fn stage_edu(&self, batch: &mut crate::store::Batch, room_id: &RoomId, user_id: &UserId, pos: StreamPos, edu: &serde_json::Value) -> Result<bool> {
+        let ours = self.key.server_name();
+        if !self.federating || user_id.server_name() != ours {
+            return Ok(false);
+        }
+        let servers: std::collections::BTreeSet<ruma::OwnedServerName> = self
+            .members(room_id)?
+            .into_iter()
+            .filter(|(user, membership)| *membership == super::Membership::Join && user.server_name() != ours)
+            .map(|(user, _)| user.server_name().to_owned())
+            .collect();
+        for server in &servers {
+            batch.put_json(&self.store, tables::FEDERATION_EDUS, &Key::new().str(server.as_str()).u64(pos).into_vec(), edu)?;
+        }
+        Ok(!servers.is_empty())
     }
 
     /// Expires typing notifications; called periodically.
@@ -116,6 +139,14 @@ impl Rooms {
         let key = Key::new().str(room_id.as_str()).str(receipt_type).str(user_id.as_str()).into_vec();
         let mut batch = store.batch();
         batch.put_json(store, tables::RECEIPTS, &key, &receipt)?;
+        if receipt_type == "m.read" {
+            let mut data = serde_json::json!({ "ts": receipt.ts });
+            if let Some(thread) = &receipt.thread_id {
+                data["thread_id"] = serde_json::json!(thread);
+            }
+            let content = serde_json::json!({ room_id.as_str(): { "m.read": { user_id.as_str(): { "event_ids": [receipt.event_id], "data": data } } } });
+            self.stage_edu(&mut batch, room_id, user_id, ticket.pos(), &serde_json::json!({ "edu_type": "m.receipt", "content": content }))?;
+        }
         tokio::task::block_in_place(|| store.write(batch))?;
         drop(ticket);
         Ok(())

@@ -147,6 +147,8 @@ pub mod tables {
     pub const OPENID_TOKENS: Table = Table("openid_tokens");
     /// (destination server, stream position) -> event id: events not yet accepted by a server
     pub const FEDERATION_OUTBOX: Table = Table("federation_outbox");
+    /// (destination server, stream position) -> EDU JSON (typing, receipts) not yet accepted
+    pub const FEDERATION_EDUS: Table = Table("federation_edus");
 
     pub const ALL: &[Table] = &[
         GLOBAL, USERS, DEVICES, ACCESS_TOKENS, FILTERS, ACCOUNT_DATA, PRESENCE, PDUS, EVENT_META,
@@ -156,7 +158,7 @@ pub mod tables {
         MEDIA, MEDIA_THUMBNAILS, MEDIA_USAGE,
         RELATIONS, THREAD_REPLIES, SEARCH_INDEX, AUDIT_LOG, THERAPISTS,
         THERAPIST_BOOKINGS, SESSION_NOTES, SESSION_PASSCODES, APPOINTMENTS, LINK_TOKENS_USED,
-        PLUGIN_KV, PLUGIN_OUTBOX, SERVER_KEYS, OPENID_TOKENS, FEDERATION_OUTBOX,
+        PLUGIN_KV, PLUGIN_OUTBOX, SERVER_KEYS, OPENID_TOKENS, FEDERATION_OUTBOX, FEDERATION_EDUS,
     ];
 }
 
