@@ -231,3 +231,42 @@ async fn a_user_joins_a_room_on_another_server_and_messages_flow_both_ways() {
     let position = |body: &str| bodies.iter().position(|b| *b == body);
     assert!(position("hello from A") < position("while B was down"), "{bodies:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_of_another_clinic_is_invited_to_and_joins_a_therapy_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = test_ca(dir.path());
+    let (a, b) = (federated(&ca, "").await, federated(&ca, "").await);
+    let admin = a.server.register_admin("admin").await;
+    let therapist = a.server.register("therapist").await;
+    admin.ok(Method::PUT, &format!("/_limbic/admin/v1/therapists/{}", enc(&therapist.user_id)), Some(json!({ "verified": true }))).await;
+    let client = b.server.register("client").await;
+    let stranger = b.server.register("stranger").await;
+
+    // A session hosted on A with a client of B: the invitation reaches B through /invite.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let created = therapist
+        .ok(Method::POST, "/_limbic/client/v1/sessions", Some(json!({
+            "kind": "individual", "title": "Cross-clinic intake", "starts_at": now, "ends_at": now + 3_600_000, "timezone": "UTC",
+            "participants": [{ "user_id": client.user_id, "role": "client" }],
+        })))
+        .await;
+    let room = created["room_id"].as_str().unwrap().to_owned();
+    let invited = |sync: &Value| {
+        let events = sync["rooms"]["invite"][&room]["invite_state"]["events"].as_array().cloned().unwrap_or_default();
+        events.iter().any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "Cross-clinic intake")
+            && events.iter().any(|e| e["type"] == "m.room.member" && e["content"]["membership"] == "invite")
+    };
+    eventually_syncs(&client, invited).await;
+
+    // The clinic rules hold over federation: the scheduled client joins, a stranger of B cannot.
+    let (status, body) = stranger.post(&format!("/_matrix/client/v3/join/{}", enc(&room)), json!({})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    client.ok(Method::POST, &format!("/_matrix/client/v3/join/{}", enc(&room)), Some(json!({}))).await;
+    let session = client.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/state/org.limbic.session/", enc(&room)), None).await;
+    assert_eq!(session["title"], "Cross-clinic intake");
+    therapist.send_text(&room, "t1", "welcome from the clinic").await;
+    eventually_sees(&client, &room, "welcome from the clinic").await;
+    client.send_text(&room, "c1", "thank you").await;
+    eventually_sees(&therapist, &room, "thank you").await;
+}

@@ -295,3 +295,67 @@ fn receive_receipts(server: &Server, origin: &ruma::ServerName, content: &JsonVa
     }
     Ok(())
 }
+
+/// Sends an invite of a user of `destination` through `/invite` (v2), with the room's stripped
+/// state as full events. A refusal is final (logged); a failure to reach the server is retried.
+pub async fn send_invite(server: &Server, federation: &Federation, destination: &ruma::ServerName, invite: &Pdu) -> Result<()> {
+    let record = server.rooms.room(&invite.room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+    let mut state = Vec::new();
+    for kind in crate::sync::STRIPPED_STATE_TYPES {
+        if let Some(pdu) = server.rooms.state_event(&invite.room_id, kind, "")?
+            && let Some(raw) = server.rooms.federation_pdu(&pdu.event_id)?
+        {
+            #[allow(deprecated)]
+            state.push(ruma::api::federation::membership::RawStrippedState::Pdu(raw));
+        }
+    }
+    let event = server.rooms.federation_pdu(&invite.event_id)?.ok_or_else(|| Error::not_found("unknown event"))?;
+    let request = ruma::api::federation::membership::create_invite::v2::Request::new(invite.room_id.clone(), invite.event_id.clone(), record.version, event, state);
+    match federation.send(destination, request).await {
+        Ok(_) => Ok(()),
+        Err(super::FederationError::Remote { status, body, .. }) if (400..500).contains(&status) => {
+            tracing::warn!(%destination, event_id = %invite.event_id, status, %body, "the invitee's server refused the invite");
+            Ok(())
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// `PUT /v2/invite`: one of our users invited to a room on another server. We countersign the
+/// event, and the user's sync shows the invite with the state the inviting server sent.
+pub async fn receive_invite(server: &Server, origin: &ruma::ServerName, request: &ruma::api::federation::membership::create_invite::v2::Request) -> Result<JsonValue> {
+    let federation = server.federation.as_ref().ok_or_else(|| Error::not_found("federation is disabled"))?;
+    if !matches!(request.room_version, RoomVersionId::V10 | RoomVersionId::V11) {
+        return Err(Error::with_status(ErrorCode::IncompatibleRoomVersion, http::StatusCode::BAD_REQUEST, format!("room version {} is not supported", request.room_version)));
+    }
+    let rules = rules_for(&request.room_version)?;
+    let signed = verify_pdu(federation, &request.event, &rules).await?;
+    let pdu = &signed.pdu;
+    let invitee = pdu.state_key.as_deref().and_then(|k| <&UserId>::try_from(k).ok()).map(ToOwned::to_owned);
+    let Some(invitee) = invitee.filter(|u| u.server_name() == server.server_name()) else { return Err(bad("the invitee is not a user of this server")) };
+    if pdu.kind != ruma::events::TimelineEventType::RoomMember || pdu.content_json().get("membership").and_then(JsonValue::as_str) != Some("invite") || pdu.sender.server_name() != origin || pdu.event_id != request.event_id || pdu.room_id != request.room_id {
+        return Err(bad("not an invite from the origin's user matching the request"));
+    }
+    if !server.users.account(&invitee)?.is_some_and(|a| !a.deactivated) {
+        return Err(Error::not_found("unknown user"));
+    }
+    // Countersigned by us, as the spec asks.
+    let mut object = signed.canonical.clone();
+    object.remove("event_id");
+    ruma::signatures::sign_json(server.server_name().as_str(), federation.key().key_pair(), &mut object).map_err(|e| Error::internal(e.to_string()))?;
+    let invite_state: Vec<JsonValue> = request
+        .invite_room_state
+        .iter()
+        .filter_map(|state| serde_json::to_value(state).ok())
+        .map(|event| json!({ "type": event.get("type"), "state_key": event.get("state_key"), "sender": event.get("sender"), "content": event.get("content") }))
+        .collect();
+    let room_id = pdu.room_id.clone();
+    if server.rooms.exists(&room_id)? {
+        let mut writer = server.rooms.writer(&room_id).await?;
+        writer.append_remote(signed)?;
+        writer.commit()?;
+    } else {
+        server.rooms.record_remote_invite(&invitee, &signed, &invite_state)?;
+    }
+    Ok(json!({ "event": object }))
+}

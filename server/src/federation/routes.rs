@@ -18,7 +18,7 @@ use ruma::{
             keys::{claim_keys, get_keys},
             backfill::get_backfill,
             event::{get_event, get_missing_events, get_room_state, get_room_state_ids},
-            membership::{create_join_event, prepare_join_event},
+            membership::{create_invite, create_join_event, prepare_join_event},
             transactions::send_transaction_message,
             query::{get_profile_information, get_room_information},
         },
@@ -54,6 +54,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = crate::client::route::<prepare_join_event::v1::Request, _, _>(router, make_join);
     let router = crate::client::route::<create_join_event::v2::Request, _, _>(router, send_join);
     let router = crate::client::route::<send_transaction_message::v1::Request, _, _>(router, send_transaction);
+    let router = crate::client::route::<create_invite::v2::Request, _, _>(router, invite);
     crate::client::route::<get_public_rooms_filtered::v1::Request, _, _>(router, public_rooms_filtered)
 }
 
@@ -77,6 +78,10 @@ async fn backfill(State(server): State<AppState>, req: Signed<get_backfill::v1::
 async fn missing_events(State(server): State<AppState>, req: Signed<get_missing_events::v1::Request>) -> Result<Json<JsonValue>> {
     let body = &req.body;
     Ok(Json(super::history::missing_events(&server, &req.origin, &body.room_id, &body.earliest_events, &body.latest_events, u64::from(body.limit) as usize, u64::from(body.min_depth))?))
+}
+
+async fn invite(State(server): State<AppState>, req: Signed<create_invite::v2::Request>) -> Result<Json<JsonValue>> {
+    Ok(Json(super::events::receive_invite(&server, &req.origin, &req.body).await?))
 }
 
 async fn make_join(State(server): State<AppState>, req: Signed<prepare_join_event::v1::Request>) -> Result<Json<JsonValue>> {

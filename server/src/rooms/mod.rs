@@ -191,6 +191,30 @@ impl Rooms {
             .transpose()
     }
 
+    /// Records an invite of a local user to a room this server is not in (received over
+    /// federation): the event, the membership the user's sync shows, and the room's stripped
+    /// state as the inviting server sent it.
+    pub fn record_remote_invite(&self, user: &UserId, signed: &crate::events::SignedPdu, invite_state: &[serde_json::Value]) -> Result<()> {
+        let ticket = self.store.streams().allocate(&self.store)?;
+        let pdu = &signed.pdu;
+        let mut batch = self.store.batch();
+        batch.put(&self.store, tables::PDUS, pdu.event_id.as_bytes(), &signed.to_bytes());
+        let entry = UserRoom { membership: Membership::Invite, event_id: pdu.event_id.clone(), pos: ticket.pos(), forgotten: false };
+        batch.put_json(&self.store, tables::USER_ROOMS, &Key::new().str(user.as_str()).str(pdu.room_id.as_str()).into_vec(), &entry)?;
+        batch.put_json(&self.store, tables::REMOTE_INVITE_STATE, pdu.room_id.as_bytes(), invite_state)?;
+        tokio::task::block_in_place(|| self.store.write(batch))?;
+        drop(ticket);
+        Ok(())
+    }
+
+    /// The stripped state of a room a local user was invited to over federation.
+    pub fn remote_invite_state(&self, room_id: &RoomId) -> Result<Vec<serde_json::Value>> {
+        if self.exists(room_id)? {
+            return Ok(Vec::new());
+        }
+        Ok(self.store.get_json(tables::REMOTE_INVITE_STATE, room_id.as_bytes())?.unwrap_or_default())
+    }
+
     /// A stored event as other servers get it: its signed JSON without our `event_id`.
     pub fn federation_pdu(&self, event_id: &ruma::EventId) -> Result<Option<Box<serde_json::value::RawValue>>> {
         let Some(bytes) = self.store.get(tables::PDUS, event_id.as_bytes())? else { return Ok(None) };

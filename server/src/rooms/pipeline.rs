@@ -414,7 +414,7 @@ impl<'a> RoomWriter<'a> {
         let record = self.record.clone().ok_or_else(|| Error::not_found("unknown room"))?;
         let rules = self.rules.clone().ok_or_else(|| Error::not_found("unknown room"))?;
         let pdu = signed.pdu.clone();
-        if self.event(&pdu.event_id).is_some() {
+        if self.has_event(&pdu.event_id)? {
             return Ok(pdu);
         }
         ruma::state_res::check_state_independent_auth_rules(&rules.authorization, &pdu, |id| self.event(id))
@@ -435,7 +435,7 @@ impl<'a> RoomWriter<'a> {
     pub fn import(&mut self, signed: SignedPdu) -> Result<()> {
         let record = self.record.clone().ok_or_else(|| Error::not_found("unknown room"))?;
         let rules = self.rules.clone().ok_or_else(|| Error::not_found("unknown room"))?;
-        if self.event(&signed.pdu.event_id).is_some() {
+        if self.has_event(&signed.pdu.event_id)? {
             return Ok(());
         }
         let extremities = record.extremities.clone();
@@ -444,6 +444,12 @@ impl<'a> RoomWriter<'a> {
             record.extremities = extremities;
         }
         Ok(())
+    }
+
+    /// Whether the event is already in the room (an invite kept for a room this server was not
+    /// in yet has no place in it).
+    fn has_event(&self, event_id: &ruma::EventId) -> Result<bool> {
+        Ok(self.staged_events.contains_key(event_id) || self.rooms.meta(event_id)?.is_some())
     }
 
     /// The event ids of the room's current state, staged events included.

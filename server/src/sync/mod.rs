@@ -29,7 +29,7 @@ pub struct SyncRequest<'a> {
     pub filter: &'a SyncFilter,
 }
 
-const STRIPPED_STATE_TYPES: &[&str] = &[
+pub const STRIPPED_STATE_TYPES: &[&str] = &[
     "m.room.create",
     "m.room.join_rules",
     "m.room.name",
@@ -192,6 +192,8 @@ fn stripped_state(server: &Server, room_id: &RoomId, entry: &UserRoom) -> Result
             events.push(pdu.to_stripped_state());
         }
     }
+    // An invite to a room this server is not in carries the state the inviting server sent.
+    events.extend(server.rooms.remote_invite_state(room_id)?);
     if let Some(member) = server.rooms.pdu(&entry.event_id)? {
         events.push(member.to_stripped_state());
     }
