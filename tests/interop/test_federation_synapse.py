@@ -12,13 +12,21 @@ What is checked, each in both directions where the spec has two:
 - device keys: keys uploaded on one server (with a real ed25519 self-signature) are seen by a
   client of the other through `/keys/query`, signature intact, `failures` empty;
 - OpenID: tokens of both servers validated at their `openid/userinfo` over TLS, same shape;
-- the room directory: an alias on Limbic resolved by Synapse's client.
+- the room directory: an alias on Limbic resolved by Synapse's client;
+- rooms across the two: a Synapse user joins a public room on Limbic (Synapse's make_join and
+  send_join against Limbic) and a Limbic user joins a version 11 room on Synapse (Limbic's
+  join_remote); in both, the room's state is on the joining side, messages cross both ways (each
+  server's /send) and show in /messages and /sync, state changes cross (a power level Limbic sent
+  authorizes a rename from Synapse), typing and read receipts cross, Synapse backfills Limbic's
+  history from before its join, invites go both ways (federation /invite), and users leave and
+  rejoin; a Limbic user also tries a room in Synapse's default room version (12).
 
 Setup, all inside the module: a CA and a certificate for 127.0.0.1 (SAN IP 127.0.0.1 and DNS
 localhost) made with `cryptography`; Synapse with SQLite, a plain-HTTP client listener and a TLS
 federation listener, server name `127.0.0.1:<its federation port>`; Limbic (conftest's
 `LimbicServer`) with `[federation]` on its own TLS port, named `127.0.0.1:<that port>`. Both
-trust only the test CA. Logs: `.artifacts/test_federation_synapse.log` (Limbic) and
+trust only the test CA. Synapse's /sync response cache is off, so that polling sees what
+arrives. Logs: `.artifacts/test_federation_synapse.log` (Limbic) and
 `.artifacts/test_federation_synapse-synapse.log` (Synapse); failing assertions quote both tails.
 """
 
@@ -223,6 +231,9 @@ class SynapseServer:
             "enable_metrics": False,
             "url_preview_enabled": False,
             "presence": {"enabled": False},
+            # Synapse answers a repeated identical /sync from a cache for 2 minutes by default,
+            # which would hide what arrives while a test polls.
+            "caches": {"sync_response_cache_duration": 0},
             "enable_registration": True,
             "enable_registration_without_verification": True,
             "registration_shared_secret": secrets.token_hex(16),
@@ -593,3 +604,463 @@ def test_room_alias_on_limbic_resolves_from_synapse(server, synapse, users):
     path = f"/_matrix/client/v3/directory/room/{q(f'#nowhere{RUN}:{server.server_name}')}"
     status, body = client(synapse.url, "GET", path, sam.access_token)
     assert (status, errcode(body)) == (404, "M_NOT_FOUND"), f"Synapse client GET {path} -> {status}: {body}{logs(server, synapse)}"
+
+
+# --- rooms across the two servers ---------------------------------------------------------------
+#
+# What Limbic does not do yet, so these tests do not ask for it: presence and device list update
+# EDUs are accepted and ignored; concurrent forks are not state-resolved; Limbic serves
+# `/backfill`, `/state`, `/state_ids`, `/event/{id}` and `/get_missing_events` but never asks for
+# them, so a Limbic user joining a room on Synapse has no history from before the join.
+
+DEADLINE = 20.0
+
+
+def messages(base_url: str, token: str, room_id: str, limit: int = 50) -> tuple[int, dict]:
+    """The latest events of a room's timeline through a client's `/messages` (newest first)."""
+    return client(base_url, "GET", f"/_matrix/client/v3/rooms/{q(room_id)}/messages?dir=b&limit={limit}", token)
+
+
+def bodies(body) -> list[str]:
+    chunk = body.get("chunk", []) if isinstance(body, dict) else []
+    return [e["content"].get("body") for e in chunk if e.get("type") == "m.room.message" and isinstance(e.get("content"), dict)]
+
+
+def eventually(what: str, attempt, deadline: float = DEADLINE, interval: float = 0.5, context=lambda: ""):
+    """Calls `attempt()` until it returns (ok, value) with ok true; fails with the last value."""
+    end = time.monotonic() + deadline
+    while True:
+        ok, value = attempt()
+        if ok:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"{what}: not within {deadline}s; last: {value}{context()}")
+        time.sleep(interval)
+
+
+def send_text(base_url: str, account: Account, room_id: str, text: str) -> str:
+    path = f"/_matrix/client/v3/rooms/{q(room_id)}/send/m.room.message/{secrets.token_hex(8)}"
+    status, body = client(base_url, "PUT", path, account.access_token, {"msgtype": "m.text", "body": text})
+    assert status == 200 and "event_id" in body, f"{account.user_id}: PUT {path} -> {status}: {body}"
+    return body["event_id"]
+
+
+def sees_message(base_url: str, account: Account, room_id: str, text: str, where: str, limbic, synapse) -> dict:
+    """Polls the account's `/messages` until `text` is in the room's timeline."""
+    def attempt():
+        status, body = messages(base_url, account.access_token, room_id)
+        return status == 200 and text in bodies(body), (status, bodies(body) if status == 200 else body)
+    return eventually(f"{where}: {account.user_id}'s GET /rooms/{room_id}/messages shows {text!r}",
+                      attempt, context=lambda: logs(limbic, synapse, 40))
+
+
+def joined_members(base_url: str, account: Account, room_id: str) -> tuple[int, dict]:
+    return client(base_url, "GET", f"/_matrix/client/v3/rooms/{q(room_id)}/joined_members", account.access_token)
+
+
+def has_member(base_url: str, account: Account, room_id: str, user_id: str, where: str, limbic, synapse) -> None:
+    def attempt():
+        status, body = joined_members(base_url, account, room_id)
+        return status == 200 and user_id in body.get("joined", {}), (status, body)
+    eventually(f"{where}: {user_id} in the joined members of {room_id} (asked by {account.user_id})",
+               attempt, context=lambda: logs(limbic, synapse, 40))
+
+
+def state_content(base_url: str, account: Account, room_id: str, kind: str, key: str = "") -> tuple[int, dict]:
+    return client(base_url, "GET", f"/_matrix/client/v3/rooms/{q(room_id)}/state/{kind}/{q(key)}", account.access_token)
+
+
+@dataclass
+class SharedRoom:
+    room_id: str
+    name: str
+    before: str  # sent on the resident server before the other joined
+
+
+@pytest.fixture(scope="module")
+def limbic_room(server, synapse, users) -> SharedRoom:
+    """A public room on Limbic that Synapse's user joins (Synapse's make_join/send_join against
+    Limbic)."""
+    lina, sam = users.lina, users.sam
+    name = f"Limbic clinic {RUN}"
+    status, room = client(server.url, "POST", "/_matrix/client/v3/createRoom", lina.access_token,
+                          {"preset": "public_chat", "name": name, "topic": "made on Limbic"})
+    assert status == 200, f"Limbic createRoom -> {status}: {room}"
+    room_id = room["room_id"]
+    before = f"on Limbic before Synapse joined {RUN}"
+    send_text(server.url, lina, room_id, before)
+
+    path = f"/_matrix/client/v3/join/{q(room_id)}?server_name={q(server.server_name)}"
+    status, body = client(synapse.url, "POST", path, sam.access_token, {})
+    assert (status, body.get("room_id") if isinstance(body, dict) else None) == (200, room_id), \
+        f"Synapse client POST {path} -> {status}: {body}{logs(server, synapse, 60)}"
+    return SharedRoom(room_id, name, before)
+
+
+def synapse_room_joined_by_limbic(server, synapse, users, room_version: str | None) -> SharedRoom:
+    """A public room Synapse's user creates (in `room_version`, else Synapse's default) and
+    Limbic's user joins through Synapse (Limbic's join_remote: make_join, send_join)."""
+    lina, sam = users.lina, users.sam
+    name = f"Synapse clinic {room_version or 'default'} {RUN}"
+    request = {"preset": "public_chat", "name": name, "topic": "made on Synapse"}
+    if room_version:
+        request["room_version"] = room_version
+    status, room = client(synapse.url, "POST", "/_matrix/client/v3/createRoom", sam.access_token, request)
+    assert status == 200, f"Synapse createRoom {request} -> {status}: {room}"
+    room_id = room["room_id"]
+    if room_version in ("10", "11"):  # from version 12 on, room ids name no server
+        assert room_id.endswith(":" + synapse.server_name), room_id
+    before = f"on Synapse before Limbic joined {RUN}"
+    send_text(synapse.url, sam, room_id, before)
+
+    path = f"/_matrix/client/v3/join/{q(room_id)}?via={q(synapse.server_name)}"
+    status, body = client(server.url, "POST", path, lina.access_token, {})
+    assert (status, body.get("room_id") if isinstance(body, dict) else None) == (200, room_id), \
+        f"Limbic client POST {path} (a room version {room_version or 'default'} room on Synapse) -> {status}: {body}{logs(server, synapse, 60)}"
+    return SharedRoom(room_id, name, before)
+
+
+@pytest.fixture(scope="module")
+def synapse_room(server, synapse, users) -> SharedRoom:
+    """A version 11 room on Synapse (the newest version Limbic has) joined by Limbic's user."""
+    return synapse_room_joined_by_limbic(server, synapse, users, "11")
+
+
+def test_synapse_user_joins_a_room_on_limbic(server, synapse, users, limbic_room):
+    lina, sam = users.lina, users.sam
+    room_id = limbic_room.room_id
+    # Synapse has the room's state from Limbic's send_join answer.
+    status, body = state_content(synapse.url, sam, room_id, "m.room.name")
+    assert (status, body) == (200, {"name": limbic_room.name}), \
+        f"Synapse client GET /rooms/{room_id}/state/m.room.name -> {status}: {body}{logs(server, synapse)}"
+    status, body = state_content(synapse.url, sam, room_id, "m.room.member", sam.user_id)
+    assert status == 200 and body.get("membership") == "join", f"Synapse: sam's membership -> {status}: {body}"
+    has_member(synapse.url, sam, room_id, lina.user_id, "Synapse", server, synapse)
+    # And Limbic appended Synapse's signed join.
+    has_member(server.url, lina, room_id, sam.user_id, "Limbic", server, synapse)
+
+
+def test_messages_flow_both_ways_in_a_limbic_room(server, synapse, users, limbic_room):
+    lina, sam = users.lina, users.sam
+    room_id = limbic_room.room_id
+    # Limbic's queue → Synapse's /send.
+    text = f"from Limbic to Synapse {RUN}"
+    send_text(server.url, lina, room_id, text)
+    sees_message(synapse.url, sam, room_id, text, "Synapse", server, synapse)
+    # Synapse → Limbic's /send.
+    text = f"from Synapse to Limbic {RUN}"
+    send_text(synapse.url, sam, room_id, text)
+    sees_message(server.url, lina, room_id, text, "Limbic", server, synapse)
+    # A second round, each side's event now following the other's.
+    texts = [f"Limbic again {RUN}", f"Synapse again {RUN}"]
+    send_text(server.url, lina, room_id, texts[0])
+    send_text(synapse.url, sam, room_id, texts[1])
+    for base, account, where in ((server.url, lina, "Limbic"), (synapse.url, sam, "Synapse")):
+        for t in texts:
+            sees_message(base, account, room_id, t, where, server, synapse)
+
+
+def test_limbic_user_joins_a_room_on_synapse(server, synapse, users, synapse_room):
+    lina, sam = users.lina, users.sam
+    room_id = synapse_room.room_id
+    # Limbic stored the state Synapse's send_join answered with.
+    for kind, expected in (("m.room.name", {"name": synapse_room.name}), ("m.room.topic", {"topic": "made on Synapse"})):
+        status, body = state_content(server.url, lina, room_id, kind)
+        assert status == 200 and {k: body.get(k) for k in expected} == expected, \
+            f"Limbic client GET /rooms/{room_id}/state/{kind} -> {status}: {body}{logs(server, synapse)}"
+    status, body = state_content(server.url, lina, room_id, "m.room.create")
+    assert status == 200 and body.get("creator", sam.user_id) == sam.user_id, f"Limbic: m.room.create -> {status}: {body}"
+    status, body = state_content(server.url, lina, room_id, "m.room.member", lina.user_id)
+    assert status == 200 and body.get("membership") == "join", f"Limbic: lina's membership -> {status}: {body}"
+    has_member(server.url, lina, room_id, sam.user_id, "Limbic", server, synapse)
+    # Synapse appended Limbic's signed join.
+    has_member(synapse.url, sam, room_id, lina.user_id, "Synapse", server, synapse)
+
+
+def test_messages_flow_both_ways_in_a_synapse_room(server, synapse, users, synapse_room):
+    lina, sam = users.lina, users.sam
+    room_id = synapse_room.room_id
+    # Synapse → Limbic's /send.
+    text = f"from Synapse to Limbic, Synapse's room {RUN}"
+    send_text(synapse.url, sam, room_id, text)
+    sees_message(server.url, lina, room_id, text, "Limbic", server, synapse)
+    # Limbic's queue → Synapse's /send.
+    text = f"from Limbic to Synapse, Synapse's room {RUN}"
+    send_text(server.url, lina, room_id, text)
+    sees_message(synapse.url, sam, room_id, text, "Synapse", server, synapse)
+    texts = [f"Synapse again, Synapse's room {RUN}", f"Limbic again, Synapse's room {RUN}"]
+    send_text(synapse.url, sam, room_id, texts[0])
+    send_text(server.url, lina, room_id, texts[1])
+    for base, account, where in ((server.url, lina, "Limbic"), (synapse.url, sam, "Synapse")):
+        for t in texts:
+            sees_message(base, account, room_id, t, where, server, synapse)
+
+
+def test_transactions_with_edus_still_deliver_pdus(server, synapse, users, limbic_room):
+    """Synapse puts typing notifications and read receipts (EDUs) into its transactions to Limbic;
+    whatever Limbic makes of them, it accepts the transactions: the PDU sent after them arrives."""
+    lina, sam = users.lina, users.sam
+    room_id = limbic_room.room_id
+    status, body = client(synapse.url, "PUT", f"/_matrix/client/v3/rooms/{q(room_id)}/typing/{q(sam.user_id)}",
+                          sam.access_token, {"typing": True, "timeout": 10000})
+    assert status == 200, f"Synapse typing -> {status}: {body}"
+    status, body = messages(synapse.url, sam.access_token, room_id, 1)
+    assert status == 200 and body["chunk"], body
+    latest = body["chunk"][0]["event_id"]
+    status, body = client(synapse.url, "POST", f"/_matrix/client/v3/rooms/{q(room_id)}/receipt/m.read/{q(latest)}",
+                          sam.access_token, {})
+    assert status == 200, f"Synapse receipt -> {status}: {body}"
+    text = f"after typing and a receipt {RUN}"
+    send_text(synapse.url, sam, room_id, text)
+    sees_message(server.url, lina, room_id, text, "Limbic", server, synapse)
+
+
+def test_limbic_user_joins_a_room_of_synapses_default_version(server, synapse, users):
+    """Synapse creates rooms in its default version (12 in Synapse 1.163: room ids without a
+    server name, the creator's power implied by m.room.create). A Limbic user cannot join one
+    unless Limbic has that room version."""
+    status, versions = client(synapse.url, "GET", "/_matrix/client/v3/capabilities", users.sam.access_token)
+    default = versions["capabilities"]["m.room_versions"]["default"] if status == 200 else None
+    room = synapse_room_joined_by_limbic(server, synapse, users, None)
+    status, body = state_content(server.url, users.lina, room.room_id, "m.room.name")
+    assert (status, body) == (200, {"name": room.name}), \
+        f"Limbic: the name of a version {default} room joined on Synapse -> {status}: {body}{logs(server, synapse)}"
+
+
+def initial_sync(base_url: str, account: Account) -> tuple[int, dict]:
+    flt = q(json.dumps({"room": {"timeline": {"limit": 50}}}))
+    return client(base_url, "GET", f"/_matrix/client/v3/sync?filter={flt}", account.access_token)
+
+
+def test_sync_shows_the_other_servers_messages(server, synapse, users, limbic_room, synapse_room):
+    """What a client actually reads: the joined room and the other server's messages in /sync."""
+    for base, account, where, room, other in (
+        (server.url, users.lina, "Limbic", synapse_room, users.sam),
+        (synapse.url, users.sam, "Synapse", limbic_room, users.lina),
+        (server.url, users.lina, "Limbic", limbic_room, users.sam),
+        (synapse.url, users.sam, "Synapse", synapse_room, users.lina),
+    ):
+        def attempt():
+            status, body = initial_sync(base, account)
+            joined = body.get("rooms", {}).get("join", {}).get(room.room_id) if status == 200 else None
+            if joined is None:
+                return False, (status, "room not in rooms.join" if status == 200 else body)
+            events = joined.get("timeline", {}).get("events", [])
+            from_other = [e["content"].get("body") for e in events if e.get("sender") == other.user_id and e.get("type") == "m.room.message"]
+            return bool(from_other), (status, [(e.get("type"), e.get("sender"), e.get("content", {}).get("body")) for e in events])
+        eventually(f"{where}: {account.user_id}'s /sync has {room.room_id} with messages of {other.user_id}",
+                   attempt, context=lambda: logs(server, synapse, 30))
+
+
+def wait_state(base_url: str, account: Account, room_id: str, kind: str, key: str, expected: dict, where: str, limbic, synapse):
+    def attempt():
+        status, body = state_content(base_url, account, room_id, kind, key)
+        return status == 200 and all(body.get(k) == v for k, v in expected.items()), (status, body)
+    eventually(f"{where}: {account.user_id}'s GET /rooms/{room_id}/state/{kind}/{key} has {expected}",
+               attempt, context=lambda: logs(limbic, synapse, 40))
+
+
+def test_state_changes_cross_both_ways(server, synapse, users, limbic_room, synapse_room):
+    lina, sam = users.lina, users.sam
+    # Limbic's room: a topic by its creator on Limbic reaches Synapse's state.
+    topic = f"topic set on Limbic {RUN}"
+    status, body = client(server.url, "PUT", f"/_matrix/client/v3/rooms/{q(limbic_room.room_id)}/state/m.room.topic/",
+                          lina.access_token, {"topic": topic})
+    assert status == 200, f"Limbic: set topic -> {status}: {body}"
+    wait_state(synapse.url, sam, limbic_room.room_id, "m.room.topic", "", {"topic": topic}, "Synapse", server, synapse)
+
+    # Limbic's room: lina makes sam a moderator on Limbic; then sam renames the room from Synapse,
+    # which Limbic authorizes against the power levels it sent.
+    path = f"/_matrix/client/v3/rooms/{q(limbic_room.room_id)}/state/m.room.power_levels/"
+    status, levels = client(server.url, "GET", path, lina.access_token)
+    assert status == 200, f"Limbic: power levels -> {status}: {levels}"
+    levels.setdefault("users", {})[sam.user_id] = 50
+    status, body = client(server.url, "PUT", path, lina.access_token, levels)
+    assert status == 200, f"Limbic: set power levels -> {status}: {body}"
+    wait_state(synapse.url, sam, limbic_room.room_id, "m.room.power_levels", "", {"users": levels["users"]}, "Synapse", server, synapse)
+    name = f"renamed from Synapse {RUN}"
+    status, body = client(synapse.url, "PUT", f"/_matrix/client/v3/rooms/{q(limbic_room.room_id)}/state/m.room.name/",
+                          sam.access_token, {"name": name})
+    assert status == 200, f"Synapse: rename the Limbic room -> {status}: {body}{logs(server, synapse)}"
+    wait_state(server.url, lina, limbic_room.room_id, "m.room.name", "", {"name": name}, "Limbic", server, synapse)
+
+    # Synapse's room: a topic set on Synapse reaches Limbic's state.
+    topic = f"topic set on Synapse {RUN}"
+    status, body = client(synapse.url, "PUT", f"/_matrix/client/v3/rooms/{q(synapse_room.room_id)}/state/m.room.topic/",
+                          sam.access_token, {"topic": topic})
+    assert status == 200, f"Synapse: set topic -> {status}: {body}"
+    wait_state(server.url, lina, synapse_room.room_id, "m.room.topic", "", {"topic": topic}, "Limbic", server, synapse)
+
+
+def test_a_limbic_user_invites_a_synapse_user(server, synapse, users):
+    """An invite of a user on another server goes to that server with the federation `invite`
+    API (PUT /_matrix/federation/v2/invite/{roomId}/{eventId}), which it countersigns; the
+    invited user's client then sees the room under rooms.invite."""
+    lina, sam = users.lina, users.sam
+    status, room = client(server.url, "POST", "/_matrix/client/v3/createRoom", lina.access_token,
+                          {"preset": "private_chat", "name": f"Private on Limbic {RUN}"})
+    assert status == 200, f"Limbic createRoom -> {status}: {room}"
+    room_id = room["room_id"]
+    path = f"/_matrix/client/v3/rooms/{q(room_id)}/invite"
+    status, body = client(server.url, "POST", path, lina.access_token, {"user_id": sam.user_id})
+    assert status == 200, f"Limbic client POST {path} (inviting {sam.user_id}) -> {status}: {body}{logs(server, synapse)}"
+
+    def attempt():
+        status, body = initial_sync(synapse.url, sam)
+        invites = body.get("rooms", {}).get("invite", {}) if status == 200 else {}
+        return room_id in invites, (status, sorted(invites))
+    eventually(f"Synapse: {sam.user_id}'s /sync has the invite to {room_id} made on Limbic", attempt,
+               context=lambda: logs(server, synapse, 30))
+    path = f"/_matrix/client/v3/join/{q(room_id)}?server_name={q(server.server_name)}"
+    status, body = client(synapse.url, "POST", path, sam.access_token, {})
+    assert status == 200, f"Synapse client POST {path} (accepting the invite) -> {status}: {body}{logs(server, synapse)}"
+    has_member(server.url, lina, room_id, sam.user_id, "Limbic", server, synapse)
+
+
+def test_a_synapse_user_invites_a_limbic_user(server, synapse, users):
+    lina, sam = users.lina, users.sam
+    status, room = client(synapse.url, "POST", "/_matrix/client/v3/createRoom", sam.access_token,
+                          {"preset": "private_chat", "name": f"Private on Synapse {RUN}", "room_version": "11"})
+    assert status == 200, f"Synapse createRoom -> {status}: {room}"
+    room_id = room["room_id"]
+    path = f"/_matrix/client/v3/rooms/{q(room_id)}/invite"
+    status, body = client(synapse.url, "POST", path, sam.access_token, {"user_id": lina.user_id})
+    assert status == 200, f"Synapse client POST {path} (inviting {lina.user_id}) -> {status}: {body}{logs(server, synapse)}"
+
+    def attempt():
+        status, body = initial_sync(server.url, lina)
+        invites = body.get("rooms", {}).get("invite", {}) if status == 200 else {}
+        return room_id in invites, (status, sorted(invites))
+    eventually(f"Limbic: {lina.user_id}'s /sync has the invite to {room_id} made on Synapse", attempt,
+               context=lambda: logs(server, synapse, 30))
+    path = f"/_matrix/client/v3/join/{q(room_id)}?via={q(synapse.server_name)}"
+    status, body = client(server.url, "POST", path, lina.access_token, {})
+    assert status == 200, f"Limbic client POST {path} (accepting the invite) -> {status}: {body}{logs(server, synapse)}"
+    has_member(synapse.url, sam, room_id, lina.user_id, "Synapse", server, synapse)
+
+
+def ephemeral(base_url: str, account: Account, room_id: str) -> tuple[int, list[dict]]:
+    status, body = initial_sync(base_url, account)
+    if status != 200:
+        return status, body
+    return status, body.get("rooms", {}).get("join", {}).get(room_id, {}).get("ephemeral", {}).get("events", [])
+
+
+def test_typing_and_receipts_both_ways(server, synapse, users, limbic_room, synapse_room):
+    """m.typing and m.receipt EDUs, each way, in both rooms."""
+    lina, sam = users.lina, users.sam
+    for room in (limbic_room, synapse_room):
+        room_id = room.room_id
+        for (src, typist, dst, reader, where) in ((synapse.url, sam, server.url, lina, "Limbic"),
+                                                  (server.url, lina, synapse.url, sam, "Synapse")):
+            path = f"/_matrix/client/v3/rooms/{q(room_id)}/typing/{q(typist.user_id)}"
+            status, body = client(src, "PUT", path, typist.access_token, {"typing": True, "timeout": 20000})
+            assert status == 200, f"PUT {path} -> {status}: {body}"
+
+            def typing():
+                status, events = ephemeral(dst, reader, room_id)
+                users_typing = [u for e in events if isinstance(e, dict) and e.get("type") == "m.typing" for u in e["content"].get("user_ids", [])] if status == 200 else []
+                return typist.user_id in users_typing, (status, events)
+            eventually(f"{where}: {reader.user_id}'s /sync shows {typist.user_id} typing in {room_id}", typing,
+                       context=lambda: logs(server, synapse, 30))
+
+            # A receipt for the newest event the reading side's own server has.
+            status, body = messages(src, typist.access_token, room_id, 1)
+            assert status == 200 and body["chunk"], body
+            latest = body["chunk"][0]["event_id"]
+            path = f"/_matrix/client/v3/rooms/{q(room_id)}/receipt/m.read/{q(latest)}"
+            status, body = client(src, "POST", path, typist.access_token, {})
+            assert status == 200, f"POST {path} -> {status}: {body}"
+
+            def receipt():
+                status, events = ephemeral(dst, reader, room_id)
+                found = status == 200 and any(
+                    isinstance(e, dict) and e.get("type") == "m.receipt"
+                    and typist.user_id in e.get("content", {}).get(latest, {}).get("m.read", {})
+                    for e in events)
+                return found, (status, events)
+            eventually(f"{where}: {reader.user_id}'s /sync shows {typist.user_id}'s read receipt for {latest} in {room_id}",
+                       receipt, context=lambda: logs(server, synapse, 30))
+
+
+def history(base_url: str, account: Account, room_id: str, pages: int = 10) -> list[str]:
+    """The bodies of a room's messages, paginating /messages backwards to the start."""
+    found, token = [], None
+    for _ in range(pages):
+        path = f"/_matrix/client/v3/rooms/{q(room_id)}/messages?dir=b&limit=50" + (f"&from={q(token)}" if token else "")
+        status, body = client(base_url, "GET", path, account.access_token)
+        assert status == 200, f"GET {path} -> {status}: {body}"
+        found += bodies(body)
+        if not body.get("chunk") or not body.get("end") or body.get("end") == token:
+            break
+        token = body["end"]
+    return found
+
+
+def test_synapse_backfills_the_history_from_before_its_join(server, synapse, users, limbic_room):
+    """Synapse paginating back past its join asks Limbic's /backfill for the earlier events."""
+    before = limbic_room.before
+
+    def attempt():
+        found = history(synapse.url, users.sam, limbic_room.room_id)
+        return before in found, found
+    eventually(f"Synapse: {users.sam.user_id}'s /messages reaches {before!r}, sent on Limbic before the join",
+               attempt, context=lambda: logs(server, synapse, 40))
+
+
+def lacks_member(base_url: str, account: Account, room_id: str, user_id: str, where: str, limbic, synapse) -> None:
+    def attempt():
+        status, body = joined_members(base_url, account, room_id)
+        return status == 200 and user_id not in body.get("joined", {}), (status, body)
+    eventually(f"{where}: {user_id} no longer in the joined members of {room_id}", attempt,
+               context=lambda: logs(limbic, synapse, 40))
+
+
+def test_a_synapse_user_leaves_and_rejoins_a_limbic_room(server, synapse, users, limbic_room):
+    lina, sam = users.lina, users.sam
+    room_id = limbic_room.room_id
+    status, body = client(synapse.url, "POST", f"/_matrix/client/v3/rooms/{q(room_id)}/leave", sam.access_token, {})
+    assert status == 200, f"Synapse: leave -> {status}: {body}"
+    lacks_member(server.url, lina, room_id, sam.user_id, "Limbic", server, synapse)
+    # Changed while Synapse is out of the room: Synapse learns it from the rejoin's state.
+    topic = f"changed while Synapse was away {RUN}"
+    status, body = client(server.url, "PUT", f"/_matrix/client/v3/rooms/{q(room_id)}/state/m.room.topic/",
+                          lina.access_token, {"topic": topic})
+    assert status == 200, body
+    path = f"/_matrix/client/v3/join/{q(room_id)}?server_name={q(server.server_name)}"
+    status, body = client(synapse.url, "POST", path, sam.access_token, {})
+    assert status == 200, f"Synapse client POST {path} (rejoin) -> {status}: {body}{logs(server, synapse, 40)}"
+    has_member(server.url, lina, room_id, sam.user_id, "Limbic", server, synapse)
+    wait_state(synapse.url, sam, room_id, "m.room.topic", "", {"topic": topic}, "Synapse", server, synapse)
+    text = f"welcome back, Synapse {RUN}"
+    send_text(server.url, lina, room_id, text)
+    sees_message(synapse.url, sam, room_id, text, "Synapse", server, synapse)
+    text = f"back from Synapse {RUN}"
+    send_text(synapse.url, sam, room_id, text)
+    sees_message(server.url, lina, room_id, text, "Limbic", server, synapse)
+
+
+def test_a_limbic_user_leaves_and_rejoins_a_synapse_room(server, synapse, users, synapse_room):
+    """When no local user is left in a room on another server, Limbic no longer receives its
+    events, so a rejoin has to go through a resident server again (make_join/send_join) to learn
+    the current state."""
+    lina, sam = users.lina, users.sam
+    room_id = synapse_room.room_id
+    status, body = client(server.url, "POST", f"/_matrix/client/v3/rooms/{q(room_id)}/leave", lina.access_token, {})
+    assert status == 200, f"Limbic: leave -> {status}: {body}"
+    lacks_member(synapse.url, sam, room_id, lina.user_id, "Synapse", server, synapse)
+    topic = f"changed while Limbic was away {RUN}"
+    status, body = client(synapse.url, "PUT", f"/_matrix/client/v3/rooms/{q(room_id)}/state/m.room.topic/",
+                          sam.access_token, {"topic": topic})
+    assert status == 200, body
+    path = f"/_matrix/client/v3/join/{q(room_id)}?via={q(synapse.server_name)}"
+    status, body = client(server.url, "POST", path, lina.access_token, {})
+    assert status == 200, f"Limbic client POST {path} (rejoin) -> {status}: {body}{logs(server, synapse, 40)}"
+    has_member(synapse.url, sam, room_id, lina.user_id, "Synapse", server, synapse)
+    text = f"welcome back, Limbic {RUN}"
+    send_text(synapse.url, sam, room_id, text)
+    sees_message(server.url, lina, room_id, text, "Limbic", server, synapse)
+    text = f"back from Limbic {RUN}"
+    send_text(server.url, lina, room_id, text)
+    sees_message(synapse.url, sam, room_id, text, "Synapse", server, synapse)
+    wait_state(server.url, lina, room_id, "m.room.topic", "", {"topic": topic}, "Limbic", server, synapse)
