@@ -815,6 +815,7 @@ def test_transactions_with_edus_still_deliver_pdus(server, synapse, users, limbi
     sees_message(server.url, lina, room_id, text, "Limbic", server, synapse)
 
 
+@pytest.mark.xfail(strict=True, reason="room version 12 (Synapse's default) is not implemented yet: issue 6")
 def test_limbic_user_joins_a_room_of_synapses_default_version(server, synapse, users):
     """Synapse creates rooms in its default version (12 in Synapse 1.163: room ids without a
     server name, the creator's power implied by m.room.create). A Limbic user cannot join one

@@ -83,7 +83,11 @@ async fn join(server: &AppState, user: &UserId, room_id: &ruma::RoomId, via: &[r
     if server.rooms.is_joined(room_id, user)? {
         return Ok(());
     }
-    if !server.rooms.exists(room_id)? && server.federation.is_some() {
+    // Without a joined member here, this server's view of the room may be out of date: the
+    // join goes through a server that is in it.
+    let ours = server.server_name();
+    let present = server.rooms.exists(room_id)? && server.rooms.joined_members(room_id)?.iter().any(|member| member.server_name() == ours);
+    if !present && server.federation.is_some() && room_id.server_name().is_some_and(|owner| owner != ours) {
         return crate::federation::events::join_remote(server, user, room_id, via).await;
     }
     set_membership(server, user, room_id, user, "join", reason, passcode).await.map(drop)

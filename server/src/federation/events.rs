@@ -205,6 +205,8 @@ pub async fn join_remote(server: &Server, user: &UserId, room_id: &RoomId, via: 
     if let Some(owner) = room_id.server_name().filter(|s| *s != server.server_name()) {
         candidates.push(owner.to_owned());
     }
+    let mut tried = HashSet::new();
+    candidates.retain(|candidate| tried.insert(candidate.clone()));
     let mut last_error = Error::not_found("no server to join the room through");
     for resident in candidates {
         match join_via(server, federation, user, room_id, &resident).await {
