@@ -301,6 +301,13 @@ impl Store {
         Ok(())
     }
 
+    /// Writes without waiting for the disk: for records that may be lost in a crash without
+    /// harm (a delivery cursor whose loss only means a redelivery).
+    pub fn write_relaxed(&self, batch: Batch) -> Result<()> {
+        self.db.write_opt(batch.inner, &WriteOptions::default())?;
+        Ok(())
+    }
+
     /// Approximate on-disk size of all tables, for metrics.
     pub fn approximate_size(&self) -> u64 {
         tables::ALL
