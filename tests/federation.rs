@@ -270,3 +270,30 @@ async fn a_client_of_another_clinic_is_invited_to_and_joins_a_therapy_session() 
     client.send_text(&room, "c1", "thank you").await;
     eventually_sees(&therapist, &room, "thank you").await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_passcode_protected_session_admits_nobody_from_another_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = test_ca(dir.path());
+    let (a, b) = (federated(&ca, "").await, federated(&ca, "").await);
+    let admin = a.server.register_admin("admin").await;
+    let therapist = a.server.register("therapist").await;
+    admin.ok(Method::PUT, &format!("/_limbic/admin/v1/therapists/{}", enc(&therapist.user_id)), Some(json!({ "verified": true }))).await;
+    let client = b.server.register("client").await;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let created = therapist
+        .ok(Method::POST, "/_limbic/client/v1/sessions", Some(json!({
+            "kind": "individual", "title": "Protected", "starts_at": now, "ends_at": now + 3_600_000, "timezone": "UTC",
+            "participants": [{ "user_id": client.user_id, "role": "client" }], "passcode": "4711",
+        })))
+        .await;
+    let room = created["room_id"].as_str().unwrap().to_owned();
+    eventually_syncs(&client, |sync: &Value| sync["rooms"]["invite"].get(&room).is_some()).await;
+    // The passcode cannot travel between servers (it would be stored in the signed event).
+    for body in [json!({}), json!({ "org.limbic.passcode": "4711" })] {
+        let (status, answer) = client.post(&format!("/_matrix/client/v3/join/{}", enc(&room)), body).await;
+        assert_eq!((status, errcode(&answer)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{answer}");
+    }
+    let members = therapist.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&room)), None).await;
+    assert!(members["joined"].get(&client.user_id).is_none(), "{members}");
+}

@@ -417,6 +417,16 @@ impl<'a> RoomWriter<'a> {
         if self.has_event(&pdu.event_id)? {
             return Ok(pdu);
         }
+        if pdu.kind == TimelineEventType::RoomMember {
+            // A passcode is never sent between servers (it would be stored in the event), so a
+            // passcode-protected session admits no knock or join from another server.
+            let content = pdu.content_json();
+            if content.get(crate::clinic::PASSCODE_FIELD).is_some() {
+                return Err(Error::forbidden("passcodes are never sent between servers"));
+            }
+            let mut builder = PduBuilder::state("m.room.member", pdu.state_key.clone().unwrap_or_default(), content);
+            self.check_passcode(&pdu.sender, &mut builder)?;
+        }
         ruma::state_res::check_state_independent_auth_rules(&rules.authorization, &pdu, |id| self.event(id))
             .map_err(|reason| Error::forbidden(format!("event not authorized: {reason}")))?;
         ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, &pdu, |kind: &StateEventType, key: &str| {
