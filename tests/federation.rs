@@ -297,3 +297,26 @@ async fn a_passcode_protected_session_admits_nobody_from_another_server() {
     let members = therapist.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&room)), None).await;
     assert!(members["joined"].get(&client.user_id).is_none(), "{members}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_acl_shuts_a_server_out_of_a_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = test_ca(dir.path());
+    let (a, b) = (federated(&ca, "").await, federated(&ca, "").await);
+    let alice = a.server.register("alice").await;
+    let bob = b.server.register("bob").await;
+    let room = alice.create_room(json!({ "preset": "public_chat" })).await;
+    bob.ok(Method::POST, &format!("/_matrix/client/v3/join/{}?via={}", enc(&room), enc(&a.name)), Some(json!({}))).await;
+    bob.send_text(&room, "b1", "before the acl").await;
+    eventually_sees(&alice, &room, "before the acl").await;
+
+    // Server names are matched without their port: on loopback, denying IP literals shuts B out.
+    alice.ok(Method::PUT, &format!("/_matrix/client/v3/rooms/{}/state/m.room.server_acl/", enc(&room)), Some(json!({ "allow": ["*"], "allow_ip_literals": false }))).await;
+    bob.send_text(&room, "b2", "after the acl").await;
+    alice.send_text(&room, "a1", "not for B").await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let on_a = alice.messages(&room, "dir=b&limit=50").await.to_string();
+    let on_b = bob.messages(&room, "dir=b&limit=50").await.to_string();
+    assert!(!on_a.contains("after the acl"), "A accepted an event from a denied server");
+    assert!(!on_b.contains("not for B"), "A sent to a denied server");
+}

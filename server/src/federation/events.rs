@@ -93,6 +93,11 @@ async fn receive_pdu(server: &Server, origin: &ruma::ServerName, room_id: &RoomI
     let signed = verify_pdu(federation, raw, &rules).await.map_err(fail)?;
     let event_id = signed.pdu.event_id.clone();
     let named = |error: Error| (Some(event_id.to_string()), error);
+    for server_name in [origin, signed.pdu.sender.server_name()] {
+        if !super::acl::allows(&server.rooms, room_id, server_name).map_err(named)? {
+            return Err(named(Error::forbidden(format!("{server_name} is denied by the room's server ACL"))));
+        }
+    }
     if signed.pdu.sender.server_name() != origin && signed.pdu.kind != ruma::events::TimelineEventType::RoomMember {
         return Err(named(Error::forbidden("events are sent by their sender's server")));
     }
@@ -142,6 +147,9 @@ pub async fn make_join(server: &Server, origin: &ruma::ServerName, request: &pre
     let federates = server.rooms.state_content(&request.room_id, "m.room.create", "")?.is_none_or(|c| c.get("m.federate") != Some(&JsonValue::Bool(false)));
     if !federates {
         return Err(Error::forbidden("this room is not federated"));
+    }
+    if !super::acl::allows(&server.rooms, &request.room_id, origin)? {
+        return Err(Error::forbidden(format!("{origin} is denied by the room's server ACL")));
     }
     let rules = rules_for(&record.version)?;
     let content = json!({ "membership": "join" });
@@ -273,7 +281,7 @@ pub fn receive_edus(server: &Server, origin: &ruma::ServerName, edus: &[ruma::se
 fn remote_member(server: &Server, origin: &ruma::ServerName, room: &str, user: &str) -> Result<(OwnedRoomId, ruma::OwnedUserId)> {
     let room_id = OwnedRoomId::try_from(room).map_err(|_| bad("bad room id"))?;
     let user_id = ruma::OwnedUserId::try_from(user).map_err(|_| bad("bad user id"))?;
-    if user_id.server_name() != origin || !server.rooms.is_joined(&room_id, &user_id)? {
+    if user_id.server_name() != origin || !server.rooms.is_joined(&room_id, &user_id)? || !super::acl::allows(&server.rooms, &room_id, origin)? {
         return Err(Error::forbidden("not a joined user of the origin"));
     }
     Ok((room_id, user_id))

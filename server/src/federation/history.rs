@@ -24,6 +24,9 @@ pub fn server_may_see(server: &Server, origin: &ServerName, room_id: &RoomId) ->
     if !federates {
         return Ok(false);
     }
+    if !super::acl::allows(&server.rooms, room_id, origin)? {
+        return Ok(false);
+    }
     let world_readable = server.rooms.state_content(room_id, "m.room.history_visibility", "")?.is_some_and(|c| c.get("history_visibility").and_then(JsonValue::as_str) == Some("world_readable"));
     let member = server.rooms.members(room_id)?.iter().any(|(user, membership)| user.server_name() == origin && matches!(membership, Membership::Join | Membership::Invite | Membership::Knock));
     Ok(world_readable || member)

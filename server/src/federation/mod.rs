@@ -2,6 +2,7 @@
 //! signatures; we reach them through server discovery with certificates checked against the
 //! right name, signing every request. Keys are fetched, verified and cached (`keys`).
 
+pub mod acl;
 pub mod events;
 mod history;
 pub mod keys;

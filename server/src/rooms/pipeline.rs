@@ -404,6 +404,11 @@ impl<'a> RoomWriter<'a> {
             servers.insert(target.server_name().to_owned());
         }
         servers.remove(ours);
+        // Nothing goes to servers the room's ACL denies.
+        if let Some(acl) = self.state_event("m.room.server_acl", "")? {
+            let acl = acl.content_json();
+            servers.retain(|server| crate::federation::acl::content_allows(&acl, server));
+        }
         Ok((!servers.is_empty()).then_some(servers))
     }
 
