@@ -320,3 +320,39 @@ async fn a_server_acl_shuts_a_server_out_of_a_room() {
     assert!(!on_a.contains("after the acl"), "A accepted an event from a denied server");
     assert!(!on_b.contains("not for B"), "A sent to a denied server");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_missed_events_fetches_them_when_the_next_one_arrives() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = test_ca(dir.path());
+    let (mut a, mut b) = (federated(&ca, "").await, federated(&ca, "").await);
+    let alice = a.server.register("alice").await;
+    let bob = b.server.register("bob").await;
+    let room = alice.create_room(json!({ "preset": "public_chat" })).await;
+    bob.ok(Method::POST, &format!("/_matrix/client/v3/join/{}?via={}", enc(&room), enc(&a.name)), Some(json!({}))).await;
+
+    // B is down while alice writes, and A loses its queue for B: B never gets those events sent.
+    b.server.stop().await;
+    alice.send_text(&room, "m1", "missed one").await;
+    alice.send_text(&room, "m2", "missed two").await;
+    a.server.stop().await;
+    {
+        use limbic_server::store::{Store, tables};
+        let store = Store::open(&a.server.store_dir().join("db")).unwrap();
+        let keys: Vec<_> = store.scan_prefix(tables::FEDERATION_OUTBOX, Vec::new(), false).map(|item| item.unwrap().0).collect();
+        assert!(!keys.is_empty(), "the events were queued for B");
+        let mut batch = store.batch();
+        for key in keys {
+            batch.delete(&store, tables::FEDERATION_OUTBOX, &key);
+        }
+        store.write(batch).unwrap();
+    }
+    a.server.start_again().await;
+    b.server.start_again().await;
+
+    // The next event points at the missed ones: B fetches them (get_missing_events) first.
+    alice.send_text(&room, "m3", "the next one").await;
+    eventually_sees(&bob, &room, "the next one").await;
+    eventually_sees(&bob, &room, "missed one").await;
+    eventually_sees(&bob, &room, "missed two").await;
+}

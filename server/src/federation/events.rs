@@ -101,10 +101,45 @@ async fn receive_pdu(server: &Server, origin: &ruma::ServerName, room_id: &RoomI
     if signed.pdu.sender.server_name() != origin && signed.pdu.kind != ruma::events::TimelineEventType::RoomMember {
         return Err(named(Error::forbidden("events are sent by their sender's server")));
     }
+    fill_gap(server, federation, origin, room_id, &signed.pdu, &rules).await;
     let mut writer = server.rooms.writer(room_id).await.map_err(named)?;
     writer.append_remote(signed).map_err(named)?;
     writer.commit().map_err(named)?;
     Ok(event_id)
+}
+
+/// How many missing events one gap fetch asks for.
+const MISSING_EVENTS_LIMIT: u32 = 20;
+
+/// Fetches the events between what we have and `pdu` when some of its `prev_events` are
+/// unknown (`get_missing_events` from the origin), and appends them oldest first. What cannot be
+/// fetched or accepted is logged; the event itself is still appended after them.
+async fn fill_gap(server: &Server, federation: &Federation, origin: &ruma::ServerName, room_id: &RoomId, pdu: &Pdu, rules: &RoomVersionRules) {
+    let known = |id: &OwnedEventId| server.rooms.meta(id).is_ok_and(|meta| meta.is_some());
+    if pdu.prev_events.iter().all(known) {
+        return;
+    }
+    let Ok(Some(record)) = server.rooms.room(room_id) else { return };
+    let mut request = ruma::api::federation::event::get_missing_events::v1::Request::new(room_id.to_owned(), record.extremities.clone(), vec![pdu.event_id.clone()]);
+    request.limit = MISSING_EVENTS_LIMIT.into();
+    let events = match federation.send(origin, request).await {
+        Ok(answer) => answer.events,
+        Err(error) => {
+            tracing::warn!(%origin, %room_id, %error, "cannot fetch the events before an event");
+            return;
+        }
+    };
+    for raw in events {
+        let outcome = async {
+            let signed = verify_pdu(federation, &raw, rules).await?;
+            let mut writer = server.rooms.writer(room_id).await?;
+            writer.append_remote(signed)?;
+            writer.commit()
+        };
+        if let Err(error) = outcome.await {
+            tracing::warn!(%origin, %room_id, %error, "a fetched missing event was not accepted");
+        }
+    }
 }
 
 /// The events an event's auth chain consists of, recursively.
