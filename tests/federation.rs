@@ -220,6 +220,22 @@ async fn a_user_joins_a_room_on_another_server_and_messages_flow_both_ways() {
     let receipt = |sync: &Value| sync["rooms"]["join"][&room]["ephemeral"]["events"].as_array().into_iter().flatten().any(|e| e["type"] == "m.receipt" && e["content"][&last]["m.read"].get(&alice.user_id).is_some());
     eventually_syncs(&bob, receipt).await;
 
+    // To-device messages and device-list changes cross, as end-to-end encryption needs.
+    alice.ok(Method::PUT, "/_matrix/client/v3/sendToDevice/m.room_key_request/td1", Some(json!({ "messages": { &bob.user_id: { &bob.device_id: { "note": "for bob's device" } } } }))).await;
+    eventually_syncs(&bob, |sync: &Value| sync["to_device"]["events"].as_array().into_iter().flatten().any(|e| e["content"]["note"] == "for bob's device" && e["sender"] == alice.user_id.as_str())).await;
+    let since = alice.sync(None, 0).await["next_batch"].as_str().unwrap().to_owned();
+    let keys = json!({ "user_id": bob.user_id, "device_id": bob.device_id, "algorithms": ["m.megolm.v1.aes-sha2"], "keys": { format!("ed25519:{}", bob.device_id): "k" }, "signatures": {} });
+    bob.ok(Method::POST, "/_matrix/client/v3/keys/upload", Some(json!({ "device_keys": keys }))).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let sync = alice.sync(Some(&since), 0).await;
+        if sync["device_lists"]["changed"].as_array().is_some_and(|c| c.iter().any(|u| u == bob.user_id.as_str())) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "alice never saw bob's device list change: {sync}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
     // B goes down; what A sends meanwhile is queued and delivered when B is back.
     b.server.stop().await;
     alice.send_text(&room, "a2", "while B was down").await;

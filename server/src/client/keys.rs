@@ -63,6 +63,7 @@ async fn upload(State(server): State<AppState>, req: Ruma<upload_keys::v3::Reque
     let caller = req.caller();
     let body = req.json.as_ref();
     let device_keys = body.and_then(|b| b.get("device_keys")).filter(|k| !k.is_null()).cloned();
+    let new_device_keys = device_keys.is_some();
     let counts = server.e2ee.upload_keys(
         &caller.user_id,
         caller.device_id.as_str(),
@@ -70,6 +71,9 @@ async fn upload(State(server): State<AppState>, req: Ruma<upload_keys::v3::Reque
         body_map(body, "one_time_keys"),
         body_map(body, "fallback_keys"),
     )?;
+    if new_device_keys {
+        crate::federation::sender::device_list_changed(&server, &caller.user_id, caller.device_id.as_str(), false)?;
+    }
     Ok(Json(json!({ "one_time_key_counts": counts })))
 }
 
@@ -228,13 +232,26 @@ async fn send_to_device(State(server): State<AppState>, req: Ruma<send_event_to_
         return Ok(Json(json!({})));
     }
     let mut messages: BTreeMap<OwnedUserId, BTreeMap<String, JsonValue>> = BTreeMap::new();
+    let mut remote: BTreeMap<ruma::OwnedServerName, serde_json::Map<String, JsonValue>> = BTreeMap::new();
     for (user, devices) in body_map(req.json.as_ref(), "messages") {
         let user = OwnedUserId::try_from(user).map_err(|e| Error::invalid_param(e.to_string()))?;
         if user.server_name() != server.server_name() {
-            return Err(Error::forbidden("federation is not available for to-device messages"));
+            if server.federation.is_none() {
+                return Err(Error::forbidden("federation is disabled on this server"));
+            }
+            remote.entry(user.server_name().to_owned()).or_default().insert(user.to_string(), devices);
+            continue;
         }
         let devices = devices.as_object().map(|d| d.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default();
         messages.insert(user, devices);
+    }
+    // Messages for other servers' users travel as m.direct_to_device EDUs, one per server.
+    for (destination, messages) in remote {
+        let edu = json!({
+            "edu_type": "m.direct_to_device",
+            "content": { "sender": caller.user_id, "type": req.body.event_type.to_string(), "message_id": format!("{}-{}", caller.device_id, req.body.txn_id), "messages": messages },
+        });
+        crate::federation::sender::queue_edu(&server, &std::collections::HashSet::from([destination]), &edu)?;
     }
     server.e2ee.send_to_device(&caller.user_id, &req.body.event_type.to_string(), &messages, |user| {
         Ok(server.users.devices(user)?.into_iter().map(|(id, _)| id.to_string()).collect())

@@ -96,6 +96,15 @@ impl E2ee {
         Ok(())
     }
 
+    /// Records that a user of another server changed their devices (a device-list update over
+    /// federation), so that local users who share a room see it in `device_lists.changed`.
+    pub fn record_remote_key_change(&self, user_id: &UserId) -> Result<()> {
+        let ticket = self.ticket()?;
+        let mut batch = self.store.batch();
+        self.log_key_change(&mut batch, user_id, ticket.pos());
+        self.write(batch, Some(ticket))
+    }
+
     /// Records in `batch` that `user_id`'s devices or cross-signing keys changed at `pos`.
     fn log_key_change(&self, batch: &mut Batch, user_id: &UserId, pos: StreamPos) {
         batch.put(&self.store, tables::KEY_CHANGES, &pos.to_be_bytes(), user_id.as_bytes());

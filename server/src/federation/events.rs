@@ -295,8 +295,8 @@ async fn join_via(server: &Server, federation: &Federation, user: &UserId, room_
     writer.commit()
 }
 
-/// Typing notifications and read receipts of the origin's users, in rooms they are in. Other
-/// EDUs (presence, device lists, to-device) are not handled yet.
+/// Typing notifications, read receipts, to-device messages and device-list (and signing-key)
+/// updates of the origin's users. Presence is not handled yet.
 pub fn receive_edus(server: &Server, origin: &ruma::ServerName, edus: &[ruma::serde::Raw<ruma::api::federation::transactions::edu::Edu>]) {
     for edu in edus {
         let Ok(edu) = serde_json::from_str::<JsonValue>(edu.json().get()) else { continue };
@@ -304,6 +304,8 @@ pub fn receive_edus(server: &Server, origin: &ruma::ServerName, edus: &[ruma::se
         let outcome = match edu.get("edu_type").and_then(JsonValue::as_str) {
             Some("m.typing") => receive_typing(server, origin, &content),
             Some("m.receipt") => receive_receipts(server, origin, &content),
+            Some("m.direct_to_device") => receive_to_device(server, origin, &content),
+            Some("m.device_list_update") | Some("m.signing_key_update") => receive_key_change(server, origin, &content),
             _ => Ok(()),
         };
         if let Err(error) = outcome {
@@ -403,4 +405,33 @@ pub async fn receive_invite(server: &Server, origin: &ruma::ServerName, request:
         server.rooms.record_remote_invite(&invitee, &signed, &invite_state)?;
     }
     Ok(json!({ "event": object }))
+}
+
+/// To-device messages from a user of `origin` to our users' devices (`*`: all of them).
+fn receive_to_device(server: &Server, origin: &ruma::ServerName, content: &JsonValue) -> Result<()> {
+    let sender = content.get("sender").and_then(JsonValue::as_str).and_then(|s| ruma::OwnedUserId::try_from(s).ok()).ok_or_else(|| bad("no sender"))?;
+    if sender.server_name() != origin {
+        return Err(Error::forbidden("to-device messages come from the sender's server"));
+    }
+    let kind = content.get("type").and_then(JsonValue::as_str).ok_or_else(|| bad("no type"))?;
+    let mut messages: BTreeMap<ruma::OwnedUserId, BTreeMap<String, JsonValue>> = BTreeMap::new();
+    for (user, devices) in content.get("messages").and_then(JsonValue::as_object).into_iter().flatten() {
+        let Ok(user) = ruma::OwnedUserId::try_from(user.as_str()) else { continue };
+        if user.server_name() != server.server_name() {
+            continue;
+        }
+        let devices = devices.as_object().map(|d| d.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default();
+        messages.insert(user, devices);
+    }
+    server.e2ee.send_to_device(&sender, kind, &messages, |user| Ok(server.users.devices(user)?.into_iter().map(|(id, _)| id.to_string()).collect()))
+}
+
+/// A user of `origin` changed their devices or cross-signing keys: our users who share a room
+/// with them see it in `device_lists.changed` and query the keys again.
+fn receive_key_change(server: &Server, origin: &ruma::ServerName, content: &JsonValue) -> Result<()> {
+    let user = content.get("user_id").and_then(JsonValue::as_str).and_then(|s| ruma::OwnedUserId::try_from(s).ok()).ok_or_else(|| bad("no user_id"))?;
+    if user.server_name() != origin {
+        return Err(Error::forbidden("device lists come from the user's server"));
+    }
+    server.e2ee.record_remote_key_change(&user)
 }

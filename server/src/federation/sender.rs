@@ -30,6 +30,50 @@ pub fn stage(store: &Store, batch: &mut Batch, pos: StreamPos, pdu: &Pdu, destin
     }
 }
 
+/// Queues an EDU for `destinations` (typing and receipts are queued by the rooms themselves).
+pub fn queue_edu(server: &Server, destinations: &HashSet<OwnedServerName>, edu: &serde_json::Value) -> crate::Result<()> {
+    if destinations.is_empty() || server.federation.is_none() {
+        return Ok(());
+    }
+    let ticket = server.store.streams().allocate(&server.store)?;
+    let mut batch = server.store.batch();
+    for destination in destinations {
+        batch.put_json(&server.store, tables::FEDERATION_EDUS, &Key::new().str(destination.as_str()).u64(ticket.pos()).into_vec(), edu)?;
+    }
+    tokio::task::block_in_place(|| server.store.write(batch))?;
+    drop(ticket);
+    Ok(())
+}
+
+/// The other servers that share a room with `user` (for device-list updates).
+pub fn servers_sharing_rooms(server: &Server, user: &ruma::UserId) -> crate::Result<HashSet<OwnedServerName>> {
+    let mut servers = HashSet::new();
+    for (room_id, entry) in server.rooms.user_rooms(user)? {
+        if entry.membership != crate::rooms::Membership::Join {
+            continue;
+        }
+        for member in server.rooms.joined_members(&room_id)? {
+            if member.server_name() != server.server_name() {
+                servers.insert(member.server_name().to_owned());
+            }
+        }
+    }
+    Ok(servers)
+}
+
+/// Tells the servers sharing a room with `user` that their device list changed.
+pub fn device_list_changed(server: &Server, user: &ruma::UserId, device_id: &str, deleted: bool) -> crate::Result<()> {
+    if server.federation.is_none() {
+        return Ok(());
+    }
+    let destinations = servers_sharing_rooms(server, user)?;
+    let edu = serde_json::json!({
+        "edu_type": "m.device_list_update",
+        "content": { "user_id": user, "device_id": device_id, "stream_id": server.store.streams().current(), "prev_id": [], "deleted": deleted },
+    });
+    queue_edu(server, &destinations, &edu)
+}
+
 /// Per destination: when to try again, and the current backoff.
 #[derive(Default)]
 pub struct Backoff(Mutex<HashMap<OwnedServerName, (Instant, Duration)>>);
