@@ -372,3 +372,42 @@ async fn a_server_that_missed_events_fetches_them_when_the_next_one_arrives() {
     eventually_sees(&bob, &room, "missed one").await;
     eventually_sees(&bob, &room, "missed two").await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_of_another_clinic_wait_in_the_waiting_room_and_are_admitted_or_declined() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = test_ca(dir.path());
+    let (a, b) = (federated(&ca, "").await, federated(&ca, "").await);
+    let admin = a.server.register_admin("admin").await;
+    let therapist = a.server.register("therapist").await;
+    admin.ok(Method::PUT, &format!("/_limbic/admin/v1/therapists/{}", enc(&therapist.user_id)), Some(json!({ "verified": true }))).await;
+    let (guest, other) = (b.server.register("guest").await, b.server.register("other").await);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let created = therapist
+        .ok(Method::POST, "/_limbic/client/v1/sessions", Some(json!({ "kind": "group", "title": "Open group", "starts_at": now, "ends_at": now + 3_600_000, "timezone": "UTC" })))
+        .await;
+    let room = created["room_id"].as_str().unwrap().to_owned();
+    let waiting_path = format!("/_limbic/client/v1/sessions/{}/waiting", enc(&room));
+
+    // Both knock from B (make_knock/send_knock); the therapist on A sees them waiting.
+    for (client, reason) in [(&guest, "referred by my GP"), (&other, "curious")] {
+        client.ok(Method::POST, &format!("/_matrix/client/v3/knock/{}", enc(&room)), Some(json!({ "reason": reason }))).await;
+    }
+    eventually_syncs(&guest, |sync: &Value| sync["rooms"]["knock"][&room]["knock_state"]["events"].as_array().is_some_and(|e| e.iter().any(|e| e["type"] == "m.room.name"))).await;
+    let waiting = therapist.ok(Method::GET, &waiting_path, None).await;
+    let queue: Vec<&str> = waiting["waiting"].as_array().unwrap().iter().map(|w| w["reason"].as_str().unwrap()).collect();
+    assert_eq!(queue, ["referred by my GP", "curious"]);
+
+    // Admitted: the invite reaches B, and the guest joins.
+    therapist.ok(Method::POST, &format!("{waiting_path}/{}/admit", enc(&guest.user_id)), Some(json!({}))).await;
+    eventually_syncs(&guest, |sync: &Value| sync["rooms"]["invite"].get(&room).is_some()).await;
+    guest.ok(Method::POST, &format!("/_matrix/client/v3/join/{}", enc(&room)), Some(json!({}))).await;
+    therapist.send_text(&room, "t1", "welcome to the group").await;
+    eventually_sees(&guest, &room, "welcome to the group").await;
+
+    // Declined: the other knocker's sync on B shows the leave.
+    therapist.ok(Method::POST, &format!("{waiting_path}/{}/decline", enc(&other.user_id)), Some(json!({ "reason": "the group is full today" }))).await;
+    eventually_syncs(&other, |sync: &Value| sync["rooms"]["knock"].get(&room).is_none() && sync["rooms"]["invite"].get(&room).is_none()).await;
+    let (status, _) = other.post(&format!("/_matrix/client/v3/join/{}", enc(&room)), json!({})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+}

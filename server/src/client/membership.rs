@@ -134,6 +134,15 @@ async fn leave(
 ) -> Result<RumaResponse<leave_room::v3::Response>> {
     let caller = req.caller();
     let room_id = &req.body.room_id;
+    // An invite to (or knock on) a room this server is not in is answered over federation.
+    if !server.rooms.exists(room_id)? && server.federation.is_some() {
+        let pending = server.rooms.user_room(&caller.user_id, room_id)?.filter(|e| matches!(e.membership, crate::rooms::Membership::Invite | crate::rooms::Membership::Knock));
+        if let Some(entry) = pending {
+            let via: Vec<_> = server.rooms.pdu(&entry.event_id)?.map(|p| p.sender.server_name().to_owned()).into_iter().collect();
+            crate::federation::events::membership_remote(&server, &caller.user_id, room_id, &via, "leave", req.body.reason.as_deref()).await?;
+            return Ok(leave_room::v3::Response::new().into());
+        }
+    }
     match server.rooms.membership(room_id, &caller.user_id)? {
         Some(crate::rooms::Membership::Join | crate::rooms::Membership::Invite | crate::rooms::Membership::Knock) => {
             set_membership(&server, &caller.user_id, room_id, &caller.user_id, "leave", req.body.reason.as_deref(), None).await?;
@@ -194,6 +203,12 @@ async fn knock(
     let room_id = resolve_room(&server, &req.body.room_id_or_alias)?;
     if server.rooms.is_joined(&room_id, &caller.user_id)? {
         return Err(Error::forbidden("you are already joined to this room"));
+    }
+    let ours = server.server_name();
+    let present = server.rooms.exists(&room_id)? && server.rooms.joined_members(&room_id)?.iter().any(|member| member.server_name() == ours);
+    if !present && server.federation.is_some() && room_id.server_name().is_some_and(|owner| owner != ours) {
+        crate::federation::events::membership_remote(&server, &caller.user_id, &room_id, &req.body.via, "knock", req.body.reason.as_deref()).await?;
+        return Ok(knock_room::v3::Response::new(room_id).into());
     }
     set_membership(&server, &caller.user_id, &room_id, &caller.user_id, "knock", req.body.reason.as_deref(), passcode(&req)).await?;
     Ok(knock_room::v3::Response::new(room_id).into())

@@ -88,7 +88,9 @@ pub async fn receive_transaction(server: &Server, origin: &ruma::ServerName, pdu
 async fn receive_pdu(server: &Server, origin: &ruma::ServerName, room_id: &RoomId, raw: &RawValue) -> std::result::Result<OwnedEventId, (Option<String>, Error)> {
     let fail = |error: Error| (None, error);
     let federation = server.federation.as_ref().ok_or_else(|| fail(Error::not_found("federation is disabled")))?;
-    let record = server.rooms.room(room_id).map_err(fail)?.ok_or_else(|| fail(Error::not_found("this server is not in that room")))?;
+    let Some(record) = server.rooms.room(room_id).map_err(fail)? else {
+        return receive_outside_membership(server, federation, origin, room_id, raw).await;
+    };
     let rules = rules_for(&record.version).map_err(fail)?;
     let signed = verify_pdu(federation, raw, &rules).await.map_err(fail)?;
     let event_id = signed.pdu.event_id.clone();
@@ -105,6 +107,31 @@ async fn receive_pdu(server: &Server, origin: &ruma::ServerName, room_id: &RoomI
     let mut writer = server.rooms.writer(room_id).await.map_err(named)?;
     writer.append_remote(signed).map_err(named)?;
     writer.commit().map_err(named)?;
+    Ok(event_id)
+}
+
+/// An event of a room this server is not in: only a membership change of one of our users who
+/// is invited to or knocking on it counts (a declined knock, a withdrawn invite), recorded so
+/// their sync shows it.
+async fn receive_outside_membership(server: &Server, federation: &Federation, origin: &ruma::ServerName, room_id: &RoomId, raw: &RawValue) -> std::result::Result<OwnedEventId, (Option<String>, Error)> {
+    let fail = |error: Error| (None, error);
+    let not_in_room = || fail(Error::not_found("this server is not in that room"));
+    let value: JsonValue = serde_json::from_str(raw.get()).map_err(|e| fail(bad(e.to_string())))?;
+    let user = value.get("state_key").and_then(JsonValue::as_str).and_then(|k| ruma::OwnedUserId::try_from(k).ok()).ok_or_else(not_in_room)?;
+    let pending = server.rooms.user_room(&user, room_id).map_err(fail)?.filter(|e| matches!(e.membership, crate::rooms::Membership::Invite | crate::rooms::Membership::Knock));
+    let Some(_pending) = pending.filter(|_| user.server_name() == server.server_name() && value.get("type").and_then(JsonValue::as_str) == Some("m.room.member")) else {
+        return Err(not_in_room());
+    };
+    // Without the room, its version is unknown; versions 10 and 11 (the ones we accept invites
+    // and knocks for) hash and redact membership events the same way.
+    let rules = rules_for(&RoomVersionId::V11).map_err(fail)?;
+    let signed = verify_pdu(federation, raw, &rules).await.map_err(fail)?;
+    let event_id = signed.pdu.event_id.clone();
+    let membership = signed.pdu.content_json().get("membership").and_then(JsonValue::as_str).and_then(crate::rooms::Membership::parse);
+    if signed.pdu.sender.server_name() != origin || !matches!(membership, Some(crate::rooms::Membership::Leave | crate::rooms::Membership::Ban)) {
+        return Err((Some(event_id.to_string()), not_in_room().1));
+    }
+    server.rooms.record_remote_membership(&user, &signed, membership.unwrap_or(crate::rooms::Membership::Leave), None).map_err(|e| (Some(event_id.to_string()), e))?;
     Ok(event_id)
 }
 
@@ -169,39 +196,40 @@ fn raw_events(server: &Server, events: impl IntoIterator<Item = OwnedEventId>) -
     Ok(raw)
 }
 
-/// `make_join` as the resident server: a join event for the remote user to sign, placed after
-/// our current extremities with the auth events of the current state.
-pub async fn make_join(server: &Server, origin: &ruma::ServerName, request: &prepare_join_event::v1::Request) -> Result<JsonValue> {
-    if request.user_id.server_name() != origin {
-        return Err(Error::forbidden("a server asks to join for its own users only"));
+/// `make_join`, `make_knock` and `make_leave` as the resident server: a membership event for the
+/// remote user to sign, placed after our current extremities with the auth events of the
+/// current state. `versions` are the room versions the asking server supports (none for leave).
+pub async fn make_membership(server: &Server, origin: &ruma::ServerName, room_id: &RoomId, user_id: &UserId, membership: &str, versions: Option<&[RoomVersionId]>) -> Result<JsonValue> {
+    if user_id.server_name() != origin {
+        return Err(Error::forbidden("a server asks for its own users only"));
     }
-    let record = server.rooms.room(&request.room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
-    if !request.ver.contains(&record.version) {
+    let record = server.rooms.room(room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+    if versions.is_some_and(|versions| !versions.contains(&record.version)) {
         return Err(Error::with_status(ErrorCode::IncompatibleRoomVersion, http::StatusCode::BAD_REQUEST, format!("the room is version {}", record.version)));
     }
-    let federates = server.rooms.state_content(&request.room_id, "m.room.create", "")?.is_none_or(|c| c.get("m.federate") != Some(&JsonValue::Bool(false)));
+    let federates = server.rooms.state_content(room_id, "m.room.create", "")?.is_none_or(|c| c.get("m.federate") != Some(&JsonValue::Bool(false)));
     if !federates {
         return Err(Error::forbidden("this room is not federated"));
     }
-    if !super::acl::allows(&server.rooms, &request.room_id, origin)? {
+    if !super::acl::allows(&server.rooms, room_id, origin)? {
         return Err(Error::forbidden(format!("{origin} is denied by the room's server ACL")));
     }
     let rules = rules_for(&record.version)?;
-    let content = json!({ "membership": "join" });
+    let content = json!({ "membership": membership });
     let raw_content = serde_json::value::to_raw_value(&content).map_err(Error::internal)?;
-    let types = ruma::state_res::auth_types_for_event(&ruma::events::TimelineEventType::RoomMember, &request.user_id, Some(request.user_id.as_str()), &raw_content, &rules.authorization)
+    let types = ruma::state_res::auth_types_for_event(&ruma::events::TimelineEventType::RoomMember, user_id, Some(user_id.as_str()), &raw_content, &rules.authorization)
         .map_err(Error::bad_json)?;
     let mut auth_events = Vec::new();
     for (kind, key) in &types {
-        if let Some(pdu) = server.rooms.state_event(&request.room_id, &kind.to_string(), key)? {
+        if let Some(pdu) = server.rooms.state_event(room_id, &kind.to_string(), key)? {
             auth_events.push(pdu.event_id);
         }
     }
     let event = json!({
         "type": "m.room.member",
-        "room_id": request.room_id,
-        "sender": request.user_id,
-        "state_key": request.user_id,
+        "room_id": room_id,
+        "sender": user_id,
+        "state_key": user_id,
         "content": content,
         "origin_server_ts": ruma::MilliSecondsSinceUnixEpoch::now(),
         "depth": record.depth + 1,
@@ -209,6 +237,104 @@ pub async fn make_join(server: &Server, origin: &ruma::ServerName, request: &pre
         "auth_events": auth_events,
     });
     Ok(json!({ "room_version": record.version, "event": event }))
+}
+
+/// `send_leave` and `send_knock` as the resident server: the signed membership of the origin's
+/// own user is checked and appended.
+pub async fn accept_membership(server: &Server, origin: &ruma::ServerName, room_id: &RoomId, event_id: &OwnedEventId, raw: &RawValue, membership: &str) -> Result<Pdu> {
+    let federation = server.federation.as_ref().ok_or_else(|| Error::not_found("federation is disabled"))?;
+    let record = server.rooms.room(room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+    let rules = rules_for(&record.version)?;
+    let signed = verify_pdu(federation, raw, &rules).await?;
+    let pdu = signed.pdu.clone();
+    let subject = pdu.state_key.as_deref().and_then(|k| <&UserId>::try_from(k).ok());
+    if pdu.event_id != *event_id || pdu.room_id != room_id || pdu.kind != ruma::events::TimelineEventType::RoomMember
+        || pdu.content_json().get("membership").and_then(JsonValue::as_str) != Some(membership)
+        || subject != Some(&pdu.sender) || pdu.sender.server_name() != origin
+    {
+        return Err(bad(format!("not a {membership} of the origin's own user matching the request")));
+    }
+    let mut writer = server.rooms.writer(room_id).await?;
+    writer.append_remote(signed)?;
+    writer.commit()?;
+    Ok(pdu)
+}
+
+/// The room's stripped state as full events, for invites and knocks.
+pub fn stripped_state_events(server: &Server, room_id: &RoomId) -> Result<Vec<ruma::api::federation::membership::RawStrippedState>> {
+    let mut state = Vec::new();
+    for kind in crate::sync::STRIPPED_STATE_TYPES {
+        if let Some(pdu) = server.rooms.state_event(room_id, kind, "")?
+            && let Some(raw) = server.rooms.federation_pdu(&pdu.event_id)?
+        {
+            #[allow(deprecated)]
+            state.push(ruma::api::federation::membership::RawStrippedState::Pdu(raw));
+        }
+    }
+    Ok(state)
+}
+
+/// Stripped state (full events or stripped ones) as clients get it.
+fn stripped_for_clients(state: &[ruma::api::federation::membership::RawStrippedState]) -> Vec<JsonValue> {
+    state
+        .iter()
+        .filter_map(|state| serde_json::to_value(state).ok())
+        .map(|event| json!({ "type": event.get("type"), "state_key": event.get("state_key"), "sender": event.get("sender"), "content": event.get("content") }))
+        .collect()
+}
+
+/// Knocks on, or leaves (or rejects an invite to), a room on another server for a local user:
+/// `make_knock`/`make_leave`, our signature, `send_knock`/`send_leave`. The user's sync then
+/// shows the knock (with the room's state) or the leave.
+pub async fn membership_remote(server: &Server, user: &UserId, room_id: &RoomId, via: &[OwnedServerName], membership: &str, reason: Option<&str>) -> Result<()> {
+    let federation = server.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled on this server"))?;
+    let mut candidates: Vec<OwnedServerName> = via.iter().filter(|s| s.as_str() != server.server_name().as_str()).cloned().collect();
+    if let Some(owner) = room_id.server_name().filter(|s| *s != server.server_name()) {
+        candidates.push(owner.to_owned());
+    }
+    let mut tried = HashSet::new();
+    candidates.retain(|candidate| tried.insert(candidate.clone()));
+    let mut last_error = Error::not_found("no server to reach the room through");
+    for resident in candidates {
+        let attempt = async {
+            let (version, template) = if membership == "knock" {
+                let mut make = ruma::api::federation::membership::prepare_knock_event::v1::Request::new(room_id.to_owned(), user.to_owned());
+                make.ver = vec![RoomVersionId::V10, RoomVersionId::V11];
+                let answer = federation.send(&resident, make).await?;
+                (answer.room_version, answer.event)
+            } else {
+                let answer = federation.send(&resident, ruma::api::federation::membership::prepare_leave_event::v1::Request::new(room_id.to_owned(), user.to_owned())).await?;
+                (answer.room_version.unwrap_or(RoomVersionId::V1), answer.event)
+            };
+            let rules = rules_for(&version)?;
+            let mut object: CanonicalJsonObject = serde_json::from_str(template.get()).map_err(|e| bad(format!("bad template: {e}")))?;
+            object.insert("origin_server_ts".into(), CanonicalJsonValue::Integer(ruma::MilliSecondsSinceUnixEpoch::now().0.into()));
+            if let (Some(reason), Some(CanonicalJsonValue::Object(content))) = (reason, object.get_mut("content")) {
+                content.insert("reason".into(), CanonicalJsonValue::String(reason.to_owned()));
+            }
+            ruma::signatures::hash_and_sign_event(server.server_name().as_str(), federation.key().key_pair(), &mut object, &rules.redaction).map_err(|e| Error::internal(format!("signing: {e}")))?;
+            let event_id = event_id_of(&object, &rules)?;
+            let raw = serde_json::value::to_raw_value(&object).map_err(Error::internal)?;
+            let state = if membership == "knock" {
+                let answer = federation.send(&resident, ruma::api::federation::membership::create_knock_event::v1::Request::new(room_id.to_owned(), event_id.clone(), raw.clone())).await?;
+                Some(stripped_for_clients(&answer.knock_room_state))
+            } else {
+                federation.send(&resident, ruma::api::federation::membership::create_leave_event::v2::Request::new(room_id.to_owned(), event_id.clone(), raw.clone())).await?;
+                None
+            };
+            let signed = verify_pdu(federation, &raw, &rules).await?;
+            let recorded = if membership == "knock" { crate::rooms::Membership::Knock } else { crate::rooms::Membership::Leave };
+            server.rooms.record_remote_membership(user, &signed, recorded, state.as_deref())
+        };
+        match attempt.await {
+            Ok(()) => return Ok(()),
+            Err(error) => {
+                tracing::warn!(%room_id, %resident, %error, membership, "membership over federation failed");
+                last_error = error;
+            }
+        }
+    }
+    Err(last_error)
 }
 
 /// `send_join` as the resident server: the signed join is checked and appended, and the joining
@@ -291,6 +417,10 @@ async fn join_via(server: &Server, federation: &Federation, user: &UserId, room_
     for signed in imported {
         writer.import(signed)?;
     }
+    // The state is written first: the clinic policy reads earlier events (an admission's knock)
+    // from the store when it checks the join.
+    writer.commit()?;
+    let mut writer = server.rooms.writer(room_id).await?;
     writer.append_remote(join)?;
     writer.commit()
 }
@@ -347,15 +477,7 @@ fn receive_receipts(server: &Server, origin: &ruma::ServerName, content: &JsonVa
 /// state as full events. A refusal is final (logged); a failure to reach the server is retried.
 pub async fn send_invite(server: &Server, federation: &Federation, destination: &ruma::ServerName, invite: &Pdu) -> Result<()> {
     let record = server.rooms.room(&invite.room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
-    let mut state = Vec::new();
-    for kind in crate::sync::STRIPPED_STATE_TYPES {
-        if let Some(pdu) = server.rooms.state_event(&invite.room_id, kind, "")?
-            && let Some(raw) = server.rooms.federation_pdu(&pdu.event_id)?
-        {
-            #[allow(deprecated)]
-            state.push(ruma::api::federation::membership::RawStrippedState::Pdu(raw));
-        }
-    }
+    let state = stripped_state_events(server, &invite.room_id)?;
     let event = server.rooms.federation_pdu(&invite.event_id)?.ok_or_else(|| Error::not_found("unknown event"))?;
     let request = ruma::api::federation::membership::create_invite::v2::Request::new(invite.room_id.clone(), invite.event_id.clone(), record.version, event, state);
     match federation.send(destination, request).await {
@@ -390,19 +512,14 @@ pub async fn receive_invite(server: &Server, origin: &ruma::ServerName, request:
     let mut object = signed.canonical.clone();
     object.remove("event_id");
     ruma::signatures::sign_json(server.server_name().as_str(), federation.key().key_pair(), &mut object).map_err(|e| Error::internal(e.to_string()))?;
-    let invite_state: Vec<JsonValue> = request
-        .invite_room_state
-        .iter()
-        .filter_map(|state| serde_json::to_value(state).ok())
-        .map(|event| json!({ "type": event.get("type"), "state_key": event.get("state_key"), "sender": event.get("sender"), "content": event.get("content") }))
-        .collect();
+    let invite_state = stripped_for_clients(&request.invite_room_state);
     let room_id = pdu.room_id.clone();
     if server.rooms.exists(&room_id)? {
         let mut writer = server.rooms.writer(&room_id).await?;
         writer.append_remote(signed)?;
         writer.commit()?;
     } else {
-        server.rooms.record_remote_invite(&invitee, &signed, &invite_state)?;
+        server.rooms.record_remote_membership(&invitee, &signed, crate::rooms::Membership::Invite, Some(&invite_state))?;
     }
     Ok(json!({ "event": object }))
 }

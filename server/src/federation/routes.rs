@@ -18,7 +18,7 @@ use ruma::{
             keys::{claim_keys, get_keys},
             backfill::get_backfill,
             event::{get_event, get_missing_events, get_room_state, get_room_state_ids},
-            membership::{create_invite, create_join_event, prepare_join_event},
+            membership::{create_invite, create_join_event, create_knock_event, create_leave_event, prepare_join_event, prepare_knock_event, prepare_leave_event},
             transactions::send_transaction_message,
             query::{get_profile_information, get_room_information},
         },
@@ -55,6 +55,10 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = crate::client::route::<create_join_event::v2::Request, _, _>(router, send_join);
     let router = crate::client::route::<send_transaction_message::v1::Request, _, _>(router, send_transaction);
     let router = crate::client::route::<create_invite::v2::Request, _, _>(router, invite);
+    let router = crate::client::route::<prepare_knock_event::v1::Request, _, _>(router, make_knock);
+    let router = crate::client::route::<create_knock_event::v1::Request, _, _>(router, send_knock);
+    let router = crate::client::route::<prepare_leave_event::v1::Request, _, _>(router, make_leave);
+    let router = crate::client::route::<create_leave_event::v2::Request, _, _>(router, send_leave);
     crate::client::route::<get_public_rooms_filtered::v1::Request, _, _>(router, public_rooms_filtered)
 }
 
@@ -85,7 +89,31 @@ async fn invite(State(server): State<AppState>, req: Signed<create_invite::v2::R
 }
 
 async fn make_join(State(server): State<AppState>, req: Signed<prepare_join_event::v1::Request>) -> Result<Json<JsonValue>> {
-    Ok(Json(super::events::make_join(&server, &req.origin, &req.body).await?))
+    let body = &req.body;
+    Ok(Json(super::events::make_membership(&server, &req.origin, &body.room_id, &body.user_id, "join", Some(&body.ver)).await?))
+}
+
+async fn make_knock(State(server): State<AppState>, req: Signed<prepare_knock_event::v1::Request>) -> Result<Json<JsonValue>> {
+    let body = &req.body;
+    Ok(Json(super::events::make_membership(&server, &req.origin, &body.room_id, &body.user_id, "knock", Some(&body.ver)).await?))
+}
+
+async fn make_leave(State(server): State<AppState>, req: Signed<prepare_leave_event::v1::Request>) -> Result<Json<JsonValue>> {
+    let body = &req.body;
+    Ok(Json(super::events::make_membership(&server, &req.origin, &body.room_id, &body.user_id, "leave", None).await?))
+}
+
+async fn send_knock(State(server): State<AppState>, req: Signed<create_knock_event::v1::Request>) -> Result<Json<JsonValue>> {
+    let body = &req.body;
+    let pdu = super::events::accept_membership(&server, &req.origin, &body.room_id, &body.event_id, &body.pdu, "knock").await?;
+    let state = super::events::stripped_state_events(&server, &pdu.room_id)?;
+    Ok(Json(json!({ "knock_room_state": state })))
+}
+
+async fn send_leave(State(server): State<AppState>, req: Signed<create_leave_event::v2::Request>) -> Result<Json<JsonValue>> {
+    let body = &req.body;
+    super::events::accept_membership(&server, &req.origin, &body.room_id, &body.event_id, &body.pdu, "leave").await?;
+    Ok(Json(json!({})))
 }
 
 async fn send_join(State(server): State<AppState>, req: Signed<create_join_event::v2::Request>) -> Result<Json<JsonValue>> {

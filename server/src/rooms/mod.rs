@@ -191,28 +191,30 @@ impl Rooms {
             .transpose()
     }
 
-    /// Records an invite of a local user to a room this server is not in (received over
-    /// federation): the event, the membership the user's sync shows, and the room's stripped
-    /// state as the inviting server sent it.
-    pub fn record_remote_invite(&self, user: &UserId, signed: &crate::events::SignedPdu, invite_state: &[serde_json::Value]) -> Result<()> {
+    /// Records a local user's membership in a room this server is not in (an invite received,
+    /// a knock or a leave sent over federation): the event, the membership the user's sync
+    /// shows, and the room's stripped state as the other server sent it (if any).
+    pub fn record_remote_membership(&self, user: &UserId, signed: &crate::events::SignedPdu, membership: Membership, room_state: Option<&[serde_json::Value]>) -> Result<()> {
         let ticket = self.store.streams().allocate(&self.store)?;
         let pdu = &signed.pdu;
         let mut batch = self.store.batch();
         batch.put(&self.store, tables::PDUS, pdu.event_id.as_bytes(), &signed.to_bytes());
-        let entry = UserRoom { membership: Membership::Invite, event_id: pdu.event_id.clone(), pos: ticket.pos(), forgotten: false };
+        let entry = UserRoom { membership, event_id: pdu.event_id.clone(), pos: ticket.pos(), forgotten: false };
         batch.put_json(&self.store, tables::USER_ROOMS, &Key::new().str(user.as_str()).str(pdu.room_id.as_str()).into_vec(), &entry)?;
-        batch.put_json(&self.store, tables::REMOTE_INVITE_STATE, pdu.room_id.as_bytes(), invite_state)?;
+        if let Some(state) = room_state {
+            batch.put_json(&self.store, tables::REMOTE_ROOM_STATE, pdu.room_id.as_bytes(), state)?;
+        }
         tokio::task::block_in_place(|| self.store.write(batch))?;
         drop(ticket);
         Ok(())
     }
 
-    /// The stripped state of a room a local user was invited to over federation.
-    pub fn remote_invite_state(&self, room_id: &RoomId) -> Result<Vec<serde_json::Value>> {
+    /// The stripped state of a room a local user was invited to, or knocked on, over federation.
+    pub fn remote_room_state(&self, room_id: &RoomId) -> Result<Vec<serde_json::Value>> {
         if self.exists(room_id)? {
             return Ok(Vec::new());
         }
-        Ok(self.store.get_json(tables::REMOTE_INVITE_STATE, room_id.as_bytes())?.unwrap_or_default())
+        Ok(self.store.get_json(tables::REMOTE_ROOM_STATE, room_id.as_bytes())?.unwrap_or_default())
     }
 
     /// A stored event as other servers get it: its signed JSON without our `event_id`.

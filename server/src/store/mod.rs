@@ -149,8 +149,9 @@ pub mod tables {
     pub const FEDERATION_OUTBOX: Table = Table("federation_outbox");
     /// (destination server, stream position) -> EDU JSON (typing, receipts) not yet accepted
     pub const FEDERATION_EDUS: Table = Table("federation_edus");
-    /// room id -> the stripped state sent with an invite to a room this server is not in
-    pub const REMOTE_INVITE_STATE: Table = Table("remote_invite_state");
+    /// room id -> the stripped state sent with an invite to (or a knock on) a room this server is
+    /// not in
+    pub const REMOTE_ROOM_STATE: Table = Table("remote_room_state");
 
     pub const ALL: &[Table] = &[
         GLOBAL, USERS, DEVICES, ACCESS_TOKENS, FILTERS, ACCOUNT_DATA, PRESENCE, PDUS, EVENT_META,
@@ -160,7 +161,7 @@ pub mod tables {
         MEDIA, MEDIA_THUMBNAILS, MEDIA_USAGE,
         RELATIONS, THREAD_REPLIES, SEARCH_INDEX, AUDIT_LOG, THERAPISTS,
         THERAPIST_BOOKINGS, SESSION_NOTES, SESSION_PASSCODES, APPOINTMENTS, LINK_TOKENS_USED,
-        PLUGIN_KV, PLUGIN_OUTBOX, SERVER_KEYS, OPENID_TOKENS, FEDERATION_OUTBOX, FEDERATION_EDUS, REMOTE_INVITE_STATE,
+        PLUGIN_KV, PLUGIN_OUTBOX, SERVER_KEYS, OPENID_TOKENS, FEDERATION_OUTBOX, FEDERATION_EDUS, REMOTE_ROOM_STATE,
     ];
 }
 

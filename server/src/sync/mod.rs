@@ -192,8 +192,9 @@ fn stripped_state(server: &Server, room_id: &RoomId, entry: &UserRoom) -> Result
             events.push(pdu.to_stripped_state());
         }
     }
-    // An invite to a room this server is not in carries the state the inviting server sent.
-    events.extend(server.rooms.remote_invite_state(room_id)?);
+    // An invite to (or knock on) a room this server is not in carries the state the other
+    // server sent.
+    events.extend(server.rooms.remote_room_state(room_id)?);
     if let Some(member) = server.rooms.pdu(&entry.event_id)? {
         events.push(member.to_stripped_state());
     }
