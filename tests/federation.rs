@@ -108,6 +108,13 @@ async fn servers_exchange_keys_profiles_device_keys_and_openid_identities() {
     let queried = alice.ok(Method::POST, "/_matrix/client/v3/keys/query", Some(json!({ "device_keys": { &bob.user_id: [] } }))).await;
     assert_eq!(queried["device_keys"][&bob.user_id][&bob.device_id]["keys"], device_keys["keys"], "{queried}");
     assert_eq!(queried["failures"], json!({}));
+    // One-time keys are claimed from the user's server, once.
+    bob.ok(Method::POST, "/_matrix/client/v3/keys/upload", Some(json!({ "one_time_keys": { "signed_curve25519:AAAAAQ": { "key": "otk", "signatures": {} } } }))).await;
+    let claim = json!({ "one_time_keys": { &bob.user_id: { &bob.device_id: "signed_curve25519" } } });
+    let claimed = alice.ok(Method::POST, "/_matrix/client/v3/keys/claim", Some(claim.clone())).await;
+    assert_eq!(claimed["one_time_keys"][&bob.user_id][&bob.device_id]["signed_curve25519:AAAAAQ"]["key"], "otk", "{claimed}");
+    let again = alice.ok(Method::POST, "/_matrix/client/v3/keys/claim", Some(claim)).await;
+    assert!(again["one_time_keys"][&bob.user_id][&bob.device_id].get("signed_curve25519:AAAAAQ").is_none(), "{again}");
 
     // OpenID: A vouches for alice to anyone holding her token, once.
     let token = alice.ok(Method::POST, &format!("/_matrix/client/v3/user/{}/openid/request_token", enc(&alice.user_id)), Some(json!({}))).await;

@@ -91,13 +91,19 @@ impl Server {
     pub fn delete_devices<'d>(&self, user_id: &ruma::UserId, device_ids: impl IntoIterator<Item = &'d str>) -> Result<()> {
         let ticket = self.store.streams().allocate(&self.store)?;
         let mut batch = self.store.batch();
+        let mut removed = Vec::new();
         for device_id in device_ids {
             if self.users.stage_device_removal(&mut batch, user_id, device_id)? {
                 self.e2ee.stage_device_removal(&mut batch, user_id, device_id, ticket.pos())?;
+                removed.push(device_id.to_owned());
             }
         }
         tokio::task::block_in_place(|| self.store.write(batch))?;
         drop(ticket);
+        // Other servers sharing a room with the user learn of the removal.
+        for device_id in removed {
+            crate::federation::sender::device_list_changed(self, user_id, &device_id, true)?;
+        }
         Ok(())
     }
 

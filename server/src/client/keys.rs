@@ -155,14 +155,37 @@ async fn query(State(server): State<AppState>, req: Ruma<get_keys::v3::Request>)
 async fn claim(State(server): State<AppState>, req: Ruma<claim_keys::v3::Request>) -> Result<Json<JsonValue>> {
     let mut claimed: BTreeMap<String, BTreeMap<String, BTreeMap<String, JsonValue>>> = BTreeMap::new();
     let mut failures = serde_json::Map::new();
+    let mut remote: BTreeMap<ruma::OwnedServerName, BTreeMap<_, _>> = BTreeMap::new();
     for (user, devices) in &req.body.one_time_keys {
         if user.server_name() != server.server_name() {
-            failures.insert(user.server_name().to_string(), json!({ "errcode": "M_UNAVAILABLE", "error": "federation is not available" }));
+            remote.entry(user.server_name().to_owned()).or_default().insert(user.clone(), devices.clone());
             continue;
         }
         for (device, algorithm) in devices {
             if let Some((key_id, key)) = server.e2ee.claim_key(user, device.as_str(), algorithm.as_ref())? {
                 claimed.entry(user.to_string()).or_default().entry(device.to_string()).or_default().insert(key_id, key);
+            }
+        }
+    }
+    // Other servers' users' keys are claimed from their servers.
+    for (remote_server, users) in remote {
+        let Some(federation) = server.federation.as_ref() else {
+            failures.insert(remote_server.to_string(), json!({ "errcode": "M_UNAVAILABLE", "error": "federation is disabled on this server" }));
+            continue;
+        };
+        match federation.send(&remote_server, ruma::api::federation::keys::claim_keys::v1::Request::new(users)).await {
+            Ok(answer) => {
+                let keys = serde_json::to_value(&answer.one_time_keys).unwrap_or_default();
+                for (user, devices) in keys.as_object().into_iter().flatten() {
+                    for (device, keys) in devices.as_object().into_iter().flatten() {
+                        for (key_id, key) in keys.as_object().into_iter().flatten() {
+                            claimed.entry(user.clone()).or_default().entry(device.clone()).or_default().insert(key_id.clone(), key.clone());
+                        }
+                    }
+                }
+            }
+            Err(error) => {
+                failures.insert(remote_server.to_string(), json!({ "errcode": "M_UNAVAILABLE", "error": error.to_string() }));
             }
         }
     }
@@ -197,6 +220,7 @@ async fn upload_cross_signing(State(server): State<AppState>, req: Ruma<upload_s
         return Err(Error::invalid_param("a master key is needed before other cross-signing keys"));
     }
     server.e2ee.upload_cross_signing_keys(&caller.user_id, &keys)?;
+    crate::federation::sender::signing_keys_changed(&server, &caller.user_id)?;
     Ok(Json(json!({})))
 }
 

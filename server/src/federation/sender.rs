@@ -74,6 +74,21 @@ pub fn device_list_changed(server: &Server, user: &ruma::UserId, device_id: &str
     queue_edu(server, &destinations, &edu)
 }
 
+/// Tells the servers sharing a room with `user` that their cross-signing keys changed.
+pub fn signing_keys_changed(server: &Server, user: &ruma::UserId) -> crate::Result<()> {
+    if server.federation.is_none() {
+        return Ok(());
+    }
+    let destinations = servers_sharing_rooms(server, user)?;
+    let mut content = serde_json::json!({ "user_id": user });
+    for (field, kind) in [("master_key", crate::e2ee::CrossSigningKind::Master), ("self_signing_key", crate::e2ee::CrossSigningKind::SelfSigning)] {
+        if let Some(key) = server.e2ee.cross_signing_key(user, kind)? {
+            content[field] = key;
+        }
+    }
+    queue_edu(server, &destinations, &serde_json::json!({ "edu_type": "m.signing_key_update", "content": content }))
+}
+
 /// Per destination: when to try again, and the current backoff.
 #[derive(Default)]
 pub struct Backoff(Mutex<HashMap<OwnedServerName, (Instant, Duration)>>);
