@@ -288,12 +288,7 @@ fn stripped_for_clients(state: &[ruma::api::federation::membership::RawStrippedS
 /// shows the knock (with the room's state) or the leave.
 pub async fn membership_remote(server: &Server, user: &UserId, room_id: &RoomId, via: &[OwnedServerName], membership: &str, reason: Option<&str>) -> Result<()> {
     let federation = server.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled on this server"))?;
-    let mut candidates: Vec<OwnedServerName> = via.iter().filter(|s| s.as_str() != server.server_name().as_str()).cloned().collect();
-    if let Some(owner) = room_id.server_name().filter(|s| *s != server.server_name()) {
-        candidates.push(owner.to_owned());
-    }
-    let mut tried = HashSet::new();
-    candidates.retain(|candidate| tried.insert(candidate.clone()));
+    let candidates = residents(server, room_id, via);
     let mut last_error = Error::not_found("no server to reach the room through");
     for resident in candidates {
         let attempt = async {
@@ -366,16 +361,19 @@ pub async fn send_join(server: &Server, origin: &ruma::ServerName, request: &cre
     }))
 }
 
+/// The servers to reach a room through: the `via` servers, then the one its id names, each once.
+fn residents(server: &Server, room_id: &RoomId, via: &[OwnedServerName]) -> Vec<OwnedServerName> {
+    let ours = server.server_name();
+    let owner = room_id.server_name().map(ToOwned::to_owned);
+    let mut seen = HashSet::new();
+    via.iter().cloned().chain(owner).filter(|s| s != ours && seen.insert(s.clone())).collect()
+}
+
 /// Joins a local user to a room on another server: `make_join`, sign, `send_join`, then the
 /// room's state is checked and stored, and the join appended.
 pub async fn join_remote(server: &Server, user: &UserId, room_id: &RoomId, via: &[OwnedServerName]) -> Result<()> {
     let federation = server.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled on this server"))?;
-    let mut candidates: Vec<OwnedServerName> = via.iter().filter(|s| s.as_str() != server.server_name().as_str()).cloned().collect();
-    if let Some(owner) = room_id.server_name().filter(|s| *s != server.server_name()) {
-        candidates.push(owner.to_owned());
-    }
-    let mut tried = HashSet::new();
-    candidates.retain(|candidate| tried.insert(candidate.clone()));
+    let candidates = residents(server, room_id, via);
     let mut last_error = Error::not_found("no server to join the room through");
     for resident in candidates {
         match join_via(server, federation, user, room_id, &resident).await {
