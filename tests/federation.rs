@@ -212,6 +212,13 @@ async fn a_user_joins_a_room_on_another_server_and_messages_flow_both_ways() {
     assert_eq!(name["name"], "Across clinics");
     let members = alice.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&room)), None).await;
     assert!(members["joined"].get(&bob.user_id).is_some(), "{members}");
+    // The late joiner sees what was said before (backfill at the join), older than the join.
+    let history = bob.messages(&room, "dir=b&limit=50").await;
+    let chunk = history["chunk"].as_array().unwrap();
+    let position = |pred: &dyn Fn(&Value) -> bool| chunk.iter().position(|e| pred(e));
+    let before = position(&|e: &Value| e["content"]["body"] == "sent before bob joined").expect("history before the join");
+    let join = position(&|e: &Value| e["type"] == "m.room.member" && e["state_key"] == bob.user_id.as_str()).unwrap();
+    assert!(join < before, "newest first: the join comes before the earlier message");
 
     alice.send_text(&room, "a1", "hello from A").await;
     eventually_sees(&bob, &room, "hello from A").await;

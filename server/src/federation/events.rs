@@ -135,6 +135,9 @@ async fn receive_outside_membership(server: &Server, federation: &Federation, or
     Ok(event_id)
 }
 
+/// How many events before a join the joining server fetches.
+const JOIN_BACKFILL: u32 = 50;
+
 /// How many missing events one gap fetch asks for.
 const MISSING_EVENTS_LIMIT: u32 = 20;
 
@@ -404,6 +407,26 @@ async fn join_via(server: &Server, federation: &Federation, user: &UserId, room_
     let mut imported = Vec::new();
     for raw in state.auth_chain.iter().chain(state.state.iter()) {
         imported.push(verify_pdu(federation, raw, &rules).await?);
+    }
+    // Recent history too, so that the joining user sees what came before (as the room's
+    // history visibility allows); a server that cannot give it costs the join nothing.
+    let before: Vec<OwnedEventId> = match object.get("prev_events") {
+        Some(CanonicalJsonValue::Array(ids)) => ids.iter().filter_map(|id| match id {
+            CanonicalJsonValue::String(id) => OwnedEventId::try_from(id.as_str()).ok(),
+            _ => None,
+        }).collect(),
+        _ => Vec::new(),
+    };
+    match federation.send(resident, ruma::api::federation::backfill::get_backfill::v1::Request::new(room_id.to_owned(), before, JOIN_BACKFILL.into())).await {
+        Ok(history) => {
+            for raw in &history.pdus {
+                match verify_pdu(federation, raw, &rules).await {
+                    Ok(signed) => imported.push(signed),
+                    Err(error) => tracing::warn!(%resident, %room_id, %error, "skipped a backfilled event"),
+                }
+            }
+        }
+        Err(error) => tracing::info!(%resident, %room_id, %error, "no history before the join"),
     }
     // Oldest first, so that each state key ends with the version the state names.
     imported.sort_by_key(|signed| u64::from(signed.pdu.depth));
