@@ -425,3 +425,25 @@ async fn clients_of_another_clinic_wait_in_the_waiting_room_and_are_admitted_or_
     let (status, _) = other.post(&format!("/_matrix/client/v3/join/{}", enc(&room)), json!({})).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotated_key_stays_published_as_an_old_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = test_ca(dir.path());
+    let mut a = federated(&ca, "").await;
+    let https = https(&ca);
+    let (_, before) = get(&https, &format!("https://{}/_matrix/key/v2/server", a.name)).await;
+    let old_id = before["verify_keys"].as_object().unwrap().keys().next().unwrap().clone();
+
+    a.server.stop().await;
+    let output = a.server.run_cli(&["keys", "rotate"], "");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    a.server.start_again().await;
+
+    let (_, after) = get(&https, &format!("https://{}/_matrix/key/v2/server", a.name)).await;
+    let server_name = ruma::OwnedServerName::try_from(a.name.as_str()).unwrap();
+    limbic_server::federation::keys::verify_response(&server_name, &after, 0).unwrap();
+    assert!(after["verify_keys"].get(&old_id).is_none(), "{after}");
+    assert_eq!(after["old_verify_keys"][&old_id]["key"], before["verify_keys"][&old_id]["key"], "{after}");
+    assert!(after["old_verify_keys"][&old_id]["expired_ts"].as_u64().is_some());
+}

@@ -36,6 +36,20 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Manage the server's federation signing key (stop the server first).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Replace the signing key with a new one; the old one stays published as expired now.
+    Rotate {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -53,6 +67,7 @@ impl Command {
             Self::Serve { config } | Self::CheckConfig { config } => config,
             Self::User { command } => command.config(),
             Self::Audit { command: AuditCommand::Verify { config } } => config,
+            Self::Keys { command: KeysCommand::Rotate { config } } => config,
         }
     }
 }
@@ -93,6 +108,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::User { command } => return limbic_server::admin::cli::run(config, command).await,
             Command::Audit { command: AuditCommand::Verify { .. } } => return limbic_server::admin::cli::verify_audit(config),
+            Command::Keys { command: KeysCommand::Rotate { .. } } => return limbic_server::admin::cli::rotate_key(config),
             Command::Serve { .. } | Command::CheckConfig { .. } => {}
         }
         let server = match Server::open(config) {

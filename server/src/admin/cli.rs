@@ -112,6 +112,28 @@ fn open_stopped(config: Config) -> Result<std::sync::Arc<Server>, String> {
     })
 }
 
+/// `limbic keys rotate`: a new signing key; the old one is kept as expired now, so other
+/// servers still verify what it signed. Audited.
+pub fn rotate_key(config: Config) -> ExitCode {
+    let server_name = config.server_name.clone();
+    let rotated = open_stopped(config).and_then(|server| {
+        let key_id = crate::events::ServerSigningKey::rotate(&server.store, server_name).map_err(|e| e.to_string())?;
+        let record = crate::audit::AuditRecord::new("signing_key_rotated", "cli").details(serde_json::json!({ "key_id": key_id }));
+        server.audit.write_with(&server.store, server.store.batch(), vec![record]).map_err(|e| e.to_string())?;
+        Ok(key_id)
+    });
+    match rotated {
+        Ok(key_id) => {
+            println!("new signing key {key_id}; the old key stays published as expired");
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("limbic: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// `limbic audit verify`: exit 0 when the whole chain checks out, 1 otherwise.
 pub fn verify_audit(config: Config) -> ExitCode {
     let verified = open_stopped(config).and_then(|server| crate::audit::Audit::verify(&server.store).map_err(|e| e.to_string()));
