@@ -447,3 +447,61 @@ async fn a_rotated_key_stays_published_as_an_old_key() {
     assert_eq!(after["old_verify_keys"][&old_id]["key"], before["verify_keys"][&old_id]["key"], "{after}");
     assert!(after["old_verify_keys"][&old_id]["expired_ts"].as_u64().is_some());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_state_changes_on_two_servers_resolve_to_the_same_state_on_all_three() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = test_ca(dir.path());
+    let (a, b, c) = (federated(&ca, "").await, federated(&ca, "").await, federated(&ca, "").await);
+    let alice = a.server.register("alice").await;
+    let (bob, carol) = (b.server.register("bob").await, c.server.register("carol").await);
+    let room = alice.create_room(json!({ "preset": "public_chat", "name": "Original" })).await;
+    for client in [&bob, &carol] {
+        client.ok(Method::POST, &format!("/_matrix/client/v3/join/{}?via={}", enc(&room), enc(&a.name)), Some(json!({}))).await;
+    }
+    let state_path = |kind: &str| format!("/_matrix/client/v3/rooms/{}/state/{kind}/", enc(&room));
+    let mut power = alice.ok(Method::GET, &state_path("m.room.power_levels"), None).await;
+    power["users"][&bob.user_id] = json!(100);
+    power["users"][&carol.user_id] = json!(100);
+    alice.ok(Method::PUT, &state_path("m.room.power_levels"), Some(power)).await;
+    for client in [&bob, &carol] {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while client.ok(Method::GET, &state_path("m.room.power_levels"), None).await["users"][&carol.user_id] != 100 {
+            assert!(std::time::Instant::now() < deadline, "{} never saw the new power levels", client.user_id);
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    // B and C rename the room and change the power levels at the same moment: two branches.
+    let (mut from_b, mut from_c) = (power_levels_of(&bob, &room).await, power_levels_of(&carol, &room).await);
+    from_b["state_default"] = json!(60);
+    from_c["events_default"] = json!(10);
+    let (name_path, power_path) = (state_path("m.room.name"), state_path("m.room.power_levels"));
+    let (rb, rc, pb, pc) = tokio::join!(
+        bob.put(&name_path, json!({ "name": "Named on B" })),
+        carol.put(&name_path, json!({ "name": "Named on C" })),
+        bob.put(&power_path, from_b),
+        carol.put(&power_path, from_c),
+    );
+    for (status, body) in [rb, rc, pb, pc] {
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    // Every server ends with the same state, whatever order the branches arrived in.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let mut seen = Vec::new();
+        for client in [&alice, &bob, &carol] {
+            let name = client.ok(Method::GET, &state_path("m.room.name"), None).await;
+            seen.push((name, power_levels_of(client, &room).await));
+        }
+        if seen.windows(2).all(|pair| pair[0] == pair[1]) && seen[0].0["name"] != "Original" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the servers did not converge: {seen:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+async fn power_levels_of(client: &common::Client, room: &str) -> Value {
+    client.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/state/m.room.power_levels/", enc(room)), None).await
+}

@@ -434,14 +434,138 @@ impl<'a> RoomWriter<'a> {
         }
         ruma::state_res::check_state_independent_auth_rules(&rules.authorization, &pdu, |id| self.event(id))
             .map_err(|reason| Error::forbidden(format!("event not authorized: {reason}")))?;
-        ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, &pdu, |kind: &StateEventType, key: &str| {
-            self.state_event(&kind.to_string(), key).ok().flatten()
-        })
+        // An event that does not extend our current forward extremities comes from another
+        // branch: it is authorized against the state of its own branch, and the branches are
+        // merged by state resolution (v2) once it is staged.
+        let tips: std::collections::HashSet<&OwnedEventId> = record.extremities.iter().collect();
+        let forked = pdu.prev_events.iter().collect::<std::collections::HashSet<_>>() != tips
+            && pdu.prev_events.iter().all(|prev| self.rooms.meta(prev).ok().flatten().is_some());
+        let branch_state = if forked { Some(self.state_before(&pdu, &rules)?) } else { None };
+        match &branch_state {
+            Some(branch) => ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, &pdu, |kind: &StateEventType, key: &str| {
+                branch.get(&(kind.to_string(), key.to_owned())).and_then(|id| self.event(id))
+            }),
+            None => ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, &pdu, |kind: &StateEventType, key: &str| {
+                self.state_event(&kind.to_string(), key).ok().flatten()
+            }),
+        }
         .map_err(|reason| Error::forbidden(format!("event not authorized: {reason}")))?;
         crate::clinic::authorize(&self.policy_context(), &pdu)?;
         self.rooms.plugins.check_event(&pdu, self)?;
+        let mut record = record;
+        // The event's own branch after it, for the resolution below (its snapshot is only staged).
+        let branch_after = branch_state.clone().map(|mut branch| {
+            if let Some(key) = &pdu.state_key {
+                branch.insert((pdu.kind.to_string(), key.clone()), pdu.event_id.clone());
+            }
+            branch
+        });
+        if let Some(branch) = branch_state {
+            // The event's state (before and after it) is its branch's, kept as a snapshot.
+            let store = &self.rooms.store;
+            let ticket = store.streams().allocate(store)?;
+            let generation = self.rooms.snapshots.write_entries(store, &mut self.batch, state::EMPTY_SNAPSHOT, ticket.pos(), branch.into_iter().collect(), &self.snapshot_generations)?;
+            self.snapshot_generations.insert(ticket.pos(), generation);
+            record.snapshot = ticket.pos();
+            self.tickets.push(ticket);
+        }
         self.stage(signed, record, &rules, None)?;
+        if let Some(branch_after) = branch_after {
+            // The room's state is the resolution of the states after each forward extremity, so
+            // every server with the same events reaches the same state, whatever their order.
+            let record = self.record.clone().ok_or_else(|| Error::not_found("unknown room"))?;
+            let mut maps = Vec::new();
+            for tip in &record.extremities {
+                if *tip == pdu.event_id {
+                    maps.push(branch_after.clone());
+                } else if let Some(meta) = self.rooms.meta(tip)? {
+                    maps.push((*self.rooms.snapshots.load(&self.rooms.store, meta.state_after)?).clone());
+                }
+            }
+            let resolved = if maps.len() == 1 { maps.pop().unwrap_or_default() } else { self.resolve(maps, &rules)? };
+            self.apply_state(resolved, &branch_after)?;
+        }
         Ok(pdu)
+    }
+
+    /// The state before `pdu` in its own branch: the state after its prev event, or the
+    /// resolution of the states after its prev events.
+    fn state_before(&self, pdu: &Pdu, rules: &RoomVersionRules) -> Result<state::StateMap> {
+        let mut maps = Vec::new();
+        for prev in &pdu.prev_events {
+            let meta = self.rooms.meta(prev)?.ok_or_else(|| Error::internal(format!("no metadata for {prev}")))?;
+            maps.push((*self.rooms.snapshots.load(&self.rooms.store, meta.state_after)?).clone());
+        }
+        if maps.len() == 1 {
+            return Ok(maps.pop().unwrap_or_default());
+        }
+        self.resolve(maps, rules)
+    }
+
+    /// State resolution (v2, ruma's) of several states of the room.
+    fn resolve(&self, maps: Vec<state::StateMap>, rules: &RoomVersionRules) -> Result<state::StateMap> {
+        let v2 = rules.state_res.v2_rules().ok_or_else(|| Error::internal("the room version has no state resolution v2"))?;
+        let converted: Vec<ruma::state_res::StateMap<OwnedEventId>> = maps
+            .iter()
+            .map(|map| map.iter().map(|((kind, key), id)| ((StateEventType::from(kind.as_str()), key.clone()), id.clone())).collect())
+            .collect();
+        let chains = maps.iter().map(|map| self.auth_chain(map.values())).collect();
+        let resolved = ruma::state_res::resolve(&rules.authorization, v2, converted.iter(), chains, |id| self.event(id), |_| None)
+            .map_err(|e| Error::internal(format!("state resolution failed: {e}")))?;
+        Ok(resolved.into_iter().map(|((kind, key), id)| ((kind.to_string(), key), id)).collect())
+    }
+
+    /// Every event in the auth chains of `events`.
+    fn auth_chain<'e>(&self, events: impl Iterator<Item = &'e OwnedEventId>) -> ruma::state_res::utils::event_id_set::EventIdSet<OwnedEventId> {
+        let mut chain = std::collections::HashSet::new();
+        let mut todo: Vec<OwnedEventId> = events.cloned().collect();
+        while let Some(id) = todo.pop() {
+            if let Some(event) = self.event(&id) {
+                for auth in event.auth_events {
+                    if chain.insert(auth.clone()) {
+                        todo.push(auth);
+                    }
+                }
+            }
+        }
+        chain.into_iter().collect()
+    }
+
+    /// Makes `resolved` the room's current state: a snapshot holding it, and the current-state
+    /// and membership indexes changed where they differ.
+    /// `snapshot` is the state of the room's snapshot now (staged, so not readable from the store).
+    fn apply_state(&mut self, resolved: state::StateMap, snapshot: &state::StateMap) -> Result<()> {
+        let mut record = self.record.clone().ok_or_else(|| Error::not_found("unknown room"))?;
+        let store = &self.rooms.store;
+        let snapshot_changes: Vec<(state::StateKey, OwnedEventId)> = resolved.iter().filter(|(key, id)| snapshot.get(*key) != Some(*id)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut index_changes = Vec::new();
+        for ((kind, key), id) in &resolved {
+            if self.state_event(kind, key)?.map(|pdu| pdu.event_id).as_ref() != Some(id) {
+                index_changes.push(((kind.clone(), key.clone()), id.clone()));
+            }
+        }
+        if snapshot_changes.is_empty() && index_changes.is_empty() {
+            return Ok(());
+        }
+        let ticket = store.streams().allocate(store)?;
+        let pos = ticket.pos();
+        if !snapshot_changes.is_empty() {
+            let generation = self.rooms.snapshots.write_entries(store, &mut self.batch, record.snapshot, pos, snapshot_changes, &self.snapshot_generations)?;
+            self.snapshot_generations.insert(pos, generation);
+            record.snapshot = pos;
+        }
+        for ((kind, state_key), event_id) in index_changes {
+            let Some(pdu) = self.event(&event_id) else { continue };
+            self.batch.put(store, tables::ROOM_STATE, &state::state_key(self.room_id.as_str(), &kind, &state_key), event_id.as_bytes());
+            if pdu.kind == TimelineEventType::RoomMember {
+                self.index_membership(&pdu, pos)?;
+            }
+            self.staged_state.insert((kind, state_key), pdu);
+        }
+        self.batch.put_json(store, tables::ROOMS, self.room_id.as_bytes(), &record)?;
+        self.record = Some(record);
+        self.tickets.push(ticket);
+        Ok(())
     }
 
     /// Stages an event of a room's state received when joining it over federation (its

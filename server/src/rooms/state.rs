@@ -113,6 +113,20 @@ impl SnapshotCache {
         entry: (StateKey, OwnedEventId),
         pending: &HashMap<u64, u32>,
     ) -> Result<u32> {
+        self.write_entries(store, batch, parent, id, vec![entry], pending)
+    }
+
+    /// Writes the snapshot `id` = `parent` + `entries` into the batch (a state resolution
+    /// changes several keys at once).
+    pub fn write_entries(
+        &self,
+        store: &Store,
+        batch: &mut Batch,
+        parent: u64,
+        id: StreamPos,
+        entries: Vec<(StateKey, OwnedEventId)>,
+        pending: &HashMap<u64, u32>,
+    ) -> Result<u32> {
         let parent_generation = match pending.get(&parent) {
             Some(generation) => *generation,
             None if parent == EMPTY_SNAPSHOT => 0,
@@ -121,10 +135,9 @@ impl SnapshotCache {
                 .map(|s| s.generation)
                 .ok_or_else(|| crate::Error::internal(format!("missing state snapshot {parent}")))?,
         };
-        let ((kind, state_key), event_id) = entry;
         let snapshot = if parent_generation >= MAX_CHAIN && !pending.contains_key(&parent) {
             let mut map = (*self.load(store, parent)?).clone();
-            map.insert((kind, state_key), event_id);
+            map.extend(entries);
             Snapshot {
                 parent: None,
                 generation: 0,
@@ -134,7 +147,7 @@ impl SnapshotCache {
             Snapshot {
                 parent: (parent != EMPTY_SNAPSHOT).then_some(parent),
                 generation: parent_generation + 1,
-                entries: vec![(kind, state_key, event_id)],
+                entries: entries.into_iter().map(|((k, s), e)| (k, s, e)).collect(),
             }
         };
         batch.put_json(store, tables::STATE_SNAPSHOTS, &id.to_be_bytes(), &snapshot)?;
