@@ -18,7 +18,7 @@ fn repo() -> PathBuf {
 /// A built plugin component; a missing one fails the test with the command that builds it.
 fn component(name: &str) -> PathBuf {
     let path = repo().join("plugins/target/wasm32-wasip2/release").join(format!("{name}.wasm"));
-    assert!(path.exists(), "{} is missing: build the plugins with `cargo build --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --release` (scripts/test does)", path.display());
+    assert!(path.exists(), "{} is missing: build the plugins with `cargo build --manifest-path plugins/Cargo.toml --target-dir plugins/target --target wasm32-wasip2 --release` (scripts/test does)", path.display());
     path
 }
 

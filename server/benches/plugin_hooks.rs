@@ -1,7 +1,7 @@
 //! The added latency of one `check-event` call: `Plugins::check_event` on a message event with
 //! no plugins loaded, and with the wordfilter plugin (a real component, on a warm instance).
 //!
-//!   cargo build --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --release
+//!   cargo build --manifest-path plugins/Cargo.toml --target-dir plugins/target --target wasm32-wasip2 --release
 //!   cargo bench -p limbic-server --bench plugin_hooks
 //!
 //! Prints mean, p50 and p99 per call for both, and the difference (the hook's cost).
