@@ -505,3 +505,35 @@ async fn concurrent_state_changes_on_two_servers_resolve_to_the_same_state_on_al
 async fn power_levels_of(client: &common::Client, room: &str) -> Value {
     client.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/state/m.room.power_levels/", enc(room)), None).await
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_sent_before_its_sender_heard_of_their_ban_is_soft_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = test_ca(dir.path());
+    let (a, mut b) = (federated(&ca, "").await, federated(&ca, "").await);
+    let alice = a.server.register("alice").await;
+    let carol = b.server.register("carol").await;
+    let room = alice.create_room(json!({ "preset": "public_chat" })).await;
+    carol.ok(Method::POST, &format!("/_matrix/client/v3/join/{}?via={}", enc(&room), enc(&a.name)), Some(json!({}))).await;
+    carol.send_text(&room, "c1", "before the ban").await;
+    eventually_sees(&alice, &room, "before the ban").await;
+
+    // A bans carol while B is down; A's queue for B backs off, so B comes back not knowing.
+    b.server.stop().await;
+    alice.ok(Method::POST, &format!("/_matrix/client/v3/rooms/{}/ban", enc(&room)), Some(json!({ "user_id": carol.user_id, "reason": "test" }))).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    b.server.start_again().await;
+    let (status, body) = carol.put(&format!("/_matrix/client/v3/rooms/{}/send/m.room.message/c2", enc(&room)), json!({ "msgtype": "m.text", "body": "after the ban" })).await;
+    assert_eq!(status, StatusCode::OK, "B should not know of the ban yet: {body}");
+
+    // A keeps the event (B's next events may point at it) but shows it to nobody.
+    let event_id = body["event_id"].as_str().unwrap().to_owned();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while alice.get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(&event_id))).await.0 != StatusCode::OK {
+        assert!(std::time::Instant::now() < deadline, "the event never reached A");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let on_a = alice.messages(&room, "dir=b&limit=50").await.to_string();
+    assert!(on_a.contains("before the ban"));
+    assert!(!on_a.contains("after the ban"), "a soft-failed event reached A's clients");
+}

@@ -450,6 +450,19 @@ impl<'a> RoomWriter<'a> {
             }),
         }
         .map_err(|reason| Error::forbidden(format!("event not authorized: {reason}")))?;
+        // Soft failure: an event allowed in its own branch but not by the room's current state
+        // (say, from a user banned meanwhile) is kept, so other events may point at it, but it
+        // reaches no client, changes no state and is no forward extremity.
+        if branch_state.is_some()
+            && ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, &pdu, |kind: &StateEventType, key: &str| {
+                self.state_event(&kind.to_string(), key).ok().flatten()
+            })
+            .is_err()
+        {
+            tracing::info!(event_id = %pdu.event_id, room_id = %self.room_id, "soft-failed an event from another branch");
+            self.stage_outlier(&signed, record.snapshot)?;
+            return Ok(pdu);
+        }
         crate::clinic::authorize(&self.policy_context(), &pdu)?;
         self.rooms.plugins.check_event(&pdu, self)?;
         let mut record = record;
@@ -486,6 +499,19 @@ impl<'a> RoomWriter<'a> {
             self.apply_state(resolved, &branch_after)?;
         }
         Ok(pdu)
+    }
+
+    /// Stores an event without placing it in the room: no timeline entry, no state, not a
+    /// forward extremity (soft-failed events).
+    fn stage_outlier(&mut self, signed: &SignedPdu, snapshot: u64) -> Result<()> {
+        let store = &self.rooms.store;
+        let ticket = store.streams().allocate(store)?;
+        let meta = EventMeta { pos: ticket.pos(), state_before: snapshot, state_after: snapshot, replaces_state: None, txn: None, redacted_by: None };
+        self.batch.put(store, tables::PDUS, signed.pdu.event_id.as_bytes(), &signed.to_bytes());
+        self.batch.put_json(store, tables::EVENT_META, signed.pdu.event_id.as_bytes(), &meta)?;
+        self.staged_events.insert(signed.pdu.event_id.clone(), signed.pdu.clone());
+        self.tickets.push(ticket);
+        Ok(())
     }
 
     /// The state before `pdu` in its own branch: the state after its prev event, or the
