@@ -250,6 +250,10 @@ async fn a_user_joins_a_room_on_another_server_and_messages_flow_both_ways() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 
+    // Presence too.
+    bob.ok(Method::PUT, &format!("/_matrix/client/v3/presence/{}/status", enc(&bob.user_id)), Some(json!({ "presence": "online", "status_msg": "in a session" }))).await;
+    eventually_syncs(&alice, |sync: &Value| sync["presence"]["events"].as_array().into_iter().flatten().any(|e| e["sender"] == bob.user_id.as_str() && e["content"]["status_msg"] == "in a session")).await;
+
     // B goes down; what A sends meanwhile is queued and delivered when B is back.
     b.server.stop().await;
     alice.send_text(&room, "a2", "while B was down").await;

@@ -446,8 +446,8 @@ async fn join_via(server: &Server, federation: &Federation, user: &UserId, room_
     writer.commit()
 }
 
-/// Typing notifications, read receipts, to-device messages and device-list (and signing-key)
-/// updates of the origin's users. Presence is not handled yet.
+/// Typing notifications, read receipts, presence, to-device messages and device-list (and
+/// signing-key) updates of the origin's users.
 pub fn receive_edus(server: &Server, origin: &ruma::ServerName, edus: &[ruma::serde::Raw<ruma::api::federation::transactions::edu::Edu>]) {
     for edu in edus {
         let Ok(edu) = serde_json::from_str::<JsonValue>(edu.json().get()) else { continue };
@@ -456,6 +456,7 @@ pub fn receive_edus(server: &Server, origin: &ruma::ServerName, edus: &[ruma::se
             Some("m.typing") => receive_typing(server, origin, &content),
             Some("m.receipt") => receive_receipts(server, origin, &content),
             Some("m.direct_to_device") => receive_to_device(server, origin, &content),
+            Some("m.presence") => receive_presence(server, origin, &content),
             Some("m.device_list_update") | Some("m.signing_key_update") => receive_key_change(server, origin, &content),
             _ => Ok(()),
         };
@@ -572,4 +573,21 @@ fn receive_key_change(server: &Server, origin: &ruma::ServerName, content: &Json
         return Err(Error::forbidden("device lists come from the user's server"));
     }
     server.e2ee.record_remote_key_change(&user)
+}
+
+/// Presence of the origin's users, as our users' syncs show it for people they share a room with.
+fn receive_presence(server: &Server, origin: &ruma::ServerName, content: &JsonValue) -> Result<()> {
+    if !server.config.presence.enabled {
+        return Ok(());
+    }
+    for update in content.get("push").and_then(JsonValue::as_array).into_iter().flatten() {
+        let Some(user) = update.get("user_id").and_then(JsonValue::as_str).and_then(|u| ruma::OwnedUserId::try_from(u).ok()) else { continue };
+        let Some(presence) = update.get("presence").and_then(JsonValue::as_str).filter(|p| matches!(*p, "online" | "offline" | "unavailable")) else { continue };
+        if user.server_name() != origin {
+            continue;
+        }
+        let status = update.get("status_msg").and_then(JsonValue::as_str).map(str::to_owned);
+        server.users.set_presence(&user, presence, status)?;
+    }
+    Ok(())
 }

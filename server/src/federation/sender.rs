@@ -89,6 +89,26 @@ pub fn signing_keys_changed(server: &Server, user: &ruma::UserId) -> crate::Resu
     queue_edu(server, &destinations, &serde_json::json!({ "edu_type": "m.signing_key_update", "content": content }))
 }
 
+/// Tells the servers sharing a room with `user` their presence (`m.presence`).
+pub fn presence_changed(server: &Server, user: &ruma::UserId) -> crate::Result<()> {
+    if server.federation.is_none() || !server.config.presence.enabled {
+        return Ok(());
+    }
+    let Some(presence) = server.users.presence(user)? else { return Ok(()) };
+    let destinations = servers_sharing_rooms(server, user)?;
+    let now: u64 = ruma::MilliSecondsSinceUnixEpoch::now().0.into();
+    let mut update = serde_json::json!({
+        "user_id": user,
+        "presence": presence.presence,
+        "last_active_ago": now.saturating_sub(presence.last_active_ts),
+        "currently_active": presence.presence == "online",
+    });
+    if let Some(status) = presence.status_msg {
+        update["status_msg"] = serde_json::json!(status);
+    }
+    queue_edu(server, &destinations, &serde_json::json!({ "edu_type": "m.presence", "content": { "push": [update] } }))
+}
+
 /// Per destination: when to try again, and the current backoff.
 #[derive(Default)]
 pub struct Backoff(Mutex<HashMap<OwnedServerName, (Instant, Duration)>>);
