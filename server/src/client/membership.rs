@@ -83,11 +83,7 @@ async fn join(server: &AppState, user: &UserId, room_id: &ruma::RoomId, via: &[r
     if server.rooms.is_joined(room_id, user)? {
         return Ok(());
     }
-    // Without a joined member here, this server's view of the room may be out of date: the
-    // join goes through a server that is in it.
-    let ours = server.server_name();
-    let present = server.rooms.exists(room_id)? && server.rooms.joined_members(room_id)?.iter().any(|member| member.server_name() == ours);
-    if !present && server.federation.is_some() && room_id.server_name().is_some_and(|owner| owner != ours) {
+    if server.rooms.reached_over_federation(room_id)? {
         return crate::federation::events::join_remote(server, user, room_id, via).await;
     }
     set_membership(server, user, room_id, user, "join", reason, passcode).await.map(drop)
@@ -204,9 +200,7 @@ async fn knock(
     if server.rooms.is_joined(&room_id, &caller.user_id)? {
         return Err(Error::forbidden("you are already joined to this room"));
     }
-    let ours = server.server_name();
-    let present = server.rooms.exists(&room_id)? && server.rooms.joined_members(&room_id)?.iter().any(|member| member.server_name() == ours);
-    if !present && server.federation.is_some() && room_id.server_name().is_some_and(|owner| owner != ours) {
+    if server.rooms.reached_over_federation(&room_id)? {
         crate::federation::events::membership_remote(&server, &caller.user_id, &room_id, &req.body.via, "knock", req.body.reason.as_deref()).await?;
         return Ok(knock_room::v3::Response::new(room_id).into());
     }

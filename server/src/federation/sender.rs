@@ -49,13 +49,8 @@ pub fn queue_edu(server: &Server, destinations: &HashSet<OwnedServerName>, edu: 
 pub fn servers_sharing_rooms(server: &Server, user: &ruma::UserId) -> crate::Result<HashSet<OwnedServerName>> {
     let mut servers = HashSet::new();
     for (room_id, entry) in server.rooms.user_rooms(user)? {
-        if entry.membership != crate::rooms::Membership::Join {
-            continue;
-        }
-        for member in server.rooms.joined_members(&room_id)? {
-            if member.server_name() != server.server_name() {
-                servers.insert(member.server_name().to_owned());
-            }
+        if entry.membership == crate::rooms::Membership::Join {
+            servers.extend(server.rooms.remote_servers(&room_id)?);
         }
     }
     Ok(servers)

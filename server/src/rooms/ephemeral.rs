@@ -99,12 +99,7 @@ impl Rooms {
         if !self.federating || user_id.server_name() != ours {
             return Ok(false);
         }
-        let servers: std::collections::BTreeSet<ruma::OwnedServerName> = self
-            .members(room_id)?
-            .into_iter()
-            .filter(|(user, membership)| *membership == super::Membership::Join && user.server_name() != ours)
-            .map(|(user, _)| user.server_name().to_owned())
-            .collect();
+        let servers = self.remote_servers(room_id)?;
         for server in &servers {
             batch.put_json(&self.store, tables::FEDERATION_EDUS, &Key::new().str(server.as_str()).u64(pos).into_vec(), edu)?;
         }

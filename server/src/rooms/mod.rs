@@ -217,6 +217,20 @@ impl Rooms {
         Ok(self.store.get_json(tables::REMOTE_ROOM_STATE, room_id.as_bytes())?.unwrap_or_default())
     }
 
+    /// The other servers with a joined member in the room.
+    pub fn remote_servers(&self, room_id: &RoomId) -> Result<std::collections::BTreeSet<ruma::OwnedServerName>> {
+        let ours = self.key.server_name();
+        Ok(self.joined_members(room_id)?.into_iter().map(|user| user.server_name().to_owned()).filter(|server| server != ours).collect())
+    }
+
+    /// Whether a membership change in the room must go through another server: this server has
+    /// no joined member there (its view may be stale or missing) and the room is another's.
+    pub fn reached_over_federation(&self, room_id: &RoomId) -> Result<bool> {
+        let ours = self.key.server_name();
+        let present = self.exists(room_id)? && self.joined_members(room_id)?.iter().any(|member| member.server_name() == ours);
+        Ok(self.federating && !present && room_id.server_name().is_some_and(|owner| owner != ours))
+    }
+
     /// A stored event as other servers get it: its signed JSON without our `event_id`.
     pub fn federation_pdu(&self, event_id: &ruma::EventId) -> Result<Option<Box<serde_json::value::RawValue>>> {
         let Some(bytes) = self.store.get(tables::PDUS, event_id.as_bytes())? else { return Ok(None) };
