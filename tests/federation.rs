@@ -169,6 +169,14 @@ async fn unsigned_forged_and_unwelcome_requests_are_refused() {
     assert_eq!(carol.get(&format!("/_matrix/client/v3/profile/{}", enc(&bob.user_id))).await.0, StatusCode::OK);
 }
 
+/// A therapist of `server`, verified by an admin of it.
+async fn verified_therapist(server: &TestServer) -> common::Client {
+    let admin = server.register_admin("admin").await;
+    let therapist = server.register("therapist").await;
+    admin.ok(Method::PUT, &format!("/_limbic/admin/v1/therapists/{}", enc(&therapist.user_id)), Some(json!({ "verified": true }))).await;
+    therapist
+}
+
 /// Waits until `client`'s sync shows `body` in `room`'s timeline.
 async fn eventually_sees(client: &common::Client, room: &str, body: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -271,9 +279,7 @@ async fn a_client_of_another_clinic_is_invited_to_and_joins_a_therapy_session() 
     let dir = tempfile::tempdir().unwrap();
     let ca = test_ca(dir.path());
     let (a, b) = (federated(&ca, "").await, federated(&ca, "").await);
-    let admin = a.server.register_admin("admin").await;
-    let therapist = a.server.register("therapist").await;
-    admin.ok(Method::PUT, &format!("/_limbic/admin/v1/therapists/{}", enc(&therapist.user_id)), Some(json!({ "verified": true }))).await;
+    let therapist = verified_therapist(&a.server).await;
     let client = b.server.register("client").await;
     let stranger = b.server.register("stranger").await;
 
@@ -310,9 +316,7 @@ async fn a_passcode_protected_session_admits_nobody_from_another_server() {
     let dir = tempfile::tempdir().unwrap();
     let ca = test_ca(dir.path());
     let (a, b) = (federated(&ca, "").await, federated(&ca, "").await);
-    let admin = a.server.register_admin("admin").await;
-    let therapist = a.server.register("therapist").await;
-    admin.ok(Method::PUT, &format!("/_limbic/admin/v1/therapists/{}", enc(&therapist.user_id)), Some(json!({ "verified": true }))).await;
+    let therapist = verified_therapist(&a.server).await;
     let client = b.server.register("client").await;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
     let created = therapist
@@ -396,9 +400,7 @@ async fn clients_of_another_clinic_wait_in_the_waiting_room_and_are_admitted_or_
     let dir = tempfile::tempdir().unwrap();
     let ca = test_ca(dir.path());
     let (a, b) = (federated(&ca, "").await, federated(&ca, "").await);
-    let admin = a.server.register_admin("admin").await;
-    let therapist = a.server.register("therapist").await;
-    admin.ok(Method::PUT, &format!("/_limbic/admin/v1/therapists/{}", enc(&therapist.user_id)), Some(json!({ "verified": true }))).await;
+    let therapist = verified_therapist(&a.server).await;
     let (guest, other) = (b.server.register("guest").await, b.server.register("other").await);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
     let created = therapist
