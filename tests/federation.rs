@@ -311,6 +311,33 @@ async fn a_client_of_another_clinic_is_invited_to_and_joins_a_therapy_session() 
     eventually_sees(&therapist, &room, "thank you").await;
 }
 
+/// A version 12 room id names no server: an invited user's server reaches the room through the
+/// inviter's server, and the creator acts with implied power.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invite_to_a_version_12_room_is_joined_through_the_inviters_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = test_ca(dir.path());
+    let (a, b) = (federated(&ca, "").await, federated(&ca, "").await);
+    let alice = a.server.register("alice").await;
+    let bob = b.server.register("bob").await;
+    let room = alice.create_room(json!({ "preset": "private_chat", "room_version": "12", "invite": [bob.user_id] })).await;
+    let create = alice.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/state/m.room.create/", enc(&room)), None).await;
+    assert_eq!(create["room_version"], "12");
+    eventually_syncs(&bob, |sync: &Value| sync["rooms"]["invite"].get(&room).is_some()).await;
+    bob.ok(Method::POST, &format!("/_matrix/client/v3/rooms/{}/join", enc(&room)), Some(json!({}))).await;
+    bob.send_text(&room, "b1", "joined a hash-named room").await;
+    eventually_sees(&alice, &room, "joined a hash-named room").await;
+    // The creator is in no power level list, yet may change the power levels and kick.
+    let power = power_levels_of(&alice, &room).await;
+    assert!(power["users"].get(&alice.user_id).is_none(), "{power}");
+    alice.ok(Method::POST, &format!("/_matrix/client/v3/rooms/{}/kick", enc(&room)), Some(json!({ "user_id": bob.user_id }))).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while bob.ok(Method::GET, "/_matrix/client/v3/joined_rooms", None).await["joined_rooms"].as_array().unwrap().iter().any(|r| r == room.as_str()) {
+        assert!(std::time::Instant::now() < deadline, "bob's server never heard of the kick");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_passcode_protected_session_admits_nobody_from_another_server() {
     let dir = tempfile::tempdir().unwrap();
@@ -456,17 +483,31 @@ async fn a_rotated_key_stays_published_as_an_old_key() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_state_changes_on_two_servers_resolve_to_the_same_state_on_all_three() {
+    concurrent_state_changes_converge("11").await;
+}
+
+/// Version 12: room ids are the create event's hash (so joins need `via`), the creator's power
+/// is implied, and state resolution is v2.1.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_state_changes_converge_in_a_version_12_room() {
+    concurrent_state_changes_converge("12").await;
+}
+
+async fn concurrent_state_changes_converge(room_version: &str) {
     let dir = tempfile::tempdir().unwrap();
     let ca = test_ca(dir.path());
     let (a, b, c) = (federated(&ca, "").await, federated(&ca, "").await, federated(&ca, "").await);
     let alice = a.server.register("alice").await;
     let (bob, carol) = (b.server.register("bob").await, c.server.register("carol").await);
-    let room = alice.create_room(json!({ "preset": "public_chat", "name": "Original" })).await;
+    let room = alice.create_room(json!({ "preset": "public_chat", "name": "Original", "room_version": room_version })).await;
+    assert_eq!(room.contains(':'), room_version != "12", "a version {room_version} room id: {room}");
     for client in [&bob, &carol] {
         client.ok(Method::POST, &format!("/_matrix/client/v3/join/{}?via={}", enc(&room), enc(&a.name)), Some(json!({}))).await;
     }
     let state_path = |kind: &str| format!("/_matrix/client/v3/rooms/{}/state/{kind}/", enc(&room));
     let mut power = alice.ok(Method::GET, &state_path("m.room.power_levels"), None).await;
+    // Since v12 the creator is in no power level list: their power is implied.
+    assert_eq!(power["users"].get(&alice.user_id).is_some(), room_version != "12", "{power}");
     power["users"][&bob.user_id] = json!(100);
     power["users"][&carol.user_id] = json!(100);
     alice.ok(Method::PUT, &state_path("m.room.power_levels"), Some(power)).await;

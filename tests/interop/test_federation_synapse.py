@@ -670,6 +670,17 @@ def state_content(base_url: str, account: Account, room_id: str, kind: str, key:
     return client(base_url, "GET", f"/_matrix/client/v3/rooms/{q(room_id)}/state/{kind}/{q(key)}", account.access_token)
 
 
+def assert_same_state(resident_url: str, resident: Account, joined_url: str, joined: Account, room_id: str,
+                      kinds: tuple[str, ...], limbic, synapse) -> None:
+    """The joined server shows the resident's current state for each of `kinds`, which is set."""
+    for kind in kinds:
+        status, expected = state_content(resident_url, resident, room_id, kind)
+        assert status == 200 and expected, f"resident GET /rooms/{room_id}/state/{kind} -> {status}: {expected}"
+        eventually(f"{joined.user_id}'s server shows {kind} {expected} in {room_id}",
+                   lambda: (lambda got: (got == (200, expected), got))(state_content(joined_url, joined, room_id, kind)),
+                   context=lambda: logs(limbic, synapse))
+
+
 @dataclass
 class SharedRoom:
     room_id: str
@@ -677,16 +688,24 @@ class SharedRoom:
     before: str  # sent on the resident server before the other joined
 
 
-@pytest.fixture(scope="module")
-def limbic_room(server, synapse, users) -> SharedRoom:
+# Every test of a shared room runs in version 11 (room ids with a server name, the creator's
+# power in m.room.power_levels) and 12 (room ids that are the create event's hash, creators with
+# implied power, state resolution v2.1).
+ROOM_VERSIONS = ["11", "12"]
+
+
+@pytest.fixture(scope="module", params=ROOM_VERSIONS)
+def limbic_room(request, server, synapse, users) -> SharedRoom:
     """A public room on Limbic that Synapse's user joins (Synapse's make_join/send_join against
     Limbic)."""
     lina, sam = users.lina, users.sam
-    name = f"Limbic clinic {RUN}"
+    name = f"Limbic clinic v{request.param} {RUN}"
     status, room = client(server.url, "POST", "/_matrix/client/v3/createRoom", lina.access_token,
-                          {"preset": "public_chat", "name": name, "topic": "made on Limbic"})
+                          {"preset": "public_chat", "name": name, "topic": "made on Limbic",
+                           "room_version": request.param})
     assert status == 200, f"Limbic createRoom -> {status}: {room}"
     room_id = room["room_id"]
+    assert (":" in room_id) == (request.param == "11"), f"a version {request.param} room id: {room_id}"
     before = f"on Limbic before Synapse joined {RUN}"
     send_text(server.url, lina, room_id, before)
 
@@ -720,19 +739,17 @@ def synapse_room_joined_by_limbic(server, synapse, users, room_version: str | No
     return SharedRoom(room_id, name, before)
 
 
-@pytest.fixture(scope="module")
-def synapse_room(server, synapse, users) -> SharedRoom:
-    """A version 11 room on Synapse (the newest version Limbic has) joined by Limbic's user."""
-    return synapse_room_joined_by_limbic(server, synapse, users, "11")
+@pytest.fixture(scope="module", params=ROOM_VERSIONS)
+def synapse_room(request, server, synapse, users) -> SharedRoom:
+    """A room on Synapse joined by Limbic's user."""
+    return synapse_room_joined_by_limbic(server, synapse, users, request.param)
 
 
 def test_synapse_user_joins_a_room_on_limbic(server, synapse, users, limbic_room):
     lina, sam = users.lina, users.sam
     room_id = limbic_room.room_id
-    # Synapse has the room's state from Limbic's send_join answer.
-    status, body = state_content(synapse.url, sam, room_id, "m.room.name")
-    assert (status, body) == (200, {"name": limbic_room.name}), \
-        f"Synapse client GET /rooms/{room_id}/state/m.room.name -> {status}: {body}{logs(server, synapse)}"
+    # Synapse has the room's state from Limbic's send_join answer (and what changed since).
+    assert_same_state(server.url, lina, synapse.url, sam, room_id, ("m.room.name", "m.room.topic"), server, synapse)
     status, body = state_content(synapse.url, sam, room_id, "m.room.member", sam.user_id)
     assert status == 200 and body.get("membership") == "join", f"Synapse: sam's membership -> {status}: {body}"
     has_member(synapse.url, sam, room_id, lina.user_id, "Synapse", server, synapse)
@@ -763,11 +780,8 @@ def test_messages_flow_both_ways_in_a_limbic_room(server, synapse, users, limbic
 def test_limbic_user_joins_a_room_on_synapse(server, synapse, users, synapse_room):
     lina, sam = users.lina, users.sam
     room_id = synapse_room.room_id
-    # Limbic stored the state Synapse's send_join answered with.
-    for kind, expected in (("m.room.name", {"name": synapse_room.name}), ("m.room.topic", {"topic": "made on Synapse"})):
-        status, body = state_content(server.url, lina, room_id, kind)
-        assert status == 200 and {k: body.get(k) for k in expected} == expected, \
-            f"Limbic client GET /rooms/{room_id}/state/{kind} -> {status}: {body}{logs(server, synapse)}"
+    # Limbic stored the state Synapse's send_join answered with (and what changed since).
+    assert_same_state(synapse.url, sam, server.url, lina, room_id, ("m.room.name", "m.room.topic"), server, synapse)
     status, body = state_content(server.url, lina, room_id, "m.room.create")
     assert status == 200 and body.get("creator", sam.user_id) == sam.user_id, f"Limbic: m.room.create -> {status}: {body}"
     status, body = state_content(server.url, lina, room_id, "m.room.member", lina.user_id)
@@ -815,7 +829,6 @@ def test_transactions_with_edus_still_deliver_pdus(server, synapse, users, limbi
     sees_message(server.url, lina, room_id, text, "Limbic", server, synapse)
 
 
-@pytest.mark.xfail(strict=True, reason="room version 12 (Synapse's default) is not implemented yet: issue 6")
 def test_limbic_user_joins_a_room_of_synapses_default_version(server, synapse, users):
     """Synapse creates rooms in its default version (12 in Synapse 1.163: room ids without a
     server name, the creator's power implied by m.room.create). A Limbic user cannot join one
@@ -835,12 +848,15 @@ def initial_sync(base_url: str, account: Account) -> tuple[int, dict]:
 
 def test_sync_shows_the_other_servers_messages(server, synapse, users, limbic_room, synapse_room):
     """What a client actually reads: the joined room and the other server's messages in /sync."""
-    for base, account, where, room, other in (
-        (server.url, users.lina, "Limbic", synapse_room, users.sam),
-        (synapse.url, users.sam, "Synapse", limbic_room, users.lina),
-        (server.url, users.lina, "Limbic", limbic_room, users.sam),
-        (synapse.url, users.sam, "Synapse", synapse_room, users.lina),
+    for base, account, where, room, other, other_base in (
+        (server.url, users.lina, "Limbic", synapse_room, users.sam, synapse.url),
+        (synapse.url, users.sam, "Synapse", limbic_room, users.lina, server.url),
+        (server.url, users.lina, "Limbic", limbic_room, users.sam, synapse.url),
+        (synapse.url, users.sam, "Synapse", synapse_room, users.lina, server.url),
     ):
+        text = f"for {account.user_id}'s sync {secrets.token_hex(4)}"
+        send_text(other_base, other, room.room_id, text)
+
         def attempt():
             status, body = initial_sync(base, account)
             joined = body.get("rooms", {}).get("join", {}).get(room.room_id) if status == 200 else None
@@ -848,7 +864,7 @@ def test_sync_shows_the_other_servers_messages(server, synapse, users, limbic_ro
                 return False, (status, "room not in rooms.join" if status == 200 else body)
             events = joined.get("timeline", {}).get("events", [])
             from_other = [e["content"].get("body") for e in events if e.get("sender") == other.user_id and e.get("type") == "m.room.message"]
-            return bool(from_other), (status, [(e.get("type"), e.get("sender"), e.get("content", {}).get("body")) for e in events])
+            return text in from_other, (status, [(e.get("type"), e.get("sender"), e.get("content", {}).get("body")) for e in events])
         eventually(f"{where}: {account.user_id}'s /sync has {room.room_id} with messages of {other.user_id}",
                    attempt, context=lambda: logs(server, synapse, 30))
 

@@ -212,7 +212,7 @@ mod tests {
     use super::*;
     use crate::{
         config::Config,
-        events::{DEFAULT_ROOM_VERSION, new_room_id},
+        events::DEFAULT_ROOM_VERSION,
         rooms::TxnInfo,
         store::tables,
         users::local_user_id,
@@ -232,9 +232,9 @@ mod tests {
             server.users.create(user, None, false).unwrap();
         }
 
-        let room_id = new_room_id(server.server_name());
-        let mut writer = server.rooms.writer(&room_id).await.unwrap();
-        writer.init_room(DEFAULT_ROOM_VERSION).unwrap();
+        let create = PduBuilder::state("m.room.create", "", json!({}));
+        let mut writer = server.rooms.new_room(DEFAULT_ROOM_VERSION, &alice, [create]).await.unwrap();
+        let room_id = writer.room_id().clone();
         let message = |body: &str, relates_to: Option<JsonValue>| {
             let mut content = json!({ "msgtype": "m.text", "body": body });
             if let Some(relates_to) = relates_to {
@@ -246,7 +246,6 @@ mod tests {
             let txn = txn.map(|t| TxnInfo { device_id: "DEVICE".to_owned(), txn_id: t.to_owned() });
             writer.append(sender, builder, txn).unwrap().event_id
         };
-        append(&alice, PduBuilder::state("m.room.create", "", json!({ "room_version": DEFAULT_ROOM_VERSION.as_str() })), None);
         append(&alice, PduBuilder::state("m.room.member", alice.as_str(), json!({ "membership": "join" })), None);
         append(&alice, PduBuilder::state("m.room.power_levels", "", json!({ "users": { alice.as_str(): 100 } })), None);
         append(&alice, PduBuilder::state("m.room.join_rules", "", json!({ "join_rule": "public" })), None);

@@ -21,7 +21,7 @@ use crate::{
     audit::AuditRecord,
     clinic::{BREAKOUT, Breakout, CALL_MEMBER, ROLE, Role, SESSION, Session, role_key, role_user},
     error::{Error, Result},
-    events::{PduBuilder, new_room_id},
+    events::PduBuilder,
     rooms::RoomWriter,
     users::Caller,
 };
@@ -162,9 +162,6 @@ async fn create_breakout(State(server): State<AppState>, Authed(caller): Authed,
     }
 
     let mut main = server.rooms.writer(&session_room).await?;
-    let breakout_id = new_room_id(server.server_name());
-    let mut breakout = server.rooms.writer(&breakout_id).await?;
-    breakout.init_room(RoomVersionId::V11)?;
     let therapists: Vec<&(OwnedUserId, Role)> = roles.iter().filter(|(_, role)| role.is_therapist()).collect();
     let power_users: serde_json::Map<String, JsonValue> = therapists.iter().map(|(user, role)| (user.to_string(), json!(role.power_level()))).collect();
     let staff = Role::CoTherapist.power_level();
@@ -183,9 +180,8 @@ async fn create_breakout(State(server): State<AppState>, Authed(caller): Authed,
         PduBuilder::state("m.space.parent", session_room.as_str(), json!({ "via": via, "canonical": true })),
         PduBuilder::state(BREAKOUT, "", json!({ "session_room": session_room, "name": request.name, "closed": false })),
     ];
-    for builder in events {
-        breakout.append(&caller.user_id, builder, None)?;
-    }
+    let mut breakout = server.rooms.new_room(RoomVersionId::V11, &caller.user_id, events).await?;
+    let breakout_id = breakout.room_id().clone();
     let mut others = Vec::new();
     let invitees = therapists.iter().map(|(user, _)| user).chain(&request.participants).filter(|user| **user != caller.user_id);
     for user in invitees {

@@ -13,7 +13,7 @@ use serde_json::{Value as JsonValue, json};
 use super::{AppState, Ruma, RumaResponse, account::strip_nulls, events::client_event, route};
 use crate::{
     error::{Error, ErrorCode, Result},
-    events::{DEFAULT_ROOM_VERSION, PduBuilder, new_room_id},
+    events::{DEFAULT_ROOM_VERSION, PduBuilder},
     ratelimit::Action,
     rooms::Membership,
 };
@@ -25,12 +25,9 @@ pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
     route::<joined_members::v3::Request, _, _>(router, joined_members_handler)
 }
 
-fn default_power_levels(creator: &str, trusted: &[String]) -> JsonValue {
-    let mut users = serde_json::Map::new();
-    users.insert(creator.to_owned(), json!(100));
-    for user in trusted {
-        users.insert(user.clone(), json!(100));
-    }
+/// The default power levels, with `admins` at 100.
+fn default_power_levels(admins: &[String]) -> JsonValue {
+    let users: serde_json::Map<String, JsonValue> = admins.iter().map(|user| (user.clone(), json!(100))).collect();
     json!({
         "users": users,
         "users_default": 0,
@@ -72,7 +69,7 @@ async fn create_room_handler(
     let body = &req.body;
     let creator = caller.user_id.clone();
     let version = body.room_version.clone().unwrap_or(DEFAULT_ROOM_VERSION);
-    crate::events::rules_for(&version)?;
+    let rules = crate::events::rules_for(&version)?;
 
     let alias: Option<OwnedRoomAliasId> = match &body.room_alias_name {
         Some(local) => {
@@ -112,12 +109,20 @@ async fn create_room_handler(
     if !create_content.is_object() {
         return Err(Error::bad_json("creation_content must be an object"));
     }
-    create_content["room_version"] = json!(version.as_str());
     if version == ruma::RoomVersionId::V10 {
         create_content["creator"] = json!(creator);
     }
-
-    let mut power_levels = default_power_levels(creator.as_str(), &trusted);
+    // Since v12 the creators' power is implied by m.room.create and may not be in power levels;
+    // a trusted private chat makes its invitees creators too, as Synapse does.
+    let creators_privileged = rules.authorization.explicitly_privilege_room_creators;
+    let mut power_levels = if creators_privileged {
+        if !trusted.is_empty() {
+            create_content["additional_creators"] = json!(trusted);
+        }
+        default_power_levels(&[])
+    } else {
+        default_power_levels(&std::iter::once(creator.to_string()).chain(trusted).collect::<Vec<_>>())
+    };
     if let Some(raw) = &body.power_level_content_override {
         let overrides: JsonValue = serde_json::from_str(raw.json().get()).map_err(|e| Error::bad_json(e.to_string()))?;
         merge_into(&mut power_levels, overrides);
@@ -172,13 +177,9 @@ async fn create_room_handler(
     }
 
     // The whole room is one atomic write: a crash never leaves half a room.
-    let room_id = new_room_id(server.server_name());
-    let mut writer = server.rooms.writer(&room_id).await?;
-    writer.init_room(version)?;
     let count = events.len() as u64;
-    for builder in events {
-        writer.append(&creator, builder, None)?;
-    }
+    let writer = server.rooms.new_room(version, &creator, events).await?;
+    let room_id = writer.room_id().clone();
     writer.commit()?;
     server.metrics.events_persisted.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
     if let Some(alias) = &alias {

@@ -21,7 +21,7 @@ use crate::{
     audit::AuditRecord,
     clinic::{CALL_MEMBER, Kind, NOTE, NOTES_FOR, ROLE, RecordingPolicy, Role, SESSION, Session, Status, role_key, role_user},
     error::{Error, Result},
-    events::{PduBuilder, new_room_id},
+    events::PduBuilder,
     users::Caller,
 };
 
@@ -167,12 +167,8 @@ pub(super) async fn stage_session<'s>(
         events.push(PduBuilder::state("m.room.member", p.user_id.as_str(), json!({ "membership": "invite" })));
     }
 
-    let room_id = new_room_id(server.server_name());
-    let mut writer = server.rooms.writer(&room_id).await?;
-    writer.init_room(RoomVersionId::V11)?;
-    for builder in events {
-        writer.append(&therapist, builder, None)?;
-    }
+    let mut writer = server.rooms.new_room(RoomVersionId::V11, &therapist, events).await?;
+    let room_id = writer.room_id().clone();
     if let Some(passcode) = request.passcode.as_deref().filter(|p| !p.is_empty()) {
         let clinic = &server.clinic;
         clinic.stage_passcode(writer.batch(), &room_id, passcode)?;
@@ -391,12 +387,8 @@ async fn notes_room(server: &AppState, caller: &Caller, session_room: &ruma::Roo
         PduBuilder::state("m.room.history_visibility", "", json!({ "history_visibility": "joined" })),
         PduBuilder::state(NOTES_FOR, "", json!({ "room_id": session_room })),
     ];
-    let room_id = new_room_id(server.server_name());
-    let mut writer = server.rooms.writer(&room_id).await?;
-    writer.init_room(RoomVersionId::V11)?;
-    for builder in events {
-        writer.append(therapist, builder, None)?;
-    }
+    let mut writer = server.rooms.new_room(RoomVersionId::V11, therapist, events).await?;
+    let room_id = writer.room_id().clone();
     server.clinic.stage_notes_link(writer.batch(), session_room, &room_id);
     writer.commit()?;
     Ok(room_id)

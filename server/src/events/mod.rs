@@ -18,7 +18,7 @@ pub use signing_key::ServerSigningKey;
 use crate::error::{Error, ErrorCode, Result};
 
 /// The room versions Limbic creates and joins.
-pub const SUPPORTED_ROOM_VERSIONS: &[RoomVersionId] = &[RoomVersionId::V10, RoomVersionId::V11];
+pub const SUPPORTED_ROOM_VERSIONS: &[RoomVersionId] = &[RoomVersionId::V10, RoomVersionId::V11, RoomVersionId::V12];
 pub const DEFAULT_ROOM_VERSION: RoomVersionId = RoomVersionId::V11;
 
 pub fn rules_for(version: &RoomVersionId) -> Result<RoomVersionRules> {
@@ -50,6 +50,10 @@ pub struct Pdu {
     /// Top-level in v10; for v11 it is copied here from `content.redacts` on load.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redacts: Option<OwnedEventId>,
+    /// A v12 `m.room.create` has no `room_id`: the room id is its own event id, filled in on
+    /// load, and the event must not claim one to the auth rules.
+    #[serde(skip)]
+    pub room_id_implied: bool,
 }
 
 #[derive(Deserialize)]
@@ -60,13 +64,32 @@ struct RedactsContent {
 impl Pdu {
     /// Parses a stored canonical PDU (which carries `event_id`).
     pub fn from_stored(bytes: &[u8]) -> Result<Self> {
-        let mut pdu: Pdu = serde_json::from_slice(bytes)
-            .map_err(|e| Error::internal(format!("corrupt stored PDU: {e}")))?;
+        let corrupt = |e: serde_json::Error| Error::internal(format!("corrupt stored PDU: {e}"));
+        let mut pdu: Pdu = match serde_json::from_slice(bytes) {
+            Ok(pdu) => pdu,
+            Err(error) if error.to_string().starts_with("missing field `room_id`") => Self::with_implied_room_id(bytes)?,
+            Err(error) => return Err(corrupt(error)),
+        };
         if pdu.redacts.is_none() && pdu.kind == TimelineEventType::RoomRedaction {
             pdu.redacts = serde_json::from_str::<RedactsContent>(pdu.content.get())
                 .ok()
                 .and_then(|c| c.redacts);
         }
+        Ok(pdu)
+    }
+
+    /// A v12 create event: its room id is `!` and its reference hash (its event id's).
+    fn with_implied_room_id(bytes: &[u8]) -> Result<Self> {
+        let corrupt = |e: String| Error::internal(format!("corrupt stored PDU: {e}"));
+        let mut object: serde_json::Map<String, JsonValue> = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+        if object.get("type").and_then(JsonValue::as_str) != Some("m.room.create") {
+            return Err(corrupt("an event without a room_id".into()));
+        }
+        let event_id = object.get("event_id").and_then(JsonValue::as_str).ok_or_else(|| corrupt("no event_id".into()))?;
+        let room_id = RoomId::new_v2(event_id.trim_start_matches('$')).map_err(|e| corrupt(e.to_string()))?;
+        object.insert("room_id".into(), JsonValue::String(room_id.to_string()));
+        let mut pdu: Pdu = serde_json::from_value(JsonValue::Object(object)).map_err(|e| corrupt(e.to_string()))?;
+        pdu.room_id_implied = true;
         Ok(pdu)
     }
 
@@ -120,7 +143,7 @@ impl ruma::state_res::Event for Pdu {
     }
 
     fn room_id(&self) -> Option<&RoomId> {
-        Some(&self.room_id)
+        (!self.room_id_implied).then_some(&*self.room_id)
     }
 
     fn sender(&self) -> &UserId {
@@ -228,7 +251,9 @@ pub fn build_pdu(
     };
     object.insert("type".into(), CanonicalJsonValue::String(builder.kind.to_string()));
     object.insert("content".into(), content);
-    object.insert("room_id".into(), CanonicalJsonValue::String(placement.room_id.to_string()));
+    if builder.kind != TimelineEventType::RoomCreate || placement.rules.event_format.require_room_create_room_id {
+        object.insert("room_id".into(), CanonicalJsonValue::String(placement.room_id.to_string()));
+    }
     object.insert("sender".into(), CanonicalJsonValue::String(placement.sender.to_string()));
     object.insert("origin_server_ts".into(), CanonicalJsonValue::Integer(ts.0.into()));
     object.insert("depth".into(), CanonicalJsonValue::Integer(placement.depth.try_into().map_err(|_| Error::internal("depth overflow"))?));
@@ -288,9 +313,16 @@ pub fn redact_stored(
     Ok(serde_json::to_vec(&object).expect("canonical JSON always serializes"))
 }
 
-/// Room ids are opaque: a random local part and our server name.
-pub fn new_room_id(server_name: &ruma::ServerName) -> OwnedRoomId {
-    RoomId::new_v1(server_name)
+/// The users with unlimited power in a room: since v12, the create event's sender and its
+/// `additional_creators`; before, nobody (the creator's power is in `m.room.power_levels`).
+pub fn privileged_creators(create: &Pdu, rules: &RoomVersionRules) -> Vec<OwnedUserId> {
+    if !rules.authorization.explicitly_privilege_room_creators {
+        return Vec::new();
+    }
+    let additional = create.content_json().get("additional_creators").and_then(JsonValue::as_array).cloned().unwrap_or_default();
+    std::iter::once(create.sender.clone())
+        .chain(additional.iter().filter_map(|user| user.as_str().and_then(|u| OwnedUserId::try_from(u).ok())))
+        .collect()
 }
 
 #[cfg(test)]
@@ -300,6 +332,35 @@ mod tests {
 
     fn key() -> ServerSigningKey {
         ServerSigningKey::generate(server_name!("test.local").to_owned())
+    }
+
+    #[test]
+    fn a_version_12_create_event_is_the_room_id_and_names_no_room() {
+        let key = key();
+        let rules = rules_for(&RoomVersionId::V12).unwrap();
+        let unused = owned_room_id!("!unused:test.local");
+        let sender = owned_user_id!("@a:test.local");
+        let content = serde_json::json!({ "room_version": "12", "additional_creators": ["@b:test.local", 7] });
+        let placement = || PduPlacement { room_id: &unused, sender: &sender, prev_events: vec![], auth_events: vec![], depth: 1, rules: &rules };
+        let signed = build_pdu(PduBuilder::state("m.room.create", "", content), placement(), &key).unwrap();
+        // On the wire it has no room_id; in memory the room id is `!` and the event id's hash.
+        assert!(!signed.canonical.contains_key("room_id"));
+        assert_eq!(signed.pdu.room_id.strip_sigil(), &signed.pdu.event_id.as_str()[1..]);
+        assert!(ruma::state_res::Event::room_id(&signed.pdu).is_none());
+        let mut wire = signed.canonical.clone();
+        wire.remove("event_id");
+        ruma::state_res::check_pdu_format(&wire, &rules.event_format).unwrap();
+        // Loading it back gives the same room id; its creators are the sender and the valid extra.
+        let loaded = Pdu::from_stored(&signed.to_bytes()).unwrap();
+        assert_eq!(loaded.room_id, signed.pdu.room_id);
+        assert_eq!(privileged_creators(&loaded, &rules), vec![sender.clone(), owned_user_id!("@b:test.local")]);
+        assert!(privileged_creators(&loaded, &rules_for(&RoomVersionId::V11).unwrap()).is_empty());
+        // Any other event still needs a room_id.
+        let message = build_pdu(PduBuilder::message("m.room.message", serde_json::json!({})), placement(), &key).unwrap();
+        assert_eq!(message.pdu.room_id, unused);
+        let mut without = message.canonical.clone();
+        without.remove("room_id");
+        assert!(Pdu::from_stored(&serde_json::to_vec(&without).unwrap()).is_err());
     }
 
     #[test]

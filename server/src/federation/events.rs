@@ -14,7 +14,7 @@ use serde_json::{Value as JsonValue, json, value::RawValue};
 use super::Federation;
 use crate::{
     error::{Error, ErrorCode, Result},
-    events::{Pdu, SignedPdu, rules_for},
+    events::{Pdu, SUPPORTED_ROOM_VERSIONS, SignedPdu, rules_for},
     server::Server,
 };
 
@@ -33,6 +33,7 @@ fn event_id_of(object: &CanonicalJsonObject, rules: &RoomVersionRules) -> Result
 pub async fn verify_pdu(federation: &Federation, raw: &RawValue, rules: &RoomVersionRules) -> Result<SignedPdu> {
     let mut object: CanonicalJsonObject = serde_json::from_str(raw.get()).map_err(|e| bad(format!("not a PDU: {e}")))?;
     object.remove("event_id");
+    ruma::state_res::check_pdu_format(&object, &rules.event_format).map_err(|e| bad(format!("malformed PDU: {e}")))?;
     let event_id = event_id_of(&object, rules)?;
     let ts = match object.get("origin_server_ts") {
         Some(CanonicalJsonValue::Integer(ts)) => u64::try_from(i64::from(*ts)).unwrap_or(0),
@@ -104,6 +105,7 @@ async fn receive_pdu(server: &Server, origin: &ruma::ServerName, room_id: &RoomI
         return Err(named(Error::forbidden("events are sent by their sender's server")));
     }
     fill_gap(server, federation, origin, room_id, &signed.pdu, &rules).await;
+    fetch_auth_events(server, federation, origin, room_id, &signed.pdu, &rules).await;
     let mut writer = server.rooms.writer(room_id).await.map_err(named)?;
     writer.append_remote(signed).map_err(named)?;
     writer.commit().map_err(named)?;
@@ -122,7 +124,7 @@ async fn receive_outside_membership(server: &Server, federation: &Federation, or
     let Some(_pending) = pending.filter(|_| user.server_name() == server.server_name() && value.get("type").and_then(JsonValue::as_str) == Some("m.room.member")) else {
         return Err(not_in_room());
     };
-    // Without the room, its version is unknown; versions 10 and 11 (the ones we accept invites
+    // Without the room, its version is unknown; versions 10 to 12 (the ones we accept invites
     // and knocks for) hash and redact membership events the same way.
     let rules = rules_for(&RoomVersionId::V11).map_err(fail)?;
     let signed = verify_pdu(federation, raw, &rules).await.map_err(fail)?;
@@ -169,6 +171,56 @@ async fn fill_gap(server: &Server, federation: &Federation, origin: &ruma::Serve
         if let Err(error) = outcome.await {
             tracing::warn!(%origin, %room_id, %error, "a fetched missing event was not accepted");
         }
+    }
+}
+
+/// How many unknown auth events one received event may make us fetch.
+const AUTH_EVENTS_FETCH_LIMIT: usize = 50;
+
+/// Fetches the auth events of `pdu` this server does not have (and theirs) from the origin
+/// with `/event`, and keeps each that its own auth events allow as an outlier, so that `pdu`
+/// can be checked against them. What cannot be fetched or is refused is logged; `pdu` is then
+/// rejected for an unknown auth event.
+async fn fetch_auth_events(server: &Server, federation: &Federation, origin: &ruma::ServerName, room_id: &RoomId, pdu: &Pdu, rules: &RoomVersionRules) {
+    let unknown = |id: &OwnedEventId| !matches!(server.rooms.pdu(id), Ok(Some(_)));
+    let mut todo: Vec<OwnedEventId> = pdu.auth_events.iter().filter(|id| unknown(id)).cloned().collect();
+    let (mut seen, mut fetched) = (HashSet::new(), Vec::new());
+    while let Some(id) = todo.pop() {
+        if fetched.len() >= AUTH_EVENTS_FETCH_LIMIT || !seen.insert(id.clone()) {
+            continue;
+        }
+        let outcome = async {
+            let answer = federation.send(origin, ruma::api::federation::event::get_event::v1::Request::new(id.clone())).await?;
+            let signed = verify_pdu(federation, &answer.pdu, rules).await?;
+            if signed.pdu.event_id != id || signed.pdu.room_id != room_id {
+                return Err(bad("the server answered with another event"));
+            }
+            Ok(signed)
+        };
+        match outcome.await {
+            Ok(signed) => {
+                todo.extend(signed.pdu.auth_events.iter().filter(|id| unknown(id)).cloned());
+                fetched.push(signed);
+            }
+            Err(error) => tracing::warn!(%origin, %room_id, event_id = %id, %error, "cannot fetch an auth event"),
+        }
+    }
+    if fetched.is_empty() {
+        return;
+    }
+    // An auth event comes after its own auth events, which are less deep.
+    fetched.sort_by_key(|signed| u64::from(signed.pdu.depth));
+    let outcome = async {
+        let mut writer = server.rooms.writer(room_id).await?;
+        for signed in &fetched {
+            if let Err(error) = writer.add_outlier(signed) {
+                tracing::warn!(%origin, %room_id, event_id = %signed.pdu.event_id, %error, "refused a fetched auth event");
+            }
+        }
+        writer.commit()
+    };
+    if let Err(error) = outcome.await {
+        tracing::warn!(%origin, %room_id, %error, "cannot keep fetched auth events");
     }
 }
 
@@ -291,13 +343,13 @@ fn stripped_for_clients(state: &[ruma::api::federation::membership::RawStrippedS
 /// shows the knock (with the room's state) or the leave.
 pub async fn membership_remote(server: &Server, user: &UserId, room_id: &RoomId, via: &[OwnedServerName], membership: &str, reason: Option<&str>) -> Result<()> {
     let federation = server.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled on this server"))?;
-    let candidates = residents(server, room_id, via);
+    let candidates = residents(server, user, room_id, via);
     let mut last_error = Error::not_found("no server to reach the room through");
     for resident in candidates {
         let attempt = async {
             let (version, template) = if membership == "knock" {
                 let mut make = ruma::api::federation::membership::prepare_knock_event::v1::Request::new(room_id.to_owned(), user.to_owned());
-                make.ver = vec![RoomVersionId::V10, RoomVersionId::V11];
+                make.ver = SUPPORTED_ROOM_VERSIONS.to_vec();
                 let answer = federation.send(&resident, make).await?;
                 (answer.room_version, answer.event)
             } else {
@@ -364,19 +416,23 @@ pub async fn send_join(server: &Server, origin: &ruma::ServerName, request: &cre
     }))
 }
 
-/// The servers to reach a room through: the `via` servers, then the one its id names, each once.
-fn residents(server: &Server, room_id: &RoomId, via: &[OwnedServerName]) -> Vec<OwnedServerName> {
+/// The servers to reach a room through, each once: the `via` servers, the server of whoever
+/// invited the user (or answered their knock), then the one the room id names (up to v11).
+fn residents(server: &Server, user: &UserId, room_id: &RoomId, via: &[OwnedServerName]) -> Vec<OwnedServerName> {
     let ours = server.server_name();
+    let inviter = server.rooms.user_room(user, room_id).ok().flatten()
+        .and_then(|entry| server.rooms.pdu(&entry.event_id).ok().flatten())
+        .map(|pdu| pdu.sender.server_name().to_owned());
     let owner = room_id.server_name().map(ToOwned::to_owned);
     let mut seen = HashSet::new();
-    via.iter().cloned().chain(owner).filter(|s| s != ours && seen.insert(s.clone())).collect()
+    via.iter().cloned().chain(inviter).chain(owner).filter(|s| s != ours && seen.insert(s.clone())).collect()
 }
 
 /// Joins a local user to a room on another server: `make_join`, sign, `send_join`, then the
 /// room's state is checked and stored, and the join appended.
 pub async fn join_remote(server: &Server, user: &UserId, room_id: &RoomId, via: &[OwnedServerName]) -> Result<()> {
     let federation = server.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled on this server"))?;
-    let candidates = residents(server, room_id, via);
+    let candidates = residents(server, user, room_id, via);
     let mut last_error = Error::not_found("no server to join the room through");
     for resident in candidates {
         match join_via(server, federation, user, room_id, &resident).await {
@@ -392,7 +448,7 @@ pub async fn join_remote(server: &Server, user: &UserId, room_id: &RoomId, via: 
 
 async fn join_via(server: &Server, federation: &Federation, user: &UserId, room_id: &RoomId, resident: &ruma::ServerName) -> Result<()> {
     let mut make = prepare_join_event::v1::Request::new(room_id.to_owned(), user.to_owned());
-    make.ver = vec![RoomVersionId::V10, RoomVersionId::V11];
+    make.ver = SUPPORTED_ROOM_VERSIONS.to_vec();
     let template = federation.send(resident, make).await?;
     let version = template.room_version.unwrap_or(RoomVersionId::V1);
     let rules = rules_for(&version)?;
@@ -516,7 +572,7 @@ pub async fn send_invite(server: &Server, federation: &Federation, destination: 
 /// event, and the user's sync shows the invite with the state the inviting server sent.
 pub async fn receive_invite(server: &Server, origin: &ruma::ServerName, request: &ruma::api::federation::membership::create_invite::v2::Request) -> Result<JsonValue> {
     let federation = server.federation.as_ref().ok_or_else(|| Error::not_found("federation is disabled"))?;
-    if !matches!(request.room_version, RoomVersionId::V10 | RoomVersionId::V11) {
+    if !SUPPORTED_ROOM_VERSIONS.contains(&request.room_version) {
         return Err(Error::with_status(ErrorCode::IncompatibleRoomVersion, http::StatusCode::BAD_REQUEST, format!("room version {} is not supported", request.room_version)));
     }
     let rules = rules_for(&request.room_version)?;

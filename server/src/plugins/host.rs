@@ -17,7 +17,7 @@ use super::{
 };
 use crate::{
     error::Error,
-    events::{Pdu, PduBuilder, new_room_id},
+    events::{Pdu, PduBuilder},
     server::Server,
     store::{Key, KeyReader, tables},
 };
@@ -254,12 +254,8 @@ impl host::Host for HostState {
         }
         let server = self.server()?;
         block_on(async {
-            let room_id = new_room_id(server.server_name());
-            let mut writer = server.rooms.writer(&room_id).await?;
-            writer.init_room(RoomVersionId::V11)?;
-            for builder in events {
-                writer.append(&creator, builder, None)?;
-            }
+            let writer = server.rooms.new_room(RoomVersionId::V11, &creator, events).await?;
+            let room_id = writer.room_id().clone();
             writer.commit()?;
             Ok(room_id.to_string())
         })

@@ -15,7 +15,8 @@ use std::{
 
 use ruma::{
     OwnedEventId, OwnedRoomAliasId, OwnedRoomId, OwnedUserId, RoomAliasId, RoomId, RoomVersionId,
-    UserId, room_version_rules::RoomVersionRules,
+    UserId,
+    room_version_rules::{RoomIdFormatVersion, RoomVersionRules},
 };
 use serde::{Deserialize, Serialize};
 
@@ -25,7 +26,7 @@ use state::{SnapshotCache, StateMap};
 
 use crate::{
     error::{Error, Result},
-    events::{Pdu, ServerSigningKey, rules_for},
+    events::{Pdu, PduBuilder, PduPlacement, ServerSigningKey, build_pdu, rules_for},
     store::{Key, KeyReader, Store, StreamPos, tables},
 };
 
@@ -171,6 +172,34 @@ impl Rooms {
         RoomWriter::open(self, room_id.to_owned(), guard)
     }
 
+    /// Starts a room and stages `events`, the first of which must be its `m.room.create` (whose
+    /// `room_version` is set to `version`). The room id is random with our server name up to
+    /// v11; since v12 it is the create event's reference hash, so the event is built once to
+    /// learn it (signing is deterministic, so the staged event is the same).
+    pub async fn new_room(&self, version: RoomVersionId, creator: &UserId, events: impl IntoIterator<Item = PduBuilder>) -> Result<RoomWriter<'_>> {
+        let rules = rules_for(&version)?;
+        let mut events = events.into_iter();
+        let mut create = events.next().filter(|b| b.kind == ruma::events::TimelineEventType::RoomCreate).ok_or_else(|| Error::internal("a new room starts with m.room.create"))?;
+        create.content["room_version"] = serde_json::Value::String(version.to_string());
+        let random_id = RoomId::new_v1(self.key.server_name());
+        let room_id = match rules.room_id_format {
+            RoomIdFormatVersion::V1 => random_id,
+            // V2 and any later format: derived from the create event.
+            _ => {
+                create.timestamp = Some(ruma::MilliSecondsSinceUnixEpoch::now());
+                // The placement's room id is not part of a v12 create event.
+                let placement = PduPlacement { room_id: &random_id, sender: creator, prev_events: Vec::new(), auth_events: Vec::new(), depth: 1, rules: &rules };
+                build_pdu(create.clone(), placement, &self.key)?.pdu.room_id
+            }
+        };
+        let mut writer = self.writer(&room_id).await?;
+        writer.init_room(version)?;
+        for builder in std::iter::once(create).chain(events) {
+            writer.append(creator, builder, None)?;
+        }
+        Ok(writer)
+    }
+
     pub fn room(&self, room_id: &RoomId) -> Result<Option<RoomRecord>> {
         Ok(self.store.get_json(tables::ROOMS, room_id.as_bytes())?)
     }
@@ -228,7 +257,12 @@ impl Rooms {
     pub fn reached_over_federation(&self, room_id: &RoomId) -> Result<bool> {
         let ours = self.key.server_name();
         let present = self.exists(room_id)? && self.joined_members(room_id)?.iter().any(|member| member.server_name() == ours);
-        Ok(self.federating && !present && room_id.server_name().is_some_and(|owner| owner != ours))
+        let ours_created = match self.state_event(room_id, "m.room.create", "")? {
+            Some(create) => create.sender.server_name() == ours,
+            // A v12 room id names no server; one we have never seen is another's.
+            None => room_id.server_name().is_some_and(|owner| owner == ours),
+        };
+        Ok(self.federating && !present && !ours_created)
     }
 
     /// A stored event as other servers get it: its signed JSON without our `event_id`.
@@ -541,6 +575,11 @@ impl Rooms {
 
     /// The power level a user has in the room's current state.
     pub fn user_power_level(&self, room_id: &RoomId, user_id: &UserId) -> Result<i64> {
+        if let Some(create) = self.state_event(room_id, "m.room.create", "")?
+            && crate::events::privileged_creators(&create, &self.rules(room_id)?).contains(&user_id.to_owned())
+        {
+            return Ok(i64::MAX);
+        }
         let Some(power) = self.state_content(room_id, "m.room.power_levels", "")? else {
             // Without power levels the creator has 100.
             let create = self.state_event(room_id, "m.room.create", "")?;

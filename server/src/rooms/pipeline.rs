@@ -432,8 +432,7 @@ impl<'a> RoomWriter<'a> {
             let mut builder = PduBuilder::state("m.room.member", pdu.state_key.clone().unwrap_or_default(), content);
             self.check_passcode(&pdu.sender, &mut builder)?;
         }
-        ruma::state_res::check_state_independent_auth_rules(&rules.authorization, &pdu, |id| self.event(id))
-            .map_err(|reason| Error::forbidden(format!("event not authorized: {reason}")))?;
+        self.check_auth_events(&pdu, &rules)?;
         // An event that does not extend our current forward extremities comes from another
         // branch: it is authorized against the state of its own branch, and the branches are
         // merged by state resolution (v2) once it is staged.
@@ -503,6 +502,46 @@ impl<'a> RoomWriter<'a> {
 
     /// Stores an event without placing it in the room: no timeline entry, no state, not a
     /// forward extremity (soft-failed events).
+    /// The checks on an event's own auth events: the format rules, then whether the state they
+    /// name allows it. An event that fails them is rejected.
+    fn check_auth_events(&self, pdu: &Pdu, rules: &RoomVersionRules) -> Result<()> {
+        ruma::state_res::check_state_independent_auth_rules(&rules.authorization, pdu, |id| self.event(id))
+            .map_err(|reason| Error::forbidden(format!("event not authorized: {reason}")))?;
+        let cited = self.auth_events_state(pdu)?;
+        ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, pdu, |kind: &StateEventType, key: &str| {
+            cited.get(&(kind.to_string(), key.to_owned())).cloned()
+        })
+        .map_err(|reason| Error::forbidden(format!("event not authorized by its auth events: {reason}")))
+    }
+
+    /// The state an event's `auth_events` name (and, since v12, the room's create event, which
+    /// they leave out).
+    fn auth_events_state(&self, pdu: &Pdu) -> Result<HashMap<(String, String), Pdu>> {
+        let mut cited = HashMap::new();
+        let create = self.state_event("m.room.create", "")?;
+        for id in &pdu.auth_events {
+            let event = self.event(id).ok_or_else(|| Error::forbidden(format!("event not authorized: unknown auth event {id}")))?;
+            cited.insert((event.kind.to_string(), event.state_key.clone().unwrap_or_default()), event);
+        }
+        if let Some(create) = create {
+            cited.entry(("m.room.create".to_owned(), String::new())).or_insert(create);
+        }
+        Ok(cited)
+    }
+
+    /// Keeps an event other events refer to (an auth event fetched from another server) without
+    /// making it part of the timeline or the state.
+    /// It must pass the checks on its own auth events (which must be known).
+    pub fn add_outlier(&mut self, signed: &SignedPdu) -> Result<()> {
+        if self.has_event(&signed.pdu.event_id)? {
+            return Ok(());
+        }
+        let rules = self.rules.clone().ok_or_else(|| Error::not_found("unknown room"))?;
+        self.check_auth_events(&signed.pdu, &rules)?;
+        let snapshot = self.record.as_ref().ok_or_else(|| Error::not_found("unknown room"))?.snapshot;
+        self.stage_outlier(signed, snapshot)
+    }
+
     fn stage_outlier(&mut self, signed: &SignedPdu, snapshot: u64) -> Result<()> {
         let store = &self.rooms.store;
         let ticket = store.streams().allocate(store)?;
@@ -536,9 +575,39 @@ impl<'a> RoomWriter<'a> {
             .map(|map| map.iter().map(|((kind, key), id)| ((StateEventType::from(kind.as_str()), key.clone()), id.clone())).collect())
             .collect();
         let chains = maps.iter().map(|map| self.auth_chain(map.values())).collect();
-        let resolved = ruma::state_res::resolve(&rules.authorization, v2, converted.iter(), chains, |id| self.event(id), |_| None)
+        let resolved = ruma::state_res::resolve(&rules.authorization, v2, converted.iter(), chains, |id| self.event(id), |conflicted| Some(self.conflicted_state_subgraph(conflicted)))
             .map_err(|e| Error::internal(format!("state resolution failed: {e}")))?;
         Ok(resolved.into_iter().map(|((kind, key), id)| ((kind.to_string(), key), id)).collect())
+    }
+
+    /// State resolution v2.1's conflicted state subgraph: the conflicted events and every event
+    /// on an auth-event path between two of them (an ancestor of one and a descendant of another).
+    fn conflicted_state_subgraph(&self, conflicted: &ruma::state_res::StateMap<Vec<OwnedEventId>>) -> ruma::state_res::utils::event_id_set::EventIdSet<OwnedEventId> {
+        let conflicted: std::collections::HashSet<OwnedEventId> = conflicted.values().flatten().cloned().collect();
+        // The ancestors of the conflicted events, and for each the events it authorizes.
+        let mut authorizes: HashMap<OwnedEventId, Vec<OwnedEventId>> = HashMap::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut todo: Vec<OwnedEventId> = conflicted.iter().cloned().collect();
+        while let Some(id) = todo.pop() {
+            let Some(event) = self.event(&id) else { continue };
+            for auth in event.auth_events {
+                authorizes.entry(auth.clone()).or_default().push(id.clone());
+                if seen.insert(auth.clone()) {
+                    todo.push(auth);
+                }
+            }
+        }
+        // Walk down from the conflicted events, staying among those ancestors.
+        let mut subgraph = conflicted.clone();
+        let mut todo: Vec<OwnedEventId> = conflicted.into_iter().collect();
+        while let Some(id) = todo.pop() {
+            for child in authorizes.get(&id).into_iter().flatten() {
+                if subgraph.insert(child.clone()) {
+                    todo.push(child.clone());
+                }
+            }
+        }
+        subgraph.into_iter().collect()
     }
 
     /// Every event in the auth chains of `events`.
@@ -650,7 +719,7 @@ impl<'a> RoomWriter<'a> {
                 .unwrap_or_else(|| user.localpart().to_owned());
             recipients.push((user.clone(), display_name));
         }
-        let creators = self.state_event("m.room.create", "")?.map(|p| p.sender).into_iter().collect();
+        let creators = self.state_event("m.room.create", "")?.map(|create| crate::events::privileged_creators(&create, rules)).unwrap_or_default();
         Ok(crate::push::RoomContext {
             room_id: self.room_id.clone(),
             recipients,
@@ -762,5 +831,70 @@ impl<'a> RoomWriter<'a> {
             rooms.push.deliver(notifications, &pdu, |user| rooms.unread_notification_count(user, &pdu.room_id));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ruma::{OwnedUserId, owned_user_id, server_name};
+    use serde_json::json;
+
+    use crate::{
+        config::Config,
+        events::{PduBuilder, PduPlacement, ServerSigningKey, SignedPdu, build_pdu},
+        server::Server,
+    };
+
+    /// An event of the remote server's user, with the auth events the test chooses.
+    fn remote_event(server: &Server, room: &ruma::RoomId, key: &ServerSigningKey, sender: &OwnedUserId, builder: PduBuilder, auth_events: Vec<ruma::OwnedEventId>) -> SignedPdu {
+        let record = server.rooms.room(room).unwrap().unwrap();
+        let rules = server.rooms.rules(room).unwrap();
+        let placement = PduPlacement { room_id: room, sender, prev_events: record.extremities, auth_events, depth: record.depth + 1, rules: &rules };
+        build_pdu(builder, placement, key).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_remote_event_is_checked_against_its_own_auth_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = format!(
+            "server_name = \"test.local\"\n[database]\npath = \"{}\"\n[media]\npath = \"{}\"\n",
+            dir.path().join("db").display(),
+            dir.path().join("media").display()
+        );
+        let server = Server::open(Config::from_toml(&toml, []).unwrap()).unwrap();
+        let alice = owned_user_id!("@alice:test.local");
+        let events = [
+            PduBuilder::state("m.room.create", "", json!({})),
+            PduBuilder::state("m.room.member", alice.as_str(), json!({ "membership": "join" })),
+            PduBuilder::state("m.room.join_rules", "", json!({ "join_rule": "public" })),
+        ];
+        let writer = server.rooms.new_room(ruma::RoomVersionId::V12, &alice, events).await.unwrap();
+        let room = writer.room_id().clone();
+        writer.commit().unwrap();
+        let state_id = |kind: &str, key: &str| server.rooms.state_event(&room, kind, key).unwrap().unwrap().event_id;
+        let remote = ServerSigningKey::generate(server_name!("remote.test").to_owned());
+        let mallory = owned_user_id!("@mallory:remote.test");
+        let append = |signed: SignedPdu| async {
+            let mut writer = server.rooms.writer(&room).await.unwrap();
+            writer.append_remote(signed).and_then(|pdu| writer.commit().map(|()| pdu))
+        };
+
+        // A public room: the join rules it cites allow mallory's join.
+        let join = remote_event(&server, &room, &remote, &mallory, PduBuilder::state("m.room.member", mallory.as_str(), json!({ "membership": "join" })), vec![state_id("m.room.join_rules", "")]);
+        append(join).await.unwrap();
+        let message = || PduBuilder::message("m.room.message", json!({ "msgtype": "m.text", "body": "hi" }));
+
+        // Current state would allow this message; its auth events (no membership of mallory) do not.
+        let uncited = remote_event(&server, &room, &remote, &mallory, message(), vec![]);
+        let error = append(uncited).await.unwrap_err();
+        assert!(error.to_string().contains("by its auth events"), "{error}");
+        // An auth event nobody has is refused too.
+        let bogus: ruma::OwnedEventId = "$notanevent".try_into().unwrap();
+        let error = append(remote_event(&server, &room, &remote, &mallory, message(), vec![bogus])).await.unwrap_err();
+        assert!(error.to_string().contains("auth event"), "{error}");
+        // With the right auth events it is accepted.
+        let cited = remote_event(&server, &room, &remote, &mallory, message(), vec![state_id("m.room.member", mallory.as_str())]);
+        let id = append(cited).await.unwrap().event_id;
+        assert!(server.rooms.pdu(&id).unwrap().is_some());
     }
 }
