@@ -338,6 +338,55 @@ async fn an_invite_to_a_version_12_room_is_joined_through_the_inviters_server() 
     }
 }
 
+/// A late joiner gets the last events at the join; paging back further fetches the rest from
+/// the other server, in order, and the second walk reads it from the store.
+#[tokio::test(flavor = "multi_thread")]
+async fn paging_back_past_the_join_time_history_backfills_from_the_other_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = test_ca(dir.path());
+    let (a, b) = (federated(&ca, "").await, federated(&ca, "").await);
+    let alice = a.server.register("alice").await;
+    let bob = b.server.register("bob").await;
+    let room = alice.create_room(json!({ "preset": "public_chat" })).await;
+    let sent: Vec<String> = (0..120).map(|n| format!("history {n}")).collect();
+    for (n, body) in sent.iter().enumerate() {
+        alice.send_text(&room, &format!("h{n}"), body).await;
+    }
+    bob.ok(Method::POST, &format!("/_matrix/client/v3/join/{}?via={}", enc(&room), enc(&a.name)), Some(json!({}))).await;
+
+    let walk_back = || async {
+        let (mut bodies, mut from, mut pages) = (Vec::new(), String::new(), 0);
+        loop {
+            let query = if from.is_empty() { "dir=b&limit=25".to_owned() } else { format!("dir=b&limit=25&from={from}") };
+            let page = bob.messages(&room, &query).await;
+            bodies.extend(page["chunk"].as_array().unwrap().iter().filter_map(|e| e["content"]["body"].as_str().map(str::to_owned)));
+            pages += 1;
+            match page["end"].as_str() {
+                Some(end) => from = end.to_owned(),
+                None => break,
+            }
+            assert!(pages < 40, "paging back never ends: {bodies:?}");
+        }
+        bodies.reverse();
+        bodies
+    };
+    // Oldest first, every message once, as sent.
+    assert_eq!(walk_back().await, sent);
+    assert_eq!(walk_back().await, sent);
+    // Forwards from the start, the backfilled history comes in the same order.
+    let (mut forward, mut from) = (Vec::new(), String::new());
+    for _ in 0..40 {
+        let page = bob.messages(&room, &format!("dir=f&limit=25{from}")).await;
+        let chunk = page["chunk"].as_array().unwrap();
+        forward.extend(chunk.iter().filter_map(|e| e["content"]["body"].as_str().map(str::to_owned)));
+        match page["end"].as_str() {
+            Some(end) if !chunk.is_empty() => from = format!("&from={end}"),
+            _ => break,
+        }
+    }
+    assert_eq!(forward, sent);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_passcode_protected_session_admits_nobody_from_another_server() {
     let dir = tempfile::tempdir().unwrap();

@@ -1025,6 +1025,24 @@ def test_synapse_backfills_the_history_from_before_its_join(server, synapse, use
                attempt, context=lambda: logs(server, synapse, 40))
 
 
+def test_limbic_backfills_long_history_from_synapse(server, synapse, users):
+    """Limbic takes the last 50 events at the join; paging back further fetches the rest from
+    Synapse's /backfill: every message once, in the order Synapse has them."""
+    lina, sam = users.lina, users.sam
+    status, room = client(synapse.url, "POST", "/_matrix/client/v3/createRoom", sam.access_token,
+                          {"preset": "public_chat", "name": f"long history {RUN}"})
+    assert status == 200, f"Synapse createRoom -> {status}: {room}"
+    room_id = room["room_id"]
+    sent = [f"long history {n} {RUN}" for n in range(90)]
+    for text in sent:
+        send_text(synapse.url, sam, room_id, text)
+    status, body = client(server.url, "POST", f"/_matrix/client/v3/join/{q(room_id)}?via={q(synapse.server_name)}",
+                          lina.access_token, {})
+    assert status == 200, f"Limbic: join the long-history room -> {status}: {body}{logs(server, synapse)}"
+    found = [text for text in reversed(history(server.url, lina, room_id, pages=20)) if text.startswith("long history ")]
+    assert found == sent, f"Limbic's /messages after backfill: {len(found)} of {len(sent)} messages{logs(server, synapse, 40)}"
+
+
 def lacks_member(base_url: str, account: Account, room_id: str, user_id: str, where: str, limbic, synapse) -> None:
     def attempt():
         status, body = joined_members(base_url, account, room_id)

@@ -22,7 +22,8 @@ use crate::{
     ratelimit::Action,
     rooms::{EventMeta, TxnInfo},
     store::{Key, StreamPos, tables},
-    sync::{EventFilter, parse_token, token},
+    rooms::{HistoryKey, TIMELINE_ORDER, history_key_before},
+    sync::{EventFilter, history_token, parse_history_token, token},
     users::Caller,
 };
 
@@ -330,40 +331,57 @@ async fn messages(
         _ => StreamPos::MAX,
     };
     let current = server.store.streams().current().min(ceiling);
+    let latest = (current, TIMELINE_ORDER);
     let from = match &req.body.from {
-        Some(token) => parse_token(token)?.min(current),
-        None if backwards => current,
-        None => 0,
+        Some(token) => parse_history_token(token)?.min(latest),
+        None if backwards => latest,
+        None => (0, TIMELINE_ORDER),
     };
-    let to = req.body.to.as_deref().map(parse_token).transpose()?;
+    let to = req.body.to.as_deref().map(parse_history_token).transpose()?;
 
     let mut chunk = Vec::new();
     let mut end = from;
     let mut exhausted = true;
-    let entries: Box<dyn Iterator<Item = Result<(StreamPos, OwnedEventId)>>> = if backwards {
-        Box::new(server.rooms.timeline_before(room_id, from))
-    } else {
-        Box::new(server.rooms.timeline_after(room_id, from, current))
-    };
-    for entry in entries {
-        let (pos, event_id) = entry?;
-        if let Some(to) = to
-            && ((backwards && pos <= to) || (!backwards && pos > to))
-        {
-            break;
+    // Paging back in a room joined over federation can reach an event whose prev events this
+    // server never had: that history is fetched from the room's other servers, and the walk
+    // goes on through it.
+    let mut cursor = from;
+    loop {
+        let mut gap = None;
+        let entries: Box<dyn Iterator<Item = Result<(HistoryKey, OwnedEventId)>>> = if backwards {
+            Box::new(server.rooms.history_before(room_id, cursor))
+        } else {
+            Box::new(server.rooms.history_after(room_id, cursor, current))
+        };
+        for entry in entries {
+            let (key, event_id) = entry?;
+            if let Some(to) = to
+                && ((backwards && key <= to) || (!backwards && key > to))
+            {
+                break;
+            }
+            if chunk.len() >= limit {
+                exhausted = false;
+                break;
+            }
+            end = if backwards { history_key_before(key) } else { key };
+            let (pdu, meta) = load_event(&server, &event_id)?;
+            let has_gap = backwards && server.federation.is_some() && pdu.prev_events.iter().any(|id| !matches!(server.rooms.pdu(id), Ok(Some(_))));
+            if filter.allows(&pdu) && server.rooms.user_can_see(&caller.user_id, &pdu, &meta)? {
+                chunk.push((pdu.clone(), meta));
+            }
+            if has_gap {
+                gap = Some((key, pdu));
+                break;
+            }
         }
-        if chunk.len() >= limit {
-            exhausted = false;
-            break;
+        let Some((key, pdu)) = gap else { break };
+        let wanted = limit.saturating_sub(chunk.len()).max(1);
+        if let Err(error) = crate::federation::events::backfill_before(&server, &pdu, key, wanted).await {
+            tracing::warn!(%room_id, event_id = %pdu.event_id, %error, "backfilling failed");
         }
-        end = if backwards { pos - 1 } else { pos };
-        let (pdu, meta) = load_event(&server, &event_id)?;
-        if !filter.allows(&pdu) || !server.rooms.user_can_see(&caller.user_id, &pdu, &meta)? {
-            continue;
-        }
-        chunk.push((pdu, meta));
+        cursor = end;
     }
-
     let mut state = Vec::new();
     if filter.lazy_load_members
         && let Some((_, meta)) = chunk.first()
@@ -375,15 +393,12 @@ async fn messages(
         }
     }
     let mut response = json!({
-        "start": token(from),
+        "start": history_token(from),
         "chunk": chunk.iter().map(|(p, m)| client_event(&server, p, Some(m), Some(caller), true)).collect::<Vec<_>>(),
         "state": state,
     });
     if !exhausted || (!chunk.is_empty() && !backwards) {
-        response["end"] = json!(token(end));
-    }
-    if !exhausted && chunk.is_empty() {
-        response["end"] = json!(token(end));
+        response["end"] = json!(history_token(end));
     }
     Ok(Json(response))
 }

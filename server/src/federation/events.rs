@@ -224,6 +224,51 @@ async fn fetch_auth_events(server: &Server, federation: &Federation, origin: &ru
     }
 }
 
+/// While a client pages back through a room: fetches the history before `event` (at history
+/// entry `at`) whose prev events this server lacks, with `/backfill` from the other servers in
+/// the room, and keeps it just before the event. Asked once per event; returns how many events
+/// were added.
+pub async fn backfill_before(server: &Server, event: &Pdu, at: crate::rooms::HistoryKey, limit: usize) -> Result<usize> {
+    let Some(federation) = server.federation.as_ref() else { return Ok(0) };
+    let room_id = &event.room_id;
+    let missing: Vec<OwnedEventId> = event.prev_events.iter().filter(|id| !matches!(server.rooms.pdu(id), Ok(Some(_)))).cloned().collect();
+    if missing.is_empty() || !federation.backfilled_before.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(event.event_id.clone()) {
+        return Ok(0);
+    }
+    let rules = server.rooms.rules(room_id)?;
+    let limit = u32::try_from(limit.clamp(1, 100)).unwrap_or(100);
+    for remote in server.rooms.remote_servers(room_id)? {
+        let request = ruma::api::federation::backfill::get_backfill::v1::Request::new(room_id.clone(), missing.clone(), limit.into());
+        let answer = match federation.send(&remote, request).await {
+            Ok(answer) => answer,
+            Err(error) => {
+                tracing::warn!(%remote, %room_id, %error, "cannot backfill");
+                continue;
+            }
+        };
+        let mut fetched = Vec::new();
+        for raw in &answer.pdus {
+            match verify_pdu(federation, raw, &rules).await {
+                Ok(signed) if signed.pdu.room_id == *room_id => fetched.push(signed),
+                Ok(signed) => tracing::warn!(%remote, event_id = %signed.pdu.event_id, "a backfilled event of another room"),
+                Err(error) => tracing::warn!(%remote, %room_id, %error, "skipped a backfilled event"),
+            }
+        }
+        let batch_ids: HashSet<OwnedEventId> = fetched.iter().map(|signed| signed.pdu.event_id.clone()).collect();
+        for signed in &fetched {
+            let unknown_elsewhere = signed.pdu.auth_events.iter().any(|id| !batch_ids.contains(id) && !matches!(server.rooms.pdu(id), Ok(Some(_))));
+            if unknown_elsewhere {
+                fetch_auth_events(server, federation, &remote, room_id, &signed.pdu, &rules).await;
+            }
+        }
+        let mut writer = server.rooms.writer(room_id).await?;
+        let added = writer.add_backfilled(fetched, at)?;
+        writer.commit()?;
+        return Ok(added);
+    }
+    Ok(0)
+}
+
 /// The events an event's auth chain consists of, recursively.
 fn auth_chain(server: &Server, start: &[OwnedEventId]) -> Result<Vec<Pdu>> {
     let mut seen: HashSet<OwnedEventId> = HashSet::new();

@@ -71,12 +71,14 @@ pub struct Federation {
     store: Arc<Store>,
     transport: Transport,
     routes: Mutex<HashMap<OwnedServerName, (Route, Instant)>>,
+    /// Events whose missing history was asked for while paginating (asked once per run).
+    pub backfilled_before: Mutex<std::collections::HashSet<ruma::OwnedEventId>>,
 }
 
 impl Federation {
     pub fn new(config: FederationConfig, key: Arc<ServerSigningKey>, store: Arc<Store>) -> Result<Self, FederationError> {
         let transport = Transport::new(&config)?;
-        Ok(Self { config, key, store, transport, routes: Mutex::new(HashMap::new()) })
+        Ok(Self { config, key, store, transport, routes: Mutex::new(HashMap::new()), backfilled_before: Mutex::default() })
     }
 
     pub fn server_name(&self) -> &ServerName {

@@ -74,8 +74,8 @@ impl Rooms {
         let store = &*self.store;
         let mut batch = store.batch();
         let room_prefix = Key::new().str(room_id.as_str()).into_vec();
-        for item in self.timeline_after(room_id, 0, StreamPos::MAX) {
-            let (pos, event_id) = item?;
+        for item in self.history_after(room_id, (0, super::TIMELINE_ORDER), StreamPos::MAX) {
+            let ((pos, _), event_id) = item?;
             let pdu = self.pdu(&event_id)?;
             self.stage_event_removal(&mut batch, room_id, pos, &event_id, pdu.as_ref())?;
         }
@@ -83,7 +83,7 @@ impl Rooms {
             batch.delete(store, tables::USER_ROOMS, &Key::new().str(user_id.as_str()).str(room_id.as_str()).into_vec());
             self.push.stage_room_removal(&mut batch, &user_id, room_id)?;
         }
-        for table in [tables::ROOM_STATE, tables::ROOM_MEMBERS, tables::RECEIPTS] {
+        for table in [tables::ROOM_STATE, tables::ROOM_MEMBERS, tables::RECEIPTS, tables::BACKFILL] {
             stage_prefix_removal(store, &mut batch, table, &room_prefix)?;
         }
         let aliases = self.stage_unlisting(&mut batch, room_id)?;

@@ -413,6 +413,37 @@ impl Rooms {
         self.store.scan_from(tables::TIMELINE, prefix, &start, true).map(timeline_entry)
     }
 
+    /// The timeline event at stream position `pos` of the room.
+    pub fn timeline_event(&self, room_id: &RoomId, pos: StreamPos) -> Result<Option<OwnedEventId>> {
+        let Some(value) = self.store.get(tables::TIMELINE, &Key::new().str(room_id.as_str()).u64(pos).into_vec())? else { return Ok(None) };
+        Ok(Some(OwnedEventId::try_from(String::from_utf8_lossy(&value).into_owned()).map_err(Error::internal)?))
+    }
+
+    /// History entries at or before `from`, newest first: the timeline with the backfilled
+    /// history between its events.
+    pub fn history_before(&self, room_id: &RoomId, from: HistoryKey) -> impl Iterator<Item = Result<(HistoryKey, OwnedEventId)>> + use<'_> {
+        let timeline_from = if from.1 == TIMELINE_ORDER { from.0 } else { from.0.saturating_sub(1) };
+        let timeline = self.timeline_before(room_id, timeline_from).map(|item| item.map(|(pos, id)| ((pos, TIMELINE_ORDER), id)));
+        let prefix = Key::new().str(room_id.as_str()).into_vec();
+        let start = Key::new().str(room_id.as_str()).u64(from.0).u64(from.1).into_vec();
+        let backfill = self.store.scan_from(tables::BACKFILL, prefix, &start, true).map(backfill_entry);
+        merge_history(timeline, backfill, true)
+    }
+
+    /// History entries after `from` up to stream position `upto`, oldest first.
+    pub fn history_after(&self, room_id: &RoomId, from: HistoryKey, upto: StreamPos) -> impl Iterator<Item = Result<(HistoryKey, OwnedEventId)>> + use<'_> {
+        let timeline_after = if from.1 == TIMELINE_ORDER { from.0 } else { from.0.saturating_sub(1) };
+        let timeline = self.timeline_after(room_id, timeline_after, upto).map(|item| item.map(|(pos, id)| ((pos, TIMELINE_ORDER), id)));
+        let prefix = Key::new().str(room_id.as_str()).into_vec();
+        let start = match from.1.checked_add(1) {
+            Some(order) => Key::new().str(room_id.as_str()).u64(from.0).u64(order),
+            None => Key::new().str(room_id.as_str()).u64(from.0.saturating_add(1)),
+        }
+        .into_vec();
+        let backfill = self.store.scan_from(tables::BACKFILL, prefix, &start, false).map(backfill_entry).take_while(move |item| !matches!(item, Ok(((pos, _), _)) if *pos > upto));
+        merge_history(timeline, backfill, false)
+    }
+
     /// Whether `user` may see `pdu` under the room's history visibility.
     pub fn user_can_see(&self, user_id: &UserId, pdu: &Pdu, meta: &EventMeta) -> Result<bool> {
         if self.is_joined(&pdu.room_id, user_id)?
@@ -600,6 +631,48 @@ fn parse_ids<Id: TryFrom<String>, T>(entries: Vec<(String, T)>) -> Result<Vec<(I
         .into_iter()
         .map(|(id, value)| Ok((Id::try_from(id).map_err(|_| Error::internal("corrupt id in key"))?, value)))
         .collect()
+}
+
+/// A place in a room's history, in chronological order: (stream position, order). A timeline
+/// event is at (its position, [`TIMELINE_ORDER`]); history fetched later from other servers sits
+/// just before the event it was missing from, at (that event's position, a lower order).
+pub type HistoryKey = (StreamPos, u64);
+
+/// The order of the timeline event itself at a stream position.
+pub const TIMELINE_ORDER: u64 = u64::MAX;
+
+/// The history key just before `key`: where paging back continues after it.
+pub fn history_key_before((pos, order): HistoryKey) -> HistoryKey {
+    match order.checked_sub(1) {
+        Some(order) => (pos, order),
+        None => (pos.saturating_sub(1), TIMELINE_ORDER),
+    }
+}
+
+/// The entries of two history streams sorted the same way, as one sorted stream.
+fn merge_history<'a>(
+    first: impl Iterator<Item = Result<(HistoryKey, OwnedEventId)>> + 'a,
+    second: impl Iterator<Item = Result<(HistoryKey, OwnedEventId)>> + 'a,
+    descending: bool,
+) -> impl Iterator<Item = Result<(HistoryKey, OwnedEventId)>> + 'a {
+    let (mut first, mut second) = (first.peekable(), second.peekable());
+    std::iter::from_fn(move || {
+        let take_first = match (first.peek(), second.peek()) {
+            (None, None) => return None,
+            (Some(_), None) | (Some(Err(_)), _) => true,
+            (None, Some(_)) | (_, Some(Err(_))) => false,
+            (Some(Ok((a, _))), Some(Ok((b, _)))) => (a > b) == descending,
+        };
+        if take_first { first.next() } else { second.next() }
+    })
+}
+
+fn backfill_entry(item: crate::store::Result<(Box<[u8]>, Box<[u8]>)>) -> Result<(HistoryKey, OwnedEventId)> {
+    let (key, value) = item?;
+    let mut reader = KeyReader::new(&key).skip_str();
+    let (Some(pos), Some(order)) = (reader.u64(), reader.u64()) else { return Err(Error::internal("corrupt backfill key")) };
+    let event_id = OwnedEventId::try_from(String::from_utf8_lossy(&value).into_owned()).map_err(Error::internal)?;
+    Ok(((pos, order), event_id))
 }
 
 fn timeline_entry(item: crate::store::Result<(Box<[u8]>, Box<[u8]>)>) -> Result<(StreamPos, OwnedEventId)> {

@@ -529,6 +529,42 @@ impl<'a> RoomWriter<'a> {
         Ok(cited)
     }
 
+    /// Stages history fetched from another server that is older than the history entry `at`:
+    /// the events go just before it, oldest first, each if its own auth events allow it (it
+    /// changes no current state). Returns how many were kept.
+    pub fn add_backfilled(&mut self, mut events: Vec<SignedPdu>, at: super::HistoryKey) -> Result<usize> {
+        let rules = self.rules.clone().ok_or_else(|| Error::not_found("unknown room"))?;
+        // Checked oldest first, as later events' auth events may be among them.
+        events.sort_by_key(|signed| u64::from(signed.pdu.depth));
+        let mut kept = Vec::new();
+        for signed in events {
+            if self.has_event(&signed.pdu.event_id)? {
+                continue;
+            }
+            if let Err(error) = self.check_auth_events(&signed.pdu, &rules) {
+                tracing::warn!(room_id = %self.room_id, event_id = %signed.pdu.event_id, %error, "refused a backfilled event");
+                continue;
+            }
+            self.staged_events.insert(signed.pdu.event_id.clone(), signed.pdu.clone());
+            kept.push(signed);
+        }
+        let anchor = match self.rooms.timeline_event(&self.room_id, at.0)? {
+            Some(id) => self.rooms.meta(&id)?.ok_or_else(|| Error::internal("no metadata for a timeline event"))?,
+            None => return Err(Error::internal("backfill before an unknown timeline position")),
+        };
+        let store = &self.rooms.store;
+        let count = kept.len() as u64;
+        for (index, signed) in kept.iter().enumerate() {
+            let order = at.1.checked_sub(count - index as u64).ok_or_else(|| Error::internal("backfill orders exhausted"))?;
+            // Its state is not known; the anchor's state before stands in for visibility checks.
+            let meta = EventMeta { pos: at.0, state_before: anchor.state_before, state_after: anchor.state_before, replaces_state: None, txn: None, redacted_by: None };
+            self.batch.put(store, tables::PDUS, signed.pdu.event_id.as_bytes(), &signed.to_bytes());
+            self.batch.put_json(store, tables::EVENT_META, signed.pdu.event_id.as_bytes(), &meta)?;
+            self.batch.put(store, tables::BACKFILL, &Key::new().str(self.room_id.as_str()).u64(at.0).u64(order).into_vec(), signed.pdu.event_id.as_bytes());
+        }
+        Ok(kept.len())
+    }
+
     /// Keeps an event other events refer to (an auth event fetched from another server) without
     /// making it part of the timeline or the state.
     /// It must pass the checks on its own auth events (which must be known).

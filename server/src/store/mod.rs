@@ -60,6 +60,9 @@ pub mod tables {
     pub const EVENT_META: Table = Table("event_meta");
     /// room id, stream position -> event id
     pub const TIMELINE: Table = Table("timeline");
+    /// room id, anchor stream position, order -> event id: history fetched from other servers
+    /// while paginating, older than the timeline event at the anchor (lower orders older still)
+    pub const BACKFILL: Table = Table("backfill");
     /// room id, event type, state key -> event id (current state)
     pub const ROOM_STATE: Table = Table("room_state");
     /// room id -> room record (version, current snapshot, extremities, depth)
@@ -155,7 +158,7 @@ pub mod tables {
 
     pub const ALL: &[Table] = &[
         GLOBAL, USERS, DEVICES, ACCESS_TOKENS, FILTERS, ACCOUNT_DATA, PRESENCE, PDUS, EVENT_META,
-        TIMELINE, ROOM_STATE, ROOMS, STATE_SNAPSHOTS, ROOM_MEMBERS, USER_ROOMS, TXN_IDS, ALIASES,
+        TIMELINE, BACKFILL, ROOM_STATE, ROOMS, STATE_SNAPSHOTS, ROOM_MEMBERS, USER_ROOMS, TXN_IDS, ALIASES,
         PUBLIC_ROOMS, BLOCKED_ROOMS, RECEIPTS, DEVICE_KEYS, ONE_TIME_KEYS, FALLBACK_KEYS, CROSS_SIGNING_KEYS,
         KEY_CHANGES, TO_DEVICE, BACKUP_VERSIONS, BACKUP_KEYS, NOTIFICATIONS, ROOM_NOTIFICATIONS, PUSHERS,
         MEDIA, MEDIA_THUMBNAILS, MEDIA_USAGE,

@@ -153,6 +153,22 @@ pub fn parse_token(token: &str) -> Result<StreamPos> {
         .map_err(|_| Error::invalid_param(format!("invalid token {token:?}")))
 }
 
+/// A pagination token anywhere in a room's history: a stream token for a timeline event, or
+/// `b<position>_<order>` inside history backfilled before one.
+pub fn history_token((pos, order): crate::rooms::HistoryKey) -> String {
+    if order == crate::rooms::TIMELINE_ORDER { token(pos) } else { format!("b{pos}_{order}") }
+}
+
+pub fn parse_history_token(token: &str) -> Result<crate::rooms::HistoryKey> {
+    match token.strip_prefix('b').and_then(|rest| rest.split_once('_')) {
+        Some((pos, order)) => match (pos.parse(), order.parse()) {
+            (Ok(pos), Ok(order)) => Ok((pos, order)),
+            _ => Err(Error::invalid_param(format!("invalid token {token:?}"))),
+        },
+        None => Ok((parse_token(token)?, crate::rooms::TIMELINE_ORDER)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

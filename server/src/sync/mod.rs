@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use ruma::{OwnedRoomId, OwnedUserId, RoomId};
 use serde_json::{Value as JsonValue, json};
 
-pub use filter::{EventFilter, SyncFilter, parse_token, token};
+pub use filter::{EventFilter, SyncFilter, history_token, parse_history_token, parse_token, token};
 
 use crate::{
     error::Result,
