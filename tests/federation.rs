@@ -170,6 +170,15 @@ async fn unsigned_forged_and_unwelcome_requests_are_refused() {
 }
 
 /// A therapist of `server`, verified by an admin of it.
+/// Servers A and B, and a public room alice of A created; `joiner` is a user of B, not in it yet.
+async fn public_room_on_a(ca: &TestCa, joiner: &str) -> (Federated, Federated, common::Client, common::Client, String) {
+    let (a, b) = (federated(ca, "").await, federated(ca, "").await);
+    let alice = a.server.register("alice").await;
+    let joiner = b.server.register(joiner).await;
+    let room = alice.create_room(json!({ "preset": "public_chat" })).await;
+    (a, b, alice, joiner, room)
+}
+
 async fn verified_therapist(server: &TestServer) -> common::Client {
     let admin = server.register_admin("admin").await;
     let therapist = server.register("therapist").await;
@@ -344,10 +353,7 @@ async fn an_invite_to_a_version_12_room_is_joined_through_the_inviters_server() 
 async fn paging_back_past_the_join_time_history_backfills_from_the_other_server() {
     let dir = tempfile::tempdir().unwrap();
     let ca = test_ca(dir.path());
-    let (a, b) = (federated(&ca, "").await, federated(&ca, "").await);
-    let alice = a.server.register("alice").await;
-    let bob = b.server.register("bob").await;
-    let room = alice.create_room(json!({ "preset": "public_chat" })).await;
+    let (a, _b, alice, bob, room) = public_room_on_a(&ca, "bob").await;
     let sent: Vec<String> = (0..120).map(|n| format!("history {n}")).collect();
     for (n, body) in sent.iter().enumerate() {
         alice.send_text(&room, &format!("h{n}"), body).await;
@@ -416,10 +422,7 @@ async fn a_passcode_protected_session_admits_nobody_from_another_server() {
 async fn a_server_acl_shuts_a_server_out_of_a_room() {
     let dir = tempfile::tempdir().unwrap();
     let ca = test_ca(dir.path());
-    let (a, b) = (federated(&ca, "").await, federated(&ca, "").await);
-    let alice = a.server.register("alice").await;
-    let bob = b.server.register("bob").await;
-    let room = alice.create_room(json!({ "preset": "public_chat" })).await;
+    let (a, _b, alice, bob, room) = public_room_on_a(&ca, "bob").await;
     bob.ok(Method::POST, &format!("/_matrix/client/v3/join/{}?via={}", enc(&room), enc(&a.name)), Some(json!({}))).await;
     bob.send_text(&room, "b1", "before the acl").await;
     eventually_sees(&alice, &room, "before the acl").await;
@@ -439,10 +442,7 @@ async fn a_server_acl_shuts_a_server_out_of_a_room() {
 async fn a_server_that_missed_events_fetches_them_when_the_next_one_arrives() {
     let dir = tempfile::tempdir().unwrap();
     let ca = test_ca(dir.path());
-    let (mut a, mut b) = (federated(&ca, "").await, federated(&ca, "").await);
-    let alice = a.server.register("alice").await;
-    let bob = b.server.register("bob").await;
-    let room = alice.create_room(json!({ "preset": "public_chat" })).await;
+    let (mut a, mut b, alice, bob, room) = public_room_on_a(&ca, "bob").await;
     bob.ok(Method::POST, &format!("/_matrix/client/v3/join/{}?via={}", enc(&room), enc(&a.name)), Some(json!({}))).await;
 
     // B is down while alice writes, and A loses its queue for B: B never gets those events sent.
@@ -606,10 +606,7 @@ async fn power_levels_of(client: &common::Client, room: &str) -> Value {
 async fn a_message_sent_before_its_sender_heard_of_their_ban_is_soft_failed() {
     let dir = tempfile::tempdir().unwrap();
     let ca = test_ca(dir.path());
-    let (a, mut b) = (federated(&ca, "").await, federated(&ca, "").await);
-    let alice = a.server.register("alice").await;
-    let carol = b.server.register("carol").await;
-    let room = alice.create_room(json!({ "preset": "public_chat" })).await;
+    let (a, mut b, alice, carol, room) = public_room_on_a(&ca, "carol").await;
     carol.ok(Method::POST, &format!("/_matrix/client/v3/join/{}?via={}", enc(&room), enc(&a.name)), Some(json!({}))).await;
     carol.send_text(&room, "c1", "before the ban").await;
     eventually_sees(&alice, &room, "before the ban").await;

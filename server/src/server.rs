@@ -43,6 +43,17 @@ pub struct Server {
 }
 
 impl Server {
+    /// A server named `test.local` with its store and media under `dir`, for unit tests.
+    #[cfg(test)]
+    pub fn open_in(dir: &std::path::Path) -> Arc<Self> {
+        let toml = format!(
+            "server_name = \"test.local\"\n[database]\npath = \"{}\"\n[media]\npath = \"{}\"\n",
+            dir.join("db").display(),
+            dir.join("media").display()
+        );
+        Self::open(Config::from_toml(&toml, []).expect("test config")).expect("test server")
+    }
+
     /// Opens (or creates) the store and loads (or generates) the signing key.
     pub fn open(config: Config) -> Result<Arc<Self>> {
         std::fs::create_dir_all(&config.database.path).map_err(|e| {

@@ -211,7 +211,6 @@ pub async fn delete_room(server: &Server, admin: &UserId, room_id: &RoomId, opti
 mod tests {
     use super::*;
     use crate::{
-        config::Config,
         events::DEFAULT_ROOM_VERSION,
         rooms::TxnInfo,
         store::tables,
@@ -221,12 +220,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn purging_leaves_nothing_of_the_room_in_the_store() {
         let dir = tempfile::tempdir().unwrap();
-        let toml = format!(
-            "server_name = \"test.local\"\n[database]\npath = \"{}\"\n[media]\npath = \"{}\"\n",
-            dir.path().join("db").display(),
-            dir.path().join("media").display()
-        );
-        let server = Server::open(Config::from_toml(&toml, []).unwrap()).unwrap();
+        let server = Server::open_in(dir.path());
         let [alice, bob, admin] = ["alice", "bob", "admin"].map(|name| local_user_id(name, server.server_name()).unwrap());
         for user in [&alice, &bob] {
             server.users.create(user, None, false).unwrap();

@@ -876,7 +876,6 @@ mod tests {
     use serde_json::json;
 
     use crate::{
-        config::Config,
         events::{PduBuilder, PduPlacement, ServerSigningKey, SignedPdu, build_pdu},
         server::Server,
     };
@@ -892,12 +891,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn a_remote_event_is_checked_against_its_own_auth_events() {
         let dir = tempfile::tempdir().unwrap();
-        let toml = format!(
-            "server_name = \"test.local\"\n[database]\npath = \"{}\"\n[media]\npath = \"{}\"\n",
-            dir.path().join("db").display(),
-            dir.path().join("media").display()
-        );
-        let server = Server::open(Config::from_toml(&toml, []).unwrap()).unwrap();
+        let server = Server::open_in(dir.path());
         let alice = owned_user_id!("@alice:test.local");
         let events = [
             PduBuilder::state("m.room.create", "", json!({})),
