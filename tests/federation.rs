@@ -347,6 +347,28 @@ async fn an_invite_to_a_version_12_room_is_joined_through_the_inviters_server() 
     }
 }
 
+/// A user of another server gets a call token for a room here: their OpenID token is confirmed
+/// by their own server's `openid/userinfo`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_user_of_another_server_gets_a_call_token_confirmed_by_their_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = test_ca(dir.path());
+    let (a, _b, _alice, bob, room) = public_room_on_a(&ca, "bob").await;
+    let request = |openid: Value| json!({ "room": room, "openid_token": openid, "device_id": bob.device_id });
+    let openid = bob.ok(Method::POST, &format!("/_matrix/client/v3/user/{}/openid/request_token", enc(&bob.user_id)), Some(json!({}))).await;
+    // Not in the room yet: refused.
+    let (status, body) = a.server.client().post("/_limbic/calls/sfu/get", request(openid.clone())).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    bob.ok(Method::POST, &format!("/_matrix/client/v3/join/{}?via={}", enc(&room), enc(&a.name)), Some(json!({}))).await;
+    let answer = a.server.client().ok(Method::POST, "/_limbic/calls/sfu/get", Some(request(openid.clone()))).await;
+    assert!(answer["jwt"].as_str().is_some_and(|jwt| jwt.split('.').count() == 3), "{answer}");
+    // A token B never issued is refused.
+    let mut forged = openid;
+    forged["access_token"] = json!("forged");
+    let (status, body) = a.server.client().post("/_limbic/calls/sfu/get", request(forged)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+}
+
 /// A late joiner gets the last events at the join; paging back further fetches the rest from
 /// the other server, in order, and the second walk reads it from the store.
 #[tokio::test(flavor = "multi_thread")]

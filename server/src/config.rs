@@ -45,10 +45,43 @@ pub struct Config {
     #[serde(default)]
     pub federation: FederationConfig,
     #[serde(default)]
+    pub calls: CallsConfig,
+    #[serde(default)]
     pub plugin_host: PluginHostConfig,
     /// `[[plugins]]`: the WebAssembly plugins to load, with what each is granted.
     #[serde(default)]
     pub plugins: Vec<PluginConfig>,
+}
+
+/// Calls: the built-in SFU (LiveKit's client protocol) and the MatrixRTC tokens that admit to it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallsConfig {
+    pub enabled: bool,
+    /// Where clients reach this server for call tokens (MatrixRTC's `livekit_service_url`);
+    /// empty: the client listener's address plus `/_limbic/calls`.
+    pub service_url: String,
+    /// Where LiveKit clients open the signalling WebSocket (`ws://` or `wss://`, the token
+    /// answer's `url`); empty: the client listener's address.
+    pub signalling_url: String,
+    /// The `iss` of call tokens (LiveKit's API key).
+    pub api_key: String,
+    /// HS256 key of call tokens (LiveKit's API secret); empty: a random key kept in the store.
+    pub api_secret: String,
+    pub token_lifetime_seconds: u64,
+}
+
+impl Default for CallsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            service_url: String::new(),
+            signalling_url: String::new(),
+            api_key: "limbic".to_owned(),
+            api_secret: String::new(),
+            token_lifetime_seconds: 3600,
+        }
+    }
 }
 
 /// Federation with other homeservers: the TLS listener other servers reach, whom we trust for

@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod calls;
 pub mod client;
 pub mod clinic;
 pub mod config;

@@ -25,9 +25,14 @@ async fn versions(_req: Ruma<get_supported_versions::Request>) -> Json<JsonValue
 
 async fn well_known(State(server): State<AppState>) -> Json<JsonValue> {
     let listen = &server.config.listen;
-    Json(json!({
+    let mut answer = json!({
         "m.homeserver": { "base_url": format!("http://{}:{}", listen.address, listen.port) },
-    }))
+    });
+    let foci = super::calls::foci(&server);
+    if !foci.is_empty() {
+        answer["org.matrix.msc4143.rtc_foci"] = json!(foci);
+    }
+    Json(answer)
 }
 
 async fn capabilities(

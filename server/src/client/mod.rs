@@ -4,6 +4,7 @@
 mod account;
 mod admin;
 mod appointments;
+mod calls;
 mod directory;
 mod tags_and_users;
 mod discovery;
@@ -295,6 +296,7 @@ pub fn router() -> Router<AppState> {
     let router = appointments::routes(router);
     let router = admin::routes(router);
     let router = plugins::routes(router);
+    let router = calls::routes(router);
     misc::routes(router)
 }
 

@@ -55,20 +55,7 @@ pub struct Appointments {
 impl Appointments {
     /// Uses the configured key, or the one kept in the store (generated on first start).
     pub fn open(store: Arc<Store>, config: AppointmentsConfig, issuer: OwnedServerName) -> Result<Self> {
-        let secret = if config.jwt_secret.is_empty() {
-            match store.get(tables::GLOBAL, SECRET_KEY)? {
-                Some(secret) => secret,
-                None => {
-                    let secret = random_string(64).into_bytes();
-                    let mut batch = store.batch();
-                    batch.put(&store, tables::GLOBAL, SECRET_KEY, &secret);
-                    store.write(batch)?;
-                    secret
-                }
-            }
-        } else {
-            config.jwt_secret.as_bytes().to_vec()
-        };
+        let secret = store.secret(SECRET_KEY, &config.jwt_secret)?;
         Ok(Self {
             encoding: EncodingKey::from_secret(&secret),
             decoding: DecodingKey::from_secret(&secret),

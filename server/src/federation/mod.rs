@@ -126,6 +126,13 @@ impl Federation {
         self.transport.send(&route, self.server_name(), destination, self.key.key_pair(), request).await
     }
 
+    /// An unauthenticated GET of another server's federation API (`openid/userinfo`).
+    pub async fn get_unsigned(&self, destination: &ServerName, path: &str) -> Result<JsonValue, FederationError> {
+        self.check_allowed(destination)?;
+        let route = self.route(destination).await?;
+        self.transport.get_json(&route, destination, path).await
+    }
+
     /// Our key server response, signed now.
     pub fn own_keys(&self) -> Result<ruma::CanonicalJsonObject, FederationError> {
         let old = crate::events::ServerSigningKey::old_keys(&self.store)?;

@@ -257,6 +257,22 @@ impl Store {
             })
     }
 
+    /// A signing secret: the configured one, else one generated on first use and kept under
+    /// `key` in the global table, so that tokens survive restarts.
+    pub fn secret(&self, key: &[u8], configured: &str) -> Result<Vec<u8>> {
+        if !configured.is_empty() {
+            return Ok(configured.as_bytes().to_vec());
+        }
+        if let Some(secret) = self.get(tables::GLOBAL, key)? {
+            return Ok(secret);
+        }
+        let secret = crate::users::random_string(64).into_bytes();
+        let mut batch = self.batch();
+        batch.put(self, tables::GLOBAL, key, &secret);
+        self.write(batch)?;
+        Ok(secret)
+    }
+
     /// Entries from `start` (inclusive) within `prefix`, forward or backward.
     pub fn scan_from<'a>(
         &'a self,

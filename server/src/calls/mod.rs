@@ -1,0 +1,245 @@
+//! Calls: who may join which call with what rights, and the LiveKit-format access tokens
+//! (HS256 JWTs) that carry it to the built-in SFU.
+//!
+//! A call belongs to a Matrix room. Anyone joined to the room may join its call; in a therapy
+//! session (or one of its breakout rooms) only while the session is open or in progress, with
+//! rights from the session role: observers only listen and watch, clients also publish,
+//! therapists also mute and remove others and record.
+
+use std::sync::Arc;
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use ruma::{OwnedRoomId, RoomId, UserId};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    clinic::{BREAKOUT, ROLE, Role, SESSION, Session, Status, role_key},
+    config::{CallsConfig, ListenConfig},
+    error::{Error, ErrorCode, Result},
+    rooms::Rooms,
+    store::Store,
+};
+
+const SECRET_KEY: &[u8] = b"calls_api_secret";
+
+/// Where this server serves the token service (`/sfu/get`, `/get_token`).
+pub const SERVICE_PATH: &str = "/_limbic/calls";
+
+/// What a participant may do in a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rights {
+    pub publish: bool,
+    pub subscribe: bool,
+    /// Mute and remove other participants.
+    pub moderate: bool,
+    pub record: bool,
+}
+
+impl Rights {
+    fn of_role(role: Role) -> Self {
+        match role {
+            Role::Therapist | Role::CoTherapist => Self { publish: true, subscribe: true, moderate: true, record: true },
+            Role::Client => Self { publish: true, subscribe: true, moderate: false, record: false },
+            Role::Observer => Self { publish: false, subscribe: true, moderate: false, record: false },
+        }
+    }
+}
+
+/// LiveKit's video grant, as its SDKs and servers spell it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VideoGrant {
+    pub room_join: bool,
+    pub room: String,
+    pub can_publish: bool,
+    pub can_subscribe: bool,
+    pub can_publish_data: bool,
+    #[serde(default)]
+    pub room_admin: bool,
+    #[serde(default)]
+    pub room_record: bool,
+}
+
+/// The claims of a call token: LiveKit's, plus the Matrix room the call belongs to.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Claims {
+    pub iss: String,
+    /// The participant identity.
+    pub sub: String,
+    pub nbf: u64,
+    pub exp: u64,
+    #[serde(default)]
+    pub name: String,
+    pub video: VideoGrant,
+    #[serde(rename = "org.limbic.room_id")]
+    pub matrix_room: OwnedRoomId,
+    #[serde(rename = "org.limbic.user_id")]
+    pub matrix_user: String,
+}
+
+impl Claims {
+    pub fn rights(&self) -> Rights {
+        Rights {
+            publish: self.video.can_publish,
+            subscribe: self.video.can_subscribe,
+            moderate: self.video.room_admin,
+            record: self.video.room_record,
+        }
+    }
+}
+
+/// A participant admitted to a call, before it becomes a token.
+pub struct Admission {
+    pub identity: String,
+    pub display_name: String,
+    pub user_id: String,
+    pub matrix_room: OwnedRoomId,
+    /// The SFU room, named by the token service's rules.
+    pub sfu_room: String,
+    pub rights: Rights,
+}
+
+pub struct Calls {
+    pub config: CallsConfig,
+    /// Where clients get call tokens (MatrixRTC's `livekit_service_url`).
+    pub service_url: String,
+    /// Where LiveKit clients open the signalling WebSocket.
+    pub signalling_url: String,
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+}
+
+impl Calls {
+    /// The URLs default to the client listener's address.
+    pub fn open(store: &Arc<Store>, config: CallsConfig, listen: &ListenConfig) -> Result<Self> {
+        let secret = store.secret(SECRET_KEY, &config.api_secret)?;
+        let or_listener = |configured: &str, default: String| if configured.is_empty() { default } else { configured.trim_end_matches('/').to_owned() };
+        Ok(Self {
+            service_url: or_listener(&config.service_url, format!("http://{}:{}{SERVICE_PATH}", listen.address, listen.port)),
+            signalling_url: or_listener(&config.signalling_url, format!("ws://{}:{}", listen.address, listen.port)),
+            encoding: EncodingKey::from_secret(&secret),
+            decoding: DecodingKey::from_secret(&secret),
+            config,
+        })
+    }
+
+    /// The token for `admission`, valid from now for the configured lifetime.
+    pub fn issue(&self, admission: Admission, now_seconds: u64) -> Result<String> {
+        let rights = admission.rights;
+        let claims = Claims {
+            iss: self.config.api_key.clone(),
+            sub: admission.identity,
+            nbf: now_seconds,
+            exp: now_seconds + self.config.token_lifetime_seconds,
+            name: admission.display_name,
+            video: VideoGrant {
+                room_join: true,
+                room: admission.sfu_room,
+                can_publish: rights.publish,
+                can_subscribe: rights.subscribe,
+                can_publish_data: rights.publish,
+                room_admin: rights.moderate,
+                room_record: rights.record,
+            },
+            matrix_room: admission.matrix_room,
+            matrix_user: admission.user_id,
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding).map_err(Error::internal)
+    }
+
+    /// The claims of a token this server issued, if it is valid now.
+    pub fn verify(&self, token: &str) -> Result<Claims> {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_issuer(&[&self.config.api_key]);
+        validation.validate_nbf = true;
+        validation.leeway = 0;
+        validation.required_spec_claims = ["exp", "nbf", "iss", "sub"].into_iter().map(str::to_owned).collect();
+        jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation)
+            .map(|data| data.claims)
+            .map_err(|e| Error::new(ErrorCode::UnknownToken, format!("invalid call token: {e}")))
+    }
+}
+
+/// What `user` may do in the call of `room_id`, under the clinic's rules; refused with
+/// `M_FORBIDDEN` and the reason when they may not join it.
+pub fn rights_in(rooms: &Rooms, room_id: &RoomId, user: &UserId) -> Result<Rights> {
+    if !rooms.is_joined(room_id, user)? {
+        return Err(Error::forbidden("only members of the room may join its call"));
+    }
+    // A breakout room's call follows its session's status, and ends when the breakout closes.
+    let session_room: OwnedRoomId = match rooms.state_content(room_id, BREAKOUT, "")? {
+        Some(breakout) => {
+            if breakout.get("closed").and_then(serde_json::Value::as_bool) == Some(true) {
+                return Err(Error::forbidden("this breakout room is closed"));
+            }
+            breakout
+                .get("session_room")
+                .and_then(serde_json::Value::as_str)
+                .and_then(|id| OwnedRoomId::try_from(id).ok())
+                .ok_or_else(|| Error::internal("a breakout room without its session"))?
+        }
+        None => room_id.to_owned(),
+    };
+    let Some(content) = rooms.state_content(&session_room, SESSION, "")? else {
+        // An ordinary room: every member publishes; moderators by power level.
+        let moderate = rooms.user_power_level(room_id, user)? >= 50;
+        return Ok(Rights { publish: true, subscribe: true, moderate, record: false });
+    };
+    let session = Session::parse(&content)?;
+    match session.status {
+        Status::Open | Status::InProgress => {}
+        status => {
+            return Err(Error::forbidden(format!(
+                "the session's call is open only while the session is open or in progress (it is {})",
+                serde_json::to_value(status).ok().and_then(|s| s.as_str().map(str::to_owned)).unwrap_or_default()
+            )));
+        }
+    }
+    let role = rooms
+        .state_content(&session_room, ROLE, &role_key(user.as_str()))?
+        .and_then(|content| content.get("role").cloned())
+        .and_then(|role| serde_json::from_value::<Role>(role).ok())
+        .ok_or_else(|| Error::forbidden("only the session's participants may join its call"))?;
+    Ok(Rights::of_role(role))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn calls(dir: &std::path::Path, lifetime: u64) -> Calls {
+        let store = Arc::new(Store::open(dir).unwrap());
+        Calls::open(&store, CallsConfig { token_lifetime_seconds: lifetime, ..CallsConfig::default() }, &ListenConfig::default()).unwrap()
+    }
+
+    fn admission() -> Admission {
+        Admission {
+            identity: "@ana:test.local:DEV".into(),
+            display_name: "Ana".into(),
+            user_id: "@ana:test.local".into(),
+            matrix_room: "!r:test.local".try_into().unwrap(),
+            sfu_room: "!r:test.local".into(),
+            rights: Rights::of_role(Role::Observer),
+        }
+    }
+
+    #[test]
+    fn tokens_round_trip_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let calls = calls(dir.path(), 60);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let token = calls.issue(admission(), now).unwrap();
+        let claims = calls.verify(&token).unwrap();
+        assert_eq!(claims.sub, "@ana:test.local:DEV");
+        assert_eq!(claims.rights(), Rights { publish: false, subscribe: true, moderate: false, record: false });
+        assert!(claims.video.room_join);
+        // Expired, not yet valid, or signed with another key: refused.
+        assert!(calls.verify(&calls.issue(admission(), now - 120).unwrap()).is_err());
+        assert!(calls.verify(&calls.issue(admission(), now + 120).unwrap()).is_err());
+        let other = tempfile::tempdir().unwrap();
+        assert!(self::calls(other.path(), 60).verify(&token).is_err());
+        // The stored key survives a restart.
+        drop(calls);
+        assert!(self::calls(dir.path(), 60).verify(&token).is_ok());
+    }
+}

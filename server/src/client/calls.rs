@@ -1,0 +1,135 @@
+//! MatrixRTC discovery and the call-token service: `rtc_foci` in the client well-known,
+//! `/rtc/transports`, and the LiveKit JWT exchange of MSC4195 (`/get_token`) and of the
+//! earlier lk-jwt-service (`/sfu/get`), both at [`SERVICE_PATH`].
+
+use axum::{Json, Router, extract::State, routing::post};
+use base64::Engine;
+use ruma::{OwnedRoomId, OwnedServerName, OwnedUserId};
+use serde::Deserialize;
+use serde_json::{Value as JsonValue, json};
+use sha2::{Digest, Sha256};
+
+use super::{AppState, sessions::{Authed, parse_body}};
+use crate::{
+    calls::{Admission, SERVICE_PATH, rights_in},
+    error::{Error, ErrorCode, Result},
+};
+
+pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
+    router
+        .route("/_matrix/client/v1/rtc/transports", axum::routing::get(transports))
+        .route("/_matrix/client/unstable/org.matrix.msc4143/rtc/transports", axum::routing::get(transports))
+        .route(&format!("{SERVICE_PATH}/get_token"), post(get_token))
+        .route(&format!("{SERVICE_PATH}/sfu/get"), post(sfu_get))
+}
+
+/// The transports this server offers for MatrixRTC calls, as in the client well-known.
+pub(super) fn foci(server: &AppState) -> Vec<JsonValue> {
+    if !server.calls.config.enabled {
+        return Vec::new();
+    }
+    vec![json!({ "type": "livekit", "livekit_service_url": server.calls.service_url })]
+}
+
+async fn transports(State(server): State<AppState>, Authed(_caller): Authed) -> Json<JsonValue> {
+    Json(json!({ "rtc_transports": foci(&server) }))
+}
+
+/// The OpenID token a client got from its homeserver for us.
+#[derive(Deserialize)]
+struct OpenIdToken {
+    access_token: String,
+    matrix_server_name: OwnedServerName,
+}
+
+#[derive(Deserialize)]
+struct Member {
+    id: String,
+    claimed_user_id: OwnedUserId,
+    claimed_device_id: String,
+}
+
+/// MSC4195: `{room_id, slot_id, openid_token, member}`.
+#[derive(Deserialize)]
+struct TokenRequest {
+    room_id: OwnedRoomId,
+    slot_id: String,
+    openid_token: OpenIdToken,
+    member: Member,
+}
+
+/// lk-jwt-service's earlier `/sfu/get`: `{room, openid_token, device_id}`.
+#[derive(Deserialize)]
+struct LegacyRequest {
+    room: OwnedRoomId,
+    openid_token: OpenIdToken,
+    device_id: String,
+}
+
+async fn get_token(State(server): State<AppState>, body: axum::body::Bytes) -> Result<Json<JsonValue>> {
+    let request: TokenRequest = parse_body(&body)?;
+    let user = openid_user(&server, &request.openid_token).await?;
+    if user != request.member.claimed_user_id {
+        return Err(Error::forbidden("the member's user is not the OpenID token's"));
+    }
+    // As MSC4195's reference service does: names that do not leak the room or the device.
+    let identity = hashed(&[user.as_str(), &request.member.claimed_device_id, &request.member.id]);
+    let sfu_room = hashed(&[request.room_id.as_str(), &request.slot_id]);
+    answer(&server, user, request.room_id, identity, sfu_room).await
+}
+
+async fn sfu_get(State(server): State<AppState>, body: axum::body::Bytes) -> Result<Json<JsonValue>> {
+    let request: LegacyRequest = parse_body(&body)?;
+    let user = openid_user(&server, &request.openid_token).await?;
+    let identity = format!("{user}:{}", request.device_id);
+    let sfu_room = request.room.to_string();
+    answer(&server, user, request.room, identity, sfu_room).await
+}
+
+async fn answer(server: &AppState, user: OwnedUserId, room_id: OwnedRoomId, identity: String, sfu_room: String) -> Result<Json<JsonValue>> {
+    if !server.calls.config.enabled {
+        return Err(Error::not_found("calls are not enabled on this server"));
+    }
+    let rights = rights_in(&server.rooms, &room_id, &user)?;
+    let display_name = server
+        .rooms
+        .state_content(&room_id, "m.room.member", user.as_str())?
+        .and_then(|member| member.get("displayname").and_then(JsonValue::as_str).map(str::to_owned))
+        .unwrap_or_else(|| user.localpart().to_owned());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_err(Error::internal)?.as_secs();
+    let admission = Admission { identity, display_name, user_id: user.to_string(), matrix_room: room_id.clone(), sfu_room, rights };
+    let jwt = server.calls.issue(admission, now)?;
+    tracing::info!(%room_id, %user, "issued a call token");
+    Ok(Json(json!({ "url": server.calls.signalling_url, "jwt": jwt })))
+}
+
+/// The user an OpenID token stands for: asked of its server (ours, or another's over
+/// federation's `openid/userinfo`).
+async fn openid_user(server: &AppState, token: &OpenIdToken) -> Result<OwnedUserId> {
+    let refused = || Error::new(ErrorCode::UnknownToken, "the OpenID token is not valid");
+    let user = if token.matrix_server_name == server.server_name() {
+        server.users.openid_user(&token.access_token)?.ok_or_else(refused)?
+    } else {
+        let federation = server.federation.as_ref().ok_or_else(|| Error::forbidden("this server does not federate, so only its own users may call"))?;
+        // Tokens are opaque but URL-safe in every homeserver we know; anything else is refused
+        // rather than encoded.
+        if token.access_token.is_empty() || !token.access_token.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b)) {
+            return Err(refused());
+        }
+        let path = format!("/_matrix/federation/v1/openid/userinfo?access_token={}", token.access_token);
+        let answer = federation.get_unsigned(&token.matrix_server_name, &path).await.map_err(|error| {
+            tracing::info!(server = %token.matrix_server_name, %error, "an OpenID token was not confirmed");
+            refused()
+        })?;
+        answer.get("sub").and_then(JsonValue::as_str).and_then(|sub| OwnedUserId::try_from(sub).ok()).ok_or_else(refused)?
+    };
+    if user.server_name() != token.matrix_server_name {
+        return Err(refused());
+    }
+    Ok(user)
+}
+
+/// Unpadded URL-safe base64 of the SHA-256 of `parts` joined with `|`.
+fn hashed(parts: &[&str]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Sha256::digest(parts.join("|")))
+}
