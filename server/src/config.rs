@@ -69,6 +69,12 @@ pub struct CallsConfig {
     /// HS256 key of call tokens (LiveKit's API secret); empty: a random key kept in the store.
     pub api_secret: String,
     pub token_lifetime_seconds: u64,
+    /// The UDP socket every peer connection's media goes through (port 0: any free port).
+    pub udp_address: IpAddr,
+    pub udp_port: u16,
+    /// The address peers send media to, when it is not the socket's (behind NAT); unset with an
+    /// unspecified `udp_address`: this host's address on its default route.
+    pub announced_address: Option<IpAddr>,
 }
 
 impl Default for CallsConfig {
@@ -80,6 +86,9 @@ impl Default for CallsConfig {
             api_key: "limbic".to_owned(),
             api_secret: String::new(),
             token_lifetime_seconds: 3600,
+            udp_address: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            udp_port: 7882,
+            announced_address: None,
         }
     }
 }

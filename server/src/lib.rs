@@ -45,6 +45,10 @@ pub async fn serve(server: Arc<Server>) -> std::io::Result<()> {
     server.plugins.attach(&server).map_err(std::io::Error::other)?;
     server.plugins.spawn_tasks(&server);
     let background = tokio::spawn(background_tasks(server.clone()));
+    if server.config.calls.enabled {
+        let sfu = calls::media::start(&server.config.calls).await?;
+        let _ = server.calls.sfu.set(sfu);
+    }
     if server.federation.is_some() {
         tokio::spawn(federation::sender::run(server.clone()));
         let tls = federation::serve_tls(&server.config.federation).await.map_err(std::io::Error::other)?;

@@ -78,7 +78,8 @@ impl TestServer {
              message = {{ per_second = 10.0, burst = 50 }}\n\
              registration = {{ per_second = 0.5, burst = 3 }}\n\
              login = {{ per_second = 0.5, burst = 3 }}\n\
-             create_room = {{ per_second = 0.5, burst = 3 }}\n",
+             create_room = {{ per_second = 0.5, burst = 3 }}\n\
+             [calls]\nudp_address = \"127.0.0.1\"\nudp_port = 0\n",
             port = self.port,
             db = self.dir.path().join("db").display(),
         );

@@ -50,6 +50,9 @@ EVENT_TYPES = {
     "org.limbic.breakout",
     "org.limbic.passcode",
     "org.limbic.followup",  # set by the followup plugin (spec/plugins.md)
+    "org.limbic.recording",  # calls (spec/calls.md)
+    "org.limbic.recording.consent",
+    "org.limbic.hand",
 }
 
 

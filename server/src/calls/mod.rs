@@ -6,7 +6,14 @@
 //! rights from the session role: observers only listen and watch, clients also publish,
 //! therapists also mute and remove others and record.
 
-use std::sync::Arc;
+pub mod containers;
+pub mod media;
+pub mod recording;
+pub mod room_service;
+pub mod sfu;
+pub mod signal;
+
+use std::sync::{Arc, OnceLock};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use ruma::{OwnedRoomId, RoomId, UserId};
@@ -107,6 +114,8 @@ pub struct Calls {
     pub signalling_url: String,
     encoding: EncodingKey,
     decoding: DecodingKey,
+    /// The running SFU, once the server serves.
+    pub sfu: OnceLock<media::SfuHandle>,
 }
 
 impl Calls {
@@ -120,6 +129,7 @@ impl Calls {
             encoding: EncodingKey::from_secret(&secret),
             decoding: DecodingKey::from_secret(&secret),
             config,
+            sfu: OnceLock::new(),
         })
     }
 

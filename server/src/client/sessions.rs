@@ -19,7 +19,7 @@ use super::{
 };
 use crate::{
     audit::AuditRecord,
-    clinic::{CALL_MEMBER, Kind, NOTE, NOTES_FOR, ROLE, RecordingPolicy, Role, SESSION, Session, Status, role_key, role_user},
+    clinic::{CALL_MEMBER, HAND, Kind, NOTE, NOTES_FOR, RECORDING, RECORDING_CONSENT, ROLE, RecordingPolicy, Role, SESSION, Session, Status, role_key, role_user},
     error::{Error, Result},
     events::PduBuilder,
     users::Caller,
@@ -100,8 +100,9 @@ fn power_levels(therapist: &OwnedUserId, participants: &[Participant]) -> JsonVa
         "users_default": 0,
         "events_default": 0,
         "state_default": therapists_only,
-        // Participants publish their own MatrixRTC call membership.
-        "events": { SESSION: therapists_only, ROLE: therapists_only, "org.limbic.recording": therapists_only, CALL_MEMBER: 0, "m.room.power_levels": 100 },
+        // Participants publish their own MatrixRTC call membership, recording consent and
+        // raised hand (the clinic rules keep each to its owner).
+        "events": { SESSION: therapists_only, ROLE: therapists_only, RECORDING: therapists_only, CALL_MEMBER: 0, RECORDING_CONSENT: 0, HAND: 0, "m.room.power_levels": 100 },
         "invite": therapists_only,
         "kick": therapists_only,
         "ban": therapists_only,

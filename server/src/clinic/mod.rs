@@ -28,6 +28,14 @@ pub const PASSCODE_FIELD: &str = "org.limbic.passcode";
 pub const NOTES_FOR: &str = "org.limbic.session.notes_for";
 /// A MatrixRTC call membership (state key `_@user:server_DEVICE`), sent by participants.
 pub const CALL_MEMBER: &str = "org.matrix.msc3401.call.member";
+/// A participant's consent to the session's call being recorded (state key: their user id):
+/// `{"consent": bool}`. Only they set it.
+pub const RECORDING_CONSENT: &str = "org.limbic.recording.consent";
+/// Whether the session's call is being recorded (state key ""): `{"recording": bool, "by":
+/// <therapist>}`, set by the server for the therapist who started it.
+pub const RECORDING: &str = "org.limbic.recording";
+/// A participant's raised hand (state key: their user id): `{"raised": bool}`. Only they set it.
+pub const HAND: &str = "org.limbic.hand";
 /// In a breakout room: `{"session_room", "name", "closed"}`.
 pub const BREAKOUT: &str = "org.limbic.breakout";
 

@@ -5,7 +5,7 @@
 use ruma::{OwnedUserId, RoomId, UserId, events::TimelineEventType};
 use serde_json::Value as JsonValue;
 
-use super::{BREAKOUT, Breakout, Clinic, NOTE, NOTES_FOR, ROLE, Role, SESSION, Session, role_key, role_user};
+use super::{BREAKOUT, Breakout, Clinic, HAND, NOTE, NOTES_FOR, RECORDING_CONSENT, ROLE, Role, SESSION, Session, role_key, role_user};
 use crate::{
     error::{Error, Result},
     events::Pdu,
@@ -109,6 +109,8 @@ pub fn authorize(ctx: &PolicyContext<'_>, pdu: &Pdu) -> Result<()> {
     match pdu.kind {
         TimelineEventType::RoomMember => check_membership(ctx, pdu, &session),
         _ if kind == ROLE => check_role(ctx, pdu, &session, &session_pdu),
+        _ if kind == RECORDING_CONSENT => check_own_flag(ctx, pdu, "consent"),
+        _ if kind == HAND => check_own_flag(ctx, pdu, "raised"),
         _ if kind.starts_with("org.limbic.") && pdu.is_state() => {
             // Recording policy and other clinic state: therapists only.
             if ctx.role(pdu.sender.as_str())?.is_some_and(Role::is_therapist) {
@@ -119,6 +121,23 @@ pub fn authorize(ctx: &PolicyContext<'_>, pdu: &Pdu) -> Result<()> {
         }
         _ => Ok(()),
     }
+}
+
+/// A participant's own flag (recording consent, raised hand): set by the participant it is
+/// keyed by, who has a role in the session, as `{<field>: bool}`.
+fn check_own_flag(ctx: &PolicyContext<'_>, pdu: &Pdu, field: &str) -> Result<()> {
+    let kind = pdu.kind.to_string();
+    if pdu.state_key.as_deref() != Some(pdu.sender.as_str()) {
+        return Err(refuse(format!("{kind} is set by the participant it is keyed by")));
+    }
+    if ctx.role(pdu.sender.as_str())?.is_none() {
+        return Err(refuse(format!("only the session's participants set {kind}")));
+    }
+    let content = pdu.content_json();
+    if !content.get(field).is_some_and(serde_json::Value::is_boolean) || content.as_object().is_some_and(|o| o.len() != 1) {
+        return Err(Error::bad_json(format!("{kind} content is {{\"{field}\": true|false}}")));
+    }
+    Ok(())
 }
 
 /// The role `user` holds in another room's session.

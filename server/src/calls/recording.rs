@@ -1,0 +1,167 @@
+//! Recording a therapy session's call: only where the session's policy allows it, started and
+//! stopped by its therapists, only while every participant in the call has consented
+//! (`org.limbic.recording.consent`), and stopped the moment one withdraws (or someone joins
+//! without consent). Each track becomes a file (Ogg/Opus, IVF/VP8) in the media repository,
+//! announced in the room; `org.limbic.recording` in the room says whether it is recording.
+
+use ruma::{OwnedUserId, RoomId, UserId};
+use serde_json::{Value as JsonValue, json};
+use str0m::media::MediaKind;
+
+use crate::{
+    audit::AuditRecord,
+    clinic::{RECORDING, RECORDING_CONSENT, ROLE, RecordingPolicy, Role, SESSION, Session, role_key},
+    error::{Error, ErrorCode, Result},
+    events::PduBuilder,
+    media::Upload,
+    server::Server,
+};
+
+/// Whether `user` consented to the session's call being recorded.
+pub fn consented(server: &Server, room_id: &RoomId, user: &str) -> Result<bool> {
+    let consent = server.rooms.state_content(room_id, RECORDING_CONSENT, user)?;
+    Ok(consent.and_then(|c| c.get("consent").and_then(JsonValue::as_bool)) == Some(true))
+}
+
+fn sfu(server: &Server) -> Result<&super::media::SfuHandle> {
+    server.calls.sfu.get().ok_or_else(|| Error::not_found("calls are not running on this server"))
+}
+
+fn stopped() -> Error {
+    Error::internal("the SFU has stopped")
+}
+
+/// Starts recording the room's call, for one of its therapists.
+pub async fn start(server: &Server, therapist: &UserId, room_id: &RoomId) -> Result<JsonValue> {
+    let content = server.rooms.state_content(room_id, SESSION, "")?.ok_or_else(|| Error::not_found("not a session room"))?;
+    let session = Session::parse(&content)?;
+    require_therapist(server, room_id, therapist)?;
+    if session.recording_policy != RecordingPolicy::WithConsent {
+        return Err(Error::forbidden("the session's recording policy does not allow recording"));
+    }
+    let sfu = sfu(server)?;
+    let matrix_room = room_id.to_string();
+    let (rooms, callers) = sfu
+        .run(move |sfu, _| {
+            let rooms = sfu.rooms_of(&matrix_room);
+            let callers: Vec<String> = rooms.iter().flat_map(|room| sfu.callers(room)).collect();
+            (rooms, callers)
+        })
+        .await
+        .ok_or_else(stopped)?;
+    if rooms.is_empty() {
+        return Err(Error::new(ErrorCode::BadState, "nobody is in the session's call"));
+    }
+    let mut missing: Vec<String> = Vec::new();
+    for caller in callers {
+        if !consented(server, room_id, &caller)? && !missing.contains(&caller) {
+            missing.push(caller);
+        }
+    }
+    if !missing.is_empty() {
+        return Err(Error::Detailed {
+            status: http::StatusCode::FORBIDDEN,
+            body: json!({
+                "errcode": "M_FORBIDDEN",
+                "error": "every participant in the call must consent to the recording first",
+                "org.limbic.without_consent": missing,
+            }),
+        });
+    }
+    let matrix_room = room_id.to_string();
+    let started = sfu.run(move |sfu, now| !sfu.is_recording(&matrix_room) && rooms.iter().fold(false, |any, room| sfu.start_recording(now, room, &matrix_room) | any)).await.ok_or_else(stopped)?;
+    if !started {
+        return Err(Error::new(ErrorCode::BadState, "the call is being recorded already"));
+    }
+    let mut writer = server.rooms.writer(room_id).await?;
+    writer.append(therapist, PduBuilder::state(RECORDING, "", json!({ "recording": true, "by": therapist })), None)?;
+    writer.audit(AuditRecord::new("recording_started", therapist).room(room_id));
+    writer.commit()?;
+    tracing::info!(%room_id, %therapist, "started recording a call");
+    Ok(json!({ "recording": true }))
+}
+
+/// Why a recording stopped.
+pub enum StopReason<'a> {
+    Therapist(&'a UserId),
+    ConsentWithdrawn(&'a UserId),
+    JoinedWithoutConsent(&'a UserId),
+}
+
+/// Stops recording the room's call: each track's file is stored and announced in the room by
+/// the therapist who started it. `None` when it was not recording.
+pub async fn stop(server: &Server, room_id: &RoomId, reason: StopReason<'_>) -> Result<Option<JsonValue>> {
+    if let StopReason::Therapist(therapist) = reason {
+        require_therapist(server, room_id, therapist)?;
+    }
+    let Some(state) = server.rooms.state_content(room_id, RECORDING, "")? else { return Ok(None) };
+    let sfu = sfu(server)?;
+    let matrix_room = room_id.to_string();
+    let tracks = sfu.run(move |sfu, _| sfu.stop_recording(&matrix_room).unwrap_or_default()).await.ok_or_else(stopped)?;
+    if state.get("recording").and_then(JsonValue::as_bool) != Some(true) && tracks.is_empty() {
+        return Ok(None);
+    }
+    // The announcements come from the therapist who started it (or who stops it).
+    let announcer: OwnedUserId = match reason {
+        StopReason::Therapist(therapist) => therapist.to_owned(),
+        _ => state.get("by").and_then(JsonValue::as_str).and_then(|by| OwnedUserId::try_from(by).ok()).ok_or_else(|| Error::internal("a recording without its therapist"))?,
+    };
+    let mut files = Vec::new();
+    let mut messages = Vec::new();
+    for track in tracks {
+        let (msgtype, mimetype, extension) = match track.kind {
+            MediaKind::Audio => ("m.audio", "audio/ogg", "ogg"),
+            MediaKind::Video => ("m.video", "video/x-ivf", "ivf"),
+        };
+        let filename = format!("recording-{}-{}.{extension}", track.owner.trim_start_matches('@').replace(':', "_"), track.track_name.replace(['/', ' '], "_"));
+        let size = track.bytes.len();
+        // One file that cannot be stored does not cost the others, nor the end of the recording.
+        let url = match server.media.upload(&announcer, Upload { bytes: track.bytes, content_type: Some(mimetype.to_owned()), filename: Some(filename.clone()) }).await {
+            Ok(url) => url,
+            Err(error) => {
+                tracing::error!(%room_id, owner = %track.owner, %error, "a recorded track could not be stored");
+                files.push(json!({ "owner": track.owner, "kind": msgtype, "error": error.to_string() }));
+                continue;
+            }
+        };
+        files.push(json!({ "url": url, "owner": track.owner, "kind": msgtype, "duration": track.duration_ms }));
+        messages.push(PduBuilder::message(
+            "m.room.message",
+            json!({
+                "msgtype": msgtype,
+                "body": filename,
+                "filename": filename,
+                "url": url,
+                "info": { "mimetype": mimetype, "size": size, "duration": track.duration_ms },
+                "org.limbic.recording_of": track.owner,
+            }),
+        ));
+    }
+    let (actor, why) = match reason {
+        StopReason::Therapist(user) => (user, "stopped by a therapist"),
+        StopReason::ConsentWithdrawn(user) => (user, "a participant withdrew consent"),
+        StopReason::JoinedWithoutConsent(user) => (user, "a participant without consent joined the call"),
+    };
+    let mut writer = server.rooms.writer(room_id).await?;
+    for message in messages {
+        writer.append(&announcer, message, None)?;
+    }
+    writer.append(&announcer, PduBuilder::state(RECORDING, "", json!({ "recording": false, "by": announcer, "stopped_because": why })), None)?;
+    writer.audit(AuditRecord::new("recording_stopped", actor).room(room_id).details(json!({ "reason": why, "files": files })));
+    writer.commit()?;
+    tracing::info!(%room_id, %actor, reason = why, files = files.len(), "stopped recording a call");
+    Ok(Some(json!({ "recording": false, "files": files })))
+}
+
+/// A participant withdrew consent, or joined the call without it: the recording stops.
+pub async fn stop_without_consent(server: &Server, room_id: &RoomId, user: &UserId, joined: bool) {
+    let reason = if joined { StopReason::JoinedWithoutConsent(user) } else { StopReason::ConsentWithdrawn(user) };
+    if let Err(error) = stop(server, room_id, reason).await {
+        tracing::error!(%room_id, %user, %error, "a recording could not be stopped");
+    }
+}
+
+fn require_therapist(server: &Server, room_id: &RoomId, user: &UserId) -> Result<()> {
+    let role = server.rooms.state_content(room_id, ROLE, &role_key(user.as_str()))?.and_then(|c| serde_json::from_value::<Role>(c.get("role")?.clone()).ok());
+    if role.is_some_and(Role::is_therapist) { Ok(()) } else { Err(Error::forbidden("only the session's therapists start and stop recordings")) }
+}

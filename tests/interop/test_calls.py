@@ -1,0 +1,396 @@
+"""Calls through Limbic's built-in SFU with LiveKit's Python SDK (PyPI `livekit`, whose WebRTC
+engine is LiveKit's Rust SDK with libwebrtc, bundled in the wheel): the SDK fetches nothing but
+a token from Limbic's call-token service (spec/calls.md) and joins with it, unmodified.
+
+1. Two members of a room join its call: one publishes a synthetic tone, the other subscribes
+   automatically and receives audio frames carrying it; a mute reaches the listener as a muted
+   track; leaving reaches them as a disconnected participant.
+2. In a therapy session, the therapist (a moderator by role) mutes a client's microphone and
+   then removes the client from the call, through LiveKit's RoomService API; a client may do
+   neither.
+3. A recording in a session that allows it: refused until everyone in the call consented, then
+   started by the therapist, stopped, and stored as an Ogg/Opus file PyAV decodes to the tone
+   for as long as it ran; a client withdrawing consent stops the next one at once.
+4. Signalling refuses a forged call token before any media.
+
+The module uses conftest's per-module `server`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+import math
+import secrets
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from urllib.parse import quote
+
+import numpy as np
+import pytest
+from livekit import rtc
+
+from mx import register, register_with_shared_secret, run
+
+SAMPLE_RATE = 48000
+FRAME = 480  # 10 ms
+
+
+def http(base: str, method: str, path: str, token: str | None = None, body=None) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(base + path, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as error:
+        status, raw = error.code, error.read()
+    try:
+        return status, json.loads(raw or b"{}")
+    except ValueError:
+        return status, {"raw": raw.decode(errors="replace")}
+
+
+@dataclass
+class Member:
+    user_id: str
+    access_token: str
+    device_id: str
+
+
+async def member(base: str, name: str) -> Member:
+    account = await register(base, f"{name}{secrets.token_hex(3)}", "call-interop-password")
+    return Member(account.user_id, account.access_token, account.device_id)
+
+
+def call_token(base: str, who: Member, room_id: str) -> tuple[str, str]:
+    """(signalling url, call token) from the MSC4195 token service."""
+    status, openid = http(base, "POST", f"/_matrix/client/v3/user/{quote(who.user_id)}/openid/request_token", who.access_token, {})
+    assert status == 200, openid
+    body = {
+        "room_id": room_id, "slot_id": "m.call#ROOM", "openid_token": openid,
+        "member": {"id": f"m-{who.device_id}", "claimed_user_id": who.user_id, "claimed_device_id": who.device_id},
+    }
+    status, answer = http(base, "POST", "/_limbic/calls/get_token", None, body)
+    assert status == 200, f"get_token for {who.user_id}: {status} {answer}"
+    return answer["url"], answer["jwt"]
+
+
+async def shared_room(base: str, names: list[str]) -> tuple[str, list[Member]]:
+    members = [await member(base, name) for name in names]
+    status, room = http(base, "POST", "/_matrix/client/v3/createRoom", members[0].access_token,
+                        {"preset": "private_chat", "invite": [m.user_id for m in members[1:]]})
+    assert status == 200, room
+    for m in members[1:]:
+        status, body = http(base, "POST", f"/_matrix/client/v3/join/{quote(room['room_id'])}", m.access_token, {})
+        assert status == 200, body
+    return room["room_id"], members
+
+
+def options() -> rtc.RoomOptions:
+    return rtc.RoomOptions(auto_subscribe=True, connect_timeout=20)
+
+
+async def publish_tone(room: rtc.Room, stop: asyncio.Event, frequency: float = 440.0) -> rtc.LocalTrackPublication:
+    source = rtc.AudioSource(SAMPLE_RATE, 1)
+    track = rtc.LocalAudioTrack.create_audio_track("tone", source)
+    publish = rtc.TrackPublishOptions()
+    publish.source = rtc.TrackSource.SOURCE_MICROPHONE
+    publication = await room.local_participant.publish_track(track, publish)
+
+    async def feed():
+        phase = 0
+        while not stop.is_set():
+            frame = rtc.AudioFrame.create(SAMPLE_RATE, 1, FRAME)
+            samples = np.frombuffer(frame.data, dtype=np.int16)
+            t = (np.arange(FRAME) + phase) / SAMPLE_RATE
+            samples[:] = (np.sin(2 * math.pi * frequency * t) * 12000).astype(np.int16)
+            phase += FRAME
+            await source.capture_frame(frame)
+    asyncio.get_running_loop().create_task(feed())
+    return publication
+
+
+async def loud_frames(track: rtc.Track, wanted: int, timeout: float) -> int:
+    """How many received 10 ms frames carry the tone (not silence), up to `wanted`."""
+    loud = 0
+    stream = rtc.AudioStream(track, sample_rate=SAMPLE_RATE, num_channels=1)
+
+    async def count():
+        nonlocal loud
+        async for event in stream:
+            samples = np.frombuffer(event.frame.data, dtype=np.int16)
+            if samples.size and np.abs(samples).max() > 2000:
+                loud += 1
+                if loud >= wanted:
+                    return
+    try:
+        await asyncio.wait_for(count(), timeout)
+    except asyncio.TimeoutError:
+        pass
+    finally:
+        await stream.aclose()
+    return loud
+
+
+def test_a_tone_published_by_one_member_reaches_the_other(server):
+    async def scenario():
+        room_id, (ana, ben) = await shared_room(server.url, ["ana", "ben"])
+        url, ana_token = call_token(server.url, ana, room_id)
+        _, ben_token = call_token(server.url, ben, room_id)
+        publisher, listener = rtc.Room(), rtc.Room()
+        subscribed: asyncio.Future = asyncio.get_running_loop().create_future()
+        events: list[str] = []
+
+        @listener.on("track_subscribed")
+        def on_subscribed(track, publication, participant):
+            if track.kind == rtc.TrackKind.KIND_AUDIO and not subscribed.done():
+                subscribed.set_result((track, publication, participant))
+
+        @listener.on("track_muted")
+        def on_muted(participant, publication):
+            events.append(f"muted {participant.identity}")
+
+        @listener.on("participant_disconnected")
+        def on_left(participant):
+            events.append(f"left {participant.identity}")
+
+        @listener.on("active_speakers_changed")
+        def on_speakers(speakers):
+            events.extend(f"speaking {p.identity}" for p in speakers)
+
+        stop = asyncio.Event()
+        try:
+            await publisher.connect(url, ana_token, options())
+            await listener.connect(url, ben_token, options())
+            publication = await publish_tone(publisher, stop)
+            track, _, participant = await asyncio.wait_for(subscribed, 20)
+            assert participant.identity == publisher.local_participant.identity
+            loud = await loud_frames(track, 50, 20)
+            assert loud >= 50, f"the listener got {loud} frames of the tone"
+            for _ in range(50):
+                if f"speaking {participant.identity}" in events:
+                    break
+                await asyncio.sleep(0.1)
+            assert f"speaking {participant.identity}" in events, events
+
+            publication.track.mute()
+            for _ in range(100):
+                if f"muted {participant.identity}" in events:
+                    break
+                await asyncio.sleep(0.1)
+            assert f"muted {participant.identity}" in events, events
+
+            stop.set()
+            await publisher.disconnect()
+            for _ in range(100):
+                if f"left {participant.identity}" in events:
+                    break
+                await asyncio.sleep(0.1)
+            assert f"left {participant.identity}" in events, events
+        finally:
+            stop.set()
+            await publisher.disconnect()
+            await listener.disconnect()
+    run(scenario())
+
+
+def claims(jwt: str) -> dict:
+    payload = jwt.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+
+
+def room_service(base: str, token: str, method: str, body: dict) -> tuple[int, dict]:
+    return http(base, "POST", f"/twirp/livekit.RoomService/{method}", token, body)
+
+
+async def session_with_client(base: str, shared_secret: str, recording_policy: str = "forbidden") -> tuple[str, Member, Member]:
+    """An open individual session: a verified therapist and a joined client."""
+    admin = await register_with_shared_secret(base, shared_secret, f"admin{secrets.token_hex(3)}", "call-interop-password", True)
+    therapist, client = await member(base, "therapist"), await member(base, "client")
+    status, body = http(base, "PUT", f"/_limbic/admin/v1/therapists/{quote(therapist.user_id)}", admin.access_token, {"verified": True})
+    assert status == 200, body
+    now = int(time.time() * 1000)
+    status, created = http(base, "POST", "/_limbic/client/v1/sessions", therapist.access_token, {
+        "kind": "individual", "title": "Call", "starts_at": now, "ends_at": now + 3_600_000, "timezone": "UTC",
+        "participants": [{"user_id": client.user_id, "role": "client"}], "recording_policy": recording_policy,
+    })
+    assert status == 200, created
+    room_id = created["room_id"]
+    status, body = http(base, "PUT", f"/_limbic/client/v1/sessions/{quote(room_id)}/status", therapist.access_token, {"status": "open"})
+    assert status == 200, body
+    status, body = http(base, "POST", f"/_matrix/client/v3/join/{quote(room_id)}", client.access_token, {})
+    assert status == 200, body
+    return room_id, therapist, client
+
+
+def test_the_therapist_mutes_and_removes_a_client(server):
+    async def scenario():
+        room_id, therapist, client = await session_with_client(server.url, server.config["registration"]["shared_secret"])
+        url, therapist_token = call_token(server.url, therapist, room_id)
+        _, client_token = call_token(server.url, client, room_id)
+        sfu_room = claims(therapist_token)["video"]["room"]
+        therapist_room, client_room = rtc.Room(), rtc.Room()
+        seen: list[str] = []
+
+        @client_room.on("track_muted")
+        def on_muted(participant, publication):
+            seen.append("muted")
+
+        @client_room.on("disconnected")
+        def on_disconnected(reason):
+            seen.append("disconnected")
+
+        stop = asyncio.Event()
+        try:
+            await therapist_room.connect(url, therapist_token, options())
+            await client_room.connect(url, client_token, options())
+            publication = await publish_tone(client_room, stop)
+            identity = client_room.local_participant.identity
+            for _ in range(100):
+                status, listed = room_service(server.url, therapist_token, "ListParticipants", {"room": sfu_room})
+                tracks = [t for p in listed.get("participants", []) if p["identity"] == identity for t in p.get("tracks", [])]
+                if tracks:
+                    break
+                await asyncio.sleep(0.1)
+            assert status == 200 and tracks and tracks[0]["sid"] == publication.sid, (status, listed)
+
+            # A client is no moderator; nobody unmutes someone else.
+            request = {"room": sfu_room, "identity": identity, "trackSid": publication.sid, "muted": True}
+            status, body = room_service(server.url, client_token, "MutePublishedTrack", request)
+            assert status == 403 and body["code"] == "permission_denied", (status, body)
+            status, body = room_service(server.url, therapist_token, "MutePublishedTrack", dict(request, muted=False))
+            assert status == 403, (status, body)
+
+            status, body = room_service(server.url, therapist_token, "MutePublishedTrack", request)
+            assert status == 200 and body["track"]["muted"] is True, (status, body)
+            for _ in range(100):
+                if publication.muted:
+                    break
+                await asyncio.sleep(0.1)
+            assert publication.muted, f"the client's own track was not muted: {seen}"
+
+            status, body = room_service(server.url, therapist_token, "RemoveParticipant", {"room": sfu_room, "identity": identity})
+            assert status == 200, (status, body)
+            for _ in range(100):
+                if "disconnected" in seen:
+                    break
+                await asyncio.sleep(0.1)
+            assert "disconnected" in seen, seen
+            status, body = room_service(server.url, therapist_token, "RemoveParticipant", {"room": sfu_room, "identity": identity})
+            assert status == 404, (status, body)
+        finally:
+            stop.set()
+            await client_room.disconnect()
+            await therapist_room.disconnect()
+    run(scenario())
+
+
+def set_consent(base: str, who: Member, room_id: str, consent: bool) -> None:
+    path = f"/_matrix/client/v3/rooms/{quote(room_id)}/state/org.limbic.recording.consent/{quote(who.user_id)}"
+    status, body = http(base, "PUT", path, who.access_token, {"consent": consent})
+    assert status == 200, (status, body)
+
+
+def recording_state(base: str, who: Member, room_id: str) -> dict:
+    status, body = http(base, "GET", f"/_matrix/client/v3/rooms/{quote(room_id)}/state/org.limbic.recording/", who.access_token)
+    return body if status == 200 else {}
+
+
+def download(base: str, who: Member, mxc: str) -> bytes:
+    server_name, media_id = mxc.removeprefix("mxc://").split("/", 1)
+    request = urllib.request.Request(f"{base}/_matrix/client/v1/media/download/{quote(server_name)}/{quote(media_id)}")
+    request.add_header("Authorization", f"Bearer {who.access_token}")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return response.read()
+
+
+def decoded_audio(data: bytes) -> tuple[float, float]:
+    """(seconds, peak amplitude 0..1) of an audio file, decoded by FFmpeg (PyAV)."""
+    import io
+    import av
+    samples, peak, rate = 0, 0.0, 48000
+    with av.open(io.BytesIO(data)) as container:
+        for frame in container.decode(audio=0):
+            array = frame.to_ndarray()
+            samples += frame.samples
+            rate = frame.sample_rate
+            if array.size:
+                peak = max(peak, float(np.abs(array).max()) / (32768.0 if array.dtype == np.int16 else 1.0))
+    return samples / rate, peak
+
+
+def test_a_recording_needs_everyones_consent_and_yields_the_tone(server):
+    async def scenario():
+        room_id, therapist, client = await session_with_client(server.url, server.config["registration"]["shared_secret"], "with_consent")
+        url, therapist_token = call_token(server.url, therapist, room_id)
+        _, client_token = call_token(server.url, client, room_id)
+        therapist_room, client_room = rtc.Room(), rtc.Room()
+        recording_path = f"/_limbic/client/v1/sessions/{quote(room_id)}/recording"
+        stop = asyncio.Event()
+        try:
+            await therapist_room.connect(url, therapist_token, options())
+            await client_room.connect(url, client_token, options())
+            await publish_tone(client_room, stop)
+            await asyncio.sleep(2)
+
+            # Nobody consented yet: refused, naming who has not.
+            status, body = http(server.url, "PUT", recording_path, therapist.access_token, {"recording": True})
+            assert status == 403 and set(body.get("org.limbic.without_consent", [])) == {therapist.user_id, client.user_id}, (status, body)
+            set_consent(server.url, therapist, room_id, True)
+            set_consent(server.url, client, room_id, True)
+            status, body = http(server.url, "PUT", recording_path, client.access_token, {"recording": True})
+            assert status == 403, ("a client cannot record", status, body)
+
+            status, body = http(server.url, "PUT", recording_path, therapist.access_token, {"recording": True})
+            assert status == 200, (status, body)
+            assert recording_state(server.url, client, room_id).get("recording") is True
+            started = time.monotonic()
+            await asyncio.sleep(3)
+            status, body = http(server.url, "PUT", recording_path, therapist.access_token, {"recording": False})
+            took = time.monotonic() - started
+            assert status == 200, (status, body)
+            audio = [f for f in body["files"] if f["kind"] == "m.audio" and f["owner"] == client.user_id]
+            assert len(audio) == 1 and "url" in audio[0], body
+            seconds, peak = decoded_audio(download(server.url, therapist, audio[0]["url"]))
+            assert abs(seconds - took) < 0.8, f"recorded {seconds:.2f} s of a {took:.2f} s recording"
+            assert peak > 0.1, f"the recording is silent (peak {peak})"
+            assert recording_state(server.url, client, room_id).get("recording") is False
+
+            # Recording again; the client withdraws consent: it stops by itself.
+            status, body = http(server.url, "PUT", recording_path, therapist.access_token, {"recording": True})
+            assert status == 200, (status, body)
+            await asyncio.sleep(1)
+            set_consent(server.url, client, room_id, False)
+            state = recording_state(server.url, client, room_id)
+            assert state.get("recording") is False and "withdrew" in state.get("stopped_because", ""), state
+            status, body = http(server.url, "PUT", recording_path, therapist.access_token, {"recording": True})
+            assert status == 403, (status, body)
+        finally:
+            stop.set()
+            await client_room.disconnect()
+            await therapist_room.disconnect()
+    run(scenario())
+
+
+def test_signalling_refuses_forged_tokens(server):
+    async def scenario():
+        room_id, (ana,) = await shared_room(server.url, ["ana"])
+        url, token = call_token(server.url, ana, room_id)
+        header, payload, signature = token.split(".")
+        forged = f"{header}.{payload}.{signature[:-4]}AAAA"
+        for bad in (forged, "not-a-token"):
+            status, body = http(server.url, "GET", "/rtc/validate", bad)
+            assert status == 401, (status, body)
+            room = rtc.Room()
+            with pytest.raises(Exception):
+                await room.connect(url, bad, rtc.RoomOptions(connect_timeout=5))
+            await room.disconnect()
+        status, body = http(server.url, "GET", "/rtc/validate", token)
+        assert status == 200, (status, body)
+    run(scenario())
