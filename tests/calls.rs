@@ -141,3 +141,30 @@ async fn a_session_call_opens_with_the_session_and_rights_follow_the_roles() {
     let (status, body) = token(&server, &client, &room).await;
     assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{body}");
 }
+
+/// Signalling takes a call token only while it is valid, from the header or the query.
+#[tokio::test]
+async fn signalling_refuses_expired_tokens() {
+    let server = TestServer::start_with(&[("LIMBIC_CALLS__TOKEN_LIFETIME_SECONDS", "1")]).await;
+    let ana = server.register("ana").await;
+    let room = ana.create_room(json!({ "preset": "private_chat" })).await;
+    let jwt = token(&server, &ana, &room).await.1["jwt"].as_str().unwrap().to_owned();
+    let validate = |bearer: bool| {
+        let request = reqwest::Client::new().get(format!("{}/rtc/validate", server.base));
+        if bearer { request.bearer_auth(&jwt) } else { request.query(&[("access_token", &jwt)]) }
+    };
+    for bearer in [true, false] {
+        let answer = validate(bearer).send().await.unwrap();
+        assert_eq!(answer.status(), StatusCode::OK);
+        assert_eq!(answer.text().await.unwrap(), "success");
+    }
+    let (status, _) = server.client().get("/rtc/validate").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "no token");
+    // The single-connection path is not served, so LiveKit's SDKs fall back to /rtc.
+    assert_eq!(server.client().get("/rtc/v1/validate").await.0, StatusCode::NOT_FOUND);
+
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let answer = validate(true).send().await.unwrap();
+    assert_eq!(answer.status(), StatusCode::UNAUTHORIZED);
+    assert!(answer.text().await.unwrap().contains("Expired"), "expired");
+}
