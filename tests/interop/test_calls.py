@@ -5,13 +5,16 @@ a token from Limbic's call-token service (spec/calls.md) and joins with it, unmo
 1. Two members of a room join its call: one publishes a synthetic tone, the other subscribes
    automatically and receives audio frames carrying it; a mute reaches the listener as a muted
    track; leaving reaches them as a disconnected participant.
-2. In a therapy session, the therapist (a moderator by role) mutes a client's microphone and
+2. One publishes simulcast video; the other receives decoded frames, gets the low layer after
+   asking for low quality and the high one back after asking for it, and no frames once it
+   unsubscribes.
+3. In a therapy session, the therapist (a moderator by role) mutes a client's microphone and
    then removes the client from the call, through LiveKit's RoomService API; a client may do
    neither.
-3. A recording in a session that allows it: refused until everyone in the call consented, then
+4. A recording in a session that allows it: refused until everyone in the call consented, then
    started by the therapist, stopped, and stored as an Ogg/Opus file PyAV decodes to the tone
    for as long as it ran; a client withdrawing consent stops the next one at once.
-4. Signalling refuses a forged call token before any media.
+5. Signalling refuses a forged call token before any media.
 
 The module uses conftest's per-module `server`.
 """
@@ -197,6 +200,100 @@ def test_a_tone_published_by_one_member_reaches_the_other(server):
             stop.set()
             await publisher.disconnect()
             await listener.disconnect()
+    run(scenario())
+
+
+WIDTH, HEIGHT = 1280, 720
+
+
+async def publish_video(room: rtc.Room, stop: asyncio.Event) -> rtc.LocalTrackPublication:
+    """A moving gradient at 20 fps, simulcast (LiveKit's layers of a 720p camera)."""
+    source = rtc.VideoSource(WIDTH, HEIGHT)
+    track = rtc.LocalVideoTrack.create_video_track("camera", source)
+    publish = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_CAMERA, simulcast=True,
+                                      video_encoding=rtc.VideoEncoding(max_framerate=20, max_bitrate=2_000_000))
+    publication = await room.local_participant.publish_track(track, publish)
+    base = np.tile((np.arange(WIDTH) % 256).astype(np.uint8), (HEIGHT, 1))
+
+    async def feed():
+        n = 0
+        while not stop.is_set():
+            rgba = np.empty((HEIGHT, WIDTH, 4), dtype=np.uint8)
+            rgba[..., 0] = (base.astype(np.int32) + n * 4) % 256
+            rgba[..., 1] = (n * 8) % 256
+            rgba[..., 2] = 255 - base
+            rgba[..., 3] = 255
+            source.capture_frame(rtc.VideoFrame(WIDTH, HEIGHT, rtc.VideoBufferType.RGBA, rgba.tobytes()))
+            n += 1
+            await asyncio.sleep(0.05)
+    asyncio.get_running_loop().create_task(feed())
+    return publication
+
+
+async def until(what: str, check, timeout: float = 15.0, context=lambda: ""):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"not within {timeout}s: {what} {context()}")
+
+
+def test_simulcast_video_switches_layers_and_stops_when_unsubscribed(server):
+    async def scenario():
+        room_id, (ana, ben) = await shared_room(server.url, ["ana", "ben"])
+        url, ana_token = call_token(server.url, ana, room_id)
+        _, ben_token = call_token(server.url, ben, room_id)
+        publisher, viewer = rtc.Room(), rtc.Room()
+        widths: list[int] = []
+        subscribed: asyncio.Future = asyncio.get_running_loop().create_future()
+        unsubscribed: list[str] = []
+
+        @viewer.on("track_subscribed")
+        def on_subscribed(track, publication, participant):
+            if track.kind == rtc.TrackKind.KIND_VIDEO and not subscribed.done():
+                subscribed.set_result((track, publication))
+
+        @viewer.on("track_unsubscribed")
+        def on_unsubscribed(track, publication, participant):
+            unsubscribed.append(publication.sid)
+
+        async def watch(track):
+            async for event in rtc.VideoStream(track):
+                widths.append(event.frame.width)
+
+        stop = asyncio.Event()
+        try:
+            await publisher.connect(url, ana_token, options())
+            await viewer.connect(url, ben_token, options())
+            await publish_video(publisher, stop)
+            track, publication = await asyncio.wait_for(subscribed, 20)
+            assert publication.simulcasted, "the SFU announced the track as simulcast"
+            watcher = asyncio.get_running_loop().create_task(watch(track))
+            await until("20 decoded frames", lambda: len(widths) >= 20)
+            widest = max(widths)
+
+            publication.set_video_quality(rtc.VideoQuality.VIDEO_QUALITY_LOW)
+            mark = len(widths)
+            await until(f"the low layer (frames narrower than {widest})", lambda: any(w < widest for w in widths[mark:]) and widths[-1] < widest,
+                        context=lambda: sorted(set(widths[mark:])))
+            low = widths[-1]
+            publication.set_video_quality(rtc.VideoQuality.VIDEO_QUALITY_HIGH)
+            mark = len(widths)
+            await until(f"a higher layer again (frames wider than {low})", lambda: any(w > low for w in widths[mark:]),
+                        context=lambda: sorted(set(widths[mark:])))
+
+            publication.set_subscribed(False)
+            await until("the track unsubscribed", lambda: publication.sid in unsubscribed)
+            await asyncio.sleep(1)
+            frozen = len(widths)
+            await asyncio.sleep(1.5)
+            assert len(widths) - frozen <= 1, f"{len(widths) - frozen} frames after unsubscribing"
+            watcher.cancel()
+        finally:
+            stop.set()
+            await publisher.disconnect()
+            await viewer.disconnect()
     run(scenario())
 
 

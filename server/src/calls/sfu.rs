@@ -69,7 +69,7 @@ const LAYERS: [(&str, i32, u64); 3] = [("q", lk::VideoQuality::Low as i32, 150_0
 /// A layer not seen for this long is taken to be paused by the publisher.
 const LAYER_TIMEOUT: Duration = Duration::from_secs(1);
 /// The bandwidth a subscriber connection starts out with, before TWCC says more.
-const INITIAL_ESTIMATE_KBPS: u64 = 1_000;
+const INITIAL_ESTIMATE_KBPS: u64 = 2_500;
 /// The gap left in the forwarded clock at a layer switch (one frame at 30 fps, 90 kHz).
 const SWITCH_GAP: i128 = 3000;
 
@@ -451,8 +451,30 @@ impl Sfu {
         if self.speakers_checked.is_none_or(|at| now.duration_since(at) >= SPEAKER_INTERVAL) {
             self.speakers_checked = Some(now);
             self.announce_speakers();
+            self.steer_bandwidth_estimates(now);
         }
         self.process(now);
+    }
+
+    /// Each subscriber connection probes for the bitrate of the layers its subscriber wants
+    /// (TWCC), so that the estimate can grow to allow them.
+    fn steer_bandwidth_estimates(&mut self, now: Instant) {
+        let mut wanted: HashMap<ParticipantId, u64> = HashMap::new();
+        for (id, participant) in &self.participants {
+            for down in participant.down.iter().filter(|d| d.kind == MediaKind::Video && matches!(d.state, DownState::Open(_))) {
+                let Some(track) = self.participants.get(&down.publisher).and_then(|p| p.tracks.iter().find(|t| t.info.sid == down.track_sid)) else { continue };
+                let layers = usable_layers(track, now);
+                let rate = layers.iter().rev().find(|(_, quality, _)| *quality <= down.layers.wanted).or(layers.first()).map_or(0, |(_, _, rate)| *rate);
+                *wanted.entry(*id).or_default() += rate;
+            }
+        }
+        for (id, rate) in wanted {
+            if let Some(participant) = self.participants.get_mut(&id)
+                && rate > 0
+            {
+                participant.subscriber.bwe().set_bitrate(Bitrate::kbps(100), Bitrate::bps(rate));
+            }
+        }
     }
 
     /// Tells each room who started or stopped speaking (LiveKit's `SpeakersChanged`: the
