@@ -92,7 +92,6 @@ async fn get_token(State(server): State<AppState>, body: axum::body::Bytes) -> R
     if user != request.member.claimed_user_id {
         return Err(Error::forbidden("the member's user is not the OpenID token's"));
     }
-    // As MSC4195's reference service does: names that do not leak the room or the device.
     let identity = hashed(&[user.as_str(), &request.member.claimed_device_id, &request.member.id]);
     let sfu_room = hashed(&[request.room_id.as_str(), &request.slot_id]);
     answer(&server, user, request.room_id, identity, sfu_room).await
@@ -102,7 +101,8 @@ async fn sfu_get(State(server): State<AppState>, body: axum::body::Bytes) -> Res
     let request: LegacyRequest = parse_body(&body)?;
     let user = openid_user(&server, &request.openid_token).await?;
     let identity = format!("{user}:{}", request.device_id);
-    let sfu_room = request.room.to_string();
+    // The room's call slot, so that clients of both APIs meet in one call.
+    let sfu_room = hashed(&[request.room.as_str(), ROOM_CALL_SLOT]);
     answer(&server, user, request.room, identity, sfu_room).await
 }
 
@@ -149,7 +149,22 @@ async fn openid_user(server: &AppState, token: &OpenIdToken) -> Result<OwnedUser
     Ok(user)
 }
 
-/// Unpadded URL-safe base64 of the SHA-256 of `parts` joined with `|`.
+/// The MatrixRTC slot of a room's one call, which the earlier API always means.
+const ROOM_CALL_SLOT: &str = "m.call#ROOM";
+
+/// SFU names as MSC4195's reference service (lk-jwt-service) makes them, so that they do not
+/// reveal the room or the device: unpadded base64 of the SHA-256 of the parts as a compact
+/// JSON array.
 fn hashed(parts: &[&str]) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Sha256::digest(parts.join("|")))
+    let array = serde_json::to_string(parts).expect("strings serialize");
+    base64::engine::general_purpose::STANDARD_NO_PAD.encode(Sha256::digest(array))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sfu_names_match_the_msc4195_test_vectors() {
+        assert_eq!(super::hashed(&["!roomid:example.com", "slot1234"]), "O8437W3+jmzMVjoIP3tNwbm+XxHQk2iKpOA7aqw3qSc");
+        assert_eq!(super::hashed(&["@alice:example.com", "DEVICE123", "memberABC"]), "J+T45tGruxc+HrUOqJJlyQSV33m728Cme4+vt8/SWrU");
+    }
 }
