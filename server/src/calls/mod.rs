@@ -7,6 +7,7 @@
 //! therapists also mute and remove others and record.
 
 pub mod containers;
+pub mod loopback;
 pub mod media;
 pub mod recording;
 pub mod room_service;

@@ -7,7 +7,7 @@
 //! ([`super::media`]) owns the socket and the WebSockets.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     net::SocketAddr,
     time::{Duration, Instant},
 };
@@ -43,7 +43,7 @@ const SPEAKING_LEVEL: f32 = 0.03;
 const LEVEL_SMOOTHING: f32 = 0.2;
 
 /// One of the two peer connections of a participant.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Pc {
     Publisher,
     Subscriber,
@@ -244,6 +244,14 @@ pub struct Sfu {
     speakers_checked: Option<Instant>,
     /// The SFU rooms being recorded.
     recordings: HashMap<String, Recording>,
+    /// Connections with input since their output was last drained: only they are polled.
+    dirty: HashSet<(ParticipantId, Pc)>,
+    /// Participants with down tracks waiting for a subscriber offer.
+    to_negotiate: HashSet<ParticipantId>,
+    /// When each connection's timers next fire.
+    timers: HashMap<(ParticipantId, Pc), Instant>,
+    /// Which connection a peer's address belongs to (learnt from the first datagram it sent).
+    routes: HashMap<SocketAddr, (ParticipantId, Pc)>,
 }
 
 fn random_sid(prefix: &str) -> String {
@@ -270,6 +278,10 @@ impl Sfu {
             speaking: HashMap::new(),
             speakers_checked: None,
             recordings: HashMap::new(),
+            dirty: HashSet::new(),
+            to_negotiate: HashSet::new(),
+            timers: HashMap::new(),
+            routes: HashMap::new(),
         }
     }
 
@@ -348,6 +360,7 @@ impl Sfu {
             estimate: None,
         };
         self.participants.insert(id, participant);
+        self.dirty.extend([(id, Pc::Publisher), (id, Pc::Subscriber)]);
         self.broadcast_update(id);
         if auto_subscribe && claims.video.can_subscribe {
             let published: Vec<(ParticipantId, String, MediaKind)> = self
@@ -359,6 +372,7 @@ impl Sfu {
             if let Some(me) = self.participants.get_mut(&id) {
                 for (publisher, track_sid, kind) in published {
                     me.down.push(DownTrack::new(publisher, track_sid, kind));
+                    self.to_negotiate.insert(id);
                 }
             }
         }
@@ -369,6 +383,10 @@ impl Sfu {
     /// The participant left (or their signalling connection closed): the others see them go.
     pub fn leave(&mut self, now: Instant, id: ParticipantId) {
         let Some(mut gone) = self.participants.remove(&id) else { return };
+        self.routes.retain(|_, (owner, _)| *owner != id);
+        self.timers.retain(|(owner, _), _| *owner != id);
+        self.dirty.retain(|(owner, _)| *owner != id);
+        self.to_negotiate.remove(&id);
         gone.publisher.disconnect();
         gone.subscriber.disconnect();
         gone.info.state = lk::participant_info::State::Disconnected as i32;
@@ -397,6 +415,9 @@ impl Sfu {
     pub fn signal(&mut self, now: Instant, id: ParticipantId, request: lk::SignalRequest) {
         use lk::signal_request::Message;
         let Some(message) = request.message else { return };
+        if self.participants.contains_key(&id) {
+            self.dirty.extend([(id, Pc::Publisher), (id, Pc::Subscriber)]);
+        }
         match message {
             Message::Offer(offer) => self.publisher_offer(id, offer),
             Message::Answer(answer) => self.subscriber_answer(id, &answer),
@@ -423,29 +444,36 @@ impl Sfu {
     pub fn receive(&mut self, now: Instant, source: SocketAddr, destination: SocketAddr, datagram: &[u8]) {
         let Ok(contents) = datagram.try_into() else { return };
         let input = Input::Receive(now, Receive { proto: Protocol::Udp, source, destination, contents });
-        let target = self.participants.iter_mut().find_map(|(id, p)| {
-            if p.publisher.accepts(&input) {
-                Some((*id, Pc::Publisher))
-            } else if p.subscriber.accepts(&input) {
-                Some((*id, Pc::Subscriber))
-            } else {
-                None
-            }
+        let known = self.routes.get(&source).copied().filter(|(id, pc)| self.participants.get_mut(id).is_some_and(|p| p.rtc(*pc).accepts(&input)));
+        let target = known.or_else(|| {
+            self.participants.iter_mut().find_map(|(id, p)| {
+                if p.publisher.accepts(&input) {
+                    Some((*id, Pc::Publisher))
+                } else if p.subscriber.accepts(&input) {
+                    Some((*id, Pc::Subscriber))
+                } else {
+                    None
+                }
+            })
         });
         let Some((id, pc)) = target else { return };
+        self.routes.insert(source, (id, pc));
         if let Some(participant) = self.participants.get_mut(&id)
             && let Err(error) = participant.rtc(pc).handle_input(input)
         {
             tracing::debug!(participant = id, %error, "a datagram was not accepted");
         }
+        self.dirty.insert((id, pc));
         self.process(now);
     }
 
     /// Time passed: every connection's timers, and the active speakers.
     pub fn timeout(&mut self, now: Instant) {
-        for participant in self.participants.values_mut() {
-            for pc in [Pc::Publisher, Pc::Subscriber] {
+        let due: Vec<(ParticipantId, Pc)> = self.timers.iter().filter(|(_, at)| **at <= now).map(|(key, _)| *key).collect();
+        for (id, pc) in due {
+            if let Some(participant) = self.participants.get_mut(&id) {
                 let _ = participant.rtc(pc).handle_input(Input::Timeout(now));
+                self.dirty.insert((id, pc));
             }
         }
         if self.speakers_checked.is_none_or(|at| now.duration_since(at) >= SPEAKER_INTERVAL) {
@@ -473,6 +501,7 @@ impl Sfu {
                 && rate > 0
             {
                 participant.subscriber.bwe().set_bitrate(Bitrate::kbps(100), Bitrate::bps(rate));
+                self.dirty.insert((id, Pc::Subscriber));
             }
         }
     }
@@ -590,6 +619,7 @@ impl Sfu {
                     for rid in rids {
                         let _ = writer.request_keyframe(rid, KeyframeRequestKind::Pli);
                     }
+                    self.dirty.insert((id, Pc::Publisher));
                 }
             }
         }
@@ -637,17 +667,9 @@ impl Sfu {
     }
 
     /// When [`Self::timeout`] is next due.
-    pub fn next_timeout(&mut self, now: Instant) -> Instant {
-        let mut next = now + Duration::from_millis(100);
-        for participant in self.participants.values_mut() {
-            for pc in [Pc::Publisher, Pc::Subscriber] {
-                // Outputs were drained by `process`; what is left is the timeout.
-                if let Ok(Output::Timeout(at)) = participant.rtc(pc).poll_output() {
-                    next = next.min(at);
-                }
-            }
-        }
-        next
+    pub fn next_timeout(&self, now: Instant) -> Instant {
+        let next = self.timers.values().copied().min().unwrap_or(now + SPEAKER_INTERVAL);
+        next.min(self.speakers_checked.map_or(now, |at| at + SPEAKER_INTERVAL))
     }
 
     fn publisher_offer(&mut self, id: ParticipantId, offer: lk::SessionDescription) {
@@ -678,6 +700,9 @@ impl Sfu {
                     if let DownState::Negotiating(mid) = down.state {
                         down.state = DownState::Open(mid);
                     }
+                }
+                if participant.down.iter().any(|d| d.state == DownState::ToOpen) {
+                    self.to_negotiate.insert(id);
                 }
             }
             Err(error) => tracing::info!(participant = id, %error, "a subscriber answer was refused"),
@@ -747,6 +772,7 @@ impl Sfu {
             for (publisher, track_sid, kind) in found {
                 if publisher != id && !participant.down.iter().any(|d| d.track_sid == track_sid) {
                     participant.down.push(DownTrack::new(publisher, track_sid, kind));
+                    self.to_negotiate.insert(id);
                 }
             }
         } else {
@@ -786,6 +812,7 @@ impl Sfu {
             changes.stop_media(*mid);
         }
         if let Some((offer, pending)) = changes.apply() {
+            self.dirty.insert((id, Pc::Subscriber));
             participant.subscriber_pending = Some(pending);
             let offer_id = participant.next_offer_id;
             participant.next_offer_id += 1;
@@ -821,6 +848,7 @@ impl Sfu {
             added.push((index, changes.add_media(down.kind, Direction::SendOnly, Some(stream), Some(down.track_sid.clone()), None)));
         }
         let Some((offer, pending)) = changes.apply() else { return };
+        self.dirty.insert((id, Pc::Subscriber));
         for (index, mid) in added {
             participant.down[index].state = DownState::Negotiating(mid);
         }
@@ -835,36 +863,37 @@ impl Sfu {
     /// and acts on the events, until nothing more happens.
     fn process(&mut self, now: Instant) {
         loop {
-            let ids: Vec<ParticipantId> = self.participants.keys().copied().collect();
-            for id in &ids {
-                self.negotiate(*id);
+            for id in std::mem::take(&mut self.to_negotiate) {
+                self.negotiate(id);
+            }
+            if self.dirty.is_empty() {
+                return;
             }
             let mut happened = Vec::new();
-            for (id, participant) in &mut self.participants {
-                for pc in [Pc::Publisher, Pc::Subscriber] {
-                    loop {
-                        match participant.rtc(pc).poll_output() {
-                            Ok(Output::Transmit(transmit)) => self.transmits.push_back((transmit.destination, transmit.contents.into())),
-                            Ok(Output::Timeout(_)) => break,
-                            Ok(Output::Event(event)) => match event {
-                                Event::MediaAdded(added) => happened.push((*id, pc, Happened::MediaAdded { mid: added.mid, kind: added.kind, direction: added.direction })),
-                                Event::MediaData(data) => happened.push((*id, pc, Happened::Media(data))),
-                                Event::KeyframeRequest(request) => happened.push((*id, pc, Happened::KeyframeWanted(request))),
-                                Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) if pc == Pc::Subscriber => participant.estimate = Some(estimate),
-                                Event::IceConnectionStateChange(IceConnectionState::Disconnected) => happened.push((*id, pc, Happened::Disconnected)),
-                                _ => {}
-                            },
-                            Err(error) => {
-                                tracing::info!(participant = id, ?pc, %error, "a peer connection failed");
-                                happened.push((*id, pc, Happened::Disconnected));
-                                break;
-                            }
+            for (id, pc) in std::mem::take(&mut self.dirty) {
+                let Some(participant) = self.participants.get_mut(&id) else { continue };
+                loop {
+                    match participant.rtc(pc).poll_output() {
+                        Ok(Output::Transmit(transmit)) => self.transmits.push_back((transmit.destination, transmit.contents.into())),
+                        Ok(Output::Timeout(at)) => {
+                            self.timers.insert((id, pc), at);
+                            break;
+                        }
+                        Ok(Output::Event(event)) => match event {
+                            Event::MediaAdded(added) => happened.push((id, pc, Happened::MediaAdded { mid: added.mid, kind: added.kind, direction: added.direction })),
+                            Event::MediaData(data) => happened.push((id, pc, Happened::Media(data))),
+                            Event::KeyframeRequest(request) => happened.push((id, pc, Happened::KeyframeWanted(request))),
+                            Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) if pc == Pc::Subscriber => participant.estimate = Some(estimate),
+                            Event::IceConnectionStateChange(IceConnectionState::Disconnected) => happened.push((id, pc, Happened::Disconnected)),
+                            _ => {}
+                        },
+                        Err(error) => {
+                            tracing::info!(participant = id, ?pc, %error, "a peer connection failed");
+                            happened.push((id, pc, Happened::Disconnected));
+                            break;
                         }
                     }
                 }
-            }
-            if happened.is_empty() {
-                return;
             }
             for (id, pc, what) in happened {
                 self.handle(now, id, pc, what);
@@ -907,6 +936,7 @@ impl Sfu {
         for (other, subscriber) in &mut self.participants {
             if *other != id && subscriber.room == room && subscriber.auto_subscribe && subscriber.rights.subscribe {
                 subscriber.down.push(DownTrack::new(id, track_sid.clone(), kind));
+                self.to_negotiate.insert(*other);
             }
         }
     }
@@ -968,6 +998,7 @@ impl Sfu {
             if let Err(error) = writer.write(pt, data.network_time, time, data.data.clone()) {
                 tracing::debug!(participant = other, %error, "forwarding failed");
             }
+            self.dirty.insert((*other, Pc::Subscriber));
         }
         // A gap, or a subscriber waiting for another layer: the publisher is asked for a keyframe.
         let Some(publisher) = self.participants.get_mut(&id) else { return };
@@ -980,6 +1011,7 @@ impl Sfu {
                 for rid in rids {
                     let _ = writer.request_keyframe(rid, KeyframeRequestKind::Pli);
                 }
+                self.dirty.insert((id, Pc::Publisher));
             }
         }
     }
@@ -997,6 +1029,7 @@ impl Sfu {
         track.last_keyframe_request = Some(now);
         if let Some(mut writer) = publisher.publisher.writer(mid) {
             let _ = writer.request_keyframe(rid, request.kind);
+            self.dirty.insert((publisher_id, Pc::Publisher));
         }
     }
 }
@@ -1038,195 +1071,4 @@ fn room_sid(room: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    //! The SFU driven by str0m clients on a virtual clock, datagrams passed by hand: what a
-    //! LiveKit client sees in signalling, and media from one participant reaching another.
-
-    use str0m::{format::Codec, media::Writer};
-
-    use super::*;
-    use crate::calls::{Claims, VideoGrant};
-
-    const SFU_ADDR: ([u8; 4], u16) = ([10, 0, 0, 1], 7882);
-
-    fn claims(identity: &str, publish: bool) -> Claims {
-        Claims {
-            iss: "limbic".into(),
-            sub: identity.into(),
-            nbf: 0,
-            exp: u64::MAX,
-            name: identity.into(),
-            video: VideoGrant { room_join: true, room: "call".into(), can_publish: publish, can_subscribe: true, can_publish_data: publish, room_admin: false, room_record: false },
-            matrix_room: "!r:test.local".try_into().unwrap(),
-            matrix_user: format!("@{identity}:test.local"),
-        }
-    }
-
-    /// A LiveKit-like client: a publisher and a subscriber connection, and what it was told.
-    struct Client {
-        id: ParticipantId,
-        publisher: Rtc,
-        subscriber: Rtc,
-        addrs: [SocketAddr; 2],
-        pending: Option<SdpPendingOffer>,
-        signals: Vec<lk::signal_response::Message>,
-        media: Vec<Vec<u8>>,
-    }
-
-    impl Client {
-        fn new(sfu: &mut Sfu, now: Instant, identity: &str, host: u8, publish: bool) -> Self {
-            let addrs = [SocketAddr::from(([10, 0, 1, host], 5000)), SocketAddr::from(([10, 0, 1, host], 5001))];
-            let [publisher, subscriber] = addrs.map(|addr| {
-                let mut rtc = Rtc::builder().build(now);
-                rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
-                rtc
-            });
-            let id = sfu.join(now, &claims(identity, publish), true);
-            Self { id, publisher, subscriber, addrs, pending: None, signals: Vec::new(), media: Vec::new() }
-        }
-
-        fn rtc(&mut self, addr: SocketAddr) -> Option<&mut Rtc> {
-            if addr == self.addrs[0] {
-                Some(&mut self.publisher)
-            } else if addr == self.addrs[1] {
-                Some(&mut self.subscriber)
-            } else {
-                None
-            }
-        }
-
-        fn signal(&self, sfu: &mut Sfu, now: Instant, message: lk::signal_request::Message) {
-            sfu.signal(now, self.id, lk::SignalRequest { message: Some(message) });
-        }
-
-        /// Announces an audio track and offers the publisher connection with it.
-        fn publish_audio(&mut self, sfu: &mut Sfu, now: Instant) -> Mid {
-            self.signal(sfu, now, lk::signal_request::Message::AddTrack(lk::AddTrackRequest { cid: "mic-1".into(), name: "mic".into(), r#type: lk::TrackType::Audio as i32, source: lk::TrackSource::Microphone as i32, ..Default::default() }));
-            let mut changes = self.publisher.sdp_api();
-            let mid = changes.add_media(MediaKind::Audio, Direction::SendOnly, Some("stream".into()), Some("mic-1".into()), None);
-            let (offer, pending) = changes.apply().unwrap();
-            self.pending = Some(pending);
-            self.signal(sfu, now, lk::signal_request::Message::Offer(lk::SessionDescription { r#type: "offer".into(), sdp: offer.to_sdp_string(), id: 1, ..Default::default() }));
-            mid
-        }
-
-        fn writer(&mut self, mid: Mid) -> Writer<'_> {
-            self.publisher.writer(mid).unwrap()
-        }
-    }
-
-    /// Runs everything for `steps` of 5 ms: signalling answered as a client would, datagrams
-    /// delivered, timers fired.
-    fn pump(sfu: &mut Sfu, clients: &mut [&mut Client], now: &mut Instant, steps: usize, mut each: impl FnMut(&mut [&mut Client], Instant)) {
-        let sfu_addr = SocketAddr::from(SFU_ADDR);
-        for _ in 0..steps {
-            each(clients, *now);
-            loop {
-                let mut moved = false;
-                while let Some((id, response)) = sfu.poll_signal() {
-                    moved = true;
-                    let client = clients.iter_mut().find(|c| c.id == id).unwrap();
-                    let Some(message) = response.message else { continue };
-                    match &message {
-                        lk::signal_response::Message::Answer(answer) => {
-                            let pending = client.pending.take().unwrap();
-                            client.publisher.sdp_api().accept_answer(pending, SdpAnswer::from_sdp_string(&answer.sdp).unwrap()).unwrap();
-                        }
-                        lk::signal_response::Message::Offer(offer) => {
-                            let answer = client.subscriber.sdp_api().accept_offer(SdpOffer::from_sdp_string(&offer.sdp).unwrap()).unwrap();
-                            let id = client.id;
-                            client.signals.push(message.clone());
-                            sfu.signal(*now, id, lk::SignalRequest { message: Some(lk::signal_request::Message::Answer(lk::SessionDescription { r#type: "answer".into(), sdp: answer.to_sdp_string(), id: offer.id, ..Default::default() })) });
-                            continue;
-                        }
-                        _ => {}
-                    }
-                    client.signals.push(message);
-                }
-                while let Some((destination, datagram)) = sfu.poll_transmit() {
-                    moved = true;
-                    if let Some(rtc) = clients.iter_mut().find_map(|c| c.rtc(destination)) {
-                        let input = Input::Receive(*now, Receive { proto: Protocol::Udp, source: sfu_addr, destination, contents: datagram.as_slice().try_into().unwrap() });
-                        rtc.handle_input(input).unwrap();
-                    }
-                }
-                for client in clients.iter_mut() {
-                    for pc in [Pc::Publisher, Pc::Subscriber] {
-                        loop {
-                            let rtc = if pc == Pc::Publisher { &mut client.publisher } else { &mut client.subscriber };
-                            match rtc.poll_output().unwrap() {
-                                Output::Timeout(_) => break,
-                                Output::Transmit(t) => {
-                                    moved = true;
-                                    sfu.receive(*now, t.source, t.destination, &t.contents);
-                                }
-                                Output::Event(Event::MediaData(data)) => client.media.push(data.data.to_vec()),
-                                Output::Event(_) => {}
-                            }
-                        }
-                    }
-                }
-                if !moved {
-                    break;
-                }
-            }
-            *now += Duration::from_millis(5);
-            sfu.timeout(*now);
-            for client in clients.iter_mut() {
-                client.publisher.handle_input(Input::Timeout(*now)).unwrap();
-                client.subscriber.handle_input(Input::Timeout(*now)).unwrap();
-            }
-        }
-    }
-
-    #[test]
-    fn a_participants_audio_reaches_the_other_after_the_signalling_livekit_clients_expect() {
-        let mut now = Instant::now();
-        let mut sfu = Sfu::new(SocketAddr::from(SFU_ADDR));
-        let mut ana = Client::new(&mut sfu, now, "ana", 2, true);
-        let mut ben = Client::new(&mut sfu, now, "ben", 3, false);
-        pump(&mut sfu, &mut [&mut ana, &mut ben], &mut now, 1, |_, _| {});
-        let Some(lk::signal_response::Message::Join(join)) = ana.signals.first() else { panic!("the first message is the join: {:?}", ana.signals) };
-        let me = join.participant.as_ref().unwrap();
-        assert!(me.sid.starts_with("PA_") && join.room.as_ref().unwrap().sid.starts_with("RM_"));
-        assert!(join.ping_interval > 0 && join.ping_timeout > 0 && !join.subscriber_primary);
-        assert_eq!(join.server_info.as_ref().unwrap().version, SERVER_VERSION);
-        let ana_sid = me.sid.clone();
-
-        let mid = ana.publish_audio(&mut sfu, now);
-        let payload = vec![0xf8, 0xff, 0xfe, 7, 7, 7];
-        let params = ana.publisher.codec_config().find(|p| p.spec().codec == Codec::Opus).cloned().unwrap();
-        let start = now;
-        pump(&mut sfu, &mut [&mut ana, &mut ben], &mut now, 400, |clients, now| {
-            let ana = &mut clients[0];
-            if ana.publisher.is_connected() {
-                let elapsed = now - start;
-                let _ = ana.writer(mid).write(params.pt(), now, MediaTime::from_millis(elapsed.as_millis() as u64).rebase(str0m::media::Frequency::FORTY_EIGHT_KHZ), payload.clone());
-            }
-        });
-
-        // Ana learnt her track's sid; Ben heard of it before the offer that carries it.
-        let published = ana.signals.iter().find_map(|m| match m { lk::signal_response::Message::TrackPublished(p) => p.track.clone(), _ => None }).expect("TrackPublished");
-        assert!(published.sid.starts_with("TR_"));
-        let update_at = ben.signals.iter().position(|m| matches!(m, lk::signal_response::Message::Update(u) if u.participants.iter().any(|p| p.sid == ana_sid && p.tracks.iter().any(|t| t.sid == published.sid)))).expect("an update with ana's track");
-        let offer_at = ben.signals.iter().position(|m| matches!(m, lk::signal_response::Message::Offer(o) if o.sdp.contains(&format!("{ana_sid}|{}", published.sid)))).expect("an offer with ana's track");
-        assert!(update_at < offer_at, "{:?}", ben.signals);
-        assert!(ben.media.iter().filter(|data| **data == payload).count() > 100, "ben got {} packets", ben.media.len());
-
-        // Ana leaves: Ben sees her disconnected.
-        sfu.leave(now, ana.id);
-        pump(&mut sfu, &mut [&mut ben], &mut now, 1, |_, _| {});
-        assert!(ben.signals.iter().any(|m| matches!(m, lk::signal_response::Message::Update(u) if u.participants.iter().any(|p| p.sid == ana_sid && p.state == lk::participant_info::State::Disconnected as i32))));
-    }
-
-    #[test]
-    fn an_observer_cannot_publish() {
-        let now = Instant::now();
-        let mut sfu = Sfu::new(SocketAddr::from(SFU_ADDR));
-        let mut olga = Client::new(&mut sfu, now, "olga", 4, false);
-        olga.publish_audio(&mut sfu, now);
-        while let Some((_, response)) = sfu.poll_signal() {
-            assert!(!matches!(response.message, Some(lk::signal_response::Message::TrackPublished(_))));
-        }
-    }
-}
+mod tests;

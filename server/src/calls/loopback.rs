@@ -1,0 +1,229 @@
+//! An in-memory network around the SFU: str0m peers playing LiveKit clients (a publisher and a
+//! subscriber connection each), signalling answered as LiveKit's SDKs answer it, datagrams
+//! handed over directly, on a virtual clock. For the SFU's tests and its forwarding benchmark,
+//! which also measures the time spent inside the SFU.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use livekit_protocol as lk;
+use str0m::{
+    Candidate, Event, Input, Output, Rtc,
+    change::{SdpAnswer, SdpOffer, SdpPendingOffer},
+    format::{Codec, PayloadParams},
+    media::{Direction, MediaKind, MediaTime, Mid},
+    net::{Protocol, Receive},
+};
+
+use super::{
+    Claims, VideoGrant,
+    sfu::{ParticipantId, Sfu},
+};
+
+/// Where the SFU's socket is, on this network.
+pub const SFU_ADDR: ([u8; 4], u16) = ([10, 0, 0, 1], 7882);
+
+/// A call token's claims for `identity` in the call `room`.
+pub fn claims(identity: &str, room: &str, publish: bool) -> Claims {
+    Claims {
+        iss: "limbic".into(),
+        sub: identity.into(),
+        nbf: 0,
+        exp: u64::MAX,
+        name: identity.into(),
+        video: VideoGrant { room_join: true, room: room.into(), can_publish: publish, can_subscribe: true, can_publish_data: publish, room_admin: false, room_record: false },
+        matrix_room: "!call:test.local".try_into().expect("a valid room id"),
+        matrix_user: format!("@{identity}:test.local"),
+    }
+}
+
+/// A LiveKit-like client: what it was told, and what media it got.
+pub struct Client {
+    pub id: ParticipantId,
+    pub publisher: Rtc,
+    pub subscriber: Rtc,
+    addrs: [SocketAddr; 2],
+    pending: Option<SdpPendingOffer>,
+    pub signals: Vec<lk::signal_response::Message>,
+    /// Frames its subscriber connection received, and the last one.
+    pub frames: usize,
+    pub last_frame: Option<Vec<u8>>,
+}
+
+impl Client {
+    /// The address its publisher connection sends from.
+    pub fn publisher_addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    fn rtc(&mut self, addr: SocketAddr) -> Option<&mut Rtc> {
+        if addr == self.addrs[0] {
+            Some(&mut self.publisher)
+        } else if addr == self.addrs[1] {
+            Some(&mut self.subscriber)
+        } else {
+            None
+        }
+    }
+}
+
+pub struct Network {
+    pub sfu: Sfu,
+    pub clients: Vec<Client>,
+    pub now: Instant,
+    /// Time spent inside the SFU, and each datagram's handling by it (with its sender).
+    pub sfu_time: Duration,
+    pub receive_times: Vec<(SocketAddr, Duration)>,
+    /// Whether to note each `receive`'s time (the benchmark does, once media flows).
+    pub timing: bool,
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Network {
+    pub fn new() -> Self {
+        Self { sfu: Sfu::new(SocketAddr::from(SFU_ADDR)), clients: Vec::new(), now: Instant::now(), sfu_time: Duration::ZERO, receive_times: Vec::new(), timing: false }
+    }
+
+    /// A client joins the call; its index.
+    pub fn join(&mut self, identity: &str, publish: bool) -> usize {
+        let index = self.clients.len();
+        let host = u8::try_from(index % 250).unwrap_or(0) + 2;
+        let third = u8::try_from(index / 250).unwrap_or(0) + 1;
+        let addrs = [SocketAddr::from(([10, 0, third, host], 5000)), SocketAddr::from(([10, 0, third, host], 5001))];
+        let now = self.now;
+        let [publisher, subscriber] = addrs.map(|addr| {
+            let mut rtc = Rtc::builder().build(now);
+            rtc.add_local_candidate(Candidate::host(addr, "udp").expect("a host candidate"));
+            rtc
+        });
+        let started = Instant::now();
+        let id = self.sfu.join(now, &claims(identity, "call", publish), true);
+        self.sfu_time += started.elapsed();
+        self.clients.push(Client { id, publisher, subscriber, addrs, pending: None, signals: Vec::new(), frames: 0, last_frame: None });
+        index
+    }
+
+    pub fn signal(&mut self, index: usize, message: lk::signal_request::Message) {
+        let id = self.clients[index].id;
+        let started = Instant::now();
+        self.sfu.signal(self.now, id, lk::SignalRequest { message: Some(message) });
+        self.sfu_time += started.elapsed();
+    }
+
+    pub fn leave(&mut self, index: usize) {
+        let id = self.clients[index].id;
+        self.sfu.leave(self.now, id);
+    }
+
+    /// Announces a track and offers the client's publisher connection with it; its media line.
+    pub fn publish(&mut self, index: usize, kind: MediaKind, name: &str) -> Mid {
+        let kind_type = if kind == MediaKind::Audio { lk::TrackType::Audio } else { lk::TrackType::Video };
+        self.signal(index, lk::signal_request::Message::AddTrack(lk::AddTrackRequest { cid: name.into(), name: name.into(), r#type: kind_type as i32, ..Default::default() }));
+        let client = &mut self.clients[index];
+        let mut changes = client.publisher.sdp_api();
+        let mid = changes.add_media(kind, Direction::SendOnly, Some("stream".into()), Some(name.into()), None);
+        let (offer, pending) = changes.apply().expect("an offer");
+        client.pending = Some(pending);
+        self.signal(index, lk::signal_request::Message::Offer(lk::SessionDescription { r#type: "offer".into(), sdp: offer.to_sdp_string(), id: 1, ..Default::default() }));
+        mid
+    }
+
+    /// The payload parameters of `codec` on a client's publisher connection.
+    pub fn params(&self, index: usize, codec: Codec) -> PayloadParams {
+        *self.clients[index].publisher.codec_config().find(|p| p.spec().codec == codec).expect("the codec is configured")
+    }
+
+    /// Writes a frame on a client's publisher connection at media time `time` (if connected).
+    pub fn write(&mut self, index: usize, mid: Mid, params: PayloadParams, time: MediaTime, frame: &[u8]) -> bool {
+        let now = self.now;
+        let publisher = &mut self.clients[index].publisher;
+        if !publisher.is_connected() {
+            return false;
+        }
+        publisher.writer(mid).is_some_and(|writer| writer.write(params.pt(), now, time, frame.to_vec()).is_ok())
+    }
+
+    /// Delivers everything pending, answering signalling as a LiveKit client does, then moves
+    /// the clock on by `tick` and fires every timer.
+    pub fn step(&mut self, tick: Duration) {
+        let sfu_addr = SocketAddr::from(SFU_ADDR);
+        loop {
+            let mut moved = false;
+            while let Some((id, response)) = self.sfu.poll_signal() {
+                moved = true;
+                let Some(message) = response.message else { continue };
+                let Some(index) = self.clients.iter().position(|c| c.id == id) else { continue };
+                match &message {
+                    lk::signal_response::Message::Answer(answer) => {
+                        let client = &mut self.clients[index];
+                        if let (Some(pending), Ok(answer)) = (client.pending.take(), SdpAnswer::from_sdp_string(&answer.sdp)) {
+                            client.publisher.sdp_api().accept_answer(pending, answer).expect("the SFU's answer is accepted");
+                        }
+                    }
+                    lk::signal_response::Message::Offer(offer) => {
+                        let answer = self.clients[index].subscriber.sdp_api().accept_offer(SdpOffer::from_sdp_string(&offer.sdp).expect("a readable offer")).expect("the SFU's offer is accepted");
+                        let answer = lk::SessionDescription { r#type: "answer".into(), sdp: answer.to_sdp_string(), id: offer.id, ..Default::default() };
+                        self.clients[index].signals.push(message.clone());
+                        self.signal(index, lk::signal_request::Message::Answer(answer));
+                        continue;
+                    }
+                    _ => {}
+                }
+                self.clients[index].signals.push(message);
+            }
+            while let Some((destination, datagram)) = self.sfu.poll_transmit() {
+                moved = true;
+                if let Some(rtc) = self.clients.iter_mut().find_map(|c| c.rtc(destination))
+                    && let Ok(contents) = datagram.as_slice().try_into()
+                {
+                    let _ = rtc.handle_input(Input::Receive(self.now, Receive { proto: Protocol::Udp, source: sfu_addr, destination, contents }));
+                }
+            }
+            let mut to_sfu = Vec::new();
+            for client in &mut self.clients {
+                for publisher in [true, false] {
+                    let rtc = if publisher { &mut client.publisher } else { &mut client.subscriber };
+                    loop {
+                        match rtc.poll_output() {
+                            Ok(Output::Transmit(transmit)) => to_sfu.push((transmit.source, transmit.destination, transmit.contents.to_vec())),
+                            Ok(Output::Event(Event::MediaData(data))) => {
+                                client.frames += 1;
+                                client.last_frame = Some(data.data.to_vec());
+                            }
+                            Ok(Output::Event(_)) => {}
+                            Ok(Output::Timeout(_)) | Err(_) => break,
+                        }
+                    }
+                }
+            }
+            for (source, destination, datagram) in to_sfu {
+                moved = true;
+                let started = Instant::now();
+                self.sfu.receive(self.now, source, destination, &datagram);
+                let took = started.elapsed();
+                self.sfu_time += took;
+                if self.timing {
+                    self.receive_times.push((source, took));
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+        self.now += tick;
+        let started = Instant::now();
+        self.sfu.timeout(self.now);
+        self.sfu_time += started.elapsed();
+        for client in &mut self.clients {
+            let _ = client.publisher.handle_input(Input::Timeout(self.now));
+            let _ = client.subscriber.handle_input(Input::Timeout(self.now));
+        }
+    }
+}
