@@ -47,10 +47,26 @@ pub struct Config {
     #[serde(default)]
     pub calls: CallsConfig,
     #[serde(default)]
+    pub web: WebConfig,
+    #[serde(default)]
     pub plugin_host: PluginHostConfig,
     /// `[[plugins]]`: the WebAssembly plugins to load, with what each is granted.
     #[serde(default)]
     pub plugins: Vec<PluginConfig>,
+}
+
+/// The browser join page (`/join`), whose built assets (`npm run build --prefix web`) are served
+/// from a directory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebConfig {
+    pub assets_dir: PathBuf,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        Self { assets_dir: PathBuf::from("web/dist") }
+    }
 }
 
 /// Calls: the built-in SFU (LiveKit's client protocol) and the MatrixRTC tokens that admit to it.

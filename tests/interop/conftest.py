@@ -87,6 +87,7 @@ def write_config(path: Path, port: int, store: Path) -> dict:
     cfg.setdefault("rate_limits", {})["enabled"] = False
     cfg.setdefault("registration", {})["mode"] = "open"
     cfg.setdefault("calls", {})["udp_port"] = 0  # any free port: servers run side by side
+    cfg.setdefault("web", {})["assets_dir"] = str(REPO / "web" / "dist")
     # The example's plugins, from the repository's build; compiled once for every server.
     for plugin in cfg.get("plugins", []):
         for key in ("path", "manifest"):

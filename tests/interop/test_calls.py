@@ -5,15 +5,15 @@ a token from Limbic's call-token service (spec/calls.md) and joins with it, unmo
 1. Two members of a room join its call: one publishes a synthetic tone, the other subscribes
    automatically and receives audio frames carrying it; a mute reaches the listener as a muted
    track; leaving reaches them as a disconnected participant.
-2. One publishes simulcast video; the other receives decoded frames, gets the low layer after
-   asking for low quality and the high one back after asking for it, and no frames once it
-   unsubscribes.
+2. Three in a call: one publishes a tone and simulcast video, both others receive both; one of
+   them gets the low layer after asking for low quality and a higher one back after asking for
+   it, and no frames once it unsubscribes, while the third's video goes on.
 3. In a therapy session, the therapist (a moderator by role) mutes a client's microphone and
    then removes the client from the call, through LiveKit's RoomService API; a client may do
    neither.
 4. A recording in a session that allows it: refused until everyone in the call consented, then
    started by the therapist, stopped, and stored as an Ogg/Opus file PyAV decodes to the tone
-   for as long as it ran; a client withdrawing consent stops the next one at once.
+   and an IVF file it decodes to VP8 frames, each for as long as it ran; a client withdrawing consent stops the next one at once.
 5. Signalling refuses a forged call token before any media.
 
 The module uses conftest's per-module `server`.
@@ -240,13 +240,17 @@ async def until(what: str, check, timeout: float = 15.0, context=lambda: ""):
 
 
 def test_simulcast_video_switches_layers_and_stops_when_unsubscribed(server):
+    """Three in a call: Ana publishes a tone and simulcast video; Ben and Cara both get both.
+    Ben switches layers and unsubscribes; Cara's video goes on meanwhile."""
     async def scenario():
-        room_id, (ana, ben) = await shared_room(server.url, ["ana", "ben"])
-        url, ana_token = call_token(server.url, ana, room_id)
-        _, ben_token = call_token(server.url, ben, room_id)
-        publisher, viewer = rtc.Room(), rtc.Room()
+        room_id, (ana, ben, cara) = await shared_room(server.url, ["ana", "ben", "cara"])
+        tokens = [call_token(server.url, who, room_id) for who in (ana, ben, cara)]
+        url = tokens[0][0]
+        publisher, viewer, other = rtc.Room(), rtc.Room(), rtc.Room()
         widths: list[int] = []
+        other_frames: list[int] = []
         subscribed: asyncio.Future = asyncio.get_running_loop().create_future()
+        other_tracks: dict[str, rtc.Track] = {}
         unsubscribed: list[str] = []
 
         @viewer.on("track_subscribed")
@@ -258,19 +262,28 @@ def test_simulcast_video_switches_layers_and_stops_when_unsubscribed(server):
         def on_unsubscribed(track, publication, participant):
             unsubscribed.append(publication.sid)
 
-        async def watch(track):
+        @other.on("track_subscribed")
+        def on_other(track, publication, participant):
+            other_tracks["video" if track.kind == rtc.TrackKind.KIND_VIDEO else "audio"] = track
+
+        async def watch(track, into):
             async for event in rtc.VideoStream(track):
-                widths.append(event.frame.width)
+                into.append(event.frame.width)
 
         stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
         try:
-            await publisher.connect(url, ana_token, options())
-            await viewer.connect(url, ben_token, options())
+            for room, (_, token) in zip((publisher, viewer, other), tokens):
+                await room.connect(url, token, options())
+            await publish_tone(publisher, stop)
             await publish_video(publisher, stop)
             track, publication = await asyncio.wait_for(subscribed, 20)
             assert publication.simulcasted, "the SFU announced the track as simulcast"
-            watcher = asyncio.get_running_loop().create_task(watch(track))
-            await until("20 decoded frames", lambda: len(widths) >= 20)
+            watcher = loop.create_task(watch(track, widths))
+            await until("Cara subscribed to both tracks", lambda: len(other_tracks) == 2)
+            other_watcher = loop.create_task(watch(other_tracks["video"], other_frames))
+            assert await loud_frames(other_tracks["audio"], 30, 15) >= 30, "Cara hears the tone"
+            await until("20 decoded frames each", lambda: len(widths) >= 20 and len(other_frames) >= 20)
             widest = max(widths)
 
             publication.set_video_quality(rtc.VideoQuality.VIDEO_QUALITY_LOW)
@@ -286,14 +299,16 @@ def test_simulcast_video_switches_layers_and_stops_when_unsubscribed(server):
             publication.set_subscribed(False)
             await until("the track unsubscribed", lambda: publication.sid in unsubscribed)
             await asyncio.sleep(1)
-            frozen = len(widths)
+            frozen, others = len(widths), len(other_frames)
             await asyncio.sleep(1.5)
             assert len(widths) - frozen <= 1, f"{len(widths) - frozen} frames after unsubscribing"
+            assert len(other_frames) - others >= 10, "Cara's video goes on"
             watcher.cancel()
+            other_watcher.cancel()
         finally:
             stop.set()
-            await publisher.disconnect()
-            await viewer.disconnect()
+            for room in (publisher, viewer, other):
+                await room.disconnect()
     run(scenario())
 
 
@@ -422,6 +437,21 @@ def decoded_audio(data: bytes) -> tuple[float, float]:
     return samples / rate, peak
 
 
+def decoded_video(data: bytes) -> tuple[int, float, int]:
+    """(frames, seconds, width) of a video file, decoded by FFmpeg (PyAV)."""
+    import io
+    import av
+    frames, first, last, width = 0, None, None, 0
+    with av.open(io.BytesIO(data), format="ivf") as container:
+        for frame in container.decode(video=0):
+            frames += 1
+            width = frame.width
+            seconds = float(frame.pts * frame.time_base) if frame.pts is not None else 0.0
+            first = seconds if first is None else first
+            last = seconds
+    return frames, (last or 0.0) - (first or 0.0), width
+
+
 def test_a_recording_needs_everyones_consent_and_yields_the_tone(server):
     async def scenario():
         room_id, therapist, client = await session_with_client(server.url, server.config["registration"]["shared_secret"], "with_consent")
@@ -434,6 +464,7 @@ def test_a_recording_needs_everyones_consent_and_yields_the_tone(server):
             await therapist_room.connect(url, therapist_token, options())
             await client_room.connect(url, client_token, options())
             await publish_tone(client_room, stop)
+            await publish_video(client_room, stop)
             await asyncio.sleep(2)
 
             # Nobody consented yet: refused, naming who has not.
@@ -457,6 +488,11 @@ def test_a_recording_needs_everyones_consent_and_yields_the_tone(server):
             seconds, peak = decoded_audio(download(server.url, therapist, audio[0]["url"]))
             assert abs(seconds - took) < 0.8, f"recorded {seconds:.2f} s of a {took:.2f} s recording"
             assert peak > 0.1, f"the recording is silent (peak {peak})"
+            video = [f for f in body["files"] if f["kind"] == "m.video" and f["owner"] == client.user_id]
+            assert len(video) == 1 and "url" in video[0], body
+            frames, video_seconds, width = decoded_video(download(server.url, therapist, video[0]["url"]))
+            assert frames >= 20 and width > 0, f"{frames} frames of width {width}"
+            assert abs(video_seconds - took) < 1.0, f"{video_seconds:.2f} s of video in a {took:.2f} s recording"
             assert recording_state(server.url, client, room_id).get("recording") is False
 
             # Recording again; the client withdraws consent: it stops by itself.

@@ -5,6 +5,7 @@ mod account;
 mod admin;
 mod appointments;
 mod calls;
+mod join_page;
 mod directory;
 mod tags_and_users;
 mod discovery;
@@ -297,6 +298,7 @@ pub fn router() -> Router<AppState> {
     let router = admin::routes(router);
     let router = plugins::routes(router);
     let router = calls::routes(router);
+    let router = join_page::routes(router);
     misc::routes(router)
 }
 

@@ -1,0 +1,46 @@
+//! End-to-end tests: the browser join page is served from `[web] assets_dir`, at `/join` for
+//! the page (and its own routes) and `/join/assets/<file>` for its scripts and styles.
+
+mod common;
+
+use common::TestServer;
+use reqwest::StatusCode;
+
+#[tokio::test]
+async fn the_join_page_and_its_assets_are_served_from_the_assets_directory() {
+    let assets = tempfile::tempdir().unwrap();
+    std::fs::write(assets.path().join("index.html"), "<!doctype html><title>Join</title>").unwrap();
+    std::fs::write(assets.path().join("join.js"), "console.log('join')").unwrap();
+    std::fs::write(assets.path().join("join.css"), "body{}").unwrap();
+    let dir = assets.path().display().to_string();
+    let server = TestServer::start_with(&[("LIMBIC_WEB__ASSETS_DIR", dir.as_str())]).await;
+    let http = reqwest::Client::new();
+    let get = |path: &str| http.get(format!("{}{path}", server.base)).send();
+
+    // The page, at the link's URL with its token, and under its own routes.
+    for path in ["/join?token=abc", "/join/", "/join/session/anything"] {
+        let answer = get(path).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::OK, "{path}");
+        assert_eq!(answer.headers()["content-type"], "text/html; charset=utf-8");
+        assert!(answer.text().await.unwrap().contains("<title>Join</title>"));
+    }
+    for (path, kind) in [("/join/assets/join.js", "text/javascript; charset=utf-8"), ("/join/assets/join.css", "text/css; charset=utf-8")] {
+        let answer = get(path).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::OK, "{path}");
+        assert_eq!(answer.headers()["content-type"], kind);
+    }
+    // Nothing outside the directory, nothing that is not there.
+    for path in ["/join/assets/..%2F..%2Fetc%2Fpasswd", "/join/assets/.hidden", "/join/assets/missing.js"] {
+        assert_eq!(get(path).await.unwrap().status(), StatusCode::NOT_FOUND, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn an_unbuilt_join_page_says_how_to_build_it() {
+    let empty = tempfile::tempdir().unwrap();
+    let dir = empty.path().display().to_string();
+    let server = TestServer::start_with(&[("LIMBIC_WEB__ASSETS_DIR", dir.as_str())]).await;
+    let answer = reqwest::get(format!("{}/join?token=abc", server.base)).await.unwrap();
+    assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(answer.text().await.unwrap().contains("npm run build --prefix web"));
+}
