@@ -157,6 +157,8 @@ struct Participant {
     subscriber: Rtc,
     subscriber_pending: Option<SdpPendingOffer>,
     next_offer_id: u32,
+    /// Media lines of the subscriber connection to remove with the next offer.
+    to_stop: Vec<Mid>,
     tracks: Vec<Published>,
     down: Vec<DownTrack>,
     /// The subscriber connection's estimated available bitrate (TWCC), shared by its video.
@@ -355,6 +357,7 @@ impl Sfu {
             subscriber: self.new_rtc(now, true),
             subscriber_pending: None,
             next_offer_id: 1,
+            to_stop: Vec::new(),
             tracks: Vec::new(),
             down: Vec::new(),
             estimate: None,
@@ -701,7 +704,7 @@ impl Sfu {
                         down.state = DownState::Open(mid);
                     }
                 }
-                if participant.down.iter().any(|d| d.state == DownState::ToOpen) {
+                if !participant.to_stop.is_empty() || participant.down.iter().any(|d| d.state == DownState::ToOpen) {
                     self.to_negotiate.insert(id);
                 }
             }
@@ -797,27 +800,12 @@ impl Sfu {
         self.participants.iter().find_map(|(id, p)| p.tracks.iter().find(|t| t.info.sid == track_sid && t.mid.is_some()).map(|t| (*id, kind_of(&t.info))))
     }
 
-    /// Removes media lines from a participant's subscriber connection (renegotiated at once,
-    /// or with the next offer if one is pending).
+    /// Removes media lines from a participant's subscriber connection, with its next offer.
     fn stop_media(&mut self, _now: Instant, id: ParticipantId, mids: &[Mid]) {
-        if mids.is_empty() {
-            return;
-        }
         let Some(participant) = self.participants.get_mut(&id) else { return };
-        if participant.subscriber_pending.is_some() {
-            return;
-        }
-        let mut changes = participant.subscriber.sdp_api();
-        for mid in mids {
-            changes.stop_media(*mid);
-        }
-        if let Some((offer, pending)) = changes.apply() {
-            self.dirty.insert((id, Pc::Subscriber));
-            participant.subscriber_pending = Some(pending);
-            let offer_id = participant.next_offer_id;
-            participant.next_offer_id += 1;
-            let offer = lk::SessionDescription { r#type: "offer".to_owned(), sdp: offer.to_sdp_string(), id: offer_id, ..Default::default() };
-            self.signals.push_back((id, response(lk::signal_response::Message::Offer(offer))));
+        if !mids.is_empty() {
+            participant.to_stop.extend_from_slice(mids);
+            self.to_negotiate.insert(id);
         }
     }
 
@@ -834,14 +822,18 @@ impl Sfu {
         }
     }
 
-    /// Offers the subscriber connection every down track waiting for it, one offer at a time.
+    /// Offers the subscriber connection what changed: down tracks waiting for it, media lines
+    /// to remove. One offer at a time; what comes meanwhile waits for the answer.
     fn negotiate(&mut self, id: ParticipantId) {
         let sids: HashMap<ParticipantId, String> = self.participants.iter().map(|(pid, p)| (*pid, p.info.sid.clone())).collect();
         let Some(participant) = self.participants.get_mut(&id) else { return };
-        if participant.subscriber_pending.is_some() || !participant.down.iter().any(|d| d.state == DownState::ToOpen) {
+        if participant.subscriber_pending.is_some() || (participant.to_stop.is_empty() && !participant.down.iter().any(|d| d.state == DownState::ToOpen)) {
             return;
         }
         let mut changes = participant.subscriber.sdp_api();
+        for mid in participant.to_stop.drain(..) {
+            changes.stop_media(mid);
+        }
         let mut added = Vec::new();
         for (index, down) in participant.down.iter().enumerate().filter(|(_, d)| d.state == DownState::ToOpen) {
             let stream = format!("{}|{}", sids.get(&down.publisher).map_or("", String::as_str), down.track_sid);
