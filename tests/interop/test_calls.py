@@ -14,7 +14,8 @@ a token from Limbic's call-token service (spec/calls.md) and joins with it, unmo
 4. A recording in a session that allows it: refused until everyone in the call consented, then
    started by the therapist, stopped, and stored as an Ogg/Opus file PyAV decodes to the tone
    and an IVF file it decodes to VP8 frames, each for as long as it ran; a client withdrawing consent stops the next one at once.
-5. Signalling refuses a forged call token before any media.
+5. Completing the session ends its call, and no new call token is given for it.
+6. Signalling refuses a forged call token before any media.
 
 The module uses conftest's per-module `server`.
 """
@@ -508,6 +509,33 @@ def test_a_recording_needs_everyones_consent_and_yields_the_tone(server):
             stop.set()
             await client_room.disconnect()
             await therapist_room.disconnect()
+    run(scenario())
+
+
+def test_completing_the_session_ends_its_call(server):
+    async def scenario():
+        room_id, therapist, client = await session_with_client(server.url, server.config["registration"]["shared_secret"])
+        url, client_token = call_token(server.url, client, room_id)
+        client_room = rtc.Room()
+        ended: list[str] = []
+
+        @client_room.on("disconnected")
+        def on_disconnected(reason):
+            ended.append(str(reason))
+
+        try:
+            await client_room.connect(url, client_token, options())
+            for status in ("in_progress", "completed"):
+                code, body = http(server.url, "PUT", f"/_limbic/client/v1/sessions/{quote(room_id)}/status", therapist.access_token, {"status": status})
+                assert code == 200, (status, code, body)
+            await until("the client's call ended", lambda: bool(ended))
+            status, openid = http(server.url, "POST", f"/_matrix/client/v3/user/{quote(client.user_id)}/openid/request_token", client.access_token, {})
+            body = {"room_id": room_id, "slot_id": "m.call#ROOM", "openid_token": openid,
+                    "member": {"id": "m", "claimed_user_id": client.user_id, "claimed_device_id": client.device_id}}
+            status, answer = http(server.url, "POST", "/_limbic/calls/get_token", None, body)
+            assert status == 403, ("no way back into a completed session's call", status, answer)
+        finally:
+            await client_room.disconnect()
     run(scenario())
 
 

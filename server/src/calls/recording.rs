@@ -86,6 +86,8 @@ pub enum StopReason<'a> {
     Therapist(&'a UserId),
     ConsentWithdrawn(&'a UserId),
     JoinedWithoutConsent(&'a UserId),
+    /// The session is over (the user who ended it).
+    SessionEnded(&'a UserId),
 }
 
 /// Stops recording the room's call: each track's file is stored and announced in the room by
@@ -141,6 +143,7 @@ pub async fn stop(server: &Server, room_id: &RoomId, reason: StopReason<'_>) -> 
         StopReason::Therapist(user) => (user, "stopped by a therapist"),
         StopReason::ConsentWithdrawn(user) => (user, "a participant withdrew consent"),
         StopReason::JoinedWithoutConsent(user) => (user, "a participant without consent joined the call"),
+        StopReason::SessionEnded(user) => (user, "the session ended"),
     };
     let mut writer = server.rooms.writer(room_id).await?;
     for message in messages {
@@ -151,6 +154,19 @@ pub async fn stop(server: &Server, room_id: &RoomId, reason: StopReason<'_>) -> 
     writer.commit()?;
     tracing::info!(%room_id, %actor, reason = why, files = files.len(), "stopped recording a call");
     Ok(Some(json!({ "recording": false, "files": files })))
+}
+
+/// The session left `open`/`in_progress`: its recording stops and its calls end (tokens for them
+/// are refused from now on, so nobody gets back in).
+pub async fn session_ended(server: &Server, room_id: &RoomId, by: &UserId) {
+    if let Err(error) = stop(server, room_id, StopReason::SessionEnded(by)).await {
+        tracing::error!(%room_id, %error, "a recording could not be stopped at the end of its session");
+    }
+    let Some(sfu) = server.calls.sfu.get() else { return };
+    let matrix_room = room_id.to_string();
+    if let Some(ended) = sfu.run(move |sfu, _| sfu.close(&matrix_room)).await.filter(|n| *n > 0) {
+        tracing::info!(%room_id, participants = ended, "ended the session's call");
+    }
 }
 
 /// A participant withdrew consent, or joined the call without it: the recording stops.

@@ -573,16 +573,26 @@ impl Sfu {
     /// A moderator removed a participant: they are told, and disconnected.
     pub fn remove(&mut self, room: &str, identity: &str) -> bool {
         let Some(id) = self.find(room, identity) else { return false };
-        let leave = lk::LeaveRequest {
-            reason: lk::DisconnectReason::ParticipantRemoved as i32,
-            action: lk::leave_request::Action::Disconnect as i32,
-            ..Default::default()
-        };
+        self.disconnect(id, lk::DisconnectReason::ParticipantRemoved);
+        true
+    }
+
+    /// The Matrix room's calls end (its session is over): everyone in them is told, and
+    /// disconnected. How many were.
+    pub fn close(&mut self, matrix_room: &str) -> usize {
+        let ids: Vec<ParticipantId> = self.participants.iter().filter(|(_, p)| p.matrix_room == matrix_room).map(|(id, _)| *id).collect();
+        for id in &ids {
+            self.disconnect(*id, lk::DisconnectReason::RoomClosed);
+        }
+        ids.len()
+    }
+
+    fn disconnect(&mut self, id: ParticipantId, reason: lk::DisconnectReason) {
+        let leave = lk::LeaveRequest { reason: reason as i32, action: lk::leave_request::Action::Disconnect as i32, ..Default::default() };
         self.signals.push_back((id, response(lk::signal_response::Message::Leave(leave))));
         if !self.gone.contains(&id) {
             self.gone.push_back(id);
         }
-        true
     }
 
     /// The SFU rooms holding calls of a Matrix room.

@@ -117,8 +117,12 @@ pub(super) async fn send_event(
     let pdu = writer.append(sender, builder, txn)?;
     writer.commit()?;
     server.metrics.events_persisted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    if pdu.kind.to_string() == crate::clinic::RECORDING_CONSENT && pdu.content_json().get("consent").and_then(JsonValue::as_bool) != Some(true) {
+    let kind = pdu.kind.to_string();
+    if kind == crate::clinic::RECORDING_CONSENT && pdu.content_json().get("consent").and_then(JsonValue::as_bool) != Some(true) {
         crate::calls::recording::stop_without_consent(server, room_id, sender, false).await;
+    }
+    if kind == crate::clinic::SESSION && !matches!(pdu.content_json().get("status").and_then(JsonValue::as_str), Some("open" | "in_progress" | "scheduled")) {
+        crate::calls::recording::session_ended(server, room_id, sender).await;
     }
     Ok(pdu.event_id)
 }
