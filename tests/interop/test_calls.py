@@ -14,8 +14,10 @@ a token from Limbic's call-token service (spec/calls.md) and joins with it, unmo
 4. A recording in a session that allows it: refused until everyone in the call consented, then
    started by the therapist, stopped, and stored as an Ogg/Opus file PyAV decodes to the tone
    and an IVF file it decodes to VP8 frames, each for as long as it ran; a client withdrawing consent stops the next one at once.
-5. Completing the session ends its call, and no new call token is given for it.
-6. Signalling refuses a forged call token before any media.
+5. Data packets (LiveKit's `publish_data`) reach the others, with their sender, or only those
+   they name.
+6. Completing the session ends its call, and no new call token is given for it.
+7. Signalling refuses a forged call token before any media.
 
 The module uses conftest's per-module `server`.
 """
@@ -509,6 +511,45 @@ def test_a_recording_needs_everyones_consent_and_yields_the_tone(server):
             stop.set()
             await client_room.disconnect()
             await therapist_room.disconnect()
+    run(scenario())
+
+
+def test_data_packets_reach_the_others_marked_with_their_sender(server):
+    async def scenario():
+        room_id, (ana, ben, cara) = await shared_room(server.url, ["ana", "ben", "cara"])
+        tokens = [call_token(server.url, who, room_id) for who in (ana, ben, cara)]
+        url = tokens[0][0]
+        rooms = [rtc.Room() for _ in tokens]
+        got: dict[int, list[tuple[bytes, str, str | None]]] = {1: [], 2: []}
+        for index in (1, 2):
+            def on_data(packet, index=index):
+                got[index].append((packet.data, packet.participant.identity if packet.participant else "", packet.topic))
+            rooms[index].on("data_received", on_data)
+        try:
+            for room, (_, token) in zip(rooms, tokens):
+                await room.connect(url, token, options())
+            sender = rooms[0].local_participant
+            # The first packets may go before the others' data channels are open: send until one arrives.
+            for _ in range(50):
+                await sender.publish_data(b"hello everyone", reliable=True, topic="chat")
+                if got[1] and got[2]:
+                    break
+                await asyncio.sleep(0.2)
+            for index in (1, 2):
+                assert (b"hello everyone", sender.identity, "chat") in got[index], got
+            # A packet for Cara only.
+            cara = rooms[2].local_participant.identity
+            for _ in range(50):
+                await sender.publish_data(b"just for cara", reliable=True, destination_identities=[cara])
+                if any(p[0] == b"just for cara" for p in got[2]):
+                    break
+                await asyncio.sleep(0.2)
+            assert any(p[0] == b"just for cara" for p in got[2]), got[2]
+            await asyncio.sleep(0.5)
+            assert not any(p[0] == b"just for cara" for p in got[1]), "Ben got Cara's packet"
+        finally:
+            for room in rooms:
+                await room.disconnect()
     run(scenario())
 
 

@@ -13,8 +13,10 @@ use std::{
 };
 
 use livekit_protocol as lk;
+use prost::Message as _;
 use str0m::{
     Candidate, Event, IceConnectionState, Input, Output, Rtc,
+    channel::{ChannelConfig, ChannelData, ChannelId, Reliability},
     bwe::{Bitrate, BweKind},
     change::{SdpAnswer, SdpOffer, SdpPendingOffer},
     media::{Direction, KeyframeRequest, KeyframeRequestKind, MediaData, MediaKind, MediaTime, Mid, Rid},
@@ -35,6 +37,9 @@ const PING_INTERVAL_SECONDS: i32 = 5;
 const PING_TIMEOUT_SECONDS: i32 = 15;
 /// How often a publisher is asked for a keyframe at most, per track.
 const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(500);
+/// LiveKit's data channel labels.
+const RELIABLE: &str = "_reliable";
+const LOSSY: &str = "_lossy";
 /// How often the active speakers are worked out.
 const SPEAKER_INTERVAL: Duration = Duration::from_millis(300);
 /// The smoothed audio level above which a participant is speaking (about -30 dBov).
@@ -159,6 +164,10 @@ struct Participant {
     next_offer_id: u32,
     /// Media lines of the subscriber connection to remove with the next offer.
     to_stop: Vec<Mid>,
+    /// The data channels LiveKit clients expect on their subscriber connection (`_reliable`,
+    /// `_lossy`), once offered; and the labels of those they opened on their publisher one.
+    subscriber_channels: Option<HashMap<&'static str, ChannelId>>,
+    publisher_channels: HashMap<ChannelId, String>,
     tracks: Vec<Published>,
     down: Vec<DownTrack>,
     /// The subscriber connection's estimated available bitrate (TWCC), shared by its video.
@@ -229,6 +238,7 @@ enum Happened {
     MediaAdded { mid: Mid, kind: MediaKind, direction: Direction },
     Media(MediaData),
     KeyframeWanted(KeyframeRequest),
+    Data(ChannelData),
     Disconnected,
 }
 
@@ -358,12 +368,16 @@ impl Sfu {
             subscriber_pending: None,
             next_offer_id: 1,
             to_stop: Vec::new(),
+            subscriber_channels: None,
+            publisher_channels: HashMap::new(),
             tracks: Vec::new(),
             down: Vec::new(),
             estimate: None,
         };
         self.participants.insert(id, participant);
         self.dirty.extend([(id, Pc::Publisher), (id, Pc::Subscriber)]);
+        // The subscriber connection is offered at once, with its data channels.
+        self.to_negotiate.insert(id);
         self.broadcast_update(id);
         if auto_subscribe && claims.video.can_subscribe {
             let published: Vec<(ParticipantId, String, MediaKind)> = self
@@ -837,10 +851,16 @@ impl Sfu {
     fn negotiate(&mut self, id: ParticipantId) {
         let sids: HashMap<ParticipantId, String> = self.participants.iter().map(|(pid, p)| (*pid, p.info.sid.clone())).collect();
         let Some(participant) = self.participants.get_mut(&id) else { return };
-        if participant.subscriber_pending.is_some() || (participant.to_stop.is_empty() && !participant.down.iter().any(|d| d.state == DownState::ToOpen)) {
+        let channels_due = participant.subscriber_channels.is_none();
+        if participant.subscriber_pending.is_some() || (!channels_due && participant.to_stop.is_empty() && !participant.down.iter().any(|d| d.state == DownState::ToOpen)) {
             return;
         }
         let mut changes = participant.subscriber.sdp_api();
+        let channels = channels_due.then(|| {
+            let reliable = changes.add_channel_with_config(ChannelConfig { label: RELIABLE.to_owned(), ordered: true, ..Default::default() });
+            let lossy = changes.add_channel_with_config(ChannelConfig { label: LOSSY.to_owned(), ordered: false, reliability: Reliability::MaxRetransmits { retransmits: 0 }, ..Default::default() });
+            HashMap::from([(RELIABLE, reliable), (LOSSY, lossy)])
+        });
         for mid in participant.to_stop.drain(..) {
             changes.stop_media(mid);
         }
@@ -851,6 +871,9 @@ impl Sfu {
         }
         let Some((offer, pending)) = changes.apply() else { return };
         self.dirty.insert((id, Pc::Subscriber));
+        if channels.is_some() {
+            participant.subscriber_channels = channels;
+        }
         for (index, mid) in added {
             participant.down[index].state = DownState::Negotiating(mid);
         }
@@ -886,6 +909,10 @@ impl Sfu {
                             Event::MediaData(data) => happened.push((id, pc, Happened::Media(data))),
                             Event::KeyframeRequest(request) => happened.push((id, pc, Happened::KeyframeWanted(request))),
                             Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) if pc == Pc::Subscriber => participant.estimate = Some(estimate),
+                            Event::ChannelOpen(channel, label) if pc == Pc::Publisher => {
+                                participant.publisher_channels.insert(channel, label);
+                            }
+                            Event::ChannelData(data) if pc == Pc::Publisher => happened.push((id, pc, Happened::Data(data))),
                             Event::IceConnectionStateChange(IceConnectionState::Disconnected) => happened.push((id, pc, Happened::Disconnected)),
                             _ => {}
                         },
@@ -908,6 +935,7 @@ impl Sfu {
             (Pc::Publisher, Happened::MediaAdded { mid, kind, direction }) if matches!(direction, Direction::RecvOnly | Direction::SendRecv) => self.track_arrived(id, mid, kind),
             (Pc::Publisher, Happened::Media(data)) => self.forward(now, id, data),
             (Pc::Subscriber, Happened::KeyframeWanted(request)) => self.relay_keyframe_request(now, id, &request),
+            (Pc::Publisher, Happened::Data(data)) => self.relay_data(id, &data),
             (_, Happened::Disconnected) => {
                 if !self.gone.contains(&id) {
                     self.gone.push_back(id);
@@ -1014,6 +1042,34 @@ impl Sfu {
                     let _ = writer.request_keyframe(rid, KeyframeRequestKind::Pli);
                 }
                 self.dirty.insert((id, Pc::Publisher));
+            }
+        }
+    }
+
+    /// A LiveKit data packet a participant sent: to the others in the room (those it names, if
+    /// it names any), on the subscriber channel of the kind it came on, marked as theirs.
+    fn relay_data(&mut self, id: ParticipantId, data: &ChannelData) {
+        let Some(sender) = self.participants.get(&id) else { return };
+        if !sender.rights.publish {
+            return;
+        }
+        let label = if sender.publisher_channels.get(&data.id).map(String::as_str) == Some(LOSSY) { LOSSY } else { RELIABLE };
+        let Ok(mut packet) = lk::DataPacket::decode(data.data.as_slice()) else { return };
+        packet.participant_identity = sender.info.identity.clone();
+        #[allow(deprecated)] // still read by clients that predate `participant_identity`
+        {
+            packet.participant_sid = sender.info.sid.clone();
+        }
+        let room = sender.room.clone();
+        let bytes = packet.encode_to_vec();
+        for (other, participant) in &mut self.participants {
+            if *other == id || participant.room != room || !(packet.destination_identities.is_empty() || packet.destination_identities.contains(&participant.info.identity)) {
+                continue;
+            }
+            let Some(channel) = participant.subscriber_channels.as_ref().and_then(|c| c.get(label)).copied() else { continue };
+            if let Some(mut channel) = participant.subscriber.channel(channel) {
+                let _ = channel.write(true, &bytes);
+                self.dirty.insert((*other, Pc::Subscriber));
             }
         }
     }
