@@ -21,7 +21,7 @@ use ruma::{OwnedRoomId, RoomId, UserId};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    clinic::{BREAKOUT, ROLE, Role, SESSION, Session, Status, role_key},
+    clinic::{BREAKOUT, Role, SESSION, Session, Status, session_role},
     config::{CallsConfig, ListenConfig},
     error::{Error, ErrorCode, Result},
     rooms::Rooms,
@@ -206,11 +206,7 @@ pub fn rights_in(rooms: &Rooms, room_id: &RoomId, user: &UserId) -> Result<Right
             )));
         }
     }
-    let role = rooms
-        .state_content(&session_room, ROLE, &role_key(user.as_str()))?
-        .and_then(|content| content.get("role").cloned())
-        .and_then(|role| serde_json::from_value::<Role>(role).ok())
-        .ok_or_else(|| Error::forbidden("only the session's participants may join its call"))?;
+    let role = session_role(rooms, &session_room, user.as_str())?.ok_or_else(|| Error::forbidden("only the session's participants may join its call"))?;
     Ok(Rights::of_role(role))
 }
 

@@ -10,7 +10,7 @@ use str0m::media::MediaKind;
 
 use crate::{
     audit::AuditRecord,
-    clinic::{RECORDING, RECORDING_CONSENT, ROLE, RecordingPolicy, Role, SESSION, Session, role_key},
+    clinic::{RECORDING, RECORDING_CONSENT, RecordingPolicy, Role, SESSION, Session, session_role},
     error::{Error, ErrorCode, Result},
     events::PduBuilder,
     media::Upload,
@@ -178,6 +178,5 @@ pub async fn stop_without_consent(server: &Server, room_id: &RoomId, user: &User
 }
 
 fn require_therapist(server: &Server, room_id: &RoomId, user: &UserId) -> Result<()> {
-    let role = server.rooms.state_content(room_id, ROLE, &role_key(user.as_str()))?.and_then(|c| serde_json::from_value::<Role>(c.get("role")?.clone()).ok());
-    if role.is_some_and(Role::is_therapist) { Ok(()) } else { Err(Error::forbidden("only the session's therapists start and stop recordings")) }
+    if session_role(&server.rooms, room_id, user.as_str())?.is_some_and(Role::is_therapist) { Ok(()) } else { Err(Error::forbidden("only the session's therapists start and stop recordings")) }
 }

@@ -14,7 +14,7 @@ use super::{
 };
 use crate::{
     audit::AuditRecord,
-    clinic::{Kind, ROLE, RecordingPolicy, Role, appointments::{JWT_LOGIN, Link}, role_key},
+    clinic::{Kind, RecordingPolicy, Role, appointments::{JWT_LOGIN, Link}},
     error::{Error, ErrorCode, Result},
     rooms::Membership,
 };
@@ -38,8 +38,7 @@ struct CreateAppointment {
 
 /// The role `user_id` holds in the session, if any.
 fn role(server: &AppState, room_id: &ruma::RoomId, user_id: &UserId) -> Result<Option<Role>> {
-    let content = server.rooms.state_content(room_id, ROLE, &role_key(user_id.as_str()))?;
-    Ok(content.and_then(|c| serde_json::from_value(c.get("role")?.clone()).ok()))
+    crate::clinic::session_role(&server.rooms, room_id, user_id.as_str())
 }
 
 /// Creates the appointment's session (once per appointment id) and returns fresh links.

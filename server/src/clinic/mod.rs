@@ -45,6 +45,11 @@ pub fn role_key(user_id: &str) -> String {
     format!("_{user_id}")
 }
 
+/// The role `user` holds in the session of `room_id`, if any.
+pub fn session_role(rooms: &crate::rooms::Rooms, room_id: &ruma::RoomId, user: &str) -> Result<Option<Role>> {
+    Ok(rooms.state_content(room_id, ROLE, &role_key(user))?.and_then(|content| serde_json::from_value(content.get("role")?.clone()).ok()))
+}
+
 /// The user a role state key is about.
 pub fn role_user(state_key: &str) -> Option<&str> {
     state_key.strip_prefix('_').filter(|user| user.starts_with('@'))

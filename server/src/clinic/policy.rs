@@ -142,7 +142,7 @@ fn check_own_flag(ctx: &PolicyContext<'_>, pdu: &Pdu, field: &str) -> Result<()>
 
 /// The role `user` holds in another room's session.
 fn role_in(ctx: &PolicyContext<'_>, session_room: &RoomId, user: &str) -> Result<Option<Role>> {
-    Ok(ctx.rooms.state_content(session_room, ROLE, &role_key(user))?.and_then(|c| role_of(&c)))
+    super::session_role(ctx.rooms, session_room, user)
 }
 
 /// `org.limbic.breakout` marks a breakout room of a live session that allows them; only that

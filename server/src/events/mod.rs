@@ -65,10 +65,10 @@ impl Pdu {
     /// Parses a stored canonical PDU (which carries `event_id`).
     pub fn from_stored(bytes: &[u8]) -> Result<Self> {
         let corrupt = |e: serde_json::Error| Error::internal(format!("corrupt stored PDU: {e}"));
+        // Only a v12 create event lacks a room id; anything else that fails is corrupt.
         let mut pdu: Pdu = match serde_json::from_slice(bytes) {
             Ok(pdu) => pdu,
-            Err(error) if error.to_string().starts_with("missing field `room_id`") => Self::with_implied_room_id(bytes)?,
-            Err(error) => return Err(corrupt(error)),
+            Err(error) => Self::with_implied_room_id(bytes).map_err(|_| corrupt(error))?,
         };
         if pdu.redacts.is_none() && pdu.kind == TimelineEventType::RoomRedaction {
             pdu.redacts = serde_json::from_str::<RedactsContent>(pdu.content.get())
