@@ -264,6 +264,9 @@ pub struct Sfu {
     timers: HashMap<(ParticipantId, Pc), Instant>,
     /// Which connection a peer's address belongs to (learnt from the first datagram it sent).
     routes: HashMap<SocketAddr, (ParticipantId, Pc)>,
+    /// SFU rooms where someone sent a data packet: only their subscriber connections get data
+    /// channels, whose SCTP costs every connection time even when idle.
+    data_rooms: HashSet<String>,
 }
 
 fn random_sid(prefix: &str) -> String {
@@ -294,6 +297,7 @@ impl Sfu {
             to_negotiate: HashSet::new(),
             timers: HashMap::new(),
             routes: HashMap::new(),
+            data_rooms: HashSet::new(),
         }
     }
 
@@ -376,8 +380,9 @@ impl Sfu {
         };
         self.participants.insert(id, participant);
         self.dirty.extend([(id, Pc::Publisher), (id, Pc::Subscriber)]);
-        // The subscriber connection is offered at once, with its data channels.
-        self.to_negotiate.insert(id);
+        if self.data_rooms.contains(&room) {
+            self.to_negotiate.insert(id);
+        }
         self.broadcast_update(id);
         if auto_subscribe && claims.video.can_subscribe {
             let published: Vec<(ParticipantId, String, MediaKind)> = self
@@ -424,6 +429,9 @@ impl Sfu {
         }
         for (other, mids) in renegotiate {
             self.stop_media(now, other, &mids);
+        }
+        if !self.participants.values().any(|p| p.room == gone.room) {
+            self.data_rooms.remove(&gone.room);
         }
         self.process(now);
     }
@@ -851,7 +859,7 @@ impl Sfu {
     fn negotiate(&mut self, id: ParticipantId) {
         let sids: HashMap<ParticipantId, String> = self.participants.iter().map(|(pid, p)| (*pid, p.info.sid.clone())).collect();
         let Some(participant) = self.participants.get_mut(&id) else { return };
-        let channels_due = participant.subscriber_channels.is_none();
+        let channels_due = participant.subscriber_channels.is_none() && self.data_rooms.contains(&participant.room);
         if participant.subscriber_pending.is_some() || (!channels_due && participant.to_stop.is_empty() && !participant.down.iter().any(|d| d.state == DownState::ToOpen)) {
             return;
         }
@@ -1061,6 +1069,12 @@ impl Sfu {
             packet.participant_sid = sender.info.sid.clone();
         }
         let room = sender.room.clone();
+        if self.data_rooms.insert(room.clone()) {
+            // The room's first data packet: everyone's subscriber connection gets its channels
+            // (this packet goes to those who have them already: none).
+            let members: Vec<ParticipantId> = self.participants.iter().filter(|(_, p)| p.room == room).map(|(other, _)| *other).collect();
+            self.to_negotiate.extend(members);
+        }
         let bytes = packet.encode_to_vec();
         for (other, participant) in &mut self.participants {
             if *other == id || participant.room != room || !(packet.destination_identities.is_empty() || packet.destination_identities.contains(&participant.info.identity)) {
