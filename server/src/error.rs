@@ -33,6 +33,8 @@ pub enum ErrorCode {
     ResourceLimitExceeded,
     CannotOverwriteMedia,
     NotYetUploaded,
+    /// A sliding sync position the server no longer knows (MSC4186).
+    UnknownPos,
     /// A federation request without a valid X-Matrix signature.
     Unauthorized,
     IncompatibleRoomVersion,
@@ -66,6 +68,7 @@ impl ErrorCode {
             Self::ResourceLimitExceeded => "M_RESOURCE_LIMIT_EXCEEDED",
             Self::CannotOverwriteMedia => "M_CANNOT_OVERWRITE_MEDIA",
             Self::NotYetUploaded => "M_NOT_YET_UPLOADED",
+            Self::UnknownPos => "M_UNKNOWN_POS",
             Self::Unauthorized => "M_UNAUTHORIZED",
             Self::IncompatibleRoomVersion => "M_INCOMPATIBLE_ROOM_VERSION",
             Self::Unknown => "M_UNKNOWN",

@@ -41,6 +41,8 @@ pub struct Server {
     pub federation: Option<Arc<crate::federation::Federation>>,
     /// Set once shutdown begins, so that long-polls answer at once instead of holding it up.
     pub shutting_down: tokio::sync::watch::Sender<bool>,
+    /// Sliding sync connections (MSC4186).
+    pub sliding_sync: crate::sync::sliding::Connections,
 }
 
 impl Server {
@@ -87,6 +89,7 @@ impl Server {
             e2ee: E2ee::new(store.clone()),
             rate_limiter: RateLimiter::new(&config.rate_limits),
             metrics: Metrics::default(),
+            sliding_sync: crate::sync::sliding::Connections::default(),
             admin: crate::admin::Admin::default(),
             media: Media::open(&config.media, store.clone(), config.server_name.clone(), shutting_down.subscribe())?,
             shutting_down,

@@ -1,19 +1,23 @@
-//! GET /sync: builds the response from the sync service and long-polls on the stream watermark.
+//! GET /sync (v3) and simplified sliding sync (MSC4186): build the response from the sync
+//! service and long-poll on the stream watermark.
 
-use std::{sync::atomic::Ordering, time::Duration};
+use std::{collections::BTreeMap, sync::atomic::Ordering, time::Duration};
 
 use axum::{Json, Router, extract::State};
 use ruma::api::client::{filter::FilterDefinition, sync::sync_events};
-use serde_json::Value as JsonValue;
+use ruma::OwnedRoomId;
+use serde_json::{Value as JsonValue, json};
 
 use super::{AppState, Ruma, events::client_event, route};
 use crate::{
     error::{Error, Result},
-    sync::{SyncFilter, SyncRequest, parse_token},
+    store::StreamPos,
+    sync::{SyncFilter, SyncRequest, parse_token, sliding::SlidingRequest},
 };
 
 pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
-    route::<sync_events::v3::Request, _, _>(router, sync)
+    let router = route::<sync_events::v3::Request, _, _>(router, sync);
+    route::<sync_events::v5::Request, _, _>(router, sliding_sync)
 }
 
 const MAX_TIMEOUT: Duration = Duration::from_secs(120);
@@ -60,14 +64,26 @@ async fn sync(State(server): State<AppState>, req: Ruma<sync_events::v3::Request
     };
 
     let timeout = req.body.timeout.unwrap_or_default().min(MAX_TIMEOUT);
+    let answer_at_once = since.is_none() || req.body.full_state;
+    let body = long_poll(&server, timeout, |upto| {
+        let (body, has_data) = crate::sync::build(&server, &request, upto, &render)?;
+        Ok((body, has_data || answer_at_once))
+    })
+    .await?;
+    Ok(Json(body))
+}
+
+/// Builds a response up to the stream watermark, and while `build` says it carries nothing
+/// new, waits for the watermark to move, up to `timeout`; the last build is answered then.
+async fn long_poll<T>(server: &AppState, timeout: Duration, mut build: impl FnMut(StreamPos) -> Result<(T, bool)>) -> Result<T> {
     let deadline = tokio::time::Instant::now() + timeout;
     // Subscribe before reading the position so that no write can slip between the two.
     let mut watermark = server.store.streams().subscribe();
     loop {
         let upto = *watermark.borrow_and_update();
-        let (body, has_data) = crate::sync::build(&server, &request, upto, &render)?;
-        if has_data || since.is_none() || req.body.full_state || tokio::time::Instant::now() >= deadline {
-            return Ok(Json(body));
+        let (body, ready) = build(upto)?;
+        if ready || tokio::time::Instant::now() >= deadline {
+            return Ok(body);
         }
         server.metrics.sync_waiting.fetch_add(1, Ordering::Relaxed);
         let mut shutting_down = server.shutting_down.subscribe();
@@ -79,7 +95,52 @@ async fn sync(State(server): State<AppState>, req: Ruma<sync_events::v3::Request
         if !woke {
             // Timed out (or the server is shutting down): answer with what there is.
             let upto = *watermark.borrow();
-            return Ok(Json(crate::sync::build(&server, &request, upto, &render)?.0));
+            return Ok(build(upto)?.0);
         }
     }
+}
+
+/// Simplified sliding sync (MSC4186).
+async fn sliding_sync(State(server): State<AppState>, req: Ruma<sync_events::v5::Request>) -> Result<Json<JsonValue>> {
+    let caller = req.caller();
+    let conn_id = req.body.conn_id.as_deref().unwrap_or_default();
+    let previous = server.sliding_sync.resume(caller, conn_id, req.body.pos.as_deref())?;
+    let list_spaces = list_spaces(req.json.as_ref())?;
+    let request = SlidingRequest {
+        caller,
+        lists: &req.body.lists,
+        list_spaces: &list_spaces,
+        room_subscriptions: &req.body.room_subscriptions,
+        extensions: &req.body.extensions,
+    };
+    let render = |pdu: &crate::events::Pdu, meta: Option<&crate::rooms::EventMeta>| {
+        let meta = meta.cloned().or_else(|| server.rooms.meta(&pdu.event_id).ok().flatten());
+        client_event(&server, pdu, meta.as_ref(), Some(caller), false)
+    };
+    let timeout = req.body.timeout.unwrap_or_default().min(MAX_TIMEOUT);
+    let response = long_poll(&server, timeout, |upto| {
+        let response = crate::sync::sliding::build(&server, &request, &previous, upto, &render)?;
+        let ready = response.has_data;
+        Ok((response, ready))
+    })
+    .await?;
+    let mut body = response.body;
+    body["pos"] = json!(server.sliding_sync.save(caller, conn_id, response.state));
+    if let Some(txn_id) = &req.body.txn_id {
+        body["txn_id"] = json!(txn_id);
+    }
+    Ok(Json(body))
+}
+
+/// The `spaces` filter of each list, which ruma's request type does not carry.
+fn list_spaces(body: Option<&JsonValue>) -> Result<BTreeMap<String, Vec<OwnedRoomId>>> {
+    let mut spaces = BTreeMap::new();
+    let lists = body.and_then(|b| b.get("lists")).and_then(JsonValue::as_object);
+    for (name, list) in lists.into_iter().flatten() {
+        let Some(ids) = list.pointer("/filters/spaces") else { continue };
+        let ids: Vec<OwnedRoomId> = serde_json::from_value(ids.clone())
+            .map_err(|e| Error::bad_json(format!("lists.{name}.filters.spaces must be a list of room ids: {e}")))?;
+        spaces.insert(name.clone(), ids);
+    }
+    Ok(spaces)
 }

@@ -2,6 +2,7 @@
 //! for the stream watermark to move.
 
 pub mod filter;
+pub mod sliding;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -177,7 +178,7 @@ pub fn device_list_changes(server: &Server, user_id: &ruma::UserId, since: Strea
     Ok((changed.into_iter().collect(), left))
 }
 
-fn group_room_account_data(server: &Server, user_id: &ruma::UserId, since: StreamPos) -> Result<BTreeMap<String, Vec<JsonValue>>> {
+pub(crate) fn group_room_account_data(server: &Server, user_id: &ruma::UserId, since: StreamPos) -> Result<BTreeMap<String, Vec<JsonValue>>> {
     let mut grouped: BTreeMap<String, Vec<JsonValue>> = BTreeMap::new();
     for (room, kind, content) in server.users.account_data_since(user_id, since)? {
         grouped.entry(room).or_default().push(json!({ "type": kind, "content": content }));
@@ -185,7 +186,7 @@ fn group_room_account_data(server: &Server, user_id: &ruma::UserId, since: Strea
     Ok(grouped)
 }
 
-fn stripped_state(server: &Server, room_id: &RoomId, entry: &UserRoom) -> Result<Vec<JsonValue>> {
+pub(crate) fn stripped_state(server: &Server, room_id: &RoomId, entry: &UserRoom) -> Result<Vec<JsonValue>> {
     let mut events = Vec::new();
     for kind in STRIPPED_STATE_TYPES {
         if let Some(pdu) = server.rooms.state_event(room_id, kind, "")? {
@@ -202,7 +203,7 @@ fn stripped_state(server: &Server, room_id: &RoomId, entry: &UserRoom) -> Result
 }
 
 /// The room's state snapshot as of stream position `pos`.
-fn snapshot_at(server: &Server, room_id: &RoomId, pos: StreamPos) -> Result<u64> {
+pub(crate) fn snapshot_at(server: &Server, room_id: &RoomId, pos: StreamPos) -> Result<u64> {
     match server.rooms.timeline_before(room_id, pos).next() {
         Some(entry) => {
             let (_, event_id) = entry?;
@@ -212,16 +213,30 @@ fn snapshot_at(server: &Server, room_id: &RoomId, pos: StreamPos) -> Result<u64>
     }
 }
 
-struct Timeline {
-    events: Vec<(Pdu, EventMeta)>,
-    limited: bool,
-    prev_batch: StreamPos,
+pub(crate) struct Timeline {
+    pub events: Vec<(Pdu, EventMeta)>,
+    pub limited: bool,
+    pub prev_batch: StreamPos,
 }
 
 /// The newest `limit` visible events in (since, upto], oldest first.
 fn timeline(server: &Server, req: &SyncRequest<'_>, room_id: &RoomId, since: StreamPos, upto: StreamPos) -> Result<Timeline> {
     let filter = &req.filter.room.timeline;
     let limit = filter.limit.unwrap_or(10).clamp(1, 1000);
+    visible_timeline(server, &req.caller.user_id, room_id, since, upto, limit, Some(filter))
+}
+
+/// The newest `limit` events in (since, upto] that `user_id` may see and `filter` allows,
+/// oldest first.
+pub(crate) fn visible_timeline(
+    server: &Server,
+    user_id: &ruma::UserId,
+    room_id: &RoomId,
+    since: StreamPos,
+    upto: StreamPos,
+    limit: usize,
+    filter: Option<&EventFilter>,
+) -> Result<Timeline> {
     let mut events = Vec::new();
     let mut limited = false;
     for entry in server.rooms.timeline_before(room_id, upto) {
@@ -231,7 +246,7 @@ fn timeline(server: &Server, req: &SyncRequest<'_>, room_id: &RoomId, since: Str
         }
         let Some(pdu) = server.rooms.pdu(&event_id)? else { continue };
         let Some(meta) = server.rooms.meta(&event_id)? else { continue };
-        if !filter.allows(&pdu) || !server.rooms.user_can_see(&req.caller.user_id, &pdu, &meta)? {
+        if filter.is_some_and(|f| !f.allows(&pdu)) || !server.rooms.user_can_see(user_id, &pdu, &meta)? {
             continue;
         }
         if events.len() == limit {
@@ -350,29 +365,34 @@ fn left_room(server: &Server, req: &SyncRequest<'_>, room_id: &RoomId, entry: &U
 }
 
 fn ephemeral_events(server: &Server, req: &SyncRequest<'_>, room_id: &RoomId, since: StreamPos) -> Result<Vec<JsonValue>> {
-    let mut events = Vec::new();
     let filter = &req.filter.room;
+    let typing = filter.ephemeral_allows("m.typing").then(|| typing_event(server, room_id, since)).flatten();
+    let receipts = if filter.ephemeral_allows("m.receipt") { receipt_event(server, &req.caller.user_id, room_id, since)? } else { None };
+    Ok(typing.into_iter().chain(receipts).collect())
+}
+
+/// The room's `m.typing` event if typing changed after `since` (on an initial sync, only when
+/// someone is typing).
+pub(crate) fn typing_event(server: &Server, room_id: &RoomId, since: StreamPos) -> Option<JsonValue> {
     let (typing, typing_pos) = server.rooms.typing.typing(room_id);
-    if typing_pos > since && filter.ephemeral_allows("m.typing") && (since > 0 || !typing.is_empty()) {
-        events.push(json!({ "type": "m.typing", "content": { "user_ids": typing } }));
-    }
-    if filter.ephemeral_allows("m.receipt") {
-        let mut content: BTreeMap<String, BTreeMap<String, BTreeMap<String, JsonValue>>> = BTreeMap::new();
-        for (kind, user, receipt) in server.rooms.receipts_since(room_id, since)? {
-            if kind == "m.read.private" && user != req.caller.user_id {
-                continue;
-            }
-            let mut data = json!({ "ts": receipt.ts });
-            if let Some(thread) = &receipt.thread_id {
-                data["thread_id"] = json!(thread);
-            }
-            content.entry(receipt.event_id.to_string()).or_default().entry(kind).or_default().insert(user.to_string(), data);
+    (typing_pos > since && (since > 0 || !typing.is_empty())).then(|| json!({ "type": "m.typing", "content": { "user_ids": typing } }))
+}
+
+/// The room's receipts set after `since` as one `m.receipt` event; private receipts only the
+/// viewer's own.
+pub(crate) fn receipt_event(server: &Server, viewer: &ruma::UserId, room_id: &RoomId, since: StreamPos) -> Result<Option<JsonValue>> {
+    let mut content: BTreeMap<String, BTreeMap<String, BTreeMap<String, JsonValue>>> = BTreeMap::new();
+    for (kind, user, receipt) in server.rooms.receipts_since(room_id, since)? {
+        if kind == "m.read.private" && user != viewer {
+            continue;
         }
-        if !content.is_empty() {
-            events.push(json!({ "type": "m.receipt", "content": content }));
+        let mut data = json!({ "ts": receipt.ts });
+        if let Some(thread) = &receipt.thread_id {
+            data["thread_id"] = json!(thread);
         }
+        content.entry(receipt.event_id.to_string()).or_default().entry(kind).or_default().insert(user.to_string(), data);
     }
-    Ok(events)
+    Ok((!content.is_empty()).then(|| json!({ "type": "m.receipt", "content": content })))
 }
 
 fn summary(server: &Server, room_id: &RoomId, user_id: &ruma::UserId) -> Result<JsonValue> {
