@@ -50,6 +50,8 @@ pub struct Config {
     pub web: WebConfig,
     #[serde(default)]
     pub plugin_host: PluginHostConfig,
+    #[serde(default)]
+    pub delayed_events: DelayedEventsConfig,
     /// `[[plugins]]`: the WebAssembly plugins to load, with what each is granted.
     #[serde(default)]
     pub plugins: Vec<PluginConfig>,
@@ -396,6 +398,23 @@ impl Default for MediaConfig {
     }
 }
 
+/// Delayed events (MSC4140): events users schedule to be sent later (spec/delayed-events.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DelayedEventsConfig {
+    /// The longest delay a client may ask for, in milliseconds (Synapse's
+    /// `max_event_delay_duration`).
+    pub max_delay_ms: u64,
+    /// How many events one user may have scheduled at once.
+    pub max_per_user: usize,
+}
+
+impl Default for DelayedEventsConfig {
+    fn default() -> Self {
+        Self { max_delay_ms: 24 * 3600 * 1000, max_per_user: 100 }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClinicConfig {
@@ -496,6 +515,8 @@ impl Config {
             ("clinic.max_message_length", self.clinic.max_message_length as u64),
             ("clinic.retention_interval_seconds", self.clinic.retention_interval_seconds),
             ("appointments.token_lifetime_seconds", self.appointments.token_lifetime_seconds),
+            ("delayed_events.max_delay_ms", self.delayed_events.max_delay_ms),
+            ("delayed_events.max_per_user", self.delayed_events.max_per_user as u64),
         ] {
             if value == 0 {
                 return Err(ConfigError::Invalid { key, reason: "must be at least 1".into() });

@@ -6,6 +6,7 @@ pub mod calls;
 pub mod client;
 pub mod clinic;
 pub mod config;
+pub mod delayed;
 pub mod e2ee;
 pub mod error;
 pub mod events;
@@ -45,6 +46,7 @@ pub async fn serve(server: Arc<Server>) -> std::io::Result<()> {
     server.plugins.attach(&server).map_err(std::io::Error::other)?;
     server.plugins.spawn_tasks(&server);
     let background = tokio::spawn(background_tasks(server.clone()));
+    tokio::spawn(delayed::run(server.clone()));
     if server.config.calls.enabled {
         let sfu = calls::media::start(&server.config.calls).await?;
         let _ = server.calls.sfu.set(sfu);

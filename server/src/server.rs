@@ -37,6 +37,8 @@ pub struct Server {
     pub metrics: Metrics,
     pub admin: crate::admin::Admin,
     pub plugins: Arc<crate::plugins::Plugins>,
+    /// Events users scheduled to be sent later (MSC4140).
+    pub delayed: crate::delayed::DelayedEvents,
     /// Present when `[federation] enabled`.
     pub federation: Option<Arc<crate::federation::Federation>>,
     /// Set once shutdown begins, so that long-polls answer at once instead of holding it up.
@@ -85,6 +87,7 @@ impl Server {
             appointments: crate::clinic::appointments::Appointments::open(store.clone(), config.appointments.clone(), config.server_name.clone())?,
             calls: crate::calls::Calls::open(&store, config.calls.clone(), &config.listen)?,
             users: Users::new(store.clone()),
+            delayed: crate::delayed::DelayedEvents::new(store.clone(), config.delayed_events.clone()),
             rooms: Rooms::new(store.clone(), signing_key.clone(), push.clone(), audit, clinic.clone(), plugins, config.federation.enabled),
             e2ee: E2ee::new(store.clone()),
             rate_limiter: RateLimiter::new(&config.rate_limits),

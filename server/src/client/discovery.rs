@@ -19,7 +19,7 @@ async fn versions(_req: Ruma<get_supported_versions::Request>) -> Json<JsonValue
             "r0.5.0", "r0.6.0", "r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6",
             "v1.7", "v1.8", "v1.9", "v1.10", "v1.11", "v1.12", "v1.13", "v1.14", "v1.15", "v1.16"
         ],
-        "unstable_features": { "org.matrix.simplified_msc3575": true },
+        "unstable_features": { "org.matrix.msc4140": true, "org.matrix.simplified_msc3575": true },
     }))
 }
 

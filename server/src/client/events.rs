@@ -1,7 +1,11 @@
 //! Sending and reading events: send, state, redact, /messages, /context, /event, and the
 //! client event format with `unsigned`.
 
-use axum::{Json, Router, extract::State};
+use axum::{
+    Json, Router,
+    extract::{RawQuery, State},
+    response::{IntoResponse, Response},
+};
 use ruma::{
     OwnedEventId, UserId,
     api::client::{
@@ -15,13 +19,14 @@ use ruma::{
 };
 use serde_json::{Value as JsonValue, json};
 
-use super::{AppState, Ruma, RumaResponse, route};
+use super::{AppState, Ruma, RumaResponse, route, url_query_param};
 use crate::{
+    delayed::{DELAY_PARAM, NewDelayedEvent},
     error::{Error, ErrorCode, Result},
     events::{Pdu, PduBuilder},
     ratelimit::Action,
     rooms::{EventMeta, TxnInfo},
-    store::{Key, StreamPos, tables},
+    store::{Batch, Key, StreamPos, tables},
     rooms::{HistoryKey, TIMELINE_ORDER, history_key_before},
     sync::{EventFilter, history_token, parse_history_token, token},
     users::Caller,
@@ -110,11 +115,27 @@ pub(super) async fn send_event(
     builder: PduBuilder,
     txn: Option<TxnInfo>,
 ) -> Result<OwnedEventId> {
+    send_event_with(server, sender, room_id, builder, txn, None).await
+}
+
+/// [`send_event`], writing `records` of another module in the event's own batch (a delayed
+/// event's removal goes with the event it became).
+pub(crate) async fn send_event_with(
+    server: &AppState,
+    sender: &UserId,
+    room_id: &ruma::RoomId,
+    builder: PduBuilder,
+    txn: Option<TxnInfo>,
+    records: Option<Batch>,
+) -> Result<OwnedEventId> {
     let mut writer = server.rooms.writer(room_id).await?;
     if !writer.exists() {
         return Err(Error::not_found("unknown room"));
     }
     let pdu = writer.append(sender, builder, txn)?;
+    if let Some(records) = records {
+        writer.batch().append(records);
+    }
     writer.commit()?;
     server.metrics.events_persisted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let kind = pdu.kind.to_string();
@@ -137,51 +158,86 @@ fn check_message_length(content: &JsonValue, max: usize) -> Result<()> {
     Ok(())
 }
 
-async fn send_message(
-    State(server): State<AppState>,
-    req: Ruma<send_message_event::v3::Request>,
-) -> Result<RumaResponse<send_message_event::v3::Response>> {
-    let caller = req.caller();
-    if let Some(event_id) = txn_event(&server, caller, req.body.txn_id.as_str())? {
-        return Ok(send_message_event::v3::Response::new(event_id).into());
-    }
-    server.rate_limiter.check(Action::Message, &req.rate_key())?;
-    let kind = TimelineEventType::from(req.body.event_type.to_string());
-    if kind == TimelineEventType::RoomRedaction || kind == TimelineEventType::RoomCreate {
-        return Err(Error::bad_json("use the dedicated endpoint for this event type"));
-    }
-    let content: JsonValue = serde_json::from_str(req.body.body.json().get()).map_err(|e| Error::bad_json(e.to_string()))?;
-    if kind == TimelineEventType::RoomMessage {
-        check_message_length(&content, server.config.clinic.max_message_length)?;
-    }
-    let txn = TxnInfo { device_id: caller.device_id.to_string(), txn_id: req.body.txn_id.to_string() };
-    let event_id = send_event(&server, &caller.user_id, &req.body.room_id, PduBuilder::message(kind, content), Some(txn)).await?;
-    Ok(send_message_event::v3::Response::new(event_id).into())
-}
-
-async fn send_state(
-    State(server): State<AppState>,
-    req: Ruma<send_state_event::v3::Request>,
-) -> Result<RumaResponse<send_state_event::v3::Response>> {
-    let caller = req.caller();
-    let kind = req.body.event_type.to_string();
-    let content: JsonValue = serde_json::from_str(req.body.body.json().get()).map_err(|e| Error::bad_json(e.to_string()))?;
+/// Checks an event a local user asks to send, now or delayed, as the send and state endpoints
+/// do beyond the room's rules, and builds it.
+pub(crate) fn event_builder(server: &AppState, room_id: &ruma::RoomId, kind: &str, state_key: Option<&str>, content: JsonValue) -> Result<PduBuilder> {
+    let Some(state_key) = state_key else {
+        let kind = TimelineEventType::from(kind);
+        if kind == TimelineEventType::RoomRedaction || kind == TimelineEventType::RoomCreate {
+            return Err(Error::bad_json("use the dedicated endpoint for this event type"));
+        }
+        if kind == TimelineEventType::RoomMessage {
+            check_message_length(&content, server.config.clinic.max_message_length)?;
+        }
+        return Ok(PduBuilder::message(kind, content));
+    };
     if kind == "m.room.create" {
         return Err(Error::forbidden("m.room.create cannot be sent after the room exists"));
     }
     if kind == "m.room.member" {
         // Membership changes are validated like the dedicated endpoints.
-        let target: ruma::OwnedUserId = req.body.state_key.as_str().try_into().map_err(|_| Error::bad_json("state_key of m.room.member must be a user id"))?;
+        let target: ruma::OwnedUserId = state_key.try_into().map_err(|_| Error::bad_json("state_key of m.room.member must be a user id"))?;
         if content.get("membership").and_then(JsonValue::as_str).is_none() {
             return Err(Error::bad_json(format!("m.room.member for {target} needs a membership")));
         }
     }
     if kind == "m.room.canonical_alias" {
-        validate_canonical_alias(&server, &req.body.room_id, &content)?;
+        validate_canonical_alias(server, room_id, &content)?;
     }
-    let builder = PduBuilder::state(kind, req.body.state_key.clone(), content);
-    let event_id = send_event(&server, &caller.user_id, &req.body.room_id, builder, None).await?;
-    Ok(send_state_event::v3::Response::new(event_id).into())
+    Ok(PduBuilder::state(kind, state_key, content))
+}
+
+/// The delay of `?org.matrix.msc4140.delay=<ms>`, which schedules the event (MSC4140).
+fn requested_delay(query: Option<&str>) -> Result<Option<u64>> {
+    let Some(value) = query.and_then(|query| url_query_param(query, DELAY_PARAM)) else { return Ok(None) };
+    value.parse().map(Some).map_err(|_| Error::invalid_param(format!("{DELAY_PARAM} must be a whole number of milliseconds")))
+}
+
+/// Schedules the event instead of sending it; clients get its delay id.
+async fn schedule(server: &AppState, caller: &Caller, new: NewDelayedEvent<'_>) -> Result<Response> {
+    let delay_id = server.delayed.schedule(server, caller, new).await?;
+    Ok(Json(json!({ "delay_id": delay_id })).into_response())
+}
+
+async fn send_message(
+    State(server): State<AppState>,
+    RawQuery(query): RawQuery,
+    req: Ruma<send_message_event::v3::Request>,
+) -> Result<Response> {
+    let caller = req.caller();
+    let delay = requested_delay(query.as_deref())?;
+    if delay.is_none()
+        && let Some(event_id) = txn_event(&server, caller, req.body.txn_id.as_str())?
+    {
+        return Ok(RumaResponse(send_message_event::v3::Response::new(event_id)).into_response());
+    }
+    server.rate_limiter.check(Action::Message, &req.rate_key())?;
+    let content: JsonValue = serde_json::from_str(req.body.body.json().get()).map_err(|e| Error::bad_json(e.to_string()))?;
+    let room_id = &req.body.room_id;
+    let builder = event_builder(&server, room_id, &req.body.event_type.to_string(), None, content)?;
+    if let Some(delay_ms) = delay {
+        return schedule(&server, caller, NewDelayedEvent { room_id, event: builder, delay_ms, txn_id: Some(req.body.txn_id.as_str()) }).await;
+    }
+    let txn = TxnInfo { device_id: caller.device_id.to_string(), txn_id: req.body.txn_id.to_string() };
+    let event_id = send_event(&server, &caller.user_id, room_id, builder, Some(txn)).await?;
+    Ok(RumaResponse(send_message_event::v3::Response::new(event_id)).into_response())
+}
+
+async fn send_state(
+    State(server): State<AppState>,
+    RawQuery(query): RawQuery,
+    req: Ruma<send_state_event::v3::Request>,
+) -> Result<Response> {
+    let caller = req.caller();
+    let delay = requested_delay(query.as_deref())?;
+    let content: JsonValue = serde_json::from_str(req.body.body.json().get()).map_err(|e| Error::bad_json(e.to_string()))?;
+    let room_id = &req.body.room_id;
+    let builder = event_builder(&server, room_id, &req.body.event_type.to_string(), Some(&req.body.state_key), content)?;
+    if let Some(delay_ms) = delay {
+        return schedule(&server, caller, NewDelayedEvent { room_id, event: builder, delay_ms, txn_id: None }).await;
+    }
+    let event_id = send_event(&server, &caller.user_id, room_id, builder, None).await?;
+    Ok(RumaResponse(send_state_event::v3::Response::new(event_id)).into_response())
 }
 
 /// Aliases in `m.room.canonical_alias` must exist and point at this room.

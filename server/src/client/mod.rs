@@ -5,6 +5,7 @@ mod account;
 mod admin;
 mod appointments;
 mod calls;
+mod delayed_events;
 mod join_page;
 mod directory;
 mod tags_and_users;
@@ -49,6 +50,7 @@ pub type AppState = Arc<Server>;
 
 pub(crate) use admin::QueryParams;
 pub(crate) use directory::directory_page;
+pub(crate) use events::{event_builder, send_event_with};
 pub(crate) use keys::local_device_keys;
 
 /// Whether an endpoint's authentication scheme needs an access token.
@@ -284,6 +286,7 @@ pub fn router() -> Router<AppState> {
     let router = rooms::routes(router);
     let router = membership::routes(router);
     let router = events::routes(router);
+    let router = delayed_events::routes(router);
     let router = directory::routes(router);
     let router = tags_and_users::routes(router);
     let router = sync::routes(router);

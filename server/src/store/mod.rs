@@ -156,6 +156,13 @@ pub mod tables {
     /// not in
     pub const REMOTE_ROOM_STATE: Table = Table("remote_room_state");
 
+    /// delay id -> a delayed event scheduled by a local user (MSC4140)
+    pub const DELAYED_EVENTS: Table = Table("delayed_events");
+    /// fire time (ms), delay id -> (): delayed events in the order they fall due
+    pub const DELAYED_EVENTS_DUE: Table = Table("delayed_events_due");
+    /// owner user id, delay id -> (): each user's delayed events
+    pub const DELAYED_EVENTS_BY_OWNER: Table = Table("delayed_events_by_owner");
+
     pub const ALL: &[Table] = &[
         GLOBAL, USERS, DEVICES, ACCESS_TOKENS, FILTERS, ACCOUNT_DATA, PRESENCE, PDUS, EVENT_META,
         TIMELINE, BACKFILL, ROOM_STATE, ROOMS, STATE_SNAPSHOTS, ROOM_MEMBERS, USER_ROOMS, TXN_IDS, ALIASES,
@@ -165,6 +172,7 @@ pub mod tables {
         RELATIONS, THREAD_REPLIES, SEARCH_INDEX, AUDIT_LOG, THERAPISTS,
         THERAPIST_BOOKINGS, SESSION_NOTES, SESSION_PASSCODES, APPOINTMENTS, LINK_TOKENS_USED,
         PLUGIN_KV, PLUGIN_OUTBOX, SERVER_KEYS, OPENID_TOKENS, FEDERATION_OUTBOX, FEDERATION_EDUS, REMOTE_ROOM_STATE,
+        DELAYED_EVENTS, DELAYED_EVENTS_DUE, DELAYED_EVENTS_BY_OWNER,
     ];
 }
 
