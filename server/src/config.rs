@@ -58,16 +58,18 @@ pub struct Config {
 }
 
 /// The browser join page (`/join`), whose built assets (`npm run build --prefix web`) are served
-/// from a directory.
+/// from a directory, and which other origins' pages may call `/_limbic` (spec/cors.md).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebConfig {
     pub assets_dir: PathBuf,
+    /// Origins (`https://clinic.example`) allowed to call `/_limbic` APIs; empty: same-origin only.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for WebConfig {
     fn default() -> Self {
-        Self { assets_dir: PathBuf::from("web/dist") }
+        Self { assets_dir: PathBuf::from("web/dist"), cors_origins: Vec::new() }
     }
 }
 
@@ -558,6 +560,12 @@ impl Config {
                 return Err(ConfigError::Invalid { key: "plugins.name", reason: format!("{} is configured twice", plugin.name) });
             }
         }
+        if let Some(origin) = self.web.cors_origins.iter().find(|origin| !is_origin(origin)) {
+            return Err(ConfigError::Invalid {
+                key: "web.cors_origins",
+                reason: format!("{origin:?} is not an origin: write scheme://host[:port] in lowercase, as browsers send it (e.g. \"https://clinic.example\"), without a path or trailing slash"),
+            });
+        }
         let limits = &self.rate_limits;
         for (key, limit) in [
             ("rate_limits.message", limits.message),
@@ -574,6 +582,18 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Whether `text` is a serialized web origin, `http(s)://host[:port]`, exactly as a browser's
+/// `Origin` header carries it (CORS compares origins byte for byte).
+fn is_origin(text: &str) -> bool {
+    let Ok(uri) = text.parse::<http::Uri>() else { return false };
+    let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else { return false };
+    matches!(scheme, "http" | "https")
+        && !authority.host().is_empty()
+        && !authority.as_str().contains('@')
+        && text == format!("{scheme}://{authority}")
+        && !text.bytes().any(|b| b.is_ascii_uppercase())
 }
 
 /// `LIMBIC_LISTEN__PORT=9000` sets `listen.port`. The value is parsed as a TOML value when it
@@ -667,5 +687,16 @@ mod tests {
         let err = Config::from_toml(&EXAMPLE.replace("max_retention_days = 0", "max_retention_days = 7"), env("MIN_RETENTION_DAYS", "30"))
             .unwrap_err();
         assert!(err.to_string().contains("clinic.min_retention_days"), "{err}");
+    }
+
+    #[test]
+    fn cors_origins_are_origins() {
+        let with = |origins: &str| Config::from_toml(&EXAMPLE.replace("cors_origins = []", &format!("cors_origins = {origins}")), []);
+        let config = with(r#"["https://clinic.example", "http://127.0.0.1:8080", "https://[::1]:8443"]"#).unwrap();
+        assert_eq!(config.web.cors_origins.len(), 3);
+        for bad in ["*", "clinic.example", "https://clinic.example/", "https://clinic.example/app", "ftp://clinic.example", "https://Clinic.example", "https://user@clinic.example", "https://"] {
+            let err = with(&format!("[{bad:?}]")).unwrap_err().to_string();
+            assert!(err.contains("web.cors_origins") && err.contains("not an origin"), "{bad}: {err}");
+        }
     }
 }

@@ -31,8 +31,10 @@ pub use server::Server;
 
 /// Builds the HTTP application for a running server.
 pub fn app(server: Arc<Server>) -> Router {
+    let cors = Arc::new(client::cors::Cors::new(&server.config.web.cors_origins));
     federation::routes::routes(client::router())
         .fallback(client::unrecognized)
+        .layer(middleware::from_fn_with_state(cors, client::cors::apply))
         .layer(middleware::from_fn_with_state(server.clone(), client::track_metrics))
         .with_state(server)
 }

@@ -6,6 +6,7 @@ mod admin;
 mod appointments;
 mod calls;
 mod delayed_events;
+pub(crate) mod cors;
 mod join_page;
 mod directory;
 mod tags_and_users;
