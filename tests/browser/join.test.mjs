@@ -11,143 +11,17 @@
 //   node --test tests/browser/
 
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { createHmac, randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { createRequire } from 'node:module';
-import { createServer } from 'node:net';
-import { tmpdir } from 'node:os';
+import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
-import { fileURLToPath } from 'node:url';
 
-const REPO = fileURLToPath(new URL('../../', import.meta.url));
-const ARTIFACTS = join(REPO, 'tests/browser/artifacts');
+import { ARTIFACTS, LimbicServer, REPO, SERVER_NAME, launchChromium, sleep } from './harness.mjs';
+
 const WEB_DIST = join(REPO, 'web/dist');
-// playwright-core is the web client's dev dependency: resolve it from web/.
-const { chromium } = createRequire(join(REPO, 'web/package.json'))('playwright-core');
-
-const SERVER_NAME = 'localhost';
-const REGISTRATION_SECRET = 'browser-test-registration-secret';
 const SERVICE_SECRET = 'browser-test-service-secret';
 const LINK_SECRET = 'browser-test-link-secret';
 const STEP_TIMEOUT = 30_000;
-
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.unref();
-    server.on('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address();
-      server.close(() => resolve(port));
-    });
-  });
-}
-
-function binary() {
-  if (process.env.LIMBIC_BIN) return process.env.LIMBIC_BIN;
-  const target = process.env.CARGO_TARGET_DIR ?? 'target';
-  return join(target.startsWith('/') ? target : join(REPO, target), 'debug/limbic');
-}
-
-/**
- * A `limbic serve` on a free loopback port with a fresh store: config.example.toml without its
- * plugins (the page needs none, and they need a separate build), the rest as environment
- * overrides (LIMBIC_SECTION__KEY, see the example's header).
- */
-class LimbicServer {
-  constructor() {
-    this.workdir = mkdtempSync(join(tmpdir(), 'limbic-browser-'));
-    this.process = null;
-  }
-
-  async start() {
-    const bin = binary();
-    assert.ok(existsSync(bin), `no server binary at ${bin}: run \`cargo build -p limbic-server --bins\` or set LIMBIC_BIN`);
-    assert.ok(existsSync(join(WEB_DIST, 'join.js')), 'no built page in web/dist: run `npm run build --prefix web`');
-    this.port = await freePort();
-    this.url = `http://127.0.0.1:${this.port}`;
-    const example = readFileSync(join(REPO, 'config.example.toml'), 'utf8');
-    const configPath = join(this.workdir, 'limbic.toml');
-    writeFileSync(configPath, example.split(/^\[\[plugins\]\]/m)[0]);
-    const overrides = {
-      LIMBIC_SERVER_NAME: SERVER_NAME,
-      LIMBIC_LISTEN__ADDRESS: '127.0.0.1',
-      LIMBIC_LISTEN__PORT: String(this.port),
-      LIMBIC_DATABASE__PATH: join(this.workdir, 'store'),
-      LIMBIC_MEDIA__PATH: join(this.workdir, 'media'),
-      LIMBIC_RATE_LIMITS__ENABLED: 'false',
-      LIMBIC_REGISTRATION__SHARED_SECRET: REGISTRATION_SECRET,
-      LIMBIC_APPOINTMENTS__SHARED_SECRET: SERVICE_SECRET,
-      LIMBIC_APPOINTMENTS__JWT_SECRET: LINK_SECRET,
-      LIMBIC_APPOINTMENTS__LINK_BASE_URL: `${this.url}/join`,
-      LIMBIC_CALLS__UDP_PORT: '0', // any free port
-      LIMBIC_WEB__ASSETS_DIR: WEB_DIST,
-    };
-    const env = Object.fromEntries(Object.entries(process.env).filter(([key]) => !key.startsWith('LIMBIC_')));
-    mkdirSync(ARTIFACTS, { recursive: true });
-    this.logPath = join(ARTIFACTS, 'limbic.log');
-    const log = openSync(this.logPath, 'w');
-    writeFileSync(log, `${bin} serve --config ${configPath}\n${JSON.stringify(overrides, null, 2)}\n`);
-    this.process = spawn(bin, ['serve', '--config', configPath], {
-      cwd: this.workdir,
-      env: { ...env, ...overrides, NO_COLOR: '1' },
-      stdio: ['ignore', log, log],
-    });
-    this.exited = new Promise((resolve) => this.process.once('exit', resolve));
-    await this.waitReady();
-  }
-
-  async waitReady() {
-    const deadline = Date.now() + 60_000;
-    let last = 'no answer';
-    while (Date.now() < deadline) {
-      if (this.process.exitCode !== null) break;
-      try {
-        const response = await fetch(`${this.url}/_matrix/client/versions`);
-        if (response.ok) return;
-        last = `HTTP ${response.status}`;
-      } catch (error) {
-        last = error.message;
-      }
-      await sleep(100);
-    }
-    assert.fail(`limbic did not start (${last}); see ${this.logPath}:\n${readFileSync(this.logPath, 'utf8').slice(-3000)}`);
-  }
-
-  async api(method, path, { token, body } = {}) {
-    const headers = { 'Content-Type': 'application/json' };
-    if (token) headers.Authorization = `Bearer ${token}`;
-    const response = await fetch(`${this.url}${path}`, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
-    const text = await response.text();
-    assert.ok(response.ok, `${method} ${path} -> HTTP ${response.status}: ${text}`);
-    return text ? JSON.parse(text) : {};
-  }
-
-  /** Synapse's shared-secret registration: HMAC-SHA1 over nonce, user, password and admin flag. */
-  async register(localpart, admin) {
-    const password = randomBytes(12).toString('hex');
-    const { nonce } = await this.api('GET', '/_synapse/admin/v1/register');
-    const mac = createHmac('sha1', REGISTRATION_SECRET)
-      .update([nonce, localpart, password, admin ? 'admin' : 'notadmin'].join('\0'))
-      .digest('hex');
-    const account = await this.api('POST', '/_synapse/admin/v1/register', { body: { nonce, username: localpart, password, admin, mac } });
-    return { userId: account.user_id, token: account.access_token };
-  }
-
-  async stop() {
-    if (this.process && this.process.exitCode === null) {
-      this.process.kill('SIGTERM');
-      const killed = setTimeout(() => this.process.kill('SIGKILL'), 10_000);
-      await this.exited;
-      clearTimeout(killed);
-    }
-    rmSync(this.workdir, { recursive: true, force: true });
-  }
-}
 
 /** A link token signed with the server's key (LINK_SECRET), for links the server would not make. */
 function linkToken(claims) {
@@ -156,7 +30,14 @@ function linkToken(claims) {
   return `${unsigned}.${createHmac('sha256', LINK_SECRET).update(unsigned).digest('base64url')}`;
 }
 
-const server = new LimbicServer();
+const server = new LimbicServer({
+  overrides: (url) => ({
+    LIMBIC_APPOINTMENTS__SHARED_SECRET: SERVICE_SECRET,
+    LIMBIC_APPOINTMENTS__JWT_SECRET: LINK_SECRET,
+    LIMBIC_APPOINTMENTS__LINK_BASE_URL: `${url}/join`,
+    LIMBIC_WEB__ASSETS_DIR: WEB_DIST,
+  }),
+});
 let browser;
 let therapist; // {userId, token}
 let clientId;
@@ -211,6 +92,7 @@ async function expectVideoFrom(page, who) {
 }
 
 before(async () => {
+  assert.ok(existsSync(join(WEB_DIST, 'join.js')), 'no built page in web/dist: run `npm run build --prefix web`');
   await server.start();
   const admin = await server.register('admin', true);
   therapist = await server.register('dr.jones', false);
@@ -219,15 +101,11 @@ before(async () => {
   await server.api('PUT', `/_matrix/client/v3/profile/${encodeURIComponent(therapist.userId)}/displayname`, {
     token: therapist.token, body: { displayname: 'Dr Jones' },
   });
-  browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-    args: [
-      '--use-fake-device-for-media-stream',
-      '--use-fake-ui-for-media-stream',
-      '--autoplay-policy=no-user-gesture-required',
-      '--no-sandbox',
-    ],
-  });
+  browser = await launchChromium([
+    '--use-fake-device-for-media-stream',
+    '--use-fake-ui-for-media-stream',
+    '--autoplay-policy=no-user-gesture-required',
+  ]);
 });
 
 after(async () => {
