@@ -48,6 +48,8 @@ pub struct Connections {
     /// Distinguishes this process's positions from an earlier one's.
     epoch: u64,
     inner: Mutex<HashMap<ConnectionKey, Connection>>,
+    /// Per joined room: the newest timeline position looked at, and the bump stamp up to it.
+    bumps: Mutex<HashMap<OwnedRoomId, (StreamPos, StreamPos)>>,
 }
 
 type ConnectionKey = (OwnedUserId, String, String);
@@ -86,7 +88,7 @@ struct SentRoom {
 impl Default for Connections {
     fn default() -> Self {
         let epoch = ruma::MilliSecondsSinceUnixEpoch::now().0.into();
-        Self { epoch, inner: Mutex::default() }
+        Self { epoch, inner: Mutex::default(), bumps: Mutex::default() }
     }
 }
 
@@ -394,18 +396,41 @@ fn bump_stamp(server: &Server, room_id: &RoomId, entry: &UserRoom, upto: StreamP
     if matches!(entry.membership, Membership::Invite | Membership::Knock) {
         return Ok(entry.pos);
     }
-    let until = if entry.membership == Membership::Join { upto } else { entry.pos.min(upto) };
+    if entry.membership != Membership::Join {
+        return scan_bump(server, room_id, entry.pos.min(upto), None).map(|(bump, _)| bump.unwrap_or(entry.pos));
+    }
+    // A joined room's stamp is the same for every member: remembered per room, so that a
+    // request scans only the events that arrived since the last one.
+    let cached = server.sliding_sync.bumps.lock().expect("bump cache lock").get(room_id).copied().filter(|&(_, bump)| bump <= upto);
+    let (found, newest) = scan_bump(server, room_id, upto, cached.map(|(seen, _)| seen))?;
+    let bump = found.or(cached.map(|(_, bump)| bump)).or(newest).unwrap_or(entry.pos);
+    if let Some(newest) = newest {
+        let mut bumps = server.sliding_sync.bumps.lock().expect("bump cache lock");
+        let entry = bumps.entry(room_id.to_owned()).or_insert((newest, bump));
+        if newest >= entry.0 {
+            *entry = (newest, bump);
+        }
+    }
+    Ok(bump)
+}
+
+/// Scans the room's timeline back from `until` (not past `seen`, at most [`BUMP_SCAN`] events)
+/// for a bump event: its position, and the newest position looked at.
+fn scan_bump(server: &Server, room_id: &RoomId, until: StreamPos, seen: Option<StreamPos>) -> Result<(Option<StreamPos>, Option<StreamPos>)> {
     let mut newest = None;
     for item in server.rooms.timeline_before(room_id, until).take(BUMP_SCAN) {
         let (pos, event_id) = item?;
+        if seen.is_some_and(|seen| pos <= seen) {
+            break;
+        }
         newest.get_or_insert(pos);
         if let Some(pdu) = server.rooms.pdu(&event_id)?
             && BUMP_TYPES.contains(&pdu.kind.to_string().as_str())
         {
-            return Ok(pos);
+            return Ok((Some(pos), newest));
         }
     }
-    Ok(newest.unwrap_or(entry.pos))
+    Ok((None, newest))
 }
 
 /// Evaluates list filters, loading what they need once per request.
