@@ -23,6 +23,7 @@ mod search;
 mod breakouts;
 mod plugins;
 mod sessions;
+mod summary;
 mod sync;
 
 use std::{marker::PhantomData, net::SocketAddr, sync::Arc, time::Instant};
@@ -235,9 +236,13 @@ where
         let http_request = http::Request::from_parts(parts, bytes.as_ref());
         let body = T::try_from_http_request(http_request, &path_args).map_err(|e| {
             let message = e.to_string();
+            // ruma parses path and query parameters alike (`Query`): a room id without its `!`
+            // is an invalid parameter; body fields fail as JSON.
+            use ruma::api::error::{DeserializationError, FromHttpRequestError};
+            let bad_param = matches!(e, FromHttpRequestError::Deserialization(DeserializationError::Query(_) | DeserializationError::Ident(_)));
             if message.contains("missing field") {
                 Error::new(ErrorCode::MissingParam, message)
-            } else if message.contains("path") || message.contains("query") {
+            } else if bad_param || message.contains("path") || message.contains("query") {
                 Error::invalid_param(message)
             } else {
                 Error::bad_json(message)
@@ -289,6 +294,7 @@ pub fn router() -> Router<AppState> {
     let router = events::routes(router);
     let router = delayed_events::routes(router);
     let router = directory::routes(router);
+    let router = summary::routes(router);
     let router = tags_and_users::routes(router);
     let router = sync::routes(router);
     let router = keys::routes(router);

@@ -7,6 +7,7 @@ mod pipeline;
 pub mod relations;
 mod retention;
 pub mod state;
+mod summary;
 
 use std::{
     collections::HashMap,
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 pub use ephemeral::{Receipt, Typing};
 pub use pipeline::{RoomWriter, TxnInfo};
+pub use summary::SummaryView;
 use state::{SnapshotCache, StateMap};
 
 use crate::{
