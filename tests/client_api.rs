@@ -12,7 +12,7 @@ async fn discovery_endpoints() {
     let client = server.client();
     let (status, versions) = client.get("/_matrix/client/versions").await;
     assert_eq!(status, StatusCode::OK);
-    assert!(versions["versions"].as_array().unwrap().iter().any(|v| v == "v1.16"));
+    assert!(versions["versions"].as_array().unwrap().iter().any(|v| v == "v1.1"));
     let (status, well_known) = client.get("/.well-known/matrix/client").await;
     assert_eq!(status, StatusCode::OK);
     assert!(well_known["m.homeserver"]["base_url"].as_str().unwrap().starts_with("http"));

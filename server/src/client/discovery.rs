@@ -13,14 +13,28 @@ pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
     router.route("/.well-known/matrix/client", axum::routing::get(well_known))
 }
 
+/// The spec versions claimed: those whose endpoints, and every earlier version's, Limbic serves
+/// (spec/behaviour.md, "Spec versions claimed and why"). v1.6 added
+/// `GET /_matrix/client/v1/rooms/{roomId}/timestamp_to_event`, which Limbic does not serve, so
+/// the list ends at v1.5 until it does.
+const VERSIONS: &[&str] = &["r0.5.0", "r0.6.0", "r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5"];
+
+/// The unstable features Limbic really serves, one a line: add yours here.
+const UNSTABLE_FEATURES: &[&str] = &[
+    // Delayed events (MSC4140).
+    "org.matrix.msc4140",
+    // Simplified sliding sync (MSC4186).
+    "org.matrix.simplified_msc3575",
+    // Room summaries (MSC3266), also at the unstable `im.nheko.summary` paths.
+    "org.matrix.msc3266",
+    // Authenticated media under /_matrix/client/v1/media (MSC3916; stable in v1.11, which is
+    // not claimed): clients use it when this is listed.
+    "org.matrix.msc3916.stable",
+];
+
 async fn versions(_req: Ruma<get_supported_versions::Request>) -> Json<JsonValue> {
-    Json(json!({
-        "versions": [
-            "r0.5.0", "r0.6.0", "r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6",
-            "v1.7", "v1.8", "v1.9", "v1.10", "v1.11", "v1.12", "v1.13", "v1.14", "v1.15", "v1.16"
-        ],
-        "unstable_features": { "org.matrix.msc4140": true, "org.matrix.simplified_msc3575": true },
-    }))
+    let unstable_features: serde_json::Map<String, JsonValue> = UNSTABLE_FEATURES.iter().map(|f| (f.to_string(), json!(true))).collect();
+    Json(json!({ "versions": VERSIONS, "unstable_features": unstable_features }))
 }
 
 async fn well_known(State(server): State<AppState>) -> Json<JsonValue> {
