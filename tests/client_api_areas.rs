@@ -1298,3 +1298,51 @@ async fn tags_user_directory_and_threepids() {
     assert_eq!(alice.ok(Method::GET, &format!("{V3}/account/3pid"), None).await["threepids"], json!([]));
     assert_eq!(alice.ok(Method::GET, &format!("{V3}/thirdparty/protocols"), None).await, json!({}));
 }
+
+#[tokio::test]
+async fn timestamp_to_event_finds_the_closest_visible_event() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let bob = server.register("bob").await;
+    let stranger = server.register("stranger").await;
+    let room = alice.create_room(json!({ "preset": "private_chat" })).await;
+    alice.invite(&room, &bob.user_id).await;
+    bob.join(&room).await;
+    let mut sent = Vec::new();
+    for i in 0..3 {
+        let event_id = alice.send_text(&room, &format!("t{i}"), &format!("m{i}")).await;
+        let event = alice.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(&event_id)), None).await;
+        sent.push((event_id, event["origin_server_ts"].as_u64().unwrap()));
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let find = |client: &Client, ts: u64, dir: &str| {
+        let path = format!("/_matrix/client/v1/rooms/{}/timestamp_to_event?ts={ts}&dir={dir}", enc(&room));
+        let client = client.clone();
+        async move { client.get(&path).await }
+    };
+    let (status, body) = find(&bob, sent[1].1, "b").await;
+    assert_eq!((status, body["event_id"].as_str()), (StatusCode::OK, Some(sent[1].0.as_str())), "{body}");
+    assert_eq!(body["origin_server_ts"], sent[1].1);
+    let (_, body) = find(&bob, sent[1].1 + 1, "f").await;
+    assert_eq!(body["event_id"].as_str(), Some(sent[2].0.as_str()), "{body}");
+    let (_, body) = find(&bob, sent[1].1 + 1, "b").await;
+    assert_eq!(body["event_id"].as_str(), Some(sent[1].0.as_str()), "{body}");
+    let (status, body) = find(&bob, 1, "b").await;
+    assert_eq!((status, errcode(&body)), (StatusCode::NOT_FOUND, "M_NOT_FOUND"), "{body}");
+    let (status, body) = find(&bob, sent[2].1 + 60_000, "f").await;
+    assert_eq!((status, errcode(&body)), (StatusCode::NOT_FOUND, "M_NOT_FOUND"), "{body}");
+
+    // Nobody outside the room finds anything; a former member finds nothing after leaving.
+    let (status, body) = find(&stranger, sent[1].1, "b").await;
+    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{body}");
+    bob.post(&format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)), json!({})).await;
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let after = alice.send_text(&room, "t3", "after bob left").await;
+    let (_, body) = find(&alice, sent[2].1 + 1, "f").await;
+    assert_ne!(body["event_id"].as_str(), Some(sent[2].0.as_str()));
+    let (status, body) = find(&bob, sent[2].1 + 60_000, "b").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_ne!(body["event_id"].as_str(), Some(after.as_str()), "{body}");
+    let (status, body) = bob.get(&format!("/_matrix/client/v1/rooms/{}/timestamp_to_event?ts=x&dir=b", enc(&room))).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_INVALID_PARAM"), "{body}");
+}

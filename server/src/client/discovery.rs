@@ -14,10 +14,12 @@ pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
 }
 
 /// The spec versions claimed: those whose endpoints, and every earlier version's, Limbic serves
-/// (spec/behaviour.md, "Spec versions claimed and why"). v1.6 added
-/// `GET /_matrix/client/v1/rooms/{roomId}/timestamp_to_event`, which Limbic does not serve, so
-/// the list ends at v1.5 until it does.
-const VERSIONS: &[&str] = &["r0.5.0", "r0.6.0", "r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5"];
+/// (spec/behaviour.md, "Spec versions claimed and why"). v1.16 added custom profile fields and
+/// `use_state_after` in `/sync`, which Limbic does not serve, so the list ends at v1.15.
+const VERSIONS: &[&str] = &[
+    "r0.5.0", "r0.6.0", "r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10",
+    "v1.11", "v1.12", "v1.13", "v1.14", "v1.15",
+];
 
 /// The unstable features Limbic really serves, one a line: add yours here.
 const UNSTABLE_FEATURES: &[&str] = &[
@@ -27,8 +29,8 @@ const UNSTABLE_FEATURES: &[&str] = &[
     "org.matrix.simplified_msc3575",
     // Room summaries (MSC3266), also at the unstable `im.nheko.summary` paths.
     "org.matrix.msc3266",
-    // Authenticated media under /_matrix/client/v1/media (MSC3916; stable in v1.11, which is
-    // not claimed): clients use it when this is listed.
+    // Authenticated media under /_matrix/client/v1/media (MSC3916, stable in v1.11): older
+    // clients look for this flag.
     "org.matrix.msc3916.stable",
 ];
 

@@ -12,7 +12,7 @@ use ruma::{
         context::get_context,
         message::{get_message_events, send_message_event},
         redact::redact_event,
-        room::get_room_event,
+        room::{get_event_by_timestamp, get_room_event},
         state::{get_state_event_for_key, get_state_events, send_state_event},
     },
     events::TimelineEventType,
@@ -41,6 +41,7 @@ pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = route::<get_message_events::v3::Request, _, _>(router, messages);
     let router = route::<get_context::v3::Request, _, _>(router, context);
     let router = route::<get_room_event::v3::Request, _, _>(router, room_event);
+    let router = route::<get_event_by_timestamp::v1::Request, _, _>(router, event_by_timestamp);
     // State events with an empty state key may be addressed without the trailing segment.
     let mut router = router;
     for prefix in ["/_matrix/client/v3", "/_matrix/client/r0"] {
@@ -521,4 +522,19 @@ async fn room_event(
         return Err(Error::not_found("event not found"));
     }
     Ok(Json(client_event(&server, &pdu, Some(&meta), Some(caller), true)))
+}
+
+/// `timestamp_to_event`: the closest event the caller may see, to a point in time.
+async fn event_by_timestamp(
+    State(server): State<AppState>,
+    req: Ruma<get_event_by_timestamp::v1::Request>,
+) -> Result<RumaResponse<get_event_by_timestamp::v1::Response>> {
+    let caller = req.caller();
+    readable_snapshot(&server, &req.body.room_id, &caller.user_id)?;
+    let forward = req.body.dir == ruma::api::Direction::Forward;
+    let (event_id, ts) = server
+        .rooms
+        .event_near_timestamp(&caller.user_id, &req.body.room_id, req.body.ts.0.into(), forward)?
+        .ok_or_else(|| Error::not_found("no event found at that time"))?;
+    Ok(get_event_by_timestamp::v1::Response::new(event_id, ruma::MilliSecondsSinceUnixEpoch(ts.try_into().unwrap_or_default())).into())
 }

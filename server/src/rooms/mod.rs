@@ -498,6 +498,29 @@ impl Rooms {
         Ok(self.user_can_see(user_id, &pdu, &meta)?.then_some((pdu, meta)))
     }
 
+    /// The event the user may see that is closest to `ts` (ms since the epoch): the newest at
+    /// or before it, or with `forward` the oldest at or after it. Timestamps follow the stream
+    /// order closely enough that the timeline is scanned back from its end, stopping once past `ts`.
+    pub fn event_near_timestamp(&self, user_id: &UserId, room_id: &RoomId, ts: u64, forward: bool) -> Result<Option<(OwnedEventId, u64)>> {
+        let mut found = None;
+        for entry in self.timeline_before(room_id, StreamPos::MAX) {
+            let (_, event_id) = entry?;
+            let (Some(pdu), Some(meta)) = (self.pdu(&event_id)?, self.meta(&event_id)?) else { continue };
+            let event_ts: u64 = pdu.origin_server_ts.0.into();
+            if forward && event_ts < ts {
+                break;
+            }
+            let fits = forward || event_ts <= ts;
+            if fits && self.user_can_see(user_id, &pdu, &meta)? {
+                found = Some((event_id, event_ts));
+                if !forward {
+                    break;
+                }
+            }
+        }
+        Ok(found)
+    }
+
     /// The stream position of the user's latest read receipt in the room (public or private),
     /// or of their membership when they have none.
     pub fn read_position(&self, user_id: &UserId, room_id: &RoomId) -> Result<StreamPos> {
