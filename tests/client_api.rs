@@ -295,3 +295,20 @@ async fn history_visibility_limits_what_late_joiners_see() {
     let (status, _) = bob.get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&joined), enc(&alice.send_text(&joined, "j3", "x").await))).await;
     assert_eq!(status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn malformed_or_unauthenticated_requests_get_matrix_errors_not_dropped_connections() {
+    let server = TestServer::start().await;
+    let anonymous = server.client();
+    for path in ["/_matrix/client/v3/account/password", "/_matrix/client/v3/account/deactivate"] {
+        let (status, body) = anonymous.post(path, json!({ "new_password": "x" })).await;
+        assert_eq!((status, errcode(&body)), (StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN"), "{path}: {body}");
+    }
+    for body in [json!({}), json!({ "identifier": { "type": "m.id.user" } }), json!({ "type": 5 })] {
+        let (status, answer) = anonymous.post("/_matrix/client/v3/login", body.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {answer}");
+        assert!(answer["errcode"].as_str().is_some_and(|c| c.starts_with("M_")), "{body}: {answer}");
+    }
+    // The server is still serving.
+    assert_eq!(anonymous.get("/_matrix/client/versions").await.0, StatusCode::OK);
+}

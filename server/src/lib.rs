@@ -34,6 +34,7 @@ pub fn app(server: Arc<Server>) -> Router {
     let cors = Arc::new(client::cors::Cors::new(&server.config.web.cors_origins));
     federation::routes::routes(client::router())
         .fallback(client::unrecognized)
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(client::panic_response))
         .layer(middleware::from_fn_with_state(cors, client::cors::apply))
         .layer(middleware::from_fn_with_state(server.clone(), client::track_metrics))
         .with_state(server)

@@ -291,7 +291,8 @@ async fn change_password_handler(
     State(server): State<AppState>,
     req: Ruma<change_password::v3::Request>,
 ) -> Result<RumaResponse<change_password::v3::Response>> {
-    let caller = req.caller();
+    // The token is optional for these endpoints in the spec (for flows Limbic does not offer).
+    let caller = req.caller_opt().ok_or_else(super::missing_token)?;
     require_password_auth(&server, caller, req.json.as_ref())?;
     if req.body.new_password.is_empty() {
         return Err(Error::new(ErrorCode::WeakPassword, "the new password must not be empty"));
@@ -307,7 +308,8 @@ async fn deactivate_handler(
     State(server): State<AppState>,
     req: Ruma<deactivate::v3::Request>,
 ) -> Result<RumaResponse<deactivate::v3::Response>> {
-    let caller = req.caller();
+    // The token is optional for these endpoints in the spec (for flows Limbic does not offer).
+    let caller = req.caller_opt().ok_or_else(super::missing_token)?;
     require_password_auth(&server, caller, req.json.as_ref())?;
     server.deactivate_account(&caller.user_id).await?;
     Ok(deactivate::v3::Response::new(ruma::api::client::account::ThirdPartyIdRemovalStatus::NoSupport).into())

@@ -234,7 +234,10 @@ where
         };
         let path_args: Vec<&str> = params.iter().map(String::as_str).collect();
         let http_request = http::Request::from_parts(parts, bytes.as_ref());
-        let body = T::try_from_http_request(http_request, &path_args).map_err(|e| {
+        // Some ruma parsers panic on malformed input (e.g. a login body without `type`).
+        let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| T::try_from_http_request(http_request, &path_args)))
+            .map_err(|_| Error::bad_json("the request body does not have the expected shape"))?;
+        let body = parsed.map_err(|e| {
             let message = e.to_string();
             // ruma parses path and query parameters alike (`Query`): a room id without its `!`
             // is an invalid parameter; body fields fail as JSON.
@@ -323,6 +326,11 @@ pub async fn track_metrics(State(server): State<AppState>, request: Request, nex
     let response = next.run(request).await;
     server.metrics.observe_request(&method, &route, response.status().as_u16(), start.elapsed());
     response
+}
+
+/// A handler that panicked answers 500 M_UNKNOWN; the panic itself is logged by the panic hook.
+pub fn panic_response(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    Error::internal("the request failed unexpectedly").into_response()
 }
 
 /// Unknown endpoints answer M_UNRECOGNIZED, as the spec asks.
