@@ -563,6 +563,19 @@ fn joined_room(
         Some(s) if !expanded => s.stream.min(room_upto),
         _ => 0,
     };
+    // The common case on a wake-up: a room the client has, with nothing new in it. Only its
+    // unread counts (moved by receipts) can have changed.
+    if let Some(s) = sent
+        && !expanded
+        && s.membership == entry.membership
+        && config.required_state.is_subset(&s.config.required_state)
+        && server.rooms.timeline_after(room_id, room_since, room_upto).next().is_none()
+    {
+        let unread = if joined { server.rooms.unread_counts(user_id, room_id)? } else { (0, 0) };
+        if unread == s.unread {
+            return Ok(None);
+        }
+    }
     let timeline = visible_timeline(server, user_id, room_id, room_since, room_upto, config.timeline_limit, None)?;
 
     // State: all that is wanted when the room is new (or more is wanted than before), else what
