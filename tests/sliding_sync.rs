@@ -276,10 +276,18 @@ async fn extensions_carry_to_device_keys_account_data_receipts_and_typing() {
     let initial = sliding_ok(&alice, None, 0, &request).await;
     let ext = &initial["extensions"];
     assert!(ext["to_device"]["next_batch"].is_string(), "{ext}");
+    // What matrix-sdk needs to upload keys: the curve25519 count even at zero, the fallback types.
+    assert_eq!(ext["e2ee"]["device_one_time_keys_count"]["signed_curve25519"], 0, "{ext}");
     assert!(ext["e2ee"]["device_unused_fallback_key_types"].is_array(), "{ext}");
+    // The push rules come with the first global account data, defaults included.
+    let global = ext["account_data"]["global"].as_array().unwrap();
+    assert!(global.iter().any(|e| e["type"] == "m.push_rules" && e["content"]["global"]["override"].is_array()), "{ext}");
 
-    // Extension settings stick to the connection.
-    let sticky = json!({ "lists": { "all": { "ranges": [[0, 10]], "timeline_limit": 1 } } });
+    // Every request carries its whole configuration: one without extensions gets none.
+    let bare = json!({ "lists": { "all": { "ranges": [[0, 10]], "timeline_limit": 1 } } });
+    let without = sliding_ok(&alice, Some(&pos(&initial)), 0, &bare).await;
+    assert!(without["extensions"].as_object().is_none_or(|e| e.is_empty()), "{without}");
+    let sticky = request.clone();
     bob.ok(Method::PUT, "/_matrix/client/v3/sendToDevice/m.test/t1", Some(json!({ "messages": { alice.user_id.clone(): { alice.device_id.clone(): { "hello": "alice" } } } }))).await;
     alice.ok(Method::PUT, &format!("/_matrix/client/v3/user/{}/account_data/m.test.global", enc(&alice.user_id)), Some(json!({ "a": 1 }))).await;
     alice
@@ -291,7 +299,7 @@ async fn extensions_carry_to_device_keys_account_data_receipts_and_typing() {
     let one_time_keys = json!({ "one_time_keys": { "signed_curve25519:AAAA": { "key": "abc", "signatures": {} } } });
     alice.ok(Method::POST, "/_matrix/client/v3/keys/upload", Some(one_time_keys)).await;
 
-    let next = sliding_ok(&alice, Some(&pos(&initial)), 0, &sticky).await;
+    let next = sliding_ok(&alice, Some(&pos(&without)), 0, &sticky).await;
     let ext = &next["extensions"];
     let to_device = ext["to_device"]["events"].as_array().unwrap();
     assert_eq!(to_device.len(), 1, "{ext}");
@@ -306,7 +314,7 @@ async fn extensions_carry_to_device_keys_account_data_receipts_and_typing() {
     let repeat = sliding_ok(&alice, Some(&pos(&next)), 0, &sticky).await;
     assert_eq!(repeat["extensions"]["to_device"]["events"].as_array().unwrap().len(), 1);
     let mut acknowledged = sticky.clone();
-    acknowledged["extensions"] = json!({ "to_device": { "since": next["extensions"]["to_device"]["next_batch"] } });
+    acknowledged["extensions"]["to_device"]["since"] = next["extensions"]["to_device"]["next_batch"].clone();
     let after = sliding_ok(&alice, Some(&pos(&repeat)), 0, &acknowledged).await;
     assert_eq!(after["extensions"]["to_device"]["events"].as_array().map_or(0, Vec::len), 0, "{after}");
 }
@@ -375,6 +383,14 @@ async fn clinic_rules_hold_in_sliding_sync() {
     assert!(!removed.to_string().contains("after the kick"), "{removed}");
     let later = sliding_ok(&client, Some(&pos(&removed)), 0, &everything).await;
     assert!(!later.to_string().contains("after the kick"), "{later}");
+    // On a new connection the room is still listed as the client left it: up to the removal.
     let fresh = sliding_ok(&client, None, 0, &everything).await;
-    assert!(!rooms(&fresh).contains(&room), "{fresh}");
+    let removed_room = &fresh["rooms"][&room];
+    assert!(removed_room["timeline"].as_array().unwrap().iter().any(|e| e["content"]["membership"] == "leave"), "{fresh}");
+    assert!(!fresh.to_string().contains("after the kick"), "{fresh}");
+    // And the declined knocker's new connection shows their leave only.
+    let declined_again = sliding_ok(&knocker, None, 0, &everything).await;
+    let state = declined_again["rooms"][&room]["required_state"].as_array().unwrap();
+    assert!(state.iter().all(|e| e["state_key"] == knocker.user_id.as_str()), "{declined_again}");
+    assert!(!declined_again.to_string().contains(&client.user_id), "{declined_again}");
 }

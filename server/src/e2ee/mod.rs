@@ -159,8 +159,10 @@ impl E2ee {
         self.one_time_key_counts(user_id, device_id)
     }
 
+    /// One-time keys left per algorithm; `signed_curve25519` always, as clients (matrix-sdk)
+    /// upload new keys only when they see its count.
     pub fn one_time_key_counts(&self, user_id: &UserId, device_id: &str) -> Result<BTreeMap<String, u64>> {
-        let mut counts = BTreeMap::new();
+        let mut counts = BTreeMap::from([("signed_curve25519".to_owned(), 0)]);
         for item in self.store.scan_prefix(tables::ONE_TIME_KEYS, device_key(user_id, device_id), false) {
             let (key, _) = item?;
             let mut reader = KeyReader::new(&key);

@@ -178,11 +178,20 @@ pub fn device_list_changes(server: &Server, user_id: &ruma::UserId, since: Strea
     Ok((changed.into_iter().collect(), left))
 }
 
+/// The user's account data set after `since`, by room ("" for global). From the start, the
+/// global data includes `m.push_rules` even when the user never changed the defaults, as
+/// clients take their notification settings from it.
 pub(crate) fn group_room_account_data(server: &Server, user_id: &ruma::UserId, since: StreamPos) -> Result<BTreeMap<String, Vec<JsonValue>>> {
     let mut grouped: BTreeMap<String, Vec<JsonValue>> = BTreeMap::new();
     for (room, kind, content) in server.users.account_data_since(user_id, since)? {
         grouped.entry(room).or_default().push(json!({ "type": kind, "content": content }));
     }
+    let global = grouped.entry(String::new()).or_default();
+    if since == 0 && !global.iter().any(|e| e["type"] == crate::push::PUSH_RULES) {
+        let rules = crate::push::Push::ruleset_content(&*server.push.ruleset(user_id)?);
+        global.push(json!({ "type": crate::push::PUSH_RULES, "content": rules }));
+    }
+    grouped.retain(|_, events| !events.is_empty());
     Ok(grouped)
 }
 

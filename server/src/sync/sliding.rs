@@ -67,8 +67,6 @@ pub struct ConnectionState {
     since: Option<StreamPos>,
     rooms: HashMap<OwnedRoomId, SentRoom>,
     list_counts: BTreeMap<String, usize>,
-    /// Extension settings stick to the connection until the client sends new ones.
-    extensions: v5::Extensions,
 }
 
 /// What the client was last told about one room.
@@ -188,8 +186,8 @@ pub fn build(server: &Server, req: &SlidingRequest<'_>, previous: &ConnectionSta
     let since = previous.since.map(|s| s.min(upto));
     let mut state = previous.clone();
     state.since = Some(upto);
-    let extensions = sticky_extensions(&previous.extensions, req.extensions);
-    state.extensions = extensions.clone();
+    // Every request carries its whole configuration (MSC4186 has no sticky parameters).
+    let extensions = req.extensions;
 
     let candidates = candidates(server, user_id, since, upto)?;
     let mut selected: BTreeMap<OwnedRoomId, (RoomConfig, BTreeSet<String>)> = BTreeMap::new();
@@ -278,7 +276,9 @@ pub fn build(server: &Server, req: &SlidingRequest<'_>, previous: &ConnectionSta
     let mut ext = serde_json::Map::new();
     let mut ext_data = false;
     if extensions.to_device.enabled == Some(true) {
-        let acknowledged = extensions.to_device.since.as_deref().map(super::parse_token).transpose()?;
+        // A token this server did not issue acknowledges nothing (clients keep it across
+        // servers' restarts and resets).
+        let acknowledged = extensions.to_device.since.as_deref().and_then(|since| super::parse_token(since).ok());
         let events = server.e2ee.to_device_messages(user_id, req.caller.device_id.as_str(), acknowledged, upto)?;
         ext_data |= !events.is_empty();
         ext.insert("to_device".into(), json!({ "next_batch": token(upto), "events": events }));
@@ -348,29 +348,9 @@ pub fn build(server: &Server, req: &SlidingRequest<'_>, previous: &ConnectionSta
     Ok(SlidingResponse { body, state, has_data })
 }
 
-/// Extension settings the client sent, or those it sent before for the ones it left out.
-fn sticky_extensions(previous: &v5::Extensions, sent: &v5::Extensions) -> v5::Extensions {
-    let mut merged = sent.clone();
-    if sent.to_device.enabled.is_none() {
-        merged.to_device.enabled = previous.to_device.enabled;
-    }
-    if sent.e2ee.is_empty() {
-        merged.e2ee = previous.e2ee.clone();
-    }
-    if sent.account_data.is_empty() {
-        merged.account_data = previous.account_data.clone();
-    }
-    if sent.receipts.is_empty() {
-        merged.receipts = previous.receipts.clone();
-    }
-    if sent.typing.is_empty() {
-        merged.typing = previous.typing.clone();
-    }
-    merged
-}
-
 /// The user's rooms that may appear, most recently active first: joined, invited and knocked
-/// rooms, and rooms left (or banned from) since the connection's last position.
+/// rooms, rooms the user was removed from (kicked, declined, banned) and not forgot, and rooms
+/// they left themselves since the connection's last position (as Synapse lists them).
 fn candidates(server: &Server, user_id: &UserId, since: Option<StreamPos>, upto: StreamPos) -> Result<Vec<Candidate>> {
     let mut candidates = Vec::new();
     for (room_id, entry) in server.rooms.user_rooms(user_id)? {
@@ -379,7 +359,9 @@ fn candidates(server: &Server, user_id: &UserId, since: Option<StreamPos>, upto:
         }
         let listed = match entry.membership {
             Membership::Join | Membership::Invite | Membership::Knock => true,
-            Membership::Leave | Membership::Ban => !entry.forgotten && since.is_some_and(|s| entry.pos > s),
+            Membership::Leave | Membership::Ban => {
+                !entry.forgotten && (since.is_some_and(|s| entry.pos > s) || removed_by_someone_else(server, user_id, &entry)?)
+            }
         };
         if listed {
             let bump_stamp = bump_stamp(server, &room_id, &entry, upto)?;
@@ -388,6 +370,11 @@ fn candidates(server: &Server, user_id: &UserId, since: Option<StreamPos>, upto:
     }
     candidates.sort_by(|a, b| b.bump_stamp.cmp(&a.bump_stamp).then_with(|| a.room_id.cmp(&b.room_id)));
     Ok(candidates)
+}
+
+/// Whether the user's leave or ban was someone else's doing.
+fn removed_by_someone_else(server: &Server, user_id: &UserId, entry: &UserRoom) -> Result<bool> {
+    Ok(entry.membership == Membership::Ban || server.rooms.pdu(&entry.event_id)?.is_some_and(|p| p.sender != user_id))
 }
 
 /// The stream position of the room's last activity the user may know of: its latest bump event
@@ -605,9 +592,11 @@ fn joined_room(
                 }
             }
         }
-    } else if sent.is_none() {
-        // Someone who left without ever joining (a withdrawn or declined knock) learns of their
-        // own membership only.
+    }
+    if !joined && sent.is_none_or(|s| s.membership_pos != entry.pos) {
+        // A left room always carries the user's own leave (clients take a room without it for a
+        // joined one); someone who left without ever joining (a withdrawn or declined knock)
+        // learns of nothing else.
         wanted.insert(entry.event_id.clone());
     }
     let required_state: Vec<JsonValue> =
