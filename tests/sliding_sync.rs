@@ -378,9 +378,14 @@ async fn clinic_rules_hold_in_sliding_sync() {
     // A participant removed from the session stops receiving its messages.
     let before = sliding_ok(&client, None, 0, &everything).await;
     therapist.post(&format!("/_matrix/client/v3/rooms/{}/kick", enc(&room)), json!({ "user_id": client.user_id, "reason": "ended" })).await;
-    therapist.send_text(&room, "after", "after the kick").await;
-    let removed = sliding_ok(&client, Some(&pos(&before)), 0, &everything).await;
-    assert!(!removed.to_string().contains("after the kick"), "{removed}");
+    let after = therapist.send_text(&room, "after", "after the kick").await;
+    therapist.ok(Method::POST, &format!("/_matrix/client/v3/rooms/{}/receipt/m.read/{}", enc(&room), enc(&after)), Some(json!({}))).await;
+    therapist.ok(Method::PUT, &format!("/_matrix/client/v3/rooms/{}/typing/{}", enc(&room), enc(&therapist.user_id)), Some(json!({ "typing": true, "timeout": 30000 }))).await;
+    let mut with_extensions = everything.clone();
+    with_extensions["extensions"] = json!({ "receipts": { "enabled": true }, "typing": { "enabled": true } });
+    let removed = sliding_ok(&client, Some(&pos(&before)), 0, &with_extensions).await;
+    assert!(!removed.to_string().contains("after the kick") && !removed.to_string().contains(&after), "{removed}");
+    assert!(removed["extensions"]["typing"]["rooms"].get(&room).is_none(), "{removed}");
     let later = sliding_ok(&client, Some(&pos(&removed)), 0, &everything).await;
     assert!(!later.to_string().contains("after the kick"), "{later}");
     // On a new connection the room is still listed as the client left it: up to the removal.

@@ -319,7 +319,10 @@ pub fn build(server: &Server, req: &SlidingRequest<'_>, previous: &ConnectionSta
     if extensions.receipts.enabled == Some(true) {
         let mut per_room = serde_json::Map::new();
         for room_id in selected.keys() {
-            if in_scope(&extensions.receipts.lists, &extensions.receipts.rooms, room_id)
+            // Receipts only of rooms the user is in: a removed member learns nothing after it.
+            let joined = by_id[&**room_id].entry.membership == Membership::Join;
+            if joined
+                && in_scope(&extensions.receipts.lists, &extensions.receipts.rooms, room_id)
                 && let Some(event) = receipt_event(server, user_id, room_id, room_since(room_id))?
             {
                 per_room.insert(room_id.to_string(), event);
