@@ -373,6 +373,7 @@ async fn clinic_rules_hold_in_sliding_sync() {
     assert_eq!((timeline[0]["content"]["membership"].as_str(), timeline[0]["content"]["reason"].as_str()), (Some("leave"), Some("not today")));
     let state = left["required_state"].as_array().unwrap();
     assert!(state.iter().all(|e| e["type"] == "m.room.member" && e["state_key"] == knocker.user_id.as_str()), "{left}");
+    assert!(left.get("joined_count").is_none() && left.get("heroes").is_none(), "attendance leaked: {left}");
     assert!(!declined.to_string().contains(&client.user_id), "a declined knocker learns who attends: {declined}");
 
     // A participant removed from the session stops receiving its messages.
@@ -388,8 +389,13 @@ async fn clinic_rules_hold_in_sliding_sync() {
     assert!(removed["extensions"]["typing"]["rooms"].get(&room).is_none(), "{removed}");
     let later = sliding_ok(&client, Some(&pos(&removed)), 0, &everything).await;
     assert!(!later.to_string().contains("after the kick"), "{later}");
+    // Who joins after the removal stays unknown to the removed member.
+    let newcomer = server.register("newcomer").await;
+    assert_eq!(therapist.invite(&room, &newcomer.user_id).await.0, StatusCode::OK);
     // On a new connection the room is still listed as the client left it: up to the removal.
     let fresh = sliding_ok(&client, None, 0, &everything).await;
+    assert_eq!(fresh["rooms"][&room]["invited_count"], 0, "{fresh}");
+    assert!(!fresh.to_string().contains(&newcomer.user_id), "{fresh}");
     let removed_room = &fresh["rooms"][&room];
     assert!(removed_room["timeline"].as_array().unwrap().iter().any(|e| e["content"]["membership"] == "leave"), "{fresh}");
     assert!(!fresh.to_string().contains("after the kick"), "{fresh}");

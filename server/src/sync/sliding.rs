@@ -577,7 +577,8 @@ fn joined_room(
         _ => None,
     };
     let mut wanted: BTreeSet<ruma::OwnedEventId> = BTreeSet::new();
-    if joined || was_joined_before_leaving(server, user_id, entry)? {
+    let was_member = joined || was_joined_before_leaving(server, user_id, entry)?;
+    if was_member {
         for ((kind, key), event_id) in now.iter() {
             if config.wants(kind, key, user_id) && before.as_ref().is_none_or(|b| b.get(&(kind.clone(), key.clone())) != Some(event_id)) {
                 wanted.insert(event_id.clone());
@@ -610,7 +611,15 @@ fn joined_room(
     };
     let name = content_of("m.room.name").and_then(|c| c["name"].as_str().filter(|n| !n.is_empty()).map(str::to_owned));
     let avatar = content_of("m.room.avatar").and_then(|c| c["url"].as_str().filter(|u| !u.is_empty()).map(str::to_owned));
-    let members = server.rooms.members(room_id)?;
+    // The members as the user may know them: now while joined, as of the leave for a former
+    // member, none for someone who never joined.
+    let members = if joined {
+        server.rooms.members(room_id)?
+    } else if was_member {
+        members_in(server, &now)?
+    } else {
+        Vec::new()
+    };
     let counts = (
         members.iter().filter(|(_, m)| *m == Membership::Join).count(),
         members.iter().filter(|(_, m)| *m == Membership::Invite).count(),
@@ -638,11 +647,13 @@ fn joined_room(
         "prev_batch": token(timeline.prev_batch),
         "limited": timeline.limited,
         "num_live": num_live,
-        "joined_count": counts.0,
-        "invited_count": counts.1,
         "notification_count": unread.0,
         "highlight_count": unread.1,
     });
+    if was_member {
+        body["joined_count"] = json!(counts.0);
+        body["invited_count"] = json!(counts.1);
+    }
     if initial {
         body["initial"] = json!(true);
     }
@@ -655,7 +666,7 @@ fn joined_room(
     if sent.is_none_or(|s| s.avatar != avatar) {
         body["avatar"] = json!(avatar);
     }
-    if name.is_none() && sent.is_none_or(|s| s.counts != counts || s.name.is_some()) {
+    if was_member && name.is_none() && sent.is_none_or(|s| s.counts != counts || s.name.is_some()) {
         body["heroes"] = heroes(server, user_id, &members, &now)?;
     }
     let sent_now = SentRoom {
@@ -669,6 +680,21 @@ fn joined_room(
         counts,
     };
     Ok(Some((body, sent_now, initial)))
+}
+
+/// The members of a room in the state `state`, with their membership.
+fn members_in(server: &Server, state: &crate::rooms::state::StateMap) -> Result<Vec<(OwnedUserId, Membership)>> {
+    let mut members = Vec::new();
+    for ((kind, key), event_id) in state.iter() {
+        if kind != "m.room.member" {
+            continue;
+        }
+        let membership = server.rooms.pdu(event_id)?.and_then(|p| p.content_json()["membership"].as_str().and_then(Membership::parse));
+        if let (Ok(user), Some(membership)) = (OwnedUserId::try_from(key.as_str()), membership) {
+            members.push((user, membership));
+        }
+    }
+    Ok(members)
 }
 
 /// Whether the user was joined just before the membership event `entry` names.
