@@ -1,0 +1,12 @@
+//! matrix-rust-sdk 0.18 (matrix-sdk and matrix-sdk-ui) against a real homeserver: see the crate's
+//! Cargo.toml and src/lib.rs. One test binary, one module per area; every test starts its own
+//! server.
+
+mod delayed_events;
+mod e2ee;
+mod login;
+mod media;
+mod recovery;
+mod room_list;
+mod timeline;
+mod typing_receipts;

@@ -1,0 +1,108 @@
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, ensure};
+use eyeball_im::{Vector, VectorDiff};
+use futures_util::{Stream, StreamExt as _, pin_mut};
+use limbic_rust_sdk_tests::{Server, create_room};
+use matrix_sdk::{
+    RoomState,
+    ruma::{OwnedRoomId, OwnedUserId, RoomId, events::room::message::RoomMessageEventContent},
+};
+use matrix_sdk_ui::{
+    room_list_service::{RoomListItem, filters::new_filter_non_left},
+    sync_service::SyncService,
+};
+
+/// Applies the room list's diffs until `done` holds for the list, failing after 20 s.
+async fn until(
+    stream: &mut (impl Stream<Item = Vec<VectorDiff<RoomListItem>>> + Unpin),
+    rooms: &mut Vector<RoomListItem>,
+    what: &str,
+    done: impl Fn(&Vector<RoomListItem>) -> bool,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done(rooms) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let describe = |rooms: &Vector<RoomListItem>| {
+            rooms.iter().map(|room| format!("{} {:?} {:?}", room.room_id(), room.name(), room.state())).collect::<Vec<_>>()
+        };
+        let diffs = tokio::time::timeout(left, stream.next())
+            .await
+            .with_context(|| format!("timed out waiting for {what}; the list: {:#?}", describe(rooms)))?
+            .context("the room list stream ended")?;
+        for diff in diffs {
+            diff.apply(rooms);
+        }
+    }
+    Ok(())
+}
+
+fn ids(rooms: &Vector<RoomListItem>) -> Vec<OwnedRoomId> {
+    rooms.iter().map(|room| room.room_id().to_owned()).collect()
+}
+
+fn stamp(rooms: &Vector<RoomListItem>, room_id: &RoomId) -> Result<u64> {
+    let room = rooms.iter().find(|room| room.room_id() == room_id).with_context(|| format!("{room_id} not listed"))?;
+    Ok(room.recency_stamp().with_context(|| format!("{room_id} has no bump_stamp"))?.into())
+}
+
+/// `SyncService` and `RoomListService` (simplified sliding sync): rooms without messages come in
+/// the order of the server's `bump_stamp`, newest first, with their names; a room created later
+/// comes first, someone else's message bumps a room, and an invite shows up, all while the
+/// service runs. (The SDK puts rooms with a message first, by the message's timestamp, and the
+/// others after them by `bump_stamp`.)
+#[tokio::test]
+async fn rooms_in_recency_order_new_rooms_and_invites() -> Result<()> {
+    let server = Server::start().await?;
+    let alice = server.user("alice").await?;
+    let bob = server.user("bob").await?;
+    let bob_id: OwnedUserId = bob.user_id().context("bob")?.to_owned();
+
+    let first = create_room(&alice, "first", &[bob_id.clone()], false).await?;
+    let bobs_first = bob.join_room_by_id(first.room_id()).await?;
+    let second = create_room(&alice, "second", &[], false).await?;
+    let third = create_room(&alice, "third", &[], false).await?;
+
+    let sync = SyncService::builder(alice.clone()).build().await?;
+    let all_rooms = sync.room_list_service().all_rooms().await?;
+    let (stream, controller) = all_rooms.entries_with_dynamic_adapters(50);
+    pin_mut!(stream);
+    ensure!(controller.set_filter(Box::new(new_filter_non_left())), "the filter was not set");
+    sync.start().await;
+
+    let mut rooms = Vector::new();
+    let expected = vec![third.room_id().to_owned(), second.room_id().to_owned(), first.room_id().to_owned()];
+    until(&mut stream, &mut rooms, "third, second, first", |rooms| ids(rooms) == expected).await?;
+    let (s1, s2, s3) = (stamp(&rooms, first.room_id())?, stamp(&rooms, second.room_id())?, stamp(&rooms, third.room_id())?);
+    ensure!(s3 > s2 && s2 > s1, "bump_stamps third {s3}, second {s2}, first {s1}: not in recency order");
+    for (room, name) in [(&first, "first"), (&second, "second"), (&third, "third")] {
+        let listed = rooms.iter().find(|listed| listed.room_id() == room.room_id()).context("listed")?;
+        ensure!(listed.name().as_deref() == Some(name), "{} is named {:?}", room.room_id(), listed.name());
+        ensure!(listed.state() == RoomState::Joined, "{name} is {:?}", listed.state());
+    }
+
+    // A room created now comes first.
+    let fourth = create_room(&alice, "fourth", &[], false).await?;
+    let mut expected = expected;
+    expected.insert(0, fourth.room_id().to_owned());
+    until(&mut stream, &mut rooms, "fourth, third, second, first", |rooms| ids(rooms) == expected).await?;
+
+    // Bob's message moves the first room to the top, and its bump_stamp above all others.
+    bobs_first.send(RoomMessageEventContent::text_plain("hello from bob")).await?;
+    until(&mut stream, &mut rooms, "the first room on top after bob's message", |rooms| {
+        ids(rooms).first() == Some(&first.room_id().to_owned())
+    })
+    .await?;
+    let (s1, s4) = (stamp(&rooms, first.room_id())?, stamp(&rooms, fourth.room_id())?);
+    ensure!(s1 > s4, "bump_stamp of the first room ({s1}) after bob's message is not above the fourth's ({s4})");
+
+    // An invite appears, as an invite.
+    let invite = create_room(&bob, "from bob", &[alice.user_id().context("alice")?.to_owned()], false).await?;
+    until(&mut stream, &mut rooms, "bob's invite", |rooms| {
+        rooms.iter().any(|room| room.room_id() == invite.room_id() && room.state() == RoomState::Invited)
+    })
+    .await?;
+
+    sync.stop().await;
+    Ok(())
+}
