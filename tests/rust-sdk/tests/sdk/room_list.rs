@@ -3,10 +3,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, ensure};
 use eyeball_im::{Vector, VectorDiff};
 use futures_util::{Stream, StreamExt as _, pin_mut};
-use limbic_rust_sdk_tests::{Server, create_room};
+use limbic_rust_sdk_tests::{Server, Syncing, Target, create_room, wait_for};
 use matrix_sdk::{
     RoomState,
-    ruma::{OwnedRoomId, OwnedUserId, RoomId, events::room::message::RoomMessageEventContent},
+    ruma::{
+        OwnedRoomId, OwnedUserId, RoomId,
+        api::client::receipt::create_receipt::v3::ReceiptType,
+        events::{receipt::ReceiptThread, room::message::RoomMessageEventContent},
+    },
 };
 use matrix_sdk_ui::{
     room_list_service::{RoomListItem, filters::new_filter_non_left},
@@ -103,6 +107,116 @@ async fn rooms_in_recency_order_new_rooms_and_invites() -> Result<()> {
     })
     .await?;
 
+    sync.stop().await;
+    Ok(())
+}
+
+/// What a direct chat looks like in the room list: an invite from bob, marked direct; joined,
+/// named after him by its heroes, with notification counts for his
+/// encrypted messages that a read receipt clears, across a restart of the sync service; leaving
+/// takes it off the list.
+#[tokio::test]
+async fn direct_chat_names_unread_counts_and_leaving() -> Result<()> {
+    let server = Server::start().await?;
+    let alice = server.user("alice").await?;
+    // Bob syncs too: his encrypted messages need his device-list queries answered.
+    let bob = Syncing::start(server.user("bob").await?).await?;
+    bob.client.account().set_display_name(Some("Bob Builder")).await?;
+    let alice_id = alice.user_id().context("alice")?.to_owned();
+
+    let sync = SyncService::builder(alice.clone()).build().await?;
+    let all_rooms = sync.room_list_service().all_rooms().await?;
+    let (stream, controller) = all_rooms.entries_with_dynamic_adapters(50);
+    pin_mut!(stream);
+    ensure!(controller.set_filter(Box::new(new_filter_non_left())), "the filter was not set");
+    sync.start().await;
+    let mut rooms = Vector::new();
+
+    let bobs_dm = bob.client.create_dm(&alice_id).await?;
+    let dm_id = bobs_dm.room_id().to_owned();
+    until(&mut stream, &mut rooms, "bob's DM invite", |rooms| {
+        rooms.iter().any(|room| room.room_id() == dm_id && room.state() == RoomState::Invited)
+    })
+    .await?;
+    let dm = alice.get_room(&dm_id).context("the DM at alice")?;
+    ensure!(dm.is_direct().await?, "the invite is not marked direct");
+
+    dm.join().await?;
+    until(&mut stream, &mut rooms, "the DM joined", |rooms| {
+        rooms.iter().any(|room| room.room_id() == dm_id && room.state() == RoomState::Joined)
+    })
+    .await?;
+    // (Not checked: that the SDK marks the joined DM in m.direct. It decides so after /join
+    // answers, from the room's state then, and misses it when the sync saw the join first.)
+    wait_for("the DM named by its heroes", Duration::from_secs(20), || async {
+        let name = dm.display_name().await.ok()?.to_string();
+        (name == "Bob Builder" && dm.joined_members_count() == 2).then_some(())
+    })
+    .await
+    .with_context(|| format!("heroes {:?}, joined {}", dm.heroes(), dm.joined_members_count()))?;
+
+    // Bob's encrypted messages notify alice (.m.rule.encrypted_room_one_to_one): the server's
+    // counts (Synapse's sliding sync always sends 0, "dummy values", so only Limbic's are
+    // checked) and the SDK's own count of unread messages.
+    let counts = |expected: u64| {
+        let dm = &dm;
+        let server_counts = server.target == Target::Limbic;
+        async move {
+            let what = format!("{expected} unread messages in the DM");
+            wait_for(&what, Duration::from_secs(20), || async {
+                let notifications = dm.unread_notification_counts().notification_count;
+                (dm.num_unread_messages() == expected && (!server_counts || notifications == expected)).then_some(())
+            })
+            .await
+            .with_context(|| format!("server counts {:?}, SDK's unread messages {}", dm.unread_notification_counts(), dm.num_unread_messages()))
+        }
+    };
+    for text in ["one", "two"] {
+        bobs_dm.send(RoomMessageEventContent::text_plain(text)).await?;
+    }
+    counts(2).await?;
+
+    // A restarted sync service carries on; alice's read receipt clears the counts.
+    sync.stop().await;
+    sync.start().await;
+    let event_id = bobs_dm.send(RoomMessageEventContent::text_plain("three")).await?.response.event_id;
+    counts(3).await?;
+    dm.send_single_receipt(ReceiptType::Read, ReceiptThread::Unthreaded, event_id).await?;
+    counts(0).await?;
+
+    dm.leave().await?;
+    until(&mut stream, &mut rooms, "the DM gone from the list", |rooms| rooms.iter().all(|room| room.room_id() != dm_id)).await?;
+    sync.stop().await;
+    Ok(())
+}
+
+/// A direct chat invite is named after the inviter, from his membership event in the invite's
+/// stripped state, as Synapse sends it.
+#[tokio::test]
+#[ignore = "Limbic bug: invite_state has no m.room.member of the inviter, so the SDK names the invite \"Empty Room\" (passes on Synapse)"]
+async fn direct_chat_invite_is_named_after_the_inviter() -> Result<()> {
+    let server = Server::start().await?;
+    let alice = server.user("alice").await?;
+    let bob = server.user("bob").await?;
+    bob.account().set_display_name(Some("Bob Builder")).await?;
+    let sync = SyncService::builder(alice.clone()).build().await?;
+    let all_rooms = sync.room_list_service().all_rooms().await?;
+    let (stream, controller) = all_rooms.entries_with_dynamic_adapters(50);
+    pin_mut!(stream);
+    ensure!(controller.set_filter(Box::new(new_filter_non_left())), "the filter was not set");
+    sync.start().await;
+
+    let dm_id = bob.create_dm(alice.user_id().context("alice")?).await?.room_id().to_owned();
+    let mut rooms = Vector::new();
+    until(&mut stream, &mut rooms, "bob's DM invite", |rooms| {
+        rooms.iter().any(|room| room.room_id() == dm_id && room.state() == RoomState::Invited)
+    })
+    .await?;
+    let dm = alice.get_room(&dm_id).context("the DM at alice")?;
+    let name = dm.display_name().await?.to_string();
+    ensure!(name == "Bob Builder", "the invite is shown as {name:?}");
+    let inviter = dm.invite_details().await?.inviter.map(|member| member.user_id().to_owned());
+    ensure!(inviter.as_deref() == bob.user_id(), "the invite's inviter: {inviter:?}");
     sync.stop().await;
     Ok(())
 }
