@@ -119,3 +119,53 @@ async fn verified(client: &matrix_sdk::Client, other: &UserId, device: &matrix_s
     })
     .await
 }
+
+/// Device lists through sliding sync's e2ee extension: bob's device logged in after alice shared
+/// the room key gets the next one (alice learns of it from a device-list change), cannot read
+/// what came before, and bob's logged-out device drops out of alice's view of his devices.
+#[tokio::test]
+async fn a_new_device_gets_the_next_room_key_and_a_deleted_one_goes() -> Result<()> {
+    let server = Server::start().await?;
+    let alice = Syncing::start(server.user("alice").await?).await?;
+    let bob = Syncing::start(server.user("bob").await?).await?;
+    let bob_id: OwnedUserId = bob.client.user_id().context("bob")?.to_owned();
+    let room = create_room(&alice.client, "secret", &[bob_id.clone()], true).await?;
+    bob.room(room.room_id()).await?.join().await?;
+    let alice_timeline = alice.room(room.room_id()).await?.timeline().await?;
+    wait_for("bob's join in alice's room", WAIT, || async {
+        room.get_member_no_sync(&bob_id).await.ok().flatten().filter(|m| *m.membership() == MembershipState::Join)
+    })
+    .await?;
+    alice_timeline.send(RoomMessageEventContent::text_plain("before the new device").into()).await?;
+    let bob_timeline = bob.room(room.room_id()).await?.timeline().await?;
+    wait_for_item(&bob_timeline, "the first message at bob", |item| body(item) == Some("before the new device")).await?;
+
+    let bob2 = Syncing::start(server.login("bob").await?).await?;
+    let new_device = bob2.client.device_id().context("bob's new device")?.to_owned();
+    wait_for("bob's new device known to alice", WAIT, || async {
+        alice.client.encryption().get_device(&bob_id, &new_device).await.ok().flatten()
+    })
+    .await?;
+    alice_timeline.send(RoomMessageEventContent::text_plain("after the new device").into()).await?;
+    let new_timeline = bob2.room(room.room_id()).await?.timeline().await?;
+    wait_for_item(&new_timeline, "the second message on bob's new device", |item| body(item) == Some("after the new device")).await?;
+    new_timeline.paginate_backwards(20).await?;
+    let items = limbic_rust_sdk_tests::event_items(&new_timeline).await;
+    ensure!(
+        !items.iter().any(|item| body(item) == Some("before the new device")),
+        "the new device read a message sent before it existed"
+    );
+
+    let old_device = bob.client.device_id().context("bob's device")?.to_owned();
+    bob.sync.stop().await;
+    bob.client.logout().await?;
+    wait_for("bob's logged-out device gone from alice's view", WAIT, || async {
+        match alice.client.encryption().get_device(&bob_id, &old_device).await {
+            Ok(None) => Some(()),
+            Ok(Some(device)) if device.is_deleted() => Some(()),
+            _ => None,
+        }
+    })
+    .await?;
+    Ok(())
+}

@@ -13,7 +13,7 @@ use matrix_sdk::{
     },
 };
 use matrix_sdk_ui::{
-    room_list_service::{RoomListItem, filters::new_filter_non_left},
+    room_list_service::{RoomListItem, RoomListLoadingState, filters::new_filter_non_left},
     sync_service::SyncService,
 };
 
@@ -217,6 +217,51 @@ async fn direct_chat_invite_is_named_after_the_inviter() -> Result<()> {
     ensure!(name == "Bob Builder", "the invite is shown as {name:?}");
     let inviter = dm.invite_details().await?.inviter.map(|member| member.user_id().to_owned());
     ensure!(inviter.as_deref() == bob.user_id(), "the invite's inviter: {inviter:?}");
+    sync.stop().await;
+    Ok(())
+}
+
+const MANY: usize = 110;
+
+/// A user in more rooms than one page: the room list grows its range (20 rooms, then batches of
+/// 100) until it holds every room, in `bump_stamp` order, with the server's count.
+#[tokio::test]
+async fn more_rooms_than_a_page_all_arrive_in_order() -> Result<()> {
+    let server = Server::start().await?;
+    let alice = server.user("alice").await?;
+    // Created from another device, so that the syncing client knows the rooms from the server only.
+    let other_device = server.login("alice").await?;
+    let mut created: Vec<OwnedRoomId> = Vec::with_capacity(MANY);
+    for n in 0..MANY {
+        created.push(create_room(&other_device, &format!("room {n}"), &[], false).await?.room_id().to_owned());
+    }
+    created.reverse();
+
+    let sync = SyncService::builder(alice.clone()).build().await?;
+    let all_rooms = sync.room_list_service().all_rooms().await?;
+    let (stream, controller) = all_rooms.entries_with_dynamic_adapters(MANY + 10);
+    pin_mut!(stream);
+    ensure!(controller.set_filter(Box::new(new_filter_non_left())), "the filter was not set");
+    sync.start().await;
+
+    let mut rooms = Vector::new();
+    until(&mut stream, &mut rooms, &format!("all {MANY} rooms"), |rooms| {
+        rooms.len() == MANY && rooms.iter().all(|room| room.recency_stamp().is_some())
+    })
+    .await?;
+    let listed = ids(&rooms);
+    if listed != created {
+        let first_wrong = listed.iter().zip(&created).position(|(a, b)| a != b);
+        let show = |rooms: &Vector<RoomListItem>| -> Vec<String> {
+            rooms.iter().take(8).map(|room| format!("{:?} {:?}", room.name(), room.recency_stamp().map(u64::from))).collect()
+        };
+        anyhow::bail!("the list is not newest first: first difference at {first_wrong:?}; the list starts {:?}", show(&rooms));
+    }
+    let loaded = all_rooms.loading_state().get();
+    ensure!(
+        matches!(loaded, RoomListLoadingState::Loaded { maximum_number_of_rooms: Some(n) } if n as usize == MANY),
+        "loading state {loaded:?}"
+    );
     sync.stop().await;
     Ok(())
 }
