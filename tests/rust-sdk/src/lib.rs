@@ -67,9 +67,12 @@ pub struct Server {
     /// `http://127.0.0.1:<port>`.
     pub base: String,
     pub server_name: String,
+    port: u16,
     child: Child,
     log: PathBuf,
     dir: tempfile::TempDir,
+    /// The log tail was printed already.
+    reported: bool,
 }
 
 fn repo_root() -> PathBuf {
@@ -94,6 +97,17 @@ fn init_tracing() {
 }
 
 impl Server {
+    /// Runs `test` against a fresh server of the kind `RUST_SDK_TARGET` selects; if it fails, the
+    /// tail of the server's log is printed (and with `RUST_SDK_KEEP`, its directory kept).
+    pub async fn run(test: impl AsyncFnOnce(&mut Server) -> Result<()>) -> Result<()> {
+        let mut server = Self::start().await?;
+        let result = test(&mut server).await;
+        if result.is_err() {
+            server.report_failure();
+        }
+        result
+    }
+
     /// Starts the server selected by `RUST_SDK_TARGET`.
     pub async fn start() -> Result<Self> {
         init_tracing();
@@ -101,24 +115,54 @@ impl Server {
         let dir = tempfile::Builder::new().prefix("limbic-rust-sdk-").tempdir()?;
         let port = free_port()?;
         let log = dir.path().join("server.log");
-        let log_file = std::fs::File::create(&log)?;
-        let mut command = match target {
-            Target::Limbic => limbic_command(dir.path(), port)?,
-            Target::Synapse => synapse_command(dir.path(), port)?,
-        };
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file)
-            .spawn()
-            .with_context(|| format!("starting {command:?}"))?;
+        let child = spawn(target, dir.path(), port, &log)?;
         let server_name = match target {
             Target::Limbic => "limbic.test".to_owned(),
             Target::Synapse => "synapse.test".to_owned(),
         };
-        let mut server = Self { target, base: format!("http://127.0.0.1:{port}"), server_name, child, log, dir };
+        let mut server = Self {
+            target,
+            base: format!("http://127.0.0.1:{port}"),
+            port,
+            server_name,
+            child,
+            log,
+            dir,
+            reported: false,
+        };
         server.wait_ready().await?;
         Ok(server)
+    }
+
+    /// Stops the server (SIGTERM) and starts it again on the same store and port.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.child = spawn(self.target, self.dir.path(), self.port, &self.log)?;
+        self.wait_ready().await
+    }
+
+    /// SIGTERM, then SIGKILL after 10 s.
+    fn stop(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn report_failure(&mut self) {
+        if std::mem::replace(&mut self.reported, true) {
+            return;
+        }
+        eprintln!("{}", self.log_tail(60));
+        if std::env::var_os("RUST_SDK_KEEP").is_some()
+            && let Ok(spare) = tempfile::tempdir()
+        {
+            eprintln!("kept {}", self.dir.path().display());
+            let _ = std::mem::replace(&mut self.dir, spare).keep();
+        }
     }
 
     async fn wait_ready(&mut self) -> Result<()> {
@@ -221,29 +265,36 @@ pub fn backup_settings() -> EncryptionSettings {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        // SIGTERM first, so that a server has a chance to say why it stopped.
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
         if std::thread::panicking() {
-            eprintln!("{}", self.log_tail(60));
-            if std::env::var_os("RUST_SDK_KEEP").is_some() {
-                eprintln!("kept {}", self.dir.path().display());
-                if let Ok(spare) = tempfile::tempdir() {
-                    let _ = std::mem::replace(&mut self.dir, spare).keep();
-                }
-            }
+            self.report_failure();
         }
     }
 }
 
+/// Starts the server process, its output appended to `log`.
+fn spawn(target: Target, dir: &Path, port: u16, log: &Path) -> Result<Child> {
+    let mut command = match target {
+        Target::Limbic => limbic_command(dir, port)?,
+        Target::Synapse => synapse_command(dir, port)?,
+    };
+    let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    command
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .spawn()
+        .with_context(|| format!("starting {command:?}"))
+}
+
 fn limbic_command(dir: &Path, port: u16) -> Result<Command> {
-    let bin = std::env::var_os("LIMBIC_BIN").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/debug/limbic"));
-    ensure!(bin.exists(), "{} does not exist: build it with `cargo build -p limbic-server --bins` or set LIMBIC_BIN", bin.display());
+    let bin =
+        std::env::var_os("LIMBIC_BIN").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/debug/limbic"));
+    ensure!(
+        bin.exists(),
+        "{} does not exist: build it with `cargo build -p limbic-server --bins` or set LIMBIC_BIN",
+        bin.display()
+    );
     let level = std::env::var("RUST_SDK_SERVER_LOG").unwrap_or_else(|_| "info".to_owned());
     // Open registration, no rate limits (the section's fields are required even when disabled),
     // calls on an ephemeral UDP port.
@@ -296,10 +347,30 @@ udp_port = 0
 /// Synapse as the interop suite runs it: the config `--generate-config` writes, then a second
 /// config file (JSON is YAML) that overrides listeners, database, registration and rate limits.
 fn synapse_command(dir: &Path, port: u16) -> Result<Command> {
-    let python = std::env::var_os("RUST_SDK_PYTHON").map(PathBuf::from).unwrap_or_else(|| repo_root().join(".venv/bin/python"));
+    let python =
+        std::env::var_os("RUST_SDK_PYTHON").map(PathBuf::from).unwrap_or_else(|| repo_root().join(".venv/bin/python"));
     let generated = dir.join("homeserver.yaml");
+    let overrides_path = dir.join("overrides.yaml");
+    let mut command = Command::new(&python);
+    command
+        .args(["-m", "synapse.app.homeserver", "--config-path"])
+        .arg(&generated)
+        .arg("--config-path")
+        .arg(&overrides_path)
+        .current_dir(dir);
+    if generated.exists() {
+        return Ok(command); // a restart
+    }
     let output = Command::new(&python)
-        .args(["-m", "synapse.app.homeserver", "--server-name", "synapse.test", "--report-stats", "no", "--generate-config"])
+        .args([
+            "-m",
+            "synapse.app.homeserver",
+            "--server-name",
+            "synapse.test",
+            "--report-stats",
+            "no",
+            "--generate-config",
+        ])
         .arg("--config-path")
         .arg(&generated)
         .arg("--data-directory")
@@ -333,15 +404,7 @@ fn synapse_command(dir: &Path, port: u16) -> Result<Command> {
         "rc_media_create": high, "rc_delayed_event_mgmt": high, "rc_room_creation": high,
         "rc_key_requests": high, "rc_presence": { "per_user": high }, "rc_admin_redaction": high,
     });
-    let overrides_path = dir.join("overrides.yaml");
     std::fs::write(&overrides_path, serde_json::to_vec_pretty(&overrides)?)?;
-    let mut command = Command::new(python);
-    command
-        .args(["-m", "synapse.app.homeserver", "--config-path"])
-        .arg(generated)
-        .arg("--config-path")
-        .arg(overrides_path)
-        .current_dir(dir);
     Ok(command)
 }
 
@@ -361,6 +424,12 @@ where
     }
 }
 
+/// A `SyncService` as Element X builds it: in offline mode, it waits for the server to come back
+/// after a network error instead of stopping.
+pub async fn sync_service(client: &Client) -> Result<SyncService> {
+    Ok(SyncService::builder(client.clone()).with_offline_mode().build().await?)
+}
+
 /// A client syncing in the background the way Element X does: a `SyncService` (simplified
 /// sliding sync, with the encryption sync beside the room list).
 pub struct Syncing {
@@ -370,16 +439,18 @@ pub struct Syncing {
 
 impl Syncing {
     pub async fn start(client: Client) -> Result<Self> {
-        let sync = SyncService::builder(client.clone()).build().await?;
+        let sync = sync_service(&client).await?;
         sync.start().await;
         Ok(Self { client, sync })
     }
 
     /// Waits until the client knows the room (joined, invited or left).
     pub async fn room(&self, room_id: &matrix_sdk::ruma::RoomId) -> Result<matrix_sdk::Room> {
-        wait_for(&format!("{room_id} in {}'s sync", self.client.user_id().map(|u| u.as_str()).unwrap_or("?")), Duration::from_secs(20), || async {
-            self.client.get_room(room_id)
-        })
+        wait_for(
+            &format!("{room_id} in {}'s sync", self.client.user_id().map(|u| u.as_str()).unwrap_or("?")),
+            Duration::from_secs(20),
+            || async { self.client.get_room(room_id) },
+        )
         .await
     }
 }
@@ -395,8 +466,10 @@ pub async fn create_room(
     request.name = Some(name.to_owned());
     request.invite = invite.to_vec();
     if encrypted {
-        request.initial_state =
-            vec![InitialStateEvent::with_empty_state_key(RoomEncryptionEventContent::with_recommended_defaults()).to_raw_any()];
+        request.initial_state = vec![
+            InitialStateEvent::with_empty_state_key(RoomEncryptionEventContent::with_recommended_defaults())
+                .to_raw_any(),
+        ];
     }
     let room = client.create_room(request).await.with_context(|| format!("create room {name}"))?;
     if encrypted {
@@ -427,7 +500,8 @@ pub async fn wait_for_item(
     what: &str,
     matches: impl Fn(&EventTimelineItem) -> bool,
 ) -> Result<EventTimelineItem> {
-    wait_for_items(timeline, what, |items| items.iter().find(|item| item.is_remote_event() && matches(item)).cloned()).await
+    wait_for_items(timeline, what, |items| items.iter().find(|item| item.is_remote_event() && matches(item)).cloned())
+        .await
 }
 
 /// Waits until `check` finds what it wants in the timeline's event items; a timeout lists them.
@@ -469,7 +543,8 @@ pub async fn bootstrap_cross_signing(client: &Client) -> Result<()> {
     };
     let uiaa = error.as_uiaa_response().with_context(|| format!("cross-signing bootstrap: {error:?}"))?;
     let user_id = client.user_id().context("not logged in")?;
-    let mut password = Password::new(UserIdentifier::Matrix(MatrixUserIdentifier::new(user_id.to_string())), PASSWORD.to_owned());
+    let mut password =
+        Password::new(UserIdentifier::Matrix(MatrixUserIdentifier::new(user_id.to_string())), PASSWORD.to_owned());
     password.session = uiaa.session.clone();
     client
         .encryption()

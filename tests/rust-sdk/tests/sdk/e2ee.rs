@@ -19,96 +19,103 @@ const WAIT: Duration = Duration::from_secs(30);
 /// to-device messages, which leaves each side's view of the other's device and identity verified.
 #[tokio::test]
 async fn encrypted_messages_cross_signing_and_sas_verification() -> Result<()> {
-    let server = Server::start().await?;
-    let alice = Syncing::start(server.user("alice").await?).await?;
-    let bob = Syncing::start(server.user("bob").await?).await?;
-    let alice_id: OwnedUserId = alice.client.user_id().context("alice")?.to_owned();
-    let bob_id: OwnedUserId = bob.client.user_id().context("bob")?.to_owned();
+    Server::run(async |server| {
+        let alice = Syncing::start(server.user("alice").await?).await?;
+        let bob = Syncing::start(server.user("bob").await?).await?;
+        let alice_id: OwnedUserId = alice.client.user_id().context("alice")?.to_owned();
+        let bob_id: OwnedUserId = bob.client.user_id().context("bob")?.to_owned();
 
-    let room = create_room(&alice.client, "secret", &[bob_id.clone()], true).await?;
-    let bobs_room = bob.room(room.room_id()).await?;
-    bobs_room.join().await?;
-    let alice_timeline = alice.room(room.room_id()).await?.timeline().await?;
-    let bob_timeline = bobs_room.timeline().await?;
-    // Alice sends only once bob's join is known to her, so that he gets the room key.
-    wait_for("bob's join in alice's room", WAIT, || async {
-        room.get_member_no_sync(&bob_id).await.ok().flatten().filter(|m| *m.membership() == MembershipState::Join)
-    })
-    .await?;
-
-    alice_timeline.send(RoomMessageEventContent::text_plain("from alice, encrypted").into()).await?;
-    let received = wait_for_item(&bob_timeline, "alice's encrypted message, decrypted by bob", |item| {
-        body(item) == Some("from alice, encrypted")
-    })
-    .await?;
-    ensure!(received.encryption_info().is_some(), "alice's message reached bob unencrypted");
-    bob_timeline.send(RoomMessageEventContent::text_plain("from bob, encrypted").into()).await?;
-    let received = wait_for_item(&alice_timeline, "bob's encrypted message, decrypted by alice", |item| {
-        body(item) == Some("from bob, encrypted")
-    })
-    .await?;
-    ensure!(received.encryption_info().is_some(), "bob's message reached alice unencrypted");
-
-    bootstrap_cross_signing(&alice.client).await?;
-    bootstrap_cross_signing(&bob.client).await?;
-    for client in [&alice.client, &bob.client] {
-        let status = client.encryption().cross_signing_status().await.context("cross-signing status")?;
-        ensure!(status.is_complete(), "cross-signing of {:?} incomplete: {status:?}", client.user_id());
-    }
-    // Each learns of the other's new identity from a device-list change.
-    for (client, other) in [(&alice.client, &bob_id), (&bob.client, &alice_id)] {
-        wait_for(&format!("{other}'s cross-signing identity at {:?}", client.user_id()), WAIT, || async {
-            client.encryption().get_user_identity(other).await.ok().flatten()
+        let room = create_room(&alice.client, "secret", &[bob_id.clone()], true).await?;
+        let bobs_room = bob.room(room.room_id()).await?;
+        bobs_room.join().await?;
+        let alice_timeline = alice.room(room.room_id()).await?.timeline().await?;
+        let bob_timeline = bobs_room.timeline().await?;
+        // Alice sends only once bob's join is known to her, so that he gets the room key.
+        wait_for("bob's join in alice's room", WAIT, || async {
+            room.get_member_no_sync(&bob_id).await.ok().flatten().filter(|m| *m.membership() == MembershipState::Join)
         })
         .await?;
-    }
 
-    // SAS over to-device messages, alice asking.
-    let bob_device_id = bob.client.device_id().context("bob's device")?.to_owned();
-    let bobs_device = alice.client.encryption().get_device(&bob_id, &bob_device_id).await?.context("bob's device at alice")?;
-    let request = bobs_device.request_verification().await?;
-    let flow_id = request.flow_id().to_owned();
-    let bobs_request = wait_for("the verification request at bob", WAIT, || async {
-        bob.client.encryption().get_verification_request(&alice_id, &flow_id).await
-    })
-    .await?;
-    bobs_request.accept().await?;
-    wait_for("bob's ready at alice", WAIT, || async { request.is_ready().then_some(()) }).await?;
-    let alice_sas = request.start_sas().await?.context("alice could not start SAS")?;
-    let bob_sas = wait_for("alice's SAS start at bob", WAIT, || async {
-        match bob.client.encryption().get_verification(&alice_id, &flow_id).await {
-            Some(Verification::SasV1(sas)) => Some(sas),
-            _ => None,
-        }
-    })
-    .await?;
-    bob_sas.accept().await?;
-    let emojis = |sas: &SasVerification| sas.emoji().map(|emojis| emojis.map(|emoji| emoji.symbol));
-    for sas in [&alice_sas, &bob_sas] {
-        wait_for("the short authentication strings", WAIT, || async { sas.can_be_presented().then_some(()) }).await?;
-    }
-    let (alice_emojis, bob_emojis) = (emojis(&alice_sas), emojis(&bob_sas));
-    ensure!(alice_emojis.is_some() && alice_emojis == bob_emojis, "emojis differ: {alice_emojis:?} / {bob_emojis:?}");
-    alice_sas.confirm().await?;
-    bob_sas.confirm().await?;
-    for sas in [&alice_sas, &bob_sas] {
-        wait_for("SAS done", WAIT, || async {
-            if let Some(info) = sas.cancel_info() {
-                return Some(Err(anyhow::anyhow!("SAS cancelled: {info:?}")));
-            }
-            sas.is_done().then_some(Ok(()))
+        alice_timeline.send(RoomMessageEventContent::text_plain("from alice, encrypted").into()).await?;
+        let received = wait_for_item(&bob_timeline, "alice's encrypted message, decrypted by bob", |item| {
+            body(item) == Some("from alice, encrypted")
         })
-        .await??;
-    }
+        .await?;
+        ensure!(received.encryption_info().is_some(), "alice's message reached bob unencrypted");
+        bob_timeline.send(RoomMessageEventContent::text_plain("from bob, encrypted").into()).await?;
+        let received = wait_for_item(&alice_timeline, "bob's encrypted message, decrypted by alice", |item| {
+            body(item) == Some("from bob, encrypted")
+        })
+        .await?;
+        ensure!(received.encryption_info().is_some(), "bob's message reached alice unencrypted");
 
-    // Each side now trusts the other's device and identity.
-    for (client, other, other_device) in [
-        (&alice.client, &*bob_id, bob_device_id.clone()),
-        (&bob.client, &*alice_id, alice.client.device_id().context("alice's device")?.to_owned()),
-    ] {
-        verified(client, other, &other_device).await?;
-    }
-    Ok(())
+        bootstrap_cross_signing(&alice.client).await?;
+        bootstrap_cross_signing(&bob.client).await?;
+        for client in [&alice.client, &bob.client] {
+            let status = client.encryption().cross_signing_status().await.context("cross-signing status")?;
+            ensure!(status.is_complete(), "cross-signing of {:?} incomplete: {status:?}", client.user_id());
+        }
+        // Each learns of the other's new identity from a device-list change.
+        for (client, other) in [(&alice.client, &bob_id), (&bob.client, &alice_id)] {
+            wait_for(&format!("{other}'s cross-signing identity at {:?}", client.user_id()), WAIT, || async {
+                client.encryption().get_user_identity(other).await.ok().flatten()
+            })
+            .await?;
+        }
+
+        // SAS over to-device messages, alice asking.
+        let bob_device_id = bob.client.device_id().context("bob's device")?.to_owned();
+        let bobs_device =
+            alice.client.encryption().get_device(&bob_id, &bob_device_id).await?.context("bob's device at alice")?;
+        let request = bobs_device.request_verification().await?;
+        let flow_id = request.flow_id().to_owned();
+        let bobs_request = wait_for("the verification request at bob", WAIT, || async {
+            bob.client.encryption().get_verification_request(&alice_id, &flow_id).await
+        })
+        .await?;
+        bobs_request.accept().await?;
+        wait_for("bob's ready at alice", WAIT, || async { request.is_ready().then_some(()) }).await?;
+        let alice_sas = request.start_sas().await?.context("alice could not start SAS")?;
+        let bob_sas = wait_for("alice's SAS start at bob", WAIT, || async {
+            match bob.client.encryption().get_verification(&alice_id, &flow_id).await {
+                Some(Verification::SasV1(sas)) => Some(sas),
+                _ => None,
+            }
+        })
+        .await?;
+        bob_sas.accept().await?;
+        let emojis = |sas: &SasVerification| sas.emoji().map(|emojis| emojis.map(|emoji| emoji.symbol));
+        for sas in [&alice_sas, &bob_sas] {
+            wait_for("the short authentication strings", WAIT, || async { sas.can_be_presented().then_some(()) })
+                .await?;
+        }
+        let (alice_emojis, bob_emojis) = (emojis(&alice_sas), emojis(&bob_sas));
+        ensure!(
+            alice_emojis.is_some() && alice_emojis == bob_emojis,
+            "emojis differ: {alice_emojis:?} / {bob_emojis:?}"
+        );
+        alice_sas.confirm().await?;
+        bob_sas.confirm().await?;
+        for sas in [&alice_sas, &bob_sas] {
+            wait_for("SAS done", WAIT, || async {
+                if let Some(info) = sas.cancel_info() {
+                    return Some(Err(anyhow::anyhow!("SAS cancelled: {info:?}")));
+                }
+                sas.is_done().then_some(Ok(()))
+            })
+            .await??;
+        }
+
+        // Each side now trusts the other's device and identity.
+        for (client, other, other_device) in [
+            (&alice.client, &*bob_id, bob_device_id.clone()),
+            (&bob.client, &*alice_id, alice.client.device_id().context("alice's device")?.to_owned()),
+        ] {
+            verified(client, other, &other_device).await?;
+        }
+        Ok(())
+    })
+    .await
 }
 
 async fn verified(client: &matrix_sdk::Client, other: &UserId, device: &matrix_sdk::ruma::DeviceId) -> Result<()> {
@@ -125,47 +132,53 @@ async fn verified(client: &matrix_sdk::Client, other: &UserId, device: &matrix_s
 /// what came before, and bob's logged-out device drops out of alice's view of his devices.
 #[tokio::test]
 async fn a_new_device_gets_the_next_room_key_and_a_deleted_one_goes() -> Result<()> {
-    let server = Server::start().await?;
-    let alice = Syncing::start(server.user("alice").await?).await?;
-    let bob = Syncing::start(server.user("bob").await?).await?;
-    let bob_id: OwnedUserId = bob.client.user_id().context("bob")?.to_owned();
-    let room = create_room(&alice.client, "secret", &[bob_id.clone()], true).await?;
-    bob.room(room.room_id()).await?.join().await?;
-    let alice_timeline = alice.room(room.room_id()).await?.timeline().await?;
-    wait_for("bob's join in alice's room", WAIT, || async {
-        room.get_member_no_sync(&bob_id).await.ok().flatten().filter(|m| *m.membership() == MembershipState::Join)
-    })
-    .await?;
-    alice_timeline.send(RoomMessageEventContent::text_plain("before the new device").into()).await?;
-    let bob_timeline = bob.room(room.room_id()).await?.timeline().await?;
-    wait_for_item(&bob_timeline, "the first message at bob", |item| body(item) == Some("before the new device")).await?;
+    Server::run(async |server| {
+        let alice = Syncing::start(server.user("alice").await?).await?;
+        let bob = Syncing::start(server.user("bob").await?).await?;
+        let bob_id: OwnedUserId = bob.client.user_id().context("bob")?.to_owned();
+        let room = create_room(&alice.client, "secret", &[bob_id.clone()], true).await?;
+        bob.room(room.room_id()).await?.join().await?;
+        let alice_timeline = alice.room(room.room_id()).await?.timeline().await?;
+        wait_for("bob's join in alice's room", WAIT, || async {
+            room.get_member_no_sync(&bob_id).await.ok().flatten().filter(|m| *m.membership() == MembershipState::Join)
+        })
+        .await?;
+        alice_timeline.send(RoomMessageEventContent::text_plain("before the new device").into()).await?;
+        let bob_timeline = bob.room(room.room_id()).await?.timeline().await?;
+        wait_for_item(&bob_timeline, "the first message at bob", |item| body(item) == Some("before the new device"))
+            .await?;
 
-    let bob2 = Syncing::start(server.login("bob").await?).await?;
-    let new_device = bob2.client.device_id().context("bob's new device")?.to_owned();
-    wait_for("bob's new device known to alice", WAIT, || async {
-        alice.client.encryption().get_device(&bob_id, &new_device).await.ok().flatten()
-    })
-    .await?;
-    alice_timeline.send(RoomMessageEventContent::text_plain("after the new device").into()).await?;
-    let new_timeline = bob2.room(room.room_id()).await?.timeline().await?;
-    wait_for_item(&new_timeline, "the second message on bob's new device", |item| body(item) == Some("after the new device")).await?;
-    new_timeline.paginate_backwards(20).await?;
-    let items = limbic_rust_sdk_tests::event_items(&new_timeline).await;
-    ensure!(
-        !items.iter().any(|item| body(item) == Some("before the new device")),
-        "the new device read a message sent before it existed"
-    );
+        let bob2 = Syncing::start(server.login("bob").await?).await?;
+        let new_device = bob2.client.device_id().context("bob's new device")?.to_owned();
+        wait_for("bob's new device known to alice", WAIT, || async {
+            alice.client.encryption().get_device(&bob_id, &new_device).await.ok().flatten()
+        })
+        .await?;
+        alice_timeline.send(RoomMessageEventContent::text_plain("after the new device").into()).await?;
+        let new_timeline = bob2.room(room.room_id()).await?.timeline().await?;
+        wait_for_item(&new_timeline, "the second message on bob's new device", |item| {
+            body(item) == Some("after the new device")
+        })
+        .await?;
+        new_timeline.paginate_backwards(20).await?;
+        let items = limbic_rust_sdk_tests::event_items(&new_timeline).await;
+        ensure!(
+            !items.iter().any(|item| body(item) == Some("before the new device")),
+            "the new device read a message sent before it existed"
+        );
 
-    let old_device = bob.client.device_id().context("bob's device")?.to_owned();
-    bob.sync.stop().await;
-    bob.client.logout().await?;
-    wait_for("bob's logged-out device gone from alice's view", WAIT, || async {
-        match alice.client.encryption().get_device(&bob_id, &old_device).await {
-            Ok(None) => Some(()),
-            Ok(Some(device)) if device.is_deleted() => Some(()),
-            _ => None,
-        }
+        let old_device = bob.client.device_id().context("bob's device")?.to_owned();
+        bob.sync.stop().await;
+        bob.client.logout().await?;
+        wait_for("bob's logged-out device gone from alice's view", WAIT, || async {
+            match alice.client.encryption().get_device(&bob_id, &old_device).await {
+                Ok(None) => Some(()),
+                Ok(Some(device)) if device.is_deleted() => Some(()),
+                _ => None,
+            }
+        })
+        .await?;
+        Ok(())
     })
-    .await?;
-    Ok(())
+    .await
 }

@@ -7,6 +7,7 @@ mod e2ee;
 mod login;
 mod media;
 mod recovery;
+mod restart;
 mod room_list;
 mod timeline;
 mod typing_receipts;
