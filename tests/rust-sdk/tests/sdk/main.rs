@@ -4,6 +4,7 @@
 
 mod delayed_events;
 mod e2ee;
+mod knocking;
 mod login;
 mod media;
 mod recovery;
