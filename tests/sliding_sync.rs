@@ -221,7 +221,10 @@ async fn subscriptions_filters_invites_and_leaving() {
     let invited = sliding_ok(&bob, None, 0, &bob_request).await;
     assert_eq!(invited["lists"]["invites"]["count"], 1, "{invited}");
     let invite = &invited["rooms"][&direct];
-    assert!(invite["invite_state"].as_array().unwrap().iter().any(|e| e["type"] == "m.room.member" && e["content"]["membership"] == "invite"), "{invite}");
+    let invite_state = invite["invite_state"].as_array().unwrap();
+    assert!(invite_state.iter().any(|e| e["type"] == "m.room.member" && e["content"]["membership"] == "invite"), "{invite}");
+    // The inviter's membership names the invite in clients.
+    assert!(invite_state.iter().any(|e| e["state_key"] == alice.user_id.as_str() && e["content"]["membership"] == "join"), "{invite}");
     assert!(invite.get("timeline").is_none());
     // Joining turns it into a full room.
     bob.join(&direct).await;

@@ -360,11 +360,13 @@ pub async fn accept_membership(server: &Server, origin: &ruma::ServerName, room_
     Ok(pdu)
 }
 
-/// The room's stripped state as full events, for invites and knocks.
-pub fn stripped_state_events(server: &Server, room_id: &RoomId) -> Result<Vec<ruma::api::federation::membership::RawStrippedState>> {
+/// The room's stripped state as full events, for invites and knocks, with the inviter's own
+/// membership (by which clients name an invite) when `inviter` is given.
+pub fn stripped_state_events(server: &Server, room_id: &RoomId, inviter: Option<&UserId>) -> Result<Vec<ruma::api::federation::membership::RawStrippedState>> {
     let mut state = Vec::new();
-    for kind in crate::sync::STRIPPED_STATE_TYPES {
-        if let Some(pdu) = server.rooms.state_event(room_id, kind, "")?
+    let keys = crate::sync::STRIPPED_STATE_TYPES.iter().map(|kind| (*kind, "")).chain(inviter.map(|user| ("m.room.member", user.as_str())));
+    for (kind, state_key) in keys {
+        if let Some(pdu) = server.rooms.state_event(room_id, kind, state_key)?
             && let Some(raw) = server.rooms.federation_pdu(&pdu.event_id)?
         {
             #[allow(deprecated)]
@@ -600,7 +602,7 @@ fn receive_receipts(server: &Server, origin: &ruma::ServerName, content: &JsonVa
 /// state as full events. A refusal is final (logged); a failure to reach the server is retried.
 pub async fn send_invite(server: &Server, federation: &Federation, destination: &ruma::ServerName, invite: &Pdu) -> Result<()> {
     let record = server.rooms.room(&invite.room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
-    let state = stripped_state_events(server, &invite.room_id)?;
+    let state = stripped_state_events(server, &invite.room_id, Some(&invite.sender))?;
     let event = server.rooms.federation_pdu(&invite.event_id)?.ok_or_else(|| Error::not_found("unknown event"))?;
     let request = ruma::api::federation::membership::create_invite::v2::Request::new(invite.room_id.clone(), invite.event_id.clone(), record.version, event, state);
     match federation.send(destination, request).await {

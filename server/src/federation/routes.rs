@@ -106,7 +106,7 @@ async fn make_leave(State(server): State<AppState>, req: Signed<prepare_leave_ev
 async fn send_knock(State(server): State<AppState>, req: Signed<create_knock_event::v1::Request>) -> Result<Json<JsonValue>> {
     let body = &req.body;
     let pdu = super::events::accept_membership(&server, &req.origin, &body.room_id, &body.event_id, &body.pdu, "knock").await?;
-    let state = super::events::stripped_state_events(&server, &pdu.room_id)?;
+    let state = super::events::stripped_state_events(&server, &pdu.room_id, None)?;
     Ok(Json(json!({ "knock_room_state": state })))
 }
 

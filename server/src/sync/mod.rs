@@ -206,6 +206,12 @@ pub(crate) fn stripped_state(server: &Server, room_id: &RoomId, entry: &UserRoom
     // server sent.
     events.extend(server.rooms.remote_room_state(room_id)?);
     if let Some(member) = server.rooms.pdu(&entry.event_id)? {
+        // The inviter's own membership too: clients name an invite (a direct chat) after it.
+        if member.state_key.as_deref() != Some(member.sender.as_str())
+            && let Some(inviter) = server.rooms.state_event(room_id, "m.room.member", member.sender.as_str())?
+        {
+            events.push(inviter.to_stripped_state());
+        }
         events.push(member.to_stripped_state());
     }
     Ok(events)
