@@ -42,7 +42,8 @@ async fn knock_requests_accepted_and_declined() -> Result<()> {
         for knocker in [&bob, &carol] {
             let knocked = knocker.room(&room_id).await?;
             wait_for("the room's name in the knock's stripped state", WAIT, || async {
-                (knocked.state() == RoomState::Knocked && knocked.name().as_deref() == Some("waiting room")).then_some(())
+                (knocked.state() == RoomState::Knocked && knocked.name().as_deref() == Some("waiting room"))
+                    .then_some(())
             })
             .await
             .with_context(|| format!("the knocker sees {:?} named {:?}", knocked.state(), knocked.name()))?;

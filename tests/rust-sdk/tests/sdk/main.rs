@@ -9,6 +9,7 @@ mod login;
 mod media;
 mod recovery;
 mod restart;
+mod room_details;
 mod room_list;
 mod timeline;
 mod typing_receipts;

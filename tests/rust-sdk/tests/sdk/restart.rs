@@ -26,13 +26,17 @@ async fn sync_resumes_after_a_server_restart() -> Result<()> {
         let alice_timeline = alice.room(room.room_id()).await?.timeline().await?;
         let bob_timeline = bob.room(room.room_id()).await?.timeline().await?;
         bob_timeline.send(RoomMessageEventContent::text_plain("before the restart").into()).await?;
-        wait_for_item(&alice_timeline, "bob's message before the restart", |item| body(item) == Some("before the restart"))
-            .await?;
+        wait_for_item(&alice_timeline, "bob's message before the restart", |item| {
+            body(item) == Some("before the restart")
+        })
+        .await?;
 
         server.restart().await?;
         bob_timeline.send(RoomMessageEventContent::text_plain("after the restart").into()).await?;
-        wait_for_item(&alice_timeline, "bob's message after the restart", |item| body(item) == Some("after the restart"))
-            .await?;
+        wait_for_item(&alice_timeline, "bob's message after the restart", |item| {
+            body(item) == Some("after the restart")
+        })
+        .await?;
 
         let bob2 = Syncing::start(server.login("bob").await?).await?;
         let new_device = bob2.client.device_id().context("bob's new device")?.to_owned();
