@@ -4,7 +4,7 @@ use matrix_sdk::{
     room::edit::EditedContent,
     ruma::events::room::message::{RoomMessageEventContent, RoomMessageEventContentWithoutRelation},
 };
-use matrix_sdk_ui::timeline::{RoomExt as _, VirtualTimelineItem};
+use matrix_sdk_ui::timeline::{RoomExt as _, TimelineDetails, VirtualTimelineItem};
 
 const HISTORY: usize = 60;
 
@@ -15,6 +15,7 @@ const HISTORY: usize = 60;
 async fn send_receive_edit_react_paginate() -> Result<()> {
     Server::run(async |server| {
         let alice = server.user("alice").await?;
+        alice.account().set_display_name(Some("Alice Liddell")).await?;
         let bob = server.user("bob").await?;
         let room = create_room(&alice, "chat", &[bob.user_id().context("bob")?.to_owned()], false).await?;
         bob.join_room_by_id(room.room_id()).await?;
@@ -33,6 +34,13 @@ async fn send_receive_edit_react_paginate() -> Result<()> {
             wait_for_item(&bob_timeline, "alice's message in bob's timeline", |item| body(item) == Some("hello bob"))
                 .await?;
         ensure!(received.sender() == alice.client.user_id().context("alice")?, "sent by {}", received.sender());
+        // The sender's name, from her member event (lazy-loaded members in required_state).
+        wait_for_item(&bob_timeline, "alice's name on her message", |item| {
+            body(item) == Some("hello bob")
+                && matches!(item.sender_profile(), TimelineDetails::Ready(profile)
+                    if profile.display_name.as_deref() == Some("Alice Liddell"))
+        })
+        .await?;
 
         // Alice edits her message (as remote, sent event).
         let sent =
