@@ -334,7 +334,8 @@ udp_port = 0
     let path = dir.join("limbic.toml");
     std::fs::write(&path, config)?;
     let mut command = Command::new(bin);
-    command.arg("serve").arg("--config").arg(path).current_dir(dir);
+    // A log file, not a terminal: no colours.
+    command.arg("serve").arg("--config").arg(path).current_dir(dir).env("NO_COLOR", "1");
     // The server reads LIMBIC_* overrides: none of the caller's may leak in.
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("LIMBIC_") {

@@ -208,7 +208,6 @@ async fn direct_chat_names_unread_counts_and_leaving() -> Result<()> {
 /// A direct chat invite is named after the inviter, from his membership event in the invite's
 /// stripped state, as Synapse sends it.
 #[tokio::test]
-#[ignore = "Limbic bug: invite_state has no m.room.member of the inviter, so the SDK names the invite \"Empty Room\" (passes on Synapse)"]
 async fn direct_chat_invite_is_named_after_the_inviter() -> Result<()> {
     Server::run(async |server| {
         let alice = server.user("alice").await?;
