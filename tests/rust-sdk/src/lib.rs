@@ -7,7 +7,7 @@
 //! - `RUST_SDK_TARGET`: `limbic` (default) or `synapse`;
 //! - `RUST_SDK_PYTHON`: the Python with `matrix-synapse` (default `<repo>/.venv/bin/python`);
 //! - `RUST_SDK_SERVER_LOG`: Limbic's log level (default `info`);
-//! - `RUST_LOG`: the SDK's own tracing (e.g. `matrix_sdk=debug` prints its HTTP requests).
+//! - `RUST_LOG`: the SDK's own tracing (e.g. `matrix_sdk=debug` logs each request with its status).
 //!
 //! A failing test prints the tail of the server's log.
 
