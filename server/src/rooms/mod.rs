@@ -123,6 +123,9 @@ pub struct Rooms {
     snapshots: SnapshotCache,
     /// Per room, the position up to which retention has nothing left to remove.
     retention_cursors: Mutex<HashMap<OwnedRoomId, StreamPos>>,
+    /// Per room, its newest timeline position (filled on first use, then kept by commits), so
+    /// that "anything new in this room?" costs no store read.
+    latest_positions: Mutex<HashMap<OwnedRoomId, StreamPos>>,
     pub typing: Typing,
     pub push: Arc<crate::push::Push>,
     pub audit: Arc<crate::audit::Audit>,
@@ -153,6 +156,7 @@ impl Rooms {
             locks: Mutex::default(),
             snapshots: SnapshotCache::default(),
             retention_cursors: Mutex::default(),
+            latest_positions: Mutex::default(),
             typing: Typing::default(),
         }
     }
@@ -402,6 +406,25 @@ impl Rooms {
             .scan_from(tables::TIMELINE, prefix, &start, false)
             .map(timeline_entry)
             .take_while(move |item| !matches!(item, Ok((pos, _)) if *pos > to))
+    }
+
+    /// The position of the room's newest timeline event (`None` for a room without one here).
+    pub fn latest_timeline_pos(&self, room_id: &RoomId) -> Result<Option<StreamPos>> {
+        if let Some(pos) = self.latest_positions.lock().expect("latest positions lock").get(room_id) {
+            return Ok(Some(*pos));
+        }
+        let Some((pos, _)) = self.timeline_before(room_id, StreamPos::MAX).next().transpose()? else { return Ok(None) };
+        self.note_latest(&[(room_id.to_owned(), pos)]);
+        Ok(Some(pos))
+    }
+
+    /// Records committed timeline positions; a room's entry only ever moves forward.
+    fn note_latest(&self, positions: &[(OwnedRoomId, StreamPos)]) {
+        let mut latest = self.latest_positions.lock().expect("latest positions lock");
+        for (room_id, pos) in positions {
+            let entry = latest.entry(room_id.clone()).or_insert(*pos);
+            *entry = (*entry).max(*pos);
+        }
     }
 
     /// Timeline events at or before `from`, descending.

@@ -15,7 +15,7 @@ use crate::{
     audit::AuditRecord,
     error::{Error, ErrorCode, Result},
     events::{Pdu, PduBuilder, PduPlacement, SignedPdu, build_pdu, redact_stored, rules_for},
-    store::{Batch, Key, StreamTicket, tables},
+    store::{Batch, Key, StreamPos, StreamTicket, tables},
 };
 
 impl crate::clinic::RoomState for RoomWriter<'_> {
@@ -74,6 +74,8 @@ pub struct RoomWriter<'a> {
     staged_pushes: Vec<(Pdu, Vec<(OwnedUserId, crate::push::Notification)>)>,
     /// Audit entries for membership changes, chained and written with the batch.
     staged_audit: Vec<AuditRecord>,
+    /// The newest timeline position staged per room (this writer's, and those it commits with).
+    staged_latest: Vec<(OwnedRoomId, StreamPos)>,
     _guard: tokio::sync::OwnedMutexGuard<()>,
 }
 
@@ -98,6 +100,7 @@ impl<'a> RoomWriter<'a> {
             staged_members: HashMap::new(),
             staged_pushes: Vec::new(),
             staged_audit: Vec::new(),
+            staged_latest: Vec::new(),
             _guard: guard,
         })
     }
@@ -358,6 +361,7 @@ impl<'a> RoomWriter<'a> {
         self.batch.put(store, tables::PDUS, pdu.event_id.as_bytes(), &signed.to_bytes());
         self.batch.put_json(store, tables::EVENT_META, pdu.event_id.as_bytes(), &meta)?;
         self.batch.put(store, tables::TIMELINE, &Key::new().str(room).u64(pos).into_vec(), pdu.event_id.as_bytes());
+        self.staged_latest.push((self.room_id.clone(), pos));
         relations::stage(store, &mut self.batch, &pdu, pos);
         crate::search::stage(store, &mut self.batch, &pdu, pos);
         self.rooms.plugins.stage_outbox(&mut self.batch, pos, &pdu);
@@ -842,6 +846,7 @@ impl<'a> RoomWriter<'a> {
             self.tickets.extend(other.tickets);
             self.staged_pushes.extend(other.staged_pushes);
             self.staged_audit.extend(other.staged_audit);
+            self.staged_latest.extend(other.staged_latest);
             locks.push(other._guard);
         }
         let written = self.commit();
@@ -860,6 +865,7 @@ impl<'a> RoomWriter<'a> {
         } else {
             self.rooms.audit.write_with(store, self.batch, self.staged_audit)?;
         }
+        self.rooms.note_latest(&self.staged_latest);
         // Dropping the tickets advances the stream watermark and wakes /sync.
         drop(self.tickets);
         for (pdu, notifications) in self.staged_pushes {

@@ -392,6 +392,11 @@ fn bump_stamp(server: &Server, room_id: &RoomId, entry: &UserRoom, upto: StreamP
     // A joined room's stamp is the same for every member: remembered per room, so that a
     // request scans only the events that arrived since the last one.
     let cached = server.sliding_sync.bumps.lock().expect("bump cache lock").get(room_id).copied().filter(|&(_, bump)| bump <= upto);
+    if let Some((seen, bump)) = cached
+        && server.rooms.latest_timeline_pos(room_id)?.is_some_and(|latest| latest <= seen)
+    {
+        return Ok(bump);
+    }
     let (found, newest) = scan_bump(server, room_id, upto, cached.map(|(seen, _)| seen))?;
     let bump = found.or(cached.map(|(_, bump)| bump)).or(newest).unwrap_or(entry.pos);
     if let Some(newest) = newest {
@@ -559,7 +564,7 @@ fn joined_room(
         && !expanded
         && s.membership == entry.membership
         && config.required_state.is_subset(&s.config.required_state)
-        && server.rooms.timeline_after(room_id, room_since, room_upto).next().is_none()
+        && server.rooms.latest_timeline_pos(room_id)?.is_none_or(|latest| latest <= room_since)
     {
         let unread = if joined { server.rooms.unread_counts(user_id, room_id)? } else { (0, 0) };
         if unread == s.unread {
