@@ -233,6 +233,14 @@ async fn subscriptions_filters_invites_and_leaving() {
     assert_eq!(joined["rooms"][&direct]["initial"], true, "{joined}");
     assert!(joined["rooms"][&direct]["required_state"].as_array().unwrap().iter().any(|e| e["type"] == "m.room.power_levels"));
 
+    // A room without a name is named by its heroes, sent again when one of them changes.
+    let heroes = &joined["rooms"][&direct]["heroes"];
+    assert_eq!(heroes[0]["user_id"], alice.user_id.as_str(), "{joined}");
+    alice.ok(Method::PUT, &format!("/_matrix/client/v3/profile/{}/displayname", enc(&alice.user_id)), Some(json!({ "displayname": "Alice A." }))).await;
+    let renamed = sliding_ok(&bob, Some(&pos(&joined)), 0, &bob_request).await;
+    assert_eq!(renamed["rooms"][&direct]["heroes"][0]["displayname"], "Alice A.", "{renamed}");
+    let joined = renamed;
+
     // A subscription reaches a room outside every window; a room the user is not in is ignored.
     let window = json!({ "lists": { "top": { "ranges": [[0, 0]], "timeline_limit": 1 } } });
     let base = sliding_ok(&alice, None, 0, &window).await;

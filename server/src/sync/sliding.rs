@@ -79,6 +79,8 @@ struct SentRoom {
     config: RoomConfig,
     name: Option<String>,
     avatar: Option<String>,
+    /// The heroes sent, while the room has no name.
+    heroes: Option<JsonValue>,
     unread: (u64, u64),
     counts: (usize, usize),
 }
@@ -527,6 +529,7 @@ fn invited_room(server: &Server, candidate: &Candidate, sent: Option<&SentRoom>)
         config: RoomConfig::default(),
         name,
         avatar: None,
+        heroes: None,
         unread: (0, 0),
         counts: (0, 0),
     };
@@ -630,6 +633,9 @@ fn joined_room(
         members.iter().filter(|(_, m)| *m == Membership::Invite).count(),
     );
     let unread = if joined { server.rooms.unread_counts(user_id, room_id)? } else { (0, 0) };
+    // Heroes name a room without a name, so they go again whenever one of them changes (a new
+    // display name, someone leaving).
+    let heroes = if was_member && name.is_none() { Some(heroes(server, user_id, &members, &now)?) } else { None };
 
     let changed = sent.is_none_or(|s| {
         expanded
@@ -640,6 +646,7 @@ fn joined_room(
             || s.counts != counts
             || s.name != name
             || s.avatar != avatar
+            || s.heroes != heroes
     });
     if !changed {
         return Ok(None);
@@ -671,8 +678,10 @@ fn joined_room(
     if sent.is_none_or(|s| s.avatar != avatar) {
         body["avatar"] = json!(avatar);
     }
-    if was_member && name.is_none() && sent.is_none_or(|s| s.counts != counts || s.name.is_some()) {
-        body["heroes"] = heroes(server, user_id, &members, &now)?;
+    if let Some(heroes) = &heroes
+        && sent.is_none_or(|s| s.heroes.as_ref() != Some(heroes))
+    {
+        body["heroes"] = heroes.clone();
     }
     let sent_now = SentRoom {
         stream: room_upto,
@@ -681,6 +690,7 @@ fn joined_room(
         config: config.clone(),
         name,
         avatar,
+        heroes,
         unread,
         counts,
     };
