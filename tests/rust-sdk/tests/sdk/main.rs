@@ -7,6 +7,7 @@ mod e2ee;
 mod knocking;
 mod login;
 mod media;
+mod notifications;
 mod recovery;
 mod restart;
 mod room_details;
