@@ -2,9 +2,12 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
 use limbic_rust_sdk_tests::{Server, Syncing, wait_for};
-use matrix_sdk::ruma::events::{
-    AnySyncMessageLikeEvent, AnySyncTimelineEvent,
-    room::{member::MembershipState, message::RoomMessageEventContent},
+use matrix_sdk::ruma::{
+    OwnedEventId,
+    events::{
+        AnySyncMessageLikeEvent, AnySyncTimelineEvent,
+        room::{member::MembershipState, message::RoomMessageEventContent},
+    },
 };
 use matrix_sdk_ui::notification_client::{
     NotificationClient, NotificationEvent, NotificationProcessSetup, NotificationStatus,
@@ -25,10 +28,22 @@ async fn a_notification_resolved_by_sliding_sync_while_the_app_sleeps() -> Resul
         let room_id = dm.room_id().to_owned();
 
         // The invite, while alice's app is in the foreground.
-        let invite_id = wait_for("alice's invite", Duration::from_secs(20), || async {
-            dm.get_member_no_sync(&alice_id).await.ok().flatten()?.event().event_id().map(ToOwned::to_owned)
-        })
-        .await?;
+        // The invite's event id, from the room's state as bob reads it.
+        let state: serde_json::Value = reqwest::Client::new()
+            .get(format!("{}/_matrix/client/v3/rooms/{room_id}/state", server.base))
+            .bearer_auth(bob.client.access_token().context("bob's token")?)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let invite_id: OwnedEventId = state
+            .as_array()
+            .and_then(|events| {
+                events.iter().find(|e| e["type"] == "m.room.member" && e["state_key"] == alice_id.as_str())
+            })
+            .and_then(|event| event["event_id"].as_str())
+            .with_context(|| format!("no invite of alice in {state}"))?
+            .try_into()?;
         let notifications =
             NotificationClient::new(alice.client.clone(), NotificationProcessSetup::MultipleProcesses).await?;
         match notifications.get_notification_with_sliding_sync(&room_id, &invite_id).await? {
