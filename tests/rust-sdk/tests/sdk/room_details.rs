@@ -48,7 +48,6 @@ async fn state_and_account_data_changes_reach_a_syncing_client() -> Result<()> {
 /// A direct chat without a name is named after the other user (the room's heroes), and renamed
 /// when he changes his display name: the server sends the heroes again.
 #[tokio::test]
-#[ignore = "Limbic bug: sliding sync re-sends heroes only when the member counts change, not when a hero's display name does (passes on Synapse)"]
 async fn a_direct_chat_follows_the_other_users_new_name() -> Result<()> {
     Server::run(async |server| {
         let alice = Syncing::start(server.user("alice").await?).await?;
