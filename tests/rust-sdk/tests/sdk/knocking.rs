@@ -2,10 +2,11 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use futures_util::{StreamExt as _, pin_mut};
-use limbic_rust_sdk_tests::{Server, Syncing, wait_for};
+use limbic_rust_sdk_tests::{Server, Syncing, create_room, wait_for};
 use matrix_sdk::{
     RoomState,
     room::knock_requests::KnockRequest,
+    room_preview::RoomPreview,
     ruma::{
         OwnedRoomId, UserId,
         api::client::room::create_room::v3::Request as CreateRoomRequest,
@@ -13,6 +14,7 @@ use matrix_sdk::{
             InitialStateEvent,
             room::join_rules::{JoinRule, RoomJoinRulesEventContent},
         },
+        room::JoinRuleSummary,
     },
 };
 
@@ -92,6 +94,55 @@ async fn knock_requests_accepted_and_declined() -> Result<()> {
         })
         .await
         .with_context(|| format!("carol's room is {:?}", carols_room.state()))?;
+        Ok(())
+    })
+    .await
+}
+
+/// Room previews as Element X shows them before joining, from the room summary (MSC3266): a
+/// knock room to someone outside it (name, topic, join rule, members), an invite to the
+/// invitee; a private room is not previewed to a stranger.
+#[tokio::test]
+async fn room_previews_from_the_room_summary() -> Result<()> {
+    Server::run(async |server| {
+        let alice = server.user("alice").await?;
+        let bob = Syncing::start(server.user("bob").await?).await?;
+        let carol = server.user("carol").await?;
+
+        let mut request = CreateRoomRequest::new();
+        request.name = Some("waiting room".to_owned());
+        request.topic = Some("knock to come in".to_owned());
+        request.initial_state =
+            vec![InitialStateEvent::with_empty_state_key(RoomJoinRulesEventContent::new(JoinRule::Knock)).to_raw_any()];
+        let waiting_room = alice.create_room(request).await?;
+        let preview = RoomPreview::from_room_summary(
+            &carol,
+            waiting_room.room_id().to_owned(),
+            waiting_room.room_id().into(),
+            vec![],
+        )
+        .await?;
+        ensure!(
+            preview.name.as_deref() == Some("waiting room")
+                && preview.topic.as_deref() == Some("knock to come in")
+                && matches!(preview.join_rule, Some(JoinRuleSummary::Knock))
+                && preview.num_joined_members == 1,
+            "the knock room's preview: {preview:?}"
+        );
+
+        let invited = create_room(&alice, "invited", &[bob.client.user_id().context("bob")?.to_owned()], false).await?;
+        bob.room(invited.room_id()).await?;
+        let preview = bob.client.get_room_preview(invited.room_id().into(), vec![]).await?;
+        ensure!(
+            preview.name.as_deref() == Some("invited") && preview.state == Some(RoomState::Invited),
+            "the invite's preview: {preview:?}"
+        );
+
+        let private = create_room(&alice, "private", &[], false).await?;
+        let stranger =
+            RoomPreview::from_room_summary(&carol, private.room_id().to_owned(), private.room_id().into(), vec![])
+                .await;
+        ensure!(stranger.is_err(), "a stranger previewed a private room: {stranger:?}");
         Ok(())
     })
     .await
