@@ -109,7 +109,7 @@ impl Server {
     }
 
     /// Starts the server selected by `RUST_SDK_TARGET`.
-    pub async fn start() -> Result<Self> {
+    async fn start() -> Result<Self> {
         init_tracing();
         let target = Target::from_env();
         let dir = tempfile::Builder::new().prefix("limbic-rust-sdk-").tempdir()?;
