@@ -21,7 +21,8 @@ fn now_ms() -> u64 {
 
 /// Delayed events (MSC4140) as matrix-sdk sends them (ruma's unstable requests, as its widget
 /// driver does for Element Call): a delayed message is sent by the server after its delay, a
-/// cancelled delayed state event never is, and the `send` action sends one at once.
+/// cancelled delayed state event never is, the `send` action sends one at once, and a pending one
+/// is still sent after a restart of the server.
 #[tokio::test]
 async fn a_delayed_event_fires_and_a_cancelled_one_does_not() -> Result<()> {
     Server::run(async |server| {
@@ -98,6 +99,21 @@ async fn a_delayed_event_fires_and_a_cancelled_one_does_not() -> Result<()> {
             delayed_ids(&server, &alice).await?.is_empty(),
             "delayed events left after all fired or were cancelled"
         );
+
+        // A pending delayed event survives a restart of the server (Element Call's delayed leave).
+        alice
+            .send(delayed_message_event::unstable::Request::new(
+                room_id.clone(),
+                TransactionId::new(),
+                DelayParameters::Timeout { timeout: DELAY },
+                &RoomMessageEventContent::text_plain("delayed across a restart"),
+            )?)
+            .await?;
+        server.restart().await?;
+        wait_for_item(&timeline, "the delayed message after a restart", |item| {
+            body(item) == Some("delayed across a restart")
+        })
+        .await?;
         Ok(())
     })
     .await
