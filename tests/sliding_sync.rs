@@ -145,6 +145,15 @@ async fn lists_follow_recency_and_send_only_what_changed() {
     // A position belongs to its user and device: nobody else continues it.
     let (status, body) = sliding(&bob, Some(&pos(&delta)), 0, request.clone()).await;
     assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_UNKNOWN_POS"), "{body}");
+    // A membership change reaches required_state even beyond the timeline's window: a client
+    // that took the removed member for a present one would share room keys with them.
+    alice.post(&format!("/_matrix/client/v3/rooms/{}/kick", enc(&first)), json!({ "user_id": bob.user_id })).await;
+    alice.send_text(&first, "k1", "after the kick").await;
+    let kicked = sliding_ok(&alice, Some(&pos(&again)), 0, &list_request(1, 1)).await;
+    let state = kicked["rooms"][&first]["required_state"].as_array().unwrap();
+    assert!(state.iter().any(|e| e["state_key"] == bob.user_id.as_str() && e["content"]["membership"] == "leave"), "{kicked}");
+    assert_eq!(kicked["rooms"][&first]["joined_count"], 1);
+
     // Without a token there is no sliding sync.
     let (status, body) = sliding(&server.client(), None, 0, request.clone()).await;
     assert_eq!((status, errcode(&body)), (StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN"), "{body}");

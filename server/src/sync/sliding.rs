@@ -580,40 +580,12 @@ fn joined_room(
     // changed among the wanted since the room was last sent.
     let now = server.rooms.state_map(snapshot_at(server, room_id, room_upto)?)?;
     let full_state = sent.is_none_or(|s| !config.required_state.is_subset(&s.config.required_state));
+    // The state the client has of a room it has, to send only what changed.
     let before = match sent {
-        Some(s) if !full_state => Some(server.rooms.state_map(snapshot_at(server, room_id, s.stream.min(room_upto))?)?),
-        _ => None,
+        Some(s) => Some(server.rooms.state_map(snapshot_at(server, room_id, s.stream.min(room_upto))?)?),
+        None => None,
     };
-    let mut wanted: BTreeSet<ruma::OwnedEventId> = BTreeSet::new();
     let was_member = joined || was_joined_before_leaving(server, user_id, entry)?;
-    if was_member {
-        for ((kind, key), event_id) in now.iter() {
-            if config.wants(kind, key, user_id) && before.as_ref().is_none_or(|b| b.get(&(kind.clone(), key.clone())) != Some(event_id)) {
-                wanted.insert(event_id.clone());
-            }
-        }
-        if config.lazy_members() {
-            // Members of the timeline's senders, and the user's own.
-            let mut senders: BTreeSet<String> = timeline.events.iter().map(|(p, _)| p.sender.to_string()).collect();
-            if full_state {
-                senders.insert(user_id.to_string());
-            }
-            for sender in senders {
-                if let Some(event_id) = now.get(&("m.room.member".to_owned(), sender)) {
-                    wanted.insert(event_id.clone());
-                }
-            }
-        }
-    }
-    if !joined && sent.is_none_or(|s| s.membership_pos != entry.pos) {
-        // A left room always carries the user's own leave (clients take a room without it for a
-        // joined one); someone who left without ever joining (a withdrawn or declined knock)
-        // learns of nothing else.
-        wanted.insert(entry.event_id.clone());
-    }
-    let required_state: Vec<JsonValue> =
-        wanted.iter().filter_map(|id| server.rooms.pdu(id).ok().flatten()).map(|p| render(&p, None)).collect();
-
     let content_of = |kind: &str| -> Option<JsonValue> {
         now.get(&(kind.to_owned(), String::new())).and_then(|id| server.rooms.pdu(id).ok().flatten()).map(|p| p.content_json())
     };
@@ -628,6 +600,52 @@ fn joined_room(
     } else {
         Vec::new()
     };
+    let mut wanted: BTreeSet<ruma::OwnedEventId> = BTreeSet::new();
+    if was_member {
+        for ((kind, key), event_id) in now.iter() {
+            let known = !full_state && before.as_ref().is_some_and(|b| b.get(&(kind.clone(), key.clone())) == Some(event_id));
+            if config.wants(kind, key, user_id) && !known {
+                wanted.insert(event_id.clone());
+            }
+        }
+        if config.lazy_members() {
+            // Members of the timeline's senders and of the memberships it changes, the user's
+            // own, and the heroes of a room without a name: clients (matrix-sdk) take room state
+            // from here only, never from the timeline.
+            let mut users: BTreeSet<String> = timeline.events.iter().map(|(p, _)| p.sender.to_string()).collect();
+            users.extend(timeline.events.iter().filter(|(p, _)| p.kind == ruma::events::TimelineEventType::RoomMember).filter_map(|(p, _)| p.state_key.clone()));
+            if full_state {
+                users.insert(user_id.to_string());
+            }
+            if name.is_none() {
+                users.extend(hero_ids(&members, user_id).map(|u| u.to_string()));
+            }
+            for user in users {
+                if let Some(event_id) = now.get(&("m.room.member".to_owned(), user)) {
+                    wanted.insert(event_id.clone());
+                }
+            }
+            // Every membership that changed since the room was last sent, also beyond the
+            // timeline's window: a client must never take a removed member for a present one
+            // (it would share room keys with them).
+            if let Some(before) = &before {
+                for ((kind, key), event_id) in now.iter() {
+                    if kind == "m.room.member" && before.get(&(kind.clone(), key.clone())) != Some(event_id) {
+                        wanted.insert(event_id.clone());
+                    }
+                }
+            }
+        }
+    }
+    if !joined && sent.is_none_or(|s| s.membership_pos != entry.pos) {
+        // A left room always carries the user's own leave (clients take a room without it for a
+        // joined one); someone who left without ever joining (a withdrawn or declined knock)
+        // learns of nothing else.
+        wanted.insert(entry.event_id.clone());
+    }
+    let required_state: Vec<JsonValue> =
+        wanted.iter().filter_map(|id| server.rooms.pdu(id).ok().flatten()).map(|p| render(&p, None)).collect();
+
     let counts = (
         members.iter().filter(|(_, m)| *m == Membership::Join).count(),
         members.iter().filter(|(_, m)| *m == Membership::Invite).count(),
@@ -697,6 +715,11 @@ fn joined_room(
     Ok(Some((body, sent_now, initial)))
 }
 
+/// Up to five other joined or invited members: the room's heroes.
+fn hero_ids<'m>(members: &'m [(OwnedUserId, Membership)], user_id: &'m UserId) -> impl Iterator<Item = &'m OwnedUserId> {
+    members.iter().filter(move |(u, m)| u != user_id && matches!(m, Membership::Join | Membership::Invite)).map(|(u, _)| u).take(5)
+}
+
 /// The members of a room in the state `state`, with their membership.
 fn members_in(server: &Server, state: &crate::rooms::state::StateMap) -> Result<Vec<(OwnedUserId, Membership)>> {
     let mut members = Vec::new();
@@ -729,7 +752,7 @@ fn heroes(
     state: &crate::rooms::state::StateMap,
 ) -> Result<JsonValue> {
     let mut heroes = Vec::new();
-    for (member, _) in members.iter().filter(|(u, m)| u != user_id && matches!(m, Membership::Join | Membership::Invite)).take(5) {
+    for member in hero_ids(members, user_id) {
         let mut hero = json!({ "user_id": member });
         if let Some(id) = state.get(&("m.room.member".to_owned(), member.to_string()))
             && let Some(pdu) = server.rooms.pdu(id)?

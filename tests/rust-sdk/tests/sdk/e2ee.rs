@@ -191,7 +191,6 @@ async fn a_new_device_gets_the_next_room_key_and_a_deleted_one_goes() -> Result<
 /// `required_state`, the only state matrix-sdk reads from sliding sync) and leave her out of the
 /// next room key.
 #[tokio::test]
-#[ignore = "Limbic bug: a membership change in the timeline is missing from required_state, so the SDK never sees the kick and shares the next room key with the kicked member (passes on Synapse)"]
 async fn a_kicked_member_gets_no_later_room_keys() -> Result<()> {
     Server::run(async |server| {
         let alice = Syncing::start(server.user("alice").await?).await?;
