@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Matrix client-server load generator for comparing homeservers.
 
-Runs four measurements against ONE homeserver and prints a JSON document:
+Runs these measurements against ONE homeserver and prints a JSON document:
 
   send        message send throughput with N concurrent senders (default 4),
               once with all senders in one shared room and once with each
@@ -13,6 +13,11 @@ Runs four measurements against ONE homeserver and prints a JSON document:
   initial     initial sync of a user joined to R rooms (default 200) that each
               hold a few messages: `GET /sync` with no `since`, averaged over a
               few runs after one warm-up run;
+  sliding     simplified sliding sync (MSC4186), only with --sliding-rooms N:
+              the first response of a new connection asking for a 20-room
+              window of a user in N rooms (one cold request, then a mean of
+              several), and the wake-up latency of a long-polling connection,
+              measured like `latency`;
   rss         the server process's VmRSS from /proc/<pid>/status at start and
               after everything, once the server has been idle a few seconds.
 
@@ -37,11 +42,12 @@ import statistics
 import sys
 import time
 import urllib.parse
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 
 API = "/_matrix/client/v3"
+SLIDING = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync"
 
 
 def log(*args: Any) -> None:
@@ -308,6 +314,22 @@ class Client:
         )
         return data, nbytes
 
+    async def sliding_sync(
+        self,
+        pos: str | None,
+        body: dict[str, Any],
+        timeout_ms: int = 0,
+        request_timeout: float = 120.0,
+    ) -> tuple[Any, int]:
+        """One simplified sliding sync (MSC4186) request; no `pos`: a new connection."""
+        params: dict[str, str] = {"timeout": str(timeout_ms)}
+        if pos:
+            params["pos"] = pos
+        _, data, nbytes = await self.request(
+            "POST", SLIDING, body, params=params, timeout=request_timeout
+        )
+        return data, nbytes
+
 
 # --------------------------------------------------------------------------
 # Measurements
@@ -387,6 +409,111 @@ async def measure_send(
     return res
 
 
+MARKER = "org.limbic.bench.marker"
+
+
+def carries_marker(events: list[Any], marker: str) -> bool:
+    return any((ev.get("content") or {}).get(MARKER) == marker for ev in events)
+
+
+async def delivery_latency(
+    args: argparse.Namespace,
+    sender: Client,
+    room: str,
+    run_id: str,
+    poll: Callable[[], Awaitable[Any]],
+    advance: Callable[[Any], None],
+    has_marker: Callable[[Any, str], bool],
+) -> dict[str, Any]:
+    """Send -> long-poll delivery latency, the same for /sync and sliding sync.
+
+    `poll()` is one long-poll from the receiver's current position, `advance(response)`
+    moves that position past a response, and `has_marker(response, marker)` says whether
+    the response carries the probe. Per sample: park a long-poll, wait --settle-ms, send a
+    probe into `room`; the figure is the time from the start of the send request to the
+    arrival of the response carrying it. A long-poll that returns without the probe is
+    re-issued and the time keeps counting (extra_polls).
+    """
+    samples: list[float] = []
+    send_times: list[float] = []  # the probe's own PUT /send round trip, for comparison
+    extra_polls = 0
+    early_returns = 0
+    deadline = time.perf_counter() + args.phase_time_limit
+
+    async def timed_send(i: int, marker: str) -> float:
+        await sender.send_text(
+            room,
+            f"latency probe {i}",
+            {
+                MARKER: marker,
+                # canonical JSON has no floats: integer ms
+                "org.limbic.bench.sent_ts": int(time.time() * 1000),
+            },
+        )
+        return time.perf_counter()
+
+    with CpuMeter(args.pid) as cpu:
+        for i in range(args.latency_samples):
+            if time.perf_counter() > deadline:
+                break
+            marker = f"{run_id}-{i}"
+            pending_poll = asyncio.create_task(poll())
+            await asyncio.sleep(args.settle_ms / 1000.0)
+            # The long-poll may have returned early with something unrelated:
+            # take it and park a new one (bounded).
+            for _ in range(10):
+                if not pending_poll.done():
+                    break
+                early_returns += 1
+                advance(pending_poll.result())
+                pending_poll = asyncio.create_task(poll())
+                await asyncio.sleep(args.settle_ms / 1000.0)
+            t0 = time.perf_counter()
+            send = asyncio.create_task(timed_send(i, marker))
+            arrived = None
+            sample_deadline = t0 + args.sample_timeout
+            for _ in range(20):  # bounded re-polls until the event shows up
+                # Wait for the poll, but fail fast if the send fails.
+                while not pending_poll.done():
+                    left = sample_deadline - time.perf_counter()
+                    if left <= 0:
+                        break
+                    waiting = {pending_poll} if send.done() else {pending_poll, send}
+                    await asyncio.wait(
+                        waiting, timeout=left, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if send.done() and send.exception() is not None:
+                        pending_poll.cancel()
+                        raise send.exception()  # type: ignore[misc]
+                if not pending_poll.done():
+                    break
+                data = pending_poll.result()
+                t1 = time.perf_counter()
+                advance(data)
+                if has_marker(data, marker):
+                    arrived = t1
+                    break
+                extra_polls += 1
+                pending_poll = asyncio.create_task(poll())
+            if arrived is None:
+                pending_poll.cancel()
+                send.cancel()
+                raise MatrixError(
+                    f"latency probe {i} did not arrive within {args.sample_timeout}s"
+                )
+            send_times.append(await send - t0)
+            samples.append(arrived - t0)
+    return {
+        "samples": len(samples),
+        "settle_ms": args.settle_ms,
+        "extra_polls": extra_polls,
+        "early_returns": early_returns,
+        **summarize_ms(samples),
+        "send_request": summarize_ms(send_times),
+        **cpu.as_dict(),
+    }
+
+
 async def measure_latency(
     http: aiohttp.ClientSession,
     args: argparse.Namespace,
@@ -429,89 +556,18 @@ async def measure_latency(
 
     def has_marker(d: Any, marker: str) -> bool:
         r = (d.get("rooms") or {}).get("join", {}).get(room)
-        if not r:
-            return False
-        for ev in (r.get("timeline") or {}).get("events", []):
-            if (ev.get("content") or {}).get("org.limbic.bench.marker") == marker:
-                return True
-        return False
+        return bool(r) and carries_marker((r.get("timeline") or {}).get("events", []), marker)
 
-    samples: list[float] = []
-    extra_polls = 0
-    early_returns = 0
-    deadline = time.perf_counter() + args.phase_time_limit
-    with CpuMeter(args.pid) as cpu:
-        for i in range(args.latency_samples):
-            if time.perf_counter() > deadline:
-                break
-            marker = f"{run_id}-{i}"
-            poll = asyncio.create_task(receiver.sync(since, args.longpoll_ms, filt))
-            await asyncio.sleep(args.settle_ms / 1000.0)
-            # The long-poll may have returned early with something unrelated:
-            # take it and park a new one (bounded).
-            for _ in range(10):
-                if not poll.done():
-                    break
-                early_returns += 1
-                data, _ = poll.result()
-                since = data["next_batch"]
-                poll = asyncio.create_task(receiver.sync(since, args.longpoll_ms, filt))
-                await asyncio.sleep(args.settle_ms / 1000.0)
-            t0 = time.perf_counter()
-            send = asyncio.create_task(
-                sender.send_text(
-                    room,
-                    f"latency probe {i}",
-                    {
-                        "org.limbic.bench.marker": marker,
-                        # canonical JSON has no floats: integer ms
-                        "org.limbic.bench.sent_ts": int(time.time() * 1000),
-                    },
-                )
-            )
-            arrived = None
-            sample_deadline = t0 + args.sample_timeout
-            for _ in range(20):  # bounded re-polls until the event shows up
-                # Wait for the poll, but fail fast if the send fails.
-                while not poll.done():
-                    left = sample_deadline - time.perf_counter()
-                    if left <= 0:
-                        break
-                    pending = {poll} if send.done() else {poll, send}
-                    await asyncio.wait(
-                        pending, timeout=left, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    if send.done() and send.exception() is not None:
-                        poll.cancel()
-                        raise send.exception()  # type: ignore[misc]
-                if not poll.done():
-                    break
-                data, _ = poll.result()
-                t1 = time.perf_counter()
-                since = data["next_batch"]
-                if has_marker(data, marker):
-                    arrived = t1
-                    break
-                extra_polls += 1
-                poll = asyncio.create_task(receiver.sync(since, args.longpoll_ms, filt))
-            if arrived is None:
-                poll.cancel()
-                send.cancel()
-                raise MatrixError(
-                    f"latency probe {i} did not arrive in /sync within {args.sample_timeout}s"
-                )
-            await send
-            samples.append(arrived - t0)
-    res = {
-        "samples": len(samples),
-        "filter": filt is not None,
-        "settle_ms": args.settle_ms,
-        "extra_polls": extra_polls,
-        "early_returns": early_returns,
-        **summarize_ms(samples),
-        **cpu.as_dict(),
-    }
-    return res
+    async def poll() -> Any:
+        data, _ = await receiver.sync(since, args.longpoll_ms, filt)
+        return data
+
+    def advance(d: Any) -> None:
+        nonlocal since
+        since = d["next_batch"]
+
+    res = await delivery_latency(args, sender, room, run_id, poll, advance, has_marker)
+    return {"filter": filt is not None, **res}
 
 
 async def measure_initial_sync(
@@ -575,6 +631,169 @@ async def measure_initial_sync(
     }
 
 
+# What matrix-sdk's room list asks for when it opens: the most recent rooms with their
+# last event and the state a room list shows, on the connection that also carries the
+# extensions the SDK's sync service enables.
+SLIDING_LIST = "all_rooms"
+SLIDING_REQUIRED_STATE = [
+    ["m.room.name", ""],
+    ["m.room.avatar", ""],
+    ["m.room.encryption", ""],
+    ["m.room.member", "$LAZY"],
+    ["m.room.member", "$ME"],
+]
+SLIDING_EXTENSIONS = ("e2ee", "to_device", "account_data", "receipts", "typing")
+
+
+def sliding_body(window: int) -> dict[str, Any]:
+    return {
+        "conn_id": "room-list",
+        "lists": {
+            SLIDING_LIST: {
+                "ranges": [[0, window - 1]],
+                "timeline_limit": 1,
+                "required_state": SLIDING_REQUIRED_STATE,
+            }
+        },
+        "extensions": {name: {"enabled": True} for name in SLIDING_EXTENSIONS},
+    }
+
+
+async def measure_sliding(
+    http: aiohttp.ClientSession,
+    args: argparse.Namespace,
+    stats: dict[str, int],
+    run_id: str,
+) -> dict[str, Any]:
+    """Simplified sliding sync (MSC4186): the first window of a user in many rooms, and the
+    wake-up latency of a long-polling connection."""
+    probe = Client(http, args.base_url, stats)
+    _, versions, _ = await probe.request("GET", "/_matrix/client/versions")
+    advertised = bool((versions.get("unstable_features") or {}).get("org.matrix.simplified_msc3575"))
+
+    # Setup, untimed but bounded: one user in N named rooms with a few messages each, so
+    # that every room has its own bump stamp.
+    (user,) = await make_users(http, args, stats, f"bench{run_id}w", 1)
+    n_rooms, window = args.sliding_rooms, args.sliding_window
+    next_room = 0
+    done: list[str] = []  # in the order their last message was acknowledged
+    setup_deadline = time.perf_counter() + args.sliding_setup_limit
+
+    async def worker() -> None:
+        nonlocal next_room
+        while next_room < n_rooms and time.perf_counter() < setup_deadline:
+            idx = next_room
+            next_room += 1
+            rid = await user.create_room(f"sliding bench room {idx}")
+            for m in range(args.sliding_messages_per_room):
+                await user.send_text(rid, f"message {m} in room {idx}")
+            done.append(rid)
+            if len(done) % 100 == 0:
+                log(f"sliding sync setup: {len(done)}/{n_rooms} rooms")
+
+    with CpuMeter(args.pid) as setup_cpu:
+        await asyncio.gather(*(worker() for _ in range(args.setup_concurrency)))
+    setup = {
+        **setup_cpu.as_dict(),
+        "rooms": len(done),
+        "messages_per_room": args.sliding_messages_per_room,
+        "concurrency": args.setup_concurrency,
+        "rooms_per_s": round(len(done) / setup_cpu.wall_s, 2) if setup_cpu.wall_s else None,
+    }
+    log(f"sliding sync: created {len(done)} rooms in {setup_cpu.wall_s:.1f}s")
+    if len(done) < n_rooms:
+        raise MatrixError(
+            f"sliding sync setup created only {len(done)} of {n_rooms} rooms within "
+            f"--sliding-setup-limit {args.sliding_setup_limit}s"
+        )
+
+    # First window: each request a new connection (no pos), as an app that starts.
+    body = sliding_body(window)
+    recent = set(done[-window:])
+    counts: set[Any] = set()
+    in_window: list[int] = []
+    named: list[int] = []
+    recent_found: list[int] = []
+
+    async def first_window() -> tuple[float, int]:
+        t0 = time.perf_counter()
+        data, nbytes = await user.sliding_sync(None, body, 0, request_timeout=300.0)
+        dt = time.perf_counter() - t0
+        rooms = data.get("rooms") or {}
+        counts.add(((data.get("lists") or {}).get(SLIDING_LIST) or {}).get("count"))
+        in_window.append(len(rooms))
+        named.append(sum(1 for r in rooms.values() if r.get("name")))
+        recent_found.append(len(recent & set(rooms)))
+        return dt, nbytes
+
+    cold, nbytes = await first_window()
+    runs: list[float] = []
+    deadline = time.perf_counter() + args.phase_time_limit
+    with CpuMeter(args.pid) as cpu:
+        for _ in range(args.sliding_runs):
+            if time.perf_counter() > deadline:
+                break
+            dt, nbytes = await first_window()
+            runs.append(dt)
+    first = {
+        "cold_ms": round(cold * 1000.0, 2),
+        "runs": len(runs),
+        **summarize_ms(runs),
+        "count": sorted(counts, key=str) if len(counts) > 1 else next(iter(counts)),
+        "rooms_in_response": min(in_window),
+        "named_rooms_in_response": min(named),
+        # the window should be the rooms last written to (give or take the setup's concurrency)
+        "most_recent_rooms_in_response": min(recent_found),
+        "response_bytes": nbytes,
+        **cpu.as_dict(),
+    }
+    log(f"   first window: cold {first['cold_ms']} ms, mean {first.get('mean_ms')} ms, "
+        f"count {first['count']}, {first['rooms_in_response']} rooms")
+
+    # Wake-up: user B keeps a connection long-polling in one room; user A sends.
+    sender, receiver = await make_users(http, args, stats, f"bench{run_id}x", 2)
+    room = await sender.create_room(f"sliding wake-up bench {run_id}", public=True)
+    await receiver.join(room)
+    wake_body = sliding_body(window)
+    data, _ = await receiver.sliding_sync(None, wake_body, 0)
+    pos = data["pos"]
+
+    def advance(d: Any) -> None:
+        nonlocal pos
+        pos = d["pos"]
+        # acknowledge to-device messages as matrix-sdk does
+        batch = ((d.get("extensions") or {}).get("to_device") or {}).get("next_batch")
+        if batch:
+            wake_body["extensions"]["to_device"]["since"] = batch
+
+    advance(data)
+    for k in range(args.send_warmup):  # warm-up, untimed
+        await sender.send_text(room, f"wake-up warm-up {k}")
+    for _ in range(20):  # drain: bounded
+        data, _ = await receiver.sliding_sync(pos, wake_body, 0)
+        advance(data)
+        if not data.get("rooms"):
+            break
+
+    async def poll() -> Any:
+        data, _ = await receiver.sliding_sync(pos, wake_body, args.longpoll_ms)
+        return data
+
+    def has_marker(d: Any, marker: str) -> bool:
+        r = (d.get("rooms") or {}).get(room)
+        return bool(r) and carries_marker(r.get("timeline") or [], marker)
+
+    wake = await delivery_latency(args, sender, room, run_id, poll, advance, has_marker)
+    return {
+        "advertised": advertised,
+        "rooms": n_rooms,
+        "window": window,
+        "setup": setup,
+        "first_window": first,
+        "wake_up": wake,
+    }
+
+
 def rss_snapshot(pid: int | None) -> dict[str, Any]:
     return {
         "vmrss_kb": proc_status_kb(pid, "VmRSS"),
@@ -603,6 +822,9 @@ async def wait_ready(base: str, limit_s: float) -> None:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     await wait_ready(args.base_url, args.ready_timeout)
     run_id = args.run_id or secrets.token_hex(3)
+    phases = set(args.only.split(",")) if args.only else {"send", "latency", "initial"}
+    if not args.only and args.sliding_rooms > 0:
+        phases.add("sliding")
     stats: dict[str, int] = {}
     out: dict[str, Any] = {
         "server": args.name,
@@ -617,6 +839,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "messages_per_room": args.messages_per_room,
             "initial_sync_runs": args.initial_sync_runs,
             "idle_wait_s": args.idle_wait,
+            "phases": sorted(phases),
+            "sliding_rooms": args.sliding_rooms,
+            "sliding_window": args.sliding_window,
+            "sliding_runs": args.sliding_runs,
+            "sliding_messages_per_room": args.sliding_messages_per_room,
         },
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -625,7 +852,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     conn = aiohttp.TCPConnector(limit=0, ttl_dns_cache=None)
     async with aiohttp.ClientSession(connector=conn) as http:
-        phases = set(args.only.split(",")) if args.only else {"send", "latency", "initial"}
         if "send" in phases:
             log("send throughput, shared room ...")
             out["send_shared_room"] = await measure_send(http, args, stats, run_id, True)
@@ -641,6 +867,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             log(f"initial sync of a user in {args.rooms} rooms ...")
             out["initial_sync"] = await measure_initial_sync(http, args, stats, run_id)
             log("   mean", out["initial_sync"]["mean_ms"], "ms")
+        if "sliding" in phases:
+            log(f"sliding sync: a user in {args.sliding_rooms} rooms ...")
+            out["sliding"] = await measure_sliding(http, args, stats, run_id)
+            wake = out["sliding"]["wake_up"]
+            log("   wake-up p50", wake.get("p50_ms"), "ms  p99", wake.get("p99_ms"), "ms")
 
     log(f"idle {args.idle_wait}s, then RSS ...")
     await asyncio.sleep(args.idle_wait)
@@ -658,7 +889,8 @@ def main() -> None:
     p.add_argument("--shared-secret", help="registration shared secret (admin register API); "
                    "without it, /register with m.login.dummy")
     p.add_argument("--run-id", help="suffix for user names (default: random)")
-    p.add_argument("--only", help="comma list of phases: send,latency,initial (default all)")
+    p.add_argument("--only", help="comma list of phases: send,latency,initial,sliding "
+                   "(default: the first three, and sliding when --sliding-rooms is given)")
     p.add_argument("--senders", type=int, default=4)
     p.add_argument("--messages-per-sender", type=int, default=250)
     p.add_argument("--send-warmup", type=int, default=10, help="untimed messages per sender first")
@@ -672,12 +904,26 @@ def main() -> None:
     p.add_argument("--messages-per-room", type=int, default=3)
     p.add_argument("--setup-concurrency", type=int, default=4)
     p.add_argument("--initial-sync-runs", type=int, default=5)
+    p.add_argument("--sliding-rooms", type=int, default=0,
+                   help="sliding sync phase: rooms of its user (0: no sliding sync phase)")
+    p.add_argument("--sliding-window", type=int, default=20, help="rooms in the first window")
+    p.add_argument("--sliding-runs", type=int, default=10,
+                   help="timed first-window requests, after one cold one")
+    p.add_argument("--sliding-messages-per-room", type=int, default=2)
+    p.add_argument("--sliding-setup-limit", type=float, default=1800.0,
+                   help="seconds the sliding sync setup may take before the run fails")
     p.add_argument("--idle-wait", type=float, default=5.0, help="seconds idle before each RSS reading")
     p.add_argument("--phase-time-limit", type=float, default=300.0,
                    help="a timed phase stops issuing new requests after this many seconds")
     p.add_argument("--ready-timeout", type=float, default=120.0)
     p.add_argument("--output", help="also write the JSON here")
     args = p.parse_args()
+    if args.only:
+        unknown = set(args.only.split(",")) - {"send", "latency", "initial", "sliding"}
+        if unknown:
+            p.error(f"unknown phase(s) in --only: {', '.join(sorted(unknown))}")
+        if "sliding" in args.only.split(",") and args.sliding_rooms <= 0:
+            p.error("--only sliding needs --sliding-rooms N")
 
     host = urllib.parse.urlparse(args.base_url).hostname or ""
     if not (host.startswith("127.") or host in ("localhost", "::1")):

@@ -45,10 +45,26 @@ ROWS: list[tuple[str, str, float, bool, tuple[str, float] | None]] = [
     ("Initial sync, {rooms} rooms, mean of {runs} runs (ms)", "initial_sync.mean_ms", 1, False, ("ratio", 5)),
     ("Initial sync, {rooms} rooms, first run (ms)", "initial_sync.first_ms", 1, False, None),
     ("Room setup rate (createRoom + {mpr} messages, rooms/s)", "initial_sync.setup.rooms_per_s", 1, True, None),
+    ("Sliding sync first window, {swin} of {srooms} rooms, mean of {sruns} new connections (ms)",
+     "sliding.first_window.mean_ms", 1, False, ("ratio", 5)),
+    ("Sliding sync first window, p50 (ms)", "sliding.first_window.p50_ms", 1, False, None),
+    ("Sliding sync first window, cold: first request after the setup (ms)",
+     "sliding.first_window.cold_ms", 1, False, None),
+    ("Sliding sync send → wake-up p50 (ms)", "sliding.wake_up.p50_ms", 1, False, None),
+    ("Sliding sync send → wake-up p90 (ms)", "sliding.wake_up.p90_ms", 1, False, None),
+    ("Sliding sync send → wake-up p99 (ms)", "sliding.wake_up.p99_ms", 1, False, ("max", 10)),
+    ("Sliding sync wake-up: the probe's own PUT /send, p50 (ms)",
+     "sliding.wake_up.send_request.p50_ms", 1, False, None),
+    ("Sliding sync setup: {srooms} rooms (createRoom with a name + {smpr} messages), untimed (s)",
+     "sliding.setup.wall_s", 1, False, None),
     ("Idle RSS after the run (MB)", "rss_idle.vmrss_kb", 1 / 1024, False, ("max", 50)),
     ("RSS at start (MB)", "rss_start.vmrss_kb", 1 / 1024, False, None),
     ("Peak RSS, VmHWM (MB)", "rss_idle.vmhwm_kb", 1 / 1024, False, None),
 ]
+
+
+# Rows of these are shown even when empty (a one-phase run still shows the memory figures).
+PHASES_ALWAYS_SHOWN = ("rss_idle", "rss_start")
 
 
 def table(lim: dict[str, Any] | None, syn: dict[str, Any] | None) -> str:
@@ -63,10 +79,16 @@ def table(lim: dict[str, Any] | None, syn: dict[str, Any] | None) -> str:
         "rooms": params.get("rooms", "?"),
         "runs": params.get("initial_sync_runs", "?"),
         "mpr": params.get("messages_per_room", "?"),
+        "swin": params.get("sliding_window", "?"),
+        "srooms": params.get("sliding_rooms", "?"),
+        "sruns": params.get("sliding_runs", "?"),
+        "smpr": params.get("sliding_messages_per_room", "?"),
     }
     for label, path, scale, higher, target in ROWS:
         label = label.format(**subst)
         lv, sv = get(lim, path), get(syn, path)
+        if lv is None and sv is None and path.split(".")[0] not in PHASES_ALWAYS_SHOWN:
+            continue  # a phase neither run had
         lv = lv * scale if lv is not None else None
         sv = sv * scale if sv is not None else None
         ratio = "–"
@@ -115,10 +137,36 @@ def notes(name: str, d: dict[str, Any] | None) -> list[str]:
             f"{name}: initial sync returned {ini.get('rooms_in_response')} joined rooms, "
             f"expected {ini.get('rooms')}"
         )
+    sl = d.get("sliding")
+    if sl:
+        first, wake = sl.get("first_window") or {}, sl.get("wake_up") or {}
+        if not sl.get("advertised"):
+            n.append(f"{name}: /versions does not list org.matrix.simplified_msc3575")
+        if first.get("count") != sl.get("rooms"):
+            n.append(f"{name}: the sliding sync list counted {first.get('count')} rooms, expected {sl.get('rooms')}")
+        if first.get("rooms_in_response") != sl.get("window"):
+            n.append(
+                f"{name}: a sliding sync first window held {first.get('rooms_in_response')} rooms, "
+                f"expected {sl.get('window')}"
+            )
+        elif first.get("named_rooms_in_response") != sl.get("window"):
+            n.append(f"{name}: only {first.get('named_rooms_in_response')} rooms of the first window had their name")
+        slack = (sl.get("setup") or {}).get("concurrency") or 0
+        if (first.get("most_recent_rooms_in_response") or 0) < (sl.get("window") or 0) - slack:
+            n.append(
+                f"{name}: only {first.get('most_recent_rooms_in_response')} rooms of the first window "
+                "were among the most recently written to: the window is not ordered by recency"
+            )
+        if wake.get("extra_polls"):
+            n.append(f"{name}: {wake['extra_polls']} sliding sync long-polls returned without the probe and were re-issued")
     other = wall = 0.0
     for key, wkey in (("send_shared_room", "wall_s"), ("send_own_rooms", "wall_s"),
-                      ("latency", "wall_s"), ("initial_sync", "timed_wall_s")):
-        ph = d.get(key) or {}
+                      ("latency", "wall_s"), ("initial_sync", "timed_wall_s"),
+                      ("sliding.first_window", "wall_s"), ("sliding.wake_up", "wall_s")):
+        ph: Any = d
+        for part in key.split("."):
+            ph = (ph or {}).get(part)
+        ph = ph or {}
         if isinstance(ph.get("other_cpu_s"), (int, float)) and ph.get(wkey):
             other += ph["other_cpu_s"]
             wall += ph[wkey]
