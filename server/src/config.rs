@@ -493,6 +493,9 @@ impl Config {
         if self.database.path.as_os_str().is_empty() {
             return Err(ConfigError::Invalid { key: "database.path", reason: "must not be empty".into() });
         }
+        if let Some(reason) = weak_shared_secret(&self.registration.shared_secret) {
+            return Err(ConfigError::Invalid { key: "registration.shared_secret", reason: reason.into() });
+        }
         if self.registration.mode == RegistrationMode::Token && self.registration.tokens.is_empty() {
             return Err(ConfigError::Invalid {
                 key: "registration.tokens",
@@ -627,8 +630,40 @@ fn apply_env_override(
     Ok(())
 }
 
+/// The shortest admin registration secret accepted, in bytes.
+const MIN_SHARED_SECRET_BYTES: usize = 32;
+
+/// Why a non-empty `[registration] shared_secret` must not be used: whoever knows it registers
+/// server admins, so a short one or a placeholder from an example would hand the server out.
+fn weak_shared_secret(secret: &str) -> Option<&'static str> {
+    if secret.is_empty() {
+        return None;
+    }
+    let lower = secret.to_ascii_lowercase();
+    if ["change-me", "changeme", "placeholder", "example", "secret-here"].iter().any(|p| lower.contains(p)) {
+        return Some("is a placeholder: generate one (e.g. `openssl rand -hex 32`) or leave it empty and create the first admin with `limbic user create --admin`");
+    }
+    if secret.len() < MIN_SHARED_SECRET_BYTES {
+        return Some("is shorter than 32 bytes: generate one (e.g. `openssl rand -hex 32`)");
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn admin_registration_secrets_are_long_and_not_placeholders() {
+        // The example ships none; with one, it must be long and not a placeholder.
+        let with = |secret: &str| Config::from_toml(EXAMPLE, [("LIMBIC_REGISTRATION__SHARED_SECRET".to_owned(), secret.to_owned())]);
+        assert_eq!(Config::from_toml(EXAMPLE, []).unwrap().registration.shared_secret, "");
+        assert!(with("").is_ok());
+        assert!(with(&"a1".repeat(16)).is_ok());
+        for weak in ["short-secret", "change-me-limbic-registration-secret", "CHANGEME-0123456789abcdef0123456789abcdef"] {
+            let error = with(weak).unwrap_err().to_string();
+            assert!(error.contains("registration.shared_secret"), "{weak}: {error}");
+        }
+    }
+
     use super::*;
 
     const EXAMPLE: &str = include_str!("../../config.example.toml");

@@ -25,7 +25,7 @@ pub struct TestServer {
     extra: String,
 }
 
-pub const SHARED_SECRET: &str = "test-shared-secret";
+pub const SHARED_SECRET: &str = "test-shared-secret-0123456789abcdef";
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
