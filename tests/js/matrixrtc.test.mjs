@@ -6,26 +6,21 @@
 // sends the delayed leave at once; and when the app dies the server sends it by itself.
 //
 // Needs the server binary (target/debug/limbic, or LIMBIC_BIN) and `npm ci --prefix tests/js`
-// (scripts/setup). The server's log goes to tests/js/artifacts/limbic.log. The SDK leaves
+// (scripts/setup). The server is the browser tests' (tests/browser/harness.mjs); its log goes to
+// tests/browser/artifacts/limbic-matrixrtc.log. The SDK leaves
 // request timers behind after stopClient(), hence --test-force-exit:
 //
 //   node --test --test-force-exit tests/js/
 
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { after, before, test } from 'node:test';
-import { fileURLToPath } from 'node:url';
 
 import { ClientEvent, createClient, EventType } from 'matrix-js-sdk';
 import { logger } from 'matrix-js-sdk/lib/logger.js';
 import { MatrixRTCSessionEvent } from 'matrix-js-sdk/lib/matrixrtc/index.js';
 
-const REPO = fileURLToPath(new URL('../../', import.meta.url));
-const ARTIFACTS = join(REPO, 'tests/js/artifacts');
+import { LimbicServer, sleep } from '../browser/harness.mjs';
+
 const CALL_MEMBER = EventType.GroupCallMemberPrefix; // org.matrix.msc3401.call.member
 const DELAYED_EVENTS = '/_matrix/client/unstable/org.matrix.msc4140/delayed_events';
 // Short timers so that the test sees several keep-alives and a server-side leave quickly.
@@ -33,19 +28,6 @@ const MEMBERSHIP = { membershipServerSideExpiryTimeout: 3000, membershipKeepAliv
 const STEP = 15_000;
 
 logger.setLevel('warn');
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.unref();
-    server.on('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address();
-      server.close(() => resolve(port));
-    });
-  });
-}
 
 /** Polls `probe` until it answers something truthy. */
 async function until(what, probe, timeout = STEP) {
@@ -59,44 +41,11 @@ async function until(what, probe, timeout = STEP) {
   assert.fail(`timed out waiting for ${what} (last: ${JSON.stringify(last)})`);
 }
 
-/** `limbic serve` with config.example.toml (without its plugins) on a free port and a fresh store. */
-class LimbicServer {
-  async start() {
-    const target = process.env.CARGO_TARGET_DIR ?? 'target';
-    const bin = process.env.LIMBIC_BIN ?? join(target.startsWith('/') ? target : join(REPO, target), 'debug/limbic');
-    assert.ok(existsSync(bin), `no server binary at ${bin}: run \`cargo build -p limbic-server --bins\` or set LIMBIC_BIN`);
-    this.workdir = mkdtempSync(join(tmpdir(), 'limbic-js-'));
-    this.port = await freePort();
-    this.url = `http://127.0.0.1:${this.port}`;
-    const configPath = join(this.workdir, 'limbic.toml');
-    writeFileSync(configPath, readFileSync(join(REPO, 'config.example.toml'), 'utf8').split(/^\[\[plugins\]\]/m)[0]);
-    const overrides = {
-      LIMBIC_LISTEN__ADDRESS: '127.0.0.1',
-      LIMBIC_LISTEN__PORT: String(this.port),
-      LIMBIC_DATABASE__PATH: join(this.workdir, 'store'),
-      LIMBIC_MEDIA__PATH: join(this.workdir, 'media'),
-      LIMBIC_RATE_LIMITS__ENABLED: 'false',
-      LIMBIC_CALLS__UDP_ADDRESS: '127.0.0.1',
-      LIMBIC_CALLS__UDP_PORT: '0',
-    };
-    const env = Object.fromEntries(Object.entries(process.env).filter(([key]) => !key.startsWith('LIMBIC_')));
-    mkdirSync(ARTIFACTS, { recursive: true });
-    this.logPath = join(ARTIFACTS, 'limbic.log');
-    const log = openSync(this.logPath, 'w');
-    this.process = spawn(bin, ['serve', '--config', configPath], { cwd: this.workdir, env: { ...env, ...overrides, NO_COLOR: '1' }, stdio: ['ignore', log, log] });
-    this.exited = new Promise((resolve) => this.process.once('exit', resolve));
-    await until('limbic to start', async () => {
-      assert.equal(this.process.exitCode, null, `limbic exited; see ${this.logPath}`);
-      return fetch(`${this.url}/_matrix/client/versions`).then((r) => r.ok, () => false);
-    }, 60_000);
-  }
-
-  async stop() {
-    if (this.process?.exitCode === null) {
-      this.process.kill('SIGTERM');
-      await this.exited;
-    }
-    if (this.workdir) rmSync(this.workdir, { recursive: true, force: true });
+/** The browser tests' `limbic serve` (config.example.toml without its plugins, a free port, a
+ * fresh store), with what MatrixRTC clients need on top. */
+class MatrixRtcServer extends LimbicServer {
+  constructor() {
+    super({ logName: 'limbic-matrixrtc.log', overrides: () => ({ LIMBIC_CALLS__UDP_ADDRESS: '127.0.0.1' }) });
   }
 
   async request(method, path, { token, body } = {}) {
@@ -121,7 +70,7 @@ class LimbicServer {
   }
 }
 
-const server = new LimbicServer();
+const server = new MatrixRtcServer();
 let alice;
 let bob;
 let roomId;
