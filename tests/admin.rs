@@ -682,3 +682,28 @@ async fn admin_actions_are_audited_with_their_route_and_subject() {
     assert_eq!(admin.ok(Method::GET, "/_limbic/admin/v1/audit/verify", None).await["valid"], true);
 }
 
+
+#[tokio::test]
+async fn admin_reads_of_a_notes_room_are_audited_as_note_reads() {
+    let server = TestServer::start().await;
+    let common::SessionWithNote { admin, therapist: _, room, notes_room } = server.session_with_a_note().await;
+    let admin_note_reads = |audit: &Value| -> Vec<Value> {
+        audit["entries"].as_array().unwrap().iter().filter(|e| e["action"] == "note_read" && e["actor"] == admin.user_id.as_str()).cloned().collect()
+    };
+    let audit_path = format!("/_limbic/admin/v1/audit?room_id={}", enc(&room));
+
+    // Reading an ordinary room, or the session room itself, is no note read.
+    admin.ok(Method::GET, &format!("/_synapse/admin/v1/rooms/{}/state", enc(&room)), None).await;
+    assert!(admin_note_reads(&admin.ok(Method::GET, &audit_path, None).await).is_empty());
+
+    // The notes room's state, members and details: each read recorded, against the session.
+    let state = admin.ok(Method::GET, &format!("/_synapse/admin/v1/rooms/{}/state", enc(&notes_room)), None).await;
+    assert!(state.to_string().contains("confidential"));
+    admin.ok(Method::GET, &format!("/_synapse/admin/v1/rooms/{}/members", enc(&notes_room)), None).await;
+    admin.ok(Method::GET, &format!("/_synapse/admin/v1/rooms/{}", enc(&notes_room)), None).await;
+    let reads = admin_note_reads(&admin.ok(Method::GET, &audit_path, None).await);
+    let what: Vec<&str> = reads.iter().map(|e| e["details"]["read"].as_str().unwrap()).collect();
+    assert_eq!(what, ["state", "members", "details"], "{reads:?}");
+    assert!(reads.iter().all(|e| e["room_id"] == room.as_str() && e["details"]["notes_room"] == notes_room.as_str() && e["details"]["via"] == "admin_api"), "{reads:?}");
+    assert_eq!(admin.ok(Method::GET, "/_limbic/admin/v1/audit/verify", None).await["valid"], true);
+}

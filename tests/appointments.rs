@@ -202,3 +202,35 @@ async fn generated_key_survives_restart_and_users_without_a_role_knock() {
     let member = therapist.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/state/m.room.member/{}", enc(&room), enc("@carol:test.local")), None).await;
     assert_eq!((member["membership"].as_str(), member["reason"].as_str()), (Some("knock"), Some("appointment link")), "{member}");
 }
+
+#[tokio::test]
+async fn admins_and_therapists_are_never_booked_as_clients_nor_signed_in_by_a_link() {
+    let server = start(&[]).await;
+    let admin = server.register_admin("admin").await;
+    let therapist = verified_therapist(&server, &admin, "therapist").await;
+    let colleague = verified_therapist(&server, &admin, "colleague").await;
+    let refused = |body: &Value, who: &str| body["error"].as_str().unwrap_or_default().contains(who);
+
+    // An admin or a verified therapist as the client: refused, and no link for them.
+    for (client, id) in [(&admin.user_id, "appt-admin"), (&colleague.user_id, "appt-colleague")] {
+        let (status, body) = book(&server, Some(SECRET), appointment(id, &therapist.user_id, client)).await;
+        assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{body}");
+        assert!(refused(&body, client) && body.get("links").is_none(), "{body}");
+    }
+    // Nor a verified therapist who is also an admin as the therapist.
+    admin.ok(Method::PUT, &format!("/_synapse/admin/v1/users/{}/admin", enc(&colleague.user_id)), Some(json!({ "admin": true }))).await;
+    let (status, body) = book(&server, Some(SECRET), appointment("appt-admin-therapist", &colleague.user_id, "@dan:test.local")).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{body}");
+
+    // A plain account is booked; if it is made an admin later, its link no longer signs it in.
+    let client = server.register("client").await;
+    let booked = book(&server, Some(SECRET), appointment("appt-plain", &therapist.user_id, &client.user_id)).await;
+    assert_eq!(booked.0, StatusCode::OK, "{}", booked.1);
+    let token = token_of(&booked.1["links"][&client.user_id]);
+    admin.ok(Method::PUT, &format!("/_synapse/admin/v1/users/{}/admin", enc(&client.user_id)), Some(json!({ "admin": true }))).await;
+    let (status, body) = jwt_login(&server, &token).await;
+    assert_refused(status, &body, "admin");
+    // And a repeat booking of that appointment no longer hands out links for them.
+    let (status, body) = book(&server, Some(SECRET), appointment("appt-plain", &therapist.user_id, &client.user_id)).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{body}");
+}

@@ -1,12 +1,22 @@
 //! End-to-end tests: MatrixRTC discovery and the call-token service (MSC4195 `/get_token` and
-//! the earlier `/sfu/get`), with the clinic's rules on who may join a call with what rights.
+//! the earlier `/sfu/get`), with the clinic's rules on who may join a call with what rights;
+//! LiveKit signalling (`/rtc`) checking those rights again when a token is used, and dropping
+//! participants whose rights end during the call; the limits on what one participant uses.
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use base64::Engine;
 use common::{Client, TestServer, enc, errcode};
+use livekit_protocol as lk;
+use prost::Message as _;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
 
 const SERVICE: &str = "/_limbic/calls";
 
@@ -100,9 +110,8 @@ async fn members_get_call_tokens_and_others_do_not() {
     assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_BAD_JSON"), "{body}");
 }
 
-#[tokio::test]
-async fn a_session_call_opens_with_the_session_and_rights_follow_the_roles() {
-    let server = TestServer::start().await;
+/// A group session of a verified therapist with a client and an observer, both joined; its room.
+async fn group_session(server: &TestServer) -> (Client, Client, Client, String) {
     let admin = server.register_admin("admin").await;
     let therapist = server.register("therapist").await;
     admin.ok(Method::PUT, &format!("/_limbic/admin/v1/therapists/{}", enc(&therapist.user_id)), Some(json!({ "verified": true }))).await;
@@ -119,13 +128,23 @@ async fn a_session_call_opens_with_the_session_and_rights_follow_the_roles() {
         let (status, body) = member.join(&room).await;
         assert_eq!(status, StatusCode::OK, "{body}");
     }
+    (therapist, client, observer, room)
+}
+
+async fn set_status(therapist: &Client, room: &str, status: &str) {
+    therapist.ok(Method::PUT, &format!("/_limbic/client/v1/sessions/{}/status", enc(room)), Some(json!({ "status": status }))).await;
+}
+
+#[tokio::test]
+async fn a_session_call_opens_with_the_session_and_rights_follow_the_roles() {
+    let server = TestServer::start().await;
+    let (therapist, client, observer, room) = group_session(&server).await;
     // Scheduled: no call yet, for anyone.
     let (status, body) = token(&server, &therapist, &room).await;
     assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{body}");
     assert!(body["error"].as_str().unwrap().contains("scheduled"), "{body}");
 
-    let status_path = format!("/_limbic/client/v1/sessions/{}/status", enc(&room));
-    therapist.ok(Method::PUT, &status_path, Some(json!({ "status": "open" }))).await;
+    set_status(&therapist, &room, "open").await;
     let rights = |answer: Value| {
         let jwt = claims(answer["jwt"].as_str().unwrap());
         let video = &jwt["video"];
@@ -136,9 +155,9 @@ async fn a_session_call_opens_with_the_session_and_rights_follow_the_roles() {
     assert_eq!(rights(token(&server, &observer, &room).await.1), (false, true, false, false));
 
     // Once the session is over, the call is closed again.
-    therapist.ok(Method::PUT, &status_path, Some(json!({ "status": "in_progress" }))).await;
+    set_status(&therapist, &room, "in_progress").await;
     assert_eq!(token(&server, &client, &room).await.0, StatusCode::OK);
-    therapist.ok(Method::PUT, &status_path, Some(json!({ "status": "completed" }))).await;
+    set_status(&therapist, &room, "completed").await;
     let (status, body) = token(&server, &client, &room).await;
     assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{body}");
 }
@@ -168,4 +187,413 @@ async fn signalling_refuses_expired_tokens() {
     let answer = validate(true).send().await.unwrap();
     assert_eq!(answer.status(), StatusCode::UNAUTHORIZED);
     assert!(answer.text().await.unwrap().contains("Expired"), "expired");
+}
+
+/// A LiveKit client's signalling connection, as far as these tests need it: a WebSocket
+/// (RFC 6455's handshake, and the server's unmasked frames) carrying `SignalResponse`s.
+struct Signalling {
+    stream: TcpStream,
+    buffered: Vec<u8>,
+}
+
+impl Signalling {
+    /// Opens `/rtc` with a call token; the status and body when the server refuses.
+    async fn connect(server: &TestServer, jwt: &str) -> Result<Self, (u16, String)> {
+        let mut stream = TcpStream::connect(("127.0.0.1", server.port)).await.unwrap();
+        let request = format!(
+            "GET /rtc?access_token={jwt}&auto_subscribe=1&protocol=16 HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            server.port
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut connection = Self { stream, buffered: Vec::new() };
+        let end = loop {
+            if let Some(at) = connection.buffered.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            assert!(connection.fill().await, "the server closed the connection during the handshake");
+        };
+        let head = String::from_utf8_lossy(&connection.buffered[..end]).into_owned();
+        connection.buffered.drain(..end);
+        let status: u16 = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("an HTTP status line");
+        if status == 101 {
+            return Ok(connection);
+        }
+        let length = head.lines().find_map(|line| line.to_ascii_lowercase().strip_prefix("content-length:").and_then(|v| v.trim().parse().ok())).unwrap_or(0);
+        while connection.buffered.len() < length && connection.fill().await {}
+        Err((status, String::from_utf8_lossy(&connection.buffered).into_owned()))
+    }
+
+    /// Reads more from the socket; false once it is closed.
+    async fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 8192];
+        match self.stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                self.buffered.extend_from_slice(&chunk[..n]);
+                true
+            }
+        }
+    }
+
+    /// The next signalling message; `None` once the connection is closed.
+    async fn next(&mut self) -> Option<lk::signal_response::Message> {
+        loop {
+            if let Some((opcode, payload)) = self.frame() {
+                match opcode {
+                    0x2 => return Some(lk::SignalResponse::decode(payload.as_slice()).expect("a SignalResponse").message.expect("a message")),
+                    0x8 => return None,
+                    _ => continue,
+                }
+            }
+            if !self.fill().await {
+                return None;
+            }
+        }
+    }
+
+    /// A whole frame from the buffer, if one is there.
+    fn frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        let b = &self.buffered;
+        if b.len() < 2 {
+            return None;
+        }
+        let (length, start) = match b[1] & 0x7f {
+            126 if b.len() >= 4 => (usize::from(u16::from_be_bytes([b[2], b[3]])), 4),
+            127 if b.len() >= 10 => (usize::try_from(u64::from_be_bytes(b[2..10].try_into().unwrap())).unwrap(), 10),
+            126 | 127 => return None,
+            short => (usize::from(short), 2),
+        };
+        if b.len() < start + length {
+            return None;
+        }
+        let opcode = b[0] & 0x0f;
+        let payload = b[start..start + length].to_vec();
+        self.buffered.drain(..start + length);
+        Some((opcode, payload))
+    }
+
+    /// Reads messages until one matches, for at most `within`; it, or `None` if the connection
+    /// closed or time ran out first.
+    async fn until(&mut self, within: Duration, wanted: impl Fn(&lk::signal_response::Message) -> bool) -> Option<lk::signal_response::Message> {
+        tokio::time::timeout(within, async {
+            while let Some(message) = self.next().await {
+                if wanted(&message) {
+                    return Some(message);
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    /// Joins: the first message is the `JoinResponse`.
+    async fn join(server: &TestServer, jwt: &str) -> Self {
+        let mut connection = Self::connect(server, jwt).await.unwrap_or_else(|(status, body)| panic!("/rtc refused: {status} {body}"));
+        let first = tokio::time::timeout(Duration::from_secs(5), connection.next()).await.expect("a join response in time");
+        assert!(matches!(first, Some(lk::signal_response::Message::Join(_))), "{first:?}");
+        connection
+    }
+
+    /// Waits for the server to tell this participant to leave: the reason, then the close.
+    async fn left_because(&mut self, within: Duration) -> Option<lk::DisconnectReason> {
+        let leave = self.until(within, |m| matches!(m, lk::signal_response::Message::Leave(_))).await?;
+        let lk::signal_response::Message::Leave(leave) = leave else { unreachable!() };
+        let reason = lk::DisconnectReason::try_from(leave.reason).ok();
+        assert!(tokio::time::timeout(Duration::from_secs(2), self.next()).await.expect("closed in time").is_none(), "the connection closes after the leave");
+        reason
+    }
+
+    /// Sends a frame of `opcode` whose header announces `length` bytes, with `payload` (masked,
+    /// as a client's frames are); `payload` may be shorter than announced.
+    async fn send_frame(&mut self, opcode: u8, length: usize, payload: &[u8]) {
+        let mut frame = vec![0x80 | opcode];
+        match length {
+            0..=125 => frame.push(0x80 | length as u8),
+            126..=0xffff => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(length as u16).to_be_bytes());
+            }
+            _ => {
+                frame.push(0x80 | 127);
+                frame.extend_from_slice(&(length as u64).to_be_bytes());
+            }
+        }
+        let mask = [0x1b, 0x2c, 0x3d, 0x4e];
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, byte)| byte ^ mask[i % 4]));
+        self.stream.write_all(&frame).await.unwrap();
+    }
+
+    async fn send(&mut self, message: lk::signal_request::Message) {
+        let payload = lk::SignalRequest { message: Some(message) }.encode_to_vec();
+        self.send_frame(0x2, payload.len(), &payload).await;
+    }
+
+    /// Reads until the server closes: whether a `leave` came first, and the close frame's code
+    /// and reason (`None`: no close frame in time).
+    async fn closed(&mut self, within: Duration) -> (bool, Option<(u16, String)>) {
+        let mut left = false;
+        let close = tokio::time::timeout(within, async {
+            loop {
+                match self.frame() {
+                    Some((0x8, payload)) if payload.len() >= 2 => return Some((u16::from_be_bytes([payload[0], payload[1]]), String::from_utf8_lossy(&payload[2..]).into_owned())),
+                    Some((0x2, payload)) => left |= matches!(lk::SignalResponse::decode(payload.as_slice()).ok().and_then(|r| r.message), Some(lk::signal_response::Message::Leave(_))),
+                    Some(_) => {}
+                    None if !self.fill().await => return None,
+                    None => {}
+                }
+            }
+        })
+        .await
+        .ok()
+        .flatten();
+        (left, close)
+    }
+
+    /// Waits until the participant `identity` is reported gone.
+    async fn sees_leave(&mut self, identity: &str, within: Duration) -> bool {
+        let gone = |m: &lk::signal_response::Message| matches!(m, lk::signal_response::Message::Update(u) if u.participants.iter().any(|p| p.identity == identity && p.state == lk::participant_info::State::Disconnected as i32));
+        self.until(within, gone).await.is_some()
+    }
+}
+
+async fn jwt(server: &TestServer, client: &Client, room: &str) -> String {
+    let (status, answer) = token(server, client, room).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    answer["jwt"].as_str().unwrap().to_owned()
+}
+
+async fn kick(by: &Client, room: &str, user: &Client, action: &str) {
+    by.ok(Method::POST, &format!("/_matrix/client/v3/rooms/{}/{action}", enc(room)), Some(json!({ "user_id": user.user_id, "reason": "test" }))).await;
+}
+
+/// `/rtc/validate` (what LiveKit's SDKs ask when a connection fails): its status and text.
+async fn validate(server: &TestServer, jwt: &str) -> (StatusCode, String) {
+    let answer = reqwest::Client::new().get(format!("{}/rtc/validate", server.base)).bearer_auth(jwt).send().await.unwrap();
+    (answer.status(), answer.text().await.unwrap())
+}
+
+/// The time a participant whose rights ended may stay in the call.
+const DROPPED_WITHIN: Duration = Duration::from_millis(1000);
+
+/// A token obtained before a kick admits nobody after it: `/rtc` refuses it with the reason.
+#[tokio::test]
+async fn a_member_kicked_after_getting_a_call_token_cannot_join_with_it() {
+    let server = TestServer::start().await;
+    let (ana, ben) = (server.register("ana").await, server.register("ben").await);
+    let room = ana.create_room(json!({ "preset": "private_chat", "invite": [ben.user_id] })).await;
+    ben.join(&room).await;
+    let ben_jwt = jwt(&server, &ben, &room).await;
+    assert_eq!(validate(&server, &ben_jwt).await.0, StatusCode::OK);
+
+    kick(&ana, &room, &ben, "kick").await;
+    let (status, body) = Signalling::connect(&server, &ben_jwt).await.err().expect("/rtc refuses the kicked member's token");
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("M_FORBIDDEN") && body.contains("only members of the room"), "{body}");
+    let (status, body) = validate(&server, &ben_jwt).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("only members of the room"), "{body}");
+    // Back in the room, the same token admits again: the rights are what is checked.
+    ana.invite(&room, &ben.user_id).await;
+    ben.join(&room).await;
+    drop(Signalling::join(&server, &ben_jwt).await);
+}
+
+/// A member kicked (or banned) while in the call is told to leave at once, and the others see
+/// them go.
+#[tokio::test]
+async fn members_kicked_or_banned_during_a_call_are_dropped_and_the_others_see_them_go() {
+    let server = TestServer::start().await;
+    let (ana, ben, cat) = (server.register("ana").await, server.register("ben").await, server.register("cat").await);
+    let room = ana.create_room(json!({ "preset": "private_chat", "invite": [ben.user_id, cat.user_id] })).await;
+    ben.join(&room).await;
+    cat.join(&room).await;
+    let (ana_jwt, ben_jwt, cat_jwt) = (jwt(&server, &ana, &room).await, jwt(&server, &ben, &room).await, jwt(&server, &cat, &room).await);
+    let identity = |jwt: &str| claims(jwt)["sub"].as_str().unwrap().to_owned();
+    let mut ana_call = Signalling::join(&server, &ana_jwt).await;
+    let mut ben_call = Signalling::join(&server, &ben_jwt).await;
+    let mut cat_call = Signalling::join(&server, &cat_jwt).await;
+
+    let kicked = Instant::now();
+    kick(&ana, &room, &ben, "kick").await;
+    assert_eq!(ben_call.left_because(DROPPED_WITHIN).await, Some(lk::DisconnectReason::ParticipantRemoved), "ben is dropped with the reason");
+    assert!(ana_call.sees_leave(&identity(&ben_jwt), DROPPED_WITHIN).await, "ana sees ben leave");
+    assert!(kicked.elapsed() < DROPPED_WITHIN + Duration::from_millis(500), "dropped after {:?}", kicked.elapsed());
+
+    kick(&ana, &room, &cat, "ban").await;
+    assert_eq!(cat_call.left_because(DROPPED_WITHIN).await, Some(lk::DisconnectReason::ParticipantRemoved), "cat is dropped");
+    assert!(ana_call.sees_leave(&identity(&cat_jwt), DROPPED_WITHIN).await, "ana sees cat leave");
+    // Ana, whose rights did not change, stays.
+    assert!(ana_call.until(Duration::from_millis(300), |m| matches!(m, lk::signal_response::Message::Leave(_))).await.is_none());
+}
+
+/// In a session, the call follows the roles and the status: a lesser role, a removal and the
+/// session's end each drop those they concern, and their old tokens admit them no more.
+#[tokio::test]
+async fn session_participants_are_dropped_when_their_role_or_the_session_ends() {
+    let server = TestServer::start().await;
+    let (therapist, client, observer, room) = group_session(&server).await;
+    set_status(&therapist, &room, "open").await;
+    set_status(&therapist, &room, "in_progress").await;
+    let (therapist_jwt, client_jwt, observer_jwt) = (jwt(&server, &therapist, &room).await, jwt(&server, &client, &room).await, jwt(&server, &observer, &room).await);
+    let mut therapist_call = Signalling::join(&server, &therapist_jwt).await;
+    let mut client_call = Signalling::join(&server, &client_jwt).await;
+    let mut observer_call = Signalling::join(&server, &observer_jwt).await;
+    let participant = |user: &Client| format!("/_limbic/client/v1/sessions/{}/participants/{}", enc(&room), enc(&user.user_id));
+
+    // The client becomes an observer: their token lets them publish, which the role no longer
+    // does. A new token, with the observer's rights, admits them.
+    therapist.ok(Method::PUT, &participant(&client), Some(json!({ "role": "observer" }))).await;
+    assert_eq!(client_call.left_because(DROPPED_WITHIN).await, Some(lk::DisconnectReason::ParticipantRemoved));
+    assert!(therapist_call.sees_leave(claims(&client_jwt)["sub"].as_str().unwrap(), DROPPED_WITHIN).await);
+    let (status, body) = Signalling::connect(&server, &client_jwt).await.err().expect("the client's old token is refused");
+    assert!(status == 403 && body.contains("no longer allows"), "{status} {body}");
+    drop(Signalling::join(&server, &jwt(&server, &client, &room).await).await);
+
+    // The observer is removed from the session.
+    therapist.request(Method::DELETE, &participant(&observer), None).await;
+    assert_eq!(observer_call.left_because(DROPPED_WITHIN).await, Some(lk::DisconnectReason::ParticipantRemoved));
+    assert_eq!(Signalling::connect(&server, &observer_jwt).await.err().expect("the observer's token is refused").0, 403);
+
+    // The session ends: the therapist's call ends too, and their token is refused.
+    set_status(&therapist, &room, "completed").await;
+    assert_eq!(therapist_call.left_because(DROPPED_WITHIN).await, Some(lk::DisconnectReason::RoomClosed), "the therapist's call ends with the session");
+    let (status, body) = Signalling::connect(&server, &therapist_jwt).await.err().expect("the therapist's token is refused");
+    assert!(status == 403 && body.contains("completed"), "{status} {body}");
+}
+
+/// Who never was in the room gets no call token and cannot forge one; who left it cannot
+/// use the one they had.
+#[tokio::test]
+async fn strangers_and_former_participants_are_refused_by_signalling() {
+    let server = TestServer::start().await;
+    let (ana, ben, eve) = (server.register("ana").await, server.register("ben").await, server.register("eve").await);
+    let room = ana.create_room(json!({ "preset": "public_chat" })).await;
+    ben.join(&room).await;
+    let ben_jwt = jwt(&server, &ben, &room).await;
+
+    let (status, body) = token(&server, &eve, &room).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{body}");
+    // Ben's token with eve's name in it: the signature no longer holds.
+    let mut parts: Vec<String> = ben_jwt.split('.').map(str::to_owned).collect();
+    let mut forged = claims(&ben_jwt);
+    forged["org.limbic.user_id"] = json!(eve.user_id);
+    parts[1] = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(forged.to_string());
+    let (status, body) = Signalling::connect(&server, &parts.join(".")).await.err().expect("a forged token is refused");
+    assert_eq!(status, 401, "{body}");
+
+    // Ben leaves the room: his token admits him no more (and he may join again, like anyone).
+    ben.post(&format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)), json!({})).await;
+    let (status, body) = Signalling::connect(&server, &ben_jwt).await.err().expect("a former member's token is refused");
+    assert!(status == 403 && body.contains("only members of the room"), "{status} {body}");
+    // Eve joins the public room, and leaves while in its call: she is dropped.
+    eve.join(&room).await;
+    let mut eve_call = Signalling::join(&server, &jwt(&server, &eve, &room).await).await;
+    eve.post(&format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)), json!({})).await;
+    assert_eq!(eve_call.left_because(DROPPED_WITHIN).await, Some(lk::DisconnectReason::ParticipantRemoved));
+}
+
+/// A breakout room's call follows its session: when the session ends, whoever is in the
+/// breakout's call is dropped, though nothing was sent to the breakout room itself.
+#[tokio::test]
+async fn a_breakout_call_ends_with_its_session() {
+    let server = TestServer::start().await;
+    let (therapist, client, _observer, room) = group_session(&server).await;
+    set_status(&therapist, &room, "open").await;
+    set_status(&therapist, &room, "in_progress").await;
+    let breakouts = format!("/_limbic/client/v1/sessions/{}/breakouts", enc(&room));
+    let breakout = therapist.ok(Method::POST, &breakouts, Some(json!({ "name": "Pair", "participants": [client.user_id] }))).await["room_id"].as_str().unwrap().to_owned();
+    assert_eq!(client.join(&breakout).await.0, StatusCode::OK);
+    let mut client_call = Signalling::join(&server, &jwt(&server, &client, &breakout).await).await;
+    // Something else happens first, so that the breakout's call has been looked at since.
+    therapist.send_text(&room, "t1", "back in five minutes").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    set_status(&therapist, &room, "completed").await;
+    assert_eq!(client_call.left_because(DROPPED_WITHIN).await, Some(lk::DisconnectReason::RoomClosed), "the breakout's call ends with the session");
+}
+
+/// A server whose calls have low limits: 8 KiB signalling messages, 20 messages at once and 2
+/// a second after, two participants per call.
+async fn limited_server() -> TestServer {
+    TestServer::start_with(&[
+        ("LIMBIC_CALLS__MAX_SIGNAL_MESSAGE_BYTES", "8192"),
+        ("LIMBIC_CALLS__SIGNAL_RATE", "{ per_second = 2.0, burst = 20 }"),
+        ("LIMBIC_CALLS__MAX_PARTICIPANTS_PER_CALL", "2"),
+    ])
+    .await
+}
+
+/// A signalling message over the limit is not read in: the sender is told to leave and the
+/// WebSocket closes with 1009 (message too big).
+#[tokio::test]
+async fn a_signalling_message_over_the_limit_closes_the_connection() {
+    let server = limited_server().await;
+    let ana = server.register("ana").await;
+    let room = ana.create_room(json!({ "preset": "private_chat" })).await;
+    let mut call = Signalling::join(&server, &jwt(&server, &ana, &room).await).await;
+    // Within the limit: answered.
+    let ping = lk::Ping { timestamp: 1, rtt: 0 };
+    call.send(lk::signal_request::Message::PingReq(ping)).await;
+    assert!(call.until(Duration::from_secs(2), |m| matches!(m, lk::signal_response::Message::PongResp(_))).await.is_some());
+    // A frame announcing 9000 bytes: refused on its header, whatever follows.
+    call.send_frame(0x2, 9000, &[0; 100]).await;
+    let (left, close) = call.closed(Duration::from_secs(3)).await;
+    assert!(left, "no leave before the close");
+    let (code, reason) = close.expect("a close frame");
+    assert_eq!(code, 1009, "{reason}");
+    assert!(reason.contains("too big"), "{reason}");
+}
+
+/// A flood of signalling messages closes the connection with 1008 (policy violation) once the
+/// burst is spent.
+#[tokio::test]
+async fn a_flood_of_signalling_messages_closes_the_connection() {
+    let server = limited_server().await;
+    let ana = server.register("ana").await;
+    let room = ana.create_room(json!({ "preset": "private_chat" })).await;
+    let mut call = Signalling::join(&server, &jwt(&server, &ana, &room).await).await;
+    for timestamp in 0..40 {
+        call.send(lk::signal_request::Message::PingReq(lk::Ping { timestamp, rtt: 0 })).await;
+    }
+    let (left, close) = call.closed(Duration::from_secs(3)).await;
+    assert!(left, "no leave before the close");
+    let (code, reason) = close.expect("a close frame");
+    assert_eq!(code, 1008, "{reason}");
+    assert!(reason.contains("too many"), "{reason}");
+}
+
+/// A call takes `max_participants_per_call`: the next one is refused before the upgrade (and
+/// by `/rtc/validate`, which SDKs ask for the reason) until someone leaves.
+#[tokio::test]
+async fn a_full_call_refuses_the_next_participant_until_someone_leaves() {
+    let server = limited_server().await;
+    let (ana, ben, cat) = (server.register("ana").await, server.register("ben").await, server.register("cat").await);
+    let room = ana.create_room(json!({ "preset": "private_chat", "invite": [ben.user_id, cat.user_id] })).await;
+    ben.join(&room).await;
+    cat.join(&room).await;
+    let cat_jwt = jwt(&server, &cat, &room).await;
+    let _ana_call = Signalling::join(&server, &jwt(&server, &ana, &room).await).await;
+    let ben_call = Signalling::join(&server, &jwt(&server, &ben, &room).await).await;
+
+    let (status, body) = Signalling::connect(&server, &cat_jwt).await.err().expect("a third participant is refused");
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("M_RESOURCE_LIMIT_EXCEEDED") && body.contains("full"), "{body}");
+    let (status, body) = validate(&server, &cat_jwt).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("full"), "{body}");
+    // Another room's call has room of its own.
+    let other = cat.create_room(json!({ "preset": "private_chat" })).await;
+    drop(Signalling::join(&server, &jwt(&server, &cat, &other).await).await);
+
+    drop(ben_call);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while validate(&server, &cat_jwt).await.0 != StatusCode::OK {
+        assert!(Instant::now() < deadline, "the call stays full after ben left");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(Signalling::join(&server, &cat_jwt).await);
 }

@@ -43,6 +43,11 @@ struct Federated {
 }
 
 async fn federated(ca: &TestCa, extra: &str) -> Federated {
+    federated_with(ca, extra, &[]).await
+}
+
+/// The same, with more `LIMBIC_*` overrides.
+async fn federated_with(ca: &TestCa, extra: &str, env: &[(&str, &str)]) -> Federated {
     let port = free_port();
     let name = format!("127.0.0.1:{port}");
     let config = format!(
@@ -51,7 +56,7 @@ async fn federated(ca: &TestCa, extra: &str) -> Federated {
         ca.key.display().to_string(),
         ca.ca.display().to_string(),
     );
-    let server = TestServer::start_with_toml(&config, &[("LIMBIC_SERVER_NAME", &name)]).await;
+    let server = TestServer::start_with_toml(&config, &[&[("LIMBIC_SERVER_NAME", name.as_str())], env].concat()).await;
     Federated { server, name }
 }
 
@@ -130,8 +135,15 @@ async fn servers_exchange_keys_profiles_device_keys_and_openid_identities() {
 
 /// Sends a federation request to `server`, signed with `key` as `origin` for `destination`.
 async fn signed_request(https: &reqwest::Client, server: &str, path: &str, origin: &str, destination: &str, key: &ruma::signatures::Ed25519KeyPair) -> (StatusCode, Value) {
+    send_signed(https, http::Method::GET, &format!("https://{server}{path}"), None, origin, destination, key).await
+}
+
+/// Sends a federation request with an optional JSON body, signed with `key` as `origin` for
+/// `destination`.
+async fn send_signed(https: &reqwest::Client, method: http::Method, url: &str, body: Option<&Value>, origin: &str, destination: &str, key: &ruma::signatures::Ed25519KeyPair) -> (StatusCode, Value) {
     use ruma::api::federation::authentication::{XMatrix, XMatrixSigningInput};
-    let mut request = http::Request::builder().method("GET").uri(format!("https://{server}{path}")).body(Vec::<u8>::new()).unwrap();
+    let body = body.map(|b| serde_json::to_vec(b).unwrap()).unwrap_or_default();
+    let mut request = http::Request::builder().method(method).uri(url).header(http::header::CONTENT_TYPE, "application/json").body(body).unwrap();
     let input = XMatrixSigningInput::new(origin.try_into().unwrap(), destination.try_into().unwrap(), key);
     let header = XMatrix::sign_http_request(&request, input).unwrap();
     request.headers_mut().insert(http::header::AUTHORIZATION, http::HeaderValue::from(&header));
@@ -167,6 +179,31 @@ async fn unsigned_forged_and_unwelcome_requests_are_refused() {
     assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{body}");
     let carol = third.server.register("carol").await;
     assert_eq!(carol.get(&format!("/_matrix/client/v3/profile/{}", enc(&bob.user_id))).await.0, StatusCode::OK);
+}
+
+/// Without `allowed_networks`, a server reaches no internal address, whoever names it: as a
+/// notary it relays no keys of a server on loopback, and it cannot confirm that server's OpenID
+/// tokens. (The test harness allows loopback to every other test server.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_reaches_internal_addresses_only_in_allowed_networks() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = test_ca(dir.path());
+    let a = federated_with(&ca, "", &[(common::FEDERATION_ALLOWED_NETWORKS, "[]")]).await;
+    let b = federated(&ca, "").await;
+    let https = https(&ca);
+    // B, which allows loopback, relays A's keys; A relays none of B's.
+    let (status, relayed) = get(&https, &format!("https://{}/_matrix/key/v2/query/{}", b.name, a.name)).await;
+    assert_eq!((status, relayed["server_keys"].as_array().map(Vec::len)), (StatusCode::OK, Some(1)), "{relayed}");
+    let (status, relayed) = get(&https, &format!("https://{}/_matrix/key/v2/query/{}", a.name, b.name)).await;
+    assert_eq!((status, relayed["server_keys"].clone()), (StatusCode::OK, json!([])), "{relayed}");
+    // A cannot ask B whose OpenID token bob's is, so A's call-token service refuses it.
+    let bob = b.server.register("bob").await;
+    let openid = bob.ok(Method::POST, &format!("/_matrix/client/v3/user/{}/openid/request_token", enc(&bob.user_id)), Some(json!({}))).await;
+    let alice = a.server.register("alice").await;
+    let room = alice.create_room(json!({ "preset": "public_chat" })).await;
+    let request = json!({ "room": room, "openid_token": openid, "device_id": bob.device_id });
+    let (status, body) = a.server.client().post("/_limbic/calls/sfu/get", request).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN"), "{body}");
 }
 
 /// A therapist of `server`, verified by an admin of it.
@@ -651,4 +688,185 @@ async fn a_message_sent_before_its_sender_heard_of_their_ban_is_soft_failed() {
     let on_a = alice.messages(&room, "dir=b&limit=50").await.to_string();
     assert!(on_a.contains("before the ban"));
     assert!(!on_a.contains("after the ban"), "a soft-failed event reached A's clients");
+}
+
+/// A federated server's signing key, read from its store while it is stopped for a moment.
+async fn signing_key_of(server: &mut Federated) -> limbic_server::events::ServerSigningKey {
+    server.server.stop().await;
+    let key = {
+        let store = limbic_server::store::Store::open(&server.server.store_dir().join("db")).unwrap();
+        limbic_server::events::ServerSigningKey::load_or_generate(&store, server.name.as_str().try_into().unwrap()).unwrap()
+    };
+    server.server.start_again().await;
+    key
+}
+
+/// One server asking another's federation API, signed with its own key.
+struct Asker<'a> {
+    https: &'a reqwest::Client,
+    origin: &'a str,
+    destination: &'a str,
+    key: &'a limbic_server::events::ServerSigningKey,
+}
+
+impl Asker<'_> {
+    async fn send(&self, method: http::Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let url = format!("https://{}{path}", self.destination);
+        send_signed(self.https, method, &url, body.as_ref(), self.origin, self.destination, self.key.key_pair()).await
+    }
+
+    /// `/event`, `/state`, `/state_ids`, `/backfill` and `/get_missing_events` around `event`.
+    async fn history(&self, room: &str, event: &str) -> Vec<(String, StatusCode, Value)> {
+        let (room_path, event_path) = (enc(room), enc(event));
+        let mut answers = Vec::new();
+        for path in [
+            format!("/_matrix/federation/v1/event/{event_path}"),
+            format!("/_matrix/federation/v1/state/{room_path}?event_id={event_path}"),
+            format!("/_matrix/federation/v1/state_ids/{room_path}?event_id={event_path}"),
+            format!("/_matrix/federation/v1/backfill/{room_path}?v={event_path}&limit=50"),
+        ] {
+            let (status, body) = self.send(http::Method::GET, &path, None).await;
+            answers.push((path, status, body));
+        }
+        let path = format!("/_matrix/federation/v1/get_missing_events/{room_path}");
+        let missing = json!({ "earliest_events": [], "latest_events": [event], "limit": 50 });
+        let (status, body) = self.send(http::Method::POST, &path, Some(missing)).await;
+        answers.push((path, status, body));
+        answers
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_whose_users_only_knock_or_are_invited_reads_no_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = test_ca(dir.path());
+    let (a, mut b) = (federated(&ca, "").await, federated(&ca, "").await);
+    let key = signing_key_of(&mut b).await;
+    let https = https(&ca);
+    let as_b = Asker { https: &https, origin: &b.name, destination: &a.name, key: &key };
+    let therapist = a.server.register("therapist").await;
+    let (knocker, invitee) = (b.server.register("knocker").await, b.server.register("invitee").await);
+    let room = therapist
+        .create_room(json!({ "name": "Session", "initial_state": [{ "type": "m.room.join_rules", "state_key": "", "content": { "join_rule": "knock" } }] }))
+        .await;
+    let secret = therapist.send_text(&room, "t1", "what was said in the session").await;
+    knocker.ok(Method::POST, &format!("/_matrix/client/v3/knock/{}?via={}", enc(&room), enc(&a.name)), Some(json!({ "reason": "let me in" }))).await;
+    assert_eq!(therapist.invite(&room, &invitee.user_id).await.0, StatusCode::OK);
+    let members = therapist.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/members", enc(&room)), None).await.to_string();
+    assert!(members.contains(&knocker.user_id) && members.contains(&invitee.user_id), "{members}");
+
+    // Knocking and invited users give their server no history of the room.
+    for (path, status, body) in as_b.history(&room, &secret).await {
+        assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{path}: {body}");
+    }
+    // Once one of them joins, the same requests are answered.
+    invitee.ok(Method::POST, &format!("/_matrix/client/v3/join/{}?via={}", enc(&room), enc(&a.name)), Some(json!({}))).await;
+    let after = therapist.send_text(&room, "t2", "welcome").await;
+    for (path, status, body) in as_b.history(&room, &after).await {
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_joined_server_gets_only_the_history_its_users_may_see() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = test_ca(dir.path());
+    let (a, mut b) = (federated(&ca, "").await, federated(&ca, "").await);
+    let key = signing_key_of(&mut b).await;
+    let https = https(&ca);
+    let as_b = Asker { https: &https, origin: &b.name, destination: &a.name, key: &key };
+    let alice = a.server.register("alice").await;
+    let bob = b.server.register("bob").await;
+    let room = alice
+        .create_room(json!({ "preset": "public_chat", "initial_state": [{ "type": "m.room.history_visibility", "state_key": "", "content": { "history_visibility": "joined" } }] }))
+        .await;
+    let before = alice.send_text(&room, "a1", "before B joined").await;
+    bob.ok(Method::POST, &format!("/_matrix/client/v3/join/{}?via={}", enc(&room), enc(&a.name)), Some(json!({}))).await;
+    let after = alice.send_text(&room, "a2", "after B joined").await;
+
+    // Events from before B's user joined go out redacted: in the DAG, without their content.
+    let answers = as_b.history(&room, &after).await;
+    for (path, status, body) in &answers {
+        assert_eq!(*status, StatusCode::OK, "{path}: {body}");
+        assert!(!body.to_string().contains("before B joined"), "{path}: {body}");
+    }
+    let backfilled = answers.iter().find(|(path, ..)| path.contains("/backfill/")).unwrap().2["pdus"].as_array().unwrap().clone();
+    let messages: Vec<&Value> = backfilled.iter().filter(|pdu| pdu["type"] == "m.room.message").collect();
+    assert_eq!(messages.len(), 2, "{backfilled:?}");
+    assert!(messages.iter().any(|pdu| pdu["content"]["body"] == "after B joined"), "{backfilled:?}");
+    assert!(messages.iter().any(|pdu| pdu["content"] == json!({})), "{backfilled:?}");
+    let (status, event) = as_b.send(http::Method::GET, &format!("/_matrix/federation/v1/event/{}", enc(&before)), None).await;
+    assert_eq!((status, &event["pdus"][0]["content"]), (StatusCode::OK, &json!({})), "{event}");
+
+    // The state at an event goes only to a server that was in the room then.
+    for path in [
+        format!("/_matrix/federation/v1/state/{}?event_id={}", enc(&room), enc(&before)),
+        format!("/_matrix/federation/v1/state_ids/{}?event_id={}", enc(&room), enc(&before)),
+    ] {
+        let (status, body) = as_b.send(http::Method::GET, &path, None).await;
+        assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{path}: {body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn profile_queries_of_other_servers_are_answered_whatever_the_privacy_options() {
+    // As in Synapse, `[privacy]` rules the look-ups of this server's clients; another server's
+    // query is answered, and that server applies its own rules to its users.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = test_ca(dir.path());
+    let a = federated(&ca, "[privacy]\nrequire_auth_for_profile_requests = true\nlimit_profile_requests_to_users_who_share_rooms = true").await;
+    let b = federated(&ca, "").await;
+    let alice = a.server.register("alice").await;
+    alice.ok(Method::PUT, &format!("/_matrix/client/v3/profile/{}/displayname", enc(&alice.user_id)), Some(json!({ "displayname": "Alice at A" }))).await;
+    let bob = b.server.register("bob").await;
+    let profile = bob.ok(Method::GET, &format!("/_matrix/client/v3/profile/{}", enc(&alice.user_id)), None).await;
+    assert_eq!(profile["displayname"], "Alice at A");
+    // A's own clients are held to A's rules, for local and remote users alike.
+    let carol = a.server.register("carol").await;
+    for (asker, user) in [(&carol, &alice.user_id), (&alice, &bob.user_id)] {
+        let (status, body) = asker.get(&format!("/_matrix/client/v3/profile/{}", enc(user))).await;
+        assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{} about {user}: {body}", asker.user_id);
+    }
+}
+
+/// Device names ("Ann's work phone") say who uses the server; as in Synapse
+/// (`allow_device_name_lookup_over_federation: false`), other servers never get them.
+#[tokio::test(flavor = "multi_thread")]
+async fn device_names_never_leave_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = test_ca(dir.path());
+    let (mut a, b) = (federated(&ca, "").await, federated(&ca, "").await);
+    let https = https(&ca);
+    let ann = b.server.register("ann").await;
+    let bob = b.server.register("bob").await;
+    let alice = a.server.register("alice").await;
+    ann.ok(Method::PUT, &format!("/_matrix/client/v3/devices/{}", enc(&ann.device_id)), Some(json!({ "display_name": "Ann's work phone" }))).await;
+    let device_keys = json!({
+        "user_id": ann.user_id, "device_id": ann.device_id,
+        "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+        "keys": { format!("curve25519:{}", ann.device_id): "curve", format!("ed25519:{}", ann.device_id): "ed" },
+        "signatures": {},
+    });
+    ann.ok(Method::POST, "/_matrix/client/v3/keys/upload", Some(json!({ "device_keys": device_keys }))).await;
+    let query = json!({ "device_keys": { &ann.user_id: [] } });
+
+    // A user of the same server sees the name; a user of another server gets the keys only.
+    let local = bob.ok(Method::POST, "/_matrix/client/v3/keys/query", Some(query.clone())).await;
+    assert_eq!(local["device_keys"][&ann.user_id][&ann.device_id]["unsigned"]["device_display_name"], "Ann's work phone", "{local}");
+    let remote = alice.ok(Method::POST, "/_matrix/client/v3/keys/query", Some(query.clone())).await;
+    let device = &remote["device_keys"][&ann.user_id][&ann.device_id];
+    assert_eq!(device["keys"], device_keys["keys"], "{remote}");
+    assert!(!remote.to_string().contains("work phone"), "{remote}");
+
+    // Asked directly, signed by A: neither the device list nor the key query names the device.
+    let key = signing_key_of(&mut a).await;
+    let asker = Asker { https: &https, origin: &a.name, destination: &b.name, key: &key };
+    let (status, devices) = asker.send(http::Method::GET, &format!("/_matrix/federation/v1/user/devices/{}", enc(&ann.user_id)), None).await;
+    assert_eq!(status, StatusCode::OK, "{devices}");
+    assert_eq!(devices["devices"][0]["device_id"], ann.device_id.as_str(), "{devices}");
+    let (status, keys) = asker.send(http::Method::POST, "/_matrix/federation/v1/user/keys/query", Some(query)).await;
+    assert_eq!(status, StatusCode::OK, "{keys}");
+    for answer in [&devices, &keys] {
+        assert!(!answer.to_string().contains("work phone"), "{answer}");
+    }
 }

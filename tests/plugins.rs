@@ -222,3 +222,62 @@ async fn followup_opens_one_chat_for_a_completed_group_session() {
     assert_eq!(followups, 1, "{rooms}");
     assert_eq!(eventually(&ann, &route).await["room_id"], followup.as_str());
 }
+
+#[tokio::test]
+async fn rooms_read_and_check_event_never_reach_a_notes_room() {
+    let config = plugin_config("", &[("misbehave", component("misbehave"), "plugins/testing/misbehave/plugin.toml", &["kv", "rooms.read"], "")]);
+    let server = TestServer::start_with_toml(&config, &[]).await;
+    let common::SessionWithNote { admin: _, therapist, room, notes_room } = server.session_with_a_note().await;
+    let read = |room: String| {
+        let therapist = therapist.clone();
+        async move { therapist.ok(Method::GET, &format!("/_limbic/plugins/misbehave/room?room_id={}", enc(&room)), None).await }
+    };
+
+    // The session room reads as usual; the notes room exactly as a room that does not exist.
+    let session_room = read(room.clone()).await;
+    assert_eq!(session_room["create"], true, "{session_room}");
+    assert!(session_room["members"].as_array().unwrap().iter().any(|m| m == therapist.user_id.as_str()), "{session_room}");
+    let missing = read("!nowhere:test.local".to_owned()).await;
+    assert_eq!(missing, json!({ "state": [], "members": [], "create": false }));
+    let notes = read(notes_room.clone()).await;
+    assert_eq!(notes, missing, "a plugin with rooms.read read the notes room");
+
+    // check-event sees no notes-room event either: the plugin denies `deny-me` in the session
+    // room but never gets to judge the same words among the notes.
+    let (status, _) = send(&therapist, &room, "s1", "please deny-me").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, body) = send(&therapist, &notes_room, "n1", "a note saying deny-me").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &std::path::Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flat_map(|entry| {
+            let path = entry.unwrap().path();
+            if path.is_dir() { files_under(&path) } else { vec![path] }
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_stored_caldav_password_is_sealed_on_disk_and_read_back_after_a_restart() {
+    let config = plugin_config("", &[("calendar", component("calendar"), "plugins/calendar/plugin.toml", &["kv", "rooms.read", "http"], "")]);
+    let mut server = TestServer::start_with_toml(&config, &[]).await;
+    let kim = server.register("kim").await;
+    let password = format!("caldav-password-{}", now_ms());
+    let caldav = json!({ "url": "http://127.0.0.1:9/kim/", "username": "kim-at-dav", "password": password });
+    kim.ok(Method::PUT, "/_limbic/plugins/calendar/caldav", Some(caldav)).await;
+    server.stop().await;
+    let files = files_under(server.store_dir());
+    assert!(files.iter().any(|f| f.extension().is_some_and(|e| e == "log")), "the store's write-ahead log is among {files:?}");
+    for file in &files {
+        let bytes = std::fs::read(file).unwrap();
+        assert!(!bytes.windows(password.len()).any(|w| w == password.as_bytes()), "the password in plaintext in {}", file.display());
+    }
+    // The plugin reads it back, through the key kept beside the store.
+    server.start_again().await;
+    let stored = kim.ok(Method::GET, "/_limbic/plugins/calendar/caldav", None).await;
+    assert_eq!((stored["url"].as_str(), stored["username"].as_str()), (Some("http://127.0.0.1:9/kim/"), Some("kim-at-dav")), "{stored}");
+}

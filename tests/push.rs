@@ -1,11 +1,15 @@
-//! End-to-end tests: push rules, notification counts, /notifications, pushers and delivery to a
-//! push gateway (a real HTTP server on loopback).
+//! End-to-end tests: push rules, notification counts, /notifications, pushers (which end with
+//! the access token that set them) and delivery to push gateways (real HTTP servers on
+//! loopback, which the server reaches only when its config allows loopback).
 
 mod common;
 
-use std::sync::{Arc, Mutex};
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
-use common::{TestServer, enc, errcode};
+use common::{Client, TestServer, enc, errcode};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -95,40 +99,98 @@ async fn notification_counts_follow_rules_and_receipts() {
     assert!(own["notifications"].as_array().unwrap().is_empty());
 }
 
-/// A push gateway on loopback that fails its first request, then records what it receives.
-async fn fake_gateway() -> (String, Arc<Mutex<Vec<Value>>>) {
-    let received = Arc::new(Mutex::new(Vec::new()));
-    let failures_left = Arc::new(Mutex::new(1));
+/// A push gateway on loopback: `url` (at `ip`) and every request body it got, in `hits`; it
+/// fails its first `failures` requests with a 503, or answers each with a 307 to `redirect_to`.
+/// `received` holds the bodies it accepted.
+struct Gateway {
+    url: String,
+    port: u16,
+    hits: Arc<Mutex<Vec<Value>>>,
+    received: Arc<Mutex<Vec<Value>>>,
+}
+
+async fn gateway(ip: &str, failures: usize, redirect_to: Option<String>) -> Gateway {
+    use axum::{http::StatusCode as Status, response::IntoResponse};
+    let (hits, received) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
+    let failures_left = Arc::new(Mutex::new(failures));
     let app = {
-        let received = received.clone();
+        let (hits, received) = (hits.clone(), received.clone());
         axum::Router::new().route(
             "/_matrix/push/v1/notify",
-            axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
-                let received = received.clone();
-                let failures_left = failures_left.clone();
-                async move {
-                    let mut left = failures_left.lock().unwrap();
-                    if *left > 0 {
-                        *left -= 1;
-                        return (axum::http::StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({})));
-                    }
-                    received.lock().unwrap().push(body);
-                    (axum::http::StatusCode::OK, axum::Json(json!({ "rejected": [] })))
+            axum::routing::post(move |axum::Json(body): axum::Json<Value>| async move {
+                hits.lock().unwrap().push(body.clone());
+                if let Some(target) = redirect_to {
+                    return (Status::TEMPORARY_REDIRECT, [(axum::http::header::LOCATION, target)]).into_response();
                 }
+                let mut left = failures_left.lock().unwrap();
+                if *left > 0 {
+                    *left -= 1;
+                    return (Status::SERVICE_UNAVAILABLE, axum::Json(json!({}))).into_response();
+                }
+                received.lock().unwrap().push(body);
+                axum::Json(json!({ "rejected": [] })).into_response()
             }),
         )
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/_matrix/push/v1/notify", listener.local_addr().unwrap());
+    let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (url, received)
+    Gateway { url: format!("http://{ip}:{port}/_matrix/push/v1/notify"), port, hits, received }
+}
+
+/// A server whose push gateways may be at the given internal networks (a TOML array).
+async fn server_allowing_gateways_at(networks: &str) -> TestServer {
+    TestServer::start_with(&[("LIMBIC_PUSH__ALLOWED_NETWORKS", networks)]).await
+}
+
+async fn set_pusher(client: &Client, pushkey: &str, url: &str) {
+    client.ok(Method::POST, "/_matrix/client/v3/pushers/set", Some(json!({
+        "kind": "http", "app_id": "org.limbic.test", "pushkey": pushkey, "app_display_name": "Test",
+        "device_display_name": "Phone", "lang": "en", "data": { "url": url }
+    }))).await;
+}
+
+/// The pushkeys of the caller's pushers, sorted.
+async fn pushkeys(client: &Client) -> Vec<String> {
+    let pushers = client.ok(Method::GET, "/_matrix/client/v3/pushers", None).await;
+    let mut keys: Vec<String> = pushers["pushers"].as_array().unwrap().iter().map(|p| p["pushkey"].as_str().unwrap().to_owned()).collect();
+    keys.sort();
+    keys
+}
+
+/// A new device of `user` (registered by `common`, so with the password `<name>-password`).
+async fn log_in(server: &TestServer, name: &str) -> Client {
+    let body = server
+        .client()
+        .ok(Method::POST, "/_matrix/client/v3/login", Some(json!({
+            "type": "m.login.password", "identifier": { "type": "m.id.user", "user": name }, "password": format!("{name}-password"),
+        })))
+        .await;
+    let mut client = server.client();
+    client.token = Some(body["access_token"].as_str().unwrap().to_owned());
+    client.user_id = body["user_id"].as_str().unwrap().to_owned();
+    client.device_id = body["device_id"].as_str().unwrap().to_owned();
+    client
+}
+
+fn password_auth(name: &str, password: &str) -> Value {
+    json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": name }, "password": password })
+}
+
+async fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushers_receive_notifications_with_retry() {
-    let server = TestServer::start().await;
+    let server = server_allowing_gateways_at(r#"["127.0.0.1"]"#).await;
     let (alice, bob, room) = two_users_in_a_room(&server).await;
-    let (url, received) = fake_gateway().await;
+    let gateway = gateway("127.0.0.1", 1, None).await;
+    let (url, received) = (gateway.url.clone(), gateway.received.clone());
 
     let (status, body) = bob.post("/_matrix/client/v3/pushers/set", json!({
         "kind": "http", "app_id": "org.limbic.test", "pushkey": "key1", "app_display_name": "Test",
@@ -144,23 +206,205 @@ async fn pushers_receive_notifications_with_retry() {
 
     let event_id = send_mention(&alice, &room, "p1", "ping bob", &bob.user_id).await;
     // The gateway fails once; delivery retries after a backoff.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        if let Some(body) = received.lock().unwrap().first().cloned() {
-            let notification = &body["notification"];
-            assert_eq!(notification["event_id"], event_id.as_str());
-            assert_eq!(notification["room_id"], room.as_str());
-            assert_eq!(notification["devices"][0]["pushkey"], "key1");
-            assert_eq!(notification["counts"]["unread"], 1);
-            assert_eq!(notification["prio"], "high", "a mention of bob highlights");
-            assert!(notification.get("content").is_none(), "event_id_only format");
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "no notification reached the gateway");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    wait_until("a notification reached the gateway", || !received.lock().unwrap().is_empty()).await;
+    let body = received.lock().unwrap()[0].clone();
+    let notification = &body["notification"];
+    assert_eq!(notification["event_id"], event_id.as_str());
+    assert_eq!(notification["room_id"], room.as_str());
+    assert_eq!(notification["devices"][0]["pushkey"], "key1");
+    assert_eq!(notification["counts"]["unread"], 1);
+    assert_eq!(notification["prio"], "high", "a mention of bob highlights");
+    assert!(notification.get("content").is_none(), "event_id_only format");
 
     // Removing the pusher stops delivery.
     bob.ok(Method::POST, "/_matrix/client/v3/pushers/set", Some(json!({ "kind": null, "app_id": "org.limbic.test", "pushkey": "key1" }))).await;
     assert_eq!(bob.ok(Method::GET, "/_matrix/client/v3/pushers", None).await["pushers"], json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pusher_ends_with_the_token_that_set_it() {
+    let server = server_allowing_gateways_at(r#"["127.0.0.1"]"#).await;
+    let (alice, _bob, room) = two_users_in_a_room(&server).await;
+    let gateway = gateway("127.0.0.1", 0, None).await;
+    // Token A (say, stolen) and token B each set a pusher.
+    let (a, b) = (log_in(&server, "bob").await, log_in(&server, "bob").await);
+    set_pusher(&a, "a", &gateway.url).await;
+    set_pusher(&b, "b", &gateway.url).await;
+    assert_eq!(pushkeys(&b).await, ["a", "b"]);
+
+    // A logs out: its pusher goes with it, B's stays and still gets notifications.
+    a.ok(Method::POST, "/_matrix/client/v3/logout", Some(json!({}))).await;
+    assert_eq!(pushkeys(&b).await, ["b"]);
+    send_mention(&alice, &room, "m1", "bob?", &b.user_id).await;
+    wait_until("B's pusher was notified", || !gateway.received.lock().unwrap().is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let notified: Vec<Value> = gateway.received.lock().unwrap().iter().map(|body| body["notification"]["devices"][0]["pushkey"].clone()).collect();
+    assert_eq!(notified, [json!("b")], "only the pusher of the live token is notified");
+
+    // Deleting a device (DELETE /devices, with the password) ends its pushers too.
+    let c = log_in(&server, "bob").await;
+    set_pusher(&c, "c", &gateway.url).await;
+    let path = format!("/_matrix/client/v3/devices/{}", enc(&c.device_id));
+    b.ok(Method::DELETE, &path, Some(json!({ "auth": password_auth("bob", "bob-password") }))).await;
+    assert_eq!(pushkeys(&b).await, ["b"]);
+}
+
+#[tokio::test]
+async fn logout_all_and_password_changes_end_the_pushers_of_the_other_tokens() {
+    let server = TestServer::start().await;
+    server.register("bob").await;
+    let url = "https://push.example.org/_matrix/push/v1/notify";
+    let (a, b, c) = (log_in(&server, "bob").await, log_in(&server, "bob").await, log_in(&server, "bob").await);
+    for (client, key) in [(&a, "a"), (&b, "b"), (&c, "c")] {
+        set_pusher(client, key, url).await;
+    }
+    // A password change that keeps the other devices keeps their pushers.
+    let change = |new: &str, old: &str, logout_devices: Option<bool>| {
+        let mut body = json!({ "new_password": new, "auth": password_auth("bob", old) });
+        if let Some(logout) = logout_devices {
+            body["logout_devices"] = json!(logout);
+        }
+        body
+    };
+    c.ok(Method::POST, "/_matrix/client/v3/account/password", Some(change("second", "bob-password", Some(false)))).await;
+    assert_eq!(pushkeys(&c).await, ["a", "b", "c"]);
+    // One that signs the others out (the default) ends their pushers; the caller's stays.
+    c.ok(Method::POST, "/_matrix/client/v3/account/password", Some(change("third", "second", None))).await;
+    assert_eq!(pushkeys(&c).await, ["c"]);
+
+    // logout/all ends every pusher.
+    c.ok(Method::POST, "/_matrix/client/v3/logout/all", Some(json!({}))).await;
+    let body = server.client().ok(Method::POST, "/_matrix/client/v3/login", Some(json!({
+        "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "bob" }, "password": "third",
+    }))).await;
+    let mut d = server.client();
+    d.token = Some(body["access_token"].as_str().unwrap().to_owned());
+    assert_eq!(pushkeys(&d).await, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn admin_device_deletion_password_reset_and_deactivation_end_the_pushers() {
+    let server = TestServer::start().await;
+    let admin = server.register_admin("root").await;
+    let bob = server.register("bob").await;
+    let url = "https://push.example.org/_matrix/push/v1/notify";
+    let log_in_with = |password: &'static str| {
+        let server = &server;
+        async move {
+            let body = server.client().ok(Method::POST, "/_matrix/client/v3/login", Some(json!({
+                "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "bob" }, "password": password,
+            }))).await;
+            let mut client = server.client();
+            client.token = Some(body["access_token"].as_str().unwrap().to_owned());
+            client
+        }
+    };
+
+    // An admin deletes one of bob's devices: its pusher goes, the other stays.
+    let phone = log_in(&server, "bob").await;
+    set_pusher(&phone, "phone", url).await;
+    set_pusher(&bob, "bob", url).await;
+    admin.ok(Method::DELETE, &format!("/_synapse/admin/v2/users/{}/devices/{}", enc(&bob.user_id), enc(&phone.device_id)), None).await;
+    assert_eq!(pushkeys(&bob).await, ["bob"]);
+
+    // An admin's password reset signs bob out everywhere, pushers included.
+    admin.ok(Method::POST, &format!("/_synapse/admin/v1/reset_password/{}", enc(&bob.user_id)), Some(json!({ "new_password": "reset-password" }))).await;
+    let bob = log_in_with("reset-password").await;
+    assert_eq!(pushkeys(&bob).await, Vec::<String>::new());
+
+    // Deactivation ends every pusher: after reactivation (which signs nobody out) there are none.
+    set_pusher(&bob, "before-deactivation", url).await;
+    bob.ok(Method::POST, "/_matrix/client/v3/account/deactivate", Some(json!({ "auth": password_auth("bob", "reset-password") }))).await;
+    let path = format!("/_synapse/admin/v2/users/{}", enc("@bob:test.local"));
+    admin.ok(Method::PUT, &path, Some(json!({ "deactivated": false, "password": "after-deactivation", "logout_devices": false }))).await;
+    let bob = log_in_with("after-deactivation").await;
+    assert_eq!(pushkeys(&bob).await, Vec::<String>::new());
+}
+
+/// Pushers stored before owners were recorded (the bare pusher) keep working, and end when the
+/// user is signed out of every other session.
+#[tokio::test]
+async fn pushers_without_a_known_owner_end_when_the_user_signs_out_everywhere_else() {
+    use limbic_server::store::{Key, Store, tables};
+    let mut server = TestServer::start().await;
+    let bob = server.register("bob").await;
+    let other = log_in(&server, "bob").await;
+    server.stop().await;
+    {
+        let store = Store::open(&server.store_dir().join("db")).unwrap();
+        let pusher = json!({
+            "kind": "http", "app_id": "org.limbic.test", "pushkey": "unowned", "app_display_name": "Test",
+            "device_display_name": "Phone", "lang": "en", "data": { "url": "https://push.example.org/_matrix/push/v1/notify" }
+        });
+        let mut batch = store.batch();
+        batch.put_json(&store, tables::PUSHERS, &Key::new().str(&bob.user_id).str("org.limbic.test").str("unowned").into_vec(), &pusher).unwrap();
+        store.write(batch).unwrap();
+    }
+    server.start_again().await;
+    assert_eq!(pushkeys(&bob).await, ["unowned"]);
+    // One session's logout leaves it (it may be another session's)...
+    other.ok(Method::POST, "/_matrix/client/v3/logout", Some(json!({}))).await;
+    assert_eq!(pushkeys(&bob).await, ["unowned"]);
+    // ...signing out every other session ends it.
+    let change = json!({ "new_password": "second", "auth": password_auth("bob", "bob-password") });
+    bob.ok(Method::POST, "/_matrix/client/v3/account/password", Some(change)).await;
+    assert_eq!(pushkeys(&bob).await, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn gateway_urls_need_the_push_gateway_path_exactly() {
+    let server = TestServer::start().await;
+    let bob = server.register("bob").await;
+    for url in [
+        "ftp://push.example.org/_matrix/push/v1/notify",
+        "https://push.example.org/elsewhere?/_matrix/push/v1/notify",
+        "https://push.example.org/prefix/_matrix/push/v1/notify",
+        "https://push.example.org/_matrix/push/v1/notify/",
+        "https://push.example.org/#/_matrix/push/v1/notify",
+        "https:///_matrix/push/v1/notify",
+        "/_matrix/push/v1/notify",
+    ] {
+        let (status, body) = bob.post("/_matrix/client/v3/pushers/set", json!({
+            "kind": "http", "app_id": "org.limbic.test", "pushkey": "k", "app_display_name": "Test",
+            "device_display_name": "Phone", "lang": "en", "data": { "url": url }
+        })).await;
+        assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_INVALID_PARAM"), "{url}: {body}");
+    }
+    assert_eq!(pushkeys(&bob).await, Vec::<String>::new());
+    set_pusher(&bob, "k", "https://push.example.org:8443/_matrix/push/v1/notify").await;
+    assert_eq!(pushkeys(&bob).await, ["k"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_at_internal_addresses_get_nothing_unless_their_network_is_allowed() {
+    // Loopback is internal; only 127.0.0.2 is allowed.
+    let server = server_allowing_gateways_at(r#"["127.0.0.2/32"]"#).await;
+    let (alice, bob, room) = two_users_in_a_room(&server).await;
+    let refused = gateway("127.0.0.1", 0, None).await;
+    let allowed = gateway("127.0.0.2", 0, None).await;
+    // By name (resolved by the server, to 127.0.0.1) and as an IP literal.
+    set_pusher(&bob, "by-name", &format!("http://localhost:{}/_matrix/push/v1/notify", refused.port)).await;
+    set_pusher(&bob, "by-address", &refused.url).await;
+    set_pusher(&bob, "allowed", &allowed.url).await;
+
+    send_mention(&alice, &room, "m1", "bob?", &bob.user_id).await;
+    wait_until("the allowed gateway was notified", || !allowed.received.lock().unwrap().is_empty()).await;
+    // Delivery to the refused one would have started at the same time.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(refused.hits.lock().unwrap().is_empty(), "a gateway on loopback was reached: {:?}", refused.hits.lock().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateways_redirect_is_not_followed() {
+    let server = server_allowing_gateways_at(r#"["127.0.0.1"]"#).await;
+    let (alice, bob, room) = two_users_in_a_room(&server).await;
+    let target = gateway("127.0.0.1", 0, None).await;
+    let redirecting = gateway("127.0.0.1", 0, Some(target.url.clone())).await;
+    set_pusher(&bob, "k", &redirecting.url).await;
+
+    send_mention(&alice, &room, "m1", "bob?", &bob.user_id).await;
+    wait_until("the redirecting gateway was asked", || !redirecting.hits.lock().unwrap().is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(target.hits.lock().unwrap().is_empty(), "the redirect was followed");
+    assert_eq!(redirecting.hits.lock().unwrap().len(), 1, "a redirect is final: not retried");
 }

@@ -145,3 +145,100 @@ async fn expired_messages_are_purged_and_the_room_stays_whole() {
     let name = alice.ok(reqwest::Method::GET, &format!("{CS}/rooms/{}/state/m.room.name", enc(&room)), None).await;
     assert_eq!(name["name"], "session chat");
 }
+
+/// Uploads `bytes` and returns the mxc URI.
+async fn upload(client: &Client, bytes: &[u8]) -> String {
+    let response = client
+        .http
+        .post(format!("{}/_matrix/media/v3/upload", client.base))
+        .bearer_auth(client.token.as_ref().unwrap())
+        .header(reqwest::header::CONTENT_TYPE, "image/png")
+        .body(bytes.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response.json::<Value>().await.unwrap()["content_uri"].as_str().unwrap().to_owned()
+}
+
+async fn download_status(client: &Client, mxc: &str) -> StatusCode {
+    let path = format!("{}/_matrix/client/v1/media/download/{}", client.base, mxc.trim_start_matches("mxc://"));
+    client.http.get(path).bearer_auth(client.token.as_ref().unwrap()).send().await.unwrap().status()
+}
+
+/// The paths of every file in the server's media store (default: database path + "-media").
+fn media_files(server: &TestServer) -> Vec<std::path::PathBuf> {
+    let root = server.store_dir().join("db-media");
+    std::fs::read_dir(root)
+        .unwrap()
+        .flat_map(|dir| std::fs::read_dir(dir.unwrap().path()).unwrap())
+        .map(|entry| entry.unwrap().path())
+        .collect()
+}
+
+fn content_file(server: &TestServer, bytes: &[u8]) -> std::path::PathBuf {
+    use sha2::Digest;
+    let sha256 = hex::encode(sha2::Sha256::digest(bytes));
+    server.store_dir().join("db-media").join(&sha256[..2]).join(sha256)
+}
+
+/// A PNG that differs by `seed`.
+fn png(seed: u8) -> Vec<u8> {
+    let image = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8, y as u8, seed]));
+    let mut bytes = Vec::new();
+    image::DynamicImage::from(image).write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png).unwrap();
+    bytes
+}
+
+#[tokio::test]
+async fn purged_messages_take_their_media_files_with_them() {
+    const LIFETIME_MS: u64 = 3_000;
+    let server = TestServer::start_with(&[("LIMBIC_CLINIC__RETENTION_INTERVAL_SECONDS", "1")]).await;
+    let alice = server.register("alice").await;
+    let room = alice.create_room(json!({})).await;
+    let kept_room = alice.create_room(json!({})).await;
+    alice.ok(reqwest::Method::PUT, &format!("{CS}/rooms/{}/state/m.room.retention", enc(&room)), Some(json!({ "max_lifetime": LIFETIME_MS }))).await;
+
+    // Only in a purged message; in a message redacted before the purge; also in a room that
+    // keeps its messages; also the room's avatar (state, never purged); never sent at all.
+    let bytes: Vec<Vec<u8>> = (1..=5).map(png).collect();
+    let mut mxcs = Vec::new();
+    for content in &bytes {
+        mxcs.push(upload(&alice, content).await);
+    }
+    let [sent, redacted, shared, avatar, unsent] = [0, 1, 2, 3, 4].map(|i| mxcs[i].clone());
+    let image = |mxc: &str| json!({ "msgtype": "m.image", "body": "scan.png", "url": mxc, "info": { "mimetype": "image/png" } });
+    // A thumbnail is cached for the purged image: it goes too.
+    let thumbnail = format!("{}/_matrix/client/v1/media/thumbnail/{}?width=32&height=32&method=crop", alice.base, sent.trim_start_matches("mxc://"));
+    let response = alice.http.get(thumbnail).bearer_auth(alice.token.as_ref().unwrap()).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(media_files(&server).len(), 6);
+
+    send(&alice, &room, "m1", image(&sent)).await;
+    let (_, body) = send(&alice, &room, "m2", image(&redacted)).await;
+    let to_redact = body["event_id"].as_str().unwrap().to_owned();
+    send(&alice, &room, "m3", image(&shared)).await;
+    send(&alice, &kept_room, "k1", image(&shared)).await;
+    send(&alice, &room, "m4", image(&avatar)).await;
+    alice.ok(reqwest::Method::PUT, &format!("{CS}/rooms/{}/state/m.room.avatar", enc(&room)), Some(json!({ "url": avatar }))).await;
+    alice.ok(reqwest::Method::PUT, &format!("{CS}/rooms/{}/redact/{}/r1", enc(&room), enc(&to_redact)), Some(json!({}))).await;
+    tokio::time::sleep(Duration::from_millis(LIFETIME_MS + 300)).await;
+    alice.send_text(&room, "n1", "fresh words").await;
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while download_status(&alice, &sent).await != StatusCode::NOT_FOUND {
+        assert!(Instant::now() < deadline, "the media of a purged message is still served");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(download_status(&alice, &redacted).await, StatusCode::NOT_FOUND);
+    for mxc in [&shared, &avatar, &unsent] {
+        assert_eq!(download_status(&alice, mxc).await, StatusCode::OK, "{mxc}");
+    }
+    // Gone from the disk: both content files and the thumbnail.
+    assert!(!content_file(&server, &bytes[0]).exists() && !content_file(&server, &bytes[1]).exists());
+    let mut left = media_files(&server);
+    left.sort();
+    let mut expected: Vec<_> = bytes[2..].iter().map(|content| content_file(&server, content)).collect();
+    expected.sort();
+    assert_eq!(left, expected);
+}

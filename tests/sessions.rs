@@ -560,3 +560,129 @@ async fn raw_state_cannot_bend_roles_notes_or_session_views() {
     let notes = therapist.ok(Method::GET, &format!("{SESSIONS}/{}/notes", enc(&room)), None).await;
     assert_eq!(notes["notes"].as_array().unwrap().len(), 2);
 }
+
+/// Whether `body` appears anywhere in what a (former) member reads of a room: `/messages`
+/// back from the end, `/state`, and an incremental `/sync` from `since` (a refusal reads
+/// nothing).
+async fn reads_note(client: &Client, room: &str, since: &str, body: &str) -> Vec<&'static str> {
+    let mut seen = Vec::new();
+    let (status, messages) = client.get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=100", enc(room))).await;
+    if status == StatusCode::OK && messages.to_string().contains(body) {
+        seen.push("/messages");
+    }
+    let (status, state) = client.get(&format!("/_matrix/client/v3/rooms/{}/state", enc(room))).await;
+    if status == StatusCode::OK && state.to_string().contains(body) {
+        seen.push("/state");
+    }
+    if client.sync(Some(since), 0).await.to_string().contains(body) {
+        seen.push("/sync");
+    }
+    seen
+}
+
+/// `user`'s membership in `room`, as `reader` (a member) reads it.
+async fn membership_of(reader: &Client, room: &str, user: &str) -> Option<String> {
+    let (status, member) = reader.get(&format!("/_matrix/client/v3/rooms/{}/state/m.room.member/{}", enc(room), enc(user))).await;
+    (status == StatusCode::OK).then(|| member["membership"].as_str().unwrap().to_owned())
+}
+
+#[tokio::test]
+async fn demoted_or_removed_co_therapists_leave_the_notes_room_and_breakouts_in_the_same_write() {
+    let server = TestServer::start().await;
+    let admin = server.register_admin("admin").await;
+    let therapist = verified_therapist(&server, &admin, "therapist").await;
+    let (demoted, removed, raw) = (server.register("demoted").await, server.register("removed").await, server.register("raw").await);
+    let ann = server.register("ann").await;
+    let now = now_ms();
+    let participants = json!([
+        { "user_id": demoted.user_id, "role": "co_therapist" }, { "user_id": removed.user_id, "role": "co_therapist" },
+        { "user_id": raw.user_id, "role": "co_therapist" }, { "user_id": ann.user_id, "role": "client" },
+    ]);
+    let created = therapist.ok(Method::POST, SESSIONS, Some(session_request("group", now, now + HOUR, participants))).await;
+    let room = created["room_id"].as_str().unwrap().to_owned();
+    let participant = |user: &str| format!("{SESSIONS}/{}/participants/{}", enc(&room), enc(user));
+    let notes = format!("{SESSIONS}/{}/notes", enc(&room));
+    let notes_room = therapist.ok(Method::PUT, &format!("{notes}/intake"), Some(json!({ "body": "before any change" }))).await["room_id"].as_str().unwrap().to_owned();
+    let breakout = therapist
+        .ok(Method::POST, &format!("{SESSIONS}/{}/breakouts", enc(&room)), Some(json!({ "name": "Pair", "participants": [ann.user_id] })))
+        .await["room_id"].as_str().unwrap().to_owned();
+    // The co-therapists are in the session, its notes room and its breakout, and read notes by /sync.
+    let mut since = Vec::new();
+    for co in [&demoted, &removed, &raw] {
+        assert_eq!(co.join(&room).await.0, StatusCode::OK);
+        therapist.ok(Method::POST, &format!("/_matrix/client/v3/rooms/{}/invite", enc(&notes_room)), Some(json!({ "user_id": co.user_id }))).await;
+        assert_eq!(co.join(&notes_room).await.0, StatusCode::OK);
+        assert_eq!(co.join(&breakout).await.0, StatusCode::OK);
+        let sync = co.sync(None, 0).await;
+        assert!(sync["rooms"]["join"][&notes_room].is_object());
+        since.push(sync["next_batch"].as_str().unwrap().to_owned());
+    }
+
+    // Demoted to client through the sessions API, removed through it, demoted by raw state: as
+    // soon as each call returns, the notes room and the breakout show them gone.
+    therapist.ok(Method::PUT, &participant(&demoted.user_id), Some(json!({ "role": "client" }))).await;
+    assert_eq!(membership_of(&therapist, &notes_room, &demoted.user_id).await.as_deref(), Some("leave"));
+    assert_eq!(membership_of(&therapist, &breakout, &demoted.user_id).await.as_deref(), Some("leave"));
+    therapist.ok(Method::DELETE, &participant(&removed.user_id), None).await;
+    assert_eq!(membership_of(&therapist, &notes_room, &removed.user_id).await.as_deref(), Some("leave"));
+    assert_eq!(membership_of(&therapist, &breakout, &removed.user_id).await.as_deref(), Some("leave"));
+    let role_path = format!("/_matrix/client/v3/rooms/{}/state/org.limbic.session.role/{}", enc(&room), enc(&format!("_{}", raw.user_id)));
+    therapist.ok(Method::PUT, &role_path, Some(json!({ "role": "observer" }))).await;
+    assert_eq!(membership_of(&therapist, &notes_room, &raw.user_id).await.as_deref(), Some("leave"));
+    assert_eq!(membership_of(&therapist, &breakout, &raw.user_id).await.as_deref(), Some("leave"));
+    // The demoted stay in the session room as what they now are; the removed do not.
+    assert_eq!(membership_of(&therapist, &room, &demoted.user_id).await.as_deref(), Some("join"));
+    assert_eq!(membership_of(&therapist, &room, &removed.user_id).await.as_deref(), Some("leave"));
+
+    // Later notes reach none of them, by any read; and they cannot come back.
+    therapist.ok(Method::PUT, &format!("{notes}/later"), Some(json!({ "body": "written after the change" }))).await;
+    therapist.send_text(&notes_room, "later", "a later remark in the notes room").await;
+    for (co, since) in [&demoted, &removed, &raw].into_iter().zip(&since) {
+        for body in ["written after the change", "a later remark"] {
+            assert_eq!(reads_note(co, &notes_room, since, body).await, Vec::<&str>::new(), "{} reads {body:?}", co.user_id);
+        }
+        assert_eq!(co.join(&notes_room).await.0, StatusCode::FORBIDDEN);
+        assert_eq!(co.get(&notes).await.0, StatusCode::FORBIDDEN);
+    }
+    // The therapist, who never lost the role, still reads everything.
+    assert_eq!(reads_note(&therapist, &notes_room, &since[0], "written after the change").await.len(), 3);
+}
+
+#[tokio::test]
+async fn call_membership_state_keys_belong_to_their_sender_in_session_rooms() {
+    let server = TestServer::start().await;
+    let admin = server.register_admin("admin").await;
+    let therapist = verified_therapist(&server, &admin, "therapist").await;
+    let (ann, bob) = (server.register("ann").await, server.register("bob").await);
+    let now = now_ms();
+    let participants = json!([{ "user_id": ann.user_id, "role": "client" }, { "user_id": bob.user_id, "role": "client" }]);
+    let created = therapist.ok(Method::POST, SESSIONS, Some(session_request("group", now, now + HOUR, participants))).await;
+    let room = created["room_id"].as_str().unwrap().to_owned();
+    for client in [&ann, &bob] {
+        assert_eq!(client.join(&room).await.0, StatusCode::OK);
+    }
+    let call_member = |key: &str| format!("/_matrix/client/v3/rooms/{}/state/org.matrix.msc3401.call.member/{}", enc(&room), enc(key));
+    let membership = json!({ "application": "m.call", "call_id": "", "scope": "m.room", "device_id": "DEV", "focus_active": { "type": "livekit" }, "foci_preferred": [] });
+
+    // Ann's own keys: MSC4143's `_@ann_DEVICE`, MSC3779's `@ann_DEVICE` and her bare user id.
+    for key in [format!("_{}_DEV", ann.user_id), format!("_{}_DEV_m.call", ann.user_id), ann.user_id.clone()] {
+        let (status, body) = ann.put(&call_member(&key), membership.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{key}: {body}");
+    }
+    // Someone else's, or one that only starts like hers: refused, even by a therapist.
+    for key in [format!("_{}_DEV", bob.user_id), format!("_{}x_DEV", ann.user_id), format!("_{}", ann.user_id), "shared".to_owned(), format!("{}_DEV", bob.user_id)] {
+        let (status, body) = ann.put(&call_member(&key), membership.clone()).await;
+        assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{key}: {body}");
+    }
+    let (status, body) = therapist.put(&call_member(&format!("_{}_DEV", bob.user_id)), json!({})).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{body}");
+    let (status, _) = bob.get(&call_member(&format!("_{}_DEV", bob.user_id))).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "nobody put bob in the call");
+    // MSC4143's per-device membership is owned the same way (a therapist's power level would
+    // otherwise let them write it).
+    let rtc_member = |key: &str| format!("/_matrix/client/v3/rooms/{}/state/org.matrix.msc4143.rtc.member/{}", enc(&room), enc(key));
+    let (status, body) = therapist.put(&rtc_member(&format!("_{}_DEV", bob.user_id)), json!({})).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{body}");
+    let (status, body) = therapist.put(&rtc_member(&format!("_{}_DEV", therapist.user_id)), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}

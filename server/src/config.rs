@@ -52,6 +52,12 @@ pub struct Config {
     pub plugin_host: PluginHostConfig,
     #[serde(default)]
     pub delayed_events: DelayedEventsConfig,
+    #[serde(default)]
+    pub push: PushConfig,
+    #[serde(default)]
+    pub privacy: PrivacyConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// `[[plugins]]`: the WebAssembly plugins to load, with what each is granted.
     #[serde(default)]
     pub plugins: Vec<PluginConfig>,
@@ -95,6 +101,21 @@ pub struct CallsConfig {
     /// The address peers send media to, when it is not the socket's (behind NAT); unset with an
     /// unspecified `udp_address`: this host's address on its default route.
     pub announced_address: Option<IpAddr>,
+    /// Largest signalling message (and WebSocket frame) a participant may send, in bytes.
+    pub max_signal_message_bytes: usize,
+    /// Signalling messages per connection: sustained per second, and burst.
+    pub signal_rate: RateLimit,
+    /// Participants in one call, whatever the room's own rules allow.
+    pub max_participants_per_call: usize,
+    /// Tracks one participant may publish (simulcast layers are one track).
+    pub max_tracks_per_participant: usize,
+    /// Data channels one participant may open (LiveKit's SDKs open two).
+    pub max_data_channels: usize,
+    /// Largest data packet relayed, in bytes.
+    pub max_data_packet_bytes: usize,
+    /// Data relayed per participant, in bytes (each packet counts at least 1 KiB):
+    /// sustained per second, and burst.
+    pub data_rate: RateLimit,
 }
 
 impl Default for CallsConfig {
@@ -109,6 +130,17 @@ impl Default for CallsConfig {
             udp_address: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
             udp_port: 7882,
             announced_address: None,
+            // LiveKit's own limit is 2 MiB; a subscriber's answer in a full call takes a few KB
+            // per track it receives.
+            max_signal_message_bytes: 1024 * 1024,
+            signal_rate: RateLimit { per_second: 50.0, burst: 200 },
+            max_participants_per_call: 100,
+            // Tracks stay until their publisher leaves, so each screen share adds one.
+            max_tracks_per_participant: 16,
+            max_data_channels: 4,
+            // LiveKit's documented limit of a whole data packet.
+            max_data_packet_bytes: 16 * 1024,
+            data_rate: RateLimit { per_second: 256.0 * 1024.0, burst: 1024 * 1024 },
         }
     }
 }
@@ -140,6 +172,9 @@ pub struct FederationConfig {
     pub deny_servers: Vec<String>,
     /// Largest inbound transaction body, in bytes.
     pub max_transaction_bytes: usize,
+    /// Internal networks (loopback, private, link-local, …) other servers may be reached at;
+    /// outside them, only public addresses are (`crate::net_filter`).
+    pub allowed_networks: Vec<crate::net_filter::Network>,
 }
 
 impl Default for FederationConfig {
@@ -157,8 +192,18 @@ impl Default for FederationConfig {
             allow_servers: Vec::new(),
             deny_servers: Vec::new(),
             max_transaction_bytes: 4 << 20,
+            allowed_networks: Vec::new(),
         }
     }
+}
+
+/// Delivery to push gateways (spec/push.md).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PushConfig {
+    /// Internal networks (loopback, private, link-local, …) push gateways may be reached at, for
+    /// on-premise gateways; outside them, only public addresses are (`crate::net_filter`).
+    pub allowed_networks: Vec<crate::net_filter::Network>,
 }
 
 /// Limits and caching of the WebAssembly plugin host.
@@ -285,6 +330,31 @@ impl Default for ListenConfig {
 #[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
     pub path: PathBuf,
+    /// The key sealing secrets kept in the store (plugins' stored values), outside the store;
+    /// created `0600` on first start. Empty: the database path with `.key` appended.
+    #[serde(default)]
+    pub key_file: PathBuf,
+}
+
+/// The audit log (spec/audit.md).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// The key that MACs every audit entry, outside the store; created `0600` on first start.
+    /// Empty: the database path with `-audit.key` appended.
+    pub key_file: PathBuf,
+}
+
+/// Who may look other users up: Synapse's options of the same names, applied to profiles,
+/// presence and the user directory (spec/behaviour.md, "Looking users up").
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrivacyConfig {
+    /// Profile look-ups need an access token (401 `M_MISSING_TOKEN` without).
+    pub require_auth_for_profile_requests: bool,
+    /// Profiles and presence only of users who share a room with the asker (403 `M_FORBIDDEN`
+    /// otherwise), and a user directory of those users only.
+    pub limit_profile_requests_to_users_who_share_rooms: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -324,14 +394,17 @@ impl Default for RegistrationConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     pub max_request_body: usize,
+    /// Largest JSON body of a request without an access token (register, login, …): strangers
+    /// get far less than users.
+    pub max_unauthenticated_body: usize,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { max_request_body: 10 * 1024 * 1024 }
+        Self { max_request_body: 10 * 1024 * 1024, max_unauthenticated_body: 64 * 1024 }
     }
 }
 
@@ -343,23 +416,37 @@ pub struct RateLimit {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct RateLimitsConfig {
     pub enabled: bool,
+    /// Proxies whose `X-Forwarded-For` is believed (`crate::ratelimit::client_address`).
+    pub trusted_proxies: Vec<crate::net_filter::Network>,
     pub message: RateLimit,
     pub registration: RateLimit,
     pub login: RateLimit,
     pub create_room: RateLimit,
+    pub state_event: RateLimit,
+    pub search: RateLimit,
+    /// Failed passwords in user-interactive auth.
+    pub reauth: RateLimit,
+    /// Failed session passcodes on knock or join.
+    pub knock_passcode: RateLimit,
 }
 
 impl Default for RateLimitsConfig {
     fn default() -> Self {
         Self {
             enabled: true,
+            trusted_proxies: Vec::new(),
             message: RateLimit { per_second: 10.0, burst: 50 },
             registration: RateLimit { per_second: 0.2, burst: 5 },
             login: RateLimit { per_second: 0.5, burst: 10 },
             create_room: RateLimit { per_second: 0.5, burst: 10 },
+            state_event: RateLimit { per_second: 1.0, burst: 30 },
+            search: RateLimit { per_second: 0.5, burst: 10 },
+            // Five failures, then one more every three minutes (five per quarter hour).
+            reauth: RateLimit { per_second: 1.0 / 180.0, burst: 5 },
+            knock_passcode: RateLimit { per_second: 1.0 / 180.0, burst: 5 },
         }
     }
 }
@@ -443,15 +530,16 @@ impl Default for ClinicConfig {
     }
 }
 
-/// `./data/limbic` keeps its media in `./data/limbic-media`.
-fn default_media_path(database: &std::path::Path) -> PathBuf {
+/// A path beside the database's: `./data/limbic` keeps its media in `./data/limbic-media` and
+/// its key in `./data/limbic.key`.
+fn beside_database(database: &std::path::Path, suffix: &str) -> PathBuf {
     match database.file_name() {
         Some(name) => {
             let mut name = name.to_owned();
-            name.push("-media");
+            name.push(suffix);
             database.with_file_name(name)
         }
-        None => database.join("media"),
+        None => database.join(suffix.trim_start_matches(['-', '.'])),
     }
 }
 
@@ -480,10 +568,16 @@ impl Config {
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
         if config.media.path.as_os_str().is_empty() {
-            config.media.path = default_media_path(&config.database.path);
+            config.media.path = beside_database(&config.database.path, "-media");
         }
         if config.plugin_host.cache_dir.as_os_str().is_empty() {
             config.plugin_host.cache_dir = config.database.path.join("plugin-cache");
+        }
+        if config.database.key_file.as_os_str().is_empty() {
+            config.database.key_file = beside_database(&config.database.path, ".key");
+        }
+        if config.audit.key_file.as_os_str().is_empty() {
+            config.audit.key_file = beside_database(&config.database.path, "-audit.key");
         }
         config.validate()?;
         Ok(config)
@@ -505,6 +599,12 @@ impl Config {
         if self.limits.max_request_body < 1024 {
             return Err(ConfigError::Invalid {
                 key: "limits.max_request_body",
+                reason: "must be at least 1024 bytes".into(),
+            });
+        }
+        if self.limits.max_unauthenticated_body < 1024 {
+            return Err(ConfigError::Invalid {
+                key: "limits.max_unauthenticated_body",
                 reason: "must be at least 1024 bytes".into(),
             });
         }
@@ -569,12 +669,31 @@ impl Config {
                 reason: format!("{origin:?} is not an origin: write scheme://host[:port] in lowercase, as browsers send it (e.g. \"https://clinic.example\"), without a path or trailing slash"),
             });
         }
+        let calls = &self.calls;
+        for (key, value) in [
+            ("calls.max_signal_message_bytes", calls.max_signal_message_bytes),
+            ("calls.max_participants_per_call", calls.max_participants_per_call),
+            ("calls.max_data_packet_bytes", calls.max_data_packet_bytes),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid { key, reason: "must be at least 1".into() });
+            }
+        }
+        if (calls.data_rate.burst as usize) < calls.max_data_packet_bytes.max(crate::calls::sfu::DATA_PACKET_MIN_COST) {
+            return Err(ConfigError::Invalid { key: "calls.data_rate", reason: "burst must be at least max_data_packet_bytes (and 1024)".into() });
+        }
         let limits = &self.rate_limits;
         for (key, limit) in [
             ("rate_limits.message", limits.message),
             ("rate_limits.registration", limits.registration),
             ("rate_limits.login", limits.login),
             ("rate_limits.create_room", limits.create_room),
+            ("rate_limits.state_event", limits.state_event),
+            ("rate_limits.search", limits.search),
+            ("rate_limits.reauth", limits.reauth),
+            ("rate_limits.knock_passcode", limits.knock_passcode),
+            ("calls.signal_rate", calls.signal_rate),
+            ("calls.data_rate", calls.data_rate),
         ] {
             if !(limit.per_second > 0.0 && limit.per_second.is_finite()) || limit.burst == 0 {
                 return Err(ConfigError::Invalid {
@@ -696,6 +815,8 @@ mod tests {
         let env = [("LIMBIC_MEDIA__USER_QUOTA".to_owned(), "0".to_owned())];
         let config = Config::from_toml("server_name = \"x\"\n[database]\npath = \"/var/lib/limbic/\"\n", env).unwrap();
         assert_eq!(config.media.path, PathBuf::from("/var/lib/limbic-media"));
+        assert_eq!(config.database.key_file, PathBuf::from("/var/lib/limbic.key"));
+        assert_eq!(config.audit.key_file, PathBuf::from("/var/lib/limbic-audit.key"));
         assert_eq!(config.media.user_quota, 0);
         assert_eq!(config.media.max_upload_size, MediaConfig::default().max_upload_size);
     }

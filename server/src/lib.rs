@@ -11,13 +11,18 @@ pub mod e2ee;
 pub mod error;
 pub mod events;
 pub mod federation;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod media;
 pub mod metrics;
+pub mod net_filter;
 pub mod plugins;
+pub mod privacy;
 pub mod push;
 pub mod ratelimit;
 pub mod rooms;
 pub mod search;
+pub mod secrets;
 pub mod server;
 pub mod store;
 pub mod sync;
@@ -35,6 +40,7 @@ pub fn app(server: Arc<Server>) -> Router {
     federation::routes::routes(client::router())
         .fallback(client::unrecognized)
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(client::panic_response))
+        .layer(middleware::from_fn(client::rejections::as_matrix_errors))
         .layer(middleware::from_fn_with_state(cors, client::cors::apply))
         .layer(middleware::from_fn_with_state(server.clone(), client::track_metrics))
         .with_state(server)
@@ -53,6 +59,7 @@ pub async fn serve(server: Arc<Server>) -> std::io::Result<()> {
     if server.config.calls.enabled {
         let sfu = calls::media::start(&server.config.calls).await?;
         let _ = server.calls.sfu.set(sfu);
+        tokio::spawn(calls::warden::run(server.clone()));
     }
     if server.federation.is_some() {
         tokio::spawn(federation::sender::run(server.clone()));
@@ -94,10 +101,14 @@ async fn background_tasks(server: Arc<Server>) {
         if let Err(e) = server.rooms.expire_typing() {
             tracing::warn!(error = %e, "typing expiry failed");
         }
-        if seconds.is_multiple_of(server.config.clinic.retention_interval_seconds)
-            && let Err(e) = server.rooms.expire_events(&server.config.clinic).await
-        {
-            tracing::warn!(error = %e, "retention purge failed");
+        if seconds.is_multiple_of(server.config.clinic.retention_interval_seconds) {
+            if let Err(e) = server.rooms.expire_events(&server.config.clinic).await {
+                tracing::warn!(error = %e, "retention purge failed");
+            }
+            // The media of the purged messages, now that the purge is durable.
+            if let Err(e) = server.media.collect().await {
+                tracing::warn!(error = %e, "deleting the media of purged messages failed");
+            }
         }
         if seconds.is_multiple_of(LINK_TOKEN_PRUNE_SECONDS)
             && let Err(e) = server.appointments.prune_used()

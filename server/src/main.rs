@@ -31,7 +31,7 @@ enum Command {
         #[command(subcommand)]
         command: UserCommand,
     },
-    /// Check the audit log's hash chain (stop the server first, or use the admin API).
+    /// Check the audit log, or export its head (stop the server first, or use the admin API).
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
@@ -54,8 +54,17 @@ enum KeysCommand {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Recompute every entry's hash and link; exit 1 at the first entry that does not check out.
+    /// Recompute every entry's hash, link and MAC; exit 1 at the first entry that does not check out.
     Verify {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// A head exported earlier (`limbic audit head`, or GET /_limbic/admin/v1/audit/head):
+        /// it must still be in the log, unchanged.
+        #[arg(long)]
+        head: Option<PathBuf>,
+    },
+    /// Print the newest entry's seq, hash, MAC and time as JSON, to keep off the machine.
+    Head {
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -66,7 +75,7 @@ impl Command {
         match self {
             Self::Serve { config } | Self::CheckConfig { config } => config,
             Self::User { command } => command.config(),
-            Self::Audit { command: AuditCommand::Verify { config } } => config,
+            Self::Audit { command: AuditCommand::Verify { config, .. } | AuditCommand::Head { config } } => config,
             Self::Keys { command: KeysCommand::Rotate { config } } => config,
         }
     }
@@ -107,7 +116,8 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         match cli.command {
             Command::User { command } => return limbic_server::admin::cli::run(config, command).await,
-            Command::Audit { command: AuditCommand::Verify { .. } } => return limbic_server::admin::cli::verify_audit(config),
+            Command::Audit { command: AuditCommand::Verify { head, .. } } => return limbic_server::admin::cli::verify_audit(config, head.as_deref()),
+            Command::Audit { command: AuditCommand::Head { .. } } => return limbic_server::admin::cli::audit_head(config),
             Command::Keys { command: KeysCommand::Rotate { .. } } => return limbic_server::admin::cli::rotate_key(config),
             Command::Serve { .. } | Command::CheckConfig { .. } => {}
         }

@@ -24,6 +24,8 @@ pub struct Server {
     pub config: Config,
     pub store: Arc<Store>,
     pub signing_key: Arc<ServerSigningKey>,
+    /// Seals secrets kept in the store (plugins' stored values); its key is outside the store.
+    pub secrets: crate::secrets::SecretKey,
     pub users: Users,
     pub rooms: Rooms,
     pub media: Media,
@@ -59,17 +61,20 @@ impl Server {
         Self::open(Config::from_toml(&toml, []).expect("test config")).expect("test server")
     }
 
-    /// Opens (or creates) the store and loads (or generates) the signing key.
+    /// Opens (or creates) the store and loads (or generates) the signing key and the key that
+    /// seals secrets in the store.
     pub fn open(config: Config) -> Result<Arc<Self>> {
-        std::fs::create_dir_all(&config.database.path).map_err(|e| {
+        crate::secrets::private_dir(&config.database.path).map_err(|e| {
             crate::Error::internal(format!("cannot create {}: {e}", config.database.path.display()))
         })?;
         let store = Arc::new(Store::open(&config.database.path)?);
+        let secrets = crate::secrets::SecretKey::load_or_create(&config.database.key_file, &store)?;
+        secrets.seal_table(&store, crate::store::tables::PLUGIN_KV)?;
         let signing_key =
             Arc::new(ServerSigningKey::load_or_generate(&store, config.server_name.clone())?);
         let shutting_down = tokio::sync::watch::Sender::new(false);
-        let push = Arc::new(Push::new(store.clone()));
-        let audit = Arc::new(Audit::load(&store)?);
+        let push = Arc::new(Push::new(store.clone(), &config.push));
+        let audit = Arc::new(Audit::load(&store, &config.audit.key_file)?);
         let clinic = Arc::new(Clinic::new(store.clone(), config.sessions.clone()));
         let plugins = Arc::new(crate::plugins::Plugins::load(&config, store.clone()).map_err(crate::Error::internal)?);
         let federation = if config.federation.enabled {
@@ -97,6 +102,7 @@ impl Server {
             media: Media::open(&config.media, store.clone(), config.server_name.clone(), shutting_down.subscribe())?,
             shutting_down,
             signing_key,
+            secrets,
             store,
             config,
         }))
@@ -106,8 +112,19 @@ impl Server {
         &self.config.server_name
     }
 
-    /// Removes devices with their access tokens, keys and pending messages, in one batch.
+    /// Removes devices with their access tokens, keys, pending messages and pushers, in one batch.
     pub fn delete_devices<'d>(&self, user_id: &ruma::UserId, device_ids: impl IntoIterator<Item = &'d str>) -> Result<()> {
+        self.remove_devices(user_id, device_ids, false)
+    }
+
+    /// Signs the user out of every session but `except` (password changes, logout/all,
+    /// deactivation); pushers whose token is unknown go too.
+    pub fn delete_all_devices(&self, user_id: &ruma::UserId, except: Option<&str>) -> Result<()> {
+        let devices = self.users.devices(user_id)?;
+        self.remove_devices(user_id, devices.iter().map(|(id, _)| id.as_str()).filter(|id| Some(*id) != except), true)
+    }
+
+    fn remove_devices<'d>(&self, user_id: &ruma::UserId, device_ids: impl IntoIterator<Item = &'d str>, everywhere_else: bool) -> Result<()> {
         let ticket = self.store.streams().allocate(&self.store)?;
         let mut batch = self.store.batch();
         let mut removed = Vec::new();
@@ -117,6 +134,9 @@ impl Server {
                 removed.push(device_id.to_owned());
             }
         }
+        if everywhere_else {
+            self.users.stage_unowned_pushers_removal(&mut batch, user_id)?;
+        }
         tokio::task::block_in_place(|| self.store.write(batch))?;
         drop(ticket);
         // Other servers sharing a room with the user learn of the removal.
@@ -124,11 +144,6 @@ impl Server {
             crate::federation::sender::device_list_changed(self, user_id, &device_id, true)?;
         }
         Ok(())
-    }
-
-    pub fn delete_all_devices(&self, user_id: &ruma::UserId, except: Option<&str>) -> Result<()> {
-        let devices = self.users.devices(user_id)?;
-        self.delete_devices(user_id, devices.iter().map(|(id, _)| id.as_str()).filter(|id| Some(*id) != except))
     }
 
     /// Sets profile fields and sends the new member event into every room the user has joined.

@@ -27,6 +27,10 @@ pub struct TestServer {
 
 pub const SHARED_SECRET: &str = "test-shared-secret-0123456789abcdef";
 
+/// The override of `[federation] allowed_networks`, and the loopback networks test servers allow.
+pub const FEDERATION_ALLOWED_NETWORKS: &str = "LIMBIC_FEDERATION__ALLOWED_NETWORKS";
+pub const LOOPBACK_NETWORKS: &str = r#"["127.0.0.0/8", "::1"]"#;
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -56,6 +60,11 @@ impl TestServer {
         };
         server.spawn().await;
         server
+    }
+
+    /// The process id of the running server (to read its memory use in /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the server is running").id()
     }
 
     /// The temporary directory holding the server's config and store.
@@ -93,6 +102,9 @@ impl TestServer {
         let child = Command::new(env!("CARGO_BIN_EXE_limbic"))
             .args(["serve", "--config"])
             .arg(self.config_path())
+            // Test servers federate with each other over loopback, which the server refuses
+            // unless allowed; a test's own `env` can take the allowance away.
+            .env(FEDERATION_ALLOWED_NETWORKS, LOOPBACK_NETWORKS)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -166,6 +178,20 @@ impl TestServer {
     }
 
     /// Registers a fresh server admin through shared-secret registration.
+    /// An admin, a therapist they verified, the therapist's individual session starting now, and
+    /// its notes room holding one note ("confidential").
+    pub async fn session_with_a_note(&self) -> SessionWithNote {
+        let admin = self.register_admin("admin").await;
+        let therapist = self.register("therapist").await;
+        admin.ok(Method::PUT, &format!("/_limbic/admin/v1/therapists/{}", enc(&therapist.user_id)), Some(json!({ "verified": true }))).await;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        let session = json!({ "kind": "individual", "title": "Intake", "starts_at": now, "ends_at": now + 3_600_000, "timezone": "UTC" });
+        let room = therapist.ok(Method::POST, "/_limbic/client/v1/sessions", Some(session)).await["room_id"].as_str().unwrap().to_owned();
+        let written = therapist.ok(Method::PUT, &format!("/_limbic/client/v1/sessions/{}/notes/intake", enc(&room)), Some(json!({ "body": "confidential" }))).await;
+        let notes_room = written["room_id"].as_str().unwrap().to_owned();
+        SessionWithNote { admin, therapist, room, notes_room }
+    }
+
     pub async fn register_admin(&self, name: &str) -> Client {
         let mut client = self.client();
         let nonce = client.ok(Method::GET, "/_synapse/admin/v1/register", None).await["nonce"].as_str().unwrap().to_owned();
@@ -306,4 +332,12 @@ pub fn admin_mac(nonce: &str, user: &str, password: &str, admin: bool) -> String
 
 pub fn errcode(body: &Value) -> &str {
     body["errcode"].as_str().unwrap_or("<none>")
+}
+
+/// What [`TestServer::session_with_a_note`] made.
+pub struct SessionWithNote {
+    pub admin: Client,
+    pub therapist: Client,
+    pub room: String,
+    pub notes_room: String,
 }

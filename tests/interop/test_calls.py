@@ -495,6 +495,13 @@ def test_a_recording_needs_everyones_consent_and_yields_the_tone(server):
             assert len(video) == 1 and "url" in video[0], body
             frames, video_seconds, width = decoded_video(download(server.url, therapist, video[0]["url"]))
             assert frames >= 20 and width > 0, f"{frames} frames of width {width}"
+            # Only the session's therapists read its recordings: not its client.
+            for url in (audio[0]["url"], video[0]["url"]):
+                try:
+                    download(server.url, client, url)
+                    raise AssertionError(f"the session's client downloaded its recording {url}")
+                except urllib.error.HTTPError as error:
+                    assert error.code == 403 and json.loads(error.read()).get("errcode") == "M_FORBIDDEN", error.code
             assert abs(video_seconds - took) < 1.0, f"{video_seconds:.2f} s of video in a {took:.2f} s recording"
             assert recording_state(server.url, client, room_id).get("recording") is False
 

@@ -7,7 +7,7 @@
   delivered messages are not delivered again;
 - server-side key backup (`room_keys/*`, raw HTTP: nio has no API for it) with real Megolm
   session keys encrypted to a curve25519 backup key, decrypted again after the round trip;
-- media: upload, download (authenticated and legacy), thumbnails (scale and crop), an
+- media: upload, download (authenticated; the legacy endpoints refuse new media), thumbnails (scale and crop), an
   encrypted attachment;
 - relations: an edit bundled as `m.replace`, reactions and a thread through `/relations` and
   `/threads`;
@@ -472,17 +472,21 @@ def test_media_upload_download_thumbnail(server, accounts, devices, loop):
         assert down.filename == "gradient.png", down.filename
 
         # Another user can download it; a request without a token is refused on the
-        # authenticated endpoint and accepted on the legacy one.
+        # authenticated endpoint, and the legacy one does not serve new media (as Synapse
+        # with enable_authenticated_media).
         path = f"/_matrix/client/v1/media/download/{server_name}/{media_id}"
         status, _, body = await raw_bytes(server.url, "GET", path, accounts["alice"].access_token)
         assert status == 200 and body == data, f"GET {path} as alice -> HTTP {status}"
         status, _, body = await raw_bytes(server.url, "GET", path)
         assert status == 401, f"GET {path} without a token -> HTTP {status}: {body[:200]!r}"
         assert json.loads(body).get("errcode") == "M_MISSING_TOKEN", body[:200]
-        path = f"/_matrix/media/v3/download/{server_name}/{media_id}/other-name.png"
-        status, headers, body = await raw_bytes(server.url, "GET", path)
+        path = f"/_matrix/client/v1/media/download/{server_name}/{media_id}/other-name.png"
+        status, headers, body = await raw_bytes(server.url, "GET", path, accounts["alice"].access_token)
         assert status == 200 and body == data, f"GET {path} -> HTTP {status}"
         assert "other-name.png" in headers.get("Content-Disposition", ""), headers
+        path = f"/_matrix/media/v3/download/{server_name}/{media_id}"
+        status, _, body = await raw_bytes(server.url, "GET", path)
+        assert status == 404 and json.loads(body).get("errcode") == "M_NOT_FOUND", f"GET {path} -> HTTP {status}: {body[:200]!r}"
 
         # Thumbnails: scale keeps the aspect ratio, crop gives the requested aspect ratio.
         for width, height, method in ((320, 240, ResizingMethod.scale), (32, 32, ResizingMethod.crop),

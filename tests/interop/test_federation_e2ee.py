@@ -136,6 +136,8 @@ def federated_server(name: str, workdir: Path, pki: Pki) -> LimbicServer:
         "tls_private_key": str(pki.key),
         "ca_certificates": [str(pki.ca)],
         "trust_web_pki": False,
+        # The peer is on loopback, which federation refuses unless allowed.
+        "allowed_networks": ["127.0.0.1/32"],
     }
     srv.config_path.write_text(dump_toml(srv.config))
     return srv

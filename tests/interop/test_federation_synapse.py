@@ -350,6 +350,10 @@ def server(tmp_path_factory, pki):
     srv.server_name = f"127.0.0.1:{srv.fed_port}"
     srv.config["server_name"] = srv.server_name
     srv.config.pop("plugins", None)  # not what this module is about; keeps startup short
+    # test_profiles_both_ways reads profiles across servers between users who share no room,
+    # which the example's [privacy] refuses to Limbic's clients (tests/privacy.rs covers it, and
+    # tests/federation.rs that other servers' queries are answered with it on).
+    srv.config["privacy"] = {"limit_profile_requests_to_users_who_share_rooms": False}
     srv.config["federation"] = {
         "enabled": True,
         "address": "127.0.0.1",
@@ -358,6 +362,8 @@ def server(tmp_path_factory, pki):
         "tls_private_key": str(pki.key),
         "ca_certificates": [str(pki.ca)],
         "trust_web_pki": False,
+        # The peer is on loopback, which federation refuses unless allowed.
+        "allowed_networks": ["127.0.0.1/32"],
     }
     srv.config_path.write_text(dump_toml(srv.config))
     try:

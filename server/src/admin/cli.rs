@@ -134,12 +134,17 @@ pub fn rotate_key(config: Config) -> ExitCode {
     }
 }
 
-/// `limbic audit verify`: exit 0 when the whole chain checks out, 1 otherwise.
-pub fn verify_audit(config: Config) -> ExitCode {
-    let verified = open_stopped(config).and_then(|server| crate::audit::Audit::verify(&server.store).map_err(|e| e.to_string()));
+/// `limbic audit verify`: exit 0 when the whole chain checks out and, with `head` (a file holding
+/// a head exported earlier), that head is still there unchanged; 1 otherwise.
+pub fn verify_audit(config: Config, head: Option<&Path>) -> ExitCode {
+    let verified = head.map(read_head).transpose().and_then(|head| {
+        let server = open_stopped(config)?;
+        server.audit.verify(&server.store, head.as_ref().map(|h| (h.seq, h.hash.as_str()))).map_err(|e| e.to_string())
+    });
     match verified {
         Ok(check) if check.valid => {
-            println!("audit log intact: {} entries", check.entries);
+            let against = head.map(|_| ", up to the exported head").unwrap_or_default();
+            println!("audit log intact{against}: {} entries, keyed from entry {}", check.entries, check.keyed_from);
             ExitCode::SUCCESS
         }
         Ok(check) => {
@@ -149,6 +154,30 @@ pub fn verify_audit(config: Config) -> ExitCode {
                 check.reason.unwrap_or_default(),
                 check.entries
             );
+            ExitCode::FAILURE
+        }
+        Err(message) => {
+            eprintln!("limbic: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn read_head(path: &Path) -> Result<crate::audit::AuditHead, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{} is not an exported audit head: {e}", path.display()))
+}
+
+/// `limbic audit head`: the newest entry as JSON, to keep off the machine for `verify --head`.
+pub fn audit_head(config: Config) -> ExitCode {
+    let head = open_stopped(config).and_then(|server| crate::audit::Audit::head(&server.store).map_err(|e| e.to_string()));
+    match head {
+        Ok(Some(head)) => {
+            println!("{}", serde_json::to_string(&head).expect("JSON serializes"));
+            ExitCode::SUCCESS
+        }
+        Ok(None) => {
+            eprintln!("limbic: the audit log is empty");
             ExitCode::FAILURE
         }
         Err(message) => {

@@ -6,7 +6,7 @@ mod rooms;
 
 use ruma::{OwnedUserId, UserId};
 
-pub use rooms::{DeleteRoom, Deletion, Deletions, ShutdownReport, delete_room, list_rooms, room_summary};
+pub use rooms::{DeleteRoom, Deletion, Deletions, ShutdownReport, audit_notes_read, delete_room, list_rooms, room_summary};
 
 use crate::{
     error::{Error, ErrorCode, Result},

@@ -8,6 +8,7 @@ use serde::Serialize;
 use serde_json::{Value as JsonValue, json};
 
 use crate::{
+    audit::AuditRecord,
     error::{Error, Result},
     events::PduBuilder,
     rooms::Membership,
@@ -48,6 +49,15 @@ pub fn room_summary(server: &Server, room_id: &RoomId) -> Result<JsonValue> {
         "state_events": state.len(),
         "room_type": content("m.room.create", "type"),
     }))
+}
+
+/// Audits an admin API read of a room as `note_read` when it is a session's notes room (room:
+/// the session room; details: the notes room and what was read). Written before the answer,
+/// so that no admin reads notes unrecorded; other rooms' reads are `admin_action`s only.
+pub fn audit_notes_read(server: &Server, admin: &UserId, room_id: &RoomId, read: &str) -> Result<()> {
+    let Some(session_room) = crate::clinic::subrooms::notes_session(&server.rooms, room_id)? else { return Ok(()) };
+    let record = AuditRecord::new("note_read", admin).room(&session_room).details(json!({ "notes_room": room_id, "via": "admin_api", "read": read }));
+    server.audit.write_with(&server.store, server.store.batch(), vec![record])
 }
 
 /// Synapse's `order_by` values: the summary field sorted on, and whether it sorts largest first.

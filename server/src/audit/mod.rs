@@ -1,15 +1,23 @@
 //! The audit log: an append-only, hash-chained record of security-relevant actions. Each entry
 //! commits to the previous one (`prev_hash`), so removing or altering an entry is detected by
 //! [`Audit::verify`]. Entries are written in the same atomic batch as the action they record.
+//!
+//! The chain alone protects nothing from whoever can write the store: they could rewrite the
+//! newest entries and recompute every hash. So each entry also carries a MAC under a key kept
+//! outside the store ([`key`]), and the newest entry (the head) can be exported off the machine
+//! and checked later, which finds entries deleted from the end.
 
-use std::sync::Mutex;
+mod key;
+
+use std::{path::Path, sync::Mutex};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value as JsonValue, json};
 use sha2::{Digest, Sha256};
 
+use self::key::AuditKey;
 use crate::{
-    error::Result,
+    error::{Error, Result},
     store::{Batch, KeyReader, Store, tables},
 };
 
@@ -55,18 +63,32 @@ pub struct AuditEntry {
     pub details: JsonValue,
     pub prev_hash: String,
     pub hash: String,
+    /// HMAC-SHA256 of `hash` under the audit key; absent on entries written before the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 impl AuditEntry {
-    /// sha256 over the entry's canonical JSON without its own hash.
+    /// sha256 over the entry's canonical JSON without its own hash and MAC (so an entry written
+    /// before MACs existed hashes as it did then).
     fn compute_hash(&self) -> String {
         let mut value = serde_json::to_value(self).expect("audit entries serialize");
         if let Some(object) = value.as_object_mut() {
             object.remove("hash");
+            object.remove("mac");
         }
         // serde_json's maps are ordered, so this serialization is canonical.
         hex::encode(Sha256::digest(serde_json::to_vec(&value).expect("JSON serializes")))
     }
+}
+
+/// The newest entry, as exported for a later [`Audit::verify`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AuditHead {
+    pub seq: u64,
+    pub hash: String,
+    pub mac: Option<String>,
+    pub ts: u64,
 }
 
 /// The outcome of checking the whole chain.
@@ -74,9 +96,11 @@ impl AuditEntry {
 pub struct Verification {
     pub entries: u64,
     pub valid: bool,
-    /// The first entry that does not check out, and why.
+    /// The first entry that does not check out (or is missing), and why.
     pub first_invalid: Option<u64>,
     pub reason: Option<String>,
+    /// The first entry that must carry a MAC: those before it predate the audit key.
+    pub keyed_from: u64,
 }
 
 /// The chain's head: the last sequence number and hash written.
@@ -89,6 +113,7 @@ const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000
 
 pub struct Audit {
     head: Mutex<Head>,
+    key: AuditKey,
 }
 
 /// Filters for reading the log.
@@ -104,21 +129,53 @@ pub struct AuditQuery {
 }
 
 impl Audit {
-    pub fn load(store: &Store) -> Result<Self> {
-        let last = store.scan_prefix(tables::AUDIT_LOG, Vec::new(), true).next().transpose()?;
-        let head = match last {
-            Some((_, value)) => {
-                let entry: AuditEntry = crate::store::decode(tables::AUDIT_LOG, &value)?;
-                Head { seq: entry.seq, hash: entry.hash }
+    /// The log in `store`, keyed with the key in `key_path`. On first start the key is made
+    /// (`0600`), recording how many entries predate it, and its first keyed entry is
+    /// `audit_keyed`. A missing key file for a keyed log is refused: a new key would hide
+    /// whatever was done to the log meanwhile.
+    pub fn load(store: &Store, key_path: &Path) -> Result<Self> {
+        let newest = Self::newest(store)?;
+        let head = newest.as_ref().map_or_else(
+            || Head { seq: 0, hash: GENESIS_HASH.to_owned() },
+            |entry| Head { seq: entry.seq, hash: entry.hash.clone() },
+        );
+        let Some(key) = AuditKey::load(key_path)? else {
+            if newest.as_ref().is_some_and(|entry| entry.mac.is_some()) {
+                return Err(Error::internal(format!(
+                    "audit key file {} is missing, and the audit log is keyed with it: restore it from a backup",
+                    key_path.display()
+                )));
             }
-            None => Head { seq: 0, hash: GENESIS_HASH.to_owned() },
+            let audit = Self { key: AuditKey::create(key_path, head.seq)?, head: Mutex::new(head) };
+            tracing::info!(file = %key_path.display(), unkeyed_entries = audit.key.unkeyed_entries, "generated the audit log's key");
+            let record = AuditRecord::new("audit_keyed", "server").details(json!({ "unkeyed_entries": audit.key.unkeyed_entries }));
+            audit.append(store, store.batch(), vec![record], |batch| store.write(batch))?;
+            return Ok(audit);
         };
-        Ok(Self { head: Mutex::new(head) })
+        if let Some(entry) = newest.filter(|e| e.seq > key.unkeyed_entries && !e.mac.as_ref().is_some_and(|mac| key.verifies(&e.hash, mac))) {
+            // Keep serving (the log is evidence, and verification names the entry), but loudly.
+            tracing::error!(seq = entry.seq, file = %key_path.display(), "the audit log's newest entry does not carry this key's MAC: a wrong key file, or the log was tampered with; see GET /_limbic/admin/v1/audit/verify");
+        }
+        Ok(Self { key, head: Mutex::new(head) })
+    }
+
+    fn newest(store: &Store) -> Result<Option<AuditEntry>> {
+        let last = store.scan_prefix(tables::AUDIT_LOG, Vec::new(), true).next().transpose()?;
+        Ok(last.map(|(_, value)| crate::store::decode(tables::AUDIT_LOG, &value)).transpose()?)
+    }
+
+    /// The newest entry as stored, for export; `None` for an empty log.
+    pub fn head(store: &Store) -> Result<Option<AuditHead>> {
+        Ok(Self::newest(store)?.map(|entry| AuditHead { seq: entry.seq, hash: entry.hash, mac: entry.mac, ts: entry.ts }))
     }
 
     /// Chains `records` onto the log inside `batch` and writes the batch. The chain's lock is
     /// held until the write is durable, so entries are never reordered or lost.
-    pub fn write_with(&self, store: &Store, mut batch: Batch, records: Vec<AuditRecord>) -> Result<()> {
+    pub fn write_with(&self, store: &Store, batch: Batch, records: Vec<AuditRecord>) -> Result<()> {
+        self.append(store, batch, records, |batch| tokio::task::block_in_place(|| store.write(batch)))
+    }
+
+    fn append(&self, store: &Store, mut batch: Batch, records: Vec<AuditRecord>, write: impl FnOnce(Batch) -> crate::store::Result<()>) -> Result<()> {
         let mut head = self.head.lock().expect("audit head lock");
         let mut seq = head.seq;
         let mut hash = head.hash.clone();
@@ -135,19 +192,25 @@ impl Audit {
                 details: record.details,
                 prev_hash: hash,
                 hash: String::new(),
+                mac: None,
             };
             entry.hash = entry.compute_hash();
+            entry.mac = Some(self.key.mac(&entry.hash));
             hash = entry.hash.clone();
             batch.put_json(store, tables::AUDIT_LOG, &seq.to_be_bytes(), &entry)?;
         }
-        tokio::task::block_in_place(|| store.write(batch))?;
+        write(batch)?;
         head.seq = seq;
         head.hash = hash;
         Ok(())
     }
 
     pub fn query(&self, store: &Store, query: &AuditQuery) -> Result<Vec<AuditEntry>> {
-        let start = query.after.map_or(1, |a| a + 1).to_be_bytes();
+        // Nothing follows the last possible sequence number.
+        let Some(first) = query.after.map_or(Some(1), |after| after.checked_add(1)) else {
+            return Ok(Vec::new());
+        };
+        let start = first.to_be_bytes();
         let mut out = Vec::new();
         for item in store.scan_from(tables::AUDIT_LOG, Vec::new(), &start, false) {
             let (_, value) = item?;
@@ -165,33 +228,56 @@ impl Audit {
         Ok(out)
     }
 
-    /// Recomputes every hash and link of the chain.
-    pub fn verify(store: &Store) -> Result<Verification> {
+    /// Recomputes every hash, link and MAC of the chain; with `exported` (the `seq` and `hash`
+    /// of a head exported earlier), also checks that this entry is still there, unchanged.
+    pub fn verify(&self, store: &Store, exported: Option<(u64, &str)>) -> Result<Verification> {
+        let keyed_from = self.key.unkeyed_entries + 1;
         let mut expected_seq = 1;
         let mut prev = GENESIS_HASH.to_owned();
         let mut entries = 0;
+        let fail = |entries, seq, reason: String| Ok(Verification { entries, valid: false, first_invalid: Some(seq), reason: Some(reason), keyed_from });
         for item in store.scan_prefix(tables::AUDIT_LOG, Vec::new(), false) {
             let (key, value) = item?;
             let key_seq = KeyReader::new(&key).u64().unwrap_or(0);
-            let fail = |reason: String| Verification { entries, valid: false, first_invalid: Some(key_seq), reason: Some(reason) };
             let entry: AuditEntry = match serde_json::from_slice(&value) {
                 Ok(entry) => entry,
-                Err(e) => return Ok(fail(format!("unreadable entry: {e}"))),
+                Err(e) => return fail(entries, key_seq, format!("unreadable entry: {e}")),
             };
             if entry.seq != key_seq || entry.seq != expected_seq {
-                return Ok(fail(format!("expected entry {expected_seq}, found {}", entry.seq)));
+                return fail(entries, key_seq, format!("expected entry {expected_seq}, found {}", entry.seq));
             }
             if entry.prev_hash != prev {
-                return Ok(fail("does not link to the previous entry".into()));
+                return fail(entries, key_seq, "does not link to the previous entry".into());
             }
             if entry.compute_hash() != entry.hash {
-                return Ok(fail("content does not match its hash".into()));
+                return fail(entries, key_seq, "content does not match its hash".into());
+            }
+            match &entry.mac {
+                Some(mac) if !self.key.verifies(&entry.hash, mac) => {
+                    return fail(entries, key_seq, "its MAC does not match: written without the audit key".into());
+                }
+                None if entry.seq >= keyed_from => {
+                    return fail(entries, key_seq, format!("no MAC, though every entry from {keyed_from} on carries one"));
+                }
+                _ => {}
+            }
+            if let Some((seq, hash)) = exported
+                && seq == entry.seq
+                && hash != entry.hash
+            {
+                return fail(entries, key_seq, "differs from the exported head: rewritten since the export".into());
             }
             prev = entry.hash;
             expected_seq += 1;
             entries += 1;
         }
-        Ok(Verification { entries, valid: true, first_invalid: None, reason: None })
+        // What must exist beyond the end: the first keyed entry, and the exported head.
+        let must_reach = exported.map_or(keyed_from, |(seq, _)| seq.max(keyed_from));
+        if entries < must_reach {
+            let what = if must_reach == keyed_from { "the first keyed entry" } else { "the exported head" };
+            return fail(entries, expected_seq, format!("missing: the log ends at entry {entries}, before {what} ({must_reach}); its newest entries were deleted"));
+        }
+        Ok(Verification { entries, valid: true, first_invalid: None, reason: None, keyed_from })
     }
 }
 
@@ -199,42 +285,150 @@ impl Audit {
 mod tests {
     use super::*;
 
+    fn put(store: &Store, entry: &AuditEntry) {
+        let mut batch = store.batch();
+        batch.put_json(store, tables::AUDIT_LOG, &entry.seq.to_be_bytes(), entry).unwrap();
+        store.write(batch).unwrap();
+    }
+
+    fn get(store: &Store, seq: u64) -> AuditEntry {
+        store.get_json(tables::AUDIT_LOG, &seq.to_be_bytes()).unwrap().unwrap()
+    }
+
+    fn first_invalid(audit: &Audit, store: &Store, exported: Option<(u64, &str)>) -> (Option<u64>, String) {
+        let check = audit.verify(store, exported).unwrap();
+        (check.first_invalid, check.reason.unwrap_or_default())
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn tampering_is_detected_and_the_chain_resumes_after_reopen() {
         let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("audit.key");
         {
-            let store = Store::open(dir.path()).unwrap();
-            let audit = Audit::load(&store).unwrap();
+            let store = Store::open(&dir.path().join("db")).unwrap();
+            let audit = Audit::load(&store, &key).unwrap();
             audit.write_with(&store, store.batch(), vec![AuditRecord::new("login", "@a:x"), AuditRecord::new("join", "@a:x").room("!r:x")]).unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
-        let audit = Audit::load(&store).unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let audit = Audit::load(&store, &key).unwrap();
         audit.write_with(&store, store.batch(), vec![AuditRecord::new("leave", "@a:x").room("!r:x")]).unwrap();
-        let check = Audit::verify(&store).unwrap();
-        assert!(check.valid && check.entries == 3, "{check:?}");
+        let check = audit.verify(&store, None).unwrap();
+        assert!(check.valid && check.entries == 4 && check.keyed_from == 1, "{check:?}");
+        let actions = audit.query(&store, &AuditQuery { limit: 10, ..Default::default() }).unwrap();
+        assert_eq!(actions.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(), ["audit_keyed", "login", "join", "leave"], "keyed once");
         let by_room = audit.query(&store, &AuditQuery { room_id: Some("!r:x".into()), limit: 10, ..Default::default() }).unwrap();
         assert_eq!(by_room.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(), ["join", "leave"]);
 
-        // Edit entry 2's actor in place: its hash no longer matches.
-        let mut entry: AuditEntry = store.get_json(tables::AUDIT_LOG, &2u64.to_be_bytes()).unwrap().unwrap();
+        // Edit entry 3's actor in place: its hash no longer matches.
+        let mut entry = get(&store, 3);
         entry.actor = Some("@mallory:x".into());
-        let mut batch = store.batch();
-        batch.put_json(&store, tables::AUDIT_LOG, &2u64.to_be_bytes(), &entry).unwrap();
-        store.write(batch).unwrap();
-        let check = Audit::verify(&store).unwrap();
-        assert_eq!((check.valid, check.first_invalid), (false, Some(2)));
+        put(&store, &entry);
+        assert_eq!(first_invalid(&audit, &store, None).0, Some(3));
 
-        // Re-hashing the edited entry breaks the link from entry 3 instead.
+        // Re-hashing the edited entry leaves its MAC behind.
         entry.hash = entry.compute_hash();
-        let mut batch = store.batch();
-        batch.put_json(&store, tables::AUDIT_LOG, &2u64.to_be_bytes(), &entry).unwrap();
-        store.write(batch).unwrap();
-        assert_eq!(Audit::verify(&store).unwrap().first_invalid, Some(3));
+        put(&store, &entry);
+        let (seq, reason) = first_invalid(&audit, &store, None);
+        assert_eq!(seq, Some(3));
+        assert!(reason.contains("MAC"), "{reason}");
 
         // Deleting an entry leaves a gap.
         let mut batch = store.batch();
-        batch.delete(&store, tables::AUDIT_LOG, &2u64.to_be_bytes());
+        batch.delete(&store, tables::AUDIT_LOG, &3u64.to_be_bytes());
         store.write(batch).unwrap();
-        assert_eq!(Audit::verify(&store).unwrap().first_invalid, Some(3));
+        assert_eq!(first_invalid(&audit, &store, None).0, Some(4));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_rechained_rewrite_fails_its_mac_and_a_truncation_its_exported_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let audit = Audit::load(&store, &dir.path().join("audit.key")).unwrap();
+        let records = (0..4).map(|i| AuditRecord::new("login", format!("@u{i}:x"))).collect();
+        audit.write_with(&store, store.batch(), records).unwrap();
+        let head = Audit::head(&store).unwrap().unwrap();
+        assert_eq!((head.seq, head.mac.as_ref().map(String::len)), (5, Some(64)));
+        let exported = Some((head.seq, head.hash.as_str()));
+        assert!(audit.verify(&store, exported).unwrap().valid);
+
+        // Entry 4 rewritten and the chain recomputed from it, with or without a MAC.
+        let original: Vec<AuditEntry> = (4..=5).map(|seq| get(&store, seq)).collect();
+        for mac in [None, original[0].mac.clone()] {
+            let mut prev = get(&store, 3).hash;
+            for entry in &original {
+                let mut entry = entry.clone();
+                entry.target = Some("@someone-else:x".into());
+                entry.prev_hash = prev;
+                entry.hash = entry.compute_hash();
+                entry.mac = mac.clone();
+                prev = entry.hash.clone();
+                put(&store, &entry);
+            }
+            let (seq, reason) = first_invalid(&audit, &store, None);
+            assert_eq!(seq, Some(4), "{reason}");
+            assert!(reason.contains("MAC"), "{reason}");
+        }
+        original.iter().for_each(|entry| put(&store, entry));
+        assert!(audit.verify(&store, exported).unwrap().valid, "restored");
+
+        // The newest two deleted: the chain alone still checks out, the exported head does not.
+        let mut batch = store.batch();
+        for seq in [4u64, 5] {
+            batch.delete(&store, tables::AUDIT_LOG, &seq.to_be_bytes());
+        }
+        store.write(batch).unwrap();
+        assert!(audit.verify(&store, None).unwrap().valid);
+        let (seq, reason) = first_invalid(&audit, &store, exported);
+        assert_eq!(seq, Some(4));
+        assert!(reason.contains("exported head"), "{reason}");
+
+        // Written again up to and past the head's seq: the head's hash differs.
+        let audit = Audit::load(&store, &dir.path().join("audit.key")).unwrap();
+        audit.write_with(&store, store.batch(), vec![AuditRecord::new("login", "@u:x"), AuditRecord::new("login", "@v:x")]).unwrap();
+        assert!(audit.verify(&store, None).unwrap().valid);
+        assert_eq!(first_invalid(&audit, &store, exported).0, Some(5));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn entries_older_than_the_key_stay_a_verifiable_unkeyed_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_path = dir.path().join("audit.key");
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        // Two entries as an earlier version wrote them: chained, no MAC.
+        let mut prev = GENESIS_HASH.to_owned();
+        for seq in 1..=2 {
+            let mut entry = AuditEntry {
+                seq, ts: seq, action: "login".into(), actor: Some("@a:x".into()), room_id: None, target: None,
+                details: json!({}), prev_hash: prev, hash: String::new(), mac: None,
+            };
+            entry.hash = entry.compute_hash();
+            assert!(!serde_json::to_string(&entry).unwrap().contains("mac"), "stored as before");
+            prev = entry.hash.clone();
+            put(&store, &entry);
+        }
+        let audit = Audit::load(&store, &key_path).unwrap();
+        let check = audit.verify(&store, None).unwrap();
+        assert!(check.valid && check.entries == 3 && check.keyed_from == 3, "{check:?}");
+        assert_eq!((get(&store, 3).action.as_str(), get(&store, 3).details["unkeyed_entries"].as_u64()), ("audit_keyed", Some(2)));
+
+        // Passing keyed entries off as unkeyed ones: the boundary is in the key file.
+        let mut entry = get(&store, 3);
+        entry.mac = None;
+        put(&store, &entry);
+        let (seq, reason) = first_invalid(&audit, &store, None);
+        assert_eq!(seq, Some(3));
+        assert!(reason.contains("no MAC"), "{reason}");
+        // So is deleting every keyed entry.
+        let mut batch = store.batch();
+        batch.delete(&store, tables::AUDIT_LOG, &3u64.to_be_bytes());
+        store.write(batch).unwrap();
+        assert_eq!(first_invalid(&audit, &store, None).0, Some(3));
+
+        // A keyed log whose key file is gone does not open: a new key would cover the tracks.
+        audit.write_with(&store, store.batch(), vec![AuditRecord::new("login", "@a:x")]).unwrap();
+        std::fs::remove_file(&key_path).unwrap();
+        let err = Audit::load(&store, &key_path).err().unwrap();
+        assert!(err.to_string().contains("missing"), "{err}");
+        assert!(!key_path.exists());
     }
 }

@@ -11,6 +11,7 @@ use std::{
 use livekit_protocol as lk;
 use str0m::{
     Candidate, Event, Input, Output, Rtc,
+    channel::ChannelId,
     change::{SdpAnswer, SdpOffer, SdpPendingOffer},
     format::{Codec, PayloadParams},
     media::{Direction, MediaKind, MediaTime, Mid},
@@ -19,7 +20,7 @@ use str0m::{
 
 use super::{
     Claims, VideoGrant,
-    sfu::{ParticipantId, Sfu},
+    sfu::{Limits, ParticipantId, Sfu},
 };
 
 /// Where the SFU's socket is, on this network.
@@ -50,6 +51,8 @@ pub struct Client {
     /// Frames its subscriber connection received, and the last one.
     pub frames: usize,
     pub last_frame: Option<Vec<u8>>,
+    /// Data channel messages its subscriber connection received.
+    pub data: Vec<Vec<u8>>,
 }
 
 impl Client {
@@ -87,12 +90,20 @@ impl Default for Network {
 }
 
 impl Network {
+    /// An SFU with the default limits, but calls of any size: the forwarding benchmark goes
+    /// beyond `max_participants_per_call`.
     pub fn new() -> Self {
-        Self { sfu: Sfu::new(SocketAddr::from(SFU_ADDR)), clients: Vec::new(), now: Instant::now(), sfu_time: Duration::ZERO, receive_times: Vec::new(), timing: false }
+        let limits = Limits { participants_per_call: usize::MAX, ..Limits::default() };
+        Self { sfu: Sfu::with_limits(SocketAddr::from(SFU_ADDR), limits), clients: Vec::new(), now: Instant::now(), sfu_time: Duration::ZERO, receive_times: Vec::new(), timing: false }
     }
 
     /// A client joins the call; its index.
     pub fn join(&mut self, identity: &str, publish: bool) -> usize {
+        self.join_in("call", identity, publish)
+    }
+
+    /// A client joins the call of the SFU room `room`; its index.
+    pub fn join_in(&mut self, room: &str, identity: &str, publish: bool) -> usize {
         let index = self.clients.len();
         let host = u8::try_from(index % 250).unwrap_or(0) + 2;
         let third = u8::try_from(index / 250).unwrap_or(0) + 1;
@@ -104,9 +115,9 @@ impl Network {
             rtc
         });
         let started = Instant::now();
-        let id = self.sfu.join(now, &claims(identity, "call", publish), true);
+        let id = self.sfu.join(now, &claims(identity, room, publish), true);
         self.sfu_time += started.elapsed();
-        self.clients.push(Client { id, publisher, subscriber, addrs, pending: None, signals: Vec::new(), frames: 0, last_frame: None });
+        self.clients.push(Client { id, publisher, subscriber, addrs, pending: None, signals: Vec::new(), frames: 0, last_frame: None, data: Vec::new() });
         index
     }
 
@@ -133,6 +144,19 @@ impl Network {
         client.pending = Some(pending);
         self.signal(index, lk::signal_request::Message::Offer(lk::SessionDescription { r#type: "offer".into(), sdp: offer.to_sdp_string(), id: 1, ..Default::default() }));
         mid
+    }
+
+    /// Opens data channels on a client's publisher connection (offering them if it has none
+    /// yet); their ids, usable once the connection is up.
+    pub fn open_channels(&mut self, index: usize, labels: &[&str]) -> Vec<ChannelId> {
+        let client = &mut self.clients[index];
+        let mut changes = client.publisher.sdp_api();
+        let channels = labels.iter().map(|label| changes.add_channel((*label).to_owned())).collect();
+        if let Some((offer, pending)) = changes.apply() {
+            client.pending = Some(pending);
+            self.signal(index, lk::signal_request::Message::Offer(lk::SessionDescription { r#type: "offer".into(), sdp: offer.to_sdp_string(), id: 1, ..Default::default() }));
+        }
+        channels
     }
 
     /// The payload parameters of `codec` on a client's publisher connection.
@@ -197,6 +221,7 @@ impl Network {
                                 client.frames += 1;
                                 client.last_frame = Some(data.data.to_vec());
                             }
+                            Ok(Output::Event(Event::ChannelData(data))) if !publisher => client.data.push(data.data),
                             Ok(Output::Event(_)) => {}
                             Ok(Output::Timeout(_)) | Err(_) => break,
                         }

@@ -15,7 +15,7 @@ use tokio::{
 
 use super::{
     Claims,
-    sfu::{ParticipantId, Sfu},
+    sfu::{Limits, ParticipantId, Sfu},
 };
 use crate::config::CallsConfig;
 
@@ -82,7 +82,7 @@ pub async fn start(config: &CallsConfig) -> std::io::Result<SfuHandle> {
     };
     let candidate_addr = SocketAddr::new(ip, bound.port());
     let (commands, receiver) = mpsc::unbounded_channel();
-    tokio::spawn(run(socket, Sfu::new(candidate_addr), receiver, candidate_addr));
+    tokio::spawn(run(socket, Sfu::with_limits(candidate_addr, Limits::of(config)), receiver, candidate_addr));
     tracing::info!(%bound, %candidate_addr, "SFU media listening (UDP)");
     Ok(SfuHandle { commands, candidate_addr })
 }
@@ -100,21 +100,29 @@ async fn run(socket: UdpSocket, mut sfu: Sfu, mut commands: mpsc::UnboundedRecei
     let mut participants: HashMap<ParticipantId, mpsc::UnboundedSender<ToParticipant>> = HashMap::new();
     let mut buffer = vec![0u8; 2048];
     loop {
-        while let Some((destination, datagram)) = sfu.poll_transmit() {
-            if let Err(error) = socket.try_send_to(&datagram, destination) {
-                tracing::debug!(%destination, %error, "a datagram was not sent");
+        // Until nothing is left: a participant's going makes news for the others.
+        loop {
+            while let Some((destination, datagram)) = sfu.poll_transmit() {
+                if let Err(error) = socket.try_send_to(&datagram, destination) {
+                    tracing::debug!(%destination, %error, "a datagram was not sent");
+                }
             }
-        }
-        while let Some((id, response)) = sfu.poll_signal() {
-            if let Some(to) = participants.get(&id) {
-                let _ = to.send(ToParticipant::Signal(response));
+            while let Some((id, response)) = sfu.poll_signal() {
+                if let Some(to) = participants.get(&id) {
+                    let _ = to.send(ToParticipant::Signal(response));
+                }
             }
-        }
-        while let Some(id) = sfu.poll_gone() {
-            if let Some(to) = participants.remove(&id) {
-                let _ = to.send(ToParticipant::Close);
+            let mut gone = false;
+            while let Some(id) = sfu.poll_gone() {
+                gone = true;
+                if let Some(to) = participants.remove(&id) {
+                    let _ = to.send(ToParticipant::Close);
+                }
+                sfu.leave(Instant::now(), id);
             }
-            sfu.leave(Instant::now(), id);
+            if !gone {
+                break;
+            }
         }
         let deadline = sfu.next_timeout(Instant::now());
         tokio::select! {

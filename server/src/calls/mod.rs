@@ -4,7 +4,8 @@
 //! A call belongs to a Matrix room. Anyone joined to the room may join its call; in a therapy
 //! session (or one of its breakout rooms) only while the session is open or in progress, with
 //! rights from the session role: observers only listen and watch, clients also publish,
-//! therapists also mute and remove others and record.
+//! therapists also mute and remove others and record. The rights are checked again whenever a
+//! token is used ([`still_allowed`]), and [`warden`] drops participants whose rights end.
 
 pub mod containers;
 pub mod loopback;
@@ -13,6 +14,7 @@ pub mod recording;
 pub mod room_service;
 pub mod sfu;
 pub mod signal;
+pub mod warden;
 
 use std::sync::{Arc, OnceLock};
 
@@ -50,6 +52,11 @@ impl Rights {
             Role::Client => Self { publish: true, subscribe: true, moderate: false, record: false },
             Role::Observer => Self { publish: false, subscribe: true, moderate: false, record: false },
         }
+    }
+
+    /// Whether these rights include everything `granted` allows.
+    fn cover(self, granted: Rights) -> bool {
+        (self.publish || !granted.publish) && (self.subscribe || !granted.subscribe) && (self.moderate || !granted.moderate) && (self.record || !granted.record)
     }
 }
 
@@ -160,15 +167,20 @@ impl Calls {
 
     /// The claims of a token this server issued, if it is valid now.
     pub fn verify(&self, token: &str) -> Result<Claims> {
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.set_issuer(&[&self.config.api_key]);
-        validation.validate_nbf = true;
-        validation.leeway = 0;
-        validation.required_spec_claims = ["exp", "nbf", "iss", "sub"].into_iter().map(str::to_owned).collect();
-        jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation)
-            .map(|data| data.claims)
-            .map_err(|e| Error::new(ErrorCode::UnknownToken, format!("invalid call token: {e}")))
+        verify_token(token, &self.decoding, &self.config.api_key)
     }
+}
+
+/// The claims of a call token signed with `key` by `issuer`, if it is valid now.
+pub(crate) fn verify_token(token: &str, key: &DecodingKey, issuer: &str) -> Result<Claims> {
+    let mut validation = Validation::new(Algorithm::HS256);
+    validation.set_issuer(&[issuer]);
+    validation.validate_nbf = true;
+    validation.leeway = 0;
+    validation.required_spec_claims = ["exp", "nbf", "iss", "sub"].into_iter().map(str::to_owned).collect();
+    jsonwebtoken::decode::<Claims>(token, key, &validation)
+        .map(|data| data.claims)
+        .map_err(|e| Error::new(ErrorCode::UnknownToken, format!("invalid call token: {e}")))
 }
 
 /// What `user` may do in the call of `room_id`, under the clinic's rules; refused with
@@ -177,37 +189,56 @@ pub fn rights_in(rooms: &Rooms, room_id: &RoomId, user: &UserId) -> Result<Right
     if !rooms.is_joined(room_id, user)? {
         return Err(Error::forbidden("only members of the room may join its call"));
     }
-    // A breakout room's call follows its session's status, and ends when the breakout closes.
-    let session_room: OwnedRoomId = match rooms.state_content(room_id, BREAKOUT, "")? {
-        Some(breakout) => {
-            if breakout.get("closed").and_then(serde_json::Value::as_bool) == Some(true) {
-                return Err(Error::forbidden("this breakout room is closed"));
-            }
-            breakout
-                .get("session_room")
-                .and_then(serde_json::Value::as_str)
-                .and_then(|id| OwnedRoomId::try_from(id).ok())
-                .ok_or_else(|| Error::internal("a breakout room without its session"))?
-        }
-        None => room_id.to_owned(),
-    };
-    let Some(content) = rooms.state_content(&session_room, SESSION, "")? else {
+    let Some(session_room) = open_session_call(rooms, room_id)? else {
         // An ordinary room: every member publishes; moderators by power level.
         let moderate = rooms.user_power_level(room_id, user)? >= 50;
         return Ok(Rights { publish: true, subscribe: true, moderate, record: false });
     };
-    let session = Session::parse(&content)?;
-    match session.status {
-        Status::Open | Status::InProgress => {}
-        status => {
-            return Err(Error::forbidden(format!(
-                "the session's call is open only while the session is open or in progress (it is {})",
-                serde_json::to_value(status).ok().and_then(|s| s.as_str().map(str::to_owned)).unwrap_or_default()
-            )));
-        }
-    }
     let role = session_role(rooms, &session_room, user.as_str())?.ok_or_else(|| Error::forbidden("only the session's participants may join its call"))?;
     Ok(Rights::of_role(role))
+}
+
+/// The session room whose roles govern the call of `room_id` (`None` for an ordinary room's
+/// call, which is always open); refused with the reason while the call is closed to everyone.
+/// A breakout room's call follows its session's status, and ends when the breakout closes.
+fn open_session_call(rooms: &Rooms, room_id: &RoomId) -> Result<Option<OwnedRoomId>> {
+    let session_room = match breakout_of(rooms, room_id)? {
+        Some((_, true)) => return Err(Error::forbidden("this breakout room is closed")),
+        Some((session_room, false)) => session_room,
+        None => room_id.to_owned(),
+    };
+    let Some(content) = rooms.state_content(&session_room, SESSION, "")? else { return Ok(None) };
+    match Session::parse(&content)?.status {
+        Status::Open | Status::InProgress => Ok(Some(session_room)),
+        status => Err(Error::forbidden(format!(
+            "the session's call is open only while the session is open or in progress (it is {})",
+            serde_json::to_value(status).ok().and_then(|s| s.as_str().map(str::to_owned)).unwrap_or_default()
+        ))),
+    }
+}
+
+/// The session room of a breakout room, and whether the breakout is closed; `None` for a room
+/// that is not a breakout.
+fn breakout_of(rooms: &Rooms, room_id: &RoomId) -> Result<Option<(OwnedRoomId, bool)>> {
+    let Some(breakout) = rooms.state_content(room_id, BREAKOUT, "")? else { return Ok(None) };
+    let closed = breakout.get("closed").and_then(serde_json::Value::as_bool) == Some(true);
+    let session_room = breakout
+        .get("session_room")
+        .and_then(serde_json::Value::as_str)
+        .and_then(|id| OwnedRoomId::try_from(id).ok())
+        .ok_or_else(|| Error::internal("a breakout room without its session"))?;
+    Ok(Some((session_room, closed)))
+}
+
+/// Whether `user` still has, in the call of `room_id`, every right a call token `granted`
+/// them: a token outlives a kick, a ban, a removal from the session, a lesser role and the
+/// session's end, so it is checked again against [`rights_in`] whenever it is used.
+pub fn still_allowed(rooms: &Rooms, room_id: &RoomId, user: &str, granted: Rights) -> Result<()> {
+    let user = UserId::parse(user).map_err(|_| Error::forbidden("the call token names no valid user"))?;
+    if !rights_in(rooms, room_id, &user)?.cover(granted) {
+        return Err(Error::forbidden("the user's role no longer allows what this call token grants; a new token is needed"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

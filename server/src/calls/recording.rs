@@ -118,7 +118,9 @@ pub async fn stop(server: &Server, room_id: &RoomId, reason: StopReason<'_>) -> 
         let filename = format!("recording-{}-{}.{extension}", track.owner.trim_start_matches('@').replace(':', "_"), track.track_name.replace(['/', ' '], "_"));
         let size = track.bytes.len();
         // One file that cannot be stored does not cost the others, nor the end of the recording.
-        let url = match server.media.upload(&announcer, Upload { bytes: track.bytes, content_type: Some(mimetype.to_owned()), filename: Some(filename.clone()) }).await {
+        // Only the session's therapists may read it (enforced by the media repository).
+        let upload = Upload { bytes: track.bytes, content_type: Some(mimetype.to_owned()), filename: Some(filename.clone()), recording_of: Some(room_id.to_owned()) };
+        let url = match server.media.upload(&announcer, upload).await {
             Ok(url) => url,
             Err(error) => {
                 tracing::error!(%room_id, owner = %track.owner, %error, "a recorded track could not be stored");

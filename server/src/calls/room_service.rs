@@ -1,6 +1,7 @@
 //! LiveKit's RoomService (Twirp over HTTP, JSON or protobuf), for moderators: list the
 //! participants of a call, mute a participant's track, remove a participant. The caller's call
-//! token must be for that room and carry `roomAdmin` (in a session: its therapists).
+//! token must be for that room and carry `roomAdmin` (in a session: its therapists), and its
+//! holder must still have the rights it grants.
 //!
 //! Unmuting someone else is refused: a participant's microphone and camera are theirs to open.
 
@@ -55,6 +56,11 @@ pub async fn room_service(State(server): State<AppState>, Path(method): Path<Str
         Ok(claims) => claims,
         Err(error) => return twirp_error(StatusCode::UNAUTHORIZED, "unauthenticated", error.to_string()),
     };
+    // A therapist demoted or removed since the token was issued moderates no more.
+    if let Err(error) = super::still_allowed(&server.rooms, &claims.matrix_room, &claims.matrix_user, claims.rights()) {
+        let (_, _, message) = error.describe();
+        return twirp_error(StatusCode::FORBIDDEN, "permission_denied", message);
+    }
     let Some(sfu) = server.calls.sfu.get().cloned() else {
         return twirp_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "calls are not running on this server");
     };

@@ -27,6 +27,7 @@ use super::{
     Claims, Rights,
     containers::{Ivf, OggOpus},
 };
+use crate::config::{CallsConfig, RateLimit};
 
 /// A participant's handle inside the SFU.
 pub type ParticipantId = u64;
@@ -46,6 +47,65 @@ const SPEAKER_INTERVAL: Duration = Duration::from_millis(300);
 const SPEAKING_LEVEL: f32 = 0.03;
 /// The weight of each new audio-level sample in the smoothed level.
 const LEVEL_SMOOTHING: f32 = 0.2;
+
+/// What one participant may use of the SFU (`[calls]`'s limits): a call's participants, and each
+/// one's tracks, data channels and data packets.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub participants_per_call: usize,
+    pub tracks_per_participant: usize,
+    pub data_channels: usize,
+    pub data_packet_bytes: usize,
+    /// In bytes, each packet counting at least [`DATA_PACKET_MIN_COST`].
+    pub data_rate: RateLimit,
+}
+
+impl Limits {
+    pub fn of(config: &CallsConfig) -> Self {
+        Self {
+            participants_per_call: config.max_participants_per_call,
+            tracks_per_participant: config.max_tracks_per_participant,
+            data_channels: config.max_data_channels,
+            data_packet_bytes: config.max_data_packet_bytes,
+            data_rate: config.data_rate,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self::of(&CallsConfig::default())
+    }
+}
+
+/// What a data packet counts for at least against the data rate: relaying a packet costs
+/// about as much whatever its size, so tiny ones must not come by the thousand.
+pub const DATA_PACKET_MIN_COST: usize = 1024;
+
+/// A token bucket: `per_second` tokens a second, holding at most `burst`.
+pub struct Bucket {
+    limit: RateLimit,
+    tokens: f64,
+    updated: Instant,
+}
+
+impl Bucket {
+    pub fn new(limit: RateLimit, now: Instant) -> Self {
+        Self { limit, tokens: f64::from(limit.burst), updated: now }
+    }
+
+    /// Takes `cost` tokens, if there are that many.
+    pub fn take(&mut self, cost: f64, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.limit.per_second).min(f64::from(self.limit.burst));
+        self.updated = now;
+        if self.tokens < cost {
+            return false;
+        }
+        self.tokens -= cost;
+        true
+    }
+}
 
 /// One of the two peer connections of a participant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -168,6 +228,8 @@ struct Participant {
     /// `_lossy`), once offered; and the labels of those they opened on their publisher one.
     subscriber_channels: Option<HashMap<&'static str, ChannelId>>,
     publisher_channels: HashMap<ChannelId, String>,
+    /// What is left of the participant's data rate.
+    data_budget: Bucket,
     tracks: Vec<Published>,
     down: Vec<DownTrack>,
     /// The subscriber connection's estimated available bitrate (TWCC), shared by its video.
@@ -233,6 +295,14 @@ pub struct RecordedTrack {
     pub duration_ms: u64,
 }
 
+/// A participant in a call, as the Matrix side knows them.
+pub struct Live {
+    pub id: ParticipantId,
+    pub matrix_room: String,
+    pub matrix_user: String,
+    pub rights: Rights,
+}
+
 /// Something a peer connection reported that may concern other participants.
 enum Happened {
     MediaAdded { mid: Mid, kind: MediaKind, direction: Direction },
@@ -245,6 +315,7 @@ enum Happened {
 pub struct Sfu {
     /// The address peers send media to (the host candidate): the socket's, or the announced one.
     candidate_addr: SocketAddr,
+    limits: Limits,
     participants: HashMap<ParticipantId, Participant>,
     next_id: ParticipantId,
     transmits: VecDeque<(SocketAddr, Vec<u8>)>,
@@ -283,8 +354,13 @@ fn now_ms() -> i64 {
 
 impl Sfu {
     pub fn new(candidate_addr: SocketAddr) -> Self {
+        Self::with_limits(candidate_addr, Limits::default())
+    }
+
+    pub fn with_limits(candidate_addr: SocketAddr, limits: Limits) -> Self {
         Self {
             candidate_addr,
+            limits,
             participants: HashMap::new(),
             next_id: 1,
             transmits: VecDeque::new(),
@@ -314,11 +390,19 @@ impl Sfu {
     }
 
     /// Admits the holder of `claims`: they get the room and who is in it, and the others learn
-    /// of them.
+    /// of them. In a full call they get `leave` (`JOIN_FAILURE`, as LiveKit answers a join
+    /// beyond a room's `max_participants`) instead, and are gone.
     pub fn join(&mut self, now: Instant, claims: &Claims, auto_subscribe: bool) -> ParticipantId {
         let id = self.next_id;
         self.next_id += 1;
         let room = claims.video.room.clone();
+        if self.is_full(&room) {
+            tracing::info!(participant = id, %room, limit = self.limits.participants_per_call, "refused a participant: the call is full");
+            let leave = lk::LeaveRequest { reason: lk::DisconnectReason::JoinFailure as i32, action: lk::leave_request::Action::Disconnect as i32, ..Default::default() };
+            self.signals.push_back((id, response(lk::signal_response::Message::Leave(leave))));
+            self.gone.push_back(id);
+            return id;
+        }
         let info = lk::ParticipantInfo {
             sid: random_sid("PA_"),
             identity: claims.sub.clone(),
@@ -374,6 +458,7 @@ impl Sfu {
             to_stop: Vec::new(),
             subscriber_channels: None,
             publisher_channels: HashMap::new(),
+            data_budget: Bucket::new(self.limits.data_rate, now),
             tracks: Vec::new(),
             down: Vec::new(),
             estimate: None,
@@ -566,6 +651,11 @@ impl Sfu {
         }
     }
 
+    /// Whether an SFU room's call has as many participants as a call may have.
+    pub fn is_full(&self, room: &str) -> bool {
+        self.participants.values().filter(|p| p.room == room).count() >= self.limits.participants_per_call
+    }
+
     /// Who is in an SFU room, as its participants see each other.
     pub fn participants_in(&self, room: &str) -> Vec<lk::ParticipantInfo> {
         self.participants.values().filter(|p| p.room == room).map(Participant::public_info).collect()
@@ -609,12 +699,14 @@ impl Sfu {
         ids.len()
     }
 
-    fn disconnect(&mut self, id: ParticipantId, reason: lk::DisconnectReason) {
+    /// Tells a participant why they are leaving, and disconnects them: the others see them go.
+    pub fn disconnect(&mut self, id: ParticipantId, reason: lk::DisconnectReason) {
+        if !self.participants.contains_key(&id) || self.gone.contains(&id) {
+            return;
+        }
         let leave = lk::LeaveRequest { reason: reason as i32, action: lk::leave_request::Action::Disconnect as i32, ..Default::default() };
         self.signals.push_back((id, response(lk::signal_response::Message::Leave(leave))));
-        if !self.gone.contains(&id) {
-            self.gone.push_back(id);
-        }
+        self.gone.push_back(id);
     }
 
     /// The SFU rooms holding calls of a Matrix room.
@@ -623,6 +715,11 @@ impl Sfu {
         rooms.sort();
         rooms.dedup();
         rooms
+    }
+
+    /// Everyone in a call, with the Matrix room and user and the rights of their call token.
+    pub fn live(&self) -> Vec<Live> {
+        self.participants.iter().map(|(id, p)| Live { id: *id, matrix_room: p.matrix_room.clone(), matrix_user: p.matrix_user.clone(), rights: p.rights }).collect()
     }
 
     /// The Matrix users in an SFU room's call.
@@ -709,6 +806,13 @@ impl Sfu {
 
     fn publisher_offer(&mut self, id: ParticipantId, offer: lk::SessionDescription) {
         let Some(participant) = self.participants.get_mut(&id) else { return };
+        // A media line per track, and one for data: counted before the offer is parsed.
+        let lines = |kind: &str| offer.sdp.lines().filter(|line| line.strip_prefix("m=").is_some_and(|m| m.starts_with(kind))).count();
+        let (media_lines, data_lines) = (lines("audio") + lines("video"), lines("application"));
+        if media_lines > self.limits.tracks_per_participant || data_lines > 1 {
+            tracing::info!(participant = id, media_lines, data_lines, "refused a publisher offer with more media lines than tracks allowed");
+            return;
+        }
         let parsed = match SdpOffer::from_sdp_string(&offer.sdp) {
             Ok(parsed) => parsed,
             Err(error) => {
@@ -762,6 +866,18 @@ impl Sfu {
             tracing::info!(participant = id, "refused a track of a participant who may not publish");
             return;
         }
+        if participant.tracks.len() >= self.limits.tracks_per_participant {
+            tracing::info!(participant = id, "refused a track beyond the limit");
+            // LiveKit's answer to a track over its limits.
+            let refusal = lk::RequestResponse {
+                reason: lk::request_response::Reason::LimitExceeded as i32,
+                message: format!("a participant publishes at most {} tracks", self.limits.tracks_per_participant),
+                request: Some(lk::request_response::Request::AddTrack(add)),
+                ..Default::default()
+            };
+            self.signals.push_back((id, response(lk::signal_response::Message::RequestResponse(refusal))));
+            return;
+        }
         let simulcast = add.layers.len() > 1 || !add.simulcast_codecs.is_empty();
         let info = lk::TrackInfo {
             sid: random_sid("TR_"),
@@ -796,9 +912,10 @@ impl Sfu {
     fn subscription(&mut self, now: Instant, id: ParticipantId, update: &lk::UpdateSubscription) {
         let wanted: Vec<&String> = update.track_sids.iter().chain(update.participant_tracks.iter().flat_map(|p| p.track_sids.iter())).collect();
         if update.subscribe {
+            let Some(room) = self.participants.get(&id).map(|p| p.room.as_str()) else { return };
             let found: Vec<(ParticipantId, String, MediaKind)> = wanted
                 .iter()
-                .filter_map(|sid| self.find_track(sid).map(|(publisher, kind)| (publisher, (*sid).clone(), kind)))
+                .filter_map(|sid| self.find_track(room, sid).map(|(publisher, kind)| (publisher, (*sid).clone(), kind)))
                 .collect();
             let Some(participant) = self.participants.get_mut(&id) else { return };
             if !participant.rights.subscribe {
@@ -827,9 +944,13 @@ impl Sfu {
         }
     }
 
-    /// The publisher and kind of a published track.
-    fn find_track(&self, track_sid: &str) -> Option<(ParticipantId, MediaKind)> {
-        self.participants.iter().find_map(|(id, p)| p.tracks.iter().find(|t| t.info.sid == track_sid && t.mid.is_some()).map(|t| (*id, kind_of(&t.info))))
+    /// The publisher and kind of a track published in the SFU room `room`: a track id learnt
+    /// elsewhere (another call, an earlier one) reaches no track of another room.
+    fn find_track(&self, room: &str, track_sid: &str) -> Option<(ParticipantId, MediaKind)> {
+        self.participants
+            .iter()
+            .filter(|(_, p)| p.room == room)
+            .find_map(|(id, p)| p.tracks.iter().find(|t| t.info.sid == track_sid && t.mid.is_some()).map(|t| (*id, kind_of(&t.info))))
     }
 
     /// Removes media lines from a participant's subscriber connection, with its next offer.
@@ -918,7 +1039,12 @@ impl Sfu {
                             Event::KeyframeRequest(request) => happened.push((id, pc, Happened::KeyframeWanted(request))),
                             Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) if pc == Pc::Subscriber => participant.estimate = Some(estimate),
                             Event::ChannelOpen(channel, label) if pc == Pc::Publisher => {
-                                participant.publisher_channels.insert(channel, label);
+                                if participant.publisher_channels.len() < self.limits.data_channels {
+                                    participant.publisher_channels.insert(channel, label);
+                                } else {
+                                    tracing::info!(participant = id, %label, "closed a data channel beyond the limit");
+                                    participant.publisher.direct_api().close_data_channel(channel);
+                                }
                             }
                             Event::ChannelData(data) if pc == Pc::Publisher => happened.push((id, pc, Happened::Data(data))),
                             Event::IceConnectionStateChange(IceConnectionState::Disconnected) => happened.push((id, pc, Happened::Disconnected)),
@@ -943,7 +1069,7 @@ impl Sfu {
             (Pc::Publisher, Happened::MediaAdded { mid, kind, direction }) if matches!(direction, Direction::RecvOnly | Direction::SendRecv) => self.track_arrived(id, mid, kind),
             (Pc::Publisher, Happened::Media(data)) => self.forward(now, id, data),
             (Pc::Subscriber, Happened::KeyframeWanted(request)) => self.relay_keyframe_request(now, id, &request),
-            (Pc::Publisher, Happened::Data(data)) => self.relay_data(id, &data),
+            (Pc::Publisher, Happened::Data(data)) => self.relay_data(now, id, &data),
             (_, Happened::Disconnected) => {
                 if !self.gone.contains(&id) {
                     self.gone.push_back(id);
@@ -998,9 +1124,11 @@ impl Sfu {
         let mut keyframe_wanted = !data.contiguous;
         let mut wanted_layers: Vec<Rid> = Vec::new();
         let track_sid = track.info.sid.clone();
+        let room = publisher.room.clone();
         let usable = if data.rid.is_some() { usable_layers(track, now) } else { Vec::new() };
         for (other, subscriber) in &mut self.participants {
-            if *other == id {
+            // Media never leaves its room, whatever a subscriber's down tracks say.
+            if *other == id || subscriber.room != room {
                 continue;
             }
             let video_downs = subscriber.down.iter().filter(|d| d.kind == MediaKind::Video).count().max(1) as u64;
@@ -1055,13 +1183,21 @@ impl Sfu {
     }
 
     /// A LiveKit data packet a participant sent: to the others in the room (those it names, if
-    /// it names any), on the subscriber channel of the kind it came on, marked as theirs.
-    fn relay_data(&mut self, id: ParticipantId, data: &ChannelData) {
-        let Some(sender) = self.participants.get(&id) else { return };
+    /// it names any), on the subscriber channel of the kind it came on, marked as theirs. Only
+    /// from the channels the participant was let open, within the size and rate limits.
+    fn relay_data(&mut self, now: Instant, id: ParticipantId, data: &ChannelData) {
+        let Some(sender) = self.participants.get_mut(&id) else { return };
         if !sender.rights.publish {
             return;
         }
-        let label = if sender.publisher_channels.get(&data.id).map(String::as_str) == Some(LOSSY) { LOSSY } else { RELIABLE };
+        let Some(label) = sender.publisher_channels.get(&data.id) else { return };
+        let label = if label == LOSSY { LOSSY } else { RELIABLE };
+        let size = data.data.len();
+        if size > self.limits.data_packet_bytes || !sender.data_budget.take(size.max(DATA_PACKET_MIN_COST) as f64, now) {
+            tracing::debug!(participant = id, size, "dropped a data packet over the size or rate limit");
+            return;
+        }
+        let sender = &*sender;
         let Ok(mut packet) = lk::DataPacket::decode(data.data.as_slice()) else { return };
         packet.participant_identity = sender.info.identity.clone();
         #[allow(deprecated)] // still read by clients that predate `participant_identity`

@@ -2,10 +2,12 @@
 //! `SignalResponse` frames) and `/rtc/validate`. Clients first try the single-connection
 //! `/rtc/v1`, which is not served: its 404 makes them use `/rtc`.
 
+use std::time::Instant;
+
 use axum::{
     extract::{
         Query, State,
-        ws::{Message, WebSocket, WebSocketUpgrade},
+        ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code},
     },
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
@@ -15,8 +17,11 @@ use prost::Message as _;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use super::{Claims, media::ToParticipant};
-use crate::server::Server;
+use super::{Claims, media::ToParticipant, sfu::Bucket, still_allowed};
+use crate::{
+    error::{Error, ErrorCode},
+    server::Server,
+};
 
 type AppState = std::sync::Arc<Server>;
 
@@ -28,20 +33,47 @@ pub struct RtcQuery {
 }
 
 /// The call token, from `Authorization: Bearer` (LiveKit's Rust and Python SDKs) or
-/// `?access_token=` (the JavaScript SDK).
+/// `?access_token=` (the JavaScript SDK), if it is valid and its holder still has the rights
+/// it grants (a token outlives a kick or the session's end).
 fn claims(server: &Server, headers: &HeaderMap, query: &RtcQuery) -> Result<Claims, Response> {
     let bearer = headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     let Some(token) = bearer.or(query.access_token.as_deref()) else {
         return Err((StatusCode::UNAUTHORIZED, "missing access token").into_response());
     };
-    server.calls.verify(token).map_err(|error| (StatusCode::UNAUTHORIZED, error.to_string()).into_response())
+    let claims = server.calls.verify(token).map_err(|error| (StatusCode::UNAUTHORIZED, error.to_string()).into_response())?;
+    still_allowed(&server.rooms, &claims.matrix_room, &claims.matrix_user, claims.rights()).map_err(refused)?;
+    Ok(claims)
+}
+
+/// A refusal as LiveKit's clients show it: the status, and the reason as text.
+fn refused(error: crate::error::Error) -> Response {
+    let (status, errcode, message) = error.describe();
+    (status, format!("{errcode}: {message}")).into_response()
+}
+
+/// Refused when the token's call already has `[calls] max_participants_per_call` participants
+/// (the SFU refuses them too, should the call fill up meanwhile).
+async fn room_in_call(server: &Server, sfu: &super::media::SfuHandle, claims: &Claims) -> Result<(), Response> {
+    let room = claims.video.room.clone();
+    if sfu.run(move |sfu, _| sfu.is_full(&room)).await != Some(true) {
+        return Ok(());
+    }
+    let limit = server.calls.config.max_participants_per_call;
+    let message = format!("this call is full (at most {limit} participants)");
+    Err(refused(Error::Matrix { code: ErrorCode::ResourceLimitExceeded, message, status: StatusCode::FORBIDDEN }))
 }
 
 pub async fn validate(State(server): State<AppState>, headers: HeaderMap, Query(query): Query<RtcQuery>) -> Response {
-    match claims(&server, &headers, &query) {
-        Ok(_) => (StatusCode::OK, "success").into_response(),
-        Err(refused) => refused,
+    let claims = match claims(&server, &headers, &query) {
+        Ok(claims) => claims,
+        Err(refused) => return refused,
+    };
+    if let Some(sfu) = server.calls.sfu.get()
+        && let Err(refused) = room_in_call(&server, sfu, &claims).await
+    {
+        return refused;
     }
+    (StatusCode::OK, "success").into_response()
 }
 
 pub async fn rtc(State(server): State<AppState>, headers: HeaderMap, Query(query): Query<RtcQuery>, upgrade: WebSocketUpgrade) -> Response {
@@ -52,6 +84,9 @@ pub async fn rtc(State(server): State<AppState>, headers: HeaderMap, Query(query
     let Some(sfu) = server.calls.sfu.get().cloned() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "calls are not running on this server").into_response();
     };
+    if let Err(refused) = room_in_call(&server, &sfu, &claims).await {
+        return refused;
+    }
     let auto_subscribe = query.auto_subscribe.as_deref() != Some("0");
     // A recorded call goes on only while everyone in it consents.
     let room = claims.matrix_room.clone();
@@ -63,14 +98,32 @@ pub async fn rtc(State(server): State<AppState>, headers: HeaderMap, Query(query
         super::recording::stop_without_consent(&server, &claims.matrix_room, &user, true).await;
     }
     let reconnect = query.reconnect.as_deref() == Some("1");
-    upgrade.on_upgrade(move |socket| async move {
+    // Bigger messages are refused before they are read in.
+    let largest = server.calls.config.max_signal_message_bytes;
+    upgrade.max_message_size(largest).max_frame_size(largest).on_upgrade(move |socket| async move {
         if reconnect {
             // Resuming is not supported: the client is told to join afresh.
             refuse_resume(socket).await;
             return;
         }
-        session(socket, sfu, claims, auto_subscribe).await;
+        session(socket, &server, sfu, claims, auto_subscribe).await;
     })
+}
+
+/// Whether reading failed on a message (or frame) over `max_signal_message_bytes`, after which
+/// the client still listens. The error is tungstenite's, which this crate does not name: its
+/// text is what there is (tests/calls.rs checks the close code this leads to).
+fn too_big(error: &axum::Error) -> bool {
+    error.to_string().contains("Message too long")
+}
+
+/// Ends a signalling connection that broke a limit: LiveKit's `leave` (so that SDKs do not
+/// reconnect), then the WebSocket close with its code and reason.
+async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
+    let leave = lk::LeaveRequest { reason: lk::DisconnectReason::SignalClose as i32, action: lk::leave_request::Action::Disconnect as i32, ..Default::default() };
+    let response = lk::SignalResponse { message: Some(lk::signal_response::Message::Leave(leave)) };
+    let _ = socket.send(Message::Binary(response.encode_to_vec().into())).await;
+    let _ = socket.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
 }
 
 async fn refuse_resume(mut socket: WebSocket) {
@@ -85,20 +138,46 @@ async fn refuse_resume(mut socket: WebSocket) {
     let _ = socket.send(Message::Close(None)).await;
 }
 
-async fn session(mut socket: WebSocket, sfu: super::media::SfuHandle, claims: Claims, auto_subscribe: bool) {
+async fn session(mut socket: WebSocket, server: &Server, sfu: super::media::SfuHandle, claims: Claims, auto_subscribe: bool) {
     let (to, mut from_sfu) = mpsc::unbounded_channel();
-    let (room, identity) = (claims.matrix_room.clone(), claims.sub.clone());
+    let (room, identity, user, rights) = (claims.matrix_room.clone(), claims.sub.clone(), claims.matrix_user.clone(), claims.rights());
     let Some(id) = sfu.join(claims, auto_subscribe, to).await else { return };
     tracing::info!(%room, %identity, participant = id, "joined a call");
+    // Checked again now that the SFU knows them: rights that ended between the check before the
+    // upgrade and the join were not seen by the warden, which looks only at who is in a call.
+    if let Err(error) = still_allowed(&server.rooms, &room, &user, rights) {
+        tracing::info!(%room, %identity, participant = id, %error, "dropped from a call: its rights ended");
+        sfu.run(move |sfu, _| sfu.disconnect(id, lk::DisconnectReason::ParticipantRemoved)).await;
+    }
+    let mut budget = Bucket::new(server.calls.config.signal_rate, Instant::now());
     loop {
         tokio::select! {
-            incoming = socket.recv() => match incoming {
-                Some(Ok(Message::Binary(bytes))) => match lk::SignalRequest::decode(bytes.as_ref()) {
-                    Ok(request) => sfu.signal(id, request),
-                    Err(error) => tracing::debug!(participant = id, %error, "an unreadable signalling request"),
-                },
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-                Some(Ok(_)) => {}
+            incoming = socket.recv() => {
+                let message = match incoming {
+                    Some(Ok(message)) => message,
+                    Some(Err(error)) => {
+                        if too_big(&error) {
+                            tracing::info!(%room, %identity, participant = id, %error, "closed a call's signalling: a message over the limit");
+                            close(&mut socket, close_code::SIZE, "signalling message too big").await;
+                        }
+                        break;
+                    }
+                    None => break,
+                };
+                // Every message counts, pings too: each one costs the server work.
+                if !budget.take(1.0, Instant::now()) {
+                    tracing::info!(%room, %identity, participant = id, "closed a call's signalling: too many messages");
+                    close(&mut socket, close_code::POLICY, "too many signalling messages").await;
+                    break;
+                }
+                match message {
+                    Message::Binary(bytes) => match lk::SignalRequest::decode(bytes.as_ref()) {
+                        Ok(request) => sfu.signal(id, request),
+                        Err(error) => tracing::debug!(participant = id, %error, "an unreadable signalling request"),
+                    },
+                    Message::Close(_) => break,
+                    _ => {}
+                }
             },
             outgoing = from_sfu.recv() => match outgoing {
                 Some(ToParticipant::Signal(response)) => {

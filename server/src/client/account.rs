@@ -63,9 +63,9 @@ fn uiaa_challenge(flows: &[&[&str]], completed: &[&str], params: JsonValue) -> E
     }))
 }
 
-/// Requires `auth` to prove the caller's password (the m.login.password stage).
-pub(super) fn require_password_auth(server: &AppState, caller: &Caller, body: Option<&JsonValue>) -> Result<()> {
-    let auth = body.and_then(|b| b.get("auth")).filter(|a| !a.is_null());
+/// Requires the request's `auth` to prove the caller's password (the m.login.password stage).
+pub(super) fn require_password_auth<T, B>(server: &AppState, caller: &Caller, req: &Ruma<T, B>) -> Result<()> {
+    let auth = req.json.as_ref().and_then(|b| b.get("auth")).filter(|a| !a.is_null());
     let Some(auth) = auth else {
         return Err(uiaa_challenge(&[&["m.login.password"]], &[], json!({})));
     };
@@ -83,6 +83,10 @@ pub(super) fn require_password_auth(server: &AppState, caller: &Caller, body: Op
         return Err(Error::forbidden("authentication is for another user"));
     }
     let password = auth.get("password").and_then(JsonValue::as_str).unwrap_or_default();
+    // Only failures count (a success gives its token back), per account and per address: a
+    // stolen access token must not become a way to guess the password.
+    let keys = req.rate_keys();
+    server.rate_limiter.check(Action::Reauth, &keys)?;
     server.users.check_password(&caller.user_id, password).map_err(|_| {
         Error::Uiaa(json!({
             "errcode": "M_FORBIDDEN",
@@ -92,6 +96,7 @@ pub(super) fn require_password_auth(server: &AppState, caller: &Caller, body: Op
             "completed": [],
         }))
     })?;
+    server.rate_limiter.refund(Action::Reauth, &keys);
     Ok(())
 }
 
@@ -99,7 +104,7 @@ async fn register_handler(
     State(server): State<AppState>,
     req: Ruma<register::v3::Request>,
 ) -> Result<RumaResponse<register::v3::Response>> {
-    server.rate_limiter.check(Action::Registration, &req.rate_key())?;
+    server.rate_limiter.check(Action::Registration, &req.rate_keys())?;
     if req.body.kind == register::RegistrationKind::Guest {
         return Err(Error::new(ErrorCode::GuestAccessForbidden, "guest access is not enabled"));
     }
@@ -162,12 +167,23 @@ async fn login_types(_req: Ruma<get_login_types::v3::Request>) -> Json<JsonValue
     Json(json!({ "flows": [{ "type": "m.login.password" }, { "type": crate::clinic::appointments::JWT_LOGIN }] }))
 }
 
+/// The localpart a password login names, whichever way it is written.
+fn login_account(info: &login::v3::LoginInfo) -> Option<String> {
+    let login::v3::LoginInfo::Password(password) = info else { return None };
+    let Some(ruma::api::client::uiaa::UserIdentifier::Matrix(id)) = &password.identifier else { return None };
+    let user = id.user.strip_prefix('@').unwrap_or(&id.user);
+    Some(user.split(':').next().unwrap_or_default().to_lowercase())
+}
+
 async fn login_handler(
     State(server): State<AppState>,
     req: Ruma<login::v3::Request>,
 ) -> Result<axum::response::Response> {
     use axum::response::IntoResponse;
-    server.rate_limiter.check(Action::Login, &req.rate_key())?;
+    // Counted against the account named as well as the address, so that neither many
+    // addresses nor many accounts get around the limit.
+    let keys = crate::ratelimit::RateKeys { subject: login_account(&req.body.login_info), address: req.ip };
+    server.rate_limiter.check(Action::Login, &keys)?;
     // ruma keeps login types it does not know, such as appointment links, as custom data.
     if req.body.login_info.login_type() == crate::clinic::appointments::JWT_LOGIN {
         return Ok(super::appointments::jwt_login(&server, &req).await?.into_response());
@@ -272,7 +288,7 @@ async fn delete_device_handler(
 ) -> Result<RumaResponse<delete_device::v3::Response>> {
     let caller = req.caller();
     // Deleting a device that is already gone succeeds, as the spec says.
-    require_password_auth(&server, caller, req.json.as_ref())?;
+    require_password_auth(&server, caller, &req)?;
     server.delete_devices(&caller.user_id, [req.body.device_id.as_str()])?;
     Ok(delete_device::v3::Response::new().into())
 }
@@ -282,7 +298,7 @@ async fn delete_devices_handler(
     req: Ruma<delete_devices::v3::Request>,
 ) -> Result<RumaResponse<delete_devices::v3::Response>> {
     let caller = req.caller();
-    require_password_auth(&server, caller, req.json.as_ref())?;
+    require_password_auth(&server, caller, &req)?;
     server.delete_devices(&caller.user_id, req.body.devices.iter().map(|d| d.as_str()))?;
     Ok(delete_devices::v3::Response::new().into())
 }
@@ -293,7 +309,7 @@ async fn change_password_handler(
 ) -> Result<RumaResponse<change_password::v3::Response>> {
     // The token is optional for these endpoints in the spec (for flows Limbic does not offer).
     let caller = req.caller_opt().ok_or_else(super::missing_token)?;
-    require_password_auth(&server, caller, req.json.as_ref())?;
+    require_password_auth(&server, caller, &req)?;
     if req.body.new_password.is_empty() {
         return Err(Error::new(ErrorCode::WeakPassword, "the new password must not be empty"));
     }
@@ -310,7 +326,7 @@ async fn deactivate_handler(
 ) -> Result<RumaResponse<deactivate::v3::Response>> {
     // The token is optional for these endpoints in the spec (for flows Limbic does not offer).
     let caller = req.caller_opt().ok_or_else(super::missing_token)?;
-    require_password_auth(&server, caller, req.json.as_ref())?;
+    require_password_auth(&server, caller, &req)?;
     server.deactivate_account(&caller.user_id).await?;
     Ok(deactivate::v3::Response::new(ruma::api::client::account::ThirdPartyIdRemovalStatus::NoSupport).into())
 }
@@ -323,8 +339,28 @@ fn profile_account(server: &AppState, user_id: &UserId) -> Result<crate::users::
         .ok_or_else(|| Error::not_found("profile not found"))
 }
 
-/// A user's profile: from the account for local users, over federation for others.
-async fn profile_fields(server: &AppState, user_id: &ruma::UserId) -> Result<serde_json::Map<String, JsonValue>> {
+/// Who asks for a profile. ruma's profile look-ups take no token, but `[privacy]` depends on
+/// the asker: with an option on, a token sent is authenticated (a bad one is refused); with
+/// both off, tokens are ignored as before.
+struct ProfileAsker(Option<Caller>);
+
+impl axum::extract::FromRequestParts<AppState> for ProfileAsker {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, server: &AppState) -> Result<Self> {
+        let privacy = &server.config.privacy;
+        if !privacy.require_auth_for_profile_requests && !privacy.limit_profile_requests_to_users_who_share_rooms {
+            return Ok(Self(None));
+        }
+        super::authenticate(server, parts).map(Self)
+    }
+}
+
+/// A user's profile, if `[privacy]` lets `asker` see it: from the account for local users,
+/// over federation for others.
+async fn profile_fields(server: &AppState, asker: ProfileAsker, user_id: &ruma::UserId) -> Result<serde_json::Map<String, JsonValue>> {
+    let asker = asker.0.map(|caller| caller.user_id);
+    crate::privacy::check_lookup(server, asker.as_deref(), user_id, crate::privacy::Lookup::Profile)?;
     if user_id.server_name() != server.server_name() {
         let federation = server.federation.as_ref().ok_or_else(|| Error::not_found("federation is disabled on this server"))?;
         let request = ruma::api::federation::query::get_profile_information::v1::Request::new(user_id.to_owned());
@@ -343,8 +379,8 @@ async fn profile_fields(server: &AppState, user_id: &ruma::UserId) -> Result<ser
     Ok(profile)
 }
 
-async fn profile_handler(State(server): State<AppState>, req: Ruma<get_profile::v3::Request>) -> Result<Json<JsonValue>> {
-    Ok(Json(JsonValue::Object(profile_fields(&server, &req.body.user_id).await?)))
+async fn profile_handler(State(server): State<AppState>, asker: ProfileAsker, req: Ruma<get_profile::v3::Request>) -> Result<Json<JsonValue>> {
+    Ok(Json(JsonValue::Object(profile_fields(&server, asker, &req.body.user_id).await?)))
 }
 
 /// One field of a profile, or `{}`.
@@ -355,12 +391,12 @@ fn field_of(profile: serde_json::Map<String, JsonValue>, field: &str) -> JsonVal
     }
 }
 
-async fn displayname_handler(State(server): State<AppState>, req: Ruma<get_display_name::v3::Request>) -> Result<Json<JsonValue>> {
-    Ok(Json(field_of(profile_fields(&server, &req.body.user_id).await?, "displayname")))
+async fn displayname_handler(State(server): State<AppState>, asker: ProfileAsker, req: Ruma<get_display_name::v3::Request>) -> Result<Json<JsonValue>> {
+    Ok(Json(field_of(profile_fields(&server, asker, &req.body.user_id).await?, "displayname")))
 }
 
-async fn avatar_handler(State(server): State<AppState>, req: Ruma<get_avatar_url::v3::Request>) -> Result<Json<JsonValue>> {
-    Ok(Json(field_of(profile_fields(&server, &req.body.user_id).await?, "avatar_url")))
+async fn avatar_handler(State(server): State<AppState>, asker: ProfileAsker, req: Ruma<get_avatar_url::v3::Request>) -> Result<Json<JsonValue>> {
+    Ok(Json(field_of(profile_fields(&server, asker, &req.body.user_id).await?, "avatar_url")))
 }
 
 /// An OpenID token for third parties (the SFU, other servers' `openid/userinfo`).
@@ -437,12 +473,17 @@ struct AdminRegister {
 
 async fn admin_register(
     State(server): State<AppState>,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<Json<JsonValue>> {
     let secret = &server.config.registration.shared_secret;
     if secret.is_empty() {
         return Err(Error::not_found("shared-secret registration is disabled"));
     }
+    // A stranger's body, capped like the other unauthenticated ones.
+    let limit = server.config.limits.max_unauthenticated_body;
+    let body = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| Error::new(ErrorCode::TooLarge, format!("request body is larger than {limit} bytes")))?;
     let body: AdminRegister = serde_json::from_slice(&body).map_err(|e| Error::bad_json(e.to_string()))?;
     let mut mac = Hmac::<sha1::Sha1>::new_from_slice(secret.as_bytes()).map_err(Error::internal)?;
     mac.update(body.nonce.as_bytes());

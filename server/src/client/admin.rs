@@ -50,6 +50,7 @@ pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
         .route(&format!("{V1}/server_version"), get(server_version))
         .route("/_limbic/admin/v1/audit", get(audit_log))
         .route("/_limbic/admin/v1/audit/verify", get(audit_verify))
+        .route("/_limbic/admin/v1/audit/head", get(audit_head))
 }
 
 // --- extractors: the admin caller, and Matrix errors for bad paths, queries and bodies ---
@@ -413,8 +414,11 @@ async fn list_rooms(
     Ok(Json(response))
 }
 
-async fn room_details(State(server): State<AppState>, _admin: Admin, Params(room): Params<String>) -> Result<Json<JsonValue>> {
-    Ok(Json(admin::room_summary(&server, &room_id(&room)?)?))
+async fn room_details(State(server): State<AppState>, Admin(caller): Admin, Params(room): Params<String>) -> Result<Json<JsonValue>> {
+    let room_id = room_id(&room)?;
+    let summary = admin::room_summary(&server, &room_id)?;
+    admin::audit_notes_read(&server, &caller, &room_id, "details")?;
+    Ok(Json(summary))
 }
 
 fn existing_room(server: &AppState, room: &str) -> Result<OwnedRoomId> {
@@ -425,13 +429,17 @@ fn existing_room(server: &AppState, room: &str) -> Result<OwnedRoomId> {
     Ok(room_id)
 }
 
-async fn room_members(State(server): State<AppState>, _admin: Admin, Params(room): Params<String>) -> Result<Json<JsonValue>> {
-    let members = server.rooms.joined_members(&existing_room(&server, &room)?)?;
+async fn room_members(State(server): State<AppState>, Admin(caller): Admin, Params(room): Params<String>) -> Result<Json<JsonValue>> {
+    let room_id = existing_room(&server, &room)?;
+    admin::audit_notes_read(&server, &caller, &room_id, "members")?;
+    let members = server.rooms.joined_members(&room_id)?;
     Ok(Json(json!({ "members": members, "total": members.len() })))
 }
 
-async fn room_state(State(server): State<AppState>, _admin: Admin, Params(room): Params<String>) -> Result<Json<JsonValue>> {
-    let state = server.rooms.current_state(&existing_room(&server, &room)?)?;
+async fn room_state(State(server): State<AppState>, Admin(caller): Admin, Params(room): Params<String>) -> Result<Json<JsonValue>> {
+    let room_id = existing_room(&server, &room)?;
+    admin::audit_notes_read(&server, &caller, &room_id, "state")?;
+    let state = server.rooms.current_state(&room_id)?;
     let events: Vec<JsonValue> = state.iter().map(|pdu| pdu.to_client_event(None, true)).collect();
     Ok(Json(json!({ "state": events })))
 }
@@ -526,7 +534,7 @@ async fn delete_media(
     if server_name != server.server_name().as_str() {
         return Err(Error::invalid_param("only local media can be deleted"));
     }
-    server.media.delete(&media_id)?;
+    server.media.delete(&media_id).await?;
     Ok(Json(json!({ "deleted_media": [media_id], "total": 1 })))
 }
 
@@ -563,6 +571,26 @@ async fn audit_log(State(server): State<AppState>, _admin: Admin, QueryParams(qu
     Ok(Json(response))
 }
 
-async fn audit_verify(State(server): State<AppState>, _admin: Admin) -> Result<Json<JsonValue>> {
-    Ok(Json(json!(crate::audit::Audit::verify(&server.store)?)))
+/// The newest entry, for operators to keep off the machine and hand back to `verify` later.
+/// Not audited itself: reading the head must not move it.
+async fn audit_head(State(server): State<AppState>, _admin: Admin) -> Result<Json<crate::audit::AuditHead>> {
+    let head = crate::audit::Audit::head(&server.store)?.ok_or_else(|| Error::not_found("the audit log is empty"))?;
+    Ok(Json(head))
+}
+
+#[derive(Deserialize)]
+struct AuditVerifyQuery {
+    head_seq: Option<u64>,
+    head_hash: Option<String>,
+}
+
+/// The whole chain, and with an exported head, that the head is still there unchanged.
+async fn audit_verify(State(server): State<AppState>, _admin: Admin, QueryParams(query): QueryParams<AuditVerifyQuery>) -> Result<Json<JsonValue>> {
+    let exported = match (query.head_seq, query.head_hash.as_deref()) {
+        (Some(seq), Some(hash)) => Some((seq, hash)),
+        (None, None) => None,
+        _ => return Err(Error::invalid_param("head_seq and head_hash go together")),
+    };
+    let verification = tokio::task::block_in_place(|| server.audit.verify(&server.store, exported))?;
+    Ok(Json(json!(verification)))
 }

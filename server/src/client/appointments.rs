@@ -41,6 +41,23 @@ fn role(server: &AppState, room_id: &ruma::RoomId, user_id: &UserId) -> Result<O
     crate::clinic::session_role(&server.rooms, room_id, user_id.as_str())
 }
 
+fn is_admin(server: &AppState, user_id: &UserId) -> Result<bool> {
+    Ok(server.users.account(user_id)?.is_some_and(|a| a.admin))
+}
+
+/// A link signs in whoever it names, so the booking service may name as client only a plain
+/// account (or a new one): never a server admin or a verified therapist, whose login links
+/// would hand the service their powers.
+fn refuse_privileged_client(server: &AppState, client: &UserId) -> Result<()> {
+    if is_admin(server, client)? {
+        return Err(Error::forbidden(format!("{client} is a server admin and cannot be booked as a client")));
+    }
+    if server.clinic.is_verified_therapist(client)? {
+        return Err(Error::forbidden(format!("{client} is a verified therapist and cannot be booked as a client")));
+    }
+    Ok(())
+}
+
 /// Creates the appointment's session (once per appointment id) and returns fresh links.
 async fn create_appointment(State(server): State<AppState>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Json<JsonValue>> {
     let authorization = headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
@@ -57,6 +74,10 @@ async fn create_appointment(State(server): State<AppState>, headers: HeaderMap, 
     }
     if !server.clinic.is_verified_therapist(&request.therapist)? {
         return Err(Error::forbidden(format!("{} is not a verified therapist", request.therapist)));
+    }
+    refuse_privileged_client(&server, &request.client)?;
+    if is_admin(&server, &request.therapist)? {
+        return Err(Error::forbidden(format!("{} is a server admin: appointment links never sign in an admin", request.therapist)));
     }
 
     let _creating = server.appointments.lock_creation().await;
@@ -114,6 +135,10 @@ pub(super) async fn jwt_login(server: &AppState, req: &Ruma<login::v3::Request>)
     let link = server.appointments.verify(token)?;
     if server.users.account(&link.user_id)?.is_none_or(|a| a.deactivated) {
         return Err(Error::forbidden("this appointment link is for an unknown or deactivated user"));
+    }
+    // Whoever became an admin since the link was made signs in with their password only.
+    if is_admin(server, &link.user_id)? {
+        return Err(Error::forbidden("appointment links never sign in a server admin"));
     }
     let mut batch = server.store.batch();
     let ip = req.ip.map(|ip| ip.to_string());

@@ -19,10 +19,13 @@ use super::{
 };
 use crate::{
     audit::AuditRecord,
-    clinic::{BREAKOUT, Breakout, CALL_MEMBER, ROLE, Role, SESSION, Session, role_key, role_user},
+    clinic::{
+        BREAKOUT, Breakout, CALL_MEMBER, ROLE, Role, SESSION, Session, role_key, role_user,
+        subrooms::{self, membership_in},
+    },
     error::{Error, Result},
     events::PduBuilder,
-    rooms::RoomWriter,
+    rooms::{Membership, RoomWriter},
     users::Caller,
 };
 
@@ -61,24 +64,9 @@ fn present_members(server: &AppState, room: &RoomId) -> Result<Vec<OwnedUserId>>
         .collect())
 }
 
-fn membership_in(writer: &RoomWriter<'_>, user: &UserId) -> Result<Option<String>> {
-    Ok(writer
-        .state_event("m.room.member", user.as_str())?
-        .and_then(|m| m.content_json().get("membership").and_then(JsonValue::as_str).map(str::to_owned)))
-}
-
 /// Every breakout room ever linked to the session (closed ones too), in state order.
 fn breakouts_of(server: &AppState, session_room: &RoomId) -> Result<Vec<(OwnedRoomId, Breakout)>> {
-    let mut breakouts = Vec::new();
-    for pdu in server.rooms.current_state(session_room)?.into_iter().filter(|p| p.kind == TimelineEventType::SpaceChild) {
-        let Some(child) = pdu.state_key.as_deref().and_then(|k| OwnedRoomId::try_from(k).ok()) else { continue };
-        let Some(content) = server.rooms.state_content(&child, BREAKOUT, "")? else { continue };
-        let Ok(breakout) = Breakout::parse(&content) else { continue };
-        if breakout.session_room == session_room {
-            breakouts.push((child, breakout));
-        }
-    }
-    Ok(breakouts)
+    subrooms::breakouts(&server.rooms, session_room)
 }
 
 /// The session's breakout room `breakout_id`, which must still be open.
@@ -93,14 +81,9 @@ fn open_breakout(server: &AppState, session_room: &RoomId, breakout_id: &RoomId)
     Ok(breakout)
 }
 
-/// The caller must be in a breakout room to change its memberships; therapists are invited
-/// when it is created, so an invited therapist joins on their first action there.
+/// The caller must be in a breakout room to change its memberships.
 fn ensure_joined(writer: &mut RoomWriter<'_>, caller: &Caller) -> Result<()> {
-    match membership_in(writer, &caller.user_id)?.as_deref() {
-        Some("join") => Ok(()),
-        Some("invite") => writer.append(&caller.user_id, PduBuilder::state("m.room.member", caller.user_id.as_str(), json!({ "membership": "join" })), None).map(drop),
-        _ => Err(Error::forbidden("you are not in this breakout room")),
-    }
+    subrooms::ensure_joined(writer, &caller.user_id)
 }
 
 /// Stages `user` leaving every open breakout of the session other than `except`, in writers
@@ -114,7 +97,7 @@ async fn stage_leave_others<'s>(
     writers: &mut Vec<RoomWriter<'s>>,
 ) -> Result<()> {
     for (room, breakout) in breakouts_of(server, session_room)? {
-        if breakout.closed || Some(room.as_ref()) == except || !matches!(server.rooms.membership(&room, user)?, Some(crate::rooms::Membership::Join | crate::rooms::Membership::Invite)) {
+        if breakout.closed || Some(room.as_ref()) == except || !matches!(server.rooms.membership(&room, user)?, Some(Membership::Join | Membership::Invite)) {
             continue;
         }
         let existing = writers.iter().position(|w| *w.room_id() == room);
@@ -230,7 +213,7 @@ async fn assign(
     open_breakout(&server, &session_room, &breakout_id)?;
     let mut target = server.rooms.writer(&breakout_id).await?;
     ensure_joined(&mut target, &caller)?;
-    if !matches!(membership_in(&target, &user)?.as_deref(), Some("join" | "invite")) {
+    if !matches!(membership_in(&target, &user)?, Some(Membership::Join | Membership::Invite)) {
         target.append(&caller.user_id, PduBuilder::state("m.room.member", user.as_str(), json!({ "membership": "invite" })), None)?;
     }
     let mut writers = vec![target];
@@ -242,7 +225,7 @@ async fn assign(
 /// Stages invitations back into the main room for `users` who are no longer in it.
 fn stage_return(main: &mut RoomWriter<'_>, caller: &Caller, users: &[OwnedUserId]) -> Result<()> {
     for user in users {
-        if !matches!(membership_in(main, user)?.as_deref(), Some("join" | "invite" | "ban")) {
+        if !matches!(membership_in(main, user)?, Some(Membership::Join | Membership::Invite | Membership::Ban)) {
             main.append(&caller.user_id, PduBuilder::state("m.room.member", user.as_str(), json!({ "membership": "invite" })), None)?;
         }
     }
@@ -260,7 +243,7 @@ async fn unassign(
     let mut main = server.rooms.writer(&session_room).await?;
     open_breakout(&server, &session_room, &breakout_id)?;
     let mut target = server.rooms.writer(&breakout_id).await?;
-    if !matches!(membership_in(&target, &user)?.as_deref(), Some("join" | "invite")) {
+    if !matches!(membership_in(&target, &user)?, Some(Membership::Join | Membership::Invite)) {
         return Err(Error::not_found(format!("{user} is not in this breakout room")));
     }
     ensure_joined(&mut target, &caller)?;

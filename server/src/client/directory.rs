@@ -116,12 +116,18 @@ pub(crate) fn directory_page(server: &AppState, limit: Option<usize>, since: Opt
     }
     chunk.sort_by(|a, b| b["num_joined_members"].as_u64().cmp(&a["num_joined_members"].as_u64()));
     let total = chunk.len();
-    let start: usize = since.and_then(|s| s.parse().ok()).unwrap_or(0);
+    // `since` is a position this server handed out; anything else is refused, and no sum of
+    // request numbers may overflow.
+    let start: usize = match since {
+        None => 0,
+        Some(token) => token.parse().map_err(|_| Error::invalid_param("since is not a token from this server"))?,
+    };
     let limit = limit.unwrap_or(total).max(1);
+    let end = start.saturating_add(limit);
     let page: Vec<JsonValue> = chunk.into_iter().skip(start).take(limit).collect();
     let mut response = json!({ "chunk": page, "total_room_count_estimate": total });
-    if start + limit < total {
-        response["next_batch"] = json!((start + limit).to_string());
+    if end < total {
+        response["next_batch"] = json!(end.to_string());
     }
     if start > 0 {
         response["prev_batch"] = json!(start.saturating_sub(limit).to_string());

@@ -25,7 +25,7 @@ use crate::{
     error::{Error, ErrorCode, Result},
     events::{Pdu, PduBuilder},
     ratelimit::Action,
-    rooms::{EventMeta, TxnInfo},
+    rooms::{EventMeta, ReadView, TxnInfo},
     store::{Batch, Key, StreamPos, tables},
     rooms::{HistoryKey, TIMELINE_ORDER, history_key_before},
     sync::{EventFilter, history_token, parse_history_token, token},
@@ -133,11 +133,13 @@ pub(crate) async fn send_event_with(
     if !writer.exists() {
         return Err(Error::not_found("unknown room"));
     }
+    // A role taken away ends its notes-room and breakout memberships in the same write.
+    let subrooms = crate::clinic::subrooms::stage_for_event(server, room_id, sender, &builder).await?;
     let pdu = writer.append(sender, builder, txn)?;
     if let Some(records) = records {
         writer.batch().append(records);
     }
-    writer.commit()?;
+    writer.commit_with(subrooms)?;
     server.metrics.events_persisted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let kind = pdu.kind.to_string();
     if kind == crate::clinic::RECORDING_CONSENT && pdu.content_json().get("consent").and_then(JsonValue::as_bool) != Some(true) {
@@ -212,7 +214,7 @@ async fn send_message(
     {
         return Ok(RumaResponse(send_message_event::v3::Response::new(event_id)).into_response());
     }
-    server.rate_limiter.check(Action::Message, &req.rate_key())?;
+    server.rate_limiter.check(Action::Message, &req.rate_keys())?;
     let content: JsonValue = serde_json::from_str(req.body.body.json().get()).map_err(|e| Error::bad_json(e.to_string()))?;
     let room_id = &req.body.room_id;
     let builder = event_builder(&server, room_id, &req.body.event_type.to_string(), None, content)?;
@@ -230,6 +232,7 @@ async fn send_state(
     req: Ruma<send_state_event::v3::Request>,
 ) -> Result<Response> {
     let caller = req.caller();
+    server.rate_limiter.check(Action::StateEvent, &req.rate_keys())?;
     let delay = requested_delay(query.as_deref())?;
     let content: JsonValue = serde_json::from_str(req.body.body.json().get()).map_err(|e| Error::bad_json(e.to_string()))?;
     let room_id = &req.body.room_id;
@@ -237,7 +240,13 @@ async fn send_state(
     if let Some(delay_ms) = delay {
         return schedule(&server, caller, NewDelayedEvent { room_id, event: builder, delay_ms, txn_id: None }).await;
     }
-    let event_id = send_event(&server, &caller.user_id, room_id, builder, None).await?;
+    let attempt = send_event(&server, &caller.user_id, room_id, builder, None);
+    // A raw knock or join may carry a session passcode too: guesses are limited the same way.
+    let event_id = if req.body.event_type == ruma::events::StateEventType::RoomMember {
+        super::membership::limit_passcode_guesses(&server, &req, room_id, attempt).await?
+    } else {
+        attempt.await?
+    };
     Ok(RumaResponse(send_state_event::v3::Response::new(event_id)).into_response())
 }
 
@@ -256,27 +265,18 @@ fn validate_canonical_alias(server: &AppState, room_id: &ruma::RoomId, content: 
     Ok(())
 }
 
-/// Members (and, for world-readable rooms, anyone) may read a room; former members read the
-/// state as it was when they left.
+/// How much of the room the caller may read ([`crate::rooms::Rooms::read_view`]); `403` when
+/// nothing.
+pub(super) fn read_view(server: &AppState, room_id: &ruma::RoomId, user_id: &UserId) -> Result<ReadView> {
+    server.rooms.read_view(user_id, room_id)?.ok_or_else(|| Error::forbidden("you are not a member of this room"))
+}
+
+/// The state snapshot the caller reads: `None` for the current state, else their leave's.
 pub(super) fn readable_snapshot(server: &AppState, room_id: &ruma::RoomId, user_id: &UserId) -> Result<Option<u64>> {
-    if !server.rooms.exists(room_id)? {
-        return Err(Error::forbidden("you are not a member of this room"));
-    }
-    match server.rooms.user_room(user_id, room_id)? {
-        Some(entry) if entry.membership == crate::rooms::Membership::Join => Ok(None),
-        Some(entry) if matches!(entry.membership, crate::rooms::Membership::Leave | crate::rooms::Membership::Ban) => {
-            let meta = server.rooms.meta(&entry.event_id)?.ok_or_else(|| Error::internal("membership event without metadata"))?;
-            Ok(Some(meta.state_after))
-        }
-        _ => {
-            let visibility = server.rooms.state_content(room_id, "m.room.history_visibility", "")?;
-            if visibility.and_then(|v| v.get("history_visibility").cloned()) == Some(json!("world_readable")) {
-                Ok(None)
-            } else {
-                Err(Error::forbidden("you are not a member of this room"))
-            }
-        }
-    }
+    Ok(match read_view(server, room_id, user_id)? {
+        ReadView::Current => None,
+        ReadView::AsOfLeave { snapshot, .. } => Some(snapshot),
+    })
 }
 
 async fn get_state_event(
@@ -382,17 +382,14 @@ async fn messages(
 ) -> Result<Json<JsonValue>> {
     let caller = req.caller();
     let room_id = &req.body.room_id;
-    let membership = server.rooms.user_room(&caller.user_id, room_id)?;
-    if membership.is_none() {
-        readable_snapshot(&server, room_id, &caller.user_id)?;
-    }
+    let view = read_view(&server, room_id, &caller.user_id)?;
     let filter = EventFilter::from_json(serde_json::to_value(&req.body.filter).ok().as_ref());
     let limit = usize::try_from(u64::from(req.body.limit)).unwrap_or(10).clamp(1, 1000);
     let backwards = req.body.dir == ruma::api::Direction::Backward;
     // A member who left sees history only up to leaving.
-    let ceiling = match &membership {
-        Some(entry) if matches!(entry.membership, crate::rooms::Membership::Leave | crate::rooms::Membership::Ban) => entry.pos,
-        _ => StreamPos::MAX,
+    let ceiling = match view {
+        ReadView::AsOfLeave { pos, .. } => pos,
+        ReadView::Current => StreamPos::MAX,
     };
     let current = server.store.streams().current().min(ceiling);
     let latest = (current, TIMELINE_ORDER);
@@ -473,6 +470,7 @@ async fn context(
 ) -> Result<Json<JsonValue>> {
     let caller = req.caller();
     let room_id = &req.body.room_id;
+    read_view(&server, room_id, &caller.user_id)?;
     let (pdu, meta) = load_event(&server, &req.body.event_id)?;
     if &pdu.room_id != room_id || !server.rooms.user_can_see(&caller.user_id, &pdu, &meta)? {
         return Err(Error::not_found("event not found"));
@@ -517,6 +515,7 @@ async fn room_event(
     req: Ruma<get_room_event::v3::Request>,
 ) -> Result<Json<JsonValue>> {
     let caller = req.caller();
+    read_view(&server, &req.body.room_id, &caller.user_id)?;
     let (pdu, meta) = load_event(&server, &req.body.event_id)?;
     if pdu.room_id != req.body.room_id || !server.rooms.user_can_see(&caller.user_id, &pdu, &meta)? {
         return Err(Error::not_found("event not found"));

@@ -85,14 +85,18 @@ pub(crate) struct LocalKeys {
     pub user_signing_keys: serde_json::Map<String, JsonValue>,
 }
 
-/// The keys of `users` (each with the devices asked for; none means all). A user-signing key
-/// is private to its owner: only `owner`'s is included.
+/// The keys of `users` (each with the devices asked for; none means all), for `owner`, a local
+/// user, or `None`: another server. A user-signing key is private to its owner: only `owner`'s
+/// is included. Device names stay on this server, as with Synapse's default
+/// (`allow_device_name_lookup_over_federation: false`): they tell who uses it.
 pub(crate) fn local_device_keys(server: &AppState, users: &[(ruma::OwnedUserId, Vec<String>)], owner: Option<&ruma::UserId>) -> Result<LocalKeys> {
     let mut keys = LocalKeys { device_keys: Default::default(), master_keys: Default::default(), self_signing_keys: Default::default(), user_signing_keys: Default::default() };
     for (user, only) in users {
         let mut devices = serde_json::Map::new();
         for (device_id, mut device) in server.e2ee.device_keys(user, only)? {
-            if let Some(info) = server.users.device(user, &device_id)? {
+            if owner.is_some()
+                && let Some(info) = server.users.device(user, &device_id)?
+            {
                 device["unsigned"] = json!({ "device_display_name": info.display_name });
             }
             devices.insert(device_id, device);
@@ -205,7 +209,7 @@ async fn upload_cross_signing(State(server): State<AppState>, req: Ruma<upload_s
     // The first master key may be uploaded without re-authentication (spec v1.11); replacing
     // one needs the password.
     if server.e2ee.cross_signing_key(&caller.user_id, CrossSigningKind::Master)?.is_some() {
-        require_password_auth(&server, caller, req.json.as_ref())?;
+        require_password_auth(&server, caller, &req)?;
     }
     let body = req.json.as_ref();
     let mut keys = Vec::new();

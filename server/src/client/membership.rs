@@ -16,8 +16,9 @@ use serde_json::{Value as JsonValue, json};
 
 use super::{AppState, Ruma, RumaResponse, account::strip_nulls, events::send_event, route};
 use crate::{
-    error::{Error, Result},
+    error::{Error, ErrorCode, Result},
     events::PduBuilder,
+    ratelimit::{Action, RateKeys},
 };
 
 pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
@@ -45,6 +46,23 @@ fn resolve_room(server: &AppState, room: &RoomOrAliasId) -> Result<OwnedRoomId> 
 /// The passcode a client sent with a join or knock, if any.
 fn passcode<T>(req: &Ruma<T>) -> Option<&str> {
     req.json.as_ref()?.get(crate::clinic::PASSCODE_FIELD)?.as_str()
+}
+
+/// Runs the caller's own join or knock `attempt` (through these endpoints or a raw membership
+/// event). When the body carries a passcode, a refusal (403) counts against the (user, room)
+/// and the client address, so that a session's passcode cannot be guessed; an attempt that is
+/// not refused gives its token back.
+pub(super) async fn limit_passcode_guesses<T, R>(server: &AppState, req: &Ruma<T>, room_id: &ruma::RoomId, attempt: impl Future<Output = Result<R>>) -> Result<R> {
+    if passcode(req).is_none() {
+        return attempt.await;
+    }
+    let keys = RateKeys { subject: Some(format!("{} {room_id}", req.caller().user_id)), address: req.ip };
+    server.rate_limiter.check(Action::KnockPasscode, &keys)?;
+    let result = attempt.await;
+    if !matches!(result, Err(Error::Matrix { code: ErrorCode::Forbidden, .. })) {
+        server.rate_limiter.refund(Action::KnockPasscode, &keys);
+    }
+    result
 }
 
 /// Sends `membership` for `target`, sent by `sender`, with the profile when it is the
@@ -95,7 +113,8 @@ async fn join_by_id(
 ) -> Result<RumaResponse<join_room_by_id::v3::Response>> {
     let caller = req.caller();
     let room_id = &req.body.room_id;
-    join(&server, &caller.user_id, room_id, &[], req.body.reason.as_deref(), passcode(&req)).await?;
+    let attempt = join(&server, &caller.user_id, room_id, &[], req.body.reason.as_deref(), passcode(&req));
+    limit_passcode_guesses(&server, &req, room_id, attempt).await?;
     Ok(join_room_by_id::v3::Response::new(room_id.clone()).into())
 }
 
@@ -105,7 +124,8 @@ async fn join_by_id_or_alias(
 ) -> Result<RumaResponse<join_room_by_id_or_alias::v3::Response>> {
     let caller = req.caller();
     let room_id = resolve_room(&server, &req.body.room_id_or_alias)?;
-    join(&server, &caller.user_id, &room_id, &req.body.via, req.body.reason.as_deref(), passcode(&req)).await?;
+    let attempt = join(&server, &caller.user_id, &room_id, &req.body.via, req.body.reason.as_deref(), passcode(&req));
+    limit_passcode_guesses(&server, &req, &room_id, attempt).await?;
     Ok(join_room_by_id_or_alias::v3::Response::new(room_id).into())
 }
 
@@ -204,6 +224,7 @@ async fn knock(
         crate::federation::events::membership_remote(&server, &caller.user_id, &room_id, &req.body.via, "knock", req.body.reason.as_deref()).await?;
         return Ok(knock_room::v3::Response::new(room_id).into());
     }
-    set_membership(&server, &caller.user_id, &room_id, &caller.user_id, "knock", req.body.reason.as_deref(), passcode(&req)).await?;
+    let attempt = set_membership(&server, &caller.user_id, &room_id, &caller.user_id, "knock", req.body.reason.as_deref(), passcode(&req));
+    limit_passcode_guesses(&server, &req, &room_id, attempt).await?;
     Ok(knock_room::v3::Response::new(room_id).into())
 }

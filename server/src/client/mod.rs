@@ -18,6 +18,7 @@ mod push;
 mod membership;
 mod misc;
 mod relations;
+pub(crate) mod rejections;
 mod rooms;
 mod search;
 mod breakouts;
@@ -82,6 +83,10 @@ impl TokenRequirement for NoAccessToken {
 pub trait BodyKind {
     /// Whether the body is JSON; other bodies (uploads) reach ruma untouched.
     const JSON: bool;
+    /// Whether the handler reads the body itself as it arrives ([`Ruma::take_stream`], uploads):
+    /// ruma then parses the rest of the request with an empty body, and the handler keeps
+    /// to the limit.
+    const STREAMED: bool = false;
     /// The largest body accepted.
     fn limit(server: &Server) -> usize;
 }
@@ -103,6 +108,9 @@ pub struct Ruma<T, B = JsonBody> {
     pub ip: Option<std::net::IpAddr>,
     /// The JSON body as sent, for user-interactive auth that ruma keeps opaque.
     pub json: Option<serde_json::Value>,
+    /// The unread body of [`BodyKind::STREAMED`] requests; in a mutex only so that the
+    /// request stays `Sync` (a body is not) for handlers that hold it across an await.
+    stream: std::sync::Mutex<Option<axum::body::Body>>,
     kind: PhantomData<fn() -> B>,
 }
 
@@ -112,17 +120,18 @@ impl<T, B> Ruma<T, B> {
         self.caller.as_ref().expect("endpoint requires an access token")
     }
 
+    /// The unread body of a [`BodyKind::STREAMED`] request; empty for others, or once taken.
+    pub fn take_stream(&mut self) -> axum::body::Body {
+        self.stream.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner).take().unwrap_or_default()
+    }
+
     pub fn caller_opt(&self) -> Option<&Caller> {
         self.caller.as_ref()
     }
 
-    /// Who rate limits apply to: the user, or the IP when unauthenticated.
-    pub fn rate_key(&self) -> String {
-        match (&self.caller, self.ip) {
-            (Some(c), _) => c.user_id.to_string(),
-            (None, Some(ip)) => ip.to_string(),
-            (None, None) => "unknown".to_owned(),
-        }
+    /// What rate limits count the request against: its account (if any) and its client address.
+    pub fn rate_keys(&self) -> crate::ratelimit::RateKeys {
+        crate::ratelimit::RateKeys { subject: self.caller.as_ref().map(|c| c.user_id.to_string()), address: self.ip }
     }
 }
 
@@ -181,6 +190,29 @@ fn path_param_count<T: Metadata>() -> usize {
     T::PATH_BUILDER.all_paths().next().map_or(0, |p| p.matches('{').count())
 }
 
+/// Reads and drops a refused body, up to `max` bytes, so that the refusal reaches the client:
+/// a connection closed with unread data is reset, and the client may never see the answer.
+async fn discard(body: axum::body::Body, max: usize) {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut read = 0usize;
+    while read <= max {
+        match body.frame().await {
+            Some(Ok(frame)) => read += frame.data_ref().map_or(0, bytes::Bytes::len),
+            _ => break,
+        }
+    }
+}
+
+/// A body field whose absence makes ruma's parser panic rather than fail: ruma 0.25's login
+/// parser indexes the flattened `type` of `LoginInfo`. Checked first, so that no request of a
+/// stranger reaches a panic (the catch below stays as the last line of defence).
+fn missing_panicking_field<T: Metadata>(json: Option<&serde_json::Value>) -> Option<&'static str> {
+    let login = T::METHOD == http::Method::POST && T::PATH_BUILDER.all_paths().any(|p| p.ends_with("/login"));
+    let object = json?.as_object()?;
+    (login && !object.contains_key("type")).then_some("type")
+}
+
 impl<T, B> FromRequest<AppState> for Ruma<T, B>
 where
     T: IncomingRequest + Send,
@@ -200,7 +232,9 @@ where
         // Routes registered without a trailing empty parameter (e.g. a state event with an
         // empty state key) get it filled in.
         params.resize(params.len().max(path_param_count::<T>()), String::new());
-        let ip = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+        // The one place a client's address is found: rate limits, devices and audit use it.
+        let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+        let ip = crate::ratelimit::client_address(peer, &parts.headers, &server.config.rate_limits.trusted_proxies);
 
         let caller = match T::Authentication::REQUIRED {
             None => None,
@@ -210,15 +244,24 @@ where
             },
         };
 
-        let limit = B::limit(server);
+        // Strangers' JSON bodies get far less room than users'.
+        let limit = match &caller {
+            None if B::JSON => B::limit(server).min(server.config.limits.max_unauthenticated_body),
+            _ => B::limit(server),
+        };
         let too_large =
             || Error::new(ErrorCode::TooLarge, format!("request body is larger than {limit} bytes"));
-        // A declared oversize body is refused before any of it is read.
+        // A declared oversize body is refused before any of it is kept.
         let declared = parts.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
         if declared.is_some_and(|length| length > limit) {
+            discard(body, server.config.limits.max_request_body).await;
             return Err(too_large());
         }
-        let mut bytes = axum::body::to_bytes(body, limit).await.map_err(|_| too_large())?;
+        let (mut bytes, stream) = if B::STREAMED {
+            (bytes::Bytes::new(), Some(body))
+        } else {
+            (axum::body::to_bytes(body, limit).await.map_err(|_| too_large())?, None)
+        };
         // Many clients send no body at all where the spec has an all-optional JSON object.
         if B::JSON && bytes.is_empty() && matches!(parts.method, http::Method::POST | http::Method::PUT) {
             bytes = bytes::Bytes::from_static(b"{}");
@@ -232,6 +275,9 @@ where
                 Err(e) => return Err(Error::new(ErrorCode::NotJson, format!("body is not JSON: {e}"))),
             }
         };
+        if let Some(field) = missing_panicking_field::<T>(json.as_ref()) {
+            return Err(Error::new(ErrorCode::MissingParam, format!("missing field `{field}`")));
+        }
         let path_args: Vec<&str> = params.iter().map(String::as_str).collect();
         let http_request = http::Request::from_parts(parts, bytes.as_ref());
         // Some ruma parsers panic on malformed input (e.g. a login body without `type`).
@@ -251,7 +297,7 @@ where
                 Error::bad_json(message)
             }
         })?;
-        Ok(Self { body, caller, ip, json, kind: PhantomData })
+        Ok(Self { body, caller, ip, json, stream: std::sync::Mutex::new(stream), kind: PhantomData })
     }
 }
 

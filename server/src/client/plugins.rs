@@ -40,19 +40,7 @@ async fn plugin_request(State(server): State<AppState>, Path(params): Path<Vec<(
     let query = parts.uri.query().unwrap_or_default().to_owned();
     let request = crate::plugins::http_request(parts.method.as_str(), path, query, &parts.headers, body.to_vec(), caller);
     let answer = server.plugins.handle_http(&name, request).await?;
-    let status = http::StatusCode::from_u16(answer.status).map_err(|_| Error::internal(format!("plugin {name} answered with status {}", answer.status)))?;
-    // Only the plugin's headers: no default content type beside its own.
-    let mut response = Response::new(axum::body::Body::from(answer.body));
-    *response.status_mut() = status;
-    for (header, value) in answer.headers {
-        match (http::HeaderName::try_from(header), http::HeaderValue::try_from(value)) {
-            (Ok(header), Ok(value)) => {
-                response.headers_mut().append(header, value);
-            }
-            _ => tracing::warn!(plugin = %name, "dropped an invalid response header"),
-        }
-    }
-    Ok(response)
+    crate::plugins::http_response(&name, answer)
 }
 
 async fn plugin_status(State(server): State<AppState>, _admin: Admin) -> Json<JsonValue> {

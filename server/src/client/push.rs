@@ -126,7 +126,7 @@ async fn pushers(State(server): State<AppState>, req: Ruma<get_pushers::v3::Requ
 
 async fn set_pusher_handler(State(server): State<AppState>, req: Ruma<set_pusher::v3::Request>) -> Result<RumaResponse<set_pusher::v3::Response>> {
     let pusher = req.json.clone().unwrap_or_default();
-    server.push.set_pusher(&req.caller().user_id, &pusher)?;
+    server.push.set_pusher(req.caller(), &pusher)?;
     Ok(set_pusher::v3::Response::new().into())
 }
 

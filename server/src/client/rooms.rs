@@ -10,12 +10,12 @@ use ruma::{
 };
 use serde_json::{Value as JsonValue, json};
 
-use super::{AppState, Ruma, RumaResponse, account::strip_nulls, events::client_event, route};
+use super::{AppState, Ruma, RumaResponse, account::strip_nulls, events::{client_event, read_view}, route};
 use crate::{
     error::{Error, ErrorCode, Result},
     events::{DEFAULT_ROOM_VERSION, PduBuilder},
     ratelimit::Action,
-    rooms::Membership,
+    rooms::{Membership, ReadView},
 };
 
 pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
@@ -65,7 +65,7 @@ async fn create_room_handler(
     req: Ruma<create_room::v3::Request>,
 ) -> Result<RumaResponse<create_room::v3::Response>> {
     let caller = req.caller();
-    server.rate_limiter.check(Action::CreateRoom, &req.rate_key())?;
+    server.rate_limiter.check(Action::CreateRoom, &req.rate_keys())?;
     let body = &req.body;
     let creator = caller.user_id.clone();
     let version = body.room_version.clone().unwrap_or(DEFAULT_ROOM_VERSION);
@@ -206,25 +206,15 @@ async fn joined_rooms_handler(
     Ok(joined_rooms::v3::Response::new(rooms).into())
 }
 
-fn require_member(server: &AppState, room_id: &ruma::RoomId, user_id: &ruma::UserId) -> Result<crate::rooms::UserRoom> {
-    server
-        .rooms
-        .user_room(user_id, room_id)?
-        .filter(|e| matches!(e.membership, Membership::Join | Membership::Leave | Membership::Ban))
-        .ok_or_else(|| Error::forbidden("you are not a member of this room"))
-}
-
 async fn members_handler(
     State(server): State<AppState>,
     req: Ruma<get_member_events::v3::Request>,
 ) -> Result<Json<JsonValue>> {
     let caller = req.caller();
     let room_id = &req.body.room_id;
-    let entry = require_member(&server, room_id, &caller.user_id)?;
-    let snapshot = if entry.membership == Membership::Join {
-        server.rooms.room(room_id)?.ok_or_else(|| Error::not_found("unknown room"))?.snapshot
-    } else {
-        server.rooms.meta(&entry.event_id)?.ok_or_else(|| Error::internal("missing metadata"))?.state_after
+    let snapshot = match read_view(&server, room_id, &caller.user_id)? {
+        ReadView::Current => server.rooms.room(room_id)?.ok_or_else(|| Error::not_found("unknown room"))?.snapshot,
+        ReadView::AsOfLeave { snapshot, .. } => snapshot,
     };
     let membership_filter = req.body.membership.as_ref().map(|m| m.to_string());
     let not_membership = req.body.not_membership.as_ref().map(|m| m.to_string());

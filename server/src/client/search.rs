@@ -9,6 +9,7 @@ use serde_json::{Value as JsonValue, json};
 use super::{AppState, Ruma, events::client_event, route};
 use crate::{
     error::{Error, Result},
+    ratelimit::Action,
     search::{self, Field, Order, Query},
     sync::{EventFilter, token},
 };
@@ -32,6 +33,7 @@ fn field(key: &SearchKeys) -> Result<Field> {
 
 async fn search(State(server): State<AppState>, req: Ruma<search_events::Request>) -> Result<Json<JsonValue>> {
     let caller = req.caller();
+    server.rate_limiter.check(Action::Search, &req.rate_keys())?;
     let Some(criteria) = &req.body.search_categories.room_events else {
         return Ok(Json(json!({ "search_categories": {} })));
     };

@@ -19,7 +19,7 @@ use super::{
 };
 use crate::{
     audit::AuditRecord,
-    clinic::{CALL_MEMBER, HAND, Kind, NOTE, NOTES_FOR, RECORDING, RECORDING_CONSENT, ROLE, RecordingPolicy, Role, SESSION, Session, Status, role_key, role_user},
+    clinic::{CALL_MEMBER, HAND, Kind, NOTE, NOTES_FOR, RECORDING, RECORDING_CONSENT, ROLE, RecordingPolicy, Role, SESSION, Session, Status, role_key, role_user, subrooms::stage_role_change},
     error::{Error, Result},
     events::PduBuilder,
     users::Caller,
@@ -478,7 +478,8 @@ pub(super) fn power_levels_with(writer: &crate::rooms::RoomWriter<'_>, user: &ru
 }
 
 /// Adds a participant or changes their role: the role, their power level and an invitation,
-/// in one write (the clinic policy checks the limits and who may do it).
+/// and, for a therapist demoted, the end of their memberships in the notes room and the
+/// breakouts, in one write (the clinic policy checks the limits and who may do it).
 async fn set_participant(
     State(server): State<AppState>,
     Authed(caller): Authed,
@@ -492,6 +493,7 @@ async fn set_participant(
     }
     session_view(&server, &caller, &room_id)?;
     let mut writer = server.rooms.writer(&room_id).await?;
+    let subrooms = stage_role_change(&server, &room_id, &caller.user_id, &user_id, Some(request.role)).await?;
     writer.append(&caller.user_id, PduBuilder::state(ROLE, role_key(user_id.as_str()), json!({ "role": request.role })), None)?;
     if let Some(power) = power_levels_with(&writer, &user_id, request.role.power_level())? {
         writer.append(&caller.user_id, PduBuilder::state("m.room.power_levels", "", power), None)?;
@@ -500,11 +502,12 @@ async fn set_participant(
     if !matches!(membership, Some(crate::rooms::Membership::Join | crate::rooms::Membership::Invite)) {
         writer.append(&caller.user_id, PduBuilder::state("m.room.member", user_id.as_str(), json!({ "membership": "invite" })), None)?;
     }
-    writer.commit()?;
+    writer.commit_with(subrooms)?;
     Ok(Json(json!({ "user_id": user_id, "role": request.role })))
 }
 
-/// Removes a participant: their role and power level go, and they leave the room.
+/// Removes a participant: their role and power level go, and they leave the room, its notes
+/// room and its breakouts, in one write.
 async fn remove_participant(State(server): State<AppState>, Authed(caller): Authed, Path((room, user)): Path<(String, String)>) -> Result<Json<JsonValue>> {
     let (room_id, user_id) = (room_id(&room)?, user_id(&user)?);
     session_view(&server, &caller, &room_id)?;
@@ -512,6 +515,7 @@ async fn remove_participant(State(server): State<AppState>, Authed(caller): Auth
     if writer.state_event(ROLE, &role_key(user_id.as_str()))?.is_none() {
         return Err(Error::not_found("not a participant of this session"));
     }
+    let subrooms = stage_role_change(&server, &room_id, &caller.user_id, &user_id, None).await?;
     writer.append(&caller.user_id, PduBuilder::state(ROLE, role_key(user_id.as_str()), json!({ "role": null })), None)?;
     if let Some(power) = power_levels_with(&writer, &user_id, 0)? {
         writer.append(&caller.user_id, PduBuilder::state("m.room.power_levels", "", power), None)?;
@@ -520,7 +524,7 @@ async fn remove_participant(State(server): State<AppState>, Authed(caller): Auth
         let leave = json!({ "membership": "leave", "reason": "removed from the session" });
         writer.append(&caller.user_id, PduBuilder::state("m.room.member", user_id.as_str(), leave), None)?;
     }
-    writer.commit()?;
+    writer.commit_with(subrooms)?;
     Ok(Json(json!({})))
 }
 

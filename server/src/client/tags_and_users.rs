@@ -13,7 +13,6 @@ use serde_json::{Value as JsonValue, json};
 use super::{AppState, Ruma, RumaResponse, route};
 use crate::{
     error::{Error, Result},
-    rooms::Membership,
     users::Caller,
 };
 
@@ -63,41 +62,10 @@ async fn delete_tag_handler(State(server): State<AppState>, req: Ruma<delete_tag
     Ok(delete_tag::v3::Response::new().into())
 }
 
-/// Searches users who share a room with the caller or are in a public room, by user id and
-/// display name (Synapse's default directory scope).
+/// The user directory, in the scope `[privacy]` allows (`crate::privacy::search_directory`).
 async fn search(State(server): State<AppState>, req: Ruma<search_users::v3::Request>) -> Result<Json<JsonValue>> {
-    let caller = req.caller();
-    let term = req.body.search_term.to_lowercase();
     let limit = u64::from(req.body.limit).clamp(1, 100) as usize;
-    let mut rooms: Vec<ruma::OwnedRoomId> = server
-        .rooms
-        .user_rooms(&caller.user_id)?
-        .into_iter()
-        .filter(|(_, entry)| entry.membership == Membership::Join)
-        .map(|(room, _)| room)
-        .collect();
-    rooms.extend(server.rooms.public_rooms()?);
-    let mut found = std::collections::BTreeMap::new();
-    for room_id in rooms {
-        for user in server.rooms.joined_members(&room_id)? {
-            if found.contains_key(&user) {
-                continue;
-            }
-            let account = server.users.account(&user)?;
-            let name = account.as_ref().and_then(|a| a.displayname.clone());
-            let matches = user.as_str().to_lowercase().contains(&term)
-                || name.as_ref().is_some_and(|n| n.to_lowercase().contains(&term));
-            if matches {
-                found.insert(user.clone(), json!({
-                    "user_id": user,
-                    "display_name": name,
-                    "avatar_url": account.and_then(|a| a.avatar_url),
-                }));
-            }
-        }
-    }
-    let limited = found.len() > limit;
-    let results: Vec<JsonValue> = found.into_values().take(limit).collect();
+    let (results, limited) = crate::privacy::search_directory(&server, &req.caller().user_id, &req.body.search_term, limit)?;
     Ok(Json(json!({ "results": results, "limited": limited })))
 }
 

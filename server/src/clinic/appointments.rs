@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
-use ruma::{OwnedRoomId, OwnedServerName, OwnedUserId, RoomId, UserId};
+use ruma::{OwnedRoomId, OwnedServerName, OwnedUserId, RoomId, ServerName, UserId};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -119,31 +119,7 @@ impl Appointments {
 
     /// Checks a link token's signature, issuer, expiry and audience.
     pub fn verify(&self, token: &str) -> Result<Link> {
-        let mut validation = Validation::new(Algorithm::HS256);
-        // Links are short-lived and single-use: no grace period after expiry.
-        validation.leeway = 0;
-        validation.validate_aud = false;
-        validation.set_issuer(&[self.issuer.as_str()]);
-        validation.set_required_spec_claims(&["exp", "sub", "aud", "iss"]);
-        let claims = jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation)
-            .map_err(|e| {
-                Error::forbidden(match e.kind() {
-                    ErrorKind::ExpiredSignature => "this appointment link has expired".to_owned(),
-                    ErrorKind::InvalidSignature => "this appointment link's token is not valid (bad signature)".to_owned(),
-                    _ => format!("this appointment link's token is not valid: {e}"),
-                })
-            })?
-            .claims;
-        let room_id = claims
-            .aud
-            .strip_prefix(AUDIENCE_PREFIX)
-            .and_then(|room| OwnedRoomId::try_from(room).ok())
-            .ok_or_else(|| Error::forbidden("this token is not an appointment link"))?;
-        let user_id = OwnedUserId::try_from(claims.sub)
-            .ok()
-            .filter(|user| user.server_name() == self.issuer)
-            .ok_or_else(|| Error::forbidden("this appointment link is for an unknown user"))?;
-        Ok(Link { user_id, room_id, jti: claims.jti, exp: claims.exp })
+        verify_link(token, &self.decoding, &self.issuer)
     }
 
     /// Marks the link used within `batch` (the new device) and writes it with `record`;
@@ -176,6 +152,35 @@ impl Appointments {
         self.store.write(batch)?;
         Ok(pruned)
     }
+}
+
+/// The link in a token signed with `key` by `issuer`, if it is valid now.
+pub(crate) fn verify_link(token: &str, key: &DecodingKey, issuer: &ServerName) -> Result<Link> {
+    let mut validation = Validation::new(Algorithm::HS256);
+    // Links are short-lived and single-use: no grace period after expiry.
+    validation.leeway = 0;
+    validation.validate_aud = false;
+    validation.set_issuer(&[issuer.as_str()]);
+    validation.set_required_spec_claims(&["exp", "sub", "aud", "iss"]);
+    let claims = jsonwebtoken::decode::<Claims>(token, key, &validation)
+        .map_err(|e| {
+            Error::forbidden(match e.kind() {
+                ErrorKind::ExpiredSignature => "this appointment link has expired".to_owned(),
+                ErrorKind::InvalidSignature => "this appointment link's token is not valid (bad signature)".to_owned(),
+                _ => format!("this appointment link's token is not valid: {e}"),
+            })
+        })?
+        .claims;
+    let room_id = claims
+        .aud
+        .strip_prefix(AUDIENCE_PREFIX)
+        .and_then(|room| OwnedRoomId::try_from(room).ok())
+        .ok_or_else(|| Error::forbidden("this token is not an appointment link"))?;
+    let user_id = OwnedUserId::try_from(claims.sub)
+        .ok()
+        .filter(|user| user.server_name() == issuer)
+        .ok_or_else(|| Error::forbidden("this appointment link is for an unknown user"))?;
+    Ok(Link { user_id, room_id, jti: claims.jti, exp: claims.exp })
 }
 
 fn now_seconds() -> u64 {

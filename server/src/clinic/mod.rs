@@ -4,6 +4,7 @@
 
 pub mod appointments;
 mod policy;
+pub mod subrooms;
 
 use std::sync::Arc;
 
@@ -28,6 +29,8 @@ pub const PASSCODE_FIELD: &str = "org.limbic.passcode";
 pub const NOTES_FOR: &str = "org.limbic.session.notes_for";
 /// A MatrixRTC call membership (state key `_@user:server_DEVICE`), sent by participants.
 pub const CALL_MEMBER: &str = "org.matrix.msc3401.call.member";
+/// MSC4143's per-device RTC membership, the successor of [`CALL_MEMBER`]; owned the same way.
+pub const RTC_MEMBER: &str = "org.matrix.msc4143.rtc.member";
 /// A participant's consent to the session's call being recorded (state key: their user id):
 /// `{"consent": bool}`. Only they set it.
 pub const RECORDING_CONSENT: &str = "org.limbic.recording.consent";

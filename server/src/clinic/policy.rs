@@ -5,7 +5,7 @@
 use ruma::{OwnedUserId, RoomId, UserId, events::TimelineEventType};
 use serde_json::Value as JsonValue;
 
-use super::{BREAKOUT, Breakout, Clinic, HAND, NOTE, NOTES_FOR, RECORDING_CONSENT, ROLE, Role, SESSION, Session, role_key, role_user};
+use super::{BREAKOUT, Breakout, CALL_MEMBER, Clinic, RTC_MEMBER, HAND, NOTE, NOTES_FOR, RECORDING_CONSENT, ROLE, Role, SESSION, Session, role_key, role_user};
 use crate::{
     error::{Error, Result},
     events::Pdu,
@@ -82,6 +82,9 @@ fn not_open_yet(opens_at: u64) -> Error {
 /// Applies the clinic rules to `pdu`. Rooms that are not sessions are not affected.
 pub fn authorize(ctx: &PolicyContext<'_>, pdu: &Pdu) -> Result<()> {
     let kind = pdu.kind.to_string();
+    if kind == CALL_MEMBER || kind == RTC_MEMBER {
+        check_call_member(ctx, pdu)?;
+    }
     if kind == SESSION {
         return check_session(ctx, pdu);
     }
@@ -120,6 +123,27 @@ pub fn authorize(ctx: &PolicyContext<'_>, pdu: &Pdu) -> Result<()> {
             }
         }
         _ => Ok(()),
+    }
+}
+
+/// In a session's rooms (the session room, its breakouts and notes room), MatrixRTC call
+/// membership is owned state (MSC3779, MSC4143): its state key is the sender's user id, or
+/// starts with `{user id}_` or `_{user id}_`, so nobody puts someone else in a call or takes
+/// them out of it. (A server name has no `_`, so the prefix cannot name another user.)
+fn check_call_member(ctx: &PolicyContext<'_>, pdu: &Pdu) -> Result<()> {
+    let Some(state_key) = pdu.state_key.as_deref() else { return Ok(()) };
+    let clinic_room = ctx.room.state(SESSION, "")?.is_some() || ctx.room.state(BREAKOUT, "")?.is_some() || ctx.room.state(NOTES_FOR, "")?.is_some();
+    if !clinic_room {
+        return Ok(());
+    }
+    let owner = pdu.sender.as_str();
+    let owned = state_key == owner
+        || state_key.strip_prefix(owner).is_some_and(|rest| rest.starts_with('_'))
+        || state_key.strip_prefix('_').and_then(|key| key.strip_prefix(owner)).is_some_and(|rest| rest.starts_with('_'));
+    if owned {
+        Ok(())
+    } else {
+        Err(refuse(format!("{} state keys are the sender's own: {owner}, {owner}_… or _{owner}_…", pdu.kind)))
     }
 }
 
@@ -192,6 +216,13 @@ fn check_breakout_room(ctx: &PolicyContext<'_>, pdu: &Pdu, breakout: &Breakout) 
                 return Err(refuse("only the session's participants enter its breakout rooms"));
             }
             Ok(())
+        }
+        // Someone else's leave or ban is a therapist's to give (a demoted therapist's power
+        // level may outlive their role in a breakout's power levels).
+        (TimelineEventType::RoomMember, _)
+            if pdu.state_key.as_deref() != Some(pdu.sender.as_str()) && !role_in(ctx, &breakout.session_room, pdu.sender.as_str())?.is_some_and(Role::is_therapist) =>
+        {
+            Err(refuse("only the session's therapists remove people from its breakout rooms"))
         }
         (TimelineEventType::RoomMember, _) => Ok(()),
         (kind, _) if kind.to_string() == ROLE || kind.to_string() == NOTE => Err(refuse(format!("{kind} does not belong in a breakout room"))),

@@ -55,6 +55,11 @@ impl ServerSigningKey {
         Self { server_name, pair }
     }
 
+    /// A key of `server_name` from its key pair (the fuzzing harnesses sign with a fixed one).
+    pub(crate) fn from_pair(server_name: OwnedServerName, pair: Ed25519KeyPair) -> Self {
+        Self { server_name, pair }
+    }
+
     pub fn server_name(&self) -> &OwnedServerName {
         &self.server_name
     }

@@ -1,39 +1,49 @@
 //! What other servers may read of a room's history: single events, the state at an event (whole
-//! or as ids), backfill and missing events. A server sees a room's events only while one of its
-//! users is in the room (or the room is world-readable), and never a room that does not
-//! federate.
+//! or as ids), backfill and missing events. Only a server with a joined member in the room asks
+//! at all (none for a room that does not federate, or whose ACL denies it); knocking or
+//! invited users give their server nothing. Each event is then judged by the history
+//! visibility at it, as the server's users would see it ([`crate::rooms::Rooms::can_see`]):
+//! one it may not see goes out redacted (its content stripped), so that the DAG stays whole, as
+//! Synapse's `filter_events_for_server` does. The state at an event goes only to a server that
+//! had a joined member at that event.
 
 use std::collections::{BTreeSet, HashSet, VecDeque};
 
-use ruma::{OwnedEventId, RoomId, ServerName};
+use ruma::{CanonicalJsonObject, OwnedEventId, RoomId, ServerName};
 use serde_json::{Value as JsonValue, json, value::RawValue};
 
 use crate::{
     error::{Error, Result},
     events::Pdu,
-    rooms::Membership,
+    rooms::Reader,
     server::Server,
 };
 
 /// The most events one backfill or missing-events answer holds.
 const MAX_EVENTS: usize = 100;
 
-/// Whether `origin` may read `room_id`'s events.
+/// Whether `origin` may read `room_id`'s history at all: the room federates, its ACL lets the
+/// server in, and one of the server's users is joined to it.
 pub fn server_may_see(server: &Server, origin: &ServerName, room_id: &RoomId) -> Result<bool> {
     let federates = server.rooms.state_content(room_id, "m.room.create", "")?.is_some_and(|c| c.get("m.federate") != Some(&JsonValue::Bool(false)));
-    if !federates {
-        return Ok(false);
-    }
-    if !super::acl::allows(&server.rooms, room_id, origin)? {
-        return Ok(false);
-    }
-    let world_readable = server.rooms.state_content(room_id, "m.room.history_visibility", "")?.is_some_and(|c| c.get("history_visibility").and_then(JsonValue::as_str) == Some("world_readable"));
-    let member = server.rooms.members(room_id)?.iter().any(|(user, membership)| user.server_name() == origin && matches!(membership, Membership::Join | Membership::Invite | Membership::Knock));
-    Ok(world_readable || member)
+    Ok(federates && super::acl::allows(&server.rooms, room_id, origin)? && server.rooms.server_joined(room_id, origin)?)
 }
 
 fn check(server: &Server, origin: &ServerName, room_id: &RoomId) -> Result<()> {
     if server_may_see(server, origin, room_id)? { Ok(()) } else { Err(Error::forbidden(format!("{origin} is not in this room"))) }
+}
+
+/// An event as `origin` may have it: whole when its users may see it, else redacted.
+fn visible_raw(server: &Server, origin: &ServerName, pdu: &Pdu) -> Result<Option<Box<RawValue>>> {
+    let Some(raw) = raw(server, &pdu.event_id)? else { return Ok(None) };
+    if let Some(meta) = server.rooms.meta(&pdu.event_id)?
+        && server.rooms.can_see(Reader::Server(origin), pdu, &meta)?
+    {
+        return Ok(Some(raw));
+    }
+    let object: CanonicalJsonObject = serde_json::from_str(raw.get()).map_err(Error::internal)?;
+    let redacted = ruma::canonical_json::redact(object, &server.rooms.rules(&pdu.room_id)?.redaction, None).map_err(Error::internal)?;
+    Ok(Some(serde_json::value::to_raw_value(&redacted).map_err(Error::internal)?))
 }
 
 fn raw(server: &Server, id: &OwnedEventId) -> Result<Option<Box<RawValue>>> {
@@ -47,13 +57,18 @@ fn now() -> ruma::MilliSecondsSinceUnixEpoch {
 pub fn event(server: &Server, origin: &ServerName, event_id: &OwnedEventId) -> Result<JsonValue> {
     let pdu = server.rooms.pdu(event_id)?.ok_or_else(|| Error::not_found("unknown event"))?;
     check(server, origin, &pdu.room_id)?;
-    Ok(json!({ "origin": server.server_name(), "origin_server_ts": now(), "pdus": [raw(server, event_id)?] }))
+    Ok(json!({ "origin": server.server_name(), "origin_server_ts": now(), "pdus": [visible_raw(server, origin, &pdu)?] }))
 }
 
-/// The state before `event_id` and its auth chain, as ids.
-fn state_at(server: &Server, room_id: &RoomId, event_id: &OwnedEventId) -> Result<(Vec<Pdu>, BTreeSet<OwnedEventId>)> {
+/// The state before `event_id` and its auth chain, as ids, for a server that had a joined
+/// member at that event (before or after it: its own join or leave counts).
+fn state_at(server: &Server, origin: &ServerName, room_id: &RoomId, event_id: &OwnedEventId) -> Result<(Vec<Pdu>, BTreeSet<OwnedEventId>)> {
+    check(server, origin, room_id)?;
     let pdu = server.rooms.pdu(event_id)?.filter(|p| p.room_id == room_id).ok_or_else(|| Error::not_found("unknown event in this room"))?;
     let meta = server.rooms.meta(&pdu.event_id)?.ok_or_else(|| Error::not_found("unknown event"))?;
+    if !server.rooms.server_joined_in(meta.state_before, origin)? && !server.rooms.server_joined_in(meta.state_after, origin)? {
+        return Err(Error::forbidden(format!("{origin} was not in the room at that event")));
+    }
     let state = server.rooms.state_events(meta.state_before, |_, _| true)?;
     let mut chain = BTreeSet::new();
     let mut todo: Vec<OwnedEventId> = state.iter().flat_map(|p| p.auth_events.iter().cloned()).collect();
@@ -68,16 +83,14 @@ fn state_at(server: &Server, room_id: &RoomId, event_id: &OwnedEventId) -> Resul
 }
 
 pub fn state(server: &Server, origin: &ServerName, room_id: &RoomId, event_id: &OwnedEventId) -> Result<JsonValue> {
-    check(server, origin, room_id)?;
-    let (state, chain) = state_at(server, room_id, event_id)?;
+    let (state, chain) = state_at(server, origin, room_id, event_id)?;
     let pdus: Vec<_> = state.iter().map(|p| raw(server, &p.event_id)).collect::<Result<Vec<_>>>()?.into_iter().flatten().collect();
     let auth_chain: Vec<_> = chain.iter().map(|id| raw(server, id)).collect::<Result<Vec<_>>>()?.into_iter().flatten().collect();
     Ok(json!({ "pdus": pdus, "auth_chain": auth_chain }))
 }
 
 pub fn state_ids(server: &Server, origin: &ServerName, room_id: &RoomId, event_id: &OwnedEventId) -> Result<JsonValue> {
-    check(server, origin, room_id)?;
-    let (state, chain) = state_at(server, room_id, event_id)?;
+    let (state, chain) = state_at(server, origin, room_id, event_id)?;
     Ok(json!({ "pdu_ids": state.iter().map(|p| &p.event_id).collect::<Vec<_>>(), "auth_chain_ids": chain }))
 }
 
@@ -93,7 +106,7 @@ pub fn backfill(server: &Server, origin: &ServerName, room_id: &RoomId, from: &[
             continue;
         }
         let Some(pdu) = server.rooms.pdu(&id)?.filter(|p| p.room_id == room_id) else { continue };
-        if let Some(raw) = raw(server, &id)? {
+        if let Some(raw) = visible_raw(server, origin, &pdu)? {
             pdus.push(raw);
         }
         queue.extend(pdu.prev_events);
@@ -123,6 +136,6 @@ pub fn missing_events(server: &Server, origin: &ServerName, room_id: &RoomId, ea
     }
     // Oldest first, as the spec asks.
     events.sort_by_key(|p| u64::from(p.depth));
-    let raws: Vec<_> = events.iter().map(|p| raw(server, &p.event_id)).collect::<Result<Vec<_>>>()?.into_iter().flatten().collect();
+    let raws: Vec<_> = events.iter().map(|p| visible_raw(server, origin, p)).collect::<Result<Vec<_>>>()?.into_iter().flatten().collect();
     Ok(json!({ "events": raws }))
 }

@@ -122,15 +122,21 @@ async fn send_join(State(server): State<AppState>, req: Signed<create_join_event
 
 /// A transaction: PDUs appended one by one (each may fail on its own), then typing and receipts.
 async fn send_transaction(State(server): State<AppState>, req: Signed<send_transaction_message::v1::Request>) -> Result<Json<JsonValue>> {
-    if req.body.origin != req.origin {
-        return Err(Error::forbidden("the transaction's origin is not the signing server"));
-    }
-    if req.body.pdus.len() > 50 || req.body.edus.len() > 100 {
-        return Err(Error::bad_json("a transaction has at most 50 PDUs and 100 EDUs"));
-    }
+    check_transaction(&req.origin, &req.body)?;
     let results = super::events::receive_transaction(&server, &req.origin, &req.body.pdus).await;
     super::events::receive_edus(&server, &req.origin, &req.body.edus);
     Ok(Json(json!({ "pdus": results })))
+}
+
+/// A transaction comes from the server that signed the request, and has a bounded size.
+pub(crate) fn check_transaction(origin: &ruma::ServerName, transaction: &send_transaction_message::v1::Request) -> Result<()> {
+    if transaction.origin != origin {
+        return Err(Error::forbidden("the transaction's origin is not the signing server"));
+    }
+    if transaction.pdus.len() > 50 || transaction.edus.len() > 100 {
+        return Err(Error::bad_json("a transaction has at most 50 PDUs and 100 EDUs"));
+    }
+    Ok(())
 }
 
 fn unauthorized(message: impl Into<String>) -> Error {
@@ -160,7 +166,7 @@ impl<T: IncomingRequest + Send> FromRequest<AppState> for Signed<T> {
         let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| Error::new(ErrorCode::TooLarge, format!("request body is larger than {limit} bytes")))?;
         let http_request = http::Request::from_parts(parts, bytes.to_vec());
 
-        let xmatrix = XMatrix::extract_from_http_headers(http_request.headers()).map_err(|e| unauthorized(format!("missing or malformed X-Matrix authorization: {e}")))?;
+        let xmatrix = x_matrix(http_request.headers())?;
         let origin = xmatrix.origin.clone();
         if !federation.allows(&origin) || origin == federation.server_name() {
             tracing::warn!(%origin, path = %http_request.uri().path(), "refused a request from a server this one does not federate with");
@@ -170,17 +176,32 @@ impl<T: IncomingRequest + Send> FromRequest<AppState> for Signed<T> {
             tracing::warn!(%origin, error = %e, "cannot get the keys of a requesting server");
             unauthorized(format!("cannot verify the request: {e}"))
         })?;
-        let map = std::collections::BTreeMap::from([(origin.to_string(), keys)]);
-        xmatrix.verify_http_request(&http_request, federation.server_name(), &map).map_err(|e| {
-            tracing::warn!(%origin, path = %http_request.uri().path(), error = %e, "refused a request with a bad X-Matrix signature");
-            unauthorized(format!("the X-Matrix signature does not verify: {e}"))
-        })?;
-
+        verify_x_matrix(&xmatrix, &http_request, federation.server_name(), keys)?;
         let path_args: Vec<&str> = params.iter().map(String::as_str).collect();
-        let (parts, bytes) = http_request.into_parts();
-        let body = T::try_from_http_request(http::Request::from_parts(parts, bytes.as_slice()), &path_args).map_err(|e| Error::bad_json(e.to_string()))?;
+        let body = parse_request(http_request, &path_args)?;
         Ok(Self { origin, body })
     }
+}
+
+/// The X-Matrix authorization of a request, parsed but not verified.
+pub(crate) fn x_matrix(headers: &http::HeaderMap) -> Result<XMatrix> {
+    XMatrix::extract_from_http_headers(headers).map_err(|e| unauthorized(format!("missing or malformed X-Matrix authorization: {e}")))
+}
+
+/// Checks the X-Matrix signature of a request to `destination` with the origin's keys.
+pub(crate) fn verify_x_matrix(xmatrix: &XMatrix, request: &http::Request<Vec<u8>>, destination: &ruma::ServerName, keys: ruma::signatures::PublicKeySet) -> Result<()> {
+    let origin = &xmatrix.origin;
+    let map = std::collections::BTreeMap::from([(origin.to_string(), keys)]);
+    xmatrix.verify_http_request(request, destination, &map).map_err(|e| {
+        tracing::warn!(%origin, path = %request.uri().path(), error = %e, "refused a request with a bad X-Matrix signature");
+        unauthorized(format!("the X-Matrix signature does not verify: {e}"))
+    })
+}
+
+/// The federation request `T` (path parameters, query and body) of an authenticated request.
+pub(crate) fn parse_request<T: IncomingRequest>(request: http::Request<Vec<u8>>, path_args: &[&str]) -> Result<T> {
+    let (parts, bytes) = request.into_parts();
+    T::try_from_http_request(http::Request::from_parts(parts, bytes.as_slice()), path_args).map_err(|e| Error::bad_json(e.to_string()))
 }
 
 fn now_ms() -> u64 {
@@ -277,10 +298,10 @@ async fn devices(State(server): State<AppState>, req: Signed<get_devices::v1::Re
     if user.server_name() != server.server_name() || !server.users.exists(user)? {
         return Err(Error::not_found("unknown user"));
     }
+    // No device names: they stay on this server (see `local_device_keys`).
     let mut devices = Vec::new();
     for (device_id, keys) in server.e2ee.device_keys(user, &[])? {
-        let display_name = server.users.device(user, &device_id)?.and_then(|d| d.display_name);
-        devices.push(json!({ "device_id": device_id, "keys": keys, "device_display_name": display_name }));
+        devices.push(json!({ "device_id": device_id, "keys": keys }));
     }
     let (master, self_signing) = (
         server.e2ee.cross_signing_key(user, crate::e2ee::CrossSigningKind::Master)?,

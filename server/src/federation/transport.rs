@@ -1,5 +1,8 @@
 //! Outbound federation HTTP: server discovery (well-known, SRV, A/AAAA), TLS with certificates
 //! checked against the discovered name (web PKI and/or configured CAs), X-Matrix signatures.
+//! Every connection (requests, key and OpenID look-ups, well-known) goes to public addresses
+//! only, or to `[federation] allowed_networks` (`crate::net_filter`): a stranger names the
+//! server we fetch keys or OpenID identities from.
 
 use std::{
     collections::HashMap,
@@ -23,7 +26,10 @@ use super::{
     FederationError,
     resolve::{self, Connect, Name, Route, Srv},
 };
-use crate::config::FederationConfig;
+use crate::{
+    config::FederationConfig,
+    net_filter::{self, AddressFilter},
+};
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const WELL_KNOWN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,7 +55,7 @@ impl reqwest::dns::Resolve for Overrides {
 }
 
 pub struct Transport {
-    http: reqwest::Client,
+    http: net_filter::Client,
     overrides: Overrides,
     dns: TokioResolver,
 }
@@ -59,8 +65,6 @@ impl Transport {
         let overrides = Overrides::default();
         let mut builder = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::none())
-            .dns_resolver(Arc::new(overrides.clone()))
             .tls_built_in_root_certs(config.trust_web_pki)
             .https_only(true);
         for path in &config.ca_certificates {
@@ -69,7 +73,8 @@ impl Transport {
                 builder = builder.add_root_certificate(certificate);
             }
         }
-        let http = builder.build().map_err(|e| FederationError::Tls(e.to_string()))?;
+        let filter = AddressFilter::new(&config.allowed_networks);
+        let http = net_filter::Client::build(builder, filter, Some(Arc::new(overrides.clone()))).map_err(|e| FederationError::Tls(e.to_string()))?;
         let dns = TokioResolver::builder_tokio().and_then(|builder| builder.build()).map_err(|e| FederationError::Tls(format!("DNS resolver: {e}")))?;
         Ok(Self { http, overrides, dns })
     }
@@ -96,7 +101,8 @@ impl Transport {
 
     /// `m.server` of `https://<host>/.well-known/matrix/server`, if valid.
     async fn well_known(&self, host: &str) -> Option<Name> {
-        let response = self.http.get(format!("https://{host}/.well-known/matrix/server")).timeout(WELL_KNOWN_TIMEOUT).send().await.ok()?;
+        let request = self.http.request(reqwest::Method::GET, &format!("https://{host}/.well-known/matrix/server")).timeout(WELL_KNOWN_TIMEOUT).build().ok()?;
+        let response = self.http.execute(request).await.ok()?;
         if !response.status().is_success() {
             return None;
         }
@@ -125,7 +131,7 @@ impl Transport {
 
     async fn execute(&self, server: &ServerName, request: reqwest::Request) -> Result<(u16, Vec<u8>), FederationError> {
         let unreachable = |reason: String| FederationError::Unreachable { server: server.to_owned(), reason };
-        let mut response = self.http.execute(request).await.map_err(|e| unreachable(format!("{e:#}")))?;
+        let mut response = self.http.execute(request).await.map_err(|e| unreachable(e.to_string()))?;
         let status = response.status().as_u16();
         let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(|e| unreachable(e.to_string()))? {
@@ -141,7 +147,7 @@ impl Transport {
     pub async fn get_json(&self, route: &Route, server: &ServerName, path: &str) -> Result<JsonValue, FederationError> {
         let request = self
             .http
-            .get(format!("{}{path}", Self::base_url(route)))
+            .request(reqwest::Method::GET, &format!("{}{path}", Self::base_url(route)))
             .header(http::header::HOST, &route.host_header)
             .build()
             .map_err(|e| FederationError::Unreachable { server: server.to_owned(), reason: e.to_string() })?;

@@ -34,7 +34,10 @@ const SIZES: [(Method, u32, u32); 5] = [
     (Method::Scale, 800, 600),
 ];
 
-/// Decoding limits against decompression bombs.
+/// The largest source read to be thumbnailed: decoding needs it whole in memory.
+pub(super) const MAX_SOURCE_BYTES: u64 = 32 * 1024 * 1024;
+/// Decoding limits against decompression bombs; the pixel count is Synapse's `max_image_pixels`.
+const MAX_SOURCE_PIXELS: u64 = 32_000_000;
 const MAX_SOURCE_SIDE: u32 = 16_384;
 const MAX_DECODE_BYTES: u64 = 256 * 1024 * 1024;
 const JPEG_QUALITY: u8 = 85;
@@ -69,6 +72,10 @@ pub(super) fn make(source: &[u8], method: Method, width: u32, height: u32) -> Re
     limits.max_alloc = Some(MAX_DECODE_BYTES);
     reader.limits(limits);
     let mut decoder = reader.into_decoder().map_err(|e| e.to_string())?;
+    let (source_width, source_height) = decoder.dimensions();
+    if u64::from(source_width) * u64::from(source_height) > MAX_SOURCE_PIXELS {
+        return Err(format!("images over {MAX_SOURCE_PIXELS} pixels are not thumbnailed"));
+    }
     // Phone photos are often stored sideways with an EXIF orientation.
     let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
     let mut image = DynamicImage::from_decoder(decoder).map_err(|e| e.to_string())?;
@@ -110,5 +117,17 @@ mod tests {
     #[test]
     fn non_images_are_refused() {
         assert!(make(b"just text", Method::Scale, 320, 240).is_err());
+    }
+
+    #[test]
+    fn sources_over_the_pixel_bound_are_refused_before_decoding() {
+        let mut jpeg = Vec::new();
+        JpegEncoder::new(&mut jpeg).encode_image(&DynamicImage::new_rgb8(8, 8)).unwrap();
+        assert!(make(&jpeg, Method::Scale, 320, 240).is_ok());
+        // The frame header says 6000×6000 (36M pixels, within the side and allocation limits).
+        let sof = jpeg.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+        jpeg[sof + 5..sof + 9].copy_from_slice(&[0x17, 0x70, 0x17, 0x70]);
+        let refused = make(&jpeg, Method::Scale, 320, 240).err().unwrap();
+        assert!(refused.contains("pixels"), "{refused}");
     }
 }

@@ -58,6 +58,16 @@ fn room_id(room: &str) -> Result<OwnedRoomId, HostError> {
     OwnedRoomId::try_from(room).map_err(|_| invalid(format!("{room:?} is not a room id")))
 }
 
+/// A room `rooms.read` reaches: any but a session's notes room, which reads exactly as a room
+/// that does not exist (`None`): notes are for the session's therapists alone.
+fn readable_room(server: &Server, room: &str) -> Result<Option<OwnedRoomId>, HostError> {
+    let room_id = room_id(room)?;
+    if crate::clinic::subrooms::is_notes_room(&server.rooms, &room_id).map_err(refused)? {
+        return Ok(None);
+    }
+    Ok(Some(room_id))
+}
+
 fn json_object(content: &str) -> Result<JsonValue, HostError> {
     match serde_json::from_str(content) {
         Ok(value @ JsonValue::Object(_)) => Ok(value),
@@ -99,11 +109,81 @@ impl HostState {
     }
 
     fn kv_key(&self, key: &str) -> Result<Vec<u8>, HostError> {
-        if key.len() > MAX_KV_KEY {
-            return Err(invalid(format!("keys are at most {MAX_KV_KEY} bytes")));
-        }
-        Ok(Key::new().str(&self.context.name).str(key).into_vec())
+        kv_key(&self.context.name, key)
     }
+}
+
+/// The store key of a plugin's key: in the plugin's own namespace, of bounded length.
+pub(crate) fn kv_key(plugin: &str, key: &str) -> Result<Vec<u8>, HostError> {
+    if key.len() > MAX_KV_KEY {
+        return Err(invalid(format!("keys are at most {MAX_KV_KEY} bytes")));
+    }
+    Ok(Key::new().str(plugin).str(key).into_vec())
+}
+
+/// A plugin store value is of bounded size.
+pub(crate) fn check_kv_value(value: &[u8]) -> Result<(), HostError> {
+    if value.len() > MAX_KV_VALUE {
+        return Err(invalid(format!("values are at most {MAX_KV_VALUE} bytes")));
+    }
+    Ok(())
+}
+
+/// The room and the event of a plugin's `send-event`.
+pub(crate) fn event_request(room: &str, event_type: &str, state_key: Option<String>, content: &str) -> Result<(OwnedRoomId, PduBuilder), HostError> {
+    let (room_id, content) = (room_id(room)?, json_object(content)?);
+    let builder = match state_key {
+        Some(key) => PduBuilder::state(event_type, key, content),
+        None => PduBuilder::message(event_type, content),
+    };
+    Ok((room_id, builder))
+}
+
+/// The initial events of a plugin's `create-room`, created by `creator`.
+pub(crate) fn room_events(creator: &ruma::UserId, spec: RoomSpec) -> Result<Vec<PduBuilder>, HostError> {
+    let mut users = serde_json::Map::new();
+    for (user, level) in &spec.power_levels {
+        OwnedUserId::try_from(user.as_str()).map_err(|_| invalid(format!("{user:?} is not a user id")))?;
+        users.insert(user.clone(), json!(level));
+    }
+    users.insert(creator.to_string(), json!(100));
+    let mut events = vec![
+        PduBuilder::state("m.room.create", "", json!({ "room_version": "11" })),
+        PduBuilder::state("m.room.member", creator.as_str(), json!({ "membership": "join" })),
+        PduBuilder::state("m.room.power_levels", "", json!({ "users": users, "users_default": 0, "events_default": 0, "state_default": 50, "invite": 50, "kick": 50, "ban": 50, "redact": 50 })),
+        PduBuilder::state("m.room.join_rules", "", json!({ "join_rule": "invite" })),
+        PduBuilder::state("m.room.history_visibility", "", json!({ "history_visibility": "shared" })),
+        PduBuilder::state("m.room.guest_access", "", json!({ "guest_access": "forbidden" })),
+    ];
+    if let Some(name) = spec.name {
+        events.push(PduBuilder::state("m.room.name", "", json!({ "name": name })));
+    }
+    if let Some(topic) = spec.topic {
+        events.push(PduBuilder::state("m.room.topic", "", json!({ "topic": topic })));
+    }
+    for entry in spec.initial_state {
+        events.push(PduBuilder::state(entry.event_type.as_str(), entry.state_key, json_object(&entry.content)?));
+    }
+    for user in &spec.invite {
+        let user = OwnedUserId::try_from(user.as_str()).map_err(|_| invalid(format!("{user:?} is not a user id")))?;
+        events.push(PduBuilder::state("m.room.member", user.as_str(), json!({ "membership": "invite" })));
+    }
+    Ok(events)
+}
+
+/// The method and URL of a plugin's `http-fetch`, to a host the operator granted it.
+pub(crate) fn outbound_target(request: &OutboundRequest, granted_hosts: &[String]) -> Result<(reqwest::Method, reqwest::Url), HostError> {
+    let url = reqwest::Url::parse(&request.url).map_err(|e| invalid(format!("bad url: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(invalid("only http and https urls"));
+    }
+    let host = url.host_str().unwrap_or_default();
+    let with_port = format!("{host}:{}", url.port_or_known_default().unwrap_or_default());
+    if !granted_hosts.iter().any(|granted| *granted == host || *granted == with_port) {
+        return Err(HostError::NotGranted(format!("http to {with_port}")));
+    }
+    let method = reqwest::Method::from_bytes(request.method.as_bytes()).map_err(|_| invalid("bad method"))?;
+    Ok((method, url))
 }
 
 /// Runs a server future from a plugin call (always on a blocking thread).
@@ -138,17 +218,20 @@ impl host::Host for HostState {
 
     fn kv_get(&mut self, key: String) -> Result<Option<Vec<u8>>, HostError> {
         let context = self.require(Capability::Kv)?.clone();
-        context.store.get(tables::PLUGIN_KV, &self.kv_key(&key)?).map_err(|e| refused(e.into()))
+        let key = self.kv_key(&key)?;
+        let Some(stored) = context.store.get(tables::PLUGIN_KV, &key).map_err(|e| refused(e.into()))? else { return Ok(None) };
+        self.server()?.secrets.open(tables::PLUGIN_KV, &key, &stored).map(Some).map_err(refused)
     }
 
     fn kv_set(&mut self, key: String, value: Vec<u8>) -> Result<(), HostError> {
         let context = self.require(Capability::Kv)?.clone();
         self.writable("kv-set")?;
-        if value.len() > MAX_KV_VALUE {
-            return Err(invalid(format!("values are at most {MAX_KV_VALUE} bytes")));
-        }
+        check_kv_value(&value)?;
+        // Values are sealed with the server key: plugins keep credentials here (CalDAV passwords).
+        let key = self.kv_key(&key)?;
+        let sealed = self.server()?.secrets.seal(tables::PLUGIN_KV, &key, &value);
         let mut batch = context.store.batch();
-        batch.put(&context.store, tables::PLUGIN_KV, &self.kv_key(&key)?, &value);
+        batch.put(&context.store, tables::PLUGIN_KV, &key, &sealed);
         context.store.write(batch).map_err(|e| refused(e.into()))
     }
 
@@ -163,6 +246,7 @@ impl host::Host for HostState {
     fn kv_scan(&mut self, prefix: String, start_after: Option<String>, limit: u32) -> Result<Vec<(String, Vec<u8>)>, HostError> {
         let context = self.require(Capability::Kv)?.clone();
         let plugin_prefix = Key::new().str(&context.name).into_vec();
+        let server = self.server()?;
         let mut entries = Vec::new();
         for item in context.store.scan_prefix(tables::PLUGIN_KV, plugin_prefix, false) {
             let (raw, value) = item.map_err(|e| refused(e.into()))?;
@@ -170,7 +254,7 @@ impl host::Host for HostState {
             if !key.starts_with(&prefix) || start_after.as_ref().is_some_and(|after| key.as_str() <= after.as_str()) {
                 continue;
             }
-            entries.push((key, value.to_vec()));
+            entries.push((key, server.secrets.open(tables::PLUGIN_KV, &raw, &value).map_err(refused)?));
             if entries.len() as u32 >= limit.clamp(1, MAX_KV_SCAN) {
                 break;
             }
@@ -181,38 +265,39 @@ impl host::Host for HostState {
     fn state_event(&mut self, room: String, event_type: String, state_key: String) -> Result<Option<Event>, HostError> {
         self.require(Capability::RoomsRead)?;
         let server = self.server()?;
-        Ok(server.rooms.state_event(&room_id(&room)?, &event_type, &state_key).map_err(refused)?.as_ref().map(event))
+        let Some(room_id) = readable_room(&server, &room)? else { return Ok(None) };
+        Ok(server.rooms.state_event(&room_id, &event_type, &state_key).map_err(refused)?.as_ref().map(event))
     }
 
     fn room_state(&mut self, room: String) -> Result<Vec<Event>, HostError> {
         self.require(Capability::RoomsRead)?;
         let server = self.server()?;
-        Ok(server.rooms.current_state(&room_id(&room)?).map_err(refused)?.iter().map(event).collect())
+        let Some(room_id) = readable_room(&server, &room)? else { return Ok(Vec::new()) };
+        Ok(server.rooms.current_state(&room_id).map_err(refused)?.iter().map(event).collect())
     }
 
     fn room_members(&mut self, room: String) -> Result<Vec<Member>, HostError> {
         self.require(Capability::RoomsRead)?;
         let server = self.server()?;
-        let members = server.rooms.members(&room_id(&room)?).map_err(refused)?;
+        let Some(room_id) = readable_room(&server, &room)? else { return Ok(Vec::new()) };
+        let members = server.rooms.members(&room_id).map_err(refused)?;
         Ok(members.into_iter().map(|(user, membership)| Member { user_id: user.to_string(), membership: membership.as_str().to_owned() }).collect())
     }
 
     fn send_event(&mut self, room: String, sender: Option<String>, event_type: String, state_key: Option<String>, content: String) -> Result<String, HostError> {
         self.require(Capability::RoomsSend)?;
         self.writable("send-event")?;
-        let (room_id, sender, content) = (room_id(&room)?, self.acting_user(sender)?, json_object(&content)?);
-        let builder = match state_key {
-            Some(key) => PduBuilder::state(event_type.as_str(), key, content),
-            None => PduBuilder::message(event_type.as_str(), content),
-        };
+        let (room_id, builder) = event_request(&room, &event_type, state_key, &content)?;
+        let sender = self.acting_user(sender)?;
         let server = self.server()?;
         block_on(async {
             let mut writer = server.rooms.writer(&room_id).await?;
             if !writer.exists() {
                 return Err(Error::not_found("unknown room"));
             }
+            let subrooms = crate::clinic::subrooms::stage_for_event(&server, &room_id, &sender, &builder).await?;
             let pdu = writer.append(&sender, builder, None)?;
-            writer.commit()?;
+            writer.commit_with(subrooms)?;
             Ok(pdu.event_id.to_string())
         })
         .map_err(refused)
@@ -225,33 +310,7 @@ impl host::Host for HostState {
         if !spec.invite.is_empty() {
             self.require(Capability::RoomsInvite)?;
         }
-        let mut users = serde_json::Map::new();
-        for (user, level) in &spec.power_levels {
-            OwnedUserId::try_from(user.as_str()).map_err(|_| invalid(format!("{user:?} is not a user id")))?;
-            users.insert(user.clone(), json!(level));
-        }
-        users.insert(creator.to_string(), json!(100));
-        let mut events = vec![
-            PduBuilder::state("m.room.create", "", json!({ "room_version": "11" })),
-            PduBuilder::state("m.room.member", creator.as_str(), json!({ "membership": "join" })),
-            PduBuilder::state("m.room.power_levels", "", json!({ "users": users, "users_default": 0, "events_default": 0, "state_default": 50, "invite": 50, "kick": 50, "ban": 50, "redact": 50 })),
-            PduBuilder::state("m.room.join_rules", "", json!({ "join_rule": "invite" })),
-            PduBuilder::state("m.room.history_visibility", "", json!({ "history_visibility": "shared" })),
-            PduBuilder::state("m.room.guest_access", "", json!({ "guest_access": "forbidden" })),
-        ];
-        if let Some(name) = spec.name {
-            events.push(PduBuilder::state("m.room.name", "", json!({ "name": name })));
-        }
-        if let Some(topic) = spec.topic {
-            events.push(PduBuilder::state("m.room.topic", "", json!({ "topic": topic })));
-        }
-        for entry in spec.initial_state {
-            events.push(PduBuilder::state(entry.event_type.as_str(), entry.state_key, json_object(&entry.content)?));
-        }
-        for user in &spec.invite {
-            let user = OwnedUserId::try_from(user.as_str()).map_err(|_| invalid(format!("{user:?} is not a user id")))?;
-            events.push(PduBuilder::state("m.room.member", user.as_str(), json!({ "membership": "invite" })));
-        }
+        let events = room_events(&creator, spec)?;
         let server = self.server()?;
         block_on(async {
             let writer = server.rooms.new_room(RoomVersionId::V11, &creator, events).await?;
@@ -282,16 +341,7 @@ impl host::Host for HostState {
     fn http_fetch(&mut self, request: OutboundRequest) -> Result<HttpResponse, HostError> {
         let context = self.require(Capability::Http)?.clone();
         self.writable("http-fetch")?;
-        let url = reqwest::Url::parse(&request.url).map_err(|e| invalid(format!("bad url: {e}")))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(invalid("only http and https urls"));
-        }
-        let host = url.host_str().unwrap_or_default();
-        let with_port = format!("{host}:{}", url.port_or_known_default().unwrap_or_default());
-        if !context.http_hosts.iter().any(|granted| *granted == host || *granted == with_port) {
-            return Err(HostError::NotGranted(format!("http to {with_port}")));
-        }
-        let method = reqwest::Method::from_bytes(request.method.as_bytes()).map_err(|_| invalid("bad method"))?;
+        let (method, url) = outbound_target(&request, &context.http_hosts)?;
         // Within what is left of the call's budget, so that a slow peer is an error the plugin
         // sees rather than an overrun that traps it.
         let left = self.deadline.saturating_duration_since(std::time::Instant::now()).saturating_sub(HTTP_MARGIN);

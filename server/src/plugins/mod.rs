@@ -10,7 +10,7 @@
 //!   the failure window disable the plugin until its file changes. Files are watched and
 //!   reloaded when they change.
 
-mod host;
+pub(crate) mod host;
 pub mod manifest;
 mod runtime;
 
@@ -315,7 +315,8 @@ impl Plugins {
 
     /// Asks every plugin that checks this event type; the first refusal wins.
     pub fn check_event(&self, pdu: &Pdu, room: &dyn RoomState) -> Result<()> {
-        if self.plugins.is_empty() {
+        // Notes rooms are the clinic policy's alone: no plugin sees a note.
+        if self.plugins.is_empty() || room.state(crate::clinic::NOTES_FOR, "")?.is_some() {
             return Ok(());
         }
         let kind = pdu.kind.to_string();
@@ -461,6 +462,23 @@ pub fn http_request(method: &str, path: String, query: String, headers: &http::H
     HttpRequest { method: method.to_owned(), path, query, headers, body, caller: caller.map(|(user, is_admin)| Caller { user_id: user.to_string(), is_admin }) }
 }
 
+/// The HTTP response of a plugin's answer: its status, the headers that are valid, its body.
+pub fn http_response(plugin: &str, answer: HttpResponse) -> Result<axum::response::Response> {
+    let status = http::StatusCode::from_u16(answer.status).map_err(|_| Error::internal(format!("plugin {plugin} answered with status {}", answer.status)))?;
+    // Only the plugin's headers: no default content type beside its own.
+    let mut response = axum::response::Response::new(axum::body::Body::from(answer.body));
+    *response.status_mut() = status;
+    for (header, value) in answer.headers {
+        match (http::HeaderName::try_from(header), http::HeaderValue::try_from(value)) {
+            (Ok(header), Ok(value)) => {
+                response.headers_mut().append(header, value);
+            }
+            _ => tracing::warn!(%plugin, "dropped an invalid response header"),
+        }
+    }
+    Ok(crate::client::rejections::mark_plugin_answer(response))
+}
+
 /// How many outbox entries one delivery round takes.
 const DELIVERY_BATCH: usize = 256;
 
@@ -527,6 +545,10 @@ fn deliver_batch(plugins: &Plugins, server: &Server, plugin: &Plugin, cursor: St
         last = pos;
         let Ok(event_id) = ruma::OwnedEventId::try_from(String::from_utf8_lossy(&event_id).as_ref()) else { continue };
         let Some(pdu) = server.rooms.pdu(&event_id)? else { continue };
+        // Notes are for the session's therapists alone, never a plugin's.
+        if crate::clinic::subrooms::is_notes_room(&server.rooms, &pdu.room_id)? {
+            continue;
+        }
         let code = plugin.code();
         if !code.manifest.on_event.as_ref().is_some_and(|f| f.wants(&pdu.kind.to_string())) {
             continue;

@@ -97,7 +97,8 @@ pub fn compile(engine: &Engine, wasm: &[u8], cache_dir: &Path) -> Result<Compone
     }
     let component = Component::new(engine, wasm).map_err(|e| PluginError::Compile(format!("{e:#}")))?;
     let write = || -> std::io::Result<()> {
-        std::fs::create_dir_all(cache_dir)?;
+        // Compiled code is loaded without checks (above): only the server's user may write it.
+        crate::secrets::private_dir(cache_dir)?;
         let bytes = component.serialize().map_err(std::io::Error::other)?;
         // Servers may share a cache directory: each writes its own file, then renames it.
         let partial = cached.with_extension(format!("partial-{}", std::process::id()));

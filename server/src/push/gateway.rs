@@ -1,11 +1,17 @@
 //! Delivery to HTTP push gateways (`/_matrix/push/v1/notify`), off the request path, with
 //! exponential backoff. Notifications are best effort: after the last retry they are dropped
-//! and logged, as Synapse does.
+//! and logged, as Synapse does. Gateways are reached only at public addresses or in the
+//! networks `[push] allowed_networks` names, and never through a redirect (`crate::net_filter`).
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use serde_json::Value as JsonValue;
 use tokio::sync::mpsc;
+
+use crate::{
+    config::PushConfig,
+    net_filter::{AddressFilter, Client, FetchError},
+};
 
 const ATTEMPTS: u32 = 6;
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
@@ -17,9 +23,10 @@ pub struct Delivery {
 
 impl Delivery {
     /// Starts the delivery task (needs a Tokio runtime).
-    pub fn start() -> Self {
+    pub fn start(config: &PushConfig) -> Self {
         let (queue, mut jobs) = mpsc::channel::<(String, JsonValue)>(QUEUE);
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("HTTP client");
+        let filter = AddressFilter::new(&config.allowed_networks);
+        let client = Arc::new(Client::build(reqwest::Client::builder().timeout(Duration::from_secs(10)), filter, None).expect("HTTP client"));
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 while let Some((url, body)) = jobs.recv().await {
@@ -39,14 +46,25 @@ impl Delivery {
     }
 }
 
-async fn deliver(client: reqwest::Client, url: String, body: JsonValue) {
+async fn deliver(client: Arc<Client>, url: String, body: JsonValue) {
     let mut backoff = FIRST_BACKOFF;
     for attempt in 1..=ATTEMPTS {
-        match client.post(&url).json(&body).send().await {
+        let request = match client.request(reqwest::Method::POST, &url).json(&body).build() {
+            Ok(request) => request,
+            Err(error) => {
+                tracing::warn!(%url, %error, "cannot build a push notification request");
+                return;
+            }
+        };
+        match client.execute(request).await {
             Ok(response) if response.status().is_success() => return,
-            // A gateway that rejects the request will not accept it later either.
-            Ok(response) if response.status().is_client_error() => {
+            // A gateway that rejects the request, or sends it elsewhere, will do so again.
+            Ok(response) if response.status().is_client_error() || response.status().is_redirection() => {
                 tracing::warn!(%url, status = %response.status(), "push gateway refused a notification");
+                return;
+            }
+            Err(FetchError::Refused(address)) => {
+                tracing::warn!(%url, %address, "push gateway at an internal address; not delivering (see [push] allowed_networks)");
                 return;
             }
             Ok(response) => tracing::debug!(%url, status = %response.status(), attempt, "push gateway error; retrying"),

@@ -1,6 +1,7 @@
 //! Push: each user's push rules (the spec's defaults plus their own), rule evaluation for every
 //! new event (its notifications are written in the event's own batch), unread counts, pushers
-//! and delivery to HTTP push gateways.
+//! (each belongs to the access token that set it and ends with it) and delivery to HTTP push
+//! gateways.
 
 mod gateway;
 
@@ -23,10 +24,69 @@ use serde_json::{Value as JsonValue, json};
 pub use gateway::Delivery;
 
 use crate::{
+    config::PushConfig,
     error::{Error, Result},
     events::Pdu,
     store::{Batch, Key, KeyReader, Store, StreamPos, tables},
+    users::Caller,
 };
+
+/// The only path a push gateway is posted to (the push gateway API's).
+const GATEWAY_PATH: &str = "/_matrix/push/v1/notify";
+
+/// A pusher as stored: what the client set, as `GET /pushers` shows it, and the sha256 of the
+/// access token that set it.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum StoredPusher {
+    Owned { pusher: JsonValue, owner_token: String },
+    /// Set before pushers recorded their token: it ends when the user is signed out of every
+    /// other session (`users::Users::stage_unowned_pushers_removal`).
+    Unowned(JsonValue),
+}
+
+impl StoredPusher {
+    fn owner(&self) -> Option<&str> {
+        match self {
+            Self::Owned { owner_token, .. } => Some(owner_token),
+            Self::Unowned(_) => None,
+        }
+    }
+
+    fn into_pusher(self) -> JsonValue {
+        match self {
+            Self::Owned { pusher, .. } | Self::Unowned(pusher) => pusher,
+        }
+    }
+}
+
+/// The user's pushers with their store keys.
+fn stored_pushers(store: &Store, user_id: &UserId) -> Result<Vec<(Box<[u8]>, StoredPusher)>> {
+    let prefix = Key::new().str(user_id.as_str()).into_vec();
+    store
+        .scan_prefix(tables::PUSHERS, prefix, false)
+        .map(|item| {
+            let (key, value) = item?;
+            Ok((key, crate::store::decode(tables::PUSHERS, &value)?))
+        })
+        .collect()
+}
+
+/// Stages the removal of the user's pushers whose owner token (`None`: unknown) `ends` selects;
+/// the users module calls it wherever access tokens end.
+pub fn stage_pushers_removal(store: &Store, batch: &mut Batch, user_id: &UserId, ends: impl Fn(Option<&str>) -> bool) -> Result<()> {
+    for (key, pusher) in stored_pushers(store, user_id)? {
+        if ends(pusher.owner()) {
+            batch.delete(store, tables::PUSHERS, &key);
+        }
+    }
+    Ok(())
+}
+
+/// Whether `url` is where a push gateway is reached: `http(s)`, a host, the API's exact path.
+fn is_gateway_url(url: &str) -> bool {
+    reqwest::Url::parse(url).is_ok_and(|url| matches!(url.scheme(), "http" | "https") && url.host_str().is_some_and(|h| !h.is_empty()) && url.path() == GATEWAY_PATH)
+}
 
 /// The account data type that holds a user's push rules.
 pub const PUSH_RULES: &str = "m.push_rules";
@@ -83,8 +143,8 @@ fn power_levels_ctx(content: &JsonValue, rules: &ruma::room_version_rules::Autho
 }
 
 impl Push {
-    pub fn new(store: Arc<Store>) -> Self {
-        Self { store, rulesets: Mutex::default(), delivery: Delivery::start() }
+    pub fn new(store: Arc<Store>, config: &PushConfig) -> Self {
+        Self { store, rulesets: Mutex::default(), delivery: Delivery::start(config) }
     }
 
     /// The user's rules: what they saved, or the spec's defaults.
@@ -213,34 +273,43 @@ impl Push {
 
     // --- pushers ---
 
+    /// The user's pushers, but for any whose token has ended (a pusher set while its token was
+    /// being revoked escapes the removal; it never receives anything).
     pub fn pushers(&self, user_id: &UserId) -> Result<Vec<JsonValue>> {
-        let prefix = Key::new().str(user_id.as_str()).into_vec();
-        self.store
-            .scan_prefix(tables::PUSHERS, prefix, false)
-            .map(|item| Ok(crate::store::decode(tables::PUSHERS, &item?.1)?))
-            .collect()
+        let mut live = Vec::new();
+        for (_, pusher) in stored_pushers(&self.store, user_id)? {
+            if let Some(owner) = pusher.owner()
+                && !crate::users::token_is_live(&self.store, owner)?
+            {
+                continue;
+            }
+            live.push(pusher.into_pusher());
+        }
+        Ok(live)
     }
 
-    /// Adds, replaces or (with `kind: null`) removes a pusher.
-    pub fn set_pusher(&self, user_id: &UserId, pusher: &JsonValue) -> Result<()> {
+    /// Adds, replaces or (with `kind: null`) removes a pusher; an added or replaced pusher
+    /// belongs to the caller's access token.
+    pub fn set_pusher(&self, caller: &Caller, pusher: &JsonValue) -> Result<()> {
         let field = |name: &str| pusher.get(name).and_then(JsonValue::as_str).ok_or_else(|| Error::new(crate::error::ErrorCode::MissingParam, format!("missing {name}")));
         let app_id = field("app_id")?;
         let pushkey = field("pushkey")?;
-        let key = Key::new().str(user_id.as_str()).str(app_id).str(pushkey).into_vec();
+        let key = Key::new().str(caller.user_id.as_str()).str(app_id).str(pushkey).into_vec();
         let mut batch = self.store.batch();
         if pusher.get("kind").is_none_or(JsonValue::is_null) {
             batch.delete(&self.store, tables::PUSHERS, &key);
         } else {
             if field("kind")? == "http" {
                 let url = pusher.get("data").and_then(|d| d.get("url")).and_then(JsonValue::as_str);
-                if !url.is_some_and(|u| u.ends_with("/_matrix/push/v1/notify") && (u.starts_with("http://") || u.starts_with("https://"))) {
-                    return Err(Error::invalid_param("data.url must be an http(s) URL ending in /_matrix/push/v1/notify"));
+                if !url.is_some_and(is_gateway_url) {
+                    return Err(Error::invalid_param(format!("data.url must be an http(s) URL whose path is {GATEWAY_PATH}")));
                 }
             }
             for name in ["app_display_name", "device_display_name", "lang"] {
                 field(name)?;
             }
-            batch.put_json(&self.store, tables::PUSHERS, &key, pusher)?;
+            let stored = StoredPusher::Owned { pusher: pusher.clone(), owner_token: caller.token_hash.clone() };
+            batch.put_json(&self.store, tables::PUSHERS, &key, &stored)?;
         }
         self.store.write(batch)?;
         Ok(())
@@ -298,5 +367,22 @@ impl Push {
                 self.delivery.send(url.clone(), body);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pushers_stored_before_owners_were_recorded_read_as_unowned() {
+        let bare = json!({ "kind": "http", "app_id": "a", "pushkey": "k", "data": { "url": "https://gw.example/_matrix/push/v1/notify" } });
+        let legacy: StoredPusher = serde_json::from_value(bare.clone()).unwrap();
+        assert_eq!(legacy.owner(), None);
+        assert_eq!(legacy.into_pusher(), bare);
+        let owned = serde_json::to_value(StoredPusher::Owned { pusher: bare.clone(), owner_token: "hash".into() }).unwrap();
+        let owned: StoredPusher = serde_json::from_value(owned).unwrap();
+        assert_eq!(owned.owner(), Some("hash"));
+        assert_eq!(owned.into_pusher(), bare);
     }
 }

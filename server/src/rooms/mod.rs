@@ -8,6 +8,7 @@ pub mod relations;
 mod retention;
 pub mod state;
 mod summary;
+mod visibility;
 
 use std::{
     collections::HashMap,
@@ -24,6 +25,7 @@ use serde::{Deserialize, Serialize};
 pub use ephemeral::{Receipt, Typing};
 pub use pipeline::{RoomWriter, TxnInfo};
 pub use summary::SummaryView;
+pub use visibility::{ReadView, Reader};
 use state::{SnapshotCache, StateMap};
 
 use crate::{
@@ -116,10 +118,35 @@ pub struct UserRoom {
     pub forgotten: bool,
 }
 
+/// The rooms' write locks. Entries nobody holds or waits for are swept out as the map grows,
+/// so that requests naming rooms that do not exist (or that nobody writes to any more) leave
+/// nothing behind: the map stays within twice the locks in use, plus a little.
+#[derive(Default)]
+struct RoomLocks {
+    locks: HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>,
+    sweep_at: usize,
+}
+
+impl RoomLocks {
+    const MIN_SWEEP_AT: usize = 64;
+
+    fn get(&mut self, room_id: &RoomId) -> Arc<tokio::sync::Mutex<()>> {
+        if let Some(lock) = self.locks.get(room_id) {
+            return lock.clone();
+        }
+        if self.locks.len() >= self.sweep_at {
+            // Only the map holds an unused lock: no writer has it and none waits for it.
+            self.locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+            self.sweep_at = (self.locks.len() * 2).max(Self::MIN_SWEEP_AT);
+        }
+        self.locks.entry(room_id.to_owned()).or_default().clone()
+    }
+}
+
 pub struct Rooms {
     store: Arc<Store>,
     key: Arc<ServerSigningKey>,
-    locks: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
+    locks: Mutex<RoomLocks>,
     snapshots: SnapshotCache,
     /// Per room, the position up to which retention has nothing left to remove.
     retention_cursors: Mutex<HashMap<OwnedRoomId, StreamPos>>,
@@ -167,13 +194,7 @@ impl Rooms {
 
     /// Takes the room's write lock: one writer per room keeps the DAG linear and ordered.
     pub async fn writer(&self, room_id: &RoomId) -> Result<RoomWriter<'_>> {
-        let lock = self
-            .locks
-            .lock()
-            .expect("room locks")
-            .entry(room_id.to_owned())
-            .or_default()
-            .clone();
+        let lock = self.locks.lock().expect("room locks").get(room_id);
         let guard = lock.lock_owned().await;
         RoomWriter::open(self, room_id.to_owned(), guard)
     }
@@ -469,58 +490,6 @@ impl Rooms {
         merge_history(timeline, backfill, false)
     }
 
-    /// Whether `user` may see `pdu` under the room's history visibility.
-    pub fn user_can_see(&self, user_id: &UserId, pdu: &Pdu, meta: &EventMeta) -> Result<bool> {
-        if self.is_joined(&pdu.room_id, user_id)?
-            && self.room(&pdu.room_id)?.is_some_and(|room| !room.history_ever_restricted)
-        {
-            return Ok(true);
-        }
-        // Visibility and membership are those of the state before the event.
-        let state = self.state_map(meta.state_before)?;
-        let content_of = |kind: &str, key: &str| -> Result<Option<serde_json::Value>> {
-            match state.get(&(kind.to_owned(), key.to_owned())) {
-                Some(id) => Ok(self.pdu(id)?.map(|p| p.content_json())),
-                None => Ok(None),
-            }
-        };
-        let visibility = content_of("m.room.history_visibility", "")?
-            .and_then(|c| c.get("history_visibility").and_then(|v| v.as_str()).map(str::to_owned))
-            .unwrap_or_else(|| "shared".to_owned());
-        if visibility == "world_readable" {
-            return Ok(true);
-        }
-        let membership_of = |content: Option<serde_json::Value>| {
-            content
-                .and_then(|c| c.get("membership").and_then(|m| m.as_str()).and_then(Membership::parse))
-                .unwrap_or(Membership::Leave)
-        };
-        let before = membership_of(content_of("m.room.member", user_id.as_str())?);
-        let mut membership = before;
-        // A user's own membership event counts with the more privileged of its old and new
-        // membership, so that people see their own joins, leaves and kicks.
-        if pdu.kind == ruma::events::TimelineEventType::RoomMember && pdu.state_key.as_deref() == Some(user_id.as_str()) {
-            let after = membership_of(Some(pdu.content_json()));
-            // Including a declined knock, so that the knocker learns the reason.
-            if after == Membership::Leave && matches!(before, Membership::Join | Membership::Invite | Membership::Knock) {
-                return Ok(true);
-            }
-            membership = if after.priority() < before.priority() { after } else { before };
-        }
-        Ok(match membership {
-            Membership::Join => true,
-            Membership::Invite if visibility == "invited" => true,
-            _ if visibility == "shared" => self.is_joined(&pdu.room_id, user_id)?,
-            _ => false,
-        })
-    }
-
-    /// The event with its metadata, if it exists and `user_id` may see it.
-    pub fn visible_event(&self, user_id: &UserId, event_id: &ruma::EventId) -> Result<Option<(Pdu, EventMeta)>> {
-        let (Some(pdu), Some(meta)) = (self.pdu(event_id)?, self.meta(event_id)?) else { return Ok(None) };
-        Ok(self.user_can_see(user_id, &pdu, &meta)?.then_some((pdu, meta)))
-    }
-
     /// The event the user may see that is closest to `ts` (ms since the epoch): the newest at
     /// or before it, or with `forward` the oldest at or after it. Timestamps follow the stream
     /// order closely enough that the timeline is scanned back from its end, stopping once past `ts`.
@@ -728,4 +697,33 @@ fn timeline_entry(item: crate::store::Result<(Box<[u8]>, Box<[u8]>)>) -> Result<
     let pos = KeyReader::new(&key).skip_str().u64().ok_or_else(|| Error::internal("corrupt timeline key"))?;
     let event_id = OwnedEventId::try_from(String::from_utf8_lossy(&value).into_owned()).map_err(Error::internal)?;
     Ok((pos, event_id))
+}
+
+#[cfg(test)]
+mod lock_tests {
+    use std::time::Duration;
+
+    use ruma::{RoomId, server_name};
+
+    use super::RoomLocks;
+    use crate::server::Server;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn rooms_that_do_not_exist_leave_no_lock_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Server::open_in(dir.path());
+        let held_room = RoomId::new_v1(server_name!("test.local"));
+        let held = server.rooms.writer(&held_room).await.unwrap();
+        // What a request naming a random room does: open the room's writer, find no room.
+        for _ in 0..10_000 {
+            let writer = server.rooms.writer(&RoomId::new_v1(server_name!("test.local"))).await.unwrap();
+            assert!(!writer.exists());
+        }
+        let entries = server.rooms.locks.lock().unwrap().locks.len();
+        assert!(entries <= RoomLocks::MIN_SWEEP_AT, "{entries} lock entries");
+        // A lock in use survives the sweeps: a second writer of its room waits.
+        assert!(tokio::time::timeout(Duration::from_millis(100), server.rooms.writer(&held_room)).await.is_err());
+        drop(held);
+        assert!(tokio::time::timeout(Duration::from_secs(5), server.rooms.writer(&held_room)).await.is_ok());
+    }
 }

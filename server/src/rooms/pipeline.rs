@@ -364,6 +364,7 @@ impl<'a> RoomWriter<'a> {
         self.staged_latest.push((self.room_id.clone(), pos));
         relations::stage(store, &mut self.batch, &pdu, pos);
         crate::search::stage(store, &mut self.batch, &pdu, pos);
+        crate::media::stage_references(store, &mut self.batch, self.rooms.key.server_name(), &pdu)?;
         self.rooms.plugins.stage_outbox(&mut self.batch, pos, &pdu);
         if let Some(destinations) = self.federation_destinations(&pdu)? {
             crate::federation::sender::stage(store, &mut self.batch, pos, &pdu, &destinations);
@@ -565,6 +566,7 @@ impl<'a> RoomWriter<'a> {
             self.batch.put(store, tables::PDUS, signed.pdu.event_id.as_bytes(), &signed.to_bytes());
             self.batch.put_json(store, tables::EVENT_META, signed.pdu.event_id.as_bytes(), &meta)?;
             self.batch.put(store, tables::BACKFILL, &Key::new().str(self.room_id.as_str()).u64(at.0).u64(order).into_vec(), signed.pdu.event_id.as_bytes());
+            crate::media::stage_references(store, &mut self.batch, self.rooms.key.server_name(), &signed.pdu)?;
         }
         Ok(kept.len())
     }

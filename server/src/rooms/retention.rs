@@ -1,6 +1,7 @@
 //! Message retention (MSC1763): expired message events are removed from every table, as
 //! Synapse's retention purge does. State events and the room's latest event stay, so that the
-//! room's state and DAG remain whole.
+//! room's state and DAG remain whole. The media the removed events referenced is queued for
+//! the media repository, which deletes what no remaining event references (`Media::collect`).
 
 use ruma::RoomId;
 
@@ -75,6 +76,7 @@ impl Rooms {
             }
             if !pdu.is_state() {
                 self.stage_event_removal(&mut batch, room_id, pos, &event_id, Some(&pdu))?;
+                crate::media::stage_purge(&self.store, &mut batch, &event_id)?;
                 for (user_id, _) in &members {
                     self.push.stage_event_removal(&mut batch, user_id, room_id, pos);
                 }

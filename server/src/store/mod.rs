@@ -113,6 +113,12 @@ pub mod tables {
     pub const MEDIA_THUMBNAILS: Table = Table("media_thumbnails");
     /// user id -> bytes uploaded and media ids created but not yet uploaded to
     pub const MEDIA_USAGE: Table = Table("media_usage");
+    /// media id, event id -> (): the events whose content names the local media
+    pub const MEDIA_REFERENCES: Table = Table("media_references");
+    /// event id -> the local media ids its content names
+    pub const EVENT_MEDIA: Table = Table("event_media");
+    /// media id -> (): media whose references retention purged, to delete if none is left
+    pub const MEDIA_UNREFERENCED: Table = Table("media_unreferenced");
 
     /// user id, stream position -> notification
     pub const NOTIFICATIONS: Table = Table("notifications");
@@ -148,6 +154,8 @@ pub mod tables {
     pub const SERVER_KEYS: Table = Table("server_keys");
     /// sha256 of an OpenID token -> {user_id, expires_at}
     pub const OPENID_TOKENS: Table = Table("openid_tokens");
+    /// user id, expiry (ms), token hash -> (): each account's OpenID tokens, oldest first
+    pub const OPENID_TOKENS_BY_USER: Table = Table("openid_tokens_by_user");
     /// (destination server, stream position) -> event id: events not yet accepted by a server
     pub const FEDERATION_OUTBOX: Table = Table("federation_outbox");
     /// (destination server, stream position) -> EDU JSON (typing, receipts) not yet accepted
@@ -168,10 +176,10 @@ pub mod tables {
         TIMELINE, BACKFILL, ROOM_STATE, ROOMS, STATE_SNAPSHOTS, ROOM_MEMBERS, USER_ROOMS, TXN_IDS, ALIASES,
         PUBLIC_ROOMS, BLOCKED_ROOMS, RECEIPTS, DEVICE_KEYS, ONE_TIME_KEYS, FALLBACK_KEYS, CROSS_SIGNING_KEYS,
         KEY_CHANGES, TO_DEVICE, BACKUP_VERSIONS, BACKUP_KEYS, NOTIFICATIONS, ROOM_NOTIFICATIONS, PUSHERS,
-        MEDIA, MEDIA_THUMBNAILS, MEDIA_USAGE,
+        MEDIA, MEDIA_THUMBNAILS, MEDIA_USAGE, MEDIA_REFERENCES, EVENT_MEDIA, MEDIA_UNREFERENCED,
         RELATIONS, THREAD_REPLIES, SEARCH_INDEX, AUDIT_LOG, THERAPISTS,
         THERAPIST_BOOKINGS, SESSION_NOTES, SESSION_PASSCODES, APPOINTMENTS, LINK_TOKENS_USED,
-        PLUGIN_KV, PLUGIN_OUTBOX, SERVER_KEYS, OPENID_TOKENS, FEDERATION_OUTBOX, FEDERATION_EDUS, REMOTE_ROOM_STATE,
+        PLUGIN_KV, PLUGIN_OUTBOX, SERVER_KEYS, OPENID_TOKENS, OPENID_TOKENS_BY_USER, FEDERATION_OUTBOX, FEDERATION_EDUS, REMOTE_ROOM_STATE,
         DELAYED_EVENTS, DELAYED_EVENTS_DUE, DELAYED_EVENTS_BY_OWNER,
     ];
 }
@@ -349,6 +357,11 @@ impl Store {
     pub fn flush(&self) -> Result<()> {
         self.db.flush_wal(true)?;
         Ok(())
+    }
+
+    /// Compacts a whole table, so that values overwritten in it leave the files on disk.
+    pub fn compact(&self, table: Table) {
+        self.db.compact_range_cf(self.cf(table), None::<&[u8]>, None::<&[u8]>);
     }
 }
 

@@ -362,7 +362,10 @@ fn joined_room(
 
 fn left_room(server: &Server, req: &SyncRequest<'_>, room_id: &RoomId, entry: &UserRoom, since: Option<StreamPos>, render: &RenderEvent<'_>) -> Result<JsonValue> {
     let timeline = timeline(server, req, room_id, since.unwrap_or(0), entry.pos)?;
-    let state = if timeline.limited || since.is_none() {
+    // Someone who left without having been a member (a knock withdrawn or declined) gets no
+    // state, as on every other read path.
+    let readable = server.rooms.read_view(&req.caller.user_id, room_id)?.is_some();
+    let state = if readable && (timeline.limited || since.is_none()) {
         let snapshot = timeline.events.first().map_or(0, |(_, m)| m.state_before);
         server.rooms.state_events(snapshot, |_, _| true)?
     } else {

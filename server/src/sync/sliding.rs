@@ -585,7 +585,7 @@ fn joined_room(
         Some(s) => Some(server.rooms.state_map(snapshot_at(server, room_id, s.stream.min(room_upto))?)?),
         None => None,
     };
-    let was_member = joined || was_joined_before_leaving(server, user_id, entry)?;
+    let was_member = joined || server.rooms.departure(user_id, entry)?.is_some();
     let content_of = |kind: &str| -> Option<JsonValue> {
         now.get(&(kind.to_owned(), String::new())).and_then(|id| server.rooms.pdu(id).ok().flatten()).map(|p| p.content_json())
     };
@@ -733,14 +733,6 @@ fn members_in(server: &Server, state: &crate::rooms::state::StateMap) -> Result<
         }
     }
     Ok(members)
-}
-
-/// Whether the user was joined just before the membership event `entry` names.
-fn was_joined_before_leaving(server: &Server, user_id: &UserId, entry: &UserRoom) -> Result<bool> {
-    let Some(meta) = server.rooms.meta(&entry.event_id)? else { return Ok(false) };
-    let before = server.rooms.state_map(meta.state_before)?;
-    let Some(member) = before.get(&("m.room.member".to_owned(), user_id.to_string())) else { return Ok(false) };
-    Ok(server.rooms.pdu(member)?.is_some_and(|p| p.content_json()["membership"] == "join"))
 }
 
 /// Up to five other joined or invited members, with their names and avatars, from which a client

@@ -65,6 +65,8 @@ pub struct Presence {
 pub struct Caller {
     pub user_id: OwnedUserId,
     pub device_id: OwnedDeviceId,
+    /// sha256 of the access token the request carried (what pushers it sets belong to).
+    pub token_hash: String,
 }
 
 pub struct Users {
@@ -81,6 +83,11 @@ fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
+/// Whether the access token with this hash is still valid.
+pub fn token_is_live(store: &Store, token_hash: &str) -> Result<bool> {
+    Ok(store.contains(tables::ACCESS_TOKENS, token_hash.as_bytes())?)
+}
+
 /// The local user id for a localpart (case-folded), refusing characters the spec disallows.
 pub fn local_user_id(localpart: &str, server_name: &ruma::ServerName) -> Result<OwnedUserId> {
     let localpart = localpart.to_lowercase();
@@ -89,8 +96,14 @@ pub fn local_user_id(localpart: &str, server_name: &ruma::ServerName) -> Result<
     {
         return Err(Error::new(ErrorCode::InvalidUsername, "user ids may only contain a-z, 0-9, . _ = - / +"));
     }
+    // The spec caps a whole user id at 255 bytes; ruma does not check it when building one.
+    if localpart.len() + server_name.as_str().len() + 2 > MAX_USER_ID_BYTES {
+        return Err(Error::new(ErrorCode::InvalidUsername, format!("user ids are at most {MAX_USER_ID_BYTES} bytes long")));
+    }
     UserId::parse_with_server_name(localpart, server_name).map_err(|e| Error::new(ErrorCode::InvalidUsername, e.to_string()))
 }
+
+const MAX_USER_ID_BYTES: usize = 255;
 
 pub fn random_string(len: usize) -> String {
     use rand::RngExt;
@@ -212,7 +225,7 @@ impl Users {
         let hash = token_hash(&token);
         let device_key = Key::new().str(user_id.as_str()).str(device_id.as_str()).into_vec();
         if let Some(old) = self.store.get_json::<Device>(tables::DEVICES, &device_key)? {
-            batch.delete(&self.store, tables::ACCESS_TOKENS, old.token_hash.as_bytes());
+            self.stage_token_removal(batch, user_id, &old.token_hash)?;
         }
         let now: u64 = ruma::MilliSecondsSinceUnixEpoch::now().0.into();
         let device = Device { display_name, last_seen_ts: Some(now), last_seen_ip: ip, token_hash: hash.clone() };
@@ -230,7 +243,7 @@ impl Users {
         Ok(self
             .store
             .get_json::<TokenRecord>(tables::ACCESS_TOKENS, token_hash(token).as_bytes())?
-            .map(|r| Caller { user_id: r.user_id, device_id: r.device_id }))
+            .map(|r| Caller { user_id: r.user_id, device_id: r.device_id, token_hash: token_hash(token) }))
     }
 
     pub fn device(&self, user_id: &UserId, device_id: &str) -> Result<Option<Device>> {
@@ -264,9 +277,22 @@ impl Users {
         let Some(device) = self.store.get_json::<Device>(tables::DEVICES, &key)? else {
             return Ok(false);
         };
-        batch.delete(&self.store, tables::ACCESS_TOKENS, device.token_hash.as_bytes());
+        self.stage_token_removal(batch, user_id, &device.token_hash)?;
         batch.delete(&self.store, tables::DEVICES, &key);
         Ok(true)
+    }
+
+    /// Every access token ends here, and what was set through it ends with it: its pushers
+    /// (which would otherwise keep sending message content to whoever set them).
+    fn stage_token_removal(&self, batch: &mut crate::store::Batch, user_id: &UserId, token_hash: &str) -> Result<()> {
+        batch.delete(&self.store, tables::ACCESS_TOKENS, token_hash.as_bytes());
+        crate::push::stage_pushers_removal(&self.store, batch, user_id, |owner| owner == Some(token_hash))
+    }
+
+    /// When a user is signed out of every other session: the pushers whose token is unknown
+    /// (set before pushers recorded it) go as well, since any of them may be an intruder's.
+    pub fn stage_unowned_pushers_removal(&self, batch: &mut crate::store::Batch, user_id: &UserId) -> Result<()> {
+        crate::push::stage_pushers_removal(&self.store, batch, user_id, |owner| owner.is_none())
     }
 
     // --- profile ---
@@ -285,10 +311,20 @@ impl Users {
 
     // --- account data ---
 
+    /// Sets one account data entry, within the per-user quotas: [`MAX_ACCOUNT_DATA_BYTES`] a
+    /// value and [`MAX_ACCOUNT_DATA_KEYS`] entries (global and per room together).
     pub fn set_account_data(&self, user_id: &UserId, room_id: Option<&RoomId>, kind: &str, content: JsonValue) -> Result<()> {
         let store = &self.store;
-        let ticket = store.streams().allocate(store)?;
+        let size = serde_json::to_vec(&content).map_err(Error::internal)?.len();
+        if size > MAX_ACCOUNT_DATA_BYTES {
+            return Err(Error::new(ErrorCode::TooLarge, format!("an account data value is at most {MAX_ACCOUNT_DATA_BYTES} bytes")));
+        }
         let key = Key::new().str(user_id.as_str()).str(room_id.map_or("", |r| r.as_str())).str(kind).into_vec();
+        let prefix = Key::new().str(user_id.as_str()).into_vec();
+        if !store.contains(tables::ACCOUNT_DATA, &key)? && count_at_most(store, tables::ACCOUNT_DATA, prefix, MAX_ACCOUNT_DATA_KEYS)? >= MAX_ACCOUNT_DATA_KEYS {
+            return Err(Error::new(ErrorCode::ResourceLimitExceeded, format!("an account holds at most {MAX_ACCOUNT_DATA_KEYS} account data entries")));
+        }
+        let ticket = store.streams().allocate(store)?;
         let mut batch = store.batch();
         batch.put_json(store, tables::ACCOUNT_DATA, &key, &AccountDataEntry { content, pos: ticket.pos() })?;
         tokio::task::block_in_place(|| store.write(batch))?;
@@ -322,9 +358,18 @@ impl Users {
 
     // --- filters ---
 
+    /// Stores a filter. Identical filters share one id (clients upload theirs at every start),
+    /// and an account keeps at most [`MAX_FILTERS`].
     pub fn create_filter(&self, user_id: &UserId, filter: &JsonValue) -> Result<String> {
-        let id = random_string(12);
+        let digest = Sha256::digest(serde_json::to_vec(filter).map_err(Error::internal)?);
+        let id = hex::encode(&digest[..8]);
         let key = Key::new().str(user_id.as_str()).str(&id).into_vec();
+        if self.store.contains(tables::FILTERS, &key)? {
+            return Ok(id);
+        }
+        if count_at_most(&self.store, tables::FILTERS, Key::new().str(user_id.as_str()).into_vec(), MAX_FILTERS)? >= MAX_FILTERS {
+            return Err(Error::new(ErrorCode::ResourceLimitExceeded, format!("an account holds at most {MAX_FILTERS} filters")));
+        }
         let mut batch = self.store.batch();
         batch.put_json(&self.store, tables::FILTERS, &key, filter)?;
         self.store.write(batch)?;
@@ -362,6 +407,23 @@ impl Users {
 
 /// How long an OpenID token (for third parties such as the SFU) stays valid.
 pub const OPENID_TOKEN_LIFETIME_SECONDS: u64 = 3600;
+/// Unexpired OpenID tokens an account holds at most; a new one replaces the oldest.
+pub const MAX_OPENID_TOKENS: usize = 10;
+/// Filters an account holds at most.
+pub const MAX_FILTERS: usize = 100;
+/// Account data entries an account holds at most, and the largest value.
+pub const MAX_ACCOUNT_DATA_KEYS: usize = 1000;
+pub const MAX_ACCOUNT_DATA_BYTES: usize = 64 * 1024;
+
+/// The number of entries under `prefix`, counting no further than `limit`.
+fn count_at_most(store: &Store, table: crate::store::Table, prefix: Vec<u8>, limit: usize) -> Result<usize> {
+    let mut count = 0;
+    for item in store.scan_prefix(table, prefix, false).take(limit) {
+        item?;
+        count += 1;
+    }
+    Ok(count)
+}
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct OpenIdToken {
@@ -369,14 +431,44 @@ struct OpenIdToken {
     expires_at_ms: u64,
 }
 
+/// `expiry`, or one millisecond after the last one handed out if that is not earlier: tokens
+/// are ordered by expiry, so two issued in the same millisecond must not tie.
+fn strictly_later_expiry(expiry: u64) -> u64 {
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let previous = LAST
+        .fetch_update(std::sync::atomic::Ordering::SeqCst, std::sync::atomic::Ordering::SeqCst, |last| Some(expiry.max(last + 1)))
+        .unwrap_or_else(|last| last);
+    expiry.max(previous + 1)
+}
+
 impl Users {
-    /// Issues an OpenID token for `user_id` (only its hash is kept).
+    /// Issues an OpenID token for `user_id` (only its hash is kept). The account's expired
+    /// tokens go, and so do its oldest beyond [`MAX_OPENID_TOKENS`], in the same write.
     pub fn issue_openid_token(&self, user_id: &UserId) -> Result<String> {
         let token = random_string(32);
         let now: u64 = ruma::MilliSecondsSinceUnixEpoch::now().0.into();
-        let record = OpenIdToken { user_id: user_id.to_owned(), expires_at_ms: now + OPENID_TOKEN_LIFETIME_SECONDS * 1000 };
+        let expires_at_ms = strictly_later_expiry(now + OPENID_TOKEN_LIFETIME_SECONDS * 1000);
+        let record = OpenIdToken { user_id: user_id.to_owned(), expires_at_ms };
         let mut batch = self.store.batch();
-        batch.put_json(&self.store, tables::OPENID_TOKENS, token_hash(&token).as_bytes(), &record)?;
+        // The account's tokens, oldest (soonest to expire) first.
+        let mut held = Vec::new();
+        for item in self.store.scan_prefix(tables::OPENID_TOKENS_BY_USER, Key::new().str(user_id.as_str()).into_vec(), false) {
+            let (key, _) = item?;
+            let mut reader = KeyReader::new(&key).skip_str();
+            if let (Some(expires), Some(hash)) = (reader.u64(), reader.str()) {
+                held.push((key.clone(), expires, hash.to_owned()));
+            }
+        }
+        let live = held.iter().filter(|(_, expires, _)| *expires > now).count();
+        let excess = (live + 1).saturating_sub(MAX_OPENID_TOKENS);
+        let expired = held.len() - live;
+        for (key, _, hash) in held.iter().take(expired + excess) {
+            batch.delete(&self.store, tables::OPENID_TOKENS_BY_USER, key);
+            batch.delete(&self.store, tables::OPENID_TOKENS, hash.as_bytes());
+        }
+        let hash = token_hash(&token);
+        batch.put_json(&self.store, tables::OPENID_TOKENS, hash.as_bytes(), &record)?;
+        batch.put(&self.store, tables::OPENID_TOKENS_BY_USER, &Key::new().str(user_id.as_str()).u64(expires_at_ms).str(&hash).into_vec(), &[]);
         self.store.write(batch)?;
         Ok(token)
     }

@@ -10,6 +10,10 @@
 //! - `GET /ungranted`: calls `http-fetch` (not in the manifest) and `kv-set`, and answers 200 with
 //!   what each returned: `{"http": "not-granted: http", "kv": "not-granted: kv"}` when nothing is
 //!   granted; `"ok"` for a call that succeeded;
+//! - `GET /room?room_id=…`: reads the room with `room-state`, `room-members` and `state-event`
+//!   (`m.room.create`) and answers 200 with `{"state": ["<type> <content>", …], "members":
+//!   [<user id>, …], "create": <bool>}`, or an error string in place of each that failed
+//!   (`rooms.read` must be granted);
 //! - `GET /ok`: `{"ok": true, "instance": <init calls in this instance's memory>, "calls": <GET
 //!   /ok calls in this instance>, "started_ms": <clock at init>, "generation": <a kv counter
 //!   bumped at every init, or null without kv>}`.
@@ -27,7 +31,7 @@ use std::{
 };
 
 use limbic_plugin_sdk::{
-    Event, HttpRequest, HttpResponse, OutboundRequest, Plugin, Verdict, clock, export_plugin, http, kv, serde_json,
+    Event, HttpRequest, HttpResponse, OutboundRequest, Plugin, Verdict, clock, export_plugin, http, kv, rooms, serde_json,
 };
 use serde::Deserialize;
 
@@ -148,6 +152,14 @@ impl Plugin for Misbehave {
                 let http = outcome(http::fetch(&OutboundRequest::get("https://example.com/")));
                 let kv = outcome(kv::set("ungranted-probe", b"1"));
                 HttpResponse::json(200, &serde_json::json!({ "http": http, "kv": kv }))
+            }
+            "/room" => {
+                let room = request.query_param("room_id").unwrap_or_default();
+                let reported = |result: Result<serde_json::Value, limbic_plugin_sdk::Error>| result.unwrap_or_else(|e| e.to_string().into());
+                let state = rooms::room_state(&room).map(|events| events.iter().map(|e| format!("{} {}", e.event_type, e.content)).collect::<Vec<_>>().into());
+                let members = rooms::members(&room).map(|members| members.into_iter().map(|m| m.user_id).collect::<Vec<_>>().into());
+                let create = rooms::state_event(&room, "m.room.create", "").map(|event| event.is_some().into());
+                HttpResponse::json(200, &serde_json::json!({ "state": reported(state), "members": reported(members), "create": reported(create) }))
             }
             "/ok" => {
                 self.calls.set(self.calls.get() + 1);

@@ -1,16 +1,20 @@
 //! The SFU on the in-memory network: what a LiveKit client sees in signalling, media from one
-//! participant reaching another, and who may publish.
+//! participant reaching another, who may publish, and the limits on what one participant uses.
 
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
 use livekit_protocol as lk;
+use prost::Message as _;
 use str0m::{
     format::Codec,
-    media::{Frequency, MediaKind, MediaTime},
+    media::{Direction, Frequency, MediaKind, MediaTime},
 };
 
-use super::SERVER_VERSION;
-use crate::calls::loopback::Network;
+use super::{Limits, SERVER_VERSION, Sfu};
+use crate::{
+    calls::loopback::{Network, SFU_ADDR},
+    config::RateLimit,
+};
 
 const TICK: Duration = Duration::from_millis(5);
 
@@ -58,4 +62,149 @@ fn an_observer_cannot_publish() {
     net.publish(olga, MediaKind::Audio, "mic-1");
     net.step(TICK);
     assert!(!net.clients[olga].signals.iter().any(|m| matches!(m, lk::signal_response::Message::TrackPublished(_))));
+}
+
+#[test]
+fn a_subscriber_gets_no_track_of_another_call_room() {
+    let mut net = Network::new();
+    let ana = net.join_in("session", "ana", true);
+    let ben = net.join_in("session", "ben", false);
+    // Mallory is in a call of her own, and knows the id of a track in the session's call.
+    let mallory = net.join_in("elsewhere", "mallory", false);
+    let mid = net.publish(ana, MediaKind::Audio, "mic-1");
+    let params = net.params(ana, Codec::Opus);
+    let mut time = 0u64;
+    let mut speak = |net: &mut Network, frames: u64| {
+        for _ in 0..frames {
+            net.write(ana, mid, params, MediaTime::from_millis(time * 5).rebase(Frequency::FORTY_EIGHT_KHZ), &[0xf8, 0xff, 0xfe, 1]);
+            net.step(TICK);
+            time += 1;
+        }
+    };
+    speak(&mut net, 100);
+    assert!(net.clients[ben].frames > 0, "ben, in the same call, hears ana");
+    let track = net.clients[ana].signals.iter().find_map(|m| match m { lk::signal_response::Message::TrackPublished(p) => p.track.clone(), _ => None }).expect("TrackPublished");
+    let subscribe = lk::UpdateSubscription { track_sids: vec![track.sid.clone()], subscribe: true, ..Default::default() };
+    net.signal(mallory, lk::signal_request::Message::Subscription(subscribe));
+    speak(&mut net, 200);
+    assert_eq!(net.clients[mallory].frames, 0, "mallory got the session's audio");
+    assert!(!net.clients[mallory].signals.iter().any(|m| matches!(m, lk::signal_response::Message::Offer(o) if o.sdp.contains(&track.sid))), "mallory was offered the track");
+}
+
+/// A network whose SFU has `limits`.
+fn limited(limits: Limits) -> Network {
+    let mut net = Network::new();
+    net.sfu = Sfu::with_limits(SocketAddr::from(SFU_ADDR), limits);
+    net
+}
+
+fn add_track(net: &mut Network, index: usize, name: &str) {
+    let add = lk::AddTrackRequest { cid: name.into(), name: name.into(), r#type: lk::TrackType::Audio as i32, ..Default::default() };
+    net.signal(index, lk::signal_request::Message::AddTrack(add));
+}
+
+/// Whether the SFU answers a publisher offer with `lines` audio media lines.
+fn answers_offer_with(net: &mut Network, index: usize, lines: usize) -> bool {
+    let mut changes = net.clients[index].publisher.sdp_api();
+    for n in 0..lines {
+        changes.add_media(MediaKind::Audio, Direction::SendOnly, Some("stream".into()), Some(format!("track-{n}")), None);
+    }
+    let (offer, _) = changes.apply().expect("an offer");
+    net.signal(index, lk::signal_request::Message::Offer(lk::SessionDescription { r#type: "offer".into(), sdp: offer.to_sdp_string(), id: 1, ..Default::default() }));
+    net.step(TICK);
+    net.clients[index].signals.iter().any(|m| matches!(m, lk::signal_response::Message::Answer(_)))
+}
+
+#[test]
+fn tracks_beyond_the_limit_are_refused_as_livekit_refuses_them_and_so_are_offers_with_more_media_lines() {
+    let mut net = limited(Limits { tracks_per_participant: 2, ..Limits::default() });
+    let ana = net.join("ana", true);
+    for name in ["mic", "camera", "screen"] {
+        add_track(&mut net, ana, name);
+    }
+    net.step(TICK);
+    let published: Vec<&str> = net.clients[ana].signals.iter().filter_map(|m| match m { lk::signal_response::Message::TrackPublished(p) => Some(p.cid.as_str()), _ => None }).collect();
+    assert_eq!(published, ["mic", "camera"]);
+    let refusal = net.clients[ana].signals.iter().find_map(|m| match m { lk::signal_response::Message::RequestResponse(r) => Some(r.clone()), _ => None }).expect("a RequestResponse");
+    assert_eq!(refusal.reason, lk::request_response::Reason::LimitExceeded as i32);
+    assert!(matches!(&refusal.request, Some(lk::request_response::Request::AddTrack(add)) if add.cid == "screen"), "{refusal:?}");
+
+    // A media line per track, and one for data: three audio lines are too many for two
+    // tracks; two are answered.
+    assert!(!answers_offer_with(&mut net, ana, 3), "an offer with three media lines was answered");
+    let ben = net.join("ben", true);
+    assert!(answers_offer_with(&mut net, ben, 2), "an offer with two media lines was refused");
+}
+
+#[test]
+fn a_call_takes_at_most_its_participants_and_the_next_one_is_told_why() {
+    let mut net = limited(Limits { participants_per_call: 2, ..Limits::default() });
+    let ana = net.join("ana", true);
+    net.join("ben", true);
+    let cat = net.join("cat", true);
+    // Another call has room of its own.
+    let dan = net.join_in("elsewhere", "dan", true);
+    net.step(TICK);
+    let Some(lk::signal_response::Message::Leave(leave)) = net.clients[cat].signals.first() else { panic!("cat is told to leave: {:?}", net.clients[cat].signals) };
+    assert_eq!(leave.reason, lk::DisconnectReason::JoinFailure as i32);
+    assert_eq!(leave.action, lk::leave_request::Action::Disconnect as i32);
+    assert!(!net.clients[cat].signals.iter().any(|m| matches!(m, lk::signal_response::Message::Join(_))));
+    assert_eq!(net.sfu.poll_gone(), Some(net.clients[cat].id), "cat's signalling is closed");
+    let sees_cat = |net: &Network, index: usize| net.clients[index].signals.iter().any(|m| matches!(m, lk::signal_response::Message::Update(u) if u.participants.iter().any(|p| p.identity == "cat")));
+    assert!(!sees_cat(&net, ana), "ana heard of cat");
+    assert!(matches!(net.clients[dan].signals.first(), Some(lk::signal_response::Message::Join(_))));
+
+    // Once someone leaves, there is room again.
+    net.leave(ana);
+    let eve = net.join("eve", true);
+    net.step(TICK);
+    assert!(matches!(net.clients[eve].signals.first(), Some(lk::signal_response::Message::Join(_))));
+}
+
+/// A LiveKit user packet of `size` payload bytes.
+fn user_packet(size: usize) -> Vec<u8> {
+    lk::DataPacket { value: Some(lk::data_packet::Value::User(lk::UserPacket { payload: vec![7; size], ..Default::default() })), ..Default::default() }.encode_to_vec()
+}
+
+#[test]
+fn data_packets_are_relayed_only_from_the_channels_allowed_and_within_their_size_and_rate() {
+    let limits = Limits { data_channels: 2, data_packet_bytes: 2000, data_rate: RateLimit { per_second: 1.0, burst: 8 * 1024 }, ..Limits::default() };
+    let mut net = limited(limits);
+    let ana = net.join("ana", true);
+    let ben = net.join("ben", true);
+    let channels = net.open_channels(ana, &["_reliable", "_lossy", "extra"]);
+    for _ in 0..200 {
+        if net.clients[ana].publisher.channel(channels[0]).is_some() {
+            break;
+        }
+        net.step(TICK);
+    }
+    let send = |net: &mut Network, channel: usize, packet: &[u8]| {
+        if let Some(mut channel) = net.clients[ana].publisher.channel(channels[channel]) {
+            channel.write(true, packet).expect("written");
+        }
+        for _ in 0..20 {
+            net.step(TICK);
+        }
+    };
+    // The room's first packet reaches nobody, and opens everyone's data channels.
+    send(&mut net, 0, &user_packet(100));
+    for _ in 0..200 {
+        net.step(TICK);
+    }
+    send(&mut net, 0, &user_packet(100));
+    assert_eq!(net.clients[ben].data.len(), 1, "ben gets a packet within the limits");
+    let relayed = lk::DataPacket::decode(net.clients[ben].data[0].as_slice()).expect("a DataPacket");
+    assert_eq!(relayed.participant_identity, "ana");
+
+    send(&mut net, 0, &user_packet(3000));
+    assert_eq!(net.clients[ben].data.len(), 1, "a packet over the size limit was relayed");
+    send(&mut net, 2, &user_packet(100));
+    assert_eq!(net.clients[ben].data.len(), 1, "a packet on a channel beyond the limit was relayed");
+
+    // 8 KiB of burst, each small packet counting 1 KiB: two were relayed, six more are.
+    for _ in 0..10 {
+        send(&mut net, 0, &user_packet(100));
+    }
+    assert_eq!(net.clients[ben].data.len(), 7, "the data rate is not kept");
 }

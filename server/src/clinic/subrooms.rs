@@ -1,0 +1,128 @@
+//! A session's sub-rooms — its private notes room and its breakout rooms — and what a role
+//! change takes away there. Being in a sub-room is a right that comes with a role: whoever loses
+//! the role loses the membership in the same atomic write as the role event, so that no /sync,
+//! /messages or /state of a sub-room ever reaches someone the session no longer lets in.
+
+use ruma::{OwnedRoomId, RoomId, UserId};
+use serde_json::{Value as JsonValue, json};
+
+use super::{BREAKOUT, Breakout, NOTES_FOR, ROLE, Role, SESSION, role_user, session_role};
+use crate::{
+    error::Result,
+    events::PduBuilder,
+    rooms::{Membership, RoomWriter, Rooms},
+    server::Server,
+};
+
+/// Whether `room_id` is a session's private notes room.
+pub fn is_notes_room(rooms: &Rooms, room_id: &RoomId) -> Result<bool> {
+    Ok(rooms.state_event(room_id, NOTES_FOR, "")?.is_some())
+}
+
+/// The session room a notes room belongs to.
+pub fn notes_session(rooms: &Rooms, notes_room: &RoomId) -> Result<Option<OwnedRoomId>> {
+    Ok(rooms
+        .state_content(notes_room, NOTES_FOR, "")?
+        .and_then(|content| content.get("room_id")?.as_str().and_then(|room| OwnedRoomId::try_from(room).ok())))
+}
+
+/// Every breakout room ever linked to the session (closed ones too), in state order.
+pub fn breakouts(rooms: &Rooms, session_room: &RoomId) -> Result<Vec<(OwnedRoomId, Breakout)>> {
+    let mut found = Vec::new();
+    for pdu in rooms.current_state(session_room)?.into_iter().filter(|p| p.kind == ruma::events::TimelineEventType::SpaceChild) {
+        let Some(child) = pdu.state_key.as_deref().and_then(|k| OwnedRoomId::try_from(k).ok()) else { continue };
+        let Some(content) = rooms.state_content(&child, BREAKOUT, "")? else { continue };
+        let Ok(breakout) = Breakout::parse(&content) else { continue };
+        if breakout.session_room == session_room {
+            found.push((child, breakout));
+        }
+    }
+    Ok(found)
+}
+
+/// `user`'s membership in the room a writer holds, staged events included.
+pub fn membership_in(writer: &RoomWriter<'_>, user: &UserId) -> Result<Option<Membership>> {
+    Ok(writer
+        .state_event("m.room.member", user.as_str())?
+        .and_then(|m| m.content_json().get("membership").and_then(JsonValue::as_str).and_then(Membership::parse)))
+}
+
+/// Makes `user`, who acts in a sub-room, a joined member of it: therapists are invited into
+/// breakouts when they are created, so an invited therapist joins on their first action there.
+pub fn ensure_joined(writer: &mut RoomWriter<'_>, user: &UserId) -> Result<()> {
+    match membership_in(writer, user)? {
+        Some(Membership::Join) => Ok(()),
+        Some(Membership::Invite) => writer.append(user, PduBuilder::state("m.room.member", user.as_str(), json!({ "membership": "join" })), None).map(drop),
+        _ => Err(crate::error::Error::forbidden("you are not in this breakout room")),
+    }
+}
+
+/// The role a role event's content gives: `Some(None)` removes the role, `None` is not a
+/// valid role (the clinic policy refuses it).
+fn role_in_content(content: &JsonValue) -> Option<Option<Role>> {
+    match content.get("role") {
+        Some(JsonValue::Null) => Some(None),
+        Some(role) => serde_json::from_value(role.clone()).ok().map(Some),
+        None => None,
+    }
+}
+
+/// For a role event about to be appended to a session room (by any API): the sub-room
+/// writers that end its target's memberships, see [`stage_role_change`]. Nothing for other
+/// events.
+pub async fn stage_for_event<'s>(server: &'s Server, room_id: &RoomId, sender: &UserId, builder: &PduBuilder) -> Result<Vec<RoomWriter<'s>>> {
+    if builder.kind.to_string() != ROLE {
+        return Ok(Vec::new());
+    }
+    let (Some(user), Some(role)) = (
+        builder.state_key.as_deref().and_then(role_user).and_then(|u| <&UserId>::try_from(u).ok()),
+        role_in_content(&builder.content),
+    ) else {
+        return Ok(Vec::new());
+    };
+    if server.rooms.state_event(room_id, SESSION, "")?.is_none() {
+        return Ok(Vec::new());
+    }
+    stage_role_change(server, room_id, sender, user, role).await
+}
+
+/// Stages, in writers of the session's sub-rooms, the end of `user`'s memberships that their
+/// new role (`None`: removed from the session) no longer allows: someone who stops being a
+/// therapist leaves the notes room and every open breakout (therapists are in all of them), and
+/// someone removed from the session leaves every open breakout. The caller holds the session
+/// room's writer (so the session room is always locked first), appends the role event to it and
+/// commits it with these writers: one atomic write.
+///
+/// A local user's membership ends with their own leave, which the auth rules always allow
+/// whatever the power levels of the sub-room (as deactivation and room deletion do); a user of
+/// another server (only ever in a breakout, notes rooms never federate) is kicked by `actor`.
+pub async fn stage_role_change<'s>(server: &'s Server, session_room: &RoomId, actor: &UserId, user: &UserId, role: Option<Role>) -> Result<Vec<RoomWriter<'s>>> {
+    let before = session_role(&server.rooms, session_room, user.as_str())?;
+    let loses_therapist = before.is_some_and(Role::is_therapist) && !role.is_some_and(Role::is_therapist);
+    let loses_session = before.is_some() && role.is_none();
+    let mut writers = Vec::new();
+    if !loses_therapist && !loses_session {
+        return Ok(writers);
+    }
+    let reason = if loses_session { "removed from the session" } else { "no longer a therapist of the session" };
+    let mut rooms = Vec::new();
+    if loses_therapist && let Some(notes) = server.clinic.notes_room(session_room)? {
+        rooms.push(notes);
+    }
+    rooms.extend(breakouts(&server.rooms, session_room)?.into_iter().filter(|(_, b)| !b.closed).map(|(room, _)| room));
+    for room in rooms {
+        if !matches!(server.rooms.membership(&room, user)?, Some(Membership::Join | Membership::Invite | Membership::Knock)) {
+            continue;
+        }
+        let mut writer = server.rooms.writer(&room).await?;
+        let leave = PduBuilder::state("m.room.member", user.as_str(), json!({ "membership": "leave", "reason": reason }));
+        if user.server_name() == server.server_name() {
+            writer.append(user, leave, None)?;
+        } else {
+            ensure_joined(&mut writer, actor)?;
+            writer.append(actor, leave, None)?;
+        }
+        writers.push(writer);
+    }
+    Ok(writers)
+}
