@@ -24,7 +24,6 @@ pub mod rooms;
 pub mod search;
 pub mod secrets;
 pub mod server;
-pub mod store;
 pub mod sync;
 pub mod users;
 
@@ -32,6 +31,8 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{Router, middleware};
 pub use error::{Error, Result};
+/// The storage crate, under the name the modules have always used for it.
+pub use limbic_store as store;
 pub use server::Server;
 
 /// Builds the HTTP application for a running server.

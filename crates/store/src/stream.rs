@@ -114,7 +114,7 @@ impl Drop for StreamTicket {
 
 #[cfg(test)]
 mod tests {
-    use crate::store::Store;
+    use crate::Store;
 
     #[test]
     fn watermark_waits_for_earlier_writes_and_survives_restart() {

@@ -282,11 +282,11 @@ impl Store {
         if let Some(secret) = self.get(tables::GLOBAL, key)? {
             return Ok(secret);
         }
-        let secret = crate::users::random_string(64).into_bytes();
+        let secret: [u8; 64] = rand::random();
         let mut batch = self.batch();
         batch.put(self, tables::GLOBAL, key, &secret);
         self.write(batch)?;
-        Ok(secret)
+        Ok(secret.to_vec())
     }
 
     /// Entries from `start` (inclusive) within `prefix`, forward or backward.
