@@ -5,11 +5,8 @@ pub mod audit;
 pub mod calls;
 pub mod client;
 pub mod clinic;
-pub mod config;
 pub mod delayed;
 pub mod e2ee;
-pub mod error;
-pub mod events;
 pub mod federation;
 #[doc(hidden)]
 pub mod fuzz;
@@ -30,7 +27,7 @@ pub mod users;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{Router, middleware};
-pub use error::{Error, Result};
+pub use limbic_core::{Error, Result, config, error, events, network};
 /// The storage crate, under the name the modules have always used for it.
 pub use limbic_store as store;
 pub use server::Server;

@@ -12,7 +12,7 @@ use std::{
 use crate::{
     config::{RateLimit, RateLimitsConfig},
     error::{Error, Result},
-    net_filter::Network,
+    network::Network,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

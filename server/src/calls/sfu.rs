@@ -27,7 +27,7 @@ use super::{
     Claims, Rights,
     containers::{Ivf, OggOpus},
 };
-use crate::config::{CallsConfig, RateLimit};
+use crate::config::{CallsConfig, DATA_PACKET_MIN_COST, RateLimit};
 
 /// A participant's handle inside the SFU.
 pub type ParticipantId = u64;
@@ -78,9 +78,6 @@ impl Default for Limits {
     }
 }
 
-/// What a data packet counts for at least against the data rate: relaying a packet costs
-/// about as much whatever its size, so tiny ones must not come by the thousand.
-pub const DATA_PACKET_MIN_COST: usize = 1024;
 
 /// A token bucket: `per_second` tokens a second, holding at most `burst`.
 pub struct Bucket {

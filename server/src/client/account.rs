@@ -189,7 +189,7 @@ async fn login_handler(
         return Ok(super::appointments::jwt_login(&server, &req).await?.into_response());
     }
     let login::v3::LoginInfo::Password(password) = &req.body.login_info else {
-        return Err(Error::new(ErrorCode::Unknown, "unsupported login type").into_bad_request());
+        return Err(Error::with_status(ErrorCode::Unknown, http::StatusCode::BAD_REQUEST, "unsupported login type"));
     };
     let user = match &password.identifier {
         Some(ruma::api::client::uiaa::UserIdentifier::Matrix(id)) => id.user.clone(),
@@ -217,15 +217,6 @@ async fn login_handler(
     server.audit.write_with(&server.store, batch, vec![record])?;
     tracing::info!(%user_id, %device_id, "login");
     Ok(RumaResponse::from(login::v3::Response::new(user_id, token, device_id)).into_response())
-}
-
-impl Error {
-    fn into_bad_request(self) -> Self {
-        match self {
-            Self::Matrix { code, message, .. } => Self::with_status(code, http::StatusCode::BAD_REQUEST, message),
-            other => other,
-        }
-    }
 }
 
 async fn logout_handler(

@@ -28,7 +28,8 @@ use super::{
 };
 use crate::{
     config::FederationConfig,
-    net_filter::{self, AddressFilter},
+    net_filter,
+    network::AddressFilter,
 };
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);

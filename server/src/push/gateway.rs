@@ -10,7 +10,8 @@ use tokio::sync::mpsc;
 
 use crate::{
     config::PushConfig,
-    net_filter::{AddressFilter, Client, FetchError},
+    net_filter::{Client, FetchError},
+    network::AddressFilter,
 };
 
 const ATTEMPTS: u32 = 6;

@@ -113,10 +113,14 @@ pub struct CallsConfig {
     pub max_data_channels: usize,
     /// Largest data packet relayed, in bytes.
     pub max_data_packet_bytes: usize,
-    /// Data relayed per participant, in bytes (each packet counts at least 1 KiB):
-    /// sustained per second, and burst.
+    /// Data relayed per participant, in bytes (each packet counts at least
+    /// [`DATA_PACKET_MIN_COST`]): sustained per second, and burst.
     pub data_rate: RateLimit,
 }
+
+/// What a data packet counts for at least against `[calls] data_rate`: relaying a packet costs
+/// about as much whatever its size, so tiny ones must not come by the thousand.
+pub const DATA_PACKET_MIN_COST: usize = 1024;
 
 impl Default for CallsConfig {
     fn default() -> Self {
@@ -173,8 +177,8 @@ pub struct FederationConfig {
     /// Largest inbound transaction body, in bytes.
     pub max_transaction_bytes: usize,
     /// Internal networks (loopback, private, link-local, …) other servers may be reached at;
-    /// outside them, only public addresses are (`crate::net_filter`).
-    pub allowed_networks: Vec<crate::net_filter::Network>,
+    /// outside them, only public addresses are (`crate::network`).
+    pub allowed_networks: Vec<crate::network::Network>,
 }
 
 impl Default for FederationConfig {
@@ -202,8 +206,8 @@ impl Default for FederationConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct PushConfig {
     /// Internal networks (loopback, private, link-local, …) push gateways may be reached at, for
-    /// on-premise gateways; outside them, only public addresses are (`crate::net_filter`).
-    pub allowed_networks: Vec<crate::net_filter::Network>,
+    /// on-premise gateways; outside them, only public addresses are (`crate::network`).
+    pub allowed_networks: Vec<crate::network::Network>,
 }
 
 /// Limits and caching of the WebAssembly plugin host.
@@ -419,8 +423,8 @@ pub struct RateLimit {
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimitsConfig {
     pub enabled: bool,
-    /// Proxies whose `X-Forwarded-For` is believed (`crate::ratelimit::client_address`).
-    pub trusted_proxies: Vec<crate::net_filter::Network>,
+    /// Proxies whose `X-Forwarded-For` is believed (the server's `ratelimit::client_address`).
+    pub trusted_proxies: Vec<crate::network::Network>,
     pub message: RateLimit,
     pub registration: RateLimit,
     pub login: RateLimit,
@@ -679,7 +683,7 @@ impl Config {
                 return Err(ConfigError::Invalid { key, reason: "must be at least 1".into() });
             }
         }
-        if (calls.data_rate.burst as usize) < calls.max_data_packet_bytes.max(crate::calls::sfu::DATA_PACKET_MIN_COST) {
+        if (calls.data_rate.burst as usize) < calls.max_data_packet_bytes.max(DATA_PACKET_MIN_COST) {
             return Err(ConfigError::Invalid { key: "calls.data_rate", reason: "burst must be at least max_data_packet_bytes (and 1024)".into() });
         }
         let limits = &self.rate_limits;
@@ -785,7 +789,7 @@ mod tests {
 
     use super::*;
 
-    const EXAMPLE: &str = include_str!("../../config.example.toml");
+    const EXAMPLE: &str = include_str!("../../../config.example.toml");
 
     #[test]
     fn example_config_is_valid() {

@@ -4,7 +4,7 @@ use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use serde_json::json;
 
-use crate::store::StoreError;
+use limbic_store::StoreError;
 
 /// Matrix error codes Limbic returns, each with its usual HTTP status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
