@@ -23,7 +23,7 @@ use serde_json::value::RawValue;
 use crate::{
     calls::{
         self,
-        sfu::{ParticipantId, Sfu},
+        sfu::{ParticipantId, Sfu, loopback},
     },
     clinic::appointments,
     events::{PduBuilder, PduPlacement, SUPPORTED_ROOM_VERSIONS, ServerSigningKey, build_pdu, redact_stored, rules_for},
@@ -159,8 +159,8 @@ pub fn livekit_signal(data: &[u8]) {
     CALL.with_borrow_mut(|state| {
         let Call { sfu, ids, now, inputs } = state.get_or_insert_with(|| {
             let now = Instant::now();
-            let mut sfu = Sfu::new(SocketAddr::from(calls::loopback::SFU_ADDR));
-            let ids = [sfu.join(now, &calls::loopback::claims("ana", "call", true), true), sfu.join(now, &calls::loopback::claims("ben", "call", false), true)];
+            let mut sfu = Sfu::new(SocketAddr::from(loopback::SFU_ADDR), calls::sfu_limits(&Default::default()));
+            let ids = [sfu.join(now, &loopback::grant("ana", "call", true), true), sfu.join(now, &loopback::grant("ben", "call", false), true)];
             Call { sfu, ids, now, inputs: 0 }
         });
         *inputs += 1;
@@ -298,9 +298,9 @@ pub fn seeds(harness: &str) -> Vec<Vec<u8>> {
         "livekit_signal" => seed_signals(),
         "call_token" => {
             let key = jsonwebtoken::EncodingKey::from_secret(CALL_SECRET);
-            let mut claims = calls::loopback::claims("ana", "call", true);
-            claims.iss = CALL_ISSUER.into();
-            claims.exp = 4_102_444_800;
+            let video = calls::VideoGrant { room_join: true, room: "call".into(), can_publish: true, can_subscribe: true, can_publish_data: true, room_admin: false, room_record: false };
+            let room = "!call:test.local".try_into().expect("a valid room id");
+            let mut claims = calls::Claims { iss: CALL_ISSUER.into(), sub: "ana".into(), nbf: 0, exp: 4_102_444_800, name: "ana".into(), video, matrix_room: room, matrix_user: "@ana:test.local".into() };
             let valid = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).expect("a token");
             claims.exp = 1;
             let expired = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).expect("a token");

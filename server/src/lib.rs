@@ -8,6 +8,7 @@ pub mod clinic;
 pub mod delayed;
 pub mod e2ee;
 pub mod federation;
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzz;
 pub mod media;

@@ -13,10 +13,7 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use super::{
-    Claims,
-    sfu::{Limits, ParticipantId, Sfu},
-};
+use super::sfu::{Grant, ParticipantId, Sfu};
 use crate::config::CallsConfig;
 
 /// What the SFU tells one participant's signalling connection.
@@ -30,7 +27,7 @@ pub enum ToParticipant {
 type Job = Box<dyn FnOnce(&mut Sfu, Instant) + Send>;
 
 enum Command {
-    Join { claims: Box<Claims>, auto_subscribe: bool, to: mpsc::UnboundedSender<ToParticipant>, joined: oneshot::Sender<ParticipantId> },
+    Join { grant: Box<Grant>, auto_subscribe: bool, to: mpsc::UnboundedSender<ToParticipant>, joined: oneshot::Sender<ParticipantId> },
     Signal(ParticipantId, lk::SignalRequest),
     Leave(ParticipantId),
     Run(Job),
@@ -45,10 +42,10 @@ pub struct SfuHandle {
 }
 
 impl SfuHandle {
-    /// Joins the call `claims` admit to; `None` if the SFU has stopped.
-    pub async fn join(&self, claims: Claims, auto_subscribe: bool, to: mpsc::UnboundedSender<ToParticipant>) -> Option<ParticipantId> {
+    /// Joins the call `grant` admits to; `None` if the SFU has stopped.
+    pub async fn join(&self, grant: Grant, auto_subscribe: bool, to: mpsc::UnboundedSender<ToParticipant>) -> Option<ParticipantId> {
         let (joined, id) = oneshot::channel();
-        self.commands.send(Command::Join { claims: Box::new(claims), auto_subscribe, to, joined }).ok()?;
+        self.commands.send(Command::Join { grant: Box::new(grant), auto_subscribe, to, joined }).ok()?;
         id.await.ok()
     }
 
@@ -82,7 +79,7 @@ pub async fn start(config: &CallsConfig) -> std::io::Result<SfuHandle> {
     };
     let candidate_addr = SocketAddr::new(ip, bound.port());
     let (commands, receiver) = mpsc::unbounded_channel();
-    tokio::spawn(run(socket, Sfu::with_limits(candidate_addr, Limits::of(config)), receiver, candidate_addr));
+    tokio::spawn(run(socket, Sfu::new(candidate_addr, super::sfu_limits(config)), receiver, candidate_addr));
     tracing::info!(%bound, %candidate_addr, "SFU media listening (UDP)");
     Ok(SfuHandle { commands, candidate_addr })
 }
@@ -130,8 +127,8 @@ async fn run(socket: UdpSocket, mut sfu: Sfu, mut commands: mpsc::UnboundedRecei
                 let now = Instant::now();
                 match command {
                     None => return,
-                    Some(Command::Join { claims, auto_subscribe, to, joined }) => {
-                        let id = sfu.join(now, &claims, auto_subscribe);
+                    Some(Command::Join { grant, auto_subscribe, to, joined }) => {
+                        let id = sfu.join(now, &grant, auto_subscribe);
                         participants.insert(id, to);
                         let _ = joined.send(id);
                     }

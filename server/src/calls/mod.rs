@@ -7,14 +7,15 @@
 //! therapists also mute and remove others and record. The rights are checked again whenever a
 //! token is used ([`still_allowed`]), and [`warden`] drops participants whose rights end.
 
-pub mod containers;
-pub mod loopback;
 pub mod media;
 pub mod recording;
 pub mod room_service;
-pub mod sfu;
 pub mod signal;
 pub mod warden;
+
+/// The SFU core: a crate of its own, which knows nothing of Matrix.
+pub use limbic_sfu as sfu;
+pub use limbic_sfu::Rights;
 
 use std::sync::{Arc, OnceLock};
 
@@ -24,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     clinic::{BREAKOUT, Role, SESSION, Session, Status, session_role},
-    config::{CallsConfig, ListenConfig},
+    config::{CallsConfig, DATA_PACKET_MIN_COST, ListenConfig, RateLimit},
     error::{Error, ErrorCode, Result},
     rooms::Rooms,
     store::Store,
@@ -35,29 +36,29 @@ const SECRET_KEY: &[u8] = b"calls_api_secret";
 /// Where this server serves the token service (`/sfu/get`, `/get_token`).
 pub const SERVICE_PATH: &str = "/_limbic/calls";
 
-/// What a participant may do in a call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Rights {
-    pub publish: bool,
-    pub subscribe: bool,
-    /// Mute and remove other participants.
-    pub moderate: bool,
-    pub record: bool,
+/// What a session role may do in a call.
+fn rights_of(role: Role) -> Rights {
+    match role {
+        Role::Therapist | Role::CoTherapist => Rights { publish: true, subscribe: true, moderate: true, record: true },
+        Role::Client => Rights { publish: true, subscribe: true, moderate: false, record: false },
+        Role::Observer => Rights { publish: false, subscribe: true, moderate: false, record: false },
+    }
 }
 
-impl Rights {
-    fn of_role(role: Role) -> Self {
-        match role {
-            Role::Therapist | Role::CoTherapist => Self { publish: true, subscribe: true, moderate: true, record: true },
-            Role::Client => Self { publish: true, subscribe: true, moderate: false, record: false },
-            Role::Observer => Self { publish: false, subscribe: true, moderate: false, record: false },
-        }
+/// The SFU's limits from `[calls]`.
+pub fn sfu_limits(config: &CallsConfig) -> sfu::Limits {
+    sfu::Limits {
+        participants_per_call: config.max_participants_per_call,
+        tracks_per_participant: config.max_tracks_per_participant,
+        data_channels: config.max_data_channels,
+        data_packet_bytes: config.max_data_packet_bytes,
+        data_rate: sfu_rate(config.data_rate),
+        data_packet_min_cost: DATA_PACKET_MIN_COST,
     }
+}
 
-    /// Whether these rights include everything `granted` allows.
-    fn cover(self, granted: Rights) -> bool {
-        (self.publish || !granted.publish) && (self.subscribe || !granted.subscribe) && (self.moderate || !granted.moderate) && (self.record || !granted.record)
-    }
+pub fn sfu_rate(limit: RateLimit) -> sfu::Rate {
+    sfu::Rate { per_second: limit.per_second, burst: limit.burst }
 }
 
 /// LiveKit's video grant, as its SDKs and servers spell it.
@@ -99,6 +100,19 @@ impl Claims {
             subscribe: self.video.can_subscribe,
             moderate: self.video.room_admin,
             record: self.video.room_record,
+        }
+    }
+
+    /// What the SFU admits the holder to.
+    pub fn grant(&self) -> sfu::Grant {
+        sfu::Grant {
+            room: self.video.room.clone(),
+            identity: self.sub.clone(),
+            name: self.name.clone(),
+            app_room: self.matrix_room.to_string(),
+            app_user: self.matrix_user.clone(),
+            rights: self.rights(),
+            publish_data: self.video.can_publish_data,
         }
     }
 }
@@ -195,7 +209,7 @@ pub fn rights_in(rooms: &Rooms, room_id: &RoomId, user: &UserId) -> Result<Right
         return Ok(Rights { publish: true, subscribe: true, moderate, record: false });
     };
     let role = session_role(rooms, &session_room, user.as_str())?.ok_or_else(|| Error::forbidden("only the session's participants may join its call"))?;
-    Ok(Rights::of_role(role))
+    Ok(rights_of(role))
 }
 
 /// The session room whose roles govern the call of `room_id` (`None` for an ordinary room's
@@ -257,7 +271,7 @@ mod tests {
             user_id: "@ana:test.local".into(),
             matrix_room: "!r:test.local".try_into().unwrap(),
             sfu_room: "!r:test.local".into(),
-            rights: Rights::of_role(Role::Observer),
+            rights: rights_of(Role::Observer),
         }
     }
 

@@ -141,7 +141,7 @@ async fn refuse_resume(mut socket: WebSocket) {
 async fn session(mut socket: WebSocket, server: &Server, sfu: super::media::SfuHandle, claims: Claims, auto_subscribe: bool) {
     let (to, mut from_sfu) = mpsc::unbounded_channel();
     let (room, identity, user, rights) = (claims.matrix_room.clone(), claims.sub.clone(), claims.matrix_user.clone(), claims.rights());
-    let Some(id) = sfu.join(claims, auto_subscribe, to).await else { return };
+    let Some(id) = sfu.join(claims.grant(), auto_subscribe, to).await else { return };
     tracing::info!(%room, %identity, participant = id, "joined a call");
     // Checked again now that the SFU knows them: rights that ended between the check before the
     // upgrade and the join were not seen by the warden, which looks only at who is in a call.
@@ -149,7 +149,7 @@ async fn session(mut socket: WebSocket, server: &Server, sfu: super::media::SfuH
         tracing::info!(%room, %identity, participant = id, %error, "dropped from a call: its rights ended");
         sfu.run(move |sfu, _| sfu.disconnect(id, lk::DisconnectReason::ParticipantRemoved)).await;
     }
-    let mut budget = Bucket::new(server.calls.config.signal_rate, Instant::now());
+    let mut budget = Bucket::new(super::sfu_rate(server.calls.config.signal_rate), Instant::now());
     loop {
         tokio::select! {
             incoming = socket.recv() => {

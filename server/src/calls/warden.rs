@@ -64,7 +64,7 @@ pub async fn run(server: Arc<Server>) {
 fn check(rooms: &Rooms, watched: &mut HashMap<OwnedRoomId, Watched>, live: Vec<Live>, upto: StreamPos) -> Vec<(ParticipantId, lk::DisconnectReason)> {
     let mut by_room: HashMap<OwnedRoomId, Vec<Live>> = HashMap::new();
     for participant in live {
-        if let Ok(room) = OwnedRoomId::try_from(participant.matrix_room.as_str()) {
+        if let Ok(room) = OwnedRoomId::try_from(participant.app_room.as_str()) {
             by_room.entry(room).or_default().push(participant);
         }
     }
@@ -82,8 +82,8 @@ fn check(rooms: &Rooms, watched: &mut HashMap<OwnedRoomId, Watched>, live: Vec<L
         // A call that closed for everyone (the session is over, the breakout closed) says so.
         let reason = if open_session_call(rooms, &room).is_ok() { lk::DisconnectReason::ParticipantRemoved } else { lk::DisconnectReason::RoomClosed };
         for participant in participants {
-            if let Err(error) = still_allowed(rooms, &room, &participant.matrix_user, participant.rights) {
-                tracing::info!(%room, user = %participant.matrix_user, participant = participant.id, %error, "dropped from a call: its rights ended");
+            if let Err(error) = still_allowed(rooms, &room, &participant.app_user, participant.rights) {
+                tracing::info!(%room, user = %participant.app_user, participant = participant.id, %error, "dropped from a call: its rights ended");
                 expelled.push((participant.id, reason));
             }
         }

@@ -18,25 +18,33 @@ use str0m::{
     net::{Protocol, Receive},
 };
 
-use super::{
-    Claims, VideoGrant,
-    sfu::{Limits, ParticipantId, Sfu},
-};
+use crate::{Grant, Limits, ParticipantId, Rate, Rights, Sfu};
 
 /// Where the SFU's socket is, on this network.
 pub const SFU_ADDR: ([u8; 4], u16) = ([10, 0, 0, 1], 7882);
 
-/// A call token's claims for `identity` in the call `room`.
-pub fn claims(identity: &str, room: &str, publish: bool) -> Claims {
-    Claims {
-        iss: "limbic".into(),
-        sub: identity.into(),
-        nbf: 0,
-        exp: u64::MAX,
+/// The limits of a test network: those a server has by default (`[calls]`), without a cap on
+/// a call's participants.
+pub const LIMITS: Limits = Limits {
+    participants_per_call: usize::MAX,
+    tracks_per_participant: 16,
+    data_channels: 4,
+    data_packet_bytes: 16 * 1024,
+    data_rate: Rate { per_second: 256.0 * 1024.0, burst: 1024 * 1024 },
+    data_packet_min_cost: 1024,
+};
+
+/// What a call token grants `identity` in the call `room`: to listen and watch, and to publish
+/// if `publish`.
+pub fn grant(identity: &str, room: &str, publish: bool) -> Grant {
+    Grant {
+        room: room.into(),
+        identity: identity.into(),
         name: identity.into(),
-        video: VideoGrant { room_join: true, room: room.into(), can_publish: publish, can_subscribe: true, can_publish_data: publish, room_admin: false, room_record: false },
-        matrix_room: "!call:test.local".try_into().expect("a valid room id"),
-        matrix_user: format!("@{identity}:test.local"),
+        app_room: "!call:test.local".into(),
+        app_user: format!("@{identity}:test.local"),
+        rights: Rights { publish, subscribe: true, moderate: false, record: false },
+        publish_data: publish,
     }
 }
 
@@ -93,8 +101,7 @@ impl Network {
     /// An SFU with the default limits, but calls of any size: the forwarding benchmark goes
     /// beyond `max_participants_per_call`.
     pub fn new() -> Self {
-        let limits = Limits { participants_per_call: usize::MAX, ..Limits::default() };
-        Self { sfu: Sfu::with_limits(SocketAddr::from(SFU_ADDR), limits), clients: Vec::new(), now: Instant::now(), sfu_time: Duration::ZERO, receive_times: Vec::new(), timing: false }
+        Self { sfu: Sfu::new(SocketAddr::from(SFU_ADDR), LIMITS), clients: Vec::new(), now: Instant::now(), sfu_time: Duration::ZERO, receive_times: Vec::new(), timing: false }
     }
 
     /// A client joins the call; its index.
@@ -115,7 +122,7 @@ impl Network {
             rtc
         });
         let started = Instant::now();
-        let id = self.sfu.join(now, &claims(identity, room, publish), true);
+        let id = self.sfu.join(now, &grant(identity, room, publish), true);
         self.sfu_time += started.elapsed();
         self.clients.push(Client { id, publisher, subscriber, addrs, pending: None, signals: Vec::new(), frames: 0, last_frame: None, data: Vec::new() });
         index

@@ -3,8 +3,16 @@
 //! publish, and the forwarding of their media to the others, without transcoding.
 //!
 //! Sans-IO, in str0m's style: fed signalling requests, UDP datagrams and timeouts, and polled
-//! for datagrams to send, signalling responses and the next timeout. The driver
-//! ([`super::media`]) owns the socket and the WebSockets.
+//! for datagrams to send, signalling responses and the next timeout. The driver (the server's
+//! `calls::media`) owns the socket and the WebSockets.
+//!
+//! It knows nothing of Matrix: a participant comes with a [`Grant`] (what their call token
+//! allows), and the application's room and user they were admitted for are opaque labels that
+//! the application asks about again ([`Sfu::live`], [`Sfu::close`], recordings).
+
+pub mod containers;
+#[cfg(any(test, feature = "testing"))]
+pub mod loopback;
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -23,11 +31,7 @@ use str0m::{
     net::{Protocol, Receive},
 };
 
-use super::{
-    Claims, Rights,
-    containers::{Ivf, OggOpus},
-};
-use crate::config::{CallsConfig, DATA_PACKET_MIN_COST, RateLimit};
+use containers::{Ivf, OggOpus};
 
 /// A participant's handle inside the SFU.
 pub type ParticipantId = u64;
@@ -48,46 +52,70 @@ const SPEAKING_LEVEL: f32 = 0.03;
 /// The weight of each new audio-level sample in the smoothed level.
 const LEVEL_SMOOTHING: f32 = 0.2;
 
-/// What one participant may use of the SFU (`[calls]`'s limits): a call's participants, and each
-/// one's tracks, data channels and data packets.
+/// What one participant may use of the SFU: a call's participants, and each one's tracks, data
+/// channels and data packets.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     pub participants_per_call: usize,
     pub tracks_per_participant: usize,
     pub data_channels: usize,
     pub data_packet_bytes: usize,
-    /// In bytes, each packet counting at least [`DATA_PACKET_MIN_COST`].
-    pub data_rate: RateLimit,
+    /// In bytes, each packet counting at least `data_packet_min_cost`.
+    pub data_rate: Rate,
+    /// What a data packet counts for at least: relaying a packet costs about as much whatever
+    /// its size, so tiny ones must not come by the thousand.
+    pub data_packet_min_cost: usize,
 }
 
-impl Limits {
-    pub fn of(config: &CallsConfig) -> Self {
-        Self {
-            participants_per_call: config.max_participants_per_call,
-            tracks_per_participant: config.max_tracks_per_participant,
-            data_channels: config.max_data_channels,
-            data_packet_bytes: config.max_data_packet_bytes,
-            data_rate: config.data_rate,
-        }
+/// A sustained rate per second, and the burst allowed above it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rate {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+/// What a participant may do in a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Rights {
+    pub publish: bool,
+    pub subscribe: bool,
+    /// Mute and remove other participants.
+    pub moderate: bool,
+    pub record: bool,
+}
+
+impl Rights {
+    /// Whether these rights include everything `granted` allows.
+    pub fn cover(self, granted: Rights) -> bool {
+        (self.publish || !granted.publish) && (self.subscribe || !granted.subscribe) && (self.moderate || !granted.moderate) && (self.record || !granted.record)
     }
 }
 
-impl Default for Limits {
-    fn default() -> Self {
-        Self::of(&CallsConfig::default())
-    }
+/// Who joins, where, and what their call token allows.
+#[derive(Clone, Debug)]
+pub struct Grant {
+    /// The SFU room.
+    pub room: String,
+    /// The participant's identity in the call, and the name others see.
+    pub identity: String,
+    pub name: String,
+    /// The application's room and user the participant was admitted for.
+    pub app_room: String,
+    pub app_user: String,
+    pub rights: Rights,
+    /// Whether they may send data packets.
+    pub publish_data: bool,
 }
-
 
 /// A token bucket: `per_second` tokens a second, holding at most `burst`.
 pub struct Bucket {
-    limit: RateLimit,
+    limit: Rate,
     tokens: f64,
     updated: Instant,
 }
 
 impl Bucket {
-    pub fn new(limit: RateLimit, now: Instant) -> Self {
+    pub fn new(limit: Rate, now: Instant) -> Self {
         Self { limit, tokens: f64::from(limit.burst), updated: now }
     }
 
@@ -209,9 +237,9 @@ impl DownState {
 
 struct Participant {
     room: String,
-    /// The Matrix room and user the call token was issued for.
-    matrix_room: String,
-    matrix_user: String,
+    /// The application's room and user the participant was admitted for.
+    app_room: String,
+    app_user: String,
     info: lk::ParticipantInfo,
     rights: Rights,
     auto_subscribe: bool,
@@ -256,7 +284,7 @@ impl Participant {
 /// A recording of an SFU room's call: one file per track, written as the media arrives. It
 /// lasts until stopped, even through moments when nobody is in the call.
 struct Recording {
-    matrix_room: String,
+    app_room: String,
     tracks: HashMap<String, TrackFile>,
 }
 
@@ -284,7 +312,7 @@ impl RecordingFile {
 
 /// One track's file of a finished recording.
 pub struct RecordedTrack {
-    /// The Matrix user who published the track.
+    /// The application's user who published the track.
     pub owner: String,
     pub track_name: String,
     pub kind: MediaKind,
@@ -292,11 +320,11 @@ pub struct RecordedTrack {
     pub duration_ms: u64,
 }
 
-/// A participant in a call, as the Matrix side knows them.
+/// A participant in a call, as the application knows them.
 pub struct Live {
     pub id: ParticipantId,
-    pub matrix_room: String,
-    pub matrix_user: String,
+    pub app_room: String,
+    pub app_user: String,
     pub rights: Rights,
 }
 
@@ -338,7 +366,9 @@ pub struct Sfu {
 }
 
 fn random_sid(prefix: &str) -> String {
-    format!("{prefix}{}", crate::users::random_string(12))
+    use rand::{RngExt, distr::Alphanumeric};
+    let suffix: String = rand::rng().sample_iter(Alphanumeric).take(12).map(char::from).collect();
+    format!("{prefix}{suffix}")
 }
 
 fn response(message: lk::signal_response::Message) -> lk::SignalResponse {
@@ -350,11 +380,7 @@ fn now_ms() -> i64 {
 }
 
 impl Sfu {
-    pub fn new(candidate_addr: SocketAddr) -> Self {
-        Self::with_limits(candidate_addr, Limits::default())
-    }
-
-    pub fn with_limits(candidate_addr: SocketAddr, limits: Limits) -> Self {
+    pub fn new(candidate_addr: SocketAddr, limits: Limits) -> Self {
         Self {
             candidate_addr,
             limits,
@@ -386,13 +412,13 @@ impl Sfu {
         rtc
     }
 
-    /// Admits the holder of `claims`: they get the room and who is in it, and the others learn
+    /// Admits the holder of `grant`: they get the room and who is in it, and the others learn
     /// of them. In a full call they get `leave` (`JOIN_FAILURE`, as LiveKit answers a join
     /// beyond a room's `max_participants`) instead, and are gone.
-    pub fn join(&mut self, now: Instant, claims: &Claims, auto_subscribe: bool) -> ParticipantId {
+    pub fn join(&mut self, now: Instant, grant: &Grant, auto_subscribe: bool) -> ParticipantId {
         let id = self.next_id;
         self.next_id += 1;
-        let room = claims.video.room.clone();
+        let room = grant.room.clone();
         if self.is_full(&room) {
             tracing::info!(participant = id, %room, limit = self.limits.participants_per_call, "refused a participant: the call is full");
             let leave = lk::LeaveRequest { reason: lk::DisconnectReason::JoinFailure as i32, action: lk::leave_request::Action::Disconnect as i32, ..Default::default() };
@@ -402,19 +428,19 @@ impl Sfu {
         }
         let info = lk::ParticipantInfo {
             sid: random_sid("PA_"),
-            identity: claims.sub.clone(),
-            name: claims.name.clone(),
+            identity: grant.identity.clone(),
+            name: grant.name.clone(),
             state: lk::participant_info::State::Joined as i32,
             joined_at: now_ms() / 1000,
             joined_at_ms: now_ms(),
             version: 1,
             permission: Some(lk::ParticipantPermission {
-                can_subscribe: claims.video.can_subscribe,
-                can_publish: claims.video.can_publish,
-                can_publish_data: claims.video.can_publish_data,
+                can_subscribe: grant.rights.subscribe,
+                can_publish: grant.rights.publish,
+                can_publish_data: grant.publish_data,
                 ..Default::default()
             }),
-            is_publisher: claims.video.can_publish,
+            is_publisher: grant.rights.publish,
             ..Default::default()
         };
         let others: Vec<lk::ParticipantInfo> = self.participants.values().filter(|p| p.room == room).map(Participant::public_info).collect();
@@ -443,10 +469,10 @@ impl Sfu {
         self.signals.push_back((id, response(lk::signal_response::Message::Join(join))));
         let participant = Participant {
             room: room.clone(),
-            matrix_room: claims.matrix_room.to_string(),
-            matrix_user: claims.matrix_user.clone(),
+            app_room: grant.app_room.clone(),
+            app_user: grant.app_user.clone(),
             info: info.clone(),
-            rights: claims.rights(),
+            rights: grant.rights,
             auto_subscribe,
             publisher: self.new_rtc(now, false),
             subscriber: self.new_rtc(now, true),
@@ -466,7 +492,7 @@ impl Sfu {
             self.to_negotiate.insert(id);
         }
         self.broadcast_update(id);
-        if auto_subscribe && claims.video.can_subscribe {
+        if auto_subscribe && grant.rights.subscribe {
             let published: Vec<(ParticipantId, String, MediaKind)> = self
                 .participants
                 .iter()
@@ -688,8 +714,8 @@ impl Sfu {
 
     /// The Matrix room's calls end (its session is over): everyone in them is told, and
     /// disconnected. How many were.
-    pub fn close(&mut self, matrix_room: &str) -> usize {
-        let ids: Vec<ParticipantId> = self.participants.iter().filter(|(_, p)| p.matrix_room == matrix_room).map(|(id, _)| *id).collect();
+    pub fn close(&mut self, app_room: &str) -> usize {
+        let ids: Vec<ParticipantId> = self.participants.iter().filter(|(_, p)| p.app_room == app_room).map(|(id, _)| *id).collect();
         for id in &ids {
             self.disconnect(*id, lk::DisconnectReason::RoomClosed);
         }
@@ -707,8 +733,8 @@ impl Sfu {
     }
 
     /// The SFU rooms holding calls of a Matrix room.
-    pub fn rooms_of(&self, matrix_room: &str) -> Vec<String> {
-        let mut rooms: Vec<String> = self.participants.values().filter(|p| p.matrix_room == matrix_room).map(|p| p.room.clone()).collect();
+    pub fn rooms_of(&self, app_room: &str) -> Vec<String> {
+        let mut rooms: Vec<String> = self.participants.values().filter(|p| p.app_room == app_room).map(|p| p.room.clone()).collect();
         rooms.sort();
         rooms.dedup();
         rooms
@@ -716,26 +742,26 @@ impl Sfu {
 
     /// Everyone in a call, with the Matrix room and user and the rights of their call token.
     pub fn live(&self) -> Vec<Live> {
-        self.participants.iter().map(|(id, p)| Live { id: *id, matrix_room: p.matrix_room.clone(), matrix_user: p.matrix_user.clone(), rights: p.rights }).collect()
+        self.participants.iter().map(|(id, p)| Live { id: *id, app_room: p.app_room.clone(), app_user: p.app_user.clone(), rights: p.rights }).collect()
     }
 
     /// The Matrix users in an SFU room's call.
     pub fn callers(&self, room: &str) -> Vec<String> {
-        self.participants.values().filter(|p| p.room == room).map(|p| p.matrix_user.clone()).collect()
+        self.participants.values().filter(|p| p.room == room).map(|p| p.app_user.clone()).collect()
     }
 
     /// Whether a call of the Matrix room is being recorded.
-    pub fn is_recording(&self, matrix_room: &str) -> bool {
-        self.recordings.values().any(|r| r.matrix_room == matrix_room)
+    pub fn is_recording(&self, app_room: &str) -> bool {
+        self.recordings.values().any(|r| r.app_room == app_room)
     }
 
-    /// Starts recording an SFU room's call of `matrix_room`: every track from now on (video
+    /// Starts recording an SFU room's call of `app_room`: every track from now on (video
     /// from its next keyframe). False if it is recorded already.
-    pub fn start_recording(&mut self, now: Instant, room: &str, matrix_room: &str) -> bool {
+    pub fn start_recording(&mut self, now: Instant, room: &str, app_room: &str) -> bool {
         if self.recordings.contains_key(room) {
             return false;
         }
-        self.recordings.insert(room.to_owned(), Recording { matrix_room: matrix_room.to_owned(), tracks: HashMap::new() });
+        self.recordings.insert(room.to_owned(), Recording { app_room: app_room.to_owned(), tracks: HashMap::new() });
         // Video starts at a keyframe: ask for one now.
         let ids: Vec<ParticipantId> = self.participants.iter().filter(|(_, p)| p.room == room).map(|(id, _)| *id).collect();
         for id in ids {
@@ -757,8 +783,8 @@ impl Sfu {
     }
 
     /// Stops recording the calls of a Matrix room; their files, if any was recorded.
-    pub fn stop_recording(&mut self, matrix_room: &str) -> Option<Vec<RecordedTrack>> {
-        let rooms: Vec<String> = self.recordings.iter().filter(|(_, r)| r.matrix_room == matrix_room).map(|(room, _)| room.clone()).collect();
+    pub fn stop_recording(&mut self, app_room: &str) -> Option<Vec<RecordedTrack>> {
+        let rooms: Vec<String> = self.recordings.iter().filter(|(_, r)| r.app_room == app_room).map(|(room, _)| room.clone()).collect();
         if rooms.is_empty() {
             return None;
         }
@@ -1116,7 +1142,7 @@ impl Sfu {
             track.layers_seen.insert(rid, now);
         }
         if let Some(recording) = self.recordings.get_mut(&publisher.room) {
-            record(recording, track, &publisher.matrix_user, &data, now);
+            record(recording, track, &publisher.app_user, &data, now);
         }
         let mut keyframe_wanted = !data.contiguous;
         let mut wanted_layers: Vec<Rid> = Vec::new();
@@ -1190,7 +1216,7 @@ impl Sfu {
         let Some(label) = sender.publisher_channels.get(&data.id) else { return };
         let label = if label == LOSSY { LOSSY } else { RELIABLE };
         let size = data.data.len();
-        if size > self.limits.data_packet_bytes || !sender.data_budget.take(size.max(DATA_PACKET_MIN_COST) as f64, now) {
+        if size > self.limits.data_packet_bytes || !sender.data_budget.take(size.max(self.limits.data_packet_min_cost) as f64, now) {
             tracing::debug!(participant = id, size, "dropped a data packet over the size or rate limit");
             return;
         }

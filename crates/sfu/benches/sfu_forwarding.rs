@@ -1,6 +1,6 @@
 //! Forwarding capacity of the SFU: one publisher sends 1 Mbit/s of VP8-framed video (30 frames
 //! a second of about 4.2 kB) to N subscribers, through the real SFU core (DTLS-SRTP, RTP
-//! packetization, NACK/TWCC) on the in-memory network of `limbic_server::calls::loopback`, on a
+//! packetization, NACK/TWCC) on the in-memory network of `limbic_sfu::loopback`, on a
 //! virtual clock. Only time inside the SFU is counted, so the str0m peers playing the clients
 //! cost nothing here.
 //!
@@ -9,11 +9,11 @@
 //! handle one of the publisher's datagrams and forward it to every subscriber (p50, p99): the
 //! added forwarding latency, counted until the last subscriber's copy is out.
 //!
-//! Run: `cargo bench -p limbic-server --bench sfu_forwarding [-- N...]`
+//! Run: `cargo bench -p limbic-sfu --features testing --bench sfu_forwarding [-- N...]`
 
 use std::time::Duration;
 
-use limbic_server::calls::loopback::Network;
+use limbic_sfu::loopback::Network;
 use str0m::{
     format::Codec,
     media::{Frequency, MediaKind, MediaTime},

@@ -10,10 +10,9 @@ use str0m::{
     media::{Direction, Frequency, MediaKind, MediaTime},
 };
 
-use super::{Limits, SERVER_VERSION, Sfu};
 use crate::{
-    calls::loopback::{Network, SFU_ADDR},
-    config::RateLimit,
+    Limits, Rate, SERVER_VERSION, Sfu,
+    loopback::{LIMITS, Network, SFU_ADDR},
 };
 
 const TICK: Duration = Duration::from_millis(5);
@@ -94,7 +93,7 @@ fn a_subscriber_gets_no_track_of_another_call_room() {
 /// A network whose SFU has `limits`.
 fn limited(limits: Limits) -> Network {
     let mut net = Network::new();
-    net.sfu = Sfu::with_limits(SocketAddr::from(SFU_ADDR), limits);
+    net.sfu = Sfu::new(SocketAddr::from(SFU_ADDR), limits);
     net
 }
 
@@ -117,7 +116,7 @@ fn answers_offer_with(net: &mut Network, index: usize, lines: usize) -> bool {
 
 #[test]
 fn tracks_beyond_the_limit_are_refused_as_livekit_refuses_them_and_so_are_offers_with_more_media_lines() {
-    let mut net = limited(Limits { tracks_per_participant: 2, ..Limits::default() });
+    let mut net = limited(Limits { tracks_per_participant: 2, ..LIMITS });
     let ana = net.join("ana", true);
     for name in ["mic", "camera", "screen"] {
         add_track(&mut net, ana, name);
@@ -138,7 +137,7 @@ fn tracks_beyond_the_limit_are_refused_as_livekit_refuses_them_and_so_are_offers
 
 #[test]
 fn a_call_takes_at_most_its_participants_and_the_next_one_is_told_why() {
-    let mut net = limited(Limits { participants_per_call: 2, ..Limits::default() });
+    let mut net = limited(Limits { participants_per_call: 2, ..LIMITS });
     let ana = net.join("ana", true);
     net.join("ben", true);
     let cat = net.join("cat", true);
@@ -168,7 +167,7 @@ fn user_packet(size: usize) -> Vec<u8> {
 
 #[test]
 fn data_packets_are_relayed_only_from_the_channels_allowed_and_within_their_size_and_rate() {
-    let limits = Limits { data_channels: 2, data_packet_bytes: 2000, data_rate: RateLimit { per_second: 1.0, burst: 8 * 1024 }, ..Limits::default() };
+    let limits = Limits { data_channels: 2, data_packet_bytes: 2000, data_rate: Rate { per_second: 1.0, burst: 8 * 1024 }, ..LIMITS };
     let mut net = limited(limits);
     let ana = net.join("ana", true);
     let ben = net.join("ben", true);
