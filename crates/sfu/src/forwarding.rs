@@ -1,0 +1,256 @@
+//! Media between participants: simulcast layers chosen per subscriber by its wish and its
+//! bandwidth estimate, RTP forwarded without transcoding, data packets and keyframe requests
+//! relayed, active speakers announced.
+
+use super::*;
+
+/// LiveKit's simulcast layer names, lowest first, and the bitrate assumed for each when the
+/// publisher did not say.
+pub(crate) const LAYERS: [(&str, i32, u64); 3] = [("q", lk::VideoQuality::Low as i32, 150_000), ("h", lk::VideoQuality::Medium as i32, 500_000), ("f", lk::VideoQuality::High as i32, 1_500_000)];
+
+/// A layer not seen for this long is taken to be paused by the publisher.
+pub(crate) const LAYER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The gap left in the forwarded clock at a layer switch (one frame at 30 fps, 90 kHz).
+pub(crate) const SWITCH_GAP: i128 = 3000;
+
+/// The simulcast layers of a track that arrive, lowest first, with their bitrates.
+// `TrackInfo.layers` is deprecated for per-codec layers, but it is what clients announce and read.
+#[allow(deprecated)]
+pub(crate) fn usable_layers(published: &Published, now: Instant) -> Vec<(Rid, i32, u64)> {
+    let arriving = |name: &str| published.layers_seen.get(&Rid::from(name)).is_some_and(|at| now.duration_since(*at) < LAYER_TIMEOUT);
+    let bitrate = |quality: i32, default: u64| published.info.layers.iter().find(|l| l.quality == quality && l.bitrate > 0).map_or(default, |l| u64::from(l.bitrate));
+    LAYERS.iter().filter(|(name, _, _)| arriving(name)).map(|(name, quality, default)| (Rid::from(*name), *quality, bitrate(*quality, *default))).collect()
+}
+
+/// The layer to forward to a subscriber who wants `wanted` and has `budget` bits per second
+/// for it: the best usable layer at most that good which fits, else the lowest.
+pub(crate) fn layer_for(usable: &[(Rid, i32, u64)], wanted: i32, budget: Option<u64>) -> Option<Rid> {
+    usable
+        .iter()
+        .rev()
+        .find(|(_, quality, bitrate)| *quality <= wanted && budget.is_none_or(|budget| *bitrate <= budget))
+        .or(usable.first())
+        .map(|(rid, _, _)| *rid)
+}
+
+impl Sfu {
+    /// Each subscriber connection probes for the bitrate of the layers its subscriber wants
+    /// (TWCC), so that the estimate can grow to allow them.
+    pub(crate) fn steer_bandwidth_estimates(&mut self, now: Instant) {
+        let mut wanted: HashMap<ParticipantId, u64> = HashMap::new();
+        for (id, participant) in &self.participants {
+            for down in participant.down.iter().filter(|d| d.kind == MediaKind::Video && matches!(d.state, DownState::Open(_))) {
+                let Some(track) = self.participants.get(&down.publisher).and_then(|p| p.tracks.iter().find(|t| t.info.sid == down.track_sid)) else { continue };
+                let layers = usable_layers(track, now);
+                let rate = layers.iter().rev().find(|(_, quality, _)| *quality <= down.layers.wanted).or(layers.first()).map_or(0, |(_, _, rate)| *rate);
+                *wanted.entry(*id).or_default() += rate;
+            }
+        }
+        for (id, rate) in wanted {
+            if let Some(participant) = self.participants.get_mut(&id)
+                && rate > 0
+            {
+                participant.subscriber.bwe().set_bitrate(Bitrate::kbps(100), Bitrate::bps(rate));
+                self.dirty.insert((id, Pc::Subscriber));
+            }
+        }
+    }
+
+    /// Tells each room who started or stopped speaking (LiveKit's `SpeakersChanged`: the
+    /// changes only, loudest first).
+    pub(crate) fn announce_speakers(&mut self) {
+        let mut now_speaking: HashMap<String, HashMap<String, f32>> = HashMap::new();
+        for participant in self.participants.values() {
+            let level = participant.tracks.iter().filter(|t| t.mid.is_some() && !t.info.muted && kind_of(&t.info) == MediaKind::Audio).map(|t| t.level).fold(0.0, f32::max);
+            if level >= SPEAKING_LEVEL {
+                now_speaking.entry(participant.room.clone()).or_default().insert(participant.info.sid.clone(), level);
+            }
+        }
+        let rooms: std::collections::HashSet<String> = self.speaking.keys().chain(now_speaking.keys()).cloned().collect();
+        for room in rooms {
+            let before = self.speaking.remove(&room).unwrap_or_default();
+            let after = now_speaking.remove(&room).unwrap_or_default();
+            let mut changes: Vec<lk::SpeakerInfo> = after
+                .iter()
+                .filter(|(sid, _)| !before.contains_key(*sid))
+                .map(|(sid, level)| lk::SpeakerInfo { sid: sid.clone(), level: *level, active: true })
+                .chain(before.keys().filter(|sid| !after.contains_key(*sid)).map(|sid| lk::SpeakerInfo { sid: sid.clone(), level: 0.0, active: false }))
+                .collect();
+            if !changes.is_empty() {
+                changes.sort_by(|a, b| b.level.total_cmp(&a.level));
+                let message = response(lk::signal_response::Message::SpeakersChanged(lk::SpeakersChanged { speakers: changes }));
+                for (id, participant) in &self.participants {
+                    if participant.room == room {
+                        self.signals.push_back((*id, message.clone()));
+                    }
+                }
+            }
+            if !after.is_empty() {
+                self.speaking.insert(room, after);
+            }
+        }
+    }
+
+    /// A publisher's media line arrived: it carries the track the client announced with that
+    /// track id (else the oldest announced track of its kind), which everyone now learns of.
+    pub(crate) fn track_arrived(&mut self, id: ParticipantId, mid: Mid, kind: MediaKind) {
+        let Some(participant) = self.participants.get_mut(&id) else { return };
+        let track_id = participant.publisher.media(mid).map(|m| m.track_id().to_owned()).unwrap_or_default();
+        let unbound = |t: &Published| t.mid.is_none() && kind_of(&t.info) == kind;
+        let index = participant.tracks.iter().position(|t| unbound(t) && t.cid == track_id).or_else(|| participant.tracks.iter().position(unbound));
+        let Some(index) = index else {
+            tracing::debug!(participant = id, %mid, "media without an announced track");
+            return;
+        };
+        let track = &mut participant.tracks[index];
+        track.mid = Some(mid);
+        track.info.mid = mid.to_string();
+        track.info.mime_type = if kind == MediaKind::Audio { "audio/opus" } else { "video/vp8" }.to_owned();
+        let (track_sid, room) = (track.info.sid.clone(), participant.room.clone());
+        participant.bump_version();
+        self.broadcast_update(id);
+        for (other, subscriber) in &mut self.participants {
+            if *other != id && subscriber.room == room && subscriber.auto_subscribe && subscriber.rights.subscribe {
+                subscriber.down.push(DownTrack::new(id, track_sid.clone(), kind));
+                self.to_negotiate.insert(*other);
+            }
+        }
+    }
+
+    /// Media of a published track, to every participant it is open to; of a simulcast track,
+    /// the layer each subscriber's wish and bandwidth allow.
+    pub(crate) fn forward(&mut self, now: Instant, id: ParticipantId, data: MediaData) {
+        let Some(publisher) = self.participants.get_mut(&id) else { return };
+        let Some(track) = publisher.tracks.iter_mut().find(|t| t.mid == Some(data.mid)) else { return };
+        if let Some(level) = data.ext_vals.audio_level {
+            // The extension carries -dBov (0 loudest, -127 silent).
+            let linear = 10f32.powf(f32::from(level.min(0)) / 20.0);
+            track.level += LEVEL_SMOOTHING * (linear - track.level);
+        }
+        if let Some(rid) = data.rid {
+            track.layers_seen.insert(rid, now);
+        }
+        if let Some(recording) = self.recordings.get_mut(&publisher.room) {
+            record(recording, track, &publisher.app_user, &data, now);
+        }
+        let mut keyframe_wanted = !data.contiguous;
+        let mut wanted_layers: Vec<Rid> = Vec::new();
+        let track_sid = track.info.sid.clone();
+        let room = publisher.room.clone();
+        let usable = if data.rid.is_some() { usable_layers(track, now) } else { Vec::new() };
+        for (other, subscriber) in &mut self.participants {
+            // Media never leaves its room, whatever a subscriber's down tracks say.
+            if *other == id || subscriber.room != room {
+                continue;
+            }
+            let video_downs = subscriber.down.iter().filter(|d| d.kind == MediaKind::Video).count().max(1) as u64;
+            let budget = subscriber.estimate.map(|estimate| estimate.as_u64() / video_downs);
+            let Some(down) = subscriber.down.iter_mut().find(|d| d.publisher == id && d.track_sid == track_sid) else { continue };
+            let DownState::Open(mid) = down.state else { continue };
+            if down.layers.wanted == lk::VideoQuality::Off as i32 {
+                continue;
+            }
+            let numer = i128::from(data.time.numer());
+            if let Some(rid) = data.rid {
+                let target = layer_for(&usable, down.layers.wanted, budget);
+                if down.layers.current != Some(rid) {
+                    if target != Some(rid) {
+                        continue;
+                    }
+                    if !data.is_keyframe() {
+                        wanted_layers.push(rid);
+                        continue;
+                    }
+                    // The switch: the new layer's clock continues where the old one stopped.
+                    down.layers.offset = down.layers.last_out.map_or(0, |last| last + SWITCH_GAP - numer);
+                    down.layers.current = Some(rid);
+                } else if target.is_some_and(|target| target != rid) {
+                    wanted_layers.extend(target);
+                }
+            }
+            let out = (numer + down.layers.offset).max(0);
+            down.layers.last_out = Some(out);
+            let time = MediaTime::new(out as u64, data.time.frequency());
+            let Some(writer) = subscriber.subscriber.writer(mid) else { continue };
+            let Some(pt) = writer.match_params(data.params) else { continue };
+            if let Err(error) = writer.write(pt, data.network_time, time, data.data.clone()) {
+                tracing::debug!(participant = other, %error, "forwarding failed");
+            }
+            self.dirty.insert((*other, Pc::Subscriber));
+        }
+        // A gap, or a subscriber waiting for another layer: the publisher is asked for a keyframe.
+        let Some(publisher) = self.participants.get_mut(&id) else { return };
+        let Some(track) = publisher.tracks.iter_mut().find(|t| t.mid == Some(data.mid)) else { return };
+        keyframe_wanted |= !wanted_layers.is_empty();
+        if keyframe_wanted && track.last_keyframe_request.is_none_or(|at| now.duration_since(at) >= KEYFRAME_REQUEST_INTERVAL) {
+            track.last_keyframe_request = Some(now);
+            if let Some(mut writer) = publisher.publisher.writer(data.mid) {
+                let rids: Vec<Option<Rid>> = if wanted_layers.is_empty() { vec![data.rid] } else { wanted_layers.into_iter().map(Some).collect() };
+                for rid in rids {
+                    let _ = writer.request_keyframe(rid, KeyframeRequestKind::Pli);
+                }
+                self.dirty.insert((id, Pc::Publisher));
+            }
+        }
+    }
+
+    /// A LiveKit data packet a participant sent: to the others in the room (those it names, if
+    /// it names any), on the subscriber channel of the kind it came on, marked as theirs. Only
+    /// from the channels the participant was let open, within the size and rate limits.
+    pub(crate) fn relay_data(&mut self, now: Instant, id: ParticipantId, data: &ChannelData) {
+        let Some(sender) = self.participants.get_mut(&id) else { return };
+        if !sender.rights.publish {
+            return;
+        }
+        let Some(label) = sender.publisher_channels.get(&data.id) else { return };
+        let label = if label == LOSSY { LOSSY } else { RELIABLE };
+        let size = data.data.len();
+        if size > self.limits.data_packet_bytes || !sender.data_budget.take(size.max(self.limits.data_packet_min_cost) as f64, now) {
+            tracing::debug!(participant = id, size, "dropped a data packet over the size or rate limit");
+            return;
+        }
+        let sender = &*sender;
+        let Ok(mut packet) = lk::DataPacket::decode(data.data.as_slice()) else { return };
+        packet.participant_identity = sender.info.identity.clone();
+        #[allow(deprecated)] // still read by clients that predate `participant_identity`
+        {
+            packet.participant_sid = sender.info.sid.clone();
+        }
+        let room = sender.room.clone();
+        if self.data_rooms.insert(room.clone()) {
+            // The room's first data packet: everyone's subscriber connection gets its channels
+            // (this packet goes to those who have them already: none).
+            let members: Vec<ParticipantId> = self.participants.iter().filter(|(_, p)| p.room == room).map(|(other, _)| *other).collect();
+            self.to_negotiate.extend(members);
+        }
+        let bytes = packet.encode_to_vec();
+        for (other, participant) in &mut self.participants {
+            if *other == id || participant.room != room || !(packet.destination_identities.is_empty() || packet.destination_identities.contains(&participant.info.identity)) {
+                continue;
+            }
+            let Some(channel) = participant.subscriber_channels.as_ref().and_then(|c| c.get(label)).copied() else { continue };
+            if let Some(mut channel) = participant.subscriber.channel(channel) {
+                let _ = channel.write(true, &bytes);
+                self.dirty.insert((*other, Pc::Subscriber));
+            }
+        }
+    }
+
+    /// A subscriber asked for a keyframe of a track it gets: the publisher is asked.
+    pub(crate) fn relay_keyframe_request(&mut self, now: Instant, id: ParticipantId, request: &KeyframeRequest) {
+        let Some(down) = self.participants.get(&id).and_then(|p| p.down.iter().find(|d| d.state.mid() == Some(request.mid))) else { return };
+        let (publisher_id, track_sid, rid) = (down.publisher, down.track_sid.clone(), down.layers.current);
+        let Some(publisher) = self.participants.get_mut(&publisher_id) else { return };
+        let Some(track) = publisher.tracks.iter_mut().find(|t| t.info.sid == track_sid) else { return };
+        let Some(mid) = track.mid else { return };
+        if track.last_keyframe_request.is_some_and(|at| now.duration_since(at) < KEYFRAME_REQUEST_INTERVAL) {
+            return;
+        }
+        track.last_keyframe_request = Some(now);
+        if let Some(mut writer) = publisher.publisher.writer(mid) {
+            let _ = writer.request_keyframe(rid, request.kind);
+            self.dirty.insert((publisher_id, Pc::Publisher));
+        }
+    }
+}
