@@ -9,7 +9,7 @@ use axum::{
     extract::{Path, State},
     routing::{get, put},
 };
-use ruma::{OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId, events::TimelineEventType};
+use ruma::{OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId};
 use serde::Deserialize;
 use serde_json::{Value as JsonValue, json};
 
@@ -20,7 +20,7 @@ use super::{
 use crate::{
     audit::AuditRecord,
     clinic::{
-        BREAKOUT, Breakout, CALL_MEMBER, ROLE, Role, SESSION, Session, role_key, role_user,
+        BREAKOUT, Breakout, CALL_MEMBER, ROLE, Role, SESSION, Session, role_user,
         subrooms::{self, membership_in},
     },
     error::{Error, Result},
@@ -46,7 +46,7 @@ fn session_roles(server: &AppState, session_room: &RoomId) -> Result<Vec<(OwnedU
         .filter(|pdu| pdu.kind.to_string() == ROLE)
         .filter_map(|pdu| {
             let user = OwnedUserId::try_from(role_user(pdu.state_key.as_deref()?)?).ok()?;
-            let role = serde_json::from_value(pdu.content_json().get("role")?.clone()).ok()?;
+            let role = Role::of(&pdu.content_json())?;
             Some((user, role))
         })
         .collect())
@@ -58,8 +58,7 @@ fn present_members(server: &AppState, room: &RoomId) -> Result<Vec<OwnedUserId>>
         .rooms
         .current_state(room)?
         .into_iter()
-        .filter(|pdu| pdu.kind == TimelineEventType::RoomMember)
-        .filter(|pdu| matches!(pdu.content_json().get("membership").and_then(JsonValue::as_str), Some("join" | "invite")))
+        .filter(|pdu| matches!(pdu.membership(), Some(Membership::Join | Membership::Invite)))
         .filter_map(|pdu| OwnedUserId::try_from(pdu.state_key?).ok())
         .collect())
 }
@@ -206,7 +205,7 @@ async fn assign(
 ) -> Result<Json<JsonValue>> {
     let (session_room, breakout_id, user) = (room_id(&room)?, room_id(&breakout)?, user_id(&user)?);
     require_session_therapist(&server, &caller, &session_room)?;
-    if server.rooms.state_content(&session_room, ROLE, &role_key(user.as_str()))?.is_none_or(|c| c.get("role").is_none_or(JsonValue::is_null)) {
+    if crate::clinic::session_role(&server.rooms, &session_room, user.as_str())?.is_none() {
         return Err(Error::invalid_param(format!("{user} is not a participant of the session")));
     }
     let main = server.rooms.writer(&session_room).await?;

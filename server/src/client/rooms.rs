@@ -222,9 +222,9 @@ async fn members_handler(
     let chunk: Vec<JsonValue> = members
         .iter()
         .filter(|pdu| {
-            let membership = pdu.content_json().get("membership").and_then(|m| m.as_str()).map(str::to_owned);
-            membership_filter.as_ref().is_none_or(|m| membership.as_ref() == Some(m))
-                && not_membership.as_ref().is_none_or(|m| membership.as_ref() != Some(m))
+            let membership = pdu.membership().map(Membership::as_str);
+            membership_filter.as_deref().is_none_or(|m| membership == Some(m))
+                && not_membership.as_deref().is_none_or(|m| membership != Some(m))
         })
         .map(|pdu| {
             let meta = server.rooms.meta(&pdu.event_id).ok().flatten();

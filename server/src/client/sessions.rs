@@ -22,6 +22,7 @@ use crate::{
     clinic::{CALL_MEMBER, HAND, Kind, NOTE, NOTES_FOR, RECORDING, RECORDING_CONSENT, ROLE, RecordingPolicy, Role, SESSION, Session, Status, role_key, role_user, subrooms::stage_role_change},
     error::{Error, Result},
     events::PduBuilder,
+    rooms::Membership,
     users::Caller,
 };
 
@@ -180,11 +181,11 @@ pub(super) async fn stage_session<'s>(
 /// The session's content and roles; for its members and participants only.
 pub(super) fn session_view(server: &AppState, caller: &Caller, room_id: &ruma::RoomId) -> Result<(Session, JsonValue)> {
     let content = server.rooms.state_content(room_id, SESSION, "")?.ok_or_else(|| Error::not_found("not a session"))?;
-    let role = server.rooms.state_content(room_id, ROLE, &role_key(caller.user_id.as_str()))?.filter(|c| c.get("role").is_some_and(|r| !r.is_null()));
+    let role = crate::clinic::session_role(&server.rooms, room_id, caller.user_id.as_str())?;
     // Members, invitees and those waiting may look; those who left or were declined may not.
     let member = matches!(
         server.rooms.membership(room_id, &caller.user_id)?,
-        Some(crate::rooms::Membership::Join | crate::rooms::Membership::Invite | crate::rooms::Membership::Knock)
+        Some(Membership::Join | Membership::Invite | Membership::Knock)
     );
     if role.is_none() && !member {
         return Err(Error::not_found("not a session"));
@@ -195,8 +196,7 @@ pub(super) fn session_view(server: &AppState, caller: &Caller, room_id: &ruma::R
         .current_state(room_id)?
         .into_iter()
         .filter(|pdu| pdu.kind.to_string() == ROLE)
-        .filter_map(|pdu| Some((role_user(pdu.state_key.as_deref()?)?.to_owned(), pdu.content_json().get("role").cloned()?)))
-        .filter(|(_, role)| !role.is_null())
+        .filter_map(|pdu| Some((role_user(pdu.state_key.as_deref()?)?.to_owned(), json!(Role::of(&pdu.content_json())?))))
         .collect();
     let now: u64 = ruma::MilliSecondsSinceUnixEpoch::now().0.into();
     let join_window = json!({ "opens_at": session.join_opens_at(), "closes_at": session.ends_at, "open": session.join_window_open(now) });
@@ -285,8 +285,7 @@ async fn waiting_room(State(server): State<AppState>, Authed(caller): Authed, Pa
         .rooms
         .current_state(&room_id)?
         .into_iter()
-        .filter(|pdu| pdu.kind == ruma::events::TimelineEventType::RoomMember)
-        .filter(|pdu| pdu.content_json().get("membership").and_then(JsonValue::as_str) == Some("knock"))
+        .filter(|pdu| pdu.membership() == Some(Membership::Knock))
         .map(|pdu| {
             let content = pdu.content_json();
             let mut entry = json!({
@@ -314,7 +313,7 @@ async fn answer_knock(server: &AppState, caller: &Caller, room: &str, user: &str
     let (room_id, user_id) = (room_id(room)?, user_id(user)?);
     require_session_therapist(server, caller, &room_id)?;
     let mut writer = server.rooms.writer(&room_id).await?;
-    let knocking = writer.state_event("m.room.member", user_id.as_str())?.is_some_and(|m| m.content_json().get("membership").and_then(JsonValue::as_str) == Some("knock"));
+    let knocking = writer.state_event("m.room.member", user_id.as_str())?.is_some_and(|m| m.membership() == Some(Membership::Knock));
     if !knocking {
         return Err(Error::not_found(format!("{user_id} is not in the waiting room")));
     }
@@ -360,8 +359,7 @@ async fn set_therapist(State(server): State<AppState>, Admin(admin): Admin, Path
 
 /// Notes are for the session's therapists only.
 pub(super) fn require_session_therapist(server: &AppState, caller: &Caller, room_id: &ruma::RoomId) -> Result<()> {
-    let role = server.rooms.state_content(room_id, ROLE, &role_key(caller.user_id.as_str()))?;
-    if role.as_ref().and_then(|r| r.get("role")).and_then(|r| serde_json::from_value::<Role>(r.clone()).ok()).is_some_and(Role::is_therapist) {
+    if crate::clinic::session_role(&server.rooms, room_id, caller.user_id.as_str())?.is_some_and(Role::is_therapist) {
         Ok(())
     } else {
         Err(Error::forbidden("only the session's therapists read and write its notes"))
@@ -499,7 +497,7 @@ async fn set_participant(
         writer.append(&caller.user_id, PduBuilder::state("m.room.power_levels", "", power), None)?;
     }
     let membership = server.rooms.membership(&room_id, &user_id)?;
-    if !matches!(membership, Some(crate::rooms::Membership::Join | crate::rooms::Membership::Invite)) {
+    if !matches!(membership, Some(Membership::Join | Membership::Invite)) {
         writer.append(&caller.user_id, PduBuilder::state("m.room.member", user_id.as_str(), json!({ "membership": "invite" })), None)?;
     }
     writer.commit_with(subrooms)?;
@@ -520,7 +518,7 @@ async fn remove_participant(State(server): State<AppState>, Authed(caller): Auth
     if let Some(power) = power_levels_with(&writer, &user_id, 0)? {
         writer.append(&caller.user_id, PduBuilder::state("m.room.power_levels", "", power), None)?;
     }
-    if matches!(server.rooms.membership(&room_id, &user_id)?, Some(crate::rooms::Membership::Join | crate::rooms::Membership::Invite | crate::rooms::Membership::Knock)) {
+    if matches!(server.rooms.membership(&room_id, &user_id)?, Some(Membership::Join | Membership::Invite | Membership::Knock)) {
         let leave = json!({ "membership": "leave", "reason": "removed from the session" });
         writer.append(&caller.user_id, PduBuilder::state("m.room.member", user_id.as_str(), leave), None)?;
     }
@@ -544,13 +542,7 @@ async fn relationship(
     if caller.user_id != query.therapist && caller.user_id != query.client && !admin {
         return Err(Error::forbidden("only the two users or a server admin may ask"));
     }
-    let role_in = |room: &ruma::RoomId, user: &ruma::UserId| -> Result<Option<Role>> {
-        Ok(server
-            .rooms
-            .state_content(room, ROLE, &role_key(user.as_str()))?
-            .and_then(|c| c.get("role").cloned())
-            .and_then(|r| serde_json::from_value(r).ok()))
-    };
+    let role_in = |room: &ruma::RoomId, user: &ruma::UserId| crate::clinic::session_role(&server.rooms, room, user.as_str());
     let mut sessions = Vec::new();
     for (room, _) in server.rooms.user_rooms(&query.therapist)? {
         if server.rooms.state_event(&room, SESSION, "")?.is_none() {
@@ -605,7 +597,7 @@ async fn transcript(
         let content = pdu.content_json();
         let line = match pdu.kind.to_string().as_str() {
             "m.room.message" => content.get("body").and_then(JsonValue::as_str).map(|b| format!("{}: {b}", pdu.sender)),
-            "m.room.member" => content.get("membership").and_then(JsonValue::as_str).map(|m| format!("{} — {m} ({})", pdu.state_key.clone().unwrap_or_default(), pdu.sender)),
+            "m.room.member" => pdu.membership().map(|m| format!("{} — {} ({})", pdu.state_key.clone().unwrap_or_default(), m.as_str(), pdu.sender)),
             kind if kind == SESSION => content.get("status").and_then(JsonValue::as_str).map(|s| format!("session status: {s} ({})", pdu.sender)),
             _ => None,
         };

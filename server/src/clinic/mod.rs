@@ -50,7 +50,7 @@ pub fn role_key(user_id: &str) -> String {
 
 /// The role `user` holds in the session of `room_id`, if any.
 pub fn session_role(rooms: &crate::rooms::Rooms, room_id: &ruma::RoomId, user: &str) -> Result<Option<Role>> {
-    Ok(rooms.state_content(room_id, ROLE, &role_key(user))?.and_then(|content| serde_json::from_value(content.get("role")?.clone()).ok()))
+    Ok(rooms.state_content(room_id, ROLE, &role_key(user))?.as_ref().and_then(Role::of))
 }
 
 /// The user a role state key is about.
@@ -114,6 +114,11 @@ pub enum Role {
 }
 
 impl Role {
+    /// The role an `org.limbic.role` content gives (`None` when it is absent or removed).
+    pub fn of(content: &serde_json::Value) -> Option<Role> {
+        serde_json::from_value(content.get("role")?.clone()).ok()
+    }
+
     pub fn is_therapist(self) -> bool {
         matches!(self, Role::Therapist | Role::CoTherapist)
     }

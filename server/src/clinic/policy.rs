@@ -38,14 +38,14 @@ impl PolicyContext<'_> {
     }
 
     fn role(&self, user: &str) -> Result<Option<Role>> {
-        Ok(self.room.state(ROLE, &role_key(user))?.and_then(|pdu| role_of(&pdu.content_json())))
+        Ok(self.room.state(ROLE, &role_key(user))?.and_then(|pdu| Role::of(&pdu.content_json())))
     }
 
     /// Users with a role, and their roles.
     fn roles(&self) -> Result<Vec<(String, Role)>> {
         Ok(self.room.state_of_type(ROLE)?
             .into_iter()
-            .filter_map(|(key, pdu)| Some((role_user(&key)?.to_owned(), role_of(&pdu.content_json())?)))
+            .filter_map(|(key, pdu)| Some((role_user(&key)?.to_owned(), Role::of(&pdu.content_json())?)))
             .collect())
     }
 
@@ -57,10 +57,6 @@ impl PolicyContext<'_> {
             .filter_map(|(user, _)| OwnedUserId::try_from(user).ok())
             .collect())
     }
-}
-
-fn role_of(content: &JsonValue) -> Option<Role> {
-    serde_json::from_value(content.get("role")?.clone()).ok()
 }
 
 fn refuse(message: impl Into<String>) -> Error {
@@ -205,7 +201,7 @@ fn check_breakout_state(ctx: &PolicyContext<'_>, pdu: &Pdu) -> Result<()> {
 /// A breakout room is for its session's participants while it is open; its state is the
 /// session's therapists' to set.
 fn check_breakout_room(ctx: &PolicyContext<'_>, pdu: &Pdu, breakout: &Breakout) -> Result<()> {
-    let membership = pdu.content_json().get("membership").and_then(JsonValue::as_str).and_then(Membership::parse);
+    let membership = Membership::of(&pdu.content_json());
     match (pdu.kind.clone(), membership) {
         (TimelineEventType::RoomMember, Some(Membership::Join | Membership::Invite | Membership::Knock)) => {
             if breakout.closed {
@@ -271,10 +267,10 @@ fn check_notes_room(ctx: &PolicyContext<'_>, pdu: &Pdu, notes_for: &Pdu) -> Resu
         Ok(ctx
             .rooms
             .state_content(&session_room, ROLE, &role_key(user))?
-            .and_then(|c| role_of(&c))
+            .and_then(|c| Role::of(&c))
             .is_some_and(Role::is_therapist))
     };
-    let membership = pdu.content_json().get("membership").and_then(JsonValue::as_str).and_then(Membership::parse);
+    let membership = Membership::of(&pdu.content_json());
     match (pdu.kind.clone(), membership) {
         (TimelineEventType::RoomMember, Some(Membership::Join | Membership::Invite | Membership::Knock)) => {
             let target = pdu.state_key.as_deref().unwrap_or_default();
@@ -362,7 +358,7 @@ fn check_role(ctx: &PolicyContext<'_>, pdu: &Pdu, session: &Session, session_pdu
         return Err(refuse("only the session's therapists assign roles"));
     }
     let content = pdu.content_json();
-    let Some(role) = role_of(&content) else {
+    let Some(role) = Role::of(&content) else {
         match content.get("role") {
             None => return Err(Error::bad_json("a role event needs `role` (null removes the role)")),
             Some(role) if !role.is_null() => return Err(Error::bad_json("role must be one of therapist, co_therapist, client, observer")),
@@ -383,7 +379,7 @@ fn check_role(ctx: &PolicyContext<'_>, pdu: &Pdu, session: &Session, session_pdu
 
 fn check_membership(ctx: &PolicyContext<'_>, pdu: &Pdu, session: &Session) -> Result<()> {
     let content = pdu.content_json();
-    let membership = content.get("membership").and_then(JsonValue::as_str).and_then(Membership::parse);
+    let membership = Membership::of(&content);
     let target = pdu.state_key.as_deref().unwrap_or_default();
     match membership {
         Some(Membership::Join) => {
@@ -391,7 +387,7 @@ fn check_membership(ctx: &PolicyContext<'_>, pdu: &Pdu, session: &Session) -> Re
             // knock (an invite).
             let role = ctx.role(target)?;
             let admitted = match ctx.room.state("m.room.member", target)? {
-                Some(invite) if membership_of(&invite) == Some(Membership::Invite) => answers_knock(ctx, &invite)?,
+                Some(invite) if invite.membership() == Some(Membership::Invite) => answers_knock(ctx, &invite)?,
                 _ => false,
             };
             if role.is_none() && !admitted {
@@ -425,15 +421,11 @@ fn check_membership(ctx: &PolicyContext<'_>, pdu: &Pdu, session: &Session) -> Re
     }
 }
 
-fn membership_of(pdu: &Pdu) -> Option<Membership> {
-    pdu.content_json().get("membership").and_then(JsonValue::as_str).and_then(Membership::parse)
-}
-
 /// Whether an invite admitted someone from the waiting room: it replaced their knock. (An
 /// invite left over from a role that was since removed admits nobody.)
 fn answers_knock(ctx: &PolicyContext<'_>, invite: &Pdu) -> Result<bool> {
     let Some(previous) = ctx.rooms.meta(&invite.event_id)?.and_then(|meta| meta.replaces_state) else { return Ok(false) };
-    Ok(ctx.rooms.pdu(&previous)?.is_some_and(|knock| membership_of(&knock) == Some(Membership::Knock)))
+    Ok(ctx.rooms.pdu(&previous)?.is_some_and(|knock| knock.membership() == Some(Membership::Knock)))
 }
 
 /// The room's therapists and whether its session is live, for the booking index.

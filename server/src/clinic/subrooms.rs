@@ -44,7 +44,7 @@ pub fn breakouts(rooms: &Rooms, session_room: &RoomId) -> Result<Vec<(OwnedRoomI
 pub fn membership_in(writer: &RoomWriter<'_>, user: &UserId) -> Result<Option<Membership>> {
     Ok(writer
         .state_event("m.room.member", user.as_str())?
-        .and_then(|m| m.content_json().get("membership").and_then(JsonValue::as_str).and_then(Membership::parse)))
+        .and_then(|m| m.membership()))
 }
 
 /// Makes `user`, who acts in a sub-room, a joined member of it: therapists are invited into

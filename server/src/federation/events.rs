@@ -161,7 +161,7 @@ async fn receive_outside_membership(server: &Server, federation: &Federation, or
     let rules = rules_for(&RoomVersionId::V11).map_err(fail)?;
     let signed = verify_pdu(federation, raw, &rules).await.map_err(fail)?;
     let event_id = signed.pdu.event_id.clone();
-    let membership = signed.pdu.content_json().get("membership").and_then(JsonValue::as_str).and_then(crate::rooms::Membership::parse);
+    let membership = crate::rooms::Membership::of(&signed.pdu.content_json());
     if signed.pdu.sender.server_name() != origin || !matches!(membership, Some(crate::rooms::Membership::Leave | crate::rooms::Membership::Ban)) {
         return Err((Some(event_id.to_string()), not_in_room().1));
     }
@@ -380,8 +380,8 @@ pub async fn accept_membership(server: &Server, origin: &ruma::ServerName, room_
     let signed = verify_pdu(federation, raw, &rules).await?;
     let pdu = signed.pdu.clone();
     let subject = pdu.state_key.as_deref().and_then(|k| <&UserId>::try_from(k).ok());
-    if pdu.event_id != *event_id || pdu.room_id != room_id || pdu.kind != ruma::events::TimelineEventType::RoomMember
-        || pdu.content_json().get("membership").and_then(JsonValue::as_str) != Some(membership)
+    if pdu.event_id != *event_id || pdu.room_id != room_id
+        || pdu.membership().map(crate::rooms::Membership::as_str) != Some(membership)
         || subject != Some(&pdu.sender) || pdu.sender.server_name() != origin
     {
         return Err(bad(format!("not a {membership} of the origin's own user matching the request")));
@@ -478,7 +478,7 @@ pub async fn send_join(server: &Server, origin: &ruma::ServerName, request: &cre
         return Err(bad("the event does not match the request"));
     }
     let joining = pdu.state_key.as_deref().and_then(|k| <&UserId>::try_from(k).ok());
-    if pdu.kind != ruma::events::TimelineEventType::RoomMember || pdu.content_json().get("membership").and_then(JsonValue::as_str) != Some("join") || joining != Some(&pdu.sender) || pdu.sender.server_name() != origin {
+    if pdu.membership() != Some(crate::rooms::Membership::Join) || joining != Some(&pdu.sender) || pdu.sender.server_name() != origin {
         return Err(bad("not a join of the origin's own user"));
     }
     let mut writer = server.rooms.writer(&request.room_id).await?;
@@ -659,7 +659,7 @@ pub async fn receive_invite(server: &Server, origin: &ruma::ServerName, request:
     let pdu = &signed.pdu;
     let invitee = pdu.state_key.as_deref().and_then(|k| <&UserId>::try_from(k).ok()).map(ToOwned::to_owned);
     let Some(invitee) = invitee.filter(|u| u.server_name() == server.server_name()) else { return Err(bad("the invitee is not a user of this server")) };
-    if pdu.kind != ruma::events::TimelineEventType::RoomMember || pdu.content_json().get("membership").and_then(JsonValue::as_str) != Some("invite") || pdu.sender.server_name() != origin || pdu.event_id != request.event_id || pdu.room_id != request.room_id {
+    if pdu.membership() != Some(crate::rooms::Membership::Invite) || pdu.sender.server_name() != origin || pdu.event_id != request.event_id || pdu.room_id != request.room_id {
         return Err(bad("not an invite from the origin's user matching the request"));
     }
     if !server.users.account(&invitee)?.is_some_and(|a| !a.deactivated) {

@@ -159,8 +159,7 @@ async fn send_batch(server: &Server, federation: &Federation, destination: &Serv
         // An invite of one of the destination's users goes through /invite, which the invitee's
         // server answers for rooms it is not in yet.
         let invitee = pdu.state_key.as_deref().and_then(|k| <&ruma::UserId>::try_from(k).ok());
-        let membership = pdu.content_json().get("membership").and_then(serde_json::Value::as_str).map(str::to_owned);
-        if pdu.kind == ruma::events::TimelineEventType::RoomMember && membership.as_deref() == Some("invite") && invitee.is_some_and(|u| u.server_name() == destination) {
+        if pdu.membership() == Some(crate::rooms::Membership::Invite) && invitee.is_some_and(|u| u.server_name() == destination) {
             super::events::send_invite(server, federation, destination, &pdu).await?;
             continue;
         }

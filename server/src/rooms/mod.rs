@@ -23,6 +23,7 @@ use ruma::{
 use serde::{Deserialize, Serialize};
 
 pub use ephemeral::{Receipt, Typing};
+pub use limbic_core::events::Membership;
 pub use pipeline::{RoomWriter, TxnInfo};
 pub use summary::SummaryView;
 pub use visibility::{ReadView, Reader};
@@ -62,50 +63,6 @@ pub struct EventMeta {
     pub txn: Option<TxnInfo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redacted_by: Option<OwnedEventId>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Membership {
-    Join,
-    Invite,
-    Knock,
-    Leave,
-    Ban,
-}
-
-impl Membership {
-    pub fn parse(value: &str) -> Option<Self> {
-        Some(match value {
-            "join" => Self::Join,
-            "invite" => Self::Invite,
-            "knock" => Self::Knock,
-            "leave" => Self::Leave,
-            "ban" => Self::Ban,
-            _ => return None,
-        })
-    }
-
-    /// Lower is more privileged, for history visibility.
-    fn priority(self) -> u8 {
-        match self {
-            Self::Join => 0,
-            Self::Invite => 1,
-            Self::Knock => 2,
-            Self::Leave => 3,
-            Self::Ban => 4,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Join => "join",
-            Self::Invite => "invite",
-            Self::Knock => "knock",
-            Self::Leave => "leave",
-            Self::Ban => "ban",
-        }
-    }
 }
 
 /// A user's membership in one room, indexed by user for /sync.

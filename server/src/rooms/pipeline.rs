@@ -155,14 +155,13 @@ impl<'a> RoomWriter<'a> {
             .as_object_mut()
             .and_then(|c| c.remove(crate::clinic::PASSCODE_FIELD))
             .and_then(|p| p.as_str().map(str::to_owned));
-        let membership = builder.content.get("membership").and_then(|m| m.as_str());
-        if !matches!(membership, Some("join" | "knock")) || builder.state_key.as_deref() != Some(sender.as_str()) {
+        if !matches!(Membership::of(&builder.content), Some(Membership::Join | Membership::Knock)) || builder.state_key.as_deref() != Some(sender.as_str()) {
             return Ok(());
         }
         let therapist = self
             .state_event(crate::clinic::ROLE, &crate::clinic::role_key(sender.as_str()))?
-            .and_then(|role| role.content_json().get("role").and_then(|r| r.as_str()).map(str::to_owned))
-            .is_some_and(|role| role == "therapist" || role == "co_therapist");
+            .and_then(|role| crate::clinic::Role::of(&role.content_json()))
+            .is_some_and(crate::clinic::Role::is_therapist);
         if !therapist && !self.rooms.clinic.passcode_matches(&self.room_id, passcode.as_deref())? {
             return Err(Error::forbidden("this session needs its passcode (org.limbic.passcode)"));
         }
@@ -209,9 +208,8 @@ impl<'a> RoomWriter<'a> {
         let record = self.record.clone().ok_or_else(|| Error::not_found("unknown room"))?;
         let rules = self.rules.clone().ok_or_else(|| Error::not_found("unknown room"))?;
         let is_create = builder.kind == TimelineEventType::RoomCreate;
-        let membership = builder.content.get("membership").and_then(|m| m.as_str());
         if builder.kind == TimelineEventType::RoomMember
-            && matches!(membership, Some("join" | "invite" | "knock"))
+            && matches!(Membership::of(&builder.content), Some(Membership::Join | Membership::Invite | Membership::Knock))
             && self.rooms.blocked_by(&self.room_id)?.is_some()
         {
             return Err(Error::forbidden("this room has been blocked by the server administrator"));
@@ -779,12 +777,7 @@ impl<'a> RoomWriter<'a> {
             .as_deref()
             .and_then(|k| k.try_into().ok())
             .ok_or_else(|| Error::bad_json("m.room.member state_key must be a user id"))?;
-        let membership = pdu
-            .content_json()
-            .get("membership")
-            .and_then(|m| m.as_str())
-            .and_then(Membership::parse)
-            .ok_or_else(|| Error::bad_json("unknown membership"))?;
+        let membership = Membership::of(&pdu.content_json()).ok_or_else(|| Error::bad_json("unknown membership"))?;
         let previous = match self.staged_members.get(&user) {
             Some(membership) => Some(*membership),
             None => self.rooms.membership(&self.room_id, &user)?,

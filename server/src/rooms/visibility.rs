@@ -102,7 +102,7 @@ impl Rooms {
             if after == Membership::Leave && matches!(before, Membership::Join | Membership::Invite | Membership::Knock) {
                 return Ok(true);
             }
-            if after.priority() < membership.priority() {
+            if priority(after) < priority(membership) {
                 membership = after;
             }
         }
@@ -166,7 +166,7 @@ impl Rooms {
                 continue;
             }
             let membership = self.pdu(id)?.map_or(Membership::Leave, |pdu| membership_of(&pdu.content_json()));
-            if membership.priority() < best.priority() {
+            if priority(membership) < priority(best) {
                 best = membership;
             }
             if best == Membership::Join {
@@ -178,5 +178,16 @@ impl Rooms {
 }
 
 fn membership_of(content: &serde_json::Value) -> Membership {
-    content["membership"].as_str().and_then(Membership::parse).unwrap_or(Membership::Leave)
+    Membership::of(content).unwrap_or(Membership::Leave)
+}
+
+/// Lower is more privileged: of several memberships a reader held, the best one decides.
+fn priority(membership: Membership) -> u8 {
+    match membership {
+        Membership::Join => 0,
+        Membership::Invite => 1,
+        Membership::Knock => 2,
+        Membership::Leave => 3,
+        Membership::Ban => 4,
+    }
 }

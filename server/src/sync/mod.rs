@@ -123,7 +123,7 @@ fn membership_changes(server: &Server, room_id: &RoomId, since: StreamPos, upto:
         if pdu.kind != ruma::events::TimelineEventType::RoomMember {
             continue;
         }
-        let membership = pdu.content_json().get("membership").and_then(|m| m.as_str()).and_then(Membership::parse);
+        let membership = pdu.membership();
         if let (Some(user), Some(membership)) = (pdu.state_key.as_deref().and_then(|k| OwnedUserId::try_from(k).ok()), membership) {
             changes.push((user, membership));
         }

@@ -61,6 +61,45 @@ struct RedactsContent {
     redacts: Option<OwnedEventId>,
 }
 
+/// A user's membership of a room, as `m.room.member` says it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Membership {
+    Join,
+    Invite,
+    Knock,
+    Leave,
+    Ban,
+}
+
+impl Membership {
+    /// The `membership` of an `m.room.member` content.
+    pub fn of(content: &JsonValue) -> Option<Self> {
+        content.get("membership").and_then(JsonValue::as_str).and_then(Self::parse)
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        Some(match value {
+            "join" => Self::Join,
+            "invite" => Self::Invite,
+            "knock" => Self::Knock,
+            "leave" => Self::Leave,
+            "ban" => Self::Ban,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Join => "join",
+            Self::Invite => "invite",
+            Self::Knock => "knock",
+            Self::Leave => "leave",
+            Self::Ban => "ban",
+        }
+    }
+}
+
 impl Pdu {
     /// Parses a stored canonical PDU (which carries `event_id`).
     pub fn from_stored(bytes: &[u8]) -> Result<Self> {
@@ -99,6 +138,15 @@ impl Pdu {
 
     pub fn is_state(&self) -> bool {
         self.state_key.is_some()
+    }
+
+    /// The membership an `m.room.member` event sets (`None` for other events, and for an
+    /// unknown membership).
+    pub fn membership(&self) -> Option<Membership> {
+        if self.kind != TimelineEventType::RoomMember {
+            return None;
+        }
+        Membership::of(&self.content_json())
     }
 
     /// The event in the client-server format, with the `unsigned` the caller computed.
