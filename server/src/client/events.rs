@@ -85,11 +85,38 @@ pub(super) fn client_event(server: &AppState, pdu: &Pdu, meta: Option<&EventMeta
     // Redacted events lose their aggregations.
     if let Some(viewer) = viewer
         && meta.is_none_or(|m| m.redacted_by.is_none())
-        && let Ok(Some(relations)) = super::relations::bundle(server, pdu, &viewer.user_id, with_room_id)
+        && let Ok(Some(relations)) = bundle(server, pdu, &viewer.user_id, with_room_id)
     {
         unsigned.insert("m.relations".into(), relations);
     }
     pdu.to_client_event(Some(JsonValue::Object(unsigned)), with_room_id)
+}
+
+/// The aggregations of `pdu` as `viewer` may see them, for `unsigned.m.relations`.
+fn bundle(server: &AppState, pdu: &Pdu, viewer: &UserId, with_room_id: bool) -> Result<Option<JsonValue>> {
+    let aggregations = server.rooms.aggregations(pdu, viewer)?;
+    let mut relations = serde_json::Map::new();
+    if let Some(edit) = aggregations.replace {
+        relations.insert("m.replace".into(), edit.to_client_event(None, true));
+    }
+    if let Some(thread) = aggregations.thread {
+        let unsigned = thread
+            .latest_edit
+            .map(|edit| json!({ "m.relations": { "m.replace": edit.to_client_event(None, true) } }));
+        relations.insert(
+            "m.thread".into(),
+            json!({
+                "latest_event": thread.latest.to_client_event(unsigned, with_room_id),
+                "count": thread.count,
+                "current_user_participated": thread.participated,
+            }),
+        );
+    }
+    if !aggregations.references.is_empty() {
+        let chunk: Vec<JsonValue> = aggregations.references.iter().map(|id| json!({ "event_id": id })).collect();
+        relations.insert("m.reference".into(), json!({ "chunk": chunk }));
+    }
+    Ok((!relations.is_empty()).then_some(JsonValue::Object(relations)))
 }
 
 /// Loads an event and its metadata.

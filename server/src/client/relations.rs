@@ -2,7 +2,7 @@
 
 use axum::{Json, Router, extract::State};
 use ruma::{
-    EventId, RoomId, UserId,
+    EventId, RoomId,
     api::{
         Direction,
         client::{
@@ -20,7 +20,6 @@ use super::{
 };
 use crate::{
     error::{Error, Result},
-    events::Pdu,
     rooms::relations::{MAX_DEPTH, Page, RelationsQuery},
     sync::{parse_token, token},
     users::Caller,
@@ -157,31 +156,4 @@ fn render_page(server: &AppState, caller: &Caller, page: &Page) -> JsonValue {
         response["next_batch"] = json!(token(next));
     }
     response
-}
-
-/// The aggregations of `pdu` as `viewer` may see them, for `unsigned.m.relations`.
-pub(super) fn bundle(server: &AppState, pdu: &Pdu, viewer: &UserId, with_room_id: bool) -> Result<Option<JsonValue>> {
-    let aggregations = server.rooms.aggregations(pdu, viewer)?;
-    let mut relations = serde_json::Map::new();
-    if let Some(edit) = aggregations.replace {
-        relations.insert("m.replace".into(), edit.to_client_event(None, true));
-    }
-    if let Some(thread) = aggregations.thread {
-        let unsigned = thread
-            .latest_edit
-            .map(|edit| json!({ "m.relations": { "m.replace": edit.to_client_event(None, true) } }));
-        relations.insert(
-            "m.thread".into(),
-            json!({
-                "latest_event": thread.latest.to_client_event(unsigned, with_room_id),
-                "count": thread.count,
-                "current_user_participated": thread.participated,
-            }),
-        );
-    }
-    if !aggregations.references.is_empty() {
-        let chunk: Vec<JsonValue> = aggregations.references.iter().map(|id| json!({ "event_id": id })).collect();
-        relations.insert("m.reference".into(), json!({ "chunk": chunk }));
-    }
-    Ok((!relations.is_empty()).then_some(JsonValue::Object(relations)))
 }

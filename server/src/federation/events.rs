@@ -396,7 +396,7 @@ pub async fn accept_membership(server: &Server, origin: &ruma::ServerName, room_
 /// membership (by which clients name an invite) when `inviter` is given.
 pub fn stripped_state_events(server: &Server, room_id: &RoomId, inviter: Option<&UserId>) -> Result<Vec<ruma::api::federation::membership::RawStrippedState>> {
     let mut state = Vec::new();
-    let keys = crate::sync::STRIPPED_STATE_TYPES.iter().map(|kind| (*kind, "")).chain(inviter.map(|user| ("m.room.member", user.as_str())));
+    let keys = crate::rooms::STRIPPED_STATE_TYPES.iter().map(|kind| (*kind, "")).chain(inviter.map(|user| ("m.room.member", user.as_str())));
     for (kind, state_key) in keys {
         if let Some(pdu) = server.rooms.state_event(room_id, kind, state_key)?
             && let Some(raw) = server.rooms.federation_pdu(&pdu.event_id)?

@@ -65,6 +65,18 @@ pub struct EventMeta {
     pub redacted_by: Option<OwnedEventId>,
 }
 
+/// The state an invitee or a knocker sees of a room before joining (the spec's stripped state):
+/// in their sync, in a room summary, and in invites and knocks sent between servers.
+pub const STRIPPED_STATE_TYPES: &[&str] = &[
+    "m.room.create",
+    "m.room.join_rules",
+    "m.room.name",
+    "m.room.avatar",
+    "m.room.canonical_alias",
+    "m.room.encryption",
+    "m.room.topic",
+];
+
 /// A user's membership in one room, indexed by user for /sync.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct UserRoom {

@@ -73,7 +73,7 @@ impl Rooms {
         let summary = match self.shown(&room_id, caller, membership, &state)?.ok_or_else(not_found)? {
             Shown::Full => summary_of(&room_id, &state, self.joined_members(&room_id)?.len()),
             Shown::WaitingRoom => {
-                state.retain(|kind, _| crate::sync::STRIPPED_STATE_TYPES.contains(kind));
+                state.retain(|kind, _| super::STRIPPED_STATE_TYPES.contains(kind));
                 summary_of(&room_id, &state, 0)
             }
         };

@@ -30,16 +30,6 @@ pub struct SyncRequest<'a> {
     pub filter: &'a SyncFilter,
 }
 
-pub const STRIPPED_STATE_TYPES: &[&str] = &[
-    "m.room.create",
-    "m.room.join_rules",
-    "m.room.name",
-    "m.room.avatar",
-    "m.room.canonical_alias",
-    "m.room.encryption",
-    "m.room.topic",
-];
-
 /// Builds the sync response body up to `upto`. Returns the body and whether it carries anything.
 pub fn build(server: &Server, req: &SyncRequest<'_>, upto: StreamPos, render: &RenderEvent<'_>) -> Result<(JsonValue, bool)> {
     let user_id = &req.caller.user_id;
@@ -197,7 +187,7 @@ pub(crate) fn group_room_account_data(server: &Server, user_id: &ruma::UserId, s
 
 pub(crate) fn stripped_state(server: &Server, room_id: &RoomId, entry: &UserRoom) -> Result<Vec<JsonValue>> {
     let mut events = Vec::new();
-    for kind in STRIPPED_STATE_TYPES {
+    for kind in crate::rooms::STRIPPED_STATE_TYPES {
         if let Some(pdu) = server.rooms.state_event(room_id, kind, "")? {
             events.push(pdu.to_stripped_state());
         }
