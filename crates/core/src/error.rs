@@ -151,25 +151,11 @@ impl Error {
 }
 
 impl Error {
-    /// The status, errcode and message a client gets for this error.
-    pub fn describe(&self) -> (StatusCode, String, String) {
-        let field = |body: &serde_json::Value, name: &str| body.get(name).and_then(serde_json::Value::as_str).unwrap_or_default().to_owned();
+    /// The status and body a client gets for this error: the one mapping of errors to Matrix
+    /// error responses. Internal failures are logged here and answered without their details.
+    fn response_parts(&self) -> (StatusCode, serde_json::Value) {
         match self {
-            Self::Matrix { code, message, status } => (*status, code.as_str().to_owned(), message.clone()),
-            Self::LimitExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED".into(), "Too many requests".into()),
-            Self::Uiaa(body) => (StatusCode::UNAUTHORIZED, field(body, "errcode"), field(body, "error")),
-            Self::Detailed { status, body } => (*status, field(body, "errcode"), field(body, "error")),
-            Self::Store(_) | Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN".into(), self.to_string()),
-        }
-    }
-}
-
-impl IntoResponse for Error {
-    fn into_response(self) -> Response {
-        let (status, body) = match self {
-            Self::Matrix { code, message, status } => {
-                (status, json!({ "errcode": code.as_str(), "error": message }))
-            }
+            Self::Matrix { code, message, status } => (*status, json!({ "errcode": code.as_str(), "error": message })),
             Self::LimitExceeded { retry_after_ms } => (
                 StatusCode::TOO_MANY_REQUESTS,
                 json!({
@@ -178,23 +164,65 @@ impl IntoResponse for Error {
                     "retry_after_ms": retry_after_ms,
                 }),
             ),
-            Self::Uiaa(body) => (StatusCode::UNAUTHORIZED, body),
-            Self::Detailed { status, body } => (status, body),
+            Self::Uiaa(body) => (StatusCode::UNAUTHORIZED, body.clone()),
+            Self::Detailed { status, body } => (*status, body.clone()),
             Self::Store(err) => {
                 tracing::error!(error = %err, "storage failure");
-                (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    json!({ "errcode": "M_UNKNOWN", "error": "internal storage error" }),
-                )
+                (StatusCode::INTERNAL_SERVER_ERROR, json!({ "errcode": "M_UNKNOWN", "error": "internal storage error" }))
             }
             Self::Internal(message) => {
                 tracing::error!(%message, "internal error");
-                (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    json!({ "errcode": "M_UNKNOWN", "error": "internal server error" }),
-                )
+                (StatusCode::INTERNAL_SERVER_ERROR, json!({ "errcode": "M_UNKNOWN", "error": "internal server error" }))
             }
-        };
+        }
+    }
+
+    /// The status, errcode and message a client gets for this error (for answers that are not
+    /// HTTP responses: a WebSocket close, a plugin's host call).
+    pub fn describe(&self) -> (StatusCode, String, String) {
+        let (status, body) = self.response_parts();
+        let field = |name: &str| body.get(name).and_then(serde_json::Value::as_str).unwrap_or_default().to_owned();
+        (status, field("errcode"), field("error"))
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let (status, body) = self.response_parts();
         (status, axum::Json(body)).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `describe` says (a WebSocket close, a plugin's host call) is what the HTTP response
+    /// says, internal failures included: their details stay in the log.
+    #[test]
+    fn describe_and_the_response_agree_for_every_kind_of_error() {
+        let errors = [
+            Error::forbidden("not yours"),
+            Error::LimitExceeded { retry_after_ms: 10 },
+            Error::Uiaa(json!({ "errcode": "M_FORBIDDEN", "error": "wrong password", "flows": [] })),
+            Error::Detailed { status: StatusCode::FORBIDDEN, body: json!({ "errcode": "M_FORBIDDEN", "error": "not yet" }) },
+            Error::Store(StoreError::Corrupt { table: "users", reason: "the record of @secret:example".into() }),
+            Error::internal("the key file /etc/limbic/key is unreadable"),
+        ];
+        for error in errors {
+            let (status, errcode, message) = error.describe();
+            let response = error.into_response();
+            assert_eq!(response.status(), status);
+            let (_, body) = response.into_parts();
+            let body = body_json(body);
+            assert_eq!((body["errcode"].as_str(), body["error"].as_str()), (Some(errcode.as_str()), Some(message.as_str())));
+            assert!(!message.contains("secret") && !message.contains("/etc/"), "{message}");
+        }
+    }
+
+    /// The JSON of a response body (axum's bodies here are complete at once).
+    fn body_json(body: axum::body::Body) -> serde_json::Value {
+        let bytes = tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(axum::body::to_bytes(body, usize::MAX)).unwrap();
+        serde_json::from_slice(&bytes).unwrap()
     }
 }
