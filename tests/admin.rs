@@ -3,7 +3,7 @@
 mod common;
 
 use common::{Client, TestServer, enc, errcode};
-use reqwest::{Method, StatusCode, header};
+use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 const V1: &str = "/_synapse/admin/v1";
@@ -40,20 +40,6 @@ fn user_path(user_id: &str) -> String {
     format!("{V2}/users/{}", enc(user_id))
 }
 
-async fn upload(client: &Client, bytes: &[u8]) -> String {
-    let response = client
-        .http
-        .post(format!("{}/_matrix/media/v3/upload", client.base))
-        .bearer_auth(client.token.as_deref().unwrap())
-        .header(header::CONTENT_TYPE, "text/plain")
-        .body(bytes.to_vec())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    response.json::<Value>().await.unwrap()["content_uri"].as_str().unwrap().to_owned()
-}
-
 fn names(list: &Value, key: &str) -> Vec<String> {
     list.as_array().unwrap().iter().map(|v| v[key].as_str().unwrap_or("<none>").to_owned()).collect()
 }
@@ -64,7 +50,7 @@ async fn every_endpoint_refuses_non_admins_and_missing_tokens() {
     let admin = server.register_admin("root").await;
     let alice = server.register("alice").await;
     let room = alice.create_room(json!({ "preset": "public_chat", "room_alias_name": "lobby" })).await;
-    let mxc = upload(&alice, b"private notes").await;
+    let mxc = alice.upload(b"private notes", "text/plain").await;
     let media = mxc.trim_start_matches("mxc://");
     let (user, r) = (enc(&alice.user_id), enc(&room));
     let device = alice.device_id.clone();
@@ -514,7 +500,7 @@ async fn media_can_be_deleted() {
     let server = TestServer::start().await;
     let admin = server.register_admin("root").await;
     let alice = server.register("alice").await;
-    let mxc = upload(&alice, b"an intake form").await;
+    let mxc = alice.upload(b"an intake form", "text/plain").await;
     let media = mxc.trim_start_matches("mxc://").to_owned();
     let media_id = media.rsplit('/').next().unwrap().to_owned();
 

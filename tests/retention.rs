@@ -146,21 +146,6 @@ async fn expired_messages_are_purged_and_the_room_stays_whole() {
     assert_eq!(name["name"], "session chat");
 }
 
-/// Uploads `bytes` and returns the mxc URI.
-async fn upload(client: &Client, bytes: &[u8]) -> String {
-    let response = client
-        .http
-        .post(format!("{}/_matrix/media/v3/upload", client.base))
-        .bearer_auth(client.token.as_ref().unwrap())
-        .header(reqwest::header::CONTENT_TYPE, "image/png")
-        .body(bytes.to_vec())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    response.json::<Value>().await.unwrap()["content_uri"].as_str().unwrap().to_owned()
-}
-
 async fn download_status(client: &Client, mxc: &str) -> StatusCode {
     let path = format!("{}/_matrix/client/v1/media/download/{}", client.base, mxc.trim_start_matches("mxc://"));
     client.http.get(path).bearer_auth(client.token.as_ref().unwrap()).send().await.unwrap().status()
@@ -204,7 +189,7 @@ async fn purged_messages_take_their_media_files_with_them() {
     let bytes: Vec<Vec<u8>> = (1..=5).map(png).collect();
     let mut mxcs = Vec::new();
     for content in &bytes {
-        mxcs.push(upload(&alice, content).await);
+        mxcs.push(alice.upload(content, "image/png").await);
     }
     let [sent, redacted, shared, avatar, unsent] = [0, 1, 2, 3, 4].map(|i| mxcs[i].clone());
     let image = |mxc: &str| json!({ "msgtype": "m.image", "body": "scan.png", "url": mxc, "info": { "mimetype": "image/png" } });

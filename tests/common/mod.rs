@@ -286,6 +286,21 @@ impl Client {
         self.ok(Method::POST, "/_matrix/client/v3/createRoom", Some(body)).await["room_id"].as_str().unwrap().to_owned()
     }
 
+    /// Uploads `bytes` as `content_type` and returns their `mxc://` URI (the upload must succeed).
+    pub async fn upload(&self, bytes: &[u8], content_type: &str) -> String {
+        let response = self
+            .http
+            .post(format!("{}/_matrix/media/v3/upload", self.base))
+            .bearer_auth(self.token.as_deref().unwrap())
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(bytes.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        response.json::<Value>().await.unwrap()["content_uri"].as_str().unwrap().to_owned()
+    }
+
     pub async fn send_text(&self, room: &str, txn: &str, text: &str) -> String {
         let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(room));
         self.ok(Method::PUT, &path, Some(json!({ "msgtype": "m.text", "body": text }))).await["event_id"]
