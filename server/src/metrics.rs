@@ -27,6 +27,14 @@ pub struct Metrics {
     pub sync_waiting: AtomicI64,
 }
 
+/// Counts every event committed, whichever path committed it.
+impl crate::rooms::AfterCommit for Metrics {
+    fn committed(&self, events: &[crate::events::Pdu]) -> Option<crate::rooms::FollowUp> {
+        self.events_persisted.fetch_add(events.len() as u64, Ordering::Relaxed);
+        None
+    }
+}
+
 impl Metrics {
     pub fn observe_request(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
         let mut requests = self.requests.lock().expect("metrics lock");

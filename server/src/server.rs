@@ -36,7 +36,7 @@ pub struct Server {
     pub calls: crate::calls::Calls,
     pub push: Arc<Push>,
     pub rate_limiter: RateLimiter,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub admin: crate::admin::Admin,
     pub plugins: Arc<crate::plugins::Plugins>,
     /// Events users scheduled to be sent later (MSC4140).
@@ -83,7 +83,7 @@ impl Server {
         } else {
             None
         };
-        Ok(Arc::new(Self {
+        let server = Arc::new(Self {
             federation,
             plugins: plugins.clone(),
             push: push.clone(),
@@ -96,7 +96,7 @@ impl Server {
             rooms: Rooms::new(store.clone(), signing_key.clone(), push.clone(), audit, clinic.clone(), plugins, config.federation.enabled),
             e2ee: E2ee::new(store.clone()),
             rate_limiter: RateLimiter::new(&config.rate_limits),
-            metrics: Metrics::default(),
+            metrics: Arc::default(),
             sliding_sync: crate::sync::sliding::Connections::default(),
             admin: crate::admin::Admin::default(),
             media: Media::open(&config.media, store.clone(), config.server_name.clone(), shutting_down.subscribe())?,
@@ -105,7 +105,10 @@ impl Server {
             secrets,
             store,
             config,
-        }))
+        });
+        let recordings = crate::calls::recording::RecordingWatch::new(Arc::downgrade(&server));
+        server.rooms.set_after_commit(vec![server.metrics.clone(), Arc::new(recordings)]);
+        Ok(server)
     }
 
     pub fn server_name(&self) -> &ruma::ServerName {
@@ -144,6 +147,32 @@ impl Server {
             crate::federation::sender::device_list_changed(self, user_id, &device_id, true)?;
         }
         Ok(())
+    }
+
+    /// Appends one event from a local user (a client, a plugin acting for one, a delayed event
+    /// coming due) and commits it, with `records` of another module in the same batch (a delayed
+    /// event's removal goes with the event it became). The after-commit work is done before it
+    /// returns, so that an answer reflects it (a withdrawn consent has stopped the recording).
+    pub async fn send_local_event(
+        &self,
+        sender: &ruma::UserId,
+        room_id: &ruma::RoomId,
+        builder: PduBuilder,
+        txn: Option<crate::rooms::TxnInfo>,
+        records: Option<crate::store::Batch>,
+    ) -> Result<crate::events::Pdu> {
+        let mut writer = self.rooms.writer(room_id).await?;
+        if !writer.exists() {
+            return Err(crate::Error::not_found("unknown room"));
+        }
+        // A role taken away ends its notes-room and breakout memberships in the same write.
+        let subrooms = crate::clinic::subrooms::stage_for_event(self, room_id, sender, &builder).await?;
+        let pdu = writer.append(sender, builder, txn)?;
+        if let Some(records) = records {
+            writer.batch().append(records);
+        }
+        writer.commit_with(subrooms)?.finish().await;
+        Ok(pdu)
     }
 
     /// Sets profile fields and sends the new member event into every room the user has joined.

@@ -4,16 +4,19 @@
 //! without consent). Each track becomes a file (Ogg/Opus, IVF/VP8) in the media repository,
 //! announced in the room; `org.limbic.recording` in the room says whether it is recording.
 
-use ruma::{OwnedUserId, RoomId, UserId};
+use std::sync::Weak;
+
+use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde_json::{Value as JsonValue, json};
 use str0m::media::MediaKind;
 
 use crate::{
     audit::AuditRecord,
-    clinic::{RECORDING, RECORDING_CONSENT, RecordingPolicy, Role, SESSION, Session, session_role},
+    clinic::{RECORDING, RECORDING_CONSENT, RecordingPolicy, Role, SESSION, Session, Status, session_role},
     error::{Error, ErrorCode, Result},
-    events::PduBuilder,
+    events::{Pdu, PduBuilder},
     media::Upload,
+    rooms::{AfterCommit, FollowUp},
     server::Server,
 };
 
@@ -179,6 +182,93 @@ pub async fn stop_without_consent(server: &Server, room_id: &RoomId, user: &User
     }
 }
 
+/// A committed event that stops a recording.
+#[derive(Debug, PartialEq, Eq)]
+enum Stop {
+    ConsentWithdrawn,
+    SessionEnded,
+}
+
+impl Stop {
+    fn of(pdu: &Pdu) -> Option<Stop> {
+        let kind = pdu.kind.to_string();
+        if kind == RECORDING_CONSENT && pdu.content_json().get("consent").and_then(JsonValue::as_bool) != Some(true) {
+            return Some(Stop::ConsentWithdrawn);
+        }
+        let status = || Session::parse(&pdu.content_json()).map(|session| session.status);
+        if kind == SESSION && !status().is_ok_and(Status::is_live) {
+            return Some(Stop::SessionEnded);
+        }
+        None
+    }
+}
+
+/// Stops recordings on consent withdrawn and sessions ended, whichever path committed the event
+/// (a client, a plugin, another server). Weak: the server owns the rooms that own this hook.
+pub struct RecordingWatch(Weak<Server>);
+
+impl RecordingWatch {
+    pub fn new(server: Weak<Server>) -> Self {
+        Self(server)
+    }
+}
+
+impl AfterCommit for RecordingWatch {
+    fn committed(&self, events: &[Pdu]) -> Option<FollowUp> {
+        let stops: Vec<(Stop, OwnedRoomId, OwnedUserId)> = events.iter().filter_map(|pdu| Some((Stop::of(pdu)?, pdu.room_id.clone(), pdu.sender.clone()))).collect();
+        if stops.is_empty() {
+            return None;
+        }
+        let server = self.0.clone();
+        Some(Box::pin(async move {
+            let Some(server) = server.upgrade() else { return };
+            for (stop, room_id, sender) in stops {
+                match stop {
+                    Stop::ConsentWithdrawn => stop_without_consent(&server, &room_id, &sender, false).await,
+                    Stop::SessionEnded => session_ended(&server, &room_id, &sender).await,
+                }
+            }
+        }))
+    }
+}
+
 fn require_therapist(server: &Server, room_id: &RoomId, user: &UserId) -> Result<()> {
     if session_role(&server.rooms, room_id, user.as_str())?.is_some_and(Role::is_therapist) { Ok(()) } else { Err(Error::forbidden("only the session's therapists start and stop recordings")) }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::events::{PduPlacement, ServerSigningKey, build_pdu, rules_for};
+
+    fn event(builder: PduBuilder) -> Pdu {
+        let key = ServerSigningKey::generate(ruma::server_name!("test.local").to_owned());
+        let rules = rules_for(&ruma::RoomVersionId::V11).unwrap();
+        let sender = ruma::owned_user_id!("@ann:test.local");
+        let room_id = ruma::owned_room_id!("!session:test.local");
+        let placement = PduPlacement { room_id: &room_id, sender: &sender, prev_events: vec![], auth_events: vec![], depth: 1, rules: &rules };
+        build_pdu(builder, placement, &key).unwrap().pdu
+    }
+
+    fn session(status: &str) -> Pdu {
+        let content = json!({ "kind": "individual", "title": "t", "starts_at": 1, "ends_at": 2, "timezone": "UTC", "status": status, "max_participants": 2 });
+        event(PduBuilder::state(SESSION, "", content))
+    }
+
+    #[test]
+    fn consent_withdrawn_and_sessions_ended_stop_recordings() {
+        let consent = |content| event(PduBuilder::state(RECORDING_CONSENT, "@ann:test.local", content));
+        assert_eq!(Stop::of(&consent(json!({ "consent": false }))), Some(Stop::ConsentWithdrawn));
+        assert_eq!(Stop::of(&consent(json!({}))), Some(Stop::ConsentWithdrawn));
+        assert_eq!(Stop::of(&consent(json!({ "consent": true }))), None);
+        for ended in ["completed", "cancelled", "no_show"] {
+            assert_eq!(Stop::of(&session(ended)), Some(Stop::SessionEnded), "{ended}");
+        }
+        for live in ["scheduled", "open", "in_progress"] {
+            assert_eq!(Stop::of(&session(live)), None, "{live}");
+        }
+        assert_eq!(Stop::of(&event(PduBuilder::message("m.room.message", json!({ "body": "consent" })))), None);
+    }
 }

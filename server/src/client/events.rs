@@ -26,7 +26,7 @@ use crate::{
     events::{Pdu, PduBuilder},
     ratelimit::Action,
     rooms::{EventMeta, ReadView, TxnInfo},
-    store::{Batch, Key, StreamPos, tables},
+    store::{Key, StreamPos, tables},
     rooms::{HistoryKey, TIMELINE_ORDER, history_key_before},
     sync::{EventFilter, history_token, parse_history_token, token},
     users::Caller,
@@ -143,39 +143,7 @@ pub(super) async fn send_event(
     builder: PduBuilder,
     txn: Option<TxnInfo>,
 ) -> Result<OwnedEventId> {
-    send_event_with(server, sender, room_id, builder, txn, None).await
-}
-
-/// [`send_event`], writing `records` of another module in the event's own batch (a delayed
-/// event's removal goes with the event it became).
-pub(crate) async fn send_event_with(
-    server: &AppState,
-    sender: &UserId,
-    room_id: &ruma::RoomId,
-    builder: PduBuilder,
-    txn: Option<TxnInfo>,
-    records: Option<Batch>,
-) -> Result<OwnedEventId> {
-    let mut writer = server.rooms.writer(room_id).await?;
-    if !writer.exists() {
-        return Err(Error::not_found("unknown room"));
-    }
-    // A role taken away ends its notes-room and breakout memberships in the same write.
-    let subrooms = crate::clinic::subrooms::stage_for_event(server, room_id, sender, &builder).await?;
-    let pdu = writer.append(sender, builder, txn)?;
-    if let Some(records) = records {
-        writer.batch().append(records);
-    }
-    writer.commit_with(subrooms)?;
-    server.metrics.events_persisted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let kind = pdu.kind.to_string();
-    if kind == crate::clinic::RECORDING_CONSENT && pdu.content_json().get("consent").and_then(JsonValue::as_bool) != Some(true) {
-        crate::calls::recording::stop_without_consent(server, room_id, sender, false).await;
-    }
-    if kind == crate::clinic::SESSION && !matches!(pdu.content_json().get("status").and_then(JsonValue::as_str), Some("open" | "in_progress" | "scheduled")) {
-        crate::calls::recording::session_ended(server, room_id, sender).await;
-    }
-    Ok(pdu.event_id)
+    Ok(server.send_local_event(sender, room_id, builder, txn, None).await?.event_id)
 }
 
 /// Refuses a message whose `body`, or an edit's new body, is longer than `max` characters.

@@ -177,11 +177,9 @@ async fn create_room_handler(
     }
 
     // The whole room is one atomic write: a crash never leaves half a room.
-    let count = events.len() as u64;
     let writer = server.rooms.new_room(version, &creator, events).await?;
     let room_id = writer.room_id().clone();
     writer.commit()?;
-    server.metrics.events_persisted.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
     if let Some(alias) = &alias {
         server.rooms.set_alias(alias, &room_id, &creator)?;
     }

@@ -252,7 +252,7 @@ impl DelayedEvents {
         let event = crate::client::event_builder(server, &record.room_id, &record.kind, record.state_key.as_deref(), record.content.clone())?;
         let mut removal = self.store.batch();
         self.stage_removal(&mut removal, delay_id, record);
-        crate::client::send_event_with(server, &record.user_id, &record.room_id, event, None, Some(removal)).await
+        server.send_local_event(&record.user_id, &record.room_id, event, None, Some(removal)).await.map(|pdu| pdu.event_id)
     }
 
     /// Fires the first due event, if any. Answers how long until the next one is due: zero

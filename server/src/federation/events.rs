@@ -578,7 +578,7 @@ async fn join_via(server: &Server, federation: &Federation, user: &UserId, room_
     writer.commit()?;
     let mut writer = server.rooms.writer(room_id).await?;
     writer.append_remote(join)?;
-    writer.commit()
+    writer.commit().map(drop)
 }
 
 /// Typing notifications, read receipts, presence, to-device messages and device-list (and

@@ -290,17 +290,7 @@ impl host::Host for HostState {
         let (room_id, builder) = event_request(&room, &event_type, state_key, &content)?;
         let sender = self.acting_user(sender)?;
         let server = self.server()?;
-        block_on(async {
-            let mut writer = server.rooms.writer(&room_id).await?;
-            if !writer.exists() {
-                return Err(Error::not_found("unknown room"));
-            }
-            let subrooms = crate::clinic::subrooms::stage_for_event(&server, &room_id, &sender, &builder).await?;
-            let pdu = writer.append(&sender, builder, None)?;
-            writer.commit_with(subrooms)?;
-            Ok(pdu.event_id.to_string())
-        })
-        .map_err(refused)
+        block_on(server.send_local_event(&sender, &room_id, builder, None, None)).map(|pdu| pdu.event_id.to_string()).map_err(refused)
     }
 
     fn create_room(&mut self, creator: Option<String>, spec: RoomSpec) -> Result<String, HostError> {
@@ -333,7 +323,7 @@ impl host::Host for HostState {
                 return Err(Error::not_found("unknown room"));
             }
             writer.append(&sender, PduBuilder::state("m.room.member", user.as_str(), json!({ "membership": "invite" })), None)?;
-            writer.commit()
+            writer.commit().map(drop)
         })
         .map_err(refused)
     }

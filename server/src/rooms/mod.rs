@@ -2,6 +2,7 @@
 //! snapshots, membership indexes, aliases and the public directory.
 
 mod admin;
+mod after_commit;
 mod ephemeral;
 mod pipeline;
 pub mod relations;
@@ -22,6 +23,7 @@ use ruma::{
 };
 use serde::{Deserialize, Serialize};
 
+pub use after_commit::{AfterCommit, Committed, FollowUp};
 pub use ephemeral::{Receipt, Typing};
 pub use limbic_core::events::Membership;
 pub use pipeline::{RoomWriter, TxnInfo};
@@ -122,6 +124,7 @@ pub struct Rooms {
     /// Per room, its newest timeline position (filled on first use, then kept by commits), so
     /// that "anything new in this room?" costs no store read.
     latest_positions: Mutex<HashMap<OwnedRoomId, StreamPos>>,
+    after_commit: after_commit::Hooks,
     pub typing: Typing,
     pub push: Arc<crate::push::Push>,
     pub audit: Arc<crate::audit::Audit>,
@@ -153,8 +156,14 @@ impl Rooms {
             snapshots: SnapshotCache::default(),
             retention_cursors: Mutex::default(),
             latest_positions: Mutex::default(),
+            after_commit: after_commit::Hooks::default(),
             typing: Typing::default(),
         }
+    }
+
+    /// Registers, once at start-up, what runs after every commit.
+    pub fn set_after_commit(&self, hooks: Vec<Arc<dyn AfterCommit>>) {
+        self.after_commit.set(hooks);
     }
 
     pub fn store(&self) -> &Store {

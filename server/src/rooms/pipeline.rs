@@ -67,6 +67,8 @@ pub struct RoomWriter<'a> {
     /// State set by events staged in this writer, over the stored current state.
     staged_state: HashMap<(String, String), Pdu>,
     staged_events: HashMap<OwnedEventId, Pdu>,
+    /// The staged events in order, for the after-commit hooks.
+    staged_order: Vec<Pdu>,
     snapshot_generations: HashMap<u64, u32>,
     /// Memberships changed by staged events, over the stored ones.
     staged_members: HashMap<OwnedUserId, Membership>,
@@ -96,6 +98,7 @@ impl<'a> RoomWriter<'a> {
             tickets: Vec::new(),
             staged_state: HashMap::new(),
             staged_events: HashMap::new(),
+            staged_order: Vec::new(),
             snapshot_generations: HashMap::new(),
             staged_members: HashMap::new(),
             staged_pushes: Vec::new(),
@@ -378,6 +381,7 @@ impl<'a> RoomWriter<'a> {
         if !notifications.is_empty() {
             self.staged_pushes.push((pdu.clone(), notifications));
         }
+        self.staged_order.push(pdu.clone());
         self.staged_events.insert(pdu.event_id.clone(), pdu);
         self.tickets.push(ticket);
         Ok(())
@@ -833,7 +837,7 @@ impl<'a> RoomWriter<'a> {
 
     /// Commits this writer and `others` (writers of other rooms) in one atomic write: a
     /// session room and its breakout rooms change together or not at all.
-    pub fn commit_with(mut self, others: Vec<RoomWriter<'_>>) -> Result<()> {
+    pub fn commit_with(mut self, others: Vec<RoomWriter<'_>>) -> Result<super::Committed> {
         // The other rooms stay locked until their events are written.
         let mut locks = Vec::with_capacity(others.len());
         for other in others {
@@ -842,6 +846,7 @@ impl<'a> RoomWriter<'a> {
             self.staged_pushes.extend(other.staged_pushes);
             self.staged_audit.extend(other.staged_audit);
             self.staged_latest.extend(other.staged_latest);
+            self.staged_order.extend(other.staged_order);
             locks.push(other._guard);
         }
         let written = self.commit();
@@ -849,10 +854,11 @@ impl<'a> RoomWriter<'a> {
         written
     }
 
-    /// Persists every staged event in one durable batch, then lets readers see them.
-    pub fn commit(self) -> Result<()> {
+    /// Persists every staged event in one durable batch, then lets readers see them; what the
+    /// after-commit hooks leave to do is returned (it runs in the background unless awaited).
+    pub fn commit(self) -> Result<super::Committed> {
         if self.batch.is_empty() && self.staged_audit.is_empty() {
-            return Ok(());
+            return Ok(super::Committed::default());
         }
         let store = &self.rooms.store;
         if self.staged_audit.is_empty() {
@@ -867,7 +873,9 @@ impl<'a> RoomWriter<'a> {
             let rooms = self.rooms;
             rooms.push.deliver(notifications, &pdu, |user| rooms.unread_notification_count(user, &pdu.room_id));
         }
-        Ok(())
+        // The room unlocks before the hooks run: their follow-ups may write to it.
+        drop(self._guard);
+        Ok(self.rooms.after_commit.run(&self.staged_order))
     }
 }
 
@@ -907,7 +915,7 @@ mod tests {
         let mallory = owned_user_id!("@mallory:remote.test");
         let append = |signed: SignedPdu| async {
             let mut writer = server.rooms.writer(&room).await.unwrap();
-            writer.append_remote(signed).and_then(|pdu| writer.commit().map(|()| pdu))
+            writer.append_remote(signed).and_then(|pdu| writer.commit().map(|_| pdu))
         };
 
         // A public room: the join rules it cites allow mallory's join.

@@ -1,0 +1,144 @@
+//! What follows a commit: work registered at start-up that runs once events are durable and
+//! visible, whichever path committed them (a client's send, a session endpoint, federation, a
+//! plugin, an administrator). The pipeline does not know what the hooks are.
+
+use std::{future::Future, pin::Pin, sync::Arc};
+
+use crate::events::Pdu;
+
+/// Slow work a hook leaves for after the commit (e.g. stopping a recording, which commits events
+/// of its own in the same room).
+pub type FollowUp = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// A consumer of committed events.
+pub trait AfterCommit: Send + Sync {
+    /// Called as soon as `events` (in the order they were staged) are durable and visible, with
+    /// the room unlocked. Quick work is done here; slow work is returned.
+    fn committed(&self, events: &[Pdu]) -> Option<FollowUp>;
+}
+
+/// The hooks registered at start-up.
+#[derive(Default)]
+pub(super) struct Hooks(std::sync::OnceLock<Vec<Arc<dyn AfterCommit>>>);
+
+impl Hooks {
+    pub(super) fn set(&self, hooks: Vec<Arc<dyn AfterCommit>>) {
+        if self.0.set(hooks).is_err() {
+            tracing::error!("after-commit hooks registered twice; the first set stays");
+        }
+    }
+
+    pub(super) fn run(&self, events: &[Pdu]) -> Committed {
+        let follow_ups = if events.is_empty() { Vec::new() } else { self.0.get().into_iter().flatten().filter_map(|hook| hook.committed(events)).collect() };
+        Committed { follow_ups }
+    }
+}
+
+/// The follow-up work of one commit. A request whose answer must reflect it (a withdrawn consent
+/// has stopped the recording when the `PUT` returns) awaits [`Committed::finish`]; dropped, the
+/// work runs in the background, so no path that commits events skips it.
+#[derive(Default)]
+pub struct Committed {
+    follow_ups: Vec<FollowUp>,
+}
+
+impl Committed {
+    /// Runs the follow-up work, in the order the hooks were registered.
+    pub async fn finish(mut self) {
+        for follow_up in std::mem::take(&mut self.follow_ups) {
+            follow_up.await;
+        }
+    }
+}
+
+impl Drop for Committed {
+    fn drop(&mut self) {
+        if self.follow_ups.is_empty() {
+            return;
+        }
+        let follow_ups = std::mem::take(&mut self.follow_ups);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(Committed { follow_ups }.finish())),
+            Err(_) => tracing::error!(count = follow_ups.len(), "after-commit work dropped outside the runtime"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::events::PduBuilder;
+
+    /// Records what it saw, and leaves a follow-up that reports on `done`.
+    #[derive(Default)]
+    struct Witness {
+        seen: Mutex<Vec<String>>,
+        done: Mutex<Option<tokio::sync::oneshot::Sender<usize>>>,
+    }
+
+    impl AfterCommit for Witness {
+        fn committed(&self, events: &[Pdu]) -> Option<FollowUp> {
+            self.seen.lock().unwrap().extend(events.iter().map(|pdu| pdu.kind.to_string()));
+            let done = self.done.lock().unwrap().take()?;
+            let count = events.len();
+            Some(Box::pin(async move { done.send(count).ok(); }))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn follow_ups_run_when_awaited_and_when_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = crate::server::Server::open_in(dir.path());
+        let hooks = Hooks::default();
+        let witness = Arc::new(Witness::default());
+        hooks.set(vec![witness.clone()]);
+        let alice = ruma::owned_user_id!("@alice:test.local");
+        let events = [
+            PduBuilder::state("m.room.create", "", serde_json::json!({})),
+            PduBuilder::state("m.room.member", alice.as_str(), serde_json::json!({ "membership": "join" })),
+        ];
+        let writer = server.rooms.new_room(ruma::RoomVersionId::V12, &alice, events).await.unwrap();
+        let room = writer.room_id().clone();
+        drop(writer.commit().unwrap());
+        let pdus = [server.rooms.state_event(&room, "m.room.create", "").unwrap().unwrap()];
+
+        // Awaited: the follow-up has run when finish returns.
+        let (done, mut report) = tokio::sync::oneshot::channel();
+        *witness.done.lock().unwrap() = Some(done);
+        hooks.run(&pdus).finish().await;
+        assert_eq!(report.try_recv(), Ok(1));
+
+        // Dropped: it still runs, in the background.
+        let (done, report) = tokio::sync::oneshot::channel();
+        *witness.done.lock().unwrap() = Some(done);
+        drop(hooks.run(&pdus));
+        assert_eq!(tokio::time::timeout(std::time::Duration::from_secs(5), report).await, Ok(Ok(1)));
+        assert_eq!(*witness.seen.lock().unwrap(), ["m.room.create", "m.room.create"]);
+
+        // Nothing committed: no hook is called.
+        hooks.run(&[]).finish().await;
+        assert_eq!(witness.seen.lock().unwrap().len(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn every_commit_path_reaches_the_registered_hooks() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = crate::server::Server::open_in(dir.path());
+        let counted = || server.metrics.events_persisted.load(std::sync::atomic::Ordering::Relaxed);
+        let alice = ruma::owned_user_id!("@alice:test.local");
+        let events = [
+            PduBuilder::state("m.room.create", "", serde_json::json!({})),
+            PduBuilder::state("m.room.member", alice.as_str(), serde_json::json!({ "membership": "join" })),
+        ];
+        // A room created and committed directly through the writer, its follow-ups never awaited.
+        let writer = server.rooms.new_room(ruma::RoomVersionId::V12, &alice, events).await.unwrap();
+        let room = writer.room_id().clone();
+        drop(writer.commit().unwrap());
+        assert_eq!(counted(), 2);
+        let message = PduBuilder::message("m.room.message", serde_json::json!({ "msgtype": "m.text", "body": "hi" }));
+        server.send_local_event(&alice, &room, message, None, None).await.unwrap();
+        assert_eq!(counted(), 3);
+    }
+}
