@@ -10,7 +10,7 @@ use serde_json::{Value as JsonValue, json};
 use super::{
     AppState, Ruma,
     membership::set_membership,
-    sessions::{CreateSession, Participant, parse_body, stage_session},
+    sessions::parse_body,
 };
 use crate::{
     audit::AuditRecord,
@@ -98,19 +98,19 @@ async fn create_appointment(State(server): State<AppState>, headers: HeaderMap, 
             if !server.users.exists(&request.client)? {
                 server.users.create(&request.client, None, false)?;
             }
-            let session = CreateSession {
+            let session = crate::clinic::sessions::NewSession {
                 kind: request.kind.unwrap_or(Kind::Individual),
                 title: request.title,
                 starts_at: request.starts_at,
                 ends_at: request.ends_at,
                 timezone: request.timezone,
-                participants: vec![Participant { user_id: request.client.clone(), role: Role::Client }],
+                participants: vec![crate::clinic::sessions::Participant { user_id: request.client.clone(), role: Role::Client }],
                 recording_policy: RecordingPolicy::default(),
                 max_participants: None,
                 join_window_minutes: None,
                 passcode: None,
             };
-            let (mut writer, _) = stage_session(&server, &request.therapist, session).await?;
+            let (mut writer, _) = crate::clinic::sessions::stage(&server, &request.therapist, session).await?;
             let room_id = writer.room_id().clone();
             server.appointments.stage_room(writer.batch(), &request.appointment_id, &room_id);
             writer.commit()?;

@@ -15,7 +15,7 @@ use serde_json::{Value as JsonValue, json};
 
 use super::{
     AppState,
-    sessions::{Authed, parse_body, require_session_therapist, room_id, user_id},
+    sessions::{Authed, parse_body, room_id, user_id},
 };
 use crate::{
     audit::AuditRecord,
@@ -129,7 +129,7 @@ struct CreateBreakout {
 async fn create_breakout(State(server): State<AppState>, Authed(caller): Authed, Path(room): Path<String>, body: axum::body::Bytes) -> Result<Json<JsonValue>> {
     let request: CreateBreakout = parse_body(&body)?;
     let session_room = room_id(&room)?;
-    require_session_therapist(&server, &caller, &session_room)?;
+    crate::clinic::sessions::require_therapist(&server, &caller.user_id, &session_room, "manage its breakouts")?;
     let session = server.rooms.state_content(&session_room, SESSION, "")?.ok_or_else(|| Error::not_found("not a session"))?;
     let session = Session::parse(&session)?;
     if !session.kind.allows_breakouts() {
@@ -188,7 +188,7 @@ async fn create_breakout(State(server): State<AppState>, Authed(caller): Authed,
 /// The session's breakout rooms with who is in them; for its members and participants.
 async fn list_breakouts(State(server): State<AppState>, Authed(caller): Authed, Path(room): Path<String>) -> Result<Json<JsonValue>> {
     let session_room = room_id(&room)?;
-    super::sessions::session_view(&server, &caller, &session_room)?;
+    crate::clinic::sessions::view(&server, &caller.user_id, &session_room)?;
     let mut breakouts = Vec::new();
     for (room, breakout) in breakouts_of(&server, &session_room)? {
         let members = if breakout.closed { Vec::new() } else { present_members(&server, &room)? };
@@ -204,7 +204,7 @@ async fn assign(
     Path((room, breakout, user)): Path<(String, String, String)>,
 ) -> Result<Json<JsonValue>> {
     let (session_room, breakout_id, user) = (room_id(&room)?, room_id(&breakout)?, user_id(&user)?);
-    require_session_therapist(&server, &caller, &session_room)?;
+    crate::clinic::sessions::require_therapist(&server, &caller.user_id, &session_room, "manage its breakouts")?;
     if crate::clinic::session_role(&server.rooms, &session_room, user.as_str())?.is_none() {
         return Err(Error::invalid_param(format!("{user} is not a participant of the session")));
     }
@@ -238,7 +238,7 @@ async fn unassign(
     Path((room, breakout, user)): Path<(String, String, String)>,
 ) -> Result<Json<JsonValue>> {
     let (session_room, breakout_id, user) = (room_id(&room)?, room_id(&breakout)?, user_id(&user)?);
-    require_session_therapist(&server, &caller, &session_room)?;
+    crate::clinic::sessions::require_therapist(&server, &caller.user_id, &session_room, "manage its breakouts")?;
     let mut main = server.rooms.writer(&session_room).await?;
     open_breakout(&server, &session_room, &breakout_id)?;
     let mut target = server.rooms.writer(&breakout_id).await?;
@@ -257,7 +257,7 @@ async fn unassign(
 /// main room is invited back, and it is removed from the session's children.
 async fn close_breakout(State(server): State<AppState>, Authed(caller): Authed, Path((room, breakout)): Path<(String, String)>) -> Result<Json<JsonValue>> {
     let (session_room, breakout_id) = (room_id(&room)?, room_id(&breakout)?);
-    require_session_therapist(&server, &caller, &session_room)?;
+    crate::clinic::sessions::require_therapist(&server, &caller.user_id, &session_room, "manage its breakouts")?;
     let mut main = server.rooms.writer(&session_room).await?;
     let mut content = open_breakout(&server, &session_room, &breakout_id)?;
     let mut target = server.rooms.writer(&breakout_id).await?;

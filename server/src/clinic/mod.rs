@@ -3,7 +3,9 @@
 //! room version's auth rules — whatever API an event comes through.
 
 pub mod appointments;
+pub mod notes;
 mod policy;
+pub mod sessions;
 pub mod subrooms;
 
 use std::sync::Arc;
