@@ -93,7 +93,7 @@ impl Server {
             calls: crate::calls::Calls::open(&store, config.calls.clone(), &config.listen)?,
             users: Users::new(store.clone()),
             delayed: crate::delayed::DelayedEvents::new(store.clone(), config.delayed_events.clone()),
-            rooms: Rooms::new(store.clone(), signing_key.clone(), push.clone(), audit, clinic.clone(), plugins, config.federation.enabled),
+            rooms: Rooms::new(store.clone(), signing_key.clone(), audit, config.federation.enabled),
             e2ee: E2ee::new(store.clone()),
             rate_limiter: RateLimiter::new(&config.rate_limits),
             metrics: Arc::default(),
@@ -106,9 +106,29 @@ impl Server {
             store,
             config,
         });
-        let recordings = crate::calls::recording::RecordingWatch::new(Arc::downgrade(&server));
-        server.rooms.set_after_commit(vec![server.metrics.clone(), Arc::new(recordings)]);
+        server.rooms.register(server.fanout());
         Ok(server)
+    }
+
+    /// What the room pipeline fans out to, in order: the clinic's rules before the plugins'
+    /// `check-event`; the indexers staging into each event's write; then the after-commit hooks.
+    fn fanout(self: &Arc<Self>) -> crate::rooms::Fanout {
+        let server_name = self.config.server_name.clone();
+        let mut indexers: Vec<Arc<dyn crate::rooms::Indexer>> = vec![
+            Arc::new(crate::search::SearchIndex),
+            Arc::new(crate::media::MediaReferences::new(server_name.clone())),
+            self.plugins.clone(),
+        ];
+        if self.federation.is_some() {
+            indexers.push(Arc::new(crate::federation::sender::Outbox::new(server_name.clone())));
+        }
+        indexers.push(Arc::new(crate::push::Notifier::new(self.push.clone(), server_name)));
+        indexers.push(self.clinic.clone());
+        crate::rooms::Fanout {
+            policies: vec![self.clinic.clone(), self.plugins.clone()],
+            indexers,
+            after_commit: vec![self.metrics.clone(), Arc::new(crate::calls::recording::RecordingWatch::new(Arc::downgrade(self)))],
+        }
     }
 
     pub fn server_name(&self) -> &ruma::ServerName {

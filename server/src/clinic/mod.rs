@@ -4,6 +4,7 @@
 
 pub mod appointments;
 pub mod notes;
+mod pipeline;
 mod policy;
 pub mod sessions;
 pub mod subrooms;
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use ruma::{OwnedRoomId, OwnedUserId, UserId};
 use serde::{Deserialize, Serialize};
 
-pub use policy::{PolicyContext, RoomState, authorize, bookings, therapists};
+pub use policy::{PolicyContext, authorize, bookings, therapists};
 
 use crate::{
     error::{Error, Result},

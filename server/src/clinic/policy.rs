@@ -9,15 +9,8 @@ use super::{BREAKOUT, Breakout, CALL_MEMBER, Clinic, RTC_MEMBER, HAND, NOTE, NOT
 use crate::{
     error::{Error, Result},
     events::Pdu,
-    rooms::Membership,
+    rooms::{Membership, RoomView},
 };
-
-/// The room's state as of the event being authorized, staged events included.
-pub trait RoomState {
-    fn state(&self, kind: &str, state_key: &str) -> Result<Option<Pdu>>;
-    /// Every (state key, event) of a state type.
-    fn state_of_type(&self, kind: &str) -> Result<Vec<(String, Pdu)>>;
-}
 
 /// What the policy may read: the room's state, and other rooms' current state for
 /// double-booking checks.
@@ -25,7 +18,7 @@ pub struct PolicyContext<'a> {
     pub clinic: &'a Clinic,
     pub rooms: &'a crate::rooms::Rooms,
     pub room_id: &'a RoomId,
-    pub room: &'a dyn RoomState,
+    pub room: &'a dyn RoomView,
     pub now: u64,
 }
 

@@ -15,7 +15,7 @@ use super::Federation;
 use crate::{
     events::Pdu,
     server::Server,
-    store::{Batch, Key, KeyReader, Store, StreamPos, tables},
+    store::{Key, KeyReader, Store, StreamPos, tables},
 };
 
 const MAX_PDUS_PER_TRANSACTION: usize = 50;
@@ -23,10 +23,54 @@ const MAX_EDUS_PER_TRANSACTION: usize = 100;
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 
-/// Stages `pdu` for every server in `destinations`, in the event's own batch.
-pub fn stage(store: &Store, batch: &mut Batch, pos: StreamPos, pdu: &Pdu, destinations: &HashSet<OwnedServerName>) {
-    for destination in destinations {
-        batch.put(store, tables::FEDERATION_OUTBOX, &Key::new().str(destination.as_str()).u64(pos).into_vec(), pdu.event_id.as_bytes());
+/// The queue's intake: each local event is staged for the servers it goes to, in its own batch.
+pub struct Outbox {
+    server_name: OwnedServerName,
+}
+
+impl Outbox {
+    pub fn new(server_name: OwnedServerName) -> Self {
+        Self { server_name }
+    }
+
+    /// The other servers a local event goes to: those with members in the room (and an invited
+    /// user's server), unless the room never federates or its ACL denies them.
+    fn destinations(&self, room: &dyn crate::rooms::RoomView, pdu: &Pdu) -> crate::Result<HashSet<OwnedServerName>> {
+        let federates = room.state("m.room.create", "")?.is_none_or(|create| create.content_json().get("m.federate") != Some(&serde_json::Value::Bool(false)));
+        if !federates {
+            return Ok(HashSet::new());
+        }
+        let mut servers: HashSet<OwnedServerName> = room
+            .members()?
+            .iter()
+            .filter(|(_, m)| matches!(m, crate::rooms::Membership::Join))
+            .map(|(user, _)| user.server_name().to_owned())
+            .collect();
+        if pdu.kind == ruma::events::TimelineEventType::RoomMember
+            && let Some(target) = pdu.state_key.as_deref().and_then(|k| <&ruma::UserId>::try_from(k).ok())
+        {
+            servers.insert(target.server_name().to_owned());
+        }
+        servers.remove(&self.server_name);
+        if let Some(acl) = room.state("m.room.server_acl", "")? {
+            let acl = acl.content_json();
+            servers.retain(|server| super::acl::content_allows(&acl, server));
+        }
+        Ok(servers)
+    }
+}
+
+impl crate::rooms::Indexer for Outbox {
+    fn stage(&self, room: &dyn crate::rooms::RoomView, event: &crate::rooms::StagedEvent<'_>, staging: &mut crate::rooms::Staging<'_>) -> crate::Result<()> {
+        if !event.local {
+            return Ok(());
+        }
+        let store = staging.store();
+        for destination in self.destinations(room, event.pdu)? {
+            let key = Key::new().str(destination.as_str()).u64(event.pos).into_vec();
+            staging.batch().put(store, tables::FEDERATION_OUTBOX, &key, event.pdu.event_id.as_bytes());
+        }
+        Ok(())
     }
 }
 

@@ -22,7 +22,7 @@ use ruma::{MilliSecondsSinceUnixEpoch, OwnedMxcUri, OwnedRoomId, OwnedServerName
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, RwLock, watch};
 
-pub use self::references::{stage_purge, stage_references};
+pub use self::references::MediaReferences;
 use self::{
     files::{Files, TempFile},
     thumbnail::{Method, Thumbnail},
@@ -388,7 +388,7 @@ impl Media {
         })
     }
 
-    /// Deletes the media whose references retention purged (queued by [`stage_purge`]) when no
+    /// Deletes the media whose references retention purged (queued by [`MediaReferences`]) when no
     /// event references them any more, with their content files and thumbnails unless other
     /// media share them. Only media stored since references are kept (`authenticated`) is
     /// deleted: older media may be named by events that were never indexed. Returns how many

@@ -43,7 +43,7 @@ fn reference_key(media_id: &str, event_id: &EventId) -> Vec<u8> {
 }
 
 /// Stages the references of an event to local media, in the batch that persists it.
-pub fn stage_references(store: &Store, batch: &mut Batch, server_name: &ServerName, pdu: &Pdu) -> Result<()> {
+fn stage_references(store: &Store, batch: &mut Batch, server_name: &ServerName, pdu: &Pdu) -> Result<()> {
     let media_ids = referenced(server_name, &pdu.content_json());
     if media_ids.is_empty() {
         return Ok(());
@@ -57,7 +57,7 @@ pub fn stage_references(store: &Store, batch: &mut Batch, server_name: &ServerNa
 
 /// Stages, with the purge of an event, the removal of its references; the media it referenced
 /// are queued for [`super::Media::collect`], which deletes those left without reference.
-pub fn stage_purge(store: &Store, batch: &mut Batch, event_id: &EventId) -> Result<()> {
+fn stage_purge(store: &Store, batch: &mut Batch, event_id: &EventId) -> Result<()> {
     let Some(media_ids) = store.get_json::<BTreeSet<String>>(tables::EVENT_MEDIA, event_id.as_bytes())? else {
         return Ok(());
     };
@@ -93,5 +93,31 @@ mod tests {
         });
         let found: Vec<String> = referenced(server_name!("test.local"), &content).into_iter().collect();
         assert_eq!(found, ["AAAA", "BBBB", "CCCC", "DDDD"]);
+    }
+}
+
+/// The references of events to local media, kept in each event's own write; retention's purge
+/// queues the media no remaining event references.
+pub struct MediaReferences {
+    server_name: ruma::OwnedServerName,
+}
+
+impl MediaReferences {
+    pub fn new(server_name: ruma::OwnedServerName) -> Self {
+        Self { server_name }
+    }
+}
+
+impl crate::rooms::Indexer for MediaReferences {
+    fn stage(&self, _room: &dyn crate::rooms::RoomView, event: &crate::rooms::StagedEvent<'_>, staging: &mut crate::rooms::Staging<'_>) -> Result<()> {
+        stage_references(staging.store(), staging.batch(), &self.server_name, event.pdu)
+    }
+
+    fn stage_backfilled(&self, store: &Store, batch: &mut Batch, pdu: &Pdu) -> Result<()> {
+        stage_references(store, batch, &self.server_name, pdu)
+    }
+
+    fn expired(&self, store: &Store, batch: &mut Batch, _room_id: &ruma::RoomId, pdu: &Pdu, _pos: crate::store::StreamPos, _members: &[ruma::OwnedUserId]) -> Result<()> {
+        stage_purge(store, batch, &pdu.event_id)
     }
 }

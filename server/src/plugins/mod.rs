@@ -29,7 +29,6 @@ pub use manifest::{Capability, Manifest};
 use runtime::{CallMode, HostState, Instance};
 
 use crate::{
-    clinic::RoomState,
     config::{CheckFailure, Config, PluginConfig, PluginHostConfig},
     error::{Error, Result},
     events::Pdu,
@@ -314,7 +313,7 @@ impl Plugins {
     }
 
     /// Asks every plugin that checks this event type; the first refusal wins.
-    pub fn check_event(&self, pdu: &Pdu, room: &dyn RoomState) -> Result<()> {
+    pub fn check_event(&self, pdu: &Pdu, room: &dyn crate::rooms::RoomView) -> Result<()> {
         // Notes rooms are the clinic policy's alone: no plugin sees a note.
         if self.plugins.is_empty() || room.state(crate::clinic::NOTES_FOR, "")?.is_some() {
             return Ok(());
@@ -601,5 +600,20 @@ async fn watch_files(plugins: Arc<Plugins>, server: Arc<Server>) {
             }
         })
         .await;
+    }
+}
+
+/// The plugins' `check-event`, after the clinic policy.
+impl crate::rooms::Policy for Plugins {
+    fn authorize(&self, room: &dyn crate::rooms::RoomView, pdu: &Pdu) -> Result<()> {
+        self.check_event(pdu, room)
+    }
+}
+
+/// Events the plugins subscribe to, queued for delivery in the event's own write.
+impl crate::rooms::Indexer for Plugins {
+    fn stage(&self, _room: &dyn crate::rooms::RoomView, event: &crate::rooms::StagedEvent<'_>, staging: &mut crate::rooms::Staging<'_>) -> Result<()> {
+        self.stage_outbox(staging.batch(), event.pos, event.pdu);
+        Ok(())
     }
 }

@@ -386,3 +386,72 @@ mod tests {
         assert_eq!(owned.into_pusher(), bare);
     }
 }
+
+/// Push rules evaluated for every event as it is staged: notification counts go into the
+/// event's own write, and gateways are told once it is durable.
+pub struct Notifier {
+    push: Arc<Push>,
+    server_name: ruma::OwnedServerName,
+}
+
+impl Notifier {
+    pub fn new(push: Arc<Push>, server_name: ruma::OwnedServerName) -> Self {
+        Self { push, server_name }
+    }
+
+    /// Who push rules are evaluated for: local joined members after the event, and the
+    /// target of an invite.
+    fn room_context<'r>(&self, room: &'r dyn crate::rooms::RoomView, pdu: &Pdu) -> Result<RoomContext<'r>> {
+        use crate::rooms::Membership;
+        let members = room.members()?;
+        let member_count = members.values().filter(|m| **m == Membership::Join).count() as u64;
+        let mut recipients = Vec::new();
+        for (user, membership) in &members {
+            let invited_now = *membership == Membership::Invite && pdu.state_key.as_deref() == Some(user.as_str());
+            if user.server_name() != self.server_name || !(*membership == Membership::Join || invited_now) {
+                continue;
+            }
+            let display_name = room
+                .state("m.room.member", user.as_str())?
+                .and_then(|p| p.content_json().get("displayname").and_then(|d| d.as_str()).map(str::to_owned))
+                .unwrap_or_else(|| user.localpart().to_owned());
+            recipients.push((user.clone(), display_name));
+        }
+        let rules = room.rules()?;
+        let creators = room.state("m.room.create", "")?.map(|create| crate::events::privileged_creators(&create, rules)).unwrap_or_default();
+        Ok(RoomContext {
+            room_id: room.room_id().to_owned(),
+            recipients,
+            member_count,
+            power_levels: room.state("m.room.power_levels", "")?.map(|p| p.content_json()),
+            rules: &rules.authorization,
+            creators,
+        })
+    }
+}
+
+impl crate::rooms::Indexer for Notifier {
+    fn stage(&self, room: &dyn crate::rooms::RoomView, event: &crate::rooms::StagedEvent<'_>, staging: &mut crate::rooms::Staging<'_>) -> Result<()> {
+        let context = self.room_context(room, event.pdu)?;
+        let notifications = self.push.stage_event(staging.batch(), event.pdu, event.pos, &context)?;
+        if !notifications.is_empty() {
+            let (push, pdu) = (self.push.clone(), event.pdu.clone());
+            staging.after_commit(Box::new(move |rooms| {
+                let counts = |user: &UserId| rooms.read_position(user, &pdu.room_id).and_then(|read| push.unread_counts(user, &pdu.room_id, read)).map_or(0, |(n, _)| n);
+                push.deliver(notifications, &pdu, counts);
+            }));
+        }
+        Ok(())
+    }
+
+    fn expired(&self, _store: &Store, batch: &mut Batch, room_id: &RoomId, _pdu: &Pdu, pos: StreamPos, members: &[OwnedUserId]) -> Result<()> {
+        for user_id in members {
+            self.push.stage_event_removal(batch, user_id, room_id, pos);
+        }
+        Ok(())
+    }
+
+    fn room_removed(&self, _store: &Store, batch: &mut Batch, room_id: &RoomId, members: &[OwnedUserId]) -> Result<()> {
+        members.iter().try_for_each(|user_id| self.push.stage_room_removal(batch, user_id, room_id))
+    }
+}

@@ -79,9 +79,12 @@ impl Rooms {
             let pdu = self.pdu(&event_id)?;
             self.stage_event_removal(&mut batch, room_id, pos, &event_id, pdu.as_ref())?;
         }
-        for (user_id, _) in self.members(room_id)? {
+        let members: Vec<OwnedUserId> = self.members(room_id)?.into_iter().map(|(user_id, _)| user_id).collect();
+        for user_id in &members {
             batch.delete(store, tables::USER_ROOMS, &Key::new().str(user_id.as_str()).str(room_id.as_str()).into_vec());
-            self.push.stage_room_removal(&mut batch, &user_id, room_id)?;
+        }
+        for indexer in &self.fanout().indexers {
+            indexer.room_removed(store, &mut batch, room_id, &members)?;
         }
         for table in [tables::ROOM_STATE, tables::ROOM_MEMBERS, tables::RECEIPTS, tables::BACKFILL] {
             stage_prefix_removal(store, &mut batch, table, &room_prefix)?;
@@ -107,7 +110,9 @@ impl Rooms {
         batch.delete(store, tables::TIMELINE, &Key::new().str(room_id.as_str()).u64(pos).into_vec());
         if let Some(pdu) = pdu {
             relations::unstage(store, batch, pdu, pos);
-            crate::search::unstage(store, batch, pdu, pos);
+            for indexer in &self.fanout().indexers {
+                indexer.unstage(store, batch, pdu, pos);
+            }
             if pdu.is_state() {
                 // Each state event started the snapshot named by its position.
                 batch.delete(store, tables::STATE_SNAPSHOTS, &pos.to_be_bytes());

@@ -1,4 +1,4 @@
-//! What follows a commit: work registered at start-up that runs once events are durable and
+//! What follows a commit: hooks registered at start-up that run once events are durable and
 //! visible, whichever path committed them (a client's send, a session endpoint, federation, a
 //! plugin, an administrator). The pipeline does not know what the hooks are.
 
@@ -17,21 +17,10 @@ pub trait AfterCommit: Send + Sync {
     fn committed(&self, events: &[Pdu]) -> Option<FollowUp>;
 }
 
-/// The hooks registered at start-up.
-#[derive(Default)]
-pub(super) struct Hooks(std::sync::OnceLock<Vec<Arc<dyn AfterCommit>>>);
-
-impl Hooks {
-    pub(super) fn set(&self, hooks: Vec<Arc<dyn AfterCommit>>) {
-        if self.0.set(hooks).is_err() {
-            tracing::error!("after-commit hooks registered twice; the first set stays");
-        }
-    }
-
-    pub(super) fn run(&self, events: &[Pdu]) -> Committed {
-        let follow_ups = if events.is_empty() { Vec::new() } else { self.0.get().into_iter().flatten().filter_map(|hook| hook.committed(events)).collect() };
-        Committed { follow_ups }
-    }
+/// Calls each hook with the committed events; what they leave to do is returned.
+pub(super) fn run(hooks: &[Arc<dyn AfterCommit>], events: &[Pdu]) -> Committed {
+    let follow_ups = if events.is_empty() { Vec::new() } else { hooks.iter().filter_map(|hook| hook.committed(events)).collect() };
+    Committed { follow_ups }
 }
 
 /// The follow-up work of one commit. A request whose answer must reflect it (a withdrawn consent
@@ -91,9 +80,8 @@ mod tests {
     async fn follow_ups_run_when_awaited_and_when_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let server = crate::server::Server::open_in(dir.path());
-        let hooks = Hooks::default();
         let witness = Arc::new(Witness::default());
-        hooks.set(vec![witness.clone()]);
+        let hooks: Vec<Arc<dyn AfterCommit>> = vec![witness.clone()];
         let alice = ruma::owned_user_id!("@alice:test.local");
         let events = [
             PduBuilder::state("m.room.create", "", serde_json::json!({})),
@@ -107,18 +95,18 @@ mod tests {
         // Awaited: the follow-up has run when finish returns.
         let (done, mut report) = tokio::sync::oneshot::channel();
         *witness.done.lock().unwrap() = Some(done);
-        hooks.run(&pdus).finish().await;
+        run(&hooks, &pdus).finish().await;
         assert_eq!(report.try_recv(), Ok(1));
 
         // Dropped: it still runs, in the background.
         let (done, report) = tokio::sync::oneshot::channel();
         *witness.done.lock().unwrap() = Some(done);
-        drop(hooks.run(&pdus));
+        drop(run(&hooks, &pdus));
         assert_eq!(tokio::time::timeout(std::time::Duration::from_secs(5), report).await, Ok(Ok(1)));
         assert_eq!(*witness.seen.lock().unwrap(), ["m.room.create", "m.room.create"]);
 
         // Nothing committed: no hook is called.
-        hooks.run(&[]).finish().await;
+        run(&hooks, &[]).finish().await;
         assert_eq!(witness.seen.lock().unwrap().len(), 2);
     }
 

@@ -4,6 +4,7 @@
 mod admin;
 mod after_commit;
 mod ephemeral;
+mod fanout;
 mod pipeline;
 pub mod relations;
 mod retention;
@@ -25,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 pub use after_commit::{AfterCommit, Committed, FollowUp};
 pub use ephemeral::{Receipt, Typing};
+pub use fanout::{Delivery, Fanout, Indexer, Policy, RoomView, StagedEvent, Staging};
 pub use limbic_core::events::Membership;
 pub use pipeline::{RoomWriter, TxnInfo};
 pub use summary::SummaryView;
@@ -124,46 +126,51 @@ pub struct Rooms {
     /// Per room, its newest timeline position (filled on first use, then kept by commits), so
     /// that "anything new in this room?" costs no store read.
     latest_positions: Mutex<HashMap<OwnedRoomId, StreamPos>>,
-    after_commit: after_commit::Hooks,
+    /// The policies, indexers and after-commit hooks, registered once at start-up.
+    fanout: std::sync::OnceLock<Fanout>,
     pub typing: Typing,
-    pub push: Arc<crate::push::Push>,
-    pub audit: Arc<crate::audit::Audit>,
-    pub clinic: Arc<crate::clinic::Clinic>,
-    pub plugins: Arc<crate::plugins::Plugins>,
-    /// Whether local events are queued for other servers.
+    /// Chains the audit entries a write carries.
+    audit: Arc<crate::audit::Audit>,
+    /// Whether this server federates (typing notifications go to other servers).
     pub federating: bool,
 }
 
 impl Rooms {
-    pub fn new(
-        store: Arc<Store>,
-        key: Arc<ServerSigningKey>,
-        push: Arc<crate::push::Push>,
-        audit: Arc<crate::audit::Audit>,
-        clinic: Arc<crate::clinic::Clinic>,
-        plugins: Arc<crate::plugins::Plugins>,
-        federating: bool,
-    ) -> Self {
+    pub fn new(store: Arc<Store>, key: Arc<ServerSigningKey>, audit: Arc<crate::audit::Audit>, federating: bool) -> Self {
         Self {
-            plugins,
             federating,
-            push,
             audit,
-            clinic,
             store,
             key,
             locks: Mutex::default(),
             snapshots: SnapshotCache::default(),
             retention_cursors: Mutex::default(),
             latest_positions: Mutex::default(),
-            after_commit: after_commit::Hooks::default(),
+            fanout: std::sync::OnceLock::new(),
             typing: Typing::default(),
         }
     }
 
-    /// Registers, once at start-up, what runs after every commit.
-    pub fn set_after_commit(&self, hooks: Vec<Arc<dyn AfterCommit>>) {
-        self.after_commit.set(hooks);
+    /// Registers, once at start-up, what the pipeline fans out to.
+    pub fn register(&self, fanout: Fanout) {
+        if self.fanout.set(fanout).is_err() {
+            tracing::error!("the room pipeline's fan-out was registered twice; the first stays");
+        }
+    }
+
+    /// Whether every policy lets outsiders knock on the room now.
+    fn open_to_knocks(&self, room_id: &RoomId) -> Result<bool> {
+        for policy in &self.fanout().policies {
+            if !policy.open_to_knocks(room_id)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    fn fanout(&self) -> &Fanout {
+        static NONE: std::sync::OnceLock<Fanout> = std::sync::OnceLock::new();
+        self.fanout.get().unwrap_or_else(|| NONE.get_or_init(Fanout::default))
     }
 
     pub fn store(&self) -> &Store {
@@ -506,14 +513,6 @@ impl Rooms {
         Ok(read)
     }
 
-    /// Notification and highlight counts after the user's read position.
-    pub fn unread_counts(&self, user_id: &UserId, room_id: &RoomId) -> Result<(u64, u64)> {
-        self.push.unread_counts(user_id, room_id, self.read_position(user_id, room_id)?)
-    }
-
-    pub fn unread_notification_count(&self, user_id: &UserId, room_id: &RoomId) -> u64 {
-        self.unread_counts(user_id, room_id).map_or(0, |(n, _)| n)
-    }
 
     // --- aliases and the public directory ---
 

@@ -10,7 +10,7 @@ use ruma::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{EventMeta, Membership, RoomRecord, Rooms, UserRoom, relations, state};
+use super::{Delivery, EventMeta, Membership, RoomRecord, RoomView, Rooms, StagedEvent, Staging, UserRoom, relations, state};
 use crate::{
     audit::AuditRecord,
     error::{Error, ErrorCode, Result},
@@ -18,13 +18,67 @@ use crate::{
     store::{Batch, Key, StreamPos, StreamTicket, tables},
 };
 
-impl crate::clinic::RoomState for RoomWriter<'_> {
+/// The writer's view of its room, borrowed apart from its batch so that indexers read the room
+/// while they stage into the batch.
+struct View<'w> {
+    rooms: &'w Rooms,
+    room_id: &'w OwnedRoomId,
+    record: &'w Option<RoomRecord>,
+    rules: &'w Option<RoomVersionRules>,
+    staged_state: &'w HashMap<(String, String), Pdu>,
+    staged_members: &'w HashMap<OwnedUserId, Membership>,
+}
+
+impl RoomView for View<'_> {
+    fn room_id(&self) -> &ruma::RoomId {
+        self.room_id
+    }
+
+    fn rooms(&self) -> &Rooms {
+        self.rooms
+    }
+
     fn state(&self, kind: &str, state_key: &str) -> Result<Option<Pdu>> {
-        self.state_event(kind, state_key)
+        if let Some(pdu) = self.staged_state.get(&(kind.to_owned(), state_key.to_owned())) {
+            return Ok(Some(pdu.clone()));
+        }
+        if self.record.as_ref().is_none_or(|r| r.snapshot == state::EMPTY_SNAPSHOT) {
+            return Ok(None);
+        }
+        self.rooms.state_event(self.room_id, kind, state_key)
     }
 
     fn state_of_type(&self, kind: &str) -> Result<Vec<(String, Pdu)>> {
-        RoomWriter::state_of_type(self, kind)
+        let mut found = std::collections::BTreeMap::new();
+        if self.record.as_ref().is_some_and(|r| r.snapshot != state::EMPTY_SNAPSHOT) {
+            let prefix = Key::new().str(self.room_id.as_str()).str(kind).into_vec();
+            for item in self.rooms.store.scan_prefix(tables::ROOM_STATE, prefix, false) {
+                let (key, event_id) = item?;
+                let mut reader = crate::store::KeyReader::new(&key);
+                reader.str();
+                reader.str();
+                let (Some(state_key), Ok(event_id)) = (reader.str(), std::str::from_utf8(&event_id)) else { continue };
+                if let Some(pdu) = self.rooms.pdu(<&ruma::EventId>::try_from(event_id).map_err(Error::internal)?)? {
+                    found.insert(state_key.to_owned(), pdu);
+                }
+            }
+        }
+        for ((staged_kind, state_key), pdu) in self.staged_state {
+            if staged_kind == kind {
+                found.insert(state_key.clone(), pdu.clone());
+            }
+        }
+        Ok(found.into_iter().collect())
+    }
+
+    fn members(&self) -> Result<HashMap<OwnedUserId, Membership>> {
+        let mut members: HashMap<OwnedUserId, Membership> = self.rooms.members(self.room_id)?.into_iter().collect();
+        members.extend(self.staged_members.iter().map(|(u, m)| (u.clone(), *m)));
+        Ok(members)
+    }
+
+    fn rules(&self) -> Result<&RoomVersionRules> {
+        self.rules.as_ref().ok_or_else(|| Error::not_found("unknown room"))
     }
 }
 
@@ -72,8 +126,8 @@ pub struct RoomWriter<'a> {
     snapshot_generations: HashMap<u64, u32>,
     /// Memberships changed by staged events, over the stored ones.
     staged_members: HashMap<OwnedUserId, Membership>,
-    /// Notifications staged with each event, delivered to push gateways after the commit.
-    staged_pushes: Vec<(Pdu, Vec<(OwnedUserId, crate::push::Notification)>)>,
+    /// What indexers left for after the commit (push delivery).
+    staged_deliveries: Vec<Delivery>,
     /// Audit entries for membership changes, chained and written with the batch.
     staged_audit: Vec<AuditRecord>,
     /// The newest timeline position staged per room (this writer's, and those it commits with).
@@ -101,7 +155,7 @@ impl<'a> RoomWriter<'a> {
             staged_order: Vec::new(),
             snapshot_generations: HashMap::new(),
             staged_members: HashMap::new(),
-            staged_pushes: Vec::new(),
+            staged_deliveries: Vec::new(),
             staged_audit: Vec::new(),
             staged_latest: Vec::new(),
             _guard: guard,
@@ -132,82 +186,30 @@ impl<'a> RoomWriter<'a> {
         Ok(())
     }
 
+    fn view(&self) -> View<'_> {
+        View { rooms: self.rooms, room_id: &self.room_id, record: &self.record, rules: &self.rules, staged_state: &self.staged_state, staged_members: &self.staged_members }
+    }
+
     /// The current state event for (type, state key), staged events included.
     pub fn state_event(&self, kind: &str, state_key: &str) -> Result<Option<Pdu>> {
-        if let Some(pdu) = self.staged_state.get(&(kind.to_owned(), state_key.to_owned())) {
-            return Ok(Some(pdu.clone()));
-        }
-        if self.record.as_ref().is_none_or(|r| r.snapshot == state::EMPTY_SNAPSHOT) {
-            return Ok(None);
-        }
-        self.rooms.state_event(&self.room_id, kind, state_key)
+        self.view().state(kind, state_key)
     }
 
     fn event(&self, event_id: &ruma::EventId) -> Option<Pdu> {
         self.staged_events.get(event_id).cloned().or_else(|| self.rooms.pdu(event_id).ok().flatten())
     }
 
-    /// Passcode-protected sessions: a knock or join by anyone but the session's therapists needs
-    /// the passcode. The passcode is taken out of the content first, so it is never stored.
-    fn check_passcode(&self, sender: &UserId, builder: &mut PduBuilder) -> Result<()> {
-        if builder.kind != TimelineEventType::RoomMember {
-            return Ok(());
-        }
-        let passcode = builder
-            .content
-            .as_object_mut()
-            .and_then(|c| c.remove(crate::clinic::PASSCODE_FIELD))
-            .and_then(|p| p.as_str().map(str::to_owned));
-        if !matches!(Membership::of(&builder.content), Some(Membership::Join | Membership::Knock)) || builder.state_key.as_deref() != Some(sender.as_str()) {
-            return Ok(());
-        }
-        let therapist = self
-            .state_event(crate::clinic::ROLE, &crate::clinic::role_key(sender.as_str()))?
-            .and_then(|role| crate::clinic::Role::of(&role.content_json()))
-            .is_some_and(crate::clinic::Role::is_therapist);
-        if !therapist && !self.rooms.clinic.passcode_matches(&self.room_id, passcode.as_deref())? {
-            return Err(Error::forbidden("this session needs its passcode (org.limbic.passcode)"));
-        }
-        Ok(())
-    }
-
-    /// Every (state key, event) of one state type, staged events included.
-    fn state_of_type(&self, kind: &str) -> Result<Vec<(String, Pdu)>> {
-        let mut found = std::collections::BTreeMap::new();
-        if self.record.as_ref().is_some_and(|r| r.snapshot != state::EMPTY_SNAPSHOT) {
-            let prefix = Key::new().str(self.room_id.as_str()).str(kind).into_vec();
-            for item in self.rooms.store.scan_prefix(tables::ROOM_STATE, prefix, false) {
-                let (key, event_id) = item?;
-                let mut reader = crate::store::KeyReader::new(&key);
-                reader.str();
-                reader.str();
-                let (Some(state_key), Ok(event_id)) = (reader.str(), std::str::from_utf8(&event_id)) else { continue };
-                if let Some(pdu) = self.rooms.pdu(<&ruma::EventId>::try_from(event_id).map_err(Error::internal)?)? {
-                    found.insert(state_key.to_owned(), pdu);
-                }
-            }
-        }
-        for ((staged_kind, state_key), pdu) in &self.staged_state {
-            if staged_kind == kind {
-                found.insert(state_key.clone(), pdu.clone());
-            }
-        }
-        Ok(found.into_iter().collect())
-    }
-
-    fn policy_context(&self) -> crate::clinic::PolicyContext<'_> {
-        crate::clinic::PolicyContext {
-            clinic: &self.rooms.clinic,
-            rooms: self.rooms,
-            room_id: &self.room_id,
-            room: self,
-            now: ruma::MilliSecondsSinceUnixEpoch::now().0.into(),
-        }
+    /// The registered policies' verdict on an event the room version's rules allowed.
+    fn authorize(&self, pdu: &Pdu) -> Result<()> {
+        let view = self.view();
+        self.rooms.fanout().policies.iter().try_for_each(|policy| policy.authorize(&view, pdu))
     }
 
     /// Builds, authorizes and stages one event. Nothing is visible before [`Self::commit`].
     pub fn append(&mut self, sender: &UserId, mut builder: PduBuilder, txn: Option<TxnInfo>) -> Result<Pdu> {
-        self.check_passcode(sender, &mut builder)?;
+        for policy in &self.rooms.fanout().policies {
+            policy.prepare(&self.view(), sender, &mut builder)?;
+        }
         let record = self.record.clone().ok_or_else(|| Error::not_found("unknown room"))?;
         let rules = self.rules.clone().ok_or_else(|| Error::not_found("unknown room"))?;
         let is_create = builder.kind == TimelineEventType::RoomCreate;
@@ -266,10 +268,8 @@ impl<'a> RoomWriter<'a> {
             |kind: &StateEventType, key: &str| self.state_event(&kind.to_string(), key).ok().flatten(),
         )
         .map_err(|reason| Error::forbidden(format!("event not authorized: {reason}")))?;
-        // Then the clinic's rules.
-        crate::clinic::authorize(&self.policy_context(), &pdu)?;
-        // And the plugins' check-event.
-        self.rooms.plugins.check_event(&pdu, self)?;
+        // Then the registered policies (the clinic's rules, the plugins' check-event).
+        self.authorize(&pdu)?;
 
         self.stage(signed, record, &rules, txn)?;
         Ok(pdu)
@@ -299,9 +299,11 @@ impl<'a> RoomWriter<'a> {
             redacted_by: None,
         };
 
+        let mut replaced = None;
         if let Some(state_key) = &pdu.state_key {
             let kind = pdu.kind.to_string();
-            meta.replaces_state = self.state_event(&kind, state_key)?.map(|p| p.event_id);
+            replaced = self.state_event(&kind, state_key)?;
+            meta.replaces_state = replaced.as_ref().map(|p| p.event_id.clone());
             let generation = self.rooms.snapshots.write_child(
                 store,
                 &mut self.batch,
@@ -322,23 +324,7 @@ impl<'a> RoomWriter<'a> {
             if pdu.kind == TimelineEventType::RoomMember {
                 self.index_membership(&pdu, pos)?;
             }
-            let clinic_state = kind == crate::clinic::SESSION || kind == crate::clinic::ROLE;
-            let therapists_before = if clinic_state { crate::clinic::therapists(&self.policy_context())? } else { Vec::new() };
-            let previous = self.staged_state.get(&(kind.clone(), state_key.clone())).cloned();
-            let previous = match previous {
-                Some(pdu) => Some(pdu),
-                None if clinic_state => self.state_event(&kind, state_key)?,
-                None => None,
-            };
             self.staged_state.insert((kind, state_key.clone()), pdu.clone());
-            if clinic_state {
-                let (therapists, live) = crate::clinic::bookings(&self.policy_context())?;
-                let rooms = self.rooms;
-                rooms.clinic.stage_bookings(&mut self.batch, &self.room_id, &therapists, live, &therapists_before);
-                if let Some(record) = crate::clinic::audit_change(&pdu, previous.as_ref()) {
-                    self.staged_audit.push(record);
-                }
-            }
         }
 
         if pdu.kind == TimelineEventType::RoomRedaction
@@ -364,59 +350,23 @@ impl<'a> RoomWriter<'a> {
         self.batch.put(store, tables::TIMELINE, &Key::new().str(room).u64(pos).into_vec(), pdu.event_id.as_bytes());
         self.staged_latest.push((self.room_id.clone(), pos));
         relations::stage(store, &mut self.batch, &pdu, pos);
-        crate::search::stage(store, &mut self.batch, &pdu, pos);
-        crate::media::stage_references(store, &mut self.batch, self.rooms.key.server_name(), &pdu)?;
-        self.rooms.plugins.stage_outbox(&mut self.batch, pos, &pdu);
-        if let Some(destinations) = self.federation_destinations(&pdu)? {
-            crate::federation::sender::stage(store, &mut self.batch, pos, &pdu, &destinations);
-        }
         self.batch.put_json(store, tables::ROOMS, room.as_bytes(), &record)?;
         if let Some(txn) = &txn {
             let key = Key::new().str(pdu.sender.as_str()).str(&txn.device_id).str(&txn.txn_id).into_vec();
             self.batch.put(store, tables::TXN_IDS, &key, pdu.event_id.as_bytes());
         }
         self.record = Some(record);
-        let context = self.push_context(&pdu, rules)?;
-        let notifications = self.rooms.push.stage_event(&mut self.batch, &pdu, pos, &context)?;
-        if !notifications.is_empty() {
-            self.staged_pushes.push((pdu.clone(), notifications));
+        // What the registered indexers keep about the event goes into the same batch.
+        let view = View { rooms: self.rooms, room_id: &self.room_id, record: &self.record, rules: &self.rules, staged_state: &self.staged_state, staged_members: &self.staged_members };
+        let mut staging = Staging { store, batch: &mut self.batch, audit: &mut self.staged_audit, deliveries: &mut self.staged_deliveries };
+        let event = StagedEvent { pdu: &pdu, pos, replaced: replaced.as_ref(), local: pdu.sender.server_name() == self.rooms.key.server_name() };
+        for indexer in &self.rooms.fanout().indexers {
+            indexer.stage(&view, &event, &mut staging)?;
         }
         self.staged_order.push(pdu.clone());
         self.staged_events.insert(pdu.event_id.clone(), pdu);
         self.tickets.push(ticket);
         Ok(())
-    }
-
-    /// The other servers a local event goes to: those with members in the room (and an invited
-    /// user's server), unless the room never federates.
-    fn federation_destinations(&self, pdu: &Pdu) -> Result<Option<std::collections::HashSet<ruma::OwnedServerName>>> {
-        let ours = self.rooms.key.server_name();
-        if !self.rooms.federating || pdu.sender.server_name() != ours {
-            return Ok(None);
-        }
-        let federates = self.state_event("m.room.create", "")?.is_none_or(|create| create.content_json().get("m.federate") != Some(&serde_json::Value::Bool(false)));
-        if !federates {
-            return Ok(None);
-        }
-        let mut members: HashMap<OwnedUserId, Membership> = self.rooms.members(&self.room_id)?.into_iter().collect();
-        members.extend(self.staged_members.iter().map(|(u, m)| (u.clone(), *m)));
-        let mut servers: std::collections::HashSet<ruma::OwnedServerName> = members
-            .iter()
-            .filter(|(_, m)| matches!(m, Membership::Join))
-            .map(|(user, _)| user.server_name().to_owned())
-            .collect();
-        if pdu.kind == TimelineEventType::RoomMember
-            && let Some(target) = pdu.state_key.as_deref().and_then(|k| <&ruma::UserId>::try_from(k).ok())
-        {
-            servers.insert(target.server_name().to_owned());
-        }
-        servers.remove(ours);
-        // Nothing goes to servers the room's ACL denies.
-        if let Some(acl) = self.state_event("m.room.server_acl", "")? {
-            let acl = acl.content_json();
-            servers.retain(|server| crate::federation::acl::content_allows(&acl, server));
-        }
-        Ok((!servers.is_empty()).then_some(servers))
     }
 
     /// Authorizes and stages an event another server built and signed (its signatures and
@@ -429,15 +379,8 @@ impl<'a> RoomWriter<'a> {
         if self.has_event(&pdu.event_id)? {
             return Ok(pdu);
         }
-        if pdu.kind == TimelineEventType::RoomMember {
-            // A passcode is never sent between servers (it would be stored in the event), so a
-            // passcode-protected session admits no knock or join from another server.
-            let content = pdu.content_json();
-            if content.get(crate::clinic::PASSCODE_FIELD).is_some() {
-                return Err(Error::forbidden("passcodes are never sent between servers"));
-            }
-            let mut builder = PduBuilder::state("m.room.member", pdu.state_key.clone().unwrap_or_default(), content);
-            self.check_passcode(&pdu.sender, &mut builder)?;
+        for policy in &self.rooms.fanout().policies {
+            policy.prepare_remote(&self.view(), &pdu)?;
         }
         self.check_auth_events(&pdu, &rules)?;
         // An event that does not extend our current forward extremities comes from another
@@ -469,8 +412,7 @@ impl<'a> RoomWriter<'a> {
             self.stage_outlier(&signed, record.snapshot)?;
             return Ok(pdu);
         }
-        crate::clinic::authorize(&self.policy_context(), &pdu)?;
-        self.rooms.plugins.check_event(&pdu, self)?;
+        self.authorize(&pdu)?;
         let mut record = record;
         // The event's own branch after it, for the resolution below (its snapshot is only staged).
         let branch_after = branch_state.clone().map(|mut branch| {
@@ -568,7 +510,9 @@ impl<'a> RoomWriter<'a> {
             self.batch.put(store, tables::PDUS, signed.pdu.event_id.as_bytes(), &signed.to_bytes());
             self.batch.put_json(store, tables::EVENT_META, signed.pdu.event_id.as_bytes(), &meta)?;
             self.batch.put(store, tables::BACKFILL, &Key::new().str(self.room_id.as_str()).u64(at.0).u64(order).into_vec(), signed.pdu.event_id.as_bytes());
-            crate::media::stage_references(store, &mut self.batch, self.rooms.key.server_name(), &signed.pdu)?;
+            for indexer in &self.rooms.fanout().indexers {
+                indexer.stage_backfilled(store, &mut self.batch, &signed.pdu)?;
+            }
         }
         Ok(kept.len())
     }
@@ -744,36 +688,6 @@ impl<'a> RoomWriter<'a> {
         Ok(state.into_values().collect())
     }
 
-    /// Who push rules are evaluated for: local joined members after the event, and the
-    /// target of an invite.
-    fn push_context<'r>(&self, pdu: &Pdu, rules: &'r RoomVersionRules) -> Result<crate::push::RoomContext<'r>> {
-        let mut members: HashMap<OwnedUserId, Membership> = self.rooms.members(&self.room_id)?.into_iter().collect();
-        members.extend(self.staged_members.iter().map(|(u, m)| (u.clone(), *m)));
-        let member_count = members.values().filter(|m| **m == Membership::Join).count() as u64;
-        let server_name = self.rooms.key.server_name();
-        let mut recipients = Vec::new();
-        for (user, membership) in &members {
-            let invited_now = *membership == Membership::Invite && pdu.state_key.as_deref() == Some(user.as_str());
-            if user.server_name() != server_name || !(*membership == Membership::Join || invited_now) {
-                continue;
-            }
-            let display_name = self
-                .state_event("m.room.member", user.as_str())?
-                .and_then(|p| p.content_json().get("displayname").and_then(|d| d.as_str()).map(str::to_owned))
-                .unwrap_or_else(|| user.localpart().to_owned());
-            recipients.push((user.clone(), display_name));
-        }
-        let creators = self.state_event("m.room.create", "")?.map(|create| crate::events::privileged_creators(&create, rules)).unwrap_or_default();
-        Ok(crate::push::RoomContext {
-            room_id: self.room_id.clone(),
-            recipients,
-            member_count,
-            power_levels: self.state_event("m.room.power_levels", "")?.map(|p| p.content_json()),
-            rules: &rules.authorization,
-            creators,
-        })
-    }
-
     fn index_membership(&mut self, pdu: &Pdu, pos: u64) -> Result<()> {
         let store = &self.rooms.store;
         let user: OwnedUserId = pdu
@@ -819,7 +733,9 @@ impl<'a> RoomWriter<'a> {
         meta.redacted_by = Some(redaction.event_id.clone());
         // A redacted event no longer relates to anything and no longer matches searches.
         relations::unstage(store, &mut self.batch, &original, meta.pos);
-        crate::search::unstage(store, &mut self.batch, &original, meta.pos);
+        for indexer in &self.rooms.fanout().indexers {
+            indexer.unstage(store, &mut self.batch, &original, meta.pos);
+        }
         self.batch.put(store, tables::PDUS, target.as_bytes(), &redacted);
         self.batch.put_json(store, tables::EVENT_META, target.as_bytes(), &meta)?;
         Ok(())
@@ -843,7 +759,7 @@ impl<'a> RoomWriter<'a> {
         for other in others {
             self.batch.append(other.batch);
             self.tickets.extend(other.tickets);
-            self.staged_pushes.extend(other.staged_pushes);
+            self.staged_deliveries.extend(other.staged_deliveries);
             self.staged_audit.extend(other.staged_audit);
             self.staged_latest.extend(other.staged_latest);
             self.staged_order.extend(other.staged_order);
@@ -869,13 +785,12 @@ impl<'a> RoomWriter<'a> {
         self.rooms.note_latest(&self.staged_latest);
         // Dropping the tickets advances the stream watermark and wakes /sync.
         drop(self.tickets);
-        for (pdu, notifications) in self.staged_pushes {
-            let rooms = self.rooms;
-            rooms.push.deliver(notifications, &pdu, |user| rooms.unread_notification_count(user, &pdu.room_id));
+        for delivery in self.staged_deliveries {
+            delivery(self.rooms);
         }
         // The room unlocks before the hooks run: their follow-ups may write to it.
         drop(self._guard);
-        Ok(self.rooms.after_commit.run(&self.staged_order))
+        Ok(super::after_commit::run(&self.rooms.fanout().after_commit, &self.staged_order))
     }
 }
 

@@ -56,7 +56,7 @@ impl Rooms {
         // The writer holds the room's lock, so the latest event cannot change underneath.
         let writer = self.writer(room_id).await?;
         let Some(record) = self.room(room_id)? else { return Ok(0) };
-        let members = self.members(room_id)?;
+        let members: Vec<ruma::OwnedUserId> = self.members(room_id)?.into_iter().map(|(user_id, _)| user_id).collect();
         // Everything before the cursor is state or already removed: each run reads only what
         // arrived since, so an idle room costs next to nothing.
         let start = self.retention_cursors.lock().expect("retention cursors").get(room_id).copied().unwrap_or(0);
@@ -76,9 +76,8 @@ impl Rooms {
             }
             if !pdu.is_state() {
                 self.stage_event_removal(&mut batch, room_id, pos, &event_id, Some(&pdu))?;
-                crate::media::stage_purge(&self.store, &mut batch, &event_id)?;
-                for (user_id, _) in &members {
-                    self.push.stage_event_removal(&mut batch, user_id, room_id, pos);
+                for indexer in &self.fanout().indexers {
+                    indexer.expired(&self.store, &mut batch, room_id, &pdu, pos, &members)?;
                 }
                 removed += 1;
             }

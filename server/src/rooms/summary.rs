@@ -101,7 +101,7 @@ impl Rooms {
             Some(Membership::Ban) => None,
             Some(Membership::Leave) | None => {
                 let live = clinic::Session::parse(&session).is_ok_and(|s| s.status.is_live());
-                let open = caller.is_some() && live && self.clinic.passcode_matches(room_id, None)?;
+                let open = caller.is_some() && live && self.open_to_knocks(room_id)?;
                 open.then_some(Shown::WaitingRoom)
             }
         })

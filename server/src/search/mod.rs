@@ -64,14 +64,14 @@ fn index_keys(pdu: &Pdu, pos: StreamPos) -> impl Iterator<Item = Vec<u8>> + '_ {
 }
 
 /// Indexes the event's words in the batch that persists it.
-pub fn stage(store: &Store, batch: &mut Batch, pdu: &Pdu, pos: StreamPos) {
+fn stage(store: &Store, batch: &mut Batch, pdu: &Pdu, pos: StreamPos) {
     for key in index_keys(pdu, pos) {
         batch.put(store, tables::SEARCH_INDEX, &key, pdu.event_id.as_bytes());
     }
 }
 
 /// Drops a redacted event's words, in the redaction's batch.
-pub fn unstage(store: &Store, batch: &mut Batch, pdu: &Pdu, pos: StreamPos) {
+fn unstage(store: &Store, batch: &mut Batch, pdu: &Pdu, pos: StreamPos) {
     for key in index_keys(pdu, pos) {
         batch.delete(store, tables::SEARCH_INDEX, &key);
     }
@@ -263,5 +263,19 @@ mod tests {
         assert_eq!(parse_next_batch("2_17").unwrap(), (2, 17));
         assert!(parse_next_batch("17").is_err());
         assert!(parse_next_batch("a_b").is_err());
+    }
+}
+
+/// The search index, kept in each event's own write: events in, redacted or removed events out.
+pub struct SearchIndex;
+
+impl crate::rooms::Indexer for SearchIndex {
+    fn stage(&self, _room: &dyn crate::rooms::RoomView, event: &crate::rooms::StagedEvent<'_>, staging: &mut crate::rooms::Staging<'_>) -> Result<()> {
+        stage(staging.store(), staging.batch(), event.pdu, event.pos);
+        Ok(())
+    }
+
+    fn unstage(&self, store: &Store, batch: &mut Batch, pdu: &Pdu, pos: StreamPos) {
+        unstage(store, batch, pdu, pos);
     }
 }

@@ -334,7 +334,7 @@ fn joined_room(
     if !initial && timeline.events.is_empty() && state.is_empty() && ephemeral.is_empty() && account_data.is_empty() {
         return Ok(None);
     }
-    let (notifications, highlights) = server.rooms.unread_counts(user_id, room_id)?;
+    let (notifications, highlights) = server.push.unread_counts(user_id, room_id, server.rooms.read_position(user_id, room_id)?)?;
     let summary = summary(server, room_id, user_id)?;
     Ok(Some(json!({
         "timeline": {

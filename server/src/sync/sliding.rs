@@ -569,7 +569,7 @@ fn joined_room(
         && config.required_state.is_subset(&s.config.required_state)
         && server.rooms.latest_timeline_pos(room_id)?.is_none_or(|latest| latest <= room_since)
     {
-        let unread = if joined { server.rooms.unread_counts(user_id, room_id)? } else { (0, 0) };
+        let unread = if joined { server.push.unread_counts(user_id, room_id, server.rooms.read_position(user_id, room_id)?)? } else { (0, 0) };
         if unread == s.unread {
             return Ok(None);
         }
@@ -650,7 +650,7 @@ fn joined_room(
         members.iter().filter(|(_, m)| *m == Membership::Join).count(),
         members.iter().filter(|(_, m)| *m == Membership::Invite).count(),
     );
-    let unread = if joined { server.rooms.unread_counts(user_id, room_id)? } else { (0, 0) };
+    let unread = if joined { server.push.unread_counts(user_id, room_id, server.rooms.read_position(user_id, room_id)?)? } else { (0, 0) };
     // Heroes name a room without a name, so they go again whenever one of them changes (a new
     // display name, someone leaving).
     let heroes = if was_member && name.is_none() { Some(heroes(server, user_id, &members, &now)?) } else { None };
