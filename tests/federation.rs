@@ -4,67 +4,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-
-use common::{TestServer, enc, errcode, free_port};
+use common::{
+    TestServer, enc, errcode,
+    federation::{Federated, TestCa, federated, federated_with, https, test_ca},
+    signalling::Signalling,
+};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-
-/// A CA and a certificate for 127.0.0.1 signed by it, as PEM files in `dir`.
-struct TestCa {
-    ca: PathBuf,
-    certificate: PathBuf,
-    key: PathBuf,
-}
-
-fn test_ca(dir: &Path) -> TestCa {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "Limbic test CA");
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.subject_alt_names = vec![SanType::IpAddress("127.0.0.1".parse().unwrap()), SanType::DnsName("localhost".try_into().unwrap())];
-    let certificate = params.signed_by(&key, &issuer).unwrap();
-    let paths = TestCa { ca: dir.join("ca.pem"), certificate: dir.join("cert.pem"), key: dir.join("key.pem") };
-    std::fs::write(&paths.ca, ca_cert.pem()).unwrap();
-    std::fs::write(&paths.certificate, certificate.pem()).unwrap();
-    std::fs::write(&paths.key, key.serialize_pem()).unwrap();
-    paths
-}
-
-/// A server federating on its own port, named after it (`127.0.0.1:<port>`).
-struct Federated {
-    server: TestServer,
-    name: String,
-}
-
-async fn federated(ca: &TestCa, extra: &str) -> Federated {
-    federated_with(ca, extra, &[]).await
-}
-
-/// The same, with more `LIMBIC_*` overrides.
-async fn federated_with(ca: &TestCa, extra: &str, env: &[(&str, &str)]) -> Federated {
-    let port = free_port();
-    let name = format!("127.0.0.1:{port}");
-    let config = format!(
-        "[federation]\nenabled = true\naddress = \"127.0.0.1\"\nport = {port}\ntls_certificate = {:?}\ntls_private_key = {:?}\nca_certificates = [{:?}]\ntrust_web_pki = false\n{extra}\n",
-        ca.certificate.display().to_string(),
-        ca.key.display().to_string(),
-        ca.ca.display().to_string(),
-    );
-    let server = TestServer::start_with_toml(&config, &[&[("LIMBIC_SERVER_NAME", name.as_str())], env].concat()).await;
-    Federated { server, name }
-}
-
-/// An HTTPS client trusting the test CA, for talking to the federation listener directly.
-fn https(ca: &TestCa) -> reqwest::Client {
-    let pem = std::fs::read(&ca.ca).unwrap();
-    reqwest::Client::builder().tls_built_in_root_certs(false).add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap()).build().unwrap()
-}
 
 async fn get(client: &reqwest::Client, url: &str) -> (StatusCode, Value) {
     let response = client.get(url).send().await.unwrap();
@@ -355,6 +301,53 @@ async fn a_client_of_another_clinic_is_invited_to_and_joins_a_therapy_session() 
     eventually_sees(&client, &room, "welcome from the clinic").await;
     client.send_text(&room, "c1", "thank you").await;
     eventually_sees(&therapist, &room, "thank you").await;
+}
+
+/// A participant of another clinic withdraws consent on their own server: the recording on the
+/// session's server stops as it does for a local withdrawal (the after-commit hooks run for
+/// events arriving over federation too).
+#[tokio::test(flavor = "multi_thread")]
+async fn consent_withdrawn_over_federation_stops_the_recording() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = test_ca(dir.path());
+    let (a, b) = (federated(&ca, "").await, federated(&ca, "").await);
+    let therapist = verified_therapist(&a.server).await;
+    let client = b.server.register("client").await;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let created = therapist
+        .ok(Method::POST, "/_limbic/client/v1/sessions", Some(json!({
+            "kind": "individual", "title": "Recorded", "starts_at": now, "ends_at": now + 3_600_000, "timezone": "UTC",
+            "recording_policy": "with_consent", "participants": [{ "user_id": client.user_id, "role": "client" }],
+        })))
+        .await;
+    let room = created["room_id"].as_str().unwrap().to_owned();
+    eventually_syncs(&client, |sync| sync["rooms"]["invite"][&room].is_object()).await;
+    client.ok(Method::POST, &format!("/_matrix/client/v3/join/{}", enc(&room)), Some(json!({}))).await;
+    therapist.ok(Method::PUT, &format!("/_limbic/client/v1/sessions/{}/status", enc(&room)), Some(json!({ "status": "open" }))).await;
+    let consent_path = |who: &common::Client| format!("/_matrix/client/v3/rooms/{}/state/org.limbic.recording.consent/{}", enc(&room), enc(&who.user_id));
+    client.ok(Method::PUT, &consent_path(&client), Some(json!({ "consent": true }))).await;
+    therapist.ok(Method::PUT, &consent_path(&therapist), Some(json!({ "consent": true }))).await;
+
+    // The therapist joins the call on A and starts recording it.
+    let openid = therapist.ok(Method::POST, &format!("/_matrix/client/v3/user/{}/openid/request_token", enc(&therapist.user_id)), Some(json!({}))).await;
+    let token = a.server.client().ok(Method::POST, "/_limbic/calls/sfu/get", Some(json!({ "room": room, "openid_token": openid, "device_id": therapist.device_id }))).await;
+    let _call = Signalling::join(&a.server, token["jwt"].as_str().unwrap()).await;
+    therapist.ok(Method::PUT, &format!("/_limbic/client/v1/sessions/{}/recording", enc(&room)), Some(json!({ "recording": true }))).await;
+    let recording_path = format!("/_matrix/client/v3/rooms/{}/state/org.limbic.recording/", enc(&room));
+    assert_eq!(therapist.ok(Method::GET, &recording_path, None).await["recording"], true);
+
+    // The client withdraws consent on B: A stops the recording when the event arrives.
+    client.ok(Method::PUT, &consent_path(&client), Some(json!({ "consent": false }))).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let state = therapist.ok(Method::GET, &recording_path, None).await;
+        if state["recording"] == false {
+            assert!(state["stopped_because"].as_str().is_some_and(|why| why.contains("withdrew")), "{state}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still recording after the withdrawal arrived: {state}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 /// A version 12 room id names no server: an invited user's server reaches the room through the

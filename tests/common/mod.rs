@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod federation;
+pub mod signalling;
+
 use std::{
     io::Write,
     net::TcpListener,

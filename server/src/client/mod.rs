@@ -283,21 +283,26 @@ where
         // Some ruma parsers panic on malformed input (e.g. a login body without `type`).
         let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| T::try_from_http_request(http_request, &path_args)))
             .map_err(|_| Error::bad_json("the request body does not have the expected shape"))?;
-        let body = parsed.map_err(|e| {
-            let message = e.to_string();
-            // ruma parses path and query parameters alike (`Query`): a room id without its `!`
-            // is an invalid parameter; body fields fail as JSON.
-            use ruma::api::error::{DeserializationError, FromHttpRequestError};
-            let bad_param = matches!(e, FromHttpRequestError::Deserialization(DeserializationError::Query(_) | DeserializationError::Ident(_)));
-            if message.contains("missing field") {
-                Error::new(ErrorCode::MissingParam, message)
-            } else if bad_param || message.contains("path") || message.contains("query") {
-                Error::invalid_param(message)
-            } else {
-                Error::bad_json(message)
-            }
-        })?;
+        let body = parsed.map_err(parse_error)?;
         Ok(Self { body, caller, ip, json, stream: std::sync::Mutex::new(stream), kind: PhantomData })
+    }
+}
+
+/// The Matrix error for a request ruma could not parse. ruma parses path and query parameters
+/// alike (`Query`): a room id without its `!` is an invalid parameter. In the body, a missing
+/// field is a missing parameter (serde_json has no variant for it: its data errors say
+/// "missing field"), anything else bad JSON.
+fn parse_error(error: ruma::api::error::FromHttpRequestError) -> Error {
+    use ruma::api::error::{DeserializationError, FromHttpRequestError};
+    let message = error.to_string();
+    match error {
+        FromHttpRequestError::Deserialization(DeserializationError::Query(_) | DeserializationError::Ident(_)) => Error::invalid_param(message),
+        FromHttpRequestError::Deserialization(DeserializationError::Json(json))
+            if json.classify() == serde_json::error::Category::Data && json.to_string().starts_with("missing field") =>
+        {
+            Error::new(ErrorCode::MissingParam, message)
+        }
+        _ => Error::bad_json(message),
     }
 }
 
@@ -382,4 +387,34 @@ pub fn panic_response(_panic: Box<dyn std::any::Any + Send + 'static>) -> Respon
 /// Unknown endpoints answer M_UNRECOGNIZED, as the spec asks.
 pub async fn unrecognized() -> Error {
     Error::new(ErrorCode::Unrecognized, "unrecognized request")
+}
+
+#[cfg(test)]
+mod tests {
+    use ruma::api::error::FromHttpRequestError;
+
+    use super::parse_error;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Body {
+        room_id: ruma::OwnedRoomId,
+    }
+
+    fn errcode(error: FromHttpRequestError) -> &'static str {
+        parse_error(error).code().as_str()
+    }
+
+    #[test]
+    fn parse_errors_are_classified_by_kind() {
+        let missing = serde_json::from_str::<Body>("{}").unwrap_err();
+        assert_eq!(errcode(missing.into()), "M_MISSING_PARAM");
+        let wrong_type = serde_json::from_str::<Body>(r#"{"room_id": 7}"#).unwrap_err();
+        assert_eq!(errcode(wrong_type.into()), "M_BAD_JSON");
+        // A body field named like a parameter is still a body field.
+        let bad_id = serde_json::from_str::<Body>(r#"{"room_id": "path-or-query"}"#).unwrap_err();
+        assert_eq!(errcode(bad_id.into()), "M_BAD_JSON");
+        let path = ruma::RoomId::parse("no-sigil").unwrap_err();
+        assert_eq!(errcode(path.into()), "M_INVALID_PARAM");
+    }
 }

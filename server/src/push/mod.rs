@@ -74,7 +74,7 @@ fn stored_pushers(store: &Store, user_id: &UserId) -> Result<Vec<(Box<[u8]>, Sto
 
 /// Stages the removal of the user's pushers whose owner token (`None`: unknown) `ends` selects;
 /// the users module calls it wherever access tokens end.
-pub fn stage_pushers_removal(store: &Store, batch: &mut Batch, user_id: &UserId, ends: impl Fn(Option<&str>) -> bool) -> Result<()> {
+fn stage_pushers_removal(store: &Store, batch: &mut Batch, user_id: &UserId, ends: impl Fn(Option<&str>) -> bool) -> Result<()> {
     for (key, pusher) in stored_pushers(store, user_id)? {
         if ends(pusher.owner()) {
             batch.delete(store, tables::PUSHERS, &key);
@@ -453,5 +453,12 @@ impl crate::rooms::Indexer for Notifier {
 
     fn room_removed(&self, _store: &Store, batch: &mut Batch, room_id: &RoomId, members: &[OwnedUserId]) -> Result<()> {
         members.iter().try_for_each(|user_id| self.push.stage_room_removal(batch, user_id, room_id))
+    }
+}
+
+/// Pushers belong to the access token that set them and end with it.
+impl crate::users::TokenBound for Push {
+    fn stage_token_ended(&self, batch: &mut Batch, user_id: &UserId, token_hash: Option<&str>) -> Result<()> {
+        stage_pushers_removal(&self.store, batch, user_id, |owner| owner == token_hash)
     }
 }

@@ -69,8 +69,18 @@ pub struct Caller {
     pub token_hash: String,
 }
 
+/// Something set through an access token that must end with it (a pusher, which would otherwise
+/// keep sending message content to whoever set it).
+pub trait TokenBound: Send + Sync {
+    /// Stages the removal of what the token with `token_hash` set; `None`: of what no known
+    /// token set.
+    fn stage_token_ended(&self, batch: &mut crate::store::Batch, user_id: &UserId, token_hash: Option<&str>) -> Result<()>;
+}
+
 pub struct Users {
     store: Arc<Store>,
+    /// What ends with an access token, given at start-up.
+    token_bound: Vec<Arc<dyn TokenBound>>,
     /// Nonces handed out for shared-secret registration, each usable once within a minute.
     registration_nonces: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// Stream position of the latest presence change (the watermark at start after a restart).
@@ -111,9 +121,9 @@ pub fn random_string(len: usize) -> String {
 }
 
 impl Users {
-    pub fn new(store: Arc<Store>) -> Self {
+    pub fn new(store: Arc<Store>, token_bound: Vec<Arc<dyn TokenBound>>) -> Self {
         let presence_pos = store.streams().current().into();
-        Self { store, presence_pos, registration_nonces: Default::default() }
+        Self { store, token_bound, presence_pos, registration_nonces: Default::default() }
     }
 
     pub fn issue_registration_nonce(&self) -> String {
@@ -282,17 +292,16 @@ impl Users {
         Ok(true)
     }
 
-    /// Every access token ends here, and what was set through it ends with it: its pushers
-    /// (which would otherwise keep sending message content to whoever set them).
+    /// Every access token ends here, and what was set through it ends with it.
     fn stage_token_removal(&self, batch: &mut crate::store::Batch, user_id: &UserId, token_hash: &str) -> Result<()> {
         batch.delete(&self.store, tables::ACCESS_TOKENS, token_hash.as_bytes());
-        crate::push::stage_pushers_removal(&self.store, batch, user_id, |owner| owner == Some(token_hash))
+        self.token_bound.iter().try_for_each(|bound| bound.stage_token_ended(batch, user_id, Some(token_hash)))
     }
 
-    /// When a user is signed out of every other session: the pushers whose token is unknown
-    /// (set before pushers recorded it) go as well, since any of them may be an intruder's.
+    /// When a user is signed out of every other session: what no known token set (pushers set
+    /// before pushers recorded their token) goes as well, since any of it may be an intruder's.
     pub fn stage_unowned_pushers_removal(&self, batch: &mut crate::store::Batch, user_id: &UserId) -> Result<()> {
-        crate::push::stage_pushers_removal(&self.store, batch, user_id, |owner| owner.is_none())
+        self.token_bound.iter().try_for_each(|bound| bound.stage_token_ended(batch, user_id, None))
     }
 
     // --- profile ---
