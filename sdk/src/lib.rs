@@ -120,14 +120,17 @@
 //! are not allowed during `check-event` ([`Error::NotAllowed`]).
 //!
 //! Outside a `wasm32` component (for example in a plugin's native unit tests) the host functions
-//! do not exist: calling one panics. Keep the logic you unit-test in functions that take plain
-//! values, and call the host from the [`Plugin`] methods.
+//! do not exist: calling one panics. The [`Host`] trait has them all as methods: write the logic
+//! you unit-test against `&impl Host`, pass [`WasmHost`] (the real host) from the [`Plugin`]
+//! methods, and in tests `testing::FakeHost`, an in-memory server (crate feature `testing`, for
+//! `[dev-dependencies]`).
 //!
 //! # Clinic events
 //!
 //! [`clinic`] has serde types and constants for the `org.limbic.*` event types of therapy
-//! sessions (`org.limbic.session`, `org.limbic.session.role`, `org.limbic.breakout`), see the
-//! repository's `spec/sessions.md`.
+//! sessions (`org.limbic.session`, `org.limbic.session.role`, `org.limbic.breakout`, recording
+//! and hands), see the repository's `spec/sessions.md`: the crate `limbic-clinic-model`, which
+//! the server uses too.
 
 #![warn(missing_docs)]
 
@@ -136,10 +139,13 @@ pub mod bindings;
 pub mod clinic;
 pub mod clock;
 mod error;
+mod host;
 pub mod http;
 pub mod kv;
 pub mod log;
 pub mod rooms;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod types;
 
 pub use bindings::limbic::plugin::types::{
@@ -147,6 +153,7 @@ pub use bindings::limbic::plugin::types::{
     StateEntry, Verdict,
 };
 pub use error::Error;
+pub use host::{Host, WasmHost};
 /// Re-exported so plugins can name `serde_json::Value` and use `serde_json::json!` without a
 /// dependency of their own.
 pub use serde_json;

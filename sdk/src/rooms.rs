@@ -27,6 +27,19 @@ pub fn members(room_id: &str) -> Result<Vec<Member>, Error> {
     Ok(host::room_members(room_id)?)
 }
 
+/// Sends an event whose content is JSON text (an object): a state event when `state_key` is
+/// given. Returns its event id. [`send_event`], [`send_state`] and [`send_text`] serialize the
+/// content for you.
+pub fn send_raw(
+    room_id: &str,
+    sender: Option<&str>,
+    event_type: &str,
+    state_key: Option<&str>,
+    content: &str,
+) -> Result<String, Error> {
+    Ok(host::send_event(room_id, sender, event_type, state_key, content)?)
+}
+
 /// Sends a message-like (non-state) event with `content` serialized to JSON; returns its event
 /// id.
 pub fn send_event<T: Serialize + ?Sized>(
@@ -35,8 +48,7 @@ pub fn send_event<T: Serialize + ?Sized>(
     event_type: &str,
     content: &T,
 ) -> Result<String, Error> {
-    let content = serde_json::to_string(content).map_err(Error::json)?;
-    Ok(host::send_event(room_id, sender, event_type, None, &content)?)
+    send_raw(room_id, sender, event_type, None, &serde_json::to_string(content).map_err(Error::json)?)
 }
 
 /// Sends a state event with this state key and `content` serialized to JSON; returns its event
@@ -48,8 +60,7 @@ pub fn send_state<T: Serialize + ?Sized>(
     state_key: &str,
     content: &T,
 ) -> Result<String, Error> {
-    let content = serde_json::to_string(content).map_err(Error::json)?;
-    Ok(host::send_event(room_id, sender, event_type, Some(state_key), &content)?)
+    send_raw(room_id, sender, event_type, Some(state_key), &serde_json::to_string(content).map_err(Error::json)?)
 }
 
 /// Sends an `m.room.message` of msgtype `m.text` with this body; returns its event id.

@@ -27,9 +27,9 @@
 use std::{cell::RefCell, collections::HashSet};
 
 use limbic_plugin_sdk::{
-    Caller, Error, Event, HttpRequest, HttpResponse, LogLevel, Plugin,
+    Caller, Error, Event, Host, HttpRequest, HttpResponse, LogLevel, Plugin, WasmHost,
     clinic::{self, Session, Status},
-    clock, export_plugin, kv, log, rooms, serde_json,
+    export_plugin, serde_json,
 };
 
 pub mod invoice;
@@ -49,51 +49,6 @@ pub const INVOICE_PREFIX: &str = "invoice:";
 /// The kv key of a session room's invoice.
 pub fn invoice_key(room_id: &str) -> String {
     format!("{INVOICE_PREFIX}{room_id}")
-}
-
-/// The host functions the plugin uses, so that its steps can be tested natively with a fake.
-pub trait Host {
-    /// [`kv::get`].
-    fn kv_get(&self, key: &str) -> Result<Option<Vec<u8>>, Error>;
-    /// [`kv::set`].
-    fn kv_set(&self, key: &str, value: &[u8]) -> Result<(), Error>;
-    /// [`kv::scan`].
-    fn kv_scan(&self, prefix: &str, start_after: Option<&str>, limit: u32) -> Result<Vec<(String, Vec<u8>)>, Error>;
-    /// [`rooms::state_event`].
-    fn state_event(&self, room_id: &str, event_type: &str, state_key: &str) -> Result<Option<Event>, Error>;
-    /// [`rooms::room_state`].
-    fn room_state(&self, room_id: &str) -> Result<Vec<Event>, Error>;
-    /// [`clock::now_ms`].
-    fn now_ms(&self) -> u64;
-    /// [`log::log`].
-    fn log(&self, level: LogLevel, message: &str);
-}
-
-/// The real host.
-pub struct Sdk;
-
-impl Host for Sdk {
-    fn kv_get(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {
-        kv::get(key)
-    }
-    fn kv_set(&self, key: &str, value: &[u8]) -> Result<(), Error> {
-        kv::set(key, value)
-    }
-    fn kv_scan(&self, prefix: &str, start_after: Option<&str>, limit: u32) -> Result<Vec<(String, Vec<u8>)>, Error> {
-        kv::scan(prefix, start_after, limit)
-    }
-    fn state_event(&self, room_id: &str, event_type: &str, state_key: &str) -> Result<Option<Event>, Error> {
-        rooms::state_event(room_id, event_type, state_key)
-    }
-    fn room_state(&self, room_id: &str) -> Result<Vec<Event>, Error> {
-        rooms::room_state(room_id)
-    }
-    fn now_ms(&self) -> u64 {
-        clock::now_ms()
-    }
-    fn log(&self, level: LogLevel, message: &str) {
-        log::log(level, message)
-    }
 }
 
 /// Rooms known not to be sessions, so that membership in ordinary rooms costs one lookup per
@@ -276,11 +231,11 @@ impl Plugin for Billing {
     }
 
     fn on_event(&self, event: &Event) -> Result<(), String> {
-        on_event(&Sdk, &self.config, &self.not_sessions, event)
+        on_event(&WasmHost, &self.config, &self.not_sessions, event)
     }
 
     fn handle_http(&self, request: HttpRequest) -> HttpResponse {
-        handle_http(&Sdk, &request)
+        handle_http(&WasmHost, &request)
     }
 }
 
@@ -288,7 +243,7 @@ export_plugin!(Billing);
 
 #[cfg(test)]
 mod tests {
-    use std::{cell::Cell, collections::BTreeMap};
+    use limbic_plugin_sdk::testing::FakeHost;
 
     use super::*;
 
@@ -298,73 +253,14 @@ mod tests {
     const THERAPIST: &str = "@t:clinic.example";
     const ANN: &str = "@ann:clinic.example";
 
-    /// A fake server: kv, rooms' current state, a clock that moves, a log.
-    #[derive(Default)]
-    struct Fake {
-        kv: RefCell<BTreeMap<String, Vec<u8>>>,
-        state: RefCell<BTreeMap<String, Vec<Event>>>,
-        now: Cell<u64>,
-        state_lookups: Cell<u32>,
-        logs: RefCell<Vec<String>>,
-        kv_writes: Cell<u32>,
+    /// The SDK's fake server, with the invoice of a room read back.
+    trait Invoices {
+        fn invoice(&self, room: &str) -> Option<Invoice>;
     }
 
-    impl Fake {
-        /// Persists an event into the room's current state, as the server does before on-event.
-        fn persist(&self, event: &Event) {
-            let mut state = self.state.borrow_mut();
-            let room = state.entry(event.room_id.clone()).or_default();
-            room.retain(|e| !(e.event_type == event.event_type && e.state_key == event.state_key));
-            room.push(event.clone());
-        }
+    impl Invoices for FakeHost {
         fn invoice(&self, room: &str) -> Option<Invoice> {
-            self.kv.borrow().get(&invoice_key(room)).map(|bytes| serde_json::from_slice(bytes).unwrap())
-        }
-    }
-
-    impl Host for Fake {
-        fn kv_get(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {
-            Ok(self.kv.borrow().get(key).cloned())
-        }
-        fn kv_set(&self, key: &str, value: &[u8]) -> Result<(), Error> {
-            self.kv_writes.set(self.kv_writes.get() + 1);
-            self.kv.borrow_mut().insert(key.into(), value.into());
-            Ok(())
-        }
-        fn kv_scan(
-            &self,
-            prefix: &str,
-            start_after: Option<&str>,
-            limit: u32,
-        ) -> Result<Vec<(String, Vec<u8>)>, Error> {
-            Ok(self
-                .kv
-                .borrow()
-                .iter()
-                .filter(|(k, _)| k.starts_with(prefix) && start_after.is_none_or(|after| k.as_str() > after))
-                .take(limit as usize)
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect())
-        }
-        fn state_event(&self, room_id: &str, event_type: &str, state_key: &str) -> Result<Option<Event>, Error> {
-            self.state_lookups.set(self.state_lookups.get() + 1);
-            Ok(self.room_state(room_id)?.into_iter().find(|e| e.is_state_of(event_type, state_key)))
-        }
-        fn room_state(&self, room_id: &str) -> Result<Vec<Event>, Error> {
-            Ok(self.state.borrow().get(room_id).cloned().unwrap_or_default())
-        }
-        fn now_ms(&self) -> u64 {
-            self.now.set(self.now.get() + 1);
-            self.now.get()
-        }
-        fn log(&self, level: LogLevel, message: &str) {
-            let level = match level {
-                LogLevel::Error => "error",
-                LogLevel::Warn => "warn",
-                LogLevel::Info => "info",
-                LogLevel::Debug => "debug",
-            };
-            self.logs.borrow_mut().push(format!("{level}: {message}"));
+            self.kv().get(&invoice_key(room)).map(|bytes| serde_json::from_slice(bytes).unwrap())
         }
     }
 
@@ -460,7 +356,7 @@ mod tests {
         ]
     }
 
-    fn run(fake: &Fake, not_sessions: &NotSessions, events: &[Event]) {
+    fn run(fake: &FakeHost, not_sessions: &NotSessions, events: &[Event]) {
         for e in events {
             fake.persist(e);
             on_event(fake, &config(), not_sessions, e).unwrap();
@@ -469,7 +365,7 @@ mod tests {
 
     #[test]
     fn a_completed_session_is_invoiced_exactly_once() {
-        let fake = Fake::default();
+        let fake = FakeHost::new();
         let not_sessions = NotSessions::default();
         run(&fake, &not_sessions, &history(ROOM));
         let invoice = fake.invoice(ROOM).expect("invoiced");
@@ -480,24 +376,24 @@ mod tests {
         assert_eq!((invoice.lines[0].room_minutes, invoice.lines[0].call_minutes), (0, 45));
         assert!(invoice.lines[0].attended);
         assert_eq!(invoice.total_cents, 9000);
-        assert!(fake.logs.borrow().iter().any(|l| l.starts_with("info: invoiced the session !s:clinic.example")));
+        assert!(fake.logs().iter().any(|l| l.starts_with("info: invoiced the session !s:clinic.example")));
 
         // Everything delivered again (at least once): the same invoice, no more writes.
-        let writes = fake.kv_writes.get();
+        let writes = fake.calls("kv_set");
         for e in history(ROOM) {
             on_event(&fake, &config(), &not_sessions, &e).unwrap();
         }
         assert_eq!(fake.invoice(ROOM), Some(invoice.clone()));
-        assert_eq!(fake.kv_writes.get(), writes);
+        assert_eq!(fake.calls("kv_set"), writes);
         // Even with a fresh instance and the record gone, the invoice key guards it.
-        fake.kv.borrow_mut().remove(&record_key(ROOM));
+        fake.kv_delete(&record_key(ROOM)).unwrap();
         run(&fake, &NotSessions::default(), &history(ROOM));
         assert_eq!(fake.invoice(ROOM), Some(invoice));
     }
 
     #[test]
     fn a_record_starts_from_the_current_state() {
-        let fake = Fake::default();
+        let fake = FakeHost::new();
         let events = history(ROOM);
         // The plugin was loaded mid-session: the server already holds the first 8 events.
         for e in &events[..8] {
@@ -514,27 +410,27 @@ mod tests {
 
     #[test]
     fn ordinary_rooms_are_ignored() {
-        let fake = Fake::default();
+        let fake = FakeHost::new();
         let not_sessions = NotSessions::default();
         let room = "!chat:clinic.example";
         run(&fake, &not_sessions, &[member(room, "$a", ANN, 1, "join"), member(room, "$b", THERAPIST, 2, "join")]);
-        assert!(fake.kv.borrow().is_empty());
-        assert_eq!(fake.state_lookups.get(), 1, "one lookup per room");
+        assert!(fake.kv().is_empty());
+        assert_eq!(fake.calls("state_event"), 1, "one lookup per room");
         // A message or a non-state event never reaches the store.
         let mut message = member(ROOM, "$x", ANN, 3, "join");
         message.state_key = None;
         on_event(&fake, &config(), &not_sessions, &message).unwrap();
-        assert!(fake.kv.borrow().is_empty());
+        assert!(fake.kv().is_empty());
         // If the room becomes a session after all, it is tracked from then on.
         run(&fake, &not_sessions, &[session(room, "$s", 4, "individual", "scheduled")]);
-        assert!(fake.kv.borrow().contains_key(&record_key(room)));
-        let record: Record = serde_json::from_slice(&fake.kv.borrow()[&record_key(room)]).unwrap();
+        assert!(fake.kv().contains_key(&record_key(room)));
+        let record: Record = serde_json::from_slice(&fake.kv()[&record_key(room)]).unwrap();
         assert_eq!(record.marks.len(), 2, "seeded from the room's state");
     }
 
     #[test]
     fn a_kind_without_rate_is_billed_zero_with_a_warning() {
-        let fake = Fake::default();
+        let fake = FakeHost::new();
         let events: Vec<Event> = history(ROOM)
             .into_iter()
             .map(|mut e| {
@@ -544,7 +440,7 @@ mod tests {
             .collect();
         run(&fake, &NotSessions::default(), &events);
         assert_eq!(fake.invoice(ROOM).unwrap().total_cents, 0);
-        assert!(fake.logs.borrow().iter().any(|l| l.starts_with("warn: no rate for sessions of kind Couples")));
+        assert!(fake.logs().iter().any(|l| l.starts_with("warn: no rate for sessions of kind Couples")));
     }
 
     fn request(path: &str, query: &str, caller: Option<(&str, bool)>) -> HttpRequest {
@@ -560,7 +456,7 @@ mod tests {
 
     #[test]
     fn http_routes() {
-        let fake = Fake::default();
+        let fake = FakeHost::new();
         let not_sessions = NotSessions::default();
         run(&fake, &not_sessions, &history(ROOM));
         let other = "!other:clinic.example";

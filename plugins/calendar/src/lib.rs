@@ -25,9 +25,9 @@
 //! the rest to the next ticks, so many participants or sessions never overrun the host's budget.
 
 use limbic_plugin_sdk::{
-    Error, Event, HttpRequest, HttpResponse, LogLevel, OutboundRequest, Plugin,
+    Error, Event, Host, HttpRequest, HttpResponse, LogLevel, OutboundRequest, Plugin, WasmHost,
     clinic::{self, Session},
-    clock, export_plugin, http, kv, log, rooms, serde_json,
+    export_plugin, serde_json,
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
@@ -196,67 +196,6 @@ pub fn is_token(token: &str) -> bool {
 /// The feed URL of a token.
 pub fn feed_url(token: &str) -> String {
     format!("{MOUNT}/feed/{token}.ics")
-}
-
-/// The host functions the plugin uses, so that its steps can be tested natively with a fake.
-pub trait Host {
-    /// [`kv::get`].
-    fn kv_get(&self, key: &str) -> Result<Option<Vec<u8>>, Error>;
-    /// [`kv::set`].
-    fn kv_set(&self, key: &str, value: &[u8]) -> Result<(), Error>;
-    /// [`kv::delete`].
-    fn kv_delete(&self, key: &str) -> Result<(), Error>;
-    /// [`kv::scan`].
-    fn kv_scan(&self, prefix: &str, start_after: Option<&str>, limit: u32) -> Result<Vec<(String, Vec<u8>)>, Error>;
-    /// [`rooms::room_state`].
-    fn room_state(&self, room_id: &str) -> Result<Vec<Event>, Error>;
-    /// [`http::fetch`].
-    fn fetch(&self, request: &OutboundRequest) -> Result<HttpResponse, Error>;
-    /// [`limbic_plugin_sdk::server_name`].
-    fn server_name(&self) -> String;
-    /// [`clock::now_ms`].
-    fn now_ms(&self) -> u64;
-    /// Fills `bytes` from a cryptographically secure source.
-    fn random(&self, bytes: &mut [u8]) -> Result<(), String>;
-    /// [`log::log`].
-    fn log(&self, level: LogLevel, message: &str);
-}
-
-/// The real host.
-pub struct Sdk;
-
-impl Host for Sdk {
-    fn kv_get(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {
-        kv::get(key)
-    }
-    fn kv_set(&self, key: &str, value: &[u8]) -> Result<(), Error> {
-        kv::set(key, value)
-    }
-    fn kv_delete(&self, key: &str) -> Result<(), Error> {
-        kv::delete(key)
-    }
-    fn kv_scan(&self, prefix: &str, start_after: Option<&str>, limit: u32) -> Result<Vec<(String, Vec<u8>)>, Error> {
-        kv::scan(prefix, start_after, limit)
-    }
-    fn room_state(&self, room_id: &str) -> Result<Vec<Event>, Error> {
-        rooms::room_state(room_id)
-    }
-    fn fetch(&self, request: &OutboundRequest) -> Result<HttpResponse, Error> {
-        http::fetch(request)
-    }
-    fn server_name(&self) -> String {
-        limbic_plugin_sdk::server_name()
-    }
-    fn now_ms(&self) -> u64 {
-        clock::now_ms()
-    }
-    fn random(&self, bytes: &mut [u8]) -> Result<(), String> {
-        // wasm32-wasip2: wasi:random/random.get-random-u64, the host's secure source.
-        getrandom::fill(bytes).map_err(|e| format!("no random source: {e}"))
-    }
-    fn log(&self, level: LogLevel, message: &str) {
-        log::log(level, message)
-    }
 }
 
 fn get_json<T: DeserializeOwned>(host: &impl Host, key: &str) -> Result<Option<T>, String> {
@@ -666,15 +605,15 @@ impl Plugin for Calendar {
     }
 
     fn on_event(&self, event: &Event) -> Result<(), String> {
-        on_event(&Sdk, event)
+        on_event(&WasmHost, event)
     }
 
     fn handle_http(&self, request: HttpRequest) -> HttpResponse {
-        handle_http(&Sdk, &self.config, &request)
+        handle_http(&WasmHost, &self.config, &request)
     }
 
     fn on_tick(&self, _now_ms: u64) -> Result<(), String> {
-        retry(&Sdk)
+        retry(&WasmHost)
     }
 }
 

@@ -1,9 +1,4 @@
-use std::{
-    cell::{Cell, RefCell},
-    collections::BTreeMap,
-};
-
-use limbic_plugin_sdk::{Caller, clinic::Status};
+use limbic_plugin_sdk::{Caller, clinic::Status, testing::FakeHost};
 
 use super::*;
 
@@ -17,40 +12,51 @@ const THERAPIST: &str = "@t:clinic.example";
 const ANN: &str = "@ann:clinic.example";
 const BOB: &str = "@bob:clinic.example";
 
-/// A fake server: kv, rooms' current state, a CalDAV server that answers `status`, a log.
-struct Fake {
-    kv: RefCell<BTreeMap<String, Vec<u8>>>,
-    state: RefCell<BTreeMap<String, Vec<Event>>>,
-    requests: RefCell<Vec<OutboundRequest>>,
-    answer: RefCell<Result<u16, Error>>,
-    random: Cell<u8>,
-    logs: RefCell<Vec<String>>,
-    next_id: Cell<u32>,
-    /// The clock, and how long each CalDAV request takes.
-    now: Cell<u64>,
-    fetch_ms: Cell<u64>,
+/// The SDK's fake server, with the scenario's steps below.
+type Fake = FakeHost;
+
+/// Steps of the scenarios on the fake server.
+trait Scenario {
+    /// The fake at T0, with a CalDAV server that answers 201 and takes 10 ms a request.
+    fn calendar() -> Self;
+    /// A scheduled session with a therapist and ann.
+    fn scheduled() -> Self;
+    /// Persists a state event and delivers it, as the server does.
+    fn send(&self, event_type: &str, state_key: &str, ts: u64, content: serde_json::Value) -> Event;
+    fn session(&self, ts: u64, status: &str, title: &str, starts_at: u64) -> Event;
+    fn role(&self, user: &str, role: Option<&str>) -> Event;
+    /// What the CalDAV server answers from now on: a status, or the error of the host call.
+    fn answer(&self, answer: Result<u16, Error>);
+    fn wait(&self, ms: u64);
+    fn pending(&self) -> Vec<Retry>;
+    fn stored(&self) -> CalSession;
+    /// The CalDAV requests made: (method, URL).
+    fn requests(&self) -> Vec<(String, String)>;
+    fn http(&self, method: &str, path: &str, user: Option<&str>, body: serde_json::Value) -> HttpResponse;
+    fn feed_url(&self, user: &str) -> String;
+    fn feed(&self, url: &str) -> HttpResponse;
 }
 
-impl Fake {
-    fn new() -> Self {
-        Fake {
-            kv: RefCell::default(),
-            state: RefCell::default(),
-            requests: RefCell::default(),
-            answer: RefCell::new(Ok(201)),
-            random: Cell::new(0),
-            logs: RefCell::default(),
-            next_id: Cell::new(0),
-            now: Cell::new(T0),
-            fetch_ms: Cell::new(10),
-        }
+impl Scenario for FakeHost {
+    fn calendar() -> Self {
+        let fake = FakeHost::new().with_server_name(SERVER);
+        fake.set_now(T0);
+        fake.set_fetch_ms(10);
+        fake.answer(Ok(201));
+        fake
     }
 
-    /// Persists a state event and delivers it, as the server does.
+    fn scheduled() -> Self {
+        let fake = Fake::calendar();
+        fake.session(T0 - 10_000, "scheduled", "Weekly, with care", T0);
+        fake.role(THERAPIST, Some("therapist"));
+        fake.role(ANN, Some("client"));
+        fake
+    }
+
     fn send(&self, event_type: &str, state_key: &str, ts: u64, content: serde_json::Value) -> Event {
-        self.next_id.set(self.next_id.get() + 1);
         let event = Event {
-            event_id: format!("${}", self.next_id.get()),
+            event_id: self.next_event_id(),
             room_id: ROOM.into(),
             sender: THERAPIST.into(),
             event_type: event_type.into(),
@@ -58,12 +64,7 @@ impl Fake {
             content: content.to_string(),
             origin_server_ts: ts,
         };
-        {
-            let mut state = self.state.borrow_mut();
-            let room = state.entry(ROOM.into()).or_default();
-            room.retain(|e| !e.is_state_of(event_type, state_key));
-            room.push(event.clone());
-        }
+        self.persist(&event);
         on_event(self, &event).unwrap();
         event
     }
@@ -84,17 +85,15 @@ impl Fake {
         self.send(clinic::ROLE, &clinic::role_key(user), T0 - 1000, serde_json::json!({ "role": role }))
     }
 
-    /// A scheduled session with a therapist and ann.
-    fn scheduled() -> Self {
-        let fake = Fake::new();
-        fake.session(T0 - 10_000, "scheduled", "Weekly, with care", T0);
-        fake.role(THERAPIST, Some("therapist"));
-        fake.role(ANN, Some("client"));
-        fake
+    fn answer(&self, answer: Result<u16, Error>) {
+        match answer {
+            Ok(status) => self.respond_status(status),
+            Err(e) => self.respond(Err(e)),
+        }
     }
 
     fn wait(&self, ms: u64) {
-        self.now.set(self.now.get() + ms);
+        self.advance(ms);
     }
 
     fn pending(&self) -> Vec<Retry> {
@@ -106,7 +105,7 @@ impl Fake {
     }
 
     fn requests(&self) -> Vec<(String, String)> {
-        self.requests.borrow().iter().map(|r| (r.method.clone(), r.url.clone())).collect()
+        self.fetched().iter().map(|r| (r.method.clone(), r.url.clone())).collect()
     }
 
     fn http(&self, method: &str, path: &str, user: Option<&str>, body: serde_json::Value) -> HttpResponse {
@@ -130,53 +129,6 @@ impl Fake {
     fn feed(&self, url: &str) -> HttpResponse {
         let path = url.strip_prefix(MOUNT).unwrap();
         self.http("GET", path, None, serde_json::Value::Null)
-    }
-}
-
-impl Host for Fake {
-    fn kv_get(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {
-        Ok(self.kv.borrow().get(key).cloned())
-    }
-    fn kv_set(&self, key: &str, value: &[u8]) -> Result<(), Error> {
-        self.kv.borrow_mut().insert(key.into(), value.into());
-        Ok(())
-    }
-    fn kv_delete(&self, key: &str) -> Result<(), Error> {
-        self.kv.borrow_mut().remove(key);
-        Ok(())
-    }
-    fn kv_scan(&self, prefix: &str, start_after: Option<&str>, limit: u32) -> Result<Vec<(String, Vec<u8>)>, Error> {
-        Ok(self
-            .kv
-            .borrow()
-            .iter()
-            .filter(|(k, _)| k.starts_with(prefix) && start_after.is_none_or(|after| k.as_str() > after))
-            .take(limit as usize)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect())
-    }
-    fn room_state(&self, room_id: &str) -> Result<Vec<Event>, Error> {
-        Ok(self.state.borrow().get(room_id).cloned().unwrap_or_default())
-    }
-    fn fetch(&self, request: &OutboundRequest) -> Result<HttpResponse, Error> {
-        self.requests.borrow_mut().push(request.clone());
-        self.wait(self.fetch_ms.get());
-        let status = self.answer.borrow().clone()?;
-        Ok(HttpResponse { status, headers: vec![], body: vec![] })
-    }
-    fn server_name(&self) -> String {
-        SERVER.into()
-    }
-    fn now_ms(&self) -> u64 {
-        self.now.get()
-    }
-    fn random(&self, bytes: &mut [u8]) -> Result<(), String> {
-        self.random.set(self.random.get() + 1);
-        bytes.fill(self.random.get());
-        Ok(())
-    }
-    fn log(&self, _level: LogLevel, message: &str) {
-        self.logs.borrow_mut().push(message.into());
     }
 }
 
@@ -210,7 +162,7 @@ fn sessions_and_user_lists_follow_the_room_state() {
     on_event(&fake, &other).unwrap();
     other.event_type = "m.room.message".into();
     on_event(&fake, &other).unwrap();
-    assert!(!fake.kv.borrow().contains_key(&session_key("!chat:clinic.example")));
+    assert!(!fake.kv().contains_key(&session_key("!chat:clinic.example")));
 }
 
 #[test]
@@ -282,7 +234,7 @@ fn caldav_configuration() {
     assert_eq!(got, serde_json::json!({ "url": "http://127.0.0.1:5232/ann/calendar/", "username": "ann" }));
 
     // The initial push: one PUT of the session's VEVENT, Basic auth.
-    let requests = fake.requests.borrow().clone();
+    let requests = fake.fetched();
     assert_eq!(requests.len(), 1);
     let request = &requests[0];
     assert_eq!(
@@ -300,7 +252,7 @@ fn caldav_configuration() {
     assert_eq!(fake.http("DELETE", "/caldav", Some(ANN), serde_json::Value::Null).status, 200);
     assert_eq!(fake.http("GET", "/caldav", Some(ANN), serde_json::Value::Null).status, 404);
     fake.session(T0 - 5_000, "scheduled", "Moved", T0 + 1);
-    assert_eq!(fake.requests.borrow().len(), 1, "no pushes once forgotten");
+    assert_eq!(fake.fetched().len(), 1, "no pushes once forgotten");
 }
 
 #[test]
@@ -315,37 +267,37 @@ fn changes_are_pushed_to_each_participant_with_a_collection() {
     configure(THERAPIST, "http://dav.example/t/");
     configure(BOB, "http://dav.example/bob/");
     assert_eq!(fake.requests().len(), 2, "bob has no sessions yet");
-    assert!(fake.requests.borrow().iter().all(|r| r.headers.iter().all(|(n, _)| n != "authorization")));
-    fake.requests.borrow_mut().clear();
+    assert!(fake.fetched().iter().all(|r| r.headers.iter().all(|(n, _)| n != "authorization")));
+    fake.clear_fetched();
 
     // A reschedule: a PUT to both participants.
     fake.session(T0 - 5_000, "scheduled", "Weekly", T0 + 60_000);
     let put = |who: &str| ("PUT".to_string(), format!("http://dav.example/{who}/{RESOURCE}.ics"));
     let delete = |who: &str| ("DELETE".to_string(), format!("http://dav.example/{who}/{RESOURCE}.ics"));
     assert_eq!(fake.requests(), [put("ann"), put("t")]);
-    assert!(String::from_utf8(fake.requests.borrow()[0].body.clone()).unwrap().contains("SEQUENCE:1\r\n"));
-    fake.requests.borrow_mut().clear();
+    assert!(String::from_utf8(fake.fetched()[0].body.clone()).unwrap().contains("SEQUENCE:1\r\n"));
+    fake.clear_fetched();
 
     // A new participant gets it; one who leaves loses it; the others hear nothing.
     fake.role(BOB, Some("client"));
     assert_eq!(fake.requests(), [put("bob")]);
-    fake.requests.borrow_mut().clear();
+    fake.clear_fetched();
     fake.role(ANN, None);
     assert_eq!(fake.requests(), [delete("ann")]);
-    fake.requests.borrow_mut().clear();
+    fake.clear_fetched();
 
     // Cancellation: DELETE everywhere (a 404 is fine).
-    *fake.answer.borrow_mut() = Ok(404);
+    fake.answer(Ok(404));
     fake.session(T0 - 4_000, "cancelled", "Weekly", T0 + 60_000);
     assert_eq!(fake.requests(), [delete("bob"), delete("t")]);
-    assert!(fake.logs.borrow().is_empty(), "{:?}", fake.logs.borrow());
+    assert!(fake.logs().is_empty(), "{:?}", fake.logs());
     assert_eq!(fake.stored().status, Status::Cancelled);
 }
 
 #[test]
 fn failures_are_logged_and_retried_when_worth_it() {
     let fake = Fake::scheduled();
-    *fake.answer.borrow_mut() = Err(Error::NotGranted("http: dav.example is not granted".into()));
+    fake.answer(Err(Error::NotGranted("http: dav.example is not granted".into())));
     let response = fake.http(
         "PUT",
         "/caldav",
@@ -361,47 +313,47 @@ fn failures_are_logged_and_retried_when_worth_it() {
             "PUT http://dav.example/ann/{RESOURCE}.ics: not-granted: http: dav.example is not granted"
         )])
     );
-    assert!(fake.logs.borrow()[0].contains("not-granted"), "{:?}", fake.logs.borrow());
+    assert!(fake.logs()[0].contains("not-granted"), "{:?}", fake.logs());
     assert!(fake.kv_scan("retry:", None, 10).unwrap().is_empty(), "not worth a retry");
 
-    *fake.answer.borrow_mut() = Ok(403);
+    fake.answer(Ok(403));
     fake.session(T0 - 5_000, "scheduled", "Weekly", T0 + 1);
-    assert!(fake.logs.borrow().last().unwrap().contains("failed (HTTP 403)"));
+    assert!(fake.logs().last().unwrap().contains("failed (HTTP 403)"));
     assert!(fake.kv_scan("retry:", None, 10).unwrap().is_empty());
 
-    *fake.answer.borrow_mut() = Ok(503);
+    fake.answer(Ok(503));
     fake.session(T0 - 4_000, "scheduled", "Weekly", T0 + 2);
     let pending = fake.kv_scan("retry:", None, 10).unwrap();
     assert_eq!(pending.len(), 1);
     assert_eq!(pending[0].0, retry_key(ANN, ROOM));
-    let sent = fake.requests.borrow().len();
+    let sent = fake.fetched().len();
     retry(&fake).unwrap();
-    assert_eq!(fake.requests.borrow().len(), sent, "not due yet");
+    assert_eq!(fake.fetched().len(), sent, "not due yet");
     fake.wait(FIRST_BACKOFF_MS);
     retry(&fake).unwrap();
-    assert_eq!(fake.requests.borrow().len(), sent + 1);
+    assert_eq!(fake.fetched().len(), sent + 1);
     let pending: Retry = get_json(&fake, &retry_key(ANN, ROOM)).unwrap().unwrap();
     assert_eq!(pending.attempts, 2);
     assert_eq!(pending.due_at, fake.now_ms() + 2 * FIRST_BACKOFF_MS);
 
-    *fake.answer.borrow_mut() = Ok(204);
+    fake.answer(Ok(204));
     fake.wait(2 * FIRST_BACKOFF_MS);
-    let before = fake.requests.borrow().len();
+    let before = fake.fetched().len();
     retry(&fake).unwrap();
-    assert_eq!(fake.requests.borrow().len(), before + 1);
+    assert_eq!(fake.fetched().len(), before + 1);
     assert!(fake.pending().is_empty());
 
     // A push that keeps failing is given up after MAX_ATTEMPTS.
-    *fake.answer.borrow_mut() = Err(Error::Failed("connection refused".into()));
+    fake.answer(Err(Error::Failed("connection refused".into())));
     fake.session(T0 - 3_000, "scheduled", "Weekly", T0 + 3);
     for _ in 0..MAX_ATTEMPTS + 2 {
         fake.wait(MAX_BACKOFF_MS);
         retry(&fake).unwrap();
     }
     assert!(fake.pending().is_empty());
-    let attempts = fake.requests.borrow().len() - before - 1;
+    let attempts = fake.fetched().len() - before - 1;
     assert_eq!(attempts, MAX_ATTEMPTS as usize);
-    assert!(fake.logs.borrow().last().unwrap().ends_with("failed (failed: connection refused)"));
+    assert!(fake.logs().last().unwrap().ends_with("failed (failed: connection refused)"));
 
     // Forgetting the collection drops pending retries.
     fake.session(T0 - 2_000, "scheduled", "Weekly", T0 + 4);
@@ -429,8 +381,8 @@ fn helpers() {
 
     // Real randomness natively (getrandom), and distinct tokens.
     let (mut a, mut b) = ([0u8; 32], [0u8; 32]);
-    Sdk.random(&mut a).unwrap();
-    Sdk.random(&mut b).unwrap();
+    WasmHost.random(&mut a).unwrap();
+    WasmHost.random(&mut b).unwrap();
     assert_ne!(a, b);
     assert!(is_token(&hex(&a)));
 
@@ -447,19 +399,19 @@ fn slow_collections_leave_the_rest_to_the_ticks() {
         let body = serde_json::json!({ "url": "http://dav.example/x/", "username": "", "password": "" });
         assert_eq!(fake.http("PUT", "/caldav", Some(user), body).status, 200);
     }
-    fake.requests.borrow_mut().clear();
+    fake.clear_fetched();
 
     // Each request takes 1.5 s: two fit in the budget, the third is queued.
-    fake.fetch_ms.set(1_500);
+    fake.set_fetch_ms(1_500);
     fake.session(T0 - 5_000, "scheduled", "Weekly", T0 + 60_000);
-    assert_eq!(fake.requests.borrow().len(), 2);
+    assert_eq!(fake.fetched().len(), 2);
     let pending = fake.pending();
     assert_eq!(pending.len(), 1);
     assert_eq!((pending[0].user_id.as_str(), pending[0].attempts, pending[0].due_at), (THERAPIST, 0, 0));
     retry(&fake).unwrap();
-    assert_eq!(fake.requests.borrow().len(), 3);
+    assert_eq!(fake.fetched().len(), 3);
     assert!(fake.pending().is_empty());
-    assert!(String::from_utf8(fake.requests.borrow()[2].body.clone()).unwrap().contains("SEQUENCE:1\r\n"));
+    assert!(String::from_utf8(fake.fetched()[2].body.clone()).unwrap().contains("SEQUENCE:1\r\n"));
 
     // PUT /caldav of a user with many sessions: as many as fit, the rest queued.
     let user = "@busy:clinic.example";
@@ -478,7 +430,7 @@ fn slow_collections_leave_the_rest_to_the_ticks() {
     retry(&fake).unwrap();
     retry(&fake).unwrap();
     assert!(fake.pending().is_empty());
-    let busy = fake.requests.borrow().iter().filter(|r| r.url.starts_with("http://dav.example/busy/")).count();
+    let busy = fake.fetched().iter().filter(|r| r.url.starts_with("http://dav.example/busy/")).count();
     assert_eq!(busy, 5);
 }
 

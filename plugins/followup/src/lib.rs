@@ -29,9 +29,9 @@
 use std::collections::BTreeMap;
 
 use limbic_plugin_sdk::{
-    Caller, Error, Event, HttpRequest, HttpResponse, Plugin, RoomSpec,
+    Caller, Event, Host, HttpRequest, HttpResponse, LogLevel, Plugin, RoomSpec, WasmHost,
     clinic::{self, Kind, Role, RoleContent, Session, Status},
-    export_plugin, kv, log, rooms, serde_json,
+    export_plugin, serde_json,
 };
 use serde::Deserialize;
 
@@ -139,78 +139,6 @@ pub fn access(caller: Option<&Caller>, role: Option<Role>) -> Access {
     }
 }
 
-/// The host functions the plugin uses, so that its steps can be tested natively with a fake.
-pub trait Host {
-    /// [`kv::get_string`].
-    fn kv_get(&self, key: &str) -> Result<Option<String>, Error>;
-    /// [`kv::set`].
-    fn kv_set(&self, key: &str, value: &str) -> Result<(), Error>;
-    /// [`rooms::room_state`].
-    fn room_state(&self, room_id: &str) -> Result<Vec<Event>, Error>;
-    /// [`rooms::state_event`].
-    fn state_event(&self, room_id: &str, event_type: &str, state_key: &str) -> Result<Option<Event>, Error>;
-    /// [`rooms::create_room`] as the plugin's user.
-    fn create_room(&self, spec: &RoomSpec) -> Result<String, Error>;
-    /// [`rooms::send_text`] as the plugin's user.
-    fn send_text(&self, room_id: &str, body: &str) -> Result<String, Error>;
-    /// [`rooms::send_state`].
-    fn send_state(
-        &self,
-        room_id: &str,
-        sender: &str,
-        event_type: &str,
-        content: &serde_json::Value,
-    ) -> Result<String, Error>;
-    /// The plugin's user id.
-    fn plugin_user(&self) -> String;
-    /// The server's name.
-    fn server_name(&self) -> String;
-    /// [`log::info`].
-    fn info(&self, message: &str);
-}
-
-/// The real host.
-pub struct Sdk;
-
-impl Host for Sdk {
-    fn kv_get(&self, key: &str) -> Result<Option<String>, Error> {
-        kv::get_string(key)
-    }
-    fn kv_set(&self, key: &str, value: &str) -> Result<(), Error> {
-        kv::set(key, value.as_bytes())
-    }
-    fn room_state(&self, room_id: &str) -> Result<Vec<Event>, Error> {
-        rooms::room_state(room_id)
-    }
-    fn state_event(&self, room_id: &str, event_type: &str, state_key: &str) -> Result<Option<Event>, Error> {
-        rooms::state_event(room_id, event_type, state_key)
-    }
-    fn create_room(&self, spec: &RoomSpec) -> Result<String, Error> {
-        rooms::create_room(None, spec)
-    }
-    fn send_text(&self, room_id: &str, body: &str) -> Result<String, Error> {
-        rooms::send_text(room_id, None, body)
-    }
-    fn send_state(
-        &self,
-        room_id: &str,
-        sender: &str,
-        event_type: &str,
-        content: &serde_json::Value,
-    ) -> Result<String, Error> {
-        rooms::send_state(room_id, Some(sender), event_type, "", content)
-    }
-    fn plugin_user(&self) -> String {
-        limbic_plugin_sdk::plugin_user()
-    }
-    fn server_name(&self) -> String {
-        limbic_plugin_sdk::server_name()
-    }
-    fn info(&self, message: &str) {
-        log::info(message)
-    }
-}
-
 /// The room a `org.limbic.followup` event links to.
 #[derive(Deserialize)]
 struct Link {
@@ -224,22 +152,22 @@ pub fn follow_up(host: &impl Host, config: &Config, session_room: &str, session:
     let plan = plan(session, &state, &host.plugin_user(), &host.server_name(), &config.welcome);
 
     let key = room_key(session_room);
-    let room = match host.kv_get(&key)? {
+    let room = match host.kv_get_string(&key)? {
         Some(room) => room,
         None => {
-            let room = host.create_room(&plan.spec)?;
-            host.kv_set(&key, &room).map_err(|e| {
+            let room = host.create_room(None, &plan.spec)?;
+            host.kv_set(&key, room.as_bytes()).map_err(|e| {
                 format!("created the follow-up room {room} for {session_room} but could not record it: {e}")
             })?;
-            host.info(&format!("created the follow-up room {room} for the session {session_room}"));
+            host.log(LogLevel::Info, &format!("created the follow-up room {room} for the session {session_room}"));
             room
         }
     };
 
     let welcomed = welcome_key(session_room);
-    if host.kv_get(&welcomed)?.is_none() {
-        let event_id = host.send_text(&room, &plan.welcome)?;
-        host.kv_set(&welcomed, &event_id)?;
+    if host.kv_get_string(&welcomed)?.is_none() {
+        let event_id = host.send_text(&room, None, &plan.welcome)?;
+        host.kv_set(&welcomed, event_id.as_bytes())?;
     }
 
     let linked = host
@@ -250,7 +178,7 @@ pub fn follow_up(host: &impl Host, config: &Config, session_room: &str, session:
         let sender = plan
             .link_sender
             .ok_or_else(|| format!("no local therapist of {session_room} can link its follow-up room {room}"))?;
-        host.send_state(session_room, &sender, FOLLOWUP, &serde_json::json!({ "room_id": room }))?;
+        host.send_state(session_room, Some(&sender), FOLLOWUP, "", &serde_json::json!({ "room_id": room }))?;
     }
     Ok(room)
 }
@@ -269,7 +197,7 @@ pub fn lookup(host: &impl Host, caller: Option<&Caller>, session_room: &str) -> 
     match access(caller, role) {
         Access::Anonymous => HttpResponse::error(401, "M_MISSING_TOKEN", "Missing access token"),
         Access::Forbidden => HttpResponse::error(403, "M_FORBIDDEN", "You are not a participant of this session"),
-        Access::Allowed => match host.kv_get(&room_key(session_room)) {
+        Access::Allowed => match host.kv_get_string(&room_key(session_room)) {
             Ok(Some(room)) => HttpResponse::json(200, &serde_json::json!({ "room_id": room })),
             Ok(None) => HttpResponse::error(404, "M_NOT_FOUND", "This session has no follow-up room"),
             Err(e) => HttpResponse::error(500, "M_UNKNOWN", &e.to_string()),
@@ -289,14 +217,14 @@ impl Plugin for FollowUp {
 
     fn on_event(&self, event: &Event) -> Result<(), String> {
         match completed_session(event, &self.config.kinds) {
-            Some(session) => follow_up(&Sdk, &self.config, &event.room_id, &session).map(|_| ()),
+            Some(session) => follow_up(&WasmHost, &self.config, &event.room_id, &session).map(|_| ()),
             None => Ok(()),
         }
     }
 
     fn handle_http(&self, request: HttpRequest) -> HttpResponse {
         match (request.method.as_str(), request.path_segments().as_slice()) {
-            ("GET", [rooms, session_room]) if rooms == "rooms" => lookup(&Sdk, request.caller.as_ref(), session_room),
+            ("GET", [rooms, session_room]) if rooms == "rooms" => lookup(&WasmHost, request.caller.as_ref(), session_room),
             _ => HttpResponse::not_found(),
         }
     }
@@ -306,9 +234,10 @@ export_plugin!(FollowUp);
 
 #[cfg(test)]
 mod tests {
-    use std::cell::RefCell;
-
-    use limbic_plugin_sdk::MatrixError;
+    use limbic_plugin_sdk::{
+        Error, MatrixError,
+        testing::{FakeHost, RoomAction},
+    };
 
     use super::*;
 
@@ -345,83 +274,41 @@ mod tests {
         limbic_plugin_sdk::parse_config(serde_json::json!({})).unwrap()
     }
 
-    /// A fake server: a kv map, a session room's state, and a log of the writes.
-    #[derive(Default)]
-    struct Fake {
-        kv: RefCell<BTreeMap<String, String>>,
-        state: RefCell<Vec<Event>>,
-        writes: RefCell<Vec<String>>,
-        fail_send: bool,
+    /// The SDK's fake server holding the session room's state, with the plugin's user
+    /// `@followup:clinic.example` (so the rooms it creates are `!followup<n>:clinic.example`).
+    fn server() -> FakeHost {
+        let fake = FakeHost::new().with_plugin_user("@followup:clinic.example");
+        for event in [
+            session_event("group", "completed"),
+            role("@therapist:clinic.example", Some("therapist")),
+            role("@co:other.example", Some("co_therapist")),
+            role("@ann:clinic.example", Some("client")),
+            role("@bob:other.example", Some("observer")),
+            role("@gone:clinic.example", None),
+            state(clinic::MEMBER, "@ann:clinic.example", serde_json::json!({ "membership": "join" })),
+        ] {
+            fake.persist(&event);
+        }
+        fake
     }
 
-    impl Fake {
-        fn new() -> Self {
-            let fake = Fake::default();
-            *fake.state.borrow_mut() = vec![
-                session_event("group", "completed"),
-                role("@therapist:clinic.example", Some("therapist")),
-                role("@co:other.example", Some("co_therapist")),
-                role("@ann:clinic.example", Some("client")),
-                role("@bob:other.example", Some("observer")),
-                role("@gone:clinic.example", None),
-                state(clinic::MEMBER, "@ann:clinic.example", serde_json::json!({ "membership": "join" })),
-            ];
-            fake
-        }
-        fn writes(&self) -> Vec<String> {
-            self.writes.borrow().clone()
-        }
-    }
-
-    impl Host for Fake {
-        fn kv_get(&self, key: &str) -> Result<Option<String>, Error> {
-            Ok(self.kv.borrow().get(key).cloned())
-        }
-        fn kv_set(&self, key: &str, value: &str) -> Result<(), Error> {
-            self.kv.borrow_mut().insert(key.into(), value.into());
-            Ok(())
-        }
-        fn room_state(&self, room_id: &str) -> Result<Vec<Event>, Error> {
-            assert_eq!(room_id, ROOM);
-            Ok(self.state.borrow().clone())
-        }
-        fn state_event(&self, room_id: &str, event_type: &str, state_key: &str) -> Result<Option<Event>, Error> {
-            Ok(self.room_state(room_id)?.into_iter().find(|e| e.is_state_of(event_type, state_key)))
-        }
-        fn create_room(&self, spec: &RoomSpec) -> Result<String, Error> {
-            let n = self.writes.borrow().iter().filter(|w| w.starts_with("create")).count();
-            self.writes.borrow_mut().push(format!("create {}", spec.name.as_deref().unwrap_or("")));
-            Ok(format!("!followup{n}:clinic.example"))
-        }
-        fn send_text(&self, room_id: &str, body: &str) -> Result<String, Error> {
-            if self.fail_send {
-                return Err(Error::Refused(MatrixError {
-                    status: 403,
-                    errcode: "M_FORBIDDEN".into(),
-                    message: "no".into(),
-                }));
-            }
-            self.writes.borrow_mut().push(format!("text {room_id} {body}"));
-            Ok("$welcome".into())
-        }
-        fn send_state(
-            &self,
-            room_id: &str,
-            sender: &str,
-            event_type: &str,
-            content: &serde_json::Value,
-        ) -> Result<String, Error> {
-            self.writes.borrow_mut().push(format!("state {room_id} {sender} {event_type}"));
-            self.state.borrow_mut().push(Event { sender: sender.into(), ..state(event_type, "", content.clone()) });
-            Ok("$link".into())
-        }
-        fn plugin_user(&self) -> String {
-            "@followup:clinic.example".into()
-        }
-        fn server_name(&self) -> String {
-            "clinic.example".into()
-        }
-        fn info(&self, _message: &str) {}
+    /// What the plugin did in rooms: `create <name>`, `text <room> <body>` and `state <room>
+    /// <sender> <type>`.
+    fn writes_of(fake: &FakeHost) -> Vec<String> {
+        fake.room_actions()
+            .into_iter()
+            .map(|action| match action {
+                RoomAction::CreateRoom { spec, .. } => format!("create {}", spec.name.as_deref().unwrap_or("")),
+                RoomAction::Send(event) if event.is_state() => {
+                    format!("state {} {} {}", event.room_id, event.sender, event.event_type)
+                }
+                RoomAction::Send(event) => {
+                    let body = event.content_json().unwrap()["body"].as_str().unwrap().to_owned();
+                    format!("text {} {body}", event.room_id)
+                }
+                RoomAction::Invite { room_id, user_id, .. } => format!("invite {room_id} {user_id}"),
+            })
+            .collect()
     }
 
     #[test]
@@ -444,9 +331,9 @@ mod tests {
 
     #[test]
     fn plans_the_room_from_the_roles() {
-        let fake = Fake::new();
+        let fake = server();
         let session = completed_session(&session_event("group", "completed"), &config().kinds).unwrap();
-        let plan = plan(&session, &fake.state.borrow(), "@followup:clinic.example", "clinic.example", "Hi {title}!");
+        let plan = plan(&session, &fake.room_state(ROOM).unwrap(), "@followup:clinic.example", "clinic.example", "Hi {title}!");
         assert_eq!(plan.spec.name.as_deref(), Some("Tuesday group \u{2014} follow-up"));
         assert_eq!(
             plan.spec.invite,
@@ -472,12 +359,12 @@ mod tests {
 
     #[test]
     fn creates_welcomes_and_links_exactly_once() {
-        let fake = Fake::new();
+        let fake = server();
         let session = completed_session(&session_event("group", "completed"), &config().kinds).unwrap();
         let room = follow_up(&fake, &config(), ROOM, &session).unwrap();
         assert_eq!(room, "!followup0:clinic.example");
-        assert_eq!(fake.kv.borrow().get(&room_key(ROOM)), Some(&room));
-        let writes = fake.writes();
+        assert_eq!(fake.kv_get_string(&room_key(ROOM)).unwrap(), Some(room.clone()));
+        let writes = writes_of(&fake);
         assert_eq!(writes.len(), 3, "{writes:?}");
         assert_eq!(writes[0], "create Tuesday group \u{2014} follow-up");
         assert!(writes[1].starts_with(
@@ -487,28 +374,29 @@ mod tests {
 
         // The same event again: nothing more.
         assert_eq!(follow_up(&fake, &config(), ROOM, &session).unwrap(), room);
-        assert_eq!(fake.writes().len(), 3);
+        assert_eq!(writes_of(&fake).len(), 3);
     }
 
     #[test]
     fn a_replay_finishes_what_failed() {
-        let mut fake = Fake::new();
-        fake.fail_send = true;
+        let fake = server();
+        let refused = MatrixError { status: 403, errcode: "M_FORBIDDEN".into(), message: "no".into() };
+        fake.fail("send_raw", Error::Refused(refused));
         let session = completed_session(&session_event("group", "completed"), &config().kinds).unwrap();
         let error = follow_up(&fake, &config(), ROOM, &session).unwrap_err();
         assert_eq!(error, "refused: 403 M_FORBIDDEN: no");
-        assert_eq!(fake.writes(), ["create Tuesday group \u{2014} follow-up"]);
+        assert_eq!(writes_of(&fake), ["create Tuesday group \u{2014} follow-up"]);
 
-        fake.fail_send = false;
+        fake.recover("send_raw");
         assert_eq!(follow_up(&fake, &config(), ROOM, &session).unwrap(), "!followup0:clinic.example");
-        let writes = fake.writes();
+        let writes = writes_of(&fake);
         assert_eq!(writes.len(), 3, "{writes:?}");
         assert!(writes[1].starts_with("text !followup0"));
     }
 
     #[test]
     fn lookup_checks_the_caller() {
-        let fake = Fake::new();
+        let fake = server();
         let caller = |user: &str, is_admin| Caller { user_id: user.into(), is_admin };
         let status = |caller: Option<Caller>| lookup(&fake, caller.as_ref(), ROOM).status;
         assert_eq!(status(None), 401);
@@ -517,7 +405,7 @@ mod tests {
         assert_eq!(status(Some(caller("@ann:clinic.example", false))), 404);
         assert_eq!(status(Some(caller("@admin:clinic.example", true))), 404);
 
-        fake.kv_set(&room_key(ROOM), "!f:clinic.example").unwrap();
+        fake.kv_set(&room_key(ROOM), b"!f:clinic.example").unwrap();
         let response = lookup(&fake, Some(&caller("@bob:other.example", false)), ROOM);
         assert_eq!(response.status, 200);
         assert_eq!(

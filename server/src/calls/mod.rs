@@ -24,7 +24,7 @@ use ruma::{OwnedRoomId, RoomId, UserId};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    clinic::{BREAKOUT, Role, SESSION, Session, Status, session_role},
+    clinic::{BREAKOUT, Role, SESSION, Status, session_role},
     config::{CallsConfig, DATA_PACKET_MIN_COST, ListenConfig, RateLimit},
     error::{Error, ErrorCode, Result},
     rooms::Rooms,
@@ -222,7 +222,7 @@ fn open_session_call(rooms: &Rooms, room_id: &RoomId) -> Result<Option<OwnedRoom
         None => room_id.to_owned(),
     };
     let Some(content) = rooms.state_content(&session_room, SESSION, "")? else { return Ok(None) };
-    match Session::parse(&content)?.status {
+    match crate::clinic::parse_session(&content)?.status {
         Status::Open | Status::InProgress => Ok(Some(session_room)),
         status => Err(Error::forbidden(format!(
             "the session's call is open only while the session is open or in progress (it is {})",
@@ -234,14 +234,9 @@ fn open_session_call(rooms: &Rooms, room_id: &RoomId) -> Result<Option<OwnedRoom
 /// The session room of a breakout room, and whether the breakout is closed; `None` for a room
 /// that is not a breakout.
 fn breakout_of(rooms: &Rooms, room_id: &RoomId) -> Result<Option<(OwnedRoomId, bool)>> {
-    let Some(breakout) = rooms.state_content(room_id, BREAKOUT, "")? else { return Ok(None) };
-    let closed = breakout.get("closed").and_then(serde_json::Value::as_bool) == Some(true);
-    let session_room = breakout
-        .get("session_room")
-        .and_then(serde_json::Value::as_str)
-        .and_then(|id| OwnedRoomId::try_from(id).ok())
-        .ok_or_else(|| Error::internal("a breakout room without its session"))?;
-    Ok(Some((session_room, closed)))
+    let Some(content) = rooms.state_content(room_id, BREAKOUT, "")? else { return Ok(None) };
+    let (breakout, session_room) = crate::clinic::parse_breakout(&content)?;
+    Ok(Some((session_room, breakout.closed)))
 }
 
 /// Whether `user` still has, in the call of `room_id`, every right a call token `granted`

@@ -12,7 +12,7 @@ use str0m::media::MediaKind;
 
 use crate::{
     audit::AuditRecord,
-    clinic::{RECORDING, RECORDING_CONSENT, RecordingPolicy, Role, SESSION, Session, Status, session_role},
+    clinic::{RECORDING, RECORDING_CONSENT, RecordingPolicy, Role, SESSION, Status, session_role},
     error::{Error, ErrorCode, Result},
     events::{Pdu, PduBuilder},
     media::Upload,
@@ -37,7 +37,7 @@ fn stopped() -> Error {
 /// Starts recording the room's call, for one of its therapists.
 pub async fn start(server: &Server, therapist: &UserId, room_id: &RoomId) -> Result<JsonValue> {
     let content = server.rooms.state_content(room_id, SESSION, "")?.ok_or_else(|| Error::not_found("not a session room"))?;
-    let session = Session::parse(&content)?;
+    let session = crate::clinic::parse_session(&content)?;
     require_therapist(server, room_id, therapist)?;
     if session.recording_policy != RecordingPolicy::WithConsent {
         return Err(Error::forbidden("the session's recording policy does not allow recording"));
@@ -195,7 +195,7 @@ impl Stop {
         if kind == RECORDING_CONSENT && pdu.content_json().get("consent").and_then(JsonValue::as_bool) != Some(true) {
             return Some(Stop::ConsentWithdrawn);
         }
-        let status = || Session::parse(&pdu.content_json()).map(|session| session.status);
+        let status = || crate::clinic::parse_session(&pdu.content_json()).map(|session| session.status);
         if kind == SESSION && !status().is_ok_and(Status::is_live) {
             return Some(Stop::SessionEnded);
         }

@@ -20,7 +20,7 @@ use super::{
 use crate::{
     audit::AuditRecord,
     clinic::{
-        BREAKOUT, Breakout, CALL_MEMBER, ROLE, Role, SESSION, Session, role_user,
+        BREAKOUT, Breakout, CALL_MEMBER, ROLE, Role, SESSION, role_user,
         subrooms::{self, membership_in},
     },
     error::{Error, Result},
@@ -131,7 +131,7 @@ async fn create_breakout(State(server): State<AppState>, Authed(caller): Authed,
     let session_room = room_id(&room)?;
     crate::clinic::sessions::require_therapist(&server, &caller.user_id, &session_room, "manage its breakouts")?;
     let session = server.rooms.state_content(&session_room, SESSION, "")?.ok_or_else(|| Error::not_found("not a session"))?;
-    let session = Session::parse(&session)?;
+    let session = crate::clinic::parse_session(&session)?;
     if !session.kind.allows_breakouts() {
         return Err(Error::forbidden(format!("a {:?} session has no breakout rooms", session.kind).to_lowercase()));
     }

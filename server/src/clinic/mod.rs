@@ -21,196 +21,30 @@ use crate::{
     store::{Batch, Key, KeyReader, Store, tables},
 };
 
-pub const SESSION: &str = "org.limbic.session";
-pub const ROLE: &str = "org.limbic.session.role";
-/// A clinical note (state key: the note id), only ever in a session's private notes room.
-pub const NOTE: &str = "org.limbic.session.note";
-/// The membership-content field a knock or join carries a session passcode in. The pipeline
-/// removes it before the event is built, so it is never stored or sent anywhere.
-pub const PASSCODE_FIELD: &str = "org.limbic.passcode";
-/// In a notes room: `{"room_id": <session room>}`.
-pub const NOTES_FOR: &str = "org.limbic.session.notes_for";
-/// A MatrixRTC call membership (state key `_@user:server_DEVICE`), sent by participants.
-pub const CALL_MEMBER: &str = "org.matrix.msc3401.call.member";
-/// MSC4143's per-device RTC membership, the successor of [`CALL_MEMBER`]; owned the same way.
-pub const RTC_MEMBER: &str = "org.matrix.msc4143.rtc.member";
-/// A participant's consent to the session's call being recorded (state key: their user id):
-/// `{"consent": bool}`. Only they set it.
-pub const RECORDING_CONSENT: &str = "org.limbic.recording.consent";
-/// Whether the session's call is being recorded (state key ""): `{"recording": bool, "by":
-/// <therapist>}`, set by the server for the therapist who started it.
-pub const RECORDING: &str = "org.limbic.recording";
-/// A participant's raised hand (state key: their user id): `{"raised": bool}`. Only they set it.
-pub const HAND: &str = "org.limbic.hand";
-/// In a breakout room: `{"session_room", "name", "closed"}`.
-pub const BREAKOUT: &str = "org.limbic.breakout";
-
-/// The state key of a user's role. Room versions up to 11 reserve state keys starting with `@`
-/// for their own user, so roles use `_@user:server` (as MatrixRTC does for call members).
-pub fn role_key(user_id: &str) -> String {
-    format!("_{user_id}")
-}
+pub use limbic_clinic_model::{
+    BREAKOUT, Breakout, CALL_MEMBER, HAND, Kind, NOTE, NOTES_FOR, PASSCODE_FIELD, RECORDING, RECORDING_CONSENT, ROLE, RTC_MEMBER,
+    RecordingPolicy, Role, SESSION, Session, Status, role_key, role_user,
+};
 
 /// The role `user` holds in the session of `room_id`, if any.
 pub fn session_role(rooms: &crate::rooms::Rooms, room_id: &ruma::RoomId, user: &str) -> Result<Option<Role>> {
     Ok(rooms.state_content(room_id, ROLE, &role_key(user))?.as_ref().and_then(Role::of))
 }
 
-/// The user a role state key is about.
-pub fn role_user(state_key: &str) -> Option<&str> {
-    state_key.strip_prefix('_').filter(|user| user.starts_with('@'))
+/// `org.limbic.session` content as the server accepts it: no unknown fields, and the session's
+/// own rules (it ends after it starts, has a title, admits someone).
+pub fn parse_session(content: &serde_json::Value) -> Result<Session> {
+    let session = Session::parse(content).map_err(Error::bad_json)?;
+    session.check().map_err(Error::bad_json)?;
+    Ok(session)
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Kind {
-    Individual,
-    Couples,
-    Family,
-    Group,
-    Workshop,
-    Support,
-}
-
-impl Kind {
-    /// Sessions with several clients may split into breakout rooms.
-    pub fn allows_breakouts(self) -> bool {
-        matches!(self, Kind::Family | Kind::Group | Kind::Workshop | Kind::Support)
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    Scheduled,
-    Open,
-    InProgress,
-    Completed,
-    Cancelled,
-    NoShow,
-}
-
-impl Status {
-    /// The workflow: scheduled → open → in_progress → completed; cancelled and no_show from
-    /// scheduled or open. Nothing else.
-    pub fn can_become(self, next: Status) -> bool {
-        use Status::*;
-        matches!(
-            (self, next),
-            (Scheduled, Open) | (Open, InProgress) | (InProgress, Completed) | (Scheduled | Open, Cancelled | NoShow)
-        )
-    }
-
-    /// Whether the session still holds its therapists' time.
-    pub fn is_live(self) -> bool {
-        matches!(self, Status::Scheduled | Status::Open | Status::InProgress)
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    Therapist,
-    CoTherapist,
-    Client,
-    Observer,
-}
-
-impl Role {
-    /// The role an `org.limbic.role` content gives (`None` when it is absent or removed).
-    pub fn of(content: &serde_json::Value) -> Option<Role> {
-        serde_json::from_value(content.get("role")?.clone()).ok()
-    }
-
-    pub fn is_therapist(self) -> bool {
-        matches!(self, Role::Therapist | Role::CoTherapist)
-    }
-
-    /// The power level a role maps to.
-    pub fn power_level(self) -> i64 {
-        match self {
-            Role::Therapist => 100,
-            Role::CoTherapist => 50,
-            Role::Client | Role::Observer => 0,
-        }
-    }
-}
-
-/// The content of `org.limbic.session` (state key "").
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Session {
-    pub kind: Kind,
-    pub title: String,
-    pub starts_at: u64,
-    pub ends_at: u64,
-    pub timezone: String,
-    pub status: Status,
-    pub max_participants: u32,
-    /// Minutes before the start from which scheduled participants may join.
-    #[serde(default = "default_join_window")]
-    pub join_window_minutes: u32,
-    #[serde(default)]
-    pub recording_policy: RecordingPolicy,
-}
-
-fn default_join_window() -> u32 {
-    15
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RecordingPolicy {
-    #[default]
-    Forbidden,
-    WithConsent,
-}
-
-impl Session {
-    pub fn parse(content: &serde_json::Value) -> Result<Self> {
-        let session: Session = serde_json::from_value(content.clone())
-            .map_err(|e| Error::bad_json(format!("invalid {SESSION} content: {e}")))?;
-        if session.starts_at >= session.ends_at {
-            return Err(Error::bad_json("a session must end after it starts"));
-        }
-        if session.title.trim().is_empty() {
-            return Err(Error::bad_json("a session needs a title"));
-        }
-        if session.max_participants == 0 {
-            return Err(Error::bad_json("max_participants must be at least 1"));
-        }
-        Ok(session)
-    }
-
-    pub fn overlaps(&self, starts_at: u64, ends_at: u64) -> bool {
-        self.starts_at < ends_at && starts_at < self.ends_at
-    }
-
-    /// When participants other than therapists may start joining.
-    pub fn join_opens_at(&self) -> u64 {
-        self.starts_at.saturating_sub(u64::from(self.join_window_minutes) * 60_000)
-    }
-
-    /// Whether a scheduled participant may join at `now` (ms since the epoch).
-    pub fn join_window_open(&self, now: u64) -> bool {
-        self.status.is_live() && (self.join_opens_at()..=self.ends_at).contains(&now)
-    }
-}
-
-/// The content of `org.limbic.breakout` (state key "" in a breakout room).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Breakout {
-    pub session_room: OwnedRoomId,
-    pub name: String,
-    #[serde(default)]
-    pub closed: bool,
-}
-
-impl Breakout {
-    pub fn parse(content: &serde_json::Value) -> Result<Self> {
-        serde_json::from_value(content.clone()).map_err(|e| Error::bad_json(format!("invalid {BREAKOUT} content: {e}")))
-    }
+/// `org.limbic.breakout` content as the server accepts it: no unknown fields, and its session
+/// room a room id.
+pub fn parse_breakout(content: &serde_json::Value) -> Result<(Breakout, OwnedRoomId)> {
+    let breakout = Breakout::parse(content).map_err(Error::bad_json)?;
+    let session_room = OwnedRoomId::try_from(breakout.session_room.as_str()).map_err(|_| Error::bad_json(format!("invalid {BREAKOUT} content: session_room is not a room id")))?;
+    Ok((breakout, session_room))
 }
 
 /// A time as `YYYY-MM-DD HH:MM:SS UTC`, for messages and exports.

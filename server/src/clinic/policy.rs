@@ -25,7 +25,7 @@ pub struct PolicyContext<'a> {
 impl PolicyContext<'_> {
     fn session(&self) -> Result<Option<(Session, Pdu)>> {
         match self.room.state(SESSION, "")? {
-            Some(pdu) => Ok(Some((Session::parse(&pdu.content_json())?, pdu))),
+            Some(pdu) => Ok(Some((crate::clinic::parse_session(&pdu.content_json())?, pdu))),
             None => Ok(None),
         }
     }
@@ -87,7 +87,8 @@ pub fn authorize(ctx: &PolicyContext<'_>, pdu: &Pdu) -> Result<()> {
         return check_notes_link(ctx, pdu);
     }
     if let Some(breakout) = ctx.room.state(BREAKOUT, "")? {
-        return check_breakout_room(ctx, pdu, &Breakout::parse(&breakout.content_json())?);
+        let (breakout, session_room) = super::parse_breakout(&breakout.content_json())?;
+        return check_breakout_room(ctx, pdu, &breakout, &session_room);
     }
     if kind == NOTE {
         return Err(refuse("notes live only in a session's private notes room"));
@@ -164,12 +165,10 @@ fn check_breakout_state(ctx: &PolicyContext<'_>, pdu: &Pdu) -> Result<()> {
     if pdu.state_key.as_deref() != Some("") {
         return Err(Error::bad_json(format!("{BREAKOUT} takes the empty state key")));
     }
-    let new = Breakout::parse(&pdu.content_json())?;
-    if new.name.trim().is_empty() {
-        return Err(Error::bad_json("a breakout room needs a name"));
-    }
+    let (new, session_room) = super::parse_breakout(&pdu.content_json())?;
+    new.check().map_err(Error::bad_json)?;
     if let Some(old) = ctx.room.state(BREAKOUT, "")? {
-        let old = Breakout::parse(&old.content_json())?;
+        let (old, _) = super::parse_breakout(&old.content_json())?;
         if old.session_room != new.session_room {
             return Err(refuse("a breakout room's session cannot change"));
         }
@@ -177,11 +176,11 @@ fn check_breakout_state(ctx: &PolicyContext<'_>, pdu: &Pdu) -> Result<()> {
             return Err(refuse("a closed breakout room stays closed"));
         }
     }
-    if !role_in(ctx, &new.session_room, pdu.sender.as_str())?.is_some_and(Role::is_therapist) {
+    if !role_in(ctx, &session_room, pdu.sender.as_str())?.is_some_and(Role::is_therapist) {
         return Err(refuse("only the session's therapists manage its breakout rooms"));
     }
-    let session = ctx.rooms.state_content(&new.session_room, SESSION, "")?.ok_or_else(|| Error::bad_json("session_room is not a session"))?;
-    let session = Session::parse(&session)?;
+    let session = ctx.rooms.state_content(&session_room, SESSION, "")?.ok_or_else(|| Error::bad_json("session_room is not a session"))?;
+    let session = crate::clinic::parse_session(&session)?;
     if !session.kind.allows_breakouts() {
         return Err(refuse(format!("a {:?} session has no breakout rooms", session.kind).to_lowercase()));
     }
@@ -193,7 +192,7 @@ fn check_breakout_state(ctx: &PolicyContext<'_>, pdu: &Pdu) -> Result<()> {
 
 /// A breakout room is for its session's participants while it is open; its state is the
 /// session's therapists' to set.
-fn check_breakout_room(ctx: &PolicyContext<'_>, pdu: &Pdu, breakout: &Breakout) -> Result<()> {
+fn check_breakout_room(ctx: &PolicyContext<'_>, pdu: &Pdu, breakout: &Breakout, session_room: &RoomId) -> Result<()> {
     let membership = Membership::of(&pdu.content_json());
     match (pdu.kind.clone(), membership) {
         (TimelineEventType::RoomMember, Some(Membership::Join | Membership::Invite | Membership::Knock)) => {
@@ -201,7 +200,7 @@ fn check_breakout_room(ctx: &PolicyContext<'_>, pdu: &Pdu, breakout: &Breakout) 
                 return Err(refuse("the breakout room is closed"));
             }
             let target = pdu.state_key.as_deref().unwrap_or_default();
-            if role_in(ctx, &breakout.session_room, target)?.is_none() {
+            if role_in(ctx, session_room, target)?.is_none() {
                 return Err(refuse("only the session's participants enter its breakout rooms"));
             }
             Ok(())
@@ -209,13 +208,13 @@ fn check_breakout_room(ctx: &PolicyContext<'_>, pdu: &Pdu, breakout: &Breakout) 
         // Someone else's leave or ban is a therapist's to give (a demoted therapist's power
         // level may outlive their role in a breakout's power levels).
         (TimelineEventType::RoomMember, _)
-            if pdu.state_key.as_deref() != Some(pdu.sender.as_str()) && !role_in(ctx, &breakout.session_room, pdu.sender.as_str())?.is_some_and(Role::is_therapist) =>
+            if pdu.state_key.as_deref() != Some(pdu.sender.as_str()) && !role_in(ctx, session_room, pdu.sender.as_str())?.is_some_and(Role::is_therapist) =>
         {
             Err(refuse("only the session's therapists remove people from its breakout rooms"))
         }
         (TimelineEventType::RoomMember, _) => Ok(()),
         (kind, _) if kind.to_string() == ROLE || kind.to_string() == NOTE => Err(refuse(format!("{kind} does not belong in a breakout room"))),
-        _ if pdu.is_state() && !role_in(ctx, &breakout.session_room, pdu.sender.as_str())?.is_some_and(Role::is_therapist) => {
+        _ if pdu.is_state() && !role_in(ctx, session_room, pdu.sender.as_str())?.is_some_and(Role::is_therapist) => {
             Err(refuse("only the session's therapists change a breakout room"))
         }
         _ => Ok(()),
@@ -284,7 +283,7 @@ fn check_session(ctx: &PolicyContext<'_>, pdu: &Pdu) -> Result<()> {
     if pdu.state_key.as_deref() != Some("") {
         return Err(Error::bad_json(format!("{SESSION} takes the empty state key")));
     }
-    let new = Session::parse(&pdu.content_json())?;
+    let new = crate::clinic::parse_session(&pdu.content_json())?;
     let limit = ctx.clinic.kind_limit(new.kind);
     if new.max_participants > limit {
         return Err(Error::bad_json(format!("a {:?} session has at most {limit} participants", new.kind).to_lowercase()));
@@ -329,7 +328,7 @@ fn check_session(ctx: &PolicyContext<'_>, pdu: &Pdu) -> Result<()> {
 fn check_not_double_booked(ctx: &PolicyContext<'_>, therapist: &UserId, session: &Session) -> Result<()> {
     for room in ctx.clinic.booked(therapist, ctx.room_id)? {
         let Some(content) = ctx.rooms.state_content(&room, SESSION, "")? else { continue };
-        let Ok(other) = Session::parse(&content) else { continue };
+        let Ok(other) = crate::clinic::parse_session(&content) else { continue };
         if other.status.is_live() && other.overlaps(session.starts_at, session.ends_at) {
             return Err(Error::with_status(
                 crate::error::ErrorCode::Forbidden,

@@ -182,7 +182,7 @@ pub fn view(server: &Server, user: &UserId, room_id: &RoomId) -> Result<SessionV
     if role.is_none() && !member {
         return Err(Error::not_found("not a session"));
     }
-    let session = Session::parse(&content)?;
+    let session = crate::clinic::parse_session(&content)?;
     let roles = server
         .rooms
         .current_state(room_id)?

@@ -32,8 +32,8 @@ pub fn breakouts(rooms: &Rooms, session_room: &RoomId) -> Result<Vec<(OwnedRoomI
     for pdu in rooms.current_state(session_room)?.into_iter().filter(|p| p.kind == ruma::events::TimelineEventType::SpaceChild) {
         let Some(child) = pdu.state_key.as_deref().and_then(|k| OwnedRoomId::try_from(k).ok()) else { continue };
         let Some(content) = rooms.state_content(&child, BREAKOUT, "")? else { continue };
-        let Ok(breakout) = Breakout::parse(&content) else { continue };
-        if breakout.session_room == session_room {
+        let Ok((breakout, of)) = super::parse_breakout(&content) else { continue };
+        if of == session_room {
             found.push((child, breakout));
         }
     }

@@ -100,7 +100,7 @@ impl Rooms {
             Some(Membership::Invite | Membership::Knock) => Some(Shown::WaitingRoom),
             Some(Membership::Ban) => None,
             Some(Membership::Leave) | None => {
-                let live = clinic::Session::parse(&session).is_ok_and(|s| s.status.is_live());
+                let live = clinic::parse_session(&session).is_ok_and(|s| s.status.is_live());
                 let open = caller.is_some() && live && self.open_to_knocks(room_id)?;
                 open.then_some(Shown::WaitingRoom)
             }
