@@ -9,13 +9,11 @@ use ruma::{
     UserId,
     room::{AllowRule, JoinRule, JoinRuleSummary, RoomSummary, RoomType},
 };
+use limbic_clinic_model as clinic;
 use serde_json::Value as JsonValue;
 
 use super::{Membership, Rooms};
-use crate::{
-    clinic,
-    error::{Error, Result},
-};
+use crate::error::{Error, Result};
 
 /// The state a summary is made of (state key "" each).
 const SUMMARY_STATE: &[&str] = &[
@@ -100,7 +98,7 @@ impl Rooms {
             Some(Membership::Invite | Membership::Knock) => Some(Shown::WaitingRoom),
             Some(Membership::Ban) => None,
             Some(Membership::Leave) | None => {
-                let live = clinic::parse_session(&session).is_ok_and(|s| s.status.is_live());
+                let live = clinic::Session::parse(&session).is_ok_and(|s| s.status.is_live());
                 let open = caller.is_some() && live && self.open_to_knocks(room_id)?;
                 open.then_some(Shown::WaitingRoom)
             }
