@@ -1,7 +1,6 @@
 //! Limbic: a Matrix homeserver for therapy practices and clinics.
 
 pub mod admin;
-pub mod audit;
 pub mod calls;
 pub mod client;
 pub mod clinic;
@@ -18,9 +17,7 @@ pub mod plugins;
 pub mod privacy;
 pub mod push;
 pub mod ratelimit;
-pub mod rooms;
 pub mod search;
-pub mod secrets;
 pub mod server;
 pub mod sync;
 pub mod users;
@@ -30,6 +27,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use axum::{Router, middleware};
 pub use limbic_core::{Error, Result, config, error, events, network};
 /// The storage crate, under the name the modules have always used for it.
+pub use limbic_rooms::{audit, rooms, secrets};
 pub use limbic_store as store;
 pub use server::Server;
 

@@ -801,13 +801,13 @@ mod tests {
 
     use crate::{
         events::{PduBuilder, PduPlacement, ServerSigningKey, SignedPdu, build_pdu},
-        server::Server,
+        rooms::Rooms,
     };
 
     /// An event of the remote server's user, with the auth events the test chooses.
-    fn remote_event(server: &Server, room: &ruma::RoomId, key: &ServerSigningKey, sender: &OwnedUserId, builder: PduBuilder, auth_events: Vec<ruma::OwnedEventId>) -> SignedPdu {
-        let record = server.rooms.room(room).unwrap().unwrap();
-        let rules = server.rooms.rules(room).unwrap();
+    fn remote_event(rooms: &Rooms, room: &ruma::RoomId, key: &ServerSigningKey, sender: &OwnedUserId, builder: PduBuilder, auth_events: Vec<ruma::OwnedEventId>) -> SignedPdu {
+        let record = rooms.room(room).unwrap().unwrap();
+        let rules = rooms.rules(room).unwrap();
         let placement = PduPlacement { room_id: room, sender, prev_events: record.extremities, auth_events, depth: record.depth + 1, rules: &rules };
         build_pdu(builder, placement, key).unwrap()
     }
@@ -815,40 +815,40 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn a_remote_event_is_checked_against_its_own_auth_events() {
         let dir = tempfile::tempdir().unwrap();
-        let server = Server::open_in(dir.path());
+        let rooms = crate::test_rooms(dir.path());
         let alice = owned_user_id!("@alice:test.local");
         let events = [
             PduBuilder::state("m.room.create", "", json!({})),
             PduBuilder::state("m.room.member", alice.as_str(), json!({ "membership": "join" })),
             PduBuilder::state("m.room.join_rules", "", json!({ "join_rule": "public" })),
         ];
-        let writer = server.rooms.new_room(ruma::RoomVersionId::V12, &alice, events).await.unwrap();
+        let writer = rooms.new_room(ruma::RoomVersionId::V12, &alice, events).await.unwrap();
         let room = writer.room_id().clone();
         writer.commit().unwrap();
-        let state_id = |kind: &str, key: &str| server.rooms.state_event(&room, kind, key).unwrap().unwrap().event_id;
+        let state_id = |kind: &str, key: &str| rooms.state_event(&room, kind, key).unwrap().unwrap().event_id;
         let remote = ServerSigningKey::generate(server_name!("remote.test").to_owned());
         let mallory = owned_user_id!("@mallory:remote.test");
         let append = |signed: SignedPdu| async {
-            let mut writer = server.rooms.writer(&room).await.unwrap();
+            let mut writer = rooms.writer(&room).await.unwrap();
             writer.append_remote(signed).and_then(|pdu| writer.commit().map(|_| pdu))
         };
 
         // A public room: the join rules it cites allow mallory's join.
-        let join = remote_event(&server, &room, &remote, &mallory, PduBuilder::state("m.room.member", mallory.as_str(), json!({ "membership": "join" })), vec![state_id("m.room.join_rules", "")]);
+        let join = remote_event(&rooms, &room, &remote, &mallory, PduBuilder::state("m.room.member", mallory.as_str(), json!({ "membership": "join" })), vec![state_id("m.room.join_rules", "")]);
         append(join).await.unwrap();
         let message = || PduBuilder::message("m.room.message", json!({ "msgtype": "m.text", "body": "hi" }));
 
         // Current state would allow this message; its auth events (no membership of mallory) do not.
-        let uncited = remote_event(&server, &room, &remote, &mallory, message(), vec![]);
+        let uncited = remote_event(&rooms, &room, &remote, &mallory, message(), vec![]);
         let error = append(uncited).await.unwrap_err();
         assert!(error.to_string().contains("by its auth events"), "{error}");
         // An auth event nobody has is refused too.
         let bogus: ruma::OwnedEventId = "$notanevent".try_into().unwrap();
-        let error = append(remote_event(&server, &room, &remote, &mallory, message(), vec![bogus])).await.unwrap_err();
+        let error = append(remote_event(&rooms, &room, &remote, &mallory, message(), vec![bogus])).await.unwrap_err();
         assert!(error.to_string().contains("auth event"), "{error}");
         // With the right auth events it is accepted.
-        let cited = remote_event(&server, &room, &remote, &mallory, message(), vec![state_id("m.room.member", mallory.as_str())]);
+        let cited = remote_event(&rooms, &room, &remote, &mallory, message(), vec![state_id("m.room.member", mallory.as_str())]);
         let id = append(cited).await.unwrap().event_id;
-        assert!(server.rooms.pdu(&id).unwrap().is_some());
+        assert!(rooms.pdu(&id).unwrap().is_some());
     }
 }

@@ -79,7 +79,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn follow_ups_run_when_awaited_and_when_dropped() {
         let dir = tempfile::tempdir().unwrap();
-        let server = crate::server::Server::open_in(dir.path());
+        let rooms = crate::test_rooms(dir.path());
         let witness = Arc::new(Witness::default());
         let hooks: Vec<Arc<dyn AfterCommit>> = vec![witness.clone()];
         let alice = ruma::owned_user_id!("@alice:test.local");
@@ -87,10 +87,10 @@ mod tests {
             PduBuilder::state("m.room.create", "", serde_json::json!({})),
             PduBuilder::state("m.room.member", alice.as_str(), serde_json::json!({ "membership": "join" })),
         ];
-        let writer = server.rooms.new_room(ruma::RoomVersionId::V12, &alice, events).await.unwrap();
+        let writer = rooms.new_room(ruma::RoomVersionId::V12, &alice, events).await.unwrap();
         let room = writer.room_id().clone();
         drop(writer.commit().unwrap());
-        let pdus = [server.rooms.state_event(&room, "m.room.create", "").unwrap().unwrap()];
+        let pdus = [rooms.state_event(&room, "m.room.create", "").unwrap().unwrap()];
 
         // Awaited: the follow-up has run when finish returns.
         let (done, mut report) = tokio::sync::oneshot::channel();
@@ -111,22 +111,29 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
-    async fn every_commit_path_reaches_the_registered_hooks() {
+    async fn the_registered_hooks_see_every_commit() {
         let dir = tempfile::tempdir().unwrap();
-        let server = crate::server::Server::open_in(dir.path());
-        let counted = || server.metrics.events_persisted.load(std::sync::atomic::Ordering::Relaxed);
+        let rooms = crate::test_rooms(dir.path());
+        let witness = Arc::new(Witness::default());
+        rooms.register(crate::rooms::Fanout { after_commit: vec![witness.clone()], ..Default::default() });
         let alice = ruma::owned_user_id!("@alice:test.local");
         let events = [
             PduBuilder::state("m.room.create", "", serde_json::json!({})),
             PduBuilder::state("m.room.member", alice.as_str(), serde_json::json!({ "membership": "join" })),
         ];
-        // A room created and committed directly through the writer, its follow-ups never awaited.
-        let writer = server.rooms.new_room(ruma::RoomVersionId::V12, &alice, events).await.unwrap();
+        // A room created and committed, its follow-ups never awaited.
+        let writer = rooms.new_room(ruma::RoomVersionId::V12, &alice, events).await.unwrap();
         let room = writer.room_id().clone();
         drop(writer.commit().unwrap());
-        assert_eq!(counted(), 2);
-        let message = PduBuilder::message("m.room.message", serde_json::json!({ "msgtype": "m.text", "body": "hi" }));
-        server.send_local_event(&alice, &room, message, None, None).await.unwrap();
-        assert_eq!(counted(), 3);
+        assert_eq!(*witness.seen.lock().unwrap(), ["m.room.create", "m.room.member"]);
+        // A message, then two writes of one room committed together: each commit, in order.
+        let mut writer = rooms.writer(&room).await.unwrap();
+        writer.append(&alice, PduBuilder::message("m.room.message", serde_json::json!({ "msgtype": "m.text", "body": "hi" })), None).unwrap();
+        writer.append(&alice, PduBuilder::state("m.room.topic", "", serde_json::json!({ "topic": "t" })), None).unwrap();
+        writer.commit().unwrap().finish().await;
+        assert_eq!(witness.seen.lock().unwrap()[2..], ["m.room.message", "m.room.topic"]);
+        // A writer that staged nothing calls no hook.
+        rooms.writer(&room).await.unwrap().commit().unwrap().finish().await;
+        assert_eq!(witness.seen.lock().unwrap().len(), 4);
     }
 }

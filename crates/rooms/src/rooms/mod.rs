@@ -683,24 +683,23 @@ mod lock_tests {
     use ruma::{RoomId, server_name};
 
     use super::RoomLocks;
-    use crate::server::Server;
 
     #[tokio::test(flavor = "multi_thread")]
     async fn rooms_that_do_not_exist_leave_no_lock_behind() {
         let dir = tempfile::tempdir().unwrap();
-        let server = Server::open_in(dir.path());
+        let rooms = crate::test_rooms(dir.path());
         let held_room = RoomId::new_v1(server_name!("test.local"));
-        let held = server.rooms.writer(&held_room).await.unwrap();
+        let held = rooms.writer(&held_room).await.unwrap();
         // What a request naming a random room does: open the room's writer, find no room.
         for _ in 0..10_000 {
-            let writer = server.rooms.writer(&RoomId::new_v1(server_name!("test.local"))).await.unwrap();
+            let writer = rooms.writer(&RoomId::new_v1(server_name!("test.local"))).await.unwrap();
             assert!(!writer.exists());
         }
-        let entries = server.rooms.locks.lock().unwrap().locks.len();
+        let entries = rooms.locks.lock().unwrap().locks.len();
         assert!(entries <= RoomLocks::MIN_SWEEP_AT, "{entries} lock entries");
         // A lock in use survives the sweeps: a second writer of its room waits.
-        assert!(tokio::time::timeout(Duration::from_millis(100), server.rooms.writer(&held_room)).await.is_err());
+        assert!(tokio::time::timeout(Duration::from_millis(100), rooms.writer(&held_room)).await.is_err());
         drop(held);
-        assert!(tokio::time::timeout(Duration::from_secs(5), server.rooms.writer(&held_room)).await.is_ok());
+        assert!(tokio::time::timeout(Duration::from_secs(5), rooms.writer(&held_room)).await.is_ok());
     }
 }
