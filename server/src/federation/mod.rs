@@ -3,10 +3,12 @@
 //! right name, signing every request. Keys are fetched, verified and cached (`keys`).
 
 pub mod acl;
-pub mod events;
 mod history;
+pub mod inbound;
 pub mod keys;
 mod listener;
+pub mod membership;
+pub mod pdu;
 pub mod resolve;
 pub mod routes;
 pub mod sender;

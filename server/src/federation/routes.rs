@@ -85,46 +85,46 @@ async fn missing_events(State(server): State<AppState>, req: Signed<get_missing_
 }
 
 async fn invite(State(server): State<AppState>, req: Signed<create_invite::v2::Request>) -> Result<Json<JsonValue>> {
-    Ok(Json(super::events::receive_invite(&server, &req.origin, &req.body).await?))
+    Ok(Json(super::membership::receive_invite(&server, &req.origin, &req.body).await?))
 }
 
 async fn make_join(State(server): State<AppState>, req: Signed<prepare_join_event::v1::Request>) -> Result<Json<JsonValue>> {
     let body = &req.body;
-    Ok(Json(super::events::make_membership(&server, &req.origin, &body.room_id, &body.user_id, "join", Some(&body.ver)).await?))
+    Ok(Json(super::membership::make_membership(&server, &req.origin, &body.room_id, &body.user_id, "join", Some(&body.ver)).await?))
 }
 
 async fn make_knock(State(server): State<AppState>, req: Signed<prepare_knock_event::v1::Request>) -> Result<Json<JsonValue>> {
     let body = &req.body;
-    Ok(Json(super::events::make_membership(&server, &req.origin, &body.room_id, &body.user_id, "knock", Some(&body.ver)).await?))
+    Ok(Json(super::membership::make_membership(&server, &req.origin, &body.room_id, &body.user_id, "knock", Some(&body.ver)).await?))
 }
 
 async fn make_leave(State(server): State<AppState>, req: Signed<prepare_leave_event::v1::Request>) -> Result<Json<JsonValue>> {
     let body = &req.body;
-    Ok(Json(super::events::make_membership(&server, &req.origin, &body.room_id, &body.user_id, "leave", None).await?))
+    Ok(Json(super::membership::make_membership(&server, &req.origin, &body.room_id, &body.user_id, "leave", None).await?))
 }
 
 async fn send_knock(State(server): State<AppState>, req: Signed<create_knock_event::v1::Request>) -> Result<Json<JsonValue>> {
     let body = &req.body;
-    let pdu = super::events::accept_membership(&server, &req.origin, &body.room_id, &body.event_id, &body.pdu, "knock").await?;
-    let state = super::events::stripped_state_events(&server, &pdu.room_id, None)?;
+    let pdu = super::membership::accept_membership(&server, &req.origin, &body.room_id, &body.event_id, &body.pdu, "knock").await?;
+    let state = super::membership::stripped_state_events(&server, &pdu.room_id, None)?;
     Ok(Json(json!({ "knock_room_state": state })))
 }
 
 async fn send_leave(State(server): State<AppState>, req: Signed<create_leave_event::v2::Request>) -> Result<Json<JsonValue>> {
     let body = &req.body;
-    super::events::accept_membership(&server, &req.origin, &body.room_id, &body.event_id, &body.pdu, "leave").await?;
+    super::membership::accept_membership(&server, &req.origin, &body.room_id, &body.event_id, &body.pdu, "leave").await?;
     Ok(Json(json!({})))
 }
 
 async fn send_join(State(server): State<AppState>, req: Signed<create_join_event::v2::Request>) -> Result<Json<JsonValue>> {
-    Ok(Json(super::events::send_join(&server, &req.origin, &req.body).await?))
+    Ok(Json(super::membership::send_join(&server, &req.origin, &req.body).await?))
 }
 
 /// A transaction: PDUs appended one by one (each may fail on its own), then typing and receipts.
 async fn send_transaction(State(server): State<AppState>, req: Signed<send_transaction_message::v1::Request>) -> Result<Json<JsonValue>> {
     check_transaction(&req.origin, &req.body)?;
-    let results = super::events::receive_transaction(&server, &req.origin, &req.body.pdus).await;
-    super::events::receive_edus(&server, &req.origin, &req.body.edus);
+    let results = super::inbound::receive_transaction(&server, &req.origin, &req.body.pdus).await;
+    super::inbound::receive_edus(&server, &req.origin, &req.body.edus);
     Ok(Json(json!({ "pdus": results })))
 }
 

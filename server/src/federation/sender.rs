@@ -204,7 +204,7 @@ async fn send_batch(server: &Server, federation: &Federation, destination: &Serv
         // server answers for rooms it is not in yet.
         let invitee = pdu.state_key.as_deref().and_then(|k| <&ruma::UserId>::try_from(k).ok());
         if pdu.membership() == Some(crate::rooms::Membership::Invite) && invitee.is_some_and(|u| u.server_name() == destination) {
-            super::events::send_invite(server, federation, destination, &pdu).await?;
+            super::membership::send_invite(server, federation, destination, &pdu).await?;
             continue;
         }
         if let Some(raw) = server.rooms.federation_pdu(&event_id)? {
