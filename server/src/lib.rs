@@ -10,6 +10,7 @@ pub mod federation;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzz;
+pub mod local_events;
 pub mod media;
 pub mod metrics;
 pub mod net_filter;

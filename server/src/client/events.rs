@@ -22,7 +22,7 @@ use serde_json::{Value as JsonValue, json};
 use super::{AppState, Ruma, RumaResponse, route, url_query_param};
 use crate::{
     delayed::{DELAY_PARAM, NewDelayedEvent},
-    error::{Error, ErrorCode, Result},
+    error::{Error, Result},
     events::{Pdu, PduBuilder},
     ratelimit::Action,
     rooms::{EventMeta, ReadView, TxnInfo},
@@ -146,45 +146,6 @@ pub(super) async fn send_event(
     Ok(server.send_local_event(sender, room_id, builder, txn, None).await?.event_id)
 }
 
-/// Refuses a message whose `body`, or an edit's new body, is longer than `max` characters.
-fn check_message_length(content: &JsonValue, max: usize) -> Result<()> {
-    let bodies = [content.get("body"), content.get("m.new_content").and_then(|c| c.get("body"))];
-    let longest = bodies.into_iter().flatten().filter_map(JsonValue::as_str).map(|b| b.chars().count()).max();
-    if longest.is_some_and(|length| length > max) {
-        return Err(Error::new(ErrorCode::TooLarge, format!("message body is longer than {max} characters")));
-    }
-    Ok(())
-}
-
-/// Checks an event a local user asks to send, now or delayed, as the send and state endpoints
-/// do beyond the room's rules, and builds it.
-pub(crate) fn event_builder(server: &AppState, room_id: &ruma::RoomId, kind: &str, state_key: Option<&str>, content: JsonValue) -> Result<PduBuilder> {
-    let Some(state_key) = state_key else {
-        let kind = TimelineEventType::from(kind);
-        if kind == TimelineEventType::RoomRedaction || kind == TimelineEventType::RoomCreate {
-            return Err(Error::bad_json("use the dedicated endpoint for this event type"));
-        }
-        if kind == TimelineEventType::RoomMessage {
-            check_message_length(&content, server.config.clinic.max_message_length)?;
-        }
-        return Ok(PduBuilder::message(kind, content));
-    };
-    if kind == "m.room.create" {
-        return Err(Error::forbidden("m.room.create cannot be sent after the room exists"));
-    }
-    if kind == "m.room.member" {
-        // Membership changes are validated like the dedicated endpoints.
-        let target: ruma::OwnedUserId = state_key.try_into().map_err(|_| Error::bad_json("state_key of m.room.member must be a user id"))?;
-        if content.get("membership").and_then(JsonValue::as_str).is_none() {
-            return Err(Error::bad_json(format!("m.room.member for {target} needs a membership")));
-        }
-    }
-    if kind == "m.room.canonical_alias" {
-        validate_canonical_alias(server, room_id, &content)?;
-    }
-    Ok(PduBuilder::state(kind, state_key, content))
-}
-
 /// The delay of `?org.matrix.msc4140.delay=<ms>`, which schedules the event (MSC4140).
 fn requested_delay(query: Option<&str>) -> Result<Option<u64>> {
     let Some(value) = query.and_then(|query| url_query_param(query, DELAY_PARAM)) else { return Ok(None) };
@@ -212,7 +173,7 @@ async fn send_message(
     server.rate_limiter.check(Action::Message, &req.rate_keys())?;
     let content: JsonValue = serde_json::from_str(req.body.body.json().get()).map_err(|e| Error::bad_json(e.to_string()))?;
     let room_id = &req.body.room_id;
-    let builder = event_builder(&server, room_id, &req.body.event_type.to_string(), None, content)?;
+    let builder = crate::local_events::event_builder(&server, room_id, &req.body.event_type.to_string(), None, content)?;
     if let Some(delay_ms) = delay {
         return schedule(&server, caller, NewDelayedEvent { room_id, event: builder, delay_ms, txn_id: Some(req.body.txn_id.as_str()) }).await;
     }
@@ -231,7 +192,7 @@ async fn send_state(
     let delay = requested_delay(query.as_deref())?;
     let content: JsonValue = serde_json::from_str(req.body.body.json().get()).map_err(|e| Error::bad_json(e.to_string()))?;
     let room_id = &req.body.room_id;
-    let builder = event_builder(&server, room_id, &req.body.event_type.to_string(), Some(&req.body.state_key), content)?;
+    let builder = crate::local_events::event_builder(&server, room_id, &req.body.event_type.to_string(), Some(&req.body.state_key), content)?;
     if let Some(delay_ms) = delay {
         return schedule(&server, caller, NewDelayedEvent { room_id, event: builder, delay_ms, txn_id: None }).await;
     }
@@ -243,21 +204,6 @@ async fn send_state(
         attempt.await?
     };
     Ok(RumaResponse(send_state_event::v3::Response::new(event_id)).into_response())
-}
-
-/// Aliases in `m.room.canonical_alias` must exist and point at this room.
-fn validate_canonical_alias(server: &AppState, room_id: &ruma::RoomId, content: &JsonValue) -> Result<()> {
-    let mut aliases: Vec<&str> = content.get("alias").and_then(JsonValue::as_str).into_iter().collect();
-    if let Some(alt) = content.get("alt_aliases").and_then(JsonValue::as_array) {
-        aliases.extend(alt.iter().filter_map(JsonValue::as_str));
-    }
-    for alias in aliases {
-        let alias: &ruma::RoomAliasId = alias.try_into().map_err(|_| Error::new(ErrorCode::InvalidParam, format!("{alias} is not a valid alias")))?;
-        if alias.server_name() == server.server_name() && server.rooms.resolve_alias(alias)?.as_deref() != Some(room_id) {
-            return Err(Error::new(ErrorCode::BadAlias, format!("{alias} does not point to this room")));
-        }
-    }
-    Ok(())
 }
 
 /// How much of the room the caller may read ([`crate::rooms::Rooms::read_view`]); `403` when

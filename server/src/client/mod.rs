@@ -53,7 +53,6 @@ pub type AppState = Arc<Server>;
 
 pub(crate) use admin::QueryParams;
 pub(crate) use directory::directory_page;
-pub(crate) use events::event_builder;
 pub(crate) use keys::local_device_keys;
 
 /// Whether an endpoint's authentication scheme needs an access token.

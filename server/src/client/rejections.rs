@@ -4,7 +4,6 @@
 //! `errcode`.
 
 use axum::{
-    body::Body,
     extract::Request,
     middleware::Next,
     response::{IntoResponse, Response},
@@ -19,16 +18,12 @@ const API_PREFIXES: &[&str] = &["/_matrix/", "/_limbic/", "/_synapse/"];
 /// The biggest framework message kept in the `error` field.
 const MESSAGE_LIMIT: usize = 1024;
 
-/// A response a plugin produced, passed on as the plugin wrote it.
-#[derive(Clone, Copy)]
-pub(crate) struct PluginAnswer;
-
 pub async fn as_matrix_errors(request: Request, next: Next) -> Response {
     let api = API_PREFIXES.iter().any(|prefix| request.uri().path().starts_with(prefix));
     let response = next.run(request).await;
     let status = response.status();
     let json = response.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/json"));
-    if !api || json || !(status.is_client_error() || status.is_server_error()) || response.extensions().get::<PluginAnswer>().is_some() {
+    if !api || json || !(status.is_client_error() || status.is_server_error()) || response.extensions().get::<crate::plugins::PluginAnswer>().is_some() {
         return response;
     }
     let message = match axum::body::to_bytes(response.into_body(), MESSAGE_LIMIT).await {
@@ -49,10 +44,4 @@ fn code_for(status: StatusCode) -> ErrorCode {
         status if status.is_client_error() => ErrorCode::InvalidParam,
         _ => ErrorCode::Unknown,
     }
-}
-
-/// Marks a plugin's response so that [`as_matrix_errors`] leaves it alone.
-pub(crate) fn mark_plugin_answer(mut response: Response<Body>) -> Response<Body> {
-    response.extensions_mut().insert(PluginAnswer);
-    response
 }

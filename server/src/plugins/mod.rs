@@ -475,8 +475,14 @@ pub fn http_response(plugin: &str, answer: HttpResponse) -> Result<axum::respons
             _ => tracing::warn!(%plugin, "dropped an invalid response header"),
         }
     }
-    Ok(crate::client::rejections::mark_plugin_answer(response))
+    // Passed on as the plugin wrote it: the API's error rewriting leaves it alone.
+    response.extensions_mut().insert(PluginAnswer);
+    Ok(response)
 }
+
+/// Marks a response a plugin produced, so that the API layer passes it on as written.
+#[derive(Clone, Copy)]
+pub struct PluginAnswer;
 
 /// How many outbox entries one delivery round takes.
 const DELIVERY_BATCH: usize = 256;
