@@ -182,6 +182,17 @@ async fn eventually_sees(client: &common::Client, room: &str, body: &str) {
     }
 }
 
+/// A session of `therapist` starting now, for an hour, with `fields` (kind, title, participants,
+/// …) over the times; its room id.
+async fn session_now(therapist: &common::Client, mut fields: Value) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    fields["starts_at"] = json!(now);
+    fields["ends_at"] = json!(now + 3_600_000);
+    fields["timezone"] = json!("UTC");
+    let created = therapist.ok(Method::POST, "/_limbic/client/v1/sessions", Some(fields)).await;
+    created["room_id"].as_str().unwrap().to_owned()
+}
+
 /// Waits until a full sync of `client` satisfies `seen`.
 async fn eventually_syncs(client: &common::Client, seen: impl Fn(&Value) -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -276,14 +287,8 @@ async fn a_client_of_another_clinic_is_invited_to_and_joins_a_therapy_session() 
     let stranger = b.server.register("stranger").await;
 
     // A session hosted on A with a client of B: the invitation reaches B through /invite.
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
-    let created = therapist
-        .ok(Method::POST, "/_limbic/client/v1/sessions", Some(json!({
-            "kind": "individual", "title": "Cross-clinic intake", "starts_at": now, "ends_at": now + 3_600_000, "timezone": "UTC",
-            "participants": [{ "user_id": client.user_id, "role": "client" }],
-        })))
-        .await;
-    let room = created["room_id"].as_str().unwrap().to_owned();
+    let participants = json!([{ "user_id": client.user_id, "role": "client" }]);
+    let room = session_now(&therapist, json!({ "kind": "individual", "title": "Cross-clinic intake", "participants": participants })).await;
     let invited = |sync: &Value| {
         let events = sync["rooms"]["invite"][&room]["invite_state"]["events"].as_array().cloned().unwrap_or_default();
         events.iter().any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "Cross-clinic intake")
@@ -313,14 +318,8 @@ async fn consent_withdrawn_over_federation_stops_the_recording() {
     let (a, b) = (federated(&ca, "").await, federated(&ca, "").await);
     let therapist = verified_therapist(&a.server).await;
     let client = b.server.register("client").await;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
-    let created = therapist
-        .ok(Method::POST, "/_limbic/client/v1/sessions", Some(json!({
-            "kind": "individual", "title": "Recorded", "starts_at": now, "ends_at": now + 3_600_000, "timezone": "UTC",
-            "recording_policy": "with_consent", "participants": [{ "user_id": client.user_id, "role": "client" }],
-        })))
-        .await;
-    let room = created["room_id"].as_str().unwrap().to_owned();
+    let participants = json!([{ "user_id": client.user_id, "role": "client" }]);
+    let room = session_now(&therapist, json!({ "kind": "individual", "title": "Recorded", "recording_policy": "with_consent", "participants": participants })).await;
     eventually_syncs(&client, |sync| sync["rooms"]["invite"][&room].is_object()).await;
     client.ok(Method::POST, &format!("/_matrix/client/v3/join/{}", enc(&room)), Some(json!({}))).await;
     therapist.ok(Method::PUT, &format!("/_limbic/client/v1/sessions/{}/status", enc(&room)), Some(json!({ "status": "open" }))).await;
@@ -452,14 +451,8 @@ async fn a_passcode_protected_session_admits_nobody_from_another_server() {
     let (a, b) = (federated(&ca, "").await, federated(&ca, "").await);
     let therapist = verified_therapist(&a.server).await;
     let client = b.server.register("client").await;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
-    let created = therapist
-        .ok(Method::POST, "/_limbic/client/v1/sessions", Some(json!({
-            "kind": "individual", "title": "Protected", "starts_at": now, "ends_at": now + 3_600_000, "timezone": "UTC",
-            "participants": [{ "user_id": client.user_id, "role": "client" }], "passcode": "4711",
-        })))
-        .await;
-    let room = created["room_id"].as_str().unwrap().to_owned();
+    let participants = json!([{ "user_id": client.user_id, "role": "client" }]);
+    let room = session_now(&therapist, json!({ "kind": "individual", "title": "Protected", "participants": participants, "passcode": "4711" })).await;
     eventually_syncs(&client, |sync: &Value| sync["rooms"]["invite"].get(&room).is_some()).await;
     // The passcode cannot travel between servers (it would be stored in the signed event).
     for body in [json!({}), json!({ "org.limbic.passcode": "4711" })] {
@@ -530,11 +523,7 @@ async fn clients_of_another_clinic_wait_in_the_waiting_room_and_are_admitted_or_
     let (a, b) = (federated(&ca, "").await, federated(&ca, "").await);
     let therapist = verified_therapist(&a.server).await;
     let (guest, other) = (b.server.register("guest").await, b.server.register("other").await);
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
-    let created = therapist
-        .ok(Method::POST, "/_limbic/client/v1/sessions", Some(json!({ "kind": "group", "title": "Open group", "starts_at": now, "ends_at": now + 3_600_000, "timezone": "UTC" })))
-        .await;
-    let room = created["room_id"].as_str().unwrap().to_owned();
+    let room = session_now(&therapist, json!({ "kind": "group", "title": "Open group" })).await;
     let waiting_path = format!("/_limbic/client/v1/sessions/{}/waiting", enc(&room));
 
     // Both knock from B (make_knock/send_knock); the therapist on A sees them waiting.

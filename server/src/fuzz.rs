@@ -27,7 +27,8 @@ use crate::{
     },
     clinic::appointments,
     events::{PduBuilder, PduPlacement, SUPPORTED_ROOM_VERSIONS, ServerSigningKey, build_pdu, redact_stored, rules_for},
-    federation::{pdu::{UncheckedPdu, room_id_of}, resolve, routes},
+    federation::{pdu::{UncheckedPdu, room_id_of}, resolve},
+    federation_api as routes,
     plugins::{
         bindings::limbic::plugin::types::{HttpResponse, OutboundRequest, RoomSpec, StateEntry},
         host,

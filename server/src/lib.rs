@@ -1,41 +1,26 @@
-//! Limbic: a Matrix homeserver for therapy practices and clinics.
+//! Limbic: a Matrix homeserver for therapy practices and clinics. This crate is the API layer
+//! and the binary: the client-server API and Limbic's own APIs (`client/`), the federation API
+//! (`federation_api.rs`), the HTTP application and the listeners; the domain services it calls
+//! are `limbic-services`, re-exported here under the paths the code has always used.
 
-pub mod admin;
-pub mod calls;
 pub mod client;
-pub mod clinic;
-pub mod delayed;
-pub mod e2ee;
-pub mod federation;
+pub mod federation_api;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzz;
-pub mod local_events;
-pub mod media;
-pub mod metrics;
-pub mod net_filter;
-pub mod plugins;
-pub mod privacy;
-pub mod push;
-pub mod ratelimit;
-pub mod search;
-pub mod server;
-pub mod sync;
-pub mod users;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{Router, middleware};
-pub use limbic_core::{Error, Result, config, error, events, network};
-/// The storage crate, under the name the modules have always used for it.
-pub use limbic_rooms::{audit, rooms, secrets};
-pub use limbic_store as store;
-pub use server::Server;
+pub use limbic_services::{
+    Error, Result, Server, admin, audit, calls, clinic, config, delayed, e2ee, error, events, federation, local_events, media, metrics,
+    net_filter, network, plugins, privacy, push, ratelimit, rooms, search, secrets, server, store, sync, users,
+};
 
 /// Builds the HTTP application for a running server.
 pub fn app(server: Arc<Server>) -> Router {
     let cors = Arc::new(client::cors::Cors::new(&server.config.web.cors_origins));
-    federation::routes::routes(client::router())
+    federation_api::routes(client::router())
         .fallback(client::unrecognized)
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(client::panic_response))
         .layer(middleware::from_fn(client::rejections::as_matrix_errors))

@@ -209,7 +209,8 @@ def limbic_routes() -> list[Route]:
                 routes.append(Route(method.upper(), path, body_schema(operation, openapi_file)))
     prefixes = {"{V1}": "/_synapse/admin/v1", "{V2}": "/_synapse/admin/v2", "{SERVICE_PATH}": "/_limbic/calls"}
     registration = re.compile(r'\.route\((?:&format!\()?"([^"]+)"\)?,\s*(.*)')
-    for source in (REPO / "server" / "src").rglob("*.rs"):
+    sources = [*(REPO / "server" / "src").rglob("*.rs"), *(REPO / "crates").rglob("src/**/*.rs")]
+    for source in sources:
         for line in source.read_text().splitlines():
             match = registration.search(line)
             if not match:

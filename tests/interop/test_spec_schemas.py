@@ -158,16 +158,17 @@ async def call(base: str, method: str, path: str, token: str | None = None, body
 
 
 def clinic_constants() -> set[str]:
-    """The `org.limbic.*` names the server's clinic module defines (event types, the passcode
-    field)."""
-    src = (REPO / "server" / "src" / "clinic" / "mod.rs").read_text()
-    return set(re.findall(r'pub const \w+: &str = "(org\.limbic\.[^"]+)";', src))
+    """The `org.limbic.*` names the clinic model defines (event types, the passcode field)."""
+    src = (REPO / "crates" / "clinic-model" / "src" / "lib.rs").read_text()
+    names = set(re.findall(r'pub const \w+: &str = "(org\.limbic\.[^"]+)";', src))
+    assert names, "no org.limbic.* constants found in crates/clinic-model/src/lib.rs"
+    return names
 
 
 def test_every_event_type_has_a_valid_schema():
     assert set(SCHEMA_DOCS) == EVENT_TYPES, f"spec/schemas/ has {sorted(SCHEMA_DOCS)}, expected {sorted(EVENT_TYPES)}"
     missing = clinic_constants() - set(SCHEMA_DOCS)
-    assert not missing, f"server/src/clinic/mod.rs defines {sorted(missing)} without a schema in spec/schemas/"
+    assert not missing, f"crates/clinic-model/src/lib.rs defines {sorted(missing)} without a schema in spec/schemas/"
     for name, doc in SCHEMA_DOCS.items():
         Draft202012Validator.check_schema(doc)
         assert doc["$schema"] == "https://json-schema.org/draft/2020-12/schema", name

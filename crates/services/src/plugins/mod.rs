@@ -10,7 +10,8 @@
 //!   the failure window disable the plugin until its file changes. Files are watched and
 //!   reloaded when they change.
 
-pub(crate) mod host;
+#[doc(hidden)]
+pub mod host;
 pub mod manifest;
 mod runtime;
 
@@ -36,8 +37,9 @@ use crate::{
     store::{Batch, Store, StreamPos, tables},
 };
 
-pub(crate) mod bindings {
-    wasmtime::component::bindgen!({ path: "../sdk/wit", world: "plugin" });
+#[doc(hidden)]
+pub mod bindings {
+    wasmtime::component::bindgen!({ path: "../../sdk/wit", world: "plugin" });
 }
 
 use bindings::limbic::plugin::types::{Caller, HttpRequest, HttpResponse, Verdict};

@@ -3,14 +3,13 @@
 //! right name, signing every request. Keys are fetched, verified and cached (`keys`).
 
 pub mod acl;
-mod history;
+pub mod history;
 pub mod inbound;
 pub mod keys;
 mod listener;
 pub mod membership;
 pub mod pdu;
 pub mod resolve;
-pub mod routes;
 pub mod sender;
 mod transport;
 

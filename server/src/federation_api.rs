@@ -63,73 +63,73 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
 }
 
 async fn event(State(server): State<AppState>, req: Signed<get_event::v1::Request>) -> Result<Json<JsonValue>> {
-    Ok(Json(super::history::event(&server, &req.origin, &req.body.event_id)?))
+    Ok(Json(crate::federation::history::event(&server, &req.origin, &req.body.event_id)?))
 }
 
 async fn room_state(State(server): State<AppState>, req: Signed<get_room_state::v1::Request>) -> Result<Json<JsonValue>> {
-    Ok(Json(super::history::state(&server, &req.origin, &req.body.room_id, &req.body.event_id)?))
+    Ok(Json(crate::federation::history::state(&server, &req.origin, &req.body.room_id, &req.body.event_id)?))
 }
 
 async fn room_state_ids(State(server): State<AppState>, req: Signed<get_room_state_ids::v1::Request>) -> Result<Json<JsonValue>> {
-    Ok(Json(super::history::state_ids(&server, &req.origin, &req.body.room_id, &req.body.event_id)?))
+    Ok(Json(crate::federation::history::state_ids(&server, &req.origin, &req.body.room_id, &req.body.event_id)?))
 }
 
 async fn backfill(State(server): State<AppState>, req: Signed<get_backfill::v1::Request>) -> Result<Json<JsonValue>> {
     let limit = u64::from(req.body.limit) as usize;
-    Ok(Json(super::history::backfill(&server, &req.origin, &req.body.room_id, &req.body.v, limit)?))
+    Ok(Json(crate::federation::history::backfill(&server, &req.origin, &req.body.room_id, &req.body.v, limit)?))
 }
 
 async fn missing_events(State(server): State<AppState>, req: Signed<get_missing_events::v1::Request>) -> Result<Json<JsonValue>> {
     let body = &req.body;
-    Ok(Json(super::history::missing_events(&server, &req.origin, &body.room_id, &body.earliest_events, &body.latest_events, u64::from(body.limit) as usize, u64::from(body.min_depth))?))
+    Ok(Json(crate::federation::history::missing_events(&server, &req.origin, &body.room_id, &body.earliest_events, &body.latest_events, u64::from(body.limit) as usize, u64::from(body.min_depth))?))
 }
 
 async fn invite(State(server): State<AppState>, req: Signed<create_invite::v2::Request>) -> Result<Json<JsonValue>> {
-    Ok(Json(super::membership::receive_invite(&server, &req.origin, &req.body).await?))
+    Ok(Json(crate::federation::membership::receive_invite(&server, &req.origin, &req.body).await?))
 }
 
 async fn make_join(State(server): State<AppState>, req: Signed<prepare_join_event::v1::Request>) -> Result<Json<JsonValue>> {
     let body = &req.body;
-    Ok(Json(super::membership::make_membership(&server, &req.origin, &body.room_id, &body.user_id, "join", Some(&body.ver)).await?))
+    Ok(Json(crate::federation::membership::make_membership(&server, &req.origin, &body.room_id, &body.user_id, "join", Some(&body.ver)).await?))
 }
 
 async fn make_knock(State(server): State<AppState>, req: Signed<prepare_knock_event::v1::Request>) -> Result<Json<JsonValue>> {
     let body = &req.body;
-    Ok(Json(super::membership::make_membership(&server, &req.origin, &body.room_id, &body.user_id, "knock", Some(&body.ver)).await?))
+    Ok(Json(crate::federation::membership::make_membership(&server, &req.origin, &body.room_id, &body.user_id, "knock", Some(&body.ver)).await?))
 }
 
 async fn make_leave(State(server): State<AppState>, req: Signed<prepare_leave_event::v1::Request>) -> Result<Json<JsonValue>> {
     let body = &req.body;
-    Ok(Json(super::membership::make_membership(&server, &req.origin, &body.room_id, &body.user_id, "leave", None).await?))
+    Ok(Json(crate::federation::membership::make_membership(&server, &req.origin, &body.room_id, &body.user_id, "leave", None).await?))
 }
 
 async fn send_knock(State(server): State<AppState>, req: Signed<create_knock_event::v1::Request>) -> Result<Json<JsonValue>> {
     let body = &req.body;
-    let pdu = super::membership::accept_membership(&server, &req.origin, &body.room_id, &body.event_id, &body.pdu, "knock").await?;
-    let state = super::membership::stripped_state_events(&server, &pdu.room_id, None)?;
+    let pdu = crate::federation::membership::accept_membership(&server, &req.origin, &body.room_id, &body.event_id, &body.pdu, "knock").await?;
+    let state = crate::federation::membership::stripped_state_events(&server, &pdu.room_id, None)?;
     Ok(Json(json!({ "knock_room_state": state })))
 }
 
 async fn send_leave(State(server): State<AppState>, req: Signed<create_leave_event::v2::Request>) -> Result<Json<JsonValue>> {
     let body = &req.body;
-    super::membership::accept_membership(&server, &req.origin, &body.room_id, &body.event_id, &body.pdu, "leave").await?;
+    crate::federation::membership::accept_membership(&server, &req.origin, &body.room_id, &body.event_id, &body.pdu, "leave").await?;
     Ok(Json(json!({})))
 }
 
 async fn send_join(State(server): State<AppState>, req: Signed<create_join_event::v2::Request>) -> Result<Json<JsonValue>> {
-    Ok(Json(super::membership::send_join(&server, &req.origin, &req.body).await?))
+    Ok(Json(crate::federation::membership::send_join(&server, &req.origin, &req.body).await?))
 }
 
 /// A transaction: PDUs appended one by one (each may fail on its own), then typing and receipts.
 async fn send_transaction(State(server): State<AppState>, req: Signed<send_transaction_message::v1::Request>) -> Result<Json<JsonValue>> {
     check_transaction(&req.origin, &req.body)?;
-    let results = super::inbound::receive_transaction(&server, &req.origin, &req.body.pdus).await;
-    super::inbound::receive_edus(&server, &req.origin, &req.body.edus);
+    let results = crate::federation::inbound::receive_transaction(&server, &req.origin, &req.body.pdus).await;
+    crate::federation::inbound::receive_edus(&server, &req.origin, &req.body.edus);
     Ok(Json(json!({ "pdus": results })))
 }
 
 /// A transaction comes from the server that signed the request, and has a bounded size.
-pub(crate) fn check_transaction(origin: &ruma::ServerName, transaction: &send_transaction_message::v1::Request) -> Result<()> {
+pub fn check_transaction(origin: &ruma::ServerName, transaction: &send_transaction_message::v1::Request) -> Result<()> {
     if transaction.origin != origin {
         return Err(Error::forbidden("the transaction's origin is not the signing server"));
     }
@@ -184,12 +184,12 @@ impl<T: IncomingRequest + Send> FromRequest<AppState> for Signed<T> {
 }
 
 /// The X-Matrix authorization of a request, parsed but not verified.
-pub(crate) fn x_matrix(headers: &http::HeaderMap) -> Result<XMatrix> {
+pub fn x_matrix(headers: &http::HeaderMap) -> Result<XMatrix> {
     XMatrix::extract_from_http_headers(headers).map_err(|e| unauthorized(format!("missing or malformed X-Matrix authorization: {e}")))
 }
 
 /// Checks the X-Matrix signature of a request to `destination` with the origin's keys.
-pub(crate) fn verify_x_matrix(xmatrix: &XMatrix, request: &http::Request<Vec<u8>>, destination: &ruma::ServerName, keys: ruma::signatures::PublicKeySet) -> Result<()> {
+pub fn verify_x_matrix(xmatrix: &XMatrix, request: &http::Request<Vec<u8>>, destination: &ruma::ServerName, keys: ruma::signatures::PublicKeySet) -> Result<()> {
     let origin = &xmatrix.origin;
     let map = std::collections::BTreeMap::from([(origin.to_string(), keys)]);
     xmatrix.verify_http_request(request, destination, &map).map_err(|e| {
@@ -199,7 +199,7 @@ pub(crate) fn verify_x_matrix(xmatrix: &XMatrix, request: &http::Request<Vec<u8>
 }
 
 /// The federation request `T` (path parameters, query and body) of an authenticated request.
-pub(crate) fn parse_request<T: IncomingRequest>(request: http::Request<Vec<u8>>, path_args: &[&str]) -> Result<T> {
+pub fn parse_request<T: IncomingRequest>(request: http::Request<Vec<u8>>, path_args: &[&str]) -> Result<T> {
     let (parts, bytes) = request.into_parts();
     T::try_from_http_request(http::Request::from_parts(parts, bytes.as_slice()), path_args).map_err(|e| Error::bad_json(e.to_string()))
 }
@@ -208,7 +208,7 @@ fn now_ms() -> u64 {
     ruma::MilliSecondsSinceUnixEpoch::now().0.into()
 }
 
-fn federation(server: &AppState) -> Result<&std::sync::Arc<super::Federation>> {
+fn federation(server: &AppState) -> Result<&std::sync::Arc<crate::federation::Federation>> {
     server.federation.as_ref().ok_or_else(|| Error::not_found("federation is disabled on this server"))
 }
 

@@ -186,7 +186,7 @@ impl Calls {
 }
 
 /// The claims of a call token signed with `key` by `issuer`, if it is valid now.
-pub(crate) fn verify_token(token: &str, key: &DecodingKey, issuer: &str) -> Result<Claims> {
+pub fn verify_token(token: &str, key: &DecodingKey, issuer: &str) -> Result<Claims> {
     let mut validation = Validation::new(Algorithm::HS256);
     validation.set_issuer(&[issuer]);
     validation.validate_nbf = true;

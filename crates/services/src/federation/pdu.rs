@@ -37,7 +37,7 @@ pub async fn verify_pdu(federation: &Federation, raw: &RawValue, rules: &RoomVer
 /// A PDU read from another server, in canonical JSON and with its reference-hash event id,
 /// whose signatures are not checked yet. Parsing and checking are apart from the key look-ups
 /// between them (and fuzzed: `crate::fuzz`).
-pub(crate) struct UncheckedPdu {
+pub struct UncheckedPdu {
     object: CanonicalJsonObject,
     event_id: OwnedEventId,
     /// When it was sent: the signers' keys must have been valid then.
@@ -45,7 +45,7 @@ pub(crate) struct UncheckedPdu {
 }
 
 impl UncheckedPdu {
-    pub(crate) fn parse(raw: &RawValue, rules: &RoomVersionRules) -> Result<Self> {
+    pub fn parse(raw: &RawValue, rules: &RoomVersionRules) -> Result<Self> {
         let mut object: CanonicalJsonObject = serde_json::from_str(raw.get()).map_err(|e| Error::bad_json(format!("not a PDU: {e}")))?;
         object.remove("event_id");
         ruma::state_res::check_pdu_format(&object, &rules.event_format).map_err(|e| Error::bad_json(format!("malformed PDU: {e}")))?;
@@ -58,7 +58,7 @@ impl UncheckedPdu {
     }
 
     /// The servers that signed it, with the ids of the keys they signed with.
-    pub(crate) fn signers(&self) -> Vec<(OwnedServerName, Vec<String>)> {
+    pub fn signers(&self) -> Vec<(OwnedServerName, Vec<String>)> {
         let Some(CanonicalJsonValue::Object(signatures)) = self.object.get("signatures") else { return Vec::new() };
         signatures
             .iter()
@@ -70,7 +70,7 @@ impl UncheckedPdu {
     }
 
     /// Checks the signatures against `keys` (the signers' keys as of the event's time).
-    pub(crate) fn verify(self, keys: &PublicKeyMap, rules: &RoomVersionRules) -> Result<SignedPdu> {
+    pub fn verify(self, keys: &PublicKeyMap, rules: &RoomVersionRules) -> Result<SignedPdu> {
         let Self { mut object, event_id, .. } = self;
         match ruma::signatures::verify_event(keys, &object, rules) {
             Ok(Verified::All) => {}
@@ -88,7 +88,7 @@ impl UncheckedPdu {
 }
 
 /// The room a PDU of a transaction names, if it names a valid one.
-pub(crate) fn room_id_of(raw: &RawValue) -> Option<OwnedRoomId> {
+pub fn room_id_of(raw: &RawValue) -> Option<OwnedRoomId> {
     serde_json::from_str::<JsonValue>(raw.get()).ok()?.get("room_id")?.as_str().and_then(|r| OwnedRoomId::try_from(r).ok())
 }
 

@@ -114,7 +114,7 @@ impl HostState {
 }
 
 /// The store key of a plugin's key: in the plugin's own namespace, of bounded length.
-pub(crate) fn kv_key(plugin: &str, key: &str) -> Result<Vec<u8>, HostError> {
+pub fn kv_key(plugin: &str, key: &str) -> Result<Vec<u8>, HostError> {
     if key.len() > MAX_KV_KEY {
         return Err(invalid(format!("keys are at most {MAX_KV_KEY} bytes")));
     }
@@ -122,7 +122,7 @@ pub(crate) fn kv_key(plugin: &str, key: &str) -> Result<Vec<u8>, HostError> {
 }
 
 /// A plugin store value is of bounded size.
-pub(crate) fn check_kv_value(value: &[u8]) -> Result<(), HostError> {
+pub fn check_kv_value(value: &[u8]) -> Result<(), HostError> {
     if value.len() > MAX_KV_VALUE {
         return Err(invalid(format!("values are at most {MAX_KV_VALUE} bytes")));
     }
@@ -130,7 +130,7 @@ pub(crate) fn check_kv_value(value: &[u8]) -> Result<(), HostError> {
 }
 
 /// The room and the event of a plugin's `send-event`.
-pub(crate) fn event_request(room: &str, event_type: &str, state_key: Option<String>, content: &str) -> Result<(OwnedRoomId, PduBuilder), HostError> {
+pub fn event_request(room: &str, event_type: &str, state_key: Option<String>, content: &str) -> Result<(OwnedRoomId, PduBuilder), HostError> {
     let (room_id, content) = (room_id(room)?, json_object(content)?);
     let builder = match state_key {
         Some(key) => PduBuilder::state(event_type, key, content),
@@ -140,7 +140,7 @@ pub(crate) fn event_request(room: &str, event_type: &str, state_key: Option<Stri
 }
 
 /// The initial events of a plugin's `create-room`, created by `creator`.
-pub(crate) fn room_events(creator: &ruma::UserId, spec: RoomSpec) -> Result<Vec<PduBuilder>, HostError> {
+pub fn room_events(creator: &ruma::UserId, spec: RoomSpec) -> Result<Vec<PduBuilder>, HostError> {
     let mut users = serde_json::Map::new();
     for (user, level) in &spec.power_levels {
         OwnedUserId::try_from(user.as_str()).map_err(|_| invalid(format!("{user:?} is not a user id")))?;
@@ -172,7 +172,7 @@ pub(crate) fn room_events(creator: &ruma::UserId, spec: RoomSpec) -> Result<Vec<
 }
 
 /// The method and URL of a plugin's `http-fetch`, to a host the operator granted it.
-pub(crate) fn outbound_target(request: &OutboundRequest, granted_hosts: &[String]) -> Result<(reqwest::Method, reqwest::Url), HostError> {
+pub fn outbound_target(request: &OutboundRequest, granted_hosts: &[String]) -> Result<(reqwest::Method, reqwest::Url), HostError> {
     let url = reqwest::Url::parse(&request.url).map_err(|e| invalid(format!("bad url: {e}")))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(invalid("only http and https urls"));

@@ -155,7 +155,7 @@ impl Appointments {
 }
 
 /// The link in a token signed with `key` by `issuer`, if it is valid now.
-pub(crate) fn verify_link(token: &str, key: &DecodingKey, issuer: &ServerName) -> Result<Link> {
+pub fn verify_link(token: &str, key: &DecodingKey, issuer: &ServerName) -> Result<Link> {
     let mut validation = Validation::new(Algorithm::HS256);
     // Links are short-lived and single-use: no grace period after expiry.
     validation.leeway = 0;

@@ -1,0 +1,29 @@
+//! Limbic's domain services, between the room pipeline (`limbic-rooms`) below and the API layer
+//! (`limbic-server`) above: the clinic (sessions, notes, bookings, appointments), calls, media,
+//! push, sync, search, users and devices, end-to-end keys, delayed events, federation, the plugin
+//! host, and the `Server` that composes them and registers what the pipeline fans out to. It
+//! names no HTTP handler of the client or federation APIs.
+
+pub mod admin;
+pub mod calls;
+pub mod clinic;
+pub mod delayed;
+pub mod e2ee;
+pub mod federation;
+pub mod local_events;
+pub mod media;
+pub mod metrics;
+pub mod net_filter;
+pub mod plugins;
+pub mod privacy;
+pub mod push;
+pub mod ratelimit;
+pub mod search;
+pub mod server;
+pub mod sync;
+pub mod users;
+
+pub use limbic_core::{Error, Result, config, error, events, network};
+pub use limbic_rooms::{audit, rooms, secrets};
+pub use limbic_store as store;
+pub use server::Server;
