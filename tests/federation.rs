@@ -349,6 +349,45 @@ async fn consent_withdrawn_over_federation_stops_the_recording() {
     }
 }
 
+/// A therapist of another server demotes a local co-therapist: the co-therapist leaves the
+/// session's notes room on this server (which the other server cannot reach: notes rooms never
+/// federate), so that nothing of the notes reaches them any more.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_co_therapist_demoted_from_another_server_leaves_the_notes_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = test_ca(dir.path());
+    let (a, b) = (federated(&ca, "").await, federated(&ca, "").await);
+    let therapist = verified_therapist(&a.server).await;
+    let colleague = a.server.register("colleague").await;
+    let remote = b.server.register("remote").await;
+    let participants = json!([{ "user_id": colleague.user_id, "role": "co_therapist" }, { "user_id": remote.user_id, "role": "therapist" }]);
+    let room = session_now(&therapist, json!({ "kind": "group", "title": "Shared group", "participants": participants })).await;
+    colleague.ok(Method::POST, &format!("/_matrix/client/v3/join/{}", enc(&room)), Some(json!({}))).await;
+    eventually_syncs(&remote, |sync| sync["rooms"]["invite"][&room].is_object()).await;
+    remote.ok(Method::POST, &format!("/_matrix/client/v3/join/{}", enc(&room)), Some(json!({}))).await;
+
+    // The co-therapist writes a note: the notes room is made, with them in it.
+    let note = colleague.ok(Method::PUT, &format!("/_limbic/client/v1/sessions/{}/notes/n1", enc(&room)), Some(json!({ "body": "private" }))).await;
+    let notes_room = note["room_id"].as_str().unwrap().to_owned();
+    let membership_path = format!("/_matrix/client/v3/rooms/{}/state/m.room.member/{}", enc(&notes_room), enc(&colleague.user_id));
+    assert_eq!(colleague.ok(Method::GET, &membership_path, None).await["membership"], "join");
+
+    // The remote therapist makes them a client, on B.
+    let demote = format!("/_limbic/client/v1/sessions/{}/participants/{}", enc(&room), enc(&colleague.user_id));
+    remote.ok(Method::PUT, &demote, Some(json!({ "role": "client" }))).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let (_, membership) = colleague.get(&membership_path).await;
+        if membership["membership"] == "leave" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still in the notes room after the demotion arrived: {membership}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (status, body) = colleague.get(&format!("/_limbic/client/v1/sessions/{}/notes", enc(&room))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+}
+
 /// A version 12 room id names no server: an invited user's server reaches the room through the
 /// inviter's server, and the creator acts with implied power.
 #[tokio::test(flavor = "multi_thread")]

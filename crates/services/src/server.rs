@@ -127,7 +127,11 @@ impl Server {
         crate::rooms::Fanout {
             policies: vec![self.clinic.clone(), self.plugins.clone()],
             indexers,
-            after_commit: vec![self.metrics.clone(), Arc::new(crate::calls::recording::RecordingWatch::new(Arc::downgrade(self)))],
+            after_commit: vec![
+                self.metrics.clone(),
+                Arc::new(crate::calls::recording::RecordingWatch::new(Arc::downgrade(self))),
+                Arc::new(crate::clinic::subrooms::RemoteRoleChanges::new(Arc::downgrade(self), self.config.server_name.clone())),
+            ],
         }
     }
 

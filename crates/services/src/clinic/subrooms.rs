@@ -3,14 +3,16 @@
 //! the role loses the membership in the same atomic write as the role event, so that no /sync,
 //! /messages or /state of a sub-room ever reaches someone the session no longer lets in.
 
-use ruma::{OwnedRoomId, RoomId, UserId};
+use std::sync::Weak;
+
+use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde_json::{Value as JsonValue, json};
 
 use super::{BREAKOUT, Breakout, NOTES_FOR, ROLE, Role, SESSION, role_user, session_role};
 use crate::{
     error::Result,
-    events::PduBuilder,
-    rooms::{Membership, RoomWriter, Rooms},
+    events::{Pdu, PduBuilder},
+    rooms::{AfterCommit, FollowUp, Membership, RoomWriter, Rooms},
     server::Server,
 };
 
@@ -98,6 +100,11 @@ pub async fn stage_for_event<'s>(server: &'s Server, room_id: &RoomId, sender: &
 /// another server (only ever in a breakout, notes rooms never federate) is kicked by `actor`.
 pub async fn stage_role_change<'s>(server: &'s Server, session_room: &RoomId, actor: &UserId, user: &UserId, role: Option<Role>) -> Result<Vec<RoomWriter<'s>>> {
     let before = session_role(&server.rooms, session_room, user.as_str())?;
+    stage_role_loss(server, session_room, actor, user, before, role).await
+}
+
+/// [`stage_role_change`] from the role `user` had `before` to `role`.
+async fn stage_role_loss<'s>(server: &'s Server, session_room: &RoomId, actor: &UserId, user: &UserId, before: Option<Role>, role: Option<Role>) -> Result<Vec<RoomWriter<'s>>> {
     let loses_therapist = before.is_some_and(Role::is_therapist) && !role.is_some_and(Role::is_therapist);
     let loses_session = before.is_some() && role.is_none();
     let mut writers = Vec::new();
@@ -125,4 +132,60 @@ pub async fn stage_role_change<'s>(server: &'s Server, session_room: &RoomId, ac
         writers.push(writer);
     }
     Ok(writers)
+}
+
+/// A role change another server sent: its sender's server staged what it could (it cannot reach
+/// this server's notes rooms, which never federate), so this server ends its own users'
+/// sub-room memberships the new role no longer allows, right after the role event is committed
+/// (a local role change does it in the same write, through [`stage_for_event`]).
+pub struct RemoteRoleChanges {
+    server: Weak<Server>,
+    server_name: ruma::OwnedServerName,
+}
+
+impl RemoteRoleChanges {
+    pub fn new(server: Weak<Server>, server_name: ruma::OwnedServerName) -> Self {
+        Self { server, server_name }
+    }
+}
+
+impl AfterCommit for RemoteRoleChanges {
+    fn committed(&self, events: &[Pdu]) -> Option<FollowUp> {
+        let changes: Vec<(Pdu, OwnedUserId)> = events
+            .iter()
+            .filter(|pdu| pdu.kind.to_string() == ROLE && pdu.sender.server_name() != self.server_name)
+            .filter_map(|pdu| {
+                let user = OwnedUserId::try_from(pdu.state_key.as_deref().and_then(role_user)?).ok()?;
+                (user.server_name() == self.server_name).then(|| (pdu.clone(), user))
+            })
+            .collect();
+        if changes.is_empty() {
+            return None;
+        }
+        let server = self.server.clone();
+        Some(Box::pin(async move {
+            let Some(server) = server.upgrade() else { return };
+            for (pdu, user) in changes {
+                if let Err(error) = end_remotely_lost_memberships(&server, &pdu, &user).await {
+                    tracing::error!(room_id = %pdu.room_id, %user, %error, "could not end sub-room memberships after a role change from another server");
+                }
+            }
+        }))
+    }
+}
+
+async fn end_remotely_lost_memberships(server: &Server, pdu: &Pdu, user: &UserId) -> Result<()> {
+    let Some(role) = role_in_content(&pdu.content_json()) else { return Ok(()) };
+    let replaced = server.rooms.meta(&pdu.event_id)?.and_then(|meta| meta.replaces_state);
+    let before = match replaced {
+        Some(event_id) => server.rooms.pdu(&event_id)?.and_then(|previous| Role::of(&previous.content_json())),
+        None => None,
+    };
+    // The user leaves by themselves (always allowed), so the sender need not act here; every
+    // sub-room in one write.
+    let mut writers = stage_role_loss(server, &pdu.room_id, user, user, before, role).await?;
+    if let Some(first) = writers.pop() {
+        first.commit_with(writers)?.finish().await;
+    }
+    Ok(())
 }
