@@ -3,6 +3,7 @@
 //! room version's auth rules — whatever API an event comes through.
 
 pub mod appointments;
+pub mod breakouts;
 pub mod notes;
 mod pipeline;
 mod policy;
