@@ -3,8 +3,7 @@
 //! `clinic::appointments`; sessions are built exactly as the sessions API builds them.
 
 use axum::{Json, Router, extract::State, http::HeaderMap, routing::post};
-use ruma::{OwnedUserId, UserId, api::client::session::login};
-use serde::Deserialize;
+use ruma::{UserId, api::client::session::login};
 use serde_json::{Value as JsonValue, json};
 
 use super::{
@@ -14,7 +13,7 @@ use super::{
 };
 use crate::{
     audit::AuditRecord,
-    clinic::{Kind, RecordingPolicy, Role, appointments::{JWT_LOGIN, Link}},
+    clinic::{Role, appointments::{self, JWT_LOGIN, Link}},
     error::{Error, ErrorCode, Result},
     rooms::Membership,
 };
@@ -23,17 +22,12 @@ pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
     router.route("/_limbic/service/v1/appointments", post(create_appointment))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateAppointment {
-    appointment_id: String,
-    therapist: OwnedUserId,
-    client: OwnedUserId,
-    kind: Option<Kind>,
-    title: String,
-    starts_at: u64,
-    ends_at: u64,
-    timezone: String,
+/// Creates the appointment's session (once per appointment id) and returns fresh links.
+async fn create_appointment(State(server): State<AppState>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Json<JsonValue>> {
+    let authorization = headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    server.appointments.authorize_service(authorization)?;
+    let booked = appointments::book(&server, parse_body(&body)?).await?;
+    Ok(Json(json!({ "room_id": booked.room_id, "links": booked.links })))
 }
 
 /// The role `user_id` holds in the session, if any.
@@ -43,85 +37,6 @@ fn role(server: &AppState, room_id: &ruma::RoomId, user_id: &UserId) -> Result<O
 
 fn is_admin(server: &AppState, user_id: &UserId) -> Result<bool> {
     Ok(server.users.account(user_id)?.is_some_and(|a| a.admin))
-}
-
-/// A link signs in whoever it names, so the booking service may name as client only a plain
-/// account (or a new one): never a server admin or a verified therapist, whose login links
-/// would hand the service their powers.
-fn refuse_privileged_client(server: &AppState, client: &UserId) -> Result<()> {
-    if is_admin(server, client)? {
-        return Err(Error::forbidden(format!("{client} is a server admin and cannot be booked as a client")));
-    }
-    if server.clinic.is_verified_therapist(client)? {
-        return Err(Error::forbidden(format!("{client} is a verified therapist and cannot be booked as a client")));
-    }
-    Ok(())
-}
-
-/// Creates the appointment's session (once per appointment id) and returns fresh links.
-async fn create_appointment(State(server): State<AppState>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Json<JsonValue>> {
-    let authorization = headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    server.appointments.authorize_service(authorization)?;
-    let request: CreateAppointment = parse_body(&body)?;
-    if request.appointment_id.is_empty() {
-        return Err(Error::bad_json("appointment_id must not be empty"));
-    }
-    if request.therapist == request.client {
-        return Err(Error::bad_json("the therapist cannot be the client"));
-    }
-    if request.client.server_name() != server.server_name() {
-        return Err(Error::invalid_param("the client must be a user of this server"));
-    }
-    if !server.clinic.is_verified_therapist(&request.therapist)? {
-        return Err(Error::forbidden(format!("{} is not a verified therapist", request.therapist)));
-    }
-    refuse_privileged_client(&server, &request.client)?;
-    if is_admin(&server, &request.therapist)? {
-        return Err(Error::forbidden(format!("{} is a server admin: appointment links never sign in an admin", request.therapist)));
-    }
-
-    let _creating = server.appointments.lock_creation().await;
-    let room_id = match server.appointments.room(&request.appointment_id)? {
-        Some(room_id) => {
-            // A repeat call gets new links, but only for the appointment's own participants.
-            if role(&server, &room_id, &request.therapist)? != Some(Role::Therapist) || role(&server, &room_id, &request.client)? != Some(Role::Client) {
-                return Err(Error::with_status(
-                    ErrorCode::InvalidParam,
-                    http::StatusCode::CONFLICT,
-                    "this appointment exists with another therapist or client",
-                ));
-            }
-            room_id
-        }
-        None => {
-            // Clients booked from outside may not have an account yet; they sign in by link.
-            if !server.users.exists(&request.client)? {
-                server.users.create(&request.client, None, false)?;
-            }
-            let session = crate::clinic::sessions::NewSession {
-                kind: request.kind.unwrap_or(Kind::Individual),
-                title: request.title,
-                starts_at: request.starts_at,
-                ends_at: request.ends_at,
-                timezone: request.timezone,
-                participants: vec![crate::clinic::sessions::Participant { user_id: request.client.clone(), role: Role::Client }],
-                recording_policy: RecordingPolicy::default(),
-                max_participants: None,
-                join_window_minutes: None,
-                passcode: None,
-            };
-            let (mut writer, _) = crate::clinic::sessions::stage(&server, &request.therapist, session).await?;
-            let room_id = writer.room_id().clone();
-            server.appointments.stage_room(writer.batch(), &request.appointment_id, &room_id);
-            writer.commit()?;
-            room_id
-        }
-    };
-    let mut links = serde_json::Map::new();
-    for user_id in [&request.therapist, &request.client] {
-        links.insert(user_id.to_string(), json!(server.appointments.link(user_id, &room_id)?));
-    }
-    Ok(Json(json!({ "room_id": room_id, "links": links })))
 }
 
 /// Logs in exactly the user a link token names, once; the token is spent in the same write as
