@@ -3,7 +3,7 @@
 //! `clinic::appointments`; sessions are built exactly as the sessions API builds them.
 
 use axum::{Json, Router, extract::State, http::HeaderMap, routing::post};
-use ruma::{UserId, api::client::session::login};
+use ruma::api::client::session::login;
 use serde_json::{Value as JsonValue, json};
 
 use super::{
@@ -13,7 +13,7 @@ use super::{
 };
 use crate::{
     audit::AuditRecord,
-    clinic::{Role, appointments::{self, JWT_LOGIN, Link}},
+    clinic::appointments::{self, JWT_LOGIN, Link},
     error::{Error, ErrorCode, Result},
     rooms::Membership,
 };
@@ -30,14 +30,6 @@ async fn create_appointment(State(server): State<AppState>, headers: HeaderMap, 
     Ok(Json(json!({ "room_id": booked.room_id, "links": booked.links })))
 }
 
-/// The role `user_id` holds in the session, if any.
-fn role(server: &AppState, room_id: &ruma::RoomId, user_id: &UserId) -> Result<Option<Role>> {
-    crate::clinic::session_role(&server.rooms, room_id, user_id.as_str())
-}
-
-fn is_admin(server: &AppState, user_id: &UserId) -> Result<bool> {
-    Ok(server.users.account(user_id)?.is_some_and(|a| a.admin))
-}
 
 /// Logs in exactly the user a link token names, once; the token is spent in the same write as
 /// the new device and the audit entry. The response names the session room.
@@ -52,7 +44,7 @@ pub(super) async fn jwt_login(server: &AppState, req: &Ruma<login::v3::Request>)
         return Err(Error::forbidden("this appointment link is for an unknown or deactivated user"));
     }
     // Whoever became an admin since the link was made signs in with their password only.
-    if is_admin(server, &link.user_id)? {
+    if server.users.is_admin(&link.user_id)? {
         return Err(Error::forbidden("appointment links never sign in a server admin"));
     }
     let mut batch = server.store.batch();
@@ -85,7 +77,7 @@ pub(super) async fn jwt_login(server: &AppState, req: &Ruma<login::v3::Request>)
 /// Users with a role join themselves once the join window opens (the clinic policy decides);
 /// everyone else is put in the waiting room: a knock on their behalf.
 async fn enter_waiting_room(server: &AppState, link: &Link) -> Result<()> {
-    if role(server, &link.room_id, &link.user_id)?.is_some() {
+    if crate::clinic::session_role(&server.rooms, &link.room_id, link.user_id.as_str())?.is_some() {
         return Ok(());
     }
     let membership = server.rooms.membership(&link.room_id, &link.user_id)?;

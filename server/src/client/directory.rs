@@ -59,7 +59,7 @@ async fn delete_alias_handler(
     let alias = &req.body.room_alias;
     let room_id = server.rooms.resolve_alias(alias)?.ok_or_else(|| Error::not_found("room alias not found"))?;
     let is_owner = server.rooms.alias_owner(alias)?.as_deref() == Some(caller.user_id.as_ref());
-    let admin = server.users.account(&caller.user_id)?.is_some_and(|a| a.admin);
+    let admin = server.users.is_admin(&caller.user_id)?;
     let can_moderate = server.rooms.is_joined(&room_id, &caller.user_id)?
         && server.rooms.user_power_level(&room_id, &caller.user_id)? >= 50;
     if !(is_owner || admin || can_moderate) {

@@ -213,7 +213,7 @@ async fn relationship(
     Authed(caller): Authed,
     QueryParams(query): QueryParams<RelationshipQuery>,
 ) -> Result<Json<JsonValue>> {
-    let admin = server.users.account(&caller.user_id)?.is_some_and(|a| a.admin);
+    let admin = server.users.is_admin(&caller.user_id)?;
     if caller.user_id != query.therapist && caller.user_id != query.client && !admin {
         return Err(Error::forbidden("only the two users or a server admin may ask"));
     }

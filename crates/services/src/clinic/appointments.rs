@@ -234,15 +234,12 @@ fn role(server: &Server, room_id: &RoomId, user_id: &UserId) -> Result<Option<Ro
     super::session_role(&server.rooms, room_id, user_id.as_str())
 }
 
-fn is_admin(server: &Server, user_id: &UserId) -> Result<bool> {
-    Ok(server.users.account(user_id)?.is_some_and(|a| a.admin))
-}
 
 /// A link signs in whoever it names, so the booking service may name as client only a plain
 /// account (or a new one): never a server admin or a verified therapist, whose login links
 /// would hand the service their powers.
 fn refuse_privileged_client(server: &Server, client: &UserId) -> Result<()> {
-    if is_admin(server, client)? {
+    if server.users.is_admin(client)? {
         return Err(Error::forbidden(format!("{client} is a server admin and cannot be booked as a client")));
     }
     if server.clinic.is_verified_therapist(client)? {
@@ -275,7 +272,7 @@ pub async fn book(server: &Server, request: NewAppointment) -> Result<Booked> {
         return Err(Error::forbidden(format!("{} is not a verified therapist", request.therapist)));
     }
     refuse_privileged_client(server, &request.client)?;
-    if is_admin(server, &request.therapist)? {
+    if server.users.is_admin(&request.therapist)? {
         return Err(Error::forbidden(format!("{} is a server admin: appointment links never sign in an admin", request.therapist)));
     }
 

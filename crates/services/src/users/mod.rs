@@ -153,6 +153,11 @@ impl Users {
     }
 
     /// Every account, in user id order.
+    /// Whether the user is a server administrator.
+    pub fn is_admin(&self, user_id: &UserId) -> Result<bool> {
+        Ok(self.account(user_id)?.is_some_and(|a| a.admin))
+    }
+
     pub fn accounts(&self) -> Result<Vec<(OwnedUserId, Account)>> {
         self.store
             .scan_prefix(tables::USERS, Vec::new(), false)
