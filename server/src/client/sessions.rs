@@ -8,9 +8,9 @@ use axum::{
     http::request::Parts,
     routing::get,
 };
-use ruma::{OwnedRoomId, OwnedUserId};
-use serde::Deserialize;
-use serde_json::{Value as JsonValue, json};
+use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId};
+use serde::{Deserialize, Serialize};
+use serde_json::Value as JsonValue;
 
 use super::{
     AppState,
@@ -18,7 +18,7 @@ use super::{
     authenticate, missing_token,
 };
 use crate::{
-    clinic::{Role, Status, notes, sessions::{self, NewSession}},
+    clinic::{Role, Session, Status, notes, sessions::{self, NewSession}},
     error::{Error, Result},
     users::Caller,
 };
@@ -38,6 +38,79 @@ pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
         .route(&format!("{V1}/{{room_id}}/transcript"), get(transcript))
         .route(&format!("{V1}/{{room_id}}/notes/{{note_id}}"), axum::routing::put(write_note))
         .route("/_limbic/admin/v1/therapists/{user_id}", get(get_therapist).put(set_therapist))
+}
+
+// --- response bodies (spec/openapi.json) ---
+
+/// An empty JSON object, for operations whose answer is their success.
+#[derive(Serialize)]
+pub(super) struct Empty {}
+
+/// `POST /sessions`.
+#[derive(Serialize)]
+struct Created {
+    room_id: OwnedRoomId,
+    session: Session,
+}
+
+/// `GET /sessions`.
+#[derive(Serialize)]
+struct SessionList {
+    sessions: Vec<sessions::SessionView>,
+}
+
+/// `PUT /sessions/{roomId}/status` and `PATCH /sessions/{roomId}`.
+#[derive(Serialize)]
+struct Changed {
+    event_id: OwnedEventId,
+    session: Session,
+}
+
+/// `GET /sessions/{roomId}/waiting`.
+#[derive(Serialize)]
+struct WaitingRoom {
+    waiting: Vec<sessions::Waiting>,
+}
+
+/// `POST …/waiting/{userId}/admit` and `…/decline`.
+#[derive(Serialize)]
+struct Answered {
+    event_id: OwnedEventId,
+}
+
+/// `GET` and `PUT /_limbic/admin/v1/therapists/{userId}`.
+#[derive(Serialize)]
+struct Therapist {
+    user_id: OwnedUserId,
+    verified: bool,
+}
+
+/// `GET /sessions/{roomId}/notes`.
+#[derive(Serialize)]
+struct Notes {
+    room_id: OwnedRoomId,
+    notes: Vec<notes::Note>,
+}
+
+/// `PUT /sessions/{roomId}/notes/{noteId}`.
+#[derive(Serialize)]
+struct NoteWritten {
+    event_id: OwnedEventId,
+    room_id: OwnedRoomId,
+}
+
+/// `PUT /sessions/{roomId}/participants/{userId}`.
+#[derive(Serialize)]
+struct ParticipantRole {
+    user_id: OwnedUserId,
+    role: Role,
+}
+
+/// `GET /relationship`.
+#[derive(Serialize)]
+struct Relationship {
+    shared: bool,
+    sessions: Vec<OwnedRoomId>,
 }
 
 /// An authenticated caller of a plain (non-ruma) endpoint.
@@ -61,10 +134,10 @@ pub(super) fn room_id(room: &str) -> Result<OwnedRoomId> {
 }
 
 /// Creates the session room in one atomic write: its state, the roles and the invitations.
-async fn create_session(State(server): State<AppState>, Authed(caller): Authed, body: axum::body::Bytes) -> Result<Json<JsonValue>> {
+async fn create_session(State(server): State<AppState>, Authed(caller): Authed, body: axum::body::Bytes) -> Result<Json<Created>> {
     let request: NewSession = parse_body(&body)?;
     let (room_id, session) = sessions::create(&server, &caller.user_id, request).await?;
-    Ok(Json(json!({ "room_id": room_id, "session": session })))
+    Ok(Json(Created { room_id, session }))
 }
 
 async fn get_session(State(server): State<AppState>, Authed(caller): Authed, Path(room): Path<String>) -> Result<Json<sessions::SessionView>> {
@@ -72,8 +145,8 @@ async fn get_session(State(server): State<AppState>, Authed(caller): Authed, Pat
 }
 
 /// The caller's sessions that have not ended and are still live, soonest first.
-async fn list_sessions(State(server): State<AppState>, Authed(caller): Authed) -> Result<Json<JsonValue>> {
-    Ok(Json(json!({ "sessions": sessions::upcoming(&server, &caller.user_id)? })))
+async fn list_sessions(State(server): State<AppState>, Authed(caller): Authed) -> Result<Json<SessionList>> {
+    Ok(Json(SessionList { sessions: sessions::upcoming(&server, &caller.user_id)? }))
 }
 
 #[derive(Deserialize)]
@@ -82,24 +155,24 @@ struct SetStatus {
     status: Status,
 }
 
-async fn set_status(State(server): State<AppState>, Authed(caller): Authed, Path(room): Path<String>, body: axum::body::Bytes) -> Result<Json<JsonValue>> {
+async fn set_status(State(server): State<AppState>, Authed(caller): Authed, Path(room): Path<String>, body: axum::body::Bytes) -> Result<Json<Changed>> {
     let request: SetStatus = parse_body(&body)?;
     let (event_id, session) = sessions::set_status(&server, &caller.user_id, &room_id(&room)?, request.status).await?;
-    Ok(Json(json!({ "event_id": event_id, "session": session })))
+    Ok(Json(Changed { event_id, session }))
 }
 
 /// Reschedules or edits a session.
-async fn update_session(State(server): State<AppState>, Authed(caller): Authed, Path(room): Path<String>, body: axum::body::Bytes) -> Result<Json<JsonValue>> {
+async fn update_session(State(server): State<AppState>, Authed(caller): Authed, Path(room): Path<String>, body: axum::body::Bytes) -> Result<Json<Changed>> {
     let changes: sessions::SessionChanges = parse_body(&body)?;
     let (event_id, session) = sessions::update(&server, &caller.user_id, &room_id(&room)?, changes).await?;
-    Ok(Json(json!({ "event_id": event_id, "session": session })))
+    Ok(Json(Changed { event_id, session }))
 }
 
 // --- the waiting room: Matrix knocks ---
 
 /// Who is knocking, oldest first; for the session's therapists.
-async fn waiting_room(State(server): State<AppState>, Authed(caller): Authed, Path(room): Path<String>) -> Result<Json<JsonValue>> {
-    Ok(Json(json!({ "waiting": sessions::waiting(&server, &caller.user_id, &room_id(&room)?)? })))
+async fn waiting_room(State(server): State<AppState>, Authed(caller): Authed, Path(room): Path<String>) -> Result<Json<WaitingRoom>> {
+    Ok(Json(WaitingRoom { waiting: sessions::waiting(&server, &caller.user_id, &room_id(&room)?)? }))
 }
 
 #[derive(Deserialize, Default)]
@@ -108,24 +181,25 @@ struct Decline {
     reason: Option<String>,
 }
 
-async fn answer_knock(server: &AppState, caller: &Caller, room: &str, user: &str, answer: sessions::Answer) -> Result<Json<JsonValue>> {
+async fn answer_knock(server: &AppState, caller: &Caller, room: &str, user: &str, answer: sessions::Answer) -> Result<Json<Answered>> {
     let event_id = sessions::answer_knock(server, &caller.user_id, &room_id(room)?, &user_id(user)?, answer).await?;
-    Ok(Json(json!({ "event_id": event_id })))
+    Ok(Json(Answered { event_id }))
 }
 
-async fn admit(State(server): State<AppState>, Authed(caller): Authed, Path((room, user)): Path<(String, String)>) -> Result<Json<JsonValue>> {
+async fn admit(State(server): State<AppState>, Authed(caller): Authed, Path((room, user)): Path<(String, String)>) -> Result<Json<Answered>> {
     answer_knock(&server, &caller, &room, &user, sessions::Answer::Admit).await
 }
 
-async fn decline(State(server): State<AppState>, Authed(caller): Authed, Path((room, user)): Path<(String, String)>, body: axum::body::Bytes) -> Result<Json<JsonValue>> {
+async fn decline(State(server): State<AppState>, Authed(caller): Authed, Path((room, user)): Path<(String, String)>, body: axum::body::Bytes) -> Result<Json<Answered>> {
     let request: Decline = if body.is_empty() { Decline::default() } else { parse_body(&body)? };
     answer_knock(&server, &caller, &room, &user, sessions::Answer::Decline { reason: request.reason }).await
 }
 
 /// Only server admins see and mark therapists as verified.
-async fn get_therapist(State(server): State<AppState>, _admin: Admin, Path(user): Path<String>) -> Result<Json<JsonValue>> {
+async fn get_therapist(State(server): State<AppState>, _admin: Admin, Path(user): Path<String>) -> Result<Json<Therapist>> {
     let user_id = user_id(&user)?;
-    Ok(Json(json!({ "user_id": user_id, "verified": server.clinic.is_verified_therapist(&user_id)? })))
+    let verified = server.clinic.is_verified_therapist(&user_id)?;
+    Ok(Json(Therapist { user_id, verified }))
 }
 
 #[derive(Deserialize)]
@@ -134,22 +208,22 @@ struct SetTherapist {
     verified: bool,
 }
 
-async fn set_therapist(State(server): State<AppState>, Admin(admin): Admin, Path(user): Path<String>, body: axum::body::Bytes) -> Result<Json<JsonValue>> {
+async fn set_therapist(State(server): State<AppState>, Admin(admin): Admin, Path(user): Path<String>, body: axum::body::Bytes) -> Result<Json<Therapist>> {
     let request: SetTherapist = parse_body(&body)?;
     let user_id = user_id(&user)?;
     if !server.users.account(&user_id)?.is_some_and(|a| !a.deactivated) {
         return Err(Error::not_found("unknown user"));
     }
     server.clinic.set_verified_therapist(&server.audit, &admin, &user_id, request.verified)?;
-    Ok(Json(json!({ "user_id": user_id, "verified": request.verified })))
+    Ok(Json(Therapist { user_id, verified: request.verified }))
 }
 
 // --- clinical notes ---
 
 /// Every note with its earlier versions, newest version first; the read is audited.
-async fn list_notes(State(server): State<AppState>, Authed(caller): Authed, Path(room): Path<String>) -> Result<Json<JsonValue>> {
-    let (notes_room, notes) = notes::list(&server, &caller.user_id, &room_id(&room)?).await?;
-    Ok(Json(json!({ "room_id": notes_room, "notes": notes })))
+async fn list_notes(State(server): State<AppState>, Authed(caller): Authed, Path(room): Path<String>) -> Result<Json<Notes>> {
+    let (room_id, notes) = notes::list(&server, &caller.user_id, &room_id(&room)?).await?;
+    Ok(Json(Notes { room_id, notes }))
 }
 
 #[derive(Deserialize)]
@@ -164,10 +238,10 @@ async fn write_note(
     Authed(caller): Authed,
     Path((room, note_id)): Path<(String, String)>,
     body: axum::body::Bytes,
-) -> Result<Json<JsonValue>> {
+) -> Result<Json<NoteWritten>> {
     let request: WriteNote = parse_body(&body)?;
-    let (event_id, notes_room) = notes::write(&server, &caller.user_id, &room_id(&room)?, &note_id, request.body).await?;
-    Ok(Json(json!({ "event_id": event_id, "room_id": notes_room })))
+    let (event_id, room_id) = notes::write(&server, &caller.user_id, &room_id(&room)?, &note_id, request.body).await?;
+    Ok(Json(NoteWritten { event_id, room_id }))
 }
 
 // --- participants ---
@@ -188,17 +262,17 @@ async fn set_participant(
     Authed(caller): Authed,
     Path((room, user)): Path<(String, String)>,
     body: axum::body::Bytes,
-) -> Result<Json<JsonValue>> {
+) -> Result<Json<ParticipantRole>> {
     let request: SetParticipant = parse_body(&body)?;
     let user_id = user_id(&user)?;
     sessions::set_participant(&server, &caller.user_id, &room_id(&room)?, &user_id, request.role).await?;
-    Ok(Json(json!({ "user_id": user_id, "role": request.role })))
+    Ok(Json(ParticipantRole { user_id, role: request.role }))
 }
 
 /// Removes a participant from the session, its notes room and its breakouts.
-async fn remove_participant(State(server): State<AppState>, Authed(caller): Authed, Path((room, user)): Path<(String, String)>) -> Result<Json<JsonValue>> {
+async fn remove_participant(State(server): State<AppState>, Authed(caller): Authed, Path((room, user)): Path<(String, String)>) -> Result<Json<Empty>> {
     sessions::remove_participant(&server, &caller.user_id, &room_id(&room)?, &user_id(&user)?).await?;
-    Ok(Json(json!({})))
+    Ok(Json(Empty {}))
 }
 
 #[derive(Deserialize)]
@@ -212,13 +286,13 @@ async fn relationship(
     State(server): State<AppState>,
     Authed(caller): Authed,
     QueryParams(query): QueryParams<RelationshipQuery>,
-) -> Result<Json<JsonValue>> {
+) -> Result<Json<Relationship>> {
     let admin = server.users.is_admin(&caller.user_id)?;
     if caller.user_id != query.therapist && caller.user_id != query.client && !admin {
         return Err(Error::forbidden("only the two users or a server admin may ask"));
     }
     let sessions = sessions::shared(&server, &query.therapist, &query.client)?;
-    Ok(Json(json!({ "shared": !sessions.is_empty(), "sessions": sessions })))
+    Ok(Json(Relationship { shared: !sessions.is_empty(), sessions }))
 }
 
 // --- transcript export ---
