@@ -5,13 +5,13 @@
 use axum::{Json, Router, extract::State, routing::post};
 use base64::Engine;
 use ruma::{OwnedRoomId, OwnedServerName, OwnedUserId};
-use serde::Deserialize;
-use serde_json::{Value as JsonValue, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value as JsonValue;
 use sha2::{Digest, Sha256};
 
 use super::{AppState, sessions::{Authed, parse_body}};
 use crate::{
-    calls::{Admission, SERVICE_PATH, rights_in},
+    calls::{Admission, SERVICE_PATH, recording::Recorded, rights_in},
     error::{Error, ErrorCode, Result},
 };
 
@@ -33,7 +33,7 @@ struct SetRecording {
 }
 
 /// Starts or stops recording a session's call (its therapists only).
-async fn set_recording(State(server): State<AppState>, Authed(caller): Authed, axum::extract::Path(room): axum::extract::Path<String>, body: axum::body::Bytes) -> Result<Json<JsonValue>> {
+async fn set_recording(State(server): State<AppState>, Authed(caller): Authed, axum::extract::Path(room): axum::extract::Path<String>, body: axum::body::Bytes) -> Result<Json<Recorded>> {
     let request: SetRecording = parse_body(&body)?;
     let room_id = OwnedRoomId::try_from(room).map_err(|e| Error::invalid_param(format!("invalid room id: {e}")))?;
     if request.recording {
@@ -43,16 +43,37 @@ async fn set_recording(State(server): State<AppState>, Authed(caller): Authed, a
     stopped.map(Json).ok_or_else(|| Error::new(ErrorCode::BadState, "the call is not being recorded"))
 }
 
-/// The transports this server offers for MatrixRTC calls, as in the client well-known.
-pub(super) fn foci(server: &AppState) -> Vec<JsonValue> {
+/// A transport this server offers for MatrixRTC calls (MSC4143), as in the client well-known.
+#[derive(Serialize)]
+pub(super) struct Focus {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    livekit_service_url: String,
+}
+
+/// The transports this server offers: its SFU's token service, when calls are on.
+pub(super) fn foci(server: &AppState) -> Vec<Focus> {
     if !server.calls.config.enabled {
         return Vec::new();
     }
-    vec![json!({ "type": "livekit", "livekit_service_url": server.calls.service_url })]
+    vec![Focus { kind: "livekit", livekit_service_url: server.calls.service_url.clone() }]
 }
 
-async fn transports(State(server): State<AppState>, Authed(_caller): Authed) -> Json<JsonValue> {
-    Json(json!({ "rtc_transports": foci(&server) }))
+/// `GET /rtc/transports`.
+#[derive(Serialize)]
+struct Transports {
+    rtc_transports: Vec<Focus>,
+}
+
+async fn transports(State(server): State<AppState>, Authed(_caller): Authed) -> Json<Transports> {
+    Json(Transports { rtc_transports: foci(&server) })
+}
+
+/// A call token and where to use it (both token APIs answer this).
+#[derive(Serialize)]
+struct CallToken {
+    url: String,
+    jwt: String,
 }
 
 /// The OpenID token a client got from its homeserver for us.
@@ -86,7 +107,7 @@ struct LegacyRequest {
     device_id: String,
 }
 
-async fn get_token(State(server): State<AppState>, body: axum::body::Bytes) -> Result<Json<JsonValue>> {
+async fn get_token(State(server): State<AppState>, body: axum::body::Bytes) -> Result<Json<CallToken>> {
     let request: TokenRequest = parse_body(&body)?;
     let user = openid_user(&server, &request.openid_token).await?;
     if user != request.member.claimed_user_id {
@@ -97,7 +118,7 @@ async fn get_token(State(server): State<AppState>, body: axum::body::Bytes) -> R
     answer(&server, user, request.room_id, identity, sfu_room).await
 }
 
-async fn sfu_get(State(server): State<AppState>, body: axum::body::Bytes) -> Result<Json<JsonValue>> {
+async fn sfu_get(State(server): State<AppState>, body: axum::body::Bytes) -> Result<Json<CallToken>> {
     let request: LegacyRequest = parse_body(&body)?;
     let user = openid_user(&server, &request.openid_token).await?;
     let identity = format!("{user}:{}", request.device_id);
@@ -106,7 +127,7 @@ async fn sfu_get(State(server): State<AppState>, body: axum::body::Bytes) -> Res
     answer(&server, user, request.room, identity, sfu_room).await
 }
 
-async fn answer(server: &AppState, user: OwnedUserId, room_id: OwnedRoomId, identity: String, sfu_room: String) -> Result<Json<JsonValue>> {
+async fn answer(server: &AppState, user: OwnedUserId, room_id: OwnedRoomId, identity: String, sfu_room: String) -> Result<Json<CallToken>> {
     if !server.calls.config.enabled {
         return Err(Error::not_found("calls are not enabled on this server"));
     }
@@ -120,7 +141,7 @@ async fn answer(server: &AppState, user: OwnedUserId, room_id: OwnedRoomId, iden
     let admission = Admission { identity, display_name, user_id: user.to_string(), matrix_room: room_id.clone(), sfu_room, rights };
     let jwt = server.calls.issue(admission, now)?;
     tracing::info!(%room_id, %user, "issued a call token");
-    Ok(Json(json!({ "url": server.calls.signalling_url, "jwt": jwt })))
+    Ok(Json(CallToken { url: server.calls.signalling_url.clone(), jwt }))
 }
 
 /// The user an OpenID token stands for: asked of its server (ours, or another's over

@@ -7,6 +7,7 @@
 use std::sync::Weak;
 
 use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
+use serde::Serialize;
 use serde_json::{Value as JsonValue, json};
 use str0m::media::MediaKind;
 
@@ -35,7 +36,7 @@ fn stopped() -> Error {
 }
 
 /// Starts recording the room's call, for one of its therapists.
-pub async fn start(server: &Server, therapist: &UserId, room_id: &RoomId) -> Result<JsonValue> {
+pub async fn start(server: &Server, therapist: &UserId, room_id: &RoomId) -> Result<Recorded> {
     let content = server.rooms.state_content(room_id, SESSION, "")?.ok_or_else(|| Error::not_found("not a session room"))?;
     let session = crate::clinic::parse_session(&content)?;
     require_therapist(server, room_id, therapist)?;
@@ -81,7 +82,30 @@ pub async fn start(server: &Server, therapist: &UserId, room_id: &RoomId) -> Res
     writer.audit(AuditRecord::new("recording_started", therapist).room(room_id));
     writer.commit()?;
     tracing::info!(%room_id, %therapist, "started recording a call");
-    Ok(json!({ "recording": true }))
+    Ok(Recorded { recording: true, files: None })
+}
+
+/// Whether the call is being recorded, and what a stop stored: the answer of
+/// `PUT /sessions/{roomId}/recording` (spec/calls.md).
+#[derive(Debug, Serialize)]
+pub struct Recorded {
+    pub recording: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub files: Option<Vec<RecordedFile>>,
+}
+
+/// One track's file: its `mxc://` URL and duration (ms), or why it could not be stored.
+#[derive(Debug, Serialize)]
+pub struct RecordedFile {
+    pub owner: String,
+    /// `m.audio` or `m.video`.
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<ruma::OwnedMxcUri>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Why a recording stopped.
@@ -95,7 +119,7 @@ pub enum StopReason<'a> {
 
 /// Stops recording the room's call: each track's file is stored and announced in the room by
 /// the therapist who started it. `None` when it was not recording.
-pub async fn stop(server: &Server, room_id: &RoomId, reason: StopReason<'_>) -> Result<Option<JsonValue>> {
+pub async fn stop(server: &Server, room_id: &RoomId, reason: StopReason<'_>) -> Result<Option<Recorded>> {
     if let StopReason::Therapist(therapist) = reason {
         require_therapist(server, room_id, therapist)?;
     }
@@ -127,11 +151,11 @@ pub async fn stop(server: &Server, room_id: &RoomId, reason: StopReason<'_>) -> 
             Ok(url) => url,
             Err(error) => {
                 tracing::error!(%room_id, owner = %track.owner, %error, "a recorded track could not be stored");
-                files.push(json!({ "owner": track.owner, "kind": msgtype, "error": error.to_string() }));
+                files.push(RecordedFile { owner: track.owner, kind: msgtype, url: None, duration: None, error: Some(error.to_string()) });
                 continue;
             }
         };
-        files.push(json!({ "url": url, "owner": track.owner, "kind": msgtype, "duration": track.duration_ms }));
+        files.push(RecordedFile { owner: track.owner.clone(), kind: msgtype, url: Some(url.clone()), duration: Some(track.duration_ms), error: None });
         messages.push(PduBuilder::message(
             "m.room.message",
             json!({
@@ -158,7 +182,7 @@ pub async fn stop(server: &Server, room_id: &RoomId, reason: StopReason<'_>) -> 
     writer.audit(AuditRecord::new("recording_stopped", actor).room(room_id).details(json!({ "reason": why, "files": files })));
     writer.commit()?;
     tracing::info!(%room_id, %actor, reason = why, files = files.len(), "stopped recording a call");
-    Ok(Some(json!({ "recording": false, "files": files })))
+    Ok(Some(Recorded { recording: false, files: Some(files) }))
 }
 
 /// The session left `open`/`in_progress`: its recording stops and its calls end (tokens for them
