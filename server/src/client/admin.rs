@@ -12,7 +12,7 @@ use axum::{
 };
 use http::{StatusCode, request::Parts};
 use ruma::{OwnedRoomId, OwnedUserId, UserId};
-use serde::{Deserialize, de::DeserializeOwned};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::{Value as JsonValue, json};
 
 use super::{AppState, authenticate, missing_token};
@@ -552,7 +552,7 @@ struct AuditLogQuery {
 
 /// Entries oldest first, filtered by user (actor or target), room and time; `next_token`
 /// pages on.
-async fn audit_log(State(server): State<AppState>, _admin: Admin, QueryParams(query): QueryParams<AuditLogQuery>) -> Result<Json<JsonValue>> {
+async fn audit_log(State(server): State<AppState>, _admin: Admin, QueryParams(query): QueryParams<AuditLogQuery>) -> Result<Json<AuditPage>> {
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
     let entries = server.audit.query(&server.store, &crate::audit::AuditQuery {
         user: query.user,
@@ -562,13 +562,16 @@ async fn audit_log(State(server): State<AppState>, _admin: Admin, QueryParams(qu
         after: query.from,
         limit,
     })?;
-    let mut response = json!({ "entries": entries });
-    if entries.len() == limit
-        && let Some(last) = entries.last()
-    {
-        response["next_token"] = json!(last.seq);
-    }
-    Ok(Json(response))
+    let next_token = if entries.len() == limit { entries.last().map(|last| last.seq) } else { None };
+    Ok(Json(AuditPage { entries, next_token }))
+}
+
+/// `GET /_limbic/admin/v1/audit`: a page of entries, and where the next one starts.
+#[derive(Serialize)]
+struct AuditPage {
+    entries: Vec<crate::audit::AuditEntry>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_token: Option<u64>,
 }
 
 /// The newest entry, for operators to keep off the machine and hand back to `verify` later.
@@ -585,12 +588,12 @@ struct AuditVerifyQuery {
 }
 
 /// The whole chain, and with an exported head, that the head is still there unchanged.
-async fn audit_verify(State(server): State<AppState>, _admin: Admin, QueryParams(query): QueryParams<AuditVerifyQuery>) -> Result<Json<JsonValue>> {
+async fn audit_verify(State(server): State<AppState>, _admin: Admin, QueryParams(query): QueryParams<AuditVerifyQuery>) -> Result<Json<crate::audit::Verification>> {
     let exported = match (query.head_seq, query.head_hash.as_deref()) {
         (Some(seq), Some(hash)) => Some((seq, hash)),
         (None, None) => None,
         _ => return Err(Error::invalid_param("head_seq and head_hash go together")),
     };
     let verification = tokio::task::block_in_place(|| server.audit.verify(&server.store, exported))?;
-    Ok(Json(json!(verification)))
+    Ok(Json(verification))
 }

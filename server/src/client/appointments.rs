@@ -23,13 +23,11 @@ pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
 }
 
 /// Creates the appointment's session (once per appointment id) and returns fresh links.
-async fn create_appointment(State(server): State<AppState>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Json<JsonValue>> {
+async fn create_appointment(State(server): State<AppState>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Json<appointments::Booked>> {
     let authorization = headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     server.appointments.authorize_service(authorization)?;
-    let booked = appointments::book(&server, parse_body(&body)?).await?;
-    Ok(Json(json!({ "room_id": booked.room_id, "links": booked.links })))
+    Ok(Json(appointments::book(&server, parse_body(&body)?).await?))
 }
-
 
 /// Logs in exactly the user a link token names, once; the token is spent in the same write as
 /// the new device and the audit entry. The response names the session room.

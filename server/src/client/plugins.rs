@@ -7,7 +7,6 @@ use axum::{
     response::Response,
     routing::{any, get},
 };
-use serde_json::{Value as JsonValue, json};
 
 use super::{AppState, admin::Admin, authenticate};
 use crate::error::{Error, ErrorCode, Result};
@@ -43,6 +42,12 @@ async fn plugin_request(State(server): State<AppState>, Path(params): Path<Vec<(
     crate::plugins::http_response(&name, answer)
 }
 
-async fn plugin_status(State(server): State<AppState>, _admin: Admin) -> Json<JsonValue> {
-    Json(json!({ "plugins": server.plugins.status() }))
+/// `GET /_limbic/admin/v1/plugins`.
+#[derive(serde::Serialize)]
+struct PluginList {
+    plugins: Vec<crate::plugins::PluginStatus>,
+}
+
+async fn plugin_status(State(server): State<AppState>, _admin: Admin) -> Json<PluginList> {
+    Json(PluginList { plugins: server.plugins.status() })
 }

@@ -23,7 +23,6 @@ use std::{
 };
 
 use ruma::{OwnedServerName, OwnedUserId};
-use serde_json::{Value as JsonValue, json};
 use wasmtime::{Engine, component::Linker};
 
 pub use manifest::{Capability, Manifest};
@@ -361,22 +360,22 @@ impl Plugins {
     }
 
     /// Each plugin's state, for admins.
-    pub fn status(&self) -> Vec<JsonValue> {
+    pub fn status(&self) -> Vec<PluginStatus> {
         self.plugins
             .iter()
             .map(|plugin| {
                 let code = plugin.code();
                 let health = locked(&plugin.health);
-                json!({
-                    "name": plugin.name(),
-                    "version": code.manifest.version,
-                    "description": code.manifest.description,
-                    "user_id": code.context.user_id,
-                    "capabilities": code.context.capabilities.iter().map(|c| c.name()).collect::<Vec<_>>(),
-                    "enabled": !health.disabled,
-                    "restarts": health.restarts,
-                    "last_error": health.last_error,
-                })
+                PluginStatus {
+                    name: plugin.name().to_owned(),
+                    version: code.manifest.version.clone(),
+                    description: code.manifest.description.clone(),
+                    user_id: code.context.user_id.clone(),
+                    capabilities: code.context.capabilities.iter().map(|c| c.name()).collect(),
+                    enabled: !health.disabled,
+                    restarts: health.restarts,
+                    last_error: health.last_error.clone(),
+                }
             })
             .collect()
     }
@@ -480,6 +479,21 @@ pub fn http_response(plugin: &str, answer: HttpResponse) -> Result<axum::respons
     // Passed on as the plugin wrote it: the API's error rewriting leaves it alone.
     response.extensions_mut().insert(PluginAnswer);
     Ok(response)
+}
+
+/// A loaded plugin's state (`GET /_limbic/admin/v1/plugins`, spec/plugins.md).
+#[derive(Debug, serde::Serialize)]
+pub struct PluginStatus {
+    pub name: String,
+    pub version: String,
+    pub description: String,
+    /// The user it acts as by default.
+    pub user_id: OwnedUserId,
+    pub capabilities: Vec<&'static str>,
+    /// False once it failed too often and was turned off.
+    pub enabled: bool,
+    pub restarts: u64,
+    pub last_error: Option<String>,
 }
 
 /// Marks a response a plugin produced, so that the API layer passes it on as written.
