@@ -5,6 +5,7 @@ mod admin;
 mod after_commit;
 mod ephemeral;
 mod fanout;
+pub mod filter;
 mod pipeline;
 pub mod relations;
 mod retention;

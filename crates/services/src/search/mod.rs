@@ -12,7 +12,7 @@ use crate::{
     events::Pdu,
     rooms::{EventMeta, Membership, Rooms},
     store::{Batch, Key, KeyReader, Store, StreamPos, tables},
-    sync::EventFilter,
+    rooms::filter::EventFilter,
 };
 
 /// Longer "words" (hashes, base64 blobs) are not worth a key in the index.

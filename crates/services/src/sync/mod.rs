@@ -1,7 +1,6 @@
 //! /sync v3: what changed for a user between two stream positions, and the long-poll that waits
 //! for the stream watermark to move.
 
-pub mod filter;
 pub mod sliding;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -9,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use ruma::{OwnedRoomId, OwnedUserId, RoomId};
 use serde_json::{Value as JsonValue, json};
 
-pub use filter::{EventFilter, SyncFilter, history_token, parse_history_token, parse_token, token};
+pub use crate::rooms::filter::{EventFilter, SyncFilter, history_token, parse_history_token, parse_token, token};
 
 use crate::{
     error::Result,

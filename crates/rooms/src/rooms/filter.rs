@@ -1,4 +1,5 @@
-//! Sync and room event filters, read from their JSON definitions (stored or inline).
+//! Sync and room event filters, read from their JSON definitions (stored or inline), and the
+//! tokens of stream and history positions: what sync, /messages, search and relations share.
 
 use serde_json::Value as JsonValue;
 
