@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{TestServer, free_port};
+use super::{START_ATTEMPTS, TestServer, free_port};
 
 /// A CA and a certificate for 127.0.0.1 signed by it, as PEM files in `dir`.
 pub struct TestCa {
@@ -42,16 +42,23 @@ pub async fn federated(ca: &TestCa, extra: &str) -> Federated {
 
 /// The same, with more `LIMBIC_*` overrides.
 pub async fn federated_with(ca: &TestCa, extra: &str, env: &[(&str, &str)]) -> Federated {
-    let port = free_port();
-    let name = format!("127.0.0.1:{port}");
-    let config = format!(
-        "[federation]\nenabled = true\naddress = \"127.0.0.1\"\nport = {port}\ntls_certificate = {:?}\ntls_private_key = {:?}\nca_certificates = [{:?}]\ntrust_web_pki = false\n{extra}\n",
-        ca.certificate.display().to_string(),
-        ca.key.display().to_string(),
-        ca.ca.display().to_string(),
-    );
-    let server = TestServer::start_with_toml(&config, &[&[("LIMBIC_SERVER_NAME", name.as_str())], env].concat()).await;
-    Federated { server, name }
+    let mut exited = None;
+    // Both ports are fresh on each attempt: another test may take one before the server binds it.
+    for _ in 0..START_ATTEMPTS {
+        let port = free_port();
+        let name = format!("127.0.0.1:{port}");
+        let config = format!(
+            "[federation]\nenabled = true\naddress = \"127.0.0.1\"\nport = {port}\ntls_certificate = {:?}\ntls_private_key = {:?}\nca_certificates = [{:?}]\ntrust_web_pki = false\n{extra}\n",
+            ca.certificate.display().to_string(),
+            ca.key.display().to_string(),
+            ca.ca.display().to_string(),
+        );
+        match TestServer::try_start_with_toml(&config, &[&[("LIMBIC_SERVER_NAME", name.as_str())], env].concat()).await {
+            Ok(server) => return Federated { server, name },
+            Err(status) => exited = Some(status),
+        }
+    }
+    panic!("a federating limbic exited during start {START_ATTEMPTS} times, last with {exited:?}");
 }
 
 /// An HTTPS client trusting the test CA, for talking to the federation listener directly.

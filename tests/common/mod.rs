@@ -34,6 +34,9 @@ pub const SHARED_SECRET: &str = "test-shared-secret-0123456789abcdef";
 pub const FEDERATION_ALLOWED_NETWORKS: &str = "LIMBIC_FEDERATION__ALLOWED_NETWORKS";
 pub const LOOPBACK_NETWORKS: &str = r#"["127.0.0.0/8", "::1"]"#;
 
+/// How often a server is started on fresh ports before a test gives up.
+pub const START_ATTEMPTS: usize = 3;
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -51,6 +54,20 @@ impl TestServer {
     /// Starts a server whose config ends with `extra` (for sections such as `[[plugins]]`
     /// that environment variables cannot express).
     pub async fn start_with_toml(extra: &str, env: &[(&str, &str)]) -> Self {
+        let mut exited = None;
+        for _ in 0..START_ATTEMPTS {
+            match Self::try_start_with_toml(extra, env).await {
+                Ok(server) => return server,
+                Err(status) => exited = Some(status),
+            }
+        }
+        panic!("limbic exited during start {START_ATTEMPTS} times, last with {exited:?}");
+    }
+
+    /// [`Self::start_with_toml`] once: the exit status if the server stopped while starting.
+    /// A free port can be taken by another test between finding it and the server binding it,
+    /// so callers try again with new ports.
+    pub async fn try_start_with_toml(extra: &str, env: &[(&str, &str)]) -> Result<Self, std::process::ExitStatus> {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut server = Self {
@@ -61,8 +78,8 @@ impl TestServer {
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             extra: extra.to_owned(),
         };
-        server.spawn().await;
-        server
+        server.spawn().await?;
+        Ok(server)
     }
 
     /// The process id of the running server (to read its memory use in /proc).
@@ -100,7 +117,8 @@ impl TestServer {
         file.write_all(self.extra.as_bytes()).unwrap();
     }
 
-    async fn spawn(&mut self) {
+    /// Starts the process and waits until it answers; its exit status if it stopped first.
+    async fn spawn(&mut self) -> Result<(), std::process::ExitStatus> {
         self.write_config();
         let child = Command::new(env!("CARGO_BIN_EXE_limbic"))
             .args(["serve", "--config"])
@@ -120,10 +138,11 @@ impl TestServer {
             if let Ok(r) = http.get(format!("{}/_matrix/client/versions", self.base)).send().await
                 && r.status().is_success()
             {
-                return;
+                return Ok(());
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("limbic exited during start: {status}");
+                self.child = None;
+                return Err(status);
             }
             assert!(Instant::now() < deadline, "limbic did not start in time");
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -152,11 +171,14 @@ impl TestServer {
 
     pub async fn restart(&mut self) {
         self.stop().await;
-        self.spawn().await;
+        self.start_again().await;
     }
 
+    /// Starts the stopped server again, on its own port and store.
     pub async fn start_again(&mut self) {
-        self.spawn().await;
+        if let Err(status) = self.spawn().await {
+            panic!("limbic exited during start: {status}");
+        }
     }
 
     pub fn client(&self) -> Client {
