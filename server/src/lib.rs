@@ -35,8 +35,9 @@ pub async fn serve(server: Arc<Server>) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, server_name = %server.server_name(), "listening");
 
-    server.plugins.attach(&server).map_err(std::io::Error::other)?;
-    server.plugins.spawn_tasks(&server);
+    let plugin_host = server.plugin_host();
+    server.plugins.attach(&plugin_host).map_err(std::io::Error::other)?;
+    server.plugins.spawn_tasks(&plugin_host);
     let background = tokio::spawn(background_tasks(server.clone()));
     tokio::spawn(delayed::run(server.clone()));
     if server.config.calls.enabled {

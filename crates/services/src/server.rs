@@ -173,6 +173,11 @@ impl Server {
         Ok(())
     }
 
+    /// What the plugin host reaches of this server.
+    pub fn plugin_host(self: &Arc<Self>) -> Arc<dyn crate::plugins::HostServices> {
+        self.clone()
+    }
+
     /// Appends one event from a local user (a client, a plugin acting for one, a delayed event
     /// coming due) and commits it, with `records` of another module in the same batch (a delayed
     /// event's removal goes with the event it became). The after-commit work is done before it
@@ -251,5 +256,36 @@ impl Server {
         self.delete_all_devices(user_id, None)?;
         tracing::info!(%user_id, "deactivated account");
         Ok(())
+    }
+}
+
+/// The plugin host's view of the server: its rooms, users, sealed store and local send path.
+impl crate::plugins::HostServices for Server {
+    fn rooms(&self) -> &Rooms {
+        &self.rooms
+    }
+
+    fn users(&self) -> &Users {
+        &self.users
+    }
+
+    fn secrets(&self) -> &crate::secrets::SecretKey {
+        &self.secrets
+    }
+
+    fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn server_name(&self) -> &ruma::ServerName {
+        &self.config.server_name
+    }
+
+    fn shutting_down(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.shutting_down.subscribe()
+    }
+
+    fn send_local_event<'a>(&'a self, sender: &'a ruma::UserId, room_id: &'a ruma::RoomId, builder: PduBuilder) -> std::pin::Pin<Box<dyn Future<Output = Result<crate::events::Pdu>> + Send + 'a>> {
+        Box::pin(Server::send_local_event(self, sender, room_id, builder, None, None))
     }
 }

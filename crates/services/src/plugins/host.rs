@@ -8,7 +8,7 @@ use ruma::{OwnedRoomId, OwnedUserId, RoomVersionId};
 use serde_json::{Value as JsonValue, json};
 
 use super::{
-    Capability, PluginContext,
+    Capability, HostServices, PluginContext,
     bindings::limbic::plugin::{
         host,
         types::{self, Event, HostError, HttpResponse, LogLevel, MatrixError, Member, OutboundRequest, RoomSpec},
@@ -18,7 +18,6 @@ use super::{
 use crate::{
     error::Error,
     events::{Pdu, PduBuilder},
-    server::Server,
     store::{Key, KeyReader, tables},
 };
 
@@ -60,9 +59,9 @@ fn room_id(room: &str) -> Result<OwnedRoomId, HostError> {
 
 /// A room `rooms.read` reaches: any but a session's notes room, which reads exactly as a room
 /// that does not exist (`None`): notes are for the session's therapists alone.
-fn readable_room(server: &Server, room: &str) -> Result<Option<OwnedRoomId>, HostError> {
+fn readable_room(server: &dyn HostServices, room: &str) -> Result<Option<OwnedRoomId>, HostError> {
     let room_id = room_id(room)?;
-    if crate::clinic::subrooms::is_notes_room(&server.rooms, &room_id).map_err(refused)? {
+    if crate::clinic::subrooms::is_notes_room(server.rooms(), &room_id).map_err(refused)? {
         return Ok(None);
     }
     Ok(Some(room_id))
@@ -91,7 +90,7 @@ impl HostState {
         }
     }
 
-    fn server(&self) -> Result<Arc<Server>, HostError> {
+    fn server(&self) -> Result<Arc<dyn HostServices>, HostError> {
         self.context.server().ok_or_else(|| HostError::Failed("the server is shutting down".into()))
     }
 
@@ -102,7 +101,7 @@ impl HostState {
         self.require(Capability::UsersActAs)?;
         let user = OwnedUserId::try_from(sender.as_str()).map_err(|_| invalid(format!("{sender:?} is not a user id")))?;
         let server = self.server()?;
-        if user.server_name() != server.server_name() || !server.users.exists(&user).map_err(refused)? {
+        if user.server_name() != server.server_name() || !server.users().exists(&user).map_err(refused)? {
             return Err(invalid(format!("{user} is not a user of this server")));
         }
         Ok(user)
@@ -220,7 +219,7 @@ impl host::Host for HostState {
         let context = self.require(Capability::Kv)?.clone();
         let key = self.kv_key(&key)?;
         let Some(stored) = context.store.get(tables::PLUGIN_KV, &key).map_err(|e| refused(e.into()))? else { return Ok(None) };
-        self.server()?.secrets.open(tables::PLUGIN_KV, &key, &stored).map(Some).map_err(refused)
+        self.server()?.secrets().open(tables::PLUGIN_KV, &key, &stored).map(Some).map_err(refused)
     }
 
     fn kv_set(&mut self, key: String, value: Vec<u8>) -> Result<(), HostError> {
@@ -229,7 +228,7 @@ impl host::Host for HostState {
         check_kv_value(&value)?;
         // Values are sealed with the server key: plugins keep credentials here (CalDAV passwords).
         let key = self.kv_key(&key)?;
-        let sealed = self.server()?.secrets.seal(tables::PLUGIN_KV, &key, &value);
+        let sealed = self.server()?.secrets().seal(tables::PLUGIN_KV, &key, &value);
         let mut batch = context.store.batch();
         batch.put(&context.store, tables::PLUGIN_KV, &key, &sealed);
         context.store.write(batch).map_err(|e| refused(e.into()))
@@ -254,7 +253,7 @@ impl host::Host for HostState {
             if !key.starts_with(&prefix) || start_after.as_ref().is_some_and(|after| key.as_str() <= after.as_str()) {
                 continue;
             }
-            entries.push((key, server.secrets.open(tables::PLUGIN_KV, &raw, &value).map_err(refused)?));
+            entries.push((key, server.secrets().open(tables::PLUGIN_KV, &raw, &value).map_err(refused)?));
             if entries.len() as u32 >= limit.clamp(1, MAX_KV_SCAN) {
                 break;
             }
@@ -265,22 +264,22 @@ impl host::Host for HostState {
     fn state_event(&mut self, room: String, event_type: String, state_key: String) -> Result<Option<Event>, HostError> {
         self.require(Capability::RoomsRead)?;
         let server = self.server()?;
-        let Some(room_id) = readable_room(&server, &room)? else { return Ok(None) };
-        Ok(server.rooms.state_event(&room_id, &event_type, &state_key).map_err(refused)?.as_ref().map(event))
+        let Some(room_id) = readable_room(&*server, &room)? else { return Ok(None) };
+        Ok(server.rooms().state_event(&room_id, &event_type, &state_key).map_err(refused)?.as_ref().map(event))
     }
 
     fn room_state(&mut self, room: String) -> Result<Vec<Event>, HostError> {
         self.require(Capability::RoomsRead)?;
         let server = self.server()?;
-        let Some(room_id) = readable_room(&server, &room)? else { return Ok(Vec::new()) };
-        Ok(server.rooms.current_state(&room_id).map_err(refused)?.iter().map(event).collect())
+        let Some(room_id) = readable_room(&*server, &room)? else { return Ok(Vec::new()) };
+        Ok(server.rooms().current_state(&room_id).map_err(refused)?.iter().map(event).collect())
     }
 
     fn room_members(&mut self, room: String) -> Result<Vec<Member>, HostError> {
         self.require(Capability::RoomsRead)?;
         let server = self.server()?;
-        let Some(room_id) = readable_room(&server, &room)? else { return Ok(Vec::new()) };
-        let members = server.rooms.members(&room_id).map_err(refused)?;
+        let Some(room_id) = readable_room(&*server, &room)? else { return Ok(Vec::new()) };
+        let members = server.rooms().members(&room_id).map_err(refused)?;
         Ok(members.into_iter().map(|(user, membership)| Member { user_id: user.to_string(), membership: membership.as_str().to_owned() }).collect())
     }
 
@@ -290,7 +289,7 @@ impl host::Host for HostState {
         let (room_id, builder) = event_request(&room, &event_type, state_key, &content)?;
         let sender = self.acting_user(sender)?;
         let server = self.server()?;
-        block_on(server.send_local_event(&sender, &room_id, builder, None, None)).map(|pdu| pdu.event_id.to_string()).map_err(refused)
+        block_on(server.send_local_event(&sender, &room_id, builder)).map(|pdu| pdu.event_id.to_string()).map_err(refused)
     }
 
     fn create_room(&mut self, creator: Option<String>, spec: RoomSpec) -> Result<String, HostError> {
@@ -303,7 +302,7 @@ impl host::Host for HostState {
         let events = room_events(&creator, spec)?;
         let server = self.server()?;
         block_on(async {
-            let writer = server.rooms.new_room(RoomVersionId::V11, &creator, events).await?;
+            let writer = server.rooms().new_room(RoomVersionId::V11, &creator, events).await?;
             let room_id = writer.room_id().clone();
             writer.commit()?;
             Ok(room_id.to_string())
@@ -318,7 +317,7 @@ impl host::Host for HostState {
         let user = OwnedUserId::try_from(user.as_str()).map_err(|_| invalid(format!("{user:?} is not a user id")))?;
         let server = self.server()?;
         block_on(async {
-            let mut writer = server.rooms.writer(&room_id).await?;
+            let mut writer = server.rooms().writer(&room_id).await?;
             if !writer.exists() {
                 return Err(Error::not_found("unknown room"));
             }

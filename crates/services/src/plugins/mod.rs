@@ -32,7 +32,6 @@ use crate::{
     config::{CheckFailure, Config, PluginConfig, PluginHostConfig},
     error::{Error, Result},
     events::Pdu,
-    server::Server,
     store::{Batch, Store, StreamPos, tables},
 };
 
@@ -75,13 +74,31 @@ pub struct PluginContext {
     pub config_json: String,
     pub store: Arc<Store>,
     pub http: reqwest::Client,
-    server: Arc<OnceLock<Weak<Server>>>,
+    server: Arc<OnceLock<Weak<dyn HostServices>>>,
 }
 
 impl PluginContext {
-    pub fn server(&self) -> Option<Arc<Server>> {
+    pub fn server(&self) -> Option<Arc<dyn HostServices>> {
         self.server.get()?.upgrade()
     }
+}
+
+/// What the plugin host reaches of the rest of the server, given once at start-up
+/// ([`Plugins::attach`]); the server implements it. Weak, since the server owns the plugins and
+/// its room pipeline calls them. A plugin's writes go through the local send path, so they pass
+/// the room's rules, the clinic's and the other plugins' `check-event`, and the after-commit
+/// hooks, as a client's do.
+pub trait HostServices: Send + Sync {
+    fn rooms(&self) -> &crate::rooms::Rooms;
+    fn users(&self) -> &crate::users::Users;
+    /// Seals plugins' stored values.
+    fn secrets(&self) -> &crate::secrets::SecretKey;
+    fn store(&self) -> &Store;
+    fn server_name(&self) -> &ruma::ServerName;
+    /// Turns true when the server begins to shut down.
+    fn shutting_down(&self) -> tokio::sync::watch::Receiver<bool>;
+    /// Appends an event of a local user and commits it, as a client's send does.
+    fn send_local_event<'a>(&'a self, sender: &'a ruma::UserId, room_id: &'a ruma::RoomId, builder: crate::events::PduBuilder) -> std::pin::Pin<Box<dyn Future<Output = Result<Pdu>> + Send + 'a>>;
 }
 
 /// Modification times and sizes of a plugin's files, to notice changes.
@@ -206,7 +223,7 @@ pub struct Plugins {
     runtime: Option<(Engine, Linker<HostState>)>,
     host: PluginHostConfig,
     plugins: Vec<Arc<Plugin>>,
-    server: Arc<OnceLock<Weak<Server>>>,
+    server: Arc<OnceLock<Weak<dyn HostServices>>>,
     store: Arc<Store>,
     server_name: OwnedServerName,
     http: reqwest::Client,
@@ -284,12 +301,12 @@ impl Plugins {
     }
 
     /// Gives host functions the server, and makes sure every plugin's user exists.
-    pub fn attach(&self, server: &Arc<Server>) -> Result<()> {
+    pub fn attach(&self, server: &Arc<dyn HostServices>) -> Result<()> {
         let _ = self.server.set(Arc::downgrade(server));
         for plugin in &self.plugins {
             let user = plugin.code().context.user_id.clone();
-            if !server.users.exists(&user)? {
-                server.users.create(&user, None, false)?;
+            if !server.users().exists(&user)? {
+                server.users().create(&user, None, false)?;
                 tracing::info!(plugin = plugin.name(), %user, "created the plugin's user");
             }
         }
@@ -381,7 +398,7 @@ impl Plugins {
     }
 
     /// Starts the on-event, tick and reload tasks.
-    pub fn spawn_tasks(self: &Arc<Self>, server: &Arc<Server>) {
+    pub fn spawn_tasks(self: &Arc<Self>, server: &Arc<dyn HostServices>) {
         if self.plugins.is_empty() {
             return;
         }
@@ -504,14 +521,14 @@ pub struct PluginAnswer;
 const DELIVERY_BATCH: usize = 256;
 
 /// Feeds a plugin's `on-event` from the outbox, in stream order, from its persisted cursor.
-async fn deliver_events(plugins: Arc<Plugins>, server: Arc<Server>, plugin: Arc<Plugin>) {
-    let mut watermark = server.store.streams().subscribe();
-    let mut shutdown = server.shutting_down.subscribe();
+async fn deliver_events(plugins: Arc<Plugins>, server: Arc<dyn HostServices>, plugin: Arc<Plugin>) {
+    let mut watermark = server.store().streams().subscribe();
+    let mut shutdown = server.shutting_down();
     let mut cursor = match plugins.cursor(plugin.name()) {
         Ok(Some(cursor)) => cursor,
         // A new plugin starts from now; it does not see history.
         _ => {
-            let now = server.store.streams().current();
+            let now = server.store().streams().current();
             if let Err(error) = plugins.set_cursor(plugin.name(), now) {
                 tracing::error!(plugin = plugin.name(), %error, "cannot store the plugin's event cursor");
             }
@@ -519,14 +536,14 @@ async fn deliver_events(plugins: Arc<Plugins>, server: Arc<Server>, plugin: Arc<
         }
     };
     loop {
-        let upto = server.store.streams().current();
+        let upto = server.store().streams().current();
         let wants = plugin.code().manifest.on_event.is_some() && !locked(&plugin.health).disabled;
         // Most events never reach the outbox (no plugin wants their type): nothing to do.
-        let next = server.store.scan_from(tables::PLUGIN_OUTBOX, Vec::new(), &(cursor + 1).to_be_bytes(), false).next();
+        let next = server.store().scan_from(tables::PLUGIN_OUTBOX, Vec::new(), &(cursor + 1).to_be_bytes(), false).next();
         let pending = matches!(next, Some(Ok((key, _))) if pos_of(&key) <= upto);
         if wants && pending {
             let (plugins2, server2, plugin2) = (plugins.clone(), server.clone(), plugin.clone());
-            let delivered = tokio::task::spawn_blocking(move || deliver_batch(&plugins2, &server2, &plugin2, cursor, upto)).await;
+            let delivered = tokio::task::spawn_blocking(move || deliver_batch(&plugins2, &*server2, &plugin2, cursor, upto)).await;
             match delivered {
                 Ok(Ok(last)) if last > cursor => {
                     cursor = last;
@@ -550,11 +567,11 @@ async fn deliver_events(plugins: Arc<Plugins>, server: Arc<Server>, plugin: Arc<
 }
 
 /// Delivers the outbox entries after `cursor` up to `upto`; returns the last position handled.
-fn deliver_batch(plugins: &Plugins, server: &Server, plugin: &Plugin, cursor: StreamPos, upto: StreamPos) -> Result<StreamPos> {
+fn deliver_batch(plugins: &Plugins, server: &dyn HostServices, plugin: &Plugin, cursor: StreamPos, upto: StreamPos) -> Result<StreamPos> {
     let mut last = cursor;
     let start = (cursor + 1).to_be_bytes();
     let entries: Vec<(StreamPos, Vec<u8>)> = server
-        .store
+        .store()
         .scan_from(tables::PLUGIN_OUTBOX, Vec::new(), &start, false)
         .take(DELIVERY_BATCH)
         .map(|item| item.map(|(key, value)| (pos_of(&key), value.to_vec())))
@@ -565,9 +582,9 @@ fn deliver_batch(plugins: &Plugins, server: &Server, plugin: &Plugin, cursor: St
         }
         last = pos;
         let Ok(event_id) = ruma::OwnedEventId::try_from(String::from_utf8_lossy(&event_id).as_ref()) else { continue };
-        let Some(pdu) = server.rooms.pdu(&event_id)? else { continue };
+        let Some(pdu) = server.rooms().pdu(&event_id)? else { continue };
         // Notes are for the session's therapists alone, never a plugin's.
-        if crate::clinic::subrooms::is_notes_room(&server.rooms, &pdu.room_id)? {
+        if crate::clinic::subrooms::is_notes_room(server.rooms(), &pdu.room_id)? {
             continue;
         }
         let code = plugin.code();
@@ -586,8 +603,8 @@ fn deliver_batch(plugins: &Plugins, server: &Server, plugin: &Plugin, cursor: St
 }
 
 /// Calls a plugin's `on-tick` on the schedule its manifest sets.
-async fn tick(plugins: Arc<Plugins>, server: Arc<Server>, plugin: Arc<Plugin>) {
-    let mut shutdown = server.shutting_down.subscribe();
+async fn tick(plugins: Arc<Plugins>, server: Arc<dyn HostServices>, plugin: Arc<Plugin>) {
+    let mut shutdown = server.shutting_down();
     loop {
         let every = plugin.code().manifest.tick_seconds.unwrap_or(plugins.host.reload_interval_seconds.max(1));
         tokio::select! {
@@ -607,8 +624,8 @@ async fn tick(plugins: Arc<Plugins>, server: Arc<Server>, plugin: Arc<Plugin>) {
 }
 
 /// Reloads changed plugin files and prunes the outbox, every `reload_interval_seconds`.
-async fn watch_files(plugins: Arc<Plugins>, server: Arc<Server>) {
-    let mut shutdown = server.shutting_down.subscribe();
+async fn watch_files(plugins: Arc<Plugins>, server: Arc<dyn HostServices>) {
+    let mut shutdown = server.shutting_down();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(plugins.host.reload_interval_seconds)) => {}
