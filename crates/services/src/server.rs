@@ -130,7 +130,7 @@ impl Server {
             after_commit: vec![
                 self.metrics.clone(),
                 Arc::new(crate::calls::recording::RecordingWatch::new(Arc::downgrade(self))),
-                Arc::new(crate::clinic::subrooms::RemoteRoleChanges::new(Arc::downgrade(self), self.config.server_name.clone())),
+                Arc::new(crate::clinic::subrooms::RemoteRoleChanges::new(Arc::downgrade(&(self.clone() as Arc<dyn crate::clinic::ClinicHost>)), self.config.server_name.clone())),
             ],
         }
     }
@@ -171,6 +171,12 @@ impl Server {
             crate::federation::sender::device_list_changed(self, user_id, &device_id, true)?;
         }
         Ok(())
+    }
+
+    /// The checks a local user's event passes at the send and state endpoints (and when a
+    /// delayed event comes due), beyond the room's rules.
+    pub fn local_events(&self) -> crate::local_events::LocalEvents<'_> {
+        crate::local_events::LocalEvents { rooms: &self.rooms, server_name: &self.config.server_name, max_message_length: self.config.clinic.max_message_length }
     }
 
     /// What the plugin host reaches of this server.
@@ -283,6 +289,41 @@ impl crate::plugins::HostServices for Server {
 
     fn shutting_down(&self) -> tokio::sync::watch::Receiver<bool> {
         self.shutting_down.subscribe()
+    }
+
+    fn send_local_event<'a>(&'a self, sender: &'a ruma::UserId, room_id: &'a ruma::RoomId, builder: PduBuilder) -> std::pin::Pin<Box<dyn Future<Output = Result<crate::events::Pdu>> + Send + 'a>> {
+        Box::pin(Server::send_local_event(self, sender, room_id, builder, None, None))
+    }
+}
+
+/// The clinic's view of the server.
+impl crate::clinic::ClinicHost for Server {
+    fn rooms(&self) -> &Rooms {
+        &self.rooms
+    }
+
+    fn users(&self) -> &Users {
+        &self.users
+    }
+
+    fn clinic(&self) -> &Clinic {
+        &self.clinic
+    }
+
+    fn appointments(&self) -> &crate::clinic::appointments::Appointments {
+        &self.appointments
+    }
+
+    fn audit(&self) -> &Audit {
+        &self.audit
+    }
+
+    fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn server_name(&self) -> &ruma::ServerName {
+        &self.config.server_name
     }
 
     fn send_local_event<'a>(&'a self, sender: &'a ruma::UserId, room_id: &'a ruma::RoomId, builder: PduBuilder) -> std::pin::Pin<Box<dyn Future<Output = Result<crate::events::Pdu>> + Send + 'a>> {

@@ -173,7 +173,7 @@ async fn send_message(
     server.rate_limiter.check(Action::Message, &req.rate_keys())?;
     let content: JsonValue = serde_json::from_str(req.body.body.json().get()).map_err(|e| Error::bad_json(e.to_string()))?;
     let room_id = &req.body.room_id;
-    let builder = crate::local_events::event_builder(&server, room_id, &req.body.event_type.to_string(), None, content)?;
+    let builder = server.local_events().builder(room_id, &req.body.event_type.to_string(), None, content)?;
     if let Some(delay_ms) = delay {
         return schedule(&server, caller, NewDelayedEvent { room_id, event: builder, delay_ms, txn_id: Some(req.body.txn_id.as_str()) }).await;
     }
@@ -192,7 +192,7 @@ async fn send_state(
     let delay = requested_delay(query.as_deref())?;
     let content: JsonValue = serde_json::from_str(req.body.body.json().get()).map_err(|e| Error::bad_json(e.to_string()))?;
     let room_id = &req.body.room_id;
-    let builder = crate::local_events::event_builder(&server, room_id, &req.body.event_type.to_string(), Some(&req.body.state_key), content)?;
+    let builder = server.local_events().builder(room_id, &req.body.event_type.to_string(), Some(&req.body.state_key), content)?;
     if let Some(delay_ms) = delay {
         return schedule(&server, caller, NewDelayedEvent { room_id, event: builder, delay_ms, txn_id: None }).await;
     }

@@ -9,12 +9,11 @@ use ruma::{OwnedRoomId, OwnedServerName, OwnedUserId, RoomId, ServerName, UserId
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{Kind, RecordingPolicy, Role};
+use super::{ClinicHost, Kind, RecordingPolicy, Role};
 use crate::{
     audit::{Audit, AuditRecord},
     config::AppointmentsConfig,
     error::{Error, ErrorCode, Result},
-    server::Server,
     store::{Batch, Store, tables},
     users::random_string,
 };
@@ -230,19 +229,19 @@ pub struct NewAppointment {
 }
 
 /// The role `user_id` holds in the session, if any.
-fn role(server: &Server, room_id: &RoomId, user_id: &UserId) -> Result<Option<Role>> {
-    super::session_role(&server.rooms, room_id, user_id.as_str())
+fn role(server: &dyn ClinicHost, room_id: &RoomId, user_id: &UserId) -> Result<Option<Role>> {
+    super::session_role(server.rooms(), room_id, user_id.as_str())
 }
 
 
 /// A link signs in whoever it names, so the booking service may name as client only a plain
 /// account (or a new one): never a server admin or a verified therapist, whose login links
 /// would hand the service their powers.
-fn refuse_privileged_client(server: &Server, client: &UserId) -> Result<()> {
-    if server.users.is_admin(client)? {
+fn refuse_privileged_client(server: &dyn ClinicHost, client: &UserId) -> Result<()> {
+    if server.users().is_admin(client)? {
         return Err(Error::forbidden(format!("{client} is a server admin and cannot be booked as a client")));
     }
-    if server.clinic.is_verified_therapist(client)? {
+    if server.clinic().is_verified_therapist(client)? {
         return Err(Error::forbidden(format!("{client} is a verified therapist and cannot be booked as a client")));
     }
     Ok(())
@@ -258,7 +257,7 @@ pub struct Booked {
 
 /// Creates the appointment's session (once per appointment id: a repeat call gets new links for
 /// the same two users) for the booking service, which the caller has authorized.
-pub async fn book(server: &Server, request: NewAppointment) -> Result<Booked> {
+pub async fn book(server: &dyn ClinicHost, request: NewAppointment) -> Result<Booked> {
     if request.appointment_id.is_empty() {
         return Err(Error::bad_json("appointment_id must not be empty"));
     }
@@ -268,16 +267,16 @@ pub async fn book(server: &Server, request: NewAppointment) -> Result<Booked> {
     if request.client.server_name() != server.server_name() {
         return Err(Error::invalid_param("the client must be a user of this server"));
     }
-    if !server.clinic.is_verified_therapist(&request.therapist)? {
+    if !server.clinic().is_verified_therapist(&request.therapist)? {
         return Err(Error::forbidden(format!("{} is not a verified therapist", request.therapist)));
     }
     refuse_privileged_client(server, &request.client)?;
-    if server.users.is_admin(&request.therapist)? {
+    if server.users().is_admin(&request.therapist)? {
         return Err(Error::forbidden(format!("{} is a server admin: appointment links never sign in an admin", request.therapist)));
     }
 
-    let _creating = server.appointments.lock_creation().await;
-    let room_id = match server.appointments.room(&request.appointment_id)? {
+    let _creating = server.appointments().lock_creation().await;
+    let room_id = match server.appointments().room(&request.appointment_id)? {
         Some(room_id) => {
             // A repeat call gets new links, but only for the appointment's own participants.
             if role(server, &room_id, &request.therapist)? != Some(Role::Therapist) || role(server, &room_id, &request.client)? != Some(Role::Client) {
@@ -291,8 +290,8 @@ pub async fn book(server: &Server, request: NewAppointment) -> Result<Booked> {
         }
         None => {
             // Clients booked from outside may not have an account yet; they sign in by link.
-            if !server.users.exists(&request.client)? {
-                server.users.create(&request.client, None, false)?;
+            if !server.users().exists(&request.client)? {
+                server.users().create(&request.client, None, false)?;
             }
             let session = super::sessions::NewSession {
                 kind: request.kind.unwrap_or(Kind::Individual),
@@ -308,14 +307,14 @@ pub async fn book(server: &Server, request: NewAppointment) -> Result<Booked> {
             };
             let (mut writer, _) = super::sessions::stage(server, &request.therapist, session).await?;
             let room_id = writer.room_id().clone();
-            server.appointments.stage_room(writer.batch(), &request.appointment_id, &room_id);
+            server.appointments().stage_room(writer.batch(), &request.appointment_id, &room_id);
             writer.commit()?.finish().await;
             room_id
         }
     };
     let mut links = std::collections::BTreeMap::new();
     for user_id in [request.therapist, request.client] {
-        let link = server.appointments.link(&user_id, &room_id)?;
+        let link = server.appointments().link(&user_id, &room_id)?;
         links.insert(user_id, link);
     }
     Ok(Booked { room_id, links })

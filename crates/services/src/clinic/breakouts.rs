@@ -8,6 +8,7 @@ use ruma::{OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value as JsonValue, json};
 
+use super::ClinicHost;
 use super::{
     BREAKOUT, Breakout, CALL_MEMBER, ROLE, Role, SESSION, role_user,
     subrooms::{self, membership_in},
@@ -17,15 +18,14 @@ use crate::{
     error::{Error, Result},
     events::PduBuilder,
     rooms::{Membership, RoomWriter},
-    server::Server,
 };
 
 const WHY: &str = "manage its breakouts";
 
 /// The session's roles, from its room's current state.
-fn session_roles(server: &Server, session_room: &RoomId) -> Result<Vec<(OwnedUserId, Role)>> {
+fn session_roles(server: &dyn ClinicHost, session_room: &RoomId) -> Result<Vec<(OwnedUserId, Role)>> {
     Ok(server
-        .rooms
+        .rooms()
         .current_state(session_room)?
         .into_iter()
         .filter(|pdu| pdu.kind.to_string() == ROLE)
@@ -38,9 +38,9 @@ fn session_roles(server: &Server, session_room: &RoomId) -> Result<Vec<(OwnedUse
 }
 
 /// Users joined to or invited into a room.
-fn present_members(server: &Server, room: &RoomId) -> Result<Vec<OwnedUserId>> {
+fn present_members(server: &dyn ClinicHost, room: &RoomId) -> Result<Vec<OwnedUserId>> {
     Ok(server
-        .rooms
+        .rooms()
         .current_state(room)?
         .into_iter()
         .filter(|pdu| matches!(pdu.membership(), Some(Membership::Join | Membership::Invite)))
@@ -49,8 +49,8 @@ fn present_members(server: &Server, room: &RoomId) -> Result<Vec<OwnedUserId>> {
 }
 
 /// The session's breakout room `breakout_id`, which must still be open.
-fn open_breakout(server: &Server, session_room: &RoomId, breakout_id: &RoomId) -> Result<Breakout> {
-    let (_, breakout) = subrooms::breakouts(&server.rooms, session_room)?
+fn open_breakout(server: &dyn ClinicHost, session_room: &RoomId, breakout_id: &RoomId) -> Result<Breakout> {
+    let (_, breakout) = subrooms::breakouts(server.rooms(), session_room)?
         .into_iter()
         .find(|(room, _)| room == breakout_id)
         .ok_or_else(|| Error::not_found("not a breakout room of this session"))?;
@@ -63,22 +63,22 @@ fn open_breakout(server: &Server, session_room: &RoomId, breakout_id: &RoomId) -
 /// Stages `user` leaving every open breakout of the session other than `except`, in writers
 /// the caller commits.
 async fn stage_leave_others<'s>(
-    server: &'s Server,
+    server: &'s dyn ClinicHost,
     by: &UserId,
     session_room: &RoomId,
     except: Option<&RoomId>,
     user: &UserId,
     writers: &mut Vec<RoomWriter<'s>>,
 ) -> Result<()> {
-    for (room, breakout) in subrooms::breakouts(&server.rooms, session_room)? {
-        if breakout.closed || Some(room.as_ref()) == except || !matches!(server.rooms.membership(&room, user)?, Some(Membership::Join | Membership::Invite)) {
+    for (room, breakout) in subrooms::breakouts(server.rooms(), session_room)? {
+        if breakout.closed || Some(room.as_ref()) == except || !matches!(server.rooms().membership(&room, user)?, Some(Membership::Join | Membership::Invite)) {
             continue;
         }
         let existing = writers.iter().position(|w| *w.room_id() == room);
         let position = match existing {
             Some(position) => position,
             None => {
-                writers.push(server.rooms.writer(&room).await?);
+                writers.push(server.rooms().writer(&room).await?);
                 writers.len() - 1
             }
         };
@@ -113,9 +113,9 @@ pub struct BreakoutView {
 /// Creates a breakout room: its state, `m.space.parent` to the session and `m.space.child` in
 /// it, invitations for the session's therapists and the given participants (who leave any
 /// other breakout), all in one write.
-pub async fn create(server: &Server, by: &UserId, session_room: &RoomId, request: NewBreakout) -> Result<OwnedRoomId> {
+pub async fn create(server: &dyn ClinicHost, by: &UserId, session_room: &RoomId, request: NewBreakout) -> Result<OwnedRoomId> {
     super::sessions::require_therapist(server, by, session_room, WHY)?;
-    let session = server.rooms.state_content(session_room, SESSION, "")?.ok_or_else(|| Error::not_found("not a session"))?;
+    let session = server.rooms().state_content(session_room, SESSION, "")?.ok_or_else(|| Error::not_found("not a session"))?;
     let session = super::parse_session(&session)?;
     if !session.kind.allows_breakouts() {
         return Err(Error::forbidden(format!("a {:?} session has no breakout rooms", session.kind).to_lowercase()));
@@ -128,7 +128,7 @@ pub async fn create(server: &Server, by: &UserId, session_room: &RoomId, request
         return Err(Error::invalid_param(format!("{stranger} is not a participant of the session")));
     }
 
-    let mut main = server.rooms.writer(session_room).await?;
+    let mut main = server.rooms().writer(session_room).await?;
     let therapists: Vec<&(OwnedUserId, Role)> = roles.iter().filter(|(_, role)| role.is_therapist()).collect();
     let power_users: serde_json::Map<String, JsonValue> = therapists.iter().map(|(user, role)| (user.to_string(), json!(role.power_level()))).collect();
     let staff = Role::CoTherapist.power_level();
@@ -147,7 +147,7 @@ pub async fn create(server: &Server, by: &UserId, session_room: &RoomId, request
         PduBuilder::state("m.space.parent", session_room.as_str(), json!({ "via": via, "canonical": true })),
         PduBuilder::state(BREAKOUT, "", json!({ "session_room": session_room, "name": request.name, "closed": false })),
     ];
-    let mut breakout = server.rooms.new_room(RoomVersionId::V11, by, events).await?;
+    let mut breakout = server.rooms().new_room(RoomVersionId::V11, by, events).await?;
     let breakout_id = breakout.room_id().clone();
     let mut others = Vec::new();
     let invitees = therapists.iter().map(|(user, _)| user).chain(&request.participants).filter(|user| **user != *by);
@@ -171,10 +171,10 @@ pub async fn create(server: &Server, by: &UserId, session_room: &RoomId, request
 }
 
 /// The session's breakout rooms with who is in them; for its members and participants.
-pub fn list(server: &Server, user: &UserId, session_room: &RoomId) -> Result<Vec<BreakoutView>> {
+pub fn list(server: &dyn ClinicHost, user: &UserId, session_room: &RoomId) -> Result<Vec<BreakoutView>> {
     super::sessions::view(server, user, session_room)?;
     let mut breakouts = Vec::new();
-    for (room_id, breakout) in subrooms::breakouts(&server.rooms, session_room)? {
+    for (room_id, breakout) in subrooms::breakouts(server.rooms(), session_room)? {
         let members = if breakout.closed { Vec::new() } else { present_members(server, &room_id)? };
         breakouts.push(BreakoutView { room_id, name: breakout.name, closed: breakout.closed, members });
     }
@@ -182,14 +182,14 @@ pub fn list(server: &Server, user: &UserId, session_room: &RoomId) -> Result<Vec
 }
 
 /// Moves a participant into a breakout room (out of any other).
-pub async fn assign(server: &Server, by: &UserId, session_room: &RoomId, breakout_id: &RoomId, user: &UserId) -> Result<()> {
+pub async fn assign(server: &dyn ClinicHost, by: &UserId, session_room: &RoomId, breakout_id: &RoomId, user: &UserId) -> Result<()> {
     super::sessions::require_therapist(server, by, session_room, WHY)?;
-    if super::session_role(&server.rooms, session_room, user.as_str())?.is_none() {
+    if super::session_role(server.rooms(), session_room, user.as_str())?.is_none() {
         return Err(Error::invalid_param(format!("{user} is not a participant of the session")));
     }
-    let main = server.rooms.writer(session_room).await?;
+    let main = server.rooms().writer(session_room).await?;
     open_breakout(server, session_room, breakout_id)?;
-    let mut target = server.rooms.writer(breakout_id).await?;
+    let mut target = server.rooms().writer(breakout_id).await?;
     subrooms::ensure_joined(&mut target, by)?;
     if !matches!(membership_in(&target, user)?, Some(Membership::Join | Membership::Invite)) {
         target.append(by, PduBuilder::state("m.room.member", user.as_str(), json!({ "membership": "invite" })), None)?;
@@ -211,11 +211,11 @@ fn stage_return(main: &mut RoomWriter<'_>, by: &UserId, users: &[OwnedUserId]) -
 }
 
 /// Sends a participant back to the main room.
-pub async fn unassign(server: &Server, by: &UserId, session_room: &RoomId, breakout_id: &RoomId, user: &UserId) -> Result<()> {
+pub async fn unassign(server: &dyn ClinicHost, by: &UserId, session_room: &RoomId, breakout_id: &RoomId, user: &UserId) -> Result<()> {
     super::sessions::require_therapist(server, by, session_room, WHY)?;
-    let mut main = server.rooms.writer(session_room).await?;
+    let mut main = server.rooms().writer(session_room).await?;
     open_breakout(server, session_room, breakout_id)?;
-    let mut target = server.rooms.writer(breakout_id).await?;
+    let mut target = server.rooms().writer(breakout_id).await?;
     if !matches!(membership_in(&target, user)?, Some(Membership::Join | Membership::Invite)) {
         return Err(Error::not_found(format!("{user} is not in this breakout room")));
     }
@@ -229,11 +229,11 @@ pub async fn unassign(server: &Server, by: &UserId, session_room: &RoomId, break
 
 /// Closes a breakout room: it is marked closed, everyone leaves it, anyone who had left the
 /// main room is invited back, and it is removed from the session's children.
-pub async fn close(server: &Server, by: &UserId, session_room: &RoomId, breakout_id: &RoomId) -> Result<()> {
+pub async fn close(server: &dyn ClinicHost, by: &UserId, session_room: &RoomId, breakout_id: &RoomId) -> Result<()> {
     super::sessions::require_therapist(server, by, session_room, WHY)?;
-    let mut main = server.rooms.writer(session_room).await?;
+    let mut main = server.rooms().writer(session_room).await?;
     let mut content = open_breakout(server, session_room, breakout_id)?;
-    let mut target = server.rooms.writer(breakout_id).await?;
+    let mut target = server.rooms().writer(breakout_id).await?;
     subrooms::ensure_joined(&mut target, by)?;
     let members = present_members(server, breakout_id)?;
     content.closed = true;

@@ -27,6 +27,49 @@ pub use limbic_clinic_model::{
     RecordingPolicy, Role, SESSION, Session, Status, role_key, role_user,
 };
 
+/// What the clinic's services reach of the rest of the server; the server implements it, so that
+/// the clinic names none of the services that consult it.
+pub trait ClinicHost: Send + Sync {
+    fn rooms(&self) -> &crate::rooms::Rooms;
+    fn users(&self) -> &crate::users::Users;
+    fn clinic(&self) -> &Clinic;
+    fn appointments(&self) -> &appointments::Appointments;
+    fn audit(&self) -> &crate::audit::Audit;
+    fn store(&self) -> &Store;
+    fn server_name(&self) -> &ruma::ServerName;
+    /// Appends an event of a local user and commits it, as a client's send does (the clinic
+    /// rules, the sub-rooms a role change ends, the after-commit hooks).
+    fn send_local_event<'a>(&'a self, sender: &'a UserId, room_id: &'a ruma::RoomId, builder: crate::events::PduBuilder) -> std::pin::Pin<Box<dyn Future<Output = Result<crate::events::Pdu>> + Send + 'a>>;
+}
+
+/// The server behind an `Arc`, as the API layer holds it.
+impl<T: ClinicHost + ?Sized> ClinicHost for Arc<T> {
+    fn rooms(&self) -> &crate::rooms::Rooms {
+        (**self).rooms()
+    }
+    fn users(&self) -> &crate::users::Users {
+        (**self).users()
+    }
+    fn clinic(&self) -> &Clinic {
+        (**self).clinic()
+    }
+    fn appointments(&self) -> &appointments::Appointments {
+        (**self).appointments()
+    }
+    fn audit(&self) -> &crate::audit::Audit {
+        (**self).audit()
+    }
+    fn store(&self) -> &Store {
+        (**self).store()
+    }
+    fn server_name(&self) -> &ruma::ServerName {
+        (**self).server_name()
+    }
+    fn send_local_event<'a>(&'a self, sender: &'a UserId, room_id: &'a ruma::RoomId, builder: crate::events::PduBuilder) -> std::pin::Pin<Box<dyn Future<Output = Result<crate::events::Pdu>> + Send + 'a>> {
+        (**self).send_local_event(sender, room_id, builder)
+    }
+}
+
 /// The role `user` holds in the session of `room_id`, if any.
 pub fn session_role(rooms: &crate::rooms::Rooms, room_id: &ruma::RoomId, user: &str) -> Result<Option<Role>> {
     Ok(rooms.state_content(room_id, ROLE, &role_key(user))?.as_ref().and_then(Role::of))

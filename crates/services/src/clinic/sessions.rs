@@ -8,12 +8,12 @@ use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId
 use serde::{Deserialize, Serialize};
 use serde_json::{Value as JsonValue, json};
 
+use super::ClinicHost;
 use super::{CALL_MEMBER, HAND, Kind, RECORDING, RECORDING_CONSENT, ROLE, RecordingPolicy, Role, SESSION, Session, Status, role_key, role_user, subrooms::stage_role_change};
 use crate::{
     error::{Error, Result},
     events::PduBuilder,
     rooms::{Committed, Membership, RoomWriter},
-    server::Server,
 };
 
 /// Someone to invite into a new session, with their role.
@@ -113,12 +113,12 @@ fn power_levels(therapist: &UserId, participants: &[Participant]) -> JsonValue {
 
 /// Stages a new session room with `therapist` as its therapist: its state, the roles and the
 /// invitations, in a writer the caller commits (with records of its own, if any).
-pub async fn stage<'s>(server: &'s Server, therapist: &UserId, request: NewSession) -> Result<(RoomWriter<'s>, Session)> {
+pub async fn stage<'s>(server: &'s dyn ClinicHost, therapist: &UserId, request: NewSession) -> Result<(RoomWriter<'s>, Session)> {
     if request.participants.iter().any(|p| p.user_id == therapist) {
         return Err(Error::bad_json("the creating therapist is a participant already"));
     }
     for p in &request.participants {
-        if p.user_id.server_name() == server.server_name() && !server.users.exists(&p.user_id)? {
+        if p.user_id.server_name() == server.server_name() && !server.users().exists(&p.user_id)? {
             return Err(Error::not_found(format!("unknown user {}", p.user_id)));
         }
     }
@@ -129,11 +129,11 @@ pub async fn stage<'s>(server: &'s Server, therapist: &UserId, request: NewSessi
         ends_at: request.ends_at,
         timezone: request.timezone,
         status: Status::Scheduled,
-        max_participants: request.max_participants.unwrap_or_else(|| server.clinic.kind_limit(request.kind)),
+        max_participants: request.max_participants.unwrap_or_else(|| server.clinic().kind_limit(request.kind)),
         join_window_minutes: request.join_window_minutes.unwrap_or(15),
         recording_policy: request.recording_policy,
     };
-    let account = server.users.account(therapist)?.ok_or_else(|| Error::forbidden("unknown user"))?;
+    let account = server.users().account(therapist)?.ok_or_else(|| Error::forbidden("unknown user"))?;
     let mut member = json!({ "membership": "join" });
     if let Some(name) = account.displayname {
         member["displayname"] = json!(name);
@@ -157,16 +157,16 @@ pub async fn stage<'s>(server: &'s Server, therapist: &UserId, request: NewSessi
         events.push(PduBuilder::state("m.room.member", p.user_id.as_str(), json!({ "membership": "invite" })));
     }
 
-    let mut writer = server.rooms.new_room(RoomVersionId::V11, therapist, events).await?;
+    let mut writer = server.rooms().new_room(RoomVersionId::V11, therapist, events).await?;
     let room_id = writer.room_id().clone();
     if let Some(passcode) = request.passcode.as_deref().filter(|p| !p.is_empty()) {
-        server.clinic.stage_passcode(writer.batch(), &room_id, passcode)?;
+        server.clinic().stage_passcode(writer.batch(), &room_id, passcode)?;
     }
     Ok((writer, session))
 }
 
 /// Creates a session room in one atomic write: its state, the roles and the invitations.
-pub async fn create(server: &Server, therapist: &UserId, request: NewSession) -> Result<(OwnedRoomId, Session)> {
+pub async fn create(server: &dyn ClinicHost, therapist: &UserId, request: NewSession) -> Result<(OwnedRoomId, Session)> {
     let (writer, session) = stage(server, therapist, request).await?;
     let room_id = writer.room_id().clone();
     writer.commit()?.finish().await;
@@ -175,16 +175,16 @@ pub async fn create(server: &Server, therapist: &UserId, request: NewSession) ->
 
 /// The session's content and roles; for its members and participants only (those who left or
 /// were declined see nothing, not even that it exists).
-pub fn view(server: &Server, user: &UserId, room_id: &RoomId) -> Result<SessionView> {
-    let content = server.rooms.state_content(room_id, SESSION, "")?.ok_or_else(|| Error::not_found("not a session"))?;
-    let role = super::session_role(&server.rooms, room_id, user.as_str())?;
-    let member = matches!(server.rooms.membership(room_id, user)?, Some(Membership::Join | Membership::Invite | Membership::Knock));
+pub fn view(server: &dyn ClinicHost, user: &UserId, room_id: &RoomId) -> Result<SessionView> {
+    let content = server.rooms().state_content(room_id, SESSION, "")?.ok_or_else(|| Error::not_found("not a session"))?;
+    let role = super::session_role(server.rooms(), room_id, user.as_str())?;
+    let member = matches!(server.rooms().membership(room_id, user)?, Some(Membership::Join | Membership::Invite | Membership::Knock));
     if role.is_none() && !member {
         return Err(Error::not_found("not a session"));
     }
     let session = crate::clinic::parse_session(&content)?;
     let roles = server
-        .rooms
+        .rooms()
         .current_state(room_id)?
         .into_iter()
         .filter(|pdu| pdu.kind.to_string() == ROLE)
@@ -195,10 +195,10 @@ pub fn view(server: &Server, user: &UserId, room_id: &RoomId) -> Result<SessionV
 }
 
 /// The user's sessions that have not ended and are still live, soonest first.
-pub fn upcoming(server: &Server, user: &UserId) -> Result<Vec<SessionView>> {
+pub fn upcoming(server: &dyn ClinicHost, user: &UserId) -> Result<Vec<SessionView>> {
     let now = now();
     let mut sessions = Vec::new();
-    for (room_id, _) in server.rooms.user_rooms(user)? {
+    for (room_id, _) in server.rooms().user_rooms(user)? {
         let Ok(view) = view(server, user, &room_id) else { continue };
         if view.session.status.is_live() && view.session.ends_at > now {
             sessions.push(view);
@@ -210,17 +210,17 @@ pub fn upcoming(server: &Server, user: &UserId) -> Result<Vec<SessionView>> {
 
 /// Moves the session along its status workflow (the clinic policy refuses other moves). Ending
 /// it stops its recording and its calls before this returns (an after-commit hook).
-pub async fn set_status(server: &Server, by: &UserId, room_id: &RoomId, status: Status) -> Result<(OwnedEventId, Session)> {
+pub async fn set_status(server: &dyn ClinicHost, by: &UserId, room_id: &RoomId, status: Status) -> Result<(OwnedEventId, Session)> {
     let mut session = view(server, by, room_id)?.session;
     session.status = status;
     let content = serde_json::to_value(&session).map_err(Error::internal)?;
-    let pdu = server.send_local_event(by, room_id, PduBuilder::state(SESSION, "", content), None, None).await?;
+    let pdu = server.send_local_event(by, room_id, PduBuilder::state(SESSION, "", content)).await?;
     Ok((pdu.event_id, session))
 }
 
 /// Reschedules or edits a session: one `org.limbic.session` state event (and the room name
 /// with the title).
-pub async fn update(server: &Server, by: &UserId, room_id: &RoomId, changes: SessionChanges) -> Result<(OwnedEventId, Session)> {
+pub async fn update(server: &dyn ClinicHost, by: &UserId, room_id: &RoomId, changes: SessionChanges) -> Result<(OwnedEventId, Session)> {
     let mut session = view(server, by, room_id)?.session;
     let renamed = changes.title.as_ref().is_some_and(|title| *title != session.title);
     session.title = changes.title.unwrap_or(session.title);
@@ -231,7 +231,7 @@ pub async fn update(server: &Server, by: &UserId, room_id: &RoomId, changes: Ses
     session.join_window_minutes = changes.join_window_minutes.unwrap_or(session.join_window_minutes);
     session.recording_policy = changes.recording_policy.unwrap_or(session.recording_policy);
     let content = serde_json::to_value(&session).map_err(Error::internal)?;
-    let mut writer = server.rooms.writer(room_id).await?;
+    let mut writer = server.rooms().writer(room_id).await?;
     let pdu = writer.append(by, PduBuilder::state(SESSION, "", content), None)?;
     if renamed {
         writer.append(by, PduBuilder::state("m.room.name", "", json!({ "name": session.title })), None)?;
@@ -241,8 +241,8 @@ pub async fn update(server: &Server, by: &UserId, room_id: &RoomId, changes: Ses
 }
 
 /// Refuses anyone but the session's therapists.
-pub fn require_therapist(server: &Server, user: &UserId, room_id: &RoomId, why: &str) -> Result<()> {
-    if super::session_role(&server.rooms, room_id, user.as_str())?.is_some_and(Role::is_therapist) {
+pub fn require_therapist(server: &dyn ClinicHost, user: &UserId, room_id: &RoomId, why: &str) -> Result<()> {
+    if super::session_role(server.rooms(), room_id, user.as_str())?.is_some_and(Role::is_therapist) {
         Ok(())
     } else {
         Err(Error::forbidden(format!("only the session's therapists {why}")))
@@ -250,10 +250,10 @@ pub fn require_therapist(server: &Server, user: &UserId, room_id: &RoomId, why: 
 }
 
 /// Who is knocking, oldest first; for the session's therapists.
-pub fn waiting(server: &Server, by: &UserId, room_id: &RoomId) -> Result<Vec<Waiting>> {
+pub fn waiting(server: &dyn ClinicHost, by: &UserId, room_id: &RoomId) -> Result<Vec<Waiting>> {
     require_therapist(server, by, room_id, "see its waiting room")?;
     let mut waiting: Vec<Waiting> = server
-        .rooms
+        .rooms()
         .current_state(room_id)?
         .into_iter()
         .filter(|pdu| pdu.membership() == Some(Membership::Knock))
@@ -274,14 +274,14 @@ pub enum Answer {
 }
 
 /// Answers a knock: an invite (admit) or a leave set by the therapist (decline).
-pub async fn answer_knock(server: &Server, by: &UserId, room_id: &RoomId, user: &UserId, answer: Answer) -> Result<OwnedEventId> {
+pub async fn answer_knock(server: &dyn ClinicHost, by: &UserId, room_id: &RoomId, user: &UserId, answer: Answer) -> Result<OwnedEventId> {
     require_therapist(server, by, room_id, "admit and decline")?;
     let content = match answer {
         Answer::Admit => json!({ "membership": "invite" }),
         Answer::Decline { reason: Some(reason) } => json!({ "membership": "leave", "reason": reason }),
         Answer::Decline { reason: None } => json!({ "membership": "leave" }),
     };
-    let mut writer = server.rooms.writer(room_id).await?;
+    let mut writer = server.rooms().writer(room_id).await?;
     let knocking = writer.state_event("m.room.member", user.as_str())?.is_some_and(|m| m.membership() == Some(Membership::Knock));
     if !knocking {
         return Err(Error::not_found(format!("{user} is not in the waiting room")));
@@ -311,18 +311,18 @@ fn power_levels_with(writer: &RoomWriter<'_>, user: &UserId, level: i64) -> Resu
 /// Adds a participant or changes their role: the role, their power level and an invitation,
 /// and, for a therapist demoted, the end of their memberships in the notes room and the
 /// breakouts, in one write (the clinic policy checks the limits and who may do it).
-pub async fn set_participant(server: &Server, by: &UserId, room_id: &RoomId, user: &UserId, role: Role) -> Result<()> {
-    if user.server_name() == server.server_name() && !server.users.exists(user)? {
+pub async fn set_participant(server: &dyn ClinicHost, by: &UserId, room_id: &RoomId, user: &UserId, role: Role) -> Result<()> {
+    if user.server_name() == server.server_name() && !server.users().exists(user)? {
         return Err(Error::not_found(format!("unknown user {user}")));
     }
     view(server, by, room_id)?;
-    let mut writer = server.rooms.writer(room_id).await?;
+    let mut writer = server.rooms().writer(room_id).await?;
     let subrooms = stage_role_change(server, room_id, by, user, Some(role)).await?;
     writer.append(by, PduBuilder::state(ROLE, role_key(user.as_str()), json!({ "role": role })), None)?;
     if let Some(power) = power_levels_with(&writer, user, role.power_level())? {
         writer.append(by, PduBuilder::state("m.room.power_levels", "", power), None)?;
     }
-    if !matches!(server.rooms.membership(room_id, user)?, Some(Membership::Join | Membership::Invite)) {
+    if !matches!(server.rooms().membership(room_id, user)?, Some(Membership::Join | Membership::Invite)) {
         writer.append(by, PduBuilder::state("m.room.member", user.as_str(), json!({ "membership": "invite" })), None)?;
     }
     finish(writer.commit_with(subrooms)?).await
@@ -330,9 +330,9 @@ pub async fn set_participant(server: &Server, by: &UserId, room_id: &RoomId, use
 
 /// Removes a participant: their role and power level go, and they leave the room, its notes
 /// room and its breakouts, in one write.
-pub async fn remove_participant(server: &Server, by: &UserId, room_id: &RoomId, user: &UserId) -> Result<()> {
+pub async fn remove_participant(server: &dyn ClinicHost, by: &UserId, room_id: &RoomId, user: &UserId) -> Result<()> {
     view(server, by, room_id)?;
-    let mut writer = server.rooms.writer(room_id).await?;
+    let mut writer = server.rooms().writer(room_id).await?;
     if writer.state_event(ROLE, &role_key(user.as_str()))?.is_none() {
         return Err(Error::not_found("not a participant of this session"));
     }
@@ -341,7 +341,7 @@ pub async fn remove_participant(server: &Server, by: &UserId, room_id: &RoomId, 
     if let Some(power) = power_levels_with(&writer, user, 0)? {
         writer.append(by, PduBuilder::state("m.room.power_levels", "", power), None)?;
     }
-    if matches!(server.rooms.membership(room_id, user)?, Some(Membership::Join | Membership::Invite | Membership::Knock)) {
+    if matches!(server.rooms().membership(room_id, user)?, Some(Membership::Join | Membership::Invite | Membership::Knock)) {
         let leave = json!({ "membership": "leave", "reason": "removed from the session" });
         writer.append(by, PduBuilder::state("m.room.member", user.as_str(), leave), None)?;
     }
@@ -354,11 +354,11 @@ async fn finish(committed: Committed) -> Result<()> {
 }
 
 /// The sessions therapist and client share (the therapist a therapist in each, the client not).
-pub fn shared(server: &Server, therapist: &UserId, client: &UserId) -> Result<Vec<OwnedRoomId>> {
-    let role_in = |room: &RoomId, user: &UserId| super::session_role(&server.rooms, room, user.as_str());
+pub fn shared(server: &dyn ClinicHost, therapist: &UserId, client: &UserId) -> Result<Vec<OwnedRoomId>> {
+    let role_in = |room: &RoomId, user: &UserId| super::session_role(server.rooms(), room, user.as_str());
     let mut sessions = Vec::new();
-    for (room, _) in server.rooms.user_rooms(therapist)? {
-        if server.rooms.state_event(&room, SESSION, "")?.is_none() {
+    for (room, _) in server.rooms().user_rooms(therapist)? {
+        if server.rooms().state_event(&room, SESSION, "")?.is_none() {
             continue;
         }
         if role_in(&room, therapist)?.is_some_and(Role::is_therapist) && role_in(&room, client)?.is_some_and(|r| !r.is_therapist()) {

@@ -8,12 +8,12 @@ use std::sync::Weak;
 use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde_json::{Value as JsonValue, json};
 
+use super::ClinicHost;
 use super::{BREAKOUT, Breakout, NOTES_FOR, ROLE, Role, SESSION, role_user, session_role};
 use crate::{
     error::Result,
     events::{Pdu, PduBuilder},
     rooms::{AfterCommit, FollowUp, Membership, RoomWriter, Rooms},
-    server::Server,
 };
 
 /// Whether `room_id` is a session's private notes room.
@@ -72,7 +72,7 @@ fn role_in_content(content: &JsonValue) -> Option<Option<Role>> {
 /// For a role event about to be appended to a session room (by any API): the sub-room
 /// writers that end its target's memberships, see [`stage_role_change`]. Nothing for other
 /// events.
-pub async fn stage_for_event<'s>(server: &'s Server, room_id: &RoomId, sender: &UserId, builder: &PduBuilder) -> Result<Vec<RoomWriter<'s>>> {
+pub async fn stage_for_event<'s>(server: &'s dyn ClinicHost, room_id: &RoomId, sender: &UserId, builder: &PduBuilder) -> Result<Vec<RoomWriter<'s>>> {
     if builder.kind.to_string() != ROLE {
         return Ok(Vec::new());
     }
@@ -82,7 +82,7 @@ pub async fn stage_for_event<'s>(server: &'s Server, room_id: &RoomId, sender: &
     ) else {
         return Ok(Vec::new());
     };
-    if server.rooms.state_event(room_id, SESSION, "")?.is_none() {
+    if server.rooms().state_event(room_id, SESSION, "")?.is_none() {
         return Ok(Vec::new());
     }
     stage_role_change(server, room_id, sender, user, role).await
@@ -98,13 +98,13 @@ pub async fn stage_for_event<'s>(server: &'s Server, room_id: &RoomId, sender: &
 /// A local user's membership ends with their own leave, which the auth rules always allow
 /// whatever the power levels of the sub-room (as deactivation and room deletion do); a user of
 /// another server (only ever in a breakout, notes rooms never federate) is kicked by `actor`.
-pub async fn stage_role_change<'s>(server: &'s Server, session_room: &RoomId, actor: &UserId, user: &UserId, role: Option<Role>) -> Result<Vec<RoomWriter<'s>>> {
-    let before = session_role(&server.rooms, session_room, user.as_str())?;
+pub async fn stage_role_change<'s>(server: &'s dyn ClinicHost, session_room: &RoomId, actor: &UserId, user: &UserId, role: Option<Role>) -> Result<Vec<RoomWriter<'s>>> {
+    let before = session_role(server.rooms(), session_room, user.as_str())?;
     stage_role_loss(server, session_room, actor, user, before, role).await
 }
 
 /// [`stage_role_change`] from the role `user` had `before` to `role`.
-async fn stage_role_loss<'s>(server: &'s Server, session_room: &RoomId, actor: &UserId, user: &UserId, before: Option<Role>, role: Option<Role>) -> Result<Vec<RoomWriter<'s>>> {
+async fn stage_role_loss<'s>(server: &'s dyn ClinicHost, session_room: &RoomId, actor: &UserId, user: &UserId, before: Option<Role>, role: Option<Role>) -> Result<Vec<RoomWriter<'s>>> {
     let loses_therapist = before.is_some_and(Role::is_therapist) && !role.is_some_and(Role::is_therapist);
     let loses_session = before.is_some() && role.is_none();
     let mut writers = Vec::new();
@@ -113,15 +113,15 @@ async fn stage_role_loss<'s>(server: &'s Server, session_room: &RoomId, actor: &
     }
     let reason = if loses_session { "removed from the session" } else { "no longer a therapist of the session" };
     let mut rooms = Vec::new();
-    if loses_therapist && let Some(notes) = server.clinic.notes_room(session_room)? {
+    if loses_therapist && let Some(notes) = server.clinic().notes_room(session_room)? {
         rooms.push(notes);
     }
-    rooms.extend(breakouts(&server.rooms, session_room)?.into_iter().filter(|(_, b)| !b.closed).map(|(room, _)| room));
+    rooms.extend(breakouts(server.rooms(), session_room)?.into_iter().filter(|(_, b)| !b.closed).map(|(room, _)| room));
     for room in rooms {
-        if !matches!(server.rooms.membership(&room, user)?, Some(Membership::Join | Membership::Invite | Membership::Knock)) {
+        if !matches!(server.rooms().membership(&room, user)?, Some(Membership::Join | Membership::Invite | Membership::Knock)) {
             continue;
         }
-        let mut writer = server.rooms.writer(&room).await?;
+        let mut writer = server.rooms().writer(&room).await?;
         let leave = PduBuilder::state("m.room.member", user.as_str(), json!({ "membership": "leave", "reason": reason }));
         if user.server_name() == server.server_name() {
             writer.append(user, leave, None)?;
@@ -139,12 +139,12 @@ async fn stage_role_loss<'s>(server: &'s Server, session_room: &RoomId, actor: &
 /// sub-room memberships the new role no longer allows, right after the role event is committed
 /// (a local role change does it in the same write, through [`stage_for_event`]).
 pub struct RemoteRoleChanges {
-    server: Weak<Server>,
+    server: Weak<dyn ClinicHost>,
     server_name: ruma::OwnedServerName,
 }
 
 impl RemoteRoleChanges {
-    pub fn new(server: Weak<Server>, server_name: ruma::OwnedServerName) -> Self {
+    pub fn new(server: Weak<dyn ClinicHost>, server_name: ruma::OwnedServerName) -> Self {
         Self { server, server_name }
     }
 }
@@ -174,11 +174,11 @@ impl AfterCommit for RemoteRoleChanges {
     }
 }
 
-async fn end_remotely_lost_memberships(server: &Server, pdu: &Pdu, user: &UserId) -> Result<()> {
+async fn end_remotely_lost_memberships(server: &dyn ClinicHost, pdu: &Pdu, user: &UserId) -> Result<()> {
     let Some(role) = role_in_content(&pdu.content_json()) else { return Ok(()) };
-    let replaced = server.rooms.meta(&pdu.event_id)?.and_then(|meta| meta.replaces_state);
+    let replaced = server.rooms().meta(&pdu.event_id)?.and_then(|meta| meta.replaces_state);
     let before = match replaced {
-        Some(event_id) => server.rooms.pdu(&event_id)?.and_then(|previous| Role::of(&previous.content_json())),
+        Some(event_id) => server.rooms().pdu(&event_id)?.and_then(|previous| Role::of(&previous.content_json())),
         None => None,
     };
     // The user leaves by themselves (always allowed), so the sender need not act here; every

@@ -249,7 +249,7 @@ impl DelayedEvents {
     /// Sends the event as its owner through the ordinary send path; the record goes in the
     /// same batch as the event. Called under the lock.
     async fn fire(&self, server: &Arc<Server>, delay_id: &str, record: &Record) -> Result<OwnedEventId> {
-        let event = crate::local_events::event_builder(server, &record.room_id, &record.kind, record.state_key.as_deref(), record.content.clone())?;
+        let event = server.local_events().builder(&record.room_id, &record.kind, record.state_key.as_deref(), record.content.clone())?;
         let mut removal = self.store.batch();
         self.stage_removal(&mut removal, delay_id, record);
         server.send_local_event(&record.user_id, &record.room_id, event, None, Some(removal)).await.map(|pdu| pdu.event_id)
