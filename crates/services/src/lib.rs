@@ -10,6 +10,7 @@ pub mod clinic;
 pub mod delayed;
 pub mod e2ee;
 pub mod federation;
+pub mod host;
 pub mod local_events;
 pub mod media;
 pub mod metrics;

@@ -265,18 +265,14 @@ impl Server {
     }
 }
 
-/// The plugin host's view of the server: its rooms, users, sealed store and local send path.
-impl crate::plugins::HostServices for Server {
+/// What every domain service reaches of the server.
+impl crate::host::LocalServer for Server {
     fn rooms(&self) -> &Rooms {
         &self.rooms
     }
 
     fn users(&self) -> &Users {
         &self.users
-    }
-
-    fn secrets(&self) -> &crate::secrets::SecretKey {
-        &self.secrets
     }
 
     fn store(&self) -> &Store {
@@ -287,25 +283,25 @@ impl crate::plugins::HostServices for Server {
         &self.config.server_name
     }
 
-    fn shutting_down(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.shutting_down.subscribe()
-    }
-
-    fn send_local_event<'a>(&'a self, sender: &'a ruma::UserId, room_id: &'a ruma::RoomId, builder: PduBuilder) -> std::pin::Pin<Box<dyn Future<Output = Result<crate::events::Pdu>> + Send + 'a>> {
+    fn send_local_event<'a>(&'a self, sender: &'a ruma::UserId, room_id: &'a ruma::RoomId, builder: PduBuilder) -> crate::host::Sent<'a> {
         Box::pin(Server::send_local_event(self, sender, room_id, builder, None, None))
     }
 }
 
-/// The clinic's view of the server.
+/// The plugin host's view of the server: with the above, its sealed store and shutdown signal.
+impl crate::plugins::HostServices for Server {
+    fn secrets(&self) -> &crate::secrets::SecretKey {
+        &self.secrets
+    }
+
+    fn shutting_down(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.shutting_down.subscribe()
+    }
+}
+
+/// The clinic's view of the server: with the above, the clinic and appointments services and the
+/// audit log.
 impl crate::clinic::ClinicHost for Server {
-    fn rooms(&self) -> &Rooms {
-        &self.rooms
-    }
-
-    fn users(&self) -> &Users {
-        &self.users
-    }
-
     fn clinic(&self) -> &Clinic {
         &self.clinic
     }
@@ -316,17 +312,5 @@ impl crate::clinic::ClinicHost for Server {
 
     fn audit(&self) -> &Audit {
         &self.audit
-    }
-
-    fn store(&self) -> &Store {
-        &self.store
-    }
-
-    fn server_name(&self) -> &ruma::ServerName {
-        &self.config.server_name
-    }
-
-    fn send_local_event<'a>(&'a self, sender: &'a ruma::UserId, room_id: &'a ruma::RoomId, builder: PduBuilder) -> std::pin::Pin<Box<dyn Future<Output = Result<crate::events::Pdu>> + Send + 'a>> {
-        Box::pin(Server::send_local_event(self, sender, room_id, builder, None, None))
     }
 }

@@ -19,6 +19,7 @@ pub use policy::{PolicyContext, authorize, bookings, therapists};
 
 use crate::{
     error::{Error, Result},
+    host::LocalServer,
     store::{Batch, Key, KeyReader, Store, tables},
 };
 
@@ -27,29 +28,16 @@ pub use limbic_clinic_model::{
     RecordingPolicy, Role, SESSION, Session, Status, role_key, role_user,
 };
 
-/// What the clinic's services reach of the rest of the server; the server implements it, so that
-/// the clinic names none of the services that consult it.
-pub trait ClinicHost: Send + Sync {
-    fn rooms(&self) -> &crate::rooms::Rooms;
-    fn users(&self) -> &crate::users::Users;
+/// What the clinic's services reach of the rest of the server beyond [`LocalServer`]; the
+/// server implements it, so that the clinic names none of the services that consult it.
+pub trait ClinicHost: LocalServer {
     fn clinic(&self) -> &Clinic;
     fn appointments(&self) -> &appointments::Appointments;
     fn audit(&self) -> &crate::audit::Audit;
-    fn store(&self) -> &Store;
-    fn server_name(&self) -> &ruma::ServerName;
-    /// Appends an event of a local user and commits it, as a client's send does (the clinic
-    /// rules, the sub-rooms a role change ends, the after-commit hooks).
-    fn send_local_event<'a>(&'a self, sender: &'a UserId, room_id: &'a ruma::RoomId, builder: crate::events::PduBuilder) -> std::pin::Pin<Box<dyn Future<Output = Result<crate::events::Pdu>> + Send + 'a>>;
 }
 
 /// The server behind an `Arc`, as the API layer holds it.
 impl<T: ClinicHost + ?Sized> ClinicHost for Arc<T> {
-    fn rooms(&self) -> &crate::rooms::Rooms {
-        (**self).rooms()
-    }
-    fn users(&self) -> &crate::users::Users {
-        (**self).users()
-    }
     fn clinic(&self) -> &Clinic {
         (**self).clinic()
     }
@@ -58,15 +46,6 @@ impl<T: ClinicHost + ?Sized> ClinicHost for Arc<T> {
     }
     fn audit(&self) -> &crate::audit::Audit {
         (**self).audit()
-    }
-    fn store(&self) -> &Store {
-        (**self).store()
-    }
-    fn server_name(&self) -> &ruma::ServerName {
-        (**self).server_name()
-    }
-    fn send_local_event<'a>(&'a self, sender: &'a UserId, room_id: &'a ruma::RoomId, builder: crate::events::PduBuilder) -> std::pin::Pin<Box<dyn Future<Output = Result<crate::events::Pdu>> + Send + 'a>> {
-        (**self).send_local_event(sender, room_id, builder)
     }
 }
 

@@ -88,17 +88,11 @@ impl PluginContext {
 /// its room pipeline calls them. A plugin's writes go through the local send path, so they pass
 /// the room's rules, the clinic's and the other plugins' `check-event`, and the after-commit
 /// hooks, as a client's do.
-pub trait HostServices: Send + Sync {
-    fn rooms(&self) -> &crate::rooms::Rooms;
-    fn users(&self) -> &crate::users::Users;
+pub trait HostServices: crate::host::LocalServer {
     /// Seals plugins' stored values.
     fn secrets(&self) -> &crate::secrets::SecretKey;
-    fn store(&self) -> &Store;
-    fn server_name(&self) -> &ruma::ServerName;
     /// Turns true when the server begins to shut down.
     fn shutting_down(&self) -> tokio::sync::watch::Receiver<bool>;
-    /// Appends an event of a local user and commits it, as a client's send does.
-    fn send_local_event<'a>(&'a self, sender: &'a ruma::UserId, room_id: &'a ruma::RoomId, builder: crate::events::PduBuilder) -> std::pin::Pin<Box<dyn Future<Output = Result<Pdu>> + Send + 'a>>;
 }
 
 /// Modification times and sizes of a plugin's files, to notice changes.

@@ -1,0 +1,49 @@
+//! What a domain service reaches of the server it runs in, without naming the `Server` that
+//! composes every service (which would tie each module to all the others): the rooms, the users,
+//! the store, the server's name and the local send path. Modules that need more extend it with a
+//! trait of their own (`clinic::ClinicHost`, `plugins::HostServices`); `Server` implements them.
+
+use std::{future::Future, pin::Pin, sync::Arc};
+
+use ruma::{RoomId, ServerName, UserId};
+
+use crate::{
+    error::Result,
+    events::{Pdu, PduBuilder},
+    rooms::Rooms,
+    store::Store,
+    users::Users,
+};
+
+/// The future of [`LocalServer::send_local_event`].
+pub type Sent<'a> = Pin<Box<dyn Future<Output = Result<Pdu>> + Send + 'a>>;
+
+pub trait LocalServer: Send + Sync {
+    fn rooms(&self) -> &Rooms;
+    fn users(&self) -> &Users;
+    fn store(&self) -> &Store;
+    fn server_name(&self) -> &ServerName;
+    /// Appends an event of a local user and commits it, as a client's send does: the room's
+    /// rules, the clinic's and the plugins' `check-event`, the sub-rooms a role change ends, the
+    /// after-commit hooks.
+    fn send_local_event<'a>(&'a self, sender: &'a UserId, room_id: &'a RoomId, builder: PduBuilder) -> Sent<'a>;
+}
+
+/// The server behind an `Arc`, as the API layer holds it.
+impl<T: LocalServer + ?Sized> LocalServer for Arc<T> {
+    fn rooms(&self) -> &Rooms {
+        (**self).rooms()
+    }
+    fn users(&self) -> &Users {
+        (**self).users()
+    }
+    fn store(&self) -> &Store {
+        (**self).store()
+    }
+    fn server_name(&self) -> &ServerName {
+        (**self).server_name()
+    }
+    fn send_local_event<'a>(&'a self, sender: &'a UserId, room_id: &'a RoomId, builder: PduBuilder) -> Sent<'a> {
+        (**self).send_local_event(sender, room_id, builder)
+    }
+}
