@@ -23,6 +23,8 @@ pub trait LocalServer: Send + Sync {
     fn users(&self) -> &Users;
     fn store(&self) -> &Store;
     fn server_name(&self) -> &ServerName;
+    /// Turns true when the server begins to shut down.
+    fn shutting_down(&self) -> tokio::sync::watch::Receiver<bool>;
     /// Appends an event of a local user and commits it, as a client's send does: the room's
     /// rules, the clinic's and the plugins' `check-event`, the sub-rooms a role change ends, the
     /// after-commit hooks.
@@ -42,6 +44,9 @@ impl<T: LocalServer + ?Sized> LocalServer for Arc<T> {
     }
     fn server_name(&self) -> &ServerName {
         (**self).server_name()
+    }
+    fn shutting_down(&self) -> tokio::sync::watch::Receiver<bool> {
+        (**self).shutting_down()
     }
     fn send_local_event<'a>(&'a self, sender: &'a UserId, room_id: &'a RoomId, builder: PduBuilder) -> Sent<'a> {
         (**self).send_local_event(sender, room_id, builder)

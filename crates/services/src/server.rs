@@ -283,19 +283,35 @@ impl crate::host::LocalServer for Server {
         &self.config.server_name
     }
 
+    fn shutting_down(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.shutting_down.subscribe()
+    }
+
     fn send_local_event<'a>(&'a self, sender: &'a ruma::UserId, room_id: &'a ruma::RoomId, builder: PduBuilder) -> crate::host::Sent<'a> {
         Box::pin(Server::send_local_event(self, sender, room_id, builder, None, None))
     }
 }
 
-/// The plugin host's view of the server: with the above, its sealed store and shutdown signal.
+/// The plugin host's view of the server: with the above, the key that seals its stored values.
 impl crate::plugins::HostServices for Server {
     fn secrets(&self) -> &crate::secrets::SecretKey {
         &self.secrets
     }
+}
 
-    fn shutting_down(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.shutting_down.subscribe()
+/// Delayed events' view of the server: with the above, their own service, the send checks and
+/// a send that carries the delayed event's removal in its write.
+impl crate::delayed::DelayedHost for Server {
+    fn delayed(&self) -> &crate::delayed::DelayedEvents {
+        &self.delayed
+    }
+
+    fn local_events(&self) -> crate::local_events::LocalEvents<'_> {
+        Server::local_events(self)
+    }
+
+    fn send_local_event_with<'a>(&'a self, sender: &'a ruma::UserId, room_id: &'a ruma::RoomId, builder: PduBuilder, records: crate::store::Batch) -> crate::host::Sent<'a> {
+        Box::pin(Server::send_local_event(self, sender, room_id, builder, None, Some(records)))
     }
 }
 

@@ -18,7 +18,7 @@ use crate::{
     config::DelayedEventsConfig,
     error::{Error, Result},
     events::PduBuilder,
-    server::Server,
+    host::LocalServer,
     store::{Batch, Key, KeyReader, Store, tables},
     users::Caller,
 };
@@ -65,6 +65,29 @@ pub struct NewDelayedEvent<'a> {
     pub txn_id: Option<&'a str>,
 }
 
+/// What delayed events reach of the server beyond [`LocalServer`]; the server implements it.
+pub trait DelayedHost: LocalServer {
+    fn delayed(&self) -> &DelayedEvents;
+    /// The checks of the send and state endpoints, which a delayed event passes when it fires.
+    fn local_events(&self) -> crate::local_events::LocalEvents<'_>;
+    /// [`LocalServer::send_local_event`], with `records` (the delayed event's removal) in the
+    /// event's own write.
+    fn send_local_event_with<'a>(&'a self, sender: &'a UserId, room_id: &'a RoomId, builder: crate::events::PduBuilder, records: crate::store::Batch) -> crate::host::Sent<'a>;
+}
+
+/// The server behind an `Arc`, as the API layer holds it.
+impl<T: DelayedHost + ?Sized> DelayedHost for Arc<T> {
+    fn delayed(&self) -> &DelayedEvents {
+        (**self).delayed()
+    }
+    fn local_events(&self) -> crate::local_events::LocalEvents<'_> {
+        (**self).local_events()
+    }
+    fn send_local_event_with<'a>(&'a self, sender: &'a UserId, room_id: &'a RoomId, builder: crate::events::PduBuilder, records: crate::store::Batch) -> crate::host::Sent<'a> {
+        (**self).send_local_event_with(sender, room_id, builder, records)
+    }
+}
+
 pub struct DelayedEvents {
     store: Arc<Store>,
     config: DelayedEventsConfig,
@@ -93,7 +116,7 @@ impl DelayedEvents {
 
     /// Schedules an event of `owner` and answers its delay id. Only a member who may send the
     /// event now may schedule it; the room's full rules apply again when it fires.
-    pub async fn schedule(&self, server: &Server, owner: &Caller, new: NewDelayedEvent<'_>) -> Result<String> {
+    pub async fn schedule(&self, server: &dyn DelayedHost, owner: &Caller, new: NewDelayedEvent<'_>) -> Result<String> {
         if new.delay_ms > self.config.max_delay_ms {
             let max = self.config.max_delay_ms;
             // The shape Synapse answered and matrix-js-sdk reads to retry with the maximum.
@@ -144,7 +167,7 @@ impl DelayedEvents {
 
     /// Cancels, restarts or sends a scheduled event. With an `owner` (the authenticated
     /// endpoint) only their own events are found; without, the delay id is the capability.
-    pub async fn update(&self, server: &Arc<Server>, delay_id: &str, action: Action, owner: Option<&UserId>) -> Result<()> {
+    pub async fn update(&self, server: &dyn DelayedHost, delay_id: &str, action: Action, owner: Option<&UserId>) -> Result<()> {
         let _guard = self.lock.lock().await;
         let record = self
             .live_record(server, delay_id)?
@@ -171,7 +194,7 @@ impl DelayedEvents {
     }
 
     /// The owner's scheduled events, soonest first, in the shape Synapse lists them.
-    pub fn list(&self, server: &Server, owner: &UserId) -> Result<Vec<JsonValue>> {
+    pub fn list(&self, server: &dyn DelayedHost, owner: &UserId) -> Result<Vec<JsonValue>> {
         let mut mine = Vec::new();
         for (delay_id, record) in self.owned_by(owner)? {
             if !superseded(server, &record)? {
@@ -217,7 +240,7 @@ impl DelayedEvents {
 
     /// The record, unless it is gone or another user's state has superseded it (then it is
     /// removed). Called under the lock.
-    fn live_record(&self, server: &Server, delay_id: &str) -> Result<Option<Record>> {
+    fn live_record(&self, server: &dyn DelayedHost, delay_id: &str) -> Result<Option<Record>> {
         let Some(record) = self.record(delay_id)? else { return Ok(None) };
         if !superseded(server, &record)? {
             return Ok(Some(record));
@@ -248,16 +271,16 @@ impl DelayedEvents {
 
     /// Sends the event as its owner through the ordinary send path; the record goes in the
     /// same batch as the event. Called under the lock.
-    async fn fire(&self, server: &Arc<Server>, delay_id: &str, record: &Record) -> Result<OwnedEventId> {
+    async fn fire(&self, server: &dyn DelayedHost, delay_id: &str, record: &Record) -> Result<OwnedEventId> {
         let event = server.local_events().builder(&record.room_id, &record.kind, record.state_key.as_deref(), record.content.clone())?;
         let mut removal = self.store.batch();
         self.stage_removal(&mut removal, delay_id, record);
-        server.send_local_event(&record.user_id, &record.room_id, event, None, Some(removal)).await.map(|pdu| pdu.event_id)
+        server.send_local_event_with(&record.user_id, &record.room_id, event, removal).await.map(|pdu| pdu.event_id)
     }
 
     /// Fires the first due event, if any. Answers how long until the next one is due: zero
     /// when one fired (there may be more), `None` when nothing is scheduled.
-    async fn fire_next(&self, server: &Arc<Server>) -> Result<Option<u64>> {
+    async fn fire_next(&self, server: &dyn DelayedHost) -> Result<Option<u64>> {
         let _guard = self.lock.lock().await;
         let Some(first) = self.store.scan_prefix(tables::DELAYED_EVENTS_DUE, Vec::new(), false).next() else {
             return Ok(None);
@@ -294,13 +317,13 @@ impl DelayedEvents {
 
 /// Sends due events until shutdown, oldest first, starting with those that fell due while the
 /// server was down.
-pub async fn run(server: Arc<Server>) {
-    let mut stopping = server.shutting_down.subscribe();
+pub async fn run(server: Arc<dyn DelayedHost>) {
+    let mut stopping = server.shutting_down();
     loop {
         if *stopping.borrow() {
             return;
         }
-        let wait = match server.delayed.fire_next(&server).await {
+        let wait = match server.delayed().fire_next(&*server).await {
             Ok(Some(0)) => continue,
             Ok(wait) => wait,
             Err(error) => {
@@ -316,7 +339,7 @@ pub async fn run(server: Arc<Server>) {
         };
         tokio::select! {
             () = sleep => {}
-            () = server.delayed.wake.notified() => {}
+            () = server.delayed().wake.notified() => {}
             _ = stopping.changed() => {}
         }
     }
@@ -324,15 +347,15 @@ pub async fn run(server: Arc<Server>) {
 
 /// A stranger is refused at once: the owner must be joined and have the power to send the event
 /// now.
-fn check_may_send(server: &Server, room_id: &RoomId, user_id: &UserId, kind: &str, is_state: bool) -> Result<()> {
-    if !server.rooms.is_joined(room_id, user_id)? {
+fn check_may_send(server: &dyn DelayedHost, room_id: &RoomId, user_id: &UserId, kind: &str, is_state: bool) -> Result<()> {
+    if !server.rooms().is_joined(room_id, user_id)? {
         return Err(Error::forbidden("you are not joined to this room"));
     }
     // Membership changes have rules of their own, applied when the event fires.
     if kind == "m.room.member" {
         return Ok(());
     }
-    let needed = server.rooms.state_content(room_id, "m.room.power_levels", "")?.map_or(0, |levels| {
+    let needed = server.rooms().state_content(room_id, "m.room.power_levels", "")?.map_or(0, |levels| {
         let default = if is_state { "state_default" } else { "events_default" };
         levels
             .get("events")
@@ -341,7 +364,7 @@ fn check_may_send(server: &Server, room_id: &RoomId, user_id: &UserId, kind: &st
             .and_then(JsonValue::as_i64)
             .unwrap_or(if is_state { 50 } else { 0 })
     });
-    if server.rooms.user_power_level(room_id, user_id)? < needed {
+    if server.rooms().user_power_level(room_id, user_id)? < needed {
         return Err(Error::forbidden(format!("you may not send {kind} events in this room")));
     }
     Ok(())
@@ -349,11 +372,11 @@ fn check_may_send(server: &Server, room_id: &RoomId, user_id: &UserId, kind: &st
 
 /// Whether another user has set the state a delayed state event would set since it was
 /// scheduled: Synapse cancels it then, so that a stale "leave" cannot overwrite their state.
-fn superseded(server: &Server, record: &Record) -> Result<bool> {
+fn superseded(server: &dyn DelayedHost, record: &Record) -> Result<bool> {
     let Some(state_key) = &record.state_key else { return Ok(false) };
-    let Some(current) = server.rooms.state_event(&record.room_id, &record.kind, state_key)? else { return Ok(false) };
+    let Some(current) = server.rooms().state_event(&record.room_id, &record.kind, state_key)? else { return Ok(false) };
     if current.sender == record.user_id {
         return Ok(false);
     }
-    Ok(server.rooms.meta(&current.event_id)?.is_some_and(|meta| meta.pos > record.scheduled_pos))
+    Ok(server.rooms().meta(&current.event_id)?.is_some_and(|meta| meta.pos > record.scheduled_pos))
 }

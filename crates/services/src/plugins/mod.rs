@@ -91,8 +91,6 @@ impl PluginContext {
 pub trait HostServices: crate::host::LocalServer {
     /// Seals plugins' stored values.
     fn secrets(&self) -> &crate::secrets::SecretKey;
-    /// Turns true when the server begins to shut down.
-    fn shutting_down(&self) -> tokio::sync::watch::Receiver<bool>;
 }
 
 /// Modification times and sizes of a plugin's files, to notice changes.
