@@ -182,6 +182,19 @@ async fn eventually_sees(client: &common::Client, room: &str, body: &str) {
     }
 }
 
+/// Asks `ask` until its answer satisfies `done`, for at most 15 s; that answer.
+async fn eventually<F: Future<Output = Value>>(what: &str, ask: impl Fn() -> F, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let answer = ask().await;
+        if done(&answer) {
+            return answer;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {answer}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// A session of `therapist` starting now, for an hour, with `fields` (kind, title, participants,
 /// …) over the times; its room id.
 async fn session_now(therapist: &common::Client, mut fields: Value) -> String {
@@ -337,16 +350,8 @@ async fn consent_withdrawn_over_federation_stops_the_recording() {
 
     // The client withdraws consent on B: A stops the recording when the event arrives.
     client.ok(Method::PUT, &consent_path(&client), Some(json!({ "consent": false }))).await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    loop {
-        let state = therapist.ok(Method::GET, &recording_path, None).await;
-        if state["recording"] == false {
-            assert!(state["stopped_because"].as_str().is_some_and(|why| why.contains("withdrew")), "{state}");
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "still recording after the withdrawal arrived: {state}");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let state = eventually("still recording after the withdrawal arrived", || therapist.ok(Method::GET, &recording_path, None), |state| state["recording"] == false).await;
+    assert!(state["stopped_because"].as_str().is_some_and(|why| why.contains("withdrew")), "{state}");
 }
 
 /// A therapist of another server demotes a local co-therapist: the co-therapist leaves the
@@ -375,15 +380,8 @@ async fn a_co_therapist_demoted_from_another_server_leaves_the_notes_room() {
     // The remote therapist makes them a client, on B.
     let demote = format!("/_limbic/client/v1/sessions/{}/participants/{}", enc(&room), enc(&colleague.user_id));
     remote.ok(Method::PUT, &demote, Some(json!({ "role": "client" }))).await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    loop {
-        let (_, membership) = colleague.get(&membership_path).await;
-        if membership["membership"] == "leave" {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "still in the notes room after the demotion arrived: {membership}");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let membership = || async { colleague.get(&membership_path).await.1 };
+    eventually("still in the notes room after the demotion arrived", membership, |membership| membership["membership"] == "leave").await;
     let (status, body) = colleague.get(&format!("/_limbic/client/v1/sessions/{}/notes", enc(&room))).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
 }
