@@ -409,3 +409,13 @@ fn event_types() {
     assert_eq!(CALL_MEMBER, "org.matrix.msc3401.call.member");
     assert_eq!(RTC_MEMBER, "org.matrix.msc4143.rtc.member");
 }
+
+#[test]
+fn utc_times_break_down_and_print_milliseconds() {
+    assert_eq!(UtcTime::from_ms(0), UtcTime { year: 1970, month: 1, day: 1, hour: 0, minute: 0, second: 0 });
+    assert_eq!(UtcTime::from_ms(1_709_210_096_999), UtcTime { year: 2024, month: 2, day: 29, hour: 12, minute: 34, second: 56 });
+    assert_eq!(UtcTime::from_ms(1_709_210_096_000).to_string(), "2024-02-29 12:34:56 UTC");
+    // Days around the epoch and the leap day.
+    assert_eq!(super::civil_from_days(-1), (1969, 12, 31));
+    assert_eq!(super::civil_from_days(19_723), (2024, 1, 1));
+}

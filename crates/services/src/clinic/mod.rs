@@ -72,24 +72,7 @@ pub fn parse_breakout(content: &serde_json::Value) -> Result<(Breakout, OwnedRoo
 
 /// A time as `YYYY-MM-DD HH:MM:SS UTC`, for messages and exports.
 pub fn format_utc(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (days, rest) = (secs / 86_400, secs % 86_400);
-    let (year, month, day) = civil_from_days(days as i64);
-    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC", rest / 3600, rest % 3600 / 60, rest % 60)
-}
-
-/// (year, month, day) of a day count since 1970-01-01 (Howard Hinnant's civil_from_days).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
+    limbic_clinic_model::UtcTime::from_ms(ms).to_string()
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -223,16 +206,3 @@ impl Clinic {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::{civil_from_days, format_utc};
-
-    #[test]
-    fn civil_dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
-        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
-        assert_eq!(civil_from_days(-1), (1969, 12, 31));
-        assert_eq!(format_utc(1_709_210_096_000), "2024-02-29 12:34:56 UTC");
-    }
-}
