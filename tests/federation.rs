@@ -182,6 +182,25 @@ async fn eventually_sees(client: &common::Client, room: &str, body: &str) {
     }
 }
 
+/// Two federating clinics: a verified therapist on A, a user `client` on B (and the directory
+/// holding their test CA, which must outlive them).
+struct TwoClinics {
+    _dir: tempfile::TempDir,
+    a: Federated,
+    b: Federated,
+    therapist: common::Client,
+    client: common::Client,
+}
+
+async fn two_clinics() -> TwoClinics {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = test_ca(dir.path());
+    let (a, b) = (federated(&ca, "").await, federated(&ca, "").await);
+    let therapist = verified_therapist(&a.server).await;
+    let client = b.server.register("client").await;
+    TwoClinics { _dir: dir, a, b, therapist, client }
+}
+
 /// Asks `ask` until its answer satisfies `done`, for at most 15 s; that answer.
 async fn eventually<F: Future<Output = Value>>(what: &str, ask: impl Fn() -> F, done: impl Fn(&Value) -> bool) -> Value {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
@@ -292,11 +311,7 @@ async fn a_user_joins_a_room_on_another_server_and_messages_flow_both_ways() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_of_another_clinic_is_invited_to_and_joins_a_therapy_session() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = test_ca(dir.path());
-    let (a, b) = (federated(&ca, "").await, federated(&ca, "").await);
-    let therapist = verified_therapist(&a.server).await;
-    let client = b.server.register("client").await;
+    let TwoClinics { _dir, a: _a, b, therapist, client } = two_clinics().await;
     let stranger = b.server.register("stranger").await;
 
     // A session hosted on A with a client of B: the invitation reaches B through /invite.
@@ -326,11 +341,7 @@ async fn a_client_of_another_clinic_is_invited_to_and_joins_a_therapy_session() 
 /// events arriving over federation too).
 #[tokio::test(flavor = "multi_thread")]
 async fn consent_withdrawn_over_federation_stops_the_recording() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = test_ca(dir.path());
-    let (a, b) = (federated(&ca, "").await, federated(&ca, "").await);
-    let therapist = verified_therapist(&a.server).await;
-    let client = b.server.register("client").await;
+    let TwoClinics { _dir, a, b: _b, therapist, client } = two_clinics().await;
     let participants = json!([{ "user_id": client.user_id, "role": "client" }]);
     let room = session_now(&therapist, json!({ "kind": "individual", "title": "Recorded", "recording_policy": "with_consent", "participants": participants })).await;
     eventually_syncs(&client, |sync| sync["rooms"]["invite"][&room].is_object()).await;
@@ -483,11 +494,7 @@ async fn paging_back_past_the_join_time_history_backfills_from_the_other_server(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_passcode_protected_session_admits_nobody_from_another_server() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = test_ca(dir.path());
-    let (a, b) = (federated(&ca, "").await, federated(&ca, "").await);
-    let therapist = verified_therapist(&a.server).await;
-    let client = b.server.register("client").await;
+    let TwoClinics { _dir, a: _a, b: _b, therapist, client } = two_clinics().await;
     let participants = json!([{ "user_id": client.user_id, "role": "client" }]);
     let room = session_now(&therapist, json!({ "kind": "individual", "title": "Protected", "participants": participants, "passcode": "4711" })).await;
     eventually_syncs(&client, |sync: &Value| sync["rooms"]["invite"].get(&room).is_some()).await;

@@ -76,12 +76,8 @@ mod tests {
         }
     }
 
-    #[tokio::test(flavor = "multi_thread")]
-    async fn follow_ups_run_when_awaited_and_when_dropped() {
-        let dir = tempfile::tempdir().unwrap();
-        let rooms = crate::test_rooms(dir.path());
-        let witness = Arc::new(Witness::default());
-        let hooks: Vec<Arc<dyn AfterCommit>> = vec![witness.clone()];
+    /// A room of alice's, created and committed (its follow-ups dropped, so run in the background).
+    async fn alices_room(rooms: &crate::rooms::Rooms) -> (ruma::OwnedUserId, ruma::OwnedRoomId) {
         let alice = ruma::owned_user_id!("@alice:test.local");
         let events = [
             PduBuilder::state("m.room.create", "", serde_json::json!({})),
@@ -90,6 +86,16 @@ mod tests {
         let writer = rooms.new_room(ruma::RoomVersionId::V12, &alice, events).await.unwrap();
         let room = writer.room_id().clone();
         drop(writer.commit().unwrap());
+        (alice, room)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn follow_ups_run_when_awaited_and_when_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let rooms = crate::test_rooms(dir.path());
+        let witness = Arc::new(Witness::default());
+        let hooks: Vec<Arc<dyn AfterCommit>> = vec![witness.clone()];
+        let (_, room) = alices_room(&rooms).await;
         let pdus = [rooms.state_event(&room, "m.room.create", "").unwrap().unwrap()];
 
         // Awaited: the follow-up has run when finish returns.
@@ -116,15 +122,8 @@ mod tests {
         let rooms = crate::test_rooms(dir.path());
         let witness = Arc::new(Witness::default());
         rooms.register(crate::rooms::Fanout { after_commit: vec![witness.clone()], ..Default::default() });
-        let alice = ruma::owned_user_id!("@alice:test.local");
-        let events = [
-            PduBuilder::state("m.room.create", "", serde_json::json!({})),
-            PduBuilder::state("m.room.member", alice.as_str(), serde_json::json!({ "membership": "join" })),
-        ];
         // A room created and committed, its follow-ups never awaited.
-        let writer = rooms.new_room(ruma::RoomVersionId::V12, &alice, events).await.unwrap();
-        let room = writer.room_id().clone();
-        drop(writer.commit().unwrap());
+        let (alice, room) = alices_room(&rooms).await;
         assert_eq!(*witness.seen.lock().unwrap(), ["m.room.create", "m.room.member"]);
         // A message, then two writes of one room committed together: each commit, in order.
         let mut writer = rooms.writer(&room).await.unwrap();
