@@ -330,3 +330,18 @@ impl crate::clinic::ClinicHost for Server {
         &self.audit
     }
 }
+
+/// Sync's view of the server: with the above, the notification counts and sliding-sync state.
+impl crate::sync::SyncHost for Server {
+    fn push(&self) -> &Push {
+        &self.push
+    }
+
+    fn e2ee(&self) -> &crate::e2ee::E2ee {
+        &self.e2ee
+    }
+
+    fn sliding_sync(&self) -> &crate::sync::sliding::Connections {
+        &self.sliding_sync
+    }
+}

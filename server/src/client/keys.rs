@@ -200,7 +200,7 @@ async fn changes(State(server): State<AppState>, req: Ruma<get_key_changes::v3::
     let caller = req.caller();
     let from = parse_token(&req.body.from)?;
     let to = parse_token(&req.body.to)?;
-    let (changed, left) = crate::sync::device_list_changes(&server, &caller.user_id, from, to)?;
+    let (changed, left) = crate::sync::device_list_changes(&*server, &caller.user_id, from, to)?;
     Ok(Json(json!({ "changed": changed, "left": left })))
 }
 

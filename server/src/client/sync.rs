@@ -66,7 +66,7 @@ async fn sync(State(server): State<AppState>, req: Ruma<sync_events::v3::Request
     let timeout = req.body.timeout.unwrap_or_default().min(MAX_TIMEOUT);
     let answer_at_once = since.is_none() || req.body.full_state;
     let body = long_poll(&server, timeout, |upto| {
-        let (body, has_data) = crate::sync::build(&server, &request, upto, &render)?;
+        let (body, has_data) = crate::sync::build(&*server, &request, upto, &render)?;
         Ok((body, has_data || answer_at_once))
     })
     .await?;
@@ -119,7 +119,7 @@ async fn sliding_sync(State(server): State<AppState>, req: Ruma<sync_events::v5:
     };
     let timeout = req.body.timeout.unwrap_or_default().min(MAX_TIMEOUT);
     let response = long_poll(&server, timeout, |upto| {
-        let response = crate::sync::sliding::build(&server, &request, &previous, upto, &render)?;
+        let response = crate::sync::sliding::build(&*server, &request, &previous, upto, &render)?;
         let ready = response.has_data;
         Ok((response, ready))
     })

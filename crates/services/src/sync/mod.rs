@@ -14,10 +14,17 @@ use crate::{
     error::Result,
     events::Pdu,
     rooms::{EventMeta, Membership, UserRoom},
-    server::Server,
     store::StreamPos,
     users::Caller,
 };
+
+/// What sync reads of the server: with the rooms and users, the notification counts and the
+/// sliding-sync connections' cache.
+pub trait SyncHost: crate::host::LocalServer {
+    fn push(&self) -> &crate::push::Push;
+    fn e2ee(&self) -> &crate::e2ee::E2ee;
+    fn sliding_sync(&self) -> &sliding::Connections;
+}
 
 /// Renders one event for a client (with `unsigned` computed for the viewer).
 pub type RenderEvent<'a> = dyn Fn(&Pdu, Option<&EventMeta>) -> JsonValue + 'a;
@@ -30,7 +37,7 @@ pub struct SyncRequest<'a> {
 }
 
 /// Builds the sync response body up to `upto`. Returns the body and whether it carries anything.
-pub fn build(server: &Server, req: &SyncRequest<'_>, upto: StreamPos, render: &RenderEvent<'_>) -> Result<(JsonValue, bool)> {
+pub fn build(server: &dyn SyncHost, req: &SyncRequest<'_>, upto: StreamPos, render: &RenderEvent<'_>) -> Result<(JsonValue, bool)> {
     let user_id = &req.caller.user_id;
     let since = req.since.map(|s| s.min(upto));
     let mut join = serde_json::Map::new();
@@ -39,10 +46,10 @@ pub fn build(server: &Server, req: &SyncRequest<'_>, upto: StreamPos, render: &R
     let mut leave = serde_json::Map::new();
     let mut presence_users = BTreeSet::new();
     // Members of every joined room are only gathered when some presence changed since `since`.
-    let want_presence = req.filter.presence_enabled && since.is_none_or(|s| server.users.presence_changed_after(s));
+    let want_presence = req.filter.presence_enabled && since.is_none_or(|s| server.users().presence_changed_after(s));
 
     let room_account_data = group_room_account_data(server, user_id, since.unwrap_or(0))?;
-    for (room_id, entry) in server.rooms.user_rooms(user_id)? {
+    for (room_id, entry) in server.rooms().user_rooms(user_id)? {
         if entry.pos > upto || !req.filter.room.allows_room(room_id.as_str()) {
             continue;
         }
@@ -53,7 +60,7 @@ pub fn build(server: &Server, req: &SyncRequest<'_>, upto: StreamPos, render: &R
                     join.insert(room_id.to_string(), room);
                 }
                 if want_presence {
-                    presence_users.extend(server.rooms.joined_members(&room_id)?);
+                    presence_users.extend(server.rooms().joined_members(&room_id)?);
                 }
             }
             Membership::Invite if changed_since => {
@@ -76,7 +83,7 @@ pub fn build(server: &Server, req: &SyncRequest<'_>, upto: StreamPos, render: &R
     let presence = if want_presence { presence_events(server, &presence_users, since)? } else { Vec::new() };
 
     let device_id = req.caller.device_id.as_str();
-    let to_device = server.e2ee.to_device_messages(user_id, device_id, since, upto)?;
+    let to_device = server.e2ee().to_device_messages(user_id, device_id, since, upto)?;
     let (changed, left) = match since {
         Some(since) => device_list_changes(server, user_id, since, upto)?,
         None => (Vec::new(), Vec::new()),
@@ -97,18 +104,18 @@ pub fn build(server: &Server, req: &SyncRequest<'_>, upto: StreamPos, render: &R
         "presence": { "events": presence },
         "to_device": { "events": to_device },
         "device_lists": { "changed": changed, "left": left },
-        "device_one_time_keys_count": server.e2ee.one_time_key_counts(user_id, device_id)?,
-        "device_unused_fallback_key_types": server.e2ee.unused_fallback_key_types(user_id, device_id)?,
+        "device_one_time_keys_count": server.e2ee().one_time_key_counts(user_id, device_id)?,
+        "device_unused_fallback_key_types": server.e2ee().unused_fallback_key_types(user_id, device_id)?,
     });
     Ok((body, has_data))
 }
 
 /// Membership changes of `room_id` in (since, upto]: (user, membership).
-fn membership_changes(server: &Server, room_id: &RoomId, since: StreamPos, upto: StreamPos) -> Result<Vec<(OwnedUserId, Membership)>> {
+fn membership_changes(server: &dyn SyncHost, room_id: &RoomId, since: StreamPos, upto: StreamPos) -> Result<Vec<(OwnedUserId, Membership)>> {
     let mut changes = Vec::new();
-    for entry in server.rooms.timeline_after(room_id, since, upto) {
+    for entry in server.rooms().timeline_after(room_id, since, upto) {
         let (_, event_id) = entry?;
-        let Some(pdu) = server.rooms.pdu(&event_id)? else { continue };
+        let Some(pdu) = server.rooms().pdu(&event_id)? else { continue };
         if pdu.kind != ruma::events::TimelineEventType::RoomMember {
             continue;
         }
@@ -122,19 +129,19 @@ fn membership_changes(server: &Server, room_id: &RoomId, since: StreamPos, upto:
 
 /// The `device_lists` of a sync: users whose devices changed or who newly share a room with
 /// the user (`changed`), and users who no longer share any room (`left`).
-pub fn device_list_changes(server: &Server, user_id: &ruma::UserId, since: StreamPos, upto: StreamPos) -> Result<(Vec<OwnedUserId>, Vec<OwnedUserId>)> {
-    let key_changes = server.e2ee.key_changes(since, upto)?;
+pub fn device_list_changes(server: &dyn SyncHost, user_id: &ruma::UserId, since: StreamPos, upto: StreamPos) -> Result<(Vec<OwnedUserId>, Vec<OwnedUserId>)> {
+    let key_changes = server.e2ee().key_changes(since, upto)?;
     let mut changed = BTreeSet::new();
     for user in &key_changes {
-        if user != user_id && server.rooms.share_a_room(user_id, user)? {
+        if user != user_id && server.rooms().share_a_room(user_id, user)? {
             changed.insert(user.clone());
         }
     }
     let mut maybe_left = BTreeSet::new();
-    for (room_id, entry) in server.rooms.user_rooms(user_id)? {
+    for (room_id, entry) in server.rooms().user_rooms(user_id)? {
         let own_change = entry.pos > since && entry.pos <= upto;
         match entry.membership {
-            Membership::Join if own_change => changed.extend(server.rooms.joined_members(&room_id)?),
+            Membership::Join if own_change => changed.extend(server.rooms().joined_members(&room_id)?),
             Membership::Join => {
                 for (user, membership) in membership_changes(server, &room_id, since, upto)? {
                     match membership {
@@ -148,14 +155,14 @@ pub fn device_list_changes(server: &Server, user_id: &ruma::UserId, since: Strea
                     }
                 }
             }
-            Membership::Leave | Membership::Ban if own_change => maybe_left.extend(server.rooms.joined_members(&room_id)?),
+            Membership::Leave | Membership::Ban if own_change => maybe_left.extend(server.rooms().joined_members(&room_id)?),
             _ => {}
         }
     }
     changed.remove(user_id);
     let mut left = Vec::new();
     for user in maybe_left {
-        if user != user_id && !server.rooms.share_a_room(user_id, &user)? {
+        if user != user_id && !server.rooms().share_a_room(user_id, &user)? {
             changed.remove(&user);
             left.push(user);
         }
@@ -170,34 +177,34 @@ pub fn device_list_changes(server: &Server, user_id: &ruma::UserId, since: Strea
 /// The user's account data set after `since`, by room ("" for global). From the start, the
 /// global data includes `m.push_rules` even when the user never changed the defaults, as
 /// clients take their notification settings from it.
-pub(crate) fn group_room_account_data(server: &Server, user_id: &ruma::UserId, since: StreamPos) -> Result<BTreeMap<String, Vec<JsonValue>>> {
+pub(crate) fn group_room_account_data(server: &dyn SyncHost, user_id: &ruma::UserId, since: StreamPos) -> Result<BTreeMap<String, Vec<JsonValue>>> {
     let mut grouped: BTreeMap<String, Vec<JsonValue>> = BTreeMap::new();
-    for (room, kind, content) in server.users.account_data_since(user_id, since)? {
+    for (room, kind, content) in server.users().account_data_since(user_id, since)? {
         grouped.entry(room).or_default().push(json!({ "type": kind, "content": content }));
     }
     let global = grouped.entry(String::new()).or_default();
     if since == 0 && !global.iter().any(|e| e["type"] == crate::push::PUSH_RULES) {
-        let rules = crate::push::Push::ruleset_content(&*server.push.ruleset(user_id)?);
+        let rules = crate::push::Push::ruleset_content(&*server.push().ruleset(user_id)?);
         global.push(json!({ "type": crate::push::PUSH_RULES, "content": rules }));
     }
     grouped.retain(|_, events| !events.is_empty());
     Ok(grouped)
 }
 
-pub(crate) fn stripped_state(server: &Server, room_id: &RoomId, entry: &UserRoom) -> Result<Vec<JsonValue>> {
+pub(crate) fn stripped_state(server: &dyn SyncHost, room_id: &RoomId, entry: &UserRoom) -> Result<Vec<JsonValue>> {
     let mut events = Vec::new();
     for kind in crate::rooms::STRIPPED_STATE_TYPES {
-        if let Some(pdu) = server.rooms.state_event(room_id, kind, "")? {
+        if let Some(pdu) = server.rooms().state_event(room_id, kind, "")? {
             events.push(pdu.to_stripped_state());
         }
     }
     // An invite to (or knock on) a room this server is not in carries the state the other
     // server sent.
-    events.extend(server.rooms.remote_room_state(room_id)?);
-    if let Some(member) = server.rooms.pdu(&entry.event_id)? {
+    events.extend(server.rooms().remote_room_state(room_id)?);
+    if let Some(member) = server.rooms().pdu(&entry.event_id)? {
         // The inviter's own membership too: clients name an invite (a direct chat) after it.
         if member.state_key.as_deref() != Some(member.sender.as_str())
-            && let Some(inviter) = server.rooms.state_event(room_id, "m.room.member", member.sender.as_str())?
+            && let Some(inviter) = server.rooms().state_event(room_id, "m.room.member", member.sender.as_str())?
         {
             events.push(inviter.to_stripped_state());
         }
@@ -207,11 +214,11 @@ pub(crate) fn stripped_state(server: &Server, room_id: &RoomId, entry: &UserRoom
 }
 
 /// The room's state snapshot as of stream position `pos`.
-pub(crate) fn snapshot_at(server: &Server, room_id: &RoomId, pos: StreamPos) -> Result<u64> {
-    match server.rooms.timeline_before(room_id, pos).next() {
+pub(crate) fn snapshot_at(server: &dyn SyncHost, room_id: &RoomId, pos: StreamPos) -> Result<u64> {
+    match server.rooms().timeline_before(room_id, pos).next() {
         Some(entry) => {
             let (_, event_id) = entry?;
-            Ok(server.rooms.meta(&event_id)?.map_or(0, |m| m.state_after))
+            Ok(server.rooms().meta(&event_id)?.map_or(0, |m| m.state_after))
         }
         None => Ok(crate::rooms::state::EMPTY_SNAPSHOT),
     }
@@ -224,7 +231,7 @@ pub(crate) struct Timeline {
 }
 
 /// The newest `limit` visible events in (since, upto], oldest first.
-fn timeline(server: &Server, req: &SyncRequest<'_>, room_id: &RoomId, since: StreamPos, upto: StreamPos) -> Result<Timeline> {
+fn timeline(server: &dyn SyncHost, req: &SyncRequest<'_>, room_id: &RoomId, since: StreamPos, upto: StreamPos) -> Result<Timeline> {
     let filter = &req.filter.room.timeline;
     let limit = filter.limit.unwrap_or(10).clamp(1, 1000);
     visible_timeline(server, &req.caller.user_id, room_id, since, upto, limit, Some(filter))
@@ -233,7 +240,7 @@ fn timeline(server: &Server, req: &SyncRequest<'_>, room_id: &RoomId, since: Str
 /// The newest `limit` events in (since, upto] that `user_id` may see and `filter` allows,
 /// oldest first.
 pub(crate) fn visible_timeline(
-    server: &Server,
+    server: &dyn SyncHost,
     user_id: &ruma::UserId,
     room_id: &RoomId,
     since: StreamPos,
@@ -243,14 +250,14 @@ pub(crate) fn visible_timeline(
 ) -> Result<Timeline> {
     let mut events = Vec::new();
     let mut limited = false;
-    for entry in server.rooms.timeline_before(room_id, upto) {
+    for entry in server.rooms().timeline_before(room_id, upto) {
         let (pos, event_id) = entry?;
         if pos <= since {
             break;
         }
-        let Some(pdu) = server.rooms.pdu(&event_id)? else { continue };
-        let Some(meta) = server.rooms.meta(&event_id)? else { continue };
-        if filter.is_some_and(|f| !f.allows(&pdu)) || !server.rooms.user_can_see(user_id, &pdu, &meta)? {
+        let Some(pdu) = server.rooms().pdu(&event_id)? else { continue };
+        let Some(meta) = server.rooms().meta(&event_id)? else { continue };
+        if filter.is_some_and(|f| !f.allows(&pdu)) || !server.rooms().user_can_see(user_id, &pdu, &meta)? {
             continue;
         }
         if events.len() == limit {
@@ -266,7 +273,7 @@ pub(crate) fn visible_timeline(
 
 #[allow(clippy::too_many_arguments)]
 fn joined_room(
-    server: &Server,
+    server: &dyn SyncHost,
     req: &SyncRequest<'_>,
     room_id: &OwnedRoomId,
     entry: &UserRoom,
@@ -289,14 +296,14 @@ fn joined_room(
         None => crate::rooms::state::EMPTY_SNAPSHOT,
     };
     let mut state: Vec<Pdu> = if initial {
-        server.rooms.state_events(start_snapshot, |kind, _| kind != "m.room.member" || !state_filter.lazy_load_members)?
+        server.rooms().state_events(start_snapshot, |kind, _| kind != "m.room.member" || !state_filter.lazy_load_members)?
     } else if timeline.limited {
-        let before = server.rooms.state_map(snapshot_at(server, room_id, from)?)?;
-        let now = server.rooms.state_map(start_snapshot)?;
+        let before = server.rooms().state_map(snapshot_at(server, room_id, from)?)?;
+        let now = server.rooms().state_map(start_snapshot)?;
         now.iter()
             .filter(|(key, id)| before.get(*key) != Some(*id))
             .filter(|((kind, _), _)| kind != "m.room.member" || !state_filter.lazy_load_members)
-            .filter_map(|(_, id)| server.rooms.pdu(id).ok().flatten())
+            .filter_map(|(_, id)| server.rooms().pdu(id).ok().flatten())
             .collect()
     } else {
         Vec::new()
@@ -312,12 +319,12 @@ fn joined_room(
         if needs_state {
             senders.push(user_id.to_string());
         }
-        let map = server.rooms.state_map(start_snapshot)?;
+        let map = server.rooms().state_map(start_snapshot)?;
         let mut seen = BTreeSet::new();
         for sender in senders {
             if seen.insert(sender.clone())
                 && let Some(id) = map.get(&("m.room.member".to_owned(), sender))
-                && let Some(pdu) = server.rooms.pdu(id)?
+                && let Some(pdu) = server.rooms().pdu(id)?
             {
                 state.push(pdu);
             }
@@ -333,7 +340,7 @@ fn joined_room(
     if !initial && timeline.events.is_empty() && state.is_empty() && ephemeral.is_empty() && account_data.is_empty() {
         return Ok(None);
     }
-    let (notifications, highlights) = server.push.unread_counts(user_id, room_id, server.rooms.read_position(user_id, room_id)?)?;
+    let (notifications, highlights) = server.push().unread_counts(user_id, room_id, server.rooms().read_position(user_id, room_id)?)?;
     let summary = summary(server, room_id, user_id)?;
     Ok(Some(json!({
         "timeline": {
@@ -349,14 +356,14 @@ fn joined_room(
     })))
 }
 
-fn left_room(server: &Server, req: &SyncRequest<'_>, room_id: &RoomId, entry: &UserRoom, since: Option<StreamPos>, render: &RenderEvent<'_>) -> Result<JsonValue> {
+fn left_room(server: &dyn SyncHost, req: &SyncRequest<'_>, room_id: &RoomId, entry: &UserRoom, since: Option<StreamPos>, render: &RenderEvent<'_>) -> Result<JsonValue> {
     let timeline = timeline(server, req, room_id, since.unwrap_or(0), entry.pos)?;
     // Someone who left without having been a member (a knock withdrawn or declined) gets no
     // state, as on every other read path.
-    let readable = server.rooms.read_view(&req.caller.user_id, room_id)?.is_some();
+    let readable = server.rooms().read_view(&req.caller.user_id, room_id)?.is_some();
     let state = if readable && (timeline.limited || since.is_none()) {
         let snapshot = timeline.events.first().map_or(0, |(_, m)| m.state_before);
-        server.rooms.state_events(snapshot, |_, _| true)?
+        server.rooms().state_events(snapshot, |_, _| true)?
     } else {
         Vec::new()
     };
@@ -371,7 +378,7 @@ fn left_room(server: &Server, req: &SyncRequest<'_>, room_id: &RoomId, entry: &U
     }))
 }
 
-fn ephemeral_events(server: &Server, req: &SyncRequest<'_>, room_id: &RoomId, since: StreamPos) -> Result<Vec<JsonValue>> {
+fn ephemeral_events(server: &dyn SyncHost, req: &SyncRequest<'_>, room_id: &RoomId, since: StreamPos) -> Result<Vec<JsonValue>> {
     let filter = &req.filter.room;
     let typing = filter.ephemeral_allows("m.typing").then(|| typing_event(server, room_id, since)).flatten();
     let receipts = if filter.ephemeral_allows("m.receipt") { receipt_event(server, &req.caller.user_id, room_id, since)? } else { None };
@@ -380,16 +387,16 @@ fn ephemeral_events(server: &Server, req: &SyncRequest<'_>, room_id: &RoomId, si
 
 /// The room's `m.typing` event if typing changed after `since` (on an initial sync, only when
 /// someone is typing).
-pub(crate) fn typing_event(server: &Server, room_id: &RoomId, since: StreamPos) -> Option<JsonValue> {
-    let (typing, typing_pos) = server.rooms.typing.typing(room_id);
+pub(crate) fn typing_event(server: &dyn SyncHost, room_id: &RoomId, since: StreamPos) -> Option<JsonValue> {
+    let (typing, typing_pos) = server.rooms().typing.typing(room_id);
     (typing_pos > since && (since > 0 || !typing.is_empty())).then(|| json!({ "type": "m.typing", "content": { "user_ids": typing } }))
 }
 
 /// The room's receipts set after `since` as one `m.receipt` event; private receipts only the
 /// viewer's own.
-pub(crate) fn receipt_event(server: &Server, viewer: &ruma::UserId, room_id: &RoomId, since: StreamPos) -> Result<Option<JsonValue>> {
+pub(crate) fn receipt_event(server: &dyn SyncHost, viewer: &ruma::UserId, room_id: &RoomId, since: StreamPos) -> Result<Option<JsonValue>> {
     let mut content: BTreeMap<String, BTreeMap<String, BTreeMap<String, JsonValue>>> = BTreeMap::new();
-    for (kind, user, receipt) in server.rooms.receipts_since(room_id, since)? {
+    for (kind, user, receipt) in server.rooms().receipts_since(room_id, since)? {
         if kind == "m.read.private" && user != viewer {
             continue;
         }
@@ -402,13 +409,13 @@ pub(crate) fn receipt_event(server: &Server, viewer: &ruma::UserId, room_id: &Ro
     Ok((!content.is_empty()).then(|| json!({ "type": "m.receipt", "content": content })))
 }
 
-fn summary(server: &Server, room_id: &RoomId, user_id: &ruma::UserId) -> Result<JsonValue> {
-    let members = server.rooms.members(room_id)?;
+fn summary(server: &dyn SyncHost, room_id: &RoomId, user_id: &ruma::UserId) -> Result<JsonValue> {
+    let members = server.rooms().members(room_id)?;
     let joined = members.iter().filter(|(_, m)| *m == Membership::Join).count();
     let invited = members.iter().filter(|(_, m)| *m == Membership::Invite).count();
     let mut summary = json!({ "m.joined_member_count": joined, "m.invited_member_count": invited });
-    let named = server.rooms.state_event(room_id, "m.room.name", "")?.is_some()
-        || server.rooms.state_event(room_id, "m.room.canonical_alias", "")?.is_some();
+    let named = server.rooms().state_event(room_id, "m.room.name", "")?.is_some()
+        || server.rooms().state_event(room_id, "m.room.canonical_alias", "")?.is_some();
     if !named {
         let heroes: Vec<&OwnedUserId> = members
             .iter()
@@ -421,11 +428,11 @@ fn summary(server: &Server, room_id: &RoomId, user_id: &ruma::UserId) -> Result<
     Ok(summary)
 }
 
-fn presence_events(server: &Server, users: &BTreeSet<OwnedUserId>, since: Option<StreamPos>) -> Result<Vec<JsonValue>> {
+fn presence_events(server: &dyn SyncHost, users: &BTreeSet<OwnedUserId>, since: Option<StreamPos>) -> Result<Vec<JsonValue>> {
     let now: u64 = ruma::MilliSecondsSinceUnixEpoch::now().0.into();
     let mut events = Vec::new();
     for user in users {
-        if let Some(p) = server.users.presence(user)?
+        if let Some(p) = server.users().presence(user)?
             && since.is_none_or(|s| p.pos > s)
         {
             let mut content = json!({

@@ -20,11 +20,10 @@ use ruma::{
 };
 use serde_json::{Value as JsonValue, json};
 
-use super::{RenderEvent, group_room_account_data, receipt_event, snapshot_at, stripped_state, token, typing_event, visible_timeline};
+use super::{RenderEvent, SyncHost, group_room_account_data, receipt_event, snapshot_at, stripped_state, token, typing_event, visible_timeline};
 use crate::{
     error::{Error, ErrorCode, Result},
     rooms::{Membership, UserRoom},
-    server::Server,
     store::StreamPos,
     users::Caller,
 };
@@ -183,7 +182,7 @@ pub struct SlidingResponse {
 }
 
 /// Builds the response to `req` continuing from `previous`, with everything up to `upto`.
-pub fn build(server: &Server, req: &SlidingRequest<'_>, previous: &ConnectionState, upto: StreamPos, render: &RenderEvent<'_>) -> Result<SlidingResponse> {
+pub fn build(server: &dyn SyncHost, req: &SlidingRequest<'_>, previous: &ConnectionState, upto: StreamPos, render: &RenderEvent<'_>) -> Result<SlidingResponse> {
     let user_id = &req.caller.user_id;
     let since = previous.since.map(|s| s.min(upto));
     let mut state = previous.clone();
@@ -281,7 +280,7 @@ pub fn build(server: &Server, req: &SlidingRequest<'_>, previous: &ConnectionSta
         // A token this server did not issue acknowledges nothing (clients keep it across
         // servers' restarts and resets).
         let acknowledged = extensions.to_device.since.as_deref().and_then(|since| super::parse_token(since).ok());
-        let events = server.e2ee.to_device_messages(user_id, req.caller.device_id.as_str(), acknowledged, upto)?;
+        let events = server.e2ee().to_device_messages(user_id, req.caller.device_id.as_str(), acknowledged, upto)?;
         ext_data |= !events.is_empty();
         ext.insert("to_device".into(), json!({ "next_batch": token(upto), "events": events }));
     }
@@ -296,8 +295,8 @@ pub fn build(server: &Server, req: &SlidingRequest<'_>, previous: &ConnectionSta
             "e2ee".into(),
             json!({
                 "device_lists": { "changed": changed, "left": left },
-                "device_one_time_keys_count": server.e2ee.one_time_key_counts(user_id, device_id)?,
-                "device_unused_fallback_key_types": server.e2ee.unused_fallback_key_types(user_id, device_id)?,
+                "device_one_time_keys_count": server.e2ee().one_time_key_counts(user_id, device_id)?,
+                "device_unused_fallback_key_types": server.e2ee().unused_fallback_key_types(user_id, device_id)?,
             }),
         );
     }
@@ -356,9 +355,9 @@ pub fn build(server: &Server, req: &SlidingRequest<'_>, previous: &ConnectionSta
 /// The user's rooms that may appear, most recently active first: joined, invited and knocked
 /// rooms, rooms the user was removed from (kicked, declined, banned) and not forgot, and rooms
 /// they left themselves since the connection's last position (as Synapse lists them).
-fn candidates(server: &Server, user_id: &UserId, since: Option<StreamPos>, upto: StreamPos) -> Result<Vec<Candidate>> {
+fn candidates(server: &dyn SyncHost, user_id: &UserId, since: Option<StreamPos>, upto: StreamPos) -> Result<Vec<Candidate>> {
     let mut candidates = Vec::new();
-    for (room_id, entry) in server.rooms.user_rooms(user_id)? {
+    for (room_id, entry) in server.rooms().user_rooms(user_id)? {
         if entry.pos > upto {
             continue;
         }
@@ -378,13 +377,13 @@ fn candidates(server: &Server, user_id: &UserId, since: Option<StreamPos>, upto:
 }
 
 /// Whether the user's leave or ban was someone else's doing.
-fn removed_by_someone_else(server: &Server, user_id: &UserId, entry: &UserRoom) -> Result<bool> {
-    Ok(entry.membership == Membership::Ban || server.rooms.pdu(&entry.event_id)?.is_some_and(|p| p.sender != user_id))
+fn removed_by_someone_else(server: &dyn SyncHost, user_id: &UserId, entry: &UserRoom) -> Result<bool> {
+    Ok(entry.membership == Membership::Ban || server.rooms().pdu(&entry.event_id)?.is_some_and(|p| p.sender != user_id))
 }
 
 /// The stream position of the room's last activity the user may know of: its latest bump event
 /// (up to the user's leave), or the invite or knock itself.
-fn bump_stamp(server: &Server, room_id: &RoomId, entry: &UserRoom, upto: StreamPos) -> Result<StreamPos> {
+fn bump_stamp(server: &dyn SyncHost, room_id: &RoomId, entry: &UserRoom, upto: StreamPos) -> Result<StreamPos> {
     if matches!(entry.membership, Membership::Invite | Membership::Knock) {
         return Ok(entry.pos);
     }
@@ -393,16 +392,16 @@ fn bump_stamp(server: &Server, room_id: &RoomId, entry: &UserRoom, upto: StreamP
     }
     // A joined room's stamp is the same for every member: remembered per room, so that a
     // request scans only the events that arrived since the last one.
-    let cached = server.sliding_sync.bumps.lock().expect("bump cache lock").get(room_id).copied().filter(|&(_, bump)| bump <= upto);
+    let cached = server.sliding_sync().bumps.lock().expect("bump cache lock").get(room_id).copied().filter(|&(_, bump)| bump <= upto);
     if let Some((seen, bump)) = cached
-        && server.rooms.latest_timeline_pos(room_id)?.is_some_and(|latest| latest <= seen)
+        && server.rooms().latest_timeline_pos(room_id)?.is_some_and(|latest| latest <= seen)
     {
         return Ok(bump);
     }
     let (found, newest) = scan_bump(server, room_id, upto, cached.map(|(seen, _)| seen))?;
     let bump = found.or(cached.map(|(_, bump)| bump)).or(newest).unwrap_or(entry.pos);
     if let Some(newest) = newest {
-        let mut bumps = server.sliding_sync.bumps.lock().expect("bump cache lock");
+        let mut bumps = server.sliding_sync().bumps.lock().expect("bump cache lock");
         let entry = bumps.entry(room_id.to_owned()).or_insert((newest, bump));
         if newest >= entry.0 {
             *entry = (newest, bump);
@@ -413,15 +412,15 @@ fn bump_stamp(server: &Server, room_id: &RoomId, entry: &UserRoom, upto: StreamP
 
 /// Scans the room's timeline back from `until` (not past `seen`, at most [`BUMP_SCAN`] events)
 /// for a bump event: its position, and the newest position looked at.
-fn scan_bump(server: &Server, room_id: &RoomId, until: StreamPos, seen: Option<StreamPos>) -> Result<(Option<StreamPos>, Option<StreamPos>)> {
+fn scan_bump(server: &dyn SyncHost, room_id: &RoomId, until: StreamPos, seen: Option<StreamPos>) -> Result<(Option<StreamPos>, Option<StreamPos>)> {
     let mut newest = None;
-    for item in server.rooms.timeline_before(room_id, until).take(BUMP_SCAN) {
+    for item in server.rooms().timeline_before(room_id, until).take(BUMP_SCAN) {
         let (pos, event_id) = item?;
         if seen.is_some_and(|seen| pos <= seen) {
             break;
         }
         newest.get_or_insert(pos);
-        if let Some(pdu) = server.rooms.pdu(&event_id)?
+        if let Some(pdu) = server.rooms().pdu(&event_id)?
             && BUMP_TYPES.contains(&pdu.kind.to_string().as_str())
         {
             return Ok((Some(pos), newest));
@@ -432,16 +431,16 @@ fn scan_bump(server: &Server, room_id: &RoomId, until: StreamPos, seen: Option<S
 
 /// Evaluates list filters, loading what they need once per request.
 struct FilterContext<'a> {
-    server: &'a Server,
+    server: &'a dyn SyncHost,
     direct: BTreeSet<String>,
     space_children: HashMap<OwnedRoomId, BTreeSet<String>>,
 }
 
 impl<'a> FilterContext<'a> {
-    fn new(server: &'a Server, user_id: &UserId) -> Result<Self> {
+    fn new(server: &'a dyn SyncHost, user_id: &UserId) -> Result<Self> {
         // m.direct maps users to their direct rooms.
         let direct = server
-            .users
+            .users()
             .account_data(user_id, None, "m.direct")?
             .and_then(|content| content.as_object().cloned())
             .map(|users| users.values().filter_map(JsonValue::as_array).flatten().filter_map(|r| r.as_str().map(str::to_owned)).collect())
@@ -463,7 +462,7 @@ impl<'a> FilterContext<'a> {
                 return Ok(false);
             }
             if let Some(encrypted) = filters.is_encrypted
-                && encrypted != self.server.rooms.state_event(room_id, "m.room.encryption", "")?.is_some()
+                && encrypted != self.server.rooms().state_event(room_id, "m.room.encryption", "")?.is_some()
             {
                 return Ok(false);
             }
@@ -489,7 +488,7 @@ impl<'a> FilterContext<'a> {
 
     /// The room's type from its create event (`None` for an ordinary room).
     fn room_type(&self, room_id: &RoomId) -> Result<Option<String>> {
-        let create = self.server.rooms.state_content(room_id, "m.room.create", "")?;
+        let create = self.server.rooms().state_content(room_id, "m.room.create", "")?;
         Ok(create.and_then(|c| c.get("type").and_then(JsonValue::as_str).map(str::to_owned)))
     }
 
@@ -497,7 +496,7 @@ impl<'a> FilterContext<'a> {
     fn children_of(&self, space: &RoomId) -> Result<BTreeSet<String>> {
         Ok(self
             .server
-            .rooms
+            .rooms()
             .current_state(space)?
             .into_iter()
             .filter(|p| p.kind.to_string() == "m.space.child" && p.content_json().get("via").and_then(JsonValue::as_array).is_some_and(|v| !v.is_empty()))
@@ -507,7 +506,7 @@ impl<'a> FilterContext<'a> {
 }
 
 /// An invited or knocked room: its stripped state, sent once per invite or knock.
-fn invited_room(server: &Server, candidate: &Candidate, sent: Option<&SentRoom>) -> Result<Option<(JsonValue, SentRoom, bool)>> {
+fn invited_room(server: &dyn SyncHost, candidate: &Candidate, sent: Option<&SentRoom>) -> Result<Option<(JsonValue, SentRoom, bool)>> {
     let entry = &candidate.entry;
     if sent.is_some_and(|s| s.membership_pos == entry.pos) {
         return Ok(None);
@@ -540,7 +539,7 @@ fn invited_room(server: &Server, candidate: &Candidate, sent: Option<&SentRoom>)
 /// sent (everything when it was not), or `None` when nothing did.
 #[allow(clippy::too_many_arguments)]
 fn joined_room(
-    server: &Server,
+    server: &dyn SyncHost,
     user_id: &UserId,
     candidate: &Candidate,
     config: &RoomConfig,
@@ -567,9 +566,9 @@ fn joined_room(
         && !expanded
         && s.membership == entry.membership
         && config.required_state.is_subset(&s.config.required_state)
-        && server.rooms.latest_timeline_pos(room_id)?.is_none_or(|latest| latest <= room_since)
+        && server.rooms().latest_timeline_pos(room_id)?.is_none_or(|latest| latest <= room_since)
     {
-        let unread = if joined { server.push.unread_counts(user_id, room_id, server.rooms.read_position(user_id, room_id)?)? } else { (0, 0) };
+        let unread = if joined { server.push().unread_counts(user_id, room_id, server.rooms().read_position(user_id, room_id)?)? } else { (0, 0) };
         if unread == s.unread {
             return Ok(None);
         }
@@ -578,23 +577,23 @@ fn joined_room(
 
     // State: all that is wanted when the room is new (or more is wanted than before), else what
     // changed among the wanted since the room was last sent.
-    let now = server.rooms.state_map(snapshot_at(server, room_id, room_upto)?)?;
+    let now = server.rooms().state_map(snapshot_at(server, room_id, room_upto)?)?;
     let full_state = sent.is_none_or(|s| !config.required_state.is_subset(&s.config.required_state));
     // The state the client has of a room it has, to send only what changed.
     let before = match sent {
-        Some(s) => Some(server.rooms.state_map(snapshot_at(server, room_id, s.stream.min(room_upto))?)?),
+        Some(s) => Some(server.rooms().state_map(snapshot_at(server, room_id, s.stream.min(room_upto))?)?),
         None => None,
     };
-    let was_member = joined || server.rooms.departure(user_id, entry)?.is_some();
+    let was_member = joined || server.rooms().departure(user_id, entry)?.is_some();
     let content_of = |kind: &str| -> Option<JsonValue> {
-        now.get(&(kind.to_owned(), String::new())).and_then(|id| server.rooms.pdu(id).ok().flatten()).map(|p| p.content_json())
+        now.get(&(kind.to_owned(), String::new())).and_then(|id| server.rooms().pdu(id).ok().flatten()).map(|p| p.content_json())
     };
     let name = content_of("m.room.name").and_then(|c| c["name"].as_str().filter(|n| !n.is_empty()).map(str::to_owned));
     let avatar = content_of("m.room.avatar").and_then(|c| c["url"].as_str().filter(|u| !u.is_empty()).map(str::to_owned));
     // The members as the user may know them: now while joined, as of the leave for a former
     // member, none for someone who never joined.
     let members = if joined {
-        server.rooms.members(room_id)?
+        server.rooms().members(room_id)?
     } else if was_member {
         members_in(server, &now)?
     } else {
@@ -644,13 +643,13 @@ fn joined_room(
         wanted.insert(entry.event_id.clone());
     }
     let required_state: Vec<JsonValue> =
-        wanted.iter().filter_map(|id| server.rooms.pdu(id).ok().flatten()).map(|p| render(&p, None)).collect();
+        wanted.iter().filter_map(|id| server.rooms().pdu(id).ok().flatten()).map(|p| render(&p, None)).collect();
 
     let counts = (
         members.iter().filter(|(_, m)| *m == Membership::Join).count(),
         members.iter().filter(|(_, m)| *m == Membership::Invite).count(),
     );
-    let unread = if joined { server.push.unread_counts(user_id, room_id, server.rooms.read_position(user_id, room_id)?)? } else { (0, 0) };
+    let unread = if joined { server.push().unread_counts(user_id, room_id, server.rooms().read_position(user_id, room_id)?)? } else { (0, 0) };
     // Heroes name a room without a name, so they go again whenever one of them changes (a new
     // display name, someone leaving).
     let heroes = if was_member && name.is_none() { Some(heroes(server, user_id, &members, &now)?) } else { None };
@@ -721,13 +720,13 @@ fn hero_ids<'m>(members: &'m [(OwnedUserId, Membership)], user_id: &'m UserId) -
 }
 
 /// The members of a room in the state `state`, with their membership.
-fn members_in(server: &Server, state: &crate::rooms::state::StateMap) -> Result<Vec<(OwnedUserId, Membership)>> {
+fn members_in(server: &dyn SyncHost, state: &crate::rooms::state::StateMap) -> Result<Vec<(OwnedUserId, Membership)>> {
     let mut members = Vec::new();
     for ((kind, key), event_id) in state.iter() {
         if kind != "m.room.member" {
             continue;
         }
-        let membership = server.rooms.pdu(event_id)?.and_then(|p| p.content_json()["membership"].as_str().and_then(Membership::parse));
+        let membership = server.rooms().pdu(event_id)?.and_then(|p| p.content_json()["membership"].as_str().and_then(Membership::parse));
         if let (Ok(user), Some(membership)) = (OwnedUserId::try_from(key.as_str()), membership) {
             members.push((user, membership));
         }
@@ -738,7 +737,7 @@ fn members_in(server: &Server, state: &crate::rooms::state::StateMap) -> Result<
 /// Up to five other joined or invited members, with their names and avatars, from which a client
 /// names a room that has no name.
 fn heroes(
-    server: &Server,
+    server: &dyn SyncHost,
     user_id: &UserId,
     members: &[(OwnedUserId, Membership)],
     state: &crate::rooms::state::StateMap,
@@ -747,7 +746,7 @@ fn heroes(
     for member in hero_ids(members, user_id) {
         let mut hero = json!({ "user_id": member });
         if let Some(id) = state.get(&("m.room.member".to_owned(), member.to_string()))
-            && let Some(pdu) = server.rooms.pdu(id)?
+            && let Some(pdu) = server.rooms().pdu(id)?
         {
             let content = pdu.content_json();
             if let Some(name) = content["displayname"].as_str() {
