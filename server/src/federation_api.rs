@@ -63,68 +63,68 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
 }
 
 async fn event(State(server): State<AppState>, req: Signed<get_event::v1::Request>) -> Result<Json<JsonValue>> {
-    Ok(Json(crate::federation::history::event(&server, &req.origin, &req.body.event_id)?))
+    Ok(Json(crate::federation::history::event(&*server, &req.origin, &req.body.event_id)?))
 }
 
 async fn room_state(State(server): State<AppState>, req: Signed<get_room_state::v1::Request>) -> Result<Json<JsonValue>> {
-    Ok(Json(crate::federation::history::state(&server, &req.origin, &req.body.room_id, &req.body.event_id)?))
+    Ok(Json(crate::federation::history::state(&*server, &req.origin, &req.body.room_id, &req.body.event_id)?))
 }
 
 async fn room_state_ids(State(server): State<AppState>, req: Signed<get_room_state_ids::v1::Request>) -> Result<Json<JsonValue>> {
-    Ok(Json(crate::federation::history::state_ids(&server, &req.origin, &req.body.room_id, &req.body.event_id)?))
+    Ok(Json(crate::federation::history::state_ids(&*server, &req.origin, &req.body.room_id, &req.body.event_id)?))
 }
 
 async fn backfill(State(server): State<AppState>, req: Signed<get_backfill::v1::Request>) -> Result<Json<JsonValue>> {
     let limit = u64::from(req.body.limit) as usize;
-    Ok(Json(crate::federation::history::backfill(&server, &req.origin, &req.body.room_id, &req.body.v, limit)?))
+    Ok(Json(crate::federation::history::backfill(&*server, &req.origin, &req.body.room_id, &req.body.v, limit)?))
 }
 
 async fn missing_events(State(server): State<AppState>, req: Signed<get_missing_events::v1::Request>) -> Result<Json<JsonValue>> {
     let body = &req.body;
-    Ok(Json(crate::federation::history::missing_events(&server, &req.origin, &body.room_id, &body.earliest_events, &body.latest_events, u64::from(body.limit) as usize, u64::from(body.min_depth))?))
+    Ok(Json(crate::federation::history::missing_events(&*server, &req.origin, &body.room_id, &body.earliest_events, &body.latest_events, u64::from(body.limit) as usize, u64::from(body.min_depth))?))
 }
 
 async fn invite(State(server): State<AppState>, req: Signed<create_invite::v2::Request>) -> Result<Json<JsonValue>> {
-    Ok(Json(crate::federation::membership::receive_invite(&server, &req.origin, &req.body).await?))
+    Ok(Json(crate::federation::membership::receive_invite(&*server, &req.origin, &req.body).await?))
 }
 
 async fn make_join(State(server): State<AppState>, req: Signed<prepare_join_event::v1::Request>) -> Result<Json<JsonValue>> {
     let body = &req.body;
-    Ok(Json(crate::federation::membership::make_membership(&server, &req.origin, &body.room_id, &body.user_id, "join", Some(&body.ver)).await?))
+    Ok(Json(crate::federation::membership::make_membership(&*server, &req.origin, &body.room_id, &body.user_id, "join", Some(&body.ver)).await?))
 }
 
 async fn make_knock(State(server): State<AppState>, req: Signed<prepare_knock_event::v1::Request>) -> Result<Json<JsonValue>> {
     let body = &req.body;
-    Ok(Json(crate::federation::membership::make_membership(&server, &req.origin, &body.room_id, &body.user_id, "knock", Some(&body.ver)).await?))
+    Ok(Json(crate::federation::membership::make_membership(&*server, &req.origin, &body.room_id, &body.user_id, "knock", Some(&body.ver)).await?))
 }
 
 async fn make_leave(State(server): State<AppState>, req: Signed<prepare_leave_event::v1::Request>) -> Result<Json<JsonValue>> {
     let body = &req.body;
-    Ok(Json(crate::federation::membership::make_membership(&server, &req.origin, &body.room_id, &body.user_id, "leave", None).await?))
+    Ok(Json(crate::federation::membership::make_membership(&*server, &req.origin, &body.room_id, &body.user_id, "leave", None).await?))
 }
 
 async fn send_knock(State(server): State<AppState>, req: Signed<create_knock_event::v1::Request>) -> Result<Json<JsonValue>> {
     let body = &req.body;
-    let pdu = crate::federation::membership::accept_membership(&server, &req.origin, &body.room_id, &body.event_id, &body.pdu, "knock").await?;
-    let state = crate::federation::membership::stripped_state_events(&server, &pdu.room_id, None)?;
+    let pdu = crate::federation::membership::accept_membership(&*server, &req.origin, &body.room_id, &body.event_id, &body.pdu, "knock").await?;
+    let state = crate::federation::membership::stripped_state_events(&*server, &pdu.room_id, None)?;
     Ok(Json(json!({ "knock_room_state": state })))
 }
 
 async fn send_leave(State(server): State<AppState>, req: Signed<create_leave_event::v2::Request>) -> Result<Json<JsonValue>> {
     let body = &req.body;
-    crate::federation::membership::accept_membership(&server, &req.origin, &body.room_id, &body.event_id, &body.pdu, "leave").await?;
+    crate::federation::membership::accept_membership(&*server, &req.origin, &body.room_id, &body.event_id, &body.pdu, "leave").await?;
     Ok(Json(json!({})))
 }
 
 async fn send_join(State(server): State<AppState>, req: Signed<create_join_event::v2::Request>) -> Result<Json<JsonValue>> {
-    Ok(Json(crate::federation::membership::send_join(&server, &req.origin, &req.body).await?))
+    Ok(Json(crate::federation::membership::send_join(&*server, &req.origin, &req.body).await?))
 }
 
 /// A transaction: PDUs appended one by one (each may fail on its own), then typing and receipts.
 async fn send_transaction(State(server): State<AppState>, req: Signed<send_transaction_message::v1::Request>) -> Result<Json<JsonValue>> {
     check_transaction(&req.origin, &req.body)?;
-    let results = crate::federation::inbound::receive_transaction(&server, &req.origin, &req.body.pdus).await;
-    crate::federation::inbound::receive_edus(&server, &req.origin, &req.body.edus);
+    let results = crate::federation::inbound::receive_transaction(&*server, &req.origin, &req.body.pdus).await;
+    crate::federation::inbound::receive_edus(&*server, &req.origin, &req.body.edus);
     Ok(Json(json!({ "pdus": results })))
 }
 

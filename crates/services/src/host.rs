@@ -1,13 +1,15 @@
 //! What a domain service reaches of the server it runs in, without naming the `Server` that
 //! composes every service (which would tie each module to all the others): the rooms, the users,
-//! the store, the server's name and the local send path. Modules that need more extend it with a
-//! trait of their own (`clinic::ClinicHost`, `plugins::HostServices`); `Server` implements them.
+//! the store, the device keys, the server's name and the local send path. Modules that need more
+//! extend it with a trait of their own (`clinic::ClinicHost`, `sync::SyncHost`, ...); `Server`
+//! implements them.
 
 use std::{future::Future, pin::Pin, sync::Arc};
 
 use ruma::{RoomId, ServerName, UserId};
 
 use crate::{
+    e2ee::E2ee,
     error::Result,
     events::{Pdu, PduBuilder},
     rooms::Rooms,
@@ -22,6 +24,8 @@ pub trait LocalServer: Send + Sync {
     fn rooms(&self) -> &Rooms;
     fn users(&self) -> &Users;
     fn store(&self) -> &Store;
+    /// Devices' keys and to-device messages.
+    fn e2ee(&self) -> &E2ee;
     fn server_name(&self) -> &ServerName;
     /// Turns true when the server begins to shut down.
     fn shutting_down(&self) -> tokio::sync::watch::Receiver<bool>;
@@ -41,6 +45,9 @@ impl<T: LocalServer + ?Sized> LocalServer for Arc<T> {
     }
     fn store(&self) -> &Store {
         (**self).store()
+    }
+    fn e2ee(&self) -> &E2ee {
+        (**self).e2ee()
     }
     fn server_name(&self) -> &ServerName {
         (**self).server_name()

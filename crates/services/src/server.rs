@@ -279,6 +279,10 @@ impl crate::host::LocalServer for Server {
         &self.store
     }
 
+    fn e2ee(&self) -> &E2ee {
+        &self.e2ee
+    }
+
     fn server_name(&self) -> &ruma::ServerName {
         &self.config.server_name
     }
@@ -337,11 +341,19 @@ impl crate::sync::SyncHost for Server {
         &self.push
     }
 
-    fn e2ee(&self) -> &crate::e2ee::E2ee {
-        &self.e2ee
-    }
-
     fn sliding_sync(&self) -> &crate::sync::sliding::Connections {
         &self.sliding_sync
+    }
+}
+
+/// Federation's view of the server: with the above, the federation client when federation is
+/// on, and whether presence is shared.
+impl crate::federation::FederationHost for Server {
+    fn federation(&self) -> Option<&Arc<crate::federation::Federation>> {
+        self.federation.as_ref()
+    }
+
+    fn presence_enabled(&self) -> bool {
+        self.config.presence.enabled
     }
 }

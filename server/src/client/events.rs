@@ -379,7 +379,7 @@ async fn messages(
         }
         let Some((key, pdu)) = gap else { break };
         let wanted = limit.saturating_sub(chunk.len()).max(1);
-        if let Err(error) = crate::federation::inbound::backfill_before(&server, &pdu, key, wanted).await {
+        if let Err(error) = crate::federation::inbound::backfill_before(&*server, &pdu, key, wanted).await {
             tracing::warn!(%room_id, event_id = %pdu.event_id, %error, "backfilling failed");
         }
         cursor = end;

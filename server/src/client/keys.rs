@@ -72,7 +72,7 @@ async fn upload(State(server): State<AppState>, req: Ruma<upload_keys::v3::Reque
         body_map(body, "fallback_keys"),
     )?;
     if new_device_keys {
-        crate::federation::sender::device_list_changed(&server, &caller.user_id, caller.device_id.as_str(), false)?;
+        crate::federation::sender::device_list_changed(&*server, &caller.user_id, caller.device_id.as_str(), false)?;
     }
     Ok(Json(json!({ "one_time_key_counts": counts })))
 }
@@ -224,7 +224,7 @@ async fn upload_cross_signing(State(server): State<AppState>, req: Ruma<upload_s
         return Err(Error::invalid_param("a master key is needed before other cross-signing keys"));
     }
     server.e2ee.upload_cross_signing_keys(&caller.user_id, &keys)?;
-    crate::federation::sender::signing_keys_changed(&server, &caller.user_id)?;
+    crate::federation::sender::signing_keys_changed(&*server, &caller.user_id)?;
     Ok(Json(json!({})))
 }
 
@@ -279,7 +279,7 @@ async fn send_to_device(State(server): State<AppState>, req: Ruma<send_event_to_
             "edu_type": "m.direct_to_device",
             "content": { "sender": caller.user_id, "type": req.body.event_type.to_string(), "message_id": format!("{}-{}", caller.device_id, req.body.txn_id), "messages": messages },
         });
-        crate::federation::sender::queue_edu(&server, &std::collections::HashSet::from([destination]), &edu)?;
+        crate::federation::sender::queue_edu(&*server, &std::collections::HashSet::from([destination]), &edu)?;
     }
     server.e2ee.send_to_device(&caller.user_id, &req.body.event_type.to_string(), &messages, |user| {
         Ok(server.users.devices(user)?.into_iter().map(|(id, _)| id.to_string()).collect())

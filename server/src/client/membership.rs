@@ -102,7 +102,7 @@ async fn join(server: &AppState, user: &UserId, room_id: &ruma::RoomId, via: &[r
         return Ok(());
     }
     if server.rooms.reached_over_federation(room_id)? {
-        return crate::federation::membership::join_remote(server, user, room_id, via).await;
+        return crate::federation::membership::join_remote(&**server, user, room_id, via).await;
     }
     set_membership(server, user, room_id, user, "join", reason, passcode).await.map(drop)
 }
@@ -155,7 +155,7 @@ async fn leave(
         let pending = server.rooms.user_room(&caller.user_id, room_id)?.filter(|e| matches!(e.membership, crate::rooms::Membership::Invite | crate::rooms::Membership::Knock));
         if let Some(entry) = pending {
             let via: Vec<_> = server.rooms.pdu(&entry.event_id)?.map(|p| p.sender.server_name().to_owned()).into_iter().collect();
-            crate::federation::membership::membership_remote(&server, &caller.user_id, room_id, &via, "leave", req.body.reason.as_deref()).await?;
+            crate::federation::membership::membership_remote(&*server, &caller.user_id, room_id, &via, "leave", req.body.reason.as_deref()).await?;
             return Ok(leave_room::v3::Response::new().into());
         }
     }
@@ -221,7 +221,7 @@ async fn knock(
         return Err(Error::forbidden("you are already joined to this room"));
     }
     if server.rooms.reached_over_federation(&room_id)? {
-        crate::federation::membership::membership_remote(&server, &caller.user_id, &room_id, &req.body.via, "knock", req.body.reason.as_deref()).await?;
+        crate::federation::membership::membership_remote(&*server, &caller.user_id, &room_id, &req.body.via, "knock", req.body.reason.as_deref()).await?;
         return Ok(knock_room::v3::Response::new(room_id).into());
     }
     let attempt = set_membership(&server, &caller.user_id, &room_id, &caller.user_id, "knock", req.body.reason.as_deref(), passcode(&req));

@@ -211,7 +211,7 @@ async fn set_presence_handler(
         return Err(Error::invalid_param(format!("unknown presence state {presence:?}")));
     }
     server.users.set_presence(&req.body.user_id, presence, req.body.status_msg.clone())?;
-    crate::federation::sender::presence_changed(&server, &req.body.user_id)?;
+    crate::federation::sender::presence_changed(&*server, &req.body.user_id)?;
     Ok(set_presence::v3::Response::new().into())
 }
 

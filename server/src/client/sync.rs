@@ -54,7 +54,7 @@ async fn sync(State(server): State<AppState>, req: Ruma<sync_events::v3::Request
         let current = server.users.presence(&caller.user_id)?;
         if current.as_ref().is_none_or(|p| p.presence != wanted) {
             server.users.set_presence(&caller.user_id, wanted, current.and_then(|p| p.status_msg))?;
-            crate::federation::sender::presence_changed(&server, &caller.user_id)?;
+            crate::federation::sender::presence_changed(&*server, &caller.user_id)?;
         }
     }
     let request = SyncRequest { caller, since, full_state: req.body.full_state, filter: &filter };

@@ -9,11 +9,10 @@ use ruma::{
 };
 use serde_json::{Value as JsonValue, json, value::RawValue};
 
-use super::{Federation, pdu::{auth_chain, event_id_of, raw_events, verify_pdu}};
+use super::{Federation, FederationHost, pdu::{auth_chain, event_id_of, raw_events, verify_pdu}};
 use crate::{
     error::{Error, ErrorCode, Result},
     events::{Pdu, SUPPORTED_ROOM_VERSIONS, rules_for},
-    server::Server,
 };
 
 /// How many events before a join the joining server fetches.
@@ -22,19 +21,19 @@ const JOIN_BACKFILL: u32 = 50;
 /// `make_join`, `make_knock` and `make_leave` as the resident server: a membership event for the
 /// remote user to sign, placed after our current extremities with the auth events of the
 /// current state. `versions` are the room versions the asking server supports (none for leave).
-pub async fn make_membership(server: &Server, origin: &ruma::ServerName, room_id: &RoomId, user_id: &UserId, membership: &str, versions: Option<&[RoomVersionId]>) -> Result<JsonValue> {
+pub async fn make_membership(server: &dyn FederationHost, origin: &ruma::ServerName, room_id: &RoomId, user_id: &UserId, membership: &str, versions: Option<&[RoomVersionId]>) -> Result<JsonValue> {
     if user_id.server_name() != origin {
         return Err(Error::forbidden("a server asks for its own users only"));
     }
-    let record = server.rooms.room(room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+    let record = server.rooms().room(room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
     if versions.is_some_and(|versions| !versions.contains(&record.version)) {
         return Err(Error::with_status(ErrorCode::IncompatibleRoomVersion, http::StatusCode::BAD_REQUEST, format!("the room is version {}", record.version)));
     }
-    let federates = server.rooms.state_content(room_id, "m.room.create", "")?.is_none_or(|c| c.get("m.federate") != Some(&JsonValue::Bool(false)));
+    let federates = server.rooms().state_content(room_id, "m.room.create", "")?.is_none_or(|c| c.get("m.federate") != Some(&JsonValue::Bool(false)));
     if !federates {
         return Err(Error::forbidden("this room is not federated"));
     }
-    if !super::acl::allows(&server.rooms, room_id, origin)? {
+    if !super::acl::allows(&server.rooms(), room_id, origin)? {
         return Err(Error::forbidden(format!("{origin} is denied by the room's server ACL")));
     }
     let rules = rules_for(&record.version)?;
@@ -44,7 +43,7 @@ pub async fn make_membership(server: &Server, origin: &ruma::ServerName, room_id
         .map_err(Error::bad_json)?;
     let mut auth_events = Vec::new();
     for (kind, key) in &types {
-        if let Some(pdu) = server.rooms.state_event(room_id, &kind.to_string(), key)? {
+        if let Some(pdu) = server.rooms().state_event(room_id, &kind.to_string(), key)? {
             auth_events.push(pdu.event_id);
         }
     }
@@ -64,9 +63,9 @@ pub async fn make_membership(server: &Server, origin: &ruma::ServerName, room_id
 
 /// `send_leave` and `send_knock` as the resident server: the signed membership of the origin's
 /// own user is checked and appended.
-pub async fn accept_membership(server: &Server, origin: &ruma::ServerName, room_id: &RoomId, event_id: &OwnedEventId, raw: &RawValue, membership: &str) -> Result<Pdu> {
-    let federation = server.federation.as_ref().ok_or_else(|| Error::not_found("federation is disabled"))?;
-    let record = server.rooms.room(room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+pub async fn accept_membership(server: &dyn FederationHost, origin: &ruma::ServerName, room_id: &RoomId, event_id: &OwnedEventId, raw: &RawValue, membership: &str) -> Result<Pdu> {
+    let federation = server.federation().ok_or_else(|| Error::not_found("federation is disabled"))?;
+    let record = server.rooms().room(room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
     let rules = rules_for(&record.version)?;
     let signed = verify_pdu(federation, raw, &rules).await?;
     let pdu = signed.pdu.clone();
@@ -77,7 +76,7 @@ pub async fn accept_membership(server: &Server, origin: &ruma::ServerName, room_
     {
         return Err(Error::bad_json(format!("not a {membership} of the origin's own user matching the request")));
     }
-    let mut writer = server.rooms.writer(room_id).await?;
+    let mut writer = server.rooms().writer(room_id).await?;
     writer.append_remote(signed)?;
     writer.commit()?;
     Ok(pdu)
@@ -85,12 +84,12 @@ pub async fn accept_membership(server: &Server, origin: &ruma::ServerName, room_
 
 /// The room's stripped state as full events, for invites and knocks, with the inviter's own
 /// membership (by which clients name an invite) when `inviter` is given.
-pub fn stripped_state_events(server: &Server, room_id: &RoomId, inviter: Option<&UserId>) -> Result<Vec<ruma::api::federation::membership::RawStrippedState>> {
+pub fn stripped_state_events(server: &dyn FederationHost, room_id: &RoomId, inviter: Option<&UserId>) -> Result<Vec<ruma::api::federation::membership::RawStrippedState>> {
     let mut state = Vec::new();
     let keys = crate::rooms::STRIPPED_STATE_TYPES.iter().map(|kind| (*kind, "")).chain(inviter.map(|user| ("m.room.member", user.as_str())));
     for (kind, state_key) in keys {
-        if let Some(pdu) = server.rooms.state_event(room_id, kind, state_key)?
-            && let Some(raw) = server.rooms.federation_pdu(&pdu.event_id)?
+        if let Some(pdu) = server.rooms().state_event(room_id, kind, state_key)?
+            && let Some(raw) = server.rooms().federation_pdu(&pdu.event_id)?
         {
             #[allow(deprecated)]
             state.push(ruma::api::federation::membership::RawStrippedState::Pdu(raw));
@@ -111,8 +110,8 @@ fn stripped_for_clients(state: &[ruma::api::federation::membership::RawStrippedS
 /// Knocks on, or leaves (or rejects an invite to), a room on another server for a local user:
 /// `make_knock`/`make_leave`, our signature, `send_knock`/`send_leave`. The user's sync then
 /// shows the knock (with the room's state) or the leave.
-pub async fn membership_remote(server: &Server, user: &UserId, room_id: &RoomId, via: &[OwnedServerName], membership: &str, reason: Option<&str>) -> Result<()> {
-    let federation = server.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled on this server"))?;
+pub async fn membership_remote(server: &dyn FederationHost, user: &UserId, room_id: &RoomId, via: &[OwnedServerName], membership: &str, reason: Option<&str>) -> Result<()> {
+    let federation = server.federation().ok_or_else(|| Error::forbidden("federation is disabled on this server"))?;
     let candidates = residents(server, user, room_id, via);
     let mut last_error = Error::not_found("no server to reach the room through");
     for resident in candidates {
@@ -144,7 +143,7 @@ pub async fn membership_remote(server: &Server, user: &UserId, room_id: &RoomId,
             };
             let signed = verify_pdu(federation, &raw, &rules).await?;
             let recorded = if membership == "knock" { crate::rooms::Membership::Knock } else { crate::rooms::Membership::Leave };
-            server.rooms.record_remote_membership(user, &signed, recorded, state.as_deref())
+            server.rooms().record_remote_membership(user, &signed, recorded, state.as_deref())
         };
         match attempt.await {
             Ok(()) => return Ok(()),
@@ -159,9 +158,9 @@ pub async fn membership_remote(server: &Server, user: &UserId, room_id: &RoomId,
 
 /// `send_join` as the resident server: the signed join is checked and appended, and the joining
 /// server gets the room's state before it and the auth chain.
-pub async fn send_join(server: &Server, origin: &ruma::ServerName, request: &create_join_event::v2::Request) -> Result<JsonValue> {
-    let federation = server.federation.as_ref().ok_or_else(|| Error::not_found("federation is disabled"))?;
-    let record = server.rooms.room(&request.room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+pub async fn send_join(server: &dyn FederationHost, origin: &ruma::ServerName, request: &create_join_event::v2::Request) -> Result<JsonValue> {
+    let federation = server.federation().ok_or_else(|| Error::not_found("federation is disabled"))?;
+    let record = server.rooms().room(&request.room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
     let rules = rules_for(&record.version)?;
     let signed = verify_pdu(federation, &request.pdu, &rules).await?;
     let pdu = signed.pdu.clone();
@@ -172,7 +171,7 @@ pub async fn send_join(server: &Server, origin: &ruma::ServerName, request: &cre
     if pdu.membership() != Some(crate::rooms::Membership::Join) || joining != Some(&pdu.sender) || pdu.sender.server_name() != origin {
         return Err(Error::bad_json("not a join of the origin's own user"));
     }
-    let mut writer = server.rooms.writer(&request.room_id).await?;
+    let mut writer = server.rooms().writer(&request.room_id).await?;
     let state_before: Vec<OwnedEventId> = writer.current_state_ids()?;
     writer.append_remote(signed)?;
     writer.commit()?;
@@ -181,17 +180,17 @@ pub async fn send_join(server: &Server, origin: &ruma::ServerName, request: &cre
         "origin": server.server_name(),
         "state": raw_events(server, state_before)?,
         "auth_chain": raw_events(server, chain)?,
-        "event": server.rooms.federation_pdu(&pdu.event_id)?,
+        "event": server.rooms().federation_pdu(&pdu.event_id)?,
         "members_omitted": false,
     }))
 }
 
 /// The servers to reach a room through, each once: the `via` servers, the server of whoever
 /// invited the user (or answered their knock), then the one the room id names (up to v11).
-fn residents(server: &Server, user: &UserId, room_id: &RoomId, via: &[OwnedServerName]) -> Vec<OwnedServerName> {
+fn residents(server: &dyn FederationHost, user: &UserId, room_id: &RoomId, via: &[OwnedServerName]) -> Vec<OwnedServerName> {
     let ours = server.server_name();
-    let inviter = server.rooms.user_room(user, room_id).ok().flatten()
-        .and_then(|entry| server.rooms.pdu(&entry.event_id).ok().flatten())
+    let inviter = server.rooms().user_room(user, room_id).ok().flatten()
+        .and_then(|entry| server.rooms().pdu(&entry.event_id).ok().flatten())
         .map(|pdu| pdu.sender.server_name().to_owned());
     let owner = room_id.server_name().map(ToOwned::to_owned);
     let mut seen = HashSet::new();
@@ -200,8 +199,8 @@ fn residents(server: &Server, user: &UserId, room_id: &RoomId, via: &[OwnedServe
 
 /// Joins a local user to a room on another server: `make_join`, sign, `send_join`, then the
 /// room's state is checked and stored, and the join appended.
-pub async fn join_remote(server: &Server, user: &UserId, room_id: &RoomId, via: &[OwnedServerName]) -> Result<()> {
-    let federation = server.federation.as_ref().ok_or_else(|| Error::forbidden("federation is disabled on this server"))?;
+pub async fn join_remote(server: &dyn FederationHost, user: &UserId, room_id: &RoomId, via: &[OwnedServerName]) -> Result<()> {
+    let federation = server.federation().ok_or_else(|| Error::forbidden("federation is disabled on this server"))?;
     let candidates = residents(server, user, room_id, via);
     let mut last_error = Error::not_found("no server to join the room through");
     for resident in candidates {
@@ -216,7 +215,7 @@ pub async fn join_remote(server: &Server, user: &UserId, room_id: &RoomId, via: 
     Err(last_error)
 }
 
-async fn join_via(server: &Server, federation: &Federation, user: &UserId, room_id: &RoomId, resident: &ruma::ServerName) -> Result<()> {
+async fn join_via(server: &dyn FederationHost, federation: &Federation, user: &UserId, room_id: &RoomId, resident: &ruma::ServerName) -> Result<()> {
     let mut make = prepare_join_event::v1::Request::new(room_id.to_owned(), user.to_owned());
     make.ver = SUPPORTED_ROOM_VERSIONS.to_vec();
     let template = federation.send(resident, make).await?;
@@ -257,7 +256,7 @@ async fn join_via(server: &Server, federation: &Federation, user: &UserId, room_
     // Oldest first, so that each state key ends with the version the state names.
     imported.sort_by_key(|signed| u64::from(signed.pdu.depth));
     let join = verify_pdu(federation, state.event.as_deref().unwrap_or(&raw), &rules).await?;
-    let mut writer = server.rooms.writer(room_id).await?;
+    let mut writer = server.rooms().writer(room_id).await?;
     if !writer.exists() {
         writer.init_room(version)?;
     }
@@ -267,17 +266,17 @@ async fn join_via(server: &Server, federation: &Federation, user: &UserId, room_
     // The state is written first: the clinic policy reads earlier events (an admission's knock)
     // from the store when it checks the join.
     writer.commit()?;
-    let mut writer = server.rooms.writer(room_id).await?;
+    let mut writer = server.rooms().writer(room_id).await?;
     writer.append_remote(join)?;
     writer.commit().map(drop)
 }
 
 /// Sends an invite of a user of `destination` through `/invite` (v2), with the room's stripped
 /// state as full events. A refusal is final (logged); a failure to reach the server is retried.
-pub async fn send_invite(server: &Server, federation: &Federation, destination: &ruma::ServerName, invite: &Pdu) -> Result<()> {
-    let record = server.rooms.room(&invite.room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
+pub async fn send_invite(server: &dyn FederationHost, federation: &Federation, destination: &ruma::ServerName, invite: &Pdu) -> Result<()> {
+    let record = server.rooms().room(&invite.room_id)?.ok_or_else(|| Error::not_found("unknown room"))?;
     let state = stripped_state_events(server, &invite.room_id, Some(&invite.sender))?;
-    let event = server.rooms.federation_pdu(&invite.event_id)?.ok_or_else(|| Error::not_found("unknown event"))?;
+    let event = server.rooms().federation_pdu(&invite.event_id)?.ok_or_else(|| Error::not_found("unknown event"))?;
     let request = ruma::api::federation::membership::create_invite::v2::Request::new(invite.room_id.clone(), invite.event_id.clone(), record.version, event, state);
     match federation.send(destination, request).await {
         Ok(_) => Ok(()),
@@ -291,8 +290,8 @@ pub async fn send_invite(server: &Server, federation: &Federation, destination: 
 
 /// `PUT /v2/invite`: one of our users invited to a room on another server. We countersign the
 /// event, and the user's sync shows the invite with the state the inviting server sent.
-pub async fn receive_invite(server: &Server, origin: &ruma::ServerName, request: &ruma::api::federation::membership::create_invite::v2::Request) -> Result<JsonValue> {
-    let federation = server.federation.as_ref().ok_or_else(|| Error::not_found("federation is disabled"))?;
+pub async fn receive_invite(server: &dyn FederationHost, origin: &ruma::ServerName, request: &ruma::api::federation::membership::create_invite::v2::Request) -> Result<JsonValue> {
+    let federation = server.federation().ok_or_else(|| Error::not_found("federation is disabled"))?;
     if !SUPPORTED_ROOM_VERSIONS.contains(&request.room_version) {
         return Err(Error::with_status(ErrorCode::IncompatibleRoomVersion, http::StatusCode::BAD_REQUEST, format!("room version {} is not supported", request.room_version)));
     }
@@ -304,7 +303,7 @@ pub async fn receive_invite(server: &Server, origin: &ruma::ServerName, request:
     if pdu.membership() != Some(crate::rooms::Membership::Invite) || pdu.sender.server_name() != origin || pdu.event_id != request.event_id || pdu.room_id != request.room_id {
         return Err(Error::bad_json("not an invite from the origin's user matching the request"));
     }
-    if !server.users.account(&invitee)?.is_some_and(|a| !a.deactivated) {
+    if !server.users().account(&invitee)?.is_some_and(|a| !a.deactivated) {
         return Err(Error::not_found("unknown user"));
     }
     // Countersigned by us, as the spec asks.
@@ -313,12 +312,12 @@ pub async fn receive_invite(server: &Server, origin: &ruma::ServerName, request:
     ruma::signatures::sign_json(server.server_name().as_str(), federation.key().key_pair(), &mut object).map_err(|e| Error::internal(e.to_string()))?;
     let invite_state = stripped_for_clients(&request.invite_room_state);
     let room_id = pdu.room_id.clone();
-    if server.rooms.exists(&room_id)? {
-        let mut writer = server.rooms.writer(&room_id).await?;
+    if server.rooms().exists(&room_id)? {
+        let mut writer = server.rooms().writer(&room_id).await?;
         writer.append_remote(signed)?;
         writer.commit()?;
     } else {
-        server.rooms.record_remote_membership(&invitee, &signed, crate::rooms::Membership::Invite, Some(&invite_state))?;
+        server.rooms().record_remote_membership(&invitee, &signed, crate::rooms::Membership::Invite, Some(&invite_state))?;
     }
     Ok(json!({ "event": object }))
 }

@@ -26,7 +26,14 @@ pub use listener::{Peer, serve_tls};
 use resolve::Route;
 pub use transport::Transport;
 
-use crate::{config::FederationConfig, events::ServerSigningKey, store::Store};
+use crate::{config::FederationConfig, events::ServerSigningKey, host::LocalServer, store::Store};
+
+/// What federation reaches of the server: with the rooms, users and device keys, the federation
+/// client (when federation is on) and whether presence is shared.
+pub trait FederationHost: LocalServer {
+    fn federation(&self) -> Option<&Arc<Federation>>;
+    fn presence_enabled(&self) -> bool;
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum FederationError {

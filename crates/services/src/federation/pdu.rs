@@ -11,10 +11,10 @@ use ruma::{
 use serde_json::{Value as JsonValue, value::RawValue};
 
 use super::Federation;
+use super::FederationHost;
 use crate::{
     error::{Error, Result},
     events::{Pdu, SignedPdu},
-    server::Server,
 };
 
 /// The reference-hash event id of a PDU.
@@ -93,7 +93,7 @@ pub fn room_id_of(raw: &RawValue) -> Option<OwnedRoomId> {
 }
 
 /// The events an event's auth chain consists of, recursively.
-pub(super) fn auth_chain(server: &Server, start: &[OwnedEventId]) -> Result<Vec<Pdu>> {
+pub(super) fn auth_chain(server: &dyn FederationHost, start: &[OwnedEventId]) -> Result<Vec<Pdu>> {
     let mut seen: HashSet<OwnedEventId> = HashSet::new();
     let mut todo: Vec<OwnedEventId> = start.to_vec();
     let mut chain = Vec::new();
@@ -101,7 +101,7 @@ pub(super) fn auth_chain(server: &Server, start: &[OwnedEventId]) -> Result<Vec<
         if !seen.insert(id.clone()) {
             continue;
         }
-        if let Some(pdu) = server.rooms.pdu(&id)? {
+        if let Some(pdu) = server.rooms().pdu(&id)? {
             todo.extend(pdu.auth_events.iter().cloned());
             chain.push(pdu);
         }
@@ -109,10 +109,10 @@ pub(super) fn auth_chain(server: &Server, start: &[OwnedEventId]) -> Result<Vec<
     Ok(chain)
 }
 
-pub(super) fn raw_events(server: &Server, events: impl IntoIterator<Item = OwnedEventId>) -> Result<Vec<Box<RawValue>>> {
+pub(super) fn raw_events(server: &dyn FederationHost, events: impl IntoIterator<Item = OwnedEventId>) -> Result<Vec<Box<RawValue>>> {
     let mut raw = Vec::new();
     for id in events {
-        if let Some(pdu) = server.rooms.federation_pdu(&id)? {
+        if let Some(pdu) = server.rooms().federation_pdu(&id)? {
             raw.push(pdu);
         }
     }

@@ -12,9 +12,9 @@ use std::{
 use ruma::{OwnedServerName, ServerName, api::federation::transactions::send_transaction_message};
 
 use super::Federation;
+use super::FederationHost;
 use crate::{
     events::Pdu,
-    server::Server,
     store::{Key, KeyReader, Store, StreamPos, tables},
 };
 
@@ -75,53 +75,53 @@ impl crate::rooms::Indexer for Outbox {
 }
 
 /// Queues an EDU for `destinations` (typing and receipts are queued by the rooms themselves).
-pub fn queue_edu(server: &Server, destinations: &HashSet<OwnedServerName>, edu: &serde_json::Value) -> crate::Result<()> {
-    if destinations.is_empty() || server.federation.is_none() {
+pub fn queue_edu(server: &dyn FederationHost, destinations: &HashSet<OwnedServerName>, edu: &serde_json::Value) -> crate::Result<()> {
+    if destinations.is_empty() || server.federation().is_none() {
         return Ok(());
     }
-    let ticket = server.store.streams().allocate(&server.store)?;
-    let mut batch = server.store.batch();
+    let ticket = server.store().streams().allocate(&server.store())?;
+    let mut batch = server.store().batch();
     for destination in destinations {
-        batch.put_json(&server.store, tables::FEDERATION_EDUS, &Key::new().str(destination.as_str()).u64(ticket.pos()).into_vec(), edu)?;
+        batch.put_json(&server.store(), tables::FEDERATION_EDUS, &Key::new().str(destination.as_str()).u64(ticket.pos()).into_vec(), edu)?;
     }
-    tokio::task::block_in_place(|| server.store.write(batch))?;
+    tokio::task::block_in_place(|| server.store().write(batch))?;
     drop(ticket);
     Ok(())
 }
 
 /// The other servers that share a room with `user` (for device-list updates).
-pub fn servers_sharing_rooms(server: &Server, user: &ruma::UserId) -> crate::Result<HashSet<OwnedServerName>> {
+pub fn servers_sharing_rooms(server: &dyn FederationHost, user: &ruma::UserId) -> crate::Result<HashSet<OwnedServerName>> {
     let mut servers = HashSet::new();
-    for (room_id, entry) in server.rooms.user_rooms(user)? {
+    for (room_id, entry) in server.rooms().user_rooms(user)? {
         if entry.membership == crate::rooms::Membership::Join {
-            servers.extend(server.rooms.remote_servers(&room_id)?);
+            servers.extend(server.rooms().remote_servers(&room_id)?);
         }
     }
     Ok(servers)
 }
 
 /// Tells the servers sharing a room with `user` that their device list changed.
-pub fn device_list_changed(server: &Server, user: &ruma::UserId, device_id: &str, deleted: bool) -> crate::Result<()> {
-    if server.federation.is_none() {
+pub fn device_list_changed(server: &dyn FederationHost, user: &ruma::UserId, device_id: &str, deleted: bool) -> crate::Result<()> {
+    if server.federation().is_none() {
         return Ok(());
     }
     let destinations = servers_sharing_rooms(server, user)?;
     let edu = serde_json::json!({
         "edu_type": "m.device_list_update",
-        "content": { "user_id": user, "device_id": device_id, "stream_id": server.store.streams().current(), "prev_id": [], "deleted": deleted },
+        "content": { "user_id": user, "device_id": device_id, "stream_id": server.store().streams().current(), "prev_id": [], "deleted": deleted },
     });
     queue_edu(server, &destinations, &edu)
 }
 
 /// Tells the servers sharing a room with `user` that their cross-signing keys changed.
-pub fn signing_keys_changed(server: &Server, user: &ruma::UserId) -> crate::Result<()> {
-    if server.federation.is_none() {
+pub fn signing_keys_changed(server: &dyn FederationHost, user: &ruma::UserId) -> crate::Result<()> {
+    if server.federation().is_none() {
         return Ok(());
     }
     let destinations = servers_sharing_rooms(server, user)?;
     let mut content = serde_json::json!({ "user_id": user });
     for (field, kind) in [("master_key", crate::e2ee::CrossSigningKind::Master), ("self_signing_key", crate::e2ee::CrossSigningKind::SelfSigning)] {
-        if let Some(key) = server.e2ee.cross_signing_key(user, kind)? {
+        if let Some(key) = server.e2ee().cross_signing_key(user, kind)? {
             content[field] = key;
         }
     }
@@ -129,11 +129,11 @@ pub fn signing_keys_changed(server: &Server, user: &ruma::UserId) -> crate::Resu
 }
 
 /// Tells the servers sharing a room with `user` their presence (`m.presence`).
-pub fn presence_changed(server: &Server, user: &ruma::UserId) -> crate::Result<()> {
-    if server.federation.is_none() || !server.config.presence.enabled {
+pub fn presence_changed(server: &dyn FederationHost, user: &ruma::UserId) -> crate::Result<()> {
+    if server.federation().is_none() || !server.presence_enabled() {
         return Ok(());
     }
-    let Some(presence) = server.users.presence(user)? else { return Ok(()) };
+    let Some(presence) = server.users().presence(user)? else { return Ok(()) };
     let destinations = servers_sharing_rooms(server, user)?;
     let now: u64 = ruma::MilliSecondsSinceUnixEpoch::now().0.into();
     let mut update = serde_json::json!({
@@ -195,11 +195,11 @@ fn pending(store: &Store) -> crate::Result<BTreeMap<OwnedServerName, Queued>> {
 }
 
 /// Sends one transaction to `destination`; on success its entries leave the queue.
-async fn send_batch(server: &Server, federation: &Federation, destination: &ServerName, queued: &Queued) -> crate::Result<()> {
+async fn send_batch(server: &dyn FederationHost, federation: &Federation, destination: &ServerName, queued: &Queued) -> crate::Result<()> {
     let mut pdus = Vec::new();
     for (_, event_id) in &queued.pdus {
         let Ok(event_id) = ruma::OwnedEventId::try_from(String::from_utf8_lossy(event_id).as_ref()) else { continue };
-        let Some(pdu) = server.rooms.pdu(&event_id)? else { continue };
+        let Some(pdu) = server.rooms().pdu(&event_id)? else { continue };
         // An invite of one of the destination's users goes through /invite, which the invitee's
         // server answers for rooms it is not in yet.
         let invitee = pdu.state_key.as_deref().and_then(|k| <&ruma::UserId>::try_from(k).ok());
@@ -207,7 +207,7 @@ async fn send_batch(server: &Server, federation: &Federation, destination: &Serv
             super::membership::send_invite(server, federation, destination, &pdu).await?;
             continue;
         }
-        if let Some(raw) = server.rooms.federation_pdu(&event_id)? {
+        if let Some(raw) = server.rooms().federation_pdu(&event_id)? {
             pdus.push(raw);
         }
     }
@@ -229,25 +229,25 @@ async fn send_batch(server: &Server, federation: &Federation, destination: &Serv
             tracing::warn!(%destination, %event_id, %error, "the destination refused an event");
         }
     }
-    let mut batch = server.store.batch();
+    let mut batch = server.store().batch();
     for (table, list) in [(tables::FEDERATION_OUTBOX, &queued.pdus), (tables::FEDERATION_EDUS, &queued.edus)] {
         for (pos, _) in list {
-            batch.delete(&server.store, table, &Key::new().str(destination.as_str()).u64(*pos).into_vec());
+            batch.delete(&server.store(), table, &Key::new().str(destination.as_str()).u64(*pos).into_vec());
         }
     }
-    server.store.write(batch)?;
+    server.store().write(batch)?;
     Ok(())
 }
 
 /// Delivers the queue until shutdown: on every new event, and on a timer for retries.
-pub async fn run(server: Arc<Server>) {
-    let Some(federation) = server.federation.clone() else { return };
+pub async fn run(server: Arc<dyn FederationHost>) {
+    let Some(federation) = server.federation().cloned() else { return };
     let backoff = Arc::new(Backoff::default());
     let in_flight: Arc<Mutex<HashSet<OwnedServerName>>> = Arc::default();
-    let mut watermark = server.store.streams().subscribe();
-    let mut shutdown = server.shutting_down.subscribe();
+    let mut watermark = server.store().streams().subscribe();
+    let mut shutdown = server.shutting_down();
     loop {
-        match pending(&server.store) {
+        match pending(&server.store()) {
             Ok(queued) => {
                 for (destination, entries) in queued {
                     if !backoff.ready(&destination) || !in_flight.lock().unwrap_or_else(PoisonError::into_inner).insert(destination.clone()) {
@@ -255,7 +255,7 @@ pub async fn run(server: Arc<Server>) {
                     }
                     let (server, federation, backoff, in_flight) = (server.clone(), federation.clone(), backoff.clone(), in_flight.clone());
                     tokio::spawn(async move {
-                        match send_batch(&server, &federation, &destination, &entries).await {
+                        match send_batch(&*server, &federation, &destination, &entries).await {
                             Ok(()) => backoff.succeeded(&destination),
                             Err(error) => {
                                 let wait = backoff.failed(&destination);

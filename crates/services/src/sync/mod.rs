@@ -18,11 +18,10 @@ use crate::{
     users::Caller,
 };
 
-/// What sync reads of the server: with the rooms and users, the notification counts and the
+/// What sync reads of the server: with the rooms, users and device keys, the notification counts and the
 /// sliding-sync connections' cache.
 pub trait SyncHost: crate::host::LocalServer {
     fn push(&self) -> &crate::push::Push;
-    fn e2ee(&self) -> &crate::e2ee::E2ee;
     fn sliding_sync(&self) -> &sliding::Connections;
 }
 
