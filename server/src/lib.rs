@@ -1,10 +1,12 @@
 //! Limbic: a Matrix homeserver for therapy practices and clinics. This crate is the API layer
 //! and the binary: the client-server API and Limbic's own APIs (`client/`), the federation API
-//! (`federation_api.rs`), the HTTP application and the listeners; the domain services it calls
-//! are `limbic-services`, re-exported here under the paths the code has always used.
+//! (`federation_api.rs`), LiveKit's signalling and RoomService (`livekit/`), the HTTP
+//! application and the listeners; the domain services it calls are `limbic-services`,
+//! re-exported here under the paths the code has always used.
 
 pub mod client;
 pub mod federation_api;
+pub mod livekit;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzz;

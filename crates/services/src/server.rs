@@ -129,7 +129,7 @@ impl Server {
             indexers,
             after_commit: vec![
                 self.metrics.clone(),
-                Arc::new(crate::calls::recording::RecordingWatch::new(Arc::downgrade(self))),
+                Arc::new(crate::calls::recording::RecordingWatch::new(Arc::downgrade(&(self.clone() as Arc<dyn crate::calls::CallsHost>)))),
                 Arc::new(crate::clinic::subrooms::RemoteRoleChanges::new(Arc::downgrade(&(self.clone() as Arc<dyn crate::clinic::ClinicHost>)), self.config.server_name.clone())),
             ],
         }
@@ -355,5 +355,17 @@ impl crate::federation::FederationHost for Server {
 
     fn presence_enabled(&self) -> bool {
         self.config.presence.enabled
+    }
+}
+
+/// Recordings' and the call warden's view of the server: with the above, the calls service and
+/// the media store.
+impl crate::calls::CallsHost for Server {
+    fn calls(&self) -> &crate::calls::Calls {
+        &self.calls
+    }
+
+    fn media(&self) -> &Media {
+        &self.media
     }
 }

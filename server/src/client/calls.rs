@@ -21,9 +21,9 @@ pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
         .route("/_matrix/client/unstable/org.matrix.msc4143/rtc/transports", axum::routing::get(transports))
         .route(&format!("{SERVICE_PATH}/get_token"), post(get_token))
         .route(&format!("{SERVICE_PATH}/sfu/get"), post(sfu_get))
-        .route("/rtc", axum::routing::get(crate::calls::signal::rtc))
-        .route("/rtc/validate", axum::routing::get(crate::calls::signal::validate))
-        .route("/twirp/livekit.RoomService/{method}", post(crate::calls::room_service::room_service))
+        .route("/rtc", axum::routing::get(crate::livekit::signal::rtc))
+        .route("/rtc/validate", axum::routing::get(crate::livekit::signal::validate))
+        .route("/twirp/livekit.RoomService/{method}", post(crate::livekit::room_service::room_service))
         .route("/_limbic/client/v1/sessions/{room_id}/recording", axum::routing::put(set_recording))
 }
 
@@ -37,9 +37,9 @@ async fn set_recording(State(server): State<AppState>, Authed(caller): Authed, a
     let request: SetRecording = parse_body(&body)?;
     let room_id = OwnedRoomId::try_from(room).map_err(|e| Error::invalid_param(format!("invalid room id: {e}")))?;
     if request.recording {
-        return crate::calls::recording::start(&server, &caller.user_id, &room_id).await.map(Json);
+        return crate::calls::recording::start(&*server, &caller.user_id, &room_id).await.map(Json);
     }
-    let stopped = crate::calls::recording::stop(&server, &room_id, crate::calls::recording::StopReason::Therapist(&caller.user_id)).await?;
+    let stopped = crate::calls::recording::stop(&*server, &room_id, crate::calls::recording::StopReason::Therapist(&caller.user_id)).await?;
     stopped.map(Json).ok_or_else(|| Error::new(ErrorCode::BadState, "the call is not being recorded"))
 }
 

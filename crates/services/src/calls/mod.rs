@@ -9,8 +9,6 @@
 
 pub mod media;
 pub mod recording;
-pub mod room_service;
-pub mod signal;
 pub mod warden;
 
 /// The SFU core: a crate of its own, which knows nothing of Matrix.
@@ -30,6 +28,13 @@ use crate::{
     rooms::Rooms,
     store::Store,
 };
+
+/// What recordings and the warden reach of the server: with the rooms and the local send path,
+/// this service (its SFU) and the media store recordings are uploaded to.
+pub trait CallsHost: crate::host::LocalServer {
+    fn calls(&self) -> &Calls;
+    fn media(&self) -> &crate::media::Media;
+}
 
 const SECRET_KEY: &[u8] = b"calls_api_secret";
 

@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde_json::{Value as JsonValue, json};
 use str0m::media::MediaKind;
 
+use super::CallsHost;
 use crate::{
     audit::AuditRecord,
     clinic::{RECORDING, RECORDING_CONSENT, RecordingPolicy, Role, SESSION, Status, session_role},
@@ -18,17 +19,16 @@ use crate::{
     events::{Pdu, PduBuilder},
     media::Upload,
     rooms::{AfterCommit, FollowUp},
-    server::Server,
 };
 
 /// Whether `user` consented to the session's call being recorded.
-pub fn consented(server: &Server, room_id: &RoomId, user: &str) -> Result<bool> {
-    let consent = server.rooms.state_content(room_id, RECORDING_CONSENT, user)?;
+pub fn consented(server: &dyn CallsHost, room_id: &RoomId, user: &str) -> Result<bool> {
+    let consent = server.rooms().state_content(room_id, RECORDING_CONSENT, user)?;
     Ok(consent.and_then(|c| c.get("consent").and_then(JsonValue::as_bool)) == Some(true))
 }
 
-fn sfu(server: &Server) -> Result<&super::media::SfuHandle> {
-    server.calls.sfu.get().ok_or_else(|| Error::not_found("calls are not running on this server"))
+fn sfu(server: &dyn CallsHost) -> Result<&super::media::SfuHandle> {
+    server.calls().sfu.get().ok_or_else(|| Error::not_found("calls are not running on this server"))
 }
 
 fn stopped() -> Error {
@@ -36,8 +36,8 @@ fn stopped() -> Error {
 }
 
 /// Starts recording the room's call, for one of its therapists.
-pub async fn start(server: &Server, therapist: &UserId, room_id: &RoomId) -> Result<Recorded> {
-    let content = server.rooms.state_content(room_id, SESSION, "")?.ok_or_else(|| Error::not_found("not a session room"))?;
+pub async fn start(server: &dyn CallsHost, therapist: &UserId, room_id: &RoomId) -> Result<Recorded> {
+    let content = server.rooms().state_content(room_id, SESSION, "")?.ok_or_else(|| Error::not_found("not a session room"))?;
     let session = crate::clinic::parse_session(&content)?;
     require_therapist(server, room_id, therapist)?;
     if session.recording_policy != RecordingPolicy::WithConsent {
@@ -77,7 +77,7 @@ pub async fn start(server: &Server, therapist: &UserId, room_id: &RoomId) -> Res
     if !started {
         return Err(Error::new(ErrorCode::BadState, "the call is being recorded already"));
     }
-    let mut writer = server.rooms.writer(room_id).await?;
+    let mut writer = server.rooms().writer(room_id).await?;
     writer.append(therapist, PduBuilder::state(RECORDING, "", json!({ "recording": true, "by": therapist })), None)?;
     writer.audit(AuditRecord::new("recording_started", therapist).room(room_id));
     writer.commit()?;
@@ -119,11 +119,11 @@ pub enum StopReason<'a> {
 
 /// Stops recording the room's call: each track's file is stored and announced in the room by
 /// the therapist who started it. `None` when it was not recording.
-pub async fn stop(server: &Server, room_id: &RoomId, reason: StopReason<'_>) -> Result<Option<Recorded>> {
+pub async fn stop(server: &dyn CallsHost, room_id: &RoomId, reason: StopReason<'_>) -> Result<Option<Recorded>> {
     if let StopReason::Therapist(therapist) = reason {
         require_therapist(server, room_id, therapist)?;
     }
-    let Some(state) = server.rooms.state_content(room_id, RECORDING, "")? else { return Ok(None) };
+    let Some(state) = server.rooms().state_content(room_id, RECORDING, "")? else { return Ok(None) };
     let sfu = sfu(server)?;
     let matrix_room = room_id.to_string();
     let tracks = sfu.run(move |sfu, _| sfu.stop_recording(&matrix_room).unwrap_or_default()).await.ok_or_else(stopped)?;
@@ -147,7 +147,7 @@ pub async fn stop(server: &Server, room_id: &RoomId, reason: StopReason<'_>) -> 
         // One file that cannot be stored does not cost the others, nor the end of the recording.
         // Only the session's therapists may read it (enforced by the media repository).
         let upload = Upload { bytes: track.bytes, content_type: Some(mimetype.to_owned()), filename: Some(filename.clone()), recording_of: Some(room_id.to_owned()) };
-        let url = match server.media.upload(&announcer, upload).await {
+        let url = match server.media().upload(&announcer, upload).await {
             Ok(url) => url,
             Err(error) => {
                 tracing::error!(%room_id, owner = %track.owner, %error, "a recorded track could not be stored");
@@ -174,7 +174,7 @@ pub async fn stop(server: &Server, room_id: &RoomId, reason: StopReason<'_>) -> 
         StopReason::JoinedWithoutConsent(user) => (user, "a participant without consent joined the call"),
         StopReason::SessionEnded(user) => (user, "the session ended"),
     };
-    let mut writer = server.rooms.writer(room_id).await?;
+    let mut writer = server.rooms().writer(room_id).await?;
     for message in messages {
         writer.append(&announcer, message, None)?;
     }
@@ -187,11 +187,11 @@ pub async fn stop(server: &Server, room_id: &RoomId, reason: StopReason<'_>) -> 
 
 /// The session left `open`/`in_progress`: its recording stops and its calls end (tokens for them
 /// are refused from now on, so nobody gets back in).
-pub async fn session_ended(server: &Server, room_id: &RoomId, by: &UserId) {
+pub async fn session_ended(server: &dyn CallsHost, room_id: &RoomId, by: &UserId) {
     if let Err(error) = stop(server, room_id, StopReason::SessionEnded(by)).await {
         tracing::error!(%room_id, %error, "a recording could not be stopped at the end of its session");
     }
-    let Some(sfu) = server.calls.sfu.get() else { return };
+    let Some(sfu) = server.calls().sfu.get() else { return };
     let matrix_room = room_id.to_string();
     if let Some(ended) = sfu.run(move |sfu, _| sfu.close(&matrix_room)).await.filter(|n| *n > 0) {
         tracing::info!(%room_id, participants = ended, "ended the session's call");
@@ -199,7 +199,7 @@ pub async fn session_ended(server: &Server, room_id: &RoomId, by: &UserId) {
 }
 
 /// A participant withdrew consent, or joined the call without it: the recording stops.
-pub async fn stop_without_consent(server: &Server, room_id: &RoomId, user: &UserId, joined: bool) {
+pub async fn stop_without_consent(server: &dyn CallsHost, room_id: &RoomId, user: &UserId, joined: bool) {
     let reason = if joined { StopReason::JoinedWithoutConsent(user) } else { StopReason::ConsentWithdrawn(user) };
     if let Err(error) = stop(server, room_id, reason).await {
         tracing::error!(%room_id, %user, %error, "a recording could not be stopped");
@@ -229,10 +229,10 @@ impl Stop {
 
 /// Stops recordings on consent withdrawn and sessions ended, whichever path committed the event
 /// (a client, a plugin, another server). Weak: the server owns the rooms that own this hook.
-pub struct RecordingWatch(Weak<Server>);
+pub struct RecordingWatch(Weak<dyn CallsHost>);
 
 impl RecordingWatch {
-    pub fn new(server: Weak<Server>) -> Self {
+    pub fn new(server: Weak<dyn CallsHost>) -> Self {
         Self(server)
     }
 }
@@ -248,16 +248,16 @@ impl AfterCommit for RecordingWatch {
             let Some(server) = server.upgrade() else { return };
             for (stop, room_id, sender) in stops {
                 match stop {
-                    Stop::ConsentWithdrawn => stop_without_consent(&server, &room_id, &sender, false).await,
-                    Stop::SessionEnded => session_ended(&server, &room_id, &sender).await,
+                    Stop::ConsentWithdrawn => stop_without_consent(&*server, &room_id, &sender, false).await,
+                    Stop::SessionEnded => session_ended(&*server, &room_id, &sender).await,
                 }
             }
         }))
     }
 }
 
-fn require_therapist(server: &Server, room_id: &RoomId, user: &UserId) -> Result<()> {
-    if session_role(&server.rooms, room_id, user.as_str())?.is_some_and(Role::is_therapist) { Ok(()) } else { Err(Error::forbidden("only the session's therapists start and stop recordings")) }
+fn require_therapist(server: &dyn CallsHost, room_id: &RoomId, user: &UserId) -> Result<()> {
+    if session_role(&server.rooms(), room_id, user.as_str())?.is_some_and(Role::is_therapist) { Ok(()) } else { Err(Error::forbidden("only the session's therapists start and stop recordings")) }
 }
 
 #[cfg(test)]

@@ -23,7 +23,8 @@ use super::{
     sfu::{Live, ParticipantId},
     still_allowed,
 };
-use crate::{rooms::Rooms, server::Server, store::StreamPos};
+use super::CallsHost;
+use crate::{rooms::Rooms, store::StreamPos};
 
 /// What the warden knows of a live call's Matrix room.
 struct Watched {
@@ -34,10 +35,10 @@ struct Watched {
     checked_at: StreamPos,
 }
 
-pub async fn run(server: Arc<Server>) {
-    let Some(sfu) = server.calls.sfu.get().cloned() else { return };
-    let mut watermark = server.store.streams().subscribe();
-    let mut shutdown = server.shutting_down.subscribe();
+pub async fn run(server: Arc<dyn CallsHost>) {
+    let Some(sfu) = server.calls().sfu.get().cloned() else { return };
+    let mut watermark = server.store().streams().subscribe();
+    let mut shutdown = server.shutting_down();
     let mut watched: HashMap<OwnedRoomId, Watched> = HashMap::new();
     loop {
         tokio::select! {
@@ -47,7 +48,7 @@ pub async fn run(server: Arc<Server>) {
         // Read before the state: a commit racing with this round is looked at in the next one.
         let upto = *watermark.borrow_and_update();
         let Some(live) = sfu.run(|sfu, _| sfu.live()).await else { return };
-        let expelled = check(&server.rooms, &mut watched, live, upto);
+        let expelled = check(&server.rooms(), &mut watched, live, upto);
         if !expelled.is_empty() {
             sfu.run(move |sfu, _| {
                 for (id, reason) in expelled {

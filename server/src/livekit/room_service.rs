@@ -14,7 +14,7 @@ use axum::{
 use livekit_protocol as lk;
 use serde::{Serialize, de::DeserializeOwned};
 
-use crate::server::Server;
+use crate::Server;
 
 type AppState = std::sync::Arc<Server>;
 
@@ -57,7 +57,7 @@ pub async fn room_service(State(server): State<AppState>, Path(method): Path<Str
         Err(error) => return twirp_error(StatusCode::UNAUTHORIZED, "unauthenticated", error.to_string()),
     };
     // A therapist demoted or removed since the token was issued moderates no more.
-    if let Err(error) = super::still_allowed(&server.rooms, &claims.matrix_room, &claims.matrix_user, claims.rights()) {
+    if let Err(error) = crate::calls::still_allowed(&server.rooms, &claims.matrix_room, &claims.matrix_user, claims.rights()) {
         let (_, _, message) = error.describe();
         return twirp_error(StatusCode::FORBIDDEN, "permission_denied", message);
     }

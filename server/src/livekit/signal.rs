@@ -17,10 +17,10 @@ use prost::Message as _;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use super::{Claims, media::ToParticipant, sfu::Bucket, still_allowed};
 use crate::{
+    Server,
+    calls::{Claims, media::ToParticipant, sfu::Bucket, still_allowed},
     error::{Error, ErrorCode},
-    server::Server,
 };
 
 type AppState = std::sync::Arc<Server>;
@@ -53,7 +53,7 @@ fn refused(error: crate::error::Error) -> Response {
 
 /// Refused when the token's call already has `[calls] max_participants_per_call` participants
 /// (the SFU refuses them too, should the call fill up meanwhile).
-async fn room_in_call(server: &Server, sfu: &super::media::SfuHandle, claims: &Claims) -> Result<(), Response> {
+async fn room_in_call(server: &Server, sfu: &crate::calls::media::SfuHandle, claims: &Claims) -> Result<(), Response> {
     let room = claims.video.room.clone();
     if sfu.run(move |sfu, _| sfu.is_full(&room)).await != Some(true) {
         return Ok(());
@@ -93,9 +93,9 @@ pub async fn rtc(State(server): State<AppState>, headers: HeaderMap, Query(query
     let recorded = sfu.run(move |sfu, _| sfu.is_recording(room.as_str())).await == Some(true);
     if recorded
         && let Ok(user) = ruma::OwnedUserId::try_from(claims.matrix_user.as_str())
-        && !super::recording::consented(&server, &claims.matrix_room, user.as_str()).unwrap_or(false)
+        && !crate::calls::recording::consented(&*server, &claims.matrix_room, user.as_str()).unwrap_or(false)
     {
-        super::recording::stop_without_consent(&server, &claims.matrix_room, &user, true).await;
+        crate::calls::recording::stop_without_consent(&*server, &claims.matrix_room, &user, true).await;
     }
     let reconnect = query.reconnect.as_deref() == Some("1");
     // Bigger messages are refused before they are read in.
@@ -138,7 +138,7 @@ async fn refuse_resume(mut socket: WebSocket) {
     let _ = socket.send(Message::Close(None)).await;
 }
 
-async fn session(mut socket: WebSocket, server: &Server, sfu: super::media::SfuHandle, claims: Claims, auto_subscribe: bool) {
+async fn session(mut socket: WebSocket, server: &Server, sfu: crate::calls::media::SfuHandle, claims: Claims, auto_subscribe: bool) {
     let (to, mut from_sfu) = mpsc::unbounded_channel();
     let (room, identity, user, rights) = (claims.matrix_room.clone(), claims.sub.clone(), claims.matrix_user.clone(), claims.rights());
     let Some(id) = sfu.join(claims.grant(), auto_subscribe, to).await else { return };
@@ -149,7 +149,7 @@ async fn session(mut socket: WebSocket, server: &Server, sfu: super::media::SfuH
         tracing::info!(%room, %identity, participant = id, %error, "dropped from a call: its rights ended");
         sfu.run(move |sfu, _| sfu.disconnect(id, lk::DisconnectReason::ParticipantRemoved)).await;
     }
-    let mut budget = Bucket::new(super::sfu_rate(server.calls.config.signal_rate), Instant::now());
+    let mut budget = Bucket::new(crate::calls::sfu_rate(server.calls.config.signal_rate), Instant::now());
     loop {
         tokio::select! {
             incoming = socket.recv() => {
