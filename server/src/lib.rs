@@ -4,6 +4,7 @@
 //! application and the listeners; the domain services it calls are `limbic-services`,
 //! re-exported here under the paths the code has always used.
 
+pub mod cli;
 pub mod client;
 pub mod federation_api;
 pub mod livekit;
@@ -15,7 +16,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{Router, middleware};
 pub use limbic_services::{
-    Error, Result, Server, admin, audit, calls, clinic, config, delayed, e2ee, error, events, federation, local_events, media, metrics,
+    Error, Result, Server, accounts, admin, audit, calls, clinic, config, delayed, e2ee, error, events, federation, local_events, media, metrics,
     net_filter, network, plugins, privacy, push, ratelimit, rooms, search, secrets, server, store, sync, users,
 };
 

@@ -4,7 +4,7 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use limbic_server::{Server, admin::cli::UserCommand, config::Config};
+use limbic_server::{Server, cli::UserCommand, config::Config};
 
 #[derive(Parser)]
 #[command(name = "limbic", version, about = "Limbic: a Matrix homeserver for therapy practices and clinics")]
@@ -115,10 +115,10 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         match cli.command {
-            Command::User { command } => return limbic_server::admin::cli::run(config, command).await,
-            Command::Audit { command: AuditCommand::Verify { head, .. } } => return limbic_server::admin::cli::verify_audit(config, head.as_deref()),
-            Command::Audit { command: AuditCommand::Head { .. } } => return limbic_server::admin::cli::audit_head(config),
-            Command::Keys { command: KeysCommand::Rotate { .. } } => return limbic_server::admin::cli::rotate_key(config),
+            Command::User { command } => return limbic_server::cli::run(config, command).await,
+            Command::Audit { command: AuditCommand::Verify { head, .. } } => return limbic_server::cli::verify_audit(config, head.as_deref()),
+            Command::Audit { command: AuditCommand::Head { .. } } => return limbic_server::cli::audit_head(config),
+            Command::Keys { command: KeysCommand::Rotate { .. } } => return limbic_server::cli::rotate_key(config),
             Command::Serve { .. } | Command::CheckConfig { .. } => {}
         }
         let server = match Server::open(config) {

@@ -4,6 +4,7 @@
 //! host, and the `Server` that composes them and registers what the pipeline fans out to. It
 //! names no HTTP handler of the client or federation APIs.
 
+pub mod accounts;
 pub mod admin;
 pub mod calls;
 pub mod clinic;

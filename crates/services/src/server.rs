@@ -2,8 +2,6 @@
 
 use std::sync::Arc;
 
-use serde_json::json;
-
 use crate::{
     audit::Audit,
     clinic::Clinic,
@@ -15,9 +13,9 @@ use crate::{
     media::Media,
     metrics::Metrics,
     ratelimit::RateLimiter,
-    rooms::{Membership, Rooms},
+    rooms::Rooms,
     store::Store,
-    users::{Account, Users},
+    users::Users,
 };
 
 pub struct Server {
@@ -139,40 +137,6 @@ impl Server {
         &self.config.server_name
     }
 
-    /// Removes devices with their access tokens, keys, pending messages and pushers, in one batch.
-    pub fn delete_devices<'d>(&self, user_id: &ruma::UserId, device_ids: impl IntoIterator<Item = &'d str>) -> Result<()> {
-        self.remove_devices(user_id, device_ids, false)
-    }
-
-    /// Signs the user out of every session but `except` (password changes, logout/all,
-    /// deactivation); pushers whose token is unknown go too.
-    pub fn delete_all_devices(&self, user_id: &ruma::UserId, except: Option<&str>) -> Result<()> {
-        let devices = self.users.devices(user_id)?;
-        self.remove_devices(user_id, devices.iter().map(|(id, _)| id.as_str()).filter(|id| Some(*id) != except), true)
-    }
-
-    fn remove_devices<'d>(&self, user_id: &ruma::UserId, device_ids: impl IntoIterator<Item = &'d str>, everywhere_else: bool) -> Result<()> {
-        let ticket = self.store.streams().allocate(&self.store)?;
-        let mut batch = self.store.batch();
-        let mut removed = Vec::new();
-        for device_id in device_ids {
-            if self.users.stage_device_removal(&mut batch, user_id, device_id)? {
-                self.e2ee.stage_device_removal(&mut batch, user_id, device_id, ticket.pos())?;
-                removed.push(device_id.to_owned());
-            }
-        }
-        if everywhere_else {
-            self.users.stage_unowned_pushers_removal(&mut batch, user_id)?;
-        }
-        tokio::task::block_in_place(|| self.store.write(batch))?;
-        drop(ticket);
-        // Other servers sharing a room with the user learn of the removal.
-        for device_id in removed {
-            crate::federation::sender::device_list_changed(self, user_id, &device_id, true)?;
-        }
-        Ok(())
-    }
-
     /// The checks a local user's event passes at the send and state endpoints (and when a
     /// delayed event comes due), beyond the room's rules.
     pub fn local_events(&self) -> crate::local_events::LocalEvents<'_> {
@@ -210,59 +174,6 @@ impl Server {
         Ok(pdu)
     }
 
-    /// Sets profile fields and sends the new member event into every room the user has joined.
-    pub async fn set_profile(
-        &self,
-        user_id: &ruma::UserId,
-        displayname: Option<Option<String>>,
-        avatar_url: Option<Option<String>>,
-    ) -> Result<Account> {
-        let account = self.users.set_profile(user_id, displayname, avatar_url)?;
-        for (room_id, entry) in self.rooms.user_rooms(user_id)? {
-            if entry.membership != Membership::Join {
-                continue;
-            }
-            let mut writer = self.rooms.writer(&room_id).await?;
-            let mut content = writer
-                .state_event("m.room.member", user_id.as_str())?
-                .map(|p| p.content_json())
-                .unwrap_or_else(|| json!({ "membership": "join" }));
-            if let Some(content) = content.as_object_mut() {
-                for (field, value) in [("displayname", &account.displayname), ("avatar_url", &account.avatar_url)] {
-                    match value {
-                        Some(value) => content.insert(field.to_owned(), json!(value)),
-                        None => content.remove(field),
-                    };
-                }
-            }
-            writer.append(user_id, PduBuilder::state("m.room.member", user_id.as_str(), content), None)?;
-            writer.commit()?;
-        }
-        Ok(account)
-    }
-
-    /// Deactivates an account: leaves every room, then locks the account, clears its profile
-    /// and revokes every token.
-    pub async fn deactivate_account(&self, user_id: &ruma::UserId) -> Result<()> {
-        let mut account = self.users.account(user_id)?.ok_or_else(|| crate::Error::not_found("unknown user"))?;
-        for (room_id, entry) in self.rooms.user_rooms(user_id)? {
-            if matches!(entry.membership, Membership::Join | Membership::Invite | Membership::Knock) {
-                let mut writer = self.rooms.writer(&room_id).await?;
-                let leave = PduBuilder::state("m.room.member", user_id.as_str(), json!({ "membership": "leave" }));
-                if writer.append(user_id, leave, None).is_ok() {
-                    writer.commit()?;
-                }
-            }
-        }
-        account.deactivated = true;
-        account.password_hash = None;
-        account.displayname = None;
-        account.avatar_url = None;
-        self.users.put_account(user_id, &account)?;
-        self.delete_all_devices(user_id, None)?;
-        tracing::info!(%user_id, "deactivated account");
-        Ok(())
-    }
 }
 
 /// What every domain service reaches of the server.
@@ -367,5 +278,12 @@ impl crate::calls::CallsHost for Server {
 
     fn media(&self) -> &Media {
         &self.media
+    }
+}
+
+/// Administration's view of the server: everything above and the admin state.
+impl crate::admin::AdminHost for Server {
+    fn admin(&self) -> &crate::admin::Admin {
+        &self.admin
     }
 }

@@ -224,7 +224,7 @@ async fn logout_handler(
     req: Ruma<logout::v3::Request>,
 ) -> Result<RumaResponse<logout::v3::Response>> {
     let caller = req.caller();
-    server.delete_devices(&caller.user_id, [caller.device_id.as_str()])?;
+    crate::accounts::delete_devices(&*server, &caller.user_id, [caller.device_id.as_str()])?;
     Ok(logout::v3::Response::new().into())
 }
 
@@ -232,7 +232,7 @@ async fn logout_all_handler(
     State(server): State<AppState>,
     req: Ruma<logout_all::v3::Request>,
 ) -> Result<RumaResponse<logout_all::v3::Response>> {
-    server.delete_all_devices(&req.caller().user_id, None)?;
+    crate::accounts::delete_all_devices(&*server, &req.caller().user_id, None)?;
     Ok(logout_all::v3::Response::new().into())
 }
 
@@ -280,7 +280,7 @@ async fn delete_device_handler(
     let caller = req.caller();
     // Deleting a device that is already gone succeeds, as the spec says.
     require_password_auth(&server, caller, &req)?;
-    server.delete_devices(&caller.user_id, [req.body.device_id.as_str()])?;
+    crate::accounts::delete_devices(&*server, &caller.user_id, [req.body.device_id.as_str()])?;
     Ok(delete_device::v3::Response::new().into())
 }
 
@@ -290,7 +290,7 @@ async fn delete_devices_handler(
 ) -> Result<RumaResponse<delete_devices::v3::Response>> {
     let caller = req.caller();
     require_password_auth(&server, caller, &req)?;
-    server.delete_devices(&caller.user_id, req.body.devices.iter().map(|d| d.as_str()))?;
+    crate::accounts::delete_devices(&*server, &caller.user_id, req.body.devices.iter().map(|d| d.as_str()))?;
     Ok(delete_devices::v3::Response::new().into())
 }
 
@@ -306,7 +306,7 @@ async fn change_password_handler(
     }
     server.users.set_password(&caller.user_id, &req.body.new_password)?;
     if req.body.logout_devices {
-        server.delete_all_devices(&caller.user_id, Some(caller.device_id.as_str()))?;
+        crate::accounts::delete_all_devices(&*server, &caller.user_id, Some(caller.device_id.as_str()))?;
     }
     Ok(change_password::v3::Response::new().into())
 }
@@ -318,7 +318,7 @@ async fn deactivate_handler(
     // The token is optional for these endpoints in the spec (for flows Limbic does not offer).
     let caller = req.caller_opt().ok_or_else(super::missing_token)?;
     require_password_auth(&server, caller, &req)?;
-    server.deactivate_account(&caller.user_id).await?;
+    crate::accounts::deactivate_account(&*server, &caller.user_id).await?;
     Ok(deactivate::v3::Response::new(ruma::api::client::account::ThirdPartyIdRemovalStatus::NoSupport).into())
 }
 
@@ -431,7 +431,7 @@ async fn update_profile(
     if user_id != caller.user_id {
         return Err(Error::forbidden("you can only change your own profile"));
     }
-    server.set_profile(&caller.user_id, displayname, avatar_url).await?;
+    crate::accounts::set_profile(&**server, &caller.user_id, displayname, avatar_url).await?;
     Ok(())
 }
 

@@ -210,7 +210,7 @@ async fn list_users(
     QueryParams(query): QueryParams<UserListQuery>,
 ) -> Result<Json<JsonValue>> {
     let filter = UserFilter { name: query.name, user_id: query.user_id, include_deactivated: query.deactivated, admins: query.admins };
-    let page = admin::page(admin::list_users(&server, &filter)?, query.from, query.limit.unwrap_or(DEFAULT_LIMIT));
+    let page = admin::page(admin::list_users(&*server, &filter)?, query.from, query.limit.unwrap_or(DEFAULT_LIMIT));
     let users = page.items.iter().map(|(user_id, account)| user_json(&server, user_id, account)).collect::<Result<Vec<_>>>()?;
     let mut response = json!({ "users": users, "total": page.total });
     if let Some(next) = page.next {
@@ -220,8 +220,8 @@ async fn list_users(
 }
 
 async fn query_user(State(server): State<AppState>, _admin: Admin, Params(user): Params<String>) -> Result<Json<JsonValue>> {
-    let user_id = admin::local_user(&server, &user)?;
-    Ok(Json(user_json(&server, &user_id, &admin::account(&server, &user_id)?)?))
+    let user_id = admin::local_user(&*server, &user)?;
+    Ok(Json(user_json(&server, &user_id, &admin::account(&*server, &user_id)?)?))
 }
 
 #[derive(Deserialize)]
@@ -249,7 +249,7 @@ async fn put_user(
     Params(user): Params<String>,
     Body(body): Body<PutUserBody>,
 ) -> Result<Response> {
-    let user_id = admin::local_user(&server, &user)?;
+    let user_id = admin::local_user(&*server, &user)?;
     refuse_self_demotion(&caller, &user_id, body.admin)?;
     // An empty string clears a profile field.
     let field = |value: Option<String>| value.map(|v| Some(v).filter(|v| !v.is_empty()));
@@ -261,20 +261,20 @@ async fn put_user(
         admin: body.admin,
         deactivated: body.deactivated,
     };
-    let created = admin::put_user(&server, &user_id, changes).await?;
+    let created = admin::put_user(&*server, &user_id, changes).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-    let user = user_json(&server, &user_id, &admin::account(&server, &user_id)?)?;
+    let user = user_json(&server, &user_id, &admin::account(&*server, &user_id)?)?;
     Ok((status, Json(user)).into_response())
 }
 
 async fn deactivate(State(server): State<AppState>, _admin: Admin, Params(user): Params<String>) -> Result<Json<JsonValue>> {
-    server.deactivate_account(&admin::local_user(&server, &user)?).await?;
+    crate::accounts::deactivate_account(&*server, &admin::local_user(&*server, &user)?).await?;
     Ok(Json(json!({ "id_server_unbind_result": "success" })))
 }
 
 async fn get_admin(State(server): State<AppState>, _admin: Admin, Params(user): Params<String>) -> Result<Json<JsonValue>> {
-    let user_id = admin::local_user(&server, &user)?;
-    Ok(Json(json!({ "admin": admin::account(&server, &user_id)?.admin })))
+    let user_id = admin::local_user(&*server, &user)?;
+    Ok(Json(json!({ "admin": admin::account(&*server, &user_id)?.admin })))
 }
 
 #[derive(Deserialize)]
@@ -288,9 +288,9 @@ async fn set_admin(
     Params(user): Params<String>,
     Body(body): Body<SetAdminBody>,
 ) -> Result<Json<JsonValue>> {
-    let user_id = admin::local_user(&server, &user)?;
+    let user_id = admin::local_user(&*server, &user)?;
     refuse_self_demotion(&caller, &user_id, Some(body.admin))?;
-    admin::set_admin(&server, &user_id, body.admin)?;
+    admin::set_admin(&*server, &user_id, body.admin)?;
     Ok(Json(json!({})))
 }
 
@@ -307,8 +307,8 @@ async fn reset_password(
     Params(user): Params<String>,
     Body(body): Body<ResetPasswordBody>,
 ) -> Result<Json<JsonValue>> {
-    let user_id = admin::local_user(&server, &user)?;
-    admin::reset_password(&server, &user_id, &body.new_password, body.logout_devices)?;
+    let user_id = admin::local_user(&*server, &user)?;
+    admin::reset_password(&*server, &user_id, &body.new_password, body.logout_devices)?;
     Ok(Json(json!({})))
 }
 
@@ -326,8 +326,8 @@ fn device_json(user_id: &UserId, device_id: &str, device: &Device) -> JsonValue 
 }
 
 fn existing_user(server: &AppState, user: &str) -> Result<OwnedUserId> {
-    let user_id = admin::local_user(server, user)?;
-    admin::account(server, &user_id)?;
+    let user_id = admin::local_user(&**server, user)?;
+    admin::account(&**server, &user_id)?;
     Ok(user_id)
 }
 
@@ -361,7 +361,7 @@ async fn delete_device(
 ) -> Result<Json<JsonValue>> {
     let user_id = existing_user(&server, &user)?;
     // As in Synapse, deleting a device that is already gone succeeds.
-    server.delete_devices(&user_id, [device_id.as_str()])?;
+    crate::accounts::delete_devices(&*server, &user_id, [device_id.as_str()])?;
     Ok(Json(json!({})))
 }
 
@@ -401,7 +401,7 @@ async fn list_rooms(
         Some(other) => return Err(Error::invalid_param(format!("dir must be f or b, not {other}"))),
     };
     let order_by = query.order_by.as_deref().unwrap_or("name");
-    let rooms = admin::list_rooms(&server, query.search_term.as_deref(), order_by, backwards)?;
+    let rooms = admin::list_rooms(&*server, query.search_term.as_deref(), order_by, backwards)?;
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
     let page = admin::page(rooms, query.from, limit);
     let mut response = json!({ "rooms": page.items, "offset": query.from, "total_rooms": page.total });
@@ -416,8 +416,8 @@ async fn list_rooms(
 
 async fn room_details(State(server): State<AppState>, Admin(caller): Admin, Params(room): Params<String>) -> Result<Json<JsonValue>> {
     let room_id = room_id(&room)?;
-    let summary = admin::room_summary(&server, &room_id)?;
-    admin::audit_notes_read(&server, &caller, &room_id, "details")?;
+    let summary = admin::room_summary(&*server, &room_id)?;
+    admin::audit_notes_read(&*server, &caller, &room_id, "details")?;
     Ok(Json(summary))
 }
 
@@ -431,14 +431,14 @@ fn existing_room(server: &AppState, room: &str) -> Result<OwnedRoomId> {
 
 async fn room_members(State(server): State<AppState>, Admin(caller): Admin, Params(room): Params<String>) -> Result<Json<JsonValue>> {
     let room_id = existing_room(&server, &room)?;
-    admin::audit_notes_read(&server, &caller, &room_id, "members")?;
+    admin::audit_notes_read(&*server, &caller, &room_id, "members")?;
     let members = server.rooms.joined_members(&room_id)?;
     Ok(Json(json!({ "members": members, "total": members.len() })))
 }
 
 async fn room_state(State(server): State<AppState>, Admin(caller): Admin, Params(room): Params<String>) -> Result<Json<JsonValue>> {
     let room_id = existing_room(&server, &room)?;
-    admin::audit_notes_read(&server, &caller, &room_id, "state")?;
+    admin::audit_notes_read(&*server, &caller, &room_id, "state")?;
     let state = server.rooms.current_state(&room_id)?;
     let events: Vec<JsonValue> = state.iter().map(|pdu| pdu.to_client_event(None, true)).collect();
     Ok(Json(json!({ "state": events })))
@@ -482,7 +482,7 @@ async fn run_deletion(server: &AppState, caller: &UserId, room: &str, body: Dele
         return Err(Error::invalid_param("Limbic makes no replacement room: leave out new_room_user_id"));
     }
     let options = DeleteRoom { block: body.block, purge: body.purge, message: body.message };
-    admin::delete_room(server, caller, &room_id, &options).await
+    admin::delete_room(&**server, caller, &room_id, &options).await
 }
 
 async fn delete_room_v1(

@@ -1,7 +1,6 @@
 //! Server administration, shared by the Synapse-compatible admin API (`client::admin`) and the
 //! `limbic user …` subcommands: accounts, and (in `rooms`) rooms and their deletion.
 
-pub mod cli;
 mod rooms;
 
 use ruma::{OwnedUserId, UserId};
@@ -10,9 +9,14 @@ pub use rooms::{DeleteRoom, Deletion, Deletions, ShutdownReport, audit_notes_rea
 
 use crate::{
     error::{Error, ErrorCode, Result},
-    server::Server,
     users::{Account, local_user_id},
 };
+
+/// What administration reaches of the server: everything the clinic and federation do (the
+/// audit log, device sign-outs that other servers learn of), and its own state.
+pub trait AdminHost: crate::clinic::ClinicHost + crate::federation::FederationHost {
+    fn admin(&self) -> &Admin;
+}
 
 /// Admin state kept in memory: the room deletions of this process, for `delete_status`.
 #[derive(Default)]
@@ -21,7 +25,7 @@ pub struct Admin {
 }
 
 /// A local user id from a full user id or a bare localpart, held to the rules of registration.
-pub fn local_user(server: &Server, user: &str) -> Result<OwnedUserId> {
+pub fn local_user(server: &dyn AdminHost, user: &str) -> Result<OwnedUserId> {
     if !user.starts_with('@') {
         return local_user_id(user, server.server_name());
     }
@@ -36,8 +40,8 @@ pub fn local_user(server: &Server, user: &str) -> Result<OwnedUserId> {
 }
 
 /// The account of an existing user.
-pub fn account(server: &Server, user_id: &UserId) -> Result<Account> {
-    server.users.account(user_id)?.ok_or_else(|| Error::not_found(format!("unknown user {user_id}")))
+pub fn account(server: &dyn AdminHost, user_id: &UserId) -> Result<Account> {
+    server.users().account(user_id)?.ok_or_else(|| Error::not_found(format!("unknown user {user_id}")))
 }
 
 fn check_password(password: &str) -> Result<()> {
@@ -48,27 +52,27 @@ fn check_password(password: &str) -> Result<()> {
 }
 
 /// Creates an account; `None` as the password makes one that cannot log in with a password.
-pub fn create_user(server: &Server, user_id: &UserId, password: Option<&str>, admin: bool) -> Result<()> {
+pub fn create_user(server: &dyn AdminHost, user_id: &UserId, password: Option<&str>, admin: bool) -> Result<()> {
     password.map(check_password).transpose()?;
-    server.users.create(user_id, password, admin)?;
+    server.users().create(user_id, password, admin)?;
     tracing::info!(%user_id, admin, "admin created user");
     Ok(())
 }
 
-pub fn set_admin(server: &Server, user_id: &UserId, admin: bool) -> Result<()> {
+pub fn set_admin(server: &dyn AdminHost, user_id: &UserId, admin: bool) -> Result<()> {
     let mut account = account(server, user_id)?;
     account.admin = admin;
-    server.users.put_account(user_id, &account)?;
+    server.users().put_account(user_id, &account)?;
     tracing::info!(%user_id, admin, "admin changed server admin status");
     Ok(())
 }
 
 /// Sets a new password; with `logout_devices`, every device and access token is removed too.
-pub fn reset_password(server: &Server, user_id: &UserId, password: &str, logout_devices: bool) -> Result<()> {
+pub fn reset_password(server: &dyn AdminHost, user_id: &UserId, password: &str, logout_devices: bool) -> Result<()> {
     check_password(password)?;
-    server.users.set_password(user_id, password)?;
+    server.users().set_password(user_id, password)?;
     if logout_devices {
-        server.delete_all_devices(user_id, None)?;
+        crate::accounts::delete_all_devices(server, user_id, None)?;
     }
     tracing::info!(%user_id, logout_devices, "admin reset password");
     Ok(())
@@ -88,8 +92,8 @@ pub struct AccountChanges {
 
 /// Creates the account if it does not exist, then applies the changes, as Synapse does.
 /// Returns whether the account was created.
-pub async fn put_user(server: &Server, user_id: &UserId, changes: AccountChanges) -> Result<bool> {
-    let existing = server.users.account(user_id)?;
+pub async fn put_user(server: &dyn AdminHost, user_id: &UserId, changes: AccountChanges) -> Result<bool> {
+    let existing = server.users().account(user_id)?;
     if let Some(password) = &changes.password {
         check_password(password)?;
     }
@@ -103,7 +107,7 @@ pub async fn put_user(server: &Server, user_id: &UserId, changes: AccountChanges
         None => create_user(server, user_id, changes.password.as_deref(), changes.admin.unwrap_or(false))?,
         Some(account) => {
             if reactivate {
-                server.users.put_account(user_id, &Account { deactivated: false, ..account.clone() })?;
+                server.users().put_account(user_id, &Account { deactivated: false, ..account.clone() })?;
             }
             if let Some(admin) = changes.admin {
                 set_admin(server, user_id, admin)?;
@@ -114,10 +118,10 @@ pub async fn put_user(server: &Server, user_id: &UserId, changes: AccountChanges
         }
     }
     if changes.displayname.is_some() || changes.avatar_url.is_some() {
-        server.set_profile(user_id, changes.displayname, changes.avatar_url).await?;
+        crate::accounts::set_profile(server, user_id, changes.displayname, changes.avatar_url).await?;
     }
     if changes.deactivated == Some(true) && !was_deactivated {
-        server.deactivate_account(user_id).await?;
+        crate::accounts::deactivate_account(server, user_id).await?;
     }
     Ok(existing.is_none())
 }
@@ -135,9 +139,9 @@ pub struct UserFilter {
 }
 
 /// The accounts that pass the filter, in user id order.
-pub fn list_users(server: &Server, filter: &UserFilter) -> Result<Vec<(OwnedUserId, Account)>> {
+pub fn list_users(server: &dyn AdminHost, filter: &UserFilter) -> Result<Vec<(OwnedUserId, Account)>> {
     let contains = |hay: &str, part: &str| hay.to_lowercase().contains(&part.to_lowercase());
-    let mut accounts = server.users.accounts()?;
+    let mut accounts = server.users().accounts()?;
     accounts.retain(|(user_id, account)| {
         (filter.include_deactivated || !account.deactivated)
             && filter.admins.is_none_or(|admin| admin == account.admin)

@@ -7,26 +7,26 @@ use ruma::{OwnedRoomAliasId, OwnedRoomId, OwnedUserId, RoomId, UserId, events::T
 use serde::Serialize;
 use serde_json::{Value as JsonValue, json};
 
+use super::AdminHost;
 use crate::{
     audit::AuditRecord,
     error::{Error, Result},
     events::PduBuilder,
     rooms::Membership,
-    server::Server,
     users::random_string,
 };
 
 /// A room as Synapse's admin API describes it (the list and the details share the fields).
-pub fn room_summary(server: &Server, room_id: &RoomId) -> Result<JsonValue> {
-    let record = server.rooms.room(room_id)?.ok_or_else(|| Error::not_found(format!("unknown room {room_id}")))?;
-    let state = server.rooms.current_state(room_id)?;
+pub fn room_summary(server: &dyn AdminHost, room_id: &RoomId) -> Result<JsonValue> {
+    let record = server.rooms().room(room_id)?.ok_or_else(|| Error::not_found(format!("unknown room {room_id}")))?;
+    let state = server.rooms().current_state(room_id)?;
     let event = |kind: &str| state.iter().find(|p| p.kind.to_string() == kind && p.state_key.as_deref() == Some(""));
     let content = |kind: &str, field: &str| event(kind).and_then(|p| p.content_json().get(field).cloned());
-    let joined = server.rooms.joined_members(room_id)?;
+    let joined = server.rooms().joined_members(room_id)?;
     let local: Vec<&OwnedUserId> = joined.iter().filter(|u| u.server_name() == server.server_name()).collect();
     let mut local_devices = 0;
     for user_id in &local {
-        local_devices += server.users.devices(user_id)?.len();
+        local_devices += server.users().devices(user_id)?.len();
     }
     Ok(json!({
         "room_id": room_id,
@@ -42,7 +42,7 @@ pub fn room_summary(server: &Server, room_id: &RoomId) -> Result<JsonValue> {
         "creator": event("m.room.create").map(|p| p.sender.clone()),
         "encryption": content("m.room.encryption", "algorithm"),
         "federatable": content("m.room.create", "m.federate").and_then(|v| v.as_bool()).unwrap_or(true),
-        "public": server.rooms.is_public(room_id)?,
+        "public": server.rooms().is_public(room_id)?,
         "join_rules": content("m.room.join_rules", "join_rule"),
         "guest_access": content("m.room.guest_access", "guest_access"),
         "history_visibility": content("m.room.history_visibility", "history_visibility"),
@@ -54,10 +54,10 @@ pub fn room_summary(server: &Server, room_id: &RoomId) -> Result<JsonValue> {
 /// Audits an admin API read of a room as `note_read` when it is a session's notes room (room:
 /// the session room; details: the notes room and what was read). Written before the answer,
 /// so that no admin reads notes unrecorded; other rooms' reads are `admin_action`s only.
-pub fn audit_notes_read(server: &Server, admin: &UserId, room_id: &RoomId, read: &str) -> Result<()> {
-    let Some(session_room) = crate::clinic::subrooms::notes_session(&server.rooms, room_id)? else { return Ok(()) };
+pub fn audit_notes_read(server: &dyn AdminHost, admin: &UserId, room_id: &RoomId, read: &str) -> Result<()> {
+    let Some(session_room) = crate::clinic::subrooms::notes_session(&server.rooms(), room_id)? else { return Ok(()) };
     let record = AuditRecord::new("note_read", admin).room(&session_room).details(json!({ "notes_room": room_id, "via": "admin_api", "read": read }));
-    server.audit.write_with(&server.store, server.store.batch(), vec![record])
+    server.audit().write_with(&server.store(), server.store().batch(), vec![record])
 }
 
 /// Synapse's `order_by` values: the summary field sorted on, and whether it sorts largest first.
@@ -83,12 +83,12 @@ fn order_field(order_by: &str) -> Option<(&'static str, bool)> {
 /// Summaries of every room whose id, name or canonical alias contains `search_term` (in any
 /// case), sorted by `order_by` (text in any case); `backwards` reverses the order. Rooms
 /// without a value for the sorted field come last either way; ties go by room id.
-pub fn list_rooms(server: &Server, search_term: Option<&str>, order_by: &str, backwards: bool) -> Result<Vec<JsonValue>> {
+pub fn list_rooms(server: &dyn AdminHost, search_term: Option<&str>, order_by: &str, backwards: bool) -> Result<Vec<JsonValue>> {
     let (field, largest_first) =
         order_field(order_by).ok_or_else(|| Error::invalid_param(format!("unknown order_by value {order_by}")))?;
     let term = search_term.map(str::to_lowercase).filter(|t| !t.is_empty());
     let mut rooms = Vec::new();
-    for room_id in server.rooms.room_ids()? {
+    for room_id in server.rooms().room_ids()? {
         let summary = room_summary(server, &room_id)?;
         let matches = term.as_deref().is_none_or(|term| {
             ["room_id", "name", "canonical_alias"]
@@ -183,16 +183,16 @@ impl Deletions {
 /// the auth rules always allow), then the room leaves the directory and loses its aliases, or,
 /// with `purge`, everything stored about it is deleted in one batch. Runs to completion before
 /// returning; the deletion is remembered for `delete_status`.
-pub async fn delete_room(server: &Server, admin: &UserId, room_id: &RoomId, options: &DeleteRoom) -> Result<Deletion> {
-    if !server.rooms.exists(room_id)? {
+pub async fn delete_room(server: &dyn AdminHost, admin: &UserId, room_id: &RoomId, options: &DeleteRoom) -> Result<Deletion> {
+    if !server.rooms().exists(room_id)? {
         return Err(Error::not_found(format!("unknown room {room_id}")));
     }
     if options.block {
-        server.rooms.set_blocked(room_id, Some(admin))?;
+        server.rooms().set_blocked(room_id, Some(admin))?;
     }
     let mut report = ShutdownReport::default();
-    let mut writer = server.rooms.writer(room_id).await?;
-    for (user_id, membership) in server.rooms.members(room_id)? {
+    let mut writer = server.rooms().writer(room_id).await?;
+    for (user_id, membership) in server.rooms().members(room_id)? {
         let present = matches!(membership, Membership::Join | Membership::Invite | Membership::Knock);
         if !present || user_id.server_name() != server.server_name() {
             continue;
@@ -210,16 +210,17 @@ pub async fn delete_room(server: &Server, admin: &UserId, room_id: &RoomId, opti
         }
     }
     writer.commit()?;
-    report.local_aliases = if options.purge { server.rooms.purge(room_id).await? } else { server.rooms.unlist(room_id)? };
+    report.local_aliases = if options.purge { server.rooms().purge(room_id).await? } else { server.rooms().unlist(room_id)? };
     let deletion = Deletion { delete_id: random_string(16), room_id: room_id.to_owned(), report };
     tracing::info!(%room_id, %admin, block = options.block, purge = options.purge, delete_id = %deletion.delete_id, "admin deleted room");
-    server.admin.deletions.record(deletion.clone());
+    server.admin().deletions.record(deletion.clone());
     Ok(deletion)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::Server;
     use crate::{
         events::DEFAULT_ROOM_VERSION,
         rooms::TxnInfo,
@@ -268,7 +269,7 @@ mod tests {
         server.rooms.set_public(&room_id, true).unwrap();
 
         let options = DeleteRoom { block: true, purge: true, message: None };
-        let deletion = delete_room(&server, &admin, &room_id, &options).await.unwrap();
+        let deletion = delete_room(&*server, &admin, &room_id, &options).await.unwrap();
         assert_eq!(deletion.report.kicked_users.len(), 2);
         assert_eq!(deletion.report.local_aliases, [alias]);
 

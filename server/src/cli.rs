@@ -1,6 +1,7 @@
-//! `limbic user …`: account tasks run on the store directly, with the same service functions as
-//! the admin API. The store admits one process at a time, so these need the server stopped;
-//! while it runs, the admin API does the same.
+//! The offline subcommands: `limbic user …`, `limbic audit …`, `limbic keys rotate`. They run on
+//! the store directly, with the same service functions as the admin API. The store admits one
+//! process at a time, so these need the server stopped; while it runs, the admin API does the
+//! same.
 
 use std::{
     io::BufRead,
@@ -10,7 +11,7 @@ use std::{
 
 use clap::{Args, Subcommand};
 
-use crate::{Error, Result, config::Config, server::Server, store::StoreError, users::random_string};
+use crate::{Error, Result, Server, admin, config::Config, store::StoreError, users::random_string};
 
 #[derive(Subcommand)]
 pub enum UserCommand {
@@ -193,23 +194,23 @@ async fn execute(config: Config, command: UserCommand) -> Result<String, String>
     let failed = |e: Error| e.to_string();
     match command {
         UserCommand::Create { username, password, admin, .. } => {
-            let user_id = super::local_user(server, &username).map_err(failed)?;
+            let user_id = admin::local_user(server, &username).map_err(failed)?;
             let (password, generated) = password.read()?;
-            super::create_user(server, &user_id, Some(&password), admin).map_err(failed)?;
+            admin::create_user(server, &user_id, Some(&password), admin).map_err(failed)?;
             audit(server, "user_created", &user_id, serde_json::json!({ "admin": admin }))?;
             let role = if admin { " (server admin)" } else { "" };
             Ok(with_password(format!("created {user_id}{role}"), &password, generated))
         }
         UserCommand::MakeAdmin { user_id, revoke, .. } => {
-            let user_id = super::local_user(server, &user_id).map_err(failed)?;
-            super::set_admin(server, &user_id, !revoke).map_err(failed)?;
+            let user_id = admin::local_user(server, &user_id).map_err(failed)?;
+            admin::set_admin(server, &user_id, !revoke).map_err(failed)?;
             audit(server, if revoke { "admin_revoked" } else { "admin_granted" }, &user_id, serde_json::json!({}))?;
             Ok(if revoke { format!("{user_id} is no longer a server admin") } else { format!("{user_id} is now a server admin") })
         }
         UserCommand::ResetPassword { user_id, password, .. } => {
-            let user_id = super::local_user(server, &user_id).map_err(failed)?;
+            let user_id = admin::local_user(server, &user_id).map_err(failed)?;
             let (password, generated) = password.read()?;
-            super::reset_password(server, &user_id, &password, true).map_err(failed)?;
+            admin::reset_password(server, &user_id, &password, true).map_err(failed)?;
             audit(server, "password_reset", &user_id, serde_json::json!({ "logout_devices": true }))?;
             Ok(with_password(format!("reset the password of {user_id} and logged out its devices"), &password, generated))
         }
