@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
-use ruma::{OwnedRoomId, OwnedServerName, OwnedUserId, RoomId, ServerName, UserId};
+use ruma::{OwnedDeviceId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomId, ServerName, UserId};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -133,6 +133,45 @@ impl Appointments {
         batch.put(&self.store, tables::LINK_TOKENS_USED, link.jti.as_bytes(), &link.exp.to_be_bytes());
         audit.write_with(&self.store, batch, vec![record])
     }
+}
+
+/// The device an appointment link signs in: what the client asked for, and where from.
+pub struct NewDevice {
+    pub device_id: Option<OwnedDeviceId>,
+    pub display_name: Option<String>,
+    pub ip: Option<String>,
+}
+
+/// The answer to a login with a link token: Matrix's login response, and the session room.
+#[derive(Debug, Serialize)]
+pub struct SignedIn {
+    pub user_id: OwnedUserId,
+    pub access_token: String,
+    pub device_id: OwnedDeviceId,
+    #[serde(rename = "org.limbic.room_id")]
+    pub room_id: OwnedRoomId,
+}
+
+/// Signs in exactly the user a link token names, once: the token is spent in the same write as
+/// the new device and the audit entry. A deactivated user, or one who has become a server admin
+/// since the link was made (they sign in with their password only), is refused.
+pub fn sign_in(server: &dyn ClinicHost, token: &str, device: NewDevice) -> Result<(Link, SignedIn)> {
+    let link = server.appointments().verify(token)?;
+    if server.users().account(&link.user_id)?.is_none_or(|a| a.deactivated) {
+        return Err(Error::forbidden("this appointment link is for an unknown or deactivated user"));
+    }
+    if server.users().is_admin(&link.user_id)? {
+        return Err(Error::forbidden("appointment links never sign in a server admin"));
+    }
+    let mut batch = server.store().batch();
+    let (device_id, access_token) = server.users().stage_device(&mut batch, &link.user_id, device.device_id, device.display_name, device.ip.clone())?;
+    let record = AuditRecord::new("login", &link.user_id)
+        .room(&link.room_id)
+        .details(serde_json::json!({ "device_id": device_id, "ip": device.ip, "type": JWT_LOGIN }));
+    server.appointments().redeem(server.audit(), batch, &link, record)?;
+    tracing::info!(user_id = %link.user_id, %device_id, room_id = %link.room_id, "login by appointment link");
+    let signed_in = SignedIn { user_id: link.user_id.clone(), access_token, device_id, room_id: link.room_id.clone() };
+    Ok((link, signed_in))
 }
 
 impl Appointments {
