@@ -11,8 +11,9 @@ use serde_json::{Value as JsonValue, json};
 
 use crate::{
     error::{Error, ErrorCode, Result},
+    clinic::ClinicHost,
+    config::PrivacyConfig,
     rooms::Membership,
-    server::Server,
 };
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -26,8 +27,7 @@ pub enum Lookup {
 /// refused alike whether they exist or not, so refusals tell nobody who is registered. A
 /// verified therapist's profile stays readable by every user: it is the clinic's public face,
 /// and a client in a session's waiting room sees who will admit them before sharing its room.
-pub fn check_lookup(server: &Server, asker: Option<&UserId>, target: &UserId, lookup: Lookup) -> Result<()> {
-    let privacy = &server.config.privacy;
+pub fn check_lookup(server: &dyn ClinicHost, privacy: &PrivacyConfig, asker: Option<&UserId>, target: &UserId, lookup: Lookup) -> Result<()> {
     let share = privacy.limit_profile_requests_to_users_who_share_rooms;
     let Some(asker) = asker else {
         // Nobody shares a room with an anonymous asker.
@@ -37,10 +37,10 @@ pub fn check_lookup(server: &Server, asker: Option<&UserId>, target: &UserId, lo
             Ok(())
         };
     };
-    if !share || asker == target || server.rooms.share_a_room(asker, target)? {
+    if !share || asker == target || server.rooms().share_a_room(asker, target)? {
         return Ok(());
     }
-    if lookup == Lookup::Profile && server.clinic.is_verified_therapist(target)? {
+    if lookup == Lookup::Profile && server.clinic().is_verified_therapist(target)? {
         return Ok(());
     }
     Err(Error::forbidden(match lookup {
@@ -53,25 +53,25 @@ pub fn check_lookup(server: &Server, asker: Option<&UserId>, target: &UserId, lo
 /// (case-insensitively), among the members of the rooms `asker` joined and — unless look-ups
 /// are limited to users who share a room — of public rooms (Synapse's scope with
 /// `search_all_users: false`). At most `limit` results, and whether there were more.
-pub fn search_directory(server: &Server, asker: &UserId, term: &str, limit: usize) -> Result<(Vec<JsonValue>, bool)> {
+pub fn search_directory(server: &dyn ClinicHost, privacy: &PrivacyConfig, asker: &UserId, term: &str, limit: usize) -> Result<(Vec<JsonValue>, bool)> {
     let term = term.to_lowercase();
     let mut rooms: Vec<OwnedRoomId> = server
-        .rooms
+        .rooms()
         .user_rooms(asker)?
         .into_iter()
         .filter(|(_, entry)| entry.membership == Membership::Join)
         .map(|(room, _)| room)
         .collect();
-    if !server.config.privacy.limit_profile_requests_to_users_who_share_rooms {
-        rooms.extend(server.rooms.public_rooms()?);
+    if !privacy.limit_profile_requests_to_users_who_share_rooms {
+        rooms.extend(server.rooms().public_rooms()?);
     }
     let mut found = BTreeMap::new();
     for room_id in rooms {
-        for user in server.rooms.joined_members(&room_id)? {
+        for user in server.rooms().joined_members(&room_id)? {
             if found.contains_key(&user) {
                 continue;
             }
-            let account = server.users.account(&user)?;
+            let account = server.users().account(&user)?;
             let name = account.as_ref().and_then(|a| a.displayname.clone());
             let matches = user.as_str().to_lowercase().contains(&term)
                 || name.as_ref().is_some_and(|n| n.to_lowercase().contains(&term));

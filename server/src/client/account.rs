@@ -351,7 +351,7 @@ impl axum::extract::FromRequestParts<AppState> for ProfileAsker {
 /// over federation for others.
 async fn profile_fields(server: &AppState, asker: ProfileAsker, user_id: &ruma::UserId) -> Result<serde_json::Map<String, JsonValue>> {
     let asker = asker.0.map(|caller| caller.user_id);
-    crate::privacy::check_lookup(server, asker.as_deref(), user_id, crate::privacy::Lookup::Profile)?;
+    crate::privacy::check_lookup(&**server, &server.config.privacy, asker.as_deref(), user_id, crate::privacy::Lookup::Profile)?;
     if user_id.server_name() != server.server_name() {
         let federation = server.federation.as_ref().ok_or_else(|| Error::not_found("federation is disabled on this server"))?;
         let request = ruma::api::federation::query::get_profile_information::v1::Request::new(user_id.to_owned());

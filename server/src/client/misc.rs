@@ -219,7 +219,7 @@ async fn get_presence_handler(State(server): State<AppState>, req: Ruma<get_pres
     if !server.config.presence.enabled {
         return Err(presence_disabled());
     }
-    crate::privacy::check_lookup(&server, Some(&req.caller().user_id), &req.body.user_id, crate::privacy::Lookup::Presence)?;
+    crate::privacy::check_lookup(&*server, &server.config.privacy, Some(&req.caller().user_id), &req.body.user_id, crate::privacy::Lookup::Presence)?;
     if !server.users.exists(&req.body.user_id)? {
         return Err(Error::not_found("unknown user"));
     }

@@ -65,7 +65,7 @@ async fn delete_tag_handler(State(server): State<AppState>, req: Ruma<delete_tag
 /// The user directory, in the scope `[privacy]` allows (`crate::privacy::search_directory`).
 async fn search(State(server): State<AppState>, req: Ruma<search_users::v3::Request>) -> Result<Json<JsonValue>> {
     let limit = u64::from(req.body.limit).clamp(1, 100) as usize;
-    let (results, limited) = crate::privacy::search_directory(&server, &req.caller().user_id, &req.body.search_term, limit)?;
+    let (results, limited) = crate::privacy::search_directory(&*server, &server.config.privacy, &req.caller().user_id, &req.body.search_term, limit)?;
     Ok(Json(json!({ "results": results, "limited": limited })))
 }
 
