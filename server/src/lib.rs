@@ -1,13 +1,15 @@
 //! Limbic: a Matrix homeserver for therapy practices and clinics. This crate is the API layer
 //! and the binary: the client-server API and Limbic's own APIs (`client/`), the federation API
 //! (`federation_api.rs`), LiveKit's signalling and RoomService (`livekit/`), the HTTP
-//! application and the listeners; the domain services it calls are `limbic-services`,
-//! re-exported here under the paths the code has always used.
+//! application and the listeners, and the `Server` that composes the domain services
+//! (`server.rs`); those services are `limbic-services`, re-exported here under the paths the code
+//! has always used.
 
 pub mod cli;
 pub mod client;
 pub mod federation_api;
 pub mod livekit;
+pub mod server;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzz;
@@ -16,9 +18,10 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{Router, middleware};
 pub use limbic_services::{
-    Error, Result, Server, accounts, admin, audit, calls, clinic, config, delayed, e2ee, error, events, federation, local_events, media, metrics,
-    net_filter, network, plugins, privacy, push, ratelimit, rooms, search, secrets, server, store, sync, users,
+    Error, Result, accounts, admin, audit, calls, clinic, config, delayed, e2ee, error, events, federation, local_events, media, metrics,
+    host, net_filter, network, plugins, privacy, push, ratelimit, rooms, search, secrets, store, sync, users,
 };
+pub use server::Server;
 
 /// Builds the HTTP application for a running server.
 pub fn app(server: Arc<Server>) -> Router {

@@ -1,8 +1,9 @@
 //! Limbic's domain services, between the room pipeline (`limbic-rooms`) below and the API layer
 //! (`limbic-server`) above: the clinic (sessions, notes, bookings, appointments), calls, media,
 //! push, sync, search, users and devices, end-to-end keys, delayed events, federation, the plugin
-//! host, and the `Server` that composes them and registers what the pipeline fans out to. It
-//! names no HTTP handler of the client or federation APIs.
+//! host, administration. Each reaches the rest of the server through a narrow host trait
+//! (`host::LocalServer` and the traits that extend it); the `Server` that composes them all is
+//! in the API crate, beside the binary. It names no HTTP handler.
 
 pub mod accounts;
 pub mod admin;
@@ -21,11 +22,9 @@ pub mod privacy;
 pub mod push;
 pub mod ratelimit;
 pub mod search;
-pub mod server;
 pub mod sync;
 pub mod users;
 
 pub use limbic_core::{Error, Result, config, error, events, network};
 pub use limbic_rooms::{audit, rooms, secrets};
 pub use limbic_store as store;
-pub use server::Server;

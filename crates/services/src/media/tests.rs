@@ -7,7 +7,7 @@ use ruma::{UInt, server_name};
 use serde_json::json;
 
 use super::*;
-use crate::{error::ErrorCode, server::Server, users::local_user_id};
+use crate::{error::ErrorCode, events::ServerSigningKey, rooms::Rooms, users::local_user_id};
 
 const WAIT: Duration = Duration::ZERO;
 
@@ -25,7 +25,31 @@ fn media_id(mxc: &OwnedMxcUri) -> String {
     mxc.parts().unwrap().1.to_owned()
 }
 
-async fn read(server: &Server, reader: Reader<'_>, media_id: &str) -> Result<Vec<u8>> {
+/// The media repository of `test.local`, with its store and files under `dir`, and the rooms
+/// that decide who may read what.
+struct TestMedia {
+    store: Arc<Store>,
+    media: Media,
+    rooms: Rooms,
+    _shutdown: watch::Sender<bool>,
+}
+
+fn open_in(dir: &std::path::Path) -> TestMedia {
+    let toml = format!(
+        "server_name = \"test.local\"\n[database]\npath = \"{}\"\n[media]\npath = \"{}\"\n",
+        dir.join("db").display(),
+        dir.join("media").display()
+    );
+    let config = crate::config::Config::from_toml(&toml, []).expect("test config");
+    let store = Arc::new(Store::open(&config.database.path).expect("test store"));
+    let key = Arc::new(ServerSigningKey::generate(config.server_name.clone()));
+    let audit = Arc::new(crate::audit::Audit::load(&store, &dir.join("audit.key")).expect("test audit chain"));
+    let (shutdown, stopping) = watch::channel(false);
+    let media = Media::open(&config.media, store.clone(), config.server_name.clone(), stopping).expect("test media");
+    TestMedia { rooms: Rooms::new(store.clone(), key, audit, false), media, store, _shutdown: shutdown }
+}
+
+async fn read(server: &TestMedia, reader: Reader<'_>, media_id: &str) -> Result<Vec<u8>> {
     let mut file = server.media.download(reader, server_name!("test.local"), media_id, WAIT).await?;
     let mut bytes = Vec::new();
     tokio::io::AsyncReadExt::read_to_end(&mut file.file, &mut bytes).await.unwrap();
@@ -41,8 +65,8 @@ fn code(result: Result<Vec<u8>>) -> (http::StatusCode, ErrorCode) {
 #[tokio::test(flavor = "multi_thread")]
 async fn media_from_before_authenticated_media_stays_readable_without_a_token() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::open_in(dir.path());
-    let alice = local_user_id("alice", server.server_name()).unwrap();
+    let server = open_in(dir.path());
+    let alice = local_user_id("alice", server_name!("test.local")).unwrap();
 
     // A record as the server wrote it before: no `authenticated` field.
     let sha256 = server.media.files.put(b"old scan").unwrap();

@@ -287,3 +287,6 @@ impl crate::admin::AdminHost for Server {
         &self.admin
     }
 }
+
+#[cfg(test)]
+mod tests;
