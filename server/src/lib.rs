@@ -18,8 +18,8 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{Router, middleware};
 pub use limbic_services::{
-    Error, Result, accounts, admin, audit, calls, clinic, config, delayed, e2ee, error, events, federation, local_events, media, metrics,
-    host, net_filter, network, plugins, privacy, push, ratelimit, rooms, search, secrets, store, sync, users,
+    Error, Result, accounts, admin, audit, calls, clinic, config, delayed, e2ee, error, events, federation, local_events, media, membership, metrics,
+    host, net_filter, network, plugins, privacy, push, ratelimit, room_creation, rooms, search, secrets, store, sync, users,
 };
 pub use server::Server;
 

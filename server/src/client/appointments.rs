@@ -6,15 +6,10 @@ use axum::{Json, Router, extract::State, http::HeaderMap, routing::post};
 use ruma::api::client::session::login;
 use serde_json::Value as JsonValue;
 
-use super::{
-    AppState, Ruma,
-    membership::set_membership,
-    sessions::parse_body,
-};
+use super::{AppState, Ruma, sessions::parse_body};
 use crate::{
-    clinic::appointments::{self, Link},
+    clinic::appointments,
     error::{Error, ErrorCode, Result},
-    rooms::Membership,
 };
 
 pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
@@ -28,8 +23,8 @@ async fn create_appointment(State(server): State<AppState>, headers: HeaderMap, 
     Ok(Json(appointments::book(&server, parse_body(&body)?).await?))
 }
 
-/// Logs in with a link token (`clinic::appointments::sign_in`), then takes the user to the
-/// session's door. The response names the session room.
+/// Logs in with a link token (`clinic::appointments::sign_in`, which also takes the user to the
+/// session's door). The response names the session room.
 pub(super) async fn jwt_login(server: &AppState, req: &Ruma<login::v3::Request>) -> Result<Json<appointments::SignedIn>> {
     let data = req.body.login_info.data();
     let token = data
@@ -41,25 +36,5 @@ pub(super) async fn jwt_login(server: &AppState, req: &Ruma<login::v3::Request>)
         display_name: req.body.initial_device_display_name.clone(),
         ip: req.ip.map(|ip| ip.to_string()),
     };
-    let (link, signed_in) = appointments::sign_in(&**server, token, device)?;
-    // The login stands even if the knock does not (a cancelled session, say): the user is
-    // signed in and the client can show why they cannot enter.
-    if let Err(e) = enter_waiting_room(server, &link).await {
-        tracing::warn!(user_id = %link.user_id, room_id = %link.room_id, "appointment link knock refused: {e}");
-    }
-    Ok(Json(signed_in))
-}
-
-/// Users with a role join themselves once the join window opens (the clinic policy decides);
-/// everyone else is put in the waiting room: a knock on their behalf.
-async fn enter_waiting_room(server: &AppState, link: &Link) -> Result<()> {
-    if crate::clinic::session_role(&server.rooms, &link.room_id, link.user_id.as_str())?.is_some() {
-        return Ok(());
-    }
-    let membership = server.rooms.membership(&link.room_id, &link.user_id)?;
-    if matches!(membership, Some(Membership::Join | Membership::Invite | Membership::Knock)) {
-        return Ok(());
-    }
-    set_membership(server, &link.user_id, &link.room_id, &link.user_id, "knock", Some("appointment link"), None).await?;
-    Ok(())
+    Ok(Json(appointments::sign_in(&**server, token, device).await?))
 }

@@ -136,7 +136,7 @@ fn txn_event(server: &AppState, caller: &Caller, txn_id: &str) -> Result<Option<
 }
 
 /// Appends one event from a local user and commits it.
-pub(super) async fn send_event(
+async fn send_event(
     server: &AppState,
     sender: &UserId,
     room_id: &ruma::RoomId,

@@ -12,12 +12,10 @@ use ruma::{
         },
     },
 };
-use serde_json::{Value as JsonValue, json};
 
-use super::{AppState, Ruma, RumaResponse, account::strip_nulls, events::send_event, route};
+use super::{AppState, Ruma, RumaResponse, route};
 use crate::{
     error::{Error, ErrorCode, Result},
-    events::PduBuilder,
     ratelimit::{Action, RateKeys},
 };
 
@@ -65,36 +63,6 @@ pub(super) async fn limit_passcode_guesses<T, R>(server: &AppState, req: &Ruma<T
     result
 }
 
-/// Sends `membership` for `target`, sent by `sender`, with the profile when it is the
-/// sender's own join.
-pub(super) async fn set_membership(
-    server: &AppState,
-    sender: &UserId,
-    room_id: &ruma::RoomId,
-    target: &UserId,
-    membership: &str,
-    reason: Option<&str>,
-    passcode: Option<&str>,
-) -> Result<ruma::OwnedEventId> {
-    if !server.rooms.exists(room_id)? {
-        return Err(Error::not_found("unknown room"));
-    }
-    // The pipeline checks and strips the passcode: it is never stored in the event.
-    let mut content = json!({ "membership": membership, "reason": reason, crate::clinic::PASSCODE_FIELD: passcode });
-    if target.server_name() == server.server_name() {
-        let account = server.users.account(target)?.filter(|a| !a.deactivated);
-        let Some(account) = account else {
-            return Err(Error::not_found(format!("unknown user {target}")));
-        };
-        if matches!(membership, "join" | "invite" | "knock") {
-            content["displayname"] = account.displayname.map_or(JsonValue::Null, JsonValue::String);
-            content["avatar_url"] = account.avatar_url.map_or(JsonValue::Null, JsonValue::String);
-        }
-    }
-    strip_nulls(&mut content);
-    send_event(server, sender, room_id, PduBuilder::state("m.room.member", target.as_str(), content), None).await
-}
-
 /// Joins a room: with a local join event when this server is in the room, else over federation
 /// through `via` (and the server the room id names).
 async fn join(server: &AppState, user: &UserId, room_id: &ruma::RoomId, via: &[ruma::OwnedServerName], reason: Option<&str>, passcode: Option<&str>) -> Result<()> {
@@ -104,7 +72,7 @@ async fn join(server: &AppState, user: &UserId, room_id: &ruma::RoomId, via: &[r
     if server.rooms.reached_over_federation(room_id)? {
         return crate::federation::membership::join_remote(&**server, user, room_id, via).await;
     }
-    set_membership(server, user, room_id, user, "join", reason, passcode).await.map(drop)
+    crate::membership::set(&**server, user, room_id, user, "join", reason, passcode).await.map(drop)
 }
 
 async fn join_by_id(
@@ -140,7 +108,7 @@ async fn invite(
     if !server.rooms.is_joined(&req.body.room_id, &caller.user_id)? {
         return Err(Error::forbidden("you are not joined to this room"));
     }
-    set_membership(&server, &caller.user_id, &req.body.room_id, &recipient.user_id, "invite", recipient.reason.as_deref(), None).await?;
+    crate::membership::set(&*server, &caller.user_id, &req.body.room_id, &recipient.user_id, "invite", recipient.reason.as_deref(), None).await?;
     Ok(invite_user::v3::Response::new().into())
 }
 
@@ -161,7 +129,7 @@ async fn leave(
     }
     match server.rooms.membership(room_id, &caller.user_id)? {
         Some(crate::rooms::Membership::Join | crate::rooms::Membership::Invite | crate::rooms::Membership::Knock) => {
-            set_membership(&server, &caller.user_id, room_id, &caller.user_id, "leave", req.body.reason.as_deref(), None).await?;
+            crate::membership::set(&*server, &caller.user_id, room_id, &caller.user_id, "leave", req.body.reason.as_deref(), None).await?;
         }
         Some(_) => {}
         None => return Err(Error::not_found("you are not a member of this room")),
@@ -186,7 +154,7 @@ async fn kick(
     if !matches!(current, Some(crate::rooms::Membership::Join | crate::rooms::Membership::Invite | crate::rooms::Membership::Knock)) {
         return Err(Error::forbidden("the user is not in the room"));
     }
-    set_membership(&server, &caller.user_id, &req.body.room_id, &req.body.user_id, "leave", req.body.reason.as_deref(), None).await?;
+    crate::membership::set(&*server, &caller.user_id, &req.body.room_id, &req.body.user_id, "leave", req.body.reason.as_deref(), None).await?;
     Ok(kick_user::v3::Response::new().into())
 }
 
@@ -195,7 +163,7 @@ async fn ban(
     req: Ruma<ban_user::v3::Request>,
 ) -> Result<RumaResponse<ban_user::v3::Response>> {
     let caller = req.caller();
-    set_membership(&server, &caller.user_id, &req.body.room_id, &req.body.user_id, "ban", req.body.reason.as_deref(), None).await?;
+    crate::membership::set(&*server, &caller.user_id, &req.body.room_id, &req.body.user_id, "ban", req.body.reason.as_deref(), None).await?;
     Ok(ban_user::v3::Response::new().into())
 }
 
@@ -207,7 +175,7 @@ async fn unban(
     if server.rooms.membership(&req.body.room_id, &req.body.user_id)? != Some(crate::rooms::Membership::Ban) {
         return Err(Error::forbidden("the user is not banned"));
     }
-    set_membership(&server, &caller.user_id, &req.body.room_id, &req.body.user_id, "leave", req.body.reason.as_deref(), None).await?;
+    crate::membership::set(&*server, &caller.user_id, &req.body.room_id, &req.body.user_id, "leave", req.body.reason.as_deref(), None).await?;
     Ok(unban_user::v3::Response::new().into())
 }
 
@@ -224,7 +192,7 @@ async fn knock(
         crate::federation::membership::membership_remote(&*server, &caller.user_id, &room_id, &req.body.via, "knock", req.body.reason.as_deref()).await?;
         return Ok(knock_room::v3::Response::new(room_id).into());
     }
-    let attempt = set_membership(&server, &caller.user_id, &room_id, &caller.user_id, "knock", req.body.reason.as_deref(), passcode(&req));
+    let attempt = crate::membership::set(&*server, &caller.user_id, &room_id, &caller.user_id, "knock", req.body.reason.as_deref(), passcode(&req));
     limit_passcode_guesses(&server, &req, &room_id, attempt).await?;
     Ok(knock_room::v3::Response::new(room_id).into())
 }

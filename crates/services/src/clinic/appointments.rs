@@ -14,6 +14,7 @@ use crate::{
     audit::{Audit, AuditRecord},
     config::AppointmentsConfig,
     error::{Error, ErrorCode, Result},
+    rooms::Membership,
     store::{Batch, Store, tables},
     users::random_string,
 };
@@ -154,8 +155,9 @@ pub struct SignedIn {
 
 /// Signs in exactly the user a link token names, once: the token is spent in the same write as
 /// the new device and the audit entry. A deactivated user, or one who has become a server admin
-/// since the link was made (they sign in with their password only), is refused.
-pub fn sign_in(server: &dyn ClinicHost, token: &str, device: NewDevice) -> Result<(Link, SignedIn)> {
+/// since the link was made (they sign in with their password only), is refused. Then takes the
+/// user to the session's door.
+pub async fn sign_in(server: &dyn ClinicHost, token: &str, device: NewDevice) -> Result<SignedIn> {
     let link = server.appointments().verify(token)?;
     if server.users().account(&link.user_id)?.is_none_or(|a| a.deactivated) {
         return Err(Error::forbidden("this appointment link is for an unknown or deactivated user"));
@@ -170,8 +172,26 @@ pub fn sign_in(server: &dyn ClinicHost, token: &str, device: NewDevice) -> Resul
         .details(serde_json::json!({ "device_id": device_id, "ip": device.ip, "type": JWT_LOGIN }));
     server.appointments().redeem(server.audit(), batch, &link, record)?;
     tracing::info!(user_id = %link.user_id, %device_id, room_id = %link.room_id, "login by appointment link");
-    let signed_in = SignedIn { user_id: link.user_id.clone(), access_token, device_id, room_id: link.room_id.clone() };
-    Ok((link, signed_in))
+    // The login stands even if the knock does not (a cancelled session, say): the user is
+    // signed in and the client can show why they cannot enter.
+    if let Err(e) = enter_waiting_room(server, &link).await {
+        tracing::warn!(user_id = %link.user_id, room_id = %link.room_id, "appointment link knock refused: {e}");
+    }
+    Ok(SignedIn { user_id: link.user_id, access_token, device_id, room_id: link.room_id })
+}
+
+/// Users with a role join themselves once the join window opens (the clinic policy decides);
+/// everyone else is put in the waiting room: a knock on their behalf.
+async fn enter_waiting_room(server: &dyn ClinicHost, link: &Link) -> Result<()> {
+    if super::session_role(server.rooms(), &link.room_id, link.user_id.as_str())?.is_some() {
+        return Ok(());
+    }
+    let membership = server.rooms().membership(&link.room_id, &link.user_id)?;
+    if matches!(membership, Some(Membership::Join | Membership::Invite | Membership::Knock)) {
+        return Ok(());
+    }
+    crate::membership::set(server, &link.user_id, &link.room_id, &link.user_id, "knock", Some("appointment link"), None).await?;
+    Ok(())
 }
 
 impl Appointments {
