@@ -686,3 +686,65 @@ async fn call_membership_state_keys_belong_to_their_sender_in_session_rooms() {
     let (status, body) = therapist.put(&rtc_member(&format!("_{}_DEV", therapist.user_id)), json!({})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
 }
+
+/// A calendar's range: every status, past sessions too, only the caller's, overlap counts; a
+/// participant removed from a session no longer sees it, a stranger never does.
+#[tokio::test]
+async fn sessions_in_a_range_are_the_callers_of_every_status() {
+    let server = TestServer::start().await;
+    let admin = server.register_admin("admin").await;
+    let therapist = verified_therapist(&server, &admin, "therapist").await;
+    let client = server.register("client").await;
+    let stranger = server.register("stranger").await;
+    let participants = json!([{ "user_id": client.user_id, "role": "client" }]);
+    let start = now_ms() + HOUR;
+    let later = therapist.ok(Method::POST, SESSIONS, Some(session_request("individual", start, start + HOUR, participants.clone()))).await;
+    let cancelled = therapist.ok(Method::POST, SESSIONS, Some(session_request("individual", start + 2 * HOUR, start + 3 * HOUR, participants.clone()))).await;
+    let cancelled_room = cancelled["room_id"].as_str().unwrap();
+    therapist.ok(Method::PUT, &format!("{SESSIONS}/{}/status", enc(cancelled_room)), Some(json!({ "status": "cancelled" }))).await;
+    let elsewhere = therapist.ok(Method::POST, SESSIONS, Some(session_request("individual", start + 30 * HOUR, start + 31 * HOUR, json!([])))).await;
+
+    let ids = |sessions: &[&Value]| sessions.iter().map(|s| s["room_id"].as_str().unwrap().to_owned()).collect::<Vec<_>>();
+    // The day: both of the client's sessions, the cancelled one too, in order; the therapist's
+    // other session is outside it. A session overlapping an edge counts.
+    assert_eq!(in_range(&therapist, start, start + 24 * HOUR).await, ids(&[&later, &cancelled]));
+    assert_eq!(in_range(&client, start + HOUR / 2, start + 2 * HOUR + 1).await, ids(&[&later, &cancelled]));
+    assert_eq!(in_range(&therapist, start, start + 40 * HOUR).await, ids(&[&later, &cancelled, &elsewhere]));
+    // Without a range: the upcoming live sessions only (the cancelled one is not).
+    let upcoming = therapist.ok(Method::GET, SESSIONS, None).await;
+    assert_eq!(upcoming["sessions"].as_array().unwrap().len(), 2);
+
+    // A stranger sees nothing; a removed participant no longer sees the session.
+    assert!(in_range(&stranger, start, start + 40 * HOUR).await.is_empty());
+    let later_room = later["room_id"].as_str().unwrap();
+    therapist.ok(Method::DELETE, &format!("{SESSIONS}/{}/participants/{}", enc(later_room), enc(&client.user_id)), None).await;
+    assert_eq!(in_range(&client, start, start + 24 * HOUR).await, ids(&[&cancelled]));
+
+    // Bad ranges are refused with a reason.
+    for query in ["?from=10", "?to=10", "?from=20&to=10", "?from=0&to=99999999999999", "?from=x&to=1"] {
+        let (status, body) = therapist.get(&format!("{SESSIONS}{query}")).await;
+        assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_INVALID_PARAM"), "{query}: {body}");
+    }
+}
+
+/// The room ids of `client`'s sessions in `[from, to)`.
+async fn in_range(client: &Client, from: u64, to: u64) -> Vec<String> {
+    let body = client.ok(Method::GET, &format!("{SESSIONS}?from={from}&to={to}"), None).await;
+    body["sessions"].as_array().unwrap().iter().map(|s| s["room_id"].as_str().unwrap().to_owned()).collect()
+}
+
+/// `/me` says who the caller is to the clinic, and only ever about the caller.
+#[tokio::test]
+async fn me_tells_a_user_their_own_standing() {
+    let server = TestServer::start().await;
+    let admin = server.register_admin("admin").await;
+    let therapist = verified_therapist(&server, &admin, "therapist").await;
+    let client = server.register("client").await;
+    for (who, admin_flag, verified) in [(&admin, true, false), (&therapist, false, true), (&client, false, false)] {
+        let me = who.ok(Method::GET, "/_limbic/client/v1/me", None).await;
+        assert_eq!(me["user_id"], who.user_id.as_str());
+        assert_eq!((me["admin"].as_bool(), me["verified_therapist"].as_bool()), (Some(admin_flag), Some(verified)), "{me}");
+    }
+    let anonymous = reqwest::get(format!("{}/_limbic/client/v1/me", server.base)).await.unwrap();
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+}

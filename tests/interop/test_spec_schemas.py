@@ -453,6 +453,13 @@ def test_session_api_responses_match_openapi(server, people, group):
         await call(server.url, "GET", path, client.access_token)
         listed = await call(server.url, "GET", SESSIONS, therapist.access_token)
         assert group in [s["room_id"] for s in listed["sessions"]]
+        ranged = await call(server.url, "GET", SESSIONS, client.access_token,
+                            query={"from": str(now_ms() - 30 * 24 * HOUR), "to": str(now_ms() + 30 * 24 * HOUR)})
+        assert group in [s["room_id"] for s in ranged["sessions"]]
+        await call(server.url, "GET", SESSIONS, client.access_token, query={"from": "5"}, expect=400)
+        me = await call(server.url, "GET", "/_limbic/client/v1/me", therapist.access_token)
+        assert me["verified_therapist"] is True and me["admin"] is False, me
+        await call(server.url, "GET", "/_limbic/client/v1/me", None, expect=401)
         notes = await call(server.url, "GET", f"{path}/notes", therapist.access_token)
         assert notes["notes"] and all(n["versions"] for n in notes["notes"])
         await call(server.url, "GET", "/_limbic/client/v1/relationship", client.access_token,

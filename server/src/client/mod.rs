@@ -7,7 +7,7 @@ mod appointments;
 mod calls;
 mod delayed_events;
 pub(crate) mod cors;
-mod join_page;
+mod pages;
 mod directory;
 mod tags_and_users;
 mod discovery;
@@ -361,7 +361,7 @@ pub fn router() -> Router<AppState> {
     let router = admin::routes(router);
     let router = plugins::routes(router);
     let router = calls::routes(router);
-    let router = join_page::routes(router);
+    let router = pages::routes(router);
     misc::routes(router)
 }
 

@@ -34,6 +34,7 @@ pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
         .route(&format!("{V1}/{{room_id}}/status"), axum::routing::put(set_status))
         .route(&format!("{V1}/{{room_id}}/participants/{{user_id}}"), axum::routing::put(set_participant).delete(remove_participant))
         .route("/_limbic/client/v1/relationship", get(relationship))
+        .route("/_limbic/client/v1/me", get(me))
         .route(&format!("{V1}/{{room_id}}/notes"), get(list_notes))
         .route(&format!("{V1}/{{room_id}}/transcript"), get(transcript))
         .route(&format!("{V1}/{{room_id}}/notes/{{note_id}}"), axum::routing::put(write_note))
@@ -106,6 +107,15 @@ struct ParticipantRole {
     role: Role,
 }
 
+/// `GET /me`: who the caller is to the clinic, so that an app can show each person their own view.
+#[derive(Serialize)]
+struct Me {
+    user_id: OwnedUserId,
+    displayname: Option<String>,
+    admin: bool,
+    verified_therapist: bool,
+}
+
 /// `GET /relationship`.
 #[derive(Serialize)]
 struct Relationship {
@@ -145,8 +155,21 @@ async fn get_session(State(server): State<AppState>, Authed(caller): Authed, Pat
 }
 
 /// The caller's sessions that have not ended and are still live, soonest first.
-async fn list_sessions(State(server): State<AppState>, Authed(caller): Authed) -> Result<Json<SessionList>> {
-    Ok(Json(SessionList { sessions: sessions::upcoming(&server, &caller.user_id)? }))
+/// `GET /sessions`: with `from` and `to`, a calendar's range.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SessionRange {
+    from: Option<u64>,
+    to: Option<u64>,
+}
+
+async fn list_sessions(State(server): State<AppState>, Authed(caller): Authed, QueryParams(range): QueryParams<SessionRange>) -> Result<Json<SessionList>> {
+    let sessions = match (range.from, range.to) {
+        (None, None) => sessions::upcoming(&server, &caller.user_id)?,
+        (Some(from), Some(to)) => sessions::in_range(&server, &caller.user_id, from, to)?,
+        _ => return Err(Error::invalid_param("`from` and `to` go together")),
+    };
+    Ok(Json(SessionList { sessions }))
 }
 
 #[derive(Deserialize)]
@@ -279,6 +302,17 @@ async fn remove_participant(State(server): State<AppState>, Authed(caller): Auth
 struct RelationshipQuery {
     therapist: OwnedUserId,
     client: OwnedUserId,
+}
+
+/// The caller's own account as the clinic sees it: only ever the caller's.
+async fn me(State(server): State<AppState>, Authed(caller): Authed) -> Result<Json<Me>> {
+    let displayname = server.users.account(&caller.user_id)?.and_then(|account| account.displayname);
+    Ok(Json(Me {
+        admin: server.users.is_admin(&caller.user_id)?,
+        verified_therapist: server.clinic.is_verified_therapist(&caller.user_id)?,
+        user_id: caller.user_id,
+        displayname,
+    }))
 }
 
 /// Do therapist T and client C share a session? For T, C and server admins.

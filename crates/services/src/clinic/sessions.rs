@@ -208,6 +208,31 @@ pub fn upcoming(server: &dyn ClinicHost, user: &UserId) -> Result<Vec<SessionVie
     Ok(sessions)
 }
 
+/// The longest range [`in_range`] answers: a year and a bit, so that a calendar's year view fits
+/// and no request makes the server read every session there is.
+pub const MAX_RANGE_MS: u64 = 400 * 24 * 60 * 60 * 1000;
+
+/// The user's sessions, of any status, past ones included, that overlap `[from, to)` (ms since
+/// the Unix epoch), earliest first. Sessions the user has left or was declined from are not
+/// theirs any more and are not listed.
+pub fn in_range(server: &dyn ClinicHost, user: &UserId, from: u64, to: u64) -> Result<Vec<SessionView>> {
+    if to <= from {
+        return Err(Error::invalid_param("`to` must be after `from`"));
+    }
+    if to - from > MAX_RANGE_MS {
+        return Err(Error::invalid_param("the range may span at most 400 days"));
+    }
+    let mut sessions = Vec::new();
+    for (room_id, _) in server.rooms().user_rooms(user)? {
+        let Ok(view) = view(server, user, &room_id) else { continue };
+        if view.session.starts_at < to && view.session.ends_at > from {
+            sessions.push(view);
+        }
+    }
+    sessions.sort_by_key(|view| view.session.starts_at);
+    Ok(sessions)
+}
+
 /// Moves the session along its status workflow (the clinic policy refuses other moves). Ending
 /// it stops its recording and its calls before this returns (an after-commit hook).
 pub async fn set_status(server: &dyn ClinicHost, by: &UserId, room_id: &RoomId, status: Status) -> Result<(OwnedEventId, Session)> {
