@@ -127,7 +127,7 @@ export class LimbicServer {
       .update([nonce, localpart, password, admin ? 'admin' : 'notadmin'].join('\0'))
       .digest('hex');
     const account = await this.api('POST', '/_synapse/admin/v1/register', { body: { nonce, username: localpart, password, admin, mac } });
-    return { userId: account.user_id, token: account.access_token };
+    return { userId: account.user_id, token: account.access_token, password };
   }
 
   async stop() {

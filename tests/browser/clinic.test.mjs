@@ -1,0 +1,212 @@
+// End-to-end test of the clinic console (web/src/clinic, issue 16) in headless Chromium against
+// a real `limbic` server: a therapist signs in, finds their calendar, schedules a group session
+// with a client from the directory and a passcode shown once, sees it on the calendar, and is
+// told at the start-time field when a second session would double-book them; someone who is not
+// a verified therapist is told so. axe-core checks every page; screenshots at phone and desktop
+// size go to tests/browser/artifacts/.
+//
+//   node --test tests/browser/
+
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+
+import { ARTIFACTS, LimbicServer, REPO, launchChromium, requireFromWeb } from './harness.mjs';
+
+const WEB_DIST = join(REPO, 'web/dist');
+const AXE = readFileSync(requireFromWeb.resolve('axe-core/axe.min.js'), 'utf8');
+const STEP_TIMEOUT = 30_000;
+const PHONE = { width: 360, height: 740 };
+const DESKTOP = { width: 1280, height: 900 };
+
+const server = new LimbicServer({ logName: 'limbic-clinic.log', overrides: () => ({ LIMBIC_WEB__ASSETS_DIR: WEB_DIST }) });
+let browser;
+let therapist; // {userId, token, password}
+let client;
+let stranger;
+
+before(async () => {
+  await server.start();
+  const admin = await server.register('clinicadmin', true);
+  therapist = await server.register('theo', false);
+  client = await server.register('casey', false);
+  stranger = await server.register('sam', false);
+  await server.api('PUT', `/_matrix/client/v3/profile/${encodeURIComponent(client.userId)}/displayname`, { token: client.token, body: { displayname: 'Casey Client' } });
+  await server.api('PUT', `/_limbic/admin/v1/therapists/${encodeURIComponent(therapist.userId)}`, { token: admin.token, body: { verified: true } });
+  // The therapist and the client share a room, so that the directory (limited to people one
+  // shares a room with, as config.example.toml has it) finds the client.
+  const room = await server.api('POST', '/_matrix/client/v3/createRoom', { token: therapist.token, body: { invite: [client.userId] } });
+  await server.api('POST', `/_matrix/client/v3/join/${encodeURIComponent(room.room_id)}`, { token: client.token, body: {} });
+  browser = await launchChromium();
+});
+
+after(async () => {
+  await browser?.close();
+  await server.stop();
+});
+
+/** A fresh tab of a person's browser; every CSP refusal and page error fails the test. */
+async function open(viewport) {
+  const context = await browser.newContext({ viewport });
+  await context.grantPermissions(['clipboard-read', 'clipboard-write'], { origin: server.url });
+  const page = await context.newPage();
+  page.setDefaultTimeout(STEP_TIMEOUT);
+  const problems = [];
+  page.on('pageerror', (error) => problems.push(`page error: ${error.message}`));
+  page.on('console', (message) => {
+    if (/Content Security Policy|Refused to/i.test(message.text())) problems.push(`CSP: ${message.text()}`);
+  });
+  await page.goto(`${server.url}/clinic`);
+  return { context, page, problems };
+}
+
+/** axe-core on the page as it is: no serious or critical violation. */
+async function accessible(page, where) {
+  // Evaluated through the DevTools protocol, which the page's CSP does not govern.
+  await page.evaluate(AXE);
+  const violations = await page.evaluate(async () => {
+    const result = await window.axe.run(document, { resultTypes: ['violations'] });
+    return result.violations.filter((v) => v.impact === 'serious' || v.impact === 'critical')
+      .map((v) => `${v.id} (${v.impact}): ${v.nodes.slice(0, 3).map((n) => n.target.join(' ')).join(', ')}`);
+  });
+  assert.deepEqual(violations, [], `${where}: axe-core found serious or critical violations`);
+}
+
+async function screenshot(page, name) {
+  await page.screenshot({ path: join(ARTIFACTS, `clinic-${name}.png`), fullPage: true });
+}
+
+async function signIn(page, person, name) {
+  await page.getByTestId('page-sign-in').waitFor();
+  await page.getByLabel('Username').fill(name);
+  await page.getByLabel('Password').fill(person.password);
+  await page.getByTestId('sign-in-submit').click();
+}
+
+/** Tomorrow's date as the form's date input wants it (the browser's time zone is the test's). */
+function tomorrow() {
+  const day = new Date(Date.now() + 24 * 3_600_000);
+  return `${day.getFullYear()}-${String(day.getMonth() + 1).padStart(2, '0')}-${String(day.getDate()).padStart(2, '0')}`;
+}
+
+/** The calendar event with this title, moving a week on if tomorrow is in the next one. */
+async function calendarEvent(page, title) {
+  const event = page.locator('.fc-event', { hasText: title });
+  if (await event.count() === 0) await page.locator('.fc-next-button').click();
+  await event.first().waitFor();
+  return event.first();
+}
+
+test('a therapist signs in, schedules a group session with a passcode and is kept from double-booking', async () => {
+  const { context, page, problems } = await open(DESKTOP);
+  await accessible(page, 'sign-in');
+  await screenshot(page, 'sign-in-desktop');
+
+  // A wrong password is refused with a message a person can act on; the token never shows in the URL.
+  await page.getByLabel('Username').fill('theo');
+  await page.getByLabel('Password').fill('not the password');
+  await page.getByTestId('sign-in-submit').click();
+  await assert.doesNotReject(page.getByTestId('sign-in-error').filter({ hasText: 'do not match' }).waitFor());
+
+  await signIn(page, therapist, 'theo');
+  await page.getByTestId('page-calendar').waitFor();
+  assert.ok(!page.url().includes(therapist.token) && !page.url().includes('access_token'));
+  const zone = await page.evaluate(() => Intl.DateTimeFormat().resolvedOptions().timeZone.replaceAll('_', ' '));
+  assert.equal(await page.getByTestId('calendar-timezone').textContent(), zone);
+  await page.locator('.fc-view-harness').waitFor();
+  await accessible(page, 'calendar');
+  await screenshot(page, 'calendar-desktop');
+
+  // Schedule: a group session tomorrow at 10:00 for 90 minutes, Casey picked from the directory.
+  await page.getByTestId('new-session').click();
+  const dialog = page.getByTestId('schedule-dialog');
+  await dialog.waitFor();
+  await page.getByTestId('schedule-kind').selectOption('group');
+  await page.getByTestId('schedule-title').fill('Tuesday group');
+  await page.getByTestId('client-search').fill('casey');
+  await page.getByTestId('client-results').getByRole('button', { name: /Casey Client/ }).click();
+  assert.match(await page.getByTestId('chosen-clients').textContent(), /Casey Client/);
+  await page.getByTestId('schedule-date').fill(tomorrow());
+  await page.getByTestId('schedule-time').fill('10:00');
+  await page.getByTestId('schedule-duration').selectOption('90');
+  await page.getByTestId('schedule-passcode').check();
+  await accessible(page, 'schedule dialog');
+  await screenshot(page, 'schedule-desktop');
+  await page.getByTestId('schedule-submit').click();
+
+  // The passcode: six digits, shown once, copied with the link.
+  await page.getByTestId('scheduled-dialog').waitFor();
+  const passcode = await page.getByTestId('scheduled-passcode').textContent();
+  assert.match(passcode, /^\d{6}$/);
+  const link = await page.getByTestId('scheduled-link').textContent();
+  assert.match(link, /\/clinic\/sessions\/!/);
+  await page.getByTestId('scheduled-copy').click();
+  const copied = await page.evaluate(() => navigator.clipboard.readText());
+  assert.ok(copied.includes(passcode) && copied.includes(link), copied);
+  await page.getByTestId('scheduled-close').click();
+  assert.equal(await page.getByTestId('scheduled-passcode').textContent(), '', 'the passcode is gone once the dialog closes');
+
+  // The server has it as asked: a group session, the client invited, the passcode required.
+  const start = new Date(`${tomorrow()}T10:00`).valueOf();
+  const listed = await server.api('GET', `/_limbic/client/v1/sessions?from=${start}&to=${start + 1}`, { token: therapist.token });
+  assert.equal(listed.sessions.length, 1);
+  const [view] = listed.sessions;
+  assert.equal(view.session.kind, 'group');
+  assert.equal(view.session.title, 'Tuesday group');
+  assert.equal(view.session.ends_at - view.session.starts_at, 90 * 60_000);
+  assert.equal(view.session.starts_at, start);
+  assert.equal(view.roles[client.userId], 'client');
+  const knock = await fetch(`${server.url}/_matrix/client/v3/knock/${encodeURIComponent(view.room_id)}`, {
+    method: 'POST', headers: { Authorization: `Bearer ${stranger.token}`, 'Content-Type': 'application/json' }, body: '{}',
+  });
+  assert.equal(knock.status, 403, 'a knock without the passcode is refused');
+
+  // On the calendar, coloured as a group session; a click shows its details.
+  const event = await calendarEvent(page, 'Tuesday group');
+  assert.match(await event.getAttribute('class'), /kind-group/);
+  await event.click();
+  await page.getByTestId('session-details').waitFor();
+  assert.equal(await page.getByTestId('details-status').textContent(), 'Scheduled');
+  await screenshot(page, 'calendar-with-session-desktop');
+
+  // A second session at the same time: refused, and said at the start time.
+  await page.getByTestId('new-session').click();
+  await page.getByTestId('schedule-title').fill('Overlapping intake');
+  await page.getByTestId('schedule-date').fill(tomorrow());
+  await page.getByTestId('schedule-time').fill('10:30');
+  await page.getByTestId('schedule-submit').click();
+  const timeError = page.getByTestId('schedule-time-error');
+  await timeError.waitFor();
+  assert.equal(await timeError.textContent(), 'You already have "Tuesday group" at that time. Choose another time.');
+  assert.equal(await page.getByTestId('schedule-time').getAttribute('aria-invalid'), 'true');
+  await accessible(page, 'schedule dialog with an error');
+  await screenshot(page, 'double-booking-desktop');
+
+  assert.deepEqual(problems, []);
+  await context.close();
+});
+
+test('on a phone the calendar is an agenda, and a user who is not a verified therapist is told so', async () => {
+  const phone = await open(PHONE);
+  await signIn(phone.page, therapist, 'theo');
+  await phone.page.getByTestId('page-calendar').waitFor();
+  await phone.page.locator('.fc-list, .fc-list-empty').first().waitFor();
+  await accessible(phone.page, 'calendar on a phone');
+  await screenshot(phone.page, 'calendar-phone');
+  const width = await phone.page.evaluate(() => document.documentElement.scrollWidth);
+  assert.ok(width <= PHONE.width, `the page is ${width} px wide on a ${PHONE.width} px screen`);
+  // Signing out ends the session on the server too.
+  await phone.page.getByTestId('sign-out').click();
+  await phone.page.getByTestId('page-sign-in').waitFor();
+  assert.deepEqual(phone.problems, []);
+  await phone.context.close();
+
+  const other = await open(PHONE);
+  await signIn(other.page, stranger, 'sam');
+  await other.page.getByTestId('page-unverified').waitFor();
+  await accessible(other.page, 'not a therapist');
+  await screenshot(other.page, 'unverified-phone');
+  assert.deepEqual(other.problems, []);
+  await other.context.close();
+});

@@ -1,0 +1,221 @@
+// The clinic console: sign in with an account of this server, then the view that fits who signed
+// in. A verified therapist gets their calendar and schedules sessions from it.
+
+import { Calendar } from '@fullcalendar/core';
+import dayGridPlugin from '@fullcalendar/daygrid';
+import interactionPlugin from '@fullcalendar/interaction';
+import listPlugin from '@fullcalendar/list';
+import timeGridPlugin from '@fullcalendar/timegrid';
+
+import { byId, el } from '../ui.js';
+import { ApiError, currentSession, me, sessionsBetween, signIn, signOut, whenSignedOut } from './api.js';
+import { openSchedule, setUpScheduling } from './schedule.js';
+import { formatInstant, formatTime, localTimeZone } from './time.js';
+
+const GROUP_KINDS = new Set(['group', 'workshop', 'support', 'family']);
+const STATUS_NAMES = {
+  scheduled: 'Scheduled', open: 'Open', in_progress: 'In progress', completed: 'Completed', cancelled: 'Cancelled', no_show: 'No-show',
+};
+
+let currentPage = null;
+
+/** Shows one page; focus moves to its heading, where keyboard and screen-reader users start. */
+function showPage(name) {
+  const page = document.querySelector(`[data-page="${name}"]`);
+  if (currentPage === page) return;
+  for (const section of document.querySelectorAll('[data-page]')) section.hidden = section !== page;
+  currentPage = page;
+  document.title = `${page.dataset.title ?? 'Clinic'} · Limbic`;
+  page.querySelector('h1')?.focus();
+}
+
+function announce(message) {
+  const region = byId('announcer');
+  region.textContent = '';
+  setTimeout(() => { region.textContent = message; }, 50);
+}
+
+// --- signing in and out --------------------------------------------------------------------
+
+function showSignIn(message) {
+  byId('signed-in-as').hidden = true;
+  byId('sign-out').hidden = true;
+  const error = byId('sign-in-error');
+  error.textContent = message ?? '';
+  error.hidden = !message;
+  showPage('sign-in');
+}
+
+async function onSignIn(event) {
+  event.preventDefault();
+  const user = byId('sign-in-user').value.trim();
+  const password = byId('sign-in-password').value;
+  const error = byId('sign-in-error');
+  if (!user || !password) {
+    error.textContent = 'Enter your username and your password.';
+    error.hidden = false;
+    return;
+  }
+  const button = event.submitter ?? document.querySelector('[data-testid="sign-in-submit"]');
+  button.disabled = true;
+  try {
+    await signIn(user, password);
+    byId('sign-in-password').value = '';
+    error.hidden = true;
+    await enter();
+  } catch (failure) {
+    if (!(failure instanceof ApiError)) throw failure;
+    error.textContent = failure.status === 403 || failure.errcode === 'M_FORBIDDEN'
+      ? 'That username and password do not match an account here.'
+      : failure.status === 429 ? 'Too many attempts. Wait a minute, then try again.' : failure.message;
+    error.hidden = false;
+    byId('sign-in-password').focus();
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// --- who signed in -------------------------------------------------------------------------
+
+async function enter() {
+  let standing;
+  try {
+    standing = await me();
+  } catch (failure) {
+    if (failure instanceof ApiError && failure.status === 401) return showSignIn();
+    throw failure;
+  }
+  const label = byId('signed-in-as');
+  label.textContent = standing.displayname ? `${standing.displayname} (${standing.user_id})` : standing.user_id;
+  label.hidden = false;
+  byId('sign-out').hidden = false;
+  if (standing.verified_therapist) return showCalendar();
+  showPage('unverified');
+}
+
+// --- the therapist's calendar --------------------------------------------------------------
+
+let calendar = null;
+
+function eventOf(view) {
+  const { session } = view;
+  return {
+    id: view.room_id,
+    title: session.title,
+    start: session.starts_at,
+    end: session.ends_at,
+    classNames: [GROUP_KINDS.has(session.kind) ? 'kind-group' : 'kind-individual', `status-${session.status.replace('_', '-')}`],
+    extendedProps: { view },
+  };
+}
+
+function showDetails(view) {
+  const { session } = view;
+  byId('session-details-heading').textContent = session.title;
+  const clients = Object.entries(view.roles).filter(([, role]) => role !== 'therapist').map(([user, role]) => `${user} (${role.replace('_', '-')})`);
+  byId('session-details-list').replaceChildren(
+    el('dt', { text: 'When' }), el('dd', { text: `${formatInstant(session.starts_at)} – ${formatTime(session.ends_at)}` }),
+    el('dt', { text: 'Scheduled in' }), el('dd', { text: session.timezone }),
+    el('dt', { text: 'Kind' }), el('dd', { text: session.kind }),
+    el('dt', { text: 'Status' }), el('dd', { text: STATUS_NAMES[session.status] ?? session.status, 'data-testid': 'details-status' }),
+    el('dt', { text: 'Participants' }), el('dd', { text: clients.length ? clients.join(', ') : 'No one yet' }),
+  );
+  const panel = byId('session-details');
+  panel.hidden = false;
+  byId('session-details-heading').focus();
+}
+
+function showCalendar() {
+  showPage('calendar');
+  byId('calendar-timezone').textContent = localTimeZone().replaceAll('_', ' ');
+  if (calendar) {
+    calendar.refetchEvents();
+    return;
+  }
+  const narrow = window.matchMedia('(max-width: 640px)').matches;
+  calendar = new Calendar(byId('calendar'), {
+    plugins: [dayGridPlugin, timeGridPlugin, listPlugin, interactionPlugin],
+    initialView: narrow ? 'listWeek' : 'timeGridWeek',
+    headerToolbar: narrow
+      ? { left: 'prev,next', center: 'title', right: 'today' }
+      : { left: 'prev,next today', center: 'title', right: 'dayGridMonth,timeGridWeek,timeGridDay,listWeek' },
+    footerToolbar: narrow ? { center: 'dayGridMonth,timeGridWeek,timeGridDay,listWeek' } : false,
+    // Words, not icon glyphs: FullCalendar's icons are images without a text alternative.
+    buttonIcons: false,
+    buttonText: { prev: 'Previous', next: 'Next', today: 'Today', month: 'Month', week: 'Week', day: 'Day', list: 'Agenda' },
+    nowIndicator: true,
+    selectable: true,
+    selectMirror: true,
+    height: 'auto',
+    // The day headers scroll with the grid: a sticky header overlapped the events below it.
+    stickyHeaderDates: false,
+    scrollTime: '08:00:00',
+    slotMinTime: '06:00:00',
+    slotMaxTime: '22:00:00',
+    allDaySlot: false,
+    noEventsText: 'No sessions in this period.',
+    eventTimeFormat: { hour: '2-digit', minute: '2-digit' },
+    events: async (range) => {
+      try {
+        const sessions = await sessionsBetween(range.start, range.end);
+        byId('calendar-error').hidden = true;
+        return sessions.map(eventOf);
+      } catch (failure) {
+        const notice = byId('calendar-error');
+        notice.textContent = `Your sessions could not be loaded: ${failure.message}`;
+        notice.hidden = false;
+        return [];
+      }
+    },
+    select: (selection) => {
+      calendar.unselect();
+      openSchedule({ start: selection.start });
+    },
+    dateClick: (click) => {
+      // In the month view a click is on a day: start at the next round hour of the day.
+      if (click.view.type !== 'dayGridMonth') return;
+      const start = new Date(click.date);
+      start.setHours(9, 0, 0, 0);
+      openSchedule({ start });
+    },
+    eventClick: (click) => showDetails(click.event.extendedProps.view),
+    eventDidMount: (info) => {
+      const { session } = info.event.extendedProps.view;
+      info.el.setAttribute('aria-label', `${session.title}, ${STATUS_NAMES[session.status] ?? session.status}, ${formatInstant(session.starts_at)}`);
+    },
+  });
+  calendar.render();
+}
+
+// --- start ---------------------------------------------------------------------------------
+
+function start() {
+  byId('sign-in-form').addEventListener('submit', (event) => { onSignIn(event); });
+  byId('sign-out').addEventListener('click', async () => {
+    try {
+      await signOut();
+    } finally {
+      calendar?.destroy();
+      calendar = null;
+      showSignIn();
+      announce('You are signed out.');
+    }
+  });
+  byId('new-session').addEventListener('click', () => openSchedule());
+  byId('session-details-close').addEventListener('click', () => {
+    byId('session-details').hidden = true;
+    byId('new-session').focus();
+  });
+  setUpScheduling((created) => {
+    calendar?.refetchEvents();
+    announce(`${created.session.title} is scheduled.`);
+  });
+  whenSignedOut(() => showSignIn('You were signed out. Sign in again to continue.'));
+  if (currentSession()) {
+    enter().catch((failure) => showSignIn(failure.message));
+  } else {
+    showSignIn();
+  }
+}
+
+start();
