@@ -2,8 +2,9 @@
 // a real `limbic` server: a therapist signs in, finds their calendar, schedules a group session
 // with a client from the directory and a passcode shown once, sees it on the calendar, and is
 // told at the start-time field when a second session would double-book them; someone who is not
-// a verified therapist is told so. axe-core checks every page; screenshots at phone and desktop
-// size go to tests/browser/artifacts/.
+// a verified therapist is told so; a clinic admin verifies a therapist, who can then schedule,
+// filters the audit log and verifies its chain. axe-core checks every page; screenshots at phone
+// and desktop size go to tests/browser/artifacts/.
 //
 //   node --test tests/browser/
 
@@ -25,10 +26,13 @@ let browser;
 let therapist; // {userId, token, password}
 let client;
 let stranger;
+let admin;
+let nina; // a therapist the admin verifies in the test
 
 before(async () => {
   await server.start();
-  const admin = await server.register('clinicadmin', true);
+  admin = await server.register('clinicadmin', true);
+  nina = await server.register('nina', false);
   therapist = await server.register('theo', false);
   client = await server.register('casey', false);
   stranger = await server.register('sam', false);
@@ -209,4 +213,60 @@ test('on a phone the calendar is an agenda, and a user who is not a verified the
   await screenshot(other.page, 'unverified-phone');
   assert.deepEqual(other.problems, []);
   await other.context.close();
+});
+
+test('a clinic admin verifies a therapist, who can then schedule, and checks the audit log', async () => {
+  const { context, page, problems } = await open(DESKTOP);
+  await signIn(page, admin, 'clinicadmin');
+  await page.getByTestId('page-admin').waitFor();
+  const row = page.locator('tr[data-user="@nina:localhost"]');
+  await row.waitFor();
+  assert.equal(await row.getByTestId('therapist-state').textContent(), 'Not verified');
+  await accessible(page, 'administration');
+  await screenshot(page, 'admin-desktop');
+
+  await row.getByTestId('therapist-toggle').click();
+  await row.getByTestId('therapist-state').filter({ hasText: /^Verified$/ }).waitFor();
+  const standing = await server.api('GET', `/_limbic/admin/v1/therapists/${encodeURIComponent(nina.userId)}`, { token: admin.token });
+  assert.equal(standing.verified, true);
+
+  // The audit log, filtered to the verifications: Nina's is there; the chain checks out.
+  await page.getByTestId('audit-action').fill('therapist_verified');
+  await page.getByTestId('audit-user').fill(nina.userId);
+  await page.getByTestId('audit-apply').click();
+  const entries = page.getByTestId('audit-table').locator('tbody tr');
+  await entries.first().waitFor();
+  assert.equal(await entries.count(), 1);
+  assert.match(await entries.first().textContent(), /therapist_verified.*@clinicadmin:localhost.*@nina:localhost/);
+  await page.getByTestId('audit-verify').click();
+  await page.getByTestId('audit-verification').filter({ hasText: 'The chain is intact' }).waitFor();
+  await accessible(page, 'administration with results');
+  await screenshot(page, 'admin-audit-desktop');
+  assert.deepEqual(problems, []);
+  await context.close();
+
+  // Nina, now verified, gets the calendar and schedules.
+  const therapistTab = await open(PHONE);
+  await signIn(therapistTab.page, nina, 'nina');
+  await therapistTab.page.getByTestId('page-calendar').waitFor();
+  await therapistTab.page.getByTestId('new-session').click();
+  await therapistTab.page.getByTestId('schedule-title').fill('First intake');
+  await therapistTab.page.getByTestId('schedule-date').fill(tomorrow());
+  await therapistTab.page.getByTestId('schedule-time').fill('14:00');
+  await therapistTab.page.getByTestId('schedule-submit').click();
+  await therapistTab.page.getByTestId('scheduled-dialog').waitFor();
+  await screenshot(therapistTab.page, 'scheduled-phone');
+  assert.deepEqual(therapistTab.problems, []);
+  await therapistTab.context.close();
+
+  const adminPhone = await open(PHONE);
+  await signIn(adminPhone.page, admin, 'clinicadmin');
+  await adminPhone.page.getByTestId('page-admin').waitFor();
+  await adminPhone.page.locator('tr[data-user="@nina:localhost"]').waitFor();
+  await accessible(adminPhone.page, 'administration on a phone');
+  await screenshot(adminPhone.page, 'admin-phone');
+  const width = await adminPhone.page.evaluate(() => document.documentElement.scrollWidth);
+  assert.ok(width <= PHONE.width, `the page is ${width} px wide on a ${PHONE.width} px screen`);
+  assert.deepEqual(adminPhone.problems, []);
+  await adminPhone.context.close();
 });

@@ -543,6 +543,7 @@ async fn delete_media(
 #[derive(Deserialize)]
 struct AuditLogQuery {
     user: Option<String>,
+    action: Option<String>,
     room_id: Option<String>,
     from_ts: Option<u64>,
     to_ts: Option<u64>,
@@ -550,12 +551,13 @@ struct AuditLogQuery {
     limit: Option<usize>,
 }
 
-/// Entries oldest first, filtered by user (actor or target), room and time; `next_token`
+/// Entries oldest first, filtered by user (actor or target), action, room and time; `next_token`
 /// pages on.
 async fn audit_log(State(server): State<AppState>, _admin: Admin, QueryParams(query): QueryParams<AuditLogQuery>) -> Result<Json<AuditPage>> {
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
     let entries = server.audit.query(&server.store, &crate::audit::AuditQuery {
         user: query.user,
+        action: query.action,
         room_id: query.room_id,
         from_ts: query.from_ts,
         to_ts: query.to_ts,

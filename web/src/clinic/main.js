@@ -1,5 +1,6 @@
 // The clinic console: sign in with an account of this server, then the view that fits who signed
-// in. A verified therapist gets their calendar and schedules sessions from it.
+// in. A verified therapist gets their calendar and schedules sessions from it; a clinic admin
+// gets the administration page (both, with a switch, for someone who is both).
 
 import { Calendar } from '@fullcalendar/core';
 import dayGridPlugin from '@fullcalendar/daygrid';
@@ -9,6 +10,7 @@ import timeGridPlugin from '@fullcalendar/timegrid';
 
 import { byId, el } from '../ui.js';
 import { ApiError, currentSession, me, sessionsBetween, signIn, signOut, whenSignedOut } from './api.js';
+import { showAdmin } from './admin.js';
 import { openSchedule, setUpScheduling } from './schedule.js';
 import { formatInstant, formatTime, localTimeZone } from './time.js';
 
@@ -89,8 +91,23 @@ async function enter() {
   label.textContent = standing.displayname ? `${standing.displayname} (${standing.user_id})` : standing.user_id;
   label.hidden = false;
   byId('sign-out').hidden = false;
-  if (standing.verified_therapist) return showCalendar();
+  const views = { calendar: standing.verified_therapist, admin: standing.admin };
+  for (const button of document.querySelectorAll('[data-view]')) button.hidden = !views[button.dataset.view];
+  byId('views').hidden = !(views.calendar && views.admin);
+  if (views.calendar) return showView('calendar');
+  if (views.admin) return showView('admin');
   showPage('unverified');
+}
+
+/** One of the signed-in person's views; the top bar marks it as the current one. */
+function showView(name) {
+  for (const button of document.querySelectorAll('[data-view]')) {
+    if (button.dataset.view === name) button.setAttribute('aria-current', 'page');
+    else button.removeAttribute('aria-current');
+  }
+  if (name === 'calendar') return showCalendar();
+  showPage('admin');
+  return showAdmin();
 }
 
 // --- the therapist's calendar --------------------------------------------------------------
@@ -197,10 +214,12 @@ function start() {
     } finally {
       calendar?.destroy();
       calendar = null;
+      byId('views').hidden = true;
       showSignIn();
       announce('You are signed out.');
     }
   });
+  for (const button of document.querySelectorAll('[data-view]')) button.addEventListener('click', () => showView(button.dataset.view));
   byId('new-session').addEventListener('click', () => openSchedule());
   byId('session-details-close').addEventListener('click', () => {
     byId('session-details').hidden = true;

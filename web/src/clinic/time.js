@@ -53,3 +53,8 @@ export function formatInstant(ms, zone) {
 export function formatTime(ms, zone) {
   return new Intl.DateTimeFormat(undefined, { timeStyle: 'short', timeZone: zone }).format(new Date(ms));
 }
+
+/** `ms` as a short date and a time to the second, for logs. */
+export function formatStamp(ms) {
+  return new Intl.DateTimeFormat(undefined, { dateStyle: 'medium', timeStyle: 'medium' }).format(new Date(ms));
+}

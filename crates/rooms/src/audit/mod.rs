@@ -120,6 +120,7 @@ pub struct Audit {
 #[derive(Default)]
 pub struct AuditQuery {
     pub user: Option<String>,
+    pub action: Option<String>,
     pub room_id: Option<String>,
     pub from_ts: Option<u64>,
     pub to_ts: Option<u64>,
@@ -217,8 +218,9 @@ impl Audit {
             let entry: AuditEntry = crate::store::decode(tables::AUDIT_LOG, &value)?;
             let user_matches = query.user.as_ref().is_none_or(|u| entry.actor.as_ref() == Some(u) || entry.target.as_ref() == Some(u));
             let room_matches = query.room_id.as_ref().is_none_or(|r| entry.room_id.as_ref() == Some(r));
+            let action_matches = query.action.as_ref().is_none_or(|a| &entry.action == a);
             let time_matches = query.from_ts.is_none_or(|t| entry.ts >= t) && query.to_ts.is_none_or(|t| entry.ts <= t);
-            if user_matches && room_matches && time_matches {
+            if user_matches && action_matches && room_matches && time_matches {
                 out.push(entry);
                 if out.len() >= query.limit {
                     break;
@@ -318,6 +320,8 @@ mod tests {
         assert_eq!(actions.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(), ["audit_keyed", "login", "join", "leave"], "keyed once");
         let by_room = audit.query(&store, &AuditQuery { room_id: Some("!r:x".into()), limit: 10, ..Default::default() }).unwrap();
         assert_eq!(by_room.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(), ["join", "leave"]);
+        let joins = audit.query(&store, &AuditQuery { action: Some("join".into()), limit: 10, ..Default::default() }).unwrap();
+        assert_eq!(joins.iter().map(|e| e.seq).collect::<Vec<_>>(), [3]);
 
         // Edit entry 3's actor in place: its hash no longer matches.
         let mut entry = get(&store, 3);
