@@ -42,7 +42,8 @@ before(async () => {
   // shares a room with, as config.example.toml has it) finds the client.
   const room = await server.api('POST', '/_matrix/client/v3/createRoom', { token: therapist.token, body: { invite: [client.userId] } });
   await server.api('POST', `/_matrix/client/v3/join/${encodeURIComponent(room.room_id)}`, { token: client.token, body: {} });
-  browser = await launchChromium();
+  // Fake camera and microphone: a client's "Join" leads to the join page, which asks for them.
+  browser = await launchChromium(['--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream']);
 });
 
 after(async () => {
@@ -52,7 +53,7 @@ after(async () => {
 
 /** A fresh tab of a person's browser; every CSP refusal and page error fails the test. */
 async function open(viewport) {
-  const context = await browser.newContext({ viewport });
+  const context = await browser.newContext({ viewport, permissions: ['camera', 'microphone'] });
   await context.grantPermissions(['clipboard-read', 'clipboard-write'], { origin: server.url });
   const page = await context.newPage();
   page.setDefaultTimeout(STEP_TIMEOUT);
@@ -191,7 +192,7 @@ test('a therapist signs in, schedules a group session with a passcode and is kep
   await context.close();
 });
 
-test('on a phone the calendar is an agenda, and a user who is not a verified therapist is told so', async () => {
+test('on a phone the calendar is an agenda, and someone with no sessions who is not a verified therapist is told so', async () => {
   const phone = await open(PHONE);
   await signIn(phone.page, therapist, 'theo');
   await phone.page.getByTestId('page-calendar').waitFor();
@@ -208,9 +209,11 @@ test('on a phone the calendar is an agenda, and a user who is not a verified the
 
   const other = await open(PHONE);
   await signIn(other.page, stranger, 'sam');
-  await other.page.getByTestId('page-unverified').waitFor();
-  await accessible(other.page, 'not a therapist');
-  await screenshot(other.page, 'unverified-phone');
+  await other.page.getByTestId('page-sessions').waitFor();
+  await other.page.getByTestId('no-upcoming').waitFor();
+  assert.ok(await other.page.getByTestId('therapist-hint').isVisible());
+  await accessible(other.page, 'no sessions, not a therapist');
+  await screenshot(other.page, 'no-sessions-phone');
   assert.deepEqual(other.problems, []);
   await other.context.close();
 });
@@ -269,4 +272,49 @@ test('a clinic admin verifies a therapist, who can then schedule, and checks the
   assert.ok(width <= PHONE.width, `the page is ${width} px wide on a ${PHONE.width} px screen`);
   assert.deepEqual(adminPhone.problems, []);
   await adminPhone.context.close();
+});
+
+test('a client sees a countdown, can join only inside the join window, and is asked for the passcode', async () => {
+  const now = Date.now();
+  const session = (title, startsAt, extra = {}) => server.api('POST', '/_limbic/client/v1/sessions', {
+    token: therapist.token,
+    body: {
+      kind: 'individual', title, starts_at: startsAt, ends_at: startsAt + 30 * 60_000, timezone: 'UTC',
+      participants: [{ user_id: client.userId, role: 'client' }], join_window_minutes: 15, ...extra,
+    },
+  });
+  const later = await session('Check-in later', now + 2 * 3_600_000);
+  const soon = await session('Check-in now', now + 5 * 60_000, { passcode: '246810' });
+
+  const { context, page, problems } = await open(PHONE);
+  await signIn(page, client, 'casey');
+  await page.getByTestId('page-sessions').waitFor();
+  const item = (roomId) => page.locator(`li[data-room="${roomId}"]`);
+  await item(later.room_id).waitFor();
+  // Before the window: the button is disabled and the countdown says when it opens.
+  assert.equal(await item(later.room_id).getByTestId('join-session').isDisabled(), true);
+  assert.match(await item(later.room_id).getByTestId('countdown').textContent(), /^You can join in 1 h (4\d|5\d) min\.$/);
+  // Inside the window: enabled.
+  assert.equal(await item(soon.room_id).getByTestId('join-session').isEnabled(), true);
+  assert.equal(await item(soon.room_id).getByTestId('countdown').textContent(), 'The join window is open: you can join now.');
+  await accessible(page, "a client's sessions");
+  await screenshot(page, 'client-sessions-phone');
+
+  // Join: the join page takes over with the console's sign-in; the session asks for its passcode.
+  await item(soon.room_id).getByTestId('join-session').click();
+  await page.waitForURL(`${server.url}/join`);
+  await page.getByTestId('page-passcode').waitFor();
+  await accessible(page, 'passcode prompt');
+  await screenshot(page, 'passcode-phone');
+  await page.getByTestId('passcode-input').fill('000000');
+  await page.getByTestId('passcode-submit').click();
+  await page.getByTestId('passcode-wrong').waitFor();
+  await page.getByTestId('passcode-input').fill('246810');
+  await page.getByTestId('passcode-submit').click();
+  await page.getByTestId('waiting-status').filter({ hasText: 'to let you in' }).waitFor();
+  // The therapist sees the client waiting.
+  const { waiting } = await server.api('GET', `/_limbic/client/v1/sessions/${encodeURIComponent(soon.room_id)}/waiting`, { token: therapist.token });
+  assert.deepEqual(waiting.map((w) => w.user_id), [client.userId]);
+  assert.deepEqual(problems, []);
+  await context.close();
 });

@@ -1,4 +1,5 @@
-// Limbic's join page: the target of appointment links. It signs in with the link's token,
+// Limbic's join page: the target of appointment links (and of the clinic console's "Join"). It
+// signs in with the link's token (or goes on with the console's sign-in, web/src/handoff.js),
 // shows the session, lets a client wait in the waiting room until a therapist admits them (a
 // therapist sees the queue and admits), and runs the call with chat beside it.
 //
@@ -8,12 +9,12 @@
 //   admitted (invite) -> join -> call.
 
 import { Call, LocalMedia, mediaProblem } from './call.js';
-import { Matrix, MatrixError, RoomSync, jwtClaims, loginWithLink } from './matrix.js';
+import { JOIN_STORAGE_KEY as STORAGE_KEY } from './handoff.js';
+import { Matrix, MatrixError, RoomSync, jwtClaims, loginWithLink, needsPasscode } from './matrix.js';
 import {
   announce, byId, el, formatDateTime, formatDuration, formatTime, localpart, pageShown, setText, showPage, sleep,
 } from './ui.js';
 
-const STORAGE_KEY = 'limbic.join';
 const KNOCK_REASON = 'Joining from the appointment link';
 const QUEUE_POLL_MS = 2000;
 const CALL_RETRY_MS = 3000;
@@ -369,6 +370,40 @@ async function clientFlow() {
   await enterCall();
 }
 
+/** Asks for the session's passcode (saying the last one was wrong, if so); resolves with it. */
+function askPasscode(wrong) {
+  showPage('passcode');
+  byId('passcode-wrong').hidden = !wrong;
+  const input = byId('passcode-input');
+  input.value = '';
+  return new Promise((resolve) => {
+    byId('passcode-form').onsubmit = (event) => {
+      event.preventDefault();
+      const passcode = input.value.trim();
+      if (passcode) resolve(passcode);
+    };
+  });
+}
+
+/**
+ * A knock or join (`attempt(passcode)`) that, while the session refuses it for its passcode,
+ * asks for one and tries again; then shows `page` again. The passcode is kept with the sign-in
+ * for this tab, so that a reload does not ask again.
+ */
+async function withPasscode(page, attempt) {
+  for (;;) {
+    const given = app.stored.passcode ?? null;
+    try {
+      return await attempt(given);
+    } catch (error) {
+      if (!needsPasscode(error)) throw error;
+      app.stored.passcode = await askPasscode(given !== null);
+      saveStored();
+      showPage(page);
+    }
+  }
+}
+
 /**
  * The waiting room: knock, and wait for a therapist to admit (an invite) or decline (a leave
  * by someone else). Resolves true once this user has joined the room.
@@ -386,7 +421,7 @@ async function waitToBeAdmitted() {
       await app.matrix.leave(app.roomId, 'Waiting in the waiting room');
       app.sync.assume('leave', me);
     }
-    await app.matrix.knock(app.roomId, KNOCK_REASON);
+    await withPasscode('waiting', (passcode) => app.matrix.knock(app.roomId, KNOCK_REASON, passcode));
     app.sync.assume('knock', me);
     app.stored.knocked = true;
     saveStored();
@@ -408,7 +443,7 @@ async function waitToBeAdmitted() {
   announce('You\'ve been let in. Joining the call.');
   if (outcome === 'invite') {
     try {
-      await app.matrix.join(app.roomId);
+      await withPasscode('waiting', (passcode) => app.matrix.join(app.roomId, passcode));
     } catch (error) {
       if (isFull(error)) { showFull(error); return false; }
       throw error;

@@ -62,6 +62,17 @@ export async function loginWithLink(token) {
   };
 }
 
+const PASSCODE_FIELD = 'org.limbic.passcode';
+
+function withPasscode(body, passcode) {
+  return passcode ? { ...body, [PASSCODE_FIELD]: passcode } : body;
+}
+
+/** A refusal because the session needs its passcode, or another one than was given. */
+export function needsPasscode(error) {
+  return error instanceof MatrixError && error.status === 403 && /passcode/i.test(error.message);
+}
+
 /** A signed-in user's requests. */
 export class Matrix {
   constructor({ userId, accessToken, deviceId }) {
@@ -81,8 +92,9 @@ export class Matrix {
   decline(roomId, userId) { return this.request('POST', `${SESSIONS}/${enc(roomId)}/waiting/${enc(userId)}/decline`, {}); }
   setRecording(roomId, recording) { return this.request('PUT', `${SESSIONS}/${enc(roomId)}/recording`, { recording }); }
 
-  join(roomId) { return this.request('POST', `${CLIENT}/join/${enc(roomId)}`, {}); }
-  knock(roomId, reason) { return this.request('POST', `${CLIENT}/knock/${enc(roomId)}`, { reason }); }
+  // A passcode-protected session takes its passcode in the knock's or join's body.
+  join(roomId, passcode) { return this.request('POST', `${CLIENT}/join/${enc(roomId)}`, withPasscode({}, passcode)); }
+  knock(roomId, reason, passcode) { return this.request('POST', `${CLIENT}/knock/${enc(roomId)}`, withPasscode({ reason }, passcode)); }
   leave(roomId, reason) { return this.request('POST', `${CLIENT}/rooms/${enc(roomId)}/leave`, { reason }); }
 
   async displayName(userId) {

@@ -1,6 +1,7 @@
 // The clinic console: sign in with an account of this server, then the view that fits who signed
 // in. A verified therapist gets their calendar and schedules sessions from it; a clinic admin
-// gets the administration page (both, with a switch, for someone who is both).
+// gets the administration page (both, with a switch, for someone who is both); anyone else sees
+// their sessions as a client, with a countdown and "Join".
 
 import { Calendar } from '@fullcalendar/core';
 import dayGridPlugin from '@fullcalendar/daygrid';
@@ -11,6 +12,7 @@ import timeGridPlugin from '@fullcalendar/timegrid';
 import { byId, el } from '../ui.js';
 import { ApiError, currentSession, me, sessionsBetween, signIn, signOut, whenSignedOut } from './api.js';
 import { showAdmin } from './admin.js';
+import { leaveClientSessions, showClientSessions } from './client.js';
 import { openSchedule, setUpScheduling } from './schedule.js';
 import { formatInstant, formatTime, localTimeZone } from './time.js';
 
@@ -96,7 +98,8 @@ async function enter() {
   byId('views').hidden = !(views.calendar && views.admin);
   if (views.calendar) return showView('calendar');
   if (views.admin) return showView('admin');
-  showPage('unverified');
+  showPage('sessions');
+  return showClientSessions();
 }
 
 /** One of the signed-in person's views; the top bar marks it as the current one. */
@@ -214,6 +217,7 @@ function start() {
     } finally {
       calendar?.destroy();
       calendar = null;
+      leaveClientSessions();
       byId('views').hidden = true;
       showSignIn();
       announce('You are signed out.');
