@@ -28,6 +28,8 @@ let client;
 let stranger;
 let admin;
 let nina; // a therapist the admin verifies in the test
+let openSession; // the room of the session the client waits in (the client test makes it)
+let laterSession; // the room of a session later today
 
 before(async () => {
   await server.start();
@@ -167,13 +169,16 @@ test('a therapist signs in, schedules a group session with a passcode and is kep
   });
   assert.equal(knock.status, 403, 'a knock without the passcode is refused');
 
-  // On the calendar, coloured as a group session; a click shows its details.
+  // On the calendar, coloured as a group session; a click opens its page, at its own address.
   const event = await calendarEvent(page, 'Tuesday group');
   assert.match(await event.getAttribute('class'), /kind-group/);
-  await event.click();
-  await page.getByTestId('session-details').waitFor();
-  assert.equal(await page.getByTestId('details-status').textContent(), 'Scheduled');
   await screenshot(page, 'calendar-with-session-desktop');
+  await event.click();
+  await page.getByTestId('page-session').waitFor();
+  assert.equal(await page.getByTestId('session-status').textContent(), 'Scheduled');
+  assert.equal(new URL(page.url()).pathname, `/clinic/sessions/${encodeURIComponent(view.room_id)}`);
+  await page.getByTestId('session-back').click();
+  await page.getByTestId('page-calendar').waitFor();
 
   // A second session at the same time: refused, and said at the start time.
   await page.getByTestId('new-session').click();
@@ -285,6 +290,8 @@ test('a client sees a countdown, can join only inside the join window, and is as
   });
   const later = await session('Check-in later', now + 2 * 3_600_000);
   const soon = await session('Check-in now', now + 5 * 60_000, { passcode: '246810' });
+  openSession = soon.room_id;
+  laterSession = later.room_id;
 
   const { context, page, problems } = await open(PHONE);
   await signIn(page, client, 'casey');
@@ -315,6 +322,72 @@ test('a client sees a countdown, can join only inside the join window, and is as
   // The therapist sees the client waiting.
   const { waiting } = await server.api('GET', `/_limbic/client/v1/sessions/${encodeURIComponent(soon.room_id)}/waiting`, { token: therapist.token });
   assert.deepEqual(waiting.map((w) => w.user_id), [client.userId]);
+  assert.deepEqual(problems, []);
+  await context.close();
+});
+
+test("a therapist runs a session from its page: admits from the waiting room, writes notes, exports the transcript, completes it", async () => {
+  const { context, page, problems } = await open(DESKTOP);
+  page.on('dialog', (dialog) => dialog.accept());
+  await page.goto(`${server.url}/clinic/sessions/${encodeURIComponent(openSession)}`);
+  await signIn(page, therapist, 'theo');
+  await page.getByTestId('page-session').waitFor();
+  assert.equal(await page.getByTestId('session-title').textContent(), 'Check-in now');
+
+  // The client who entered the passcode waits; the therapist admits them.
+  const waiting = page.getByTestId('waiting-list').locator(`li[data-user="${client.userId}"]`);
+  await waiting.waitFor();
+  await accessible(page, 'session page');
+  await screenshot(page, 'session-desktop');
+  await waiting.getByTestId('admit').click();
+  await page.getByTestId('waiting-empty').waitFor();
+  const { chunk } = await server.api('GET', `/_matrix/client/v3/rooms/${encodeURIComponent(openSession)}/members?membership=invite`, { token: therapist.token });
+  assert.deepEqual(chunk.map((event) => event.state_key), [client.userId]);
+
+  // Notes: written, saved as typed, edited; the history keeps both versions with their author.
+  await page.getByTestId('note-new').click();
+  await page.getByTestId('note-body').fill('Client arrived on time.');
+  await page.getByTestId('note-status').filter({ hasText: /^Saved at/ }).waitFor();
+  await page.getByTestId('note-body').fill('Client arrived on time. Discussed sleep.');
+  await page.getByTestId('note-history').locator('li').nth(1).waitFor();
+  assert.match(await page.getByTestId('note-history').locator('li').first().textContent(), /by @theo:localhost/);
+  const { notes } = await server.api('GET', `/_limbic/client/v1/sessions/${encodeURIComponent(openSession)}/notes`, { token: therapist.token });
+  assert.equal(notes.length, 1);
+  assert.deepEqual(notes[0].versions.map((v) => v.content.body), ['Client arrived on time. Discussed sleep.', 'Client arrived on time.']);
+  const refused = await fetch(`${server.url}/_limbic/client/v1/sessions/${encodeURIComponent(openSession)}/notes`, { headers: { Authorization: `Bearer ${client.token}` } });
+  assert.equal(refused.status, 403, 'a client never reads the notes');
+
+  // The workflow: open, started, completed (a final step asks first).
+  await page.getByRole('button', { name: 'Open the session' }).click();
+  await page.getByTestId('session-status').filter({ hasText: 'Open' }).waitFor();
+  await page.getByRole('button', { name: 'Mark as started' }).click();
+  await page.getByTestId('session-status').filter({ hasText: 'In progress' }).waitFor();
+
+  // The transcript, as Markdown: the session's title and its participants with their roles.
+  const [download] = await Promise.all([page.waitForEvent('download'), page.getByTestId('transcript-markdown').click()]);
+  assert.match(download.suggestedFilename(), /^Check-in-now-transcript\.md$/);
+  const transcript = readFileSync(await download.path(), 'utf8');
+  assert.match(transcript, /Check-in now/);
+  assert.match(transcript, /@casey:localhost/);
+
+  await page.getByRole('button', { name: 'Complete the session' }).click();
+  await page.getByTestId('session-status').filter({ hasText: 'Completed' }).waitFor();
+  assert.equal(await page.getByTestId('session-actions').getByRole('button').count(), 0, 'nothing follows completed');
+  await screenshot(page, 'session-completed-desktop');
+
+  // Rescheduling the later session onto another one of the therapist's: said at the start time.
+  await page.goto(`${server.url}/clinic/sessions/${encodeURIComponent(laterSession)}`);
+  await page.getByTestId('page-session').waitFor();
+  await page.locator('#session-edit-panel summary').click();
+  const tuesday = new Date(`${tomorrow()}T10:30`);
+  await page.getByTestId('edit-date').fill(tomorrow());
+  await page.getByTestId('edit-time').fill('10:30');
+  await page.locator('#edit-timezone').selectOption(await page.evaluate(() => Intl.DateTimeFormat().resolvedOptions().timeZone));
+  await page.getByTestId('edit-save').click();
+  await page.getByTestId('edit-time-error').filter({ hasText: 'You already have "Tuesday group" at that time' }).waitFor();
+  assert.ok(tuesday.valueOf() > Date.now());
+  await accessible(page, 'a refused reschedule');
+  await screenshot(page, 'reschedule-refused-desktop');
   assert.deepEqual(problems, []);
   await context.close();
 });

@@ -33,10 +33,10 @@ export function whenSignedOut(handler) {
 }
 
 /**
- * `method path` with the session's token and a JSON body; the answer's JSON. `query` is an
- * object of parameters. Refusals throw ApiError; a network failure throws ApiError with status 0.
+ * `method path` with the session's token and a JSON body; the answer. `query` is an object of
+ * parameters. Refusals throw ApiError; a network failure throws ApiError with status 0.
  */
-export async function request(method, path, { body, query, token = currentSession()?.access_token } = {}) {
+async function send(method, path, { body, query, token = currentSession()?.access_token } = {}) {
   const url = new URL(path, location.origin);
   for (const [name, value] of Object.entries(query ?? {})) url.searchParams.set(name, String(value));
   const headers = {};
@@ -48,21 +48,29 @@ export async function request(method, path, { body, query, token = currentSessio
   } catch {
     throw new ApiError(0, null, 'The server cannot be reached. Check your connection and try again.');
   }
-  const text = await response.text();
+  if (response.ok) return response;
   let answer = {};
   try {
-    answer = text ? JSON.parse(text) : {};
+    answer = JSON.parse(await response.text());
   } catch {
     answer = {};
   }
-  if (!response.ok) {
-    if (response.status === 401 && token && answer.errcode === 'M_UNKNOWN_TOKEN') {
-      forget();
-      onSignedOut();
-    }
-    throw new ApiError(response.status, answer.errcode, answer.error);
+  if (response.status === 401 && token && answer.errcode === 'M_UNKNOWN_TOKEN') {
+    forget();
+    onSignedOut();
   }
-  return answer;
+  throw new ApiError(response.status, answer.errcode, answer.error);
+}
+
+/** A request whose answer is JSON (an empty answer reads as `{}`). */
+export async function request(method, path, options) {
+  const text = await (await send(method, path, options)).text();
+  return text ? JSON.parse(text) : {};
+}
+
+/** A request whose answer is text (a transcript). */
+export async function requestText(method, path, options) {
+  return (await send(method, path, options)).text();
 }
 
 /** Password sign-in with a user name or a full user id. */
@@ -105,3 +113,6 @@ export async function searchUsers(term) {
   const answer = await request('POST', '/_matrix/client/v3/user_directory/search', { body: { search_term: term, limit: 10 } });
   return answer.results;
 }
+
+const sessionPath = (roomId) => `/_limbic/client/v1/sessions/${encodeURIComponent(roomId)}`;
+export { sessionPath };

@@ -14,7 +14,8 @@ import { ApiError, currentSession, me, sessionsBetween, signIn, signOut, whenSig
 import { showAdmin } from './admin.js';
 import { leaveClientSessions, showClientSessions } from './client.js';
 import { openSchedule, setUpScheduling } from './schedule.js';
-import { formatInstant, formatTime, localTimeZone } from './time.js';
+import { leaveSession, showSession } from './session.js';
+import { formatInstant, localTimeZone } from './time.js';
 
 const GROUP_KINDS = new Set(['group', 'workshop', 'support', 'family']);
 const STATUS_NAMES = {
@@ -81,8 +82,10 @@ async function onSignIn(event) {
 
 // --- who signed in -------------------------------------------------------------------------
 
+/** Who is signed in, to the clinic (`GET /me`). */
+let standing = null;
+
 async function enter() {
-  let standing;
   try {
     standing = await me();
   } catch (failure) {
@@ -96,6 +99,8 @@ async function enter() {
   const views = { calendar: standing.verified_therapist, admin: standing.admin };
   for (const button of document.querySelectorAll('[data-view]')) button.hidden = !views[button.dataset.view];
   byId('views').hidden = !(views.calendar && views.admin);
+  const linked = sessionInPath();
+  if (views.calendar && linked) return openSession(linked, { push: false });
   if (views.calendar) return showView('calendar');
   if (views.admin) return showView('admin');
   showPage('sessions');
@@ -129,20 +134,33 @@ function eventOf(view) {
   };
 }
 
-function showDetails(view) {
-  const { session } = view;
-  byId('session-details-heading').textContent = session.title;
-  const clients = Object.entries(view.roles).filter(([, role]) => role !== 'therapist').map(([user, role]) => `${user} (${role.replace('_', '-')})`);
-  byId('session-details-list').replaceChildren(
-    el('dt', { text: 'When' }), el('dd', { text: `${formatInstant(session.starts_at)} – ${formatTime(session.ends_at)}` }),
-    el('dt', { text: 'Scheduled in' }), el('dd', { text: session.timezone }),
-    el('dt', { text: 'Kind' }), el('dd', { text: session.kind }),
-    el('dt', { text: 'Status' }), el('dd', { text: STATUS_NAMES[session.status] ?? session.status, 'data-testid': 'details-status' }),
-    el('dt', { text: 'Participants' }), el('dd', { text: clients.length ? clients.join(', ') : 'No one yet' }),
-  );
-  const panel = byId('session-details');
-  panel.hidden = false;
-  byId('session-details-heading').focus();
+const SESSION_PATH = /^\/clinic\/sessions\/([^/]+)$/;
+
+/** The session a path names (`/clinic/sessions/<room id>`), if any. */
+function sessionInPath(path = location.pathname) {
+  const match = SESSION_PATH.exec(path);
+  return match ? decodeURIComponent(match[1]) : null;
+}
+
+/** A therapist's session page, at its own address (a link, the browser's back button). */
+async function openSession(roomId, { push = true } = {}) {
+  if (push) history.pushState(null, '', `/clinic/sessions/${encodeURIComponent(roomId)}`);
+  showPage('session');
+  try {
+    await showSession(roomId, backToCalendar);
+  } catch (failure) {
+    byId('session-title').textContent = 'This session cannot be shown';
+    const notice = byId('session-message');
+    notice.textContent = failure.status === 404 ? 'It does not exist, or you are not one of its therapists.' : failure.message;
+    notice.className = 'notice notice-error';
+    notice.hidden = false;
+  }
+}
+
+function backToCalendar({ push = true } = {}) {
+  leaveSession();
+  if (push) history.pushState(null, '', '/clinic');
+  showView('calendar');
 }
 
 function showCalendar() {
@@ -198,7 +216,7 @@ function showCalendar() {
       start.setHours(9, 0, 0, 0);
       openSchedule({ start });
     },
-    eventClick: (click) => showDetails(click.event.extendedProps.view),
+    eventClick: (click) => openSession(click.event.id),
     eventDidMount: (info) => {
       const { session } = info.event.extendedProps.view;
       info.el.setAttribute('aria-label', `${session.title}, ${STATUS_NAMES[session.status] ?? session.status}, ${formatInstant(session.starts_at)}`);
@@ -218,16 +236,20 @@ function start() {
       calendar?.destroy();
       calendar = null;
       leaveClientSessions();
+      leaveSession();
       byId('views').hidden = true;
+      standing = null;
       showSignIn();
       announce('You are signed out.');
     }
   });
   for (const button of document.querySelectorAll('[data-view]')) button.addEventListener('click', () => showView(button.dataset.view));
   byId('new-session').addEventListener('click', () => openSchedule());
-  byId('session-details-close').addEventListener('click', () => {
-    byId('session-details').hidden = true;
-    byId('new-session').focus();
+  window.addEventListener('popstate', () => {
+    if (!standing?.verified_therapist) return;
+    const roomId = sessionInPath();
+    if (roomId) openSession(roomId, { push: false });
+    else backToCalendar({ push: false });
   });
   setUpScheduling((created) => {
     calendar?.refetchEvents();

@@ -2,7 +2,8 @@
 // optional six-digit passcode shown once, and the clinic's refusals at the field they concern.
 
 import { byId, el } from '../ui.js';
-import { ApiError, createSession, currentSession, searchUsers } from './api.js';
+import { ApiError, createSession, searchUsers } from './api.js';
+import { describeRefusal } from './refusals.js';
 import { formatInstant, localDateAndTime, timeZones, zonedToInstant } from './time.js';
 
 const DURATIONS = [30, 45, 50, 60, 75, 90, 120, 150, 180];
@@ -31,27 +32,6 @@ function fieldError(id, message) {
 function clearErrors() {
   for (const id of ['schedule-title', 'schedule-clients', 'schedule-time', 'schedule-limit']) fieldError(id, null);
   byId('schedule-error').hidden = true;
-}
-
-/**
- * Where a refusal belongs, and what to tell the therapist there: the clinic's rules name what is
- * wrong in their message; the status says which rule it is.
- */
-function placeRefusal(error) {
-  const message = error.message;
-  if (error.status === 409) {
-    const [, who, other] = /^(\S+) is already booked for "(.*)" at that time/.exec(message) ?? [];
-    if (!other) return ['schedule-time', `That time is taken: ${message}.`];
-    const whose = who === currentSession()?.user_id ? 'You already have' : `${who} already has`;
-    return ['schedule-time', `${whose} "${other}" at that time. Choose another time.`];
-  }
-  if (/title/i.test(message)) return ['schedule-title', 'Give the session a title.'];
-  if (/end after it starts/i.test(message)) return ['schedule-time', 'The session must end after it starts.'];
-  if (/participants/i.test(message)) return ['schedule-limit', `Too many participants: ${message}.`];
-  if (error.status === 404 && /unknown user/i.test(message)) return ['schedule-clients', `${message}: pick clients from the list.`];
-  if (error.status === 403) return [null, `You may not schedule sessions: ${message}. Ask your clinic's administrator to verify your account.`];
-  if (error.status === 0) return [null, message];
-  return [null, `The session could not be scheduled: ${message}.`];
 }
 
 function renderChosen() {
@@ -174,9 +154,9 @@ async function submit(event) {
     onScheduled(created);
   } catch (error) {
     if (!(error instanceof ApiError)) throw error;
-    const [field, message] = placeRefusal(error);
+    const { field, message } = describeRefusal(error);
     if (field) {
-      fieldError(field, message)?.focus();
+      fieldError(`schedule-${field}`, message)?.focus();
     } else {
       const notice = byId('schedule-error');
       notice.textContent = message;

@@ -1,0 +1,358 @@
+// A session as its therapist runs it: the status workflow, rescheduling and editing, the call,
+// the waiting room (admit, decline), participants and their roles, notes with their history
+// (saved as the therapist types), and the transcript.
+
+import { byId, el } from '../ui.js';
+import { openInJoinPage } from '../handoff.js';
+import { ApiError, currentSession, request, requestText, searchUsers, sessionPath } from './api.js';
+import { describeRefusal } from './refusals.js';
+import { formatInstant, formatStamp, formatTime, timeZones, zonedToInstant } from './time.js';
+
+const WAITING_POLL_MS = 3000;
+const AUTOSAVE_MS = 1200;
+const STATUS_NAMES = {
+  scheduled: 'Scheduled', open: 'Open', in_progress: 'In progress', completed: 'Completed', cancelled: 'Cancelled', no_show: 'No-show',
+};
+const ROLE_NAMES = { therapist: 'Therapist', co_therapist: 'Co-therapist', client: 'Client', observer: 'Observer' };
+/** The moves the workflow allows from each status, as buttons: [status, label, needs confirming]. */
+const MOVES = {
+  scheduled: [['open', 'Open the session', false], ['cancelled', 'Cancel the session', true], ['no_show', 'Mark as no-show', true]],
+  open: [['in_progress', 'Mark as started', false], ['cancelled', 'Cancel the session', true], ['no_show', 'Mark as no-show', true]],
+  in_progress: [['completed', 'Complete the session', true]],
+};
+const LIVE = new Set(['scheduled', 'open', 'in_progress']);
+
+let roomId = null;
+let view = null;
+let waitingTimer = null;
+let onLeave = () => {};
+
+function message(text, { error = false } = {}) {
+  const notice = byId('session-message');
+  notice.textContent = text ?? '';
+  notice.className = error ? 'notice notice-error' : 'notice notice-ok';
+  notice.hidden = !text;
+}
+
+// --- summary and status --------------------------------------------------------------------
+
+function renderSummary() {
+  const { session } = view;
+  byId('session-title').textContent = session.title;
+  document.title = `${session.title} · Limbic`;
+  byId('session-summary').replaceChildren(
+    el('dt', { text: 'When' }), el('dd', { text: `${formatInstant(session.starts_at)} – ${formatTime(session.ends_at)}` }),
+    el('dt', { text: 'Scheduled in' }), el('dd', { text: session.timezone }),
+    el('dt', { text: 'Kind' }), el('dd', { text: session.kind }),
+    el('dt', { text: 'Status' }), el('dd', { text: STATUS_NAMES[session.status] ?? session.status, 'data-testid': 'session-status' }),
+    el('dt', { text: 'Participant limit' }), el('dd', { text: String(session.max_participants) }),
+    el('dt', { text: 'Join window' }), el('dd', { text: `${session.join_window_minutes} minutes before the start` }),
+    el('dt', { text: 'Recording' }), el('dd', { text: session.recording_policy === 'with_consent' ? "With everyone's consent" : 'Never' }),
+  );
+  const actions = [];
+  if (LIVE.has(session.status)) {
+    actions.push(el('button', {
+      type: 'button', class: 'button', text: 'Join the call', 'data-testid': 'session-join',
+      onclick: () => openInJoinPage(currentSession(), roomId),
+    }));
+  }
+  for (const [status, label, confirmFirst] of MOVES[session.status] ?? []) {
+    actions.push(el('button', {
+      type: 'button', class: 'button button-secondary', text: label, 'data-status': status,
+      onclick: () => moveTo(status, label, confirmFirst),
+    }));
+  }
+  byId('session-actions').replaceChildren(...actions);
+  byId('session-edit-panel').hidden = !LIVE.has(session.status);
+}
+
+async function moveTo(status, label, confirmFirst) {
+  if (confirmFirst && !window.confirm(`${label}? This cannot be undone.`)) return;
+  try {
+    const answer = await request('PUT', `${sessionPath(roomId)}/status`, { body: { status } });
+    view.session = answer.session;
+    renderSummary();
+    fillEditForm();
+    message(`The session is now ${STATUS_NAMES[answer.session.status].toLowerCase()}.`);
+  } catch (error) {
+    message(`The status could not be changed: ${error.message}.`, { error: true });
+  }
+}
+
+// --- rescheduling and editing --------------------------------------------------------------
+
+function fieldError(id, text) {
+  const node = byId(`${id}-error`);
+  node.textContent = text ?? '';
+  node.hidden = !text;
+  const input = document.querySelector(`[aria-describedby~="${id}-error"]`);
+  input?.setAttribute('aria-invalid', text ? 'true' : 'false');
+  return input;
+}
+
+/** The date and time of `ms` on the clocks of `zone`, for the form. */
+function inZone(ms, zone) {
+  const parts = Object.fromEntries(new Intl.DateTimeFormat('en-CA', {
+    timeZone: zone, hourCycle: 'h23', year: 'numeric', month: '2-digit', day: '2-digit', hour: '2-digit', minute: '2-digit',
+  }).formatToParts(new Date(ms)).map((part) => [part.type, part.value]));
+  return { date: `${parts.year}-${parts.month}-${parts.day}`, time: `${parts.hour}:${parts.minute}` };
+}
+
+function fillEditForm() {
+  const { session } = view;
+  const zones = timeZones();
+  byId('edit-timezone').replaceChildren(...(zones.includes(session.timezone) ? zones : [session.timezone, ...zones])
+    .map((zone) => el('option', { value: zone, text: zone.replaceAll('_', ' ') })));
+  const { date, time } = inZone(session.starts_at, session.timezone);
+  byId('edit-title').value = session.title;
+  byId('edit-date').value = date;
+  byId('edit-time').value = time;
+  byId('edit-duration').value = String(Math.round((session.ends_at - session.starts_at) / 60_000));
+  byId('edit-timezone').value = session.timezone;
+  byId('edit-limit').value = String(session.max_participants);
+  byId('edit-window').value = String(session.join_window_minutes);
+  byId('edit-recording').value = session.recording_policy;
+  for (const id of ['edit-title', 'edit-time', 'edit-limit']) fieldError(id, null);
+  byId('edit-error').hidden = true;
+}
+
+async function saveEdit(event) {
+  event.preventDefault();
+  for (const id of ['edit-title', 'edit-time', 'edit-limit']) fieldError(id, null);
+  byId('edit-error').hidden = true;
+  const zone = byId('edit-timezone').value;
+  const startsAt = zonedToInstant(byId('edit-date').value, byId('edit-time').value, zone);
+  const changes = {
+    title: byId('edit-title').value.trim(),
+    starts_at: startsAt,
+    ends_at: startsAt + Number(byId('edit-duration').value) * 60_000,
+    timezone: zone,
+    max_participants: Number(byId('edit-limit').value),
+    join_window_minutes: Number(byId('edit-window').value),
+    recording_policy: byId('edit-recording').value,
+  };
+  try {
+    const answer = await request('PATCH', sessionPath(roomId), { body: changes });
+    view.session = answer.session;
+    renderSummary();
+    fillEditForm();
+    message('The changes are saved.');
+    byId('session-title').focus();
+  } catch (error) {
+    if (!(error instanceof ApiError)) throw error;
+    const { field, message: text } = describeRefusal(error, 'change the session');
+    if (field && field !== 'clients') {
+      fieldError(`edit-${field}`, text)?.focus();
+    } else {
+      byId('edit-error').textContent = text;
+      byId('edit-error').hidden = false;
+    }
+  }
+}
+
+// --- the waiting room ----------------------------------------------------------------------
+
+async function answerKnock(userId, answer) {
+  const error = byId('waiting-error');
+  error.hidden = true;
+  try {
+    await request('POST', `${sessionPath(roomId)}/waiting/${encodeURIComponent(userId)}/${answer}`, { body: {} });
+    message(answer === 'admit' ? `${userId} is let in.` : `${userId} was not let in.`);
+  } catch (failure) {
+    error.textContent = /full/i.test(failure.message)
+      ? `${userId} cannot be let in: ${failure.message}. Raise the participant limit, or ask someone to leave.`
+      : `${userId} could not be ${answer === 'admit' ? 'let in' : 'declined'}: ${failure.message}.`;
+    error.hidden = false;
+  }
+  await loadWaiting();
+}
+
+async function loadWaiting() {
+  try {
+    const { waiting } = await request('GET', `${sessionPath(roomId)}/waiting`);
+    byId('waiting-empty').hidden = waiting.length > 0;
+    byId('waiting-list').replaceChildren(...waiting.map((entry) => el('li', { class: 'queue-entry', 'data-user': entry.user_id },
+      el('span', { class: 'queue-name', text: entry.displayname ? `${entry.displayname} (${entry.user_id})` : entry.user_id }),
+      el('span', { class: 'hint', text: `Waiting since ${formatTime(entry.since)}` }),
+      el('span', { class: 'button-row' },
+        el('button', { type: 'button', class: 'button button-small', text: 'Admit', 'data-testid': 'admit', onclick: () => answerKnock(entry.user_id, 'admit') }),
+        el('button', { type: 'button', class: 'button button-small button-secondary', text: 'Decline', 'data-testid': 'decline', onclick: () => answerKnock(entry.user_id, 'decline') })),
+    )));
+  } catch (error) {
+    byId('waiting-error').textContent = `The waiting room could not be loaded: ${error.message}.`;
+    byId('waiting-error').hidden = false;
+  }
+}
+
+// --- participants --------------------------------------------------------------------------
+
+function renderPeople() {
+  const me = currentSession()?.user_id;
+  byId('people-list').replaceChildren(...Object.entries(view.roles).map(([userId, role]) => el('li', { 'data-user': userId },
+    el('span', { class: 'mono', text: userId }), ` · ${ROLE_NAMES[role] ?? role} `,
+    role === 'therapist' || userId === me ? null : el('button', {
+      type: 'button', class: 'button-link', text: 'Remove', 'aria-label': `Remove ${userId} from the session`,
+      onclick: () => changePerson(userId, null),
+    }),
+  )));
+}
+
+async function changePerson(userId, role) {
+  byId('people-error').hidden = true;
+  try {
+    const path = `${sessionPath(roomId)}/participants/${encodeURIComponent(userId)}`;
+    if (role) await request('PUT', path, { body: { role } });
+    else await request('DELETE', path);
+    view = await request('GET', sessionPath(roomId));
+    renderPeople();
+    message(role ? `${userId} is now a ${ROLE_NAMES[role].toLowerCase()} of the session.` : `${userId} is no longer in the session.`);
+  } catch (error) {
+    byId('people-error').textContent = `${userId} could not be ${role ? 'added' : 'removed'}: ${error.message}.`;
+    byId('people-error').hidden = false;
+  }
+}
+
+let peopleTimer = null;
+function searchPeople(term) {
+  clearTimeout(peopleTimer);
+  peopleTimer = setTimeout(async () => {
+    const results = byId('people-results');
+    if (term.trim().length < 2) return results.replaceChildren();
+    try {
+      const users = (await searchUsers(term.trim())).filter((user) => !view.roles[user.user_id]);
+      results.replaceChildren(...users.map((user) => el('li', {}, el('button', {
+        type: 'button', class: 'choice', text: user.display_name ? `${user.display_name} (${user.user_id})` : user.user_id,
+        onclick: () => {
+          results.replaceChildren();
+          byId('people-search').value = '';
+          changePerson(user.user_id, byId('people-role').value);
+        },
+      }))));
+    } catch (error) {
+      results.replaceChildren(el('li', { class: 'field-error', text: error.message }));
+    }
+  }, 250);
+}
+
+// --- notes ---------------------------------------------------------------------------------
+
+let notes = [];
+let currentNote = null;
+let saveTimer = null;
+
+async function loadNotes(select = currentNote) {
+  try {
+    ({ notes } = await request('GET', `${sessionPath(roomId)}/notes`));
+  } catch (error) {
+    byId('notes-list').replaceChildren(el('li', { class: 'field-error', text: `The notes could not be loaded: ${error.message}.` }));
+    return;
+  }
+  byId('notes-list').replaceChildren(...notes.map((note, index) => el('li', {}, el('button', {
+    type: 'button', class: 'choice', 'aria-current': note.note_id === currentNote ? 'true' : undefined,
+    text: (note.versions[0]?.content?.body ?? '').split('\n')[0].slice(0, 60) || `Note ${index + 1}`,
+    onclick: () => openNote(note.note_id),
+  }))));
+  if (select) openNote(select, { keepText: true });
+}
+
+function openNote(noteId, { keepText = false } = {}) {
+  currentNote = noteId;
+  const note = notes.find((n) => n.note_id === noteId);
+  byId('note-editor').hidden = false;
+  if (!keepText) byId('note-body').value = note?.versions[0]?.content?.body ?? '';
+  byId('note-history').replaceChildren(...(note?.versions ?? []).map((version) => el('li', {},
+    el('span', { text: `${formatStamp(Number(version.ts))} by ${version.author}` }),
+    el('details', {}, el('summary', { text: 'Show this version' }), el('pre', { class: 'note-version', text: version.content?.body ?? '' })))));
+  for (const button of byId('notes-list').querySelectorAll('button')) button.removeAttribute('aria-current');
+}
+
+async function saveNote() {
+  if (!currentNote) return;
+  const status = byId('note-status');
+  status.textContent = 'Saving…';
+  try {
+    await request('PUT', `${sessionPath(roomId)}/notes/${encodeURIComponent(currentNote)}`, { body: { body: byId('note-body').value } });
+    status.textContent = `Saved at ${formatTime(Date.now())}.`;
+    await loadNotes(currentNote);
+  } catch (error) {
+    status.textContent = `Not saved: ${error.message}. Your text is still here; it is saved again as you type.`;
+  }
+}
+
+// --- transcript ----------------------------------------------------------------------------
+
+async function downloadTranscript(format) {
+  const status = byId('transcript-status');
+  status.textContent = 'Preparing the transcript…';
+  try {
+    const text = await requestText('GET', `${sessionPath(roomId)}/transcript`, { query: { format } });
+    const type = format === 'markdown' ? 'text/markdown' : 'text/plain';
+    const url = URL.createObjectURL(new Blob([text], { type }));
+    const name = `${view.session.title.replace(/[^\p{L}\p{N}]+/gu, '-').replace(/^-|-$/g, '') || 'session'}-transcript.${format === 'markdown' ? 'md' : 'txt'}`;
+    const link = el('a', { href: url, download: name, hidden: true });
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10_000);
+    status.textContent = `Downloaded ${name}.`;
+  } catch (error) {
+    status.textContent = `The transcript could not be made: ${error.message}.`;
+  }
+}
+
+// --- the page ------------------------------------------------------------------------------
+
+let wired = false;
+
+function wire() {
+  wired = true;
+  byId('session-edit').addEventListener('submit', (event) => { saveEdit(event); });
+  byId('people-search').addEventListener('input', (event) => searchPeople(event.target.value));
+  byId('people-add').addEventListener('submit', (event) => event.preventDefault());
+  byId('note-new').addEventListener('click', () => {
+    currentNote = `note-${Date.now()}`;
+    byId('note-body').value = '';
+    openNote(currentNote, { keepText: true });
+    byId('note-status').textContent = 'A new note: it is saved as you type.';
+    byId('note-body').focus();
+  });
+  byId('note-body').addEventListener('input', () => {
+    clearTimeout(saveTimer);
+    byId('note-status').textContent = 'Unsaved changes…';
+    saveTimer = setTimeout(saveNote, AUTOSAVE_MS);
+  });
+  for (const button of document.querySelectorAll('[data-format]')) button.addEventListener('click', () => downloadTranscript(button.dataset.format));
+  byId('session-back').addEventListener('click', (event) => {
+    event.preventDefault();
+    onLeave();
+  });
+}
+
+/** Shows the session `id` to its therapist; `back()` returns to the calendar. */
+export async function showSession(id, back) {
+  if (!wired) wire();
+  onLeave = back;
+  roomId = id;
+  notes = [];
+  currentNote = null;
+  byId('note-editor').hidden = true;
+  byId('note-body').value = '';
+  message(null);
+  view = await request('GET', sessionPath(roomId));
+  renderSummary();
+  fillEditForm();
+  renderPeople();
+  await Promise.all([loadWaiting(), loadNotes()]);
+  clearInterval(waitingTimer);
+  waitingTimer = setInterval(loadWaiting, WAITING_POLL_MS);
+}
+
+/** Stops the page's polling and saves a note being typed. */
+export function leaveSession() {
+  clearInterval(waitingTimer);
+  if (saveTimer) {
+    clearTimeout(saveTimer);
+    saveTimer = null;
+    saveNote();
+  }
+}
