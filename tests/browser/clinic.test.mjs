@@ -21,7 +21,8 @@ const STEP_TIMEOUT = 30_000;
 const PHONE = { width: 360, height: 740 };
 const DESKTOP = { width: 1280, height: 900 };
 
-const server = new LimbicServer({ logName: 'limbic-clinic.log', overrides: () => ({ LIMBIC_WEB__ASSETS_DIR: WEB_DIST }) });
+// With config.example.toml's plugins: billing makes the invoices, calendar the feed.
+const server = new LimbicServer({ logName: 'limbic-clinic.log', plugins: true, overrides: () => ({ LIMBIC_WEB__ASSETS_DIR: WEB_DIST }) });
 let browser;
 let therapist; // {userId, token, password}
 let client;
@@ -122,6 +123,12 @@ test('a therapist signs in, schedules a group session with a passcode and is kep
   const zone = await page.evaluate(() => Intl.DateTimeFormat().resolvedOptions().timeZone.replaceAll('_', ' '));
   assert.equal(await page.getByTestId('calendar-timezone').textContent(), zone);
   await page.locator('.fc-view-harness').waitFor();
+  // The calendar plugin's feed, to subscribe to from a calendar app.
+  await page.getByTestId('feed').waitFor();
+  await page.locator('#feed summary').click();
+  const feed = await page.getByTestId('feed-url').textContent();
+  assert.match(feed, new RegExp(`^${server.url}/_limbic/plugins/calendar/feed/[0-9a-f]{64}\\.ics$`));
+  assert.equal(await page.getByTestId('feed-subscribe').getAttribute('href'), feed.replace(/^http:/, 'webcal:'));
   await accessible(page, 'calendar');
   await screenshot(page, 'calendar-desktop');
 
@@ -168,6 +175,15 @@ test('a therapist signs in, schedules a group session with a passcode and is kep
     method: 'POST', headers: { Authorization: `Bearer ${stranger.token}`, 'Content-Type': 'application/json' }, body: '{}',
   });
   assert.equal(knock.status, 403, 'a knock without the passcode is refused');
+
+  // The feed has it once the calendar plugin has seen it.
+  const deadline = Date.now() + 15_000;
+  let ics = '';
+  while (!ics.includes('SUMMARY:Tuesday group') && Date.now() < deadline) {
+    ics = await (await fetch(feed)).text();
+    if (!ics.includes('SUMMARY:Tuesday group')) await new Promise((resolve) => setTimeout(resolve, 250));
+  }
+  assert.match(ics, /SUMMARY:Tuesday group/);
 
   // On the calendar, coloured as a group session; a click opens its page, at its own address.
   const event = await calendarEvent(page, 'Tuesday group');
@@ -343,6 +359,8 @@ test("a therapist runs a session from its page: admits from the waiting room, wr
   await page.getByTestId('waiting-empty').waitFor();
   const { chunk } = await server.api('GET', `/_matrix/client/v3/rooms/${encodeURIComponent(openSession)}/members?membership=invite`, { token: therapist.token });
   assert.deepEqual(chunk.map((event) => event.state_key), [client.userId]);
+  // The client comes in (with the passcode), so that the session bills their attendance.
+  await server.api('POST', `/_matrix/client/v3/join/${encodeURIComponent(openSession)}`, { token: client.token, body: { 'org.limbic.passcode': '246810' } });
 
   // Notes: written, saved as typed, edited; the history keeps both versions with their author.
   await page.getByTestId('note-new').click();
@@ -373,6 +391,11 @@ test("a therapist runs a session from its page: admits from the waiting room, wr
   await page.getByRole('button', { name: 'Complete the session' }).click();
   await page.getByTestId('session-status').filter({ hasText: 'Completed' }).waitFor();
   assert.equal(await page.getByTestId('session-actions').getByRole('button').count(), 0, 'nothing follows completed');
+  // The billing plugin's invoice: an individual session at the example's rate, €90.
+  const total = page.getByTestId('invoice-total');
+  await total.waitFor();
+  assert.match(await total.textContent(), /90\.00/);
+  await accessible(page, 'a completed session with its invoice');
   await screenshot(page, 'session-completed-desktop');
 
   // Rescheduling the later session onto another one of the therapist's: said at the start time.
@@ -388,6 +411,20 @@ test("a therapist runs a session from its page: admits from the waiting room, wr
   assert.ok(tuesday.valueOf() > Date.now());
   await accessible(page, 'a refused reschedule');
   await screenshot(page, 'reschedule-refused-desktop');
+  assert.deepEqual(problems, []);
+  await context.close();
+});
+
+test('a client sees their invoice, and only their own line of it', async () => {
+  const { context, page, problems } = await open(PHONE);
+  await signIn(page, client, 'casey');
+  await page.getByTestId('invoices').waitFor();
+  const invoice = page.getByTestId('invoices-list').locator('li', { hasText: 'Check-in now' });
+  await invoice.waitFor();
+  assert.match(await invoice.getByTestId('invoice-total').textContent(), /90\.00/);
+  assert.doesNotMatch(await invoice.textContent(), /@theo:localhost ·/, 'no line but the client\'s own');
+  await accessible(page, "a client's invoices");
+  await screenshot(page, 'client-invoices-phone');
   assert.deepEqual(problems, []);
   await context.close();
 });

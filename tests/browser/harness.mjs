@@ -47,17 +47,18 @@ export function launchChromium(args = []) {
 }
 
 /**
- * A `limbic serve` on a free loopback port with a fresh store: config.example.toml without its
- * plugins (the pages need none, and they need a separate build), the rest as environment
+ * A `limbic serve` on a free loopback port with a fresh store: config.example.toml (its plugins
+ * only with `plugins`: they need their own build, scripts/test makes it), the rest as environment
  * overrides (LIMBIC_SECTION__KEY, see the example's header). `overrides(url)` adds a test's own;
  * the server's log goes to tests/browser/artifacts/`logName`.
  */
 export class LimbicServer {
-  constructor({ logName = 'limbic.log', overrides = () => ({}) } = {}) {
+  constructor({ logName = 'limbic.log', overrides = () => ({}), plugins = false } = {}) {
     this.workdir = mkdtempSync(join(tmpdir(), 'limbic-browser-'));
     this.process = null;
     this.logName = logName;
     this.overrides = overrides;
+    this.plugins = plugins;
   }
 
   async start() {
@@ -67,7 +68,11 @@ export class LimbicServer {
     this.url = `http://127.0.0.1:${this.port}`;
     const example = readFileSync(join(REPO, 'config.example.toml'), 'utf8');
     const configPath = join(this.workdir, 'limbic.toml');
-    writeFileSync(configPath, example.split(/^\[\[plugins\]\]/m)[0]);
+    // The example's plugins' files are relative to the repository; the server runs elsewhere.
+    const config = this.plugins
+      ? example.replace(/^(path|manifest) = "plugins\//gm, (_, key) => `${key} = "${join(REPO, 'plugins')}/`)
+      : example.split(/^\[\[plugins\]\]/m)[0];
+    writeFileSync(configPath, config);
     const overrides = {
       LIMBIC_SERVER_NAME: SERVER_NAME,
       LIMBIC_LISTEN__ADDRESS: '127.0.0.1',

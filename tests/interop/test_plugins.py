@@ -566,12 +566,18 @@ def test_billing_invoices_individual_and_group_sessions(server, admin):
             refused(await clinic.api(doctor, "GET", f"{BILLING}/invoices", query={"format": "xml"}),
                     "GET /invoices?format=xml", 400, "M_INVALID_PARAM")
 
-            # One invoice: its therapists and admins; nobody else.
+            # One invoice: all of it for its therapists and admins; for a client it bills, their
+            # own line and attendance only; nothing for anyone else.
             for room in (ind, grp):
                 path = f"{BILLING}/invoices/{q(room)}"
                 assert ok(await clinic.api(doctor, "GET", path), f"GET {path} as the therapist") == by_room[room]
                 assert ok(await clinic.api(admin, "GET", path), f"GET {path} as an admin") == by_room[room]
-                refused(await clinic.api(ivy if room == ind else ann, "GET", path), f"GET {path} as a client",
+                client, outsider = (ivy, ann) if room == ind else (ann, ivy)
+                theirs = ok(await clinic.api(client, "GET", path), f"GET {path} as its client")
+                assert [l["user_id"] for l in theirs["lines"]] == [client.user_id], theirs
+                assert {a["user_id"] for a in theirs["attendance"]} == {client.user_id}, theirs
+                assert theirs["total_cents"] == theirs["lines"][0]["amount_cents"], theirs
+                refused(await clinic.api(outsider, "GET", path), f"GET {path} as a client it does not bill",
                         403, "M_FORBIDDEN")
                 refused(await clinic.api(other_doctor, "GET", path), f"GET {path} as another therapist",
                         403, "M_FORBIDDEN")
@@ -581,10 +587,12 @@ def test_billing_invoices_individual_and_group_sessions(server, admin):
             refused(await clinic.api(doctor, "GET", f"{BILLING}/invoices/{q('!nothing:' + server.server_name)}"),
                     "the invoice of an unknown room", 404, "M_NOT_FOUND")
 
-            # The lists: others see none of them; admins see them among all.
-            for who, what in ((other_doctor, "another therapist"), (ivy, "a client")):
-                body = ok(await clinic.api(who, "GET", f"{BILLING}/invoices"), f"GET /invoices as {what}")
-                assert body == {"invoices": []}, f"GET /invoices as {what}: {body}"
+            # The lists: another therapist sees none of them, a client the one that bills them;
+            # admins see them among all.
+            body = ok(await clinic.api(other_doctor, "GET", f"{BILLING}/invoices"), "GET /invoices as another therapist")
+            assert body == {"invoices": []}, f"GET /invoices as another therapist: {body}"
+            body = ok(await clinic.api(ivy, "GET", f"{BILLING}/invoices"), "GET /invoices as a client")
+            assert [i["room_id"] for i in body["invoices"]] == [ind], f"GET /invoices as a client: {body}"
             body = ok(await clinic.api(admin, "GET", f"{BILLING}/invoices"), "GET /invoices as an admin")
             assert [i for i in body["invoices"] if i["room_id"] in (ind, grp)] == invoices, body
             refused(await clinic.api(None, "GET", f"{BILLING}/invoices"), "GET /invoices without a token",

@@ -17,10 +17,12 @@
 //!
 //! **HTTP** (an access token is required, else `401 M_MISSING_TOKEN`):
 //! - `GET /invoices` → `{"invoices": [...]}` sorted by `ended_at`: every invoice for server
-//!   admins, those of the sessions where the caller is a therapist or co-therapist for others;
-//!   `GET /invoices?format=csv` → the same as `text/csv` (see [`invoice::csv`]).
-//! - `GET /invoices/<room id>` → the invoice; `404 M_NOT_FOUND` if there is none, `403
-//!   M_FORBIDDEN` if the caller is neither an admin nor one of its therapists.
+//!   admins, those of the sessions where the caller is a therapist or co-therapist, and for a
+//!   client the invoices that bill them, showing their own line and attendance only (see
+//!   [`view_for`]); `GET /invoices?format=csv` → the same as `text/csv` (see [`invoice::csv`]).
+//! - `GET /invoices/<room id>` → the invoice as the caller may see it; `404 M_NOT_FOUND` if there
+//!   is none, `403 M_FORBIDDEN` if the caller is neither an admin, one of its therapists nor a
+//!   client it bills.
 //!
 //! Config: the rate card, see [`Config`].
 
@@ -148,9 +150,23 @@ pub fn bill(host: &impl Host, config: &Config, room_id: &str, record: &Record) -
     Ok(Some(invoice))
 }
 
-/// Whether `caller` may see `invoice`: server admins, and the session's therapists.
-pub fn may_see(caller: &Caller, invoice: &Invoice) -> bool {
-    caller.is_admin || invoice.therapists.contains(&caller.user_id)
+/// What `caller` may see of `invoice`: all of it for server admins and the session's
+/// therapists; for a client billed in it, their own line and attendance only, with their line's
+/// amount as the total (who else was in a group session stays private); nothing for anyone else.
+pub fn view_for(caller: &Caller, invoice: &Invoice) -> Option<Invoice> {
+    if caller.is_admin || invoice.therapists.contains(&caller.user_id) {
+        return Some(invoice.clone());
+    }
+    let lines: Vec<_> = invoice.lines.iter().filter(|line| line.user_id == caller.user_id).cloned().collect();
+    if lines.is_empty() {
+        return None;
+    }
+    Some(Invoice {
+        total_cents: lines.iter().map(|line| line.amount_cents).sum(),
+        attendance: invoice.attendance.iter().filter(|a| a.user_id == caller.user_id).cloned().collect(),
+        lines,
+        ..invoice.clone()
+    })
 }
 
 /// The invoices `caller` may see, sorted by `ended_at` (then room id).
@@ -162,8 +178,7 @@ pub fn visible_invoices(host: &impl Host, caller: &Caller) -> Result<Vec<Invoice
         let page = host.kv_scan(INVOICE_PREFIX, after.as_deref(), PAGE)?;
         for (key, value) in &page {
             match serde_json::from_slice::<Invoice>(value) {
-                Ok(invoice) if may_see(caller, &invoice) => invoices.push(invoice),
-                Ok(_) => {}
+                Ok(invoice) => invoices.extend(view_for(caller, &invoice)),
                 Err(e) => host.log(LogLevel::Warn, &format!("{key} is corrupt: {e}")),
             }
         }
@@ -208,10 +223,14 @@ pub fn handle_http(host: &impl Host, request: &HttpRequest) -> HttpResponse {
         Some(room) => match host.kv_get(&invoice_key(room)) {
             Ok(None) => HttpResponse::error(404, "M_NOT_FOUND", "This session has no invoice"),
             Ok(Some(bytes)) => match serde_json::from_slice::<Invoice>(&bytes) {
-                Ok(invoice) if may_see(caller, &invoice) => HttpResponse::json(200, &invoice),
-                Ok(_) => {
-                    HttpResponse::error(403, "M_FORBIDDEN", "Only the session's therapists and admins see its invoice")
-                }
+                Ok(invoice) => match view_for(caller, &invoice) {
+                    Some(view) => HttpResponse::json(200, &view),
+                    None => HttpResponse::error(
+                        403,
+                        "M_FORBIDDEN",
+                        "Only the session's therapists, the clients it bills and admins see its invoice",
+                    ),
+                },
                 Err(e) => server_error(e),
             },
             Err(e) => server_error(e),
@@ -486,7 +505,8 @@ mod tests {
         assert_eq!(list(Some((THERAPIST, false))), [ROOM]);
         assert_eq!(list(Some(("@t2:clinic.example", false))), [other]);
         assert_eq!(list(Some(("@admin:clinic.example", true))), [other, ROOM], "sorted by ended_at");
-        assert!(list(Some((ANN, false))).is_empty());
+        assert_eq!(list(Some((ANN, false))), [other, ROOM], "a client sees the invoices that bill them");
+        assert!(list(Some(("@stranger:clinic.example", false))).is_empty());
 
         let response = handle_http(&fake, &request("/invoices", "format=csv", Some((THERAPIST, false))));
         assert_eq!(response.status, 200);
@@ -499,7 +519,24 @@ mod tests {
         let one = |room: &str, caller| handle_http(&fake, &request(&format!("/invoices/{room}"), "", caller)).status;
         assert_eq!(one("%21s%3Aclinic.example", Some((THERAPIST, false))), 200);
         assert_eq!(one(ROOM, Some(("@admin:clinic.example", true))), 200);
-        assert_eq!(one(ROOM, Some((ANN, false))), 403);
+        assert_eq!(one(ROOM, Some(("@stranger:clinic.example", false))), 403);
+        // A client sees their own line and attendance, and nobody else's: with a second client
+        // billed in the same (group) session,
+        let mut whole = fake.invoice(ROOM).unwrap();
+        let mut bo = whole.lines[0].clone();
+        bo.user_id = "@bo:clinic.example".into();
+        whole.lines.push(bo);
+        let mut bo_there = whole.attendance.iter().find(|a| a.user_id == ANN).unwrap().clone();
+        bo_there.user_id = "@bo:clinic.example".into();
+        whole.attendance.push(bo_there);
+        whole.total_cents += whole.lines[0].amount_cents;
+        fake.kv_set_json(&invoice_key(ROOM), &whole).unwrap();
+        let theirs: Invoice =
+            handle_http(&fake, &request(&format!("/invoices/{ROOM}"), "", Some((ANN, false)))).json_body().unwrap();
+        assert_eq!(theirs.lines.iter().map(|l| l.user_id.as_str()).collect::<Vec<_>>(), [ANN]);
+        assert_eq!(theirs.attendance.iter().map(|a| a.user_id.as_str()).collect::<Vec<_>>(), [ANN]);
+        assert_eq!(theirs.total_cents, theirs.lines[0].amount_cents);
+        assert_eq!((theirs.room_id.as_str(), theirs.therapists.clone()), (whole.room_id.as_str(), whole.therapists.clone()));
         assert_eq!(one("!nope:clinic.example", Some((THERAPIST, false))), 404);
         assert_eq!(one(ROOM, None), 401);
         let body: Invoice = handle_http(&fake, &request(&format!("/invoices/{ROOM}"), "", Some((THERAPIST, false))))

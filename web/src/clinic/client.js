@@ -4,6 +4,7 @@
 import { byId, el } from '../ui.js';
 import { openInJoinPage } from '../handoff.js';
 import { currentSession, sessionsBetween } from './api.js';
+import { invoices, renderInvoice } from './plugins.js';
 import { formatInstant, formatTime, localTimeZone } from './time.js';
 
 const DAY = 24 * 3_600_000;
@@ -87,6 +88,7 @@ export async function showClientSessions() {
   byId('past-empty').hidden = past.length > 0;
   byId('therapist-hint').hidden = sessions.length > 0;
   status.textContent = '';
+  showInvoices();
   ticker = setInterval(() => {
     const tick = Date.now();
     for (const entry of items) entry.update(tick);
@@ -96,4 +98,20 @@ export async function showClientSessions() {
 /** Stops the countdowns (another page is shown). */
 export function leaveClientSessions() {
   clearInterval(ticker);
+}
+
+/** The client's invoices, when the server bills sessions. */
+async function showInvoices() {
+  try {
+    const list = await invoices();
+    byId('invoices').hidden = list === null;
+    if (list === null) return;
+    byId('invoices-list').replaceChildren(...list.slice().reverse().map((invoice) => el('li', { class: 'session-item' },
+      el('h3', { text: invoice.title }), renderInvoice(invoice))));
+    byId('invoices-empty').hidden = list.length > 0;
+  } catch (error) {
+    byId('invoices').hidden = false;
+    byId('invoices-empty').hidden = false;
+    byId('invoices-empty').textContent = `Your invoices could not be loaded: ${error.message}.`;
+  }
 }

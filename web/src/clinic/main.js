@@ -14,6 +14,7 @@ import { ApiError, currentSession, me, sessionsBetween, signIn, signOut, whenSig
 import { showAdmin } from './admin.js';
 import { leaveClientSessions, showClientSessions } from './client.js';
 import { openSchedule, setUpScheduling } from './schedule.js';
+import { feedUrl } from './plugins.js';
 import { leaveSession, showSession } from './session.js';
 import { formatInstant, localTimeZone } from './time.js';
 
@@ -170,6 +171,7 @@ function showCalendar() {
     calendar.refetchEvents();
     return;
   }
+  showFeed();
   const narrow = window.matchMedia('(max-width: 640px)').matches;
   calendar = new Calendar(byId('calendar'), {
     plugins: [dayGridPlugin, timeGridPlugin, listPlugin, interactionPlugin],
@@ -223,6 +225,28 @@ function showCalendar() {
     },
   });
   calendar.render();
+}
+
+/** The calendar plugin's feed of the therapist's sessions, to subscribe to in a calendar app. */
+async function showFeed() {
+  try {
+    const url = await feedUrl();
+    byId('feed').hidden = url === null;
+    if (url === null) return;
+    byId('feed-url').textContent = url;
+    byId('feed-subscribe').href = url.replace(/^https?:/, 'webcal:');
+    byId('feed-copy').onclick = async () => {
+      try {
+        await navigator.clipboard.writeText(url);
+        byId('feed-status').textContent = 'Copied.';
+      } catch {
+        byId('feed-status').textContent = 'Your browser did not allow copying: select the address above and copy it.';
+      }
+    };
+  } catch (failure) {
+    byId('feed').hidden = false;
+    byId('feed-status').textContent = `The feed could not be loaded: ${failure.message}.`;
+  }
 }
 
 // --- start ---------------------------------------------------------------------------------

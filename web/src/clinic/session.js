@@ -5,6 +5,7 @@
 import { byId, el } from '../ui.js';
 import { openInJoinPage } from '../handoff.js';
 import { ApiError, currentSession, request, requestText, searchUsers, sessionPath } from './api.js';
+import { invoiceOf, renderInvoice } from './plugins.js';
 import { describeRefusal } from './refusals.js';
 import { formatInstant, formatStamp, formatTime, timeZones, zonedToInstant } from './time.js';
 
@@ -73,6 +74,7 @@ async function moveTo(status, label, confirmFirst) {
     view.session = answer.session;
     renderSummary();
     fillEditForm();
+    loadInvoice();
     message(`The session is now ${STATUS_NAMES[answer.session.status].toLowerCase()}.`);
   } catch (error) {
     message(`The status could not be changed: ${error.message}.`, { error: true });
@@ -279,6 +281,26 @@ async function saveNote() {
   }
 }
 
+// --- invoice -------------------------------------------------------------------------------
+
+/** The billing plugin's invoice, once the session is completed (it comes a moment after). */
+async function loadInvoice() {
+  const panel = byId('session-invoice');
+  if (view.session.status !== 'completed') {
+    panel.hidden = true;
+    return;
+  }
+  try {
+    const invoice = await invoiceOf(roomId);
+    panel.hidden = invoice === undefined;
+    byId('invoice-body').replaceChildren(invoice ? renderInvoice(invoice) : el('p', { class: 'hint', text: 'The invoice is being made…', 'data-testid': 'invoice-pending' }));
+    if (invoice === null) setTimeout(() => { if (view?.session.status === 'completed') loadInvoice(); }, 2000);
+  } catch (error) {
+    panel.hidden = false;
+    byId('invoice-body').replaceChildren(el('p', { class: 'field-error', text: `The invoice could not be loaded: ${error.message}.` }));
+  }
+}
+
 // --- transcript ----------------------------------------------------------------------------
 
 async function downloadTranscript(format) {
@@ -342,7 +364,7 @@ export async function showSession(id, back) {
   renderSummary();
   fillEditForm();
   renderPeople();
-  await Promise.all([loadWaiting(), loadNotes()]);
+  await Promise.all([loadWaiting(), loadNotes(), loadInvoice()]);
   clearInterval(waitingTimer);
   waitingTimer = setInterval(loadWaiting, WAITING_POLL_MS);
 }
