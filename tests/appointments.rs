@@ -234,3 +234,70 @@ async fn admins_and_therapists_are_never_booked_as_clients_nor_signed_in_by_a_li
     let (status, body) = book(&server, Some(SECRET), appointment("appt-plain", &therapist.user_id, &client.user_id)).await;
     assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{body}");
 }
+
+/// A therapist makes a sign-in link for a client of their session who has no Matrix app: it
+/// signs that client in once, into that session. Nobody else may make one, and none is made for
+/// someone who is not a client of the session, a former one, an admin, a therapist or a user of
+/// another server.
+#[tokio::test]
+async fn therapists_make_sign_in_links_for_their_clients() {
+    let server = TestServer::start().await;
+    let admin = server.register_admin("admin").await;
+    let therapist = server.register("theo").await;
+    let other_therapist = server.register("tara").await;
+    for who in [&therapist, &other_therapist] {
+        admin.ok(Method::PUT, &format!("/_limbic/admin/v1/therapists/{}", enc(&who.user_id)), Some(json!({ "verified": true }))).await;
+    }
+    let client = server.register("cleo").await;
+    let second = server.register("cal").await;
+    let stranger = server.register("sam").await;
+    let start = now_ms() + 3_600_000;
+    let session = json!({
+        "kind": "group", "title": "Links", "starts_at": start, "ends_at": start + 3_600_000, "timezone": "UTC",
+        "participants": [
+            { "user_id": client.user_id, "role": "client" },
+            { "user_id": second.user_id, "role": "client" },
+            { "user_id": "@remote:elsewhere.example", "role": "client" },
+        ],
+    });
+    let created = therapist.ok(Method::POST, "/_limbic/client/v1/sessions", Some(session)).await;
+    let room = created["room_id"].as_str().unwrap().to_owned();
+    let link_path = |user: &str| format!("/_limbic/client/v1/sessions/{}/links/{}", enc(&room), enc(user));
+
+    // The link signs in the client, once, into this session.
+    let link = therapist.ok(Method::POST, &link_path(&client.user_id), None).await;
+    assert!(link["expires_at"].as_u64().unwrap() > now_ms());
+    let token = link["url"].as_str().unwrap().split("?token=").nth(1).unwrap().to_owned();
+    let login = |token: String| {
+        let http = reqwest::Client::new();
+        let url = format!("{}/_matrix/client/v3/login", server.base);
+        async move { http.post(url).json(&json!({ "type": "org.matrix.login.jwt", "token": token })).send().await.unwrap() }
+    };
+    let signed_in: Value = login(token.clone()).await.json().await.unwrap();
+    assert_eq!((signed_in["user_id"].as_str(), signed_in["org.limbic.room_id"].as_str()), (Some(client.user_id.as_str()), Some(room.as_str())));
+    assert_eq!(login(token).await.status(), StatusCode::FORBIDDEN, "a link signs in once");
+    let audit = admin.ok(Method::GET, &format!("/_limbic/admin/v1/audit?action=link_created&room_id={}", enc(&room)), None).await;
+    let entry = &audit["entries"][0];
+    assert_eq!((entry["actor"].as_str(), entry["target"].as_str()), (Some(therapist.user_id.as_str()), Some(client.user_id.as_str())));
+
+    // Who may not make one: a client of the session, another therapist, a stranger.
+    for (who, status) in [(&second, StatusCode::FORBIDDEN), (&other_therapist, StatusCode::FORBIDDEN), (&stranger, StatusCode::FORBIDDEN)] {
+        let (got, body) = who.request(Method::POST, &link_path(&client.user_id), None).await;
+        assert_eq!((got, errcode(&body)), (status, "M_FORBIDDEN"), "{}: {body}", who.user_id);
+    }
+    // For whom none is made: someone outside the session, the therapist, a user of another server.
+    let (status, body) = therapist.request(Method::POST, &link_path(&stranger.user_id), None).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::NOT_FOUND, "M_NOT_FOUND"), "{body}");
+    let (status, body) = therapist.request(Method::POST, &link_path(&therapist.user_id), None).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::NOT_FOUND, "M_NOT_FOUND"), "{body}");
+    let (status, body) = therapist.request(Method::POST, &link_path("@remote:elsewhere.example"), None).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_INVALID_PARAM"), "{body}");
+    // A former client: removed from the session, no link.
+    therapist.ok(Method::DELETE, &format!("/_limbic/client/v1/sessions/{}/participants/{}", enc(&room), enc(&second.user_id)), None).await;
+    let (status, body) = therapist.request(Method::POST, &link_path(&second.user_id), None).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::NOT_FOUND, "M_NOT_FOUND"), "{body}");
+    // A client who has since become a verified therapist: no password-less sign-in for them.
+    admin.ok(Method::PUT, &format!("/_limbic/admin/v1/therapists/{}", enc(&client.user_id)), Some(json!({ "verified": true }))).await;
+    let (status, body) = therapist.request(Method::POST, &link_path(&client.user_id), None).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{body}");
+}

@@ -362,6 +362,12 @@ test("a therapist runs a session from its page: admits from the waiting room, wr
   // The client comes in (with the passcode), so that the session bills their attendance.
   await server.api('POST', `/_matrix/client/v3/join/${encodeURIComponent(openSession)}`, { token: client.token, body: { 'org.limbic.passcode': '246810' } });
 
+  // A sign-in link for the client (who has no Matrix app, say), to copy.
+  const person = page.getByTestId('people-list').locator(`li[data-user="${client.userId}"]`);
+  await person.getByTestId('make-link').click();
+  const link = await person.getByTestId('client-link').textContent();
+  assert.match(link, /\/join\?token=[\w-]+\.[\w-]+\.[\w-]+$/);
+
   // Notes: written, saved as typed, edited; the history keeps both versions with their author.
   await page.getByTestId('note-new').click();
   await page.getByTestId('note-body').fill('Client arrived on time.');

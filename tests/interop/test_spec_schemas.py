@@ -457,6 +457,10 @@ def test_session_api_responses_match_openapi(server, people, group):
                             query={"from": str(now_ms() - 30 * 24 * HOUR), "to": str(now_ms() + 30 * 24 * HOUR)})
         assert group in [s["room_id"] for s in ranged["sessions"]]
         await call(server.url, "GET", SESSIONS, client.access_token, query={"from": "5"}, expect=400)
+        link = await call(server.url, "POST", f"{path}/links/{q(client.user_id)}", therapist.access_token)
+        assert "?token=" in link["url"], link
+        await call(server.url, "POST", f"{path}/links/{q(client.user_id)}", client.access_token, expect=403)
+        await call(server.url, "POST", f"{path}/links/{q(stranger.user_id)}", therapist.access_token, expect=404)
         me = await call(server.url, "GET", "/_limbic/client/v1/me", therapist.access_token)
         assert me["verified_therapist"] is True and me["admin"] is False, me
         await call(server.url, "GET", "/_limbic/client/v1/me", None, expect=401)

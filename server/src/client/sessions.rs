@@ -18,7 +18,7 @@ use super::{
     authenticate, missing_token,
 };
 use crate::{
-    clinic::{Role, Session, Status, notes, sessions::{self, NewSession}},
+    clinic::{Role, Session, Status, appointments, notes, sessions::{self, NewSession}},
     error::{Error, Result},
     users::Caller,
 };
@@ -33,6 +33,7 @@ pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
         .route(&format!("{V1}/{{room_id}}/waiting/{{user_id}}/decline"), axum::routing::post(decline))
         .route(&format!("{V1}/{{room_id}}/status"), axum::routing::put(set_status))
         .route(&format!("{V1}/{{room_id}}/participants/{{user_id}}"), axum::routing::put(set_participant).delete(remove_participant))
+        .route(&format!("{V1}/{{room_id}}/links/{{user_id}}"), axum::routing::post(client_link))
         .route("/_limbic/client/v1/relationship", get(relationship))
         .route("/_limbic/client/v1/me", get(me))
         .route(&format!("{V1}/{{room_id}}/notes"), get(list_notes))
@@ -302,6 +303,11 @@ async fn remove_participant(State(server): State<AppState>, Authed(caller): Auth
 struct RelationshipQuery {
     therapist: OwnedUserId,
     client: OwnedUserId,
+}
+
+/// A sign-in link for one of the session's clients, made by one of its therapists.
+async fn client_link(State(server): State<AppState>, Authed(caller): Authed, Path((room, user)): Path<(String, String)>) -> Result<Json<appointments::ClientLink>> {
+    Ok(Json(appointments::link_for_client(&*server, &caller.user_id, &room_id(&room)?, &user_id(&user)?)?))
 }
 
 /// The caller's own account as the clinic sees it: only ever the caller's.

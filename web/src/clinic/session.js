@@ -1,5 +1,6 @@
 // A session as its therapist runs it: the status workflow, rescheduling and editing, the call,
-// the waiting room (admit, decline), participants and their roles, notes with their history
+// the waiting room (admit, decline), participants and their roles (and sign-in links for
+// clients without a Matrix app), notes with their history
 // (saved as the therapist types), and the transcript.
 
 import { byId, el } from '../ui.js';
@@ -188,15 +189,46 @@ async function loadWaiting() {
 
 // --- participants --------------------------------------------------------------------------
 
+/** A fresh sign-in link for a client without a Matrix app, shown under their name to copy. */
+async function makeLink(userId, slot) {
+  try {
+    const { url, expires_at: expiresAt } = await request('POST', `${sessionPath(roomId)}/links/${encodeURIComponent(userId)}`);
+    const copied = el('span', { class: 'hint', role: 'status' });
+    slot.replaceChildren(
+      el('p', { class: 'mono', text: url, 'data-testid': 'client-link' }),
+      el('p', { class: 'hint', text: `It signs ${userId} in once, into this session, until ${formatTime(expiresAt)}. Send it to them privately.` }),
+      el('button', {
+        type: 'button', class: 'button button-small button-secondary', text: 'Copy the link',
+        onclick: async () => {
+          try {
+            await navigator.clipboard.writeText(url);
+            copied.textContent = ' Copied.';
+          } catch {
+            copied.textContent = ' Your browser did not allow copying: select the link and copy it.';
+          }
+        },
+      }), copied);
+  } catch (error) {
+    slot.replaceChildren(el('p', { class: 'field-error', text: `No link could be made: ${error.message}.` }));
+  }
+}
+
 function renderPeople() {
   const me = currentSession()?.user_id;
-  byId('people-list').replaceChildren(...Object.entries(view.roles).map(([userId, role]) => el('li', { 'data-user': userId },
-    el('span', { class: 'mono', text: userId }), ` · ${ROLE_NAMES[role] ?? role} `,
-    role === 'therapist' || userId === me ? null : el('button', {
-      type: 'button', class: 'button-link', text: 'Remove', 'aria-label': `Remove ${userId} from the session`,
-      onclick: () => changePerson(userId, null),
-    }),
-  )));
+  byId('people-list').replaceChildren(...Object.entries(view.roles).map(([userId, role]) => {
+    const slot = el('div', { class: 'link-slot' });
+    return el('li', { 'data-user': userId },
+      el('span', { class: 'mono', text: userId }), ` · ${ROLE_NAMES[role] ?? role} `,
+      role === 'client' || role === 'observer' ? el('button', {
+        type: 'button', class: 'button-link', text: 'Sign-in link', 'aria-label': `A sign-in link for ${userId}`, 'data-testid': 'make-link',
+        onclick: () => makeLink(userId, slot),
+      }) : null,
+      role === 'therapist' || userId === me ? null : el('button', {
+        type: 'button', class: 'button-link', text: 'Remove', 'aria-label': `Remove ${userId} from the session`,
+        onclick: () => changePerson(userId, null),
+      }),
+      slot);
+  }));
 }
 
 async function changePerson(userId, role) {

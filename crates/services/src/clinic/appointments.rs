@@ -119,6 +119,11 @@ impl Appointments {
         Ok(format!("{}?token={token}", self.config.link_base_url))
     }
 
+    /// How long a link's token stays valid, in seconds.
+    pub fn token_lifetime_seconds(&self) -> u64 {
+        self.config.token_lifetime_seconds
+    }
+
     /// Checks a link token's signature, issuer, expiry and audience.
     pub fn verify(&self, token: &str) -> Result<Link> {
         verify_link(token, &self.decoding, &self.issuer)
@@ -304,6 +309,37 @@ fn refuse_privileged_client(server: &dyn ClinicHost, client: &UserId) -> Result<
         return Err(Error::forbidden(format!("{client} is a verified therapist and cannot be booked as a client")));
     }
     Ok(())
+}
+
+/// A link a therapist made for one of their session's clients.
+#[derive(Serialize)]
+pub struct ClientLink {
+    pub url: String,
+    /// When its token stops being valid, ms since the Unix epoch (it signs in once before that).
+    pub expires_at: u64,
+}
+
+/// A fresh sign-in link into `room_id` for `client`, made by one of the session's therapists: for
+/// clients without a Matrix app. Only for a local client or observer of the session, never for
+/// a server admin or a verified therapist (a link signs in without a password); audited
+/// `link_created` with the therapist as actor.
+pub fn link_for_client(server: &dyn ClinicHost, therapist: &UserId, room_id: &RoomId, client: &UserId) -> Result<ClientLink> {
+    super::sessions::require_therapist(server, therapist, room_id, "make sign-in links")?;
+    if client.server_name() != server.server_name() {
+        return Err(Error::invalid_param(format!("{client} is a user of another server: links sign in this server's users")));
+    }
+    if !matches!(super::session_role(server.rooms(), room_id, client.as_str())?, Some(Role::Client | Role::Observer)) {
+        return Err(Error::not_found(format!("{client} is not a client or observer of this session")));
+    }
+    if server.users().account(client)?.is_none_or(|account| account.deactivated) {
+        return Err(Error::not_found(format!("{client} has no active account")));
+    }
+    refuse_privileged_client(server, client)?;
+    let url = server.appointments().link(client, room_id)?;
+    let record = AuditRecord::new("link_created", therapist).room(room_id).target(client);
+    server.audit().write_with(server.store(), server.store().batch(), vec![record])?;
+    let expires_at = now_seconds().saturating_add(server.appointments().token_lifetime_seconds()).saturating_mul(1000);
+    Ok(ClientLink { url, expires_at })
 }
 
 /// An appointment's session room and a fresh login link for each of its two users.
