@@ -434,3 +434,44 @@ test('a client sees their invoice, and only their own line of it', async () => {
   assert.deepEqual(problems, []);
   await context.close();
 });
+
+test('a therapist splits a group session into breakout rooms by dragging, moves someone from the list, and closes them', async () => {
+  const start = Date.now() + 4 * 3_600_000;
+  const group = await server.api('POST', '/_limbic/client/v1/sessions', {
+    token: therapist.token,
+    body: {
+      kind: 'group', title: 'Skills group', starts_at: start, ends_at: start + 60 * 60_000, timezone: 'UTC',
+      participants: [{ user_id: client.userId, role: 'client' }, { user_id: stranger.userId, role: 'client' }],
+    },
+  });
+  const breakouts = async () => (await server.api('GET', `/_limbic/client/v1/sessions/${encodeURIComponent(group.room_id)}/breakouts`, { token: therapist.token })).breakouts;
+
+  const { context, page, problems } = await open(DESKTOP);
+  await page.goto(`${server.url}/clinic/sessions/${encodeURIComponent(group.room_id)}`);
+  await signIn(page, therapist, 'theo');
+  await page.getByTestId('breakouts').waitFor();
+  await page.getByTestId('breakout-name').fill('Pair A');
+  await page.getByTestId('breakout-create').click();
+  const pair = page.locator('[data-breakout]:not([data-breakout="main"])');
+  await pair.waitFor();
+  const [created] = await breakouts();
+
+  // Dragged by the name from the main room into the breakout.
+  await page.locator(`[data-breakout="main"] li[data-user="${client.userId}"] span`).dragTo(pair);
+  await pair.locator(`li[data-user="${client.userId}"]`).waitFor();
+  assert.ok((await breakouts())[0].members.includes(client.userId));
+  // Moved with the list (the keyboard's way).
+  await page.locator(`[data-breakout="main"] li[data-user="${stranger.userId}"] select`).selectOption(created.room_id);
+  await pair.locator(`li[data-user="${stranger.userId}"]`).waitFor();
+  assert.ok((await breakouts())[0].members.includes(stranger.userId));
+  await accessible(page, 'breakout rooms');
+  await screenshot(page, 'breakouts-desktop');
+
+  // Closed: everyone is back in the main room.
+  await pair.getByTestId('breakout-close').click();
+  await page.getByTestId('breakouts-closed').filter({ hasText: 'Closed: Pair A.' }).waitFor();
+  assert.equal((await breakouts())[0].closed, true);
+  await page.locator(`[data-breakout="main"] li[data-user="${client.userId}"]`).waitFor();
+  assert.deepEqual(problems, []);
+  await context.close();
+});

@@ -6,6 +6,7 @@
 import { byId, el } from '../ui.js';
 import { openInJoinPage } from '../handoff.js';
 import { ApiError, currentSession, request, requestText, searchUsers, sessionPath } from './api.js';
+import { showBreakouts } from './breakouts.js';
 import { invoiceOf, renderInvoice } from './plugins.js';
 import { describeRefusal } from './refusals.js';
 import { formatInstant, formatStamp, formatTime, timeZones, zonedToInstant } from './time.js';
@@ -239,6 +240,7 @@ async function changePerson(userId, role) {
     else await request('DELETE', path);
     view = await request('GET', sessionPath(roomId));
     renderPeople();
+    showBreakouts(roomId, view);
     message(role ? `${userId} is now a ${ROLE_NAMES[role].toLowerCase()} of the session.` : `${userId} is no longer in the session.`);
   } catch (error) {
     byId('people-error').textContent = `${userId} could not be ${role ? 'added' : 'removed'}: ${error.message}.`;
@@ -396,7 +398,7 @@ export async function showSession(id, back) {
   renderSummary();
   fillEditForm();
   renderPeople();
-  await Promise.all([loadWaiting(), loadNotes(), loadInvoice()]);
+  await Promise.all([loadWaiting(), loadNotes(), loadInvoice(), showBreakouts(roomId, view)]);
   clearInterval(waitingTimer);
   waitingTimer = setInterval(loadWaiting, WAITING_POLL_MS);
 }
