@@ -748,3 +748,45 @@ async fn me_tells_a_user_their_own_standing() {
     let anonymous = reqwest::get(format!("{}/_limbic/client/v1/me", server.base)).await.unwrap();
     assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
 }
+
+/// The recordings of a session are the files its therapists announced in the room; a client's
+/// message dressed up as one, or one naming another server's file, is not listed. Only the
+/// session's therapists list them.
+#[tokio::test]
+async fn recordings_are_what_the_therapists_announced() {
+    let server = TestServer::start().await;
+    let admin = server.register_admin("admin").await;
+    let therapist = verified_therapist(&server, &admin, "therapist").await;
+    let client = server.register("client").await;
+    let stranger = server.register("stranger").await;
+    // Inside the join window, so that the client can come in.
+    let start = now_ms() + 60_000;
+    let created = therapist.ok(Method::POST, SESSIONS, Some(session_request("individual", start, start + HOUR, json!([{ "user_id": client.user_id, "role": "client" }])))).await;
+    let room = created["room_id"].as_str().unwrap().to_owned();
+    client.ok(Method::POST, &format!("/_matrix/client/v3/rooms/{}/join", enc(&room)), Some(json!({}))).await;
+    let announce = |who: &Client, url: &str, txn: &str| {
+        let body = json!({
+            "msgtype": "m.audio", "body": "recording.ogg", "filename": "recording.ogg", "url": url,
+            "info": { "mimetype": "audio/ogg", "size": 1234, "duration": 3000 }, "org.limbic.recording_of": client.user_id,
+        });
+        let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(&room));
+        let who = who.clone();
+        async move { who.ok(Method::PUT, &path, Some(body)).await }
+    };
+    let real = announce(&therapist, "mxc://test.local/recorded", "t1").await;
+    announce(&client, "mxc://test.local/forged", "c1").await;
+    announce(&therapist, "mxc://elsewhere.example/foreign", "t2").await;
+
+    let listed = therapist.ok(Method::GET, &format!("{SESSIONS}/{}/recordings", enc(&room)), None).await;
+    let recordings = listed["recordings"].as_array().unwrap();
+    assert_eq!(recordings.len(), 1, "{listed}");
+    assert_eq!(recordings[0]["event_id"], real["event_id"]);
+    assert_eq!((recordings[0]["owner"].as_str(), recordings[0]["kind"].as_str()), (Some(client.user_id.as_str()), Some("m.audio")));
+    assert_eq!((recordings[0]["duration"].as_u64(), recordings[0]["size"].as_u64()), (Some(3000), Some(1234)));
+
+    // The session's client and a stranger are refused.
+    for who in [&client, &stranger] {
+        let (status, body) = who.get(&format!("{SESSIONS}/{}/recordings", enc(&room))).await;
+        assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{}: {body}", who.user_id);
+    }
+}

@@ -475,3 +475,63 @@ test('a therapist splits a group session into breakout rooms by dragging, moves 
   assert.deepEqual(problems, []);
   await context.close();
 });
+
+test("a therapist plays and downloads a session's recording from its page", async () => {
+  const { context, page, problems } = await open(DESKTOP);
+  await page.goto(`${server.url}/clinic/sessions/${encodeURIComponent(openSession)}`);
+  await signIn(page, therapist, 'theo');
+  await page.getByTestId('page-session').waitFor();
+  assert.equal(await page.getByTestId('recordings-list').locator('li').count(), 0);
+
+  // A second of sound, recorded by the browser itself, stored in the media repository and
+  // announced in the session room as the server announces a recorded track.
+  const announced = await page.evaluate(async ({ token, roomId, owner }) => {
+    const audio = new AudioContext();
+    const tone = audio.createOscillator();
+    const sink = audio.createMediaStreamDestination();
+    tone.connect(sink);
+    tone.start();
+    const recorder = new MediaRecorder(sink.stream, { mimeType: 'audio/webm;codecs=opus' });
+    const chunks = [];
+    recorder.ondataavailable = (event) => chunks.push(event.data);
+    const stopped = new Promise((resolve) => { recorder.onstop = resolve; });
+    recorder.start();
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    recorder.stop();
+    await stopped;
+    const file = new Blob(chunks, { type: 'audio/webm' });
+    const auth = { Authorization: `Bearer ${token}` };
+    const upload = await (await fetch('/_matrix/media/v3/upload?filename=recording.webm', { method: 'POST', headers: { ...auth, 'Content-Type': 'audio/webm' }, body: file })).json();
+    const content = {
+      msgtype: 'm.audio', body: 'recording.webm', filename: 'recording.webm', url: upload.content_uri,
+      info: { mimetype: 'audio/webm', size: file.size, duration: 1000 }, 'org.limbic.recording_of': owner,
+    };
+    const sent = await fetch(`/_matrix/client/v3/rooms/${encodeURIComponent(roomId)}/send/m.room.message/rec1`, {
+      method: 'PUT', headers: { ...auth, 'Content-Type': 'application/json' }, body: JSON.stringify(content),
+    });
+    return { status: sent.status, size: file.size };
+  }, { token: therapist.token, roomId: openSession, owner: client.userId });
+  assert.equal(announced.status, 200);
+  assert.ok(announced.size > 0);
+
+  await page.reload();
+  await page.getByTestId('page-session').waitFor();
+  const item = page.getByTestId('recordings-list').locator('li');
+  await item.waitFor();
+  assert.match(await item.textContent(), /Sound of @casey:localhost · 1 s/);
+  await item.getByTestId('recording-play').click();
+  const player = item.getByTestId('recording-audio');
+  await player.waitFor();
+  await page.waitForFunction(() => {
+    const audio = document.querySelector('[data-testid="recording-audio"]');
+    return audio && audio.readyState >= 1 && !audio.error;
+  });
+  assert.match(await player.getAttribute('src'), /^blob:/);
+  const [download] = await Promise.all([page.waitForEvent('download'), item.getByRole('button', { name: /^Download/ }).click()]);
+  assert.equal(download.suggestedFilename(), 'recording.webm');
+  assert.equal(readFileSync(await download.path()).length, announced.size);
+  await accessible(page, 'a session with a recording');
+  await screenshot(page, 'recording-desktop');
+  assert.deepEqual(problems, []);
+  await context.close();
+});

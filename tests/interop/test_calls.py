@@ -503,6 +503,14 @@ def test_a_recording_needs_everyones_consent_and_yields_the_tone(server):
                 except urllib.error.HTTPError as error:
                     assert error.code == 403 and json.loads(error.read()).get("errcode") == "M_FORBIDDEN", error.code
             assert abs(video_seconds - took) < 1.0, f"{video_seconds:.2f} s of video in a {took:.2f} s recording"
+            # The session's recordings list the files as announced, for its therapists only.
+            recordings_path = f"/_limbic/client/v1/sessions/{urllib.parse.quote(room_id, safe='')}/recordings"
+            status, listed = http(server.url, "GET", recordings_path, therapist.access_token)
+            assert status == 200, (status, listed)
+            assert sorted(r["url"] for r in listed["recordings"]) == sorted(f["url"] for f in body["files"]), listed
+            assert all(r["duration"] > 0 and r["size"] > 0 for r in listed["recordings"]), listed
+            status, refused = http(server.url, "GET", recordings_path, client.access_token)
+            assert status == 403 and refused.get("errcode") == "M_FORBIDDEN", (status, refused)
             assert recording_state(server.url, client, room_id).get("recording") is False
 
             # Recording again; the client withdraws consent: it stops by itself.

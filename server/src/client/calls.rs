@@ -25,6 +25,7 @@ pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
         .route("/rtc/validate", axum::routing::get(crate::livekit::signal::validate))
         .route("/twirp/livekit.RoomService/{method}", post(crate::livekit::room_service::room_service))
         .route("/_limbic/client/v1/sessions/{room_id}/recording", axum::routing::put(set_recording))
+        .route("/_limbic/client/v1/sessions/{room_id}/recordings", axum::routing::get(list_recordings))
 }
 
 #[derive(Deserialize)]
@@ -35,12 +36,24 @@ struct SetRecording {
 /// Starts or stops recording a session's call (its therapists only).
 async fn set_recording(State(server): State<AppState>, Authed(caller): Authed, axum::extract::Path(room): axum::extract::Path<String>, body: axum::body::Bytes) -> Result<Json<Recorded>> {
     let request: SetRecording = parse_body(&body)?;
-    let room_id = OwnedRoomId::try_from(room).map_err(|e| Error::invalid_param(format!("invalid room id: {e}")))?;
+    let room_id = super::sessions::room_id(&room)?;
     if request.recording {
         return crate::calls::recording::start(&*server, &caller.user_id, &room_id).await.map(Json);
     }
     let stopped = crate::calls::recording::stop(&*server, &room_id, crate::calls::recording::StopReason::Therapist(&caller.user_id)).await?;
     stopped.map(Json).ok_or_else(|| Error::new(ErrorCode::BadState, "the call is not being recorded"))
+}
+
+/// `GET /sessions/{roomId}/recordings`.
+#[derive(Serialize)]
+struct RecordingList {
+    recordings: Vec<crate::calls::recording::RecordingFile>,
+}
+
+/// The recordings of a session's calls (its therapists only).
+async fn list_recordings(State(server): State<AppState>, Authed(caller): Authed, axum::extract::Path(room): axum::extract::Path<String>) -> Result<Json<RecordingList>> {
+    let room_id = super::sessions::room_id(&room)?;
+    Ok(Json(RecordingList { recordings: crate::calls::recording::list(&*server, &caller.user_id, &room_id)? }))
 }
 
 /// A transport this server offers for MatrixRTC calls (MSC4143), as in the client well-known.

@@ -68,6 +68,13 @@ export async function request(method, path, options) {
   return text ? JSON.parse(text) : {};
 }
 
+/** A file of the media repository (`mxc://server/id`), as a Blob, with the session's token. */
+export async function mediaBlob(mxc) {
+  const [, server, id] = /^mxc:\/\/([^/]+)\/(.+)$/.exec(mxc) ?? [];
+  if (!server) throw new ApiError(400, null, `not a media address: ${mxc}`);
+  return (await send('GET', `/_matrix/client/v1/media/download/${encodeURIComponent(server)}/${encodeURIComponent(id)}`)).blob();
+}
+
 /** A request whose answer is text (a transcript). */
 export async function requestText(method, path, options) {
   return (await send(method, path, options)).text();

@@ -5,7 +5,7 @@
 
 import { byId, el } from '../ui.js';
 import { openInJoinPage } from '../handoff.js';
-import { ApiError, currentSession, request, requestText, searchUsers, sessionPath } from './api.js';
+import { ApiError, currentSession, mediaBlob, request, requestText, searchUsers, sessionPath } from './api.js';
 import { showBreakouts } from './breakouts.js';
 import { invoiceOf, renderInvoice } from './plugins.js';
 import { describeRefusal } from './refusals.js';
@@ -335,6 +335,62 @@ async function loadInvoice() {
   }
 }
 
+// --- recordings ----------------------------------------------------------------------------
+
+/** Saves a Blob under `name` through a temporary link. */
+function saveBlob(blob, name) {
+  const url = URL.createObjectURL(blob);
+  const link = el('a', { href: url, download: name, hidden: true });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10_000);
+}
+
+async function loadRecordings() {
+  let recordings = [];
+  try {
+    ({ recordings } = await request('GET', `${sessionPath(roomId)}/recordings`));
+  } catch (error) {
+    byId('recordings-empty').textContent = `The recordings could not be loaded: ${error.message}.`;
+    return;
+  }
+  byId('recordings-empty').hidden = recordings.length > 0;
+  byId('recordings-list').replaceChildren(...recordings.map((recording) => {
+    const player = el('div', { class: 'player' });
+    const status = el('span', { class: 'hint', role: 'status' });
+    const what = `${recording.kind === 'm.audio' ? 'Sound' : 'Video'} of ${recording.owner}`;
+    return el('li', { 'data-recording': recording.event_id },
+      el('p', {}, el('strong', { text: what }), ` · ${Math.round(recording.duration / 1000)} s · ${formatStamp(recording.ts)}`),
+      el('div', { class: 'button-row' },
+        recording.kind === 'm.audio' ? el('button', {
+          type: 'button', class: 'button button-small', text: 'Play', 'aria-label': `Play the ${what.toLowerCase()}`, 'data-testid': 'recording-play',
+          onclick: async () => {
+            try {
+              const audio = el('audio', { controls: true, 'aria-label': what, 'data-testid': 'recording-audio' });
+              audio.src = URL.createObjectURL(await mediaBlob(recording.url));
+              player.replaceChildren(audio);
+              audio.play().catch(() => {});
+            } catch (error) {
+              status.textContent = `It cannot be played: ${error.message}.`;
+            }
+          },
+        }) : null,
+        el('button', {
+          type: 'button', class: 'button button-small button-secondary', text: 'Download', 'aria-label': `Download the ${what.toLowerCase()}`,
+          onclick: async () => {
+            try {
+              saveBlob(await mediaBlob(recording.url), recording.filename || 'recording');
+              status.textContent = `Downloaded ${recording.filename}.`;
+            } catch (error) {
+              status.textContent = `It cannot be downloaded: ${error.message}.`;
+            }
+          },
+        }), status),
+      player);
+  }));
+}
+
 // --- transcript ----------------------------------------------------------------------------
 
 async function downloadTranscript(format) {
@@ -343,13 +399,8 @@ async function downloadTranscript(format) {
   try {
     const text = await requestText('GET', `${sessionPath(roomId)}/transcript`, { query: { format } });
     const type = format === 'markdown' ? 'text/markdown' : 'text/plain';
-    const url = URL.createObjectURL(new Blob([text], { type }));
     const name = `${view.session.title.replace(/[^\p{L}\p{N}]+/gu, '-').replace(/^-|-$/g, '') || 'session'}-transcript.${format === 'markdown' ? 'md' : 'txt'}`;
-    const link = el('a', { href: url, download: name, hidden: true });
-    document.body.append(link);
-    link.click();
-    link.remove();
-    setTimeout(() => URL.revokeObjectURL(url), 10_000);
+    saveBlob(new Blob([text], { type }), name);
     status.textContent = `Downloaded ${name}.`;
   } catch (error) {
     status.textContent = `The transcript could not be made: ${error.message}.`;
@@ -398,7 +449,7 @@ export async function showSession(id, back) {
   renderSummary();
   fillEditForm();
   renderPeople();
-  await Promise.all([loadWaiting(), loadNotes(), loadInvoice(), showBreakouts(roomId, view)]);
+  await Promise.all([loadWaiting(), loadNotes(), loadInvoice(), loadRecordings(), showBreakouts(roomId, view)]);
   clearInterval(waitingTimer);
   waitingTimer = setInterval(loadWaiting, WAITING_POLL_MS);
 }

@@ -39,7 +39,7 @@ fn stopped() -> Error {
 pub async fn start(server: &dyn CallsHost, therapist: &UserId, room_id: &RoomId) -> Result<Recorded> {
     let content = server.rooms().state_content(room_id, SESSION, "")?.ok_or_else(|| Error::not_found("not a session room"))?;
     let session = crate::clinic::parse_session(&content)?;
-    require_therapist(server, room_id, therapist)?;
+    require_therapist(server, room_id, therapist, "start and stop recordings")?;
     if session.recording_policy != RecordingPolicy::WithConsent {
         return Err(Error::forbidden("the session's recording policy does not allow recording"));
     }
@@ -121,7 +121,7 @@ pub enum StopReason<'a> {
 /// the therapist who started it. `None` when it was not recording.
 pub async fn stop(server: &dyn CallsHost, room_id: &RoomId, reason: StopReason<'_>) -> Result<Option<Recorded>> {
     if let StopReason::Therapist(therapist) = reason {
-        require_therapist(server, room_id, therapist)?;
+        require_therapist(server, room_id, therapist, "start and stop recordings")?;
     }
     let Some(state) = server.rooms().state_content(room_id, RECORDING, "")? else { return Ok(None) };
     let sfu = sfu(server)?;
@@ -183,6 +183,63 @@ pub async fn stop(server: &dyn CallsHost, room_id: &RoomId, reason: StopReason<'
     writer.commit()?;
     tracing::info!(%room_id, %actor, reason = why, files = files.len(), "stopped recording a call");
     Ok(Some(Recorded { recording: false, files: Some(files) }))
+}
+
+/// A recorded track of the session's call, as it was announced in the session room.
+#[derive(Debug, Serialize)]
+pub struct RecordingFile {
+    pub event_id: ruma::OwnedEventId,
+    /// When it was announced (the recording stopped), ms since the Unix epoch.
+    pub ts: u64,
+    /// Whose track it is.
+    pub owner: String,
+    /// `m.audio` or `m.video`.
+    pub kind: String,
+    pub url: String,
+    pub filename: String,
+    pub mimetype: String,
+    pub size: u64,
+    /// In milliseconds.
+    pub duration: u64,
+}
+
+/// The recordings of the session's calls, oldest first: the files its therapists announced in
+/// the room when a recording stopped. A message from anyone else that looks like one, or that
+/// names another server's file, is not one. For the session's therapists.
+pub fn list(server: &dyn CallsHost, therapist: &UserId, room_id: &RoomId) -> Result<Vec<RecordingFile>> {
+    require_therapist(server, room_id, therapist, "see its recordings")?;
+    let own_media = format!("mxc://{}/", server.server_name());
+    let upto = server.store().streams().current();
+    let mut files = Vec::new();
+    for entry in server.rooms().timeline_after(room_id, 0, upto) {
+        let (_, event_id) = entry?;
+        let Some(pdu) = server.rooms().pdu(&event_id)? else { continue };
+        if pdu.kind.to_string() != "m.room.message" {
+            continue;
+        }
+        let content = pdu.content_json();
+        let text = |field: &str| content.get(field).and_then(JsonValue::as_str).map(str::to_owned);
+        let info = |field: &str| content.get("info").and_then(|info| info.get(field));
+        let (Some(owner), Some(kind), Some(url)) = (text("org.limbic.recording_of"), text("msgtype"), text("url")) else { continue };
+        if !matches!(kind.as_str(), "m.audio" | "m.video") || !url.starts_with(&own_media) {
+            continue;
+        }
+        if !session_role(server.rooms(), room_id, pdu.sender.as_str())?.is_some_and(Role::is_therapist) {
+            continue;
+        }
+        files.push(RecordingFile {
+            event_id: pdu.event_id.clone(),
+            ts: pdu.origin_server_ts.0.into(),
+            owner,
+            kind,
+            url,
+            filename: text("filename").unwrap_or_default(),
+            mimetype: info("mimetype").and_then(JsonValue::as_str).unwrap_or_default().to_owned(),
+            size: info("size").and_then(JsonValue::as_u64).unwrap_or_default(),
+            duration: info("duration").and_then(JsonValue::as_u64).unwrap_or_default(),
+        });
+    }
+    Ok(files)
 }
 
 /// The session left `open`/`in_progress`: its recording stops and its calls end (tokens for them
@@ -256,8 +313,8 @@ impl AfterCommit for RecordingWatch {
     }
 }
 
-fn require_therapist(server: &dyn CallsHost, room_id: &RoomId, user: &UserId) -> Result<()> {
-    if session_role(&server.rooms(), room_id, user.as_str())?.is_some_and(Role::is_therapist) { Ok(()) } else { Err(Error::forbidden("only the session's therapists start and stop recordings")) }
+fn require_therapist(server: &dyn CallsHost, room_id: &RoomId, user: &UserId, why: &str) -> Result<()> {
+    if session_role(server.rooms(), room_id, user.as_str())?.is_some_and(Role::is_therapist) { Ok(()) } else { Err(Error::forbidden(format!("only the session's therapists {why}"))) }
 }
 
 #[cfg(test)]
