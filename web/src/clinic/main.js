@@ -12,6 +12,7 @@ import timeGridPlugin from '@fullcalendar/timegrid';
 import { byId, el } from '../ui.js';
 import { ApiError, currentSession, me, sessionsBetween, signIn, signOut, whenSignedOut } from './api.js';
 import { showAdmin } from './admin.js';
+import { copy } from './copy.js';
 import { leaveClientSessions, showClientSessions } from './client.js';
 import { openSchedule, setUpScheduling } from './schedule.js';
 import { feedUrl } from './plugins.js';
@@ -235,14 +236,7 @@ async function showFeed() {
     if (url === null) return;
     byId('feed-url').textContent = url;
     byId('feed-subscribe').href = url.replace(/^https?:/, 'webcal:');
-    byId('feed-copy').onclick = async () => {
-      try {
-        await navigator.clipboard.writeText(url);
-        byId('feed-status').textContent = 'Copied.';
-      } catch {
-        byId('feed-status').textContent = 'Your browser did not allow copying: select the address above and copy it.';
-      }
-    };
+    byId('feed-copy').onclick = () => copy(url, byId('feed-status'), 'the address above');
   } catch (failure) {
     byId('feed').hidden = false;
     byId('feed-status').textContent = `The feed could not be loaded: ${failure.message}.`;

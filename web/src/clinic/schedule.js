@@ -3,6 +3,7 @@
 
 import { byId, el } from '../ui.js';
 import { ApiError, createSession, searchUsers } from './api.js';
+import { copy } from './copy.js';
 import { describeRefusal } from './refusals.js';
 import { formatInstant, localDateAndTime, timeZones, zonedToInstant } from './time.js';
 
@@ -183,14 +184,7 @@ function showScheduled(created, passcode) {
   byId('scheduled-copied').textContent = '';
   const text = [`${session.title}, ${formatInstant(session.starts_at, session.timezone)} (${session.timezone})`, link, passcode ? `Passcode: ${passcode}` : null]
     .filter(Boolean).join('\n');
-  byId('scheduled-copy').onclick = async () => {
-    try {
-      await navigator.clipboard.writeText(text);
-      byId('scheduled-copied').textContent = 'Copied.';
-    } catch {
-      byId('scheduled-copied').textContent = 'Your browser did not allow copying: select the link and passcode above and copy them.';
-    }
-  };
+  byId('scheduled-copy').onclick = () => copy(text, byId('scheduled-copied'), passcode ? 'the link and the passcode above' : 'the link above');
   byId('scheduled').showModal();
 }
 

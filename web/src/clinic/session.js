@@ -7,6 +7,7 @@ import { byId, el } from '../ui.js';
 import { openInJoinPage } from '../handoff.js';
 import { ApiError, currentSession, mediaBlob, request, requestText, searchUsers, sessionPath } from './api.js';
 import { showBreakouts } from './breakouts.js';
+import { copy } from './copy.js';
 import { invoiceOf, renderInvoice } from './plugins.js';
 import { describeRefusal } from './refusals.js';
 import { formatInstant, formatStamp, formatTime, timeZones, zonedToInstant } from './time.js';
@@ -163,9 +164,7 @@ async function answerKnock(userId, answer) {
     await request('POST', `${sessionPath(roomId)}/waiting/${encodeURIComponent(userId)}/${answer}`, { body: {} });
     message(answer === 'admit' ? `${userId} is let in.` : `${userId} was not let in.`);
   } catch (failure) {
-    error.textContent = /full/i.test(failure.message)
-      ? `${userId} cannot be let in: ${failure.message}. Raise the participant limit, or ask someone to leave.`
-      : `${userId} could not be ${answer === 'admit' ? 'let in' : 'declined'}: ${failure.message}.`;
+    error.textContent = `${userId} could not be ${answer === 'admit' ? 'let in' : 'declined'}: ${failure.message}.`;
     error.hidden = false;
   }
   await loadWaiting();
@@ -200,15 +199,8 @@ async function makeLink(userId, slot) {
       el('p', { class: 'hint', text: `It signs ${userId} in once, into this session, until ${formatTime(expiresAt)}. Send it to them privately.` }),
       el('button', {
         type: 'button', class: 'button button-small button-secondary', text: 'Copy the link',
-        onclick: async () => {
-          try {
-            await navigator.clipboard.writeText(url);
-            copied.textContent = ' Copied.';
-          } catch {
-            copied.textContent = ' Your browser did not allow copying: select the link and copy it.';
-          }
-        },
-      }), copied);
+        onclick: () => copy(url, copied, 'the link above'),
+      }), ' ', copied);
   } catch (error) {
     slot.replaceChildren(el('p', { class: 'field-error', text: `No link could be made: ${error.message}.` }));
   }
