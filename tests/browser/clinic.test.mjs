@@ -472,8 +472,29 @@ test('a therapist splits a group session into breakout rooms by dragging, moves 
   await page.getByTestId('breakouts-closed').filter({ hasText: 'Closed: Pair A.' }).waitFor();
   assert.equal((await breakouts())[0].closed, true);
   await page.locator(`[data-breakout="main"] li[data-user="${client.userId}"]`).waitFor();
+
+  // Completed, the group gets its follow-up chat from the followup plugin.
+  page.on('dialog', (dialog) => dialog.accept());
+  await page.getByRole('button', { name: 'Open the session' }).click();
+  await page.getByTestId('session-status').filter({ hasText: 'Open' }).waitFor();
+  await page.getByRole('button', { name: 'Mark as started' }).click();
+  await page.getByTestId('session-status').filter({ hasText: 'In progress' }).waitFor();
+  await page.getByRole('button', { name: 'Complete the session' }).click();
+  const followup = page.getByTestId('followup');
+  await followup.waitFor();
+  const { room_id: followupRoom } = await server.api('GET', `/_limbic/plugins/followup/rooms/${encodeURIComponent(group.room_id)}`, { token: therapist.token });
+  assert.ok((await followup.textContent()).includes(followupRoom));
+  assert.match(await followup.textContent(), /Skills group — follow-up/);
   assert.deepEqual(problems, []);
   await context.close();
+
+  // The client finds it under the past session.
+  const theirs = await open(PHONE);
+  await signIn(theirs.page, client, 'casey');
+  await theirs.page.getByTestId('past-sessions').locator(`li[data-room="${group.room_id}"]`).getByTestId('followup').waitFor();
+  await accessible(theirs.page, "a client's past session with its follow-up chat");
+  assert.deepEqual(theirs.problems, []);
+  await theirs.context.close();
 });
 
 test("a therapist plays and downloads a session's recording from its page", async () => {

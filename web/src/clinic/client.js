@@ -4,7 +4,7 @@
 import { byId, el } from '../ui.js';
 import { openInJoinPage } from '../handoff.js';
 import { currentSession, sessionsBetween } from './api.js';
-import { invoices, renderInvoice } from './plugins.js';
+import { followupOf, invoices, renderFollowup, renderInvoice } from './plugins.js';
 import { formatInstant, formatTime, localTimeZone } from './time.js';
 
 const DAY = 24 * 3_600_000;
@@ -60,10 +60,15 @@ function upcomingItem(view) {
 
 function pastItem(view) {
   const { session } = view;
-  return el('li', { class: 'session-item' },
+  const item = el('li', { class: 'session-item', 'data-room': view.room_id },
     el('h3', { text: session.title }),
     el('p', { text: when(session) }),
     el('p', { class: 'hint', text: STATUS_NAMES[session.status] ?? session.status }));
+  // A completed group session may have a follow-up chat (the followup plugin's).
+  if (session.status === 'completed') {
+    followupOf(view.room_id).then((room) => { if (room) item.append(renderFollowup(session.title, room)); }).catch(() => {});
+  }
+  return item;
 }
 
 /** Loads and shows the signed-in person's sessions; the countdowns tick every second. */

@@ -8,6 +8,7 @@ import { formatInstant } from './time.js';
 
 const BILLING = '/_limbic/plugins/billing';
 const CALENDAR = '/_limbic/plugins/calendar';
+const FOLLOWUP = '/_limbic/plugins/followup';
 
 /** The server answers this way when it does not run the plugin. */
 const notRunning = (error) => error instanceof ApiError && error.status === 404 && /no plugin/.test(error.message);
@@ -57,4 +58,24 @@ export async function feedUrl() {
     if (notRunning(error)) return null;
     throw error;
   }
+}
+
+/** The follow-up chat of a completed group session; null when there is none (yet); undefined
+ *  without the plugin. */
+export async function followupOf(roomId) {
+  try {
+    return (await request('GET', `${FOLLOWUP}/rooms/${encodeURIComponent(roomId)}`)).room_id;
+  } catch (error) {
+    if (notRunning(error)) return undefined;
+    if (error instanceof ApiError && error.status === 404) return null;
+    throw error;
+  }
+}
+
+/** Where a person finds the follow-up chat: their Matrix app, where it is among their rooms. */
+export function renderFollowup(title, followupRoom) {
+  return el('p', { 'data-testid': 'followup' },
+    'The follow-up chat “', el('strong', { text: `${title} — follow-up` }),
+    '” is open to everyone who took part: find it among your rooms in your Matrix app (Element, for example). Its address: ',
+    el('span', { class: 'mono', text: followupRoom }));
 }

@@ -8,7 +8,7 @@ import { openInJoinPage } from '../handoff.js';
 import { ApiError, currentSession, mediaBlob, request, requestText, searchUsers, sessionPath } from './api.js';
 import { showBreakouts } from './breakouts.js';
 import { copy } from './copy.js';
-import { invoiceOf, renderInvoice } from './plugins.js';
+import { followupOf, invoiceOf, renderFollowup, renderInvoice } from './plugins.js';
 import { describeRefusal } from './refusals.js';
 import { formatInstant, formatStamp, formatTime, timeZones, zonedToInstant } from './time.js';
 
@@ -78,6 +78,7 @@ async function moveTo(status, label, confirmFirst) {
     renderSummary();
     fillEditForm();
     loadInvoice();
+    loadFollowup();
     message(`The session is now ${STATUS_NAMES[answer.session.status].toLowerCase()}.`);
   } catch (error) {
     message(`The status could not be changed: ${error.message}.`, { error: true });
@@ -309,8 +310,11 @@ async function saveNote() {
 
 // --- invoice -------------------------------------------------------------------------------
 
+/** How often a plugin's answer about a just-completed session is looked for again. */
+const PLUGIN_RETRIES = 15;
+
 /** The billing plugin's invoice, once the session is completed (it comes a moment after). */
-async function loadInvoice() {
+async function loadInvoice(retries = PLUGIN_RETRIES) {
   const panel = byId('session-invoice');
   if (view.session.status !== 'completed') {
     panel.hidden = true;
@@ -320,10 +324,27 @@ async function loadInvoice() {
     const invoice = await invoiceOf(roomId);
     panel.hidden = invoice === undefined;
     byId('invoice-body').replaceChildren(invoice ? renderInvoice(invoice) : el('p', { class: 'hint', text: 'The invoice is being made…', 'data-testid': 'invoice-pending' }));
-    if (invoice === null) setTimeout(() => { if (view?.session.status === 'completed') loadInvoice(); }, 2000);
+    if (invoice === null && retries > 0) setTimeout(() => { if (view?.session.status === 'completed') loadInvoice(retries - 1); }, 2000);
   } catch (error) {
     panel.hidden = false;
     byId('invoice-body').replaceChildren(el('p', { class: 'field-error', text: `The invoice could not be loaded: ${error.message}.` }));
+  }
+}
+
+/** The followup plugin's chat, once a group session is completed (it comes a moment after). */
+async function loadFollowup(retries = PLUGIN_RETRIES) {
+  const panel = byId('session-followup');
+  if (view.session.status !== 'completed') {
+    panel.hidden = true;
+    return;
+  }
+  try {
+    const followup = await followupOf(roomId);
+    panel.hidden = !followup;
+    if (followup) byId('followup-body').replaceChildren(renderFollowup(view.session.title, followup));
+    else if (followup === null && retries > 0) setTimeout(() => { if (view?.session.status === 'completed') loadFollowup(retries - 1); }, 2000);
+  } catch {
+    panel.hidden = true;
   }
 }
 
@@ -441,7 +462,7 @@ export async function showSession(id, back) {
   renderSummary();
   fillEditForm();
   renderPeople();
-  await Promise.all([loadWaiting(), loadNotes(), loadInvoice(), loadRecordings(), showBreakouts(roomId, view)]);
+  await Promise.all([loadWaiting(), loadNotes(), loadInvoice(), loadFollowup(), loadRecordings(), showBreakouts(roomId, view)]);
   clearInterval(waitingTimer);
   waitingTimer = setInterval(loadWaiting, WAITING_POLL_MS);
 }
