@@ -556,3 +556,41 @@ test("a therapist plays and downloads a session's recording from its page", asyn
   assert.deepEqual(problems, []);
   await context.close();
 });
+
+test("a session's page shows each participant's consent to recording and raised hands, and why recording cannot start", async () => {
+  const start = Date.now() + 5 * 60_000;
+  const live = await server.api('POST', '/_limbic/client/v1/sessions', {
+    token: therapist.token,
+    body: {
+      kind: 'individual', title: 'Recorded check-in', starts_at: start, ends_at: start + 30 * 60_000, timezone: 'UTC',
+      participants: [{ user_id: client.userId, role: 'client' }], recording_policy: 'with_consent',
+    },
+  });
+  const room = encodeURIComponent(live.room_id);
+  const me = encodeURIComponent(client.userId);
+  await server.api('POST', `/_matrix/client/v3/join/${room}`, { token: client.token, body: {} });
+  await server.api('PUT', `/_matrix/client/v3/rooms/${room}/state/org.limbic.recording.consent/${me}`, { token: client.token, body: { consent: true } });
+  await server.api('PUT', `/_matrix/client/v3/rooms/${room}/state/org.limbic.hand/${me}`, { token: client.token, body: { raised: true } });
+
+  const { context, page, problems } = await open(DESKTOP);
+  await page.goto(`${server.url}/clinic/sessions/${room}`);
+  await signIn(page, therapist, 'theo');
+  const person = page.getByTestId('live-people').locator(`li[data-user="${client.userId}"]`);
+  await person.filter({ hasText: 'consents to recording' }).waitFor();
+  await person.getByTestId('hand-raised').waitFor();
+  assert.match(await page.getByTestId('recording-line').textContent(), /^Not recording/);
+
+  // Nobody is in the call: the server says so, and the page passes it on.
+  await page.getByTestId('recording-toggle').click();
+  await page.getByTestId('recording-error').filter({ hasText: 'The recording could not start' }).waitFor();
+  await accessible(page, 'recording, consent and hands');
+  await screenshot(page, 'live-desktop');
+
+  // The client withdraws consent and lowers their hand: the page follows.
+  await server.api('PUT', `/_matrix/client/v3/rooms/${room}/state/org.limbic.recording.consent/${me}`, { token: client.token, body: { consent: false } });
+  await server.api('PUT', `/_matrix/client/v3/rooms/${room}/state/org.limbic.hand/${me}`, { token: client.token, body: { raised: false } });
+  await person.filter({ hasText: 'does not consent to recording' }).waitFor();
+  assert.equal(await person.getByTestId('hand-raised').count(), 0);
+  assert.deepEqual(problems, []);
+  await context.close();
+});

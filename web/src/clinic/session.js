@@ -1,5 +1,5 @@
 // A session as its therapist runs it: the status workflow, rescheduling and editing, the call,
-// the waiting room (admit, decline), participants and their roles (and sign-in links for
+// recording with each participant's consent and raised hands, the waiting room (admit, decline), participants and their roles (and sign-in links for
 // clients without a Matrix app), notes with their history
 // (saved as the therapist types), and the transcript.
 
@@ -79,6 +79,7 @@ async function moveTo(status, label, confirmFirst) {
     fillEditForm();
     loadInvoice();
     loadFollowup();
+    loadLive();
     message(`The session is now ${STATUS_NAMES[answer.session.status].toLowerCase()}.`);
   } catch (error) {
     message(`The status could not be changed: ${error.message}.`, { error: true });
@@ -186,6 +187,52 @@ async function loadWaiting() {
     byId('waiting-error').textContent = `The waiting room could not be loaded: ${error.message}.`;
     byId('waiting-error').hidden = false;
   }
+}
+
+// --- recording, consent and hands ----------------------------------------------------------
+
+let recordingOn = false;
+
+/** The room's state as the session's therapist reads it: who consents, whose hand is up. */
+async function loadLive() {
+  let state;
+  try {
+    state = await request('GET', `/_matrix/client/v3/rooms/${encodeURIComponent(roomId)}/state`);
+  } catch {
+    return;
+  }
+  const content = (type, key) => state.find((event) => event.type === type && event.state_key === key)?.content ?? null;
+  const recording = content('org.limbic.recording', '');
+  recordingOn = recording?.recording === true;
+  const allowed = view.session.recording_policy === 'with_consent';
+  byId('recording-line').textContent = !allowed
+    ? 'This session is never recorded.'
+    : recordingOn ? `Recording, started by ${recording.by}.` : `Not recording${recording?.stopped_because ? ` (stopped: ${recording.stopped_because})` : ''}. It can be, while everyone in the call consents.`;
+  const toggle = byId('recording-toggle');
+  toggle.hidden = !allowed || !LIVE.has(view.session.status);
+  toggle.textContent = recordingOn ? 'Stop recording' : 'Start recording';
+  const others = Object.entries(view.roles).filter(([, role]) => role !== 'therapist' && role !== 'co_therapist');
+  byId('live-people').replaceChildren(...others.map(([userId]) => {
+    const consent = content('org.limbic.recording.consent', userId)?.consent;
+    const hand = content('org.limbic.hand', userId)?.raised === true;
+    return el('li', { 'data-user': userId },
+      el('span', { class: 'mono', text: userId }),
+      allowed ? ` · ${consent === true ? 'consents to recording' : consent === false ? 'does not consent to recording' : 'has not answered about recording'}` : '',
+      hand ? el('span', { class: 'tag tag-hand', text: 'Hand raised', 'data-testid': 'hand-raised' }) : null);
+  }));
+}
+
+async function toggleRecording() {
+  const error = byId('recording-error');
+  error.hidden = true;
+  try {
+    await request('PUT', `${sessionPath(roomId)}/recording`, { body: { recording: !recordingOn } });
+    message(recordingOn ? 'The recording stopped; its files are listed below.' : 'Recording.');
+  } catch (failure) {
+    error.textContent = recordingOn ? `The recording could not be stopped: ${failure.message}.` : `The recording could not start: ${failure.message}.`;
+    error.hidden = false;
+  }
+  await Promise.all([loadLive(), loadRecordings()]);
 }
 
 // --- participants --------------------------------------------------------------------------
@@ -427,6 +474,7 @@ let wired = false;
 function wire() {
   wired = true;
   byId('session-edit').addEventListener('submit', (event) => { saveEdit(event); });
+  byId('recording-toggle').addEventListener('click', toggleRecording);
   byId('people-search').addEventListener('input', (event) => searchPeople(event.target.value));
   byId('people-add').addEventListener('submit', (event) => event.preventDefault());
   byId('note-new').addEventListener('click', () => {
@@ -462,9 +510,9 @@ export async function showSession(id, back) {
   renderSummary();
   fillEditForm();
   renderPeople();
-  await Promise.all([loadWaiting(), loadNotes(), loadInvoice(), loadFollowup(), loadRecordings(), showBreakouts(roomId, view)]);
+  await Promise.all([loadWaiting(), loadLive(), loadNotes(), loadInvoice(), loadFollowup(), loadRecordings(), showBreakouts(roomId, view)]);
   clearInterval(waitingTimer);
-  waitingTimer = setInterval(loadWaiting, WAITING_POLL_MS);
+  waitingTimer = setInterval(() => { loadWaiting(); loadLive(); }, WAITING_POLL_MS);
 }
 
 /** Stops the page's polling and saves a note being typed. */
