@@ -29,6 +29,7 @@ let client;
 let stranger;
 let admin;
 let nina; // a therapist the admin verifies in the test
+let uma; // a therapist whose whole day is one test
 let openSession; // the room of the session the client waits in (the client test makes it)
 let laterSession; // the room of a session later today
 
@@ -36,17 +37,22 @@ before(async () => {
   await server.start();
   admin = await server.register('clinicadmin', true);
   nina = await server.register('nina', false);
+  uma = await server.register('uma', false);
   therapist = await server.register('theo', false);
   client = await server.register('casey', false);
   stranger = await server.register('sam', false);
   await server.api('PUT', `/_matrix/client/v3/profile/${encodeURIComponent(client.userId)}/displayname`, { token: client.token, body: { displayname: 'Casey Client' } });
-  await server.api('PUT', `/_limbic/admin/v1/therapists/${encodeURIComponent(therapist.userId)}`, { token: admin.token, body: { verified: true } });
+  for (const who of [therapist, uma]) {
+    await server.api('PUT', `/_limbic/admin/v1/therapists/${encodeURIComponent(who.userId)}`, { token: admin.token, body: { verified: true } });
+  }
   // The therapist and the client share a room, so that the directory (limited to people one
   // shares a room with, as config.example.toml has it) finds the client.
-  const room = await server.api('POST', '/_matrix/client/v3/createRoom', { token: therapist.token, body: { invite: [client.userId] } });
-  await server.api('POST', `/_matrix/client/v3/join/${encodeURIComponent(room.room_id)}`, { token: client.token, body: {} });
+  for (const who of [therapist, uma]) {
+    const room = await server.api('POST', '/_matrix/client/v3/createRoom', { token: who.token, body: { invite: [client.userId] } });
+    await server.api('POST', `/_matrix/client/v3/join/${encodeURIComponent(room.room_id)}`, { token: client.token, body: {} });
+  }
   // Fake camera and microphone: a client's "Join" leads to the join page, which asks for them.
-  browser = await launchChromium(['--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream']);
+  browser = await launchChromium(['--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream', '--autoplay-policy=no-user-gesture-required']);
 });
 
 after(async () => {
@@ -593,4 +599,136 @@ test("a session's page shows each participant's consent to recording and raised 
   assert.equal(await person.getByTestId('hand-raised').count(), 0);
   assert.deepEqual(problems, []);
   await context.close();
+});
+
+/** The frames the join page decoded from others' video keep coming (it is not one still). */
+async function videoFlows(page, who) {
+  const deadline = Date.now() + STEP_TIMEOUT;
+  let first = null;
+  let last = null;
+  while (Date.now() < deadline) {
+    last = await page.evaluate(() => window.__limbicStats());
+    if (last.framesDecoded > 0 && first === null) first = last.framesDecoded;
+    else if (first !== null && last.framesDecoded >= first + 15) return;
+    await new Promise((resolve) => setTimeout(resolve, 250));
+  }
+  assert.fail(`${who} decodes no moving video: ${JSON.stringify(last)}`);
+}
+
+/** The local wall-clock time `minutes` from now, rounded up to a whole minute, for the form. */
+function soon(minutes) {
+  const at = new Date(Date.now() + minutes * 60_000);
+  at.setSeconds(60, 0);
+  const pad = (n) => String(n).padStart(2, '0');
+  return { date: `${at.getFullYear()}-${pad(at.getMonth() + 1)}-${pad(at.getDate())}`, time: `${pad(at.getHours())}:${pad(at.getMinutes())}` };
+}
+
+test("a therapist's day: schedule with a passcode, the client waits and is admitted, a call, a breakout, notes, recording with consent, completed, transcript and invoice", async () => {
+  // The therapist schedules a group session a few minutes from now, with a passcode.
+  const desk = await open(DESKTOP);
+  desk.page.on('dialog', (dialog) => dialog.accept());
+  await signIn(desk.page, uma, 'uma');
+  await desk.page.getByTestId('page-calendar').waitFor();
+  await desk.page.getByTestId('new-session').click();
+  await desk.page.getByTestId('schedule-kind').selectOption('group');
+  await desk.page.getByTestId('schedule-title').fill('Group day');
+  await desk.page.getByTestId('client-search').fill('casey');
+  await desk.page.getByTestId('client-results').getByRole('button', { name: /Casey Client/ }).click();
+  const { date, time } = soon(4);
+  await desk.page.getByTestId('schedule-date').fill(date);
+  await desk.page.getByTestId('schedule-time').fill(time);
+  await desk.page.getByTestId('schedule-recording').selectOption('with_consent');
+  await desk.page.getByTestId('schedule-passcode').check();
+  await desk.page.getByTestId('schedule-submit').click();
+  await desk.page.getByTestId('scheduled-dialog').waitFor();
+  const passcode = await desk.page.getByTestId('scheduled-passcode').textContent();
+  await desk.page.getByTestId('scheduled-copy').click();
+  const copied = await desk.page.evaluate(() => navigator.clipboard.readText());
+  const link = copied.split('\n').find((line) => line.includes('/clinic/sessions/'));
+  const roomId = decodeURIComponent(link.split('/clinic/sessions/')[1]);
+  await desk.page.getByTestId('scheduled-close').click();
+
+  // The client opens the link they were sent, signs in, joins: the passcode, then the waiting room.
+  const phone = await open(PHONE);
+  await phone.page.goto(link);
+  await signIn(phone.page, client, 'casey');
+  const item = phone.page.locator(`li[data-room="${roomId}"]`);
+  await item.getByTestId('join-session').click();
+  await phone.page.getByTestId('page-passcode').waitFor();
+  await phone.page.getByTestId('passcode-input').fill(passcode);
+  await phone.page.getByTestId('passcode-submit').click();
+  await phone.page.getByTestId('waiting-status').filter({ hasText: 'to let you in' }).waitFor();
+
+  // The therapist's session page: the client waits; admitted; then the call.
+  await desk.page.goto(link);
+  await desk.page.getByTestId('page-session').waitFor();
+  await desk.page.getByTestId('waiting-list').locator(`li[data-user="${client.userId}"]`).getByTestId('admit').click();
+  const callTab = await desk.context.newPage();
+  callTab.setDefaultTimeout(STEP_TIMEOUT);
+  callTab.on('pageerror', (error) => desk.problems.push(`page error: ${error.message}`));
+  await callTab.goto(link);
+  await signIn(callTab, uma, 'uma');
+  await callTab.getByTestId('page-session').waitFor();
+  await callTab.getByTestId('session-join').click();
+  await callTab.getByTestId('page-lobby').waitFor();
+  await callTab.getByTestId('join-call').click();
+  await callTab.getByTestId('page-call').waitFor();
+  await phone.page.getByTestId('page-call').waitFor();
+  await videoFlows(callTab, 'the therapist');
+  await videoFlows(phone.page, 'the client');
+
+  // A breakout during the call, from the session page: the client goes in and comes back.
+  await desk.page.reload();
+  await desk.page.getByTestId('breakouts').waitFor();
+  await desk.page.getByTestId('breakout-name').fill('Pairs');
+  await desk.page.getByTestId('breakout-create').click();
+  const pairs = desk.page.locator('[data-breakout]:not([data-breakout="main"])');
+  await pairs.waitFor();
+  await desk.page.locator(`[data-breakout="main"] li[data-user="${client.userId}"] span`).dragTo(pairs);
+  await pairs.locator(`li[data-user="${client.userId}"]`).waitFor();
+  await pairs.getByTestId('breakout-close').click();
+  await desk.page.getByTestId('breakouts-closed').filter({ hasText: 'Pairs' }).waitFor();
+
+  // Notes, written and edited.
+  await desk.page.getByTestId('note-new').click();
+  await desk.page.getByTestId('note-body').fill('Group settled in quickly.');
+  await desk.page.getByTestId('note-status').filter({ hasText: /^Saved at/ }).waitFor();
+  await desk.page.getByTestId('note-body').fill('Group settled in quickly. Casey led the check-in.');
+  await desk.page.getByTestId('note-history').locator('li').nth(1).waitFor();
+
+  // Recording with everyone's consent, in the call; its files come back to the session page.
+  for (const page of [callTab, phone.page]) {
+    await page.getByTestId('consent-prompt').waitFor();
+    await page.getByTestId('consent-allow').click();
+    await page.getByTestId('consent-prompt').waitFor({ state: 'hidden' });
+  }
+  await callTab.getByTestId('toggle-recording').click();
+  await phone.page.getByTestId('recording-indicator').waitFor();
+  await new Promise((resolve) => setTimeout(resolve, 2000));
+  await callTab.getByTestId('toggle-recording').filter({ hasText: 'Stop recording' }).click();
+  await phone.page.getByTestId('recording-indicator').waitFor({ state: 'hidden' });
+  await desk.page.reload();
+  await desk.page.getByTestId('recordings-list').locator('li').first().waitFor();
+  assert.ok(await desk.page.getByTestId('recordings-list').locator('li', { hasText: `Sound of ${client.userId}` }).count() >= 1);
+
+  // Completed: the call ends; the transcript and the invoice.
+  await desk.page.getByRole('button', { name: 'Mark as started' }).click();
+  await desk.page.getByTestId('session-status').filter({ hasText: 'In progress' }).waitFor();
+  await desk.page.getByRole('button', { name: 'Complete the session' }).click();
+  await desk.page.getByTestId('session-status').filter({ hasText: 'Completed' }).waitFor();
+  const [download] = await Promise.all([desk.page.waitForEvent('download'), desk.page.getByTestId('transcript-text').click()]);
+  const transcript = readFileSync(await download.path(), 'utf8');
+  assert.match(transcript, /^Group day\n/);
+  assert.match(transcript, new RegExp(`${client.userId} \\(client\\)`));
+  assert.match(transcript, /session status: completed/);
+  assert.doesNotMatch(transcript, new RegExp(passcode), 'the passcode is nowhere in the transcript');
+  const total = desk.page.getByTestId('invoice-total');
+  await total.waitFor();
+  assert.match(await total.textContent(), /€/);
+  await accessible(desk.page, 'the day, completed');
+  await screenshot(desk.page, 'day-completed-desktop');
+  assert.deepEqual(desk.problems, []);
+  assert.deepEqual(phone.problems, []);
+  await phone.context.close();
+  await desk.context.close();
 });
