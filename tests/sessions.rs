@@ -790,3 +790,32 @@ async fn recordings_are_what_the_therapists_announced() {
         assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{}: {body}", who.user_id);
     }
 }
+
+/// A full session admits nobody from its waiting room: the therapist hears why, and the person
+/// stays in the waiting room (rather than being let in to a join the policy then refuses).
+#[tokio::test]
+async fn a_full_session_admits_nobody() {
+    let server = TestServer::start().await;
+    let admin = server.register_admin("admin").await;
+    let therapist = verified_therapist(&server, &admin, "therapist").await;
+    let client = server.register("client").await;
+    let knocker = server.register("knocker").await;
+    let start = now_ms() + 60_000;
+    let mut request = session_request("individual", start, start + HOUR, json!([{ "user_id": client.user_id, "role": "client" }]));
+    request["max_participants"] = json!(2);
+    let created = therapist.ok(Method::POST, SESSIONS, Some(request)).await;
+    let room = created["room_id"].as_str().unwrap().to_owned();
+    client.ok(Method::POST, &format!("/_matrix/client/v3/rooms/{}/join", enc(&room)), Some(json!({}))).await;
+    knocker.ok(Method::POST, &format!("/_matrix/client/v3/knock/{}", enc(&room)), Some(json!({}))).await;
+
+    let admit = format!("{SESSIONS}/{}/waiting/{}/admit", enc(&room), enc(&knocker.user_id));
+    let (status, body) = therapist.post(&admit, json!({})).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{body}");
+    assert_eq!(body["error"], "the session is full (2 participants)");
+    assert_eq!(member_state(&admin, &room, &knocker.user_id).await.as_deref(), Some("knock"), "still waiting");
+
+    // Once the client leaves, there is room again.
+    client.ok(Method::POST, &format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)), Some(json!({}))).await;
+    therapist.ok(Method::POST, &admit, Some(json!({}))).await;
+    assert_eq!(member_state(&admin, &room, &knocker.user_id).await.as_deref(), Some("invite"));
+}

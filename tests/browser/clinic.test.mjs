@@ -199,6 +199,9 @@ test('a therapist signs in, schedules a group session with a passcode and is kep
   await page.getByTestId('page-session').waitFor();
   assert.equal(await page.getByTestId('session-status').textContent(), 'Scheduled');
   assert.equal(new URL(page.url()).pathname, `/clinic/sessions/${encodeURIComponent(view.room_id)}`);
+  // Tomorrow's session: a countdown to its join window, and no joining before it.
+  assert.match(await page.getByTestId('session-countdown').textContent(), /^The call opens in \d+ (h|day)/);
+  assert.equal(await page.getByTestId('session-join').isDisabled(), true);
   await page.getByTestId('session-back').click();
   await page.getByTestId('page-calendar').waitFor();
 
@@ -731,4 +734,33 @@ test("a therapist's day: schedule with a passcode, the client waits and is admit
   assert.deepEqual(phone.problems, []);
   await phone.context.close();
   await desk.context.close();
+});
+
+test('admitting someone to a full session says why it cannot be done', async () => {
+  const start = Date.now() + 10 * 60_000;
+  const full = await server.api('POST', '/_limbic/client/v1/sessions', {
+    token: nina.token,
+    body: {
+      kind: 'individual', title: 'Full house', starts_at: start, ends_at: start + 30 * 60_000, timezone: 'UTC',
+      participants: [{ user_id: client.userId, role: 'client' }], max_participants: 2,
+    },
+  });
+  const room = encodeURIComponent(full.room_id);
+  await server.api('POST', `/_matrix/client/v3/join/${room}`, { token: client.token, body: {} });
+  await server.api('POST', `/_matrix/client/v3/knock/${room}`, { token: stranger.token, body: {} });
+
+  const { context, page, problems } = await open(DESKTOP);
+  await page.goto(`${server.url}/clinic/sessions/${room}`);
+  await signIn(page, nina, 'nina');
+  const waiting = page.getByTestId('waiting-list').locator(`li[data-user="${stranger.userId}"]`);
+  await waiting.waitFor();
+  await waiting.getByTestId('admit').click();
+  const error = page.getByTestId('waiting-error');
+  await error.filter({ hasText: 'cannot be let in' }).waitFor();
+  assert.equal(await error.textContent(), '@sam:localhost cannot be let in: the session is full (2 participants). Raise the participant limit, or wait until someone leaves.');
+  assert.equal(await waiting.count(), 1, 'still in the waiting room');
+  await accessible(page, 'a refused admission');
+  await screenshot(page, 'full-session-desktop');
+  assert.deepEqual(problems, []);
+  await context.close();
 });

@@ -5,7 +5,7 @@ import { byId, el } from '../ui.js';
 import { openInJoinPage } from '../handoff.js';
 import { currentSession, sessionsBetween } from './api.js';
 import { followupOf, invoices, renderFollowup, renderInvoice } from './plugins.js';
-import { formatInstant, formatTime, localTimeZone } from './time.js';
+import { formatInstant, formatTime, localTimeZone, until } from './time.js';
 
 const DAY = 24 * 3_600_000;
 // Together within the 400 days one request may span.
@@ -17,18 +17,6 @@ const STATUS_NAMES = {
 };
 
 let ticker = null;
-
-/** "2 days 3 h", "1 h 05 min", "4 min 09 s": how long until `ms`. */
-function until(ms) {
-  const seconds = Math.max(0, Math.round(ms / 1000));
-  const days = Math.floor(seconds / 86_400);
-  const hours = Math.floor((seconds % 86_400) / 3600);
-  const minutes = Math.floor((seconds % 3600) / 60);
-  const secs = seconds % 60;
-  if (days) return `${days} day${days === 1 ? '' : 's'} ${hours} h`;
-  if (hours) return `${hours} h ${String(minutes).padStart(2, '0')} min`;
-  return `${minutes} min ${String(secs).padStart(2, '0')} s`;
-}
 
 function when(session) {
   const here = `${formatInstant(session.starts_at)} – ${formatTime(session.ends_at)}`;

@@ -10,7 +10,7 @@ import { showBreakouts } from './breakouts.js';
 import { copy } from './copy.js';
 import { followupOf, invoiceOf, renderFollowup, renderInvoice } from './plugins.js';
 import { describeRefusal } from './refusals.js';
-import { formatInstant, formatStamp, formatTime, timeZones, zonedToInstant } from './time.js';
+import { formatInstant, formatStamp, formatTime, timeZones, until, zonedToInstant } from './time.js';
 
 const WAITING_POLL_MS = 3000;
 const AUTOSAVE_MS = 1200;
@@ -29,6 +29,7 @@ const LIVE = new Set(['scheduled', 'open', 'in_progress']);
 let roomId = null;
 let view = null;
 let waitingTimer = null;
+let clock = null;
 let onLeave = () => {};
 
 function message(text, { error = false } = {}) {
@@ -56,7 +57,7 @@ function renderSummary() {
   const actions = [];
   if (LIVE.has(session.status)) {
     actions.push(el('button', {
-      type: 'button', class: 'button', text: 'Join the call', 'data-testid': 'session-join',
+      type: 'button', class: 'button', text: 'Join the call', 'data-testid': 'session-join', 'aria-describedby': 'session-countdown',
       onclick: () => openInJoinPage(currentSession(), roomId),
     }));
   }
@@ -68,13 +69,26 @@ function renderSummary() {
   }
   byId('session-actions').replaceChildren(...actions);
   byId('session-edit-panel').hidden = !LIVE.has(session.status);
+  tick();
+}
+
+/** The countdown to the join window, and "Join the call" from the window on. */
+function tick(now = Date.now()) {
+  const { session } = view;
+  const opensAt = view.join_window.opens_at;
+  const join = document.querySelector('[data-testid="session-join"]');
+  if (join) join.disabled = now < opensAt;
+  byId('session-countdown').textContent = !LIVE.has(session.status) ? ''
+    : now < opensAt ? `The call opens in ${until(opensAt - now)} (${view.session.join_window_minutes} minutes before the start).`
+      : now < session.starts_at ? `The call is open; the session starts in ${until(session.starts_at - now)}.`
+        : now < session.ends_at ? `The session is on: it ends in ${until(session.ends_at - now)}.` : 'The session is past its end time.';
 }
 
 async function moveTo(status, label, confirmFirst) {
   if (confirmFirst && !window.confirm(`${label}? This cannot be undone.`)) return;
   try {
     const answer = await request('PUT', `${sessionPath(roomId)}/status`, { body: { status } });
-    view.session = answer.session;
+    view = await request('GET', sessionPath(roomId));
     renderSummary();
     fillEditForm();
     loadInvoice();
@@ -139,8 +153,8 @@ async function saveEdit(event) {
     recording_policy: byId('edit-recording').value,
   };
   try {
-    const answer = await request('PATCH', sessionPath(roomId), { body: changes });
-    view.session = answer.session;
+    await request('PATCH', sessionPath(roomId), { body: changes });
+    view = await request('GET', sessionPath(roomId));
     renderSummary();
     fillEditForm();
     message('The changes are saved.');
@@ -166,7 +180,9 @@ async function answerKnock(userId, answer) {
     await request('POST', `${sessionPath(roomId)}/waiting/${encodeURIComponent(userId)}/${answer}`, { body: {} });
     message(answer === 'admit' ? `${userId} is let in.` : `${userId} was not let in.`);
   } catch (failure) {
-    error.textContent = `${userId} could not be ${answer === 'admit' ? 'let in' : 'declined'}: ${failure.message}.`;
+    error.textContent = /full/i.test(failure.message)
+      ? `${userId} cannot be let in: ${failure.message}. Raise the participant limit, or wait until someone leaves.`
+      : `${userId} could not be ${answer === 'admit' ? 'let in' : 'declined'}: ${failure.message}.`;
     error.hidden = false;
   }
   await loadWaiting();
@@ -513,11 +529,14 @@ export async function showSession(id, back) {
   await Promise.all([loadWaiting(), loadLive(), loadNotes(), loadInvoice(), loadFollowup(), loadRecordings(), showBreakouts(roomId, view)]);
   clearInterval(waitingTimer);
   waitingTimer = setInterval(() => { loadWaiting(); loadLive(); }, WAITING_POLL_MS);
+  clearInterval(clock);
+  clock = setInterval(tick, 1000);
 }
 
 /** Stops the page's polling and saves a note being typed. */
 export function leaveSession() {
   clearInterval(waitingTimer);
+  clearInterval(clock);
   if (saveTimer) {
     clearTimeout(saveTimer);
     saveTimer = null;

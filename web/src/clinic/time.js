@@ -58,3 +58,15 @@ export function formatTime(ms, zone) {
 export function formatStamp(ms) {
   return new Intl.DateTimeFormat(undefined, { dateStyle: 'medium', timeStyle: 'medium' }).format(new Date(ms));
 }
+
+/** "2 days 3 h", "1 h 05 min", "4 min 09 s": how long until `ms`. */
+export function until(ms) {
+  const seconds = Math.max(0, Math.round(ms / 1000));
+  const days = Math.floor(seconds / 86_400);
+  const hours = Math.floor((seconds % 86_400) / 3600);
+  const minutes = Math.floor((seconds % 3600) / 60);
+  const secs = seconds % 60;
+  if (days) return `${days} day${days === 1 ? '' : 's'} ${hours} h`;
+  if (hours) return `${hours} h ${String(minutes).padStart(2, '0')} min`;
+  return `${minutes} min ${String(secs).padStart(2, '0')} s`;
+}

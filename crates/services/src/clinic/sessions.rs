@@ -301,6 +301,7 @@ pub enum Answer {
 /// Answers a knock: an invite (admit) or a leave set by the therapist (decline).
 pub async fn answer_knock(server: &dyn ClinicHost, by: &UserId, room_id: &RoomId, user: &UserId, answer: Answer) -> Result<OwnedEventId> {
     require_therapist(server, by, room_id, "admit and decline")?;
+    let admit = matches!(answer, Answer::Admit);
     let content = match answer {
         Answer::Admit => json!({ "membership": "invite" }),
         Answer::Decline { reason: Some(reason) } => json!({ "membership": "leave", "reason": reason }),
@@ -310,6 +311,15 @@ pub async fn answer_knock(server: &dyn ClinicHost, by: &UserId, room_id: &RoomId
     let knocking = writer.state_event("m.room.member", user.as_str())?.is_some_and(|m| m.membership() == Some(Membership::Knock));
     if !knocking {
         return Err(Error::not_found(format!("{user} is not in the waiting room")));
+    }
+    // Someone let in who could not then join (the clinic policy counts joins against the
+    // limit) would only wait again: a full session admits nobody.
+    if admit {
+        let session = writer.state_event(SESSION, "")?.ok_or_else(|| Error::not_found("not a session"))?;
+        let limit = crate::clinic::parse_session(&session.content_json())?.max_participants;
+        if server.rooms().joined_members(room_id)?.len() as u32 >= limit {
+            return Err(Error::forbidden(format!("the session is full ({limit} participants)")));
+        }
     }
     let pdu = writer.append(by, PduBuilder::state("m.room.member", user.as_str(), content), None)?;
     writer.commit()?.finish().await;
