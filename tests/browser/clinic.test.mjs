@@ -292,10 +292,29 @@ test('a clinic admin verifies a therapist, who can then schedule, and checks the
   assert.deepEqual(therapistTab.problems, []);
   await therapistTab.context.close();
 
+  // More users than one page: the rest come with "Show more users".
+  for (let i = 0; i < 50; i += 1) await server.register(`member${String(i).padStart(2, '0')}`, false);
+  const listing = await open(DESKTOP);
+  await signIn(listing.page, admin, 'clinicadmin');
+  await listing.page.getByTestId('users-more').waitFor();
+  const rows = listing.page.getByTestId('users-table').locator('tbody tr');
+  assert.equal(await rows.count(), 50);
+  await listing.page.getByTestId('users-more').click();
+  await listing.page.getByTestId('users-more').waitFor({ state: 'hidden' });
+  const { total } = await server.api('GET', '/_synapse/admin/v2/users?limit=1', { token: admin.token });
+  assert.ok(total > 50, `${total} users`);
+  assert.equal(await rows.count(), total);
+  assert.equal(new Set(await rows.evaluateAll((trs) => trs.map((tr) => tr.dataset.user))).size, total, 'no user twice');
+  assert.deepEqual(listing.problems, []);
+  await listing.context.close();
+
   const adminPhone = await open(PHONE);
   await signIn(adminPhone.page, admin, 'clinicadmin');
   await adminPhone.page.getByTestId('page-admin').waitFor();
+  await adminPhone.page.getByTestId('users-term').fill('nina');
+  await adminPhone.page.getByTestId('users-term').press('Enter');
   await adminPhone.page.locator('tr[data-user="@nina:localhost"]').waitFor();
+  assert.equal(await adminPhone.page.getByTestId('users-table').locator('tbody tr').count(), 1, 'the search finds Nina alone');
   await accessible(adminPhone.page, 'administration on a phone');
   await screenshot(adminPhone.page, 'admin-phone');
   const width = await adminPhone.page.evaluate(() => document.documentElement.scrollWidth);

@@ -44,21 +44,28 @@ async function therapistButton(user) {
   return cell;
 }
 
-async function loadUsers(term = '') {
+let usersTerm = '';
+let usersNext = null;
+
+async function loadUsers(term = usersTerm, { more = false } = {}) {
+  usersTerm = term;
+  if (!more) byId('users-rows').replaceChildren();
   status('users-status', 'Loading users…');
   try {
     const query = { limit: PAGE };
     if (term) query.name = term;
+    if (more && usersNext !== null) query.from = usersNext;
     const answer = await request('GET', '/_synapse/admin/v2/users', { query });
     const rows = await Promise.all(answer.users.map(async (user) => el('tr', { 'data-user': user.name },
       el('td', {}, el('span', { class: 'mono', text: user.name }), user.displayname ? el('div', { class: 'hint', text: user.displayname }) : null),
       el('td', { text: [user.admin ? 'Admin' : null, user.deactivated ? 'Deactivated' : 'Active'].filter(Boolean).join(', ') }),
       user.deactivated ? el('td', { class: 'hint', text: '—' }) : await therapistButton(user),
     )));
-    byId('users-rows').replaceChildren(...rows);
-    status('users-status', answer.total > answer.users.length
-      ? `Showing ${answer.users.length} of ${answer.total} users: narrow the search to find others.`
-      : `${answer.total} user${answer.total === 1 ? '' : 's'}.`);
+    byId('users-rows').append(...rows);
+    usersNext = answer.next_token ?? null;
+    byId('users-more').hidden = usersNext === null;
+    const shown = byId('users-rows').childElementCount;
+    status('users-status', `${shown} of ${answer.total} user${answer.total === 1 ? '' : 's'} shown.`);
   } catch (error) {
     status('users-status', `The users could not be loaded: ${error.message}.`);
   }
@@ -165,6 +172,7 @@ export function showAdmin() {
       loadAudit();
     });
     byId('audit-more').addEventListener('click', () => loadAudit({ more: true }));
+    byId('users-more').addEventListener('click', () => loadUsers(usersTerm, { more: true }));
     byId('audit-verify').addEventListener('click', verifyChain);
   }
   byId('audit-verification').hidden = true;
