@@ -138,6 +138,27 @@ test('a therapist signs in, schedules a group session with a passcode and is kep
   await accessible(page, 'calendar');
   await screenshot(page, 'calendar-desktop');
 
+  // A click on an empty slot of the week starts a session there.
+  await page.locator('.fc-timegrid-slot-lane[data-time="14:00:00"]').click();
+  await page.getByTestId('schedule-dialog').waitFor();
+  assert.equal(await page.getByTestId('schedule-time').inputValue(), '14:00');
+  await page.locator('#schedule-cancel').click();
+  await page.getByTestId('schedule-dialog').waitFor({ state: 'hidden' });
+  // A drag over empty slots starts one with that time and length.
+  const from = await page.locator('.fc-timegrid-slot-lane[data-time="15:00:00"]').boundingBox();
+  const to = await page.locator('.fc-timegrid-slot-lane[data-time="16:30:00"]').boundingBox();
+  const x = from.x + from.width / 2;
+  await page.mouse.move(x, from.y + from.height / 2);
+  await page.mouse.down();
+  await page.mouse.move(x, to.y + to.height / 2, { steps: 10 });
+  await page.mouse.up();
+  await page.getByTestId('schedule-dialog').waitFor();
+  assert.equal(await page.getByTestId('schedule-time').inputValue(), '15:00');
+  assert.equal(await page.getByTestId('schedule-duration').inputValue(), '120');
+  await page.locator('#schedule-cancel').click();
+  await page.getByTestId('schedule-dialog').waitFor({ state: 'hidden' });
+  assert.deepEqual(problems, [], 'the calendar takes the drag in its stride');
+
   // Schedule: a group session tomorrow at 10:00 for 90 minutes, Casey picked from the directory.
   await page.getByTestId('new-session').click();
   const dialog = page.getByTestId('schedule-dialog');

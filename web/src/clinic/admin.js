@@ -47,8 +47,12 @@ async function therapistButton(user) {
 let usersTerm = '';
 let usersNext = null;
 
+let usersLoad = 0;
+
 async function loadUsers(term = usersTerm, { more = false } = {}) {
   usersTerm = term;
+  // A newer load (another search) wins over one still under way.
+  const load = ++usersLoad;
   if (!more) byId('users-rows').replaceChildren();
   status('users-status', 'Loading users…');
   try {
@@ -61,6 +65,7 @@ async function loadUsers(term = usersTerm, { more = false } = {}) {
       el('td', { text: [user.admin ? 'Admin' : null, user.deactivated ? 'Deactivated' : 'Active'].filter(Boolean).join(', ') }),
       user.deactivated ? el('td', { class: 'hint', text: '—' }) : await therapistButton(user),
     )));
+    if (load !== usersLoad) return;
     byId('users-rows').append(...rows);
     usersNext = answer.next_token ?? null;
     byId('users-more').hidden = usersNext === null;

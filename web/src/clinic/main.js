@@ -187,6 +187,11 @@ function showCalendar() {
     nowIndicator: true,
     selectable: true,
     selectMirror: true,
+    // A click is a date click (one slot); only a drag of a few pixels selects a range.
+    selectMinDistance: 5,
+    // The dialog's own clicks must not end the selection it was opened for; it ends when the
+    // dialog closes.
+    unselectAuto: false,
     height: 'auto',
     // The day headers scroll with the grid: a sticky header overlapped the events below it.
     stickyHeaderDates: false,
@@ -208,19 +213,18 @@ function showCalendar() {
         return [];
       }
     },
-    select: (selection) => {
-      calendar.unselect();
-      openSchedule({ start: selection.start });
-    },
+    // The selection shows the time being scheduled until the dialog closes.
+    select: (selection) => openSchedule({ start: selection.start, end: selection.end }),
     dateClick: (click) => {
-      // In the month view a click is on a day: start at the next round hour of the day.
-      if (click.view.type !== 'dayGridMonth') return;
+      // A click on a time starts there; on a day of the month view, at 9:00 that day.
       const start = new Date(click.date);
-      start.setHours(9, 0, 0, 0);
+      if (click.view.type === 'dayGridMonth') start.setHours(9, 0, 0, 0);
       openSchedule({ start });
     },
     eventClick: (click) => openSession(click.event.id),
     eventDidMount: (info) => {
+      // The mirror of a selection being dragged is an event too, with no session behind it.
+      if (!info.event.extendedProps.view) return;
       const { session } = info.event.extendedProps.view;
       info.el.setAttribute('aria-label', `${session.title}, ${STATUS_NAMES[session.status] ?? session.status}, ${formatInstant(session.starts_at)}`);
     },
@@ -263,6 +267,7 @@ function start() {
   });
   for (const button of document.querySelectorAll('[data-view]')) button.addEventListener('click', () => showView(button.dataset.view));
   byId('new-session').addEventListener('click', () => openSchedule());
+  byId('schedule').addEventListener('close', () => calendar?.unselect());
   window.addEventListener('popstate', () => {
     if (!standing?.verified_therapist) return;
     const roomId = sessionInPath();

@@ -81,8 +81,13 @@ async function search(term) {
   }
 }
 
-/** Opens the dialog for a new session, at `start` (a Date) if given. */
-export function openSchedule({ start } = {}) {
+/** The offered duration nearest to `minutes`. */
+const nearestDuration = (minutes) => DURATIONS.reduce((best, d) => (Math.abs(d - minutes) < Math.abs(best - minutes) ? d : best));
+
+/** Opens the dialog for a new session, at `start` (a Date) if given, as long as up to `end`. */
+export function openSchedule({ start, end } = {}) {
+  // A click on the calendar may report both a date click and a selection.
+  if (dialog().open) return;
   const form = byId('schedule-form');
   form.reset();
   chosen = new Map();
@@ -93,7 +98,7 @@ export function openSchedule({ start } = {}) {
   const { date, time } = localDateAndTime(when);
   byId('schedule-date').value = date;
   byId('schedule-time').value = time;
-  byId('schedule-duration').value = String(DEFAULT_DURATION);
+  byId('schedule-duration').value = String(start && end ? nearestDuration((end - start) / 60_000) : DEFAULT_DURATION);
   byId('schedule-window').value = '15';
   dialog().showModal();
   byId('schedule-title').focus();
