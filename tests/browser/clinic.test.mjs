@@ -13,7 +13,7 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 
-import { ARTIFACTS, LimbicServer, REPO, launchChromium, requireFromWeb } from './harness.mjs';
+import { ARTIFACTS, LimbicServer, REPO, expectVideoFrom, launchChromium, requireFromWeb } from './harness.mjs';
 
 const WEB_DIST = join(REPO, 'web/dist');
 const AXE = readFileSync(requireFromWeb.resolve('axe-core/axe.min.js'), 'utf8');
@@ -96,6 +96,21 @@ async function signIn(page, person, name) {
   await page.getByLabel('Username').fill(name);
   await page.getByLabel('Password').fill(person.password);
   await page.getByTestId('sign-in-submit').click();
+}
+
+/**
+ * A session `minutes` long, starting `fromNow` ms from now, made by `by` through the API: an
+ * individual one with Casey as its client unless `extra` says otherwise.
+ */
+function scheduleSession(by, title, fromNow, { minutes = 30, ...extra } = {}) {
+  const start = Date.now() + fromNow;
+  return server.api('POST', '/_limbic/client/v1/sessions', {
+    token: by.token,
+    body: {
+      kind: 'individual', title, starts_at: start, ends_at: start + minutes * 60_000, timezone: 'UTC',
+      participants: [{ user_id: client.userId, role: 'client' }], ...extra,
+    },
+  });
 }
 
 /** Tomorrow's date as the form's date input wants it (the browser's time zone is the test's). */
@@ -216,7 +231,9 @@ test('a therapist signs in, schedules a group session with a passcode and is kep
   const event = await calendarEvent(page, 'Tuesday group');
   assert.match(await event.getAttribute('class'), /kind-group/);
   await screenshot(page, 'calendar-with-session-desktop');
-  await event.click();
+  // From the keyboard: the session is a link to focus and open.
+  await event.focus();
+  await page.keyboard.press('Enter');
   await page.getByTestId('page-session').waitFor();
   assert.equal(await page.getByTestId('session-status').textContent(), 'Scheduled');
   assert.equal(new URL(page.url()).pathname, `/clinic/sessions/${encodeURIComponent(view.room_id)}`);
@@ -345,16 +362,8 @@ test('a clinic admin verifies a therapist, who can then schedule, and checks the
 });
 
 test('a client sees a countdown, can join only inside the join window, and is asked for the passcode', async () => {
-  const now = Date.now();
-  const session = (title, startsAt, extra = {}) => server.api('POST', '/_limbic/client/v1/sessions', {
-    token: therapist.token,
-    body: {
-      kind: 'individual', title, starts_at: startsAt, ends_at: startsAt + 30 * 60_000, timezone: 'UTC',
-      participants: [{ user_id: client.userId, role: 'client' }], join_window_minutes: 15, ...extra,
-    },
-  });
-  const later = await session('Check-in later', now + 2 * 3_600_000);
-  const soon = await session('Check-in now', now + 5 * 60_000, { passcode: '246810' });
+  const later = await scheduleSession(therapist, 'Check-in later', 2 * 3_600_000, { join_window_minutes: 15 });
+  const soon = await scheduleSession(therapist, 'Check-in now', 5 * 60_000, { join_window_minutes: 15, passcode: '246810' });
   openSession = soon.room_id;
   laterSession = later.room_id;
 
@@ -485,13 +494,8 @@ test('a client sees their invoice, and only their own line of it', async () => {
 });
 
 test('a therapist splits a group session into breakout rooms by dragging, moves someone from the list, and closes them', async () => {
-  const start = Date.now() + 4 * 3_600_000;
-  const group = await server.api('POST', '/_limbic/client/v1/sessions', {
-    token: therapist.token,
-    body: {
-      kind: 'group', title: 'Skills group', starts_at: start, ends_at: start + 60 * 60_000, timezone: 'UTC',
-      participants: [{ user_id: client.userId, role: 'client' }, { user_id: stranger.userId, role: 'client' }],
-    },
+  const group = await scheduleSession(therapist, 'Skills group', 4 * 3_600_000, {
+    minutes: 60, kind: 'group', participants: [{ user_id: client.userId, role: 'client' }, { user_id: stranger.userId, role: 'client' }],
   });
   const breakouts = async () => (await server.api('GET', `/_limbic/client/v1/sessions/${encodeURIComponent(group.room_id)}/breakouts`, { token: therapist.token })).breakouts;
 
@@ -607,14 +611,7 @@ test("a therapist plays and downloads a session's recording from its page", asyn
 });
 
 test("a session's page shows each participant's consent to recording and raised hands, and why recording cannot start", async () => {
-  const start = Date.now() + 5 * 60_000;
-  const live = await server.api('POST', '/_limbic/client/v1/sessions', {
-    token: therapist.token,
-    body: {
-      kind: 'individual', title: 'Recorded check-in', starts_at: start, ends_at: start + 30 * 60_000, timezone: 'UTC',
-      participants: [{ user_id: client.userId, role: 'client' }], recording_policy: 'with_consent',
-    },
-  });
+  const live = await scheduleSession(therapist, 'Recorded check-in', 5 * 60_000, { recording_policy: 'with_consent' });
   const room = encodeURIComponent(live.room_id);
   const me = encodeURIComponent(client.userId);
   await server.api('POST', `/_matrix/client/v3/join/${room}`, { token: client.token, body: {} });
@@ -643,20 +640,6 @@ test("a session's page shows each participant's consent to recording and raised 
   assert.deepEqual(problems, []);
   await context.close();
 });
-
-/** The frames the join page decoded from others' video keep coming (it is not one still). */
-async function videoFlows(page, who) {
-  const deadline = Date.now() + STEP_TIMEOUT;
-  let first = null;
-  let last = null;
-  while (Date.now() < deadline) {
-    last = await page.evaluate(() => window.__limbicStats());
-    if (last.framesDecoded > 0 && first === null) first = last.framesDecoded;
-    else if (first !== null && last.framesDecoded >= first + 15) return;
-    await new Promise((resolve) => setTimeout(resolve, 250));
-  }
-  assert.fail(`${who} decodes no moving video: ${JSON.stringify(last)}`);
-}
 
 /** The local wall-clock time `minutes` from now, rounded up to a whole minute, for the form. */
 function soon(minutes) {
@@ -717,8 +700,8 @@ test("a therapist's day: schedule with a passcode, the client waits and is admit
   await callTab.getByTestId('join-call').click();
   await callTab.getByTestId('page-call').waitFor();
   await phone.page.getByTestId('page-call').waitFor();
-  await videoFlows(callTab, 'the therapist');
-  await videoFlows(phone.page, 'the client');
+  await expectVideoFrom(callTab, 'the therapist');
+  await expectVideoFrom(phone.page, 'the client');
 
   // A breakout during the call, from the session page: the client goes in and comes back.
   await desk.page.reload();
@@ -777,14 +760,7 @@ test("a therapist's day: schedule with a passcode, the client waits and is admit
 });
 
 test('admitting someone to a full session says why it cannot be done', async () => {
-  const start = Date.now() + 10 * 60_000;
-  const full = await server.api('POST', '/_limbic/client/v1/sessions', {
-    token: nina.token,
-    body: {
-      kind: 'individual', title: 'Full house', starts_at: start, ends_at: start + 30 * 60_000, timezone: 'UTC',
-      participants: [{ user_id: client.userId, role: 'client' }], max_participants: 2,
-    },
-  });
+  const full = await scheduleSession(nina, 'Full house', 10 * 60_000, { max_participants: 2 });
   const room = encodeURIComponent(full.room_id);
   await server.api('POST', `/_matrix/client/v3/join/${room}`, { token: client.token, body: {} });
   await server.api('POST', `/_matrix/client/v3/knock/${room}`, { token: stranger.token, body: {} });

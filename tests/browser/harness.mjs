@@ -145,3 +145,22 @@ export class LimbicServer {
     rmSync(this.workdir, { recursive: true, force: true });
   }
 }
+
+/**
+ * The join page (in `page`) decodes the others' video, and frames keep coming (it is not one
+ * stuck frame), per inbound-rtp `framesDecoded`; its remote <video> shows a picture.
+ */
+export async function expectVideoFrom(page, who, timeout = 30_000) {
+  const deadline = Date.now() + timeout;
+  let first = null;
+  let last = null;
+  while (Date.now() < deadline) {
+    last = await page.evaluate(() => window.__limbicStats());
+    if (last.framesDecoded > 0 && first === null) first = last.framesDecoded;
+    else if (first !== null && last.framesDecoded >= first + 15) break;
+    await sleep(250);
+  }
+  assert.ok(first !== null && last.framesDecoded >= first + 15, `${who} decodes the other's video: ${JSON.stringify(last)}`);
+  const width = await page.getByTestId('remote-video').first().evaluate((video) => video.videoWidth);
+  assert.ok(width > 0, `${who}'s remote <video> shows a picture`);
+}

@@ -16,7 +16,7 @@ import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 
-import { ARTIFACTS, LimbicServer, REPO, SERVER_NAME, launchChromium, sleep } from './harness.mjs';
+import { ARTIFACTS, LimbicServer, REPO, SERVER_NAME, expectVideoFrom, launchChromium } from './harness.mjs';
 
 const WEB_DIST = join(REPO, 'web/dist');
 const SERVICE_SECRET = 'browser-test-service-secret';
@@ -73,23 +73,6 @@ async function person(viewport) {
 }
 
 const shown = (page, testId) => page.getByTestId(testId).waitFor({ state: 'visible' });
-
-/** The frames the page decoded from others' video, per inbound-rtp `framesDecoded`. */
-async function expectVideoFrom(page, who) {
-  const deadline = Date.now() + STEP_TIMEOUT;
-  let first = null;
-  let last = null;
-  while (Date.now() < deadline) {
-    last = await page.evaluate(() => window.__limbicStats());
-    if (last.framesDecoded > 0 && first === null) first = last.framesDecoded;
-    // Frames keep coming: the video plays, it is not one stuck frame.
-    else if (first !== null && last.framesDecoded >= first + 15) break;
-    await sleep(250);
-  }
-  assert.ok(first !== null && last.framesDecoded >= first + 15, `${who} decodes the other's video: ${JSON.stringify(last)}`);
-  const width = await page.getByTestId('remote-video').first().evaluate((video) => video.videoWidth);
-  assert.ok(width > 0, `${who}'s remote <video> shows a picture`);
-}
 
 before(async () => {
   assert.ok(existsSync(join(WEB_DIST, 'join.js')), 'no built page in web/dist: run `npm run build --prefix web`');

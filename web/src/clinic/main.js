@@ -131,6 +131,8 @@ function eventOf(view) {
     title: session.title,
     start: session.starts_at,
     end: session.ends_at,
+    // A link: keyboard users reach and open it like any other (a click is handled in place).
+    url: `/clinic/sessions/${encodeURIComponent(view.room_id)}`,
     classNames: [GROUP_KINDS.has(session.kind) ? 'kind-group' : 'kind-individual', `status-${session.status.replace('_', '-')}`],
     extendedProps: { view },
   };
@@ -221,7 +223,10 @@ function showCalendar() {
       if (click.view.type === 'dayGridMonth') start.setHours(9, 0, 0, 0);
       openSchedule({ start });
     },
-    eventClick: (click) => openSession(click.event.id),
+    eventClick: (click) => {
+      click.jsEvent.preventDefault();
+      openSession(click.event.id);
+    },
     eventDidMount: (info) => {
       // The mirror of a selection being dragged is an event too, with no session behind it.
       if (!info.event.extendedProps.view) return;
