@@ -761,7 +761,8 @@ async fn recordings_are_what_the_therapists_announced() {
     let stranger = server.register("stranger").await;
     // Inside the join window, so that the client can come in.
     let start = now_ms() + 60_000;
-    let created = therapist.ok(Method::POST, SESSIONS, Some(session_request("individual", start, start + HOUR, json!([{ "user_id": client.user_id, "role": "client" }])))).await;
+    // A group: room for a co-therapist besides the therapist and the client.
+    let created = therapist.ok(Method::POST, SESSIONS, Some(session_request("group", start, start + HOUR, json!([{ "user_id": client.user_id, "role": "client" }])))).await;
     let room = created["room_id"].as_str().unwrap().to_owned();
     client.ok(Method::POST, &format!("/_matrix/client/v3/rooms/{}/join", enc(&room)), Some(json!({}))).await;
     let announce = |who: &Client, url: &str, txn: &str| {
@@ -784,8 +785,14 @@ async fn recordings_are_what_the_therapists_announced() {
     assert_eq!((recordings[0]["owner"].as_str(), recordings[0]["kind"].as_str()), (Some(client.user_id.as_str()), Some("m.audio")));
     assert_eq!((recordings[0]["duration"].as_u64(), recordings[0]["size"].as_u64()), (Some(3000), Some(1234)));
 
-    // The session's client and a stranger are refused.
-    for who in [&client, &stranger] {
+    // A co-therapist lists them, until their role is taken away; the session's client and a
+    // stranger never do.
+    let co = verified_therapist(&server, &admin, "cotherapist").await;
+    let co_path = format!("{SESSIONS}/{}/participants/{}", enc(&room), enc(&co.user_id));
+    therapist.ok(Method::PUT, &co_path, Some(json!({ "role": "co_therapist" }))).await;
+    co.ok(Method::GET, &format!("{SESSIONS}/{}/recordings", enc(&room)), None).await;
+    therapist.ok(Method::DELETE, &co_path, None).await;
+    for who in [&client, &stranger, &co] {
         let (status, body) = who.get(&format!("{SESSIONS}/{}/recordings", enc(&room))).await;
         assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"), "{}: {body}", who.user_id);
     }
