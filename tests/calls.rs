@@ -54,6 +54,49 @@ async fn discovery_names_the_token_service() {
     }
 }
 
+/// `GET /voip/turnServer` hands out coturn REST credentials (Synapse's answer), and LiveKit's
+/// join response the same for the participant; without TURN URIs the answer is empty.
+#[tokio::test]
+async fn turn_credentials_for_users_and_participants() {
+    const SECRET: &str = "a-secret-shared-with-coturn";
+    let voip = format!("[voip]\nturn_uris = [\"turn:turn.test.local:3478?transport=udp\", \"turns:turn.test.local:5349?transport=tcp\"]\nturn_shared_secret = \"{SECRET}\"\nturn_user_lifetime = 600\n");
+    let server = TestServer::start_with_toml(&voip, &[]).await;
+    let ana = server.register("ana").await;
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let turn = ana.ok(Method::GET, "/_matrix/client/v3/voip/turnServer", None).await;
+    assert_eq!(turn["uris"], json!(["turn:turn.test.local:3478?transport=udp", "turns:turn.test.local:5349?transport=tcp"]));
+    assert_eq!(turn["ttl"], 600);
+    let username = turn["username"].as_str().unwrap();
+    let (expiry, user) = username.split_once(':').unwrap();
+    assert_eq!(user, ana.user_id);
+    let expiry: u64 = expiry.parse().unwrap();
+    assert!((before + 600..=before + 602).contains(&expiry), "{expiry} from {before}");
+    assert_eq!(turn["password"], turn_password(SECRET, username));
+    let (status, body) = server.client().get("/_matrix/client/v3/voip/turnServer").await;
+    assert_eq!((status, errcode(&body)), (StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN"));
+
+    let room = ana.create_room(json!({ "preset": "private_chat" })).await;
+    let (_call, join) = Signalling::join_with_response(&server, &jwt(&server, &ana, &room).await).await;
+    let [ice] = join.ice_servers.as_slice() else { panic!("one ICE server entry: {:?}", join.ice_servers) };
+    assert_eq!(ice.urls, ["turn:turn.test.local:3478?transport=udp", "turns:turn.test.local:5349?transport=tcp"]);
+    assert!(ice.username.ends_with(&format!(":{}", ana.user_id)), "{}", ice.username);
+    assert_eq!(ice.credential, turn_password(SECRET, &ice.username));
+
+    let plain = TestServer::start().await;
+    let ben = plain.register("ben").await;
+    assert_eq!(ben.ok(Method::GET, "/_matrix/client/v3/voip/turnServer", None).await, json!({}));
+    let room = ben.create_room(json!({ "preset": "private_chat" })).await;
+    assert!(Signalling::join_with_response(&plain, &jwt(&plain, &ben, &room).await).await.1.ice_servers.is_empty());
+}
+
+/// coturn's check of a REST credential: base64(HMAC-SHA1(secret, username)).
+fn turn_password(secret: &str, username: &str) -> String {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha1::Sha1>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(username.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
 #[tokio::test]
 async fn members_get_call_tokens_and_others_do_not() {
     let server = TestServer::start().await;

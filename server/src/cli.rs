@@ -104,13 +104,21 @@ pub async fn run(config: Config, command: UserCommand) -> ExitCode {
 fn open_stopped(config: Config) -> Result<std::sync::Arc<Server>, String> {
     let store_path = config.database.path.clone();
     Server::open(config).map_err(|e| match e {
-        Error::Store(StoreError::Locked) => format!(
+        Error::Store(e) => stopped_first(&store_path, e),
+        e => format!("cannot open the store: {e}"),
+    })
+}
+
+/// Why the store did not open; in use most likely means by the running server.
+fn stopped_first(store_path: &Path, error: StoreError) -> String {
+    match error {
+        StoreError::Locked => format!(
             "the store at {} is in use, most likely by the running server: stop the server first, \
              or use the admin API (/_synapse/admin/…) while it runs",
             store_path.display()
         ),
         e => format!("cannot open the store: {e}"),
-    })
+    }
 }
 
 /// `limbic keys rotate`: a new signing key; the old one is kept as expired now, so other
@@ -126,6 +134,26 @@ pub fn rotate_key(config: Config) -> ExitCode {
     match rotated {
         Ok(key_id) => {
             println!("new signing key {key_id}; the old key stays published as expired");
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("limbic: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `limbic voip coturn-config`: coturn's configuration for `[voip]`'s TURN URIs and secret,
+/// relaying to this server's SFU only among private addresses. Only the store is opened (for a
+/// secret kept there), not the whole server.
+pub fn coturn_config(config: Config) -> ExitCode {
+    let (realm, sfu) = (config.server_name.to_string(), crate::calls::media::media_ip(&config.calls));
+    let printed = crate::store::Store::open(&config.database.path)
+        .map_err(|e| stopped_first(&config.database.path, e))
+        .and_then(|store| crate::calls::turn::Turn::open(&std::sync::Arc::new(store), &config.voip).map_err(|e| e.to_string()));
+    match printed {
+        Ok(turn) => {
+            print!("{}", turn.coturn_config(&realm, sfu));
             ExitCode::SUCCESS
         }
         Err(message) => {

@@ -5,7 +5,6 @@
 
 use std::{
     cell::RefCell,
-    net::SocketAddr,
     sync::LazyLock,
     time::{Duration, Instant},
 };
@@ -160,8 +159,8 @@ pub fn livekit_signal(data: &[u8]) {
     CALL.with_borrow_mut(|state| {
         let Call { sfu, ids, now, inputs } = state.get_or_insert_with(|| {
             let now = Instant::now();
-            let mut sfu = Sfu::new(SocketAddr::from(loopback::SFU_ADDR), calls::sfu_limits(&Default::default()));
-            let ids = [sfu.join(now, &loopback::grant("ana", "call", true), true), sfu.join(now, &loopback::grant("ben", "call", false), true)];
+            let mut sfu = Sfu::new(loopback::sfu_addresses(), calls::sfu_limits(&Default::default()));
+            let ids = [sfu.join(now, &loopback::grant("ana", "call", true), &loopback::auto_subscribed()), sfu.join(now, &loopback::grant("ben", "call", false), &loopback::auto_subscribed())];
             Call { sfu, ids, now, inputs: 0 }
         });
         *inputs += 1;

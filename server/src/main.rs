@@ -41,6 +41,21 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// The TURN server that relays call media (stop the server first).
+    Voip {
+        #[command(subcommand)]
+        command: VoipCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum VoipCommand {
+    /// Print a coturn configuration (turnserver -c FILE) for `[voip]`: its port, the shared
+    /// secret, and relaying only to this server's SFU among private addresses.
+    CoturnConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -77,6 +92,7 @@ impl Command {
             Self::User { command } => command.config(),
             Self::Audit { command: AuditCommand::Verify { config, .. } | AuditCommand::Head { config } } => config,
             Self::Keys { command: KeysCommand::Rotate { config } } => config,
+            Self::Voip { command: VoipCommand::CoturnConfig { config } } => config,
         }
     }
 }
@@ -119,6 +135,7 @@ fn main() -> ExitCode {
             Command::Audit { command: AuditCommand::Verify { head, .. } } => return limbic_server::cli::verify_audit(config, head.as_deref()),
             Command::Audit { command: AuditCommand::Head { .. } } => return limbic_server::cli::audit_head(config),
             Command::Keys { command: KeysCommand::Rotate { .. } } => return limbic_server::cli::rotate_key(config),
+            Command::Voip { command: VoipCommand::CoturnConfig { .. } } => return limbic_server::cli::coturn_config(config),
             Command::Serve { .. } | Command::CheckConfig { .. } => {}
         }
         let server = match Server::open(config) {

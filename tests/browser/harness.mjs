@@ -81,7 +81,8 @@ export class LimbicServer {
       LIMBIC_MEDIA__PATH: join(this.workdir, 'media'),
       LIMBIC_RATE_LIMITS__ENABLED: 'false',
       LIMBIC_REGISTRATION__SHARED_SECRET: REGISTRATION_SECRET,
-      LIMBIC_CALLS__UDP_PORT: '0', // any free port
+      LIMBIC_CALLS__UDP_PORT: '0', // any free ports
+      LIMBIC_CALLS__TCP_PORT: '0',
       ...this.overrides(this.url),
     };
     const env = Object.fromEntries(Object.entries(process.env).filter(([key]) => !key.startsWith('LIMBIC_')));

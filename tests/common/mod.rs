@@ -108,7 +108,7 @@ impl TestServer {
              registration = {{ per_second = 0.5, burst = 3 }}\n\
              login = {{ per_second = 0.5, burst = 3 }}\n\
              create_room = {{ per_second = 0.5, burst = 3 }}\n\
-             [calls]\nudp_address = \"127.0.0.1\"\nudp_port = 0\n",
+             [calls]\nudp_address = \"127.0.0.1\"\nudp_port = 0\ntcp_port = 0\n",
             port = self.port,
             db = self.dir.path().join("db").display(),
         );

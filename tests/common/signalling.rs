@@ -113,10 +113,15 @@ impl Signalling {
 
     /// Joins: the first message is the `JoinResponse`.
     pub async fn join(server: &TestServer, jwt: &str) -> Self {
+        Self::join_with_response(server, jwt).await.0
+    }
+
+    /// Joins, with the `JoinResponse`.
+    pub async fn join_with_response(server: &TestServer, jwt: &str) -> (Self, lk::JoinResponse) {
         let mut connection = Self::connect(server, jwt).await.unwrap_or_else(|(status, body)| panic!("/rtc refused: {status} {body}"));
         let first = tokio::time::timeout(Duration::from_secs(5), connection.next()).await.expect("a join response in time");
-        assert!(matches!(first, Some(lk::signal_response::Message::Join(_))), "{first:?}");
-        connection
+        let Some(lk::signal_response::Message::Join(join)) = first else { panic!("the first message is not a join response: {first:?}") };
+        (connection, join)
     }
 
     /// Waits for the server to tell this participant to leave: the reason, then the close.

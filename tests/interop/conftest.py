@@ -88,7 +88,7 @@ def write_config(path: Path, port: int, store: Path) -> dict:
     cfg.setdefault("registration", {})["mode"] = "open"
     # The example ships no admin registration secret; the tests that register admins need one.
     cfg["registration"]["shared_secret"] = "interop-shared-secret-0123456789abcdef"
-    cfg.setdefault("calls", {})["udp_port"] = 0  # any free port: servers run side by side
+    cfg.setdefault("calls", {}).update(udp_port=0, tcp_port=0)  # any free ports: servers run side by side
     cfg.setdefault("web", {})["assets_dir"] = str(REPO / "web" / "dist")
     # The example's plugins, from the repository's build; compiled once for every server.
     for plugin in cfg.get("plugins", []):

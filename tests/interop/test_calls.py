@@ -28,120 +28,21 @@ import asyncio
 import base64
 import json
 import time
-import math
 import secrets
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from urllib.parse import quote
 
 import numpy as np
 import pytest
 from livekit import rtc
 
-from mx import register, register_with_shared_secret, run
-
-SAMPLE_RATE = 48000
-FRAME = 480  # 10 ms
-
-
-def http(base: str, method: str, path: str, token: str | None = None, body=None) -> tuple[int, dict]:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(base + path, data=data, method=method)
-    request.add_header("Content-Type", "application/json")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            status, raw = response.status, response.read()
-    except urllib.error.HTTPError as error:
-        status, raw = error.code, error.read()
-    try:
-        return status, json.loads(raw or b"{}")
-    except ValueError:
-        return status, {"raw": raw.decode(errors="replace")}
-
-
-@dataclass
-class Member:
-    user_id: str
-    access_token: str
-    device_id: str
-
-
-async def member(base: str, name: str) -> Member:
-    account = await register(base, f"{name}{secrets.token_hex(3)}", "call-interop-password")
-    return Member(account.user_id, account.access_token, account.device_id)
-
-
-def call_token(base: str, who: Member, room_id: str) -> tuple[str, str]:
-    """(signalling url, call token) from the MSC4195 token service."""
-    status, openid = http(base, "POST", f"/_matrix/client/v3/user/{quote(who.user_id)}/openid/request_token", who.access_token, {})
-    assert status == 200, openid
-    body = {
-        "room_id": room_id, "slot_id": "m.call#ROOM", "openid_token": openid,
-        "member": {"id": f"m-{who.device_id}", "claimed_user_id": who.user_id, "claimed_device_id": who.device_id},
-    }
-    status, answer = http(base, "POST", "/_limbic/calls/get_token", None, body)
-    assert status == 200, f"get_token for {who.user_id}: {status} {answer}"
-    return answer["url"], answer["jwt"]
-
-
-async def shared_room(base: str, names: list[str]) -> tuple[str, list[Member]]:
-    members = [await member(base, name) for name in names]
-    status, room = http(base, "POST", "/_matrix/client/v3/createRoom", members[0].access_token,
-                        {"preset": "private_chat", "invite": [m.user_id for m in members[1:]]})
-    assert status == 200, room
-    for m in members[1:]:
-        status, body = http(base, "POST", f"/_matrix/client/v3/join/{quote(room['room_id'])}", m.access_token, {})
-        assert status == 200, body
-    return room["room_id"], members
+from call_media import Member, call_token, http, loud_frames, member, publish_tone, shared_room
+from mx import register_with_shared_secret, run
 
 
 def options() -> rtc.RoomOptions:
     return rtc.RoomOptions(auto_subscribe=True, connect_timeout=20)
-
-
-async def publish_tone(room: rtc.Room, stop: asyncio.Event, frequency: float = 440.0) -> rtc.LocalTrackPublication:
-    source = rtc.AudioSource(SAMPLE_RATE, 1)
-    track = rtc.LocalAudioTrack.create_audio_track("tone", source)
-    publish = rtc.TrackPublishOptions()
-    publish.source = rtc.TrackSource.SOURCE_MICROPHONE
-    publication = await room.local_participant.publish_track(track, publish)
-
-    async def feed():
-        phase = 0
-        while not stop.is_set():
-            frame = rtc.AudioFrame.create(SAMPLE_RATE, 1, FRAME)
-            samples = np.frombuffer(frame.data, dtype=np.int16)
-            t = (np.arange(FRAME) + phase) / SAMPLE_RATE
-            samples[:] = (np.sin(2 * math.pi * frequency * t) * 12000).astype(np.int16)
-            phase += FRAME
-            await source.capture_frame(frame)
-    asyncio.get_running_loop().create_task(feed())
-    return publication
-
-
-async def loud_frames(track: rtc.Track, wanted: int, timeout: float) -> int:
-    """How many received 10 ms frames carry the tone (not silence), up to `wanted`."""
-    loud = 0
-    stream = rtc.AudioStream(track, sample_rate=SAMPLE_RATE, num_channels=1)
-
-    async def count():
-        nonlocal loud
-        async for event in stream:
-            samples = np.frombuffer(event.frame.data, dtype=np.int16)
-            if samples.size and np.abs(samples).max() > 2000:
-                loud += 1
-                if loud >= wanted:
-                    return
-    try:
-        await asyncio.wait_for(count(), timeout)
-    except asyncio.TimeoutError:
-        pass
-    finally:
-        await stream.aclose()
-    return loud
 
 
 def test_a_tone_published_by_one_member_reaches_the_other(server):

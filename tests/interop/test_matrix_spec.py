@@ -6,6 +6,8 @@ resolved here through a `referencing` registry that loads them. PyYAML comes wit
 matrix-synapse (requirements.txt).
 
 - `GET /_matrix/client/versions` matches its schema.
+- `GET /_matrix/client/v3/voip/turnServer` with config.example.toml (TURN on, coturn REST
+  credentials) matches its 200 schema; without a token: 401 `M_MISSING_TOKEN`.
 - `GET /_matrix/client/v1/room_summary/{roomIdOrAlias}` (MSC3266) matches its 200 schema for a
   member, a stranger and an anonymous caller of a public room, and for an outsider of a session
   room (who sees the waiting room's view); the 404 of a hidden room matches the error schema.
@@ -100,6 +102,18 @@ def test_versions_matches_the_spec(server):
         await get_checked(server, "/_matrix/client/versions", None, 200, v)
 
     run(go())
+
+
+def test_turn_server_matches_the_spec(server):
+    async def scenario():
+        user = await register(server.url, "turnuser", "turn-user-password")
+        status, body = await raw(server.url, "GET", "/_matrix/client/v3/voip/turnServer", token=user.access_token)
+        assert status == 200, body
+        assert body["uris"] and body["username"].endswith(f":{user.user_id}"), body
+        assert_valid(response_validator("voip", "/voip/turnServer", "get", 200), body, "GET /voip/turnServer")
+        status, body = await raw(server.url, "GET", "/_matrix/client/v3/voip/turnServer")
+        assert (status, body.get("errcode")) == (401, "M_MISSING_TOKEN"), body
+    run(scenario())
 
 
 def test_room_summaries_match_the_spec(server):

@@ -47,6 +47,8 @@ pub struct Config {
     #[serde(default)]
     pub calls: CallsConfig,
     #[serde(default)]
+    pub voip: VoipConfig,
+    #[serde(default)]
     pub web: WebConfig,
     #[serde(default)]
     pub plugin_host: PluginHostConfig,
@@ -101,6 +103,10 @@ pub struct CallsConfig {
     /// The address peers send media to, when it is not the socket's (behind NAT); unset with an
     /// unspecified `udp_address`: this host's address on its default route.
     pub announced_address: Option<IpAddr>,
+    /// ICE over TCP: a TCP listener on `udp_address` for peers whose UDP is blocked.
+    pub ice_tcp: bool,
+    /// Its port (0: any free port).
+    pub tcp_port: u16,
     /// Largest signalling message (and WebSocket frame) a participant may send, in bytes.
     pub max_signal_message_bytes: usize,
     /// Signalling messages per connection: sustained per second, and burst.
@@ -134,6 +140,9 @@ impl Default for CallsConfig {
             udp_address: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
             udp_port: 7882,
             announced_address: None,
+            ice_tcp: true,
+            // LiveKit's default.
+            tcp_port: 7881,
             // LiveKit's own limit is 2 MiB; a subscriber's answer in a full call takes a few KB
             // per track it receives.
             max_signal_message_bytes: 1024 * 1024,
@@ -146,6 +155,28 @@ impl Default for CallsConfig {
             max_data_packet_bytes: 16 * 1024,
             data_rate: RateLimit { per_second: 256.0 * 1024.0, burst: 1024 * 1024 },
         }
+    }
+}
+
+/// TURN servers clients relay media through (`/voip/turnServer`, and LiveKit's join response),
+/// with short-lived credentials from a secret shared with them: coturn's `use-auth-secret`.
+/// The keys are Synapse's.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VoipConfig {
+    /// `turn:` and `turns:` URIs; empty: no TURN server is offered.
+    pub turn_uris: Vec<String>,
+    /// The secret shared with the TURN server; empty: a random one kept in the store
+    /// (`limbic voip coturn-config` prints it in coturn's configuration).
+    pub turn_shared_secret: String,
+    /// How long credentials stay valid, in seconds.
+    pub turn_user_lifetime: u64,
+}
+
+impl Default for VoipConfig {
+    fn default() -> Self {
+        // Synapse's default lifetime.
+        Self { turn_uris: Vec::new(), turn_shared_secret: String::new(), turn_user_lifetime: 3600 }
     }
 }
 
@@ -630,6 +661,12 @@ impl Config {
             if value == 0 {
                 return Err(ConfigError::Invalid { key, reason: "must be at least 1".into() });
             }
+        }
+        if let Some(uri) = self.voip.turn_uris.iter().find(|uri| !(uri.starts_with("turn:") || uri.starts_with("turns:"))) {
+            return Err(ConfigError::Invalid { key: "voip.turn_uris", reason: format!("{uri:?} is not a turn: or turns: URI") });
+        }
+        if self.voip.turn_user_lifetime == 0 {
+            return Err(ConfigError::Invalid { key: "voip.turn_user_lifetime", reason: "must be at least 1".into() });
         }
         let clinic = &self.clinic;
         if clinic.max_retention_days != 0 && clinic.min_retention_days > clinic.max_retention_days {

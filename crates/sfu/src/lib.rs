@@ -31,9 +31,11 @@ use str0m::{
     channel::{ChannelConfig, ChannelData, ChannelId, Reliability},
     bwe::{Bitrate, BweKind},
     change::{SdpAnswer, SdpOffer, SdpPendingOffer},
+    net::TcpType,
     media::{Direction, KeyframeRequest, KeyframeRequestKind, MediaData, MediaKind, MediaTime, Mid, Rid},
-    net::{Protocol, Receive},
+    net::Receive,
 };
+pub use str0m::net::Protocol;
 
 use containers::{Ivf, OggOpus};
 use forwarding::*;
@@ -43,6 +45,32 @@ use recording::*;
 
 /// A participant's handle inside the SFU.
 pub type ParticipantId = u64;
+
+/// Where peers send media: the host candidates every connection's SDP carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MediaAddresses {
+    pub udp: SocketAddr,
+    /// ICE over TCP (RFC 6544, a passive candidate), for peers whose UDP is blocked.
+    pub tcp: Option<SocketAddr>,
+}
+
+/// A packet for a peer: a UDP datagram, or one RFC 4571 frame on its TCP connection.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub proto: Protocol,
+    pub destination: SocketAddr,
+    pub contents: Vec<u8>,
+}
+
+/// How a participant joins, besides what their token grants.
+#[derive(Clone, Debug, Default)]
+pub struct JoinOptions {
+    /// Subscribe to every track in the room (LiveKit's `auto_subscribe`).
+    pub auto_subscribe: bool,
+    /// The TURN servers the client may relay through, with its credentials (the join
+    /// response's `ice_servers`).
+    pub ice_servers: Vec<lk::IceServer>,
+}
 
 /// What LiveKit clients are told this server is (they need a version of at least 1.8.0).
 const SERVER_VERSION: &str = "1.9.0";
@@ -233,12 +261,12 @@ enum Happened {
 }
 
 pub struct Sfu {
-    /// The address peers send media to (the host candidate): the socket's, or the announced one.
-    candidate_addr: SocketAddr,
+    /// Where peers send media (the host candidates): the sockets', or the announced address.
+    addresses: MediaAddresses,
     limits: Limits,
     participants: HashMap<ParticipantId, Participant>,
     next_id: ParticipantId,
-    transmits: VecDeque<(SocketAddr, Vec<u8>)>,
+    transmits: VecDeque<Outgoing>,
     signals: VecDeque<(ParticipantId, lk::SignalResponse)>,
     /// Participants whose connections failed, for the driver to close.
     gone: VecDeque<ParticipantId>,
@@ -253,8 +281,8 @@ pub struct Sfu {
     to_negotiate: HashSet<ParticipantId>,
     /// When each connection's timers next fire.
     timers: HashMap<(ParticipantId, Pc), Instant>,
-    /// Which connection a peer's address belongs to (learnt from the first datagram it sent).
-    routes: HashMap<SocketAddr, (ParticipantId, Pc)>,
+    /// Which connection a peer's address belongs to (learnt from the first packet it sent).
+    routes: HashMap<(Protocol, SocketAddr), (ParticipantId, Pc)>,
     /// SFU rooms where someone sent a data packet: only their subscriber connections get data
     /// channels, whose SCTP costs every connection time even when idle.
     data_rooms: HashSet<String>,
@@ -275,9 +303,9 @@ fn now_ms() -> i64 {
 }
 
 impl Sfu {
-    pub fn new(candidate_addr: SocketAddr, limits: Limits) -> Self {
+    pub fn new(addresses: MediaAddresses, limits: Limits) -> Self {
         Self {
-            candidate_addr,
+            addresses,
             limits,
             participants: HashMap::new(),
             next_id: 1,
@@ -301,7 +329,13 @@ impl Sfu {
             config = config.enable_bwe(Some(Bitrate::kbps(INITIAL_ESTIMATE_KBPS)));
         }
         let mut rtc = config.build(now);
-        if let Ok(candidate) = Candidate::host(self.candidate_addr, "udp") {
+        if let Ok(candidate) = Candidate::host(self.addresses.udp, Protocol::Udp) {
+            rtc.add_local_candidate(candidate);
+        }
+        // Peers connect to it (passive); clients whose UDP gets through prefer UDP.
+        if let Some(tcp) = self.addresses.tcp
+            && let Ok(candidate) = Candidate::builder().tcp().host(tcp).tcptype(TcpType::Passive).build()
+        {
             rtc.add_local_candidate(candidate);
         }
         rtc
@@ -310,7 +344,8 @@ impl Sfu {
     /// Admits the holder of `grant`: they get the room and who is in it, and the others learn
     /// of them. In a full call they get `leave` (`JOIN_FAILURE`, as LiveKit answers a join
     /// beyond a room's `max_participants`) instead, and are gone.
-    pub fn join(&mut self, now: Instant, grant: &Grant, auto_subscribe: bool) -> ParticipantId {
+    pub fn join(&mut self, now: Instant, grant: &Grant, options: &JoinOptions) -> ParticipantId {
+        let auto_subscribe = options.auto_subscribe;
         let id = self.next_id;
         self.next_id += 1;
         let room = grant.room.clone();
@@ -353,6 +388,7 @@ impl Sfu {
             subscriber_primary: false,
             ping_interval: PING_INTERVAL_SECONDS,
             ping_timeout: PING_TIMEOUT_SECONDS,
+            ice_servers: options.ice_servers.clone(),
             server_info: Some(lk::ServerInfo {
                 edition: lk::server_info::Edition::Standard as i32,
                 version: SERVER_VERSION.to_owned(),
@@ -468,11 +504,11 @@ impl Sfu {
         self.process(now);
     }
 
-    /// A UDP datagram for whichever peer connection it belongs to.
-    pub fn receive(&mut self, now: Instant, source: SocketAddr, destination: SocketAddr, datagram: &[u8]) {
+    /// A UDP datagram (or a TCP connection's frame) for whichever peer connection it belongs to.
+    pub fn receive(&mut self, now: Instant, proto: Protocol, source: SocketAddr, destination: SocketAddr, datagram: &[u8]) {
         let Ok(contents) = datagram.try_into() else { return };
-        let input = Input::Receive(now, Receive { proto: Protocol::Udp, source, destination, contents });
-        let known = self.routes.get(&source).copied().filter(|(id, pc)| self.participants.get_mut(id).is_some_and(|p| p.rtc(*pc).accepts(&input)));
+        let input = Input::Receive(now, Receive { proto, source, destination, contents });
+        let known = self.routes.get(&(proto, source)).copied().filter(|(id, pc)| self.participants.get_mut(id).is_some_and(|p| p.rtc(*pc).accepts(&input)));
         let target = known.or_else(|| {
             self.participants.iter_mut().find_map(|(id, p)| {
                 if p.publisher.accepts(&input) {
@@ -485,7 +521,7 @@ impl Sfu {
             })
         });
         let Some((id, pc)) = target else { return };
-        self.routes.insert(source, (id, pc));
+        self.routes.insert((proto, source), (id, pc));
         if let Some(participant) = self.participants.get_mut(&id)
             && let Err(error) = participant.rtc(pc).handle_input(input)
         {
@@ -592,7 +628,7 @@ impl Sfu {
         self.participants.iter().find(|(_, p)| p.room == room && p.info.identity == identity).map(|(id, _)| *id)
     }
 
-    pub fn poll_transmit(&mut self) -> Option<(SocketAddr, Vec<u8>)> {
+    pub fn poll_transmit(&mut self) -> Option<Outgoing> {
         self.transmits.pop_front()
     }
 
@@ -626,7 +662,7 @@ impl Sfu {
                 let Some(participant) = self.participants.get_mut(&id) else { continue };
                 loop {
                     match participant.rtc(pc).poll_output() {
-                        Ok(Output::Transmit(transmit)) => self.transmits.push_back((transmit.destination, transmit.contents.into())),
+                        Ok(Output::Transmit(transmit)) => self.transmits.push_back(Outgoing { proto: transmit.proto, destination: transmit.destination, contents: transmit.contents.into() }),
                         Ok(Output::Timeout(at)) => {
                             self.timers.insert((id, pc), at);
                             break;

@@ -15,13 +15,26 @@ use str0m::{
     change::{SdpAnswer, SdpOffer, SdpPendingOffer},
     format::{Codec, PayloadParams},
     media::{Direction, MediaKind, MediaTime, Mid},
-    net::{Protocol, Receive},
+    net::{Protocol, Receive, TcpType},
 };
 
-use crate::{Grant, Limits, ParticipantId, Rate, Rights, Sfu};
+use crate::{Grant, JoinOptions, Limits, MediaAddresses, Outgoing, ParticipantId, Rate, Rights, Sfu};
 
 /// Where the SFU's socket is, on this network.
 pub const SFU_ADDR: ([u8; 4], u16) = ([10, 0, 0, 1], 7882);
+
+/// Where the SFU takes ICE over TCP, on a network that has it ([`Network::with_tcp`]).
+pub const SFU_TCP_ADDR: ([u8; 4], u16) = ([10, 0, 0, 1], 7881);
+
+/// The SFU's media addresses on this network: UDP only.
+pub fn sfu_addresses() -> MediaAddresses {
+    MediaAddresses { udp: SocketAddr::from(SFU_ADDR), tcp: None }
+}
+
+/// How the network's clients join: subscribed to everything.
+pub fn auto_subscribed() -> JoinOptions {
+    JoinOptions { auto_subscribe: true, ..JoinOptions::default() }
+}
 
 /// The limits of a test network: those a server has by default (`[calls]`), without a cap on
 /// a call's participants.
@@ -54,6 +67,8 @@ pub struct Client {
     pub publisher: Rtc,
     pub subscriber: Rtc,
     addrs: [SocketAddr; 2],
+    /// How it reaches the SFU: UDP, or only TCP (as when its UDP is blocked).
+    proto: Protocol,
     pending: Option<SdpPendingOffer>,
     pub signals: Vec<lk::signal_response::Message>,
     /// Frames its subscriber connection received, and the last one.
@@ -101,7 +116,7 @@ impl Network {
     /// An SFU with the default limits, but calls of any size: the forwarding benchmark goes
     /// beyond `max_participants_per_call`.
     pub fn new() -> Self {
-        Self { sfu: Sfu::new(SocketAddr::from(SFU_ADDR), LIMITS), clients: Vec::new(), now: Instant::now(), sfu_time: Duration::ZERO, receive_times: Vec::new(), timing: false }
+        Self { sfu: Sfu::new(sfu_addresses(), LIMITS), clients: Vec::new(), now: Instant::now(), sfu_time: Duration::ZERO, receive_times: Vec::new(), timing: false }
     }
 
     /// A client joins the call; its index.
@@ -109,8 +124,24 @@ impl Network {
         self.join_in("call", identity, publish)
     }
 
+    /// An SFU that also takes ICE over TCP.
+    pub fn with_tcp() -> Self {
+        let mut net = Self::new();
+        net.sfu = Sfu::new(MediaAddresses { tcp: Some(SocketAddr::from(SFU_TCP_ADDR)), ..sfu_addresses() }, LIMITS);
+        net
+    }
+
     /// A client joins the call of the SFU room `room`; its index.
     pub fn join_in(&mut self, room: &str, identity: &str, publish: bool) -> usize {
+        self.join_with(room, identity, publish, Protocol::Udp)
+    }
+
+    /// A client that can only use TCP (its UDP is blocked) joins the call; its index.
+    pub fn join_over_tcp(&mut self, identity: &str, publish: bool) -> usize {
+        self.join_with("call", identity, publish, Protocol::Tcp)
+    }
+
+    fn join_with(&mut self, room: &str, identity: &str, publish: bool, proto: Protocol) -> usize {
         let index = self.clients.len();
         let host = u8::try_from(index % 250).unwrap_or(0) + 2;
         let third = u8::try_from(index / 250).unwrap_or(0) + 1;
@@ -118,13 +149,17 @@ impl Network {
         let now = self.now;
         let [publisher, subscriber] = addrs.map(|addr| {
             let mut rtc = Rtc::builder().build(now);
-            rtc.add_local_candidate(Candidate::host(addr, "udp").expect("a host candidate"));
+            let candidate = match proto {
+                Protocol::Udp => Candidate::host(addr, Protocol::Udp),
+                _ => Candidate::builder().tcp().host(addr).tcptype(TcpType::Active).build(),
+            };
+            rtc.add_local_candidate(candidate.expect("a host candidate"));
             rtc
         });
         let started = Instant::now();
-        let id = self.sfu.join(now, &grant(identity, room, publish), true);
+        let id = self.sfu.join(now, &grant(identity, room, publish), &auto_subscribed());
         self.sfu_time += started.elapsed();
-        self.clients.push(Client { id, publisher, subscriber, addrs, pending: None, signals: Vec::new(), frames: 0, last_frame: None, data: Vec::new() });
+        self.clients.push(Client { id, publisher, subscriber, addrs, proto, pending: None, signals: Vec::new(), frames: 0, last_frame: None, data: Vec::new() });
         index
     }
 
@@ -184,7 +219,6 @@ impl Network {
     /// Delivers everything pending, answering signalling as a LiveKit client does, then moves
     /// the clock on by `tick` and fires every timer.
     pub fn step(&mut self, tick: Duration) {
-        let sfu_addr = SocketAddr::from(SFU_ADDR);
         loop {
             let mut moved = false;
             while let Some((id, response)) = self.sfu.poll_signal() {
@@ -209,12 +243,14 @@ impl Network {
                 }
                 self.clients[index].signals.push(message);
             }
-            while let Some((destination, datagram)) = self.sfu.poll_transmit() {
+            while let Some(Outgoing { proto, destination, contents }) = self.sfu.poll_transmit() {
                 moved = true;
-                if let Some(rtc) = self.clients.iter_mut().find_map(|c| c.rtc(destination))
-                    && let Ok(contents) = datagram.as_slice().try_into()
+                // A TCP-only client's UDP is blocked: nothing reaches it that way.
+                if let Some(rtc) = self.clients.iter_mut().filter(|c| c.proto == Protocol::Udp || proto != Protocol::Udp).find_map(|c| c.rtc(destination))
+                    && let Ok(contents) = contents.as_slice().try_into()
                 {
-                    let _ = rtc.handle_input(Input::Receive(self.now, Receive { proto: Protocol::Udp, source: sfu_addr, destination, contents }));
+                    let source = SocketAddr::from(if proto == Protocol::Udp { SFU_ADDR } else { SFU_TCP_ADDR });
+                    let _ = rtc.handle_input(Input::Receive(self.now, Receive { proto, source, destination, contents }));
                 }
             }
             let mut to_sfu = Vec::new();
@@ -223,7 +259,7 @@ impl Network {
                     let rtc = if publisher { &mut client.publisher } else { &mut client.subscriber };
                     loop {
                         match rtc.poll_output() {
-                            Ok(Output::Transmit(transmit)) => to_sfu.push((transmit.source, transmit.destination, transmit.contents.to_vec())),
+                            Ok(Output::Transmit(transmit)) => to_sfu.push((transmit.proto, transmit.source, transmit.destination, transmit.contents.to_vec())),
                             Ok(Output::Event(Event::MediaData(data))) => {
                                 client.frames += 1;
                                 client.last_frame = Some(data.data.to_vec());
@@ -235,10 +271,10 @@ impl Network {
                     }
                 }
             }
-            for (source, destination, datagram) in to_sfu {
+            for (proto, source, destination, datagram) in to_sfu {
                 moved = true;
                 let started = Instant::now();
-                self.sfu.receive(self.now, source, destination, &datagram);
+                self.sfu.receive(self.now, proto, source, destination, &datagram);
                 let took = started.elapsed();
                 self.sfu_time += took;
                 if self.timing {

@@ -1,7 +1,7 @@
 //! The SFU on the in-memory network: what a LiveKit client sees in signalling, media from one
 //! participant reaching another, who may publish, and the limits on what one participant uses.
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use livekit_protocol as lk;
 use prost::Message as _;
@@ -12,7 +12,7 @@ use str0m::{
 
 use crate::{
     Limits, Rate, SERVER_VERSION, Sfu,
-    loopback::{LIMITS, Network, SFU_ADDR},
+    loopback::{LIMITS, Network, sfu_addresses},
 };
 
 const TICK: Duration = Duration::from_millis(5);
@@ -55,6 +55,26 @@ fn a_participants_audio_reaches_the_other_after_the_signalling_livekit_clients_e
 }
 
 #[test]
+fn a_client_whose_udp_is_blocked_connects_over_tcp() {
+    let mut net = Network::with_tcp();
+    let ana = net.join_over_tcp("ana", true);
+    let ben = net.join_over_tcp("ben", false);
+    let carl = net.join("carl", false);
+    net.step(TICK);
+    let mid = net.publish(ana, MediaKind::Audio, "mic");
+    let params = net.params(ana, Codec::Opus);
+    for n in 0..400u64 {
+        net.write(ana, mid, params, MediaTime::from_millis(n * 5).rebase(Frequency::FORTY_EIGHT_KHZ), &[0xf8, 0xff, 0xfe, 1]);
+        net.step(TICK);
+    }
+    // The SFU's offers carry both candidates: UDP first (preferred), then passive TCP.
+    let offer = net.clients[ben].signals.iter().find_map(|m| match m { lk::signal_response::Message::Offer(o) => Some(o.sdp.clone()), _ => None }).expect("an offer");
+    assert!(offer.contains(" udp ") && offer.contains(" tcp ") && offer.contains("tcptype passive"), "{offer}");
+    assert!(net.clients[ben].frames > 100, "ben (TCP) got {} frames", net.clients[ben].frames);
+    assert!(net.clients[carl].frames > 100, "carl (UDP) got {} frames", net.clients[carl].frames);
+}
+
+#[test]
 fn an_observer_cannot_publish() {
     let mut net = Network::new();
     let olga = net.join("olga", false);
@@ -93,7 +113,7 @@ fn a_subscriber_gets_no_track_of_another_call_room() {
 /// A network whose SFU has `limits`.
 fn limited(limits: Limits) -> Network {
     let mut net = Network::new();
-    net.sfu = Sfu::new(SocketAddr::from(SFU_ADDR), limits);
+    net.sfu = Sfu::new(sfu_addresses(), limits);
     net
 }
 

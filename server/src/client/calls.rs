@@ -26,6 +26,18 @@ pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
         .route("/twirp/livekit.RoomService/{method}", post(crate::livekit::room_service::room_service))
         .route("/_limbic/client/v1/sessions/{room_id}/recording", axum::routing::put(set_recording))
         .route("/_limbic/client/v1/sessions/{room_id}/recordings", axum::routing::get(list_recordings))
+        .route("/_matrix/client/v3/voip/turnServer", axum::routing::get(turn_server))
+}
+
+/// `GET /voip/turnServer`: empty when no TURN server is configured (as Synapse answers).
+#[derive(Serialize)]
+struct TurnServer {
+    #[serde(flatten)]
+    credentials: Option<crate::calls::turn::TurnCredentials>,
+}
+
+async fn turn_server(State(server): State<AppState>, Authed(caller): Authed) -> Json<TurnServer> {
+    Json(TurnServer { credentials: server.calls.turn.credentials(caller.user_id.as_str()) })
 }
 
 #[derive(Deserialize)]

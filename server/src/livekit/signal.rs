@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     Server,
-    calls::{Claims, media::ToParticipant, sfu::Bucket, still_allowed},
+    calls::{Claims, media::ToParticipant, sfu::{Bucket, JoinOptions}, still_allowed},
     error::{Error, ErrorCode},
 };
 
@@ -138,10 +138,16 @@ async fn refuse_resume(mut socket: WebSocket) {
     let _ = socket.send(Message::Close(None)).await;
 }
 
+/// The TURN servers a participant may relay through, with credentials of their own.
+fn ice_servers(server: &Server, user: &str) -> Vec<lk::IceServer> {
+    server.calls.turn.credentials(user).map(|c| lk::IceServer { urls: c.uris, username: c.username, credential: c.password }).into_iter().collect()
+}
+
 async fn session(mut socket: WebSocket, server: &Server, sfu: crate::calls::media::SfuHandle, claims: Claims, auto_subscribe: bool) {
     let (to, mut from_sfu) = mpsc::unbounded_channel();
     let (room, identity, user, rights) = (claims.matrix_room.clone(), claims.sub.clone(), claims.matrix_user.clone(), claims.rights());
-    let Some(id) = sfu.join(claims.grant(), auto_subscribe, to).await else { return };
+    let options = JoinOptions { auto_subscribe, ice_servers: ice_servers(server, &user) };
+    let Some(id) = sfu.join(claims.grant(), options, to).await else { return };
     tracing::info!(%room, %identity, participant = id, "joined a call");
     // Checked again now that the SFU knows them: rights that ended between the check before the
     // upgrade and the join were not seen by the warden, which looks only at who is in a call.

@@ -327,6 +327,7 @@ create_room = {{ per_second = 1.0, burst = 1 }}
 [calls]
 udp_address = "127.0.0.1"
 udp_port = 0
+tcp_port = 0
 "#,
         db = dir.join("db").display(),
         media = dir.join("media").display(),

@@ -1,20 +1,32 @@
-//! The SFU's I/O: one UDP socket for every peer connection, the signalling connections'
-//! channels, and the clock, around the sans-IO [`Sfu`].
+//! The SFU's I/O: one UDP socket for every peer connection, a TCP listener for peers whose
+//! UDP is blocked (ICE over TCP, RFC 6544, framed as RFC 4571 says), the signalling
+//! connections' channels, and the clock, around the sans-IO [`Sfu`].
 
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket as StdUdpSocket},
-    time::Instant,
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
 use livekit_protocol as lk;
 use tokio::{
-    net::UdpSocket,
-    sync::{mpsc, oneshot},
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream, UdpSocket},
+    sync::{Semaphore, mpsc, oneshot},
 };
 
-use super::sfu::{Grant, ParticipantId, Sfu};
+use super::sfu::{Grant, JoinOptions, MediaAddresses, Outgoing, ParticipantId, Protocol, Sfu};
 use crate::config::CallsConfig;
+
+/// Media TCP connections open at once: each costs a task and its buffers, and one that no
+/// participant's connection accepts only idles until it is closed.
+const MAX_TCP_CONNECTIONS: usize = 1024;
+/// A media TCP connection silent this long is closed: ICE consent checks come every few
+/// seconds on a live one.
+const TCP_IDLE: Duration = Duration::from_secs(30);
+/// Frames queued for one TCP peer; beyond it they are dropped, as a full UDP socket drops them.
+const TCP_QUEUE: usize = 512;
 
 /// What the SFU tells one participant's signalling connection.
 pub enum ToParticipant {
@@ -27,7 +39,7 @@ pub enum ToParticipant {
 type Job = Box<dyn FnOnce(&mut Sfu, Instant) + Send>;
 
 enum Command {
-    Join { grant: Box<Grant>, auto_subscribe: bool, to: mpsc::UnboundedSender<ToParticipant>, joined: oneshot::Sender<ParticipantId> },
+    Join { grant: Box<Grant>, options: JoinOptions, to: mpsc::UnboundedSender<ToParticipant>, joined: oneshot::Sender<ParticipantId> },
     Signal(ParticipantId, lk::SignalRequest),
     Leave(ParticipantId),
     Run(Job),
@@ -37,15 +49,15 @@ enum Command {
 #[derive(Clone)]
 pub struct SfuHandle {
     commands: mpsc::UnboundedSender<Command>,
-    /// Where peers send media (the host candidate of every connection).
-    pub candidate_addr: SocketAddr,
+    /// Where peers send media (the host candidates of every connection).
+    pub addresses: MediaAddresses,
 }
 
 impl SfuHandle {
     /// Joins the call `grant` admits to; `None` if the SFU has stopped.
-    pub async fn join(&self, grant: Grant, auto_subscribe: bool, to: mpsc::UnboundedSender<ToParticipant>) -> Option<ParticipantId> {
+    pub async fn join(&self, grant: Grant, options: JoinOptions, to: mpsc::UnboundedSender<ToParticipant>) -> Option<ParticipantId> {
         let (joined, id) = oneshot::channel();
-        self.commands.send(Command::Join { grant: Box::new(grant), auto_subscribe, to, joined }).ok()?;
+        self.commands.send(Command::Join { grant: Box::new(grant), options, to, joined }).ok()?;
         id.await.ok()
     }
 
@@ -68,20 +80,140 @@ impl SfuHandle {
     }
 }
 
-/// Binds the media socket and starts the SFU.
+/// Binds the media sockets and starts the SFU.
 pub async fn start(config: &CallsConfig) -> std::io::Result<SfuHandle> {
     let socket = UdpSocket::bind(SocketAddr::new(config.udp_address, config.udp_port)).await?;
     let bound = socket.local_addr()?;
-    let ip = match config.announced_address {
-        Some(ip) => ip,
-        None if bound.ip().is_unspecified() => primary_ipv4(),
-        None => bound.ip(),
+    let ip = media_ip(config);
+    let (frames, tcp_frames) = mpsc::channel(TCP_QUEUE);
+    let (tcp_events, tcp_connections) = mpsc::unbounded_channel();
+    let tcp = if config.ice_tcp {
+        let listener = TcpListener::bind(SocketAddr::new(config.udp_address, config.tcp_port)).await?;
+        let tcp_bound = listener.local_addr()?;
+        tokio::spawn(accept_tcp(listener, frames, tcp_events));
+        tracing::info!(bound = %tcp_bound, "SFU media listening (ICE over TCP)");
+        Some(SocketAddr::new(ip, tcp_bound.port()))
+    } else {
+        None
     };
-    let candidate_addr = SocketAddr::new(ip, bound.port());
+    let addresses = MediaAddresses { udp: SocketAddr::new(ip, bound.port()), tcp };
     let (commands, receiver) = mpsc::unbounded_channel();
-    tokio::spawn(run(socket, Sfu::new(candidate_addr, super::sfu_limits(config)), receiver, candidate_addr));
-    tracing::info!(%bound, %candidate_addr, "SFU media listening (UDP)");
-    Ok(SfuHandle { commands, candidate_addr })
+    let io = Io { socket, addresses, tcp_frames, tcp_connections, tcp_peers: HashMap::new() };
+    tokio::spawn(run(io, Sfu::new(addresses, super::sfu_limits(config)), receiver));
+    tracing::info!(%bound, ?addresses, "SFU media listening (UDP)");
+    Ok(SfuHandle { commands, addresses })
+}
+
+/// A frame a TCP peer sent.
+struct TcpFrame {
+    peer: SocketAddr,
+    contents: Vec<u8>,
+}
+
+/// A TCP peer came or went: where its frames are written, or `None` once it is gone.
+struct TcpConnection {
+    peer: SocketAddr,
+    writer: Option<mpsc::Sender<Vec<u8>>>,
+}
+
+/// Accepts media TCP connections, up to [`MAX_TCP_CONNECTIONS`] at once.
+async fn accept_tcp(listener: TcpListener, frames: mpsc::Sender<TcpFrame>, events: mpsc::UnboundedSender<TcpConnection>) {
+    let open = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
+    loop {
+        let Ok(permit) = open.clone().acquire_owned().await else { return };
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::debug!(%error, "accepting a media TCP connection failed");
+                continue;
+            }
+        };
+        let (frames, events) = (frames.clone(), events.clone());
+        tokio::spawn(async move {
+            serve_tcp(stream, peer, frames, &events).await;
+            let _ = events.send(TcpConnection { peer, writer: None });
+            drop(permit);
+        });
+    }
+}
+
+/// One media TCP connection: RFC 4571 frames (a 2-byte length, then a STUN, DTLS, RTP or RTCP
+/// packet) both ways, until either side closes it or it idles for [`TCP_IDLE`].
+async fn serve_tcp(stream: TcpStream, peer: SocketAddr, frames: mpsc::Sender<TcpFrame>, events: &mpsc::UnboundedSender<TcpConnection>) {
+    let _ = stream.set_nodelay(true);
+    let (mut reader, mut writer) = stream.into_split();
+    let (to_peer, mut outgoing) = mpsc::channel::<Vec<u8>>(TCP_QUEUE);
+    if events.send(TcpConnection { peer, writer: Some(to_peer) }).is_err() {
+        return;
+    }
+    let write = async move {
+        while let Some(frame) = outgoing.recv().await {
+            let Ok(length) = u16::try_from(frame.len()) else { continue };
+            let mut framed = Vec::with_capacity(frame.len() + 2);
+            framed.extend_from_slice(&length.to_be_bytes());
+            framed.extend_from_slice(&frame);
+            if writer.write_all(&framed).await.is_err() {
+                return;
+            }
+        }
+    };
+    let read = async move {
+        loop {
+            let mut length = [0u8; 2];
+            match tokio::time::timeout(TCP_IDLE, reader.read_exact(&mut length)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) | Err(_) => return,
+            }
+            let mut contents = vec![0u8; usize::from(u16::from_be_bytes(length))];
+            if reader.read_exact(&mut contents).await.is_err() || frames.send(TcpFrame { peer, contents }).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        () = write => {}
+        () = read => {}
+    }
+}
+
+/// What the SFU's task reads from and writes to: the UDP socket and the TCP connections.
+struct Io {
+    socket: UdpSocket,
+    /// The sockets' addresses as peers know them (the destination of what they send).
+    addresses: MediaAddresses,
+    tcp_frames: mpsc::Receiver<TcpFrame>,
+    tcp_connections: mpsc::UnboundedReceiver<TcpConnection>,
+    tcp_peers: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
+}
+
+impl Io {
+    fn send(&self, outgoing: Outgoing) {
+        let Outgoing { proto, destination, contents } = outgoing;
+        match proto {
+            Protocol::Udp => {
+                if let Err(error) = self.socket.try_send_to(&contents, destination) {
+                    tracing::debug!(%destination, %error, "a datagram was not sent");
+                }
+            }
+            _ => {
+                if let Some(peer) = self.tcp_peers.get(&destination)
+                    && peer.try_send(contents).is_err()
+                {
+                    tracing::debug!(%destination, "a TCP frame was not sent: the connection is behind or closed");
+                }
+            }
+        }
+    }
+}
+
+/// The address peers send media to: the announced one, else the sockets' (for an unspecified
+/// one, this host's address on its default route).
+pub fn media_ip(config: &CallsConfig) -> IpAddr {
+    match config.announced_address {
+        Some(ip) => ip,
+        None if config.udp_address.is_unspecified() => primary_ipv4(),
+        None => config.udp_address,
+    }
 }
 
 /// The address this host reaches others from (no packet is sent), as peers on the network see
@@ -93,16 +225,14 @@ fn primary_ipv4() -> IpAddr {
         .map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |addr| addr.ip())
 }
 
-async fn run(socket: UdpSocket, mut sfu: Sfu, mut commands: mpsc::UnboundedReceiver<Command>, candidate_addr: SocketAddr) {
+async fn run(mut io: Io, mut sfu: Sfu, mut commands: mpsc::UnboundedReceiver<Command>) {
     let mut participants: HashMap<ParticipantId, mpsc::UnboundedSender<ToParticipant>> = HashMap::new();
     let mut buffer = vec![0u8; 2048];
     loop {
         // Until nothing is left: a participant's going makes news for the others.
         loop {
-            while let Some((destination, datagram)) = sfu.poll_transmit() {
-                if let Err(error) = socket.try_send_to(&datagram, destination) {
-                    tracing::debug!(%destination, %error, "a datagram was not sent");
-                }
+            while let Some(outgoing) = sfu.poll_transmit() {
+                io.send(outgoing);
             }
             while let Some((id, response)) = sfu.poll_signal() {
                 if let Some(to) = participants.get(&id) {
@@ -127,8 +257,8 @@ async fn run(socket: UdpSocket, mut sfu: Sfu, mut commands: mpsc::UnboundedRecei
                 let now = Instant::now();
                 match command {
                     None => return,
-                    Some(Command::Join { grant, auto_subscribe, to, joined }) => {
-                        let id = sfu.join(now, &grant, auto_subscribe);
+                    Some(Command::Join { grant, options, to, joined }) => {
+                        let id = sfu.join(now, &grant, &options);
                         participants.insert(id, to);
                         let _ = joined.send(id);
                     }
@@ -140,9 +270,16 @@ async fn run(socket: UdpSocket, mut sfu: Sfu, mut commands: mpsc::UnboundedRecei
                     Some(Command::Run(job)) => job(&mut sfu, now),
                 }
             }
-            received = socket.recv_from(&mut buffer) => match received {
-                Ok((length, source)) => sfu.receive(Instant::now(), source, candidate_addr, &buffer[..length]),
+            received = io.socket.recv_from(&mut buffer) => match received {
+                Ok((length, source)) => sfu.receive(Instant::now(), Protocol::Udp, source, io.addresses.udp, &buffer[..length]),
                 Err(error) => tracing::debug!(%error, "reading the media socket failed"),
+            },
+            Some(frame) = io.tcp_frames.recv() => if let Some(local) = io.addresses.tcp {
+                sfu.receive(Instant::now(), Protocol::Tcp, frame.peer, local, &frame.contents);
+            },
+            Some(TcpConnection { peer, writer }) = io.tcp_connections.recv() => match writer {
+                Some(writer) => { io.tcp_peers.insert(peer, writer); }
+                None => { io.tcp_peers.remove(&peer); }
             },
             () = tokio::time::sleep_until(deadline.into()) => sfu.timeout(Instant::now()),
         }

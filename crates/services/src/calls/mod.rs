@@ -9,6 +9,7 @@
 
 pub mod media;
 pub mod recording;
+pub mod turn;
 pub mod warden;
 
 /// The SFU core: a crate of its own, which knows nothing of Matrix.
@@ -23,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     clinic::{BREAKOUT, Role, SESSION, Status, session_role},
-    config::{CallsConfig, DATA_PACKET_MIN_COST, ListenConfig, RateLimit},
+    config::{CallsConfig, DATA_PACKET_MIN_COST, ListenConfig, RateLimit, VoipConfig},
     error::{Error, ErrorCode, Result},
     rooms::Rooms,
     store::Store,
@@ -143,11 +144,13 @@ pub struct Calls {
     decoding: DecodingKey,
     /// The running SFU, once the server serves.
     pub sfu: OnceLock<media::SfuHandle>,
+    /// TURN credentials, for `/voip/turnServer` and the SFU's join response.
+    pub turn: turn::Turn,
 }
 
 impl Calls {
     /// The URLs default to the client listener's address.
-    pub fn open(store: &Arc<Store>, config: CallsConfig, listen: &ListenConfig) -> Result<Self> {
+    pub fn open(store: &Arc<Store>, config: CallsConfig, voip: &VoipConfig, listen: &ListenConfig) -> Result<Self> {
         let secret = store.secret(SECRET_KEY, &config.api_secret)?;
         let or_listener = |configured: &str, default: String| if configured.is_empty() { default } else { configured.trim_end_matches('/').to_owned() };
         Ok(Self {
@@ -157,6 +160,7 @@ impl Calls {
             decoding: DecodingKey::from_secret(&secret),
             config,
             sfu: OnceLock::new(),
+            turn: turn::Turn::open(store, voip)?,
         })
     }
 
@@ -261,7 +265,7 @@ mod tests {
 
     fn calls(dir: &std::path::Path, lifetime: u64) -> Calls {
         let store = Arc::new(Store::open(dir).unwrap());
-        Calls::open(&store, CallsConfig { token_lifetime_seconds: lifetime, ..CallsConfig::default() }, &ListenConfig::default()).unwrap()
+        Calls::open(&store, CallsConfig { token_lifetime_seconds: lifetime, ..CallsConfig::default() }, &VoipConfig::default(), &ListenConfig::default()).unwrap()
     }
 
     fn admission() -> Admission {

@@ -1,0 +1,50 @@
+"""A LiveKit participant that joins a call, waits for a tone and reports what it heard and over
+which network path, as JSON on stdout. Run by test_call_networks.py, inside a network namespace
+whose UDP to the SFU is blocked (so it runs as a process of its own).
+
+    call_listener.py URL TOKEN [--frames N] [--timeout S] [--relay-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+
+from livekit import rtc
+
+from call_media import loud_frames, media_paths
+
+
+async def listen(url: str, token: str, frames: int, timeout: float, relay_only: bool) -> dict:
+    room = rtc.Room()
+    subscribed: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    @room.on("track_subscribed")
+    def on_subscribed(track, publication, participant):
+        if track.kind == rtc.TrackKind.KIND_AUDIO and not subscribed.done():
+            subscribed.set_result(track)
+
+    config = rtc.RtcConfiguration(ice_transport_type=rtc.IceTransportType.TRANSPORT_RELAY) if relay_only else None
+    await room.connect(url, token, rtc.RoomOptions(auto_subscribe=True, connect_timeout=30, rtc_config=config))
+    try:
+        track = await asyncio.wait_for(subscribed, timeout)
+        loud = await loud_frames(track, frames, timeout)
+        return {"loud": loud, "paths": media_paths((await room.get_rtc_stats()).subscriber_stats), "identity": room.local_participant.identity}
+    finally:
+        await room.disconnect()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("url")
+    parser.add_argument("token")
+    parser.add_argument("--frames", type=int, default=50)
+    parser.add_argument("--timeout", type=float, default=30.0)
+    parser.add_argument("--relay-only", action="store_true")
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(listen(args.url, args.token, args.frames, args.timeout, args.relay_only))))
+
+
+if __name__ == "__main__":
+    main()

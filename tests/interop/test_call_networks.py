@@ -1,0 +1,177 @@
+"""Calls on networks that do not let UDP through, with LiveKit's Python SDK and a real coturn.
+
+1. Through TURN: a listener whose ICE may use relays only (the SDK's `TRANSPORT_RELAY`, the
+   setting of a client behind a firewall that lets nothing but its TURN server through) takes the
+   TURN servers from Limbic's join response, allocates a relay on Debian's coturn, started with
+   the configuration `limbic voip coturn-config` prints, and hears a tone published directly.
+2. ICE over TCP: a listener in a network namespace of the test's own, whose UDP to the SFU's
+   address is dropped by an nftables rule there, connects to the SFU's passive TCP candidate and
+   hears the tone. A UDP probe from the namespace checks that the rule really drops UDP.
+
+Both need root (network namespaces, nftables) or coturn; without them the tests are skipped
+with the reason. Nothing outside the namespace and loopback is touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from livekit import rtc
+
+from call_media import call_token, publish_tone, shared_room
+from conftest import ARTIFACTS, LimbicServer, _binary, dump_toml, free_port
+from mx import run
+
+HERE = Path(__file__).resolve().parent
+PYTHON = sys.executable
+
+
+class ServerAt(LimbicServer):
+    """A server whose listeners and SFU are on `address` (and the config `changes` applied)."""
+
+    def __init__(self, name: str, workdir: Path, address: str, changes: dict):
+        super().__init__(name, workdir)
+        self.address = address
+        self.config["listen"]["address"] = address
+        self.config["calls"].update(udp_address=address)
+        for section, values in changes.items():
+            self.config.setdefault(section, {}).update(values)
+        self.config_path.write_text(dump_toml(self.config))
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}:{self.port}"
+
+
+def sh(*command: str, stdin: str | None = None) -> None:
+    subprocess.run(command, input=stdin, text=True, check=True, capture_output=True)
+
+
+@contextmanager
+def namespace_without_udp():
+    """A network namespace joined to this one by a veth pair: (its name, the address of this
+    side, which the namespace reaches). In it, UDP to that address is dropped, as checked
+    with a datagram before and after the rule."""
+    if os.geteuid() != 0 or not shutil.which("nft") or not shutil.which("ip"):
+        pytest.skip("needs root, ip and nft (scripts/setup installs nftables) for a network namespace")
+    tag = os.getpid() % 10000
+    name, outside, inside = f"limbic-t{tag}", f"lt{tag}h", f"lt{tag}n"
+    subnet = f"10.231.{tag % 250}"
+    host, guest = f"{subnet}.1", f"{subnet}.2"
+    sh("ip", "netns", "add", name)
+    try:
+        sh("ip", "link", "add", outside, "type", "veth", "peer", "name", inside, "netns", name)
+        sh("ip", "addr", "add", f"{host}/30", "dev", outside)
+        sh("ip", "link", "set", outside, "up")
+        sh("ip", "-n", name, "addr", "add", f"{guest}/30", "dev", inside)
+        sh("ip", "-n", name, "link", "set", inside, "up")
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+        rules = f"table inet limbic_test {{\n chain output {{\n  type filter hook output priority 0;\n  ip daddr {host} meta l4proto udp drop\n }}\n}}\n"
+        assert udp_reaches(name, host), "UDP from the namespace does not arrive even without the rule"
+        sh("ip", "netns", "exec", name, "nft", "-f", "-", stdin=rules)
+        assert not udp_reaches(name, host), "the namespace's UDP to this side is not blocked"
+        yield name, host
+    finally:
+        subprocess.run(["ip", "link", "del", outside], capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def udp_reaches(namespace: str, host: str) -> bool:
+    """Whether a datagram sent from inside the namespace arrives at `host`."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver:
+        receiver.bind((host, 0))
+        receiver.settimeout(1.0)
+        port = receiver.getsockname()[1]
+        probe = f"import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'probe', ('{host}', {port}))"
+        # Refused outright (EPERM) by the rule, or sent.
+        if subprocess.run(["ip", "netns", "exec", namespace, PYTHON, "-c", probe], capture_output=True).returncode != 0:
+            return False
+        try:
+            return receiver.recv(16) == b"probe"
+        except socket.timeout:
+            return False
+
+
+async def listener_process(url: str, token: str, namespace: str | None = None, relay_only: bool = False) -> dict:
+    """Runs call_listener.py (in `namespace`, if any) and returns its report."""
+    command = [PYTHON, str(HERE / "call_listener.py"), url, token, "--timeout", "40"]
+    if relay_only:
+        command.append("--relay-only")
+    if namespace:
+        command = ["ip", "netns", "exec", namespace, *command]
+    process = await asyncio.create_subprocess_exec(*command, cwd=HERE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode == 0, f"the listener failed ({process.returncode}):\n{err.decode()[-3000:]}"
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
+async def tone_reaches_listener(server: LimbicServer, namespace: str | None = None, relay_only: bool = False) -> dict:
+    """Ana publishes a tone from this namespace; Ben's report, as the listener process heard it,
+    with his user id."""
+    room_id, (ana, ben) = await shared_room(server.url, ["ana", "ben"])
+    url, ana_token = call_token(server.url, ana, room_id)
+    _, ben_token = call_token(server.url, ben, room_id)
+    publisher, stop = rtc.Room(), asyncio.Event()
+    await publisher.connect(url, ana_token, rtc.RoomOptions(auto_subscribe=False, connect_timeout=20))
+    try:
+        await publish_tone(publisher, stop)
+        return {**await listener_process(url, ben_token, namespace, relay_only), "user": ben.user_id}
+    finally:
+        stop.set()
+        await publisher.disconnect()
+
+
+def test_a_client_whose_udp_is_blocked_connects_over_tcp(tmp_path):
+    with namespace_without_udp() as (namespace, host):
+        server = ServerAt("call-networks-tcp", tmp_path, host, {"voip": {"turn_uris": []}})
+        server.start()
+        try:
+            report = run(tone_reaches_listener(server, namespace))
+        finally:
+            server.stop()
+    assert report["loud"] >= 50, report
+    assert report["paths"] and all(p["local_protocol"] == "tcp" and p["remote_protocol"] == "tcp" for p in report["paths"]), report
+
+
+def test_a_client_allowed_only_relays_connects_through_coturn(tmp_path):
+    coturn = shutil.which("turnserver")
+    if not coturn:
+        pytest.skip("needs coturn's turnserver (scripts/setup installs coturn)")
+    turn_port = free_port()
+    uris = [f"turn:127.0.0.1:{turn_port}?transport=udp", f"turn:127.0.0.1:{turn_port}?transport=tcp"]
+    server = ServerAt("call-networks-turn", tmp_path, "127.0.0.1", {"voip": {"turn_uris": uris, "turn_shared_secret": ""}})
+    # The store is free before the server starts: the secret it makes is the one coturn gets.
+    printed = subprocess.run([str(_binary()), "voip", "coturn-config", "--config", str(server.config_path)], capture_output=True, text=True, check=True).stdout
+    assert f"listening-port={turn_port}\n" in printed and "allowed-peer-ip=127.0.0.1\n" in printed, printed
+    (tmp_path / "turnserver.conf").write_text(printed)
+    log = ARTIFACTS / "coturn.log"
+    log.unlink(missing_ok=True)
+    relay_ports = free_port()  # and the 20 above it, most likely free too
+    turn = subprocess.Popen(
+        [coturn, "-c", str(tmp_path / "turnserver.conf"), "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1",
+         f"--min-port={relay_ports}", f"--max-port={relay_ports + 20}", "--no-tls", "--no-dtls",
+         f"--userdb={tmp_path / 'turndb'}", f"--pidfile={tmp_path / 'turn.pid'}", f"--log-file={log}", "--simple-log", "--verbose"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        server.start()
+        try:
+            report = run(tone_reaches_listener(server, relay_only=True))
+        finally:
+            server.stop()
+    finally:
+        turn.terminate()
+        turn.wait(10)
+    assert report["loud"] >= 50, report
+    assert report["paths"] and all(p["local_type"] == "relay" for p in report["paths"]), report
+    coturn_log = log.read_text(errors="replace")
+    # Ben's credentials, from the join response, are the ones coturn accepted.
+    assert f":{report['user']}>: incoming packet ALLOCATE processed, success" in coturn_log, coturn_log[-3000:]
