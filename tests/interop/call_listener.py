@@ -2,7 +2,12 @@
 which network path, as JSON on stdout. Run by test_call_networks.py, inside a network namespace
 whose UDP to the SFU is blocked (so it runs as a process of its own).
 
-    call_listener.py URL TOKEN [--frames N] [--timeout S] [--relay-only]
+    call_listener.py URL TOKEN [--frames N] [--timeout S] [--relay-only] [--interrupted]
+
+With --interrupted it hears the tone, prints `{"ready": true}`, waits for a line on stdin (the
+test breaks its network and restores it meanwhile), then hears the tone again, and prints its
+report while still in the call (adding what it heard after, its participant sid before and
+after, and the engine's events); it leaves after one more line on stdin.
 """
 
 from __future__ import annotations
@@ -10,15 +15,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 
 from livekit import rtc
 
 from call_media import loud_frames, media_paths
 
 
-async def listen(url: str, token: str, frames: int, timeout: float, relay_only: bool) -> dict:
+async def listen(url: str, token: str, frames: int, timeout: float, relay_only: bool, interrupted: bool) -> dict:
     room = rtc.Room()
     subscribed: asyncio.Future = asyncio.get_running_loop().create_future()
+    events: list[str] = []
+    for name in ("reconnecting", "reconnected", "disconnected"):
+        room.on(name, lambda *args, name=name: events.append(name))
 
     @room.on("track_subscribed")
     def on_subscribed(track, publication, participant):
@@ -30,7 +39,15 @@ async def listen(url: str, token: str, frames: int, timeout: float, relay_only: 
     try:
         track = await asyncio.wait_for(subscribed, timeout)
         loud = await loud_frames(track, frames, timeout)
-        return {"loud": loud, "paths": media_paths((await room.get_rtc_stats()).subscriber_stats), "identity": room.local_participant.identity}
+        report = {"loud": loud, "paths": media_paths((await room.get_rtc_stats()).subscriber_stats), "identity": room.local_participant.identity}
+        if interrupted:
+            sid = room.local_participant.sid
+            print(json.dumps({"ready": True}), flush=True)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+            report.update(loud_after=await loud_frames(track, frames, timeout), sid_before=sid, sid_after=room.local_participant.sid, events=list(events))
+            print(json.dumps(report), flush=True)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        return report
     finally:
         await room.disconnect()
 
@@ -42,8 +59,9 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=50)
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("--relay-only", action="store_true")
+    parser.add_argument("--interrupted", action="store_true")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(listen(args.url, args.token, args.frames, args.timeout, args.relay_only))))
+    print(json.dumps(asyncio.run(listen(args.url, args.token, args.frames, args.timeout, args.relay_only, args.interrupted))))
 
 
 if __name__ == "__main__":

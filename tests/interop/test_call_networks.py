@@ -60,7 +60,8 @@ def sh(*command: str, stdin: str | None = None) -> None:
 def namespace_without_udp():
     """A network namespace joined to this one by a veth pair: (its name, the address of this
     side, which the namespace reaches). In it, UDP to that address is dropped, as checked
-    with a datagram before and after the rule."""
+    with a datagram before and after the rule. `cut(namespace, True)` cuts it off entirely,
+    `cut(namespace, False)` restores it."""
     if os.geteuid() != 0 or not shutil.which("nft") or not shutil.which("ip"):
         pytest.skip("needs root, ip and nft (scripts/setup installs nftables) for a network namespace")
     tag = os.getpid() % 10000
@@ -101,30 +102,62 @@ def udp_reaches(namespace: str, host: str) -> bool:
             return False
 
 
-async def listener_process(url: str, token: str, namespace: str | None = None, relay_only: bool = False) -> dict:
-    """Runs call_listener.py (in `namespace`, if any) and returns its report."""
+def tcp_reaches(namespace: str, host: str, port: int) -> bool:
+    """Whether a TCP connection from inside the namespace to `host:port` opens within 2 s."""
+    probe = f"import socket; socket.create_connection(('{host}', {port}), timeout=2).close()"
+    return subprocess.run(["ip", "netns", "exec", namespace, PYTHON, "-c", probe], capture_output=True).returncode == 0
+
+
+async def listener_process(url: str, token: str, namespace: str | None = None, relay_only: bool = False, interruption=None) -> dict:
+    """Runs call_listener.py (in `namespace`, if any) and returns its report. With
+    `interruption`, its `during()` runs once the listener heard the tone ([interrupted_listener])."""
     command = [PYTHON, str(HERE / "call_listener.py"), url, token, "--timeout", "40"]
     if relay_only:
         command.append("--relay-only")
+    if interruption:
+        command.append("--interrupted")
     if namespace:
         command = ["ip", "netns", "exec", namespace, *command]
-    process = await asyncio.create_subprocess_exec(*command, cwd=HERE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    process = await asyncio.create_subprocess_exec(*command, cwd=HERE, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    if interruption:
+        return await interrupted_listener(process, interruption)
     out, err = await asyncio.wait_for(process.communicate(), 120)
     assert process.returncode == 0, f"the listener failed ({process.returncode}):\n{err.decode()[-3000:]}"
     return json.loads(out.decode().strip().splitlines()[-1])
 
 
-async def tone_reaches_listener(server: LimbicServer, namespace: str | None = None, relay_only: bool = False) -> dict:
+async def interrupted_listener(process, interruption) -> dict:
+    """Its report, given while it is still in the call (the others' view of it is taken then);
+    `after_report` runs before it is told to leave."""
+    ready = await asyncio.wait_for(process.stdout.readline(), 60)
+    assert ready.strip() == b'{"ready": true}', (ready, (await process.stderr.read()).decode()[-3000:])
+    await interruption.during()
+    process.stdin.write(b"go on\n")
+    await process.stdin.drain()
+    line = await asyncio.wait_for(process.stdout.readline(), 90)
+    assert line.strip(), (await process.stderr.read()).decode()[-3000:]
+    report = json.loads(line)
+    interruption.after_report()
+    process.stdin.write(b"leave\n")
+    await process.stdin.drain()
+    # LiveKit's SDK sometimes aborts while shutting down (a panic in its FFI); the report is in.
+    await asyncio.wait_for(process.communicate(), 60)
+    return report
+
+
+async def tone_reaches_listener(server: LimbicServer, namespace: str | None = None, relay_only: bool = False, interruption=None, left: list | None = None) -> dict:
     """Ana publishes a tone from this namespace; Ben's report, as the listener process heard it,
     with his user id."""
     room_id, (ana, ben) = await shared_room(server.url, ["ana", "ben"])
     url, ana_token = call_token(server.url, ana, room_id)
     _, ben_token = call_token(server.url, ben, room_id)
     publisher, stop = rtc.Room(), asyncio.Event()
+    if left is not None:
+        publisher.on("participant_disconnected", lambda participant: left.append(participant.identity))
     await publisher.connect(url, ana_token, rtc.RoomOptions(auto_subscribe=False, connect_timeout=20))
     try:
         await publish_tone(publisher, stop)
-        return {**await listener_process(url, ben_token, namespace, relay_only), "user": ben.user_id}
+        return {**await listener_process(url, ben_token, namespace, relay_only, interruption), "user": ben.user_id}
     finally:
         stop.set()
         await publisher.disconnect()
@@ -140,6 +173,47 @@ def test_a_client_whose_udp_is_blocked_connects_over_tcp(tmp_path):
             server.stop()
     assert report["loud"] >= 50, report
     assert report["paths"] and all(p["local_protocol"] == "tcp" and p["remote_protocol"] == "tcp" for p in report["paths"]), report
+
+
+def cut(namespace: str, off: bool) -> None:
+    """Drops every packet leaving the namespace (its network is gone), or stops dropping them."""
+    if off:
+        rules = "table inet limbic_cut {\n chain output {\n  type filter hook output priority -10;\n  oifname != \"lo\" drop\n }\n}\n"
+        sh("ip", "netns", "exec", namespace, "nft", "-f", "-", stdin=rules)
+    else:
+        sh("ip", "netns", "exec", namespace, "nft", "delete", "table", "inet", "limbic_cut")
+
+
+def test_a_participant_whose_network_drops_for_5_seconds_stays_and_keeps_receiving(tmp_path):
+    """The listener's network is cut for 5 s mid-call, then restored: the same participant
+    (same sid) hears the tone again, and the publisher never saw them leave."""
+    left: list[str] = []
+
+    class DropFor5Seconds:
+        seen_leaving: list[str] | None = None
+
+        async def during(self):
+            assert tcp_reaches(namespace, host, server.port)
+            cut(namespace, True)
+            assert not tcp_reaches(namespace, host, server.port), "the cut lets TCP through"
+            await asyncio.sleep(3)  # 5 s in all, with the probe's 2
+            cut(namespace, False)
+
+        def after_report(self):
+            self.seen_leaving = list(left)
+
+    drop = DropFor5Seconds()
+    with namespace_without_udp() as (namespace, host):
+        server = ServerAt("call-networks-drop", tmp_path, host, {"voip": {"turn_uris": []}})
+        server.start()
+        try:
+            report = run(tone_reaches_listener(server, namespace, interruption=drop, left=left))
+        finally:
+            server.stop()
+    assert report["loud"] >= 50 and report["loud_after"] >= 50, report
+    assert report["sid_before"] == report["sid_after"], report
+    assert "disconnected" not in report["events"], report
+    assert drop.seen_leaving == [], (report, drop.seen_leaving)
 
 
 def test_a_client_allowed_only_relays_connects_through_coturn(tmp_path):
