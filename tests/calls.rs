@@ -97,6 +97,44 @@ fn turn_password(secret: &str, username: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
 }
 
+/// LiveKit's resume: a participant whose signalling dropped comes back on a new connection with
+/// `reconnect=1&sid=`, unseen by the others; another member's token cannot take their place,
+/// and a sid nobody holds is told to join afresh.
+#[tokio::test]
+async fn a_dropped_participant_resumes_and_nobody_else_can() {
+    let server = TestServer::start().await;
+    let (ana, ben, cat) = (server.register("ana").await, server.register("ben").await, server.register("cat").await);
+    let room = ana.create_room(json!({ "preset": "private_chat", "invite": [ben.user_id, cat.user_id] })).await;
+    ben.join(&room).await;
+    cat.join(&room).await;
+    let (mut ana_call, ana_join) = Signalling::join_with_response(&server, &jwt(&server, &ana, &room).await).await;
+    let ana_identity = ana_join.participant.unwrap().identity;
+    let ben_jwt = jwt(&server, &ben, &room).await;
+    let (ben_call, join) = Signalling::join_with_response(&server, &ben_jwt).await;
+    let ben_sid = join.participant.unwrap().sid;
+    drop(ben_call);
+
+    let refused = |message: Option<lk::signal_response::Message>| matches!(message, Some(lk::signal_response::Message::Leave(leave)) if leave.action == lk::leave_request::Action::Reconnect as i32);
+    let mut cat_call = Signalling::resume(&server, &jwt(&server, &cat, &room).await, &ben_sid).await.expect("the upgrade");
+    assert!(refused(cat_call.next().await), "cat took ben's place");
+    let mut unknown = Signalling::resume(&server, &ben_jwt, "PA_nobody").await.expect("the upgrade");
+    assert!(refused(unknown.next().await), "an unknown sid resumed");
+
+    let mut resumed = Signalling::resume(&server, &ben_jwt, &ben_sid).await.expect("the upgrade");
+    let first = tokio::time::timeout(Duration::from_secs(5), resumed.next()).await.expect("an answer in time");
+    assert!(matches!(first, Some(lk::signal_response::Message::Reconnect(_))), "{first:?}");
+    let update = resumed.until(Duration::from_secs(2), |m| matches!(m, lk::signal_response::Message::Update(_))).await;
+    assert!(matches!(update, Some(lk::signal_response::Message::Update(u)) if u.participants.iter().any(|p| p.identity == ana_identity)), "the resumed participant learns who is there");
+    let left = ana_call.until(Duration::from_secs(2), |m| matches!(m, lk::signal_response::Message::Update(u) if u.participants.iter().any(|p| p.sid == ben_sid && p.state == lk::participant_info::State::Disconnected as i32))).await;
+    assert!(left.is_none(), "ana saw ben leave: {left:?}");
+
+    // A leave ends it for good: nothing to resume.
+    resumed.send(lk::signal_request::Message::Leave(lk::LeaveRequest::default())).await;
+    assert!(ana_call.until(Duration::from_secs(5), |m| matches!(m, lk::signal_response::Message::Update(u) if u.participants.iter().any(|p| p.sid == ben_sid && p.state == lk::participant_info::State::Disconnected as i32))).await.is_some(), "ben's leave was not seen");
+    let mut again = Signalling::resume(&server, &ben_jwt, &ben_sid).await.expect("the upgrade");
+    assert!(refused(again.next().await), "a participant who left resumed");
+}
+
 #[tokio::test]
 async fn members_get_call_tokens_and_others_do_not() {
     let server = TestServer::start().await;
@@ -444,7 +482,7 @@ async fn a_full_call_refuses_the_next_participant_until_someone_leaves() {
     cat.join(&room).await;
     let cat_jwt = jwt(&server, &cat, &room).await;
     let _ana_call = Signalling::join(&server, &jwt(&server, &ana, &room).await).await;
-    let ben_call = Signalling::join(&server, &jwt(&server, &ben, &room).await).await;
+    let mut ben_call = Signalling::join(&server, &jwt(&server, &ben, &room).await).await;
 
     let (status, body) = Signalling::connect(&server, &cat_jwt).await.err().expect("a third participant is refused");
     assert_eq!(status, 403, "{body}");
@@ -456,7 +494,8 @@ async fn a_full_call_refuses_the_next_participant_until_someone_leaves() {
     let other = cat.create_room(json!({ "preset": "private_chat" })).await;
     drop(Signalling::join(&server, &jwt(&server, &cat, &other).await).await);
 
-    drop(ben_call);
+    // Dropped, Ben keeps his place for the resume window; leaving gives it up at once.
+    ben_call.send(lk::signal_request::Message::Leave(lk::LeaveRequest::default())).await;
     let deadline = Instant::now() + Duration::from_secs(3);
     while validate(&server, &cat_jwt).await.0 != StatusCode::OK {
         assert!(Instant::now() < deadline, "the call stays full after ben left");

@@ -21,9 +21,18 @@ pub struct Signalling {
 impl Signalling {
     /// Opens `/rtc` with a call token; the status and body when the server refuses.
     pub async fn connect(server: &TestServer, jwt: &str) -> Result<Self, (u16, String)> {
+        Self::connect_with(server, jwt, "").await
+    }
+
+    /// Opens `/rtc?reconnect=1&sid=…`, as an SDK resuming participant `sid` does.
+    pub async fn resume(server: &TestServer, jwt: &str, sid: &str) -> Result<Self, (u16, String)> {
+        Self::connect_with(server, jwt, &format!("&reconnect=1&sid={sid}")).await
+    }
+
+    async fn connect_with(server: &TestServer, jwt: &str, query: &str) -> Result<Self, (u16, String)> {
         let mut stream = TcpStream::connect(("127.0.0.1", server.port)).await.unwrap();
         let request = format!(
-            "GET /rtc?access_token={jwt}&auto_subscribe=1&protocol=16 HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nUpgrade: websocket\r\n\
+            "GET /rtc?access_token={jwt}&auto_subscribe=1&protocol=16{query} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nUpgrade: websocket\r\n\
              Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
             server.port
         );

@@ -184,36 +184,59 @@ def cut(namespace: str, off: bool) -> None:
         sh("ip", "netns", "exec", namespace, "nft", "delete", "table", "inet", "limbic_cut")
 
 
-def test_a_participant_whose_network_drops_for_5_seconds_stays_and_keeps_receiving(tmp_path):
-    """The listener's network is cut for 5 s mid-call, then restored: the same participant
-    (same sid) hears the tone again, and the publisher never saw them leave."""
+class NetworkCut:
+    """Cuts the namespace's network for `seconds` once the listener heard the tone, and notes
+    whom the publisher had seen leave when the listener reported."""
+
+    def __init__(self, namespace: str, host: str, port: int, seconds: float, left: list[str]):
+        self.namespace, self.host, self.port, self.seconds, self.left = namespace, host, port, seconds, left
+        self.seen_leaving: list[str] | None = None
+
+    async def during(self):
+        assert tcp_reaches(self.namespace, self.host, self.port)
+        cut(self.namespace, True)
+        assert not tcp_reaches(self.namespace, self.host, self.port), "the cut lets TCP through"
+        await asyncio.sleep(self.seconds - 2)  # the probe took 2
+        cut(self.namespace, False)
+
+    def after_report(self):
+        self.seen_leaving = list(self.left)
+
+
+def call_through_a_cut(tmp_path, seconds: float) -> tuple[dict, NetworkCut]:
     left: list[str] = []
-
-    class DropFor5Seconds:
-        seen_leaving: list[str] | None = None
-
-        async def during(self):
-            assert tcp_reaches(namespace, host, server.port)
-            cut(namespace, True)
-            assert not tcp_reaches(namespace, host, server.port), "the cut lets TCP through"
-            await asyncio.sleep(3)  # 5 s in all, with the probe's 2
-            cut(namespace, False)
-
-        def after_report(self):
-            self.seen_leaving = list(left)
-
-    drop = DropFor5Seconds()
     with namespace_without_udp() as (namespace, host):
-        server = ServerAt("call-networks-drop", tmp_path, host, {"voip": {"turn_uris": []}})
+        server = ServerAt(f"call-networks-cut-{int(seconds)}s", tmp_path, host, {"voip": {"turn_uris": []}})
         server.start()
+        interruption = NetworkCut(namespace, host, server.port, seconds, left)
         try:
-            report = run(tone_reaches_listener(server, namespace, interruption=drop, left=left))
+            report = run(tone_reaches_listener(server, namespace, interruption=interruption, left=left))
         finally:
             server.stop()
+    return report, interruption
+
+
+def test_a_participant_whose_network_drops_for_5_seconds_stays_and_keeps_receiving(tmp_path):
+    """The listener's network is cut for 5 s mid-call, then restored: the same participant
+    (same sid) hears the tone again without having to resume, and the publisher never saw them
+    leave."""
+    report, cut_for_5 = call_through_a_cut(tmp_path, 5)
     assert report["loud"] >= 50 and report["loud_after"] >= 50, report
     assert report["sid_before"] == report["sid_after"], report
     assert "disconnected" not in report["events"], report
-    assert drop.seen_leaving == [], (report, drop.seen_leaving)
+    assert cut_for_5.seen_leaving == [], (report, cut_for_5.seen_leaving)
+
+
+def test_a_participant_whose_signalling_died_resumes(tmp_path):
+    """Cut for 20 s, past the SDK's 15 s ping timeout: the SDK resumes (LiveKit's
+    `reconnect=1&sid=`) once the network is back, as the same participant, and hears the tone
+    again; the publisher never saw them leave."""
+    report, cut_for_20 = call_through_a_cut(tmp_path, 20)
+    assert "reconnecting" in report["events"] and "reconnected" in report["events"], report
+    assert "disconnected" not in report["events"], report
+    assert report["loud_after"] >= 50, report
+    assert report["sid_before"] == report["sid_after"], report
+    assert cut_for_20.seen_leaving == [], (report, cut_for_20.seen_leaving)
 
 
 def test_a_client_allowed_only_relays_connects_through_coturn(tmp_path):

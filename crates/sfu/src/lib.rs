@@ -83,6 +83,9 @@ const RELIABLE: &str = "_reliable";
 const LOSSY: &str = "_lossy";
 /// How often the active speakers are worked out.
 const SPEAKER_INTERVAL: Duration = Duration::from_millis(300);
+/// How long a participant whose signalling closed without a `leave`, or whose connection went
+/// silent, stays in the call (unseen by the others) for their SDK to resume.
+pub const RESUME_WINDOW: Duration = Duration::from_secs(15);
 /// The smoothed audio level above which a participant is speaking (about -30 dBov).
 const SPEAKING_LEVEL: f32 = 0.03;
 /// The weight of each new audio-level sample in the smoothed level.
@@ -208,7 +211,15 @@ struct Participant {
     publisher: Rtc,
     subscriber: Rtc,
     subscriber_pending: Option<SdpPendingOffer>,
+    /// The offer `subscriber_pending` belongs to, sent again to a resumed client.
+    last_offer: Option<lk::SessionDescription>,
+    /// The subscriber connection's next offer restarts ICE (the client resumed).
+    ice_restart_due: bool,
     next_offer_id: u32,
+    /// Since when the participant has been out of reach (signalling closed, or media silent),
+    /// and whether their signalling is gone: [`RESUME_WINDOW`] later they are gone for good.
+    unreachable_since: Option<Instant>,
+    signalling_gone: bool,
     /// Media lines of the subscriber connection to remove with the next offer.
     to_stop: Vec<Mid>,
     /// The data channels LiveKit clients expect on their subscriber connection (`_reliable`,
@@ -408,7 +419,11 @@ impl Sfu {
             publisher: self.new_rtc(now, false),
             subscriber: self.new_rtc(now, true),
             subscriber_pending: None,
+            last_offer: None,
+            ice_restart_due: false,
             next_offer_id: 1,
+            unreachable_since: None,
+            signalling_gone: false,
             to_stop: Vec::new(),
             subscriber_channels: None,
             publisher_channels: HashMap::new(),
@@ -475,6 +490,46 @@ impl Sfu {
         self.process(now);
     }
 
+    /// The participant's signalling closed without a `leave` (their network changed or
+    /// dropped): they stay, and the others see nothing, for [`RESUME_WINDOW`], for their SDK to
+    /// resume ([`Self::resume`]).
+    pub fn detach(&mut self, now: Instant, id: ParticipantId) {
+        if let Some(participant) = self.participants.get_mut(&id) {
+            participant.signalling_gone = true;
+            participant.unreachable_since.get_or_insert(now);
+        }
+    }
+
+    /// A resumed signalling connection (LiveKit's `/rtc?reconnect=1&sid=`): the participant
+    /// `sid` in `room` with `identity` goes on with their tracks and subscriptions. They get
+    /// `reconnect`, the subscriber offer they may have missed, and an offer restarting ICE on
+    /// their subscriber connection (they restart their publisher's themselves). `None` if there
+    /// is no such participant (any more): the SDK must join afresh.
+    pub fn resume(&mut self, now: Instant, room: &str, identity: &str, sid: &str, ice_servers: Vec<lk::IceServer>) -> Option<ParticipantId> {
+        let id = self.find(room, identity).filter(|id| self.participants.get(id).is_some_and(|p| p.info.sid == sid) && !self.gone.contains(id))?;
+        // What they missed meanwhile: who is in the call now, with their tracks.
+        let others: Vec<lk::ParticipantInfo> = self.participants.iter().filter(|(other, p)| **other != id && p.room == room).map(|(_, p)| p.public_info()).collect();
+        let participant = self.participants.get_mut(&id)?;
+        participant.signalling_gone = false;
+        participant.unreachable_since = None;
+        // A subscriber connection never offered has no ICE to restart.
+        participant.ice_restart_due = participant.last_offer.is_some();
+        let reconnect = lk::ReconnectResponse { ice_servers, ..Default::default() };
+        self.signals.push_back((id, response(lk::signal_response::Message::Reconnect(reconnect))));
+        if !others.is_empty() {
+            self.signals.push_back((id, response(lk::signal_response::Message::Update(lk::ParticipantUpdate { participants: others }))));
+        }
+        if participant.subscriber_pending.is_some()
+            && let Some(offer) = participant.last_offer.clone()
+        {
+            self.signals.push_back((id, response(lk::signal_response::Message::Offer(offer))));
+        }
+        self.to_negotiate.insert(id);
+        self.dirty.extend([(id, Pc::Publisher), (id, Pc::Subscriber)]);
+        self.process(now);
+        Some(id)
+    }
+
     /// One signalling request of a participant.
     pub fn signal(&mut self, now: Instant, id: ParticipantId, request: lk::SignalRequest) {
         use lk::signal_request::Message;
@@ -538,6 +593,12 @@ impl Sfu {
             if let Some(participant) = self.participants.get_mut(&id) {
                 let _ = participant.rtc(pc).handle_input(Input::Timeout(now));
                 self.dirty.insert((id, pc));
+            }
+        }
+        for (id, participant) in &self.participants {
+            if participant.unreachable_since.is_some_and(|since| now.duration_since(since) >= RESUME_WINDOW) && !self.gone.contains(id) {
+                tracing::info!(participant = id, "gone: not back within the resume window");
+                self.gone.push_back(*id);
             }
         }
         if self.speakers_checked.is_none_or(|at| now.duration_since(at) >= SPEAKER_INTERVAL) {
@@ -643,7 +704,8 @@ impl Sfu {
 
     /// When [`Self::timeout`] is next due.
     pub fn next_timeout(&self, now: Instant) -> Instant {
-        let next = self.timers.values().copied().min().unwrap_or(now + SPEAKER_INTERVAL);
+        let expiring = self.participants.values().filter_map(|p| p.unreachable_since).map(|since| since + RESUME_WINDOW);
+        let next = self.timers.values().copied().chain(expiring).min().unwrap_or(now + SPEAKER_INTERVAL);
         next.min(self.speakers_checked.map_or(now, |at| at + SPEAKER_INTERVAL))
     }
 
@@ -682,6 +744,7 @@ impl Sfu {
                             }
                             Event::ChannelData(data) if pc == Pc::Publisher => happened.push((id, pc, Happened::Data(data))),
                             Event::IceConnectionStateChange(IceConnectionState::Disconnected) => happened.push((id, pc, Happened::Disconnected)),
+                            Event::IceConnectionStateChange(IceConnectionState::Connected | IceConnectionState::Completed) if !participant.signalling_gone => participant.unreachable_since = None,
                             _ => {}
                         },
                         Err(error) => {
@@ -704,9 +767,10 @@ impl Sfu {
             (Pc::Publisher, Happened::Media(data)) => self.forward(now, id, data),
             (Pc::Subscriber, Happened::KeyframeWanted(request)) => self.relay_keyframe_request(now, id, &request),
             (Pc::Publisher, Happened::Data(data)) => self.relay_data(now, id, &data),
+            // Out of reach: back if the SDK resumes in time, else gone ([`Self::timeout`]).
             (_, Happened::Disconnected) => {
-                if !self.gone.contains(&id) {
-                    self.gone.push_back(id);
+                if let Some(participant) = self.participants.get_mut(&id) {
+                    participant.unreachable_since.get_or_insert(now);
                 }
             }
             _ => {}

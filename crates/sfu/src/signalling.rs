@@ -181,10 +181,14 @@ impl Sfu {
         let sids: HashMap<ParticipantId, String> = self.participants.iter().map(|(pid, p)| (*pid, p.info.sid.clone())).collect();
         let Some(participant) = self.participants.get_mut(&id) else { return };
         let channels_due = participant.subscriber_channels.is_none() && self.data_rooms.contains(&participant.room);
-        if participant.subscriber_pending.is_some() || (!channels_due && participant.to_stop.is_empty() && !participant.down.iter().any(|d| d.state == DownState::ToOpen)) {
+        let changes_due = channels_due || participant.ice_restart_due || !participant.to_stop.is_empty() || participant.down.iter().any(|d| d.state == DownState::ToOpen);
+        if participant.subscriber_pending.is_some() || !changes_due {
             return;
         }
         let mut changes = participant.subscriber.sdp_api();
+        if std::mem::take(&mut participant.ice_restart_due) {
+            changes.ice_restart(true);
+        }
         let channels = channels_due.then(|| {
             let reliable = changes.add_channel_with_config(ChannelConfig { label: RELIABLE.to_owned(), ordered: true, ..Default::default() });
             let lossy = changes.add_channel_with_config(ChannelConfig { label: LOSSY.to_owned(), ordered: false, reliability: Reliability::MaxRetransmits { retransmits: 0 }, ..Default::default() });
@@ -210,6 +214,7 @@ impl Sfu {
         let offer_id = participant.next_offer_id;
         participant.next_offer_id += 1;
         let offer = lk::SessionDescription { r#type: "offer".to_owned(), sdp: offer.to_sdp_string(), id: offer_id, ..Default::default() };
+        participant.last_offer = Some(offer.clone());
         self.signals.push_back((id, response(lk::signal_response::Message::Offer(offer))));
     }
 }

@@ -75,6 +75,62 @@ fn a_client_whose_udp_is_blocked_connects_over_tcp() {
 }
 
 #[test]
+fn a_dropped_participant_resumes_unseen_and_one_who_does_not_is_gone_after_the_window() {
+    let mut net = Network::new();
+    let ana = net.join("ana", true);
+    let ben = net.join("ben", false);
+    let carl = net.join("carl", false);
+    net.step(TICK);
+    let mid = net.publish(ana, MediaKind::Audio, "mic");
+    let params = net.params(ana, Codec::Opus);
+    let mut time = 0u64;
+    let mut speak = |net: &mut Network, packets: u64| {
+        for _ in 0..packets {
+            net.write(ana, mid, params, MediaTime::from_millis(time * 5).rebase(Frequency::FORTY_EIGHT_KHZ), &[0xf8, 0xff, 0xfe, 1]);
+            net.step(TICK);
+            time += 1;
+        }
+    };
+    speak(&mut net, 200);
+    let sid = |net: &Network, index: usize| match net.clients[index].signals.first() {
+        Some(lk::signal_response::Message::Join(join)) => join.participant.as_ref().unwrap().sid.clone(),
+        other => panic!("{other:?}"),
+    };
+    let (ben_sid, carl_sid) = (sid(&net, ben), sid(&net, carl));
+    let ben_id = net.clients[ben].id;
+    let offers = |net: &Network| net.clients[ben].signals.iter().filter(|m| matches!(m, lk::signal_response::Message::Offer(_))).count();
+    let offers_before = offers(&net);
+
+    // Ben's and Carl's signalling drop. Nobody sees them leave.
+    net.sfu.detach(net.now, ben_id);
+    net.sfu.detach(net.now, net.clients[carl].id);
+    let seen_by_ana = net.clients[ana].signals.len();
+    speak(&mut net, 100);
+    assert!(!net.clients[ana].signals[seen_by_ana..].iter().any(|m| matches!(m, lk::signal_response::Message::Update(_))), "ana saw someone go");
+
+    // Only Ben's own sid and identity resume him.
+    assert_eq!(net.sfu.resume(net.now, "call", "ben", &carl_sid, Vec::new()), None);
+    assert_eq!(net.sfu.resume(net.now, "call", "carl", &ben_sid, Vec::new()), None);
+    assert_eq!(net.sfu.resume(net.now, "call", "ben", &ben_sid, Vec::new()), Some(ben_id));
+    let frames = net.clients[ben].frames;
+    speak(&mut net, 200);
+    assert!(matches!(net.clients[ben].signals.iter().rev().find(|m| matches!(m, lk::signal_response::Message::Reconnect(_))), Some(_)), "no reconnect response");
+    let ufrag = |m: &lk::signal_response::Message| match m {
+        lk::signal_response::Message::Offer(o) => o.sdp.lines().find(|l| l.starts_with("a=ice-ufrag:")).map(str::to_owned),
+        _ => None,
+    };
+    let ufrags: Vec<String> = net.clients[ben].signals.iter().filter_map(ufrag).collect();
+    assert!(offers(&net) > offers_before && ufrags.first() != ufrags.last(), "no offer restarting the subscriber's ICE: {ufrags:?}");
+    assert!(net.clients[ben].frames > frames + 100, "ben got {} frames after resuming", net.clients[ben].frames - frames);
+
+    // Carl did not come back within the window: he is gone, and then the others see him go.
+    net.now += crate::RESUME_WINDOW;
+    net.sfu.timeout(net.now);
+    assert_eq!(net.sfu.poll_gone(), Some(net.clients[carl].id));
+    assert_eq!(net.sfu.poll_gone(), None, "ben, who resumed, stays");
+}
+
+#[test]
 fn an_observer_cannot_publish() {
     let mut net = Network::new();
     let olga = net.join("olga", false);

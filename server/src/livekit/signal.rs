@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     Server,
-    calls::{Claims, media::ToParticipant, sfu::{Bucket, JoinOptions}, still_allowed},
+    calls::{Claims, media::{Resumption, ToParticipant}, sfu::{Bucket, JoinOptions}, still_allowed},
     error::{Error, ErrorCode},
 };
 
@@ -30,6 +30,8 @@ pub struct RtcQuery {
     access_token: Option<String>,
     auto_subscribe: Option<String>,
     reconnect: Option<String>,
+    /// The participant sid a reconnecting SDK resumes.
+    sid: Option<String>,
 }
 
 /// The call token, from `Authorization: Bearer` (LiveKit's Rust and Python SDKs) or
@@ -84,7 +86,11 @@ pub async fn rtc(State(server): State<AppState>, headers: HeaderMap, Query(query
     let Some(sfu) = server.calls.sfu.get().cloned() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "calls are not running on this server").into_response();
     };
-    if let Err(refused) = room_in_call(&server, &sfu, &claims).await {
+    let reconnect = query.reconnect.as_deref() == Some("1");
+    // A resuming participant is still counted in their call.
+    if !reconnect
+        && let Err(refused) = room_in_call(&server, &sfu, &claims).await
+    {
         return refused;
     }
     let auto_subscribe = query.auto_subscribe.as_deref() != Some("0");
@@ -97,16 +103,15 @@ pub async fn rtc(State(server): State<AppState>, headers: HeaderMap, Query(query
     {
         crate::calls::recording::stop_without_consent(&*server, &claims.matrix_room, &user, true).await;
     }
-    let reconnect = query.reconnect.as_deref() == Some("1");
+    let resumed_sid = query.sid.filter(|_| reconnect);
     // Bigger messages are refused before they are read in.
     let largest = server.calls.config.max_signal_message_bytes;
     upgrade.max_message_size(largest).max_frame_size(largest).on_upgrade(move |socket| async move {
-        if reconnect {
-            // Resuming is not supported: the client is told to join afresh.
-            refuse_resume(socket).await;
-            return;
+        match resumed_sid {
+            Some(sid) => resume(socket, &server, sfu, claims, sid).await,
+            None if reconnect => refuse_resume(socket).await,
+            None => session(socket, &server, sfu, claims, auto_subscribe).await,
         }
-        session(socket, &server, sfu, claims, auto_subscribe).await;
     })
 }
 
@@ -126,6 +131,7 @@ async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
     let _ = socket.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
 }
 
+/// There is nothing to resume: the SDK is told to join afresh.
 async fn refuse_resume(mut socket: WebSocket) {
     let leave = lk::LeaveRequest {
         can_reconnect: true,
@@ -143,20 +149,53 @@ fn ice_servers(server: &Server, user: &str) -> Vec<lk::IceServer> {
     server.calls.turn.credentials(user).map(|c| lk::IceServer { urls: c.uris, username: c.username, credential: c.password }).into_iter().collect()
 }
 
-async fn session(mut socket: WebSocket, server: &Server, sfu: crate::calls::media::SfuHandle, claims: Claims, auto_subscribe: bool) {
-    let (to, mut from_sfu) = mpsc::unbounded_channel();
-    let (room, identity, user, rights) = (claims.matrix_room.clone(), claims.sub.clone(), claims.matrix_user.clone(), claims.rights());
-    let options = JoinOptions { auto_subscribe, ice_servers: ice_servers(server, &user) };
+async fn session(socket: WebSocket, server: &Server, sfu: crate::calls::media::SfuHandle, claims: Claims, auto_subscribe: bool) {
+    let (to, from_sfu) = mpsc::unbounded_channel();
+    let options = JoinOptions { auto_subscribe, ice_servers: ice_servers(server, &claims.matrix_user) };
+    let connection = to.downgrade();
     let Some(id) = sfu.join(claims.grant(), options, to).await else { return };
-    tracing::info!(%room, %identity, participant = id, "joined a call");
+    tracing::info!(room = %claims.matrix_room, identity = %claims.sub, participant = id, "joined a call");
+    converse(socket, server, &sfu, &claims, id, (connection, from_sfu)).await;
+}
+
+/// LiveKit's resume: the participant `sid` (of this token's identity and call) goes on over
+/// this connection, or, if they are gone, is told to join afresh.
+async fn resume(socket: WebSocket, server: &Server, sfu: crate::calls::media::SfuHandle, claims: Claims, sid: String) {
+    let (to, from_sfu) = mpsc::unbounded_channel();
+    let resumption = Resumption { room: claims.video.room.clone(), identity: claims.sub.clone(), sid, ice_servers: ice_servers(server, &claims.matrix_user) };
+    let connection = to.downgrade();
+    let Some(id) = sfu.resume(resumption, to).await else {
+        refuse_resume(socket).await;
+        return;
+    };
+    tracing::info!(room = %claims.matrix_room, identity = %claims.sub, participant = id, "resumed a call");
+    converse(socket, server, &sfu, &claims, id, (connection, from_sfu)).await;
+}
+
+/// How a signalling connection ended.
+enum Ended {
+    /// The participant left, broke a limit, or the SFU let them go.
+    Left,
+    /// The connection dropped: they may resume.
+    Dropped,
+    /// They resumed on another connection (this one's channel was replaced), or the SFU stopped.
+    Superseded,
+}
+
+/// A connection's channel from the SFU, and a handle the SFU knows it by.
+type Channel = (mpsc::WeakUnboundedSender<ToParticipant>, mpsc::UnboundedReceiver<ToParticipant>);
+
+/// Relays a participant's signalling both ways until the connection ends.
+async fn converse(mut socket: WebSocket, server: &Server, sfu: &crate::calls::media::SfuHandle, claims: &Claims, id: crate::calls::sfu::ParticipantId, (connection, mut from_sfu): Channel) {
+    let (room, identity, user, rights) = (&claims.matrix_room, &claims.sub, &claims.matrix_user, claims.rights());
     // Checked again now that the SFU knows them: rights that ended between the check before the
     // upgrade and the join were not seen by the warden, which looks only at who is in a call.
-    if let Err(error) = still_allowed(&server.rooms, &room, &user, rights) {
+    if let Err(error) = still_allowed(&server.rooms, room, user, rights) {
         tracing::info!(%room, %identity, participant = id, %error, "dropped from a call: its rights ended");
         sfu.run(move |sfu, _| sfu.disconnect(id, lk::DisconnectReason::ParticipantRemoved)).await;
     }
     let mut budget = Bucket::new(crate::calls::sfu_rate(server.calls.config.signal_rate), Instant::now());
-    loop {
+    let ended = loop {
         tokio::select! {
             incoming = socket.recv() => {
                 let message = match incoming {
@@ -165,36 +204,48 @@ async fn session(mut socket: WebSocket, server: &Server, sfu: crate::calls::medi
                         if too_big(&error) {
                             tracing::info!(%room, %identity, participant = id, %error, "closed a call's signalling: a message over the limit");
                             close(&mut socket, close_code::SIZE, "signalling message too big").await;
+                            break Ended::Left;
                         }
-                        break;
+                        break Ended::Dropped;
                     }
-                    None => break,
+                    None => break Ended::Dropped,
                 };
                 // Every message counts, pings too: each one costs the server work.
                 if !budget.take(1.0, Instant::now()) {
                     tracing::info!(%room, %identity, participant = id, "closed a call's signalling: too many messages");
                     close(&mut socket, close_code::POLICY, "too many signalling messages").await;
-                    break;
+                    break Ended::Left;
                 }
                 match message {
                     Message::Binary(bytes) => match lk::SignalRequest::decode(bytes.as_ref()) {
                         Ok(request) => sfu.signal(id, request),
                         Err(error) => tracing::debug!(participant = id, %error, "an unreadable signalling request"),
                     },
-                    Message::Close(_) => break,
+                    Message::Close(_) => break Ended::Dropped,
                     _ => {}
                 }
             },
             outgoing = from_sfu.recv() => match outgoing {
                 Some(ToParticipant::Signal(response)) => {
                     if socket.send(Message::Binary(response.encode_to_vec().into())).await.is_err() {
-                        break;
+                        break Ended::Dropped;
                     }
                 }
-                Some(ToParticipant::Close) | None => break,
+                Some(ToParticipant::Close) => break Ended::Left,
+                None => break Ended::Superseded,
             },
         }
+    };
+    match ended {
+        // A `leave` they sent has already ended the participation; otherwise they may resume.
+        Ended::Dropped => {
+            sfu.detach(id, connection);
+            tracing::info!(%room, %identity, participant = id, "a call's signalling dropped; the participant may resume");
+        }
+        Ended::Left => {
+            sfu.leave(id);
+            tracing::info!(%room, %identity, participant = id, "left a call");
+        }
+        Ended::Superseded => {}
     }
-    sfu.leave(id);
-    tracing::info!(%room, %identity, participant = id, "left a call");
 }

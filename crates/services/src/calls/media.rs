@@ -40,9 +40,21 @@ type Job = Box<dyn FnOnce(&mut Sfu, Instant) + Send>;
 
 enum Command {
     Join { grant: Box<Grant>, options: JoinOptions, to: mpsc::UnboundedSender<ToParticipant>, joined: oneshot::Sender<ParticipantId> },
+    Resume { resumption: Box<Resumption>, to: mpsc::UnboundedSender<ToParticipant>, resumed: oneshot::Sender<Option<ParticipantId>> },
     Signal(ParticipantId, lk::SignalRequest),
     Leave(ParticipantId),
+    /// With the connection's channel: only the participant's current connection detaches them.
+    Detach(ParticipantId, mpsc::WeakUnboundedSender<ToParticipant>),
     Run(Job),
+}
+
+/// Who resumes a participation (LiveKit's `/rtc?reconnect=1&sid=`): the participant `sid`
+/// with `identity` in the SFU room `room`.
+pub struct Resumption {
+    pub room: String,
+    pub identity: String,
+    pub sid: String,
+    pub ice_servers: Vec<lk::IceServer>,
 }
 
 /// The running SFU, for the signalling connections.
@@ -59,6 +71,19 @@ impl SfuHandle {
         let (joined, id) = oneshot::channel();
         self.commands.send(Command::Join { grant: Box::new(grant), options, to, joined }).ok()?;
         id.await.ok()
+    }
+
+    /// Resumes a participation; `None` if there is none to resume (or the SFU has stopped).
+    pub async fn resume(&self, resumption: Resumption, to: mpsc::UnboundedSender<ToParticipant>) -> Option<ParticipantId> {
+        let (resumed, id) = oneshot::channel();
+        self.commands.send(Command::Resume { resumption: Box::new(resumption), to, resumed }).ok()?;
+        id.await.ok().flatten()
+    }
+
+    /// The participant's signalling connection (whose channel `to` was) closed without a
+    /// `leave`: they may resume for a while. Nothing happens if they already resumed on another.
+    pub fn detach(&self, id: ParticipantId, to: mpsc::WeakUnboundedSender<ToParticipant>) {
+        let _ = self.commands.send(Command::Detach(id, to));
     }
 
     pub fn signal(&self, id: ParticipantId, request: lk::SignalRequest) {
@@ -261,6 +286,21 @@ async fn run(mut io: Io, mut sfu: Sfu, mut commands: mpsc::UnboundedReceiver<Com
                         let id = sfu.join(now, &grant, &options);
                         participants.insert(id, to);
                         let _ = joined.send(id);
+                    }
+                    Some(Command::Resume { resumption, to, resumed }) => {
+                        let Resumption { room, identity, sid, ice_servers } = *resumption;
+                        let id = sfu.resume(now, &room, &identity, &sid, ice_servers);
+                        if let Some(id) = id {
+                            participants.insert(id, to);
+                        }
+                        let _ = resumed.send(id);
+                    }
+                    Some(Command::Detach(id, to)) => {
+                        let current = participants.get(&id).is_some_and(|sender| to.upgrade().is_some_and(|to| to.same_channel(sender)));
+                        if current {
+                            participants.remove(&id);
+                            sfu.detach(now, id);
+                        }
                     }
                     Some(Command::Signal(id, request)) => sfu.signal(now, id, request),
                     Some(Command::Leave(id)) => {
