@@ -41,9 +41,9 @@ function binary() {
   return join(target.startsWith('/') ? target : join(REPO, target), 'debug/limbic');
 }
 
-/** Debian's chromium (CHROMIUM to use another), headless. */
-export function launchChromium(args = []) {
-  return chromium.launch({ executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium', args: [...args, '--no-sandbox'] });
+/** Debian's chromium (CHROMIUM to use another, or `executablePath`, e.g. a wrapper), headless. */
+export function launchChromium(args = [], executablePath = process.env.CHROMIUM ?? '/usr/bin/chromium') {
+  return chromium.launch({ executablePath, args: [...args, '--no-sandbox'] });
 }
 
 /**
@@ -53,9 +53,11 @@ export function launchChromium(args = []) {
  * the server's log goes to tests/browser/artifacts/`logName`.
  */
 export class LimbicServer {
-  constructor({ logName = 'limbic.log', overrides = () => ({}), plugins = false } = {}) {
+  /** `address`: where it listens, and its SFU (loopback unless a test has a network of its own). */
+  constructor({ logName = 'limbic.log', overrides = () => ({}), plugins = false, address = '127.0.0.1' } = {}) {
     this.workdir = mkdtempSync(join(tmpdir(), 'limbic-browser-'));
     this.process = null;
+    this.address = address;
     this.logName = logName;
     this.overrides = overrides;
     this.plugins = plugins;
@@ -65,7 +67,7 @@ export class LimbicServer {
     const bin = binary();
     assert.ok(existsSync(bin), `no server binary at ${bin}: run \`cargo build -p limbic-server --bins\` or set LIMBIC_BIN`);
     this.port = await freePort();
-    this.url = `http://127.0.0.1:${this.port}`;
+    this.url = `http://${this.address}:${this.port}`;
     const example = readFileSync(join(REPO, 'config.example.toml'), 'utf8');
     const configPath = join(this.workdir, 'limbic.toml');
     // The example's plugins' files are relative to the repository; the server runs elsewhere.
@@ -75,7 +77,7 @@ export class LimbicServer {
     writeFileSync(configPath, config);
     const overrides = {
       LIMBIC_SERVER_NAME: SERVER_NAME,
-      LIMBIC_LISTEN__ADDRESS: '127.0.0.1',
+      LIMBIC_LISTEN__ADDRESS: this.address,
       LIMBIC_LISTEN__PORT: String(this.port),
       LIMBIC_DATABASE__PATH: join(this.workdir, 'store'),
       LIMBIC_MEDIA__PATH: join(this.workdir, 'media'),
@@ -145,6 +147,20 @@ export class LimbicServer {
     }
     rmSync(this.workdir, { recursive: true, force: true });
   }
+}
+
+/**
+ * An appointment (starting now, for an hour) of `therapist` with `client` booked through the
+ * booking service's API (`[appointments] shared_secret` = `serviceSecret`): its session room and
+ * each one's sign-in link.
+ */
+export async function bookAppointment(server, serviceSecret, { appointment, therapist, client, title = 'Intake' }) {
+  const now = Date.now();
+  const answer = await server.api('POST', '/_limbic/service/v1/appointments', {
+    token: serviceSecret,
+    body: { appointment_id: appointment, therapist, client, title, starts_at: now, ends_at: now + 3_600_000, timezone: 'UTC' },
+  });
+  return { roomId: answer.room_id, therapist: answer.links[therapist], client: answer.links[client] };
 }
 
 /**

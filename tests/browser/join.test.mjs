@@ -16,7 +16,7 @@ import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 
-import { ARTIFACTS, LimbicServer, REPO, SERVER_NAME, expectVideoFrom, launchChromium } from './harness.mjs';
+import { ARTIFACTS, LimbicServer, REPO, SERVER_NAME, bookAppointment, expectVideoFrom, launchChromium } from './harness.mjs';
 
 const WEB_DIST = join(REPO, 'web/dist');
 const SERVICE_SECRET = 'browser-test-service-secret';
@@ -45,21 +45,9 @@ let roomId;
 const appointment = 'browser-test-1';
 
 async function links() {
-  const now = Date.now();
-  const answer = await server.api('POST', '/_limbic/service/v1/appointments', {
-    token: SERVICE_SECRET,
-    body: {
-      appointment_id: appointment,
-      therapist: therapist.userId,
-      client: clientId,
-      title: 'Intake',
-      starts_at: now,
-      ends_at: now + 3_600_000,
-      timezone: 'UTC',
-    },
-  });
-  roomId = answer.room_id;
-  return { therapist: answer.links[therapist.userId], client: answer.links[clientId] };
+  const booked = await bookAppointment(server, SERVICE_SECRET, { appointment, therapist: therapist.userId, client: clientId });
+  roomId = booked.roomId;
+  return booked;
 }
 
 /** A browser context as a person on a device: camera and microphone allowed (fake devices). */
