@@ -107,6 +107,33 @@ def test_a_tone_published_by_one_member_reaches_the_other(server):
     run(scenario())
 
 
+def test_an_unpublished_track_is_gone_for_the_others(server):
+    async def scenario():
+        room_id, (ana, ben) = await shared_room(server.url, ["ana", "ben"])
+        url, ana_token = call_token(server.url, ana, room_id)
+        _, ben_token = call_token(server.url, ben, room_id)
+        publisher, listener = rtc.Room(), rtc.Room()
+        subscribed: asyncio.Future = asyncio.get_running_loop().create_future()
+        unpublished: asyncio.Future = asyncio.get_running_loop().create_future()
+        listener.on("track_subscribed", lambda track, publication, participant: subscribed.done() or subscribed.set_result(publication.sid))
+        listener.on("track_unpublished", lambda publication, participant: unpublished.done() or unpublished.set_result(publication.sid))
+        stop = asyncio.Event()
+        try:
+            await publisher.connect(url, ana_token, options())
+            await listener.connect(url, ben_token, options())
+            publication = await publish_tone(publisher, stop)
+            assert await asyncio.wait_for(subscribed, 20) == publication.sid
+            stop.set()
+            await publisher.local_participant.unpublish_track(publication.sid)
+            assert await asyncio.wait_for(unpublished, 20) == publication.sid
+            assert not listener.remote_participants[publisher.local_participant.identity].track_publications
+        finally:
+            stop.set()
+            await publisher.disconnect()
+            await listener.disconnect()
+    run(scenario())
+
+
 WIDTH, HEIGHT = 1280, 720
 
 

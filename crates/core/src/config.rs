@@ -148,7 +148,7 @@ impl Default for CallsConfig {
             max_signal_message_bytes: 1024 * 1024,
             signal_rate: RateLimit { per_second: 50.0, burst: 200 },
             max_participants_per_call: 100,
-            // Tracks stay until their publisher leaves, so each screen share adds one.
+            // A camera, a microphone and screen shares, with room to spare.
             max_tracks_per_participant: 16,
             max_data_channels: 4,
             // LiveKit's documented limit of a whole data packet.

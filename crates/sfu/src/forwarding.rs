@@ -94,6 +94,32 @@ impl Sfu {
 
     /// A publisher's media line arrived: it carries the track the client announced with that
     /// track id (else the oldest announced track of its kind), which everyone now learns of.
+    /// A publisher stopped a track (its media line no longer carries anything to us): they
+    /// get `track_unpublished`, the others an `update` without it, and their subscriber
+    /// connections drop its media line.
+    pub(crate) fn track_unpublished(&mut self, now: Instant, id: ParticipantId, mid: Mid) {
+        let Some(participant) = self.participants.get_mut(&id) else { return };
+        let Some(index) = participant.tracks.iter().position(|t| t.mid == Some(mid)) else { return };
+        let track = participant.tracks.remove(index);
+        participant.bump_version();
+        let room = participant.room.clone();
+        let unpublished = lk::TrackUnpublishedResponse { track_sid: track.info.sid.clone() };
+        self.signals.push_back((id, response(lk::signal_response::Message::TrackUnpublished(unpublished))));
+        self.broadcast_update(id);
+        let mut renegotiate = Vec::new();
+        for (other, subscriber) in &mut self.participants {
+            if subscriber.room != room {
+                continue;
+            }
+            let stopped: Vec<Mid> = subscriber.down.iter().filter(|d| d.publisher == id && d.track_sid == track.info.sid).filter_map(|d| d.state.mid()).collect();
+            subscriber.down.retain(|d| !(d.publisher == id && d.track_sid == track.info.sid));
+            renegotiate.push((*other, stopped));
+        }
+        for (other, mids) in renegotiate {
+            self.stop_media(now, other, &mids);
+        }
+    }
+
     pub(crate) fn track_arrived(&mut self, id: ParticipantId, mid: Mid, kind: MediaKind) {
         let Some(participant) = self.participants.get_mut(&id) else { return };
         let track_id = participant.publisher.media(mid).map(|m| m.track_id().to_owned()).unwrap_or_default();

@@ -265,6 +265,7 @@ pub struct Live {
 /// Something a peer connection reported that may concern other participants.
 enum Happened {
     MediaAdded { mid: Mid, kind: MediaKind, direction: Direction },
+    MediaChanged { mid: Mid, direction: Direction },
     Media(MediaData),
     KeyframeWanted(KeyframeRequest),
     Data(ChannelData),
@@ -732,6 +733,7 @@ impl Sfu {
                         Ok(Output::Event(event)) => match event {
                             Event::MediaAdded(added) => happened.push((id, pc, Happened::MediaAdded { mid: added.mid, kind: added.kind, direction: added.direction })),
                             Event::MediaData(data) => happened.push((id, pc, Happened::Media(data))),
+                            Event::MediaChanged(changed) => happened.push((id, pc, Happened::MediaChanged { mid: changed.mid, direction: changed.direction })),
                             Event::KeyframeRequest(request) => happened.push((id, pc, Happened::KeyframeWanted(request))),
                             Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) if pc == Pc::Subscriber => participant.estimate = Some(estimate),
                             Event::ChannelOpen(channel, label) if pc == Pc::Publisher => {
@@ -765,6 +767,8 @@ impl Sfu {
         match (pc, what) {
             (Pc::Publisher, Happened::MediaAdded { mid, kind, direction }) if matches!(direction, Direction::RecvOnly | Direction::SendRecv) => self.track_arrived(id, mid, kind),
             (Pc::Publisher, Happened::Media(data)) => self.forward(now, id, data),
+            // The client stopped sending on the line (LiveKit's unpublish removes its sender).
+            (Pc::Publisher, Happened::MediaChanged { mid, direction }) if matches!(direction, Direction::Inactive | Direction::SendOnly) => self.track_unpublished(now, id, mid),
             (Pc::Subscriber, Happened::KeyframeWanted(request)) => self.relay_keyframe_request(now, id, &request),
             (Pc::Publisher, Happened::Data(data)) => self.relay_data(now, id, &data),
             // Out of reach: back if the SDK resumes in time, else gone ([`Self::timeout`]).

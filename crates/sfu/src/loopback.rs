@@ -188,6 +188,17 @@ impl Network {
         mid
     }
 
+    /// Stops sending a track (its media line becomes inactive) and offers the change, as
+    /// LiveKit's SDKs unpublish.
+    pub fn unpublish(&mut self, index: usize, mid: Mid) {
+        let client = &mut self.clients[index];
+        let mut changes = client.publisher.sdp_api();
+        changes.set_direction(mid, Direction::Inactive);
+        let (offer, pending) = changes.apply().expect("an offer");
+        client.pending = Some(pending);
+        self.signal(index, lk::signal_request::Message::Offer(lk::SessionDescription { r#type: "offer".into(), sdp: offer.to_sdp_string(), id: 2, ..Default::default() }));
+    }
+
     /// Opens data channels on a client's publisher connection (offering them if it has none
     /// yet); their ids, usable once the connection is up.
     pub fn open_channels(&mut self, index: usize, labels: &[&str]) -> Vec<ChannelId> {

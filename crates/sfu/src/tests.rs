@@ -131,6 +131,37 @@ fn a_dropped_participant_resumes_unseen_and_one_who_does_not_is_gone_after_the_w
 }
 
 #[test]
+fn an_unpublished_track_is_announced_and_its_media_stops() {
+    let mut net = Network::new();
+    let ana = net.join("ana", true);
+    let ben = net.join("ben", false);
+    net.step(TICK);
+    let mid = net.publish(ana, MediaKind::Audio, "mic");
+    let params = net.params(ana, Codec::Opus);
+    let mut time = 0u64;
+    let mut speak = |net: &mut Network, packets: u64| {
+        for _ in 0..packets {
+            net.write(ana, mid, params, MediaTime::from_millis(time * 5).rebase(Frequency::FORTY_EIGHT_KHZ), &[0xf8, 0xff, 0xfe, 1]);
+            net.step(TICK);
+            time += 1;
+        }
+    };
+    speak(&mut net, 200);
+    assert!(net.clients[ben].frames > 100);
+    let track = net.clients[ana].signals.iter().find_map(|m| match m { lk::signal_response::Message::TrackPublished(p) => p.track.clone(), _ => None }).unwrap();
+
+    // Ana's SDK removes the track's sender and offers again.
+    net.unpublish(ana, mid);
+    speak(&mut net, 50);
+    assert!(net.clients[ana].signals.iter().any(|m| matches!(m, lk::signal_response::Message::TrackUnpublished(u) if u.track_sid == track.sid)), "no track_unpublished");
+    let last_update = net.clients[ben].signals.iter().rev().find_map(|m| match m { lk::signal_response::Message::Update(u) => Some(u.clone()), _ => None }).unwrap();
+    assert!(last_update.participants.iter().all(|p| p.tracks.is_empty()), "ben still sees the track: {last_update:?}");
+    let frames = net.clients[ben].frames;
+    speak(&mut net, 100);
+    assert_eq!(net.clients[ben].frames, frames, "media of an unpublished track still arrives");
+}
+
+#[test]
 fn an_observer_cannot_publish() {
     let mut net = Network::new();
     let olga = net.join("olga", false);
