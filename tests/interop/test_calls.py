@@ -8,16 +8,18 @@ a token from Limbic's call-token service (spec/calls.md) and joins with it, unmo
 2. Three in a call: one publishes a tone and simulcast video, both others receive both; one of
    them gets the low layer after asking for low quality and a higher one back after asking for
    it, and no frames once it unsubscribes, while the third's video goes on.
-3. In a therapy session, the therapist (a moderator by role) mutes a client's microphone and
+3. Dynacast: with nobody watching a simulcast layer, its publisher (the SDK with dynacast on) is
+   told to pause it, and the bytes it sends into the SFU drop; a layer wanted again comes back.
+4. In a therapy session, the therapist (a moderator by role) mutes a client's microphone and
    then removes the client from the call, through LiveKit's RoomService API; a client may do
    neither.
-4. A recording in a session that allows it: refused until everyone in the call consented, then
+5. A recording in a session that allows it: refused until everyone in the call consented, then
    started by the therapist, stopped, and stored as an Ogg/Opus file PyAV decodes to the tone
    and an IVF file it decodes to VP8 frames, each for as long as it ran; a client withdrawing consent stops the next one at once.
-5. Data packets (LiveKit's `publish_data`) reach the others, with their sender, or only those
+6. Data packets (LiveKit's `publish_data`) reach the others, with their sender, or only those
    they name.
-6. Completing the session ends its call, and no new call token is given for it.
-7. Signalling refuses a forged call token before any media.
+7. Completing the session ends its call, and no new call token is given for it.
+8. Signalling refuses a forged call token before any media.
 
 The module uses conftest's per-module `server`.
 """
@@ -239,6 +241,81 @@ def test_simulcast_video_switches_layers_and_stops_when_unsubscribed(server):
         finally:
             stop.set()
             for room in (publisher, viewer, other):
+                await room.disconnect()
+    run(scenario())
+
+
+async def layer_rates(room: rtc.Room, seconds: float = 1.0) -> dict[str, float]:
+    """The bytes per second a publisher sent into the SFU on each simulcast layer of its video,
+    over the next `seconds` (from its WebRTC stats: outbound RTP per rid)."""
+    async def sent() -> dict[str, int]:
+        stats = (await room.get_rtc_stats()).publisher_stats
+        return {s.outbound_rtp.outbound.rid: s.outbound_rtp.sent.bytes_sent for s in stats
+                if s.WhichOneof("stats") == "outbound_rtp" and s.outbound_rtp.stream.kind == "video"}
+    before = await sent()
+    await asyncio.sleep(seconds)
+    after = await sent()
+    return {rid: (count - before.get(rid, 0)) / seconds for rid, count in after.items()}
+
+
+async def until_rates(what: str, room: rtc.Room, check, timeout: float = 12.0) -> dict[str, float]:
+    """Layer rates, measured each second until `check` holds of them."""
+    deadline, rates = time.monotonic() + timeout, {}
+    while time.monotonic() < deadline:
+        rates = await layer_rates(room)
+        if check(rates):
+            return rates
+    raise AssertionError(f"not within {timeout}s: {what}; the last rates (bytes/s per layer): {rates}")
+
+
+def test_dynacast_pauses_the_layers_nobody_watches(server):
+    """Ana publishes simulcast video with dynacast on (as Element Call does); Ben watches. When
+    he asks for the low layer, Ana's SDK is told to stop sending the two others and the bytes
+    into the SFU drop; when he wants the best again it comes back; when he stops watching,
+    Ana sends no video at all."""
+    async def scenario():
+        room_id, (ana, ben) = await shared_room(server.url, ["ana", "ben"])
+        url, ana_token = call_token(server.url, ana, room_id)
+        _, ben_token = call_token(server.url, ben, room_id)
+        publisher, viewer = rtc.Room(), rtc.Room()
+        widths: list[int] = []
+        subscribed: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        @viewer.on("track_subscribed")
+        def on_subscribed(track, publication, participant):
+            if track.kind == rtc.TrackKind.KIND_VIDEO and not subscribed.done():
+                subscribed.set_result((track, publication))
+
+        async def watch(track):
+            async for event in rtc.VideoStream(track):
+                widths.append(event.frame.width)
+
+        stop = asyncio.Event()
+        try:
+            await publisher.connect(url, ana_token, rtc.RoomOptions(auto_subscribe=False, dynacast=True, connect_timeout=20))
+            await viewer.connect(url, ben_token, options())
+            await publish_video(publisher, stop)
+            track, publication = await asyncio.wait_for(subscribed, 20)
+            watcher = asyncio.get_running_loop().create_task(watch(track))
+            await until("Ben sees the widest layer", lambda: widths and widths[-1] == WIDTH)
+            everything = await layer_rates(publisher, 2.0)
+            assert len(everything) == 3 and all(v > 1000 for v in everything.values()), everything
+
+            publication.set_video_quality(rtc.VideoQuality.VIDEO_QUALITY_LOW)
+            low_only = await until_rates("only the low layer flowing", publisher, lambda r: r.get("q", 0) > 1000 and r.get("h", 0) < 500 and r.get("f", 0) < 500)
+            assert sum(low_only.values()) < 0.5 * sum(everything.values()), (everything, low_only)
+            await until("Ben sees the low layer", lambda: widths[-1] < WIDTH)
+
+            publication.set_video_quality(rtc.VideoQuality.VIDEO_QUALITY_HIGH)
+            await until_rates("the best layer flowing again", publisher, lambda r: r.get("f", 0) > 1000, timeout=6)
+            await until("Ben sees the widest layer again", lambda: widths[-1] == WIDTH, context=lambda: sorted(set(widths[-100:])))
+
+            publication.set_subscribed(False)
+            await until_rates("no video flowing", publisher, lambda r: sum(r.values()) < 500)
+            watcher.cancel()
+        finally:
+            stop.set()
+            for room in (publisher, viewer):
                 await room.disconnect()
     run(scenario())
 

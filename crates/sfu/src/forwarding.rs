@@ -14,13 +14,63 @@ pub(crate) const LAYER_TIMEOUT: Duration = Duration::from_secs(1);
 /// The gap left in the forwarded clock at a layer switch (one frame at 30 fps, 90 kHz).
 pub(crate) const SWITCH_GAP: i128 = 3000;
 
-/// The simulcast layers of a track that arrive, lowest first, with their bitrates.
+/// How long a layer's bitrate is measured over.
+const RATE_WINDOW: Duration = Duration::from_secs(1);
+
+/// A simulcast layer as it arrives: when last, and its measured bitrate.
+#[derive(Debug)]
+pub(crate) struct Layer {
+    last_seen: Instant,
+    window_start: Instant,
+    window_bytes: u64,
+    /// Bits per second, smoothed over the windows measured so far.
+    rate: Option<u64>,
+}
+
+impl Layer {
+    fn new(now: Instant) -> Self {
+        Self { last_seen: now, window_start: now, window_bytes: 0, rate: None }
+    }
+
+    /// A packet of the layer arrived. A layer back from a pause starts a new window.
+    pub(crate) fn arrived(&mut self, now: Instant, bytes: usize) {
+        if now.duration_since(self.last_seen) >= LAYER_TIMEOUT {
+            (self.window_start, self.window_bytes) = (now, 0);
+        }
+        self.last_seen = now;
+        self.window_bytes += bytes as u64;
+        let elapsed = now.duration_since(self.window_start);
+        if elapsed >= RATE_WINDOW {
+            let measured = (self.window_bytes as f64 * 8.0 / elapsed.as_secs_f64()) as u64;
+            self.rate = Some(self.rate.map_or(measured, |rate| (rate + measured) / 2));
+            (self.window_start, self.window_bytes) = (now, 0);
+        }
+    }
+
+    fn arriving(&self, now: Instant) -> bool {
+        now.duration_since(self.last_seen) < LAYER_TIMEOUT
+    }
+}
+
+/// Notes a packet of a simulcast layer.
+pub(crate) fn layer_arrived(published: &mut Published, rid: Rid, now: Instant, bytes: usize) {
+    published.layers.entry(rid).or_insert_with(|| Layer::new(now)).arrived(now, bytes);
+}
+
+/// The simulcast layers of a track that arrive, lowest first, with their bitrates: as
+/// measured, else as the publisher announced them (its encoder's ceiling, often well above
+/// what it sends), else LiveKit's defaults.
 // `TrackInfo.layers` is deprecated for per-codec layers, but it is what clients announce and read.
 #[allow(deprecated)]
 pub(crate) fn usable_layers(published: &Published, now: Instant) -> Vec<(Rid, i32, u64)> {
-    let arriving = |name: &str| published.layers_seen.get(&Rid::from(name)).is_some_and(|at| now.duration_since(*at) < LAYER_TIMEOUT);
-    let bitrate = |quality: i32, default: u64| published.info.layers.iter().find(|l| l.quality == quality && l.bitrate > 0).map_or(default, |l| u64::from(l.bitrate));
-    LAYERS.iter().filter(|(name, _, _)| arriving(name)).map(|(name, quality, default)| (Rid::from(*name), *quality, bitrate(*quality, *default))).collect()
+    let announced = |quality: i32, default: u64| published.info.layers.iter().find(|l| l.quality == quality && l.bitrate > 0).map_or(default, |l| u64::from(l.bitrate));
+    LAYERS
+        .iter()
+        .filter_map(|(name, quality, default)| {
+            let layer = published.layers.get(&Rid::from(*name)).filter(|layer| layer.arriving(now))?;
+            Some((Rid::from(*name), *quality, layer.rate.unwrap_or_else(|| announced(*quality, *default))))
+        })
+        .collect()
 }
 
 /// The layer to forward to a subscriber who wants `wanted` and has `budget` bits per second
@@ -36,24 +86,40 @@ pub(crate) fn layer_for(usable: &[(Rid, i32, u64)], wanted: i32, budget: Option<
 
 impl Sfu {
     /// Each subscriber connection probes for the bitrate of the layers its subscriber wants
-    /// (TWCC), so that the estimate can grow to allow them.
+    /// (TWCC), so that the estimate can grow to allow them. When a subscriber comes to want
+    /// more than its estimate allows (it asks for a better layer, or one comes back), the
+    /// estimate starts again from there, as a new connection's does: after a while on a low
+    /// layer it has fallen to about that layer's rate (an estimate grows only a little past
+    /// what the connection carries), and probing up from there takes many seconds.
     pub(crate) fn steer_bandwidth_estimates(&mut self, now: Instant) {
-        let mut wanted: HashMap<ParticipantId, u64> = HashMap::new();
+        let mut wanted: HashMap<ParticipantId, (u64, bool)> = HashMap::new();
         for (id, participant) in &self.participants {
             for down in participant.down.iter().filter(|d| d.kind == MediaKind::Video && matches!(d.state, DownState::Open(_))) {
                 let Some(track) = self.participants.get(&down.publisher).and_then(|p| p.tracks.iter().find(|t| t.info.sid == down.track_sid)) else { continue };
                 let layers = usable_layers(track, now);
-                let rate = layers.iter().rev().find(|(_, quality, _)| *quality <= down.layers.wanted).or(layers.first()).map_or(0, |(_, _, rate)| *rate);
-                *wanted.entry(*id).or_default() += rate;
+                let best = layers.iter().rev().find(|(_, quality, _)| *quality <= down.layers.wanted).or(layers.first());
+                let (rate, held_back) = best.map_or((0, false), |(rid, _, rate)| (*rate, down.layers.current.is_some_and(|current| current != *rid)));
+                let entry = wanted.entry(*id).or_default();
+                entry.0 += rate;
+                entry.1 |= held_back;
             }
         }
-        for (id, rate) in wanted {
-            if let Some(participant) = self.participants.get_mut(&id)
-                && rate > 0
-            {
-                participant.subscriber.bwe().set_bitrate(Bitrate::kbps(100), Bitrate::bps(rate));
-                self.dirty.insert((id, Pc::Subscriber));
+        for (id, (rate, held_back)) in wanted {
+            let Some(participant) = self.participants.get_mut(&id) else { continue };
+            let wants_more = rate > participant.wanted_rate;
+            participant.wanted_rate = rate;
+            if rate == 0 {
+                continue;
             }
+            let mut bwe = participant.subscriber.bwe();
+            if wants_more && held_back && participant.estimate.is_some_and(|estimate| estimate.as_u64() < rate) {
+                let restart = Bitrate::bps(rate.min(INITIAL_ESTIMATE_KBPS * 1000));
+                tracing::debug!(participant = id, %restart, "the subscriber wants more than its estimate: estimating again");
+                bwe.reset(restart);
+                participant.estimate = Some(restart);
+            }
+            bwe.set_bitrate(Bitrate::kbps(100), Bitrate::bps(rate));
+            self.dirty.insert((id, Pc::Subscriber));
         }
     }
 
@@ -155,7 +221,7 @@ impl Sfu {
             track.level += LEVEL_SMOOTHING * (linear - track.level);
         }
         if let Some(rid) = data.rid {
-            track.layers_seen.insert(rid, now);
+            layer_arrived(track, rid, now, data.data.len());
         }
         if let Some(recording) = self.recordings.get_mut(&publisher.room) {
             record(recording, track, &publisher.app_user, &data, now);
@@ -278,5 +344,34 @@ impl Sfu {
             let _ = writer.request_keyframe(rid, request.kind);
             self.dirty.insert((publisher_id, Pc::Publisher));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_layers_bitrate_is_measured_and_a_pause_does_not_dilute_it() {
+        let start = Instant::now();
+        let mut layer = Layer::new(start);
+        // 30 frames of 2,500 bytes a second: 600 kbit/s.
+        let frame = Duration::from_millis(1000 / 30);
+        let mut now = start;
+        for _ in 0..=31 {
+            layer.arrived(now, 2_500);
+            now += frame;
+        }
+        let measured = layer.rate.expect("a rate after a second");
+        assert!((550_000..=650_000).contains(&measured), "{measured}");
+        // Paused for five seconds, then back at the same rate: the pause is not averaged in.
+        now += Duration::from_secs(5);
+        for _ in 0..=31 {
+            layer.arrived(now, 2_500);
+            now += frame;
+        }
+        let after = layer.rate.unwrap();
+        assert!((550_000..=650_000).contains(&after), "{after}");
+        assert!(layer.arriving(now) && !layer.arriving(now + LAYER_TIMEOUT));
     }
 }

@@ -11,6 +11,7 @@
 //! the application asks about again ([`Sfu::live`], [`Sfu::close`], recordings).
 
 pub mod containers;
+mod dynacast;
 mod forwarding;
 mod limits;
 #[cfg(any(test, feature = "testing"))]
@@ -38,6 +39,7 @@ use str0m::{
 pub use str0m::net::Protocol;
 
 use containers::{Ivf, OggOpus};
+use dynacast::*;
 use forwarding::*;
 pub use limits::{Bucket, Limits, Rate};
 pub use recording::RecordedTrack;
@@ -141,8 +143,9 @@ struct Published {
     last_keyframe_request: Option<Instant>,
     /// Audio: the smoothed level (0 silent to 1 loudest) from the audio-level extension.
     level: f32,
-    /// Simulcast: when each layer last arrived.
-    layers_seen: HashMap<Rid, Instant>,
+    /// Simulcast: each layer as it arrives, and which the publisher was told to send.
+    layers: HashMap<Rid, Layer>,
+    dynacast: Dynacast,
 }
 
 /// The bandwidth a subscriber connection starts out with, before TWCC says more.
@@ -230,8 +233,10 @@ struct Participant {
     data_budget: Bucket,
     tracks: Vec<Published>,
     down: Vec<DownTrack>,
-    /// The subscriber connection's estimated available bitrate (TWCC), shared by its video.
+    /// The subscriber connection's estimated available bitrate (TWCC), shared by its video,
+    /// and the bitrate of the layers it wants, as last worked out.
     estimate: Option<Bitrate>,
+    wanted_rate: u64,
 }
 
 impl Participant {
@@ -432,6 +437,7 @@ impl Sfu {
             tracks: Vec::new(),
             down: Vec::new(),
             estimate: None,
+            wanted_rate: 0,
         };
         self.participants.insert(id, participant);
         self.dirty.extend([(id, Pc::Publisher), (id, Pc::Subscriber)]);
@@ -587,7 +593,8 @@ impl Sfu {
         self.process(now);
     }
 
-    /// Time passed: every connection's timers, and the active speakers.
+    /// Time passed: every connection's timers, and (every [`SPEAKER_INTERVAL`]) the active
+    /// speakers, bandwidth probes and publishers' layers.
     pub fn timeout(&mut self, now: Instant) {
         let due: Vec<(ParticipantId, Pc)> = self.timers.iter().filter(|(_, at)| **at <= now).map(|(key, _)| *key).collect();
         for (id, pc) in due {
@@ -606,6 +613,7 @@ impl Sfu {
             self.speakers_checked = Some(now);
             self.announce_speakers();
             self.steer_bandwidth_estimates(now);
+            self.steer_publishers(now);
         }
         self.process(now);
     }

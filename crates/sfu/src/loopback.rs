@@ -178,10 +178,17 @@ impl Network {
     /// Announces a track and offers the client's publisher connection with it; its media line.
     pub fn publish(&mut self, index: usize, kind: MediaKind, name: &str) -> Mid {
         let kind_type = if kind == MediaKind::Audio { lk::TrackType::Audio } else { lk::TrackType::Video };
-        self.signal(index, lk::signal_request::Message::AddTrack(lk::AddTrackRequest { cid: name.into(), name: name.into(), r#type: kind_type as i32, ..Default::default() }));
+        self.publish_track(index, kind, lk::AddTrackRequest { cid: name.into(), name: name.into(), r#type: kind_type as i32, ..Default::default() })
+    }
+
+    /// Announces a track as `add` describes it (e.g. with simulcast layers) and offers the
+    /// client's publisher connection with it; its media line.
+    pub fn publish_track(&mut self, index: usize, kind: MediaKind, add: lk::AddTrackRequest) -> Mid {
+        let name = add.cid.clone();
+        self.signal(index, lk::signal_request::Message::AddTrack(add));
         let client = &mut self.clients[index];
         let mut changes = client.publisher.sdp_api();
-        let mid = changes.add_media(kind, Direction::SendOnly, Some("stream".into()), Some(name.into()), None);
+        let mid = changes.add_media(kind, Direction::SendOnly, Some("stream".into()), Some(name), None);
         let (offer, pending) = changes.apply().expect("an offer");
         client.pending = Some(pending);
         self.signal(index, lk::signal_request::Message::Offer(lk::SessionDescription { r#type: "offer".into(), sdp: offer.to_sdp_string(), id: 1, ..Default::default() }));

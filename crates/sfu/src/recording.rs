@@ -88,7 +88,7 @@ impl Sfu {
                 let Some(mid) = track.mid else { continue };
                 track.last_keyframe_request = Some(now);
                 if let Some(mut writer) = participant.publisher.writer(mid) {
-                    let rids: Vec<Option<Rid>> = if track.layers_seen.is_empty() { vec![None] } else { track.layers_seen.keys().copied().map(Some).collect() };
+                    let rids: Vec<Option<Rid>> = if track.layers.is_empty() { vec![None] } else { track.layers.keys().copied().map(Some).collect() };
                     for rid in rids {
                         let _ = writer.request_keyframe(rid, KeyframeRequestKind::Pli);
                     }

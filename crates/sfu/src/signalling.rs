@@ -93,7 +93,7 @@ impl Sfu {
             stream: add.stream.clone(),
             ..Default::default()
         };
-        participant.tracks.push(Published { info: info.clone(), cid: add.cid.clone(), mid: None, last_keyframe_request: None, level: 0.0, layers_seen: HashMap::new() });
+        participant.tracks.push(Published { info: info.clone(), cid: add.cid.clone(), mid: None, last_keyframe_request: None, level: 0.0, layers: HashMap::new(), dynacast: Dynacast::default() });
         let published = lk::TrackPublishedResponse { cid: add.cid, track: Some(info) };
         self.signals.push_back((id, response(lk::signal_response::Message::TrackPublished(published))));
     }

@@ -161,6 +161,63 @@ fn an_unpublished_track_is_announced_and_its_media_stops() {
     assert_eq!(net.clients[ben].frames, frames, "media of an unpublished track still arrives");
 }
 
+/// The layers each quality update Ana got enables, in order.
+fn quality_updates(net: &Network, index: usize) -> Vec<Vec<bool>> {
+    net.clients[index]
+        .signals
+        .iter()
+        .filter_map(|m| match m {
+            lk::signal_response::Message::SubscribedQualityUpdate(u) => Some(u.subscribed_codecs[0].qualities.iter().map(|q| q.enabled).collect()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+#[allow(deprecated)] // `AddTrackRequest.layers`: what LiveKit's SDKs announce simulcast with.
+fn a_simulcast_publisher_is_told_to_send_only_the_layers_someone_watches() {
+    let mut net = Network::new();
+    let ana = net.join("ana", true);
+    let ben = net.join("ben", false);
+    net.step(TICK);
+    let layers = [lk::VideoQuality::Low, lk::VideoQuality::Medium, lk::VideoQuality::High].map(|quality| lk::VideoLayer { quality: quality as i32, ..Default::default() });
+    let add = lk::AddTrackRequest { cid: "camera".into(), name: "camera".into(), r#type: lk::TrackType::Video as i32, layers: layers.to_vec(), ..Default::default() };
+    net.publish_track(ana, MediaKind::Video, add);
+    let steps = |net: &mut Network, duration: Duration| {
+        for _ in 0..duration.as_millis() / 100 {
+            net.step(Duration::from_millis(100));
+        }
+    };
+    steps(&mut net, Duration::from_secs(1));
+    let track = net.clients[ana].signals.iter().find_map(|m| match m { lk::signal_response::Message::TrackPublished(p) => p.track.clone(), _ => None }).unwrap();
+    assert!(track.simulcast);
+    assert_eq!(quality_updates(&net, ana), Vec::<Vec<bool>>::new(), "Ben watches the best layer: Ana sends all she started with");
+
+    // Ben asks for the low layer: a while later Ana is told to pause the others.
+    let low = lk::UpdateTrackSettings { track_sids: vec![track.sid.clone()], quality: lk::VideoQuality::Low as i32, ..Default::default() };
+    net.signal(ben, lk::signal_request::Message::TrackSetting(low));
+    steps(&mut net, Duration::from_secs(2));
+    assert_eq!(quality_updates(&net, ana), Vec::<Vec<bool>>::new(), "not before the pause delay");
+    steps(&mut net, Duration::from_secs(2));
+    assert_eq!(quality_updates(&net, ana), [vec![true, false, false]]);
+
+    // He wants the best again: it resumes at once.
+    let high = lk::UpdateTrackSettings { track_sids: vec![track.sid.clone()], quality: lk::VideoQuality::High as i32, ..Default::default() };
+    net.signal(ben, lk::signal_request::Message::TrackSetting(high));
+    steps(&mut net, Duration::from_millis(400));
+    assert_eq!(quality_updates(&net, ana).last(), Some(&vec![true, true, true]));
+
+    // A recording watches the best layer even when nobody else does.
+    assert!(net.sfu.start_recording(net.now, "call", "!room"));
+    net.leave(ben);
+    steps(&mut net, Duration::from_secs(4));
+    assert_eq!(quality_updates(&net, ana).len(), 2, "a recorded track keeps its layers");
+    // With nobody watching and no recording, Ana sends no video at all.
+    net.sfu.stop_recording("!room");
+    steps(&mut net, Duration::from_secs(4));
+    assert_eq!(quality_updates(&net, ana).last(), Some(&vec![false, false, false]));
+}
+
 #[test]
 fn an_observer_cannot_publish() {
     let mut net = Network::new();
