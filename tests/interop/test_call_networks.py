@@ -1,4 +1,5 @@
-"""Calls on networks that do not let UDP through, with LiveKit's Python SDK and a real coturn.
+"""Calls on real networks' troubles (UDP blocked, cuts, loss), with LiveKit's Python SDK and a
+real coturn.
 
 1. Through TURN: a listener whose ICE may use relays only (the SDK's `TRANSPORT_RELAY`, the
    setting of a client behind a firewall that lets nothing but its TURN server through) takes the
@@ -7,8 +8,12 @@
 2. ICE over TCP: a listener in a network namespace of the test's own, whose UDP to the SFU's
    address is dropped by an nftables rule there, connects to the SFU's passive TCP candidate and
    hears the tone. A UDP probe from the namespace checks that the rule really drops UDP.
+3. A network cut of 5 s (the participant stays) and of 20 s (the SDK resumes), in a namespace
+   whose traffic an nftables rule drops and then lets through again.
+4. Loss: a quarter of the listener's UDP dropped at random in its namespace; the publisher is
+   told its connection quality went poor, and good again once the loss stops.
 
-Both need root (network namespaces, nftables) or coturn; without them the tests are skipped
+They need root (network namespaces, nftables) or coturn; without them the tests are skipped
 with the reason. Nothing outside the namespace and loopback is touched.
 """
 
@@ -56,12 +61,17 @@ def sh(*command: str, stdin: str | None = None) -> None:
     subprocess.run(command, input=stdin, text=True, check=True, capture_output=True)
 
 
-@contextmanager
 def namespace_without_udp():
+    """A network namespace joined to this one by a veth pair ([network_namespace]), whose UDP to
+    this side is dropped, as checked with a datagram before and after the rule."""
+    return network_namespace(block_udp=True)
+
+
+@contextmanager
+def network_namespace(block_udp: bool):
     """A network namespace joined to this one by a veth pair: (its name, the address of this
-    side, which the namespace reaches). In it, UDP to that address is dropped, as checked
-    with a datagram before and after the rule. `cut(namespace, True)` cuts it off entirely,
-    `cut(namespace, False)` restores it."""
+    side, which the namespace reaches). With `block_udp`, UDP to that address is dropped there.
+    `cut(namespace, True)` cuts it off entirely, `cut(namespace, False)` restores it."""
     if os.geteuid() != 0 or not shutil.which("nft") or not shutil.which("ip"):
         pytest.skip("needs root, ip and nft (scripts/setup installs nftables) for a network namespace")
     tag = os.getpid() % 10000
@@ -78,8 +88,9 @@ def namespace_without_udp():
         sh("ip", "-n", name, "link", "set", "lo", "up")
         rules = f"table inet limbic_test {{\n chain output {{\n  type filter hook output priority 0;\n  ip daddr {host} meta l4proto udp drop\n }}\n}}\n"
         assert udp_reaches(name, host), "UDP from the namespace does not arrive even without the rule"
-        sh("ip", "netns", "exec", name, "nft", "-f", "-", stdin=rules)
-        assert not udp_reaches(name, host), "the namespace's UDP to this side is not blocked"
+        if block_udp:
+            sh("ip", "netns", "exec", name, "nft", "-f", "-", stdin=rules)
+            assert not udp_reaches(name, host), "the namespace's UDP to this side is not blocked"
         yield name, host
     finally:
         subprocess.run(["ip", "link", "del", outside], capture_output=True)
@@ -147,15 +158,15 @@ async def interrupted_listener(process, interruption) -> dict:
     return report
 
 
-async def tone_reaches_listener(server: LimbicServer, namespace: str | None = None, relay_only: bool = False, interruption=None, left: list | None = None) -> dict:
+async def tone_reaches_listener(server: LimbicServer, namespace: str | None = None, relay_only: bool = False, interruption=None, watch=None) -> dict:
     """Ana publishes a tone from this namespace; Ben's report, as the listener process heard it,
     with his user id."""
     room_id, (ana, ben) = await shared_room(server.url, ["ana", "ben"])
     url, ana_token = call_token(server.url, ana, room_id)
     _, ben_token = call_token(server.url, ben, room_id)
     publisher, stop = rtc.Room(), asyncio.Event()
-    if left is not None:
-        publisher.on("participant_disconnected", lambda participant: left.append(participant.identity))
+    if watch is not None:
+        watch(publisher)
     await publisher.connect(url, ana_token, rtc.RoomOptions(auto_subscribe=False, connect_timeout=20))
     try:
         await publish_tone(publisher, stop)
@@ -212,7 +223,8 @@ def call_through_a_cut(tmp_path, seconds: float) -> tuple[dict, NetworkCut]:
         server.start()
         interruption = NetworkCut(namespace, host, server.port, seconds, left)
         try:
-            report = run(tone_reaches_listener(server, namespace, interruption=interruption, left=left))
+            watch = lambda publisher: publisher.on("participant_disconnected", lambda participant: left.append(participant.identity))
+            report = run(tone_reaches_listener(server, namespace, interruption=interruption, watch=watch))
         finally:
             server.stop()
     return report, interruption
@@ -274,3 +286,75 @@ def test_a_client_allowed_only_relays_connects_through_coturn(tmp_path):
     coturn_log = log.read_text(errors="replace")
     # Ben's credentials, from the join response, are the ones coturn accepted.
     assert f":{report['user']}>: incoming packet ALLOCATE processed, success" in coturn_log, coturn_log[-3000:]
+
+
+def lossy(namespace: str, percent: int | None) -> None:
+    """Drops `percent` % of the UDP into and out of the namespace at random, or stops."""
+    if percent is None:
+        sh("ip", "netns", "exec", namespace, "nft", "delete", "table", "inet", "limbic_loss")
+        return
+    chains = "".join(f" chain {hook} {{\n  type filter hook {hook} priority -5;\n  meta l4proto udp numgen random mod 100 < {percent} drop\n }}\n" for hook in ("input", "output"))
+    sh("ip", "netns", "exec", namespace, "nft", "-f", "-", stdin=f"table inet limbic_loss {{\n{chains}}}\n")
+
+
+class Loss:
+    """Once the listener heard the tone and a quality update went by (LiveKit's SDK reports only
+    changes, from excellent), a quarter of the listener's UDP is lost until the publisher rates
+    it poor; then none, until the publisher rates it good again."""
+
+    def __init__(self, namespace: str, qualities: dict):
+        self.namespace, self.qualities = namespace, qualities
+        self.seen: list[str] = []
+
+    def listener(self) -> str | None:
+        return next((identity for identity, quality in self.qualities.items() if identity != "publisher"), None)
+
+    async def rated(self, wanted: set[str], timeout: float) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            quality = self.qualities.get(self.listener())
+            if quality in wanted:
+                self.seen.append(quality)
+                return
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"the listener not rated {wanted} within {timeout}s: {self.qualities}")
+
+    async def during(self):
+        await asyncio.sleep(6)
+        self.seen.append(self.qualities.get(self.listener(), "QUALITY_EXCELLENT"))
+        lossy(self.namespace, 25)
+        try:
+            await self.rated({"QUALITY_POOR"}, 20)
+        finally:
+            lossy(self.namespace, None)
+        await self.rated({"QUALITY_EXCELLENT", "QUALITY_GOOD"}, 20)
+
+    def after_report(self):
+        pass
+
+
+def test_a_lossy_participant_is_rated_poor_by_everyone(tmp_path):
+    """The listener's UDP loses a quarter of its packets, in a namespace of the test's own: the
+    publisher's SDK is told its connection quality went from excellent to poor (LiveKit's
+    `connection_quality`), and back once the loss stops; the listener stays and still hears
+    the tone."""
+    qualities: dict[str, str] = {}
+
+    def watch(publisher: rtc.Room):
+        @publisher.on("connection_quality_changed")
+        def on_quality(participant, quality):
+            name = rtc.ConnectionQuality(quality).name
+            qualities["publisher" if participant.identity == publisher.local_participant.identity else participant.identity] = name
+
+    with network_namespace(block_udp=False) as (namespace, host):
+        server = ServerAt("call-networks-loss", tmp_path, host, {"voip": {"turn_uris": []}})
+        server.start()
+        loss = Loss(namespace, qualities)
+        try:
+            report = run(tone_reaches_listener(server, namespace, interruption=loss, watch=watch))
+        finally:
+            server.stop()
+    assert loss.seen[:2] == ["QUALITY_EXCELLENT", "QUALITY_POOR"] and loss.seen[2] in ("QUALITY_EXCELLENT", "QUALITY_GOOD"), loss.seen
+    assert qualities.get("publisher") == "QUALITY_EXCELLENT", qualities
+    assert report["loud_after"] >= 50 and report["sid_before"] == report["sid_after"], report
+    assert report["paths"] and all(p["local_protocol"] == "udp" for p in report["paths"]), report

@@ -14,6 +14,7 @@ pub mod containers;
 mod dynacast;
 mod forwarding;
 mod limits;
+mod quality;
 #[cfg(any(test, feature = "testing"))]
 pub mod loopback;
 mod recording;
@@ -40,6 +41,7 @@ pub use str0m::net::Protocol;
 
 use containers::{Ivf, OggOpus};
 use dynacast::*;
+use quality::*;
 use forwarding::*;
 pub use limits::{Bucket, Limits, Rate};
 pub use recording::RecordedTrack;
@@ -237,6 +239,8 @@ struct Participant {
     /// and the bitrate of the layers it wants, as last worked out.
     estimate: Option<Bitrate>,
     wanted_rate: u64,
+    /// Loss and round trip, for their connection quality.
+    link: Link,
 }
 
 impl Participant {
@@ -290,6 +294,8 @@ pub struct Sfu {
     /// Per room, who was last announced as speaking, and when speakers were last worked out.
     speaking: HashMap<String, HashMap<String, f32>>,
     speakers_checked: Option<Instant>,
+    /// When everyone was last told everyone's connection quality.
+    quality_announced: Option<Instant>,
     /// The SFU rooms being recorded.
     recordings: HashMap<String, Recording>,
     /// Connections with input since their output was last drained: only they are polled.
@@ -331,6 +337,7 @@ impl Sfu {
             gone: VecDeque::new(),
             speaking: HashMap::new(),
             speakers_checked: None,
+            quality_announced: None,
             recordings: HashMap::new(),
             dirty: HashSet::new(),
             to_negotiate: HashSet::new(),
@@ -341,7 +348,7 @@ impl Sfu {
     }
 
     fn new_rtc(&self, now: Instant, estimate_bandwidth: bool) -> Rtc {
-        let mut config = Rtc::builder().set_ice_lite(true);
+        let mut config = Rtc::builder().set_ice_lite(true).set_stats_interval(Some(STATS_INTERVAL));
         if estimate_bandwidth {
             config = config.enable_bwe(Some(Bitrate::kbps(INITIAL_ESTIMATE_KBPS)));
         }
@@ -438,6 +445,7 @@ impl Sfu {
             down: Vec::new(),
             estimate: None,
             wanted_rate: 0,
+            link: Link::default(),
         };
         self.participants.insert(id, participant);
         self.dirty.extend([(id, Pc::Publisher), (id, Pc::Subscriber)]);
@@ -594,7 +602,8 @@ impl Sfu {
     }
 
     /// Time passed: every connection's timers, and (every [`SPEAKER_INTERVAL`]) the active
-    /// speakers, bandwidth probes and publishers' layers.
+    /// speakers, bandwidth probes and publishers' layers; every [`QUALITY_INTERVAL`], the
+    /// connection quality.
     pub fn timeout(&mut self, now: Instant) {
         let due: Vec<(ParticipantId, Pc)> = self.timers.iter().filter(|(_, at)| **at <= now).map(|(key, _)| *key).collect();
         for (id, pc) in due {
@@ -614,6 +623,10 @@ impl Sfu {
             self.announce_speakers();
             self.steer_bandwidth_estimates(now);
             self.steer_publishers(now);
+        }
+        if self.quality_announced.is_none_or(|at| now.duration_since(at) >= QUALITY_INTERVAL) {
+            self.quality_announced = Some(now);
+            self.announce_quality();
         }
         self.process(now);
     }
@@ -744,6 +757,7 @@ impl Sfu {
                             Event::MediaChanged(changed) => happened.push((id, pc, Happened::MediaChanged { mid: changed.mid, direction: changed.direction })),
                             Event::KeyframeRequest(request) => happened.push((id, pc, Happened::KeyframeWanted(request))),
                             Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) if pc == Pc::Subscriber => participant.estimate = Some(estimate),
+                            Event::PeerStats(stats) => participant.link.update(pc, &stats),
                             Event::ChannelOpen(channel, label) if pc == Pc::Publisher => {
                                 if participant.publisher_channels.len() < self.limits.data_channels {
                                     participant.publisher_channels.insert(channel, label);

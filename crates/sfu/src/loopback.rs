@@ -76,6 +76,9 @@ pub struct Client {
     pub last_frame: Option<Vec<u8>>,
     /// Data channel messages its subscriber connection received.
     pub data: Vec<Vec<u8>>,
+    /// Every how many datagrams it sends one is lost on the way (none if unset).
+    pub drop_every: Option<u64>,
+    sent: u64,
 }
 
 impl Client {
@@ -159,7 +162,7 @@ impl Network {
         let started = Instant::now();
         let id = self.sfu.join(now, &grant(identity, room, publish), &auto_subscribed());
         self.sfu_time += started.elapsed();
-        self.clients.push(Client { id, publisher, subscriber, addrs, proto, pending: None, signals: Vec::new(), frames: 0, last_frame: None, data: Vec::new() });
+        self.clients.push(Client { id, publisher, subscriber, addrs, proto, pending: None, signals: Vec::new(), frames: 0, last_frame: None, data: Vec::new(), drop_every: None, sent: 0 });
         index
     }
 
@@ -277,7 +280,12 @@ impl Network {
                     let rtc = if publisher { &mut client.publisher } else { &mut client.subscriber };
                     loop {
                         match rtc.poll_output() {
-                            Ok(Output::Transmit(transmit)) => to_sfu.push((transmit.proto, transmit.source, transmit.destination, transmit.contents.to_vec())),
+                            Ok(Output::Transmit(transmit)) => {
+                                client.sent += 1;
+                                if client.drop_every.is_none_or(|every| client.sent % every != 0) {
+                                    to_sfu.push((transmit.proto, transmit.source, transmit.destination, transmit.contents.to_vec()));
+                                }
+                            }
                             Ok(Output::Event(Event::MediaData(data))) => {
                                 client.frames += 1;
                                 client.last_frame = Some(data.data.to_vec());

@@ -218,6 +218,56 @@ fn a_simulcast_publisher_is_told_to_send_only_the_layers_someone_watches() {
     assert_eq!(quality_updates(&net, ana).last(), Some(&vec![false, false, false]));
 }
 
+/// The connection qualities a client was last told, by participant sid.
+fn last_qualities(net: &Network, index: usize) -> std::collections::HashMap<String, i32> {
+    let last = net.clients[index].signals.iter().rev().find_map(|m| match m {
+        lk::signal_response::Message::ConnectionQuality(update) => Some(update.updates.iter().map(|u| (u.participant_sid.clone(), u.quality)).collect()),
+        _ => None,
+    });
+    last.expect("a connection quality update")
+}
+
+fn sid_of(net: &Network, index: usize) -> String {
+    net.clients[index].signals.iter().find_map(|m| match m { lk::signal_response::Message::Join(join) => join.participant.as_ref().map(|p| p.sid.clone()), _ => None }).unwrap()
+}
+
+#[test]
+fn everyone_is_told_everyones_connection_quality_and_a_lossy_publisher_is_poor() {
+    let mut net = Network::new();
+    let ana = net.join("ana", true);
+    let ben = net.join("ben", false);
+    let cara = net.join_in("another call", "cara", true);
+    net.step(TICK);
+    let mid = net.publish(ana, MediaKind::Audio, "mic");
+    let params = net.params(ana, Codec::Opus);
+    let mut time = 0u64;
+    let mut speak = |net: &mut Network, seconds: u64| {
+        for _ in 0..seconds * 50 {
+            net.write(ana, mid, params, MediaTime::from_millis(time * 20).rebase(Frequency::FORTY_EIGHT_KHZ), &[0xf8, 0xff, 0xfe, 1]);
+            for _ in 0..4 {
+                net.step(TICK);
+            }
+            time += 1;
+        }
+    };
+    speak(&mut net, 6);
+    let (ana_sid, ben_sid, cara_sid) = (sid_of(&net, ana), sid_of(&net, ben), sid_of(&net, cara));
+    let excellent = lk::ConnectionQuality::Excellent as i32;
+    for index in [ana, ben] {
+        let qualities = last_qualities(&net, index);
+        assert_eq!(qualities, [(ana_sid.clone(), excellent), (ben_sid.clone(), excellent)].into(), "nobody in another call is listed");
+    }
+    assert_eq!(last_qualities(&net, cara), [(cara_sid, excellent)].into());
+
+    // A fifth of what Ana sends is lost: she is poor, to her and to Ben.
+    net.clients[ana].drop_every = Some(5);
+    speak(&mut net, 6);
+    let poor = lk::ConnectionQuality::Poor as i32;
+    assert_eq!(last_qualities(&net, ben).get(&ana_sid), Some(&poor));
+    assert_eq!(last_qualities(&net, ana).get(&ana_sid), Some(&poor));
+    assert_eq!(last_qualities(&net, ana).get(&ben_sid), Some(&excellent));
+}
+
 #[test]
 fn an_observer_cannot_publish() {
     let mut net = Network::new();
