@@ -135,6 +135,51 @@ async fn a_dropped_participant_resumes_and_nobody_else_can() {
     assert!(refused(again.next().await), "a participant who left resumed");
 }
 
+/// The next token the server refreshes the call's one with.
+async fn refreshed(call: &mut Signalling) -> String {
+    match call.until(Duration::from_secs(4), |m| matches!(m, lk::signal_response::Message::RefreshToken(_))).await {
+        Some(lk::signal_response::Message::RefreshToken(token)) => token,
+        other => panic!("no refresh_token: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn participants_get_fresh_tokens_to_resume_with_while_their_rights_last() {
+    // Tokens live 4 s: a participant gets a fresh one every 2 s.
+    let server = TestServer::start_with(&[("LIMBIC_CALLS__TOKEN_LIFETIME_SECONDS", "4")]).await;
+    let (ana, ben) = (server.register("ana").await, server.register("ben").await);
+    let room = ana.create_room(json!({ "preset": "private_chat", "invite": [ben.user_id] })).await;
+    ben.join(&room).await;
+    let first = jwt(&server, &ben, &room).await;
+    let (mut call, join) = Signalling::join_with_response(&server, &first).await;
+    let sid = join.participant.unwrap().sid;
+    let fresh = refreshed(&mut call).await;
+    let (old_claims, new_claims) = (claims(&first), claims(&fresh));
+    assert!(new_claims["exp"].as_u64() > old_claims["exp"].as_u64(), "{new_claims}");
+    for same in ["sub", "iss", "video", "org.limbic.room_id", "org.limbic.user_id"] {
+        assert_eq!(new_claims[same], old_claims[same], "{same}");
+    }
+
+    // Past the first token's lifetime, the network drops: the first token is refused, the
+    // latest fresh one resumes the participant.
+    let expired_at = Duration::from_secs(old_claims["exp"].as_u64().unwrap() + 1);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    tokio::time::sleep(expired_at.saturating_sub(now)).await;
+    let fresh = refreshed(&mut call).await;
+    drop(call);
+    assert_eq!(Signalling::resume(&server, &first, &sid).await.err().map(|(status, _)| status), Some(401), "an expired token resumed");
+    let mut resumed = Signalling::resume(&server, &fresh, &sid).await.expect("the upgrade");
+    let answer = tokio::time::timeout(Duration::from_secs(5), resumed.next()).await.expect("an answer in time");
+    assert!(matches!(answer, Some(lk::signal_response::Message::Reconnect(_))), "{answer:?}");
+    let fresh = refreshed(&mut resumed).await;
+
+    // A former member: dropped from the call, no more fresh tokens, and the last one refused.
+    ben.post(&format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)), json!({})).await;
+    assert!(resumed.left_because(Duration::from_secs(5)).await.is_some(), "ben stayed in the call");
+    let validate = reqwest::Client::new().get(format!("{}/rtc/validate", server.base)).bearer_auth(&fresh).send().await.unwrap();
+    assert_eq!(validate.status(), StatusCode::FORBIDDEN);
+}
+
 #[tokio::test]
 async fn members_get_call_tokens_and_others_do_not() {
     let server = TestServer::start().await;

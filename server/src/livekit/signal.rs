@@ -195,8 +195,21 @@ async fn converse(mut socket: WebSocket, server: &Server, sfu: &crate::calls::me
         sfu.run(move |sfu, _| sfu.disconnect(id, lk::DisconnectReason::ParticipantRemoved)).await;
     }
     let mut budget = Bucket::new(crate::calls::sfu_rate(server.calls.config.signal_rate), Instant::now());
+    let every = server.calls.refresh_interval();
+    let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     let ended = loop {
         tokio::select! {
+            _ = refresh.tick() => {
+                // Only while their rights last: the warden drops them when those end.
+                if still_allowed(&server.rooms, room, user, rights).is_ok()
+                    && let Some(token) = refreshed_token(server, claims)
+                {
+                    let response = lk::SignalResponse { message: Some(lk::signal_response::Message::RefreshToken(token)) };
+                    if socket.send(Message::Binary(response.encode_to_vec().into())).await.is_err() {
+                        break Ended::Dropped;
+                    }
+                }
+            },
             incoming = socket.recv() => {
                 let message = match incoming {
                     Some(Ok(message)) => message,
@@ -248,4 +261,9 @@ async fn converse(mut socket: WebSocket, server: &Server, sfu: &crate::calls::me
         }
         Ended::Superseded => {}
     }
+}
+
+fn refreshed_token(server: &Server, claims: &Claims) -> Option<String> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
+    server.calls.refresh(claims, now).inspect_err(|error| tracing::warn!(%error, "could not refresh a call token")).ok()
 }

@@ -185,7 +185,24 @@ impl Calls {
             matrix_room: admission.matrix_room,
             matrix_user: admission.user_id,
         };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding).map_err(Error::internal)
+        self.sign(&claims)
+    }
+
+    /// A token granting what `claims` grant, valid from now for the configured lifetime: sent
+    /// to a participant during a call (LiveKit's `refresh_token`), so that their SDK can still
+    /// resume after the token it joined with expired.
+    pub fn refresh(&self, claims: &Claims, now_seconds: u64) -> Result<String> {
+        self.sign(&Claims { nbf: now_seconds, exp: now_seconds + self.config.token_lifetime_seconds, ..claims.clone() })
+    }
+
+    /// How often a participant in a call gets a fresh token: at half a token's lifetime, so
+    /// that the one they hold always has half of it left.
+    pub fn refresh_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.config.token_lifetime_seconds.max(1) * 500)
+    }
+
+    fn sign(&self, claims: &Claims) -> Result<String> {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.encoding).map_err(Error::internal)
     }
 
     /// The claims of a token this server issued, if it is valid now.
@@ -292,6 +309,11 @@ mod tests {
         // Expired, not yet valid, or signed with another key: refused.
         assert!(calls.verify(&calls.issue(admission(), now - 120).unwrap()).is_err());
         assert!(calls.verify(&calls.issue(admission(), now + 120).unwrap()).is_err());
+        // A refreshed token grants the same, from later on.
+        let claims = calls.verify(&token).unwrap();
+        let refreshed = calls.verify(&calls.refresh(&claims, now - 10).unwrap()).unwrap();
+        assert_eq!(Claims { nbf: claims.nbf, exp: claims.exp, ..refreshed.clone() }, claims);
+        assert_eq!((refreshed.nbf, refreshed.exp), (now - 10, claims.exp - 10));
         let other = tempfile::tempdir().unwrap();
         assert!(self::calls(other.path(), 60).verify(&token).is_err());
         // The stored key survives a restart.
