@@ -8,18 +8,20 @@ a token from Limbic's call-token service (spec/calls.md) and joins with it, unmo
 2. Three in a call: one publishes a tone and simulcast video, both others receive both; one of
    them gets the low layer after asking for low quality and a higher one back after asking for
    it, and no frames once it unsubscribes, while the third's video goes on.
-3. Dynacast: with nobody watching a simulcast layer, its publisher (the SDK with dynacast on) is
+3. Screen share: a second video track (not simulcast) beside the camera, each received as its
+   own track with its source; stopping the share removes it and the camera goes on.
+4. Dynacast: with nobody watching a simulcast layer, its publisher (the SDK with dynacast on) is
    told to pause it, and the bytes it sends into the SFU drop; a layer wanted again comes back.
-4. In a therapy session, the therapist (a moderator by role) mutes a client's microphone and
+5. In a therapy session, the therapist (a moderator by role) mutes a client's microphone and
    then removes the client from the call, through LiveKit's RoomService API; a client may do
    neither.
-5. A recording in a session that allows it: refused until everyone in the call consented, then
+6. A recording in a session that allows it: refused until everyone in the call consented, then
    started by the therapist, stopped, and stored as an Ogg/Opus file PyAV decodes to the tone
    and an IVF file it decodes to VP8 frames, each for as long as it ran; a client withdrawing consent stops the next one at once.
-6. Data packets (LiveKit's `publish_data`) reach the others, with their sender, or only those
+7. Data packets (LiveKit's `publish_data`) reach the others, with their sender, or only those
    they name.
-7. Completing the session ends its call, and no new call token is given for it.
-8. Signalling refuses a forged call token before any media.
+8. Completing the session ends its call, and no new call token is given for it.
+9. Signalling refuses a forged call token before any media.
 
 The module uses conftest's per-module `server`.
 """
@@ -139,24 +141,26 @@ def test_an_unpublished_track_is_gone_for_the_others(server):
 WIDTH, HEIGHT = 1280, 720
 
 
-async def publish_video(room: rtc.Room, stop: asyncio.Event) -> rtc.LocalTrackPublication:
-    """A moving gradient at 20 fps, simulcast (LiveKit's layers of a 720p camera)."""
-    source = rtc.VideoSource(WIDTH, HEIGHT)
-    track = rtc.LocalVideoTrack.create_video_track("camera", source)
-    publish = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_CAMERA, simulcast=True,
+async def publish_video(room: rtc.Room, stop: asyncio.Event, name: str = "camera", size: tuple[int, int] = (WIDTH, HEIGHT),
+                        source_kind: int = rtc.TrackSource.SOURCE_CAMERA, simulcast: bool = True) -> rtc.LocalTrackPublication:
+    """A moving gradient at 20 fps, by default simulcast (LiveKit's layers of a 720p camera)."""
+    width, height = size
+    source = rtc.VideoSource(width, height)
+    track = rtc.LocalVideoTrack.create_video_track(name, source)
+    publish = rtc.TrackPublishOptions(source=source_kind, simulcast=simulcast,
                                       video_encoding=rtc.VideoEncoding(max_framerate=20, max_bitrate=2_000_000))
     publication = await room.local_participant.publish_track(track, publish)
-    base = np.tile((np.arange(WIDTH) % 256).astype(np.uint8), (HEIGHT, 1))
+    base = np.tile((np.arange(width) % 256).astype(np.uint8), (height, 1))
 
     async def feed():
         n = 0
         while not stop.is_set():
-            rgba = np.empty((HEIGHT, WIDTH, 4), dtype=np.uint8)
+            rgba = np.empty((height, width, 4), dtype=np.uint8)
             rgba[..., 0] = (base.astype(np.int32) + n * 4) % 256
             rgba[..., 1] = (n * 8) % 256
             rgba[..., 2] = 255 - base
             rgba[..., 3] = 255
-            source.capture_frame(rtc.VideoFrame(WIDTH, HEIGHT, rtc.VideoBufferType.RGBA, rgba.tobytes()))
+            source.capture_frame(rtc.VideoFrame(width, height, rtc.VideoBufferType.RGBA, rgba.tobytes()))
             n += 1
             await asyncio.sleep(0.05)
     asyncio.get_running_loop().create_task(feed())
@@ -241,6 +245,63 @@ def test_simulcast_video_switches_layers_and_stops_when_unsubscribed(server):
         finally:
             stop.set()
             for room in (publisher, viewer, other):
+                await room.disconnect()
+    run(scenario())
+
+
+def test_a_screen_share_is_a_second_video_track(server):
+    """Ana shares her screen (1024x768, not simulcast, as the SDKs publish a screen) besides her
+    simulcast camera: Ben gets both, each as its own track with its source and its own frames;
+    when she stops sharing, the screen share is gone for him and the camera goes on."""
+    async def scenario():
+        room_id, (ana, ben) = await shared_room(server.url, ["ana", "ben"])
+        url, ana_token = call_token(server.url, ana, room_id)
+        _, ben_token = call_token(server.url, ben, room_id)
+        publisher, viewer = rtc.Room(), rtc.Room()
+        tracks: dict[str, rtc.Track] = {}
+        sources: dict[str, int] = {}
+        unpublished: list[str] = []
+        widths: dict[str, list[int]] = {"camera": [], "screen": []}
+
+        @viewer.on("track_subscribed")
+        def on_subscribed(track, publication, participant):
+            if track.kind == rtc.TrackKind.KIND_VIDEO:
+                tracks[publication.name], sources[publication.name] = track, publication.source
+
+        @viewer.on("track_unpublished")
+        def on_unpublished(publication, participant):
+            unpublished.append(publication.name)
+
+        async def watch(name):
+            async for event in rtc.VideoStream(tracks[name]):
+                widths[name].append(event.frame.width)
+
+        stop, screen_stop = asyncio.Event(), asyncio.Event()
+        loop = asyncio.get_running_loop()
+        try:
+            await publisher.connect(url, ana_token, options())
+            await viewer.connect(url, ben_token, options())
+            await publish_video(publisher, stop)
+            screen = await publish_video(publisher, screen_stop, "screen", (1024, 768), rtc.TrackSource.SOURCE_SCREENSHARE, simulcast=False)
+            await until("Ben subscribed to the camera and the screen", lambda: len(tracks) == 2, context=lambda: list(tracks))
+            assert sources == {"camera": rtc.TrackSource.SOURCE_CAMERA, "screen": rtc.TrackSource.SOURCE_SCREENSHARE}, sources
+            watchers = [loop.create_task(watch(name)) for name in ("camera", "screen")]
+            await until("frames of both", lambda: len(widths["camera"]) >= 20 and len(widths["screen"]) >= 20)
+            assert set(widths["screen"]) == {1024}, f"the screen share's frames: {sorted(set(widths['screen']))}"
+            assert max(widths["camera"]) == WIDTH, f"the camera's frames: {sorted(set(widths['camera']))}"
+
+            await publisher.local_participant.unpublish_track(screen.sid)
+            screen_stop.set()
+            await until("the screen share unpublished for Ben", lambda: "screen" in unpublished)
+            frames = len(widths["camera"])
+            await until("the camera goes on", lambda: len(widths["camera"]) >= frames + 20)
+            assert "camera" not in unpublished
+            for watcher in watchers:
+                watcher.cancel()
+        finally:
+            stop.set()
+            screen_stop.set()
+            for room in (publisher, viewer):
                 await room.disconnect()
     run(scenario())
 
