@@ -50,6 +50,8 @@ pub async fn serve(server: Arc<Server>) -> std::io::Result<()> {
         let sfu = calls::media::start(&server.config.calls).await?;
         let _ = server.calls.sfu.set(sfu);
         tokio::spawn(calls::warden::run(server.clone()));
+        calls::recording::repair(&*server).await;
+        tokio::spawn(calls::recording::write_as_made(server.clone()));
     }
     if server.federation.is_some() {
         tokio::spawn(federation::sender::run(server.clone()));

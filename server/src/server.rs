@@ -88,7 +88,7 @@ impl Server {
             audit: audit.clone(),
             clinic: clinic.clone(),
             appointments: crate::clinic::appointments::Appointments::open(store.clone(), config.appointments.clone(), config.server_name.clone())?,
-            calls: crate::calls::Calls::open(&store, config.calls.clone(), &config.voip, &config.listen)?,
+            calls: crate::calls::Calls::open(&store, config.calls.clone(), &config.voip, &config.listen, &config.media.path.join("recordings"))?,
             users: Users::new(store.clone(), vec![push.clone()]),
             delayed: crate::delayed::DelayedEvents::new(store.clone(), config.delayed_events.clone()),
             rooms: Rooms::new(store.clone(), signing_key.clone(), audit, config.federation.enabled),

@@ -521,20 +521,27 @@ def decoded_video(data: bytes) -> tuple[int, float, int]:
     return frames, (last or 0.0) - (first or 0.0), width
 
 
+async def recordable_call(server, therapist_room: rtc.Room, client_room: rtc.Room, stop: asyncio.Event) -> tuple[str, Member, Member]:
+    """A session that allows recording, whose therapist and client are in its call (in the rooms
+    given), the client publishing a tone and video until `stop`."""
+    room_id, therapist, client = await session_with_client(server.url, server.config["registration"]["shared_secret"], "with_consent")
+    url, therapist_token = call_token(server.url, therapist, room_id)
+    _, client_token = call_token(server.url, client, room_id)
+    await therapist_room.connect(url, therapist_token, options())
+    await client_room.connect(url, client_token, options())
+    await publish_tone(client_room, stop)
+    await publish_video(client_room, stop)
+    await asyncio.sleep(2)
+    return room_id, therapist, client
+
+
 def test_a_recording_needs_everyones_consent_and_yields_the_tone(server):
     async def scenario():
-        room_id, therapist, client = await session_with_client(server.url, server.config["registration"]["shared_secret"], "with_consent")
-        url, therapist_token = call_token(server.url, therapist, room_id)
-        _, client_token = call_token(server.url, client, room_id)
         therapist_room, client_room = rtc.Room(), rtc.Room()
-        recording_path = f"/_limbic/client/v1/sessions/{quote(room_id)}/recording"
         stop = asyncio.Event()
         try:
-            await therapist_room.connect(url, therapist_token, options())
-            await client_room.connect(url, client_token, options())
-            await publish_tone(client_room, stop)
-            await publish_video(client_room, stop)
-            await asyncio.sleep(2)
+            room_id, therapist, client = await recordable_call(server, therapist_room, client_room, stop)
+            recording_path = f"/_limbic/client/v1/sessions/{quote(room_id)}/recording"
 
             # Nobody consented yet: refused, naming who has not.
             status, body = http(server.url, "PUT", recording_path, therapist.access_token, {"recording": True})

@@ -109,3 +109,49 @@ def test_acknowledged_sends_survive_kill_9(server):
         run(verify())
 
     assert all(len(v) >= ROUNDS * ACKS_BEFORE_KILL for v in all_acked.values())
+
+
+def test_a_recording_cut_by_kill_9_is_stored_at_restart(server):
+    """A session's call is being recorded (a client's tone and video, LiveKit's SDK) when the
+    server is killed with SIGKILL: at the next start the recording is stored as far as it was
+    written (at most the last second lost), announced, and `org.limbic.recording` says it
+    ended with the server."""
+    from urllib.parse import quote
+
+    from livekit import rtc
+
+    from call_media import http
+    from test_calls import decoded_audio, decoded_video, download, recordable_call, recording_state, set_consent
+
+    recorded_for = 4.0
+
+    async def record_until_killed():
+        therapist_room, client_room = rtc.Room(), rtc.Room()
+        stop = asyncio.Event()
+        try:
+            room_id, therapist, client = await recordable_call(server, therapist_room, client_room, stop)
+            set_consent(server.url, therapist, room_id, True)
+            set_consent(server.url, client, room_id, True)
+            status, body = http(server.url, "PUT", f"/_limbic/client/v1/sessions/{quote(room_id)}/recording", therapist.access_token, {"recording": True})
+            assert status == 200, (status, body)
+            await asyncio.sleep(recorded_for)
+            server.kill()
+        finally:
+            stop.set()
+            for room in (client_room, therapist_room):
+                await room.disconnect()
+        return room_id, therapist, client
+
+    room_id, therapist, client = run(record_until_killed())
+    server.start()
+    state = recording_state(server.url, client, room_id)
+    assert state.get("recording") is False and "server stopped" in state.get("stopped_because", ""), state
+    status, listed = http(server.url, "GET", f"/_limbic/client/v1/sessions/{quote(room_id, safe='')}/recordings", therapist.access_token)
+    assert status == 200, (status, listed)
+    audio = [r for r in listed["recordings"] if r["kind"] == "m.audio" and r["owner"] == client.user_id]
+    video = [r for r in listed["recordings"] if r["kind"] == "m.video" and r["owner"] == client.user_id]
+    assert len(audio) == 1 and len(video) == 1, listed
+    seconds, peak = decoded_audio(download(server.url, therapist, audio[0]["url"]))
+    assert recorded_for - 1.5 <= seconds <= recorded_for + 0.5 and peak > 0.1, f"{seconds:.2f} s (peak {peak}) of a {recorded_for} s recording"
+    frames, video_seconds, width = decoded_video(download(server.url, therapist, video[0]["url"]))
+    assert frames >= 20 and width > 0 and video_seconds >= recorded_for - 2, f"{frames} frames, {video_seconds:.2f} s, width {width}"

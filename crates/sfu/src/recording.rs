@@ -2,8 +2,9 @@
 
 use super::*;
 
-/// A recording of an SFU room's call: one file per track, written as the media arrives. It
-/// lasts until stopped, even through moments when nobody is in the call.
+/// A recording of an SFU room's call: one file per track, made as the media arrives (and
+/// taken by the application to write as it goes). It lasts until stopped, even through
+/// moments when nobody is in the call.
 pub(crate) struct Recording {
     pub(crate) app_room: String,
     pub(crate) tracks: HashMap<String, TrackFile>,
@@ -31,14 +32,17 @@ impl RecordingFile {
     }
 }
 
-/// One track's file of a finished recording.
+/// Bytes of a recorded track's file: those made since the last were taken, or (when the
+/// recording stops) the rest of it. Appended in order, they make the file.
 pub struct RecordedTrack {
+    /// The application's room whose call it is.
+    pub app_room: String,
+    pub track_sid: String,
     /// The application's user who published the track.
     pub owner: String,
     pub track_name: String,
     pub kind: MediaKind,
     pub bytes: Vec<u8>,
-    pub duration_ms: u64,
 }
 
 /// Adds a packet of a track to the room's recording: Opus audio, and VP8 video from a
@@ -100,7 +104,25 @@ impl Sfu {
         true
     }
 
-    /// Stops recording the calls of a Matrix room; their files, if any was recorded.
+    /// What every recording made since this was last asked, to be written to its files.
+    pub fn take_recorded(&mut self) -> Vec<RecordedTrack> {
+        let mut taken = Vec::new();
+        for recording in self.recordings.values_mut() {
+            for (sid, track) in &mut recording.tracks {
+                let (kind, bytes) = match &mut track.file {
+                    RecordingFile::Audio(ogg) => (MediaKind::Audio, ogg.take()),
+                    RecordingFile::Video(ivf) => (MediaKind::Video, ivf.take()),
+                };
+                if !bytes.is_empty() {
+                    taken.push(RecordedTrack { app_room: recording.app_room.clone(), track_sid: sid.clone(), owner: track.owner.clone(), track_name: track.name.clone(), kind, bytes });
+                }
+            }
+        }
+        taken
+    }
+
+    /// Stops recording the calls of a Matrix room; the rest of each track's file, if any was
+    /// recorded.
     pub fn stop_recording(&mut self, app_room: &str) -> Option<Vec<RecordedTrack>> {
         let rooms: Vec<String> = self.recordings.iter().filter(|(_, r)| r.app_room == app_room).map(|(room, _)| room.clone()).collect();
         if rooms.is_empty() {
@@ -110,13 +132,15 @@ impl Sfu {
             rooms
                 .iter()
                 .filter_map(|room| self.recordings.remove(room))
-                .flat_map(|recording| recording.tracks.into_values())
-                .map(|track| {
-                    let (kind, duration_ms, bytes) = match track.file {
-                        RecordingFile::Audio(ogg) => (MediaKind::Audio, ogg.duration_ms(), ogg.finish()),
-                        RecordingFile::Video(ivf) => (MediaKind::Video, ivf.duration_ms(), ivf.finish()),
-                    };
-                    RecordedTrack { owner: track.owner, track_name: track.name, kind, bytes, duration_ms }
+                .flat_map(|recording| {
+                    let app_room = recording.app_room;
+                    recording.tracks.into_iter().map(move |(sid, track)| {
+                        let (kind, bytes) = match track.file {
+                            RecordingFile::Audio(ogg) => (MediaKind::Audio, ogg.finish()),
+                            RecordingFile::Video(ivf) => (MediaKind::Video, ivf.finish()),
+                        };
+                        RecordedTrack { app_room: app_room.clone(), track_sid: sid, owner: track.owner, track_name: track.name, kind, bytes }
+                    })
                 })
                 .collect(),
         )

@@ -9,6 +9,7 @@
 
 pub mod media;
 pub mod recording;
+pub mod spool;
 pub mod turn;
 pub mod warden;
 
@@ -146,11 +147,15 @@ pub struct Calls {
     pub sfu: OnceLock<media::SfuHandle>,
     /// TURN credentials, for `/voip/turnServer` and the SFU's join response.
     pub turn: turn::Turn,
+    /// Recordings on disk while they are made; held while what the SFU made is written, so that
+    /// pieces of a file are appended in the order they were taken.
+    pub spool: tokio::sync::Mutex<spool::Spool>,
 }
 
 impl Calls {
-    /// The URLs default to the client listener's address.
-    pub fn open(store: &Arc<Store>, config: CallsConfig, voip: &VoipConfig, listen: &ListenConfig) -> Result<Self> {
+    /// The URLs default to the client listener's address. Recordings being made are written
+    /// under `recordings`.
+    pub fn open(store: &Arc<Store>, config: CallsConfig, voip: &VoipConfig, listen: &ListenConfig, recordings: &std::path::Path) -> Result<Self> {
         let secret = store.secret(SECRET_KEY, &config.api_secret)?;
         let or_listener = |configured: &str, default: String| if configured.is_empty() { default } else { configured.trim_end_matches('/').to_owned() };
         Ok(Self {
@@ -161,6 +166,7 @@ impl Calls {
             config,
             sfu: OnceLock::new(),
             turn: turn::Turn::open(store, voip)?,
+            spool: tokio::sync::Mutex::new(spool::Spool::open(recordings.to_owned()).map_err(|e| Error::internal(format!("cannot open {}: {e}", recordings.display())))?),
         })
     }
 
@@ -282,7 +288,7 @@ mod tests {
 
     fn calls(dir: &std::path::Path, lifetime: u64) -> Calls {
         let store = Arc::new(Store::open(dir).unwrap());
-        Calls::open(&store, CallsConfig { token_lifetime_seconds: lifetime, ..CallsConfig::default() }, &VoipConfig::default(), &ListenConfig::default()).unwrap()
+        Calls::open(&store, CallsConfig { token_lifetime_seconds: lifetime, ..CallsConfig::default() }, &VoipConfig::default(), &ListenConfig::default(), &dir.with_extension("recordings")).unwrap()
     }
 
     fn admission() -> Admission {

@@ -1,17 +1,19 @@
 //! Recording a therapy session's call: only where the session's policy allows it, started and
 //! stopped by its therapists, only while every participant in the call has consented
 //! (`org.limbic.recording.consent`), and stopped the moment one withdraws (or someone joins
-//! without consent). Each track becomes a file (Ogg/Opus, IVF/VP8) in the media repository,
-//! announced in the room; `org.limbic.recording` in the room says whether it is recording.
+//! without consent). Each track becomes a file (Ogg/Opus, IVF/VP8), written to disk as it is
+//! made ([`super::spool`]) and stored in the media repository when the recording stops,
+//! announced in the room; `org.limbic.recording` in the room says whether it is recording. A
+//! recording the server stopped for (a crash, a restart) is stored at the next start.
 
-use std::sync::Weak;
+use std::{sync::{Arc, Weak}, time::Duration};
 
 use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde::Serialize;
 use serde_json::{Value as JsonValue, json};
 use str0m::media::MediaKind;
 
-use super::CallsHost;
+use super::{CallsHost, spool::Spool};
 use crate::{
     audit::AuditRecord,
     clinic::{RECORDING, RECORDING_CONSENT, RecordingPolicy, Role, SESSION, Status, session_role},
@@ -72,6 +74,8 @@ pub async fn start(server: &dyn CallsHost, therapist: &UserId, room_id: &RoomId)
             }),
         });
     }
+    let owned = room_id.to_owned();
+    server.calls().spool.lock().await.blocking(move |spool| spool.begin(&owned)).await.map_err(Error::internal)?;
     let matrix_room = room_id.to_string();
     let started = sfu.run(move |sfu, now| !sfu.is_recording(&matrix_room) && rooms.iter().fold(false, |any, room| sfu.start_recording(now, room, &matrix_room) | any)).await.ok_or_else(stopped)?;
     if !started {
@@ -115,6 +119,45 @@ pub enum StopReason<'a> {
     JoinedWithoutConsent(&'a UserId),
     /// The session is over (the user who ended it).
     SessionEnded(&'a UserId),
+    /// The server stopped (crashed, or was restarted) while it was recording.
+    ServerStopped,
+}
+
+/// How often what the SFU recorded is written to disk: what a crash may lose.
+const WRITE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Writes what the SFU records to disk as it is made, every [`WRITE_INTERVAL`].
+pub async fn write_as_made(server: Arc<dyn CallsHost>) {
+    let mut interval = tokio::time::interval(WRITE_INTERVAL);
+    loop {
+        interval.tick().await;
+        let Some(sfu) = server.calls().sfu.get() else { continue };
+        let spool = server.calls().spool.lock().await;
+        let Some(made) = sfu.run(|sfu, _| sfu.take_recorded()).await else { return };
+        if made.is_empty() {
+            continue;
+        }
+        // In the order taken: the lock is held until they are written.
+        if let Err(error) = spool.blocking(move |spool| spool.append(&made)).await {
+            tracing::error!(%error, "could not write what a recording made");
+        }
+    }
+}
+
+/// Stores the recordings the server stopped for (a crash, a restart): each file cut short is
+/// made whole, stored and announced as on any stop, and `org.limbic.recording` says why it ended.
+pub async fn repair(server: &dyn CallsHost) {
+    let rooms = match server.calls().spool.lock().await.blocking(Spool::rooms).await {
+        Ok(rooms) => rooms,
+        Err(error) => return tracing::error!(%error, "could not look for recordings the server stopped for"),
+    };
+    for room_id in rooms {
+        match store(server, &room_id, StopReason::ServerStopped).await {
+            Ok(Some(recorded)) => tracing::info!(%room_id, files = recorded.files.map_or(0, |f| f.len()), "stored a recording the server had stopped for"),
+            Ok(None) => {}
+            Err(error) => tracing::error!(%room_id, %error, "could not store a recording the server had stopped for"),
+        }
+    }
 }
 
 /// Stops recording the room's call: each track's file is stored and announced in the room by
@@ -123,17 +166,34 @@ pub async fn stop(server: &dyn CallsHost, room_id: &RoomId, reason: StopReason<'
     if let StopReason::Therapist(therapist) = reason {
         require_therapist(server, room_id, therapist, "start and stop recordings")?;
     }
-    let Some(state) = server.rooms().state_content(room_id, RECORDING, "")? else { return Ok(None) };
     let sfu = sfu(server)?;
     let matrix_room = room_id.to_string();
-    let tracks = sfu.run(move |sfu, _| sfu.stop_recording(&matrix_room).unwrap_or_default()).await.ok_or_else(stopped)?;
-    if state.get("recording").and_then(JsonValue::as_bool) != Some(true) && tracks.is_empty() {
+    {
+        let spool = server.calls().spool.lock().await;
+        let rest = sfu.run(move |sfu, _| sfu.stop_recording(&matrix_room).unwrap_or_default()).await.ok_or_else(stopped)?;
+        spool.blocking(move |spool| spool.append(&rest)).await.map_err(Error::internal)?;
+    }
+    store(server, room_id, reason).await
+}
+
+/// Stores and announces the room's recorded tracks from disk, and records that the recording
+/// stopped. `None` when it was not recording.
+async fn store(server: &dyn CallsHost, room_id: &RoomId, reason: StopReason<'_>) -> Result<Option<Recorded>> {
+    let spool = server.calls().spool.lock().await;
+    let owned = room_id.to_owned();
+    let tracks = spool.blocking(move |spool| spool.tracks(&owned)).await.map_err(Error::internal)?;
+    let state = server.rooms().state_content(room_id, RECORDING, "")?;
+    let recording = state.as_ref().and_then(|s| s.get("recording")).and_then(JsonValue::as_bool) == Some(true);
+    if !recording {
+        // Stored already (a crash came between the announcement and the files' removal).
+        let owned = room_id.to_owned();
+        spool.blocking(move |spool| spool.remove(&owned)).await.map_err(Error::internal)?;
         return Ok(None);
     }
     // The announcements come from the therapist who started it (or who stops it).
     let announcer: OwnedUserId = match reason {
         StopReason::Therapist(therapist) => therapist.to_owned(),
-        _ => state.get("by").and_then(JsonValue::as_str).and_then(|by| OwnedUserId::try_from(by).ok()).ok_or_else(|| Error::internal("a recording without its therapist"))?,
+        _ => state.as_ref().and_then(|s| s.get("by")).and_then(JsonValue::as_str).and_then(|by| OwnedUserId::try_from(by).ok()).ok_or_else(|| Error::internal("a recording without its therapist"))?,
     };
     let mut files = Vec::new();
     let mut messages = Vec::new();
@@ -173,6 +233,7 @@ pub async fn stop(server: &dyn CallsHost, room_id: &RoomId, reason: StopReason<'
         StopReason::ConsentWithdrawn(user) => (user, "a participant withdrew consent"),
         StopReason::JoinedWithoutConsent(user) => (user, "a participant without consent joined the call"),
         StopReason::SessionEnded(user) => (user, "the session ended"),
+        StopReason::ServerStopped => (announcer.as_ref(), "the server stopped during the recording"),
     };
     let mut writer = server.rooms().writer(room_id).await?;
     for message in messages {
@@ -181,6 +242,8 @@ pub async fn stop(server: &dyn CallsHost, room_id: &RoomId, reason: StopReason<'
     writer.append(&announcer, PduBuilder::state(RECORDING, "", json!({ "recording": false, "by": announcer, "stopped_because": why })), None)?;
     writer.audit(AuditRecord::new("recording_stopped", actor).room(room_id).details(json!({ "reason": why, "files": files })));
     writer.commit()?;
+    let owned = room_id.to_owned();
+    spool.blocking(move |spool| spool.remove(&owned)).await.map_err(Error::internal)?;
     tracing::info!(%room_id, %actor, reason = why, files = files.len(), "stopped recording a call");
     Ok(Some(Recorded { recording: false, files: Some(files) }))
 }
