@@ -120,7 +120,8 @@ async def loud_frames(track: rtc.Track, wanted: int, timeout: float) -> int:
 
 def media_paths(stats: list) -> list[dict]:
     """The candidate pairs media arrived on (LiveKit's `get_rtc_stats`): the local candidate's
-    type (`host`, `srflx`, `prflx`, `relay`) and protocol, the remote's protocol, and bytes received."""
+    type (`host`, `srflx`, `prflx`, `relay`), protocol and (of a relay) protocol to its TURN
+    server, the remote's protocol, and bytes received."""
     local = {s.local_candidate.rtc.id: s.local_candidate.candidate for s in stats if s.WhichOneof("stats") == "local_candidate"}
     remote = {s.remote_candidate.rtc.id: s.remote_candidate.candidate for s in stats if s.WhichOneof("stats") == "remote_candidate"}
     found = []
@@ -131,7 +132,9 @@ def media_paths(stats: list) -> list[dict]:
         if pair.bytes_received == 0 or pair.local_candidate_id not in local or pair.remote_candidate_id not in remote:
             continue
         mine, theirs = local[pair.local_candidate_id], remote[pair.remote_candidate_id]
-        kind = mine.DESCRIPTOR.fields_by_name["candidate_type"].enum_type.values_by_number[mine.candidate_type].name.lower()
-        found.append({"local_type": kind, "local_protocol": mine.protocol,
+        def named(field: str) -> str:
+            return mine.DESCRIPTOR.fields_by_name[field].enum_type.values_by_number[getattr(mine, field)].name.lower()
+        kind = named("candidate_type")
+        found.append({"local_type": kind, "local_protocol": mine.protocol, "relay_protocol": named("relay_protocol").removeprefix("transport_") if mine.HasField("relay_protocol") else None,
                       "remote_protocol": theirs.protocol, "remote_port": theirs.port, "bytes_received": pair.bytes_received})
     return found

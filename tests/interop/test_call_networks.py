@@ -5,12 +5,14 @@ real coturn.
    setting of a client behind a firewall that lets nothing but its TURN server through) takes the
    TURN servers from Limbic's join response, allocates a relay on Debian's coturn, started with
    the configuration `limbic voip coturn-config` prints, and hears a tone published directly.
-2. ICE over TCP: a listener in a network namespace of the test's own, whose UDP to the SFU's
+2. TURN over TCP: a listener in a namespace that lets neither UDP nor TCP to the SFU through,
+   only TCP to coturn, ends up relaying over TCP with no policy set.
+3. ICE over TCP: a listener in a network namespace of the test's own, whose UDP to the SFU's
    address is dropped by an nftables rule there, connects to the SFU's passive TCP candidate and
    hears the tone. A UDP probe from the namespace checks that the rule really drops UDP.
-3. A network cut of 5 s (the participant stays) and of 20 s (the SDK resumes), in a namespace
+4. A network cut of 5 s (the participant stays) and of 20 s (the SDK resumes), in a namespace
    whose traffic an nftables rule drops and then lets through again.
-4. Loss: a quarter of the listener's UDP dropped at random in its namespace; the publisher is
+5. Loss: a quarter of the listener's UDP dropped at random in its namespace; the publisher is
    told its connection quality went poor, and good again once the loss stops.
 
 They need root (network namespaces, nftables) or coturn; without them the tests are skipped
@@ -253,39 +255,66 @@ def test_a_participant_whose_signalling_died_resumes(tmp_path):
     assert cut_for_20.seen_leaving == [], (report, cut_for_20.seen_leaving)
 
 
-def test_a_client_allowed_only_relays_connects_through_coturn(tmp_path):
+@contextmanager
+def coturn_for(tmp_path, name: str, address: str, changes: dict):
+    """A Limbic server on `address` whose TURN servers are a real coturn there (UDP and TCP),
+    started with the configuration `limbic voip coturn-config` prints: (server, coturn's log)."""
     coturn = shutil.which("turnserver")
     if not coturn:
         pytest.skip("needs coturn's turnserver (scripts/setup installs coturn)")
     turn_port = free_port()
-    uris = [f"turn:127.0.0.1:{turn_port}?transport=udp", f"turn:127.0.0.1:{turn_port}?transport=tcp"]
-    server = ServerAt("call-networks-turn", tmp_path, "127.0.0.1", {"voip": {"turn_uris": uris, "turn_shared_secret": ""}})
+    uris = [f"turn:{address}:{turn_port}?transport=udp", f"turn:{address}:{turn_port}?transport=tcp"]
+    server = ServerAt(name, tmp_path, address, {**changes, "voip": {"turn_uris": uris, "turn_shared_secret": ""}})
     # The store is free before the server starts: the secret it makes is the one coturn gets.
     printed = subprocess.run([str(_binary()), "voip", "coturn-config", "--config", str(server.config_path)], capture_output=True, text=True, check=True).stdout
-    assert f"listening-port={turn_port}\n" in printed and "allowed-peer-ip=127.0.0.1\n" in printed, printed
+    assert f"listening-port={turn_port}\n" in printed and f"allowed-peer-ip={address}\n" in printed, printed
     (tmp_path / "turnserver.conf").write_text(printed)
-    log = ARTIFACTS / "coturn.log"
+    log = ARTIFACTS / f"{name}-coturn.log"
     log.unlink(missing_ok=True)
     relay_ports = free_port()  # and the 20 above it, most likely free too
     turn = subprocess.Popen(
-        [coturn, "-c", str(tmp_path / "turnserver.conf"), "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1",
+        [coturn, "-c", str(tmp_path / "turnserver.conf"), f"--listening-ip={address}", f"--relay-ip={address}",
          f"--min-port={relay_ports}", f"--max-port={relay_ports + 20}", "--no-tls", "--no-dtls",
          f"--userdb={tmp_path / 'turndb'}", f"--pidfile={tmp_path / 'turn.pid'}", f"--log-file={log}", "--simple-log", "--verbose"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         server.start()
         try:
-            report = run(tone_reaches_listener(server, relay_only=True))
+            yield server, log
         finally:
             server.stop()
     finally:
         turn.terminate()
         turn.wait(10)
+
+
+def allocated_for(log: Path, report: dict) -> bool:
+    """Whether coturn accepted the listener's credentials (from the join response) for a relay."""
+    return f":{report['user']}>: incoming packet ALLOCATE processed, success" in log.read_text(errors="replace")
+
+
+def test_a_client_allowed_only_relays_connects_through_coturn(tmp_path):
+    with coturn_for(tmp_path, "call-networks-turn", "127.0.0.1", {}) as (server, log):
+        report = run(tone_reaches_listener(server, relay_only=True))
     assert report["loud"] >= 50, report
     assert report["paths"] and all(p["local_type"] == "relay" for p in report["paths"]), report
-    coturn_log = log.read_text(errors="replace")
-    # Ben's credentials, from the join response, are the ones coturn accepted.
-    assert f":{report['user']}>: incoming packet ALLOCATE processed, success" in coturn_log, coturn_log[-3000:]
+    assert allocated_for(log, report), log.read_text(errors="replace")[-3000:]
+
+
+def test_a_client_whose_udp_and_direct_tcp_are_blocked_relays_over_tcp(tmp_path):
+    """In a namespace whose UDP is dropped and whose TCP to the SFU's ICE port is too (a
+    firewall letting through nothing but TCP to its TURN server), the listener, with every
+    kind of candidate allowed, ends up relaying through coturn over TCP."""
+    sfu_tcp = free_port()
+    with namespace_without_udp() as (namespace, host):
+        rules = f"table inet limbic_no_ice_tcp {{\n chain output {{\n  type filter hook output priority 0;\n  ip daddr {host} tcp dport {sfu_tcp} drop\n }}\n}}\n"
+        sh("ip", "netns", "exec", namespace, "nft", "-f", "-", stdin=rules)
+        with coturn_for(tmp_path, "call-networks-turn-tcp", host, {"calls": {"tcp_port": sfu_tcp}}) as (server, log):
+            assert not tcp_reaches(namespace, host, sfu_tcp), "TCP to the SFU gets through"
+            report = run(tone_reaches_listener(server, namespace))
+    assert report["loud"] >= 50, report
+    assert report["paths"] and all(p["local_type"] == "relay" and p["relay_protocol"] == "tcp" for p in report["paths"]), report
+    assert allocated_for(log, report), log.read_text(errors="replace")[-3000:]
 
 
 def lossy(namespace: str, percent: int | None) -> None:
