@@ -11,7 +11,8 @@ real coturn.
    address is dropped by an nftables rule there, connects to the SFU's passive TCP candidate and
    hears the tone. A UDP probe from the namespace checks that the rule really drops UDP.
 4. A network cut of 5 s (the participant stays) and of 20 s (the SDK resumes), in a namespace
-   whose traffic an nftables rule drops and then lets through again.
+   whose traffic an nftables rule drops and then lets through again; and a change of network
+   (the namespace's address replaced by one on another subnet), which the SDK resumes from.
 5. Loss: a quarter of the listener's UDP dropped at random in its namespace; the publisher is
    told its connection quality went poor, and good again once the loss stops.
 
@@ -241,6 +242,52 @@ def test_a_participant_whose_network_drops_for_5_seconds_stays_and_keeps_receivi
     assert report["sid_before"] == report["sid_after"], report
     assert "disconnected" not in report["events"], report
     assert cut_for_5.seen_leaving == [], (report, cut_for_5.seen_leaving)
+
+
+class NetworkSwitch:
+    """Once the listener heard the tone, its namespace moves to another network, as a phone
+    leaving Wi-Fi for mobile data does: a new address on another subnet, and the old address
+    gone (the connections bound to it die with it). Notes whom the publisher had seen leave."""
+
+    def __init__(self, namespace: str, host: str, port: int, left: list[str]):
+        self.namespace, self.host, self.port, self.left = namespace, host, port, left
+        self.seen_leaving: list[str] | None = None
+
+    async def during(self):
+        tag = self.namespace.removeprefix("limbic-t")
+        outside, inside = f"lt{tag}h", f"lt{tag}n"
+        subnet = f"10.232.{int(tag) % 250}"
+        old = f"{self.host.rsplit('.', 1)[0]}.2"
+        sh("ip", "addr", "add", f"{subnet}.1/30", "dev", outside)
+        sh("ip", "-n", self.namespace, "addr", "add", f"{subnet}.2/30", "dev", inside)
+        sh("ip", "-n", self.namespace, "addr", "del", f"{old}/30", "dev", inside)
+        sh("ip", "-n", self.namespace, "route", "add", f"{self.host}/32", "dev", inside, "src", f"{subnet}.2")
+        assert tcp_reaches(self.namespace, self.host, self.port), "the server is out of reach from the new network"
+
+    def after_report(self):
+        self.seen_leaving = list(self.left)
+
+
+def test_a_participant_whose_network_changes_stays_and_keeps_receiving(tmp_path):
+    """The listener's namespace loses its address for one on another subnet mid-call (Wi-Fi to
+    mobile data): its SDK reconnects from the new address as the same participant (same sid),
+    hears the tone again, and the publisher never saw it leave."""
+    left: list[str] = []
+    with network_namespace(block_udp=False) as (namespace, host):
+        server = ServerAt("call-networks-switch", tmp_path, host, {"voip": {"turn_uris": []}})
+        server.start()
+        switch = NetworkSwitch(namespace, host, server.port, left)
+        try:
+            watch = lambda publisher: publisher.on("participant_disconnected", lambda participant: left.append(participant.identity))
+            report = run(tone_reaches_listener(server, namespace, interruption=switch, watch=watch))
+        finally:
+            server.stop()
+    # Its signalling died with the old address: the SDK resumed it (LiveKit's reconnect=1&sid=).
+    assert "resumed a call" in server.log_path.read_text(), server.log_tail()
+    assert report["loud"] >= 50 and report["loud_after"] >= 50, report
+    assert report["sid_before"] == report["sid_after"], report
+    assert "disconnected" not in report["events"], report
+    assert switch.seen_leaving == [], (report, switch.seen_leaving)
 
 
 def test_a_participant_whose_signalling_died_resumes(tmp_path):
