@@ -261,7 +261,7 @@ def test_a_screen_share_is_a_second_video_track(server):
         tracks: dict[str, rtc.Track] = {}
         sources: dict[str, int] = {}
         unpublished: list[str] = []
-        widths: dict[str, list[int]] = {"camera": [], "screen": []}
+        sizes: dict[str, list[tuple[int, int]]] = {"camera": [], "screen": []}
 
         @viewer.on("track_subscribed")
         def on_subscribed(track, publication, participant):
@@ -274,7 +274,7 @@ def test_a_screen_share_is_a_second_video_track(server):
 
         async def watch(name):
             async for event in rtc.VideoStream(tracks[name]):
-                widths[name].append(event.frame.width)
+                sizes[name].append((event.frame.width, event.frame.height))
 
         stop, screen_stop = asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -286,15 +286,17 @@ def test_a_screen_share_is_a_second_video_track(server):
             await until("Ben subscribed to the camera and the screen", lambda: len(tracks) == 2, context=lambda: list(tracks))
             assert sources == {"camera": rtc.TrackSource.SOURCE_CAMERA, "screen": rtc.TrackSource.SOURCE_SCREENSHARE}, sources
             watchers = [loop.create_task(watch(name)) for name in ("camera", "screen")]
-            await until("frames of both", lambda: len(widths["camera"]) >= 20 and len(widths["screen"]) >= 20)
-            assert set(widths["screen"]) == {1024}, f"the screen share's frames: {sorted(set(widths['screen']))}"
-            assert max(widths["camera"]) == WIDTH, f"the camera's frames: {sorted(set(widths['camera']))}"
+            await until("frames of both", lambda: len(sizes["camera"]) >= 20 and len(sizes["screen"]) >= 20)
+            # Each track's own frames: 4:3 of the screen, 16:9 of the camera (libwebrtc may scale
+            # a stream down when the machine is busy, but keeps its shape).
+            assert all(abs(h / w - 768 / 1024) < 0.02 for w, h in sizes["screen"]), f"the screen share's frames: {sorted(set(sizes['screen']))}"
+            assert all(abs(h / w - HEIGHT / WIDTH) < 0.02 for w, h in sizes["camera"]), f"the camera's frames: {sorted(set(sizes['camera']))}"
 
             await publisher.local_participant.unpublish_track(screen.sid)
             screen_stop.set()
             await until("the screen share unpublished for Ben", lambda: "screen" in unpublished)
-            frames = len(widths["camera"])
-            await until("the camera goes on", lambda: len(widths["camera"]) >= frames + 20)
+            frames = len(sizes["camera"])
+            await until("the camera goes on", lambda: len(sizes["camera"]) >= frames + 20)
             assert "camera" not in unpublished
             for watcher in watchers:
                 watcher.cancel()
