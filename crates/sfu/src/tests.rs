@@ -6,8 +6,8 @@ use std::time::Duration;
 use livekit_protocol as lk;
 use prost::Message as _;
 use str0m::{
-    format::Codec,
-    media::{Direction, Frequency, MediaKind, MediaTime},
+    format::{Codec, PayloadParams},
+    media::{Direction, Frequency, MediaKind, MediaTime, Mid},
 };
 
 use crate::{
@@ -16,6 +16,30 @@ use crate::{
 };
 
 const TICK: Duration = Duration::from_millis(5);
+
+/// A participant sending an Opus packet every tick on a media line they published.
+struct Tone {
+    index: usize,
+    mid: Mid,
+    params: PayloadParams,
+    time: u64,
+}
+
+impl Tone {
+    fn published(net: &mut Network, index: usize, name: &str) -> Self {
+        let mid = net.publish(index, MediaKind::Audio, name);
+        Self { index, mid, params: net.params(index, Codec::Opus), time: 0 }
+    }
+
+    /// `packets` packets of 5 ms, the network stepping a tick after each.
+    fn speak(&mut self, net: &mut Network, packets: u64) {
+        for _ in 0..packets {
+            net.write(self.index, self.mid, self.params, MediaTime::from_millis(self.time * 5).rebase(Frequency::FORTY_EIGHT_KHZ), &[0xf8, 0xff, 0xfe, 1]);
+            net.step(TICK);
+            self.time += 1;
+        }
+    }
+}
 
 #[test]
 fn a_participants_audio_reaches_the_other_after_the_signalling_livekit_clients_expect() {
@@ -81,22 +105,9 @@ fn a_dropped_participant_resumes_unseen_and_one_who_does_not_is_gone_after_the_w
     let ben = net.join("ben", false);
     let carl = net.join("carl", false);
     net.step(TICK);
-    let mid = net.publish(ana, MediaKind::Audio, "mic");
-    let params = net.params(ana, Codec::Opus);
-    let mut time = 0u64;
-    let mut speak = |net: &mut Network, packets: u64| {
-        for _ in 0..packets {
-            net.write(ana, mid, params, MediaTime::from_millis(time * 5).rebase(Frequency::FORTY_EIGHT_KHZ), &[0xf8, 0xff, 0xfe, 1]);
-            net.step(TICK);
-            time += 1;
-        }
-    };
-    speak(&mut net, 200);
-    let sid = |net: &Network, index: usize| match net.clients[index].signals.first() {
-        Some(lk::signal_response::Message::Join(join)) => join.participant.as_ref().unwrap().sid.clone(),
-        other => panic!("{other:?}"),
-    };
-    let (ben_sid, carl_sid) = (sid(&net, ben), sid(&net, carl));
+    let mut tone = Tone::published(&mut net, ana, "mic");
+    tone.speak(&mut net, 200);
+    let (ben_sid, carl_sid) = (sid_of(&net, ben), sid_of(&net, carl));
     let ben_id = net.clients[ben].id;
     let offers = |net: &Network| net.clients[ben].signals.iter().filter(|m| matches!(m, lk::signal_response::Message::Offer(_))).count();
     let offers_before = offers(&net);
@@ -105,7 +116,7 @@ fn a_dropped_participant_resumes_unseen_and_one_who_does_not_is_gone_after_the_w
     net.sfu.detach(net.now, ben_id);
     net.sfu.detach(net.now, net.clients[carl].id);
     let seen_by_ana = net.clients[ana].signals.len();
-    speak(&mut net, 100);
+    tone.speak(&mut net, 100);
     assert!(!net.clients[ana].signals[seen_by_ana..].iter().any(|m| matches!(m, lk::signal_response::Message::Update(_))), "ana saw someone go");
 
     // Only Ben's own sid and identity resume him.
@@ -113,7 +124,7 @@ fn a_dropped_participant_resumes_unseen_and_one_who_does_not_is_gone_after_the_w
     assert_eq!(net.sfu.resume(net.now, "call", "carl", &ben_sid, Vec::new()), None);
     assert_eq!(net.sfu.resume(net.now, "call", "ben", &ben_sid, Vec::new()), Some(ben_id));
     let frames = net.clients[ben].frames;
-    speak(&mut net, 200);
+    tone.speak(&mut net, 200);
     assert!(matches!(net.clients[ben].signals.iter().rev().find(|m| matches!(m, lk::signal_response::Message::Reconnect(_))), Some(_)), "no reconnect response");
     let ufrag = |m: &lk::signal_response::Message| match m {
         lk::signal_response::Message::Offer(o) => o.sdp.lines().find(|l| l.starts_with("a=ice-ufrag:")).map(str::to_owned),
@@ -136,28 +147,19 @@ fn an_unpublished_track_is_announced_and_its_media_stops() {
     let ana = net.join("ana", true);
     let ben = net.join("ben", false);
     net.step(TICK);
-    let mid = net.publish(ana, MediaKind::Audio, "mic");
-    let params = net.params(ana, Codec::Opus);
-    let mut time = 0u64;
-    let mut speak = |net: &mut Network, packets: u64| {
-        for _ in 0..packets {
-            net.write(ana, mid, params, MediaTime::from_millis(time * 5).rebase(Frequency::FORTY_EIGHT_KHZ), &[0xf8, 0xff, 0xfe, 1]);
-            net.step(TICK);
-            time += 1;
-        }
-    };
-    speak(&mut net, 200);
+    let mut tone = Tone::published(&mut net, ana, "mic");
+    tone.speak(&mut net, 200);
     assert!(net.clients[ben].frames > 100);
     let track = net.clients[ana].signals.iter().find_map(|m| match m { lk::signal_response::Message::TrackPublished(p) => p.track.clone(), _ => None }).unwrap();
 
     // Ana's SDK removes the track's sender and offers again.
-    net.unpublish(ana, mid);
-    speak(&mut net, 50);
+    net.unpublish(ana, tone.mid);
+    tone.speak(&mut net, 50);
     assert!(net.clients[ana].signals.iter().any(|m| matches!(m, lk::signal_response::Message::TrackUnpublished(u) if u.track_sid == track.sid)), "no track_unpublished");
     let last_update = net.clients[ben].signals.iter().rev().find_map(|m| match m { lk::signal_response::Message::Update(u) => Some(u.clone()), _ => None }).unwrap();
     assert!(last_update.participants.iter().all(|p| p.tracks.is_empty()), "ben still sees the track: {last_update:?}");
     let frames = net.clients[ben].frames;
-    speak(&mut net, 100);
+    tone.speak(&mut net, 100);
     assert_eq!(net.clients[ben].frames, frames, "media of an unpublished track still arrives");
 }
 
@@ -238,19 +240,8 @@ fn everyone_is_told_everyones_connection_quality_and_a_lossy_publisher_is_poor()
     let ben = net.join("ben", false);
     let cara = net.join_in("another call", "cara", true);
     net.step(TICK);
-    let mid = net.publish(ana, MediaKind::Audio, "mic");
-    let params = net.params(ana, Codec::Opus);
-    let mut time = 0u64;
-    let mut speak = |net: &mut Network, seconds: u64| {
-        for _ in 0..seconds * 50 {
-            net.write(ana, mid, params, MediaTime::from_millis(time * 20).rebase(Frequency::FORTY_EIGHT_KHZ), &[0xf8, 0xff, 0xfe, 1]);
-            for _ in 0..4 {
-                net.step(TICK);
-            }
-            time += 1;
-        }
-    };
-    speak(&mut net, 6);
+    let mut tone = Tone::published(&mut net, ana, "mic");
+    tone.speak(&mut net, 6 * 200);
     let (ana_sid, ben_sid, cara_sid) = (sid_of(&net, ana), sid_of(&net, ben), sid_of(&net, cara));
     let excellent = lk::ConnectionQuality::Excellent as i32;
     for index in [ana, ben] {
@@ -261,7 +252,7 @@ fn everyone_is_told_everyones_connection_quality_and_a_lossy_publisher_is_poor()
 
     // A fifth of what Ana sends is lost: she is poor, to her and to Ben.
     net.clients[ana].drop_every = Some(5);
-    speak(&mut net, 6);
+    tone.speak(&mut net, 6 * 200);
     let poor = lk::ConnectionQuality::Poor as i32;
     assert_eq!(last_qualities(&net, ben).get(&ana_sid), Some(&poor));
     assert_eq!(last_qualities(&net, ana).get(&ana_sid), Some(&poor));
@@ -284,22 +275,13 @@ fn a_subscriber_gets_no_track_of_another_call_room() {
     let ben = net.join_in("session", "ben", false);
     // Mallory is in a call of her own, and knows the id of a track in the session's call.
     let mallory = net.join_in("elsewhere", "mallory", false);
-    let mid = net.publish(ana, MediaKind::Audio, "mic-1");
-    let params = net.params(ana, Codec::Opus);
-    let mut time = 0u64;
-    let mut speak = |net: &mut Network, frames: u64| {
-        for _ in 0..frames {
-            net.write(ana, mid, params, MediaTime::from_millis(time * 5).rebase(Frequency::FORTY_EIGHT_KHZ), &[0xf8, 0xff, 0xfe, 1]);
-            net.step(TICK);
-            time += 1;
-        }
-    };
-    speak(&mut net, 100);
+    let mut tone = Tone::published(&mut net, ana, "mic-1");
+    tone.speak(&mut net, 100);
     assert!(net.clients[ben].frames > 0, "ben, in the same call, hears ana");
     let track = net.clients[ana].signals.iter().find_map(|m| match m { lk::signal_response::Message::TrackPublished(p) => p.track.clone(), _ => None }).expect("TrackPublished");
     let subscribe = lk::UpdateSubscription { track_sids: vec![track.sid.clone()], subscribe: true, ..Default::default() };
     net.signal(mallory, lk::signal_request::Message::Subscription(subscribe));
-    speak(&mut net, 200);
+    tone.speak(&mut net, 200);
     assert_eq!(net.clients[mallory].frames, 0, "mallory got the session's audio");
     assert!(!net.clients[mallory].signals.iter().any(|m| matches!(m, lk::signal_response::Message::Offer(o) if o.sdp.contains(&track.sid))), "mallory was offered the track");
 }
