@@ -76,6 +76,14 @@ async def shared_room(base: str, names: list[str]) -> tuple[str, list[Member]]:
     return room["room_id"], members
 
 
+async def two_in_a_call(base: str) -> tuple[str, str, str, Member]:
+    """Ana and Ben, members of one room: (signalling url, Ana's call token, Ben's, Ben)."""
+    room_id, (ana, ben) = await shared_room(base, ["ana", "ben"])
+    url, ana_token = call_token(base, ana, room_id)
+    _, ben_token = call_token(base, ben, room_id)
+    return url, ana_token, ben_token, ben
+
+
 async def publish_tone(room: rtc.Room, stop: asyncio.Event, frequency: float = 440.0) -> rtc.LocalTrackPublication:
     source = rtc.AudioSource(SAMPLE_RATE, 1)
     track = rtc.LocalAudioTrack.create_audio_track("tone", source)

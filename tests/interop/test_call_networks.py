@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 from livekit import rtc
 
-from call_media import call_token, publish_tone, shared_room
+from call_media import publish_tone, two_in_a_call
 from conftest import ARTIFACTS, LimbicServer, _binary, dump_toml, free_port
 from mx import run
 
@@ -164,9 +164,7 @@ async def interrupted_listener(process, interruption) -> dict:
 async def tone_reaches_listener(server: LimbicServer, namespace: str | None = None, relay_only: bool = False, interruption=None, watch=None) -> dict:
     """Ana publishes a tone from this namespace; Ben's report, as the listener process heard it,
     with his user id."""
-    room_id, (ana, ben) = await shared_room(server.url, ["ana", "ben"])
-    url, ana_token = call_token(server.url, ana, room_id)
-    _, ben_token = call_token(server.url, ben, room_id)
+    url, ana_token, ben_token, ben = await two_in_a_call(server.url)
     publisher, stop = rtc.Room(), asyncio.Event()
     if watch is not None:
         watch(publisher)

@@ -41,7 +41,7 @@ import numpy as np
 import pytest
 from livekit import rtc
 
-from call_media import Member, call_token, http, loud_frames, member, publish_tone, shared_room
+from call_media import Member, call_token, http, loud_frames, member, publish_tone, shared_room, two_in_a_call
 from mx import register_with_shared_secret, run
 
 
@@ -51,9 +51,7 @@ def options() -> rtc.RoomOptions:
 
 def test_a_tone_published_by_one_member_reaches_the_other(server):
     async def scenario():
-        room_id, (ana, ben) = await shared_room(server.url, ["ana", "ben"])
-        url, ana_token = call_token(server.url, ana, room_id)
-        _, ben_token = call_token(server.url, ben, room_id)
+        url, ana_token, ben_token, _ = await two_in_a_call(server.url)
         publisher, listener = rtc.Room(), rtc.Room()
         subscribed: asyncio.Future = asyncio.get_running_loop().create_future()
         events: list[str] = []
@@ -113,9 +111,7 @@ def test_a_tone_published_by_one_member_reaches_the_other(server):
 
 def test_an_unpublished_track_is_gone_for_the_others(server):
     async def scenario():
-        room_id, (ana, ben) = await shared_room(server.url, ["ana", "ben"])
-        url, ana_token = call_token(server.url, ana, room_id)
-        _, ben_token = call_token(server.url, ben, room_id)
+        url, ana_token, ben_token, _ = await two_in_a_call(server.url)
         publisher, listener = rtc.Room(), rtc.Room()
         subscribed: asyncio.Future = asyncio.get_running_loop().create_future()
         unpublished: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -254,9 +250,7 @@ def test_a_screen_share_is_a_second_video_track(server):
     simulcast camera: Ben gets both, each as its own track with its source and its own frames;
     when she stops sharing, the screen share is gone for him and the camera goes on."""
     async def scenario():
-        room_id, (ana, ben) = await shared_room(server.url, ["ana", "ben"])
-        url, ana_token = call_token(server.url, ana, room_id)
-        _, ben_token = call_token(server.url, ben, room_id)
+        url, ana_token, ben_token, _ = await two_in_a_call(server.url)
         publisher, viewer = rtc.Room(), rtc.Room()
         tracks: dict[str, rtc.Track] = {}
         sources: dict[str, int] = {}
@@ -337,9 +331,7 @@ def test_dynacast_pauses_the_layers_nobody_watches(server):
     into the SFU drop; when he wants the best again it comes back; when he stops watching,
     Ana sends no video at all."""
     async def scenario():
-        room_id, (ana, ben) = await shared_room(server.url, ["ana", "ben"])
-        url, ana_token = call_token(server.url, ana, room_id)
-        _, ben_token = call_token(server.url, ben, room_id)
+        url, ana_token, ben_token, _ = await two_in_a_call(server.url)
         publisher, viewer = rtc.Room(), rtc.Room()
         widths: list[int] = []
         subscribed: asyncio.Future = asyncio.get_running_loop().create_future()
