@@ -29,7 +29,7 @@ use std::{
 use livekit_protocol as lk;
 use prost::Message as _;
 use str0m::{
-    Candidate, Event, IceConnectionState, Input, Output, Rtc,
+    Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcError,
     channel::{ChannelConfig, ChannelData, ChannelId, Reliability},
     bwe::{Bitrate, BweKind},
     change::{SdpAnswer, SdpOffer, SdpPendingOffer},
@@ -86,6 +86,10 @@ const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(500);
 const RELIABLE: &str = "_reliable";
 const LOSSY: &str = "_lossy";
 /// How often the active speakers are worked out.
+/// Timeouts already due that one [`poll_output`] fires; a bound, so that a connection asking
+/// for "now" again and again cannot hold its caller.
+const MAX_TIMEOUTS_AT_ONCE: usize = 64;
+
 const SPEAKER_INTERVAL: Duration = Duration::from_millis(300);
 /// How long a participant whose signalling closed without a `leave`, or whose connection went
 /// silent, stays in the call (unseen by the others) for their SDK to resume.
@@ -323,6 +327,20 @@ fn response(message: lk::signal_response::Message) -> lk::SignalResponse {
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The next output of `rtc`, firing at once the timeouts already due at `now`. str0m's pacer
+/// lets one packet out per timeout and asks for the next straight away: fired here, a frame's
+/// packets leave together rather than one per turn of the caller's timer (a millisecond each
+/// with tokio's).
+pub fn poll_output(rtc: &mut Rtc, now: Instant) -> Result<Output, RtcError> {
+    for _ in 0..MAX_TIMEOUTS_AT_ONCE {
+        match rtc.poll_output()? {
+            Output::Timeout(at) if at <= now => rtc.handle_input(Input::Timeout(now))?,
+            output => return Ok(output),
+        }
+    }
+    rtc.poll_output()
 }
 
 impl Sfu {
@@ -745,7 +763,7 @@ impl Sfu {
             for (id, pc) in std::mem::take(&mut self.dirty) {
                 let Some(participant) = self.participants.get_mut(&id) else { continue };
                 loop {
-                    match participant.rtc(pc).poll_output() {
+                    match poll_output(participant.rtc(pc), now) {
                         Ok(Output::Transmit(transmit)) => self.transmits.push_back(Outgoing { proto: transmit.proto, destination: transmit.destination, contents: transmit.contents.into() }),
                         Ok(Output::Timeout(at)) => {
                             self.timers.insert((id, pc), at);

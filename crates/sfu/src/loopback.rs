@@ -279,7 +279,7 @@ impl Network {
                 for publisher in [true, false] {
                     let rtc = if publisher { &mut client.publisher } else { &mut client.subscriber };
                     loop {
-                        match rtc.poll_output() {
+                        match crate::poll_output(rtc, self.now) {
                             Ok(Output::Transmit(transmit)) => {
                                 client.sent += 1;
                                 if client.drop_every.is_none_or(|every| client.sent % every != 0) {
