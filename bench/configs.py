@@ -17,6 +17,11 @@
       or "example" (kept, their paths made absolute from the example's
       directory).
 
+  configs.py limbic-sfu EXAMPLE_TOML OUT_TOML PORT DB_PATH SECRET UDP_ADDRESS UDP_PORT
+      as `limbic` without plugins, and for the SFU benchmark: call media on
+      UDP_ADDRESS:UDP_PORT only (no ICE over TCP, no TURN servers), calls of
+      up to 1,000 participants.
+
 Run the synapse variant with the bench venv's Python (it needs PyYAML).
 """
 
@@ -123,7 +128,7 @@ def plugin_lines(lines: list[str], mode: str, base: str) -> list[str]:
     return kept
 
 
-def limbic(example: str, out: str, port: str, db_path: str, secret: str, plugins: str = "none") -> None:
+def limbic(example: str, out: str, port: str, db_path: str, secret: str, plugins: str = "none", calls: dict[str, str] | None = None) -> None:
     import os
 
     if plugins not in ("none", "example"):
@@ -137,6 +142,9 @@ def limbic(example: str, out: str, port: str, db_path: str, secret: str, plugins
         # only rewritten when the example has it (older binaries reject it)
         "media": {"path": json.dumps(db_path + "-media")},
     }
+    if calls is not None:
+        wanted["calls"] = calls
+        wanted["voip"] = {"turn_uris": "[]"}
     optional = {"media"}
     seen: dict[str, set[str]] = {k: set() for k in wanted}
     section = ""
@@ -181,5 +189,13 @@ if __name__ == "__main__":
         synapse(*sys.argv[2:])
     elif len(sys.argv) in (7, 8) and sys.argv[1] == "limbic":
         limbic(*sys.argv[2:])
+    elif len(sys.argv) == 9 and sys.argv[1] == "limbic-sfu":
+        sfu = {
+            "udp_address": json.dumps(sys.argv[7]),
+            "udp_port": sys.argv[8],
+            "ice_tcp": "false",
+            "max_participants_per_call": "1000",
+        }
+        limbic(*sys.argv[2:7], "none", sfu)
     else:
         sys.exit(__doc__)

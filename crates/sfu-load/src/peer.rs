@@ -1,0 +1,333 @@
+//! One WebRTC connection of the load: a str0m `Rtc` on its own UDP socket, driven by
+//! its own task. A publisher's sends simulcast VP8 (three layers, one frame time) and Opus, every
+//! frame stamped; a subscriber's counts the stamped frames it gets and times them.
+
+use std::{
+    collections::{HashMap, HashSet},
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use str0m::{
+    Candidate, Event, Input, Output, Rtc,
+    change::{SdpAnswer, SdpOffer, SdpPendingOffer},
+    format::Codec,
+    media::{Direction, Frequency, KeyframeRequest, MediaData, MediaKind, MediaTime, Mid, Rid, Simulcast, SimulcastLayer},
+    net::{Protocol, Receive},
+};
+use tokio::{
+    net::UdpSocket,
+    sync::{mpsc, oneshot},
+};
+
+use crate::stamp::{Kind, Stamp};
+
+/// The simulcast layers a publisher sends, lowest first, as LiveKit's SDKs name them.
+pub const RIDS: [&str; 3] = ["q", "h", "f"];
+const VIDEO_EVERY: Duration = Duration::from_nanos(1_000_000_000 / 30);
+const AUDIO_EVERY: Duration = Duration::from_millis(20);
+const KEYFRAME_EVERY: Duration = Duration::from_secs(2);
+/// An Opus packet of 32 kbit/s at 20 ms.
+const AUDIO_BYTES: usize = 80;
+
+/// What every connection of one load run shares: the epoch stamps count from, and the window
+/// whose frames are counted.
+pub struct Shared {
+    pub epoch: Instant,
+    /// The local address every connection's socket is bound to.
+    address: IpAddr,
+    window: [AtomicU64; 2],
+}
+
+impl Shared {
+    pub fn new(address: IpAddr) -> Self {
+        Self { epoch: Instant::now(), address, window: [AtomicU64::new(u64::MAX), AtomicU64::new(u64::MAX)] }
+    }
+
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Frames sent from now on count, until [`Shared::close_window`].
+    pub fn open_window(&self) {
+        self.window[0].store(self.nanos(Instant::now()), Ordering::SeqCst);
+    }
+
+    pub fn close_window(&self) {
+        self.window[1].store(self.nanos(Instant::now()), Ordering::SeqCst);
+    }
+
+    fn in_window(&self, sent_nanos: u64) -> bool {
+        (self.window[0].load(Ordering::Relaxed)..self.window[1].load(Ordering::Relaxed)).contains(&sent_nanos)
+    }
+}
+
+/// What one connection did, frames counted only when sent within the window.
+#[derive(Default)]
+pub struct Stats {
+    pub connected: Option<Instant>,
+    pub first_media: Option<Instant>,
+    /// A publisher's frames sent, per kind (a video frame counts once for its three layers).
+    pub sent: HashMap<Kind, u64>,
+    /// A subscriber's frames received, per publisher track.
+    pub received: HashMap<(u16, Kind), u64>,
+    /// Every track it got a stamped frame of, within the window or not.
+    pub tracks_seen: HashSet<(u16, Kind)>,
+    pub video_bytes: u64,
+    /// Microseconds from the publisher's write to the arrival of the frame's first datagram,
+    /// per kind (indexed by [`Kind`]).
+    pub latencies_us: [Vec<u32>; 2],
+}
+
+/// A connection's running task, told what to do with the other side's session descriptions.
+pub struct Peer {
+    commands: mpsc::Sender<Command>,
+    pub stats: Arc<Mutex<Stats>>,
+}
+
+enum Command {
+    Offer(String, oneshot::Sender<Result<String, String>>),
+    Answer(String, oneshot::Sender<Result<(), String>>),
+}
+
+/// How far a publisher is in its media.
+struct Sending {
+    publisher: u16,
+    audio: Mid,
+    video: Mid,
+    frame_bytes: [usize; 3],
+    next_audio: Instant,
+    next_video: Instant,
+    frames: u64,
+    audio_packets: u64,
+    keyframe_due: [Instant; 3],
+}
+
+impl Peer {
+    /// A publisher connection (`frame_bytes`: each layer's frame size, lowest first), and its
+    /// offer. Publishers are spread over a frame time by their index.
+    pub async fn publisher(shared: Arc<Shared>, publisher: u16, frame_bytes: [usize; 3]) -> io::Result<(Self, String)> {
+        let (mut rtc, socket) = connection(shared.address).await?;
+        let mut changes = rtc.sdp_api();
+        let audio = changes.add_media(MediaKind::Audio, Direction::SendOnly, Some("load".into()), Some("audio".into()), None);
+        let mut simulcast = Simulcast::new();
+        for rid in RIDS {
+            simulcast.add_send_layer(SimulcastLayer::new(rid));
+        }
+        let video = changes.add_media(MediaKind::Video, Direction::SendOnly, Some("load".into()), Some("video".into()), Some(simulcast));
+        let (offer, pending) = changes.apply().expect("an offer of two media lines");
+        let start = Instant::now() + VIDEO_EVERY.mul_f64(f64::from(publisher % 16) / 16.0);
+        let sending = Sending { publisher, audio, video, frame_bytes, next_audio: start, next_video: start, frames: 0, audio_packets: 0, keyframe_due: [start; 3] };
+        Ok((Self::start(shared, rtc, socket, Some(pending), Some(sending)), offer.to_sdp_string()))
+    }
+
+    /// A connection that takes the SFU's offers and receives.
+    pub async fn subscriber(shared: Arc<Shared>) -> io::Result<Self> {
+        let (rtc, socket) = connection(shared.address).await?;
+        Ok(Self::start(shared, rtc, socket, None, None))
+    }
+
+    fn start(shared: Arc<Shared>, rtc: Rtc, socket: UdpSocket, pending: Option<SdpPendingOffer>, sending: Option<Sending>) -> Self {
+        let (commands, received) = mpsc::channel(4);
+        let stats = Arc::new(Mutex::new(Stats::default()));
+        tokio::spawn(run(Driver { rtc, socket, pending, sending, shared, stats: stats.clone() }, received));
+        Self { commands, stats }
+    }
+
+    /// Takes the other side's offer; the answer.
+    pub async fn accept_offer(&self, sdp: String) -> Result<String, String> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(Command::Offer(sdp, reply)).await.map_err(|_| "the connection's task ended".to_owned())?;
+        answer.await.map_err(|_| "the connection's task ended".to_owned())?
+    }
+
+    /// Takes the other side's answer to this publisher's offer.
+    pub async fn accept_answer(&self, sdp: String) -> Result<(), String> {
+        let (reply, done) = oneshot::channel();
+        self.commands.send(Command::Answer(sdp, reply)).await.map_err(|_| "the connection's task ended".to_owned())?;
+        done.await.map_err(|_| "the connection's task ended".to_owned())?
+    }
+}
+
+/// An `Rtc` with the codecs both servers forward, and its socket on `address` as its one
+/// candidate.
+async fn connection(address: IpAddr) -> io::Result<(Rtc, UdpSocket)> {
+    let socket = UdpSocket::bind((address, 0)).await?;
+    let mut rtc = Rtc::builder().clear_codecs().enable_opus(true, false).enable_vp8(true).build(Instant::now());
+    let candidate = Candidate::host(socket.local_addr()?, Protocol::Udp).map_err(io::Error::other)?;
+    rtc.add_local_candidate(candidate);
+    Ok((rtc, socket))
+}
+
+struct Driver {
+    rtc: Rtc,
+    socket: UdpSocket,
+    pending: Option<SdpPendingOffer>,
+    sending: Option<Sending>,
+    shared: Arc<Shared>,
+    stats: Arc<Mutex<Stats>>,
+}
+
+async fn run(mut driver: Driver, mut commands: mpsc::Receiver<Command>) {
+    let local = match driver.socket.local_addr() {
+        Ok(local) => local,
+        Err(_) => return,
+    };
+    let mut datagram = vec![0u8; 2048];
+    loop {
+        let Some(timeout) = driver.drain().await else { return };
+        let due = driver.sending.as_ref().map_or(timeout, |s| timeout.min(s.next_audio).min(s.next_video));
+        tokio::select! {
+            command = commands.recv() => match command {
+                Some(command) => driver.apply(command),
+                None => return,
+            },
+            received = driver.socket.recv_from(&mut datagram) => {
+                let now = Instant::now();
+                if let Ok((length, source)) = received {
+                    driver.receive(now, source, local, &datagram[..length]);
+                }
+            }
+            () = tokio::time::sleep_until(due.into()) => {}
+        }
+        let now = Instant::now();
+        driver.send_due(now);
+        if driver.rtc.handle_input(Input::Timeout(now)).is_err() {
+            return;
+        }
+    }
+}
+
+impl Driver {
+    /// Sends what str0m has to send and handles its events; when it next wants the time, or
+    /// `None` once it has failed.
+    async fn drain(&mut self) -> Option<Instant> {
+        loop {
+            match limbic_sfu::poll_output(&mut self.rtc, Instant::now()) {
+                Ok(Output::Timeout(at)) => return Some(at),
+                Ok(Output::Transmit(transmit)) => {
+                    let _ = self.socket.send_to(&transmit.contents, transmit.destination).await;
+                }
+                Ok(Output::Event(event)) => self.event(event),
+                Err(_) => return None,
+            }
+        }
+    }
+
+    fn event(&mut self, event: Event) {
+        match event {
+            Event::Connected => self.stats.lock().expect("stats").connected = Some(Instant::now()),
+            Event::MediaData(data) => self.media(&data),
+            Event::KeyframeRequest(KeyframeRequest { rid, .. }) => {
+                if let Some(sending) = &mut self.sending {
+                    let now = Instant::now();
+                    for (layer, name) in RIDS.iter().enumerate() {
+                        if rid.is_none_or(|rid| rid == Rid::from(*name)) {
+                            sending.keyframe_due[layer] = now;
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn media(&mut self, data: &MediaData) {
+        let kind = if data.params.spec().codec == Codec::Vp8 { Kind::Video } else { Kind::Audio };
+        let Some(stamp) = Stamp::of(kind, &data.data) else { return };
+        let mut stats = self.stats.lock().expect("stats");
+        stats.first_media.get_or_insert(data.network_time);
+        stats.tracks_seen.insert((stamp.publisher, kind));
+        if !self.shared.in_window(stamp.sent_nanos) {
+            return;
+        }
+        *stats.received.entry((stamp.publisher, kind)).or_default() += 1;
+        if kind == Kind::Video {
+            stats.video_bytes += data.data.len() as u64;
+        }
+        let sent = self.shared.epoch + Duration::from_nanos(stamp.sent_nanos);
+        let latency = data.network_time.saturating_duration_since(sent);
+        stats.latencies_us[kind as usize].push(u32::try_from(latency.as_micros()).unwrap_or(u32::MAX));
+    }
+
+    fn receive(&mut self, now: Instant, source: SocketAddr, destination: SocketAddr, datagram: &[u8]) {
+        if let Ok(contents) = datagram.try_into() {
+            let _ = self.rtc.handle_input(Input::Receive(now, Receive { proto: Protocol::Udp, source, destination, contents }));
+        }
+    }
+
+    fn apply(&mut self, command: Command) {
+        match command {
+            Command::Offer(sdp, reply) => {
+                let answer = SdpOffer::from_sdp_string(&sdp)
+                    .map_err(|e| format!("an unreadable offer: {e}"))
+                    .and_then(|offer| self.rtc.sdp_api().accept_offer(offer).map_err(|e| format!("the offer is refused: {e}")))
+                    .map(|answer| answer.to_sdp_string());
+                let _ = reply.send(answer);
+            }
+            Command::Answer(sdp, reply) => {
+                let accepted = match (self.pending.take(), SdpAnswer::from_sdp_string(&sdp)) {
+                    (None, _) => Err("no offer is pending".to_owned()),
+                    (_, Err(e)) => Err(format!("an unreadable answer: {e}")),
+                    (Some(pending), Ok(answer)) => self.rtc.sdp_api().accept_answer(pending, answer).map_err(|e| format!("the answer is refused: {e}")),
+                };
+                let _ = reply.send(accepted);
+            }
+        }
+    }
+
+    /// A publisher writes the frames that are due: nothing before it is connected, and a
+    /// frame time it fell behind on is skipped rather than sent in a burst.
+    fn send_due(&mut self, now: Instant) {
+        let Some(sending) = &mut self.sending else { return };
+        if !self.rtc.is_connected() {
+            sending.next_audio = sending.next_audio.max(now);
+            sending.next_video = sending.next_video.max(now);
+            return;
+        }
+        let sent_nanos = self.shared.nanos(now);
+        let counted = self.shared.in_window(sent_nanos);
+        if now >= sending.next_audio {
+            let stamp = Stamp { sent_nanos, publisher: sending.publisher, kind: Kind::Audio };
+            let time = MediaTime::new(sending.audio_packets * 960, Frequency::FORTY_EIGHT_KHZ);
+            if write(&mut self.rtc, sending.audio, Codec::Opus, None, now, time, stamp.audio_frame(AUDIO_BYTES)) && counted {
+                *self.stats.lock().expect("stats").sent.entry(Kind::Audio).or_default() += 1;
+            }
+            sending.audio_packets += 1;
+            sending.next_audio = (sending.next_audio + AUDIO_EVERY).max(now);
+        }
+        if now >= sending.next_video {
+            let stamp = Stamp { sent_nanos, publisher: sending.publisher, kind: Kind::Video };
+            let time = MediaTime::new(sending.frames * 3000, Frequency::NINETY_KHZ);
+            let mut written = false;
+            for (layer, rid) in RIDS.iter().enumerate() {
+                let keyframe = now >= sending.keyframe_due[layer];
+                if keyframe {
+                    sending.keyframe_due[layer] = now + KEYFRAME_EVERY;
+                }
+                written |= write(&mut self.rtc, sending.video, Codec::Vp8, Some(Rid::from(*rid)), now, time, stamp.video_frame(keyframe, sending.frame_bytes[layer]));
+            }
+            if written && counted {
+                *self.stats.lock().expect("stats").sent.entry(Kind::Video).or_default() += 1;
+            }
+            sending.frames += 1;
+            sending.next_video = (sending.next_video + VIDEO_EVERY).max(now);
+        }
+    }
+}
+
+/// Writes one frame of `codec` on media line `mid` (on layer `rid`); whether it was taken.
+fn write(rtc: &mut Rtc, mid: Mid, codec: Codec, rid: Option<Rid>, now: Instant, time: MediaTime, frame: Vec<u8>) -> bool {
+    let Some(writer) = rtc.writer(mid) else { return false };
+    let Some(pt) = writer.payload_params().find(|p| p.spec().codec == codec).map(|p| p.pt()) else { return false };
+    let writer = match rid {
+        Some(rid) => writer.rid(rid),
+        None => writer,
+    };
+    writer.write(pt, now, time, frame).is_ok()
+}
