@@ -86,6 +86,15 @@ const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(500);
 const RELIABLE: &str = "_reliable";
 const LOSSY: &str = "_lossy";
 /// How often the active speakers are worked out.
+/// What a subscriber's NACK can still get resent: a second of each down-track (Janus keeps
+/// half of one), not str0m's three, which at 1 Mbit/s hold about 400 KB of video per
+/// down-track. A NACK comes a round trip after the loss; a second covers the slowest links.
+const RTX_HISTORY: Duration = Duration::from_secs(1);
+/// The same second at 2.5 Mbit/s of full packets.
+const RTX_MAX_PACKETS: usize = 300;
+/// str0m's default: resends are dropped once they would be over 15 % of what a stream sends.
+const RTX_RATIO_CAP: Option<f32> = Some(0.15);
+
 /// Timeouts already due that one [`poll_output`] fires; a bound, so that a connection asking
 /// for "now" again and again cannot hold its caller.
 const MAX_TIMEOUTS_AT_ONCE: usize = 64;

@@ -38,6 +38,9 @@ impl Sfu {
                 for down in &mut participant.down {
                     if let DownState::Negotiating(mid) = down.state {
                         down.state = DownState::Open(mid);
+                        if let Some(stream) = participant.subscriber.direct_api().stream_tx_by_mid(mid, None) {
+                            stream.set_rtx_cache(RTX_MAX_PACKETS, RTX_HISTORY, RTX_RATIO_CAP);
+                        }
                     }
                 }
                 if !participant.to_stop.is_empty() || participant.down.iter().any(|d| d.state == DownState::ToOpen) {
