@@ -78,6 +78,9 @@ pub async fn validate(State(server): State<AppState>, headers: HeaderMap, Query(
     (StatusCode::OK, "success").into_response()
 }
 
+/// What a signalling WebSocket reads and writes through.
+const SIGNAL_BUFFER_BYTES: usize = 8 * 1024;
+
 pub async fn rtc(State(server): State<AppState>, headers: HeaderMap, Query(query): Query<RtcQuery>, upgrade: WebSocketUpgrade) -> Response {
     let claims = match claims(&server, &headers, &query) {
         Ok(claims) => claims,
@@ -106,6 +109,9 @@ pub async fn rtc(State(server): State<AppState>, headers: HeaderMap, Query(query
     let resumed_sid = query.sid.filter(|_| reconnect);
     // Bigger messages are refused before they are read in.
     let largest = server.calls.config.max_signal_message_bytes;
+    // Signalling messages are small: tungstenite's 128 KiB buffers per connection are not
+    // needed (a bigger message still grows them while it is read or written).
+    let upgrade = upgrade.read_buffer_size(SIGNAL_BUFFER_BYTES).write_buffer_size(SIGNAL_BUFFER_BYTES);
     upgrade.max_message_size(largest).max_frame_size(largest).on_upgrade(move |socket| async move {
         match resumed_sid {
             Some(sid) => resume(socket, &server, sfu, claims, sid).await,
