@@ -235,6 +235,7 @@ fn figures(args: &Args, target: &Target, publishers: &[Arc<Peer>], subscribers: 
     }
     joins.sort_unstable();
     let down_tracks = usize::from(args.publishers) * 2 * subscribers.len();
+    let participants = usize::from(args.publishers) + subscribers.len();
     let video_down_tracks = (usize::from(args.publishers) * subscribers.len()).max(1);
     let ms = |us: u32| f64::from(us) / 1000.0;
     json!({
@@ -247,6 +248,7 @@ fn figures(args: &Args, target: &Target, publishers: &[Arc<Peer>], subscribers: 
         "down_tracks_per_core": down_tracks as f64 / measured.server_cpu.max(1e-9),
         "rss_at_rest_mib": measured.rss_at_rest as f64 / 1024.0,
         "rss_loaded_mib": measured.rss_loaded as f64 / 1024.0,
+        "rss_per_participant_kib": measured.rss_loaded.saturating_sub(measured.rss_at_rest) as f64 / participants as f64,
         "loss": if expected == 0 { 1.0 } else { 1.0 - received as f64 / expected as f64 },
         "latency_p50_ms": ms(percentile(&all_latencies, 0.5).unwrap_or(0)),
         "latency_p99_ms": ms(percentile(&all_latencies, 0.99).unwrap_or(0)),
@@ -269,12 +271,12 @@ fn figures(args: &Args, target: &Target, publishers: &[Arc<Peer>], subscribers: 
 fn row(f: &serde_json::Value) -> String {
     let n = |key: &str| f[key].as_f64().unwrap_or(f64::NAN);
     format!(
-        "| {} | {} ({}×{}, {} flowing) | {:.0} % | {:.0} | {:.1} MiB ({:.1} at rest) | {:.2} % | {:.2} / {:.2} ms | {:.0} kbit/s | {:.0} / {:.0} ms ({}/{} joined) | {:.0} % |",
+        "| {} | {} ({}×{}, {} flowing) | {:.0} % | {:.0} | {:.1} → {:.1} MiB ({:.0} KiB/participant) | {:.2} % | {:.2} / {:.2} ms | {:.0} kbit/s | {:.0} / {:.0} ms ({}/{} joined) | {:.0} % |",
         f["server"].as_str().unwrap_or("?"),
         f["down_tracks"], f["publishers"], f["subscribers"], f["down_tracks_flowing"],
         n("server_cpu_share") * 100.0,
         n("down_tracks_per_core"),
-        n("rss_loaded_mib"), n("rss_at_rest_mib"),
+        n("rss_at_rest_mib"), n("rss_loaded_mib"), n("rss_per_participant_kib"),
         n("loss") * 100.0,
         n("latency_p50_ms"), n("latency_p99_ms"),
         n("video_kbps_per_down_track"),
