@@ -4,12 +4,14 @@
 //! every publisher's audio and video: P × S × 2 down-tracks. Against Limbic the participants
 //! are Matrix users with call tokens who speak LiveKit's signalling; against Janus they use the
 //! VideoRoom plugin's HTTP API. Every frame carries its send time, so each subscriber measures
-//! loss and latency (write on the publisher to the arrival of the frame's first datagram, loopback and
-//! both sides' str0m included, the same for both servers). The server's CPU and RSS are read
-//! from /proc for the process `--pid`.
+//! loss and latency: from the write on the publisher to the kernel receiving the frame's first
+//! datagram for the subscriber (the publisher's str0m and the loopback included, the same for
+//! both servers; the load's own time to read it is reported apart, as `read_latency_*`). The
+//! server's CPU and RSS are read from /proc for the process `--pid`.
 //!
 //! Prints one Markdown table row, and appends the figures as a JSON line to `--json`.
 
+mod arrival;
 mod janus;
 mod livekit;
 mod peer;
@@ -210,7 +212,7 @@ fn figures(args: &Args, target: &Target, publishers: &[Arc<Peer>], subscribers: 
         [Kind::Audio, Kind::Video].map(|kind| stats.sent.get(&kind).copied().unwrap_or(0))
     }).collect();
     let (mut expected, mut received, mut flowing, mut video_bytes) = (0u64, 0u64, 0usize, 0u64);
-    let (mut latencies, mut joins): ([Vec<u32>; 2], _) = (Default::default(), Vec::new());
+    let (mut latencies, mut read_latencies, mut joins): ([Vec<u32>; 2], Vec<u32>, _) = (Default::default(), Vec::new(), Vec::new());
     for subscriber in subscribers {
         let stats = subscriber.peer.stats.lock().expect("stats");
         for (publisher, sent) in sent.iter().enumerate() {
@@ -223,11 +225,13 @@ fn figures(args: &Args, target: &Target, publishers: &[Arc<Peer>], subscribers: 
             }
         }
         video_bytes += stats.video_bytes;
+        read_latencies.extend_from_slice(&stats.read_latencies_us);
         for (all, of_one) in latencies.iter_mut().zip(&stats.latencies_us) {
             all.extend_from_slice(of_one);
         }
         joins.extend(stats.first_media.map(|first| first.saturating_duration_since(subscriber.started)));
     }
+    read_latencies.sort_unstable();
     let mut all_latencies = latencies.concat();
     all_latencies.sort_unstable();
     for of_kind in &mut latencies {
@@ -256,6 +260,8 @@ fn figures(args: &Args, target: &Target, publishers: &[Arc<Peer>], subscribers: 
         "audio_latency_p99_ms": ms(percentile(&latencies[Kind::Audio as usize], 0.99).unwrap_or(0)),
         "video_latency_p50_ms": ms(percentile(&latencies[Kind::Video as usize], 0.5).unwrap_or(0)),
         "video_latency_p99_ms": ms(percentile(&latencies[Kind::Video as usize], 0.99).unwrap_or(0)),
+        "read_latency_p50_ms": ms(percentile(&read_latencies, 0.5).unwrap_or(0)),
+        "read_latency_p99_ms": ms(percentile(&read_latencies, 0.99).unwrap_or(0)),
         "frames_timed": all_latencies.len(),
         "video_kbps_per_down_track": video_bytes as f64 * 8.0 / 1000.0 / measured.wall / video_down_tracks as f64,
         "join_p50_ms": percentile(&joins, 0.5).map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0),

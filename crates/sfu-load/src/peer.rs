@@ -3,7 +3,7 @@
 //! frame stamped; a subscriber's counts the stamped frames it gets and times them.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     io,
     net::{IpAddr, SocketAddr},
     sync::{
@@ -25,7 +25,13 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use crate::stamp::{Kind, Stamp};
+use crate::{
+    arrival,
+    stamp::{Kind, Stamp},
+};
+
+/// How many datagrams' kernel arrival times a connection remembers, to find a frame's first.
+const ARRIVALS_KEPT: usize = 64;
 
 /// The simulcast layers a publisher sends, lowest first, as LiveKit's SDKs name them.
 pub const RIDS: [&str; 3] = ["q", "h", "f"];
@@ -79,9 +85,11 @@ pub struct Stats {
     /// Every track it got a stamped frame of, within the window or not.
     pub tracks_seen: HashSet<(u16, Kind)>,
     pub video_bytes: u64,
-    /// Microseconds from the publisher's write to the arrival of the frame's first datagram,
-    /// per kind (indexed by [`Kind`]).
+    /// Microseconds from the publisher's write to the kernel receiving the frame's first
+    /// datagram, per kind (indexed by [`Kind`]).
     pub latencies_us: [Vec<u32>; 2],
+    /// The same, to when the load read that datagram (its own queueing included).
+    pub read_latencies_us: Vec<u32>,
 }
 
 /// A connection's running task, told what to do with the other side's session descriptions.
@@ -135,7 +143,7 @@ impl Peer {
     fn start(shared: Arc<Shared>, rtc: Rtc, socket: UdpSocket, pending: Option<SdpPendingOffer>, sending: Option<Sending>) -> Self {
         let (commands, received) = mpsc::channel(4);
         let stats = Arc::new(Mutex::new(Stats::default()));
-        tokio::spawn(run(Driver { rtc, socket, pending, sending, shared, stats: stats.clone() }, received));
+        tokio::spawn(run(Driver { rtc, socket, pending, sending, shared, stats: stats.clone(), arrivals: VecDeque::new() }, received));
         Self { commands, stats }
     }
 
@@ -158,6 +166,7 @@ impl Peer {
 /// candidate.
 async fn connection(address: IpAddr) -> io::Result<(Rtc, UdpSocket)> {
     let socket = UdpSocket::bind((address, 0)).await?;
+    arrival::enable(&socket)?;
     let mut rtc = Rtc::builder().clear_codecs().enable_opus(true, false).enable_vp8(true).build(Instant::now());
     let candidate = Candidate::host(socket.local_addr()?, Protocol::Udp).map_err(io::Error::other)?;
     rtc.add_local_candidate(candidate);
@@ -171,6 +180,8 @@ struct Driver {
     sending: Option<Sending>,
     shared: Arc<Shared>,
     stats: Arc<Mutex<Stats>>,
+    /// When the last datagrams were read (the time str0m was given), and when the kernel got them.
+    arrivals: VecDeque<(Instant, Instant)>,
 }
 
 async fn run(mut driver: Driver, mut commands: mpsc::Receiver<Command>) {
@@ -187,9 +198,13 @@ async fn run(mut driver: Driver, mut commands: mpsc::Receiver<Command>) {
                 Some(command) => driver.apply(command),
                 None => return,
             },
-            received = driver.socket.recv_from(&mut datagram) => {
+            received = arrival::recv(&driver.socket, &mut datagram) => {
                 let now = Instant::now();
-                if let Ok((length, source)) = received {
+                if let Ok((length, source, arrived)) = received {
+                    if driver.arrivals.len() == ARRIVALS_KEPT {
+                        driver.arrivals.pop_front();
+                    }
+                    driver.arrivals.push_back((now, arrived.unwrap_or(now).min(now)));
                     driver.receive(now, source, local, &datagram[..length]);
                 }
             }
@@ -251,8 +266,10 @@ impl Driver {
             stats.video_bytes += data.data.len() as u64;
         }
         let sent = self.shared.epoch + Duration::from_nanos(stamp.sent_nanos);
-        let latency = data.network_time.saturating_duration_since(sent);
-        stats.latencies_us[kind as usize].push(u32::try_from(latency.as_micros()).unwrap_or(u32::MAX));
+        let arrived = self.arrivals.iter().rev().find(|(read, _)| *read == data.network_time).map_or(data.network_time, |(_, arrived)| *arrived);
+        let micros = |since: Instant| u32::try_from(since.saturating_duration_since(sent).as_micros()).unwrap_or(u32::MAX);
+        stats.latencies_us[kind as usize].push(micros(arrived));
+        stats.read_latencies_us.push(micros(data.network_time));
     }
 
     fn receive(&mut self, now: Instant, source: SocketAddr, destination: SocketAddr, datagram: &[u8]) {
