@@ -15,6 +15,10 @@ real coturn.
    (the namespace's address replaced by one on another subnet), which the SDK resumes from.
 5. Loss: a quarter of the listener's UDP dropped at random in its namespace; the publisher is
    told its connection quality went poor, and good again once the loss stops.
+6. TURN over TLS: with a `turns:` URI and a certificate in `[voip]`, coturn (configured by
+   `limbic voip coturn-config`) allocates over TLS for the credentials `/voip/turnServer` hands
+   out (coturn's own client; libwebrtc would not trust a test certificate), and refuses another
+   password.
 
 They need root (network namespaces, nftables) or coturn; without them the tests are skipped
 with the reason. Nothing outside the namespace and loopback is touched.
@@ -29,13 +33,14 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from livekit import rtc
 
-from call_media import publish_tone, two_in_a_call
+from call_media import http, member, publish_tone, two_in_a_call
 from conftest import ARTIFACTS, LimbicServer, _binary, dump_toml, free_port
 from mx import run
 
@@ -301,15 +306,20 @@ def test_a_participant_whose_signalling_died_resumes(tmp_path):
 
 
 @contextmanager
-def coturn_for(tmp_path, name: str, address: str, changes: dict):
-    """A Limbic server on `address` whose TURN servers are a real coturn there (UDP and TCP),
-    started with the configuration `limbic voip coturn-config` prints: (server, coturn's log)."""
+def coturn_for(tmp_path, name: str, address: str, changes: dict, tls: tuple[Path, Path] | None = None):
+    """A Limbic server on `address` whose TURN servers are a real coturn there (UDP and TCP, and
+    TLS with the certificate and key `tls`), started with the configuration `limbic voip
+    coturn-config` prints: (server, coturn's log)."""
     coturn = shutil.which("turnserver")
     if not coturn:
         pytest.skip("needs coturn's turnserver (scripts/setup installs coturn)")
     turn_port = free_port()
     uris = [f"turn:{address}:{turn_port}?transport=udp", f"turn:{address}:{turn_port}?transport=tcp"]
-    server = ServerAt(name, tmp_path, address, {**changes, "voip": {"turn_uris": uris, "turn_shared_secret": ""}})
+    voip = {"turn_uris": uris, "turn_shared_secret": ""}
+    if tls:
+        uris.append(f"turns:{address}:{free_port()}?transport=tcp")
+        voip.update(turn_tls_cert=str(tls[0]), turn_tls_key=str(tls[1]))
+    server = ServerAt(name, tmp_path, address, {**changes, "voip": voip})
     # The store is free before the server starts: the secret it makes is the one coturn gets.
     printed = subprocess.run([str(_binary()), "voip", "coturn-config", "--config", str(server.config_path)], capture_output=True, text=True, check=True).stdout
     assert f"listening-port={turn_port}\n" in printed and f"allowed-peer-ip={address}\n" in printed, printed
@@ -319,7 +329,7 @@ def coturn_for(tmp_path, name: str, address: str, changes: dict):
     relay_ports = free_port()  # and the 20 above it, most likely free too
     turn = subprocess.Popen(
         [coturn, "-c", str(tmp_path / "turnserver.conf"), f"--listening-ip={address}", f"--relay-ip={address}",
-         f"--min-port={relay_ports}", f"--max-port={relay_ports + 20}", "--no-tls", "--no-dtls",
+         f"--min-port={relay_ports}", f"--max-port={relay_ports + 20}",
          f"--userdb={tmp_path / 'turndb'}", f"--pidfile={tmp_path / 'turn.pid'}", f"--log-file={log}", "--simple-log", "--verbose"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -432,3 +442,40 @@ def test_a_lossy_participant_is_rated_poor_by_everyone(tmp_path):
     assert qualities.get("publisher") == "QUALITY_EXCELLENT", qualities
     assert report["loud_after"] >= 50 and report["sid_before"] == report["sid_after"], report
     assert report["paths"] and all(p["local_protocol"] == "udp" for p in report["paths"]), report
+
+
+def test_a_turns_uri_relays_over_tls_with_the_credentials_limbic_hands_out(tmp_path):
+    """TURN over TLS: with a `turns:` URI and [voip]'s certificate, coturn (configured by
+    `limbic voip coturn-config`) accepts over TLS an allocation with the credentials
+    `/voip/turnServer` hands a member. coturn's own client stands in for the SDK here: libwebrtc
+    checks a TURN server's certificate against its built-in roots, which a test's is not in."""
+    uclient, openssl = shutil.which("turnutils_uclient"), shutil.which("openssl")
+    if not uclient or not openssl:
+        pytest.skip("needs coturn's turnutils_uclient and openssl")
+    cert, key = tmp_path / "turn-cert.pem", tmp_path / "turn-key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    with coturn_for(tmp_path, "call-networks-turns", "127.0.0.1", {}, tls=(cert, key)) as (server, log):
+        ana = run(member(server.url, "ana"))
+        status, turn = http(server.url, "GET", "/_matrix/client/v3/voip/turnServer", ana.access_token)
+        assert status == 200, turn
+        [secure] = [uri for uri in turn["uris"] if uri.startswith("turns:")]
+        port = secure.split("?")[0].rsplit(":", 1)[1]
+        relayed = subprocess.run([uclient, "-S", "-t", "-p", port, "-u", turn["username"], "-w", turn["password"], "-n", "1",
+                                  "-e", "127.0.0.1", "127.0.0.1"], capture_output=True, text=True, timeout=60)
+        user = turn["username"]
+
+        def allocations() -> list[str]:
+            """coturn's lines for allocations it made for Limbic's user, with how they came."""
+            return [line for line in log.read_text(errors="replace").splitlines() if f": new, realm=<localhost>, username=<{user}>," in line]
+
+        for _ in range(50):  # coturn writes its log a moment later
+            if allocations():
+                break
+            time.sleep(0.1)
+        made = allocations()
+        assert made and all("method=TLSv1" in line for line in made), (relayed.stdout[-2000:], log.read_text(errors="replace")[-3000:])
+        # A password that is not Limbic's gets no allocation.
+        refused = subprocess.run([uclient, "-S", "-t", "-p", port, "-u", user, "-w", "not-the-password", "-n", "1", "-e", "127.0.0.1", "127.0.0.1"],
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode != 0 and "Cannot complete Allocation" in refused.stdout + refused.stderr, refused.stdout[-2000:]

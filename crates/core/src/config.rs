@@ -171,12 +171,16 @@ pub struct VoipConfig {
     pub turn_shared_secret: String,
     /// How long credentials stay valid, in seconds.
     pub turn_user_lifetime: u64,
+    /// The certificate (PEM, with its chain) and private key of the TURN server's TLS listener
+    /// for `turns:` URIs, as `limbic voip coturn-config` hands them to coturn; both or neither.
+    pub turn_tls_cert: String,
+    pub turn_tls_key: String,
 }
 
 impl Default for VoipConfig {
     fn default() -> Self {
         // Synapse's default lifetime.
-        Self { turn_uris: Vec::new(), turn_shared_secret: String::new(), turn_user_lifetime: 3600 }
+        Self { turn_uris: Vec::new(), turn_shared_secret: String::new(), turn_user_lifetime: 3600, turn_tls_cert: String::new(), turn_tls_key: String::new() }
     }
 }
 
@@ -665,6 +669,9 @@ impl Config {
         if let Some(uri) = self.voip.turn_uris.iter().find(|uri| !(uri.starts_with("turn:") || uri.starts_with("turns:"))) {
             return Err(ConfigError::Invalid { key: "voip.turn_uris", reason: format!("{uri:?} is not a turn: or turns: URI") });
         }
+        if self.voip.turn_tls_cert.is_empty() != self.voip.turn_tls_key.is_empty() {
+            return Err(ConfigError::Invalid { key: "voip.turn_tls_key", reason: "turn_tls_cert and turn_tls_key are set together".into() });
+        }
         if self.voip.turn_user_lifetime == 0 {
             return Err(ConfigError::Invalid { key: "voip.turn_user_lifetime", reason: "must be at least 1".into() });
         }
@@ -827,6 +834,14 @@ mod tests {
     use super::*;
 
     const EXAMPLE: &str = include_str!("../../../config.example.toml");
+
+    #[test]
+    fn a_turn_tls_certificate_comes_with_its_key() {
+        let with = |vars: &[(&str, &str)]| Config::from_toml(EXAMPLE, vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        assert!(with(&[("LIMBIC_VOIP__TURN_TLS_CERT", "/etc/turn/cert.pem"), ("LIMBIC_VOIP__TURN_TLS_KEY", "/etc/turn/key.pem")]).is_ok());
+        let error = with(&[("LIMBIC_VOIP__TURN_TLS_CERT", "/etc/turn/cert.pem")]).unwrap_err().to_string();
+        assert!(error.contains("voip.turn_tls_key"), "{error}");
+    }
 
     #[test]
     fn example_config_is_valid() {

@@ -31,6 +31,8 @@ pub struct Turn {
     uris: Vec<String>,
     secret: String,
     lifetime: u64,
+    /// The TLS listener's certificate and key files, if configured.
+    tls: Option<(String, String)>,
 }
 
 impl Turn {
@@ -38,7 +40,8 @@ impl Turn {
     /// since coturn's `static-auth-secret` is text).
     pub fn open(store: &Arc<Store>, config: &VoipConfig) -> Result<Self> {
         let secret = if config.turn_shared_secret.is_empty() { hex::encode(store.secret(SECRET_KEY, "")?) } else { config.turn_shared_secret.clone() };
-        Ok(Self { uris: config.turn_uris.clone(), secret, lifetime: config.turn_user_lifetime })
+        let tls = (!config.turn_tls_cert.is_empty()).then(|| (config.turn_tls_cert.clone(), config.turn_tls_key.clone()));
+        Ok(Self { uris: config.turn_uris.clone(), secret, lifetime: config.turn_user_lifetime, tls })
     }
 
     /// Credentials for `user`, valid from now; `None` when no TURN server is configured.
@@ -61,11 +64,13 @@ impl Turn {
     }
 
     /// coturn's configuration for these URIs and this secret: it listens where the first
-    /// URI says, checks the credentials handed out here, and relays only to `sfu` among
+    /// `turn:` URI says (and over TLS where the first `turns:` one says, with the configured
+    /// certificate), checks the credentials handed out here, and relays only to `sfu` among
     /// private and loopback addresses (so that it cannot be used to reach this host's or
     /// network's other services).
     pub fn coturn_config(&self, realm: &str, sfu: std::net::IpAddr) -> String {
-        let port = self.uris.iter().find_map(|uri| port_of(uri)).unwrap_or(3478);
+        let port_of_first = |scheme: &str, default: u16| self.uris.iter().filter(|uri| uri.starts_with(scheme)).map(|uri| port_of(uri).unwrap_or(default)).next();
+        let port = port_of_first("turn:", 3478).unwrap_or(3478);
         let mut config = format!(
             "# coturn (turnserver -c <this file>) for Limbic: `limbic voip coturn-config`\n\
              listening-port={port}\n\
@@ -84,6 +89,13 @@ impl Turn {
         if sfu.is_loopback() {
             config.push_str("allow-loopback-peers\n");
         }
+        // WebRTC clients do not speak TURN over DTLS.
+        config.push_str("no-dtls\n");
+        match (port_of_first("turns:", 5349), &self.tls) {
+            (None, _) => config.push_str("no-tls\n"),
+            (Some(tls_port), Some((cert, key))) => config.push_str(&format!("tls-listening-port={tls_port}\ncert={cert}\npkey={key}\n")),
+            (Some(tls_port), None) => config.push_str(&format!("tls-listening-port={tls_port}\n# turns: needs a certificate: set [voip] turn_tls_cert and turn_tls_key\n")),
+        }
         config
     }
 }
@@ -101,7 +113,7 @@ mod tests {
 
     fn turn_in(dir: &std::path::Path, secret: &str, uris: &[&str]) -> Turn {
         let store = Arc::new(Store::open(dir).unwrap());
-        let config = VoipConfig { turn_uris: uris.iter().map(|u| (*u).to_owned()).collect(), turn_shared_secret: secret.to_owned(), turn_user_lifetime: 86400 };
+        let config = VoipConfig { turn_uris: uris.iter().map(|u| (*u).to_owned()).collect(), turn_shared_secret: secret.to_owned(), turn_user_lifetime: 86400, ..VoipConfig::default() };
         Turn::open(&store, &config).unwrap()
     }
 
@@ -129,9 +141,27 @@ mod tests {
         assert_eq!(turn_in(dir.path(), "", &["turn:turn.example"]).secret, turn.secret, "the same secret after a restart");
         let config = turn.coturn_config("clinic.example", "203.0.113.10".parse().unwrap());
         assert!(config.contains(&format!("static-auth-secret={}\n", turn.secret)));
-        assert!(config.contains("listening-port=5349\n"));
+        assert!(config.contains("\nlistening-port=3478\n") && config.contains("\ntls-listening-port=5349\n"), "{config}");
+        assert!(config.contains("# turns: needs a certificate"), "{config}");
         assert!(config.contains("allowed-peer-ip=203.0.113.10\n") && config.contains("denied-peer-ip=10.0.0.0-10.255.255.255\n"));
         assert!(!config.contains("allow-loopback-peers"));
         assert!(turn.coturn_config("clinic.example", "127.0.0.1".parse().unwrap()).contains("allow-loopback-peers\n"));
+    }
+
+    #[test]
+    fn coturn_listens_over_tls_for_turns_uris_with_the_configured_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let uris = ["turn:turn.example:3479?transport=udp", "turns:turn.example:5350?transport=tcp"].map(str::to_owned).to_vec();
+        let config = VoipConfig { turn_uris: uris, turn_tls_cert: "/etc/turn/cert.pem".into(), turn_tls_key: "/etc/turn/key.pem".into(), ..VoipConfig::default() };
+        let printed = Turn::open(&store, &config).unwrap().coturn_config("clinic.example", "203.0.113.10".parse().unwrap());
+        for line in ["listening-port=3479", "tls-listening-port=5350", "cert=/etc/turn/cert.pem", "pkey=/etc/turn/key.pem", "no-dtls"] {
+            assert!(printed.lines().any(|l| l == line), "{line} in {printed}");
+        }
+        assert!(!printed.lines().any(|l| l == "no-tls"), "{printed}");
+        // Without a turns: URI, no TLS listener.
+        let plain = VoipConfig { turn_uris: vec!["turn:turn.example:3479?transport=udp".into()], ..config };
+        let printed = Turn::open(&store, &plain).unwrap().coturn_config("clinic.example", "203.0.113.10".parse().unwrap());
+        assert!(printed.lines().any(|l| l == "no-tls") && !printed.contains("tls-listening-port"), "{printed}");
     }
 }
