@@ -149,16 +149,22 @@ impl Peer {
 
     /// Takes the other side's offer; the answer.
     pub async fn accept_offer(&self, sdp: String) -> Result<String, String> {
-        let (reply, answer) = oneshot::channel();
-        self.commands.send(Command::Offer(sdp, reply)).await.map_err(|_| "the connection's task ended".to_owned())?;
-        answer.await.map_err(|_| "the connection's task ended".to_owned())?
+        self.ask(|reply| Command::Offer(sdp, reply)).await
     }
 
     /// Takes the other side's answer to this publisher's offer.
     pub async fn accept_answer(&self, sdp: String) -> Result<(), String> {
-        let (reply, done) = oneshot::channel();
-        self.commands.send(Command::Answer(sdp, reply)).await.map_err(|_| "the connection's task ended".to_owned())?;
-        done.await.map_err(|_| "the connection's task ended".to_owned())?
+        self.ask(|reply| Command::Answer(sdp, reply)).await
+    }
+
+    /// Hands the connection's task a command and waits for its reply.
+    async fn ask<T>(&self, command: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Command) -> Result<T, String> {
+        fn ended<E>(_: E) -> String {
+            "the connection's task ended".to_owned()
+        }
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(command(reply)).await.map_err(ended)?;
+        answer.await.map_err(ended)?
     }
 }
 
