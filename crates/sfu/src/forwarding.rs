@@ -11,9 +11,6 @@ pub(crate) const LAYERS: [(&str, i32, u64); 3] = [("q", lk::VideoQuality::Low as
 /// A layer not seen for this long is taken to be paused by the publisher.
 pub(crate) const LAYER_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The gap left in the forwarded clock at a layer switch (one frame at 30 fps, 90 kHz).
-pub(crate) const SWITCH_GAP: i128 = 3000;
-
 /// How long a layer's bitrate is measured over.
 const RATE_WINDOW: Duration = Duration::from_secs(1);
 
@@ -210,27 +207,40 @@ impl Sfu {
         }
     }
 
-    /// Media of a published track, to every participant it is open to; of a simulcast track,
-    /// the layer each subscriber's wish and bandwidth allow.
-    pub(crate) fn forward(&mut self, now: Instant, id: ParticipantId, data: MediaData) {
+    /// A packet of a published track, to every participant it is open to; of a simulcast
+    /// track, of the layer each subscriber's wish and bandwidth allow. Video starts, and moves
+    /// to another layer, at a keyframe.
+    pub(crate) fn forward(&mut self, now: Instant, id: ParticipantId, mid: Mid, rid: Option<Rid>, packet: &RtpPacket) {
+        // Padding only: the SFU pads its own connections as their estimates need.
+        if packet.payload.is_empty() {
+            return;
+        }
         let Some(publisher) = self.participants.get_mut(&id) else { return };
-        let Some(track) = publisher.tracks.iter_mut().find(|t| t.mid == Some(data.mid)) else { return };
-        if let Some(level) = data.ext_vals.audio_level {
+        let in_pt = packet.header.payload_type;
+        let Some(params) = publisher.publisher.codec_config().find(|p| p.pt() == in_pt).copied() else { return };
+        let Some(track) = publisher.tracks.iter_mut().find(|t| t.mid == Some(mid)) else { return };
+        let video = params.spec().codec.is_video();
+        let vp8 = if video { Vp8::parse(&packet.payload) } else { None };
+        let incoming = Incoming { ssrc: packet.header.ssrc, seq: *packet.seq_no, time: packet.time.numer(), frequency: packet.time.frequency().get(), arrived: packet.timestamp, vp8 };
+        let mut ext_vals = ExtensionValues::default();
+        if let Some(level) = packet.header.ext_vals.audio_level {
             // The extension carries -dBov (0 loudest, -127 silent).
             let linear = 10f32.powf(f32::from(level.min(0)) / 20.0);
             track.level += LEVEL_SMOOTHING * (linear - track.level);
+            (ext_vals.audio_level, ext_vals.voice_activity) = (Some(level), packet.header.ext_vals.voice_activity);
         }
-        if let Some(rid) = data.rid {
-            layer_arrived(track, rid, now, data.data.len());
+        if let Some(rid) = rid {
+            layer_arrived(track, rid, now, packet.payload.len());
         }
         if let Some(recording) = self.recordings.get_mut(&publisher.room) {
-            record(recording, track, &publisher.app_user, &data, now);
+            record(recording, track, &publisher.app_user, rid, &incoming, packet, now);
         }
-        let mut keyframe_wanted = !data.contiguous;
-        let mut wanted_layers: Vec<Rid> = Vec::new();
+        // A new stream starts at any audio packet, at the first packet of a video keyframe.
+        let can_start = !video || vp8.is_some_and(|vp8| vp8.starts_keyframe);
+        let mut keyframes_wanted: Vec<Option<Rid>> = Vec::new();
         let track_sid = track.info.sid.clone();
         let room = publisher.room.clone();
-        let usable = if data.rid.is_some() { usable_layers(track, now) } else { Vec::new() };
+        let usable = if rid.is_some() { usable_layers(track, now) } else { Vec::new() };
         for (other, subscriber) in &mut self.participants {
             // Media never leaves its room, whatever a subscriber's down tracks say.
             if *other == id || subscriber.room != room {
@@ -239,51 +249,55 @@ impl Sfu {
             let video_downs = subscriber.down.iter().filter(|d| d.kind == MediaKind::Video).count().max(1) as u64;
             let budget = subscriber.estimate.map(|estimate| estimate.as_u64() / video_downs);
             let Some(down) = subscriber.down.iter_mut().find(|d| d.publisher == id && d.track_sid == track_sid) else { continue };
-            let DownState::Open(mid) = down.state else { continue };
+            let DownState::Open(out_mid) = down.state else { continue };
             if down.layers.wanted == lk::VideoQuality::Off as i32 {
                 continue;
             }
-            let numer = i128::from(data.time.numer());
-            if let Some(rid) = data.rid {
-                let target = layer_for(&usable, down.layers.wanted, budget);
-                if down.layers.current != Some(rid) {
-                    if target != Some(rid) {
-                        continue;
-                    }
-                    if !data.is_keyframe() {
-                        wanted_layers.push(rid);
-                        continue;
-                    }
-                    // The switch: the new layer's clock continues where the old one stopped.
-                    down.layers.offset = down.layers.last_out.map_or(0, |last| last + SWITCH_GAP - numer);
-                    down.layers.current = Some(rid);
-                } else if target.is_some_and(|target| target != rid) {
-                    wanted_layers.extend(target);
+            let target = rid.and_then(|_| layer_for(&usable, down.layers.wanted, budget));
+            if down.rtp.source() != Some(incoming.ssrc) {
+                if target != rid {
+                    continue;
                 }
+                if !can_start {
+                    keyframes_wanted.push(rid);
+                    continue;
+                }
+                down.rtp.switch_to(&incoming);
+                down.layers.current = rid;
+            } else if target != rid {
+                keyframes_wanted.push(target);
             }
-            let out = (numer + down.layers.offset).max(0);
-            down.layers.last_out = Some(out);
-            let time = MediaTime::new(out as u64, data.time.frequency());
-            let Some(writer) = subscriber.subscriber.writer(mid) else { continue };
-            let Some(pt) = writer.match_params(data.params) else { continue };
-            if let Err(error) = writer.write(pt, data.network_time, time, data.data.clone()) {
-                tracing::debug!(participant = other, %error, "forwarding failed");
+            let Some(out) = down.rtp.rewrite(&incoming) else { continue };
+            let out_pt = match down.pt {
+                Some((from, to)) if from == in_pt => to,
+                _ => {
+                    let Some(to) = subscriber.subscriber.codec_config().match_params(params).map(|p| p.pt()) else { continue };
+                    down.pt = Some((in_pt, to));
+                    to
+                }
+            };
+            let mut direct = subscriber.subscriber.direct_api();
+            let Some(stream) = direct.stream_tx_by_mid(out_mid, None) else { continue };
+            let mut write = RtpWrite::new(out_pt, out.seq, out.time, packet.timestamp, packet.payload.clone()).marker(packet.header.marker).ext_vals(ext_vals.clone()).nackable(video);
+            if let Some(patch) = out.vp8_patch {
+                write = write.vp8_patch(patch);
             }
+            stream.write_rtp(write);
             self.dirty.insert((*other, Pc::Subscriber));
         }
-        // A gap, or a subscriber waiting for another layer: the publisher is asked for a keyframe.
+        // A subscriber waiting for a keyframe to start on, or for another layer: the publisher is asked.
+        if keyframes_wanted.is_empty() {
+            return;
+        }
         let Some(publisher) = self.participants.get_mut(&id) else { return };
-        let Some(track) = publisher.tracks.iter_mut().find(|t| t.mid == Some(data.mid)) else { return };
-        keyframe_wanted |= !wanted_layers.is_empty();
-        if keyframe_wanted && track.last_keyframe_request.is_none_or(|at| now.duration_since(at) >= KEYFRAME_REQUEST_INTERVAL) {
+        let Some(track) = publisher.tracks.iter_mut().find(|t| t.mid == Some(mid)) else { return };
+        if track.last_keyframe_request.is_none_or(|at| now.duration_since(at) >= KEYFRAME_REQUEST_INTERVAL) {
             track.last_keyframe_request = Some(now);
-            if let Some(mut writer) = publisher.publisher.writer(data.mid) {
-                let rids: Vec<Option<Rid>> = if wanted_layers.is_empty() { vec![data.rid] } else { wanted_layers.into_iter().map(Some).collect() };
-                for rid in rids {
-                    let _ = writer.request_keyframe(rid, KeyframeRequestKind::Pli);
-                }
-                self.dirty.insert((id, Pc::Publisher));
+            keyframes_wanted.dedup();
+            for rid in keyframes_wanted {
+                request_keyframe(&mut publisher.publisher, mid, rid, KeyframeRequestKind::Pli);
             }
+            self.dirty.insert((id, Pc::Publisher));
         }
     }
 
@@ -340,11 +354,16 @@ impl Sfu {
             return;
         }
         track.last_keyframe_request = Some(now);
-        if let Some(mut writer) = publisher.publisher.writer(mid) {
-            let _ = writer.request_keyframe(rid, request.kind);
+        if request_keyframe(&mut publisher.publisher, mid, rid, request.kind) {
             self.dirty.insert((publisher_id, Pc::Publisher));
         }
     }
+}
+
+/// Asks a publisher connection for a keyframe of media line `mid` (of its layer `rid`); false
+/// if it receives no such stream.
+pub(crate) fn request_keyframe(rtc: &mut Rtc, mid: Mid, rid: Option<Rid>, kind: KeyframeRequestKind) -> bool {
+    rtc.direct_api().stream_rx_by_mid(mid, rid).map(|stream| stream.request_keyframe(kind)).is_some()
 }
 
 #[cfg(test)]

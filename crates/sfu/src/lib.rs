@@ -18,6 +18,7 @@ mod quality;
 #[cfg(any(test, feature = "testing"))]
 pub mod loopback;
 mod recording;
+mod rewrite;
 mod signalling;
 
 use std::{
@@ -34,8 +35,9 @@ use str0m::{
     bwe::{Bitrate, BweKind},
     change::{SdpAnswer, SdpOffer, SdpPendingOffer},
     net::TcpType,
-    media::{Direction, KeyframeRequest, KeyframeRequestKind, MediaData, MediaKind, MediaTime, Mid, Rid},
+    media::{Direction, KeyframeRequest, KeyframeRequestKind, MediaKind, Mid, Pt, Rid},
     net::Receive,
+    rtp::{ExtensionValues, RtpPacket, RtpWrite},
 };
 pub use str0m::net::Protocol;
 
@@ -46,6 +48,7 @@ use forwarding::*;
 pub use limits::{Bucket, Limits, Rate};
 pub use recording::RecordedTrack;
 use recording::*;
+use rewrite::*;
 
 /// A participant's handle inside the SFU.
 pub type ParticipantId = u64;
@@ -173,30 +176,28 @@ struct DownTrack {
     kind: MediaKind,
     state: DownState,
     layers: Layering,
+    rtp: Rewriter,
+    /// The publisher's payload type last forwarded, and the subscriber's for the same codec.
+    pt: Option<(Pt, Pt)>,
 }
 
 impl DownTrack {
     fn new(publisher: ParticipantId, track_sid: String, kind: MediaKind) -> Self {
-        Self { publisher, track_sid, kind, state: DownState::ToOpen, layers: Layering::default() }
+        Self { publisher, track_sid, kind, state: DownState::ToOpen, layers: Layering::default(), rtp: Rewriter::default(), pt: None }
     }
 }
 
-/// Which simulcast layer a subscriber gets of a video track, and how its timestamps continue
-/// across switches (each layer has its own RTP clock offset).
+/// Which simulcast layer a subscriber gets of a video track.
 struct Layering {
     /// What the subscriber asked for (LiveKit's `VideoQuality`: low, medium, high, off).
     wanted: i32,
     /// The layer being forwarded; a switch happens on the new layer's keyframe.
     current: Option<Rid>,
-    /// Added to the forwarded layer's media time, so the subscriber sees one continuous clock.
-    offset: i128,
-    /// The last media time written to the subscriber (after the offset).
-    last_out: Option<i128>,
 }
 
 impl Default for Layering {
     fn default() -> Self {
-        Self { wanted: lk::VideoQuality::High as i32, current: None, offset: 0, last_out: None }
+        Self { wanted: lk::VideoQuality::High as i32, current: None }
     }
 }
 
@@ -288,7 +289,8 @@ pub struct Live {
 enum Happened {
     MediaAdded { mid: Mid, kind: MediaKind, direction: Direction },
     MediaChanged { mid: Mid, direction: Direction },
-    Media(MediaData),
+    /// An RTP packet of the publisher connection's media line `mid` (of its layer `rid`).
+    Rtp { mid: Mid, rid: Option<Rid>, packet: RtpPacket },
     KeyframeWanted(KeyframeRequest),
     Data(ChannelData),
     Disconnected,
@@ -375,7 +377,10 @@ impl Sfu {
     }
 
     fn new_rtc(&self, now: Instant, estimate_bandwidth: bool) -> Rtc {
-        let mut config = Rtc::builder().set_ice_lite(true).set_stats_interval(Some(STATS_INTERVAL));
+        // RTP mode: packets are forwarded as they came, not put together into frames and cut up
+        // again for each subscriber. VP8 and Opus only: what LiveKit's SDKs send by default,
+        // and what forwarding, recording and `mime_type` know of.
+        let mut config = Rtc::builder().set_ice_lite(true).set_stats_interval(Some(STATS_INTERVAL)).set_rtp_mode(true).clear_codecs().enable_opus(true, false).enable_vp8(true);
         if estimate_bandwidth {
             config = config.enable_bwe(Some(Bitrate::kbps(INITIAL_ESTIMATE_KBPS)));
         }
@@ -780,7 +785,11 @@ impl Sfu {
                         }
                         Ok(Output::Event(event)) => match event {
                             Event::MediaAdded(added) => happened.push((id, pc, Happened::MediaAdded { mid: added.mid, kind: added.kind, direction: added.direction })),
-                            Event::MediaData(data) => happened.push((id, pc, Happened::Media(data))),
+                            Event::RtpPacket(packet) => {
+                                if let Some(stream) = participant.rtc(pc).direct_api().stream_rx(&packet.header.ssrc) {
+                                    happened.push((id, pc, Happened::Rtp { mid: stream.mid(), rid: stream.rid(), packet }));
+                                }
+                            }
                             Event::MediaChanged(changed) => happened.push((id, pc, Happened::MediaChanged { mid: changed.mid, direction: changed.direction })),
                             Event::KeyframeRequest(request) => happened.push((id, pc, Happened::KeyframeWanted(request))),
                             Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) if pc == Pc::Subscriber => participant.estimate = Some(estimate),
@@ -815,7 +824,7 @@ impl Sfu {
     fn handle(&mut self, now: Instant, id: ParticipantId, pc: Pc, what: Happened) {
         match (pc, what) {
             (Pc::Publisher, Happened::MediaAdded { mid, kind, direction }) if matches!(direction, Direction::RecvOnly | Direction::SendRecv) => self.track_arrived(id, mid, kind),
-            (Pc::Publisher, Happened::Media(data)) => self.forward(now, id, data),
+            (Pc::Publisher, Happened::Rtp { mid, rid, packet }) => self.forward(now, id, mid, rid, &packet),
             // The client stopped sending on the line (LiveKit's unpublish removes its sender).
             (Pc::Publisher, Happened::MediaChanged { mid, direction }) if matches!(direction, Direction::Inactive | Direction::SendOnly) => self.track_unpublished(now, id, mid),
             (Pc::Subscriber, Happened::KeyframeWanted(request)) => self.relay_keyframe_request(now, id, &request),

@@ -20,15 +20,61 @@ pub(crate) struct TrackFile {
 
 pub(crate) enum RecordingFile {
     Audio(OggOpus),
-    Video(Ivf),
+    Video(Ivf, Vp8Frames),
 }
 
 impl RecordingFile {
-    fn push(&mut self, time: u64, data: &[u8]) {
+    fn push(&mut self, incoming: &Incoming, packet: &RtpPacket) {
         match self {
-            RecordingFile::Audio(ogg) => ogg.push(time, data),
-            RecordingFile::Video(ivf) => ivf.push(time, data),
+            RecordingFile::Audio(ogg) => ogg.push(incoming.time, &packet.payload),
+            RecordingFile::Video(ivf, frames) => {
+                if let Some(vp8) = &incoming.vp8
+                    && let Some(frame) = frames.push(incoming.seq, incoming.time, packet.header.marker, vp8, &packet.payload)
+                {
+                    ivf.push(incoming.time, &frame);
+                }
+            }
         }
+    }
+}
+
+/// VP8 frames put together from their packets (RFC 7741) as they arrive, for a recording. A
+/// frame missing a packet is left out, and so is every frame after it until the next keyframe:
+/// they could not be decoded.
+pub(crate) struct Vp8Frames {
+    /// The frame being put together: its RTP time, what it holds so far, and the sequence
+    /// number of the packet expected next.
+    time: u64,
+    data: Vec<u8>,
+    next_seq: Option<u64>,
+    /// A packet was missed since the last keyframe began.
+    broken: bool,
+}
+
+impl Vp8Frames {
+    pub(crate) fn new() -> Self {
+        Self { time: 0, data: Vec::new(), next_seq: None, broken: true }
+    }
+
+    /// A packet of the stream; the frame it completes, if it does.
+    pub(crate) fn push(&mut self, seq: u64, time: u64, marker: bool, vp8: &Vp8, payload: &[u8]) -> Option<Vec<u8>> {
+        if vp8.starts_frame {
+            // The frame before was cut short, or one was missed whole.
+            self.broken |= !self.data.is_empty() || self.next_seq.is_some_and(|next| next != seq);
+            // A keyframe needs nothing that came before it.
+            self.broken &= !vp8.starts_keyframe;
+            self.data.clear();
+            self.time = time;
+        } else if self.next_seq != Some(seq) || self.time != time {
+            self.broken = true;
+        }
+        self.next_seq = Some(seq + 1);
+        if self.broken {
+            self.data.clear();
+            return None;
+        }
+        self.data.extend_from_slice(payload.get(vp8.header_len..)?);
+        marker.then(|| std::mem::take(&mut self.data))
     }
 }
 
@@ -47,27 +93,26 @@ pub struct RecordedTrack {
 
 /// Adds a packet of a track to the room's recording: Opus audio, and VP8 video from a
 /// keyframe on (of a simulcast track, the best layer arriving at that keyframe).
-pub(crate) fn record(recording: &mut Recording, track: &Published, owner: &str, data: &MediaData, now: Instant) {
-    let numer = data.time.numer();
+pub(crate) fn record(recording: &mut Recording, track: &Published, owner: &str, rid: Option<Rid>, incoming: &Incoming, packet: &RtpPacket, now: Instant) {
     if let Some(file) = recording.tracks.get_mut(&track.info.sid) {
-        if file.rid == data.rid {
-            file.file.push(numer, &data.data);
+        if file.rid == rid {
+            file.file.push(incoming, packet);
         }
         return;
     }
     let file = match kind_of(&track.info) {
-        MediaKind::Audio if data.params.spec().codec == str0m::format::Codec::Opus => RecordingFile::Audio(OggOpus::new(recording.tracks.len() as u32 + 1, 2)),
-        MediaKind::Video if data.params.spec().codec == str0m::format::Codec::Vp8 && data.is_keyframe() => {
+        MediaKind::Audio => RecordingFile::Audio(OggOpus::new(recording.tracks.len() as u32 + 1, 2)),
+        MediaKind::Video if incoming.vp8.is_some_and(|vp8| vp8.starts_keyframe) => {
             let best = usable_layers(track, now).last().map(|(rid, _, _)| *rid);
-            if data.rid.is_some() && data.rid != best {
+            if rid.is_some() && rid != best {
                 return;
             }
-            RecordingFile::Video(Ivf::new())
+            RecordingFile::Video(Ivf::new(), Vp8Frames::new())
         }
-        _ => return,
+        MediaKind::Video => return,
     };
-    let mut file = TrackFile { owner: owner.to_owned(), name: track.info.name.clone(), file, rid: data.rid };
-    file.file.push(numer, &data.data);
+    let mut file = TrackFile { owner: owner.to_owned(), name: track.info.name.clone(), file, rid };
+    file.file.push(incoming, packet);
     recording.tracks.insert(track.info.sid.clone(), file);
 }
 
@@ -91,13 +136,11 @@ impl Sfu {
             for track in participant.tracks.iter_mut().filter(|t| kind_of(&t.info) == MediaKind::Video) {
                 let Some(mid) = track.mid else { continue };
                 track.last_keyframe_request = Some(now);
-                if let Some(mut writer) = participant.publisher.writer(mid) {
-                    let rids: Vec<Option<Rid>> = if track.layers.is_empty() { vec![None] } else { track.layers.keys().copied().map(Some).collect() };
-                    for rid in rids {
-                        let _ = writer.request_keyframe(rid, KeyframeRequestKind::Pli);
-                    }
-                    self.dirty.insert((id, Pc::Publisher));
+                let rids: Vec<Option<Rid>> = if track.layers.is_empty() { vec![None] } else { track.layers.keys().copied().map(Some).collect() };
+                for rid in rids {
+                    request_keyframe(&mut participant.publisher, mid, rid, KeyframeRequestKind::Pli);
                 }
+                self.dirty.insert((id, Pc::Publisher));
             }
         }
         self.process(now);
@@ -111,7 +154,7 @@ impl Sfu {
             for (sid, track) in &mut recording.tracks {
                 let (kind, bytes) = match &mut track.file {
                     RecordingFile::Audio(ogg) => (MediaKind::Audio, ogg.take()),
-                    RecordingFile::Video(ivf) => (MediaKind::Video, ivf.take()),
+                    RecordingFile::Video(ivf, _) => (MediaKind::Video, ivf.take()),
                 };
                 if !bytes.is_empty() {
                     taken.push(RecordedTrack { app_room: recording.app_room.clone(), track_sid: sid.clone(), owner: track.owner.clone(), track_name: track.name.clone(), kind, bytes });
@@ -137,12 +180,40 @@ impl Sfu {
                     recording.tracks.into_iter().map(move |(sid, track)| {
                         let (kind, bytes) = match track.file {
                             RecordingFile::Audio(ogg) => (MediaKind::Audio, ogg.finish()),
-                            RecordingFile::Video(ivf) => (MediaKind::Video, ivf.finish()),
+                            RecordingFile::Video(ivf, _) => (MediaKind::Video, ivf.finish()),
                         };
                         RecordedTrack { app_room: app_room.clone(), track_sid: sid, owner: track.owner, track_name: track.name, kind, bytes }
                     })
                 })
                 .collect(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A packet of a VP8 frame: a one-byte descriptor (S set on the first), then `data`.
+    fn push(frames: &mut Vp8Frames, seq: u64, time: u64, first: bool, marker: bool, data: &[u8]) -> Option<Vec<u8>> {
+        let mut payload = vec![if first { 0x10 } else { 0x00 }];
+        payload.extend_from_slice(data);
+        let vp8 = Vp8::parse(&payload).unwrap();
+        frames.push(seq, time, marker, &vp8, &payload)
+    }
+
+    #[test]
+    fn frames_are_put_together_and_those_after_a_loss_wait_for_a_keyframe() {
+        let mut frames = Vp8Frames::new();
+        assert_eq!(push(&mut frames, 1, 0, true, true, &[0x11, 1]), None, "no keyframe yet");
+        assert_eq!(push(&mut frames, 2, 3000, true, false, &[0x10, 2]), None);
+        assert_eq!(push(&mut frames, 3, 3000, false, true, &[3, 4]), Some(vec![0x10, 2, 3, 4]), "a keyframe of two packets");
+        assert_eq!(push(&mut frames, 4, 6000, true, true, &[0x11, 5]), Some(vec![0x11, 5]));
+        // Packet 5 is lost: its frame, and the next, are left out until a keyframe.
+        assert_eq!(push(&mut frames, 6, 9000, false, true, &[6]), None);
+        assert_eq!(push(&mut frames, 7, 12000, true, true, &[0x11, 7]), None);
+        assert_eq!(push(&mut frames, 8, 15000, true, true, &[0x10, 8]), Some(vec![0x10, 8]));
+        // A whole frame lost (9): the next delta frame waits too.
+        assert_eq!(push(&mut frames, 10, 21000, true, true, &[0x11, 10]), None);
     }
 }
