@@ -259,13 +259,13 @@ impl Sfu {
                     continue;
                 }
                 if !can_start {
-                    keyframes_wanted.push(rid);
+                    wants_keyframe(&mut keyframes_wanted, rid);
                     continue;
                 }
                 down.rtp.switch_to(&incoming);
                 down.layers.current = rid;
             } else if target != rid {
-                keyframes_wanted.push(target);
+                wants_keyframe(&mut keyframes_wanted, target);
             }
             let Some(out) = down.rtp.rewrite(&incoming) else { continue };
             let out_pt = match down.pt {
@@ -293,7 +293,6 @@ impl Sfu {
         let Some(track) = publisher.tracks.iter_mut().find(|t| t.mid == Some(mid)) else { return };
         if track.last_keyframe_request.is_none_or(|at| now.duration_since(at) >= KEYFRAME_REQUEST_INTERVAL) {
             track.last_keyframe_request = Some(now);
-            keyframes_wanted.dedup();
             for rid in keyframes_wanted {
                 request_keyframe(&mut publisher.publisher, mid, rid, KeyframeRequestKind::Pli);
             }
@@ -357,6 +356,13 @@ impl Sfu {
         if request_keyframe(&mut publisher.publisher, mid, rid, request.kind) {
             self.dirty.insert((publisher_id, Pc::Publisher));
         }
+    }
+}
+
+/// Notes that a keyframe of layer `rid` is wanted, once.
+fn wants_keyframe(wanted: &mut Vec<Option<Rid>>, rid: Option<Rid>) {
+    if !wanted.contains(&rid) {
+        wanted.push(rid);
     }
 }
 
