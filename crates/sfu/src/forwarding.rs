@@ -222,7 +222,9 @@ impl Sfu {
         let video = params.spec().codec.is_video();
         let vp8 = if video { Vp8::parse(&packet.payload) } else { None };
         let incoming = Incoming { ssrc: packet.header.ssrc, seq: *packet.seq_no, time: packet.time.numer(), frequency: packet.time.frequency().get(), arrived: packet.timestamp, vp8 };
-        let mut ext_vals = ExtensionValues::default();
+        // What the subscriber's decoder needs of the publisher's extensions: how to turn the
+        // picture (phones send it unrotated), and how loud the audio is.
+        let mut ext_vals = ExtensionValues { video_orientation: packet.header.ext_vals.video_orientation, ..ExtensionValues::default() };
         if let Some(level) = packet.header.ext_vals.audio_level {
             // The extension carries -dBov (0 loudest, -127 silent).
             let linear = 10f32.powf(f32::from(level.min(0)) / 20.0);

@@ -14,8 +14,9 @@ use str0m::{
     channel::ChannelId,
     change::{SdpAnswer, SdpOffer, SdpPendingOffer},
     format::{Codec, PayloadParams},
-    media::{Direction, MediaKind, MediaTime, Mid},
+    media::{Direction, MediaData, MediaKind, MediaTime, Mid},
     net::{Protocol, Receive, TcpType},
+    rtp::VideoOrientation,
 };
 
 use crate::{Grant, JoinOptions, Limits, MediaAddresses, Outgoing, ParticipantId, Rate, Rights, Sfu};
@@ -73,7 +74,9 @@ pub struct Client {
     pub signals: Vec<lk::signal_response::Message>,
     /// Frames its subscriber connection received, and the last one.
     pub frames: usize,
-    pub last_frame: Option<Vec<u8>>,
+    pub last_frame: Option<MediaData>,
+    /// How its camera is turned: sent with the frames it writes (RTP's video orientation).
+    pub orientation: Option<VideoOrientation>,
     /// Data channel messages its subscriber connection received.
     pub data: Vec<Vec<u8>>,
     /// Every how many datagrams it sends one is lost on the way (none if unset).
@@ -162,7 +165,7 @@ impl Network {
         let started = Instant::now();
         let id = self.sfu.join(now, &grant(identity, room, publish), &auto_subscribed());
         self.sfu_time += started.elapsed();
-        self.clients.push(Client { id, publisher, subscriber, addrs, proto, pending: None, signals: Vec::new(), frames: 0, last_frame: None, data: Vec::new(), drop_every: None, sent: 0 });
+        self.clients.push(Client { id, publisher, subscriber, addrs, proto, pending: None, signals: Vec::new(), frames: 0, last_frame: None, orientation: None, data: Vec::new(), drop_every: None, sent: 0 });
         index
     }
 
@@ -230,11 +233,15 @@ impl Network {
     /// Writes a frame on a client's publisher connection at media time `time` (if connected).
     pub fn write(&mut self, index: usize, mid: Mid, params: PayloadParams, time: MediaTime, frame: &[u8]) -> bool {
         let now = self.now;
-        let publisher = &mut self.clients[index].publisher;
-        if !publisher.is_connected() {
+        let client = &mut self.clients[index];
+        if !client.publisher.is_connected() {
             return false;
         }
-        publisher.writer(mid).is_some_and(|writer| writer.write(params.pt(), now, time, frame.to_vec()).is_ok())
+        let Some(mut writer) = client.publisher.writer(mid) else { return false };
+        if let Some(orientation) = client.orientation {
+            writer = writer.video_orientation(orientation);
+        }
+        writer.write(params.pt(), now, time, frame.to_vec()).is_ok()
     }
 
     /// Delivers everything pending, answering signalling as a LiveKit client does, then moves
@@ -288,7 +295,7 @@ impl Network {
                             }
                             Ok(Output::Event(Event::MediaData(data))) => {
                                 client.frames += 1;
-                                client.last_frame = Some(data.data.to_vec());
+                                client.last_frame = Some(data);
                             }
                             Ok(Output::Event(Event::ChannelData(data))) if !publisher => client.data.push(data.data),
                             Ok(Output::Event(_)) => {}
