@@ -11,57 +11,29 @@
 //   node --test tests/browser/blocked_udp.test.mjs
 
 import assert from 'node:assert/strict';
-import { execFileSync, spawnSync } from 'node:child_process';
-import { chmodSync, existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 
-import { LimbicServer, REPO, SERVER_NAME, bookAppointment, expectVideoFrom, launchChromium } from './harness.mjs';
+import { Fence, LimbicServer, REPO, SERVER_NAME, bookAppointment, expectVideoFrom, launchChromium } from './harness.mjs';
 
 const SERVICE_SECRET = 'browser-test-service-secret';
 const LINK_SECRET = 'browser-test-link-secret';
-const tag = process.pid % 10000;
-const NAMESPACE = `limbic-b${tag}`;
-const [OUTSIDE, INSIDE] = [`lb${tag}h`, `lb${tag}n`];
-const HOST = `10.232.${tag % 250}.1`;
-const GUEST = `10.232.${tag % 250}.2`;
 const FAKE_MEDIA = ['--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream', '--autoplay-policy=no-user-gesture-required'];
 
-const possible = process.getuid?.() === 0 && ['ip', 'nft'].every((tool) => spawnSync('which', [tool]).status === 0);
-const sh = (...args) => execFileSync(args[0], args.slice(1), { stdio: 'pipe' });
-
-/** Whether a UDP datagram sent from inside the namespace reaches `HOST`. */
-function udpProbe() {
-  // One process listens outside, one sends from inside; the listener says what it got.
-  const script = `
-import socket, subprocess, sys
-r = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); r.bind(('${HOST}', 0)); r.settimeout(2)
-send = "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'probe', ('${HOST}', %d))" % r.getsockname()[1]
-subprocess.run(['ip', 'netns', 'exec', '${NAMESPACE}', sys.executable, '-c', send], capture_output=True)
-try: print(r.recv(16) == b'probe')
-except socket.timeout: print(False)`;
-  return execFileSync('python3', ['-c', script], { encoding: 'utf8' }).trim() === 'True';
-}
+const possible = Fence.possible;
+const fence = new Fence();
+const HOST = fence.host;
 
 let server;
-let workdir;
 let browser;
 let fenced;
 
 before(async () => {
   if (!possible) return;
-  sh('ip', 'netns', 'add', NAMESPACE);
-  sh('ip', 'link', 'add', OUTSIDE, 'type', 'veth', 'peer', 'name', INSIDE, 'netns', NAMESPACE);
-  sh('ip', 'addr', 'add', `${HOST}/30`, 'dev', OUTSIDE);
-  sh('ip', 'link', 'set', OUTSIDE, 'up');
-  sh('ip', '-n', NAMESPACE, 'addr', 'add', `${GUEST}/30`, 'dev', INSIDE);
-  sh('ip', '-n', NAMESPACE, 'link', 'set', INSIDE, 'up');
-  sh('ip', '-n', NAMESPACE, 'link', 'set', 'lo', 'up');
-  assert.ok(udpProbe(), 'UDP from the namespace does not arrive even without the rule');
-  const rules = `table inet limbic_test {\n chain output {\n  type filter hook output priority 0;\n  ip daddr ${HOST} meta l4proto udp drop\n }\n}\n`;
-  execFileSync('ip', ['netns', 'exec', NAMESPACE, 'nft', '-f', '-'], { input: rules });
-  assert.ok(!udpProbe(), "the namespace's UDP to the server is not blocked");
+  fence.up();
+  fence.drop(['meta l4proto udp']);
+  assert.ok(!fence.udpReachesHost(), "the namespace's UDP to the server is not blocked");
   server = new LimbicServer({
     logName: 'limbic-blocked-udp.log',
     address: HOST,
@@ -75,14 +47,9 @@ before(async () => {
     }),
   });
   await server.start();
-  // Chromium for the client, inside the namespace.
-  workdir = mkdtempSync(join(tmpdir(), 'limbic-netns-'));
-  const wrapper = join(workdir, 'chromium-in-namespace');
-  writeFileSync(wrapper, `#!/bin/sh\nexec ip netns exec ${NAMESPACE} ${process.env.CHROMIUM ?? '/usr/bin/chromium'} "$@"\n`);
-  chmodSync(wrapper, 0o755);
   // The page is served from the veth address, not loopback: a secure context only by this flag.
   const flags = [...FAKE_MEDIA, `--unsafely-treat-insecure-origin-as-secure=${server.url}`];
-  fenced = await launchChromium(flags, wrapper);
+  fenced = await fence.chromium(flags);
   browser = await launchChromium(flags);
 });
 
@@ -90,11 +57,7 @@ after(async () => {
   await fenced?.close();
   await browser?.close();
   await server?.stop();
-  if (workdir) rmSync(workdir, { recursive: true, force: true });
-  if (possible) {
-    spawnSync('ip', ['link', 'del', OUTSIDE]);
-    spawnSync('ip', ['netns', 'del', NAMESPACE]);
-  }
+  if (possible) fence.down();
 });
 
 test('a client whose UDP is blocked has a call through the join page', { skip: !possible && 'needs root, ip and nft' }, async () => {

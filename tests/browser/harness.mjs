@@ -3,9 +3,9 @@
 // tests/browser/` runs only *.test.mjs).
 
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { createHmac, randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -64,18 +64,23 @@ export class LimbicServer {
   }
 
   async start() {
-    const bin = binary();
-    assert.ok(existsSync(bin), `no server binary at ${bin}: run \`cargo build -p limbic-server --bins\` or set LIMBIC_BIN`);
+    await this.configure();
+    await this.launch();
+  }
+
+  /** Picks its port and writes its configuration (`configPath`, and `env` over it), so that a
+   * test can run `limbic` commands on it (`command`) before it starts. */
+  async configure() {
     this.port = await freePort();
     this.url = `http://${this.address}:${this.port}`;
     const example = readFileSync(join(REPO, 'config.example.toml'), 'utf8');
-    const configPath = join(this.workdir, 'limbic.toml');
+    this.configPath = join(this.workdir, 'limbic.toml');
     // The example's plugins' files are relative to the repository; the server runs elsewhere.
     const config = this.plugins
       ? example.replace(/^(path|manifest) = "plugins\//gm, (_, key) => `${key} = "${join(REPO, 'plugins')}/`)
       : example.split(/^\[\[plugins\]\]/m)[0];
-    writeFileSync(configPath, config);
-    const overrides = {
+    writeFileSync(this.configPath, config);
+    this.overridden = {
       LIMBIC_SERVER_NAME: SERVER_NAME,
       LIMBIC_LISTEN__ADDRESS: this.address,
       LIMBIC_LISTEN__PORT: String(this.port),
@@ -87,14 +92,25 @@ export class LimbicServer {
       LIMBIC_CALLS__TCP_PORT: '0',
       ...this.overrides(this.url),
     };
-    const env = Object.fromEntries(Object.entries(process.env).filter(([key]) => !key.startsWith('LIMBIC_')));
+    const inherited = Object.fromEntries(Object.entries(process.env).filter(([key]) => !key.startsWith('LIMBIC_')));
+    this.env = { ...inherited, ...this.overridden, NO_COLOR: '1' };
+  }
+
+  /** The output of `limbic ARGS --config` with this server's configuration. */
+  command(...args) {
+    return execFileSync(binary(), [...args, '--config', this.configPath], { cwd: this.workdir, env: this.env, encoding: 'utf8' });
+  }
+
+  async launch() {
+    const bin = binary();
+    assert.ok(existsSync(bin), `no server binary at ${bin}: run \`cargo build -p limbic-server --bins\` or set LIMBIC_BIN`);
     mkdirSync(ARTIFACTS, { recursive: true });
     this.logPath = join(ARTIFACTS, this.logName);
     const log = openSync(this.logPath, 'w');
-    writeFileSync(log, `${bin} serve --config ${configPath}\n${JSON.stringify(overrides, null, 2)}\n`);
-    this.process = spawn(bin, ['serve', '--config', configPath], {
+    writeFileSync(log, `${bin} serve --config ${this.configPath}\n${JSON.stringify(this.overridden, null, 2)}\n`);
+    this.process = spawn(bin, ['serve', '--config', this.configPath], {
       cwd: this.workdir,
-      env: { ...env, ...overrides, NO_COLOR: '1' },
+      env: this.env,
       stdio: ['ignore', log, log],
     });
     this.exited = new Promise((resolve) => this.process.once('exit', resolve));
@@ -180,4 +196,71 @@ export async function expectVideoFrom(page, who, timeout = 30_000) {
   assert.ok(first !== null && last.framesDecoded >= first + 15, `${who} decodes the other's video: ${JSON.stringify(last)}`);
   const width = await page.getByTestId('remote-video').first().evaluate((video) => video.videoWidth);
   assert.ok(width > 0, `${who}'s remote <video> shows a picture`);
+}
+
+/**
+ * A network namespace of the test's own, joined to this one by a veth pair (`host` outside,
+ * `guest` inside), whose nftables rules drop some of what leaves it for the host, as a hospital's
+ * or a company's firewall would; Chromium runs inside through a wrapper script given to
+ * Playwright as the executable. Needs root, `ip` and `nft` (scripts/setup installs nftables):
+ * `Fence.possible`. Nothing outside the namespace and the veth pair is touched.
+ */
+export class Fence {
+  static possible = process.getuid?.() === 0 && ['ip', 'nft'].every((tool) => spawnSync('which', [tool]).status === 0);
+
+  constructor() {
+    const tag = process.pid % 10000;
+    this.namespace = `limbic-b${tag}`;
+    [this.outside, this.inside] = [`lb${tag}h`, `lb${tag}n`];
+    this.host = `10.232.${tag % 250}.1`;
+    this.guest = `10.232.${tag % 250}.2`;
+  }
+
+  up() {
+    const sh = (...args) => execFileSync(args[0], args.slice(1), { stdio: 'pipe' });
+    sh('ip', 'netns', 'add', this.namespace);
+    sh('ip', 'link', 'add', this.outside, 'type', 'veth', 'peer', 'name', this.inside, 'netns', this.namespace);
+    sh('ip', 'addr', 'add', `${this.host}/30`, 'dev', this.outside);
+    sh('ip', 'link', 'set', this.outside, 'up');
+    sh('ip', '-n', this.namespace, 'addr', 'add', `${this.guest}/30`, 'dev', this.inside);
+    sh('ip', '-n', this.namespace, 'link', 'set', this.inside, 'up');
+    sh('ip', '-n', this.namespace, 'link', 'set', 'lo', 'up');
+    assert.ok(this.udpReachesHost(), 'UDP from the namespace does not arrive even without a rule');
+  }
+
+  /** Drops what leaves the namespace for the host and matches one of `matches` (nftables
+   * expressions, e.g. `meta l4proto udp`). */
+  drop(matches) {
+    const rules = matches.map((match) => `  ip daddr ${this.host} ${match} drop\n`).join('');
+    const table = `table inet limbic_test {\n chain output {\n  type filter hook output priority 0;\n${rules} }\n}\n`;
+    execFileSync('ip', ['netns', 'exec', this.namespace, 'nft', '-f', '-'], { input: table });
+  }
+
+  /** Whether a UDP datagram sent from inside the namespace reaches the host. */
+  udpReachesHost() {
+    // One process listens outside, one sends from inside; the listener says what it got.
+    const script = `
+import socket, subprocess, sys
+r = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); r.bind(('${this.host}', 0)); r.settimeout(2)
+send = "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'probe', ('${this.host}', %d))" % r.getsockname()[1]
+subprocess.run(['ip', 'netns', 'exec', '${this.namespace}', sys.executable, '-c', send], capture_output=True)
+try: print(r.recv(16) == b'probe')
+except socket.timeout: print(False)`;
+    return execFileSync('python3', ['-c', script], { encoding: 'utf8' }).trim() === 'True';
+  }
+
+  /** Chromium inside the namespace. */
+  chromium(flags) {
+    this.workdir ??= mkdtempSync(join(tmpdir(), 'limbic-netns-'));
+    const wrapper = join(this.workdir, 'chromium-in-namespace');
+    writeFileSync(wrapper, `#!/bin/sh\nexec ip netns exec ${this.namespace} ${process.env.CHROMIUM ?? '/usr/bin/chromium'} "$@"\n`);
+    chmodSync(wrapper, 0o755);
+    return launchChromium(flags, wrapper);
+  }
+
+  down() {
+    if (this.workdir) rmSync(this.workdir, { recursive: true, force: true });
+    spawnSync('ip', ['link', 'del', this.outside]);
+    spawnSync('ip', ['netns', 'del', this.namespace]);
+  }
 }
