@@ -53,9 +53,9 @@ fn run(subscribers: usize) {
             sent = 0;
         }
         if ms % frame_every == 0 {
-            // A keyframe every 2 s (VP8: bit 0 of the first byte clear), deltas between.
+            // The first frame of every 2 s a keyframe (VP8: bit 0 of the first byte clear), deltas
+            // between; each subscriber's video starts at a keyframe.
             let mut frame = vec![0x5a_u8; frame_bytes];
-            // The first frame of every 2 s (video starts, for each subscriber, at a keyframe).
             frame[0] = if ms % 2000 < frame_every { 0x10 } else { 0x11 };
             if net.write(publisher, mid, params, MediaTime::from_millis(ms).rebase(Frequency::NINETY_KHZ), &frame) && net.timing {
                 sent += 1;
