@@ -14,7 +14,7 @@ use str0m::{
     channel::ChannelId,
     change::{SdpAnswer, SdpOffer, SdpPendingOffer},
     format::{Codec, PayloadParams},
-    media::{Direction, MediaData, MediaKind, MediaTime, Mid},
+    media::{Direction, MediaData, MediaKind, MediaTime, Mid, Rid, Simulcast, SimulcastLayer},
     net::{Protocol, Receive, TcpType},
     rtp::VideoOrientation,
 };
@@ -75,6 +75,8 @@ pub struct Client {
     /// Frames its subscriber connection received, and the last one.
     pub frames: usize,
     pub last_frame: Option<MediaData>,
+    /// Frames that came after a gap in their stream's sequence numbers (the first frame aside).
+    pub gaps: usize,
     /// How its camera is turned: sent with the frames it writes (RTP's video orientation).
     pub orientation: Option<VideoOrientation>,
     /// Data channel messages its subscriber connection received.
@@ -165,7 +167,7 @@ impl Network {
         let started = Instant::now();
         let id = self.sfu.join(now, &grant(identity, room, publish), &auto_subscribed());
         self.sfu_time += started.elapsed();
-        self.clients.push(Client { id, publisher, subscriber, addrs, proto, pending: None, signals: Vec::new(), frames: 0, last_frame: None, orientation: None, data: Vec::new(), drop_every: None, sent: 0 });
+        self.clients.push(Client { id, publisher, subscriber, addrs, proto, pending: None, signals: Vec::new(), frames: 0, last_frame: None, gaps: 0, orientation: None, data: Vec::new(), drop_every: None, sent: 0 });
         index
     }
 
@@ -187,14 +189,24 @@ impl Network {
         self.publish_track(index, kind, lk::AddTrackRequest { cid: name.into(), name: name.into(), r#type: kind_type as i32, ..Default::default() })
     }
 
-    /// Announces a track as `add` describes it (e.g. with simulcast layers) and offers the
-    /// client's publisher connection with it; its media line.
+    /// Announces a track as `add` describes it and offers the client's publisher connection
+    /// with it; its media line. With more than one layer in `add`, it is sent as simulcast
+    /// layers `q`, `h` and `f`, as LiveKit's SDKs send them.
+    // `AddTrackRequest.layers`: what LiveKit's SDKs announce simulcast with.
+    #[allow(deprecated)]
     pub fn publish_track(&mut self, index: usize, kind: MediaKind, add: lk::AddTrackRequest) -> Mid {
         let name = add.cid.clone();
+        let simulcast = (add.layers.len() > 1).then(|| {
+            let mut simulcast = Simulcast::new();
+            for rid in ["q", "h", "f"] {
+                simulcast.add_send_layer(SimulcastLayer::new(rid));
+            }
+            simulcast
+        });
         self.signal(index, lk::signal_request::Message::AddTrack(add));
         let client = &mut self.clients[index];
         let mut changes = client.publisher.sdp_api();
-        let mid = changes.add_media(kind, Direction::SendOnly, Some("stream".into()), Some(name), None);
+        let mid = changes.add_media(kind, Direction::SendOnly, Some("stream".into()), Some(name), simulcast);
         let (offer, pending) = changes.apply().expect("an offer");
         client.pending = Some(pending);
         self.signal(index, lk::signal_request::Message::Offer(lk::SessionDescription { r#type: "offer".into(), sdp: offer.to_sdp_string(), id: 1, ..Default::default() }));
@@ -232,12 +244,20 @@ impl Network {
 
     /// Writes a frame on a client's publisher connection at media time `time` (if connected).
     pub fn write(&mut self, index: usize, mid: Mid, params: PayloadParams, time: MediaTime, frame: &[u8]) -> bool {
+        self.write_layer(index, mid, None, params, time, frame)
+    }
+
+    /// Writes a frame of simulcast layer `rid` (if any).
+    pub fn write_layer(&mut self, index: usize, mid: Mid, rid: Option<Rid>, params: PayloadParams, time: MediaTime, frame: &[u8]) -> bool {
         let now = self.now;
         let client = &mut self.clients[index];
         if !client.publisher.is_connected() {
             return false;
         }
         let Some(mut writer) = client.publisher.writer(mid) else { return false };
+        if let Some(rid) = rid {
+            writer = writer.rid(rid);
+        }
         if let Some(orientation) = client.orientation {
             writer = writer.video_orientation(orientation);
         }
@@ -295,6 +315,7 @@ impl Network {
                             }
                             Ok(Output::Event(Event::MediaData(data))) => {
                                 client.frames += 1;
+                                client.gaps += usize::from(client.frames > 1 && !data.contiguous);
                                 client.last_frame = Some(data);
                             }
                             Ok(Output::Event(Event::ChannelData(data))) if !publisher => client.data.push(data.data),

@@ -459,3 +459,45 @@ fn a_subscriber_learns_how_to_turn_the_picture() {
     let last = net.clients[ben].last_frame.as_ref().expect("video flows");
     assert_eq!(last.ext_vals.video_orientation, Some(VideoOrientation::Deg90));
 }
+
+/// A subscriber who moves between a simulcast track's layers gets one stream: each layer's
+/// frames after its switch, and no gap in the sequence numbers its decoder sees.
+#[test]
+#[allow(deprecated)] // `AddTrackRequest.layers`: what LiveKit's SDKs announce simulcast with.
+fn a_subscriber_moving_between_layers_gets_one_unbroken_stream() {
+    let mut net = Network::new();
+    let ana = net.join("ana", true);
+    let ben = net.join("ben", false);
+    net.step(TICK);
+    let layers = [lk::VideoQuality::Low, lk::VideoQuality::Medium, lk::VideoQuality::High].map(|quality| lk::VideoLayer { quality: quality as i32, ..Default::default() });
+    let add = lk::AddTrackRequest { cid: "camera".into(), name: "camera".into(), r#type: lk::TrackType::Video as i32, layers: layers.to_vec(), ..Default::default() };
+    let mid = net.publish_track(ana, MediaKind::Video, add);
+    let params = net.params(ana, Codec::Vp8);
+    // Each layer's frames say which layer they are (their second byte); a keyframe every tenth.
+    let mut sent = 0u64;
+    let mut send = |net: &mut Network, frames: u64| {
+        for _ in 0..frames {
+            for (layer, rid) in ["q", "h", "f"].into_iter().enumerate() {
+                let mut frame = vec![0x5a_u8; 300 * (layer + 1)];
+                frame[0] = if sent % 10 == 0 { 0x10 } else { 0x11 };
+                frame[1] = layer as u8;
+                net.write_layer(ana, mid, Some(rid.into()), params, MediaTime::from_millis(sent * 33).rebase(Frequency::NINETY_KHZ), &frame);
+            }
+            sent += 1;
+            net.step(Duration::from_millis(33));
+        }
+    };
+    let layer_received = |net: &Network| net.clients[ben].last_frame.as_ref().map(|frame| frame.data[1]);
+    send(&mut net, 60);
+    assert_eq!(layer_received(&net), Some(2), "the best layer by default");
+    let track = net.clients[ana].signals.iter().find_map(|m| match m { lk::signal_response::Message::TrackPublished(p) => p.track.clone(), _ => None }).unwrap();
+    for (quality, layer) in [(lk::VideoQuality::Low, 0), (lk::VideoQuality::Medium, 1), (lk::VideoQuality::High, 2)] {
+        let setting = lk::UpdateTrackSettings { track_sids: vec![track.sid.clone()], quality: quality as i32, ..Default::default() };
+        net.signal(ben, lk::signal_request::Message::TrackSetting(setting));
+        let before = net.clients[ben].frames;
+        send(&mut net, 30);
+        assert_eq!(layer_received(&net), Some(layer), "{quality:?}");
+        assert!(net.clients[ben].frames >= before + 25, "frames go on through the switch to {quality:?}");
+    }
+    assert_eq!(net.clients[ben].gaps, 0, "the subscriber saw a gap in the stream");
+}
