@@ -379,6 +379,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_subscriber_gets_the_best_layer_it_wants_that_fits_its_bandwidth() {
+        let (low, medium, high) = (lk::VideoQuality::Low as i32, lk::VideoQuality::Medium as i32, lk::VideoQuality::High as i32);
+        let all = [(Rid::from("q"), low, 150_000), (Rid::from("h"), medium, 500_000), (Rid::from("f"), high, 1_500_000)];
+        let pick = |usable: &[(Rid, i32, u64)], wanted: i32, budget: Option<u64>| layer_for(usable, wanted, budget).map(|rid| rid.to_string());
+        assert_eq!(pick(&all, high, None).as_deref(), Some("f"), "no estimate yet: what it wants");
+        assert_eq!(pick(&all, high, Some(1_000_000)).as_deref(), Some("h"), "the best that fits");
+        assert_eq!(pick(&all, high, Some(1_500_000)).as_deref(), Some("f"));
+        assert_eq!(pick(&all, medium, Some(5_000_000)).as_deref(), Some("h"), "never better than wanted");
+        assert_eq!(pick(&all, low, None).as_deref(), Some("q"));
+        assert_eq!(pick(&all, high, Some(100_000)).as_deref(), Some("q"), "nothing fits: the lowest, not nothing");
+        assert_eq!(pick(&all[..2], high, None).as_deref(), Some("h"), "the high layer paused");
+        assert_eq!(pick(&all[1..], low, None).as_deref(), Some("h"), "the low layer paused: the lowest there is");
+        assert_eq!(pick(&[], high, None), None);
+    }
+
+    #[test]
     fn a_layers_bitrate_is_measured_and_a_pause_does_not_dilute_it() {
         let start = Instant::now();
         let mut layer = Layer::new(start);
