@@ -1,6 +1,6 @@
 """What the call tests share: the Matrix side of joining a call (accounts, a shared room, call
 tokens from the MSC4195 token service), a synthetic tone to publish and a count of the frames
-that carry it, and which network path a connection's media took.
+that carry it, a synthetic camera to publish, and which network path a connection's media took.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import asyncio
 import json
 import math
 import secrets
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -146,3 +147,41 @@ def media_paths(stats: list) -> list[dict]:
         found.append({"local_type": kind, "local_protocol": mine.protocol, "relay_protocol": named("relay_protocol").removeprefix("transport_") if mine.HasField("relay_protocol") else None,
                       "remote_protocol": theirs.protocol, "remote_port": theirs.port, "bytes_received": pair.bytes_received})
     return found
+
+
+WIDTH, HEIGHT = 1280, 720
+
+
+async def publish_video(room: rtc.Room, stop: asyncio.Event, name: str = "camera", size: tuple[int, int] = (WIDTH, HEIGHT),
+                        source_kind: int = rtc.TrackSource.SOURCE_CAMERA, simulcast: bool = True) -> rtc.LocalTrackPublication:
+    """A moving gradient at 20 fps, by default simulcast (LiveKit's layers of a 720p camera)."""
+    width, height = size
+    source = rtc.VideoSource(width, height)
+    track = rtc.LocalVideoTrack.create_video_track(name, source)
+    publish = rtc.TrackPublishOptions(source=source_kind, simulcast=simulcast,
+                                      video_encoding=rtc.VideoEncoding(max_framerate=20, max_bitrate=2_000_000))
+    publication = await room.local_participant.publish_track(track, publish)
+    base = np.tile((np.arange(width) % 256).astype(np.uint8), (height, 1))
+
+    async def feed():
+        n = 0
+        while not stop.is_set():
+            rgba = np.empty((height, width, 4), dtype=np.uint8)
+            rgba[..., 0] = (base.astype(np.int32) + n * 4) % 256
+            rgba[..., 1] = (n * 8) % 256
+            rgba[..., 2] = 255 - base
+            rgba[..., 3] = 255
+            source.capture_frame(rtc.VideoFrame(width, height, rtc.VideoBufferType.RGBA, rgba.tobytes()))
+            n += 1
+            await asyncio.sleep(0.05)
+    asyncio.get_running_loop().create_task(feed())
+    return publication
+
+
+async def until(what: str, check, timeout: float = 15.0, context=lambda: ""):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"not within {timeout}s: {what} {context()}")

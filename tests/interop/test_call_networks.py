@@ -19,9 +19,12 @@ real coturn.
    `limbic voip coturn-config`) allocates over TLS for the credentials `/voip/turnServer` hands
    out (coturn's own client; libwebrtc would not trust a test certificate), and refuses another
    password.
+7. Bandwidth: a viewer in a namespace whose incoming traffic tc's token bucket limits to 400
+   kbit/s gets a lower simulcast layer of a 720p camera, and the best one again once the limit
+   is lifted.
 
-They need root (network namespaces, nftables) or coturn; without them the tests are skipped
-with the reason. Nothing outside the namespace and loopback is touched.
+They need root (network namespaces, nftables, tc) or coturn; without them the tests are skipped
+with the reason. Nothing outside the namespace, its veth pair and loopback is touched.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from pathlib import Path
 import pytest
 from livekit import rtc
 
-from call_media import http, member, publish_tone, two_in_a_call
+from call_media import WIDTH, http, member, publish_tone, publish_video, two_in_a_call, until
 from conftest import ARTIFACTS, LimbicServer, _binary, dump_toml, free_port
 from mx import run
 
@@ -479,3 +482,63 @@ def test_a_turns_uri_relays_over_tls_with_the_credentials_limbic_hands_out(tmp_p
         refused = subprocess.run([uclient, "-S", "-t", "-p", port, "-u", user, "-w", "not-the-password", "-n", "1", "-e", "127.0.0.1", "127.0.0.1"],
                                  capture_output=True, text=True, timeout=60)
         assert refused.returncode != 0 and "Cannot complete Allocation" in refused.stdout + refused.stderr, refused.stdout[-2000:]
+
+
+def shaped(namespace: str, rate: str | None) -> None:
+    """Limits what reaches the namespace to `rate` (tc's token bucket filter on this side of its
+    veth pair, named as [network_namespace] names it); None lifts the limit."""
+    outside = "lt" + namespace.removeprefix("limbic-t") + "h"
+    if rate is None:
+        sh("tc", "qdisc", "del", "dev", outside, "root")
+    else:
+        sh("tc", "qdisc", "add", "dev", outside, "root", "tbf", "rate", rate, "burst", "16kb", "latency", "50ms")
+
+
+def test_a_viewer_whose_bandwidth_drops_gets_a_lower_layer_and_the_best_again_after(tmp_path):
+    """Ana publishes a simulcast 720p camera from this namespace; Ben watches it from a namespace
+    whose incoming traffic is then limited to 400 kbit/s, and later not. The SFU picks his layer
+    by its estimate of his connection's bandwidth (spec/calls.md, "Simulcast")."""
+    if not shutil.which("tc"):
+        pytest.skip("needs tc (iproute2)")
+    with network_namespace(block_udp=False) as (namespace, host):
+        server = ServerAt("call-networks-bandwidth", tmp_path, host, {})
+        server.start()
+        try:
+            run(watched_through_a_limit(server, namespace))
+        finally:
+            server.stop()
+
+
+async def watched_through_a_limit(server: LimbicServer, namespace: str) -> None:
+    url, ana_token, ben_token, _ = await two_in_a_call(server.url)
+    publisher, stop = rtc.Room(), asyncio.Event()
+    await publisher.connect(url, ana_token, rtc.RoomOptions(auto_subscribe=False, connect_timeout=20))
+    viewer = await asyncio.create_subprocess_exec("ip", "netns", "exec", namespace, PYTHON, str(HERE / "call_viewer.py"), url, ben_token,
+                                                  cwd=HERE, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    seconds: list[dict[int, int]] = []  # each second's decoded frames, by width
+
+    async def read():
+        async for line in viewer.stdout:
+            seconds.append({int(width): frames for width, frames in json.loads(line)["widths"].items()})
+
+    reader = asyncio.get_running_loop().create_task(read())
+    try:
+        await publish_video(publisher, stop)
+        await until("frames of the best layer", lambda: any(max(second, default=0) >= WIDTH * 0.9 for second in seconds), timeout=40, context=lambda: seconds)
+        widest = max(max(second, default=0) for second in seconds)
+        shaped(namespace, "400kbit")
+        mark = len(seconds)
+        await until("only a lower layer through 400 kbit/s", lambda: len(seconds) > mark + 1 and seconds[-1] and max(seconds[-1]) < widest,
+                    timeout=30, context=lambda: seconds[mark:])
+        shaped(namespace, None)
+        mark = len(seconds)
+        await until("the best layer again", lambda: any(widest in second for second in seconds[mark:]), timeout=60, context=lambda: seconds[mark:])
+    finally:
+        stop.set()
+        reader.cancel()
+        viewer.stdin.close()
+        try:
+            await asyncio.wait_for(viewer.wait(), 30)
+        except asyncio.TimeoutError:
+            viewer.kill()
+        await publisher.disconnect()

@@ -41,7 +41,7 @@ import numpy as np
 import pytest
 from livekit import rtc
 
-from call_media import Member, call_token, http, loud_frames, member, publish_tone, shared_room, two_in_a_call
+from call_media import HEIGHT, WIDTH, Member, call_token, http, loud_frames, member, publish_tone, publish_video, shared_room, two_in_a_call, until
 from mx import register_with_shared_secret, run
 
 
@@ -132,44 +132,6 @@ def test_an_unpublished_track_is_gone_for_the_others(server):
             await publisher.disconnect()
             await listener.disconnect()
     run(scenario())
-
-
-WIDTH, HEIGHT = 1280, 720
-
-
-async def publish_video(room: rtc.Room, stop: asyncio.Event, name: str = "camera", size: tuple[int, int] = (WIDTH, HEIGHT),
-                        source_kind: int = rtc.TrackSource.SOURCE_CAMERA, simulcast: bool = True) -> rtc.LocalTrackPublication:
-    """A moving gradient at 20 fps, by default simulcast (LiveKit's layers of a 720p camera)."""
-    width, height = size
-    source = rtc.VideoSource(width, height)
-    track = rtc.LocalVideoTrack.create_video_track(name, source)
-    publish = rtc.TrackPublishOptions(source=source_kind, simulcast=simulcast,
-                                      video_encoding=rtc.VideoEncoding(max_framerate=20, max_bitrate=2_000_000))
-    publication = await room.local_participant.publish_track(track, publish)
-    base = np.tile((np.arange(width) % 256).astype(np.uint8), (height, 1))
-
-    async def feed():
-        n = 0
-        while not stop.is_set():
-            rgba = np.empty((height, width, 4), dtype=np.uint8)
-            rgba[..., 0] = (base.astype(np.int32) + n * 4) % 256
-            rgba[..., 1] = (n * 8) % 256
-            rgba[..., 2] = 255 - base
-            rgba[..., 3] = 255
-            source.capture_frame(rtc.VideoFrame(width, height, rtc.VideoBufferType.RGBA, rgba.tobytes()))
-            n += 1
-            await asyncio.sleep(0.05)
-    asyncio.get_running_loop().create_task(feed())
-    return publication
-
-
-async def until(what: str, check, timeout: float = 15.0, context=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"not within {timeout}s: {what} {context()}")
 
 
 def test_simulcast_video_switches_layers_and_stops_when_unsubscribed(server):

@@ -1,0 +1,57 @@
+"""A LiveKit participant that joins a call, watches the first video track it is given, and once
+a second prints the widths of the frames it decoded in that second (width -> frames) as a JSON
+line on stdout, until its stdin closes. Run by test_call_networks.py inside a network namespace
+whose bandwidth the test limits (so it runs as a process of its own).
+
+    call_viewer.py URL TOKEN
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import sys
+
+from livekit import rtc
+
+
+async def view(url: str, token: str) -> None:
+    room = rtc.Room()
+    subscribed: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    @room.on("track_subscribed")
+    def on_subscribed(track, publication, participant):
+        if track.kind == rtc.TrackKind.KIND_VIDEO and not subscribed.done():
+            subscribed.set_result(track)
+
+    await room.connect(url, token, rtc.RoomOptions(auto_subscribe=True, connect_timeout=30))
+    widths: collections.Counter = collections.Counter()
+
+    async def watch(track):
+        async for event in rtc.VideoStream(track):
+            widths[event.frame.width] += 1
+
+    try:
+        watcher = asyncio.get_running_loop().create_task(watch(await asyncio.wait_for(subscribed, 30)))
+        closed = asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        while not closed.done():
+            await asyncio.sleep(1)
+            print(json.dumps({"widths": dict(widths)}), flush=True)
+            widths.clear()
+        watcher.cancel()
+    finally:
+        await room.disconnect()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("url")
+    parser.add_argument("token")
+    args = parser.parse_args()
+    asyncio.run(view(args.url, args.token))
+
+
+if __name__ == "__main__":
+    main()
