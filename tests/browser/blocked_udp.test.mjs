@@ -11,11 +11,10 @@
 //   node --test tests/browser/blocked_udp.test.mjs
 
 import assert from 'node:assert/strict';
-import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 
-import { Fence, LimbicServer, REPO, SERVER_NAME, bookAppointment, expectVideoFrom, launchChromium } from './harness.mjs';
+import { Fence, LimbicServer, REPO, callThroughTheJoinPage, launchChromium } from './harness.mjs';
 
 const SERVICE_SECRET = 'browser-test-service-secret';
 const LINK_SECRET = 'browser-test-link-secret';
@@ -61,30 +60,5 @@ after(async () => {
 });
 
 test('a client whose UDP is blocked has a call through the join page', { skip: !possible && 'needs root, ip and nft' }, async () => {
-  assert.ok(existsSync(join(REPO, 'web/dist/join.js')), 'no built page in web/dist: run `npm run build --prefix web`');
-  const admin = await server.register('admin', true);
-  const therapist = await server.register('dr.tcp', false);
-  await server.api('PUT', `/_limbic/admin/v1/therapists/${encodeURIComponent(therapist.userId)}`, { token: admin.token, body: { verified: true } });
-  const link = await bookAppointment(server, SERVICE_SECRET, { appointment: 'blocked-udp-1', therapist: therapist.userId, client: `@bea:${SERVER_NAME}` });
-
-  const open = async (chromium) => {
-    const context = await chromium.newContext({ permissions: ['camera', 'microphone'] });
-    const page = await context.newPage();
-    page.setDefaultTimeout(30_000);
-    return page;
-  };
-  const shown = (page, testId) => page.getByTestId(testId).waitFor({ state: 'visible' });
-  const doctor = await open(browser);
-  const client = await open(fenced);
-
-  await doctor.goto(link.therapist);
-  await shown(doctor, 'page-lobby');
-  await doctor.getByTestId('join-call').click();
-  await shown(doctor, 'page-call');
-  await client.goto(link.client);
-  await shown(client, 'page-waiting');
-  await doctor.getByTestId('waiting-entry').filter({ hasText: 'bea' }).getByTestId('admit').click();
-  await shown(client, 'page-call');
-  await expectVideoFrom(client, 'the client, without UDP');
-  await expectVideoFrom(doctor, 'the therapist, from the client without UDP');
+  await callThroughTheJoinPage(server, SERVICE_SECRET, { outside: browser, inside: fenced, appointment: 'blocked-udp-1', therapist: 'dr.tcp', client: 'bea', how: 'without UDP' });
 });

@@ -180,6 +180,41 @@ export async function bookAppointment(server, serviceSecret, { appointment, ther
 }
 
 /**
+ * A therapist (in browser `outside`) and a client (in browser `inside`) have a call through the
+ * join page: an appointment booked through `serviceSecret`, the therapist in the lobby and the
+ * call, the client in the waiting room and admitted, each decoding the other's video. `how`
+ * says how the client's media goes, for the failure messages.
+ */
+export async function callThroughTheJoinPage(server, serviceSecret, { outside, inside, appointment, therapist, client, how }) {
+  assert.ok(existsSync(join(REPO, 'web/dist/join.js')), 'no built page in web/dist: run `npm run build --prefix web`');
+  const admin = await server.register('admin', true);
+  const doctorAccount = await server.register(therapist, false);
+  await server.api('PUT', `/_limbic/admin/v1/therapists/${encodeURIComponent(doctorAccount.userId)}`, { token: admin.token, body: { verified: true } });
+  const link = await bookAppointment(server, serviceSecret, { appointment, therapist: doctorAccount.userId, client: `@${client}:${SERVER_NAME}` });
+
+  const open = async (chromium) => {
+    const context = await chromium.newContext({ permissions: ['camera', 'microphone'] });
+    const page = await context.newPage();
+    page.setDefaultTimeout(30_000);
+    return page;
+  };
+  const shown = (page, testId) => page.getByTestId(testId).waitFor({ state: 'visible' });
+  const doctor = await open(outside);
+  const patient = await open(inside);
+
+  await doctor.goto(link.therapist);
+  await shown(doctor, 'page-lobby');
+  await doctor.getByTestId('join-call').click();
+  await shown(doctor, 'page-call');
+  await patient.goto(link.client);
+  await shown(patient, 'page-waiting');
+  await doctor.getByTestId('waiting-entry').filter({ hasText: client }).getByTestId('admit').click();
+  await shown(patient, 'page-call');
+  await expectVideoFrom(patient, `the client, ${how}`);
+  await expectVideoFrom(doctor, `the therapist, from the client ${how}`);
+}
+
+/**
  * The join page (in `page`) decodes the others' video, and frames keep coming (it is not one
  * stuck frame), per inbound-rtp `framesDecoded`; its remote <video> shows a picture.
  */

@@ -17,12 +17,12 @@
 
 import assert from 'node:assert/strict';
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 
-import { ARTIFACTS, Fence, LimbicServer, REPO, SERVER_NAME, bookAppointment, expectVideoFrom, freePort, launchChromium, sleep } from './harness.mjs';
+import { ARTIFACTS, Fence, LimbicServer, REPO, callThroughTheJoinPage, freePort, launchChromium, sleep } from './harness.mjs';
 
 const SERVICE_SECRET = 'browser-test-service-secret';
 const LINK_SECRET = 'browser-test-link-secret';
@@ -100,32 +100,7 @@ after(async () => {
 });
 
 test('a client who can reach only TURN over TLS has a call through the join page', { skip: !possible && 'needs root, ip, nft, turnserver and openssl' }, async () => {
-  assert.ok(existsSync(join(REPO, 'web/dist/join.js')), 'no built page in web/dist: run `npm run build --prefix web`');
-  const admin = await server.register('admin', true);
-  const therapist = await server.register('dr.turns', false);
-  await server.api('PUT', `/_limbic/admin/v1/therapists/${encodeURIComponent(therapist.userId)}`, { token: admin.token, body: { verified: true } });
-  const link = await bookAppointment(server, SERVICE_SECRET, { appointment: 'turns-1', therapist: therapist.userId, client: `@cai:${SERVER_NAME}` });
-
-  const open = async (chromium) => {
-    const context = await chromium.newContext({ permissions: ['camera', 'microphone'] });
-    const page = await context.newPage();
-    page.setDefaultTimeout(30_000);
-    return page;
-  };
-  const shown = (page, testId) => page.getByTestId(testId).waitFor({ state: 'visible' });
-  const doctor = await open(browser);
-  const client = await open(fenced);
-
-  await doctor.goto(link.therapist);
-  await shown(doctor, 'page-lobby');
-  await doctor.getByTestId('join-call').click();
-  await shown(doctor, 'page-call');
-  await client.goto(link.client);
-  await shown(client, 'page-waiting');
-  await doctor.getByTestId('waiting-entry').filter({ hasText: 'cai' }).getByTestId('admit').click();
-  await shown(client, 'page-call');
-  await expectVideoFrom(client, 'the client, through TURN over TLS');
-  await expectVideoFrom(doctor, 'the therapist, from the client through TURN over TLS');
+  await callThroughTheJoinPage(server, SERVICE_SECRET, { outside: browser, inside: fenced, appointment: 'turns-1', therapist: 'dr.turns', client: 'cai', how: 'through TURN over TLS' });
 
   // coturn relayed for the client, over TLS (it writes its log a moment later).
   const overTls = () => readFileSync(COTURN_LOG, 'utf8').split('\n').filter((line) => line.includes(': new, realm=') && line.includes('method=TLS'));

@@ -176,16 +176,22 @@ fn quality_updates(net: &Network, index: usize) -> Vec<Vec<bool>> {
         .collect()
 }
 
-#[test]
+/// A camera published in three simulcast layers, as LiveKit's SDKs publish one; its media line.
 #[allow(deprecated)] // `AddTrackRequest.layers`: what LiveKit's SDKs announce simulcast with.
+fn publish_simulcast(net: &mut Network, index: usize) -> Mid {
+    let layers = [lk::VideoQuality::Low, lk::VideoQuality::Medium, lk::VideoQuality::High].map(|quality| lk::VideoLayer { quality: quality as i32, ..Default::default() });
+    let add = lk::AddTrackRequest { cid: "camera".into(), name: "camera".into(), r#type: lk::TrackType::Video as i32, layers: layers.to_vec(), ..Default::default() };
+    net.publish_track(index, MediaKind::Video, add)
+}
+
+#[test]
+#[allow(deprecated)] // `TrackInfo.simulcast`: what LiveKit's SDKs read.
 fn a_simulcast_publisher_is_told_to_send_only_the_layers_someone_watches() {
     let mut net = Network::new();
     let ana = net.join("ana", true);
     let ben = net.join("ben", false);
     net.step(TICK);
-    let layers = [lk::VideoQuality::Low, lk::VideoQuality::Medium, lk::VideoQuality::High].map(|quality| lk::VideoLayer { quality: quality as i32, ..Default::default() });
-    let add = lk::AddTrackRequest { cid: "camera".into(), name: "camera".into(), r#type: lk::TrackType::Video as i32, layers: layers.to_vec(), ..Default::default() };
-    net.publish_track(ana, MediaKind::Video, add);
+    publish_simulcast(&mut net, ana);
     let steps = |net: &mut Network, duration: Duration| {
         for _ in 0..duration.as_millis() / 100 {
             net.step(Duration::from_millis(100));
@@ -463,15 +469,12 @@ fn a_subscriber_learns_how_to_turn_the_picture() {
 /// A subscriber who moves between a simulcast track's layers gets one stream: each layer's
 /// frames after its switch, and no gap in the sequence numbers its decoder sees.
 #[test]
-#[allow(deprecated)] // `AddTrackRequest.layers`: what LiveKit's SDKs announce simulcast with.
 fn a_subscriber_moving_between_layers_gets_one_unbroken_stream() {
     let mut net = Network::new();
     let ana = net.join("ana", true);
     let ben = net.join("ben", false);
     net.step(TICK);
-    let layers = [lk::VideoQuality::Low, lk::VideoQuality::Medium, lk::VideoQuality::High].map(|quality| lk::VideoLayer { quality: quality as i32, ..Default::default() });
-    let add = lk::AddTrackRequest { cid: "camera".into(), name: "camera".into(), r#type: lk::TrackType::Video as i32, layers: layers.to_vec(), ..Default::default() };
-    let mid = net.publish_track(ana, MediaKind::Video, add);
+    let mid = publish_simulcast(&mut net, ana);
     let params = net.params(ana, Codec::Vp8);
     // Each layer's frames say which layer they are (their second byte); a keyframe every tenth.
     let mut sent = 0u64;
