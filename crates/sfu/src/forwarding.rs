@@ -11,6 +11,39 @@ pub(crate) const LAYERS: [(&str, i32, u64); 3] = [("q", lk::VideoQuality::Low as
 /// A layer not seen for this long is taken to be paused by the publisher.
 pub(crate) const LAYER_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How long after a subscriber's estimate fell short of the layers it wants the estimate is
+/// first tried again from their bitrate, and how long at most between later tries.
+pub(crate) const RETRY_FIRST: Duration = Duration::from_secs(10);
+pub(crate) const RETRY_MOST: Duration = Duration::from_secs(60);
+
+/// When a subscriber's estimate is next tried again from the bitrate it wants, and how long
+/// after that try the one after is.
+#[derive(Debug)]
+pub(crate) struct Retry {
+    pub(crate) at: Option<Instant>,
+    pub(crate) wait: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Self { at: None, wait: RETRY_FIRST }
+    }
+}
+
+impl Retry {
+    /// Whether a try is due (the first, [`RETRY_FIRST`] after this is first asked); if it is,
+    /// the next is twice as far off.
+    pub(crate) fn due(&mut self, now: Instant) -> bool {
+        let at = *self.at.get_or_insert(now + self.wait);
+        if now < at {
+            return false;
+        }
+        self.wait = (self.wait * 2).min(RETRY_MOST);
+        self.at = Some(now + self.wait);
+        true
+    }
+}
+
 /// How long a layer's bitrate is measured over.
 const RATE_WINDOW: Duration = Duration::from_secs(1);
 
@@ -81,35 +114,70 @@ pub(crate) fn layer_for(usable: &[(Rid, i32, u64)], wanted: i32, budget: Option<
         .map(|(rid, _, _)| *rid)
 }
 
+/// The layer to forward to a subscriber now on `current`: as [`layer_for`], but a better layer
+/// only once the budget holds it with a fifth to spare. An estimate hovering about a layer's
+/// bitrate would otherwise switch the subscriber up and down, each switch waiting for a
+/// keyframe.
+pub(crate) fn layer_from(usable: &[(Rid, i32, u64)], wanted: i32, budget: Option<u64>, current: Option<Rid>) -> Option<Rid> {
+    let target = layer_for(usable, wanted, budget)?;
+    let quality = |rid: Rid| usable.iter().find(|(layer, _, _)| *layer == rid).map(|(_, quality, _)| *quality);
+    match current.and_then(quality) {
+        Some(now) if quality(target) > Some(now) => layer_for(usable, wanted, budget.map(|budget| budget * 5 / 6)).filter(|up| quality(*up) > Some(now)).or(current),
+        _ => Some(target),
+    }
+}
+
 impl Sfu {
     /// Each subscriber connection probes for the bitrate of the layers its subscriber wants
-    /// (TWCC), so that the estimate can grow to allow them. When a subscriber comes to want
-    /// more than its estimate allows (it asks for a better layer, or one comes back), the
-    /// estimate starts again from there, as a new connection's does: after a while on a low
-    /// layer it has fallen to about that layer's rate (an estimate grows only a little past
-    /// what the connection carries), and probing up from there takes many seconds.
+    /// (TWCC), so that the estimate can grow to allow them. An estimate grows only a little past
+    /// what the connection carries: after a while on a low layer it has fallen to about that
+    /// layer's rate, and probing up from there takes many seconds. So the estimate starts again
+    /// from the bitrate wanted, as a new connection's does, when a subscriber comes to want a
+    /// better layer than it gets (it asks for one, or one comes back), and, while its estimate
+    /// holds one back, now and then: [`RETRY_FIRST`] after it fell short, then twice as long
+    /// after each try that fell short again, up to [`RETRY_MOST`]. A try the link cannot carry
+    /// costs the subscriber's picture a moment (the better layer's keyframe, then the way back);
+    /// trying on every change of a layer's measured rate kept one on a limited link switching
+    /// twice a second, its picture frozen.
     pub(crate) fn steer_bandwidth_estimates(&mut self, now: Instant) {
-        let mut wanted: HashMap<ParticipantId, (u64, bool)> = HashMap::new();
+        // Per subscriber: the bitrate of the layers it wants, whether its estimate holds one of
+        // them back, and whether one of them got better.
+        let mut wanted: HashMap<ParticipantId, (u64, bool, bool)> = HashMap::new();
+        let mut best_layers = Vec::new();
         for (id, participant) in &self.participants {
-            for down in participant.down.iter().filter(|d| d.kind == MediaKind::Video && matches!(d.state, DownState::Open(_))) {
+            for (index, down) in participant.down.iter().enumerate().filter(|(_, d)| d.kind == MediaKind::Video && matches!(d.state, DownState::Open(_))) {
                 let Some(track) = self.participants.get(&down.publisher).and_then(|p| p.tracks.iter().find(|t| t.info.sid == down.track_sid)) else { continue };
                 let layers = usable_layers(track, now);
                 let best = layers.iter().rev().find(|(_, quality, _)| *quality <= down.layers.wanted).or(layers.first());
                 let (rate, held_back) = best.map_or((0, false), |(rid, _, rate)| (*rate, down.layers.current.is_some_and(|current| current != *rid)));
+                let quality = best.map(|(_, quality, _)| *quality);
                 let entry = wanted.entry(*id).or_default();
                 entry.0 += rate;
                 entry.1 |= held_back;
+                entry.2 |= quality > down.layers.best;
+                best_layers.push((*id, index, quality));
             }
         }
-        for (id, (rate, held_back)) in wanted {
+        for (id, index, quality) in best_layers {
+            if let Some(down) = self.participants.get_mut(&id).and_then(|p| p.down.get_mut(index)) {
+                down.layers.best = quality;
+            }
+        }
+        for (id, (rate, held_back, better)) in wanted {
             let Some(participant) = self.participants.get_mut(&id) else { continue };
-            let wants_more = rate > participant.wanted_rate;
-            participant.wanted_rate = rate;
             if rate == 0 {
                 continue;
             }
+            if !held_back {
+                participant.retry = Retry::default();
+            }
+            let short = held_back && participant.estimate.is_some_and(|estimate| estimate.as_u64() < rate);
+            let again = short && (better || participant.retry.due(now));
+            if short && better {
+                participant.retry = Retry { at: Some(now + RETRY_FIRST), wait: RETRY_FIRST };
+            }
             let mut bwe = participant.subscriber.bwe();
-            if wants_more && held_back && participant.estimate.is_some_and(|estimate| estimate.as_u64() < rate) {
+            if again {
                 let restart = Bitrate::bps(rate.min(INITIAL_ESTIMATE_KBPS * 1000));
                 tracing::debug!(participant = id, %restart, "the subscriber wants more than its estimate: estimating again");
                 bwe.reset(restart);
@@ -255,7 +323,7 @@ impl Sfu {
             if down.layers.wanted == lk::VideoQuality::Off as i32 {
                 continue;
             }
-            let target = rid.and_then(|_| layer_for(&usable, down.layers.wanted, budget));
+            let target = rid.and_then(|_| layer_from(&usable, down.layers.wanted, budget, down.layers.current));
             if down.rtp.source() != Some(incoming.ssrc) {
                 if target != rid {
                     continue;
@@ -377,6 +445,28 @@ pub(crate) fn request_keyframe(rtc: &mut Rtc, mid: Mid, rid: Option<Rid>, kind: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_better_layer_needs_a_fifth_to_spare_and_a_worse_one_none() {
+        let (low, medium, high) = (lk::VideoQuality::Low as i32, lk::VideoQuality::Medium as i32, lk::VideoQuality::High as i32);
+        let all = [(Rid::from("q"), low, 150_000), (Rid::from("h"), medium, 430_000), (Rid::from("f"), high, 1_800_000)];
+        let pick = |budget: u64, current: &str| layer_from(&all, high, Some(budget), Some(Rid::from(current))).map(|rid| rid.to_string());
+        assert_eq!(pick(450_000, "q").as_deref(), Some("q"), "h fits, but only just");
+        assert_eq!(pick(520_000, "q").as_deref(), Some("h"));
+        assert_eq!(pick(450_000, "h").as_deref(), Some("h"), "staying needs no room to spare");
+        assert_eq!(pick(400_000, "h").as_deref(), Some("q"), "down at once");
+        assert_eq!(pick(2_200_000, "q").as_deref(), Some("f"), "up by more than one layer");
+        assert_eq!(pick(2_000_000, "q").as_deref(), Some("h"), "as far up as the room allows");
+        assert_eq!(layer_from(&all, high, Some(450_000), None).map(|rid| rid.to_string()).as_deref(), Some("h"), "a first layer as layer_for picks it");
+    }
+
+    #[test]
+    fn tries_again_come_less_and_less_often() {
+        let start = Instant::now();
+        let mut retry = Retry::default();
+        let tries: Vec<u64> = (0..=200).filter(|second| retry.due(start + Duration::from_secs(*second))).collect();
+        assert_eq!(tries, [10, 30, 70, 130, 190]);
+    }
 
     #[test]
     fn a_subscriber_gets_the_best_layer_it_wants_that_fits_its_bandwidth() {

@@ -193,11 +193,14 @@ struct Layering {
     wanted: i32,
     /// The layer being forwarded; a switch happens on the new layer's keyframe.
     current: Option<Rid>,
+    /// The quality of the best layer it could get by its wish and what arrives, as last worked
+    /// out ([`Sfu::steer_bandwidth_estimates`]).
+    best: Option<i32>,
 }
 
 impl Default for Layering {
     fn default() -> Self {
-        Self { wanted: lk::VideoQuality::High as i32, current: None }
+        Self { wanted: lk::VideoQuality::High as i32, current: None, best: None }
     }
 }
 
@@ -249,10 +252,10 @@ struct Participant {
     data_budget: Bucket,
     tracks: Vec<Published>,
     down: Vec<DownTrack>,
-    /// The subscriber connection's estimated available bitrate (TWCC), shared by its video,
-    /// and the bitrate of the layers it wants, as last worked out.
+    /// The subscriber connection's estimated available bitrate (TWCC), shared by its video, and
+    /// when it is next tried again from the bitrate of the layers wanted.
     estimate: Option<Bitrate>,
-    wanted_rate: u64,
+    retry: Retry,
     /// Loss and round trip, for their connection quality.
     link: Link,
 }
@@ -476,7 +479,7 @@ impl Sfu {
             tracks: Vec::new(),
             down: Vec::new(),
             estimate: None,
-            wanted_rate: 0,
+            retry: Retry::default(),
             link: Link::default(),
         };
         self.participants.insert(id, participant);
