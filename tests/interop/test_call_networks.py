@@ -528,12 +528,13 @@ async def watched_through_a_limit(server: LimbicServer, namespace: str) -> None:
         widest = max(max(second, default=0) for second in seconds)
         shaped(namespace, "400kbit")
         mark = len(seconds)
-        # Settled on a lower layer, the video goes on: 8 to 13 s after the limit, frames every
-        # second and at least 8 of its 20 a second on average. (Before that it adapts; the first
-        # try for a better layer comes 10 s after the estimate fell short, spec/calls.md.)
-        await until("13 s through 400 kbit/s", lambda: len(seconds) >= mark + 13, timeout=30)
-        settled = seconds[mark + 8:mark + 13]
-        assert all(settled) and sum(sum(second.values()) for second in settled) >= 40 and max(max(second) for second in settled) < widest, \
+        # Settled on a lower layer, the video goes on: 6 to 16 s after the limit, frames every
+        # second and at least 8 of its 20 a second on average. (Before that it adapts.) The
+        # connection's first try for more comes in that time, 10 s after its estimate fell
+        # short (spec/calls.md): a try the link cannot carry must not stop the picture.
+        await until("16 s through 400 kbit/s", lambda: len(seconds) >= mark + 16, timeout=30)
+        settled = seconds[mark + 6:mark + 16]
+        assert all(settled) and sum(sum(second.values()) for second in settled) >= 80 and max(max(second) for second in settled) < widest, \
             f"frames decoded each second through 400 kbit/s, by width: {seconds[mark:]}"
         shaped(namespace, None)
         mark = len(seconds)

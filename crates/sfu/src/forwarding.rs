@@ -11,13 +11,13 @@ pub(crate) const LAYERS: [(&str, i32, u64); 3] = [("q", lk::VideoQuality::Low as
 /// A layer not seen for this long is taken to be paused by the publisher.
 pub(crate) const LAYER_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// How long after a subscriber's estimate fell short of the layers it wants the estimate is
-/// first tried again from their bitrate, and how long at most between later tries.
+/// How long after a subscriber's estimate fell short of the layers it wants its connection
+/// first probes for more, and how long at most between later tries.
 pub(crate) const RETRY_FIRST: Duration = Duration::from_secs(10);
 pub(crate) const RETRY_MOST: Duration = Duration::from_secs(60);
 
-/// When a subscriber's estimate is next tried again from the bitrate it wants, and how long
-/// after that try the one after is.
+/// When a subscriber's connection next probes for the bitrate it wants, and how long after
+/// that try the one after is.
 #[derive(Debug)]
 pub(crate) struct Retry {
     pub(crate) at: Option<Instant>,
@@ -131,14 +131,16 @@ impl Sfu {
     /// Each subscriber connection probes for the bitrate of the layers its subscriber wants
     /// (TWCC), so that the estimate can grow to allow them. An estimate grows only a little past
     /// what the connection carries: after a while on a low layer it has fallen to about that
-    /// layer's rate, and probing up from there takes many seconds. So the estimate starts again
-    /// from the bitrate wanted, as a new connection's does, when a subscriber comes to want a
-    /// better layer than it gets (it asks for one, or one comes back), and, while its estimate
-    /// holds one back, now and then: [`RETRY_FIRST`] after it fell short, then twice as long
-    /// after each try that fell short again, up to [`RETRY_MOST`]. A try the link cannot carry
-    /// costs the subscriber's picture a moment (the better layer's keyframe, then the way back);
-    /// trying on every change of a layer's measured rate kept one on a limited link switching
-    /// twice a second, its picture frozen.
+    /// layer's rate, and probing up from there takes many seconds. So the estimator starts again
+    /// from the estimate it has, as a new connection's does, and probes at three and six times
+    /// that (str0m's initial probes, at most twice the bitrate wanted), when a subscriber comes
+    /// to want a better layer than it gets (it asks for one, or one comes back), and, while its
+    /// estimate holds one back, now and then: [`RETRY_FIRST`] after it fell short, then twice
+    /// as long after each try that fell short again, up to [`RETRY_MOST`]. The layer changes
+    /// only once a probe has raised the estimate. Starting again from the bitrate wanted, as
+    /// this did before, switched the subscriber a layer up whether or not the link could carry
+    /// it, and on a limited link its picture stopped until the switch back; trying on every
+    /// change of a layer's measured rate kept one on a limited link switching twice a second.
     pub(crate) fn steer_bandwidth_estimates(&mut self, now: Instant) {
         // Per subscriber: the bitrate of the layers it wants, whether its estimate holds one of
         // them back, and whether one of them got better.
@@ -177,11 +179,9 @@ impl Sfu {
                 participant.retry = Retry { at: Some(now + RETRY_FIRST), wait: RETRY_FIRST };
             }
             let mut bwe = participant.subscriber.bwe();
-            if again {
-                let restart = Bitrate::bps(rate.min(INITIAL_ESTIMATE_KBPS * 1000));
-                tracing::debug!(participant = id, %restart, "the subscriber wants more than its estimate: estimating again");
-                bwe.reset(restart);
-                participant.estimate = Some(restart);
+            if again && let Some(estimate) = participant.estimate {
+                tracing::debug!(participant = id, %estimate, wanted = rate, "the subscriber wants more than its estimate: probing from it");
+                bwe.reset(estimate);
             }
             bwe.set_bitrate(Bitrate::kbps(100), Bitrate::bps(rate));
             self.dirty.insert((id, Pc::Subscriber));
