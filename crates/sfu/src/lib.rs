@@ -253,7 +253,7 @@ struct Participant {
     tracks: Vec<Published>,
     down: Vec<DownTrack>,
     /// The subscriber connection's estimated available bitrate (TWCC), shared by its video, and
-    /// when it is next tried again from the bitrate of the layers wanted.
+    /// when the connection next probes for the bitrate of the layers wanted.
     estimate: Option<Bitrate>,
     retry: Retry,
     /// Loss and round trip, for their connection quality.
