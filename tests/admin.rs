@@ -627,7 +627,7 @@ async fn audit_log_records_logins_and_memberships_and_detects_tampering() {
         let mut entry: serde_json::Value = store.get_json(limbic_server::store::tables::AUDIT_LOG, &key).unwrap().unwrap();
         entry["target"] = json!("@someone-else:test.local");
         let mut batch = store.batch();
-        batch.put_json(&store, limbic_server::store::tables::AUDIT_LOG, &key, &entry).unwrap();
+        batch.put_json(limbic_server::store::tables::AUDIT_LOG, &key, &entry).unwrap();
         store.write(batch).unwrap();
     }
     let broken = server.run_cli(&["audit", "verify"], "");

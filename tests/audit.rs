@@ -100,7 +100,7 @@ async fn a_rewritten_newest_entry_with_a_recomputed_chain_fails_its_mac() {
         newest["details"] = json!({ "method": "GET", "route": "/_synapse/admin/v1/server_version" });
         rehash(&mut newest);
         let mut batch = store.batch();
-        batch.put_json(&store, tables::AUDIT_LOG, &seq.to_be_bytes(), &newest).unwrap();
+        batch.put_json(tables::AUDIT_LOG, &seq.to_be_bytes(), &newest).unwrap();
         store.write(batch).unwrap();
     }
     cli_fails_at(&server, &["audit", "verify"], seq);
@@ -147,7 +147,7 @@ async fn deleting_the_newest_entries_is_found_with_the_exported_head() {
         let store = open_store(&server);
         let mut batch = store.batch();
         for gone in [seq - 1, seq] {
-            batch.delete(&store, tables::AUDIT_LOG, &gone.to_be_bytes());
+            batch.delete(tables::AUDIT_LOG, &gone.to_be_bytes());
         }
         store.write(batch).unwrap();
     }
@@ -171,7 +171,7 @@ async fn deleting_the_newest_entries_is_found_with_the_exported_head() {
     {
         let store = open_store(&server);
         let mut batch = store.batch();
-        batch.delete(&store, tables::AUDIT_LOG, &2u64.to_be_bytes());
+        batch.delete(tables::AUDIT_LOG, &2u64.to_be_bytes());
         store.write(batch).unwrap();
     }
     cli_fails_at(&server, &["audit", "verify"], 3);

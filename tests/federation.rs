@@ -546,7 +546,7 @@ async fn a_server_that_missed_events_fetches_them_when_the_next_one_arrives() {
         assert!(!keys.is_empty(), "the events were queued for B");
         let mut batch = store.batch();
         for key in keys {
-            batch.delete(&store, tables::FEDERATION_OUTBOX, &key);
+            batch.delete(tables::FEDERATION_OUTBOX, &key);
         }
         store.write(batch).unwrap();
     }

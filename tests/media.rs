@@ -393,7 +393,7 @@ async fn edit_record(server: &mut TestServer, mxc: &str, edit: impl FnOnce(&mut 
         let mut record: Value = store.get_json(tables::MEDIA, media_id.as_bytes()).unwrap().expect("a media record");
         edit(&mut record);
         let mut batch = store.batch();
-        batch.put_json(&store, tables::MEDIA, media_id.as_bytes(), &record).unwrap();
+        batch.put_json(tables::MEDIA, media_id.as_bytes(), &record).unwrap();
         store.write(batch).unwrap();
     }
     server.start_again().await;

@@ -337,7 +337,7 @@ async fn pushers_without_a_known_owner_end_when_the_user_signs_out_everywhere_el
             "device_display_name": "Phone", "lang": "en", "data": { "url": "https://push.example.org/_matrix/push/v1/notify" }
         });
         let mut batch = store.batch();
-        batch.put_json(&store, tables::PUSHERS, &Key::new().str(&bob.user_id).str("org.limbic.test").str("unowned").into_vec(), &pusher).unwrap();
+        batch.put_json(tables::PUSHERS, &Key::new().str(&bob.user_id).str("org.limbic.test").str("unowned").into_vec(), &pusher).unwrap();
         store.write(batch).unwrap();
     }
     server.start_again().await;

@@ -68,7 +68,7 @@ impl SecretKey {
             }
             None => {
                 let mut batch = store.batch();
-                batch.put(store, tables::GLOBAL, KEY_CHECK, &key.seal(tables::GLOBAL, KEY_CHECK, KEY_CHECK_PLAINTEXT));
+                batch.put(tables::GLOBAL, KEY_CHECK, &key.seal(tables::GLOBAL, KEY_CHECK, KEY_CHECK_PLAINTEXT));
                 store.write(batch)?;
             }
         }
@@ -111,7 +111,7 @@ impl SecretKey {
         for item in store.scan_prefix(table, Vec::new(), false) {
             let (key, value) = item?;
             if !value.starts_with(SEALED) {
-                batch.put(store, table, &key, &self.seal(table, &key, &value));
+                batch.put(table, &key, &self.seal(table, &key, &value));
                 sealed += 1;
             }
         }
@@ -225,7 +225,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = store(dir.path());
         let mut batch = store.batch();
-        batch.put(&store, tables::PLUGIN_KV, b"calendar\xFFcaldav:@a:x", b"{\"password\":\"pw\"}");
+        batch.put(tables::PLUGIN_KV, b"calendar\xFFcaldav:@a:x", b"{\"password\":\"pw\"}");
         store.write(batch).unwrap();
         let key = SecretKey::load_or_create(&dir.path().join("db.key"), &store).unwrap();
         assert_eq!(key.seal_table(&store, tables::PLUGIN_KV).unwrap(), 1);

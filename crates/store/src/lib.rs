@@ -1,12 +1,12 @@
-//! RocksDB storage: one column family per table, ordered key codecs, atomic write batches and the
-//! global stream position. The only module that touches the engine.
+//! Storage: tables of ordered keys, atomic write batches and the global stream position, on an
+//! engine (embedded RocksDB). The only module that touches the engine.
 
 mod key;
+mod rocks;
 mod stream;
 
 use std::path::Path;
 
-use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
 use serde::{Serialize, de::DeserializeOwned};
 
 pub use key::{Key, KeyReader};
@@ -184,58 +184,53 @@ pub mod tables {
     ];
 }
 
-const MEMTABLE_BUDGET: usize = 16 << 20;
-const TABLE_MEMTABLE: usize = 4 << 20;
-const BLOCK_CACHE: usize = 16 << 20;
+/// A key, value pair as a scan yields it.
+pub type Entry = (Box<[u8]>, Box<[u8]>);
+
+/// The keys a scan covers: from `start` (inclusive) up to `end` (exclusive; `None`: no end).
+pub(crate) struct KeyRange {
+    start: Vec<u8>,
+    end: Option<Vec<u8>>,
+}
+
+impl KeyRange {
+    fn prefix(prefix: Vec<u8>) -> Self {
+        let end = key::prefix_successor(&mut prefix.clone());
+        Self { start: prefix, end }
+    }
+}
+
+enum Engine {
+    RocksDb(rocks::RocksDb),
+}
 
 pub struct Store {
-    db: DB,
+    engine: Engine,
     streams: Streams,
 }
 
 impl Store {
+    /// Opens (creating if needed) the embedded RocksDB store in `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let mut options = Options::default();
-        options.create_if_missing(true);
-        options.create_missing_column_families(true);
-        options.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        options.set_max_background_jobs(2);
-        options.set_keep_log_file_num(4);
-        // A clinic server is small: bound memtables across all tables and share one block
-        // cache, so that memory stays low at rest instead of growing per table.
-        options.set_db_write_buffer_size(MEMTABLE_BUDGET);
-        let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE);
-        let descriptors = tables::ALL.iter().map(|t| {
-            let mut cf = Options::default();
-            cf.set_compression_type(rocksdb::DBCompressionType::Lz4);
-            cf.set_write_buffer_size(TABLE_MEMTABLE);
-            let mut block = rocksdb::BlockBasedOptions::default();
-            block.set_block_cache(&cache);
-            cf.set_block_based_table_factory(&block);
-            ColumnFamilyDescriptor::new(t.name(), cf)
-        });
-        let db = DB::open_cf_descriptors(&options, path, descriptors).map_err(|e| {
-            // RocksDB reports a LOCK file held by another process as an I/O error naming it.
-            if e.kind() == rocksdb::ErrorKind::IOError && e.to_string().to_lowercase().contains("lock") {
-                StoreError::Locked
-            } else {
-                StoreError::Engine(e)
-            }
-        })?;
-        let streams = Streams::load(&db)?;
-        Ok(Self { db, streams })
+        Self::with_engine(Engine::RocksDb(rocks::RocksDb::open(path)?))
+    }
+
+    fn with_engine(engine: Engine) -> Result<Self> {
+        let reserved = match &engine {
+            Engine::RocksDb(db) => db.get(tables::GLOBAL, stream::RESERVATION_KEY)?,
+        };
+        let streams = Streams::load(reserved)?;
+        Ok(Self { engine, streams })
     }
 
     pub fn streams(&self) -> &Streams {
         &self.streams
     }
 
-    fn cf(&self, table: Table) -> &rocksdb::ColumnFamily {
-        self.db.cf_handle(table.name()).expect("every table is created at open")
-    }
-
     pub fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self.db.get_cf(self.cf(table), key)?)
+        match &self.engine {
+            Engine::RocksDb(db) => db.get(table, key),
+        }
     }
 
     pub fn get_json<T: DeserializeOwned>(&self, table: Table, key: &[u8]) -> Result<Option<T>> {
@@ -243,34 +238,35 @@ impl Store {
     }
 
     pub fn contains(&self, table: Table, key: &[u8]) -> Result<bool> {
-        Ok(self.db.get_pinned_cf(self.cf(table), key)?.is_some())
+        match &self.engine {
+            Engine::RocksDb(db) => db.contains(table, key),
+        }
+    }
+
+    fn scan<'a>(&'a self, table: Table, range: KeyRange, reverse: bool) -> Box<dyn Iterator<Item = Result<Entry>> + 'a> {
+        match &self.engine {
+            Engine::RocksDb(db) => Box::new(db.scan(table, range, reverse)),
+        }
     }
 
     /// Entries whose key starts with `prefix`, in key order (or reverse order).
-    pub fn scan_prefix<'a>(
-        &'a self,
-        table: Table,
-        prefix: Vec<u8>,
-        reverse: bool,
-    ) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + use<'a> {
-        let upper = key::prefix_successor(&mut prefix.clone());
-        let mode = match (reverse, &upper) {
-            (true, Some(upper)) => IteratorMode::From(upper, Direction::Reverse),
-            (true, None) => IteratorMode::End,
-            (false, _) => IteratorMode::From(&prefix, Direction::Forward),
-        };
-        let prefix_end = prefix.clone();
-        self.db
-            .iterator_cf(self.cf(table), mode)
-            .map(|item| item.map_err(StoreError::from))
-            .skip_while(move |item| {
-                // A reverse scan starts at the successor of the prefix, which may exist.
-                reverse && matches!(item, Ok((k, _)) if !k.starts_with(&prefix))
-            })
-            .take_while(move |item| match item {
-                Ok((k, _)) => k.starts_with(&prefix_end),
-                Err(_) => true,
-            })
+    pub fn scan_prefix<'a>(&'a self, table: Table, prefix: Vec<u8>, reverse: bool) -> impl Iterator<Item = Result<Entry>> + use<'a> {
+        self.scan(table, KeyRange::prefix(prefix), reverse)
+    }
+
+    /// Entries within `prefix` from `start` (inclusive), forward or backward.
+    pub fn scan_from<'a>(&'a self, table: Table, prefix: Vec<u8>, start: &[u8], reverse: bool) -> impl Iterator<Item = Result<Entry>> + use<'a> {
+        let mut range = KeyRange::prefix(prefix);
+        if reverse {
+            // The smallest key above `start` ends the range, unless the prefix ends it sooner.
+            let after_start = [start, &[0]].concat();
+            if range.end.as_ref().is_none_or(|end| after_start < *end) {
+                range.end = Some(after_start);
+            }
+        } else if start > range.start.as_slice() {
+            range.start = start.to_vec();
+        }
+        self.scan(table, range, reverse)
     }
 
     /// A signing secret: the configured one, else one generated on first use and kept under
@@ -284,27 +280,9 @@ impl Store {
         }
         let secret: [u8; 64] = rand::random();
         let mut batch = self.batch();
-        batch.put(self, tables::GLOBAL, key, &secret);
+        batch.put(tables::GLOBAL, key, &secret);
         self.write(batch)?;
         Ok(secret.to_vec())
-    }
-
-    /// Entries from `start` (inclusive) within `prefix`, forward or backward.
-    pub fn scan_from<'a>(
-        &'a self,
-        table: Table,
-        prefix: Vec<u8>,
-        start: &[u8],
-        reverse: bool,
-    ) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + use<'a> {
-        let direction = if reverse { Direction::Reverse } else { Direction::Forward };
-        self.db
-            .iterator_cf(self.cf(table), IteratorMode::From(start, direction))
-            .map(|item| item.map_err(StoreError::from))
-            .take_while(move |item| match item {
-                Ok((k, _)) => k.starts_with(&prefix),
-                Err(_) => true,
-            })
     }
 
     /// The JSON records keyed `parents… child`, as (child, record), in child order.
@@ -326,89 +304,87 @@ impl Store {
     }
 
     pub fn batch(&self) -> Batch {
-        Batch { inner: WriteBatch::default() }
+        Batch::default()
     }
 
-    /// Writes the batch atomically and durably (WAL synced) before returning.
+    /// Writes the batch atomically and durably before returning.
     pub fn write(&self, batch: Batch) -> Result<()> {
-        let mut options = WriteOptions::default();
-        options.set_sync(true);
-        self.db.write_opt(batch.inner, &options)?;
-        Ok(())
+        self.write_ops(batch, true)
     }
 
     /// Writes without waiting for the disk: for records that may be lost in a crash without
     /// harm (a delivery cursor whose loss only means a redelivery).
     pub fn write_relaxed(&self, batch: Batch) -> Result<()> {
-        self.db.write_opt(batch.inner, &WriteOptions::default())?;
-        Ok(())
+        self.write_ops(batch, false)
+    }
+
+    fn write_ops(&self, batch: Batch, durable: bool) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        match &self.engine {
+            Engine::RocksDb(db) => db.write(batch.ops, durable),
+        }
     }
 
     /// Approximate on-disk size of all tables, for metrics.
     pub fn approximate_size(&self) -> u64 {
-        tables::ALL
-            .iter()
-            .filter_map(|t| {
-                self.db.property_int_value_cf(self.cf(*t), "rocksdb.total-sst-files-size").ok().flatten()
-            })
-            .sum()
+        match &self.engine {
+            Engine::RocksDb(db) => db.approximate_size(),
+        }
     }
 
+    /// Makes every write so far durable, relaxed ones included (at shutdown).
     pub fn flush(&self) -> Result<()> {
-        self.db.flush_wal(true)?;
-        Ok(())
+        match &self.engine {
+            Engine::RocksDb(db) => db.flush(),
+        }
     }
 
     /// Compacts a whole table, so that values overwritten in it leave the files on disk.
     pub fn compact(&self, table: Table) {
-        self.db.compact_range_cf(self.cf(table), None::<&[u8]>, None::<&[u8]>);
+        match &self.engine {
+            Engine::RocksDb(db) => db.compact(table),
+        }
     }
 }
 
-/// One logical write: everything in it lands together or not at all.
+/// One operation of a batch.
+pub(crate) enum Op {
+    Put { table: Table, key: Vec<u8>, value: Vec<u8> },
+    Delete { table: Table, key: Vec<u8> },
+}
+
+/// One logical write: everything in it lands together or not at all. A later operation on the
+/// same key wins over an earlier one.
+#[derive(Default)]
 pub struct Batch {
-    inner: WriteBatch,
+    ops: Vec<Op>,
 }
 
 impl Batch {
-    pub fn put(&mut self, store: &Store, table: Table, key: &[u8], value: &[u8]) {
-        self.inner.put_cf(store.cf(table), key, value);
+    pub fn put(&mut self, table: Table, key: &[u8], value: &[u8]) {
+        self.ops.push(Op::Put { table, key: key.to_vec(), value: value.to_vec() });
     }
 
-    pub fn put_json<T: Serialize + ?Sized>(
-        &mut self,
-        store: &Store,
-        table: Table,
-        key: &[u8],
-        value: &T,
-    ) -> Result<()> {
+    pub fn put_json<T: Serialize + ?Sized>(&mut self, table: Table, key: &[u8], value: &T) -> Result<()> {
         let bytes = serde_json::to_vec(value)
             .map_err(|e| StoreError::Encode { table: table.name(), reason: e.to_string() })?;
-        self.put(store, table, key, &bytes);
+        self.ops.push(Op::Put { table, key: key.to_vec(), value: bytes });
         Ok(())
     }
 
-    pub fn delete(&mut self, store: &Store, table: Table, key: &[u8]) {
-        self.inner.delete_cf(store.cf(table), key);
+    pub fn delete(&mut self, table: Table, key: &[u8]) {
+        self.ops.push(Op::Delete { table, key: key.to_vec() });
     }
 
     pub fn is_empty(&self) -> bool {
-        self.inner.is_empty()
+        self.ops.is_empty()
     }
 
     /// Appends `other`'s operations, so that writes to several rooms land in one atomic write.
-    /// A batch's representation is a 12-byte header (sequence number, then a little-endian
-    /// operation count) followed by the operations, so appending is concatenation.
     pub fn append(&mut self, other: Batch) {
-        const HEADER: usize = 12;
-        if other.is_empty() {
-            return;
-        }
-        let count = u32::try_from(self.inner.len() + other.inner.len()).expect("a batch holds fewer than 2^32 operations");
-        let mut data = self.inner.data().to_vec();
-        data.extend_from_slice(&other.inner.data()[HEADER..]);
-        data[8..HEADER].copy_from_slice(&count.to_le_bytes());
-        self.inner = WriteBatch::from_data(&data);
+        self.ops.extend(other.ops);
     }
 }
 
@@ -428,10 +404,10 @@ mod tests {
         let mut batch = store.batch();
         for pos in [1u64, 255, 256, 65_536, 3] {
             let key = Key::new().str("!a:x").u64(pos).into_vec();
-            batch.put(&store, tables::TIMELINE, &key, b"a");
+            batch.put(tables::TIMELINE, &key, b"a");
         }
         // A neighbouring prefix that must not leak into the scan.
-        batch.put(&store, tables::TIMELINE, &Key::new().str("!b:x").u64(2).into_vec(), b"b");
+        batch.put(tables::TIMELINE, &Key::new().str("!b:x").u64(2).into_vec(), b"b");
         store.write(batch).unwrap();
 
         let prefix = Key::new().str("!a:x").into_vec();
@@ -451,7 +427,7 @@ mod tests {
         {
             let store = Store::open(dir.path()).unwrap();
             let mut batch = store.batch();
-            batch.put_json(&store, tables::USERS, b"@a:x", &serde_json::json!({"n": 1})).unwrap();
+            batch.put_json(tables::USERS, b"@a:x", &serde_json::json!({"n": 1})).unwrap();
             store.write(batch).unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
@@ -464,15 +440,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let mut setup = store.batch();
-        setup.put(&store, tables::USERS, b"@gone:x", b"0");
+        setup.put(tables::USERS, b"@gone:x", b"0");
         store.write(setup).unwrap();
 
         let mut first = store.batch();
-        first.put(&store, tables::USERS, b"@a:x", b"1");
-        first.put(&store, tables::TIMELINE, b"t1", b"2");
+        first.put(tables::USERS, b"@a:x", b"1");
+        first.put(tables::TIMELINE, b"t1", b"2");
         let mut second = store.batch();
-        second.delete(&store, tables::USERS, b"@gone:x");
-        second.put(&store, tables::PDUS, b"e1", b"3");
+        second.delete(tables::USERS, b"@gone:x");
+        second.put(tables::PDUS, b"e1", b"3");
         first.append(second);
         first.append(store.batch());
         store.write(first).unwrap();

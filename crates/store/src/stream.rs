@@ -7,14 +7,13 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use rocksdb::DB;
 use tokio::sync::watch;
 
 use super::{Result, StoreError, tables};
 
 pub type StreamPos = u64;
 
-const RESERVATION_KEY: &[u8] = b"stream_reserved";
+pub(crate) const RESERVATION_KEY: &[u8] = b"stream_reserved";
 const RESERVATION_BLOCK: u64 = 1024;
 
 struct Allocator {
@@ -29,9 +28,9 @@ pub struct Streams {
 }
 
 impl Streams {
-    pub(super) fn load(db: &DB) -> Result<Self> {
-        let cf = db.cf_handle(tables::GLOBAL.name()).expect("global table exists");
-        let reserved = match db.get_cf(cf, RESERVATION_KEY)? {
+    /// Resumes after `reserved`, the reservation stored under [`RESERVATION_KEY`].
+    pub(super) fn load(reserved: Option<Vec<u8>>) -> Result<Self> {
+        let reserved = match reserved {
             Some(bytes) => u64::from_be_bytes(bytes.as_slice().try_into().map_err(|_| {
                 StoreError::Corrupt { table: "global", reason: "bad stream reservation".into() }
             })?),
@@ -65,7 +64,7 @@ impl Streams {
         if alloc.next > alloc.reserved_until {
             let until = alloc.next + RESERVATION_BLOCK;
             let mut batch = store.batch();
-            batch.put(store, tables::GLOBAL, RESERVATION_KEY, &until.to_be_bytes());
+            batch.put(tables::GLOBAL, RESERVATION_KEY, &until.to_be_bytes());
             store.write(batch)?;
             alloc.reserved_until = until;
         }

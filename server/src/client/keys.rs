@@ -285,7 +285,7 @@ async fn send_to_device(State(server): State<AppState>, req: Ruma<send_event_to_
         Ok(server.users.devices(user)?.into_iter().map(|(id, _)| id.to_string()).collect())
     })?;
     let mut batch = server.store.batch();
-    batch.put(&server.store, tables::TXN_IDS, &txn_key, b"");
+    batch.put(tables::TXN_IDS, &txn_key, b"");
     server.store.write(batch)?;
     Ok(Json(json!({})))
 }

@@ -36,7 +36,7 @@ impl ServerSigningKey {
                         .encode(),
                 };
                 let mut batch = store.batch();
-                batch.put_json(store, tables::GLOBAL, SIGNING_KEY, &stored)?;
+                batch.put_json(tables::GLOBAL, SIGNING_KEY, &stored)?;
                 store.write(batch)?;
                 tracing::info!(key_id = %format!("ed25519:{}", stored.version), "generated server signing key");
                 stored
@@ -113,8 +113,8 @@ impl ServerSigningKey {
             pkcs8: Base64::<ruma::serde::base64::Standard, _>::new(Ed25519KeyPair::generate().to_vec()).encode(),
         };
         let mut batch = store.batch();
-        batch.put_json(store, tables::GLOBAL, OLD_KEYS, &old)?;
-        batch.put_json(store, tables::GLOBAL, SIGNING_KEY, &stored)?;
+        batch.put_json(tables::GLOBAL, OLD_KEYS, &old)?;
+        batch.put_json(tables::GLOBAL, SIGNING_KEY, &stored)?;
         store.write(batch)?;
         Ok(format!("ed25519:{}", stored.version))
     }

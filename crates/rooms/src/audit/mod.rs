@@ -150,7 +150,7 @@ impl Audit {
             let audit = Self { key: AuditKey::create(key_path, head.seq)?, head: Mutex::new(head) };
             tracing::info!(file = %key_path.display(), unkeyed_entries = audit.key.unkeyed_entries, "generated the audit log's key");
             let record = AuditRecord::new("audit_keyed", "server").details(json!({ "unkeyed_entries": audit.key.unkeyed_entries }));
-            audit.append(store, store.batch(), vec![record], |batch| store.write(batch))?;
+            audit.append(store.batch(), vec![record], |batch| store.write(batch))?;
             return Ok(audit);
         };
         if let Some(entry) = newest.filter(|e| e.seq > key.unkeyed_entries && !e.mac.as_ref().is_some_and(|mac| key.verifies(&e.hash, mac))) {
@@ -173,10 +173,10 @@ impl Audit {
     /// Chains `records` onto the log inside `batch` and writes the batch. The chain's lock is
     /// held until the write is durable, so entries are never reordered or lost.
     pub fn write_with(&self, store: &Store, batch: Batch, records: Vec<AuditRecord>) -> Result<()> {
-        self.append(store, batch, records, |batch| tokio::task::block_in_place(|| store.write(batch)))
+        self.append(batch, records, |batch| tokio::task::block_in_place(|| store.write(batch)))
     }
 
-    fn append(&self, store: &Store, mut batch: Batch, records: Vec<AuditRecord>, write: impl FnOnce(Batch) -> crate::store::Result<()>) -> Result<()> {
+    fn append(&self, mut batch: Batch, records: Vec<AuditRecord>, write: impl FnOnce(Batch) -> crate::store::Result<()>) -> Result<()> {
         let mut head = self.head.lock().expect("audit head lock");
         let mut seq = head.seq;
         let mut hash = head.hash.clone();
@@ -198,7 +198,7 @@ impl Audit {
             entry.hash = entry.compute_hash();
             entry.mac = Some(self.key.mac(&entry.hash));
             hash = entry.hash.clone();
-            batch.put_json(store, tables::AUDIT_LOG, &seq.to_be_bytes(), &entry)?;
+            batch.put_json(tables::AUDIT_LOG, &seq.to_be_bytes(), &entry)?;
         }
         write(batch)?;
         head.seq = seq;
@@ -289,7 +289,7 @@ mod tests {
 
     fn put(store: &Store, entry: &AuditEntry) {
         let mut batch = store.batch();
-        batch.put_json(store, tables::AUDIT_LOG, &entry.seq.to_be_bytes(), entry).unwrap();
+        batch.put_json(tables::AUDIT_LOG, &entry.seq.to_be_bytes(), entry).unwrap();
         store.write(batch).unwrap();
     }
 
@@ -338,7 +338,7 @@ mod tests {
 
         // Deleting an entry leaves a gap.
         let mut batch = store.batch();
-        batch.delete(&store, tables::AUDIT_LOG, &3u64.to_be_bytes());
+        batch.delete(tables::AUDIT_LOG, &3u64.to_be_bytes());
         store.write(batch).unwrap();
         assert_eq!(first_invalid(&audit, &store, None).0, Some(4));
     }
@@ -378,7 +378,7 @@ mod tests {
         // The newest two deleted: the chain alone still checks out, the exported head does not.
         let mut batch = store.batch();
         for seq in [4u64, 5] {
-            batch.delete(&store, tables::AUDIT_LOG, &seq.to_be_bytes());
+            batch.delete(tables::AUDIT_LOG, &seq.to_be_bytes());
         }
         store.write(batch).unwrap();
         assert!(audit.verify(&store, None).unwrap().valid);
@@ -424,7 +424,7 @@ mod tests {
         assert!(reason.contains("no MAC"), "{reason}");
         // So is deleting every keyed entry.
         let mut batch = store.batch();
-        batch.delete(&store, tables::AUDIT_LOG, &3u64.to_be_bytes());
+        batch.delete(tables::AUDIT_LOG, &3u64.to_be_bytes());
         store.write(batch).unwrap();
         assert_eq!(first_invalid(&audit, &store, None).0, Some(3));
 

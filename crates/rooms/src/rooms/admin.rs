@@ -37,8 +37,8 @@ impl Rooms {
     pub fn set_blocked(&self, room_id: &RoomId, by: Option<&UserId>) -> Result<()> {
         let mut batch = self.store.batch();
         match by {
-            Some(admin) => batch.put(&self.store, tables::BLOCKED_ROOMS, room_id.as_bytes(), admin.as_bytes()),
-            None => batch.delete(&self.store, tables::BLOCKED_ROOMS, room_id.as_bytes()),
+            Some(admin) => batch.put(tables::BLOCKED_ROOMS, room_id.as_bytes(), admin.as_bytes()),
+            None => batch.delete(tables::BLOCKED_ROOMS, room_id.as_bytes()),
         }
         self.store.write(batch)?;
         Ok(())
@@ -55,10 +55,10 @@ impl Rooms {
     fn stage_unlisting(&self, batch: &mut Batch, room_id: &RoomId) -> Result<Vec<OwnedRoomAliasId>> {
         let aliases = self.local_aliases(room_id)?;
         for alias in &aliases {
-            batch.delete(&self.store, tables::ALIASES, alias.as_bytes());
-            batch.delete(&self.store, tables::ALIASES, &Key::new().str("owner").str(alias.as_str()).into_vec());
+            batch.delete(tables::ALIASES, alias.as_bytes());
+            batch.delete(tables::ALIASES, &Key::new().str("owner").str(alias.as_str()).into_vec());
         }
-        batch.delete(&self.store, tables::PUBLIC_ROOMS, room_id.as_bytes());
+        batch.delete(tables::PUBLIC_ROOMS, room_id.as_bytes());
         Ok(aliases)
     }
 
@@ -81,7 +81,7 @@ impl Rooms {
         }
         let members: Vec<OwnedUserId> = self.members(room_id)?.into_iter().map(|(user_id, _)| user_id).collect();
         for user_id in &members {
-            batch.delete(store, tables::USER_ROOMS, &Key::new().str(user_id.as_str()).str(room_id.as_str()).into_vec());
+            batch.delete(tables::USER_ROOMS, &Key::new().str(user_id.as_str()).str(room_id.as_str()).into_vec());
         }
         for indexer in &self.fanout().indexers {
             indexer.room_removed(store, &mut batch, room_id, &members)?;
@@ -90,7 +90,7 @@ impl Rooms {
             stage_prefix_removal(store, &mut batch, table, &room_prefix)?;
         }
         let aliases = self.stage_unlisting(&mut batch, room_id)?;
-        batch.delete(store, tables::ROOMS, room_id.as_bytes());
+        batch.delete(tables::ROOMS, room_id.as_bytes());
         tokio::task::block_in_place(|| store.write(batch))?;
         drop(writer);
         Ok(aliases)
@@ -107,30 +107,30 @@ impl Rooms {
         pdu: Option<&Pdu>,
     ) -> Result<()> {
         let store = &*self.store;
-        batch.delete(store, tables::TIMELINE, &Key::new().str(room_id.as_str()).u64(pos).into_vec());
+        batch.delete(tables::TIMELINE, &Key::new().str(room_id.as_str()).u64(pos).into_vec());
         if let Some(pdu) = pdu {
-            relations::unstage(store, batch, pdu, pos);
+            relations::unstage(batch, pdu, pos);
             for indexer in &self.fanout().indexers {
                 indexer.unstage(store, batch, pdu, pos);
             }
             if pdu.is_state() {
                 // Each state event started the snapshot named by its position.
-                batch.delete(store, tables::STATE_SNAPSHOTS, &pos.to_be_bytes());
+                batch.delete(tables::STATE_SNAPSHOTS, &pos.to_be_bytes());
             }
             if let Some(txn) = self.meta(event_id)?.and_then(|meta| meta.txn) {
                 let key = Key::new().str(pdu.sender.as_str()).str(&txn.device_id).str(&txn.txn_id).into_vec();
-                batch.delete(store, tables::TXN_IDS, &key);
+                batch.delete(tables::TXN_IDS, &key);
             }
         }
-        batch.delete(store, tables::PDUS, event_id.as_bytes());
-        batch.delete(store, tables::EVENT_META, event_id.as_bytes());
+        batch.delete(tables::PDUS, event_id.as_bytes());
+        batch.delete(tables::EVENT_META, event_id.as_bytes());
         Ok(())
     }
 }
 
 fn stage_prefix_removal(store: &Store, batch: &mut Batch, table: Table, prefix: &[u8]) -> Result<()> {
     for item in store.scan_prefix(table, prefix.to_vec(), false) {
-        batch.delete(store, table, &item?.0);
+        batch.delete(table, &item?.0);
     }
     Ok(())
 }

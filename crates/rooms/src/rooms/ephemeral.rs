@@ -101,7 +101,7 @@ impl Rooms {
         }
         let servers = self.remote_servers(room_id)?;
         for server in &servers {
-            batch.put_json(&self.store, tables::FEDERATION_EDUS, &Key::new().str(server.as_str()).u64(pos).into_vec(), edu)?;
+            batch.put_json(tables::FEDERATION_EDUS, &Key::new().str(server.as_str()).u64(pos).into_vec(), edu)?;
         }
         Ok(!servers.is_empty())
     }
@@ -133,7 +133,7 @@ impl Rooms {
         };
         let key = Key::new().str(room_id.as_str()).str(receipt_type).str(user_id.as_str()).into_vec();
         let mut batch = store.batch();
-        batch.put_json(store, tables::RECEIPTS, &key, &receipt)?;
+        batch.put_json(tables::RECEIPTS, &key, &receipt)?;
         if receipt_type == "m.read" {
             let mut data = serde_json::json!({ "ts": receipt.ts });
             if let Some(thread) = &receipt.thread_id {

@@ -240,11 +240,11 @@ impl Rooms {
         let ticket = self.store.streams().allocate(&self.store)?;
         let pdu = &signed.pdu;
         let mut batch = self.store.batch();
-        batch.put(&self.store, tables::PDUS, pdu.event_id.as_bytes(), &signed.to_bytes());
+        batch.put(tables::PDUS, pdu.event_id.as_bytes(), &signed.to_bytes());
         let entry = UserRoom { membership, event_id: pdu.event_id.clone(), pos: ticket.pos(), forgotten: false };
-        batch.put_json(&self.store, tables::USER_ROOMS, &Key::new().str(user.as_str()).str(pdu.room_id.as_str()).into_vec(), &entry)?;
+        batch.put_json(tables::USER_ROOMS, &Key::new().str(user.as_str()).str(pdu.room_id.as_str()).into_vec(), &entry)?;
         if let Some(state) = room_state {
-            batch.put_json(&self.store, tables::REMOTE_ROOM_STATE, pdu.room_id.as_bytes(), state)?;
+            batch.put_json(tables::REMOTE_ROOM_STATE, pdu.room_id.as_bytes(), state)?;
         }
         tokio::task::block_in_place(|| self.store.write(batch))?;
         drop(ticket);
@@ -395,7 +395,7 @@ impl Rooms {
         }
         entry.forgotten = true;
         let mut batch = self.store.batch();
-        batch.put_json(&self.store, tables::USER_ROOMS, &key, &entry)?;
+        batch.put_json(tables::USER_ROOMS, &key, &entry)?;
         self.store.write(batch)?;
         Ok(())
     }
@@ -537,9 +537,9 @@ impl Rooms {
             ));
         }
         let mut batch = self.store.batch();
-        batch.put(&self.store, tables::ALIASES, alias.as_bytes(), room_id.as_bytes());
+        batch.put(tables::ALIASES, alias.as_bytes(), room_id.as_bytes());
         let owner = Key::new().str("owner").str(alias.as_str()).into_vec();
-        batch.put(&self.store, tables::ALIASES, &owner, creator.as_bytes());
+        batch.put(tables::ALIASES, &owner, creator.as_bytes());
         self.store.write(batch)?;
         Ok(())
     }
@@ -555,8 +555,8 @@ impl Rooms {
 
     pub fn remove_alias(&self, alias: &RoomAliasId) -> Result<()> {
         let mut batch = self.store.batch();
-        batch.delete(&self.store, tables::ALIASES, alias.as_bytes());
-        batch.delete(&self.store, tables::ALIASES, &Key::new().str("owner").str(alias.as_str()).into_vec());
+        batch.delete(tables::ALIASES, alias.as_bytes());
+        batch.delete(tables::ALIASES, &Key::new().str("owner").str(alias.as_str()).into_vec());
         self.store.write(batch)?;
         Ok(())
     }
@@ -577,9 +577,9 @@ impl Rooms {
     pub fn set_public(&self, room_id: &RoomId, public: bool) -> Result<()> {
         let mut batch = self.store.batch();
         if public {
-            batch.put(&self.store, tables::PUBLIC_ROOMS, room_id.as_bytes(), b"");
+            batch.put(tables::PUBLIC_ROOMS, room_id.as_bytes(), b"");
         } else {
-            batch.delete(&self.store, tables::PUBLIC_ROOMS, room_id.as_bytes());
+            batch.delete(tables::PUBLIC_ROOMS, room_id.as_bytes());
         }
         self.store.write(batch)?;
         Ok(())

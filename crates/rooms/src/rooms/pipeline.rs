@@ -315,9 +315,7 @@ impl<'a> RoomWriter<'a> {
             self.snapshot_generations.insert(pos, generation);
             meta.state_after = pos;
             record.snapshot = pos;
-            self.batch.put(
-                store,
-                tables::ROOM_STATE,
+            self.batch.put(tables::ROOM_STATE,
                 &state::state_key(room, &kind, state_key),
                 pdu.event_id.as_bytes(),
             );
@@ -345,15 +343,15 @@ impl<'a> RoomWriter<'a> {
         record.extremities.retain(|e| !pdu.prev_events.contains(e));
         record.extremities.push(pdu.event_id.clone());
         record.depth = record.depth.max(u64::from(pdu.depth));
-        self.batch.put(store, tables::PDUS, pdu.event_id.as_bytes(), &signed.to_bytes());
-        self.batch.put_json(store, tables::EVENT_META, pdu.event_id.as_bytes(), &meta)?;
-        self.batch.put(store, tables::TIMELINE, &Key::new().str(room).u64(pos).into_vec(), pdu.event_id.as_bytes());
+        self.batch.put(tables::PDUS, pdu.event_id.as_bytes(), &signed.to_bytes());
+        self.batch.put_json(tables::EVENT_META, pdu.event_id.as_bytes(), &meta)?;
+        self.batch.put(tables::TIMELINE, &Key::new().str(room).u64(pos).into_vec(), pdu.event_id.as_bytes());
         self.staged_latest.push((self.room_id.clone(), pos));
-        relations::stage(store, &mut self.batch, &pdu, pos);
-        self.batch.put_json(store, tables::ROOMS, room.as_bytes(), &record)?;
+        relations::stage(&mut self.batch, &pdu, pos);
+        self.batch.put_json(tables::ROOMS, room.as_bytes(), &record)?;
         if let Some(txn) = &txn {
             let key = Key::new().str(pdu.sender.as_str()).str(&txn.device_id).str(&txn.txn_id).into_vec();
-            self.batch.put(store, tables::TXN_IDS, &key, pdu.event_id.as_bytes());
+            self.batch.put(tables::TXN_IDS, &key, pdu.event_id.as_bytes());
         }
         self.record = Some(record);
         // What the registered indexers keep about the event goes into the same batch.
@@ -507,9 +505,9 @@ impl<'a> RoomWriter<'a> {
             let order = at.1.checked_sub(count - index as u64).ok_or_else(|| Error::internal("backfill orders exhausted"))?;
             // Its state is not known; the anchor's state before stands in for visibility checks.
             let meta = EventMeta { pos: at.0, state_before: anchor.state_before, state_after: anchor.state_before, replaces_state: None, txn: None, redacted_by: None };
-            self.batch.put(store, tables::PDUS, signed.pdu.event_id.as_bytes(), &signed.to_bytes());
-            self.batch.put_json(store, tables::EVENT_META, signed.pdu.event_id.as_bytes(), &meta)?;
-            self.batch.put(store, tables::BACKFILL, &Key::new().str(self.room_id.as_str()).u64(at.0).u64(order).into_vec(), signed.pdu.event_id.as_bytes());
+            self.batch.put(tables::PDUS, signed.pdu.event_id.as_bytes(), &signed.to_bytes());
+            self.batch.put_json(tables::EVENT_META, signed.pdu.event_id.as_bytes(), &meta)?;
+            self.batch.put(tables::BACKFILL, &Key::new().str(self.room_id.as_str()).u64(at.0).u64(order).into_vec(), signed.pdu.event_id.as_bytes());
             for indexer in &self.rooms.fanout().indexers {
                 indexer.stage_backfilled(store, &mut self.batch, &signed.pdu)?;
             }
@@ -534,8 +532,8 @@ impl<'a> RoomWriter<'a> {
         let store = &self.rooms.store;
         let ticket = store.streams().allocate(store)?;
         let meta = EventMeta { pos: ticket.pos(), state_before: snapshot, state_after: snapshot, replaces_state: None, txn: None, redacted_by: None };
-        self.batch.put(store, tables::PDUS, signed.pdu.event_id.as_bytes(), &signed.to_bytes());
-        self.batch.put_json(store, tables::EVENT_META, signed.pdu.event_id.as_bytes(), &meta)?;
+        self.batch.put(tables::PDUS, signed.pdu.event_id.as_bytes(), &signed.to_bytes());
+        self.batch.put_json(tables::EVENT_META, signed.pdu.event_id.as_bytes(), &meta)?;
         self.staged_events.insert(signed.pdu.event_id.clone(), signed.pdu.clone());
         self.tickets.push(ticket);
         Ok(())
@@ -639,13 +637,13 @@ impl<'a> RoomWriter<'a> {
         }
         for ((kind, state_key), event_id) in index_changes {
             let Some(pdu) = self.event(&event_id) else { continue };
-            self.batch.put(store, tables::ROOM_STATE, &state::state_key(self.room_id.as_str(), &kind, &state_key), event_id.as_bytes());
+            self.batch.put(tables::ROOM_STATE, &state::state_key(self.room_id.as_str(), &kind, &state_key), event_id.as_bytes());
             if pdu.kind == TimelineEventType::RoomMember {
                 self.index_membership(&pdu, pos)?;
             }
             self.staged_state.insert((kind, state_key), pdu);
         }
-        self.batch.put_json(store, tables::ROOMS, self.room_id.as_bytes(), &record)?;
+        self.batch.put_json(tables::ROOMS, self.room_id.as_bytes(), &record)?;
         self.record = Some(record);
         self.tickets.push(ticket);
         Ok(())
@@ -689,7 +687,6 @@ impl<'a> RoomWriter<'a> {
     }
 
     fn index_membership(&mut self, pdu: &Pdu, pos: u64) -> Result<()> {
-        let store = &self.rooms.store;
         let user: OwnedUserId = pdu
             .state_key
             .as_deref()
@@ -702,15 +699,11 @@ impl<'a> RoomWriter<'a> {
         };
         self.staged_audit.push(membership_audit(pdu, &user, previous, membership));
         let room = self.room_id.as_str();
-        self.batch.put_json(
-            store,
-            tables::ROOM_MEMBERS,
+        self.batch.put_json(tables::ROOM_MEMBERS,
             &Key::new().str(room).str(user.as_str()).into_vec(),
             &membership,
         )?;
-        self.batch.put_json(
-            store,
-            tables::USER_ROOMS,
+        self.batch.put_json(tables::USER_ROOMS,
             &Key::new().str(user.as_str()).str(room).into_vec(),
             &UserRoom { membership, event_id: pdu.event_id.clone(), pos, forgotten: false },
         )?;
@@ -732,12 +725,12 @@ impl<'a> RoomWriter<'a> {
         let redacted = redact_stored(&stored, rules, redaction)?;
         meta.redacted_by = Some(redaction.event_id.clone());
         // A redacted event no longer relates to anything and no longer matches searches.
-        relations::unstage(store, &mut self.batch, &original, meta.pos);
+        relations::unstage(&mut self.batch, &original, meta.pos);
         for indexer in &self.rooms.fanout().indexers {
             indexer.unstage(store, &mut self.batch, &original, meta.pos);
         }
-        self.batch.put(store, tables::PDUS, target.as_bytes(), &redacted);
-        self.batch.put_json(store, tables::EVENT_META, target.as_bytes(), &meta)?;
+        self.batch.put(tables::PDUS, target.as_bytes(), &redacted);
+        self.batch.put_json(tables::EVENT_META, target.as_bytes(), &meta)?;
         Ok(())
     }
 

@@ -9,7 +9,7 @@ use super::{EventMeta, Rooms};
 use crate::{
     error::{Error, Result},
     events::Pdu,
-    store::{Batch, Key, KeyReader, Store, StreamPos, Table, tables},
+    store::{Batch, Key, KeyReader, StreamPos, Table, tables},
 };
 
 pub const THREAD: &str = "m.thread";
@@ -42,16 +42,16 @@ fn index_entries(pdu: &Pdu, pos: StreamPos) -> Vec<(Table, Vec<u8>, OwnedEventId
 }
 
 /// Indexes the event's relation in the batch that persists it.
-pub(super) fn stage(store: &Store, batch: &mut Batch, pdu: &Pdu, pos: StreamPos) {
+pub(super) fn stage(batch: &mut Batch, pdu: &Pdu, pos: StreamPos) {
     for (table, key, value) in index_entries(pdu, pos) {
-        batch.put(store, table, &key, value.as_bytes());
+        batch.put(table, &key, value.as_bytes());
     }
 }
 
 /// Drops a redacted event's relation, in the redaction's batch.
-pub(super) fn unstage(store: &Store, batch: &mut Batch, pdu: &Pdu, pos: StreamPos) {
+pub(super) fn unstage(batch: &mut Batch, pdu: &Pdu, pos: StreamPos) {
     for (table, key, _) in index_entries(pdu, pos) {
-        batch.delete(store, table, &key);
+        batch.delete(table, &key);
     }
 }
 

@@ -150,7 +150,7 @@ impl SnapshotCache {
                 entries: entries.into_iter().map(|((k, s), e)| (k, s, e)).collect(),
             }
         };
-        batch.put_json(store, tables::STATE_SNAPSHOTS, &id.to_be_bytes(), &snapshot)?;
+        batch.put_json(tables::STATE_SNAPSHOTS, &id.to_be_bytes(), &snapshot)?;
         Ok(snapshot.generation)
     }
 }

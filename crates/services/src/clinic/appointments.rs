@@ -101,7 +101,7 @@ impl Appointments {
 
     /// Stages the appointment's room, to be written with the room itself.
     pub fn stage_room(&self, batch: &mut Batch, appointment_id: &str, room_id: &RoomId) {
-        batch.put(&self.store, tables::APPOINTMENTS, appointment_id.as_bytes(), room_id.as_bytes());
+        batch.put(tables::APPOINTMENTS, appointment_id.as_bytes(), room_id.as_bytes());
     }
 
     /// A fresh join link for `user_id` into `room_id`.
@@ -136,7 +136,7 @@ impl Appointments {
         if self.store.contains(tables::LINK_TOKENS_USED, link.jti.as_bytes())? {
             return Err(Error::forbidden("this appointment link has been used already"));
         }
-        batch.put(&self.store, tables::LINK_TOKENS_USED, link.jti.as_bytes(), &link.exp.to_be_bytes());
+        batch.put(tables::LINK_TOKENS_USED, link.jti.as_bytes(), &link.exp.to_be_bytes());
         audit.write_with(&self.store, batch, vec![record])
     }
 }
@@ -210,7 +210,7 @@ impl Appointments {
             let (jti, exp) = item?;
             let exp = <[u8; 8]>::try_from(exp.as_ref()).map(u64::from_be_bytes).unwrap_or(0);
             if exp < cutoff {
-                batch.delete(&self.store, tables::LINK_TOKENS_USED, &jti);
+                batch.delete(tables::LINK_TOKENS_USED, &jti);
                 pruned += 1;
             }
         }
@@ -265,7 +265,7 @@ mod tests {
         let mut batch = store.batch();
         let now = now_seconds();
         for (jti, exp) in [("expired", now - 3600), ("just-expired", now - 10), ("live", now + 3600)] {
-            batch.put(&store, tables::LINK_TOKENS_USED, jti.as_bytes(), &exp.to_be_bytes());
+            batch.put(tables::LINK_TOKENS_USED, jti.as_bytes(), &exp.to_be_bytes());
         }
         store.write(batch).unwrap();
 

@@ -129,9 +129,9 @@ impl Clinic {
         let mut batch = self.store.batch();
         if verified {
             let record = TherapistRecord { verified_by: admin.to_string(), ts: ruma::MilliSecondsSinceUnixEpoch::now().0.into() };
-            batch.put_json(&self.store, tables::THERAPISTS, user_id.as_bytes(), &record)?;
+            batch.put_json(tables::THERAPISTS, user_id.as_bytes(), &record)?;
         } else {
-            batch.delete(&self.store, tables::THERAPISTS, user_id.as_bytes());
+            batch.delete(tables::THERAPISTS, user_id.as_bytes());
         }
         let action = if verified { "therapist_verified" } else { "therapist_revoked" };
         audit.write_with(&self.store, batch, vec![crate::audit::AuditRecord::new(action, admin).target(user_id)])
@@ -139,7 +139,7 @@ impl Clinic {
 
     /// Stages the argon2 hash of a session's passcode.
     pub fn stage_passcode(&self, batch: &mut Batch, room_id: &ruma::RoomId, passcode: &str) -> Result<()> {
-        batch.put(&self.store, tables::SESSION_PASSCODES, room_id.as_bytes(), crate::users::hash_password(passcode)?.as_bytes());
+        batch.put(tables::SESSION_PASSCODES, room_id.as_bytes(), crate::users::hash_password(passcode)?.as_bytes());
         Ok(())
     }
 
@@ -161,7 +161,7 @@ impl Clinic {
 
     /// Stages the link from a session room to its notes room, in the notes room's creation.
     pub fn stage_notes_link(&self, batch: &mut Batch, session_room: &ruma::RoomId, notes_room: &ruma::RoomId) {
-        batch.put(&self.store, tables::SESSION_NOTES, session_room.as_bytes(), notes_room.as_bytes());
+        batch.put(tables::SESSION_NOTES, session_room.as_bytes(), notes_room.as_bytes());
     }
 
     /// The participant limit of a session kind, from config.
@@ -196,11 +196,11 @@ impl Clinic {
     /// Stages the booking index of a room's therapists after a session or role change.
     pub fn stage_bookings(&self, batch: &mut Batch, room_id: &ruma::RoomId, therapists: &[OwnedUserId], live: bool, previous: &[OwnedUserId]) {
         for user in previous {
-            batch.delete(&self.store, tables::THERAPIST_BOOKINGS, &Key::new().str(user.as_str()).str(room_id.as_str()).into_vec());
+            batch.delete(tables::THERAPIST_BOOKINGS, &Key::new().str(user.as_str()).str(room_id.as_str()).into_vec());
         }
         if live {
             for user in therapists {
-                batch.put(&self.store, tables::THERAPIST_BOOKINGS, &Key::new().str(user.as_str()).str(room_id.as_str()).into_vec(), b"");
+                batch.put(tables::THERAPIST_BOOKINGS, &Key::new().str(user.as_str()).str(room_id.as_str()).into_vec(), b"");
             }
         }
     }

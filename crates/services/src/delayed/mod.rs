@@ -159,7 +159,7 @@ impl DelayedEvents {
         };
         let mut batch = self.store.batch();
         self.stage_put(&mut batch, &delay_id, &record)?;
-        batch.put(&self.store, tables::DELAYED_EVENTS_BY_OWNER, &owner_key(&record.user_id, &delay_id), b"");
+        batch.put(tables::DELAYED_EVENTS_BY_OWNER, &owner_key(&record.user_id, &delay_id), b"");
         self.write(batch)?;
         self.wake.notify_one();
         Ok(delay_id)
@@ -181,7 +181,7 @@ impl DelayedEvents {
             }
             Action::Restart => {
                 let mut batch = self.store.batch();
-                batch.delete(&self.store, tables::DELAYED_EVENTS_DUE, &due_key(record.fire_at, delay_id));
+                batch.delete(tables::DELAYED_EVENTS_DUE, &due_key(record.fire_at, delay_id));
                 let record = Record { fire_at: now_ms().saturating_add(record.delay_ms), ..record };
                 self.stage_put(&mut batch, delay_id, &record)?;
                 self.write(batch)?;
@@ -253,15 +253,15 @@ impl DelayedEvents {
     }
 
     fn stage_put(&self, batch: &mut Batch, delay_id: &str, record: &Record) -> Result<()> {
-        batch.put_json(&self.store, tables::DELAYED_EVENTS, delay_id.as_bytes(), record)?;
-        batch.put(&self.store, tables::DELAYED_EVENTS_DUE, &due_key(record.fire_at, delay_id), b"");
+        batch.put_json(tables::DELAYED_EVENTS, delay_id.as_bytes(), record)?;
+        batch.put(tables::DELAYED_EVENTS_DUE, &due_key(record.fire_at, delay_id), b"");
         Ok(())
     }
 
     fn stage_removal(&self, batch: &mut Batch, delay_id: &str, record: &Record) {
-        batch.delete(&self.store, tables::DELAYED_EVENTS, delay_id.as_bytes());
-        batch.delete(&self.store, tables::DELAYED_EVENTS_DUE, &due_key(record.fire_at, delay_id));
-        batch.delete(&self.store, tables::DELAYED_EVENTS_BY_OWNER, &owner_key(&record.user_id, delay_id));
+        batch.delete(tables::DELAYED_EVENTS, delay_id.as_bytes());
+        batch.delete(tables::DELAYED_EVENTS_DUE, &due_key(record.fire_at, delay_id));
+        batch.delete(tables::DELAYED_EVENTS_BY_OWNER, &owner_key(&record.user_id, delay_id));
     }
 
     fn write(&self, batch: Batch) -> Result<()> {
@@ -297,7 +297,7 @@ impl DelayedEvents {
         let Some(record) = self.live_record(server, delay_id)? else {
             // A stale index entry: the record went with an earlier batch.
             let mut batch = self.store.batch();
-            batch.delete(&self.store, tables::DELAYED_EVENTS_DUE, &key);
+            batch.delete(tables::DELAYED_EVENTS_DUE, &key);
             self.write(batch)?;
             return Ok(Some(0));
         };

@@ -118,7 +118,7 @@ impl<'a> Backups<'a> {
             .unwrap_or(0);
         let number = last + 1;
         let mut batch = self.store.batch();
-        batch.put_json(self.store, tables::BACKUP_VERSIONS, &version_key(user_id, number), &Version { algorithm, auth_data, etag: 0, deleted: false })?;
+        batch.put_json(tables::BACKUP_VERSIONS, &version_key(user_id, number), &Version { algorithm, auth_data, etag: 0, deleted: false })?;
         self.store.write(batch)?;
         Ok(number.to_string())
     }
@@ -143,7 +143,7 @@ impl<'a> Backups<'a> {
         }
         record.auth_data = auth_data;
         let mut batch = self.store.batch();
-        batch.put_json(self.store, tables::BACKUP_VERSIONS, &version_key(user_id, number), &record)?;
+        batch.put_json(tables::BACKUP_VERSIONS, &version_key(user_id, number), &record)?;
         self.store.write(batch)?;
         Ok(())
     }
@@ -154,9 +154,9 @@ impl<'a> Backups<'a> {
         let mut record = self.get(user_id, number)?;
         record.deleted = true;
         let mut batch = self.store.batch();
-        batch.put_json(self.store, tables::BACKUP_VERSIONS, &version_key(user_id, number), &record)?;
+        batch.put_json(tables::BACKUP_VERSIONS, &version_key(user_id, number), &record)?;
         for item in self.store.scan_prefix(tables::BACKUP_KEYS, Key::new().str(user_id.as_str()).u64(number).into_vec(), false) {
-            batch.delete(self.store, tables::BACKUP_KEYS, &item?.0);
+            batch.delete(tables::BACKUP_KEYS, &item?.0);
         }
         self.store.write(batch)?;
         Ok(())
@@ -179,14 +179,14 @@ impl<'a> Backups<'a> {
                 let key = Key::new().str(user_id.as_str()).u64(latest).str(&room).str(&session).into_vec();
                 let existing: Option<JsonValue> = self.store.get_json(tables::BACKUP_KEYS, &key)?;
                 if existing.as_ref().is_none_or(|old| better_session(&data, old)) {
-                    batch.put_json(self.store, tables::BACKUP_KEYS, &key, &data)?;
+                    batch.put_json(tables::BACKUP_KEYS, &key, &data)?;
                     changed = true;
                 }
             }
         }
         if changed {
             record.etag += 1;
-            batch.put_json(self.store, tables::BACKUP_VERSIONS, &version_key(user_id, latest), &record)?;
+            batch.put_json(tables::BACKUP_VERSIONS, &version_key(user_id, latest), &record)?;
         }
         self.store.write(batch)?;
         Ok(json!({ "etag": record.etag.to_string(), "count": self.count(user_id, latest)? }))
@@ -229,10 +229,10 @@ impl<'a> Backups<'a> {
         }
         let mut batch = self.store.batch();
         for item in self.store.scan_prefix(tables::BACKUP_KEYS, prefix.into_vec(), false) {
-            batch.delete(self.store, tables::BACKUP_KEYS, &item?.0);
+            batch.delete(tables::BACKUP_KEYS, &item?.0);
         }
         record.etag += 1;
-        batch.put_json(self.store, tables::BACKUP_VERSIONS, &version_key(user_id, number), &record)?;
+        batch.put_json(tables::BACKUP_VERSIONS, &version_key(user_id, number), &record)?;
         self.store.write(batch)?;
         Ok(json!({ "etag": record.etag.to_string(), "count": self.count(user_id, number)? }))
     }

@@ -107,7 +107,7 @@ impl E2ee {
 
     /// Records in `batch` that `user_id`'s devices or cross-signing keys changed at `pos`.
     fn log_key_change(&self, batch: &mut Batch, user_id: &UserId, pos: StreamPos) {
-        batch.put(&self.store, tables::KEY_CHANGES, &pos.to_be_bytes(), user_id.as_bytes());
+        batch.put(tables::KEY_CHANGES, &pos.to_be_bytes(), user_id.as_bytes());
     }
 
     // --- device, one-time and fallback keys ---
@@ -137,7 +137,7 @@ impl E2ee {
                 if let Some(existing) = &existing {
                     merge_signatures(&mut keys, existing);
                 }
-                batch.put_json(store, tables::DEVICE_KEYS, &device_key(user_id, device_id), &keys)?;
+                batch.put_json(tables::DEVICE_KEYS, &device_key(user_id, device_id), &keys)?;
                 let t = self.ticket()?;
                 self.log_key_change(&mut batch, user_id, t.pos());
                 ticket = Some(t);
@@ -148,12 +148,12 @@ impl E2ee {
             if store.contains(tables::ONE_TIME_KEYS, &key_id)? {
                 continue;
             }
-            batch.put_json(store, tables::ONE_TIME_KEYS, &key_id, &key)?;
+            batch.put_json(tables::ONE_TIME_KEYS, &key_id, &key)?;
         }
         for (id, key) in fallback_keys {
             let algorithm = id.split(':').next().unwrap_or_default().to_owned();
             let record = FallbackKey { key_id: id, key, used: false };
-            batch.put_json(store, tables::FALLBACK_KEYS, &Key::new().str(user_id.as_str()).str(device_id).str(&algorithm).into_vec(), &record)?;
+            batch.put_json(tables::FALLBACK_KEYS, &Key::new().str(user_id.as_str()).str(device_id).str(&algorithm).into_vec(), &record)?;
         }
         self.write(batch, ticket)?;
         self.one_time_key_counts(user_id, device_id)
@@ -203,7 +203,7 @@ impl E2ee {
             let Some(id) = reader.str() else { continue };
             if id.split(':').next() == Some(algorithm) {
                 let mut batch = store.batch();
-                batch.delete(store, tables::ONE_TIME_KEYS, &key);
+                batch.delete(tables::ONE_TIME_KEYS, &key);
                 self.write(batch, None)?;
                 let value: JsonValue = crate::store::decode(tables::ONE_TIME_KEYS, &value)?;
                 return Ok(Some((id.to_owned(), value)));
@@ -216,7 +216,7 @@ impl E2ee {
         if !fallback.used {
             fallback.used = true;
             let mut batch = store.batch();
-            batch.put_json(store, tables::FALLBACK_KEYS, &fallback_key, &fallback)?;
+            batch.put_json(tables::FALLBACK_KEYS, &fallback_key, &fallback)?;
             self.write(batch, None)?;
         }
         Ok(Some((fallback.key_id, fallback.key)))
@@ -225,10 +225,10 @@ impl E2ee {
     /// Stages the removal of a device's keys and pending messages into `batch`.
     pub fn stage_device_removal(&self, batch: &mut Batch, user_id: &UserId, device_id: &str, pos: StreamPos) -> Result<()> {
         let store = &self.store;
-        batch.delete(store, tables::DEVICE_KEYS, &device_key(user_id, device_id));
+        batch.delete(tables::DEVICE_KEYS, &device_key(user_id, device_id));
         for table in [tables::ONE_TIME_KEYS, tables::FALLBACK_KEYS, tables::TO_DEVICE] {
             for item in store.scan_prefix(table, device_key(user_id, device_id), false) {
-                batch.delete(store, table, &item?.0);
+                batch.delete(table, &item?.0);
             }
         }
         self.log_key_change(batch, user_id, pos);
@@ -256,7 +256,7 @@ impl E2ee {
             if key.get("keys").and_then(JsonValue::as_object).is_none_or(|k| k.len() != 1) {
                 return Err(Error::invalid_param(format!("{} key must contain exactly one public key", kind.as_str())));
             }
-            batch.put_json(store, tables::CROSS_SIGNING_KEYS, &Key::new().str(user_id.as_str()).str(kind.as_str()).into_vec(), key)?;
+            batch.put_json(tables::CROSS_SIGNING_KEYS, &Key::new().str(user_id.as_str()).str(kind.as_str()).into_vec(), key)?;
         }
         let ticket = self.ticket()?;
         self.log_key_change(&mut batch, user_id, ticket.pos());
@@ -279,7 +279,7 @@ impl E2ee {
                 // A device id, or the unpadded base64 public key of a cross-signing key.
                 if let Some(mut stored) = store.get_json::<JsonValue>(tables::DEVICE_KEYS, &device_key(user_id, key_id))? {
                     merge_signatures(&mut stored, object);
-                    batch.put_json(store, tables::DEVICE_KEYS, &device_key(user_id, key_id), &stored)?;
+                    batch.put_json(tables::DEVICE_KEYS, &device_key(user_id, key_id), &stored)?;
                     changed = true;
                     continue;
                 }
@@ -289,7 +289,7 @@ impl E2ee {
                         && stored.get("keys").and_then(JsonValue::as_object).is_some_and(|k| k.contains_key(&format!("ed25519:{key_id}")))
                     {
                         merge_signatures(&mut stored, object);
-                        batch.put_json(store, tables::CROSS_SIGNING_KEYS, &Key::new().str(user_id.as_str()).str(kind.as_str()).into_vec(), &stored)?;
+                        batch.put_json(tables::CROSS_SIGNING_KEYS, &Key::new().str(user_id.as_str()).str(kind.as_str()).into_vec(), &stored)?;
                         changed = true;
                         found = true;
                     }
@@ -344,7 +344,7 @@ impl E2ee {
                 for target in targets {
                     let message = ToDeviceMessage { sender: sender.to_owned(), kind: kind.to_owned(), content: content.clone() };
                     let key = Key::new().str(user.as_str()).str(&target).u64(ticket.pos()).into_vec();
-                    batch.put_json(store, tables::TO_DEVICE, &key, &message)?;
+                    batch.put_json(tables::TO_DEVICE, &key, &message)?;
                 }
             }
         }
@@ -364,7 +364,7 @@ impl E2ee {
             reader.str();
             let pos = reader.u64().unwrap_or(0);
             if acknowledged.is_some_and(|a| pos <= a) {
-                batch.delete(store, tables::TO_DEVICE, &key);
+                batch.delete(tables::TO_DEVICE, &key);
             } else if pos <= upto {
                 pending.push(crate::store::decode(tables::TO_DEVICE, &value)?);
             }

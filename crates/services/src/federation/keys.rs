@@ -113,7 +113,7 @@ impl KeyCache<'_> {
         }
         cached.response = fetched.response.or(cached.response);
         let mut batch = self.store.batch();
-        batch.put_json(self.store, tables::SERVER_KEYS, server.as_bytes(), &cached)?;
+        batch.put_json(tables::SERVER_KEYS, server.as_bytes(), &cached)?;
         self.store.write(batch)?;
         Ok(cached)
     }

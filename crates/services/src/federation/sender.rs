@@ -65,10 +65,9 @@ impl crate::rooms::Indexer for Outbox {
         if !event.local {
             return Ok(());
         }
-        let store = staging.store();
         for destination in self.destinations(room, event.pdu)? {
             let key = Key::new().str(destination.as_str()).u64(event.pos).into_vec();
-            staging.batch().put(store, tables::FEDERATION_OUTBOX, &key, event.pdu.event_id.as_bytes());
+            staging.batch().put(tables::FEDERATION_OUTBOX, &key, event.pdu.event_id.as_bytes());
         }
         Ok(())
     }
@@ -82,7 +81,7 @@ pub fn queue_edu(server: &dyn FederationHost, destinations: &HashSet<OwnedServer
     let ticket = server.store().streams().allocate(&server.store())?;
     let mut batch = server.store().batch();
     for destination in destinations {
-        batch.put_json(&server.store(), tables::FEDERATION_EDUS, &Key::new().str(destination.as_str()).u64(ticket.pos()).into_vec(), edu)?;
+        batch.put_json(tables::FEDERATION_EDUS, &Key::new().str(destination.as_str()).u64(ticket.pos()).into_vec(), edu)?;
     }
     tokio::task::block_in_place(|| server.store().write(batch))?;
     drop(ticket);
@@ -232,7 +231,7 @@ async fn send_batch(server: &dyn FederationHost, federation: &Federation, destin
     let mut batch = server.store().batch();
     for (table, list) in [(tables::FEDERATION_OUTBOX, &queued.pdus), (tables::FEDERATION_EDUS, &queued.edus)] {
         for (pos, _) in list {
-            batch.delete(&server.store(), table, &Key::new().str(destination.as_str()).u64(*pos).into_vec());
+            batch.delete(table, &Key::new().str(destination.as_str()).u64(*pos).into_vec());
         }
     }
     server.store().write(batch)?;

@@ -247,7 +247,7 @@ impl Media {
         usage.pending.retain(|media_id, created_ts| {
             let live = !expired(*created_ts, now);
             if !live {
-                batch.delete(&self.store, tables::MEDIA, media_id.as_bytes());
+                batch.delete(tables::MEDIA, media_id.as_bytes());
             }
             live
         });
@@ -258,8 +258,8 @@ impl Media {
         let media_id = crate::users::random_string(MEDIA_ID_LEN);
         usage.pending.insert(media_id.clone(), now);
         let record = MediaRecord { uploader: uploader.to_owned(), created_ts: now, content: None, authenticated: true, recording_of: None };
-        batch.put_json(&self.store, tables::MEDIA, media_id.as_bytes(), &record)?;
-        batch.put_json(&self.store, tables::MEDIA_USAGE, uploader.as_bytes(), &usage)?;
+        batch.put_json(tables::MEDIA, media_id.as_bytes(), &record)?;
+        batch.put_json(tables::MEDIA_USAGE, uploader.as_bytes(), &usage)?;
         tokio::task::block_in_place(|| self.store.write(batch))?;
         let expires_at = UInt::new_saturating(now + UNUSED_EXPIRY.as_millis() as u64);
         Ok((self.mxc(&media_id), MilliSecondsSinceUnixEpoch(expires_at)))
@@ -362,8 +362,8 @@ impl Media {
         usage.pending.remove(media_id);
         let record = MediaRecord { uploader: uploader.to_owned(), created_ts, content: Some(content), authenticated: true, recording_of };
         let mut batch = self.store.batch();
-        batch.put_json(&self.store, tables::MEDIA, media_id.as_bytes(), &record)?;
-        batch.put_json(&self.store, tables::MEDIA_USAGE, uploader.as_bytes(), &usage)?;
+        batch.put_json(tables::MEDIA, media_id.as_bytes(), &record)?;
+        batch.put_json(tables::MEDIA_USAGE, uploader.as_bytes(), &usage)?;
         tokio::task::block_in_place(|| self.store.write(batch))?;
         Ok(())
     }
@@ -426,7 +426,7 @@ impl Media {
                 tracing::info!(media = doomed.len(), "deleting the media of purged events");
             }
             for media_id in &queued {
-                batch.delete(&self.store, tables::MEDIA_UNREFERENCED, media_id.as_bytes());
+                batch.delete(tables::MEDIA_UNREFERENCED, media_id.as_bytes());
             }
             self.store.write(batch)?;
             Ok(doomed.len())
@@ -449,7 +449,7 @@ impl Media {
         let mut files = Vec::new();
         let mut usages: BTreeMap<&UserId, Usage> = BTreeMap::new();
         for (media_id, record) in doomed {
-            batch.delete(&self.store, tables::MEDIA, media_id.as_bytes());
+            batch.delete(tables::MEDIA, media_id.as_bytes());
             if !usages.contains_key(&*record.uploader) {
                 usages.insert(&record.uploader, self.usage(&record.uploader)?);
             }
@@ -463,7 +463,7 @@ impl Media {
             }
             for item in self.store.scan_prefix(tables::MEDIA_THUMBNAILS, Key::new().str(&content.sha256).into_vec(), false) {
                 let (key, value) = item?;
-                batch.delete(&self.store, tables::MEDIA_THUMBNAILS, &key);
+                batch.delete(tables::MEDIA_THUMBNAILS, &key);
                 let cached: CachedThumbnail = crate::store::decode(tables::MEDIA_THUMBNAILS, &value)?;
                 if !in_use.contains(&cached.sha256) {
                     files.push(cached.sha256);
@@ -472,7 +472,7 @@ impl Media {
             files.push(content.sha256.clone());
         }
         for (uploader, usage) in &usages {
-            batch.put_json(&self.store, tables::MEDIA_USAGE, uploader.as_bytes(), usage)?;
+            batch.put_json(tables::MEDIA_USAGE, uploader.as_bytes(), usage)?;
         }
         Ok(files)
     }
@@ -574,7 +574,7 @@ impl Media {
         })
         .await?;
         let mut batch = self.store.batch();
-        batch.put_json(&self.store, tables::MEDIA_THUMBNAILS, &key, &cached)?;
+        batch.put_json(tables::MEDIA_THUMBNAILS, &key, &cached)?;
         tokio::task::block_in_place(|| self.store.write(batch))?;
         // The file stays: `collect` waits for `_files`.
         self.serve(cached.sha256, cached.content_type, None).await

@@ -43,15 +43,15 @@ fn reference_key(media_id: &str, event_id: &EventId) -> Vec<u8> {
 }
 
 /// Stages the references of an event to local media, in the batch that persists it.
-fn stage_references(store: &Store, batch: &mut Batch, server_name: &ServerName, pdu: &Pdu) -> Result<()> {
+fn stage_references(batch: &mut Batch, server_name: &ServerName, pdu: &Pdu) -> Result<()> {
     let media_ids = referenced(server_name, &pdu.content_json());
     if media_ids.is_empty() {
         return Ok(());
     }
     for media_id in &media_ids {
-        batch.put(store, tables::MEDIA_REFERENCES, &reference_key(media_id, &pdu.event_id), &[]);
+        batch.put(tables::MEDIA_REFERENCES, &reference_key(media_id, &pdu.event_id), &[]);
     }
-    batch.put_json(store, tables::EVENT_MEDIA, pdu.event_id.as_bytes(), &media_ids)?;
+    batch.put_json(tables::EVENT_MEDIA, pdu.event_id.as_bytes(), &media_ids)?;
     Ok(())
 }
 
@@ -62,10 +62,10 @@ fn stage_purge(store: &Store, batch: &mut Batch, event_id: &EventId) -> Result<(
         return Ok(());
     };
     for media_id in &media_ids {
-        batch.delete(store, tables::MEDIA_REFERENCES, &reference_key(media_id, event_id));
-        batch.put(store, tables::MEDIA_UNREFERENCED, media_id.as_bytes(), &[]);
+        batch.delete(tables::MEDIA_REFERENCES, &reference_key(media_id, event_id));
+        batch.put(tables::MEDIA_UNREFERENCED, media_id.as_bytes(), &[]);
     }
-    batch.delete(store, tables::EVENT_MEDIA, event_id.as_bytes());
+    batch.delete(tables::EVENT_MEDIA, event_id.as_bytes());
     Ok(())
 }
 
@@ -110,11 +110,11 @@ impl MediaReferences {
 
 impl crate::rooms::Indexer for MediaReferences {
     fn stage(&self, _room: &dyn crate::rooms::RoomView, event: &crate::rooms::StagedEvent<'_>, staging: &mut crate::rooms::Staging<'_>) -> Result<()> {
-        stage_references(staging.store(), staging.batch(), &self.server_name, event.pdu)
+        stage_references(staging.batch(), &self.server_name, event.pdu)
     }
 
-    fn stage_backfilled(&self, store: &Store, batch: &mut Batch, pdu: &Pdu) -> Result<()> {
-        stage_references(store, batch, &self.server_name, pdu)
+    fn stage_backfilled(&self, _store: &Store, batch: &mut Batch, pdu: &Pdu) -> Result<()> {
+        stage_references(batch, &self.server_name, pdu)
     }
 
     fn expired(&self, store: &Store, batch: &mut Batch, _room_id: &ruma::RoomId, pdu: &Pdu, _pos: crate::store::StreamPos, _members: &[ruma::OwnedUserId]) -> Result<()> {

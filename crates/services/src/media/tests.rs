@@ -75,7 +75,7 @@ async fn media_from_before_authenticated_media_stays_readable_without_a_token() 
         "content": { "sha256": sha256, "content_type": "text/plain", "filename": null, "size": 8 },
     });
     let mut batch = server.store.batch();
-    batch.put_json(&server.store, tables::MEDIA, b"oldmedia", &old).unwrap();
+    batch.put_json(tables::MEDIA, b"oldmedia", &old).unwrap();
     server.store.write(batch).unwrap();
     assert_eq!(read(&server, Reader::Legacy, "oldmedia").await.unwrap(), b"old scan");
     assert_eq!(read(&server, Reader::User(&alice, &server.rooms), "oldmedia").await.unwrap(), b"old scan");

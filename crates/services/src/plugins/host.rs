@@ -230,7 +230,7 @@ impl host::Host for HostState {
         let key = self.kv_key(&key)?;
         let sealed = self.server()?.secrets().seal(tables::PLUGIN_KV, &key, &value);
         let mut batch = context.store.batch();
-        batch.put(&context.store, tables::PLUGIN_KV, &key, &sealed);
+        batch.put(tables::PLUGIN_KV, &key, &sealed);
         context.store.write(batch).map_err(|e| refused(e.into()))
     }
 
@@ -238,7 +238,7 @@ impl host::Host for HostState {
         let context = self.require(Capability::Kv)?.clone();
         self.writable("kv-delete")?;
         let mut batch = context.store.batch();
-        batch.delete(&context.store, tables::PLUGIN_KV, &self.kv_key(&key)?);
+        batch.delete(tables::PLUGIN_KV, &self.kv_key(&key)?);
         context.store.write(batch).map_err(|e| refused(e.into()))
     }
 

@@ -318,7 +318,7 @@ impl Plugins {
     /// wants its type (so the common message event costs the plugins nothing).
     pub fn stage_outbox(&self, batch: &mut Batch, pos: StreamPos, pdu: &Pdu) {
         if !self.plugins.is_empty() && self.wants_event(&pdu.kind.to_string()) {
-            batch.put(&self.store, tables::PLUGIN_OUTBOX, &pos.to_be_bytes(), pdu.event_id.as_bytes());
+            batch.put(tables::PLUGIN_OUTBOX, &pos.to_be_bytes(), pdu.event_id.as_bytes());
         }
     }
 
@@ -437,7 +437,7 @@ impl Plugins {
             if pos_of(&key) > oldest {
                 break;
             }
-            batch.delete(&self.store, tables::PLUGIN_OUTBOX, &key);
+            batch.delete(tables::PLUGIN_OUTBOX, &key);
         }
         if !batch.is_empty() {
             self.store.write(batch)?;
@@ -452,7 +452,7 @@ impl Plugins {
     /// Losing a cursor update in a crash only means redelivery, which on-event allows.
     fn set_cursor(&self, name: &str, pos: StreamPos) -> Result<()> {
         let mut batch = self.store.batch();
-        batch.put(&self.store, tables::GLOBAL, &cursor_key(name), &pos.to_be_bytes());
+        batch.put(tables::GLOBAL, &cursor_key(name), &pos.to_be_bytes());
         Ok(self.store.write_relaxed(batch)?)
     }
 }

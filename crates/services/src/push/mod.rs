@@ -77,7 +77,7 @@ fn stored_pushers(store: &Store, user_id: &UserId) -> Result<Vec<(Box<[u8]>, Sto
 fn stage_pushers_removal(store: &Store, batch: &mut Batch, user_id: &UserId, ends: impl Fn(Option<&str>) -> bool) -> Result<()> {
     for (key, pusher) in stored_pushers(store, user_id)? {
         if ends(pusher.owner()) {
-            batch.delete(store, tables::PUSHERS, &key);
+            batch.delete(tables::PUSHERS, &key);
         }
     }
     Ok(())
@@ -203,8 +203,8 @@ impl Push {
                 highlight: actions.iter().any(Action::is_highlight),
                 actions: actions.to_vec(),
             };
-            batch.put_json(&self.store, tables::NOTIFICATIONS, &notification_key(user_id, pos), &notification)?;
-            batch.put_json(&self.store, tables::ROOM_NOTIFICATIONS, &room_notification_key(user_id, &room.room_id, pos), &notification.highlight)?;
+            batch.put_json(tables::NOTIFICATIONS, &notification_key(user_id, pos), &notification)?;
+            batch.put_json(tables::ROOM_NOTIFICATIONS, &room_notification_key(user_id, &room.room_id, pos), &notification.highlight)?;
             staged.push((user_id.clone(), notification));
         }
         Ok(staged)
@@ -219,17 +219,17 @@ impl Push {
             reader.str();
             reader.str();
             if let Some(pos) = reader.u64() {
-                batch.delete(&self.store, tables::NOTIFICATIONS, &notification_key(user_id, pos));
+                batch.delete(tables::NOTIFICATIONS, &notification_key(user_id, pos));
             }
-            batch.delete(&self.store, tables::ROOM_NOTIFICATIONS, &key);
+            batch.delete(tables::ROOM_NOTIFICATIONS, &key);
         }
         Ok(())
     }
 
     /// Stages the removal of a user's notification for the event at `pos`, if there is one.
     pub fn stage_event_removal(&self, batch: &mut Batch, user_id: &UserId, room_id: &RoomId, pos: StreamPos) {
-        batch.delete(&self.store, tables::NOTIFICATIONS, &notification_key(user_id, pos));
-        batch.delete(&self.store, tables::ROOM_NOTIFICATIONS, &room_notification_key(user_id, room_id, pos));
+        batch.delete(tables::NOTIFICATIONS, &notification_key(user_id, pos));
+        batch.delete(tables::ROOM_NOTIFICATIONS, &room_notification_key(user_id, room_id, pos));
     }
 
     /// Notification and highlight counts of a room after `read_pos` (capped at 99).
@@ -297,7 +297,7 @@ impl Push {
         let key = Key::new().str(caller.user_id.as_str()).str(app_id).str(pushkey).into_vec();
         let mut batch = self.store.batch();
         if pusher.get("kind").is_none_or(JsonValue::is_null) {
-            batch.delete(&self.store, tables::PUSHERS, &key);
+            batch.delete(tables::PUSHERS, &key);
         } else {
             if field("kind")? == "http" {
                 let url = pusher.get("data").and_then(|d| d.get("url")).and_then(JsonValue::as_str);
@@ -309,7 +309,7 @@ impl Push {
                 field(name)?;
             }
             let stored = StoredPusher::Owned { pusher: pusher.clone(), owner_token: caller.token_hash.clone() };
-            batch.put_json(&self.store, tables::PUSHERS, &key, &stored)?;
+            batch.put_json(tables::PUSHERS, &key, &stored)?;
         }
         self.store.write(batch)?;
         Ok(())

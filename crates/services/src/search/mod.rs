@@ -64,16 +64,16 @@ fn index_keys(pdu: &Pdu, pos: StreamPos) -> impl Iterator<Item = Vec<u8>> + '_ {
 }
 
 /// Indexes the event's words in the batch that persists it.
-fn stage(store: &Store, batch: &mut Batch, pdu: &Pdu, pos: StreamPos) {
+fn stage(batch: &mut Batch, pdu: &Pdu, pos: StreamPos) {
     for key in index_keys(pdu, pos) {
-        batch.put(store, tables::SEARCH_INDEX, &key, pdu.event_id.as_bytes());
+        batch.put(tables::SEARCH_INDEX, &key, pdu.event_id.as_bytes());
     }
 }
 
 /// Drops a redacted event's words, in the redaction's batch.
-fn unstage(store: &Store, batch: &mut Batch, pdu: &Pdu, pos: StreamPos) {
+fn unstage(batch: &mut Batch, pdu: &Pdu, pos: StreamPos) {
     for key in index_keys(pdu, pos) {
-        batch.delete(store, tables::SEARCH_INDEX, &key);
+        batch.delete(tables::SEARCH_INDEX, &key);
     }
 }
 
@@ -248,12 +248,12 @@ mod tests {
         .unwrap();
         let entries = |store: &Store| store.scan_prefix(tables::SEARCH_INDEX, Vec::new(), false).count();
         let mut batch = store.batch();
-        stage(&store, &mut batch, &pdu, 7);
+        stage(&mut batch, &pdu, 7);
         store.write(batch).unwrap();
         assert_eq!(entries(&store), 2, "hello and world, once each");
         assert!(store.contains(tables::SEARCH_INDEX, &Key::new().str("hello").str("!r:x").u64(7).into_vec()).unwrap());
         let mut batch = store.batch();
-        unstage(&store, &mut batch, &pdu, 7);
+        unstage(&mut batch, &pdu, 7);
         store.write(batch).unwrap();
         assert_eq!(entries(&store), 0);
     }
@@ -271,11 +271,11 @@ pub struct SearchIndex;
 
 impl crate::rooms::Indexer for SearchIndex {
     fn stage(&self, _room: &dyn crate::rooms::RoomView, event: &crate::rooms::StagedEvent<'_>, staging: &mut crate::rooms::Staging<'_>) -> Result<()> {
-        stage(staging.store(), staging.batch(), event.pdu, event.pos);
+        stage(staging.batch(), event.pdu, event.pos);
         Ok(())
     }
 
-    fn unstage(&self, store: &Store, batch: &mut Batch, pdu: &Pdu, pos: StreamPos) {
-        unstage(store, batch, pdu, pos);
+    fn unstage(&self, _store: &Store, batch: &mut Batch, pdu: &Pdu, pos: StreamPos) {
+        unstage(batch, pdu, pos);
     }
 }

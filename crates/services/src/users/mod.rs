@@ -187,7 +187,7 @@ impl Users {
 
     pub fn put_account(&self, user_id: &UserId, account: &Account) -> Result<()> {
         let mut batch = self.store.batch();
-        batch.put_json(&self.store, tables::USERS, user_id.as_bytes(), account)?;
+        batch.put_json(tables::USERS, user_id.as_bytes(), account)?;
         self.store.write(batch)?;
         Ok(())
     }
@@ -244,10 +244,8 @@ impl Users {
         }
         let now: u64 = ruma::MilliSecondsSinceUnixEpoch::now().0.into();
         let device = Device { display_name, last_seen_ts: Some(now), last_seen_ip: ip, token_hash: hash.clone() };
-        batch.put_json(&self.store, tables::DEVICES, &device_key, &device)?;
-        batch.put_json(
-            &self.store,
-            tables::ACCESS_TOKENS,
+        batch.put_json(tables::DEVICES, &device_key, &device)?;
+        batch.put_json(tables::ACCESS_TOKENS,
             hash.as_bytes(),
             &TokenRecord { user_id: user_id.to_owned(), device_id: device_id.clone() },
         )?;
@@ -281,7 +279,7 @@ impl Users {
             self.store.get_json(tables::DEVICES, &key)?.ok_or_else(|| Error::not_found("unknown device"))?;
         device.display_name = display_name;
         let mut batch = self.store.batch();
-        batch.put_json(&self.store, tables::DEVICES, &key, &device)?;
+        batch.put_json(tables::DEVICES, &key, &device)?;
         self.store.write(batch)?;
         Ok(())
     }
@@ -293,13 +291,13 @@ impl Users {
             return Ok(false);
         };
         self.stage_token_removal(batch, user_id, &device.token_hash)?;
-        batch.delete(&self.store, tables::DEVICES, &key);
+        batch.delete(tables::DEVICES, &key);
         Ok(true)
     }
 
     /// Every access token ends here, and what was set through it ends with it.
     fn stage_token_removal(&self, batch: &mut crate::store::Batch, user_id: &UserId, token_hash: &str) -> Result<()> {
-        batch.delete(&self.store, tables::ACCESS_TOKENS, token_hash.as_bytes());
+        batch.delete(tables::ACCESS_TOKENS, token_hash.as_bytes());
         self.token_bound.iter().try_for_each(|bound| bound.stage_token_ended(batch, user_id, Some(token_hash)))
     }
 
@@ -340,7 +338,7 @@ impl Users {
         }
         let ticket = store.streams().allocate(store)?;
         let mut batch = store.batch();
-        batch.put_json(store, tables::ACCOUNT_DATA, &key, &AccountDataEntry { content, pos: ticket.pos() })?;
+        batch.put_json(tables::ACCOUNT_DATA, &key, &AccountDataEntry { content, pos: ticket.pos() })?;
         tokio::task::block_in_place(|| store.write(batch))?;
         drop(ticket);
         Ok(())
@@ -385,7 +383,7 @@ impl Users {
             return Err(Error::new(ErrorCode::ResourceLimitExceeded, format!("an account holds at most {MAX_FILTERS} filters")));
         }
         let mut batch = self.store.batch();
-        batch.put_json(&self.store, tables::FILTERS, &key, filter)?;
+        batch.put_json(tables::FILTERS, &key, filter)?;
         self.store.write(batch)?;
         Ok(id)
     }
@@ -407,7 +405,7 @@ impl Users {
             pos: ticket.pos(),
         };
         let mut batch = store.batch();
-        batch.put_json(store, tables::PRESENCE, user_id.as_bytes(), &record)?;
+        batch.put_json(tables::PRESENCE, user_id.as_bytes(), &record)?;
         tokio::task::block_in_place(|| store.write(batch))?;
         self.presence_pos.fetch_max(ticket.pos(), std::sync::atomic::Ordering::AcqRel);
         drop(ticket);
@@ -477,12 +475,12 @@ impl Users {
         let excess = (live + 1).saturating_sub(MAX_OPENID_TOKENS);
         let expired = held.len() - live;
         for (key, _, hash) in held.iter().take(expired + excess) {
-            batch.delete(&self.store, tables::OPENID_TOKENS_BY_USER, key);
-            batch.delete(&self.store, tables::OPENID_TOKENS, hash.as_bytes());
+            batch.delete(tables::OPENID_TOKENS_BY_USER, key);
+            batch.delete(tables::OPENID_TOKENS, hash.as_bytes());
         }
         let hash = token_hash(&token);
-        batch.put_json(&self.store, tables::OPENID_TOKENS, hash.as_bytes(), &record)?;
-        batch.put(&self.store, tables::OPENID_TOKENS_BY_USER, &Key::new().str(user_id.as_str()).u64(expires_at_ms).str(&hash).into_vec(), &[]);
+        batch.put_json(tables::OPENID_TOKENS, hash.as_bytes(), &record)?;
+        batch.put(tables::OPENID_TOKENS_BY_USER, &Key::new().str(user_id.as_str()).u64(expires_at_ms).str(&hash).into_vec(), &[]);
         self.store.write(batch)?;
         Ok(token)
     }
