@@ -1,7 +1,9 @@
 //! Storage: tables of ordered keys, atomic write batches and the global stream position, on an
-//! engine (embedded RocksDB). The only module that touches the engine.
+//! engine: embedded RocksDB, or PostgreSQL shared by several nodes. The only module that touches
+//! the engine.
 
 mod key;
+mod postgres;
 mod rocks;
 mod stream;
 
@@ -16,6 +18,16 @@ pub use stream::{StreamPos, StreamTicket, Streams};
 pub enum StoreError {
     #[error("database error: {0}")]
     Engine(#[from] rocksdb::Error),
+    #[error("PostgreSQL: {}", postgres_message(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("PostgreSQL connection pool: {0}")]
+    Pool(String),
+    #[error("the database engine's runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("the database engine stopped")]
+    Unavailable,
+    #[error("not supported: {0}")]
+    Unsupported(&'static str),
     #[error("the database is in use by another process")]
     Locked,
     #[error("corrupt record in table {table}: {reason}")]
@@ -26,8 +38,27 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+impl From<deadpool_postgres::PoolError> for StoreError {
+    fn from(error: deadpool_postgres::PoolError) -> Self {
+        match error {
+            deadpool_postgres::PoolError::Backend(error) => Self::Postgres(error),
+            other => Self::Pool(other.to_string()),
+        }
+    }
+}
+
+/// tokio-postgres's own message names only the kind of failure; the server's message or the
+/// I/O error behind it says what went wrong.
+fn postgres_message(error: &tokio_postgres::Error) -> String {
+    match (error.as_db_error(), std::error::Error::source(error)) {
+        (Some(db), _) => format!("{}: {}", db.severity(), db.message()),
+        (None, Some(source)) => format!("{error}: {source}"),
+        (None, None) => error.to_string(),
+    }
+}
+
 /// A typed handle on one column family.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Table(&'static str);
 
 impl Table {
@@ -202,6 +233,7 @@ impl KeyRange {
 
 enum Engine {
     RocksDb(rocks::RocksDb),
+    Postgres(postgres::Postgres),
 }
 
 pub struct Store {
@@ -215,9 +247,16 @@ impl Store {
         Self::with_engine(Engine::RocksDb(rocks::RocksDb::open(path)?))
     }
 
+    /// Connects to the PostgreSQL database at `url` with up to `pool_size` connections,
+    /// creating the tables that are missing; `node_name` names the node's sessions.
+    pub fn open_postgres(url: &str, pool_size: usize, node_name: &str) -> Result<Self> {
+        Self::with_engine(Engine::Postgres(postgres::Postgres::open(url, pool_size, node_name)?))
+    }
+
     fn with_engine(engine: Engine) -> Result<Self> {
         let reserved = match &engine {
             Engine::RocksDb(db) => db.get(tables::GLOBAL, stream::RESERVATION_KEY)?,
+            Engine::Postgres(db) => db.get(tables::GLOBAL, stream::RESERVATION_KEY)?,
         };
         let streams = Streams::load(reserved)?;
         Ok(Self { engine, streams })
@@ -230,6 +269,7 @@ impl Store {
     pub fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
         match &self.engine {
             Engine::RocksDb(db) => db.get(table, key),
+            Engine::Postgres(db) => db.get(table, key),
         }
     }
 
@@ -240,12 +280,14 @@ impl Store {
     pub fn contains(&self, table: Table, key: &[u8]) -> Result<bool> {
         match &self.engine {
             Engine::RocksDb(db) => db.contains(table, key),
+            Engine::Postgres(db) => db.contains(table, key),
         }
     }
 
     fn scan<'a>(&'a self, table: Table, range: KeyRange, reverse: bool) -> Box<dyn Iterator<Item = Result<Entry>> + 'a> {
         match &self.engine {
             Engine::RocksDb(db) => Box::new(db.scan(table, range, reverse)),
+            Engine::Postgres(db) => Box::new(db.scan(table, range, reverse)),
         }
     }
 
@@ -324,6 +366,7 @@ impl Store {
         }
         match &self.engine {
             Engine::RocksDb(db) => db.write(batch.ops, durable),
+            Engine::Postgres(db) => db.write(batch.ops, durable),
         }
     }
 
@@ -331,20 +374,30 @@ impl Store {
     pub fn approximate_size(&self) -> u64 {
         match &self.engine {
             Engine::RocksDb(db) => db.approximate_size(),
+            Engine::Postgres(db) => db.approximate_size().unwrap_or_else(|error| {
+                tracing::warn!(%error, "could not read the database's size");
+                0
+            }),
         }
     }
 
-    /// Makes every write so far durable, relaxed ones included (at shutdown).
+    /// Makes every write so far durable, relaxed ones included (at shutdown). PostgreSQL's WAL
+    /// writer does that on its own within a fraction of a second.
     pub fn flush(&self) -> Result<()> {
         match &self.engine {
             Engine::RocksDb(db) => db.flush(),
+            Engine::Postgres(_) => Ok(()),
         }
     }
 
     /// Compacts a whole table, so that values overwritten in it leave the files on disk.
-    pub fn compact(&self, table: Table) {
+    pub fn compact(&self, table: Table) -> Result<()> {
         match &self.engine {
-            Engine::RocksDb(db) => db.compact(table),
+            Engine::RocksDb(db) => {
+                db.compact(table);
+                Ok(())
+            }
+            Engine::Postgres(db) => db.compact(table),
         }
     }
 }
@@ -396,66 +449,166 @@ pub fn decode<T: DeserializeOwned>(table: Table, bytes: &[u8]) -> Result<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use limbic_test_postgres::TempPostgres;
+
+    /// Opens a store (again) on the same data.
+    type Open = Box<dyn Fn() -> Store>;
+
+    /// Each engine, named, with a way to open a fresh store of it (reopening finds the same data).
+    fn engines(purpose: &str) -> Vec<(&'static str, Open)> {
+        let dir = tempfile::tempdir().unwrap();
+        let url = TempPostgres::shared().new_database(purpose);
+        vec![
+            ("rocksdb", Box::new(move || Store::open(dir.path()).unwrap())),
+            ("postgres", Box::new(move || reopen_postgres(&url))),
+        ]
+    }
+
+    /// The previous store's session may not have ended on the server yet, with its lock.
+    fn reopen_postgres(url: &str) -> Store {
+        for _ in 0..50 {
+            match Store::open_postgres(url, 4, "test") {
+                Err(StoreError::Locked) => std::thread::sleep(std::time::Duration::from_millis(100)),
+                other => return other.unwrap(),
+            }
+        }
+        panic!("the database stayed locked");
+    }
+
+    fn keys(items: impl Iterator<Item = Result<Entry>>) -> Vec<Vec<u8>> {
+        items.map(|item| item.unwrap().0.to_vec()).collect()
+    }
 
     #[test]
     fn prefix_scans_follow_numeric_order_both_ways() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let mut batch = store.batch();
-        for pos in [1u64, 255, 256, 65_536, 3] {
-            let key = Key::new().str("!a:x").u64(pos).into_vec();
-            batch.put(tables::TIMELINE, &key, b"a");
-        }
-        // A neighbouring prefix that must not leak into the scan.
-        batch.put(tables::TIMELINE, &Key::new().str("!b:x").u64(2).into_vec(), b"b");
-        store.write(batch).unwrap();
-
-        let prefix = Key::new().str("!a:x").into_vec();
-        let positions = |reverse| {
-            store
-                .scan_prefix(tables::TIMELINE, prefix.clone(), reverse)
-                .map(|r| KeyReader::new(&r.unwrap().0).skip_str().u64().unwrap())
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(positions(false), vec![1, 3, 255, 256, 65_536]);
-        assert_eq!(positions(true), vec![65_536, 256, 255, 3, 1]);
-    }
-
-    #[test]
-    fn batches_survive_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let store = Store::open(dir.path()).unwrap();
+        for (engine, open) in engines("prefix_scans") {
+            let store = open();
             let mut batch = store.batch();
-            batch.put_json(tables::USERS, b"@a:x", &serde_json::json!({"n": 1})).unwrap();
+            for pos in [1u64, 255, 256, 65_536, 3] {
+                let key = Key::new().str("!a:x").u64(pos).into_vec();
+                batch.put(tables::TIMELINE, &key, b"a");
+            }
+            // Neighbouring prefixes that must not leak into the scan.
+            batch.put(tables::TIMELINE, &Key::new().str("!b:x").u64(2).into_vec(), b"b");
+            batch.put(tables::TIMELINE, b"!a:", b"shorter");
             store.write(batch).unwrap();
+
+            let prefix = Key::new().str("!a:x").into_vec();
+            let positions = |reverse| {
+                store
+                    .scan_prefix(tables::TIMELINE, prefix.clone(), reverse)
+                    .map(|r| KeyReader::new(&r.unwrap().0).skip_str().u64().unwrap())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(positions(false), vec![1, 3, 255, 256, 65_536], "{engine}");
+            assert_eq!(positions(true), vec![65_536, 256, 255, 3, 1], "{engine}");
+
+            let from = |start: u64, reverse| {
+                let start = Key::new().str("!a:x").u64(start).into_vec();
+                store
+                    .scan_from(tables::TIMELINE, prefix.clone(), &start, reverse)
+                    .map(|r| KeyReader::new(&r.unwrap().0).skip_str().u64().unwrap())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(from(255, false), vec![255, 256, 65_536], "{engine}: the start is included");
+            assert_eq!(from(255, true), vec![255, 3, 1], "{engine}");
+            assert_eq!(from(254, true), vec![3, 1], "{engine}");
         }
-        let store = Store::open(dir.path()).unwrap();
-        let value: serde_json::Value = store.get_json(tables::USERS, b"@a:x").unwrap().unwrap();
-        assert_eq!(value["n"], 1);
     }
 
     #[test]
-    fn appended_batches_write_every_operation_of_both() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let mut setup = store.batch();
-        setup.put(tables::USERS, b"@gone:x", b"0");
-        store.write(setup).unwrap();
+    fn long_scans_and_keys_of_every_byte_are_complete_and_ordered() {
+        for (engine, open) in engines("long_scans") {
+            let store = open();
+            let mut batch = store.batch();
+            // More entries than several of PostgreSQL's pages, and keys that end in 0x00 and
+            // 0xFF, where the next page's start and the prefix's end are computed.
+            let all: Vec<Vec<u8>> = (0..3000u32).map(|n| [&[0xFF][..], &n.to_be_bytes(), &[(n % 256) as u8]].concat()).collect();
+            for key in &all {
+                batch.put(tables::SEARCH_INDEX, key, key);
+            }
+            batch.put(tables::SEARCH_INDEX, b"\x00", b"before");
+            store.write(batch).unwrap();
 
-        let mut first = store.batch();
-        first.put(tables::USERS, b"@a:x", b"1");
-        first.put(tables::TIMELINE, b"t1", b"2");
-        let mut second = store.batch();
-        second.delete(tables::USERS, b"@gone:x");
-        second.put(tables::PDUS, b"e1", b"3");
-        first.append(second);
-        first.append(store.batch());
-        store.write(first).unwrap();
+            assert_eq!(keys(store.scan_prefix(tables::SEARCH_INDEX, vec![0xFF], false)), all, "{engine}");
+            let mut reversed = all.clone();
+            reversed.reverse();
+            assert_eq!(keys(store.scan_prefix(tables::SEARCH_INDEX, vec![0xFF], true)), reversed, "{engine}");
+            assert_eq!(store.scan_prefix(tables::SEARCH_INDEX, Vec::new(), false).count(), 3001, "{engine}: an empty prefix is the whole table");
+            let (first, value) = store.scan_prefix(tables::SEARCH_INDEX, Vec::new(), true).next().unwrap().unwrap();
+            assert_eq!((&*first, &*value), (all[2999].as_slice(), all[2999].as_slice()), "{engine}");
+        }
+    }
 
-        assert_eq!(store.get(tables::USERS, b"@a:x").unwrap().as_deref(), Some(&b"1"[..]));
-        assert_eq!(store.get(tables::TIMELINE, b"t1").unwrap().as_deref(), Some(&b"2"[..]));
-        assert_eq!(store.get(tables::PDUS, b"e1").unwrap().as_deref(), Some(&b"3"[..]));
-        assert!(!store.contains(tables::USERS, b"@gone:x").unwrap());
+    #[test]
+    fn batches_are_atomic_the_last_operation_on_a_key_wins_and_survive_reopen() {
+        for (engine, open) in engines("batches") {
+            {
+                let store = open();
+                let mut setup = store.batch();
+                setup.put(tables::USERS, b"@gone:x", b"0");
+                setup.put(tables::USERS, b"@back:x", b"0");
+                store.write(setup).unwrap();
+
+                let mut first = store.batch();
+                first.put_json(tables::USERS, b"@a:x", &serde_json::json!({"n": 1})).unwrap();
+                first.put(tables::TIMELINE, b"t1", b"2");
+                first.put(tables::TIMELINE, b"t1", b"3");
+                let mut second = store.batch();
+                second.delete(tables::USERS, b"@gone:x");
+                second.delete(tables::USERS, b"@back:x");
+                second.put(tables::USERS, b"@back:x", b"again");
+                second.put(tables::PDUS, b"e1", b"4");
+                second.delete(tables::PDUS, b"e1");
+                first.append(second);
+                first.append(store.batch());
+                store.write(first).unwrap();
+
+                let mut relaxed = store.batch();
+                relaxed.put(tables::PLUGIN_OUTBOX, b"cursor", b"5");
+                store.write_relaxed(relaxed).unwrap();
+                store.flush().unwrap();
+            }
+            let store = open();
+            let value: serde_json::Value = store.get_json(tables::USERS, b"@a:x").unwrap().unwrap();
+            assert_eq!(value["n"], 1, "{engine}");
+            assert_eq!(store.get(tables::TIMELINE, b"t1").unwrap().as_deref(), Some(&b"3"[..]), "{engine}");
+            assert_eq!(store.get(tables::USERS, b"@back:x").unwrap().as_deref(), Some(&b"again"[..]), "{engine}");
+            assert!(!store.contains(tables::USERS, b"@gone:x").unwrap(), "{engine}");
+            assert!(!store.contains(tables::PDUS, b"e1").unwrap(), "{engine}");
+            assert!(store.contains(tables::PLUGIN_OUTBOX, b"cursor").unwrap(), "{engine}");
+            assert_eq!(store.get(tables::USERS, b"@nobody:x").unwrap(), None, "{engine}");
+        }
+    }
+
+    #[test]
+    fn positions_are_never_reused_after_a_restart() {
+        for (engine, open) in engines("positions") {
+            let last = {
+                let store = open();
+                let tickets: Vec<_> = (0..3).map(|_| store.streams().allocate(&store).unwrap()).collect();
+                let last = tickets[2].pos();
+                drop(tickets);
+                assert_eq!(store.streams().current(), last, "{engine}");
+                last
+            };
+            let store = open();
+            assert!(store.streams().allocate(&store).unwrap().pos() > last, "{engine}");
+        }
+    }
+
+    #[test]
+    fn a_database_in_use_refuses_a_second_node() {
+        let url = TempPostgres::shared().new_database("in_use");
+        let _first = reopen_postgres(&url);
+        assert!(matches!(Store::open_postgres(&url, 1, "second"), Err(StoreError::Locked)));
+    }
+
+    #[test]
+    fn an_unreachable_database_is_a_clear_error() {
+        let error = Store::open_postgres("postgresql://limbic@127.0.0.1:1/limbic", 1, "test").err().expect("no server listens on port 1");
+        assert!(error.to_string().contains("PostgreSQL: error connecting to server"), "{error}");
+        let error = Store::open_postgres("postgresql://x@h/db?sslmode=require", 1, "test").err().unwrap();
+        assert!(matches!(error, StoreError::Unsupported(_)), "{error}");
     }
 }

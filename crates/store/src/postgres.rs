@@ -1,0 +1,275 @@
+//! The shared engine: the same tables in PostgreSQL, one SQL table per Limbic table with `bytea`
+//! keys (PostgreSQL orders `bytea` bytewise, as RocksDB orders keys) and one transaction per batch.
+//!
+//! The store's API is synchronous, like RocksDB's, and is called from the server's async tasks.
+//! The connections therefore live on a runtime of their own (two threads); a call hands its
+//! query to that runtime and waits for the answer, as it would wait for RocksDB's disk.
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    future::Future,
+    sync::mpsc,
+};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::{NoTls, config::SslMode};
+
+use super::{Entry, KeyRange, Op, Result, StoreError, Table, tables};
+
+/// Held by the node that uses the database, so that a second node refuses to start until the
+/// cluster mode that shares it exists (advisory lock keys are any 64-bit number: "limbic").
+const NODE_LOCK: i64 = 0x6c_69_6d_62_69_63;
+
+/// A scan's first page is small (many scans read one entry); later pages grow up to the last.
+const FIRST_PAGE: i64 = 32;
+const LAST_PAGE: i64 = 1024;
+
+pub(crate) struct Postgres {
+    runtime: Option<tokio::runtime::Runtime>,
+    pool: Pool,
+    /// The session holding [`NODE_LOCK`]; the lock goes with it.
+    _lock: tokio_postgres::Client,
+}
+
+/// The SQL name of a table.
+fn sql_table(table: Table) -> String {
+    format!("limbic_{}", table.name())
+}
+
+impl Postgres {
+    /// Connects to `url` (a `postgresql://` URL or `key=value` pairs), takes the node lock and
+    /// creates the tables that are missing.
+    pub(crate) fn open(url: &str, pool_size: usize, node_name: &str) -> Result<Self> {
+        let mut config: tokio_postgres::Config = url.parse()?;
+        if config.get_ssl_mode() == SslMode::Require {
+            return Err(StoreError::Unsupported("sslmode=require: connections to PostgreSQL are not encrypted yet; use a local or tunnelled connection"));
+        }
+        // Operators see which node a session belongs to (pg_stat_activity).
+        config.application_name(format!("limbic {node_name}"));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("limbic-postgres")
+            .enable_all()
+            .build()
+            .map_err(StoreError::Runtime)?;
+        let manager = Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Pool(e.to_string()))?;
+        let lock = block_on(&runtime, async move {
+            let (client, connection) = config.connect(NoTls).await?;
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::error!(%error, "the PostgreSQL session holding the node lock ended");
+                }
+            });
+            let row = client.query_one("SELECT pg_try_advisory_lock($1)", &[&NODE_LOCK]).await?;
+            if !row.get::<_, bool>(0) {
+                return Err(StoreError::Locked);
+            }
+            let schema: String = tables::ALL
+                .iter()
+                .map(|t| format!("CREATE TABLE IF NOT EXISTS {} (k bytea PRIMARY KEY, v bytea NOT NULL);", sql_table(*t)))
+                .collect();
+            client.batch_execute(&schema).await?;
+            Ok(client)
+        })?;
+        Ok(Self { runtime: Some(runtime), pool, _lock: lock })
+    }
+
+    /// Runs `work` on the engine's runtime and waits for its result.
+    fn run<T: Send + 'static>(&self, work: impl Future<Output = Result<T>> + Send + 'static) -> Result<T> {
+        block_on(self.runtime.as_ref().expect("the runtime lives as long as the engine"), work)
+    }
+
+    pub(crate) fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let (pool, key) = (self.pool.clone(), key.to_vec());
+        self.run(async move {
+            let client = pool.get().await?;
+            let statement = client.prepare_cached(&format!("SELECT v FROM {} WHERE k = $1", sql_table(table))).await?;
+            Ok(client.query_opt(&statement, &[&key]).await?.map(|row| row.get(0)))
+        })
+    }
+
+    pub(crate) fn contains(&self, table: Table, key: &[u8]) -> Result<bool> {
+        let (pool, key) = (self.pool.clone(), key.to_vec());
+        self.run(async move {
+            let client = pool.get().await?;
+            let statement = client.prepare_cached(&format!("SELECT 1 FROM {} WHERE k = $1", sql_table(table))).await?;
+            Ok(client.query_opt(&statement, &[&key]).await?.is_some())
+        })
+    }
+
+    pub(crate) fn scan(&self, table: Table, range: KeyRange, reverse: bool) -> Scan<'_> {
+        Scan { engine: self, table, range, reverse, page: VecDeque::new(), page_size: FIRST_PAGE, done: false }
+    }
+
+    /// One page of a scan: up to `limit` entries of `range`, nearest its start (or its end).
+    fn page(&self, table: Table, range: &KeyRange, reverse: bool, limit: i64) -> Result<Vec<Entry>> {
+        let pool = self.pool.clone();
+        let (start, end) = (range.start.clone(), range.end.clone());
+        self.run(async move {
+            let client = pool.get().await?;
+            let order = if reverse { "DESC" } else { "ASC" };
+            let table = sql_table(table);
+            let rows = match &end {
+                Some(end) => {
+                    let sql = format!("SELECT k, v FROM {table} WHERE k >= $1 AND k < $2 ORDER BY k {order} LIMIT $3");
+                    client.query(&client.prepare_cached(&sql).await?, &[&start, end, &limit]).await?
+                }
+                None => {
+                    let sql = format!("SELECT k, v FROM {table} WHERE k >= $1 ORDER BY k {order} LIMIT $2");
+                    client.query(&client.prepare_cached(&sql).await?, &[&start, &limit]).await?
+                }
+            };
+            Ok(rows
+                .into_iter()
+                .map(|row| (row.get::<_, Vec<u8>>(0).into_boxed_slice(), row.get::<_, Vec<u8>>(1).into_boxed_slice()))
+                .collect())
+        })
+    }
+
+    /// Commits the operations in one transaction; the last operation on a key wins, as in a
+    /// RocksDB batch. `durable: false` commits without waiting for the WAL to reach the disk.
+    pub(crate) fn write(&self, ops: Vec<Op>, durable: bool) -> Result<()> {
+        let changes = TableChanges::from_ops(ops);
+        let pool = self.pool.clone();
+        self.run(async move {
+            let mut client = pool.get().await?;
+            let transaction = client.transaction().await?;
+            if !durable {
+                transaction.batch_execute("SET LOCAL synchronous_commit TO OFF").await?;
+            }
+            for (table, change) in changes.0 {
+                let table = sql_table(table);
+                if !change.put_keys.is_empty() {
+                    let sql = format!(
+                        "INSERT INTO {table} (k, v) SELECT * FROM unnest($1::bytea[], $2::bytea[]) \
+                         ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v"
+                    );
+                    let statement = transaction.prepare_cached(&sql).await?;
+                    transaction.execute(&statement, &[&change.put_keys, &change.put_values]).await?;
+                }
+                if !change.deletes.is_empty() {
+                    let statement = transaction.prepare_cached(&format!("DELETE FROM {table} WHERE k = ANY($1)")).await?;
+                    transaction.execute(&statement, &[&change.deletes]).await?;
+                }
+            }
+            transaction.commit().await?;
+            Ok(())
+        })
+    }
+
+    pub(crate) fn approximate_size(&self) -> Result<u64> {
+        let pool = self.pool.clone();
+        self.run(async move {
+            let client = pool.get().await?;
+            let row = client.query_one("SELECT pg_database_size(current_database())", &[]).await?;
+            Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+        })
+    }
+
+    /// Rewrites the table, so that overwritten values leave the files on disk.
+    pub(crate) fn compact(&self, table: Table) -> Result<()> {
+        let pool = self.pool.clone();
+        self.run(async move {
+            let client = pool.get().await?;
+            client.batch_execute(&format!("VACUUM FULL {}", sql_table(table))).await?;
+            Ok(())
+        })
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which panics inside the server's own async tasks.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+fn block_on<T: Send + 'static>(runtime: &tokio::runtime::Runtime, work: impl Future<Output = Result<T>> + Send + 'static) -> Result<T> {
+    let (reply, answer) = mpsc::sync_channel(1);
+    runtime.spawn(async move {
+        let _ = reply.send(work.await);
+    });
+    answer.recv().map_err(|_| StoreError::Unavailable)?
+}
+
+/// A batch's net effect, per table: what to upsert and what to delete.
+#[derive(Default)]
+struct TableChanges(HashMap<Table, Change>);
+
+#[derive(Default)]
+struct Change {
+    put_keys: Vec<Vec<u8>>,
+    put_values: Vec<Vec<u8>>,
+    deletes: Vec<Vec<u8>>,
+}
+
+impl TableChanges {
+    fn from_ops(ops: Vec<Op>) -> Self {
+        let mut changes = Self::default();
+        let mut seen = HashSet::new();
+        // Newest first: the first operation met on a key is the one that stands.
+        for op in ops.into_iter().rev() {
+            let (table, key) = match &op {
+                Op::Put { table, key, .. } | Op::Delete { table, key } => (*table, key),
+            };
+            if !seen.insert((table, key.clone())) {
+                continue;
+            }
+            let change = changes.0.entry(table).or_default();
+            match op {
+                Op::Put { key, value, .. } => {
+                    change.put_keys.push(key);
+                    change.put_values.push(value);
+                }
+                Op::Delete { key, .. } => change.deletes.push(key),
+            }
+        }
+        changes
+    }
+}
+
+/// A range scan read page by page (keyset paging: each page starts after the last key read).
+pub(crate) struct Scan<'a> {
+    engine: &'a Postgres,
+    table: Table,
+    range: KeyRange,
+    reverse: bool,
+    page: VecDeque<Entry>,
+    page_size: i64,
+    done: bool,
+}
+
+impl Iterator for Scan<'_> {
+    type Item = Result<Entry>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.page.is_empty() && !self.done {
+            match self.engine.page(self.table, &self.range, self.reverse, self.page_size) {
+                Ok(entries) => {
+                    self.done = (entries.len() as i64) < self.page_size;
+                    if let Some((last, _)) = entries.last() {
+                        if self.reverse {
+                            self.range.end = Some(last.to_vec());
+                        } else {
+                            self.range.start = [last, &[0][..]].concat();
+                        }
+                    }
+                    self.page = entries.into();
+                    self.page_size = (self.page_size * 4).min(LAST_PAGE);
+                }
+                Err(error) => {
+                    self.done = true;
+                    return Some(Err(error));
+                }
+            }
+        }
+        self.page.pop_front().map(Ok)
+    }
+}
