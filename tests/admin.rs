@@ -622,7 +622,7 @@ async fn audit_log_records_logins_and_memberships_and_detects_tampering() {
     let intact = server.run_cli(&["audit", "verify"], "");
     assert!(intact.status.success(), "{}", String::from_utf8_lossy(&intact.stderr));
     {
-        let store = limbic_server::store::Store::open(&server.store_dir().join("db")).unwrap();
+        let store = server.open_store();
         let key = 3u64.to_be_bytes();
         let mut entry: serde_json::Value = store.get_json(limbic_server::store::tables::AUDIT_LOG, &key).unwrap().unwrap();
         entry["target"] = json!("@someone-else:test.local");

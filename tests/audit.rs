@@ -33,7 +33,7 @@ async fn verify(admin: &Client, head: Option<&Value>) -> Value {
 }
 
 fn open_store(server: &TestServer) -> Store {
-    Store::open(&server.store_dir().join("db")).unwrap()
+    server.open_store()
 }
 
 fn entry(store: &Store, seq: u64) -> Value {

@@ -540,8 +540,8 @@ async fn a_server_that_missed_events_fetches_them_when_the_next_one_arrives() {
     alice.send_text(&room, "m2", "missed two").await;
     a.server.stop().await;
     {
-        use limbic_server::store::{Store, tables};
-        let store = Store::open(&a.server.store_dir().join("db")).unwrap();
+        use limbic_server::store::tables;
+        let store = a.server.open_store();
         let keys: Vec<_> = store.scan_prefix(tables::FEDERATION_OUTBOX, Vec::new(), false).map(|item| item.unwrap().0).collect();
         assert!(!keys.is_empty(), "the events were queued for B");
         let mut batch = store.batch();
@@ -720,7 +720,7 @@ async fn a_message_sent_before_its_sender_heard_of_their_ban_is_soft_failed() {
 async fn signing_key_of(server: &mut Federated) -> limbic_server::events::ServerSigningKey {
     server.server.stop().await;
     let key = {
-        let store = limbic_server::store::Store::open(&server.server.store_dir().join("db")).unwrap();
+        let store = server.server.open_store();
         limbic_server::events::ServerSigningKey::load_or_generate(&store, server.name.as_str().try_into().unwrap()).unwrap()
     };
     server.server.start_again().await;

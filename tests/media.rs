@@ -385,11 +385,11 @@ async fn new_media_is_served_only_by_the_authenticated_endpoints() {
 
 /// Rewrites the store record of a media id while the server is stopped.
 async fn edit_record(server: &mut TestServer, mxc: &str, edit: impl FnOnce(&mut Value)) {
-    use limbic_server::store::{Store, tables};
+    use limbic_server::store::tables;
     let media_id = mxc.rsplit('/').next().unwrap();
     server.stop().await;
     {
-        let store = Store::open(&server.store_dir().join("db")).unwrap();
+        let store = server.open_store();
         let mut record: Value = store.get_json(tables::MEDIA, media_id.as_bytes()).unwrap().expect("a media record");
         edit(&mut record);
         let mut batch = store.batch();

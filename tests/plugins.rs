@@ -270,8 +270,18 @@ async fn a_stored_caldav_password_is_sealed_on_disk_and_read_back_after_a_restar
     let caldav = json!({ "url": "http://127.0.0.1:9/kim/", "username": "kim-at-dav", "password": password });
     kim.ok(Method::PUT, "/_limbic/plugins/calendar/caldav", Some(caldav)).await;
     server.stop().await;
-    let files = files_under(server.store_dir());
-    assert!(files.iter().any(|f| f.extension().is_some_and(|e| e == "log")), "the store's write-ahead log is among {files:?}");
+    // The engine's files, write-ahead log included: the server's directory, or PostgreSQL's
+    // (the cluster all the tests of this binary share).
+    let files = if common::on_postgres() {
+        let mut files = files_under(server.store_dir());
+        files.extend(files_under(&limbic_test_postgres::TempPostgres::shared().data_dir()));
+        assert!(files.iter().any(|f| f.parent().is_some_and(|p| p.ends_with("pg_wal"))), "PostgreSQL's write-ahead log is among {files:?}");
+        files
+    } else {
+        let files = files_under(server.store_dir());
+        assert!(files.iter().any(|f| f.extension().is_some_and(|e| e == "log")), "the store's write-ahead log is among {files:?}");
+        files
+    };
     for file in &files {
         let bytes = std::fs::read(file).unwrap();
         assert!(!bytes.windows(password.len()).any(|w| w == password.as_bytes()), "the password in plaintext in {}", file.display());

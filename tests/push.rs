@@ -325,13 +325,13 @@ async fn admin_device_deletion_password_reset_and_deactivation_end_the_pushers()
 /// user is signed out of every other session.
 #[tokio::test]
 async fn pushers_without_a_known_owner_end_when_the_user_signs_out_everywhere_else() {
-    use limbic_server::store::{Key, Store, tables};
+    use limbic_server::store::{Key, tables};
     let mut server = TestServer::start().await;
     let bob = server.register("bob").await;
     let other = log_in(&server, "bob").await;
     server.stop().await;
     {
-        let store = Store::open(&server.store_dir().join("db")).unwrap();
+        let store = server.open_store();
         let pusher = json!({
             "kind": "http", "app_id": "org.limbic.test", "pushkey": "unowned", "app_display_name": "Test",
             "device_display_name": "Phone", "lang": "en", "data": { "url": "https://push.example.org/_matrix/push/v1/notify" }

@@ -11,7 +11,7 @@ use std::{
 
 use clap::{Args, Subcommand};
 
-use crate::{Error, Result, Server, admin, config::Config, store::StoreError, users::random_string};
+use crate::{Error, Result, Server, admin, config::{Config, DatabaseBackend, DatabaseConfig}, store::StoreError, users::random_string};
 
 #[derive(Subcommand)]
 pub enum UserCommand {
@@ -102,20 +102,23 @@ pub async fn run(config: Config, command: UserCommand) -> ExitCode {
 }
 
 fn open_stopped(config: Config) -> Result<std::sync::Arc<Server>, String> {
-    let store_path = config.database.path.clone();
+    let database = config.database.clone();
     Server::open(config).map_err(|e| match e {
-        Error::Store(e) => stopped_first(&store_path, e),
+        Error::Store(e) => stopped_first(&database, e),
         e => format!("cannot open the store: {e}"),
     })
 }
 
 /// Why the store did not open; in use most likely means by the running server.
-fn stopped_first(store_path: &Path, error: StoreError) -> String {
+fn stopped_first(database: &DatabaseConfig, error: StoreError) -> String {
     match error {
         StoreError::Locked => format!(
-            "the store at {} is in use, most likely by the running server: stop the server first, \
+            "{} is in use, most likely by the running server: stop the server first, \
              or use the admin API (/_synapse/admin/…) while it runs",
-            store_path.display()
+            match database.backend {
+                DatabaseBackend::RocksDb => format!("the store at {}", database.path.display()),
+                DatabaseBackend::Postgres => "the PostgreSQL database".to_owned(),
+            }
         ),
         e => format!("cannot open the store: {e}"),
     }
@@ -148,8 +151,8 @@ pub fn rotate_key(config: Config) -> ExitCode {
 /// secret kept there), not the whole server.
 pub fn coturn_config(config: Config) -> ExitCode {
     let (realm, sfu) = (config.server_name.to_string(), crate::calls::media::media_ip(&config.calls));
-    let printed = crate::store::Store::open(&config.database.path)
-        .map_err(|e| stopped_first(&config.database.path, e))
+    let printed = crate::server::open_store(&config)
+        .map_err(|e| stopped_first(&config.database, e))
         .and_then(|store| crate::calls::turn::Turn::open(&std::sync::Arc::new(store), &config.voip).map_err(|e| e.to_string()));
     match printed {
         Ok(turn) => {

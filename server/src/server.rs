@@ -5,7 +5,7 @@ use std::sync::Arc;
 use crate::{
     audit::Audit,
     clinic::Clinic,
-    config::Config,
+    config::{Config, DatabaseBackend},
     e2ee::E2ee,
     push::Push,
     error::Result,
@@ -17,6 +17,15 @@ use crate::{
     store::Store,
     users::Users,
 };
+
+/// Opens the store the config names: the embedded RocksDB store, or the PostgreSQL database.
+pub fn open_store(config: &Config) -> crate::store::Result<Store> {
+    let database = &config.database;
+    match database.backend {
+        DatabaseBackend::RocksDb => Store::open(&database.path),
+        DatabaseBackend::Postgres => Store::open_postgres(&database.url, database.pool_size, &config.cluster.node_name),
+    }
+}
 
 pub struct Server {
     pub config: Config,
@@ -65,7 +74,7 @@ impl Server {
         crate::secrets::private_dir(&config.database.path).map_err(|e| {
             crate::Error::internal(format!("cannot create {}: {e}", config.database.path.display()))
         })?;
-        let store = Arc::new(Store::open(&config.database.path)?);
+        let store = Arc::new(open_store(&config)?);
         let secrets = crate::secrets::SecretKey::load_or_create(&config.database.key_file, &store)?;
         secrets.seal_table(&store, crate::store::tables::PLUGIN_KV)?;
         let signing_key =

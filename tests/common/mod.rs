@@ -26,6 +26,14 @@ pub struct TestServer {
     env: Vec<(String, String)>,
     /// Appended to the generated config.
     extra: String,
+    /// The PostgreSQL database of the server, when the tests run on that engine.
+    postgres_url: Option<String>,
+}
+
+/// `E2E_DATABASE=postgres` runs the end-to-end tests on the PostgreSQL engine: each server gets
+/// its own database in one throwaway cluster per test binary.
+pub fn on_postgres() -> bool {
+    std::env::var("E2E_DATABASE").as_deref() == Ok("postgres")
 }
 
 pub const SHARED_SECRET: &str = "test-shared-secret-0123456789abcdef";
@@ -77,6 +85,7 @@ impl TestServer {
             dir,
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             extra: extra.to_owned(),
+            postgres_url: on_postgres().then(|| limbic_test_postgres::TempPostgres::shared().new_database("e2e")),
         };
         server.spawn().await?;
         Ok(server)
@@ -92,6 +101,14 @@ impl TestServer {
         self.dir.path()
     }
 
+    /// The server's store, opened by the test (the server must be stopped: it holds the store).
+    pub fn open_store(&self) -> limbic_server::store::Store {
+        match &self.postgres_url {
+            Some(url) => limbic_server::store::Store::open_postgres(url, 2, "test").unwrap(),
+            None => limbic_server::store::Store::open(&self.dir.path().join("db")).unwrap(),
+        }
+    }
+
     fn config_path(&self) -> PathBuf {
         self.dir.path().join("limbic.toml")
     }
@@ -100,7 +117,7 @@ impl TestServer {
         let config = format!(
             "server_name = \"test.local\"\n\
              [listen]\naddress = \"127.0.0.1\"\nport = {port}\n\
-             [database]\npath = \"{db}\"\n\
+             [database]\npath = \"{db}\"\n{postgres}\
              [logging]\nlevel = \"warn\"\n\
              [registration]\nmode = \"open\"\nshared_secret = \"{SHARED_SECRET}\"\n\
              [rate_limits]\nenabled = false\n\
@@ -111,6 +128,10 @@ impl TestServer {
              [calls]\nudp_address = \"127.0.0.1\"\nudp_port = 0\ntcp_port = 0\n",
             port = self.port,
             db = self.dir.path().join("db").display(),
+            postgres = match &self.postgres_url {
+                Some(url) => format!("backend = \"postgres\"\nurl = \"{url}\"\npool_size = 4\n[cluster]\nnode_name = \"test\"\n"),
+                None => String::new(),
+            },
         );
         let mut file = std::fs::File::create(self.config_path()).unwrap();
         file.write_all(config.as_bytes()).unwrap();

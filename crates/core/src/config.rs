@@ -25,6 +25,8 @@ pub struct Config {
     pub listen: ListenConfig,
     pub database: DatabaseConfig,
     #[serde(default)]
+    pub cluster: ClusterConfig,
+    #[serde(default)]
     pub logging: LoggingConfig,
     #[serde(default)]
     pub registration: RegistrationConfig,
@@ -368,11 +370,44 @@ impl Default for ListenConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
+    #[serde(default)]
+    pub backend: DatabaseBackend,
+    /// The node's own directory: the RocksDB store, and the default place of the key files and
+    /// the media beside it.
     pub path: PathBuf,
+    /// With `backend = "postgres"`: a `postgresql://` URL or libpq's `key=value` pairs.
+    #[serde(default)]
+    pub url: String,
+    /// With `backend = "postgres"`: connections to PostgreSQL at most.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
     /// The key sealing secrets kept in the store (plugins' stored values), outside the store;
     /// created `0600` on first start. Empty: the database path with `.key` appended.
     #[serde(default)]
     pub key_file: PathBuf,
+}
+
+fn default_pool_size() -> usize {
+    16
+}
+
+/// Where the tables live.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatabaseBackend {
+    /// Embedded RocksDB in `database.path`: one node.
+    #[default]
+    RocksDb,
+    /// PostgreSQL at `database.url`.
+    Postgres,
+}
+
+/// `[cluster]`: this node among the nodes that share a PostgreSQL database.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Unique per process; required with `database.backend = "postgres"`.
+    pub node_name: String,
 }
 
 /// The audit log (spec/audit.md).
@@ -626,6 +661,17 @@ impl Config {
         if self.database.path.as_os_str().is_empty() {
             return Err(ConfigError::Invalid { key: "database.path", reason: "must not be empty".into() });
         }
+        if self.database.backend == DatabaseBackend::Postgres {
+            if self.database.url.is_empty() {
+                return Err(ConfigError::Invalid { key: "database.url", reason: "backend \"postgres\" needs the database's URL".into() });
+            }
+            if self.cluster.node_name.is_empty() {
+                return Err(ConfigError::Invalid { key: "cluster.node_name", reason: "backend \"postgres\" needs a name for this node, unique among the nodes".into() });
+            }
+        }
+        if self.database.pool_size == 0 {
+            return Err(ConfigError::Invalid { key: "database.pool_size", reason: "must be at least 1".into() });
+        }
         if let Some(reason) = weak_shared_secret(&self.registration.shared_secret) {
             return Err(ConfigError::Invalid { key: "registration.shared_secret", reason: reason.into() });
         }
@@ -841,6 +887,21 @@ mod tests {
         assert!(with(&[("LIMBIC_VOIP__TURN_TLS_CERT", "/etc/turn/cert.pem"), ("LIMBIC_VOIP__TURN_TLS_KEY", "/etc/turn/key.pem")]).is_ok());
         let error = with(&[("LIMBIC_VOIP__TURN_TLS_CERT", "/etc/turn/cert.pem")]).unwrap_err().to_string();
         assert!(error.contains("voip.turn_tls_key"), "{error}");
+    }
+
+    #[test]
+    fn the_postgres_backend_needs_its_url_and_a_node_name() {
+        let with = |vars: &[(&str, &str)]| Config::from_toml(EXAMPLE, vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        let postgres = ("LIMBIC_DATABASE__BACKEND", "postgres");
+        let url = ("LIMBIC_DATABASE__URL", "postgresql://limbic@127.0.0.1/limbic");
+        let node = ("LIMBIC_CLUSTER__NODE_NAME", "node-a");
+        let config = with(&[postgres, url, node, ("LIMBIC_DATABASE__POOL_SIZE", "4")]).unwrap();
+        assert_eq!((config.database.backend, config.database.pool_size), (DatabaseBackend::Postgres, 4));
+        assert_eq!(config.cluster.node_name, "node-a");
+        assert!(with(&[postgres, node]).unwrap_err().to_string().contains("database.url"));
+        assert!(with(&[postgres, url]).unwrap_err().to_string().contains("cluster.node_name"));
+        assert!(with(&[("LIMBIC_DATABASE__BACKEND", "mysql")]).is_err());
+        assert!(with(&[("LIMBIC_DATABASE__POOL_SIZE", "0")]).unwrap_err().to_string().contains("database.pool_size"));
     }
 
     #[test]

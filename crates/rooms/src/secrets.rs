@@ -117,7 +117,7 @@ impl SecretKey {
         }
         if sealed > 0 {
             store.write(batch)?;
-            store.compact(table);
+            store.compact(table)?;
             tracing::info!(table = table.name(), values = sealed, "sealed values stored in plaintext by an earlier version");
         }
         Ok(sealed)

@@ -25,7 +25,7 @@ const FIRST_PAGE: i64 = 32;
 const LAST_PAGE: i64 = 1024;
 
 pub(crate) struct Postgres {
-    runtime: Option<tokio::runtime::Runtime>,
+    runtime: EngineRuntime,
     pool: Pool,
     /// The session holding [`NODE_LOCK`]; the lock goes with it.
     _lock: tokio_postgres::Client,
@@ -46,12 +46,14 @@ impl Postgres {
         }
         // Operators see which node a session belongs to (pg_stat_activity).
         config.application_name(format!("limbic {node_name}"));
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("limbic-postgres")
-            .enable_all()
-            .build()
-            .map_err(StoreError::Runtime)?;
+        let runtime = EngineRuntime(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("limbic-postgres")
+                .enable_all()
+                .build()
+                .map_err(StoreError::Runtime)?,
+        ));
         let manager = Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(pool_size.max(1))
@@ -76,12 +78,12 @@ impl Postgres {
             client.batch_execute(&schema).await?;
             Ok(client)
         })?;
-        Ok(Self { runtime: Some(runtime), pool, _lock: lock })
+        Ok(Self { runtime, pool, _lock: lock })
     }
 
     /// Runs `work` on the engine's runtime and waits for its result.
     fn run<T: Send + 'static>(&self, work: impl Future<Output = Result<T>> + Send + 'static) -> Result<T> {
-        block_on(self.runtime.as_ref().expect("the runtime lives as long as the engine"), work)
+        block_on(&self.runtime, work)
     }
 
     pub(crate) fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
@@ -182,18 +184,21 @@ impl Postgres {
     }
 }
 
-impl Drop for Postgres {
+/// The runtime of the engine's connections.
+struct EngineRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for EngineRuntime {
     fn drop(&mut self) {
         // Dropping a runtime blocks, which panics inside the server's own async tasks.
-        if let Some(runtime) = self.runtime.take() {
+        if let Some(runtime) = self.0.take() {
             runtime.shutdown_background();
         }
     }
 }
 
-fn block_on<T: Send + 'static>(runtime: &tokio::runtime::Runtime, work: impl Future<Output = Result<T>> + Send + 'static) -> Result<T> {
+fn block_on<T: Send + 'static>(runtime: &EngineRuntime, work: impl Future<Output = Result<T>> + Send + 'static) -> Result<T> {
     let (reply, answer) = mpsc::sync_channel(1);
-    runtime.spawn(async move {
+    runtime.0.as_ref().expect("the runtime lives as long as the engine").spawn(async move {
         let _ = reply.send(work.await);
     });
     answer.recv().map_err(|_| StoreError::Unavailable)?

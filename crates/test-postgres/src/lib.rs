@@ -23,7 +23,7 @@ pub struct TempPostgres {
     server: Child,
     port: u16,
     bin: PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl TempPostgres {
@@ -79,7 +79,7 @@ impl TempPostgres {
             .stderr(log)
             .spawn()
             .expect("postgres starts");
-        let postgres = Self { server, port, bin, _dir: dir };
+        let postgres = Self { server, port, bin, dir };
         postgres.wait_ready();
         postgres
     }
@@ -114,6 +114,11 @@ impl TempPostgres {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let name = format!("{purpose}_{}", NEXT.fetch_add(1, Ordering::Relaxed));
         self.database(&name)
+    }
+
+    /// The cluster's data directory (its tables' files and write-ahead log).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
     }
 
     pub fn port(&self) -> u16 {
