@@ -146,6 +146,46 @@ pub fn rotate_key(config: Config) -> ExitCode {
     }
 }
 
+/// `limbic migrate`: copies the RocksDB store at `[database] path` into the PostgreSQL database
+/// the config names (`backend = "postgres"`), compares the two entry by entry, and records the
+/// move in the (copied) audit log. Both must be unused: the server stopped, the database empty.
+pub fn migrate(config: Config) -> ExitCode {
+    match migrate_store(&config) {
+        Ok(counts) => {
+            let total: u64 = counts.iter().map(|(_, n)| n).sum();
+            for (table, entries) in counts.iter().filter(|(_, n)| *n > 0) {
+                println!("{:<24} {entries}", table.name());
+            }
+            println!("copied and verified {total} entries from {} into PostgreSQL", config.database.path.display());
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("limbic: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn migrate_store(config: &Config) -> Result<Vec<(crate::store::Table, u64)>, String> {
+    if config.database.backend != DatabaseBackend::Postgres {
+        return Err("set [database] backend = \"postgres\" and its url: the store is copied into that database".into());
+    }
+    let path = &config.database.path;
+    // RocksDB would create an empty store where none is, and the copy would be empty too.
+    if !path.join("CURRENT").is_file() {
+        return Err(format!("no RocksDB store at {} ([database] path)", path.display()));
+    }
+    let rocksdb = DatabaseConfig { backend: DatabaseBackend::RocksDb, ..config.database.clone() };
+    let source = crate::store::Store::open(path).map_err(|e| stopped_first(&rocksdb, e))?;
+    let target = crate::server::open_store(config).map_err(|e| stopped_first(&config.database, e))?;
+    let counts = source.migrate_into(&target).map_err(|e| e.to_string())?;
+    let audit = crate::audit::Audit::load(&target, &config.audit.key_file).map_err(|e| e.to_string())?;
+    let total: u64 = counts.iter().map(|(_, n)| n).sum();
+    let record = crate::audit::AuditRecord::new("store_migrated", "cli").details(serde_json::json!({ "from": "rocksdb", "to": "postgres", "entries": total }));
+    audit.write_with(&target, target.batch(), vec![record]).map_err(|e| e.to_string())?;
+    Ok(counts)
+}
+
 /// `limbic voip coturn-config`: coturn's configuration for `[voip]`'s TURN URIs and secret,
 /// relaying to this server's SFU only among private addresses. Only the store is opened (for a
 /// secret kept there), not the whole server.

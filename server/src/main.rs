@@ -41,6 +41,12 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Copy the RocksDB store at [database] path into the PostgreSQL database the config names
+    /// (backend = "postgres"), and verify the copy (stop the server first).
+    Migrate {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// The TURN server that relays call media (stop the server first).
     Voip {
         #[command(subcommand)]
@@ -88,7 +94,7 @@ enum AuditCommand {
 impl Command {
     fn config(&self) -> &Path {
         match self {
-            Self::Serve { config } | Self::CheckConfig { config } => config,
+            Self::Serve { config } | Self::CheckConfig { config } | Self::Migrate { config } => config,
             Self::User { command } => command.config(),
             Self::Audit { command: AuditCommand::Verify { config, .. } | AuditCommand::Head { config } } => config,
             Self::Keys { command: KeysCommand::Rotate { config } } => config,
@@ -136,6 +142,7 @@ fn main() -> ExitCode {
             Command::Audit { command: AuditCommand::Head { .. } } => return limbic_server::cli::audit_head(config),
             Command::Keys { command: KeysCommand::Rotate { .. } } => return limbic_server::cli::rotate_key(config),
             Command::Voip { command: VoipCommand::CoturnConfig { .. } } => return limbic_server::cli::coturn_config(config),
+            Command::Migrate { .. } => return limbic_server::cli::migrate(config),
             Command::Serve { .. } | Command::CheckConfig { .. } => {}
         }
         let server = match Server::open(config) {

@@ -62,9 +62,18 @@ impl TestServer {
     /// Starts a server whose config ends with `extra` (for sections such as `[[plugins]]`
     /// that environment variables cannot express).
     pub async fn start_with_toml(extra: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_on(extra, env, on_postgres()).await
+    }
+
+    /// Starts a server on the embedded RocksDB store, whatever engine the suite runs on.
+    pub async fn start_on_rocksdb() -> Self {
+        Self::start_on("", &[], false).await
+    }
+
+    async fn start_on(extra: &str, env: &[(&str, &str)], postgres: bool) -> Self {
         let mut exited = None;
         for _ in 0..START_ATTEMPTS {
-            match Self::try_start_with_toml(extra, env).await {
+            match Self::try_start(extra, env, postgres).await {
                 Ok(server) => return server,
                 Err(status) => exited = Some(status),
             }
@@ -76,6 +85,10 @@ impl TestServer {
     /// A free port can be taken by another test between finding it and the server binding it,
     /// so callers try again with new ports.
     pub async fn try_start_with_toml(extra: &str, env: &[(&str, &str)]) -> Result<Self, std::process::ExitStatus> {
+        Self::try_start(extra, env, on_postgres()).await
+    }
+
+    async fn try_start(extra: &str, env: &[(&str, &str)], postgres: bool) -> Result<Self, std::process::ExitStatus> {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut server = Self {
@@ -85,7 +98,7 @@ impl TestServer {
             dir,
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             extra: extra.to_owned(),
-            postgres_url: on_postgres().then(|| limbic_test_postgres::TempPostgres::shared().new_database("e2e")),
+            postgres_url: postgres.then(|| limbic_test_postgres::TempPostgres::shared().new_database("e2e")),
         };
         server.spawn().await?;
         Ok(server)
@@ -107,6 +120,13 @@ impl TestServer {
             Some(url) => limbic_server::store::Store::open_postgres(url, 2, "test").unwrap(),
             None => limbic_server::store::Store::open(&self.dir.path().join("db")).unwrap(),
         }
+    }
+
+    /// Points the stopped server's config at a new, empty PostgreSQL database (its RocksDB
+    /// store stays where it is, for `limbic migrate`).
+    pub fn switch_to_postgres(&mut self) {
+        self.postgres_url = Some(limbic_test_postgres::TempPostgres::shared().new_database("switched"));
+        self.write_config();
     }
 
     fn config_path(&self) -> PathBuf {

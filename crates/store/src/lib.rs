@@ -3,6 +3,7 @@
 //! the engine.
 
 mod key;
+mod migrate;
 mod postgres;
 mod rocks;
 mod stream;
@@ -12,6 +13,7 @@ use std::path::Path;
 use serde::{Serialize, de::DeserializeOwned};
 
 pub use key::{Key, KeyReader};
+pub use migrate::MigrateError;
 pub use stream::{StreamPos, StreamTicket, Streams};
 
 #[derive(Debug, thiserror::Error)]
@@ -602,6 +604,34 @@ mod tests {
         let url = TempPostgres::shared().new_database("in_use");
         let _first = reopen_postgres(&url);
         assert!(matches!(Store::open_postgres(&url, 1, "second"), Err(StoreError::Locked)));
+    }
+
+    #[test]
+    fn a_migration_copies_every_table_and_refuses_a_target_with_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = Store::open(dir.path()).unwrap();
+        let mut batch = source.batch();
+        for n in 0..2500u32 {
+            batch.put(tables::TIMELINE, &n.to_be_bytes(), &[0xFF; 100]);
+        }
+        batch.put(tables::USERS, b"@a:x", b"{}");
+        batch.put(tables::GLOBAL, b"\x00", b"");
+        source.write(batch).unwrap();
+        let target = reopen_postgres(&TempPostgres::shared().new_database("migrate"));
+
+        let counts = source.migrate_into(&target).unwrap();
+        let count = |table| counts.iter().find(|(t, _)| *t == table).unwrap().1;
+        assert_eq!((count(tables::TIMELINE), count(tables::USERS), count(tables::PDUS)), (2500, 1, 0));
+        assert_eq!(count(tables::GLOBAL), source.scan_prefix(tables::GLOBAL, Vec::new(), false).count() as u64);
+        assert_eq!(target.get(tables::TIMELINE, &2499u32.to_be_bytes()).unwrap(), Some(vec![0xFF; 100]));
+
+        assert!(matches!(source.migrate_into(&target), Err(MigrateError::TargetNotEmpty("global"))));
+        // A target that differs after the copy is caught.
+        let mut tamper = target.batch();
+        tamper.put(tables::USERS, b"@b:x", b"{}");
+        target.write(tamper).unwrap();
+        let error = source.compare(&target, tables::USERS).unwrap_err();
+        assert!(matches!(error, MigrateError::Mismatch { table: "users", .. }), "{error}");
     }
 
     #[test]
