@@ -21,7 +21,9 @@ pub enum StoreError {
     #[error("database error: {0}")]
     Engine(#[from] rocksdb::Error),
     #[error("PostgreSQL: {}", postgres_message(.0))]
-    Postgres(#[from] tokio_postgres::Error),
+    Postgres(tokio_postgres::Error),
+    #[error("this node was fenced by the others (its session or its lease ended): it can no longer write")]
+    Fenced,
     #[error("PostgreSQL connection pool: {0}")]
     Pool(String),
     #[error("the database engine's runtime: {0}")]
@@ -32,6 +34,8 @@ pub enum StoreError {
     Unsupported(&'static str),
     #[error("the database is in use by another process")]
     Locked,
+    #[error("node {0} uses this database: several nodes on one database are not supported yet")]
+    OtherNode(String),
     #[error("corrupt record in table {table}: {reason}")]
     Corrupt { table: &'static str, reason: String },
     #[error("cannot encode record for table {table}: {reason}")]
@@ -40,10 +44,16 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(error: tokio_postgres::Error) -> Self {
+        if postgres::is_fenced(&error) { Self::Fenced } else { Self::Postgres(error) }
+    }
+}
+
 impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(error: deadpool_postgres::PoolError) -> Self {
         match error {
-            deadpool_postgres::PoolError::Backend(error) => Self::Postgres(error),
+            deadpool_postgres::PoolError::Backend(error) => Self::from(error),
             other => Self::Pool(other.to_string()),
         }
     }
@@ -246,23 +256,23 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the embedded RocksDB store in `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        Self::with_engine(Engine::RocksDb(rocks::RocksDb::open(path)?))
+        let db = rocks::RocksDb::open(path)?;
+        Ok(Self { streams: Streams::load(db.get(tables::GLOBAL, stream::RESERVATION_KEY)?)?, engine: Engine::RocksDb(db) })
     }
 
     /// Connects to the PostgreSQL database at `url` with up to `pool_size` connections,
     /// creating the tables that are missing; `node_name` names the node's sessions.
     pub fn open_postgres(url: &str, pool_size: usize, node_name: &str) -> Result<Self> {
-        Self::with_engine(Engine::Postgres(postgres::Postgres::open(url, pool_size, node_name)?))
+        Self::open_node(url, pool_size, node_name, false)
     }
 
-    fn with_engine(engine: Engine) -> Result<Self> {
-        let reserved = match &engine {
-            Engine::RocksDb(db) => db.get(tables::GLOBAL, stream::RESERVATION_KEY)?,
-            Engine::Postgres(db) => db.get(tables::GLOBAL, stream::RESERVATION_KEY)?,
-        };
-        let streams = Streams::load(reserved)?;
-        Ok(Self { engine, streams })
+    /// [`Self::open_postgres`] beside other live nodes (`others_allowed`), which only the
+    /// store's own tests do until every node-local cache of the server is shared.
+    fn open_node(url: &str, pool_size: usize, node_name: &str, others_allowed: bool) -> Result<Self> {
+        let engine = postgres::Postgres::open(url, pool_size, node_name, others_allowed)?;
+        Ok(Self { streams: engine.streams(), engine: Engine::Postgres(engine) })
     }
+
 
     pub fn streams(&self) -> &Streams {
         &self.streams
@@ -600,10 +610,65 @@ mod tests {
     }
 
     #[test]
-    fn a_database_in_use_refuses_a_second_node() {
+    fn a_database_in_use_refuses_a_second_process_of_the_node_and_another_node() {
         let url = TempPostgres::shared().new_database("in_use");
         let _first = reopen_postgres(&url);
-        assert!(matches!(Store::open_postgres(&url, 1, "second"), Err(StoreError::Locked)));
+        assert!(matches!(Store::open_postgres(&url, 1, "test"), Err(StoreError::Locked)));
+        let refused = Store::open_postgres(&url, 1, "second");
+        assert!(matches!(&refused, Err(StoreError::OtherNode(name)) if name == "test"), "{:?}", refused.err());
+    }
+
+    fn wait_until(what: &str, done: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn two_nodes_share_one_order_and_each_serves_only_what_both_finished() {
+        let url = TempPostgres::shared().new_database("two_nodes");
+        let (a, b) = (Store::open_node(&url, 2, "a", true).unwrap(), Store::open_node(&url, 2, "b", true).unwrap());
+        let first = a.streams().allocate(&a).unwrap();
+        let second = b.streams().allocate(&b).unwrap();
+        let (p1, p2) = (first.pos(), second.pos());
+        assert!(p2 > p1, "one order across the nodes");
+        drop(second);
+        assert!(b.streams().current() < p1, "b waits for a's write still in flight");
+        assert!(a.streams().current() < p1);
+        let woken = b.streams().subscribe();
+        drop(first);
+        assert!(a.streams().current() >= p2, "a finished the last write in flight");
+        wait_until("b hears that a finished", || b.streams().current() >= p2);
+        assert!(woken.has_changed().unwrap(), "b's long-polls are woken");
+    }
+
+    #[test]
+    fn a_node_that_dies_is_fenced_and_no_longer_holds_the_others_back() {
+        let postgres = TempPostgres::shared();
+        let url = postgres.new_database("fencing");
+        let database = url.rsplit('/').next().unwrap();
+        let (a, b) = (Store::open_node(&url, 2, "a", true).unwrap(), Store::open_node(&url, 2, "b", true).unwrap());
+        let held = a.streams().allocate(&a).unwrap();
+        let pos = held.pos();
+        // a stops in the middle of a write: its ticket is never dropped, and its node session
+        // ends (as the process's would).
+        std::mem::forget(held);
+        postgres.psql(database, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'limbic a (node)'");
+        wait_until("b fences a and serves past its position", || b.streams().current() >= pos);
+        let mut late = a.batch();
+        late.put(tables::USERS, b"@late:x", b"{}");
+        assert!(matches!(a.write(late), Err(StoreError::Fenced)), "a fenced node writes nothing");
+        assert!(!b.contains(tables::USERS, b"@late:x").unwrap());
+        assert!(b.streams().allocate(&b).unwrap().pos() > pos);
+        drop(a);
+        // Started again under its name, a is a live node again.
+        let a = Store::open_node(&url, 2, "a", true).unwrap();
+        let mut batch = a.batch();
+        batch.put(tables::USERS, b"@again:x", b"{}");
+        a.write(batch).unwrap();
+        assert!(b.contains(tables::USERS, b"@again:x").unwrap());
     }
 
     #[test]

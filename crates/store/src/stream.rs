@@ -1,6 +1,7 @@
 //! The global stream position: one monotonically increasing counter that orders everything a
-//! client can sync. Positions are reserved in blocks on disk so that restarts never reuse one,
-//! and a watermark tells readers up to where every allocated position has been written.
+//! client can sync, and a watermark that tells readers up to where every allocated position has
+//! been written. The embedded engine reserves positions in blocks on disk, so that restarts never
+//! reuse one; on PostgreSQL, nodes share a sequence and the database keeps what is in flight.
 
 use std::{
     collections::BTreeSet,
@@ -13,6 +14,7 @@ use super::{Result, StoreError, tables};
 
 pub type StreamPos = u64;
 
+/// The end of the block of positions reserved on disk (the embedded engine).
 pub(crate) const RESERVATION_KEY: &[u8] = b"stream_reserved";
 const RESERVATION_BLOCK: u64 = 1024;
 
@@ -22,30 +24,43 @@ struct Allocator {
     in_flight: BTreeSet<StreamPos>,
 }
 
+/// Positions shared by several nodes (the PostgreSQL engine): each allocation and each finished
+/// write goes through the database, which computes the watermark across the nodes.
+pub(crate) trait SharedPositions: Send + Sync {
+    fn allocate(&self) -> Result<StreamPos>;
+    /// The write carrying `pos` is finished (durable, or abandoned): the watermark moves on.
+    fn finish(&self, pos: StreamPos);
+}
+
+enum Source {
+    Local(Arc<Mutex<Allocator>>),
+    Shared(Arc<dyn SharedPositions>),
+}
+
 pub struct Streams {
-    allocator: Arc<Mutex<Allocator>>,
+    source: Source,
     watermark: watch::Sender<StreamPos>,
 }
 
 impl Streams {
     /// Resumes after `reserved`, the reservation stored under [`RESERVATION_KEY`].
     pub(super) fn load(reserved: Option<Vec<u8>>) -> Result<Self> {
-        let reserved = match reserved {
-            Some(bytes) => u64::from_be_bytes(bytes.as_slice().try_into().map_err(|_| {
-                StoreError::Corrupt { table: "global", reason: "bad stream reservation".into() }
-            })?),
-            None => 0,
-        };
+        let reserved = reserved.map(|bytes| decode_reservation(&bytes)).transpose()?.unwrap_or(0);
         // Everything up to the old reservation may have been handed out before a crash.
         let start = reserved + 1;
         Ok(Self {
-            allocator: Arc::new(Mutex::new(Allocator {
+            source: Source::Local(Arc::new(Mutex::new(Allocator {
                 next: start,
                 reserved_until: reserved,
                 in_flight: BTreeSet::new(),
-            })),
+            }))),
             watermark: watch::Sender::new(reserved),
         })
+    }
+
+    /// Positions allocated through `positions`, whose owner moves `watermark`.
+    pub(super) fn shared(positions: Arc<dyn SharedPositions>, watermark: watch::Sender<StreamPos>) -> Self {
+        Self { source: Source::Shared(positions), watermark }
     }
 
     /// The highest position at and below which every write is complete.
@@ -60,7 +75,13 @@ impl Streams {
     /// Allocates the next position. The returned ticket must live until the write carrying the
     /// position is durable; dropping it then advances the watermark.
     pub fn allocate(&self, store: &super::Store) -> Result<StreamTicket> {
-        let mut alloc = self.allocator.lock().expect("stream allocator lock");
+        let allocator = match &self.source {
+            Source::Shared(positions) => {
+                return Ok(StreamTicket { pos: positions.allocate()?, finish: Finish::Shared(positions.clone()) });
+            }
+            Source::Local(allocator) => allocator,
+        };
+        let mut alloc = allocator.lock().expect("stream allocator lock");
         if alloc.next > alloc.reserved_until {
             let until = alloc.next + RESERVATION_BLOCK;
             let mut batch = store.batch();
@@ -73,17 +94,24 @@ impl Streams {
         alloc.in_flight.insert(pos);
         Ok(StreamTicket {
             pos,
-            allocator: self.allocator.clone(),
-            watermark: self.watermark.clone(),
+            finish: Finish::Local { allocator: allocator.clone(), watermark: self.watermark.clone() },
         })
     }
+}
+
+pub(crate) fn decode_reservation(bytes: &[u8]) -> Result<StreamPos> {
+    Ok(u64::from_be_bytes(bytes.try_into().map_err(|_| StoreError::Corrupt { table: "global", reason: "bad stream reservation".into() })?))
 }
 
 /// A position being written. Dropping it marks the write finished (whether it succeeded or not).
 pub struct StreamTicket {
     pos: StreamPos,
-    allocator: Arc<Mutex<Allocator>>,
-    watermark: watch::Sender<StreamPos>,
+    finish: Finish,
+}
+
+enum Finish {
+    Local { allocator: Arc<Mutex<Allocator>>, watermark: watch::Sender<StreamPos> },
+    Shared(Arc<dyn SharedPositions>),
 }
 
 impl StreamTicket {
@@ -94,21 +122,30 @@ impl StreamTicket {
 
 impl Drop for StreamTicket {
     fn drop(&mut self) {
-        let mut alloc = self.allocator.lock().expect("stream allocator lock");
+        let (allocator, watermark) = match &self.finish {
+            Finish::Shared(positions) => return positions.finish(self.pos),
+            Finish::Local { allocator, watermark } => (allocator, watermark),
+        };
+        let mut alloc = allocator.lock().expect("stream allocator lock");
         alloc.in_flight.remove(&self.pos);
         let complete = match alloc.in_flight.first() {
             Some(first) => first - 1,
             None => alloc.next - 1,
         };
-        self.watermark.send_if_modified(|current| {
-            if complete > *current {
-                *current = complete;
-                true
-            } else {
-                false
-            }
-        });
+        advance(watermark, complete);
     }
+}
+
+/// Moves the watermark up to `complete`, never back.
+pub(crate) fn advance(watermark: &watch::Sender<StreamPos>, complete: StreamPos) {
+    watermark.send_if_modified(|current| {
+        if complete > *current {
+            *current = complete;
+            true
+        } else {
+            false
+        }
+    });
 }
 
 #[cfg(test)]

@@ -5,20 +5,20 @@
 //! The connections therefore live on a runtime of their own (two threads); a call hands its
 //! query to that runtime and waits for the answer, as it would wait for RocksDB's disk.
 
+mod nodes;
+
+pub(crate) use nodes::is_fenced;
+
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     future::Future,
-    sync::mpsc,
+    sync::{Arc, mpsc},
 };
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::{NoTls, config::SslMode};
 
-use super::{Entry, KeyRange, Op, Result, StoreError, Table, tables};
-
-/// Held by the node that uses the database, so that a second node refuses to start until the
-/// cluster mode that shares it exists (advisory lock keys are any 64-bit number: "limbic").
-const NODE_LOCK: i64 = 0x6c_69_6d_62_69_63;
+use super::{Entry, KeyRange, Op, Result, StoreError, Streams, Table, tables};
 
 /// A scan's first page is small (many scans read one entry); later pages grow up to the last.
 const FIRST_PAGE: i64 = 32;
@@ -27,8 +27,9 @@ const LAST_PAGE: i64 = 1024;
 pub(crate) struct Postgres {
     runtime: EngineRuntime,
     pool: Pool,
-    /// The session holding [`NODE_LOCK`]; the lock goes with it.
-    _lock: tokio_postgres::Client,
+    stream: Arc<nodes::SharedStream>,
+    /// The node's own session: it holds the node's lock, and the lock goes with it.
+    _session: tokio_postgres::Client,
 }
 
 /// The SQL name of a table.
@@ -37,9 +38,9 @@ fn sql_table(table: Table) -> String {
 }
 
 impl Postgres {
-    /// Connects to `url` (a `postgresql://` URL or `key=value` pairs), takes the node lock and
-    /// creates the tables that are missing.
-    pub(crate) fn open(url: &str, pool_size: usize, node_name: &str) -> Result<Self> {
+    /// Connects to `url` (a `postgresql://` URL or `key=value` pairs), creates the tables that
+    /// are missing and joins the nodes (`others_allowed: false`: as the only live one).
+    pub(crate) fn open(url: &str, pool_size: usize, node_name: &str, others_allowed: bool) -> Result<Self> {
         let mut config: tokio_postgres::Config = url.parse()?;
         if config.get_ssl_mode() == SslMode::Require {
             return Err(StoreError::Unsupported("sslmode=require: connections to PostgreSQL are not encrypted yet; use a local or tunnelled connection"));
@@ -60,30 +61,44 @@ impl Postgres {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::Pool(e.to_string()))?;
-        let lock = block_on(&runtime, async move {
-            let (client, connection) = config.connect(NoTls).await?;
-            tokio::spawn(async move {
-                if let Err(error) = connection.await {
-                    tracing::error!(%error, "the PostgreSQL session holding the node lock ended");
+        let handle = runtime.handle();
+        let mut session_config = config;
+        session_config.application_name(format!("limbic {node_name} (node)"));
+        let tables: String = tables::ALL
+            .iter()
+            .map(|t| format!("CREATE TABLE IF NOT EXISTS {} (k bytea PRIMARY KEY, v bytea NOT NULL);", sql_table(*t)))
+            .collect();
+        let name = node_name.to_owned();
+        let (session, notifications, node) = block_on(&handle, async move {
+            let (session, connection) = session_config.connect(NoTls).await?;
+            let (driver, notifications) = nodes::drive(connection);
+            match nodes::join(&session, &name, &tables, others_allowed).await {
+                Ok(node) => Ok((session, notifications, node)),
+                Err(error) => {
+                    driver.abort();
+                    Err(error)
                 }
-            });
-            let row = client.query_one("SELECT pg_try_advisory_lock($1)", &[&NODE_LOCK]).await?;
-            if !row.get::<_, bool>(0) {
-                return Err(StoreError::Locked);
             }
-            let schema: String = tables::ALL
-                .iter()
-                .map(|t| format!("CREATE TABLE IF NOT EXISTS {} (k bytea PRIMARY KEY, v bytea NOT NULL);", sql_table(*t)))
-                .collect();
-            client.batch_execute(&schema).await?;
-            Ok(client)
         })?;
-        Ok(Self { runtime, pool, _lock: lock })
+        let watermark = block_on(&handle, nodes::watermark(pool.clone()))?;
+        let stream = Arc::new(nodes::SharedStream {
+            runtime: handle.clone(),
+            pool: pool.clone(),
+            node: Arc::new(node),
+            watermark: tokio::sync::watch::Sender::new(watermark),
+        });
+        handle.spawn(nodes::keep_alive(notifications, stream.clone()));
+        Ok(Self { runtime, pool, stream, _session: session })
+    }
+
+    /// The stream positions of this node among the others.
+    pub(crate) fn streams(&self) -> Streams {
+        Streams::shared(self.stream.clone(), self.stream.watermark.clone())
     }
 
     /// Runs `work` on the engine's runtime and waits for its result.
     fn run<T: Send + 'static>(&self, work: impl Future<Output = Result<T>> + Send + 'static) -> Result<T> {
-        block_on(&self.runtime, work)
+        block_on(&self.runtime.handle(), work)
     }
 
     pub(crate) fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
@@ -137,10 +152,13 @@ impl Postgres {
     /// RocksDB batch. `durable: false` commits without waiting for the WAL to reach the disk.
     pub(crate) fn write(&self, ops: Vec<Op>, durable: bool) -> Result<()> {
         let changes = TableChanges::from_ops(ops);
-        let pool = self.pool.clone();
+        let (pool, node) = (self.pool.clone(), self.stream.node.clone());
         self.run(async move {
             let mut client = pool.get().await?;
             let transaction = client.transaction().await?;
+            // A fenced node writes nothing (nodes.rs).
+            let live = transaction.prepare_cached("SELECT limbic_node_live($1, $2)").await?;
+            transaction.query_one(&live, &[&node.name, &node.incarnation]).await?;
             if !durable {
                 transaction.batch_execute("SET LOCAL synchronous_commit TO OFF").await?;
             }
@@ -187,6 +205,12 @@ impl Postgres {
 /// The runtime of the engine's connections.
 struct EngineRuntime(Option<tokio::runtime::Runtime>);
 
+impl EngineRuntime {
+    fn handle(&self) -> tokio::runtime::Handle {
+        self.0.as_ref().expect("the runtime lives as long as the engine").handle().clone()
+    }
+}
+
 impl Drop for EngineRuntime {
     fn drop(&mut self) {
         // Dropping a runtime blocks, which panics inside the server's own async tasks.
@@ -196,9 +220,9 @@ impl Drop for EngineRuntime {
     }
 }
 
-fn block_on<T: Send + 'static>(runtime: &EngineRuntime, work: impl Future<Output = Result<T>> + Send + 'static) -> Result<T> {
+fn block_on<T: Send + 'static>(runtime: &tokio::runtime::Handle, work: impl Future<Output = Result<T>> + Send + 'static) -> Result<T> {
     let (reply, answer) = mpsc::sync_channel(1);
-    runtime.0.as_ref().expect("the runtime lives as long as the engine").spawn(async move {
+    runtime.spawn(async move {
         let _ = reply.send(work.await);
     });
     answer.recv().map_err(|_| StoreError::Unavailable)?
