@@ -71,7 +71,7 @@ impl Postgres {
         let name = node_name.to_owned();
         let (session, notifications, node) = block_on(&handle, async move {
             let (session, connection) = session_config.connect(NoTls).await?;
-            let (driver, notifications) = nodes::drive(connection);
+            let (driver, notifications) = nodes::drive(connection, name.clone());
             match nodes::join(&session, &name, &tables, others_allowed).await {
                 Ok(node) => Ok((session, notifications, node)),
                 Err(error) => {
@@ -156,27 +156,33 @@ impl Postgres {
         self.run(async move {
             let mut client = pool.get().await?;
             let transaction = client.transaction().await?;
-            // A fenced node writes nothing (nodes.rs).
-            let live = transaction.prepare_cached("SELECT limbic_node_live($1, $2)").await?;
-            transaction.query_one(&live, &[&node.name, &node.incarnation]).await?;
             if !durable {
                 transaction.batch_execute("SET LOCAL synchronous_commit TO OFF").await?;
             }
-            for (table, change) in changes.0 {
-                let table = sql_table(table);
+            // The statements go out together (one connection pipelines them), so that a database
+            // on another machine costs one round trip, not one per table. The first checks that
+            // this node is not fenced (nodes.rs); any failure aborts the transaction.
+            let mut statements: Vec<(String, Vec<&(dyn tokio_postgres::types::ToSql + Sync)>)> =
+                vec![("SELECT limbic_node_live($1, $2)".to_owned(), vec![&node.name, &node.incarnation])];
+            for (table, change) in &changes.0 {
+                let table = sql_table(*table);
                 if !change.put_keys.is_empty() {
                     let sql = format!(
                         "INSERT INTO {table} (k, v) SELECT * FROM unnest($1::bytea[], $2::bytea[]) \
                          ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v"
                     );
-                    let statement = transaction.prepare_cached(&sql).await?;
-                    transaction.execute(&statement, &[&change.put_keys, &change.put_values]).await?;
+                    statements.push((sql, vec![&change.put_keys, &change.put_values]));
                 }
                 if !change.deletes.is_empty() {
-                    let statement = transaction.prepare_cached(&format!("DELETE FROM {table} WHERE k = ANY($1)")).await?;
-                    transaction.execute(&statement, &[&change.deletes]).await?;
+                    statements.push((format!("DELETE FROM {table} WHERE k = ANY($1)"), vec![&change.deletes]));
                 }
             }
+            let pipelined = &transaction;
+            futures_util::future::try_join_all(statements.iter().map(|(sql, params)| async move {
+                let statement = pipelined.prepare_cached(sql).await?;
+                pipelined.execute(&statement, params).await
+            }))
+            .await?;
             transaction.commit().await?;
             Ok(())
         })

@@ -36,7 +36,8 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 /// node name's hash) and the stream's allocation lock ("limbic" and "stream", as numbers).
 const NODE_LOCK_CLASS: i32 = 0x6c_6d_62;
 const STREAM_LOCK: i64 = 0x73_74_72_65_61_6d;
-/// The channel on which finished writes and fenced nodes are announced.
+/// The channel on which finished writes (with the writer's name) and fenced nodes (with none)
+/// are announced.
 const CHANNEL: &str = "limbic_stream";
 /// The SQLSTATE the fence check raises.
 const FENCED: &str = "LF001";
@@ -81,10 +82,11 @@ BEGIN
     SELECT min(pos) - 1 INTO m FROM limbic_in_flight;
     RETURN LEAST(s, COALESCE(m, s));
 END $$;
-CREATE OR REPLACE FUNCTION limbic_finish(p bigint) RETURNS bigint LANGUAGE plpgsql AS $$
+DROP FUNCTION IF EXISTS limbic_finish(bigint);
+CREATE OR REPLACE FUNCTION limbic_finish(p bigint, n text) RETURNS bigint LANGUAGE plpgsql AS $$
 BEGIN
     DELETE FROM limbic_in_flight WHERE pos = p;
-    PERFORM pg_notify('{CHANNEL}', '');
+    PERFORM pg_notify('{CHANNEL}', n);
     RETURN limbic_watermark();
 END $$;
 CREATE OR REPLACE FUNCTION limbic_reap(me text) RETURNS integer LANGUAGE plpgsql AS $$
@@ -193,11 +195,11 @@ impl SharedPositions for SharedStream {
     }
 
     fn finish(&self, pos: StreamPos) {
-        let pool = self.pool.clone();
+        let (pool, node) = (self.pool.clone(), self.node.clone());
         let finished = block_on(&self.runtime, async move {
             let client = pool.get().await?;
-            let statement = client.prepare_cached("SELECT limbic_finish($1)").await?;
-            Ok(position(client.query_one(&statement, &[&(pos as i64)]).await?.get(0)))
+            let statement = client.prepare_cached("SELECT limbic_finish($1, $2)").await?;
+            Ok(position(client.query_one(&statement, &[&(pos as i64), &node.name]).await?.get(0)))
         });
         match finished {
             Ok(watermark) => advance(&self.watermark, watermark),
@@ -207,15 +209,17 @@ impl SharedPositions for SharedStream {
     }
 }
 
-/// Drives the node's session (its queries need it from the start), passing its notifications on.
+/// Drives the node's session (its queries need it from the start), passing on the notifications
+/// of the other nodes (a node already knows the watermark after its own writes).
 pub(crate) fn drive(
     mut connection: tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+    own_name: String,
 ) -> (tokio::task::JoinHandle<()>, mpsc::UnboundedReceiver<()>) {
     let (notified, notifications) = mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
         while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
             match message {
-                Ok(AsyncMessage::Notification(_)) => {
+                Ok(AsyncMessage::Notification(notification)) if notification.payload() != own_name => {
                     let _ = notified.send(());
                 }
                 Ok(_) => {}
