@@ -34,7 +34,7 @@ import sys
 HIGH = {"per_second": 100000, "burst_count": 100000}
 
 
-def synapse(path: str, port: str, secret: str, log_config: str) -> None:
+def synapse(path: str, port: str, secret: str, log_config: str, postgres: str = "") -> None:
     import yaml  # from the bench venv (a Synapse dependency)
 
     with open(path) as f:
@@ -51,7 +51,7 @@ def synapse(path: str, port: str, secret: str, log_config: str) -> None:
                     "resources": [{"names": ["client"], "compress": False}],
                 }
             ],
-            "database": {
+            "database": postgres_database(postgres) if postgres else {
                 "name": "sqlite3",
                 "args": {"database": cfg["database"]["args"]["database"]},
             },
@@ -128,6 +128,17 @@ def plugin_lines(lines: list[str], mode: str, base: str) -> list[str]:
     return kept
 
 
+def postgres_database(url: str) -> dict:
+    """Synapse's psycopg2 settings for a postgresql://user@host:port/database URL."""
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    return {
+        "name": "psycopg2",
+        "args": {"user": u.username, "host": u.hostname, "port": u.port, "database": u.path.lstrip("/"), "cp_min": 5, "cp_max": 10},
+    }
+
+
 def limbic(example: str, out: str, port: str, db_path: str, secret: str, plugins: str = "none", calls: dict[str, str] | None = None) -> None:
     import os
 
@@ -185,7 +196,7 @@ def limbic(example: str, out: str, port: str, db_path: str, secret: str, plugins
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 6 and sys.argv[1] == "synapse":
+    if len(sys.argv) in (6, 7) and sys.argv[1] == "synapse":
         synapse(*sys.argv[2:])
     elif len(sys.argv) in (7, 8) and sys.argv[1] == "limbic":
         limbic(*sys.argv[2:])
