@@ -348,6 +348,8 @@ async fn messages(
     // server never had: that history is fetched from the room's other servers, and the walk
     // goes on through it.
     let mut cursor = from;
+    let reader = crate::rooms::Reader::User(&caller.user_id);
+    let in_room = server.rooms.reader_in_room(reader, room_id)?;
     loop {
         let mut gap = None;
         let entries: Box<dyn Iterator<Item = Result<(HistoryKey, OwnedEventId)>>> = if backwards {
@@ -369,7 +371,7 @@ async fn messages(
             end = if backwards { history_key_before(key) } else { key };
             let (pdu, meta) = load_event(&server, &event_id)?;
             let has_gap = backwards && server.federation.is_some() && pdu.prev_events.iter().any(|id| !matches!(server.rooms.pdu(id), Ok(Some(_))));
-            if filter.allows(&pdu) && server.rooms.user_can_see(&caller.user_id, &pdu, &meta)? {
+            if filter.allows(&pdu) && server.rooms.can_see_in(reader, &in_room, &pdu, &meta)? {
                 chunk.push((pdu.clone(), meta));
             }
             if has_gap {

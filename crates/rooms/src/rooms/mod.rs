@@ -31,7 +31,7 @@ pub use fanout::{Delivery, Fanout, Indexer, Policy, RoomView, StagedEvent, Stagi
 pub use limbic_core::events::Membership;
 pub use pipeline::{RoomWriter, TxnInfo};
 pub use summary::SummaryView;
-pub use visibility::{ReadView, Reader};
+pub use visibility::{ReadView, Reader, ReaderInRoom};
 use state::{SnapshotCache, StateMap};
 
 use crate::{

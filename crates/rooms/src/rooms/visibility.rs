@@ -22,6 +22,13 @@ pub enum Reader<'a> {
     Server(&'a ServerName),
 }
 
+/// A reader's standing in a room now (see [`Rooms::reader_in_room`]).
+pub struct ReaderInRoom {
+    joined_now: bool,
+    /// Joined, and the room's history was never restricted: every event is visible.
+    sees_all: bool,
+}
+
 impl Reader<'_> {
     /// Whether the member event with this state key is one of the reader's.
     fn owns(&self, state_key: &str) -> bool {
@@ -69,15 +76,29 @@ impl Rooms {
         Ok(joined.then_some(meta))
     }
 
+    /// What deciding visibility needs to know of `reader` in `room_id` now: read once for
+    /// all the events of a timeline, not once per event.
+    pub fn reader_in_room(&self, reader: Reader<'_>, room_id: &RoomId) -> Result<ReaderInRoom> {
+        let joined_now = match reader {
+            Reader::User(user) => self.is_joined(room_id, user)?,
+            Reader::Server(server) => self.server_joined(room_id, server)?,
+        };
+        let sees_all = joined_now && self.room(room_id)?.is_some_and(|room| !room.history_ever_restricted);
+        Ok(ReaderInRoom { joined_now, sees_all })
+    }
+
     /// Whether `reader` may see `pdu` under the room's history visibility at the event.
     pub fn can_see(&self, reader: Reader<'_>, pdu: &Pdu, meta: &EventMeta) -> Result<bool> {
-        let joined_now = match reader {
-            Reader::User(user) => self.is_joined(&pdu.room_id, user)?,
-            Reader::Server(server) => self.server_joined(&pdu.room_id, server)?,
-        };
+        let in_room = self.reader_in_room(reader, &pdu.room_id)?;
+        self.can_see_in(reader, &in_room, pdu, meta)
+    }
+
+    /// [`Self::can_see`] with what [`Self::reader_in_room`] read for the event's room.
+    pub fn can_see_in(&self, reader: Reader<'_>, in_room: &ReaderInRoom, pdu: &Pdu, meta: &EventMeta) -> Result<bool> {
+        let joined_now = in_room.joined_now;
         // While the history was never restricted, a member sees it all; this spares /sync and
         // /messages a state lookup per event.
-        if joined_now && self.room(&pdu.room_id)?.is_some_and(|room| !room.history_ever_restricted) {
+        if in_room.sees_all {
             return Ok(true);
         }
         // Visibility and membership are those of the state before the event.

@@ -249,6 +249,8 @@ pub(crate) fn visible_timeline(
 ) -> Result<Timeline> {
     let mut events = Vec::new();
     let mut limited = false;
+    let reader = crate::rooms::Reader::User(user_id);
+    let in_room = server.rooms().reader_in_room(reader, room_id)?;
     for entry in server.rooms().timeline_before(room_id, upto) {
         let (pos, event_id) = entry?;
         if pos <= since {
@@ -256,7 +258,7 @@ pub(crate) fn visible_timeline(
         }
         let Some(pdu) = server.rooms().pdu(&event_id)? else { continue };
         let Some(meta) = server.rooms().meta(&event_id)? else { continue };
-        if filter.is_some_and(|f| !f.allows(&pdu)) || !server.rooms().user_can_see(user_id, &pdu, &meta)? {
+        if filter.is_some_and(|f| !f.allows(&pdu)) || !server.rooms().can_see_in(reader, &in_room, &pdu, &meta)? {
             continue;
         }
         if events.len() == limit {
