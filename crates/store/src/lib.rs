@@ -285,6 +285,14 @@ impl Store {
         }
     }
 
+    /// The values of `keys`, in their order: one read of the engine for all of them.
+    pub fn get_many(&self, table: Table, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>> {
+        match &self.engine {
+            Engine::RocksDb(db) => db.get_many(table, keys),
+            Engine::Postgres(db) => db.get_many(table, keys),
+        }
+    }
+
     pub fn get_json<T: DeserializeOwned>(&self, table: Table, key: &[u8]) -> Result<Option<T>> {
         self.get(table, key)?.map(|bytes| decode(table, &bytes)).transpose()
     }
@@ -590,6 +598,9 @@ mod tests {
             assert!(!store.contains(tables::PDUS, b"e1").unwrap(), "{engine}");
             assert!(store.contains(tables::PLUGIN_OUTBOX, b"cursor").unwrap(), "{engine}");
             assert_eq!(store.get(tables::USERS, b"@nobody:x").unwrap(), None, "{engine}");
+            let many = store.get_many(tables::USERS, &[b"@back:x", b"@nobody:x", b"@back:x", b"@gone:x"]).unwrap();
+            assert_eq!(many, vec![Some(b"again".to_vec()), None, Some(b"again".to_vec()), None], "{engine}: in the keys' order");
+            assert!(store.get_many(tables::USERS, &[]).unwrap().is_empty(), "{engine}");
         }
     }
 

@@ -54,6 +54,11 @@ impl RocksDb {
         Ok(self.db.get_cf(self.cf(table), key)?)
     }
 
+    pub(crate) fn get_many(&self, table: Table, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>> {
+        let cf = self.cf(table);
+        self.db.multi_get_cf(keys.iter().map(|key| (cf, *key))).into_iter().map(|value| Ok(value?)).collect()
+    }
+
     pub(crate) fn contains(&self, table: Table, key: &[u8]) -> Result<bool> {
         Ok(self.db.get_pinned_cf(self.cf(table), key)?.is_some())
     }

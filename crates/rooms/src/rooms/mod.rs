@@ -287,6 +287,21 @@ impl Rooms {
         Ok(Some(serde_json::value::to_raw_value(&object).map_err(crate::Error::internal)?))
     }
 
+    /// Events with their metadata, in the order of `ids` (`None` for those unknown): two reads
+    /// of the store for all of them.
+    pub fn events(&self, ids: &[OwnedEventId]) -> Result<Vec<Option<(Pdu, EventMeta)>>> {
+        let keys: Vec<&[u8]> = ids.iter().map(|id| id.as_bytes()).collect();
+        let pdus = self.store.get_many(tables::PDUS, &keys)?;
+        let metas = self.store.get_many(tables::EVENT_META, &keys)?;
+        pdus.into_iter()
+            .zip(metas)
+            .map(|pair| match pair {
+                (Some(pdu), Some(meta)) => Ok(Some((Pdu::from_stored(&pdu)?, crate::store::decode(tables::EVENT_META, &meta)?))),
+                _ => Ok(None),
+            })
+            .collect()
+    }
+
     pub fn meta(&self, event_id: &ruma::EventId) -> Result<Option<EventMeta>> {
         Ok(self.store.get_json(tables::EVENT_META, event_id.as_bytes())?)
     }

@@ -251,21 +251,38 @@ pub(crate) fn visible_timeline(
     let mut limited = false;
     let reader = crate::rooms::Reader::User(user_id);
     let in_room = server.rooms().reader_in_room(reader, room_id)?;
-    for entry in server.rooms().timeline_before(room_id, upto) {
-        let (pos, event_id) = entry?;
-        if pos <= since {
+    // The timeline's entries are read a chunk at a time, each chunk's events in one read of
+    // the store, until `limit` visible events and one more (to know it is limited) are found.
+    let mut entries = server.rooms().timeline_before(room_id, upto);
+    'chunks: loop {
+        let mut ids = Vec::with_capacity(limit + 1);
+        for entry in entries.by_ref() {
+            let (pos, event_id) = entry?;
+            if pos <= since {
+                break;
+            }
+            ids.push(event_id);
+            if ids.len() > limit - events.len() {
+                break;
+            }
+        }
+        if ids.is_empty() {
             break;
         }
-        let Some(pdu) = server.rooms().pdu(&event_id)? else { continue };
-        let Some(meta) = server.rooms().meta(&event_id)? else { continue };
-        if filter.is_some_and(|f| !f.allows(&pdu)) || !server.rooms().can_see_in(reader, &in_room, &pdu, &meta)? {
-            continue;
+        let exhausted = ids.len() <= limit - events.len();
+        for (pdu, meta) in server.rooms().events(&ids)?.into_iter().flatten() {
+            if filter.is_some_and(|f| !f.allows(&pdu)) || !server.rooms().can_see_in(reader, &in_room, &pdu, &meta)? {
+                continue;
+            }
+            if events.len() == limit {
+                limited = true;
+                break 'chunks;
+            }
+            events.push((pdu, meta));
         }
-        if events.len() == limit {
-            limited = true;
+        if exhausted {
             break;
         }
-        events.push((pdu, meta));
     }
     events.reverse();
     let prev_batch = events.first().map_or(upto, |(_, m)| m.pos - 1);

@@ -110,6 +110,19 @@ impl Postgres {
         })
     }
 
+    pub(crate) fn get_many(&self, table: Table, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (pool, wanted) = (self.pool.clone(), keys.iter().map(|key| key.to_vec()).collect::<Vec<_>>());
+        let found: HashMap<Vec<u8>, Vec<u8>> = self.run(async move {
+            let client = pool.get().await?;
+            let statement = client.prepare_cached(&format!("SELECT k, v FROM {} WHERE k = ANY($1)", sql_table(table))).await?;
+            Ok(client.query(&statement, &[&wanted]).await?.into_iter().map(|row| (row.get(0), row.get(1))).collect())
+        })?;
+        Ok(keys.iter().map(|key| found.get(*key).cloned()).collect())
+    }
+
     pub(crate) fn contains(&self, table: Table, key: &[u8]) -> Result<bool> {
         let (pool, key) = (self.pool.clone(), key.to_vec());
         self.run(async move {
