@@ -116,9 +116,16 @@ impl TestServer {
 
     /// The server's store, opened by the test (the server must be stopped: it holds the store).
     pub fn open_store(&self) -> limbic_server::store::Store {
-        match &self.postgres_url {
-            Some(url) => limbic_server::store::Store::open_postgres(url, 2, "test").unwrap(),
-            None => limbic_server::store::Store::open(&self.dir.path().join("db")).unwrap(),
+        use limbic_server::store::{Store, StoreError};
+        let Some(url) = &self.postgres_url else { return Store::open(&self.dir.path().join("db")).unwrap() };
+        // The stopped server's PostgreSQL session, and the node lock with it, ends a moment
+        // after its process.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match Store::open_postgres(url, 2, "test") {
+                Err(StoreError::Locked) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                opened => return opened.unwrap(),
+            }
         }
     }
 
