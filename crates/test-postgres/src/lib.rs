@@ -40,8 +40,8 @@ impl TempPostgres {
                 chown_to_nobody(path);
             }
         }
-        let run = |program: &str| {
-            let program = if program == "sh" { PathBuf::from("sh") } else { bin.join(program) };
+        // A program run as the cluster's owner.
+        let run = |program: PathBuf| {
             let mut command = if as_root {
                 let mut command = Command::new("setpriv");
                 command.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]).arg(program);
@@ -52,7 +52,7 @@ impl TempPostgres {
             command.env_remove("PGDATA").current_dir(dir.path());
             command
         };
-        let initdb = run("initdb")
+        let initdb = run(bin.join("initdb"))
             .args(["--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync", "-U", USER, "-D"])
             .arg(&data)
             .output()
@@ -65,7 +65,7 @@ impl TempPostgres {
         // shared by a whole test binary lives in a static).
         // It then deletes the cluster's directory, which a static's value never does.
         let watchdog = r#"bin="$1"; shift; "$bin" "$@" </dev/null & pg=$!; read -r _; kill -QUIT "$pg"; wait "$pg"; rm -rf "$PWD""#;
-        let server = run("sh")
+        let server = run(PathBuf::from("sh"))
             .args(["-c", watchdog, "sh"])
             .arg(bin.join("postgres"))
             .arg("-D")

@@ -123,15 +123,6 @@ impl Postgres {
         Ok(keys.iter().map(|key| found.get(*key).cloned()).collect())
     }
 
-    pub(crate) fn contains(&self, table: Table, key: &[u8]) -> Result<bool> {
-        let (pool, key) = (self.pool.clone(), key.to_vec());
-        self.run(async move {
-            let client = pool.get().await?;
-            let statement = client.prepare_cached(&format!("SELECT 1 FROM {} WHERE k = $1", sql_table(table))).await?;
-            Ok(client.query_opt(&statement, &[&key]).await?.is_some())
-        })
-    }
-
     pub(crate) fn scan(&self, table: Table, range: KeyRange, reverse: bool) -> Scan<'_> {
         Scan { engine: self, table, range, reverse, page: VecDeque::new(), page_size: FIRST_PAGE, done: false }
     }
