@@ -44,6 +44,44 @@ impl Retry {
     }
 }
 
+/// How long a subscriber's estimate must hold a better layer before it is switched up to it.
+/// A probe through a shaped link can overestimate it for a moment (a token bucket's burst lets
+/// the probe's packets through unharmed), and a switch up the link cannot carry stops the
+/// picture until the switch back.
+pub(crate) const HOLD: Duration = Duration::from_secs(2);
+
+/// A subscriber connection's bandwidth estimates (TWCC, bits per second) over the last
+/// [`HOLD`]: the latest to switch down by, the lowest in effect in that time to switch up by.
+#[derive(Debug, Default)]
+pub(crate) struct Estimate {
+    /// When each estimate came, oldest first; the first one was in effect when the window began.
+    recent: VecDeque<(Instant, u64)>,
+}
+
+impl Estimate {
+    pub(crate) fn update(&mut self, now: Instant, estimate: Bitrate) {
+        self.recent.push_back((now, estimate.as_u64()));
+        while self.recent.get(1).is_some_and(|(at, _)| now.duration_since(*at) >= HOLD) {
+            self.recent.pop_front();
+        }
+    }
+
+    pub(crate) fn latest(&self) -> Option<u64> {
+        self.recent.back().map(|(_, estimate)| *estimate)
+    }
+
+    /// The lowest estimate in effect at some moment of the last [`HOLD`].
+    pub(crate) fn held(&self, now: Instant) -> Option<u64> {
+        let replaced_at = self.recent.iter().skip(1).map(|(at, _)| Some(*at)).chain([None]);
+        self.recent
+            .iter()
+            .zip(replaced_at)
+            .filter(|(_, replaced)| replaced.is_none_or(|at| now.duration_since(at) < HOLD))
+            .map(|((_, estimate), _)| *estimate)
+            .min()
+    }
+}
+
 /// How long a layer's bitrate is measured over.
 const RATE_WINDOW: Duration = Duration::from_secs(1);
 
@@ -114,15 +152,15 @@ pub(crate) fn layer_for(usable: &[(Rid, i32, u64)], wanted: i32, budget: Option<
         .map(|(rid, _, _)| *rid)
 }
 
-/// The layer to forward to a subscriber now on `current`: as [`layer_for`], but a better layer
-/// only once the budget holds it with a fifth to spare. An estimate hovering about a layer's
-/// bitrate would otherwise switch the subscriber up and down, each switch waiting for a
-/// keyframe.
-pub(crate) fn layer_from(usable: &[(Rid, i32, u64)], wanted: i32, budget: Option<u64>, current: Option<Rid>) -> Option<Rid> {
+/// The layer to forward to a subscriber now on `current`: as [`layer_for`] by the latest
+/// `budget`, but a better layer only once the budget `held` over the last [`HOLD`] holds it
+/// with a fifth to spare. An estimate hovering about a layer's bitrate would otherwise switch
+/// the subscriber up and down, each switch waiting for a keyframe.
+pub(crate) fn layer_from(usable: &[(Rid, i32, u64)], wanted: i32, budget: Option<u64>, held: Option<u64>, current: Option<Rid>) -> Option<Rid> {
     let target = layer_for(usable, wanted, budget)?;
     let quality = |rid: Rid| usable.iter().find(|(layer, _, _)| *layer == rid).map(|(_, quality, _)| *quality);
     match current.and_then(quality) {
-        Some(now) if quality(target) > Some(now) => layer_for(usable, wanted, budget.map(|budget| budget * 5 / 6)).filter(|up| quality(*up) > Some(now)).or(current),
+        Some(now) if quality(target) > Some(now) => layer_for(usable, wanted, held.map(|held| held * 5 / 6)).filter(|up| quality(*up) > Some(now)).or(current),
         _ => Some(target),
     }
 }
@@ -173,15 +211,16 @@ impl Sfu {
             if !held_back {
                 participant.retry = Retry::default();
             }
-            let short = held_back && participant.estimate.is_some_and(|estimate| estimate.as_u64() < rate);
+            let estimate = participant.estimate.latest();
+            let short = held_back && estimate.is_some_and(|estimate| estimate < rate);
             let again = short && (better || participant.retry.due(now));
             if short && better {
                 participant.retry = Retry { at: Some(now + RETRY_FIRST), wait: RETRY_FIRST };
             }
             let mut bwe = participant.subscriber.bwe();
-            if again && let Some(estimate) = participant.estimate {
-                tracing::debug!(participant = id, %estimate, wanted = rate, "the subscriber wants more than its estimate: probing from it");
-                bwe.reset(estimate);
+            if again && let Some(estimate) = estimate {
+                tracing::debug!(participant = id, estimate, wanted = rate, "the subscriber wants more than its estimate: probing from it");
+                bwe.reset(Bitrate::bps(estimate));
             }
             bwe.set_bitrate(Bitrate::kbps(100), Bitrate::bps(rate));
             self.dirty.insert((id, Pc::Subscriber));
@@ -317,13 +356,14 @@ impl Sfu {
                 continue;
             }
             let video_downs = subscriber.down.iter().filter(|d| d.kind == MediaKind::Video).count().max(1) as u64;
-            let budget = subscriber.estimate.map(|estimate| estimate.as_u64() / video_downs);
+            let budget = subscriber.estimate.latest().map(|estimate| estimate / video_downs);
+            let held = subscriber.estimate.held(now).map(|estimate| estimate / video_downs);
             let Some(down) = subscriber.down.iter_mut().find(|d| d.publisher == id && d.track_sid == track_sid) else { continue };
             let DownState::Open(out_mid) = down.state else { continue };
             if down.layers.wanted == lk::VideoQuality::Off as i32 {
                 continue;
             }
-            let target = rid.and_then(|_| layer_from(&usable, down.layers.wanted, budget, down.layers.current));
+            let target = rid.and_then(|_| layer_from(&usable, down.layers.wanted, budget, held, down.layers.current));
             if down.rtp.source() != Some(incoming.ssrc) {
                 if target != rid {
                     continue;
@@ -450,14 +490,36 @@ mod tests {
     fn a_better_layer_needs_a_fifth_to_spare_and_a_worse_one_none() {
         let (low, medium, high) = (lk::VideoQuality::Low as i32, lk::VideoQuality::Medium as i32, lk::VideoQuality::High as i32);
         let all = [(Rid::from("q"), low, 150_000), (Rid::from("h"), medium, 430_000), (Rid::from("f"), high, 1_800_000)];
-        let pick = |budget: u64, current: &str| layer_from(&all, high, Some(budget), Some(Rid::from(current))).map(|rid| rid.to_string());
+        let pick = |budget: u64, current: &str| layer_from(&all, high, Some(budget), Some(budget), Some(Rid::from(current))).map(|rid| rid.to_string());
         assert_eq!(pick(450_000, "q").as_deref(), Some("q"), "h fits, but only just");
         assert_eq!(pick(520_000, "q").as_deref(), Some("h"));
         assert_eq!(pick(450_000, "h").as_deref(), Some("h"), "staying needs no room to spare");
         assert_eq!(pick(400_000, "h").as_deref(), Some("q"), "down at once");
         assert_eq!(pick(2_200_000, "q").as_deref(), Some("f"), "up by more than one layer");
         assert_eq!(pick(2_000_000, "q").as_deref(), Some("h"), "as far up as the room allows");
-        assert_eq!(layer_from(&all, high, Some(450_000), None).map(|rid| rid.to_string()).as_deref(), Some("h"), "a first layer as layer_for picks it");
+        assert_eq!(layer_from(&all, high, Some(450_000), Some(450_000), None).map(|rid| rid.to_string()).as_deref(), Some("h"), "a first layer as layer_for picks it");
+        let after_a_probe = |current: &str| layer_from(&all, high, Some(2_200_000), Some(450_000), Some(Rid::from(current))).map(|rid| rid.to_string());
+        assert_eq!(after_a_probe("q").as_deref(), Some("q"), "up only by what the estimate held");
+        assert_eq!(after_a_probe("h").as_deref(), Some("h"));
+        assert_eq!(layer_from(&all, high, Some(300_000), Some(300_000), Some(Rid::from("h"))).map(|rid| rid.to_string()).as_deref(), Some("q"), "down by the latest");
+    }
+
+    #[test]
+    fn an_estimate_is_held_once_it_has_lasted() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut estimate = Estimate::default();
+        assert_eq!((estimate.latest(), estimate.held(start)), (None, None));
+        estimate.update(at(0), Bitrate::kbps(400));
+        estimate.update(at(500), Bitrate::kbps(2_000)); // a probe's burst
+        assert_eq!((estimate.latest(), estimate.held(at(500))), (Some(2_000_000), Some(400_000)));
+        assert_eq!(estimate.held(at(2_499)), Some(400_000), "the 400 was in effect until 500");
+        assert_eq!(estimate.held(at(2_500)), Some(2_000_000), "held for 2 s");
+        estimate.update(at(2_600), Bitrate::kbps(600));
+        assert_eq!((estimate.latest(), estimate.held(at(2_600))), (Some(600_000), Some(600_000)), "lower: at once");
+        estimate.update(at(9_000), Bitrate::kbps(900));
+        assert_eq!(estimate.held(at(9_000)), Some(600_000));
+        assert_eq!(estimate.recent.len(), 2, "older estimates are let go");
     }
 
     #[test]

@@ -254,7 +254,7 @@ struct Participant {
     down: Vec<DownTrack>,
     /// The subscriber connection's estimated available bitrate (TWCC), shared by its video, and
     /// when the connection next probes for the bitrate of the layers wanted.
-    estimate: Option<Bitrate>,
+    estimate: Estimate,
     retry: Retry,
     /// Loss and round trip, for their connection quality.
     link: Link,
@@ -478,7 +478,7 @@ impl Sfu {
             data_budget: Bucket::new(self.limits.data_rate, now),
             tracks: Vec::new(),
             down: Vec::new(),
-            estimate: None,
+            estimate: Estimate::default(),
             retry: Retry::default(),
             link: Link::default(),
         };
@@ -795,7 +795,7 @@ impl Sfu {
                             }
                             Event::MediaChanged(changed) => happened.push((id, pc, Happened::MediaChanged { mid: changed.mid, direction: changed.direction })),
                             Event::KeyframeRequest(request) => happened.push((id, pc, Happened::KeyframeWanted(request))),
-                            Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) if pc == Pc::Subscriber => participant.estimate = Some(estimate),
+                            Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) if pc == Pc::Subscriber => participant.estimate.update(now, estimate),
                             Event::PeerStats(stats) => participant.link.update(pc, &stats),
                             Event::ChannelOpen(channel, label) if pc == Pc::Publisher => {
                                 if participant.publisher_channels.len() < self.limits.data_channels {
