@@ -36,6 +36,8 @@ pub enum StoreError {
     Locked,
     #[error("node {0} uses this database: several nodes on one database are not supported yet")]
     OtherNode(String),
+    #[error("another node changed table {table} first: the write's condition no longer held, and nothing was written")]
+    Conflict { table: &'static str },
     #[error("corrupt record in table {table}: {reason}")]
     Corrupt { table: &'static str, reason: String },
     #[error("cannot encode record for table {table}: {reason}")]
@@ -370,6 +372,22 @@ impl Store {
         Batch::default()
     }
 
+    /// Whether other nodes may write to the store while this process does (PostgreSQL).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.engine, Engine::Postgres(_))
+    }
+
+    /// Keeps the other nodes sharing the store out of `name` until the hold is dropped: theirs
+    /// waits for it. One process keeps the embedded store to itself, so there a hold is nothing.
+    /// A hold ends with its connection, so it keeps writers apart for speed, not for safety:
+    /// writes that must never interleave also carry [`Batch::expect`].
+    pub async fn hold(&self, name: &str) -> Result<Hold> {
+        match &self.engine {
+            Engine::RocksDb(_) => Ok(Hold(None)),
+            Engine::Postgres(db) => Ok(Hold(Some(db.hold(name).await?))),
+        }
+    }
+
     /// Writes the batch atomically and durably before returning.
     pub fn write(&self, batch: Batch) -> Result<()> {
         self.write_ops(batch, true)
@@ -423,10 +441,15 @@ impl Store {
     }
 }
 
+/// What [`Store::hold`] holds, until it is dropped.
+pub struct Hold(#[allow(dead_code, reason = "held for its drop")] Option<postgres::Held>);
+
 /// One operation of a batch.
 pub(crate) enum Op {
     Put { table: Table, key: Vec<u8>, value: Vec<u8> },
     Delete { table: Table, key: Vec<u8> },
+    /// A condition on the value before the batch (`None`: absent).
+    Expect { table: Table, key: Vec<u8>, value: Option<Vec<u8>> },
 }
 
 /// One logical write: everything in it lands together or not at all. A later operation on the
@@ -450,6 +473,15 @@ impl Batch {
 
     pub fn delete(&mut self, table: Table, key: &[u8]) {
         self.ops.push(Op::Delete { table, key: key.to_vec() });
+    }
+
+    /// Makes the write conditional on `key` still holding `value` as read (`None`: still
+    /// absent) when the batch commits; otherwise it fails with [`StoreError::Conflict`] and
+    /// writes nothing. This guards against the other nodes of a shared store, atomically (a row
+    /// lock, or an insert that waits for theirs). One process keeps the embedded store to
+    /// itself and its writers apart with its own locks, so there the condition is not checked.
+    pub fn expect(&mut self, table: Table, key: &[u8], value: Option<&[u8]>) {
+        self.ops.push(Op::Expect { table, key: key.to_vec(), value: value.map(<[u8]>::to_vec) });
     }
 
     pub fn is_empty(&self) -> bool {
@@ -681,6 +713,93 @@ mod tests {
         batch.put(tables::USERS, b"@again:x", b"{}");
         a.write(batch).unwrap();
         assert!(b.contains(tables::USERS, b"@again:x").unwrap());
+    }
+
+    #[test]
+    fn a_conditional_write_lands_only_while_its_condition_holds_on_a_shared_store() {
+        for (engine, open) in engines("conditions") {
+            let store = open();
+            let mut batch = store.batch();
+            batch.put(tables::ROOMS, b"!r", b"v1");
+            store.write(batch).unwrap();
+            let conditional = |expected: Option<&[u8]>, key: &[u8]| {
+                let mut batch = store.batch();
+                batch.expect(tables::ROOMS, key, expected);
+                batch.put(tables::ROOMS, key, b"v2");
+                batch.put(tables::USERS, b"@side:x", key);
+                store.write(batch)
+            };
+            let stale = conditional(Some(b"v0"), b"!r");
+            let claimed = conditional(None, b"!r");
+            if !store.is_shared() {
+                // One process: its own locks keep its writers apart, and conditions are not checked.
+                assert!(stale.is_ok() && claimed.is_ok(), "{engine}");
+                continue;
+            }
+            for refused in [stale, claimed] {
+                assert!(matches!(refused, Err(StoreError::Conflict { table: "rooms" })), "{engine}: {refused:?}");
+            }
+            assert_eq!(store.get(tables::ROOMS, b"!r").unwrap().as_deref(), Some(&b"v1"[..]), "nothing of a refused batch lands");
+            assert!(!store.contains(tables::USERS, b"@side:x").unwrap());
+            conditional(Some(b"v1"), b"!r").unwrap();
+            assert_eq!(store.get(tables::ROOMS, b"!r").unwrap().as_deref(), Some(&b"v2"[..]));
+            conditional(None, b"!new").unwrap();
+            assert_eq!(store.get(tables::ROOMS, b"!new").unwrap().as_deref(), Some(&b"v2"[..]));
+            // Claimed absent but not written: it stays absent.
+            let mut batch = store.batch();
+            batch.expect(tables::ROOMS, b"!never", None);
+            batch.put(tables::USERS, b"@other:x", b"{}");
+            store.write(batch).unwrap();
+            assert!(!store.contains(tables::ROOMS, b"!never").unwrap() && store.contains(tables::USERS, b"@other:x").unwrap());
+        }
+    }
+
+    #[test]
+    fn nodes_racing_on_one_condition_land_exactly_one_write_and_a_hold_keeps_them_apart() {
+        let url = TempPostgres::shared().new_database("races");
+        let (a, b) = (Store::open_node(&url, 2, "a", true).unwrap(), Store::open_node(&url, 2, "b", true).unwrap());
+        // Each node reads the head and writes the next entry, from many threads at once.
+        let next_entry = |store: &Store| {
+            let head = store.get(tables::GLOBAL, b"head").unwrap();
+            let seq = head.as_deref().map_or(0, |v| u64::from_be_bytes(v.try_into().unwrap())) + 1;
+            let mut batch = store.batch();
+            batch.expect(tables::GLOBAL, b"head", head.as_deref());
+            batch.expect(tables::AUDIT_LOG, &seq.to_be_bytes(), None);
+            batch.put(tables::GLOBAL, b"head", &seq.to_be_bytes());
+            batch.put(tables::AUDIT_LOG, &seq.to_be_bytes(), b"entry");
+            store.write(batch).map(|()| seq)
+        };
+        let landed: Vec<u64> = std::thread::scope(|scope| {
+            let racers: Vec<_> = (0..8).map(|i| {
+                let store = if i % 2 == 0 { &a } else { &b };
+                scope.spawn(move || (0..10).filter_map(|_| match next_entry(store) {
+                    Ok(seq) => Some(seq),
+                    Err(StoreError::Conflict { .. }) => None,
+                    Err(other) => panic!("{other}"),
+                }).collect::<Vec<_>>())
+            }).collect();
+            racers.into_iter().flat_map(|racer| racer.join().unwrap()).collect()
+        });
+        let mut sorted = landed.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (1..=landed.len() as u64).collect::<Vec<_>>(), "each entry written once, none lost");
+        assert!(landed.len() < 80, "the writers raced, and some lost");
+        assert_eq!(keys(a.scan_prefix(tables::AUDIT_LOG, Vec::new(), false)).len(), landed.len());
+
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let held = a.hold("!room:x").await.unwrap();
+            let other_name = b.hold("!other:x").await.unwrap();
+            let waiting = tokio::spawn({
+                let b = std::sync::Arc::new(Store::open_node(&url, 2, "c", true).unwrap());
+                async move { b.hold("!room:x").await.map(|_| ()) }
+            });
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            assert!(!waiting.is_finished(), "another node's hold on the name waits");
+            drop(held);
+            tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.expect("taken once released").unwrap().unwrap();
+            drop(other_name);
+        });
     }
 
     #[test]

@@ -27,6 +27,9 @@ const LAST_PAGE: i64 = 1024;
 pub(crate) struct Postgres {
     runtime: EngineRuntime,
     pool: Pool,
+    /// The connections of holds, apart from `pool`, so that holders reading meanwhile never
+    /// wait for a connection another holder keeps.
+    holds: Pool,
     stream: Arc<nodes::SharedStream>,
     /// The node's own session: it holds the node's lock, and the lock goes with it.
     _session: tokio_postgres::Client,
@@ -55,12 +58,11 @@ impl Postgres {
                 .build()
                 .map_err(StoreError::Runtime)?,
         ));
-        let manager = Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
-        let pool = Pool::builder(manager)
-            .max_size(pool_size.max(1))
-            .runtime(deadpool_postgres::Runtime::Tokio1)
-            .build()
-            .map_err(|e| StoreError::Pool(e.to_string()))?;
+        let new_pool = || {
+            let manager = Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+            Pool::builder(manager).max_size(pool_size.max(1)).runtime(deadpool_postgres::Runtime::Tokio1).build().map_err(|e| StoreError::Pool(e.to_string()))
+        };
+        let (pool, holds) = (new_pool()?, new_pool()?);
         let handle = runtime.handle();
         let mut session_config = config;
         session_config.application_name(format!("limbic {node_name} (node)"));
@@ -88,7 +90,7 @@ impl Postgres {
             watermark: tokio::sync::watch::Sender::new(watermark),
         });
         handle.spawn(nodes::keep_alive(notifications, stream.clone()));
-        Ok(Self { runtime, pool, stream, _session: session })
+        Ok(Self { runtime, pool, holds, stream, _session: session })
     }
 
     /// The stream positions of this node among the others.
@@ -99,6 +101,28 @@ impl Postgres {
     /// Runs `work` on the engine's runtime and waits for its result.
     fn run<T: Send + 'static>(&self, work: impl Future<Output = Result<T>> + Send + 'static) -> Result<T> {
         block_on(&self.runtime.handle(), work)
+    }
+
+    /// Takes the advisory lock named `name` in a transaction of its own, which the hold keeps
+    /// open (`pg_advisory_xact_lock`): the lock ends with the transaction, when the hold is
+    /// dropped or its connection breaks. Waiting for another node's gives up after
+    /// [`HOLD_TIMEOUT`].
+    pub(crate) async fn hold(&self, name: &str) -> Result<Held> {
+        let (pool, name, runtime) = (self.holds.clone(), name.to_owned(), self.runtime.handle());
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        runtime.clone().spawn(async move {
+            let taken = async {
+                let client = pool.get().await?;
+                let lock = client.prepare_cached("SELECT pg_advisory_xact_lock($1, hashtext($2))").await?;
+                client.batch_execute(&format!("BEGIN; SET LOCAL lock_timeout = '{HOLD_TIMEOUT}'")).await?;
+                // From here on, dropping the hold ends the transaction.
+                let held = Held { client: Some(client), runtime };
+                held.client.as_ref().expect("just set").query_one(&lock, &[&HOLD_LOCK_CLASS, &name]).await?;
+                Ok(held)
+            };
+            let _ = reply.send(taken.await);
+        });
+        answer.await.map_err(|_| StoreError::Unavailable)?
     }
 
     pub(crate) fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
@@ -163,12 +187,24 @@ impl Postgres {
             if !durable {
                 transaction.batch_execute("SET LOCAL synchronous_commit TO OFF").await?;
             }
-            // The statements go out together (one connection pipelines them), so that a database
-            // on another machine costs one round trip, not one per table. The first checks that
-            // this node is not fenced (nodes.rs); any failure aborts the transaction.
+            // The statements go out together, in this order (one connection pipelines them), so
+            // that a database on another machine costs one round trip, not one per table. The
+            // first checks that this node is not fenced (nodes.rs), the next ones the batch's
+            // conditions, each answering whether it holds: a value as read is compared under
+            // the row's lock, an absence is claimed by inserting the key (an insert waits for
+            // another transaction's insert of it). Then the changes, which overwrite a claimed
+            // key (or delete it, if the batch does not write it). Any failure aborts the
+            // transaction, and a condition that does not hold rolls it back.
             let mut statements: Vec<(String, Vec<&(dyn tokio_postgres::types::ToSql + Sync)>)> =
                 vec![("SELECT limbic_node_live($1, $2)".to_owned(), vec![&node.name, &node.incarnation])];
-            for (table, change) in &changes.0 {
+            for (table, key, value) in &changes.expected {
+                let table = sql_table(*table);
+                statements.push(match value {
+                    Some(value) => (format!("SELECT v = $2 FROM {table} WHERE k = $1 FOR UPDATE"), vec![key, value]),
+                    None => (format!("INSERT INTO {table} (k, v) VALUES ($1, '') ON CONFLICT (k) DO NOTHING RETURNING true"), vec![key]),
+                });
+            }
+            for (table, change) in &changes.by_table {
                 let table = sql_table(*table);
                 if !change.put_keys.is_empty() {
                     let sql = format!(
@@ -181,12 +217,14 @@ impl Postgres {
                     statements.push((format!("DELETE FROM {table} WHERE k = ANY($1)"), vec![&change.deletes]));
                 }
             }
+            // Prepared first, so that nothing but the order of the queries orders their sending.
             let pipelined = &transaction;
-            futures_util::future::try_join_all(statements.iter().map(|(sql, params)| async move {
-                let statement = pipelined.prepare_cached(sql).await?;
-                pipelined.execute(&statement, params).await
-            }))
-            .await?;
+            let prepared = futures_util::future::try_join_all(statements.iter().map(|(sql, _)| pipelined.prepare_cached(sql))).await?;
+            let answers = futures_util::future::try_join_all(prepared.iter().zip(&statements).map(|(statement, (_, params))| pipelined.query(statement, params))).await?;
+            let held = |rows: &Vec<tokio_postgres::Row>| matches!(rows.as_slice(), [row] if row.get::<_, bool>(0));
+            if let Some(((table, _, _), _)) = changes.expected.iter().zip(&answers[1..]).find(|(_, rows)| !held(rows)) {
+                return Err(StoreError::Conflict { table: table.name() });
+            }
             transaction.commit().await?;
             Ok(())
         })
@@ -209,6 +247,30 @@ impl Postgres {
             client.batch_execute(&format!("VACUUM FULL {}", sql_table(table))).await?;
             Ok(())
         })
+    }
+}
+
+/// The advisory lock class of holds ("hld"), beside the nodes' own locks (nodes.rs).
+const HOLD_LOCK_CLASS: i32 = 0x68_6c_64;
+/// How long a hold waits for another node's hold on the same name.
+const HOLD_TIMEOUT: &str = "30s";
+
+/// A hold's open transaction, which holds its lock; dropping it rolls the transaction back.
+pub(crate) struct Held {
+    client: Option<deadpool_postgres::Object>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let Some(client) = self.client.take() else { return };
+        self.runtime.spawn(async move {
+            if let Err(error) = client.batch_execute("ROLLBACK").await {
+                // Not back into the pool with a transaction in it: the connection closes.
+                tracing::warn!(%error, "could not end a hold's transaction; closing its connection");
+                drop(deadpool_postgres::Object::take(client));
+            }
+        });
     }
 }
 
@@ -238,9 +300,12 @@ fn block_on<T: Send + 'static>(runtime: &tokio::runtime::Handle, work: impl Futu
     answer.recv().map_err(|_| StoreError::Unavailable)?
 }
 
-/// A batch's net effect, per table: what to upsert and what to delete.
+/// A batch's conditions, and its net effect per table: what to upsert and what to delete.
 #[derive(Default)]
-struct TableChanges(HashMap<Table, Change>);
+struct TableChanges {
+    expected: Vec<(Table, Vec<u8>, Option<Vec<u8>>)>,
+    by_table: HashMap<Table, Change>,
+}
 
 #[derive(Default)]
 struct Change {
@@ -255,19 +320,30 @@ impl TableChanges {
         let mut seen = HashSet::new();
         // Newest first: the first operation met on a key is the one that stands.
         for op in ops.into_iter().rev() {
-            let (table, key) = match &op {
-                Op::Put { table, key, .. } | Op::Delete { table, key } => (*table, key),
+            let (table, key) = match op {
+                Op::Expect { table, key, value } => {
+                    changes.expected.push((table, key, value));
+                    continue;
+                }
+                Op::Put { table, ref key, .. } | Op::Delete { table, ref key } => (table, key.clone()),
             };
-            if !seen.insert((table, key.clone())) {
+            if !seen.insert((table, key)) {
                 continue;
             }
-            let change = changes.0.entry(table).or_default();
+            let change = changes.by_table.entry(table).or_default();
             match op {
                 Op::Put { key, value, .. } => {
                     change.put_keys.push(key);
                     change.put_values.push(value);
                 }
                 Op::Delete { key, .. } => change.deletes.push(key),
+                Op::Expect { .. } => unreachable!("taken above"),
+            }
+        }
+        // A key claimed as absent that the batch does not write is left as it was: absent.
+        for (table, key, value) in &changes.expected {
+            if value.is_none() && seen.insert((*table, key.clone())) {
+                changes.by_table.entry(*table).or_default().deletes.push(key.clone());
             }
         }
         changes
