@@ -44,8 +44,9 @@ pub async fn serve(server: Arc<Server>) -> std::io::Result<()> {
     let plugin_host = server.plugin_host();
     server.plugins.attach(&plugin_host).map_err(std::io::Error::other)?;
     server.plugins.spawn_tasks(&plugin_host);
-    let background = tokio::spawn(background_tasks(server.clone()));
-    tokio::spawn(delayed::run(server.clone()));
+    let trimming = tokio::spawn(trimming_memory());
+    let sweeper = tokio::spawn(sweeping(server.clone()));
+    tokio::spawn(led(server.clone(), "delayed events", |server| delayed::run(server)));
     if server.config.calls.enabled {
         let sfu = calls::media::start(&server.config.calls).await?;
         let _ = server.calls.sfu.set(sfu);
@@ -54,7 +55,7 @@ pub async fn serve(server: Arc<Server>) -> std::io::Result<()> {
         tokio::spawn(calls::recording::write_as_made(server.clone()));
     }
     if server.federation.is_some() {
-        tokio::spawn(federation::sender::run(server.clone()));
+        tokio::spawn(led(server.clone(), "federation sender", |server| federation::sender::run(server)));
         let tls = federation::serve_tls(&server.config.federation).await.map_err(std::io::Error::other)?;
         tracing::info!(addr = %axum::serve::Listener::local_addr(&tls)?, "federation listening (TLS)");
         // The same application, with the peer's address where the client listener puts it.
@@ -78,13 +79,33 @@ pub async fn serve(server: Arc<Server>) -> std::io::Result<()> {
             stopping.shutting_down.send_replace(true);
         })
         .await?;
-    background.abort();
+    trimming.abort();
+    sweeper.abort();
     server.store.flush().map_err(std::io::Error::other)?;
     tracing::info!("shut down cleanly");
     Ok(())
 }
 
-async fn background_tasks(server: Arc<Server>) {
+/// Runs `job` once this node leads it among the nodes sharing the store (at once on the
+/// embedded store).
+async fn led<F: Future<Output = ()>>(server: Arc<Server>, name: &'static str, job: impl FnOnce(Arc<Server>) -> F) {
+    host::lead(&server.store, name).await;
+    job(server).await;
+}
+
+/// What each node does for itself: memory handed back, every few seconds.
+async fn trimming_memory() {
+    let mut tick = tokio::time::interval(Duration::from_secs(MEMORY_TRIM_SECONDS));
+    loop {
+        tick.tick().await;
+        release_free_memory();
+    }
+}
+
+/// What one node does for all: typing that ran out, retention, the media it frees, used link
+/// tokens.
+async fn sweeping(server: Arc<Server>) {
+    host::lead(&server.store, "expiry, retention and pruning").await;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut seconds: u64 = 0;
     loop {
@@ -106,9 +127,6 @@ async fn background_tasks(server: Arc<Server>) {
             && let Err(e) = server.appointments.prune_used()
         {
             tracing::warn!(error = %e, "pruning used link tokens failed");
-        }
-        if seconds.is_multiple_of(MEMORY_TRIM_SECONDS) {
-            release_free_memory();
         }
     }
 }

@@ -18,12 +18,14 @@ use crate::{
     users::Users,
 };
 
-/// Opens the store the config names: the embedded RocksDB store, or the PostgreSQL database.
+/// Opens the store the config names: the embedded RocksDB store, or the PostgreSQL database,
+/// beside the other nodes that share it. A node with calls must be the only one: calls are not
+/// yet placed across SFU nodes, and each node's SFU would serve only part of a call.
 pub fn open_store(config: &Config) -> crate::store::Result<Store> {
     let database = &config.database;
     match database.backend {
         DatabaseBackend::RocksDb => Store::open(&database.path),
-        DatabaseBackend::Postgres => Store::open_postgres(&database.url, database.pool_size, &config.cluster.node_name),
+        DatabaseBackend::Postgres => Store::open_node(&database.url, database.pool_size, &config.cluster.node_name, !config.calls.enabled),
     }
 }
 
@@ -74,7 +76,12 @@ impl Server {
         crate::secrets::private_dir(&config.database.path).map_err(|e| {
             crate::Error::internal(format!("cannot create {}: {e}", config.database.path.display()))
         })?;
-        let store = Arc::new(open_store(&config)?);
+        let store = Arc::new(open_store(&config).map_err(|error| match error {
+            crate::store::StoreError::OtherNode(other) => crate::Error::internal(format!(
+                "node {other} uses this database, and this node has [calls] enabled: a node with calls must be the only one until calls are placed across SFU nodes (docs/SCALING.md)"
+            )),
+            error => error.into(),
+        })?);
         let secrets = crate::secrets::SecretKey::load_or_create(&config.database.key_file, &store)?;
         secrets.seal_table(&store, crate::store::tables::PLUGIN_KV)?;
         let signing_key =

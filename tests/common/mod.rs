@@ -28,6 +28,10 @@ pub struct TestServer {
     extra: String,
     /// The PostgreSQL database of the server, when the tests run on that engine.
     postgres_url: Option<String>,
+    /// `[cluster] node_name`, and `[database] path` (where the key files are: the nodes of a
+    /// cluster share them).
+    node_name: String,
+    db_dir: PathBuf,
 }
 
 /// `E2E_DATABASE=postgres` runs the end-to-end tests on the PostgreSQL engine: each server gets
@@ -70,6 +74,40 @@ impl TestServer {
         Self::start_on("", &[], false).await
     }
 
+    /// Starts the first node of a cluster on a new PostgreSQL database, whatever engine the
+    /// suite runs on, with `env` as the nodes' overrides. Calls are off: a node with calls must
+    /// be the only one until calls are placed across SFU nodes.
+    pub async fn start_cluster(env: &[(&str, &str)]) -> Self {
+        let env: Vec<(&str, &str)> = [("LIMBIC_CALLS__ENABLED", "false")].into_iter().chain(env.iter().copied()).collect();
+        Self::start_on("", &env, true).await
+    }
+
+    /// Another node of this server's cluster, named `name`: the same config, database and key
+    /// files, its own port.
+    pub async fn start_node(&self, name: &str) -> Self {
+        assert!(self.postgres_url.is_some(), "nodes share a PostgreSQL database");
+        let mut exited = None;
+        for _ in 0..START_ATTEMPTS {
+            let port = free_port();
+            let mut node = Self {
+                child: None,
+                port,
+                base: format!("http://127.0.0.1:{port}"),
+                dir: tempfile::tempdir().unwrap(),
+                env: self.env.clone(),
+                extra: self.extra.clone(),
+                postgres_url: self.postgres_url.clone(),
+                node_name: name.to_owned(),
+                db_dir: self.db_dir.clone(),
+            };
+            match node.spawn().await {
+                Ok(()) => return node,
+                Err(status) => exited = Some(status),
+            }
+        }
+        panic!("node {name} exited during start {START_ATTEMPTS} times, last with {exited:?}");
+    }
+
     async fn start_on(extra: &str, env: &[(&str, &str)], postgres: bool) -> Self {
         let mut exited = None;
         for _ in 0..START_ATTEMPTS {
@@ -95,10 +133,12 @@ impl TestServer {
             child: None,
             port,
             base: format!("http://127.0.0.1:{port}"),
+            db_dir: dir.path().join("db"),
             dir,
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             extra: extra.to_owned(),
             postgres_url: postgres.then(|| limbic_test_postgres::TempPostgres::shared().new_database("e2e")),
+            node_name: "test".to_owned(),
         };
         server.spawn().await?;
         Ok(server)
@@ -117,7 +157,7 @@ impl TestServer {
     /// The server's store, opened by the test (the server must be stopped: it holds the store).
     pub fn open_store(&self) -> limbic_server::store::Store {
         use limbic_server::store::{Store, StoreError};
-        let Some(url) = &self.postgres_url else { return Store::open(&self.dir.path().join("db")).unwrap() };
+        let Some(url) = &self.postgres_url else { return Store::open(&self.db_dir).unwrap() };
         // The stopped server's PostgreSQL session, and the node lock with it, ends a moment
         // after its process.
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -154,9 +194,9 @@ impl TestServer {
              create_room = {{ per_second = 0.5, burst = 3 }}\n\
              [calls]\nudp_address = \"127.0.0.1\"\nudp_port = 0\ntcp_port = 0\n",
             port = self.port,
-            db = self.dir.path().join("db").display(),
+            db = self.db_dir.display(),
             postgres = match &self.postgres_url {
-                Some(url) => format!("backend = \"postgres\"\nurl = \"{url}\"\npool_size = 4\n[cluster]\nnode_name = \"test\"\n"),
+                Some(url) => format!("backend = \"postgres\"\nurl = \"{url}\"\npool_size = 4\n[cluster]\nnode_name = \"{}\"\n", self.node_name),
                 None => String::new(),
             },
         );
@@ -303,6 +343,7 @@ impl Drop for TestServer {
     }
 }
 
+/// A client, and the same session on another node of its server's cluster.
 #[derive(Clone)]
 pub struct Client {
     pub http: reqwest::Client,
@@ -322,6 +363,11 @@ pub fn enc(s: &str) -> String {
 }
 
 impl Client {
+    /// The same session (user, device, token) through `node`.
+    pub fn through(&self, node: &TestServer) -> Client {
+        Client { base: node.base.clone(), ..self.clone() }
+    }
+
     pub async fn request(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
         let mut request = self.http.request(method, format!("{}{}", self.base, path));
         if let Some(token) = &self.token {

@@ -166,6 +166,12 @@ impl Error {
             ),
             Self::Uiaa(body) => (StatusCode::UNAUTHORIZED, body.clone()),
             Self::Detailed { status, body } => (*status, body.clone()),
+            // Another node wrote to the room (or record) first while this one's hold on it
+            // had ended: nothing was written, and the same request again succeeds.
+            Self::Store(err @ (StoreError::Conflict { .. } | StoreError::Contention)) => {
+                tracing::warn!(error = %err, "a write met another node's");
+                (StatusCode::SERVICE_UNAVAILABLE, json!({ "errcode": "M_UNKNOWN", "error": "the write met a concurrent one and was not made; try again" }))
+            }
             Self::Store(err) => {
                 tracing::error!(error = %err, "storage failure");
                 (StatusCode::INTERNAL_SERVER_ERROR, json!({ "errcode": "M_UNKNOWN", "error": "internal storage error" }))

@@ -14,6 +14,22 @@ pub mod secrets;
 pub use limbic_core::{Error, Result, config, error, events};
 pub use limbic_store as store;
 
+/// Rooms of nodes named `names` sharing the PostgreSQL database at `url`, one server (one
+/// signing key, one audit key in `dir`).
+#[cfg(test)]
+pub(crate) fn test_nodes(url: &str, dir: &std::path::Path, names: &[&str]) -> Vec<std::sync::Arc<rooms::Rooms>> {
+    use std::sync::Arc;
+    let key = Arc::new(events::ServerSigningKey::generate(ruma::server_name!("test.local").to_owned()));
+    names
+        .iter()
+        .map(|name| {
+            let store = Arc::new(store::Store::open_node(url, 4, name, true).expect("a node's store"));
+            let audit = Arc::new(audit::Audit::load(&store, &dir.join("audit.key")).expect("a node's audit chain"));
+            Arc::new(rooms::Rooms::new(store, key.clone(), audit, false))
+        })
+        .collect()
+}
+
 /// Rooms on a store in a temporary directory, for the pipeline's own tests.
 #[cfg(test)]
 pub(crate) fn test_rooms(dir: &std::path::Path) -> rooms::Rooms {

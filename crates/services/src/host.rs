@@ -17,6 +17,26 @@ use crate::{
     users::Users,
 };
 
+/// Waits until this node leads `job` (a sender, a sweeper: work for one node at a time) among
+/// the nodes sharing the store, at once on the embedded store; while the database cannot be
+/// reached, it tries again every second.
+pub async fn lead(store: &Store, job: &str) {
+    loop {
+        match store.lead(job).await {
+            Ok(()) => {
+                if store.is_shared() {
+                    tracing::info!(job, "this node runs the job");
+                }
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, job, "could not take the lead of a job; trying again");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
 /// The future of [`LocalServer::send_local_event`].
 pub type Sent<'a> = Pin<Box<dyn Future<Output = Result<Pdu>> + Send + 'a>>;
 

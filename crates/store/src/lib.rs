@@ -34,10 +34,12 @@ pub enum StoreError {
     Unsupported(&'static str),
     #[error("the database is in use by another process")]
     Locked,
-    #[error("node {0} uses this database: several nodes on one database are not supported yet")]
+    #[error("node {0} uses this database, and this node was opened to be the only one")]
     OtherNode(String),
     #[error("another node changed table {table} first: the write's condition no longer held, and nothing was written")]
     Conflict { table: &'static str },
+    #[error("the database broke a deadlock between this write and another's: nothing was written, and the write can be made again")]
+    Contention,
     #[error("corrupt record in table {table}: {reason}")]
     Corrupt { table: &'static str, reason: String },
     #[error("cannot encode record for table {table}: {reason}")]
@@ -48,7 +50,13 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(error: tokio_postgres::Error) -> Self {
-        if postgres::is_fenced(&error) { Self::Fenced } else { Self::Postgres(error) }
+        if postgres::is_fenced(&error) {
+            Self::Fenced
+        } else if postgres::is_contention(&error) {
+            Self::Contention
+        } else {
+            Self::Postgres(error)
+        }
     }
 }
 
@@ -128,6 +136,12 @@ pub mod tables {
     pub const BLOCKED_ROOMS: Table = Table("blocked_rooms");
     /// room id, receipt type, user id -> receipt
     pub const RECEIPTS: Table = Table("receipts");
+    /// room id, user id -> whether they type, until when, and the position of the change
+    pub const TYPING: Table = Table("typing");
+    /// room id, user id -> until when (ms, big-endian) they type: the entries still to expire
+    pub const TYPING_ACTIVE: Table = Table("typing_active");
+    /// nonce -> when it was issued (ms, big-endian): shared-secret registration's nonces
+    pub const REGISTRATION_NONCES: Table = Table("registration_nonces");
     /// room id, parent event id, rel_type, event type, stream position -> child event id
     pub const RELATIONS: Table = Table("relations");
     /// room id, stream position of a thread reply -> thread root event id
@@ -219,7 +233,7 @@ pub mod tables {
     pub const ALL: &[Table] = &[
         GLOBAL, USERS, DEVICES, ACCESS_TOKENS, FILTERS, ACCOUNT_DATA, PRESENCE, PDUS, EVENT_META,
         TIMELINE, BACKFILL, ROOM_STATE, ROOMS, STATE_SNAPSHOTS, ROOM_MEMBERS, USER_ROOMS, TXN_IDS, ALIASES,
-        PUBLIC_ROOMS, BLOCKED_ROOMS, RECEIPTS, DEVICE_KEYS, ONE_TIME_KEYS, FALLBACK_KEYS, CROSS_SIGNING_KEYS,
+        PUBLIC_ROOMS, BLOCKED_ROOMS, RECEIPTS, TYPING, TYPING_ACTIVE, REGISTRATION_NONCES, DEVICE_KEYS, ONE_TIME_KEYS, FALLBACK_KEYS, CROSS_SIGNING_KEYS,
         KEY_CHANGES, TO_DEVICE, BACKUP_VERSIONS, BACKUP_KEYS, NOTIFICATIONS, ROOM_NOTIFICATIONS, PUSHERS,
         MEDIA, MEDIA_THUMBNAILS, MEDIA_USAGE, MEDIA_REFERENCES, EVENT_MEDIA, MEDIA_UNREFERENCED,
         RELATIONS, THREAD_REPLIES, SEARCH_INDEX, AUDIT_LOG, THERAPISTS,
@@ -268,9 +282,8 @@ impl Store {
         Self::open_node(url, pool_size, node_name, false)
     }
 
-    /// [`Self::open_postgres`] beside other live nodes (`others_allowed`), which only the
-    /// store's own tests do until every node-local cache of the server is shared.
-    fn open_node(url: &str, pool_size: usize, node_name: &str, others_allowed: bool) -> Result<Self> {
+    /// [`Self::open_postgres`], beside other live nodes if `others_allowed`.
+    pub fn open_node(url: &str, pool_size: usize, node_name: &str, others_allowed: bool) -> Result<Self> {
         let engine = postgres::Postgres::open(url, pool_size, node_name, others_allowed)?;
         Ok(Self { streams: engine.streams(), engine: Engine::Postgres(engine) })
     }
@@ -377,6 +390,17 @@ impl Store {
         matches!(self.engine, Engine::Postgres(_))
     }
 
+    /// Waits until this node leads `job` (one that must run on one node only: a sender, a
+    /// sweeper) among the nodes sharing the store, and leads it from then on, until the process
+    /// ends. The embedded store has one process: it leads every job at once. On a shared store a
+    /// node waits while another leads the job, and takes over within seconds of its death.
+    pub async fn lead(&self, job: &str) -> Result<()> {
+        match &self.engine {
+            Engine::RocksDb(_) => Ok(()),
+            Engine::Postgres(db) => db.lead(job).await,
+        }
+    }
+
     /// Keeps the other nodes sharing the store out of `name` until the hold is dropped: theirs
     /// waits for it. One process keeps the embedded store to itself, so there a hold is nothing.
     /// A hold ends with its connection, so it keeps writers apart for speed, not for safety:
@@ -385,6 +409,14 @@ impl Store {
         match &self.engine {
             Engine::RocksDb(_) => Ok(Hold(None)),
             Engine::Postgres(db) => Ok(Hold(Some(db.hold(name).await?))),
+        }
+    }
+
+    /// [`Self::hold`], for code that may block (inside `block_in_place`, or off the runtime).
+    pub fn hold_blocking(&self, name: &str) -> Result<Hold> {
+        match &self.engine {
+            Engine::RocksDb(_) => Ok(Hold(None)),
+            Engine::Postgres(db) => Ok(Hold(Some(db.hold_blocking(name)?))),
         }
     }
 
@@ -445,6 +477,7 @@ impl Store {
 pub struct Hold(#[allow(dead_code, reason = "held for its drop")] Option<postgres::Held>);
 
 /// One operation of a batch.
+#[derive(Clone)]
 pub(crate) enum Op {
     Put { table: Table, key: Vec<u8>, value: Vec<u8> },
     Delete { table: Table, key: Vec<u8> },
@@ -454,7 +487,7 @@ pub(crate) enum Op {
 
 /// One logical write: everything in it lands together or not at all. A later operation on the
 /// same key wins over an earlier one.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Batch {
     ops: Vec<Op>,
 }
@@ -774,7 +807,7 @@ mod tests {
                 let store = if i % 2 == 0 { &a } else { &b };
                 scope.spawn(move || (0..10).filter_map(|_| match next_entry(store) {
                     Ok(seq) => Some(seq),
-                    Err(StoreError::Conflict { .. }) => None,
+                    Err(StoreError::Conflict { .. } | StoreError::Contention) => None,
                     Err(other) => panic!("{other}"),
                 }).collect::<Vec<_>>())
             }).collect();
@@ -799,6 +832,27 @@ mod tests {
             drop(held);
             tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.expect("taken once released").unwrap().unwrap();
             drop(other_name);
+        });
+    }
+
+    #[test]
+    fn one_node_leads_a_job_and_another_takes_over_when_it_dies() {
+        let postgres = TempPostgres::shared();
+        let url = postgres.new_database("leading");
+        let database = url.rsplit('/').next().unwrap();
+        let (a, b) = (Store::open_node(&url, 2, "a", true).unwrap(), std::sync::Arc::new(Store::open_node(&url, 2, "b", true).unwrap()));
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            a.lead("sender").await.unwrap();
+            b.lead("other job").await.unwrap();
+            let waiting = tokio::spawn({
+                let b = b.clone();
+                async move { b.lead("sender").await }
+            });
+            tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+            assert!(!waiting.is_finished(), "one node leads a job");
+            postgres.psql(database, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'limbic a (node)'");
+            tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.expect("b takes over").unwrap().unwrap();
         });
     }
 

@@ -447,7 +447,7 @@ async fn admin_register_nonce(State(server): State<AppState>) -> Result<Json<Jso
     if server.config.registration.shared_secret.is_empty() {
         return Err(Error::not_found("shared-secret registration is disabled"));
     }
-    Ok(Json(json!({ "nonce": server.users.issue_registration_nonce() })))
+    Ok(Json(json!({ "nonce": server.users.issue_registration_nonce()? })))
 }
 
 #[derive(Deserialize)]
@@ -486,7 +486,7 @@ async fn admin_register(
     mac.update(if body.admin { b"admin".as_slice() } else { b"notadmin".as_slice() });
     let expected = hex::decode(&body.mac).map_err(|_| Error::forbidden("HMAC incorrect"))?;
     mac.verify_slice(&expected).map_err(|_| Error::forbidden("HMAC incorrect"))?;
-    if !server.users.take_registration_nonce(&body.nonce) {
+    if !server.users.take_registration_nonce(&body.nonce)? {
         return Err(Error::invalid_param("unrecognised nonce"));
     }
 

@@ -111,6 +111,12 @@ struct Head {
 
 const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
+impl Head {
+    fn genesis() -> Self {
+        Self { seq: 0, hash: GENESIS_HASH.to_owned() }
+    }
+}
+
 pub struct Audit {
     head: Mutex<Head>,
     key: AuditKey,
@@ -136,10 +142,7 @@ impl Audit {
     /// whatever was done to the log meanwhile.
     pub fn load(store: &Store, key_path: &Path) -> Result<Self> {
         let newest = Self::newest(store)?;
-        let head = newest.as_ref().map_or_else(
-            || Head { seq: 0, hash: GENESIS_HASH.to_owned() },
-            |entry| Head { seq: entry.seq, hash: entry.hash.clone() },
-        );
+        let head = newest.as_ref().map_or_else(Head::genesis, |entry| Head { seq: entry.seq, hash: entry.hash.clone() });
         let Some(key) = AuditKey::load(key_path)? else {
             if newest.as_ref().is_some_and(|entry| entry.mac.is_some()) {
                 return Err(Error::internal(format!(
@@ -150,7 +153,7 @@ impl Audit {
             let audit = Self { key: AuditKey::create(key_path, head.seq)?, head: Mutex::new(head) };
             tracing::info!(file = %key_path.display(), unkeyed_entries = audit.key.unkeyed_entries, "generated the audit log's key");
             let record = AuditRecord::new("audit_keyed", "server").details(json!({ "unkeyed_entries": audit.key.unkeyed_entries }));
-            audit.append(store.batch(), vec![record], |batch| store.write(batch))?;
+            audit.append(store, store.batch(), vec![record], |batch| store.write(batch))?;
             return Ok(audit);
         };
         if let Some(entry) = newest.filter(|e| e.seq > key.unkeyed_entries && !e.mac.as_ref().is_some_and(|mac| key.verifies(&e.hash, mac))) {
@@ -173,15 +176,46 @@ impl Audit {
     /// Chains `records` onto the log inside `batch` and writes the batch. The chain's lock is
     /// held until the write is durable, so entries are never reordered or lost.
     pub fn write_with(&self, store: &Store, batch: Batch, records: Vec<AuditRecord>) -> Result<()> {
-        self.append(batch, records, |batch| tokio::task::block_in_place(|| store.write(batch)))
+        self.append(store, batch, records, |batch| tokio::task::block_in_place(|| store.write(batch)))
     }
 
-    fn append(&self, mut batch: Batch, records: Vec<AuditRecord>, write: impl FnOnce(Batch) -> crate::store::Result<()>) -> Result<()> {
+    /// How many times an append starts again after other nodes appended first.
+    const SHARED_ATTEMPTS: usize = 100;
+
+    fn append(&self, store: &Store, batch: Batch, records: Vec<AuditRecord>, write: impl Fn(Batch) -> crate::store::Result<()>) -> Result<()> {
         let mut head = self.head.lock().expect("audit head lock");
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            // Other nodes sharing the store append to the same chain: its head is the newest
+            // entry stored, and the write claims the next sequence number, so that of two nodes
+            // appending at once one writes and the other starts again from the new head.
+            if store.is_shared() {
+                *head = Self::newest(store)?.map_or_else(Head::genesis, |entry| Head { seq: entry.seq, hash: entry.hash });
+            }
+            let mut attempt_batch = batch.clone();
+            let chained = self.chain(&head, &records, &mut attempt_batch)?;
+            attempt_batch.expect(tables::AUDIT_LOG, &(head.seq + 1).to_be_bytes(), None);
+            match write(attempt_batch) {
+                Ok(()) => {
+                    *head = chained;
+                    return Ok(());
+                }
+                Err(crate::store::StoreError::Conflict { table: "audit_log" } | crate::store::StoreError::Contention) if attempt < Self::SHARED_ATTEMPTS => {
+                    // A moment apart, so that nodes appending at once do not meet again.
+                    std::thread::sleep(std::time::Duration::from_micros(rand::random_range(0..1_000 * attempt.min(10) as u64)));
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+
+    /// Puts `records` into `batch` as the entries after `head`; the new head.
+    fn chain(&self, head: &Head, records: &[AuditRecord], batch: &mut Batch) -> Result<Head> {
         let mut seq = head.seq;
         let mut hash = head.hash.clone();
         let now: u64 = ruma::MilliSecondsSinceUnixEpoch::now().0.into();
-        for record in records {
+        for record in records.iter().cloned() {
             seq += 1;
             let mut entry = AuditEntry {
                 seq,
@@ -200,10 +234,7 @@ impl Audit {
             hash = entry.hash.clone();
             batch.put_json(tables::AUDIT_LOG, &seq.to_be_bytes(), &entry)?;
         }
-        write(batch)?;
-        head.seq = seq;
-        head.hash = hash;
-        Ok(())
+        Ok(Head { seq, hash })
     }
 
     pub fn query(&self, store: &Store, query: &AuditQuery) -> Result<Vec<AuditEntry>> {
@@ -300,6 +331,40 @@ mod tests {
     fn first_invalid(audit: &Audit, store: &Store, exported: Option<(u64, &str)>) -> (Option<u64>, String) {
         let check = audit.verify(store, exported).unwrap();
         (check.first_invalid, check.reason.unwrap_or_default())
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn nodes_appending_at_once_make_one_unbroken_chain() {
+        let url = limbic_test_postgres::TempPostgres::shared().new_database("audit_nodes");
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("audit.key");
+        let nodes: Vec<(Store, Audit)> = ["a", "b", "c"]
+            .into_iter()
+            .map(|name| {
+                let store = Store::open_node(&url, 2, name, true).unwrap();
+                let audit = Audit::load(&store, &key).unwrap();
+                (store, audit)
+            })
+            .collect();
+        std::thread::scope(|scope| {
+            for (node, (store, audit)) in nodes.iter().enumerate() {
+                for writer in 0..3 {
+                    scope.spawn(move || {
+                        for i in 0..10 {
+                            let records = vec![AuditRecord::new("login", format!("@{node}-{writer}-{i}:x")), AuditRecord::new("logout", "@x:x")];
+                            audit.append(store, store.batch(), records, |batch| store.write(batch)).unwrap();
+                        }
+                    });
+                }
+            }
+        });
+        let (store, audit) = &nodes[0];
+        let check = audit.verify(store, None).unwrap();
+        // One `audit_keyed` (the first node to start made the key), then 90 pairs.
+        assert!(check.valid, "{:?}", check.reason);
+        assert_eq!(check.entries, 181);
+        let logins = audit.query(store, &AuditQuery { action: Some("login".into()), limit: 1000, ..Default::default() }).unwrap();
+        assert_eq!(logins.len(), 90, "every node's entries are in the chain");
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -86,11 +86,12 @@ impl Rooms {
         for indexer in &self.fanout().indexers {
             indexer.room_removed(store, &mut batch, room_id, &members)?;
         }
-        for table in [tables::ROOM_STATE, tables::ROOM_MEMBERS, tables::RECEIPTS, tables::BACKFILL] {
+        for table in [tables::ROOM_STATE, tables::ROOM_MEMBERS, tables::RECEIPTS, tables::TYPING, tables::TYPING_ACTIVE, tables::BACKFILL] {
             stage_prefix_removal(store, &mut batch, table, &room_prefix)?;
         }
         let aliases = self.stage_unlisting(&mut batch, room_id)?;
         batch.delete(tables::ROOMS, room_id.as_bytes());
+        writer.condition(&mut batch);
         tokio::task::block_in_place(|| store.write(batch))?;
         drop(writer);
         Ok(aliases)

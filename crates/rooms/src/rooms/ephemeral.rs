@@ -1,12 +1,9 @@
-//! Room EDUs: typing notifications (in memory, they expire) and receipts (persisted).
+//! Room EDUs: typing notifications (they expire) and receipts. Both are kept in the store, so
+//! that every node sharing it serves the same.
 
-use std::{
-    collections::HashMap,
-    sync::Mutex,
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
-use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
+use ruma::{OwnedEventId, OwnedUserId, RoomId, UserId};
 use serde::{Deserialize, Serialize};
 
 use super::Rooms;
@@ -15,54 +12,22 @@ use crate::{
     store::{Key, KeyReader, StreamPos, tables},
 };
 
-#[derive(Default)]
-pub struct Typing {
-    rooms: Mutex<HashMap<OwnedRoomId, RoomTyping>>,
-}
-
-#[derive(Default)]
-struct RoomTyping {
-    users: HashMap<OwnedUserId, Instant>,
-    /// Stream position of the last change.
+/// A user's typing in a room: until when (ms since the epoch), and the stream position of the
+/// last change. A user who stopped (or whose typing ran out) keeps an entry that says so, so
+/// that the room's last change stays known.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct TypingEntry {
+    typing: bool,
+    until_ms: u64,
     pos: StreamPos,
 }
 
-impl Typing {
-    /// Users typing in the room now and the position of the last change.
-    pub fn typing(&self, room_id: &RoomId) -> (Vec<OwnedUserId>, StreamPos) {
-        let rooms = self.rooms.lock().expect("typing lock");
-        match rooms.get(room_id) {
-            Some(room) => {
-                let now = Instant::now();
-                let users = room.users.iter().filter(|(_, until)| **until > now).map(|(u, _)| u.clone()).collect();
-                (users, room.pos)
-            }
-            None => (Vec::new(), 0),
-        }
-    }
+fn now_ms() -> u64 {
+    ruma::MilliSecondsSinceUnixEpoch::now().0.into()
+}
 
-    fn update(&self, room_id: &RoomId, pos: StreamPos, change: impl FnOnce(&mut HashMap<OwnedUserId, Instant>)) {
-        let mut rooms = self.rooms.lock().expect("typing lock");
-        let room = rooms.entry(room_id.to_owned()).or_default();
-        change(&mut room.users);
-        room.pos = pos;
-    }
-
-    /// Drops expired entries, returning the rooms that changed so their syncs can be woken.
-    fn expire(&self) -> Vec<OwnedRoomId> {
-        let now = Instant::now();
-        let mut rooms = self.rooms.lock().expect("typing lock");
-        let mut changed = Vec::new();
-        for (room_id, room) in rooms.iter_mut() {
-            let before = room.users.len();
-            room.users.retain(|_, until| *until > now);
-            if room.users.len() != before {
-                changed.push(room_id.clone());
-            }
-        }
-        rooms.retain(|_, room| !room.users.is_empty() || room.pos > 0);
-        changed
-    }
+fn typing_key(room_id: &RoomId, user_id: &UserId) -> Vec<u8> {
+    Key::new().str(room_id.as_str()).str(user_id.as_str()).into_vec()
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -75,22 +40,47 @@ pub struct Receipt {
 }
 
 impl Rooms {
+    /// Starts (for `typing`) or stops a user's typing in the room.
     pub fn set_typing(&self, room_id: &RoomId, user_id: &UserId, typing: Option<Duration>) -> Result<()> {
         let ticket = self.store.streams().allocate(&self.store)?;
         let edu = serde_json::json!({ "edu_type": "m.typing", "content": { "room_id": room_id, "user_id": user_id, "typing": typing.is_some() } });
         let mut batch = self.store.batch();
-        if self.stage_edu(&mut batch, room_id, user_id, ticket.pos(), &edu)? {
-            tokio::task::block_in_place(|| self.store.write(batch))?;
-        }
-        self.typing.update(room_id, ticket.pos(), |users| match typing {
+        self.stage_edu(&mut batch, room_id, user_id, ticket.pos(), &edu)?;
+        let key = typing_key(room_id, user_id);
+        let entry = match typing {
             Some(timeout) => {
-                users.insert(user_id.to_owned(), Instant::now() + timeout);
+                let until_ms = now_ms().saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+                batch.put(tables::TYPING_ACTIVE, &key, &until_ms.to_be_bytes());
+                TypingEntry { typing: true, until_ms, pos: ticket.pos() }
             }
             None => {
-                users.remove(user_id);
+                batch.delete(tables::TYPING_ACTIVE, &key);
+                TypingEntry { typing: false, until_ms: now_ms(), pos: ticket.pos() }
             }
-        });
+        };
+        batch.put_json(tables::TYPING, &key, &entry)?;
+        tokio::task::block_in_place(|| self.store.write(batch))?;
+        drop(ticket);
         Ok(())
+    }
+
+    /// Users typing in the room now, and the position of the room's last typing change.
+    pub fn typing(&self, room_id: &RoomId) -> Result<(Vec<OwnedUserId>, StreamPos)> {
+        let now = now_ms();
+        let (mut users, mut last) = (Vec::new(), 0);
+        for item in self.store.scan_prefix(tables::TYPING, Key::new().str(room_id.as_str()).into_vec(), false) {
+            let (key, value) = item?;
+            let entry: TypingEntry = crate::store::decode(tables::TYPING, &value)?;
+            last = last.max(entry.pos);
+            let mut reader = KeyReader::new(&key);
+            reader.str();
+            if entry.typing && entry.until_ms > now
+                && let Some(user) = reader.str().and_then(|user| OwnedUserId::try_from(user).ok())
+            {
+                users.push(user);
+            }
+        }
+        Ok((users, last))
     }
 
     /// Queues an EDU about a local user for the other servers in the room; whether any.
@@ -106,11 +96,32 @@ impl Rooms {
         Ok(!servers.is_empty())
     }
 
-    /// Expires typing notifications; called periodically.
+    /// Ends the typing that ran out, each a change at a new position (which wakes the syncs of
+    /// its room); called every second, by one node of those sharing the store.
     pub fn expire_typing(&self) -> Result<()> {
-        for room_id in self.typing.expire() {
+        let now = now_ms();
+        let mut expired = Vec::new();
+        for item in self.store.scan_prefix(tables::TYPING_ACTIVE, Vec::new(), false) {
+            let (key, until) = item?;
+            if until.as_ref().try_into().map(u64::from_be_bytes).is_ok_and(|until| until <= now) {
+                expired.push(key);
+            }
+        }
+        for key in expired {
+            // A typing renewed meanwhile (through another node) is left running.
+            let Some(current) = self.store.get(tables::TYPING_ACTIVE, &key)? else { continue };
+            if current.as_slice().try_into().map(u64::from_be_bytes).is_ok_and(|until| until > now) {
+                continue;
+            }
             let ticket = self.store.streams().allocate(&self.store)?;
-            self.typing.update(&room_id, ticket.pos(), |_| {});
+            let mut batch = self.store.batch();
+            batch.expect(tables::TYPING_ACTIVE, &key, Some(&current));
+            batch.delete(tables::TYPING_ACTIVE, &key);
+            batch.put_json(tables::TYPING, &key, &TypingEntry { typing: false, until_ms: now, pos: ticket.pos() })?;
+            match self.store.write(batch) {
+                Ok(()) | Err(crate::store::StoreError::Conflict { .. }) => {}
+                Err(error) => return Err(error.into()),
+            }
         }
         Ok(())
     }
@@ -170,5 +181,38 @@ impl Rooms {
     pub fn receipt(&self, room_id: &RoomId, receipt_type: &str, user_id: &UserId) -> Result<Option<Receipt>> {
         let key = Key::new().str(room_id.as_str()).str(receipt_type).str(user_id.as_str()).into_vec();
         Ok(self.store.get_json(tables::RECEIPTS, &key)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ruma::{owned_room_id, owned_user_id};
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn typing_set_through_one_node_is_seen_and_ends_on_another() {
+        let url = limbic_test_postgres::TempPostgres::shared().new_database("typing_nodes");
+        let dir = tempfile::tempdir().unwrap();
+        let [a, b] = <[_; 2]>::try_from(crate::test_nodes(&url, dir.path(), &["a", "b"])).ok().unwrap();
+        let (room, ana, ben) = (owned_room_id!("!r:test.local"), owned_user_id!("@ana:test.local"), owned_user_id!("@ben:test.local"));
+        let mut woken = b.store().streams().subscribe();
+        woken.mark_unchanged();
+        a.set_typing(&room, &ana, Some(Duration::from_secs(30))).unwrap();
+        b.set_typing(&room, &ben, Some(Duration::from_millis(300))).unwrap();
+        let (typing, started) = b.typing(&room).unwrap();
+        assert_eq!(typing, [ana.clone(), ben.clone()], "both, whichever node they typed through");
+        assert_eq!(a.typing(&room).unwrap(), (typing, started));
+        tokio::time::timeout(Duration::from_secs(5), woken.changed()).await.expect("b's syncs are woken").unwrap();
+        // Ben's typing runs out; whichever node expires it, both see the change at a new position.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        a.expire_typing().unwrap();
+        let (typing, expired) = b.typing(&room).unwrap();
+        assert!(typing == [ana.clone()] && expired > started, "{typing:?} {expired} {started}");
+        a.set_typing(&room, &ana, None).unwrap();
+        let (typing, stopped) = b.typing(&room).unwrap();
+        assert!(typing.is_empty() && stopped > expired);
+        b.expire_typing().unwrap();
+        assert_eq!(a.typing(&room).unwrap(), (Vec::new(), stopped), "nothing left to expire");
     }
 }

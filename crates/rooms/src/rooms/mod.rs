@@ -26,7 +26,7 @@ use ruma::{
 use serde::{Deserialize, Serialize};
 
 pub use after_commit::{AfterCommit, Committed, FollowUp};
-pub use ephemeral::{Receipt, Typing};
+pub use ephemeral::Receipt;
 pub use fanout::{Delivery, Fanout, Indexer, Policy, RoomView, StagedEvent, Staging};
 pub use limbic_core::events::Membership;
 pub use pipeline::{RoomWriter, TxnInfo};
@@ -129,7 +129,6 @@ pub struct Rooms {
     latest_positions: Mutex<HashMap<OwnedRoomId, StreamPos>>,
     /// The policies, indexers and after-commit hooks, registered once at start-up.
     fanout: std::sync::OnceLock<Fanout>,
-    pub typing: Typing,
     /// Chains the audit entries a write carries.
     audit: Arc<crate::audit::Audit>,
     /// Whether this server federates (typing notifications go to other servers).
@@ -148,7 +147,6 @@ impl Rooms {
             retention_cursors: Mutex::default(),
             latest_positions: Mutex::default(),
             fanout: std::sync::OnceLock::new(),
-            typing: Typing::default(),
         }
     }
 
@@ -178,11 +176,13 @@ impl Rooms {
         &self.store
     }
 
-    /// Takes the room's write lock: one writer per room keeps the DAG linear and ordered.
+    /// Takes the room's write lock: one writer per room keeps the DAG linear and ordered. On a
+    /// store that other nodes share, the writer also holds the room against theirs.
     pub async fn writer(&self, room_id: &RoomId) -> Result<RoomWriter<'_>> {
         let lock = self.locks.lock().expect("room locks").get(room_id);
         let guard = lock.lock_owned().await;
-        RoomWriter::open(self, room_id.to_owned(), guard)
+        let hold = self.store.hold(&format!("room {room_id}")).await?;
+        RoomWriter::open(self, room_id.to_owned(), (guard, hold))
     }
 
     /// Starts a room and stages `events`, the first of which must be its `m.room.create` (whose
@@ -440,8 +440,13 @@ impl Rooms {
         Ok(Some(pos))
     }
 
-    /// Records committed timeline positions; a room's entry only ever moves forward.
+    /// Records committed timeline positions; a room's entry only ever moves forward. On a store
+    /// other nodes share, their commits would not move it: nothing is kept, and the timeline is
+    /// read each time.
     fn note_latest(&self, positions: &[(OwnedRoomId, StreamPos)]) {
+        if self.store.is_shared() {
+            return;
+        }
         let mut latest = self.latest_positions.lock().expect("latest positions lock");
         for (room_id, pos) in positions {
             let entry = latest.entry(room_id.clone()).or_insert(*pos);

@@ -15,8 +15,12 @@ use crate::{
     audit::AuditRecord,
     error::{Error, ErrorCode, Result},
     events::{Pdu, PduBuilder, PduPlacement, SignedPdu, build_pdu, redact_stored, rules_for},
-    store::{Batch, Key, StreamPos, StreamTicket, tables},
+    store::{Batch, Hold, Key, StreamPos, StreamTicket, tables},
 };
+
+/// What keeps other writers out of a room: this process's lock on it, and the hold other nodes
+/// sharing the store respect.
+pub(super) type RoomLock = (tokio::sync::OwnedMutexGuard<()>, Hold);
 
 /// The writer's view of its room, borrowed apart from its batch so that indexers read the room
 /// while they stage into the batch.
@@ -115,6 +119,9 @@ pub struct RoomWriter<'a> {
     rooms: &'a Rooms,
     room_id: OwnedRoomId,
     record: Option<RoomRecord>,
+    /// The room's record as stored when the writer opened it: the write lands only if it is
+    /// still so (see [`Self::condition`]).
+    record_read: Option<Vec<u8>>,
     rules: Option<RoomVersionRules>,
     batch: Batch,
     tickets: Vec<StreamTicket>,
@@ -132,22 +139,24 @@ pub struct RoomWriter<'a> {
     staged_audit: Vec<AuditRecord>,
     /// The newest timeline position staged per room (this writer's, and those it commits with).
     staged_latest: Vec<(OwnedRoomId, StreamPos)>,
-    _guard: tokio::sync::OwnedMutexGuard<()>,
+    _guard: RoomLock,
 }
 
 impl<'a> RoomWriter<'a> {
     pub(super) fn open(
         rooms: &'a Rooms,
         room_id: OwnedRoomId,
-        guard: tokio::sync::OwnedMutexGuard<()>,
+        guard: RoomLock,
     ) -> Result<Self> {
-        let record = rooms.room(&room_id)?;
+        let record_read = rooms.store.get(tables::ROOMS, room_id.as_bytes())?;
+        let record: Option<RoomRecord> = record_read.as_deref().map(|bytes| crate::store::decode(tables::ROOMS, bytes)).transpose()?;
         let rules = record.as_ref().map(|r| rules_for(&r.version)).transpose()?;
         Ok(Self {
             batch: rooms.store.batch(),
             rooms,
             room_id,
             record,
+            record_read,
             rules,
             tickets: Vec::new(),
             staged_state: HashMap::new(),
@@ -744,13 +753,24 @@ impl<'a> RoomWriter<'a> {
         self.staged_audit.push(record);
     }
 
+    /// Makes `batch` land only if no other node wrote to the room since this writer opened it.
+    /// The writer's hold keeps them out; this keeps the room's history linear even if the hold
+    /// ended early (its connection broke).
+    pub fn condition(&self, batch: &mut Batch) {
+        batch.expect(tables::ROOMS, self.room_id.as_bytes(), self.record_read.as_deref());
+    }
+
     /// Commits this writer and `others` (writers of other rooms) in one atomic write: a
     /// session room and its breakout rooms change together or not at all.
     pub fn commit_with(mut self, others: Vec<RoomWriter<'_>>) -> Result<super::Committed> {
         // The other rooms stay locked until their events are written.
         let mut locks = Vec::with_capacity(others.len());
-        for other in others {
-            self.batch.append(other.batch);
+        for mut other in others {
+            if !other.batch.is_empty() {
+                let mut batch = std::mem::take(&mut other.batch);
+                other.condition(&mut batch);
+                self.batch.append(batch);
+            }
             self.tickets.extend(other.tickets);
             self.staged_deliveries.extend(other.staged_deliveries);
             self.staged_audit.extend(other.staged_audit);
@@ -765,15 +785,17 @@ impl<'a> RoomWriter<'a> {
 
     /// Persists every staged event in one durable batch, then lets readers see them; what the
     /// after-commit hooks leave to do is returned (it runs in the background unless awaited).
-    pub fn commit(self) -> Result<super::Committed> {
+    pub fn commit(mut self) -> Result<super::Committed> {
         if self.batch.is_empty() && self.staged_audit.is_empty() {
             return Ok(super::Committed::default());
         }
+        let mut batch = std::mem::take(&mut self.batch);
+        self.condition(&mut batch);
         let store = &self.rooms.store;
         if self.staged_audit.is_empty() {
-            tokio::task::block_in_place(|| store.write(self.batch))?;
+            tokio::task::block_in_place(|| store.write(batch))?;
         } else {
-            self.rooms.audit.write_with(store, self.batch, self.staged_audit)?;
+            self.rooms.audit.write_with(store, batch, self.staged_audit)?;
         }
         self.rooms.note_latest(&self.staged_latest);
         // Dropping the tickets advances the stream watermark and wakes /sync.
@@ -803,6 +825,49 @@ mod tests {
         let rules = rooms.rules(room).unwrap();
         let placement = PduPlacement { room_id: room, sender, prev_events: record.extremities, auth_events, depth: record.depth + 1, rules: &rules };
         build_pdu(builder, placement, key).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn writers_on_two_nodes_keep_one_linear_history() {
+        let url = limbic_test_postgres::TempPostgres::shared().new_database("room_writers");
+        let dir = tempfile::tempdir().unwrap();
+        let [a, b] = <[_; 2]>::try_from(crate::test_nodes(&url, dir.path(), &["a", "b"])).ok().unwrap();
+        let alice = owned_user_id!("@alice:test.local");
+        let events = [PduBuilder::state("m.room.create", "", json!({})), PduBuilder::state("m.room.member", alice.as_str(), json!({ "membership": "join" }))];
+        let writer = a.new_room(ruma::RoomVersionId::V12, &alice, events).await.unwrap();
+        let room = writer.room_id().clone();
+        writer.commit().unwrap();
+        let senders: Vec<_> = [a.clone(), b.clone(), a.clone(), b.clone()]
+            .into_iter()
+            .enumerate()
+            .map(|(sender, rooms)| {
+                let (room, alice) = (room.clone(), alice.clone());
+                tokio::spawn(async move {
+                    for i in 0..10 {
+                        let mut writer = rooms.writer(&room).await.unwrap();
+                        writer.append(&alice, PduBuilder::message("m.room.message", json!({ "msgtype": "m.text", "body": format!("{sender}.{i}") })), None).unwrap();
+                        writer.commit().unwrap();
+                    }
+                })
+            })
+            .collect();
+        for sender in senders {
+            sender.await.unwrap();
+        }
+        // Either node reads the same history: each event follows the one before it, and only it.
+        let history = |rooms: &Rooms| {
+            let mut ids: Vec<_> = rooms.timeline_before(&room, u64::MAX).map(|item| item.unwrap().1).collect();
+            ids.reverse();
+            ids
+        };
+        let ids = history(&b);
+        assert_eq!(ids.len(), 2 + 40, "every write landed");
+        assert_eq!(ids, history(&a));
+        for pair in ids.windows(2) {
+            let later = b.pdu(&pair[1]).unwrap().unwrap();
+            assert_eq!(later.prev_events, vec![pair[0].clone()], "one linear history");
+        }
+        assert_eq!(b.room(&room).unwrap().unwrap().extremities, vec![ids[41].clone()]);
     }
 
     #[tokio::test(flavor = "multi_thread")]

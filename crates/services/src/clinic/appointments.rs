@@ -15,7 +15,7 @@ use crate::{
     config::AppointmentsConfig,
     error::{Error, ErrorCode, Result},
     rooms::Membership,
-    store::{Batch, Store, tables},
+    store::{Batch, Hold, Store, StoreError, tables},
     users::random_string,
 };
 
@@ -86,9 +86,11 @@ impl Appointments {
         Ok(())
     }
 
-    /// Held while an appointment's room is looked up and, if missing, created.
-    pub async fn lock_creation(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.creating.lock().await
+    /// Held while an appointment's room is looked up and, if missing, created (by this process,
+    /// and against the other nodes sharing the store).
+    pub async fn lock_creation(&self) -> Result<(tokio::sync::MutexGuard<'_, ()>, Hold)> {
+        let guard = self.creating.lock().await;
+        Ok((guard, self.store.hold("appointment rooms").await?))
     }
 
     pub fn room(&self, appointment_id: &str) -> Result<Option<OwnedRoomId>> {
@@ -132,12 +134,18 @@ impl Appointments {
     /// Marks the link used within `batch` (the new device) and writes it with `record`;
     /// a link that was used before is refused and nothing is written.
     pub fn redeem(&self, audit: &Audit, mut batch: Batch, link: &Link, record: AuditRecord) -> Result<()> {
+        let used = || Error::forbidden("this appointment link has been used already");
         let _redeeming = self.redeeming.lock().map_err(|_| Error::internal("link redemption lock poisoned"))?;
         if self.store.contains(tables::LINK_TOKENS_USED, link.jti.as_bytes())? {
-            return Err(Error::forbidden("this appointment link has been used already"));
+            return Err(used());
         }
+        // Another node may redeem the same link at the same moment: only one write claims it.
+        batch.expect(tables::LINK_TOKENS_USED, link.jti.as_bytes(), None);
         batch.put(tables::LINK_TOKENS_USED, link.jti.as_bytes(), &link.exp.to_be_bytes());
-        audit.write_with(&self.store, batch, vec![record])
+        match audit.write_with(&self.store, batch, vec![record]) {
+            Err(Error::Store(StoreError::Conflict { table })) if table == tables::LINK_TOKENS_USED.name() => Err(used()),
+            written => written,
+        }
     }
 }
 
@@ -370,7 +378,7 @@ pub async fn book(server: &dyn ClinicHost, request: NewAppointment) -> Result<Bo
         return Err(Error::forbidden(format!("{} is a server admin: appointment links never sign in an admin", request.therapist)));
     }
 
-    let _creating = server.appointments().lock_creation().await;
+    let _creating = server.appointments().lock_creation().await?;
     let room_id = match server.appointments().room(&request.appointment_id)? {
         Some(room_id) => {
             // A repeat call gets new links, but only for the appointment's own participants.

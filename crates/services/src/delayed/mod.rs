@@ -132,7 +132,7 @@ impl DelayedEvents {
         }
         let kind = new.event.kind.to_string();
         check_may_send(server, new.room_id, &owner.user_id, &kind, new.event.state_key.is_some())?;
-        let _guard = self.lock.lock().await;
+        let _guard = (self.lock.lock().await, self.store.hold("delayed events").await?);
         let mine = self.owned_by(&owner.user_id)?;
         if let Some(txn_id) = new.txn_id
             && let Some((delay_id, _)) = mine.iter().find(|(_, r)| r.device_id == owner.device_id.as_str() && r.txn_id.as_deref() == Some(txn_id))
@@ -168,7 +168,7 @@ impl DelayedEvents {
     /// Cancels, restarts or sends a scheduled event. With an `owner` (the authenticated
     /// endpoint) only their own events are found; without, the delay id is the capability.
     pub async fn update(&self, server: &dyn DelayedHost, delay_id: &str, action: Action, owner: Option<&UserId>) -> Result<()> {
-        let _guard = self.lock.lock().await;
+        let _guard = (self.lock.lock().await, self.store.hold("delayed events").await?);
         let record = self
             .live_record(server, delay_id)?
             .filter(|record| owner.is_none_or(|owner| record.user_id == owner))
@@ -281,7 +281,7 @@ impl DelayedEvents {
     /// Fires the first due event, if any. Answers how long until the next one is due: zero
     /// when one fired (there may be more), `None` when nothing is scheduled.
     async fn fire_next(&self, server: &dyn DelayedHost) -> Result<Option<u64>> {
-        let _guard = self.lock.lock().await;
+        let _guard = (self.lock.lock().await, self.store.hold("delayed events").await?);
         let Some(first) = self.store.scan_prefix(tables::DELAYED_EVENTS_DUE, Vec::new(), false).next() else {
             return Ok(None);
         };
@@ -315,6 +315,9 @@ impl DelayedEvents {
     }
 }
 
+/// How often the node that sends delayed events looks for new ones on a shared store.
+const SHARED_POLL_MS: u64 = 1000;
+
 /// Sends due events until shutdown, oldest first, starting with those that fell due while the
 /// server was down.
 pub async fn run(server: Arc<dyn DelayedHost>) {
@@ -331,6 +334,9 @@ pub async fn run(server: Arc<dyn DelayedHost>) {
                 Some(1000)
             }
         };
+        // Events scheduled through another node sharing the store wake nothing here: look at
+        // least every second.
+        let wait = if server.store().is_shared() { Some(wait.map_or(SHARED_POLL_MS, |ms| ms.min(SHARED_POLL_MS))) } else { wait };
         let sleep = async {
             match wait {
                 Some(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,

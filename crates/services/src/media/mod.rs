@@ -82,6 +82,9 @@ struct CachedThumbnail {
     content_type: String,
 }
 
+/// The hold that keeps media commits of the nodes sharing the store apart.
+const MEDIA_HOLD: &str = "media commits";
+
 /// Content as a client uploads it: `bytes` in memory (a call recording) or, for a client's
 /// upload, its request body, read as it arrives.
 pub struct Upload<B = Vec<u8>> {
@@ -117,7 +120,8 @@ pub struct Media {
     max_upload_size: usize,
     user_quota: u64,
     max_pending_uploads: usize,
-    /// Serialises the check-then-write of metadata: quota, pending ids, overwrites.
+    /// Serialises the check-then-write of metadata: quota, pending ids, overwrites (with the
+    /// other nodes sharing the store, by the hold [`MEDIA_HOLD`] taken with it).
     commit: Mutex<()>,
     /// Held shared by whatever names a content file and then records it (uploads,
     /// thumbnails), and exclusively by `collect` while it removes files: a file about to be
@@ -240,6 +244,7 @@ impl Media {
     /// Reserves a media id for a later upload (`create`), returning it and when it expires.
     pub fn create(&self, uploader: &UserId) -> Result<(OwnedMxcUri, MilliSecondsSinceUnixEpoch)> {
         let _serial = self.commit.lock().unwrap_or_else(PoisonError::into_inner);
+        let _shared = self.store.hold_blocking(MEDIA_HOLD)?;
         let now = now_ms();
         let mut usage = self.usage(uploader)?;
         let mut batch = self.store.batch();
@@ -356,6 +361,7 @@ impl Media {
         created_ts: impl FnOnce() -> Result<u64>,
     ) -> Result<()> {
         let _serial = self.commit.lock().unwrap_or_else(PoisonError::into_inner);
+        let _shared = self.store.hold_blocking(MEDIA_HOLD)?;
         let created_ts = created_ts()?;
         let mut usage = self.usage(uploader)?;
         usage.bytes = self.charge(&usage, content.size)?;
@@ -376,6 +382,7 @@ impl Media {
         let _files = self.files_in_use.write().await;
         tokio::task::block_in_place(|| {
             let _serial = self.commit.lock().unwrap_or_else(PoisonError::into_inner);
+            let _shared = self.store.hold_blocking(MEDIA_HOLD)?;
             let record = self.record(media_id)?.ok_or_else(|| Error::not_found("unknown media"))?;
             let doomed = BTreeMap::from([(media_id.to_owned(), record)]);
             let mut batch = self.store.batch();
@@ -408,6 +415,7 @@ impl Media {
         let _files = self.files_in_use.write().await;
         tokio::task::block_in_place(|| {
             let _serial = self.commit.lock().unwrap_or_else(PoisonError::into_inner);
+            let _shared = self.store.hold_blocking(MEDIA_HOLD)?;
             let mut doomed = BTreeMap::new();
             for media_id in &queued {
                 if let Some(record) = self.record(media_id)?

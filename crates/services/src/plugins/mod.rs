@@ -394,9 +394,18 @@ impl Plugins {
         if self.plugins.is_empty() {
             return;
         }
+        // Each plugin's events and ticks are delivered by one node of those sharing the store.
         for plugin in &self.plugins {
-            tokio::spawn(deliver_events(self.clone(), server.clone(), plugin.clone()));
-            tokio::spawn(tick(self.clone(), server.clone(), plugin.clone()));
+            let (plugins, host, led) = (self.clone(), server.clone(), plugin.clone());
+            tokio::spawn(async move {
+                crate::host::lead(host.store(), &format!("plugin {}: events", led.name())).await;
+                deliver_events(plugins, host, led).await;
+            });
+            let (plugins, host, led) = (self.clone(), server.clone(), plugin.clone());
+            tokio::spawn(async move {
+                crate::host::lead(host.store(), &format!("plugin {}: ticks", led.name())).await;
+                tick(plugins, host, led).await;
+            });
         }
         tokio::spawn(watch_files(self.clone(), server.clone()));
     }

@@ -113,9 +113,14 @@ pub struct RoomContext<'a> {
 
 pub struct Push {
     store: Arc<Store>,
-    rulesets: Mutex<HashMap<OwnedUserId, Arc<Ruleset>>>,
+    /// Each user's rules, and when they were read.
+    rulesets: Mutex<HashMap<OwnedUserId, (Arc<Ruleset>, std::time::Instant)>>,
     delivery: Delivery,
 }
+
+/// How long rules read from a store that other nodes share are used before they are read again:
+/// a change made through another node applies here within this time.
+const SHARED_RULESET_LIFETIME: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn notification_key(user_id: &UserId, pos: StreamPos) -> Vec<u8> {
     Key::new().str(user_id.as_str()).u64(pos).into_vec()
@@ -149,7 +154,8 @@ impl Push {
 
     /// The user's rules: what they saved, or the spec's defaults.
     pub fn ruleset(&self, user_id: &UserId) -> Result<Arc<Ruleset>> {
-        if let Some(rules) = self.rulesets.lock().expect("ruleset cache").get(user_id) {
+        let fresh = |read: &std::time::Instant| !self.store.is_shared() || read.elapsed() < SHARED_RULESET_LIFETIME;
+        if let Some((rules, _)) = self.rulesets.lock().expect("ruleset cache").get(user_id).filter(|(_, read)| fresh(read)) {
             return Ok(rules.clone());
         }
         let key = Key::new().str(user_id.as_str()).str("").str(PUSH_RULES).into_vec();
@@ -159,7 +165,7 @@ impl Push {
             .and_then(|global| serde_json::from_value::<Ruleset>(global).ok())
             .unwrap_or_else(|| Ruleset::server_default(user_id));
         let rules = Arc::new(rules);
-        self.rulesets.lock().expect("ruleset cache").insert(user_id.to_owned(), rules.clone());
+        self.rulesets.lock().expect("ruleset cache").insert(user_id.to_owned(), (rules.clone(), std::time::Instant::now()));
         Ok(rules)
     }
 

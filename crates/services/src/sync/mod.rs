@@ -398,16 +398,16 @@ fn left_room(server: &dyn SyncHost, req: &SyncRequest<'_>, room_id: &RoomId, ent
 
 fn ephemeral_events(server: &dyn SyncHost, req: &SyncRequest<'_>, room_id: &RoomId, since: StreamPos) -> Result<Vec<JsonValue>> {
     let filter = &req.filter.room;
-    let typing = filter.ephemeral_allows("m.typing").then(|| typing_event(server, room_id, since)).flatten();
+    let typing = if filter.ephemeral_allows("m.typing") { typing_event(server, room_id, since)? } else { None };
     let receipts = if filter.ephemeral_allows("m.receipt") { receipt_event(server, &req.caller.user_id, room_id, since)? } else { None };
     Ok(typing.into_iter().chain(receipts).collect())
 }
 
 /// The room's `m.typing` event if typing changed after `since` (on an initial sync, only when
 /// someone is typing).
-pub(crate) fn typing_event(server: &dyn SyncHost, room_id: &RoomId, since: StreamPos) -> Option<JsonValue> {
-    let (typing, typing_pos) = server.rooms().typing.typing(room_id);
-    (typing_pos > since && (since > 0 || !typing.is_empty())).then(|| json!({ "type": "m.typing", "content": { "user_ids": typing } }))
+pub(crate) fn typing_event(server: &dyn SyncHost, room_id: &RoomId, since: StreamPos) -> Result<Option<JsonValue>> {
+    let (typing, typing_pos) = server.rooms().typing(room_id)?;
+    Ok((typing_pos > since && (since > 0 || !typing.is_empty())).then(|| json!({ "type": "m.typing", "content": { "user_ids": typing } })))
 }
 
 /// The room's receipts set after `since` as one `m.receipt` event; private receipts only the

@@ -338,7 +338,7 @@ pub fn build(server: &dyn SyncHost, req: &SlidingRequest<'_>, previous: &Connect
             let joined = by_id[&**room_id].entry.membership == Membership::Join;
             if joined
                 && in_scope(&extensions.typing.lists, &extensions.typing.rooms, room_id)
-                && let Some(event) = typing_event(server, room_id, room_since(room_id))
+                && let Some(event) = typing_event(server, room_id, room_since(room_id))?
             {
                 per_room.insert(room_id.to_string(), event);
             }

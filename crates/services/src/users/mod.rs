@@ -81,13 +81,21 @@ pub struct Users {
     store: Arc<Store>,
     /// What ends with an access token, given at start-up.
     token_bound: Vec<Arc<dyn TokenBound>>,
-    /// Nonces handed out for shared-secret registration, each usable once within a minute.
-    registration_nonces: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// Stream position of the latest presence change (the watermark at start after a restart).
     presence_pos: std::sync::atomic::AtomicU64,
 }
 
-const NONCE_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long a nonce handed out for shared-secret registration may be used (once).
+const NONCE_LIFETIME_MS: u64 = 60_000;
+
+fn now_ms() -> u64 {
+    ruma::MilliSecondsSinceUnixEpoch::now().0.into()
+}
+
+/// When a stored nonce was issued.
+fn issued_at(stored: &[u8]) -> Option<u64> {
+    stored.try_into().ok().map(u64::from_be_bytes)
+}
 
 fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
@@ -123,25 +131,44 @@ pub fn random_string(len: usize) -> String {
 impl Users {
     pub fn new(store: Arc<Store>, token_bound: Vec<Arc<dyn TokenBound>>) -> Self {
         let presence_pos = store.streams().current().into();
-        Self { store, token_bound, presence_pos, registration_nonces: Default::default() }
+        Self { store, token_bound, presence_pos }
     }
 
-    pub fn issue_registration_nonce(&self) -> String {
+    /// A nonce for shared-secret registration, kept in the store (so that any node takes it),
+    /// with those that ran out removed.
+    pub fn issue_registration_nonce(&self) -> Result<String> {
         let nonce = random_string(32);
-        let mut nonces = self.registration_nonces.lock().expect("nonce lock");
-        nonces.retain(|_, issued| issued.elapsed() < NONCE_LIFETIME);
-        nonces.insert(nonce.clone(), std::time::Instant::now());
-        nonce
+        let now = now_ms();
+        let mut batch = self.store.batch();
+        for item in self.store.scan_prefix(tables::REGISTRATION_NONCES, Vec::new(), false) {
+            let (key, issued) = item?;
+            if issued_at(&issued).is_none_or(|issued| now.saturating_sub(issued) >= NONCE_LIFETIME_MS) {
+                batch.delete(tables::REGISTRATION_NONCES, &key);
+            }
+        }
+        batch.put(tables::REGISTRATION_NONCES, nonce.as_bytes(), &now.to_be_bytes());
+        self.store.write(batch)?;
+        Ok(nonce)
     }
 
-    /// Consumes a nonce; false if it was never issued, already used or expired.
-    pub fn take_registration_nonce(&self, nonce: &str) -> bool {
-        let mut nonces = self.registration_nonces.lock().expect("nonce lock");
-        nonces.remove(nonce).is_some_and(|issued| issued.elapsed() < NONCE_LIFETIME)
+    /// Consumes a nonce; false if it was never issued, already used or expired. Of two nodes
+    /// taking the same nonce at once, one does.
+    pub fn take_registration_nonce(&self, nonce: &str) -> Result<bool> {
+        let Some(issued) = self.store.get(tables::REGISTRATION_NONCES, nonce.as_bytes())? else { return Ok(false) };
+        let mut batch = self.store.batch();
+        batch.expect(tables::REGISTRATION_NONCES, nonce.as_bytes(), Some(&issued));
+        batch.delete(tables::REGISTRATION_NONCES, nonce.as_bytes());
+        match self.store.write(batch) {
+            Ok(()) => Ok(issued_at(&issued).is_some_and(|issued| now_ms().saturating_sub(issued) < NONCE_LIFETIME_MS)),
+            Err(crate::store::StoreError::Conflict { .. }) => Ok(false),
+            Err(error) => Err(error.into()),
+        }
     }
 
+    /// Whether presence changed after `pos`. Another node sharing the store does not tell this
+    /// one of its changes: there, maybe.
     pub fn presence_changed_after(&self, pos: StreamPos) -> bool {
-        self.presence_pos.load(std::sync::atomic::Ordering::Acquire) > pos
+        self.store.is_shared() || self.presence_pos.load(std::sync::atomic::Ordering::Acquire) > pos
     }
 
     pub fn account(&self, user_id: &UserId) -> Result<Option<Account>> {

@@ -31,8 +31,8 @@ pub(crate) struct Postgres {
     /// wait for a connection another holder keeps.
     holds: Pool,
     stream: Arc<nodes::SharedStream>,
-    /// The node's own session: it holds the node's lock, and the lock goes with it.
-    _session: tokio_postgres::Client,
+    /// The node's own session: it holds the node's lock and the jobs it leads, and they go with it.
+    session: Arc<tokio_postgres::Client>,
 }
 
 /// The SQL name of a table.
@@ -90,7 +90,7 @@ impl Postgres {
             watermark: tokio::sync::watch::Sender::new(watermark),
         });
         handle.spawn(nodes::keep_alive(notifications, stream.clone()));
-        Ok(Self { runtime, pool, holds, stream, _session: session })
+        Ok(Self { runtime, pool, holds, stream, session: Arc::new(session) })
     }
 
     /// The stream positions of this node among the others.
@@ -107,18 +107,48 @@ impl Postgres {
     /// open (`pg_advisory_xact_lock`): the lock ends with the transaction, when the hold is
     /// dropped or its connection breaks. Waiting for another node's gives up after
     /// [`HOLD_TIMEOUT`].
-    pub(crate) async fn hold(&self, name: &str) -> Result<Held> {
+    fn take_hold(&self, name: &str) -> impl Future<Output = Result<Held>> + Send + 'static {
         let (pool, name, runtime) = (self.holds.clone(), name.to_owned(), self.runtime.handle());
+        async move {
+            let client = pool.get().await?;
+            let lock = client.prepare_cached("SELECT pg_advisory_xact_lock($1, hashtext($2))").await?;
+            client.batch_execute(&format!("BEGIN; SET LOCAL lock_timeout = '{HOLD_TIMEOUT}'")).await?;
+            // From here on, dropping the hold ends the transaction.
+            let held = Held { client: Some(client), runtime };
+            held.client.as_ref().expect("just set").query_one(&lock, &[&HOLD_LOCK_CLASS, &name]).await?;
+            Ok(held)
+        }
+    }
+
+    pub(crate) async fn hold(&self, name: &str) -> Result<Held> {
+        let taking = self.take_hold(name);
         let (reply, answer) = tokio::sync::oneshot::channel();
-        runtime.clone().spawn(async move {
+        self.runtime.handle().spawn(async move {
+            let _ = reply.send(taking.await);
+        });
+        answer.await.map_err(|_| StoreError::Unavailable)?
+    }
+
+    pub(crate) fn hold_blocking(&self, name: &str) -> Result<Held> {
+        self.run(self.take_hold(name))
+    }
+
+    /// Waits until this node leads `job`: it takes the job's advisory lock in its own session,
+    /// trying every [`LEAD_RETRY`] while another node holds it. The lock is the node's until the
+    /// process ends; if its session ends first, the other nodes fence the node (it writes
+    /// nothing more) and one of them takes the lock.
+    pub(crate) async fn lead(&self, job: &str) -> Result<()> {
+        let (session, job, runtime) = (self.session.clone(), job.to_owned(), self.runtime.handle());
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        runtime.spawn(async move {
             let taken = async {
-                let client = pool.get().await?;
-                let lock = client.prepare_cached("SELECT pg_advisory_xact_lock($1, hashtext($2))").await?;
-                client.batch_execute(&format!("BEGIN; SET LOCAL lock_timeout = '{HOLD_TIMEOUT}'")).await?;
-                // From here on, dropping the hold ends the transaction.
-                let held = Held { client: Some(client), runtime };
-                held.client.as_ref().expect("just set").query_one(&lock, &[&HOLD_LOCK_CLASS, &name]).await?;
-                Ok(held)
+                loop {
+                    let row = session.query_one("SELECT pg_try_advisory_lock($1, hashtext($2))", &[&LEAD_LOCK_CLASS, &job]).await?;
+                    if row.get::<_, bool>(0) {
+                        return Ok(());
+                    }
+                    tokio::time::sleep(LEAD_RETRY).await;
+                }
             };
             let _ = reply.send(taken.await);
         });
@@ -249,6 +279,18 @@ impl Postgres {
         })
     }
 }
+
+/// Whether a database error is the database undoing a transaction that met others (a deadlock
+/// it broke, or a serialization failure): nothing of it was written.
+pub(crate) fn is_contention(error: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    error.code().is_some_and(|code| *code == SqlState::T_R_DEADLOCK_DETECTED || *code == SqlState::T_R_SERIALIZATION_FAILURE)
+}
+
+/// The advisory lock class of the jobs a node leads ("led"), and how often a node that does not
+/// lead one tries again.
+const LEAD_LOCK_CLASS: i32 = 0x6c_65_64;
+const LEAD_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The advisory lock class of holds ("hld"), beside the nodes' own locks (nodes.rs).
 const HOLD_LOCK_CLASS: i32 = 0x68_6c_64;

@@ -1,0 +1,220 @@
+//! Several `limbic` nodes on one PostgreSQL database (issue 18, docs/SCALING.md): any request may
+//! land on any node, and every node serves the same rooms in the same order.
+
+mod common;
+
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use common::{Client, TestServer, enc};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+/// Ana, signed in through node `a`, and Ben, signed in through node `b`, joined to a room Ana made.
+async fn two_members(a: &TestServer, b: &TestServer) -> (Client, Client, String) {
+    let ana = a.register("ana").await;
+    let ben = a.register("ben").await.through(b);
+    let room = ana.create_room(json!({ "preset": "private_chat", "invite": [ben.user_id] })).await;
+    let (status, body) = ben.join(&room).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    (ana, ben, room)
+}
+
+/// The messages of the room in a sync response, in order.
+fn messages_in(sync: &Value, room: &str) -> Vec<String> {
+    let events = sync["rooms"]["join"][room]["timeline"]["events"].as_array().cloned().unwrap_or_default();
+    events.iter().filter(|event| event["type"] == "m.room.message").map(|event| event["event_id"].as_str().unwrap().to_owned()).collect()
+}
+
+/// A sync that returns every new event (no gap), waiting up to `timeout_ms`.
+async fn sync_all(client: &Client, since: &str, timeout_ms: u64) -> Value {
+    let filter = enc(&json!({ "room": { "timeline": { "limit": 1000 } } }).to_string());
+    client.ok(Method::GET, &format!("/_matrix/client/v3/sync?timeout={timeout_ms}&since={}&filter={filter}", enc(since)), None).await
+}
+
+/// The room's messages as a node serves them (`/messages`, oldest first).
+async fn history(client: &Client, room: &str) -> Vec<String> {
+    let page = client.messages(room, "dir=b&limit=1000").await;
+    let mut ids: Vec<String> = page["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|event| event["type"] == "m.room.message")
+        .map(|event| event["event_id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.reverse();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_sent_through_one_node_wakes_a_long_poll_on_another() {
+    let a = TestServer::start_cluster(&[]).await;
+    let c = a.start_node("c").await;
+    let (ana, ben, room) = two_members(&a, &c).await;
+    let mut since = ben.sync(None, 0).await["next_batch"].as_str().unwrap().to_owned();
+    let mut delays = Vec::new();
+    for i in 0..3 {
+        let poll = tokio::spawn({
+            let (ben, since) = (ben.clone(), since.clone());
+            async move { (sync_all(&ben, &since, 30_000).await, Instant::now()) }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!poll.is_finished(), "the long-poll waits for news");
+        let sent_id = ana.send_text(&room, &format!("t{i}"), "hello").await;
+        let sent = Instant::now();
+        let (sync, woken) = poll.await.unwrap();
+        assert_eq!(messages_in(&sync, &room), [sent_id]);
+        delays.push(woken.saturating_duration_since(sent));
+        since = sync["next_batch"].as_str().unwrap().to_owned();
+    }
+    // Woken by node a's notification, not by node c's poll of the database every second.
+    delays.sort();
+    assert!(delays[1] <= Duration::from_millis(100), "{delays:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_sends_through_two_nodes_make_one_history_on_every_node() {
+    let a = TestServer::start_cluster(&[]).await;
+    let b = a.start_node("b").await;
+    let (ana, ben, room) = two_members(&a, &b).await;
+    let senders = [ana.clone(), ana.through(&b), ben.clone(), ben.through(&a)];
+    let tasks: Vec<_> = senders
+        .into_iter()
+        .enumerate()
+        .map(|(sender, client)| {
+            let room = room.clone();
+            tokio::spawn(async move {
+                let mut sent = Vec::new();
+                for i in 0..15 {
+                    sent.push(client.send_text(&room, &format!("s{sender}-{i}"), &format!("{sender}.{i}")).await);
+                }
+                sent
+            })
+        })
+        .collect();
+    let mut by_sender = Vec::new();
+    for task in tasks {
+        by_sender.push(task.await.unwrap());
+    }
+    let on_a = history(&ana, &room).await;
+    assert_eq!(on_a, history(&ana.through(&b), &room).await, "the same order through either node");
+    let acknowledged: HashSet<&String> = by_sender.iter().flatten().collect();
+    assert_eq!((on_a.len(), on_a.iter().collect::<HashSet<_>>()), (60, acknowledged), "every acknowledged message, once");
+    // Each sender's messages, sent one after the other, stay in their order.
+    for sent in &by_sender {
+        let positions: Vec<usize> = sent.iter().map(|id| on_a.iter().position(|h| h == id).unwrap()).collect();
+        assert!(positions.is_sorted(), "{positions:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_killed_mid_commit_loses_nothing_acknowledged_and_no_event_appears_behind_a_sync() {
+    let mut a = TestServer::start_cluster(&[]).await;
+    let b = a.start_node("b").await;
+    let (ana, ben, room) = two_members(&a, &b).await;
+    // Ben follows the room through node b the whole time, from before the first message.
+    let since = ben.sync(None, 0).await["next_batch"].as_str().unwrap().to_owned();
+    let stop = Arc::new(AtomicBool::new(false));
+    let follower = tokio::spawn({
+        let (ben, room, stop) = (ben.clone(), room.clone(), stop.clone());
+        async move {
+            let (mut since, mut seen) = (since, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let sync = sync_all(&ben, &since, 500).await;
+                seen.extend(messages_in(&sync, &room));
+                since = sync["next_batch"].as_str().unwrap().to_owned();
+            }
+            seen
+        }
+    });
+    // Ana sends through node a from four tasks at once until it dies under them.
+    let senders: Vec<_> = (0..4)
+        .map(|sender| {
+            let (ana, room) = (ana.clone(), room.clone());
+            tokio::spawn(async move {
+                let mut acknowledged = Vec::new();
+                for i in 0.. {
+                    let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/k{sender}-{i}", enc(&room));
+                    let mut request = ana.http.put(format!("{}{path}", ana.base)).bearer_auth(ana.token.as_deref().unwrap());
+                    request = request.json(&json!({ "msgtype": "m.text", "body": format!("{sender}.{i}") }));
+                    match request.send().await {
+                        Ok(response) if response.status() == StatusCode::OK => {
+                            acknowledged.push(response.json::<Value>().await.unwrap()["event_id"].as_str().unwrap().to_owned());
+                        }
+                        _ => break,
+                    }
+                }
+                acknowledged
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    a.kill9();
+    let mut acknowledged = Vec::new();
+    for sender in senders {
+        acknowledged.extend(sender.await.unwrap());
+    }
+    assert!(acknowledged.len() >= 10, "node a served sends before it died: {}", acknowledged.len());
+    // Node b goes on serving, writes included.
+    let after = ana.through(&b).send_text(&room, "after", "after the crash").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let on_b = history(&ben, &room).await;
+        if on_b.contains(&after) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node b serves the message sent through it");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let seen = follower.await.unwrap();
+    let on_b = history(&ben, &room).await;
+    let stored: HashSet<&String> = on_b.iter().collect();
+    assert!(acknowledged.iter().all(|id| stored.contains(id)), "every acknowledged message is kept");
+    // Incremental syncs saw exactly the history, in its order: no event was committed below a
+    // position Ben had already synced past (it would never have reached his syncs).
+    assert_eq!(seen, on_b);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_appointment_booked_and_its_link_redeemed_through_two_nodes_at_once_happen_once() {
+    let secret = "booking-service-secret";
+    let a = TestServer::start_cluster(&[("LIMBIC_APPOINTMENTS__SHARED_SECRET", secret), ("LIMBIC_APPOINTMENTS__JWT_SECRET", "link-secret")]).await;
+    let b = a.start_node("b").await;
+    let admin = a.register_admin("admin").await;
+    let therapist = a.register("therapist").await;
+    admin.ok(Method::PUT, &format!("/_limbic/admin/v1/therapists/{}", enc(&therapist.user_id)), Some(json!({ "verified": true }))).await;
+    let start = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64 + 3_600_000;
+    let appointment = json!({
+        "appointment_id": "appt-1", "therapist": therapist.user_id, "client": "@alice:test.local", "title": "Intake",
+        "starts_at": start, "ends_at": start + 3_600_000, "timezone": "Europe/Berlin",
+    });
+    let book = |node: &TestServer| {
+        let mut service = node.client();
+        service.token = Some(secret.to_owned());
+        let appointment = appointment.clone();
+        async move { service.post("/_limbic/service/v1/appointments", appointment).await }
+    };
+    // The booking service retries through another node: one appointment, one room.
+    let ((status_a, booked_a), (status_b, booked_b)) = tokio::join!(book(&a), book(&b));
+    assert_eq!((status_a, status_b), (StatusCode::OK, StatusCode::OK), "{booked_a} {booked_b}");
+    assert_eq!(booked_a["room_id"], booked_b["room_id"], "one room for the appointment");
+    // Alice's link, opened twice at once through both nodes, signs her in once.
+    let link = booked_a["links"]["@alice:test.local"].as_str().unwrap();
+    let token = link.rsplit_once("?token=").unwrap().1.to_owned();
+    let login = |node: &TestServer| {
+        let (client, token) = (node.client(), token.clone());
+        async move { client.post("/_matrix/client/v3/login", json!({ "type": "org.matrix.login.jwt", "token": token })).await }
+    };
+    let ((status_a, _), (status_b, _)) = tokio::join!(login(&a), login(&b));
+    let mut statuses = [status_a, status_b];
+    statuses.sort();
+    assert_eq!(statuses, [StatusCode::OK, StatusCode::FORBIDDEN], "one sign-in, whichever node answered first");
+}
