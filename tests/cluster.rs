@@ -218,3 +218,38 @@ async fn an_appointment_booked_and_its_link_redeemed_through_two_nodes_at_once_h
     statuses.sort();
     assert_eq!(statuses, [StatusCode::OK, StatusCode::FORBIDDEN], "one sign-in, whichever node answered first");
 }
+
+/// Waits until `client` reads a message with `body` in `room`.
+async fn eventually_reads(client: &Client, room: &str, body: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let page = client.messages(room, "dir=b&limit=50").await;
+        if page["chunk"].as_array().is_some_and(|chunk| chunk.iter().any(|event| event["content"]["body"] == body)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{} never read {body:?}: {page}", client.user_id);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn when_the_node_sending_to_other_servers_dies_another_takes_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::federation::test_ca(dir.path());
+    let remote = common::federation::federated(&ca, "").await;
+    // The clinic's server name points at node a's federation port; node b has its own.
+    let mut a = common::federation::federated_cluster(&ca).await;
+    let b_port = common::free_port().to_string();
+    let b = a.server.start_node_with("b", &[("LIMBIC_FEDERATION__PORT", &b_port)]).await;
+    let alice = a.server.register("alice").await;
+    let rita = remote.server.register("rita").await;
+    let room = alice.create_room(json!({ "preset": "public_chat" })).await;
+    rita.ok(Method::POST, &format!("/_matrix/client/v3/join/{}?via={}", enc(&room), enc(&a.name)), Some(json!({}))).await;
+    // Node a, started first, sends for the cluster; what is queued through node b wakes it.
+    alice.through(&b).send_text(&room, "b1", "queued through b").await;
+    eventually_reads(&rita, &room, "queued through b").await;
+    a.server.kill9();
+    // Node b takes the sender over within seconds, and sends what is queued through it.
+    alice.through(&b).send_text(&room, "b2", "after a died").await;
+    eventually_reads(&rita, &room, "after a died").await;
+}

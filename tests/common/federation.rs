@@ -42,6 +42,16 @@ pub async fn federated(ca: &TestCa, extra: &str) -> Federated {
 
 /// The same, with more `LIMBIC_*` overrides.
 pub async fn federated_with(ca: &TestCa, extra: &str, env: &[(&str, &str)]) -> Federated {
+    start_federated(ca, extra, env, false).await
+}
+
+/// The first node of a federating cluster on PostgreSQL (`TestServer::start_cluster`), named
+/// after its federation port; its other nodes need their own (`LIMBIC_FEDERATION__PORT`).
+pub async fn federated_cluster(ca: &TestCa) -> Federated {
+    start_federated(ca, "", &[], true).await
+}
+
+async fn start_federated(ca: &TestCa, extra: &str, env: &[(&str, &str)], cluster: bool) -> Federated {
     let mut exited = None;
     // Both ports are fresh on each attempt: another test may take one before the server binds it.
     for _ in 0..START_ATTEMPTS {
@@ -53,7 +63,9 @@ pub async fn federated_with(ca: &TestCa, extra: &str, env: &[(&str, &str)]) -> F
             ca.key.display().to_string(),
             ca.ca.display().to_string(),
         );
-        match TestServer::try_start_with_toml(&config, &[&[("LIMBIC_SERVER_NAME", name.as_str())], env].concat()).await {
+        let env = [&[("LIMBIC_SERVER_NAME", name.as_str())], env].concat();
+        let started = if cluster { TestServer::try_start_cluster(&config, &env).await } else { TestServer::try_start_with_toml(&config, &env).await };
+        match started {
             Ok(server) => return Federated { server, name },
             Err(status) => exited = Some(status),
         }

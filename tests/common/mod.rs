@@ -75,16 +75,25 @@ impl TestServer {
     }
 
     /// Starts the first node of a cluster on a new PostgreSQL database, whatever engine the
-    /// suite runs on, with `env` as the nodes' overrides. Calls are off: a node with calls must
-    /// be the only one until calls are placed across SFU nodes.
+    /// suite runs on, with `env` as the nodes' overrides (and calls off).
     pub async fn start_cluster(env: &[(&str, &str)]) -> Self {
-        let env: Vec<(&str, &str)> = [("LIMBIC_CALLS__ENABLED", "false")].into_iter().chain(env.iter().copied()).collect();
-        Self::start_on("", &env, true).await
+        Self::start_on("", &cluster_env(env), true).await
+    }
+
+    /// [`Self::start_cluster`] once, with `extra` config: the exit status if it stopped while
+    /// starting.
+    pub async fn try_start_cluster(extra: &str, env: &[(&str, &str)]) -> Result<Self, std::process::ExitStatus> {
+        Self::try_start(extra, &cluster_env(env), true).await
     }
 
     /// Another node of this server's cluster, named `name`: the same config, database and key
     /// files, its own port.
     pub async fn start_node(&self, name: &str) -> Self {
+        self.start_node_with(name, &[]).await
+    }
+
+    /// [`Self::start_node`] with more overrides for this node alone.
+    pub async fn start_node_with(&self, name: &str, env: &[(&str, &str)]) -> Self {
         assert!(self.postgres_url.is_some(), "nodes share a PostgreSQL database");
         let mut exited = None;
         for _ in 0..START_ATTEMPTS {
@@ -94,7 +103,7 @@ impl TestServer {
                 port,
                 base: format!("http://127.0.0.1:{port}"),
                 dir: tempfile::tempdir().unwrap(),
-                env: self.env.clone(),
+                env: self.env.iter().cloned().chain(env.iter().map(|(k, v)| (k.to_string(), v.to_string()))).collect(),
                 extra: self.extra.clone(),
                 postgres_url: self.postgres_url.clone(),
                 node_name: name.to_owned(),
@@ -341,6 +350,12 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// The overrides of a cluster's nodes: `env`, and calls off (a node with calls must be the only
+/// one until calls are placed across SFU nodes).
+fn cluster_env<'a>(env: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    [("LIMBIC_CALLS__ENABLED", "false")].into_iter().chain(env.iter().copied()).collect()
 }
 
 /// A client, and the same session on another node of its server's cluster.
