@@ -406,9 +406,19 @@ impl Store {
     /// A hold ends with its connection, so it keeps writers apart for speed, not for safety:
     /// writes that must never interleave also carry [`Batch::expect`].
     pub async fn hold(&self, name: &str) -> Result<Hold> {
+        self.hold_as(name, false).await
+    }
+
+    /// [`Self::hold`] beside the other shared holds of `name`; it keeps out only holds that are
+    /// not shared (a reader-writer lock's read side).
+    pub async fn hold_shared(&self, name: &str) -> Result<Hold> {
+        self.hold_as(name, true).await
+    }
+
+    async fn hold_as(&self, name: &str, shared: bool) -> Result<Hold> {
         match &self.engine {
             Engine::RocksDb(_) => Ok(Hold(None)),
-            Engine::Postgres(db) => Ok(Hold(Some(db.hold(name).await?))),
+            Engine::Postgres(db) => Ok(Hold(Some(db.hold(name, shared).await?))),
         }
     }
 
@@ -832,6 +842,16 @@ mod tests {
             drop(held);
             tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.expect("taken once released").unwrap().unwrap();
             drop(other_name);
+            // Shared holds go together, and keep out a hold that is not shared until they end.
+            let (reading, also_reading) = (a.hold_shared("files").await.unwrap(), b.hold_shared("files").await.unwrap());
+            let writing = tokio::spawn({
+                let d = std::sync::Arc::new(Store::open_node(&url, 2, "d", true).unwrap());
+                async move { d.hold("files").await.map(|_| ()) }
+            });
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            assert!(!writing.is_finished());
+            drop((reading, also_reading));
+            tokio::time::timeout(std::time::Duration::from_secs(5), writing).await.expect("taken once both ended").unwrap().unwrap();
         });
     }
 

@@ -32,7 +32,7 @@ use crate::{
     config::MediaConfig,
     error::{Error, ErrorCode, Result},
     rooms::Rooms,
-    store::{Key, Store, tables},
+    store::{Hold, Key, Store, tables},
 };
 
 /// Length of the random part of media ids, as Synapse.
@@ -84,6 +84,8 @@ struct CachedThumbnail {
 
 /// The hold that keeps media commits of the nodes sharing the store apart.
 const MEDIA_HOLD: &str = "media commits";
+/// The hold on the content files, shared by uploads and taken alone by removals.
+const FILES_HOLD: &str = "media files";
 
 /// Content as a client uploads it: `bytes` in memory (a call recording) or, for a client's
 /// upload, its request body, read as it arrives.
@@ -241,6 +243,19 @@ impl Media {
         Ok(self.mxc(&media_id))
     }
 
+    /// The content files for naming one and recording it: beside other uploads, apart from
+    /// removals, on this node and on every node sharing the store (and the media directory).
+    async fn files_shared(&self) -> Result<(tokio::sync::RwLockReadGuard<'_, ()>, Hold)> {
+        let guard = self.files_in_use.read().await;
+        Ok((guard, self.store.hold_shared(FILES_HOLD).await?))
+    }
+
+    /// The content files for removing some: apart from everything else that uses them.
+    async fn files_exclusive(&self) -> Result<(tokio::sync::RwLockWriteGuard<'_, ()>, Hold)> {
+        let guard = self.files_in_use.write().await;
+        Ok((guard, self.store.hold(FILES_HOLD).await?))
+    }
+
     /// Reserves a media id for a later upload (`create`), returning it and when it expires.
     pub fn create(&self, uploader: &UserId) -> Result<(OwnedMxcUri, MilliSecondsSinceUnixEpoch)> {
         let _serial = self.commit.lock().unwrap_or_else(PoisonError::into_inner);
@@ -309,7 +324,7 @@ impl Media {
         let Upload { bytes, content_type, filename, recording_of } = upload;
         let (temp, size) = self.receive(uploader, bytes).await?;
         // Held from naming the content to its record, not while a client sends it at its pace.
-        let _files = self.files_in_use.read().await;
+        let _files = self.files_shared().await?;
         let sha256 = blocking(move || temp.persist().map_err(storage_error)).await?;
         let content = Content {
             sha256,
@@ -379,7 +394,7 @@ impl Media {
     /// unless other media share them (records first, then files: a crash in between leaves an
     /// unreferenced file, never a record without its file).
     pub async fn delete(&self, media_id: &str) -> Result<()> {
-        let _files = self.files_in_use.write().await;
+        let _files = self.files_exclusive().await?;
         tokio::task::block_in_place(|| {
             let _serial = self.commit.lock().unwrap_or_else(PoisonError::into_inner);
             let _shared = self.store.hold_blocking(MEDIA_HOLD)?;
@@ -412,7 +427,7 @@ impl Media {
         if queued.is_empty() {
             return Ok(0);
         }
-        let _files = self.files_in_use.write().await;
+        let _files = self.files_exclusive().await?;
         tokio::task::block_in_place(|| {
             let _serial = self.commit.lock().unwrap_or_else(PoisonError::into_inner);
             let _shared = self.store.hold_blocking(MEDIA_HOLD)?;
@@ -569,7 +584,7 @@ impl Media {
         if content.size > thumbnail::MAX_SOURCE_BYTES {
             return Err(cannot(format!("images over {} bytes are not thumbnailed", thumbnail::MAX_SOURCE_BYTES)));
         }
-        let _files = self.files_in_use.read().await;
+        let _files = self.files_shared().await?;
         let files = self.files.clone();
         let cached = blocking(move || {
             let source = match files.read(&content.sha256) {

@@ -58,11 +58,18 @@ impl Postgres {
                 .build()
                 .map_err(StoreError::Runtime)?,
         ));
-        let new_pool = || {
+        let new_pool = |size: usize| {
             let manager = Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
-            Pool::builder(manager).max_size(pool_size.max(1)).runtime(deadpool_postgres::Runtime::Tokio1).build().map_err(|e| StoreError::Pool(e.to_string()))
+            Pool::builder(manager)
+                .max_size(size)
+                .runtime(deadpool_postgres::Runtime::Tokio1)
+                .wait_timeout(Some(POOL_WAIT))
+                .build()
+                .map_err(|e| StoreError::Pool(e.to_string()))
         };
-        let (pool, holds) = (new_pool()?, new_pool()?);
+        // A holder may take a second hold (an upload: the files, then the media commits), so
+        // holds get twice the connections; and a wait for one ends, rather than hangs.
+        let (pool, holds) = (new_pool(pool_size.max(1))?, new_pool(pool_size.max(1) * 2)?);
         let handle = runtime.handle();
         let mut session_config = config;
         session_config.application_name(format!("limbic {node_name} (node)"));
@@ -107,11 +114,13 @@ impl Postgres {
     /// open (`pg_advisory_xact_lock`): the lock ends with the transaction, when the hold is
     /// dropped or its connection breaks. Waiting for another node's gives up after
     /// [`HOLD_TIMEOUT`].
-    fn take_hold(&self, name: &str) -> impl Future<Output = Result<Held>> + Send + 'static {
+    /// `shared`: beside other shared holds of the name (`pg_advisory_xact_lock_shared`).
+    fn take_hold(&self, name: &str, shared: bool) -> impl Future<Output = Result<Held>> + Send + 'static {
         let (pool, name, runtime) = (self.holds.clone(), name.to_owned(), self.runtime.handle());
         async move {
             let client = pool.get().await?;
-            let lock = client.prepare_cached("SELECT pg_advisory_xact_lock($1, hashtext($2))").await?;
+            let function = if shared { "pg_advisory_xact_lock_shared" } else { "pg_advisory_xact_lock" };
+            let lock = client.prepare_cached(&format!("SELECT {function}($1, hashtext($2))")).await?;
             client.batch_execute(&format!("BEGIN; SET LOCAL lock_timeout = '{HOLD_TIMEOUT}'")).await?;
             // From here on, dropping the hold ends the transaction.
             let held = Held { client: Some(client), runtime };
@@ -120,8 +129,8 @@ impl Postgres {
         }
     }
 
-    pub(crate) async fn hold(&self, name: &str) -> Result<Held> {
-        let taking = self.take_hold(name);
+    pub(crate) async fn hold(&self, name: &str, shared: bool) -> Result<Held> {
+        let taking = self.take_hold(name, shared);
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.runtime.handle().spawn(async move {
             let _ = reply.send(taking.await);
@@ -130,7 +139,7 @@ impl Postgres {
     }
 
     pub(crate) fn hold_blocking(&self, name: &str) -> Result<Held> {
-        self.run(self.take_hold(name))
+        self.run(self.take_hold(name, false))
     }
 
     /// Waits until this node leads `job`: it takes the job's advisory lock in its own session,
@@ -286,6 +295,9 @@ pub(crate) fn is_contention(error: &tokio_postgres::Error) -> bool {
     use tokio_postgres::error::SqlState;
     error.code().is_some_and(|code| *code == SqlState::T_R_DEADLOCK_DETECTED || *code == SqlState::T_R_SERIALIZATION_FAILURE)
 }
+
+/// How long a call waits for a free connection before it fails.
+const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The advisory lock class of the jobs a node leads ("led"), and how often a node that does not
 /// lead one tries again.
