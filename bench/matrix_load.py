@@ -61,32 +61,37 @@ def log(*args: Any) -> None:
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def proc_status_kb(pid: int | None, field: str) -> int | None:
-    if not pid:
-        return None
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+def proc_status_kb(pids: list[int], field: str) -> int | None:
+    """A /proc/<pid>/status field, summed over the server's processes (its nodes)."""
+    total = 0
+    for pid in pids:
+        value = None
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith(field + ":"):
+                        value = int(line.split()[1])
+        except OSError:
+            pass
+        if value is None:
+            return None
+        total += value
+    return total if pids else None
 
 
-def proc_cpu_s(pid: int | None) -> float | None:
-    """utime + stime of the process (all threads), in seconds."""
-    if not pid:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            data = f.read()
-    except OSError:
-        return None
-    # the command name may contain spaces; fields after the closing paren
-    rest = data[data.rindex(")") + 2 :].split()
-    utime, stime = int(rest[11]), int(rest[12])
-    return (utime + stime) / CLK_TCK
+def proc_cpu_s(pids: list[int]) -> float | None:
+    """utime + stime of the server's processes (all threads), in seconds."""
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                data = f.read()
+        except OSError:
+            return None
+        # the command name may contain spaces; fields after the closing paren
+        rest = data[data.rindex(")") + 2 :].split()
+        total += (int(rest[11]) + int(rest[12])) / CLK_TCK
+    return total if pids else None
 
 
 def machine_busy_s() -> float | None:
@@ -110,8 +115,8 @@ class CpuMeter:
     the figures on a 2-core machine.
     """
 
-    def __init__(self, pid: int | None):
-        self.pid = pid
+    def __init__(self, pids: list[int]):
+        self.pid = pids
 
     def __enter__(self) -> "CpuMeter":
         self.s0 = proc_cpu_s(self.pid)
@@ -343,9 +348,12 @@ async def make_users(
     prefix: str,
     n: int,
 ) -> list[Client]:
+    # A server of several nodes: user i goes through node i, round-robin (so that the
+    # latency phase's receiver syncs through another node than its sender's).
+    urls = [args.base_url, *args.node]
     out = []
     for i in range(n):
-        c = Client(http, args.base_url, stats)
+        c = Client(http, urls[i % len(urls)], stats)
         await c.register(f"{prefix}{i}", "bench-password-" + prefix, args.shared_secret)
         out.append(c)
     return out
@@ -794,7 +802,7 @@ async def measure_sliding(
     }
 
 
-def rss_snapshot(pid: int | None) -> dict[str, Any]:
+def rss_snapshot(pid: list[int]) -> dict[str, Any]:
     return {
         "vmrss_kb": proc_status_kb(pid, "VmRSS"),
         "vmhwm_kb": proc_status_kb(pid, "VmHWM"),
@@ -885,7 +893,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("base_url", help="homeserver base URL, e.g. http://127.0.0.1:8008 (loopback only)")
     p.add_argument("--name", default="server", help="label for the JSON output")
-    p.add_argument("--pid", type=int, help="server process id, for RSS and CPU from /proc")
+    p.add_argument("--pid", type=lambda value: [int(pid) for pid in value.split(",")], default=[],
+                   help="server process ids (comma-separated: its nodes), for RSS and CPU from /proc")
+    p.add_argument("--node", action="append", default=[],
+                   help="another node of the same server (repeatable): users are spread over the nodes")
     p.add_argument("--shared-secret", help="registration shared secret (admin register API); "
                    "without it, /register with m.login.dummy")
     p.add_argument("--run-id", help="suffix for user names (default: random)")
@@ -925,9 +936,10 @@ def main() -> None:
         if "sliding" in args.only.split(",") and args.sliding_rooms <= 0:
             p.error("--only sliding needs --sliding-rooms N")
 
-    host = urllib.parse.urlparse(args.base_url).hostname or ""
-    if not (host.startswith("127.") or host in ("localhost", "::1")):
-        raise SystemExit("refusing to load a non-loopback address: " + host)
+    for url in [args.base_url, *args.node]:
+        host = urllib.parse.urlparse(url).hostname or ""
+        if not (host.startswith("127.") or host in ("localhost", "::1")):
+            raise SystemExit("refusing to load a non-loopback address: " + host)
 
     try:
         import uvloop  # type: ignore

@@ -3,11 +3,19 @@
 
 SERVER_PID=""
 
-# Stops the server SERVER_PID names: SIGTERM, then SIGKILL after 10 s.
+# Stops the server SERVER_PID names (its processes, space-separated, for a server of several
+# nodes): SIGTERM, then SIGKILL after 10 s.
 stop_server() {
-  local pid="$SERVER_PID"
-  [[ -n "$pid" ]] || return 0
+  local pids="$SERVER_PID" pid
+  [[ -n "$pids" ]] || return 0
   SERVER_PID=""
+  for pid in $pids; do
+    stop_process "$pid"
+  done
+}
+
+stop_process() {  # pid
+  local pid="$1"
   if kill -0 "$pid" 2>/dev/null; then
     kill -TERM "$pid" 2>/dev/null || true
     for _ in $(seq 1 100); do  # up to 10 s

@@ -253,3 +253,49 @@ async fn when_the_node_sending_to_other_servers_dies_another_takes_over() {
     alice.through(&b).send_text(&room, "b2", "after a died").await;
     eventually_reads(&rita, &room, "after a died").await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registration_nonce_issued_by_one_node_registers_once_through_another() {
+    let a = TestServer::start_cluster(&[]).await;
+    let b = a.start_node("b").await;
+    let nonce = a.client().ok(Method::GET, "/_synapse/admin/v1/register", None).await["nonce"].as_str().unwrap().to_owned();
+    let register = |username: &str| json!({
+        "nonce": nonce, "username": username, "password": "pw", "admin": false, "mac": common::admin_mac(&nonce, username, "pw", false),
+    });
+    b.client().ok(Method::POST, "/_synapse/admin/v1/register", Some(register("henry"))).await;
+    let (status, body) = a.client().post("/_synapse/admin/v1/register", register("henry2")).await;
+    assert!(matches!(status, StatusCode::BAD_REQUEST | StatusCode::FORBIDDEN), "a nonce is used once, on any node: {status} {body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_therapist_booked_through_two_nodes_at_once_is_never_double_booked() {
+    let a = TestServer::start_cluster(&[]).await;
+    let b = a.start_node("b").await;
+    let admin = a.register_admin("admin").await;
+    let start = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64 + 3_600_000;
+    let session = |offset: u64| json!({ "kind": "group", "title": "Group", "starts_at": start + offset, "ends_at": start + offset + 3_600_000, "timezone": "Europe/Berlin", "participants": [] });
+    let mut pairs = Vec::new();
+    for i in 0..6 {
+        let therapist = a.register(&format!("therapist{i}")).await;
+        admin.ok(Method::PUT, &format!("/_limbic/admin/v1/therapists/{}", enc(&therapist.user_id)), Some(json!({ "verified": true }))).await;
+        // Two overlapping sessions of the therapist, asked for at the same moment through both nodes.
+        let (through_a, through_b) = (therapist.clone(), therapist.through(&b));
+        let (first, second) = (session(0), session(1_800_000));
+        pairs.push(tokio::spawn(async move {
+            let ((status_a, body_a), (status_b, body_b)) =
+                tokio::join!(through_a.post("/_limbic/client/v1/sessions", first), through_b.post("/_limbic/client/v1/sessions", second));
+            (status_a, body_a, status_b, body_b)
+        }));
+    }
+    for pair in pairs {
+        let (status_a, body_a, status_b, body_b) = pair.await.unwrap();
+        let created = [status_a, status_b].iter().filter(|status| **status == StatusCode::OK).count();
+        assert_eq!(created, 1, "one of two overlapping sessions: {status_a} {body_a} / {status_b} {body_b}");
+        for (status, body) in [(status_a, &body_a), (status_b, &body_b)] {
+            assert!(
+                matches!(status, StatusCode::OK | StatusCode::CONFLICT | StatusCode::SERVICE_UNAVAILABLE),
+                "refused as double-booked, or to be tried again: {status} {body}"
+            );
+        }
+    }
+}

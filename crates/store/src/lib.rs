@@ -422,6 +422,14 @@ impl Store {
         }
     }
 
+    /// [`Self::hold`] unless another node holds `name` now: `None` then, at once.
+    pub fn try_hold(&self, name: &str) -> Result<Option<Hold>> {
+        match &self.engine {
+            Engine::RocksDb(_) => Ok(Some(Hold(None))),
+            Engine::Postgres(db) => Ok(db.try_hold(name)?.map(|held| Hold(Some(held)))),
+        }
+    }
+
     /// [`Self::hold`], for code that may block (inside `block_in_place`, or off the runtime).
     pub fn hold_blocking(&self, name: &str) -> Result<Hold> {
         match &self.engine {
@@ -843,6 +851,10 @@ mod tests {
             tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.expect("taken once released").unwrap().unwrap();
             drop(other_name);
             // Shared holds go together, and keep out a hold that is not shared until they end.
+            let tried = a.try_hold("!room:x").unwrap();
+            assert!(tried.is_some(), "free again");
+            assert!(b.try_hold("!room:x").unwrap().is_none(), "held: no wait, no hold");
+            drop(tried);
             let (reading, also_reading) = (a.hold_shared("files").await.unwrap(), b.hold_shared("files").await.unwrap());
             let writing = tokio::spawn({
                 let d = std::sync::Arc::new(Store::open_node(&url, 2, "d", true).unwrap());

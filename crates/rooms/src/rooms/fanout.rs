@@ -26,6 +26,10 @@ pub trait RoomView {
     /// Every membership, staged ones included.
     fn members(&self) -> Result<HashMap<OwnedUserId, Membership>>;
     fn rules(&self) -> Result<&RoomVersionRules>;
+    /// Claims `name` (a therapist's bookings, say: what checks across rooms read) until the
+    /// writer commits, so that no other writer, of this process or another node, checks against
+    /// it meanwhile; false if another writer has it now (the caller refuses, to be tried again).
+    fn claim(&self, name: &str) -> Result<bool>;
 }
 
 /// Rules beyond the room version's that an event must pass.

@@ -92,20 +92,32 @@ pub struct UserRoom {
     pub forgotten: bool,
 }
 
-/// The rooms' write locks. Entries nobody holds or waits for are swept out as the map grows,
-/// so that requests naming rooms that do not exist (or that nobody writes to any more) leave
+/// Locks by name: the rooms' write locks, and the claims writers take (see
+/// [`RoomView::claim`]). Entries nobody holds or waits for are swept out as the map grows, so
+/// that requests naming rooms that do not exist (or that nobody writes to any more) leave
 /// nothing behind: the map stays within twice the locks in use, plus a little.
-#[derive(Default)]
-struct RoomLocks {
-    locks: HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>,
+struct NamedLocks<K> {
+    locks: HashMap<K, Arc<tokio::sync::Mutex<()>>>,
     sweep_at: usize,
 }
 
-impl RoomLocks {
+impl<K> Default for NamedLocks<K> {
+    fn default() -> Self {
+        Self { locks: HashMap::new(), sweep_at: 0 }
+    }
+}
+
+type RoomLocks = NamedLocks<OwnedRoomId>;
+
+impl<K: std::hash::Hash + Eq> NamedLocks<K> {
     const MIN_SWEEP_AT: usize = 64;
 
-    fn get(&mut self, room_id: &RoomId) -> Arc<tokio::sync::Mutex<()>> {
-        if let Some(lock) = self.locks.get(room_id) {
+    fn get<Q>(&mut self, name: &Q) -> Arc<tokio::sync::Mutex<()>>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        if let Some(lock) = self.locks.get(name) {
             return lock.clone();
         }
         if self.locks.len() >= self.sweep_at {
@@ -113,14 +125,19 @@ impl RoomLocks {
             self.locks.retain(|_, lock| Arc::strong_count(lock) > 1);
             self.sweep_at = (self.locks.len() * 2).max(Self::MIN_SWEEP_AT);
         }
-        self.locks.entry(room_id.to_owned()).or_default().clone()
+        self.locks.entry(name.to_owned()).or_default().clone()
     }
 }
+
+/// What a writer claimed, kept until it commits: this process's lock on the name, and the hold
+/// other nodes respect.
+pub(crate) type Claim = (tokio::sync::OwnedMutexGuard<()>, crate::store::Hold);
 
 pub struct Rooms {
     store: Arc<Store>,
     key: Arc<ServerSigningKey>,
     locks: Mutex<RoomLocks>,
+    claims: Mutex<NamedLocks<String>>,
     snapshots: SnapshotCache,
     /// Per room, the position up to which retention has nothing left to remove.
     retention_cursors: Mutex<HashMap<OwnedRoomId, StreamPos>>,
@@ -143,6 +160,7 @@ impl Rooms {
             store,
             key,
             locks: Mutex::default(),
+            claims: Mutex::default(),
             snapshots: SnapshotCache::default(),
             retention_cursors: Mutex::default(),
             latest_positions: Mutex::default(),
@@ -183,6 +201,14 @@ impl Rooms {
         let guard = lock.lock_owned().await;
         let hold = self.store.hold(&format!("room {room_id}")).await?;
         RoomWriter::open(self, room_id.to_owned(), (guard, hold))
+    }
+
+    /// Claims `name` unless another writer (of this process, or of another node sharing the
+    /// store) has; waits for nothing.
+    fn try_claim(&self, name: &str) -> Result<Option<Claim>> {
+        let lock = self.claims.lock().expect("claims").get(name);
+        let Ok(guard) = lock.try_lock_owned() else { return Ok(None) };
+        Ok(self.store.try_hold(&format!("claim {name}"))?.map(|hold| (guard, hold)))
     }
 
     /// Starts a room and stages `events`, the first of which must be its `m.room.create` (whose

@@ -10,7 +10,7 @@ use ruma::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{Delivery, EventMeta, Membership, RoomRecord, RoomView, Rooms, StagedEvent, Staging, UserRoom, relations, state};
+use super::{Claim, Delivery, EventMeta, Membership, RoomRecord, RoomView, Rooms, StagedEvent, Staging, UserRoom, relations, state};
 use crate::{
     audit::AuditRecord,
     error::{Error, ErrorCode, Result},
@@ -31,6 +31,7 @@ struct View<'w> {
     rules: &'w Option<RoomVersionRules>,
     staged_state: &'w HashMap<(String, String), Pdu>,
     staged_members: &'w HashMap<OwnedUserId, Membership>,
+    claims: &'w std::sync::Mutex<HashMap<String, Claim>>,
 }
 
 impl RoomView for View<'_> {
@@ -83,6 +84,16 @@ impl RoomView for View<'_> {
 
     fn rules(&self) -> Result<&RoomVersionRules> {
         self.rules.as_ref().ok_or_else(|| Error::not_found("unknown room"))
+    }
+
+    fn claim(&self, name: &str) -> Result<bool> {
+        let mut claims = self.claims.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if claims.contains_key(name) {
+            return Ok(true);
+        }
+        let Some(claim) = self.rooms.try_claim(name)? else { return Ok(false) };
+        claims.insert(name.to_owned(), claim);
+        Ok(true)
     }
 }
 
@@ -139,6 +150,8 @@ pub struct RoomWriter<'a> {
     staged_audit: Vec<AuditRecord>,
     /// The newest timeline position staged per room (this writer's, and those it commits with).
     staged_latest: Vec<(OwnedRoomId, StreamPos)>,
+    /// What the writer claimed (by name), kept until it commits.
+    claims: std::sync::Mutex<HashMap<String, Claim>>,
     _guard: RoomLock,
 }
 
@@ -167,6 +180,7 @@ impl<'a> RoomWriter<'a> {
             staged_deliveries: Vec::new(),
             staged_audit: Vec::new(),
             staged_latest: Vec::new(),
+            claims: std::sync::Mutex::default(),
             _guard: guard,
         })
     }
@@ -196,7 +210,7 @@ impl<'a> RoomWriter<'a> {
     }
 
     fn view(&self) -> View<'_> {
-        View { rooms: self.rooms, room_id: &self.room_id, record: &self.record, rules: &self.rules, staged_state: &self.staged_state, staged_members: &self.staged_members }
+        View { rooms: self.rooms, room_id: &self.room_id, record: &self.record, rules: &self.rules, staged_state: &self.staged_state, staged_members: &self.staged_members, claims: &self.claims }
     }
 
     /// The current state event for (type, state key), staged events included.
@@ -364,7 +378,7 @@ impl<'a> RoomWriter<'a> {
         }
         self.record = Some(record);
         // What the registered indexers keep about the event goes into the same batch.
-        let view = View { rooms: self.rooms, room_id: &self.room_id, record: &self.record, rules: &self.rules, staged_state: &self.staged_state, staged_members: &self.staged_members };
+        let view = View { rooms: self.rooms, room_id: &self.room_id, record: &self.record, rules: &self.rules, staged_state: &self.staged_state, staged_members: &self.staged_members, claims: &self.claims };
         let mut staging = Staging { store, batch: &mut self.batch, audit: &mut self.staged_audit, deliveries: &mut self.staged_deliveries };
         let event = StagedEvent { pdu: &pdu, pos, replaced: replaced.as_ref(), local: pdu.sender.server_name() == self.rooms.key.server_name() };
         for indexer in &self.rooms.fanout().indexers {
@@ -776,7 +790,7 @@ impl<'a> RoomWriter<'a> {
             self.staged_audit.extend(other.staged_audit);
             self.staged_latest.extend(other.staged_latest);
             self.staged_order.extend(other.staged_order);
-            locks.push(other._guard);
+            locks.push((other._guard, other.claims));
         }
         let written = self.commit();
         drop(locks);

@@ -120,4 +120,8 @@ impl RoomView for Before<'_> {
     fn rules(&self) -> Result<&RoomVersionRules> {
         self.room.rules()
     }
+
+    fn claim(&self, name: &str) -> Result<bool> {
+        self.room.claim(name)
+    }
 }

@@ -324,8 +324,18 @@ fn check_session(ctx: &PolicyContext<'_>, pdu: &Pdu) -> Result<()> {
     Ok(())
 }
 
-/// A therapist's live sessions must not overlap.
+/// A therapist's live sessions must not overlap. The check reads the therapist's other session
+/// rooms, so the writer claims the therapist's bookings until it commits: two rooms booking one
+/// therapist at the same moment (through one node or two) are checked one after the other, and
+/// the second of two at once is refused, to be tried again.
 fn check_not_double_booked(ctx: &PolicyContext<'_>, therapist: &UserId, session: &Session) -> Result<()> {
+    if !ctx.room.claim(&format!("bookings of {therapist}"))? {
+        return Err(Error::with_status(
+            crate::error::ErrorCode::Unknown,
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            format!("another session of {therapist} is being booked at this moment; try again"),
+        ));
+    }
     for room in ctx.clinic.booked(therapist, ctx.room_id)? {
         let Some(content) = ctx.rooms.state_content(&room, SESSION, "")? else { continue };
         let Ok(other) = crate::clinic::parse_session(&content) else { continue };

@@ -83,6 +83,9 @@ pub struct Users {
     token_bound: Vec<Arc<dyn TokenBound>>,
     /// Stream position of the latest presence change (the watermark at start after a restart).
     presence_pos: std::sync::atomic::AtomicU64,
+    /// Keeps this process's takes of one registration nonce apart (the store's condition keeps
+    /// other nodes' apart).
+    taking_nonce: std::sync::Mutex<()>,
 }
 
 /// How long a nonce handed out for shared-secret registration may be used (once).
@@ -131,7 +134,7 @@ pub fn random_string(len: usize) -> String {
 impl Users {
     pub fn new(store: Arc<Store>, token_bound: Vec<Arc<dyn TokenBound>>) -> Self {
         let presence_pos = store.streams().current().into();
-        Self { store, token_bound, presence_pos }
+        Self { store, token_bound, presence_pos, taking_nonce: std::sync::Mutex::default() }
     }
 
     /// A nonce for shared-secret registration, kept in the store (so that any node takes it),
@@ -154,6 +157,7 @@ impl Users {
     /// Consumes a nonce; false if it was never issued, already used or expired. Of two nodes
     /// taking the same nonce at once, one does.
     pub fn take_registration_nonce(&self, nonce: &str) -> Result<bool> {
+        let _taking = self.taking_nonce.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some(issued) = self.store.get(tables::REGISTRATION_NONCES, nonce.as_bytes())? else { return Ok(false) };
         let mut batch = self.store.batch();
         batch.expect(tables::REGISTRATION_NONCES, nonce.as_bytes(), Some(&issued));

@@ -120,11 +120,12 @@ impl Postgres {
         async move {
             let client = pool.get().await?;
             let function = if shared { "pg_advisory_xact_lock_shared" } else { "pg_advisory_xact_lock" };
-            let lock = client.prepare_cached(&format!("SELECT {function}($1, hashtext($2))")).await?;
-            client.batch_execute(&format!("BEGIN; SET LOCAL lock_timeout = '{HOLD_TIMEOUT}'")).await?;
+            // One round trip: the transaction, its lock timeout and the lock (keyed by numbers,
+            // so nothing of the name is in the SQL).
+            let sql = format!("BEGIN; SET LOCAL lock_timeout = '{HOLD_TIMEOUT}'; SELECT {function}({HOLD_LOCK_CLASS}, {})", lock_key(&name));
             // From here on, dropping the hold ends the transaction.
             let held = Held { client: Some(client), runtime };
-            held.client.as_ref().expect("just set").query_one(&lock, &[&HOLD_LOCK_CLASS, &name]).await?;
+            held.client.as_ref().expect("just set").batch_execute(&sql).await?;
             Ok(held)
         }
     }
@@ -140,6 +141,20 @@ impl Postgres {
 
     pub(crate) fn hold_blocking(&self, name: &str) -> Result<Held> {
         self.run(self.take_hold(name, false))
+    }
+
+    /// [`Self::take_hold`] unless another node holds `name` now (`pg_try_advisory_xact_lock`);
+    /// waits for nothing but the database.
+    pub(crate) fn try_hold(&self, name: &str) -> Result<Option<Held>> {
+        let (pool, name, runtime) = (self.holds.clone(), name.to_owned(), self.runtime.handle());
+        self.run(async move {
+            let client = pool.get().await?;
+            let held = Held { client: Some(client), runtime };
+            let sql = format!("BEGIN; SELECT pg_try_advisory_xact_lock({HOLD_LOCK_CLASS}, {})", lock_key(&name));
+            let answers = held.client.as_ref().expect("just set").simple_query(&sql).await?;
+            let taken = answers.iter().any(|answer| matches!(answer, tokio_postgres::SimpleQueryMessage::Row(row) if row.get(0) == Some("t")));
+            Ok(taken.then_some(held))
+        })
     }
 
     /// Waits until this node leads `job`: it takes the job's advisory lock in its own session,
@@ -309,6 +324,13 @@ const HOLD_LOCK_CLASS: i32 = 0x68_6c_64;
 /// How long a hold waits for another node's hold on the same name.
 const HOLD_TIMEOUT: &str = "30s";
 
+/// The second key of a hold's advisory lock: the name's 32-bit FNV-1a hash (the same on every
+/// node; two names that meet only share a lock).
+fn lock_key(name: &str) -> i32 {
+    let hash = name.bytes().fold(0x811c_9dc5_u32, |hash, byte| (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193));
+    hash as i32
+}
+
 /// A hold's open transaction, which holds its lock; dropping it rolls the transaction back.
 pub(crate) struct Held {
     client: Option<deadpool_postgres::Object>,
@@ -374,24 +396,24 @@ impl TableChanges {
         let mut seen = HashSet::new();
         // Newest first: the first operation met on a key is the one that stands.
         for op in ops.into_iter().rev() {
-            let (table, key) = match op {
+            let (table, key, put) = match op {
                 Op::Expect { table, key, value } => {
                     changes.expected.push((table, key, value));
                     continue;
                 }
-                Op::Put { table, ref key, .. } | Op::Delete { table, ref key } => (table, key.clone()),
+                Op::Put { table, key, value } => (table, key, Some(value)),
+                Op::Delete { table, key } => (table, key, None),
             };
-            if !seen.insert((table, key)) {
+            if !seen.insert((table, key.clone())) {
                 continue;
             }
             let change = changes.by_table.entry(table).or_default();
-            match op {
-                Op::Put { key, value, .. } => {
+            match put {
+                Some(value) => {
                     change.put_keys.push(key);
                     change.put_values.push(value);
                 }
-                Op::Delete { key, .. } => change.deletes.push(key),
-                Op::Expect { .. } => unreachable!("taken above"),
+                None => change.deletes.push(key),
             }
         }
         // A key claimed as absent that the batch does not write is left as it was: absent.
