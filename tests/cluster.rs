@@ -299,3 +299,22 @@ async fn a_therapist_booked_through_two_nodes_at_once_is_never_double_booked() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_cut_off_from_the_database_stops_and_starts_again_as_a_node() {
+    let mut a = TestServer::start_cluster(&[]).await;
+    let b = a.start_node("b").await;
+    let (ana, _ben, room) = two_members(&a, &b).await;
+    // Node a's own session ends (a network cut, a restarted database): the others fence it, and
+    // it stops rather than answer every write with an error.
+    a.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'limbic test (node)' AND datname = current_database()");
+    let status = a.exited_within(Duration::from_secs(20)).await.expect("a fenced node stops");
+    assert!(!status.success(), "it says so in its exit status: {status}");
+    ana.through(&b).send_text(&room, "b1", "node b serves on").await;
+    // Started again, it is a node again, and serves what was written meanwhile.
+    a.start_again().await;
+    let sent = ana.send_text(&room, "a1", "node a is back").await;
+    let on_a = history(&ana, &room).await;
+    assert_eq!(on_a.len(), 2, "{on_a:?}");
+    assert_eq!(on_a.last(), Some(&sent));
+}

@@ -73,15 +73,28 @@ pub async fn serve(server: Arc<Server>) -> std::io::Result<()> {
     }
     let app = app(server.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let stopping = server.clone();
+    let fenced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let was_fenced = fenced.clone();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
-            shutdown_signal().await;
+            tokio::select! {
+                () = shutdown_signal() => {}
+                // A node the others fenced writes nothing more: it stops (its supervisor starts
+                // it again, as a new incarnation) rather than answer every write with an error.
+                () = stopping.store.fenced() => {
+                    tracing::error!("this node was fenced by the others sharing the database (its session or lease ended): stopping");
+                    was_fenced.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
             stopping.shutting_down.send_replace(true);
         })
         .await?;
     trimming.abort();
     sweeper.abort();
     server.store.flush().map_err(std::io::Error::other)?;
+    if fenced.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(std::io::Error::other("this node was fenced by the others sharing the database; start it again"));
+    }
     tracing::info!("shut down cleanly");
     Ok(())
 }

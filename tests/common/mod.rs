@@ -258,6 +258,27 @@ impl TestServer {
         }
     }
 
+    /// Waits up to `timeout` for the process to exit on its own: its exit status, if it did.
+    pub async fn exited_within(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.as_mut().expect("the server is running").try_wait().unwrap() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Runs `sql` in the server's PostgreSQL database (as the cluster's superuser).
+    pub fn psql(&self, sql: &str) -> String {
+        let url = self.postgres_url.as_deref().expect("a server on PostgreSQL");
+        limbic_test_postgres::TempPostgres::shared().psql(url.rsplit('/').next().unwrap(), sql)
+    }
+
     /// SIGKILL: a crash.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {

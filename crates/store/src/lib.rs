@@ -385,6 +385,19 @@ impl Store {
         Batch::default()
     }
 
+    /// Resolves once this node is fenced by the others sharing the store (its session or its
+    /// lease ended): from then on it writes nothing, and should stop, to be started again.
+    /// Never on the embedded store.
+    pub async fn fenced(&self) {
+        match &self.engine {
+            Engine::RocksDb(_) => std::future::pending().await,
+            Engine::Postgres(db) => {
+                // The engine gone is as final as a fence.
+                let _ = db.fenced().wait_for(|fenced| *fenced).await;
+            }
+        }
+    }
+
     /// Whether other nodes may write to the store while this process does (PostgreSQL).
     pub fn is_shared(&self) -> bool {
         matches!(self.engine, Engine::Postgres(_))
@@ -750,7 +763,9 @@ mod tests {
         // a stops in the middle of a write: its ticket is never dropped, and its node session
         // ends (as the process's would).
         std::mem::forget(held);
-        postgres.psql(database, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'limbic a (node)'");
+        postgres.psql(database, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'limbic a (node)' AND datname = current_database()");
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(5), a.fenced()).await }).expect("a knows it is fenced");
         wait_until("b fences a and serves past its position", || b.streams().current() >= pos);
         let mut late = a.batch();
         late.put(tables::USERS, b"@late:x", b"{}");
@@ -851,7 +866,15 @@ mod tests {
             tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.expect("taken once released").unwrap().unwrap();
             drop(other_name);
             // Shared holds go together, and keep out a hold that is not shared until they end.
-            let tried = a.try_hold("!room:x").unwrap();
+            // A dropped hold ends its transaction a moment later (the rollback is sent after).
+            let mut tried = None;
+            for _ in 0..100 {
+                tried = a.try_hold("!room:x").unwrap();
+                if tried.is_some() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
             assert!(tried.is_some(), "free again");
             assert!(b.try_hold("!room:x").unwrap().is_none(), "held: no wait, no hold");
             drop(tried);
@@ -883,7 +906,7 @@ mod tests {
             });
             tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
             assert!(!waiting.is_finished(), "one node leads a job");
-            postgres.psql(database, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'limbic a (node)'");
+            postgres.psql(database, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'limbic a (node)' AND datname = current_database()");
             tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.expect("b takes over").unwrap().unwrap();
         });
     }

@@ -78,9 +78,11 @@ impl Postgres {
             .map(|t| format!("CREATE TABLE IF NOT EXISTS {} (k bytea PRIMARY KEY, v bytea NOT NULL);", sql_table(*t)))
             .collect();
         let name = node_name.to_owned();
+        let fenced = tokio::sync::watch::Sender::new(false);
+        let session_fenced = fenced.clone();
         let (session, notifications, node) = block_on(&handle, async move {
             let (session, connection) = session_config.connect(NoTls).await?;
-            let (driver, notifications) = nodes::drive(connection, name.clone());
+            let (driver, notifications) = nodes::drive(connection, name.clone(), session_fenced);
             match nodes::join(&session, &name, &tables, others_allowed).await {
                 Ok(node) => Ok((session, notifications, node)),
                 Err(error) => {
@@ -95,9 +97,15 @@ impl Postgres {
             pool: pool.clone(),
             node: Arc::new(node),
             watermark: tokio::sync::watch::Sender::new(watermark),
+            fenced,
         });
         handle.spawn(nodes::keep_alive(notifications, stream.clone()));
         Ok(Self { runtime, pool, holds, stream, session: Arc::new(session) })
+    }
+
+    /// Turns true once this node is fenced (it can no longer write).
+    pub(crate) fn fenced(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.stream.fenced.subscribe()
     }
 
     /// The stream positions of this node among the others.

@@ -170,6 +170,8 @@ pub(crate) struct SharedStream {
     pub(crate) pool: Pool,
     pub(crate) node: Arc<Node>,
     pub(crate) watermark: watch::Sender<StreamPos>,
+    /// Turns true once this node is fenced, or its session (whose end fences it) ended.
+    pub(crate) fenced: watch::Sender<bool>,
 }
 
 /// The watermark across the nodes, now.
@@ -210,10 +212,12 @@ impl SharedPositions for SharedStream {
 }
 
 /// Drives the node's session (its queries need it from the start), passing on the notifications
-/// of the other nodes (a node already knows the watermark after its own writes).
+/// of the other nodes (a node already knows the watermark after its own writes). When the
+/// session ends, `fenced` turns true: the other nodes fence a node whose session ended.
 pub(crate) fn drive(
     mut connection: tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
     own_name: String,
+    fenced: watch::Sender<bool>,
 ) -> (tokio::task::JoinHandle<()>, mpsc::UnboundedReceiver<()>) {
     let (notified, notifications) = mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
@@ -225,10 +229,11 @@ pub(crate) fn drive(
                 Ok(_) => {}
                 Err(error) => {
                     tracing::error!(%error, "the node's PostgreSQL session ended: other nodes will fence this one");
-                    return;
+                    break;
                 }
             }
         }
+        fenced.send_replace(true);
     });
     (driver, notifications)
 }
@@ -265,6 +270,7 @@ async fn renew(stream: &SharedStream) -> Result<()> {
         .await?;
     if renewed == 0 {
         tracing::error!(node = %stream.node.name, "this node was fenced: it can no longer write");
+        stream.fenced.send_replace(true);
     }
     client.query_one("SELECT limbic_reap($1)", &[&stream.node.name]).await?;
     Ok(())
