@@ -2,6 +2,7 @@
 //! request except the key server and version endpoints carries an X-Matrix signature, checked
 //! by the [`Signed`] extractor before a handler runs.
 
+use limbic_core::now_ms;
 use axum::{
     Json, Router,
     extract::{FromRequest, FromRequestParts, Path, Request, State},
@@ -204,9 +205,6 @@ pub fn parse_request<T: IncomingRequest>(request: http::Request<Vec<u8>>, path_a
     T::try_from_http_request(http::Request::from_parts(parts, bytes.as_slice()), path_args).map_err(|e| Error::bad_json(e.to_string()))
 }
 
-fn now_ms() -> u64 {
-    ruma::MilliSecondsSinceUnixEpoch::now().0.into()
-}
 
 fn federation(server: &AppState) -> Result<&std::sync::Arc<crate::federation::Federation>> {
     server.federation.as_ref().ok_or_else(|| Error::not_found("federation is disabled on this server"))

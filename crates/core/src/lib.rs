@@ -8,3 +8,8 @@ pub mod events;
 pub mod network;
 
 pub use error::{Error, Result};
+
+/// The time now, in milliseconds since the Unix epoch (Matrix's timestamps).
+pub fn now_ms() -> u64 {
+    ruma::MilliSecondsSinceUnixEpoch::now().0.into()
+}

@@ -1,6 +1,7 @@
 //! Room EDUs: typing notifications (they expire) and receipts. Both are kept in the store, so
 //! that every node sharing it serves the same.
 
+use limbic_core::now_ms;
 use std::time::Duration;
 
 use ruma::{OwnedEventId, OwnedUserId, RoomId, UserId};
@@ -22,9 +23,6 @@ struct TypingEntry {
     pos: StreamPos,
 }
 
-fn now_ms() -> u64 {
-    ruma::MilliSecondsSinceUnixEpoch::now().0.into()
-}
 
 fn typing_key(room_id: &RoomId, user_id: &UserId) -> Vec<u8> {
     Key::new().str(room_id.as_str()).str(user_id.as_str()).into_vec()
@@ -105,18 +103,14 @@ impl Rooms {
         for item in self.store.scan_prefix(tables::TYPING_ACTIVE, Vec::new(), false) {
             let (key, until) = item?;
             if until.as_ref().try_into().map(u64::from_be_bytes).is_ok_and(|until| until <= now) {
-                expired.push(key);
+                expired.push((key, until));
             }
         }
-        for key in expired {
-            // A typing renewed meanwhile (through another node) is left running.
-            let Some(current) = self.store.get(tables::TYPING_ACTIVE, &key)? else { continue };
-            if current.as_slice().try_into().map(u64::from_be_bytes).is_ok_and(|until| until > now) {
-                continue;
-            }
+        for (key, until) in expired {
             let ticket = self.store.streams().allocate(&self.store)?;
             let mut batch = self.store.batch();
-            batch.expect(tables::TYPING_ACTIVE, &key, Some(&current));
+            // A typing renewed meanwhile (through another node) is left running.
+            batch.expect(tables::TYPING_ACTIVE, &key, Some(&until));
             batch.delete(tables::TYPING_ACTIVE, &key);
             batch.put_json(tables::TYPING, &key, &TypingEntry { typing: false, until_ms: now, pos: ticket.pos() })?;
             match self.store.write(batch) {

@@ -8,6 +8,7 @@
 //! server stops, and events that fell due while it was down fire when it starts.
 //! spec/delayed-events.md describes the API.
 
+use limbic_core::now_ms;
 use std::{sync::Arc, time::Duration};
 
 use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
@@ -97,9 +98,6 @@ pub struct DelayedEvents {
     wake: tokio::sync::Notify,
 }
 
-fn now_ms() -> u64 {
-    ruma::MilliSecondsSinceUnixEpoch::now().0.into()
-}
 
 fn due_key(fire_at: u64, delay_id: &str) -> Vec<u8> {
     Key::new().u64(fire_at).str(delay_id).into_vec()

@@ -2,6 +2,7 @@
 //! other servers' keys fetched, verified and cached until their `valid_until_ts`, and the notary
 //! answers we give for them.
 
+use limbic_core::now_ms;
 use std::collections::BTreeMap;
 
 use ruma::{
@@ -20,9 +21,6 @@ const OWN_VALIDITY_MS: u64 = 24 * 3600 * 1000;
 /// Room versions 5 and later cap a response's validity at a week from when it was fetched.
 const MAX_VALIDITY_MS: u64 = 7 * 24 * 3600 * 1000;
 
-fn now_ms() -> u64 {
-    ruma::MilliSecondsSinceUnixEpoch::now().0.into()
-}
 
 /// One key of another server: valid until a time, or expired at one.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

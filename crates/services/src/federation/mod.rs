@@ -13,6 +13,7 @@ pub mod resolve;
 pub mod sender;
 mod transport;
 
+use limbic_core::now_ms;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex, PoisonError},
@@ -226,6 +227,3 @@ impl Federation {
     }
 }
 
-fn now_ms() -> u64 {
-    ruma::MilliSecondsSinceUnixEpoch::now().0.into()
-}

@@ -9,6 +9,7 @@ mod files;
 mod references;
 mod thumbnail;
 
+use limbic_core::now_ms;
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex, PoisonError},
@@ -135,9 +136,6 @@ pub struct Media {
     shutdown: watch::Receiver<bool>,
 }
 
-fn now_ms() -> u64 {
-    MilliSecondsSinceUnixEpoch::now().0.into()
-}
 
 fn expired(created_ts: u64, now: u64) -> bool {
     created_ts + UNUSED_EXPIRY.as_millis() as u64 <= now

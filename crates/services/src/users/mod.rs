@@ -2,6 +2,7 @@
 
 mod password;
 
+use limbic_core::now_ms;
 use std::sync::Arc;
 
 use ruma::{OwnedDeviceId, OwnedUserId, RoomId, UserId};
@@ -91,9 +92,6 @@ pub struct Users {
 /// How long a nonce handed out for shared-secret registration may be used (once).
 const NONCE_LIFETIME_MS: u64 = 60_000;
 
-fn now_ms() -> u64 {
-    ruma::MilliSecondsSinceUnixEpoch::now().0.into()
-}
 
 /// When a stored nonce was issued.
 fn issued_at(stored: &[u8]) -> Option<u64> {

@@ -118,6 +118,15 @@ impl Postgres {
         block_on(&self.runtime.handle(), work)
     }
 
+    /// [`Self::run`] for async callers: they await the result rather than block their thread.
+    async fn run_async<T: Send + 'static>(&self, work: impl Future<Output = Result<T>> + Send + 'static) -> Result<T> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.runtime.handle().spawn(async move {
+            let _ = reply.send(work.await);
+        });
+        answer.await.map_err(|_| StoreError::Unavailable)?
+    }
+
     /// Takes the advisory lock named `name` in a transaction of its own, which the hold keeps
     /// open (`pg_advisory_xact_lock`): the lock ends with the transaction, when the hold is
     /// dropped or its connection breaks. Waiting for another node's gives up after
@@ -139,12 +148,7 @@ impl Postgres {
     }
 
     pub(crate) async fn hold(&self, name: &str, shared: bool) -> Result<Held> {
-        let taking = self.take_hold(name, shared);
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.runtime.handle().spawn(async move {
-            let _ = reply.send(taking.await);
-        });
-        answer.await.map_err(|_| StoreError::Unavailable)?
+        self.run_async(self.take_hold(name, shared)).await
     }
 
     pub(crate) fn hold_blocking(&self, name: &str) -> Result<Held> {
@@ -170,21 +174,17 @@ impl Postgres {
     /// process ends; if its session ends first, the other nodes fence the node (it writes
     /// nothing more) and one of them takes the lock.
     pub(crate) async fn lead(&self, job: &str) -> Result<()> {
-        let (session, job, runtime) = (self.session.clone(), job.to_owned(), self.runtime.handle());
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        runtime.spawn(async move {
-            let taken = async {
-                loop {
-                    let row = session.query_one("SELECT pg_try_advisory_lock($1, hashtext($2))", &[&LEAD_LOCK_CLASS, &job]).await?;
-                    if row.get::<_, bool>(0) {
-                        return Ok(());
-                    }
-                    tokio::time::sleep(LEAD_RETRY).await;
+        let (session, job) = (self.session.clone(), job.to_owned());
+        self.run_async(async move {
+            loop {
+                let row = session.query_one("SELECT pg_try_advisory_lock($1, hashtext($2))", &[&LEAD_LOCK_CLASS, &job]).await?;
+                if row.get::<_, bool>(0) {
+                    return Ok(());
                 }
-            };
-            let _ = reply.send(taken.await);
-        });
-        answer.await.map_err(|_| StoreError::Unavailable)?
+                tokio::time::sleep(LEAD_RETRY).await;
+            }
+        })
+        .await
     }
 
     pub(crate) fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
