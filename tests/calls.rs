@@ -8,35 +8,22 @@ mod common;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use common::{Client, TestServer, enc, errcode, signalling::Signalling};
+use common::{
+    Client, TestServer,
+    calls::{SERVICE, claims, group_session, jwt, openid, set_status, token},
+    enc, errcode,
+    signalling::Signalling,
+};
 use livekit_protocol as lk;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-const SERVICE: &str = "/_limbic/calls";
-
-async fn openid(client: &Client) -> Value {
-    client.ok(Method::POST, &format!("/_matrix/client/v3/user/{}/openid/request_token", enc(&client.user_id)), Some(json!({}))).await
-}
-
-/// The claims of a JWT (its signature is the SFU's business).
-fn claims(jwt: &str) -> Value {
-    let payload = jwt.split('.').nth(1).expect("a JWT has three parts");
-    serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
-}
 
 async fn legacy_token(server: &TestServer, client: &Client, room: &str) -> (StatusCode, Value) {
     let body = json!({ "room": room, "openid_token": openid(client).await, "device_id": client.device_id });
     server.client().post(&format!("{SERVICE}/sfu/get"), body).await
 }
 
-async fn token(server: &TestServer, client: &Client, room: &str) -> (StatusCode, Value) {
-    let body = json!({
-        "room_id": room, "slot_id": "m.call#ROOM", "openid_token": openid(client).await,
-        "member": { "id": format!("member-{}", client.device_id), "claimed_user_id": client.user_id, "claimed_device_id": client.device_id },
-    });
-    server.client().post(&format!("{SERVICE}/get_token"), body).await
-}
 
 #[tokio::test]
 async fn discovery_names_the_token_service() {
@@ -231,31 +218,6 @@ async fn members_get_call_tokens_and_others_do_not() {
     assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_BAD_JSON"), "{body}");
 }
 
-/// A group session of a verified therapist with a client and an observer, both joined; its room.
-async fn group_session(server: &TestServer) -> (Client, Client, Client, String) {
-    let admin = server.register_admin("admin").await;
-    let therapist = server.register("therapist").await;
-    admin.ok(Method::PUT, &format!("/_limbic/admin/v1/therapists/{}", enc(&therapist.user_id)), Some(json!({ "verified": true }))).await;
-    let (client, observer) = (server.register("client").await, server.register("observer").await);
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
-    let created = therapist
-        .ok(Method::POST, "/_limbic/client/v1/sessions", Some(json!({
-            "kind": "group", "title": "Group", "starts_at": now, "ends_at": now + 3_600_000, "timezone": "UTC",
-            "participants": [{ "user_id": client.user_id, "role": "client" }, { "user_id": observer.user_id, "role": "observer" }],
-        })))
-        .await;
-    let room = created["room_id"].as_str().unwrap().to_owned();
-    for member in [&client, &observer] {
-        let (status, body) = member.join(&room).await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-    }
-    (therapist, client, observer, room)
-}
-
-async fn set_status(therapist: &Client, room: &str, status: &str) {
-    therapist.ok(Method::PUT, &format!("/_limbic/client/v1/sessions/{}/status", enc(room)), Some(json!({ "status": status }))).await;
-}
-
 #[tokio::test]
 async fn a_session_call_opens_with_the_session_and_rights_follow_the_roles() {
     let server = TestServer::start().await;
@@ -308,12 +270,6 @@ async fn signalling_refuses_expired_tokens() {
     let answer = validate(true).send().await.unwrap();
     assert_eq!(answer.status(), StatusCode::UNAUTHORIZED);
     assert!(answer.text().await.unwrap().contains("Expired"), "expired");
-}
-
-async fn jwt(server: &TestServer, client: &Client, room: &str) -> String {
-    let (status, answer) = token(server, client, room).await;
-    assert_eq!(status, StatusCode::OK, "{answer}");
-    answer["jwt"].as_str().unwrap().to_owned()
 }
 
 async fn kick(by: &Client, room: &str, user: &Client, action: &str) {

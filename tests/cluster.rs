@@ -12,7 +12,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Client, TestServer, enc};
+use common::{Client, TestServer, calls, enc, errcode, signalling::Signalling};
+use livekit_protocol as lk;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -317,4 +318,178 @@ async fn a_node_cut_off_from_the_database_stops_and_starts_again_as_a_node() {
     let on_a = history(&ana, &room).await;
     assert_eq!(on_a.len(), 2, "{on_a:?}");
     assert_eq!(on_a.last(), Some(&sent));
+}
+
+/// A call token for `client` in `room`, asked of node `through`: the signalling URL it names,
+/// and the token.
+async fn call_token(through: &TestServer, client: &Client, room: &str) -> (String, String) {
+    let (status, answer) = calls::token(through, client, room).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    (answer["url"].as_str().unwrap().to_owned(), answer["jwt"].as_str().unwrap().to_owned())
+}
+
+/// Which of `nodes` a signalling URL names.
+fn node_at(url: &str, nodes: &[&TestServer]) -> usize {
+    nodes.iter().position(|node| url == format!("ws://127.0.0.1:{}", node.port)).unwrap_or_else(|| panic!("{url} is none of the nodes"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_are_placed_on_the_nodes_and_a_dead_nodes_calls_move_on_the_next_join() {
+    let a = TestServer::start_cluster(&[]).await;
+    let b = a.start_node("b").await;
+    let (ana, ben, first) = two_members(&a, &b).await;
+    let second = ana.create_room(json!({ "preset": "private_chat", "invite": [ben.user_id] })).await;
+    ben.join(&second).await;
+    let eve = a.register("eve").await;
+
+    // Two calls land on the two nodes, each token naming its node; whoever asks, and through
+    // whichever node, is sent to the call's node.
+    let (first_url, ana_jwt) = call_token(&a, &ana, &first).await;
+    let (second_url, _) = call_token(&b, &ana, &second).await;
+    let mut nodes = [a, b];
+    let serving = node_at(&first_url, &[&nodes[0], &nodes[1]]);
+    let other = 1 - serving;
+    assert_eq!(node_at(&second_url, &[&nodes[0], &nodes[1]]), other, "the second call goes to the node without one");
+    let (ben_url, ben_jwt) = call_token(&nodes[other], &ben, &first).await;
+    assert_eq!(ben_url, first_url);
+    let names = ["test", "b"];
+    assert_eq!(calls::claims(&ana_jwt)["org.limbic.node"], names[serving]);
+    // A stranger gets no token from either node.
+    for node in &nodes {
+        assert_eq!(calls::token(node, &eve, &first).await.0, StatusCode::FORBIDDEN);
+    }
+
+    // The other node refuses the call's tokens: they name the call's node.
+    let (status, body) = Signalling::connect(&nodes[other], &ana_jwt).await.err().expect("refused on the other node");
+    assert!(status == 403 && body.contains("served by node"), "{status} {body}");
+    let _ana_call = Signalling::join(&nodes[serving], &ana_jwt).await;
+    let mut ben_call = Signalling::join(&nodes[serving], &ben_jwt).await;
+
+    // Moderation asked of the other node is answered by the call's node, which has the call.
+    let sfu_room = calls::claims(&ana_jwt)["video"]["room"].as_str().unwrap().to_owned();
+    let moderate = |node: &TestServer, method: &str, body: Value| {
+        let request = reqwest::Client::new().post(format!("{}/twirp/livekit.RoomService/{method}", node.base)).bearer_auth(&ana_jwt).json(&body);
+        async move {
+            let answer = request.send().await.unwrap();
+            (answer.status(), answer.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, listed) = moderate(&nodes[other], "ListParticipants", json!({ "room": sfu_room })).await;
+    assert_eq!(status, StatusCode::OK, "{listed}");
+    let identities: HashSet<&str> = listed["participants"].as_array().unwrap().iter().map(|p| p["identity"].as_str().unwrap()).collect();
+    assert_eq!(identities, HashSet::from([calls::claims(&ana_jwt)["sub"].as_str().unwrap(), calls::claims(&ben_jwt)["sub"].as_str().unwrap()]));
+    let (status, _) = moderate(&nodes[other], "RemoveParticipant", json!({ "room": sfu_room, "identity": calls::claims(&ben_jwt)["sub"] })).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(ben_call.left_because(Duration::from_secs(2)).await.is_some(), "ben is removed from the call on its node");
+    // Ben's token is Ben's: it does not moderate, through either node.
+    let (status, _) = moderate_as(&nodes[other], &ben_jwt, &sfu_room).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // The call's node dies: the next token for the call names the other node, which admits it.
+    nodes[serving].kill9();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (moved_url, moved_jwt) = loop {
+        let (url, jwt) = call_token(&nodes[other], &ana, &first).await;
+        if node_at(&url, &[&nodes[0], &nodes[1]]) == other {
+            break (url, jwt);
+        }
+        assert!(Instant::now() < deadline, "the call did not move from the dead node");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(calls::claims(&moved_jwt)["org.limbic.node"], names[other], "{moved_url}");
+    let _moved = Signalling::join(&nodes[other], &moved_jwt).await;
+}
+
+/// `ListParticipants` of `room` with `jwt` through `node`.
+async fn moderate_as(node: &TestServer, jwt: &str, room: &str) -> (StatusCode, Value) {
+    let answer = reqwest::Client::new().post(format!("{}/twirp/livekit.RoomService/ListParticipants", node.base)).bearer_auth(jwt).json(&json!({ "room": room })).send().await.unwrap();
+    (answer.status(), answer.json().await.unwrap())
+}
+
+/// What ends or stops a session's call, committed through another node than the call's, reaches
+/// the call's node: a recording started there, a withdrawn consent, the session's end.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_call_follows_what_is_done_through_another_node() {
+    let a = TestServer::start_cluster(&[]).await;
+    let b = a.start_node("b").await;
+    let (therapist, client, _observer, room) = calls::group_session_with(&a, json!({ "recording_policy": "with_consent" })).await;
+    calls::set_status(&therapist, &room, "open").await;
+    let consent_path = |who: &Client| format!("/_matrix/client/v3/rooms/{}/state/org.limbic.recording.consent/{}", enc(&room), enc(&who.user_id));
+    for who in [&therapist, &client] {
+        who.ok(Method::PUT, &consent_path(who), Some(json!({ "consent": true }))).await;
+    }
+    let (url, therapist_jwt) = call_token(&a, &therapist, &room).await;
+    let (_, client_jwt) = call_token(&a, &client, &room).await;
+    let nodes = [&a, &b];
+    let (serving, other) = (nodes[node_at(&url, &nodes)], nodes[1 - node_at(&url, &nodes)]);
+    let mut therapist_call = Signalling::join(serving, &therapist_jwt).await;
+    let mut client_call = Signalling::join(serving, &client_jwt).await;
+    let (therapist_there, client_there) = (therapist.through(other), client.through(other));
+
+    // A recording started and stopped through the other node is made on the call's node.
+    let recording = format!("/_limbic/client/v1/sessions/{}/recording", enc(&room));
+    assert_eq!(therapist_there.ok(Method::PUT, &recording, Some(json!({ "recording": true }))).await["recording"], true);
+    let (status, body) = therapist_there.put(&recording, json!({ "recording": true })).await;
+    assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_BAD_STATE"), "the call's node knows it records: {body}");
+    let stopped = therapist_there.ok(Method::PUT, &recording, Some(json!({ "recording": false }))).await;
+    assert_eq!(stopped["recording"], false, "{stopped}");
+    // The client may not start one, through either node.
+    for who in [&client, &client_there] {
+        assert_eq!(who.put(&recording, json!({ "recording": true })).await.0, StatusCode::FORBIDDEN);
+    }
+
+    // Recording again, the client withdraws consent through the other node: the call's node
+    // stops the recording.
+    therapist.ok(Method::PUT, &recording, Some(json!({ "recording": true }))).await;
+    client_there.ok(Method::PUT, &consent_path(&client), Some(json!({ "consent": false }))).await;
+    let state_path = format!("/_matrix/client/v3/rooms/{}/state/org.limbic.recording/", enc(&room));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let state = therapist.ok(Method::GET, &state_path, None).await;
+        if state["recording"] == false {
+            assert!(state["stopped_because"].as_str().is_some_and(|why| why.contains("withdrew")), "{state}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still recording after the withdrawal through the other node: {state}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The session ends through the other node: the call ends on its node.
+    calls::set_status(&therapist_there, &room, "in_progress").await;
+    calls::set_status(&therapist_there, &room, "completed").await;
+    assert_eq!(therapist_call.left_because(Duration::from_secs(2)).await, Some(lk::DisconnectReason::RoomClosed));
+    assert_eq!(client_call.left_because(Duration::from_secs(2)).await, Some(lk::DisconnectReason::RoomClosed));
+}
+
+/// A node dies while it records a session's call: the node the call moves to stores what the
+/// dead node recorded (its directory of recordings is in the media directory the nodes share)
+/// and says why the recording stopped.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recording_whose_node_dies_is_stored_by_the_node_its_call_moves_to() {
+    let a = TestServer::start_cluster(&[]).await;
+    let b = a.start_node("b").await;
+    let (therapist, client, _observer, room) = calls::group_session_with(&a, json!({ "recording_policy": "with_consent" })).await;
+    calls::set_status(&therapist, &room, "open").await;
+    therapist.ok(Method::PUT, &format!("/_matrix/client/v3/rooms/{}/state/org.limbic.recording.consent/{}", enc(&room), enc(&therapist.user_id)), Some(json!({ "consent": true }))).await;
+    let (url, jwt) = call_token(&a, &therapist, &room).await;
+    let mut nodes = [a, b];
+    let serving = node_at(&url, &[&nodes[0], &nodes[1]]);
+    let other = 1 - serving;
+    let _call = Signalling::join(&nodes[serving], &jwt).await;
+    let therapist = therapist.through(&nodes[other]);
+    therapist.ok(Method::PUT, &format!("/_limbic/client/v1/sessions/{}/recording", enc(&room)), Some(json!({ "recording": true }))).await;
+    let names = ["test", "b"];
+    let spooled = nodes[0].media_dir().join("recordings").join(names[serving]).join(hex::encode(room.as_bytes()));
+    assert!(spooled.is_dir(), "the recording is made in its node's directory: {}", spooled.display());
+
+    nodes[serving].kill9();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node_at(&call_token(&nodes[other], &client, &room).await.0, &[&nodes[0], &nodes[1]]) != other {
+        assert!(Instant::now() < deadline, "the call did not move from the dead node");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let state = therapist.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/state/org.limbic.recording/", enc(&room)), None).await;
+    assert_eq!(state["recording"], false, "{state}");
+    assert_eq!(state["stopped_because"], "the server stopped during the recording");
+    assert!(!spooled.exists(), "what the dead node recorded was stored and removed");
 }

@@ -300,7 +300,7 @@ pub fn seeds(harness: &str) -> Vec<Vec<u8>> {
             let key = jsonwebtoken::EncodingKey::from_secret(CALL_SECRET);
             let video = calls::VideoGrant { room_join: true, room: "call".into(), can_publish: true, can_subscribe: true, can_publish_data: true, room_admin: false, room_record: false };
             let room = "!call:test.local".try_into().expect("a valid room id");
-            let mut claims = calls::Claims { iss: CALL_ISSUER.into(), sub: "ana".into(), nbf: 0, exp: 4_102_444_800, name: "ana".into(), video, matrix_room: room, matrix_user: "@ana:test.local".into() };
+            let mut claims = calls::Claims { iss: CALL_ISSUER.into(), sub: "ana".into(), nbf: 0, exp: 4_102_444_800, name: "ana".into(), video, matrix_room: room, matrix_user: "@ana:test.local".into(), node: None };
             let valid = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).expect("a token");
             claims.exp = 1;
             let expired = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).expect("a token");

@@ -51,6 +51,7 @@ pub async fn serve(server: Arc<Server>) -> std::io::Result<()> {
         let sfu = calls::media::start(&server.config.calls).await?;
         let _ = server.calls.sfu.set(sfu);
         tokio::spawn(calls::warden::run(server.clone()));
+        tokio::spawn(calls::placement::run(server.clone()));
         calls::recording::repair(&*server).await;
         tokio::spawn(calls::recording::write_as_made(server.clone()));
     }
@@ -91,6 +92,11 @@ pub async fn serve(server: Arc<Server>) -> std::io::Result<()> {
         .await?;
     trimming.abort();
     sweeper.abort();
+    if server.calls.sfu.get().is_some()
+        && let Err(error) = server.calls.placements.deregister()
+    {
+        tracing::warn!(%error, "could not take this node's SFU out of the others' placements");
+    }
     server.store.flush().map_err(std::io::Error::other)?;
     if fenced.load(std::sync::atomic::Ordering::Relaxed) {
         return Err(std::io::Error::other("this node was fenced by the others sharing the database; start it again"));

@@ -19,13 +19,12 @@ use crate::{
 };
 
 /// Opens the store the config names: the embedded RocksDB store, or the PostgreSQL database,
-/// beside the other nodes that share it. A node with calls must be the only one: calls are not
-/// yet placed across SFU nodes, and each node's SFU would serve only part of a call.
+/// beside the other nodes that share it.
 pub fn open_store(config: &Config) -> crate::store::Result<Store> {
     let database = &config.database;
     match database.backend {
         DatabaseBackend::RocksDb => Store::open(&database.path),
-        DatabaseBackend::Postgres => Store::open_node(&database.url, database.pool_size, &config.cluster.node_name, !config.calls.enabled),
+        DatabaseBackend::Postgres => Store::open_node(&database.url, database.pool_size, &config.cluster.node_name, true),
     }
 }
 
@@ -76,12 +75,7 @@ impl Server {
         crate::secrets::private_dir(&config.database.path).map_err(|e| {
             crate::Error::internal(format!("cannot create {}: {e}", config.database.path.display()))
         })?;
-        let store = Arc::new(open_store(&config).map_err(|error| match error {
-            crate::store::StoreError::OtherNode(other) => crate::Error::internal(format!(
-                "node {other} uses this database, and this node has [calls] enabled: a node with calls must be the only one until calls are placed across SFU nodes (docs/SCALING.md)"
-            )),
-            error => error.into(),
-        })?);
+        let store = Arc::new(open_store(&config)?);
         let secrets = crate::secrets::SecretKey::load_or_create(&config.database.key_file, &store)?;
         secrets.seal_table(&store, crate::store::tables::PLUGIN_KV)?;
         let signing_key =
@@ -104,7 +98,7 @@ impl Server {
             audit: audit.clone(),
             clinic: clinic.clone(),
             appointments: crate::clinic::appointments::Appointments::open(store.clone(), config.appointments.clone(), config.server_name.clone())?,
-            calls: crate::calls::Calls::open(&store, config.calls.clone(), &config.voip, &config.listen, &config.media.path.join("recordings"))?,
+            calls: crate::calls::Calls::open(&store, config.calls.clone(), &config.voip, &config.listen, &config.media.path.join("recordings"), &config.cluster.node_name)?,
             users: Users::new(store.clone(), vec![push.clone()]),
             delayed: crate::delayed::DelayedEvents::new(store.clone(), config.delayed_events.clone()),
             rooms: Rooms::new(store.clone(), signing_key.clone(), audit, config.federation.enabled),

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod calls;
 pub mod federation;
 pub mod signalling;
 
@@ -75,15 +76,15 @@ impl TestServer {
     }
 
     /// Starts the first node of a cluster on a new PostgreSQL database, whatever engine the
-    /// suite runs on, with `env` as the nodes' overrides (and calls off).
+    /// suite runs on, with `env` as the nodes' overrides.
     pub async fn start_cluster(env: &[(&str, &str)]) -> Self {
-        Self::start_on("", &cluster_env(env), true).await
+        Self::start_on("", env, true).await
     }
 
     /// [`Self::start_cluster`] once, with `extra` config: the exit status if it stopped while
     /// starting.
     pub async fn try_start_cluster(extra: &str, env: &[(&str, &str)]) -> Result<Self, std::process::ExitStatus> {
-        Self::try_start(extra, &cluster_env(env), true).await
+        Self::try_start(extra, env, true).await
     }
 
     /// Another node of this server's cluster, named `name`: the same config, database and key
@@ -161,6 +162,11 @@ impl TestServer {
     /// The temporary directory holding the server's config and store.
     pub fn store_dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The media directory, which a cluster's nodes share (beside the store, by default).
+    pub fn media_dir(&self) -> PathBuf {
+        PathBuf::from(format!("{}-media", self.db_dir.display()))
     }
 
     /// The server's store, opened by the test (the server must be stopped: it holds the store).
@@ -373,11 +379,6 @@ impl Drop for TestServer {
     }
 }
 
-/// The overrides of a cluster's nodes: `env`, and calls off (a node with calls must be the only
-/// one until calls are placed across SFU nodes).
-fn cluster_env<'a>(env: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
-    [("LIMBIC_CALLS__ENABLED", "false")].into_iter().chain(env.iter().copied()).collect()
-}
 
 /// A client, and the same session on another node of its server's cluster.
 #[derive(Clone)]

@@ -122,6 +122,14 @@ impl Sfu {
         self.recordings.values().any(|r| r.app_room == app_room)
     }
 
+    /// The Matrix rooms whose calls are being recorded.
+    pub fn recorded_rooms(&self) -> Vec<String> {
+        let mut rooms: Vec<String> = self.recordings.values().map(|r| r.app_room.clone()).collect();
+        rooms.sort();
+        rooms.dedup();
+        rooms
+    }
+
     /// Starts recording an SFU room's call of `app_room`: every track from now on (video
     /// from its next keyframe). False if it is recorded already.
     pub fn start_recording(&mut self, now: Instant, room: &str, app_room: &str) -> bool {

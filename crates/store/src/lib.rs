@@ -230,6 +230,14 @@ pub mod tables {
     /// owner user id, delay id -> (): each user's delayed events
     pub const DELAYED_EVENTS_BY_OWNER: Table = Table("delayed_events_by_owner");
 
+    /// node name -> the node's SFU: where clients reach it, its load, its last heartbeat
+    /// (nodes sharing a database)
+    pub const CALL_NODES: Table = Table("call_nodes");
+    /// call room id -> the node whose SFU serves the room's calls, and since when
+    pub const CALL_PLACEMENTS: Table = Table("call_placements");
+    /// node name, call room id -> (): the calls placed on each node
+    pub const CALL_NODE_ROOMS: Table = Table("call_node_rooms");
+
     pub const ALL: &[Table] = &[
         GLOBAL, USERS, DEVICES, ACCESS_TOKENS, FILTERS, ACCOUNT_DATA, PRESENCE, PDUS, EVENT_META,
         TIMELINE, BACKFILL, ROOM_STATE, ROOMS, STATE_SNAPSHOTS, ROOM_MEMBERS, USER_ROOMS, TXN_IDS, ALIASES,
@@ -239,7 +247,7 @@ pub mod tables {
         RELATIONS, THREAD_REPLIES, SEARCH_INDEX, AUDIT_LOG, THERAPISTS,
         THERAPIST_BOOKINGS, SESSION_NOTES, SESSION_PASSCODES, APPOINTMENTS, LINK_TOKENS_USED,
         PLUGIN_KV, PLUGIN_OUTBOX, SERVER_KEYS, OPENID_TOKENS, OPENID_TOKENS_BY_USER, FEDERATION_OUTBOX, FEDERATION_EDUS, REMOTE_ROOM_STATE,
-        DELAYED_EVENTS, DELAYED_EVENTS_DUE, DELAYED_EVENTS_BY_OWNER,
+        DELAYED_EVENTS, DELAYED_EVENTS_DUE, DELAYED_EVENTS_BY_OWNER, CALL_NODES, CALL_PLACEMENTS, CALL_NODE_ROOMS,
     ];
 }
 
@@ -395,6 +403,15 @@ impl Store {
                 // The engine gone is as final as a fence.
                 let _ = db.fenced().wait_for(|fenced| *fenced).await;
             }
+        }
+    }
+
+    /// The names of the nodes sharing the store that are alive now (not fenced); `None` on the
+    /// embedded store, which this process has to itself.
+    pub fn live_nodes(&self) -> Result<Option<Vec<String>>> {
+        match &self.engine {
+            Engine::RocksDb(_) => Ok(None),
+            Engine::Postgres(db) => db.live_nodes().map(Some),
         }
     }
 

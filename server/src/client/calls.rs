@@ -10,8 +10,10 @@ use serde_json::Value as JsonValue;
 use sha2::{Digest, Sha256};
 
 use super::{AppState, sessions::{Authed, parse_body}};
+use axum::response::IntoResponse;
+
 use crate::{
-    calls::{Admission, SERVICE_PATH, recording::Recorded, rights_in},
+    calls::{Admission, SERVICE_PATH, placement::serving_elsewhere, rights_in},
     error::{Error, ErrorCode, Result},
 };
 
@@ -45,16 +47,30 @@ struct SetRecording {
     recording: bool,
 }
 
-/// Starts or stops recording a session's call (its therapists only).
-async fn set_recording(State(server): State<AppState>, Authed(caller): Authed, axum::extract::Path(room): axum::extract::Path<String>, body: axum::body::Bytes) -> Result<Json<Recorded>> {
-    let request: SetRecording = parse_body(&body)?;
+/// Starts or stops recording a session's call (its therapists only), on the node serving it.
+async fn set_recording(
+    State(server): State<AppState>,
+    Authed(caller): Authed,
+    axum::extract::Path(room): axum::extract::Path<String>,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<axum::response::Response> {
+    let set: SetRecording = parse_body(&body)?;
     let room_id = super::sessions::room_id(&room)?;
-    if request.recording {
-        return crate::calls::recording::start(&*server, &caller.user_id, &room_id).await.map(Json);
+    if let Some(node) = serving_elsewhere(&*server, &room_id, &headers)? {
+        let forwarded = server.calls.placements.forward(&node, axum::http::Method::PUT, &uri, &headers, body).await?;
+        return Ok(forwarded.map(axum::body::Body::from));
     }
-    let stopped = crate::calls::recording::stop(&*server, &room_id, crate::calls::recording::StopReason::Therapist(&caller.user_id)).await?;
-    stopped.map(Json).ok_or_else(|| Error::new(ErrorCode::BadState, "the call is not being recorded"))
+    let recorded = if set.recording {
+        crate::calls::recording::start(&*server, &caller.user_id, &room_id).await?
+    } else {
+        let stopped = crate::calls::recording::stop(&*server, &room_id, crate::calls::recording::StopReason::Therapist(&caller.user_id)).await?;
+        stopped.ok_or_else(|| Error::new(ErrorCode::BadState, "the call is not being recorded"))?
+    };
+    Ok(Json(recorded).into_response())
 }
+
 
 /// `GET /sessions/{roomId}/recordings`.
 #[derive(Serialize)]
@@ -163,10 +179,12 @@ async fn answer(server: &AppState, user: OwnedUserId, room_id: OwnedRoomId, iden
         .and_then(|member| member.get("displayname").and_then(JsonValue::as_str).map(str::to_owned))
         .unwrap_or_else(|| user.localpart().to_owned());
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_err(Error::internal)?.as_secs();
-    let admission = Admission { identity, display_name, user_id: user.to_string(), matrix_room: room_id.clone(), sfu_room, rights };
+    // Where the call is served: the token names the node, and the answer its URL.
+    let placed = crate::calls::placement::place(&**server, &room_id).await?;
+    let admission = Admission { identity, display_name, user_id: user.to_string(), matrix_room: room_id.clone(), sfu_room, rights, node: placed.node };
     let jwt = server.calls.issue(admission, now)?;
     tracing::info!(%room_id, %user, "issued a call token");
-    Ok(Json(CallToken { url: server.calls.signalling_url.clone(), jwt }))
+    Ok(Json(CallToken { url: placed.signalling_url, jwt }))
 }
 
 /// The user an OpenID token stands for: asked of its server (ours, or another's over

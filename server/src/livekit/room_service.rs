@@ -48,7 +48,7 @@ impl Encoding {
     }
 }
 
-pub async fn room_service(State(server): State<AppState>, Path(method): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn room_service(State(server): State<AppState>, Path(method): Path<String>, uri: axum::http::Uri, headers: HeaderMap, body: Bytes) -> Response {
     let encoding = Encoding::of(&headers);
     let bearer = headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     let Some(token) = bearer else { return twirp_error(StatusCode::UNAUTHORIZED, "unauthenticated", "missing access token") };
@@ -60,6 +60,17 @@ pub async fn room_service(State(server): State<AppState>, Path(method): Path<Str
     if let Err(error) = crate::calls::still_allowed(&server.rooms, &claims.matrix_room, &claims.matrix_user, claims.rights()) {
         let (_, _, message) = error.describe();
         return twirp_error(StatusCode::FORBIDDEN, "permission_denied", message);
+    }
+    // The call's participants are on the node that serves it: the request is answered there.
+    match crate::calls::placement::serving_elsewhere(&*server, &claims.matrix_room, &headers) {
+        Ok(None) => {}
+        Ok(Some(node)) => {
+            return match server.calls.placements.forward(&node, axum::http::Method::POST, &uri, &headers, body).await {
+                Ok(answer) => answer.map(axum::body::Body::from),
+                Err(error) => twirp_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", error.describe().2),
+            };
+        }
+        Err(error) => return twirp_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", error.describe().2),
     }
     let Some(sfu) = server.calls.sfu.get().cloned() else {
         return twirp_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "calls are not running on this server");

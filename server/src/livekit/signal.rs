@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     Server,
-    calls::{Claims, media::{Resumption, ToParticipant}, sfu::{Bucket, JoinOptions}, still_allowed},
+    calls::{Claims, media::{Resumption, ToParticipant}, placement::Admission, sfu::{Bucket, JoinOptions}, still_allowed},
     error::{Error, ErrorCode},
 };
 
@@ -47,6 +47,22 @@ fn claims(server: &Server, headers: &HeaderMap, query: &RtcQuery) -> Result<Clai
     Ok(claims)
 }
 
+/// Refused unless this node serves the token's call (spec/calls.md, "Calls across nodes"): the
+/// token names another node, or the call is placed on another live one. The SDK then needs a
+/// new token, which names the call's node.
+async fn served_here(server: &Server, claims: &Claims) -> Result<(), Response> {
+    let elsewhere = |node: &str| refused(Error::forbidden(format!("this call is served by node {node}; a new call token names it")));
+    if let Some(node) = &claims.node
+        && Some(node.as_str()) != server.calls.placements.node()
+    {
+        return Err(elsewhere(node));
+    }
+    match crate::calls::placement::admit(server, &claims.matrix_room).await.map_err(refused)? {
+        Admission::Here { .. } => Ok(()),
+        Admission::Elsewhere { node, .. } => Err(elsewhere(&node)),
+    }
+}
+
 /// A refusal as LiveKit's clients show it: the status, and the reason as text.
 fn refused(error: crate::error::Error) -> Response {
     let (status, errcode, message) = error.describe();
@@ -70,6 +86,9 @@ pub async fn validate(State(server): State<AppState>, headers: HeaderMap, Query(
         Ok(claims) => claims,
         Err(refused) => return refused,
     };
+    if let Err(refused) = served_here(&server, &claims).await {
+        return refused;
+    }
     if let Some(sfu) = server.calls.sfu.get()
         && let Err(refused) = room_in_call(&server, sfu, &claims).await
     {
@@ -89,6 +108,9 @@ pub async fn rtc(State(server): State<AppState>, headers: HeaderMap, Query(query
     let Some(sfu) = server.calls.sfu.get().cloned() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "calls are not running on this server").into_response();
     };
+    if let Err(refused) = served_here(&server, &claims).await {
+        return refused;
+    }
     let reconnect = query.reconnect.as_deref() == Some("1");
     // A resuming participant is still counted in their call.
     if !reconnect

@@ -9,6 +9,7 @@
 
 pub mod media;
 pub mod recording;
+pub mod placement;
 pub mod spool;
 pub mod turn;
 pub mod warden;
@@ -98,6 +99,9 @@ pub struct Claims {
     pub matrix_room: OwnedRoomId,
     #[serde(rename = "org.limbic.user_id")]
     pub matrix_user: String,
+    /// The node whose SFU serves the call, when nodes share the database.
+    #[serde(rename = "org.limbic.node", default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl Claims {
@@ -133,6 +137,8 @@ pub struct Admission {
     /// The SFU room, named by the token service's rules.
     pub sfu_room: String,
     pub rights: Rights,
+    /// The node the call is placed on ([`placement`]).
+    pub node: Option<String>,
 }
 
 pub struct Calls {
@@ -150,24 +156,39 @@ pub struct Calls {
     /// Recordings on disk while they are made; held while what the SFU made is written, so that
     /// pieces of a file are appended in the order they were taken.
     pub spool: tokio::sync::Mutex<spool::Spool>,
+    /// Where each node's recordings are made, when nodes share the database (and the media
+    /// directory): a directory per node under it.
+    recordings: std::path::PathBuf,
+    /// Which node serves which call.
+    pub placements: placement::Placements,
 }
 
 impl Calls {
     /// The URLs default to the client listener's address. Recordings being made are written
-    /// under `recordings`.
-    pub fn open(store: &Arc<Store>, config: CallsConfig, voip: &VoipConfig, listen: &ListenConfig, recordings: &std::path::Path) -> Result<Self> {
+    /// under `recordings` (in a directory named after `node` when nodes share the store).
+    pub fn open(store: &Arc<Store>, config: CallsConfig, voip: &VoipConfig, listen: &ListenConfig, recordings: &std::path::Path, node: &str) -> Result<Self> {
         let secret = store.secret(SECRET_KEY, &config.api_secret)?;
         let or_listener = |configured: &str, default: String| if configured.is_empty() { default } else { configured.trim_end_matches('/').to_owned() };
+        let signalling_url = or_listener(&config.signalling_url, format!("ws://{}:{}", listen.address, listen.port));
+        let placements = placement::Placements::new(store.clone(), node, signalling_url.clone());
+        let spool = spool_at(&placements.node().map_or_else(|| recordings.to_owned(), |node| recordings.join(node)))?;
         Ok(Self {
             service_url: or_listener(&config.service_url, format!("http://{}:{}{SERVICE_PATH}", listen.address, listen.port)),
-            signalling_url: or_listener(&config.signalling_url, format!("ws://{}:{}", listen.address, listen.port)),
+            signalling_url,
             encoding: EncodingKey::from_secret(&secret),
             decoding: DecodingKey::from_secret(&secret),
             config,
             sfu: OnceLock::new(),
             turn: turn::Turn::open(store, voip)?,
-            spool: tokio::sync::Mutex::new(spool::Spool::open(recordings.to_owned()).map_err(|e| Error::internal(format!("cannot open {}: {e}", recordings.display())))?),
+            spool: tokio::sync::Mutex::new(spool),
+            recordings: recordings.to_owned(),
+            placements,
         })
+    }
+
+    /// Where `node` made its recordings (another node, whose calls this one takes over).
+    pub fn spool_of(&self, node: &str) -> Result<spool::Spool> {
+        spool_at(&self.recordings.join(node))
     }
 
     /// The token for `admission`, valid from now for the configured lifetime.
@@ -190,6 +211,7 @@ impl Calls {
             },
             matrix_room: admission.matrix_room,
             matrix_user: admission.user_id,
+            node: admission.node,
         };
         self.sign(&claims)
     }
@@ -215,6 +237,10 @@ impl Calls {
     pub fn verify(&self, token: &str) -> Result<Claims> {
         verify_token(token, &self.decoding, &self.config.api_key)
     }
+}
+
+fn spool_at(path: &std::path::Path) -> Result<spool::Spool> {
+    spool::Spool::open(path.to_owned()).map_err(|e| Error::internal(format!("cannot open {}: {e}", path.display())))
 }
 
 /// The claims of a call token signed with `key` by `issuer`, if it is valid now.
@@ -263,6 +289,11 @@ fn open_session_call(rooms: &Rooms, room_id: &RoomId) -> Result<Option<OwnedRoom
     }
 }
 
+/// The room whose calls go together on one node: a breakout room's session room, or the room.
+pub fn call_home(rooms: &Rooms, room_id: &RoomId) -> Result<OwnedRoomId> {
+    Ok(breakout_of(rooms, room_id)?.map_or_else(|| room_id.to_owned(), |(session_room, _)| session_room))
+}
+
 /// The session room of a breakout room, and whether the breakout is closed; `None` for a room
 /// that is not a breakout.
 fn breakout_of(rooms: &Rooms, room_id: &RoomId) -> Result<Option<(OwnedRoomId, bool)>> {
@@ -288,7 +319,7 @@ mod tests {
 
     fn calls(dir: &std::path::Path, lifetime: u64) -> Calls {
         let store = Arc::new(Store::open(dir).unwrap());
-        Calls::open(&store, CallsConfig { token_lifetime_seconds: lifetime, ..CallsConfig::default() }, &VoipConfig::default(), &ListenConfig::default(), &dir.with_extension("recordings")).unwrap()
+        Calls::open(&store, CallsConfig { token_lifetime_seconds: lifetime, ..CallsConfig::default() }, &VoipConfig::default(), &ListenConfig::default(), &dir.with_extension("recordings"), "").unwrap()
     }
 
     fn admission() -> Admission {
@@ -299,6 +330,7 @@ mod tests {
             matrix_room: "!r:test.local".try_into().unwrap(),
             sfu_room: "!r:test.local".into(),
             rights: rights_of(Role::Observer),
+            node: None,
         }
     }
 

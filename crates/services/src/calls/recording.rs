@@ -21,6 +21,7 @@ use crate::{
     events::{Pdu, PduBuilder},
     media::Upload,
     rooms::{AfterCommit, FollowUp},
+    store::StreamPos,
 };
 
 /// Whether `user` consented to the session's call being recorded.
@@ -152,7 +153,7 @@ pub async fn repair(server: &dyn CallsHost) {
         Err(error) => return tracing::error!(%error, "could not look for recordings the server stopped for"),
     };
     for room_id in rooms {
-        match store(server, &room_id, StopReason::ServerStopped).await {
+        match store(server, None, &room_id, StopReason::ServerStopped).await {
             Ok(Some(recorded)) => tracing::info!(%room_id, files = recorded.files.map_or(0, |f| f.len()), "stored a recording the server had stopped for"),
             Ok(None) => {}
             Err(error) => tracing::error!(%room_id, %error, "could not store a recording the server had stopped for"),
@@ -170,16 +171,35 @@ pub async fn stop(server: &dyn CallsHost, room_id: &RoomId, reason: StopReason<'
     let matrix_room = room_id.to_string();
     {
         let spool = server.calls().spool.lock().await;
-        let rest = sfu.run(move |sfu, _| sfu.stop_recording(&matrix_room).unwrap_or_default()).await.ok_or_else(stopped)?;
+        let rest = sfu.run(move |sfu, _| sfu.stop_recording(&matrix_room)).await.ok_or_else(stopped)?;
+        // Not recorded here: when nodes share the database, the node serving the call stops
+        // its recording when it sees the event that stops it (the warden).
+        let Some(rest) = rest.or_else(|| spool.has(room_id).then(Vec::new)) else { return Ok(None) };
         spool.blocking(move |spool| spool.append(&rest)).await.map_err(Error::internal)?;
     }
-    store(server, room_id, reason).await
+    store(server, None, room_id, reason).await
 }
 
-/// Stores and announces the room's recorded tracks from disk, and records that the recording
-/// stopped. `None` when it was not recording.
-async fn store(server: &dyn CallsHost, room_id: &RoomId, reason: StopReason<'_>) -> Result<Option<Recorded>> {
-    let spool = server.calls().spool.lock().await;
+/// Stores the recording of `room_id` that `node`, which died, was making when its calls move
+/// to this node, as one the server stopped for.
+pub async fn take_over(server: &dyn CallsHost, room_id: &RoomId, node: &str) {
+    let stored = match server.calls().spool_of(node) {
+        Ok(spool) => store(server, Some(&spool), room_id, StopReason::ServerStopped).await,
+        Err(error) => Err(error),
+    };
+    match stored {
+        Ok(Some(recorded)) => tracing::info!(%room_id, %node, files = recorded.files.map_or(0, |f| f.len()), "stored the recording of a node that died"),
+        Ok(None) => {}
+        Err(error) => tracing::error!(%room_id, %node, %error, "could not store the recording of a node that died"),
+    }
+}
+
+/// Stores and announces the room's recorded tracks from disk (this node's, or `from`), and
+/// records that the recording stopped. `None` when it was not recording.
+async fn store(server: &dyn CallsHost, from: Option<&Spool>, room_id: &RoomId, reason: StopReason<'_>) -> Result<Option<Recorded>> {
+    // Held throughout: one stop at a time on this node.
+    let local = server.calls().spool.lock().await;
+    let spool = from.unwrap_or(&local);
     let owned = room_id.to_owned();
     let tracks = spool.blocking(move |spool| spool.tracks(&owned)).await.map_err(Error::internal)?;
     let state = server.rooms().state_content(room_id, RECORDING, "")?;
@@ -324,6 +344,22 @@ pub async fn stop_without_consent(server: &dyn CallsHost, room_id: &RoomId, user
     if let Err(error) = stop(server, room_id, reason).await {
         tracing::error!(%room_id, %user, %error, "a recording could not be stopped");
     }
+}
+
+/// Stops the recording of `room_id` (made on this node) when an event of the room after `after`
+/// and up to `upto` stops it, whichever node committed it: the event's own node stops only what
+/// it records itself ([`RecordingWatch`]).
+pub async fn stop_on_committed(server: &dyn CallsHost, room_id: &RoomId, after: StreamPos, upto: StreamPos) -> Result<()> {
+    let committed: Vec<(StreamPos, ruma::OwnedEventId)> = server.rooms().timeline_after(room_id, after, upto).collect::<Result<_>>()?;
+    for (_, event_id) in committed {
+        let Some(pdu) = server.rooms().pdu(&event_id)? else { continue };
+        match Stop::of(&pdu) {
+            Some(Stop::ConsentWithdrawn) => stop_without_consent(server, room_id, &pdu.sender, false).await,
+            Some(Stop::SessionEnded) => session_ended(server, room_id, &pdu.sender).await,
+            None => {}
+        }
+    }
+    Ok(())
 }
 
 /// A committed event that stops a recording.

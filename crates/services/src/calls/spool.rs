@@ -122,6 +122,11 @@ impl Spool {
         Ok(tracks)
     }
 
+    /// Whether a recording of the room is on disk.
+    pub fn has(&self, room_id: &RoomId) -> bool {
+        self.room_dir(room_id).is_dir()
+    }
+
     /// The room's recording is stored: its files go.
     pub fn remove(&self, room_id: &RoomId) -> io::Result<()> {
         match fs::remove_dir_all(self.room_dir(room_id)) {

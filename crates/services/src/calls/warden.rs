@@ -40,6 +40,9 @@ pub async fn run(server: Arc<dyn CallsHost>) {
     let mut watermark = server.store().streams().subscribe();
     let mut shutdown = server.shutting_down();
     let mut watched: HashMap<OwnedRoomId, Watched> = HashMap::new();
+    // The recorded rooms, and the position up to which their events were looked at.
+    let mut recorded: HashMap<OwnedRoomId, StreamPos> = HashMap::new();
+    let mut previous = *watermark.borrow_and_update();
     loop {
         tokio::select! {
             changed = watermark.changed() => if changed.is_err() { return },
@@ -57,6 +60,27 @@ pub async fn run(server: Arc<dyn CallsHost>) {
             })
             .await;
         }
+        stop_recordings(&*server, &sfu, &mut recorded, previous, upto).await;
+        previous = upto;
+    }
+}
+
+/// Stops the recordings made here that events committed since the last round stop (on any
+/// node). A recording first seen now began after the last round read its watermark, so what
+/// stops it comes after that.
+async fn stop_recordings(server: &dyn CallsHost, sfu: &super::media::SfuHandle, recorded: &mut HashMap<OwnedRoomId, StreamPos>, previous: StreamPos, upto: StreamPos) {
+    let Some(rooms) = sfu.run(|sfu, _| sfu.recorded_rooms()).await else { return };
+    let rooms: Vec<OwnedRoomId> = rooms.into_iter().filter_map(|room| OwnedRoomId::try_from(room).ok()).collect();
+    recorded.retain(|room, _| rooms.contains(room));
+    for room in rooms {
+        let after = *recorded.entry(room.clone()).or_insert(previous);
+        if after >= upto {
+            continue;
+        }
+        if let Err(error) = super::recording::stop_on_committed(server, &room, after, upto).await {
+            tracing::error!(%room, %error, "could not look at a recorded room's events");
+        }
+        recorded.insert(room, upto);
     }
 }
 

@@ -169,6 +169,17 @@ impl Postgres {
         })
     }
 
+    /// The nodes not fenced: alive, or dead for less than the second it takes the others to
+    /// notice (see [`nodes`]).
+    pub(crate) fn live_nodes(&self) -> Result<Vec<String>> {
+        let pool = self.pool.clone();
+        self.run(async move {
+            let client = pool.get().await?;
+            let statement = client.prepare_cached("SELECT name FROM limbic_nodes WHERE NOT fenced ORDER BY name").await?;
+            Ok(client.query(&statement, &[]).await?.iter().map(|row| row.get(0)).collect())
+        })
+    }
+
     /// Waits until this node leads `job`: it takes the job's advisory lock in its own session,
     /// trying every [`LEAD_RETRY`] while another node holds it. The lock is the node's until the
     /// process ends; if its session ends first, the other nodes fence the node (it writes
@@ -324,11 +335,11 @@ const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The advisory lock class of the jobs a node leads ("led"), and how often a node that does not
 /// lead one tries again.
-const LEAD_LOCK_CLASS: i32 = 0x6c_65_64;
+const LEAD_LOCK_CLASS: i32 = 0x006c_6564;
 const LEAD_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The advisory lock class of holds ("hld"), beside the nodes' own locks (nodes.rs).
-const HOLD_LOCK_CLASS: i32 = 0x68_6c_64;
+const HOLD_LOCK_CLASS: i32 = 0x0068_6c64;
 /// How long a hold waits for another node's hold on the same name.
 const HOLD_TIMEOUT: &str = "30s";
 
