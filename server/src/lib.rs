@@ -122,7 +122,7 @@ async fn trimming_memory() {
 }
 
 /// What one node does for all: typing that ran out, retention, the media it frees, used link
-/// tokens.
+/// tokens, full rate limit buckets.
 async fn sweeping(server: Arc<Server>) {
     host::lead(&server.store, "expiry, retention and pruning").await;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -147,11 +147,17 @@ async fn sweeping(server: Arc<Server>) {
         {
             tracing::warn!(error = %e, "pruning used link tokens failed");
         }
+        if seconds.is_multiple_of(RATE_BUCKET_PRUNE_SECONDS)
+            && let Err(e) = server.rate_limiter.prune()
+        {
+            tracing::warn!(error = %e, "pruning full rate limit buckets failed");
+        }
     }
 }
 
 const MEMORY_TRIM_SECONDS: u64 = 10;
 const LINK_TOKEN_PRUNE_SECONDS: u64 = 3600;
+const RATE_BUCKET_PRUNE_SECONDS: u64 = 60;
 
 /// glibc keeps freed memory in its arenas after a burst of load; hand it back to the OS so
 /// that an idle server stays small.

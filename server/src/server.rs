@@ -103,7 +103,7 @@ impl Server {
             delayed: crate::delayed::DelayedEvents::new(store.clone(), config.delayed_events.clone()),
             rooms: Rooms::new(store.clone(), signing_key.clone(), audit, config.federation.enabled),
             e2ee: E2ee::new(store.clone()),
-            rate_limiter: RateLimiter::new(&config.rate_limits),
+            rate_limiter: RateLimiter::for_store(&config.rate_limits, &store),
             metrics: Arc::default(),
             sliding_sync: crate::sync::sliding::Connections::default(),
             admin: crate::admin::Admin::default(),

@@ -1,18 +1,22 @@
 //! Token-bucket rate limits per action, each counted against the request's account (or what
 //! an attempt is aimed at) and against its client address, so that neither many accounts from
 //! one address nor one account from many addresses gets around a limit.
+//!
+//! One process keeps its buckets in memory. Nodes sharing a database keep them in it
+//! ([`tables::RATE_BUCKETS`]), so that N nodes allow the rate once, not N times: a check reads
+//! the buckets and writes what it took on condition that nobody else changed them meanwhile.
 
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::Mutex,
-    time::Instant,
+    sync::{Arc, Mutex},
 };
 
 use crate::{
     config::{RateLimit, RateLimitsConfig},
     error::{Error, Result},
     network::Network,
+    store::{Key as StoreKey, Store, StoreError, tables},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -48,6 +52,17 @@ enum Key {
     Address(IpAddr),
 }
 
+impl Key {
+    /// The bucket's key in the store.
+    fn stored(&self, action: Action) -> Vec<u8> {
+        let key = match self {
+            Key::Subject(subject) => format!("s:{subject}"),
+            Key::Address(address) => format!("a:{address}"),
+        };
+        StoreKey::new().str(&format!("{action:?}")).str(&key).into_vec()
+    }
+}
+
 impl RateKeys {
     fn keys(&self) -> Vec<Key> {
         let mut keys: Vec<Key> = self.subject.iter().cloned().map(Key::Subject).chain(self.address.map(Key::Address)).collect();
@@ -59,19 +74,87 @@ impl RateKeys {
     }
 }
 
+#[derive(Clone, Copy, Debug, PartialEq)]
 struct Bucket {
     tokens: f64,
-    updated: Instant,
+    /// When it was last refilled, ms since the Unix epoch.
+    updated_ms: u64,
+}
+
+impl Bucket {
+    fn full(limit: RateLimit, now_ms: u64) -> Self {
+        Self { tokens: f64::from(limit.burst), updated_ms: now_ms }
+    }
+
+    fn refill(&mut self, limit: RateLimit, now_ms: u64) {
+        let elapsed = now_ms.saturating_sub(self.updated_ms) as f64 / 1000.0;
+        self.tokens = (self.tokens + elapsed * limit.per_second).min(f64::from(limit.burst));
+        self.updated_ms = self.updated_ms.max(now_ms);
+    }
+
+    /// When it will be full again.
+    fn full_at_ms(&self, limit: RateLimit) -> u64 {
+        self.updated_ms + ((f64::from(limit.burst) - self.tokens).max(0.0) / limit.per_second * 1000.0).ceil() as u64
+    }
+
+    /// As stored: the tokens, when refilled and when full again (for pruning without the limit).
+    fn encode(&self, limit: RateLimit) -> Vec<u8> {
+        [self.tokens.to_be_bytes(), self.updated_ms.to_be_bytes(), self.full_at_ms(limit).to_be_bytes()].concat()
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let field = |at: usize| bytes.get(at..at + 8).and_then(|b| <[u8; 8]>::try_from(b).ok());
+        Some(Self { tokens: f64::from_be_bytes(field(0)?), updated_ms: u64::from_be_bytes(field(8)?) })
+    }
+}
+
+/// Takes one token from each bucket (refilled to `now_ms`), or none: then the wait in ms until
+/// every one has a token.
+fn take(buckets: &mut [Bucket], limit: RateLimit, now_ms: u64) -> std::result::Result<(), u64> {
+    let mut retry_after_ms = 0;
+    for bucket in buckets.iter_mut() {
+        bucket.refill(limit, now_ms);
+        if bucket.tokens < 1.0 {
+            retry_after_ms = retry_after_ms.max(((1.0 - bucket.tokens) / limit.per_second * 1000.0).ceil() as u64);
+        }
+    }
+    if retry_after_ms > 0 {
+        return Err(retry_after_ms);
+    }
+    for bucket in buckets {
+        bucket.tokens -= 1.0;
+    }
+    Ok(())
+}
+
+/// How often a check is tried again when other nodes changed its buckets meanwhile, and the
+/// wait a request is told to take when they kept doing so (it is refused: a limit that gives
+/// way under contention would give way to a flood).
+const SHARED_ATTEMPTS: usize = 4;
+const CONTENDED_RETRY_MS: u64 = 100;
+
+enum Buckets {
+    Local(Mutex<HashMap<(Action, Key), Bucket>>),
+    Shared(Arc<Store>),
 }
 
 pub struct RateLimiter {
     config: RateLimitsConfig,
-    buckets: Mutex<HashMap<(Action, Key), Bucket>>,
+    buckets: Buckets,
 }
 
 impl RateLimiter {
+    /// Buckets in this process's memory.
     pub fn new(config: &RateLimitsConfig) -> Self {
-        Self { config: config.clone(), buckets: Mutex::default() }
+        Self { config: config.clone(), buckets: Buckets::Local(Mutex::default()) }
+    }
+
+    /// Buckets in the store when other nodes share it, else in memory.
+    pub fn for_store(config: &RateLimitsConfig, store: &Arc<Store>) -> Self {
+        if !store.is_shared() {
+            return Self::new(config);
+        }
+        Self { config: config.clone(), buckets: Buckets::Shared(store.clone()) }
     }
 
     fn limit(&self, action: Action) -> RateLimit {
@@ -91,7 +174,7 @@ impl RateLimiter {
     /// Takes one token from each of `keys`' buckets, or none and answers M_LIMIT_EXCEEDED with
     /// the wait until every bucket has one.
     pub fn check(&self, action: Action, keys: &RateKeys) -> Result<()> {
-        self.check_at(action, keys, Instant::now())
+        self.check_at(action, keys, limbic_core::now_ms())
     }
 
     /// Gives back the token an attempt took, for actions where only failures count: taking
@@ -100,47 +183,102 @@ impl RateLimiter {
         if !self.config.enabled {
             return;
         }
-        let burst = f64::from(self.limit(action).burst);
-        let mut buckets = self.buckets.lock().expect("rate limiter lock");
-        for key in keys.keys() {
-            if let Some(bucket) = buckets.get_mut(&(action, key)) {
-                bucket.tokens = (bucket.tokens + 1.0).min(burst);
+        let limit = self.limit(action);
+        let give_back = |bucket: &mut Bucket| bucket.tokens = (bucket.tokens + 1.0).min(f64::from(limit.burst));
+        match &self.buckets {
+            Buckets::Local(buckets) => {
+                let mut buckets = buckets.lock().expect("rate limiter lock");
+                for key in keys.keys() {
+                    if let Some(bucket) = buckets.get_mut(&(action, key)) {
+                        give_back(bucket);
+                    }
+                }
+            }
+            Buckets::Shared(store) => {
+                // A refund lost to contention only makes the limit stricter.
+                let _ = self.shared(store, action, keys, |buckets| {
+                    buckets.iter_mut().for_each(give_back);
+                    Ok::<(), ()>(())
+                });
             }
         }
     }
 
-    fn check_at(&self, action: Action, keys: &RateKeys, now: Instant) -> Result<()> {
+    fn check_at(&self, action: Action, keys: &RateKeys, now_ms: u64) -> Result<()> {
         if !self.config.enabled {
             return Ok(());
         }
         let limit = self.limit(action);
-        let keys = keys.keys();
-        let mut buckets = self.buckets.lock().expect("rate limiter lock");
-        if buckets.len() > 100_000 {
-            // Forget idle buckets rather than grow without bound; full ones are the default.
-            buckets.retain(|(action, _), b| {
-                let limit = self.limit(*action);
-                now.duration_since(b.updated).as_secs_f64() * limit.per_second < f64::from(limit.burst)
-            });
+        let limited = |retry_after_ms| Error::LimitExceeded { retry_after_ms };
+        match &self.buckets {
+            Buckets::Local(buckets) => {
+                let mut buckets = buckets.lock().expect("rate limiter lock");
+                if buckets.len() > 100_000 {
+                    // Forget idle buckets rather than grow without bound; full ones are the default.
+                    buckets.retain(|(action, _), b| b.full_at_ms(self.limit(*action)) > now_ms);
+                }
+                let keys = keys.keys();
+                let mut taken: Vec<Bucket> = keys.iter().map(|key| buckets.get(&(action, key.clone())).copied().unwrap_or(Bucket::full(limit, now_ms))).collect();
+                let outcome = take(&mut taken, limit, now_ms);
+                for (key, bucket) in keys.into_iter().zip(taken) {
+                    buckets.insert((action, key), bucket);
+                }
+                outcome.map_err(limited)
+            }
+            Buckets::Shared(store) => match self.shared(store, action, keys, |buckets| take(buckets, limit, now_ms)) {
+                Ok(outcome) => outcome.map_err(limited),
+                Err(Error::Store(StoreError::Conflict { .. } | StoreError::Contention)) => Err(limited(CONTENDED_RETRY_MS)),
+                Err(error) => Err(error),
+            },
         }
-        let mut retry_after_ms = 0;
-        for key in &keys {
-            let bucket = buckets
-                .entry((action, key.clone()))
-                .or_insert(Bucket { tokens: f64::from(limit.burst), updated: now });
-            let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
-            bucket.tokens = (bucket.tokens + elapsed * limit.per_second).min(f64::from(limit.burst));
-            bucket.updated = now;
-            if bucket.tokens < 1.0 {
-                retry_after_ms = retry_after_ms.max(((1.0 - bucket.tokens) / limit.per_second * 1000.0).ceil() as u64);
+    }
+
+    /// Reads `keys`' buckets of `action` from the store, lets `change` work on them, and writes
+    /// them back if it succeeded, on condition that they are still as read (else from the
+    /// start again).
+    fn shared<T>(&self, store: &Store, action: Action, keys: &RateKeys, change: impl Fn(&mut [Bucket]) -> std::result::Result<(), T>) -> Result<std::result::Result<(), T>> {
+        let limit = self.limit(action);
+        let stored: Vec<Vec<u8>> = keys.keys().iter().map(|key| key.stored(action)).collect();
+        let stored_keys: Vec<&[u8]> = stored.iter().map(Vec::as_slice).collect();
+        for _ in 0..SHARED_ATTEMPTS {
+            let now_ms = limbic_core::now_ms();
+            let read = store.get_many(tables::RATE_BUCKETS, &stored_keys)?;
+            let mut buckets: Vec<Bucket> = read.iter().map(|value| value.as_deref().and_then(Bucket::decode).unwrap_or(Bucket::full(limit, now_ms))).collect();
+            if let Err(refused) = change(&mut buckets) {
+                return Ok(Err(refused));
+            }
+            let mut batch = store.batch();
+            for ((key, value), bucket) in stored.iter().zip(&read).zip(&buckets) {
+                batch.expect(tables::RATE_BUCKETS, key, value.as_deref());
+                batch.put(tables::RATE_BUCKETS, key, &bucket.encode(limit));
+            }
+            match store.write_relaxed(batch) {
+                Ok(()) => return Ok(Ok(())),
+                Err(StoreError::Conflict { .. } | StoreError::Contention) => continue,
+                Err(error) => return Err(error.into()),
             }
         }
-        if retry_after_ms > 0 {
-            return Err(Error::LimitExceeded { retry_after_ms });
-        }
-        for key in keys {
-            if let Some(bucket) = buckets.get_mut(&(action, key)) {
-                bucket.tokens -= 1.0;
+        Err(StoreError::Contention.into())
+    }
+
+    /// Forgets the buckets in the store that are full again (a full bucket is the default);
+    /// one node does it for all.
+    pub fn prune(&self) -> Result<()> {
+        let Buckets::Shared(store) = &self.buckets else { return Ok(()) };
+        let now_ms = limbic_core::now_ms();
+        let mut batch = store.batch();
+        for entry in store.scan_prefix(tables::RATE_BUCKETS, Vec::new(), false) {
+            let (key, value) = entry?;
+            let full_at_ms = value.get(16..24).and_then(|b| <[u8; 8]>::try_from(b).ok()).map_or(0, u64::from_be_bytes);
+            if full_at_ms <= now_ms {
+                // Not if it was used meanwhile.
+                batch.expect(tables::RATE_BUCKETS, &key, Some(&value));
+                batch.delete(tables::RATE_BUCKETS, &key);
+                if let Err(error) = store.write_relaxed(std::mem::take(&mut batch)) {
+                    if !matches!(error, StoreError::Conflict { .. } | StoreError::Contention) {
+                        return Err(error.into());
+                    }
+                }
             }
         }
         Ok(())
@@ -180,8 +318,6 @@ fn parse_hop(hop: &str) -> Option<IpAddr> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     fn by(subject: &str, address: &str) -> RateKeys {
@@ -193,7 +329,7 @@ mod tests {
         let mut config = RateLimitsConfig::default();
         config.login = RateLimit { per_second: 1.0, burst: 2 };
         let limiter = RateLimiter::new(&config);
-        let t0 = Instant::now();
+        let t0 = limbic_core::now_ms();
         let ip = RateKeys { subject: None, address: Some("1.2.3.4".parse().unwrap()) };
         assert!(limiter.check_at(Action::Login, &ip, t0).is_ok());
         assert!(limiter.check_at(Action::Login, &ip, t0).is_ok());
@@ -204,7 +340,7 @@ mod tests {
         // Another key has its own bucket; time refills.
         let other = RateKeys { subject: None, address: Some("5.6.7.8".parse().unwrap()) };
         assert!(limiter.check_at(Action::Login, &other, t0).is_ok());
-        assert!(limiter.check_at(Action::Login, &ip, t0 + Duration::from_millis(1100)).is_ok());
+        assert!(limiter.check_at(Action::Login, &ip, t0 + 1100).is_ok());
     }
 
     #[test]
@@ -212,7 +348,7 @@ mod tests {
         let mut config = RateLimitsConfig::default();
         config.message = RateLimit { per_second: 0.001, burst: 2 };
         let limiter = RateLimiter::new(&config);
-        let t0 = Instant::now();
+        let t0 = limbic_core::now_ms();
         // Two accounts from one address share the address's bucket.
         assert!(limiter.check_at(Action::Message, &by("@a:x", "10.0.0.1"), t0).is_ok());
         assert!(limiter.check_at(Action::Message, &by("@b:x", "10.0.0.1"), t0).is_ok());
@@ -275,5 +411,51 @@ mod tests {
         assert_eq!(client_address(peer("127.0.0.1"), &headers(&["1.1.1.1"]), &[]), ip("127.0.0.1"));
         // IPv4-mapped IPv6 peers count as their IPv4 address.
         assert_eq!(client_address(peer("::ffff:10.0.0.1"), &headers(&["1.1.1.1"]), &trusted), ip("1.1.1.1"));
+    }
+}
+
+#[cfg(test)]
+mod shared_tests {
+    use super::*;
+
+    #[test]
+    fn nodes_sharing_a_database_share_the_limits() {
+        let url = limbic_test_postgres::TempPostgres::shared().new_database("rate_limits");
+        let mut config = RateLimitsConfig::default();
+        config.login = RateLimit { per_second: 0.001, burst: 6 };
+        config.reauth = RateLimit { per_second: 0.001, burst: 1 };
+        let node = |name: &str| RateLimiter::for_store(&config, &Arc::new(Store::open_node(&url, 4, name, true).unwrap()));
+        let (a, b) = (Arc::new(node("a")), Arc::new(node("b")));
+        let keys = RateKeys { subject: Some("@ana:x".into()), address: Some("10.0.0.1".parse().unwrap()) };
+
+        // Twelve attempts at once through two nodes: six get through, never more.
+        let passed = std::thread::scope(|scope| {
+            let attempts: Vec<_> = (0..12).map(|i| {
+                let (limiter, keys) = (if i % 2 == 0 { a.clone() } else { b.clone() }, keys.clone());
+                scope.spawn(move || {
+                    // A check refused for contention is tried again, as a client told to wait would.
+                    loop {
+                        match limiter.check(Action::Login, &keys) {
+                            Ok(()) => return true,
+                            Err(Error::LimitExceeded { retry_after_ms }) if retry_after_ms == CONTENDED_RETRY_MS => continue,
+                            Err(_) => return false,
+                        }
+                    }
+                })
+            }).collect();
+            attempts.into_iter().map(|attempt| attempt.join().unwrap()).filter(|passed| *passed).count()
+        });
+        assert_eq!(passed, 6);
+        assert!(matches!(b.check(Action::Login, &keys), Err(Error::LimitExceeded { .. })));
+
+        // A refund through one node gives the token back for both.
+        a.check(Action::Reauth, &keys).unwrap();
+        b.refund(Action::Reauth, &keys);
+        a.check(Action::Reauth, &keys).unwrap();
+        assert!(b.check(Action::Reauth, &keys).is_err());
+
+        // Pruning forgets only full buckets: the used ones stay.
+        a.prune().unwrap();
+        assert!(b.check(Action::Login, &keys).is_err());
     }
 }
