@@ -253,7 +253,7 @@ async fn signalling_refuses_expired_tokens() {
     let room = ana.create_room(json!({ "preset": "private_chat" })).await;
     let jwt = token(&server, &ana, &room).await.1["jwt"].as_str().unwrap().to_owned();
     let validate = |bearer: bool| {
-        let request = reqwest::Client::new().get(format!("{}/rtc/validate", server.base));
+        let request = reqwest::Client::new().get(format!("http://127.0.0.1:{}/rtc/validate", server.signalling_port(&jwt)));
         if bearer { request.bearer_auth(&jwt) } else { request.query(&[("access_token", &jwt)]) }
     };
     for bearer in [true, false] {
@@ -278,7 +278,8 @@ async fn kick(by: &Client, room: &str, user: &Client, action: &str) {
 
 /// `/rtc/validate` (what LiveKit's SDKs ask when a connection fails): its status and text.
 async fn validate(server: &TestServer, jwt: &str) -> (StatusCode, String) {
-    let answer = reqwest::Client::new().get(format!("{}/rtc/validate", server.base)).bearer_auth(jwt).send().await.unwrap();
+    // Where the token sends the SDK: the call's node, in cluster mode.
+    let answer = reqwest::Client::new().get(format!("http://127.0.0.1:{}/rtc/validate", server.signalling_port(jwt))).bearer_auth(jwt).send().await.unwrap();
     (answer.status(), answer.text().await.unwrap())
 }
 

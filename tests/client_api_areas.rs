@@ -1152,7 +1152,9 @@ async fn health_and_metrics() {
     alice.send_text(&room, "t1", "counted").await;
     let _ = alice.get(&format!("{V3}/rooms/{}/state/m.room.nothing", enc(&room))).await;
 
-    let response = reqwest::get(format!("{}/metrics", server.base)).await.unwrap();
+    // Each node counts what it served (in cluster mode: Alice's node).
+    let metrics = format!("{}/metrics", server.base_for(&alice));
+    let response = reqwest::get(&metrics).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
     let text = response.text().await.unwrap();
@@ -1179,7 +1181,7 @@ async fn health_and_metrics() {
     }
     // One more event moves the counter.
     alice.send_text(&room, "t2", "counted too").await;
-    let text = reqwest::get(format!("{}/metrics", server.base)).await.unwrap().text().await.unwrap();
+    let text = reqwest::get(&metrics).await.unwrap().text().await.unwrap();
     let after: u64 = text.lines().find_map(|l| l.strip_prefix("limbic_events_persisted_total ")).unwrap().trim().parse().unwrap();
     assert_eq!(after, persisted + 1);
 }

@@ -5,6 +5,7 @@
 
 pub mod calls;
 pub mod federation;
+mod proxy;
 pub mod signalling;
 
 use std::{
@@ -20,8 +21,13 @@ use serde_json::{Value, json};
 
 pub struct TestServer {
     child: Option<Child>,
+    /// Where clients reach the server: its own port, or in cluster mode the proxy's.
     pub port: u16,
     pub base: String,
+    /// The port the process listens on.
+    listen_port: u16,
+    /// In cluster mode: the second node, and the proxy in front of both.
+    peer: Option<(Box<TestServer>, proxy::Proxy)>,
     dir: tempfile::TempDir,
     /// `LIMBIC_*` overrides passed to the server process.
     env: Vec<(String, String)>,
@@ -36,9 +42,16 @@ pub struct TestServer {
 }
 
 /// `E2E_DATABASE=postgres` runs the end-to-end tests on the PostgreSQL engine: each server gets
-/// its own database in one throwaway cluster per test binary.
+/// its own database in one throwaway cluster per test binary. `E2E_DATABASE=cluster` does too,
+/// and makes each server two nodes on that database behind a proxy that sends each client's
+/// requests to one of them (by its access token), so that what one client does through one node
+/// another sees through the other.
 pub fn on_postgres() -> bool {
-    std::env::var("E2E_DATABASE").as_deref() == Ok("postgres")
+    matches!(std::env::var("E2E_DATABASE").as_deref(), Ok("postgres" | "cluster"))
+}
+
+fn in_cluster_mode() -> bool {
+    std::env::var("E2E_DATABASE").as_deref() == Ok("cluster")
 }
 
 pub const SHARED_SECRET: &str = "test-shared-secret-0123456789abcdef";
@@ -67,7 +80,20 @@ impl TestServer {
     /// Starts a server whose config ends with `extra` (for sections such as `[[plugins]]`
     /// that environment variables cannot express).
     pub async fn start_with_toml(extra: &str, env: &[(&str, &str)]) -> Self {
-        Self::start_on(extra, env, on_postgres()).await
+        if !in_cluster_mode() {
+            return Self::start_on(extra, env, on_postgres()).await;
+        }
+        // Clients find the call token service where they find the server: at the proxy.
+        let mut proxy = proxy::Proxy::bind();
+        let base = format!("http://127.0.0.1:{}", proxy.port);
+        let service_url = format!("{base}/_limbic/calls");
+        let env: Vec<(&str, &str)> = [("LIMBIC_CALLS__SERVICE_URL", service_url.as_str())].into_iter().chain(env.iter().copied()).collect();
+        let mut server = Self::start_on(extra, &env, true).await;
+        let peer = server.start_node("b").await;
+        proxy.serve([server.listen_port, peer.listen_port]);
+        (server.port, server.base) = (proxy.port, base);
+        server.peer = Some((Box::new(peer), proxy));
+        server
     }
 
     /// Starts a server on the embedded RocksDB store, whatever engine the suite runs on.
@@ -103,6 +129,8 @@ impl TestServer {
                 child: None,
                 port,
                 base: format!("http://127.0.0.1:{port}"),
+                listen_port: port,
+                peer: None,
                 dir: tempfile::tempdir().unwrap(),
                 env: self.env.iter().cloned().chain(env.iter().map(|(k, v)| (k.to_string(), v.to_string()))).collect(),
                 extra: self.extra.clone(),
@@ -143,6 +171,8 @@ impl TestServer {
             child: None,
             port,
             base: format!("http://127.0.0.1:{port}"),
+            listen_port: port,
+            peer: None,
             db_dir: dir.path().join("db"),
             dir,
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
@@ -152,6 +182,25 @@ impl TestServer {
         };
         server.spawn().await?;
         Ok(server)
+    }
+
+    /// The port to open `/rtc` on with a call token: the node the token names, in cluster mode
+    /// (the proxy does not pass WebSockets on).
+    pub fn signalling_port(&self, jwt: &str) -> u16 {
+        match &self.peer {
+            Some((peer, _)) if calls::claims(jwt)["org.limbic.node"] == peer.node_name => peer.listen_port,
+            Some(_) => self.listen_port,
+            None => self.port,
+        }
+    }
+
+    /// Where `client`'s requests are served: the server, or in cluster mode the node the proxy
+    /// sends them to (for what each node has of its own, such as its metrics).
+    pub fn base_for(&self, client: &Client) -> String {
+        match (&self.peer, &client.token) {
+            (Some((peer, _)), Some(token)) => format!("http://127.0.0.1:{}", proxy::node_for(token, [self.listen_port, peer.listen_port])),
+            _ => self.base.clone(),
+        }
     }
 
     /// The process id of the running server (to read its memory use in /proc).
@@ -208,7 +257,7 @@ impl TestServer {
              login = {{ per_second = 0.5, burst = 3 }}\n\
              create_room = {{ per_second = 0.5, burst = 3 }}\n\
              [calls]\nudp_address = \"127.0.0.1\"\nudp_port = 0\ntcp_port = 0\n",
-            port = self.port,
+            port = self.listen_port,
             db = self.db_dir.display(),
             postgres = match &self.postgres_url {
                 Some(url) => format!("backend = \"postgres\"\nurl = \"{url}\"\npool_size = 4\n[cluster]\nnode_name = \"{}\"\n", self.node_name),
@@ -238,7 +287,7 @@ impl TestServer {
         let deadline = Instant::now() + Duration::from_secs(60);
         let http = reqwest::Client::new();
         loop {
-            if let Ok(r) = http.get(format!("{}/_matrix/client/versions", self.base)).send().await
+            if let Ok(r) = http.get(format!("http://127.0.0.1:{}/_matrix/client/versions", self.listen_port)).send().await
                 && r.status().is_success()
             {
                 return Ok(());
@@ -252,8 +301,11 @@ impl TestServer {
         }
     }
 
-    /// SIGTERM and wait: a graceful shutdown.
+    /// SIGTERM and wait: a graceful shutdown (of every node).
     pub async fn stop(&mut self) {
+        if let Some((peer, _)) = &mut self.peer {
+            Box::pin(peer.stop()).await;
+        }
         if let Some(mut child) = self.child.take() {
             let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
             let deadline = Instant::now() + Duration::from_secs(20);
@@ -285,8 +337,11 @@ impl TestServer {
         limbic_test_postgres::TempPostgres::shared().psql(url.rsplit('/').next().unwrap(), sql)
     }
 
-    /// SIGKILL: a crash.
+    /// SIGKILL: a crash (of every node).
     pub fn kill9(&mut self) {
+        if let Some((peer, _)) = &mut self.peer {
+            peer.kill9();
+        }
         if let Some(mut child) = self.child.take() {
             child.kill().unwrap();
             child.wait().unwrap();
@@ -298,10 +353,13 @@ impl TestServer {
         self.start_again().await;
     }
 
-    /// Starts the stopped server again, on its own port and store.
+    /// Starts the stopped server again, on its own port and store (every node).
     pub async fn start_again(&mut self) {
         if let Err(status) = self.spawn().await {
             panic!("limbic exited during start: {status}");
+        }
+        if let Some((peer, _)) = &mut self.peer {
+            Box::pin(peer.start_again()).await;
         }
     }
 

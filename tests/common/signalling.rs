@@ -30,11 +30,11 @@ impl Signalling {
     }
 
     async fn connect_with(server: &TestServer, jwt: &str, query: &str) -> Result<Self, (u16, String)> {
-        let mut stream = TcpStream::connect(("127.0.0.1", server.port)).await.unwrap();
+        let port = server.signalling_port(jwt);
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         let request = format!(
-            "GET /rtc?access_token={jwt}&auto_subscribe=1&protocol=16{query} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nUpgrade: websocket\r\n\
+            "GET /rtc?access_token={jwt}&auto_subscribe=1&protocol=16{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n\
              Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-            server.port
         );
         stream.write_all(request.as_bytes()).await.unwrap();
         let mut connection = Self { stream, buffered: Vec::new() };
