@@ -30,8 +30,8 @@ pub enum StoreError {
     Runtime(std::io::Error),
     #[error("the database engine stopped")]
     Unavailable,
-    #[error("not supported: {0}")]
-    Unsupported(&'static str),
+    #[error("TLS to PostgreSQL: {0}")]
+    Tls(String),
     #[error("the database is in use by another process")]
     Locked,
     #[error("node {0} uses this database, and this node was opened to be the only one")]
@@ -963,7 +963,43 @@ mod tests {
     fn an_unreachable_database_is_a_clear_error() {
         let error = Store::open_postgres("postgresql://limbic@127.0.0.1:1/limbic", 1, "test").err().expect("no server listens on port 1");
         assert!(error.to_string().contains("PostgreSQL: error connecting to server"), "{error}");
-        let error = Store::open_postgres("postgresql://x@h/db?sslmode=require", 1, "test").err().unwrap();
-        assert!(matches!(error, StoreError::Unsupported(_)), "{error}");
+    }
+
+    /// `sslmode=require` encrypts the connections and checks the server's certificate against
+    /// `sslrootcert`: a server with a certificate of another CA, or without TLS, is refused.
+    #[test]
+    fn tls_to_postgresql_checks_the_servers_certificate() {
+        let ca = |name: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params.distinguished_name.push(rcgen::DnType::CommonName, name);
+            (params.self_signed(&key).unwrap(), rcgen::Issuer::new(params, key))
+        };
+        let (ca_certificate, issuer) = ca("test CA");
+        let server_key = rcgen::KeyPair::generate().unwrap();
+        let mut server_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        server_params.subject_alt_names = vec![rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap())];
+        let server_certificate = server_params.signed_by(&server_key, &issuer).unwrap();
+        let postgres = limbic_test_postgres::TempPostgres::start_with_tls(Some((&server_certificate.pem(), &server_key.serialize_pem())));
+        let dir = tempfile::tempdir().unwrap();
+        let (roots, other_roots) = (dir.path().join("ca.pem"), dir.path().join("other.pem"));
+        std::fs::write(&roots, ca_certificate.pem()).unwrap();
+        std::fs::write(&other_roots, ca("another CA").0.pem()).unwrap();
+        let url = postgres.new_database("tls");
+
+        let store = Store::open_postgres(&format!("{url}?sslmode=verify-full&sslrootcert={}", roots.display()), 2, "test").unwrap();
+        let mut batch = store.batch();
+        batch.put(tables::USERS, b"@a:x", b"{}");
+        store.write(batch).unwrap();
+        let encrypted = postgres.psql(url.rsplit('/').next().unwrap(), "SELECT bool_and(ssl) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) WHERE application_name LIKE 'limbic%'");
+        assert_eq!(encrypted.trim(), "t", "every connection of the node is encrypted");
+        drop(store);
+        let refused = Store::open_postgres(&format!("{url}?sslmode=require&sslrootcert={}", other_roots.display()), 2, "test").err().expect("a certificate of another CA is refused");
+        assert!(refused.to_string().contains("certificate"), "{refused}");
+        // A server without TLS is refused when TLS is required.
+        let plain = limbic_test_postgres::TempPostgres::shared().new_database("no_tls");
+        let refused = Store::open_postgres(&format!("{plain}?sslmode=require&sslrootcert={}", roots.display()), 2, "test").err().expect("a server without TLS is refused");
+        assert!(refused.to_string().contains("TLS") || refused.to_string().contains("SSL"), "{refused}");
     }
 }

@@ -30,6 +30,11 @@ impl TempPostgres {
     /// Starts a new cluster and waits until it accepts connections. Panics with the reason when
     /// it cannot (a test cannot go on without its database).
     pub fn start() -> Self {
+        Self::start_with_tls(None)
+    }
+
+    /// [`Self::start`], offering TLS with the certificate (chain) and key `tls` (PEM) when given.
+    pub fn start_with_tls(tls: Option<(&str, &str)>) -> Self {
         let bin = binaries().expect("PostgreSQL's server binaries (Debian's postgresql package; scripts/setup installs it)");
         let dir = tempfile::Builder::new().prefix("limbic-pg").tempdir().expect("temporary directory");
         let data = dir.path().join("data");
@@ -58,6 +63,19 @@ impl TempPostgres {
             .output()
             .expect("initdb runs");
         assert!(initdb.status.success(), "initdb failed: {}", String::from_utf8_lossy(&initdb.stderr));
+        let mut settings = vec!["fsync=off".to_owned(), "max_connections=400".to_owned()];
+        if let Some((certificate, key)) = tls {
+            // The key must be the server's own and readable by it alone.
+            let (certificate_file, key_file) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+            std::fs::write(&certificate_file, certificate).expect("certificate file");
+            std::fs::write(&key_file, key).expect("key file");
+            std::fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("key file mode");
+            if as_root {
+                chown_to_nobody(&certificate_file);
+                chown_to_nobody(&key_file);
+            }
+            settings.extend(["ssl=on".to_owned(), format!("ssl_cert_file={}", certificate_file.display()), format!("ssl_key_file={}", key_file.display())]);
+        }
         let port = free_port();
         let log = std::fs::File::create(dir.path().join("postgres.log")).expect("log file");
         // postgres runs under a shell that stops it when its standard input closes: when this
@@ -73,7 +91,7 @@ impl TempPostgres {
             .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c"])
             .arg(format!("unix_socket_directories={}", dir.path().display()))
             // The tests do not outlive the machine: durability on disk only costs them time.
-            .args(["-c", "fsync=off", "-c", "max_connections=400"])
+            .args(settings.iter().flat_map(|setting| ["-c", setting.as_str()]))
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(log)

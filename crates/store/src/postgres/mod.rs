@@ -6,6 +6,7 @@
 //! query to that runtime and waits for the answer, as it would wait for RocksDB's disk.
 
 mod nodes;
+mod tls;
 
 pub(crate) use nodes::is_fenced;
 
@@ -16,7 +17,7 @@ use std::{
 };
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::{NoTls, config::SslMode};
+
 
 use super::{Entry, KeyRange, Op, Result, StoreError, Streams, Table, tables};
 
@@ -44,10 +45,7 @@ impl Postgres {
     /// Connects to `url` (a `postgresql://` URL or `key=value` pairs), creates the tables that
     /// are missing and joins the nodes (`others_allowed: false`: as the only live one).
     pub(crate) fn open(url: &str, pool_size: usize, node_name: &str, others_allowed: bool) -> Result<Self> {
-        let mut config: tokio_postgres::Config = url.parse()?;
-        if config.get_ssl_mode() == SslMode::Require {
-            return Err(StoreError::Unsupported("sslmode=require: connections to PostgreSQL are not encrypted yet; use a local or tunnelled connection"));
-        }
+        let (mut config, tls) = tls::connection(url)?;
         // Operators see which node a session belongs to (pg_stat_activity).
         config.application_name(format!("limbic {node_name}"));
         let runtime = EngineRuntime(Some(
@@ -59,7 +57,7 @@ impl Postgres {
                 .map_err(StoreError::Runtime)?,
         ));
         let new_pool = |size: usize| {
-            let manager = Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+            let manager = Manager::from_config(config.clone(), tls.clone(), ManagerConfig { recycling_method: RecyclingMethod::Fast });
             Pool::builder(manager)
                 .max_size(size)
                 .runtime(deadpool_postgres::Runtime::Tokio1)
@@ -81,7 +79,7 @@ impl Postgres {
         let fenced = tokio::sync::watch::Sender::new(false);
         let session_fenced = fenced.clone();
         let (session, notifications, node) = block_on(&handle, async move {
-            let (session, connection) = session_config.connect(NoTls).await?;
+            let (session, connection) = session_config.connect(tls).await?;
             let (driver, notifications) = nodes::drive(connection, name.clone(), session_fenced);
             match nodes::join(&session, &name, &tables, others_allowed).await {
                 Ok(node) => Ok((session, notifications, node)),

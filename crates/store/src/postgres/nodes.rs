@@ -214,11 +214,14 @@ impl SharedPositions for SharedStream {
 /// Drives the node's session (its queries need it from the start), passing on the notifications
 /// of the other nodes (a node already knows the watermark after its own writes). When the
 /// session ends, `fenced` turns true: the other nodes fence a node whose session ended.
-pub(crate) fn drive(
-    mut connection: tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+pub(crate) fn drive<T>(
+    mut connection: tokio_postgres::Connection<tokio_postgres::Socket, T>,
     own_name: String,
     fenced: watch::Sender<bool>,
-) -> (tokio::task::JoinHandle<()>, mpsc::UnboundedReceiver<()>) {
+) -> (tokio::task::JoinHandle<()>, mpsc::UnboundedReceiver<()>)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (notified, notifications) = mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
         while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
