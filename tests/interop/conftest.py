@@ -8,18 +8,24 @@ mode overridden. `server.restart()` restarts it on the same store; `server.kill(
 is `kill -9`.
 
 Environment:
-  LIMBIC_BIN    path of the server binary (default: <target dir>/debug/limbic)
+  LIMBIC_BIN        path of the server binary (default: <target dir>/debug/limbic)
+  INTEROP_CLUSTER=1 each server is two nodes on one PostgreSQL database (a throwaway cluster
+                    from limbic-test-postgres, built beside the server) behind a proxy that
+                    sends each client to the node its access token picks (docs/TESTING.md)
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import ctypes
+import hashlib
 import json
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import tomllib
 import urllib.error
@@ -77,7 +83,15 @@ def dump_toml(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_config(path: Path, port: int, store: Path) -> dict:
+def _merge(config: dict, overrides: dict) -> None:
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            _merge(config.setdefault(key, {}), value)
+        else:
+            config[key] = value
+
+
+def write_config(path: Path, port: int, store: Path, overrides: dict | None = None) -> dict:
     with open(EXAMPLE_CONFIG, "rb") as f:
         cfg = tomllib.load(f)
     cfg.setdefault("listen", {})
@@ -95,6 +109,7 @@ def write_config(path: Path, port: int, store: Path) -> dict:
         for key in ("path", "manifest"):
             plugin[key] = str(REPO / plugin[key])
     cfg.setdefault("plugin_host", {})["cache_dir"] = str(ARTIFACTS / "plugin-cache")
+    _merge(cfg, overrides or {})
     path.write_text(dump_toml(cfg))
     return cfg
 
@@ -111,13 +126,13 @@ def _die_with_parent() -> None:
 
 
 class LimbicServer:
-    def __init__(self, name: str, workdir: Path):
+    def __init__(self, name: str, workdir: Path, store: Path | None = None, overrides: dict | None = None):
         self.name = name
         self.workdir = workdir
-        self.store = workdir / "store"
+        self.store = store or workdir / "store"
         self.config_path = workdir / "limbic.toml"
         self.port = free_port()
-        self.config = write_config(self.config_path, self.port, self.store)
+        self.config = write_config(self.config_path, self.port, self.store, overrides)
         self.server_name = self.config.get("server_name", "localhost")
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         self.log_path = ARTIFACTS / f"{name}.log"
@@ -225,11 +240,146 @@ def _kill_leftovers() -> None:
         srv.kill()
 
 
+# --- cluster mode: two nodes on one PostgreSQL database, behind a proxy ----------------
+
+CLUSTER = os.environ.get("INTEROP_CLUSTER") == "1"
+
+
+class _Postgres:
+    """The throwaway PostgreSQL server of this pytest run (limbic-test-postgres): it hands out
+    new databases, and stops when pytest ends (its standard input closes)."""
+
+    proc: subprocess.Popen | None = None
+
+    @classmethod
+    def new_database(cls, purpose: str) -> str:
+        if cls.proc is None:
+            binary = _binary().with_name("limbic-test-postgres")
+            if not binary.exists():
+                pytest.fail(f"{binary} does not exist: run `cargo build -p limbic-test-postgres --bins` (scripts/test does)", pytrace=False)
+            cls.proc = subprocess.Popen([str(binary)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
+        cls.proc.stdin.write(purpose + "\n")
+        cls.proc.stdin.flush()
+        return cls.proc.stdout.readline().strip()
+
+
+class _Proxy:
+    """A load balancer in front of the nodes, on a thread of its own: each request goes to the
+    node its access token picks (one client keeps to one node), requests without one alternate.
+    WebSockets are not passed on: call tokens send LiveKit's SDKs to their node directly."""
+
+    DROPPED = {"host", "connection", "transfer-encoding", "content-length", "keep-alive", "upgrade"}
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.ports: list[int] = []
+        self.turn = 0
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+        threading.Thread(target=self._run, args=(started,), daemon=True).start()
+        started.wait(10)
+
+    def _run(self, started: threading.Event) -> None:
+        from aiohttp import ClientSession, ClientTimeout, web
+
+        asyncio.set_event_loop(self.loop)
+
+        async def serve() -> None:
+            self.session = ClientSession(auto_decompress=False, timeout=ClientTimeout(total=None))
+            app = web.Application(client_max_size=1 << 30)
+            app.router.add_route("*", "/{tail:.*}", self._forward)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", self.port).start()
+            started.set()
+
+        self.loop.run_until_complete(serve())
+        self.loop.run_forever()
+
+    def _pick(self, request) -> int:
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ") or request.query.get("access_token")
+        if token:
+            return self.ports[hashlib.sha256(token.encode()).digest()[0] % len(self.ports)]
+        self.turn += 1
+        return self.ports[self.turn % len(self.ports)]
+
+    async def _forward(self, request):
+        from aiohttp import web
+
+        from aiohttp import ClientError
+
+        port = self._pick(request)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in self.DROPPED}
+        try:
+            async with self.session.request(request.method, f"http://127.0.0.1:{port}{request.raw_path}", headers=headers, data=await request.read(), allow_redirects=False) as answer:
+                body = await answer.read()
+                kept = {k: v for k, v in answer.headers.items() if k.lower() not in self.DROPPED}
+                return web.Response(status=answer.status, body=body, headers=kept)
+        except (ClientError, ValueError) as error:
+            # As a load balancer answers for a node it cannot reach.
+            return web.Response(status=502, text=f"the proxy could not pass the request on: {error}")
+
+
+class LimbicCluster:
+    """Two `limbic` nodes (a and b) on one new PostgreSQL database, sharing the store directory
+    (key files, media), behind a proxy: the same interface as one LimbicServer."""
+
+    def __init__(self, name: str, workdir: Path):
+        self.proxy = _Proxy()
+        url = _Postgres.new_database(name)
+        store = workdir / "store"
+
+        def node(node_name: str) -> LimbicServer:
+            overrides = {
+                "database": {"backend": "postgres", "url": url, "pool_size": 4},
+                "cluster": {"node_name": node_name},
+                # One media directory for both, as a shared volume would be.
+                "media": {"path": str(workdir / "media")},
+                "calls": {"service_url": f"http://127.0.0.1:{self.proxy.port}/_limbic/calls"},
+            }
+            (workdir / node_name).mkdir(exist_ok=True)
+            return LimbicServer(f"{name}-{node_name}", workdir / node_name, store, overrides)
+
+        self.nodes = [node("a"), node("b")]
+        self.proxy.ports = [n.port for n in self.nodes]
+        first = self.nodes[0]
+        self.port, self.server_name, self.config, self.config_path, self.log_path, self.store = (
+            self.proxy.port, first.server_name, first.config, first.config_path, first.log_path, store)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.proxy.port}"
+
+    @property
+    def proc(self):
+        return self.nodes[0].proc
+
+    def start(self, timeout: float = 60.0) -> None:
+        for n in self.nodes:
+            n.start(timeout)
+
+    def stop(self, grace: float = 10.0) -> int | None:
+        return [n.stop(grace) for n in self.nodes][0]
+
+    def kill(self) -> None:
+        for n in self.nodes:
+            n.kill()
+
+    def restart(self, timeout: float = 60.0) -> None:
+        self.stop()
+        self.start(timeout)
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(f"--- node {n.name} ---\n{n.log_tail(lines)}" for n in self.nodes)
+
+
 @pytest.fixture(scope="module")
 def server(request, tmp_path_factory):
-    """A running limbic server with a fresh store, one per test module."""
+    """A running limbic server with a fresh store, one per test module (two nodes and a proxy
+    with INTEROP_CLUSTER=1)."""
     name = request.module.__name__.rsplit(".", 1)[-1]
-    srv = LimbicServer(name, tmp_path_factory.mktemp(name))
+    kind = LimbicCluster if CLUSTER else LimbicServer
+    srv = kind(name, tmp_path_factory.mktemp(name))
     srv.start()
     yield srv
     srv.stop()

@@ -172,12 +172,37 @@ pub async fn stop(server: &dyn CallsHost, room_id: &RoomId, reason: StopReason<'
     {
         let spool = server.calls().spool.lock().await;
         let rest = sfu.run(move |sfu, _| sfu.stop_recording(&matrix_room)).await.ok_or_else(stopped)?;
-        // Not recorded here: when nodes share the database, the node serving the call stops
-        // its recording when it sees the event that stops it (the warden).
-        let Some(rest) = rest.or_else(|| spool.has(room_id).then(Vec::new)) else { return Ok(None) };
-        spool.blocking(move |spool| spool.append(&rest)).await.map_err(Error::internal)?;
+        match rest.or_else(|| spool.has(room_id).then(Vec::new)) {
+            Some(rest) => spool.blocking(move |spool| spool.append(&rest)).await.map_err(Error::internal)?,
+            None => {
+                drop(spool);
+                stopped_elsewhere(server, room_id).await;
+                return Ok(None);
+            }
+        }
     }
     store(server, None, room_id, reason).await
+}
+
+/// How long a node waits for another node, which serves the call, to stop its recording.
+const STOPPED_ELSEWHERE_WITHIN: Duration = Duration::from_secs(5);
+
+/// Not recorded here: when another node serves the call, it stops the recording when it sees
+/// the event that stops it (its warden); this waits for that, so that an answer here reflects
+/// it as it would on that node (a withdrawn consent has stopped the recording).
+async fn stopped_elsewhere(server: &dyn CallsHost, room_id: &RoomId) {
+    // Subscribed first: a stop committed from now on wakes the wait.
+    let mut committed = server.store().streams().subscribe();
+    let is_recording = || server.rooms().state_content(room_id, RECORDING, "").ok().flatten().and_then(|s| s.get("recording").and_then(JsonValue::as_bool)) == Some(true);
+    if !is_recording() || !super::placement::serving_elsewhere(server, room_id, &http::HeaderMap::new()).is_ok_and(|node| node.is_some()) {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + STOPPED_ELSEWHERE_WITHIN;
+    while is_recording() {
+        if tokio::time::timeout_at(deadline, committed.changed()).await.is_err() {
+            return tracing::warn!(%room_id, "the node serving the call did not stop its recording in time");
+        }
+    }
 }
 
 /// Stores the recording of `room_id` that `node`, which died, was making when its calls move
