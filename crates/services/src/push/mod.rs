@@ -113,14 +113,10 @@ pub struct RoomContext<'a> {
 
 pub struct Push {
     store: Arc<Store>,
-    /// Each user's rules, and when they were read.
-    rulesets: Mutex<HashMap<OwnedUserId, (Arc<Ruleset>, std::time::Instant)>>,
+    /// Each user's rules, and the stored value they were parsed from.
+    rulesets: Mutex<HashMap<OwnedUserId, (Arc<Ruleset>, Option<Vec<u8>>)>>,
     delivery: Delivery,
 }
-
-/// How long rules read from a store that other nodes share are used before they are read again:
-/// a change made through another node applies here within this time.
-const SHARED_RULESET_LIFETIME: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn notification_key(user_id: &UserId, pos: StreamPos) -> Vec<u8> {
     Key::new().str(user_id.as_str()).u64(pos).into_vec()
@@ -154,19 +150,35 @@ impl Push {
 
     /// The user's rules: what they saved, or the spec's defaults.
     pub fn ruleset(&self, user_id: &UserId) -> Result<Arc<Ruleset>> {
-        let fresh = |read: &std::time::Instant| !self.store.is_shared() || read.elapsed() < SHARED_RULESET_LIFETIME;
-        if let Some((rules, _)) = self.rulesets.lock().expect("ruleset cache").get(user_id).filter(|(_, read)| fresh(read)) {
-            return Ok(rules.clone());
+        Ok(self.rulesets(&[user_id])?.remove(0))
+    }
+
+    /// The rules of each of `users`. One process changes them only through [`Self::invalidate`],
+    /// so it keeps them; on a store other nodes share, they are read (in one read for all) every
+    /// time, so that a change made through another node applies at once, and parsed again only
+    /// when the stored value changed.
+    pub fn rulesets(&self, users: &[&UserId]) -> Result<Vec<Arc<Ruleset>>> {
+        let shared = self.store.is_shared();
+        let missing: Vec<&UserId> = {
+            let cache = self.rulesets.lock().expect("ruleset cache");
+            users.iter().copied().filter(|user| shared || !cache.contains_key(*user)).collect()
+        };
+        // Read without the lock: other rooms' events need it meanwhile.
+        let keys: Vec<Vec<u8>> = missing.iter().map(|user| Key::new().str(user.as_str()).str("").str(PUSH_RULES).into_vec()).collect();
+        let stored = if keys.is_empty() { Vec::new() } else { self.store.get_many(tables::ACCOUNT_DATA, &keys.iter().map(Vec::as_slice).collect::<Vec<_>>())? };
+        let mut cache = self.rulesets.lock().expect("ruleset cache");
+        for (user, raw) in missing.into_iter().zip(stored) {
+            if cache.get(user).is_some_and(|(_, parsed_from)| *parsed_from == raw) {
+                continue;
+            }
+            let entry: Option<crate::users::AccountDataEntry> = raw.as_deref().map(|bytes| crate::store::decode(tables::ACCOUNT_DATA, bytes)).transpose()?;
+            let rules = entry
+                .and_then(|entry| entry.content.get("global").cloned())
+                .and_then(|global| serde_json::from_value::<Ruleset>(global).ok())
+                .unwrap_or_else(|| Ruleset::server_default(user));
+            cache.insert(user.to_owned(), (Arc::new(rules), raw));
         }
-        let key = Key::new().str(user_id.as_str()).str("").str(PUSH_RULES).into_vec();
-        let stored: Option<crate::users::AccountDataEntry> = self.store.get_json(tables::ACCOUNT_DATA, &key)?;
-        let rules = stored
-            .and_then(|entry| entry.content.get("global").cloned())
-            .and_then(|global| serde_json::from_value::<Ruleset>(global).ok())
-            .unwrap_or_else(|| Ruleset::server_default(user_id));
-        let rules = Arc::new(rules);
-        self.rulesets.lock().expect("ruleset cache").insert(user_id.to_owned(), (rules.clone(), std::time::Instant::now()));
-        Ok(rules)
+        Ok(users.iter().map(|user| cache[*user].0.clone()).collect())
     }
 
     /// The account data content for a ruleset.
@@ -185,11 +197,9 @@ impl Push {
         let raw: Raw<JsonValue> = Raw::new(&pdu.to_client_event(None, true)).map_err(Error::internal)?;
         let power_levels = room.power_levels.as_ref().map(|p| power_levels_ctx(p, room.rules, room.creators.clone()));
         let mut staged = Vec::new();
-        for (user_id, display_name) in &room.recipients {
-            if *user_id == pdu.sender {
-                continue;
-            }
-            let rules = self.ruleset(user_id)?;
+        let recipients: Vec<&(OwnedUserId, String)> = room.recipients.iter().filter(|(user_id, _)| *user_id != pdu.sender).collect();
+        let rulesets = self.rulesets(&recipients.iter().map(|(user_id, _)| user_id.as_ref()).collect::<Vec<_>>())?;
+        for ((user_id, display_name), rules) in recipients.into_iter().zip(rulesets) {
             let mut context = PushConditionRoomCtx::new(
                 room.room_id.clone(),
                 UInt::new(room.member_count).unwrap_or_default(),
