@@ -367,23 +367,17 @@ async fn calls_are_placed_on_the_nodes_and_a_dead_nodes_calls_move_on_the_next_j
 
     // Moderation asked of the other node is answered by the call's node, which has the call.
     let sfu_room = calls::claims(&ana_jwt)["video"]["room"].as_str().unwrap().to_owned();
-    let moderate = |node: &TestServer, method: &str, body: Value| {
-        let request = reqwest::Client::new().post(format!("{}/twirp/livekit.RoomService/{method}", node.base)).bearer_auth(&ana_jwt).json(&body);
-        async move {
-            let answer = request.send().await.unwrap();
-            (answer.status(), answer.json::<Value>().await.unwrap())
-        }
-    };
-    let (status, listed) = moderate(&nodes[other], "ListParticipants", json!({ "room": sfu_room })).await;
+    let (status, listed) = moderate(&nodes[other], &ana_jwt, "ListParticipants", json!({ "room": sfu_room })).await;
     assert_eq!(status, StatusCode::OK, "{listed}");
     let identities: HashSet<&str> = listed["participants"].as_array().unwrap().iter().map(|p| p["identity"].as_str().unwrap()).collect();
     assert_eq!(identities, HashSet::from([calls::claims(&ana_jwt)["sub"].as_str().unwrap(), calls::claims(&ben_jwt)["sub"].as_str().unwrap()]));
-    let (status, _) = moderate(&nodes[other], "RemoveParticipant", json!({ "room": sfu_room, "identity": calls::claims(&ben_jwt)["sub"] })).await;
+    let (status, _) = moderate(&nodes[other], &ana_jwt, "RemoveParticipant", json!({ "room": sfu_room, "identity": calls::claims(&ben_jwt)["sub"] })).await;
     assert_eq!(status, StatusCode::OK);
     assert!(ben_call.left_because(Duration::from_secs(2)).await.is_some(), "ben is removed from the call on its node");
     // Ben's token is Ben's: it does not moderate, through either node.
-    let (status, _) = moderate_as(&nodes[other], &ben_jwt, &sfu_room).await;
-    assert_eq!(status, StatusCode::FORBIDDEN);
+    for node in &nodes {
+        assert_eq!(moderate(node, &ben_jwt, "ListParticipants", json!({ "room": sfu_room })).await.0, StatusCode::FORBIDDEN);
+    }
 
     // The call's node dies: the next token for the call names the other node, which admits it.
     nodes[serving].kill9();
@@ -400,9 +394,9 @@ async fn calls_are_placed_on_the_nodes_and_a_dead_nodes_calls_move_on_the_next_j
     let _moved = Signalling::join(&nodes[other], &moved_jwt).await;
 }
 
-/// `ListParticipants` of `room` with `jwt` through `node`.
-async fn moderate_as(node: &TestServer, jwt: &str, room: &str) -> (StatusCode, Value) {
-    let answer = reqwest::Client::new().post(format!("{}/twirp/livekit.RoomService/ListParticipants", node.base)).bearer_auth(jwt).json(&json!({ "room": room })).send().await.unwrap();
+/// A LiveKit RoomService request with call token `jwt`, through `node`.
+async fn moderate(node: &TestServer, jwt: &str, method: &str, body: Value) -> (StatusCode, Value) {
+    let answer = reqwest::Client::new().post(format!("{}/twirp/livekit.RoomService/{method}", node.base)).bearer_auth(jwt).json(&body).send().await.unwrap();
     (answer.status(), answer.json().await.unwrap())
 }
 
@@ -446,9 +440,14 @@ async fn a_session_call_follows_what_is_done_through_another_node() {
     assert_eq!(state["recording"], false, "still recording after the withdrawal through the other node: {state}");
     assert!(state["stopped_because"].as_str().is_some_and(|why| why.contains("withdrew")), "{state}");
 
-    // The session ends through the other node: the call ends on its node.
+    // Recording once more, the session ends through the other node: the recording stops, with
+    // the reason, before the status change is answered, and the call ends on its node.
+    client.ok(Method::PUT, &consent_path(&client), Some(json!({ "consent": true }))).await;
+    therapist.ok(Method::PUT, &recording, Some(json!({ "recording": true }))).await;
     calls::set_status(&therapist_there, &room, "in_progress").await;
     calls::set_status(&therapist_there, &room, "completed").await;
+    let state = therapist.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/state/org.limbic.recording/", enc(&room)), None).await;
+    assert_eq!((state["recording"].clone(), state["stopped_because"].clone()), (json!(false), json!("the session ended")), "{state}");
     assert_eq!(therapist_call.left_because(Duration::from_secs(2)).await, Some(lk::DisconnectReason::RoomClosed));
     assert_eq!(client_call.left_because(Duration::from_secs(2)).await, Some(lk::DisconnectReason::RoomClosed));
 }

@@ -94,7 +94,7 @@ impl Bucket {
 
     /// When it will be full again.
     fn full_at_ms(&self, limit: RateLimit) -> u64 {
-        self.updated_ms + ((f64::from(limit.burst) - self.tokens).max(0.0) / limit.per_second * 1000.0).ceil() as u64
+        self.updated_ms.saturating_add(((f64::from(limit.burst) - self.tokens).max(0.0) / limit.per_second * 1000.0).ceil() as u64)
     }
 
     /// As stored: the tokens, when refilled and when full again (for pruning without the limit).
@@ -103,9 +103,18 @@ impl Bucket {
     }
 
     fn decode(bytes: &[u8]) -> Option<Self> {
-        let field = |at: usize| bytes.get(at..at + 8).and_then(|b| <[u8; 8]>::try_from(b).ok());
-        Some(Self { tokens: f64::from_be_bytes(field(0)?), updated_ms: u64::from_be_bytes(field(8)?) })
+        Some(Self { tokens: f64::from_be_bytes(stored_field(bytes, 0)?), updated_ms: u64::from_be_bytes(stored_field(bytes, 1)?) })
     }
+
+    /// When a stored bucket is full again, as [`Self::encode`] wrote it.
+    fn stored_full_at_ms(bytes: &[u8]) -> u64 {
+        stored_field(bytes, 2).map_or(0, u64::from_be_bytes)
+    }
+}
+
+/// The `index`th 8-byte field of a stored bucket.
+fn stored_field(bytes: &[u8], index: usize) -> Option<[u8; 8]> {
+    bytes.get(index * 8..index * 8 + 8).and_then(|b| <[u8; 8]>::try_from(b).ok())
 }
 
 /// Takes one token from each bucket (refilled to `now_ms`), or none: then the wait in ms until
@@ -269,8 +278,7 @@ impl RateLimiter {
         let mut batch = store.batch();
         for entry in store.scan_prefix(tables::RATE_BUCKETS, Vec::new(), false) {
             let (key, value) = entry?;
-            let full_at_ms = value.get(16..24).and_then(|b| <[u8; 8]>::try_from(b).ok()).map_or(0, u64::from_be_bytes);
-            if full_at_ms <= now_ms {
+            if Bucket::stored_full_at_ms(&value) <= now_ms {
                 // Not if it was used meanwhile.
                 batch.expect(tables::RATE_BUCKETS, &key, Some(&value));
                 batch.delete(tables::RATE_BUCKETS, &key);
@@ -424,6 +432,7 @@ mod shared_tests {
         let mut config = RateLimitsConfig::default();
         config.login = RateLimit { per_second: 0.001, burst: 6 };
         config.reauth = RateLimit { per_second: 0.001, burst: 1 };
+        config.search = RateLimit { per_second: 1000.0, burst: 1 };
         let node = |name: &str| RateLimiter::for_store(&config, &Arc::new(Store::open_node(&url, 4, name, true).unwrap()));
         let (a, b) = (Arc::new(node("a")), Arc::new(node("b")));
         let keys = RateKeys { subject: Some("@ana:x".into()), address: Some("10.0.0.1".parse().unwrap()) };
@@ -454,8 +463,14 @@ mod shared_tests {
         a.check(Action::Reauth, &keys).unwrap();
         assert!(b.check(Action::Reauth, &keys).is_err());
 
-        // Pruning forgets only full buckets: the used ones stay.
+        // Pruning forgets the buckets that are full again, and only those.
+        b.check(Action::Search, &keys).unwrap();
+        let Buckets::Shared(store) = &a.buckets else { panic!("shared buckets") };
+        let stored = || store.scan_prefix(tables::RATE_BUCKETS, Vec::new(), false).count();
+        assert_eq!(stored(), 6, "login, reauth and search, each by account and by address");
+        std::thread::sleep(std::time::Duration::from_millis(20));
         a.prune().unwrap();
+        assert_eq!(stored(), 4, "the search buckets were full again");
         assert!(b.check(Action::Login, &keys).is_err());
     }
 }

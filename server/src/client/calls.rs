@@ -58,8 +58,8 @@ async fn set_recording(
 ) -> Result<axum::response::Response> {
     let set: SetRecording = parse_body(&body)?;
     let room_id = super::sessions::room_id(&room)?;
-    if let Some(node) = serving_elsewhere(&*server, &room_id, &headers)? {
-        let forwarded = server.calls.placements.forward(&node, axum::http::Method::PUT, &uri, &headers, body).await?;
+    if let Some(url) = serving_elsewhere(&*server, &room_id, &headers)? {
+        let forwarded = server.calls.placements.forward(&url, axum::http::Method::PUT, &uri, &headers, body).await?;
         return Ok(forwarded.map(axum::body::Body::from));
     }
     let recorded = if set.recording {

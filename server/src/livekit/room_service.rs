@@ -61,16 +61,19 @@ pub async fn room_service(State(server): State<AppState>, Path(method): Path<Str
         let (_, _, message) = error.describe();
         return twirp_error(StatusCode::FORBIDDEN, "permission_denied", message);
     }
+    if !claims.video.room_admin {
+        return twirp_error(StatusCode::FORBIDDEN, "permission_denied", "only the call's moderators may do this");
+    }
     // The call's participants are on the node that serves it: the request is answered there.
-    match crate::calls::placement::serving_elsewhere(&*server, &claims.matrix_room, &headers) {
-        Ok(None) => {}
-        Ok(Some(node)) => {
-            return match server.calls.placements.forward(&node, axum::http::Method::POST, &uri, &headers, body).await {
-                Ok(answer) => answer.map(axum::body::Body::from),
-                Err(error) => twirp_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", error.describe().2),
-            };
-        }
-        Err(error) => return twirp_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", error.describe().2),
+    let forwarded = match crate::calls::placement::serving_elsewhere(&*server, &claims.matrix_room, &headers) {
+        Ok(None) => None,
+        Ok(Some(url)) => Some(server.calls.placements.forward(&url, axum::http::Method::POST, &uri, &headers, body.clone()).await),
+        Err(error) => Some(Err(error)),
+    };
+    match forwarded {
+        None => {}
+        Some(Ok(answer)) => return answer.map(axum::body::Body::from),
+        Some(Err(error)) => return twirp_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", error.describe().2),
     }
     let Some(sfu) = server.calls.sfu.get().cloned() else {
         return twirp_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "calls are not running on this server");

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     Server,
-    calls::{Claims, media::{Resumption, ToParticipant}, placement::Admission, sfu::{Bucket, JoinOptions}, still_allowed},
+    calls::{Claims, media::{Resumption, ToParticipant}, placement::Served, sfu::{Bucket, JoinOptions}, still_allowed},
     error::{Error, ErrorCode},
 };
 
@@ -49,17 +49,25 @@ fn claims(server: &Server, headers: &HeaderMap, query: &RtcQuery) -> Result<Clai
 
 /// Refused unless this node serves the token's call (spec/calls.md, "Calls across nodes"): the
 /// token names another node, or the call is placed on another live one. The SDK then needs a
-/// new token, which names the call's node.
-async fn served_here(server: &Server, claims: &Claims) -> Result<(), Response> {
-    let elsewhere = |node: &str| refused(Error::forbidden(format!("this call is served by node {node}; a new call token names it")));
+/// new token, which names the call's node. `joining`: the call is placed here now if it was
+/// nowhere (or its node died); `/rtc/validate` only looks.
+async fn served_here(server: &Server, claims: &Claims, joining: bool) -> Result<(), Response> {
+    let elsewhere = |node: &str| refused(Error::forbidden(format!("this call is served by {node}; a new call token names it")));
     if let Some(node) = &claims.node
         && Some(node.as_str()) != server.calls.placements.node()
     {
-        return Err(elsewhere(node));
+        return Err(elsewhere(&format!("node {node}")));
+    }
+    if !joining {
+        let home = crate::calls::call_home(&server.rooms, &claims.matrix_room).map_err(refused)?;
+        return match server.calls.placements.elsewhere(&home).map_err(refused)? {
+            Some(_) => Err(elsewhere("another node")),
+            None => Ok(()),
+        };
     }
     match crate::calls::placement::admit(server, &claims.matrix_room).await.map_err(refused)? {
-        Admission::Here { .. } => Ok(()),
-        Admission::Elsewhere { node, .. } => Err(elsewhere(&node)),
+        Served::Here { .. } => Ok(()),
+        Served::Elsewhere { node } => Err(elsewhere(&format!("node {node}"))),
     }
 }
 
@@ -86,7 +94,7 @@ pub async fn validate(State(server): State<AppState>, headers: HeaderMap, Query(
         Ok(claims) => claims,
         Err(refused) => return refused,
     };
-    if let Err(refused) = served_here(&server, &claims).await {
+    if let Err(refused) = served_here(&server, &claims, false).await {
         return refused;
     }
     if let Some(sfu) = server.calls.sfu.get()
@@ -108,7 +116,7 @@ pub async fn rtc(State(server): State<AppState>, headers: HeaderMap, Query(query
     let Some(sfu) = server.calls.sfu.get().cloned() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "calls are not running on this server").into_response();
     };
-    if let Err(refused) = served_here(&server, &claims).await {
+    if let Err(refused) = served_here(&server, &claims, true).await {
         return refused;
     }
     let reconnect = query.reconnect.as_deref() == Some("1");

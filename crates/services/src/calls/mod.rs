@@ -169,8 +169,15 @@ impl Calls {
     pub fn open(store: &Arc<Store>, config: CallsConfig, voip: &VoipConfig, listen: &ListenConfig, recordings: &std::path::Path, node: &str) -> Result<Self> {
         let secret = store.secret(SECRET_KEY, &config.api_secret)?;
         let or_listener = |configured: &str, default: String| if configured.is_empty() { default } else { configured.trim_end_matches('/').to_owned() };
+        if store.is_shared() && config.enabled && config.signalling_url.is_empty() && listen.address.is_unspecified() {
+            // Another node would send callers, and pass requests, to an address that is none.
+            return Err(Error::internal(format!(
+                "[calls] signalling_url must name this node's own address when nodes share a database and [listen] address is {}",
+                listen.address
+            )));
+        }
         let signalling_url = or_listener(&config.signalling_url, format!("ws://{}:{}", listen.address, listen.port));
-        let placements = placement::Placements::new(store.clone(), node, signalling_url.clone());
+        let placements = placement::Placements::new(store.clone(), node, signalling_url.clone())?;
         let spool = spool_at(&placements.node().map_or_else(|| recordings.to_owned(), |node| recordings.join(node)))?;
         Ok(Self {
             service_url: or_listener(&config.service_url, format!("http://{}:{}{SERVICE_PATH}", listen.address, listen.port)),

@@ -29,9 +29,10 @@ use crate::{
 
 /// How often a node says its SFU is alive, and reports its load.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
-/// A node that has not said so for this long is taken for dead, even while its database session
-/// lives (its SFU task stuck).
-const SILENT_MS: u64 = 3 * HEARTBEAT.as_millis() as u64;
+/// A node that has not said so for this long is passed over, even while its database session
+/// lives (its SFU task stuck): its calls move on their next join. Heartbeats carry the writer's
+/// clock, so the nodes' clocks must agree to well within this (NTP).
+const SILENT_MS: u64 = 15_000;
 /// A call nobody has been in for this long is released by its node, so that the room's next
 /// call may be placed afresh.
 const IDLE_MS: u64 = 60_000;
@@ -77,11 +78,11 @@ enum Decision<T> {
 
 /// Whether this node serves a call room's calls.
 #[derive(Debug, PartialEq)]
-pub enum Admission {
+pub enum Served {
     /// Here (placed here now, if it was nowhere or its node had died).
     Here { moved_from: Option<String> },
     /// On another live node.
-    Elsewhere { node: String, signalling_url: String },
+    Elsewhere { node: String },
 }
 
 pub struct Placements {
@@ -100,11 +101,11 @@ pub const FORWARDED: &str = "x-limbic-forwarded-by";
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Placements {
-    pub fn new(store: Arc<Store>, node_name: &str, signalling_url: String) -> Self {
+    pub fn new(store: Arc<Store>, node_name: &str, signalling_url: String) -> Result<Self> {
         let node = store.is_shared().then(|| node_name.to_owned());
         // Nodes are the operator's: their addresses are private ones, and nothing redirects.
-        let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).timeout(FORWARD_TIMEOUT).build().unwrap_or_default();
-        Self { store, node, signalling_url, http }
+        let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).timeout(FORWARD_TIMEOUT).build().map_err(Error::internal)?;
+        Ok(Self { store, node, signalling_url, http })
     }
 
     /// This node's name among the others; `None` on the embedded store.
@@ -162,28 +163,36 @@ impl Placements {
 
     /// Whether this node serves the calls of `call_room`: yes if they are placed here, or
     /// nowhere, or on a node that died (placed here now); otherwise where they are.
-    pub fn admit(&self, call_room: &RoomId) -> Result<Admission> {
-        let Some(me) = self.node.clone() else { return Ok(Admission::Here { moved_from: None }) };
+    pub fn admit(&self, call_room: &RoomId) -> Result<Served> {
+        let Some(me) = self.node.clone() else { return Ok(Served::Here { moved_from: None }) };
         let (elsewhere, node, moved_from) = self.settle(call_room, |current, live| match current {
-            Some(placement) if placement.node == me => Ok(Decision::Keep(None)),
-            Some(placement) if let Some(node) = live.get(&placement.node) => Ok(Decision::Keep(Some(node.signalling_url.clone()))),
-            _ => Ok(Decision::Place(me.clone(), None)),
+            Some(placement) if placement.node == me => Ok(Decision::Keep(false)),
+            Some(placement) if live.contains_key(&placement.node) => Ok(Decision::Keep(true)),
+            _ => Ok(Decision::Place(me.clone(), false)),
         })?;
-        Ok(match elsewhere {
-            Some(signalling_url) => Admission::Elsewhere { node, signalling_url },
-            None => Admission::Here { moved_from },
-        })
+        Ok(if elsewhere { Served::Elsewhere { node } } else { Served::Here { moved_from } })
+    }
+
+    /// The node `call_room` is placed on, when that is not this one.
+    fn placed_elsewhere(&self, call_room: &RoomId) -> Result<Option<String>> {
+        let Some(me) = &self.node else { return Ok(None) };
+        let placement = self.store.get_json::<Placement>(tables::CALL_PLACEMENTS, call_room.as_bytes())?;
+        Ok(placement.map(|p| p.node).filter(|node| node != me))
+    }
+
+    /// The node `call_room` is placed on, when the database counts it dead (fenced): what it
+    /// recorded of the room is for another node to store.
+    pub fn dead_owner(&self, call_room: &RoomId) -> Result<Option<String>> {
+        let Some(node) = self.placed_elsewhere(call_room)? else { return Ok(None) };
+        let alive = self.store.live_nodes()?.unwrap_or_default();
+        Ok((!alive.contains(&node)).then_some(node))
     }
 
     /// The signalling URL of the other live node serving the calls of `call_room`; `None` when
     /// they are served here, or nowhere (nothing is placed by asking).
     pub fn elsewhere(&self, call_room: &RoomId) -> Result<Option<String>> {
-        let Some(me) = &self.node else { return Ok(None) };
-        let Some(placement) = self.store.get_json::<Placement>(tables::CALL_PLACEMENTS, call_room.as_bytes())? else { return Ok(None) };
-        if placement.node == *me {
-            return Ok(None);
-        }
-        Ok(self.live()?.remove(&placement.node).map(|node| node.signalling_url))
+        let Some(node) = self.placed_elsewhere(call_room)? else { return Ok(None) };
+        Ok(self.live()?.remove(&node).map(|node| node.signalling_url))
     }
 
     /// Passes a request (its method, path with query, `Authorization` and `Content-Type`, and
@@ -232,7 +241,7 @@ impl Placements {
                     tracing::info!(room = %call_room, %node, ?moved_from, "placed a room's calls");
                     return Ok((answer, node, moved_from));
                 }
-                Err(StoreError::Conflict { .. }) => continue,
+                Err(StoreError::Conflict { .. } | StoreError::Contention) => continue,
                 Err(error) => return Err(error.into()),
             }
         }
@@ -307,21 +316,31 @@ impl Placements {
 pub async fn place(server: &dyn CallsHost, room_id: &RoomId) -> Result<Placed> {
     let home = super::call_home(server.rooms(), room_id)?;
     let placed = server.calls().placements.place(&home)?;
-    if let Some(dead) = &placed.moved_from {
-        super::recording::take_over(server, &home, dead).await;
+    if let Some(from) = &placed.moved_from {
+        take_over_if_dead(server, &home, from).await?;
     }
     Ok(placed)
 }
 
+/// Stores what `from` recorded of `call_room`, if the database counts it dead. A node passed
+/// over while alive (silent, not fenced) stops its recording itself when it finds its call
+/// placed elsewhere ([`run`]).
+async fn take_over_if_dead(server: &dyn CallsHost, call_room: &RoomId, from: &str) -> Result<()> {
+    if !server.store().live_nodes()?.unwrap_or_default().iter().any(|node| node == from) {
+        super::recording::take_over(server, call_room, from).await;
+    }
+    Ok(())
+}
+
 /// Whether this node serves the calls of `room_id` ([`Placements::admit`]), for `/rtc` and
 /// the requests only the call's node can answer.
-pub async fn admit(server: &dyn CallsHost, room_id: &RoomId) -> Result<Admission> {
+pub async fn admit(server: &dyn CallsHost, room_id: &RoomId) -> Result<Served> {
     let home = super::call_home(server.rooms(), room_id)?;
-    let admission = server.calls().placements.admit(&home)?;
-    if let Admission::Here { moved_from: Some(dead) } = &admission {
-        super::recording::take_over(server, &home, dead).await;
+    let served = server.calls().placements.admit(&home)?;
+    if let Served::Here { moved_from: Some(from) } = &served {
+        take_over_if_dead(server, &home, from).await?;
     }
-    Ok(admission)
+    Ok(served)
 }
 
 /// The signalling URL of the other node serving the calls of `room_id`, to pass a request
@@ -354,9 +373,20 @@ pub async fn run(server: Arc<dyn CallsHost>) {
         if let Err(error) = placements.heartbeat(&media_address, live.len() as u64) {
             tracing::warn!(%error, "could not register this node's SFU");
         }
-        let rooms = live.into_iter().map(|participant| participant.app_room).chain(recorded);
-        let active: HashSet<OwnedRoomId> =
-            rooms.filter_map(|room| OwnedRoomId::try_from(room).ok()).map(|room| super::call_home(server.rooms(), &room).unwrap_or(room)).collect();
+        // Each Matrix room with a call here, by the room its calls are placed by.
+        let rooms: HashSet<OwnedRoomId> = live.into_iter().map(|participant| participant.app_room).chain(recorded).filter_map(|room| OwnedRoomId::try_from(room).ok()).collect();
+        let by_home: Vec<(OwnedRoomId, OwnedRoomId)> = rooms.into_iter().map(|room| (super::call_home(server.rooms(), &room).unwrap_or_else(|_| room.clone()), room)).collect();
+        // Calls placed elsewhere meanwhile (this node was passed over while silent) end here,
+        // so that no call is split between two nodes: their participants join again there.
+        for (home, room) in &by_home {
+            if let Ok(Some(node)) = placements.placed_elsewhere(home) {
+                tracing::warn!(%room, %node, "this node's call was placed on another node: ending it here");
+                super::recording::moved_away(&*server, home).await;
+                let app_room = room.to_string();
+                sfu.run(move |sfu, _| sfu.close(&app_room)).await;
+            }
+        }
+        let active: HashSet<OwnedRoomId> = by_home.into_iter().map(|(home, _)| home).collect();
         if let Err(error) = placements.release_idle(&active, &mut last_active) {
             tracing::warn!(%error, "could not release this node's idle calls");
         }
@@ -371,7 +401,7 @@ mod tests {
 
     fn node(url: &str, name: &str) -> Placements {
         let store = Arc::new(Store::open_node(url, 2, name, true).unwrap());
-        Placements::new(store, name, format!("ws://{name}.test"))
+        Placements::new(store, name, format!("ws://{name}.test")).unwrap()
     }
 
     #[test]
@@ -390,29 +420,36 @@ mod tests {
         assert_eq!(placed, Placed { node: Some("a".into()), signalling_url: "ws://a.test".into(), moved_from: None });
         assert_eq!(b.place(&second).unwrap().node.as_deref(), Some("b"));
         assert_eq!(b.place(&first).unwrap(), placed);
-        assert_eq!(a.admit(&first).unwrap(), Admission::Here { moved_from: None });
-        assert_eq!(b.admit(&first).unwrap(), Admission::Elsewhere { node: "a".into(), signalling_url: "ws://a.test".into() });
+        assert_eq!(a.admit(&first).unwrap(), Served::Here { moved_from: None });
+        assert_eq!(b.admit(&first).unwrap(), Served::Elsewhere { node: "a".into() });
         assert_eq!((a.elsewhere(&first).unwrap(), b.elsewhere(&first).unwrap()), (None, Some("ws://a.test".into())));
         // A room placed nowhere is admitted by whichever node is asked first.
-        assert_eq!(b.admit(&third).unwrap(), Admission::Here { moved_from: None });
-        assert_eq!(a.admit(&third).unwrap(), Admission::Elsewhere { node: "b".into(), signalling_url: "ws://b.test".into() });
+        assert_eq!(b.admit(&third).unwrap(), Served::Here { moved_from: None });
+        assert_eq!(a.admit(&third).unwrap(), Served::Elsewhere { node: "b".into() });
 
-        // Nodes racing to place one room agree on one node.
+        // Nodes racing to admit one room placed nowhere, each of which would place it on
+        // itself, agree on one node: exactly one is told it serves the room.
         let race = owned_room_id!("!race:test.local");
-        let placed: HashSet<Option<String>> = std::thread::scope(|scope| {
+        let here: Vec<bool> = std::thread::scope(|scope| {
             let racers: Vec<_> = (0..6).map(|i| {
                 let (node, race) = (if i % 2 == 0 { a.clone() } else { b.clone() }, race.clone());
-                scope.spawn(move || node.place(&race).unwrap().node)
+                scope.spawn(move || matches!(node.admit(&race).unwrap(), Served::Here { .. }))
             }).collect();
             racers.into_iter().map(|racer| racer.join().unwrap()).collect()
         });
-        assert_eq!(placed.len(), 1, "{placed:?}");
+        let winner = if here[0] { "a" } else { "b" };
+        assert!(here.iter().enumerate().all(|(i, here)| *here == ((i % 2 == 0) == (winner == "a"))), "{here:?}");
 
-        // Node b's SFU stops: its calls move to a on their next join, and say whence.
+        // Node b's SFU stops: its calls move to a on their next join, and say whence. The
+        // database counts b alive, so nothing of it is for a to store.
         b.deregister().unwrap();
         assert_eq!(a.place(&second).unwrap(), Placed { node: Some("a".into()), signalling_url: "ws://a.test".into(), moved_from: Some("b".into()) });
-        assert_eq!(a.admit(&third).unwrap(), Admission::Here { moved_from: Some("b".into()) });
+        assert_eq!(a.admit(&third).unwrap(), Served::Here { moved_from: Some("b".into()) });
+        if winner == "b" {
+            assert_eq!(a.admit(&race).unwrap(), Served::Here { moved_from: Some("b".into()) });
+        }
         assert_eq!(a.mine().unwrap().len(), 4);
+        assert_eq!(b.dead_owner(&first).unwrap(), None, "a is alive");
 
         // Calls nobody has been in for a while are released; one in use, or placed just now, is
         // not.
@@ -429,16 +466,16 @@ mod tests {
         expected.sort();
         assert_eq!(left, expected);
         assert!(a.store.get(tables::CALL_PLACEMENTS, second.as_bytes()).unwrap().is_none());
-        assert_eq!(b.admit(&second).unwrap(), Admission::Here { moved_from: None }, "placed afresh");
+        assert_eq!(b.admit(&second).unwrap(), Served::Here { moved_from: None }, "placed afresh");
     }
 
     #[test]
     fn on_the_embedded_store_every_call_is_here() {
         let dir = tempfile::tempdir().unwrap();
-        let placements = Placements::new(Arc::new(Store::open(dir.path()).unwrap()), "", "ws://here.test".into());
+        let placements = Placements::new(Arc::new(Store::open(dir.path()).unwrap()), "", "ws://here.test".into()).unwrap();
         let room = owned_room_id!("!r:test.local");
         assert_eq!(placements.place(&room).unwrap(), Placed { node: None, signalling_url: "ws://here.test".into(), moved_from: None });
-        assert_eq!(placements.admit(&room).unwrap(), Admission::Here { moved_from: None });
+        assert_eq!(placements.admit(&room).unwrap(), Served::Here { moved_from: None });
         assert_eq!(placements.elsewhere(&room).unwrap(), None);
     }
 }

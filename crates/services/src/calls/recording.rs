@@ -59,6 +59,7 @@ pub async fn start(server: &dyn CallsHost, therapist: &UserId, room_id: &RoomId)
     if rooms.is_empty() {
         return Err(Error::new(ErrorCode::BadState, "nobody is in the session's call"));
     }
+    let callers_now = callers.clone();
     let mut missing: Vec<String> = Vec::new();
     for caller in callers {
         if !consented(server, room_id, &caller)? && !missing.contains(&caller) {
@@ -87,6 +88,15 @@ pub async fn start(server: &dyn CallsHost, therapist: &UserId, room_id: &RoomId)
     writer.audit(AuditRecord::new("recording_started", therapist).room(room_id));
     writer.commit()?;
     tracing::info!(%room_id, %therapist, "started recording a call");
+    // A consent withdrawn between the check above and the start, on any node, found nothing to
+    // stop yet: looked at again now that the recording is on record.
+    for caller in callers_now {
+        if !consented(server, room_id, &caller)? {
+            let user = OwnedUserId::try_from(caller).map_err(Error::internal)?;
+            stop_without_consent(server, room_id, &user, false).await;
+            return Ok(Recorded { recording: false, files: None });
+        }
+    }
     Ok(Recorded { recording: true, files: None })
 }
 
@@ -176,6 +186,10 @@ pub async fn stop(server: &dyn CallsHost, room_id: &RoomId, reason: StopReason<'
             Some(rest) => spool.blocking(move |spool| spool.append(&rest)).await.map_err(Error::internal)?,
             None => {
                 drop(spool);
+                // The node that recorded it died, and its call never moved: stored from here.
+                if let Some(dead) = server.calls().placements.dead_owner(&super::call_home(server.rooms(), room_id)?)? {
+                    return store(server, Some(&server.calls().spool_of(&dead)?), room_id, StopReason::ServerStopped).await;
+                }
                 stopped_elsewhere(server, room_id).await;
                 return Ok(None);
             }
@@ -199,9 +213,19 @@ async fn stopped_elsewhere(server: &dyn CallsHost, room_id: &RoomId) {
     }
     let deadline = tokio::time::Instant::now() + STOPPED_ELSEWHERE_WITHIN;
     while is_recording() {
-        if tokio::time::timeout_at(deadline, committed.changed()).await.is_err() {
-            return tracing::warn!(%room_id, "the node serving the call did not stop its recording in time");
+        match tokio::time::timeout_at(deadline, committed.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => return tracing::warn!(%room_id, "the node serving the call did not stop its recording in time"),
         }
+    }
+}
+
+/// This node's call of `room_id` was placed on another node while this one was passed over
+/// (silent, yet alive): its recording stops here, stored as one the server stopped for.
+pub async fn moved_away(server: &dyn CallsHost, room_id: &RoomId) {
+    if let Err(error) = stop(server, room_id, StopReason::ServerStopped).await {
+        tracing::error!(%room_id, %error, "could not stop the recording of a call placed elsewhere");
     }
 }
 
@@ -281,6 +305,12 @@ async fn store(server: &dyn CallsHost, from: Option<&Spool>, room_id: &RoomId, r
         StopReason::ServerStopped => (announcer.as_ref(), "the server stopped during the recording"),
     };
     let mut writer = server.rooms().writer(room_id).await?;
+    // Another node may have stored it meanwhile (a node starting again repairs what a node
+    // moving its calls stores): the room's writer settles which.
+    let still = server.rooms().state_content(room_id, RECORDING, "")?.and_then(|s| s.get("recording").and_then(JsonValue::as_bool)) == Some(true);
+    if !still {
+        return Ok(None);
+    }
     for message in messages {
         writer.append(&announcer, message, None)?;
     }
@@ -378,10 +408,8 @@ pub async fn stop_on_committed(server: &dyn CallsHost, room_id: &RoomId, after: 
     let committed: Vec<(StreamPos, ruma::OwnedEventId)> = server.rooms().timeline_after(room_id, after, upto).collect::<Result<_>>()?;
     for (_, event_id) in committed {
         let Some(pdu) = server.rooms().pdu(&event_id)? else { continue };
-        match Stop::of(&pdu) {
-            Some(Stop::ConsentWithdrawn) => stop_without_consent(server, room_id, &pdu.sender, false).await,
-            Some(Stop::SessionEnded) => session_ended(server, room_id, &pdu.sender).await,
-            None => {}
+        if let Some(stop) = Stop::of(&pdu) {
+            stop.apply(server, room_id, &pdu.sender).await;
         }
     }
     Ok(())
@@ -395,6 +423,20 @@ enum Stop {
 }
 
 impl Stop {
+    /// Stops the recording for this reason, if it still holds: an event looked at late (by
+    /// another node's warden) may have been undone since (consent given again, say).
+    async fn apply(&self, server: &dyn CallsHost, room_id: &RoomId, sender: &UserId) {
+        let holds = match self {
+            Stop::ConsentWithdrawn => !consented(server, room_id, sender.as_str()).unwrap_or(false),
+            Stop::SessionEnded => super::open_session_call(server.rooms(), room_id).is_err(),
+        };
+        match self {
+            _ if !holds => {}
+            Stop::ConsentWithdrawn => stop_without_consent(server, room_id, sender, false).await,
+            Stop::SessionEnded => session_ended(server, room_id, sender).await,
+        }
+    }
+
     fn of(pdu: &Pdu) -> Option<Stop> {
         let kind = pdu.kind.to_string();
         if kind == RECORDING_CONSENT && pdu.content_json().get("consent").and_then(JsonValue::as_bool) != Some(true) {
@@ -428,10 +470,7 @@ impl AfterCommit for RecordingWatch {
         Some(Box::pin(async move {
             let Some(server) = server.upgrade() else { return };
             for (stop, room_id, sender) in stops {
-                match stop {
-                    Stop::ConsentWithdrawn => stop_without_consent(&*server, &room_id, &sender, false).await,
-                    Stop::SessionEnded => session_ended(&*server, &room_id, &sender).await,
-                }
+                stop.apply(&*server, &room_id, &sender).await;
             }
         }))
     }

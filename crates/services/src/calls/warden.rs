@@ -60,15 +60,16 @@ pub async fn run(server: Arc<dyn CallsHost>) {
             })
             .await;
         }
-        stop_recordings(&*server, &sfu, &mut recorded, previous, upto).await;
+        stop_recordings(&server, &sfu, &mut recorded, previous, upto).await;
         previous = upto;
     }
 }
 
 /// Stops the recordings made here that events committed since the last round stop (on any
-/// node). A recording first seen now began after the last round read its watermark, so what
-/// stops it comes after that.
-async fn stop_recordings(server: &dyn CallsHost, sfu: &super::media::SfuHandle, recorded: &mut HashMap<OwnedRoomId, StreamPos>, previous: StreamPos, upto: StreamPos) {
+/// node), in tasks of their own: storing a recording takes a while, and drops wait for nothing.
+/// A recording first seen now is looked at from the last round's watermark on; what stopped it
+/// before that was seen when it started (`start` checks consent and the session's status).
+async fn stop_recordings(server: &Arc<dyn CallsHost>, sfu: &super::media::SfuHandle, recorded: &mut HashMap<OwnedRoomId, StreamPos>, previous: StreamPos, upto: StreamPos) {
     let Some(rooms) = sfu.run(|sfu, _| sfu.recorded_rooms()).await else { return };
     let rooms: Vec<OwnedRoomId> = rooms.into_iter().filter_map(|room| OwnedRoomId::try_from(room).ok()).collect();
     recorded.retain(|room, _| rooms.contains(room));
@@ -77,10 +78,13 @@ async fn stop_recordings(server: &dyn CallsHost, sfu: &super::media::SfuHandle, 
         if after >= upto {
             continue;
         }
-        if let Err(error) = super::recording::stop_on_committed(server, &room, after, upto).await {
-            tracing::error!(%room, %error, "could not look at a recorded room's events");
-        }
-        recorded.insert(room, upto);
+        recorded.insert(room.clone(), upto);
+        let server = server.clone();
+        tokio::spawn(async move {
+            if let Err(error) = super::recording::stop_on_committed(&*server, &room, after, upto).await {
+                tracing::error!(%room, %error, "could not look at a recorded room's events");
+            }
+        });
     }
 }
 

@@ -21,7 +21,10 @@ use crate::{Result, StoreError};
 pub(crate) fn connection(url: &str) -> Result<(tokio_postgres::Config, MakeRustlsConnect)> {
     let (rest, params) = take_params(url, &["sslmode", "sslrootcert"]);
     let mut config: tokio_postgres::Config = rest.parse()?;
+    // Pairs written in a way this does not take apart (`sslmode = require`) reach
+    // tokio-postgres: what it read counts too, so that TLS asked for is never dropped.
     let tls = match params[0].as_deref() {
+        None if config.get_ssl_mode() == SslMode::Require => true,
         None | Some("disable" | "allow" | "prefer") => false,
         Some("require" | "verify-ca" | "verify-full") => true,
         Some(other) => return Err(StoreError::Tls(format!("sslmode {other:?} is not one of disable, allow, prefer, require, verify-ca, verify-full"))),
