@@ -484,3 +484,43 @@ async fn a_recording_whose_node_dies_is_stored_by_the_node_its_call_moves_to() {
     assert_eq!(state["stopped_because"], "the server stopped during the recording");
     assert!(!spooled.exists(), "what the dead node recorded was stored and removed");
 }
+
+/// A sliding sync connection started through one node goes on through another, which passes
+/// each request to the node holding the connection; once that node is gone, the client is told
+/// to start a new connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sliding_sync_connection_goes_on_through_another_node() {
+    let mut a = TestServer::start_cluster(&[]).await;
+    let b = a.start_node("b").await;
+    let (ana, ben, room) = two_members(&a, &b).await;
+    const SLIDING: &str = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync";
+    let request = json!({ "conn_id": "main", "lists": { "all": { "ranges": [[0, 9]], "timeline_limit": 5 } } });
+    let first = ana.ok(Method::POST, SLIDING, Some(request.clone())).await;
+    let pos = first["pos"].as_str().unwrap().to_owned();
+
+    // Through node b, long-polling: Ben's message wakes it, and it carries the message.
+    let ana_there = ana.through(&b);
+    let (path, body) = (format!("{SLIDING}?pos={}&timeout=10000", enc(&pos)), request.clone());
+    let waiting = tokio::spawn(async move { ana_there.ok(Method::POST, &path, Some(body)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent = ben.send_text(&room, "s1", "through b").await;
+    let next = tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("woken").unwrap();
+    let timeline: Vec<&str> = next["rooms"][&room]["timeline"].as_array().unwrap().iter().filter_map(|event| event["event_id"].as_str()).collect();
+    assert!(timeline.contains(&sent.as_str()), "{next}");
+    let pos = next["pos"].as_str().unwrap().to_owned();
+
+    // Node a, which held the connection, dies: node b says to start a new one.
+    a.kill9();
+    let path = format!("{SLIDING}?pos={}&timeout=0", enc(&pos));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = ana.through(&b).post(&path, request.clone()).await;
+        if status == StatusCode::BAD_REQUEST {
+            assert_eq!(errcode(&body), "M_UNKNOWN_POS", "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status} {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(ana.through(&b).ok(Method::POST, SLIDING, Some(request)).await["lists"]["all"]["count"], 1, "a new connection");
+}

@@ -18,7 +18,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{Router, middleware};
 pub use limbic_services::{
-    Error, Result, accounts, admin, audit, calls, clinic, config, delayed, e2ee, error, events, federation, local_events, media, membership, metrics,
+    Error, Result, accounts, admin, audit, calls, clinic, cluster, config, delayed, e2ee, error, events, federation, local_events, media, membership, metrics,
     host, net_filter, network, plugins, privacy, push, ratelimit, room_creation, rooms, search, secrets, store, sync, users,
 };
 pub use server::Server;
@@ -41,6 +41,7 @@ pub async fn serve(server: Arc<Server>) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, server_name = %server.server_name(), "listening");
 
+    server.peers.register().map_err(std::io::Error::other)?;
     let plugin_host = server.plugin_host();
     server.plugins.attach(&plugin_host).map_err(std::io::Error::other)?;
     server.plugins.spawn_tasks(&plugin_host);

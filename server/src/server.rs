@@ -28,6 +28,14 @@ pub fn open_store(config: &Config) -> crate::store::Result<Store> {
     }
 }
 
+/// Where the other nodes reach this one: `[cluster] url`, or the listener.
+fn node_url(config: &Config) -> String {
+    match config.cluster.url.as_str() {
+        "" => format!("http://{}:{}", config.listen.address, config.listen.port),
+        url => url.trim_end_matches('/').to_owned(),
+    }
+}
+
 pub struct Server {
     pub config: Config,
     pub store: Arc<Store>,
@@ -55,6 +63,8 @@ pub struct Server {
     pub shutting_down: tokio::sync::watch::Sender<bool>,
     /// Sliding sync connections (MSC4186).
     pub sliding_sync: crate::sync::sliding::Connections,
+    /// The other nodes sharing the store, to pass them what only they can answer.
+    pub peers: crate::cluster::Peers,
 }
 
 impl Server {
@@ -105,7 +115,8 @@ impl Server {
             e2ee: E2ee::new(store.clone()),
             rate_limiter: RateLimiter::for_store(&config.rate_limits, &store),
             metrics: Arc::default(),
-            sliding_sync: crate::sync::sliding::Connections::default(),
+            sliding_sync: crate::sync::sliding::Connections::new(store.is_shared().then(|| config.cluster.node_name.clone())),
+            peers: crate::cluster::Peers::new(store.clone(), &config.cluster.node_name, node_url(&config))?,
             admin: crate::admin::Admin::default(),
             media: Media::open(&config.media, store.clone(), config.server_name.clone(), shutting_down.subscribe())?,
             shutting_down,

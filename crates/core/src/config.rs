@@ -408,6 +408,9 @@ pub enum DatabaseBackend {
 pub struct ClusterConfig {
     /// Unique per process; required with `database.backend = "postgres"`.
     pub node_name: String,
+    /// Where the other nodes reach this node's client API (`http://host:port`), to pass it
+    /// requests only it can answer; empty: the listener's address.
+    pub url: String,
 }
 
 /// The audit log (spec/audit.md).
@@ -668,6 +671,9 @@ impl Config {
             if self.cluster.node_name.is_empty() {
                 return Err(ConfigError::Invalid { key: "cluster.node_name", reason: "backend \"postgres\" needs a name for this node, unique among the nodes".into() });
             }
+            if self.cluster.url.is_empty() && self.listen.address.is_unspecified() {
+                return Err(ConfigError::Invalid { key: "cluster.url", reason: format!("the other nodes reach this one at no address when [listen] address is {}: name it", self.listen.address) });
+            }
         }
         if self.database.pool_size == 0 {
             return Err(ConfigError::Invalid { key: "database.pool_size", reason: "must be at least 1".into() });
@@ -900,6 +906,10 @@ mod tests {
         assert_eq!(config.cluster.node_name, "node-a");
         assert!(with(&[postgres, node]).unwrap_err().to_string().contains("database.url"));
         assert!(with(&[postgres, url]).unwrap_err().to_string().contains("cluster.node_name"));
+        // Listening on every address, a node says where the others reach it.
+        let everywhere = ("LIMBIC_LISTEN__ADDRESS", "0.0.0.0");
+        assert!(with(&[postgres, url, node, everywhere]).unwrap_err().to_string().contains("cluster.url"));
+        assert!(with(&[postgres, url, node, everywhere, ("LIMBIC_CLUSTER__URL", "http://10.0.0.5:8008")]).is_ok());
         assert!(with(&[("LIMBIC_DATABASE__BACKEND", "mysql")]).is_err());
         assert!(with(&[("LIMBIC_DATABASE__POOL_SIZE", "0")]).unwrap_err().to_string().contains("database.pool_size"));
     }

@@ -9,6 +9,7 @@ pub mod accounts;
 pub mod admin;
 pub mod calls;
 pub mod clinic;
+pub mod cluster;
 pub mod delayed;
 pub mod e2ee;
 pub mod federation;

@@ -240,6 +240,8 @@ pub mod tables {
     /// action, "s:" subject or "a:" address -> a rate limit's bucket: tokens, when refilled,
     /// when full again (nodes sharing a database; one process keeps them in memory)
     pub const RATE_BUCKETS: Table = Table("rate_buckets");
+    /// node name -> where the other nodes reach its client API (nodes sharing a database)
+    pub const NODE_URLS: Table = Table("node_urls");
 
     pub const ALL: &[Table] = &[
         GLOBAL, USERS, DEVICES, ACCESS_TOKENS, FILTERS, ACCOUNT_DATA, PRESENCE, PDUS, EVENT_META,
@@ -250,7 +252,7 @@ pub mod tables {
         RELATIONS, THREAD_REPLIES, SEARCH_INDEX, AUDIT_LOG, THERAPISTS,
         THERAPIST_BOOKINGS, SESSION_NOTES, SESSION_PASSCODES, APPOINTMENTS, LINK_TOKENS_USED,
         PLUGIN_KV, PLUGIN_OUTBOX, SERVER_KEYS, OPENID_TOKENS, OPENID_TOKENS_BY_USER, FEDERATION_OUTBOX, FEDERATION_EDUS, REMOTE_ROOM_STATE,
-        DELAYED_EVENTS, DELAYED_EVENTS_DUE, DELAYED_EVENTS_BY_OWNER, CALL_NODES, CALL_PLACEMENTS, CALL_NODE_ROOMS, RATE_BUCKETS,
+        DELAYED_EVENTS, DELAYED_EVENTS_DUE, DELAYED_EVENTS_BY_OWNER, CALL_NODES, CALL_PLACEMENTS, CALL_NODE_ROOMS, RATE_BUCKETS, NODE_URLS,
     ];
 }
 

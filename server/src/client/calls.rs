@@ -59,7 +59,7 @@ async fn set_recording(
     let set: SetRecording = parse_body(&body)?;
     let room_id = super::sessions::room_id(&room)?;
     if let Some(url) = serving_elsewhere(&*server, &room_id, &headers)? {
-        let forwarded = server.calls.placements.forward(&url, axum::http::Method::PUT, &uri, &headers, body).await?;
+        let forwarded = server.peers.forward(&url, axum::http::Method::PUT, &uri, &headers, body, crate::calls::placement::FORWARD_TIMEOUT).await?;
         return Ok(forwarded.map(axum::body::Body::from));
     }
     let recorded = if set.recording {

@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, sync::atomic::Ordering, time::Duration};
 
-use axum::{Json, Router, extract::State};
+use axum::{Json, Router, extract::State, response::IntoResponse};
 use ruma::api::client::{filter::FilterDefinition, sync::sync_events};
 use ruma::OwnedRoomId;
 use serde_json::{Value as JsonValue, json};
@@ -100,8 +100,18 @@ async fn long_poll<T>(server: &AppState, timeout: Duration, mut build: impl FnMu
     }
 }
 
-/// Simplified sliding sync (MSC4186).
-async fn sliding_sync(State(server): State<AppState>, req: Ruma<sync_events::v5::Request>) -> Result<Json<JsonValue>> {
+/// Simplified sliding sync (MSC4186). A connection another node holds is continued there.
+async fn sliding_sync(State(server): State<AppState>, uri: axum::http::Uri, headers: axum::http::HeaderMap, req: Ruma<sync_events::v5::Request>) -> Result<axum::response::Response> {
+    if let Some(holder) = req.body.pos.as_deref().and_then(|pos| server.sliding_sync.holder(pos))
+        && !headers.contains_key(crate::cluster::FORWARDED)
+        && let Some(url) = server.peers.url_of(holder)?
+    {
+        let body = req.json.as_ref().map(serde_json::to_vec).transpose().map_err(Error::internal)?.unwrap_or_default();
+        // The holder long-polls as asked: waited for that long, and a while more.
+        let wait = req.body.timeout.unwrap_or_default().min(MAX_TIMEOUT) + FORWARDED_GRACE;
+        let answer = server.peers.forward(&url, axum::http::Method::POST, &uri, &headers, body.into(), wait).await?;
+        return Ok(answer.map(axum::body::Body::from));
+    }
     let caller = req.caller();
     let conn_id = req.body.conn_id.as_deref().unwrap_or_default();
     let previous = server.sliding_sync.resume(caller, conn_id, req.body.pos.as_deref())?;
@@ -129,8 +139,11 @@ async fn sliding_sync(State(server): State<AppState>, req: Ruma<sync_events::v5:
     if let Some(txn_id) = &req.body.txn_id {
         body["txn_id"] = json!(txn_id);
     }
-    Ok(Json(body))
+    Ok(Json(body).into_response())
 }
+
+/// How much longer than the long-poll itself a node waits for the node it passed it to.
+const FORWARDED_GRACE: Duration = Duration::from_secs(30);
 
 /// The `spaces` filter of each list, which ruma's request type does not carry.
 fn list_spaces(body: Option<&JsonValue>) -> Result<BTreeMap<String, Vec<OwnedRoomId>>> {

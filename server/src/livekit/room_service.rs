@@ -67,7 +67,7 @@ pub async fn room_service(State(server): State<AppState>, Path(method): Path<Str
     // The call's participants are on the node that serves it: the request is answered there.
     let forwarded = match crate::calls::placement::serving_elsewhere(&*server, &claims.matrix_room, &headers) {
         Ok(None) => None,
-        Ok(Some(url)) => Some(server.calls.placements.forward(&url, axum::http::Method::POST, &uri, &headers, body.clone()).await),
+        Ok(Some(url)) => Some(server.peers.forward(&url, axum::http::Method::POST, &uri, &headers, body.clone(), crate::calls::placement::FORWARD_TIMEOUT).await),
         Err(error) => Some(Err(error)),
     };
     match forwarded {

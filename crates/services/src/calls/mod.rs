@@ -177,7 +177,7 @@ impl Calls {
             )));
         }
         let signalling_url = or_listener(&config.signalling_url, format!("ws://{}:{}", listen.address, listen.port));
-        let placements = placement::Placements::new(store.clone(), node, signalling_url.clone())?;
+        let placements = placement::Placements::new(store.clone(), node, signalling_url.clone());
         let spool = spool_at(&placements.node().map_or_else(|| recordings.to_owned(), |node| recordings.join(node)))?;
         Ok(Self {
             service_url: or_listener(&config.service_url, format!("http://{}:{}{SERVICE_PATH}", listen.address, listen.port)),

@@ -90,22 +90,15 @@ pub struct Placements {
     /// This node's name when the store is shared; `None` on the embedded store.
     node: Option<String>,
     signalling_url: String,
-    /// Passes requests to the node serving a call.
-    http: reqwest::Client,
 }
 
-/// The header a request passed on to the node serving its call carries (the node it came
-/// through), so that it is never passed on again.
-pub const FORWARDED: &str = "x-limbic-forwarded-by";
 /// How long a node waits for the one serving a call to answer a request passed on to it.
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Placements {
-    pub fn new(store: Arc<Store>, node_name: &str, signalling_url: String) -> Result<Self> {
+    pub fn new(store: Arc<Store>, node_name: &str, signalling_url: String) -> Self {
         let node = store.is_shared().then(|| node_name.to_owned());
-        // Nodes are the operator's: their addresses are private ones, and nothing redirects.
-        let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).timeout(FORWARD_TIMEOUT).build().map_err(Error::internal)?;
-        Ok(Self { store, node, signalling_url, http })
+        Self { store, node, signalling_url }
     }
 
     /// This node's name among the others; `None` on the embedded store.
@@ -193,27 +186,6 @@ impl Placements {
     pub fn elsewhere(&self, call_room: &RoomId) -> Result<Option<String>> {
         let Some(node) = self.placed_elsewhere(call_room)? else { return Ok(None) };
         Ok(self.live()?.remove(&node).map(|node| node.signalling_url))
-    }
-
-    /// Passes a request (its method, path with query, `Authorization` and `Content-Type`, and
-    /// body) to the node whose signalling URL is `signalling_url`, and returns its answer. The
-    /// node checks the request as any other: passing it on grants nothing.
-    pub async fn forward(&self, signalling_url: &str, method: http::Method, uri: &http::Uri, headers: &http::HeaderMap, body: bytes::Bytes) -> Result<http::Response<bytes::Bytes>> {
-        let base = signalling_url.replacen("wss://", "https://", 1).replacen("ws://", "http://", 1);
-        let path = uri.path_and_query().map_or("/", |p| p.as_str());
-        let mut forwarded = self.http.request(method, format!("{base}{path}")).header(FORWARDED, self.node.as_deref().unwrap_or_default());
-        for name in [http::header::AUTHORIZATION, http::header::CONTENT_TYPE] {
-            if let Some(value) = headers.get(&name) {
-                forwarded = forwarded.header(name, value);
-            }
-        }
-        let unreachable = |error: reqwest::Error| Error::with_status(ErrorCode::Unknown, http::StatusCode::BAD_GATEWAY, format!("the node serving this call did not answer: {error}"));
-        let answer = forwarded.body(body).send().await.map_err(unreachable)?;
-        let mut response = http::Response::builder().status(answer.status());
-        if let Some(content_type) = answer.headers().get(http::header::CONTENT_TYPE) {
-            response = response.header(http::header::CONTENT_TYPE, content_type);
-        }
-        response.body(answer.bytes().await.map_err(unreachable)?).map_err(Error::internal)
     }
 
     /// Reads the placement of `call_room` and lets `decide` keep it or place the room on a
@@ -346,7 +318,7 @@ pub async fn admit(server: &dyn CallsHost, room_id: &RoomId) -> Result<Served> {
 /// The signalling URL of the other node serving the calls of `room_id`, to pass a request
 /// that only it can answer to; `None` to answer here (also for a request passed on already).
 pub fn serving_elsewhere(server: &dyn CallsHost, room_id: &RoomId, headers: &http::HeaderMap) -> Result<Option<String>> {
-    if headers.contains_key(FORWARDED) {
+    if headers.contains_key(crate::cluster::FORWARDED) {
         return Ok(None);
     }
     server.calls().placements.elsewhere(&super::call_home(server.rooms(), room_id)?)
@@ -401,7 +373,7 @@ mod tests {
 
     fn node(url: &str, name: &str) -> Placements {
         let store = Arc::new(Store::open_node(url, 2, name, true).unwrap());
-        Placements::new(store, name, format!("ws://{name}.test")).unwrap()
+        Placements::new(store, name, format!("ws://{name}.test"))
     }
 
     #[test]
@@ -472,7 +444,7 @@ mod tests {
     #[test]
     fn on_the_embedded_store_every_call_is_here() {
         let dir = tempfile::tempdir().unwrap();
-        let placements = Placements::new(Arc::new(Store::open(dir.path()).unwrap()), "", "ws://here.test".into()).unwrap();
+        let placements = Placements::new(Arc::new(Store::open(dir.path()).unwrap()), "", "ws://here.test".into());
         let room = owned_room_id!("!r:test.local");
         assert_eq!(placements.place(&room).unwrap(), Placed { node: None, signalling_url: "ws://here.test".into(), moved_from: None });
         assert_eq!(placements.admit(&room).unwrap(), Served::Here { moved_from: None });

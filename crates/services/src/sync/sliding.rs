@@ -46,6 +46,9 @@ const IDLE_CONNECTION: Duration = Duration::from_secs(30 * 60);
 pub struct Connections {
     /// Distinguishes this process's positions from an earlier one's.
     epoch: u64,
+    /// This node's name, in its positions, when nodes share the store: a request continuing a
+    /// connection through another node is passed to this one, which holds it.
+    node: Option<String>,
     inner: Mutex<HashMap<ConnectionKey, Connection>>,
     /// Per joined room: the newest timeline position looked at, and the bump stamp up to it.
     bumps: Mutex<HashMap<OwnedRoomId, (StreamPos, StreamPos)>>,
@@ -86,12 +89,24 @@ struct SentRoom {
 
 impl Default for Connections {
     fn default() -> Self {
-        let epoch = ruma::MilliSecondsSinceUnixEpoch::now().0.into();
-        Self { epoch, inner: Mutex::default(), bumps: Mutex::default() }
+        Self::new(None)
     }
 }
 
 impl Connections {
+    /// The connections of this process, named `node` among the nodes sharing the store.
+    pub fn new(node: Option<String>) -> Self {
+        let epoch = ruma::MilliSecondsSinceUnixEpoch::now().0.into();
+        Self { epoch, node, inner: Mutex::default(), bumps: Mutex::default() }
+    }
+
+    /// The other node whose connection `pos` continues (`<node>:<epoch>_<n>`), if it is not
+    /// this one's.
+    pub fn holder<'a>(&self, pos: &'a str) -> Option<&'a str> {
+        let (node, _) = pos.rsplit_once(':')?;
+        (Some(node) != self.node.as_deref()).then_some(node)
+    }
+
     /// The connection state a request continues from: a fresh one without `pos` (which also
     /// resets the connection), else the state stored under `pos`.
     pub fn resume(&self, caller: &Caller, conn_id: &str, pos: Option<&str>) -> Result<Arc<ConnectionState>> {
@@ -102,7 +117,12 @@ impl Connections {
             return Ok(Arc::default());
         };
         let unknown = || Error::new(ErrorCode::UnknownPos, format!("unknown or expired position {pos:?}; start a new connection"));
-        let (epoch, number) = pos.split_once('_').ok_or_else(unknown)?;
+        let own = match (&self.node, pos.rsplit_once(':')) {
+            (Some(node), Some((named, own))) if named == node => own,
+            (None, None) => pos,
+            _ => return Err(unknown()),
+        };
+        let (epoch, number) = own.split_once('_').ok_or_else(unknown)?;
         if epoch.parse::<u64>().ok() != Some(self.epoch) {
             return Err(unknown());
         }
@@ -127,7 +147,10 @@ impl Connections {
         while connection.positions.len() > KEPT_POSITIONS {
             connection.positions.pop_front();
         }
-        format!("{}_{number}", self.epoch)
+        match &self.node {
+            Some(node) => format!("{node}:{}_{number}", self.epoch),
+            None => format!("{}_{number}", self.epoch),
+        }
     }
 }
 
