@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import time
 import secrets
 import urllib.error
@@ -641,4 +642,43 @@ def test_signalling_refuses_forged_tokens(server):
             await room.disconnect()
         status, body = http(node, "GET", "/rtc/validate", token)
         assert status == 200, (status, body)
+    run(scenario())
+
+
+@pytest.mark.skipif(os.environ.get("INTEROP_CLUSTER") != "1", reason="needs two nodes: INTEROP_CLUSTER=1 (a CI step)")
+def test_a_recording_whose_node_dies_is_stored_by_the_node_its_call_moves_to(server):
+    """Two nodes: the call's node is killed while it records the client's tone; the next token,
+    from the other node, moves the call there, which stores what the dead node recorded."""
+    async def scenario():
+        therapist_room, client_room = rtc.Room(), rtc.Room()
+        stop = asyncio.Event()
+        try:
+            room_id, therapist, client = await recordable_call(server, therapist_room, client_room, stop)
+            set_consent(server.url, therapist, room_id, True)
+            set_consent(server.url, client, room_id, True)
+            status, body = http(server.url, "PUT", f"/_limbic/client/v1/sessions/{quote(room_id)}/recording", therapist.access_token, {"recording": True})
+            assert status == 200, (status, body)
+            await asyncio.sleep(4)
+            url, _ = call_token(server.url, therapist, room_id)
+            dead = next(node for node in server.nodes if url.endswith(f":{node.port}"))
+            alive = next(node for node in server.nodes if node is not dead)
+            dead.kill()
+            # The database counts the node dead within a second or two; then the call moves.
+            deadline = time.monotonic() + 15
+            while not call_token(alive.url, therapist, room_id)[0].endswith(f":{alive.port}"):
+                assert time.monotonic() < deadline, "the call did not move from the dead node"
+                await asyncio.sleep(0.3)
+            state = recording_state(alive.url, client, room_id)
+            assert state.get("recording") is False and state.get("stopped_because") == "the server stopped during the recording", state
+            status, listed = http(alive.url, "GET", f"/_limbic/client/v1/sessions/{quote(room_id, safe='')}/recordings", therapist.access_token)
+            assert status == 200, (status, listed)
+            audio = [r for r in listed["recordings"] if r["kind"] == "m.audio" and r["owner"] == client.user_id]
+            assert len(audio) == 1, listed
+            seconds, peak = decoded_audio(download(alive.url, therapist, audio[0]["url"]))
+            # At most the last second before the kill is lost.
+            assert seconds >= 2.5 and peak > 0.1, f"{seconds:.2f} s recorded, peak {peak}"
+        finally:
+            stop.set()
+            await client_room.disconnect()
+            await therapist_room.disconnect()
     run(scenario())
