@@ -400,14 +400,20 @@ async fn moderate(node: &TestServer, jwt: &str, method: &str, body: Value) -> (S
     (answer.status(), answer.json().await.unwrap())
 }
 
-/// What ends or stops a session's call, committed through another node than the call's, reaches
-/// the call's node: a recording started there, a withdrawn consent, the session's end.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_session_call_follows_what_is_done_through_another_node() {
+/// Two nodes, and an open group session that allows recording: its therapist, client and room.
+async fn recordable_session() -> (TestServer, TestServer, Client, Client, String) {
     let a = TestServer::start_cluster(&[]).await;
     let b = a.start_node("b").await;
     let (therapist, client, _observer, room) = calls::group_session_with(&a, json!({ "recording_policy": "with_consent" })).await;
     calls::set_status(&therapist, &room, "open").await;
+    (a, b, therapist, client, room)
+}
+
+/// What ends or stops a session's call, committed through another node than the call's, reaches
+/// the call's node: a recording started there, a withdrawn consent, the session's end.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_call_follows_what_is_done_through_another_node() {
+    let (a, b, therapist, client, room) = recordable_session().await;
     let consent_path = |who: &Client| format!("/_matrix/client/v3/rooms/{}/state/org.limbic.recording.consent/{}", enc(&room), enc(&who.user_id));
     for who in [&therapist, &client] {
         who.ok(Method::PUT, &consent_path(who), Some(json!({ "consent": true }))).await;
@@ -457,10 +463,7 @@ async fn a_session_call_follows_what_is_done_through_another_node() {
 /// and says why the recording stopped.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_recording_whose_node_dies_is_stored_by_the_node_its_call_moves_to() {
-    let a = TestServer::start_cluster(&[]).await;
-    let b = a.start_node("b").await;
-    let (therapist, client, _observer, room) = calls::group_session_with(&a, json!({ "recording_policy": "with_consent" })).await;
-    calls::set_status(&therapist, &room, "open").await;
+    let (a, b, therapist, client, room) = recordable_session().await;
     therapist.ok(Method::PUT, &format!("/_matrix/client/v3/rooms/{}/state/org.limbic.recording.consent/{}", enc(&room), enc(&therapist.user_id)), Some(json!({ "consent": true }))).await;
     let (url, jwt) = call_token(&a, &therapist, &room).await;
     let mut nodes = [a, b];

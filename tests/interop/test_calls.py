@@ -492,6 +492,16 @@ async def recordable_call(server, therapist_room: rtc.Room, client_room: rtc.Roo
     return room_id, therapist, client
 
 
+async def recording_call(server, therapist_room: rtc.Room, client_room: rtc.Room, stop: asyncio.Event) -> tuple[str, Member, Member]:
+    """[`recordable_call`] with both in it consenting and its recording started."""
+    room_id, therapist, client = await recordable_call(server, therapist_room, client_room, stop)
+    set_consent(server.url, therapist, room_id, True)
+    set_consent(server.url, client, room_id, True)
+    status, body = http(server.url, "PUT", f"/_limbic/client/v1/sessions/{quote(room_id)}/recording", therapist.access_token, {"recording": True})
+    assert status == 200, (status, body)
+    return room_id, therapist, client
+
+
 def test_a_recording_needs_everyones_consent_and_yields_the_tone(server):
     async def scenario():
         therapist_room, client_room = rtc.Room(), rtc.Room()
@@ -653,11 +663,7 @@ def test_a_recording_whose_node_dies_is_stored_by_the_node_its_call_moves_to(ser
         therapist_room, client_room = rtc.Room(), rtc.Room()
         stop = asyncio.Event()
         try:
-            room_id, therapist, client = await recordable_call(server, therapist_room, client_room, stop)
-            set_consent(server.url, therapist, room_id, True)
-            set_consent(server.url, client, room_id, True)
-            status, body = http(server.url, "PUT", f"/_limbic/client/v1/sessions/{quote(room_id)}/recording", therapist.access_token, {"recording": True})
-            assert status == 200, (status, body)
+            room_id, therapist, client = await recording_call(server, therapist_room, client_room, stop)
             await asyncio.sleep(4)
             url, _ = call_token(server.url, therapist, room_id)
             dead = next(node for node in server.nodes if url.endswith(f":{node.port}"))

@@ -121,7 +121,7 @@ def test_a_recording_cut_by_kill_9_is_stored_at_restart(server):
     from livekit import rtc
 
     from call_media import http
-    from test_calls import decoded_audio, decoded_video, download, recordable_call, recording_state, set_consent
+    from test_calls import decoded_audio, decoded_video, download, recording_call, recording_state
 
     recorded_for = 4.0
 
@@ -129,11 +129,7 @@ def test_a_recording_cut_by_kill_9_is_stored_at_restart(server):
         therapist_room, client_room = rtc.Room(), rtc.Room()
         stop = asyncio.Event()
         try:
-            room_id, therapist, client = await recordable_call(server, therapist_room, client_room, stop)
-            set_consent(server.url, therapist, room_id, True)
-            set_consent(server.url, client, room_id, True)
-            status, body = http(server.url, "PUT", f"/_limbic/client/v1/sessions/{quote(room_id)}/recording", therapist.access_token, {"recording": True})
-            assert status == 200, (status, body)
+            room_id, therapist, client = await recording_call(server, therapist_room, client_room, stop)
             await asyncio.sleep(recorded_for)
             server.kill()
         finally:
