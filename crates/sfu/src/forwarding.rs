@@ -50,19 +50,49 @@ impl Retry {
 /// picture until the switch back.
 pub(crate) const HOLD: Duration = Duration::from_secs(2);
 
-/// A subscriber connection's bandwidth estimates (TWCC, bits per second) over the last
-/// [`HOLD`]: the latest to switch down by, the lowest in effect in that time to switch up by.
+/// After a subscriber fell to a lower layer because its estimate no longer carried its own, the
+/// estimate must hold a better layer twice as long before the next switch up, for each fall
+/// within [`FALL_MEMORY`] of the one before, up to [`HOLD_MOST`]: an estimate that a probe
+/// raised above what a shaped link carries can last longer than [`HOLD`], and each switch up
+/// the link cannot carry stops the picture again.
+const HOLD_MOST: Duration = Duration::from_secs(16);
+const FALL_MEMORY: Duration = Duration::from_secs(30);
+
+/// A subscriber connection's bandwidth estimates (TWCC, bits per second) over the time they
+/// must hold ([`HOLD`], longer after falls): the latest to switch down by, the lowest in effect
+/// in that time to switch up by.
 #[derive(Debug, Default)]
 pub(crate) struct Estimate {
     /// When each estimate came, oldest first; the first one was in effect when the window began.
     recent: VecDeque<(Instant, u64)>,
+    /// Falls to a lower layer in a row (each within [`FALL_MEMORY`] of the last), and when the
+    /// last one was.
+    falls: u32,
+    last_fall: Option<Instant>,
 }
 
 impl Estimate {
     pub(crate) fn update(&mut self, now: Instant, estimate: Bitrate) {
         self.recent.push_back((now, estimate.as_u64()));
-        while self.recent.get(1).is_some_and(|(at, _)| now.duration_since(*at) >= HOLD) {
+        while self.recent.get(1).is_some_and(|(at, _)| now.duration_since(*at) >= HOLD_MOST) {
             self.recent.pop_front();
+        }
+    }
+
+    /// The subscriber fell to a lower layer for want of bandwidth.
+    pub(crate) fn fell(&mut self, now: Instant) {
+        if self.last_fall.is_none_or(|at| now.duration_since(at) >= FALL_MEMORY) {
+            self.falls = 0;
+        }
+        self.falls += 1;
+        self.last_fall = Some(now);
+    }
+
+    /// How long an estimate must have lasted to switch up by.
+    fn hold(&self, now: Instant) -> Duration {
+        match self.last_fall {
+            Some(at) if now.duration_since(at) < FALL_MEMORY => (HOLD * 2u32.pow(self.falls.min(3))).min(HOLD_MOST),
+            _ => HOLD,
         }
     }
 
@@ -70,13 +100,14 @@ impl Estimate {
         self.recent.back().map(|(_, estimate)| *estimate)
     }
 
-    /// The lowest estimate in effect at some moment of the last [`HOLD`].
+    /// The lowest estimate in effect at some moment of the time it must hold.
     pub(crate) fn held(&self, now: Instant) -> Option<u64> {
+        let hold = self.hold(now);
         let replaced_at = self.recent.iter().skip(1).map(|(at, _)| Some(*at)).chain([None]);
         self.recent
             .iter()
             .zip(replaced_at)
-            .filter(|(_, replaced)| replaced.is_none_or(|at| now.duration_since(at) < HOLD))
+            .filter(|(_, replaced)| replaced.is_none_or(|at| now.duration_since(at) < hold))
             .map(|((_, estimate), _)| *estimate)
             .min()
     }
@@ -372,6 +403,13 @@ impl Sfu {
                     wants_keyframe(&mut keyframes_wanted, rid);
                     continue;
                 }
+                // A fall for want of bandwidth (not because less was wanted) makes the next
+                // switch up wait longer.
+                let quality = |layer: Option<Rid>| usable.iter().find(|(usable, _, _)| Some(*usable) == layer).map(|(_, quality, _)| *quality);
+                let best_wanted = layer_for(&usable, down.layers.wanted, None);
+                if quality(rid) < quality(down.layers.current) && quality(rid) < quality(best_wanted) {
+                    subscriber.estimate.fell(now);
+                }
                 down.rtp.switch_to(&incoming);
                 down.layers.current = rid;
             } else if target != rid {
@@ -517,9 +555,31 @@ mod tests {
         assert_eq!(estimate.held(at(2_500)), Some(2_000_000), "held for 2 s");
         estimate.update(at(2_600), Bitrate::kbps(600));
         assert_eq!((estimate.latest(), estimate.held(at(2_600))), (Some(600_000), Some(600_000)), "lower: at once");
-        estimate.update(at(9_000), Bitrate::kbps(900));
-        assert_eq!(estimate.held(at(9_000)), Some(600_000));
+        estimate.update(at(19_000), Bitrate::kbps(900));
+        assert_eq!(estimate.held(at(19_000)), Some(600_000));
         assert_eq!(estimate.recent.len(), 2, "older estimates are let go");
+    }
+
+    #[test]
+    fn after_falls_an_estimate_must_hold_longer() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut estimate = Estimate::default();
+        estimate.update(at(0), Bitrate::kbps(300));
+        estimate.fell(at(0));
+        estimate.fell(at(1_000));
+        estimate.update(at(2_000), Bitrate::kbps(900)); // a probe's overshoot
+        assert_eq!(estimate.held(at(5_000)), Some(300_000), "after two falls: 8 s, not 2");
+        assert_eq!(estimate.held(at(9_999)), Some(300_000));
+        assert_eq!(estimate.held(at(10_000)), Some(900_000));
+        // Falls long ago are forgotten: 2 s again.
+        estimate.update(at(40_000), Bitrate::kbps(1_500));
+        assert_eq!(estimate.held(at(42_000)), Some(1_500_000));
+        // A fall now starts a new count: 4 s.
+        estimate.fell(at(42_000));
+        estimate.update(at(43_000), Bitrate::kbps(3_000));
+        assert_eq!(estimate.held(at(46_999)), Some(1_500_000));
+        assert_eq!(estimate.held(at(47_000)), Some(3_000_000));
     }
 
     #[test]
