@@ -93,7 +93,7 @@ async fn malformed_requests_get_matrix_errors() {
     assert_eq!((status, errcode(&body)), (StatusCode::FORBIDDEN, "M_FORBIDDEN"));
     let (status, body) = alice.put("/_matrix/client/v3/rooms/!nope:test.local/send/m.room.message/t2", json!({ "body": "x" })).await;
     assert_eq!((status, errcode(&body)), (StatusCode::NOT_FOUND, "M_NOT_FOUND"));
-    let (status, body) = alice.put(&path.replace("t1", "t3"), json!({ "body": "x", "n": 1.5 })).await;
+    let (status, body) = alice.put(&path.replace("/t1", "/t3"), json!({ "body": "x", "n": 1.5 })).await;
     assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_BAD_JSON"));
 }
 
