@@ -159,26 +159,32 @@ impl Push {
     /// when the stored value changed.
     pub fn rulesets(&self, users: &[&UserId]) -> Result<Vec<Arc<Ruleset>>> {
         let shared = self.store.is_shared();
-        let missing: Vec<&UserId> = {
+        let mut wanted: Vec<&UserId> = {
             let cache = self.rulesets.lock().expect("ruleset cache");
             users.iter().copied().filter(|user| shared || !cache.contains_key(*user)).collect()
         };
-        // Read without the lock: other rooms' events need it meanwhile.
-        let keys: Vec<Vec<u8>> = missing.iter().map(|user| Key::new().str(user.as_str()).str("").str(PUSH_RULES).into_vec()).collect();
-        let stored = if keys.is_empty() { Vec::new() } else { self.store.get_many(tables::ACCOUNT_DATA, &keys.iter().map(Vec::as_slice).collect::<Vec<_>>())? };
-        let mut cache = self.rulesets.lock().expect("ruleset cache");
-        for (user, raw) in missing.into_iter().zip(stored) {
-            if cache.get(user).is_some_and(|(_, parsed_from)| *parsed_from == raw) {
-                continue;
+        loop {
+            // Read without the lock: other rooms' events need it meanwhile.
+            let keys: Vec<Vec<u8>> = wanted.iter().map(|user| Key::new().str(user.as_str()).str("").str(PUSH_RULES).into_vec()).collect();
+            let stored = if keys.is_empty() { Vec::new() } else { self.store.get_many(tables::ACCOUNT_DATA, &keys.iter().map(Vec::as_slice).collect::<Vec<_>>())? };
+            let mut cache = self.rulesets.lock().expect("ruleset cache");
+            for (user, raw) in wanted.into_iter().zip(stored) {
+                if cache.get(user).is_some_and(|(_, parsed_from)| *parsed_from == raw) {
+                    continue;
+                }
+                let entry: Option<crate::users::AccountDataEntry> = raw.as_deref().map(|bytes| crate::store::decode(tables::ACCOUNT_DATA, bytes)).transpose()?;
+                let rules = entry
+                    .and_then(|entry| entry.content.get("global").cloned())
+                    .and_then(|global| serde_json::from_value::<Ruleset>(global).ok())
+                    .unwrap_or_else(|| Ruleset::server_default(user));
+                cache.insert(user.to_owned(), (Arc::new(rules), raw));
             }
-            let entry: Option<crate::users::AccountDataEntry> = raw.as_deref().map(|bytes| crate::store::decode(tables::ACCOUNT_DATA, bytes)).transpose()?;
-            let rules = entry
-                .and_then(|entry| entry.content.get("global").cloned())
-                .and_then(|global| serde_json::from_value::<Ruleset>(global).ok())
-                .unwrap_or_else(|| Ruleset::server_default(user));
-            cache.insert(user.to_owned(), (Arc::new(rules), raw));
+            // A change through this process may have taken some out meanwhile: read those again.
+            wanted = users.iter().copied().filter(|user| !cache.contains_key(*user)).collect();
+            if wanted.is_empty() {
+                return Ok(users.iter().map(|user| cache[*user].0.clone()).collect());
+            }
         }
-        Ok(users.iter().map(|user| cache[*user].0.clone()).collect())
     }
 
     /// The account data content for a ruleset.
