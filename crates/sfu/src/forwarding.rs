@@ -72,9 +72,12 @@ pub(crate) struct Estimate {
 }
 
 impl Estimate {
+    /// Keeps the estimates of the time they must hold now (it is read for every packet
+    /// forwarded: the shorter the better).
     pub(crate) fn update(&mut self, now: Instant, estimate: Bitrate) {
         self.recent.push_back((now, estimate.as_u64()));
-        while self.recent.get(1).is_some_and(|(at, _)| now.duration_since(*at) >= HOLD_MOST) {
+        let hold = self.hold(now);
+        while self.recent.get(1).is_some_and(|(at, _)| now.duration_since(*at) >= hold) {
             self.recent.pop_front();
         }
     }
