@@ -30,6 +30,9 @@ pub(crate) trait SharedPositions: Send + Sync {
     fn allocate(&self) -> Result<StreamPos>;
     /// The write carrying `pos` is finished (durable, or abandoned): the watermark moves on.
     fn finish(&self, pos: StreamPos);
+    /// Moves the watermark to the database's now, rather than when the other nodes' news
+    /// arrives.
+    fn catch_up(&self) -> Result<()>;
 }
 
 enum Source {
@@ -70,6 +73,16 @@ impl Streams {
 
     pub fn subscribe(&self) -> watch::Receiver<StreamPos> {
         self.watermark.subscribe()
+    }
+
+    /// Brings the watermark up to every write finished anywhere so far, so that what a client
+    /// reads next includes what another client was told is written, through whichever node (a
+    /// round trip on a shared store; nothing on the embedded one, whose writes are all here).
+    pub fn catch_up(&self) -> Result<()> {
+        match &self.source {
+            Source::Shared(positions) => positions.catch_up(),
+            Source::Local(_) => Ok(()),
+        }
     }
 
     /// Allocates the next position. The returned ticket must live until the write carrying the

@@ -79,6 +79,8 @@ async fn long_poll<T>(server: &AppState, timeout: Duration, mut build: impl FnMu
     let deadline = tokio::time::Instant::now() + timeout;
     // Subscribe before reading the position so that no write can slip between the two.
     let mut watermark = server.store.streams().subscribe();
+    // What another node acknowledged before this request is in its answer.
+    server.store.streams().catch_up()?;
     loop {
         let upto = *watermark.borrow_and_update();
         let (body, ready) = build(upto)?;

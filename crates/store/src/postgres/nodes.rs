@@ -209,6 +209,12 @@ impl SharedPositions for SharedStream {
             Err(error) => tracing::error!(%error, pos, "could not mark a stream position finished"),
         }
     }
+
+    fn catch_up(&self) -> Result<()> {
+        let now = block_on(&self.runtime, watermark(self.pool.clone()))?;
+        advance(&self.watermark, now);
+        Ok(())
+    }
 }
 
 /// Drives the node's session (its queries need it from the start), passing on the notifications
