@@ -15,6 +15,11 @@ use crate::{
 /// it is never passed on again.
 pub const FORWARDED: &str = "x-limbic-forwarded-by";
 
+/// Whether a request was passed on by another node already: it is answered here, whatever.
+pub fn passed_on(headers: &http::HeaderMap) -> bool {
+    headers.contains_key(FORWARDED)
+}
+
 pub struct Peers {
     store: Arc<Store>,
     /// This node's name when the store is shared; `None` on the embedded store.

@@ -105,7 +105,7 @@ async fn long_poll<T>(server: &AppState, timeout: Duration, mut build: impl FnMu
 /// Simplified sliding sync (MSC4186). A connection another node holds is continued there.
 async fn sliding_sync(State(server): State<AppState>, uri: axum::http::Uri, headers: axum::http::HeaderMap, req: Ruma<sync_events::v5::Request>) -> Result<axum::response::Response> {
     if let Some(holder) = req.body.pos.as_deref().and_then(|pos| server.sliding_sync.holder(pos))
-        && !headers.contains_key(crate::cluster::FORWARDED)
+        && !crate::cluster::passed_on(&headers)
         && let Some(url) = server.peers.url_of(holder)?
     {
         let body = req.json.as_ref().map(serde_json::to_vec).transpose().map_err(Error::internal)?.unwrap_or_default();

@@ -318,7 +318,7 @@ pub async fn admit(server: &dyn CallsHost, room_id: &RoomId) -> Result<Served> {
 /// The signalling URL of the other node serving the calls of `room_id`, to pass a request
 /// that only it can answer to; `None` to answer here (also for a request passed on already).
 pub fn serving_elsewhere(server: &dyn CallsHost, room_id: &RoomId, headers: &http::HeaderMap) -> Result<Option<String>> {
-    if headers.contains_key(crate::cluster::FORWARDED) {
+    if crate::cluster::passed_on(headers) {
         return Ok(None);
     }
     server.calls().placements.elsewhere(&super::call_home(server.rooms(), room_id)?)

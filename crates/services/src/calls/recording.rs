@@ -208,7 +208,8 @@ async fn stopped_elsewhere(server: &dyn CallsHost, room_id: &RoomId) {
     // Subscribed first: a stop committed from now on wakes the wait.
     let mut committed = server.store().streams().subscribe();
     let is_recording = || server.rooms().state_content(room_id, RECORDING, "").ok().flatten().and_then(|s| s.get("recording").and_then(JsonValue::as_bool)) == Some(true);
-    if !is_recording() || !super::placement::serving_elsewhere(server, room_id, &http::HeaderMap::new()).is_ok_and(|node| node.is_some()) {
+    let served_elsewhere = || super::call_home(server.rooms(), room_id).and_then(|home| server.calls().placements.elsewhere(&home)).is_ok_and(|url| url.is_some());
+    if !is_recording() || !served_elsewhere() {
         return;
     }
     let deadline = tokio::time::Instant::now() + STOPPED_ELSEWHERE_WITHIN;
