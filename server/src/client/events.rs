@@ -332,6 +332,8 @@ async fn messages(
         ReadView::AsOfLeave { pos, .. } => pos,
         ReadView::Current => StreamPos::MAX,
     };
+    // What another node acknowledged before this request is in its answer.
+    server.store.streams().catch_up()?;
     let current = server.store.streams().current().min(ceiling);
     let latest = (current, TIMELINE_ORDER);
     let from = match &req.body.from {
@@ -438,6 +440,7 @@ async fn context(
         }
         Ok((out, last))
     };
+    server.store.streams().catch_up()?;
     let current = server.store.streams().current();
     let (before, before_pos) = collect(Box::new(server.rooms.timeline_before(room_id, meta.pos - 1)), before_limit)?;
     let (after, after_pos) = collect(Box::new(server.rooms.timeline_after(room_id, meta.pos, current)), half)?;
