@@ -181,6 +181,12 @@ impl Server {
         txn: Option<crate::rooms::TxnInfo>,
         records: Option<crate::store::Batch>,
     ) -> Result<crate::events::Pdu> {
+        // Messages (no state, nothing else in their write) are committed in groups.
+        if builder.state_key.is_none() && records.is_none() {
+            let sent = self.rooms.send(sender, room_id, builder, txn).await?;
+            sent.committed.finish().await;
+            return Ok(sent.pdu);
+        }
         let mut writer = self.rooms.writer(room_id).await?;
         if !writer.exists() {
             return Err(crate::Error::not_found("unknown room"));

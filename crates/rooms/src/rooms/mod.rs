@@ -6,6 +6,7 @@ mod after_commit;
 mod ephemeral;
 mod fanout;
 pub mod filter;
+mod group;
 mod pipeline;
 pub mod relations;
 mod retention;
@@ -27,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 pub use after_commit::{AfterCommit, Committed, FollowUp};
 pub use ephemeral::Receipt;
+pub use group::Sent;
 pub use fanout::{Delivery, Fanout, Indexer, Policy, RoomView, StagedEvent, Staging};
 pub use limbic_core::events::Membership;
 pub use pipeline::{RoomWriter, TxnInfo};
@@ -148,6 +150,8 @@ pub struct Rooms {
     fanout: std::sync::OnceLock<Fanout>,
     /// Chains the audit entries a write carries.
     audit: Arc<crate::audit::Audit>,
+    /// Local sends waiting for their room's writer, committed in groups.
+    sends: group::SendQueues,
     /// Whether this server federates (typing notifications go to other servers).
     pub federating: bool,
 }
@@ -165,6 +169,7 @@ impl Rooms {
             retention_cursors: Mutex::default(),
             latest_positions: Mutex::default(),
             fanout: std::sync::OnceLock::new(),
+            sends: group::SendQueues::default(),
         }
     }
 

@@ -119,6 +119,11 @@ fn membership_audit(pdu: &Pdu, target: &OwnedUserId, previous: Option<Membership
         .details(serde_json::json!({ "event_id": pdu.event_id, "reason": reason }))
 }
 
+/// The key a transaction id is kept under, naming the event it was sent as.
+pub(super) fn txn_key(sender: &UserId, txn: &TxnInfo) -> Vec<u8> {
+    Key::new().str(sender.as_str()).str(&txn.device_id).str(&txn.txn_id).into_vec()
+}
+
 /// The device and transaction id a client sent an event with.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TxnInfo {
@@ -152,6 +157,9 @@ pub struct RoomWriter<'a> {
     staged_latest: Vec<(OwnedRoomId, StreamPos)>,
     /// What the writer claimed (by name), kept until it commits.
     claims: std::sync::Mutex<HashMap<String, Claim>>,
+    /// Set while an event is being staged, and left set if staging failed halfway: the batch
+    /// then holds part of an event and must never be written.
+    broken: bool,
     _guard: RoomLock,
 }
 
@@ -181,6 +189,7 @@ impl<'a> RoomWriter<'a> {
             staged_audit: Vec::new(),
             staged_latest: Vec::new(),
             claims: std::sync::Mutex::default(),
+            broken: false,
             _guard: guard,
         })
     }
@@ -305,6 +314,7 @@ impl<'a> RoomWriter<'a> {
         rules: &RoomVersionRules,
         txn: Option<TxnInfo>,
     ) -> Result<()> {
+        self.broken = true;
         let store = &self.rooms.store;
         let ticket = store.streams().allocate(store)?;
         let pos = ticket.pos();
@@ -373,8 +383,7 @@ impl<'a> RoomWriter<'a> {
         relations::stage(&mut self.batch, &pdu, pos);
         self.batch.put_json(tables::ROOMS, room.as_bytes(), &record)?;
         if let Some(txn) = &txn {
-            let key = Key::new().str(pdu.sender.as_str()).str(&txn.device_id).str(&txn.txn_id).into_vec();
-            self.batch.put(tables::TXN_IDS, &key, pdu.event_id.as_bytes());
+            self.batch.put(tables::TXN_IDS, &txn_key(&pdu.sender, txn), pdu.event_id.as_bytes());
         }
         self.record = Some(record);
         // What the registered indexers keep about the event goes into the same batch.
@@ -387,7 +396,19 @@ impl<'a> RoomWriter<'a> {
         self.staged_order.push(pdu.clone());
         self.staged_events.insert(pdu.event_id.clone(), pdu);
         self.tickets.push(ticket);
+        self.broken = false;
         Ok(())
+    }
+
+    /// Whether an event's staging failed halfway, so that this writer must not commit (it
+    /// refuses to). A refused event leaves the writer as it was.
+    pub fn broken(&self) -> bool {
+        self.broken
+    }
+
+    /// An event staged in this writer.
+    pub fn staged_event(&self, event_id: &ruma::EventId) -> Option<Pdu> {
+        self.staged_events.get(event_id).cloned()
     }
 
     /// Authorizes and stages an event another server built and signed (its signatures and
@@ -799,9 +820,27 @@ impl<'a> RoomWriter<'a> {
 
     /// Persists every staged event in one durable batch, then lets readers see them; what the
     /// after-commit hooks leave to do is returned (it runs in the background unless awaited).
-    pub fn commit(mut self) -> Result<super::Committed> {
+    pub fn commit(self) -> Result<super::Committed> {
+        let rooms = self.rooms;
+        let events = self.persist()?;
+        Ok(super::after_commit::run(&rooms.fanout().after_commit, &events))
+    }
+
+    /// Commits as [`Self::commit`] does, with each event's after-commit work apart (in the order
+    /// the events were staged), for senders who each await their own.
+    pub(super) fn commit_each(self) -> Result<Vec<super::Committed>> {
+        let rooms = self.rooms;
+        let events = self.persist()?;
+        Ok(events.iter().map(|event| super::after_commit::run(&rooms.fanout().after_commit, std::slice::from_ref(event))).collect())
+    }
+
+    /// Writes the batch, lets readers see it and unlocks the room; the events committed, in order.
+    fn persist(mut self) -> Result<Vec<Pdu>> {
+        if self.broken {
+            return Err(Error::internal("an event was staged halfway; the write was not made"));
+        }
         if self.batch.is_empty() && self.staged_audit.is_empty() {
-            return Ok(super::Committed::default());
+            return Ok(Vec::new());
         }
         let mut batch = std::mem::take(&mut self.batch);
         self.condition(&mut batch);
@@ -819,7 +858,7 @@ impl<'a> RoomWriter<'a> {
         }
         // The room unlocks before the hooks run: their follow-ups may write to it.
         drop(self._guard);
-        Ok(super::after_commit::run(&self.rooms.fanout().after_commit, &self.staged_order))
+        Ok(self.staged_order)
     }
 }
 
