@@ -246,6 +246,75 @@ async fn everything_survives_restart_and_crash() {
     assert_eq!(after["rooms"]["join"][&room]["timeline"]["events"][0]["content"]["body"], "after crash");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_while_groups_of_sends_are_written_loses_no_acknowledged_message() {
+    let mut server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let room = alice.create_room(json!({ "preset": "public_chat" })).await;
+    let mut senders = vec![alice.clone()];
+    for i in 0..7 {
+        let member = server.register(&format!("member{i}")).await;
+        assert_eq!(member.join(&room).await.0, StatusCode::OK);
+        senders.push(member);
+    }
+    // Eight senders at once, each sending until the server is gone: their sends are grouped.
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tasks: Vec<_> = senders
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(sender, client)| {
+            let (room, written) = (room.clone(), written.clone());
+            tokio::spawn(async move {
+                let mut acknowledged = Vec::new();
+                for i in 0.. {
+                    let path = format!("{}/_matrix/client/v3/rooms/{}/send/m.room.message/c{i}", client.base, enc(&room));
+                    let request = client.http.put(path).bearer_auth(client.token.as_deref().unwrap()).json(&json!({ "msgtype": "m.text", "body": format!("{sender}.{i}") }));
+                    let Ok(response) = request.send().await else { return (acknowledged, i) };
+                    let Ok(body) = response.json::<serde_json::Value>().await else { return (acknowledged, i) };
+                    acknowledged.push(body["event_id"].as_str().expect("an event id").to_owned());
+                    written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                unreachable!()
+            })
+        })
+        .collect();
+    while written.load(std::sync::atomic::Ordering::Relaxed) < 200 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    server.kill9();
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await.unwrap());
+    }
+    server.start_again().await;
+    let page = alice.messages(&room, "dir=f&limit=1000").await;
+    let stored: Vec<(String, String)> = page["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "m.room.message")
+        .map(|e| (e["event_id"].as_str().unwrap().to_owned(), e["content"]["body"].as_str().unwrap().to_owned()))
+        .collect();
+    let acknowledged: usize = outcomes.iter().map(|(ids, _)| ids.len()).sum();
+    assert!(acknowledged < 900, "{acknowledged} acknowledged: more than a page of history");
+    for (sender, (ids, in_flight)) in outcomes.iter().enumerate() {
+        // Every acknowledged send is stored, in the order its sender sent it; the one in flight
+        // at the crash is stored or not, and nothing after it.
+        let mine: Vec<&(String, String)> = stored.iter().filter(|(_, body)| body.split('.').next() == Some(&sender.to_string())).collect();
+        assert!(mine.len() == ids.len() || mine.len() == ids.len() + 1, "sender {sender}: {} stored, {} acknowledged", mine.len(), ids.len());
+        assert_eq!(mine.iter().take(ids.len()).map(|(id, _)| id).collect::<Vec<_>>(), ids.iter().collect::<Vec<_>>());
+        // Its retry gets the event it became, or makes it now: one event either way.
+        let retried = senders[sender].send_text(&room, &format!("c{in_flight}"), &format!("{sender}.{in_flight}")).await;
+        if let Some((id, _)) = mine.get(ids.len()) {
+            assert_eq!(&retried, id, "sender {sender}: the retry answers with the stored event");
+        }
+    }
+    let after = alice.messages(&room, "dir=f&limit=1000").await;
+    let bodies: Vec<&str> = after["chunk"].as_array().unwrap().iter().filter(|e| e["type"] == "m.room.message").map(|e| e["content"]["body"].as_str().unwrap()).collect();
+    assert_eq!(bodies.len(), acknowledged + senders.len(), "each send once: {bodies:?}");
+}
+
 #[tokio::test]
 async fn sigterm_answers_long_polls_and_exits_promptly() {
     let mut server = TestServer::start().await;
