@@ -181,8 +181,8 @@ impl Server {
         txn: Option<crate::rooms::TxnInfo>,
         records: Option<crate::store::Batch>,
     ) -> Result<crate::events::Pdu> {
-        // Messages (no state, nothing else in their write) are committed in groups.
-        if builder.state_key.is_none() && records.is_none() {
+        // Messages with nothing else in their write are committed in groups.
+        if records.is_none() && Rooms::groups(&builder) {
             let sent = self.rooms.send(sender, room_id, builder, txn).await?;
             sent.committed.finish().await;
             return Ok(sent.pdu);

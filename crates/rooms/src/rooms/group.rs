@@ -81,10 +81,20 @@ impl Drop for Queued<'_> {
 }
 
 impl Rooms {
+    /// Whether [`Self::send`] takes the event: one that changes no state. Not a redaction
+    /// either: it changes a stored event (perhaps a state event), which the events after it in
+    /// its group would still read as it was.
+    pub fn groups(builder: &PduBuilder) -> bool {
+        builder.state_key.is_none() && builder.kind != ruma::events::TimelineEventType::RoomRedaction
+    }
+
     /// Appends an event of a local user and commits it, with the other sends that reach the room
     /// while its writer is busy (see the module's comment). The caller awaits the answer's
     /// [`Committed::finish`] when its own answer must reflect the after-commit work.
     pub async fn send(&self, sender: &UserId, room_id: &RoomId, builder: PduBuilder, txn: Option<TxnInfo>) -> Result<Sent> {
+        if !Self::groups(&builder) {
+            return Err(Error::internal(format!("a {} event is not sent in a group", builder.kind)));
+        }
         let (answer, mut answered) = oneshot::channel();
         let id = self.sends.next_id.fetch_add(1, Ordering::Relaxed);
         self.sends.rooms().entry(room_id.to_owned()).or_default().push(Waiting { id, sender: sender.to_owned(), builder, txn, answer });
