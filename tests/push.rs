@@ -99,6 +99,52 @@ async fn notification_counts_follow_rules_and_receipts() {
     assert!(own["notifications"].as_array().unwrap().is_empty());
 }
 
+#[tokio::test]
+async fn notifications_follow_power_levels_and_members_as_they_change() {
+    let server = TestServer::start().await;
+    let (alice, bob, room) = two_users_in_a_room(&server).await;
+    let room_mention = |txn: &'static str| {
+        let (bob, room) = (bob.clone(), room.clone());
+        async move {
+            let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(&room));
+            bob.ok(Method::PUT, &path, Some(json!({ "msgtype": "m.text", "body": format!("@room {txn}"), "m.mentions": { "room": true } }))).await;
+        }
+    };
+    // Alice's notifications: body → (highlight, whether it has a sound: a one-to-one room's).
+    let alices = || async {
+        let list = alice.ok(Method::GET, "/_matrix/client/v3/notifications", None).await;
+        list["notifications"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                let tweak = |name: &str| n["actions"].as_array().unwrap().iter().any(|a| a["set_tweak"] == name && a["value"] != false);
+                (n["event"]["content"]["body"].as_str().unwrap().to_owned(), (tweak("highlight"), tweak("sound")))
+            })
+            .collect::<std::collections::HashMap<_, _>>()
+    };
+    // Messages between the changes keep the room's push context; each change must renew it.
+    bob.send_text(&room, "b1", "one to one").await;
+    room_mention("before").await;
+    let bob_may_notify = json!({ "users": { alice.user_id.clone(): 100, bob.user_id.clone(): 50 } });
+    alice.ok(Method::PUT, &format!("/_matrix/client/v3/rooms/{}/state/m.room.power_levels/", enc(&room)), Some(bob_may_notify)).await;
+    room_mention("after").await;
+    let carol = server.register("carol").await;
+    assert_eq!(carol.join(&room).await.0, StatusCode::OK);
+    bob.send_text(&room, "b2", "three of us").await;
+    let notes = alices().await;
+    assert_eq!(notes["one to one"], (false, true), "two members: a one-to-one room's sound");
+    assert_eq!(notes["@room before"].0, false, "bob may not notify the room yet");
+    assert_eq!(notes["@room after"].0, true, "bob may notify the room now");
+    assert_eq!(notes["three of us"], (false, false), "three members: no longer one-to-one");
+    // Carol, who joined after the context was first kept, is notified; bob, gone, is not.
+    bob.post(&format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)), json!({})).await;
+    alice.send_text(&room, "a1", "after bob left").await;
+    let bodies = |list: Value| list["notifications"].as_array().unwrap().iter().map(|n| n["event"]["content"]["body"].as_str().unwrap().to_owned()).collect::<Vec<_>>();
+    assert!(bodies(carol.ok(Method::GET, "/_matrix/client/v3/notifications", None).await).contains(&"after bob left".to_owned()));
+    assert!(!bodies(bob.ok(Method::GET, "/_matrix/client/v3/notifications", None).await).contains(&"after bob left".to_owned()));
+}
+
 /// A push gateway on loopback: `url` (at `ip`) and every request body it got, in `hits`; it
 /// fails its first `failures` requests with a 503, or answers each with a 307 to `redirect_to`.
 /// `received` holds the bodies it accepted.

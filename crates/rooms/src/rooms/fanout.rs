@@ -63,6 +63,10 @@ pub struct StagedEvent<'a> {
     pub replaced: Option<&'a Pdu>,
     /// Whether it came from a local user (and is this server's to send to others).
     pub local: bool,
+    /// The room's state snapshot with the event: the same for events that change no state, and
+    /// never the same for two different states (so what is derived from the state may be kept
+    /// by it).
+    pub state: StreamPos,
 }
 
 /// Work to do once the write is durable, with the room unlocked (e.g. push delivery).

@@ -14,7 +14,7 @@ use futures_util::FutureExt;
 use ruma::{
     Int, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UInt, UserId,
     power_levels::NotificationPowerLevels,
-    push::{Action, PushConditionPowerLevelsCtx, PushConditionRoomCtx, Ruleset},
+    push::{Action, FlattenedJson, PushConditionPowerLevelsCtx, PushConditionRoomCtx, Ruleset},
     room_version_rules::RoomPowerLevelsRules,
     serde::Raw,
 };
@@ -100,15 +100,26 @@ pub struct Notification {
     pub actions: Vec<Action>,
 }
 
-/// What push evaluation needs to know about the room at an event.
-pub struct RoomContext<'a> {
+/// What push evaluation needs to know about the room at an event. It depends on the room's state
+/// alone (for events that change none), so the notifier keeps it per state snapshot.
+pub struct RoomContext {
     pub room_id: OwnedRoomId,
     /// Local users to evaluate for, with their display name in the room.
     pub recipients: Vec<(OwnedUserId, String)>,
     pub member_count: u64,
-    pub power_levels: Option<JsonValue>,
-    pub rules: &'a ruma::room_version_rules::AuthorizationRules,
-    pub creators: Vec<OwnedUserId>,
+    pub power_levels: Option<PushConditionPowerLevelsCtx>,
+}
+
+/// The actions of the first of `rules` that applies to `event`, as ruma's `Ruleset::get_actions`
+/// finds them, on an event flattened beforehand (the sender is never a recipient).
+fn first_match<'r>(rules: &'r Ruleset, event: &FlattenedJson, context: &PushConditionRoomCtx) -> Option<&'r [Action]> {
+    for rule in rules {
+        // Evaluation is only asynchronous for thread subscriptions, which are not used.
+        if rule.applies(event, context).now_or_never()? {
+            return Some(rule.actions());
+        }
+    }
+    Some(&[])
 }
 
 pub struct Push {
@@ -199,9 +210,10 @@ impl Push {
 
     /// Evaluates the rules of every recipient for `pdu` and stages the notifications in the
     /// event's batch. Returns them for delivery to push gateways after the commit.
-    pub fn stage_event(&self, batch: &mut Batch, pdu: &Pdu, pos: StreamPos, room: &RoomContext<'_>) -> Result<Vec<(OwnedUserId, Notification)>> {
+    pub fn stage_event(&self, batch: &mut Batch, pdu: &Pdu, pos: StreamPos, room: &RoomContext) -> Result<Vec<(OwnedUserId, Notification)>> {
         let raw: Raw<JsonValue> = Raw::new(&pdu.to_client_event(None, true)).map_err(Error::internal)?;
-        let power_levels = room.power_levels.as_ref().map(|p| power_levels_ctx(p, room.rules, room.creators.clone()));
+        // Flattened once for all recipients (ruma's `get_actions` would for each).
+        let event = FlattenedJson::from_raw(&raw);
         let mut staged = Vec::new();
         let recipients: Vec<&(OwnedUserId, String)> = room.recipients.iter().filter(|(user_id, _)| *user_id != pdu.sender).collect();
         let rulesets = self.rulesets(&recipients.iter().map(|(user_id, _)| user_id.as_ref()).collect::<Vec<_>>())?;
@@ -212,9 +224,8 @@ impl Push {
                 user_id.clone(),
                 display_name.clone(),
             );
-            context.power_levels = power_levels.clone();
-            // Evaluation is only asynchronous for thread subscriptions, which are not used.
-            let Some(actions) = rules.get_actions(&raw, &context).now_or_never() else { continue };
+            context.power_levels = room.power_levels.clone();
+            let Some(actions) = first_match(&rules, &event, &context) else { continue };
             if !actions.iter().any(Action::should_notify) {
                 continue;
             }
@@ -414,16 +425,44 @@ mod tests {
 pub struct Notifier {
     push: Arc<Push>,
     server_name: ruma::OwnedServerName,
+    /// Per room, its push context at one state snapshot (the newest seen), for the events that
+    /// change no state: reading every member's event again for each message would cost
+    /// O(members) store reads under the room's lock.
+    contexts: Mutex<HashMap<OwnedRoomId, (StreamPos, Arc<RoomContext>)>>,
 }
 
 impl Notifier {
+    /// Rooms whose context is kept; past this, the map starts again (a busy room's is read again
+    /// at its next event).
+    const CONTEXTS_KEPT: usize = 4096;
+
     pub fn new(push: Arc<Push>, server_name: ruma::OwnedServerName) -> Self {
-        Self { push, server_name }
+        Self { push, server_name, contexts: Mutex::default() }
+    }
+
+    /// The room's push context at the event, kept for the events that change no state.
+    fn context_at(&self, room: &dyn crate::rooms::RoomView, event: &crate::rooms::StagedEvent<'_>) -> Result<Arc<RoomContext>> {
+        if event.pdu.state_key.is_some() {
+            return Ok(Arc::new(self.room_context(room, event.pdu)?));
+        }
+        let room_id = room.room_id();
+        if let Some((state, context)) = self.contexts.lock().expect("push contexts").get(room_id)
+            && *state == event.state
+        {
+            return Ok(context.clone());
+        }
+        let context = Arc::new(self.room_context(room, event.pdu)?);
+        let mut contexts = self.contexts.lock().expect("push contexts");
+        if contexts.len() >= Self::CONTEXTS_KEPT && !contexts.contains_key(room_id) {
+            contexts.clear();
+        }
+        contexts.insert(room_id.to_owned(), (event.state, context.clone()));
+        Ok(context)
     }
 
     /// Who push rules are evaluated for: local joined members after the event, and the
     /// target of an invite.
-    fn room_context<'r>(&self, room: &'r dyn crate::rooms::RoomView, pdu: &Pdu) -> Result<RoomContext<'r>> {
+    fn room_context(&self, room: &dyn crate::rooms::RoomView, pdu: &Pdu) -> Result<RoomContext> {
         use crate::rooms::Membership;
         let members = room.members()?;
         let member_count = members.values().filter(|m| **m == Membership::Join).count() as u64;
@@ -441,20 +480,14 @@ impl Notifier {
         }
         let rules = room.rules()?;
         let creators = room.state("m.room.create", "")?.map(|create| crate::events::privileged_creators(&create, rules)).unwrap_or_default();
-        Ok(RoomContext {
-            room_id: room.room_id().to_owned(),
-            recipients,
-            member_count,
-            power_levels: room.state("m.room.power_levels", "")?.map(|p| p.content_json()),
-            rules: &rules.authorization,
-            creators,
-        })
+        let power_levels = room.state("m.room.power_levels", "")?.map(|p| power_levels_ctx(&p.content_json(), &rules.authorization, creators));
+        Ok(RoomContext { room_id: room.room_id().to_owned(), recipients, member_count, power_levels })
     }
 }
 
 impl crate::rooms::Indexer for Notifier {
     fn stage(&self, room: &dyn crate::rooms::RoomView, event: &crate::rooms::StagedEvent<'_>, staging: &mut crate::rooms::Staging<'_>) -> Result<()> {
-        let context = self.room_context(room, event.pdu)?;
+        let context = self.context_at(room, event)?;
         let notifications = self.push.stage_event(staging.batch(), event.pdu, event.pos, &context)?;
         if !notifications.is_empty() {
             let (push, pdu) = (self.push.clone(), event.pdu.clone());
