@@ -32,6 +32,42 @@ struct View<'w> {
     staged_state: &'w HashMap<(String, String), Pdu>,
     staged_members: &'w HashMap<OwnedUserId, Membership>,
     claims: &'w std::sync::Mutex<HashMap<String, Claim>>,
+    reads: &'w std::sync::Mutex<StoredReads>,
+}
+
+/// What a writer read of its room as stored: current state by (type, state key) and events by
+/// id. The room is locked, so what is stored changes only through this writer's own commit;
+/// its staged events are looked at first, and a redaction (which changes a stored event)
+/// forgets everything read.
+#[derive(Default)]
+struct StoredReads {
+    state: HashMap<(String, String), Option<Pdu>>,
+    events: HashMap<OwnedEventId, Option<Pdu>>,
+}
+
+impl StoredReads {
+    fn state(reads: &std::sync::Mutex<Self>, rooms: &Rooms, room_id: &ruma::RoomId, kind: &str, state_key: &str) -> Result<Option<Pdu>> {
+        let key = (kind.to_owned(), state_key.to_owned());
+        if let Some(pdu) = lock(reads).state.get(&key) {
+            return Ok(pdu.clone());
+        }
+        let pdu = rooms.state_event(room_id, kind, state_key)?;
+        lock(reads).state.insert(key, pdu.clone());
+        Ok(pdu)
+    }
+
+    fn event(reads: &std::sync::Mutex<Self>, rooms: &Rooms, event_id: &ruma::EventId) -> Result<Option<Pdu>> {
+        if let Some(pdu) = lock(reads).events.get(event_id) {
+            return Ok(pdu.clone());
+        }
+        let pdu = rooms.pdu(event_id)?;
+        lock(reads).events.insert(event_id.to_owned(), pdu.clone());
+        Ok(pdu)
+    }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl RoomView for View<'_> {
@@ -50,7 +86,7 @@ impl RoomView for View<'_> {
         if self.record.as_ref().is_none_or(|r| r.snapshot == state::EMPTY_SNAPSHOT) {
             return Ok(None);
         }
-        self.rooms.state_event(self.room_id, kind, state_key)
+        StoredReads::state(self.reads, self.rooms, self.room_id, kind, state_key)
     }
 
     fn state_of_type(&self, kind: &str) -> Result<Vec<(String, Pdu)>> {
@@ -160,6 +196,7 @@ pub struct RoomWriter<'a> {
     /// Set while an event is being staged, and left set if staging failed halfway: the batch
     /// then holds part of an event and must never be written.
     broken: bool,
+    reads: std::sync::Mutex<StoredReads>,
     _guard: RoomLock,
 }
 
@@ -190,6 +227,7 @@ impl<'a> RoomWriter<'a> {
             staged_latest: Vec::new(),
             claims: std::sync::Mutex::default(),
             broken: false,
+            reads: std::sync::Mutex::default(),
             _guard: guard,
         })
     }
@@ -219,7 +257,7 @@ impl<'a> RoomWriter<'a> {
     }
 
     fn view(&self) -> View<'_> {
-        View { rooms: self.rooms, room_id: &self.room_id, record: &self.record, rules: &self.rules, staged_state: &self.staged_state, staged_members: &self.staged_members, claims: &self.claims }
+        View { rooms: self.rooms, room_id: &self.room_id, record: &self.record, rules: &self.rules, staged_state: &self.staged_state, staged_members: &self.staged_members, claims: &self.claims, reads: &self.reads }
     }
 
     /// The current state event for (type, state key), staged events included.
@@ -228,7 +266,7 @@ impl<'a> RoomWriter<'a> {
     }
 
     fn event(&self, event_id: &ruma::EventId) -> Option<Pdu> {
-        self.staged_events.get(event_id).cloned().or_else(|| self.rooms.pdu(event_id).ok().flatten())
+        self.staged_events.get(event_id).cloned().or_else(|| StoredReads::event(&self.reads, self.rooms, event_id).ok().flatten())
     }
 
     /// The registered policies' verdict on an event the room version's rules allowed.
@@ -387,9 +425,10 @@ impl<'a> RoomWriter<'a> {
         }
         self.record = Some(record);
         // What the registered indexers keep about the event goes into the same batch.
-        let view = View { rooms: self.rooms, room_id: &self.room_id, record: &self.record, rules: &self.rules, staged_state: &self.staged_state, staged_members: &self.staged_members, claims: &self.claims };
+        let view = View { rooms: self.rooms, room_id: &self.room_id, record: &self.record, rules: &self.rules, staged_state: &self.staged_state, staged_members: &self.staged_members, claims: &self.claims, reads: &self.reads };
         let mut staging = Staging { store, batch: &mut self.batch, audit: &mut self.staged_audit, deliveries: &mut self.staged_deliveries };
-        let event = StagedEvent { pdu: &pdu, pos, replaced: replaced.as_ref(), local: pdu.sender.server_name() == self.rooms.key.server_name() };
+        let state = self.record.as_ref().map_or(state::EMPTY_SNAPSHOT, |r| r.snapshot);
+        let event = StagedEvent { pdu: &pdu, pos, replaced: replaced.as_ref(), local: pdu.sender.server_name() == self.rooms.key.server_name(), state };
         for indexer in &self.rooms.fanout().indexers {
             indexer.stage(&view, &event, &mut staging)?;
         }
@@ -768,6 +807,7 @@ impl<'a> RoomWriter<'a> {
         }
         let redacted = redact_stored(&stored, rules, redaction)?;
         meta.redacted_by = Some(redaction.event_id.clone());
+        *lock(&self.reads) = StoredReads::default();
         // A redacted event no longer relates to anything and no longer matches searches.
         relations::unstage(&mut self.batch, &original, meta.pos);
         for indexer in &self.rooms.fanout().indexers {
@@ -853,11 +893,12 @@ impl<'a> RoomWriter<'a> {
         self.rooms.note_latest(&self.staged_latest);
         // Dropping the tickets advances the stream watermark and wakes /sync.
         drop(self.tickets);
+        // The room unlocks before the deliveries (they read each recipient's pushers) and the
+        // hooks run: their follow-ups may write to it.
+        drop(self._guard);
         for delivery in self.staged_deliveries {
             delivery(self.rooms);
         }
-        // The room unlocks before the hooks run: their follow-ups may write to it.
-        drop(self._guard);
         Ok(self.staged_order)
     }
 }
