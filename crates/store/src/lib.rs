@@ -775,6 +775,22 @@ mod tests {
     }
 
     #[test]
+    fn tickets_finished_together_move_the_watermark_once_all_are_finished() {
+        for (engine, open) in engines("finish_all") {
+            let store = open();
+            let streams = store.streams();
+            let tickets: Vec<_> = (0..3).map(|_| streams.allocate(&store).unwrap()).collect();
+            let last = tickets[2].pos();
+            let later = streams.allocate(&store).unwrap();
+            StreamTicket::finish_all(tickets);
+            assert_eq!(streams.current(), last, "{engine}: up to the last of them, not the one still in flight");
+            drop(later);
+            streams.catch_up().unwrap();
+            assert!(streams.current() > last, "{engine}");
+        }
+    }
+
+    #[test]
     fn a_node_that_dies_is_fenced_and_no_longer_holds_the_others_back() {
         let postgres = TempPostgres::shared();
         let url = postgres.new_database("fencing");

@@ -891,8 +891,8 @@ impl<'a> RoomWriter<'a> {
             self.rooms.audit.write_with(store, batch, self.staged_audit)?;
         }
         self.rooms.note_latest(&self.staged_latest);
-        // Dropping the tickets advances the stream watermark and wakes /sync.
-        drop(self.tickets);
+        // Finishing the tickets advances the stream watermark and wakes /sync.
+        crate::store::StreamTicket::finish_all(self.tickets);
         // The room unlocks before the deliveries (they read each recipient's pushers) and the
         // hooks run: their follow-ups may write to it.
         drop(self._guard);

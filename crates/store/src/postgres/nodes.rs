@@ -68,6 +68,9 @@ END $$;
 CREATE OR REPLACE FUNCTION limbic_allocate(n text, i bigint) RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE p bigint;
 BEGIN
+    -- The in-flight rows need not wait for the disk: the write that carries a position commits
+    -- durably after its row, so a crash that loses the row loses that write too.
+    PERFORM set_config('synchronous_commit', 'off', true);
     PERFORM pg_advisory_xact_lock_shared({STREAM_LOCK});
     PERFORM limbic_node_live(n, i);
     p := nextval('limbic_stream_positions');
@@ -83,9 +86,11 @@ BEGIN
     RETURN LEAST(s, COALESCE(m, s));
 END $$;
 DROP FUNCTION IF EXISTS limbic_finish(bigint);
-CREATE OR REPLACE FUNCTION limbic_finish(p bigint, n text) RETURNS bigint LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION limbic_finish_all(ps bigint[], n text) RETURNS bigint LANGUAGE plpgsql AS $$
 BEGIN
-    DELETE FROM limbic_in_flight WHERE pos = p;
+    -- A row a crash brings back only holds the watermark until the node is fenced.
+    PERFORM set_config('synchronous_commit', 'off', true);
+    DELETE FROM limbic_in_flight WHERE pos = ANY(ps);
     PERFORM pg_notify('{CHANNEL}', n);
     RETURN limbic_watermark();
 END $$;
@@ -196,17 +201,18 @@ impl SharedPositions for SharedStream {
         })
     }
 
-    fn finish(&self, pos: StreamPos) {
+    fn finish(&self, positions: &[StreamPos]) {
         let (pool, node) = (self.pool.clone(), self.node.clone());
+        let rows: Vec<i64> = positions.iter().map(|&pos| pos as i64).collect();
         let finished = block_on(&self.runtime, async move {
             let client = pool.get().await?;
-            let statement = client.prepare_cached("SELECT limbic_finish($1, $2)").await?;
-            Ok(position(client.query_one(&statement, &[&(pos as i64), &node.name]).await?.get(0)))
+            let statement = client.prepare_cached("SELECT limbic_finish_all($1, $2)").await?;
+            Ok(position(client.query_one(&statement, &[&rows, &node.name]).await?.get(0)))
         });
         match finished {
             Ok(watermark) => advance(&self.watermark, watermark),
-            // The row stays: the watermark waits until this node restarts or is fenced.
-            Err(error) => tracing::error!(%error, pos, "could not mark a stream position finished"),
+            // The rows stay: the watermark waits until this node restarts or is fenced.
+            Err(error) => tracing::error!(%error, ?positions, "could not mark stream positions finished"),
         }
     }
 
