@@ -145,6 +145,29 @@ async fn notifications_follow_power_levels_and_members_as_they_change() {
     assert!(!bodies(bob.ok(Method::GET, "/_matrix/client/v3/notifications", None).await).contains(&"after bob left".to_owned()));
 }
 
+#[tokio::test]
+async fn a_redacted_display_name_no_longer_matches() {
+    let server = TestServer::start().await;
+    let (alice, bob, room) = two_users_in_a_room(&server).await;
+    let member_path = format!("/_matrix/client/v3/rooms/{}/state/m.room.member/{}", enc(&room), enc(&alice.user_id));
+    let named = alice.ok(Method::PUT, &member_path, Some(json!({ "membership": "join", "displayname": "Ally" }))).await["event_id"].as_str().unwrap().to_owned();
+    let rule = json!({ "conditions": [{ "kind": "contains_display_name" }], "actions": ["notify", { "set_tweak": "highlight" }] });
+    alice.ok(Method::PUT, "/_matrix/client/v3/pushrules/global/override/by_name", Some(rule)).await;
+    let highlighted = || async {
+        let list = alice.ok(Method::GET, "/_matrix/client/v3/notifications?only=highlight", None).await;
+        list["notifications"].as_array().unwrap().iter().map(|n| n["event"]["content"]["body"].as_str().unwrap().to_owned()).collect::<Vec<_>>()
+    };
+    bob.send_text(&room, "b1", "hello Ally").await;
+    assert_eq!(highlighted().await, ["hello Ally"]);
+    // Her member event redacted, her display name is gone (she is "alice" again), between two
+    // messages that keep the room's push context.
+    let path = format!("/_matrix/client/v3/rooms/{}/redact/{}/r1", enc(&room), enc(&named));
+    alice.ok(Method::PUT, &path, Some(json!({}))).await;
+    bob.send_text(&room, "b2", "hello again Ally").await;
+    bob.send_text(&room, "b3", "and alice").await;
+    assert_eq!(highlighted().await, ["and alice", "hello Ally"]);
+}
+
 /// A push gateway on loopback: `url` (at `ip`) and every request body it got, in `hits`; it
 /// fails its first `failures` requests with a 503, or answers each with a 307 to `redirect_to`.
 /// `received` holds the bodies it accepted.

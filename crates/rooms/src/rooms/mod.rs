@@ -152,6 +152,8 @@ pub struct Rooms {
     audit: Arc<crate::audit::Audit>,
     /// Local sends waiting for their room's writer, committed in groups.
     sends: group::SendQueues,
+    /// Per room, the current state its writers read at one snapshot (the newest opened).
+    state_reads: Mutex<HashMap<OwnedRoomId, (StreamPos, Arc<Mutex<pipeline::StateReads>>)>>,
     /// Whether this server federates (typing notifications go to other servers).
     pub federating: bool,
 }
@@ -170,6 +172,7 @@ impl Rooms {
             latest_positions: Mutex::default(),
             fanout: std::sync::OnceLock::new(),
             sends: group::SendQueues::default(),
+            state_reads: Mutex::default(),
         }
     }
 
@@ -206,6 +209,26 @@ impl Rooms {
         let guard = lock.lock_owned().await;
         let hold = self.store.hold(&format!("room {room_id}")).await?;
         RoomWriter::open(self, room_id.to_owned(), (guard, hold))
+    }
+
+    /// Rooms whose state reads are kept; past this, the map starts again.
+    const STATE_READS_KEPT: usize = 4096;
+
+    /// The state reads of the room's writers at `snapshot`, kept for the next writer that opens
+    /// the room at the same snapshot (and replaced by those of a newer one).
+    fn state_reads(&self, room_id: &RoomId, snapshot: StreamPos) -> Arc<Mutex<pipeline::StateReads>> {
+        let mut kept = self.state_reads.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((at, reads)) = kept.get(room_id)
+            && *at == snapshot
+        {
+            return reads.clone();
+        }
+        if kept.len() >= Self::STATE_READS_KEPT && !kept.contains_key(room_id) {
+            kept.clear();
+        }
+        let reads = Arc::new(Mutex::default());
+        kept.insert(room_id.to_owned(), (snapshot, reads.clone()));
+        reads
     }
 
     /// Claims `name` unless another writer (of this process, or of another node sharing the

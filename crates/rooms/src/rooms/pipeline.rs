@@ -1,7 +1,7 @@
 //! The write side of a room: build, authorize and stage events under the room's lock, then
 //! persist everything staged in one atomic batch. Readers see nothing until the commit.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use ruma::{
     OwnedEventId, OwnedRoomId, OwnedUserId, RoomVersionId, UserId,
@@ -35,24 +35,37 @@ struct View<'w> {
     reads: &'w std::sync::Mutex<StoredReads>,
 }
 
-/// What a writer read of its room as stored: current state by (type, state key) and events by
-/// id. The room is locked, so what is stored changes only through this writer's own commit;
-/// its staged events are looked at first, and a redaction (which changes a stored event)
-/// forgets everything read.
-#[derive(Default)]
+/// What a writer read of its room as stored: current state by (type, state key), shared with
+/// the room's other writers that open it at the same state snapshot (a snapshot names one
+/// state, the content of its events included: a redaction of a state event makes a new one),
+/// and events by id. Staged events are looked at first.
 struct StoredReads {
-    state: HashMap<(String, String), Option<Pdu>>,
+    state: Arc<std::sync::Mutex<StateReads>>,
     events: HashMap<OwnedEventId, Option<Pdu>>,
 }
 
+/// The current state events read at one snapshot.
+pub(super) type StateReads = HashMap<(String, String), Option<Pdu>>;
+
 impl StoredReads {
+    /// Reads shared by the writers that open the room at `snapshot`.
+    fn at(rooms: &Rooms, room_id: &ruma::RoomId, snapshot: StreamPos) -> Self {
+        Self { state: rooms.state_reads(room_id, snapshot), events: HashMap::new() }
+    }
+
+    /// Reads of this writer alone (after a redaction, which changes a stored event).
+    fn private() -> Self {
+        Self { state: Arc::default(), events: HashMap::new() }
+    }
+
     fn state(reads: &std::sync::Mutex<Self>, rooms: &Rooms, room_id: &ruma::RoomId, kind: &str, state_key: &str) -> Result<Option<Pdu>> {
         let key = (kind.to_owned(), state_key.to_owned());
-        if let Some(pdu) = lock(reads).state.get(&key) {
+        let shared = lock(reads).state.clone();
+        if let Some(pdu) = lock(&shared).get(&key) {
             return Ok(pdu.clone());
         }
         let pdu = rooms.state_event(room_id, kind, state_key)?;
-        lock(reads).state.insert(key, pdu.clone());
+        lock(&shared).insert(key, pdu.clone());
         Ok(pdu)
     }
 
@@ -209,6 +222,10 @@ impl<'a> RoomWriter<'a> {
         let record_read = rooms.store.get(tables::ROOMS, room_id.as_bytes())?;
         let record: Option<RoomRecord> = record_read.as_deref().map(|bytes| crate::store::decode(tables::ROOMS, bytes)).transpose()?;
         let rules = record.as_ref().map(|r| rules_for(&r.version)).transpose()?;
+        let reads = match &record {
+            Some(record) => StoredReads::at(rooms, &room_id, record.snapshot),
+            None => StoredReads::private(),
+        };
         Ok(Self {
             batch: rooms.store.batch(),
             rooms,
@@ -227,7 +244,7 @@ impl<'a> RoomWriter<'a> {
             staged_latest: Vec::new(),
             claims: std::sync::Mutex::default(),
             broken: false,
-            reads: std::sync::Mutex::default(),
+            reads: std::sync::Mutex::new(reads),
             _guard: guard,
         })
     }
@@ -398,8 +415,15 @@ impl<'a> RoomWriter<'a> {
 
         if pdu.kind == TimelineEventType::RoomRedaction
             && let Some(target) = &pdu.redacts
+            && self.apply_redaction(target, &pdu, rules)?
         {
-            self.apply_redaction(target, &pdu, rules)?;
+            // The redacted event is part of the room's state: a new snapshot (of the same
+            // events) names the state with its content stripped, so that nothing kept per
+            // snapshot outlives the change, on any node.
+            let generation = self.rooms.snapshots.write_entries(store, &mut self.batch, record.snapshot, pos, Vec::new(), &self.snapshot_generations)?;
+            self.snapshot_generations.insert(pos, generation);
+            meta.state_after = pos;
+            record.snapshot = pos;
         }
 
         if pdu.kind == TimelineEventType::RoomHistoryVisibility
@@ -713,11 +737,11 @@ impl<'a> RoomWriter<'a> {
         }
         let ticket = store.streams().allocate(store)?;
         let pos = ticket.pos();
-        if !snapshot_changes.is_empty() {
-            let generation = self.rooms.snapshots.write_entries(store, &mut self.batch, record.snapshot, pos, snapshot_changes, &self.snapshot_generations)?;
-            self.snapshot_generations.insert(pos, generation);
-            record.snapshot = pos;
-        }
+        // A new snapshot even when only the current-state index changes: a snapshot names one
+        // state, and what is derived from the state is kept by it (the push context).
+        let generation = self.rooms.snapshots.write_entries(store, &mut self.batch, record.snapshot, pos, snapshot_changes, &self.snapshot_generations)?;
+        self.snapshot_generations.insert(pos, generation);
+        record.snapshot = pos;
         for ((kind, state_key), event_id) in index_changes {
             let Some(pdu) = self.event(&event_id) else { continue };
             self.batch.put(tables::ROOM_STATE, &state::state_key(self.room_id.as_str(), &kind, &state_key), event_id.as_bytes());
@@ -794,20 +818,32 @@ impl<'a> RoomWriter<'a> {
         Ok(())
     }
 
-    fn apply_redaction(&mut self, target: &ruma::EventId, redaction: &Pdu, rules: &RoomVersionRules) -> Result<()> {
+    /// Stages the stripping of `target`; true when it is one of the room's current state events.
+    fn apply_redaction(&mut self, target: &ruma::EventId, redaction: &Pdu, rules: &RoomVersionRules) -> Result<bool> {
         let store = &self.rooms.store;
         let Some(stored) = store.get(tables::PDUS, target.as_bytes())? else {
             // Redactions of unknown events are kept; there is nothing to strip.
-            return Ok(());
+            return Ok(false);
         };
-        let Some(mut meta) = self.rooms.meta(target)? else { return Ok(()) };
+        let Some(mut meta) = self.rooms.meta(target)? else { return Ok(false) };
         let original = Pdu::from_stored(&stored)?;
         if original.room_id != self.room_id {
             return Err(Error::bad_json("cannot redact an event of another room"));
         }
         let redacted = redact_stored(&stored, rules, redaction)?;
         meta.redacted_by = Some(redaction.event_id.clone());
-        *lock(&self.reads) = StoredReads::default();
+        // From here on this writer reads the event as redacted (the indexers of the redaction
+        // itself included), never as it was.
+        let stripped = Pdu::from_stored(&redacted)?;
+        let current = match &original.state_key {
+            Some(state_key) if self.state_event(&original.kind.to_string(), state_key)?.is_some_and(|pdu| pdu.event_id == target) => {
+                self.staged_state.insert((original.kind.to_string(), state_key.clone()), stripped.clone());
+                true
+            }
+            _ => false,
+        };
+        self.staged_events.insert(target.to_owned(), stripped);
+        *lock(&self.reads) = StoredReads::private();
         // A redacted event no longer relates to anything and no longer matches searches.
         relations::unstage(&mut self.batch, &original, meta.pos);
         for indexer in &self.rooms.fanout().indexers {
@@ -815,7 +851,7 @@ impl<'a> RoomWriter<'a> {
         }
         self.batch.put(tables::PDUS, target.as_bytes(), &redacted);
         self.batch.put_json(tables::EVENT_META, target.as_bytes(), &meta)?;
-        Ok(())
+        Ok(current)
     }
 
     /// The writer's batch, for records of other modules that belong with these events.
