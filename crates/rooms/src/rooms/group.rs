@@ -129,12 +129,18 @@ impl Rooms {
             Err(error) => return answer_all(group, &error),
         };
         let mut appended = Vec::new();
+        // Retries of a send made earlier in this group: answered with its event once it is durable.
+        let mut retries = Vec::new();
         let mut group = group.into_iter();
         while let Some(waiting) = group.next() {
             let txn_key = waiting.txn.as_ref().map(|txn| txn_key(&waiting.sender, txn));
             // A retry of a send already made (in this group or before) gets the same event.
             if let Some(event_id) = txn_key.as_ref().and_then(|key| sent_before.get(key)) {
-                let pdu = writer.staged_event(event_id).map(Ok).or_else(|| self.pdu(event_id).transpose()).unwrap_or_else(|| Err(Error::internal("a transaction's event is missing")));
+                if let Some(pdu) = writer.staged_event(event_id) {
+                    retries.push((pdu, waiting.answer));
+                    continue;
+                }
+                let pdu = self.pdu(event_id).and_then(|pdu| pdu.ok_or_else(|| Error::internal("a transaction's event is missing")));
                 let _ = waiting.answer.send(pdu.map(|pdu| Sent { pdu, committed: Committed::default() }));
                 continue;
             }
@@ -151,6 +157,7 @@ impl Rooms {
                 Err(error) => {
                     answer_all(group.collect(), &error);
                     answer_all_appended(appended, &error);
+                    answer_all_appended(retries, &error);
                     let _ = waiting.answer.send(Err(error));
                     return;
                 }
@@ -161,8 +168,14 @@ impl Rooms {
                 for ((pdu, answer), committed) in appended.into_iter().zip(committed) {
                     let _ = answer.send(Ok(Sent { pdu, committed }));
                 }
+                for (pdu, answer) in retries {
+                    let _ = answer.send(Ok(Sent { pdu, committed: Committed::default() }));
+                }
             }
-            Err(error) => answer_all_appended(appended, &error),
+            Err(error) => {
+                answer_all_appended(appended, &error);
+                answer_all_appended(retries, &error);
+            }
         }
     }
 
@@ -332,7 +345,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (rooms, _, alice, room) = setup(dir.path()).await;
         let busy = rooms.writer(&room).await.unwrap();
-        let tasks = queued(&rooms, &room, ["before", "breaks", "after"].map(|body| (alice.clone(), message(body), None)).to_vec()).await;
+        // "before" is sent twice with one transaction id: the retry's answer waits for the write
+        // too, and gets its failure rather than an event that was never written.
+        let sends = [("before", "t1"), ("before, retried", "t1"), ("breaks", "t2"), ("after", "t3")];
+        let tasks = queued(&rooms, &room, sends.into_iter().map(|(body, txn_id)| (alice.clone(), message(body), txn(txn_id))).collect()).await;
         drop(busy);
         for task in tasks {
             let error = task.await.unwrap().unwrap_err();
@@ -342,6 +358,18 @@ mod tests {
         // The room goes on: the next send is written.
         rooms.send(&alice, &room, message("later"), None).await.unwrap();
         assert_eq!(bodies(&rooms, &room), ["later"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_writer_broken_by_one_event_stays_broken_after_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rooms, _, alice, room) = setup(dir.path()).await;
+        let mut writer = rooms.writer(&room).await.unwrap();
+        assert!(writer.append(&alice, message("breaks"), None).is_err());
+        writer.append(&alice, message("fine"), None).unwrap();
+        assert!(writer.broken());
+        assert!(writer.commit().is_err(), "half an event is never written");
+        assert!(bodies(&rooms, &room).is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -58,6 +58,10 @@ impl StoredReads {
         Self { state: Arc::default(), events: HashMap::new() }
     }
 
+    /// State events kept per room: the few every event's checks read (create, power levels,
+    /// join rules, the senders' memberships), not every member's event of a large room.
+    const STATE_KEPT: usize = 64;
+
     fn state(reads: &std::sync::Mutex<Self>, rooms: &Rooms, room_id: &ruma::RoomId, kind: &str, state_key: &str) -> Result<Option<Pdu>> {
         let key = (kind.to_owned(), state_key.to_owned());
         let shared = lock(reads).state.clone();
@@ -65,7 +69,10 @@ impl StoredReads {
             return Ok(pdu.clone());
         }
         let pdu = rooms.state_event(room_id, kind, state_key)?;
-        lock(&shared).insert(key, pdu.clone());
+        let mut kept = lock(&shared);
+        if kept.len() < Self::STATE_KEPT {
+            kept.insert(key, pdu.clone());
+        }
         Ok(pdu)
     }
 
@@ -369,6 +376,8 @@ impl<'a> RoomWriter<'a> {
         rules: &RoomVersionRules,
         txn: Option<TxnInfo>,
     ) -> Result<()> {
+        // Broken until this event is wholly staged, and for good if an earlier one was not.
+        let broken_before = self.broken;
         self.broken = true;
         let store = &self.rooms.store;
         let ticket = store.streams().allocate(store)?;
@@ -459,7 +468,7 @@ impl<'a> RoomWriter<'a> {
         self.staged_order.push(pdu.clone());
         self.staged_events.insert(pdu.event_id.clone(), pdu);
         self.tickets.push(ticket);
-        self.broken = false;
+        self.broken = broken_before;
         Ok(())
     }
 
