@@ -211,8 +211,9 @@ impl Rooms {
         RoomWriter::open(self, room_id.to_owned(), (guard, hold))
     }
 
-    /// Rooms whose state reads are kept; past this, the map starts again.
-    const STATE_READS_KEPT: usize = 4096;
+    /// Rooms whose state reads are kept (at most 64 events each); past this, the map starts
+    /// again.
+    const STATE_READS_KEPT: usize = 1024;
 
     /// The state reads of the room's writers at `snapshot`, kept for the next writer that opens
     /// the room at the same snapshot (and replaced by those of a newer one).

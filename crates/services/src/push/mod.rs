@@ -432,9 +432,9 @@ pub struct Notifier {
 }
 
 impl Notifier {
-    /// Rooms whose context is kept; past this, the map starts again (a busy room's is read again
-    /// at its next event).
-    const CONTEXTS_KEPT: usize = 4096;
+    /// Recipients kept across all rooms' contexts (a few MB); past this, the map starts again
+    /// (a busy room's is read again at its next event).
+    const RECIPIENTS_KEPT: usize = 100_000;
 
     pub fn new(push: Arc<Push>, server_name: ruma::OwnedServerName) -> Self {
         Self { push, server_name, contexts: Mutex::default() }
@@ -453,7 +453,8 @@ impl Notifier {
         }
         let context = Arc::new(self.room_context(room, event.pdu)?);
         let mut contexts = self.contexts.lock().expect("push contexts");
-        if contexts.len() >= Self::CONTEXTS_KEPT && !contexts.contains_key(room_id) {
+        let kept: usize = contexts.values().map(|(_, kept)| kept.recipients.len()).sum();
+        if kept + context.recipients.len() > Self::RECIPIENTS_KEPT {
             contexts.clear();
         }
         contexts.insert(room_id.to_owned(), (event.state, context.clone()));
