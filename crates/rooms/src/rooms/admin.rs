@@ -114,13 +114,14 @@ impl Rooms {
             for indexer in &self.fanout().indexers {
                 indexer.unstage(store, batch, pdu, pos);
             }
-            if pdu.is_state() {
-                // Each state event started the snapshot named by its position.
+            let meta = self.meta(event_id)?;
+            // Each state event started the snapshot named by its position, and so did each
+            // redaction of a current state event.
+            if pdu.is_state() || meta.as_ref().is_some_and(|meta| meta.state_after == pos) {
                 batch.delete(tables::STATE_SNAPSHOTS, &pos.to_be_bytes());
             }
-            if let Some(txn) = self.meta(event_id)?.and_then(|meta| meta.txn) {
-                let key = Key::new().str(pdu.sender.as_str()).str(&txn.device_id).str(&txn.txn_id).into_vec();
-                batch.delete(tables::TXN_IDS, &key);
+            if let Some(txn) = meta.and_then(|meta| meta.txn) {
+                batch.delete(tables::TXN_IDS, &super::pipeline::txn_key(&pdu.sender, &txn));
             }
         }
         batch.delete(tables::PDUS, event_id.as_bytes());
