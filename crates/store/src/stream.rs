@@ -28,9 +28,11 @@ struct Allocator {
 /// write goes through the database, which computes the watermark across the nodes.
 pub(crate) trait SharedPositions: Send + Sync {
     fn allocate(&self) -> Result<StreamPos>;
-    /// The writes carrying `positions` are finished (durable, or abandoned): the watermark
-    /// moves on.
-    fn finish(&self, positions: &[StreamPos]);
+    /// The writes carrying `positions` are finished: the watermark moves on. `written`: they
+    /// were written durably (so was each position's allocation, which came before); else they
+    /// were abandoned, and the move waits for the disk, so that no position a client may have
+    /// synced past can be handed out again after a crash of the database.
+    fn finish(&self, positions: &[StreamPos], written: bool);
     /// Moves the watermark to the database's now, rather than when the other nodes' news
     /// arrives.
     fn catch_up(&self) -> Result<()>;
@@ -134,8 +136,9 @@ impl StreamTicket {
         self.pos
     }
 
-    /// Finishes the tickets of one write together: on a shared store, in one round trip to the
-    /// database instead of one each (they all come from the one store).
+    /// Finishes the tickets of one durable write together: on a shared store, in one round trip
+    /// to the database instead of one each (they all come from the one store). A ticket
+    /// dropped instead marks its position abandoned.
     pub fn finish_all(tickets: Vec<StreamTicket>) {
         let mut shared = None;
         let mut positions = Vec::new();
@@ -150,7 +153,7 @@ impl StreamTicket {
             }
         }
         if let Some(source) = shared {
-            source.finish(&positions);
+            source.finish(&positions, true);
         }
     }
 }
@@ -159,7 +162,7 @@ impl Drop for StreamTicket {
     fn drop(&mut self) {
         let (allocator, watermark) = match &self.finish {
             None => return,
-            Some(Finish::Shared(positions)) => return positions.finish(&[self.pos]),
+            Some(Finish::Shared(positions)) => return positions.finish(&[self.pos], false),
             Some(Finish::Local { allocator, watermark }) => (allocator, watermark),
         };
         let mut alloc = allocator.lock().expect("stream allocator lock");

@@ -86,10 +86,15 @@ BEGIN
     RETURN LEAST(s, COALESCE(m, s));
 END $$;
 DROP FUNCTION IF EXISTS limbic_finish(bigint);
-CREATE OR REPLACE FUNCTION limbic_finish_all(ps bigint[], n text) RETURNS bigint LANGUAGE plpgsql AS $$
+DROP FUNCTION IF EXISTS limbic_finish_all(bigint[], text);
+CREATE OR REPLACE FUNCTION limbic_finish_all(ps bigint[], n text, written boolean) RETURNS bigint LANGUAGE plpgsql AS $$
 BEGIN
-    -- A row a crash brings back only holds the watermark until the node is fenced.
-    PERFORM set_config('synchronous_commit', 'off', true);
+    -- After a durable write a row a crash brings back only holds the watermark until the node
+    -- is fenced. After an abandoned one, the watermark may pass positions whose allocation
+    -- (the sequence's advance) is not on disk yet: that waits for the disk.
+    IF written THEN
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
     DELETE FROM limbic_in_flight WHERE pos = ANY(ps);
     PERFORM pg_notify('{CHANNEL}', n);
     RETURN limbic_watermark();
@@ -201,13 +206,13 @@ impl SharedPositions for SharedStream {
         })
     }
 
-    fn finish(&self, positions: &[StreamPos]) {
+    fn finish(&self, positions: &[StreamPos], written: bool) {
         let (pool, node) = (self.pool.clone(), self.node.clone());
         let rows: Vec<i64> = positions.iter().map(|&pos| pos as i64).collect();
         let finished = block_on(&self.runtime, async move {
             let client = pool.get().await?;
-            let statement = client.prepare_cached("SELECT limbic_finish_all($1, $2)").await?;
-            Ok(position(client.query_one(&statement, &[&rows, &node.name]).await?.get(0)))
+            let statement = client.prepare_cached("SELECT limbic_finish_all($1, $2, $3)").await?;
+            Ok(position(client.query_one(&statement, &[&rows, &node.name, &written]).await?.get(0)))
         });
         match finished {
             Ok(watermark) => advance(&self.watermark, watermark),
