@@ -26,7 +26,7 @@ use crate::{
     events::{Pdu, PduBuilder},
     ratelimit::Action,
     rooms::{EventMeta, ReadView, TxnInfo},
-    store::{Key, StreamPos, tables},
+    store::{StreamPos, tables},
     rooms::{HistoryKey, TIMELINE_ORDER, history_key_before},
     sync::{EventFilter, history_token, parse_history_token, token},
     users::Caller,
@@ -127,7 +127,7 @@ pub(super) fn load_event(server: &AppState, event_id: &ruma::EventId) -> Result<
 }
 
 fn txn_event(server: &AppState, caller: &Caller, txn_id: &str) -> Result<Option<OwnedEventId>> {
-    let key = Key::new().str(caller.user_id.as_str()).str(caller.device_id.as_str()).str(txn_id).into_vec();
+    let key = crate::rooms::txn_key(&caller.user_id, &TxnInfo { device_id: caller.device_id.to_string(), txn_id: txn_id.to_owned() });
     Ok(server
         .store
         .get(tables::TXN_IDS, &key)?

@@ -121,7 +121,7 @@ impl Rooms {
                 batch.delete(tables::STATE_SNAPSHOTS, &pos.to_be_bytes());
             }
             if let Some(txn) = meta.and_then(|meta| meta.txn) {
-                batch.delete(tables::TXN_IDS, &super::pipeline::txn_key(&pdu.sender, &txn));
+                batch.delete(tables::TXN_IDS, &super::txn_key(&pdu.sender, &txn));
             }
         }
         batch.delete(tables::PDUS, event_id.as_bytes());

@@ -126,7 +126,7 @@ impl Rooms {
         }
         let mut sent_before = match self.sent_before(&group) {
             Ok(found) => found,
-            Err(error) => return answer_all(group, &error),
+            Err(error) => return fail_all(group.into_iter().map(|w| w.answer), &error),
         };
         let mut appended = Vec::new();
         // Retries of a send made earlier in this group: answered with its event once it is durable.
@@ -155,9 +155,8 @@ impl Rooms {
                 Err(refused) if !writer.broken() => drop(waiting.answer.send(Err(refused))),
                 // Its staging failed halfway: nothing of the group may be written.
                 Err(error) => {
-                    answer_all(group.collect(), &error);
-                    answer_all_appended(appended, &error);
-                    answer_all_appended(retries, &error);
+                    let pending = group.map(|w| w.answer).chain(appended.into_iter().chain(retries).map(|(_, answer)| answer));
+                    fail_all(pending, &error);
                     let _ = waiting.answer.send(Err(error));
                     return;
                 }
@@ -173,8 +172,7 @@ impl Rooms {
                 }
             }
             Err(error) => {
-                answer_all_appended(appended, &error);
-                answer_all_appended(retries, &error);
+                fail_all(appended.into_iter().chain(retries).map(|(_, answer)| answer), &error);
             }
         }
     }
@@ -204,14 +202,9 @@ fn for_each_sender(error: &Error) -> Error {
     }
 }
 
-fn answer_all(group: Vec<Waiting>, error: &Error) {
-    for waiting in group {
-        let _ = waiting.answer.send(Err(for_each_sender(error)));
-    }
-}
-
-fn answer_all_appended(appended: Vec<(Pdu, oneshot::Sender<Result<Sent>>)>, error: &Error) {
-    for (_, answer) in appended {
+/// Answers each of `answers` with the group's failure.
+fn fail_all(answers: impl IntoIterator<Item = oneshot::Sender<Result<Sent>>>, error: &Error) {
+    for answer in answers {
         let _ = answer.send(Err(for_each_sender(error)));
     }
 }

@@ -31,7 +31,7 @@ pub use ephemeral::Receipt;
 pub use group::Sent;
 pub use fanout::{Delivery, Fanout, Indexer, Policy, RoomView, StagedEvent, Staging};
 pub use limbic_core::events::Membership;
-pub use pipeline::{RoomWriter, TxnInfo};
+pub use pipeline::{RoomWriter, TxnInfo, txn_key};
 pub use summary::SummaryView;
 pub use visibility::{ReadView, Reader, ReaderInRoom};
 use state::{SnapshotCache, StateMap};

@@ -176,7 +176,7 @@ fn membership_audit(pdu: &Pdu, target: &OwnedUserId, previous: Option<Membership
 }
 
 /// The key a transaction id is kept under, naming the event it was sent as.
-pub(super) fn txn_key(sender: &UserId, txn: &TxnInfo) -> Vec<u8> {
+pub fn txn_key(sender: &UserId, txn: &TxnInfo) -> Vec<u8> {
     Key::new().str(sender.as_str()).str(&txn.device_id).str(&txn.txn_id).into_vec()
 }
 
