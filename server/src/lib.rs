@@ -45,7 +45,7 @@ pub async fn serve(server: Arc<Server>) -> std::io::Result<()> {
     let plugin_host = server.plugin_host();
     server.plugins.attach(&plugin_host).map_err(std::io::Error::other)?;
     server.plugins.spawn_tasks(&plugin_host);
-    let trimming = tokio::spawn(trimming_memory());
+    let resting = tokio::spawn(resting(server.clone()));
     let sweeper = tokio::spawn(sweeping(server.clone()));
     tokio::spawn(led(server.clone(), "delayed events", |server| delayed::run(server)));
     if server.config.calls.enabled {
@@ -91,7 +91,7 @@ pub async fn serve(server: Arc<Server>) -> std::io::Result<()> {
             stopping.shutting_down.send_replace(true);
         })
         .await?;
-    trimming.abort();
+    resting.abort();
     sweeper.abort();
     if server.calls.sfu.get().is_some()
         && let Err(error) = server.calls.placements.deregister()
@@ -113,11 +113,28 @@ async fn led<F: Future<Output = ()>>(server: Arc<Server>, name: &'static str, jo
     job(server).await;
 }
 
-/// What each node does for itself: memory handed back, every few seconds.
-async fn trimming_memory() {
-    let mut tick = tokio::time::interval(Duration::from_secs(MEMORY_TRIM_SECONDS));
+/// What each node does for itself: memory handed back. Once it has written nothing for a
+/// whole tick, what the store and the rooms keep only for speed goes too (once per quiet
+/// spell).
+async fn resting(server: Arc<Server>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(MEMORY_TICK_SECONDS));
+    let mut writes = server.store.writes();
+    let mut rested = false;
     loop {
         tick.tick().await;
+        let now = server.store.writes();
+        if now != writes {
+            (writes, rested) = (now, false);
+        } else if !rested {
+            rested = true;
+            server.rooms.rest();
+            let store = server.clone();
+            match tokio::task::spawn_blocking(move || store.store.rest()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::warn!(%error, "could not hand back the store's memory"),
+                Err(error) => tracing::warn!(%error, "handing back the store's memory failed"),
+            }
+        }
         release_free_memory();
     }
 }
@@ -156,7 +173,7 @@ async fn sweeping(server: Arc<Server>) {
     }
 }
 
-const MEMORY_TRIM_SECONDS: u64 = 10;
+const MEMORY_TICK_SECONDS: u64 = 5;
 const LINK_TOKEN_PRUNE_SECONDS: u64 = 3600;
 const RATE_BUCKET_PRUNE_SECONDS: u64 = 60;
 

@@ -9,6 +9,7 @@ mod rocks;
 mod stream;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Serialize, de::DeserializeOwned};
 
@@ -280,13 +281,19 @@ enum Engine {
 pub struct Store {
     engine: Engine,
     streams: Streams,
+    /// Batches this process has written, so that the server can tell it went idle.
+    writes: AtomicU64,
 }
 
 impl Store {
     /// Opens (creating if needed) the embedded RocksDB store in `path`.
     pub fn open(path: &Path) -> Result<Self> {
         let db = rocks::RocksDb::open(path)?;
-        Ok(Self { streams: Streams::load(db.get(tables::GLOBAL, stream::RESERVATION_KEY)?)?, engine: Engine::RocksDb(db) })
+        Ok(Self {
+            streams: Streams::load(db.get(tables::GLOBAL, stream::RESERVATION_KEY)?)?,
+            engine: Engine::RocksDb(db),
+            writes: AtomicU64::new(0),
+        })
     }
 
     /// Connects to the PostgreSQL database at `url` with up to `pool_size` connections,
@@ -298,7 +305,7 @@ impl Store {
     /// [`Self::open_postgres`], beside other live nodes if `others_allowed`.
     pub fn open_node(url: &str, pool_size: usize, node_name: &str, others_allowed: bool) -> Result<Self> {
         let engine = postgres::Postgres::open(url, pool_size, node_name, others_allowed)?;
-        Ok(Self { streams: engine.streams(), engine: Engine::Postgres(engine) })
+        Ok(Self { streams: engine.streams(), engine: Engine::Postgres(engine), writes: AtomicU64::new(0) })
     }
 
 
@@ -488,6 +495,7 @@ impl Store {
         if batch.is_empty() {
             return Ok(());
         }
+        self.writes.fetch_add(1, Ordering::Relaxed);
         match &self.engine {
             Engine::RocksDb(db) => db.write(batch.ops, durable),
             Engine::Postgres(db) => db.write(batch.ops, durable),
@@ -510,6 +518,21 @@ impl Store {
     pub fn flush(&self) -> Result<()> {
         match &self.engine {
             Engine::RocksDb(db) => db.flush(),
+            Engine::Postgres(_) => Ok(()),
+        }
+    }
+
+    /// How many batches this process has written so far; unchanged over a while means idle.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
+    /// Hands back the memory the store keeps only for speed, for a node gone idle: RocksDB's
+    /// memtables are written out to table files and its block cache is emptied (both fill
+    /// again on demand). PostgreSQL's engine keeps nothing worth handing back.
+    pub fn rest(&self) -> Result<()> {
+        match &self.engine {
+            Engine::RocksDb(db) => db.rest(),
             Engine::Postgres(_) => Ok(()),
         }
     }

@@ -122,6 +122,9 @@ pub trait Indexer: Send + Sync {
     fn room_removed(&self, _store: &Store, _batch: &mut Batch, _room_id: &RoomId, _members: &[OwnedUserId]) -> Result<()> {
         Ok(())
     }
+
+    /// The node went idle: what is kept in memory only for speed can go.
+    fn rest(&self) {}
 }
 
 /// Everything registered, in the order it runs.

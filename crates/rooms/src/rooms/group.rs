@@ -334,6 +334,32 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
+    async fn after_a_rest_writers_read_the_state_again_and_see_it_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rooms, _, alice, room) = setup(dir.path()).await;
+        let one = rooms.send(&alice, &room, message("one"), None).await.unwrap();
+        let snapshot = rooms.meta(&one.pdu.event_id).unwrap().unwrap().state_after;
+        let state = rooms.state_map(snapshot).unwrap();
+        assert!(!rooms.state_reads.lock().unwrap().is_empty(), "the writer's state reads are kept");
+        assert!(rooms.snapshots.entries() > 0, "the snapshots read are kept");
+
+        rooms.rest();
+        assert!(rooms.state_reads.lock().unwrap().is_empty(), "the writers' state reads are gone");
+        assert_eq!(rooms.snapshots.entries(), 0, "and so are the snapshots");
+        assert_eq!(rooms.state_map(snapshot).unwrap(), state, "a snapshot is read again as it was");
+        let mut writer = rooms.writer(&room).await.unwrap();
+        writer.append(&alice, PduBuilder::state("m.room.name", "", json!({ "name": "after the rest" })), None).unwrap();
+        writer.commit().unwrap().finish().await;
+        rooms.send(&alice, &room, message("two"), None).await.unwrap();
+        let Err(stranger) = rooms.send(&owned_user_id!("@mallory:test.local"), &room, message("no"), None).await else {
+            panic!("a stranger sent into the room");
+        };
+        assert_eq!(stranger.code(), ErrorCode::Forbidden, "{stranger}");
+        assert_eq!(bodies(&rooms, &room), ["one", "two"]);
+        assert_eq!(rooms.state_content(&room, "m.room.name", "").unwrap().unwrap()["name"], "after the rest");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
     async fn an_event_whose_staging_fails_halfway_writes_nothing_of_its_group() {
         let dir = tempfile::tempdir().unwrap();
         let (rooms, _, alice, room) = setup(dir.path()).await;

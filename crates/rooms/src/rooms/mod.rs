@@ -211,6 +211,16 @@ impl Rooms {
         RoomWriter::open(self, room_id.to_owned(), (guard, hold))
     }
 
+    /// Hands back, on a node gone idle, what is kept only for speed: state snapshots and the
+    /// writers' state reads, and what the indexers keep (push contexts).
+    pub fn rest(&self) {
+        self.snapshots.clear();
+        self.state_reads.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+        for indexer in &self.fanout().indexers {
+            indexer.rest();
+        }
+    }
+
     /// Rooms whose state reads are kept (at most 64 events each); past this, the map starts
     /// again.
     const STATE_READS_KEPT: usize = 1024;

@@ -69,6 +69,17 @@ impl CachedMaps {
 }
 
 impl SnapshotCache {
+    /// State entries held, summed over the snapshots.
+    #[cfg(test)]
+    pub fn entries(&self) -> usize {
+        self.maps.lock().expect("snapshot cache").entries
+    }
+
+    /// Forgets every snapshot read so far (they are read again on demand).
+    pub fn clear(&self) {
+        *self.maps.lock().expect("snapshot cache") = CachedMaps::default();
+    }
+
     /// The full state of a snapshot.
     pub fn load(&self, store: &Store, id: u64) -> Result<Arc<StateMap>> {
         if id == EMPTY_SNAPSHOT {

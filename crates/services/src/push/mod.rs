@@ -510,6 +510,11 @@ impl crate::rooms::Indexer for Notifier {
     fn room_removed(&self, _store: &Store, batch: &mut Batch, room_id: &RoomId, members: &[OwnedUserId]) -> Result<()> {
         members.iter().try_for_each(|user_id| self.push.stage_room_removal(batch, user_id, room_id))
     }
+
+    fn rest(&self) {
+        self.contexts.lock().expect("push contexts").clear();
+        self.push.rulesets.lock().expect("ruleset cache").clear();
+    }
 }
 
 /// Pushers belong to the access token that set them and end with it.
