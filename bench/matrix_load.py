@@ -24,6 +24,11 @@ Runs these measurements against ONE homeserver and prints a JSON document:
               window of a user in N rooms (one cold request, then a mean of
               several), and the wake-up latency of a long-polling connection,
               measured like `latency`;
+  syncers     memory per connected client (only with --only syncers): --syncers
+              users (default 1,000), in pairs sharing a room as a therapist and
+              a client do, each long-polling /sync at once; the server's RSS
+              with all of them waiting, against its RSS at rest just before,
+              per 1,000 clients;
   rss         the server process's VmRSS from /proc/<pid>/status at start and
               after everything, once the server has been idle a few seconds.
 
@@ -893,6 +898,67 @@ async def measure_sliding(
     }
 
 
+async def measure_syncers(
+    http: aiohttp.ClientSession,
+    args: argparse.Namespace,
+    stats: dict[str, int],
+    run_id: str,
+) -> dict[str, Any]:
+    n = args.syncers - args.syncers % 2
+    slots = asyncio.Semaphore(args.setup_concurrency)
+    urls = [args.base_url, *args.node]
+    clients = [Client(http, urls[i % len(urls)], stats) for i in range(n)]
+
+    async def pair(k: int) -> None:
+        async with slots:
+            a, b = clients[2 * k], clients[2 * k + 1]
+            for i, c in ((2 * k, a), (2 * k + 1, b)):
+                await c.register(f"bench{run_id}y{i}", "bench-password-y", args.shared_secret)
+            room = await a.create_room(f"syncers room {k}", public=True)
+            await b.join(room)
+
+    with CpuMeter(args.pid) as setup:
+        await asyncio.gather(*(pair(k) for k in range(n // 2)))
+    log(f"syncers: {n} users in {n // 2} rooms in {setup.wall_s:.1f}s")
+
+    async def first_sync(c: Client) -> str:
+        async with slots:
+            data, _ = await c.sync(None, 0)
+            return data["next_batch"]
+
+    tokens = await asyncio.gather(*(first_sync(c) for c in clients))
+    await asyncio.sleep(args.idle_wait)
+    before = proc_status_kb(args.pid, "VmRSS")
+    # Every client keeps a long-poll open, as a connected app does: one that returns (with
+    # whatever reached the user since its first sync) is sent again at once.
+    answered = 0
+
+    async def keep_polling(c: Client, token: str) -> None:
+        nonlocal answered
+        while True:
+            data, _ = await c.sync(token, args.longpoll_ms, request_timeout=args.longpoll_ms / 1000 + 30)
+            token = data["next_batch"]
+            answered += 1
+
+    polls = [asyncio.ensure_future(keep_polling(c, token)) for c, token in zip(clients, tokens)]
+    await asyncio.sleep(min(5.0, args.longpoll_ms / 4000))
+    connected = proc_status_kb(args.pid, "VmRSS")
+    for p in polls:
+        p.cancel()
+    failed = [r for r in await asyncio.gather(*polls, return_exceptions=True) if not isinstance(r, asyncio.CancelledError)]
+    if failed:
+        raise MatrixError(f"{len(failed)} of {n} long-polling clients failed: {failed[0]!r}")
+    per_1000 = (connected - before) / n * 1000 / 1024 if before and connected else None
+    return {
+        "clients": n,
+        "rss_at_rest_mb": round(before / 1024, 1) if before else None,
+        "rss_connected_mb": round(connected / 1024, 1) if connected else None,
+        "mb_per_1000_clients": round(per_1000, 1) if per_1000 is not None else None,
+        "polls_answered_before_the_reading": answered,
+        "setup": setup.as_dict(),
+    }
+
+
 def rss_snapshot(pid: list[int]) -> dict[str, Any]:
     return {
         "vmrss_kb": proc_status_kb(pid, "VmRSS"),
@@ -943,6 +1009,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "sliding_window": args.sliding_window,
             "sliding_runs": args.sliding_runs,
             "sliding_messages_per_room": args.sliding_messages_per_room,
+            "syncers": args.syncers,
         },
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -978,6 +1045,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             out["sliding"] = await measure_sliding(http, args, stats, run_id)
             wake = out["sliding"]["wake_up"]
             log("   wake-up p50", wake.get("p50_ms"), "ms  p99", wake.get("p99_ms"), "ms")
+        if "syncers" in phases:
+            log(f"{args.syncers} clients long-polling /sync ...")
+            out["syncers"] = await measure_syncers(http, args, stats, run_id)
+            log("  ", out["syncers"]["mb_per_1000_clients"], "MB per 1,000 clients")
 
     log(f"idle {args.idle_wait}s, then RSS ...")
     await asyncio.sleep(args.idle_wait)
@@ -998,7 +1069,7 @@ def main() -> None:
     p.add_argument("--shared-secret", help="registration shared secret (admin register API); "
                    "without it, /register with m.login.dummy")
     p.add_argument("--run-id", help="suffix for user names (default: random)")
-    p.add_argument("--only", help="comma list of phases: send,wrk,latency,initial,sliding "
+    p.add_argument("--only", help="comma list of phases: send,wrk,latency,initial,sliding,syncers "
                    "(default: the first three, and sliding when --sliding-rooms is given)")
     p.add_argument("--senders", type=int, default=4)
     p.add_argument("--messages-per-sender", type=int, default=250)
@@ -1007,6 +1078,7 @@ def main() -> None:
                    help="wrk phase: senders in one room, one run each (the largest also in as many rooms)")
     p.add_argument("--wrk-seconds", type=int, default=10, help="wrk phase: seconds per run")
     p.add_argument("--wrk-dir", default="/tmp", help="wrk phase: where its Lua scripts go")
+    p.add_argument("--syncers", type=int, default=1000, help="syncers phase: clients long-polling at once")
     p.add_argument("--latency-samples", type=int, default=300)
     p.add_argument("--settle-ms", type=float, default=30.0,
                    help="pause after starting the long-poll before sending")
@@ -1032,7 +1104,7 @@ def main() -> None:
     p.add_argument("--output", help="also write the JSON here")
     args = p.parse_args()
     if args.only:
-        unknown = set(args.only.split(",")) - {"send", "wrk", "latency", "initial", "sliding"}
+        unknown = set(args.only.split(",")) - {"send", "wrk", "latency", "initial", "sliding", "syncers"}
         if unknown:
             p.error(f"unknown phase(s) in --only: {', '.join(sorted(unknown))}")
         if "sliding" in args.only.split(",") and args.sliding_rooms <= 0:

@@ -69,7 +69,10 @@ ROWS: list[tuple[str, str, float, bool, tuple[str, float] | None]] = [
      "sliding.wake_up.send_request.p50_ms", 1, False, None),
     ("Sliding sync setup: {srooms} rooms (createRoom with a name + {smpr} messages), untimed (s)",
      "sliding.setup.wall_s", 1, False, None),
-    ("Idle RSS after the run (MB)", "rss_idle.vmrss_kb", 1 / 1024, False, ("max", 50)),
+    ("RSS at rest before the /sync clients connect (MB)", "syncers.rss_at_rest_mb", 1, False, None),
+    ("RSS with {syncers} clients long-polling /sync (MB)", "syncers.rss_connected_mb", 1, False, None),
+    ("RSS per 1,000 connected /sync clients (MB)", "syncers.mb_per_1000_clients", 1, False, None),
+    ("Idle RSS after the run (MB)", "rss_idle.vmrss_kb", 1 / 1024, False, ("max", 40)),
     ("RSS at start (MB)", "rss_start.vmrss_kb", 1 / 1024, False, None),
     ("Peak RSS, VmHWM (MB)", "rss_idle.vmhwm_kb", 1 / 1024, False, None),
 ]
@@ -95,6 +98,7 @@ def table(lim: dict[str, Any] | None, syn: dict[str, Any] | None) -> str:
         "srooms": params.get("sliding_rooms", "?"),
         "sruns": params.get("sliding_runs", "?"),
         "smpr": params.get("sliding_messages_per_room", "?"),
+        "syncers": params.get("syncers", "?"),
     }
     for label, path, scale, higher, target in ROWS:
         label = label.format(**subst)
