@@ -113,20 +113,16 @@ async fn led<F: Future<Output = ()>>(server: Arc<Server>, name: &'static str, jo
     job(server).await;
 }
 
-/// What each node does for itself: memory handed back. Once it has written nothing for a
-/// whole tick, what the store and the rooms keep only for speed goes too (once per quiet
-/// spell).
+/// What each node does for itself: memory handed back. After a tick without a write, what
+/// the store and the rooms keep only for speed goes too, at every such tick: reads alone
+/// (initial syncs) fill those caches again, and must not keep them full on an idle node.
 async fn resting(server: Arc<Server>) {
     let mut tick = tokio::time::interval(Duration::from_secs(MEMORY_TICK_SECONDS));
     let mut writes = server.store.writes();
-    let mut rested = false;
     loop {
         tick.tick().await;
         let now = server.store.writes();
-        if now != writes {
-            (writes, rested) = (now, false);
-        } else if !rested {
-            rested = true;
+        if now == writes {
             server.rooms.rest();
             let store = server.clone();
             match tokio::task::spawn_blocking(move || store.store.rest()).await {
@@ -135,6 +131,7 @@ async fn resting(server: Arc<Server>) {
                 Err(error) => tracing::warn!(%error, "handing back the store's memory failed"),
             }
         }
+        writes = now;
         release_free_memory();
     }
 }
