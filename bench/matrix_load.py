@@ -27,10 +27,10 @@ Runs these measurements against ONE homeserver and prints a JSON document:
   syncers     memory per connected client (only with --only syncers): --syncers
               users (default 1,000), in pairs sharing a room as a therapist and
               a client do, each long-polling /sync at once; the server's RSS
-              with all of them waiting, against its RSS at rest just before,
-              per 1,000 clients;
+              at rest with all of them waiting, against its RSS at rest just
+              before they connected, per 1,000 clients;
   rss         the server process's VmRSS from /proc/<pid>/status at start and
-              after everything, once the server has been idle a few seconds.
+              after everything, once the server has been idle --idle-wait seconds.
 
 Users are registered through the Synapse-compatible shared-secret admin API
 (`/_synapse/admin/v1/register`, HMAC-SHA1 over nonce\\0user\\0password\\0notadmin)
@@ -941,7 +941,8 @@ async def measure_syncers(
             answered += 1
 
     polls = [asyncio.ensure_future(keep_polling(c, token)) for c, token in zip(clients, tokens)]
-    await asyncio.sleep(min(5.0, args.longpoll_ms / 4000))
+    # Read once the server is at rest again with all of them connected.
+    await asyncio.sleep(args.idle_wait)
     connected = proc_status_kb(args.pid, "VmRSS")
     for p in polls:
         p.cancel()
@@ -1097,7 +1098,9 @@ def main() -> None:
     p.add_argument("--sliding-messages-per-room", type=int, default=2)
     p.add_argument("--sliding-setup-limit", type=float, default=1800.0,
                    help="seconds the sliding sync setup may take before the run fails")
-    p.add_argument("--idle-wait", type=float, default=5.0, help="seconds idle before each RSS reading")
+    p.add_argument("--idle-wait", type=float, default=12.0,
+                   help="seconds idle before each RSS reading (Limbic hands back what it keeps for "
+                   "speed 5-10 s after its last write)")
     p.add_argument("--phase-time-limit", type=float, default=300.0,
                    help="a timed phase stops issuing new requests after this many seconds")
     p.add_argument("--ready-timeout", type=float, default=120.0)
