@@ -904,7 +904,7 @@ async def measure_syncers(
     stats: dict[str, int],
     run_id: str,
 ) -> dict[str, Any]:
-    n = args.syncers - args.syncers % 2
+    n = max(2, args.syncers - args.syncers % 2)  # pairs
     slots = asyncio.Semaphore(args.setup_concurrency)
     urls = [args.base_url, *args.node]
     clients = [Client(http, urls[i % len(urls)], stats) for i in range(n)]

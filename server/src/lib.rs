@@ -123,9 +123,13 @@ async fn resting(server: Arc<Server>) {
         tick.tick().await;
         let now = server.store.writes();
         if now == writes {
-            server.rooms.rest();
-            let store = server.clone();
-            match tokio::task::spawn_blocking(move || store.store.rest()).await {
+            // Off the runtime's workers: dropping the caches' maps and flushing take a while.
+            let idle = server.clone();
+            let rest = move || {
+                idle.rooms.rest();
+                idle.store.rest()
+            };
+            match tokio::task::spawn_blocking(rest).await {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => tracing::warn!(%error, "could not hand back the store's memory"),
                 Err(error) => tracing::warn!(%error, "handing back the store's memory failed"),
