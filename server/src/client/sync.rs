@@ -87,6 +87,8 @@ async fn long_poll<T>(server: &AppState, timeout: Duration, mut build: impl FnMu
         if ready || tokio::time::Instant::now() >= deadline {
             return Ok(body);
         }
+        // Not kept while waiting: every connected client waits here most of the time.
+        drop(body);
         server.metrics.sync_waiting.fetch_add(1, Ordering::Relaxed);
         let mut shutting_down = server.shutting_down.subscribe();
         let woke = tokio::select! {
