@@ -80,6 +80,29 @@ async fn a_message_sent_through_one_node_wakes_a_long_poll_on_another() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn push_rules_changed_through_one_node_apply_to_what_another_sends() {
+    let a = TestServer::start_cluster(&[]).await;
+    let b = a.start_node("b").await;
+    let (ana, ben, room) = two_members(&a, &b).await;
+    let notified = |ben: Client| async move {
+        let list = ben.ok(Method::GET, "/_matrix/client/v3/notifications", None).await;
+        list["notifications"].as_array().unwrap().iter().filter_map(|n| Some(n["event"]["content"]["body"].as_str()?.to_owned())).collect::<Vec<_>>()
+    };
+    // Node a evaluates (and keeps) Ben's rules for the first message.
+    ana.send_text(&room, "t1", "before").await;
+    let rule = format!("/_matrix/client/v3/pushrules/global/room/{}", enc(&room));
+    ben.ok(Method::PUT, &rule, Some(json!({ "actions": [] }))).await;
+    // The change reaches node a as its write commits; a moment for the notification.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ana.send_text(&room, "t2", "muted").await;
+    let (status, body) = ben.request(Method::DELETE, &rule, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ana.send_text(&room, "t3", "after").await;
+    assert_eq!(notified(ben.clone()).await, ["after", "before"], "the muted message is not notified (messages only, newest first)");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn concurrent_sends_through_two_nodes_make_one_history_on_every_node() {
     let a = TestServer::start_cluster(&[]).await;
     let b = a.start_node("b").await;

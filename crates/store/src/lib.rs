@@ -9,7 +9,10 @@ mod rocks;
 mod stream;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
 
 use serde::{Serialize, de::DeserializeOwned};
 
@@ -427,6 +430,15 @@ impl Store {
         }
     }
 
+    /// Runs `watcher` whenever a node sharing the store (this one included) announces a change
+    /// to `table` ([`Batch::announce`]), soon after its write commits; on the embedded store,
+    /// which no other process writes, never.
+    pub fn watch(&self, table: Table, watcher: Watcher) {
+        if let Engine::Postgres(db) = &self.engine {
+            db.watch(table, watcher);
+        }
+    }
+
     /// Whether other nodes may write to the store while this process does (PostgreSQL).
     pub fn is_shared(&self) -> bool {
         matches!(self.engine, Engine::Postgres(_))
@@ -559,7 +571,14 @@ pub(crate) enum Op {
     Delete { table: Table, key: Vec<u8> },
     /// A condition on the value before the batch (`None`: absent).
     Expect { table: Table, key: Vec<u8>, value: Option<Vec<u8>> },
+    /// Tells the other nodes, once the batch commits, that `key` changed.
+    Announce { table: Table, key: Vec<u8> },
 }
+
+/// What a process runs when a node sharing its store announces that a key of a table changed
+/// ([`Batch::announce`]), so that what it keeps of that key goes: the key, or `None` when
+/// anything in the table may have changed.
+pub type Watcher = Arc<dyn Fn(Option<&[u8]>) + Send + Sync>;
 
 /// One logical write: everything in it lands together or not at all. A later operation on the
 /// same key wins over an earlier one.
@@ -591,6 +610,13 @@ impl Batch {
     /// itself and its writers apart with its own locks, so there the condition is not checked.
     pub fn expect(&mut self, table: Table, key: &[u8], value: Option<&[u8]>) {
         self.ops.push(Op::Expect { table, key: key.to_vec(), value: value.map(<[u8]>::to_vec) });
+    }
+
+    /// Tells the nodes sharing the store, once the batch commits, that `key` of `table` changed,
+    /// so that their [`Store::watch`]ers forget what they keep of it. One process keeps the
+    /// embedded store to itself and forgets on its own, so there this is nothing.
+    pub fn announce(&mut self, table: Table, key: &[u8]) {
+        self.ops.push(Op::Announce { table, key: key.to_vec() });
     }
 
     pub fn is_empty(&self) -> bool {
@@ -949,6 +975,48 @@ mod tests {
             drop((reading, also_reading));
             tokio::time::timeout(std::time::Duration::from_secs(5), writing).await.expect("taken once both ended").unwrap().unwrap();
         });
+    }
+
+    #[test]
+    fn a_change_announced_through_one_node_reaches_the_watchers_of_every_node_once_committed() {
+        let postgres = TempPostgres::shared();
+        let url = postgres.new_database("announcing");
+        let (a, b) = (Store::open_node(&url, 2, "a", true).unwrap(), Store::open_node(&url, 2, "b", true).unwrap());
+        let (heard, hearing) = std::sync::mpsc::channel::<Option<Vec<u8>>>();
+        b.watch(tables::ACCOUNT_DATA, Arc::new(move |key: Option<&[u8]>| heard.send(key.map(<[u8]>::to_vec)).unwrap()));
+        let next = || hearing.recv_timeout(std::time::Duration::from_secs(5)).expect("announced within 5 s");
+        let quiet = || hearing.recv_timeout(std::time::Duration::from_millis(300)).is_err();
+
+        let mut batch = a.batch();
+        batch.put(tables::ACCOUNT_DATA, b"\0@u:x\0rules", b"{}");
+        batch.announce(tables::ACCOUNT_DATA, b"\0@u:x\0rules");
+        batch.announce(tables::USERS, b"@u:x");
+        a.write(batch).unwrap();
+        assert_eq!(next(), Some(b"\0@u:x\0rules".to_vec()), "every byte of the key");
+        assert!(quiet(), "another table's change is not this watcher's");
+
+        // A batch that does not commit announces nothing.
+        let mut batch = a.batch();
+        batch.expect(tables::ACCOUNT_DATA, b"\0@u:x\0rules", None);
+        batch.announce(tables::ACCOUNT_DATA, b"\0@u:x\0rules");
+        assert!(matches!(a.write(batch), Err(StoreError::Conflict { .. })));
+        assert!(quiet(), "a rolled-back write announces nothing");
+
+        // A key too long for a notification stands for the whole table.
+        let mut batch = b.batch();
+        batch.announce(tables::ACCOUNT_DATA, &vec![7u8; 5_000]);
+        b.write(batch).unwrap();
+        assert_eq!(next(), None, "the node's own announcements reach it too");
+
+        // The embedded store has no other process to hear from.
+        let dir = tempfile::tempdir().unwrap();
+        let alone = Store::open(dir.path()).unwrap();
+        alone.watch(tables::ACCOUNT_DATA, Arc::new(|_: Option<&[u8]>| panic!("nobody else writes here")));
+        let mut batch = alone.batch();
+        batch.put(tables::ACCOUNT_DATA, b"k", b"v");
+        batch.announce(tables::ACCOUNT_DATA, b"k");
+        alone.write(batch).unwrap();
+        assert_eq!(alone.get(tables::ACCOUNT_DATA, b"k").unwrap().as_deref(), Some(&b"v"[..]));
     }
 
     #[test]

@@ -92,8 +92,8 @@ impl RocksDb {
             match op {
                 Op::Put { table, key, value } => batch.put_cf(self.cf(table), key, value),
                 Op::Delete { table, key } => batch.delete_cf(self.cf(table), key),
-                // This process alone writes here: see `Batch::expect`.
-                Op::Expect { .. } => {}
+                // This process alone writes here: see `Batch::expect` and `Batch::announce`.
+                Op::Expect { .. } | Op::Announce { .. } => {}
             }
         }
         let mut options = WriteOptions::default();

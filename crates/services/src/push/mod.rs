@@ -124,9 +124,46 @@ fn first_match<'r>(rules: &'r Ruleset, event: &FlattenedJson, context: &PushCond
 
 pub struct Push {
     store: Arc<Store>,
-    /// Each user's rules, and the stored value they were parsed from.
-    rulesets: Mutex<HashMap<OwnedUserId, (Arc<Ruleset>, Option<Vec<u8>>)>>,
+    rulesets: Arc<Mutex<Rulesets>>,
     delivery: Delivery,
+}
+
+/// The users' rules as last read, kept until they change.
+#[derive(Default)]
+struct Rulesets {
+    by_user: HashMap<OwnedUserId, Arc<Ruleset>>,
+    /// Counts what was forgotten, so that a read that began before a change is not kept.
+    forgotten: u64,
+}
+
+impl Rulesets {
+    /// Forgets a user's rules (`None`: everyone's).
+    fn forget(&mut self, user_id: Option<&UserId>) {
+        match user_id {
+            Some(user_id) => self.by_user.remove(user_id),
+            None => {
+                self.by_user.clear();
+                None
+            }
+        };
+        self.forgotten += 1;
+    }
+}
+
+/// The account data key of a user's rules.
+fn rules_key(user_id: &UserId) -> Vec<u8> {
+    Key::new().str(user_id.as_str()).str("").str(PUSH_RULES).into_vec()
+}
+
+/// Whose rules an account data key holds, if it holds rules; `Err` for a key that is no account
+/// data key at all.
+fn rules_owner(key: &[u8]) -> Result<Option<OwnedUserId>, ()> {
+    let mut reader = KeyReader::new(key);
+    let (Some(user), Some(room), Some(kind)) = (reader.str(), reader.str(), reader.str()) else { return Err(()) };
+    if !room.is_empty() || kind != PUSH_RULES {
+        return Ok(None);
+    }
+    UserId::parse(user).map(Some).map_err(|_| ())
 }
 
 fn notification_key(user_id: &UserId, pos: StreamPos) -> Vec<u8> {
@@ -156,7 +193,22 @@ fn power_levels_ctx(content: &JsonValue, rules: &ruma::room_version_rules::Autho
 
 impl Push {
     pub fn new(store: Arc<Store>, config: &PushConfig) -> Self {
-        Self { store, rulesets: Mutex::default(), delivery: Delivery::start(config) }
+        let rulesets = Arc::new(Mutex::new(Rulesets::default()));
+        // Rules changed through another node sharing the store are forgotten here too.
+        let kept = Arc::downgrade(&rulesets);
+        store.watch(
+            tables::ACCOUNT_DATA,
+            Arc::new(move |key: Option<&[u8]>| {
+                let Some(rulesets) = kept.upgrade() else { return };
+                let mut rulesets = rulesets.lock().expect("ruleset cache");
+                match key.map(rules_owner) {
+                    Some(Ok(None)) => {}
+                    Some(Ok(Some(user_id))) => rulesets.forget(Some(&user_id)),
+                    None | Some(Err(())) => rulesets.forget(None),
+                }
+            }),
+        );
+        Self { store, rulesets, delivery: Delivery::start(config) }
     }
 
     /// The user's rules: what they saved, or the spec's defaults.
@@ -164,36 +216,35 @@ impl Push {
         Ok(self.rulesets(&[user_id])?.remove(0))
     }
 
-    /// The rules of each of `users`. One process changes them only through [`Self::invalidate`],
-    /// so it keeps them; on a store other nodes share, they are read (in one read for all) every
-    /// time, so that a change made through another node applies at once, and parsed again only
-    /// when the stored value changed.
+    /// The rules of each of `users`, kept once read until they change: through this process
+    /// ([`Self::invalidate`]), or through another node sharing the store, which announces the
+    /// change ([`Users::set_account_data`](crate::users::Users::set_account_data)).
     pub fn rulesets(&self, users: &[&UserId]) -> Result<Vec<Arc<Ruleset>>> {
-        let shared = self.store.is_shared();
-        let mut wanted: Vec<&UserId> = {
-            let cache = self.rulesets.lock().expect("ruleset cache");
-            users.iter().copied().filter(|user| shared || !cache.contains_key(*user)).collect()
-        };
         loop {
-            // Read without the lock: other rooms' events need it meanwhile.
-            let keys: Vec<Vec<u8>> = wanted.iter().map(|user| Key::new().str(user.as_str()).str("").str(PUSH_RULES).into_vec()).collect();
-            let stored = if keys.is_empty() { Vec::new() } else { self.store.get_many(tables::ACCOUNT_DATA, &keys.iter().map(Vec::as_slice).collect::<Vec<_>>())? };
-            let mut cache = self.rulesets.lock().expect("ruleset cache");
-            for (user, raw) in wanted.into_iter().zip(stored) {
-                if cache.get(user).is_some_and(|(_, parsed_from)| *parsed_from == raw) {
-                    continue;
+            let (wanted, forgotten) = {
+                let cache = self.rulesets.lock().expect("ruleset cache");
+                let wanted: Vec<&UserId> = users.iter().copied().filter(|user| !cache.by_user.contains_key(*user)).collect();
+                if wanted.is_empty() {
+                    return Ok(users.iter().map(|user| cache.by_user[*user].clone()).collect());
                 }
+                (wanted, cache.forgotten)
+            };
+            // Read without the lock: other rooms' events need it meanwhile.
+            let keys: Vec<Vec<u8>> = wanted.iter().map(|user| rules_key(user)).collect();
+            let stored = self.store.get_many(tables::ACCOUNT_DATA, &keys.iter().map(Vec::as_slice).collect::<Vec<_>>())?;
+            let mut read = Vec::with_capacity(wanted.len());
+            for (user, raw) in wanted.into_iter().zip(stored) {
                 let entry: Option<crate::users::AccountDataEntry> = raw.as_deref().map(|bytes| crate::store::decode(tables::ACCOUNT_DATA, bytes)).transpose()?;
                 let rules = entry
                     .and_then(|entry| entry.content.get("global").cloned())
                     .and_then(|global| serde_json::from_value::<Ruleset>(global).ok())
                     .unwrap_or_else(|| Ruleset::server_default(user));
-                cache.insert(user.to_owned(), (Arc::new(rules), raw));
+                read.push((user.to_owned(), Arc::new(rules)));
             }
-            // A change through this process may have taken some out meanwhile: read those again.
-            wanted = users.iter().copied().filter(|user| !cache.contains_key(*user)).collect();
-            if wanted.is_empty() {
-                return Ok(users.iter().map(|user| cache[*user].0.clone()).collect());
+            let mut cache = self.rulesets.lock().expect("ruleset cache");
+            // A change meanwhile may have been read or not: read again.
+            if cache.forgotten == forgotten {
+                cache.by_user.extend(read);
             }
         }
     }
@@ -205,7 +256,7 @@ impl Push {
 
     /// Forgets the cached rules after the user changed them.
     pub fn invalidate(&self, user_id: &UserId) {
-        self.rulesets.lock().expect("ruleset cache").remove(user_id);
+        self.rulesets.lock().expect("ruleset cache").forget(Some(user_id));
     }
 
     /// Evaluates the rules of every recipient for `pdu` and stages the notifications in the
@@ -408,6 +459,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_owner_of_rules_is_read_from_their_account_data_key() {
+        let user = ruma::user_id!("@ben:x");
+        assert_eq!(rules_owner(&rules_key(user)), Ok(Some(user.to_owned())));
+        let room_data = Key::new().str(user.as_str()).str("!room:x").str(PUSH_RULES).into_vec();
+        assert_eq!(rules_owner(&room_data), Ok(None), "room account data holds no rules");
+        let other = Key::new().str(user.as_str()).str("").str("m.direct").into_vec();
+        assert_eq!(rules_owner(&other), Ok(None));
+        assert_eq!(rules_owner(b"not a key"), Err(()), "anything may have changed");
+    }
+
+    #[test]
     fn pushers_stored_before_owners_were_recorded_read_as_unowned() {
         let bare = json!({ "kind": "http", "app_id": "a", "pushkey": "k", "data": { "url": "https://gw.example/_matrix/push/v1/notify" } });
         let legacy: StoredPusher = serde_json::from_value(bare.clone()).unwrap();
@@ -513,7 +575,7 @@ impl crate::rooms::Indexer for Notifier {
 
     fn rest(&self) {
         self.contexts.lock().expect("push contexts").clear();
-        self.push.rulesets.lock().expect("ruleset cache").clear();
+        self.push.rulesets.lock().expect("ruleset cache").forget(None);
     }
 }
 

@@ -368,6 +368,10 @@ impl Users {
         let ticket = store.streams().allocate(store)?;
         let mut batch = store.batch();
         batch.put_json(tables::ACCOUNT_DATA, &key, &AccountDataEntry { content, pos: ticket.pos() })?;
+        // Other nodes keep some of a user's global account data (their push rules).
+        if room_id.is_none() {
+            batch.announce(tables::ACCOUNT_DATA, &key);
+        }
         tokio::task::block_in_place(|| store.write(batch))?;
         drop(ticket);
         Ok(())

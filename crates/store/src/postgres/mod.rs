@@ -34,7 +34,13 @@ pub(crate) struct Postgres {
     stream: Arc<nodes::SharedStream>,
     /// The node's own session: it holds the node's lock and the jobs it leads, and they go with it.
     session: Arc<tokio_postgres::Client>,
+    /// What runs when a node announces a change (`Store::watch`).
+    watchers: Arc<nodes::Watchers>,
 }
+
+/// A key longer than this is announced as a change to its whole table: a notification's payload
+/// holds at most 8,000 bytes, and the key goes in hex.
+const LONGEST_ANNOUNCED_KEY: usize = 3_000;
 
 /// The SQL name of a table.
 fn sql_table(table: Table) -> String {
@@ -78,9 +84,11 @@ impl Postgres {
         let name = node_name.to_owned();
         let fenced = tokio::sync::watch::Sender::new(false);
         let session_fenced = fenced.clone();
+        let watchers = Arc::new(nodes::Watchers::default());
+        let session_watchers = watchers.clone();
         let (session, notifications, node) = block_on(&handle, async move {
             let (session, connection) = session_config.connect(tls).await?;
-            let (driver, notifications) = nodes::drive(connection, name.clone(), session_fenced);
+            let (driver, notifications) = nodes::drive(connection, name.clone(), session_fenced, session_watchers);
             match nodes::join(&session, &name, &tables, others_allowed).await {
                 Ok(node) => Ok((session, notifications, node)),
                 Err(error) => {
@@ -98,7 +106,12 @@ impl Postgres {
             fenced,
         });
         handle.spawn(nodes::keep_alive(notifications, stream.clone()));
-        Ok(Self { runtime, pool, holds, stream, session: Arc::new(session) })
+        Ok(Self { runtime, pool, holds, stream, session: Arc::new(session), watchers })
+    }
+
+    /// Runs `watcher` on each change to `table` announced from now on.
+    pub(crate) fn watch(&self, table: Table, watcher: super::Watcher) {
+        self.watchers.write().unwrap_or_else(std::sync::PoisonError::into_inner).entry(table.name()).or_default().push(watcher);
     }
 
     /// Turns true once this node is fenced (it can no longer write).
@@ -288,6 +301,11 @@ impl Postgres {
                     statements.push((format!("DELETE FROM {table} WHERE k = ANY($1)"), vec![&change.deletes]));
                 }
             }
+            // Delivered to the listening nodes when (and only if) the transaction commits.
+            for (table, key) in &changes.announced {
+                let sql = format!("SELECT pg_notify('{}', $1 || ' ' || encode($2, 'hex'))", nodes::CHANGES_CHANNEL);
+                statements.push((sql, vec![table, key]));
+            }
             // Prepared first, so that nothing but the order of the queries orders their sending.
             let pipelined = &transaction;
             let prepared = futures_util::future::try_join_all(statements.iter().map(|(sql, _)| pipelined.prepare_cached(sql))).await?;
@@ -397,6 +415,8 @@ fn block_on<T: Send + 'static>(runtime: &tokio::runtime::Handle, work: impl Futu
 #[derive(Default)]
 struct TableChanges {
     expected: Vec<(Table, Vec<u8>, Option<Vec<u8>>)>,
+    /// Changes to announce, by table name (an empty key: anything in the table).
+    announced: Vec<(&'static str, Vec<u8>)>,
     by_table: HashMap<Table, Change>,
 }
 
@@ -416,6 +436,15 @@ impl TableChanges {
             let (table, key, put) = match op {
                 Op::Expect { table, key, value } => {
                     changes.expected.push((table, key, value));
+                    continue;
+                }
+                Op::Announce { table, mut key } => {
+                    if key.len() > LONGEST_ANNOUNCED_KEY {
+                        key.clear();
+                    }
+                    if !changes.announced.contains(&(table.name(), key.clone())) {
+                        changes.announced.push((table.name(), key));
+                    }
                     continue;
                 }
                 Op::Put { table, key, value } => (table, key, Some(value)),

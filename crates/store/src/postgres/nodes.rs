@@ -15,7 +15,11 @@
 //! fenced; fencing takes the row's update lock, so it waits for writes in progress, and after it
 //! the node commits nothing more. A position a client synced past is therefore never written.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use deadpool_postgres::Pool;
 use tokio::sync::{mpsc, watch};
@@ -23,7 +27,7 @@ use tokio_postgres::{AsyncMessage, Client};
 
 use super::block_on;
 use crate::{
-    Result, StoreError, StreamPos,
+    Result, StoreError, StreamPos, Watcher,
     stream::{self, SharedPositions, advance},
 };
 
@@ -39,6 +43,9 @@ const STREAM_LOCK: i64 = 0x73_74_72_65_61_6d;
 /// The channel on which finished writes (with the writer's name) and fenced nodes (with none)
 /// are announced.
 const CHANNEL: &str = "limbic_stream";
+/// The channel on which changes of keys other nodes may keep are announced (`Batch::announce`):
+/// the table's name, a space, and the key in hex (empty: anything in the table).
+pub(crate) const CHANGES_CHANNEL: &str = "limbic_changed";
 /// The SQLSTATE the fence check raises.
 const FENCED: &str = "LF001";
 
@@ -165,7 +172,7 @@ pub(crate) async fn join(listener: &Client, name: &str, tables: &str, others_all
             return Err(StoreError::OtherNode(other.get(0)));
         }
     }
-    listener.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+    listener.batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {CHANGES_CHANNEL};")).await?;
     Ok(node)
 }
 
@@ -228,13 +235,28 @@ impl SharedPositions for SharedStream {
     }
 }
 
+/// What runs when a change to a table is announced, by table name.
+pub(crate) type Watchers = RwLock<HashMap<&'static str, Vec<Watcher>>>;
+
+/// Runs the watchers of an announced change (its payload: see [`CHANGES_CHANNEL`]).
+fn changed(watchers: &Watchers, payload: &str) {
+    let (table, key) = payload.split_once(' ').unwrap_or((payload, ""));
+    let key = hex::decode(key).ok().filter(|key| !key.is_empty());
+    let watchers = watchers.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+    for watcher in watchers.get(table).into_iter().flatten() {
+        watcher(key.as_deref());
+    }
+}
+
 /// Drives the node's session (its queries need it from the start), passing on the notifications
-/// of the other nodes (a node already knows the watermark after its own writes). When the
-/// session ends, `fenced` turns true: the other nodes fence a node whose session ended.
+/// of the other nodes (a node already knows the watermark after its own writes) and running the
+/// `watchers` of announced changes. When the session ends, `fenced` turns true: the other nodes
+/// fence a node whose session ended.
 pub(crate) fn drive<T>(
     mut connection: tokio_postgres::Connection<tokio_postgres::Socket, T>,
     own_name: String,
     fenced: watch::Sender<bool>,
+    watchers: Arc<Watchers>,
 ) -> (tokio::task::JoinHandle<()>, mpsc::UnboundedReceiver<()>)
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -243,6 +265,9 @@ where
     let driver = tokio::spawn(async move {
         while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
             match message {
+                Ok(AsyncMessage::Notification(notification)) if notification.channel() == CHANGES_CHANNEL => {
+                    changed(&watchers, notification.payload());
+                }
                 Ok(AsyncMessage::Notification(notification)) if notification.payload() != own_name => {
                     let _ = notified.send(());
                 }
