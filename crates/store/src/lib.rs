@@ -8,6 +8,7 @@ mod postgres;
 mod rocks;
 mod stream;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{
     Arc,
@@ -284,6 +285,7 @@ enum Engine {
 pub struct Store {
     engine: Engine,
     streams: Streams,
+    watchers: Arc<Watchers>,
     /// Batches this process has written, so that the server can tell it went idle.
     writes: AtomicU64,
 }
@@ -295,6 +297,7 @@ impl Store {
         Ok(Self {
             streams: Streams::load(db.get(tables::GLOBAL, stream::RESERVATION_KEY)?)?,
             engine: Engine::RocksDb(db),
+            watchers: Arc::default(),
             writes: AtomicU64::new(0),
         })
     }
@@ -307,8 +310,9 @@ impl Store {
 
     /// [`Self::open_postgres`], beside other live nodes if `others_allowed`.
     pub fn open_node(url: &str, pool_size: usize, node_name: &str, others_allowed: bool) -> Result<Self> {
-        let engine = postgres::Postgres::open(url, pool_size, node_name, others_allowed)?;
-        Ok(Self { streams: engine.streams(), engine: Engine::Postgres(engine), writes: AtomicU64::new(0) })
+        let watchers = Arc::<Watchers>::default();
+        let engine = postgres::Postgres::open(url, pool_size, node_name, others_allowed, watchers.clone())?;
+        Ok(Self { streams: engine.streams(), engine: Engine::Postgres(engine), watchers, writes: AtomicU64::new(0) })
     }
 
 
@@ -430,13 +434,11 @@ impl Store {
         }
     }
 
-    /// Runs `watcher` whenever a node sharing the store (this one included) announces a change
-    /// to `table` ([`Batch::announce`]), soon after its write commits; on the embedded store,
-    /// which no other process writes, never.
+    /// Runs `watcher` for each change to `table` announced ([`Batch::announce`]): by this process,
+    /// once its write has committed and before the write returns; by another node sharing the
+    /// store, when its notification arrives (milliseconds after its commit).
     pub fn watch(&self, table: Table, watcher: Watcher) {
-        if let Engine::Postgres(db) = &self.engine {
-            db.watch(table, watcher);
-        }
+        self.watchers.add(table, watcher);
     }
 
     /// Whether other nodes may write to the store while this process does (PostgreSQL).
@@ -508,10 +510,22 @@ impl Store {
             return Ok(());
         }
         self.writes.fetch_add(1, Ordering::Relaxed);
+        let announced: Vec<(Table, Vec<u8>)> = batch
+            .ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Announce { table, key } => Some((*table, key.clone())),
+                _ => None,
+            })
+            .collect();
         match &self.engine {
             Engine::RocksDb(db) => db.write(batch.ops, durable),
             Engine::Postgres(db) => db.write(batch.ops, durable),
+        }?;
+        for (table, key) in announced {
+            self.watchers.run(table.name(), Some(&key));
         }
+        Ok(())
     }
 
     /// Approximate on-disk size of all tables, for metrics.
@@ -575,10 +589,28 @@ pub(crate) enum Op {
     Announce { table: Table, key: Vec<u8> },
 }
 
-/// What a process runs when a node sharing its store announces that a key of a table changed
-/// ([`Batch::announce`]), so that what it keeps of that key goes: the key, or `None` when
-/// anything in the table may have changed.
+/// What a process runs when a key of a table it keeps things of changed ([`Batch::announce`]),
+/// so that what it keeps of that key goes: the key, or `None` when anything in the table may
+/// have changed.
 pub type Watcher = Arc<dyn Fn(Option<&[u8]>) + Send + Sync>;
+
+/// The watchers of a process, by table name.
+#[derive(Default)]
+pub(crate) struct Watchers(std::sync::RwLock<HashMap<&'static str, Vec<Watcher>>>);
+
+impl Watchers {
+    fn add(&self, table: Table, watcher: Watcher) {
+        self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner).entry(table.name()).or_default().push(watcher);
+    }
+
+    /// Runs the watchers of `table` (by name) for a change to `key`.
+    pub(crate) fn run(&self, table: &str, key: Option<&[u8]>) {
+        let watchers = self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for watcher in watchers.get(table).into_iter().flatten() {
+            watcher(key);
+        }
+    }
+}
 
 /// One logical write: everything in it lands together or not at all. A later operation on the
 /// same key wins over an earlier one.
@@ -612,9 +644,9 @@ impl Batch {
         self.ops.push(Op::Expect { table, key: key.to_vec(), value: value.map(<[u8]>::to_vec) });
     }
 
-    /// Tells the nodes sharing the store, once the batch commits, that `key` of `table` changed,
-    /// so that their [`Store::watch`]ers forget what they keep of it. One process keeps the
-    /// embedded store to itself and forgets on its own, so there this is nothing.
+    /// Tells this process, as soon as the batch commits, and the other nodes sharing the store,
+    /// a moment after, that `key` of `table` changed, so that their [`Store::watch`]ers forget
+    /// what they keep of it.
     pub fn announce(&mut self, table: Table, key: &[u8]) {
         self.ops.push(Op::Announce { table, key: key.to_vec() });
     }
@@ -987,11 +1019,14 @@ mod tests {
         let next = || hearing.recv_timeout(std::time::Duration::from_secs(5)).expect("announced within 5 s");
         let quiet = || hearing.recv_timeout(std::time::Duration::from_millis(300)).is_err();
 
+        let (writer_heard, writer_hearing) = std::sync::mpsc::channel::<Option<Vec<u8>>>();
+        a.watch(tables::ACCOUNT_DATA, Arc::new(move |key: Option<&[u8]>| writer_heard.send(key.map(<[u8]>::to_vec)).unwrap()));
         let mut batch = a.batch();
         batch.put(tables::ACCOUNT_DATA, b"\0@u:x\0rules", b"{}");
         batch.announce(tables::ACCOUNT_DATA, b"\0@u:x\0rules");
         batch.announce(tables::USERS, b"@u:x");
         a.write(batch).unwrap();
+        assert_eq!(writer_hearing.try_recv().ok(), Some(Some(b"\0@u:x\0rules".to_vec())), "the writer's own, before the write returns");
         assert_eq!(next(), Some(b"\0@u:x\0rules".to_vec()), "every byte of the key");
         assert!(quiet(), "another table's change is not this watcher's");
 
@@ -1008,15 +1043,22 @@ mod tests {
         b.write(batch).unwrap();
         assert_eq!(next(), None, "the node's own announcements reach it too");
 
-        // The embedded store has no other process to hear from.
+        // On the embedded store, this process's own announcements, once written and before the
+        // write returns: the watcher reads the value written.
         let dir = tempfile::tempdir().unwrap();
-        let alone = Store::open(dir.path()).unwrap();
-        alone.watch(tables::ACCOUNT_DATA, Arc::new(|_: Option<&[u8]>| panic!("nobody else writes here")));
+        let alone = Arc::new(Store::open(dir.path()).unwrap());
+        let (heard, hearing) = std::sync::mpsc::channel::<(Option<Vec<u8>>, Option<Vec<u8>>)>();
+        let store = Arc::downgrade(&alone);
+        alone.watch(tables::ACCOUNT_DATA, Arc::new(move |key: Option<&[u8]>| {
+            let value = store.upgrade().unwrap().get(tables::ACCOUNT_DATA, key.unwrap()).unwrap();
+            heard.send((key.map(<[u8]>::to_vec), value)).unwrap();
+        }));
         let mut batch = alone.batch();
         batch.put(tables::ACCOUNT_DATA, b"k", b"v");
         batch.announce(tables::ACCOUNT_DATA, b"k");
         alone.write(batch).unwrap();
-        assert_eq!(alone.get(tables::ACCOUNT_DATA, b"k").unwrap().as_deref(), Some(&b"v"[..]));
+        assert_eq!(hearing.try_recv().unwrap(), (Some(b"k".to_vec()), Some(b"v".to_vec())));
+        assert!(hearing.try_recv().is_err(), "once");
     }
 
     #[test]

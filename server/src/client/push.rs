@@ -52,8 +52,8 @@ fn rule_json(rules: &Ruleset, kind: &RuleKind, rule_id: &str) -> Result<JsonValu
 fn update_rules(server: &AppState, caller: &Caller, change: impl FnOnce(&mut Ruleset) -> Result<()>) -> Result<()> {
     let mut rules = (*server.push.ruleset(&caller.user_id)?).clone();
     change(&mut rules)?;
+    // Every node forgets the rules it kept once this is written (the change is announced).
     server.users.set_account_data(&caller.user_id, None, PUSH_RULES, Push::ruleset_content(&rules))?;
-    server.push.invalidate(&caller.user_id);
     Ok(())
 }
 

@@ -36,7 +36,7 @@ const GATEWAY_PATH: &str = "/_matrix/push/v1/notify";
 
 /// A pusher as stored: what the client set, as `GET /pushers` shows it, and the sha256 of the
 /// access token that set it.
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 enum StoredPusher {
     Owned { pusher: JsonValue, owner_token: String },
@@ -78,6 +78,7 @@ fn stage_pushers_removal(store: &Store, batch: &mut Batch, user_id: &UserId, end
     for (key, pusher) in stored_pushers(store, user_id)? {
         if ends(pusher.owner()) {
             batch.delete(tables::PUSHERS, &key);
+            batch.announce(tables::PUSHERS, &key);
         }
     }
     Ok(())
@@ -124,29 +125,75 @@ fn first_match<'r>(rules: &'r Ruleset, event: &FlattenedJson, context: &PushCond
 
 pub struct Push {
     store: Arc<Store>,
-    rulesets: Arc<Mutex<Rulesets>>,
+    rulesets: Arc<Kept<Arc<Ruleset>>>,
+    pushers: Arc<Kept<Arc<[StoredPusher]>>>,
     delivery: Delivery,
 }
 
-/// The users' rules as last read, kept until they change.
-#[derive(Default)]
-struct Rulesets {
-    by_user: HashMap<OwnedUserId, Arc<Ruleset>>,
+/// What is kept of each user as last read (their push rules, their pushers), until a change to
+/// it is announced ([`crate::store::Batch::announce`]).
+struct Kept<V> {
+    name: &'static str,
+    users: Mutex<KeptUsers<V>>,
+}
+
+struct KeptUsers<V> {
+    by_user: HashMap<OwnedUserId, V>,
     /// Counts what was forgotten, so that a read that began before a change is not kept.
     forgotten: u64,
 }
 
-impl Rulesets {
-    /// Forgets a user's rules (`None`: everyone's).
-    fn forget(&mut self, user_id: Option<&UserId>) {
+impl<V: Clone + Send + 'static> Kept<V> {
+    /// Kept until `table` announces a change to a key whose owner `owner` finds (`Ok(None)`: a
+    /// key of another kind; `Err`: anyone's may have changed).
+    fn watching(store: &Store, name: &'static str, table: crate::store::Table, owner: fn(&[u8]) -> Result<Option<OwnedUserId>, ()>) -> Arc<Self> {
+        let kept = Arc::new(Self { name, users: Mutex::new(KeptUsers { by_user: HashMap::new(), forgotten: 0 }) });
+        let watcher = Arc::downgrade(&kept);
+        store.watch(
+            table,
+            Arc::new(move |key: Option<&[u8]>| {
+                let Some(kept) = watcher.upgrade() else { return };
+                match key.map(owner) {
+                    Some(Ok(None)) => {}
+                    Some(Ok(Some(user_id))) => kept.forget(Some(&user_id)),
+                    None | Some(Err(())) => kept.forget(None),
+                }
+            }),
+        );
+        kept
+    }
+
+    /// Forgets a user's (`None`: everyone's).
+    fn forget(&self, user_id: Option<&UserId>) {
+        let mut kept = self.users.lock().expect(self.name);
         match user_id {
-            Some(user_id) => self.by_user.remove(user_id),
-            None => {
-                self.by_user.clear();
-                None
+            Some(user_id) => {
+                kept.by_user.remove(user_id);
             }
-        };
-        self.forgotten += 1;
+            None => kept.by_user.clear(),
+        }
+        kept.forgotten += 1;
+    }
+
+    /// What is kept of each of `users`, `read` (without the lock, in one go) for those of whom
+    /// nothing is.
+    fn get(&self, users: &[&UserId], read: impl Fn(&[&UserId]) -> Result<Vec<V>>) -> Result<Vec<V>> {
+        loop {
+            let (wanted, forgotten) = {
+                let kept = self.users.lock().expect(self.name);
+                let wanted: Vec<&UserId> = users.iter().copied().filter(|user| !kept.by_user.contains_key(*user)).collect();
+                if wanted.is_empty() {
+                    return Ok(users.iter().map(|user| kept.by_user[*user].clone()).collect());
+                }
+                (wanted, kept.forgotten)
+            };
+            let values = read(&wanted)?;
+            let mut kept = self.users.lock().expect(self.name);
+            // A change meanwhile may have been read or not: read again.
+            if kept.forgotten == forgotten {
+                kept.by_user.extend(wanted.into_iter().map(UserId::to_owned).zip(values));
+            }
+        }
     }
 }
 
@@ -164,6 +211,11 @@ fn rules_owner(key: &[u8]) -> Result<Option<OwnedUserId>, ()> {
         return Ok(None);
     }
     UserId::parse(user).map(Some).map_err(|_| ())
+}
+
+/// Whose pusher a pushers key holds.
+fn pusher_owner(key: &[u8]) -> Result<Option<OwnedUserId>, ()> {
+    KeyReader::new(key).str().and_then(|user| UserId::parse(user).ok()).map(Some).ok_or(())
 }
 
 fn notification_key(user_id: &UserId, pos: StreamPos) -> Vec<u8> {
@@ -193,22 +245,12 @@ fn power_levels_ctx(content: &JsonValue, rules: &ruma::room_version_rules::Autho
 
 impl Push {
     pub fn new(store: Arc<Store>, config: &PushConfig) -> Self {
-        let rulesets = Arc::new(Mutex::new(Rulesets::default()));
-        // Rules changed through another node sharing the store are forgotten here too.
-        let kept = Arc::downgrade(&rulesets);
-        store.watch(
-            tables::ACCOUNT_DATA,
-            Arc::new(move |key: Option<&[u8]>| {
-                let Some(rulesets) = kept.upgrade() else { return };
-                let mut rulesets = rulesets.lock().expect("ruleset cache");
-                match key.map(rules_owner) {
-                    Some(Ok(None)) => {}
-                    Some(Ok(Some(user_id))) => rulesets.forget(Some(&user_id)),
-                    None | Some(Err(())) => rulesets.forget(None),
-                }
-            }),
-        );
-        Self { store, rulesets, delivery: Delivery::start(config) }
+        Self {
+            rulesets: Kept::watching(&store, "push rules kept", tables::ACCOUNT_DATA, rules_owner),
+            pushers: Kept::watching(&store, "pushers kept", tables::PUSHERS, pusher_owner),
+            store,
+            delivery: Delivery::start(config),
+        }
     }
 
     /// The user's rules: what they saved, or the spec's defaults.
@@ -216,47 +258,30 @@ impl Push {
         Ok(self.rulesets(&[user_id])?.remove(0))
     }
 
-    /// The rules of each of `users`, kept once read until they change: through this process
-    /// ([`Self::invalidate`]), or through another node sharing the store, which announces the
-    /// change ([`Users::set_account_data`](crate::users::Users::set_account_data)).
+    /// The rules of each of `users`, kept once read until they change (a change to a user's
+    /// global account data is announced: [`Users::set_account_data`](crate::users::Users::set_account_data)).
     pub fn rulesets(&self, users: &[&UserId]) -> Result<Vec<Arc<Ruleset>>> {
-        loop {
-            let (wanted, forgotten) = {
-                let cache = self.rulesets.lock().expect("ruleset cache");
-                let wanted: Vec<&UserId> = users.iter().copied().filter(|user| !cache.by_user.contains_key(*user)).collect();
-                if wanted.is_empty() {
-                    return Ok(users.iter().map(|user| cache.by_user[*user].clone()).collect());
-                }
-                (wanted, cache.forgotten)
-            };
-            // Read without the lock: other rooms' events need it meanwhile.
-            let keys: Vec<Vec<u8>> = wanted.iter().map(|user| rules_key(user)).collect();
+        self.rulesets.get(users, |users| {
+            let keys: Vec<Vec<u8>> = users.iter().map(|user| rules_key(user)).collect();
             let stored = self.store.get_many(tables::ACCOUNT_DATA, &keys.iter().map(Vec::as_slice).collect::<Vec<_>>())?;
-            let mut read = Vec::with_capacity(wanted.len());
-            for (user, raw) in wanted.into_iter().zip(stored) {
-                let entry: Option<crate::users::AccountDataEntry> = raw.as_deref().map(|bytes| crate::store::decode(tables::ACCOUNT_DATA, bytes)).transpose()?;
-                let rules = entry
-                    .and_then(|entry| entry.content.get("global").cloned())
-                    .and_then(|global| serde_json::from_value::<Ruleset>(global).ok())
-                    .unwrap_or_else(|| Ruleset::server_default(user));
-                read.push((user.to_owned(), Arc::new(rules)));
-            }
-            let mut cache = self.rulesets.lock().expect("ruleset cache");
-            // A change meanwhile may have been read or not: read again.
-            if cache.forgotten == forgotten {
-                cache.by_user.extend(read);
-            }
-        }
+            users
+                .iter()
+                .zip(stored)
+                .map(|(user, raw)| {
+                    let entry: Option<crate::users::AccountDataEntry> = raw.as_deref().map(|bytes| crate::store::decode(tables::ACCOUNT_DATA, bytes)).transpose()?;
+                    let rules = entry
+                        .and_then(|entry| entry.content.get("global").cloned())
+                        .and_then(|global| serde_json::from_value::<Ruleset>(global).ok())
+                        .unwrap_or_else(|| Ruleset::server_default(user));
+                    Ok(Arc::new(rules))
+                })
+                .collect()
+        })
     }
 
     /// The account data content for a ruleset.
     pub fn ruleset_content(rules: &Ruleset) -> JsonValue {
         json!({ "global": rules })
-    }
-
-    /// Forgets the cached rules after the user changed them.
-    pub fn invalidate(&self, user_id: &UserId) {
-        self.rulesets.lock().expect("ruleset cache").forget(Some(user_id));
     }
 
     /// Evaluates the rules of every recipient for `pdu` and stages the notifications in the
@@ -360,14 +385,17 @@ impl Push {
     /// The user's pushers, but for any whose token has ended (a pusher set while its token was
     /// being revoked escapes the removal; it never receives anything).
     pub fn pushers(&self, user_id: &UserId) -> Result<Vec<JsonValue>> {
+        let kept = self.pushers.get(&[user_id], |users| {
+            users.iter().map(|user| Ok(stored_pushers(&self.store, user)?.into_iter().map(|(_, pusher)| pusher).collect())).collect()
+        })?;
         let mut live = Vec::new();
-        for (_, pusher) in stored_pushers(&self.store, user_id)? {
+        for pusher in kept[0].iter() {
             if let Some(owner) = pusher.owner()
                 && !crate::users::token_is_live(&self.store, owner)?
             {
                 continue;
             }
-            live.push(pusher.into_pusher());
+            live.push(pusher.clone().into_pusher());
         }
         Ok(live)
     }
@@ -395,6 +423,7 @@ impl Push {
             let stored = StoredPusher::Owned { pusher: pusher.clone(), owner_token: caller.token_hash.clone() };
             batch.put_json(tables::PUSHERS, &key, &stored)?;
         }
+        batch.announce(tables::PUSHERS, &key);
         self.store.write(batch)?;
         Ok(())
     }
@@ -575,7 +604,8 @@ impl crate::rooms::Indexer for Notifier {
 
     fn rest(&self) {
         self.contexts.lock().expect("push contexts").clear();
-        self.push.rulesets.lock().expect("ruleset cache").forget(None);
+        self.push.rulesets.forget(None);
+        self.push.pushers.forget(None);
     }
 }
 

@@ -19,7 +19,7 @@ use std::{
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 
 
-use super::{Entry, KeyRange, Op, Result, StoreError, Streams, Table, tables};
+use super::{Entry, KeyRange, Op, Result, StoreError, Streams, Table, Watchers, tables};
 
 /// A scan's first page is small (many scans read one entry); later pages grow up to the last.
 const FIRST_PAGE: i64 = 32;
@@ -34,8 +34,6 @@ pub(crate) struct Postgres {
     stream: Arc<nodes::SharedStream>,
     /// The node's own session: it holds the node's lock and the jobs it leads, and they go with it.
     session: Arc<tokio_postgres::Client>,
-    /// What runs when a node announces a change (`Store::watch`).
-    watchers: Arc<nodes::Watchers>,
 }
 
 /// A key longer than this is announced as a change to its whole table: a notification's payload
@@ -49,8 +47,9 @@ fn sql_table(table: Table) -> String {
 
 impl Postgres {
     /// Connects to `url` (a `postgresql://` URL or `key=value` pairs), creates the tables that
-    /// are missing and joins the nodes (`others_allowed: false`: as the only live one).
-    pub(crate) fn open(url: &str, pool_size: usize, node_name: &str, others_allowed: bool) -> Result<Self> {
+    /// are missing and joins the nodes (`others_allowed: false`: as the only live one). Changes
+    /// the nodes announce run `watchers`.
+    pub(crate) fn open(url: &str, pool_size: usize, node_name: &str, others_allowed: bool, watchers: Arc<Watchers>) -> Result<Self> {
         let (mut config, tls) = tls::connection(url)?;
         // Operators see which node a session belongs to (pg_stat_activity).
         config.application_name(format!("limbic {node_name}"));
@@ -84,11 +83,9 @@ impl Postgres {
         let name = node_name.to_owned();
         let fenced = tokio::sync::watch::Sender::new(false);
         let session_fenced = fenced.clone();
-        let watchers = Arc::new(nodes::Watchers::default());
-        let session_watchers = watchers.clone();
         let (session, notifications, node) = block_on(&handle, async move {
             let (session, connection) = session_config.connect(tls).await?;
-            let (driver, notifications) = nodes::drive(connection, name.clone(), session_fenced, session_watchers);
+            let (driver, notifications) = nodes::drive(connection, name.clone(), session_fenced, watchers);
             match nodes::join(&session, &name, &tables, others_allowed).await {
                 Ok(node) => Ok((session, notifications, node)),
                 Err(error) => {
@@ -106,12 +103,7 @@ impl Postgres {
             fenced,
         });
         handle.spawn(nodes::keep_alive(notifications, stream.clone()));
-        Ok(Self { runtime, pool, holds, stream, session: Arc::new(session), watchers })
-    }
-
-    /// Runs `watcher` on each change to `table` announced from now on.
-    pub(crate) fn watch(&self, table: Table, watcher: super::Watcher) {
-        self.watchers.write().unwrap_or_else(std::sync::PoisonError::into_inner).entry(table.name()).or_default().push(watcher);
+        Ok(Self { runtime, pool, holds, stream, session: Arc::new(session) })
     }
 
     /// Turns true once this node is fenced (it can no longer write).

@@ -15,11 +15,7 @@
 //! fenced; fencing takes the row's update lock, so it waits for writes in progress, and after it
 //! the node commits nothing more. A position a client synced past is therefore never written.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, RwLock},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use deadpool_postgres::Pool;
 use tokio::sync::{mpsc, watch};
@@ -27,7 +23,7 @@ use tokio_postgres::{AsyncMessage, Client};
 
 use super::block_on;
 use crate::{
-    Result, StoreError, StreamPos, Watcher,
+    Result, StoreError, StreamPos, Watchers,
     stream::{self, SharedPositions, advance},
 };
 
@@ -235,17 +231,12 @@ impl SharedPositions for SharedStream {
     }
 }
 
-/// What runs when a change to a table is announced, by table name.
-pub(crate) type Watchers = RwLock<HashMap<&'static str, Vec<Watcher>>>;
-
-/// Runs the watchers of an announced change (its payload: see [`CHANGES_CHANNEL`]).
+/// Runs the watchers of a change another node (or this one) announced: its payload is the
+/// table's name, a space, and the key in hex (see [`CHANGES_CHANNEL`]).
 fn changed(watchers: &Watchers, payload: &str) {
     let (table, key) = payload.split_once(' ').unwrap_or((payload, ""));
     let key = hex::decode(key).ok().filter(|key| !key.is_empty());
-    let watchers = watchers.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-    for watcher in watchers.get(table).into_iter().flatten() {
-        watcher(key.as_deref());
-    }
+    watchers.run(table, key.as_deref());
 }
 
 /// Drives the node's session (its queries need it from the start), passing on the notifications
