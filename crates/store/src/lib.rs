@@ -41,6 +41,8 @@ pub enum StoreError {
     Locked,
     #[error("node {0} uses this database, and this node was opened to be the only one")]
     OtherNode(String),
+    #[error("node {node} runs on this database with cluster protocol {theirs}, and this version speaks {ours}: nodes of both are unsafe together, so stop the other nodes first (docs/SCALING.md, \"Upgrades\")")]
+    OtherProtocol { node: String, theirs: i32, ours: i32 },
     #[error("another node changed table {table} first: the write's condition no longer held, and nothing was written")]
     Conflict { table: &'static str },
     #[error("the database broke a deadlock between this write and another's: nothing was written, and the write can be made again")]
@@ -827,6 +829,36 @@ mod tests {
         assert!(matches!(Store::open_postgres(&url, 1, "test"), Err(StoreError::Locked)));
         let refused = Store::open_postgres(&url, 1, "second");
         assert!(matches!(&refused, Err(StoreError::OtherNode(name)) if name == "test"), "{:?}", refused.err());
+    }
+
+    #[test]
+    fn a_node_refuses_to_start_beside_a_live_node_of_another_protocol() {
+        use postgres::nodes::{NODE_LOCK_CLASS, PROTOCOL};
+        let url = TempPostgres::shared().new_database("protocols");
+        let a = Store::open_node(&url, 2, "a", true).unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        // A node of an earlier version: alive (its session holds its lock), protocol 0.
+        let (old, connection) = runtime.block_on(tokio_postgres::connect(&url, tokio_postgres::NoTls)).unwrap();
+        let session = runtime.spawn(connection);
+        runtime.block_on(async {
+            old.execute("SELECT pg_advisory_lock($1, hashtext('old'))", &[&NODE_LOCK_CLASS]).await.unwrap();
+            old.execute("INSERT INTO limbic_nodes (name, incarnation, lease_until, fenced) VALUES ('old', 1, now() + interval '1 hour', false)", &[]).await.unwrap();
+        });
+        let refused = Store::open_node(&url, 2, "b", true);
+        assert!(
+            matches!(&refused, Err(StoreError::OtherProtocol { node, theirs: 0, ours }) if node == "old" && *ours == PROTOCOL),
+            "{:?}",
+            refused.err()
+        );
+        // The nodes of this version go on.
+        let mut batch = a.batch();
+        batch.put(tables::USERS, b"@u:x", b"{}");
+        a.write(batch).unwrap();
+        // Once the old node is gone (its session ended: its lease need not run out), the new one starts.
+        drop(old);
+        runtime.block_on(session).unwrap().unwrap();
+        let b = Store::open_node(&url, 2, "b", true).unwrap();
+        assert_eq!(b.get(tables::USERS, b"@u:x").unwrap().as_deref(), Some(&b"{}"[..]));
     }
 
     fn wait_until(what: &str, done: impl Fn() -> bool) {

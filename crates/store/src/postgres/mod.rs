@@ -5,7 +5,7 @@
 //! The connections therefore live on a runtime of their own (two threads); a call hands its
 //! query to that runtime and waits for the answer, as it would wait for RocksDB's disk.
 
-mod nodes;
+pub(crate) mod nodes;
 mod tls;
 
 pub(crate) use nodes::is_fenced;

@@ -34,7 +34,7 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// Advisory lock keys: the class of the per-node session locks (two-key form, the second key the
 /// node name's hash) and the stream's allocation lock ("limbic" and "stream", as numbers).
-const NODE_LOCK_CLASS: i32 = 0x6c_6d_62;
+pub(crate) const NODE_LOCK_CLASS: i32 = 0x6c_6d_62;
 const STREAM_LOCK: i64 = 0x73_74_72_65_61_6d;
 /// The channel on which finished writes (with the writer's name) and fenced nodes (with none)
 /// are announced.
@@ -42,20 +42,28 @@ const CHANNEL: &str = "limbic_stream";
 /// The channel on which changes of keys other nodes may keep are announced (`Batch::announce`):
 /// the table's name, a space, and the key in hex (empty: anything in the table).
 pub(crate) const CHANGES_CHANNEL: &str = "limbic_changed";
+/// What the nodes sharing a database assume of each other: the SQL functions they share, how
+/// they announce changes to what they keep (`Batch::announce`), the rules their caches follow.
+/// Raised whenever nodes of the new version and the old one would be unsafe together; a node
+/// refuses to start beside live nodes of another protocol. Nodes of versions before the
+/// protocol existed count as protocol 0.
+pub(crate) const PROTOCOL: i32 = 1;
 /// The SQLSTATE the fence check raises.
 const FENCED: &str = "LF001";
+
+/// The nodes: created before the rest of the schema, to find nodes of another protocol first.
+const NODES_TABLE: &str = "CREATE TABLE IF NOT EXISTS limbic_nodes (
+    name text PRIMARY KEY,
+    incarnation bigint NOT NULL,
+    lease_until timestamptz NOT NULL,
+    fenced boolean NOT NULL
+);";
 
 /// The shared tables and functions; created (or replaced) at every start, under a lock.
 fn schema() -> String {
     format!(
         r#"
 CREATE SEQUENCE IF NOT EXISTS limbic_stream_positions;
-CREATE TABLE IF NOT EXISTS limbic_nodes (
-    name text PRIMARY KEY,
-    incarnation bigint NOT NULL,
-    lease_until timestamptz NOT NULL,
-    fenced boolean NOT NULL
-);
 CREATE TABLE IF NOT EXISTS limbic_in_flight (
     pos bigint PRIMARY KEY,
     node text NOT NULL,
@@ -136,16 +144,41 @@ pub(crate) async fn join(listener: &Client, name: &str, tables: &str, others_all
     if !locked.get::<_, bool>(0) {
         return Err(StoreError::Locked);
     }
-    // Nodes starting together create the schema one after the other.
-    listener.batch_execute(&format!("BEGIN; SELECT pg_advisory_xact_lock({STREAM_LOCK}); {tables} {} COMMIT;", schema())).await?;
+    // Nodes starting together create the schema one after the other; a node of another
+    // protocol that still runs must not have the shared functions replaced under it.
+    listener
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({STREAM_LOCK}); {NODES_TABLE} \
+             ALTER TABLE limbic_nodes ADD COLUMN IF NOT EXISTS protocol integer NOT NULL DEFAULT 0;"
+        ))
+        .await?;
+    let other = listener
+        .query_opt(
+            "SELECT name, protocol FROM limbic_nodes WHERE name <> $1 AND protocol <> $2 AND NOT fenced AND lease_until > now() \
+             AND NOT pg_try_advisory_xact_lock($3, hashtext(name)) LIMIT 1",
+            &[&name, &PROTOCOL, &NODE_LOCK_CLASS],
+        )
+        .await;
+    match other {
+        Ok(None) => {}
+        Ok(Some(other)) => {
+            listener.batch_execute("ROLLBACK").await?;
+            return Err(StoreError::OtherProtocol { node: other.get(0), theirs: other.get(1), ours: PROTOCOL });
+        }
+        Err(error) => {
+            listener.batch_execute("ROLLBACK").await?;
+            return Err(error.into());
+        }
+    }
+    listener.batch_execute(&format!("{tables} {} COMMIT;", schema())).await?;
     let registered = listener
         .query_one(
             &format!(
-                "INSERT INTO limbic_nodes (name, incarnation, lease_until, fenced) VALUES ($1, 1, now() + interval '{LEASE_SECONDS} seconds', false) \
-                 ON CONFLICT (name) DO UPDATE SET incarnation = limbic_nodes.incarnation + 1, lease_until = EXCLUDED.lease_until, fenced = false \
+                "INSERT INTO limbic_nodes (name, incarnation, lease_until, fenced, protocol) VALUES ($1, 1, now() + interval '{LEASE_SECONDS} seconds', false, $2) \
+                 ON CONFLICT (name) DO UPDATE SET incarnation = limbic_nodes.incarnation + 1, lease_until = EXCLUDED.lease_until, fenced = false, protocol = EXCLUDED.protocol \
                  RETURNING incarnation"
             ),
-            &[&name],
+            &[&name, &PROTOCOL],
         )
         .await?;
     let node = Node { name: name.to_owned(), incarnation: registered.get(0) };
