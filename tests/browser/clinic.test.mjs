@@ -406,6 +406,8 @@ test("a therapist runs a session from its page: admits from the waiting room, wr
   await page.goto(`${server.url}/clinic/sessions/${encodeURIComponent(openSession)}`);
   await signIn(page, therapist, 'theo');
   await page.getByTestId('page-session').waitFor();
+  // The page shows before the session it loads: its title comes with the session.
+  await page.getByTestId('session-title').filter({ hasText: /./ }).waitFor();
   assert.equal(await page.getByTestId('session-title').textContent(), 'Check-in now');
 
   // The client who entered the passcode waits; the therapist admits them.
