@@ -587,7 +587,8 @@ pub(crate) enum Op {
     Delete { table: Table, key: Vec<u8> },
     /// A condition on the value before the batch (`None`: absent).
     Expect { table: Table, key: Vec<u8>, value: Option<Vec<u8>> },
-    /// Tells the other nodes, once the batch commits, that `key` changed.
+    /// Tells the watchers, this process's and the other nodes', that `key` changed, once the
+    /// batch commits.
     Announce { table: Table, key: Vec<u8> },
 }
 
