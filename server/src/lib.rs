@@ -114,8 +114,10 @@ async fn led<F: Future<Output = ()>>(server: Arc<Server>, name: &'static str, jo
 }
 
 /// What each node does for itself: memory handed back. After a tick without a write, what
-/// the store and the rooms keep only for speed goes too, at every such tick: reads alone
-/// (initial syncs) fill those caches again, and must not keep them full on an idle node.
+/// the store and the rooms keep only for speed goes, and then the allocator's free pages, at
+/// every such tick: reads alone (initial syncs) fill those caches again, and must not keep
+/// them full on an idle node. Under writes nothing is handed back: the memory is in use again
+/// at once, and trimming the allocator holds every allocation up for milliseconds.
 async fn resting(server: Arc<Server>) {
     let mut tick = tokio::time::interval(Duration::from_secs(MEMORY_TICK_SECONDS));
     let mut writes = server.store.writes();
@@ -123,11 +125,13 @@ async fn resting(server: Arc<Server>) {
         tick.tick().await;
         let now = server.store.writes();
         if now == writes {
-            // Off the runtime's workers: dropping the caches' maps and flushing take a while.
+            // Off the runtime's workers: dropping the caches' maps, flushing and trimming take a while.
             let idle = server.clone();
             let rest = move || {
                 idle.rooms.rest();
-                idle.store.rest()
+                let rested = idle.store.rest();
+                release_free_memory();
+                rested
             };
             match tokio::task::spawn_blocking(rest).await {
                 Ok(Ok(())) => {}
@@ -136,7 +140,6 @@ async fn resting(server: Arc<Server>) {
             }
         }
         writes = now;
-        release_free_memory();
     }
 }
 
