@@ -212,7 +212,7 @@ impl Rooms {
     }
 
     /// Hands back, on a node gone idle, what is kept only for speed: state snapshots and the
-    /// writers' state reads, and what the indexers keep (push contexts and rules).
+    /// writers' state reads, and what the indexers keep (push contexts, rules and pushers).
     pub fn rest(&self) {
         self.snapshots.clear();
         self.state_reads.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();

@@ -368,7 +368,8 @@ impl Users {
         let ticket = store.streams().allocate(store)?;
         let mut batch = store.batch();
         batch.put_json(tables::ACCOUNT_DATA, &key, &AccountDataEntry { content, pos: ticket.pos() })?;
-        // Other nodes keep some of a user's global account data (their push rules).
+        // Every node, this one included, keeps some of a user's global account data (their push
+        // rules) until a change is announced.
         if room_id.is_none() {
             batch.announce(tables::ACCOUNT_DATA, &key);
         }

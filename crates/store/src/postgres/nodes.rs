@@ -159,16 +159,11 @@ pub(crate) async fn join(listener: &Client, name: &str, tables: &str, others_all
             &[&name, &PROTOCOL, &NODE_LOCK_CLASS],
         )
         .await;
-    match other {
-        Ok(None) => {}
-        Ok(Some(other)) => {
-            listener.batch_execute("ROLLBACK").await?;
-            return Err(StoreError::OtherProtocol { node: other.get(0), theirs: other.get(1), ours: PROTOCOL });
-        }
-        Err(error) => {
-            listener.batch_execute("ROLLBACK").await?;
-            return Err(error.into());
-        }
+    if !matches!(other, Ok(None)) {
+        listener.batch_execute("ROLLBACK").await?;
+    }
+    if let Some(other) = other? {
+        return Err(StoreError::OtherProtocol { node: other.get(0), theirs: other.get(1), ours: PROTOCOL });
     }
     listener.batch_execute(&format!("{tables} {} COMMIT;", schema())).await?;
     let registered = listener
