@@ -41,6 +41,12 @@ EXAMPLE_CONFIG = REPO / "config.example.toml"
 _live_servers: set["LimbicServer"] = set()
 
 
+def limbic_env() -> dict[str, str]:
+    """This environment without LIMBIC_* variables, for a `limbic` process: Limbic reads them as
+    overrides of its config, and refuses one it does not know (LIMBIC_BIN, say)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("LIMBIC_")}
+
+
 def _binary() -> Path:
     if os.environ.get("LIMBIC_BIN"):
         return Path(os.environ["LIMBIC_BIN"])
@@ -152,7 +158,7 @@ class LimbicServer:
                 "(scripts/test does) or set LIMBIC_BIN",
                 pytrace=False,
             )
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LIMBIC_")}
+        env = limbic_env()
         env["NO_COLOR"] = "1"  # plain log files
         self.starts += 1
         log = open(self.log_path, "ab")

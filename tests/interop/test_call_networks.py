@@ -44,7 +44,7 @@ import pytest
 from livekit import rtc
 
 from call_media import WIDTH, http, member, publish_tone, publish_video, two_in_a_call, until
-from conftest import ARTIFACTS, LimbicServer, _binary, dump_toml, free_port
+from conftest import ARTIFACTS, LimbicServer, _binary, dump_toml, free_port, limbic_env
 from mx import run
 
 HERE = Path(__file__).resolve().parent
@@ -324,7 +324,7 @@ def coturn_for(tmp_path, name: str, address: str, changes: dict, tls: tuple[Path
         voip.update(turn_tls_cert=str(tls[0]), turn_tls_key=str(tls[1]))
     server = ServerAt(name, tmp_path, address, {**changes, "voip": voip})
     # The store is free before the server starts: the secret it makes is the one coturn gets.
-    printed = subprocess.run([str(_binary()), "voip", "coturn-config", "--config", str(server.config_path)], capture_output=True, text=True, check=True).stdout
+    printed = subprocess.run([str(_binary()), "voip", "coturn-config", "--config", str(server.config_path)], capture_output=True, text=True, check=True, env=limbic_env()).stdout
     assert f"listening-port={turn_port}\n" in printed and f"allowed-peer-ip={address}\n" in printed, printed
     (tmp_path / "turnserver.conf").write_text(printed)
     log = ARTIFACTS / f"{name}-coturn.log"
