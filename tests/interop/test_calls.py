@@ -326,7 +326,12 @@ def test_dynacast_pauses_the_layers_nobody_watches(server):
 
             publication.set_video_quality(rtc.VideoQuality.VIDEO_QUALITY_HIGH)
             await until_rates("the best layer flowing again", publisher, lambda r: r.get("f", 0) > 1000, timeout=6)
-            await until("Ben sees the widest layer again", lambda: widths[-1] == WIDTH, context=lambda: sorted(set(widths[-100:])))
+            # Ben's connection carried only the low layer meanwhile: if its estimate fell short of
+            # the widest on the way back (a busy machine delays packets as congestion does), the
+            # SFU probes again only after sfu::forwarding::RETRY_FIRST (10 s), and switches up once
+            # the estimate has held for HOLD (2 s).
+            await until("Ben sees the widest layer again", lambda: widths[-1] == WIDTH, timeout=25,
+                        context=lambda: sorted(set(widths[-100:])))
 
             publication.set_subscribed(False)
             await until_rates("no video flowing", publisher, lambda r: sum(r.values()) < 500)
@@ -523,13 +528,17 @@ def test_a_recording_needs_everyones_consent_and_yields_the_tone(server):
             assert recording_state(server.url, client, room_id).get("recording") is True
             started = time.monotonic()
             await asyncio.sleep(3)
+            asked_to_stop = time.monotonic() - started
             status, body = http(server.url, "PUT", recording_path, therapist.access_token, {"recording": False})
             took = time.monotonic() - started
             assert status == 200, (status, body)
             audio = [f for f in body["files"] if f["kind"] == "m.audio" and f["owner"] == client.user_id]
             assert len(audio) == 1 and "url" in audio[0], body
             seconds, peak = decoded_audio(download(server.url, therapist, audio[0]["url"]))
-            assert abs(seconds - took) < 0.8, f"recorded {seconds:.2f} s of a {took:.2f} s recording"
+            # The recording ends between the request to stop it and the answer (which waits for
+            # the files: on a busy machine, and through another node, that can take a second).
+            assert asked_to_stop - 0.8 < seconds < took + 0.8, \
+                f"recorded {seconds:.2f} s of a recording stopped between {asked_to_stop:.2f} and {took:.2f} s"
             assert peak > 0.1, f"the recording is silent (peak {peak})"
             video = [f for f in body["files"] if f["kind"] == "m.video" and f["owner"] == client.user_id]
             assert len(video) == 1 and "url" in video[0], body
@@ -542,7 +551,8 @@ def test_a_recording_needs_everyones_consent_and_yields_the_tone(server):
                     raise AssertionError(f"the session's client downloaded its recording {url}")
                 except urllib.error.HTTPError as error:
                     assert error.code == 403 and json.loads(error.read()).get("errcode") == "M_FORBIDDEN", error.code
-            assert abs(video_seconds - took) < 1.0, f"{video_seconds:.2f} s of video in a {took:.2f} s recording"
+            assert asked_to_stop - 1.0 < video_seconds < took + 1.0, \
+                f"{video_seconds:.2f} s of video in a recording stopped between {asked_to_stop:.2f} and {took:.2f} s"
             # The session's recordings list the files as announced, for its therapists only.
             recordings_path = f"/_limbic/client/v1/sessions/{urllib.parse.quote(room_id, safe='')}/recordings"
             status, listed = http(server.url, "GET", recordings_path, therapist.access_token)
