@@ -22,6 +22,7 @@ import ctypes
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -97,6 +98,13 @@ def _merge(config: dict, overrides: dict) -> None:
             config[key] = value
 
 
+def _merged(base: dict, overrides: dict) -> dict:
+    """A copy of `base` with `overrides` merged in; `base` is left as it was."""
+    config = json.loads(json.dumps(base))
+    _merge(config, overrides)
+    return config
+
+
 def write_config(path: Path, port: int, store: Path, overrides: dict | None = None) -> dict:
     with open(EXAMPLE_CONFIG, "rb") as f:
         cfg = tomllib.load(f)
@@ -149,6 +157,10 @@ class LimbicServer:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_paths(self) -> list[Path]:
+        return [self.log_path]
 
     def start(self, timeout: float = 60.0) -> None:
         binary = _binary()
@@ -326,28 +338,82 @@ class _Proxy:
             return web.Response(status=502, text=f"the proxy could not pass the request on: {error}")
 
 
+class _TcpProxy:
+    """A layer-4 load balancer: each connection goes to the next node in turn, its bytes passed
+    on untouched both ways (TLS, or HTTP an HTTP proxy would refuse), a thread per direction.
+    Blocking sockets, not asyncio's streams: a node that answers before it has read a whole body
+    closes with a reset, and a stream that saw the reset drops the answer it had already read."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.ports: list[int] = []
+        self.turn = 0
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            client, _ = self.listener.accept()
+            self.turn += 1
+            threading.Thread(target=self._connection, args=(client, self.ports[self.turn % len(self.ports)]), daemon=True).start()
+
+    @staticmethod
+    def _connection(client: socket.socket, port: int) -> None:
+        try:
+            node = socket.create_connection(("127.0.0.1", port))
+        except OSError:
+            client.close()  # as a balancer drops what it cannot place
+            return
+
+        def pipe(source: socket.socket, sink: socket.socket) -> None:
+            try:
+                while data := source.recv(1 << 16):
+                    sink.sendall(data)
+                sink.shutdown(socket.SHUT_WR)
+            except OSError:
+                # One side went away: what the other sent is still passed on until it ends too.
+                pass
+
+        answers = threading.Thread(target=pipe, args=(node, client), daemon=True)
+        answers.start()
+        pipe(client, node)
+        answers.join()
+        node.close()
+        client.close()
+
+
 class LimbicCluster:
     """Two `limbic` nodes (a and b) on one new PostgreSQL database, sharing the store directory
     (key files, media), behind a proxy: the same interface as one LimbicServer."""
 
-    def __init__(self, name: str, workdir: Path):
-        self.proxy = _Proxy()
+    def __init__(self, name: str, workdir: Path, overrides: dict | None = None, passthrough: bool = False):
+        """`passthrough`: the client listener's proxy passes each connection on as it comes
+        (_TcpProxy), for clients that send what an HTTP proxy would refuse or mend."""
+        self.proxy = _TcpProxy() if passthrough else _Proxy()
         url = _Postgres.new_database(name)
         store = workdir / "store"
+        # Federation (if asked for) listens on each node's own port, behind one TCP proxy on the
+        # port the server's name names, as a layer-4 balancer in front of TLS listeners would.
+        federation = (overrides or {}).get("federation", {})
+        self.fed_proxy = _TcpProxy(federation["port"]) if federation.get("enabled") else None
 
         def node(node_name: str) -> LimbicServer:
-            overrides = {
+            own = {
                 "database": {"backend": "postgres", "url": url, "pool_size": 4},
                 "cluster": {"node_name": node_name},
                 # One media directory for both, as a shared volume would be.
                 "media": {"path": str(workdir / "media")},
                 "calls": {"service_url": f"http://127.0.0.1:{self.proxy.port}/_limbic/calls"},
             }
+            if self.fed_proxy:
+                own["federation"] = {"port": free_port()}
             (workdir / node_name).mkdir(exist_ok=True)
-            return LimbicServer(f"{name}-{node_name}", workdir / node_name, store, overrides)
+            return LimbicServer(f"{name}-{node_name}", workdir / node_name, store, _merged(overrides or {}, own))
 
         self.nodes = [node("a"), node("b")]
         self.proxy.ports = [n.port for n in self.nodes]
+        if self.fed_proxy:
+            self.fed_proxy.ports = [n.config["federation"]["port"] for n in self.nodes]
         first = self.nodes[0]
         self.port, self.server_name, self.config, self.config_path, self.log_path, self.store = (
             self.proxy.port, first.server_name, first.config, first.config_path, first.log_path, store)
@@ -355,6 +421,10 @@ class LimbicCluster:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.proxy.port}"
+
+    @property
+    def log_paths(self) -> list[Path]:
+        return [n.log_path for n in self.nodes]
 
     @property
     def proc(self):
@@ -379,13 +449,62 @@ class LimbicCluster:
         return "\n".join(f"--- node {n.name} ---\n{n.log_tail(lines)}" for n in self.nodes)
 
 
+def limbic(name: str, workdir: Path, overrides: dict | None = None, passthrough: bool = False) -> LimbicServer | LimbicCluster:
+    """One server, or two nodes and their proxies with INTEROP_CLUSTER=1 (see LimbicCluster
+    for `passthrough`); not started."""
+    if CLUSTER:
+        return LimbicCluster(name, workdir, overrides, passthrough)
+    return LimbicServer(name, workdir, overrides=overrides)
+
+
+def federated_server(name: str, workdir: Path, pki, overrides: dict | None = None) -> LimbicServer | LimbicCluster:
+    """A server with `[federation]` on TLS (`pki`: the test CA's `certificate`, `key` and `ca`
+    files), named `127.0.0.1:<its federation port>` and trusting the test CA only; not started."""
+    port = free_port()
+    federation = {
+        "server_name": f"127.0.0.1:{port}",
+        "plugins": [],  # not what federation tests are about; keeps startup short
+        "federation": {
+            "enabled": True,
+            "address": "127.0.0.1",
+            "port": port,
+            "tls_certificate": str(pki.certificate),
+            "tls_private_key": str(pki.key),
+            "ca_certificates": [str(pki.ca)],
+            "trust_web_pki": False,
+            # The peer is on loopback, which federation refuses unless allowed.
+            "allowed_networks": ["127.0.0.1/32"],
+        },
+    }
+    return limbic(name, workdir, _merged(federation, overrides or {}))
+
+
+def federation_requests(node: LimbicServer) -> list[str]:
+    """The federation routes one node answered, with status and count (its /metrics)."""
+    with urllib.request.urlopen(node.url + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    found = []
+    for line in text.splitlines():
+        m = re.match(r'limbic_http_requests_seconds_count\{method="(\w+)",route="([^"]*)",status="(\d+)"\} (\d+)', line)
+        if m and "/_matrix/federation/" in m.group(2):
+            found.append(f"{m.group(1)} {m.group(2)} -> {m.group(3)} x{m.group(4)}")
+    return found
+
+
+def assert_every_node_served_federation(srv: LimbicServer | LimbicCluster) -> None:
+    """With two nodes, that the peer's connections reached both (else the test proved nothing
+    about federation across nodes). Synapse opens several; a Limbic peer keeps to one."""
+    for node in getattr(srv, "nodes", []):
+        assert federation_requests(node), f"node {node.name} answered no federation request"
+
+
 @pytest.fixture(scope="module")
 def server(request, tmp_path_factory):
     """A running limbic server with a fresh store, one per test module (two nodes and a proxy
-    with INTEROP_CLUSTER=1)."""
+    with INTEROP_CLUSTER=1; a module that sends what an HTTP proxy would refuse or mend sets
+    `RAW_CLIENT = True` to have its connections passed on byte for byte)."""
     name = request.module.__name__.rsplit(".", 1)[-1]
-    kind = LimbicCluster if CLUSTER else LimbicServer
-    srv = kind(name, tmp_path_factory.mktemp(name))
+    srv = limbic(name, tmp_path_factory.mktemp(name), passthrough=getattr(request.module, "RAW_CLIENT", False))
     srv.start()
     yield srv
     srv.stop()
@@ -397,7 +516,7 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if report.failed:
         srv = item.funcargs.get("server") if hasattr(item, "funcargs") else None
-        if isinstance(srv, LimbicServer):
+        if isinstance(srv, (LimbicServer, LimbicCluster)):
             report.sections.append(
                 (f"limbic log tail ({srv.log_path})", srv.log_tail(30))
             )

@@ -24,7 +24,6 @@ federation routes each server answered (from its /metrics) and both servers' log
 from __future__ import annotations
 
 import asyncio
-import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -46,8 +45,8 @@ from nio import (
     SyncResponse,
 )
 
-from conftest import LimbicServer, dump_toml, free_port
-from mx import Account, e2e_client, login, raw, register
+from conftest import LimbicServer, federated_server, federation_requests
+from mx import Account, e2e_client, login, register
 from test_federation_synapse import Pki, make_pki
 
 MODULE = "test_federation_e2ee"
@@ -120,29 +119,6 @@ def pki(tmp_path_factory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-def federated_server(name: str, workdir: Path, pki: Pki) -> LimbicServer:
-    """A Limbic server with `[federation]` on its own TLS port, named `127.0.0.1:<that port>`,
-    trusting the test CA only."""
-    srv = LimbicServer(name, workdir)
-    srv.fed_port = free_port()
-    srv.server_name = f"127.0.0.1:{srv.fed_port}"
-    srv.config["server_name"] = srv.server_name
-    srv.config.pop("plugins", None)  # not what this module is about; keeps startup short
-    srv.config["federation"] = {
-        "enabled": True,
-        "address": "127.0.0.1",
-        "port": srv.fed_port,
-        "tls_certificate": str(pki.certificate),
-        "tls_private_key": str(pki.key),
-        "ca_certificates": [str(pki.ca)],
-        "trust_web_pki": False,
-        # The peer is on loopback, which federation refuses unless allowed.
-        "allowed_networks": ["127.0.0.1/32"],
-    }
-    srv.config_path.write_text(dump_toml(srv.config))
-    return srv
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, pki):
     """Server A (named `server` so that conftest's report hook adds its log tail to failures)."""
@@ -165,18 +141,13 @@ def server_b(tmp_path_factory, pki):
 
 
 def federation_routes(srv: LimbicServer) -> list[str]:
-    """The federation routes the server answered, with status and count (its /metrics)."""
-    import urllib.request
-    try:
-        with urllib.request.urlopen(srv.url + "/metrics", timeout=5) as r:
-            text = r.read().decode()
-    except OSError as e:
-        return [f"(no /metrics: {e!r})"]
+    """The federation routes the server answered, with status and count (each node's /metrics)."""
     found = []
-    for line in text.splitlines():
-        m = re.match(r'limbic_http_requests_seconds_count\{method="(\w+)",route="([^"]*)",status="(\d+)"\} (\d+)', line)
-        if m and "/_matrix/federation/" in m.group(2):
-            found.append(f"{m.group(1)} {m.group(2)} -> {m.group(3)} x{m.group(4)}")
+    for node in getattr(srv, "nodes", [srv]):
+        try:
+            found += [f"{node.name}: {line}" for line in federation_requests(node)]
+        except OSError as e:
+            found.append(f"(no /metrics from {node.name}: {e!r})")
     return found
 
 

@@ -24,8 +24,10 @@ What is checked, each in both directions where the spec has two:
 Setup, all inside the module: a CA and a certificate for 127.0.0.1 (SAN IP 127.0.0.1 and DNS
 localhost) made with `cryptography`; Synapse with SQLite, a plain-HTTP client listener and a TLS
 federation listener, server name `127.0.0.1:<its federation port>`; Limbic (conftest's
-`LimbicServer`) with `[federation]` on its own TLS port, named `127.0.0.1:<that port>`. Both
-trust only the test CA. Synapse's /sync response cache is off, so that polling sees what
+`federated_server`) with `[federation]` on its own TLS port, named `127.0.0.1:<that port>`
+(with INTEROP_CLUSTER=1, two nodes on one PostgreSQL database, each with its own federation
+listener behind a TCP proxy on that port, so that Synapse's connections alternate between
+them). Both trust only the test CA. Synapse's /sync response cache is off, so that polling sees what
 arrives. Logs: `.artifacts/test_federation_synapse.log` (Limbic) and
 `.artifacts/test_federation_synapse-synapse.log` (Synapse); failing assertions quote both tails.
 """
@@ -57,7 +59,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from unpaddedbase64 import decode_base64, encode_base64
 
-from conftest import ARTIFACTS, LimbicServer, _die_with_parent, dump_toml, free_port
+from conftest import ARTIFACTS, LimbicServer, _die_with_parent, assert_every_node_served_federation, federated_server, free_port
 from mx import Account, raw, register, run
 
 MODULE = "test_federation_synapse"
@@ -344,31 +346,16 @@ def synapse(tmp_path_factory, pki):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, pki):
     """Limbic (named `server` so that conftest's report hook adds its log tail to failures),
-    federating on its own TLS port and named after it."""
-    srv = LimbicServer(MODULE, tmp_path_factory.mktemp(MODULE))
-    srv.fed_port = free_port()
-    srv.server_name = f"127.0.0.1:{srv.fed_port}"
-    srv.config["server_name"] = srv.server_name
-    srv.config.pop("plugins", None)  # not what this module is about; keeps startup short
+    federating on its own TLS port and named after it (two nodes with INTEROP_CLUSTER=1)."""
     # test_profiles_both_ways reads profiles across servers between users who share no room,
     # which the example's [privacy] refuses to Limbic's clients (tests/privacy.rs covers it, and
     # tests/federation.rs that other servers' queries are answered with it on).
-    srv.config["privacy"] = {"limit_profile_requests_to_users_who_share_rooms": False}
-    srv.config["federation"] = {
-        "enabled": True,
-        "address": "127.0.0.1",
-        "port": srv.fed_port,
-        "tls_certificate": str(pki.certificate),
-        "tls_private_key": str(pki.key),
-        "ca_certificates": [str(pki.ca)],
-        "trust_web_pki": False,
-        # The peer is on loopback, which federation refuses unless allowed.
-        "allowed_networks": ["127.0.0.1/32"],
-    }
-    srv.config_path.write_text(dump_toml(srv.config))
+    privacy = {"privacy": {"limit_profile_requests_to_users_who_share_rooms": False}}
+    srv = federated_server(MODULE, tmp_path_factory.mktemp(MODULE), pki, privacy)
     try:
         srv.start()
         yield srv
+        assert_every_node_served_federation(srv)
     finally:
         srv.stop()
 
