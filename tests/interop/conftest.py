@@ -491,13 +491,6 @@ def federation_requests(node: LimbicServer) -> list[str]:
     return found
 
 
-def assert_every_node_served_federation(srv: LimbicServer | LimbicCluster) -> None:
-    """With two nodes, that the peer's connections reached both (else the test proved nothing
-    about federation across nodes). Synapse opens several; a Limbic peer keeps to one."""
-    for node in getattr(srv, "nodes", []):
-        assert federation_requests(node), f"node {node.name} answered no federation request"
-
-
 @pytest.fixture(scope="module")
 def server(request, tmp_path_factory):
     """A running limbic server with a fresh store, one per test module (two nodes and a proxy

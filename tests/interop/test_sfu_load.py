@@ -15,7 +15,13 @@ import socket
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from conftest import _binary
+
+# Media modules run one after the other on one pytest-xdist worker (scripts/test): the SFU's
+# bandwidth estimate takes a busy machine's delays for congestion.
+pytestmark = pytest.mark.xdist_group("media")
 
 PUBLISHERS, SUBSCRIBERS = 2, 3
 
