@@ -47,9 +47,9 @@ from call_media import WIDTH, http, member, publish_tone, publish_video, two_in_
 from conftest import ARTIFACTS, LimbicServer, _binary, dump_toml, free_port, limbic_env
 from mx import run
 
-# Media modules run one after the other on one pytest-xdist worker (scripts/test): the SFU's
+# scripts/test runs the media modules one after the other, beside the others: the SFU's
 # bandwidth estimate takes a busy machine's delays for congestion.
-pytestmark = pytest.mark.xdist_group("media")
+pytestmark = pytest.mark.media
 
 HERE = Path(__file__).resolve().parent
 PYTHON = sys.executable

@@ -45,9 +45,9 @@ from livekit import rtc
 from call_media import HEIGHT, WIDTH, Member, call_token, http, loud_frames, member, publish_tone, publish_video, shared_room, two_in_a_call, until
 from mx import register_with_shared_secret, run
 
-# Media modules run one after the other on one pytest-xdist worker (scripts/test): the SFU's
+# scripts/test runs the media modules one after the other, beside the others: the SFU's
 # bandwidth estimate takes a busy machine's delays for congestion.
-pytestmark = pytest.mark.xdist_group("media")
+pytestmark = pytest.mark.media
 
 
 def options() -> rtc.RoomOptions:

@@ -21,9 +21,9 @@ from nio import JoinResponse, RoomCreateResponse, RoomPreset, RoomSendResponse
 from conftest import CLUSTER
 from mx import SEQ_KEY, expect, explain, full_history, login, register, run, session
 
-# Media modules run one after the other on one pytest-xdist worker (scripts/test): the SFU's
+# scripts/test runs the media modules one after the other, beside the others: the SFU's
 # bandwidth estimate takes a busy machine's delays for congestion.
-pytestmark = pytest.mark.xdist_group("media")
+pytestmark = pytest.mark.media
 
 ACKS_BEFORE_KILL = 150
 ROUNDS = 2

@@ -19,9 +19,9 @@ import pytest
 
 from conftest import _binary
 
-# Media modules run one after the other on one pytest-xdist worker (scripts/test): the SFU's
+# scripts/test runs the media modules one after the other, beside the others: the SFU's
 # bandwidth estimate takes a busy machine's delays for congestion.
-pytestmark = pytest.mark.xdist_group("media")
+pytestmark = pytest.mark.media
 
 PUBLISHERS, SUBSCRIBERS = 2, 3
 
