@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import copy
 import ctypes
 import hashlib
 import json
@@ -100,7 +101,7 @@ def _merge(config: dict, overrides: dict) -> None:
 
 def _merged(base: dict, overrides: dict) -> dict:
     """A copy of `base` with `overrides` merged in; `base` is left as it was."""
-    config = json.loads(json.dumps(base))
+    config = copy.deepcopy(base)
     _merge(config, overrides)
     return config
 
