@@ -466,6 +466,12 @@ async fn a_flood_of_signalling_messages_closes_the_connection() {
     for timestamp in 0..40 {
         call.send(lk::signal_request::Message::PingReq(lk::Ping { timestamp, rtt: 0 })).await;
     }
+    // A client goes on sending for a while before it reads the close: the server must not reset
+    // the connection under it (a write would fail, and the leave could be lost).
+    for timestamp in 40..50 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        call.send(lk::signal_request::Message::PingReq(lk::Ping { timestamp, rtt: 0 })).await;
+    }
     let (left, close) = call.closed(Duration::from_secs(3)).await;
     assert!(left, "no leave before the close");
     let (code, reason) = close.expect("a close frame");

@@ -162,9 +162,7 @@ fn too_big(error: &axum::Error) -> bool {
 /// reconnect), then the WebSocket close with its code and reason.
 async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
     let leave = lk::LeaveRequest { reason: lk::DisconnectReason::SignalClose as i32, action: lk::leave_request::Action::Disconnect as i32, ..Default::default() };
-    let response = lk::SignalResponse { message: Some(lk::signal_response::Message::Leave(leave)) };
-    let _ = socket.send(Message::Binary(response.encode_to_vec().into())).await;
-    let _ = socket.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await;
+    leave_and_close(socket, leave, Some(CloseFrame { code, reason: reason.into() })).await;
 }
 
 /// There is nothing to resume: the SDK is told to join afresh.
@@ -175,10 +173,28 @@ async fn refuse_resume(mut socket: WebSocket) {
         action: lk::leave_request::Action::Reconnect as i32,
         ..Default::default()
     };
+    leave_and_close(&mut socket, leave, None).await;
+}
+
+/// Sends `leave` and the close frame. Closing with the client's messages still unread would
+/// reset the connection, and a reset can discard both before the client reads them: so it then
+/// reads (and drops) until their close frame, for at most `CLOSE_GRACE`.
+async fn leave_and_close(socket: &mut WebSocket, leave: lk::LeaveRequest, frame: Option<CloseFrame>) {
     let response = lk::SignalResponse { message: Some(lk::signal_response::Message::Leave(leave)) };
     let _ = socket.send(Message::Binary(response.encode_to_vec().into())).await;
-    let _ = socket.send(Message::Close(None)).await;
+    let _ = socket.send(Message::Close(frame)).await;
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        while let Some(Ok(message)) = socket.recv().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
 }
+
+/// How long a connection the server closes waits for the client's close frame.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The TURN servers a participant may relay through, with credentials of their own.
 fn ice_servers(server: &Server, user: &str) -> Vec<lk::IceServer> {
