@@ -12,6 +12,8 @@ a token from Limbic's call-token service (spec/calls.md) and joins with it, unmo
    own track with its source; stopping the share removes it and the camera goes on.
 4. Dynacast: with nobody watching a simulcast layer, its publisher (the SDK with dynacast on) is
    told to pause it, and the bytes it sends into the SFU drop; a layer wanted again comes back.
+   A screen share sent as one layer stops when nobody watches it and comes back when somebody
+   does.
 5. In a therapy session, the therapist (a moderator by role) mutes a client's microphone and
    then removes the client from the call, through LiveKit's RoomService API; a client may do
    neither.
@@ -342,6 +344,56 @@ def test_dynacast_pauses_the_layers_nobody_watches(server):
             watcher.cancel()
         finally:
             stop.set()
+            for room in (publisher, viewer):
+                await room.disconnect()
+    run(scenario())
+
+
+def test_dynacast_pauses_a_screen_share_nobody_watches(server):
+    """Ana shares her screen as one layer (no simulcast, as screen shares often are), dynacast
+    on; Ben watches it. When he unsubscribes, her SDK is told to stop sending it and the bytes
+    into the SFU stop; when he subscribes again it comes back at once and he sees it again."""
+    async def scenario():
+        url, ana_token, ben_token, _ = await two_in_a_call(server.url)
+        publisher, viewer = rtc.Room(), rtc.Room()
+        frames: list[int] = []
+        subscribed: asyncio.Queue = asyncio.Queue()
+
+        @viewer.on("track_subscribed")
+        def on_subscribed(track, publication, participant):
+            if track.kind == rtc.TrackKind.KIND_VIDEO:
+                subscribed.put_nowait((track, publication))
+
+        async def watch(track):
+            async for event in rtc.VideoStream(track):
+                frames.append(event.frame.width)
+
+        stop = asyncio.Event()
+        watchers = []
+        try:
+            await publisher.connect(url, ana_token, rtc.RoomOptions(auto_subscribe=False, dynacast=True, connect_timeout=20))
+            await viewer.connect(url, ben_token, options())
+            await publish_video(publisher, stop, "screen", (640, 360), rtc.TrackSource.SOURCE_SCREENSHARE, simulcast=False)
+            track, publication = await asyncio.wait_for(subscribed.get(), 20)
+            assert not publication.simulcasted
+            watchers.append(asyncio.get_running_loop().create_task(watch(track)))
+            await until("Ben sees the screen", lambda: len(frames) > 10)
+            sending = await until_rates("the screen flowing", publisher, lambda r: sum(r.values()) > 1000)
+            assert len(sending) == 1, sending
+
+            publication.set_subscribed(False)
+            await until_rates("the screen no longer sent", publisher, lambda r: sum(r.values()) < 500)
+
+            publication.set_subscribed(True)
+            track, _ = await asyncio.wait_for(subscribed.get(), 20)
+            seen = len(frames)
+            watchers.append(asyncio.get_running_loop().create_task(watch(track)))
+            await until_rates("the screen sent again", publisher, lambda r: sum(r.values()) > 1000, timeout=6)
+            await until("Ben sees the screen again", lambda: len(frames) > seen + 10)
+        finally:
+            stop.set()
+            for watcher in watchers:
+                watcher.cancel()
             for room in (publisher, viewer):
                 await room.disconnect()
     run(scenario())

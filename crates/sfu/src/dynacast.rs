@@ -1,5 +1,6 @@
 //! Dynacast: publishers are told which simulcast layers somebody watches (LiveKit's
-//! `SubscribedQualityUpdate`), so that their SDKs stop encoding and sending the others.
+//! `SubscribedQualityUpdate`), so that their SDKs stop encoding and sending the others; and
+//! whether anybody watches a single-layer video at all.
 
 use super::*;
 
@@ -54,8 +55,11 @@ fn quality_update(track_sid: &str, best: Option<i32>) -> lk::SubscribedQualityUp
 }
 
 impl Sfu {
-    /// Works out, for each simulcast video track, the best layer anyone in its room watches
-    /// (a recording watches the best), and tells its publisher when that changes.
+    /// Works out, for each video track, the best layer anyone in its room watches (a
+    /// recording watches the best), and tells its publisher when that changes. A video without
+    /// simulcast is one layer, watched or not: SDKs take its single encoding (it has no `rid`)
+    /// for the low layer, so the update enabling every layer sends it and the one enabling none
+    /// pauses it.
     #[allow(deprecated)] // `TrackInfo.simulcast`: what clients announce and read.
     pub(crate) fn steer_publishers(&mut self, now: Instant) {
         let mut needed: HashMap<(ParticipantId, String), i32> = HashMap::new();
@@ -68,8 +72,10 @@ impl Sfu {
         let mut updates = Vec::new();
         for (id, participant) in &mut self.participants {
             let recorded = self.recordings.contains_key(&participant.room);
-            for track in participant.tracks.iter_mut().filter(|t| t.info.simulcast && t.mid.is_some() && kind_of(&t.info) == MediaKind::Video) {
-                let watched = if recorded { Some(lk::VideoQuality::High as i32) } else { needed.get(&(*id, track.info.sid.clone())).copied() };
+            for track in participant.tracks.iter_mut().filter(|t| t.mid.is_some() && kind_of(&t.info) == MediaKind::Video) {
+                let best = Some(lk::VideoQuality::High as i32);
+                let watched = if recorded { best } else { needed.get(&(*id, track.info.sid.clone())).copied() };
+                let watched = if track.info.simulcast { watched } else { watched.and(best) };
                 if let Some(best) = track.dynacast.steer(now, watched) {
                     tracing::debug!(participant = id, track = %track.info.sid, ?best, "dynacast: the publisher's layers change");
                     updates.push((*id, quality_update(&track.info.sid, best)));

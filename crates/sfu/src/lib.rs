@@ -244,6 +244,11 @@ struct Participant {
     signalling_gone: bool,
     /// Media lines of the subscriber connection to remove with the next offer.
     to_stop: Vec<Mid>,
+    /// The subscriber connection's first media line when its first offer had no data channels:
+    /// the one that tags its BUNDLE group. It is made inactive rather than stopped: a client's
+    /// WebRTC (browsers', libwebrtc) gives the group a new transport when its tag is stopped or
+    /// it empties, which the SFU's one ICE and DTLS session never reaches.
+    bundle_tag: Option<Mid>,
     /// The data channels LiveKit clients expect on their subscriber connection (`_reliable`,
     /// `_lossy`), once offered; and the labels of those they opened on their publisher one.
     subscriber_channels: Option<HashMap<&'static str, ChannelId>>,
@@ -473,6 +478,7 @@ impl Sfu {
             unreachable_since: None,
             signalling_gone: false,
             to_stop: Vec::new(),
+            bundle_tag: None,
             subscriber_channels: None,
             publisher_channels: HashMap::new(),
             data_budget: Bucket::new(self.limits.data_rate, now),

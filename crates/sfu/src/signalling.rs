@@ -198,23 +198,34 @@ impl Sfu {
             HashMap::from([(RELIABLE, reliable), (LOSSY, lossy)])
         });
         for mid in participant.to_stop.drain(..) {
-            changes.stop_media(mid);
+            if participant.bundle_tag == Some(mid) {
+                changes.set_direction(mid, Direction::Inactive);
+            } else {
+                changes.stop_media(mid);
+            }
         }
         let mut added = Vec::new();
+        let offer_id = participant.next_offer_id;
         for (index, down) in participant.down.iter().enumerate().filter(|(_, d)| d.state == DownState::ToOpen) {
+            // LiveKit's SDKs read the publisher's and the track's sids from the stream id. The
+            // track id names the media line: an inactive line keeps its `msid`, and WebRTC
+            // refuses an offer in which two lines have the same.
             let stream = format!("{}|{}", sids.get(&down.publisher).map_or("", String::as_str), down.track_sid);
-            added.push((index, changes.add_media(down.kind, Direction::SendOnly, Some(stream), Some(down.track_sid.clone()), None)));
+            let track = format!("{}-{offer_id}", down.track_sid);
+            added.push((index, changes.add_media(down.kind, Direction::SendOnly, Some(stream), Some(track), None)));
         }
         let Some((offer, pending)) = changes.apply() else { return };
         self.dirty.insert((id, Pc::Subscriber));
         if channels.is_some() {
             participant.subscriber_channels = channels;
         }
+        if participant.last_offer.is_none() && participant.subscriber_channels.is_none() {
+            participant.bundle_tag = added.first().map(|(_, mid)| *mid);
+        }
         for (index, mid) in added {
             participant.down[index].state = DownState::Negotiating(mid);
         }
         participant.subscriber_pending = Some(pending);
-        let offer_id = participant.next_offer_id;
         participant.next_offer_id += 1;
         let offer = lk::SessionDescription { r#type: "offer".to_owned(), sdp: offer.to_sdp_string(), id: offer_id, ..Default::default() };
         participant.last_offer = Some(offer.clone());

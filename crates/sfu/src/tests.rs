@@ -79,6 +79,39 @@ fn a_participants_audio_reaches_the_other_after_the_signalling_livekit_clients_e
     assert!(net.clients[ben].signals.iter().any(|m| matches!(m, lk::signal_response::Message::Update(u) if u.participants.iter().any(|p| p.sid == ana_sid && p.state == lk::participant_info::State::Disconnected as i32))));
 }
 
+/// A subscriber who unsubscribes from the only track they get and subscribes again: the media
+/// line that tags the BUNDLE group is made inactive, not stopped, so that the client keeps the
+/// transport (a browser or libwebrtc makes a new one when the tag is stopped or the group
+/// empties, and the track offered again would go nowhere), and the track comes back.
+#[test]
+fn a_subscriber_who_stops_every_track_keeps_a_transport_for_the_next() {
+    let mut net = Network::new();
+    let ana = net.join("ana", true);
+    let ben = net.join("ben", false);
+    net.step(TICK);
+    let mut tone = Tone::published(&mut net, ana, "mic");
+    tone.speak(&mut net, 200);
+    assert!(net.clients[ben].frames > 100);
+    let track = net.clients[ana].signals.iter().find_map(|m| match m { lk::signal_response::Message::TrackPublished(p) => p.track.clone(), _ => None }).unwrap();
+    let offers = |net: &Network| -> Vec<String> { net.clients[ben].signals.iter().filter_map(|m| match m { lk::signal_response::Message::Offer(o) => Some(o.sdp.clone()), _ => None }).collect() };
+
+    let subscription = |subscribe| lk::UpdateSubscription { track_sids: vec![track.sid.clone()], subscribe, ..Default::default() };
+    net.signal(ben, lk::signal_request::Message::Subscription(subscription(false)));
+    tone.speak(&mut net, 100);
+    let stop = offers(&net).last().cloned().unwrap();
+    assert!(stop.contains("m=audio 9 ") && stop.contains("a=inactive") && !stop.contains("a=group:BUNDLE\r\n"), "{stop}");
+    let frames = net.clients[ben].frames;
+    tone.speak(&mut net, 100);
+    assert_eq!(net.clients[ben].frames, frames);
+
+    net.signal(ben, lk::signal_request::Message::Subscription(subscription(true)));
+    tone.speak(&mut net, 200);
+    assert!(net.clients[ben].frames > frames + 100, "ben got {} frames", net.clients[ben].frames - frames);
+    let again = offers(&net).last().cloned().unwrap();
+    let tag = stop.lines().find_map(|l| l.strip_prefix("a=group:BUNDLE ")).unwrap().to_owned();
+    assert!(again.lines().any(|l| l.strip_prefix("a=group:BUNDLE ").is_some_and(|group| group.starts_with(&tag))), "the BUNDLE tag changed: {again}");
+}
+
 #[test]
 fn a_client_whose_udp_is_blocked_connects_over_tcp() {
     let mut net = Network::with_tcp();
@@ -225,6 +258,42 @@ fn a_simulcast_publisher_is_told_to_send_only_the_layers_someone_watches() {
     net.sfu.stop_recording("!room");
     steps(&mut net, Duration::from_secs(4));
     assert_eq!(quality_updates(&net, ana).last(), Some(&vec![false, false, false]));
+}
+
+#[test]
+#[allow(deprecated)] // `TrackInfo.simulcast`: what LiveKit's SDKs read.
+fn a_single_layer_video_nobody_watches_is_paused_and_resumed_when_watched() {
+    let mut net = Network::new();
+    let ana = net.join("ana", true);
+    let ben = net.join("ben", false);
+    net.step(TICK);
+    let add = lk::AddTrackRequest { cid: "screen".into(), name: "screen".into(), r#type: lk::TrackType::Video as i32, ..Default::default() };
+    net.publish_track(ana, MediaKind::Video, add);
+    let steps = |net: &mut Network, duration: Duration| {
+        for _ in 0..duration.as_millis() / 100 {
+            net.step(Duration::from_millis(100));
+        }
+    };
+    steps(&mut net, Duration::from_secs(1));
+    let track = net.clients[ana].signals.iter().find_map(|m| match m { lk::signal_response::Message::TrackPublished(p) => p.track.clone(), _ => None }).unwrap();
+    assert!(!track.simulcast);
+    // A quality below the best is still the one layer there is: nothing changes.
+    let low = lk::UpdateTrackSettings { track_sids: vec![track.sid.clone()], quality: lk::VideoQuality::Low as i32, ..Default::default() };
+    net.signal(ben, lk::signal_request::Message::TrackSetting(low));
+    steps(&mut net, Duration::from_secs(4));
+    assert_eq!(quality_updates(&net, ana), Vec::<Vec<bool>>::new(), "Ben watches: Ana sends it as she started");
+
+    // Ben's app hides it: after the pause delay Ana is told to send nothing.
+    let hidden = lk::UpdateTrackSettings { track_sids: vec![track.sid.clone()], disabled: true, ..Default::default() };
+    net.signal(ben, lk::signal_request::Message::TrackSetting(hidden));
+    steps(&mut net, Duration::from_secs(4));
+    assert_eq!(quality_updates(&net, ana), [vec![false, false, false]]);
+
+    // Shown again: every layer enabled (SDKs take a rid-less encoding for the low one), at once.
+    let shown = lk::UpdateTrackSettings { track_sids: vec![track.sid.clone()], quality: lk::VideoQuality::Medium as i32, ..Default::default() };
+    net.signal(ben, lk::signal_request::Message::TrackSetting(shown));
+    steps(&mut net, Duration::from_millis(400));
+    assert_eq!(quality_updates(&net, ana), [vec![false, false, false], vec![true, true, true]]);
 }
 
 /// The connection qualities a client was last told, by participant sid.
