@@ -18,7 +18,7 @@ a token from Limbic's call-token service (spec/calls.md) and joins with it, unmo
    then removes the client from the call, through LiveKit's RoomService API; a client may do
    neither.
 6. A recording in a session that allows it: refused until everyone in the call consented, then
-   started by the therapist, stopped, and stored as an Ogg/Opus file PyAV decodes to the tone
+   started by the therapist (both SDKs show the call recorded), stopped, and stored as an Ogg/Opus file PyAV decodes to the tone
    and an IVF file it decodes to VP8 frames, each for as long as it ran; a client withdrawing consent stops the next one at once.
 7. Data packets (LiveKit's `publish_data`) reach the others, with their sender, or only those
    they name.
@@ -583,6 +583,8 @@ def test_a_recording_needs_everyones_consent_and_yields_the_tone(server):
             assert status == 200, (status, body)
             assert recording_state(server.url, client, room_id).get("recording") is True
             started = time.monotonic()
+            # Both see it in their call as LiveKit's SDKs show a recording (`room_update`).
+            await until("the SDKs show the call recorded", lambda: therapist_room.is_recording and client_room.is_recording, timeout=3)
             await asyncio.sleep(3)
             asked_to_stop = time.monotonic() - started
             status, body = http(server.url, "PUT", recording_path, therapist.access_token, {"recording": False})
@@ -618,6 +620,7 @@ def test_a_recording_needs_everyones_consent_and_yields_the_tone(server):
             status, refused = http(server.url, "GET", recordings_path, client.access_token)
             assert status == 403 and refused.get("errcode") == "M_FORBIDDEN", (status, refused)
             assert recording_state(server.url, client, room_id).get("recording") is False
+            await until("the SDKs show the recording stopped", lambda: not (therapist_room.is_recording or client_room.is_recording), timeout=3)
 
             # Recording again; the client withdraws consent: it stops by itself.
             status, body = http(server.url, "PUT", recording_path, therapist.access_token, {"recording": True})
@@ -626,6 +629,7 @@ def test_a_recording_needs_everyones_consent_and_yields_the_tone(server):
             set_consent(server.url, client, room_id, False)
             state = recording_state(server.url, client, room_id)
             assert state.get("recording") is False and "withdrew" in state.get("stopped_because", ""), state
+            await until("the SDKs show the withdrawal's stop", lambda: not client_room.is_recording, timeout=3)
             status, body = http(server.url, "PUT", recording_path, therapist.access_token, {"recording": True})
             assert status == 403, (status, body)
         finally:

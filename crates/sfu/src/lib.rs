@@ -439,13 +439,7 @@ impl Sfu {
         };
         let others: Vec<lk::ParticipantInfo> = self.participants.values().filter(|p| p.room == room).map(Participant::public_info).collect();
         let join = lk::JoinResponse {
-            room: Some(lk::Room {
-                sid: format!("RM_{}", room_sid(&room)),
-                name: room.clone(),
-                num_participants: others.len() as u32 + 1,
-                creation_time: now_ms() / 1000,
-                ..Default::default()
-            }),
+            room: Some(lk::Room { num_participants: others.len() as u32 + 1, ..self.room_info(&room) }),
             participant: Some(info.clone()),
             other_participants: others,
             server_version: SERVER_VERSION.to_owned(),

@@ -137,6 +137,7 @@ impl Sfu {
             return false;
         }
         self.recordings.insert(room.to_owned(), Recording { app_room: app_room.to_owned(), tracks: HashMap::new() });
+        self.announce_room(room);
         // Video starts at a keyframe: ask for one now.
         let ids: Vec<ParticipantId> = self.participants.iter().filter(|(_, p)| p.room == room).map(|(id, _)| *id).collect();
         for id in ids {
@@ -179,10 +180,13 @@ impl Sfu {
         if rooms.is_empty() {
             return None;
         }
+        let stopped: Vec<Recording> = rooms.iter().filter_map(|room| self.recordings.remove(room)).collect();
+        for room in &rooms {
+            self.announce_room(room);
+        }
         Some(
-            rooms
-                .iter()
-                .filter_map(|room| self.recordings.remove(room))
+            stopped
+                .into_iter()
                 .flat_map(|recording| {
                     let app_room = recording.app_room;
                     recording.tracks.into_iter().map(move |(sid, track)| {

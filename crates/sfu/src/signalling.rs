@@ -178,6 +178,32 @@ impl Sfu {
         }
     }
 
+    /// What LiveKit's SDKs are told of an SFU room: its ids, who is in it, and whether it is
+    /// recorded (`active_recording`: SDKs show it, e.g. `Room.isRecording` and the
+    /// `RecordingStatusChanged` event of the JS SDK).
+    pub(crate) fn room_info(&self, room: &str) -> lk::Room {
+        let members: Vec<&Participant> = self.participants.values().filter(|p| p.room == room).collect();
+        lk::Room {
+            sid: format!("RM_{}", room_sid(room)),
+            name: room.to_owned(),
+            num_participants: members.len() as u32,
+            num_publishers: members.iter().filter(|p| p.tracks.iter().any(|t| t.mid.is_some())).count() as u32,
+            active_recording: self.recordings.contains_key(room),
+            creation_time: now_ms() / 1000,
+            ..Default::default()
+        }
+    }
+
+    /// Tells everyone in `room` what it now is (LiveKit's `room_update`).
+    pub(crate) fn announce_room(&mut self, room: &str) {
+        let update = response(lk::signal_response::Message::RoomUpdate(lk::RoomUpdate { room: Some(self.room_info(room)) }));
+        for (id, participant) in &self.participants {
+            if participant.room == room {
+                self.signals.push_back((*id, update.clone()));
+            }
+        }
+    }
+
     /// Offers the subscriber connection what changed: down tracks waiting for it, media lines
     /// to remove. One offer at a time; what comes meanwhile waits for the answer.
     pub(crate) fn negotiate(&mut self, id: ParticipantId) {

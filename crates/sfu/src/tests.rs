@@ -296,6 +296,48 @@ fn a_single_layer_video_nobody_watches_is_paused_and_resumed_when_watched() {
     assert_eq!(quality_updates(&net, ana), [vec![false, false, false], vec![true, true, true]]);
 }
 
+/// Whether each `room_update` a client got says the room is recorded, in order.
+fn recording_updates(net: &Network, index: usize) -> Vec<bool> {
+    net.clients[index]
+        .signals
+        .iter()
+        .filter_map(|m| match m {
+            lk::signal_response::Message::RoomUpdate(u) => u.room.as_ref().map(|room| room.active_recording),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn everyone_in_a_recorded_call_is_told_so_and_nobody_else() {
+    let mut net = Network::new();
+    let ana = net.join("ana", true);
+    let ben = net.join("ben", false);
+    let cara = net.join_in("another call", "cara", true);
+    net.step(TICK);
+    assert!(net.sfu.start_recording(net.now, "call", "!room"));
+    net.step(TICK);
+    for index in [ana, ben] {
+        assert_eq!(recording_updates(&net, index), [true]);
+    }
+    let update = net.clients[ana].signals.iter().find_map(|m| match m { lk::signal_response::Message::RoomUpdate(u) => u.room.clone(), _ => None }).unwrap();
+    assert_eq!((update.name.as_str(), update.num_participants), ("call", 2));
+    let join = |net: &Network, index: usize| net.clients[index].signals.iter().find_map(|m| match m { lk::signal_response::Message::Join(j) => j.room.clone(), _ => None }).unwrap();
+    assert!(!join(&net, ana).active_recording);
+    // Whoever joins while it records learns it with the room.
+    let dan = net.join("dan", false);
+    net.step(TICK);
+    assert!(join(&net, dan).active_recording);
+
+    assert!(net.sfu.stop_recording("!room").is_some());
+    net.step(TICK);
+    for index in [ana, ben] {
+        assert_eq!(recording_updates(&net, index), [true, false]);
+    }
+    assert_eq!(recording_updates(&net, dan), [false]);
+    assert_eq!(recording_updates(&net, cara), Vec::<bool>::new(), "another call's participant heard of the recording");
+}
+
 /// The connection qualities a client was last told, by participant sid.
 fn last_qualities(net: &Network, index: usize) -> std::collections::HashMap<String, i32> {
     let last = net.clients[index].signals.iter().rev().find_map(|m| match m {
