@@ -515,6 +515,40 @@ async fn a_recording_whose_node_dies_is_stored_by_the_node_its_call_moves_to() {
     assert!(!spooled.exists(), "what the dead node recorded was stored and removed");
 }
 
+/// A node dies while it records a call, and nobody joins that call again: a sweep of the node
+/// that leads them stores the recording all the same, within seconds of the death.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recording_whose_node_dies_is_stored_without_another_join() {
+    let (a, b, therapist, _client, room) = recordable_session().await;
+    therapist.ok(Method::PUT, &format!("/_matrix/client/v3/rooms/{}/state/org.limbic.recording.consent/{}", enc(&room), enc(&therapist.user_id)), Some(json!({ "consent": true }))).await;
+    let (url, jwt) = call_token(&a, &therapist, &room).await;
+    let mut nodes = [a, b];
+    let serving = node_at(&url, &[&nodes[0], &nodes[1]]);
+    let other = 1 - serving;
+    let _call = Signalling::join(&nodes[serving], &jwt).await;
+    let therapist = therapist.through(&nodes[other]);
+    let recording = format!("/_matrix/client/v3/rooms/{}/state/org.limbic.recording/", enc(&room));
+    therapist.ok(Method::PUT, &format!("/_limbic/client/v1/sessions/{}/recording", enc(&room)), Some(json!({ "recording": true }))).await;
+    let names = ["test", "b"];
+    let spooled = nodes[0].media_dir().join("recordings").join(names[serving]).join(hex::encode(room.as_bytes()));
+    assert!(spooled.is_dir(), "{}", spooled.display());
+
+    nodes[serving].kill9();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let state = therapist.ok(Method::GET, &recording, None).await;
+        if state["recording"] == false {
+            assert_eq!(state["stopped_because"], "the server stopped during the recording", "{state}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the dead node's recording was not stored: {state}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(!spooled.exists(), "what the dead node recorded was stored and removed");
+    // The call was released: the next token places it on the live node.
+    assert_eq!(node_at(&call_token(&nodes[other], &therapist, &room).await.0, &[&nodes[0], &nodes[1]]), other);
+}
+
 /// A sliding sync connection started through one node goes on through another, which passes
 /// each request to the node holding the connection; once that node is gone, the client is told
 /// to start a new connection.

@@ -144,7 +144,7 @@ async fn resting(server: Arc<Server>) {
 }
 
 /// What one node does for all: typing that ran out, retention, the media it frees, used link
-/// tokens, full rate limit buckets.
+/// tokens, full rate limit buckets, what dead nodes' calls left behind.
 async fn sweeping(server: Arc<Server>) {
     host::lead(&server.store, "expiry, retention and pruning").await;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -174,12 +174,21 @@ async fn sweeping(server: Arc<Server>) {
         {
             tracing::warn!(error = %e, "pruning full rate limit buckets failed");
         }
+        if server.store.is_shared()
+            && seconds.is_multiple_of(DEAD_NODE_SWEEP_SECONDS)
+            && let Err(e) = limbic_services::calls::placement::sweep_dead_nodes(&*server).await
+        {
+            tracing::warn!(error = %e, "clearing the calls of dead nodes failed");
+        }
     }
 }
 
 const MEMORY_TICK_SECONDS: u64 = 5;
 const LINK_TOKEN_PRUNE_SECONDS: u64 = 3600;
 const RATE_BUCKET_PRUNE_SECONDS: u64 = 60;
+/// How soon after a node dies (once the database has fenced it) its calls are released and
+/// what it was recording is stored, when nobody joins them meanwhile.
+const DEAD_NODE_SWEEP_SECONDS: u64 = 5;
 
 /// glibc keeps freed memory in its arenas after a burst of load; hand it back to the OS so
 /// that an idle server stays small.

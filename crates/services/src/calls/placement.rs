@@ -13,7 +13,7 @@
 //! On the embedded store there is one node: nothing is registered and every call is here.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::Arc,
     time::Duration,
 };
@@ -252,6 +252,66 @@ impl Placements {
         Ok(rooms)
     }
 
+    /// The nodes the database counts dead (fenced) that still have an SFU registered or calls
+    /// placed on them, with those call rooms.
+    fn dead_nodes(&self) -> Result<BTreeMap<String, Vec<OwnedRoomId>>> {
+        let Some(alive) = self.store.live_nodes()? else { return Ok(BTreeMap::new()) };
+        let mut dead: BTreeMap<String, Vec<OwnedRoomId>> = BTreeMap::new();
+        for entry in self.store.scan_prefix(tables::CALL_NODES, Vec::new(), false) {
+            let name = String::from_utf8_lossy(&entry?.0).into_owned();
+            if !alive.contains(&name) {
+                dead.entry(name).or_default();
+            }
+        }
+        for entry in self.store.scan_prefix(tables::CALL_NODE_ROOMS, Vec::new(), false) {
+            let (key, _) = entry?;
+            let mut reader = KeyReader::new(&key);
+            let (Some(node), Some(room)) = (reader.str(), reader.str()) else { continue };
+            if !alive.iter().any(|name| name == node)
+                && let Ok(room) = OwnedRoomId::try_from(room)
+            {
+                dead.entry(node.to_owned()).or_default().push(room);
+            }
+        }
+        Ok(dead)
+    }
+
+    /// Takes `call_room` off the dead `node`: true if this call did so, and its caller must
+    /// store what the node recorded of it; false if it is placed elsewhere (its row under the
+    /// node was stale, and is gone now) or another node moved it meanwhile.
+    fn release_from(&self, call_room: &RoomId, node: &str) -> Result<bool> {
+        let key = call_room.as_bytes();
+        let read = self.store.get(tables::CALL_PLACEMENTS, key)?;
+        let current: Option<Placement> = read.as_deref().map(|bytes| decode(tables::CALL_PLACEMENTS, bytes)).transpose()?;
+        let placed_here = current.is_some_and(|p| p.node == node);
+        let mut batch = self.store.batch();
+        batch.expect(tables::CALL_PLACEMENTS, key, read.as_deref());
+        if placed_here {
+            batch.delete(tables::CALL_PLACEMENTS, key);
+        }
+        batch.delete(tables::CALL_NODE_ROOMS, &Key::new().str(node).str(call_room.as_str()).into_vec());
+        match self.store.write(batch) {
+            Ok(()) => Ok(placed_here),
+            Err(StoreError::Conflict { .. } | StoreError::Contention) => Ok(false),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Forgets the registration of the dead `node`, unless it registered again meanwhile.
+    fn forget(&self, node: &str) -> Result<()> {
+        let read = self.store.get(tables::CALL_NODES, node.as_bytes())?;
+        if read.is_none() {
+            return Ok(());
+        }
+        let mut batch = self.store.batch();
+        batch.expect(tables::CALL_NODES, node.as_bytes(), read.as_deref());
+        batch.delete(tables::CALL_NODES, node.as_bytes());
+        match self.store.write(batch) {
+            Ok(()) | Err(StoreError::Conflict { .. } | StoreError::Contention) => Ok(()),
+            Err(error) => Err(error.into()),
+        }
+    }
+
     /// Releases the calls placed on this node that nobody has been in for [`IDLE_MS`]:
     /// `active` are the call rooms in use now, `last_active` when each was last seen in use
     /// (kept by the caller between rounds).
@@ -300,6 +360,25 @@ pub async fn place(server: &dyn CallsHost, room_id: &RoomId) -> Result<Placed> {
 async fn take_over_if_dead(server: &dyn CallsHost, call_room: &RoomId, from: &str) -> Result<()> {
     if !server.store().live_nodes()?.unwrap_or_default().iter().any(|node| node == from) {
         super::recording::take_over(server, call_room, from).await;
+    }
+    Ok(())
+}
+
+/// Clears what the nodes the database counts dead left behind, for the node leading the
+/// sweeps: each call placed on one is released (placed afresh on its next join) and what the
+/// node recorded of it is stored now, rather than when somebody next joins (perhaps never);
+/// then its SFU's registration goes. A node passed over while alive is left to end its calls
+/// itself ([`run`]).
+pub async fn sweep_dead_nodes(server: &dyn CallsHost) -> Result<()> {
+    let placements = &server.calls().placements;
+    for (node, rooms) in placements.dead_nodes()? {
+        for room in rooms {
+            if placements.release_from(&room, &node)? {
+                tracing::info!(%room, %node, "released a call of a node that died");
+                super::recording::take_over(server, &room, &node).await;
+            }
+        }
+        placements.forget(&node)?;
     }
     Ok(())
 }
@@ -439,6 +518,39 @@ mod tests {
         assert_eq!(left, expected);
         assert!(a.store.get(tables::CALL_PLACEMENTS, second.as_bytes()).unwrap().is_none());
         assert_eq!(b.admit(&second).unwrap(), Served::Here { moved_from: None }, "placed afresh");
+    }
+
+    #[test]
+    fn a_dead_nodes_calls_are_released_once_and_its_registration_goes() {
+        let postgres = limbic_test_postgres::TempPostgres::shared();
+        let url = postgres.new_database("dead_call_nodes");
+        let database = url.rsplit('/').next().unwrap().to_owned();
+        let (a, b) = (node(&url, "a"), node(&url, "b"));
+        a.heartbeat("127.0.0.1:7882", 5).unwrap();
+        b.heartbeat("127.0.0.1:7883", 0).unwrap();
+        let (first, second, third) = (owned_room_id!("!first:test.local"), owned_room_id!("!second:test.local"), owned_room_id!("!third:test.local"));
+        assert_eq!(b.place(&first).unwrap().node.as_deref(), Some("b"));
+        assert_eq!(b.place(&second).unwrap().node.as_deref(), Some("a"));
+        assert_eq!(b.admit(&third).unwrap(), Served::Here { moved_from: None });
+        assert!(a.dead_nodes().unwrap().is_empty(), "both are alive");
+
+        postgres.psql(&database, "UPDATE limbic_nodes SET fenced = true WHERE name = 'b'");
+        let dead = a.dead_nodes().unwrap();
+        assert_eq!(dead.keys().collect::<Vec<_>>(), ["b"]);
+        let mut rooms = dead["b"].clone();
+        rooms.sort();
+        assert_eq!(rooms, [first.clone(), third.clone()]);
+        // A join moves the third call first: whoever moved it stores its recording, not the sweep.
+        assert_eq!(a.place(&third).unwrap().moved_from.as_deref(), Some("b"));
+        assert!(!a.release_from(&third, "b").unwrap());
+        // The first is released, once.
+        assert!(a.release_from(&first, "b").unwrap());
+        assert!(!a.release_from(&first, "b").unwrap(), "released twice");
+        a.forget("b").unwrap();
+        assert!(a.dead_nodes().unwrap().is_empty(), "{:?}", a.dead_nodes());
+        assert!(a.store.get(tables::CALL_NODES, b"b").unwrap().is_none());
+        assert_eq!(a.place(&first).unwrap(), Placed { node: Some("a".into()), signalling_url: "ws://a.test".into(), moved_from: None }, "placed afresh");
+        assert_eq!(a.admit(&second).unwrap(), Served::Here { moved_from: None }, "a live node's call stays");
     }
 
     #[test]
