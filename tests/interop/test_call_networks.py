@@ -22,6 +22,8 @@ real coturn.
 7. Bandwidth: a viewer in a namespace whose incoming traffic tc's token bucket limits to 400
    kbit/s gets a lower simulcast layer of a 720p camera, and the best one again once the limit
    is lifted.
+8. A link too thin for video: limited to 120 kbit/s, the viewer's video is paused and its audio
+   (a tone) arrives with hardly a packet lost; the video comes back once the limit is lifted.
 
 They need root (network namespaces, nftables, tc) or coturn; without them the tests are skipped
 with the reason. Nothing outside the namespace, its veth pair and loopback is touched.
@@ -543,6 +545,68 @@ async def watched_through_a_limit(server: LimbicServer, namespace: str) -> None:
         shaped(namespace, None)
         mark = len(seconds)
         await until("the best layer again", lambda: any(widest in second for second in seconds[mark:]), timeout=60, context=lambda: seconds[mark:])
+    finally:
+        stop.set()
+        reader.cancel()
+        viewer.stdin.close()
+        try:
+            await asyncio.wait_for(viewer.wait(), 30)
+        except asyncio.TimeoutError:
+            viewer.kill()
+        await publisher.disconnect()
+
+
+def test_a_viewer_whose_link_cannot_carry_video_keeps_the_audio(tmp_path):
+    """Ana publishes a tone and a simulcast 720p camera; Ben listens and watches from a
+    namespace whose incoming traffic is then limited to 120 kbit/s: less than the lowest layer
+    with the audio. The SFU pauses his video (spec/calls.md, "Pausing video"), so that the tone
+    gets through; before, the lowest layer went on and a tenth to a fifth of the audio packets
+    were lost for as long as the limit lasted."""
+    if not shutil.which("tc"):
+        pytest.skip("needs tc (iproute2)")
+    with network_namespace(block_udp=False) as (namespace, host):
+        server = ServerAt("call-networks-thin", tmp_path, host, {})
+        server.start()
+        try:
+            run(listened_through_a_thin_link(server, namespace))
+        finally:
+            server.stop()
+
+
+async def listened_through_a_thin_link(server: LimbicServer, namespace: str) -> None:
+    url, ana_token, ben_token, _ = await two_in_a_call(server.url)
+    publisher, stop = rtc.Room(), asyncio.Event()
+    await publisher.connect(url, ana_token, rtc.RoomOptions(auto_subscribe=False, connect_timeout=20))
+    viewer = await asyncio.create_subprocess_exec("ip", "netns", "exec", namespace, PYTHON, str(HERE / "call_viewer.py"), url, ben_token,
+                                                  cwd=HERE, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    seconds: list[dict] = []  # each second: decoded frames by width, audio packets received and lost
+
+    async def read():
+        async for line in viewer.stdout:
+            seconds.append(json.loads(line))
+
+    reader = asyncio.get_running_loop().create_task(read())
+    try:
+        await publish_tone(publisher, stop)
+        await publish_video(publisher, stop)
+        await until("video and audio", lambda: any(s["widths"] and s["audio"]["received"] >= 40 for s in seconds), timeout=40, context=lambda: seconds)
+        shaped(namespace, "120kbit")
+        mark = len(seconds)
+        # Paused within a few seconds (the estimate must fall and stay short for 1 s, and the
+        # receiver must report losses); after that, 6 to 20 s after the limit, the tone gets
+        # through (the connection's tries for more bandwidth come in that time, and may cost a
+        # few packets, or resume the video for a moment), and hardly any video.
+        await until("20 s through 120 kbit/s", lambda: len(seconds) >= mark + 20, timeout=40)
+        settled = seconds[mark + 6:mark + 20]
+        received = sum(s["audio"]["received"] for s in settled)
+        lost = sum(s["audio"]["lost"] for s in settled)
+        frames = sum(sum(s["widths"].values()) for s in settled)
+        assert received >= 40 * len(settled) and lost <= 0.03 * (received + lost) and frames <= 20, \
+            f"through 120 kbit/s, each second's frames by width and audio packets: {seconds[mark:]}"
+        shaped(namespace, None)
+        mark = len(seconds)
+        # Back at the connection's next try for more bandwidth (20 s after the first).
+        await until("the video again", lambda: any(s["widths"] for s in seconds[mark + 1:]), timeout=60, context=lambda: seconds[mark:])
     finally:
         stop.set()
         reader.cancel()

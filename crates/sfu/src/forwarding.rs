@@ -119,6 +119,38 @@ impl Estimate {
 /// How long a layer's bitrate is measured over.
 const RATE_WINDOW: Duration = Duration::from_secs(1);
 
+/// Bandwidth set aside for each audio track a subscriber gets before any goes to video: Opus
+/// speech with its packets' headers. A link too thin for the lowest video layer must still
+/// carry the voices.
+pub(crate) const AUDIO_RESERVE: u64 = 64_000;
+
+/// How long a subscriber's estimate must fall short of a video's lowest layer before the
+/// video is paused: a moment's dip does not stop the picture.
+pub(crate) const PAUSE_AFTER: Duration = Duration::from_secs(1);
+
+/// The fraction of what the SFU sends a subscriber that must be lost as well before a video is
+/// paused. An estimate alone is no proof of a thin link: while the connection carries less than
+/// it could (a low layer), the estimate drifts down towards what it carries, and on a link of
+/// 400 kbit/s it fell below the lowest layer's 150 kbit/s with nothing lost.
+pub(crate) const PAUSE_LOSS: f32 = 0.05;
+
+/// Which of a subscriber's videos `budget` carries at their lowest layers, given their
+/// bitrates in the order they are served: each in turn gets its bitrate from what is left, if
+/// that is enough.
+pub(crate) fn carried(lowest: &[u64], budget: u64) -> Vec<bool> {
+    let mut left = budget;
+    lowest
+        .iter()
+        .map(|rate| {
+            let fits = *rate <= left;
+            if fits {
+                left -= rate;
+            }
+            fits
+        })
+        .collect()
+}
+
 /// A simulcast layer as it arrives: when last, and its measured bitrate.
 #[derive(Debug)]
 pub(crate) struct Layer {
@@ -223,7 +255,7 @@ impl Sfu {
                 let Some(track) = self.participants.get(&down.publisher).and_then(|p| p.tracks.iter().find(|t| t.info.sid == down.track_sid)) else { continue };
                 let layers = usable_layers(track, now);
                 let best = layers.iter().rev().find(|(_, quality, _)| *quality <= down.layers.wanted).or(layers.first());
-                let (rate, held_back) = best.map_or((0, false), |(rid, _, rate)| (*rate, down.layers.current.is_some_and(|current| current != *rid)));
+                let (rate, held_back) = best.map_or((0, false), |(rid, _, rate)| (*rate, down.layers.paused || down.layers.current.is_some_and(|current| current != *rid)));
                 let quality = best.map(|(_, quality, _)| *quality);
                 let entry = wanted.entry(*id).or_default();
                 entry.0 += rate;
@@ -258,6 +290,71 @@ impl Sfu {
             }
             bwe.set_bitrate(Bitrate::kbps(100), Bitrate::bps(rate));
             self.dirty.insert((id, Pc::Subscriber));
+        }
+    }
+
+    /// Pauses a subscriber's videos that its bandwidth does not carry even at their lowest
+    /// layer, once its estimate has fallen short for [`PAUSE_AFTER`] and at least
+    /// [`PAUSE_LOSS`] of what it is sent is lost, so that what it has goes
+    /// to its audio ([`AUDIO_RESERVE`] each) and to the videos it does carry (screen shares
+    /// first, then in the order subscribed); and resumes one once the estimate held over the
+    /// last [`HOLD`] (longer after falls) carries its lowest layer with a fifth to spare. The
+    /// subscriber is told with LiveKit's `stream_state_update` (`PAUSED`, `ACTIVE`); a resumed
+    /// video starts again at a keyframe. Only simulcast videos, whose layers' bitrates are
+    /// measured, are paused.
+    pub(crate) fn pause_what_bandwidth_does_not_carry(&mut self, now: Instant) {
+        // Per video down-track: whether the latest estimate falls short of it, and whether it
+        // is to be paused (true) or resumed (false) now.
+        let mut decided: Vec<(ParticipantId, usize, bool, Option<bool>)> = Vec::new();
+        for (id, participant) in &self.participants {
+            let Some(latest) = participant.estimate.latest() else { continue };
+            let held = participant.estimate.held(now).unwrap_or(latest);
+            let open = |d: &&DownTrack| matches!(d.state, DownState::Open(_));
+            let audio = participant.down.iter().filter(open).filter(|d| d.kind == MediaKind::Audio).count() as u64;
+            let mut videos: Vec<(usize, u64, bool)> = Vec::new();
+            for (index, down) in participant.down.iter().enumerate() {
+                if down.kind != MediaKind::Video || !open(&down) || down.layers.wanted == lk::VideoQuality::Off as i32 {
+                    continue;
+                }
+                let Some(track) = self.participants.get(&down.publisher).and_then(|p| p.tracks.iter().find(|t| t.info.sid == down.track_sid)) else { continue };
+                if let Some((_, _, lowest)) = usable_layers(track, now).first() {
+                    videos.push((index, *lowest, track.info.source == lk::TrackSource::ScreenShare as i32));
+                }
+            }
+            videos.sort_by_key(|(index, _, screen)| (!screen, *index));
+            let lowest: Vec<u64> = videos.iter().map(|(_, rate, _)| *rate).collect();
+            let with_spare: Vec<u64> = lowest.iter().map(|rate| rate * 6 / 5).collect();
+            let carried_now = carried(&lowest, latest.saturating_sub(audio * AUDIO_RESERVE));
+            let carried_held = carried(&with_spare, held.saturating_sub(audio * AUDIO_RESERVE));
+            let losing = participant.link.loss_out >= PAUSE_LOSS;
+            for (n, (index, _, _)) in videos.iter().enumerate() {
+                let layers = &participant.down[*index].layers;
+                let short_long_enough = layers.short_since.is_some_and(|since| now.duration_since(since) >= PAUSE_AFTER);
+                let change = match layers.paused {
+                    false if !carried_now[n] && short_long_enough && losing => Some(true),
+                    true if carried_held[n] => Some(false),
+                    _ => None,
+                };
+                decided.push((*id, *index, !carried_now[n], change));
+            }
+        }
+        for (id, index, short, change) in decided {
+            let Some(publisher_sid) = self.participants.get(&id).and_then(|p| p.down.get(index)).and_then(|d| self.participants.get(&d.publisher)).map(|p| p.info.sid.clone()) else { continue };
+            let Some(participant) = self.participants.get_mut(&id) else { continue };
+            let Some(down) = participant.down.get_mut(index) else { continue };
+            down.layers.short_since = if short { down.layers.short_since.or(Some(now)) } else { None };
+            let Some(paused) = change else { continue };
+            down.layers.paused = paused;
+            if paused {
+                // Back at a keyframe, whichever layer then fits.
+                down.rtp.pause();
+                down.layers.current = None;
+                participant.estimate.fell(now);
+            }
+            tracing::debug!(participant = id, track = %down.track_sid, paused, "a video paused or resumed for the subscriber's bandwidth");
+            let state = if paused { lk::StreamState::Paused } else { lk::StreamState::Active };
+            let info = lk::StreamStateInfo { participant_sid: publisher_sid, track_sid: down.track_sid.clone(), state: state as i32 };
+            self.signals.push_back((id, response(lk::signal_response::Message::StreamStateUpdate(lk::StreamStateUpdate { stream_states: vec![info] }))));
         }
     }
 
@@ -394,7 +491,7 @@ impl Sfu {
             let held = subscriber.estimate.held(now).map(|estimate| estimate / video_downs);
             let Some(down) = subscriber.down.iter_mut().find(|d| d.publisher == id && d.track_sid == track_sid) else { continue };
             let DownState::Open(out_mid) = down.state else { continue };
-            if down.layers.wanted == lk::VideoQuality::Off as i32 {
+            if down.layers.wanted == lk::VideoQuality::Off as i32 || down.layers.paused {
                 continue;
             }
             let target = rid.and_then(|_| layer_from(&usable, down.layers.wanted, budget, held, down.layers.current));
@@ -526,6 +623,16 @@ pub(crate) fn request_keyframe(rtc: &mut Rtc, mid: Mid, rid: Option<Rid>, kind: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_video_in_turn_gets_its_lowest_layer_from_what_is_left() {
+        assert_eq!(carried(&[150_000, 150_000], 400_000), [true, true]);
+        assert_eq!(carried(&[150_000, 150_000], 200_000), [true, false]);
+        // One too big for what is left does not keep a smaller one after it from fitting.
+        assert_eq!(carried(&[150_000, 300_000, 100_000], 260_000), [true, false, true]);
+        assert_eq!(carried(&[150_000], 0), [false]);
+        assert!(carried(&[], 0).is_empty());
+    }
 
     #[test]
     fn a_better_layer_needs_a_fifth_to_spare_and_a_worse_one_none() {

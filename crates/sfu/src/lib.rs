@@ -196,11 +196,15 @@ struct Layering {
     /// The quality of the best layer it could get by its wish and what arrives, as last worked
     /// out ([`Sfu::steer_bandwidth_estimates`]).
     best: Option<i32>,
+    /// Paused: the subscriber's bandwidth does not carry even the lowest layer
+    /// ([`Sfu::pause_what_bandwidth_does_not_carry`]); and since when it has fallen short.
+    paused: bool,
+    short_since: Option<Instant>,
 }
 
 impl Default for Layering {
     fn default() -> Self {
-        Self { wanted: lk::VideoQuality::High as i32, current: None, best: None }
+        Self { wanted: lk::VideoQuality::High as i32, current: None, best: None, paused: false, short_since: None }
     }
 }
 
@@ -656,6 +660,7 @@ impl Sfu {
         if self.speakers_checked.is_none_or(|at| now.duration_since(at) >= SPEAKER_INTERVAL) {
             self.speakers_checked = Some(now);
             self.announce_speakers();
+            self.pause_what_bandwidth_does_not_carry(now);
             self.steer_bandwidth_estimates(now);
             self.steer_publishers(now);
         }
@@ -797,6 +802,7 @@ impl Sfu {
                             Event::KeyframeRequest(request) => happened.push((id, pc, Happened::KeyframeWanted(request))),
                             Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) if pc == Pc::Subscriber => participant.estimate.update(now, estimate),
                             Event::PeerStats(stats) => participant.link.update(pc, &stats),
+                            Event::MediaEgressStats(stats) if pc == Pc::Subscriber => participant.link.reported_by_subscriber(stats.loss),
                             Event::ChannelOpen(channel, label) if pc == Pc::Publisher => {
                                 if participant.publisher_channels.len() < self.limits.data_channels {
                                     participant.publisher_channels.insert(channel, label);

@@ -14,7 +14,9 @@ pub(crate) const STATS_INTERVAL: Duration = Duration::from_secs(1);
 pub(crate) struct Link {
     /// The fraction of the media they send that does not reach us (publisher connection).
     pub(crate) loss_in: f32,
-    /// The fraction of the media we send them that does not reach them (subscriber connection).
+    /// The fraction of the media we send them that does not reach them (subscriber connection):
+    /// by transport-wide feedback when str0m has it, else the worst of their receiver reports
+    /// (RTCP, per stream) in the last statistics interval.
     pub(crate) loss_out: f32,
     pub(crate) rtt: Option<Duration>,
 }
@@ -23,9 +25,18 @@ impl Link {
     pub(crate) fn update(&mut self, pc: Pc, stats: &str0m::stats::PeerStats) {
         match pc {
             Pc::Publisher => self.loss_in = stats.ingress_loss_fraction.unwrap_or(self.loss_in),
-            Pc::Subscriber => self.loss_out = stats.egress_loss_fraction.unwrap_or(self.loss_out),
+            // A new interval: the streams' reports for it follow.
+            Pc::Subscriber => self.loss_out = stats.egress_loss_fraction.unwrap_or(0.0),
         }
         self.rtt = stats.rtt.or(self.rtt);
+    }
+
+    /// A stream of the subscriber connection: the fraction lost its receiver reports gave in
+    /// this statistics interval, if they came.
+    pub(crate) fn reported_by_subscriber(&mut self, loss: Option<f32>) {
+        if let Some(loss) = loss {
+            self.loss_out = self.loss_out.max(loss);
+        }
     }
 
     /// A mean opinion score from 1 (bad) to 4.5 (the best a call gets), by the E-model

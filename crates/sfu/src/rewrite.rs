@@ -121,6 +121,11 @@ impl Rewriter {
         }
     }
 
+    /// Stops forwarding: the next stream switched to continues the numbers.
+    pub fn pause(&mut self) {
+        self.source = None;
+    }
+
     /// The packet as the subscriber gets it; none if it is not of the stream forwarded, or from
     /// before the switch to it.
     pub fn rewrite(&mut self, packet: &Incoming) -> Option<Rewritten> {
