@@ -151,6 +151,40 @@ pub(crate) fn carried(lowest: &[u64], budget: u64) -> Vec<bool> {
         .collect()
 }
 
+/// A video a subscriber gets, as pausing sees it: its lowest layer's bitrate, whether it is
+/// paused, and since when the estimate has fallen short of it.
+#[derive(Clone, Copy)]
+pub(crate) struct Served {
+    pub(crate) lowest: u64,
+    pub(crate) paused: bool,
+    pub(crate) short_since: Option<Instant>,
+}
+
+/// What becomes of a subscriber's videos, given in the order they are served, by its `latest`
+/// estimate, the one `held` over the hold time, the audio tracks it gets and whether its
+/// receiver reports losses: for each, whether the latest estimate falls short of it, and
+/// whether it is to be paused (true) or resumed (false) now.
+pub(crate) fn pausing(videos: &[Served], now: Instant, latest: u64, held: u64, audio_tracks: u64, losing: bool) -> Vec<(bool, Option<bool>)> {
+    let reserve = audio_tracks * AUDIO_RESERVE;
+    let lowest: Vec<u64> = videos.iter().map(|video| video.lowest).collect();
+    let with_spare: Vec<u64> = lowest.iter().map(|rate| rate * 6 / 5).collect();
+    let carried_now = carried(&lowest, latest.saturating_sub(reserve));
+    let carried_held = carried(&with_spare, held.saturating_sub(reserve));
+    videos
+        .iter()
+        .enumerate()
+        .map(|(n, video)| {
+            let short_long_enough = video.short_since.is_some_and(|since| now.duration_since(since) >= PAUSE_AFTER);
+            let change = match video.paused {
+                false if !carried_now[n] && short_long_enough && losing => Some(true),
+                true if carried_held[n] => Some(false),
+                _ => None,
+            };
+            (!carried_now[n], change)
+        })
+        .collect()
+}
+
 /// A simulcast layer as it arrives: when last, and its measured bitrate.
 #[derive(Debug)]
 pub(crate) struct Layer {
@@ -309,34 +343,23 @@ impl Sfu {
         for (id, participant) in &self.participants {
             let Some(latest) = participant.estimate.latest() else { continue };
             let held = participant.estimate.held(now).unwrap_or(latest);
-            let open = |d: &&DownTrack| matches!(d.state, DownState::Open(_));
-            let audio = participant.down.iter().filter(open).filter(|d| d.kind == MediaKind::Audio).count() as u64;
-            let mut videos: Vec<(usize, u64, bool)> = Vec::new();
+            let open = |d: &DownTrack| matches!(d.state, DownState::Open(_));
+            let audio = participant.down.iter().filter(|d| open(d) && d.kind == MediaKind::Audio).count() as u64;
+            let mut videos: Vec<(usize, bool, Served)> = Vec::new();
             for (index, down) in participant.down.iter().enumerate() {
-                if down.kind != MediaKind::Video || !open(&down) || down.layers.wanted == lk::VideoQuality::Off as i32 {
+                if down.kind != MediaKind::Video || !open(down) || down.layers.wanted == lk::VideoQuality::Off as i32 {
                     continue;
                 }
                 let Some(track) = self.participants.get(&down.publisher).and_then(|p| p.tracks.iter().find(|t| t.info.sid == down.track_sid)) else { continue };
                 if let Some((_, _, lowest)) = usable_layers(track, now).first() {
-                    videos.push((index, *lowest, track.info.source == lk::TrackSource::ScreenShare as i32));
+                    let screen = track.info.source == lk::TrackSource::ScreenShare as i32;
+                    videos.push((index, screen, Served { lowest: *lowest, paused: down.layers.paused, short_since: down.layers.short_since }));
                 }
             }
-            videos.sort_by_key(|(index, _, screen)| (!screen, *index));
-            let lowest: Vec<u64> = videos.iter().map(|(_, rate, _)| *rate).collect();
-            let with_spare: Vec<u64> = lowest.iter().map(|rate| rate * 6 / 5).collect();
-            let carried_now = carried(&lowest, latest.saturating_sub(audio * AUDIO_RESERVE));
-            let carried_held = carried(&with_spare, held.saturating_sub(audio * AUDIO_RESERVE));
-            let losing = participant.link.loss_out >= PAUSE_LOSS;
-            for (n, (index, _, _)) in videos.iter().enumerate() {
-                let layers = &participant.down[*index].layers;
-                let short_long_enough = layers.short_since.is_some_and(|since| now.duration_since(since) >= PAUSE_AFTER);
-                let change = match layers.paused {
-                    false if !carried_now[n] && short_long_enough && losing => Some(true),
-                    true if carried_held[n] => Some(false),
-                    _ => None,
-                };
-                decided.push((*id, *index, !carried_now[n], change));
-            }
+            videos.sort_by_key(|(index, screen, _)| (!screen, *index));
+            let served: Vec<Served> = videos.iter().map(|(_, _, video)| *video).collect();
+            let outcome = pausing(&served, now, latest, held, audio, participant.link.loss_out >= PAUSE_LOSS);
+            decided.extend(videos.iter().zip(outcome).map(|((index, _, _), (short, change))| (*id, *index, short, change)));
         }
         for (id, index, short, change) in decided {
             let Some(publisher_sid) = self.participants.get(&id).and_then(|p| p.down.get(index)).and_then(|d| self.participants.get(&d.publisher)).map(|p| p.info.sid.clone()) else { continue };
@@ -623,6 +646,27 @@ pub(crate) fn request_keyframe(rtc: &mut Rtc, mid: Mid, rid: Option<Rid>, kind: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_video_is_paused_after_a_second_short_with_losses_and_resumed_with_a_fifth_to_spare() {
+        let start = Instant::now();
+        let video = |paused, short_since| Served { lowest: 150_000, paused, short_since };
+        // 120 kbit/s with one audio track: short of the lowest layer, not paused at once.
+        assert_eq!(pausing(&[video(false, None)], start, 120_000, 120_000, 1, true), [(true, None)]);
+        let later = start + PAUSE_AFTER;
+        assert_eq!(pausing(&[video(false, Some(start))], later, 120_000, 120_000, 1, true), [(true, Some(true))]);
+        // Short as long, but nothing lost: the estimate alone does not pause it.
+        assert_eq!(pausing(&[video(false, Some(start))], later, 120_000, 120_000, 1, false), [(true, None)]);
+        // The audio's share counts: 200 kbit/s leaves 136 for video.
+        assert_eq!(pausing(&[video(false, Some(start))], later, 200_000, 200_000, 1, true), [(true, Some(true))]);
+        assert_eq!(pausing(&[video(false, Some(start))], later, 200_000, 200_000, 0, true), [(false, None)]);
+        // Paused: resumed once the held estimate carries the layer and a fifth more (180 + 64).
+        assert_eq!(pausing(&[video(true, Some(start))], later, 400_000, 230_000, 1, false), [(false, None)]);
+        assert_eq!(pausing(&[video(true, Some(start))], later, 400_000, 250_000, 1, false), [(false, Some(false))]);
+        // Two videos and room for one: the first served keeps it.
+        let both = [video(false, Some(start)), video(false, Some(start))];
+        assert_eq!(pausing(&both, later, 200_000, 200_000, 0, true), [(false, None), (true, Some(true))]);
+    }
 
     #[test]
     fn each_video_in_turn_gets_its_lowest_layer_from_what_is_left() {
