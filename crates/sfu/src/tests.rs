@@ -217,6 +217,36 @@ fn publish_simulcast(net: &mut Network, index: usize) -> Mid {
     net.publish_track(index, MediaKind::Video, add)
 }
 
+/// A simulcast camera sending 30 frames a second on its three layers: each layer's frames say
+/// which layer they are (their second byte), and every tenth is a keyframe.
+struct Camera {
+    index: usize,
+    mid: Mid,
+    params: PayloadParams,
+    sent: u64,
+}
+
+impl Camera {
+    fn published(net: &mut Network, index: usize) -> Self {
+        let mid = publish_simulcast(net, index);
+        let params = net.params(index, Codec::Vp8);
+        Self { index, mid, params, sent: 0 }
+    }
+
+    fn film(&mut self, net: &mut Network, frames: u64) {
+        for _ in 0..frames {
+            for (layer, rid) in ["q", "h", "f"].into_iter().enumerate() {
+                let mut frame = vec![0x5a_u8; 300 * (layer + 1)];
+                frame[0] = if self.sent % 10 == 0 { 0x10 } else { 0x11 };
+                frame[1] = layer as u8;
+                net.write_layer(self.index, self.mid, Some(rid.into()), self.params, MediaTime::from_millis(self.sent * 33).rebase(Frequency::NINETY_KHZ), &frame);
+            }
+            self.sent += 1;
+            net.step(Duration::from_millis(33));
+        }
+    }
+}
+
 #[test]
 #[allow(deprecated)] // `TrackInfo.simulcast`: what LiveKit's SDKs read.
 fn a_simulcast_publisher_is_told_to_send_only_the_layers_someone_watches() {
@@ -600,21 +630,8 @@ fn a_video_the_subscribers_link_cannot_carry_is_paused_and_resumed() {
     let ana = net.join("ana", true);
     let ben = net.join("ben", false);
     net.step(TICK);
-    let mid = publish_simulcast(&mut net, ana);
-    let params = net.params(ana, Codec::Vp8);
-    let mut sent = 0u64;
-    let mut send = |net: &mut Network, frames: u64| {
-        for _ in 0..frames {
-            for (layer, rid) in ["q", "h", "f"].into_iter().enumerate() {
-                let mut frame = vec![0x5a_u8; 300 * (layer + 1)];
-                frame[0] = if sent % 10 == 0 { 0x10 } else { 0x11 };
-                net.write_layer(ana, mid, Some(rid.into()), params, MediaTime::from_millis(sent * 33).rebase(Frequency::NINETY_KHZ), &frame);
-            }
-            sent += 1;
-            net.step(Duration::from_millis(33));
-        }
-    };
-    send(&mut net, 60);
+    let mut camera = Camera::published(&mut net, ana);
+    camera.film(&mut net, 60);
     assert!(net.clients[ben].frames > 30);
     let track = net.clients[ana].signals.iter().find_map(|m| match m { lk::signal_response::Message::TrackPublished(p) => p.track.clone(), _ => None }).unwrap();
     let ana_sid = sid_of(&net, ana);
@@ -631,7 +648,7 @@ fn a_video_the_subscribers_link_cannot_carry_is_paused_and_resumed() {
     net.step(TICK);
     assert_eq!(stream_states(&net, ben), [(ana_sid.clone(), track.sid.clone(), true)]);
     let frames = net.clients[ben].frames;
-    send(&mut net, 60);
+    camera.film(&mut net, 60);
     assert_eq!(net.clients[ben].frames, frames, "a paused video's frames reached the subscriber");
 
     // The link carries the layer again, as the estimate has held for the hold time: resumed,
@@ -643,7 +660,7 @@ fn a_video_the_subscribers_link_cannot_carry_is_paused_and_resumed() {
     participant.estimate = crate::forwarding::Estimate::default();
     participant.estimate.update(now, str0m::bwe::Bitrate::kbps(2000));
     net.sfu.pause_what_bandwidth_does_not_carry(now);
-    send(&mut net, 60);
+    camera.film(&mut net, 60);
     assert_eq!(stream_states(&net, ben), [(ana_sid.clone(), track.sid.clone(), true), (ana_sid, track.sid, false)]);
     assert!(net.clients[ben].frames > frames + 30, "the video did not go on: {} frames", net.clients[ben].frames - frames);
     assert_eq!(net.clients[ben].gaps, 0, "the subscriber saw a gap in the stream");
@@ -657,31 +674,16 @@ fn a_subscriber_moving_between_layers_gets_one_unbroken_stream() {
     let ana = net.join("ana", true);
     let ben = net.join("ben", false);
     net.step(TICK);
-    let mid = publish_simulcast(&mut net, ana);
-    let params = net.params(ana, Codec::Vp8);
-    // Each layer's frames say which layer they are (their second byte); a keyframe every tenth.
-    let mut sent = 0u64;
-    let mut send = |net: &mut Network, frames: u64| {
-        for _ in 0..frames {
-            for (layer, rid) in ["q", "h", "f"].into_iter().enumerate() {
-                let mut frame = vec![0x5a_u8; 300 * (layer + 1)];
-                frame[0] = if sent % 10 == 0 { 0x10 } else { 0x11 };
-                frame[1] = layer as u8;
-                net.write_layer(ana, mid, Some(rid.into()), params, MediaTime::from_millis(sent * 33).rebase(Frequency::NINETY_KHZ), &frame);
-            }
-            sent += 1;
-            net.step(Duration::from_millis(33));
-        }
-    };
+    let mut camera = Camera::published(&mut net, ana);
     let layer_received = |net: &Network| net.clients[ben].last_frame.as_ref().map(|frame| frame.data[1]);
-    send(&mut net, 60);
+    camera.film(&mut net, 60);
     assert_eq!(layer_received(&net), Some(2), "the best layer by default");
     let track = net.clients[ana].signals.iter().find_map(|m| match m { lk::signal_response::Message::TrackPublished(p) => p.track.clone(), _ => None }).unwrap();
     for (quality, layer) in [(lk::VideoQuality::Low, 0), (lk::VideoQuality::Medium, 1), (lk::VideoQuality::High, 2)] {
         let setting = lk::UpdateTrackSettings { track_sids: vec![track.sid.clone()], quality: quality as i32, ..Default::default() };
         net.signal(ben, lk::signal_request::Message::TrackSetting(setting));
         let before = net.clients[ben].frames;
-        send(&mut net, 30);
+        camera.film(&mut net, 30);
         assert_eq!(layer_received(&net), Some(layer), "{quality:?}");
         assert!(net.clients[ben].frames >= before + 25, "frames go on through the switch to {quality:?}");
     }
