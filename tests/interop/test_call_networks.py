@@ -39,7 +39,7 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -515,44 +515,58 @@ def test_a_viewer_whose_bandwidth_drops_gets_a_lower_layer_and_the_best_again_af
             server.stop()
 
 
-async def watched_through_a_limit(server: LimbicServer, namespace: str) -> None:
-    url, ana_token, ben_token, _ = await two_in_a_call(server.url)
-    publisher, stop = rtc.Room(), asyncio.Event()
-    await publisher.connect(url, ana_token, rtc.RoomOptions(auto_subscribe=False, connect_timeout=20))
-    viewer = await asyncio.create_subprocess_exec("ip", "netns", "exec", namespace, PYTHON, str(HERE / "call_viewer.py"), url, ben_token,
+@asynccontextmanager
+async def viewer_in(namespace: str, url: str, token: str):
+    """call_viewer.py joining the call from `namespace`: the list its seconds are added to as
+    they come (decoded frames by width, audio packets received and lost)."""
+    viewer = await asyncio.create_subprocess_exec("ip", "netns", "exec", namespace, PYTHON, str(HERE / "call_viewer.py"), url, token,
                                                   cwd=HERE, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    seconds: list[dict[int, int]] = []  # each second's decoded frames, by width
+    seconds: list[dict] = []
 
     async def read():
         async for line in viewer.stdout:
-            seconds.append({int(width): frames for width, frames in json.loads(line)["widths"].items()})
+            seconds.append(json.loads(line))
 
     reader = asyncio.get_running_loop().create_task(read())
     try:
-        await publish_video(publisher, stop)
-        await until("frames of the best layer", lambda: any(max(second, default=0) >= WIDTH * 0.9 for second in seconds), timeout=40, context=lambda: seconds)
-        widest = max(max(second, default=0) for second in seconds)
-        shaped(namespace, "400kbit")
-        mark = len(seconds)
-        # Settled on a lower layer, the video goes on: 6 to 16 s after the limit, frames every
-        # second and at least 8 of its 20 a second on average. (Before that it adapts.) The
-        # connection's first try for more comes in that time, 10 s after its estimate fell
-        # short (spec/calls.md): a try the link cannot carry must not stop the picture.
-        await until("16 s through 400 kbit/s", lambda: len(seconds) >= mark + 16, timeout=30)
-        settled = seconds[mark + 6:mark + 16]
-        assert all(settled) and sum(sum(second.values()) for second in settled) >= 80 and max(max(second) for second in settled) < widest, \
-            f"frames decoded each second through 400 kbit/s, by width: {seconds[mark:]}"
-        shaped(namespace, None)
-        mark = len(seconds)
-        await until("the best layer again", lambda: any(widest in second for second in seconds[mark:]), timeout=60, context=lambda: seconds[mark:])
+        yield seconds
     finally:
-        stop.set()
         reader.cancel()
         viewer.stdin.close()
         try:
             await asyncio.wait_for(viewer.wait(), 30)
         except asyncio.TimeoutError:
             viewer.kill()
+
+
+async def watched_through_a_limit(server: LimbicServer, namespace: str) -> None:
+    url, ana_token, ben_token, _ = await two_in_a_call(server.url)
+    publisher, stop = rtc.Room(), asyncio.Event()
+    await publisher.connect(url, ana_token, rtc.RoomOptions(auto_subscribe=False, connect_timeout=20))
+    try:
+        async with viewer_in(namespace, url, ben_token) as reported:
+            def seconds() -> list[dict[int, int]]:
+                """Each second's decoded frames, by width."""
+                return [{int(width): frames for width, frames in second["widths"].items()} for second in reported]
+
+            await publish_video(publisher, stop)
+            await until("frames of the best layer", lambda: any(max(second, default=0) >= WIDTH * 0.9 for second in seconds()), timeout=40, context=seconds)
+            widest = max(max(second, default=0) for second in seconds())
+            shaped(namespace, "400kbit")
+            mark = len(reported)
+            # Settled on a lower layer, the video goes on: 6 to 16 s after the limit, frames every
+            # second and at least 8 of its 20 a second on average. (Before that it adapts.) The
+            # connection's first try for more comes in that time, 10 s after its estimate fell
+            # short (spec/calls.md): a try the link cannot carry must not stop the picture.
+            await until("16 s through 400 kbit/s", lambda: len(reported) >= mark + 16, timeout=30)
+            settled = seconds()[mark + 6:mark + 16]
+            assert all(settled) and sum(sum(second.values()) for second in settled) >= 80 and max(max(second) for second in settled) < widest, \
+                f"frames decoded each second through 400 kbit/s, by width: {seconds()[mark:]}"
+            shaped(namespace, None)
+            mark = len(reported)
+            await until("the best layer again", lambda: any(widest in second for second in seconds()[mark:]), timeout=60, context=lambda: seconds()[mark:])
+    finally:
+        stop.set()
         await publisher.disconnect()
 
 
@@ -577,42 +591,28 @@ async def listened_through_a_thin_link(server: LimbicServer, namespace: str) -> 
     url, ana_token, ben_token, _ = await two_in_a_call(server.url)
     publisher, stop = rtc.Room(), asyncio.Event()
     await publisher.connect(url, ana_token, rtc.RoomOptions(auto_subscribe=False, connect_timeout=20))
-    viewer = await asyncio.create_subprocess_exec("ip", "netns", "exec", namespace, PYTHON, str(HERE / "call_viewer.py"), url, ben_token,
-                                                  cwd=HERE, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    seconds: list[dict] = []  # each second: decoded frames by width, audio packets received and lost
-
-    async def read():
-        async for line in viewer.stdout:
-            seconds.append(json.loads(line))
-
-    reader = asyncio.get_running_loop().create_task(read())
     try:
-        await publish_tone(publisher, stop)
-        await publish_video(publisher, stop)
-        await until("video and audio", lambda: any(s["widths"] and s["audio"]["received"] >= 40 for s in seconds), timeout=40, context=lambda: seconds)
-        shaped(namespace, "120kbit")
-        mark = len(seconds)
-        # Paused within a few seconds (the estimate must fall and stay short for 1 s, and the
-        # receiver must report losses); after that, 6 to 20 s after the limit, the tone gets
-        # through (the connection's tries for more bandwidth come in that time, and may cost a
-        # few packets, or resume the video for a moment), and hardly any video.
-        await until("20 s through 120 kbit/s", lambda: len(seconds) >= mark + 20, timeout=40)
-        settled = seconds[mark + 6:mark + 20]
-        received = sum(s["audio"]["received"] for s in settled)
-        lost = sum(s["audio"]["lost"] for s in settled)
-        frames = sum(sum(s["widths"].values()) for s in settled)
-        assert received >= 40 * len(settled) and lost <= 0.03 * (received + lost) and frames <= 20, \
-            f"through 120 kbit/s, each second's frames by width and audio packets: {seconds[mark:]}"
-        shaped(namespace, None)
-        mark = len(seconds)
-        # Back at the connection's next try for more bandwidth (20 s after the first).
-        await until("the video again", lambda: any(s["widths"] for s in seconds[mark + 1:]), timeout=60, context=lambda: seconds[mark:])
+        async with viewer_in(namespace, url, ben_token) as seconds:
+            await publish_tone(publisher, stop)
+            await publish_video(publisher, stop)
+            await until("video and audio", lambda: any(s["widths"] and s["audio"]["received"] >= 40 for s in seconds), timeout=40, context=lambda: seconds)
+            shaped(namespace, "120kbit")
+            mark = len(seconds)
+            # Paused within a few seconds (the estimate must fall and stay short for 1 s, and the
+            # receiver must report losses); after that, 6 to 20 s after the limit, the tone gets
+            # through (the connection's tries for more bandwidth come in that time, and may cost a
+            # few packets, or resume the video for a moment), and hardly any video.
+            await until("20 s through 120 kbit/s", lambda: len(seconds) >= mark + 20, timeout=40)
+            settled = seconds[mark + 6:mark + 20]
+            received = sum(s["audio"]["received"] for s in settled)
+            lost = sum(s["audio"]["lost"] for s in settled)
+            frames = sum(sum(s["widths"].values()) for s in settled)
+            assert received >= 40 * len(settled) and lost <= 0.03 * (received + lost) and frames <= 20, \
+                f"through 120 kbit/s, each second's frames by width and audio packets: {seconds[mark:]}"
+            shaped(namespace, None)
+            mark = len(seconds)
+            # Back at the connection's next try for more bandwidth.
+            await until("the video again", lambda: any(s["widths"] for s in seconds[mark + 1:]), timeout=60, context=lambda: seconds[mark:])
     finally:
         stop.set()
-        reader.cancel()
-        viewer.stdin.close()
-        try:
-            await asyncio.wait_for(viewer.wait(), 30)
-        except asyncio.TimeoutError:
-            viewer.kill()
         await publisher.disconnect()
