@@ -85,14 +85,8 @@ fn a_participants_audio_reaches_the_other_after_the_signalling_livekit_clients_e
 /// empties, and the track offered again would go nowhere), and the track comes back.
 #[test]
 fn a_subscriber_who_stops_every_track_keeps_a_transport_for_the_next() {
-    let mut net = Network::new();
-    let ana = net.join("ana", true);
-    let ben = net.join("ben", false);
-    net.step(TICK);
-    let mut tone = Tone::published(&mut net, ana, "mic");
-    tone.speak(&mut net, 200);
-    assert!(net.clients[ben].frames > 100);
-    let track = net.clients[ana].signals.iter().find_map(|m| match m { lk::signal_response::Message::TrackPublished(p) => p.track.clone(), _ => None }).unwrap();
+    let (mut net, ana, ben, mut tone) = ana_speaks_to_ben();
+    let track = published_track(&net, ana);
     let offers = |net: &Network| -> Vec<String> { net.clients[ben].signals.iter().filter_map(|m| match m { lk::signal_response::Message::Offer(o) => Some(o.sdp.clone()), _ => None }).collect() };
 
     let subscription = |subscribe| lk::UpdateSubscription { track_sids: vec![track.sid.clone()], subscribe, ..Default::default() };
@@ -177,14 +171,8 @@ fn a_dropped_participant_resumes_unseen_and_one_who_does_not_is_gone_after_the_w
 
 #[test]
 fn an_unpublished_track_is_announced_and_its_media_stops() {
-    let mut net = Network::new();
-    let ana = net.join("ana", true);
-    let ben = net.join("ben", false);
-    net.step(TICK);
-    let mut tone = Tone::published(&mut net, ana, "mic");
-    tone.speak(&mut net, 200);
-    assert!(net.clients[ben].frames > 100);
-    let track = net.clients[ana].signals.iter().find_map(|m| match m { lk::signal_response::Message::TrackPublished(p) => p.track.clone(), _ => None }).unwrap();
+    let (mut net, ana, ben, mut tone) = ana_speaks_to_ben();
+    let track = published_track(&net, ana);
 
     // Ana's SDK removes the track's sender and offers again.
     net.unpublish(ana, tone.mid);
@@ -195,6 +183,23 @@ fn an_unpublished_track_is_announced_and_its_media_stops() {
     let frames = net.clients[ben].frames;
     tone.speak(&mut net, 100);
     assert_eq!(net.clients[ben].frames, frames, "media of an unpublished track still arrives");
+}
+
+/// Ana publishes a tone, which Ben hears: the network, their indexes and her tone.
+fn ana_speaks_to_ben() -> (Network, usize, usize, Tone) {
+    let mut net = Network::new();
+    let ana = net.join("ana", true);
+    let ben = net.join("ben", false);
+    net.step(TICK);
+    let mut tone = Tone::published(&mut net, ana, "mic");
+    tone.speak(&mut net, 200);
+    assert!(net.clients[ben].frames > 100);
+    (net, ana, ben, tone)
+}
+
+/// The track the SFU told a publisher it published first.
+fn published_track(net: &Network, index: usize) -> lk::TrackInfo {
+    net.clients[index].signals.iter().find_map(|m| match m { lk::signal_response::Message::TrackPublished(p) => p.track.clone(), _ => None }).expect("track_published")
 }
 
 /// The layers each quality update Ana got enables, in order.
@@ -261,7 +266,7 @@ fn a_simulcast_publisher_is_told_to_send_only_the_layers_someone_watches() {
         }
     };
     steps(&mut net, Duration::from_secs(1));
-    let track = net.clients[ana].signals.iter().find_map(|m| match m { lk::signal_response::Message::TrackPublished(p) => p.track.clone(), _ => None }).unwrap();
+    let track = published_track(&net, ana);
     assert!(track.simulcast);
     assert_eq!(quality_updates(&net, ana), Vec::<Vec<bool>>::new(), "Ben watches the best layer: Ana sends all she started with");
 
@@ -305,7 +310,7 @@ fn a_single_layer_video_nobody_watches_is_paused_and_resumed_when_watched() {
         }
     };
     steps(&mut net, Duration::from_secs(1));
-    let track = net.clients[ana].signals.iter().find_map(|m| match m { lk::signal_response::Message::TrackPublished(p) => p.track.clone(), _ => None }).unwrap();
+    let track = published_track(&net, ana);
     assert!(!track.simulcast);
     // A quality below the best is still the one layer there is: nothing changes.
     let low = lk::UpdateTrackSettings { track_sids: vec![track.sid.clone()], quality: lk::VideoQuality::Low as i32, ..Default::default() };
@@ -633,7 +638,7 @@ fn a_video_the_subscribers_link_cannot_carry_is_paused_and_resumed() {
     let mut camera = Camera::published(&mut net, ana);
     camera.film(&mut net, 60);
     assert!(net.clients[ben].frames > 30);
-    let track = net.clients[ana].signals.iter().find_map(|m| match m { lk::signal_response::Message::TrackPublished(p) => p.track.clone(), _ => None }).unwrap();
+    let track = published_track(&net, ana);
     let ana_sid = sid_of(&net, ana);
 
     // What a thin, lossy link would have given by now: the estimate (str0m's) short of the low
@@ -678,7 +683,7 @@ fn a_subscriber_moving_between_layers_gets_one_unbroken_stream() {
     let layer_received = |net: &Network| net.clients[ben].last_frame.as_ref().map(|frame| frame.data[1]);
     camera.film(&mut net, 60);
     assert_eq!(layer_received(&net), Some(2), "the best layer by default");
-    let track = net.clients[ana].signals.iter().find_map(|m| match m { lk::signal_response::Message::TrackPublished(p) => p.track.clone(), _ => None }).unwrap();
+    let track = published_track(&net, ana);
     for (quality, layer) in [(lk::VideoQuality::Low, 0), (lk::VideoQuality::Medium, 1), (lk::VideoQuality::High, 2)] {
         let setting = lk::UpdateTrackSettings { track_sids: vec![track.sid.clone()], quality: quality as i32, ..Default::default() };
         net.signal(ben, lk::signal_request::Message::TrackSetting(setting));
