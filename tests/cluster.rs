@@ -485,33 +485,35 @@ async fn a_session_call_follows_what_is_done_through_another_node() {
     assert_eq!(client_call.left_because(Duration::from_secs(2)).await, Some(lk::DisconnectReason::RoomClosed));
 }
 
-/// A node dies while it records a session's call: the node the call moves to stores what the
-/// dead node recorded (its directory of recordings is in the media directory the nodes share)
-/// and says why the recording stopped.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_recording_whose_node_dies_is_stored_by_the_node_its_call_moves_to() {
+/// A session's call recording on one of two nodes, its therapist's consent given, the
+/// therapist in the call and acting through the other node.
+struct Recording {
+    nodes: [TestServer; 2],
+    /// Which of `nodes` serves the call, and the other.
+    serving: usize,
+    other: usize,
+    therapist: Client,
+    client: Client,
+    room: String,
+    /// Where the serving node writes the recording as it is made.
+    spooled: std::path::PathBuf,
+    _call: Signalling,
+}
+
+async fn recording_on_one_of_two_nodes() -> Recording {
     let (a, b, therapist, client, room) = recordable_session().await;
     therapist.ok(Method::PUT, &format!("/_matrix/client/v3/rooms/{}/state/org.limbic.recording.consent/{}", enc(&room), enc(&therapist.user_id)), Some(json!({ "consent": true }))).await;
     let (url, jwt) = call_token(&a, &therapist, &room).await;
-    let mut nodes = [a, b];
+    let nodes = [a, b];
     let serving = node_at(&url, &[&nodes[0], &nodes[1]]);
     let other = 1 - serving;
-    let _call = Signalling::join(&nodes[serving], &jwt).await;
+    let call = Signalling::join(&nodes[serving], &jwt).await;
     let therapist = therapist.through(&nodes[other]);
     therapist.ok(Method::PUT, &format!("/_limbic/client/v1/sessions/{}/recording", enc(&room)), Some(json!({ "recording": true }))).await;
     let names = ["test", "b"];
     let spooled = nodes[0].media_dir().join("recordings").join(names[serving]).join(hex::encode(room.as_bytes()));
     assert!(spooled.is_dir(), "the recording is made in its node's directory: {}", spooled.display());
-
-    nodes[serving].kill9();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while node_at(&call_token(&nodes[other], &client, &room).await.0, &[&nodes[0], &nodes[1]]) != other {
-        assert!(Instant::now() < deadline, "the call did not move from the dead node");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    // Moved by this token, or released by the sweep a moment before (which may still be storing).
-    stored_as_stopped_by_the_server(&therapist, &room, Duration::from_secs(10)).await;
-    assert!(!spooled.exists(), "what the dead node recorded was stored and removed");
+    Recording { nodes, serving, other, therapist, client, room, spooled, _call: call }
 }
 
 /// Waits until the room's recording is on record as one the server stopped for.
@@ -528,23 +530,28 @@ async fn stored_as_stopped_by_the_server(therapist: &Client, room: &str, within:
     }
 }
 
+/// A node dies while it records a session's call: the node the call moves to stores what the
+/// dead node recorded (its directory of recordings is in the media directory the nodes share)
+/// and says why the recording stopped.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recording_whose_node_dies_is_stored_by_the_node_its_call_moves_to() {
+    let Recording { mut nodes, serving, other, therapist, client, room, spooled, _call } = recording_on_one_of_two_nodes().await;
+    nodes[serving].kill9();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node_at(&call_token(&nodes[other], &client, &room).await.0, &[&nodes[0], &nodes[1]]) != other {
+        assert!(Instant::now() < deadline, "the call did not move from the dead node");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Moved by this token, or released by the sweep a moment before (which may still be storing).
+    stored_as_stopped_by_the_server(&therapist, &room, Duration::from_secs(10)).await;
+    assert!(!spooled.exists(), "what the dead node recorded was stored and removed");
+}
+
 /// A node dies while it records a call, and nobody joins that call again: a sweep of the node
 /// that leads them stores the recording all the same, within seconds of the death.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_recording_whose_node_dies_is_stored_without_another_join() {
-    let (a, b, therapist, _client, room) = recordable_session().await;
-    therapist.ok(Method::PUT, &format!("/_matrix/client/v3/rooms/{}/state/org.limbic.recording.consent/{}", enc(&room), enc(&therapist.user_id)), Some(json!({ "consent": true }))).await;
-    let (url, jwt) = call_token(&a, &therapist, &room).await;
-    let mut nodes = [a, b];
-    let serving = node_at(&url, &[&nodes[0], &nodes[1]]);
-    let other = 1 - serving;
-    let _call = Signalling::join(&nodes[serving], &jwt).await;
-    let therapist = therapist.through(&nodes[other]);
-    therapist.ok(Method::PUT, &format!("/_limbic/client/v1/sessions/{}/recording", enc(&room)), Some(json!({ "recording": true }))).await;
-    let names = ["test", "b"];
-    let spooled = nodes[0].media_dir().join("recordings").join(names[serving]).join(hex::encode(room.as_bytes()));
-    assert!(spooled.is_dir(), "{}", spooled.display());
-
+    let Recording { mut nodes, serving, other, therapist, room, spooled, _call, .. } = recording_on_one_of_two_nodes().await;
     nodes[serving].kill9();
     stored_as_stopped_by_the_server(&therapist, &room, Duration::from_secs(30)).await;
     assert!(!spooled.exists(), "what the dead node recorded was stored and removed");
