@@ -504,13 +504,19 @@ def test_a_viewer_whose_bandwidth_drops_gets_a_lower_layer_and_the_best_again_af
     """Ana publishes a simulcast 720p camera from this namespace; Ben watches it from a namespace
     whose incoming traffic is then limited to 400 kbit/s, and later not. The SFU picks his layer
     by its estimate of his connection's bandwidth (spec/calls.md, "Simulcast")."""
+    shaped_call(tmp_path, "call-networks-bandwidth", watched_through_a_limit)
+
+
+def shaped_call(tmp_path, name: str, scenario) -> None:
+    """Runs `scenario(server, namespace)` with a server of its own and a namespace whose
+    incoming traffic the scenario limits with tc ([shaped])."""
     if not shutil.which("tc"):
         pytest.skip("needs tc (iproute2)")
     with network_namespace(block_udp=False) as (namespace, host):
-        server = ServerAt("call-networks-bandwidth", tmp_path, host, {})
+        server = ServerAt(name, tmp_path, host, {})
         server.start()
         try:
-            run(watched_through_a_limit(server, namespace))
+            run(scenario(server, namespace))
         finally:
             server.stop()
 
@@ -576,15 +582,7 @@ def test_a_viewer_whose_link_cannot_carry_video_keeps_the_audio(tmp_path):
     with the audio. The SFU pauses his video (spec/calls.md, "Pausing video"), so that the tone
     gets through; before, the lowest layer went on and a tenth to a fifth of the audio packets
     were lost for as long as the limit lasted."""
-    if not shutil.which("tc"):
-        pytest.skip("needs tc (iproute2)")
-    with network_namespace(block_udp=False) as (namespace, host):
-        server = ServerAt("call-networks-thin", tmp_path, host, {})
-        server.start()
-        try:
-            run(listened_through_a_thin_link(server, namespace))
-        finally:
-            server.stop()
+    shaped_call(tmp_path, "call-networks-thin", listened_through_a_thin_link)
 
 
 async def listened_through_a_thin_link(server: LimbicServer, namespace: str) -> None:
