@@ -508,15 +508,29 @@ def test_a_viewer_whose_bandwidth_drops_gets_a_lower_layer_and_the_best_again_af
 
 
 def shaped_call(tmp_path, name: str, scenario) -> None:
-    """Runs `scenario(server, namespace)` with a server of its own and a namespace whose
-    incoming traffic the scenario limits with tc ([shaped])."""
+    """A call on a server of its own: Ana publishes from here, Ben (call_viewer.py) watches from
+    a namespace whose incoming traffic the scenario limits with tc ([shaped]). Runs
+    `scenario(namespace, publisher, stop, seconds)`: Ana's room, the event that stops what she
+    publishes, and the list Ben's seconds are added to ([viewer_in])."""
     if not shutil.which("tc"):
         pytest.skip("needs tc (iproute2)")
+
+    async def call(server: LimbicServer, namespace: str) -> None:
+        url, ana_token, ben_token, _ = await two_in_a_call(server.url)
+        publisher, stop = rtc.Room(), asyncio.Event()
+        await publisher.connect(url, ana_token, rtc.RoomOptions(auto_subscribe=False, connect_timeout=20))
+        try:
+            async with viewer_in(namespace, url, ben_token) as seconds:
+                await scenario(namespace, publisher, stop, seconds)
+        finally:
+            stop.set()
+            await publisher.disconnect()
+
     with network_namespace(block_udp=False) as (namespace, host):
         server = ServerAt(name, tmp_path, host, {})
         server.start()
         try:
-            run(scenario(server, namespace))
+            run(call(server, namespace))
         finally:
             server.stop()
 
@@ -545,35 +559,27 @@ async def viewer_in(namespace: str, url: str, token: str):
             viewer.kill()
 
 
-async def watched_through_a_limit(server: LimbicServer, namespace: str) -> None:
-    url, ana_token, ben_token, _ = await two_in_a_call(server.url)
-    publisher, stop = rtc.Room(), asyncio.Event()
-    await publisher.connect(url, ana_token, rtc.RoomOptions(auto_subscribe=False, connect_timeout=20))
-    try:
-        async with viewer_in(namespace, url, ben_token) as reported:
-            def seconds() -> list[dict[int, int]]:
-                """Each second's decoded frames, by width."""
-                return [{int(width): frames for width, frames in second["widths"].items()} for second in reported]
+async def watched_through_a_limit(namespace: str, publisher: rtc.Room, stop: asyncio.Event, reported: list[dict]) -> None:
+    def seconds() -> list[dict[int, int]]:
+        """Each second's decoded frames, by width."""
+        return [{int(width): frames for width, frames in second["widths"].items()} for second in reported]
 
-            await publish_video(publisher, stop)
-            await until("frames of the best layer", lambda: any(max(second, default=0) >= WIDTH * 0.9 for second in seconds()), timeout=40, context=seconds)
-            widest = max(max(second, default=0) for second in seconds())
-            shaped(namespace, "400kbit")
-            mark = len(reported)
-            # Settled on a lower layer, the video goes on: 6 to 16 s after the limit, frames every
-            # second and at least 8 of its 20 a second on average. (Before that it adapts.) The
-            # connection's first try for more comes in that time, 10 s after its estimate fell
-            # short (spec/calls.md): a try the link cannot carry must not stop the picture.
-            await until("16 s through 400 kbit/s", lambda: len(reported) >= mark + 16, timeout=30)
-            settled = seconds()[mark + 6:mark + 16]
-            assert all(settled) and sum(sum(second.values()) for second in settled) >= 80 and max(max(second) for second in settled) < widest, \
-                f"frames decoded each second through 400 kbit/s, by width: {seconds()[mark:]}"
-            shaped(namespace, None)
-            mark = len(reported)
-            await until("the best layer again", lambda: any(widest in second for second in seconds()[mark:]), timeout=60, context=lambda: seconds()[mark:])
-    finally:
-        stop.set()
-        await publisher.disconnect()
+    await publish_video(publisher, stop)
+    await until("frames of the best layer", lambda: any(max(second, default=0) >= WIDTH * 0.9 for second in seconds()), timeout=40, context=seconds)
+    widest = max(max(second, default=0) for second in seconds())
+    shaped(namespace, "400kbit")
+    mark = len(reported)
+    # Settled on a lower layer, the video goes on: 6 to 16 s after the limit, frames every
+    # second and at least 8 of its 20 a second on average. (Before that it adapts.) The
+    # connection's first try for more comes in that time, 10 s after its estimate fell
+    # short (spec/calls.md): a try the link cannot carry must not stop the picture.
+    await until("16 s through 400 kbit/s", lambda: len(reported) >= mark + 16, timeout=30)
+    settled = seconds()[mark + 6:mark + 16]
+    assert all(settled) and sum(sum(second.values()) for second in settled) >= 80 and max(max(second) for second in settled) < widest, \
+        f"frames decoded each second through 400 kbit/s, by width: {seconds()[mark:]}"
+    shaped(namespace, None)
+    mark = len(reported)
+    await until("the best layer again", lambda: any(widest in second for second in seconds()[mark:]), timeout=60, context=lambda: seconds()[mark:])
 
 
 def test_a_viewer_whose_link_cannot_carry_video_keeps_the_audio(tmp_path):
@@ -585,32 +591,24 @@ def test_a_viewer_whose_link_cannot_carry_video_keeps_the_audio(tmp_path):
     shaped_call(tmp_path, "call-networks-thin", listened_through_a_thin_link)
 
 
-async def listened_through_a_thin_link(server: LimbicServer, namespace: str) -> None:
-    url, ana_token, ben_token, _ = await two_in_a_call(server.url)
-    publisher, stop = rtc.Room(), asyncio.Event()
-    await publisher.connect(url, ana_token, rtc.RoomOptions(auto_subscribe=False, connect_timeout=20))
-    try:
-        async with viewer_in(namespace, url, ben_token) as seconds:
-            await publish_tone(publisher, stop)
-            await publish_video(publisher, stop)
-            await until("video and audio", lambda: any(s["widths"] and s["audio"]["received"] >= 40 for s in seconds), timeout=40, context=lambda: seconds)
-            shaped(namespace, "120kbit")
-            mark = len(seconds)
-            # Paused within a few seconds (the estimate must fall and stay short for 1 s, and the
-            # receiver must report losses); after that, 6 to 20 s after the limit, the tone gets
-            # through (the connection's tries for more bandwidth come in that time, and may cost a
-            # few packets, or resume the video for a moment), and hardly any video.
-            await until("20 s through 120 kbit/s", lambda: len(seconds) >= mark + 20, timeout=40)
-            settled = seconds[mark + 6:mark + 20]
-            received = sum(s["audio"]["received"] for s in settled)
-            lost = sum(s["audio"]["lost"] for s in settled)
-            frames = sum(sum(s["widths"].values()) for s in settled)
-            assert received >= 40 * len(settled) and lost <= 0.03 * (received + lost) and frames <= 20, \
-                f"through 120 kbit/s, each second's frames by width and audio packets: {seconds[mark:]}"
-            shaped(namespace, None)
-            mark = len(seconds)
-            # Back at the connection's next try for more bandwidth.
-            await until("the video again", lambda: any(s["widths"] for s in seconds[mark + 1:]), timeout=60, context=lambda: seconds[mark:])
-    finally:
-        stop.set()
-        await publisher.disconnect()
+async def listened_through_a_thin_link(namespace: str, publisher: rtc.Room, stop: asyncio.Event, seconds: list[dict]) -> None:
+    await publish_tone(publisher, stop)
+    await publish_video(publisher, stop)
+    await until("video and audio", lambda: any(s["widths"] and s["audio"]["received"] >= 40 for s in seconds), timeout=40, context=lambda: seconds)
+    shaped(namespace, "120kbit")
+    mark = len(seconds)
+    # Paused within a few seconds (the estimate must fall and stay short for 1 s, and the
+    # receiver must report losses); after that, 6 to 20 s after the limit, the tone gets
+    # through (the connection's tries for more bandwidth come in that time, and may cost a
+    # few packets, or resume the video for a moment), and hardly any video.
+    await until("20 s through 120 kbit/s", lambda: len(seconds) >= mark + 20, timeout=40)
+    settled = seconds[mark + 6:mark + 20]
+    received = sum(s["audio"]["received"] for s in settled)
+    lost = sum(s["audio"]["lost"] for s in settled)
+    frames = sum(sum(s["widths"].values()) for s in settled)
+    assert received >= 40 * len(settled) and lost <= 0.03 * (received + lost) and frames <= 20, \
+        f"through 120 kbit/s, each second's frames by width and audio packets: {seconds[mark:]}"
+    shaped(namespace, None)
+    mark = len(seconds)
+    # Back at the connection's next try for more bandwidth.
+    await until("the video again", lambda: any(s["widths"] for s in seconds[mark + 1:]), timeout=60, context=lambda: seconds[mark:])
