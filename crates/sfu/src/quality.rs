@@ -25,7 +25,8 @@ impl Link {
     pub(crate) fn update(&mut self, pc: Pc, stats: &str0m::stats::PeerStats) {
         match pc {
             Pc::Publisher => self.loss_in = stats.ingress_loss_fraction.unwrap_or(self.loss_in),
-            // A new interval: the streams' reports for it follow.
+            // A new interval: the streams' reports for it follow (str0m emits a connection's
+            // statistics before its streams', in one tick).
             Pc::Subscriber => self.loss_out = stats.egress_loss_fraction.unwrap_or(0.0),
         }
         self.rtt = stats.rtt.or(self.rtt);
