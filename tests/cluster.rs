@@ -559,6 +559,34 @@ async fn a_recording_whose_node_dies_is_stored_without_another_join() {
     assert_eq!(node_at(&call_token(&nodes[other], &therapist, &room).await.0, &[&nodes[0], &nodes[1]]), other);
 }
 
+/// An access token signed out through one node is refused by the other at once, though that
+/// node had kept it (each node keeps the tokens it has read valid until a removal is announced);
+/// and one the other node never saw is refused as well.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_signed_out_through_one_node_is_refused_by_the_other() {
+    let a = TestServer::start_cluster(&[]).await;
+    let b = a.start_node("b").await;
+    let (ana, ben, _room) = two_members(&a, &b).await;
+    const WHOAMI: &str = "/_matrix/client/v3/account/whoami";
+    let ana_on_b = ana.through(&b);
+    assert_eq!(ana_on_b.ok(Method::GET, WHOAMI, None).await["user_id"], ana.user_id.as_str(), "b keeps her token from now on");
+    ana.ok(Method::POST, "/_matrix/client/v3/logout", Some(json!({}))).await;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let (status, body) = ana_on_b.get(WHOAMI).await;
+        if status == StatusCode::UNAUTHORIZED {
+            assert_eq!(errcode(&body), "M_UNKNOWN_TOKEN", "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "node b still accepts the signed-out token: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Ben (joined through b) signs out through b: a, which never read his token, refuses it too.
+    let ben_on_a = ben.through(&a);
+    ben.ok(Method::POST, "/_matrix/client/v3/logout", Some(json!({}))).await;
+    assert_eq!(ben_on_a.get(WHOAMI).await.0, StatusCode::UNAUTHORIZED);
+}
+
 /// A sliding sync connection started through one node goes on through another, which passes
 /// each request to the node holding the connection; once that node is gone, the client is told
 /// to start a new connection.
