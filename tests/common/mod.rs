@@ -63,6 +63,25 @@ pub const LOOPBACK_NETWORKS: &str = r#"["127.0.0.0/8", "::1"]"#;
 /// How often a server is started on fresh ports before a test gives up.
 pub const START_ATTEMPTS: usize = 3;
 
+/// Whether process `pid` holds the socket listening on TCP `port` (from Linux's /proc: the
+/// listening sockets' inodes, and the process's open descriptors).
+fn holds_listener(pid: u32, port: u16) -> bool {
+    const LISTEN: &str = "0A";
+    let listening: std::collections::HashSet<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .flat_map(|table| std::fs::read_to_string(table).unwrap_or_default().lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = u16::from_str_radix(fields.get(1)?.rsplit(':').next()?, 16).ok()?;
+            (local_port == port && *fields.get(3)? == LISTEN).then(|| fields.get(9).map(|inode| (*inode).to_owned()))?
+        })
+        .collect();
+    let Ok(descriptors) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    descriptors.flatten().filter_map(|fd| std::fs::read_link(fd.path()).ok()).any(|target| {
+        target.to_str().and_then(|t| t.strip_prefix("socket:[")).and_then(|t| t.strip_suffix(']')).is_some_and(|inode| listening.contains(inode))
+    })
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -286,9 +305,13 @@ impl TestServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(60);
         let http = reqwest::Client::new();
+        let pid = self.child.as_ref().unwrap().id();
         loop {
+            // Another test's server may have taken the port meanwhile and answer for it (this
+            // one then exits: "Address already in use"): only this process's answer counts.
             if let Ok(r) = http.get(format!("http://127.0.0.1:{}/_matrix/client/versions", self.listen_port)).send().await
                 && r.status().is_success()
+                && holds_listener(pid, self.listen_port)
             {
                 return Ok(());
             }
