@@ -362,7 +362,6 @@ impl Sfu {
             decided.extend(videos.iter().zip(outcome).map(|((index, _, _), (short, change))| (*id, *index, short, change)));
         }
         for (id, index, short, change) in decided {
-            let Some(publisher_sid) = self.participants.get(&id).and_then(|p| p.down.get(index)).and_then(|d| self.participants.get(&d.publisher)).map(|p| p.info.sid.clone()) else { continue };
             let Some(participant) = self.participants.get_mut(&id) else { continue };
             let Some(down) = participant.down.get_mut(index) else { continue };
             down.layers.short_since = if short { down.layers.short_since.or(Some(now)) } else { None };
@@ -374,9 +373,11 @@ impl Sfu {
                 down.layers.current = None;
                 participant.estimate.fell(now);
             }
-            tracing::debug!(participant = id, track = %down.track_sid, paused, "a video paused or resumed for the subscriber's bandwidth");
+            let (publisher, track_sid) = (down.publisher, down.track_sid.clone());
+            tracing::debug!(participant = id, track = %track_sid, paused, "a video paused or resumed for the subscriber's bandwidth");
+            let Some(publisher_sid) = self.participants.get(&publisher).map(|p| p.info.sid.clone()) else { continue };
             let state = if paused { lk::StreamState::Paused } else { lk::StreamState::Active };
-            let info = lk::StreamStateInfo { participant_sid: publisher_sid, track_sid: down.track_sid.clone(), state: state as i32 };
+            let info = lk::StreamStateInfo { participant_sid: publisher_sid, track_sid, state: state as i32 };
             self.signals.push_back((id, response(lk::signal_response::Message::StreamStateUpdate(lk::StreamStateUpdate { stream_states: vec![info] }))));
         }
     }
