@@ -26,6 +26,8 @@ pub struct TestServer {
     pub base: String,
     /// The port the process listens on.
     listen_port: u16,
+    /// The SFU's ICE-over-TCP port (kept across restarts, like `listen_port`).
+    ice_tcp_port: u16,
     /// In cluster mode: the second node, and the proxy in front of both.
     peer: Option<(Box<TestServer>, proxy::Proxy)>,
     dir: tempfile::TempDir,
@@ -82,8 +84,30 @@ fn holds_listener(pid: u32, port: u16) -> bool {
     })
 }
 
+/// A loopback TCP port free now, never handed out before by this process, and below the
+/// kernel's ephemeral range: a server's port must still be free when it starts again after a
+/// stop, and ports from that range are what other tests' `bind(0)`, the servers' own listeners
+/// and every outgoing connection take meanwhile.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let ephemeral_start: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768);
+    if ephemeral_start < SPAN + 1024 {
+        return TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    }
+    // Each test binary starts at its own offset, so that two running at once rarely meet.
+    let _ = NEXT.compare_exchange(u32::MAX, std::process::id().wrapping_mul(7_919) % SPAN, Ordering::SeqCst, Ordering::SeqCst);
+    for _ in 0..SPAN {
+        let port = (ephemeral_start - SPAN + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below the ephemeral range");
 }
 
 impl TestServer {
@@ -149,6 +173,7 @@ impl TestServer {
                 port,
                 base: format!("http://127.0.0.1:{port}"),
                 listen_port: port,
+                ice_tcp_port: free_port(),
                 peer: None,
                 dir: tempfile::tempdir().unwrap(),
                 env: self.env.iter().cloned().chain(env.iter().map(|(k, v)| (k.to_string(), v.to_string()))).collect(),
@@ -191,6 +216,7 @@ impl TestServer {
             port,
             base: format!("http://127.0.0.1:{port}"),
             listen_port: port,
+            ice_tcp_port: free_port(),
             peer: None,
             db_dir: dir.path().join("db"),
             dir,
@@ -275,8 +301,9 @@ impl TestServer {
              registration = {{ per_second = 0.5, burst = 3 }}\n\
              login = {{ per_second = 0.5, burst = 3 }}\n\
              create_room = {{ per_second = 0.5, burst = 3 }}\n\
-             [calls]\nudp_address = \"127.0.0.1\"\nudp_port = 0\ntcp_port = 0\n",
+             [calls]\nudp_address = \"127.0.0.1\"\nudp_port = 0\ntcp_port = {ice_tcp_port}\n",
             port = self.listen_port,
+            ice_tcp_port = self.ice_tcp_port,
             db = self.db_dir.display(),
             postgres = match &self.postgres_url {
                 Some(url) => format!("backend = \"postgres\"\nurl = \"{url}\"\npool_size = 4\n[cluster]\nnode_name = \"{}\"\n", self.node_name),
