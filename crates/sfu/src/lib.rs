@@ -336,6 +336,8 @@ pub struct Sfu {
     /// SFU rooms where someone sent a data packet: only their subscriber connections get data
     /// channels, whose SCTP costs every connection time even when idle.
     data_rooms: HashSet<String>,
+    /// When each SFU room with someone in it was opened (by its first participant; Unix ms).
+    opened: HashMap<String, i64>,
 }
 
 fn random_sid(prefix: &str) -> String {
@@ -385,6 +387,7 @@ impl Sfu {
             timers: HashMap::new(),
             routes: HashMap::new(),
             data_rooms: HashSet::new(),
+            opened: HashMap::new(),
         }
     }
 
@@ -442,6 +445,7 @@ impl Sfu {
             ..Default::default()
         };
         let others: Vec<lk::ParticipantInfo> = self.participants.values().filter(|p| p.room == room).map(Participant::public_info).collect();
+        self.opened.entry(room.clone()).or_insert_with(now_ms);
         let join = lk::JoinResponse {
             room: Some(lk::Room { num_participants: others.len() as u32 + 1, ..self.room_info(&room) }),
             participant: Some(info.clone()),
@@ -540,6 +544,7 @@ impl Sfu {
         }
         if !self.participants.values().any(|p| p.room == gone.room) {
             self.data_rooms.remove(&gone.room);
+            self.opened.remove(&gone.room);
         }
         self.process(now);
     }

@@ -178,18 +178,20 @@ impl Sfu {
         }
     }
 
-    /// What LiveKit's SDKs are told of an SFU room: its ids, who is in it, and whether it is
-    /// recorded (`active_recording`: SDKs show it, e.g. `Room.isRecording` and the
+    /// What LiveKit's SDKs are told of an SFU room: its ids, when it opened, who is in it, and
+    /// whether it is recorded (`active_recording`: SDKs show it, e.g. `Room.isRecording` and the
     /// `RecordingStatusChanged` event of the JS SDK).
     pub(crate) fn room_info(&self, room: &str) -> lk::Room {
         let members: Vec<&Participant> = self.participants.values().filter(|p| p.room == room).collect();
+        let opened = self.opened.get(room).copied().unwrap_or_else(now_ms);
         lk::Room {
             sid: format!("RM_{}", room_sid(room)),
             name: room.to_owned(),
             num_participants: members.len() as u32,
             num_publishers: members.iter().filter(|p| p.tracks.iter().any(|t| t.mid.is_some())).count() as u32,
             active_recording: self.recordings.contains_key(room),
-            creation_time: now_ms() / 1000,
+            creation_time: opened / 1000,
+            creation_time_ms: opened,
             ..Default::default()
         }
     }

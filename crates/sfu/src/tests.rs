@@ -373,6 +373,34 @@ fn everyone_in_a_recorded_call_is_told_so_and_nobody_else() {
     assert_eq!(recording_updates(&net, cara), Vec::<bool>::new(), "another call's participant heard of the recording");
 }
 
+#[test]
+fn a_call_is_dated_from_its_first_participant_until_its_last_leaves() {
+    let joined_room = |net: &Network, index: usize| net.clients[index].signals.iter().find_map(|m| match m { lk::signal_response::Message::Join(j) => j.room.clone(), _ => None }).unwrap();
+    let mut net = Network::new();
+    let ana = net.join("ana", true);
+    net.step(TICK);
+    let opened = joined_room(&net, ana).creation_time_ms;
+    assert!(opened > 0 && joined_room(&net, ana).creation_time == opened / 1000);
+    // Wall-clock milliseconds: later joins and updates would differ if they were dated anew.
+    std::thread::sleep(Duration::from_millis(5));
+    let ben = net.join("ben", false);
+    net.step(TICK);
+    assert_eq!(joined_room(&net, ben).creation_time_ms, opened);
+    assert!(net.sfu.start_recording(net.now, "call", "!room"));
+    net.step(TICK);
+    let update = net.clients[ben].signals.iter().find_map(|m| match m { lk::signal_response::Message::RoomUpdate(u) => u.room.clone(), _ => None }).unwrap();
+    assert_eq!(update.creation_time_ms, opened);
+    assert!(net.sfu.stop_recording("!room").is_some());
+
+    // Once everyone has left, the next call in that room is a new one.
+    net.leave(ana);
+    net.leave(ben);
+    std::thread::sleep(Duration::from_millis(5));
+    let cara = net.join("cara", false);
+    net.step(TICK);
+    assert!(joined_room(&net, cara).creation_time_ms > opened);
+}
+
 /// The connection qualities a client was last told, by participant sid.
 fn last_qualities(net: &Network, index: usize) -> std::collections::HashMap<String, i32> {
     let last = net.clients[index].signals.iter().rev().find_map(|m| match m {
