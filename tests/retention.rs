@@ -231,3 +231,42 @@ async fn purged_messages_take_their_media_files_with_them() {
     expected.sort();
     assert_eq!(left, expected);
 }
+
+#[tokio::test]
+async fn an_expired_redaction_of_a_state_event_leaves_the_rooms_state_whole() {
+    const LIFETIME_MS: u64 = 3_000;
+    let mut server = TestServer::start_with(&[("LIMBIC_CLINIC__RETENTION_INTERVAL_SECONDS", "1")]).await;
+    let alice = server.register("alice").await;
+    let room = alice.create_room(json!({ "name": "session chat", "topic": "intake" })).await;
+    alice.ok(reqwest::Method::PUT, &format!("{CS}/rooms/{}/state/m.room.retention", enc(&room)), Some(json!({ "max_lifetime": LIFETIME_MS }))).await;
+    let state = alice.ok(reqwest::Method::GET, &format!("{CS}/rooms/{}/state", enc(&room)), None).await;
+    let topic_id = state.as_array().unwrap().iter().find(|e| e["type"] == "m.room.topic").unwrap()["event_id"].as_str().unwrap().to_owned();
+    // Redacting a current state event gives the room a new state, which later state builds on.
+    let redaction = alice.ok(reqwest::Method::PUT, &format!("{CS}/rooms/{}/redact/{}/x1", enc(&room), enc(&topic_id)), Some(json!({}))).await;
+    let redaction_id = redaction["event_id"].as_str().unwrap().to_owned();
+    alice.ok(reqwest::Method::PUT, &format!("{CS}/rooms/{}/state/m.room.name", enc(&room)), Some(json!({ "name": "renamed" }))).await;
+    tokio::time::sleep(Duration::from_millis(LIFETIME_MS + 300)).await;
+    let latest = alice.send_text(&room, "n1", "latest words").await;
+
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while has_event(&timeline(&alice, &room).await, &redaction_id) {
+        assert!(Instant::now() < deadline, "the redaction did not expire");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Read from the store, not from what the server had in memory.
+    server.restart().await;
+    let (status, state) = alice.get(&format!("{CS}/rooms/{}/state", enc(&room))).await;
+    assert_eq!(status, StatusCode::OK, "{state}");
+    // The state at an event is read from the room's snapshots.
+    let (status, context) = alice.get(&format!("{CS}/rooms/{}/context/{}?limit=0", enc(&room), enc(&latest))).await;
+    assert_eq!(status, StatusCode::OK, "{context}");
+    let names: Vec<&Value> = context["state"].as_array().unwrap().iter().filter(|e| e["type"] == "m.room.name").collect();
+    assert_eq!(names.len(), 1, "{context}");
+    assert_eq!(names[0]["content"]["name"], "renamed");
+    let of_type = |kind: &str| state.as_array().unwrap().iter().find(|e| e["type"] == kind).cloned().unwrap_or_default();
+    assert_eq!(of_type("m.room.name")["content"]["name"], "renamed");
+    assert_eq!(of_type("m.room.topic")["content"], json!({}), "the topic stays redacted");
+    alice.send_text(&room, "n2", "after the restart").await;
+    let (status, body) = alice.put(&format!("{CS}/rooms/{}/state/m.room.topic", enc(&room)), json!({ "topic": "follow-up" })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}

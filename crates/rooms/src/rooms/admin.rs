@@ -77,7 +77,7 @@ impl Rooms {
         for item in self.history_after(room_id, (0, super::TIMELINE_ORDER), StreamPos::MAX) {
             let ((pos, _), event_id) = item?;
             let pdu = self.pdu(&event_id)?;
-            self.stage_event_removal(&mut batch, room_id, pos, &event_id, pdu.as_ref())?;
+            self.stage_event_removal(&mut batch, room_id, pos, &event_id, pdu.as_ref(), Removal::RoomPurged)?;
         }
         let members: Vec<OwnedUserId> = self.members(room_id)?.into_iter().map(|(user_id, _)| user_id).collect();
         for user_id in &members {
@@ -98,7 +98,8 @@ impl Rooms {
     }
 
     /// Stages the removal of one event from every table that holds or indexes it: the timeline
-    /// entry, PDU, metadata, relation and search entries, its state snapshot and transaction id.
+    /// entry, PDU, metadata, relation and search entries and transaction id, and with the whole
+    /// room its state snapshot.
     pub(super) fn stage_event_removal(
         &self,
         batch: &mut Batch,
@@ -106,6 +107,7 @@ impl Rooms {
         pos: StreamPos,
         event_id: &EventId,
         pdu: Option<&Pdu>,
+        removal: Removal,
     ) -> Result<()> {
         let store = &*self.store;
         batch.delete(tables::TIMELINE, &Key::new().str(room_id.as_str()).u64(pos).into_vec());
@@ -116,8 +118,9 @@ impl Rooms {
             }
             let meta = self.meta(event_id)?;
             // Each state event started the snapshot named by its position, and so did each
-            // redaction of a current state event.
-            if pdu.is_state() || meta.as_ref().is_some_and(|meta| meta.state_after == pos) {
+            // redaction of a current state event. Later snapshots are built on it: it goes only
+            // with the room.
+            if removal == Removal::RoomPurged && (pdu.is_state() || meta.as_ref().is_some_and(|meta| meta.state_after == pos)) {
                 batch.delete(tables::STATE_SNAPSHOTS, &pos.to_be_bytes());
             }
             if let Some(txn) = meta.and_then(|meta| meta.txn) {
@@ -128,6 +131,15 @@ impl Rooms {
         batch.delete(tables::EVENT_META, event_id.as_bytes());
         Ok(())
     }
+}
+
+/// Why an event is removed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Removal {
+    /// Alone, its time over (retention): the room's state stays whole.
+    Expired,
+    /// With its whole room.
+    RoomPurged,
 }
 
 fn stage_prefix_removal(store: &Store, batch: &mut Batch, table: Table, prefix: &[u8]) -> Result<()> {

@@ -75,7 +75,7 @@ impl Rooms {
                 break;
             }
             if !pdu.is_state() {
-                self.stage_event_removal(&mut batch, room_id, pos, &event_id, Some(&pdu))?;
+                self.stage_event_removal(&mut batch, room_id, pos, &event_id, Some(&pdu), super::admin::Removal::Expired)?;
                 for indexer in &self.fanout().indexers {
                     indexer.expired(&self.store, &mut batch, room_id, &pdu, pos, &members)?;
                 }
