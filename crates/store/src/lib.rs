@@ -129,6 +129,9 @@ pub mod tables {
     pub const ROOMS: Table = Table("rooms");
     /// snapshot id -> state snapshot (a delta against a parent)
     pub const STATE_SNAPSHOTS: Table = Table("state_snapshots");
+    /// room id, snapshot id -> (): the state snapshots made at positions that are no event's
+    /// (an event's branch of a fork, a state resolution), so that they go with the room
+    pub const ROOM_SNAPSHOTS: Table = Table("room_snapshots");
     /// room id, user id -> membership
     pub const ROOM_MEMBERS: Table = Table("room_members");
     /// user id, room id -> the user's membership in the room, with its position
@@ -252,7 +255,7 @@ pub mod tables {
 
     pub const ALL: &[Table] = &[
         GLOBAL, USERS, DEVICES, ACCESS_TOKENS, FILTERS, ACCOUNT_DATA, PRESENCE, PDUS, EVENT_META,
-        TIMELINE, BACKFILL, ROOM_STATE, ROOMS, STATE_SNAPSHOTS, ROOM_MEMBERS, USER_ROOMS, TXN_IDS, ALIASES,
+        TIMELINE, BACKFILL, ROOM_STATE, ROOMS, STATE_SNAPSHOTS, ROOM_SNAPSHOTS, ROOM_MEMBERS, USER_ROOMS, TXN_IDS, ALIASES,
         PUBLIC_ROOMS, BLOCKED_ROOMS, RECEIPTS, TYPING, TYPING_ACTIVE, REGISTRATION_NONCES, DEVICE_KEYS, ONE_TIME_KEYS, FALLBACK_KEYS, CROSS_SIGNING_KEYS,
         KEY_CHANGES, TO_DEVICE, BACKUP_VERSIONS, BACKUP_KEYS, NOTIFICATIONS, ROOM_NOTIFICATIONS, PUSHERS,
         MEDIA, MEDIA_THUMBNAILS, MEDIA_USAGE, MEDIA_REFERENCES, EVENT_MEDIA, MEDIA_UNREFERENCED,

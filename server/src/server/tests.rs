@@ -61,7 +61,7 @@ async fn purging_leaves_nothing_of_the_room_in_the_store() {
     // This was the only room: every table that holds rooms and events is empty now.
     for table in [
         tables::PDUS, tables::EVENT_META, tables::TIMELINE, tables::BACKFILL, tables::ROOM_STATE, tables::ROOMS,
-        tables::STATE_SNAPSHOTS, tables::ROOM_MEMBERS, tables::USER_ROOMS, tables::TXN_IDS,
+        tables::STATE_SNAPSHOTS, tables::ROOM_SNAPSHOTS, tables::ROOM_MEMBERS, tables::USER_ROOMS, tables::TXN_IDS,
         tables::ALIASES, tables::PUBLIC_ROOMS, tables::RECEIPTS, tables::RELATIONS,
         tables::THREAD_REPLIES, tables::SEARCH_INDEX,
     ] {

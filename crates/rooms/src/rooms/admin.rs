@@ -63,7 +63,8 @@ impl Rooms {
     }
 
     /// Deletes everything stored about the room in one batch: its events with their metadata,
-    /// relation and search entries and transaction ids, the timeline, state and snapshots,
+    /// relation and search entries and transaction ids, the timeline, state and snapshots (its
+    /// events' and those of its forks and state resolutions),
     /// memberships on both sides, receipts, aliases and directory entry. Returns the aliases.
     pub async fn purge(&self, room_id: &RoomId) -> Result<Vec<OwnedRoomAliasId>> {
         // The writer holds the room's lock: no event lands while the batch is built.
@@ -86,6 +87,7 @@ impl Rooms {
         for indexer in &self.fanout().indexers {
             indexer.room_removed(store, &mut batch, room_id, &members)?;
         }
+        super::state::stage_indexed_removal(store, &mut batch, room_id)?;
         for table in [tables::ROOM_STATE, tables::ROOM_MEMBERS, tables::RECEIPTS, tables::TYPING, tables::TYPING_ACTIVE, tables::BACKFILL] {
             stage_prefix_removal(store, &mut batch, table, &room_prefix)?;
         }

@@ -541,6 +541,7 @@ impl<'a> RoomWriter<'a> {
             let ticket = store.streams().allocate(store)?;
             let generation = self.rooms.snapshots.write_entries(store, &mut self.batch, state::EMPTY_SNAPSHOT, ticket.pos(), branch.into_iter().collect(), &self.snapshot_generations)?;
             self.snapshot_generations.insert(ticket.pos(), generation);
+            state::index_snapshot(&mut self.batch, &self.room_id, ticket.pos());
             record.snapshot = ticket.pos();
             self.tickets.push(ticket);
         }
@@ -750,6 +751,7 @@ impl<'a> RoomWriter<'a> {
         // state, and what is derived from the state is kept by it (the push context).
         let generation = self.rooms.snapshots.write_entries(store, &mut self.batch, record.snapshot, pos, snapshot_changes, &self.snapshot_generations)?;
         self.snapshot_generations.insert(pos, generation);
+        state::index_snapshot(&mut self.batch, &self.room_id, pos);
         record.snapshot = pos;
         for ((kind, state_key), event_id) in index_changes {
             let Some(pdu) = self.event(&event_id) else { continue };
@@ -1007,6 +1009,49 @@ mod tests {
             assert_eq!(later.prev_events, vec![pair[0].clone()], "one linear history");
         }
         assert_eq!(b.room(&room).unwrap().unwrap().extremities, vec![ids[41].clone()]);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_purge_takes_the_snapshots_of_a_rooms_forks_and_resolutions() {
+        let dir = tempfile::tempdir().unwrap();
+        let rooms = crate::test_rooms(dir.path());
+        let alice = owned_user_id!("@alice:test.local");
+        let events = [
+            PduBuilder::state("m.room.create", "", json!({})),
+            PduBuilder::state("m.room.member", alice.as_str(), json!({ "membership": "join" })),
+            PduBuilder::state("m.room.join_rules", "", json!({ "join_rule": "public" })),
+        ];
+        let writer = rooms.new_room(ruma::RoomVersionId::V12, &alice, events).await.unwrap();
+        let room = writer.room_id().clone();
+        writer.commit().unwrap();
+        let state_id = |kind: &str, key: &str| rooms.state_event(&room, kind, key).unwrap().unwrap().event_id;
+        let remote = ServerSigningKey::generate(server_name!("remote.test").to_owned());
+        let mallory = owned_user_id!("@mallory:remote.test");
+        let append = |signed: SignedPdu| async {
+            let mut writer = rooms.writer(&room).await.unwrap();
+            writer.append_remote(signed).and_then(|pdu| writer.commit().map(|_| pdu))
+        };
+        let join = remote_event(&rooms, &room, &remote, &mallory, PduBuilder::state("m.room.member", mallory.as_str(), json!({ "membership": "join" })), vec![state_id("m.room.join_rules", "")]);
+        let join = append(join).await.unwrap().event_id;
+        let mut writer = rooms.writer(&room).await.unwrap();
+        writer.append(&alice, PduBuilder::message("m.room.message", json!({ "msgtype": "m.text", "body": "hi" })), None).unwrap();
+        writer.commit().unwrap();
+
+        // Mallory takes a name on a branch that has not seen alice's message: the event's
+        // branch state and the resolution of the two branches are snapshots of their own.
+        let record = rooms.room(&room).unwrap().unwrap();
+        let rules = rooms.rules(&room).unwrap();
+        let auth = vec![state_id("m.room.join_rules", ""), state_id("m.room.member", mallory.as_str())];
+        let placement = PduPlacement { room_id: &room, sender: &mallory, prev_events: vec![join], auth_events: auth, depth: record.depth + 1, rules: &rules };
+        let named = PduBuilder::state("m.room.member", mallory.as_str(), json!({ "membership": "join", "displayname": "Mal" }));
+        append(build_pdu(named, placement, &remote).unwrap()).await.unwrap();
+        assert_eq!(rooms.room(&room).unwrap().unwrap().extremities.len(), 2, "a fork");
+        let left = |table| rooms.store().scan_prefix(table, Vec::new(), false).count();
+        assert!(left(crate::store::tables::ROOM_SNAPSHOTS) >= 1, "the branch's snapshot is filed under the room");
+
+        rooms.purge(&room).await.unwrap();
+        assert_eq!(left(crate::store::tables::STATE_SNAPSHOTS), 0, "a snapshot outlived its room");
+        assert_eq!(left(crate::store::tables::ROOM_SNAPSHOTS), 0);
     }
 
     #[tokio::test(flavor = "multi_thread")]

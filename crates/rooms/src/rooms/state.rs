@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     error::Result,
-    store::{Batch, Key, Store, StreamPos, tables},
+    store::{Batch, Key, KeyReader, Store, StreamPos, tables},
 };
 
 pub type StateKey = (String, String);
@@ -164,6 +164,23 @@ impl SnapshotCache {
         batch.put_json(tables::STATE_SNAPSHOTS, &id.to_be_bytes(), &snapshot)?;
         Ok(snapshot.generation)
     }
+}
+
+/// Files the snapshot `id`, made at a position that is no event's, under its room (the room's
+/// purge finds it there; an event's snapshot goes with the event).
+pub fn index_snapshot(batch: &mut Batch, room_id: &ruma::RoomId, id: StreamPos) {
+    batch.put(tables::ROOM_SNAPSHOTS, &Key::new().str(room_id.as_str()).u64(id).into_vec(), &[]);
+}
+
+/// Stages the removal of the snapshots filed under the room by [`index_snapshot`].
+pub fn stage_indexed_removal(store: &Store, batch: &mut Batch, room_id: &ruma::RoomId) -> Result<()> {
+    for item in store.scan_prefix(tables::ROOM_SNAPSHOTS, Key::new().str(room_id.as_str()).into_vec(), false) {
+        let (key, _) = item?;
+        let id = KeyReader::new(&key).skip_str().u64().ok_or_else(|| crate::Error::internal("corrupt room snapshot key"))?;
+        batch.delete(tables::STATE_SNAPSHOTS, &id.to_be_bytes());
+        batch.delete(tables::ROOM_SNAPSHOTS, &key);
+    }
+    Ok(())
 }
 
 pub fn state_key(room_id: &str, kind: &str, state_key: &str) -> Vec<u8> {
