@@ -151,6 +151,15 @@ impl Error {
 }
 
 impl Error {
+    /// Whether the same request may succeed a moment later: its write met a concurrent one
+    /// (another node's), or a claim it needed was held by another writer (503).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Self::Store(StoreError::Conflict { .. } | StoreError::Contention) | Self::Matrix { status: StatusCode::SERVICE_UNAVAILABLE, .. }
+        )
+    }
+
     /// The status and body a client gets for this error: the one mapping of errors to Matrix
     /// error responses. Internal failures are logged here and answered without their details.
     fn response_parts(&self) -> (StatusCode, serde_json::Value) {
@@ -223,6 +232,26 @@ mod tests {
             let body = body_json(body);
             assert_eq!((body["errcode"].as_str(), body["error"].as_str()), (Some(errcode.as_str()), Some(message.as_str())));
             assert!(!message.contains("secret") && !message.contains("/etc/"), "{message}");
+        }
+    }
+
+    /// What the federation receiver tries again: a write that met a concurrent one, a claim
+    /// held by another writer; never a refusal or a failure that would only repeat.
+    #[test]
+    fn only_concurrent_writes_and_held_claims_are_transient() {
+        let busy = Error::with_status(ErrorCode::Unknown, StatusCode::SERVICE_UNAVAILABLE, "another session of @t:x is being booked at this moment; try again");
+        for transient in [Error::Store(StoreError::Contention), Error::Store(StoreError::Conflict { table: "rooms" }), busy] {
+            assert!(transient.is_transient(), "{transient:?}");
+        }
+        let lasting = [
+            Error::forbidden("event not authorized"),
+            Error::with_status(ErrorCode::Forbidden, StatusCode::CONFLICT, "double-booked"),
+            Error::Store(StoreError::Corrupt { table: "pdus", reason: "truncated".into() }),
+            Error::internal("missing state snapshot 12"),
+            Error::LimitExceeded { retry_after_ms: 10 },
+        ];
+        for error in lasting {
+            assert!(!error.is_transient(), "{error:?}");
         }
     }
 

@@ -269,6 +269,7 @@ pub struct PduPlacement<'a> {
 }
 
 /// A signed event ready for authorization and storage.
+#[derive(Clone)]
 pub struct SignedPdu {
     pub pdu: Pdu,
     /// The canonical JSON as stored (including `event_id`).

@@ -56,11 +56,31 @@ async fn receive_pdu(server: &dyn FederationHost, origin: &ruma::ServerName, roo
     }
     fill_gap(server, federation, origin, room_id, &signed.pdu, &rules).await;
     fetch_auth_events(server, federation, origin, room_id, &signed.pdu, &rules).await;
-    let mut writer = server.rooms().writer(room_id).await.map_err(named)?;
-    writer.append_remote(signed).map_err(named)?;
-    writer.commit().map_err(named)?;
-    Ok(event_id)
+    // A client tries again after a 503; the sending server would not (a refused PDU stays
+    // refused), so a write that met a concurrent one is tried again here.
+    let mut waits = TRANSIENT_RETRIES.iter();
+    loop {
+        // The writer (and the room's lock with it) is gone before any wait.
+        let appended = {
+            let mut writer = server.rooms().writer(room_id).await.map_err(named)?;
+            match writer.append_remote(signed.clone()) {
+                Ok(_) => writer.commit().map(drop),
+                Err(error) => Err(error),
+            }
+        };
+        match appended {
+            Err(error) if error.is_transient() && let Some(wait) = waits.next() => {
+                tracing::debug!(%event_id, %error, "an event from another server met a concurrent write: trying again");
+                tokio::time::sleep(*wait).await;
+            }
+            outcome => return outcome.map(|()| event_id.clone()).map_err(named),
+        }
+    }
 }
+
+/// How long a PDU whose write met a concurrent one waits before each further try.
+const TRANSIENT_RETRIES: [std::time::Duration; 4] =
+    [std::time::Duration::from_millis(20), std::time::Duration::from_millis(80), std::time::Duration::from_millis(250), std::time::Duration::from_millis(800)];
 
 /// An event of a room this server is not in: only a membership change of one of our users who
 /// is invited to or knocking on it counts (a declined knock, a withdrawn invite), recorded so
