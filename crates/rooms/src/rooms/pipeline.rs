@@ -76,9 +76,16 @@ impl StoredReads {
         Ok(pdu)
     }
 
+    /// An event by id: the auth events of the room's own events are mostly its current state,
+    /// found among the state read at the snapshot (as stored at it: a redaction of a state event
+    /// makes a new snapshot) without reading the store again.
     fn event(reads: &std::sync::Mutex<Self>, rooms: &Rooms, event_id: &ruma::EventId) -> Result<Option<Pdu>> {
         if let Some(pdu) = lock(reads).events.get(event_id) {
             return Ok(pdu.clone());
+        }
+        let shared = lock(reads).state.clone();
+        if let Some(pdu) = lock(&shared).values().flatten().find(|pdu| pdu.event_id == event_id) {
+            return Ok(Some(pdu.clone()));
         }
         let pdu = rooms.pdu(event_id)?;
         lock(reads).events.insert(event_id.to_owned(), pdu.clone());
