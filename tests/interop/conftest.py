@@ -58,10 +58,38 @@ def _binary() -> Path:
     return target / "debug" / "limbic"
 
 
+_PORT_SPAN = 12_000
+_next_port = None
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback TCP port free now, never handed out before by this process, and below the
+    kernel's ephemeral range: a server stopped and started again (the crash tests) must find its
+    port still free, and ports in that range are what every outgoing connection and every
+    `bind(0)` (the servers' own ICE-over-TCP listeners) take meanwhile."""
+    global _next_port
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_start = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_start = 32768
+    if ephemeral_start < _PORT_SPAN + 1024:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    if _next_port is None:
+        # Each test process starts at its own offset, so that two running at once rarely meet.
+        _next_port = os.getpid() * 7919 % _PORT_SPAN
+    for _ in range(_PORT_SPAN):
+        port = ephemeral_start - _PORT_SPAN + _next_port % _PORT_SPAN
+        _next_port += 1
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 # --- a minimal TOML writer (tomllib only reads) --------------------------------

@@ -62,7 +62,7 @@ from nio import (
     SyncResponse,
 )
 
-from conftest import LimbicServer, _die_with_parent, dump_toml
+from conftest import LimbicServer, _die_with_parent, dump_toml, free_port
 from mx import (
     Account,
     expect,
@@ -139,19 +139,13 @@ def admin(server) -> Account:
 # --- Radicale ------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Radicale:
     """A Radicale CalDAV server on a free loopback port, with htpasswd (plain) users and
     owner-only rights, storing into a temporary folder."""
 
     def __init__(self, workdir: Path, users: dict[str, str]):
         self.workdir = workdir
-        self.port = _free_port()
+        self.port = free_port()
         self.users = users
         self.proc: subprocess.Popen | None = None
         self.log_path = workdir / "radicale.log"
