@@ -3,6 +3,7 @@
 //! the engine.
 
 mod key;
+mod kept;
 mod migrate;
 mod postgres;
 mod rocks;
@@ -18,6 +19,7 @@ use std::sync::{
 use serde::{Serialize, de::DeserializeOwned};
 
 pub use key::{Key, KeyReader};
+pub use kept::{Announced, Kept};
 pub use migrate::MigrateError;
 pub use stream::{StreamPos, StreamTicket, Streams};
 

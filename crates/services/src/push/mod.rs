@@ -27,7 +27,7 @@ use crate::{
     config::PushConfig,
     error::{Error, Result},
     events::Pdu,
-    store::{Batch, Key, KeyReader, Store, StreamPos, tables},
+    store::{Announced, Batch, Key, KeyReader, Kept, Store, StreamPos, tables},
     users::Caller,
 };
 
@@ -125,76 +125,20 @@ fn first_match<'r>(rules: &'r Ruleset, event: &FlattenedJson, context: &PushCond
 
 pub struct Push {
     store: Arc<Store>,
-    rulesets: Arc<Kept<Arc<Ruleset>>>,
-    pushers: Arc<Kept<Arc<[StoredPusher]>>>,
+    rulesets: Arc<Kept<OwnedUserId, Arc<Ruleset>>>,
+    pushers: Arc<Kept<OwnedUserId, Arc<[StoredPusher]>>>,
     delivery: Delivery,
 }
 
-/// What is kept of each user as last read (their push rules, their pushers), until a change to
-/// it is announced ([`crate::store::Batch::announce`]).
-struct Kept<V> {
-    name: &'static str,
-    users: Mutex<KeptUsers<V>>,
-}
+/// At most this many users' rules (or pushers) are kept; beyond it, all are read again as used.
+const USERS_KEPT: usize = 50_000;
 
-struct KeptUsers<V> {
-    by_user: HashMap<OwnedUserId, V>,
-    /// Counts what was forgotten, so that a read that began before a change is not kept.
-    forgotten: u64,
-}
-
-impl<V: Clone + Send + 'static> Kept<V> {
-    /// Kept until `table` announces a change to a key whose owner `owner` finds (`Ok(None)`: a
-    /// key of another kind; `Err`: anyone's may have changed).
-    fn watching(store: &Store, name: &'static str, table: crate::store::Table, owner: fn(&[u8]) -> Result<Option<OwnedUserId>, ()>) -> Arc<Self> {
-        let kept = Arc::new(Self { name, users: Mutex::new(KeptUsers { by_user: HashMap::new(), forgotten: 0 }) });
-        let watcher = Arc::downgrade(&kept);
-        store.watch(
-            table,
-            Arc::new(move |key: Option<&[u8]>| {
-                let Some(kept) = watcher.upgrade() else { return };
-                match key.map(owner) {
-                    Some(Ok(None)) => {}
-                    Some(Ok(Some(user_id))) => kept.forget(Some(&user_id)),
-                    None | Some(Err(())) => kept.forget(None),
-                }
-            }),
-        );
-        kept
-    }
-
-    /// Forgets a user's (`None`: everyone's).
-    fn forget(&self, user_id: Option<&UserId>) {
-        let mut kept = self.users.lock().expect(self.name);
-        match user_id {
-            Some(user_id) => {
-                kept.by_user.remove(user_id);
-            }
-            None => kept.by_user.clear(),
-        }
-        kept.forgotten += 1;
-    }
-
-    /// What is kept of each of `users`, `read` (without the lock, in one go) for those of whom
-    /// nothing is.
-    fn get(&self, users: &[&UserId], read: impl Fn(&[&UserId]) -> Result<Vec<V>>) -> Result<Vec<V>> {
-        loop {
-            let (wanted, forgotten) = {
-                let kept = self.users.lock().expect(self.name);
-                let wanted: Vec<&UserId> = users.iter().copied().filter(|user| !kept.by_user.contains_key(*user)).collect();
-                if wanted.is_empty() {
-                    return Ok(users.iter().map(|user| kept.by_user[*user].clone()).collect());
-                }
-                (wanted, kept.forgotten)
-            };
-            let values = read(&wanted)?;
-            let mut kept = self.users.lock().expect(self.name);
-            // A change meanwhile may have been read or not: read again.
-            if kept.forgotten == forgotten {
-                kept.by_user.extend(wanted.into_iter().map(UserId::to_owned).zip(values));
-            }
-        }
-    }
+/// What is kept of each of `users` (their push rules, their pushers) until a change to it is
+/// announced, `read` (without the lock, in one go) for those of whom nothing is.
+fn kept_for<V: Clone + Send + 'static>(kept: &Kept<OwnedUserId, V>, users: &[&UserId], read: impl FnOnce(&[OwnedUserId]) -> Result<Vec<V>>) -> Result<Vec<V>> {
+    let keys: Vec<OwnedUserId> = users.iter().map(|user| (*user).to_owned()).collect();
+    let values = kept.get_many(&keys, |wanted| read(wanted).map(|values| values.into_iter().map(Some).collect()))?;
+    values.into_iter().map(|value| value.ok_or_else(|| Error::internal("a user's kept push settings were not read"))).collect()
 }
 
 /// The account data key of a user's rules.
@@ -202,20 +146,19 @@ fn rules_key(user_id: &UserId) -> Vec<u8> {
     Key::new().str(user_id.as_str()).str("").str(PUSH_RULES).into_vec()
 }
 
-/// Whose rules an account data key holds, if it holds rules; `Err` for a key that is no account
-/// data key at all.
-fn rules_owner(key: &[u8]) -> Result<Option<OwnedUserId>, ()> {
+/// Whose rules a changed account data key holds, if it holds rules.
+fn rules_owner(key: &[u8]) -> Announced<OwnedUserId> {
     let mut reader = KeyReader::new(key);
-    let (Some(user), Some(room), Some(kind)) = (reader.str(), reader.str(), reader.str()) else { return Err(()) };
+    let (Some(user), Some(room), Some(kind)) = (reader.str(), reader.str(), reader.str()) else { return Announced::Everything };
     if !room.is_empty() || kind != PUSH_RULES {
-        return Ok(None);
+        return Announced::Nothing;
     }
-    UserId::parse(user).map(Some).map_err(|_| ())
+    UserId::parse(user).map_or(Announced::Everything, Announced::One)
 }
 
-/// Whose pusher a pushers key holds.
-fn pusher_owner(key: &[u8]) -> Result<Option<OwnedUserId>, ()> {
-    KeyReader::new(key).str().and_then(|user| UserId::parse(user).ok()).map(Some).ok_or(())
+/// Whose pusher a changed pushers key holds.
+fn pusher_owner(key: &[u8]) -> Announced<OwnedUserId> {
+    KeyReader::new(key).str().and_then(|user| UserId::parse(user).ok()).map_or(Announced::Everything, Announced::One)
 }
 
 fn notification_key(user_id: &UserId, pos: StreamPos) -> Vec<u8> {
@@ -246,8 +189,8 @@ fn power_levels_ctx(content: &JsonValue, rules: &ruma::room_version_rules::Autho
 impl Push {
     pub fn new(store: Arc<Store>, config: &PushConfig) -> Self {
         Self {
-            rulesets: Kept::watching(&store, "push rules kept", tables::ACCOUNT_DATA, rules_owner),
-            pushers: Kept::watching(&store, "pushers kept", tables::PUSHERS, pusher_owner),
+            rulesets: Kept::watching(&store, tables::ACCOUNT_DATA, USERS_KEPT, rules_owner),
+            pushers: Kept::watching(&store, tables::PUSHERS, USERS_KEPT, pusher_owner),
             store,
             delivery: Delivery::start(config),
         }
@@ -261,7 +204,7 @@ impl Push {
     /// The rules of each of `users`, kept once read until they change (a change to a user's
     /// global account data is announced: [`Users::set_account_data`](crate::users::Users::set_account_data)).
     pub fn rulesets(&self, users: &[&UserId]) -> Result<Vec<Arc<Ruleset>>> {
-        self.rulesets.get(users, |users| {
+        kept_for(&self.rulesets, users, |users| {
             let keys: Vec<Vec<u8>> = users.iter().map(|user| rules_key(user)).collect();
             let stored = self.store.get_many(tables::ACCOUNT_DATA, &keys.iter().map(Vec::as_slice).collect::<Vec<_>>())?;
             users
@@ -385,7 +328,7 @@ impl Push {
     /// The user's pushers, but for any whose token has ended (a pusher set while its token was
     /// being revoked escapes the removal; it never receives anything).
     pub fn pushers(&self, user_id: &UserId) -> Result<Vec<JsonValue>> {
-        let kept = self.pushers.get(&[user_id], |users| {
+        let kept = kept_for(&self.pushers, &[user_id], |users| {
             users.iter().map(|user| Ok(stored_pushers(&self.store, user)?.into_iter().map(|(_, pusher)| pusher).collect())).collect()
         })?;
         let mut live = Vec::new();
@@ -490,12 +433,12 @@ mod tests {
     #[test]
     fn the_owner_of_rules_is_read_from_their_account_data_key() {
         let user = ruma::user_id!("@ben:x");
-        assert_eq!(rules_owner(&rules_key(user)), Ok(Some(user.to_owned())));
+        assert_eq!(rules_owner(&rules_key(user)), Announced::One(user.to_owned()));
         let room_data = Key::new().str(user.as_str()).str("!room:x").str(PUSH_RULES).into_vec();
-        assert_eq!(rules_owner(&room_data), Ok(None), "room account data holds no rules");
+        assert_eq!(rules_owner(&room_data), Announced::Nothing, "room account data holds no rules");
         let other = Key::new().str(user.as_str()).str("").str("m.direct").into_vec();
-        assert_eq!(rules_owner(&other), Ok(None));
-        assert_eq!(rules_owner(b"not a key"), Err(()), "anything may have changed");
+        assert_eq!(rules_owner(&other), Announced::Nothing);
+        assert_eq!(rules_owner(b"not a key"), Announced::Everything, "anything may have changed");
     }
 
     #[test]

@@ -47,17 +47,6 @@ struct TokenRecord {
     device_id: OwnedDeviceId,
 }
 
-/// Access tokens read valid, by hash, each kept until its removal is announced
-/// ([`tables::ACCESS_TOKENS`]): to this process as the removal commits, to the other nodes
-/// sharing the store a moment after. On a shared store every request would otherwise read its
-/// token from the database.
-#[derive(Default)]
-struct KnownTokens {
-    by_hash: std::collections::HashMap<String, TokenRecord>,
-    /// Counts what was forgotten, so that a read that began before a removal is not kept.
-    forgotten: u64,
-}
-
 /// At most this many tokens are kept; beyond it, all are forgotten and read again as used.
 const KNOWN_TOKENS_MAX: usize = 10_000;
 
@@ -101,7 +90,11 @@ pub struct Users {
     /// Keeps this process's takes of one registration nonce apart (the store's condition keeps
     /// other nodes' apart).
     taking_nonce: std::sync::Mutex<()>,
-    known_tokens: Arc<std::sync::Mutex<KnownTokens>>,
+    /// Access tokens read valid, by hash, each kept until its removal is announced
+    /// ([`tables::ACCESS_TOKENS`]): to this process as the removal commits, to the other nodes
+    /// sharing the store a moment after. On a shared store every request would otherwise read
+    /// its token from the database.
+    known_tokens: Arc<crate::store::Kept<String, TokenRecord>>,
 }
 
 /// How long a nonce handed out for shared-secret registration may be used (once).
@@ -147,22 +140,9 @@ pub fn random_string(len: usize) -> String {
 impl Users {
     pub fn new(store: Arc<Store>, token_bound: Vec<Arc<dyn TokenBound>>) -> Self {
         let presence_pos = store.streams().current().into();
-        let known_tokens: Arc<std::sync::Mutex<KnownTokens>> = Arc::default();
-        let watcher = Arc::downgrade(&known_tokens);
-        store.watch(
-            tables::ACCESS_TOKENS,
-            Arc::new(move |hash: Option<&[u8]>| {
-                let Some(known) = watcher.upgrade() else { return };
-                let mut known = known.lock().expect("known tokens");
-                match hash {
-                    Some(hash) => {
-                        known.by_hash.remove(String::from_utf8_lossy(hash).as_ref());
-                    }
-                    None => known.by_hash.clear(),
-                }
-                known.forgotten += 1;
-            }),
-        );
+        let known_tokens = crate::store::Kept::watching(&store, tables::ACCESS_TOKENS, KNOWN_TOKENS_MAX, |hash| {
+            crate::store::Announced::One(String::from_utf8_lossy(hash).into_owned())
+        });
         Self { store, token_bound, presence_pos, taking_nonce: std::sync::Mutex::default(), known_tokens }
     }
 
@@ -315,22 +295,8 @@ impl Users {
     pub fn authenticate(&self, token: &str) -> Result<Option<Caller>> {
         let hash = token_hash(token);
         let caller = |record: &TokenRecord| Caller { user_id: record.user_id.clone(), device_id: record.device_id.clone(), token_hash: hash.clone() };
-        let forgotten = {
-            let known = self.known_tokens.lock().expect("known tokens");
-            if let Some(record) = known.by_hash.get(&hash) {
-                return Ok(Some(caller(record)));
-            }
-            known.forgotten
-        };
-        let Some(record) = self.store.get_json::<TokenRecord>(tables::ACCESS_TOKENS, hash.as_bytes())? else { return Ok(None) };
-        let mut known = self.known_tokens.lock().expect("known tokens");
-        if known.forgotten == forgotten {
-            if known.by_hash.len() >= KNOWN_TOKENS_MAX {
-                known.by_hash.clear();
-            }
-            known.by_hash.insert(hash.clone(), record.clone());
-        }
-        Ok(Some(caller(&record)))
+        let record = self.known_tokens.get(&hash, |hash| self.store.get_json::<TokenRecord>(tables::ACCESS_TOKENS, hash.as_bytes()))?;
+        Ok(record.as_ref().map(caller))
     }
 
     pub fn device(&self, user_id: &UserId, device_id: &str) -> Result<Option<Device>> {
