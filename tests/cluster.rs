@@ -626,3 +626,27 @@ async fn a_sliding_sync_connection_goes_on_through_another_node() {
     }
     assert_eq!(ana.through(&b).ok(Method::POST, SLIDING, Some(request)).await["lists"]["all"]["count"], 1, "a new connection");
 }
+
+/// An event a node keeps once read is forgotten when another node redacts it: the redaction's
+/// write announces the change to every node.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_redacted_through_one_node_is_read_redacted_through_the_other() {
+    let a = TestServer::start_cluster(&[]).await;
+    let b = a.start_node("b").await;
+    let (ana, ben, room) = two_members(&a, &b).await; // Ben's requests go through b.
+    let event_id = ana.send_text(&room, "t1", "said in haste").await;
+    let event_path = format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(&event_id));
+    // Ben reads it through b, which keeps it from now on.
+    assert_eq!(ben.ok(Method::GET, &event_path, None).await["content"]["body"], "said in haste");
+    ana.ok(Method::PUT, &format!("/_matrix/client/v3/rooms/{}/redact/{}/r1", enc(&room), enc(&event_id)), Some(json!({}))).await;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let event = ben.ok(Method::GET, &event_path, None).await;
+        if event["content"] == json!({}) {
+            assert!(event["unsigned"]["redacted_because"].is_object(), "{event}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "node b still serves the event as it was: {event}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

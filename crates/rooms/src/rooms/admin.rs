@@ -130,6 +130,7 @@ impl Rooms {
             }
         }
         batch.delete(tables::PDUS, event_id.as_bytes());
+        batch.announce(tables::PDUS, event_id.as_bytes());
         batch.delete(tables::EVENT_META, event_id.as_bytes());
         Ok(())
     }

@@ -133,6 +133,9 @@ impl<K: std::hash::Hash + Eq> NamedLocks<K> {
 
 /// What a writer claimed, kept until it commits: this process's lock on the name, and the hold
 /// other nodes respect.
+/// At most this many events are kept by id (about 1 KiB each); beyond it, all are read again.
+const PDUS_KEPT: usize = 4_096;
+
 pub(crate) type Claim = (tokio::sync::OwnedMutexGuard<()>, crate::store::Hold);
 
 pub struct Rooms {
@@ -152,6 +155,9 @@ pub struct Rooms {
     audit: Arc<crate::audit::Audit>,
     /// Local sends waiting for their room's writer, committed in groups.
     sends: group::SendQueues,
+    /// Events read by id, kept until announced changed (a redaction strips one, retention and
+    /// purges delete them) or the node rests.
+    pdus: Arc<crate::store::Kept<OwnedEventId, Pdu>>,
     /// Per room, the current state its writers read at one snapshot (the newest opened).
     state_reads: Mutex<HashMap<OwnedRoomId, (StreamPos, Arc<Mutex<pipeline::StateReads>>)>>,
     /// Whether this server federates (typing notifications go to other servers).
@@ -163,7 +169,6 @@ impl Rooms {
         Self {
             federating,
             audit,
-            store,
             key,
             locks: Mutex::default(),
             claims: Mutex::default(),
@@ -173,6 +178,10 @@ impl Rooms {
             fanout: std::sync::OnceLock::new(),
             sends: group::SendQueues::default(),
             state_reads: Mutex::default(),
+            pdus: crate::store::Kept::watching(&store, tables::PDUS, PDUS_KEPT, |key| {
+                std::str::from_utf8(key).ok().and_then(|id| OwnedEventId::try_from(id).ok()).map_or(crate::store::Announced::Everything, crate::store::Announced::One)
+            }),
+            store,
         }
     }
 
@@ -215,6 +224,7 @@ impl Rooms {
     /// writers' state reads, and what the indexers keep (push contexts, rules and pushers).
     pub fn rest(&self) {
         self.snapshots.clear();
+        self.pdus.forget(None);
         self.state_reads.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
         for indexer in &self.fanout().indexers {
             indexer.rest();
@@ -292,10 +302,7 @@ impl Rooms {
     }
 
     pub fn pdu(&self, event_id: &ruma::EventId) -> Result<Option<Pdu>> {
-        self.store
-            .get(tables::PDUS, event_id.as_bytes())?
-            .map(|bytes| Pdu::from_stored(&bytes))
-            .transpose()
+        self.pdus.get(&event_id.to_owned(), |event_id| self.store.get(tables::PDUS, event_id.as_bytes())?.map(|bytes| Pdu::from_stored(&bytes)).transpose())
     }
 
     /// Records a local user's membership in a room this server is not in (an invite received,
@@ -356,12 +363,15 @@ impl Rooms {
     /// of the store for all of them.
     pub fn events(&self, ids: &[OwnedEventId]) -> Result<Vec<Option<(Pdu, EventMeta)>>> {
         let keys: Vec<&[u8]> = ids.iter().map(|id| id.as_bytes()).collect();
-        let pdus = self.store.get_many(tables::PDUS, &keys)?;
+        let pdus = self.pdus.get_many(ids, |wanted| {
+            let keys: Vec<&[u8]> = wanted.iter().map(|id| id.as_bytes()).collect();
+            self.store.get_many(tables::PDUS, &keys)?.into_iter().map(|bytes| bytes.map(|bytes| Pdu::from_stored(&bytes)).transpose()).collect::<Result<Vec<_>>>()
+        })?;
         let metas = self.store.get_many(tables::EVENT_META, &keys)?;
         pdus.into_iter()
             .zip(metas)
             .map(|pair| match pair {
-                (Some(pdu), Some(meta)) => Ok(Some((Pdu::from_stored(&pdu)?, crate::store::decode(tables::EVENT_META, &meta)?))),
+                (Some(pdu), Some(meta)) => Ok(Some((pdu, crate::store::decode(tables::EVENT_META, &meta)?))),
                 _ => Ok(None),
             })
             .collect()

@@ -868,6 +868,8 @@ impl<'a> RoomWriter<'a> {
             indexer.unstage(store, &mut self.batch, &original, meta.pos);
         }
         self.batch.put(tables::PDUS, target.as_bytes(), &redacted);
+        // Every node forgets the event as it was.
+        self.batch.announce(tables::PDUS, target.as_bytes());
         self.batch.put_json(tables::EVENT_META, target.as_bytes(), &meta)?;
         Ok(current)
     }
@@ -1018,10 +1020,9 @@ mod tests {
         assert_eq!(b.room(&room).unwrap().unwrap().extremities, vec![ids[41].clone()]);
     }
 
-    #[tokio::test(flavor = "multi_thread")]
-    async fn a_purge_takes_the_snapshots_of_a_rooms_forks_and_resolutions() {
-        let dir = tempfile::tempdir().unwrap();
-        let rooms = crate::test_rooms(dir.path());
+    /// A public room (v12) that alice created and mallory, of another server, joined: alice, the
+    /// room, the other server's key, mallory and her join.
+    async fn public_room_mallory_joined(rooms: &Rooms) -> (OwnedUserId, ruma::OwnedRoomId, ServerSigningKey, OwnedUserId, ruma::OwnedEventId) {
         let alice = owned_user_id!("@alice:test.local");
         let events = [
             PduBuilder::state("m.room.create", "", json!({})),
@@ -1031,15 +1032,28 @@ mod tests {
         let writer = rooms.new_room(ruma::RoomVersionId::V12, &alice, events).await.unwrap();
         let room = writer.room_id().clone();
         writer.commit().unwrap();
-        let state_id = |kind: &str, key: &str| rooms.state_event(&room, kind, key).unwrap().unwrap().event_id;
         let remote = ServerSigningKey::generate(server_name!("remote.test").to_owned());
         let mallory = owned_user_id!("@mallory:remote.test");
-        let append = |signed: SignedPdu| async {
-            let mut writer = rooms.writer(&room).await.unwrap();
-            writer.append_remote(signed).and_then(|pdu| writer.commit().map(|_| pdu))
-        };
-        let join = remote_event(&rooms, &room, &remote, &mallory, PduBuilder::state("m.room.member", mallory.as_str(), json!({ "membership": "join" })), vec![state_id("m.room.join_rules", "")]);
-        let join = append(join).await.unwrap().event_id;
+        // The join rules it cites allow mallory's join.
+        let join_rules = rooms.state_event(&room, "m.room.join_rules", "").unwrap().unwrap().event_id;
+        let join = remote_event(rooms, &room, &remote, &mallory, PduBuilder::state("m.room.member", mallory.as_str(), json!({ "membership": "join" })), vec![join_rules]);
+        let join = append_remote(rooms, &room, join).await.unwrap().event_id;
+        (alice, room, remote, mallory, join)
+    }
+
+    /// Appends and commits another server's event.
+    async fn append_remote(rooms: &Rooms, room: &ruma::RoomId, signed: SignedPdu) -> crate::error::Result<crate::events::Pdu> {
+        let mut writer = rooms.writer(room).await.unwrap();
+        writer.append_remote(signed).and_then(|pdu| writer.commit().map(|_| pdu))
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_purge_takes_the_snapshots_of_a_rooms_forks_and_resolutions() {
+        let dir = tempfile::tempdir().unwrap();
+        let rooms = crate::test_rooms(dir.path());
+        let (alice, room, remote, mallory, join) = public_room_mallory_joined(&rooms).await;
+        let state_id = |kind: &str, key: &str| rooms.state_event(&room, kind, key).unwrap().unwrap().event_id;
+        let append = |signed: SignedPdu| append_remote(&rooms, &room, signed);
         let mut writer = rooms.writer(&room).await.unwrap();
         writer.append(&alice, PduBuilder::message("m.room.message", json!({ "msgtype": "m.text", "body": "hi" })), None).unwrap();
         writer.commit().unwrap();
@@ -1065,26 +1079,9 @@ mod tests {
     async fn a_remote_event_is_checked_against_its_own_auth_events() {
         let dir = tempfile::tempdir().unwrap();
         let rooms = crate::test_rooms(dir.path());
-        let alice = owned_user_id!("@alice:test.local");
-        let events = [
-            PduBuilder::state("m.room.create", "", json!({})),
-            PduBuilder::state("m.room.member", alice.as_str(), json!({ "membership": "join" })),
-            PduBuilder::state("m.room.join_rules", "", json!({ "join_rule": "public" })),
-        ];
-        let writer = rooms.new_room(ruma::RoomVersionId::V12, &alice, events).await.unwrap();
-        let room = writer.room_id().clone();
-        writer.commit().unwrap();
+        let (_, room, remote, mallory, _) = public_room_mallory_joined(&rooms).await;
         let state_id = |kind: &str, key: &str| rooms.state_event(&room, kind, key).unwrap().unwrap().event_id;
-        let remote = ServerSigningKey::generate(server_name!("remote.test").to_owned());
-        let mallory = owned_user_id!("@mallory:remote.test");
-        let append = |signed: SignedPdu| async {
-            let mut writer = rooms.writer(&room).await.unwrap();
-            writer.append_remote(signed).and_then(|pdu| writer.commit().map(|_| pdu))
-        };
-
-        // A public room: the join rules it cites allow mallory's join.
-        let join = remote_event(&rooms, &room, &remote, &mallory, PduBuilder::state("m.room.member", mallory.as_str(), json!({ "membership": "join" })), vec![state_id("m.room.join_rules", "")]);
-        append(join).await.unwrap();
+        let append = |signed: SignedPdu| append_remote(&rooms, &room, signed);
         let message = || PduBuilder::message("m.room.message", json!({ "msgtype": "m.text", "body": "hi" }));
 
         // Current state would allow this message; its auth events (no membership of mallory) do not.
