@@ -131,11 +131,11 @@ impl<K: std::hash::Hash + Eq> NamedLocks<K> {
     }
 }
 
-/// What a writer claimed, kept until it commits: this process's lock on the name, and the hold
-/// other nodes respect.
 /// At most this many events are kept by id (about 1 KiB each); beyond it, all are read again.
 const PDUS_KEPT: usize = 4_096;
 
+/// What a writer claimed, kept until it commits: this process's lock on the name, and the hold
+/// other nodes respect.
 pub(crate) type Claim = (tokio::sync::OwnedMutexGuard<()>, crate::store::Hold);
 
 pub struct Rooms {
