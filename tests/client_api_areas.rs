@@ -1348,3 +1348,30 @@ async fn timestamp_to_event_finds_the_closest_visible_event() {
     let (status, body) = bob.get(&format!("/_matrix/client/v1/rooms/{}/timestamp_to_event?ts=x&dir=b", enc(&room))).await;
     assert_eq!((status, errcode(&body)), (StatusCode::BAD_REQUEST, "M_INVALID_PARAM"), "{body}");
 }
+
+/// The room summary names heroes only while the room has neither a name nor a canonical alias,
+/// as of the sync's timeline when it has one.
+#[tokio::test]
+async fn the_room_summary_names_heroes_until_the_room_is_named() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let bob = server.register("bob").await;
+    let room = alice.create_room(json!({ "preset": "private_chat", "invite": [bob.user_id] })).await;
+    assert_eq!(bob.join(&room).await.0, StatusCode::OK);
+    let summary = |sync: &Value| sync["rooms"]["join"][&room]["summary"].clone();
+
+    let initial = alice.sync(None, 0).await;
+    assert_eq!(summary(&initial)["m.heroes"], json!([bob.user_id]), "{initial}");
+    assert_eq!(summary(&initial)["m.joined_member_count"], 2);
+    bob.send_text(&room, "t1", "hello").await;
+    let unnamed = alice.sync(Some(&next_batch(&initial)), 0).await;
+    assert_eq!(summary(&unnamed)["m.heroes"], json!([bob.user_id]), "{unnamed}");
+
+    alice.ok(Method::PUT, &format!("/_matrix/client/v3/rooms/{}/state/m.room.name", enc(&room)), Some(json!({ "name": "Intake" }))).await;
+    let renamed = alice.sync(Some(&next_batch(&unnamed)), 0).await;
+    assert!(summary(&renamed).get("m.heroes").is_none(), "{renamed}");
+    bob.send_text(&room, "t2", "named now").await;
+    let later = alice.sync(Some(&next_batch(&renamed)), 0).await;
+    assert!(summary(&later).get("m.heroes").is_none(), "{later}");
+    assert_eq!(summary(&later)["m.joined_member_count"], 2);
+}

@@ -359,7 +359,7 @@ fn joined_room(
         return Ok(None);
     }
     let (notifications, highlights) = server.push().unread_counts(user_id, room_id, server.rooms().read_position(user_id, room_id)?)?;
-    let summary = summary(server, room_id, user_id)?;
+    let summary = summary(server, room_id, user_id, timeline.events.last().map(|(_, meta)| meta.state_after))?;
     Ok(Some(json!({
         "timeline": {
             "events": timeline.events.iter().map(|(p, m)| render(p, Some(m))).collect::<Vec<_>>(),
@@ -427,13 +427,21 @@ pub(crate) fn receipt_event(server: &dyn SyncHost, viewer: &ruma::UserId, room_i
     Ok((!content.is_empty()).then(|| json!({ "type": "m.receipt", "content": content })))
 }
 
-fn summary(server: &dyn SyncHost, room_id: &RoomId, user_id: &ruma::UserId) -> Result<JsonValue> {
+/// The room's summary; whether it is named as of `snapshot` (the state after the timeline's
+/// last event, which each node keeps) when there is one, else as of now.
+fn summary(server: &dyn SyncHost, room_id: &RoomId, user_id: &ruma::UserId, snapshot: Option<StreamPos>) -> Result<JsonValue> {
     let members = server.rooms().members(room_id)?;
     let joined = members.iter().filter(|(_, m)| *m == Membership::Join).count();
     let invited = members.iter().filter(|(_, m)| *m == Membership::Invite).count();
     let mut summary = json!({ "m.joined_member_count": joined, "m.invited_member_count": invited });
-    let named = server.rooms().state_event(room_id, "m.room.name", "")?.is_some()
-        || server.rooms().state_event(room_id, "m.room.canonical_alias", "")?.is_some();
+    const NAMING: [&str; 2] = ["m.room.name", "m.room.canonical_alias"];
+    let named = match snapshot {
+        Some(snapshot) => {
+            let state = server.rooms().state_map(snapshot)?;
+            NAMING.iter().any(|kind| state.contains_key(&((*kind).to_owned(), String::new())))
+        }
+        None => server.rooms().state_event(room_id, NAMING[0], "")?.is_some() || server.rooms().state_event(room_id, NAMING[1], "")?.is_some(),
+    };
     if !named {
         let heroes: Vec<&OwnedUserId> = members
             .iter()
