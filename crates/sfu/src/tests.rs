@@ -343,6 +343,16 @@ fn recording_updates(net: &Network, index: usize) -> Vec<bool> {
         .collect()
 }
 
+/// The room a client was told of when it joined.
+fn joined_room(net: &Network, index: usize) -> lk::Room {
+    net.clients[index].signals.iter().find_map(|m| match m { lk::signal_response::Message::Join(j) => j.room.clone(), _ => None }).unwrap()
+}
+
+/// The room as the first `room_update` a client got told it.
+fn updated_room(net: &Network, index: usize) -> lk::Room {
+    net.clients[index].signals.iter().find_map(|m| match m { lk::signal_response::Message::RoomUpdate(u) => u.room.clone(), _ => None }).unwrap()
+}
+
 #[test]
 fn everyone_in_a_recorded_call_is_told_so_and_nobody_else() {
     let mut net = Network::new();
@@ -355,14 +365,13 @@ fn everyone_in_a_recorded_call_is_told_so_and_nobody_else() {
     for index in [ana, ben] {
         assert_eq!(recording_updates(&net, index), [true]);
     }
-    let update = net.clients[ana].signals.iter().find_map(|m| match m { lk::signal_response::Message::RoomUpdate(u) => u.room.clone(), _ => None }).unwrap();
+    let update = updated_room(&net, ana);
     assert_eq!((update.name.as_str(), update.num_participants), ("call", 2));
-    let join = |net: &Network, index: usize| net.clients[index].signals.iter().find_map(|m| match m { lk::signal_response::Message::Join(j) => j.room.clone(), _ => None }).unwrap();
-    assert!(!join(&net, ana).active_recording);
+    assert!(!joined_room(&net, ana).active_recording);
     // Whoever joins while it records learns it with the room.
     let dan = net.join("dan", false);
     net.step(TICK);
-    assert!(join(&net, dan).active_recording);
+    assert!(joined_room(&net, dan).active_recording);
 
     assert!(net.sfu.stop_recording("!room").is_some());
     net.step(TICK);
@@ -375,7 +384,6 @@ fn everyone_in_a_recorded_call_is_told_so_and_nobody_else() {
 
 #[test]
 fn a_call_is_dated_from_its_first_participant_until_its_last_leaves() {
-    let joined_room = |net: &Network, index: usize| net.clients[index].signals.iter().find_map(|m| match m { lk::signal_response::Message::Join(j) => j.room.clone(), _ => None }).unwrap();
     let mut net = Network::new();
     let ana = net.join("ana", true);
     net.step(TICK);
@@ -388,7 +396,7 @@ fn a_call_is_dated_from_its_first_participant_until_its_last_leaves() {
     assert_eq!(joined_room(&net, ben).creation_time_ms, opened);
     assert!(net.sfu.start_recording(net.now, "call", "!room"));
     net.step(TICK);
-    let update = net.clients[ben].signals.iter().find_map(|m| match m { lk::signal_response::Message::RoomUpdate(u) => u.room.clone(), _ => None }).unwrap();
+    let update = updated_room(&net, ben);
     assert_eq!(update.creation_time_ms, opened);
     assert!(net.sfu.stop_recording("!room").is_some());
 

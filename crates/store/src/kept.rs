@@ -72,18 +72,8 @@ impl<K: Eq + Hash + Clone + Send + 'static, V: Clone + Send + 'static> Kept<K, V
 
     /// The value of `key`, [`Self::get_many`] for one.
     pub fn get<E>(&self, key: &K, read: impl FnOnce(&K) -> Result<Option<V>, E>) -> Result<Option<V>, E> {
-        let forgotten = {
-            let inner = self.lock();
-            if let Some(value) = inner.values.get(key) {
-                return Ok(Some(value.clone()));
-            }
-            inner.forgotten
-        };
-        let value = read(key)?;
-        if let Some(value) = &value {
-            self.keep(forgotten, [(key.clone(), value.clone())]);
-        }
-        Ok(value)
+        let mut values = self.get_many(std::slice::from_ref(key), |keys| Ok(vec![read(&keys[0])?]))?;
+        Ok(values.pop().flatten())
     }
 
     /// The values of `keys`, in their order: those kept, and the others `read` (in one go,
