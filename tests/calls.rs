@@ -12,7 +12,7 @@ use common::{
     Client, TestServer,
     calls::{SERVICE, claims, group_session, jwt, openid, set_status, token},
     enc, errcode,
-    signalling::Signalling,
+    signalling::{Signalling, join_request},
 };
 use livekit_protocol as lk;
 use reqwest::{Method, StatusCode};
@@ -263,8 +263,7 @@ async fn signalling_refuses_expired_tokens() {
     }
     let (status, _) = server.client().get("/rtc/validate").await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "no token");
-    // The single-connection path is not served, so LiveKit's SDKs fall back to /rtc.
-    assert_eq!(server.client().get("/rtc/v1/validate").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(server.client().get("/rtc/v1/validate").await.0, StatusCode::UNAUTHORIZED, "no token");
 
     tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
     let answer = validate(true).send().await.unwrap();
@@ -307,6 +306,65 @@ async fn a_member_kicked_after_getting_a_call_token_cannot_join_with_it() {
     ana.invite(&room, &ben.user_id).await;
     ben.join(&room).await;
     drop(Signalling::join(&server, &ben_jwt).await);
+}
+
+/// A client's first offer on a single connection: data channels and a line to receive audio on
+/// (what LiveKit's SDKs offer before they publish anything), as a browser writes it.
+const SINGLE_CONNECTION_OFFER: &str = "v=0\r\no=- 4215775240449105457 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0 1\r\na=msid-semantic: WMS\r\n\
+    m=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=rtcp:9 IN IP4 0.0.0.0\r\na=ice-ufrag:Vx0k\r\na=ice-pwd:5LzQeRRhnzBsVD3Eo5bJ0eTa\r\na=ice-options:trickle\r\n\
+    a=fingerprint:sha-256 1C:3A:5B:07:9D:E2:60:44:9A:21:73:8E:0F:B2:C6:19:5D:AA:03:4E:88:61:F9:D2:37:14:EE:5C:90:0B:7A:D3\r\na=setup:actpass\r\na=mid:0\r\na=recvonly\r\na=rtcp-mux\r\n\
+    a=rtpmap:111 opus/48000/2\r\na=fmtp:111 minptime=10;useinbandfec=1\r\n\
+    m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\nc=IN IP4 0.0.0.0\r\na=ice-ufrag:Vx0k\r\na=ice-pwd:5LzQeRRhnzBsVD3Eo5bJ0eTa\r\na=ice-options:trickle\r\n\
+    a=fingerprint:sha-256 1C:3A:5B:07:9D:E2:60:44:9A:21:73:8E:0F:B2:C6:19:5D:AA:03:4E:88:61:F9:D2:37:14:EE:5C:90:0B:7A:D3\r\na=setup:actpass\r\na=mid:1\r\na=sctp-port:5000\r\na=max-message-size:262144\r\n";
+
+/// LiveKit's single peer connection (`/rtc/v1`, what its SDKs try first): the join request in
+/// the URL (gzipped or not), its offer answered right after the join response, with the line
+/// that carries nothing yet inactive; and refused as `/rtc` refuses: no token, a forged one, a
+/// kicked member's (`signalling_refuses_expired_tokens`: none at all); an unreadable join
+/// request is a 400.
+#[tokio::test]
+async fn the_single_connection_path_answers_the_offer_in_its_join_request_and_refuses_as_rtc_does() {
+    let server = TestServer::start().await;
+    let (ana, ben) = (server.register("ana").await, server.register("ben").await);
+    let room = ana.create_room(json!({ "preset": "private_chat", "invite": [ben.user_id] })).await;
+    ben.join(&room).await;
+    let (ana_jwt, ben_jwt) = (jwt(&server, &ana, &room).await, jwt(&server, &ben, &room).await);
+    let offer = lk::SessionDescription { r#type: "offer".into(), sdp: SINGLE_CONNECTION_OFFER.into(), id: 7, ..Default::default() };
+    let request = lk::JoinRequest { publisher_offer: Some(offer), connection_settings: Some(lk::ConnectionSettings { auto_subscribe: true, ..Default::default() }), ..Default::default() };
+    for gzip in [true, false] {
+        let mut call = Signalling::connect_v1(&server, &ana_jwt, &request, gzip).await.expect("/rtc/v1 admits a member");
+        let Some(lk::signal_response::Message::Join(join)) = call.next().await else { panic!("the join response comes first") };
+        assert_eq!(join.participant.unwrap().identity, claims(&ana_jwt)["sub"].as_str().unwrap());
+        let Some(lk::signal_response::Message::Answer(answer)) = call.until(Duration::from_secs(5), |m| matches!(m, lk::signal_response::Message::Answer(_))).await else {
+            panic!("no answer to the join request's offer")
+        };
+        assert_eq!((answer.r#type.as_str(), answer.id), ("answer", 7));
+        assert!(answer.sdp.contains("a=mid:0\r\na=inactive\r\n") && answer.sdp.contains("a=mid:1\r\n"), "{}", answer.sdp);
+        assert!(answer.mid_to_track_id.is_empty());
+        call.send(lk::signal_request::Message::Leave(lk::LeaveRequest::default())).await;
+    }
+
+    let validate = |jwt: &str, join: Option<&str>| {
+        let mut query = vec![("access_token", jwt.to_owned())];
+        query.extend(join.map(|join| ("join_request", join.to_owned())));
+        reqwest::Client::new().get(format!("http://127.0.0.1:{}/rtc/v1/validate", server.signalling_port(jwt))).query(&query).send()
+    };
+    let readable = join_request(&request, true);
+    assert_eq!(validate(&ana_jwt, Some(&readable)).await.unwrap().text().await.unwrap(), "success");
+    assert_eq!(validate(&ana_jwt, None).await.unwrap().status(), StatusCode::BAD_REQUEST, "no join request");
+    assert_eq!(validate(&ana_jwt, Some("bm90IGEgam9pbiByZXF1ZXN0")).await.unwrap().status(), StatusCode::BAD_REQUEST, "not a join request");
+    let unreadable = Signalling::open(&server, &format!("/rtc/v1?access_token={ana_jwt}&join_request=%%%")).await.err().expect("an unreadable join request is refused");
+    assert_eq!(unreadable.0, 400, "{}", unreadable.1);
+
+    // Another server's token (signed with another key), and a kicked member's: refused.
+    let mut parts: Vec<&str> = ben_jwt.split('.').collect();
+    parts[2] = "c2lnbmVkIGVsc2V3aGVyZQ";
+    let (status, _) = Signalling::connect_v1(&server, &parts.join("."), &request, true).await.err().expect("a token not signed here is refused");
+    assert_eq!(status, 401);
+    kick(&ana, &room, &ben, "kick").await;
+    let (status, body) = Signalling::connect_v1(&server, &ben_jwt, &request, true).await.err().expect("/rtc/v1 refuses the kicked member's token");
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(validate(&ben_jwt, Some(&readable)).await.unwrap().status(), StatusCode::FORBIDDEN);
 }
 
 /// A member kicked (or banned) while in the call is told to leave at once, and the others see

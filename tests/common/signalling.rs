@@ -1,4 +1,5 @@
-//! A LiveKit client's signalling connection over a raw WebSocket, for tests of `/rtc`.
+//! A LiveKit client's signalling connection over a raw WebSocket, for tests of `/rtc` and
+//! `/rtc/v1`.
 
 use std::time::Duration;
 
@@ -29,11 +30,23 @@ impl Signalling {
         Self::connect_with(server, jwt, &format!("&reconnect=1&sid={sid}")).await
     }
 
+    /// Opens `/rtc/v1` (LiveKit's single peer connection) with `request` in its
+    /// `join_request`, gzipped or not, as LiveKit's JavaScript SDK sends it.
+    pub async fn connect_v1(server: &TestServer, jwt: &str, request: &lk::JoinRequest, gzip: bool) -> Result<Self, (u16, String)> {
+        Self::open(server, &format!("/rtc/v1?access_token={jwt}&join_request={}", join_request(request, gzip))).await
+    }
+
     async fn connect_with(server: &TestServer, jwt: &str, query: &str) -> Result<Self, (u16, String)> {
+        Self::open(server, &format!("/rtc?access_token={jwt}&auto_subscribe=1&protocol=16{query}")).await
+    }
+
+    /// Opens a signalling WebSocket at `target` (a path and query carrying the call token).
+    pub async fn open(server: &TestServer, target: &str) -> Result<Self, (u16, String)> {
+        let jwt = target.split("access_token=").nth(1).and_then(|rest| rest.split('&').next()).unwrap_or_default();
         let port = server.signalling_port(jwt);
         let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         let request = format!(
-            "GET /rtc?access_token={jwt}&auto_subscribe=1&protocol=16{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n\
+            "GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n\
              Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
         );
         stream.write_all(request.as_bytes()).await.unwrap();
@@ -196,3 +209,20 @@ impl Signalling {
     }
 }
 
+
+/// A `join_request` query value: the `WrappedJoinRequest` in base64url, padded (as LiveKit's
+/// JavaScript SDK writes it).
+pub fn join_request(request: &lk::JoinRequest, gzip: bool) -> String {
+    use base64::Engine as _;
+    use std::io::Write as _;
+    let bytes = request.encode_to_vec();
+    let (join_request, compression) = if gzip {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        encoder.write_all(&bytes).unwrap();
+        (encoder.finish().unwrap(), lk::wrapped_join_request::Compression::Gzip)
+    } else {
+        (bytes, lk::wrapped_join_request::Compression::None)
+    };
+    let wrapped = lk::WrappedJoinRequest { compression: compression as i32, join_request };
+    base64::engine::general_purpose::URL_SAFE.encode(wrapped.encode_to_vec())
+}

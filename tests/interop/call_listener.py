@@ -21,7 +21,7 @@ import sys
 
 from livekit import rtc
 
-from call_media import loud_frames, media_paths
+from call_media import loud_frames, media_paths, receiving_stats
 
 
 async def listen(url: str, token: str, frames: int, timeout: float, relay_only: bool, interrupted: bool) -> None:
@@ -44,7 +44,7 @@ async def listen(url: str, token: str, frames: int, timeout: float, relay_only: 
         progress("subscribed")
         loud = await loud_frames(track, frames, timeout)
         progress(f"heard {loud} loud frames")
-        report = {"loud": loud, "paths": media_paths((await room.get_rtc_stats()).subscriber_stats), "identity": room.local_participant.identity}
+        report = {"loud": loud, "paths": media_paths(receiving_stats(await room.get_rtc_stats())), "identity": room.local_participant.identity}
         if interrupted:
             sid = room.local_participant.sid
             print(json.dumps({"ready": True}), flush=True)

@@ -127,6 +127,13 @@ async def loud_frames(track: rtc.Track, wanted: int, timeout: float) -> int:
     return loud
 
 
+def receiving_stats(stats) -> list:
+    """The WebRTC statistics (LiveKit's `get_rtc_stats`) of the connection a participant
+    receives on: their subscriber connection, or, with one connection for everything
+    (`/rtc/v1`, what the SDK uses where the server has it), that one."""
+    return list(stats.subscriber_stats) or list(stats.publisher_stats)
+
+
 def media_paths(stats: list) -> list[dict]:
     """The candidate pairs media arrived on (LiveKit's `get_rtc_stats`): the local candidate's
     type (`host`, `srflx`, `prflx`, `relay`), protocol and (of a relay) protocol to its TURN

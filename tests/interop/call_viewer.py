@@ -17,6 +17,8 @@ import sys
 
 from livekit import rtc
 
+from call_media import receiving_stats
+
 
 async def view(url: str, token: str) -> None:
     room = rtc.Room()
@@ -35,7 +37,7 @@ async def view(url: str, token: str) -> None:
             widths[event.frame.width] += 1
 
     async def audio() -> tuple[int, int]:
-        stats = (await room.get_rtc_stats()).subscriber_stats
+        stats = receiving_stats(await room.get_rtc_stats())
         inbound = [s.inbound_rtp for s in stats if s.WhichOneof("stats") == "inbound_rtp" and s.inbound_rtp.stream.kind == "audio"]
         return sum(s.received.packets_received for s in inbound), sum(s.received.packets_lost for s in inbound)
 

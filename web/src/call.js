@@ -126,8 +126,6 @@ export class Call {
       // to, so both stay off: every subscriber asks for the best layer its bandwidth allows.
       adaptiveStream: false,
       dynacast: false,
-      // Limbic speaks LiveKit's two-peer-connection protocol (/rtc), not /rtc/v1.
-      singlePeerConnection: false,
       publishDefaults: {
         videoCodec: 'vp8', // what the SFU forwards (with Opus)
         red: false, // plain Opus

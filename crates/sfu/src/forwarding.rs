@@ -317,7 +317,7 @@ impl Sfu {
             if short && better {
                 participant.retry = Retry { at: Some(now + RETRY_FIRST), wait: RETRY_FIRST };
             }
-            let mut bwe = participant.subscriber.bwe();
+            let mut bwe = participant.rtc(Pc::Subscriber).bwe();
             if again && let Some(estimate) = estimate {
                 tracing::debug!(participant = id, estimate, wanted = rate, "the subscriber wants more than its estimate: probing from it");
                 bwe.reset(Bitrate::bps(estimate));
@@ -540,15 +540,17 @@ impl Sfu {
                 wants_keyframe(&mut keyframes_wanted, target);
             }
             let Some(out) = down.rtp.rewrite(&incoming) else { continue };
+            // The connection the down track goes out on (`down` holds the participant's tracks).
+            let rtc = subscriber.subscriber.as_mut().unwrap_or(&mut subscriber.publisher);
             let out_pt = match down.pt {
                 Some((from, to)) if from == in_pt => to,
                 _ => {
-                    let Some(to) = subscriber.subscriber.codec_config().match_params(params).map(|p| p.pt()) else { continue };
+                    let Some(to) = rtc.codec_config().match_params(params).map(|p| p.pt()) else { continue };
                     down.pt = Some((in_pt, to));
                     to
                 }
             };
-            let mut direct = subscriber.subscriber.direct_api();
+            let mut direct = rtc.direct_api();
             let Some(stream) = direct.stream_tx_by_mid(out_mid, None) else { continue };
             let mut write = RtpWrite::new(out_pt, out.seq, out.time, packet.timestamp, packet.payload.clone()).marker(packet.header.marker).ext_vals(ext_vals.clone()).nackable(video);
             if let Some(patch) = out.vp8_patch {
@@ -573,7 +575,8 @@ impl Sfu {
     }
 
     /// A LiveKit data packet a participant sent: to the others in the room (those it names, if
-    /// it names any), on the subscriber channel of the kind it came on, marked as theirs. Only
+    /// it names any), on the subscriber channel of the kind it came on (with a single
+    /// connection, on the channel of that label the client opened), marked as theirs. Only
     /// from the channels the participant was let open, within the size and rate limits.
     pub(crate) fn relay_data(&mut self, now: Instant, id: ParticipantId, data: &ChannelData) {
         let Some(sender) = self.participants.get_mut(&id) else { return };
@@ -606,8 +609,13 @@ impl Sfu {
             if *other == id || participant.room != room || !(packet.destination_identities.is_empty() || packet.destination_identities.contains(&participant.info.identity)) {
                 continue;
             }
-            let Some(channel) = participant.subscriber_channels.as_ref().and_then(|c| c.get(label)).copied() else { continue };
-            if let Some(mut channel) = participant.subscriber.channel(channel) {
+            let channel = match &participant.subscriber_channels {
+                Some(channels) => channels.get(label).copied(),
+                None if participant.single() => participant.publisher_channels.iter().find(|(_, opened)| opened.as_str() == label).map(|(channel, _)| *channel),
+                None => None,
+            };
+            let Some(channel) = channel else { continue };
+            if let Some(mut channel) = participant.rtc(Pc::Subscriber).channel(channel) {
                 let _ = channel.write(true, &bytes);
                 self.dirty.insert((*other, Pc::Subscriber));
             }

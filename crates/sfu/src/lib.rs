@@ -1,6 +1,8 @@
-//! The SFU core: every participant's two peer connections (LiveKit's dual-PC mode: the client
-//! offers on its publisher connection, we offer on its subscriber connection), the tracks they
-//! publish, and the forwarding of their media to the others, without transcoding.
+//! The SFU core: every participant's peer connections, the tracks they publish, and the
+//! forwarding of their media to the others, without transcoding. A participant has two
+//! connections (LiveKit's `/rtc`: the client offers on its publisher connection, we offer on
+//! its subscriber connection) or one (LiveKit's `/rtc/v1`: the client offers everything, and
+//! is asked for media lines to receive on; [`single`]).
 //!
 //! Sans-IO, in str0m's style: fed signalling requests, UDP datagrams and timeouts, and polled
 //! for datagrams to send, signalling responses and the next timeout. The driver (the server's
@@ -20,6 +22,7 @@ pub mod loopback;
 mod recording;
 mod rewrite;
 mod signalling;
+mod single;
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -77,6 +80,10 @@ pub struct JoinOptions {
     /// The TURN servers the client may relay through, with its credentials (the join
     /// response's `ice_servers`).
     pub ice_servers: Vec<lk::IceServer>,
+    /// One peer connection for everything (LiveKit's `/rtc/v1`), not two.
+    pub single_connection: bool,
+    /// The client's first offer, sent with its join request (`/rtc/v1`).
+    pub offer: Option<lk::SessionDescription>,
 }
 
 /// What LiveKit clients are told this server is (they need a version of at least 1.8.0).
@@ -235,7 +242,8 @@ struct Participant {
     rights: Rights,
     auto_subscribe: bool,
     publisher: Rtc,
-    subscriber: Rtc,
+    /// None with a single connection (`/rtc/v1`): `publisher` carries the down tracks too.
+    subscriber: Option<Rtc>,
     subscriber_pending: Option<SdpPendingOffer>,
     /// The offer `subscriber_pending` belongs to, sent again to a resumed client.
     last_offer: Option<lk::SessionDescription>,
@@ -267,14 +275,27 @@ struct Participant {
     retry: Retry,
     /// Loss and round trip, for their connection quality.
     link: Link,
+    /// With a single connection: its media lines to receive on.
+    lines: single::Lines,
 }
 
 impl Participant {
     fn rtc(&mut self, pc: Pc) -> &mut Rtc {
-        match pc {
-            Pc::Publisher => &mut self.publisher,
-            Pc::Subscriber => &mut self.subscriber,
+        match (pc, &mut self.subscriber) {
+            (Pc::Subscriber, Some(subscriber)) => subscriber,
+            _ => &mut self.publisher,
         }
+    }
+
+    /// Whether everything goes over one connection (`/rtc/v1`).
+    fn single(&self) -> bool {
+        self.subscriber.is_none()
+    }
+
+    /// The connection that `pc` is for this participant: with a single connection, both are
+    /// the one.
+    fn pc(&self, pc: Pc) -> Pc {
+        if self.single() { Pc::Publisher } else { pc }
     }
 
     fn bump_version(&mut self) {
@@ -471,8 +492,9 @@ impl Sfu {
             info: info.clone(),
             rights: grant.rights,
             auto_subscribe,
-            publisher: self.new_rtc(now, false),
-            subscriber: self.new_rtc(now, true),
+            // A single connection carries the down tracks, whose bandwidth is estimated.
+            publisher: self.new_rtc(now, options.single_connection),
+            subscriber: (!options.single_connection).then(|| self.new_rtc(now, true)),
             subscriber_pending: None,
             last_offer: None,
             ice_restart_due: false,
@@ -489,6 +511,7 @@ impl Sfu {
             estimate: Estimate::default(),
             retry: Retry::default(),
             link: Link::default(),
+            lines: single::Lines::default(),
         };
         self.participants.insert(id, participant);
         self.dirty.extend([(id, Pc::Publisher), (id, Pc::Subscriber)]);
@@ -510,6 +533,10 @@ impl Sfu {
                 }
             }
         }
+        // Answered with the tracks subscribed to bound to its lines, where it has them.
+        if let Some(offer) = options.offer.clone() {
+            self.publisher_offer(id, offer);
+        }
         self.process(now);
         id
     }
@@ -522,7 +549,9 @@ impl Sfu {
         self.dirty.retain(|(owner, _)| *owner != id);
         self.to_negotiate.remove(&id);
         gone.publisher.disconnect();
-        gone.subscriber.disconnect();
+        if let Some(subscriber) = &mut gone.subscriber {
+            subscriber.disconnect();
+        }
         gone.info.state = lk::participant_info::State::Disconnected as i32;
         gone.bump_version();
         let update = response(lk::signal_response::Message::Update(lk::ParticipantUpdate { participants: vec![gone.public_info()] }));
@@ -562,10 +591,13 @@ impl Sfu {
     /// A resumed signalling connection (LiveKit's `/rtc?reconnect=1&sid=`): the participant
     /// `sid` in `room` with `identity` goes on with their tracks and subscriptions. They get
     /// `reconnect`, the subscriber offer they may have missed, and an offer restarting ICE on
-    /// their subscriber connection (they restart their publisher's themselves). `None` if there
-    /// is no such participant (any more): the SDK must join afresh.
-    pub fn resume(&mut self, now: Instant, room: &str, identity: &str, sid: &str, ice_servers: Vec<lk::IceServer>) -> Option<ParticipantId> {
-        let id = self.find(room, identity).filter(|id| self.participants.get(id).is_some_and(|p| p.info.sid == sid) && !self.gone.contains(id))?;
+    /// their subscriber connection (they restart their publisher's themselves). With a single
+    /// connection (`/rtc/v1`, which the participant must resume on as they joined) there is no
+    /// offer of ours: they restart its ICE, and get what they should receive on lines they are
+    /// asked for again. `None` if there is no such participant (any more): the SDK must join
+    /// afresh.
+    pub fn resume(&mut self, now: Instant, room: &str, identity: &str, sid: &str, single_connection: bool, ice_servers: Vec<lk::IceServer>) -> Option<ParticipantId> {
+        let id = self.find(room, identity).filter(|id| self.participants.get(id).is_some_and(|p| p.info.sid == sid && p.single() == single_connection) && !self.gone.contains(id))?;
         // What they missed meanwhile: who is in the call now, with their tracks.
         let others: Vec<lk::ParticipantInfo> = self.participants.iter().filter(|(other, p)| **other != id && p.room == room).map(|(_, p)| p.public_info()).collect();
         let participant = self.participants.get_mut(&id)?;
@@ -573,6 +605,8 @@ impl Sfu {
         participant.unreachable_since = None;
         // A subscriber connection never offered has no ICE to restart.
         participant.ice_restart_due = participant.last_offer.is_some();
+        // A requirement they may have missed is sent again.
+        participant.lines.asked = false;
         let reconnect = lk::ReconnectResponse { ice_servers, ..Default::default() };
         self.signals.push_back((id, response(lk::signal_response::Message::Reconnect(reconnect))));
         if !others.is_empty() {
@@ -627,7 +661,7 @@ impl Sfu {
             self.participants.iter_mut().find_map(|(id, p)| {
                 if p.publisher.accepts(&input) {
                     Some((*id, Pc::Publisher))
-                } else if p.subscriber.accepts(&input) {
+                } else if p.subscriber.as_ref().is_some_and(|subscriber| subscriber.accepts(&input)) {
                     Some((*id, Pc::Subscriber))
                 } else {
                     None
@@ -789,6 +823,8 @@ impl Sfu {
             let mut happened = Vec::new();
             for (id, pc) in std::mem::take(&mut self.dirty) {
                 let Some(participant) = self.participants.get_mut(&id) else { continue };
+                let pc = participant.pc(pc);
+                let carries_down = pc == participant.pc(Pc::Subscriber);
                 loop {
                     match poll_output(participant.rtc(pc), now) {
                         Ok(Output::Transmit(transmit)) => self.transmits.push_back(Outgoing { proto: transmit.proto, destination: transmit.destination, contents: transmit.contents.into() }),
@@ -805,9 +841,9 @@ impl Sfu {
                             }
                             Event::MediaChanged(changed) => happened.push((id, pc, Happened::MediaChanged { mid: changed.mid, direction: changed.direction })),
                             Event::KeyframeRequest(request) => happened.push((id, pc, Happened::KeyframeWanted(request))),
-                            Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) if pc == Pc::Subscriber => participant.estimate.update(now, estimate),
-                            Event::PeerStats(stats) => participant.link.update(pc, &stats),
-                            Event::MediaEgressStats(stats) if pc == Pc::Subscriber => participant.link.reported_by_subscriber(stats.loss),
+                            Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) if carries_down => participant.estimate.update(now, estimate),
+                            Event::PeerStats(stats) => participant.link.update(pc == Pc::Publisher, carries_down, &stats),
+                            Event::MediaEgressStats(stats) if carries_down => participant.link.reported_by_subscriber(stats.loss),
                             Event::ChannelOpen(channel, label) if pc == Pc::Publisher => {
                                 if participant.publisher_channels.len() < self.limits.data_channels {
                                     participant.publisher_channels.insert(channel, label);
@@ -841,7 +877,8 @@ impl Sfu {
             (Pc::Publisher, Happened::Rtp { mid, rid, packet }) => self.forward(now, id, mid, rid, &packet),
             // The client stopped sending on the line (LiveKit's unpublish removes its sender).
             (Pc::Publisher, Happened::MediaChanged { mid, direction }) if matches!(direction, Direction::Inactive | Direction::SendOnly) => self.track_unpublished(now, id, mid),
-            (Pc::Subscriber, Happened::KeyframeWanted(request)) => self.relay_keyframe_request(now, id, &request),
+            // Only down tracks are asked for keyframes (a connection that sends nothing else).
+            (_, Happened::KeyframeWanted(request)) => self.relay_keyframe_request(now, id, &request),
             (Pc::Publisher, Happened::Data(data)) => self.relay_data(now, id, &data),
             // Out of reach: back if the SDK resumes in time, else gone ([`Self::timeout`]).
             (_, Happened::Disconnected) => {

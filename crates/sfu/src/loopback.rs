@@ -1,5 +1,6 @@
 //! An in-memory network around the SFU: str0m peers playing LiveKit clients (a publisher and a
-//! subscriber connection each), signalling answered as LiveKit's SDKs answer it, datagrams
+//! subscriber connection each, or one: [`Network::join_single`]), signalling answered as
+//! LiveKit's SDKs answer it, datagrams
 //! handed over directly, on a virtual clock. For the SFU's tests and its forwarding benchmark,
 //! which also measures the time spent inside the SFU.
 
@@ -66,7 +67,9 @@ pub fn grant(identity: &str, room: &str, publish: bool) -> Grant {
 pub struct Client {
     pub id: ParticipantId,
     pub publisher: Rtc,
+    /// Unused by a client of a single connection: `publisher` receives too.
     pub subscriber: Rtc,
+    pub single: bool,
     addrs: [SocketAddr; 2],
     /// How it reaches the SFU: UDP, or only TCP (as when its UDP is blocked).
     proto: Protocol,
@@ -149,7 +152,18 @@ impl Network {
         self.join_with("call", identity, publish, Protocol::Tcp)
     }
 
+    /// A client of a single connection (LiveKit's `/rtc/v1`) joins the call, its first offer
+    /// (LiveKit's data channels and one line to receive on of each kind) in its join request;
+    /// its index.
+    pub fn join_single(&mut self, identity: &str, publish: bool) -> usize {
+        self.join_as("call", identity, publish, Protocol::Udp, true)
+    }
+
     fn join_with(&mut self, room: &str, identity: &str, publish: bool, proto: Protocol) -> usize {
+        self.join_as(room, identity, publish, proto, false)
+    }
+
+    fn join_as(&mut self, room: &str, identity: &str, publish: bool, proto: Protocol, single: bool) -> usize {
         let index = self.clients.len();
         let host = u8::try_from(index % 250).unwrap_or(0) + 2;
         let third = u8::try_from(index / 250).unwrap_or(0) + 1;
@@ -164,10 +178,24 @@ impl Network {
             rtc.add_local_candidate(candidate.expect("a host candidate"));
             rtc
         });
+        let mut publisher = publisher;
+        let mut options = auto_subscribed();
+        let mut pending = None;
+        if single {
+            let mut changes = publisher.sdp_api();
+            changes.add_channel(crate::RELIABLE.to_owned());
+            changes.add_channel_with_config(str0m::channel::ChannelConfig { label: crate::LOSSY.to_owned(), ordered: false, reliability: str0m::channel::Reliability::MaxRetransmits { retransmits: 0 }, ..Default::default() });
+            for kind in [MediaKind::Audio, MediaKind::Video] {
+                changes.add_media(kind, Direction::RecvOnly, None, None, None);
+            }
+            let (offer, waiting) = changes.apply().expect("an offer");
+            pending = Some(waiting);
+            options = JoinOptions { single_connection: true, offer: Some(lk::SessionDescription { r#type: "offer".into(), sdp: offer.to_sdp_string(), id: 1, ..Default::default() }), ..options };
+        }
         let started = Instant::now();
-        let id = self.sfu.join(now, &grant(identity, room, publish), &auto_subscribed());
+        let id = self.sfu.join(now, &grant(identity, room, publish), &options);
         self.sfu_time += started.elapsed();
-        self.clients.push(Client { id, publisher, subscriber, addrs, proto, pending: None, signals: Vec::new(), frames: 0, last_frame: None, gaps: 0, orientation: None, data: Vec::new(), drop_every: None, sent: 0 });
+        self.clients.push(Client { id, publisher, subscriber, single, addrs, proto, pending, signals: Vec::new(), frames: 0, last_frame: None, gaps: 0, orientation: None, data: Vec::new(), drop_every: None, sent: 0 });
         index
     }
 
@@ -280,6 +308,25 @@ impl Network {
                             client.publisher.sdp_api().accept_answer(pending, answer).expect("the SFU's answer is accepted");
                         }
                     }
+                    lk::signal_response::Message::MediaSectionsRequirement(wanted) => {
+                        let client = &mut self.clients[index];
+                        let mut changes = client.publisher.sdp_api();
+                        for (kind, count) in [(MediaKind::Audio, wanted.num_audios), (MediaKind::Video, wanted.num_videos)] {
+                            for _ in 0..count {
+                                changes.add_media(kind, Direction::RecvOnly, None, None, None);
+                            }
+                        }
+                        // str0m offers only a change: asked for an offer alone (none of
+                        // either kind), this client adds a spare audio line.
+                        if wanted.num_audios + wanted.num_videos == 0 {
+                            changes.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
+                        }
+                        let (offer, pending) = changes.apply().expect("an offer");
+                        client.pending = Some(pending);
+                        client.signals.push(message.clone());
+                        self.signal(index, lk::signal_request::Message::Offer(lk::SessionDescription { r#type: "offer".into(), sdp: offer.to_sdp_string(), id: 3, ..Default::default() }));
+                        continue;
+                    }
                     lk::signal_response::Message::Offer(offer) => {
                         let answer = self.clients[index].subscriber.sdp_api().accept_offer(SdpOffer::from_sdp_string(&offer.sdp).expect("a readable offer")).expect("the SFU's offer is accepted");
                         let answer = lk::SessionDescription { r#type: "answer".into(), sdp: answer.to_sdp_string(), id: offer.id, ..Default::default() };
@@ -318,7 +365,7 @@ impl Network {
                                 client.gaps += usize::from(client.frames > 1 && !data.contiguous);
                                 client.last_frame = Some(data);
                             }
-                            Ok(Output::Event(Event::ChannelData(data))) if !publisher => client.data.push(data.data),
+                            Ok(Output::Event(Event::ChannelData(data))) if !publisher || client.single => client.data.push(data.data),
                             Ok(Output::Event(_)) => {}
                             Ok(Output::Timeout(_)) | Err(_) => break,
                         }

@@ -22,12 +22,16 @@ pub(crate) struct Link {
 }
 
 impl Link {
-    pub(crate) fn update(&mut self, pc: Pc, stats: &str0m::stats::PeerStats) {
-        match pc {
-            Pc::Publisher => self.loss_in = stats.ingress_loss_fraction.unwrap_or(self.loss_in),
+    /// A connection's statistics: of the one they publish on (`receives`), the one we send
+    /// them media on (`sends`), or of their single connection, both.
+    pub(crate) fn update(&mut self, receives: bool, sends: bool, stats: &str0m::stats::PeerStats) {
+        if receives {
+            self.loss_in = stats.ingress_loss_fraction.unwrap_or(self.loss_in);
+        }
+        if sends {
             // A new interval: the streams' reports for it follow (str0m emits a connection's
             // statistics before its streams', in one tick).
-            Pc::Subscriber => self.loss_out = stats.egress_loss_fraction.unwrap_or(0.0),
+            self.loss_out = stats.egress_loss_fraction.unwrap_or(0.0);
         }
         self.rtt = stats.rtt.or(self.rtt);
     }

@@ -1,4 +1,4 @@
-//! LiveKit's signalling requests of one participant: offers and answers of both peer
+//! LiveKit's signalling requests of one participant: offers and answers of their peer
 //! connections, trickled candidates, tracks, mutes, subscriptions, and renegotiation.
 
 use super::*;
@@ -6,11 +6,12 @@ use super::*;
 impl Sfu {
     pub(crate) fn publisher_offer(&mut self, id: ParticipantId, offer: lk::SessionDescription) {
         let Some(participant) = self.participants.get_mut(&id) else { return };
-        // A media line per track, and one for data: counted before the offer is parsed.
-        let lines = |kind: &str| offer.sdp.lines().filter(|line| line.strip_prefix("m=").is_some_and(|m| m.starts_with(kind))).count();
-        let (media_lines, data_lines) = (lines("audio") + lines("video"), lines("application"));
-        if media_lines > self.limits.tracks_per_participant || data_lines > 1 {
-            tracing::info!(participant = id, media_lines, data_lines, "refused a publisher offer with more media lines than tracks allowed");
+        // A media line per track, and one for data: counted before the offer is parsed. A
+        // single connection's lines to receive on have their own bound.
+        let counted = single::count_lines(&offer.sdp);
+        let (media_lines, data_lines) = if participant.single() { (counted.sending, counted.data) } else { (counted.sending + counted.receiving, counted.data) };
+        if media_lines > self.limits.tracks_per_participant || data_lines > 1 || (participant.single() && counted.receiving > single::RECEIVING_LINES_MAX) {
+            tracing::info!(participant = id, media_lines, data_lines, receiving = counted.receiving, "refused a publisher offer with more media lines than allowed");
             return;
         }
         let parsed = match SdpOffer::from_sdp_string(&offer.sdp) {
@@ -20,9 +21,11 @@ impl Sfu {
                 return;
             }
         };
+        let single = participant.single();
         match participant.publisher.sdp_api().accept_offer(parsed) {
             Ok(answer) => {
-                let answer = lk::SessionDescription { r#type: "answer".to_owned(), sdp: answer.to_sdp_string(), id: offer.id, ..Default::default() };
+                let (sdp, mid_to_track_id) = if single { self.bind_lines(id, &answer.to_sdp_string()) } else { (answer.to_sdp_string(), HashMap::new()) };
+                let answer = lk::SessionDescription { r#type: "answer".to_owned(), sdp, id: offer.id, mid_to_track_id };
                 self.signals.push_back((id, response(lk::signal_response::Message::Answer(answer))));
             }
             Err(error) => tracing::info!(participant = id, %error, "a publisher offer was refused"),
@@ -31,16 +34,16 @@ impl Sfu {
 
     pub(crate) fn subscriber_answer(&mut self, id: ParticipantId, answer: &lk::SessionDescription) {
         let Some(participant) = self.participants.get_mut(&id) else { return };
+        // A single connection's client answers nothing: it always offers.
+        let Some(subscriber) = participant.subscriber.as_mut() else { return };
         let Some(pending) = participant.subscriber_pending.take() else { return };
-        let accepted = SdpAnswer::from_sdp_string(&answer.sdp).map_err(|e| e.to_string()).and_then(|parsed| participant.subscriber.sdp_api().accept_answer(pending, parsed).map_err(|e| e.to_string()));
+        let accepted = SdpAnswer::from_sdp_string(&answer.sdp).map_err(|e| e.to_string()).and_then(|parsed| subscriber.sdp_api().accept_answer(pending, parsed).map_err(|e| e.to_string()));
         match accepted {
             Ok(()) => {
                 for down in &mut participant.down {
                     if let DownState::Negotiating(mid) = down.state {
                         down.state = DownState::Open(mid);
-                        if let Some(stream) = participant.subscriber.direct_api().stream_tx_by_mid(mid, None) {
-                            stream.set_rtx_cache(RTX_MAX_PACKETS, RTX_HISTORY, RTX_RATIO_CAP);
-                        }
+                        keep_for_resends(subscriber, mid);
                     }
                 }
                 if !participant.to_stop.is_empty() || participant.down.iter().any(|d| d.state == DownState::ToOpen) {
@@ -207,16 +210,22 @@ impl Sfu {
     }
 
     /// Offers the subscriber connection what changed: down tracks waiting for it, media lines
-    /// to remove. One offer at a time; what comes meanwhile waits for the answer.
+    /// to remove. One offer at a time; what comes meanwhile waits for the answer. A single
+    /// connection's client is asked for an offer instead.
     pub(crate) fn negotiate(&mut self, id: ParticipantId) {
+        if self.participants.get(&id).is_some_and(Participant::single) {
+            self.ask_for_lines(id);
+            return;
+        }
         let sids: HashMap<ParticipantId, String> = self.participants.iter().map(|(pid, p)| (*pid, p.info.sid.clone())).collect();
         let Some(participant) = self.participants.get_mut(&id) else { return };
+        let Some(subscriber) = participant.subscriber.as_mut() else { return };
         let channels_due = participant.subscriber_channels.is_none() && self.data_rooms.contains(&participant.room);
         let changes_due = channels_due || participant.ice_restart_due || !participant.to_stop.is_empty() || participant.down.iter().any(|d| d.state == DownState::ToOpen);
         if participant.subscriber_pending.is_some() || !changes_due {
             return;
         }
-        let mut changes = participant.subscriber.sdp_api();
+        let mut changes = subscriber.sdp_api();
         if std::mem::take(&mut participant.ice_restart_due) {
             changes.ice_restart(true);
         }
@@ -258,5 +267,12 @@ impl Sfu {
         let offer = lk::SessionDescription { r#type: "offer".to_owned(), sdp: offer.to_sdp_string(), id: offer_id, ..Default::default() };
         participant.last_offer = Some(offer.clone());
         self.signals.push_back((id, response(lk::signal_response::Message::Offer(offer))));
+    }
+}
+
+/// A down track's media line keeps what NACKs may ask for again ([`RTX_HISTORY`]).
+pub(crate) fn keep_for_resends(rtc: &mut Rtc, mid: Mid) {
+    if let Some(stream) = rtc.direct_api().stream_tx_by_mid(mid, None) {
+        stream.set_rtx_cache(RTX_MAX_PACKETS, RTX_HISTORY, RTX_RATIO_CAP);
     }
 }

@@ -148,9 +148,9 @@ fn a_dropped_participant_resumes_unseen_and_one_who_does_not_is_gone_after_the_w
     assert!(!net.clients[ana].signals[seen_by_ana..].iter().any(|m| matches!(m, lk::signal_response::Message::Update(_))), "ana saw someone go");
 
     // Only Ben's own sid and identity resume him.
-    assert_eq!(net.sfu.resume(net.now, "call", "ben", &carl_sid, Vec::new()), None);
-    assert_eq!(net.sfu.resume(net.now, "call", "carl", &ben_sid, Vec::new()), None);
-    assert_eq!(net.sfu.resume(net.now, "call", "ben", &ben_sid, Vec::new()), Some(ben_id));
+    assert_eq!(net.sfu.resume(net.now, "call", "ben", &carl_sid, false, Vec::new()), None);
+    assert_eq!(net.sfu.resume(net.now, "call", "carl", &ben_sid, false, Vec::new()), None);
+    assert_eq!(net.sfu.resume(net.now, "call", "ben", &ben_sid, false, Vec::new()), Some(ben_id));
     let frames = net.clients[ben].frames;
     tone.speak(&mut net, 200);
     assert!(matches!(net.clients[ben].signals.iter().rev().find(|m| matches!(m, lk::signal_response::Message::Reconnect(_))), Some(_)), "no reconnect response");
@@ -183,6 +183,85 @@ fn an_unpublished_track_is_announced_and_its_media_stops() {
     let frames = net.clients[ben].frames;
     tone.speak(&mut net, 100);
     assert_eq!(net.clients[ben].frames, frames, "media of an unpublished track still arrives");
+}
+
+/// LiveKit's single peer connection (`/rtc/v1`): Ben publishes and receives on one connection
+/// and always offers. Each track he gets goes on a line to receive on that he offered, named
+/// for it in our answer; for more tracks than his spare lines he is asked for more; a line
+/// whose track stopped is made inactive with his next offer; data comes on his own channels.
+#[test]
+fn a_single_connection_gets_each_track_on_a_line_it_offered_named_for_the_track() {
+    use lk::signal_response::Message;
+    let mut net = Network::new();
+    let ana = net.join("ana", true);
+    net.step(TICK);
+    let mut ana_tone = Tone::published(&mut net, ana, "ana-mic");
+    ana_tone.speak(&mut net, 20);
+    let ben = net.join_single("ben", true);
+    ana_tone.speak(&mut net, 200);
+    let answers = |net: &Network| -> Vec<lk::SessionDescription> { net.clients[ben].signals.iter().filter_map(|m| match m { Message::Answer(a) => Some(a.clone()), _ => None }).collect() };
+    let section = |sdp: &str, mid: &str| sdp.split("m=").find(|s| s.contains(&format!("a=mid:{mid}\r\n"))).map(str::to_owned).unwrap_or_default();
+    let ana_track = published_track(&net, ana);
+    let first = answers(&net)[0].clone();
+    let (ana_mid, track) = first.mid_to_track_id.iter().next().expect("a line named in the answer to the join's offer");
+    assert_eq!((first.mid_to_track_id.len(), track), (1, &ana_track.sid));
+    let stream = format!("{}|{}", sid_of(&net, ana), ana_track.sid);
+    assert!(section(&first.sdp, ana_mid).contains(&format!("a=sendonly\r\na=msid:{stream} {}\r\n", ana_track.sid)), "{}", first.sdp);
+    assert_eq!(first.sdp.matches("a=inactive").count(), 1, "his spare video line carries nothing: {}", first.sdp);
+    assert!(!net.clients[ben].signals.iter().any(|m| matches!(m, Message::Offer(_) | Message::MediaSectionsRequirement(_))), "he offered enough lines, and we never offer");
+    assert!(net.clients[ben].frames > 100, "ben got {} frames", net.clients[ben].frames);
+
+    // Cara publishes two tones: Ben's one audio line is taken, so he is asked for more.
+    let cara = net.join("cara", true);
+    net.step(TICK);
+    let mut cara_tones = ["cara-1", "cara-2"].map(|name| {
+        let tone = Tone::published(&mut net, cara, name);
+        net.step(TICK);
+        tone
+    });
+    for tone in &mut cara_tones {
+        tone.speak(&mut net, 100);
+    }
+    let asked: Vec<(u32, u32)> = net.clients[ben].signals.iter().filter_map(|m| match m { Message::MediaSectionsRequirement(r) => Some((r.num_audios, r.num_videos)), _ => None }).collect();
+    assert_eq!(asked.iter().map(|(audios, videos)| (audios, videos)).fold((0, 0), |sum, (a, v)| (sum.0 + a, sum.1 + v)), (2, 0), "{asked:?}");
+    for tone in &mut cara_tones {
+        let frames = net.clients[ben].frames;
+        tone.speak(&mut net, 100);
+        assert!(net.clients[ben].frames > frames + 50, "ben got {} frames of one of cara's tones", net.clients[ben].frames - frames);
+    }
+    assert_eq!(answers(&net).last().unwrap().mid_to_track_id.len(), 3);
+
+    // Cara's data reaches Ben on the channel of that label he opened himself.
+    let channels = net.open_channels(cara, &["_reliable"]);
+    for _ in 0..200 {
+        net.step(TICK);
+    }
+    if let Some(mut channel) = net.clients[cara].publisher.channel(channels[0]) {
+        channel.write(true, &user_packet(10)).expect("written");
+    }
+    for _ in 0..20 {
+        net.step(TICK);
+    }
+    assert_eq!(net.clients[ben].data.len(), 1, "the room's first packet reaches a single connection's own channel");
+
+    // Ana stops her tone: Ben is asked for an offer, whose answer makes her line inactive.
+    let asked_before = asked.len();
+    net.unpublish(ana, ana_tone.mid);
+    ana_tone.speak(&mut net, 50);
+    let last = answers(&net).last().cloned().unwrap();
+    assert!(net.clients[ben].signals.iter().filter(|m| matches!(m, Message::MediaSectionsRequirement(_))).count() > asked_before);
+    assert!(section(&last.sdp, ana_mid).contains("a=inactive\r\n") && !last.mid_to_track_id.contains_key(ana_mid), "{}", last.sdp);
+    let frames = net.clients[ben].frames;
+    ana_tone.speak(&mut net, 100);
+    assert_eq!(net.clients[ben].frames, frames);
+
+    // He resumes only as he joined: on a single connection.
+    let (ben_id, ben_sid) = (net.clients[ben].id, sid_of(&net, ben));
+    net.sfu.detach(net.now, ben_id);
+    assert_eq!(net.sfu.resume(net.now, "call", "ben", &ben_sid, false, Vec::new()), None);
+    assert_eq!(net.sfu.resume(net.now, "call", "ben", &ben_sid, true, Vec::new()), Some(ben_id));
+    net.step(TICK);
+    assert!(!net.clients[ben].signals.iter().any(|m| matches!(m, Message::Offer(_))), "an offer to a single connection");
 }
 
 /// Ana publishes a tone, which Ben hears: the network, their indexes and her tone.

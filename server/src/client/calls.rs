@@ -25,6 +25,8 @@ pub(super) fn routes(router: Router<AppState>) -> Router<AppState> {
         .route(&format!("{SERVICE_PATH}/sfu/get"), post(sfu_get))
         .route("/rtc", axum::routing::get(crate::livekit::signal::rtc))
         .route("/rtc/validate", axum::routing::get(crate::livekit::signal::validate))
+        .route("/rtc/v1", axum::routing::get(crate::livekit::signal::rtc_v1))
+        .route("/rtc/v1/validate", axum::routing::get(crate::livekit::signal::validate_v1))
         .route("/twirp/livekit.RoomService/{method}", post(crate::livekit::room_service::room_service))
         .route("/_limbic/client/v1/sessions/{room_id}/recording", axum::routing::put(set_recording))
         .route("/_limbic/client/v1/sessions/{room_id}/recordings", axum::routing::get(list_recordings))

@@ -47,8 +47,8 @@ impl Cors {
 
 /// Paths that answer every origin: the Matrix APIs browser clients call, and the MatrixRTC
 /// call services Element Call (a page on its own origin) calls with tokens it got from them.
-const MATRIX_PREFIXES: [&str; 5] =
-    ["/_matrix/client/", "/_matrix/media/", "/.well-known/matrix/", "/_limbic/calls/", "/rtc/validate"];
+const MATRIX_PREFIXES: [&str; 6] =
+    ["/_matrix/client/", "/_matrix/media/", "/.well-known/matrix/", "/_limbic/calls/", "/rtc/validate", "/rtc/v1/validate"];
 
 /// Methods and request headers as Synapse allows them (the spec's list, plus HEAD and Date).
 fn allowed_requests(layer: CorsLayer) -> CorsLayer {

@@ -1,6 +1,6 @@
-//! LiveKit's signalling endpoint: `/rtc` (a WebSocket of protobuf `SignalRequest` and
-//! `SignalResponse` frames) and `/rtc/validate`. Clients first try the single-connection
-//! `/rtc/v1`, which is not served: its 404 makes them use `/rtc`.
+//! LiveKit's signalling endpoints: `/rtc` (a WebSocket of protobuf `SignalRequest` and
+//! `SignalResponse` frames; two peer connections per participant), `/rtc/v1` (the same with
+//! one peer connection, the join request in the URL), and their `/validate`.
 
 use std::time::Instant;
 
@@ -32,6 +32,67 @@ pub struct RtcQuery {
     reconnect: Option<String>,
     /// The participant sid a reconnecting SDK resumes.
     sid: Option<String>,
+    /// `/rtc/v1`: a `WrappedJoinRequest`, base64url.
+    join_request: Option<String>,
+}
+
+/// How a client joins or resumes: from `/rtc`'s query, or from `/rtc/v1`'s join request.
+struct Joining {
+    reconnect: bool,
+    /// The participant sid a reconnecting SDK resumes.
+    sid: Option<String>,
+    auto_subscribe: bool,
+    single_connection: bool,
+    /// `/rtc/v1`: the client's first offer.
+    offer: Option<lk::SessionDescription>,
+}
+
+impl Joining {
+    fn of_query(query: &RtcQuery) -> Self {
+        Self {
+            reconnect: query.reconnect.as_deref() == Some("1"),
+            sid: query.sid.clone(),
+            auto_subscribe: query.auto_subscribe.as_deref() != Some("0"),
+            single_connection: false,
+            offer: None,
+        }
+    }
+
+    /// `/rtc/v1`'s join request: a `WrappedJoinRequest` in base64url (padded, as LiveKit's SDKs
+    /// send it, or not), whose `JoinRequest` may be gzipped; it is bounded as signalling
+    /// messages are. Without connection settings, nothing is subscribed to automatically (as
+    /// LiveKit has it).
+    fn of_join_request(query: &RtcQuery, largest: usize) -> Result<Self, Response> {
+        use base64::Engine as _;
+        use std::io::Read as _;
+        let bad = |why: &str| (StatusCode::BAD_REQUEST, format!("unreadable join_request: {why}")).into_response();
+        let Some(encoded) = query.join_request.as_deref() else {
+            return Err((StatusCode::BAD_REQUEST, "join_request is required").into_response());
+        };
+        if encoded.len() > largest.saturating_mul(2) {
+            return Err(bad("too long"));
+        }
+        let wrapped = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(encoded.trim_end_matches('=')).map_err(|e| bad(&e.to_string()))?;
+        let wrapped = lk::WrappedJoinRequest::decode(wrapped.as_slice()).map_err(|e| bad(&e.to_string()))?;
+        let bytes = if wrapped.compression == lk::wrapped_join_request::Compression::Gzip as i32 {
+            let mut bytes = Vec::new();
+            flate2::read::GzDecoder::new(wrapped.join_request.as_slice()).take(largest as u64 + 1).read_to_end(&mut bytes).map_err(|e| bad(&e.to_string()))?;
+            if bytes.len() > largest {
+                return Err(bad("too long"));
+            }
+            bytes
+        } else {
+            wrapped.join_request
+        };
+        let request = lk::JoinRequest::decode(bytes.as_slice()).map_err(|e| bad(&e.to_string()))?;
+        Ok(Self {
+            reconnect: request.reconnect,
+            sid: Some(request.participant_sid).filter(|sid| !sid.is_empty()),
+            auto_subscribe: request.connection_settings.is_some_and(|settings| settings.auto_subscribe),
+            single_connection: true,
+            offer: request.publisher_offer,
+        })
+    }
 }
 
 /// The call token, from `Authorization: Bearer` (LiveKit's Rust and Python SDKs) or
@@ -90,15 +151,32 @@ async fn room_in_call(server: &Server, sfu: &crate::calls::media::SfuHandle, cla
 }
 
 pub async fn validate(State(server): State<AppState>, headers: HeaderMap, Query(query): Query<RtcQuery>) -> Response {
-    let claims = match claims(&server, &headers, &query) {
+    check(&server, &headers, &query).await
+}
+
+/// `/rtc/v1/validate`: as `/rtc/validate`, and the join request must be readable.
+pub async fn validate_v1(State(server): State<AppState>, headers: HeaderMap, Query(query): Query<RtcQuery>) -> Response {
+    let checked = check(&server, &headers, &query).await;
+    if checked.status() != StatusCode::OK {
+        return checked;
+    }
+    match Joining::of_join_request(&query, server.calls.config.max_signal_message_bytes) {
+        Ok(_) => checked,
+        Err(refused) => refused,
+    }
+}
+
+/// Whether the client would be let into its call now: 200 `success`, or why not.
+async fn check(server: &Server, headers: &HeaderMap, query: &RtcQuery) -> Response {
+    let claims = match claims(server, headers, query) {
         Ok(claims) => claims,
         Err(refused) => return refused,
     };
-    if let Err(refused) = served_here(&server, &claims, false).await {
+    if let Err(refused) = served_here(server, &claims, false).await {
         return refused;
     }
     if let Some(sfu) = server.calls.sfu.get()
-        && let Err(refused) = room_in_call(&server, sfu, &claims).await
+        && let Err(refused) = room_in_call(server, sfu, &claims).await
     {
         return refused;
     }
@@ -113,20 +191,37 @@ pub async fn rtc(State(server): State<AppState>, headers: HeaderMap, Query(query
         Ok(claims) => claims,
         Err(refused) => return refused,
     };
+    connect(server, claims, Joining::of_query(&query), upgrade).await
+}
+
+/// `/rtc/v1`: LiveKit's single peer connection, the join request (with the client's first
+/// offer) in the URL.
+pub async fn rtc_v1(State(server): State<AppState>, headers: HeaderMap, Query(query): Query<RtcQuery>, upgrade: WebSocketUpgrade) -> Response {
+    let claims = match claims(&server, &headers, &query) {
+        Ok(claims) => claims,
+        Err(refused) => return refused,
+    };
+    match Joining::of_join_request(&query, server.calls.config.max_signal_message_bytes) {
+        Ok(joining) => connect(server, claims, joining, upgrade).await,
+        Err(refused) => refused,
+    }
+}
+
+/// A join (or a resume) of the holder of `claims`, on a signalling WebSocket.
+async fn connect(server: AppState, claims: Claims, joining: Joining, upgrade: WebSocketUpgrade) -> Response {
     let Some(sfu) = server.calls.sfu.get().cloned() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "calls are not running on this server").into_response();
     };
     if let Err(refused) = served_here(&server, &claims, true).await {
         return refused;
     }
-    let reconnect = query.reconnect.as_deref() == Some("1");
+    let reconnect = joining.reconnect;
     // A resuming participant is still counted in their call.
     if !reconnect
         && let Err(refused) = room_in_call(&server, &sfu, &claims).await
     {
         return refused;
     }
-    let auto_subscribe = query.auto_subscribe.as_deref() != Some("0");
     // A recorded call goes on only while everyone in it consents.
     let room = claims.matrix_room.clone();
     let recorded = sfu.run(move |sfu, _| sfu.is_recording(room.as_str())).await == Some(true);
@@ -136,7 +231,7 @@ pub async fn rtc(State(server): State<AppState>, headers: HeaderMap, Query(query
     {
         crate::calls::recording::stop_without_consent(&*server, &claims.matrix_room, &user, true).await;
     }
-    let resumed_sid = query.sid.filter(|_| reconnect);
+    let resumed_sid = joining.sid.clone().filter(|_| reconnect);
     // Bigger messages are refused before they are read in.
     let largest = server.calls.config.max_signal_message_bytes;
     // Signalling messages are small: tungstenite's 128 KiB buffers per connection are not
@@ -144,9 +239,9 @@ pub async fn rtc(State(server): State<AppState>, headers: HeaderMap, Query(query
     let upgrade = upgrade.read_buffer_size(SIGNAL_BUFFER_BYTES).write_buffer_size(SIGNAL_BUFFER_BYTES);
     upgrade.max_message_size(largest).max_frame_size(largest).on_upgrade(move |socket| async move {
         match resumed_sid {
-            Some(sid) => resume(socket, &server, sfu, claims, sid).await,
+            Some(sid) => resume(socket, &server, sfu, claims, sid, joining.single_connection).await,
             None if reconnect => refuse_resume(socket).await,
-            None => session(socket, &server, sfu, claims, auto_subscribe).await,
+            None => session(socket, &server, sfu, claims, joining).await,
         }
     })
 }
@@ -201,20 +296,21 @@ fn ice_servers(server: &Server, user: &str) -> Vec<lk::IceServer> {
     server.calls.turn.credentials(user).map(|c| lk::IceServer { urls: c.uris, username: c.username, credential: c.password }).into_iter().collect()
 }
 
-async fn session(socket: WebSocket, server: &Server, sfu: crate::calls::media::SfuHandle, claims: Claims, auto_subscribe: bool) {
+async fn session(socket: WebSocket, server: &Server, sfu: crate::calls::media::SfuHandle, claims: Claims, joining: Joining) {
     let (to, from_sfu) = mpsc::unbounded_channel();
-    let options = JoinOptions { auto_subscribe, ice_servers: ice_servers(server, &claims.matrix_user) };
+    let single_connection = joining.single_connection;
+    let options = JoinOptions { auto_subscribe: joining.auto_subscribe, ice_servers: ice_servers(server, &claims.matrix_user), single_connection, offer: joining.offer };
     let connection = to.downgrade();
     let Some(id) = sfu.join(claims.grant(), options, to).await else { return };
-    tracing::info!(room = %claims.matrix_room, identity = %claims.sub, participant = id, "joined a call");
+    tracing::info!(room = %claims.matrix_room, identity = %claims.sub, participant = id, single_connection, "joined a call");
     converse(socket, server, &sfu, &claims, id, (connection, from_sfu)).await;
 }
 
 /// LiveKit's resume: the participant `sid` (of this token's identity and call) goes on over
 /// this connection, or, if they are gone, is told to join afresh.
-async fn resume(socket: WebSocket, server: &Server, sfu: crate::calls::media::SfuHandle, claims: Claims, sid: String) {
+async fn resume(socket: WebSocket, server: &Server, sfu: crate::calls::media::SfuHandle, claims: Claims, sid: String, single_connection: bool) {
     let (to, from_sfu) = mpsc::unbounded_channel();
-    let resumption = Resumption { room: claims.video.room.clone(), identity: claims.sub.clone(), sid, ice_servers: ice_servers(server, &claims.matrix_user) };
+    let resumption = Resumption { room: claims.video.room.clone(), identity: claims.sub.clone(), sid, single_connection, ice_servers: ice_servers(server, &claims.matrix_user) };
     let connection = to.downgrade();
     let Some(id) = sfu.resume(resumption, to).await else {
         refuse_resume(socket).await;

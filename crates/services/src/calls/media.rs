@@ -54,6 +54,8 @@ pub struct Resumption {
     pub room: String,
     pub identity: String,
     pub sid: String,
+    /// Resumed over LiveKit's single peer connection (`/rtc/v1`), as they must have joined.
+    pub single_connection: bool,
     pub ice_servers: Vec<lk::IceServer>,
 }
 
@@ -288,8 +290,8 @@ async fn run(mut io: Io, mut sfu: Sfu, mut commands: mpsc::UnboundedReceiver<Com
                         let _ = joined.send(id);
                     }
                     Some(Command::Resume { resumption, to, resumed }) => {
-                        let Resumption { room, identity, sid, ice_servers } = *resumption;
-                        let id = sfu.resume(now, &room, &identity, &sid, ice_servers);
+                        let Resumption { room, identity, sid, single_connection, ice_servers } = *resumption;
+                        let id = sfu.resume(now, &room, &identity, &sid, single_connection, ice_servers);
                         if let Some(id) = id {
                             participants.insert(id, to);
                         }
