@@ -1,7 +1,8 @@
 """The SFU benchmark's load client (`limbic-sfu-load`, scripts/bench-sfu) against Limbic: its
 publishers and subscribers get call tokens through the Matrix API, join over LiveKit's
-signalling and exchange simulcast VP8 and Opus, and what it reports is sound: every down-track
-flows, nothing is lost, each video down-track gets the best layer, latencies are measured.
+signalling (over `/rtc/v1`, and over `/rtc`) and exchange simulcast VP8 and Opus, and what it
+reports is sound: every down-track flows, nothing is lost, each video down-track gets the best
+layer, latencies are measured.
 This keeps the benchmark's instrument working (Janus is not installed where the tests run).
 
 The module uses conftest's per-module `server`.
@@ -33,18 +34,20 @@ def primary_address() -> str:
         return probe.getsockname()[0]
 
 
-def test_the_load_client_measures_a_call_through_limbic(server, tmp_path: Path):
+@pytest.mark.parametrize("two_connections", [False, True], ids=["rtc-v1", "rtc"])
+def test_the_load_client_measures_a_call_through_limbic(server, tmp_path: Path, two_connections: bool):
     load = _binary().with_name("limbic-sfu-load")
     assert load.exists(), f"{load} is not built (scripts/test builds it)"
     figures = tmp_path / "load.jsonl"
     done = subprocess.run(
         [str(load), "--limbic", server.url, "--pid", str(server.proc.pid), "--publishers", str(PUBLISHERS),
          "--subscribers", str(SUBSCRIBERS), "--warm-up", "2", "--seconds", "3", "--address", primary_address(),
-         "--json", str(figures)],
+         "--json", str(figures)] + (["--two-connections"] if two_connections else []),
         capture_output=True, text=True, timeout=120, env={**os.environ, "RUST_BACKTRACE": "1"},
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("| limbic | 12 (2×3, 12 flowing) |"), done.stdout
+    label = "limbic-rtc" if two_connections else "limbic"
+    assert done.stdout.startswith(f"| {label} | 12 (2×3, 12 flowing) |"), done.stdout
     result = json.loads(figures.read_text().splitlines()[-1])
     assert result["down_tracks"] == result["down_tracks_flowing"] == PUBLISHERS * SUBSCRIBERS * 2
     assert result["loss"] < 0.02, result

@@ -1,6 +1,9 @@
 //! The load's participants in a Limbic call: Matrix users who join one room and get call tokens
-//! from Limbic's token service, then LiveKit signalling over `/rtc` as LiveKit's SDKs speak it
-//! (join, `add_track` and an offer to publish; the SFU's offers answered to subscribe).
+//! from Limbic's token service, then LiveKit signalling as LiveKit's SDKs speak it: over
+//! `/rtc/v1`, one connection each (the first offer, of lines to receive on, in the join request;
+//! `add_track` and an offer to publish; an offer with more lines whenever the SFU asks), or over
+//! `/rtc`, two (join, `add_track` and an offer to publish; the SFU's offers answered to
+//! subscribe).
 
 use std::{sync::Arc, time::Duration};
 
@@ -33,11 +36,15 @@ pub struct CallToken {
     url: String,
 }
 
-/// A participant in the call: its connections, kept alive by its signalling task.
+/// A participant in the call: its connections (the same one twice on a single connection),
+/// kept alive by its signalling task.
 pub struct Participant {
     pub publisher: Option<Arc<Peer>>,
     pub subscriber: Arc<Peer>,
 }
+
+/// The lines to receive on of each kind that LiveKit's SDKs offer first on a single connection.
+const FIRST_LINES: usize = 3;
 
 impl Limbic {
     pub async fn new(base: &str) -> Result<Self, LoadError> {
@@ -90,8 +97,12 @@ struct Account {
 
 impl Participant {
     /// Joins the call with `token`: publishing simulcast video and audio as publisher number
-    /// `publish` (with those layers' frame sizes), or subscribed to everyone.
-    pub async fn join(shared: &Arc<Shared>, token: &CallToken, publish: Option<(u16, [usize; 3])>) -> Result<Self, LoadError> {
+    /// `publish` (with those layers' frame sizes), or subscribed to everyone; over `/rtc/v1`
+    /// (`single_connection`) or `/rtc`.
+    pub async fn join(shared: &Arc<Shared>, token: &CallToken, publish: Option<(u16, [usize; 3])>, single_connection: bool) -> Result<Self, LoadError> {
+        if single_connection {
+            return Self::join_single(shared, token, publish).await;
+        }
         let auto_subscribe = u8::from(publish.is_none());
         let url = format!("{}/rtc?access_token={}&auto_subscribe={auto_subscribe}&protocol=16", token.url.trim_end_matches('/'), token.jwt);
         let (mut socket, _) = tokio_tungstenite::connect_async(url).await?;
@@ -110,10 +121,46 @@ impl Participant {
                 Some(Arc::new(peer))
             }
         };
-        let ping_every = Duration::from_secs(u64::try_from(join.ping_interval).unwrap_or(0).clamp(1, 30));
-        tokio::spawn(signalling(socket, publisher.clone(), subscriber.clone(), ping_every));
+        tokio::spawn(signalling(socket, publisher.clone(), subscriber.clone(), ping_every(&join)));
         Ok(Self { publisher, subscriber })
     }
+
+    async fn join_single(shared: &Arc<Shared>, token: &CallToken, publish: Option<(u16, [usize; 3])>) -> Result<Self, LoadError> {
+        use base64::Engine as _;
+        let (peer, offer) = Peer::single(shared.clone(), FIRST_LINES).await?;
+        let peer = Arc::new(peer);
+        let request = lk::JoinRequest {
+            connection_settings: Some(lk::ConnectionSettings { auto_subscribe: publish.is_none(), ..Default::default() }),
+            publisher_offer: Some(lk::SessionDescription { r#type: "offer".into(), sdp: offer, id: 1, ..Default::default() }),
+            ..Default::default()
+        };
+        let wrapped = lk::WrappedJoinRequest { compression: lk::wrapped_join_request::Compression::None as i32, join_request: request.encode_to_vec() };
+        let join_request = base64::engine::general_purpose::URL_SAFE.encode(wrapped.encode_to_vec()).replace('=', "%3D");
+        let url = format!("{}/rtc/v1?access_token={}&join_request={join_request}", token.url.trim_end_matches('/'), token.jwt);
+        let (mut socket, _) = tokio_tungstenite::connect_async(url).await?;
+        let join = match next(&mut socket).await? {
+            Some(lk::signal_response::Message::Join(join)) => join,
+            _ => return Err(LoadError::Protocol("the first signalling message is not a join response")),
+        };
+        // The answer to the first offer comes before anything is published.
+        match next(&mut socket).await? {
+            Some(lk::signal_response::Message::Answer(answer)) => peer.accept_answer(answer.sdp).await.map_err(LoadError::Negotiation)?,
+            _ => return Err(LoadError::Protocol("the join's offer is not answered next")),
+        }
+        if let Some((index, frame_bytes)) = publish {
+            send(&mut socket, lk::signal_request::Message::AddTrack(lk::AddTrackRequest { cid: "audio".into(), name: "audio".into(), r#type: lk::TrackType::Audio as i32, ..Default::default() })).await?;
+            send(&mut socket, lk::signal_request::Message::AddTrack(video_track())).await?;
+            let offer = peer.offer_to_publish(index, frame_bytes).await.map_err(LoadError::Negotiation)?;
+            send(&mut socket, lk::signal_request::Message::Offer(lk::SessionDescription { r#type: "offer".into(), sdp: offer, id: 2, ..Default::default() })).await?;
+        }
+        tokio::spawn(signalling(socket, Some(peer.clone()), peer.clone(), ping_every(&join)));
+        Ok(Self { publisher: publish.map(|_| peer.clone()), subscriber: peer })
+    }
+}
+
+/// How often to ping, as the join response says.
+fn ping_every(join: &lk::JoinResponse) -> Duration {
+    Duration::from_secs(u64::try_from(join.ping_interval).unwrap_or(0).clamp(1, 30))
 }
 
 /// The camera track as LiveKit's SDKs announce a simulcast one: its three layers.
@@ -149,9 +196,11 @@ async fn next(socket: &mut Socket) -> Result<Option<lk::signal_response::Message
     Ok(None)
 }
 
-/// Answers the SFU's offers and takes its answers, and pings, until the server closes.
+/// Answers the SFU's offers and takes its answers, offers a single connection's lines when the
+/// SFU asks for them, and pings, until the server closes.
 async fn signalling(mut socket: Socket, publisher: Option<Arc<Peer>>, subscriber: Arc<Peer>, ping_every: Duration) {
     let mut ping = tokio::time::interval(ping_every);
+    let mut offers = 10;
     loop {
         let message = tokio::select! {
             message = next(&mut socket) => message,
@@ -166,6 +215,13 @@ async fn signalling(mut socket: Socket, publisher: Option<Arc<Peer>>, subscriber
         let outcome = match message {
             Ok(Some(lk::signal_response::Message::Offer(offer))) => match subscriber.accept_offer(offer.sdp).await {
                 Ok(sdp) => send(&mut socket, lk::signal_request::Message::Answer(lk::SessionDescription { r#type: "answer".into(), sdp, id: offer.id, ..Default::default() })).await,
+                Err(refused) => Err(LoadError::Negotiation(refused)),
+            },
+            Ok(Some(lk::signal_response::Message::MediaSectionsRequirement(wanted))) => match subscriber.offer_to_receive(wanted.num_audios, wanted.num_videos).await {
+                Ok(sdp) => {
+                    offers += 1;
+                    send(&mut socket, lk::signal_request::Message::Offer(lk::SessionDescription { r#type: "offer".into(), sdp, id: offers, ..Default::default() })).await
+                }
                 Err(refused) => Err(LoadError::Negotiation(refused)),
             },
             Ok(Some(lk::signal_response::Message::Answer(answer))) => match &publisher {

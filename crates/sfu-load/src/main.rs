@@ -2,7 +2,9 @@
 //!
 //! P publishers each send simulcast VP8 (three layers) and Opus; S subscribers each receive
 //! every publisher's audio and video: P × S × 2 down-tracks. Against Limbic the participants
-//! are Matrix users with call tokens who speak LiveKit's signalling; against Janus they use the
+//! are Matrix users with call tokens who speak LiveKit's signalling (over `/rtc/v1`, one
+//! connection each, as LiveKit's SDKs do now; `--two-connections`: over `/rtc`, two); against
+//! Janus they use the
 //! VideoRoom plugin's HTTP API. Every frame carries its send time, so each subscriber measures
 //! loss and latency: from the write on the publisher to the kernel receiving the frame's first
 //! datagram for the subscriber (the publisher's str0m and the loopback included, the same for
@@ -68,6 +70,10 @@ struct Args {
     /// Where to append the figures as a JSON line.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Against Limbic: join over `/rtc`, two connections per participant (as LiveKit's SDKs
+    /// did before `/rtc/v1`), not over `/rtc/v1`, one each (as they do now).
+    #[arg(long)]
+    two_connections: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -158,7 +164,7 @@ async fn run(args: &Args) -> Result<serde_json::Value, LoadError> {
     for index in 0..args.publishers {
         let peer = match &target {
             Target::Limbic { publishers: tokens, .. } => {
-                let participant = livekit::Participant::join(&shared, &tokens[usize::from(index)], Some((index, frame_bytes))).await?;
+                let participant = livekit::Participant::join(&shared, &tokens[usize::from(index)], Some((index, frame_bytes)), !args.two_connections).await?;
                 participant.publisher.ok_or(LoadError::Protocol("a publisher without a publisher connection"))?
             }
             Target::Janus(janus, room) => {
@@ -175,7 +181,7 @@ async fn run(args: &Args) -> Result<serde_json::Value, LoadError> {
     for index in 0..args.subscribers {
         let started = Instant::now();
         let peer = match &target {
-            Target::Limbic { subscribers: tokens, .. } => livekit::Participant::join(&shared, &tokens[index], None).await?.subscriber,
+            Target::Limbic { subscribers: tokens, .. } => livekit::Participant::join(&shared, &tokens[index], None, !args.two_connections).await?.subscriber,
             Target::Janus(janus, room) => janus.subscribe(&shared, *room, &feeds).await?.peer,
         };
         subscribers.push(Subscriber { started, peer });
@@ -243,7 +249,7 @@ fn figures(args: &Args, target: &Target, publishers: &[Arc<Peer>], subscribers: 
     let video_down_tracks = (usize::from(args.publishers) * subscribers.len()).max(1);
     let ms = |us: u32| f64::from(us) / 1000.0;
     json!({
-        "server": match target { Target::Limbic { .. } => "limbic", Target::Janus(..) => "janus" },
+        "server": match target { Target::Limbic { .. } if args.two_connections => "limbic-rtc", Target::Limbic { .. } => "limbic", Target::Janus(..) => "janus" },
         "publishers": args.publishers,
         "subscribers": subscribers.len(),
         "down_tracks": down_tracks,

@@ -101,6 +101,11 @@ pub struct Peer {
 enum Command {
     Offer(String, oneshot::Sender<Result<String, String>>),
     Answer(String, oneshot::Sender<Result<(), String>>),
+    /// Lines to receive on (audio, video): the offer that adds them.
+    Receive(u32, u32, oneshot::Sender<Result<String, String>>),
+    /// Starts publishing as publisher number `.0` with those frame sizes: the offer that adds
+    /// the audio and simulcast video lines.
+    Publish(u16, [usize; 3], oneshot::Sender<Result<String, String>>),
 }
 
 /// How far a publisher is in its media.
@@ -122,16 +127,24 @@ impl Peer {
     pub async fn publisher(shared: Arc<Shared>, publisher: u16, frame_bytes: [usize; 3]) -> io::Result<(Self, String)> {
         let (mut rtc, socket) = connection(shared.address).await?;
         let mut changes = rtc.sdp_api();
-        let audio = changes.add_media(MediaKind::Audio, Direction::SendOnly, Some("load".into()), Some("audio".into()), None);
-        let mut simulcast = Simulcast::new();
-        for rid in RIDS {
-            simulcast.add_send_layer(SimulcastLayer::new(rid));
-        }
-        let video = changes.add_media(MediaKind::Video, Direction::SendOnly, Some("load".into()), Some("video".into()), Some(simulcast));
+        let (audio, video) = publishing_lines(&mut changes);
         let (offer, pending) = changes.apply().expect("an offer of two media lines");
-        let start = Instant::now() + VIDEO_EVERY.mul_f64(f64::from(publisher % 16) / 16.0);
-        let sending = Sending { publisher, audio, video, frame_bytes, next_audio: start, next_video: start, frames: 0, audio_packets: 0, keyframe_due: [start; 3] };
+        let sending = Sending::new(publisher, audio, video, frame_bytes);
         Ok((Self::start(shared, rtc, socket, Some(pending), Some(sending)), offer.to_sdp_string()))
+    }
+
+    /// A single connection (LiveKit's `/rtc/v1`) and its first offer: `lines` lines to receive
+    /// on of each kind, as LiveKit's SDKs offer them before they publish anything.
+    pub async fn single(shared: Arc<Shared>, lines: usize) -> io::Result<(Self, String)> {
+        let (mut rtc, socket) = connection(shared.address).await?;
+        let mut changes = rtc.sdp_api();
+        for kind in [MediaKind::Audio, MediaKind::Video] {
+            for _ in 0..lines {
+                changes.add_media(kind, Direction::RecvOnly, None, None, None);
+            }
+        }
+        let (offer, pending) = changes.apply().expect("an offer of lines to receive on");
+        Ok((Self::start(shared, rtc, socket, Some(pending), None), offer.to_sdp_string()))
     }
 
     /// A connection that takes the SFU's offers and receives.
@@ -155,6 +168,16 @@ impl Peer {
     /// Takes the other side's answer to this publisher's offer.
     pub async fn accept_answer(&self, sdp: String) -> Result<(), String> {
         self.ask(|reply| Command::Answer(sdp, reply)).await
+    }
+
+    /// The offer of a single connection asked for more lines to receive on.
+    pub async fn offer_to_receive(&self, audios: u32, videos: u32) -> Result<String, String> {
+        self.ask(|reply| Command::Receive(audios, videos, reply)).await
+    }
+
+    /// The offer of a single connection that starts publishing.
+    pub async fn offer_to_publish(&self, publisher: u16, frame_bytes: [usize; 3]) -> Result<String, String> {
+        self.ask(|reply| Command::Publish(publisher, frame_bytes, reply)).await
     }
 
     /// Hands the connection's task a command and waits for its reply.
@@ -293,6 +316,28 @@ impl Driver {
                     .map(|answer| answer.to_sdp_string());
                 let _ = reply.send(answer);
             }
+            Command::Receive(audios, videos, reply) => {
+                let mut changes = self.rtc.sdp_api();
+                for (kind, count) in [(MediaKind::Audio, audios), (MediaKind::Video, videos)] {
+                    for _ in 0..count {
+                        changes.add_media(kind, Direction::RecvOnly, None, None, None);
+                    }
+                }
+                // str0m offers only a change: asked for an offer alone, it adds a spare line.
+                if audios + videos == 0 {
+                    changes.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
+                }
+                let _ = reply.send(offer(changes, &mut self.pending));
+            }
+            Command::Publish(publisher, frame_bytes, reply) => {
+                let mut changes = self.rtc.sdp_api();
+                let (audio, video) = publishing_lines(&mut changes);
+                let offer = offer(changes, &mut self.pending);
+                if offer.is_ok() {
+                    self.sending = Some(Sending::new(publisher, audio, video, frame_bytes));
+                }
+                let _ = reply.send(offer);
+            }
             Command::Answer(sdp, reply) => {
                 let accepted = match (self.pending.take(), SdpAnswer::from_sdp_string(&sdp)) {
                     (None, _) => Err("no offer is pending".to_owned()),
@@ -353,4 +398,30 @@ fn write(rtc: &mut Rtc, mid: Mid, codec: Codec, rid: Option<Rid>, now: Instant, 
         None => writer,
     };
     writer.write(pt, now, time, frame).is_ok()
+}
+
+/// A publisher's lines: audio, and video in the simulcast layers `RIDS`.
+fn publishing_lines(changes: &mut str0m::change::SdpApi<'_>) -> (Mid, Mid) {
+    let audio = changes.add_media(MediaKind::Audio, Direction::SendOnly, Some("load".into()), Some("audio".into()), None);
+    let mut simulcast = Simulcast::new();
+    for rid in RIDS {
+        simulcast.add_send_layer(SimulcastLayer::new(rid));
+    }
+    let video = changes.add_media(MediaKind::Video, Direction::SendOnly, Some("load".into()), Some("video".into()), Some(simulcast));
+    (audio, video)
+}
+
+impl Sending {
+    /// Publisher number `publisher` starts; publishers are spread over a frame time by their index.
+    fn new(publisher: u16, audio: Mid, video: Mid, frame_bytes: [usize; 3]) -> Self {
+        let start = Instant::now() + VIDEO_EVERY.mul_f64(f64::from(publisher % 16) / 16.0);
+        Self { publisher, audio, video, frame_bytes, next_audio: start, next_video: start, frames: 0, audio_packets: 0, keyframe_due: [start; 3] }
+    }
+}
+
+/// The offer of `changes`, whose answer is then awaited (`pending`).
+fn offer(changes: str0m::change::SdpApi<'_>, pending: &mut Option<SdpPendingOffer>) -> Result<String, String> {
+    let (offer, waiting) = changes.apply().ok_or("nothing to offer")?;
+    *pending = Some(waiting);
+    Ok(offer.to_sdp_string())
 }
