@@ -22,7 +22,7 @@ use serde_json::value::RawValue;
 use crate::{
     calls::{
         self,
-        sfu::{ParticipantId, Sfu, loopback},
+        sfu::{JoinOptions, ParticipantId, Sfu, loopback},
     },
     clinic::appointments,
     events::{PduBuilder, PduPlacement, SUPPORTED_ROOM_VERSIONS, ServerSigningKey, build_pdu, redact_stored, rules_for},
@@ -181,6 +181,58 @@ pub fn livekit_signal(data: &[u8]) {
     });
 }
 
+thread_local! {
+    /// A call where a publisher's audio and video are published, for each join request's
+    /// participant to be bound to; kept as `CALL` is.
+    static PUBLISHED: RefCell<Option<(Sfu, Instant, u32)>> = const { RefCell::new(None) };
+}
+
+/// `/rtc/v1`'s `join_request` (the query value), decoded as the handler does, and its join
+/// (or resume) on a single connection in a call where a publisher's tracks wait: the SFU
+/// answers the offer in it, binding the tracks to its lines; then the participant leaves.
+pub fn join_request(data: &[u8]) {
+    let Ok(encoded) = std::str::from_utf8(data) else { return };
+    let Ok(request) = crate::livekit::signal::decode_join_request(encoded, crate::config::CallsConfig::default().max_signal_message_bytes) else { return };
+    PUBLISHED.with_borrow_mut(|state| {
+        let (sfu, now, inputs) = state.get_or_insert_with(|| {
+            let (sfu, now) = published_call();
+            (sfu, now, 0)
+        });
+        *inputs += 1;
+        let grant = loopback::grant("ana", "call", true);
+        let id = if request.reconnect {
+            sfu.resume(*now, "call", "ana", &request.participant_sid, true, Vec::new())
+        } else {
+            let options = JoinOptions { auto_subscribe: request.connection_settings.is_some_and(|s| s.auto_subscribe), single_connection: true, offer: request.publisher_offer, ..JoinOptions::default() };
+            Some(sfu.join(*now, &grant, &options))
+        };
+        *now += Duration::from_millis(5);
+        sfu.timeout(*now);
+        while sfu.poll_signal().is_some() || sfu.poll_transmit().is_some() || sfu.poll_gone().is_some() {}
+        if let Some(id) = id {
+            sfu.leave(*now, id);
+        }
+        if *inputs >= INPUTS_PER_SFU {
+            *state = None;
+        }
+    });
+}
+
+/// An SFU where Ben published audio and video, connected over the in-memory network (a
+/// track is published once its connection is up).
+fn published_call() -> (Sfu, Instant) {
+    use str0m::media::MediaKind;
+    let mut net = loopback::Network::new();
+    let ben = net.join("ben", true);
+    for (kind, name) in [(MediaKind::Audio, "mic"), (MediaKind::Video, "cam")] {
+        net.publish(ben, kind, name);
+        for _ in 0..40 {
+            net.step(Duration::from_millis(5));
+        }
+    }
+    (net.sfu, net.now)
+}
+
 /// A call token (`/rtc` and `/rtc/validate`), verified as `Calls::verify` does.
 pub fn call_token(data: &[u8]) {
     static KEY: LazyLock<DecodingKey> = LazyLock::new(|| DecodingKey::from_secret(CALL_SECRET));
@@ -267,11 +319,12 @@ fn sign(room_id: &ruma::RoomId, sender: &ruma::UserId, builder: PduBuilder) {
 }
 
 /// The harnesses by name, as the libFuzzer targets in `fuzz/` are named.
-pub const HARNESSES: [(&str, fn(&[u8])); 7] = [
+pub const HARNESSES: [(&str, fn(&[u8])); 8] = [
     ("pdu", pdu),
     ("federation_transaction", federation_transaction),
     ("x_matrix", x_matrix),
     ("livekit_signal", livekit_signal),
+    ("join_request", join_request),
     ("call_token", call_token),
     ("appointment_link", appointment_link),
     ("plugin_boundary", plugin_boundary),
@@ -296,6 +349,7 @@ pub fn seeds(harness: &str) -> Vec<Vec<u8>> {
             vec![header, other_key, format!("X-Matrix origin=\"{ORIGIN}\",key=\"ed25519:fuzz\",sig=\"AAAA\"").into_bytes()]
         }
         "livekit_signal" => seed_signals(),
+        "join_request" => seed_join_requests(),
         "call_token" => {
             let key = jsonwebtoken::EncodingKey::from_secret(CALL_SECRET);
             let video = calls::VideoGrant { room_join: true, room: "call".into(), can_publish: true, can_subscribe: true, can_publish_data: true, room_admin: false, room_record: false };
@@ -348,6 +402,42 @@ fn seed_pdus() -> Vec<String> {
     }
     pdus.push(pdus[0].replace("hello", "HELLO"));
     pdus
+}
+
+/// `/rtc/v1` join requests, gzipped and not: a client's real first offer (data channels and a
+/// line to receive on of each kind, from str0m), without settings, and a resume.
+fn seed_join_requests() -> Vec<Vec<u8>> {
+    use base64::Engine as _;
+    use lk::wrapped_join_request::Compression;
+    use std::io::Write as _;
+    use str0m::media::{Direction, MediaKind};
+    let mut rtc = str0m::Rtc::builder().build(Instant::now());
+    let mut changes = rtc.sdp_api();
+    changes.add_channel("_reliable".into());
+    for kind in [MediaKind::Audio, MediaKind::Video] {
+        changes.add_media(kind, Direction::RecvOnly, None, None, None);
+    }
+    let (offer, _) = changes.apply().expect("an offer");
+    let offer = lk::SessionDescription { r#type: "offer".into(), sdp: offer.to_sdp_string(), id: 1, ..Default::default() };
+    let settings = lk::ConnectionSettings { auto_subscribe: true, ..Default::default() };
+    let encode = |request: lk::JoinRequest, compression: Compression| {
+        let bytes = request.encode_to_vec();
+        let join_request = if compression == Compression::Gzip {
+            let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            encoder.write_all(&bytes).expect("gzipped");
+            encoder.finish().expect("gzipped")
+        } else {
+            bytes
+        };
+        base64::engine::general_purpose::URL_SAFE.encode(lk::WrappedJoinRequest { compression: compression as i32, join_request }.encode_to_vec()).into_bytes()
+    };
+    let joining = lk::JoinRequest { publisher_offer: Some(offer.clone()), connection_settings: Some(settings), ..Default::default() };
+    vec![
+        encode(joining.clone(), Compression::None),
+        encode(joining, Compression::Gzip),
+        encode(lk::JoinRequest { publisher_offer: Some(offer), ..Default::default() }, Compression::None),
+        encode(lk::JoinRequest { reconnect: true, participant_sid: "PA_x".into(), ..Default::default() }, Compression::None),
+    ]
 }
 
 /// LiveKit signalling frames: a publisher's real SDP offer with its tracks, ICE candidates,
@@ -520,6 +610,27 @@ mod tests {
     #[test]
     fn fuzz_smoke_livekit_signal() {
         smoke("livekit_signal", livekit_signal, 2000);
+    }
+
+    #[test]
+    fn the_seed_join_request_gets_the_published_tracks_on_its_lines() {
+        let (mut sfu, now) = published_call();
+        let encoded = String::from_utf8(seeds("join_request")[0].clone()).expect("base64");
+        let request = crate::livekit::signal::decode_join_request(&encoded, 1 << 20).expect("a readable join request");
+        let options = JoinOptions { auto_subscribe: true, single_connection: true, offer: request.publisher_offer, ..JoinOptions::default() };
+        let ana = sfu.join(now, &loopback::grant("ana", "call", true), &options);
+        let mut bound = None;
+        while let Some((id, response)) = sfu.poll_signal() {
+            if let (true, Some(lk::signal_response::Message::Answer(answer))) = (id == ana, response.message) {
+                bound = Some(answer.mid_to_track_id.len());
+            }
+        }
+        assert_eq!(bound, Some(2), "Ben's audio and video on Ana's two lines");
+    }
+
+    #[test]
+    fn fuzz_smoke_join_request() {
+        smoke("join_request", join_request, 1000);
     }
 
     #[test]

@@ -36,6 +36,44 @@ pub struct RtcQuery {
     join_request: Option<String>,
 }
 
+/// Why `/rtc/v1`'s join request could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum UnreadableJoinRequest {
+    #[error("more than {0} bytes")]
+    TooLong(usize),
+    #[error("not base64url: {0}")]
+    Base64(#[from] base64::DecodeError),
+    #[error("not a join request: {0}")]
+    Protobuf(#[from] prost::DecodeError),
+    #[error("not gzip: {0}")]
+    Gzip(#[from] std::io::Error),
+}
+
+/// `/rtc/v1`'s `join_request`: a `WrappedJoinRequest` in base64url (padded, as LiveKit's SDKs
+/// send it, or not), whose `JoinRequest` may be gzipped. Bounded as signalling messages are
+/// (`largest`), encoded and inflated: a small gzip that inflates beyond it is refused once it
+/// has, not read to its end.
+pub fn decode_join_request(encoded: &str, largest: usize) -> Result<lk::JoinRequest, UnreadableJoinRequest> {
+    use base64::Engine as _;
+    use std::io::Read as _;
+    if encoded.len() > largest.saturating_mul(2) {
+        return Err(UnreadableJoinRequest::TooLong(largest));
+    }
+    let wrapped = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(encoded.trim_end_matches('='))?;
+    let wrapped = lk::WrappedJoinRequest::decode(wrapped.as_slice())?;
+    let bytes = if wrapped.compression == lk::wrapped_join_request::Compression::Gzip as i32 {
+        let mut bytes = Vec::new();
+        flate2::read::GzDecoder::new(wrapped.join_request.as_slice()).take(largest as u64 + 1).read_to_end(&mut bytes)?;
+        if bytes.len() > largest {
+            return Err(UnreadableJoinRequest::TooLong(largest));
+        }
+        bytes
+    } else {
+        wrapped.join_request
+    };
+    Ok(lk::JoinRequest::decode(bytes.as_slice())?)
+}
+
 /// How a client joins or resumes: from `/rtc`'s query, or from `/rtc/v1`'s join request.
 struct Joining {
     reconnect: bool,
@@ -58,33 +96,13 @@ impl Joining {
         }
     }
 
-    /// `/rtc/v1`'s join request: a `WrappedJoinRequest` in base64url (padded, as LiveKit's SDKs
-    /// send it, or not), whose `JoinRequest` may be gzipped; it is bounded as signalling
-    /// messages are. Without connection settings, nothing is subscribed to automatically (as
-    /// LiveKit has it).
+    /// `/rtc/v1`'s join request ([`decode_join_request`]). Without connection settings,
+    /// nothing is subscribed to automatically (as LiveKit has it).
     fn of_join_request(query: &RtcQuery, largest: usize) -> Result<Self, Response> {
-        use base64::Engine as _;
-        use std::io::Read as _;
-        let bad = |why: &str| (StatusCode::BAD_REQUEST, format!("unreadable join_request: {why}")).into_response();
         let Some(encoded) = query.join_request.as_deref() else {
             return Err((StatusCode::BAD_REQUEST, "join_request is required").into_response());
         };
-        if encoded.len() > largest.saturating_mul(2) {
-            return Err(bad("too long"));
-        }
-        let wrapped = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(encoded.trim_end_matches('=')).map_err(|e| bad(&e.to_string()))?;
-        let wrapped = lk::WrappedJoinRequest::decode(wrapped.as_slice()).map_err(|e| bad(&e.to_string()))?;
-        let bytes = if wrapped.compression == lk::wrapped_join_request::Compression::Gzip as i32 {
-            let mut bytes = Vec::new();
-            flate2::read::GzDecoder::new(wrapped.join_request.as_slice()).take(largest as u64 + 1).read_to_end(&mut bytes).map_err(|e| bad(&e.to_string()))?;
-            if bytes.len() > largest {
-                return Err(bad("too long"));
-            }
-            bytes
-        } else {
-            wrapped.join_request
-        };
-        let request = lk::JoinRequest::decode(bytes.as_slice()).map_err(|e| bad(&e.to_string()))?;
+        let request = decode_join_request(encoded, largest).map_err(|error| (StatusCode::BAD_REQUEST, format!("unreadable join_request: {error}")).into_response())?;
         Ok(Self {
             reconnect: request.reconnect,
             sid: Some(request.participant_sid).filter(|sid| !sid.is_empty()),
@@ -414,4 +432,40 @@ async fn converse(mut socket: WebSocket, server: &Server, sfu: &crate::calls::me
 fn refreshed_token(server: &Server, claims: &Claims) -> Option<String> {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
     server.calls.refresh(claims, now).inspect_err(|error| tracing::warn!(%error, "could not refresh a call token")).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine as _;
+    use std::io::Write as _;
+
+    fn encoded(join_request: Vec<u8>, compression: lk::wrapped_join_request::Compression) -> String {
+        base64::engine::general_purpose::URL_SAFE.encode(lk::WrappedJoinRequest { compression: compression as i32, join_request }.encode_to_vec())
+    }
+
+    fn gzipped(bytes: &[u8]) -> Vec<u8> {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        encoder.write_all(bytes).unwrap();
+        encoder.finish().unwrap()
+    }
+
+    #[test]
+    fn a_join_request_is_read_gzipped_or_not_padded_or_not_and_bounded_inflated() {
+        use lk::wrapped_join_request::Compression;
+        let request = lk::JoinRequest { reconnect: true, participant_sid: "PA_x".into(), ..Default::default() };
+        for text in [encoded(request.encode_to_vec(), Compression::None), encoded(gzipped(&request.encode_to_vec()), Compression::Gzip)] {
+            assert_eq!(decode_join_request(&text, 1024).unwrap(), request);
+            assert_eq!(decode_join_request(text.trim_end_matches('='), 1024).unwrap(), request);
+        }
+        // 2 MiB of metadata gzip to a few KB: refused once 1 MiB is inflated.
+        let big = lk::JoinRequest { metadata: "x".repeat(2 << 20), ..Default::default() }.encode_to_vec();
+        let bomb = encoded(gzipped(&big), Compression::Gzip);
+        assert!(bomb.len() < 16 * 1024, "{}", bomb.len());
+        assert!(matches!(decode_join_request(&bomb, 1 << 20), Err(UnreadableJoinRequest::TooLong(_))));
+        assert!(matches!(decode_join_request(&"A".repeat(3 << 20), 1 << 20), Err(UnreadableJoinRequest::TooLong(_))));
+        assert!(matches!(decode_join_request("%%%", 1024), Err(UnreadableJoinRequest::Base64(_))));
+        assert!(matches!(decode_join_request(&encoded(vec![0xff; 4], Compression::None), 1024), Err(UnreadableJoinRequest::Protobuf(_))));
+        assert!(matches!(decode_join_request(&encoded(vec![1, 2, 3], Compression::Gzip), 1024), Err(UnreadableJoinRequest::Gzip(_))));
+    }
 }
