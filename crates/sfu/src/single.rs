@@ -22,6 +22,9 @@ pub(crate) struct Lines {
     retired: HashSet<Mid>,
     /// The client was asked for an offer (`media_sections_requirement`) it has not sent yet.
     pub(crate) asked: bool,
+    /// An offer of the client's was answered: until then its lines are not known, and its
+    /// first offer comes unasked (in the join request, or from a browser right after `join`).
+    answered: bool,
 }
 
 /// An SDP's media lines: those the client sends on, receives on (or neither, inactive), and
@@ -125,6 +128,7 @@ impl Sfu {
         let sids: HashMap<ParticipantId, String> = self.participants.iter().map(|(pid, p)| (*pid, p.info.sid.clone())).collect();
         let Some(participant) = self.participants.get_mut(&id) else { return (answer.to_owned(), HashMap::new()) };
         participant.lines.asked = false;
+        participant.lines.answered = true;
         // The offer answered with these lines inactive is the one their stops waited for.
         participant.lines.retired.extend(participant.to_stop.drain(..));
         let bound: HashSet<Mid> = participant.down.iter().filter_map(|d| d.state.mid()).collect();
@@ -149,14 +153,15 @@ impl Sfu {
         (name_lines(answer, &carried), tracks)
     }
 
-    /// Asks a single connection's client for an offer, once at a time: with as many more lines
+    /// Asks a single connection's client for an offer, once at a time and not before its first
+    /// was answered: with as many more lines
     /// to receive on as its waiting down tracks need beyond its spare ones (none, when an offer
     /// is all it takes: to bind spare lines, or to make stopped ones inactive).
     pub(crate) fn ask_for_lines(&mut self, id: ParticipantId) {
         let Some(participant) = self.participants.get_mut(&id) else { return };
         let waiting = |kind: MediaKind| participant.down.iter().filter(|d| d.state == DownState::ToOpen && d.kind == kind).count();
         let spare = |kind: MediaKind| participant.lines.spare.iter().filter(|(_, k)| *k == kind).count();
-        if participant.lines.asked || (waiting(MediaKind::Audio) + waiting(MediaKind::Video) == 0 && participant.to_stop.is_empty()) {
+        if participant.lines.asked || !participant.lines.answered || (waiting(MediaKind::Audio) + waiting(MediaKind::Video) == 0 && participant.to_stop.is_empty()) {
             return;
         }
         let needed = |kind: MediaKind| u32::try_from(waiting(kind).saturating_sub(spare(kind))).unwrap_or(u32::MAX);

@@ -264,6 +264,23 @@ fn a_single_connection_gets_each_track_on_a_line_it_offered_named_for_the_track(
     assert!(!net.clients[ben].signals.iter().any(|m| matches!(m, Message::Offer(_))), "an offer to a single connection");
 }
 
+/// A single connection's client whose first offer comes after `join` (LiveKit's JavaScript SDK
+/// in Firefox) is not asked for lines before it: that offer has the SDK's own.
+#[test]
+fn a_single_connection_is_asked_for_nothing_before_its_first_offer() {
+    use lk::signal_response::Message;
+    let (mut net, ..) = ana_speaks_to_ben();
+    let options = crate::JoinOptions { auto_subscribe: true, single_connection: true, ..crate::JoinOptions::default() };
+    let cara = net.sfu.join(net.now, &crate::loopback::grant("cara", "call", false), &options);
+    net.sfu.timeout(net.now + TICK);
+    let mut told = Vec::new();
+    while let Some((id, response)) = net.sfu.poll_signal() {
+        told.extend(response.message.filter(|_| id == cara));
+    }
+    assert!(matches!(told.first(), Some(Message::Join(_))), "{told:?}");
+    assert!(!told.iter().any(|m| matches!(m, Message::MediaSectionsRequirement(_) | Message::Offer(_) | Message::Answer(_))), "{told:?}");
+}
+
 /// Ana publishes a tone, which Ben hears: the network, their indexes and her tone.
 fn ana_speaks_to_ben() -> (Network, usize, usize, Tone) {
     let mut net = Network::new();
