@@ -65,21 +65,22 @@ fn sections(sdp: &str) -> impl Iterator<Item = Vec<&str>> {
     parts.into_iter()
 }
 
-/// Our answer with each line we send on named by the track it carries (`carried`: mid to
-/// stream id), and those that carry nothing inactive, unnamed.
-fn name_lines(answer: &str, carried: &HashMap<String, String>) -> String {
+/// Our answer with each line we send on named by the track it carries (`carried`: mid to the
+/// publisher's and the track's sids; the stream id is `<publisher>|<track>`, the track id the
+/// track's sid), and those that carry nothing inactive, unnamed.
+fn name_lines(answer: &str, carried: &HashMap<String, (String, String)>) -> String {
     let mut named = String::with_capacity(answer.len());
     for section in sections(answer) {
         let sending = section.contains(&"a=sendonly");
         let track = section.iter().find_map(|line| line.strip_prefix("a=mid:")).and_then(|mid| carried.get(mid));
         for line in section {
             match (sending, track) {
-                (true, Some(stream)) => {
+                (true, Some((publisher, track))) => {
                     // `a=msid:<stream> <track>`, and the same in each `a=ssrc:<ssrc> msid:` line.
                     if line.starts_with("a=msid:") {
-                        named.push_str(&format!("a=msid:{stream} {}", track_of(stream)));
+                        named.push_str(&format!("a=msid:{publisher}|{track} {track}"));
                     } else if let Some((ssrc, _)) = line.strip_prefix("a=ssrc:").and_then(|rest| rest.split_once(" msid:")) {
-                        named.push_str(&format!("a=ssrc:{ssrc} msid:{stream} {}", track_of(stream)));
+                        named.push_str(&format!("a=ssrc:{ssrc} msid:{publisher}|{track} {track}"));
                     } else {
                         named.push_str(line);
                     }
@@ -99,11 +100,6 @@ fn name_lines(answer: &str, carried: &HashMap<String, String>) -> String {
         }
     }
     named
-}
-
-/// The track id of a stream id `PA_…|TR_…`: the track's sid.
-fn track_of(stream: &str) -> &str {
-    stream.rsplit_once('|').map_or(stream, |(_, track)| track)
 }
 
 /// The lines of our answer we send on (the client's lines to receive on), with their kind.
@@ -140,23 +136,20 @@ impl Sfu {
             keep_for_resends(&mut participant.publisher, mid);
         }
         participant.lines.spare = spare;
-        let carried: HashMap<String, String> = participant
-            .down
-            .iter()
-            .filter_map(|d| Some((d.state.mid()?.to_string(), format!("{}|{}", sids.get(&d.publisher)?, d.track_sid))))
-            .collect();
-        let tracks = participant.down.iter().filter_map(|d| Some((d.state.mid()?.to_string(), d.track_sid.clone()))).collect();
+        let carried: HashMap<String, (String, String)> =
+            participant.down.iter().filter_map(|d| Some((d.state.mid()?.to_string(), (sids.get(&d.publisher)?.clone(), d.track_sid.clone())))).collect();
         if participant.down.iter().any(|d| d.state == DownState::ToOpen) {
             self.to_negotiate.insert(id);
         }
         self.dirty.insert((id, Pc::Publisher));
+        let tracks = carried.iter().map(|(mid, (_, track))| (mid.clone(), track.clone())).collect();
         (name_lines(answer, &carried), tracks)
     }
 
     /// Asks a single connection's client for an offer, once at a time and not before its first
-    /// was answered: with as many more lines
-    /// to receive on as its waiting down tracks need beyond its spare ones (none, when an offer
-    /// is all it takes: to bind spare lines, or to make stopped ones inactive).
+    /// was answered: with as many more lines to receive on as its waiting down tracks need
+    /// beyond its spare ones (none, when an offer is all it takes: to bind spare lines, or to
+    /// make stopped ones inactive).
     pub(crate) fn ask_for_lines(&mut self, id: ParticipantId) {
         let Some(participant) = self.participants.get_mut(&id) else { return };
         let waiting = |kind: MediaKind| participant.down.iter().filter(|d| d.state == DownState::ToOpen && d.kind == kind).count();
@@ -183,7 +176,7 @@ mod tests {
 
     #[test]
     fn lines_are_named_by_their_tracks_and_those_without_one_made_inactive() {
-        let carried = HashMap::from([("0".to_owned(), "PA_ana|TR_mic".to_owned())]);
+        let carried = HashMap::from([("0".to_owned(), ("PA_ana".to_owned(), "TR_mic".to_owned()))]);
         let named = name_lines(ANSWER, &carried);
         let section = |mid: &str| named.split("m=").find(|s| s.contains(&format!("a=mid:{mid}\r\n"))).unwrap().to_owned();
         assert!(section("0").contains("a=sendonly\r\na=msid:PA_ana|TR_mic TR_mic\r\n") && section("0").contains("a=ssrc:11 msid:PA_ana|TR_mic TR_mic\r\n"), "{named}");
