@@ -213,24 +213,79 @@ struct Io {
     tcp_peers: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
 }
 
+/// How many datagrams one `sendmmsg` takes at most.
+const DATAGRAMS_PER_CALL: usize = 64;
+
 impl Io {
-    fn send(&self, outgoing: Outgoing) {
-        let Outgoing { proto, destination, contents } = outgoing;
-        match proto {
-            Protocol::Udp => {
-                if let Err(error) = self.socket.try_send_to(&contents, destination) {
-                    tracing::debug!(%destination, %error, "a datagram was not sent");
-                }
+    /// Sends what the SFU has to send: the datagrams in batches of one system call each (a
+    /// frame goes to every subscriber at once), the TCP frames to their connections' tasks.
+    fn send_all(&self, sfu: &mut Sfu) {
+        let mut datagrams: Vec<Outgoing> = Vec::new();
+        while let Some(outgoing) = sfu.poll_transmit() {
+            if outgoing.proto != Protocol::Udp {
+                self.send_tcp(outgoing);
+                continue;
             }
-            _ => {
-                if let Some(peer) = self.tcp_peers.get(&destination)
-                    && peer.try_send(contents).is_err()
-                {
-                    tracing::debug!(%destination, "a TCP frame was not sent: the connection is behind or closed");
+            datagrams.push(outgoing);
+            if datagrams.len() == DATAGRAMS_PER_CALL {
+                self.send_datagrams(&datagrams);
+                datagrams.clear();
+            }
+        }
+        self.send_datagrams(&datagrams);
+    }
+
+    fn send_tcp(&self, outgoing: Outgoing) {
+        let destination = outgoing.destination;
+        if let Some(peer) = self.tcp_peers.get(&destination)
+            && peer.try_send(outgoing.contents).is_err()
+        {
+            tracing::debug!(%destination, "a TCP frame was not sent: the connection is behind or closed");
+        }
+    }
+
+    /// Datagrams sent with `sendmmsg`, as many per call as it takes; one the kernel refuses
+    /// (or that would block) is dropped, as a lost datagram is, and the rest go on.
+    fn send_datagrams(&self, datagrams: &[Outgoing]) {
+        let addresses: Vec<socket2::SockAddr> = datagrams.iter().map(|d| socket2::SockAddr::from(d.destination)).collect();
+        let mut next = 0;
+        while next < datagrams.len() {
+            match send_many(&self.socket, &datagrams[next..], &addresses[next..]) {
+                Ok(sent) => next += sent.max(1),
+                Err(error) => {
+                    tracing::debug!(destination = %datagrams[next].destination, %error, "a datagram was not sent");
+                    next += 1;
                 }
             }
         }
     }
+}
+
+/// One `sendmmsg` of `datagrams` to `addresses`: how many the kernel took (at least one), or
+/// why it took not even the first.
+fn send_many(socket: &UdpSocket, datagrams: &[Outgoing], addresses: &[socket2::SockAddr]) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut iovecs: Vec<libc::iovec> = datagrams.iter().map(|d| libc::iovec { iov_base: d.contents.as_ptr() as *mut libc::c_void, iov_len: d.contents.len() }).collect();
+    let mut headers: Vec<libc::mmsghdr> = iovecs
+        .iter_mut()
+        .zip(addresses)
+        .map(|(iovec, address)| {
+            // SAFETY: an all-zero `msghdr` is valid (no control data, no flags).
+            let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+            header.msg_name = address.as_ptr() as *mut libc::c_void;
+            header.msg_namelen = address.len();
+            header.msg_iov = iovec;
+            header.msg_iovlen = 1;
+            libc::mmsghdr { msg_hdr: header, msg_len: 0 }
+        })
+        .collect();
+    let count = libc::c_uint::try_from(headers.len()).unwrap_or(libc::c_uint::MAX);
+    socket.try_io(tokio::io::Interest::WRITABLE, || {
+        // SAFETY: each header points at an address and an iovec (of a datagram's bytes) that
+        // outlive the call; `count` is at most the headers' number.
+        let sent = unsafe { libc::sendmmsg(socket.as_raw_fd(), headers.as_mut_ptr(), count, 0) };
+        usize::try_from(sent).map_err(|_| std::io::Error::last_os_error())
+    })
 }
 
 /// The address peers send media to: the announced one, else the sockets' (for an unspecified
@@ -258,9 +313,7 @@ async fn run(mut io: Io, mut sfu: Sfu, mut commands: mpsc::UnboundedReceiver<Com
     loop {
         // Until nothing is left: a participant's going makes news for the others.
         loop {
-            while let Some(outgoing) = sfu.poll_transmit() {
-                io.send(outgoing);
-            }
+            io.send_all(&mut sfu);
             while let Some((id, response)) = sfu.poll_signal() {
                 if let Some(to) = participants.get(&id) {
                     let _ = to.send(ToParticipant::Signal(response));
@@ -325,5 +378,36 @@ async fn run(mut io: Io, mut sfu: Sfu, mut commands: mpsc::UnboundedReceiver<Com
             },
             () = tokio::time::sleep_until(deadline.into()) => sfu.timeout(Instant::now()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch whose second datagram the kernel refuses (a broadcast address, without
+    /// `SO_BROADCAST`): it alone is dropped, the ones before and after it arrive.
+    #[tokio::test]
+    async fn a_datagram_the_kernel_refuses_drops_out_of_its_batch_alone() {
+        let sender = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let receiver = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let to = receiver.local_addr().unwrap();
+        let datagram = |destination: SocketAddr, byte: u8| Outgoing { proto: Protocol::Udp, destination, contents: vec![byte; 10] };
+        let refused = SocketAddr::from((Ipv4Addr::BROADCAST, to.port()));
+        let batch = [datagram(to, 1), datagram(refused, 2), datagram(to, 3)];
+        let addresses: Vec<socket2::SockAddr> = batch.iter().map(|d| socket2::SockAddr::from(d.destination)).collect();
+        // Writable as tokio knows it: the SFU's socket is, once its task has run.
+        sender.writable().await.unwrap();
+        let error = send_many(&sender, &batch[1..], &addresses[1..]).expect_err("the broadcast address is refused");
+        assert_eq!(error.kind(), std::io::ErrorKind::PermissionDenied, "{error}");
+        let io = Io { socket: sender, addresses: MediaAddresses { udp: to, tcp: None }, tcp_frames: mpsc::channel(1).1, tcp_connections: mpsc::unbounded_channel().1, tcp_peers: HashMap::new() };
+        io.send_datagrams(&batch);
+        let mut buffer = [0u8; 64];
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let (length, _) = tokio::time::timeout(Duration::from_secs(5), receiver.recv_from(&mut buffer)).await.expect("a datagram").unwrap();
+            got.push(buffer[..length].to_vec());
+        }
+        assert_eq!(got, [vec![1; 10], vec![3; 10]]);
     }
 }
