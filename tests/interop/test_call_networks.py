@@ -569,13 +569,16 @@ async def watched_through_a_limit(namespace: str, publisher: rtc.Room, stop: asy
     widest = max(max(second, default=0) for second in seconds())
     shaped(namespace, "400kbit")
     mark = len(reported)
-    # Settled on a lower layer, the video goes on: 6 to 16 s after the limit, frames every
-    # second and at least 8 of its 20 a second on average. (Before that it adapts.) The
-    # connection's first try for more comes in that time, 10 s after its estimate fell
-    # short (spec/calls.md): a try the link cannot carry must not stop the picture.
+    # Settled on a lower layer, the video goes on: 4 to 16 s after the limit, at least 8 of
+    # its 20 frames every second. (Before that it adapts: the picture stops while the estimate
+    # falls and the lower layer's keyframe comes. When the SFU held video in str0m's pacer,
+    # the keyframe waited behind up to 2 s of the old layer's packets, and the picture came
+    # back at full rate only 6 to 7 s after the limit.) The connection's first try for more
+    # comes in that time, 10 s after its estimate fell short (spec/calls.md): a try the link
+    # cannot carry must not stop the picture.
     await until("16 s through 400 kbit/s", lambda: len(reported) >= mark + 16, timeout=30)
-    settled = seconds()[mark + 6:mark + 16]
-    assert all(settled) and sum(sum(second.values()) for second in settled) >= 80 and max(max(second) for second in settled) < widest, \
+    settled = seconds()[mark + 4:mark + 16]
+    assert all(sum(second.values()) >= 8 for second in settled) and max(max(second) for second in settled) < widest, \
         f"frames decoded each second through 400 kbit/s, by width: {seconds()[mark:]}"
     shaped(namespace, None)
     mark = len(reported)

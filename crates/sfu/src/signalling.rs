@@ -43,7 +43,7 @@ impl Sfu {
                 for down in &mut participant.down {
                     if let DownState::Negotiating(mid) = down.state {
                         down.state = DownState::Open(mid);
-                        keep_for_resends(subscriber, mid);
+                        open_down_line(subscriber, mid);
                     }
                 }
                 if !participant.to_stop.is_empty() || participant.down.iter().any(|d| d.state == DownState::ToOpen) {
@@ -270,9 +270,16 @@ impl Sfu {
     }
 }
 
-/// A down track's media line keeps what NACKs may ask for again ([`RTX_HISTORY`]).
-pub(crate) fn keep_for_resends(rtc: &mut Rtc, mid: Mid) {
+/// A down track's media line: it keeps what NACKs may ask for again ([`RTX_HISTORY`]), and
+/// sends each packet as it comes, video too. The publisher paced its packets already; held in
+/// str0m's pacer at the subscriber's estimate (which lags a link that narrows), video queued
+/// for up to two seconds, and after a switch to a lower layer its keyframe waited behind the
+/// old layer's packets: the picture stopped for seconds. Sent at once, what a narrowed link
+/// cannot carry is lost instead, which brings the estimate down sooner, and the lower layer's
+/// keyframe goes out as soon as it comes.
+pub(crate) fn open_down_line(rtc: &mut Rtc, mid: Mid) {
     if let Some(stream) = rtc.direct_api().stream_tx_by_mid(mid, None) {
         stream.set_rtx_cache(RTX_MAX_PACKETS, RTX_HISTORY, RTX_RATIO_CAP);
+        stream.set_unpaced(true);
     }
 }

@@ -7,7 +7,7 @@
 //! once it is named. A line whose track stopped is never bound again: the client keeps it,
 //! inactive.
 
-use super::{signalling::keep_for_resends, *};
+use super::{signalling::open_down_line, *};
 
 /// How many lines to receive on one client's offer may have: a call's worth of tracks many
 /// times over (lines are not reused), far beyond what a session needs.
@@ -133,7 +133,7 @@ impl Sfu {
             let Some(at) = spare.iter().position(|(_, kind)| *kind == down.kind) else { continue };
             let (mid, _) = spare.remove(at);
             down.state = DownState::Open(mid);
-            keep_for_resends(&mut participant.publisher, mid);
+            open_down_line(&mut participant.publisher, mid);
         }
         participant.lines.spare = spare;
         let carried: HashMap<String, (String, String)> =
