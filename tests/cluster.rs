@@ -516,17 +516,23 @@ async fn recording_on_one_of_two_nodes() -> Recording {
     Recording { nodes, serving, other, therapist, client, room, spooled, _call: call }
 }
 
-/// Waits until the room's recording is on record as one the server stopped for.
-async fn stored_as_stopped_by_the_server(therapist: &Client, room: &str, within: Duration) {
+/// Waits until the room's recording is on record as one the server stopped for, and what the
+/// dead node recorded (`spooled`) is gone: the storing node removes it only once its record is
+/// committed, so that a crash in between loses nothing.
+async fn stored_as_stopped_by_the_server(therapist: &Client, room: &str, spooled: &std::path::Path, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
         let state = therapist.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/state/org.limbic.recording/", enc(room)), None).await;
         if state["recording"] == false {
             assert_eq!(state["stopped_because"], "the server stopped during the recording", "{state}");
-            return;
+            break;
         }
         assert!(Instant::now() < deadline, "the dead node's recording was not stored: {state}");
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    while spooled.exists() {
+        assert!(Instant::now() < deadline, "what the dead node recorded was stored but not removed: {}", spooled.display());
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -543,8 +549,7 @@ async fn a_recording_whose_node_dies_is_stored_by_the_node_its_call_moves_to() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Moved by this token, or released by the sweep a moment before (which may still be storing).
-    stored_as_stopped_by_the_server(&therapist, &room, Duration::from_secs(10)).await;
-    assert!(!spooled.exists(), "what the dead node recorded was stored and removed");
+    stored_as_stopped_by_the_server(&therapist, &room, &spooled, Duration::from_secs(10)).await;
 }
 
 /// A node dies while it records a call, and nobody joins that call again: a sweep of the node
@@ -553,8 +558,7 @@ async fn a_recording_whose_node_dies_is_stored_by_the_node_its_call_moves_to() {
 async fn a_recording_whose_node_dies_is_stored_without_another_join() {
     let Recording { mut nodes, serving, other, therapist, room, spooled, _call, .. } = recording_on_one_of_two_nodes().await;
     nodes[serving].kill9();
-    stored_as_stopped_by_the_server(&therapist, &room, Duration::from_secs(30)).await;
-    assert!(!spooled.exists(), "what the dead node recorded was stored and removed");
+    stored_as_stopped_by_the_server(&therapist, &room, &spooled, Duration::from_secs(30)).await;
     // The call was released: the next token places it on the live node.
     assert_eq!(node_at(&call_token(&nodes[other], &therapist, &room).await.0, &[&nodes[0], &nodes[1]]), other);
 }
