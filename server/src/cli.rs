@@ -120,6 +120,7 @@ fn stopped_first(database: &DatabaseConfig, error: StoreError) -> String {
                 DatabaseBackend::Postgres => "the PostgreSQL database".to_owned(),
             }
         ),
+        StoreError::OtherNode(node) => format!("node {node} is running on the PostgreSQL database: stop every node first"),
         e => format!("cannot open the store: {e}"),
     }
 }
@@ -146,17 +147,23 @@ pub fn rotate_key(config: Config) -> ExitCode {
     }
 }
 
-/// `limbic migrate`: copies the RocksDB store at `[database] path` into the PostgreSQL database
-/// the config names (`backend = "postgres"`), compares the two entry by entry, and records the
-/// move in the (copied) audit log. Both must be unused: the server stopped, the database empty.
+/// `limbic migrate`: copies the store into the engine the config names from the other one (into
+/// the PostgreSQL database at `[database] url` from the RocksDB store at `[database] path`, or
+/// the other way with `backend = "rocksdb"`), compares the two entry by entry, moves the
+/// recordings being made to where the server on the new engine finds them, and records the move
+/// in the (copied) audit log. Both must be unused: the server (every node) stopped, the target
+/// empty.
 pub fn migrate(config: Config) -> ExitCode {
     match migrate_store(&config) {
-        Ok(counts) => {
-            let total: u64 = counts.iter().map(|(_, n)| n).sum();
-            for (table, entries) in counts.iter().filter(|(_, n)| *n > 0) {
+        Ok(moved) => {
+            let total: u64 = moved.counts.iter().map(|(_, n)| n).sum();
+            for (table, entries) in moved.counts.iter().filter(|(_, n)| *n > 0) {
                 println!("{:<24} {entries}", table.name());
             }
-            println!("copied and verified {total} entries from {} into PostgreSQL", config.database.path.display());
+            if moved.recordings > 0 {
+                println!("{} recordings being made, moved to be stored when the server starts", moved.recordings);
+            }
+            println!("copied and verified {total} entries from {} into {}", moved.from, moved.to);
             ExitCode::SUCCESS
         }
         Err(message) => {
@@ -166,24 +173,53 @@ pub fn migrate(config: Config) -> ExitCode {
     }
 }
 
-fn migrate_store(config: &Config) -> Result<Vec<(crate::store::Table, u64)>, String> {
-    if config.database.backend != DatabaseBackend::Postgres {
-        return Err("set [database] backend = \"postgres\" and its url: the store is copied into that database".into());
-    }
-    let path = &config.database.path;
-    // RocksDB would create an empty store where none is, and the copy would be empty too.
-    if !path.join("CURRENT").is_file() {
-        return Err(format!("no RocksDB store at {} ([database] path)", path.display()));
-    }
-    let rocksdb = DatabaseConfig { backend: DatabaseBackend::RocksDb, ..config.database.clone() };
-    let source = crate::store::Store::open(path).map_err(|e| stopped_first(&rocksdb, e))?;
-    let target = crate::server::open_store(config).map_err(|e| stopped_first(&config.database, e))?;
+/// What `limbic migrate` did: the engines, the entries of each table, the recordings moved.
+struct Moved {
+    from: &'static str,
+    to: &'static str,
+    counts: Vec<(crate::store::Table, u64)>,
+    recordings: usize,
+}
+
+fn migrate_store(config: &Config) -> Result<Moved, String> {
+    let database = &config.database;
+    let path = &database.path;
+    let rocksdb = DatabaseConfig { backend: DatabaseBackend::RocksDb, ..database.clone() };
+    let postgres = DatabaseConfig { backend: DatabaseBackend::Postgres, ..database.clone() };
+    let (source, target, from, to, node) = match database.backend {
+        DatabaseBackend::Postgres => {
+            // RocksDB would create an empty store where none is, and the copy would be empty too.
+            if !path.join("CURRENT").is_file() {
+                return Err(format!("no RocksDB store at {} ([database] path) to copy into the PostgreSQL database", path.display()));
+            }
+            let source = crate::store::Store::open(path).map_err(|e| stopped_first(&rocksdb, e))?;
+            let target = crate::server::open_store(config).map_err(|e| stopped_first(database, e))?;
+            (source, target, "rocksdb", "postgres", Some(config.cluster.node_name.as_str()))
+        }
+        DatabaseBackend::RocksDb => {
+            if database.url.is_empty() {
+                return Err("[database] url names no PostgreSQL database to copy into the RocksDB store at [database] path \
+                            (or set backend = \"postgres\" to copy the RocksDB store into that database)"
+                    .into());
+            }
+            // Opened as the only node: a node still running would go on writing what is copied.
+            let name = if config.cluster.node_name.is_empty() { "migrate" } else { &config.cluster.node_name };
+            let source = crate::store::Store::open_node(&database.url, database.pool_size, name, false).map_err(|e| stopped_first(&postgres, e))?;
+            let target = crate::store::Store::open(path).map_err(|e| stopped_first(database, e))?;
+            (source, target, "postgres", "rocksdb", None)
+        }
+    };
+    let recordings_dir = config.media.path.join("recordings");
+    let recordings = crate::calls::spool::Gathering::plan(&recordings_dir, node).map_err(|e| e.to_string())?;
     let counts = source.migrate_into(&target).map_err(|e| e.to_string())?;
     let audit = crate::audit::Audit::load(&target, &config.audit.key_file).map_err(|e| e.to_string())?;
     let total: u64 = counts.iter().map(|(_, n)| n).sum();
-    let record = crate::audit::AuditRecord::new("store_migrated", "cli").details(serde_json::json!({ "from": "rocksdb", "to": "postgres", "entries": total }));
+    let record = crate::audit::AuditRecord::new("store_migrated", "cli").details(serde_json::json!({ "from": from, "to": to, "entries": total }));
     audit.write_with(&target, target.batch(), vec![record]).map_err(|e| e.to_string())?;
-    Ok(counts)
+    let recordings = recordings.apply().map_err(|e| {
+        format!("the store is copied, verified and audited, but not all recordings being made under {} were moved into the new engine's spool: {e}", recordings_dir.display())
+    })?;
+    Ok(Moved { from, to, counts, recordings })
 }
 
 /// `limbic voip coturn-config`: coturn's configuration for `[voip]`'s TURN URIs and secret,

@@ -41,8 +41,10 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
-    /// Copy the RocksDB store at [database] path into the PostgreSQL database the config names
-    /// (backend = "postgres"), and verify the copy (stop the server first).
+    /// Copy the store into the engine the config names, and verify the copy (stop the server,
+    /// every node, first): with backend = "postgres", the RocksDB store at [database] path into
+    /// the database at [database] url; with backend = "rocksdb", that database into a new
+    /// RocksDB store at [database] path.
     Migrate {
         #[arg(long, short)]
         config: PathBuf,

@@ -37,6 +37,9 @@ pub struct TestServer {
     extra: String,
     /// The PostgreSQL database of the server, when the tests run on that engine.
     postgres_url: Option<String>,
+    /// A PostgreSQL database the config names for `limbic migrate` to copy into the server's
+    /// RocksDB store ([`TestServer::switch_to_rocksdb`]).
+    postgres_source: Option<String>,
     /// `[cluster] node_name`, and `[database] path` (where the key files are: the nodes of a
     /// cluster share them).
     node_name: String,
@@ -179,6 +182,7 @@ impl TestServer {
                 env: self.env.iter().cloned().chain(env.iter().map(|(k, v)| (k.to_string(), v.to_string()))).collect(),
                 extra: self.extra.clone(),
                 postgres_url: self.postgres_url.clone(),
+                postgres_source: None,
                 node_name: name.to_owned(),
                 db_dir: self.db_dir.clone(),
             };
@@ -223,6 +227,7 @@ impl TestServer {
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             extra: extra.to_owned(),
             postgres_url: postgres.then(|| limbic_test_postgres::TempPostgres::shared().new_database("e2e")),
+            postgres_source: None,
             node_name: "test".to_owned(),
         };
         server.spawn().await?;
@@ -285,6 +290,19 @@ impl TestServer {
         self.write_config();
     }
 
+    /// Points the stopped server's config back at the embedded engine, at `[database] path`
+    /// as before, and names its PostgreSQL database as `[database] url` for `limbic migrate` to
+    /// copy from.
+    pub fn switch_to_rocksdb(&mut self) {
+        self.postgres_source = self.postgres_url.take();
+        self.write_config();
+    }
+
+    /// Where the server's RocksDB store is (`[database] path`), with the key files beside it.
+    pub fn db_dir(&self) -> &Path {
+        &self.db_dir
+    }
+
     fn config_path(&self) -> PathBuf {
         self.dir.path().join("limbic.toml")
     }
@@ -305,9 +323,10 @@ impl TestServer {
             port = self.listen_port,
             ice_tcp_port = self.ice_tcp_port,
             db = self.db_dir.display(),
-            postgres = match &self.postgres_url {
-                Some(url) => format!("backend = \"postgres\"\nurl = \"{url}\"\npool_size = 4\n[cluster]\nnode_name = \"{}\"\n", self.node_name),
-                None => String::new(),
+            postgres = match (&self.postgres_url, &self.postgres_source) {
+                (Some(url), _) => format!("backend = \"postgres\"\nurl = \"{url}\"\npool_size = 4\n[cluster]\nnode_name = \"{}\"\n", self.node_name),
+                (None, Some(url)) => format!("url = \"{url}\"\n"),
+                (None, None) => String::new(),
             },
         );
         let mut file = std::fs::File::create(self.config_path()).unwrap();

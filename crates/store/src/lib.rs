@@ -255,6 +255,11 @@ pub mod tables {
     /// node name -> where the other nodes reach its client API (nodes sharing a database)
     pub const NODE_URLS: Table = Table("node_urls");
 
+    /// What only nodes sharing a database keep: each other's SFUs and the calls placed on them,
+    /// the rate limits' buckets, each other's addresses. A store moved into the embedded engine
+    /// leaves them behind (one process keeps its rate limits in memory and places no calls).
+    pub const SHARED_ONLY: &[Table] = &[CALL_NODES, CALL_PLACEMENTS, CALL_NODE_ROOMS, RATE_BUCKETS, NODE_URLS];
+
     pub const ALL: &[Table] = &[
         GLOBAL, USERS, DEVICES, ACCESS_TOKENS, FILTERS, ACCOUNT_DATA, PRESENCE, PDUS, EVENT_META,
         TIMELINE, BACKFILL, ROOM_STATE, ROOMS, STATE_SNAPSHOTS, ROOM_SNAPSHOTS, ROOM_MEMBERS, USER_ROOMS, TXN_IDS, ALIASES,

@@ -86,8 +86,7 @@ impl Spool {
         let mut rooms = Vec::new();
         for entry in fs::read_dir(&self.root)? {
             let name = entry?.file_name();
-            let room = hex::decode(name.to_string_lossy().as_bytes()).ok().and_then(|bytes| String::from_utf8(bytes).ok()).and_then(|id| OwnedRoomId::try_from(id).ok());
-            match room {
+            match room_of(&name) {
                 Some(room) => rooms.push(room),
                 None => tracing::warn!(name = %name.to_string_lossy(), "a stray entry among the recordings being made"),
             }
@@ -136,6 +135,69 @@ impl Spool {
     }
 }
 
+/// The room whose recording a spool's directory holds, if `name` is one.
+fn room_of(name: &std::ffi::OsStr) -> Option<OwnedRoomId> {
+    hex::decode(name.to_string_lossy().as_bytes()).ok().and_then(|bytes| String::from_utf8(bytes).ok()).and_then(|id| OwnedRoomId::try_from(id).ok())
+}
+
+/// The recordings being made under `recordings` (the embedded store's spool is the directory
+/// itself, each node's on a shared database its `<node>/`) that a store moved to another engine
+/// takes along into the spool of `node` (`None`: the embedded store's), where the server started
+/// on it repairs and stores them. Refused if one room's recording is in two spools: they would
+/// make one recording of two calls.
+pub struct Gathering {
+    target: PathBuf,
+    /// Each recording's spool and its directory's name.
+    moving: Vec<(PathBuf, std::ffi::OsString)>,
+}
+
+impl Gathering {
+    pub fn plan(recordings: &Path, node: Option<&str>) -> io::Result<Self> {
+        let target = node.map_or_else(|| recordings.to_owned(), |node| recordings.join(node));
+        let mut spools = vec![recordings.to_owned()];
+        let mut found: Vec<(PathBuf, std::ffi::OsString)> = Vec::new();
+        while let Some(spool) = spools.pop() {
+            let entries = match fs::read_dir(&spool) {
+                Ok(entries) => entries,
+                Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
+                Err(error) => return Err(error),
+            };
+            for entry in entries {
+                let entry = entry?;
+                if !entry.file_type()?.is_dir() {
+                    continue;
+                }
+                let name = entry.file_name();
+                match room_of(&name) {
+                    Some(_) => found.push((spool.clone(), name)),
+                    // A node's spool, one level down only.
+                    None if spool == recordings => spools.push(entry.path()),
+                    None => {}
+                }
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (_, name) in &found {
+            if !seen.insert(name.clone()) {
+                let room = room_of(name).map(|room| room.to_string()).unwrap_or_default();
+                return Err(io::Error::other(format!("the recording of room {room} is in the spools of two nodes under {}: store one of them first", recordings.display())));
+            }
+        }
+        Ok(Self { moving: found.into_iter().filter(|(spool, _)| *spool != target).collect(), target })
+    }
+
+    /// Moves them; returns how many.
+    pub fn apply(self) -> io::Result<usize> {
+        if !self.moving.is_empty() {
+            crate::secrets::private_dir(&self.target)?;
+        }
+        for (spool, name) in &self.moving {
+            fs::rename(spool.join(name), self.target.join(name))?;
+        }
+        Ok(self.moving.len())
+    }
+}
+
 fn read_or_empty(path: &Path) -> io::Result<Vec<u8>> {
     match fs::read(path) {
         Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
@@ -175,5 +237,31 @@ mod tests {
         spool.remove(&room).unwrap();
         assert!(spool.rooms().unwrap().is_empty());
         spool.remove(&room).unwrap();
+    }
+
+    /// A store moved between engines takes the recordings being made along: from the embedded
+    /// store's spool into a node's, from the nodes' spools into the embedded store's; a room
+    /// in two spools stops the move before anything moved.
+    #[test]
+    fn recordings_being_made_are_gathered_into_the_spool_the_new_engine_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("recordings");
+        let room = |id: &str| -> OwnedRoomId { id.try_into().unwrap() };
+        let (r, s) = (room("!r:test.local"), room("!s:test.local"));
+        Spool::open(root.clone()).unwrap().begin(&r).unwrap();
+        assert_eq!(Gathering::plan(&root, Some("node-a")).unwrap().apply().unwrap(), 1);
+        assert_eq!(Spool::open(root.join("node-a")).unwrap().rooms().unwrap(), std::slice::from_ref(&r));
+
+        Spool::open(root.join("node-b")).unwrap().begin(&s).unwrap();
+        assert_eq!(Gathering::plan(&root, None).unwrap().apply().unwrap(), 2);
+        let mut gathered = Spool::open(root.clone()).unwrap().rooms().unwrap();
+        gathered.sort();
+        assert_eq!(gathered, [r.clone(), s.clone()]);
+        assert_eq!(Gathering::plan(&root, None).unwrap().apply().unwrap(), 0, "nothing left to move");
+
+        Spool::open(root.join("node-b")).unwrap().begin(&r).unwrap();
+        let Err(refused) = Gathering::plan(&root, Some("node-c")) else { panic!("a room in two spools was not refused") };
+        assert!(refused.to_string().contains("!r:test.local"), "{refused}");
+        assert!(!root.join("node-c").exists(), "something moved");
     }
 }

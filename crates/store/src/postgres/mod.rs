@@ -19,7 +19,7 @@ use std::{
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 
 
-use super::{Entry, KeyRange, Op, Result, StoreError, Streams, Table, Watchers, tables};
+use super::{Entry, KeyRange, Op, Result, StoreError, StreamPos, Streams, Table, Watchers, tables};
 
 /// A scan's first page is small (many scans read one entry); later pages grow up to the last.
 const FIRST_PAGE: i64 = 32;
@@ -180,6 +180,16 @@ impl Postgres {
             let client = pool.get().await?;
             let statement = client.prepare_cached("SELECT name FROM limbic_nodes WHERE NOT fenced ORDER BY name").await?;
             Ok(client.query(&statement, &[]).await?.iter().map(|row| row.get(0)).collect())
+        })
+    }
+
+    /// The last position the database's sequence handed out (0 before the first).
+    pub(crate) fn last_position(&self) -> Result<StreamPos> {
+        let pool = self.pool.clone();
+        self.run(async move {
+            let client = pool.get().await?;
+            let row = client.query_one("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM limbic_stream_positions", &[]).await?;
+            Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
         })
     }
 
