@@ -4,7 +4,7 @@
 //! across restarts or outages.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
@@ -175,17 +175,50 @@ struct Queued {
     edus: Vec<(StreamPos, Vec<u8>)>,
 }
 
-/// The queue of every destination, oldest first, at most one transaction's worth each.
-fn pending(store: &Store) -> crate::Result<BTreeMap<OwnedServerName, Queued>> {
-    let mut queued: BTreeMap<OwnedServerName, Queued> = BTreeMap::new();
-    for (table, limit) in [(tables::FEDERATION_OUTBOX, MAX_PDUS_PER_TRANSACTION), (tables::FEDERATION_EDUS, MAX_EDUS_PER_TRANSACTION)] {
+impl Queued {
+    /// The transaction's id: the same for the same entries, so that a retry of one the
+    /// destination did get is recognised, and another for any other entries. A destination
+    /// answers an id it has seen with its first answer and drops what the transaction carries:
+    /// an id that named only the first entries dropped the events queued after them when a
+    /// transaction was sent again with more.
+    fn transaction_id(&self) -> String {
+        use sha2::Digest;
+        let mut hash = sha2::Sha256::new();
+        for list in [&self.pdus, &self.edus] {
+            hash.update((list.len() as u64).to_be_bytes());
+            for (pos, _) in list {
+                hash.update(pos.to_be_bytes());
+            }
+        }
+        let first = |list: &[(StreamPos, Vec<u8>)]| list.first().map_or(0, |(pos, _)| *pos);
+        format!("{}-{}-{}", first(&self.pdus), first(&self.edus), hex::encode(&hash.finalize()[..8]))
+    }
+}
+
+/// The destinations something is queued for.
+fn waiting(store: &Store) -> crate::Result<BTreeSet<OwnedServerName>> {
+    let mut destinations = BTreeSet::new();
+    for table in [tables::FEDERATION_OUTBOX, tables::FEDERATION_EDUS] {
         for item in store.scan_prefix(table, Vec::new(), false) {
+            let (key, _) = item?;
+            if let Some(destination) = KeyReader::new(&key).str().and_then(|d| OwnedServerName::try_from(d).ok()) {
+                destinations.insert(destination);
+            }
+        }
+    }
+    Ok(destinations)
+}
+
+/// What is queued for `destination`, oldest first, at most one transaction's worth. Read once
+/// the destination is the sender's alone: the transaction before it has taken its entries out
+/// by then, so that none is sent twice in two different transactions.
+fn queued_for(store: &Store, destination: &ServerName) -> crate::Result<Queued> {
+    let mut queued = Queued::default();
+    let prefix = Key::new().str(destination.as_str()).into_vec();
+    for (table, list, limit) in [(tables::FEDERATION_OUTBOX, &mut queued.pdus, MAX_PDUS_PER_TRANSACTION), (tables::FEDERATION_EDUS, &mut queued.edus, MAX_EDUS_PER_TRANSACTION)] {
+        for item in store.scan_prefix(table, prefix.clone(), false).take(limit) {
             let (key, value) = item?;
-            let mut reader = KeyReader::new(&key);
-            let (Some(destination), Some(pos)) = (reader.str().and_then(|d| OwnedServerName::try_from(d).ok()), reader.u64()) else { continue };
-            let entry = queued.entry(destination).or_default();
-            let list = if table == tables::FEDERATION_OUTBOX { &mut entry.pdus } else { &mut entry.edus };
-            if list.len() < limit {
+            if let Some(pos) = KeyReader::new(&key).skip_str().u64() {
                 list.push((pos, value.to_vec()));
             }
         }
@@ -193,8 +226,13 @@ fn pending(store: &Store) -> crate::Result<BTreeMap<OwnedServerName, Queued>> {
     Ok(queued)
 }
 
-/// Sends one transaction to `destination`; on success its entries leave the queue.
-async fn send_batch(server: &dyn FederationHost, federation: &Federation, destination: &ServerName, queued: &Queued) -> crate::Result<()> {
+/// Sends one transaction of what is queued for `destination`; on success its entries leave the
+/// queue.
+async fn send_batch(server: &dyn FederationHost, federation: &Federation, destination: &ServerName) -> crate::Result<()> {
+    let queued = queued_for(&server.store(), destination)?;
+    if queued.pdus.is_empty() && queued.edus.is_empty() {
+        return Ok(());
+    }
     let mut pdus = Vec::new();
     for (_, event_id) in &queued.pdus {
         let Ok(event_id) = ruma::OwnedEventId::try_from(String::from_utf8_lossy(event_id).as_ref()) else { continue };
@@ -216,10 +254,7 @@ async fn send_batch(server: &dyn FederationHost, federation: &Federation, destin
         .filter_map(|(_, json)| serde_json::value::RawValue::from_string(String::from_utf8_lossy(json).into_owned()).ok())
         .map(ruma::serde::Raw::from_json)
         .collect();
-    // The transaction id names its first entries, so a retry is recognisable.
-    let first = |list: &[(StreamPos, Vec<u8>)]| list.first().map_or(0, |(pos, _)| *pos);
-    let txn_id = format!("{}-{}", first(&queued.pdus), first(&queued.edus));
-    let mut request = send_transaction_message::v1::Request::new(txn_id.into(), federation.server_name().to_owned(), ruma::MilliSecondsSinceUnixEpoch::now());
+    let mut request = send_transaction_message::v1::Request::new(queued.transaction_id().into(), federation.server_name().to_owned(), ruma::MilliSecondsSinceUnixEpoch::now());
     request.pdus = pdus;
     request.edus = edus;
     let answer = federation.send(destination, request).await?;
@@ -246,15 +281,15 @@ pub async fn run(server: Arc<dyn FederationHost>) {
     let mut watermark = server.store().streams().subscribe();
     let mut shutdown = server.shutting_down();
     loop {
-        match pending(&server.store()) {
-            Ok(queued) => {
-                for (destination, entries) in queued {
+        match waiting(&server.store()) {
+            Ok(destinations) => {
+                for destination in destinations {
                     if !backoff.ready(&destination) || !in_flight.lock().unwrap_or_else(PoisonError::into_inner).insert(destination.clone()) {
                         continue;
                     }
                     let (server, federation, backoff, in_flight) = (server.clone(), federation.clone(), backoff.clone(), in_flight.clone());
                     tokio::spawn(async move {
-                        match send_batch(&*server, &federation, &destination, &entries).await {
+                        match send_batch(&*server, &federation, &destination).await {
                             Ok(()) => backoff.succeeded(&destination),
                             Err(error) => {
                                 let wait = backoff.failed(&destination);
@@ -272,5 +307,28 @@ pub async fn run(server: Arc<dyn FederationHost>) {
             _ = shutdown.changed() => return,
             _ = tokio::time::sleep(MIN_BACKOFF) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queued(pdus: &[StreamPos], edus: &[StreamPos]) -> Queued {
+        let entries = |list: &[StreamPos]| list.iter().map(|pos| (*pos, Vec::new())).collect();
+        Queued { pdus: entries(pdus), edus: entries(edus) }
+    }
+
+    /// Synapse answered a transaction sent again with more events (as `174-0`, the id of its
+    /// first) from its cache of the first, and the events added were lost.
+    #[test]
+    fn a_transaction_id_names_all_its_entries() {
+        let id = |pdus: &[StreamPos], edus: &[StreamPos]| queued(pdus, edus).transaction_id();
+        assert_eq!(id(&[174], &[]), id(&[174], &[]), "a retry of the same entries keeps its id");
+        assert_ne!(id(&[174], &[]), id(&[174, 180], &[]));
+        assert_ne!(id(&[174, 179, 181], &[]), id(&[174, 181], &[]));
+        assert_ne!(id(&[174], &[3]), id(&[174], &[]));
+        assert_ne!(id(&[174], &[]), id(&[], &[174]));
+        assert!(id(&[174, 180], &[7]).starts_with("174-7-"), "{}", id(&[174, 180], &[7]));
     }
 }
