@@ -32,8 +32,46 @@ pub(crate) struct Postgres {
     /// wait for a connection another holder keeps.
     holds: Pool,
     stream: Arc<nodes::SharedStream>,
-    /// The node's own session: it holds the node's lock and the jobs it leads, and they go with it.
-    session: Arc<tokio_postgres::Client>,
+    session: Arc<Session>,
+}
+
+/// The node's own session: it holds the node's lock and the jobs it leads, and they go with it.
+/// It also tries for the jobs the node waits to lead, all in one query ([`LEAD_RETRY`] apart,
+/// and at once when one is added): a query per job and second came to about ten queries a
+/// second from every node that leads nothing.
+struct Session {
+    client: tokio_postgres::Client,
+    /// The jobs waited for, each with whoever waits.
+    waiting: std::sync::Mutex<Vec<(String, tokio::sync::oneshot::Sender<()>)>>,
+    added: tokio::sync::Notify,
+}
+
+impl Session {
+    /// Tries for the jobs waited for until the engine's runtime ends; a failed try (the
+    /// database out of reach) is tried again as any other.
+    async fn stand(self: Arc<Self>) {
+        loop {
+            let jobs: Vec<String> = self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().map(|(job, _)| job.clone()).collect();
+            if !jobs.is_empty() {
+                match self.client.query("SELECT job FROM unnest($2::text[]) AS job WHERE pg_try_advisory_lock($1, hashtext(job))", &[&LEAD_LOCK_CLASS, &jobs]).await {
+                    Ok(rows) => {
+                        let won: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+                        let mut waiting = self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        let (leading, still): (Vec<_>, Vec<_>) = waiting.drain(..).partition(|(job, _)| won.contains(job));
+                        *waiting = still;
+                        for (_, waiter) in leading {
+                            let _ = waiter.send(());
+                        }
+                    }
+                    Err(error) => tracing::warn!(%error, "could not try for the lead of the jobs this node waits for; trying again"),
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(LEAD_RETRY) => {}
+                _ = self.added.notified() => {}
+            }
+        }
+    }
 }
 
 /// A key longer than this is announced as a change to its whole table: a notification's payload
@@ -103,7 +141,9 @@ impl Postgres {
             fenced,
         });
         handle.spawn(nodes::keep_alive(notifications, stream.clone()));
-        Ok(Self { runtime, pool, holds, stream, session: Arc::new(session) })
+        let session = Arc::new(Session { client: session, waiting: std::sync::Mutex::default(), added: tokio::sync::Notify::new() });
+        handle.spawn(session.clone().stand());
+        Ok(Self { runtime, pool, holds, stream, session })
     }
 
     /// Turns true once this node is fenced (it can no longer write).
@@ -194,21 +234,15 @@ impl Postgres {
     }
 
     /// Waits until this node leads `job`: it takes the job's advisory lock in its own session,
-    /// trying every [`LEAD_RETRY`] while another node holds it. The lock is the node's until the
-    /// process ends; if its session ends first, the other nodes fence the node (it writes
-    /// nothing more) and one of them takes the lock.
+    /// trying every [`LEAD_RETRY`] (with the other jobs it waits for, [`Session`]) while
+    /// another node holds it. The lock is the node's until the process ends; if its session
+    /// ends first, the other nodes fence the node (it writes nothing more) and one of them
+    /// takes the lock.
     pub(crate) async fn lead(&self, job: &str) -> Result<()> {
-        let (session, job) = (self.session.clone(), job.to_owned());
-        self.run_async(async move {
-            loop {
-                let row = session.query_one("SELECT pg_try_advisory_lock($1, hashtext($2))", &[&LEAD_LOCK_CLASS, &job]).await?;
-                if row.get::<_, bool>(0) {
-                    return Ok(());
-                }
-                tokio::time::sleep(LEAD_RETRY).await;
-            }
-        })
-        .await
+        let (won, winning) = tokio::sync::oneshot::channel();
+        self.session.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((job.to_owned(), won));
+        self.session.added.notify_one();
+        winning.await.map_err(|_| StoreError::Unavailable)
     }
 
     pub(crate) fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
