@@ -359,7 +359,10 @@ fn joined_room(
         return Ok(None);
     }
     let (notifications, highlights) = server.push().unread_counts(user_id, room_id, server.rooms().read_position(user_id, room_id)?)?;
-    let summary = summary(server, room_id, user_id, timeline.events.last().map(|(_, meta)| meta.state_after))?;
+    // The state after an incremental sync's last event is one the room's other members' syncs
+    // read too, and each node keeps it; an initial sync's rooms each have their own, read from
+    // its chain of snapshots (7 reads a room of a few state events, against the index's 1 or 2).
+    let summary = summary(server, room_id, user_id, timeline.events.last().filter(|_| !initial).map(|(_, meta)| meta.state_after))?;
     Ok(Some(json!({
         "timeline": {
             "events": timeline.events.iter().map(|(p, m)| render(p, Some(m))).collect::<Vec<_>>(),
@@ -427,8 +430,8 @@ pub(crate) fn receipt_event(server: &dyn SyncHost, viewer: &ruma::UserId, room_i
     Ok((!content.is_empty()).then(|| json!({ "type": "m.receipt", "content": content })))
 }
 
-/// The room's summary; whether it is named as of `snapshot` (the state after the timeline's
-/// last event, which each node keeps) when there is one, else as of now.
+/// The room's summary; whether it is named as of `snapshot` (the state after an incremental
+/// sync's last event, which each node keeps) when there is one, else as of now (the index).
 fn summary(server: &dyn SyncHost, room_id: &RoomId, user_id: &ruma::UserId, snapshot: Option<StreamPos>) -> Result<JsonValue> {
     let members = server.rooms().members(room_id)?;
     let joined = members.iter().filter(|(_, m)| *m == Membership::Join).count();
