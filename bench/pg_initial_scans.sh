@@ -5,7 +5,7 @@
 # scans of every table it read (pg_stat_user_tables).
 #   bench/pg_initial_scans.sh target/debug/limbic [ROOMS]
 set -e
-ROOT=/work/main
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=$(realpath "$1"); ROOMS=${2:-50}
 WORK=$(mktemp -d)
 trap 'kill $SPID 2>/dev/null; rm -rf "$WORK"' EXIT
