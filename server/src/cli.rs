@@ -184,14 +184,13 @@ struct Moved {
 fn migrate_store(config: &Config) -> Result<Moved, String> {
     let database = &config.database;
     let path = &database.path;
-    let rocksdb = DatabaseConfig { backend: DatabaseBackend::RocksDb, ..database.clone() };
-    let postgres = DatabaseConfig { backend: DatabaseBackend::Postgres, ..database.clone() };
     let (source, target, from, to, node) = match database.backend {
         DatabaseBackend::Postgres => {
             // RocksDB would create an empty store where none is, and the copy would be empty too.
             if !path.join("CURRENT").is_file() {
                 return Err(format!("no RocksDB store at {} ([database] path) to copy into the PostgreSQL database", path.display()));
             }
+            let rocksdb = DatabaseConfig { backend: DatabaseBackend::RocksDb, ..database.clone() };
             let source = crate::store::Store::open(path).map_err(|e| stopped_first(&rocksdb, e))?;
             let target = crate::server::open_store(config).map_err(|e| stopped_first(database, e))?;
             (source, target, "rocksdb", "postgres", Some(config.cluster.node_name.as_str()))
@@ -204,6 +203,7 @@ fn migrate_store(config: &Config) -> Result<Moved, String> {
             }
             // Opened as the only node: a node still running would go on writing what is copied.
             let name = if config.cluster.node_name.is_empty() { "migrate" } else { &config.cluster.node_name };
+            let postgres = DatabaseConfig { backend: DatabaseBackend::Postgres, ..database.clone() };
             let source = crate::store::Store::open_node(&database.url, database.pool_size, name, false).map_err(|e| stopped_first(&postgres, e))?;
             let target = crate::store::Store::open(path).map_err(|e| stopped_first(database, e))?;
             (source, target, "postgres", "rocksdb", None)
