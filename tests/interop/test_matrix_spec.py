@@ -12,6 +12,9 @@ matrix-synapse (requirements.txt).
   member, a stranger and an anonymous caller of a public room, and for an outsider of a session
   room (who sees the waiting room's view); the 404 of a hidden room matches the error schema.
   The schemas reject summaries missing a required field, so the checks can fail.
+- `GET /_matrix/client/v3/notifications` matches its 200 schema: an invite, a plain message and
+  a mention in a room of two, each listed with its room, its event (found from the stored notification's
+  position) and the event's own time; without a token: 401 `M_MISSING_TOKEN`.
 
 Run: .venv/bin/pytest -q tests/interop/test_matrix_spec.py
 """
@@ -153,5 +156,37 @@ def test_room_summaries_match_the_spec(server):
         seen = await get_checked(server, SUMMARY_PATH + q(session["room_id"]), stranger.access_token, 200, ok)
         assert (seen["join_rule"], seen["num_joined_members"], seen["membership"]) == ("knock", 0, "leave"), seen
         await get_checked(server, SUMMARY_PATH + q(session["room_id"]), None, 404, not_found)
+
+    run(go())
+
+
+def test_notifications_match_the_spec(server):
+    async def go():
+        alice = await register(server.url, "ms-notes-alice", "ms-notes-alice-password-1")
+        bob = await register(server.url, "ms-notes-bob", "ms-notes-bob-password-1")
+        status, created = await raw(server.url, "POST", "/_matrix/client/v3/createRoom", alice.access_token,
+                                    {"preset": "private_chat", "invite": [bob.user_id]})
+        assert status == 200, created
+        room = created["room_id"]
+        status, body = await raw(server.url, "POST", f"/_matrix/client/v3/join/{q(room)}", bob.access_token, {})
+        assert status == 200, body
+        sent = []
+        for n, content in enumerate([{"msgtype": "m.text", "body": "plain"},
+                                     {"msgtype": "m.text", "body": "hi bob", "m.mentions": {"user_ids": [bob.user_id]}}]):
+            status, body = await raw(server.url, "PUT", f"/_matrix/client/v3/rooms/{q(room)}/send/m.room.message/ms-notes-{n}",
+                                     alice.access_token, content)
+            assert status == 200, body
+            sent.append(body["event_id"])
+        listed = await get_checked(server, "/_matrix/client/v3/notifications", bob.access_token, 200,
+                                   response_validator("notifications", "/notifications", "get", 200))
+        # Newest first: the mention, the message, then Bob's invite.
+        notes = listed["notifications"]
+        assert [n["event"]["event_id"] for n in notes[:2]] == sent[::-1], listed
+        assert notes[2]["event"]["type"] == "m.room.member" and len(notes) == 3, listed
+        for note in notes:
+            assert note["room_id"] == room and note["ts"] == note["event"]["origin_server_ts"], note
+        assert {"set_tweak": "highlight"} in notes[0]["actions"] and {"set_tweak": "highlight"} not in notes[1]["actions"], notes
+        status, body = await raw(server.url, "GET", "/_matrix/client/v3/notifications")
+        assert (status, body.get("errcode")) == (401, "M_MISSING_TOKEN"), body
 
     run(go())

@@ -138,14 +138,16 @@ async fn notifications(State(server): State<AppState>, req: Ruma<get_notificatio
     let found = server.push.notifications(&caller.user_id, from, limit, only_highlight)?;
     let mut list = Vec::new();
     for (pos, notification) in &found {
-        let Some((pdu, meta)) = server.rooms.visible_event(&caller.user_id, &notification.event_id)? else { continue };
+        // The event that caused it is the room's at its position (gone if the event was purged).
+        let Some(event_id) = server.rooms.timeline_event(&notification.room_id, *pos)? else { continue };
+        let Some((pdu, meta)) = server.rooms.visible_event(&caller.user_id, &event_id)? else { continue };
         let read = server.rooms.read_position(&caller.user_id, &notification.room_id)? >= *pos;
         list.push(json!({
             "actions": notification.actions,
             "event": client_event(&server, &pdu, Some(&meta), Some(caller), true),
             "read": read,
             "room_id": notification.room_id,
-            "ts": notification.ts,
+            "ts": pdu.origin_server_ts,
         }));
     }
     let mut response = json!({ "notifications": list });

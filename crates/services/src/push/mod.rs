@@ -12,7 +12,7 @@ use std::{
 
 use futures_util::FutureExt;
 use ruma::{
-    Int, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UInt, UserId,
+    Int, OwnedRoomId, OwnedUserId, RoomId, UInt, UserId,
     power_levels::NotificationPowerLevels,
     push::{Action, FlattenedJson, PushConditionPowerLevelsCtx, PushConditionRoomCtx, Ruleset},
     room_version_rules::RoomPowerLevelsRules,
@@ -92,13 +92,23 @@ fn is_gateway_url(url: &str) -> bool {
 /// The account data type that holds a user's push rules.
 pub const PUSH_RULES: &str = "m.push_rules";
 
+/// A user's notification, stored at the stream position of the event that caused it. The
+/// event is the room's timeline event at that position, so only the room and the actions are
+/// kept: one is written for every recipient of every message, and their bytes are most of what
+/// a message in a large room writes (and what the store then compacts). Records written with
+/// the event's id, time and highlight too still read.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Notification {
+    #[serde(rename = "r", alias = "room_id")]
     pub room_id: OwnedRoomId,
-    pub event_id: OwnedEventId,
-    pub ts: u64,
-    pub highlight: bool,
+    #[serde(rename = "a", alias = "actions")]
     pub actions: Vec<Action>,
+}
+
+impl Notification {
+    pub fn highlights(&self) -> bool {
+        self.actions.iter().any(Action::is_highlight)
+    }
 }
 
 /// What push evaluation needs to know about the room at an event. It depends on the room's state
@@ -236,27 +246,19 @@ impl Push {
         let mut staged = Vec::new();
         let recipients: Vec<&(OwnedUserId, String)> = room.recipients.iter().filter(|(user_id, _)| *user_id != pdu.sender).collect();
         let rulesets = self.rulesets(&recipients.iter().map(|(user_id, _)| user_id.as_ref()).collect::<Vec<_>>())?;
+        // One context for all recipients, with each one's name in it in turn.
+        let mut context = PushConditionRoomCtx::new(room.room_id.clone(), UInt::new(room.member_count).unwrap_or_default(), pdu.sender.clone(), String::new());
+        context.power_levels = room.power_levels.clone();
         for ((user_id, display_name), rules) in recipients.into_iter().zip(rulesets) {
-            let mut context = PushConditionRoomCtx::new(
-                room.room_id.clone(),
-                UInt::new(room.member_count).unwrap_or_default(),
-                user_id.clone(),
-                display_name.clone(),
-            );
-            context.power_levels = room.power_levels.clone();
+            context.user_id.clone_from(user_id);
+            context.user_display_name.clone_from(display_name);
             let Some(actions) = first_match(&rules, &event, &context) else { continue };
             if !actions.iter().any(Action::should_notify) {
                 continue;
             }
-            let notification = Notification {
-                room_id: room.room_id.clone(),
-                event_id: pdu.event_id.clone(),
-                ts: pdu.origin_server_ts.0.into(),
-                highlight: actions.iter().any(Action::is_highlight),
-                actions: actions.to_vec(),
-            };
+            let notification = Notification { room_id: room.room_id.clone(), actions: actions.to_vec() };
             batch.put_json(tables::NOTIFICATIONS, &notification_key(user_id, pos), &notification)?;
-            batch.put_json(tables::ROOM_NOTIFICATIONS, &room_notification_key(user_id, &room.room_id, pos), &notification.highlight)?;
+            batch.put_json(tables::ROOM_NOTIFICATIONS, &room_notification_key(user_id, &room.room_id, pos), &notification.highlights())?;
             staged.push((user_id.clone(), notification));
         }
         Ok(staged)
@@ -312,7 +314,7 @@ impl Push {
             let (key, value) = item?;
             let pos = KeyReader::new(&key).skip_str().u64().unwrap_or(0);
             let notification: Notification = crate::store::decode(tables::NOTIFICATIONS, &value)?;
-            if only_highlight && !notification.highlight {
+            if only_highlight && !notification.highlights() {
                 continue;
             }
             out.push((pos, notification));
@@ -400,7 +402,7 @@ impl Push {
                     "event_id": event.event_id,
                     "room_id": event.room_id,
                     "counts": { "unread": counts(&user_id) },
-                    "prio": if notification.highlight { "high" } else { "low" },
+                    "prio": if notification.highlights() { "high" } else { "low" },
                     "devices": [{
                         "app_id": pusher.get("app_id"),
                         "pushkey": pusher.get("pushkey"),
@@ -451,6 +453,21 @@ mod tests {
         let owned: StoredPusher = serde_json::from_value(owned).unwrap();
         assert_eq!(owned.owner(), Some("hash"));
         assert_eq!(owned.into_pusher(), bare);
+    }
+
+    #[test]
+    fn notifications_are_stored_compactly_and_those_stored_in_full_still_read() {
+        let actions = json!(["notify", { "set_tweak": "highlight" }]);
+        let full = json!({ "room_id": "!r:x", "event_id": "$e", "ts": 1, "highlight": true, "actions": actions });
+        let read: Notification = serde_json::from_value(full).unwrap();
+        assert_eq!(read.room_id, "!r:x");
+        assert!(read.highlights());
+        let compact = serde_json::to_value(&read).unwrap();
+        assert_eq!(compact, json!({ "r": "!r:x", "a": actions }));
+        let read: Notification = serde_json::from_value(compact).unwrap();
+        assert!(read.highlights());
+        let plain: Notification = serde_json::from_value(json!({ "r": "!r:x", "a": ["notify"] })).unwrap();
+        assert!(!plain.highlights());
     }
 }
 
