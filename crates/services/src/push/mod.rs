@@ -14,7 +14,7 @@ use futures_util::FutureExt;
 use ruma::{
     Int, OwnedRoomId, OwnedUserId, RoomId, UInt, UserId,
     power_levels::NotificationPowerLevels,
-    push::{Action, FlattenedJson, PushConditionPowerLevelsCtx, PushConditionRoomCtx, Ruleset},
+    push::{Action, AnyPushRuleRef, FlattenedJson, PushCondition, PushConditionPowerLevelsCtx, PushConditionRoomCtx, Ruleset},
     room_version_rules::RoomPowerLevelsRules,
     serde::Raw,
 };
@@ -121,21 +121,69 @@ pub struct RoomContext {
     pub power_levels: Option<PushConditionPowerLevelsCtx>,
 }
 
-/// The actions of the first of `rules` that applies to `event`, as ruma's `Ruleset::get_actions`
-/// finds them, on an event flattened beforehand (the sender is never a recipient).
-fn first_match<'r>(rules: &'r Ruleset, event: &FlattenedJson, context: &PushConditionRoomCtx) -> Option<&'r [Action]> {
-    for rule in rules {
-        // Evaluation is only asynchronous for thread subscriptions, which are not used.
-        if rule.applies(event, context).now_or_never()? {
-            return Some(rule.actions());
-        }
+/// A user's push rules, and which of them any other user with the same rule would see apply or
+/// not to the same event: a rule is evaluated once per event for all the recipients who have it
+/// as it is (a message to a room of N members is evaluated against N − 1 rulesets, mostly the
+/// spec's defaults).
+pub struct UserRules {
+    pub ruleset: Arc<Ruleset>,
+    /// For each rule in the ruleset's order: a fingerprint of all that decides whether it
+    /// applies, if that is the event and the room alone. An override or underride rule's outcome
+    /// depends on the recipient only through a display name condition (the sender is never a
+    /// recipient); content rules are matched per recipient.
+    shared: Vec<Option<u64>>,
+}
+
+impl UserRules {
+    fn new(ruleset: Ruleset) -> Self {
+        use std::hash::{DefaultHasher, Hash, Hasher};
+        let shared = ruleset
+            .iter()
+            .map(|rule| {
+                let (kind, rule) = match rule {
+                    AnyPushRuleRef::Override(rule) => ("override", rule),
+                    AnyPushRuleRef::Underride(rule) => ("underride", rule),
+                    _ => return None,
+                };
+                #[allow(deprecated)]
+                if rule.conditions.iter().any(|condition| matches!(condition, PushCondition::ContainsDisplayName)) {
+                    return None;
+                }
+                // The rule id too: ruma treats some predefined rules apart by their id.
+                let conditions = serde_json::to_string(&rule.conditions).ok()?;
+                let mut hasher = DefaultHasher::new();
+                (kind, rule.rule_id.as_str(), rule.enabled, conditions).hash(&mut hasher);
+                Some(hasher.finish())
+            })
+            .collect();
+        Self { ruleset: Arc::new(ruleset), shared }
     }
-    Some(&[])
+
+    /// The actions of the first rule that applies to `event`, as ruma's `Ruleset::get_actions`
+    /// finds them, on an event flattened beforehand; `outcomes` holds whether each shared rule
+    /// applies to this event, for the recipients after this one.
+    fn first_match(&self, event: &FlattenedJson, context: &PushConditionRoomCtx, outcomes: &mut HashMap<u64, bool>) -> Option<&[Action]> {
+        // Evaluation is only asynchronous for thread subscriptions, which are not used.
+        let applies = |rule: &AnyPushRuleRef<'_>| rule.applies(event, context).now_or_never();
+        for (rule, shared) in self.ruleset.iter().zip(&self.shared) {
+            let applied = match shared {
+                Some(fingerprint) => match outcomes.get(fingerprint) {
+                    Some(applied) => *applied,
+                    None => *outcomes.entry(*fingerprint).or_insert(applies(&rule)?),
+                },
+                None => applies(&rule)?,
+            };
+            if applied {
+                return Some(rule.actions());
+            }
+        }
+        Some(&[])
+    }
 }
 
 pub struct Push {
     store: Arc<Store>,
-    rulesets: Arc<Kept<OwnedUserId, Arc<Ruleset>>>,
+    rulesets: Arc<Kept<OwnedUserId, Arc<UserRules>>>,
     pushers: Arc<Kept<OwnedUserId, Arc<[StoredPusher]>>>,
     delivery: Delivery,
 }
@@ -208,12 +256,12 @@ impl Push {
 
     /// The user's rules: what they saved, or the spec's defaults.
     pub fn ruleset(&self, user_id: &UserId) -> Result<Arc<Ruleset>> {
-        Ok(self.rulesets(&[user_id])?.remove(0))
+        Ok(self.rulesets(&[user_id])?.remove(0).ruleset.clone())
     }
 
     /// The rules of each of `users`, kept once read until they change (a change to a user's
     /// global account data is announced: [`Users::set_account_data`](crate::users::Users::set_account_data)).
-    pub fn rulesets(&self, users: &[&UserId]) -> Result<Vec<Arc<Ruleset>>> {
+    fn rulesets(&self, users: &[&UserId]) -> Result<Vec<Arc<UserRules>>> {
         kept_for(&self.rulesets, users, |users| {
             let keys: Vec<Vec<u8>> = users.iter().map(|user| rules_key(user)).collect();
             let stored = self.store.get_many(tables::ACCOUNT_DATA, &keys.iter().map(Vec::as_slice).collect::<Vec<_>>())?;
@@ -226,7 +274,7 @@ impl Push {
                         .and_then(|entry| entry.content.get("global").cloned())
                         .and_then(|global| serde_json::from_value::<Ruleset>(global).ok())
                         .unwrap_or_else(|| Ruleset::server_default(user));
-                    Ok(Arc::new(rules))
+                    Ok(Arc::new(UserRules::new(rules)))
                 })
                 .collect()
         })
@@ -249,10 +297,11 @@ impl Push {
         // One context for all recipients, with each one's name in it in turn.
         let mut context = PushConditionRoomCtx::new(room.room_id.clone(), UInt::new(room.member_count).unwrap_or_default(), pdu.sender.clone(), String::new());
         context.power_levels = room.power_levels.clone();
+        let mut outcomes = HashMap::new();
         for ((user_id, display_name), rules) in recipients.into_iter().zip(rulesets) {
             context.user_id.clone_from(user_id);
             context.user_display_name.clone_from(display_name);
-            let Some(actions) = first_match(&rules, &event, &context) else { continue };
+            let Some(actions) = rules.first_match(&event, &context, &mut outcomes) else { continue };
             if !actions.iter().any(Action::should_notify) {
                 continue;
             }
@@ -453,6 +502,66 @@ mod tests {
         let owned: StoredPusher = serde_json::from_value(owned).unwrap();
         assert_eq!(owned.owner(), Some("hash"));
         assert_eq!(owned.into_pusher(), bare);
+    }
+
+    /// Rules evaluated once per event for everyone who has them give each recipient what ruma's
+    /// own evaluation gives: with mentions by display name and by id, and a rule of the same id
+    /// but other conditions in two users' rules.
+    #[test]
+    fn rules_shared_between_recipients_give_each_what_their_own_rules_give() {
+        use ruma::push::{EventMatchConditionData, NewConditionalPushRule, NewPushRule};
+        let room_id = ruma::owned_room_id!("!room:x");
+        let users: Vec<OwnedUserId> = ["@ann:x", "@bob:x", "@cat:x", "@dan:x"].into_iter().map(|u| u.try_into().unwrap()).collect();
+        let highlight = vec![Action::Notify, Action::SetTweak(ruma::push::Tweak::Highlight(ruma::push::HighlightTweakValue::Yes))];
+        let own_rule = |pattern: &str| {
+            let condition = PushCondition::EventMatch(EventMatchConditionData::new("content.body".into(), pattern.into()));
+            NewPushRule::Override(NewConditionalPushRule::new("word".into(), vec![condition], highlight.clone()))
+        };
+        // A display name rule, as rules saved before the spec's defaults dropped it hold it.
+        #[allow(deprecated)]
+        let name_rule = NewPushRule::Override(NewConditionalPushRule::new("name".into(), vec![PushCondition::ContainsDisplayName], highlight.clone()));
+        let rulesets: Vec<Ruleset> = users
+            .iter()
+            .map(|user| {
+                let mut rules = Ruleset::server_default(user);
+                match user.localpart() {
+                    "ann" | "bob" => rules.insert(name_rule.clone(), None, None).unwrap(),
+                    "cat" => rules.insert(own_rule("*secret*"), None, None).unwrap(),
+                    _ => rules.insert(own_rule("*other*"), None, None).unwrap(),
+                }
+                rules
+            })
+            .collect();
+        let powers = PushConditionPowerLevelsCtx::new(BTreeMap::new(), Int::from(0), NotificationPowerLevels::new(), RoomPowerLevelsRules::new(&ruma::room_version_rules::AuthorizationRules::V6, vec![]));
+        let bodies = [
+            json!({ "msgtype": "m.text", "body": "a secret for Bobby" }),
+            json!({ "msgtype": "m.text", "body": "hello", "m.mentions": { "user_ids": ["@ann:x"] } }),
+            json!({ "msgtype": "m.text", "body": "hello @room" }),
+            json!({ "msgtype": "m.text", "body": "nothing at all" }),
+        ];
+        for content in bodies {
+            let event = json!({ "type": "m.room.message", "sender": "@sender:x", "room_id": room_id, "content": content });
+            let raw: Raw<JsonValue> = Raw::new(&event).unwrap();
+            let flattened = FlattenedJson::from_raw(&raw);
+            let mut outcomes = HashMap::new();
+            let mut seen = Vec::new();
+            for (user, rules) in users.iter().zip(&rulesets) {
+                let display_name = if user.localpart() == "bob" { "Bobby".to_owned() } else { user.localpart().to_owned() };
+                let mut context = PushConditionRoomCtx::new(room_id.clone(), UInt::from(5u32), user.clone(), display_name);
+                context.power_levels = Some(powers.clone());
+                let expected = json!(rules.get_actions(&raw, &context).now_or_never().unwrap());
+                let shared = UserRules::new(rules.clone());
+                let got = json!(shared.first_match(&flattened, &context, &mut outcomes).unwrap());
+                assert_eq!(got, expected, "{user} for {event}");
+                seen.push((user.localpart().to_owned(), got));
+            }
+            assert!(!outcomes.is_empty(), "no rule was shared");
+            if content["body"] == "a secret for Bobby" {
+                // Bob's display name and Cat's own rule; not Ann's name, nor the rule Dan has under Cat's rule's id.
+                let highlights: Vec<bool> = seen.iter().map(|(_, actions)| actions.to_string().contains("highlight")).collect();
+                assert_eq!(highlights, [false, true, true, false]);
+            }
+        }
     }
 
     #[test]
