@@ -168,8 +168,12 @@ impl UserRules {
         for (rule, shared) in self.ruleset.iter().zip(&self.shared) {
             let applied = match shared {
                 Some(fingerprint) => match outcomes.get(fingerprint) {
-                    Some(applied) => *applied,
-                    None => *outcomes.entry(*fingerprint).or_insert(applies(&rule)?),
+                    Some(&known) => known,
+                    None => {
+                        let applied = applies(&rule)?;
+                        outcomes.insert(*fingerprint, applied);
+                        applied
+                    }
                 },
                 None => applies(&rule)?,
             };
