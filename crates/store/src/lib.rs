@@ -18,7 +18,7 @@ use std::sync::{
 
 use serde::{Serialize, de::DeserializeOwned};
 
-pub use key::{Key, KeyReader};
+pub use key::{Key, KeyReader, prefix_successor};
 pub use kept::{Announced, Kept};
 pub use migrate::MigrateError;
 pub use stream::{StreamPos, StreamTicket, Streams};

@@ -195,15 +195,22 @@ impl Queued {
     }
 }
 
-/// The destinations something is queued for.
+/// The destinations something is queued for: one read of each destination's first entry (the
+/// sender looks at every write, and an unreachable destination's queue can be long).
 fn waiting(store: &Store) -> crate::Result<BTreeSet<OwnedServerName>> {
     let mut destinations = BTreeSet::new();
     for table in [tables::FEDERATION_OUTBOX, tables::FEDERATION_EDUS] {
-        for item in store.scan_prefix(table, Vec::new(), false) {
+        let mut start = Vec::new();
+        while let Some(item) = store.scan_from(table, Vec::new(), &start, false).next() {
             let (key, _) = item?;
-            if let Some(destination) = KeyReader::new(&key).str().and_then(|d| OwnedServerName::try_from(d).ok()) {
+            let name = KeyReader::new(&key).str();
+            if let Some(destination) = name.and_then(|d| OwnedServerName::try_from(d).ok()) {
                 destinations.insert(destination);
             }
+            // On past every entry of this destination (past this key, if it names none).
+            let mut past = name.map_or_else(|| key.to_vec(), |d| Key::new().str(d).into_vec());
+            let Some(next) = crate::store::prefix_successor(&mut past) else { break };
+            start = next;
         }
     }
     Ok(destinations)
@@ -321,6 +328,24 @@ mod tests {
 
     /// Synapse answered a transaction sent again with more events (as `174-0`, the id of its
     /// first) from its cache of the first, and the events added were lost.
+    /// Each destination once, however long its queue, and a name another starts with apart.
+    #[test]
+    fn the_destinations_waiting_are_found_by_their_first_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut batch = store.batch();
+        for (destination, positions) in [("a.test", 0..50), ("a.test.evil", 0..2), ("b.test", 7..8)] {
+            for pos in positions {
+                batch.put(tables::FEDERATION_OUTBOX, &Key::new().str(destination).u64(pos).into_vec(), b"$event");
+            }
+        }
+        batch.put(tables::FEDERATION_EDUS, &Key::new().str("c.test").u64(1).into_vec(), b"{}");
+        store.write(batch).unwrap();
+        let found: Vec<String> = waiting(&store).unwrap().into_iter().map(|d| d.to_string()).collect();
+        assert_eq!(found, ["a.test", "a.test.evil", "b.test", "c.test"]);
+        assert_eq!(queued_for(&store, ruma::server_name!("a.test")).unwrap().pdus.len(), 50);
+    }
+
     #[test]
     fn a_transaction_id_names_all_its_entries() {
         let id = |pdus: &[StreamPos], edus: &[StreamPos]| queued(pdus, edus).transaction_id();
