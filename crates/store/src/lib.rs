@@ -1133,6 +1133,25 @@ mod tests {
     }
 
     #[test]
+    fn a_node_that_stopped_waiting_for_a_job_leaves_it_to_the_others() {
+        let postgres = TempPostgres::shared();
+        let url = postgres.new_database("leading_abandoned");
+        let database = url.rsplit('/').next().unwrap();
+        let (a, b) = (Store::open_node(&url, 2, "a", true).unwrap(), Store::open_node(&url, 2, "b", true).unwrap());
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            a.lead("sender").await.unwrap();
+            let gave_up = tokio::time::timeout(std::time::Duration::from_millis(300), b.lead("sender")).await;
+            assert!(gave_up.is_err(), "a leads the job");
+            postgres.psql(database, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'limbic a (node)' AND datname = current_database()");
+            // Long enough for b's session to try for the jobs it waits for again.
+            tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+            let c = Store::open_node(&url, 2, "c", true).unwrap();
+            tokio::time::timeout(std::time::Duration::from_secs(5), c.lead("sender")).await.expect("c takes the job b no longer waits for").unwrap();
+        });
+    }
+
+    #[test]
     fn a_migration_copies_every_table_and_refuses_a_target_with_data() {
         let dir = tempfile::tempdir().unwrap();
         let source = Store::open(dir.path()).unwrap();

@@ -51,16 +51,29 @@ impl Session {
     /// database out of reach) is tried again as any other.
     async fn stand(self: Arc<Self>) {
         loop {
-            let jobs: Vec<String> = self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().map(|(job, _)| job.clone()).collect();
+            let jobs: Vec<String> = {
+                let mut waiting = self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                // Whoever stopped waiting (a job ended before it led) is not tried for.
+                waiting.retain(|(_, waiter)| !waiter.is_closed());
+                waiting.iter().map(|(job, _)| job.clone()).collect()
+            };
             if !jobs.is_empty() {
                 match self.client.query("SELECT job FROM unnest($2::text[]) AS job WHERE pg_try_advisory_lock($1, hashtext(job))", &[&LEAD_LOCK_CLASS, &jobs]).await {
                     Ok(rows) => {
                         let won: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
-                        let mut waiting = self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                        let (leading, still): (Vec<_>, Vec<_>) = waiting.drain(..).partition(|(job, _)| won.contains(job));
-                        *waiting = still;
-                        for (_, waiter) in leading {
-                            let _ = waiter.send(());
+                        let leading: Vec<_> = {
+                            let mut waiting = self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                            let (leading, still) = waiting.drain(..).partition(|(job, _)| won.contains(job));
+                            *waiting = still;
+                            leading
+                        };
+                        for (job, waiter) in leading {
+                            // Won for a waiter gone since: the job is let go, for another node to lead.
+                            if waiter.send(()).is_err()
+                                && let Err(error) = self.client.execute("SELECT pg_advisory_unlock($1, hashtext($2))", &[&LEAD_LOCK_CLASS, &job]).await
+                            {
+                                tracing::warn!(%error, job, "could not let go of a job nobody here waits for any more");
+                            }
                         }
                     }
                     Err(error) => tracing::warn!(%error, "could not try for the lead of the jobs this node waits for; trying again"),
