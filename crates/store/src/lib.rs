@@ -916,6 +916,11 @@ mod tests {
         }
     }
 
+    /// Ends node `node`'s own session on `database`, as its death would.
+    fn end_session(postgres: &TempPostgres, database: &str, node: &str) {
+        postgres.psql(database, &format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'limbic {node} (node)' AND datname = current_database()"));
+    }
+
     #[test]
     fn a_node_that_dies_is_fenced_and_no_longer_holds_the_others_back() {
         let postgres = TempPostgres::shared();
@@ -927,7 +932,7 @@ mod tests {
         // a stops in the middle of a write: its ticket is never dropped, and its node session
         // ends (as the process's would).
         std::mem::forget(held);
-        postgres.psql(database, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'limbic a (node)' AND datname = current_database()");
+        end_session(postgres, database, "a");
         let runtime = tokio::runtime::Runtime::new().unwrap();
         runtime.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(5), a.fenced()).await }).expect("a knows it is fenced");
         wait_until("b fences a and serves past its position", || b.streams().current() >= pos);
@@ -1127,7 +1132,7 @@ mod tests {
             });
             tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
             assert!(!waiting.is_finished(), "one node leads a job");
-            postgres.psql(database, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'limbic a (node)' AND datname = current_database()");
+            end_session(postgres, database, "a");
             tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.expect("b takes over").unwrap().unwrap();
         });
     }
@@ -1143,7 +1148,7 @@ mod tests {
             a.lead("sender").await.unwrap();
             let gave_up = tokio::time::timeout(std::time::Duration::from_millis(300), b.lead("sender")).await;
             assert!(gave_up.is_err(), "a leads the job");
-            postgres.psql(database, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'limbic a (node)' AND datname = current_database()");
+            end_session(postgres, database, "a");
             // Long enough for b's session to try for the jobs it waits for again.
             tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
             let c = Store::open_node(&url, 2, "c", true).unwrap();
