@@ -58,7 +58,7 @@ impl<'a> KeyReader<'a> {
 
 /// Turns `prefix` into the smallest key greater than every key starting with it.
 /// Returns `None` when no such key exists (the prefix is all 0xFF).
-pub fn prefix_successor(prefix: &mut Vec<u8>) -> Option<Vec<u8>> {
+pub(super) fn prefix_successor(prefix: &mut Vec<u8>) -> Option<Vec<u8>> {
     while let Some(last) = prefix.pop() {
         if last != 0xFF {
             prefix.push(last + 1);

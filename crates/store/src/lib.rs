@@ -18,7 +18,7 @@ use std::sync::{
 
 use serde::{Serialize, de::DeserializeOwned};
 
-pub use key::{Key, KeyReader, prefix_successor};
+pub use key::{Key, KeyReader};
 pub use kept::{Announced, Kept};
 pub use migrate::MigrateError;
 pub use stream::{StreamPos, StreamTicket, Streams};
@@ -369,6 +369,23 @@ impl Store {
     /// Entries whose key starts with `prefix`, in key order (or reverse order).
     pub fn scan_prefix<'a>(&'a self, table: Table, prefix: Vec<u8>, reverse: bool) -> impl Iterator<Item = Result<Entry>> + use<'a> {
         self.scan(table, KeyRange::prefix(prefix), reverse)
+    }
+
+    /// The first entry of each group of keys under `prefix`, in key order, where `group` gives
+    /// the prefix a key shares with the rest of its group (a key it gives none for is a group of
+    /// its own): one seek per group, however many entries each holds.
+    pub fn first_of_each<'a>(&'a self, table: Table, prefix: Vec<u8>, group: impl Fn(&[u8]) -> Option<Vec<u8>> + 'a) -> impl Iterator<Item = Result<Entry>> + 'a {
+        let mut start = Some(prefix.clone());
+        std::iter::from_fn(move || {
+            let from = start.take()?;
+            let entry = match self.scan_from(table, prefix.clone(), &from, false).next()? {
+                Ok(entry) => entry,
+                Err(error) => return Some(Err(error)),
+            };
+            let mut past = group(&entry.0).unwrap_or_else(|| entry.0.to_vec());
+            start = key::prefix_successor(&mut past);
+            Some(Ok(entry))
+        })
     }
 
     /// Entries within `prefix` from `start` (inclusive), forward or backward.

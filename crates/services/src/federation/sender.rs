@@ -199,18 +199,13 @@ impl Queued {
 /// sender looks at every write, and an unreachable destination's queue can be long).
 fn waiting(store: &Store) -> crate::Result<BTreeSet<OwnedServerName>> {
     let mut destinations = BTreeSet::new();
+    let destination_of = |key: &[u8]| KeyReader::new(key).str().map(|d| Key::new().str(d).into_vec());
     for table in [tables::FEDERATION_OUTBOX, tables::FEDERATION_EDUS] {
-        let mut start = Vec::new();
-        while let Some(item) = store.scan_from(table, Vec::new(), &start, false).next() {
+        for item in store.first_of_each(table, Vec::new(), destination_of) {
             let (key, _) = item?;
-            let name = KeyReader::new(&key).str();
-            if let Some(destination) = name.and_then(|d| OwnedServerName::try_from(d).ok()) {
+            if let Some(destination) = KeyReader::new(&key).str().and_then(|d| OwnedServerName::try_from(d).ok()) {
                 destinations.insert(destination);
             }
-            // On past every entry of this destination (past this key, if it names none).
-            let mut past = name.map_or_else(|| key.to_vec(), |d| Key::new().str(d).into_vec());
-            let Some(next) = crate::store::prefix_successor(&mut past) else { break };
-            start = next;
         }
     }
     Ok(destinations)
