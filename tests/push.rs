@@ -99,6 +99,37 @@ async fn notification_counts_follow_rules_and_receipts() {
     assert!(own["notifications"].as_array().unwrap().is_empty());
 }
 
+/// Each room's notifications are kept apart (what unread counts read): the list merges them,
+/// newest first, and pages through them without repeating or skipping one.
+#[tokio::test]
+async fn notifications_of_several_rooms_are_listed_newest_first() {
+    let server = TestServer::start().await;
+    let (alice, bob, first) = two_users_in_a_room(&server).await;
+    let second = alice.create_room(json!({ "preset": "public_chat" })).await;
+    assert_eq!(bob.join(&second).await.0, StatusCode::OK);
+    for (room, body) in [(&first, "one"), (&second, "two"), (&second, "three"), (&first, "four"), (&second, "five")] {
+        alice.send_text(room, body, body).await;
+    }
+    send_mention(&alice, &first, "six", "six", &bob.user_id).await;
+    let bodies = |list: &Value| list["notifications"].as_array().unwrap().iter().map(|n| n["event"]["content"]["body"].as_str().unwrap().to_owned()).collect::<Vec<_>>();
+    let all = bodies(&bob.ok(Method::GET, "/_matrix/client/v3/notifications", None).await);
+    assert_eq!(all, ["six", "five", "four", "three", "two", "one"]);
+    let mut paged = Vec::new();
+    let mut path = "/_matrix/client/v3/notifications?limit=4".to_owned();
+    loop {
+        let page = bob.ok(Method::GET, &path, None).await;
+        paged.extend(bodies(&page));
+        let Some(next) = page["next_token"].as_str() else { break };
+        path = format!("/_matrix/client/v3/notifications?limit=4&from={next}");
+    }
+    assert_eq!(paged, all);
+    let highlights = bob.ok(Method::GET, "/_matrix/client/v3/notifications?only=highlight", None).await;
+    assert_eq!(bodies(&highlights), ["six"]);
+    assert_eq!(highlights["notifications"][0]["room_id"], first.as_str());
+    let counts = bob.sync(None, 0).await;
+    assert_eq!(counts["rooms"]["join"][&second]["unread_notifications"], json!({ "notification_count": 3, "highlight_count": 0 }));
+}
+
 #[tokio::test]
 async fn notifications_follow_power_levels_and_members_as_they_change() {
     let server = TestServer::start().await;

@@ -6,7 +6,7 @@
 mod gateway;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BinaryHeap, HashMap},
     sync::{Arc, Mutex},
 };
 
@@ -92,12 +92,15 @@ fn is_gateway_url(url: &str) -> bool {
 /// The account data type that holds a user's push rules.
 pub const PUSH_RULES: &str = "m.push_rules";
 
-/// A user's notification, stored at the stream position of the event that caused it. The
-/// event is the room's timeline event at that position, so only the room and the actions are
-/// kept: one is written for every recipient of every message, and their bytes are most of what
-/// a message in a large room writes (and what the store then compacts). Records written with
-/// the event's id, time and highlight too still read.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// A user's notification: the room, and the actions of the rule that applied to the event at
+/// its stream position (the room's timeline event there).
+///
+/// One is stored for every recipient of every message, and their rows are most of what a
+/// message in a large room writes: so each is one row, under the user, the room and the
+/// position (what unread counts scan), holding the actions only. Rows written before hold only
+/// whether they highlight, with the actions in a second row per notification, under the user
+/// and the position (in this form, or with the event's id and time too); those still read.
+#[derive(Clone, Debug, Deserialize)]
 pub struct Notification {
     #[serde(rename = "r", alias = "room_id")]
     pub room_id: OwnedRoomId,
@@ -107,7 +110,35 @@ pub struct Notification {
 
 impl Notification {
     pub fn highlights(&self) -> bool {
-        self.actions.iter().any(Action::is_highlight)
+        highlights(&self.actions)
+    }
+}
+
+fn highlights(actions: &[Action]) -> bool {
+    actions.iter().any(Action::is_highlight)
+}
+
+/// A room notification row's value.
+enum StoredNotification {
+    Actions(Vec<Action>),
+    /// A row written before actions were kept in it: whether it highlights.
+    Highlight(bool),
+}
+
+impl StoredNotification {
+    fn decode(value: &[u8]) -> Result<Self> {
+        if value.first() == Some(&b'[') {
+            Ok(Self::Actions(crate::store::decode(tables::ROOM_NOTIFICATIONS, value)?))
+        } else {
+            Ok(Self::Highlight(crate::store::decode(tables::ROOM_NOTIFICATIONS, value)?))
+        }
+    }
+
+    fn highlights(&self) -> bool {
+        match self {
+            Self::Actions(actions) => highlights(actions),
+            Self::Highlight(highlight) => *highlight,
+        }
     }
 }
 
@@ -231,6 +262,13 @@ fn room_notification_key(user_id: &UserId, room_id: &RoomId, pos: StreamPos) -> 
     Key::new().str(user_id.as_str()).str(room_id.as_str()).u64(pos).into_vec()
 }
 
+/// The next row of a scan of a user's notifications in a room: its position and value.
+fn next_notification(scan: &mut impl Iterator<Item = crate::store::Result<crate::store::Entry>>) -> Result<Option<(StreamPos, Box<[u8]>)>> {
+    let Some(item) = scan.next() else { return Ok(None) };
+    let (key, value) = item?;
+    Ok(Some((KeyReader::new(&key).skip_str().skip_str().u64().unwrap_or(0), value)))
+}
+
 fn power_levels_ctx(content: &JsonValue, rules: &ruma::room_version_rules::AuthorizationRules, creators: Vec<OwnedUserId>) -> PushConditionPowerLevelsCtx {
     let int = |v: Option<&JsonValue>, default: i64| Int::new(v.and_then(JsonValue::as_i64).unwrap_or(default)).unwrap_or_default();
     let users = content
@@ -309,10 +347,8 @@ impl Push {
             if !actions.iter().any(Action::should_notify) {
                 continue;
             }
-            let notification = Notification { room_id: room.room_id.clone(), actions: actions.to_vec() };
-            batch.put_json(tables::NOTIFICATIONS, &notification_key(user_id, pos), &notification)?;
-            batch.put_json(tables::ROOM_NOTIFICATIONS, &room_notification_key(user_id, &room.room_id, pos), &notification.highlights())?;
-            staged.push((user_id.clone(), notification));
+            batch.put_json(tables::ROOM_NOTIFICATIONS, &room_notification_key(user_id, &room.room_id, pos), &actions)?;
+            staged.push((user_id.clone(), Notification { room_id: room.room_id.clone(), actions: actions.to_vec() }));
         }
         Ok(staged)
     }
@@ -321,11 +357,13 @@ impl Push {
     pub fn stage_room_removal(&self, batch: &mut Batch, user_id: &UserId, room_id: &RoomId) -> Result<()> {
         let prefix = Key::new().str(user_id.as_str()).str(room_id.as_str()).into_vec();
         for item in self.store.scan_prefix(tables::ROOM_NOTIFICATIONS, prefix, false) {
-            let (key, _) = item?;
+            let (key, value) = item?;
             let mut reader = KeyReader::new(&key);
             reader.str();
             reader.str();
-            if let Some(pos) = reader.u64() {
+            if let Some(pos) = reader.u64()
+                && matches!(StoredNotification::decode(&value), Ok(StoredNotification::Highlight(_)))
+            {
                 batch.delete(tables::NOTIFICATIONS, &notification_key(user_id, pos));
             }
             batch.delete(tables::ROOM_NOTIFICATIONS, &key);
@@ -346,9 +384,9 @@ impl Push {
         let start = room_notification_key(user_id, room_id, read_pos.saturating_add(1));
         let (mut notifications, mut highlights) = (0, 0);
         for item in self.store.scan_from(tables::ROOM_NOTIFICATIONS, prefix, &start, false) {
-            let (_, highlight) = item?;
+            let (_, value) = item?;
             notifications += 1;
-            if crate::store::decode::<bool>(tables::ROOM_NOTIFICATIONS, &highlight)? {
+            if StoredNotification::decode(&value)?.highlights() {
                 highlights += 1;
             }
             if notifications >= CAP {
@@ -359,21 +397,47 @@ impl Push {
     }
 
     /// The newest notifications at or before `from`, newest first: (position, notification).
+    /// Each room's are in position order under the user and the room: the newest of each room
+    /// the user has any in are merged.
     pub fn notifications(&self, user_id: &UserId, from: StreamPos, limit: usize, only_highlight: bool) -> Result<Vec<(StreamPos, Notification)>> {
-        let prefix = Key::new().str(user_id.as_str()).into_vec();
-        let start = notification_key(user_id, from);
+        let user_prefix = Key::new().str(user_id.as_str()).into_vec();
+        let room_of = |key: &[u8]| {
+            let mut reader = KeyReader::new(key);
+            let user = reader.str()?;
+            Some(Key::new().str(user).str(reader.str()?).into_vec())
+        };
+        let mut rooms = Vec::new();
+        for item in self.store.first_of_each(tables::ROOM_NOTIFICATIONS, user_prefix, room_of) {
+            let (key, _) = item?;
+            let Some(room_id) = KeyReader::new(&key).skip_str().str().and_then(|room| OwnedRoomId::try_from(room).ok()) else { continue };
+            let prefix = Key::new().str(user_id.as_str()).str(room_id.as_str()).into_vec();
+            let newest = self.store.scan_from(tables::ROOM_NOTIFICATIONS, prefix, &room_notification_key(user_id, &room_id, from), true);
+            rooms.push((room_id, newest));
+        }
+        let mut heads = BinaryHeap::new();
+        for (room, (_, newest)) in rooms.iter_mut().enumerate() {
+            if let Some((pos, value)) = next_notification(newest)? {
+                heads.push((pos, room, value));
+            }
+        }
         let mut out = Vec::new();
-        for item in self.store.scan_from(tables::NOTIFICATIONS, prefix, &start, true) {
-            let (key, value) = item?;
-            let pos = KeyReader::new(&key).skip_str().u64().unwrap_or(0);
-            let notification: Notification = crate::store::decode(tables::NOTIFICATIONS, &value)?;
-            if only_highlight && !notification.highlights() {
+        while out.len() < limit
+            && let Some((pos, room, value)) = heads.pop()
+        {
+            if let Some((next, next_value)) = next_notification(&mut rooms[room].1)? {
+                heads.push((next, room, next_value));
+            }
+            let actions = match StoredNotification::decode(&value)? {
+                StoredNotification::Actions(actions) => actions,
+                StoredNotification::Highlight(_) => match self.store.get(tables::NOTIFICATIONS, &notification_key(user_id, pos))? {
+                    Some(stored) => crate::store::decode::<Notification>(tables::NOTIFICATIONS, &stored)?.actions,
+                    None => continue,
+                },
+            };
+            if only_highlight && !highlights(&actions) {
                 continue;
             }
-            out.push((pos, notification));
-            if out.len() >= limit {
-                break;
-            }
+            out.push((pos, Notification { room_id: rooms[room].0.clone(), actions }));
         }
         Ok(out)
     }
@@ -568,19 +632,82 @@ mod tests {
         }
     }
 
+    /// `/notifications` merges the rooms' rows newest first, pages by position, reads rows
+    /// written before (a highlight flag, the actions in a second row) beside new ones, and a
+    /// room's removal takes both kinds of rows; counts read both.
     #[test]
-    fn notifications_are_stored_compactly_and_those_stored_in_full_still_read() {
-        let actions = json!(["notify", { "set_tweak": "highlight" }]);
-        let full = json!({ "room_id": "!r:x", "event_id": "$e", "ts": 1, "highlight": true, "actions": actions });
-        let read: Notification = serde_json::from_value(full).unwrap();
-        assert_eq!(read.room_id, "!r:x");
-        assert!(read.highlights());
-        let compact = serde_json::to_value(&read).unwrap();
-        assert_eq!(compact, json!({ "r": "!r:x", "a": actions }));
-        let read: Notification = serde_json::from_value(compact).unwrap();
-        assert!(read.highlights());
-        let plain: Notification = serde_json::from_value(json!({ "r": "!r:x", "a": ["notify"] })).unwrap();
-        assert!(!plain.highlights());
+    fn notifications_are_listed_newest_first_across_rooms_with_those_written_before() {
+        let dir = tempfile::tempdir().unwrap();
+        notifications_listed_across_rooms(Arc::new(Store::open(dir.path()).unwrap()));
+        let url = limbic_test_postgres::TempPostgres::shared().new_database("notifications");
+        notifications_listed_across_rooms(Arc::new(Store::open_postgres(&url, 4, "test").unwrap()));
+    }
+
+    fn notifications_listed_across_rooms(store: Arc<Store>) {
+        let push = Push::new(store.clone(), &PushConfig::default());
+        let (bob, ann) = (ruma::user_id!("@bob:x"), ruma::user_id!("@ann:x"));
+        let (first, second, third) = (ruma::room_id!("!a:x"), ruma::room_id!("!ab:x"), ruma::room_id!("!b:x"));
+        let notify = json!(["notify"]);
+        let highlight = json!(["notify", { "set_tweak": "highlight" }]);
+        let mut batch = store.batch();
+        // Written before: positions 1 and 4 in the first room, the second highlighting.
+        for (pos, actions) in [(1, &notify), (4, &highlight)] {
+            batch.put_json(tables::ROOM_NOTIFICATIONS, &room_notification_key(bob, first, pos), &highlights(&serde_json::from_value::<Vec<Action>>(actions.clone()).unwrap())).unwrap();
+            batch.put_json(tables::NOTIFICATIONS, &notification_key(bob, pos), &json!({ "r": first, "a": actions })).unwrap();
+        }
+        for (room, pos, actions) in [(second, 2, &highlight), (third, 3, &notify), (second, 5, &notify), (first, 6, &notify), (third, 7, &highlight)] {
+            batch.put_json(tables::ROOM_NOTIFICATIONS, &room_notification_key(bob, room, pos), actions).unwrap();
+        }
+        // Another user's, whose name bob's does not start: never bob's.
+        batch.put_json(tables::ROOM_NOTIFICATIONS, &room_notification_key(ann, first, 8), &notify).unwrap();
+        store.write(batch).unwrap();
+
+        let listed = |from: StreamPos, limit: usize, only_highlight: bool| -> Vec<(StreamPos, String, bool)> {
+            push.notifications(bob, from, limit, only_highlight).unwrap().into_iter().map(|(pos, n)| (pos, n.room_id.to_string(), n.highlights())).collect()
+        };
+        let all = listed(u64::MAX, 20, false);
+        let expected = [(7, "!b:x", true), (6, "!a:x", false), (5, "!ab:x", false), (4, "!a:x", true), (3, "!b:x", false), (2, "!ab:x", true), (1, "!a:x", false)];
+        assert_eq!(all, expected.map(|(pos, room, highlight)| (pos, room.to_owned(), highlight)));
+        // Pages of three, each from below the last one's position, give the same list.
+        let mut paged = Vec::new();
+        let mut from = u64::MAX;
+        loop {
+            let page = listed(from, 3, false);
+            let Some(last) = page.last() else { break };
+            from = last.0 - 1;
+            paged.extend(page);
+        }
+        assert_eq!(paged, all);
+        let only: Vec<StreamPos> = listed(u64::MAX, 20, true).into_iter().map(|(pos, _, _)| pos).collect();
+        assert_eq!(only, [7, 4, 2]);
+        assert_eq!(push.unread_counts(bob, first, 0).unwrap(), (3, 1));
+        assert_eq!(push.unread_counts(bob, first, 4).unwrap(), (1, 0));
+
+        let mut batch = store.batch();
+        push.stage_room_removal(&mut batch, bob, first).unwrap();
+        store.write(batch).unwrap();
+        assert_eq!(listed(u64::MAX, 20, false).into_iter().map(|(pos, _, _)| pos).collect::<Vec<_>>(), [7, 5, 3, 2]);
+        assert!(store.get(tables::NOTIFICATIONS, &notification_key(bob, 4)).unwrap().is_none(), "the second row written before goes too");
+        assert_eq!(push.notifications(ann, u64::MAX, 20, false).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn notifications_are_stored_as_their_actions_and_those_stored_before_still_read() {
+        let highlight = json!(["notify", { "set_tweak": "highlight" }]);
+        let written = |actions: &JsonValue| StoredNotification::decode(&serde_json::to_vec(actions).unwrap()).unwrap();
+        assert!(matches!(written(&highlight), StoredNotification::Actions(ref actions) if actions.len() == 2));
+        assert!(written(&highlight).highlights());
+        assert!(!written(&json!(["notify"])).highlights());
+        // Room rows written before: whether they highlight; the actions in a second row, written
+        // in full and then with the room and actions only.
+        assert!(matches!(written(&json!(true)), StoredNotification::Highlight(true)));
+        assert!(!written(&json!(false)).highlights());
+        assert!(StoredNotification::decode(b"{}").is_err(), "neither actions nor a flag");
+        for legacy in [json!({ "room_id": "!r:x", "event_id": "$e", "ts": 1, "highlight": true, "actions": highlight }), json!({ "r": "!r:x", "a": highlight })] {
+            let read: Notification = serde_json::from_value(legacy).unwrap();
+            assert_eq!(read.room_id, "!r:x");
+            assert!(read.highlights());
+        }
     }
 }
 
