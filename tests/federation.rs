@@ -797,8 +797,9 @@ async fn a_server_whose_users_only_knock_or_are_invited_reads_no_history() {
 async fn a_joined_server_gets_only_the_history_its_users_may_see() {
     let dir = tempfile::tempdir().unwrap();
     let ca = test_ca(dir.path());
-    let (a, mut b) = (federated(&ca, "").await, federated(&ca, "").await);
+    let (mut a, mut b) = (federated(&ca, "").await, federated(&ca, "").await);
     let key = signing_key_of(&mut b).await;
+    let a_key = signing_key_of(&mut a).await;
     let https = https(&ca);
     let as_b = Asker { https: &https, origin: &b.name, destination: &a.name, key: &key };
     let alice = a.server.register("alice").await;
@@ -821,6 +822,17 @@ async fn a_joined_server_gets_only_the_history_its_users_may_see() {
     assert_eq!(messages.len(), 2, "{backfilled:?}");
     assert!(messages.iter().any(|pdu| pdu["content"]["body"] == "after B joined"), "{backfilled:?}");
     assert!(messages.iter().any(|pdu| pdu["content"] == json!({})), "{backfilled:?}");
+    // A's events are signed as they leave, though built unsigned (B's join by B and A); one
+    // redacted for B is signed as the original (its content no longer matches its hash).
+    let version = backfilled.iter().find(|pdu| pdu["type"] == "m.room.create").unwrap()["content"]["room_version"].as_str().unwrap().to_owned();
+    let rules = limbic_server::events::rules_for(&ruma::RoomVersionId::try_from(version.as_str()).unwrap()).unwrap();
+    let keys = ruma::signatures::PublicKeyMap::from([(a.name.clone(), a_key.public_key_set()), (b.name.clone(), key.public_key_set())]);
+    for pdu in &backfilled {
+        let object: ruma::CanonicalJsonObject = serde_json::from_value(pdu.clone()).unwrap();
+        let redacted = pdu["content"] == json!({}) && pdu["type"] == "m.room.message";
+        let expected = if redacted { ruma::signatures::Verified::Signatures } else { ruma::signatures::Verified::All };
+        assert_eq!(ruma::signatures::verify_event(&keys, &object, &rules).unwrap(), expected, "{pdu}");
+    }
     let (status, event) = as_b.send(http::Method::GET, &format!("/_matrix/federation/v1/event/{}", enc(&before)), None).await;
     assert_eq!((status, &event["pdus"][0]["content"]), (StatusCode::OK, &json!({})), "{event}");
 

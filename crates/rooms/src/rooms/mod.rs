@@ -38,7 +38,7 @@ use state::{SnapshotCache, StateMap};
 
 use crate::{
     error::{Error, Result},
-    events::{Pdu, PduBuilder, PduPlacement, ServerSigningKey, build_pdu, rules_for},
+    events::{Pdu, PduBuilder, PduPlacement, ServerSigningKey, build_unsigned_pdu, rules_for},
     store::{Key, KeyReader, Store, StreamPos, tables},
 };
 
@@ -277,7 +277,7 @@ impl Rooms {
                 create.timestamp = Some(ruma::MilliSecondsSinceUnixEpoch::now());
                 // The placement's room id is not part of a v12 create event.
                 let placement = PduPlacement { room_id: &random_id, sender: creator, prev_events: Vec::new(), auth_events: Vec::new(), depth: 1, rules: &rules };
-                build_pdu(create.clone(), placement, &self.key)?.pdu.room_id
+                build_unsigned_pdu(create.clone(), placement)?.pdu.room_id
             }
         };
         let mut writer = self.writer(&room_id).await?;
@@ -350,12 +350,22 @@ impl Rooms {
         Ok(self.federating && !present && !ours_created)
     }
 
-    /// A stored event as other servers get it: its signed JSON without our `event_id`.
+    /// A stored event as other servers get it: its signed JSON without our `event_id`. An event
+    /// of this server's built unsigned is signed here, each time it is asked for: the same
+    /// signature every time (ed25519 is deterministic, and a redacted event's is its original's,
+    /// as both sign the redacted form), so nothing is written back.
     pub fn federation_pdu(&self, event_id: &ruma::EventId) -> Result<Option<Box<serde_json::value::RawValue>>> {
         let Some(bytes) = self.store.get(tables::PDUS, event_id.as_bytes())? else { return Ok(None) };
-        let mut object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes).map_err(|e| crate::Error::internal(format!("corrupt stored PDU: {e}")))?;
+        let mut object: ruma::CanonicalJsonObject = serde_json::from_slice(&bytes).map_err(|e| crate::Error::internal(format!("corrupt stored PDU: {e}")))?;
         object.remove("event_id");
         object.remove("unsigned");
+        let ours = self.key.server_name();
+        let from_here = matches!(object.get("sender"), Some(ruma::CanonicalJsonValue::String(sender)) if UserId::parse(sender.as_str()).is_ok_and(|sender| sender.server_name() == ours));
+        let signed_here = matches!(object.get("signatures"), Some(ruma::CanonicalJsonValue::Object(signatures)) if signatures.contains_key(ours.as_str()));
+        if from_here && !signed_here {
+            let room_id = Pdu::from_stored(&bytes)?.room_id;
+            crate::events::sign_local_pdu(&mut object, &self.key, &self.rules(&room_id)?)?;
+        }
         Ok(Some(serde_json::value::to_raw_value(&object).map_err(crate::Error::internal)?))
     }
 

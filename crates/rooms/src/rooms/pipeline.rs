@@ -14,7 +14,7 @@ use super::{Claim, Delivery, EventMeta, Membership, RoomRecord, RoomView, Rooms,
 use crate::{
     audit::AuditRecord,
     error::{Error, ErrorCode, Result},
-    events::{Pdu, PduBuilder, PduPlacement, SignedPdu, build_pdu, redact_stored, rules_for},
+    events::{Pdu, PduBuilder, PduPlacement, SignedPdu, build_unsigned_pdu, redact_stored, rules_for},
     store::{Batch, Hold, Key, StreamPos, StreamTicket, tables},
 };
 
@@ -344,7 +344,7 @@ impl<'a> RoomWriter<'a> {
             }
         }
 
-        let signed: SignedPdu = build_pdu(
+        let signed: SignedPdu = build_unsigned_pdu(
             builder,
             PduPlacement {
                 room_id: &self.room_id,
@@ -354,7 +354,6 @@ impl<'a> RoomWriter<'a> {
                 depth: record.depth + 1,
                 rules: &rules,
             },
-            &self.rooms.key,
         )?;
         let pdu = signed.pdu.clone();
 
