@@ -152,67 +152,149 @@ pub struct RoomContext {
     pub power_levels: Option<PushConditionPowerLevelsCtx>,
 }
 
-/// A user's push rules, and which of them any other user with the same rule would see apply or
-/// not to the same event: a rule is evaluated once per event for all the recipients who have it
-/// as it is (a message to a room of N members is evaluated against N − 1 rulesets, mostly the
-/// spec's defaults).
+/// A user's push rules, with what lets a rule's outcome at an event be found without ruma
+/// evaluating it for each recipient (a message to a room of N members is evaluated against
+/// N − 1 rulesets, mostly the spec's defaults).
 pub struct UserRules {
     pub ruleset: Arc<Ruleset>,
-    /// For each rule in the ruleset's order: a fingerprint of all that decides whether it
-    /// applies, if that is the event and the room alone. An override or underride rule's outcome
-    /// depends on the recipient only through a display name condition (the sender is never a
-    /// recipient); content rules are matched per recipient.
-    shared: Vec<Option<u64>>,
+    /// For each rule in the ruleset's order.
+    shortcuts: Vec<Shortcut>,
+}
+
+/// How a rule's outcome at an event may be found before, or instead of, evaluating it.
+enum Shortcut {
+    /// An override or underride rule that applies or not by the event and the room alone (the
+    /// sender is never a recipient, and only a display name condition reads the recipient):
+    /// `rule`, a fingerprint of its kind, id, enabled flag and conditions, is evaluated once per
+    /// event for everyone who has it as it is. `conditions` are its conditions' fingerprints.
+    Shared { rule: u64, conditions: Vec<u64> },
+    /// An override or underride rule with a display name condition: the fingerprints of its
+    /// other conditions.
+    Conditions(Vec<u64>),
+    /// A content rule whose pattern has no wildcard, lowercased: it matches words of the body,
+    /// so never a body that does not contain it.
+    Literal(String),
+    /// Evaluated as it is.
+    None,
+}
+
+/// What the recipients of one event share: whether each fingerprinted rule or condition holds
+/// (fingerprints are hashes already), and the event's body lowercased.
+#[derive(Default)]
+struct Shared {
+    outcomes: HashMap<u64, bool, std::hash::BuildHasherDefault<Fingerprint>>,
+    body: Option<Option<String>>,
+}
+
+/// A hasher for keys that are hashes.
+#[derive(Default)]
+struct Fingerprint(u64);
+
+impl std::hash::Hasher for Fingerprint {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*byte);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
+}
+
+fn fingerprint(what: impl std::hash::Hash) -> u64 {
+    use std::hash::{DefaultHasher, Hasher};
+    let mut hasher = DefaultHasher::new();
+    what.hash(&mut hasher);
+    hasher.finish()
 }
 
 impl UserRules {
     fn new(ruleset: Ruleset) -> Self {
-        use std::hash::{DefaultHasher, Hash, Hasher};
-        let shared = ruleset
+        #[allow(deprecated)]
+        let by_name = |condition: &PushCondition| matches!(condition, PushCondition::ContainsDisplayName);
+        let shortcuts = ruleset
             .iter()
             .map(|rule| {
                 let (kind, rule) = match rule {
                     AnyPushRuleRef::Override(rule) => ("override", rule),
                     AnyPushRuleRef::Underride(rule) => ("underride", rule),
-                    _ => return None,
+                    AnyPushRuleRef::Content(rule) if !rule.pattern.contains(['*', '?']) => return Shortcut::Literal(rule.pattern.to_lowercase()),
+                    _ => return Shortcut::None,
                 };
-                #[allow(deprecated)]
-                if rule.conditions.iter().any(|condition| matches!(condition, PushCondition::ContainsDisplayName)) {
-                    return None;
+                let Ok(conditions) = rule.conditions.iter().filter(|c| !by_name(c)).map(|c| serde_json::to_string(c).map(|c| fingerprint(("condition", c)))).collect::<Result<Vec<u64>, _>>() else {
+                    return Shortcut::None;
+                };
+                if rule.conditions.iter().any(by_name) {
+                    return Shortcut::Conditions(conditions);
                 }
                 // The rule id too: ruma treats some predefined rules apart by their id.
-                let conditions = serde_json::to_string(&rule.conditions).ok()?;
-                let mut hasher = DefaultHasher::new();
-                (kind, rule.rule_id.as_str(), rule.enabled, conditions).hash(&mut hasher);
-                Some(hasher.finish())
+                match serde_json::to_string(&rule.conditions) {
+                    Ok(all) => Shortcut::Shared { rule: fingerprint((kind, rule.rule_id.as_str(), rule.enabled, all)), conditions },
+                    Err(_) => Shortcut::None,
+                }
             })
             .collect();
-        Self { ruleset: Arc::new(ruleset), shared }
+        Self { ruleset: Arc::new(ruleset), shortcuts }
     }
 
     /// The actions of the first rule that applies to `event`, as ruma's `Ruleset::get_actions`
-    /// finds them, on an event flattened beforehand; `outcomes` holds whether each shared rule
-    /// applies to this event, for the recipients after this one.
-    fn first_match(&self, event: &FlattenedJson, context: &PushConditionRoomCtx, outcomes: &mut HashMap<u64, bool>) -> Option<&[Action]> {
+    /// finds them, on an event flattened beforehand; `shared` holds what the recipients before
+    /// this one found that the ones after it may reuse.
+    fn first_match(&self, event: &FlattenedJson, context: &PushConditionRoomCtx, shared: &mut Shared) -> Option<&[Action]> {
         // Evaluation is only asynchronous for thread subscriptions, which are not used.
         let applies = |rule: &AnyPushRuleRef<'_>| rule.applies(event, context).now_or_never();
-        for (rule, shared) in self.ruleset.iter().zip(&self.shared) {
-            let applied = match shared {
-                Some(fingerprint) => match outcomes.get(fingerprint) {
+        for (rule, shortcut) in self.ruleset.iter().zip(&self.shortcuts) {
+            let applied = match shortcut {
+                Shortcut::Shared { rule: fingerprint, conditions } => match shared.outcomes.get(fingerprint) {
                     Some(&known) => known,
                     None => {
-                        let applied = applies(&rule)?;
-                        outcomes.insert(*fingerprint, applied);
+                        let applied = Self::conditions_hold(&rule, conditions, event, context, shared)? && applies(&rule)?;
+                        shared.outcomes.insert(*fingerprint, applied);
                         applied
                     }
                 },
-                None => applies(&rule)?,
+                Shortcut::Conditions(conditions) => Self::conditions_hold(&rule, conditions, event, context, shared)? && applies(&rule)?,
+                Shortcut::Literal(pattern) => {
+                    let body = shared.body.get_or_insert_with(|| event.get_str("content.body").map(str::to_lowercase));
+                    body.as_deref().is_some_and(|body| body.contains(pattern.as_str())) && applies(&rule)?
+                }
+                Shortcut::None => applies(&rule)?,
             };
             if applied {
                 return Some(rule.actions());
             }
         }
         Some(&[])
+    }
+
+    /// Whether each of a rule's conditions (but a display name one) holds, each evaluated once
+    /// per event: a rule applies only if all of them do.
+    fn conditions_hold(rule: &AnyPushRuleRef<'_>, fingerprints: &[u64], event: &FlattenedJson, context: &PushConditionRoomCtx, shared: &mut Shared) -> Option<bool> {
+        let all = match rule {
+            AnyPushRuleRef::Override(rule) | AnyPushRuleRef::Underride(rule) => rule.conditions.as_slice(),
+            _ => &[],
+        };
+        #[allow(deprecated)]
+        let conditions = all.iter().filter(|c| !matches!(c, PushCondition::ContainsDisplayName));
+        for (condition, fingerprint) in conditions.zip(fingerprints) {
+            let holds = match shared.outcomes.get(fingerprint) {
+                Some(&known) => known,
+                None => {
+                    let holds = condition.applies(event, context).now_or_never()?;
+                    shared.outcomes.insert(*fingerprint, holds);
+                    holds
+                }
+            };
+            if !holds {
+                return Some(false);
+            }
+        }
+        Some(true)
     }
 }
 
@@ -339,11 +421,11 @@ impl Push {
         // One context for all recipients, with each one's name in it in turn.
         let mut context = PushConditionRoomCtx::new(room.room_id.clone(), UInt::new(room.member_count).unwrap_or_default(), pdu.sender.clone(), String::new());
         context.power_levels = room.power_levels.clone();
-        let mut outcomes = HashMap::new();
+        let mut shared = Shared::default();
         for ((user_id, display_name), rules) in recipients.into_iter().zip(rulesets) {
             context.user_id.clone_from(user_id);
             context.user_display_name.clone_from(display_name);
-            let Some(actions) = rules.first_match(&event, &context, &mut outcomes) else { continue };
+            let Some(actions) = rules.first_match(&event, &context, &mut shared) else { continue };
             if !actions.iter().any(Action::should_notify) {
                 continue;
             }
@@ -577,57 +659,69 @@ mod tests {
     /// but other conditions in two users' rules.
     #[test]
     fn rules_shared_between_recipients_give_each_what_their_own_rules_give() {
-        use ruma::push::{EventMatchConditionData, NewConditionalPushRule, NewPushRule};
+        use ruma::push::{EventMatchConditionData, NewConditionalPushRule, NewPatternedPushRule, NewPushRule};
         let room_id = ruma::owned_room_id!("!room:x");
         let users: Vec<OwnedUserId> = ["@ann:x", "@bob:x", "@cat:x", "@dan:x"].into_iter().map(|u| u.try_into().unwrap()).collect();
         let highlight = vec![Action::Notify, Action::SetTweak(ruma::push::Tweak::Highlight(ruma::push::HighlightTweakValue::Yes))];
-        let own_rule = |pattern: &str| {
-            let condition = PushCondition::EventMatch(EventMatchConditionData::new("content.body".into(), pattern.into()));
-            NewPushRule::Override(NewConditionalPushRule::new("word".into(), vec![condition], highlight.clone()))
-        };
-        // A display name rule, as rules saved before the spec's defaults dropped it hold it.
+        let matching = |key: &str, pattern: &str| PushCondition::EventMatch(EventMatchConditionData::new(key.into(), pattern.into()));
+        let own_rule = |pattern: &str| NewPushRule::Override(NewConditionalPushRule::new("word".into(), vec![matching("content.body", pattern)], highlight.clone()));
+        // Display name rules, as rules saved before the spec's defaults dropped them hold them:
+        // alone, and after a condition on the event's type.
         #[allow(deprecated)]
         let name_rule = NewPushRule::Override(NewConditionalPushRule::new("name".into(), vec![PushCondition::ContainsDisplayName], highlight.clone()));
+        #[allow(deprecated)]
+        let message_name_rule = NewPushRule::Override(NewConditionalPushRule::new("name".into(), vec![matching("type", "m.room.message"), PushCondition::ContainsDisplayName], highlight.clone()));
+        let word_rule = NewPushRule::Content(NewPatternedPushRule::new("word".into(), "SeCreT".into(), highlight.clone()));
         let rulesets: Vec<Ruleset> = users
             .iter()
             .map(|user| {
                 let mut rules = Ruleset::server_default(user);
                 match user.localpart() {
-                    "ann" | "bob" => rules.insert(name_rule.clone(), None, None).unwrap(),
+                    "ann" => rules.insert(message_name_rule.clone(), None, None).unwrap(),
+                    "bob" => rules.insert(name_rule.clone(), None, None).unwrap(),
                     "cat" => rules.insert(own_rule("*secret*"), None, None).unwrap(),
-                    _ => rules.insert(own_rule("*other*"), None, None).unwrap(),
+                    _ => {
+                        rules.insert(own_rule("*other*"), None, None).unwrap();
+                        rules.insert(word_rule.clone(), None, None).unwrap();
+                    }
                 }
                 rules
             })
             .collect();
         let powers = PushConditionPowerLevelsCtx::new(BTreeMap::new(), Int::from(0), NotificationPowerLevels::new(), RoomPowerLevelsRules::new(&ruma::room_version_rules::AuthorizationRules::V6, vec![]));
-        let bodies = [
-            json!({ "msgtype": "m.text", "body": "a secret for Bobby" }),
-            json!({ "msgtype": "m.text", "body": "hello", "m.mentions": { "user_ids": ["@ann:x"] } }),
-            json!({ "msgtype": "m.text", "body": "hello @room" }),
-            json!({ "msgtype": "m.text", "body": "nothing at all" }),
+        let message = |content: JsonValue| json!({ "type": "m.room.message", "sender": "@sender:x", "room_id": room_id, "content": content });
+        let events = [
+            message(json!({ "msgtype": "m.text", "body": "a secret for Bobby" })),
+            message(json!({ "msgtype": "m.text", "body": "hello", "m.mentions": { "user_ids": ["@ann:x"] } })),
+            message(json!({ "msgtype": "m.text", "body": "hello @room" })),
+            message(json!({ "msgtype": "m.text", "body": "nothing at all" })),
+            // Names without `m.mentions` (older clients), in any case.
+            message(json!({ "msgtype": "m.text", "body": "Are you there, ANN? And dan!" })),
+            message(json!({ "msgtype": "m.notice", "body": "annual secrets" })),
+            message(json!({ "msgtype": "m.text" })),
+            json!({ "type": "m.room.member", "state_key": "@cat:x", "sender": "@sender:x", "room_id": room_id, "content": { "membership": "invite", "displayname": "ann" } }),
         ];
-        for content in bodies {
-            let event = json!({ "type": "m.room.message", "sender": "@sender:x", "room_id": room_id, "content": content });
+        for event in events {
             let raw: Raw<JsonValue> = Raw::new(&event).unwrap();
             let flattened = FlattenedJson::from_raw(&raw);
-            let mut outcomes = HashMap::new();
+            let mut shared = Shared::default();
             let mut seen = Vec::new();
             for (user, rules) in users.iter().zip(&rulesets) {
                 let display_name = if user.localpart() == "bob" { "Bobby".to_owned() } else { user.localpart().to_owned() };
                 let mut context = PushConditionRoomCtx::new(room_id.clone(), UInt::from(5u32), user.clone(), display_name);
                 context.power_levels = Some(powers.clone());
                 let expected = json!(rules.get_actions(&raw, &context).now_or_never().unwrap());
-                let shared = UserRules::new(rules.clone());
-                let got = json!(shared.first_match(&flattened, &context, &mut outcomes).unwrap());
+                let kept = UserRules::new(rules.clone());
+                let got = json!(kept.first_match(&flattened, &context, &mut shared).unwrap());
                 assert_eq!(got, expected, "{user} for {event}");
-                seen.push((user.localpart().to_owned(), got));
+                seen.push(got.to_string().contains("highlight"));
             }
-            assert!(!outcomes.is_empty(), "no rule was shared");
-            if content["body"] == "a secret for Bobby" {
-                // Bob's display name and Cat's own rule; not Ann's name, nor the rule Dan has under Cat's rule's id.
-                let highlights: Vec<bool> = seen.iter().map(|(_, actions)| actions.to_string().contains("highlight")).collect();
-                assert_eq!(highlights, [false, true, true, false]);
+            assert!(!shared.outcomes.is_empty(), "no rule was shared");
+            match event["content"]["body"].as_str() {
+                // Bob's display name and Cat's own rule; not the rule Dan has under Cat's rule's id.
+                Some("a secret for Bobby") => assert_eq!(seen, [false, true, true, true], "Dan's word, in another case"),
+                Some("Are you there, ANN? And dan!") => assert_eq!(seen, [true, false, false, false], "Ann's name; Dan has no name rule"),
+                _ => {}
             }
         }
     }
