@@ -181,7 +181,7 @@ enum Shortcut {
 /// What the recipients of one event share: whether each fingerprinted rule or condition holds
 /// (fingerprints are hashes already), and the event's body lowercased.
 #[derive(Default)]
-struct Shared {
+struct SharedAtEvent {
     outcomes: HashMap<u64, bool, std::hash::BuildHasherDefault<Fingerprint>>,
     body: Option<Option<String>>,
 }
@@ -245,7 +245,7 @@ impl UserRules {
     /// The actions of the first rule that applies to `event`, as ruma's `Ruleset::get_actions`
     /// finds them, on an event flattened beforehand; `shared` holds what the recipients before
     /// this one found that the ones after it may reuse.
-    fn first_match(&self, event: &FlattenedJson, context: &PushConditionRoomCtx, shared: &mut Shared) -> Option<&[Action]> {
+    fn first_match(&self, event: &FlattenedJson, context: &PushConditionRoomCtx, shared: &mut SharedAtEvent) -> Option<&[Action]> {
         // Evaluation is only asynchronous for thread subscriptions, which are not used.
         let applies = |rule: &AnyPushRuleRef<'_>| rule.applies(event, context).now_or_never();
         for (rule, shortcut) in self.ruleset.iter().zip(&self.shortcuts) {
@@ -274,7 +274,7 @@ impl UserRules {
 
     /// Whether each of a rule's conditions (but a display name one) holds, each evaluated once
     /// per event: a rule applies only if all of them do.
-    fn conditions_hold(rule: &AnyPushRuleRef<'_>, fingerprints: &[u64], event: &FlattenedJson, context: &PushConditionRoomCtx, shared: &mut Shared) -> Option<bool> {
+    fn conditions_hold(rule: &AnyPushRuleRef<'_>, fingerprints: &[u64], event: &FlattenedJson, context: &PushConditionRoomCtx, shared: &mut SharedAtEvent) -> Option<bool> {
         let all = match rule {
             AnyPushRuleRef::Override(rule) | AnyPushRuleRef::Underride(rule) => rule.conditions.as_slice(),
             _ => &[],
@@ -421,7 +421,7 @@ impl Push {
         // One context for all recipients, with each one's name in it in turn.
         let mut context = PushConditionRoomCtx::new(room.room_id.clone(), UInt::new(room.member_count).unwrap_or_default(), pdu.sender.clone(), String::new());
         context.power_levels = room.power_levels.clone();
-        let mut shared = Shared::default();
+        let mut shared = SharedAtEvent::default();
         for ((user_id, display_name), rules) in recipients.into_iter().zip(rulesets) {
             context.user_id.clone_from(user_id);
             context.user_display_name.clone_from(display_name);
@@ -509,16 +509,17 @@ impl Push {
             if let Some((next, next_value)) = next_notification(&mut rooms[room].1)? {
                 heads.push((next, room, next_value));
             }
-            let actions = match StoredNotification::decode(&value)? {
+            let stored = StoredNotification::decode(&value)?;
+            if only_highlight && !stored.highlights() {
+                continue;
+            }
+            let actions = match stored {
                 StoredNotification::Actions(actions) => actions,
                 StoredNotification::Highlight(_) => match self.store.get(tables::NOTIFICATIONS, &notification_key(user_id, pos))? {
                     Some(stored) => crate::store::decode::<Notification>(tables::NOTIFICATIONS, &stored)?.actions,
                     None => continue,
                 },
             };
-            if only_highlight && !highlights(&actions) {
-                continue;
-            }
             out.push((pos, Notification { room_id: rooms[room].0.clone(), actions }));
         }
         Ok(out)
@@ -704,7 +705,7 @@ mod tests {
         for event in events {
             let raw: Raw<JsonValue> = Raw::new(&event).unwrap();
             let flattened = FlattenedJson::from_raw(&raw);
-            let mut shared = Shared::default();
+            let mut shared = SharedAtEvent::default();
             let mut seen = Vec::new();
             for (user, rules) in users.iter().zip(&rulesets) {
                 let display_name = if user.localpart() == "bob" { "Bobby".to_owned() } else { user.localpart().to_owned() };
