@@ -933,23 +933,28 @@ mod tests {
         }
     }
 
-    /// Ends node `node`'s own session on `database`, as its death would.
-    fn end_session(postgres: &TempPostgres, database: &str, node: &str) {
-        postgres.psql(database, &format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'limbic {node} (node)' AND datname = current_database()"));
+    /// Nodes `a` and `b` on a new database, and its URL.
+    fn two_nodes(purpose: &str) -> (String, Store, Store) {
+        let url = TempPostgres::shared().new_database(purpose);
+        let (a, b) = (Store::open_node(&url, 2, "a", true).unwrap(), Store::open_node(&url, 2, "b", true).unwrap());
+        (url, a, b)
+    }
+
+    /// Ends node `node`'s own session on the database at `url`, as its death would.
+    fn end_session(url: &str, node: &str) {
+        let database = url.rsplit('/').next().unwrap();
+        TempPostgres::shared().psql(database, &format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'limbic {node} (node)' AND datname = current_database()"));
     }
 
     #[test]
     fn a_node_that_dies_is_fenced_and_no_longer_holds_the_others_back() {
-        let postgres = TempPostgres::shared();
-        let url = postgres.new_database("fencing");
-        let database = url.rsplit('/').next().unwrap();
-        let (a, b) = (Store::open_node(&url, 2, "a", true).unwrap(), Store::open_node(&url, 2, "b", true).unwrap());
+        let (url, a, b) = two_nodes("fencing");
         let held = a.streams().allocate(&a).unwrap();
         let pos = held.pos();
         // a stops in the middle of a write: its ticket is never dropped, and its node session
         // ends (as the process's would).
         std::mem::forget(held);
-        end_session(postgres, database, "a");
+        end_session(&url, "a");
         let runtime = tokio::runtime::Runtime::new().unwrap();
         runtime.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(5), a.fenced()).await }).expect("a knows it is fenced");
         wait_until("b fences a and serves past its position", || b.streams().current() >= pos);
@@ -1135,10 +1140,8 @@ mod tests {
 
     #[test]
     fn one_node_leads_a_job_and_another_takes_over_when_it_dies() {
-        let postgres = TempPostgres::shared();
-        let url = postgres.new_database("leading");
-        let database = url.rsplit('/').next().unwrap();
-        let (a, b) = (Store::open_node(&url, 2, "a", true).unwrap(), std::sync::Arc::new(Store::open_node(&url, 2, "b", true).unwrap()));
+        let (url, a, b) = two_nodes("leading");
+        let b = std::sync::Arc::new(b);
         let runtime = tokio::runtime::Runtime::new().unwrap();
         runtime.block_on(async {
             a.lead("sender").await.unwrap();
@@ -1149,23 +1152,20 @@ mod tests {
             });
             tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
             assert!(!waiting.is_finished(), "one node leads a job");
-            end_session(postgres, database, "a");
+            end_session(&url, "a");
             tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.expect("b takes over").unwrap().unwrap();
         });
     }
 
     #[test]
     fn a_node_that_stopped_waiting_for_a_job_leaves_it_to_the_others() {
-        let postgres = TempPostgres::shared();
-        let url = postgres.new_database("leading_abandoned");
-        let database = url.rsplit('/').next().unwrap();
-        let (a, b) = (Store::open_node(&url, 2, "a", true).unwrap(), Store::open_node(&url, 2, "b", true).unwrap());
+        let (url, a, b) = two_nodes("leading_abandoned");
         let runtime = tokio::runtime::Runtime::new().unwrap();
         runtime.block_on(async {
             a.lead("sender").await.unwrap();
             let gave_up = tokio::time::timeout(std::time::Duration::from_millis(300), b.lead("sender")).await;
             assert!(gave_up.is_err(), "a leads the job");
-            end_session(postgres, database, "a");
+            end_session(&url, "a");
             // Long enough for b's session to try for the jobs it waits for again.
             tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
             let c = Store::open_node(&url, 2, "c", true).unwrap();
